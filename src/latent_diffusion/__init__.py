@@ -1,0 +1,28 @@
+"""Latent diffusion (the Stable Diffusion architecture), readable, in the original checkpoint layout."""
+
+from .checkpoint import CheckpointError, load_model, read_state_dict, save_model
+from .config import (
+    PRESETS,
+    AutoencoderConfig,
+    LatentDiffusionConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    from_ldm_config,
+    preset,
+)
+from .latent_diffusion import LatentDiffusion
+
+__all__ = [
+    "PRESETS",
+    "AutoencoderConfig",
+    "CheckpointError",
+    "LatentDiffusion",
+    "LatentDiffusionConfig",
+    "TextEncoderConfig",
+    "UNetConfig",
+    "from_ldm_config",
+    "load_model",
+    "preset",
+    "read_state_dict",
+    "save_model",
+]

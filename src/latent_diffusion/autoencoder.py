@@ -1,0 +1,203 @@
+"""The KL autoencoder (stage 1 of latent diffusion), in the layout of CompVis
+`ldm/modules/diffusionmodules/model.py` and `ldm/models/autoencoder.py`.
+
+Image (b, 3, H, W) in [-1, 1] -> encoder -> quant_conv -> a diagonal Gaussian over latents
+(b, embed_dim, H/f, W/f), f = 2 ** (len(ch_mult) - 1); decode: post_quant_conv -> decoder -> image.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import AutoencoderConfig
+
+
+def normalize(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.norm1 = normalize(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = normalize(out_channels)
+        self.dropout = nn.Dropout(0.0)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels, with 1x1-conv projections (CompVis key names)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = normalize(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (b, h*w, c)
+        y = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (h, w))  # (b, c, h, w)
+        return x + self.proj_out(y)
+
+
+class Downsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # no asymmetric padding in torch conv: pad right and bottom by one, as CompVis does
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution of the encoder or decoder: `block.N`, (empty) `attn`, and a down/upsampler."""
+
+    def __init__(self, blocks: list[ResnetBlock]):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList()  # SD's autoencoders have no attention outside the middle block
+
+
+class Middle(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
+        self.down = nn.ModuleList()
+        ch = cfg.ch
+        for i, mult in enumerate(cfg.ch_mult):
+            blocks = []
+            for _ in range(cfg.num_res_blocks):
+                blocks.append(ResnetBlock(ch, cfg.ch * mult))
+                ch = cfg.ch * mult
+            level = Level(blocks)
+            if i != len(cfg.ch_mult) - 1:
+                level.downsample = Downsample(ch)
+            self.down.append(level)
+        self.mid = Middle(ch)
+        self.norm_out = normalize(ch)
+        self.conv_out = nn.Conv2d(ch, 2 * cfg.z_channels if cfg.double_z else cfg.z_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, in_channels, H, W) -> (b, 2*z_channels, H/f, W/f)."""
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        ch = cfg.ch * cfg.ch_mult[-1]
+        self.conv_in = nn.Conv2d(cfg.z_channels, ch, 3, padding=1)
+        self.mid = Middle(ch)
+        levels = []
+        for i, mult in reversed(list(enumerate(cfg.ch_mult))):
+            blocks = []
+            for _ in range(cfg.num_res_blocks + 1):
+                blocks.append(ResnetBlock(ch, cfg.ch * mult))
+                ch = cfg.ch * mult
+            level = Level(blocks)
+            if i != 0:
+                level.upsample = Upsample(ch)
+            levels.insert(0, level)  # `up.0` is the highest resolution, as in CompVis
+        self.up = nn.ModuleList(levels)
+        self.norm_out = normalize(ch)
+        self.conv_out = nn.Conv2d(ch, cfg.out_ch, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """(b, z_channels, h, w) -> (b, out_ch, h*f, w*f)."""
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class DiagonalGaussian:
+    """N(mean, diag(exp(logvar))) over latents; moments: (b, 2*c, h, w) = mean and log-variance stacked."""
+
+    def __init__(self, moments: torch.Tensor):
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """KL(q || N(0, I)) per sample, summed over latent elements: 0.5 Σ (μ² + σ² − 1 − log σ²)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: AutoencoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.cfg.ch_mult) - 1)
+
+    def encode(self, img: torch.Tensor) -> DiagonalGaussian:
+        """img: (b, 3, H, W) in [-1, 1] -> posterior over (b, embed_dim, H/f, W/f)."""
+        return DiagonalGaussian(self.quant_conv(self.encoder(img)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (b, embed_dim, h, w) -> image (b, 3, h*f, w*f), about [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, img: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
+        posterior = self.encode(img)
+        z = posterior.sample() if sample_posterior else posterior.mode()
+        return self.decode(z), posterior

@@ -1,0 +1,341 @@
+"""Reading and writing checkpoints in the original Stable Diffusion layout, without running code from them.
+
+- `.safetensors` is memory-mapped: tensors are views of the file's pages, and the model is built on the
+  `meta` device and takes those tensors as its parameters (`assign=True`), so no second full copy exists
+  unless a dtype or device change asks for one.
+- `.ckpt` (a pickle) goes through `torch.load(weights_only=True)`, which refuses any pickle that would
+  import or call anything beyond tensors and plain containers.
+- Without a config, the architecture is read off the keys and shapes. Files we write carry their exact
+  config in the safetensors metadata, so tiny and custom models round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import (
+    OPENCLIP_VIT_H_14,
+    AutoencoderConfig,
+    LatentDiffusionConfig,
+    TextEncoderConfig,
+    UNetConfig,
+    from_ldm_config,
+)
+from .latent_diffusion import LatentDiffusion
+
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+CLIP = "cond_stage_model.transformer.text_model."
+OPENCLIP = "cond_stage_model.model."
+EMA = "model_ema."
+CONFIG_METADATA_KEY = "latent_diffusion.config"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file and the problem."""
+
+
+# Reading ----------------------------------------------------------------------------------------------------
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (tensors by key, metadata). Raises CheckpointError with a one-line reason."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    pickle_suffix = path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin")
+    if zipfile.is_zipfile(path) or (pickle_suffix and not _looks_like_safetensors(head)):
+        return _read_pickle(path), {}
+    return _read_safetensors(path)
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    return len(head) == 8 and 2 <= int.from_bytes(head, "little") < 100_000_000
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata
+    except Exception as e:  # safetensors raises its own error types for truncated or malformed files
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
+
+
+def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported (global|operand)[^\n]*?(GLOBAL [\w.]+|[\w.]+ was not)", str(e))
+        what = found.group(2).replace(" was not", "").replace("GLOBAL ", "") if found else _first_line(e)
+        raise CheckpointError(
+            f"{path}: refused: its pickle would import or call {what}, which is not a tensor or plain "
+            "container; nothing from it was run"
+        ) from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
+    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+# The architecture from the keys -----------------------------------------------------------------------------
+
+
+def _indices(keys, prefix: str) -> list[int]:
+    """Distinct integers N in keys that start with `prefix` + "N."."""
+    found = {int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    return sorted(found)
+
+
+def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
+    keys = sd.keys()
+    mc, in_channels = sd[UNET + "input_blocks.0.0.weight"].shape[:2]
+    blocks = _indices(keys, UNET + "input_blocks.")
+    downs = [i for i in blocks if UNET + f"input_blocks.{i}.0.op.weight" in sd]
+    num_res_blocks = (downs[0] if downs else len(blocks)) - 1
+    channel_mult, attention_resolutions = [], []
+    for level in range(len(downs) + 1):
+        first = 1 + level * (num_res_blocks + 1)
+        channel_mult.append(sd[UNET + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        if UNET + f"input_blocks.{first}.1.proj_in.weight" in sd:
+            attention_resolutions.append(2**level)
+    proj_in = sd[UNET + "middle_block.1.proj_in.weight"]
+    linear = proj_in.ndim == 2
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=sd[UNET + "out.2.weight"].shape[0],
+        model_channels=mc,
+        attention_resolutions=tuple(attention_resolutions),
+        num_res_blocks=num_res_blocks,
+        channel_mult=tuple(channel_mult),
+        # Head counts leave no trace in the shapes: these are SD 1.x's and SD 2.x's.
+        num_heads=None if linear else 8,
+        num_head_channels=64 if linear else None,
+        transformer_depth=len(_indices(keys, UNET + "middle_block.1.transformer_blocks.")),
+        context_dim=sd[UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        use_linear_in_transformer=linear,
+    )
+
+
+def _infer_autoencoder(sd: dict[str, torch.Tensor]) -> AutoencoderConfig:
+    keys = sd.keys()
+    ch, in_channels = sd[VAE + "encoder.conv_in.weight"].shape[:2]
+    levels = _indices(keys, VAE + "encoder.down.")
+    z_channels = sd[VAE + "decoder.conv_in.weight"].shape[1]
+    return AutoencoderConfig(
+        embed_dim=sd[VAE + "post_quant_conv.weight"].shape[1],
+        z_channels=z_channels,
+        double_z=sd[VAE + "encoder.conv_out.weight"].shape[0] == 2 * z_channels,
+        in_channels=in_channels,
+        out_ch=sd[VAE + "decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=tuple(sd[VAE + f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels),
+        num_res_blocks=len(_indices(keys, VAE + "encoder.down.0.block.")),
+    )
+
+
+def _infer_text(sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
+    keys = sd.keys()
+    if CLIP + "embeddings.token_embedding.weight" in sd:
+        vocab, width = sd[CLIP + "embeddings.token_embedding.weight"].shape
+        return TextEncoderConfig(
+            vocab_size=vocab,
+            max_length=sd[CLIP + "embeddings.position_embedding.weight"].shape[0],
+            width=width,
+            layers=len(_indices(keys, CLIP + "encoder.layers.")),
+            heads=max(1, width // 64),  # CLIP's head width is 64
+            mlp_width=sd[CLIP + "encoder.layers.0.mlp.fc1.weight"].shape[0],
+        )
+    vocab, width = sd[OPENCLIP + "token_embedding.weight"].shape
+    text = TextEncoderConfig(**{**OPENCLIP_VIT_H_14.__dict__})
+    text.vocab_size, text.width, text.heads = vocab, width, max(1, width // 64)
+    text.max_length = sd[OPENCLIP + "positional_embedding"].shape[0]
+    text.layers = len(_indices(keys, OPENCLIP + "transformer.resblocks."))
+    text.mlp_width = sd[OPENCLIP + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    text.embed_dim = sd[OPENCLIP + "text_projection"].shape[1]
+    return text
+
+
+def _check_family(sd: dict[str, torch.Tensor], path) -> None:
+    keys = list(sd)
+    needed = [UNET + "input_blocks.0.0.weight", VAE + "encoder.conv_in.weight"]
+    has_text = CLIP + "embeddings.token_embedding.weight" in sd or OPENCLIP + "token_embedding.weight" in sd
+    if all(k in sd for k in needed) and has_text:
+        return
+    sample = ", ".join(keys[:3]) or "no tensors"
+    if any(k.startswith(("down_blocks.", "conv_in.", "time_embedding.", "unet.", "encoder.down_blocks.")) for k in keys):
+        hint = "it looks like a diffusers-format component, not a single-file Stable Diffusion checkpoint"
+    elif any(k.startswith(UNET) for k in keys):
+        missing = [p for p, ok in (("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
+                                   ("cond_stage_model.*", has_text)) if not ok]  # fmt: skip
+        hint = f"it has a U-Net but no {' and no '.join(missing)} weights"
+    else:
+        hint = "no model.diffusion_model.* / first_stage_model.* / cond_stage_model.* keys"
+    raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: {hint} (first keys: {sample})")
+
+
+def infer_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path=None) -> LatentDiffusionConfig:
+    """The model's config: from our metadata when present, else read off the keys and shapes.
+
+    v-prediction leaves no trace in the weights. Without metadata it is taken from the file name: a `-v`
+    part (`768-v-ema.ckpt`) or an SD 2.x file with 768 in its name (`v2-1_768-ema-pruned.safetensors`).
+    """
+    if metadata and CONFIG_METADATA_KEY in metadata:
+        return LatentDiffusionConfig.from_json(metadata[CONFIG_METADATA_KEY])
+    _check_family(sd, path)
+    text = _infer_text(sd)
+    name = Path(path).name.lower() if path else ""
+    is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (text.kind == "openclip" and "768" in name)
+    return LatentDiffusionConfig(
+        unet=_infer_unet(sd),
+        autoencoder=_infer_autoencoder(sd),
+        text=text,
+        parameterization="v" if is_v else "eps",
+    )
+
+
+def _config_from_argument(config) -> LatentDiffusionConfig:
+    if isinstance(config, LatentDiffusionConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        import yaml
+
+        try:
+            config = yaml.safe_load(Path(config).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise CheckpointError(f"{config}: cannot read the config ({_first_line(e)})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"config must be a CompVis YAML path or its parsed mapping, not {type(config).__name__}")
+    return from_ldm_config(config)
+
+
+# Loading ----------------------------------------------------------------------------------------------------
+
+
+def ema_key(unet_key: str) -> str:
+    """CompVis's LitEma name of a U-Net weight: `model.diffusion_model.a.0.b` -> `model_ema.diffusion_modela0b`."""
+    return EMA + unet_key[len("model.") :].replace(".", "")
+
+
+def _ignorable(key: str) -> bool:
+    """Keys that original checkpoints carry and our model rebuilds or does not use."""
+    return (
+        "." not in key  # CompVis's schedule buffers: betas, alphas_cumprod, posterior_variance, ...
+        or key.startswith(EMA)  # taken only when ema=True
+        or key == CLIP + "embeddings.position_ids"  # a buffer older transformers versions saved
+    )
+
+
+def load_model(
+    path: str | os.PathLike,
+    config=None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool | None = None,
+    parameterization: str | None = None,
+) -> LatentDiffusion:
+    """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout.
+
+    config: a CompVis inference YAML path, its parsed mapping or a LatentDiffusionConfig; None reads the
+    architecture off the keys. ema=True loads the `model_ema.*` weights into the U-Net (an error if the file
+    has none); None or False loads `model.diffusion_model.*`. parameterization ("eps" or "v") overrides
+    what the config or file name says.
+    """
+    sd, metadata = read_state_dict(path)
+    cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
+    if parameterization is not None:
+        cfg.parameterization = parameterization
+        cfg.__post_init__()
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    expected = model.state_dict().keys()
+
+    if ema:
+        unet_keys = [k for k in expected if k.startswith(UNET)]
+        if not any(ema_key(k) in sd for k in unet_keys):
+            raise CheckpointError(f"{path}: ema=True, but the file has no model_ema.* weights")
+        sd = {**sd, **{k: sd[ema_key(k)] for k in unet_keys if ema_key(k) in sd}}
+
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
+    wrong_shape = [k for k in expected if k in sd and sd[k].shape != model.state_dict()[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape))
+
+    weights = {}
+    for k in expected:
+        t = sd[k]
+        weights[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.init_schedule(device)
+    return model.eval()
+
+
+def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            parts.append(f"{len(keys)} {name} keys (first: {', '.join(keys[:3])})")
+    return "; ".join(parts)
+
+
+# Saving -----------------------------------------------------------------------------------------------------
+
+
+def save_model(model: LatentDiffusion, path: str | os.PathLike, *, ema_unet: torch.nn.Module | None = None) -> None:
+    """Write the model as `.safetensors` in the original layout, atomically (temp file, then rename).
+
+    ema_unet: an EMA copy of the U-Net, written as CompVis's flattened `model_ema.*` keys.
+    The config goes into the metadata, so `load_model` rebuilds exactly this architecture.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: save_model writes .safetensors files; use that suffix")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the folder {path.parent} does not exist")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if ema_unet is not None:
+        for k, v in ema_unet.state_dict().items():
+            tensors[ema_key(UNET + k)] = v.detach().contiguous().cpu()
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot write ({_first_line(e)})") from None
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise CheckpointError(f"{path}: cannot write ({_first_line(e)})") from None
+        raise

@@ -1,0 +1,296 @@
+"""Hyperparameters of the three parts of latent diffusion, named presets, and CompVis YAML -> config.
+
+Field names are CompVis's (`model_channels`, `attention_resolutions`, `ch_mult`, ...), so a reader can
+hold a CompVis inference YAML beside these dataclasses. Where CompVis uses a sentinel (`num_heads=-1`)
+we use `None`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class UNetConfig:
+    in_channels: int = 4  # 9 for inpainting models: noisy latent + mask + masked-image latent
+    out_channels: int = 4
+    model_channels: int = 320
+    attention_resolutions: tuple[int, ...] = (4, 2, 1)  # downsampling factors that get a SpatialTransformer
+    num_res_blocks: int = 2
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_heads: int | None = 8  # SD 1.x: a fixed head count ...
+    num_head_channels: int | None = None  # ... SD 2.x: a fixed head width (64); exactly one of the two is set
+    transformer_depth: int = 1
+    context_dim: int = 768
+    use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+
+    def __post_init__(self):
+        self.attention_resolutions = tuple(self.attention_resolutions)
+        self.channel_mult = tuple(self.channel_mult)
+        if (self.num_heads is None) == (self.num_head_channels is None):
+            raise ValueError("UNetConfig: set exactly one of num_heads and num_head_channels")
+
+
+@dataclass
+class AutoencoderConfig:
+    embed_dim: int = 4  # latent channels
+    z_channels: int = 4
+    double_z: bool = True  # the encoder outputs mean and log-variance
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 4, 4)  # len - 1 downsamplings: 4 levels = 8x smaller per side
+    num_res_blocks: int = 2
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+
+
+@dataclass
+class TextEncoderConfig:
+    kind: str = "clip"  # "clip": transformers-layout CLIP (SD 1.x); "openclip": OpenCLIP layout (SD 2.x)
+    vocab_size: int = 49408
+    max_length: int = 77
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_width: int = 3072
+    activation: str = "quick_gelu"  # CLIP ViT-L/14: quick_gelu; OpenCLIP ViT-H/14: gelu
+    layer: str = "last"  # "last" or "penultimate" hidden state (final layer norm applied to either)
+    pad_token: int = 49407  # CompVis FrozenCLIPEmbedder pads with <|endoftext|>; open_clip pads with 0
+    embed_dim: int = 1024  # width of OpenCLIP's text_projection (stored in checkpoints, unused for conditioning)
+
+    def __post_init__(self):
+        if self.kind not in ("clip", "openclip"):
+            raise ValueError(f"TextEncoderConfig.kind must be 'clip' or 'openclip', not {self.kind!r}")
+        if self.layer not in ("last", "penultimate"):
+            raise ValueError(f"TextEncoderConfig.layer must be 'last' or 'penultimate', not {self.layer!r}")
+        if self.activation not in ("quick_gelu", "gelu"):
+            raise ValueError(f"TextEncoderConfig.activation must be 'quick_gelu' or 'gelu', not {self.activation!r}")
+
+
+@dataclass
+class LatentDiffusionConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    scale_factor: float = 0.18215  # latents are multiplied by this so that they have about unit variance
+    linear_start: float = 0.00085  # beta_1 of the "scaled linear" schedule
+    linear_end: float = 0.012  # beta_T
+    timesteps: int = 1000
+    parameterization: str = "eps"  # "eps": the U-Net predicts the noise; "v": v = sqrt(ab) eps - sqrt(1-ab) x0
+
+    def __post_init__(self):
+        if self.parameterization not in ("eps", "v"):
+            raise ValueError(f"parameterization must be 'eps' or 'v', not {self.parameterization!r}")
+        if self.unet.context_dim != self.text.width:
+            raise ValueError(
+                f"U-Net context_dim {self.unet.context_dim} must equal the text encoder width {self.text.width}"
+            )
+
+    @property
+    def variant(self) -> str:
+        """A short human name: sd1 / sd2, with -inpaint and -v suffixes."""
+        name = "sd1" if self.text.kind == "clip" else "sd2"
+        if self.unet.in_channels == 9:
+            name += "-inpaint"
+        if self.parameterization == "v":
+            name += "-v"
+        return name
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> LatentDiffusionConfig:
+        d = json.loads(text)
+        return cls(
+            unet=UNetConfig(**d.pop("unet")),
+            autoencoder=AutoencoderConfig(**d.pop("autoencoder")),
+            text=TextEncoderConfig(**d.pop("text")),
+            **d,
+        )
+
+
+CLIP_VIT_L_14 = TextEncoderConfig()  # openai/clip-vit-large-patch14, last hidden state
+OPENCLIP_VIT_H_14 = TextEncoderConfig(
+    kind="openclip", width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu",
+    layer="penultimate", pad_token=0, embed_dim=1024,
+)  # fmt: skip
+SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+
+
+def _sd1(**unet) -> LatentDiffusionConfig:
+    return LatentDiffusionConfig(unet=UNetConfig(**unet), text=CLIP_VIT_L_14)
+
+
+def _sd2(parameterization: str) -> LatentDiffusionConfig:
+    return LatentDiffusionConfig(unet=SD2_UNET, text=OPENCLIP_VIT_H_14, parameterization=parameterization)
+
+
+def _tiny() -> LatentDiffusionConfig:
+    """The real architecture at tiny widths: for tests and the demo, not for pictures."""
+    return LatentDiffusionConfig(
+        unet=UNetConfig(
+            model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1,
+            num_heads=2, context_dim=32,
+        ),
+        autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        text=TextEncoderConfig(width=32, layers=2, heads=2, mlp_width=64),
+    )  # fmt: skip
+
+
+PRESETS = {
+    "sd-v1.5": _sd1,
+    "sd-v1.5-inpaint": lambda: _sd1(in_channels=9),
+    "sd-v2.1": lambda: _sd2("eps"),
+    "sd-v2.1-768-v": lambda: _sd2("v"),
+    "tiny": _tiny,
+}
+
+
+def preset(name: str) -> LatentDiffusionConfig:
+    """A fresh copy of a named preset (see PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
+    target = cond.get("target", "")
+    params = dict(cond.get("params") or {})
+    if target.endswith("FrozenOpenCLIPEmbedder"):
+        text = dataclasses.replace(OPENCLIP_VIT_H_14)
+        if params.get("arch", "ViT-H-14") != "ViT-H-14":
+            raise ValueError(f"cond_stage_config: only OpenCLIP arch ViT-H-14 is supported, not {params['arch']!r}")
+        text.layer = params.get("layer", "last")
+    elif target.endswith("FrozenCLIPEmbedder"):
+        text = dataclasses.replace(CLIP_VIT_L_14)
+        text.layer = params.get("layer", "last")
+    else:
+        raise ValueError(f"cond_stage_config: unsupported text encoder target {target!r}")
+    # Our extension: explicit widths, so that small CLIP-architecture text encoders can be configured too.
+    known = {f.name for f in dataclasses.fields(TextEncoderConfig)} - {"kind"}
+    for k in known & params.keys():
+        setattr(text, k, params[k])
+    text.__post_init__()
+    return text
+
+
+def from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
+    """Config from the `model:` mapping of a CompVis inference YAML (or the whole parsed YAML)."""
+    if "model" in cfg and "params" not in cfg:
+        cfg = cfg["model"]
+    try:
+        p = cfg["params"]
+        u = p["unet_config"]["params"]
+        fs = p["first_stage_config"]["params"]
+        dd = fs["ddconfig"]
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not a CompVis LatentDiffusion config: missing {e}") from None
+    if dd.get("attn_resolutions"):
+        raise ValueError("first_stage_config: attention outside the autoencoder's middle block is not supported")
+    num_heads = u.get("num_heads", -1)
+    num_head_channels = u.get("num_head_channels", -1)
+    if num_head_channels not in (-1, None):
+        num_heads = None  # CompVis: num_head_channels, when given, overrides num_heads
+    unet = UNetConfig(
+        in_channels=u["in_channels"],
+        out_channels=u["out_channels"],
+        model_channels=u["model_channels"],
+        attention_resolutions=tuple(u["attention_resolutions"]),
+        num_res_blocks=u["num_res_blocks"],
+        channel_mult=tuple(u["channel_mult"]),
+        num_heads=None if num_heads in (-1, None) else num_heads,
+        num_head_channels=None if num_head_channels in (-1, None) else num_head_channels,
+        transformer_depth=u.get("transformer_depth", 1),
+        context_dim=u["context_dim"],
+        use_linear_in_transformer=u.get("use_linear_in_transformer", False),
+    )
+    autoencoder = AutoencoderConfig(
+        embed_dim=fs["embed_dim"],
+        z_channels=dd["z_channels"],
+        double_z=dd.get("double_z", True),
+        in_channels=dd["in_channels"],
+        out_ch=dd["out_ch"],
+        ch=dd["ch"],
+        ch_mult=tuple(dd["ch_mult"]),
+        num_res_blocks=dd["num_res_blocks"],
+    )
+    return LatentDiffusionConfig(
+        unet=unet,
+        autoencoder=autoencoder,
+        text=_text_config_from_ldm(p.get("cond_stage_config") or {}),
+        scale_factor=p.get("scale_factor", 1.0),
+        linear_start=p.get("linear_start", 0.00085),
+        linear_end=p.get("linear_end", 0.012),
+        timesteps=p.get("timesteps", 1000),
+        parameterization=p.get("parameterization", "eps"),
+    )
+
+
+def to_ldm_config(cfg: LatentDiffusionConfig) -> dict:
+    """The `model:` mapping of a CompVis inference YAML for this config (the inverse of from_ldm_config).
+
+    Text-encoder widths that differ from ViT-L/14 or ViT-H/14 are written as extra `cond_stage_config`
+    params, which CompVis would not read; the standard presets produce the stock YAMLs.
+    """
+    u, a, t = cfg.unet, cfg.autoencoder, cfg.text
+    stock = CLIP_VIT_L_14 if t.kind == "clip" else OPENCLIP_VIT_H_14
+    text_params = {"layer": t.layer}
+    for f in dataclasses.fields(TextEncoderConfig):
+        if f.name not in ("kind", "layer") and getattr(t, f.name) != getattr(stock, f.name):
+            text_params[f.name] = getattr(t, f.name)
+    params = {
+        "linear_start": cfg.linear_start,
+        "linear_end": cfg.linear_end,
+        "timesteps": cfg.timesteps,
+        "scale_factor": cfg.scale_factor,
+        "parameterization": cfg.parameterization,
+        "conditioning_key": "hybrid" if u.in_channels == 9 else "crossattn",
+        "unet_config": {
+            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
+            "params": {
+                "in_channels": u.in_channels,
+                "out_channels": u.out_channels,
+                "model_channels": u.model_channels,
+                "attention_resolutions": list(u.attention_resolutions),
+                "num_res_blocks": u.num_res_blocks,
+                "channel_mult": list(u.channel_mult),
+                "num_heads": -1 if u.num_heads is None else u.num_heads,
+                "num_head_channels": -1 if u.num_head_channels is None else u.num_head_channels,
+                "use_spatial_transformer": True,
+                "transformer_depth": u.transformer_depth,
+                "context_dim": u.context_dim,
+                "use_linear_in_transformer": u.use_linear_in_transformer,
+                "legacy": False,
+            },
+        },
+        "first_stage_config": {
+            "target": "ldm.models.autoencoder.AutoencoderKL",
+            "params": {
+                "embed_dim": a.embed_dim,
+                "ddconfig": {
+                    "double_z": a.double_z,
+                    "z_channels": a.z_channels,
+                    "resolution": 256,
+                    "in_channels": a.in_channels,
+                    "out_ch": a.out_ch,
+                    "ch": a.ch,
+                    "ch_mult": list(a.ch_mult),
+                    "num_res_blocks": a.num_res_blocks,
+                    "attn_resolutions": [],
+                    "dropout": 0.0,
+                },
+                "lossconfig": {"target": "torch.nn.Identity"},
+            },
+        },
+        "cond_stage_config": {
+            "target": "ldm.modules.encoders.modules."
+            + ("FrozenCLIPEmbedder" if t.kind == "clip" else "FrozenOpenCLIPEmbedder"),
+            "params": text_params,
+        },
+    }
+    return {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}

@@ -1,0 +1,176 @@
+"""Text encoders that turn prompts into the U-Net's context (b, 77, width), frozen during diffusion training.
+
+Two layouts of the same causal transformer, each matching its checkpoint keys:
+- SD 1.x, `cond_stage_model.transformer.text_model.*`: OpenAI CLIP ViT-L/14 in the layout of
+  `transformers.CLIPTextModel` (separate q/k/v projections, quick-GELU); last hidden state.
+- SD 2.x, `cond_stage_model.model.*`: OpenCLIP ViT-H/14 in open_clip's layout (fused `in_proj`, GELU);
+  penultimate layer, then the final layer norm.
+Both run attention through `attention.attention` with a causal mask.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import TextEncoderConfig
+from .tokenizer import clip_tokenizer
+
+
+def activation(name: str):
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    return F.gelu
+
+
+# SD 1.x: transformers' CLIPTextModel layout ---------------------------------------------------------------
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(width, width)
+        self.k_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, width: int, mlp_width: int, act: str):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_width)
+        self.fc2 = nn.Linear(mlp_width, width)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.layer_norm1 = nn.LayerNorm(cfg.width)
+        self.mlp = CLIPMLP(cfg.width, cfg.mlp_width, cfg.activation)
+        self.layer_norm2 = nn.LayerNorm(cfg.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.embeddings.position_embedding = nn.Embedding(cfg.max_length, cfg.width)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(CLIPEncoderLayer(cfg) for _ in range(cfg.layers))
+        self.final_layer_norm = nn.LayerNorm(cfg.width)
+
+
+class CLIPTextModel(nn.Module):
+    """Holds `text_model` only so that keys read `transformer.text_model.*`, as in SD 1.x checkpoints."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.text_model = CLIPTextTransformer(cfg)
+
+
+# SD 2.x: open_clip's text tower layout --------------------------------------------------------------------
+
+
+class MultiheadSelfAttention(nn.Module):
+    """The parameters of torch.nn.MultiheadAttention (`in_proj_weight` = q, k, v stacked), run by `attention`."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        return self.out_proj(attention(q, k, v, self.heads, causal=True))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.width)
+        self.attn = MultiheadSelfAttention(cfg.width, cfg.heads)
+        self.ln_2 = nn.LayerNorm(cfg.width)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = nn.Linear(cfg.width, cfg.mlp_width)
+        self.mlp.c_proj = nn.Linear(cfg.mlp_width, cfg.width)
+        self.act = activation(cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp.c_proj(self.act(self.mlp.c_fc(self.ln_2(x))))
+
+
+class OpenCLIPTextTower(nn.Module):
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.max_length, cfg.width) * 0.01)
+        self.transformer = nn.Module()
+        self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
+        self.ln_final = nn.LayerNorm(cfg.width)
+        # Stored in SD 2.x checkpoints, unused for conditioning (they belong to CLIP's contrastive head).
+        self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.embed_dim) * cfg.width**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07)
+
+
+# The embedder both layouts share ---------------------------------------------------------------------------
+
+
+class TextEncoder(nn.Module):
+    """`cond_stage_model`: prompts -> tokens -> context (b, 77, width)."""
+
+    def __init__(self, cfg: TextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.kind == "clip":
+            self.transformer = CLIPTextModel(cfg)
+        else:
+            self.model = OpenCLIPTextTower(cfg)
+
+    def _parts(self):
+        """(token embedding, position embedding (77, width), layers, final norm) of either layout."""
+        if self.cfg.kind == "clip":
+            t = self.transformer.text_model
+            e = t.embeddings
+            return e.token_embedding, e.position_embedding.weight, t.encoder.layers, t.final_layer_norm
+        m = self.model
+        return m.token_embedding, m.positional_embedding, m.transformer.resblocks, m.ln_final
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (b, n) ids, n <= max_length -> (b, n, width)."""
+        token_embedding, position_embedding, layers, final_norm = self._parts()
+        x = token_embedding(tokens) + position_embedding[: tokens.shape[1]]
+        # The penultimate layer (SD 2.x) skips the last block; its weights are still stored in checkpoints.
+        for layer in layers[: len(layers) - 1] if self.cfg.layer == "penultimate" else layers:
+            x = layer(x)
+        return final_norm(x)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """-> ((b, 77) token ids, whether each prompt was cut to 75 tokens)."""
+        rows, cut = clip_tokenizer(self.cfg.max_length)(prompts, self.cfg.pad_token)
+        return torch.tensor(rows, dtype=torch.long, device=self.device), cut
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        tokens, _ = self.tokenize(prompts)
+        return self(tokens)
+
+    @property
+    def device(self) -> torch.device:
+        return self._parts()[1].device
