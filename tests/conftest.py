@@ -1,0 +1,37 @@
+"""Tiny-width models of the real architecture, one per variant, with every weight perturbed from its init."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig, preset
+
+
+def tiny_config(variant: str) -> LatentDiffusionConfig:
+    cfg = preset("tiny")
+    if variant == "inpaint":
+        cfg.unet.in_channels = 9
+    elif variant == "sd2":
+        cfg.unet = UNetConfig(**{**dataclasses.asdict(cfg.unet), "num_heads": None, "num_head_channels": 16,
+                                 "use_linear_in_transformer": True, "transformer_depth": 2})  # fmt: skip
+        cfg.text = TextEncoderConfig(kind="openclip", width=32, layers=3, heads=2, mlp_width=64, activation="gelu",
+                                     layer="penultimate", pad_token=0, embed_dim=24)  # fmt: skip
+    elif variant != "sd1":
+        raise ValueError(variant)
+    return cfg
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Perturb every weight (norm scales and zero biases included) so that no term of the forward is trivial."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    """variant -> a randomized tiny LatentDiffusion (built once per session; tests must not modify it)."""
+    return {v: randomize(LatentDiffusion(tiny_config(v)), seed=i).eval() for i, v in enumerate(("sd1", "sd2", "inpaint"))}
