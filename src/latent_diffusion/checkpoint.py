@@ -84,11 +84,10 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported (global|operand)[^\n]*?(GLOBAL [\w.]+|[\w.]+ was not)", str(e))
-        what = found.group(2).replace(" was not", "").replace("GLOBAL ", "") if found else _first_line(e)
+        glob = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f"would import or call {glob.group(1)}" if glob else "uses pickle instructions beyond plain data"
         raise CheckpointError(
-            f"{path}: refused: its pickle would import or call {what}, which is not a tensor or plain "
-            "container; nothing from it was run"
+            f"{path}: refused: its pickle {what}, which is not a tensor or plain container; nothing from it was run"
         ) from None
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None

@@ -27,7 +27,7 @@ class UNetConfig:
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
 
     def __post_init__(self):
-        self.attention_resolutions = tuple(self.attention_resolutions)
+        self.attention_resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))  # a set; (4, 2, 1)
         self.channel_mult = tuple(self.channel_mult)
         if (self.num_heads is None) == (self.num_head_channels is None):
             raise ValueError("UNetConfig: set exactly one of num_heads and num_head_channels")

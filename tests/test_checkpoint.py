@@ -1,0 +1,229 @@
+"""Checkpoint I/O: round trips, .ckpt forms, EMA, dtype, variant detection, memory mapping and bad files."""
+
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+import yaml
+from conftest import randomize, tiny_config
+from safetensors.torch import save_file
+
+from latent_diffusion import CheckpointError, LatentDiffusion, load_model, preset, save_model
+from latent_diffusion.checkpoint import ema_key, infer_config
+from latent_diffusion.config import to_ldm_config
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_save_load_round_trip_is_identical(tmp_path, tiny_models):
+    model = tiny_models["sd2"]
+    path = tmp_path / "m.safetensors"
+    save_model(model, path)
+    loaded = load_model(path)
+    assert loaded.cfg == model.cfg
+    assert_same_weights(loaded, model)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, c), model(x, t, c))
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
+
+
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_ckpt_with_and_without_state_dict_wrapper(tmp_path, tiny_models, wrapped):
+    model = tiny_models["sd1"]
+    sd = dict(model.state_dict())
+    # What original CompVis files carry beside the weights: schedule buffers, the old position_ids buffer.
+    sd["alphas_cumprod"] = model.alphas_cumprod.double()
+    sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    path = tmp_path / "m.ckpt"
+    torch.save({"state_dict": sd, "global_step": 7, "epoch": 1} if wrapped else sd, path)
+    loaded = load_model(path, config=to_ldm_config(model.cfg))
+    assert_same_weights(loaded, model)
+
+
+def test_config_from_compvis_yaml_file(tmp_path, tiny_models):
+    model = tiny_models["inpaint"]
+    torch.save(model.state_dict(), tmp_path / "m.ckpt")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"model": to_ldm_config(model.cfg)}))
+    loaded = load_model(tmp_path / "m.ckpt", config=tmp_path / "m.yaml")
+    assert loaded.cfg == model.cfg
+
+
+def test_ema_selection(tmp_path, tiny_models):
+    model = tiny_models["sd1"]
+    ema = randomize(LatentDiffusion(tiny_config("sd1")), seed=99).model.diffusion_model
+    path = tmp_path / "m.safetensors"
+    save_model(model, path, ema_unet=ema)
+    assert_same_weights(load_model(path).model.diffusion_model, model.model.diffusion_model)
+    with_ema = load_model(path, ema=True)
+    assert_same_weights(with_ema.model.diffusion_model, ema)
+    assert_same_weights(with_ema.first_stage_model, model.first_stage_model)
+
+    save_model(model, tmp_path / "no_ema.safetensors")
+    with pytest.raises(CheckpointError, match="no model_ema"):
+        load_model(tmp_path / "no_ema.safetensors", ema=True)
+
+
+def test_ema_key_is_compvis_flattened_name():
+    assert ema_key("model.diffusion_model.input_blocks.1.1.proj_in.weight") == (
+        "model_ema.diffusion_modelinput_blocks11proj_inweight"
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dtype(tmp_path, tiny_models, dtype):
+    path = tmp_path / "m.safetensors"
+    save_model(tiny_models["sd1"], path)
+    model = load_model(path, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    assert model.alphas_cumprod.dtype == torch.float32  # the schedule stays float32
+    if dtype == torch.bfloat16:  # CPU kernels for the whole forward exist in bf16
+        with torch.no_grad():
+            out = model(torch.randn(1, 4, 8, 8, dtype=dtype), torch.tensor([10]), model.get_text_conditioning(["a"]))
+        assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "name,file_name,parameterization",
+    [
+        ("sd-v1.5", "v1-5-pruned-emaonly.safetensors", "eps"),
+        ("sd-v1.5-inpaint", "sd-v1-5-inpainting.ckpt", "eps"),
+        ("sd-v2.1", "v2-1_512-ema-pruned.safetensors", "eps"),
+        ("sd-v2.1", "v2-1_768-ema-pruned.safetensors", "v"),
+        ("sd-v2.1", "768-v-ema.ckpt", "v"),
+    ],
+)
+def test_variant_detected_from_keys_alone(name, file_name, parameterization):
+    with torch.device("meta"):
+        sd = LatentDiffusion(preset(name)).state_dict()
+    cfg = infer_config(sd, path=file_name)
+    expected = preset(name)
+    expected.parameterization = parameterization
+    assert cfg == expected
+
+
+def test_safetensors_is_memory_mapped_not_copied(tmp_path):
+    """Load a ~190 MB checkpoint in a fresh process: peak memory must grow by far less than the file size."""
+    cfg = tiny_config("sd1")
+    cfg.unet.model_channels, cfg.unet.channel_mult, cfg.unet.num_res_blocks = 128, (1, 2, 4, 4), 2
+    path = tmp_path / "medium.safetensors"
+    save_model(LatentDiffusion(cfg), path)
+    size_mb = os.path.getsize(path) / 1e6
+    assert size_mb > 150
+    probe = (
+        "import resource, sys, torch, latent_diffusion as ld\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "m = ld.load_model(sys.argv[1])\n"
+        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1e3)\n"
+    )
+    grown_mb = float(subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                                    check=True).stdout)  # fmt: skip
+    assert grown_mb < 0.25 * size_mb, f"peak memory grew {grown_mb:.0f} MB loading a {size_mb:.0f} MB file"
+
+
+# Bad input --------------------------------------------------------------------------------------------------
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = RunsCode()
+    payload.marker = marker
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": payload}, path)
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: refused: .*(posix|os)\.system"):
+        load_model(path)
+    assert not marker.exists()
+    # The same with a raw pickle (not a torch zip archive).
+    raw = tmp_path / "evil_raw.ckpt"
+    raw.write_bytes(pickle.dumps(payload))
+    with pytest.raises(CheckpointError, match="refused|not a readable"):
+        load_model(raw)
+    assert not marker.exists()
+
+
+def test_truncated_files(tmp_path, tiny_models):
+    good = tmp_path / "good.safetensors"
+    save_model(tiny_models["sd1"], good)
+    data = good.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors: not a readable \.safetensors file"):
+        load_model(cut)
+    torch.save(tiny_models["sd1"].state_dict(), tmp_path / "good.ckpt")
+    ckpt = (tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(ckpt[: len(ckpt) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.ckpt: not a readable PyTorch checkpoint"):
+        load_model(tmp_path / "cut.ckpt")
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x00hello world, not a model")
+    with pytest.raises(CheckpointError, match="garbage.safetensors: not a readable"):
+        load_model(tmp_path / "garbage.safetensors")
+
+
+def test_missing_path_and_directory(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nope\.safetensors: no such file"):
+        load_model(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_model(tmp_path)
+
+
+def test_other_model_families(tmp_path):
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(2, 2)}, tmp_path / "llm.safetensors")
+    with pytest.raises(CheckpointError, match="llm.safetensors: not a Stable Diffusion checkpoint"):
+        load_model(tmp_path / "llm.safetensors")
+    save_file({"conv_in.weight": torch.zeros(2, 2), "down_blocks.0.x": torch.zeros(1)}, tmp_path / "unet.safetensors")
+    with pytest.raises(CheckpointError, match="diffusers-format"):
+        load_model(tmp_path / "unet.safetensors")
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, tiny_models):
+    sd = dict(tiny_models["sd1"].state_dict())
+    del sd["model.diffusion_model.out.2.bias"]
+    del sd["first_stage_model.quant_conv.bias"]
+    sd["model.diffusion_model.extra.weight"] = torch.zeros(1)
+    path = tmp_path / "m.ckpt"
+    torch.save(sd, path)
+    with pytest.raises(CheckpointError) as info:
+        load_model(path, config=to_ldm_config(tiny_models["sd1"].cfg))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "m.ckpt: does not fit the sd1 model" in message
+    assert "2 missing keys (first: model.diffusion_model.out.2.bias, first_stage_model.quant_conv.bias)" in message
+    assert "1 unexpected keys (first: model.diffusion_model.extra.weight)" in message
+
+
+def test_wrong_shapes_are_listed(tmp_path, tiny_models):
+    path = tmp_path / "m.ckpt"
+    torch.save(tiny_models["sd1"].state_dict(), path)
+    cfg = to_ldm_config(tiny_models["sd1"].cfg)
+    cfg["params"]["unet_config"]["params"]["in_channels"] = 9
+    with pytest.raises(CheckpointError, match=r"does not fit the sd1-inpaint model: 1 wrong shape keys"):
+        load_model(path, config=cfg)
+
+
+def test_save_refuses_bad_destinations(tmp_path, tiny_models):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        save_model(tiny_models["sd1"], tmp_path / "no" / "m.safetensors")
+    with pytest.raises(CheckpointError, match="use that suffix"):
+        save_model(tiny_models["sd1"], tmp_path / "m.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_zip_bomb_like_non_checkpoint_zip(tmp_path):
+    with zipfile.ZipFile(tmp_path / "a.ckpt", "w") as z:
+        z.writestr("hello.txt", "not a torch archive")
+    with pytest.raises(CheckpointError, match=r"a\.ckpt: not a readable PyTorch checkpoint"):
+        load_model(tmp_path / "a.ckpt")
