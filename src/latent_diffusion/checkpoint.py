@@ -274,7 +274,7 @@ def load_model(
         cfg.__post_init__()
     with torch.device("meta"):
         model = LatentDiffusion(cfg)
-    expected = model.state_dict().keys()
+    expected = model.state_dict()  # meta tensors: names and shapes only
 
     if ema:
         unet_keys = [k for k in expected if k.startswith(UNET)]
@@ -284,7 +284,7 @@ def load_model(
 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
-    wrong_shape = [k for k in expected if k in sd and sd[k].shape != model.state_dict()[k].shape]
+    wrong_shape = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
         raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape))
 

@@ -1,0 +1,39 @@
+# The two commands of the README: `make demo` (the main job) and `make test`. Each creates the virtual
+# environment it needs on a fresh machine. torch is pinned to 2.13.0, the CPU build this machine has on disk;
+# any other version would pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.runtime: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# Test-only: diffusers and transformers (the independent reference), pytest, ruff, and OpenAI's CLIP
+# tokenizer (openai-clip without its dependencies: we load only its tokenizer file).
+$(VENV)/.test: $(VENV)/.runtime
+	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps openai-clip==1.0.1
+	touch $@
+
+demo: $(VENV)/.runtime
+	$(BIN)/ldm demo --outdir out
+
+test: $(VENV)/.test
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.test
+	$(BIN)/python benchmarks/unet_step.py
+
+lint: $(VENV)/.test
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) out
