@@ -1,0 +1,85 @@
+"""One U-Net forward of a classifier-free-guided step (batch 2), ours vs diffusers, same weights and inputs.
+
+SD 1.5-size U-Net with random weights; diffusers' UNet2DConditionModel gets the same weights through
+diffusers' own single-file converter. Ours and diffusers' run interleaved in one process; medians are printed
+with the ratio ours/diffusers (below 1.0: ours is faster).
+
+    python benchmarks/unet_step.py                 # CPU float32 at 256x256 (32x32 latents)
+    python benchmarks/unet_step.py --size 512      # on a GPU: float16 at 512x512 unless --dtype says otherwise
+"""
+
+import argparse
+import platform
+import statistics
+import time
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+from latent_diffusion import LatentDiffusionConfig, preset
+from latent_diffusion.config import to_ldm_config
+from latent_diffusion.unet import UNetModel
+
+
+def build(cfg: LatentDiffusionConfig, device, dtype):
+    torch.manual_seed(0)
+    ours = UNetModel(cfg.unet)
+    sd = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    theirs_cfg = create_unet_diffusers_config_from_ldm({"model": to_ldm_config(cfg)}, sd)
+    theirs = UNet2DConditionModel(**theirs_cfg)
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(sd, theirs_cfg), strict=True)
+    return ours.to(device, dtype).eval(), theirs.to(device, dtype).eval()
+
+
+def timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="sd-v1.5")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (latents are 8x smaller)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--iters", type=int, default=None)
+    args = parser.parse_args()
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    size = args.size or (512 if cuda else 256)
+    dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
+    iters = args.iters or (30 if cuda else 5)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    cfg = preset(args.preset)
+    ours, theirs = build(cfg, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, cfg.unet.in_channels, size // 8, size // 8, generator=g).to(device, dtype)
+    t = torch.tensor([999, 999], device=device)
+    context = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
+
+    with torch.inference_mode():
+        diff = (ours(x, t, context) - theirs(x, t, encoder_hidden_states=context).sample).abs().max().item()
+        for _ in range(2):  # warm-up
+            ours(x, t, context)
+            theirs(x, t, encoder_hidden_states=context)
+        times_ours, times_theirs = [], []
+        for _ in range(iters):  # interleaved, so drift in machine load hits both alike
+            times_ours.append(timed(lambda: ours(x, t, context), sync))
+            times_theirs.append(timed(lambda: theirs(x, t, encoder_hidden_states=context), sync))
+
+    a, b = statistics.median(times_ours), statistics.median(times_theirs)
+    where = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"U-Net {args.preset}, batch 2, {size}x{size} ({size // 8}x{size // 8} latents), {dtype}, {device} ({where}), "
+          f"torch {torch.__version__}, {iters} iterations")  # fmt: skip
+    print(f"  ours      median {a * 1e3:8.1f} ms")
+    print(f"  diffusers median {b * 1e3:8.1f} ms")
+    print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
+
+
+if __name__ == "__main__":
+    main()
