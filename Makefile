@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,11 @@ demo: $(VENV)/.runtime
 	$(BIN)/ldm demo --outdir out
 
 test: $(VENV)/.test
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/unet_step.py
-
-lint: $(VENV)/.test
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) out

@@ -73,7 +73,11 @@ def main():
             times_theirs.append(timed(lambda: theirs(x, t, encoder_hidden_states=context), sync))
 
     a, b = statistics.median(times_ours), statistics.median(times_theirs)
-    where = torch.cuda.get_device_name() if cuda else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    where = (
+        torch.cuda.get_device_name()
+        if cuda
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
     print(f"U-Net {args.preset}, batch 2, {size}x{size} ({size // 8}x{size // 8} latents), {dtype}, {device} ({where}), "
           f"torch {torch.__version__}, {iters} iterations")  # fmt: skip
     print(f"  ours      median {a * 1e3:8.1f} ms")

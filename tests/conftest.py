@@ -34,4 +34,6 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_models():
     """variant -> a randomized tiny LatentDiffusion (built once per session; tests must not modify it)."""
-    return {v: randomize(LatentDiffusion(tiny_config(v)), seed=i).eval() for i, v in enumerate(("sd1", "sd2", "inpaint"))}
+    return {
+        v: randomize(LatentDiffusion(tiny_config(v)), seed=i).eval() for i, v in enumerate(("sd1", "sd2", "inpaint"))
+    }

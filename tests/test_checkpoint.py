@@ -9,9 +9,9 @@ import zipfile
 import pytest
 import torch
 import yaml
-from conftest import randomize, tiny_config
 from safetensors.torch import save_file
 
+from conftest import randomize, tiny_config
 from latent_diffusion import CheckpointError, LatentDiffusion, load_model, preset, save_model
 from latent_diffusion.checkpoint import ema_key, infer_config
 from latent_diffusion.config import to_ldm_config

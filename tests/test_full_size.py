@@ -12,12 +12,12 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
     create_vae_diffusers_config_from_ldm,
 )
-from test_reference import transformers_text_config
 from transformers import CLIPTextModel
 
 from latent_diffusion import LatentDiffusion, preset
 from latent_diffusion.config import to_ldm_config
 from latent_diffusion.text_encoder import TextEncoder
+from test_reference import transformers_text_config
 
 
 def shapes(sd: dict) -> dict:

@@ -48,7 +48,7 @@ class AttnBlock(nn.Module):
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        h, w = x.shape[2:]
         y = self.norm(x)
         q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (b, h*w, c)
         y = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (h, w))  # (b, c, h, w)

@@ -70,8 +70,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except Exception as e:  # safetensors raises its own error types for truncated or malformed files
+            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (not a dict)
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for malformed files)
         raise CheckpointError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
 
 
@@ -89,7 +89,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: refused: its pickle {what}, which is not a tensor or plain container; nothing from it was run"
         ) from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (zip, pickle and EOF errors alike mean: unreadable)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
@@ -172,7 +172,7 @@ def _infer_text(sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
             mlp_width=sd[CLIP + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         )
     vocab, width = sd[OPENCLIP + "token_embedding.weight"].shape
-    text = TextEncoderConfig(**{**OPENCLIP_VIT_H_14.__dict__})
+    text = TextEncoderConfig(**OPENCLIP_VIT_H_14.__dict__)
     text.vocab_size, text.width, text.heads = vocab, width, max(1, width // 64)
     text.max_length = sd[OPENCLIP + "positional_embedding"].shape[0]
     text.layers = len(_indices(keys, OPENCLIP + "transformer.resblocks."))
@@ -188,7 +188,9 @@ def _check_family(sd: dict[str, torch.Tensor], path) -> None:
     if all(k in sd for k in needed) and has_text:
         return
     sample = ", ".join(keys[:3]) or "no tensors"
-    if any(k.startswith(("down_blocks.", "conv_in.", "time_embedding.", "unet.", "encoder.down_blocks.")) for k in keys):
+    if any(
+        k.startswith(("down_blocks.", "conv_in.", "time_embedding.", "unet.", "encoder.down_blocks.")) for k in keys
+    ):
         hint = "it looks like a diffusers-format component, not a single-file Stable Diffusion checkpoint"
     elif any(k.startswith(UNET) for k in keys):
         missing = [p for p, ok in (("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
@@ -199,7 +201,9 @@ def _check_family(sd: dict[str, torch.Tensor], path) -> None:
     raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: {hint} (first keys: {sample})")
 
 
-def infer_config(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path=None) -> LatentDiffusionConfig:
+def infer_config(
+    sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path=None
+) -> LatentDiffusionConfig:
     """The model's config: from our metadata when present, else read off the keys and shapes.
 
     v-prediction leaves no trace in the weights. Without metadata it is taken from the file name: a `-v`
@@ -286,7 +290,9 @@ def load_model(
     unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
     wrong_shape = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
     if missing or unexpected or wrong_shape:
-        raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape))
+        raise CheckpointError(
+            f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape)
+        )
 
     weights = {}
     for k in expected:

@@ -70,7 +70,7 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (b, c, h, w), context: (b, 77, context_dim) -> (b, c, h, w)."""
-        b, c, h, w = x.shape
+        h, w = x.shape[2:]
         x_in = x
         x = self.norm(x)
         if not self.use_linear:

@@ -8,6 +8,7 @@ mapped to printable characters -> BPE merges by rank -> ids. A prompt becomes
 import functools
 import gzip
 import html
+import itertools
 from importlib import resources
 
 import ftfy
@@ -51,7 +52,7 @@ class CLIPTokenizer:
         """Merge the lowest-ranked adjacent pair until none is in the merge table; '</w>' marks the word end."""
         parts = (*word[:-1], word[-1] + "</w>")
         while len(parts) > 1:
-            pairs = {(a, b) for a, b in zip(parts, parts[1:])}
+            pairs = set(itertools.pairwise(parts))
             best = min(pairs, key=lambda p: self.bpe_ranks.get(p, float("inf")))
             if best not in self.bpe_ranks:
                 break

@@ -34,7 +34,10 @@ class ResBlock(nn.Module):
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            nn.GroupNorm(32, out_channels), nn.SiLU(), nn.Dropout(0.0), nn.Conv2d(out_channels, out_channels, 3, padding=1)
+            nn.GroupNorm(32, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
 
