@@ -50,6 +50,35 @@ def test_ckpt_with_and_without_state_dict_wrapper(tmp_path, tiny_models, wrapped
     assert_same_weights(loaded, model)
 
 
+LIGHTNING_CHECKPOINT = """
+import sys, types, numpy as np, torch
+# pytorch_lightning's ModelCheckpoint, pickled under its real module path, as SD training checkpoints hold it.
+mod = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+class ModelCheckpoint:
+    def __setstate__(self, state):
+        open(sys.argv[2], "w").write("ran")
+ModelCheckpoint.__module__ = mod.__name__
+mod.ModelCheckpoint = ModelCheckpoint
+sys.modules.update({"pytorch_lightning": mod, "pytorch_lightning.callbacks": mod, mod.__name__: mod})
+sd = torch.load(sys.argv[3])
+torch.save({"state_dict": sd, "global_step": np.int64(470000), "epoch": np.int64(3),
+            "callbacks": {ModelCheckpoint: {"best_model_score": np.float32(0.1)}, "obj": ModelCheckpoint()}}, sys.argv[1])
+"""
+
+
+def test_lightning_training_checkpoint_loads_without_running_its_classes(tmp_path, tiny_models):
+    """Full CompVis training checkpoints pickle Lightning callbacks and numpy scalars beside the weights."""
+    model = tiny_models["sd1"]
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    path, marker = tmp_path / "full-ema.ckpt", tmp_path / "ran"
+    subprocess.run(
+        [sys.executable, "-c", LIGHTNING_CHECKPOINT, str(path), str(marker), str(tmp_path / "weights.pt")], check=True
+    )
+    loaded = load_model(path, config=to_ldm_config(model.cfg))
+    assert_same_weights(loaded, model)
+    assert not marker.exists()
+
+
 def test_config_from_compvis_yaml_file(tmp_path, tiny_models):
     model = tiny_models["inpaint"]
     torch.save(model.state_dict(), tmp_path / "m.ckpt")

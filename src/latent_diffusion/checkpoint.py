@@ -4,7 +4,8 @@
   `meta` device and takes those tensors as its parameters (`assign=True`), so no second full copy exists
   unless a dtype or device change asks for one.
 - `.ckpt` (a pickle) goes through `torch.load(weights_only=True)`, which refuses any pickle that would
-  import or call anything beyond tensors and plain containers.
+  import or call anything beyond tensors and plain containers (a few Lightning/numpy names that training
+  checkpoints carry beside the weights are read as inert stand-ins, see `_STAND_INS`).
 - Without a config, the architecture is read off the keys and shapes. Files we write carry their exact
   config in the safetensors metadata, so tiny and custom models round-trip exactly.
 """
@@ -75,14 +76,40 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         raise CheckpointError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
 
 
+class _Discarded:
+    """Stands in for a class that training checkpoints pickle beside the weights; holds nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def _discarded(*args, **kwargs) -> None:
+    return None
+
+
+# Globals that original Stable Diffusion training checkpoints (PyTorch Lightning) pickle beside the weights:
+# the callback state, numpy scalars such as global_step. They are mapped to the inert stand-ins above, so
+# their code is never imported or run and their values are dropped; anything else is still refused.
+_STAND_INS = [
+    (_Discarded, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_Discarded, "pytorch_lightning.utilities.parsing.AttributeDict"),
+    (_Discarded, "numpy.dtype"),
+    *((_Discarded, f"numpy.dtypes.{t}DType") for t in ("Int64", "Int32", "Float64", "Float32", "Bool")),
+    (_discarded, "numpy.core.multiarray.scalar"),
+    (_discarded, "numpy._core.multiarray.scalar"),
+    (_discarded, "_codecs.encode"),
+]
+
+
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        with torch.serialization.safe_globals(_STAND_INS):
+            return _unwrap(_torch_load(path), path)
+    except CheckpointError:
+        raise
     except pickle.UnpicklingError as e:
         glob = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"would import or call {glob.group(1)}" if glob else "uses pickle instructions beyond plain data"
@@ -91,6 +118,18 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except Exception as e:  # noqa: BLE001 (zip, pickle and EOF errors alike mean: unreadable)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+
+
+def _torch_load(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
