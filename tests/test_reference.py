@@ -34,13 +34,13 @@ def diffusers_vae(cfg: LatentDiffusionConfig, sd: dict) -> AutoencoderKL:
     return vae.eval()
 
 
-def transformers_text_config(cfg: LatentDiffusionConfig) -> CLIPTextConfig:
+def transformers_text_config(cfg: LatentDiffusionConfig, layers: int | None = None) -> CLIPTextConfig:
     t = cfg.text
     return CLIPTextConfig(
         vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width, num_attention_heads=t.heads,
         max_position_embeddings=t.max_length, hidden_act=t.activation, projection_dim=t.embed_dim,
         # diffusers builds SD 2.x's encoder one layer short, so that its last hidden state is the penultimate
-        num_hidden_layers=t.layers - 1 if t.layer == "penultimate" else t.layers,
+        num_hidden_layers=layers or (t.layers - 1 if t.layer == "penultimate" else t.layers),
     )  # fmt: skip
 
 

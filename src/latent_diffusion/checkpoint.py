@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 import re
@@ -53,8 +54,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
         raise CheckpointError(f"{path}: no such file")
     if path.is_dir():
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    with open(path, "rb") as f:
-        head = f.read(8)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     pickle_suffix = path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin")
     if zipfile.is_zipfile(path) or (pickle_suffix and not _looks_like_safetensors(head)):
         return _read_pickle(path), {}
@@ -95,7 +99,6 @@ def _discarded(*args, **kwargs) -> None:
 # their code is never imported or run and their values are dropped; anything else is still refused.
 _STAND_INS = [
     (_Discarded, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
-    (_Discarded, "pytorch_lightning.utilities.parsing.AttributeDict"),
     (_Discarded, "numpy.dtype"),
     *((_Discarded, f"numpy.dtypes.{t}DType") for t in ("Int64", "Int32", "Float64", "Float32", "Bool")),
     (_discarded, "numpy.core.multiarray.scalar"),
@@ -211,7 +214,7 @@ def _infer_text(sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
             mlp_width=sd[CLIP + "encoder.layers.0.mlp.fc1.weight"].shape[0],
         )
     vocab, width = sd[OPENCLIP + "token_embedding.weight"].shape
-    text = TextEncoderConfig(**OPENCLIP_VIT_H_14.__dict__)
+    text = dataclasses.replace(OPENCLIP_VIT_H_14)
     text.vocab_size, text.width, text.heads = vocab, width, max(1, width // 64)
     text.max_length = sd[OPENCLIP + "positional_embedding"].shape[0]
     text.layers = len(_indices(keys, OPENCLIP + "transformer.resblocks."))
@@ -249,20 +252,38 @@ def infer_config(
     part (`768-v-ema.ckpt`) or an SD 2.x file with 768 in its name (`v2-1_768-ema-pruned.safetensors`).
     """
     if metadata and CONFIG_METADATA_KEY in metadata:
-        return LatentDiffusionConfig.from_json(metadata[CONFIG_METADATA_KEY])
+        try:
+            return LatentDiffusionConfig.from_json(metadata[CONFIG_METADATA_KEY])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not a valid config ({e})") from None
     _check_family(sd, path)
-    text = _infer_text(sd)
-    name = Path(path).name.lower() if path else ""
-    is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (text.kind == "openclip" and "768" in name)
-    return LatentDiffusionConfig(
-        unet=_infer_unet(sd),
-        autoencoder=_infer_autoencoder(sd),
-        text=text,
-        parameterization="v" if is_v else "eps",
-    )
+    try:
+        text = _infer_text(sd)
+        name = Path(path).name.lower() if path else ""
+        is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (text.kind == "openclip" and "768" in name)
+        return LatentDiffusionConfig(
+            unet=_infer_unet(sd),
+            autoencoder=_infer_autoencoder(sd),
+            text=text,
+            parameterization="v" if is_v else "eps",
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: an incomplete Stable Diffusion checkpoint: it has no {e.args[0]}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its weights describe no model this project builds ({e})") from None
 
 
 def _config_from_argument(config) -> LatentDiffusionConfig:
+    try:
+        return _parse_config(config)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        where = f"{config}: " if isinstance(config, (str, os.PathLike)) else "config: "
+        raise CheckpointError(where + str(e)) from None
+
+
+def _parse_config(config) -> LatentDiffusionConfig:
     if isinstance(config, LatentDiffusionConfig):
         return config
     if isinstance(config, (str, os.PathLike)):
@@ -283,6 +304,15 @@ def _config_from_argument(config) -> LatentDiffusionConfig:
 def ema_key(unet_key: str) -> str:
     """CompVis's LitEma name of a U-Net weight: `model.diffusion_model.a.0.b` -> `model_ema.diffusion_modela0b`."""
     return EMA + unet_key[len("model.") :].replace(".", "")
+
+
+def _add_text_model_level(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Some SD 1.x files were saved by an older transformers whose CLIPTextModel had no `text_model` level
+    (`cond_stage_model.transformer.embeddings.*`); the web UIs read them by adding it, and so do we."""
+    old = "cond_stage_model.transformer."
+    if any(k.startswith(CLIP) for k in sd) or not any(k.startswith(old) for k in sd):
+        return sd
+    return {(CLIP + k[len(old) :] if k.startswith(old) else k): v for k, v in sd.items()}
 
 
 def _ignorable(key: str) -> bool:
@@ -311,18 +341,21 @@ def load_model(
     what the config or file name says.
     """
     sd, metadata = read_state_dict(path)
+    sd = _add_text_model_level(sd)
     cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
     if parameterization is not None:
-        cfg.parameterization = parameterization
-        cfg.__post_init__()
+        cfg = dataclasses.replace(cfg, parameterization=parameterization)
     with torch.device("meta"):
         model = LatentDiffusion(cfg)
     expected = model.state_dict()  # meta tensors: names and shapes only
 
     if ema:
         unet_keys = [k for k in expected if k.startswith(UNET)]
-        if not any(ema_key(k) in sd for k in unet_keys):
+        absent = [ema_key(k) for k in unet_keys if ema_key(k) not in sd]
+        if len(absent) == len(unet_keys):
             raise CheckpointError(f"{path}: ema=True, but the file has no model_ema.* weights")
+        if absent:  # never mix EMA and non-EMA weights silently
+            raise CheckpointError(f"{path}: ema=True, but {len(absent)} EMA weights are missing (first: {absent[0]})")
         sd = {**sd, **{k: sd[ema_key(k)] for k in unet_keys if ema_key(k) in sd}}
 
     missing = [k for k in expected if k not in sd]

@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    except (CheckpointError, UsageError) as e:
+    except (CheckpointError, UsageError, ValueError) as e:
         print(f"ldm: error: {e}", file=sys.stderr)
         return 2
     return 0

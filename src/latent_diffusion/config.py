@@ -7,6 +7,7 @@ we use `None`.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -123,11 +124,15 @@ SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, us
 
 
 def _sd1(**unet) -> LatentDiffusionConfig:
-    return LatentDiffusionConfig(unet=UNetConfig(**unet), text=CLIP_VIT_L_14)
+    return LatentDiffusionConfig(unet=UNetConfig(**unet), text=dataclasses.replace(CLIP_VIT_L_14))
 
 
 def _sd2(parameterization: str) -> LatentDiffusionConfig:
-    return LatentDiffusionConfig(unet=SD2_UNET, text=OPENCLIP_VIT_H_14, parameterization=parameterization)
+    return LatentDiffusionConfig(
+        unet=dataclasses.replace(SD2_UNET),
+        text=dataclasses.replace(OPENCLIP_VIT_H_14),
+        parameterization=parameterization,
+    )
 
 
 def _tiny() -> LatentDiffusionConfig:
@@ -152,10 +157,10 @@ PRESETS = {
 
 
 def preset(name: str) -> LatentDiffusionConfig:
-    """A fresh copy of a named preset (see PRESETS)."""
+    """A fresh copy of a named preset (see PRESETS): changing it changes nothing else."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]()
+    return copy.deepcopy(PRESETS[name]())
 
 
 def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
@@ -224,8 +229,8 @@ def from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
         autoencoder=autoencoder,
         text=_text_config_from_ldm(p.get("cond_stage_config") or {}),
         scale_factor=p.get("scale_factor", 1.0),
-        linear_start=p.get("linear_start", 0.00085),
-        linear_end=p.get("linear_end", 0.012),
+        linear_start=p.get("linear_start", 1e-4),  # CompVis's defaults; every SD YAML sets both
+        linear_end=p.get("linear_end", 2e-2),
         timesteps=p.get("timesteps", 1000),
         parameterization=p.get("parameterization", "eps"),
     )

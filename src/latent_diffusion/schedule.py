@@ -5,6 +5,7 @@ Forward process: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε. v-parameterisation (Sa
 k-diffusion's view: σ_t = √((1−ᾱ_t)/ᾱ_t), x = x0 + σ·ε, fed to the model as x/√(1+σ²).
 """
 
+import numpy as np
 import torch
 
 
@@ -48,3 +49,61 @@ def eps_and_x0(
     if parameterization == "eps":
         return model_output, (x_t - n * model_output) / s
     return n * x_t + s * model_output, s * x_t - n * model_output
+
+
+# Sampling schedules ------------------------------------------------------------------------------------------
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def sampling_timesteps(steps: int, spacing: str = "leading", timesteps: int = 1000) -> torch.Tensor:
+    """The `steps` timesteps a sampler visits, high to low, float64; as diffusers' `timestep_spacing`:
+    leading:  0, r, 2r, ... (r = T // steps) plus 1 (SD's `steps_offset`), e.g. 901, 801, ..., 1 for 10 steps;
+    trailing: T, T - T/steps, ... rounded, minus 1, e.g. 999, 899, ..., 99;
+    linspace: linspace(0, T - 1, steps), not rounded."""
+    if spacing == "leading":
+        t = torch.arange(steps, dtype=torch.float64) * (timesteps // steps) + 1
+    elif spacing == "trailing":
+        t = torch.round(torch.arange(timesteps, 0, -timesteps / steps, dtype=torch.float64))[:steps] - 1
+        t = t.flip(0)
+    elif spacing == "linspace":
+        t = torch.linspace(0, timesteps - 1, steps, dtype=torch.float64)
+    else:
+        raise ValueError(f"unknown timestep spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return t.flip(0)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022), eq. 5: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+def sampling_sigmas(
+    alpha_bar: torch.Tensor, steps: int, *, spacing: str = "leading", karras: bool = False, final: str = "zero"
+) -> torch.Tensor:
+    """(steps + 1,) σ values, high to low, float64.
+
+    σ at each sampling timestep, linearly interpolated in the table for fractional timesteps (as diffusers);
+    with karras, Karras's ramp between the table's σ_min and σ_max (as k-diffusion and diffusers' DPM-Solver).
+    final: "zero" ends at σ = 0 (a clean sample); "sigma_min" ends at σ_0 = σ at timestep 0, where DDIM and
+    PLMS land (CompVis, and diffusers with set_alpha_to_one=False).
+    """
+    table = sigmas_from_alphas_cumprod(alpha_bar.double())
+    if karras:
+        sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
+    else:
+        t = sampling_timesteps(steps, spacing, len(table))
+        sigmas = torch.from_numpy(np.interp(t.numpy(), np.arange(len(table)), table.numpy()))
+    last = table[:1] if final == "sigma_min" else torch.zeros(1, dtype=torch.float64)
+    return torch.cat([sigmas, last])
+
+
+def sigma_to_t(sigma: torch.Tensor, log_sigma_table: torch.Tensor) -> torch.Tensor:
+    """The (fractional) timestep of σ: piecewise-linear interpolation of log σ over the table (as k-diffusion
+    and diffusers). σ values of the table map back to their integer timesteps exactly."""
+    log_sigma = sigma.double().clamp(min=1e-10).log()
+    high = torch.searchsorted(log_sigma_table, log_sigma.reshape(-1)).clamp(1, len(log_sigma_table) - 1)
+    low = high - 1
+    w = ((log_sigma.reshape(-1) - log_sigma_table[low]) / (log_sigma_table[high] - log_sigma_table[low])).clamp(0, 1)
+    return (low + w).reshape(sigma.shape)

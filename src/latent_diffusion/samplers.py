@@ -1,0 +1,206 @@
+"""Samplers: each a short loop over a denoiser, in the σ-space view of Karras et al. (2022).
+
+Notation: x = x0 + σ·ε is a latent at noise level σ; `denoiser(x, σ)` returns the model's estimate of x0;
+d = (x − x0)/σ is the derivative of the probability-flow ODE dx/dσ (and equals the ε estimate);
+`sigmas` runs from high to low, `sigmas[-1]` is where the sample lands (0, or σ_0 for DDIM/PLMS).
+DDIM, DDPM and PLMS are written here too: in this view DDIM(η) is the ancestral Euler step and PLMS a
+linear multistep method on ε (with the Euler transfer x + (σ' − σ)·ε). Every sampler takes:
+
+    noise(σ, σ_next) -> a standard normal tensor like x, for the stochastic samplers;
+    callback(i, x) -> x, called after step i (progress, and inpainting's blending of the known region).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def to_d(x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    """dx/dσ of the probability-flow ODE: (x − x0)/σ (Karras et al. 2022, eq. 3)."""
+    return (x - x0) / sigma
+
+
+def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split a step σ → σ_next into a deterministic part to σ_down and fresh noise of size σ_up, with
+    σ_down² + σ_up² = σ_next² and σ_up = η·σ_next·√(1 − σ_next²/σ²) (DDIM's η, Song et al. 2021, eq. 16)."""
+    if not eta or sigma_next == 0:
+        return sigma_next, torch.zeros_like(sigma_next)
+    sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
+    return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
+
+
+def _identity(i: int, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def euler(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
+    for i in range(len(sigmas) - 1):
+        d = to_d(x, sigmas[i], denoiser(x, sigmas[i]))
+        x = callback(i, x + d * (sigmas[i + 1] - sigmas[i]))
+    return x
+
+
+def euler_ancestral(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity, eta: float = 1.0):
+    """Euler step to σ_down, then add σ_up of fresh noise. With the DDIM schedule this is DDIM(η)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = to_d(x, sigma, denoiser(x, sigma))
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        x = x + d * (sigma_down - sigma)
+        if sigma_up > 0:
+            x = x + noise(sigma, sigma_next) * sigma_up
+        x = callback(i, x)
+    return x
+
+
+def ddim(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity, eta: float = 0.0):
+    """DDIM (Song et al. 2021): x_prev = √ᾱ'·x0 + √(1 − ᾱ' − s²)·ε + s·z in VP terms, which in σ-space is
+    x0 + σ_down·ε + σ_up·z: the ancestral Euler step. η = 0 is deterministic; η = 1 is DDPM's ancestral step."""
+    return euler_ancestral(denoiser, x, sigmas, noise, callback, eta=eta)
+
+
+def ddpm(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity):
+    """DDPM ancestral sampling (Ho et al. 2020) over the sampling timesteps: the posterior q(x_t' | x_t, x0)
+    with variance (1 − ᾱ')/(1 − ᾱ)·(1 − ᾱ/ᾱ'), which is DDIM with η = 1."""
+    return euler_ancestral(denoiser, x, sigmas, noise, callback, eta=1.0)
+
+
+def heun(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+    """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler for the last step to σ = 0."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = to_d(x, sigma, denoiser(x, sigma))
+        x_next = x + d * (sigma_next - sigma)
+        if sigma_next > 0:
+            d_next = to_d(x_next, sigma_next, denoiser(x_next, sigma_next))
+            x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
+        x = callback(i, x_next)
+    return x
+
+
+def dpm2(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+    """DPM-Solver-2 as in k-diffusion: the derivative at the geometric midpoint σ_mid = √(σ·σ_next)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        d = to_d(x, sigma, denoiser(x, sigma))
+        if sigma_next == 0:
+            x = x + d * (sigma_next - sigma)
+        else:
+            sigma_mid = (sigma.log().lerp(sigma_next.log(), 0.5)).exp()
+            x_mid = x + d * (sigma_mid - sigma)
+            x = x + to_d(x_mid, sigma_mid, denoiser(x_mid, sigma_mid)) * (sigma_next - sigma)
+        x = callback(i, x)
+    return x
+
+
+def plms(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+    """PLMS (Liu et al. 2022, pseudo linear multistep): Adams–Bashforth on ε up to order 4, started with a
+    pseudo improved-Euler step, as in CompVis's PLMSSampler and diffusers' PNDM (skip_prk_steps)."""
+    history: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        eps = to_d(x, sigma, denoiser(x, sigma))
+        if not history:
+            x_next = x + eps * (sigma_next - sigma)
+            eps_prime = (eps + to_d(x_next, sigma_next, denoiser(x_next, sigma_next))) / 2
+        elif len(history) == 1:
+            eps_prime = (3 * eps - history[-1]) / 2
+        elif len(history) == 2:
+            eps_prime = (23 * eps - 16 * history[-1] + 5 * history[-2]) / 12
+        else:
+            eps_prime = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+        history = [*history[-2:], eps]
+        x = callback(i, x + eps_prime * (sigma_next - sigma))
+    return x
+
+
+def dpmpp_2m(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in k-diffusion's form; first order at the first and last
+    step. With t = −log σ and h = t' − t: x' = (σ'/σ)·x − (e^(−h) − 1)·D, D an extrapolation of the last two x0."""
+    old_x0, h_last = None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = x0
+        else:
+            h = sigma.log() - sigma_next.log()
+            if old_x0 is None:
+                d = x0
+            else:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * old_x0
+            x = (sigma_next / sigma) * x - torch.expm1(-h) * d
+            h_last = h
+        old_x0 = x0
+        x = callback(i, x)
+    return x
+
+
+def dpmpp_2s_ancestral(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity, eta=1.0):
+    """DPM-Solver++(2S) single-step with ancestral noise, as in k-diffusion (midpoint at r = 1/2 in log σ)."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        if sigma_down == 0:
+            x = x + to_d(x, sigma, x0) * (sigma_down - sigma)
+        else:
+            sigma_mid = (sigma * sigma_down).sqrt()  # t_mid = t + h/2 with t = −log σ
+            x_mid = (sigma_mid / sigma) * x - torch.expm1(sigma_mid.log() - sigma.log()) * x0
+            x = (sigma_down / sigma) * x - torch.expm1(sigma_down.log() - sigma.log()) * denoiser(x_mid, sigma_mid)
+        if sigma_up > 0:
+            x = x + noise(sigma, sigma_next) * sigma_up
+        x = callback(i, x)
+    return x
+
+
+def dpmpp_sde(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity, eta=1.0, r=0.5):
+    """DPM-Solver++ stochastic (SDE) sampler as in k-diffusion's sample_dpmpp_sde: a noisy step to the midpoint
+    s = t + r·h (t = −log σ), then a noisy step to σ_next with x0 mixed from both evaluations."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = x + to_d(x, sigma, x0) * (sigma_next - sigma)
+        else:
+            h = sigma.log() - sigma_next.log()
+            sigma_s = (sigma.log() - r * h).exp()
+            sd, su = ancestral_step(sigma, sigma_s, eta)
+            x_2 = (sd / sigma) * x - torch.expm1(sd.log() - sigma.log()) * x0
+            x_2 = x_2 + noise(sigma, sigma_s) * su
+            x0_2 = denoiser(x_2, sigma_s)
+            sd, su = ancestral_step(sigma, sigma_next, eta)
+            fac = 1 / (2 * r)
+            x = (sd / sigma) * x - torch.expm1(sd.log() - sigma.log()) * ((1 - fac) * x0 + fac * x0_2)
+            x = x + noise(sigma, sigma_next) * su
+        x = callback(i, x)
+    return x
+
+
+# name -> (sampler, where it lands: "zero" or "sigma_min", stochastic, display name in the web UI's metadata)
+SAMPLERS = {
+    "ddpm": (ddpm, "zero", True, "DDPM"),
+    "ddim": (ddim, "sigma_min", False, "DDIM"),
+    "plms": (plms, "sigma_min", False, "PLMS"),
+    "euler": (euler, "zero", False, "Euler"),
+    "euler_ancestral": (euler_ancestral, "zero", True, "Euler a"),
+    "heun": (heun, "zero", False, "Heun"),
+    "dpm2": (dpm2, "zero", False, "DPM2"),
+    "dpmpp_2m": (dpmpp_2m, "zero", False, "DPM++ 2M"),
+    "dpmpp_2s_ancestral": (dpmpp_2s_ancestral, "zero", True, "DPM++ 2S a"),
+    "dpmpp_sde": (dpmpp_sde, "zero", True, "DPM++ SDE"),
+}
+
+
+def get_sampler(name: str):
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]
