@@ -13,10 +13,11 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from conftest import randomize, tiny_config
 from latent_diffusion import CheckpointError, LatentDiffusion, load_model, preset, save_model
 from latent_diffusion.checkpoint import ema_key, infer_config
 from latent_diffusion.config import to_ldm_config
+
+from conftest import randomize, tiny_config
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):

@@ -18,8 +18,8 @@ from latent_diffusion.samplers import SAMPLERS, get_sampler
 
 ALPHA_BAR = schedule.alphas_cumprod(schedule.scaled_linear_betas(0.00085, 0.012, 1000))
 SIGMA_TABLE = schedule.sigmas_from_alphas_cumprod(ALPHA_BAR)
-SD_SCHEDULE = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
-                   timestep_spacing="leading", steps_offset=1)  # fmt: skip
+SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
+                   "timestep_spacing": "leading", "steps_offset": 1}  # fmt: skip
 
 
 def model_output(x_in: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -51,19 +51,19 @@ class NoiseTape:
 
 # sampler -> (diffusers scheduler class, its config, step kwargs, does diffusers work in VP space)
 CASES = {
-    "ddim": (diffusers.DDIMScheduler, dict(set_alpha_to_one=False, clip_sample=False), {}, True),
-    "ddim_eta1": (diffusers.DDIMScheduler, dict(set_alpha_to_one=False, clip_sample=False), {"eta": 1.0}, True),
-    "ddpm": (diffusers.DDPMScheduler, dict(clip_sample=False, variance_type="fixed_small"), {}, True),
-    "plms": (diffusers.PNDMScheduler, dict(skip_prk_steps=True, set_alpha_to_one=False), {}, True),
+    "ddim": (diffusers.DDIMScheduler, {"set_alpha_to_one": False, "clip_sample": False}, {}, True),
+    "ddim_eta1": (diffusers.DDIMScheduler, {"set_alpha_to_one": False, "clip_sample": False}, {"eta": 1.0}, True),
+    "ddpm": (diffusers.DDPMScheduler, {"clip_sample": False, "variance_type": "fixed_small"}, {}, True),
+    "plms": (diffusers.PNDMScheduler, {"skip_prk_steps": True, "set_alpha_to_one": False}, {}, True),
     "euler": (diffusers.EulerDiscreteScheduler, {}, {}, False),
     "euler_karras": (diffusers.EulerDiscreteScheduler, {}, {}, False),
     "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}, {}, False),
     "heun": (diffusers.HeunDiscreteScheduler, {}, {}, False),
     "dpm2": (diffusers.KDPM2DiscreteScheduler, {}, {}, False),
-    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver++", solver_order=2), {}, True),
+    "dpmpp_2m": (diffusers.DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}, {}, True),
     "dpmpp_2m_karras": (
         diffusers.DPMSolverMultistepScheduler,
-        dict(algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
         {},
         True,
     ),

@@ -76,7 +76,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (not a dict)
-    except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for malformed files)
+    except Exception as e:
         raise CheckpointError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
 
 
@@ -119,7 +119,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: refused: its pickle {what}, which is not a tensor or plain container; nothing from it was run"
         ) from None
-    except Exception as e:  # noqa: BLE001 (zip, pickle and EOF errors alike mean: unreadable)
+    except Exception as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
 
 

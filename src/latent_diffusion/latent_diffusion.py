@@ -69,7 +69,10 @@ class LatentDiffusion(nn.Module):
         tokens, cut = self.cond_stage_model.tokenize(list(prompts))
         for prompt, was_cut in zip(prompts, cut):
             if was_cut:
-                warnings.warn(f"prompt longer than {self.cfg.text.max_length - 2} tokens was cut: {prompt[:60]!r}...")
+                warnings.warn(
+                    f"prompt longer than {self.cfg.text.max_length - 2} tokens was cut: {prompt[:60]!r}...",
+                    stacklevel=2,
+                )
         return self.cond_stage_model(tokens)
 
     def autoencoder_encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
