@@ -62,19 +62,24 @@ class Upsample(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: torch.Tensor, size: torch.Size | None = None) -> torch.Tensor:
+        """Nearest-neighbour 2x, or to `size`: the size of the next skip, which is odd when the input side
+        is not divisible by 2 ** (levels - 1) (e.g. 520 px = 65 latents -> 33 -> 17: up to 33, not 34)."""
+        x = F.interpolate(x, size=size, mode="nearest") if size else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A Sequential that hands each layer what it needs: the time embedding, the text context, or nothing."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor, size=None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -135,7 +140,8 @@ class UNetModel(nn.Module):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """x: (b, in_channels, h, w), timesteps: (b,) or scalar, context: (b, 77, context_dim) -> (b, out_channels, h, w).
 
-        h and w must be divisible by 2 ** (len(channel_mult) - 1).
+        Any h and w work; sides that are not multiples of 2 ** (len(channel_mult) - 1) are upsampled to the
+        size of the matching skip connection.
         """
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
@@ -146,5 +152,6 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
