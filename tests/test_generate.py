@@ -9,9 +9,10 @@ from diffusers import (
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
 )
-from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
 
 from latent_diffusion.generate import GenerationSettings, generate
+
+from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
 
 SETTINGS = GenerationSettings(steps=10, sampler="ddim", cfg_scale=7.5)
 PROMPT, NEGATIVE = "a small red circle on a blue background", "blurry"

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import random
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, preset
+from .generate import GenerationSettings, generate
+from .images import grid, load_image, model_hash, next_index, parameters_text, save_png, to_pil
 from .latent_diffusion import LatentDiffusion
+from .samplers import SAMPLERS, get_sampler
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -42,38 +49,177 @@ def cmd_info(args) -> None:
     print(f"{args.ckpt}: {describe(model)}")
 
 
-@torch.no_grad()
-def cmd_demo(args) -> None:
-    """Until generation lands: build the tiny preset, save it, load it back, and run each part once."""
-    outdir = Path(args.outdir)
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def prepare_outdir(outdir: Path) -> None:
+    """Create the folder and prove it writable before any work, so a bad folder costs nothing."""
     try:
         outdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=outdir):
+            pass
     except OSError as e:
-        raise UsageError(f"cannot create the output folder {outdir}: {e.strerror}") from None
+        raise UsageError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
+
+
+def check_generation_args(args) -> GenerationSettings:
+    if args.width % 8 or args.height % 8:
+        raise UsageError(f"--width and --height must be multiples of 8, not {args.width}x{args.height}")
+    if args.batch_size < 1 or args.n_iter < 1:
+        raise UsageError("--batch-size and --n-iter must be at least 1")
+    settings = GenerationSettings(
+        steps=args.steps, sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale, eta=args.eta,
+        strength=args.strength if args.command != "txt2img" else 1.0,
+    )  # fmt: skip
+    try:
+        settings.check()
+    except ValueError as e:
+        message = str(e).replace("steps must", "--steps must").replace("strength must", "--strength must")
+        raise UsageError(message) from None
+    return settings
+
+
+def sampler_display_name(settings: GenerationSettings) -> str:
+    _, final, _, name = get_sampler(settings.sampler)
+    return name + (" Karras" if settings.karras and final == "zero" else "")
+
+
+def cmd_generate(args) -> None:
+    """txt2img, img2img and inpaint: load, check, sample batch after batch, write PNGs (and a grid)."""
+    settings = check_generation_args(args)
+    init_image = mask = None
+    if args.command in ("img2img", "inpaint"):
+        size = (args.width, args.height) if args.resize else None
+        init_image = load_image(args.init_image, "RGB", size)
+        if args.command == "inpaint":
+            mask = load_image(args.mask, "L")
+            if mask.shape[-2:] != init_image.shape[-2:] and size is None:
+                raise UsageError(
+                    f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
+                    f"{init_image.shape[-1]}x{init_image.shape[-2]}; they must be the same size"
+                )
+            mask = load_image(args.mask, "L", size) if size else mask
+        height, width = init_image.shape[-2:]
+        if width % 8 or height % 8:
+            raise UsageError(f"the image is {width}x{height}: not multiples of 8; pass --resize with --width/--height")
+        args.width, args.height = width, height
+    outdir = Path(args.outdir)
+    prepare_outdir(outdir)
+
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
+    if not args.ckpt:
+        raise UsageError("no --ckpt given (the built-in model is not there yet): pass a Stable Diffusion checkpoint")
+    model = load_model(args.ckpt, args.config, device=device, dtype=dtype, ema=args.ema or None)
+    if model.cfg.unet.in_channels == 9 and args.command != "inpaint":
+        raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
+
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    fields = {
+        "Steps": settings.steps, "Sampler": sampler_display_name(settings), "CFG scale": settings.cfg_scale,
+        "Seed": seed, "Size": f"{args.width}x{args.height}", "Model hash": model_hash(args.ckpt),
+        "Model": Path(args.ckpt).stem,
+    }  # fmt: skip
+    if args.command != "txt2img":
+        fields["Denoising strength"] = settings.strength
+    steps_run = int(settings.steps * settings.strength)
+    bar = tqdm(total=args.n_iter * steps_run, disable=args.quiet, unit="step", desc=args.command)
+    images, index = [], next_index(outdir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *rest: print(f"ldm: warning: {message}", file=sys.stderr)
+        for n in range(args.n_iter):
+            seeds = [seed + n * args.batch_size + i for i in range(args.batch_size)]
+            batch = generate(
+                model, [args.prompt] * args.batch_size, seeds, settings,
+                negative_prompts=[args.negative_prompt] * args.batch_size, width=args.width, height=args.height,
+                init_image=None if init_image is None else init_image.expand(args.batch_size, -1, -1, -1) * 2 - 1,
+                mask=None if mask is None else mask.expand(args.batch_size, -1, -1, -1),
+                progress=lambda i: bar.update(1),
+            )  # fmt: skip
+            for s, image in zip(seeds, batch):
+                pil = to_pil(image)
+                path = outdir / f"{index:05d}-{s}.png"
+                save_png(pil, path, parameters_text(args.prompt, args.negative_prompt, {**fields, "Seed": s}))
+                images.append(pil)
+                index += 1
+                if not args.quiet:
+                    tqdm.write(f"wrote {path}")
+    bar.close()
+    if args.grid and len(images) > 1:
+        path = outdir / f"grid-{index - 1:05d}.png"
+        save_png(grid(images, args.batch_size), path, parameters_text(args.prompt, args.negative_prompt, fields))
+        print(f"wrote {path}")
+
+
+def cmd_demo(args) -> None:
+    """Until the built-in model is trained: the whole pipeline on the tiny preset with random weights."""
+    outdir = Path(args.outdir)
+    prepare_outdir(outdir)
     torch.manual_seed(args.seed)
     path = outdir / "tiny-random.safetensors"
+    start = time.perf_counter()
     save_model(LatentDiffusion(preset("tiny")), path)
-    print(f"wrote a tiny model with random weights (the real architecture at small widths): {path}")
+    print(f"wrote {path}: the tiny preset (the real architecture at small widths) with RANDOM weights,")
+    print("so the pictures below are noise; a trained built-in model replaces it later.")
+    print(describe(load_model(path)))
+    main([
+        "txt2img", "--ckpt", str(path), "--prompt", args.prompt, "--width", "64", "--height", "64",
+        "--steps", "10", "--batch-size", "4", "--seed", str(args.seed), "--grid", "--outdir", str(outdir),
+    ])  # fmt: skip
+    print(f"demo done in {time.perf_counter() - start:.1f} s")
 
-    start = time.perf_counter()
-    model = load_model(path)
-    print(f"loaded it in {time.perf_counter() - start:.2f} s: {describe(model)}")
 
-    start = time.perf_counter()
-    context = model.get_text_conditioning([args.prompt])
-    image = torch.rand(1, 3, 64, 64) * 2 - 1
-    latent = model.autoencoder_encode(image)
-    t = torch.tensor([500])
-    noise = torch.randn_like(latent)
-    noisy = model.alphas_cumprod[t].sqrt() * latent + (1 - model.alphas_cumprod[t]).sqrt() * noise
-    prediction = model(noisy, t, context)
-    decoded = model.autoencoder_decode(latent)
-    print(
-        f"prompt {args.prompt!r} -> context {tuple(context.shape)}; image {tuple(image.shape)} -> latent "
-        f"{tuple(latent.shape)}; U-Net at t=500 -> {tuple(prediction.shape)}; decode -> {tuple(decoded.shape)} "
-        f"({time.perf_counter() - start:.2f} s)"
-    )
-    print("Image generation arrives with the samplers; `ldm info CKPT` describes any Stable Diffusion checkpoint.")
+GENERATE_HELP = {
+    "txt2img": "Generate images from a text prompt with a Stable Diffusion checkpoint (SD 1.x, 2.x).",
+    "img2img": "Redraw --init-image following the prompt. --strength sets how much of the noise schedule is "
+    "run: 1.0 ignores the image, small values keep it close.",
+    "inpaint": "Repaint the white part of --mask in --init-image. With an inpainting checkpoint (9 input "
+    "channels) the model sees the mask; with a standard one the known region is held at every step. Pixels "
+    "outside the mask are kept as they were.",
+}
+EPILOG = (
+    "Files are named NNNNN-SEED.png; each carries the settings in a `parameters` PNG text chunk, in the form the "
+    "Stable Diffusion web UI writes. Image i of a batch uses seed SEED+i, so it can be regenerated alone."
+)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    p.epilog = EPILOG
+    p.add_argument("--ckpt", help="Stable Diffusion checkpoint (.safetensors or .ckpt), original layout")
+    p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
+    p.add_argument("--prompt", required=True, help="what to draw (up to 75 CLIP tokens; more is cut, with a warning)")
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
+    if command == "txt2img":
+        p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8")
+        p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8")
+    else:
+        p.add_argument("--init-image", required=True, help="the image to start from")
+        if command == "inpaint":
+            p.add_argument("--mask", required=True, help="same size as the image; white = repaint, black = keep")
+        p.add_argument("--strength", type=float, default=1.0 if command == "inpaint" else 0.75,
+                       help="fraction of the schedule to run, in (0, 1]")  # fmt: skip
+        p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
+        p.add_argument("--width", type=int, default=512, help="with --resize: pixels, a multiple of 8")
+        p.add_argument("--height", type=int, default=512, help="with --resize: pixels, a multiple of 8")
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
+    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True,
+                   help="Karras noise levels for the sigma-space samplers (not ddim, plms, ddpm)")  # fmt: skip
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (1: no guidance)")
+    p.add_argument("--seed", type=int, help="seed of the first image (default: random, and printed in the PNG)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per U-Net batch")
+    p.add_argument("--n-iter", type=int, default=1, help="how many batches")
+    p.add_argument("--outdir", default="outputs", help="where the PNGs go")
+    p.add_argument("--grid", action="store_true", help="also write a grid of all images")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,14 +244,28 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--dtype", default="float32", choices=DTYPES)
     info.set_defaults(run=cmd_info)
 
+    for command, help_text in (
+        ("txt2img", "generate images from a prompt"),
+        ("img2img", "redraw an image following a prompt"),
+        ("inpaint", "repaint the white part of a mask"),
+    ):
+        p = sub.add_parser(
+            command,
+            help=help_text,
+            description=GENERATE_HELP[command],
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        add_generation_arguments(p, command)
+        p.set_defaults(run=cmd_generate)
+
     demo = sub.add_parser(
         "demo",
-        help="save, load and run the tiny model once",
+        help="the whole pipeline on a tiny random model",
         description=f"Build the tiny preset (one of {', '.join(PRESETS)}) with random weights, save it, load it "
-        "back and run text encoder, autoencoder and U-Net once.",
+        "back and generate a grid of 64x64 images with it (noise: the weights are random).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--outdir", default="out", help="folder for the checkpoint")
+    demo.add_argument("--outdir", default="out", help="folder for the checkpoint and the images")
     demo.add_argument("--prompt", default="a small red circle on a blue background")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=cmd_demo)

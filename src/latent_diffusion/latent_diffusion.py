@@ -13,6 +13,7 @@ from . import schedule
 from .autoencoder import AutoencoderKL
 from .config import LatentDiffusionConfig, from_ldm_config
 from .text_encoder import TextEncoder
+from .tokenizer import clip_tokenizer
 from .unet import UNetModel
 
 
@@ -69,8 +70,9 @@ class LatentDiffusion(nn.Module):
         tokens, cut = self.cond_stage_model.tokenize(list(prompts))
         for prompt, was_cut in zip(prompts, cut):
             if was_cut:
+                dropped = clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)
                 warnings.warn(
-                    f"prompt longer than {self.cfg.text.max_length - 2} tokens was cut: {prompt[:60]!r}...",
+                    f"prompt longer than {self.cfg.text.max_length - 2} tokens; this part was cut: {dropped!r}",
                     stacklevel=2,
                 )
         return self.cond_stage_model(tokens)

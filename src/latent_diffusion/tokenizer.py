@@ -80,6 +80,23 @@ class CLIPTokenizer:
             ids.extend(self.encoder[t] for t in self.bpe("".join(byte_map[b] for b in word.encode("utf-8"))))
         return ids
 
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text (lower case, normalised whitespace): for messages such as what a cut removed."""
+        if not hasattr(self, "decoder"):
+            self.decoder = {i: token for token, i in self.encoder.items()}
+            self.byte_decoder = {c: b for b, c in bytes_to_unicode().items()}
+        out = bytearray()
+        for i in ids:
+            if i not in (self.sot_id, self.eot_id):
+                token = self.decoder[i]
+                out += bytes(self.byte_decoder[c] for c in token.removesuffix("</w>"))
+                out += b" " if token.endswith("</w>") else b""
+        return out.decode("utf-8", "replace").strip()
+
+    def cut_text(self, prompt: str) -> str:
+        """What truncation to max_length drops from a prompt ("" if it fits)."""
+        return self.decode(self.encode(prompt)[self.max_length - 2 :])
+
     def __call__(self, prompts: list[str], pad_token: int) -> tuple[list[list[int]], list[bool]]:
         """Prompts -> (rows of max_length ids, whether each prompt was cut to fit)."""
         rows, cut = [], []

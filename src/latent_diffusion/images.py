@@ -1,0 +1,115 @@
+"""Images in and out: reading init images and masks, writing PNGs with the generation settings in a
+`parameters` text chunk in the form of the most used Stable Diffusion web UI, and grids.
+
+    a photograph of an astronaut riding a horse
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: v1-5
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+
+
+def load_image(path: str | os.PathLike, mode: str = "RGB", size: tuple[int, int] | None = None) -> torch.Tensor:
+    """-> (1, C, H, W) in [0, 1]; resized to size = (width, height) when given. ValueError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode)
+            if size is not None and im.size != size:
+                im = im.resize(size, Image.Resampling.LANCZOS)
+            array = np.asarray(im, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as e:
+        raise ValueError(f"{path}: cannot read the image ({e.__class__.__name__}: {e})") from None
+    tensor = torch.from_numpy(array)
+    return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [0, 1] -> an 8-bit RGB image."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    w, h = images[0].size
+    sheet = Image.new("RGB", (columns * w, rows * h))
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % columns) * w, (i // columns) * h))
+    return sheet
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """The web UI's model hash ("AutoV2"): the first 10 hex digits of the file's SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:10]
+
+
+def _quote(value) -> str:
+    text = str(value)
+    return f'"{text}"' if any(c in text for c in ',:"\n') else text
+
+
+def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
+    """The `parameters` chunk: prompt line, `Negative prompt:` line, then `Key: value, ...`."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict:
+    """The inverse of parameters_text: {"prompt", "negative_prompt", and each field as a string}."""
+    *head, last = text.strip().split("\n")
+    if not FIELD.match(last) or "Steps:" not in last:  # no settings line: the whole text is the prompt
+        head, last = [*head, last], ""
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in head:
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
+    for key, value in FIELD.findall(last):
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        result[key.strip()] = value
+    return result
+
+
+def save_png(image: Image.Image, path: Path, parameters: str) -> None:
+    """Write atomically (temp file, then rename): a failed write leaves no partial file."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def next_index(outdir: Path) -> int:
+    """1 + the largest NNNNN- prefix in the folder, so runs never overwrite earlier images."""
+    found = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    return max(found, default=0) + 1
