@@ -1,37 +1,173 @@
-"""The `ldm` command: exit codes and one-line errors."""
+"""The `ldm` command: generation end to end on a tiny checkpoint, PNG metadata, exit codes and one-line errors."""
 
 import subprocess
 import sys
 
+import pytest
+import torch
+from PIL import Image
+
+from latent_diffusion import save_model
 from latent_diffusion.cli import main
+from latent_diffusion.images import model_hash, parameters_text, parse_parameters
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_models):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_model(tiny_models["sd1"], path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def inpaint_ckpt(tmp_path_factory, tiny_models):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-inpainting.safetensors"
+    save_model(tiny_models["inpaint"], path)
+    return path
+
+
+@pytest.fixture
+def picture(tmp_path):
+    Image.new("RGB", (64, 48), (200, 30, 40)).save(tmp_path / "in.png")
+    mask = Image.new("L", (64, 48), 0)
+    mask.paste(255, (0, 0, 32, 48))
+    mask.save(tmp_path / "mask.png")
+    return tmp_path / "in.png", tmp_path / "mask.png"
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_txt2img_writes_pngs_with_parameters(tmp_path, ckpt):
+    out = tmp_path / "out"
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "a red, round thing", "--negative-prompt", "blurry, dark",
+               "--width", 32, "--height", 40, "--steps", 3, "--seed", 7, "--batch-size", 2, "--n-iter", 2,
+               "--grid", "--quiet", "--outdir", out) == 0  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["00001-7.png", "00002-8.png", "00003-9.png", "00004-10.png", "grid-00004.png"]
+    with Image.open(out / "00003-9.png") as im:
+        assert im.size == (32, 40)
+        params = parse_parameters(im.text["parameters"])
+    assert params == {
+        "prompt": "a red, round thing", "negative_prompt": "blurry, dark", "Steps": "3",
+        "Sampler": "DPM++ 2M Karras", "CFG scale": "7.5", "Seed": "9", "Size": "32x40",
+        "Model hash": model_hash(ckpt), "Model": "tiny",
+    }  # fmt: skip
+
+
+def test_image_of_a_batch_regenerates_alone(tmp_path, ckpt):
+    common = ["--ckpt", ckpt, "--prompt", "x", "--width", 32, "--height", 32, "--steps", 3, "--quiet"]
+    assert run("txt2img", *common, "--seed", 100, "--batch-size", 3, "--outdir", tmp_path / "a") == 0
+    assert run("txt2img", *common, "--seed", 102, "--outdir", tmp_path / "b") == 0
+    with Image.open(tmp_path / "a" / "00003-102.png") as a, Image.open(tmp_path / "b" / "00001-102.png") as b:
+        diff = torch.tensor(list(a.getdata())) - torch.tensor(list(b.getdata()))
+    assert diff.abs().max() <= 1  # batched and single U-Net calls may round differently, never by more than 1/255
+
+
+def test_img2img_and_inpaint(tmp_path, ckpt, inpaint_ckpt, picture):
+    image, mask = picture
+    assert run("img2img", "--ckpt", ckpt, "--prompt", "x", "--init-image", image, "--strength", 0.5,
+               "--steps", 4, "--seed", 1, "--quiet", "--outdir", tmp_path / "i2i") == 0  # fmt: skip
+    with Image.open(tmp_path / "i2i" / "00001-1.png") as im:
+        assert im.size == (64, 48) and parse_parameters(im.text["parameters"])["Denoising strength"] == "0.5"
+    for model in (ckpt, inpaint_ckpt):
+        out = tmp_path / model.stem
+        assert run("inpaint", "--ckpt", model, "--prompt", "x", "--init-image", image, "--mask", mask,
+                   "--steps", 3, "--seed", 2, "--quiet", "--outdir", out) == 0  # fmt: skip
+        with Image.open(out / "00001-2.png") as im:
+            kept = im.crop((32, 0, 64, 48)).getcolors()
+        assert kept == [(32 * 48, (200, 30, 40))]  # black in the mask: the input's pixels, exactly
+
+
+def test_long_prompt_warns_with_what_was_cut(tmp_path, ckpt, capsys):
+    prompt = "word " * 74 + "the end of this prompt"
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", prompt, "--width", 16, "--height", 16, "--steps", 1,
+               "--quiet", "--outdir", tmp_path) == 0  # fmt: skip
+    assert "this part was cut: 'end of this prompt'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--width", 500], "--width and --height must be multiples of 8, not 500x512"),
+        (["--steps", 0], "--steps must be at least 1"),
+        (["--sampler", "k_lms"], "unknown sampler 'k_lms'; choose one of ddpm, ddim, plms, euler"),
+    ],
+)
+def test_bad_txt2img_arguments_exit_2(tmp_path, ckpt, capsys, args, message):
+    out = tmp_path / "out"
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "x", "--outdir", out, *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "command,args,message",
+    [
+        ("img2img", ["--strength", 0], r"--strength must be in (0, 1]"),
+        ("img2img", ["--strength", 1.5], r"--strength must be in (0, 1]"),
+        ("inpaint", ["--mask", "{small_mask}"], "the mask is 8x8 but the image is 64x48"),
+        ("img2img", ["--init-image", "{not_an_image}"], "cannot read the image"),
+    ],
+)
+def test_bad_image_arguments_exit_2(tmp_path, ckpt, picture, capsys, command, args, message):
+    image, mask = picture
+    Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    (tmp_path / "text.png").write_text("not an image")
+    fill = {"{small_mask}": tmp_path / "small.png", "{not_an_image}": tmp_path / "text.png"}
+    base = {"--init-image": image, **({"--mask": mask} if command == "inpaint" else {})}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = fill.get(value, value)
+    out = tmp_path / "out"
+    flat = [x for kv in base.items() for x in kv]
+    assert run(command, "--ckpt", ckpt, "--prompt", "x", "--steps", 2, "--outdir", out, *flat) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_unwritable_outdir_and_missing_ckpt_exit_2(tmp_path, ckpt, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "x", "--outdir", blocker / "sub") == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+    assert run("txt2img", "--prompt", "x", "--outdir", tmp_path / "o") == 2
+    assert "no --ckpt given" in capsys.readouterr().err
+    assert list((tmp_path / "o").iterdir()) == []
+
+
+def test_inpainting_checkpoint_refuses_txt2img(tmp_path, inpaint_ckpt, capsys):
+    assert run("txt2img", "--ckpt", inpaint_ckpt, "--prompt", "x", "--outdir", tmp_path) == 2
+    assert "is an inpainting model: use `ldm inpaint`" in capsys.readouterr().err
+
+
+def test_parameters_round_trip_with_multiline_prompts():
+    text = parameters_text("line one\nline two", "neg: a, b", {"Steps": 20, "Sampler": "Euler a", "Seed": 3})
+    assert parse_parameters(text) == {"prompt": "line one\nline two", "negative_prompt": "neg: a, b",
+                                      "Steps": "20", "Sampler": "Euler a", "Seed": "3"}  # fmt: skip
 
 
 def test_demo_then_info(tmp_path, capsys):
     assert main(["demo", "--outdir", str(tmp_path)]) == 0
+    assert (tmp_path / "grid-00004.png").exists()
     assert main(["info", str(tmp_path / "tiny-random.safetensors")]) == 0
-    out = capsys.readouterr().out
-    assert "variant sd1 (eps-prediction)" in out and "context (1, 77, 32)" in out
+    assert "variant sd1 (eps-prediction)" in capsys.readouterr().out
 
 
 def test_bad_checkpoint_exits_2_with_one_line(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    run = subprocess.run([sys.executable, "-m", "latent_diffusion.cli", "info", str(tmp_path / "bad.safetensors")],
-                         capture_output=True, text=True, check=False)  # fmt: skip
-    assert run.returncode == 2
-    assert run.stderr.count("\n") == 1 and "bad.safetensors: not a readable .safetensors file" in run.stderr
+    run_ = subprocess.run([sys.executable, "-m", "latent_diffusion.cli", "info", str(tmp_path / "bad.safetensors")],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert run_.returncode == 2
+    assert run_.stderr.count("\n") == 1 and "bad.safetensors: not a readable .safetensors file" in run_.stderr
 
 
-def test_unwritable_outdir_exits_2(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    assert main(["demo", "--outdir", str(blocker / "sub")]) == 2
-    assert "cannot create the output folder" in capsys.readouterr().err
-
-
-def test_help_lists_the_commands(capsys):
-    try:
-        main(["--help"])
-    except SystemExit as e:
-        assert e.code == 0
+def test_help_is_usable(capsys):
+    for argv in (["--help"], ["txt2img", "--help"], ["inpaint", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "info" in out and "demo" in out
+    for word in ("txt2img", "img2img", "inpaint", "--cfg-scale", "--negative-prompt", "white = repaint", "dpmpp_2m"):
+        assert word in out
