@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import random
 import sys
 import tempfile
@@ -19,6 +21,8 @@ from .generate import GenerationSettings, generate
 from .images import grid, load_image, model_hash, next_index, parameters_text, save_png, to_pil
 from .latent_diffusion import LatentDiffusion
 from .samplers import SAMPLERS, get_sampler
+from .train import TrainConfig, TrainError, train
+from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -173,6 +177,97 @@ def cmd_demo(args) -> None:
     print(f"demo done in {time.perf_counter() - start:.1f} s")
 
 
+TRAIN_HELP = {
+    "outdir": "folder for checkpoints, log.csv, samples and the final model.safetensors",
+    "data": "image folder: NAME.jpg + NAME.txt captions, or a metadata.jsonl (default: the built-in shapes set)",
+    "shapes_count": "images in the built-in shapes set",
+    "image_size": "training resolution in pixels (images are resized and center-cropped)",
+    "ckpt": "fine-tune this checkpoint",
+    "preset": "train this architecture from scratch (when no --ckpt)",
+    "autoencoder": "first_stage_model weights (from `ldm train-autoencoder`) for a from-scratch model",
+    "train_text_encoder": "train the text encoder too (frozen by default)",
+    "steps": "optimizer steps in all",
+    "batch_size": "global batch: samples per optimizer step over all processes and accumulation steps",
+    "grad_accum": "gradient accumulation steps",
+    "lr": "AdamW learning rate",
+    "warmup": "linear learning-rate warm-up steps",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "precision": "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler)",
+    "ema_decay": "EMA decay of the U-Net weights, saved as model_ema.* (0: off)",
+    "prompt_dropout": "probability of training on the empty prompt (for classifier-free guidance)",
+    "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default off)",
+    "offset_noise": "offset-noise strength (e.g. 0.05; default off)",
+    "cache_latents": "encode images and captions once and train from the cache (--no-cache-latents for --flip)",
+    "flip": "random horizontal flips (needs --no-cache-latents)",
+    "caption_default": "caption for images without one (default: such images are an error)",
+    "seed": "seed of the data order, noise and initial weights",
+    "save_every": "checkpoint every N steps",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "sample_every": "write sample images every N steps (0: never)",
+    "sample_prompts": "prompts of the sample images (repeat the flag for more)",
+    "log_every": "log loss and learning rate every N steps",
+    "resume": "continue from the last checkpoint in --outdir",
+    "device": "auto, cpu, cuda",
+    "quiet": "no progress bar",
+}
+
+
+AUTOENCODER_HELP = {
+    **TRAIN_HELP,
+    "outdir": "folder for autoencoder.safetensors (first_stage_model.* weights)",
+    "preset": "whose autoencoder architecture to train",
+    "steps": "optimizer steps",
+    "batch_size": "images per step",
+    "lr": "Adam learning rate",
+    "loss": "reconstruction loss: l1 or l2",
+    "kl_weight": "weight of the KL term (CompVis: 1e-6)",
+    "disc_start": "step from which the patch-GAN discriminator loss is on (-1: never)",
+    "disc_weight": "weight of the generator's adversarial loss",
+    "holdout": "share of images held out for the reported PSNR",
+    "caption_default": "captions are not needed for stage 1; images without one get this",
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:
+    """One flag per field of a config dataclass, with its default and type."""
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name == "outdir":
+            p.add_argument(flag, required=True, help=helps[f.name])
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps[f.name])
+        elif isinstance(default, list):
+            p.add_argument("--sample-prompt", dest=f.name, action="append", help=helps[f.name])
+        else:
+            kind = {"min_snr_gamma": float}.get(f.name, type(default) if default is not None else str)
+            p.add_argument(flag, type=kind, default=default, help=helps[f.name])
+
+
+def cmd_train(args) -> None:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    if values["sample_prompts"] is None:
+        del values["sample_prompts"]
+    if values["flip"] and values["cache_latents"]:
+        raise UsageError("--flip needs --no-cache-latents (cached latents cannot be flipped)")
+    try:
+        path = train(TrainConfig(**values))
+    except TrainError as e:
+        raise UsageError(str(e)) from None
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"wrote {path}")
+
+
+def cmd_train_autoencoder(args) -> None:
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AutoencoderTrainConfig)}
+    try:
+        path, score = train_autoencoder(AutoencoderTrainConfig(**values))
+    except TrainError as e:
+        raise UsageError(str(e)) from None
+    print(f"wrote {path} (held-out PSNR {score:.2f} dB)")
+
+
 GENERATE_HELP = {
     "txt2img": "Generate images from a text prompt with a Stable Diffusion checkpoint (SD 1.x, 2.x).",
     "img2img": "Redraw --init-image following the prompt. --strength sets how much of the noise schedule is "
@@ -257,6 +352,26 @@ def build_parser() -> argparse.ArgumentParser:
         )
         add_generation_arguments(p, command)
         p.set_defaults(run=cmd_generate)
+
+    tr = sub.add_parser(
+        "train",
+        help="train the U-Net in the latent space of a frozen autoencoder",
+        description="Train (or fine-tune) the diffusion U-Net on latents of the frozen autoencoder. Several "
+        "processes: torchrun --nproc_per_node N -m latent_diffusion.cli train ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(tr, TrainConfig, TRAIN_HELP)
+    tr.set_defaults(run=cmd_train)
+
+    ta = sub.add_parser(
+        "train-autoencoder",
+        help="train the KL autoencoder (stage 1)",
+        description="Train the KL autoencoder: L1/L2 reconstruction + KL, optionally a patch-GAN after a warm-up. "
+        "Writes first_stage_model.* weights for `ldm train --autoencoder` and reports held-out PSNR.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_config_arguments(ta, AutoencoderTrainConfig, AUTOENCODER_HELP)
+    ta.set_defaults(run=cmd_train_autoencoder)
 
     demo = sub.add_parser(
         "demo",

@@ -1,0 +1,161 @@
+"""Training data: captioned image folders in the two usual forms, and a synthetic captioned shapes set.
+
+Folder forms: `name.jpg` + `name.txt` side by side, or a `metadata.jsonl` with {"file_name", "text"} per line.
+Images are resized (shorter side) and center-cropped to the training size; unreadable images are skipped and
+counted, never a crash mid-epoch. Items are (image (3, S, S) in [-1, 1], caption).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+class DataError(ValueError):
+    """A data set that cannot be used as given; the message says why."""
+
+
+def to_tensor(im: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+
+
+def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), Image.Resampling.BICUBIC)
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+class ImageCaptionFolder(torch.utils.data.Dataset):
+    def __init__(self, root: str | Path, size: int, *, flip: bool = False, caption_default: str | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"{root}: no such data folder")
+        self.size, self.flip = size, flip
+        if (root / "metadata.jsonl").exists():
+            self.items = self._read_metadata(root)
+        else:
+            self.items = []
+            missing = []
+            for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                caption_file = path.with_suffix(".txt")
+                if caption_file.exists():
+                    self.items.append((path, caption_file.read_text(encoding="utf-8").strip()))
+                elif caption_default is not None:
+                    self.items.append((path, caption_default))
+                else:
+                    missing.append(path.name)
+            if missing:
+                raise DataError(
+                    f"{root}: {len(missing)} images have no caption file (first: {missing[0]}); add NAME.txt files, "
+                    "a metadata.jsonl, or pass --caption-default"
+                )
+        if not self.items:
+            raise DataError(f"{root}: no images (.jpg, .png, .webp, .bmp) found")
+        self.skipped = 0
+
+    @staticmethod
+    def _read_metadata(root: Path) -> list[tuple[Path, str]]:
+        items = []
+        for n, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                items.append((root / record["file_name"], str(record["text"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise DataError(f"{root / 'metadata.jsonl'}:{n}: needs file_name and text ({e})") from None
+        return items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int, rng: random.Random | None = None) -> tuple[torch.Tensor, str] | None:
+        """The item, or None (and one more in `skipped`) if its image cannot be read."""
+        path, caption = self.items[index]
+        try:
+            with Image.open(path) as im:
+                im = resize_center_crop(im.convert("RGB"), self.size)
+        except (OSError, UnidentifiedImageError):
+            self.skipped += 1
+            return None
+        if self.flip and rng is not None and rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(im), caption
+
+    def __getitem__(self, index: int):
+        return self.load(index)
+
+
+# The synthetic shapes set -------------------------------------------------------------------------------------
+
+COLORS = {
+    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+}  # fmt: skip
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": 0.28, "large": 0.55}  # side as a fraction of the image
+POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "center": (0.5, 0.5)}
+
+
+@dataclass(frozen=True)
+class Shape:
+    shape: str
+    color: str
+    background: str
+    size: str
+    position: str
+
+    @property
+    def caption(self) -> str:
+        where = "in the center" if self.position == "center" else f"at the {self.position}"
+        return f"a {self.size} {self.color} {self.shape} {where} on a {self.background} background"
+
+
+def draw(spec: Shape, image_size: int) -> Image.Image:
+    im = Image.new("RGB", (image_size, image_size), COLORS[spec.background])
+    d = ImageDraw.Draw(im)
+    side = SIZES[spec.size] * image_size
+    cx, cy = (p * image_size for p in POSITIONS[spec.position])
+    box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
+    if spec.shape == "circle":
+        d.ellipse(box, fill=COLORS[spec.color])
+    elif spec.shape == "square":
+        d.rectangle(box, fill=COLORS[spec.color])
+    else:
+        d.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=COLORS[spec.color])
+    return im
+
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """`count` images of one coloured shape on a coloured background, with their captions; deterministic
+    in `seed`. `exclude`: (colour, shape) pairs never drawn (held out to test composition)."""
+
+    def __init__(self, count: int, image_size: int = 64, seed: int = 0, exclude: set[tuple[str, str]] = frozenset()):
+        rng = random.Random(seed)
+        self.image_size, self.specs = image_size, []
+        while len(self.specs) < count:
+            color, background = rng.sample(list(COLORS), 2)
+            spec = Shape(rng.choice(SHAPES), color, background, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
+            if (spec.color, spec.shape) not in exclude:
+                self.specs.append(spec)
+        self.skipped = 0
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def load(self, index: int, rng: random.Random | None = None) -> tuple[torch.Tensor, str]:
+        spec = self.specs[index]
+        return to_tensor(draw(spec, self.image_size)), spec.caption
+
+    def __getitem__(self, index: int):
+        return self.load(index)

@@ -1,0 +1,138 @@
+"""Stage 1 of latent diffusion: train the KL autoencoder that the diffusion model later works inside.
+
+Loss (Rombach et al. 2022, appendix G; CompVis `LPIPSWithDiscriminator` without the perceptual term):
+|x − D(z)|₁ (or ²) per pixel + kl_weight·KL(q(z|x) ‖ N(0, I)) per image, plus, after `disc_start` steps,
+disc_weight·(−D_patch(x̂)) against a patch-GAN discriminator trained with the hinge loss. Saves the
+`first_stage_model.*` weights in the original layout, and reports the reconstruction PSNR on held-out images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import nn
+from tqdm import tqdm
+
+from .autoencoder import AutoencoderKL
+from .config import preset
+from .train import TrainError, build_dataset, get_lr
+
+
+@dataclass
+class AutoencoderTrainConfig:
+    outdir: str
+    data: str | None = None  # an image folder; None: the built-in shapes set
+    shapes_count: int = 2000
+    image_size: int = 64
+    preset: str = "tiny"  # whose autoencoder architecture to train
+    steps: int = 1000
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: int = 50
+    loss: str = "l1"  # or "l2"
+    kl_weight: float = 1e-6
+    disc_start: int = -1  # step from which the patch-GAN loss is on (-1: never)
+    disc_weight: float = 0.5
+    holdout: float = 0.05  # share of images kept out of training for the PSNR
+    seed: int = 0
+    caption_default: str | None = "-"  # stage 1 needs no captions
+    flip: bool = False
+    quiet: bool = False
+    device: str = "auto"
+
+
+class PatchDiscriminator(nn.Sequential):
+    """PatchGAN (Isola et al. 2017) as CompVis's NLayerDiscriminator: one logit per ~70x70 patch."""
+
+    def __init__(self, channels: int = 3, width: int = 64, layers: int = 3):
+        mods = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
+        for i in range(1, layers + 1):
+            stride = 2 if i < layers else 1
+            mods += [nn.Conv2d(width * min(2 ** (i - 1), 8), width * min(2**i, 8), 4, stride, 1, bias=False),
+                     nn.BatchNorm2d(width * min(2**i, 8)), nn.LeakyReLU(0.2)]  # fmt: skip
+        mods.append(nn.Conv2d(width * min(2**layers, 8), 1, 4, 1, 1))
+        super().__init__(*mods)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [-1, 1] (peak-to-peak 2)."""
+    mse = F.mse_loss(a.clamp(-1, 1), b.clamp(-1, 1)).item()
+    return 10 * math.log10(4 / max(mse, 1e-12))
+
+
+def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
+    """-> (outdir/autoencoder.safetensors, held-out PSNR)."""
+    if cfg.loss not in ("l1", "l2"):
+        raise TrainError(f"loss must be l1 or l2, not {cfg.loss!r}")
+    outdir = Path(cfg.outdir)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise TrainError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+    dataset = build_dataset(cfg)
+    n_holdout = max(1, int(len(dataset) * cfg.holdout))
+    n_train = len(dataset) - n_holdout
+    if cfg.batch_size > n_train:
+        raise TrainError(f"batch size {cfg.batch_size} is larger than the training split ({n_train} images)")
+    torch.manual_seed(cfg.seed)
+    ae_cfg = preset(cfg.preset).autoencoder
+    model = AutoencoderKL(ae_cfg).to(device)
+    disc = PatchDiscriminator().to(device) if cfg.disc_start >= 0 else None
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc else None
+    g = torch.Generator().manual_seed(cfg.seed)
+    holdout = torch.stack([it[0] for i in range(n_train, len(dataset)) if (it := dataset.load(i))]).to(device)
+
+    def evaluate() -> float:
+        model.eval()
+        with torch.no_grad():
+            rec = torch.cat(
+                [model.decode(model.encode(holdout[i : i + 16]).mode()) for i in range(0, len(holdout), 16)]
+            )
+        model.train()
+        return psnr(rec, holdout)
+
+    start_psnr = evaluate()
+    bar = tqdm(range(cfg.steps), disable=cfg.quiet, unit="step", desc="train-autoencoder")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, cfg)
+        idx = torch.randint(0, n_train, (cfg.batch_size,), generator=g).tolist()
+        items = [it for i in idx if (it := dataset.load(i)) is not None]
+        x = torch.stack([im for im, _ in items]).to(device)
+        posterior = model.encode(x)
+        x_rec = model.decode(posterior.sample(generator=g))
+        rec = (x_rec - x).abs() if cfg.loss == "l1" else (x_rec - x) ** 2
+        loss = rec.mean() + cfg.kl_weight * posterior.kl().mean() / x[0].numel()
+        gan_on = disc is not None and step >= cfg.disc_start
+        if gan_on:
+            loss = loss - cfg.disc_weight * disc(x_rec).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if gan_on:  # hinge loss: push D(x) above 1 and D(x̂) below −1
+            d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(x_rec.detach())).mean())
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        if step % 10 == 0:
+            bar.set_postfix(rec=f"{rec.mean().item():.4f}")
+
+    final_psnr = evaluate()
+    path = outdir / "autoencoder.safetensors"
+    tensors = {f"first_stage_model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, tmp, metadata={"autoencoder": json.dumps(dataclasses.asdict(ae_cfg))})
+    os.replace(tmp, path)
+    if not cfg.quiet:
+        print(f"held-out PSNR ({n_holdout} images): {start_psnr:.2f} dB at the start, {final_psnr:.2f} dB now")
+    return path, final_psnr

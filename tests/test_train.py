@@ -1,0 +1,189 @@
+"""Training: the pieces against their formulas, loss going down on the shapes data, exact resume, atomic
+checkpoints, DDP equivalence, and the saved model in diffusers."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from latent_diffusion import load_model, schedule
+from latent_diffusion.cli import main
+from latent_diffusion.data import ImageCaptionFolder, ShapesDataset
+from latent_diffusion.train import (
+    TrainConfig,
+    TrainError,
+    ema_update,
+    global_batch_indices,
+    min_snr_weight,
+    train,
+)
+
+from test_reference import diffusers_unet
+
+FAST = dict(image_size=32, shapes_count=64, batch_size=8, lr=1e-3, warmup=5, log_every=5, quiet=True,
+            device="cpu")  # fmt: skip
+
+
+def weights(path: Path) -> dict:
+    return {k: v.clone() for k, v in load_model(path).state_dict().items()}
+
+
+def test_min_snr_weights_follow_the_formula():
+    a = schedule.alphas_cumprod(schedule.scaled_linear_betas(0.00085, 0.012, 1000))[[0, 100, 500, 999]]
+    snr = a / (1 - a)
+    torch.testing.assert_close(min_snr_weight(a, 5.0, "eps"), torch.minimum(snr, torch.tensor(5.0)) / snr)
+    torch.testing.assert_close(min_snr_weight(a, 5.0, "v"), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
+    assert min_snr_weight(a, 5.0, "eps")[-1] == 1.0  # high noise: SNR < γ, weight 1
+
+
+def test_ema_update_rule():
+    model, ema = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.detach().clone()
+    ema_update(ema, model, decay=0.9999, num_updates=1)
+    d = min(0.9999, 2 / 11)  # LitEma's warm-up: (1 + n) / (10 + n)
+    torch.testing.assert_close(ema.weight, before - (1 - d) * (before - model.weight.detach()))
+    before = ema.weight.detach().clone()
+    ema_update(ema, model, decay=0.99, num_updates=10_000)
+    torch.testing.assert_close(ema.weight, before - 0.01 * (before - model.weight.detach()))
+
+
+def test_data_order_is_a_permutation_per_epoch():
+    seen = global_batch_indices(0, 4, 10, 0) + global_batch_indices(1, 4, 10, 0) + global_batch_indices(2, 4, 10, 0)
+    assert sorted(seen[:10]) == list(range(10))  # the first epoch visits each item once
+    assert global_batch_indices(1, 4, 10, 0) == global_batch_indices(1, 4, 10, 0)
+
+
+def test_prompt_dropout_rate(tmp_path, monkeypatch):
+    """Over many steps, the share of empty prompts the model sees is the configured rate."""
+    seen = []
+    import latent_diffusion.train as t
+
+    real = t.TrainedParts.forward
+
+    def spy(self, x_t, t_, context, tokens=None):
+        seen.extend((tokens == tokens[:, 4:5]).all(dim=1).tolist())  # "" = [sot, eot, eot, ...]
+        return real(self, x_t, t_, context, tokens)
+
+    monkeypatch.setattr(t.TrainedParts, "forward", spy)
+    cfg = TrainConfig(outdir=str(tmp_path), steps=40, prompt_dropout=0.25, train_text_encoder=True, ema_decay=0,
+                      save_every=1000, **{**FAST, "batch_size": 16})  # fmt: skip
+    train(cfg)
+    rate = sum(seen) / len(seen)
+    assert len(seen) == 640 and abs(rate - 0.25) < 4 * (0.25 * 0.75 / 640) ** 0.5  # 4 binomial standard errors
+
+
+def test_loss_decreases_on_shapes(tmp_path):
+    cfg = TrainConfig(outdir=str(tmp_path), steps=200, save_every=1000, train_text_encoder=True, **FAST)
+    train(cfg)
+    rows = [line.split(",") for line in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    first, last = float(rows[0][1]), sum(float(r[1]) for r in rows[-4:]) / 4
+    assert last < 0.6 * first, (first, last)
+
+
+def test_resume_is_exact_and_checkpoints_are_atomic(tmp_path):
+    common = dict(save_every=3, train_text_encoder=True, **FAST)
+    train(TrainConfig(outdir=str(tmp_path / "straight"), steps=6, **common))
+    train(TrainConfig(outdir=str(tmp_path / "resumed"), steps=3, **common))
+    # A crash while writing the next checkpoint: a half-written temp folder is left behind and ignored.
+    (tmp_path / "resumed" / "checkpoints" / ".tmp-step-0000006").mkdir()
+    train(TrainConfig(outdir=str(tmp_path / "resumed"), steps=6, resume=True, **common))
+    a, b = weights(tmp_path / "straight" / "model.safetensors"), weights(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ema_a = load_model(tmp_path / "straight" / "model.safetensors", ema=True).unet.state_dict()
+    ema_b = load_model(tmp_path / "resumed" / "model.safetensors", ema=True).unet.state_dict()
+    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir() if not p.name.startswith(".")) == [
+        "step-0000003", "step-0000006"]  # fmt: skip
+
+
+def test_resume_refuses_another_config(tmp_path):
+    train(TrainConfig(outdir=str(tmp_path), steps=2, save_every=2, **FAST))
+    with pytest.raises(TrainError, match="other settings \\(lr\\)"):
+        train(TrainConfig(outdir=str(tmp_path), steps=4, resume=True, **{**FAST, "lr": 5e-4}))
+
+
+def test_two_processes_give_the_weights_of_one(tmp_path):
+    common = ["--steps", "3", "--image-size", "32", "--shapes-count", "32", "--batch-size", "4", "--quiet",
+              "--device", "cpu", "--ema-decay", "0"]  # fmt: skip
+    assert main(["train", "--outdir", str(tmp_path / "one"), *common]) == 0
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "latent_diffusion.cli",
+                    "train", "--outdir", str(tmp_path / "two"), *common], check=True, env=env,
+                   capture_output=True)  # fmt: skip
+    a, b = weights(tmp_path / "one" / "model.safetensors"), weights(tmp_path / "two" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)  # gradients summed in another order
+
+
+def test_saved_checkpoint_loads_in_diffusers(tmp_path):
+    path = train(TrainConfig(outdir=str(tmp_path), steps=2, save_every=2, **FAST))
+    model = load_model(path)
+    theirs = diffusers_unet(model.cfg, model.state_dict())
+    x, t, c = torch.randn(1, 4, 4, 4), torch.tensor([300]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, c), theirs(x, t, encoder_hidden_states=c).sample, atol=1e-4, rtol=0)
+
+
+# Data and bad input -------------------------------------------------------------------------------------------
+
+
+def test_shapes_are_deterministic_and_captioned():
+    a, b = ShapesDataset(5, 32, seed=3), ShapesDataset(5, 32, seed=3)
+    assert [a[i][1] for i in range(5)] == [b[i][1] for i in range(5)]
+    assert torch.equal(a[0][0], b[0][0]) and a[0][0].shape == (3, 32, 32)
+    assert a[0][1].startswith("a ") and " background" in a[0][1]
+    held_out = ShapesDataset(300, 32, exclude={("red", "circle")})
+    assert not any(s.color == "red" and s.shape == "circle" for s in held_out.specs)
+
+
+def test_folder_forms_and_unreadable_images(tmp_path):
+    for i in range(3):
+        Image.new("RGB", (40, 30), (i * 80, 0, 0)).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"image {i}")
+    (tmp_path / "3.png").write_bytes(b"not a png")
+    (tmp_path / "3.txt").write_text("broken")
+    data = ImageCaptionFolder(tmp_path, 16)
+    items = [data.load(i) for i in range(len(data))]
+    assert [it[1] for it in items if it] == ["image 0", "image 1", "image 2"]
+    assert data.skipped == 1 and items[0][0].shape == (3, 16, 16)
+    jsonl = tmp_path / "j"
+    jsonl.mkdir()
+    shutil.copy(tmp_path / "0.png", jsonl / "a.png")
+    (jsonl / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "from jsonl"}\n')
+    assert ImageCaptionFolder(jsonl, 16).load(0)[1] == "from jsonl"
+
+
+@pytest.mark.parametrize(
+    "setup,args,message",
+    [
+        (lambda d: None, ["--data", "{d}/missing"], "no such data folder"),
+        (lambda d: (d / "empty").mkdir(), ["--data", "{d}/empty"], "no images"),
+        (lambda d: ((d / "nocap").mkdir(), Image.new("RGB", (8, 8)).save(d / "nocap" / "x.png")),
+         ["--data", "{d}/nocap"], "1 images have no caption file (first: x.png)"),
+        (lambda d: None, ["--shapes-count", "4", "--batch-size", "8"], "batch size 8 is larger than the data set (4"),
+        (lambda d: (d / "blocker").write_text(""), ["--outdir", "{d}/blocker/out"], "cannot write to the output folder"),
+        (lambda d: None, ["--resume"], "--resume: no checkpoint"),
+    ],
+)  # fmt: skip
+def test_bad_training_input_exits_2(tmp_path, capsys, setup, args, message):
+    setup(tmp_path)
+    argv = ["train", "--outdir", str(tmp_path / "run"), "--steps", "1", "--quiet", "--image-size", "16"]
+    argv += [a.replace("{d}", str(tmp_path)) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_caption_default_accepts_uncaptioned_images(tmp_path):
+    (tmp_path / "d").mkdir()
+    for i in range(4):
+        Image.new("RGB", (16, 16), (0, i * 60, 0)).save(tmp_path / "d" / f"{i}.png")
+    assert main(["train", "--outdir", str(tmp_path / "run"), "--data", str(tmp_path / "d"), "--caption-default",
+                 "a green square", "--steps", "1", "--batch-size", "2", "--image-size", "16", "--quiet"]) == 0  # fmt: skip
