@@ -133,6 +133,5 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, tmp, metadata={"autoencoder": json.dumps(dataclasses.asdict(ae_cfg))})
     os.replace(tmp, path)
-    if not cfg.quiet:
-        print(f"held-out PSNR ({n_holdout} images): {start_psnr:.2f} dB at the start, {final_psnr:.2f} dB now")
+    print(f"held-out PSNR ({n_holdout} images): {start_psnr:.2f} dB at the start, {final_psnr:.2f} dB now")
     return path, final_psnr
