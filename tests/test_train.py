@@ -4,6 +4,7 @@ checkpoints, DDP equivalence, and the saved model in diffusers."""
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -113,10 +114,16 @@ def test_two_processes_give_the_weights_of_one(tmp_path):
               "--device", "cpu", "--ema-decay", "0"]  # fmt: skip
     assert main(["train", "--outdir", str(tmp_path / "one"), *common]) == 0
     torchrun = Path(sys.executable).parent / "torchrun"
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29517", "-m", "latent_diffusion.cli",
-                    "train", "--outdir", str(tmp_path / "two"), *common], check=True, env=env,
-                   capture_output=True)  # fmt: skip
+    run = subprocess.run(
+        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m",
+         "latent_diffusion.cli", "train", "--outdir", str(tmp_path / "two"), *common],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
     a, b = weights(tmp_path / "one" / "model.safetensors"), weights(tmp_path / "two" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)  # gradients summed in another order

@@ -19,6 +19,7 @@ import csv
 import os
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -235,8 +236,8 @@ def train(cfg: TrainConfig) -> Path:
     outdir = Path(cfg.outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
-        (outdir / ".write-test").touch()
-        (outdir / ".write-test").unlink()
+        with tempfile.TemporaryFile(dir=outdir):  # a private name: every process checks at once
+            pass
     except OSError as e:
         raise TrainError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
