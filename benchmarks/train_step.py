@@ -1,0 +1,121 @@
+"""One training step (forward, backward, AdamW) of the SD 1.5-size U-Net: ours vs diffusers'
+UNet2DConditionModel with the same weights and batch; and the tiny preset's training throughput with and
+without latent caching.
+
+Each U-Net runs in its own subprocess (two SD-size models with AdamW state do not fit in 24 GB together),
+so each peak-memory figure is that model's alone.
+
+    python benchmarks/train_step.py                  # CPU: 32x32 latents, batch 1, float32
+    python benchmarks/train_step.py --latent 64 --batch 8 --precision bf16   # the GPU setting
+"""
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def one_side(which: str, latent: int, batch: int, precision: str, iters: int) -> dict:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+
+    from latent_diffusion import preset
+    from latent_diffusion.config import to_ldm_config
+    from latent_diffusion.unet import UNetModel
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    cfg = preset("sd-v1.5")
+    torch.manual_seed(0)
+    unet = UNetModel(cfg.unet)
+    if which == "diffusers":
+        sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+        theirs_cfg = create_unet_diffusers_config_from_ldm({"model": to_ldm_config(cfg)}, sd)
+        theirs = UNet2DConditionModel(**theirs_cfg)
+        theirs.load_state_dict(convert_ldm_unet_checkpoint(sd, theirs_cfg))
+        del unet, sd
+        unet = theirs
+    unet = unet.to(device).train()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    context = torch.randn(batch, 77, 768, generator=g).to(device)
+    target = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    autocast = dict(device_type=device, dtype=torch.bfloat16, enabled=precision == "bf16")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():
+        with torch.autocast(**autocast):
+            out = unet(x, t, context) if which == "ours" else unet(x, t, encoder_hidden_states=context).sample
+        loss = torch.nn.functional.mse_loss(out.float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # warm-up (and AdamW state allocation)
+    times = []
+    for _ in range(iters):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
+    return {"median_s": statistics.median(times), "peak_gib": peak, "device": torch.cuda.get_device_name() if cuda else
+            f"{platform.machine()}, {torch.get_num_threads()} threads"}  # fmt: skip
+
+
+def tiny_throughput(cache: bool, steps: int) -> float:
+    from latent_diffusion.train import TrainConfig, train
+
+    with tempfile.TemporaryDirectory() as out:
+        cfg = TrainConfig(outdir=out, steps=steps, batch_size=8, image_size=64, shapes_count=256, cache_latents=cache,
+                          save_every=10**9, quiet=True, train_text_encoder=True, device="cpu")  # fmt: skip
+        start = time.perf_counter()
+        train(cfg)
+        return steps * cfg.batch_size / (time.perf_counter() - start)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--latent", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
+    parser.add_argument("--tiny-steps", type=int, default=40)
+    args = parser.parse_args()
+    if args.side:
+        print(json.dumps(one_side(args.side, args.latent, args.batch, args.precision, args.iters)))
+        return
+    results = {}
+    for side in ("ours", "diffusers"):
+        run = subprocess.run([sys.executable, __file__, "--side", side, "--latent", str(args.latent), "--batch",
+                              str(args.batch), "--precision", args.precision, "--iters", str(args.iters)],
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        results[side] = json.loads(run.stdout.strip().splitlines()[-1])
+    a, b = results["ours"], results["diffusers"]
+    print(f"U-Net training step, SD 1.5 size, batch {args.batch}, {args.latent}x{args.latent} latents, {args.precision},"
+          f" AdamW, {a['device']}, torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
+    print(f"  ours      median {a['median_s']:7.2f} s   peak memory {a['peak_gib']:5.1f} GiB")
+    print(f"  diffusers median {b['median_s']:7.2f} s   peak memory {b['peak_gib']:5.1f} GiB")
+    print(f"  ratio ours/diffusers {a['median_s'] / b['median_s']:.3f}")
+    cached, uncached = tiny_throughput(True, args.tiny_steps), tiny_throughput(False, args.tiny_steps)
+    print(f"tiny preset, 64x64 shapes, batch 8, text encoder trained, {args.tiny_steps} steps incl. set-up: "
+          f"{cached:.1f} samples/s with latent caching, {uncached:.1f} without")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
