@@ -1,0 +1,54 @@
+"""Prompt adherence on the shapes data: generate images for shape captions and read each attribute back
+from the pixels with a deterministic analyser (no learned model).
+
+Analyser: background = the palette colour nearest the median of the border pixels; foreground = pixels far
+from the background; colour = palette colour nearest the foreground's median; size from the foreground's
+bounding box; position from its centroid; shape from how much of the bounding box it fills (square ≈ 1,
+circle ≈ π/4, triangle ≈ 1/2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .data import COLORS, POSITIONS, SIZES, Shape
+
+PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
+NAMES = list(COLORS)
+ATTRIBUTES = ("shape", "color", "background", "size", "position")
+
+
+def nearest_color(rgb: torch.Tensor) -> str:
+    return NAMES[int(((PALETTE - rgb) ** 2).sum(dim=1).argmin())]
+
+
+def analyse(image: torch.Tensor) -> dict[str, str]:
+    """image (3, H, W) in [-1, 1] -> {"shape", "color", "background", "size", "position"}."""
+    _, h, w = image.shape
+    border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 2H + 2W)
+    background = nearest_color(border.median(dim=1).values)
+    bg = PALETTE[NAMES.index(background)][:, None, None]
+    fg = ((image - bg) ** 2).sum(dim=0) > 0.3  # (H, W): clearly not background
+    if fg.sum() < 4:
+        return {"shape": "none", "color": "none", "background": background, "size": "none", "position": "none"}
+    ys, xs = torch.nonzero(fg, as_tuple=True)
+    color = nearest_color(image[:, ys, xs].median(dim=1).values)
+    box_h, box_w = (ys.max() - ys.min() + 1).item(), (xs.max() - xs.min() + 1).item()
+    fill = fg.sum().item() / (box_h * box_w)
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    side = max(box_h / h, box_w / w)
+    size = min(SIZES, key=lambda s: abs(SIZES[s] - side))
+    cy, cx = ys.float().mean().item() / h, xs.float().mean().item() / w
+    if shape == "triangle":  # a triangle's centroid sits a sixth of its height below its box's centre
+        cy -= box_h / h / 6
+    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+    return {"shape": shape, "color": color, "background": background, "size": size, "position": position}
+
+
+def score(specs: list[Shape], images: torch.Tensor) -> dict[str, float]:
+    """Share of images whose analysed attribute equals the one asked for, per attribute."""
+    found = [analyse(im) for im in images]
+    return {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in ATTRIBUTES}
+
+
+
