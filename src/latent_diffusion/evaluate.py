@@ -49,6 +49,3 @@ def score(specs: list[Shape], images: torch.Tensor) -> dict[str, float]:
     """Share of images whose analysed attribute equals the one asked for, per attribute."""
     found = [analyse(im) for im in images]
     return {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in ATTRIBUTES}
-
-
-
