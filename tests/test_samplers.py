@@ -68,6 +68,9 @@ CASES = {
         True,
     ),
     "dpmpp_sde": (diffusers.DPMSolverSDEScheduler, {}, {}, False),
+    # diffusers' UniPC spaces "leading" by T // (steps + 1); "trailing" is spaced as everywhere else
+    "unipc": (diffusers.UniPCMultistepScheduler, {"timestep_spacing": "trailing"}, {}, True),
+    "unipc_karras": (diffusers.UniPCMultistepScheduler, {"use_karras_sigmas": True}, {}, True),
 }
 
 
@@ -92,7 +95,7 @@ def run_diffusers(case, parameterization, steps, x_sigma_space, sigmas, tape, mo
     # ε that the v-model implies at each evaluation.
     v_as_eps = case == "plms" and parameterization == "v"
     prediction_type = "epsilon" if parameterization == "eps" or v_as_eps else "v_prediction"
-    scheduler = cls(**SD_SCHEDULE, **config, prediction_type=prediction_type)
+    scheduler = cls(**{**SD_SCHEDULE, **config}, prediction_type=prediction_type)
     if case == "euler_karras":  # diffusers' Euler takes its Karras range from the spaced timesteps; give it ours
         scheduler.set_timesteps(sigmas=sigmas.float().numpy())
     elif case == "dpmpp_2m":  # diffusers' DPM-Solver spaces "leading" by T // (steps + 1); give it the usual spacing
@@ -116,10 +119,11 @@ def run_diffusers(case, parameterization, steps, x_sigma_space, sigmas, tape, mo
 @pytest.mark.parametrize("parameterization", ["eps", "v"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_sampler_matches_diffusers(case, parameterization, monkeypatch):
-    name = {"ddim_eta1": "ddim", "euler_karras": "euler", "dpmpp_2m_karras": "dpmpp_2m"}.get(case, case)
+    name = case.removesuffix("_karras").removesuffix("_eta1")
     sampler, final, _, _ = get_sampler(name)
     steps = 20  # diffusers' DPM-Solver drops to first order for the last two steps below 15 steps
-    sigmas = schedule.sampling_sigmas(ALPHA_BAR, steps, spacing="leading", karras="karras" in case, final=final)
+    spacing = CASES[case][1].get("timestep_spacing", "leading")
+    sigmas = schedule.sampling_sigmas(ALPHA_BAR, steps, spacing=spacing, karras="karras" in case, final=final)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * math.sqrt(sigmas[0].item() ** 2 + 1)
 
     scheduler, theirs = run_diffusers(case, parameterization, steps, x_T, sigmas, NoiseTape(x_T.shape), monkeypatch)
@@ -139,7 +143,7 @@ def test_sampler_matches_diffusers(case, parameterization, monkeypatch):
 # posterior variance of x0 (Bao et al. 2022, Analytic-DPM), most of all in the ancestral samplers; the errors
 # shrink with more steps (Euler a: −1.8 % at 500 steps). The Monte-Carlo error of the variance is 0.7 %.
 VARIANCE_TOLERANCE = {
-    "plms": 0.05, "heun": 0.05, "dpm2": 0.05, "dpmpp_2m": 0.05,
+    "plms": 0.05, "heun": 0.05, "dpm2": 0.05, "dpmpp_2m": 0.05, "unipc": 0.05,
     "ddim": 0.07, "euler": 0.07,
     "ddpm": 0.15, "euler_ancestral": 0.15, "dpmpp_2s_ancestral": 0.15, "dpmpp_sde": 0.15,
 }  # fmt: skip

@@ -12,6 +12,7 @@ linear multistep method on ε (with the Euler transfer x + (σ' − σ)·ε). Ev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -185,6 +186,53 @@ def dpmpp_sde(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = 
     return x
 
 
+def _uni_update(x, sigma_s, sigma_t, x0s, lambdas, order, x0_t=None):
+    """One UniPC update from σ_s to σ_t with B(h) = e^(−h) − 1 ("bh2") on data predictions, in σ-space.
+
+    x0s/lambdas: the x0 predictions so far and their λ = −log σ, the last one at σ_s. Without x0_t this is the
+    predictor UniP (order − 1 earlier points); with x0_t, the model's x0 at the predicted point, the corrector
+    UniC (Zhao et al. 2023, Algorithms 1 and 2; the linear system for the ρ coefficients is their eq. (7))."""
+    h = sigma_s.log() - (sigma_t.log() if sigma_t > 0 else torch.tensor(-math.inf, dtype=sigma_s.dtype))
+    m0 = x0s[-1]
+    rks = [(lambdas[-1 - k] - lambdas[-1]) / h for k in range(1, order)] + [torch.ones((), dtype=h.dtype)]
+    d1s = [(x0s[-1 - k] - m0) / rks[k - 1] for k in range(1, order)]
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    b_h = h_phi_1
+    h_phi_k, factorial, rows, b = h_phi_1 / hh - 1, 1, [], []
+    for k in range(1, order + 1):
+        rows.append(torch.stack(rks) ** (k - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    x_t = (sigma_t / sigma_s) * x - h_phi_1 * m0  # the first-order (DPM-Solver++ 1) step
+    if x0_t is None:  # predictor
+        if not d1s:
+            return x_t
+        rhos = [0.5] if order == 2 else torch.linalg.solve(torch.stack(rows)[:-1, :-1], torch.stack(b)[:-1]).tolist()
+        return x_t - b_h * sum(r * d for r, d in zip(rhos, d1s))
+    rhos = [0.5] if order == 1 else torch.linalg.solve(torch.stack(rows), torch.stack(b)).tolist()
+    return x_t - b_h * (sum(r * d for r, d in zip(rhos[:-1], d1s)) + rhos[-1] * (x0_t - m0))
+
+
+def unipc(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity, order: int = 2):
+    """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler (bh2, data prediction, lower order at the
+    start and the end): each step corrects the last one with the model evaluation it makes anyway (UniC), then
+    predicts the next point (UniP). The model is evaluated once per step."""
+    x0s, lambdas, x_last, last_order = [], [], None, 0
+    n = len(sigmas) - 1
+    for i in range(n):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma)
+        if x_last is not None:
+            x = _uni_update(x_last, sigmas[i - 1], sigma, x0s, lambdas, last_order, x0_t=x0)
+        x0s, lambdas = [*x0s[-(order - 1) :], x0], [*lambdas[-(order - 1) :], -sigma.log()]
+        last_order = min(order, n - i, len(x0s))
+        x_last = x
+        x = callback(i, _uni_update(x, sigma, sigma_next, x0s, lambdas, last_order))
+    return x
+
+
 # name -> (sampler, where it lands: "zero" or "sigma_min", stochastic, display name in the web UI's metadata)
 SAMPLERS = {
     "ddpm": (ddpm, "zero", True, "DDPM"),
@@ -197,6 +245,7 @@ SAMPLERS = {
     "dpmpp_2m": (dpmpp_2m, "zero", False, "DPM++ 2M"),
     "dpmpp_2s_ancestral": (dpmpp_2s_ancestral, "zero", True, "DPM++ 2S a"),
     "dpmpp_sde": (dpmpp_sde, "zero", True, "DPM++ SDE"),
+    "unipc": (unipc, "zero", False, "UniPC"),
 }
 
 
