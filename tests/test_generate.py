@@ -99,6 +99,13 @@ def test_seed_convention(tiny_models):
     assert not torch.allclose(batch[0], batch[2])
 
 
+def test_ddim_eta_adds_noise(tiny_models):
+    model = tiny_models["sd1"]
+    runs = [generate(model, ["a"], [9], GenerationSettings(steps=4, sampler="ddim", eta=eta), width=32, height=32)
+            for eta in (0.0, 1.0, 1.0)]  # fmt: skip
+    assert torch.equal(runs[1], runs[2]) and not torch.allclose(runs[0], runs[1])
+
+
 def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
     model = tiny_models["sd1"]
     mask = torch.zeros(1, 1, 64, 64)

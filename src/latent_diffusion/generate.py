@@ -28,7 +28,7 @@ class GenerationSettings:
     sampler: str = "dpmpp_2m"
     karras: bool = True  # Karras σ spacing for the σ-space samplers (DDIM, PLMS, DDPM keep their timesteps)
     cfg_scale: float = 7.5
-    eta: float = 0.0  # DDIM's η
+    eta: float = 0.0  # DDIM's η (0: deterministic, 1: DDPM-like noise)
     spacing: str = "leading"  # timestep spacing, as diffusers' SD schedulers ("leading", "trailing", "linspace")
     strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
 
@@ -136,7 +136,8 @@ def generate(
     def noise_sampler(sigma, sigma_next) -> torch.Tensor:
         return per_image_randn(latent_shape, generators).to(device)
 
-    x = sampler(denoiser, x, sigmas.to(device), noise=noise_sampler, callback=callback)
+    extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}  # the ancestral samplers keep η = 1
+    x = sampler(denoiser, x, sigmas.to(device), noise=noise_sampler, callback=callback, **extra)
     x = x / (1 + sigmas[-1].item() ** 2) ** 0.5  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
     images = (model.autoencoder_decode(x.to(dtype)).float() / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
