@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from latent_diffusion import load_model, schedule
 from latent_diffusion.cli import main
@@ -214,3 +215,35 @@ def test_both_stages_from_scratch(tmp_path, capsys):
     stage1 = load_file(ae)
     assert all(torch.equal(trained_ae[k], stage1["first_stage_model." + k]) for k in trained_ae)  # frozen
     assert model.cfg.unet.model_channels == 32
+
+
+def test_sample_images_during_training_and_resume_on_another_process_count(tmp_path):
+    """Samples every K steps; a run checkpointed by one process continues on two, exactly as one would."""
+    common = ["--image-size", "32", "--shapes-count", "32", "--batch-size", "4", "--quiet", "--device", "cpu",
+              "--save-every", "2", "--ema-decay", "0"]  # fmt: skip
+    assert main(["train", "--outdir", str(tmp_path / "one"), "--steps", "4", "--sample-every", "2", *common]) == 0
+    assert sorted(p.name for p in (tmp_path / "one" / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
+    assert main(["train", "--outdir", str(tmp_path / "mixed"), "--steps", "2", *common]) == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port), "-m", "latent_diffusion.cli", "train", "--outdir", str(tmp_path / "mixed"),
+         "--steps", "4", "--resume", *common],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = weights(tmp_path / "one" / "model.safetensors"), weights(tmp_path / "mixed" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_autoencoder_with_the_patch_gan(tmp_path):
+    from latent_diffusion.train_autoencoder import AutoencoderTrainConfig, train_autoencoder
+
+    path, score = train_autoencoder(AutoencoderTrainConfig(
+        outdir=str(tmp_path), image_size=32, shapes_count=32, steps=3, batch_size=4, disc_start=1, quiet=True,
+        device="cpu"))  # fmt: skip
+    assert path.exists() and score > 0
+    assert all(k.startswith("first_stage_model.") for k in load_file(path))
