@@ -90,7 +90,7 @@ def test_long_prompt_warns_with_what_was_cut(tmp_path, ckpt, capsys):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--width", 500], "--width and --height must be multiples of 8, not 500x512"),
+        (["--width", 500], "--width and --height must be positive multiples of 8, not 500x512"),
         (["--steps", 0], "--steps must be at least 1"),
         (["--sampler", "k_lms"], "unknown sampler 'k_lms'; choose one of ddpm, ddim, plms, euler"),
     ],
@@ -134,7 +134,11 @@ def test_unwritable_outdir_and_missing_ckpt_exit_2(tmp_path, ckpt, capsys):
     assert "cannot write to the output folder" in capsys.readouterr().err
     assert run("txt2img", "--prompt", "x", "--outdir", tmp_path / "o") == 2
     assert "no --ckpt given" in capsys.readouterr().err
-    assert list((tmp_path / "o").iterdir()) == []
+    assert run("txt2img", "--ckpt", tmp_path / "missing.safetensors", "--prompt", "x", "--outdir", tmp_path / "o") == 2
+    assert "missing.safetensors: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # a failed run leaves no folder behind
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "x", "--device", "cuda:7", "--outdir", tmp_path / "o") == 2
+    assert "is not available here" in capsys.readouterr().err
 
 
 def test_inpainting_checkpoint_refuses_txt2img(tmp_path, inpaint_ckpt, capsys):

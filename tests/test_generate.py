@@ -123,7 +123,7 @@ def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
         (GenerationSettings(strength=1.5), {}, r"strength must be in \(0, 1\]"),
         (GenerationSettings(strength=0.0), {}, r"strength must be in \(0, 1\]"),
         (GenerationSettings(sampler="k_lms"), {}, "unknown sampler 'k_lms'; choose one of ddpm, ddim, plms"),
-        (GenerationSettings(), {"width": 60}, "multiples of 8"),
+        (GenerationSettings(), {"width": 60}, "positive multiples of 8"),
         (GenerationSettings(), {"init_image": torch.zeros(1, 3, 64, 64), "mask": torch.zeros(1, 1, 32, 32)},
          "mask size"),
     ],

@@ -410,6 +410,9 @@ def save_model(model: LatentDiffusion, path: str | os.PathLike, *, ema_unet: tor
         raise CheckpointError(f"{path}: cannot write ({_first_line(e)})") from None
     try:
         save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes files private; checkpoints are ordinary files
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)

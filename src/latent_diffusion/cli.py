@@ -53,10 +53,19 @@ def cmd_info(args) -> None:
     print(f"{args.ckpt}: {describe(model)}")
 
 
-def pick_device(name: str) -> str:
+def pick_device(name: str) -> torch.device:
+    """auto, cpu, cuda, cuda:N, mps: checked before any work."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"device {name} is not available here ({torch.cuda.device_count()} CUDA devices)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("device mps is not available here")
+    return device
 
 
 def prepare_outdir(outdir: Path) -> None:
@@ -70,8 +79,8 @@ def prepare_outdir(outdir: Path) -> None:
 
 
 def check_generation_args(args) -> GenerationSettings:
-    if args.width % 8 or args.height % 8:
-        raise UsageError(f"--width and --height must be multiples of 8, not {args.width}x{args.height}")
+    if args.width % 8 or args.height % 8 or args.width <= 0 or args.height <= 0:
+        raise UsageError(f"--width and --height must be positive multiples of 8, not {args.width}x{args.height}")
     if args.batch_size < 1 or args.n_iter < 1:
         raise UsageError("--batch-size and --n-iter must be at least 1")
     settings = GenerationSettings(
@@ -87,8 +96,8 @@ def check_generation_args(args) -> GenerationSettings:
 
 
 def sampler_display_name(settings: GenerationSettings) -> str:
-    _, final, _, name = get_sampler(settings.sampler)
-    return name + (" Karras" if settings.karras and final == "zero" else "")
+    _, _, takes_karras, name = get_sampler(settings.sampler)
+    return name + (" Karras" if settings.karras and takes_karras else "")
 
 
 def cmd_generate(args) -> None:
@@ -110,16 +119,21 @@ def cmd_generate(args) -> None:
         if width % 8 or height % 8:
             raise UsageError(f"the image is {width}x{height}: not multiples of 8; pass --resize with --width/--height")
         args.width, args.height = width, height
-    outdir = Path(args.outdir)
-    prepare_outdir(outdir)
-
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device == "cuda" else torch.float32)
     if not args.ckpt:
         raise UsageError("no --ckpt given (the built-in model is not there yet): pass a Stable Diffusion checkpoint")
-    model = load_model(args.ckpt, args.config, device=device, dtype=dtype, ema=args.ema or None)
-    if model.cfg.unet.in_channels == 9 and args.command != "inpaint":
-        raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    outdir = Path(args.outdir)
+    created = not outdir.exists()
+    prepare_outdir(outdir)
+    try:
+        model = load_model(args.ckpt, args.config, device=device, dtype=dtype, ema=args.ema or None)
+        if model.cfg.unet.in_channels == 9 and args.command != "inpaint":
+            raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
+    except (CheckpointError, UsageError):
+        if created and not any(outdir.iterdir()):
+            outdir.rmdir()  # leave nothing behind
+        raise
 
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     fields = {
@@ -127,6 +141,8 @@ def cmd_generate(args) -> None:
         "Seed": seed, "Size": f"{args.width}x{args.height}", "Model hash": model_hash(args.ckpt),
         "Model": Path(args.ckpt).stem,
     }  # fmt: skip
+    if settings.sampler == "ddim" and settings.eta:
+        fields["Eta"] = settings.eta
     if args.command != "txt2img":
         fields["Denoising strength"] = settings.strength
     steps_run = int(settings.steps * settings.strength)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
@@ -49,7 +49,10 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 caption_file = path.with_suffix(".txt")
                 if caption_file.exists():
-                    self.items.append((path, caption_file.read_text(encoding="utf-8").strip()))
+                    try:
+                        self.items.append((path, caption_file.read_text(encoding="utf-8").strip()))
+                    except UnicodeDecodeError:
+                        raise DataError(f"{caption_file}: not UTF-8 text") from None
                 elif caption_default is not None:
                     self.items.append((path, caption_default))
                 else:
@@ -84,8 +87,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         path, caption = self.items[index]
         try:
             with Image.open(path) as im:
-                im = resize_center_crop(im.convert("RGB"), self.size)
-        except (OSError, UnidentifiedImageError):
+                im = resize_center_crop(ImageOps.exif_transpose(im).convert("RGB"), self.size)
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
             self.skipped += 1
             return None
         if self.flip and rng is not None and rng.random() < 0.5:

@@ -38,6 +38,8 @@ class GenerationSettings:
         if not 0 < self.strength <= 1:
             raise ValueError(f"strength must be in (0, 1], not {self.strength}")
         get_sampler(self.sampler)
+        if self.eta < 0:
+            raise ValueError(f"eta must be at least 0, not {self.eta}")
         if int(self.steps * self.strength) < 1:
             raise ValueError(f"strength {self.strength} of {self.steps} steps runs no step; raise either")
 
@@ -75,11 +77,11 @@ def generate(
     mask: (b, 1, H, W), white = repaint. progress(i) is called after each sampling step.
     """
     settings.check()
-    sampler, final, _, _ = get_sampler(settings.sampler)
+    sampler, final, takes_karras, _ = get_sampler(settings.sampler)
     if init_image is not None:
         height, width = init_image.shape[-2:]
-    if width % 8 or height % 8:
-        raise ValueError(f"width and height must be multiples of 8, not {width}x{height}")
+    if width % 8 or height % 8 or width <= 0 or height <= 0:
+        raise ValueError(f"width and height must be positive multiples of 8, not {width}x{height}")
     if len(seeds) != len(prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
     inpaint_model = model.cfg.unet.in_channels == 9
@@ -95,7 +97,7 @@ def generate(
 
     sigmas = sampling_sigmas(
         model.alphas_cumprod.cpu(), settings.steps, spacing=settings.spacing,
-        karras=settings.karras and final == "zero", final=final,
+        karras=settings.karras and takes_karras, final=final,
     )  # fmt: skip
     sigmas = sigmas[settings.steps - int(settings.steps * settings.strength) :]  # img2img starts part-way
 

@@ -17,18 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 
 def load_image(path: str | os.PathLike, mode: str = "RGB", size: tuple[int, int] | None = None) -> torch.Tensor:
     """-> (1, C, H, W) in [0, 1]; resized to size = (width, height) when given. ValueError if unreadable."""
     try:
         with Image.open(path) as im:
-            im = im.convert(mode)
+            im = ImageOps.exif_transpose(im).convert(mode)  # phone photos: apply the EXIF rotation
             if size is not None and im.size != size:
                 im = im.resize(size, Image.Resampling.LANCZOS)
             array = np.asarray(im, dtype=np.float32) / 255.0
-    except (OSError, UnidentifiedImageError) as e:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"{path}: cannot read the image ({e.__class__.__name__}: {e})") from None
     tensor = torch.from_numpy(array)
     return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
@@ -104,9 +104,16 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
     os.close(fd)
     try:
         image.save(tmp, format="PNG", pnginfo=info)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; images are ordinary files
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def next_index(outdir: Path) -> int:

@@ -192,9 +192,9 @@ def _uni_update(x, sigma_s, sigma_t, x0s, lambdas, order, x0_t=None):
     x0s/lambdas: the x0 predictions so far and their λ = −log σ, the last one at σ_s. Without x0_t this is the
     predictor UniP (order − 1 earlier points); with x0_t, the model's x0 at the predicted point, the corrector
     UniC (Zhao et al. 2023, Algorithms 1 and 2; the linear system for the ρ coefficients is their eq. (7))."""
-    h = sigma_s.log() - (sigma_t.log() if sigma_t > 0 else torch.tensor(-math.inf, dtype=sigma_s.dtype))
+    h = sigma_s.log() - (sigma_t.log() if sigma_t > 0 else torch.full_like(sigma_s, -math.inf))
     m0 = x0s[-1]
-    rks = [(lambdas[-1 - k] - lambdas[-1]) / h for k in range(1, order)] + [torch.ones((), dtype=h.dtype)]
+    rks = [(lambdas[-1 - k] - lambdas[-1]) / h for k in range(1, order)] + [torch.ones_like(h)]
     d1s = [(x0s[-1 - k] - m0) / rks[k - 1] for k in range(1, order)]
     hh = -h
     h_phi_1 = torch.expm1(hh)
@@ -233,19 +233,20 @@ def unipc(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: C
     return x
 
 
-# name -> (sampler, where it lands: "zero" or "sigma_min", stochastic, display name in the web UI's metadata)
+# name -> (sampler, where it lands: "zero" or "sigma_min", whether it takes Karras σs (the DDPM/DDIM/PLMS
+# family keeps its discrete timesteps), display name in the web UI's metadata)
 SAMPLERS = {
-    "ddpm": (ddpm, "zero", True, "DDPM"),
+    "ddpm": (ddpm, "zero", False, "DDPM"),
     "ddim": (ddim, "sigma_min", False, "DDIM"),
     "plms": (plms, "sigma_min", False, "PLMS"),
-    "euler": (euler, "zero", False, "Euler"),
+    "euler": (euler, "zero", True, "Euler"),
     "euler_ancestral": (euler_ancestral, "zero", True, "Euler a"),
-    "heun": (heun, "zero", False, "Heun"),
-    "dpm2": (dpm2, "zero", False, "DPM2"),
-    "dpmpp_2m": (dpmpp_2m, "zero", False, "DPM++ 2M"),
+    "heun": (heun, "zero", True, "Heun"),
+    "dpm2": (dpm2, "zero", True, "DPM2"),
+    "dpmpp_2m": (dpmpp_2m, "zero", True, "DPM++ 2M"),
     "dpmpp_2s_ancestral": (dpmpp_2s_ancestral, "zero", True, "DPM++ 2S a"),
     "dpmpp_sde": (dpmpp_sde, "zero", True, "DPM++ SDE"),
-    "unipc": (unipc, "zero", False, "UniPC"),
+    "unipc": (unipc, "zero", True, "UniPC"),
 }
 
 

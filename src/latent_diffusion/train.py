@@ -14,6 +14,7 @@ processes give the weights one process gives with the same global batch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import os
@@ -227,6 +228,11 @@ def run_fingerprint(cfg: TrainConfig, model: LatentDiffusion) -> dict:
 
 def train(cfg: TrainConfig) -> Path:
     """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    if cfg.image_size % 8 or cfg.image_size <= 0:
+        raise TrainError(f"image size must be a positive multiple of 8, not {cfg.image_size}")
     rank, world = distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} "
@@ -243,11 +249,14 @@ def train(cfg: TrainConfig) -> Path:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     quiet = cfg.quiet or rank != 0
 
     dataset = build_dataset(cfg)
     if cfg.batch_size > len(dataset):
         raise TrainError(f"batch size {cfg.batch_size} is larger than the data set ({len(dataset)} images)")
+    if not cfg.resume and latest_checkpoint(outdir) is not None:
+        raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
     torch.manual_seed(cfg.seed)  # the initial weights of a from-scratch model
     try:
         model = build_model(cfg)
@@ -279,11 +288,26 @@ def train(cfg: TrainConfig) -> Path:
 
     cache = build_cache(model, dataset, device, cfg, quiet) if cfg.cache_latents else None
     n_items = len(cache["caption"]) if cache else len(dataset)
-    ddp = nn.parallel.DistributedDataParallel(trainable) if world > 1 else trainable
+    if world > 1:
+        # A trained SD 2.x text encoder has parameters without gradients (its last block and projection).
+        ddp = nn.parallel.DistributedDataParallel(
+            trainable, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.train_text_encoder,
+        )  # fmt: skip
+    else:
+        ddp = trainable
     alphas_cumprod = model.alphas_cumprod.to(device)
     micro = cfg.batch_size // (world * cfg.grad_accum)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                     enabled=cfg.precision != "fp32")  # fmt: skip
+
+    def load_readable(i: int, rng: random.Random):
+        """Item i, or the next readable one: an unreadable image is replaced the same way in every run."""
+        for j in range(n_items):
+            item = dataset.load((i + j) % n_items, rng)
+            if item is not None:
+                return item
+        raise TrainError("no image of the data set can be read")
 
     def batch_inputs(step: int, part: slice):
         """Latents z, contexts, timesteps, noise of samples `part` of step `step`'s global batch."""
@@ -299,7 +323,7 @@ def train(cfg: TrainConfig) -> Path:
             z = cache["mean"][idx] + cache["std"][idx] * z_noise[part]
             captions = [cache["captions"][cache["caption"][i]] for i in idx]
         else:
-            items = [dataset.load(i, rng=random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
+            items = [load_readable(i, random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
             keep = [j for j, it in enumerate(items) if it is not None]
             with torch.no_grad():
                 posterior = model.first_stage_model.encode(torch.stack([items[j][0] for j in keep]).to(device))
@@ -345,8 +369,10 @@ def train(cfg: TrainConfig) -> Path:
         step_loss = 0.0
         for k in range(cfg.grad_accum):
             first = (rank * cfg.grad_accum + k) * micro
-            loss = loss_of(*batch_inputs(step, slice(first, first + micro))) / cfg.grad_accum
-            scaler.scale(loss).backward()
+            last_micro = k == cfg.grad_accum - 1
+            with ddp.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():  # one all-reduce
+                loss = loss_of(*batch_inputs(step, slice(first, first + micro))) / cfg.grad_accum
+                scaler.scale(loss).backward()
             step_loss += loss.item()
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)

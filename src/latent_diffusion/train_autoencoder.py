@@ -12,6 +12,8 @@ import dataclasses
 import json
 import math
 import os
+import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,9 +74,15 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
     """-> (outdir/autoencoder.safetensors, held-out PSNR)."""
     if cfg.loss not in ("l1", "l2"):
         raise TrainError(f"loss must be l1 or l2, not {cfg.loss!r}")
+    if cfg.image_size % 8 or cfg.image_size <= 0:
+        raise TrainError(f"image size must be a positive multiple of 8, not {cfg.image_size}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise TrainError("steps and batch size must be at least 1")
     outdir = Path(cfg.outdir)
     try:
         outdir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=outdir):
+            pass
     except OSError as e:
         raise TrainError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
@@ -90,6 +98,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc else None
     g = torch.Generator().manual_seed(cfg.seed)
+    flip_rng = random.Random(cfg.seed)
     holdout = torch.stack([it[0] for i in range(n_train, len(dataset)) if (it := dataset.load(i))]).to(device)
 
     def evaluate() -> float:
@@ -107,7 +116,9 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
         for group in opt.param_groups:
             group["lr"] = get_lr(step, cfg)
         idx = torch.randint(0, n_train, (cfg.batch_size,), generator=g).tolist()
-        items = [it for i in idx if (it := dataset.load(i)) is not None]
+        items = [it for i in idx if (it := dataset.load(i, rng=flip_rng)) is not None]
+        if not items:
+            continue
         x = torch.stack([im for im, _ in items]).to(device)
         posterior = model.encode(x)
         x_rec = model.decode(posterior.sample(generator=g))
@@ -131,7 +142,10 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
     path = outdir / "autoencoder.safetensors"
     tensors = {f"first_stage_model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, tmp, metadata={"autoencoder": json.dumps(dataclasses.asdict(ae_cfg))})
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, tmp, metadata={"autoencoder": json.dumps(dataclasses.asdict(ae_cfg))})
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     print(f"held-out PSNR ({n_holdout} images): {start_psnr:.2f} dB at the start, {final_psnr:.2f} dB now")
     return path, final_psnr
