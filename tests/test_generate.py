@@ -131,3 +131,22 @@ def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
 def test_bad_settings(tiny_models, settings, kwargs, message):
     with pytest.raises(ValueError, match=message):
         generate(tiny_models["sd1"], ["a"], [0], settings, **kwargs)
+
+
+def test_standard_model_inpainting_matches_pipeline(tiny_models, image):
+    """A 4-channel model in diffusers' inpainting pipeline: the known region is re-noised to the sampler's level
+    and blended in after every step (the final pixel paste alone would not match)."""
+    model = tiny_models["sd1"]
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 8:40, 16:56] = 1.0
+    pipe = diffusers_pipeline(model, StableDiffusionInpaintPipeline)
+    theirs = run_diffusers(pipe, model, 21, image=image, mask_image=mask, height=64, width=64)
+    ours = generate(model, [PROMPT], [21], SETTINGS, negative_prompts=[NEGATIVE], init_image=image * 2 - 1, mask=mask)
+    torch.testing.assert_close(ours, mask * theirs + (1 - mask) * image, atol=1e-3, rtol=0)
+
+
+def test_ddpm_keeps_its_timesteps_with_karras_on(tiny_models):
+    model = tiny_models["sd1"]
+    runs = [generate(model, ["a"], [4], GenerationSettings(steps=3, sampler="ddpm", karras=k), width=16, height=16)
+            for k in (True, False)]  # fmt: skip
+    assert torch.equal(runs[0], runs[1])
