@@ -139,7 +139,8 @@ def generate(
         return per_image_randn(latent_shape, generators).to(device)
 
     extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}  # the ancestral samplers keep η = 1
-    x = sampler(denoiser, x, sigmas.to(device), noise=noise_sampler, callback=callback, **extra)
+    # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
+    x = sampler(denoiser, x, sigmas, noise=noise_sampler, callback=callback, **extra)
     x = x / (1 + sigmas[-1].item() ** 2) ** 0.5  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
     images = (model.autoencoder_decode(x.to(dtype)).float() / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
