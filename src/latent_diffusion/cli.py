@@ -337,7 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm",
         description="Latent diffusion (Stable Diffusion) in the original checkpoint layout.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  ldm txt2img --ckpt v1-5-pruned-emaonly.safetensors --prompt "a red sofa" --seed 42 --batch-size 4 --grid
+  ldm img2img --ckpt model.safetensors --init-image photo.png --strength 0.6 --prompt "an oil painting"
+  ldm inpaint --ckpt sd-v1-5-inpainting.ckpt --init-image photo.png --mask mask.png --prompt "a cat"
+  ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
+  torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
+  ldm info model.safetensors
+
+Each command has its own --help. Bad input is one line on stderr and exit code 2.""",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
