@@ -271,3 +271,16 @@ def test_new_run_refuses_an_outdir_with_checkpoints(tmp_path):
     train(TrainConfig(outdir=str(tmp_path), steps=1, save_every=1, **FAST))
     with pytest.raises(TrainError, match="holds checkpoints of an earlier run: pass --resume"):
         train(TrainConfig(outdir=str(tmp_path), steps=1, save_every=1, **FAST))
+
+
+def test_uncached_training_with_flips_and_an_unreadable_image(tmp_path):
+    """Without the cache every step encodes its images; an unreadable one is replaced, never a crash."""
+    (tmp_path / "d").mkdir()
+    for i in range(4):
+        Image.new("RGB", (24, 16), (i * 60, 0, 200)).save(tmp_path / "d" / f"{i}.png")
+        (tmp_path / "d" / f"{i}.txt").write_text(f"picture {i}")
+    (tmp_path / "d" / "4.png").write_bytes(b"broken")
+    (tmp_path / "d" / "4.txt").write_text("broken")
+    assert main(["train", "--outdir", str(tmp_path / "run"), "--data", str(tmp_path / "d"), "--no-cache-latents",
+                 "--flip", "--steps", "3", "--batch-size", "5", "--image-size", "16", "--quiet"]) == 0  # fmt: skip
+    assert (tmp_path / "run" / "model.safetensors").exists()

@@ -324,12 +324,10 @@ def train(cfg: TrainConfig) -> Path:
             captions = [cache["captions"][cache["caption"][i]] for i in idx]
         else:
             items = [load_readable(i, random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
-            keep = [j for j, it in enumerate(items) if it is not None]
             with torch.no_grad():
-                posterior = model.first_stage_model.encode(torch.stack([items[j][0] for j in keep]).to(device))
-            z = posterior.sample(noise=z_noise[part][keep])
-            captions = [items[j][1] for j in keep]
-            part = [range(B)[part][j] for j in keep]
+                posterior = model.first_stage_model.encode(torch.stack([im for im, _ in items]).to(device))
+            z = posterior.sample(noise=z_noise[part])
+            captions = [c for _, c in items]
         captions = ["" if d else c for c, d in zip(captions, drop[part].tolist())]
         z = (model.scale_factor * z).to(device)
         return z, captions, t[part].to(device), noise[part].to(device)
