@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import random
 import sys
@@ -17,6 +18,8 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, preset
+from .data import HELD_OUT_PAIRS
+from .evaluate import ATTRIBUTES, prompt_adherence
 from .generate import GenerationSettings, generate
 from .images import grid, load_image, model_hash, next_index, parameters_text, save_png, to_pil
 from .latent_diffusion import LatentDiffusion
@@ -284,6 +287,30 @@ def cmd_train_autoencoder(args) -> None:
     print(f"wrote {path} (held-out PSNR {score:.2f} dB)")
 
 
+def cmd_eval(args) -> None:
+    """Prompt adherence of a model trained on the shapes data."""
+    settings = GenerationSettings(steps=args.steps, sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale)
+    try:
+        settings.check()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.count < 1 or args.image_size % 8 or args.image_size <= 0:
+        raise UsageError("--count must be at least 1 and --image-size a positive multiple of 8")
+    model = load_model(args.ckpt, device=pick_device(args.device))
+    bar = tqdm(total=2 * args.count, disable=args.quiet, unit="image", desc="eval")
+    report = prompt_adherence(model, args.count, settings, image_size=args.image_size, seed=args.seed,
+                              batch_size=args.batch_size, progress=bar.update)  # fmt: skip
+    bar.close()
+    held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
+    print(f"{args.ckpt}: {settings.steps} steps {sampler_display_name(settings)}, CFG {settings.cfg_scale}, "
+          f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip
+    print(f"{'':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
+    for split, row in report.items():
+        print(f"{split:10s}{row['images']:8d}" + "".join(f"{row[a]:12.1%}" for a in ATTRIBUTES))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
 GENERATE_HELP = {
     "txt2img": "Generate images from a text prompt with a Stable Diffusion checkpoint (SD 1.x, 2.x).",
     "img2img": "Redraw --init-image following the prompt. --strength sets how much of the noise schedule is "
@@ -397,6 +424,27 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     )
     add_config_arguments(ta, AutoencoderTrainConfig, AUTOENCODER_HELP)
     ta.set_defaults(run=cmd_train_autoencoder)
+
+    ev = sub.add_parser(
+        "eval",
+        help="prompt adherence of a model trained on the shapes data",
+        description="Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
+        "background, size and position back from the pixels with a deterministic analyser.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ev.add_argument("--ckpt", required=True, help="a model trained on the built-in shapes data")
+    ev.add_argument("--count", type=int, default=100, help="images per split (seen, held-out)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
+    ev.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True)
+    ev.add_argument("--cfg-scale", type=float, default=5.0)
+    ev.add_argument("--image-size", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--json", help="also write the scores to this file")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(run=cmd_eval)
 
     demo = sub.add_parser(
         "demo",

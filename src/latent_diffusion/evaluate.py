@@ -9,9 +9,13 @@ circle ≈ π/4, triangle ≈ 1/2).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from .data import COLORS, POSITIONS, SIZES, Shape
+from .data import COLORS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, ShapesDataset
+from .generate import GenerationSettings, generate
+from .latent_diffusion import LatentDiffusion
 
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
 NAMES = list(COLORS)
@@ -49,3 +53,33 @@ def score(specs: list[Shape], images: torch.Tensor) -> dict[str, float]:
     """Share of images whose analysed attribute equals the one asked for, per attribute."""
     found = [analyse(im) for im in images]
     return {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in ATTRIBUTES}
+
+
+@torch.no_grad()
+def prompt_adherence(
+    model: LatentDiffusion,
+    count: int,
+    settings: GenerationSettings,
+    *,
+    image_size: int = 64,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, dict]:
+    """Generate `count` images for captions of seen (colour, shape) pairs and `count` for held-out pairs, and
+    score them: {"seen": {"images": n, "shape": share, ...}, "held-out": {...}}. Image i uses seed seed + i."""
+    report = {}
+    for split, data in (
+        ("seen", ShapesDataset(count, image_size, seed=seed + 1)),
+        ("held-out", ShapesDataset(count, image_size, seed=seed + 2, only=HELD_OUT_PAIRS)),
+    ):
+        images = []
+        for start in range(0, count, batch_size):
+            specs = data.specs[start : start + batch_size]
+            seeds = [seed + start + i for i in range(len(specs))]
+            batch = generate(model, [s.caption for s in specs], seeds, settings, width=image_size, height=image_size)
+            images.append(batch.cpu() * 2 - 1)
+            if progress:
+                progress(len(specs))
+        report[split] = {"images": count, **score(data.specs, torch.cat(images))}
+    return report
