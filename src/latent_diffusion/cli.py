@@ -152,7 +152,7 @@ def cmd_generate(args) -> None:
     bar = tqdm(total=args.n_iter * steps_run, disable=args.quiet, unit="step", desc=args.command)
     images, index = [], next_index(outdir)
     with warnings.catch_warnings():
-        warnings.simplefilter("always")
+        warnings.simplefilter("default")  # each distinct warning once
         warnings.showwarning = lambda message, *rest: print(f"ldm: warning: {message}", file=sys.stderr)
         for n in range(args.n_iter):
             seeds = [seed + n * args.batch_size + i for i in range(args.batch_size)]
