@@ -24,6 +24,7 @@ from .generate import GenerationSettings, generate
 from .images import grid, load_image, model_hash, next_index, parameters_text, save_png, to_pil
 from .latent_diffusion import LatentDiffusion
 from .samplers import SAMPLERS, get_sampler
+from .schedule import SPACINGS
 from .train import TrainConfig, TrainError, train
 from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
 
@@ -88,6 +89,7 @@ def check_generation_args(args) -> GenerationSettings:
         raise UsageError("--batch-size and --n-iter must be at least 1")
     settings = GenerationSettings(
         steps=args.steps, sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale, eta=args.eta,
+        spacing=args.spacing,
         strength=args.strength if args.command != "txt2img" else 1.0,
     )  # fmt: skip
     try:
@@ -348,6 +350,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True,
                    help="Karras noise levels for the sigma-space samplers (not ddim, plms, ddpm)")  # fmt: skip
+    p.add_argument("--spacing", default="leading", choices=SPACINGS,
+                   help="timestep spacing, as diffusers' schedulers (leading: 901, 801, ..., 1 for 10 steps)")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
     p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (1: no guidance)")
     p.add_argument("--seed", type=int, help="seed of the first image (default: random, and printed in the PNG)")
