@@ -283,10 +283,12 @@ def cmd_train(args) -> None:
 def cmd_train_autoencoder(args) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AutoencoderTrainConfig)}
     try:
-        path, score = train_autoencoder(AutoencoderTrainConfig(**values))
+        path, report = train_autoencoder(AutoencoderTrainConfig(**values))
     except TrainError as e:
         raise UsageError(str(e)) from None
-    print(f"wrote {path} (held-out PSNR {score:.2f} dB)")
+    print(f"held-out PSNR ({report['images']} images): {report['psnr_start']:.2f} dB at the start, "
+          f"{report['psnr']:.2f} dB now")  # fmt: skip
+    print(f"wrote {path}")
 
 
 def cmd_eval(args) -> None:

@@ -70,8 +70,8 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4 / max(mse, 1e-12))
 
 
-def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
-    """-> (outdir/autoencoder.safetensors, held-out PSNR)."""
+def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
+    """-> (outdir/autoencoder.safetensors, {"images": held-out count, "psnr_start": dB, "psnr": dB})."""
     if cfg.loss not in ("l1", "l2"):
         raise TrainError(f"loss must be l1 or l2, not {cfg.loss!r}")
     if cfg.image_size % 8 or cfg.image_size <= 0:
@@ -147,5 +147,4 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, float]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"held-out PSNR ({n_holdout} images): {start_psnr:.2f} dB at the start, {final_psnr:.2f} dB now")
-    return path, final_psnr
+    return path, {"images": n_holdout, "psnr_start": start_psnr, "psnr": final_psnr}
