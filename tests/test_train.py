@@ -37,6 +37,19 @@ FAST = dict(image_size=32, shapes_count=64, batch_size=8, lr=1e-3, warmup=5, log
             device="cpu")  # fmt: skip
 
 
+def run_torchrun(processes: int, ldm_args: list[str]) -> None:
+    """`torchrun --nproc_per_node N -m latent_diffusion.cli ...` on a free local port (gloo on CPU)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(processes), "--master_addr",
+         "127.0.0.1", "--master_port", str(port), "-m", "latent_diffusion.cli", *ldm_args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 def weights(path: Path) -> dict:
     return {k: v.clone() for k, v in load_model(path).state_dict().items()}
 
@@ -119,17 +132,7 @@ def test_two_processes_give_the_weights_of_one(tmp_path):
     common = ["--steps", "3", "--image-size", "32", "--shapes-count", "32", "--batch-size", "4", "--quiet",
               "--device", "cpu", "--ema-decay", "0"]  # fmt: skip
     assert main(["train", "--outdir", str(tmp_path / "one"), *common]) == 0
-    torchrun = Path(sys.executable).parent / "torchrun"
-    with socket.socket() as s:  # a free port for the rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m",
-         "latent_diffusion.cli", "train", "--outdir", str(tmp_path / "two"), *common],
-        env=env, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_torchrun(2, ["train", "--outdir", str(tmp_path / "two"), *common])
     a, b = weights(tmp_path / "one" / "model.safetensors"), weights(tmp_path / "two" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=SAME_RUN_ATOL, rtol=0)
@@ -231,16 +234,7 @@ def test_sample_images_during_training_and_resume_on_another_process_count(tmp_p
     assert main(["train", "--outdir", str(tmp_path / "one"), "--steps", "4", "--sample-every", "2", *common]) == 0
     assert sorted(p.name for p in (tmp_path / "one" / "samples").iterdir()) == ["step-0000002.png", "step-0000004.png"]
     assert main(["train", "--outdir", str(tmp_path / "mixed"), "--steps", "2", *common]) == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    run = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", str(port), "-m", "latent_diffusion.cli", "train", "--outdir", str(tmp_path / "mixed"),
-         "--steps", "4", "--resume", *common],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_torchrun(2, ["train", "--outdir", str(tmp_path / "mixed"), "--steps", "4", "--resume", *common])
     a, b = weights(tmp_path / "one" / "model.safetensors"), weights(tmp_path / "mixed" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=SAME_RUN_ATOL, rtol=0)

@@ -8,7 +8,6 @@ import json
 import os
 import random
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, load_model, save_model
 from .config import PRESETS, preset
 from .data import HELD_OUT_PAIRS
+from .devices import resolve_device, writable_folder
 from .evaluate import ATTRIBUTES, prompt_adherence
 from .generate import GenerationSettings, generate
 from .images import grid, load_image, model_hash, next_index, parameters_text, save_png, to_pil
@@ -58,28 +58,18 @@ def cmd_info(args) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    """auto, cpu, cuda, cuda:N, mps: checked before any work."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise UsageError(f"device {name} is not available here ({torch.cuda.device_count()} CUDA devices)")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError("device mps is not available here")
-    return device
+        return resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def prepare_outdir(outdir: Path) -> None:
     """Create the folder and prove it writable before any work, so a bad folder costs nothing."""
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=outdir):
-            pass
-    except OSError as e:
-        raise UsageError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
+        writable_folder(outdir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def check_generation_args(args) -> GenerationSettings:

@@ -20,7 +20,6 @@ import csv
 import os
 import random
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from . import schedule
 from .checkpoint import CheckpointError, load_model, read_state_dict, save_model
 from .config import preset
 from .data import DataError, ImageCaptionFolder, ShapesDataset
+from .devices import resolve_device, writable_folder
 from .latent_diffusion import LatentDiffusion
 
 
@@ -239,14 +239,10 @@ def train(cfg: TrainConfig) -> Path:
                          "accumulation steps")  # fmt: skip
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainError(f"precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
-    outdir = Path(cfg.outdir)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=outdir):  # a private name: every process checks at once
-            pass
-    except OSError as e:
-        raise TrainError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        outdir, device = writable_folder(cfg.outdir), resolve_device(cfg.device)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from .autoencoder import AutoencoderKL
 from .config import preset
+from .devices import resolve_device, writable_folder
 from .train import TrainError, build_dataset, get_lr
 
 
@@ -78,14 +78,10 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
         raise TrainError(f"image size must be a positive multiple of 8, not {cfg.image_size}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise TrainError("steps and batch size must be at least 1")
-    outdir = Path(cfg.outdir)
     try:
-        outdir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=outdir):
-            pass
-    except OSError as e:
-        raise TrainError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device)
+        outdir, device = writable_folder(cfg.outdir), resolve_device(cfg.device)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
     dataset = build_dataset(cfg)
     n_holdout = max(1, int(len(dataset) * cfg.holdout))
     n_train = len(dataset) - n_holdout
