@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import schedule
-from .checkpoint import CheckpointError, load_model, read_state_dict, save_model
+from .checkpoint import UNET, CheckpointError, ema_key, load_model, read_state_dict, save_model
 from .config import preset
 from .data import DataError, ImageCaptionFolder, ShapesDataset
 from .devices import resolve_device, writable_folder
@@ -265,9 +265,12 @@ def train(cfg: TrainConfig) -> Path:
             differs = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
             if differs:
                 raise TrainError(f"{last}: was written by a run with other settings ({', '.join(differs)})")
-            model.load_state_dict(load_model(last / "model.safetensors").state_dict())
+            saved, _ = read_state_dict(last / "model.safetensors")  # read once: weights and EMA
+            model.load_state_dict({k: saved[k] for k in model.state_dict()})
     except CheckpointError as e:
         raise TrainError(str(e)) from None
+    except KeyError as e:
+        raise TrainError(f"{last}: an incomplete checkpoint (no {e.args[0]})") from None
     model = model.to(device)
     unet, text = model.model.diffusion_model, model.cond_stage_model
     trainable = TrainedParts(unet, text if cfg.train_text_encoder else None)
@@ -277,7 +280,7 @@ def train(cfg: TrainConfig) -> Path:
     start_step, fingerprint = 0, run_fingerprint(cfg, model)
     if state is not None:
         if ema is not None:
-            ema.load_state_dict(load_model(last / "model.safetensors", ema=True).unet.state_dict())
+            ema.load_state_dict({k: saved[ema_key(UNET + k)] for k in ema.state_dict()})
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step = state["step"]
