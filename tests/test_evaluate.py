@@ -39,7 +39,7 @@ def test_eval_command_reports_both_splits(tmp_path, tiny_models, capsys):
             "--quiet", "--json", str(tmp_path / "scores.json"), "--device", "cpu"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "held-out pairs: blue square, red circle, yellow triangle" in out
+    assert "held-out pairs: green triangle, purple circle, white square" in out
     report = json.loads((tmp_path / "scores.json").read_text())
     assert set(report) == {"seen", "held-out"} and report["seen"]["images"] == 4
     assert set(report["seen"]) == {"images", *ATTRIBUTES}

@@ -38,6 +38,10 @@ CLIP = "cond_stage_model.transformer.text_model."
 OPENCLIP = "cond_stage_model.model."
 EMA = "model_ema."
 CONFIG_METADATA_KEY = "latent_diffusion.config"
+# The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
+# checkpoint is given; it draws 64x64 images.
+BUILTIN_MODEL = Path(__file__).parent / "assets" / "shapes.safetensors"
+BUILTIN_IMAGE_SIZE = 64
 
 
 class CheckpointError(ValueError):

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_model, save_model
-from .config import PRESETS, preset
+from .checkpoint import BUILTIN_IMAGE_SIZE, BUILTIN_MODEL, CheckpointError, load_model
 from .data import HELD_OUT_PAIRS
 from .devices import resolve_device, writable_folder
 from .evaluate import ATTRIBUTES, prompt_adherence
@@ -73,6 +72,10 @@ def prepare_outdir(outdir: Path) -> None:
 
 
 def check_generation_args(args) -> GenerationSettings:
+    if args.ckpt is None:
+        args.ckpt = str(BUILTIN_MODEL)
+    native = BUILTIN_IMAGE_SIZE if Path(args.ckpt) == BUILTIN_MODEL else 512
+    args.width, args.height = args.width or native, args.height or native
     if args.width % 8 or args.height % 8 or args.width <= 0 or args.height <= 0:
         raise UsageError(f"--width and --height must be positive multiples of 8, not {args.width}x{args.height}")
     if args.batch_size < 1 or args.n_iter < 1:
@@ -114,8 +117,6 @@ def cmd_generate(args) -> None:
         if width % 8 or height % 8:
             raise UsageError(f"the image is {width}x{height}: not multiples of 8; pass --resize with --width/--height")
         args.width, args.height = width, height
-    if not args.ckpt:
-        raise UsageError("no --ckpt given (the built-in model is not there yet): pass a Stable Diffusion checkpoint")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     outdir = Path(args.outdir)
@@ -170,22 +171,39 @@ def cmd_generate(args) -> None:
         print(f"wrote {path}")
 
 
+DEMO_PROMPTS = (
+    "a small red circle on a blue background",
+    "a large yellow square in the center on a black background",
+    "a small white triangle at the left on a green background",
+    "a large orange circle at the bottom on a purple background",
+    "a small blue square at the top on a yellow background",
+    "a large green triangle in the center on a white background",  # a held-out (colour, shape) pair
+)
+
+
 def cmd_demo(args) -> None:
-    """Until the built-in model is trained: the whole pipeline on the tiny preset with random weights."""
+    """The built-in model draws a grid: one row per prompt, one column per seed."""
+    if args.columns < 1:
+        raise UsageError("--columns must be at least 1")
     outdir = Path(args.outdir)
     prepare_outdir(outdir)
-    torch.manual_seed(args.seed)
-    path = outdir / "tiny-random.safetensors"
     start = time.perf_counter()
-    save_model(LatentDiffusion(preset("tiny")), path)
-    print(f"wrote {path}: the tiny preset (the real architecture at small widths) with RANDOM weights,")
-    print("so the pictures below are noise; a trained built-in model replaces it later.")
-    print(describe(load_model(path)))
-    main([
-        "txt2img", "--ckpt", str(path), "--prompt", args.prompt, "--width", "64", "--height", "64",
-        "--steps", "10", "--batch-size", "4", "--seed", str(args.seed), "--grid", "--outdir", str(outdir),
-    ])  # fmt: skip
-    print(f"demo done in {time.perf_counter() - start:.1f} s")
+    model = load_model(BUILTIN_MODEL)
+    print(f"built-in model {BUILTIN_MODEL}: {describe(model)}")
+    settings = GenerationSettings()
+    seeds = [args.seed + i for i in range(args.columns)]
+    rows = []
+    for prompt in DEMO_PROMPTS:
+        images = generate(model, [prompt] * len(seeds), seeds, settings, width=BUILTIN_IMAGE_SIZE,
+                          height=BUILTIN_IMAGE_SIZE)  # fmt: skip
+        rows += [to_pil(im) for im in images]
+        print(f"  row {len(rows) // len(seeds)}: {prompt}")
+    fields = {"Steps": settings.steps, "Sampler": sampler_display_name(settings), "CFG scale": settings.cfg_scale,
+              "Seed": args.seed, "Size": f"{BUILTIN_IMAGE_SIZE}x{BUILTIN_IMAGE_SIZE}", "Model": BUILTIN_MODEL.stem}  # fmt: skip
+    path = outdir / "demo-grid.png"
+    save_png(grid(rows, len(seeds)), path, parameters_text(" | ".join(DEMO_PROMPTS), "", fields))
+    print(f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds) in {time.perf_counter() - start:.1f} s")
+    print('next: ldm txt2img --prompt "a large red square at the right on a white background" --batch-size 4 --grid')
 
 
 TRAIN_HELP = {
@@ -202,6 +220,7 @@ TRAIN_HELP = {
     "grad_accum": "gradient accumulation steps",
     "lr": "AdamW learning rate",
     "warmup": "linear learning-rate warm-up steps",
+    "lr_schedule": "learning rate after the warm-up: constant, or cosine decay to 0 at the last step",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm",
     "precision": "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler)",
@@ -232,6 +251,7 @@ AUTOENCODER_HELP = {
     "batch_size": "images per step",
     "lr": "Adam learning rate",
     "loss": "reconstruction loss: l1 or l2",
+    "precision": "fp32, or bf16 autocast",
     "kl_weight": "weight of the KL term (CompVis: 1e-6)",
     "disc_start": "step from which the patch-GAN discriminator loss is on (-1: never)",
     "disc_weight": "weight of the generator's adversarial loss",
@@ -321,14 +341,15 @@ EPILOG = (
 
 def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.epilog = EPILOG
-    p.add_argument("--ckpt", help="Stable Diffusion checkpoint (.safetensors or .ckpt), original layout")
+    p.add_argument("--ckpt", help="Stable Diffusion checkpoint (.safetensors or .ckpt), original layout "
+                   "(default: the built-in model, trained by this project on the shapes data)")
     p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
     p.add_argument("--prompt", required=True, help="what to draw (up to 75 CLIP tokens; more is cut, with a warning)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
     if command == "txt2img":
-        p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8")
-        p.add_argument("--height", type=int, default=512, help="pixels, a multiple of 8")
+        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: 512; 64 for the built-in model)")
+        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 512; 64 for the built-in model)")
     else:
         p.add_argument("--init-image", required=True, help="the image to start from")
         if command == "inpaint":
@@ -336,8 +357,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--strength", type=float, default=1.0 if command == "inpaint" else 0.75,
                        help="fraction of the schedule to run, in (0, 1]")  # fmt: skip
         p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
-        p.add_argument("--width", type=int, default=512, help="with --resize: pixels, a multiple of 8")
-        p.add_argument("--height", type=int, default=512, help="with --resize: pixels, a multiple of 8")
+        p.add_argument("--width", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
+        p.add_argument("--height", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True,
@@ -428,12 +449,12 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
         "background, size and position back from the pixels with a deterministic analyser.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    ev.add_argument("--ckpt", required=True, help="a model trained on the built-in shapes data")
+    ev.add_argument("--ckpt", default=str(BUILTIN_MODEL), help="a model trained on the built-in shapes data")
     ev.add_argument("--count", type=int, default=100, help="images per split (seen, held-out)")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     ev.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True)
-    ev.add_argument("--cfg-scale", type=float, default=5.0)
+    ev.add_argument("--cfg-scale", type=float, default=7.5)
     ev.add_argument("--image-size", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)
@@ -444,14 +465,14 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
 
     demo = sub.add_parser(
         "demo",
-        help="the whole pipeline on a tiny random model",
-        description=f"Build the tiny preset (one of {', '.join(PRESETS)}) with random weights, save it, load it "
-        "back and generate a grid of 64x64 images with it (noise: the weights are random).",
+        help="a grid of images from the built-in model",
+        description="The built-in model (trained by this project on the shapes data) draws a 64x64 image per "
+        "prompt and seed for a handful of prompts, with the default sampler and settings, into one grid.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--outdir", default="out", help="folder for the checkpoint and the images")
-    demo.add_argument("--prompt", default="a small red circle on a blue background")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--outdir", default="out", help="folder for the grid")
+    demo.add_argument("--columns", type=int, default=6, help="seeds per prompt")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the first column")
     demo.set_defaults(run=cmd_demo)
     return parser
 

@@ -108,7 +108,7 @@ COLORS = {
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.28, "large": 0.55}  # side as a fraction of the image
 # Colour–shape pairs that the built-in model never sees in a caption: they measure composition.
-HELD_OUT_PAIRS = frozenset({("red", "circle"), ("blue", "square"), ("yellow", "triangle")})
+HELD_OUT_PAIRS = frozenset({("green", "triangle"), ("purple", "circle"), ("white", "square")})
 POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "center": (0.5, 0.5)}
 
 

@@ -1,10 +1,10 @@
 """Prompt adherence on the shapes data: generate images for shape captions and read each attribute back
 from the pixels with a deterministic analyser (no learned model).
 
-Analyser: background = the palette colour nearest the median of the border pixels; foreground = pixels far
-from the background; colour = palette colour nearest the foreground's median; size from the foreground's
-bounding box; position from its centroid; shape from how much of the bounding box it fills (square ≈ 1,
-circle ≈ π/4, triangle ≈ 1/2).
+Analyser: background = the palette colour nearest the median of the border pixels; colour = the palette colour
+nearest the median of the pixels far from the background; the shape's pixels = those nearer that colour than
+the background's; size from their bounding box; position from their centroid; shape from how much of the
+bounding box they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2).
 """
 
 from __future__ import annotations
@@ -32,11 +32,17 @@ def analyse(image: torch.Tensor) -> dict[str, str]:
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 2H + 2W)
     background = nearest_color(border.median(dim=1).values)
     bg = PALETTE[NAMES.index(background)][:, None, None]
-    fg = ((image - bg) ** 2).sum(dim=0) > 0.3  # (H, W): clearly not background
-    if fg.sum() < 4:
-        return {"shape": "none", "color": "none", "background": background, "size": "none", "position": "none"}
+    nothing = {"shape": "none", "color": "none", "background": background, "size": "none", "position": "none"}
+    far = ((image - bg) ** 2).sum(dim=0) > 0.3  # (H, W): clearly not background
+    if far.sum() < 4:
+        return nothing
+    color = nearest_color(image[:, far].median(dim=1).values)
+    # The shape's pixels: those nearer its colour than the background's. Splitting at the midpoint keeps a
+    # blurred edge where it was and leaves out faint halos, which would widen the box and lower the fill.
+    fg = ((image - PALETTE[NAMES.index(color)][:, None, None]) ** 2).sum(dim=0) < ((image - bg) ** 2).sum(dim=0)
+    if fg.sum() < 4:  # e.g. a smudge whose nearest palette colour is the background's
+        return nothing
     ys, xs = torch.nonzero(fg, as_tuple=True)
-    color = nearest_color(image[:, ys, xs].median(dim=1).values)
     box_h, box_w = (ys.max() - ys.min() + 1).item(), (xs.max() - xs.min() + 1).item()
     fill = fg.sum().item() / (box_h * box_w)
     shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"

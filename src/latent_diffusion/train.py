@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import math
 import os
 import random
 import shutil
@@ -53,6 +54,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-4
     warmup: int = 100
+    lr_schedule: str = "constant"  # or "cosine"
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast; fp16 with a gradient scaler)
@@ -75,7 +77,7 @@ class TrainConfig:
 
     # What a resumed run must share with the run it continues.
     RUN_DEFINING = ("data", "shapes_count", "image_size", "ckpt", "preset", "autoencoder", "train_text_encoder",
-                    "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "precision", "ema_decay",
+                    "batch_size", "grad_accum", "lr", "warmup", "lr_schedule", "weight_decay", "precision", "ema_decay",
                     "prompt_dropout", "min_snr_gamma", "offset_noise", "cache_latents", "flip", "seed")  # fmt: skip
 
 
@@ -86,9 +88,16 @@ class TrainError(ValueError):
 # Small pure pieces (tested on their own) ------------------------------------------------------------------------
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (as CompVis's SD fine-tuning)."""
-    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (as CompVis's SD fine-tuning) or, with
+    lr_schedule "cosine", lr·½(1 + cos(π·step/steps)) down to 0 at the last step."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.lr_schedule == "cosine":
+        lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+    return lr
 
 
 def min_snr_weight(alpha_bar_t: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
@@ -133,7 +142,7 @@ def distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def build_model(cfg: TrainConfig) -> LatentDiffusion:
+def build_model(cfg: TrainConfig, dataset) -> LatentDiffusion:
     if cfg.ckpt:
         model = load_model(cfg.ckpt)
     else:
@@ -146,9 +155,23 @@ def build_model(cfg: TrainConfig) -> LatentDiffusion:
                 model.first_stage_model.load_state_dict(weights, strict=True)
             except RuntimeError as e:
                 raise TrainError(f"{cfg.autoencoder}: does not fit the {cfg.preset} autoencoder ({e})") from None
+            model.cfg.scale_factor = latent_scale_factor(model, dataset)
     model.first_stage_model.requires_grad_(False)
     model.cond_stage_model.requires_grad_(cfg.train_text_encoder)
     return model
+
+
+@torch.no_grad()
+def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> float:
+    """1 / std of the latents of the first `count` images: CompVis's `scale_by_std`, so that a new autoencoder's
+    latents have unit variance as the noise schedule assumes (SD's 0.18215 was found the same way).
+    Posterior means, not samples, so that the factor is the same in every run and on resume."""
+    items = [it for i in range(min(count, len(dataset))) if (it := dataset.load(i)) is not None]
+    if not items:
+        raise TrainError("none of the first images could be read")
+    images = torch.stack([im for im, _ in items])
+    z = torch.cat([model.first_stage_model.encode(images[i : i + 16]).mean for i in range(0, len(images), 16)])
+    return round(1 / z.std().item(), 5)
 
 
 def build_dataset(cfg: TrainConfig):
@@ -237,6 +260,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} "
                          "accumulation steps")  # fmt: skip
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise TrainError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainError(f"precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
     try:
@@ -255,7 +280,7 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
     torch.manual_seed(cfg.seed)  # the initial weights of a from-scratch model
     try:
-        model = build_model(cfg)
+        model = build_model(cfg, dataset)
         state, last = None, latest_checkpoint(outdir) if cfg.resume else None
         if cfg.resume:
             if last is None:

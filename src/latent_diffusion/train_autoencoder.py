@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .autoencoder import AutoencoderKL
 from .config import preset
 from .devices import resolve_device, writable_folder
-from .train import TrainError, build_dataset, get_lr
+from .train import LR_SCHEDULES, TrainError, build_dataset, get_lr
 
 
 @dataclass
@@ -39,6 +39,8 @@ class AutoencoderTrainConfig:
     batch_size: int = 8
     lr: float = 1e-3
     warmup: int = 50
+    lr_schedule: str = "constant"  # or "cosine"
+    precision: str = "fp32"  # or "bf16" (autocast; about twice as fast on CPUs with AVX-512 BF16)
     loss: str = "l1"  # or "l2"
     kl_weight: float = 1e-6
     disc_start: int = -1  # step from which the patch-GAN loss is on (-1: never)
@@ -74,6 +76,10 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
     """-> (outdir/autoencoder.safetensors, {"images": held-out count, "psnr_start": dB, "psnr": dB})."""
     if cfg.loss not in ("l1", "l2"):
         raise TrainError(f"loss must be l1 or l2, not {cfg.loss!r}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise TrainError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise TrainError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
     if cfg.image_size % 8 or cfg.image_size <= 0:
         raise TrainError(f"image size must be a positive multiple of 8, not {cfg.image_size}")
     if cfg.steps < 1 or cfg.batch_size < 1:
@@ -116,8 +122,9 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
         if not items:
             continue
         x = torch.stack([im for im, _ in items]).to(device)
-        posterior = model.encode(x)
-        x_rec = model.decode(posterior.sample(generator=g))
+        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+            posterior = model.encode(x)
+            x_rec = model.decode(posterior.sample(generator=g)).float()
         rec = (x_rec - x).abs() if cfg.loss == "l1" else (x_rec - x) ** 2
         loss = rec.mean() + cfg.kl_weight * posterior.kl().mean() / x[0].numel()
         gan_on = disc is not None and step >= cfg.disc_start
