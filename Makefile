@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench builtin-model clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ test: $(VENV)/.test
 
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/unet_step.py
+
+# Retrain the built-in model from scratch (both stages, about 20 minutes on 2 CPU cores) and score it.
+builtin-model: $(VENV)/.runtime
+	bash benchmarks/builtin_model.sh runs/builtin
 
 clean:
 	rm -rf $(VENV) out

@@ -209,7 +209,8 @@ def test_caption_default_accepts_uncaptioned_images(tmp_path):
 def test_both_stages_from_scratch(tmp_path, capsys):
     """Stage 1 improves held-out reconstruction; stage 2 trains on its frozen latents and loads everywhere."""
     assert main(["train-autoencoder", "--outdir", str(tmp_path / "ae"), "--image-size", "32", "--shapes-count", "64",
-                 "--steps", "250", "--warmup", "10", "--batch-size", "8", "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+                 "--steps", "250", "--warmup", "10", "--batch-size", "8", "--loss", "l2", "--lr-schedule", "cosine",
+                 "--precision", "bf16", "--quiet", "--device", "cpu"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     start, end = map(float, re.search(r"\(3 images\): ([\d.]+) dB at the start, ([\d.]+) dB now", out).groups())
     # The tiny KL autoencoder learns slowly at first (diffusers' AutoencoderKL of the same size too: 8.7 dB after
@@ -217,8 +218,16 @@ def test_both_stages_from_scratch(tmp_path, capsys):
     assert end > start + 0.2, out
     ae = tmp_path / "ae" / "autoencoder.safetensors"
     assert main(["train", "--outdir", str(tmp_path / "ldm"), "--autoencoder", str(ae), "--image-size", "32",
-                 "--shapes-count", "64", "--steps", "3", "--batch-size", "4", "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+                 "--shapes-count", "64", "--steps", "80", "--batch-size", "8", "--lr", "1e-3", "--warmup", "5",
+                 "--lr-schedule", "cosine", "--train-text-encoder", "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+    rows = [line.split(",") for line in (tmp_path / "ldm" / "log.csv").read_text().splitlines()[1:]]
+    first, last = float(rows[0][1]), sum(float(r[1]) for r in rows[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    assert float(rows[-1][2]) < 1e-5  # the cosine schedule ends near 0
     model = load_model(tmp_path / "ldm" / "model.safetensors")
+    # The scale factor is 1/std of the new autoencoder's latents (scale_by_std), not SD's 0.18215.
+    z = torch.cat([model.first_stage_model.encode(ShapesDataset(64, 32)[i][0][None]).mean for i in range(64)])
+    assert abs(model.cfg.scale_factor * z.std().item() - 1) < 1e-3
     trained_ae = load_model(tmp_path / "ldm" / "model.safetensors").first_stage_model.state_dict()
     from safetensors.torch import load_file
 

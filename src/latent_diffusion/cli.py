@@ -213,6 +213,7 @@ TRAIN_HELP = {
     "image_size": "training resolution in pixels (images are resized and center-cropped)",
     "ckpt": "fine-tune this checkpoint",
     "preset": "train this architecture from scratch (when no --ckpt)",
+    "parameterization": "from scratch: what the U-Net predicts, eps or v (default: the preset's)",
     "autoencoder": "first_stage_model weights (from `ldm train-autoencoder`) for a from-scratch model",
     "train_text_encoder": "train the text encoder too (frozen by default)",
     "steps": "optimizer steps in all",
@@ -341,8 +342,11 @@ EPILOG = (
 
 def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.epilog = EPILOG
-    p.add_argument("--ckpt", help="Stable Diffusion checkpoint (.safetensors or .ckpt), original layout "
-                   "(default: the built-in model, trained by this project on the shapes data)")
+    p.add_argument(
+        "--ckpt",
+        help="Stable Diffusion checkpoint (.safetensors or .ckpt), original layout "
+        "(default: the built-in model, trained by this project on the shapes data)",
+    )
     p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
     p.add_argument("--prompt", required=True, help="what to draw (up to 75 CLIP tokens; more is cut, with a warning)")

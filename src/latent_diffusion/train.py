@@ -47,6 +47,7 @@ class TrainConfig:
     image_size: int = 64
     ckpt: str | None = None  # fine-tune this checkpoint ...
     preset: str = "tiny"  # ... or train this architecture from scratch
+    parameterization: str | None = None  # from scratch: "eps" or "v" (default: the preset's)
     autoencoder: str | None = None  # first_stage_model.* weights for a from-scratch model (stage 1's output)
     train_text_encoder: bool = False  # needed when the text encoder is new too
     steps: int = 1000
@@ -76,9 +77,10 @@ class TrainConfig:
     quiet: bool = False
 
     # What a resumed run must share with the run it continues.
-    RUN_DEFINING = ("data", "shapes_count", "image_size", "ckpt", "preset", "autoencoder", "train_text_encoder",
-                    "batch_size", "grad_accum", "lr", "warmup", "lr_schedule", "weight_decay", "precision", "ema_decay",
-                    "prompt_dropout", "min_snr_gamma", "offset_noise", "cache_latents", "flip", "seed")  # fmt: skip
+    RUN_DEFINING = ("data", "shapes_count", "image_size", "ckpt", "preset", "parameterization", "autoencoder",
+                    "train_text_encoder", "batch_size", "grad_accum", "lr", "warmup", "lr_schedule", "weight_decay",
+                    "precision", "ema_decay", "prompt_dropout", "min_snr_gamma", "offset_noise", "cache_latents", "flip",
+                    "seed")  # fmt: skip
 
 
 class TrainError(ValueError):
@@ -146,7 +148,9 @@ def build_model(cfg: TrainConfig, dataset) -> LatentDiffusion:
     if cfg.ckpt:
         model = load_model(cfg.ckpt)
     else:
-        model = LatentDiffusion(preset(cfg.preset))
+        config = preset(cfg.preset)
+        config.parameterization = cfg.parameterization or config.parameterization
+        model = LatentDiffusion(config)
         if cfg.autoencoder:
             sd, _ = read_state_dict(cfg.autoencoder)
             prefix = "first_stage_model."
@@ -260,6 +264,10 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} "
                          "accumulation steps")  # fmt: skip
+    if cfg.parameterization not in (None, "eps", "v"):
+        raise TrainError(f"parameterization must be eps or v, not {cfg.parameterization!r}")
+    if cfg.parameterization and cfg.ckpt:
+        raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise TrainError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
