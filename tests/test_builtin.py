@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from latent_diffusion import load_model
-from latent_diffusion.checkpoint import BUILTIN_MODEL
+from latent_diffusion.checkpoint import BUILTIN_CFG_SCALE, BUILTIN_MODEL
 from latent_diffusion.cli import main
 from latent_diffusion.data import HELD_OUT_PAIRS, ShapesDataset
 from latent_diffusion.evaluate import score
@@ -31,8 +31,9 @@ def test_builtin_model_follows_seen_prompts():
     model = load_model(BUILTIN_MODEL)
     specs = ShapesDataset(16, 64, seed=1234).specs
     assert not any((s.color, s.shape) in HELD_OUT_PAIRS for s in specs)
+    settings = GenerationSettings(cfg_scale=BUILTIN_CFG_SCALE)  # the built-in model's defaults
     with torch.no_grad():
-        images = generate(model, [s.caption for s in specs], list(range(16)), GenerationSettings(), width=64, height=64)
+        images = generate(model, [s.caption for s in specs], list(range(16)), settings, width=64, height=64)
     result = score(specs, images * 2 - 1)
     assert all(result[a] >= bar for a, bar in BAR.items()), result
 
@@ -44,7 +45,7 @@ def test_txt2img_without_ckpt_uses_the_builtin_model(tmp_path):
     image = Image.open(path)
     assert image.size == (64, 64)
     info = parse_parameters(image.text["parameters"])
-    assert info["Model"] == "shapes" and info["Size"] == "64x64"
+    assert info["Model"] == "shapes" and info["Size"] == "64x64" and info["CFG scale"] == str(BUILTIN_CFG_SCALE)
 
 
 def test_demo_writes_a_grid(tmp_path, capsys):

@@ -155,6 +155,8 @@ def test_shapes_are_deterministic_and_captioned():
     assert [a[i][1] for i in range(5)] == [b[i][1] for i in range(5)]
     assert torch.equal(a[0][0], b[0][0]) and a[0][0].shape == (3, 32, 32)
     assert a[0][1].startswith("a ") and " background" in a[0][1]
+    assert a[0][1] == a.specs[0].caption and (" at the " in a[0][1] or " in the center " in a[0][1])
+    assert a[3][1] == a.specs[3].caption_without_position  # every fourth caption has no position
     held_out = ShapesDataset(300, 32, exclude={("red", "circle")})
     assert not any(s.color == "red" and s.shape == "circle" for s in held_out.specs)
 

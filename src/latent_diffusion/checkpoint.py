@@ -42,6 +42,9 @@ CONFIG_METADATA_KEY = "latent_diffusion.config"
 # checkpoint is given; it draws 64x64 images.
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "shapes.safetensors"
 BUILTIN_IMAGE_SIZE = 64
+# Its default guidance scale. Stable Diffusion's 7.5 over-saturates this small model and costs it shape and
+# colour accuracy (BENCHMARKS.md has both figures); `--cfg-scale` still overrides it.
+BUILTIN_CFG_SCALE = 2.0
 
 
 class CheckpointError(ValueError):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import BUILTIN_IMAGE_SIZE, BUILTIN_MODEL, CheckpointError, load_model
+from .checkpoint import BUILTIN_CFG_SCALE, BUILTIN_IMAGE_SIZE, BUILTIN_MODEL, CheckpointError, load_model
 from .data import HELD_OUT_PAIRS
 from .devices import resolve_device, writable_folder
 from .evaluate import ATTRIBUTES, prompt_adherence
@@ -74,8 +74,11 @@ def prepare_outdir(outdir: Path) -> None:
 def check_generation_args(args) -> GenerationSettings:
     if args.ckpt is None:
         args.ckpt = str(BUILTIN_MODEL)
-    native = BUILTIN_IMAGE_SIZE if Path(args.ckpt) == BUILTIN_MODEL else 512
+    builtin = Path(args.ckpt) == BUILTIN_MODEL
+    native = BUILTIN_IMAGE_SIZE if builtin else 512
     args.width, args.height = args.width or native, args.height or native
+    if args.cfg_scale is None:
+        args.cfg_scale = BUILTIN_CFG_SCALE if builtin else 7.5
     if args.width % 8 or args.height % 8 or args.width <= 0 or args.height <= 0:
         raise UsageError(f"--width and --height must be positive multiples of 8, not {args.width}x{args.height}")
     if args.batch_size < 1 or args.n_iter < 1:
@@ -190,7 +193,7 @@ def cmd_demo(args) -> None:
     start = time.perf_counter()
     model = load_model(BUILTIN_MODEL)
     print(f"built-in model {BUILTIN_MODEL}: {describe(model)}")
-    settings = GenerationSettings()
+    settings = GenerationSettings(cfg_scale=BUILTIN_CFG_SCALE)
     seeds = [args.seed + i for i in range(args.columns)]
     rows = []
     for prompt in DEMO_PROMPTS:
@@ -304,6 +307,8 @@ def cmd_train_autoencoder(args) -> None:
 
 def cmd_eval(args) -> None:
     """Prompt adherence of a model trained on the shapes data."""
+    if args.cfg_scale is None:
+        args.cfg_scale = BUILTIN_CFG_SCALE if Path(args.ckpt) == BUILTIN_MODEL else 7.5
     settings = GenerationSettings(steps=args.steps, sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale)
     try:
         settings.check()
@@ -370,7 +375,11 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--spacing", default="leading", choices=SPACINGS,
                    help="timestep spacing, as diffusers' schedulers (leading: 901, 801, ..., 1 for 10 steps)")  # fmt: skip
     p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
-    p.add_argument("--cfg-scale", type=float, default=7.5, help="classifier-free guidance scale (1: no guidance)")
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        help=f"classifier-free guidance scale (1: none; default 7.5, {BUILTIN_CFG_SCALE} for the built-in model)",
+    )
     p.add_argument("--seed", type=int, help="seed of the first image (default: random, and printed in the PNG)")
     p.add_argument("--batch-size", type=int, default=1, help="images per U-Net batch")
     p.add_argument("--n-iter", type=int, default=1, help="how many batches")
@@ -458,7 +467,7 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     ev.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True)
-    ev.add_argument("--cfg-scale", type=float, default=7.5)
+    ev.add_argument("--cfg-scale", type=float, help=f"default 7.5, {BUILTIN_CFG_SCALE} for the built-in model")
     ev.add_argument("--image-size", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)

@@ -122,8 +122,13 @@ class Shape:
 
     @property
     def caption(self) -> str:
+        """The full caption: "a small red circle at the left on a blue background"."""
         where = "in the center" if self.position == "center" else f"at the {self.position}"
         return f"a {self.size} {self.color} {self.shape} {where} on a {self.background} background"
+
+    @property
+    def caption_without_position(self) -> str:
+        return f"a {self.size} {self.color} {self.shape} on a {self.background} background"
 
 
 def draw(spec: Shape, image_size: int) -> Image.Image:
@@ -162,7 +167,10 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, rng: random.Random | None = None) -> tuple[torch.Tensor, str]:
         spec = self.specs[index]
-        return to_tensor(draw(spec, self.image_size)), spec.caption
+        # Every fourth caption leaves the position out, so that prompts without one (any position will do)
+        # are in the training distribution too.
+        caption = spec.caption_without_position if index % 4 == 3 else spec.caption
+        return to_tensor(draw(spec, self.image_size)), caption
 
     def __getitem__(self, index: int):
         return self.load(index)
