@@ -2,7 +2,7 @@
 # Reproduce the built-in model (src/latent_diffusion/assets/shapes.safetensors) from scratch, time both
 # stages, and measure its prompt adherence. These are the exact commands that produced the shipped file.
 #
-#     bash benchmarks/builtin_model.sh [outdir]      # default runs/builtin; about 20 minutes on 2 CPU cores
+#     bash benchmarks/builtin_model.sh [outdir]      # default runs/builtin; about 27 minutes on 2 CPU cores
 #
 # Stage 1: the tiny preset's KL autoencoder (64x64 images -> 4x8x8 latents) on 2000 shapes images, L2 loss,
 #          cosine learning-rate decay, bf16 autocast (twice as fast on CPUs with AVX-512 BF16).
