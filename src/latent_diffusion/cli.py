@@ -463,7 +463,7 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     ev.add_argument("--ckpt", default=str(BUILTIN_MODEL), help="a model trained on the built-in shapes data")
-    ev.add_argument("--count", type=int, default=100, help="images per split (seen, held-out)")
+    ev.add_argument("--count", type=int, default=200, help="images per split (seen, held-out)")
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     ev.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True)
