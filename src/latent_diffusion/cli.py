@@ -71,14 +71,18 @@ def prepare_outdir(outdir: Path) -> None:
         raise UsageError(str(e)) from None
 
 
+def default_cfg_scale(ckpt: str) -> float:
+    """Stable Diffusion's usual 7.5 (GenerationSettings' default), or the built-in model's own."""
+    return BUILTIN_CFG_SCALE if Path(ckpt) == BUILTIN_MODEL else GenerationSettings.cfg_scale
+
+
 def check_generation_args(args) -> GenerationSettings:
     if args.ckpt is None:
         args.ckpt = str(BUILTIN_MODEL)
-    builtin = Path(args.ckpt) == BUILTIN_MODEL
-    native = BUILTIN_IMAGE_SIZE if builtin else 512
+    native = BUILTIN_IMAGE_SIZE if Path(args.ckpt) == BUILTIN_MODEL else 512
     args.width, args.height = args.width or native, args.height or native
     if args.cfg_scale is None:
-        args.cfg_scale = BUILTIN_CFG_SCALE if builtin else 7.5
+        args.cfg_scale = default_cfg_scale(args.ckpt)
     if args.width % 8 or args.height % 8 or args.width <= 0 or args.height <= 0:
         raise UsageError(f"--width and --height must be positive multiples of 8, not {args.width}x{args.height}")
     if args.batch_size < 1 or args.n_iter < 1:
@@ -308,7 +312,7 @@ def cmd_train_autoencoder(args) -> None:
 def cmd_eval(args) -> None:
     """Prompt adherence of a model trained on the shapes data."""
     if args.cfg_scale is None:
-        args.cfg_scale = BUILTIN_CFG_SCALE if Path(args.ckpt) == BUILTIN_MODEL else 7.5
+        args.cfg_scale = default_cfg_scale(args.ckpt)
     settings = GenerationSettings(steps=args.steps, sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale)
     try:
         settings.check()

@@ -93,6 +93,11 @@ class TrainError(ValueError):
 LR_SCHEDULES = ("constant", "cosine")
 
 
+def check_lr_schedule(cfg: TrainConfig) -> None:
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise TrainError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
+
+
 def get_lr(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (as CompVis's SD fine-tuning) or, with
     lr_schedule "cosine", lr·½(1 + cos(π·step/steps)) down to 0 at the last step."""
@@ -268,8 +273,7 @@ def train(cfg: TrainConfig) -> Path:
         raise TrainError(f"parameterization must be eps or v, not {cfg.parameterization!r}")
     if cfg.parameterization and cfg.ckpt:
         raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise TrainError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
+    check_lr_schedule(cfg)
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise TrainError(f"precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
     try:

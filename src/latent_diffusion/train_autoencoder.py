@@ -25,7 +25,7 @@ from tqdm import tqdm
 from .autoencoder import AutoencoderKL
 from .config import preset
 from .devices import resolve_device, writable_folder
-from .train import LR_SCHEDULES, TrainError, build_dataset, get_lr
+from .train import TrainError, build_dataset, check_lr_schedule, get_lr
 
 
 @dataclass
@@ -76,8 +76,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
     """-> (outdir/autoencoder.safetensors, {"images": held-out count, "psnr_start": dB, "psnr": dB})."""
     if cfg.loss not in ("l1", "l2"):
         raise TrainError(f"loss must be l1 or l2, not {cfg.loss!r}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise TrainError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
+    check_lr_schedule(cfg)
     if cfg.precision not in ("fp32", "bf16"):
         raise TrainError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
     if cfg.image_size % 8 or cfg.image_size <= 0:
