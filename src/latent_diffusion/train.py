@@ -117,8 +117,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, num_updates: int)
     """CompVis's LitEma: with n updates so far (this one included), d = min(decay, (1 + n)/(10 + n)) and
     ema ← ema − (1 − d)·(ema − θ)."""
     d = min(decay, (1 + num_updates) / (10 + num_updates))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach().to(e.dtype), 1 - d)
+    ema_params = list(ema.parameters())  # one foreach op, not a Python loop over the parameters
+    torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters())], 1 - d)
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -312,7 +312,9 @@ def train(cfg: TrainConfig) -> Path:
     unet, text = model.model.diffusion_model, model.cond_stage_model
     trainable = TrainedParts(unet, text if cfg.train_text_encoder else None)
     ema = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # foreach: each update op runs once over all parameters rather than in a Python loop over them. torch
+    # picks it by itself on CUDA only; on 2 CPU cores it takes the tiny model's AdamW step from 16-19 to 11 ms.
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     start_step, fingerprint = 0, run_fingerprint(cfg, model)
     if state is not None:
