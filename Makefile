@@ -33,7 +33,7 @@ test: $(VENV)/.test
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/unet_step.py
 
-# Retrain the built-in model from scratch (both stages, about 27 minutes on 2 CPU cores) and score it.
+# Retrain the built-in model from scratch (both stages, about 30 minutes on 2 CPU cores) and score it.
 builtin-model: $(VENV)/.runtime
 	bash benchmarks/builtin_model.sh runs/builtin
 

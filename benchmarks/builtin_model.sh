@@ -7,8 +7,8 @@
 # Stage 1: the tiny preset's KL autoencoder (64x64 images -> 4x8x8 latents) on 2000 shapes images, L2 loss,
 #          cosine learning-rate decay, bf16 autocast (twice as fast on CPUs with AVX-512 BF16). KL weight 5e-4,
 #          not CompVis's 1e-6: the decoder then sees slightly noisier latents in training and tolerates the
-#          U-Net's small errors better; with 1e-6, latent noise of 0.2 σ turned 20-30 % of small squares into
-#          circles, with 5e-4 15 %.
+#          U-Net's small errors better; with 1e-6, latent noise of 0.2 σ made the analyser misread 20-30 % of
+#          small squares, with 5e-4 15 % (BENCHMARKS.md).
 # Stage 2: the tiny preset's U-Net and CLIP-architecture text encoder (both from scratch, the real CLIP
 #          tokenizer) on latents of the frozen stage-1 autoencoder. v-prediction: at the highest noise levels
 #          an ε-model's x0 estimate divides its error by √ᾱ_T ≈ 0.07, and a small model trained for minutes
