@@ -124,11 +124,14 @@ class Shape:
     def caption(self) -> str:
         """The full caption: "a small red circle at the left on a blue background"."""
         where = "in the center" if self.position == "center" else f"at the {self.position}"
-        return f"a {self.size} {self.color} {self.shape} {where} on a {self.background} background"
+        return self._caption(f" {where}")
 
     @property
     def caption_without_position(self) -> str:
-        return f"a {self.size} {self.color} {self.shape} on a {self.background} background"
+        return self._caption("")
+
+    def _caption(self, where: str) -> str:
+        return f"a {self.size} {self.color} {self.shape}{where} on a {self.background} background"
 
 
 def draw(spec: Shape, image_size: int) -> Image.Image:
