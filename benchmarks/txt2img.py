@@ -29,7 +29,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latent_diffusion import LatentDiffusion, preset
 from latent_diffusion.config import to_ldm_config
-from latent_diffusion.generate import GenerationSettings, generate
+from latent_diffusion.generate import generate
+from latent_diffusion.request import GenerationRequest
 from latent_diffusion.tokenizer import clip_tokenizer
 
 
@@ -77,10 +78,11 @@ def main():
         pipe = diffusers_pipeline(model, Path(tmp)).to(device, dtype)
     model = model.to(device, dtype)
     prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
-    settings = GenerationSettings(steps=steps, sampler="ddim", cfg_scale=7.5)
+    request = GenerationRequest([prompt], [1], negative_prompts=[negative], width=size, height=size, steps=steps,
+                                sampler="ddim", cfg_scale=7.5)  # fmt: skip
 
     def ours():
-        return generate(model, [prompt], [1], settings, negative_prompts=[negative], width=size, height=size)
+        return generate(model, request).images
 
     def theirs():
         return pipe(prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps,

@@ -3,16 +3,16 @@ pixel analyser, validated in test_evaluate.py), and is what `ldm txt2img` and `l
 
 import math
 
-import torch
 from PIL import Image
 
 from latent_diffusion import load_model
-from latent_diffusion.checkpoint import BUILTIN_CFG_SCALE, BUILTIN_MODEL
+from latent_diffusion.checkpoint import BUILTIN_MODEL
 from latent_diffusion.cli import main
 from latent_diffusion.data import HELD_OUT_PAIRS, ShapesDataset
 from latent_diffusion.evaluate import score
-from latent_diffusion.generate import GenerationSettings, generate
+from latent_diffusion.generate import generate
 from latent_diffusion.images import parse_parameters
+from latent_diffusion.request import GenerationRequest
 
 # The bar on seen (colour, shape) pairs, which BENCHMARKS.md measures on 200 + 200 images. A batch of
 # n = 32 is held to the bar's lower edge: the bar minus 1.645 binomial standard errors (one-sided 95 %), so a
@@ -30,15 +30,15 @@ def test_builtin_model_is_small_and_in_the_original_layout():
     assert any(k.startswith("first_stage_model.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
     assert model.cfg.scale_factor != 0.18215  # measured on its own autoencoder's latents
+    assert (model.cfg.default_size, model.cfg.default_cfg_scale) == (64, 2.0)  # from its metadata
 
 
 def test_builtin_model_follows_seen_prompts():
     model = load_model(BUILTIN_MODEL)
     specs = ShapesDataset(N, 64, seed=1234).specs
     assert not any((s.color, s.shape) in HELD_OUT_PAIRS for s in specs)
-    settings = GenerationSettings(cfg_scale=BUILTIN_CFG_SCALE)  # the built-in model's defaults
-    with torch.no_grad():
-        images = generate(model, [s.caption for s in specs], list(range(N)), settings, width=64, height=64)
+    request = GenerationRequest([s.caption for s in specs], list(range(N)), batch_size=8)  # the model's defaults
+    images = generate(model, request).images
     result = score(specs, images * 2 - 1)
     assert all(result[a] >= edge for a, edge in LOWER_EDGE.items()), result
 
@@ -50,7 +50,7 @@ def test_txt2img_without_ckpt_uses_the_builtin_model(tmp_path):
     image = Image.open(path)
     assert image.size == (64, 64)
     info = parse_parameters(image.text["parameters"])
-    assert info["Model"] == "shapes" and info["Size"] == "64x64" and info["CFG scale"] == str(BUILTIN_CFG_SCALE)
+    assert info["Model"] == "shapes" and info["Size"] == "64x64" and info["CFG scale"] == "2.0"
 
 
 def test_demo_writes_a_grid(tmp_path, capsys):

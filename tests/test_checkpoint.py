@@ -36,7 +36,9 @@ def test_save_load_round_trip_is_identical(tmp_path, tiny_models):
     assert_same_weights(loaded, model)
     x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32)
     with torch.no_grad():
-        assert torch.equal(loaded(x, t, c), model(x, t, c))
+        # Equal weights; the outputs agree to float rounding only: the loaded weights are views of the memory-mapped
+        # file, whose addresses (set by the header's length) steer CPU kernels to other vectorised paths (2e-6 seen).
+        torch.testing.assert_close(loaded(x, t, {"crossattn": c}), model(x, t, {"crossattn": c}), atol=1e-5, rtol=0)
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp file left behind
 
 
@@ -139,7 +141,7 @@ def test_dtype(tmp_path, tiny_models, dtype):
     assert model.alphas_cumprod.dtype == torch.float32  # the schedule stays float32
     if dtype == torch.bfloat16:  # CPU kernels for the whole forward exist in bf16
         with torch.no_grad():
-            out = model(torch.randn(1, 4, 8, 8, dtype=dtype), torch.tensor([10]), model.get_text_conditioning(["a"]))
+            out = model(torch.randn(1, 4, 8, 8, dtype=dtype), torch.tensor([10]), model.conditioning(["a"])[0])
         assert out.dtype == dtype and torch.isfinite(out).all()
 
 

@@ -1,6 +1,8 @@
 """End to end: our txt2img / img2img / inpainting against diffusers' Stable Diffusion pipelines assembled
 from the same tiny random weights (converted with diffusers' own converters), same seeds, DDIM 10 steps."""
 
+import dataclasses
+
 import pytest
 import torch
 from diffusers import (
@@ -10,12 +12,20 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from latent_diffusion.generate import GenerationSettings, generate
+from latent_diffusion import LatentDiffusion
+from latent_diffusion.generate import generate
+from latent_diffusion.request import GenerationRequest, RequestError, validate
 
 from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
 
-SETTINGS = GenerationSettings(steps=10, sampler="ddim", cfg_scale=7.5)
 PROMPT, NEGATIVE = "a small red circle on a blue background", "blurry"
+SETTINGS = dict(steps=10, sampler="ddim", cfg_scale=7.5)
+
+
+def ours(model, seed, **fields):
+    """Our images for PROMPT and NEGATIVE with SETTINGS (fields override)."""
+    request = GenerationRequest([PROMPT], [seed], negative_prompts=[NEGATIVE], **{**SETTINGS, **fields})
+    return generate(model, request).images
 
 
 def diffusers_pipeline(model, cls):
@@ -43,7 +53,7 @@ def run_diffusers(pipe, model, seed, **kwargs):
     with torch.no_grad():
         return pipe(
             prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
-            num_inference_steps=SETTINGS.steps, guidance_scale=SETTINGS.cfg_scale, eta=0.0,
+            num_inference_steps=SETTINGS["steps"], guidance_scale=SETTINGS["cfg_scale"], eta=0.0,
             generator=torch.Generator().manual_seed(seed), output_type="pt", **kwargs,
         ).images  # fmt: skip
 
@@ -59,19 +69,17 @@ def image():
 def test_txt2img_matches_stable_diffusion_pipeline(tiny_models, variant):
     model = tiny_models[variant]
     theirs = run_diffusers(diffusers_pipeline(model, StableDiffusionPipeline), model, 5, height=64, width=48)
-    ours = generate(model, [PROMPT], [5], SETTINGS, negative_prompts=[NEGATIVE], width=48, height=64)
-    assert ours.shape == theirs.shape == (1, 3, 64, 48)
-    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    images = ours(model, 5, width=48, height=64)
+    assert images.shape == theirs.shape == (1, 3, 64, 48)
+    torch.testing.assert_close(images, theirs, atol=1e-3, rtol=0)
     assert theirs.std() > 0.01
 
 
 def test_img2img_matches_pipeline(tiny_models, image):
     model = tiny_models["sd1"]
-    settings = GenerationSettings(steps=10, sampler="ddim", cfg_scale=7.5, strength=0.6)
     pipe = diffusers_pipeline(model, StableDiffusionImg2ImgPipeline)
     theirs = run_diffusers(pipe, model, 11, image=image, strength=0.6)
-    ours = generate(model, [PROMPT], [11], settings, negative_prompts=[NEGATIVE], init_image=image * 2 - 1)
-    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    torch.testing.assert_close(ours(model, 11, init_image=image, strength=0.6), theirs, atol=1e-3, rtol=0)
 
 
 def test_inpainting_model_matches_pipeline(tiny_models, image):
@@ -80,20 +88,19 @@ def test_inpainting_model_matches_pipeline(tiny_models, image):
     mask[..., 16:48, 8:40] = 1.0
     theirs = run_diffusers(diffusers_pipeline(model, StableDiffusionInpaintPipeline), model, 7, image=image,
                            mask_image=mask, height=64, width=64)  # fmt: skip
-    ours = generate(model, [PROMPT], [7], SETTINGS, negative_prompts=[NEGATIVE], init_image=image * 2 - 1, mask=mask)
-    torch.testing.assert_close(ours, mask * theirs + (1 - mask) * image, atol=1e-3, rtol=0)
-    # unmasked pixels are the input's (up to the float rounding of x -> 2x - 1 -> x, far below 1/255)
-    torch.testing.assert_close(ours[..., :16, :], image[..., :16, :], atol=1e-6, rtol=0)
+    images = ours(model, 7, init_image=image, mask=mask)
+    torch.testing.assert_close(images, mask * theirs + (1 - mask) * image, atol=1e-3, rtol=0)
+    assert torch.equal(images[..., :16, :], image[..., :16, :])  # unmasked pixels are the input's
 
 
 def test_seed_convention(tiny_models):
     """Image i of a batch with seed s equals a single generation with seed s + i (ancestral sampler: the
     per-step noise follows the seed too)."""
     model = tiny_models["sd1"]
-    settings = GenerationSettings(steps=4, sampler="euler_ancestral", cfg_scale=3.0)
-    batch = generate(model, ["a", "b", "c"], [40, 41, 42], settings, width=32, height=32)
-    alone = generate(model, ["b"], [41], settings, width=32, height=32)
-    again = generate(model, ["b"], [41], settings, width=32, height=32)
+    settings = dict(steps=4, sampler="euler_ancestral", cfg_scale=3.0, width=32, height=32)
+    batch = generate(model, GenerationRequest(["a", "b", "c"], [40, 41, 42], batch_size=3, **settings)).images
+    alone = generate(model, GenerationRequest(["b"], [41], **settings)).images
+    again = generate(model, GenerationRequest(["b"], [41], **settings)).images
     assert torch.equal(alone, again)
     torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)  # batched matmuls may round differently
     assert not torch.allclose(batch[0], batch[2])
@@ -101,7 +108,7 @@ def test_seed_convention(tiny_models):
 
 def test_ddim_eta_adds_noise(tiny_models):
     model = tiny_models["sd1"]
-    runs = [generate(model, ["a"], [9], GenerationSettings(steps=4, sampler="ddim", eta=eta), width=32, height=32)
+    runs = [generate(model, GenerationRequest(["a"], [9], steps=4, sampler="ddim", eta=eta, width=32, height=32)).images
             for eta in (0.0, 1.0, 1.0)]  # fmt: skip
     assert torch.equal(runs[1], runs[2]) and not torch.allclose(runs[0], runs[1])
 
@@ -110,27 +117,63 @@ def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
     model = tiny_models["sd1"]
     mask = torch.zeros(1, 1, 64, 64)
     mask[..., :, 32:] = 1.0
-    out = generate(model, [PROMPT], [3], GenerationSettings(steps=6, sampler="euler"), init_image=image * 2 - 1,
-                   mask=mask)  # fmt: skip
-    torch.testing.assert_close(out[..., :32], image[..., :32], atol=1e-6, rtol=0)
+    out = generate(
+        model, GenerationRequest([PROMPT], [3], steps=6, sampler="euler", init_image=image, mask=mask)
+    ).images
+    assert torch.equal(out[..., :32], image[..., :32])
     assert (out[..., 32:] - image[..., 32:]).abs().mean() > 0.01
 
 
 @pytest.mark.parametrize(
-    "settings,kwargs,message",
+    "fields,message",
     [
-        (GenerationSettings(steps=0), {}, "steps must be at least 1"),
-        (GenerationSettings(strength=1.5), {}, r"strength must be in \(0, 1\]"),
-        (GenerationSettings(strength=0.0), {}, r"strength must be in \(0, 1\]"),
-        (GenerationSettings(sampler="k_lms"), {}, "unknown sampler 'k_lms'; choose one of ddpm, ddim, plms"),
-        (GenerationSettings(), {"width": 60}, "positive multiples of 8"),
-        (GenerationSettings(), {"init_image": torch.zeros(1, 3, 64, 64), "mask": torch.zeros(1, 1, 32, 32)},
-         "mask size"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
+        ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
+        ({"strength": float("nan")}, r"strength must be in \(0, 1\]"),
+        ({"sampler": "k_lms"}, "unknown sampler 'k_lms'; choose one of ddpm, ddim, plms"),
+        ({"width": 60}, "width and height must be positive multiples of 8, not 60x64"),
+        ({"seeds": [0, 1]}, "1 prompts need as many seeds"),
+        ({"eta": -1.0}, "eta must be a finite number of at least 0"),
+        ({"cfg_scale": float("inf")}, "cfg_scale must be a finite number"),
+        ({"init_image": torch.zeros(1, 3, 64, 64), "mask": torch.zeros(1, 1, 32, 32)}, "the mask is 32x32"),
+        ({"mask": torch.zeros(1, 1, 32, 32)}, "a mask needs an init image"),
     ],
 )  # fmt: skip
-def test_bad_settings(tiny_models, settings, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        generate(tiny_models["sd1"], ["a"], [0], settings, **kwargs)
+def test_bad_requests(tiny_models, fields, message):
+    request = GenerationRequest(**{"prompts": ["a"], "seeds": [0], "height": 64, **fields})
+    with pytest.raises(RequestError, match=message):
+        generate(tiny_models["sd1"], request)
+
+
+def test_request_defaults_come_from_the_model(tiny_models):
+    """Size and guidance: the model's own where its config has them, else its family's (SD 1.x: 512, 7.5)."""
+    model = tiny_models["sd1"]
+    resolved = validate(GenerationRequest(["a"], [0]), model)
+    assert (resolved.width, resolved.height, resolved.cfg_scale, resolved.negative_prompts) == (512, 512, 7.5, [""])
+    small = LatentDiffusion(dataclasses.replace(model.cfg, image_size=32, cfg_scale=2.0))
+    resolved = validate(GenerationRequest(["a"], [0], width=48), small)
+    assert (resolved.width, resolved.height, resolved.cfg_scale) == (48, 32, 2.0)
+
+
+def test_inpainting_model_needs_a_mask(tiny_models):
+    with pytest.raises(RequestError, match="inpainting model .* needs an image and a mask"):
+        generate(tiny_models["inpaint"], GenerationRequest(["a"], [0], width=32, height=32))
+
+
+def test_progress_sees_every_step_with_its_x0_and_the_result_has_infotexts(tiny_models):
+    seen = []
+    request = GenerationRequest(["a", "b", "c"], [1, 2, 3], steps=3, width=16, height=16, batch_size=2)
+    result = generate(tiny_models["sd1"], request, progress=seen.append)
+    assert [(p.step, p.total) for p in seen] == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+    assert seen[0].sampler_step.denoised.shape == (2, 4, 2, 2) and seen[-1].sampler_step.x.shape == (1, 4, 2, 2)
+    assert result.images.shape == (3, 3, 16, 16) and len(result.infotexts) == 3
+    assert result.infotexts[2] == "c\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 3, Size: 16x16"
+
+
+def test_prompt_warnings_are_data(tiny_models):
+    result = generate(tiny_models["sd1"], GenerationRequest(["word " * 80], [0], steps=1, width=16, height=16))
+    assert result.warnings == ["prompt longer than 75 tokens; this part was cut: 'word word word word word'"]
 
 
 def test_standard_model_inpainting_matches_pipeline(tiny_models, image):
@@ -141,12 +184,12 @@ def test_standard_model_inpainting_matches_pipeline(tiny_models, image):
     mask[..., 8:40, 16:56] = 1.0
     pipe = diffusers_pipeline(model, StableDiffusionInpaintPipeline)
     theirs = run_diffusers(pipe, model, 21, image=image, mask_image=mask, height=64, width=64)
-    ours = generate(model, [PROMPT], [21], SETTINGS, negative_prompts=[NEGATIVE], init_image=image * 2 - 1, mask=mask)
-    torch.testing.assert_close(ours, mask * theirs + (1 - mask) * image, atol=1e-3, rtol=0)
+    torch.testing.assert_close(ours(model, 21, init_image=image, mask=mask), mask * theirs + (1 - mask) * image,
+                               atol=1e-3, rtol=0)  # fmt: skip
 
 
 def test_ddpm_keeps_its_timesteps_with_karras_on(tiny_models):
     model = tiny_models["sd1"]
-    runs = [generate(model, ["a"], [4], GenerationSettings(steps=3, sampler="ddpm", karras=k), width=16, height=16)
+    runs = [generate(model, GenerationRequest(["a"], [4], steps=3, sampler="ddpm", karras=k, width=16, height=16)).images
             for k in (True, False)]  # fmt: skip
     assert torch.equal(runs[0], runs[1])

@@ -68,7 +68,7 @@ def test_unet_matches_diffusers(tiny_models, variant):
     t = torch.tensor([3, 871])
     context = torch.randn(2, 77, model.cfg.unet.context_dim, generator=g)
     with torch.no_grad():
-        ours = model(x, t, context)
+        ours = model(x, t, {"crossattn": context})
         theirs = ref(x, t, encoder_hidden_states=context).sample
     assert ours.shape == (2, 4, 16, 24)
     torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)

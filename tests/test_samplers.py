@@ -14,10 +14,11 @@ from diffusers.schedulers import (
 )
 
 from latent_diffusion import schedule
+from latent_diffusion.parameterization import sigma_from_alpha_bar
 from latent_diffusion.samplers import SAMPLERS, get_sampler
 
 ALPHA_BAR = schedule.alphas_cumprod(schedule.scaled_linear_betas(0.00085, 0.012, 1000))
-SIGMA_TABLE = schedule.sigmas_from_alphas_cumprod(ALPHA_BAR)
+SIGMA_TABLE = sigma_from_alpha_bar(ALPHA_BAR)
 SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000,
                    "timestep_spacing": "leading", "steps_offset": 1}  # fmt: skip
 
@@ -120,7 +121,7 @@ def run_diffusers(case, parameterization, steps, x_sigma_space, sigmas, tape, mo
 @pytest.mark.parametrize("case", list(CASES))
 def test_sampler_matches_diffusers(case, parameterization, monkeypatch):
     name = case.removesuffix("_karras").removesuffix("_eta1")
-    sampler, final, _, _ = get_sampler(name)
+    sampler, final = get_sampler(name).fn, get_sampler(name).lands_at
     steps = 20  # diffusers' DPM-Solver drops to first order for the last two steps below 15 steps
     spacing = CASES[case][1].get("timestep_spacing", "leading")
     sigmas = schedule.sampling_sigmas(ALPHA_BAR, steps, spacing=spacing, karras="karras" in case, final=final)
@@ -156,7 +157,7 @@ def test_sampler_lands_on_gaussian_data(name):
     4·s/√N = 0.02, plus 0.01 for discretisation) and variance s² + σ_last² (DDIM and PLMS stop at σ_0 = 0.029)
     within the tolerance of the method's kind above."""
     mu, s, n = 0.7, 1.0, 40_000
-    sampler, final, _, _ = get_sampler(name)
+    sampler, final = get_sampler(name).fn, get_sampler(name).lands_at
     sigmas = schedule.sampling_sigmas(ALPHA_BAR, 50, spacing="leading", final=final)
     g = torch.Generator().manual_seed(0)
 

@@ -187,19 +187,12 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
-    @property
-    def downsampling_factor(self) -> int:
-        return 2 ** (len(self.cfg.ch_mult) - 1)
-
-    def encode(self, img: torch.Tensor) -> DiagonalGaussian:
-        """img: (b, 3, H, W) in [-1, 1] -> posterior over (b, embed_dim, H/f, W/f)."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(img)))
+    def encode(self, img: torch.Tensor, batch_size: int | None = None) -> DiagonalGaussian:
+        """img: (b, 3, H, W) in [-1, 1] -> posterior over (b, embed_dim, H/f, W/f); batch_size images at a time
+        (bounds the activations' memory when encoding many)."""
+        chunks = img.split(batch_size) if batch_size else [img]
+        return DiagonalGaussian(torch.cat([self.quant_conv(self.encoder(chunk)) for chunk in chunks]))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (b, embed_dim, h, w) -> image (b, 3, h*f, w*f), about [-1, 1]."""
         return self.decoder(self.post_quant_conv(z))
-
-    def forward(self, img: torch.Tensor, sample_posterior: bool = True) -> tuple[torch.Tensor, DiagonalGaussian]:
-        posterior = self.encode(img)
-        z = posterior.sample() if sample_posterior else posterior.mode()
-        return self.decode(z), posterior

@@ -16,7 +16,6 @@ import dataclasses
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -30,21 +29,15 @@ from .config import (
     UNetConfig,
     from_ldm_config,
 )
+from .family import EMA, SD1, SD2, UNET, VAE, family_of_keys
+from .files import atomic_write
 from .latent_diffusion import LatentDiffusion
 
-UNET = "model.diffusion_model."
-VAE = "first_stage_model."
-CLIP = "cond_stage_model.transformer.text_model."
-OPENCLIP = "cond_stage_model.model."
-EMA = "model_ema."
+CLIP, OPENCLIP = SD1.text_prefix, SD2.text_prefix
 CONFIG_METADATA_KEY = "latent_diffusion.config"
 # The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
-# checkpoint is given; it draws 64x64 images.
+# checkpoint is given. Its generation defaults (64x64 images, CFG 2) are in its config metadata.
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "shapes.safetensors"
-BUILTIN_IMAGE_SIZE = 64
-# Its default guidance scale. Stable Diffusion's 7.5 over-saturates this small model and costs it shape and
-# colour accuracy (BENCHMARKS.md has both figures); `--cfg-scale` still overrides it.
-BUILTIN_CFG_SCALE = 2.0
 
 
 class CheckpointError(ValueError):
@@ -188,6 +181,7 @@ def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
         transformer_depth=len(_indices(keys, UNET + "middle_block.1.transformer_blocks.")),
         context_dim=sd[UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
         use_linear_in_transformer=linear,
+        adm_in_channels=sd[UNET + "label_emb.0.0.weight"].shape[1] if UNET + "label_emb.0.0.weight" in sd else None,
     )
 
 
@@ -210,7 +204,7 @@ def _infer_autoencoder(sd: dict[str, torch.Tensor]) -> AutoencoderConfig:
 
 def _infer_text(sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
     keys = sd.keys()
-    if CLIP + "embeddings.token_embedding.weight" in sd:
+    if family_of_keys(keys) is SD1:
         vocab, width = sd[CLIP + "embeddings.token_embedding.weight"].shape
         return TextEncoderConfig(
             vocab_size=vocab,
@@ -233,7 +227,7 @@ def _infer_text(sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
 def _check_family(sd: dict[str, torch.Tensor], path) -> None:
     keys = list(sd)
     needed = [UNET + "input_blocks.0.0.weight", VAE + "encoder.conv_in.weight"]
-    has_text = CLIP + "embeddings.token_embedding.weight" in sd or OPENCLIP + "token_embedding.weight" in sd
+    has_text = family_of_keys(sd.keys()) is not None
     if all(k in sd for k in needed) and has_text:
         return
     sample = ", ".join(keys[:3]) or "no tensors"
@@ -379,6 +373,7 @@ def load_model(
         weights[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
     model.load_state_dict(weights, strict=True, assign=True)
     model.init_schedule(device)
+    model.checkpoint = str(path)
     return model.eval()
 
 
@@ -411,18 +406,7 @@ def save_model(model: LatentDiffusion, path: str | os.PathLike, *, ema_unet: tor
         for k, v in ema_unet.state_dict().items():
             tensors[ema_key(UNET + k)] = v.detach().contiguous().cpu()
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        with atomic_write(path) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
     except OSError as e:
         raise CheckpointError(f"{path}: cannot write ({_first_line(e)})") from None
-    try:
-        save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes files private; checkpoints are ordinary files
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise CheckpointError(f"{path}: cannot write ({_first_line(e)})") from None
-        raise

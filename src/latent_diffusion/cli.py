@@ -9,20 +9,21 @@ import os
 import random
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import BUILTIN_CFG_SCALE, BUILTIN_IMAGE_SIZE, BUILTIN_MODEL, CheckpointError, load_model
+from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model
 from .data import HELD_OUT_PAIRS
-from .devices import resolve_device, writable_folder
+from .devices import resolve_device
 from .evaluate import ATTRIBUTES, prompt_adherence
-from .generate import GenerationSettings, generate
-from .images import grid, load_image, model_hash, next_index, parameters_text, save_png, to_pil
+from .files import atomic_write, writable_folder
+from .generate import generate
+from .images import grid, load_image, next_index, parameters_text, save_png, to_pil
 from .latent_diffusion import LatentDiffusion
-from .samplers import SAMPLERS, get_sampler
+from .request import GenerationRequest, RequestError, infotext_fields, validate
+from .samplers import SAMPLERS
 from .schedule import SPACINGS
 from .train import TrainConfig, TrainError, train
 from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
@@ -45,7 +46,7 @@ def describe(model: LatentDiffusion) -> str:
         f"  U-Net        model.diffusion_model   {count(model.model)}  in_channels={cfg.unet.in_channels}"
         f" model_channels={cfg.unet.model_channels} channel_mult={cfg.unet.channel_mult}\n"
         f"  autoencoder  first_stage_model       {count(model.first_stage_model)}"
-        f"  {model.first_stage_model.downsampling_factor}x smaller per side, scale_factor={cfg.scale_factor}\n"
+        f"  {cfg.autoencoder.downsampling_factor}x smaller per side, scale_factor={cfg.scale_factor}\n"
         f"  text         cond_stage_model        {count(model.cond_stage_model)}  {cfg.text.kind}"
         f" width={cfg.text.width} layers={cfg.text.layers} ({cfg.text.layer} layer)"
     )
@@ -71,110 +72,87 @@ def prepare_outdir(outdir: Path) -> None:
         raise UsageError(str(e)) from None
 
 
-def default_cfg_scale(ckpt: str) -> float:
-    """Stable Diffusion's usual 7.5 (GenerationSettings' default), or the built-in model's own."""
-    return BUILTIN_CFG_SCALE if Path(ckpt) == BUILTIN_MODEL else GenerationSettings.cfg_scale
+# The request fields whose errors name a flag of their own (the messages begin with the field's name).
+FLAGS = {"width and height": "--width and --height", "batch_size": "--batch-size", "steps": "--steps",
+         "strength": "--strength", "eta": "--eta", "cfg_scale": "--cfg-scale"}  # fmt: skip
 
 
-def check_generation_args(args) -> GenerationSettings:
-    if args.ckpt is None:
-        args.ckpt = str(BUILTIN_MODEL)
-    native = BUILTIN_IMAGE_SIZE if Path(args.ckpt) == BUILTIN_MODEL else 512
-    args.width, args.height = args.width or native, args.height or native
-    if args.cfg_scale is None:
-        args.cfg_scale = default_cfg_scale(args.ckpt)
-    if args.width % 8 or args.height % 8 or args.width <= 0 or args.height <= 0:
-        raise UsageError(f"--width and --height must be positive multiples of 8, not {args.width}x{args.height}")
+def checked(request: GenerationRequest, model: LatentDiffusion | None = None) -> GenerationRequest:
+    """`validate`, with its errors in the command line's words."""
+    try:
+        return validate(request, model)
+    except RequestError as e:
+        message = str(e)
+        for field, flag in FLAGS.items():
+            if message.startswith(field + " "):
+                message = flag + message[len(field) :]
+        raise UsageError(message) from None
+
+
+def request_from_args(args) -> GenerationRequest:
+    """The flags of txt2img, img2img and inpaint as a request (without the images, which need the model's
+    default size for --resize)."""
     if args.batch_size < 1 or args.n_iter < 1:
         raise UsageError("--batch-size and --n-iter must be at least 1")
-    settings = GenerationSettings(
-        steps=args.steps, sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale, eta=args.eta,
-        spacing=args.spacing,
-        strength=args.strength if args.command != "txt2img" else 1.0,
+    count = args.batch_size * args.n_iter
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    return GenerationRequest(
+        prompts=[args.prompt] * count, negative_prompts=[args.negative_prompt] * count,
+        seeds=[seed + i for i in range(count)], width=args.width, height=args.height, steps=args.steps,
+        sampler=args.sampler, karras=args.karras, spacing=args.spacing, eta=args.eta, cfg_scale=args.cfg_scale,
+        strength=getattr(args, "strength", 1.0), batch_size=args.batch_size,
     )  # fmt: skip
-    try:
-        settings.check()
-    except ValueError as e:
-        message = str(e).replace("steps must", "--steps must").replace("strength must", "--strength must")
-        raise UsageError(message) from None
-    return settings
 
 
-def sampler_display_name(settings: GenerationSettings) -> str:
-    _, _, takes_karras, name = get_sampler(settings.sampler)
-    return name + (" Karras" if settings.karras and takes_karras else "")
+def with_images(request: GenerationRequest, args, model: LatentDiffusion) -> GenerationRequest:
+    """img2img and inpaint: the request with --init-image and --mask, resized with --resize."""
+    if args.command == "txt2img":
+        return request
+    side = model.cfg.default_size
+    size = (args.width or side, args.height or side) if args.resize else None
+    image = load_image(args.init_image, "RGB", size)
+    mask = load_image(args.mask, "L", size) if args.command == "inpaint" else None
+    width, height = (None, None) if size is None else size
+    return dataclasses.replace(request, init_image=image, mask=mask, width=width, height=height)
 
 
 def cmd_generate(args) -> None:
-    """txt2img, img2img and inpaint: load, check, sample batch after batch, write PNGs (and a grid)."""
-    settings = check_generation_args(args)
-    init_image = mask = None
-    if args.command in ("img2img", "inpaint"):
-        size = (args.width, args.height) if args.resize else None
-        init_image = load_image(args.init_image, "RGB", size)
-        if args.command == "inpaint":
-            mask = load_image(args.mask, "L")
-            if mask.shape[-2:] != init_image.shape[-2:] and size is None:
-                raise UsageError(
-                    f"the mask is {mask.shape[-1]}x{mask.shape[-2]} but the image is "
-                    f"{init_image.shape[-1]}x{init_image.shape[-2]}; they must be the same size"
-                )
-            mask = load_image(args.mask, "L", size) if size else mask
-        height, width = init_image.shape[-2:]
-        if width % 8 or height % 8:
-            raise UsageError(f"the image is {width}x{height}: not multiples of 8; pass --resize with --width/--height")
-        args.width, args.height = width, height
+    """txt2img, img2img and inpaint: check, load, sample batch after batch, write PNGs (and a grid)."""
+    request = checked(request_from_args(args))
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     outdir = Path(args.outdir)
     created = not outdir.exists()
     prepare_outdir(outdir)
     try:
-        model = load_model(args.ckpt, args.config, device=device, dtype=dtype, ema=args.ema or None)
-        if model.cfg.unet.in_channels == 9 and args.command != "inpaint":
+        model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
+        if model.cfg.inpainting and args.command != "inpaint":
             raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
-    except (CheckpointError, UsageError):
+        request = checked(with_images(request, args, model), model)
+    except (CheckpointError, UsageError, ValueError):
         if created and not any(outdir.iterdir()):
             outdir.rmdir()  # leave nothing behind
         raise
-
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
-    fields = {
-        "Steps": settings.steps, "Sampler": sampler_display_name(settings), "CFG scale": settings.cfg_scale,
-        "Seed": seed, "Size": f"{args.width}x{args.height}", "Model hash": model_hash(args.ckpt),
-        "Model": Path(args.ckpt).stem,
-    }  # fmt: skip
-    if settings.sampler == "ddim" and settings.eta:
-        fields["Eta"] = settings.eta
-    if args.command != "txt2img":
-        fields["Denoising strength"] = settings.strength
-    steps_run = int(settings.steps * settings.strength)
-    bar = tqdm(total=args.n_iter * steps_run, disable=args.quiet, unit="step", desc=args.command)
-    images, index = [], next_index(outdir)
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")  # each distinct warning once
-        warnings.showwarning = lambda message, *rest: print(f"ldm: warning: {message}", file=sys.stderr)
-        for n in range(args.n_iter):
-            seeds = [seed + n * args.batch_size + i for i in range(args.batch_size)]
-            batch = generate(
-                model, [args.prompt] * args.batch_size, seeds, settings,
-                negative_prompts=[args.negative_prompt] * args.batch_size, width=args.width, height=args.height,
-                init_image=None if init_image is None else init_image.expand(args.batch_size, -1, -1, -1) * 2 - 1,
-                mask=None if mask is None else mask.expand(args.batch_size, -1, -1, -1),
-                progress=lambda i: bar.update(1),
-            )  # fmt: skip
-            for s, image in zip(seeds, batch):
-                pil = to_pil(image)
-                path = outdir / f"{index:05d}-{s}.png"
-                save_png(pil, path, parameters_text(args.prompt, args.negative_prompt, {**fields, "Seed": s}))
-                images.append(pil)
-                index += 1
-                if not args.quiet:
-                    tqdm.write(f"wrote {path}")
+    bar = tqdm(total=args.n_iter * request.steps_run, disable=args.quiet, unit="step", desc=args.command)
+    images, warned, n = [], set(), args.batch_size
+    for start in range(0, len(request.prompts), n):  # one batch at a time, each written as soon as it is done
+        batch = dataclasses.replace(request, prompts=request.prompts[start : start + n],
+                                    negative_prompts=request.negative_prompts[start : start + n],
+                                    seeds=request.seeds[start : start + n])  # fmt: skip
+        result = generate(model, batch, progress=lambda p: bar.update(1))
+        for warning in set(result.warnings) - warned:
+            tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
+        warned |= set(result.warnings)
+        for seed, image, info in zip(batch.seeds, result.images, result.infotexts):
+            path = outdir / f"{next_index(outdir):05d}-{seed}.png"
+            save_png(to_pil(image), path, info)
+            images.append((to_pil(image), info))
+            if not args.quiet:
+                tqdm.write(f"wrote {path}")
     bar.close()
     if args.grid and len(images) > 1:
-        path = outdir / f"grid-{index - 1:05d}.png"
-        save_png(grid(images, args.batch_size), path, parameters_text(args.prompt, args.negative_prompt, fields))
+        path = outdir / f"grid-{next_index(outdir) - 1:05d}.png"
+        save_png(grid([im for im, _ in images], args.batch_size), path, images[0][1])
         print(f"wrote {path}")
 
 
@@ -197,16 +175,13 @@ def cmd_demo(args) -> None:
     start = time.perf_counter()
     model = load_model(BUILTIN_MODEL)
     print(f"built-in model {BUILTIN_MODEL}: {describe(model)}")
-    settings = GenerationSettings(cfg_scale=BUILTIN_CFG_SCALE)
     seeds = [args.seed + i for i in range(args.columns)]
     rows = []
-    for prompt in DEMO_PROMPTS:
-        images = generate(model, [prompt] * len(seeds), seeds, settings, width=BUILTIN_IMAGE_SIZE,
-                          height=BUILTIN_IMAGE_SIZE)  # fmt: skip
-        rows += [to_pil(im) for im in images]
+    for prompt in DEMO_PROMPTS:  # the model's own defaults: its size and guidance scale
+        result = generate(model, GenerationRequest([prompt] * len(seeds), seeds, batch_size=len(seeds)))
+        rows += [to_pil(im) for im in result.images]
         print(f"  row {len(rows) // len(seeds)}: {prompt}")
-    fields = {"Steps": settings.steps, "Sampler": sampler_display_name(settings), "CFG scale": settings.cfg_scale,
-              "Seed": args.seed, "Size": f"{BUILTIN_IMAGE_SIZE}x{BUILTIN_IMAGE_SIZE}", "Model": BUILTIN_MODEL.stem}  # fmt: skip
+    fields = {**infotext_fields(result.request, model), "Seed": args.seed}
     path = outdir / "demo-grid.png"
     save_png(grid(rows, len(seeds)), path, parameters_text(" | ".join(DEMO_PROMPTS), "", fields))
     print(f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds) in {time.perf_counter() - start:.1f} s")
@@ -311,28 +286,25 @@ def cmd_train_autoencoder(args) -> None:
 
 def cmd_eval(args) -> None:
     """Prompt adherence of a model trained on the shapes data."""
-    if args.cfg_scale is None:
-        args.cfg_scale = default_cfg_scale(args.ckpt)
-    settings = GenerationSettings(steps=args.steps, sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale)
-    try:
-        settings.check()
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     if args.count < 1 or args.image_size % 8 or args.image_size <= 0:
         raise UsageError("--count must be at least 1 and --image-size a positive multiple of 8")
+    settings = checked(GenerationRequest([""], [0], width=args.image_size, height=args.image_size, steps=args.steps,
+                                         sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale,
+                                         batch_size=args.batch_size))  # fmt: skip
     model = load_model(args.ckpt, device=pick_device(args.device))
-    bar = tqdm(total=2 * args.count, disable=args.quiet, unit="image", desc="eval")
-    report = prompt_adherence(model, args.count, settings, image_size=args.image_size, seed=args.seed,
-                              batch_size=args.batch_size, progress=bar.update)  # fmt: skip
+    bar = tqdm(total=2 * args.count * settings.steps, disable=args.quiet, unit="step", desc="eval")
+    report, settings = prompt_adherence(model, args.count, settings, seed=args.seed, progress=lambda p: bar.update(1))
     bar.close()
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
-    print(f"{args.ckpt}: {settings.steps} steps {sampler_display_name(settings)}, CFG {settings.cfg_scale}, "
+    fields = infotext_fields(settings, model)
+    print(f"{args.ckpt}: {settings.steps} steps {fields['Sampler']}, CFG {settings.cfg_scale}, "
           f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip
     print(f"{'':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
     for split, row in report.items():
         print(f"{split:10s}{row['images']:8d}" + "".join(f"{row[a]:12.1%}" for a in ATTRIBUTES))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
 
 
 GENERATE_HELP = {
@@ -361,8 +333,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--prompt", required=True, help="what to draw (up to 75 CLIP tokens; more is cut, with a warning)")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
     if command == "txt2img":
-        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: 512; 64 for the built-in model)")
-        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: 512; 64 for the built-in model)")
+        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
+        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
     else:
         p.add_argument("--init-image", required=True, help="the image to start from")
         if command == "inpaint":
@@ -378,11 +350,14 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
                    help="Karras noise levels for the sigma-space samplers (not ddim, plms, ddpm)")  # fmt: skip
     p.add_argument("--spacing", default="leading", choices=SPACINGS,
                    help="timestep spacing, as diffusers' schedulers (leading: 901, 801, ..., 1 for 10 steps)")  # fmt: skip
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM's eta (0: deterministic)")
+    p.add_argument(
+        "--eta", type=float, help="eta of the samplers that take one (default: theirs; DDIM 0: deterministic)"
+    )
     p.add_argument(
         "--cfg-scale",
         type=float,
-        help=f"classifier-free guidance scale (1: none; default 7.5, {BUILTIN_CFG_SCALE} for the built-in model)",
+        help="classifier-free guidance scale (1: none; default: the model's own, 7.5 for Stable Diffusion, "
+        "2 for the built-in model)",
     )
     p.add_argument("--seed", type=int, help="seed of the first image (default: random, and printed in the PNG)")
     p.add_argument("--batch-size", type=int, default=1, help="images per U-Net batch")
@@ -471,7 +446,7 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     ev.add_argument("--steps", type=int, default=20)
     ev.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
     ev.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True)
-    ev.add_argument("--cfg-scale", type=float, help=f"default 7.5, {BUILTIN_CFG_SCALE} for the built-in model")
+    ev.add_argument("--cfg-scale", type=float, help="default: the model's own (2 for the built-in model)")
     ev.add_argument("--image-size", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)

@@ -12,6 +12,9 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+from .family import Family, family_of_text_kind
+from .parameterization import PARAMETERIZATIONS
+
 
 @dataclass
 class UNetConfig:
@@ -26,6 +29,7 @@ class UNetConfig:
     transformer_depth: int = 1
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
+    adm_in_channels: int | None = None  # width of the vector conditioning y (CompVis num_classes="sequential")
 
     def __post_init__(self):
         self.attention_resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))  # a set; (4, 2, 1)
@@ -47,6 +51,11 @@ class AutoencoderConfig:
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image pixels per latent pixel, per side: 2 ** (levels − 1), 8 for SD."""
+        return 2 ** (len(self.ch_mult) - 1)
 
 
 @dataclass
@@ -82,9 +91,13 @@ class LatentDiffusionConfig:
     linear_end: float = 0.012  # beta_T
     timesteps: int = 1000
     parameterization: str = "eps"  # "eps": the U-Net predicts the noise; "v": v = sqrt(ab) eps - sqrt(1-ab) x0
+    # Generation defaults of this model where they differ from its family's (None: the family's), e.g. the
+    # built-in model's 64 px and CFG 2. Saved with the config in the files this project writes.
+    image_size: int | None = None
+    cfg_scale: float | None = None
 
     def __post_init__(self):
-        if self.parameterization not in ("eps", "v"):
+        if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be 'eps' or 'v', not {self.parameterization!r}")
         if self.unet.context_dim != self.text.width:
             raise ValueError(
@@ -92,10 +105,32 @@ class LatentDiffusionConfig:
             )
 
     @property
+    def family(self) -> Family:
+        return family_of_text_kind(self.text.kind)
+
+    @property
+    def concat_channels(self) -> int:
+        """Channels appended to the noisy latent at the U-Net's input (the "concat" conditioning)."""
+        return self.unet.in_channels - self.autoencoder.embed_dim
+
+    @property
+    def inpainting(self) -> bool:
+        """An inpainting model: the U-Net also sees the mask and the masked image's latent (4 + 1 + 4 channels)."""
+        return self.concat_channels == self.autoencoder.embed_dim + 1
+
+    @property
+    def default_size(self) -> int:
+        return self.image_size or self.family.default_size
+
+    @property
+    def default_cfg_scale(self) -> float:
+        return self.cfg_scale if self.cfg_scale is not None else self.family.default_cfg_scale
+
+    @property
     def variant(self) -> str:
         """A short human name: sd1 / sd2, with -inpaint and -v suffixes."""
-        name = "sd1" if self.text.kind == "clip" else "sd2"
-        if self.unet.in_channels == 9:
+        name = self.family.name
+        if self.inpainting:
             name += "-inpaint"
         if self.parameterization == "v":
             name += "-v"
@@ -213,6 +248,7 @@ def from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
         transformer_depth=u.get("transformer_depth", 1),
         context_dim=u["context_dim"],
         use_linear_in_transformer=u.get("use_linear_in_transformer", False),
+        adm_in_channels=u.get("adm_in_channels") if u.get("num_classes") == "sequential" else None,
     )
     autoencoder = AutoencoderConfig(
         embed_dim=fs["embed_dim"],
@@ -254,7 +290,7 @@ def to_ldm_config(cfg: LatentDiffusionConfig) -> dict:
         "timesteps": cfg.timesteps,
         "scale_factor": cfg.scale_factor,
         "parameterization": cfg.parameterization,
-        "conditioning_key": "hybrid" if u.in_channels == 9 else "crossattn",
+        "conditioning_key": "hybrid" if cfg.concat_channels else "crossattn",
         "unet_config": {
             "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
             "params": {
@@ -270,6 +306,7 @@ def to_ldm_config(cfg: LatentDiffusionConfig) -> dict:
                 "transformer_depth": u.transformer_depth,
                 "context_dim": u.context_dim,
                 "use_linear_in_transformer": u.use_linear_in_transformer,
+                **({"num_classes": "sequential", "adm_in_channels": u.adm_in_channels} if u.adm_in_channels else {}),
                 "legacy": False,
             },
         },

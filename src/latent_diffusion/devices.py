@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
 import torch
 
 
@@ -21,16 +18,3 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError("device mps is not available here")
     return device
-
-
-def writable_folder(path: str | Path) -> Path:
-    """Create the folder and prove it writable (with a private temp name, so that many processes may check at
-    once); ValueError naming the folder otherwise."""
-    path = Path(path)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write to the output folder {path}: {e.strerror}") from None
-    return path

@@ -9,13 +9,15 @@ bounding box they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
 
 from .data import COLORS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, ShapesDataset
-from .generate import GenerationSettings, generate
+from .generate import Progress, generate
 from .latent_diffusion import LatentDiffusion
+from .request import GenerationRequest
 
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
 NAMES = list(COLORS)
@@ -65,27 +67,22 @@ def score(specs: list[Shape], images: torch.Tensor) -> dict[str, float]:
 def prompt_adherence(
     model: LatentDiffusion,
     count: int,
-    settings: GenerationSettings,
+    settings: GenerationRequest,
     *,
-    image_size: int = 64,
     seed: int = 0,
-    batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, dict]:
-    """Generate `count` images for captions of seen (colour, shape) pairs and `count` for held-out pairs, and
-    score them: {"seen": {"images": n, "shape": share, ...}, "held-out": {...}}. Image i uses seed seed + i."""
+    progress: Callable[[Progress], None] | None = None,
+) -> tuple[dict[str, dict], GenerationRequest]:
+    """Generate `count` images for captions of seen (colour, shape) pairs and `count` for held-out pairs, with
+    the size, sampler, guidance and batch size of `settings` (its prompts and seeds are ignored), and score them:
+    ({"seen": {"images": n, "shape": share, ...}, "held-out": {...}}, the request as run). Image i of each split
+    uses seed seed + i."""
     report = {}
     for split, data in (
-        ("seen", ShapesDataset(count, image_size, seed=seed + 1)),
-        ("held-out", ShapesDataset(count, image_size, seed=seed + 2, only=HELD_OUT_PAIRS)),
+        ("seen", ShapesDataset(count, settings.width or 64, seed=seed + 1)),
+        ("held-out", ShapesDataset(count, settings.width or 64, seed=seed + 2, only=HELD_OUT_PAIRS)),
     ):
-        images = []
-        for start in range(0, count, batch_size):
-            specs = data.specs[start : start + batch_size]
-            seeds = [seed + start + i for i in range(len(specs))]
-            batch = generate(model, [s.caption for s in specs], seeds, settings, width=image_size, height=image_size)
-            images.append(batch.cpu() * 2 - 1)
-            if progress:
-                progress(len(specs))
-        report[split] = {"images": count, **score(data.specs, torch.cat(images))}
-    return report
+        request = dataclasses.replace(settings, prompts=[s.caption for s in data.specs],
+                                      seeds=[seed + i for i in range(count)], negative_prompts=None)  # fmt: skip
+        result = generate(model, request, progress)
+        report[split] = {"images": count, **score(data.specs, result.images.cpu() * 2 - 1)}
+    return report, result.request

@@ -1,11 +1,11 @@
 """txt2img, img2img and inpainting: one sampling loop in latent space, started from noise or from a noised
 image latent, with the known region of an inpainting mask held in place.
 
-Seeds: image i of a batch uses its own generator, seeded `seeds[i]`, for everything random about it (its
-posterior sample, initial noise and per-step noise), so any image of a grid can be regenerated alone.
-Random numbers are drawn on the CPU, so a seed gives the same noise on every device. The order of draws is
-diffusers' for a single image: image latent (img2img, inpainting), initial noise, masked-image latent
-(9-channel inpainting models), then the sampler's per-step noise.
+Seeds: image i uses its own generator, seeded `seeds[i]`, for everything random about it (its posterior
+sample, initial noise and per-step noise), so any image of a grid can be regenerated alone. Random numbers
+are drawn on the CPU, so a seed gives the same noise on every device. The order of draws is diffusers' for a
+single image: image latent (img2img, inpainting), initial noise, masked-image latent (inpainting models),
+then the sampler's per-step noise.
 """
 
 from __future__ import annotations
@@ -18,30 +18,16 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
-from .samplers import get_sampler
+from .request import GenerationRequest, GenerationResult, infotext, infotext_fields, validate
+from .samplers import Step, get_sampler
 from .schedule import sampling_sigmas
 
 
 @dataclass
-class GenerationSettings:
-    steps: int = 20
-    sampler: str = "dpmpp_2m"
-    karras: bool = True  # Karras σ spacing for the σ-space samplers (DDIM, PLMS, DDPM keep their timesteps)
-    cfg_scale: float = 7.5
-    eta: float = 0.0  # DDIM's η (0: deterministic, 1: DDPM-like noise)
-    spacing: str = "leading"  # timestep spacing, as diffusers' SD schedulers ("leading", "trailing", "linspace")
-    strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
-
-    def check(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, not {self.steps}")
-        if not 0 < self.strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], not {self.strength}")
-        get_sampler(self.sampler)
-        if self.eta < 0:
-            raise ValueError(f"eta must be at least 0, not {self.eta}")
-        if int(self.steps * self.strength) < 1:
-            raise ValueError(f"strength {self.strength} of {self.steps} steps runs no step; raise either")
+class Progress:
+    step: int  # sampling steps done, over the whole request
+    total: int  # sampling steps of the whole request
+    sampler_step: Step  # σ, the latent x and the x0 estimate of this step, for previews
 
 
 def per_image_randn(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -49,100 +35,92 @@ def per_image_randn(shape: tuple[int, ...], generators: list[torch.Generator]) -
     return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
-def prepare_mask(mask: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """mask (b, 1, H, W) in [0, 1], white = repaint -> (binary pixel mask, latent-size mask) as diffusers."""
-    if mask.shape[-2:] != image.shape[-2:]:
-        raise ValueError(f"mask size {tuple(mask.shape[-2:])} differs from the image size {tuple(image.shape[-2:])}")
-    mask = (mask >= 0.5).to(image.dtype)
-    return mask, F.interpolate(mask, size=(image.shape[-2] // 8, image.shape[-1] // 8))
-
-
 @torch.no_grad()
 def generate(
-    model: LatentDiffusion,
-    prompts: list[str],
-    seeds: list[int],
-    settings: GenerationSettings,
-    *,
-    negative_prompts: list[str] | None = None,
-    width: int = 512,
-    height: int = 512,
-    init_image: torch.Tensor | None = None,
-    mask: torch.Tensor | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> torch.Tensor:
-    """-> images (b, 3, H, W) in [0, 1].
+    model: LatentDiffusion, request: GenerationRequest, progress: Callable[[Progress], None] | None = None
+) -> GenerationResult:
+    """Run a request, batch_size images per U-Net call; RequestError before any work if it cannot run."""
+    r = validate(request, model)
+    fields = infotext_fields(r, model)
+    batches = [range(i, min(i + r.batch_size, len(r.prompts))) for i in range(0, len(r.prompts), r.batch_size)]
+    images, warnings = [], []
+    for number, batch in enumerate(batches):
 
-    init_image: (b, 3, H, W) in [-1, 1] for img2img and inpainting (then width and height are its size);
-    mask: (b, 1, H, W), white = repaint. progress(i) is called after each sampling step.
-    """
-    settings.check()
-    sampler, final, takes_karras, _ = get_sampler(settings.sampler)
-    if init_image is not None:
-        height, width = init_image.shape[-2:]
-    if width % 8 or height % 8 or width <= 0 or height <= 0:
-        raise ValueError(f"width and height must be positive multiples of 8, not {width}x{height}")
-    if len(seeds) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-    inpaint_model = model.cfg.unet.in_channels == 9
-    if inpaint_model and mask is None:
-        raise ValueError("this is an inpainting model (9 input channels): it needs an image and a mask")
+        def step_done(step: Step, number=number) -> None:
+            if progress:
+                progress(Progress(number * r.steps_run + step.i + 1, len(batches) * r.steps_run, step))
 
+        out, notes = sample(model, r, batch, step_done)
+        images.append(out)
+        warnings += [n for n in notes if n not in warnings]
+    return GenerationResult(torch.cat(images), [infotext(r, i, fields) for i in range(len(r.prompts))], warnings, r)
+
+
+def _batch_images(r: GenerationRequest, batch: range, device: torch.device, latent_size: tuple[int, int]):
+    """The batch's init image in [-1, 1], pixel mask (binary, white = repaint) and latent-size mask, or Nones."""
+    if r.init_image is None:
+        return None, None, None
+    image = r.init_image.to(device, torch.float32).expand(len(batch), -1, -1, -1) * 2 - 1
+    if r.mask is None:
+        return image, None, None
+    pixel_mask = (r.mask.to(device, torch.float32).expand(len(batch), -1, -1, -1) >= 0.5).float()
+    return image, pixel_mask, F.interpolate(pixel_mask, size=latent_size)
+
+
+def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done: Callable[[Step], None]):
+    """Images `batch` of a validated request -> ((b, 3, H, W) in [0, 1], prompt warnings)."""
+    sampler = get_sampler(r.sampler)
     device, dtype = model.device, model.dtype
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    latent_shape = (model.cfg.autoencoder.embed_dim, height // 8, width // 8)
-    negative_prompts = negative_prompts or [""] * len(prompts)
-    context = model.get_text_conditioning(prompts)
-    uncond = model.get_text_conditioning(negative_prompts) if settings.cfg_scale != 1.0 else None
+    generators = [torch.Generator().manual_seed(r.seeds[i]) for i in batch]
+    f = model.cfg.autoencoder.downsampling_factor
+    latent_shape = (model.cfg.autoencoder.embed_dim, r.height // f, r.width // f)
+    cond, notes = model.conditioning([r.prompts[i] for i in batch])
+    uncond, uncond_notes = model.conditioning([r.negative_prompts[i] for i in batch]) if r.cfg_scale != 1 else ({}, [])
 
     sigmas = sampling_sigmas(
-        model.alphas_cumprod.cpu(), settings.steps, spacing=settings.spacing,
-        karras=settings.karras and takes_karras, final=final,
+        model.alphas_cumprod.cpu(), r.steps, spacing=r.spacing, karras=r.karras and not sampler.discrete,
+        final=sampler.lands_at,
     )  # fmt: skip
-    sigmas = sigmas[settings.steps - int(settings.steps * settings.strength) :]  # img2img starts part-way
+    sigmas = sigmas[r.steps - r.steps_run :]  # img2img starts part-way
 
     def encode(image: torch.Tensor) -> torch.Tensor:
-        posterior = model.first_stage_model.encode(image.to(device, dtype))
-        return model.scale_factor * posterior.sample(noise=per_image_randn(latent_shape, generators))
+        return model.autoencoder_encode(image.to(dtype), noise=per_image_randn(latent_shape, generators)).float()
 
+    image, pixel_mask, latent_mask = _batch_images(r, batch, device, latent_shape[1:])
     image_latent = None
-    if init_image is not None and (settings.strength < 1 or (mask is not None and not inpaint_model)):
-        image_latent = encode(init_image).float()
+    if image is not None and (r.strength < 1 or (pixel_mask is not None and not model.cfg.inpainting)):
+        image_latent = encode(image)
     noise = per_image_randn(latent_shape, generators).to(device)
-    if settings.strength < 1:
+    if r.strength < 1:
         x = image_latent + sigmas[0].item() * noise
     else:
         x = noise * (1 + sigmas[0].item() ** 2) ** 0.5
+    if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out
+        concat = torch.cat([latent_mask, encode(image * (pixel_mask < 0.5))], dim=1).to(dtype)
+        cond = {**cond, "concat": concat}
+        if uncond:
+            uncond = {**uncond, "concat": concat}
 
-    concat, pixel_mask, latent_mask = None, None, None
-    if mask is not None:
-        pixel_mask, latent_mask = prepare_mask(mask.to(device, torch.float32), init_image.to(device, torch.float32))
-        if inpaint_model:  # the model sees the mask and the latent of the image with the hole cut out
-            masked = init_image.to(device, torch.float32) * (pixel_mask < 0.5)
-            concat = torch.cat([latent_mask, encode(masked).float()], dim=1).to(dtype)
-
-    denoiser = Denoiser(
-        lambda x_in, t, c: model.model.diffusion_model(x_in.to(dtype), t, c).float(),
-        model.alphas_cumprod, model.parameterization, context, uncond, settings.cfg_scale, concat,
-    )  # fmt: skip
-
-    def callback(i: int, x: torch.Tensor) -> torch.Tensor:
-        if latent_mask is not None and not inpaint_model:
-            # Hold the known region at the noise level the sampler is now at (clean after the last step).
-            sigma = sigmas[i + 1].item() if i + 2 < len(sigmas) else 0.0
-            x = latent_mask * x + (1 - latent_mask) * (image_latent + sigma * noise)
-        if progress:
-            progress(i)
-        return x
+    def hold(i: int, x: torch.Tensor) -> torch.Tensor:
+        """Standard models: the known region at the noise level the sampler is now at (clean after the last step)."""
+        sigma = sigmas[i + 1].item() if i + 2 < len(sigmas) else 0.0
+        return latent_mask * x + (1 - latent_mask) * (image_latent + sigma * noise)
 
     def noise_sampler(sigma, sigma_next) -> torch.Tensor:
         return per_image_randn(latent_shape, generators).to(device)
 
-    extra = {"eta": settings.eta} if settings.sampler == "ddim" else {}  # the ancestral samplers keep η = 1
+    denoiser = Denoiser(
+        lambda x_in, t, c: model.model(x_in.to(dtype), t, c).float(),
+        model.alphas_cumprod, model.parameterization, cond, uncond or None, r.cfg_scale,
+    )  # fmt: skip
+    options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
-    x = sampler(denoiser, x, sigmas, noise=noise_sampler, callback=callback, **extra)
+    x = sampler.fn(
+        denoiser, x, sigmas, noise=noise_sampler, callback=step_done,
+        hold=hold if latent_mask is not None and not model.cfg.inpainting else None, **options,
+    )  # fmt: skip
     x = x / (1 + sigmas[-1].item() ** 2) ** 0.5  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
     images = (model.autoencoder_decode(x.to(dtype)).float() / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
-        images = pixel_mask * images + (1 - pixel_mask) * (init_image.to(device, torch.float32) / 2 + 0.5)
-    return images
+        images = pixel_mask * images + (1 - pixel_mask) * r.init_image.to(device, torch.float32)
+    return images, notes + uncond_notes

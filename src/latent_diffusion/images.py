@@ -8,16 +8,18 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from .files import atomic_write
 
 
 def load_image(path: str | os.PathLike, mode: str = "RGB", size: tuple[int, int] | None = None) -> torch.Tensor:
@@ -51,7 +53,14 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
 
 
 def model_hash(path: str | os.PathLike) -> str:
-    """The web UI's model hash ("AutoV2"): the first 10 hex digits of the file's SHA-256."""
+    """The web UI's model hash ("AutoV2"): the first 10 hex digits of the file's SHA-256 (computed once per
+    version of the file: a 2 GB checkpoint takes seconds)."""
+    stat = os.stat(path)
+    return _file_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -97,23 +106,11 @@ def parse_parameters(text: str) -> dict:
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Write atomically (temp file, then rename): a failed write leaves no partial file."""
+    """Write with the `parameters` text chunk, atomically: a failed write leaves no partial file."""
     info = PngImagePlugin.PngInfo()
     info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes files private; images are ordinary files
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def next_index(outdir: Path) -> int:

@@ -1,10 +1,14 @@
 """LatentDiffusion: the autoencoder, the text encoder and the U-Net under the names of CompVis checkpoints
 (`first_stage_model`, `cond_stage_model`, `model.diffusion_model`), plus the noise schedule.
+
+`conditioning(prompts)` is the model's conditioner: it turns prompts into the mapping that `DiffusionWrapper`
+routes into the U-Net; the request layer adds what does not come from the prompt (inpainting's "concat").
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -16,13 +20,31 @@ from .text_encoder import TextEncoder
 from .tokenizer import clip_tokenizer
 from .unet import UNetModel
 
+CONDITIONING_KEYS = ("crossattn", "concat", "vector")
+
 
 class DiffusionWrapper(nn.Module):
-    """Exists only so that the U-Net's keys read `model.diffusion_model.*`, as in CompVis checkpoints."""
+    """The U-Net under `model.diffusion_model` (CompVis's key names), and the one place where conditioning reaches
+    it, as CompVis's `DiffusionWrapper` and generative-models' `OpenAIWrapper`. A conditioning is a mapping:
+
+        "crossattn": (b, n, context_dim)   attended to by every SpatialTransformer (the text)
+        "concat":    (b, c, h, w)          appended to the noisy latent's channels (inpainting: mask + masked latent)
+        "vector":    (b, adm_in_channels)  added to the time embedding through `label_emb` (SDXL: pooled text, sizes)
+
+    A new conditioning input is a new key here and a producer of it (the model's conditioner or the request layer).
+    """
 
     def __init__(self, unet: UNetModel):
         super().__init__()
         self.diffusion_model = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """x: (b, latent channels, h, w) at timesteps t (b,) -> the U-Net's ε or v, like x."""
+        if unknown := cond.keys() - set(CONDITIONING_KEYS):
+            raise ValueError(f"unknown conditioning {sorted(unknown)}; the keys are {', '.join(CONDITIONING_KEYS)}")
+        if "concat" in cond:
+            x = torch.cat([x, cond["concat"]], dim=1)  # (b, latent channels + c, h, w)
+        return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond.get("vector"))
 
 
 class LatentDiffusion(nn.Module):
@@ -32,6 +54,7 @@ class LatentDiffusion(nn.Module):
         self.model = DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
         self.cond_stage_model = TextEncoder(cfg.text)
+        self.checkpoint: str | None = None  # the file `load_model` read it from (infotexts name it)
         self.init_schedule()
 
     @classmethod
@@ -40,9 +63,8 @@ class LatentDiffusion(nn.Module):
         return cls(from_ldm_config(cfg))
 
     def init_schedule(self, device: torch.device | str | None = None):
-        """(Re)compute the schedule buffers. They are not stored in our checkpoints: the config defines them."""
+        """(Re)compute ᾱ. It is not stored in our checkpoints: the config defines it."""
         betas = schedule.scaled_linear_betas(self.cfg.linear_start, self.cfg.linear_end, self.cfg.timesteps)
-        self.register_buffer("betas", betas.float().to(device), persistent=False)
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod(betas).float().to(device), persistent=False)
 
     @property
@@ -59,32 +81,40 @@ class LatentDiffusion(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.model.diffusion_model.out[2].weight.device
+        return self.unet.out[2].weight.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.diffusion_model.out[2].weight.dtype
+        return self.unet.out[2].weight.dtype
+
+    def conditioning(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """prompts -> ({"crossattn": (b, 77, context_dim)}, warnings). A prompt over 75 tokens is cut; the
+        warning names the part that was dropped."""
+        tokens, cut = self.cond_stage_model.tokenize(list(prompts))
+        notes = [
+            f"prompt longer than {self.cfg.text.max_length - 2} tokens; this part was cut: "
+            f"{clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)!r}"
+            for prompt, was_cut in zip(prompts, cut)
+            if was_cut
+        ]
+        return {"crossattn": self.cond_stage_model(tokens)}, notes
 
     def get_text_conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """prompts -> context (b, 77, context_dim). Prompts over 75 tokens are cut, with a warning."""
-        tokens, cut = self.cond_stage_model.tokenize(list(prompts))
-        for prompt, was_cut in zip(prompts, cut):
-            if was_cut:
-                dropped = clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)
-                warnings.warn(
-                    f"prompt longer than {self.cfg.text.max_length - 2} tokens; this part was cut: {dropped!r}",
-                    stacklevel=2,
-                )
-        return self.cond_stage_model(tokens)
+        """prompts -> context (b, 77, context_dim), warning (Python `warnings`) about prompts that were cut."""
+        cond, notes = self.conditioning(prompts)
+        for note in notes:
+            warnings.warn(note, stacklevel=2)
+        return cond["crossattn"]
 
-    def autoencoder_encode(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """image (b, 3, H, W) in [-1, 1] -> a latent sample × scale_factor (b, 4, H/8, W/8)."""
-        return self.scale_factor * self.first_stage_model.encode(image).sample(generator)
+    def autoencoder_encode(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """image (b, 3, H, W) in [-1, 1] -> a latent sample × scale_factor (b, 4, H/8, W/8); noise (b, 4, H/8, W/8)
+        is the posterior sample's standard normal draw (default: torch's global generator)."""
+        return self.scale_factor * self.first_stage_model.encode(image).sample(noise=noise)
 
     def autoencoder_decode(self, z: torch.Tensor) -> torch.Tensor:
         """scaled latent (b, 4, h, w) -> image (b, 3, 8h, 8w), about [-1, 1]."""
         return self.first_stage_model.decode(z / self.scale_factor)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The U-Net's prediction (ε or v, per `parameterization`) for noisy latents x at timesteps t."""
-        return self.model.diffusion_model(x, t, context)
+        return self.model(x, t, cond)

@@ -4,22 +4,40 @@ Notation: x = x0 + σ·ε is a latent at noise level σ; `denoiser(x, σ)` retur
 d = (x − x0)/σ is the derivative of the probability-flow ODE dx/dσ (and equals the ε estimate);
 `sigmas` runs from high to low, `sigmas[-1]` is where the sample lands (0, or σ_0 for DDIM/PLMS).
 DDIM, DDPM and PLMS are written here too: in this view DDIM(η) is the ancestral Euler step and PLMS a
-linear multistep method on ε (with the Euler transfer x + (σ' − σ)·ε). Every sampler takes:
+linear multistep method on ε (with the Euler transfer x + (σ' − σ)·ε). Every sampler takes, besides its own
+options (η, s_noise, ...):
 
     noise(σ, σ_next) -> a standard normal tensor like x, for the stochastic samplers;
-    callback(i, x) -> x, called after step i (progress, and inpainting's blending of the known region).
+    hold(i, x) -> x, after step i: replaces part of x (inpainting with a standard model holds the known region);
+    callback(Step) -> None, after step i (and the hold): observes the step (progress, previews of x0).
+
+A new sampler is a function here and one row of SAMPLERS.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Callback = Callable[[int, torch.Tensor], torch.Tensor]
+Hold = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Step:
+    """What a callback sees after step i: x at sigmas[i + 1], and the x0 estimate made at σ = sigmas[i]."""
+
+    i: int
+    sigma: torch.Tensor
+    x: torch.Tensor
+    denoised: torch.Tensor
+
+
+Callback = Callable[[Step], None]
 
 
 def to_d(x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
@@ -36,78 +54,87 @@ def ancestral_step(sigma: torch.Tensor, sigma_next: torch.Tensor, eta: float) ->
     return (sigma_next**2 - sigma_up**2) ** 0.5, sigma_up
 
 
-def _identity(i: int, x: torch.Tensor) -> torch.Tensor:
+def end_step(i: int, sigma, x: torch.Tensor, x0: torch.Tensor, hold: Hold | None, callback: Callback | None):
+    """The end of every step: the hold, if any, then the callback."""
+    if hold is not None:
+        x = hold(i, x)
+    if callback is not None:
+        callback(Step(i, sigma, x, x0))
     return x
 
 
-def euler(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+def euler(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn)."""
     for i in range(len(sigmas) - 1):
-        d = to_d(x, sigmas[i], denoiser(x, sigmas[i]))
-        x = callback(i, x + d * (sigmas[i + 1] - sigmas[i]))
+        x0 = denoiser(x, sigmas[i])
+        x = end_step(i, sigmas[i], x + to_d(x, sigmas[i], x0) * (sigmas[i + 1] - sigmas[i]), x0, hold, callback)
     return x
 
 
-def euler_ancestral(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity, eta: float = 1.0):
-    """Euler step to σ_down, then add σ_up of fresh noise. With the DDIM schedule this is DDIM(η)."""
+def euler_ancestral(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):
+    """Euler step to σ_down, then add σ_up of fresh noise (scaled by s_noise). With the DDIM schedule this is
+    DDIM(η)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = to_d(x, sigma, denoiser(x, sigma))
+        x0 = denoiser(x, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
-        x = x + d * (sigma_down - sigma)
+        x = x + to_d(x, sigma, x0) * (sigma_down - sigma)
         if sigma_up > 0:
-            x = x + noise(sigma, sigma_next) * sigma_up
-        x = callback(i, x)
+            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+        x = end_step(i, sigma, x, x0, hold, callback)
     return x
 
 
-def ddim(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity, eta: float = 0.0):
+def ddim(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None, eta=0.0):
     """DDIM (Song et al. 2021): x_prev = √ᾱ'·x0 + √(1 − ᾱ' − s²)·ε + s·z in VP terms, which in σ-space is
     x0 + σ_down·ε + σ_up·z: the ancestral Euler step. η = 0 is deterministic; η = 1 is DDPM's ancestral step."""
-    return euler_ancestral(denoiser, x, sigmas, noise, callback, eta=eta)
+    return euler_ancestral(denoiser, x, sigmas, noise=noise, hold=hold, callback=callback, eta=eta)
 
 
-def ddpm(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity):
+def ddpm(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None):
     """DDPM ancestral sampling (Ho et al. 2020) over the sampling timesteps: the posterior q(x_t' | x_t, x0)
     with variance (1 − ᾱ')/(1 − ᾱ)·(1 − ᾱ/ᾱ'), which is DDIM with η = 1."""
-    return euler_ancestral(denoiser, x, sigmas, noise, callback, eta=1.0)
+    return euler_ancestral(denoiser, x, sigmas, noise=noise, hold=hold, callback=callback, eta=1.0)
 
 
-def heun(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+def heun(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1); Euler for the last step to σ = 0."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = to_d(x, sigma, denoiser(x, sigma))
+        x0 = denoiser(x, sigma)
+        d = to_d(x, sigma, x0)
         x_next = x + d * (sigma_next - sigma)
         if sigma_next > 0:
             d_next = to_d(x_next, sigma_next, denoiser(x_next, sigma_next))
             x_next = x + (d + d_next) / 2 * (sigma_next - sigma)
-        x = callback(i, x_next)
+        x = end_step(i, sigma, x_next, x0, hold, callback)
     return x
 
 
-def dpm2(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+def dpm2(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
     """DPM-Solver-2 as in k-diffusion: the derivative at the geometric midpoint σ_mid = √(σ·σ_next)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        d = to_d(x, sigma, denoiser(x, sigma))
+        x0 = denoiser(x, sigma)
+        d = to_d(x, sigma, x0)
         if sigma_next == 0:
             x = x + d * (sigma_next - sigma)
         else:
             sigma_mid = (sigma.log().lerp(sigma_next.log(), 0.5)).exp()
             x_mid = x + d * (sigma_mid - sigma)
             x = x + to_d(x_mid, sigma_mid, denoiser(x_mid, sigma_mid)) * (sigma_next - sigma)
-        x = callback(i, x)
+        x = end_step(i, sigma, x, x0, hold, callback)
     return x
 
 
-def plms(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+def plms(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
     """PLMS (Liu et al. 2022, pseudo linear multistep): Adams–Bashforth on ε up to order 4, started with a
     pseudo improved-Euler step, as in CompVis's PLMSSampler and diffusers' PNDM (skip_prk_steps)."""
     history: list[torch.Tensor] = []
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        eps = to_d(x, sigma, denoiser(x, sigma))
+        x0 = denoiser(x, sigma)
+        eps = to_d(x, sigma, x0)
         if not history:
             x_next = x + eps * (sigma_next - sigma)
             eps_prime = (eps + to_d(x_next, sigma_next, denoiser(x_next, sigma_next))) / 2
@@ -118,11 +145,11 @@ def plms(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Ca
         else:
             eps_prime = (55 * eps - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
         history = [*history[-2:], eps]
-        x = callback(i, x + eps_prime * (sigma_next - sigma))
+        x = end_step(i, sigma, x + eps_prime * (sigma_next - sigma), x0, hold, callback)
     return x
 
 
-def dpmpp_2m(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity):
+def dpmpp_2m(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in k-diffusion's form; first order at the first and last
     step. With t = −log σ and h = t' − t: x' = (σ'/σ)·x − (e^(−h) − 1)·D, D an extrapolation of the last two x0."""
     old_x0, h_last = None, None
@@ -141,11 +168,11 @@ def dpmpp_2m(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback
             x = (sigma_next / sigma) * x - torch.expm1(-h) * d
             h_last = h
         old_x0 = x0
-        x = callback(i, x)
+        x = end_step(i, sigma, x, x0, hold, callback)
     return x
 
 
-def dpmpp_2s_ancestral(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity, eta=1.0):
+def dpmpp_2s_ancestral(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(2S) single-step with ancestral noise, as in k-diffusion (midpoint at r = 1/2 in log σ)."""
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -158,12 +185,12 @@ def dpmpp_2s_ancestral(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Ca
             x_mid = (sigma_mid / sigma) * x - torch.expm1(sigma_mid.log() - sigma.log()) * x0
             x = (sigma_down / sigma) * x - torch.expm1(sigma_down.log() - sigma.log()) * denoiser(x_mid, sigma_mid)
         if sigma_up > 0:
-            x = x + noise(sigma, sigma_next) * sigma_up
-        x = callback(i, x)
+            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+        x = end_step(i, sigma, x, x0, hold, callback)
     return x
 
 
-def dpmpp_sde(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = _identity, eta=1.0, r=0.5):
+def dpmpp_sde(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0, r=0.5):
     """DPM-Solver++ stochastic (SDE) sampler as in k-diffusion's sample_dpmpp_sde: a noisy step to the midpoint
     s = t + r·h (t = −log σ), then a noisy step to σ_next with x0 mixed from both evaluations."""
     for i in range(len(sigmas) - 1):
@@ -176,13 +203,13 @@ def dpmpp_sde(denoiser: Denoiser, x, sigmas, noise: Noise, callback: Callback = 
             sigma_s = (sigma.log() - r * h).exp()
             sd, su = ancestral_step(sigma, sigma_s, eta)
             x_2 = (sd / sigma) * x - torch.expm1(sd.log() - sigma.log()) * x0
-            x_2 = x_2 + noise(sigma, sigma_s) * su
+            x_2 = x_2 + noise(sigma, sigma_s) * s_noise * su
             x0_2 = denoiser(x_2, sigma_s)
             sd, su = ancestral_step(sigma, sigma_next, eta)
             fac = 1 / (2 * r)
             x = (sd / sigma) * x - torch.expm1(sd.log() - sigma.log()) * ((1 - fac) * x0 + fac * x0_2)
-            x = x + noise(sigma, sigma_next) * su
-        x = callback(i, x)
+            x = x + noise(sigma, sigma_next) * s_noise * su
+        x = end_step(i, sigma, x, x0, hold, callback)
     return x
 
 
@@ -215,7 +242,7 @@ def _uni_update(x, sigma_s, sigma_t, x0s, lambdas, order, x0_t=None):
     return x_t - b_h * (sum(r * d for r, d in zip(rhos[:-1], d1s)) + rhos[-1] * (x0_t - m0))
 
 
-def unipc(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: Callback = _identity, order: int = 2):
+def unipc(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None, order: int = 2):
     """UniPC (Zhao et al. 2023) as diffusers' UniPCMultistepScheduler (bh2, data prediction, lower order at the
     start and the end): each step corrects the last one with the model evaluation it makes anyway (UniC), then
     predicts the next point (UniP). The model is evaluated once per step."""
@@ -229,28 +256,40 @@ def unipc(denoiser: Denoiser, x, sigmas, noise: Noise | None = None, callback: C
         x0s, lambdas = [*x0s[-(order - 1) :], x0], [*lambdas[-(order - 1) :], -sigma.log()]
         last_order = min(order, n - i, len(x0s))
         x_last = x
-        x = callback(i, _uni_update(x, sigma, sigma_next, x0s, lambdas, last_order))
+        x = end_step(i, sigma, _uni_update(x, sigma, sigma_next, x0s, lambdas, last_order), x0, hold, callback)
     return x
 
 
-# name -> (sampler, where it lands: "zero" or "sigma_min", whether it takes Karras σs (the DDPM/DDIM/PLMS
-# family keeps its discrete timesteps), display name in the web UI's metadata)
+@dataclass(frozen=True)
+class Sampler:
+    name: str  # the id that commands and requests use
+    display_name: str  # as the web UI writes it in infotexts ("Karras" is appended for Karras σs)
+    fn: Callable
+    discrete: bool = False  # keeps the model's discrete timesteps (no Karras σs): DDPM, DDIM, PLMS
+    lands_at: str = "zero"  # where the last step lands: σ = 0, or "sigma_min" (σ at t = 0, as DDIM and PLMS)
+    stochastic: bool = False  # draws fresh noise while sampling (DDIM only with η > 0)
+    options: tuple[str, ...] = field(default=())  # the keyword options of `fn` that a request may set
+
+
 SAMPLERS = {
-    "ddpm": (ddpm, "zero", False, "DDPM"),
-    "ddim": (ddim, "sigma_min", False, "DDIM"),
-    "plms": (plms, "sigma_min", False, "PLMS"),
-    "euler": (euler, "zero", True, "Euler"),
-    "euler_ancestral": (euler_ancestral, "zero", True, "Euler a"),
-    "heun": (heun, "zero", True, "Heun"),
-    "dpm2": (dpm2, "zero", True, "DPM2"),
-    "dpmpp_2m": (dpmpp_2m, "zero", True, "DPM++ 2M"),
-    "dpmpp_2s_ancestral": (dpmpp_2s_ancestral, "zero", True, "DPM++ 2S a"),
-    "dpmpp_sde": (dpmpp_sde, "zero", True, "DPM++ SDE"),
-    "unipc": (unipc, "zero", True, "UniPC"),
+    s.name: s
+    for s in (
+        Sampler("ddpm", "DDPM", ddpm, discrete=True, stochastic=True),
+        Sampler("ddim", "DDIM", ddim, discrete=True, lands_at="sigma_min", stochastic=True, options=("eta",)),
+        Sampler("plms", "PLMS", plms, discrete=True, lands_at="sigma_min"),
+        Sampler("euler", "Euler", euler),
+        Sampler("euler_ancestral", "Euler a", euler_ancestral, stochastic=True, options=("eta", "s_noise")),
+        Sampler("heun", "Heun", heun),
+        Sampler("dpm2", "DPM2", dpm2),
+        Sampler("dpmpp_2m", "DPM++ 2M", dpmpp_2m),
+        Sampler("dpmpp_2s_ancestral", "DPM++ 2S a", dpmpp_2s_ancestral, stochastic=True, options=("eta", "s_noise")),
+        Sampler("dpmpp_sde", "DPM++ SDE", dpmpp_sde, stochastic=True, options=("eta", "s_noise")),
+        Sampler("unipc", "UniPC", unipc),
+    )
 }
 
 
-def get_sampler(name: str):
+def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]

@@ -1,12 +1,14 @@
-"""The noise schedule of Stable Diffusion and the conversions between what a U-Net may predict.
+"""The noise schedule of Stable Diffusion, and the noise levels a sampler visits.
 
-"Scaled linear" (Rombach et al. 2022): β_t = (linspace(√β_1, √β_T, T))², α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s.
-Forward process: x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε. v-parameterisation (Salimans & Ho 2022): v = √ᾱ_t·ε − √(1−ᾱ_t)·x0.
-k-diffusion's view: σ_t = √((1−ᾱ_t)/ᾱ_t), x = x0 + σ·ε, fed to the model as x/√(1+σ²).
+"Scaled linear" (Rombach et al. 2022): β_t = (linspace(√β_1, √β_T, T))², α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s,
+σ_t = √((1−ᾱ_t)/ᾱ_t). A new schedule is a function (steps, ...) -> σs, high to low; `sampling_sigmas` picks one.
+The conversions between x0, ε, v and σ live in `parameterization.py`.
 """
 
 import numpy as np
 import torch
+
+from .parameterization import sigma_from_alpha_bar
 
 
 def scaled_linear_betas(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:
@@ -16,39 +18,6 @@ def scaled_linear_betas(linear_start: float, linear_end: float, timesteps: int) 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
-
-
-def sigmas_from_alphas_cumprod(alpha_bar: torch.Tensor) -> torch.Tensor:
-    return ((1 - alpha_bar) / alpha_bar).sqrt()
-
-
-def _coefficients(alpha_bar_t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """√ᾱ_t and √(1−ᾱ_t), shaped to broadcast against x."""
-    a = alpha_bar_t.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
-    return a.sqrt(), (1 - a).sqrt()
-
-
-def q_sample(x0: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
-    s, n = _coefficients(alpha_bar_t, x0)
-    return s * x0 + n * eps
-
-
-def v_target(x0: torch.Tensor, alpha_bar_t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """v = √ᾱ_t·ε − √(1−ᾱ_t)·x0."""
-    s, n = _coefficients(alpha_bar_t, x0)
-    return s * eps - n * x0
-
-
-def eps_and_x0(
-    model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: torch.Tensor, parameterization: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ε, x0) from the model's prediction at x_t: from ε, x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ; from v,
-    x0 = √ᾱ·x_t − √(1−ᾱ)·v and ε = √(1−ᾱ)·x_t + √ᾱ·v."""
-    s, n = _coefficients(alpha_bar_t, x_t)
-    if parameterization == "eps":
-        return model_output, (x_t - n * model_output) / s
-    return n * x_t + s * model_output, s * x_t - n * model_output
 
 
 # Sampling schedules ------------------------------------------------------------------------------------------
@@ -89,7 +58,7 @@ def sampling_sigmas(
     final: "zero" ends at σ = 0 (a clean sample); "sigma_min" ends at σ_0 = σ at timestep 0, where DDIM and
     PLMS land (CompVis, and diffusers with set_alpha_to_one=False).
     """
-    table = sigmas_from_alphas_cumprod(alpha_bar.double())
+    table = sigma_from_alpha_bar(alpha_bar.double())
     if karras:
         sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
     else:

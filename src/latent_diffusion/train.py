@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import schedule
+from . import parameterization
 from .checkpoint import UNET, CheckpointError, ema_key, load_model, read_state_dict, save_model
 from .config import preset
 from .data import DataError, ImageCaptionFolder, ShapesDataset
-from .devices import resolve_device, writable_folder
+from .devices import resolve_device
+from .files import writable_folder
 from .latent_diffusion import LatentDiffusion
 
 
@@ -105,11 +106,6 @@ def get_lr(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
     return lr
-
-
-def min_snr_weight(alpha_bar_t: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
-    snr = alpha_bar_t / (1 - alpha_bar_t)
-    return snr.clamp(max=gamma) / (snr if parameterization == "eps" else snr + 1)
 
 
 @torch.no_grad()
@@ -224,7 +220,7 @@ class TrainedParts(nn.Module):
         self.text = text
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, tokens=None) -> torch.Tensor:
-        return self.unet(x_t, t, self.text(tokens) if tokens is not None else context)
+        return self.unet(x_t, t, {"crossattn": self.text(tokens) if tokens is not None else context})
 
 
 # Checkpoints ---------------------------------------------------------------------------------------------------
@@ -309,8 +305,8 @@ def train(cfg: TrainConfig) -> Path:
     except KeyError as e:
         raise TrainError(f"{last}: an incomplete checkpoint (no {e.args[0]})") from None
     model = model.to(device)
-    unet, text = model.model.diffusion_model, model.cond_stage_model
-    trainable = TrainedParts(unet, text if cfg.train_text_encoder else None)
+    unet, text = model.unet, model.cond_stage_model
+    trainable = TrainedParts(model.model, text if cfg.train_text_encoder else None)
     ema = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay > 0 else None
     # foreach: each update op runs once over all parameters rather than in a Python loop over them. torch
     # picks it by itself on CUDA only; on 2 CPU cores it takes the tiny model's AdamW step from 16-19 to 11 ms.
@@ -383,13 +379,13 @@ def train(cfg: TrainConfig) -> Path:
 
     def loss_of(z, captions, t, noise) -> torch.Tensor:
         a = alphas_cumprod[t]
-        x_t = schedule.q_sample(z, a, noise)
-        target = noise if model.parameterization == "eps" else schedule.v_target(z, a, noise)
+        x_t = parameterization.noised(z, noise, a)
+        target = parameterization.target(z, noise, a, model.parameterization)
         with torch.autocast(**autocast):
             pred = ddp(x_t, t, **model_inputs(captions))
         loss = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
         if cfg.min_snr_gamma:
-            loss = loss * min_snr_weight(a, cfg.min_snr_gamma, model.parameterization)
+            loss = loss * parameterization.min_snr_weight(a, cfg.min_snr_gamma, model.parameterization)
         return loss.mean()
 
     log_path = outdir / "log.csv"
@@ -446,13 +442,15 @@ def train(cfg: TrainConfig) -> Path:
 
 @torch.no_grad()
 def write_samples(model: LatentDiffusion, cfg: TrainConfig, path: Path) -> None:
-    from .generate import GenerationSettings, generate
+    from .generate import generate
     from .images import grid, save_png, to_pil
+    from .request import GenerationRequest
 
     model.eval()
-    images = generate(model, cfg.sample_prompts, list(range(len(cfg.sample_prompts))),
-                      GenerationSettings(steps=20, sampler="ddim", cfg_scale=5.0),
-                      width=cfg.image_size, height=cfg.image_size)  # fmt: skip
+    n = len(cfg.sample_prompts)
+    request = GenerationRequest(cfg.sample_prompts, list(range(n)), width=cfg.image_size, height=cfg.image_size,
+                                sampler="ddim", cfg_scale=5.0, batch_size=n)  # fmt: skip
+    images = generate(model, request).images
     model.train()
     model.first_stage_model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 from .autoencoder import AutoencoderKL
 from .config import preset
-from .devices import resolve_device, writable_folder
+from .devices import resolve_device
+from .files import writable_folder
 from .train import TrainError, build_dataset, check_lr_schedule, get_lr
 
 

@@ -1,5 +1,10 @@
 """The denoising U-Net, in the module layout of CompVis `ldm/modules/diffusionmodules/openaimodel.py`.
 
+Conditioning enters in two places: the cross-attention `context` (b, n, context_dim) of every
+SpatialTransformer, and an optional vector `y` (b, adm_in_channels) that `label_emb` maps into the time
+embedding (CompVis's `num_classes="sequential"`; SDXL's pooled text and size embeddings). Channel
+concatenation (inpainting) happens before the U-Net, in `latent_diffusion.DiffusionWrapper`.
+
 input_blocks.0 is the stem convolution; each following input block is a ResBlock (+ SpatialTransformer) or
 a Downsample; the middle block is ResBlock, SpatialTransformer, ResBlock; each output block takes the
 concatenation of the running features and one saved skip, and ends a level with an Upsample.
@@ -102,6 +107,12 @@ class UNetModel(nn.Module):
             )
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        if cfg.adm_in_channels:  # nested Sequential: keys `label_emb.0.0.weight`, as CompVis
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(cfg.adm_in_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels)
+                )
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
         skip_channels = [mc]
@@ -137,14 +148,25 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """x: (b, in_channels, h, w), timesteps: (b,) or scalar, context: (b, 77, context_dim) -> (b, out_channels, h, w).
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x: (b, in_channels, h, w), timesteps: (b,) or scalar, context: (b, n, context_dim), y: (b, adm_in_channels)
+        -> (b, out_channels, h, w).
 
         Any h and w work; sides that are not multiples of 2 ** (len(channel_mult) - 1) are upsampled to the
         size of the matching skip connection.
         """
         timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
+        if (y is not None) != bool(self.cfg.adm_in_channels):
+            raise ValueError(f"this U-Net takes {'a' if self.cfg.adm_in_channels else 'no'} vector conditioning y")
+        if y is not None:
+            emb = emb + self.label_emb(y)
         skips = []
         h = x
         for block in self.input_blocks:

@@ -1,0 +1,45 @@
+"""Model families: one row each, with what tells the family apart in a checkpoint, where its conditioner's
+weights live, and its generation defaults. Everything else reads these rows instead of testing shapes.
+
+A new family (SDXL next: its conditioner under `conditioner.embedders.N`, a vector `y` for the U-Net) is a new
+row here, its conditioner module, and its config; the U-Net, the autoencoder, the samplers, the request layer
+and the front ends stay as they are. Inpainting is not a family: any family's U-Net with the mask and the
+masked-image latent as extra input channels (`LatentDiffusionConfig.inpainting`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Prefixes every family shares (the CompVis layout).
+UNET = "model.diffusion_model."
+VAE = "first_stage_model."
+EMA = "model_ema."
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # how `variant` begins: "sd1"
+    title: str  # for people: "SD 1.x"
+    text_kind: str  # the TextEncoderConfig.kind of its conditioner
+    text_prefix: str  # where its conditioner's weights live in a checkpoint
+    marker: str  # a key that only this family's checkpoints hold
+    default_size: int = 512  # image side in pixels, for width and height when a request leaves them out
+    default_cfg_scale: float = 7.5
+
+
+SD1 = Family(
+    "sd1", "SD 1.x", "clip", "cond_stage_model.transformer.text_model.",
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+)  # fmt: skip
+SD2 = Family("sd2", "SD 2.x", "openclip", "cond_stage_model.model.", "cond_stage_model.model.token_embedding.weight")
+FAMILIES = (SD1, SD2)
+
+
+def family_of_text_kind(kind: str) -> Family:
+    return next(f for f in FAMILIES if f.text_kind == kind)
+
+
+def family_of_keys(keys) -> Family | None:
+    """The family whose marker key is among `keys`, or None."""
+    return next((f for f in FAMILIES if f.marker in keys), None)

@@ -1,0 +1,151 @@
+"""A generation request, its one validation, and its result: the layer every front end builds on.
+
+The command line parses flags into a `GenerationRequest`, a server would build the same request from JSON;
+both call `validate` before any work and `generate.generate` to run it, and get a `GenerationResult` back:
+the images, each image's infotext (the web UI's `parameters` text) and the warnings, as data.
+Image i of a request is drawn from seed `seeds[i]` alone, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .images import model_hash, parameters_text
+from .latent_diffusion import LatentDiffusion
+from .samplers import SAMPLERS, get_sampler
+from .schedule import SPACINGS
+
+
+class RequestError(ValueError):
+    """A request that cannot be run as given; the message names the field and the problem."""
+
+
+@dataclass
+class GenerationRequest:
+    prompts: list[str]  # one per image
+    seeds: list[int]  # one per image
+    negative_prompts: list[str] | None = None  # one per image; None: "" (the unconditional prompt)
+    width: int | None = None  # pixels; None: the init image's size, or the model's default
+    height: int | None = None
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    karras: bool = True  # Karras σ spacing for the σ-space samplers (DDIM, PLMS, DDPM keep their timesteps)
+    spacing: str = "leading"  # timestep spacing, as diffusers' SD schedulers ("leading", "trailing", "linspace")
+    eta: float | None = None  # the sampler's η, where it takes one (None: its own, DDIM 0, ancestral 1)
+    s_noise: float | None = None  # the ancestral samplers' noise scale (None: 1)
+    cfg_scale: float | None = None  # classifier-free guidance (1: none; None: the model's default)
+    init_image: torch.Tensor | None = None  # (1 or b, 3, H, W) in [0, 1]: img2img and inpainting
+    mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint
+    strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
+    batch_size: int = 1  # images per U-Net call
+
+    @property
+    def steps_run(self) -> int:
+        """Sampling steps each image goes through (img2img starts part-way)."""
+        return int(self.steps * self.strength)
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+    infotexts: list[str]  # per image: prompt, negative prompt and settings, as the web UI writes them
+    warnings: list[str] = field(default_factory=list)  # each distinct one once
+    request: GenerationRequest | None = None  # as run: the defaults filled in
+
+
+def _fail(message: str) -> None:
+    raise RequestError(message)
+
+
+def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -> GenerationRequest:
+    """Every check of a request, before any work: RequestError naming the problem. Without a model, what can be
+    checked without one; with it, also what depends on the model, and the returned copy has its defaults."""
+    r = request
+    n = len(r.prompts)
+    if n < 1:
+        _fail("a request needs at least one prompt")
+    if len(r.seeds) != n or (r.negative_prompts is not None and len(r.negative_prompts) != n):
+        _fail(
+            f"{n} prompts need as many seeds and negative prompts, not {len(r.seeds)} and {len(r.negative_prompts or [])}"
+        )
+    if r.batch_size < 1:
+        _fail(f"batch_size must be at least 1, not {r.batch_size}")
+    if r.steps < 1:
+        _fail(f"steps must be at least 1, not {r.steps}")
+    if r.sampler not in SAMPLERS:
+        _fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    sampler = SAMPLERS[r.sampler]
+    if r.spacing not in SPACINGS:
+        _fail(f"unknown timestep spacing {r.spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if not 0 < r.strength <= 1:
+        _fail(f"strength must be in (0, 1], not {r.strength}")
+    if r.steps_run < 1:
+        _fail(f"strength {r.strength} of {r.steps} steps runs no step; raise either")
+    for name in ("eta", "s_noise"):
+        value = getattr(r, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            _fail(f"{name} must be a finite number of at least 0, not {value}")
+    if r.cfg_scale is not None and not math.isfinite(r.cfg_scale):
+        _fail(f"cfg_scale must be a finite number, not {r.cfg_scale}")
+    if r.mask is not None and r.init_image is None:
+        _fail("a mask needs an init image")
+    if r.init_image is not None:
+        _check_images(r)
+    if model is None:
+        return request
+    return _resolve(r, sampler, model)
+
+
+def _check_images(r: GenerationRequest) -> None:
+    height, width = r.init_image.shape[-2:]
+    if r.mask is not None and r.mask.shape[-2:] != r.init_image.shape[-2:]:
+        _fail(f"the mask is {r.mask.shape[-1]}x{r.mask.shape[-2]} but the image is {width}x{height}; "
+              "they must be the same size")  # fmt: skip
+    if (r.width or width, r.height or height) != (width, height):
+        _fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")
+
+
+def _resolve(r: GenerationRequest, sampler, model: LatentDiffusion) -> GenerationRequest:
+    cfg = model.cfg
+    if cfg.inpainting and r.mask is None:
+        _fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")
+    size = r.init_image.shape[-2:] if r.init_image is not None else (r.height, r.width)
+    height, width = (side or cfg.default_size for side in size)
+    f = cfg.autoencoder.downsampling_factor
+    if width % f or height % f or width <= 0 or height <= 0:
+        what = "the image" if r.init_image is not None else "width and height"
+        _fail(f"{what} must be positive multiples of {f}, not {width}x{height}")
+    return dataclasses.replace(
+        r, width=width, height=height, cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
+        negative_prompts=r.negative_prompts or [""] * len(r.prompts),
+    )  # fmt: skip
+
+
+def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
+    """The settings of a resolved request as the web UI's infotext fields, without the seed."""
+    sampler = get_sampler(r.sampler)
+    fields = {
+        "Steps": r.steps,
+        "Sampler": sampler.display_name + (" Karras" if r.karras and not sampler.discrete else ""),
+        "CFG scale": r.cfg_scale,
+        "Seed": None,
+        "Size": f"{r.width}x{r.height}",
+    }  # fmt: skip; "Seed" holds the web UI's place in the order until `infotext` fills it in
+    if model.checkpoint is not None:
+        fields |= {"Model hash": model_hash(model.checkpoint), "Model": Path(model.checkpoint).stem}
+    for option, name in (("eta", "Eta"), ("s_noise", "s_noise")):
+        if getattr(r, option) is not None and option in sampler.options:
+            fields[name] = getattr(r, option)
+    if r.init_image is not None:
+        fields["Denoising strength"] = r.strength
+    return fields
+
+
+def infotext(r: GenerationRequest, i: int, fields: dict) -> str:
+    """Image i's `parameters` text: its prompt, negative prompt, and the fields with its seed."""
+    return parameters_text(r.prompts[i], r.negative_prompts[i], {**fields, "Seed": r.seeds[i]})
