@@ -104,6 +104,17 @@ def test_config_from_compvis_yaml_file(tmp_path, tiny_models):
     assert loaded.cfg == model.cfg
 
 
+def test_vector_conditioning_width_from_keys_and_yaml(tmp_path):
+    """`label_emb` (CompVis num_classes="sequential") is read off the keys, and written to and read from YAML."""
+    cfg = tiny_config("sd1")
+    cfg.unet.adm_in_channels = 12
+    model = LatentDiffusion(cfg)
+    assert infer_config(model.state_dict()).unet.adm_in_channels == 12
+    torch.save(model.state_dict(), tmp_path / "m.ckpt")
+    (tmp_path / "m.yaml").write_text(yaml.safe_dump({"model": to_ldm_config(cfg)}))
+    assert load_model(tmp_path / "m.ckpt", config=tmp_path / "m.yaml").cfg == cfg
+
+
 def test_ema_selection(tmp_path, tiny_models):
     model = tiny_models["sd1"]
     ema = randomize(LatentDiffusion(tiny_config("sd1")), seed=99).model.diffusion_model

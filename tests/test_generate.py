@@ -13,6 +13,7 @@ from diffusers import (
 )
 
 from latent_diffusion import LatentDiffusion
+from latent_diffusion.denoiser import Denoiser
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest, RequestError, validate
 
@@ -193,3 +194,22 @@ def test_ddpm_keeps_its_timesteps_with_karras_on(tiny_models):
     runs = [generate(model, GenerationRequest(["a"], [4], steps=3, sampler="ddpm", karras=k, width=16, height=16)).images
             for k in (True, False)]  # fmt: skip
     assert torch.equal(runs[0], runs[1])
+
+
+def test_guidance_batches_every_conditioning_field():
+    """Each field of the conditioning goes into the U-Net call as [unconditional; conditional], and the guided
+    output is out_u + s·(out_c − out_u)."""
+    seen = {}
+
+    def net(x, t, cond):
+        seen.update(cond)
+        return x + cond["vector"].sum(dim=1)[:, None, None, None]  # depends on the conditioning, per sample
+
+    alphas_cumprod = torch.linspace(0.99, 0.01, 1000)
+    cond, uncond = {"vector": torch.full((1, 3), 2.0)}, {"vector": torch.zeros(1, 3)}
+    x, sigma = torch.randn(1, 4, 2, 2), torch.tensor(1.5, dtype=torch.float64)
+    x0 = Denoiser(net, alphas_cumprod, "eps", cond, uncond, cfg_scale=3.0)(x, sigma)
+    assert torch.equal(seen["vector"], torch.cat([uncond["vector"], cond["vector"]]))
+    x_in = x / (1 + 1.5**2) ** 0.5
+    eps = x_in + 0.0 + 3.0 * ((x_in + 6.0) - x_in)  # out_u + s·(out_c − out_u)
+    torch.testing.assert_close(x0, x - 1.5 * eps)

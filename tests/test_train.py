@@ -1,7 +1,9 @@
 """Training: the pieces against their formulas, loss going down on the shapes data, exact resume, atomic
 checkpoints, DDP equivalence, and the saved model in diffusers."""
 
+import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -14,17 +16,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from latent_diffusion import load_model, schedule
+from latent_diffusion import LatentDiffusion, load_model, preset, save_model, schedule
 from latent_diffusion.cli import main
 from latent_diffusion.data import ImageCaptionFolder, ShapesDataset
 from latent_diffusion.parameterization import min_snr_weight
 from latent_diffusion.train import (
+    Batch,
     TrainConfig,
-    TrainError,
+    diffusion_loss,
     ema_update,
     global_batch_indices,
+    run_fingerprint,
     train,
 )
+from latent_diffusion.training import TrainError
 
 from test_reference import diffusers_unet
 
@@ -81,6 +86,44 @@ def test_data_order_is_a_permutation_per_epoch():
     assert global_batch_indices(1, 4, 10, 0) == global_batch_indices(1, 4, 10, 0)
 
 
+def test_diffusion_loss_against_the_formula():
+    """An oracle that recovers the target from x_t (knowing z) has loss 0; a network that predicts 0 has the mean
+    square of the target, ε or v = √ᾱ·ε − √(1−ᾱ)·z, weighted per sample by min-SNR-γ."""
+    g = torch.Generator().manual_seed(0)
+    alphas_cumprod = schedule.alphas_cumprod(schedule.scaled_linear_betas(0.00085, 0.012, 1000)).float()
+    z, noise = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 4, 2, 2, generator=g)
+    batch = Batch(z, {}, torch.tensor([5, 400, 990]), noise)
+    a = alphas_cumprod[batch.timesteps][:, None, None, None]
+    for parameterization, expected_target in (("eps", noise), ("v", a.sqrt() * noise - (1 - a).sqrt() * z)):
+
+        def oracle(x_t, t, cond, p=parameterization):
+            eps = (x_t - a.sqrt() * z) / (1 - a).sqrt()  # x_t = √ᾱ·z + √(1−ᾱ)·ε solved for ε
+            return eps if p == "eps" else a.sqrt() * eps - (1 - a).sqrt() * z
+
+        assert diffusion_loss(oracle, batch, alphas_cumprod, parameterization).item() < 1e-10
+        zero = lambda x_t, t, cond: torch.zeros_like(x_t)  # noqa: E731
+        per_sample = (expected_target**2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(diffusion_loss(zero, batch, alphas_cumprod, parameterization), per_sample.mean())
+        weight = min_snr_weight(a.flatten(), 5.0, parameterization)
+        torch.testing.assert_close(diffusion_loss(zero, batch, alphas_cumprod, parameterization, min_snr_gamma=5.0),
+                                   (weight * per_sample).mean())  # fmt: skip
+
+
+def test_resume_fingerprint_holds_every_field_but_the_resumable_ones():
+    model = LatentDiffusion(preset("tiny"))
+    base = TrainConfig(outdir="a")
+    same = TrainConfig(outdir="b", steps=5000, log_every=1, save_every=7, sample_every=3, quiet=True, device="cpu")
+    assert run_fingerprint(base, model) == run_fingerprint(same, model)
+    for changed in ({"max_grad_norm": 0.5}, {"caption_default": "x"}, {"lr": 2e-4}, {"flip": True}):
+        assert run_fingerprint(TrainConfig(outdir="a", **changed), model) != run_fingerprint(base, model), changed
+
+
+def test_flip_with_cached_latents_is_refused_by_the_library(tmp_path):
+    with pytest.raises(TrainError, match="--flip needs --no-cache-latents"):
+        train(TrainConfig(outdir=str(tmp_path), flip=True, **FAST))
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_prompt_dropout_rate(tmp_path, monkeypatch):
     """Over many steps, the share of empty prompts the model sees is the configured rate."""
     seen = []
@@ -88,9 +131,9 @@ def test_prompt_dropout_rate(tmp_path, monkeypatch):
 
     real = t.TrainedParts.forward
 
-    def spy(self, x_t, t_, context, tokens=None):
-        seen.extend((tokens[:, 1:] == 49407).all(dim=1).tolist())  # "" = [sot, eot, eot, ...]
-        return real(self, x_t, t_, context, tokens)
+    def spy(self, x_t, t_, cond):
+        seen.extend((cond["tokens"][:, 1:] == 49407).all(dim=1).tolist())  # "" = [sot, eot, eot, ...]
+        return real(self, x_t, t_, cond)
 
     monkeypatch.setattr(t.TrainedParts, "forward", spy)
     cfg = TrainConfig(outdir=str(tmp_path), steps=40, prompt_dropout=0.25, train_text_encoder=True, ema_decay=0,
@@ -204,6 +247,19 @@ def test_bad_training_input_exits_2(tmp_path, capsys, setup, args, message):
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_flip_mirrors_the_image(tmp_path):
+    image = Image.new("RGB", (16, 16), (0, 0, 0))
+    image.paste((255, 255, 255), (0, 0, 4, 16))  # a white stripe at the left
+    image.save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("stripe")
+    plain = ImageCaptionFolder(tmp_path, 16).load(0)[0]
+    data = ImageCaptionFolder(tmp_path, 16, flip=True)
+    loads = [data.load(0, random.Random(seed))[0] for seed in range(20)]
+    flipped = [torch.equal(x, plain.flip(-1)) for x in loads]
+    assert all(f or torch.equal(x, plain) for f, x in zip(flipped, loads))  # each load is one or the other
+    assert 0 < sum(flipped) < 20 and plain[:, :, 0].mean() > 0.9 and plain[:, :, -1].mean() < -0.9
+
+
 def test_caption_default_accepts_uncaptioned_images(tmp_path):
     (tmp_path / "d").mkdir()
     for i in range(4):
@@ -256,13 +312,51 @@ def test_sample_images_during_training_and_resume_on_another_process_count(tmp_p
 
 
 def test_autoencoder_with_the_patch_gan(tmp_path):
-    from latent_diffusion.train_autoencoder import AutoencoderTrainConfig, train_autoencoder
+    """The adversarial term enters the loss from disc_start on, as −disc_weight·D(x̂); the discriminator's hinge
+    step changes its weights; a run with it writes first_stage_model.* weights."""
+    from latent_diffusion.autoencoder import AutoencoderKL
+    from latent_diffusion.train_autoencoder import (
+        AutoencoderTrainConfig,
+        PatchDiscriminator,
+        autoencoder_loss,
+        discriminator_step,
+        train_autoencoder,
+    )
+
+    cfg = AutoencoderTrainConfig(outdir=str(tmp_path), disc_start=2, disc_weight=0.5)
+    torch.manual_seed(0)
+    model, disc = AutoencoderKL(preset("tiny").autoencoder), PatchDiscriminator()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    before, _, parts = autoencoder_loss(model, disc, x, 1, cfg, torch.Generator().manual_seed(1))
+    assert set(parts) == {"rec", "kl"} and torch.equal(before, parts["rec"] + parts["kl"])
+    after, x_rec, parts = autoencoder_loss(model, disc, x, 2, cfg, torch.Generator().manual_seed(1))
+    assert set(parts) == {"rec", "kl", "gan"} and torch.equal(after, parts["rec"] + parts["kl"] + parts["gan"])
+    weights = [p.detach().clone() for p in disc.parameters()]
+    discriminator_step(disc.train(), torch.optim.Adam(disc.parameters(), lr=1e-3), x, x_rec)
+    assert all(not torch.equal(w, p) for w, p in zip(weights, disc.parameters()) if p.requires_grad)
 
     path, report = train_autoencoder(AutoencoderTrainConfig(
         outdir=str(tmp_path), image_size=32, shapes_count=32, steps=3, batch_size=4, disc_start=1, quiet=True,
         device="cpu"))  # fmt: skip
-    assert path.exists() and report["psnr"] > 0
+    assert math.isfinite(report["psnr"]) and math.isfinite(report["psnr_start"])
     assert all(k.startswith("first_stage_model.") for k in load_file(path))
+
+
+def test_fine_tuning_from_a_checkpoint(tmp_path):
+    """--ckpt: the checkpoint's U-Net is trained from its own weights; its autoencoder and (frozen) text encoder
+    are saved unchanged, and the result loads with the checkpoint's config."""
+    torch.manual_seed(0)
+    start = LatentDiffusion(preset("tiny"))
+    save_model(start, tmp_path / "start.safetensors")
+    path = train(TrainConfig(outdir=str(tmp_path / "ft"), ckpt=str(tmp_path / "start.safetensors"), steps=2,
+                             save_every=2, ema_decay=0, **FAST))  # fmt: skip
+    tuned = load_model(path)
+    assert tuned.cfg == start.cfg
+    a, b = start.state_dict(), tuned.state_dict()
+    for prefix in ("first_stage_model.", "cond_stage_model."):
+        assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(prefix)), prefix
+    moved = [k for k in a if k.startswith("model.diffusion_model.") and not torch.equal(a[k], b[k])]
+    assert len(moved) > 0.9 * sum(k.startswith("model.diffusion_model.") for k in a)
 
 
 def test_gradient_accumulation_and_bf16(tmp_path):
@@ -275,7 +369,7 @@ def test_gradient_accumulation_and_bf16(tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=SAME_RUN_ATOL, rtol=0)
     train(TrainConfig(outdir=str(tmp_path / "bf16"), precision="bf16", **common))
     rows = (tmp_path / "bf16" / "log.csv").read_text().splitlines()[1:]
-    assert all(float(r.split(",")[1]) == float(r.split(",")[1]) for r in rows)  # finite (not NaN)
+    assert all(math.isfinite(float(r.split(",")[1])) for r in rows)  # neither NaN nor ±inf
 
 
 def test_new_run_refuses_an_outdir_with_checkpoints(tmp_path):

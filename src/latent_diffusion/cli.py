@@ -25,8 +25,9 @@ from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest, RequestError, infotext_fields, validate
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
-from .train import TrainConfig, TrainError, train
+from .train import TrainConfig, train
 from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
+from .training import TrainError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -263,8 +264,6 @@ def cmd_train(args) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
     if values["sample_prompts"] is None:
         del values["sample_prompts"]
-    if values["flip"] and values["cache_latents"]:
-        raise UsageError("--flip needs --no-cache-latents (cached latents cannot be flipped)")
     try:
         path = train(TrainConfig(**values))
     except TrainError as e:
@@ -385,62 +384,52 @@ def build_parser() -> argparse.ArgumentParser:
 Each command has its own --help. Bad input is one line on stderr and exit code 2.""",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    info = sub.add_parser(
-        "info",
-        help="load a checkpoint and describe it",
-        description="Load a .safetensors or .ckpt Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) and "
-        "print its variant and parts. Without --config the architecture is read off the keys.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    info = command(sub, "info", cmd_info, "load a checkpoint and describe it",
+                   "Load a .safetensors or .ckpt Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) and print its "
+                   "variant and parts. Without --config the architecture is read off the keys.")  # fmt: skip
     info.add_argument("ckpt", help="checkpoint file (.safetensors or .ckpt)")
     info.add_argument("--config", help="CompVis inference YAML (optional)")
     info.add_argument("--ema", action="store_true", help="load the model_ema.* U-Net weights")
     info.add_argument("--device", default="cpu")
     info.add_argument("--dtype", default="float32", choices=DTYPES)
-    info.set_defaults(run=cmd_info)
+    for name, help_text in (("txt2img", "generate images from a prompt"),
+                            ("img2img", "redraw an image following a prompt"),
+                            ("inpaint", "repaint the white part of a mask")):  # fmt: skip
+        add_generation_arguments(command(sub, name, cmd_generate, help_text, GENERATE_HELP[name]), name)
+    add_config_arguments(
+        command(sub, "train", cmd_train, "train the U-Net in the latent space of a frozen autoencoder",
+                "Train (or fine-tune) the diffusion U-Net on latents of the frozen autoencoder. Several processes: "
+                "torchrun --nproc_per_node N -m latent_diffusion.cli train ..."),
+        TrainConfig, TRAIN_HELP,
+    )  # fmt: skip
+    add_config_arguments(
+        command(sub, "train-autoencoder", cmd_train_autoencoder, "train the KL autoencoder (stage 1)",
+                "Train the KL autoencoder: L1/L2 reconstruction + KL, optionally a patch-GAN after a warm-up. Writes "
+                "first_stage_model.* weights for `ldm train --autoencoder` and reports held-out PSNR."),
+        AutoencoderTrainConfig, AUTOENCODER_HELP,
+    )  # fmt: skip
+    add_eval_arguments(
+        command(sub, "eval", cmd_eval, "prompt adherence of a model trained on the shapes data",
+                "Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
+                "background, size and position back from the pixels with a deterministic analyser.")
+    )  # fmt: skip
+    demo = command(sub, "demo", cmd_demo, "a grid of images from the built-in model",
+                   "The built-in model (trained by this project on the shapes data) draws a 64x64 image per prompt "
+                   "and seed for a handful of prompts, with the default sampler and settings, into one grid.")  # fmt: skip
+    demo.add_argument("--outdir", default="out", help="folder for the grid")
+    demo.add_argument("--columns", type=int, default=6, help="seeds per prompt")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the first column")
+    return parser
 
-    for command, help_text in (
-        ("txt2img", "generate images from a prompt"),
-        ("img2img", "redraw an image following a prompt"),
-        ("inpaint", "repaint the white part of a mask"),
-    ):
-        p = sub.add_parser(
-            command,
-            help=help_text,
-            description=GENERATE_HELP[command],
-            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        )
-        add_generation_arguments(p, command)
-        p.set_defaults(run=cmd_generate)
 
-    tr = sub.add_parser(
-        "train",
-        help="train the U-Net in the latent space of a frozen autoencoder",
-        description="Train (or fine-tune) the diffusion U-Net on latents of the frozen autoencoder. Several "
-        "processes: torchrun --nproc_per_node N -m latent_diffusion.cli train ...",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(tr, TrainConfig, TRAIN_HELP)
-    tr.set_defaults(run=cmd_train)
+def command(sub, name: str, run, help_text: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=description,
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.set_defaults(run=run)
+    return p
 
-    ta = sub.add_parser(
-        "train-autoencoder",
-        help="train the KL autoencoder (stage 1)",
-        description="Train the KL autoencoder: L1/L2 reconstruction + KL, optionally a patch-GAN after a warm-up. "
-        "Writes first_stage_model.* weights for `ldm train --autoencoder` and reports held-out PSNR.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    add_config_arguments(ta, AutoencoderTrainConfig, AUTOENCODER_HELP)
-    ta.set_defaults(run=cmd_train_autoencoder)
 
-    ev = sub.add_parser(
-        "eval",
-        help="prompt adherence of a model trained on the shapes data",
-        description="Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
-        "background, size and position back from the pixels with a deterministic analyser.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--ckpt", default=str(BUILTIN_MODEL), help="a model trained on the built-in shapes data")
     ev.add_argument("--count", type=int, default=200, help="images per split (seen, held-out)")
     ev.add_argument("--steps", type=int, default=20)
@@ -453,20 +442,6 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     ev.add_argument("--device", default="auto")
     ev.add_argument("--json", help="also write the scores to this file")
     ev.add_argument("--quiet", action="store_true")
-    ev.set_defaults(run=cmd_eval)
-
-    demo = sub.add_parser(
-        "demo",
-        help="a grid of images from the built-in model",
-        description="The built-in model (trained by this project on the shapes data) draws a 64x64 image per "
-        "prompt and seed for a handful of prompts, with the default sampler and settings, into one grid.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    demo.add_argument("--outdir", default="out", help="folder for the grid")
-    demo.add_argument("--columns", type=int, default=6, help="seeds per prompt")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the first column")
-    demo.set_defaults(run=cmd_demo)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

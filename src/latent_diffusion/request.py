@@ -70,16 +70,14 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
     if n < 1:
         _fail("a request needs at least one prompt")
     if len(r.seeds) != n or (r.negative_prompts is not None and len(r.negative_prompts) != n):
-        _fail(
-            f"{n} prompts need as many seeds and negative prompts, not {len(r.seeds)} and {len(r.negative_prompts or [])}"
-        )
+        _fail(f"{n} prompts need as many seeds and negative prompts, not {len(r.seeds)} and "
+              f"{len(r.negative_prompts or [])}")  # fmt: skip
     if r.batch_size < 1:
         _fail(f"batch_size must be at least 1, not {r.batch_size}")
     if r.steps < 1:
         _fail(f"steps must be at least 1, not {r.steps}")
     if r.sampler not in SAMPLERS:
         _fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    sampler = SAMPLERS[r.sampler]
     if r.spacing not in SPACINGS:
         _fail(f"unknown timestep spacing {r.spacing!r}; choose one of {', '.join(SPACINGS)}")
     if not 0 < r.strength <= 1:
@@ -98,7 +96,7 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
         _check_images(r)
     if model is None:
         return request
-    return _resolve(r, sampler, model)
+    return _resolve(r, model)
 
 
 def _check_images(r: GenerationRequest) -> None:
@@ -110,7 +108,7 @@ def _check_images(r: GenerationRequest) -> None:
         _fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")
 
 
-def _resolve(r: GenerationRequest, sampler, model: LatentDiffusion) -> GenerationRequest:
+def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     cfg = model.cfg
     if cfg.inpainting and r.mask is None:
         _fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")
@@ -129,13 +127,10 @@ def _resolve(r: GenerationRequest, sampler, model: LatentDiffusion) -> Generatio
 def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
     """The settings of a resolved request as the web UI's infotext fields, without the seed."""
     sampler = get_sampler(r.sampler)
-    fields = {
-        "Steps": r.steps,
-        "Sampler": sampler.display_name + (" Karras" if r.karras and not sampler.discrete else ""),
-        "CFG scale": r.cfg_scale,
-        "Seed": None,
-        "Size": f"{r.width}x{r.height}",
-    }  # fmt: skip; "Seed" holds the web UI's place in the order until `infotext` fills it in
+    karras = " Karras" if r.karras and not sampler.discrete else ""
+    # "Seed" holds its place in the web UI's order until `infotext` fills it in
+    fields = {"Steps": r.steps, "Sampler": sampler.display_name + karras, "CFG scale": r.cfg_scale, "Seed": None,
+              "Size": f"{r.width}x{r.height}"}  # fmt: skip
     if model.checkpoint is not None:
         fields |= {"Model hash": model_hash(model.checkpoint), "Model": Path(model.checkpoint).stem}
     for option, name in (("eta", "Eta"), ("s_noise", "s_noise")):

@@ -167,10 +167,6 @@ class TextEncoder(nn.Module):
         rows, cut = clip_tokenizer(self.cfg.max_length)(prompts, self.cfg.pad_token)
         return torch.tensor(rows, dtype=torch.long, device=self.device), cut
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        tokens, _ = self.tokenize(prompts)
-        return self(tokens)
-
     @property
     def device(self) -> torch.device:
         return self._parts()[1].device

@@ -6,6 +6,11 @@ w(t) = 1, or min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ
 The prompt is replaced by "" with probability `prompt_dropout`, so that the model learns the unconditional
 prediction that classifier-free guidance needs.
 
+The loop reads top to bottom in `train`: check the config, build the data, the model and the optimizer
+(or restore them from the last checkpoint), then per step: the micro-batches (`make_batch`), the loss
+(`diffusion_loss`, a function of the network and the batch alone), one optimizer step, the EMA, the log row
+and the checkpoint.
+
 Determinism: the data order of epoch e is a permutation seeded by (seed, e), and every random draw of step s
 (timesteps, noise, prompt dropout, posterior samples) comes from a generator seeded by (seed, s), drawn for the
 whole global batch. Each process takes its slice. So N steps + resume + N steps equals 2N steps, and two
@@ -17,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import math
+import dataclasses
 import os
 import random
 import shutil
@@ -31,13 +36,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from . import parameterization
-from .checkpoint import UNET, CheckpointError, ema_key, load_model, read_state_dict, save_model
+from .checkpoint import CheckpointError, ema_key, load_model, read_state_dict, save_model
 from .config import preset
-from .data import DataError, ImageCaptionFolder, ShapesDataset
 from .devices import resolve_device
+from .family import UNET, VAE
 from .files import writable_folder
 from .latent_diffusion import LatentDiffusion
+from .parameterization import PARAMETERIZATIONS, min_snr_weight, noised, target
+from .training import TrainError, build_dataset, check_common, get_lr
 
 
 @dataclass
@@ -77,35 +83,13 @@ class TrainConfig:
     device: str = "auto"
     quiet: bool = False
 
-    # What a resumed run must share with the run it continues.
-    RUN_DEFINING = ("data", "shapes_count", "image_size", "ckpt", "preset", "parameterization", "autoencoder",
-                    "train_text_encoder", "batch_size", "grad_accum", "lr", "warmup", "lr_schedule", "weight_decay",
-                    "precision", "ema_decay", "prompt_dropout", "min_snr_gamma", "offset_noise", "cache_latents", "flip",
-                    "seed")  # fmt: skip
 
-
-class TrainError(ValueError):
-    """A training run that cannot start as configured; the message says why."""
+# The fields that may change when a run is resumed; every other field of TrainConfig defines the run.
+RESUMABLE = ("outdir", "steps", "save_every", "keep_checkpoints", "sample_every", "sample_prompts", "log_every",
+             "resume", "device", "quiet")  # fmt: skip
 
 
 # Small pure pieces (tested on their own) ------------------------------------------------------------------------
-
-
-LR_SCHEDULES = ("constant", "cosine")
-
-
-def check_lr_schedule(cfg: TrainConfig) -> None:
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise TrainError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, not {cfg.lr_schedule!r}")
-
-
-def get_lr(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to cfg.lr over cfg.warmup steps, then constant (as CompVis's SD fine-tuning) or, with
-    lr_schedule "cosine", lr·½(1 + cos(π·step/steps)) down to 0 at the last step."""
-    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
-    if cfg.lr_schedule == "cosine":
-        lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
-    return lr
 
 
 @torch.no_grad()
@@ -133,6 +117,20 @@ def global_batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[
     return out
 
 
+def check_config(cfg: TrainConfig) -> None:
+    """Every check that needs nothing but the config: TrainError naming the problem."""
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    check_common(cfg, precisions=("fp32", "bf16", "fp16"))
+    if cfg.parameterization not in (None, *PARAMETERIZATIONS):
+        raise TrainError(f"parameterization must be eps or v, not {cfg.parameterization!r}")
+    if cfg.parameterization and cfg.ckpt:
+        raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
+    if cfg.flip and cfg.cache_latents:
+        raise TrainError("--flip needs --no-cache-latents (cached latents cannot be flipped)")
+
+
 # Set-up -------------------------------------------------------------------------------------------------------
 
 
@@ -146,16 +144,18 @@ def distributed() -> tuple[int, int]:
 
 
 def build_model(cfg: TrainConfig, dataset) -> LatentDiffusion:
+    """The checkpoint to fine-tune, or the preset from scratch (with stage 1's autoencoder, if given); the
+    autoencoder is frozen, the text encoder too unless it is trained."""
     if cfg.ckpt:
         model = load_model(cfg.ckpt)
     else:
         config = preset(cfg.preset)
         config.parameterization = cfg.parameterization or config.parameterization
+        config.image_size = cfg.image_size  # the model's default generation size
         model = LatentDiffusion(config)
         if cfg.autoencoder:
             sd, _ = read_state_dict(cfg.autoencoder)
-            prefix = "first_stage_model."
-            weights = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+            weights = {k.removeprefix(VAE): v for k, v in sd.items() if k.startswith(VAE)}
             try:
                 model.first_stage_model.load_state_dict(weights, strict=True)
             except RuntimeError as e:
@@ -174,18 +174,8 @@ def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> fl
     items = [it for i in range(min(count, len(dataset))) if (it := dataset.load(i)) is not None]
     if not items:
         raise TrainError("none of the first images could be read")
-    images = torch.stack([im for im, _ in items])
-    z = torch.cat([model.first_stage_model.encode(images[i : i + 16]).mean for i in range(0, len(images), 16)])
+    z = model.first_stage_model.encode(torch.stack([im for im, _ in items]), batch_size=16).mean
     return round(1 / z.std().item(), 5)
-
-
-def build_dataset(cfg: TrainConfig):
-    if cfg.data is None:
-        return ShapesDataset(cfg.shapes_count, cfg.image_size, seed=cfg.seed)
-    try:
-        return ImageCaptionFolder(cfg.data, cfg.image_size, flip=cfg.flip, caption_default=cfg.caption_default)
-    except DataError as e:
-        raise TrainError(str(e)) from None
 
 
 @torch.no_grad()
@@ -193,8 +183,7 @@ def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet
     """Posterior mean and std of every image's latent, and the text embedding of every distinct caption."""
     means, stds, captions = [], [], []
     for start in tqdm(range(0, len(dataset), 16), desc="caching latents", disable=quiet, unit="batch"):
-        items = [dataset.load(i) for i in range(start, min(start + 16, len(dataset)))]
-        items = [it for it in items if it is not None]
+        items = [it for i in range(start, min(start + 16, len(dataset))) if (it := dataset.load(i)) is not None]
         if not items:
             continue
         posterior = model.first_stage_model.encode(torch.stack([im for im, _ in items]).to(device))
@@ -207,20 +196,142 @@ def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet
         embeddings = torch.cat([model.get_text_conditioning(unique[i : i + 64]) for i in range(0, len(unique), 64)])
     index = {c: i for i, c in enumerate(unique)}
     return {"mean": torch.cat(means), "std": torch.cat(stds), "caption": [index[c] for c in captions],
-            "captions": unique, "embeddings": embeddings}  # fmt: skip
+            "captions": unique, "index": index, "embeddings": embeddings}  # fmt: skip
 
 
 class TrainedParts(nn.Module):
-    """What the optimizer updates, as one module for DistributedDataParallel: the U-Net, and the text
-    encoder when it is trained (then it runs inside forward, so that its gradients are synchronised too)."""
+    """What the optimizer updates, as one module for DistributedDataParallel: the U-Net behind its conditioning
+    wrapper, and the text encoder when it is trained (it then runs inside forward, so that its gradients are
+    synchronised too). Runs under the run's autocast."""
 
-    def __init__(self, unet: nn.Module, text: nn.Module | None):
+    def __init__(self, wrapper: nn.Module, text: nn.Module | None, autocast: dict):
         super().__init__()
-        self.unet = unet
+        self.wrapper = wrapper
         self.text = text
+        self.autocast = autocast
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, tokens=None) -> torch.Tensor:
-        return self.unet(x_t, t, {"crossattn": self.text(tokens) if tokens is not None else context})
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """cond: the wrapper's conditioning, or {"tokens": (b, 77)} when the text encoder is trained."""
+        with torch.autocast(**self.autocast):
+            if "tokens" in cond:
+                cond = {"crossattn": self.text(cond["tokens"])}
+            return self.wrapper(x_t, t, cond)
+
+
+# One step -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """One micro-batch with every random draw made: the loss is then a function of the network and the batch."""
+
+    latents: torch.Tensor  # z, the scaled latents of the images (b, c, h, w)
+    cond: dict  # {"crossattn": (b, 77, d)}, or {"tokens": (b, 77)} when the text encoder is trained
+    timesteps: torch.Tensor  # (b,)
+    noise: torch.Tensor  # ε (b, c, h, w)
+
+
+def diffusion_loss(net, batch: Batch, alphas_cumprod: torch.Tensor, parameterization: str,
+                   min_snr_gamma: float | None = None) -> torch.Tensor:  # fmt: skip
+    """Mean over the batch of w(t)·mean|net(x_t, t, c) − target|² (the module docstring's objective)."""
+    a = alphas_cumprod[batch.timesteps]
+    prediction = net(noised(batch.latents, batch.noise, a), batch.timesteps, batch.cond)
+    loss = F.mse_loss(prediction.float(), target(batch.latents, batch.noise, a, parameterization), reduction="none")
+    loss = loss.mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        loss = loss * min_snr_weight(a, min_snr_gamma, parameterization)
+    return loss.mean()
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share."""
+
+    cfg: TrainConfig
+    model: LatentDiffusion
+    dataset: object
+    cache: dict | None
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def items(self) -> int:
+        return len(self.cache["caption"]) if self.cache else len(self.dataset)
+
+    @property
+    def micro(self) -> int:
+        """Samples per micro-batch on this process."""
+        return self.cfg.batch_size // (self.world * self.cfg.grad_accum)
+
+
+def load_readable(run: Run, i: int, rng: random.Random):
+    """Item i, or the next readable one: an unreadable image is replaced the same way in every run."""
+    for j in range(run.items):
+        item = run.dataset.load((i + j) % run.items, rng)
+        if item is not None:
+            return item
+    raise TrainError("no image of the data set can be read")
+
+
+def make_batch(run: Run, step: int, part: slice) -> Batch:
+    """Samples `part` of step `step`'s global batch; every draw is made for the global batch (module docstring)."""
+    cfg, model, cache = run.cfg, run.model, run.cache
+    g = step_generator(cfg.seed, step)
+    B = cfg.batch_size
+    t = torch.randint(0, len(model.alphas_cumprod), (B,), generator=g)
+    drop = torch.rand(B, generator=g) < cfg.prompt_dropout
+    f = model.cfg.autoencoder.downsampling_factor
+    shape = (model.cfg.autoencoder.embed_dim, cfg.image_size // f, cfg.image_size // f)
+    noise = torch.randn((B, *shape), generator=g) + cfg.offset_noise * torch.randn((B, shape[0], 1, 1), generator=g)
+    z_noise = torch.randn((B, *shape), generator=g)
+    idx = global_batch_indices(step, B, run.items, cfg.seed)[part]
+    if cache:
+        z = cache["mean"][idx] + cache["std"][idx] * z_noise[part]
+        captions = [cache["captions"][cache["caption"][i]] for i in idx]
+    else:
+        items = [load_readable(run, i, random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
+        with torch.no_grad():
+            posterior = model.first_stage_model.encode(torch.stack([im for im, _ in items]).to(run.device))
+        z = posterior.sample(noise=z_noise[part])
+        captions = [c for _, c in items]
+    captions = ["" if d else c for c, d in zip(captions, drop[part].tolist())]
+    latents = (model.scale_factor * z).to(run.device)
+    return Batch(latents, text_conditioning(run, captions), t[part].to(run.device), noise[part].to(run.device))
+
+
+def text_conditioning(run: Run, captions: list[str]) -> dict:
+    """The context of the captions (from the cache when it has them), or their tokens when the text encoder is
+    trained (it then runs inside the trained module's forward)."""
+    if run.cfg.train_text_encoder:
+        return {"tokens": run.model.cond_stage_model.tokenize(captions)[0]}
+    if run.cache:
+        return {"crossattn": run.cache["embeddings"][[run.cache["index"][c] for c in captions]].to(run.device)}
+    with torch.no_grad():
+        return {"crossattn": run.model.get_text_conditioning(captions)}
+
+
+def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
+    """One optimizer step over grad_accum micro-batches per process; returns the step's mean loss."""
+    cfg = run.cfg
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, cfg)
+    step_loss = 0.0
+    for k in range(cfg.grad_accum):
+        first = (run.rank * cfg.grad_accum + k) * run.micro
+        synced = run.world == 1 or k == cfg.grad_accum - 1  # one all-reduce per step, after the last micro-batch
+        with contextlib.nullcontext() if synced else net.no_sync():
+            batch = make_batch(run, step, slice(first, first + run.micro))
+            loss = diffusion_loss(net, batch, run.model.alphas_cumprod, run.model.parameterization, cfg.min_snr_gamma)
+            loss = loss / cfg.grad_accum
+            scaler.scale(loss).backward()
+        step_loss += loss.item()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
 
 
 # Checkpoints ---------------------------------------------------------------------------------------------------
@@ -248,30 +359,49 @@ def save_checkpoint(outdir: Path, step: int, model: LatentDiffusion, ema: nn.Mod
 
 
 def run_fingerprint(cfg: TrainConfig, model: LatentDiffusion) -> dict:
-    return {**{k: getattr(cfg, k) for k in TrainConfig.RUN_DEFINING}, "model": model.cfg.to_json()}
+    """What a resumed run must share with the run it continues: every field but the RESUMABLE ones, and the model."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in RESUMABLE}
+    return {**fields, "model": model.cfg.to_json()}
+
+
+def restore(cfg: TrainConfig, outdir: Path, model: LatentDiffusion) -> tuple[dict | None, dict | None]:
+    """On --resume: the last checkpoint's (state, tensors), checked against this run's settings, with the
+    weights loaded into the model (the tensors are read once: weights and EMA). Else (None, None)."""
+    if not cfg.resume:
+        return None, None
+    last = latest_checkpoint(outdir)
+    if last is None:
+        raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'}")
+    try:
+        state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
+        fingerprint = run_fingerprint(cfg, model)
+        differs = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
+        if differs:
+            raise TrainError(f"{last}: was written by a run with other settings ({', '.join(differs)})")
+        saved, _ = read_state_dict(last / "model.safetensors")
+        model.load_state_dict({k: saved[k] for k in model.state_dict()})
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    except KeyError as e:
+        raise TrainError(f"{last}: an incomplete checkpoint (no {e.args[0]})") from None
+    return state, saved
+
+
+def log_row(path: Path, step: int, losses: list[float], seconds: float, lr: float) -> None:
+    with open(path, "a", newline="") as f:
+        csv.writer(f).writerow([step, f"{sum(losses) / len(losses):.6f}", f"{lr:.3e}", f"{len(losses) / seconds:.2f}"])
 
 
 # The loop ------------------------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
-    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_checkpoints"):
-        if getattr(cfg, name) < 1:
-            raise TrainError(f"{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
-    if cfg.image_size % 8 or cfg.image_size <= 0:
-        raise TrainError(f"image size must be a positive multiple of 8, not {cfg.image_size}")
+def setup(cfg: TrainConfig) -> tuple[Path, torch.device, int, int]:
+    """(outdir, device, rank, world size), checked before any work."""
+    check_config(cfg)
     rank, world = distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} "
                          "accumulation steps")  # fmt: skip
-    if cfg.parameterization not in (None, "eps", "v"):
-        raise TrainError(f"parameterization must be eps or v, not {cfg.parameterization!r}")
-    if cfg.parameterization and cfg.ckpt:
-        raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
-    check_lr_schedule(cfg)
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise TrainError(f"precision must be fp32, bf16 or fp16, not {cfg.precision!r}")
     try:
         outdir, device = writable_folder(cfg.outdir), resolve_device(cfg.device)
     except ValueError as e:
@@ -279,165 +409,83 @@ def train(cfg: TrainConfig) -> Path:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    quiet = cfg.quiet or rank != 0
+    if not cfg.resume and latest_checkpoint(outdir) is not None:
+        raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
+    return outdir, device, rank, world
 
+
+def train(cfg: TrainConfig) -> Path:
+    """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
+    outdir, device, rank, world = setup(cfg)
+    quiet = cfg.quiet or rank != 0
     dataset = build_dataset(cfg)
     if cfg.batch_size > len(dataset):
         raise TrainError(f"batch size {cfg.batch_size} is larger than the data set ({len(dataset)} images)")
-    if not cfg.resume and latest_checkpoint(outdir) is not None:
-        raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
     torch.manual_seed(cfg.seed)  # the initial weights of a from-scratch model
     try:
         model = build_model(cfg, dataset)
-        state, last = None, latest_checkpoint(outdir) if cfg.resume else None
-        if cfg.resume:
-            if last is None:
-                raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'}")
-            state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
-            fingerprint = run_fingerprint(cfg, model)
-            differs = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
-            if differs:
-                raise TrainError(f"{last}: was written by a run with other settings ({', '.join(differs)})")
-            saved, _ = read_state_dict(last / "model.safetensors")  # read once: weights and EMA
-            model.load_state_dict({k: saved[k] for k in model.state_dict()})
     except CheckpointError as e:
         raise TrainError(str(e)) from None
-    except KeyError as e:
-        raise TrainError(f"{last}: an incomplete checkpoint (no {e.args[0]})") from None
+    state, saved = restore(cfg, outdir, model)
     model = model.to(device)
-    unet, text = model.unet, model.cond_stage_model
-    trainable = TrainedParts(model.model, text if cfg.train_text_encoder else None)
-    ema = copy.deepcopy(unet).requires_grad_(False) if cfg.ema_decay > 0 else None
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+                    enabled=cfg.precision != "fp32")  # fmt: skip
+    trainable = TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast)
+    ema = copy.deepcopy(model.unet).requires_grad_(False) if cfg.ema_decay > 0 else None
     # foreach: each update op runs once over all parameters rather than in a Python loop over them. torch
     # picks it by itself on CUDA only; on 2 CPU cores it takes the tiny model's AdamW step from 16-19 to 11 ms.
     optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    start_step, fingerprint = 0, run_fingerprint(cfg, model)
     if state is not None:
         if ema is not None:
             ema.load_state_dict({k: saved[ema_key(UNET + k)] for k in ema.state_dict()})
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_step = state["step"]
-
     cache = build_cache(model, dataset, device, cfg, quiet) if cfg.cache_latents else None
-    n_items = len(cache["caption"]) if cache else len(dataset)
-    if world > 1:
-        # A trained SD 2.x text encoder has parameters without gradients (its last block and projection).
-        ddp = nn.parallel.DistributedDataParallel(
-            trainable, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.train_text_encoder,
-        )  # fmt: skip
-    else:
-        ddp = trainable
-    alphas_cumprod = model.alphas_cumprod.to(device)
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
-                    enabled=cfg.precision != "fp32")  # fmt: skip
-
-    def load_readable(i: int, rng: random.Random):
-        """Item i, or the next readable one: an unreadable image is replaced the same way in every run."""
-        for j in range(n_items):
-            item = dataset.load((i + j) % n_items, rng)
-            if item is not None:
-                return item
-        raise TrainError("no image of the data set can be read")
-
-    def batch_inputs(step: int, part: slice):
-        """Latents z, contexts, timesteps, noise of samples `part` of step `step`'s global batch."""
-        g = step_generator(cfg.seed, step)
-        B = cfg.batch_size
-        t = torch.randint(0, len(alphas_cumprod), (B,), generator=g)
-        drop = torch.rand(B, generator=g) < cfg.prompt_dropout
-        shape = (model.cfg.autoencoder.embed_dim, cfg.image_size // 8, cfg.image_size // 8)
-        noise = torch.randn((B, *shape), generator=g) + cfg.offset_noise * torch.randn((B, shape[0], 1, 1), generator=g)
-        z_noise = torch.randn((B, *shape), generator=g)
-        idx = global_batch_indices(step, B, n_items, cfg.seed)[part]
-        if cache:
-            z = cache["mean"][idx] + cache["std"][idx] * z_noise[part]
-            captions = [cache["captions"][cache["caption"][i]] for i in idx]
-        else:
-            items = [load_readable(i, random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
-            with torch.no_grad():
-                posterior = model.first_stage_model.encode(torch.stack([im for im, _ in items]).to(device))
-            z = posterior.sample(noise=z_noise[part])
-            captions = [c for _, c in items]
-        captions = ["" if d else c for c, d in zip(captions, drop[part].tolist())]
-        z = (model.scale_factor * z).to(device)
-        return z, captions, t[part].to(device), noise[part].to(device)
-
-    caption_index = {c: i for i, c in enumerate(cache["captions"])} if cache else {}
-
-    def model_inputs(captions: list[str]) -> dict:
-        """The context, or the tokens when the text encoder is trained (it then runs inside forward)."""
-        if cfg.train_text_encoder:
-            return {"context": None, "tokens": text.tokenize(captions)[0]}
-        if cache:
-            return {"context": cache["embeddings"][[caption_index[c] for c in captions]].to(device)}
-        with torch.no_grad():
-            return {"context": model.get_text_conditioning(captions)}
-
-    def loss_of(z, captions, t, noise) -> torch.Tensor:
-        a = alphas_cumprod[t]
-        x_t = parameterization.noised(z, noise, a)
-        target = parameterization.target(z, noise, a, model.parameterization)
-        with torch.autocast(**autocast):
-            pred = ddp(x_t, t, **model_inputs(captions))
-        loss = F.mse_loss(pred.float(), target, reduction="none").mean(dim=(1, 2, 3))
-        if cfg.min_snr_gamma:
-            loss = loss * parameterization.min_snr_weight(a, cfg.min_snr_gamma, model.parameterization)
-        return loss.mean()
-
-    log_path = outdir / "log.csv"
-    if rank == 0 and not (cfg.resume and log_path.exists()):
-        log_path.write_text("step,loss,lr,steps_per_s\n")
-    bar = tqdm(total=cfg.steps, initial=start_step, disable=quiet, unit="step", desc="train")
-    losses, tick = [], time.perf_counter()
-    model.train()
-    model.first_stage_model.eval()
-    for step in range(start_step, cfg.steps):
-        for group in optimizer.param_groups:
-            group["lr"] = get_lr(step, cfg)
-        step_loss = 0.0
-        for k in range(cfg.grad_accum):
-            first = (rank * cfg.grad_accum + k) * micro
-            last_micro = k == cfg.grad_accum - 1
-            with ddp.no_sync() if world > 1 and not last_micro else contextlib.nullcontext():  # one all-reduce
-                loss = loss_of(*batch_inputs(step, slice(first, first + micro))) / cfg.grad_accum
-                scaler.scale(loss).backward()
-            step_loss += loss.item()
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(trainable.parameters(), cfg.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema_update(ema, unet, cfg.ema_decay, step + 1)
-        losses.append(step_loss)
-        bar.update(1)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            rate = len(losses) / (time.perf_counter() - tick)
-            mean = sum(losses) / len(losses)
-            bar.set_postfix(loss=f"{mean:.4f}", steps_s=f"{rate:.1f}")
-            if rank == 0:
-                with open(log_path, "a", newline="") as f:
-                    csv.writer(f).writerow([done, f"{mean:.6f}", f"{get_lr(step, cfg):.3e}", f"{rate:.2f}"])
-            losses, tick = [], time.perf_counter()
-        if rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
-            state = {"step": done, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "fingerprint": fingerprint}  # fmt: skip
-            save_checkpoint(outdir, done, model, ema, state, cfg.keep_checkpoints)
-        if rank == 0 and cfg.sample_every and done % cfg.sample_every == 0:
-            write_samples(model, cfg, outdir / "samples" / f"step-{done:07d}.png")
-        if world > 1:
-            dist.barrier()
-    bar.close()
+    run = Run(cfg, model, dataset, cache, device, rank, world)
+    # A trained SD 2.x text encoder has parameters without gradients (its last block and projection).
+    net = trainable if world == 1 else nn.parallel.DistributedDataParallel(
+        trainable, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=cfg.train_text_encoder)  # fmt: skip
+    loop(run, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)
     if getattr(dataset, "skipped", 0) and rank == 0:
         tqdm.write(f"skipped {dataset.skipped} unreadable images")
     if world > 1:
         dist.destroy_process_group()
     return outdir / "model.safetensors"
+
+
+def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet: bool) -> None:
+    """Steps start..steps: train, EMA, log every log_every steps, checkpoint every save_every, samples."""
+    cfg, model = run.cfg, run.model
+    log_path = outdir / "log.csv"
+    if run.rank == 0 and not (cfg.resume and log_path.exists()):
+        log_path.write_text("step,loss,lr,steps_per_s\n")
+    fingerprint = run_fingerprint(cfg, model)
+    bar = tqdm(total=cfg.steps, initial=start, disable=quiet, unit="step", desc="train")
+    losses, tick = [], time.perf_counter()
+    model.train()
+    model.first_stage_model.eval()
+    for step in range(start, cfg.steps):
+        losses.append(train_step(run, step, net, optimizer, scaler))
+        if ema is not None:
+            ema_update(ema, model.unet, cfg.ema_decay, step + 1)
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+            if run.rank == 0:
+                log_row(log_path, done, losses, time.perf_counter() - tick, get_lr(step, cfg))
+            losses, tick = [], time.perf_counter()
+        if run.rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
+            state = {"step": done, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "fingerprint": fingerprint}  # fmt: skip
+            save_checkpoint(outdir, done, model, ema, state, cfg.keep_checkpoints)
+        if run.rank == 0 and cfg.sample_every and done % cfg.sample_every == 0:
+            write_samples(model, cfg, outdir / "samples" / f"step-{done:07d}.png")
+        if run.world > 1:
+            dist.barrier()
+    bar.close()
 
 
 @torch.no_grad()

@@ -8,10 +8,7 @@ disc_weight·(−D_patch(x̂)) against a patch-GAN discriminator trained with th
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +22,9 @@ from tqdm import tqdm
 from .autoencoder import AutoencoderKL
 from .config import preset
 from .devices import resolve_device
-from .files import writable_folder
-from .train import TrainError, build_dataset, check_lr_schedule, get_lr
+from .family import VAE
+from .files import atomic_write, writable_folder
+from .training import TrainError, build_dataset, check_common, get_lr
 
 
 @dataclass
@@ -73,46 +71,64 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4 / max(mse, 1e-12))
 
 
-def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
-    """-> (outdir/autoencoder.safetensors, {"images": held-out count, "psnr_start": dB, "psnr": dB})."""
+def autoencoder_loss(model: AutoencoderKL, disc: nn.Module | None, x: torch.Tensor, step: int,
+                     cfg: AutoencoderTrainConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+    """-> (loss, the reconstruction x̂, its parts {"rec", "kl", and "gan" once the discriminator is on}):
+    rec + kl_weight·KL/pixels, minus disc_weight·D(x̂) from step disc_start (the module docstring's loss)."""
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
+        posterior = model.encode(x)
+        x_rec = model.decode(posterior.sample(generator=g)).float()
+    rec = ((x_rec - x).abs() if cfg.loss == "l1" else (x_rec - x) ** 2).mean()
+    parts = {"rec": rec, "kl": cfg.kl_weight * posterior.kl().mean() / x[0].numel()}
+    if disc is not None and step >= cfg.disc_start:
+        parts["gan"] = -cfg.disc_weight * disc(x_rec).mean()
+    return sum(parts.values()), x_rec, parts
+
+
+def discriminator_step(disc: nn.Module, opt_d, x: torch.Tensor, x_rec: torch.Tensor) -> float:
+    """One step of the hinge loss (Lim & Ye 2017): push D(x) above 1 and D(x̂) below −1."""
+    d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(x_rec.detach())).mean())
+    opt_d.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt_d.step()
+    return d_loss.item()
+
+
+@torch.no_grad()
+def held_out_psnr(model: AutoencoderKL, images: torch.Tensor) -> float:
+    model.eval()
+    rec = torch.cat([model.decode(z) for z in model.encode(images, batch_size=16).mode().split(16)])
+    model.train()
+    return psnr(rec, images)
+
+
+def check(cfg: AutoencoderTrainConfig) -> tuple[Path, torch.device]:
     if cfg.loss not in ("l1", "l2"):
         raise TrainError(f"loss must be l1 or l2, not {cfg.loss!r}")
-    check_lr_schedule(cfg)
-    if cfg.precision not in ("fp32", "bf16"):
-        raise TrainError(f"precision must be fp32 or bf16, not {cfg.precision!r}")
-    if cfg.image_size % 8 or cfg.image_size <= 0:
-        raise TrainError(f"image size must be a positive multiple of 8, not {cfg.image_size}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise TrainError("steps and batch size must be at least 1")
+    check_common(cfg, precisions=("fp32", "bf16"))
     try:
-        outdir, device = writable_folder(cfg.outdir), resolve_device(cfg.device)
+        return writable_folder(cfg.outdir), resolve_device(cfg.device)
     except ValueError as e:
         raise TrainError(str(e)) from None
+
+
+def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
+    """-> (outdir/autoencoder.safetensors, {"images": held-out count, "psnr_start": dB, "psnr": dB})."""
+    outdir, device = check(cfg)
     dataset = build_dataset(cfg)
     n_holdout = max(1, int(len(dataset) * cfg.holdout))
     n_train = len(dataset) - n_holdout
     if cfg.batch_size > n_train:
         raise TrainError(f"batch size {cfg.batch_size} is larger than the training split ({n_train} images)")
     torch.manual_seed(cfg.seed)
-    ae_cfg = preset(cfg.preset).autoencoder
-    model = AutoencoderKL(ae_cfg).to(device)
+    model = AutoencoderKL(preset(cfg.preset).autoencoder).to(device)
     disc = PatchDiscriminator().to(device) if cfg.disc_start >= 0 else None
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc else None
     g = torch.Generator().manual_seed(cfg.seed)
     flip_rng = random.Random(cfg.seed)
     holdout = torch.stack([it[0] for i in range(n_train, len(dataset)) if (it := dataset.load(i))]).to(device)
-
-    def evaluate() -> float:
-        model.eval()
-        with torch.no_grad():
-            rec = torch.cat(
-                [model.decode(model.encode(holdout[i : i + 16]).mode()) for i in range(0, len(holdout), 16)]
-            )
-        model.train()
-        return psnr(rec, holdout)
-
-    start_psnr = evaluate()
+    start_psnr = held_out_psnr(model, holdout)
     bar = tqdm(range(cfg.steps), disable=cfg.quiet, unit="step", desc="train-autoencoder")
     for step in bar:
         for group in opt.param_groups:
@@ -122,32 +138,16 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
         if not items:
             continue
         x = torch.stack([im for im, _ in items]).to(device)
-        with torch.autocast(device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):
-            posterior = model.encode(x)
-            x_rec = model.decode(posterior.sample(generator=g)).float()
-        rec = (x_rec - x).abs() if cfg.loss == "l1" else (x_rec - x) ** 2
-        loss = rec.mean() + cfg.kl_weight * posterior.kl().mean() / x[0].numel()
-        gan_on = disc is not None and step >= cfg.disc_start
-        if gan_on:
-            loss = loss - cfg.disc_weight * disc(x_rec).mean()
+        loss, x_rec, parts = autoencoder_loss(model, disc, x, step, cfg, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if gan_on:  # hinge loss: push D(x) above 1 and D(x̂) below −1
-            d_loss = 0.5 * (F.relu(1 - disc(x)).mean() + F.relu(1 + disc(x_rec.detach())).mean())
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
+        if "gan" in parts:
+            discriminator_step(disc, opt_d, x, x_rec)
         if step % 10 == 0:
-            bar.set_postfix(rec=f"{rec.mean().item():.4f}")
-
-    final_psnr = evaluate()
+            bar.set_postfix(rec=f"{parts['rec'].item():.4f}")
     path = outdir / "autoencoder.safetensors"
-    tensors = {f"first_stage_model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        save_file(tensors, tmp, metadata={"autoencoder": json.dumps(dataclasses.asdict(ae_cfg))})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path, {"images": n_holdout, "psnr_start": start_psnr, "psnr": final_psnr}
+    tensors = {VAE + k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_write(path) as tmp:
+        save_file(tensors, tmp)
+    return path, {"images": n_holdout, "psnr_start": start_psnr, "psnr": held_out_psnr(model, holdout)}
