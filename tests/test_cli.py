@@ -110,13 +110,17 @@ def test_bad_txt2img_arguments_exit_2(tmp_path, ckpt, capsys, args, message):
         ("img2img", ["--strength", 1.5], r"--strength must be in (0, 1]"),
         ("inpaint", ["--mask", "{small_mask}"], "the mask is 8x8 but the image is 64x48"),
         ("img2img", ["--init-image", "{not_an_image}"], "cannot read the image"),
+        ("img2img", ["--init-image", "{odd_image}"], "the image is 60x48: its sides must be multiples of 8"),
+        ("img2img", ["--eta", "-1"], "--eta must be a finite number of at least 0"),
     ],
 )
 def test_bad_image_arguments_exit_2(tmp_path, ckpt, picture, capsys, command, args, message):
     image, mask = picture
     Image.new("L", (8, 8)).save(tmp_path / "small.png")
     (tmp_path / "text.png").write_text("not an image")
-    fill = {"{small_mask}": tmp_path / "small.png", "{not_an_image}": tmp_path / "text.png"}
+    Image.new("RGB", (60, 48)).save(tmp_path / "odd.png")
+    fill = {"{small_mask}": tmp_path / "small.png", "{not_an_image}": tmp_path / "text.png",
+            "{odd_image}": tmp_path / "odd.png"}  # fmt: skip
     base = {"--init-image": image, **({"--mask": mask} if command == "inpaint" else {})}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = fill.get(value, value)

@@ -172,6 +172,20 @@ def test_progress_sees_every_step_with_its_x0_and_the_result_has_infotexts(tiny_
     assert result.infotexts[2] == "c\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 3, Size: 16x16"
 
 
+def test_sampler_options_reach_the_samplers_that_take_them(tiny_models):
+    """eta and s_noise go to every sampler that takes them (and are written in the infotext where they differ from
+    the sampler's default, under the web UI's names): Euler a with η = 0 is Euler; s_noise scales its fresh noise."""
+    model, common = tiny_models["sd1"], {"width": 16, "height": 16, "steps": 3, "karras": False}
+    run = lambda **kw: generate(model, GenerationRequest(["a"], [5], **common, **kw))  # noqa: E731
+    default, euler = run(sampler="euler_ancestral"), run(sampler="euler")
+    torch.testing.assert_close(run(sampler="euler_ancestral", eta=0.0).images, euler.images, atol=1e-6, rtol=0)
+    quiet = run(sampler="euler_ancestral", s_noise=0.5)
+    assert not torch.allclose(quiet.images, default.images, atol=1e-3)
+    assert torch.equal(run(sampler="euler_ancestral", s_noise=1.0).images, default.images)
+    assert "Sigma noise: 0.5" in quiet.infotexts[0] and "Sigma noise" not in default.infotexts[0]
+    assert "Eta" not in run(sampler="euler", eta=0.5).infotexts[0]  # Euler takes no η: ignored, not written
+
+
 def test_prompt_warnings_are_data(tiny_models):
     result = generate(tiny_models["sd1"], GenerationRequest(["word " * 80], [0], steps=1, width=16, height=16))
     assert result.warnings == ["prompt longer than 75 tokens; this part was cut: 'word word word word word'"]

@@ -272,12 +272,13 @@ def test_both_stages_from_scratch(tmp_path, capsys):
     """Stage 1 improves held-out reconstruction; stage 2 trains on its frozen latents and loads everywhere."""
     assert main(["train-autoencoder", "--outdir", str(tmp_path / "ae"), "--image-size", "32", "--shapes-count", "64",
                  "--steps", "250", "--warmup", "10", "--batch-size", "8", "--loss", "l2", "--lr-schedule", "cosine",
-                 "--precision", "bf16", "--quiet", "--device", "cpu"]) == 0  # fmt: skip
+                 "--quiet", "--device", "cpu"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     start, end = map(float, re.search(r"\(3 images\): ([\d.]+) dB at the start, ([\d.]+) dB now", out).groups())
     # The tiny KL autoencoder learns slowly at first (diffusers' AutoencoderKL of the same size too: 8.7 dB after
-    # 200 steps); measured after 250-400 steps: +0.3 to +3 dB depending on the seed. The test asks for a gain.
-    assert end > start + 0.2, out
+    # 200 steps). Measured after these 250 fp32 steps, seeds 0-3: +4.0, +2.7, +3.6, +0.9 dB; this is seed 0.
+    # (fp32: bf16 autocast is emulated on CPUs without AVX-512 and took 5 minutes here; the GAN test runs bf16.)
+    assert end > start + 0.5, out
     ae = tmp_path / "ae" / "autoencoder.safetensors"
     assert main(["train", "--outdir", str(tmp_path / "ldm"), "--autoencoder", str(ae), "--image-size", "32",
                  "--shapes-count", "64", "--steps", "80", "--batch-size", "8", "--lr", "1e-3", "--warmup", "5",
@@ -333,11 +334,12 @@ def test_autoencoder_with_the_patch_gan(tmp_path):
     assert set(parts) == {"rec", "kl", "gan"} and torch.equal(after, parts["rec"] + parts["kl"] + parts["gan"])
     weights = [p.detach().clone() for p in disc.parameters()]
     discriminator_step(disc.train(), torch.optim.Adam(disc.parameters(), lr=1e-3), x, x_rec)
-    assert all(not torch.equal(w, p) for w, p in zip(weights, disc.parameters()) if p.requires_grad)
+    # every convolution kernel moves (the last bias may not: with all hinges active its gradient is −1 + 1 = 0)
+    assert all(not torch.equal(w, p) for w, p in zip(weights, disc.parameters()) if p.ndim == 4)
 
     path, report = train_autoencoder(AutoencoderTrainConfig(
-        outdir=str(tmp_path), image_size=32, shapes_count=32, steps=3, batch_size=4, disc_start=1, quiet=True,
-        device="cpu"))  # fmt: skip
+        outdir=str(tmp_path), image_size=32, shapes_count=32, steps=3, batch_size=4, disc_start=1, precision="bf16",
+        quiet=True, device="cpu"))  # fmt: skip
     assert math.isfinite(report["psnr"]) and math.isfinite(report["psnr_start"])
     assert all(k.startswith("first_stage_model.") for k in load_file(path))
 

@@ -9,6 +9,7 @@ Image i of a request is drawn from seed `seeds[i]` alone, whatever the batch siz
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,9 +116,10 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     size = r.init_image.shape[-2:] if r.init_image is not None else (r.height, r.width)
     height, width = (side or cfg.default_size for side in size)
     f = cfg.autoencoder.downsampling_factor
+    if r.init_image is not None and (width % f or height % f):
+        _fail(f"the image is {width}x{height}: its sides must be multiples of {f}; resize it")
     if width % f or height % f or width <= 0 or height <= 0:
-        what = "the image" if r.init_image is not None else "width and height"
-        _fail(f"{what} must be positive multiples of {f}, not {width}x{height}")
+        _fail(f"width and height must be positive multiples of {f}, not {width}x{height}")
     return dataclasses.replace(
         r, width=width, height=height, cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
         negative_prompts=r.negative_prompts or [""] * len(r.prompts),
@@ -133,9 +135,10 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
               "Size": f"{r.width}x{r.height}"}  # fmt: skip
     if model.checkpoint is not None:
         fields |= {"Model hash": model_hash(model.checkpoint), "Model": Path(model.checkpoint).stem}
-    for option, name in (("eta", "Eta"), ("s_noise", "s_noise")):
-        if getattr(r, option) is not None and option in sampler.options:
-            fields[name] = getattr(r, option)
+    for option, name in (("eta", "Eta"), ("s_noise", "Sigma noise")):  # where not the sampler's default, as the web UI
+        value = getattr(r, option)
+        if option in sampler.options and value not in (None, inspect.signature(sampler.fn).parameters[option].default):
+            fields[name] = value
     if r.init_image is not None:
         fields["Denoising strength"] = r.strength
     return fields
