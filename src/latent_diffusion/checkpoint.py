@@ -408,5 +408,5 @@ def save_model(model: LatentDiffusion, path: str | os.PathLike, *, ema_unet: tor
     try:
         with atomic_write(path) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot write ({_first_line(e)})") from None
+    except Exception as e:  # an OSError, or safetensors' own error around one: the environment's failure
+        raise OSError(f"{path}: cannot write ({_first_line(e)})") from None

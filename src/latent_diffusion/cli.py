@@ -18,9 +18,9 @@ from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model
 from .data import HELD_OUT_PAIRS
 from .devices import resolve_device
 from .evaluate import ATTRIBUTES, prompt_adherence
-from .files import atomic_write, writable_folder
-from .generate import generate
-from .images import grid, load_image, next_index, parameters_text, save_png, to_pil
+from .files import atomic_write, claim_numbered, writable_folder
+from .generate import NonFiniteError, generate
+from .images import grid, load_image, parameters_text, save_png, to_pil
 from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest, RequestError, infotext_fields, validate
 from .samplers import SAMPLERS
@@ -96,7 +96,7 @@ def request_from_args(args) -> GenerationRequest:
     if args.batch_size < 1 or args.n_iter < 1:
         raise UsageError("--batch-size and --n-iter must be at least 1")
     count = args.batch_size * args.n_iter
-    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    seed = random.randrange(2**32) if args.seed in (None, -1) else args.seed  # -1: random, as the web UI
     return GenerationRequest(
         prompts=[args.prompt] * count, negative_prompts=[args.negative_prompt] * count,
         seeds=[seed + i for i in range(count)], width=args.width, height=args.height, steps=args.steps,
@@ -146,15 +146,19 @@ def cmd_generate(args) -> None:
             tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
         warned |= set(result.warnings)
         for seed, image, info in zip(batch.seeds, result.images, result.infotexts):
-            path = outdir / f"{next_index(outdir):05d}-{seed}.png"
-            save_png(to_pil(image), path, info)
-            images.append((to_pil(image), info))
+            path = claim_numbered(outdir, f"{seed}.png")
+            try:
+                save_png(to_pil(image), path, info)
+            except BaseException:
+                path.unlink(missing_ok=True)  # the claimed name, still empty
+                raise
+            images.append((to_pil(image), info, path))
             if not args.quiet:
                 tqdm.write(f"wrote {path}")
     bar.close()
-    if args.grid and len(images) > 1:
-        path = outdir / f"grid-{next_index(outdir) - 1:05d}.png"
-        save_png(grid([im for im, _ in images], args.batch_size), path, images[0][1])
+    if args.grid and len(images) > 1:  # named after this run's last image, which no other run can take
+        path = outdir / f"grid-{images[-1][2].name[:5]}.png"
+        save_png(grid([im for im, _, _ in images], args.batch_size), path, images[0][1])
         print(f"wrote {path}")
 
 
@@ -358,7 +362,11 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         help="classifier-free guidance scale (1: none; default: the model's own, 7.5 for Stable Diffusion, "
         "2 for the built-in model)",
     )
-    p.add_argument("--seed", type=int, help="seed of the first image (default: random, and printed in the PNG)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the first image, 0 <= seed < 2^64 (default and -1: random, written in the PNG)",
+    )
     p.add_argument("--batch-size", type=int, default=1, help="images per U-Net batch")
     p.add_argument("--n-iter", type=int, default=1, help="how many batches")
     p.add_argument("--outdir", default="outputs", help="where the PNGs go")
@@ -383,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 Each command has its own --help. Bad input is one line on stderr and exit code 2.""",
     )
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     info = command(sub, "info", cmd_info, "load a checkpoint and describe it",
                    "Load a .safetensors or .ckpt Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) and print its "
@@ -445,14 +454,29 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 2 bad input (found before the work starts); 1 a failure of the environment or of the
+    run (disk full, out of memory, a non-finite result). One line on stderr either way; --debug adds the traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         args.run(args)
     except (CheckpointError, UsageError, ValueError) as e:
-        print(f"ldm: error: {e}", file=sys.stderr)
-        return 2
+        return fail(args, e, 2)
+    except (OSError, MemoryError, torch.OutOfMemoryError, NonFiniteError) as e:
+        return fail(args, e, 1)
+    except Exception as e:  # a failure nobody foresaw: still one line, and --debug shows where
+        return fail(args, RuntimeError(f"{type(e).__name__}: {e} (--debug shows the traceback)"), 1)
     return 0
+
+
+def fail(args, error: BaseException, code: int) -> int:
+    if args.debug:
+        raise error
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, OSError) and error.filename:
+        message = f"{error.filename}: {error.strerror or message}"
+    print(f"ldm: error: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

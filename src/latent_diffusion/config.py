@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 
 from .family import Family, family_of_text_kind
@@ -97,6 +98,8 @@ class LatentDiffusionConfig:
     cfg_scale: float | None = None
 
     def __post_init__(self):
+        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
+            raise ValueError(f"scale_factor must be a positive finite number, not {self.scale_factor}")
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be 'eps' or 'v', not {self.parameterization!r}")
         if self.unet.context_dim != self.text.width:

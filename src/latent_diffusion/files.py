@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes files private; ours are ordinary files
         os.replace(tmp, path)
+    except OSError as e:  # disk full, file too large, ...: say which file
+        raise OSError(e.errno, f"cannot write ({e.strerror or e})", str(path)) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
 
@@ -37,3 +40,21 @@ def writable_folder(path: str | os.PathLike) -> Path:
     except OSError as e:
         raise ValueError(f"cannot write to the output folder {path}: {e.strerror}") from None
     return path
+
+
+def next_index(folder: Path) -> int:
+    """1 + the largest NNNNN- prefix in the folder, so runs never overwrite earlier images."""
+    found = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    return max(found, default=0) + 1
+
+
+def claim_numbered(folder: Path, suffix: str) -> Path:
+    """folder/NNNNN-suffix with the next free number, reserved by creating it exclusively (O_EXCL): runs writing
+    into one folder at once never take the same name. Write it with `atomic_write`; unlink it if that fails."""
+    while True:
+        path = folder / f"{next_index(folder):05d}-{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return path
+        except FileExistsError:
+            continue  # another run took this number a moment ago: look again

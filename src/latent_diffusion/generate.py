@@ -10,6 +10,7 @@ then the sampler's per-step noise.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,6 +29,22 @@ class Progress:
     step: int  # sampling steps done, over the whole request
     total: int  # sampling steps of the whole request
     sampler_step: Step  # σ, the latent x and the x0 estimate of this step, for previews
+
+
+class NonFiniteError(RuntimeError):
+    """A run that produced NaN or inf where an image should be: nothing is written."""
+
+
+def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
+    """Latents -> images (float32, about [-1, 1]). A float16 decode that overflows is done again in float32 (the
+    web UI's automatic VAE precision); a copy of the decoder in float32 exists only for that retry."""
+    images = model.autoencoder_decode(z.to(model.dtype)).float()
+    if model.dtype == torch.float16 and not torch.isfinite(images).all():
+        vae = copy.deepcopy(model.first_stage_model).float()
+        images = vae.decode(z.float() / model.scale_factor)
+    if not torch.isfinite(images).all():
+        raise NonFiniteError("the autoencoder decoded non-finite pixels (NaN or inf): its weights are broken")
+    return images
 
 
 def per_image_randn(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
@@ -120,7 +137,10 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
         hold=hold if latent_mask is not None and not model.cfg.inpainting else None, **options,
     )  # fmt: skip
     x = x / (1 + sigmas[-1].item() ** 2) ** 0.5  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
-    images = (model.autoencoder_decode(x.to(dtype)).float() / 2 + 0.5).clamp(0, 1)
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"sampling gave non-finite latents (NaN or inf) for seeds {[r.seeds[i] for i in batch]}; "
+                             "the likely causes are the checkpoint's weights or the guidance scale")  # fmt: skip
+    images = (decode(model, x) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
         images = pixel_mask * images + (1 - pixel_mask) * r.init_image.to(device, torch.float32)
     return images, notes + uncond_notes

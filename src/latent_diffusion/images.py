@@ -21,12 +21,19 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from .files import atomic_write
 
+MAX_PIXELS = 8192 * 8192  # an image's pixel count, read from its header before anything is decoded
+
 
 def load_image(path: str | os.PathLike, mode: str = "RGB", size: tuple[int, int] | None = None) -> torch.Tensor:
-    """-> (1, C, H, W) in [0, 1]; resized to size = (width, height) when given. ValueError if unreadable."""
+    """-> (1, C, H, W) in [0, 1]; resized to size = (width, height) when given. ValueError if unreadable or too big.
+
+    Any mode loads as it looks: 16- and 32-bit greyscale scaled from their full range, transparency composited on
+    white (as image editors show it), palettes and CMYK converted, the EXIF orientation (phone photos) applied."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert(mode)  # phone photos: apply the EXIF rotation
+            if im.width * im.height > MAX_PIXELS:
+                raise ValueError(f"{path}: the image is {im.width}x{im.height}, over the limit of {MAX_PIXELS} pixels")
+            im = _eight_bit(ImageOps.exif_transpose(im)).convert(mode)
             if size is not None and im.size != size:
                 im = im.resize(size, Image.Resampling.LANCZOS)
             array = np.asarray(im, dtype=np.float32) / 255.0
@@ -34,6 +41,18 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", size: tuple[int, int]
         raise ValueError(f"{path}: cannot read the image ({e.__class__.__name__}: {e})") from None
     tensor = torch.from_numpy(array)
     return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
+
+
+def _eight_bit(im: Image.Image) -> Image.Image:
+    """An 8-bit L, RGB or (composited) RGB image with the same look."""
+    if im.mode.startswith("I"):  # I;16 (16-bit PNG), I: integers of up to 16 bits in practice
+        high = 65535 if im.mode.startswith("I;16") or np.asarray(im).max() > 255 else 255
+        return Image.fromarray((np.asarray(im, dtype=np.float64).clip(0, high) / high * 255).round().astype(np.uint8))
+    if im.mode == "F":
+        return Image.fromarray((np.asarray(im).clip(0, 1) * 255).round().astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        return Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA")).convert("RGB")
+    return im
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -111,9 +130,3 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
     info.add_text("parameters", parameters)
     with atomic_write(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
-
-
-def next_index(outdir: Path) -> int:
-    """1 + the largest NNNNN- prefix in the folder, so runs never overwrite earlier images."""
-    found = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
-    return max(found, default=0) + 1

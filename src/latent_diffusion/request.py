@@ -19,7 +19,9 @@ import torch
 from .images import model_hash, parameters_text
 from .latent_diffusion import LatentDiffusion
 from .samplers import SAMPLERS, get_sampler
-from .schedule import SPACINGS
+from .schedule import SPACINGS, sampling_timesteps
+
+MAX_SIDE = 8192  # pixels per side; larger requests are refused before anything is allocated
 
 
 class RequestError(ValueError):
@@ -73,6 +75,13 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
     if len(r.seeds) != n or (r.negative_prompts is not None and len(r.negative_prompts) != n):
         _fail(f"{n} prompts need as many seeds and negative prompts, not {len(r.seeds)} and "
               f"{len(r.negative_prompts or [])}")  # fmt: skip
+    for text in (*r.prompts, *(r.negative_prompts or [])):
+        if not isinstance(text, str) or not _is_utf8(text):
+            _fail(f"prompts must be UTF-8 text, not {text!r:.60}")
+    if bad := [s for s in r.seeds if not (isinstance(s, int) and 0 <= s < 2**64)]:
+        _fail(f"seeds must be whole numbers in [0, 2^64), not {bad[0]!r}")
+    if bad := [side for side in (r.width, r.height) if side is not None and not 0 < side <= MAX_SIDE]:
+        _fail(f"width and height must be positive multiples of 8 up to {MAX_SIDE}, not {bad[0]}")
     if r.batch_size < 1:
         _fail(f"batch_size must be at least 1, not {r.batch_size}")
     if r.steps < 1:
@@ -100,6 +109,15 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
     return _resolve(r, model)
 
 
+def _is_utf8(text: str) -> bool:
+    """False for text with lone surrogates: bytes that were not UTF-8 (Python's surrogateescape of argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_images(r: GenerationRequest) -> None:
     height, width = r.init_image.shape[-2:]
     if r.mask is not None and r.mask.shape[-2:] != r.init_image.shape[-2:]:
@@ -114,12 +132,20 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     if cfg.inpainting and r.mask is None:
         _fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")
     size = r.init_image.shape[-2:] if r.init_image is not None else (r.height, r.width)
-    height, width = (side or cfg.default_size for side in size)
+    height, width = (cfg.default_size if side is None else side for side in size)
     f = cfg.autoencoder.downsampling_factor
     if r.init_image is not None and (width % f or height % f):
         _fail(f"the image is {width}x{height}: its sides must be multiples of {f}; resize it")
     if width % f or height % f or width <= 0 or height <= 0:
         _fail(f"width and height must be positive multiples of {f}, not {width}x{height}")
+    if max(width, height) > MAX_SIDE:
+        _fail(f"the image is {width}x{height}: at most {MAX_SIDE} pixels per side")
+    sampler = SAMPLERS[r.sampler]
+    if sampler.discrete or not r.karras:  # the sampler visits timesteps of the model's table
+        t = sampling_timesteps(r.steps, r.spacing, cfg.timesteps)
+        if len(set(t.tolist())) < r.steps or t.max() > cfg.timesteps - 1:
+            _fail(f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
+                  f"(they repeat or run past the last); use fewer")  # fmt: skip
     return dataclasses.replace(
         r, width=width, height=height, cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
         negative_prompts=r.negative_prompts or [""] * len(r.prompts),

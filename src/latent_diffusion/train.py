@@ -350,9 +350,13 @@ def save_checkpoint(outdir: Path, step: int, model: LatentDiffusion, ema: nn.Mod
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_model(model, tmp / "model.safetensors", ema_unet=ema)
-    torch.save(state, tmp / "state.pt")
-    os.replace(tmp, root / f"step-{step:07d}")
+    try:
+        save_model(model, tmp / "model.safetensors", ema_unet=ema)
+        torch.save(state, tmp / "state.pt")
+        os.replace(tmp, root / f"step-{step:07d}")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     save_model(model, outdir / "model.safetensors", ema_unet=ema)

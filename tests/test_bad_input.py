@@ -1,0 +1,164 @@
+"""Bad input, faults and concurrent use, tried as an adversarial user would: one line and exit code 2 for bad
+input before any work, exit code 1 for a failure of the environment or of the run, nothing half-written."""
+
+import dataclasses
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from latent_diffusion import save_model
+from latent_diffusion.cli import main
+from latent_diffusion.images import load_image, parse_parameters
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_models):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_model(tiny_models["sd1"], path)
+    return path
+
+
+def ldm(*args) -> list[str]:
+    return [sys.executable, "-m", "latent_diffusion.cli", *map(str, args)]
+
+
+TINY = ["--width", 16, "--height", 16, "--steps", 1, "--quiet"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, not nan"),
+        (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, not inf"),
+        (["--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number of at least 0, not nan"),
+        (["--width", 0], "--width and --height must be positive multiples of 8 up to 8192, not 0"),
+        (["--width", 100000, "--height", 100000], "up to 8192, not 100000"),
+        (["--sampler", "ddim", "--steps", 1001], "steps: 1001 steps with leading spacing do not fit the model's 1000"),
+        (["--seed", 2**64], "seeds must be whole numbers in [0, 2^64)"),
+        (["--seed", 2**64 - 1, "--batch-size", 2], "seeds must be whole numbers in [0, 2^64), not 18446744073709551616"),
+        (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "prompts must be UTF-8 text"),
+    ],
+)  # fmt: skip
+def test_bad_generation_input_is_one_line_and_exit_2(tmp_path, ckpt, capsys, args, message):
+    out = tmp_path / "out"
+    argv = ["txt2img", "--ckpt", ckpt, "--prompt", "x", "--outdir", out, *TINY[4:], *args]
+    if "--width" not in args:
+        argv += TINY[:4]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_eval_batch_size_0_is_refused(capsys):
+    assert main(["eval", "--batch-size", "0", "--count", "1", "--quiet"]) == 2
+    assert "--batch-size must be at least 1" in capsys.readouterr().err
+
+
+def test_checkpoint_with_nan_weights_fails_with_exit_1_and_writes_nothing(tmp_path, tiny_models, capsys):
+    broken = dataclasses.replace(tiny_models["sd1"].cfg)
+    from latent_diffusion import LatentDiffusion
+
+    model = LatentDiffusion(broken)
+    model.load_state_dict(tiny_models["sd1"].state_dict())
+    with torch.no_grad():
+        model.unet.out[2].bias.fill_(float("nan"))
+    save_model(model, tmp_path / "nan.safetensors")
+    out = tmp_path / "out"
+    assert main(["txt2img", "--ckpt", str(tmp_path / "nan.safetensors"), "--prompt", "x", "--outdir", str(out),
+                 *map(str, TINY)]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "non-finite latents" in err and err.count("\n") == 1
+    assert list(out.iterdir()) == []
+
+
+def test_zero_scale_factor_in_metadata_is_refused(tmp_path, tiny_models, capsys):
+    model = tiny_models["sd1"]
+    from safetensors.torch import save_file
+
+    cfg = dataclasses.asdict(model.cfg) | {"scale_factor": 0.0}
+    import json
+
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(tensors, tmp_path / "zero.safetensors", metadata={"latent_diffusion.config": json.dumps(cfg)})
+    assert main(["info", str(tmp_path / "zero.safetensors")]) == 2
+    assert "scale_factor must be a positive finite number, not 0.0" in capsys.readouterr().err
+
+
+def test_concurrent_runs_into_one_folder_keep_every_image(tmp_path, ckpt):
+    """Three processes write 3 images each into one folder at once: 9 files, each with its own metadata."""
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen(ldm("txt2img", "--ckpt", ckpt, "--prompt", f"run {k}", "--seed", 100 * k,
+                                 "--batch-size", 3, "--outdir", out, *TINY), env=env, stderr=subprocess.PIPE)
+            for k in (1, 2, 3)]  # fmt: skip
+    assert all(run.wait(timeout=120) == 0 for run in runs)
+    names = sorted(p.name for p in out.iterdir())
+    assert len(names) == 9 and sorted(n[:5] for n in names) == [f"{i:05d}" for i in range(1, 10)]
+    for name in names:
+        with Image.open(out / name) as im:
+            info = parse_parameters(im.text["parameters"])
+        seed = int(name[6:-4])
+        assert info["Seed"] == str(seed) and info["prompt"] == f"run {seed // 100}"
+
+
+def _file_size_limit(limit: int):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@pytest.mark.parametrize("command", ["txt2img", "train"])
+def test_disk_full_is_one_line_exit_1_and_no_partial_file(tmp_path, ckpt, command):
+    """A file-size limit of 4 KB: the PNG (txt2img) or the checkpoint (train) cannot be written."""
+    out = tmp_path / "out"
+    if command == "txt2img":
+        args = ldm("txt2img", "--ckpt", ckpt, "--prompt", "x", "--outdir", out, "--width", 64, "--height", 64,
+                   "--steps", 1, "--quiet")  # fmt: skip
+    else:
+        args = ldm("train", "--outdir", out, "--steps", 1, "--image-size", 16, "--shapes-count", 8, "--batch-size", 4,
+                   "--quiet", "--device", "cpu", "--ema-decay", 0)  # fmt: skip
+    run = subprocess.run(args, preexec_fn=_file_size_limit(4096), capture_output=True, text=True, check=False)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.count("\n") == 1 and "cannot write" in run.stderr and "File too large" in run.stderr, run.stderr
+    written = [p for p in out.rglob("*") if p.name != "log.csv" and not p.is_dir()]
+    assert written == []
+
+
+def test_images_of_every_mode_load_as_they_look(tmp_path):
+    grey16 = np.array([[8000, 32768], [0, 65535]], dtype=np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    torch.testing.assert_close(load_image(tmp_path / "g16.png", "L")[0, 0],
+                               torch.tensor([[31, 128], [0, 255]]) / 255.0)  # fmt: skip
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
+    rgba.putpixel((1, 0), (255, 0, 0, 255))
+    rgba.save(tmp_path / "a.png")
+    assert load_image(tmp_path / "a.png")[0, :, 0].tolist() == [[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]]  # white, red
+    Image.new("CMYK", (2, 2), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    assert load_image(tmp_path / "c.jpg")[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0]
+    palette = Image.new("P", (2, 2))
+    palette.putpalette([0, 0, 255] * 256)
+    palette.save(tmp_path / "p.png")
+    assert load_image(tmp_path / "p.png")[0, :, 0, 0].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_image_pixel_count_is_checked_before_decoding(tmp_path, monkeypatch):
+    import latent_diffusion.images as images
+
+    Image.new("L", (20, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 100)
+    opened = []
+    monkeypatch.setattr(Image.Image, "load", lambda self: opened.append(1))
+    with pytest.raises(ValueError, match="the image is 20x20, over the limit of 100 pixels"):
+        load_image(tmp_path / "big.png")
+    assert opened == []  # refused from the header alone
