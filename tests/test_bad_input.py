@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_diffusion import save_model
+from latent_diffusion import load_model, save_model
 from latent_diffusion.cli import main
 from latent_diffusion.images import load_image, parse_parameters
 
@@ -131,7 +131,7 @@ def test_disk_full_is_one_line_exit_1_and_no_partial_file(tmp_path, ckpt, comman
     run = subprocess.run(args, preexec_fn=_file_size_limit(4096), capture_output=True, text=True, check=False)
     assert run.returncode == 1, run.stderr
     assert run.stderr.count("\n") == 1 and "cannot write" in run.stderr and "File too large" in run.stderr, run.stderr
-    written = [p for p in out.rglob("*") if p.name != "log.csv" and not p.is_dir()]
+    written = [p for p in out.rglob("*") if p.name not in ("log.csv", ".lock") and not p.is_dir()]
     assert written == []
 
 
@@ -162,3 +162,83 @@ def test_image_pixel_count_is_checked_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="the image is 20x20, over the limit of 100 pixels"):
         load_image(tmp_path / "big.png")
     assert opened == []  # refused from the header alone
+
+
+# Training ------------------------------------------------------------------------------------------------------
+
+FAST = dict(image_size=32, shapes_count=32, batch_size=4, lr=1e-3, warmup=5, log_every=1, quiet=True, device="cpu",
+            ema_decay=0.9, train_text_encoder=True)  # fmt: skip
+
+
+def test_a_second_run_in_one_outdir_is_refused_naming_the_first(tmp_path):
+    from latent_diffusion.train import TrainConfig, train
+    from latent_diffusion.training import TrainError, lock_outdir
+
+    holder = lock_outdir(tmp_path)  # as a running training process holds it
+    with pytest.raises(TrainError, match=f"in use by another training run \\(process {os.getpid()}\\)"):
+        train(TrainConfig(outdir=str(tmp_path), steps=1, **FAST))
+    holder.close()  # released (a killed process releases it too): the folder is free again
+    train(TrainConfig(outdir=str(tmp_path), steps=1, save_every=1, **FAST))
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory):
+    from latent_diffusion.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("straight")
+    train(TrainConfig(outdir=str(out), steps=6, save_every=2, **FAST))
+    return out
+
+
+@pytest.mark.parametrize("damage", ["truncated state", "empty state", "no state", "truncated model"])
+def test_resume_skips_a_damaged_checkpoint(tmp_path, straight_run, damage, capsys):
+    """The newest checkpoint is damaged: resume takes the one before it, says so, and the run still ends with the
+    weights of the straight run; log.csv holds each step once."""
+    from latent_diffusion.train import TrainConfig, train
+
+    train(TrainConfig(outdir=str(tmp_path), steps=4, save_every=2, **FAST))
+    newest = tmp_path / "checkpoints" / "step-0000004"
+    file = newest / ("model.safetensors" if "model" in damage else "state.pt")
+    if damage == "no state":
+        file.unlink()
+    else:
+        data = file.read_bytes()
+        file.write_bytes(b"" if damage == "empty state" else data[: len(data) // 2])
+    train(TrainConfig(outdir=str(tmp_path), steps=6, save_every=2, resume=True, **FAST))
+    assert "resume skipped damaged checkpoints: step-0000004" in capsys.readouterr().err
+    a, b = load_model(straight_run / "model.safetensors"), load_model(tmp_path / "model.safetensors")
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    steps = [int(row.split(",")[0]) for row in (tmp_path / "log.csv").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_with_no_checkpoint_that_verifies_is_refused(tmp_path):
+    from latent_diffusion.train import TrainConfig, train
+    from latent_diffusion.training import TrainError
+
+    train(TrainConfig(outdir=str(tmp_path), steps=2, save_every=2, **FAST))
+    (tmp_path / "checkpoints" / "step-0000002" / "state.pt").write_bytes(b"")
+    with pytest.raises(TrainError, match=r"no checkpoint in .* verifies: step-0000002 \(state.pt: "):
+        train(TrainConfig(outdir=str(tmp_path), steps=4, save_every=2, resume=True, **FAST))
+
+
+def test_a_diverging_run_stops_with_exit_1_and_keeps_finite_checkpoints(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--outdir", str(out), "--lr", "1e30", "--steps", "20", "--save-every", "1", "--image-size",
+                 "32", "--shapes-count", "32", "--batch-size", "4", "--quiet", "--device", "cpu"]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "not finite; the step was not applied" in err and err.count("\n") == 1
+    model = load_model(out / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values())
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["train-autoencoder", "--kl-weight", "nan"], "kl-weight must be a finite number, not nan"),
+        (["train", "--lr", "inf"], "lr must be a finite number, not inf"),
+    ],
+)
+def test_non_finite_training_flags_are_refused(tmp_path, capsys, argv, message):
+    assert main([*argv, "--outdir", str(tmp_path / "o"), "--steps", "1", "--quiet"]) == 2
+    assert message in capsys.readouterr().err

@@ -27,7 +27,7 @@ from .samplers import SAMPLERS
 from .schedule import SPACINGS
 from .train import TrainConfig, train
 from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
-from .training import TrainError
+from .training import TrainError, TrainingDiverged
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         args.run(args)
     except (CheckpointError, UsageError, ValueError) as e:
         return fail(args, e, 2)
-    except (OSError, MemoryError, torch.OutOfMemoryError, NonFiniteError) as e:
+    except (OSError, MemoryError, torch.OutOfMemoryError, NonFiniteError, TrainingDiverged) as e:
         return fail(args, e, 1)
     except Exception as e:  # a failure nobody foresaw: still one line, and --debug shows where
         return fail(args, RuntimeError(f"{type(e).__name__}: {e} (--debug shows the traceback)"), 1)

@@ -23,9 +23,11 @@ import contextlib
 import copy
 import csv
 import dataclasses
+import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,10 +42,10 @@ from .checkpoint import CheckpointError, ema_key, load_model, read_state_dict, s
 from .config import preset
 from .devices import resolve_device
 from .family import UNET, VAE
-from .files import writable_folder
+from .files import atomic_write, writable_folder
 from .latent_diffusion import LatentDiffusion
 from .parameterization import PARAMETERIZATIONS, min_snr_weight, noised, target
-from .training import TrainError, build_dataset, check_common, get_lr
+from .training import TrainError, TrainingDiverged, build_dataset, check_common, get_lr, lock_outdir
 
 
 @dataclass
@@ -327,7 +329,10 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
             scaler.scale(loss).backward()
         step_loss += loss.item()
     scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    if not scaler.is_enabled() and not (math.isfinite(step_loss) and torch.isfinite(norm)):  # fp16: the scaler skips
+        raise TrainingDiverged(f"step {step + 1}: loss {step_loss:.4g}, gradient norm {norm.item():.4g}: not finite; "
+                               "the step was not applied and the last checkpoint is the last good one (lower --lr?)")  # fmt: skip
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -353,6 +358,7 @@ def save_checkpoint(outdir: Path, step: int, model: LatentDiffusion, ema: nn.Mod
     try:
         save_model(model, tmp / "model.safetensors", ema_unet=ema)
         torch.save(state, tmp / "state.pt")
+        shutil.rmtree(root / f"step-{step:07d}", ignore_errors=True)  # a damaged one that resume skipped
         os.replace(tmp, root / f"step-{step:07d}")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -368,26 +374,54 @@ def run_fingerprint(cfg: TrainConfig, model: LatentDiffusion) -> dict:
     return {**fields, "model": model.cfg.to_json()}
 
 
-def restore(cfg: TrainConfig, outdir: Path, model: LatentDiffusion) -> tuple[dict | None, dict | None]:
-    """On --resume: the last checkpoint's (state, tensors), checked against this run's settings, with the
-    weights loaded into the model (the tensors are read once: weights and EMA). Else (None, None)."""
+def restore(cfg: TrainConfig, outdir: Path, model: LatentDiffusion, ema: bool) -> tuple[dict | None, dict | None]:
+    """On --resume: the newest checkpoint that verifies, as (state, tensors), with its weights loaded into the
+    model (the tensors are read once: weights and EMA). Damaged ones are skipped, with a note of each; a checkpoint
+    of a run with other settings is an error. Else (None, None)."""
     if not cfg.resume:
         return None, None
-    last = latest_checkpoint(outdir)
-    if last is None:
+    found = sorted((outdir / "checkpoints").glob("step-*"), reverse=True)
+    if not found:
         raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'}")
-    try:
-        state = torch.load(last / "state.pt", map_location="cpu", weights_only=True)
-        fingerprint = run_fingerprint(cfg, model)
-        differs = [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]
-        if differs:
-            raise TrainError(f"{last}: was written by a run with other settings ({', '.join(differs)})")
-        saved, _ = read_state_dict(last / "model.safetensors")
+    skipped = []
+    for checkpoint in found:
+        try:
+            state, saved = verified_checkpoint(checkpoint, cfg, model, ema)
+        except DamagedCheckpoint as e:
+            skipped.append(f"{checkpoint.name} ({e})")
+            continue
+        if skipped:
+            tqdm.write(f"ldm: warning: resume skipped damaged checkpoints: {'; '.join(skipped)}", file=sys.stderr)
         model.load_state_dict({k: saved[k] for k in model.state_dict()})
-    except CheckpointError as e:
-        raise TrainError(str(e)) from None
-    except KeyError as e:
-        raise TrainError(f"{last}: an incomplete checkpoint (no {e.args[0]})") from None
+        return state, saved
+    raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'} verifies: {'; '.join(skipped)}")
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint folder with a missing, unreadable or incomplete file."""
+
+
+def verified_checkpoint(path: Path, cfg: TrainConfig, model: LatentDiffusion, ema: bool) -> tuple[dict, dict]:
+    """(state, tensors) of checkpoint folder `path` once every file reads and every tensor has its expected shape."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        missing = [k for k in ("step", "optimizer", "scaler", "fingerprint") if k not in state]
+    except Exception as e:  # missing, truncated, empty: whatever torch.load says, the file is not usable
+        raise DamagedCheckpoint(f"state.pt: {type(e).__name__}") from None
+    if missing:
+        raise DamagedCheckpoint(f"state.pt has no {missing[0]}")
+    fingerprint = run_fingerprint(cfg, model)
+    if differs := [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]:
+        raise TrainError(f"{path}: was written by a run with other settings ({', '.join(differs)})")
+    try:
+        saved, _ = read_state_dict(path / "model.safetensors")
+    except CheckpointError:
+        raise DamagedCheckpoint("model.safetensors is unreadable") from None
+    expected = dict(model.state_dict())
+    if ema:
+        expected |= {ema_key(UNET + k): v for k, v in model.unet.state_dict().items()}
+    if bad := [k for k, v in expected.items() if k not in saved or saved[k].shape != v.shape]:
+        raise DamagedCheckpoint(f"model.safetensors lacks {bad[0]} or has another shape")
     return state, saved
 
 
@@ -399,8 +433,8 @@ def log_row(path: Path, step: int, losses: list[float], seconds: float, lr: floa
 # The loop ------------------------------------------------------------------------------------------------------
 
 
-def setup(cfg: TrainConfig) -> tuple[Path, torch.device, int, int]:
-    """(outdir, device, rank, world size), checked before any work."""
+def setup(cfg: TrainConfig):
+    """(outdir, device, rank, world size, the outdir's lock), checked before any work."""
     check_config(cfg)
     rank, world = distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -413,14 +447,15 @@ def setup(cfg: TrainConfig) -> tuple[Path, torch.device, int, int]:
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    lock = lock_outdir(outdir) if rank == 0 else None  # one run per folder (the other ranks only read from it)
     if not cfg.resume and latest_checkpoint(outdir) is not None:
         raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
-    return outdir, device, rank, world
+    return outdir, device, rank, world, lock
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
-    outdir, device, rank, world = setup(cfg)
+    outdir, device, rank, world, lock = setup(cfg)
     quiet = cfg.quiet or rank != 0
     dataset = build_dataset(cfg)
     if cfg.batch_size > len(dataset):
@@ -430,7 +465,7 @@ def train(cfg: TrainConfig) -> Path:
         model = build_model(cfg, dataset)
     except CheckpointError as e:
         raise TrainError(str(e)) from None
-    state, saved = restore(cfg, outdir, model)
+    state, saved = restore(cfg, outdir, model, ema=cfg.ema_decay > 0)
     model = model.to(device)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
                     enabled=cfg.precision != "fp32")  # fmt: skip
@@ -456,6 +491,8 @@ def train(cfg: TrainConfig) -> Path:
         tqdm.write(f"skipped {dataset.skipped} unreadable images")
     if world > 1:
         dist.destroy_process_group()
+    if lock:
+        lock.close()
     return outdir / "model.safetensors"
 
 
@@ -463,8 +500,11 @@ def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet:
     """Steps start..steps: train, EMA, log every log_every steps, checkpoint every save_every, samples."""
     cfg, model = run.cfg, run.model
     log_path = outdir / "log.csv"
-    if run.rank == 0 and not (cfg.resume and log_path.exists()):
-        log_path.write_text("step,loss,lr,steps_per_s\n")
+    if run.rank == 0:  # a resumed run keeps the rows up to its checkpoint's step, and only those
+        rows = log_path.read_text().splitlines()[1:] if cfg.resume and log_path.exists() else []
+        kept = [row for row in rows if row.split(",")[0].isdigit() and int(row.split(",")[0]) <= start]
+        with atomic_write(log_path) as tmp:
+            tmp.write_text("\n".join(["step,loss,lr,steps_per_s", *kept]) + "\n")
     fingerprint = run_fingerprint(cfg, model)
     bar = tqdm(total=cfg.steps, initial=start, disable=quiet, unit="step", desc="train")
     losses, tick = [], time.perf_counter()

@@ -24,7 +24,7 @@ from .config import preset
 from .devices import resolve_device
 from .family import VAE
 from .files import atomic_write, writable_folder
-from .training import TrainError, build_dataset, check_common, get_lr
+from .training import TrainError, TrainingDiverged, build_dataset, check_common, get_lr
 
 
 @dataclass
@@ -139,6 +139,8 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
             continue
         x = torch.stack([im for im, _ in items]).to(device)
         loss, x_rec, parts = autoencoder_loss(model, disc, x, step, cfg, g)
+        if not math.isfinite(loss.item()):
+            raise TrainingDiverged(f"step {step + 1}: the loss is {loss.item()}; nothing was saved (lower --lr?)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

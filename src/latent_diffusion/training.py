@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import math
+import os
+from pathlib import Path
 
 from .data import DataError, ImageCaptionFolder, ShapesDataset
 
@@ -11,6 +15,30 @@ LR_SCHEDULES = ("constant", "cosine")
 
 class TrainError(ValueError):
     """A training run that cannot start as configured; the message says why."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the run stops before the step is applied; its checkpoints stay as they were."""
+
+
+def lock_outdir(outdir: Path):
+    """An exclusive OS lock on outdir/.lock (released when the process ends, however it ends), holding our process
+    id; TrainError naming the holder's if another run has it. Keep the returned file open while training."""
+    f = open(outdir / ".lock", "a+")  # noqa: SIM115 (held open for the whole run)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        raise TrainError(
+            f"{outdir} is in use by another training run (process {holder}); wait or use another --outdir"
+        ) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
 
 
 def get_lr(step: int, cfg) -> float:
@@ -32,6 +60,10 @@ def check_common(cfg, precisions: tuple[str, ...]) -> None:
         raise TrainError(f"image size must be a positive multiple of 8, not {cfg.image_size}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise TrainError("steps and batch size must be at least 1")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise TrainError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
 
 
 def build_dataset(cfg):
