@@ -242,3 +242,83 @@ def test_a_diverging_run_stops_with_exit_1_and_keeps_finite_checkpoints(tmp_path
 def test_non_finite_training_flags_are_refused(tmp_path, capsys, argv, message):
     assert main([*argv, "--outdir", str(tmp_path / "o"), "--steps", "1", "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, ckpt, monkeypatch, capsys):
+    import latent_diffusion.request as request
+
+    monkeypatch.setattr(request, "available_memory", lambda device: 10 * 2**20)  # a device with 10 MiB free
+    out = tmp_path / "out"
+    argv = ["txt2img", "--ckpt", str(ckpt), "--prompt", "x", "--outdir", str(out), "--steps", "1", "--quiet"]
+    assert main([*argv, "--width", "64", "--height", "64", "--batch-size", "4"]) == 2
+    assert (
+        "batch_size: 4 images of 64x64 need about 16 MiB at once, more than the 10 MiB free" in capsys.readouterr().err
+    )
+    assert not out.exists()
+    assert main([*argv, "--width", "16", "--height", "16", "--batch-size", "4"]) == 0  # 4 x 16 x 16 fits
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"timesteps": 300_000_000}, "LatentDiffusionConfig.timesteps must be whole numbers in [2, 100000]"),
+        ({"unet": {"num_heads": 0}}, "UNetConfig.num_heads must be whole numbers in [1, 256], not 0"),
+        ({"unet": {"out_channels": 8}}, "output channels do not fit the autoencoder's 4 latent channels"),
+        ({"unet": {"model_channels": "32"}}, "UNetConfig.model_channels must be whole numbers"),
+        ({"text": {"heads": 3}}, "width 32 does not split into 3 heads"),
+        ({"autoencoder": None}, "is not a valid config"),
+    ],
+)  # fmt: skip
+def test_config_metadata_out_of_range_is_refused_with_its_range(tmp_path, tiny_models, capsys, change, message):
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = json.loads(tiny_models["sd1"].cfg.to_json())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    tensors = {k: v.contiguous() for k, v in tiny_models["sd1"].state_dict().items()}
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"latent_diffusion.config": json.dumps(cfg)})
+    assert main(["info", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def _folder(root, files: dict) -> str:
+    root.mkdir()
+    for name, content in files.items():
+        if content is None:
+            (root / name).mkdir()
+        elif isinstance(content, Image.Image):
+            content.save(root / name)
+        else:
+            (root / name).write_bytes(content)
+    return str(root)
+
+
+@pytest.mark.parametrize(
+    "files,message",
+    [
+        ({"a.png": Image.new("RGB", (8, 8)), "a.txt": None}, "a.txt: cannot read it"),
+        ({"a.png": Image.new("RGB", (8, 8)), "metadata.jsonl": None}, "metadata.jsonl: cannot read it"),
+        ({"a.png": Image.new("RGB", (8, 8)), "metadata.jsonl": b'{"file_name": "a.png", "text": "caf\xe9"}\n'},
+         "metadata.jsonl: not UTF-8 text (byte 35)"),
+        ({"a.png": b"broken", "a.txt": b"x", "b.png": b"broken", "b.txt": b"y"},
+         "none of the 2 images of the data set can be read"),
+    ],
+)  # fmt: skip
+def test_bad_data_folders_are_one_line_exit_2(tmp_path, capsys, files, message):
+    data = _folder(tmp_path / "data", files)
+    argv = ["train", "--outdir", str(tmp_path / "run"), "--data", data, "--steps", "1", "--batch-size", "1",
+            "--image-size", "8", "--quiet", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_eval_json_into_a_missing_folder_is_refused_before_the_evaluation(tmp_path, capsys):
+    assert main(["eval", "--json", str(tmp_path / "no" / "s.json"), "--count", "1", "--quiet"]) == 2
+    assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()

@@ -346,8 +346,11 @@ def load_model(
     cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
     if parameterization is not None:
         cfg = dataclasses.replace(cfg, parameterization=parameterization)
-    with torch.device("meta"):
-        model = LatentDiffusion(cfg)
+    try:
+        with torch.device("meta"):
+            model = LatentDiffusion(cfg)
+    except (ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its config describes no model this project builds ({_first_line(e)})") from None
     expected = model.state_dict()  # meta tensors: names and shapes only
 
     if ema:

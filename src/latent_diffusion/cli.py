@@ -292,6 +292,8 @@ def cmd_eval(args) -> None:
     """Prompt adherence of a model trained on the shapes data."""
     if args.count < 1:
         raise UsageError("--count must be at least 1")
+    if args.json and not Path(args.json).parent.is_dir():
+        raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     settings = checked(GenerationRequest([""], [0], width=args.image_size, height=args.image_size, steps=args.steps,
                                          sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale,
                                          batch_size=args.batch_size))  # fmt: skip

@@ -17,6 +17,20 @@ from .family import Family, family_of_text_kind
 from .parameterization import PARAMETERIZATIONS
 
 
+def check_ranges(cfg, **ranges: tuple[float, float]) -> None:
+    """Each named field (a number, a tuple of numbers, or None) within [low, high], and whole where the bounds are
+    whole numbers; ValueError naming the field and the range. Configs come from files: nothing else is trusted."""
+    for name, (low, high) in ranges.items():
+        value = getattr(cfg, name)
+        values = tuple(value) if isinstance(value, (tuple, list)) else () if value is None else (value,)
+        kind = int if isinstance(low, int) and isinstance(high, int) else (int, float)
+        if not all(isinstance(v, kind) and not isinstance(v, bool) and low <= v <= high for v in values) or (
+            isinstance(value, (tuple, list)) and len(values) > 8
+        ):
+            what = "whole numbers" if kind is int else "numbers"
+            raise ValueError(f"{type(cfg).__name__}.{name} must be {what} in [{low}, {high}], not {value!r}")
+
+
 @dataclass
 class UNetConfig:
     in_channels: int = 4  # 9 for inpainting models: noisy latent + mask + masked-image latent
@@ -33,10 +47,17 @@ class UNetConfig:
     adm_in_channels: int | None = None  # width of the vector conditioning y (CompVis num_classes="sequential")
 
     def __post_init__(self):
+        check_ranges(self, in_channels=(1, 64), out_channels=(1, 64), model_channels=(1, 4096), num_res_blocks=(1, 16),
+                     attention_resolutions=(1, 64), channel_mult=(1, 64), num_heads=(1, 256),
+                     num_head_channels=(1, 1024), transformer_depth=(1, 64), context_dim=(1, 16384),
+                     adm_in_channels=(1, 65536))  # fmt: skip
         self.attention_resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))  # a set; (4, 2, 1)
         self.channel_mult = tuple(self.channel_mult)
-        if (self.num_heads is None) == (self.num_head_channels is None):
-            raise ValueError("UNetConfig: set exactly one of num_heads and num_head_channels")
+        if (self.num_heads is None) == (self.num_head_channels is None) or not self.channel_mult:
+            raise ValueError("UNetConfig: set exactly one of num_heads and num_head_channels, and a channel_mult")
+        for width in (self.model_channels * m for m in self.channel_mult):
+            if width % 32 or width % (self.num_heads or self.num_head_channels):
+                raise ValueError(f"UNetConfig: a level {width} wide does not split into 32 norm groups and its heads")
 
 
 @dataclass
@@ -51,7 +72,11 @@ class AutoencoderConfig:
     num_res_blocks: int = 2
 
     def __post_init__(self):
+        check_ranges(self, embed_dim=(1, 64), z_channels=(1, 64), in_channels=(1, 16), out_ch=(1, 16), ch=(1, 1024),
+                     ch_mult=(1, 64), num_res_blocks=(1, 16))  # fmt: skip
         self.ch_mult = tuple(self.ch_mult)
+        if not self.ch_mult or any(self.ch * m % 32 for m in self.ch_mult):
+            raise ValueError(f"AutoencoderConfig: ch {self.ch} x ch_mult {self.ch_mult} must be multiples of 32")
 
     @property
     def downsampling_factor(self) -> int:
@@ -74,6 +99,10 @@ class TextEncoderConfig:
     embed_dim: int = 1024  # width of OpenCLIP's text_projection (stored in checkpoints, unused for conditioning)
 
     def __post_init__(self):
+        check_ranges(self, vocab_size=(49408, 10**6), max_length=(3, 4096), width=(1, 16384), layers=(1, 256),
+                     heads=(1, 256), mlp_width=(1, 65536), pad_token=(0, self.vocab_size - 1), embed_dim=(1, 16384))  # fmt: skip
+        if self.width % self.heads:
+            raise ValueError(f"TextEncoderConfig: width {self.width} does not split into {self.heads} heads")
         if self.kind not in ("clip", "openclip"):
             raise ValueError(f"TextEncoderConfig.kind must be 'clip' or 'openclip', not {self.kind!r}")
         if self.layer not in ("last", "penultimate"):
@@ -98,8 +127,15 @@ class LatentDiffusionConfig:
     cfg_scale: float | None = None
 
     def __post_init__(self):
-        if not (math.isfinite(self.scale_factor) and self.scale_factor > 0):
+        if not (
+            isinstance(self.scale_factor, (int, float)) and math.isfinite(self.scale_factor) and self.scale_factor > 0
+        ):
             raise ValueError(f"scale_factor must be a positive finite number, not {self.scale_factor}")
+        check_ranges(self, linear_start=(1e-8, 0.5), linear_end=(1e-8, 0.5), timesteps=(2, 100_000),
+                     image_size=(8, 8192), cfg_scale=(-1e4, 1e4))  # fmt: skip
+        if self.unet.out_channels != self.autoencoder.embed_dim or self.concat_channels < 0:
+            raise ValueError(f"the U-Net's {self.unet.in_channels} input and {self.unet.out_channels} output channels "
+                             f"do not fit the autoencoder's {self.autoencoder.embed_dim} latent channels")  # fmt: skip
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be 'eps' or 'v', not {self.parameterization!r}")
         if self.unet.context_dim != self.text.width:
@@ -224,15 +260,21 @@ def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
 
 def from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
     """Config from the `model:` mapping of a CompVis inference YAML (or the whole parsed YAML)."""
+    try:
+        return _from_ldm_config(cfg)
+    except KeyError as e:
+        raise ValueError(f"not a CompVis LatentDiffusion config: missing {e}") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"not a CompVis LatentDiffusion config: a value of the wrong type ({e})") from None
+
+
+def _from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
     if "model" in cfg and "params" not in cfg:
         cfg = cfg["model"]
-    try:
-        p = cfg["params"]
-        u = p["unet_config"]["params"]
-        fs = p["first_stage_config"]["params"]
-        dd = fs["ddconfig"]
-    except (KeyError, TypeError) as e:
-        raise ValueError(f"not a CompVis LatentDiffusion config: missing {e}") from None
+    p = cfg["params"]
+    u = p["unet_config"]["params"]
+    fs = p["first_stage_config"]["params"]
+    dd = fs["ddconfig"]
     if dd.get("attn_resolutions"):
         raise ValueError("first_stage_config: attention outside the autoencoder's middle block is not supported")
     num_heads = u.get("num_heads", -1)

@@ -35,6 +35,16 @@ def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
     return im.crop((left, top, left + size, top + size))
 
 
+def read_text(path: Path) -> str:
+    """A caption or metadata file as text; DataError naming the file if it is no readable UTF-8 file."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror})") from None
+
+
 class ImageCaptionFolder(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, size: int, *, flip: bool = False, caption_default: str | None = None):
         root = Path(root)
@@ -49,10 +59,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 caption_file = path.with_suffix(".txt")
                 if caption_file.exists():
-                    try:
-                        self.items.append((path, caption_file.read_text(encoding="utf-8").strip()))
-                    except UnicodeDecodeError:
-                        raise DataError(f"{caption_file}: not UTF-8 text") from None
+                    self.items.append((path, read_text(caption_file).strip()))
                 elif caption_default is not None:
                     self.items.append((path, caption_default))
                 else:
@@ -69,7 +76,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     @staticmethod
     def _read_metadata(root: Path) -> list[tuple[Path, str]]:
         items = []
-        for n, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(root / "metadata.jsonl").splitlines(), 1):
             if not line.strip():
                 continue
             try:

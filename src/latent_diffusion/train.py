@@ -192,6 +192,8 @@ def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
         captions.extend(c for _, c in items)
+    if not means:
+        raise TrainError(f"none of the {len(dataset)} images of the data set can be read")
     unique = sorted(set(captions) | {""})
     embeddings = None
     if not cfg.train_text_encoder:

@@ -127,7 +127,10 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc else None
     g = torch.Generator().manual_seed(cfg.seed)
     flip_rng = random.Random(cfg.seed)
-    holdout = torch.stack([it[0] for i in range(n_train, len(dataset)) if (it := dataset.load(i))]).to(device)
+    holdout = [it[0] for i in range(n_train, len(dataset)) if (it := dataset.load(i))]
+    if not holdout:
+        raise TrainError(f"none of the {n_holdout} held-out images can be read, so PSNR cannot be reported")
+    holdout = torch.stack(holdout).to(device)
     start_psnr = held_out_psnr(model, holdout)
     bar = tqdm(range(cfg.steps), disable=cfg.quiet, unit="step", desc="train-autoencoder")
     for step in bar:
