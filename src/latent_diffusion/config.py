@@ -20,8 +20,15 @@ from .parameterization import PARAMETERIZATIONS
 def check_ranges(cfg, **ranges: tuple[float, float]) -> None:
     """Each named field (a number, a tuple of numbers, or None) within [low, high], and whole where the bounds are
     whole numbers; ValueError naming the field and the range. Configs come from files: nothing else is trusted."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cfg)}  # "int | None", "tuple[int, ...]", ...
     for name, (low, high) in ranges.items():
         value = getattr(cfg, name)
+        if value is None and "None" not in types[name]:
+            raise ValueError(f"{type(cfg).__name__}.{name} must be set")
+        if isinstance(value, (tuple, list)) != ("tuple" in types[name]):
+            raise ValueError(
+                f"{type(cfg).__name__}.{name} must be {'a list' if 'tuple' in types[name] else 'a number'}"
+            )
         values = tuple(value) if isinstance(value, (tuple, list)) else () if value is None else (value,)
         kind = int if isinstance(low, int) and isinstance(high, int) else (int, float)
         if not all(isinstance(v, kind) and not isinstance(v, bool) and low <= v <= high for v in values) or (
@@ -181,6 +188,8 @@ class LatentDiffusionConfig:
     @classmethod
     def from_json(cls, text: str) -> LatentDiffusionConfig:
         d = json.loads(text)
+        if not isinstance(d, dict) or not all(isinstance(d.get(k), dict) for k in ("unet", "autoencoder", "text")):
+            raise ValueError("a config needs unet, autoencoder and text sections")
         return cls(
             unet=UNetConfig(**d.pop("unet")),
             autoencoder=AutoencoderConfig(**d.pop("autoencoder")),
