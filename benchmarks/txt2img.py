@@ -110,6 +110,13 @@ def main():
     print(f"  ours      median {mo:8.2f} s")
     print(f"  diffusers median {mt:8.2f} s")
     print(f"  ratio ours/diffusers {mo / mt:.3f}   (max |difference| of the images {(a - b).abs().max().item():.2e})")
+    # In float16, random SD-size weights can overflow on either side: say which, and how many pixels differ.
+    finite = {name: torch.isfinite(x).float().mean().item() for name, x in (("ours", a), ("diffusers", b))}
+    differ = ((a - b).abs() > 1 / 255).float().mean().item()
+    print(
+        f"  finite pixels: ours {finite['ours']:.1%}, diffusers {finite['diffusers']:.1%}; "
+        f"pixels differing by more than 1/255: {differ:.1%}"
+    )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_checkpoint_with_nan_weights_fails_with_exit_1_and_writes_nothing(tmp_pa
     assert main(["txt2img", "--ckpt", str(tmp_path / "nan.safetensors"), "--prompt", "x", "--outdir", str(out),
                  *map(str, TINY)]) == 1  # fmt: skip
     err = capsys.readouterr().err
-    assert "non-finite latents" in err and err.count("\n") == 1
+    assert "step 1 of 1 gave non-finite latents" in err and err.count("\n") == 1
     assert list(out.iterdir()) == []
 
 
@@ -322,3 +322,33 @@ def test_bad_data_folders_are_one_line_exit_2(tmp_path, capsys, files, message):
 def test_eval_json_into_a_missing_folder_is_refused_before_the_evaluation(tmp_path, capsys):
     assert main(["eval", "--json", str(tmp_path / "no" / "s.json"), "--count", "1", "--quiet"]) == 2
     assert "the folder" in capsys.readouterr().err and not (tmp_path / "no").exists()
+
+
+def test_a_float16_decode_that_overflows_is_done_again_in_float32(tiny_models):
+    """Decoder activations past float16's 65504 (here: post_quant_conv scaled by 1e4) give NaN in float16; the
+    decode is redone in float32 and matches the float32 model's (to float16's rounding of the weights)."""
+    import copy
+
+    from latent_diffusion.generate import decode
+
+    model = copy.deepcopy(tiny_models["sd1"])
+    with torch.no_grad():
+        model.first_stage_model.post_quant_conv.weight.mul_(1e4)
+        z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+        reference = model.autoencoder_decode(z)
+        half = model.half()
+        assert not torch.isfinite(half.autoencoder_decode(z.half())).all()  # the overflow is real
+        torch.testing.assert_close(decode(half, z), reference, atol=1e-2, rtol=0)
+
+
+def test_outdir_name_over_the_file_system_limit(tmp_path, ckpt, capsys):
+    assert main(["txt2img", "--ckpt", str(ckpt), "--prompt", "x", "--outdir", str(tmp_path / ("a" * 300))]) == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_unreadable_held_out_images_in_stage_1(tmp_path, capsys):
+    images = {f"{i}.png": Image.new("RGB", (8, 8), (i * 50, 0, 0)) for i in range(3)} | {"z.png": b"broken"}
+    data = _folder(tmp_path / "data", images)  # the last image (sorted) is the held-out one
+    assert main(["train-autoencoder", "--outdir", str(tmp_path / "ae"), "--data", data, "--steps", "1",
+                 "--batch-size", "1", "--image-size", "8", "--quiet", "--device", "cpu"]) == 2  # fmt: skip
+    assert "none of the 1 held-out images can be read" in capsys.readouterr().err

@@ -63,7 +63,12 @@ def generate(
     images, warnings = [], []
     for number, batch in enumerate(batches):
 
-        def step_done(step: Step, number=number) -> None:
+        def step_done(step: Step, number=number, batch=batch) -> None:
+            if not torch.isfinite(step.x).all():  # stop at the first bad step (one small reduction per step)
+                raise NonFiniteError(
+                    f"step {step.i + 1} of {r.steps_run} gave non-finite latents (NaN or inf) for seeds "
+                    f"{[r.seeds[i] for i in batch]}; the likely causes are the checkpoint's weights or the guidance scale"
+                )
             if progress:
                 progress(Progress(number * r.steps_run + step.i + 1, len(batches) * r.steps_run, step))
 
@@ -137,9 +142,6 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
         hold=hold if latent_mask is not None and not model.cfg.inpainting else None, **options,
     )  # fmt: skip
     x = x / (1 + sigmas[-1].item() ** 2) ** 0.5  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"sampling gave non-finite latents (NaN or inf) for seeds {[r.seeds[i] for i in batch]}; "
-                             "the likely causes are the checkpoint's weights or the guidance scale")  # fmt: skip
     images = (decode(model, x) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
         images = pixel_mask * images + (1 - pixel_mask) * r.init_image.to(device, torch.float32)
