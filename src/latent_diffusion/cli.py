@@ -65,12 +65,17 @@ def pick_device(name: str) -> torch.device:
         raise UsageError(str(e)) from None
 
 
-def prepare_outdir(outdir: Path) -> None:
-    """Create the folder and prove it writable before any work, so a bad folder costs nothing."""
+def prepare_outdir(outdir: Path) -> bool:
+    """Create the folder and prove it writable before any work, so a bad folder costs nothing; whether it was
+    created (and may be removed again if the run fails before writing)."""
     try:
+        created = not outdir.is_dir()
         writable_folder(outdir)
     except ValueError as e:
         raise UsageError(str(e)) from None
+    except OSError as e:  # e.g. a name over the file system's limit
+        raise UsageError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
+    return created
 
 
 # The request fields whose errors name a flag of their own (the messages begin with the field's name).
@@ -124,8 +129,7 @@ def cmd_generate(args) -> None:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     outdir = Path(args.outdir)
-    created = not outdir.exists()
-    prepare_outdir(outdir)
+    created = prepare_outdir(outdir)
     try:
         model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
         if model.cfg.inpainting and args.command != "inpaint":
