@@ -138,7 +138,10 @@ def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
         ({"eta": -1.0}, "eta must be a finite number of at least 0"),
         ({"cfg_scale": float("inf")}, "cfg_scale must be a finite number"),
         ({"init_image": torch.zeros(1, 3, 64, 64), "mask": torch.zeros(1, 1, 32, 32)}, "the mask is 32x32"),
-        ({"mask": torch.zeros(1, 1, 32, 32)}, "a mask needs an init image"),
+        ({"mask": torch.zeros(1, 1, 32, 32)}, "a mask or a strength below 1 needs an init image"),
+        ({"strength": 0.5}, "a mask or a strength below 1 needs an init image"),
+        ({"steps": "20"}, "steps must be a whole number, not '20'"),
+        ({"cfg_scale": "7"}, "cfg_scale must be a number, not '7'"),
     ],
 )  # fmt: skip
 def test_bad_requests(tiny_models, fields, message):

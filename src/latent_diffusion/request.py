@@ -69,6 +69,12 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
     """Every check of a request, before any work: RequestError naming the problem. Without a model, what can be
     checked without one; with it, also what depends on the model, and the returned copy has its defaults."""
     r = request
+    for name in ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise"):
+        value, whole = getattr(r, name), name in ("steps", "batch_size", "width", "height")
+        if value is None and name not in ("steps", "batch_size", "strength"):
+            continue  # None: the default
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            _fail(f"{name} must be a {'whole number' if whole else 'number'}, not {value!r}")
     n = len(r.prompts)
     if n < 1:
         _fail("a request needs at least one prompt")
@@ -100,8 +106,8 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
             _fail(f"{name} must be a finite number of at least 0, not {value}")
     if r.cfg_scale is not None and not math.isfinite(r.cfg_scale):
         _fail(f"cfg_scale must be a finite number, not {r.cfg_scale}")
-    if r.mask is not None and r.init_image is None:
-        _fail("a mask needs an init image")
+    if r.init_image is None and (r.mask is not None or r.strength < 1):
+        _fail("a mask or a strength below 1 needs an init image")
     if r.init_image is not None:
         _check_images(r)
     if model is None:
