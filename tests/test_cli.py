@@ -80,11 +80,13 @@ def test_img2img_and_inpaint(tmp_path, ckpt, inpaint_ckpt, picture):
         assert kept == [(32 * 48, (200, 30, 40))]  # black in the mask: the input's pixels, exactly
 
 
-def test_long_prompt_warns_with_what_was_cut(tmp_path, ckpt, capsys):
-    prompt = "word " * 74 + "the end of this prompt"
+def test_long_prompt_with_emphasis_runs_whole(tmp_path, ckpt, capsys):
+    prompt = "word " * 74 + "the (end:1.2) of this [prompt]"
     assert run("txt2img", "--ckpt", ckpt, "--prompt", prompt, "--width", 16, "--height", 16, "--steps", 1,
-               "--quiet", "--outdir", tmp_path) == 0  # fmt: skip
-    assert "this part was cut: 'end of this prompt'" in capsys.readouterr().err
+               "--clip-skip", 2, "--quiet", "--outdir", tmp_path) == 0  # fmt: skip
+    assert capsys.readouterr().err == ""
+    with Image.open(tmp_path / f"00001-{next(tmp_path.iterdir()).name[6:]}") as im:
+        assert parse_parameters(im.text["parameters"])["Clip skip"] == "2"
 
 
 @pytest.mark.parametrize(

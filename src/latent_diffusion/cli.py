@@ -80,7 +80,8 @@ def prepare_outdir(outdir: Path) -> bool:
 
 # The request fields whose errors name a flag of their own (the messages begin with the field's name).
 FLAGS = {"width and height": "--width and --height", "batch_size": "--batch-size", "steps": "--steps",
-         "strength": "--strength", "eta": "--eta", "s_noise": "--s-noise", "cfg_scale": "--cfg-scale"}  # fmt: skip
+         "strength": "--strength", "eta": "--eta", "s_noise": "--s-noise", "cfg_scale": "--cfg-scale",
+         "clip_skip": "--clip-skip"}  # fmt: skip
 
 
 def checked(request: GenerationRequest, model: LatentDiffusion | None = None) -> GenerationRequest:
@@ -106,7 +107,7 @@ def request_from_args(args) -> GenerationRequest:
         prompts=[args.prompt] * count, negative_prompts=[args.negative_prompt] * count,
         seeds=[seed + i for i in range(count)], width=args.width, height=args.height, steps=args.steps,
         sampler=args.sampler, karras=args.karras, spacing=args.spacing, eta=args.eta, s_noise=args.s_noise,
-        cfg_scale=args.cfg_scale,
+        cfg_scale=args.cfg_scale, clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
         strength=getattr(args, "strength", 1.0), batch_size=args.batch_size,
     )  # fmt: skip
 
@@ -340,7 +341,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     )
     p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
-    p.add_argument("--prompt", required=True, help="what to draw (up to 75 CLIP tokens; more is cut, with a warning)")
+    p.add_argument("--prompt", required=True, help="what to draw, in the web UI's prompt language, any length")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
     if command == "txt2img":
         p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
@@ -362,6 +363,18 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
                    help="timestep spacing, as diffusers' schedulers (leading: 901, 801, ..., 1 for 10 steps)")  # fmt: skip
     p.add_argument("--eta", type=float, help="eta of the samplers that take one (default: theirs; DDIM: 0)")
     p.add_argument("--s-noise", type=float, help="noise scale of the ancestral samplers (default: 1)")
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        help="use the text encoder's hidden state N layers from the end, as the "
+        "web UI's CLIP skip (1: the last; default: the model's own)",
+    )
+    p.add_argument(
+        "--prompt-syntax",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read the web UI's emphasis, (word:1.2), [word] and BREAK (--no-prompt-syntax: plain text)",
+    )
     p.add_argument(
         "--cfg-scale",
         type=float,

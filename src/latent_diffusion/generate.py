@@ -78,6 +78,16 @@ def generate(
     return GenerationResult(torch.cat(images), [infotext(r, i, fields) for i in range(len(r.prompts))], warnings, r)
 
 
+def same_length(model: LatentDiffusion, r: GenerationRequest, a: torch.Tensor, b: torch.Tensor):
+    """Guidance runs prompt and negative prompt in one batch: the one of fewer 77-token chunks gets the empty
+    prompt's encoding appended until both are as long, as the web UI does. a, b: (batch, 77·k, d)."""
+    if a.shape[1] == b.shape[1]:
+        return a, b
+    empty = model.conditioning([""] * len(a), clip_skip=r.clip_skip)[0]["crossattn"]  # (batch, 77, d)
+    pad = empty.repeat(1, abs(a.shape[1] - b.shape[1]) // empty.shape[1], 1)
+    return (torch.cat([a, pad], dim=1), b) if a.shape[1] < b.shape[1] else (a, torch.cat([b, pad], dim=1))
+
+
 def _batch_images(r: GenerationRequest, batch: range, device: torch.device, latent_size: tuple[int, int]):
     """The batch's init image in [-1, 1], pixel mask (binary, white = repaint) and latent-size mask, or Nones."""
     if r.init_image is None:
@@ -96,8 +106,12 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     generators = [torch.Generator().manual_seed(r.seeds[i]) for i in batch]
     f = model.cfg.autoencoder.downsampling_factor
     latent_shape = (model.cfg.autoencoder.embed_dim, r.height // f, r.width // f)
-    cond, notes = model.conditioning([r.prompts[i] for i in batch])
-    uncond, uncond_notes = model.conditioning([r.negative_prompts[i] for i in batch]) if r.cfg_scale != 1 else ({}, [])
+    cond, notes = model.conditioning([r.prompts[i] for i in batch], clip_skip=r.clip_skip, syntax=r.prompt_syntax)
+    uncond, uncond_notes = {}, []
+    if r.cfg_scale != 1:
+        negatives = [r.negative_prompts[i] for i in batch]
+        uncond, uncond_notes = model.conditioning(negatives, clip_skip=r.clip_skip, syntax=r.prompt_syntax)
+        cond["crossattn"], uncond["crossattn"] = same_length(model, r, cond["crossattn"], uncond["crossattn"])
 
     sigmas = sampling_sigmas(
         model.alphas_cumprod.cpu(), r.steps, spacing=r.spacing, karras=r.karras and not sampler.discrete,

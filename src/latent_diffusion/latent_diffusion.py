@@ -16,6 +16,7 @@ from torch import nn
 from . import schedule
 from .autoencoder import AutoencoderKL
 from .config import LatentDiffusionConfig, from_ldm_config
+from .prompts import chunk_prompt
 from .text_encoder import TextEncoder
 from .tokenizer import clip_tokenizer
 from .unet import UNetModel
@@ -87,24 +88,40 @@ class LatentDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.out[2].weight.dtype
 
-    def conditioning(self, prompts: list[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """prompts -> ({"crossattn": (b, 77, context_dim)}, warnings). A prompt over 75 tokens is cut; the
-        warning names the part that was dropped."""
-        tokens, cut = self.cond_stage_model.tokenize(list(prompts))
-        notes = [
-            f"prompt longer than {self.cfg.text.max_length - 2} tokens; this part was cut: "
-            f"{clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)!r}"
-            for prompt, was_cut in zip(prompts, cut)
-            if was_cut
-        ]
-        return {"crossattn": self.cond_stage_model(tokens)}, notes
+    def conditioning(
+        self, prompts: list[str], *, clip_skip: int | None = None, syntax: bool = True
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """prompts in the web UI's language (`prompts.py`) -> ({"crossattn": (b, 77·k, context_dim)}, warnings).
+
+        Each prompt is k chunks of 77 tokens (prompts with fewer get empty-prompt chunks). Each token's hidden state
+        is multiplied by its emphasis weight, then each chunk is rescaled to the mean it had unweighted, as the
+        web UI's "Original" emphasis (which takes that mean over its whole batch; per prompt here, so that an
+        image of a batch stays the image its seed gives alone). syntax=False reads the prompts as plain text."""
+        tokenizer = clip_tokenizer(self.cfg.text.max_length)
+        chunked = [chunk_prompt(p, tokenizer, syntax) for p in prompts]
+        empty = chunk_prompt("", tokenizer, syntax=False)[0]
+        encoded = []
+        for i in range(max(len(c) for c in chunked)):
+            batch = [c[i] if i < len(c) else empty for c in chunked]
+            tokens = torch.tensor([self.cond_stage_model.pad(c.tokens) for c in batch], device=self.device)
+            weights = torch.tensor([c.weights for c in batch], device=self.device)[..., None]  # (b, 77, 1)
+            z = self.cond_stage_model(tokens, clip_skip)  # (b, 77, d)
+            if (weights != 1).any():
+                weighted = z * weights.to(z.dtype)
+                mean, new_mean = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+                z = weighted * torch.where(new_mean == 0, 1, mean / new_mean)
+            encoded.append(z)
+        return {"crossattn": torch.cat(encoded, dim=1)}, []
 
     def get_text_conditioning(self, prompts: list[str]) -> torch.Tensor:
-        """prompts -> context (b, 77, context_dim), warning (Python `warnings`) about prompts that were cut."""
-        cond, notes = self.conditioning(prompts)
-        for note in notes:
-            warnings.warn(note, stacklevel=2)
-        return cond["crossattn"]
+        """prompts -> context (b, 77, context_dim) as CompVis encodes captions: plain text, cut at 75 tokens (with a
+        Python warning naming what was cut). Training uses this; generation uses `conditioning`."""
+        tokens, cut = self.cond_stage_model.tokenize(list(prompts))
+        for prompt, was_cut in zip(prompts, cut):
+            if was_cut:
+                dropped = clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)
+                warnings.warn(f"prompt longer than 75 tokens; this part was cut: {dropped!r}", stacklevel=2)
+        return self.cond_stage_model(tokens)
 
     def autoencoder_encode(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """image (b, 3, H, W) in [-1, 1] -> a latent sample × scale_factor (b, 4, H/8, W/8); noise (b, 4, H/8, W/8)

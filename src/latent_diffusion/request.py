@@ -46,6 +46,8 @@ class GenerationRequest:
     mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint
     strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
     batch_size: int = 1  # images per U-Net call
+    clip_skip: int | None = None  # the web UI's CLIP skip: text encoder layers from the end (None: the model's)
+    prompt_syntax: bool = True  # read emphasis and BREAK in the prompts (False: plain text)
 
     @property
     def steps_run(self) -> int:
@@ -69,8 +71,8 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
     """Every check of a request, before any work: RequestError naming the problem. Without a model, what can be
     checked without one; with it, also what depends on the model, and the returned copy has its defaults."""
     r = request
-    for name in ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise"):
-        value, whole = getattr(r, name), name in ("steps", "batch_size", "width", "height")
+    for name in ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise", "clip_skip"):
+        value, whole = getattr(r, name), name in ("steps", "batch_size", "width", "height", "clip_skip")
         if value is None and name not in ("steps", "batch_size", "strength"):
             continue  # None: the default
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
@@ -106,8 +108,6 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
             _fail(f"{name} must be a finite number of at least 0, not {value}")
     if r.cfg_scale is not None and not math.isfinite(r.cfg_scale):
         _fail(f"cfg_scale must be a finite number, not {r.cfg_scale}")
-    if r.init_image is None and (r.mask is not None or r.strength < 1):
-        _fail("a mask or a strength below 1 needs an init image")
     if r.init_image is not None:
         _check_images(r)
     if model is None:
@@ -134,7 +134,10 @@ def _check_images(r: GenerationRequest) -> None:
 
 
 def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
+    """The checks that need the model (or the images, which front ends may attach after the first check)."""
     cfg = model.cfg
+    if r.init_image is None and (r.mask is not None or r.strength < 1):
+        _fail("a mask or a strength below 1 needs an init image")
     if cfg.inpainting and r.mask is None:
         _fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")
     size = r.init_image.shape[-2:] if r.init_image is not None else (r.height, r.width)
@@ -144,6 +147,8 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
         _fail(f"the image is {width}x{height}: its sides must be multiples of {f}; resize it")
     if width % f or height % f or width <= 0 or height <= 0:
         _fail(f"width and height must be positive multiples of {f}, not {width}x{height}")
+    if r.clip_skip is not None and not 1 <= r.clip_skip <= cfg.text.layers:
+        _fail(f"clip_skip must be in [1, {cfg.text.layers}] for this text encoder, not {r.clip_skip}")
     if max(width, height) > MAX_SIDE:
         _fail(f"the image is {width}x{height}: at most {MAX_SIDE} pixels per side")
     sampler = SAMPLERS[r.sampler]
@@ -201,6 +206,8 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
         value = getattr(r, option)
         if option in sampler.options and value not in (None, inspect.signature(sampler.fn).parameters[option].default):
             fields[name] = value
+    if r.clip_skip is not None and r.clip_skip > 1:
+        fields["Clip skip"] = r.clip_skip
     if r.init_image is not None:
         fields["Denoising strength"] = r.strength
     return fields

@@ -153,14 +153,22 @@ class TextEncoder(nn.Module):
         m = self.model
         return m.token_embedding, m.positional_embedding, m.transformer.resblocks, m.ln_final
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (b, n) ids, n <= max_length -> (b, n, width)."""
+    def forward(self, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+        """tokens: (b, n) ids, n <= max_length -> (b, n, width): the hidden state `clip_skip` layers from the end
+        (the web UI's CLIP skip: 1 = the last layer), then the final layer norm. None: the model's own choice,
+        the last layer (SD 1.x) or the penultimate (SD 2.x, whose last block is stored in checkpoints unused)."""
         token_embedding, position_embedding, layers, final_norm = self._parts()
         x = token_embedding(tokens) + position_embedding[: tokens.shape[1]]
-        # The penultimate layer (SD 2.x) skips the last block; its weights are still stored in checkpoints.
-        for layer in layers[: len(layers) - 1] if self.cfg.layer == "penultimate" else layers:
+        skip = clip_skip if clip_skip is not None else 2 if self.cfg.layer == "penultimate" else 1
+        for layer in layers[: max(1, len(layers) - (skip - 1))]:
             x = layer(x)
         return final_norm(x)
+
+    def pad(self, tokens: list[int]) -> list[int]:
+        """A chunk padded with the end token -> padded as this family pads: SD 2.x's OpenCLIP puts 0 after the
+        first end token (open_clip.tokenize), SD 1.x keeps the end token (CompVis)."""
+        end = tokens.index(clip_tokenizer(self.cfg.max_length).eot_id)
+        return tokens[: end + 1] + [self.cfg.pad_token] * (len(tokens) - end - 1)
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
         """-> ((b, 77) token ids, whether each prompt was cut to 75 tokens)."""

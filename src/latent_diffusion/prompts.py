@@ -1,0 +1,102 @@
+"""Prompts in the web UI's language: emphasis weights, BREAK, and prompts of any length in chunks of 75 tokens.
+
+Emphasis ("Original" in the web UI): `(text)` ×1.1, `[text]` ÷1.1, `(text:w)` ×w, nesting multiplies, a bracket
+left open applies to the end, `\\(` `\\)` `\\[` `\\]` `\\\\` are literal. Each chunk is BOS + 75 tokens + EOS; when a
+chunk fills up, the text after its last comma moves to the next chunk if that comma is at most 20 tokens back;
+`BREAK` ends a chunk. The chunks' encodings are concatenated along the token axis, and each token's hidden state
+is multiplied by its weight (`LatentDiffusion.conditioning`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .tokenizer import CLIPTokenizer
+
+# One match per syntax element: escapes, brackets, a weight with its closing bracket, text, or a lone colon.
+ELEMENT = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+BREAK = re.compile(r"\s*\bBREAK\b\s*")
+CHUNK = 75  # tokens of prompt text per chunk, between BOS and EOS
+BACKTRACK = 20  # how far back a comma may be for the text after it to move to the next chunk
+
+
+def parse_emphasis(text: str) -> list[tuple[str, float]]:
+    """text -> [(fragment, weight)], adjacent fragments of equal weight merged; ("BREAK", -1) marks a BREAK."""
+    parts: list[list] = []  # [fragment, weight], weights multiplied in place as brackets close
+    open_round, open_square = [], []  # where each open bracket's span starts in `parts`
+
+    def multiply_from(start: int, factor: float) -> None:
+        for part in parts[start:]:
+            part[1] *= factor
+
+    for m in ELEMENT.finditer(text):
+        element, weight = m.group(0), m.group(1)
+        if element.startswith("\\"):
+            parts.append([element[1:], 1.0])
+        elif element == "(":
+            open_round.append(len(parts))
+        elif element == "[":
+            open_square.append(len(parts))
+        elif weight is not None and open_round:
+            multiply_from(open_round.pop(), float(weight))
+        elif element == ")" and open_round:
+            multiply_from(open_round.pop(), 1.1)
+        elif element == "]" and open_square:
+            multiply_from(open_square.pop(), 1 / 1.1)
+        else:
+            for i, piece in enumerate(BREAK.split(element)):
+                if i:
+                    parts.append(["BREAK", -1.0])
+                parts.append([piece, 1.0])
+    for start in open_round:
+        multiply_from(start, 1.1)
+    for start in open_square:
+        multiply_from(start, 1 / 1.1)
+    merged: list[list] = []
+    for part in parts or [["", 1.0]]:
+        if merged and merged[-1][1] == part[1] and part[1] != -1:
+            merged[-1][0] += part[0]
+        else:
+            merged.append(part)
+    return [(fragment, weight) for fragment, weight in merged]
+
+
+@dataclass
+class Chunk:
+    tokens: list[int] = field(default_factory=list)  # BOS + 75 + EOS once closed (77)
+    weights: list[float] = field(default_factory=list)
+
+
+def chunk_prompt(text: str, tokenizer: CLIPTokenizer, syntax: bool = True) -> list[Chunk]:
+    """A prompt -> its chunks of 77 token ids and weights, padded with EOS (the family's pad comes later).
+    syntax=False: the plain text, every weight 1, no BREAK."""
+    comma = tokenizer.encoder[",</w>"]
+    chunks, chunk, last_comma = [], Chunk(), -1
+
+    def close() -> None:
+        nonlocal chunk, last_comma
+        pad = CHUNK - len(chunk.tokens)
+        chunks.append(Chunk([tokenizer.sot_id, *chunk.tokens, *[tokenizer.eot_id] * pad, tokenizer.eot_id],
+                            [1.0, *chunk.weights, *[1.0] * pad, 1.0]))  # fmt: skip
+        chunk, last_comma = Chunk(), -1
+
+    for fragment, weight in parse_emphasis(text) if syntax else [(text, 1.0)]:
+        if weight == -1:  # BREAK
+            close()
+            continue
+        for token in tokenizer.encode(fragment):
+            if token == comma:
+                last_comma = len(chunk.tokens)
+            elif len(chunk.tokens) == CHUNK and last_comma != -1 and CHUNK - last_comma <= BACKTRACK:
+                moved = Chunk(chunk.tokens[last_comma + 1 :], chunk.weights[last_comma + 1 :])
+                chunk.tokens, chunk.weights = chunk.tokens[: last_comma + 1], chunk.weights[: last_comma + 1]
+                close()
+                chunk = moved
+            if len(chunk.tokens) == CHUNK:
+                close()
+            chunk.tokens.append(token)
+            chunk.weights.append(weight)
+    if chunk.tokens or not chunks:
+        close()
+    return chunks

@@ -1,0 +1,114 @@
+"""Prompts in the web UI's language: the parser against the web UI's own published examples, chunking token by
+token, and the weighted, chunked conditioning against transformers' CLIP text model."""
+
+import pytest
+import torch
+
+from latent_diffusion.generate import generate
+from latent_diffusion.prompts import chunk_prompt, parse_emphasis
+from latent_diffusion.request import GenerationRequest
+from latent_diffusion.tokenizer import clip_tokenizer
+
+from test_reference import transformers_text_encoder
+
+TOK = clip_tokenizer()
+CAT, DOG, COMMA = TOK.encode("cat")[0], TOK.encode("dog")[0], TOK.encode(",")[0]
+SOT, EOT = TOK.sot_id, TOK.eot_id
+
+
+# The examples of the docstring of `parse_prompt_attention` in the web UI's modules/prompt_parser.py.
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("normal text", [("normal text", 1.0)]),
+        ("an (important) word", [("an ", 1.0), ("important", 1.1), (" word", 1.0)]),
+        ("(unbalanced", [("unbalanced", 1.1)]),
+        ("\\(literal\\]", [("(literal]", 1.0)]),
+        ("(unnecessary)(parens)", [("unnecessaryparens", 1.1)]),
+        ("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).",
+         [("a ", 1.0), ("house", 1.5730000000000004), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+          (", sun, ", 1.1), ("sky", 1.4641000000000006), (".", 1.1)]),
+    ],
+)  # fmt: skip
+def test_parser_matches_the_web_uis_examples(text, expected):
+    assert parse_emphasis(text) == expected
+
+
+def test_parser_edge_cases():
+    assert parse_emphasis("") == [("", 1.0)]
+    assert parse_emphasis("[[a]] b") == [("a", 1 / 1.1 / 1.1), (" b", 1.0)]
+    assert parse_emphasis("(a:0.5) \\\\ (b:-1)") == [("a", 0.5), (" \\ ", 1.0), ("b", -1.0)]
+    assert parse_emphasis("x: y) z]") == [("x: y) z]", 1.0)]  # stray closers and colons are text
+    assert parse_emphasis("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
+    assert parse_emphasis("BREAKFAST") == [("BREAKFAST", 1.0)]
+
+
+def test_a_200_token_prompt_is_chunked_token_by_token():
+    """Segments of 29 'cat' + ',' (30 tokens). A chunk fills at 75 tokens with its last comma 16 tokens back, so the
+    15 tokens after that comma move on: chunks of 60, 60, 60 and 20 prompt tokens, each BOS + 75 + EOS."""
+    prompt = ("cat " * 29 + ", ") * 6 + "cat " * 20  # 6 x 30 + 20 = 200 tokens
+    chunks = chunk_prompt(prompt, TOK)
+    segment = [CAT] * 29 + [COMMA]
+    expected = [2 * segment, 2 * segment, 2 * segment, [CAT] * 20]
+    assert [c.tokens for c in chunks] == [[SOT, *e, *[EOT] * (75 - len(e)), EOT] for e in expected]
+    assert all(c.weights == [1.0] * 77 for c in chunks)
+
+
+def test_comma_further_back_than_20_tokens_does_not_move_text():
+    chunks = chunk_prompt("cat " * 50 + ", " + "dog " * 30, TOK)
+    assert chunks[0].tokens == [SOT, *[CAT] * 50, COMMA, *[DOG] * 24, EOT]
+    assert chunks[1].tokens[:8] == [SOT, *[DOG] * 6, EOT]
+
+
+def test_break_and_weights_in_chunks():
+    chunks = chunk_prompt("(cat:1.5) BREAK [dog]", TOK)
+    assert [c.tokens[:3] for c in chunks] == [[SOT, CAT, EOT], [SOT, DOG, EOT]]
+    assert chunks[0].weights[:3] == [1.0, 1.5, 1.0] and chunks[1].weights[1] == pytest.approx(1 / 1.1)
+    plain = chunk_prompt("(cat:1.5)", TOK, syntax=False)
+    assert plain[0].tokens[1] == TOK.encode("(")[0] and set(plain[0].weights) == {1.0}
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_weighted_long_prompt_against_transformers(tiny_models, variant):
+    """Each chunk's hidden states come from transformers' CLIPTextModel on the chunk's tokens (padded as the family
+    pads), times the weights, rescaled to the unweighted mean; the chunks are concatenated."""
+    model = tiny_models[variant]
+    ref = transformers_text_encoder(model.cfg, model.state_dict())
+    prompt = "a (red:1.4) cat, " + "[sitting] on a mat, " * 20
+    ours = model.conditioning([prompt])[0]["crossattn"]
+    expected = []
+    for chunk in chunk_prompt(prompt, TOK):
+        tokens = torch.tensor([model.cond_stage_model.pad(chunk.tokens)])
+        with torch.no_grad():
+            z = ref(input_ids=tokens).last_hidden_state[0]
+        w = torch.tensor(chunk.weights)[:, None]
+        expected.append(z * w * (z.mean() / (z * w).mean()))
+    assert ours.shape == (1, 77 * len(expected), 32) and len(expected) > 1
+    torch.testing.assert_close(ours[0], torch.cat(expected), atol=1e-4, rtol=0)
+    if variant == "sd2":
+        assert model.cond_stage_model.pad(chunk_prompt("a cat", TOK)[0].tokens)[3:5] == [EOT, 0]
+
+
+def test_clip_skip_is_the_web_uis(tiny_models):
+    """CLIP skip N: transformers' hidden_states[-N], then the final layer norm (1: the last hidden state)."""
+    model = tiny_models["sd1"]
+    ref = transformers_text_encoder(model.cfg, model.state_dict())
+    tokens = torch.tensor([chunk_prompt("a red cat", TOK)[0].tokens])
+    with torch.no_grad():
+        out = ref(input_ids=tokens, output_hidden_states=True)
+        norm = getattr(ref, "final_layer_norm", None) or ref.text_model.final_layer_norm  # transformers 5 / 4
+        skip2 = norm(out.hidden_states[-2])
+    torch.testing.assert_close(model.conditioning(["a red cat"], clip_skip=2)[0]["crossattn"], skip2, atol=1e-4, rtol=0)
+    torch.testing.assert_close(model.conditioning(["a red cat"], clip_skip=1)[0]["crossattn"], out.last_hidden_state,
+                               atol=1e-4, rtol=0)  # fmt: skip
+
+
+def test_prompt_and_negative_of_different_lengths_run_in_one_batch(tiny_models):
+    model = tiny_models["sd1"]
+    long = "a cat, " * 40  # two chunks
+    common = dict(width=16, height=16, steps=2, sampler="euler")
+    a = generate(model, GenerationRequest([long], [3], negative_prompts=["blurry"], **common))
+    b = generate(model, GenerationRequest(["blurry"], [3], negative_prompts=[long], **common))
+    assert a.images.shape == b.images.shape == (1, 3, 16, 16) and a.warnings == []
+    request = GenerationRequest(["(cat:1.3)"], [3], clip_skip=2, **common)
+    assert "Clip skip: 2" in generate(model, request).infotexts[0]
