@@ -177,3 +177,42 @@ def test_help_is_usable(capsys):
     out = capsys.readouterr().out
     for word in ("txt2img", "img2img", "inpaint", "--cfg-scale", "--negative-prompt", "white = repaint", "dpmpp_2m"):
         assert word in out
+
+
+def test_infotext_reproduces_an_image(tmp_path, ckpt, capsys):
+    """An image's own infotext, given back with --infotext, gives the same image; flags given beside it win."""
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "a (red:1.3) [round] thing", "--negative-prompt", "dark",
+               "--sampler", "euler_ancestral", "--no-karras", "--cfg-scale", 3, "--clip-skip", 2, "--seed", 11,
+               "--width", 32, "--height", 24, "--steps", 3, "--quiet", "--outdir", tmp_path / "a") == 0  # fmt: skip
+    (original,) = (tmp_path / "a").iterdir()
+    assert run("txt2img", "--ckpt", ckpt, "--infotext", original, "--quiet", "--outdir", tmp_path / "b") == 0
+    (again,) = (tmp_path / "b").iterdir()
+    with Image.open(original) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes() and a.text["parameters"] == b.text["parameters"]
+    assert capsys.readouterr().err == ""  # every field of ours is used (Model hash and Model only inform)
+    assert (
+        run("txt2img", "--ckpt", ckpt, "--infotext", original, "--steps", 2, "--quiet", "--outdir", tmp_path / "c") == 0
+    )
+    with Image.open(next((tmp_path / "c").iterdir())) as c:
+        assert parse_parameters(c.text["parameters"])["Steps"] == "2"
+
+
+def test_web_ui_infotexts_map_onto_our_settings():
+    from latent_diffusion.infotext import sampler_from_web_ui, settings_from_infotext
+
+    text = (
+        "a (cat:1.2), BREAK sitting\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, "
+        "CFG scale: 5, Seed: 7, Size: 32x48, Model hash: 6ce0161689, Model: v1-5, Clip skip: 2, Version: v1.10.1, "
+        "Hires upscale: 2"
+    )
+    settings, ignored = settings_from_infotext(text)
+    assert settings == {"prompt": "a (cat:1.2), BREAK sitting", "negative_prompt": "blurry", "steps": 4,
+                        "cfg_scale": 5.0, "seed": 7, "clip_skip": 2, "width": 32, "height": 48,
+                        "sampler": "dpmpp_2m", "karras": True}  # fmt: skip
+    assert ignored == ["Hires upscale"]  # a setting this project does not have; Model and Version only inform
+    assert sampler_from_web_ui("Euler a", None) == ("euler_ancestral", False)  # legacy name: no Karras suffix
+    assert sampler_from_web_ui("DPM++ 2M Karras", None) == ("dpmpp_2m", True)
+    assert sampler_from_web_ui("Euler", "Automatic") == ("euler", False)  # the web UI's automatic schedules
+    assert sampler_from_web_ui("DPM++ 2M", "Automatic") == ("dpmpp_2m", True)
+    with pytest.raises(ValueError, match="sampler 'DPM\\+\\+ 2M SDE' is not available here"):
+        sampler_from_web_ui("DPM++ 2M SDE", "Karras")

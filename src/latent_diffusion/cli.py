@@ -21,6 +21,7 @@ from .evaluate import ATTRIBUTES, prompt_adherence
 from .files import atomic_write, claim_numbered, writable_folder
 from .generate import NonFiniteError, generate
 from .images import grid, load_image, parameters_text, save_png, to_pil
+from .infotext import read_infotext, settings_from_infotext
 from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest, RequestError, infotext_fields, validate
 from .samplers import SAMPLERS
@@ -122,6 +123,19 @@ def with_images(request: GenerationRequest, args, model: LatentDiffusion) -> Gen
     mask = load_image(args.mask, "L", size) if args.command == "inpaint" else None
     width, height = (None, None) if size is None else size
     return dataclasses.replace(request, init_image=image, mask=mask, width=width, height=height)
+
+
+def apply_infotext(args, argv: list[str]) -> None:
+    """Fill in the settings of --infotext, except those of flags given on the command line."""
+    settings, ignored = settings_from_infotext(read_infotext(args.infotext))
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    flags = {"karras": "--no-karras", "negative_prompt": "--negative-prompt"}
+    for dest, value in settings.items():
+        flag = "--" + dest.replace("_", "-")
+        if hasattr(args, dest) and flag not in given and flags.get(dest) not in given:
+            setattr(args, dest, value)
+    if ignored:
+        print(f"ldm: warning: infotext fields not used here: {', '.join(ignored)}", file=sys.stderr)
 
 
 def cmd_generate(args) -> None:
@@ -341,7 +355,12 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     )
     p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
-    p.add_argument("--prompt", required=True, help="what to draw, in the web UI's prompt language, any length")
+    p.add_argument("--prompt", help="what to draw, in the web UI's prompt language, any length")
+    p.add_argument(
+        "--infotext",
+        help="settings from a web UI infotext: an image with a `parameters` chunk, a text "
+        "file, or the text; flags given here win",
+    )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
     if command == "txt2img":
         p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
@@ -478,6 +497,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "infotext", None):
+            apply_infotext(args, sys.argv[1:] if argv is None else argv)
+        if getattr(args, "run", None) is cmd_generate and args.prompt is None:
+            raise UsageError("--prompt is needed (or --infotext)")
         args.run(args)
     except (CheckpointError, UsageError, ValueError) as e:
         return fail(args, e, 2)

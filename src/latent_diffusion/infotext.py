@@ -1,0 +1,81 @@
+"""The web UI's infotexts read back into settings: `ldm txt2img --infotext image.png` runs with the settings an
+image was made with (its `parameters` PNG chunk, a text file, or the text itself). Flags given on the command line
+win over the infotext's values; fields this project does not use are named in a warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from .images import parse_parameters
+from .samplers import SAMPLERS
+
+# The web UI's automatic schedule: Karras for these samplers, uniform for the rest.
+KARRAS_BY_DEFAULT = {"dpmpp_2m", "dpmpp_2s_ancestral", "dpmpp_sde", "dpm2"}
+FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Eta": ("eta", float),
+          "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),
+          "Denoising strength": ("strength", float)}  # fmt: skip
+NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size"}
+INFORMATIONAL = {"Model hash", "Model", "Version"}  # which checkpoint and program: --ckpt says which is used here
+
+
+def read_infotext(source: str) -> str:
+    """A PNG's `parameters` text, a text file's contents, or `source` itself when it names no file."""
+    path = Path(source)
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. a text too long to be a file name: then it is the text itself
+        is_file = False
+    if not is_file:
+        return source
+    try:
+        if path.suffix.lower() not in (".png", ".webp", ".jpg", ".jpeg"):
+            return path.read_text(encoding="utf-8")
+        with Image.open(path) as im:
+            text = im.info.get("parameters")
+    except (OSError, UnidentifiedImageError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read an infotext from it ({type(e).__name__})") from None
+    if text is None:
+        raise ValueError(f"{path}: holds no `parameters` infotext")
+    return text
+
+
+def sampler_from_web_ui(name: str, schedule: str | None) -> tuple[str, bool]:
+    """The web UI's sampler (its current name and "Schedule type", or a legacy name such as "DPM++ 2M Karras")
+    -> (our sampler id, Karras σs)."""
+    legacy_karras = name.endswith(" Karras")
+    display = name.removesuffix(" Karras")
+    found = [s.name for s in SAMPLERS.values() if s.display_name == display]
+    if not found:
+        known = ", ".join(s.display_name for s in SAMPLERS.values())
+        raise ValueError(f"the infotext's sampler {name!r} is not available here; these are: {known}")
+    sampler = found[0]
+    if schedule is None or schedule == "Automatic":
+        karras = legacy_karras or (schedule == "Automatic" and sampler in KARRAS_BY_DEFAULT)
+    else:
+        karras = schedule == "Karras"
+    return sampler, karras
+
+
+def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
+    """An infotext -> ({command-line destination: value}, names of the fields not used)."""
+    fields = parse_parameters(text)
+    settings = {"prompt": fields["prompt"], "negative_prompt": fields["negative_prompt"]}
+    for key, (dest, kind) in FIELDS.items():
+        if key in fields:
+            settings[dest] = _number(kind, key, fields[key])
+    if "Size" in fields:
+        width, _, height = fields["Size"].partition("x")
+        settings["width"], settings["height"] = _number(int, "Size", width), _number(int, "Size", height)
+    if "Sampler" in fields:
+        settings["sampler"], settings["karras"] = sampler_from_web_ui(fields["Sampler"], fields.get("Schedule type"))
+    ignored = [k for k in fields if k not in FIELDS and k not in NOT_SETTINGS and k not in INFORMATIONAL]
+    return settings, ignored
+
+
+def _number(kind, key: str, value: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"the infotext's {key} is {value!r}, not a number") from None
