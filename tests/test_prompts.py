@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from latent_diffusion.generate import generate
-from latent_diffusion.prompts import chunk_prompt, parse_emphasis
+from latent_diffusion.prompts import chunk_prompt, parse_emphasis, prompt_schedule
 from latent_diffusion.request import GenerationRequest
 from latent_diffusion.tokenizer import clip_tokenizer
 
@@ -112,3 +112,49 @@ def test_prompt_and_negative_of_different_lengths_run_in_one_batch(tiny_models):
     assert a.images.shape == b.images.shape == (1, 3, 16, 16) and a.warnings == []
     request = GenerationRequest(["(cat:1.3)"], [3], clip_skip=2, **common)
     assert "Clip skip: 2" in generate(model, request).infotexts[0]
+
+
+# The examples of the docstring of `get_learned_conditioning_prompt_schedules` in the web UI's prompt_parser.py.
+@pytest.mark.parametrize(
+    "text,steps,expected",
+    [
+        ("test", 10, [(10, "test")]),
+        ("a [b:3]", 10, [(3, "a "), (10, "a b")]),
+        ("a [b: 3]", 10, [(3, "a "), (10, "a b")]),
+        ("a [[[b]]:2]", 10, [(2, "a "), (10, "a [[b]]")]),
+        ("[(a:2):3]", 10, [(3, ""), (10, "(a:2)")]),
+        ("a [b : c : 1] d", 10, [(1, "a b  d"), (10, "a  c  d")]),
+        ("a[b:[c:d:2]:1]e", 10, [(1, "abe"), (2, "ace"), (10, "ade")]),
+        ("a [unbalanced", 10, [(10, "a [unbalanced")]),
+        ("a [b:.5] c", 10, [(5, "a  c"), (10, "a b c")]),
+        ("((a][:b:c [d:3]", 10, [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+        ("[fe|]male", 3, [(1, "female"), (2, "male"), (3, "female")]),
+        ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
+         "[ in background:0.25] [shoddy:masterful:0.5]", 100,
+         [(25, "fantasy landscape with a mountain and an oak in foreground shoddy"),
+          (50, "fantasy landscape with a lake and an oak in foreground in background shoddy"),
+          (60, "fantasy landscape with a lake and an oak in foreground in background masterful"),
+          (75, "fantasy landscape with a lake and an oak in background masterful"),
+          (100, "fantasy landscape with a lake and a christmas tree in background masterful")]),
+    ],
+)  # fmt: skip
+def test_prompt_editing_schedules_match_the_web_uis_examples(text, steps, expected):
+    assert prompt_schedule(text, steps) == expected
+
+
+def test_prompt_editing_switches_the_conditioning_at_its_step(tiny_models, monkeypatch):
+    """[cat:dog:2] over 4 Euler steps: evaluations 0, 1, 2 see "cat" and evaluation 3 sees "dog" (the web UI counts
+    evaluations from 0 and switches after the segment's last step); the same text in both segments changes nothing."""
+    import latent_diffusion.generate as g
+
+    model, seen = tiny_models["sd1"], []
+    real = g.Denoiser.__call__
+    monkeypatch.setattr(
+        g.Denoiser, "__call__", lambda self, x, s: seen.append(self.cond["crossattn"]) or real(self, x, s)
+    )
+    common = dict(width=32, height=32, steps=4, sampler="euler", cfg_scale=1.0)
+    generate(model, GenerationRequest(["[cat:dog:2]"], [1], **common))
+    cat, dog = (model.conditioning([w])[0]["crossattn"] for w in ("cat", "dog"))
+    assert [torch.equal(c, cat) for c in seen] == [True, True, True, False] and torch.equal(seen[3], dog)
+    same = generate(model, GenerationRequest(["[cat:cat:2]"], [1], **common)).images
+    assert torch.equal(same, generate(model, GenerationRequest(["cat"], [1], **common)).images)

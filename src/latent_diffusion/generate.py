@@ -11,6 +11,7 @@ then the sampler's per-step noise.
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
+from .prompts import prompt_schedule
 from .request import GenerationRequest, GenerationResult, infotext, infotext_fields, validate
 from .samplers import Step, get_sampler
 from .schedule import sampling_sigmas
@@ -78,6 +80,37 @@ def generate(
     return GenerationResult(torch.cat(images), [infotext(r, i, fields) for i in range(len(r.prompts))], warnings, r)
 
 
+def scheduled_denoiser(model: LatentDiffusion, r: GenerationRequest, batch: range, extra: dict):
+    """The denoiser of a batch, with the conditioning of each prompt-editing segment (`prompts.prompt_schedule`):
+    evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
+    editing there is one segment. -> (denoiser, prompt warnings)."""
+    texts = [r.prompts[i] for i in batch] + ([r.negative_prompts[i] for i in batch] if r.cfg_scale != 1 else [])
+    schedules = [prompt_schedule(t, r.steps_run) if r.prompt_syntax else [(r.steps_run, t)] for t in texts]
+    ends = sorted({end for schedule in schedules for end, _ in schedule})
+    denoisers, notes = {}, []
+    for end in ends:
+        at_end = [next(text for last, text in schedule if end <= last) for schedule in schedules]
+        cond, notes = model.conditioning(at_end[: len(batch)], clip_skip=r.clip_skip, syntax=r.prompt_syntax)
+        uncond = {}
+        if r.cfg_scale != 1:
+            uncond, more = model.conditioning(at_end[len(batch) :], clip_skip=r.clip_skip, syntax=r.prompt_syntax)
+            cond["crossattn"], uncond["crossattn"] = same_length(model, r, cond["crossattn"], uncond["crossattn"])
+            notes += more
+        denoisers[end] = Denoiser(
+            lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(), model.alphas_cumprod,
+            model.parameterization, {**cond, **extra}, {**uncond, **extra} if uncond else None, r.cfg_scale,
+        )  # fmt: skip
+    if len(ends) == 1:
+        return denoisers[ends[0]], notes
+    calls = itertools.count()
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        k = next(calls)
+        return denoisers[next((end for end in ends if k <= end), ends[-1])](x, sigma)
+
+    return denoiser, notes
+
+
 def same_length(model: LatentDiffusion, r: GenerationRequest, a: torch.Tensor, b: torch.Tensor):
     """Guidance runs prompt and negative prompt in one batch: the one of fewer 77-token chunks gets the empty
     prompt's encoding appended until both are as long, as the web UI does. a, b: (batch, 77·k, d)."""
@@ -106,13 +139,6 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     generators = [torch.Generator().manual_seed(r.seeds[i]) for i in batch]
     f = model.cfg.autoencoder.downsampling_factor
     latent_shape = (model.cfg.autoencoder.embed_dim, r.height // f, r.width // f)
-    cond, notes = model.conditioning([r.prompts[i] for i in batch], clip_skip=r.clip_skip, syntax=r.prompt_syntax)
-    uncond, uncond_notes = {}, []
-    if r.cfg_scale != 1:
-        negatives = [r.negative_prompts[i] for i in batch]
-        uncond, uncond_notes = model.conditioning(negatives, clip_skip=r.clip_skip, syntax=r.prompt_syntax)
-        cond["crossattn"], uncond["crossattn"] = same_length(model, r, cond["crossattn"], uncond["crossattn"])
-
     sigmas = sampling_sigmas(
         model.alphas_cumprod.cpu(), r.steps, spacing=r.spacing, karras=r.karras and not sampler.discrete,
         final=sampler.lands_at,
@@ -131,11 +157,9 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
         x = image_latent + sigmas[0].item() * noise
     else:
         x = noise * (1 + sigmas[0].item() ** 2) ** 0.5
+    extra = {}
     if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out
-        concat = torch.cat([latent_mask, encode(image * (pixel_mask < 0.5))], dim=1).to(dtype)
-        cond = {**cond, "concat": concat}
-        if uncond:
-            uncond = {**uncond, "concat": concat}
+        extra["concat"] = torch.cat([latent_mask, encode(image * (pixel_mask < 0.5))], dim=1).to(dtype)
 
     def hold(i: int, x: torch.Tensor) -> torch.Tensor:
         """Standard models: the known region at the noise level the sampler is now at (clean after the last step)."""
@@ -145,10 +169,7 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     def noise_sampler(sigma, sigma_next) -> torch.Tensor:
         return per_image_randn(latent_shape, generators).to(device)
 
-    denoiser = Denoiser(
-        lambda x_in, t, c: model.model(x_in.to(dtype), t, c).float(),
-        model.alphas_cumprod, model.parameterization, cond, uncond or None, r.cfg_scale,
-    )  # fmt: skip
+    denoiser, notes = scheduled_denoiser(model, r, batch, extra)
     options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
     x = sampler.fn(
@@ -159,4 +180,4 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     images = (decode(model, x) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
         images = pixel_mask * images + (1 - pixel_mask) * r.init_image.to(device, torch.float32)
-    return images, notes + uncond_notes
+    return images, notes

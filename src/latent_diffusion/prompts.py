@@ -100,3 +100,105 @@ def chunk_prompt(text: str, tokenizer: CLIPTokenizer, syntax: bool = True) -> li
     if chunk.tokens or not chunks:
         close()
     return chunks
+
+
+# Prompt editing and alternation ---------------------------------------------------------------------------------
+#
+# `[from:to:when]` is `from` until step `when` and `to` after it (`[to:when]`: nothing, then `to`; `[from::when]`:
+# `from`, then nothing); `when` below 1 is a fraction of the steps, else a step number. `[a|b|c]` takes a, b, c
+# in turn, one per step. As the web UI, steps count the denoiser's evaluations from 1.
+
+NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
+
+
+def _close(text: str, start: int) -> int:
+    """The index of the `]` that closes the `[` at text[start], or -1; escapes and nested brackets are skipped."""
+    depth, i = 0, start
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        if text[i] in "[(":
+            depth += 1
+        elif text[i] in "])":
+            depth -= 1
+            if depth == 0:
+                return i if text[i] == "]" else -1
+        i += 1
+    return -1
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """text split at the `sep` characters that are outside every bracket and not escaped."""
+    parts, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        if text[i] == "\\":
+            i += 2
+            continue
+        depth += (text[i] in "[(" and 1) or -(text[i] in "])")
+        if text[i] == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+        i += 1
+    return [*parts, text[start:]]
+
+
+def _parse(text: str, steps: int):
+    """text -> a list of parts: str, ("edit", before, after, when) or ("alternate", [options]); nested lists."""
+    parts, plain, i = [], "", 0
+    while i < len(text):
+        if text[i] == "\\":
+            plain, i = plain + text[i : i + 2], i + 2
+            continue
+        end = _close(text, i) if text[i] == "[" else -1
+        if end == -1:
+            plain, i = plain + text[i], i + 1
+            continue
+        inner = text[i + 1 : end]
+        options, fields = _split_top(inner, "|"), _split_top(inner, ":")
+        if len(options) > 1:
+            node = ("alternate", [_parse(o, steps) for o in options])
+        elif len(fields) in (2, 3) and NUMBER.fullmatch(fields[-1]):
+            when = float(fields[-1])
+            when = int(when * steps if when < 1 else when)
+            before = fields[0] if len(fields) == 3 else ""
+            node = ("edit", _parse(before, steps), _parse(fields[-2], steps), min(steps, when))
+        else:
+            node = ["[", *_parse(inner, steps), "]"]
+        parts, plain, i = [*parts, plain, node], "", end + 1
+    return [*parts, plain]
+
+
+def _steps_of(tree, steps: int) -> set[int]:
+    found = set()
+    for part in tree:
+        if isinstance(part, tuple) and part[0] == "edit":
+            found |= ({part[3]} if part[3] >= 1 else set()) | _steps_of(part[1], steps) | _steps_of(part[2], steps)
+        elif isinstance(part, tuple):
+            found |= set(range(1, steps + 1))
+            for option in part[1]:
+                found |= _steps_of(option, steps)
+        elif isinstance(part, list):
+            found |= _steps_of(part, steps)
+    return found
+
+
+def _at_step(tree, step: int) -> str:
+    out = []
+    for part in tree:
+        if isinstance(part, str):
+            out.append(part)
+        elif isinstance(part, list):
+            out.append(_at_step(part, step))
+        elif part[0] == "edit":
+            out.append(_at_step(part[1] if step <= part[3] else part[2], step))
+        else:
+            out.append(_at_step(part[1][(step - 1) % len(part[1])], step))
+    return "".join(out)
+
+
+def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
+    """[(last step, prompt)]: the prompt to use up to and including each step (steps counted from 1)."""
+    tree = _parse(text, steps)
+    ends = sorted({steps, *(s for s in _steps_of(tree, steps) if s < steps)})
+    return [(end, _at_step(tree, end)) for end in ends]
