@@ -198,7 +198,7 @@ def test_infotext_reproduces_an_image(tmp_path, ckpt, capsys):
 
 
 def test_web_ui_infotexts_map_onto_our_settings():
-    from latent_diffusion.infotext import sampler_from_web_ui, settings_from_infotext
+    from latent_diffusion.infotext import read_infotext, sampler_from_web_ui, settings_from_infotext
 
     text = (
         "a (cat:1.2), BREAK sitting\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, "
@@ -214,5 +214,7 @@ def test_web_ui_infotexts_map_onto_our_settings():
     assert sampler_from_web_ui("DPM++ 2M Karras", None) == ("dpmpp_2m", True)
     assert sampler_from_web_ui("Euler", "Automatic") == ("euler", False)  # the web UI's automatic schedules
     assert sampler_from_web_ui("DPM++ 2M", "Automatic") == ("dpmpp_2m", True)
+    with pytest.raises(ValueError, match="missing.png: no such file"):
+        read_infotext("missing.png")
     with pytest.raises(ValueError, match="sampler 'DPM\\+\\+ 2M SDE' is not available here"):
         sampler_from_web_ui("DPM++ 2M SDE", "Karras")

@@ -28,6 +28,8 @@ def read_infotext(source: str) -> str:
     except OSError:  # e.g. a text too long to be a file name: then it is the text itself
         is_file = False
     if not is_file:
+        if "\n" not in source and path.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg", ".txt"):
+            raise ValueError(f"{source}: no such file")  # a file was meant, not a one-word infotext
         return source
     try:
         if path.suffix.lower() not in (".png", ".webp", ".jpg", ".jpeg"):
