@@ -129,7 +129,7 @@ def apply_infotext(args, argv: list[str]) -> None:
     """Fill in the settings of --infotext, except those of flags given on the command line."""
     settings, ignored = settings_from_infotext(read_infotext(args.infotext))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    flags = {"karras": "--no-karras", "negative_prompt": "--negative-prompt"}
+    flags = {"karras": "--no-karras"}  # the other spelling of a flag
     for dest, value in settings.items():
         flag = "--" + dest.replace("_", "-")
         if hasattr(args, dest) and flag not in given and flags.get(dest) not in given:
@@ -164,14 +164,14 @@ def cmd_generate(args) -> None:
         for warning in set(result.warnings) - warned:
             tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
         warned |= set(result.warnings)
-        for seed, image, info in zip(batch.seeds, result.images, result.infotexts):
-            path = claim_numbered(outdir, f"{seed}.png")
+        for seed, tensor, info in zip(batch.seeds, result.images, result.infotexts):
+            image, path = to_pil(tensor), claim_numbered(outdir, f"{seed}.png")
             try:
-                save_png(to_pil(image), path, info)
+                save_png(image, path, info)
             except BaseException:
                 path.unlink(missing_ok=True)  # the claimed name, still empty
                 raise
-            images.append((to_pil(image), info, path))
+            images.append((image, info, path))
             if not args.quiet:
                 tqdm.write(f"wrote {path}")
     bar.close()
