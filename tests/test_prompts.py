@@ -128,6 +128,8 @@ def test_prompt_and_negative_of_different_lengths_run_in_one_batch(tiny_models):
         ("a [unbalanced", 10, [(10, "a [unbalanced")]),
         ("a [b:.5] c", 10, [(5, "a  c"), (10, "a b c")]),
         ("((a][:b:c [d:3]", 10, [(3, "((a][:b:c "), (10, "((a][:b:c d")]),
+        ("a [{b|d{:.5] c", 10, [(5, "a  c"), (10, "a {b|d{ c")]),
+        ("[a|(b:1.1)]", 4, [(1, "a"), (2, "(b:1.1)"), (3, "a"), (4, "(b:1.1)")]),
         ("[fe|]male", 3, [(1, "female"), (2, "male"), (3, "female")]),
         ("fantasy landscape with a [mountain:lake:0.25] and [an oak:a christmas tree:0.75][ in foreground::0.6]"
          "[ in background:0.25] [shoddy:masterful:0.5]", 100,

@@ -156,13 +156,13 @@ def _parse(text: str, steps: int):
             continue
         inner = text[i + 1 : end]
         options, fields = _split_top(inner, "|"), _split_top(inner, ":")
-        if len(options) > 1:
-            node = ("alternate", [_parse(o, steps) for o in options])
-        elif len(fields) in (2, 3) and NUMBER.fullmatch(fields[-1]):
+        if len(fields) in (2, 3) and NUMBER.fullmatch(fields[-1]):  # before alternation, as the web UI parses
             when = float(fields[-1])
             when = int(when * steps if when < 1 else when)
             before = fields[0] if len(fields) == 3 else ""
             node = ("edit", _parse(before, steps), _parse(fields[-2], steps), min(steps, when))
+        elif len(options) > 1:
+            node = ("alternate", [_parse(o, steps) for o in options])
         else:
             node = ["[", *_parse(inner, steps), "]"]
         parts, plain, i = [*parts, plain, node], "", end + 1
