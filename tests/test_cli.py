@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_diffusion import save_model
+from latent_diffusion import load_model, save_model
 from latent_diffusion.cli import main
 from latent_diffusion.images import model_hash, parameters_text, parse_parameters
 
@@ -195,6 +195,12 @@ def test_infotext_reproduces_an_image(tmp_path, ckpt, capsys):
     )
     with Image.open(next((tmp_path / "c").iterdir())) as c:
         assert parse_parameters(c.text["parameters"])["Steps"] == "2"
+    capsys.readouterr()
+    other, model = tmp_path / "other.safetensors", load_model(ckpt)
+    model.cfg.image_size = 32  # another config in the metadata: another file, another hash
+    save_model(model, other)
+    assert run("txt2img", "--ckpt", other, "--infotext", original, "--quiet", "--outdir", tmp_path / "d") == 0
+    assert "the infotext's image was made with model hash" in capsys.readouterr().err
 
 
 def test_web_ui_infotexts_map_onto_our_settings():
@@ -206,6 +212,7 @@ def test_web_ui_infotexts_map_onto_our_settings():
         "Hires upscale: 2"
     )
     settings, ignored = settings_from_infotext(text)
+    assert settings.pop("model_hash") == "6ce0161689"
     assert settings == {"prompt": "a (cat:1.2), BREAK sitting", "negative_prompt": "blurry", "steps": 4,
                         "cfg_scale": 5.0, "seed": 7, "clip_skip": 2, "width": 32, "height": 48,
                         "sampler": "dpmpp_2m", "karras": True}  # fmt: skip

@@ -20,7 +20,7 @@ from .devices import resolve_device
 from .evaluate import ATTRIBUTES, prompt_adherence
 from .files import atomic_write, claim_numbered, writable_folder
 from .generate import NonFiniteError, generate
-from .images import grid, load_image, parameters_text, save_png, to_pil
+from .images import grid, load_image, model_hash, parameters_text, save_png, to_pil
 from .infotext import read_infotext, settings_from_infotext
 from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest, RequestError, infotext_fields, validate
@@ -130,6 +130,7 @@ def apply_infotext(args, argv: list[str]) -> None:
     settings, ignored = settings_from_infotext(read_infotext(args.infotext))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     flags = {"karras": "--no-karras"}  # the other spelling of a flag
+    args.infotext_model_hash = settings.pop("model_hash", None)
     for dest, value in settings.items():
         flag = "--" + dest.replace("_", "-")
         if hasattr(args, dest) and flag not in given and flags.get(dest) not in given:
@@ -150,6 +151,9 @@ def cmd_generate(args) -> None:
         if model.cfg.inpainting and args.command != "inpaint":
             raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
         request = checked(with_images(request, args, model), model)
+        if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(model.checkpoint):
+            print(f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
+                  f"{model.checkpoint} has {model_hash(model.checkpoint)}", file=sys.stderr)  # fmt: skip
     except (CheckpointError, UsageError, ValueError):
         if created and not any(outdir.iterdir()):
             outdir.rmdir()  # leave nothing behind

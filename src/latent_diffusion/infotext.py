@@ -73,6 +73,8 @@ def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
     if "Sampler" in fields:
         settings["sampler"], settings["karras"] = sampler_from_web_ui(fields["Sampler"], fields.get("Schedule type"))
     ignored = [k for k in fields if k not in FIELDS and k not in NOT_SETTINGS and k not in INFORMATIONAL]
+    if "Model hash" in fields:
+        settings["model_hash"] = fields["Model hash"]  # checked against the checkpoint used, once it is loaded
     return settings, ignored
 
 
