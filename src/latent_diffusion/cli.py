@@ -313,15 +313,16 @@ def cmd_train_autoencoder(args) -> None:
 
 def cmd_eval(args) -> None:
     """Prompt adherence of a model trained on the shapes data."""
-    if args.count < 1:
-        raise UsageError("--count must be at least 1")
+    if args.count < 1 or args.image_size % 8 or args.image_size <= 0:
+        raise UsageError("--count must be at least 1 and --image-size a positive multiple of 8")
     if args.json and not Path(args.json).parent.is_dir():
         raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     settings = checked(GenerationRequest([""], [0], width=args.image_size, height=args.image_size, steps=args.steps,
                                          sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale,
                                          batch_size=args.batch_size))  # fmt: skip
     model = load_model(args.ckpt, device=pick_device(args.device))
-    bar = tqdm(total=2 * args.count * settings.steps, disable=args.quiet, unit="step", desc="eval")
+    batches = -(-args.count // max(1, args.batch_size))  # per split
+    bar = tqdm(total=2 * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
     report, settings = prompt_adherence(model, args.count, settings, seed=args.seed, progress=lambda p: bar.update(1))
     bar.close()
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
@@ -421,6 +422,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ldm",
+        allow_abbrev=False,  # --infotext must see every flag given as it is spelt
         description="Latent diffusion (Stable Diffusion) in the original checkpoint layout.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="""examples:
@@ -474,7 +476,7 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
 
 
 def command(sub, name: str, run, help_text: str, description: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=description,
+    p = sub.add_parser(name, help=help_text, description=description, allow_abbrev=False,
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
     p.set_defaults(run=run)
     return p

@@ -121,14 +121,19 @@ def same_length(model: LatentDiffusion, r: GenerationRequest, a: torch.Tensor, b
     return (torch.cat([a, pad], dim=1), b) if a.shape[1] < b.shape[1] else (a, torch.cat([b, pad], dim=1))
 
 
+def rows(images: torch.Tensor, batch: range) -> torch.Tensor:
+    """The batch's rows of a request's (1 or n, c, H, W) images: one image for all, or one per image."""
+    return images.expand(len(batch), -1, -1, -1) if len(images) == 1 else images[batch.start : batch.stop]
+
+
 def _batch_images(r: GenerationRequest, batch: range, device: torch.device, latent_size: tuple[int, int]):
     """The batch's init image in [-1, 1], pixel mask (binary, white = repaint) and latent-size mask, or Nones."""
     if r.init_image is None:
         return None, None, None
-    image = r.init_image.to(device, torch.float32).expand(len(batch), -1, -1, -1) * 2 - 1
+    image = rows(r.init_image, batch).to(device, torch.float32) * 2 - 1
     if r.mask is None:
         return image, None, None
-    pixel_mask = (r.mask.to(device, torch.float32).expand(len(batch), -1, -1, -1) >= 0.5).float()
+    pixel_mask = (rows(r.mask, batch).to(device, torch.float32) >= 0.5).float()
     return image, pixel_mask, F.interpolate(pixel_mask, size=latent_size)
 
 
@@ -179,5 +184,5 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     x = x / (1 + sigmas[-1].item() ** 2) ** 0.5  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
     images = (decode(model, x) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
-        images = pixel_mask * images + (1 - pixel_mask) * r.init_image.to(device, torch.float32)
+        images = pixel_mask * images + (1 - pixel_mask) * rows(r.init_image, batch).to(device, torch.float32)
     return images, notes

@@ -126,6 +126,8 @@ def _is_utf8(text: str) -> bool:
 
 def _check_images(r: GenerationRequest) -> None:
     height, width = r.init_image.shape[-2:]
+    if any(len(t) not in (1, len(r.prompts)) for t in (r.init_image, r.mask) if t is not None):
+        _fail(f"init images and masks must be one for all images or one per image ({len(r.prompts)})")
     if r.mask is not None and r.mask.shape[-2:] != r.init_image.shape[-2:]:
         _fail(f"the mask is {r.mask.shape[-1]}x{r.mask.shape[-2]} but the image is {width}x{height}; "
               "they must be the same size")  # fmt: skip
@@ -138,6 +140,8 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     cfg = model.cfg
     if r.init_image is None and (r.mask is not None or r.strength < 1):
         _fail("a mask or a strength below 1 needs an init image")
+    if cfg.unet.adm_in_channels:
+        _fail("this model needs a vector conditioning (y), which this project does not produce for it yet")
     if cfg.inpainting and r.mask is None:
         _fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")
     size = r.init_image.shape[-2:] if r.init_image is not None else (r.height, r.width)

@@ -458,6 +458,14 @@ def setup(cfg: TrainConfig):
 def train(cfg: TrainConfig) -> Path:
     """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
     outdir, device, rank, world, lock = setup(cfg)
+    try:
+        return run_training(cfg, outdir, device, rank, world)
+    finally:
+        if lock:
+            lock.close()  # also when the run fails inside this process (a notebook, tests)
+
+
+def run_training(cfg: TrainConfig, outdir: Path, device: torch.device, rank: int, world: int) -> Path:
     quiet = cfg.quiet or rank != 0
     dataset = build_dataset(cfg)
     if cfg.batch_size > len(dataset):
@@ -493,8 +501,6 @@ def train(cfg: TrainConfig) -> Path:
         tqdm.write(f"skipped {dataset.skipped} unreadable images")
     if world > 1:
         dist.destroy_process_group()
-    if lock:
-        lock.close()
     return outdir / "model.safetensors"
 
 
@@ -536,16 +542,21 @@ def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet:
 
 @torch.no_grad()
 def write_samples(model: LatentDiffusion, cfg: TrainConfig, path: Path) -> None:
-    from .generate import generate
+    from .generate import NonFiniteError, generate
     from .images import grid, save_png, to_pil
-    from .request import GenerationRequest
+    from .request import GenerationRequest, RequestError
 
     model.eval()
     n = len(cfg.sample_prompts)
     request = GenerationRequest(cfg.sample_prompts, list(range(n)), width=cfg.image_size, height=cfg.image_size,
                                 sampler="ddim", cfg_scale=5.0, batch_size=n)  # fmt: skip
-    images = generate(model, request).images
-    model.train()
-    model.first_stage_model.eval()
+    try:
+        images = generate(model, request).images
+    except (RequestError, NonFiniteError) as e:  # a sample must never end a long run
+        tqdm.write(f"ldm: warning: no sample images at {path.stem}: {e}", file=sys.stderr)
+        return
+    finally:
+        model.train()
+        model.first_stage_model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid([to_pil(im) for im in images]), path, "\n".join(cfg.sample_prompts))
