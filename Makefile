@@ -16,11 +16,12 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Test-only: diffusers and transformers (the independent reference), pytest, ruff, and OpenAI's CLIP
-# tokenizer (openai-clip without its dependencies: we load only its tokenizer file).
+# Test-only: diffusers and transformers (the independent reference), pytest, ruff, OpenAI's CLIP tokenizer
+# (openai-clip without its dependencies: we load only its tokenizer file) and k-diffusion's samplers (without
+# its training dependencies: the tests load only its sampling module).
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps openai-clip==1.0.1
+	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 k-diffusion==0.1.1.post1
 	touch $@
 
 demo: $(VENV)/.runtime

@@ -44,6 +44,8 @@ TINY = ["--width", 16, "--height", 16, "--steps", 1, "--quiet"]
         (["--seed", 2**64], "seeds must be whole numbers in [0, 2^64)"),
         (["--seed", 2**64 - 1, "--batch-size", 2], "seeds must be whole numbers in [0, 2^64), not 18446744073709551616"),
         (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "prompts must be UTF-8 text"),
+        (["--sampler", "DPM fast"], "--sampler: unknown sampler 'DPM fast'; choose one of DDPM, DDIM"),
+        (["--scheduler", "linear"], "unknown scheduler 'linear'; choose one of automatic, uniform, karras"),
     ],
 )  # fmt: skip
 def test_bad_generation_input_is_one_line_and_exit_2(tmp_path, ckpt, capsys, args, message):

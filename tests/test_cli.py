@@ -51,7 +51,7 @@ def test_txt2img_writes_pngs_with_parameters(tmp_path, ckpt):
         params = parse_parameters(im.text["parameters"])
     assert params == {
         "prompt": "a red, round thing", "negative_prompt": "blurry, dark", "Steps": "3",
-        "Sampler": "DPM++ 2M Karras", "CFG scale": "7.5", "Seed": "9", "Size": "32x40",
+        "Sampler": "DPM++ 2M", "Schedule type": "Karras", "CFG scale": "7.5", "Seed": "9", "Size": "32x40",
         "Model hash": model_hash(ckpt), "Model": "tiny",
     }  # fmt: skip
 
@@ -94,7 +94,7 @@ def test_long_prompt_with_emphasis_runs_whole(tmp_path, ckpt, capsys):
     [
         (["--width", 500], "--width and --height must be positive multiples of 8, not 500x512"),
         (["--steps", 0], "--steps must be at least 1"),
-        (["--sampler", "k_lms"], "unknown sampler 'k_lms'; choose one of ddpm, ddim, plms, euler"),
+        (["--sampler", "k_dpm_fast"], "--sampler: unknown sampler 'k_dpm_fast'; choose one of DDPM, DDIM, PLMS, Euler"),
     ],
 )
 def test_bad_txt2img_arguments_exit_2(tmp_path, ckpt, capsys, args, message):
@@ -215,13 +215,16 @@ def test_web_ui_infotexts_map_onto_our_settings():
     assert settings.pop("model_hash") == "6ce0161689"
     assert settings == {"prompt": "a (cat:1.2), BREAK sitting", "negative_prompt": "blurry", "steps": 4,
                         "cfg_scale": 5.0, "seed": 7, "clip_skip": 2, "width": 32, "height": 48,
-                        "sampler": "dpmpp_2m", "karras": True}  # fmt: skip
+                        "sampler": "dpmpp_2m", "scheduler": "karras"}  # fmt: skip
     assert ignored == ["Hires upscale"]  # a setting this project does not have; Model and Version only inform
-    assert sampler_from_web_ui("Euler a", None) == ("euler_ancestral", False)  # legacy name: no Karras suffix
-    assert sampler_from_web_ui("DPM++ 2M Karras", None) == ("dpmpp_2m", True)
-    assert sampler_from_web_ui("Euler", "Automatic") == ("euler", False)  # the web UI's automatic schedules
-    assert sampler_from_web_ui("DPM++ 2M", "Automatic") == ("dpmpp_2m", True)
+    assert sampler_from_web_ui("Euler a", None) == ("euler_ancestral", "automatic")  # no schedule type: automatic
+    assert sampler_from_web_ui("DPM++ 2M Karras", None) == ("dpmpp_2m", "karras")  # legacy names
+    assert sampler_from_web_ui("DPM++ 2M SDE Heun Exponential", None) == ("dpmpp_2m_sde_heun", "exponential")
+    assert sampler_from_web_ui("k_dpm_2_a", "SGM Uniform") == ("dpm2_ancestral", "sgm_uniform")  # aliases
+    assert sampler_from_web_ui("DPM++ 2M", "Automatic") == ("dpmpp_2m", "automatic")
     with pytest.raises(ValueError, match="missing.png: no such file"):
         read_infotext("missing.png")
-    with pytest.raises(ValueError, match="sampler 'DPM\\+\\+ 2M SDE' is not available here"):
-        sampler_from_web_ui("DPM++ 2M SDE", "Karras")
+    with pytest.raises(ValueError, match="unknown sampler 'DPM fast'"):
+        sampler_from_web_ui("DPM fast", "Karras")
+    with pytest.raises(ValueError, match="unknown scheduler 'Linear'"):
+        sampler_from_web_ui("Euler", "Linear")

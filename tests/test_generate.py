@@ -94,11 +94,12 @@ def test_inpainting_model_matches_pipeline(tiny_models, image):
     assert torch.equal(images[..., :16, :], image[..., :16, :])  # unmasked pixels are the input's
 
 
-def test_seed_convention(tiny_models):
+@pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m_sde"])
+def test_seed_convention(tiny_models, sampler):
     """Image i of a batch with seed s equals a single generation with seed s + i (ancestral sampler: the
-    per-step noise follows the seed too)."""
+    per-step noise follows the seed too; SDE sampler: each image's Brownian tree is seeded with its seed)."""
     model = tiny_models["sd1"]
-    settings = dict(steps=4, sampler="euler_ancestral", cfg_scale=3.0, width=32, height=32)
+    settings = dict(steps=4, sampler=sampler, cfg_scale=3.0, width=32, height=32)
     batch = generate(model, GenerationRequest(["a", "b", "c"], [40, 41, 42], batch_size=3, **settings)).images
     alone = generate(model, GenerationRequest(["b"], [41], **settings)).images
     again = generate(model, GenerationRequest(["b"], [41], **settings)).images
@@ -132,7 +133,7 @@ def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
         ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
         ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
         ({"strength": float("nan")}, r"strength must be in \(0, 1\]"),
-        ({"sampler": "k_lms"}, "unknown sampler 'k_lms'; choose one of ddpm, ddim, plms"),
+        ({"sampler": "k_dpm_fast"}, "unknown sampler 'k_dpm_fast'; choose one of ddpm, ddim, plms"),
         ({"width": 60}, "width and height must be positive multiples of 8, not 60x64"),
         ({"seeds": [0, 1]}, "1 prompts need as many seeds"),
         ({"eta": -1.0}, "eta must be a finite number of at least 0"),
@@ -172,13 +173,15 @@ def test_progress_sees_every_step_with_its_x0_and_the_result_has_infotexts(tiny_
     assert [(p.step, p.total) for p in seen] == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
     assert seen[0].sampler_step.denoised.shape == (2, 4, 2, 2) and seen[-1].sampler_step.x.shape == (1, 4, 2, 2)
     assert result.images.shape == (3, 3, 16, 16) and len(result.infotexts) == 3
-    assert result.infotexts[2] == "c\nSteps: 3, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 3, Size: 16x16"
+    assert result.infotexts[2] == (
+        "c\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 16x16"
+    )
 
 
 def test_sampler_options_reach_the_samplers_that_take_them(tiny_models):
     """eta and s_noise go to every sampler that takes them (and are written in the infotext where they differ from
     the sampler's default, under the web UI's names): Euler a with η = 0 is Euler; s_noise scales its fresh noise."""
-    model, common = tiny_models["sd1"], {"width": 16, "height": 16, "steps": 3, "karras": False}
+    model, common = tiny_models["sd1"], {"width": 16, "height": 16, "steps": 3, "scheduler": "uniform"}
     run = lambda **kw: generate(model, GenerationRequest(["a"], [5], **common, **kw))  # noqa: E731
     default, euler = run(sampler="euler_ancestral"), run(sampler="euler")
     torch.testing.assert_close(run(sampler="euler_ancestral", eta=0.0).images, euler.images, atol=1e-6, rtol=0)
@@ -209,11 +212,11 @@ def test_standard_model_inpainting_matches_pipeline(tiny_models, image):
                                atol=1e-3, rtol=0)  # fmt: skip
 
 
-def test_ddpm_keeps_its_timesteps_with_karras_on(tiny_models):
+def test_ddpm_keeps_its_timesteps_whatever_the_scheduler(tiny_models):
     model = tiny_models["sd1"]
-    runs = [generate(model, GenerationRequest(["a"], [4], steps=3, sampler="ddpm", karras=k, width=16, height=16)).images
-            for k in (True, False)]  # fmt: skip
-    assert torch.equal(runs[0], runs[1])
+    runs = [generate(model, GenerationRequest(["a"], [4], steps=3, sampler="ddpm", scheduler=s, width=16, height=16))
+            for s in ("karras", "automatic")]  # fmt: skip
+    assert torch.equal(runs[0].images, runs[1].images) and "Schedule type" not in runs[0].infotexts[0]
 
 
 def test_guidance_batches_every_conditioning_field():

@@ -1,7 +1,12 @@
 """Our samplers against diffusers' schedulers: the same model function, the same initial noise and the same
 per-step noise, step for step; and each sampler on Gaussian data, where the exact denoiser is known."""
 
+import importlib.util
+import itertools
 import math
+import sys
+import types
+from pathlib import Path
 
 import diffusers
 import pytest
@@ -11,11 +16,13 @@ from diffusers.schedulers import (
     scheduling_ddpm,
     scheduling_dpmsolver_sde,
     scheduling_euler_ancestral_discrete,
+    scheduling_lcm,
 )
 
-from latent_diffusion import schedule
+from latent_diffusion import schedule, schedulers
+from latent_diffusion.noise import BrownianNoise
 from latent_diffusion.parameterization import sigma_from_alpha_bar
-from latent_diffusion.samplers import SAMPLERS, get_sampler
+from latent_diffusion.samplers import SAMPLERS, get_sampler, lms_coefficients
 
 ALPHA_BAR = schedule.alphas_cumprod(schedule.scaled_linear_betas(0.00085, 0.012, 1000))
 SIGMA_TABLE = sigma_from_alpha_bar(ALPHA_BAR)
@@ -138,27 +145,25 @@ def test_sampler_matches_diffusers(case, parameterization, monkeypatch):
     assert theirs.abs().mean() > 0.1
 
 
-# Allowed |relative error| of the variance at 50 steps, by kind of method (measured at s = 1, leading spacing:
-# PLMS +1.0 %, Heun +1.1 %, DPM2 +1.4 %, DPM++ 2M +3.0 %; DDIM −4.2 %, Euler −4.3 %; DPM++ 2S a −2.0 %,
-# DPM++ SDE −8.8 %, Euler a and DDPM −11 %). Plugging the posterior mean E[x0|x] into a finite step loses the
+# Allowed |relative error| of the variance at 50 steps on each sampler's automatic schedule, by kind of method
+# (measured at s = 1: PLMS +1.0 %, Heun +1.2 %, DPM2 +1.2 %, LMS +1.1 %, DPM++ 2M +1.4 %, UniPC +3.7 %; DDIM −4.2 %,
+# Euler −4.5 %; DPM++ 2S a −1.9 %, DPM++ SDE −10 %, Euler a and DDPM −11 %; DPM2 a −0.2 %, DPM++ 2M SDE −0.4 %,
+# its Heun form +0.2 %, DPM++ 3M SDE −0.7 %). Plugging the posterior mean E[x0|x] into a finite step loses the
 # posterior variance of x0 (Bao et al. 2022, Analytic-DPM), most of all in the ancestral samplers; the errors
 # shrink with more steps (Euler a: −1.8 % at 500 steps). The Monte-Carlo error of the variance is 0.7 %.
 VARIANCE_TOLERANCE = {
-    "plms": 0.05, "heun": 0.05, "dpm2": 0.05, "dpmpp_2m": 0.05, "unipc": 0.05,
+    "plms": 0.05, "heun": 0.05, "dpm2": 0.05, "lms": 0.05, "dpmpp_2m": 0.05, "unipc": 0.05,
     "ddim": 0.07, "euler": 0.07,
     "ddpm": 0.15, "euler_ancestral": 0.15, "dpmpp_2s_ancestral": 0.15, "dpmpp_sde": 0.15,
+    "dpm2_ancestral": 0.05, "dpmpp_2m_sde": 0.05, "dpmpp_2m_sde_heun": 0.05, "dpmpp_3m_sde": 0.05,
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("name", list(SAMPLERS))
-def test_sampler_lands_on_gaussian_data(name):
-    """Data x0 ~ N(μ, 1): the exact denoiser is E[x0 | x] = μ + s²/(s² + σ²)·(x − μ) with s = 1. From the exact
-    noisy marginal N(μ, s² + σ_max²), 50 steps must give mean μ (within 4 Monte-Carlo standard errors,
-    4·s/√N = 0.02, plus 0.01 for discretisation) and variance s² + σ_last² (DDIM and PLMS stop at σ_0 = 0.029)
-    within the tolerance of the method's kind above."""
-    mu, s, n = 0.7, 1.0, 40_000
-    sampler, final = get_sampler(name).fn, get_sampler(name).lands_at
-    sigmas = schedule.sampling_sigmas(ALPHA_BAR, 50, spacing="leading", final=final)
+def gaussian_run(name: str, mu: float, s: float, n: int):
+    """Sample data x0 ~ N(μ, s²) with the exact denoiser E[x0 | x] = μ + s²/(s² + σ²)·(x − μ), from the exact noisy
+    marginal N(μ, s² + σ_max²), in 50 steps of the sampler's automatic schedule -> (samples, σs)."""
+    sampler = get_sampler(name)
+    sigmas = schedulers.sampling_schedule(sampler, "automatic", 50, ALPHA_BAR)
     g = torch.Generator().manual_seed(0)
 
     def denoiser(x, sigma):
@@ -168,7 +173,182 @@ def test_sampler_lands_on_gaussian_data(name):
         return torch.randn(n, generator=g, dtype=torch.float64)
 
     x_T = mu + torch.randn(n, generator=g, dtype=torch.float64) * math.sqrt(s**2 + sigmas[0].item() ** 2)
-    x = sampler(denoiser, x_T, sigmas, noise=noise)
+    return sampler.fn(denoiser, x_T, sigmas, noise=noise), sigmas
+
+
+@pytest.mark.parametrize("name", [name for name in SAMPLERS if name != "lcm"])
+def test_sampler_lands_on_gaussian_data(name):
+    """50 steps must give mean μ (within 4 Monte-Carlo standard errors, 4·s/√N = 0.02, plus 0.01 for
+    discretisation) and variance s² + σ_last² (DDIM and PLMS stop at σ_0 = 0.029) within the tolerance of the
+    method's kind above."""
+    mu, s, n = 0.7, 1.0, 40_000
+    x, sigmas = gaussian_run(name, mu, s, n)
     expected_var = s**2 + sigmas[-1].item() ** 2
     assert abs(x.mean().item() - mu) < 4 * s / math.sqrt(n) + 0.01
     assert abs(x.var().item() / expected_var - 1) < VARIANCE_TOLERANCE[name]
+
+
+def test_lcm_on_gaussian_data():
+    """LCM takes the model's x0 as a sample (a consistency model's is one) and noises it to the next level. With
+    the posterior mean as x0 the variance shrinks by the closed-form recursion V' = V/(1 + σ²)² + σ'², from
+    V = s² + σ_max² (s = 1); the samples must follow it (Monte-Carlo error 0.7 %)."""
+    mu, n = 0.7, 40_000
+    x, sigmas = gaussian_run("lcm", mu, 1.0, n)
+    variance = 1 + sigmas[0].item() ** 2
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        variance = variance / (1 + sigma**2) ** 2 + sigma_next**2
+    assert abs(x.mean().item() - mu) < 4 / math.sqrt(n)
+    assert abs(x.var().item() / variance - 1) < 0.03
+
+
+def test_lcm_matches_diffusers(monkeypatch):
+    """LCM against diffusers' LCMScheduler on the same timesteps and noise. Its boundary condition (c_skip, c_out)
+    is part of an LCM model's parameterization, not of the sampler; a huge timestep_scaling makes it the identity
+    (c_skip = 0, c_out = 1) so that both sides take the model's x0 as it is."""
+    timesteps = [999, 759, 499, 259]
+    scheduler = diffusers.LCMScheduler(**SD_SCHEDULE, timestep_scaling=1e9, clip_sample=False)
+    scheduler.set_timesteps(timesteps=timesteps)
+    sigmas = torch.cat([SIGMA_TABLE[timesteps], torch.zeros(1, dtype=torch.float64)])
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * math.sqrt(sigmas[0].item() ** 2 + 1)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", NoiseTape(x_T.shape))
+    x = x_T / math.sqrt(sigmas[0].item() ** 2 + 1)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model_output(x, SIGMA_TABLE[int(t)].item()), t, x).prev_sample
+    ours = get_sampler("lcm").fn(our_denoiser("eps"), x_T.double(), sigmas, noise=NoiseTape(x_T.shape))
+    torch.testing.assert_close(ours.float(), x, atol=1e-4, rtol=0)
+
+
+def load_k_diffusion_sampling():
+    """k-diffusion's `sampling` and `external` modules (and `utils`), loaded without the package's __init__, which
+    imports its whole training stack (installed --no-deps, see the Makefile). `utils` imports torchvision for
+    two image helpers that sampling never calls; PyPI has torchvision only as a CUDA build, which does not load
+    beside the CPU torch, so an empty stand-in takes its place while `utils` loads."""
+    root = Path(importlib.util.find_spec("k_diffusion").submodule_search_locations[0])
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = [str(root)]
+    sys.modules["k_diffusion"] = package
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    for name in ("utils", "sampling", "external"):
+        spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        setattr(package, name, module)
+    return package
+
+
+K = load_k_diffusion_sampling()
+# our sampler -> (k-diffusion's function, its options)
+K_CASES = {
+    "euler": ("sample_euler", {}),
+    "euler_ancestral": ("sample_euler_ancestral", {}),
+    "heun": ("sample_heun", {}),
+    "lms": ("sample_lms", {}),
+    "dpm2": ("sample_dpm_2", {}),
+    "dpm2_ancestral": ("sample_dpm_2_ancestral", {}),
+    "dpmpp_2m": ("sample_dpmpp_2m", {}),
+    "dpmpp_2s_ancestral": ("sample_dpmpp_2s_ancestral", {}),
+    "dpmpp_sde": ("sample_dpmpp_sde", {}),
+    "dpmpp_2m_sde": ("sample_dpmpp_2m_sde", {}),
+    "dpmpp_2m_sde_heun": ("sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+    "dpmpp_3m_sde": ("sample_dpmpp_3m_sde", {}),
+}
+
+
+@pytest.mark.parametrize("scheduler", ["automatic", "karras", "exponential"])
+@pytest.mark.parametrize("name", list(K_CASES))
+def test_sampler_matches_k_diffusion(name, scheduler):
+    """The same denoiser, σs (the web UI's for the sampler, penultimate σ dropped where it drops it) and noise tape
+    as k-diffusion's sampler: float64 on both sides, so any difference is a difference of method."""
+    sampler = get_sampler(name)
+    sigmas = schedulers.sampling_schedule(sampler, scheduler, 12, ALPHA_BAR)
+    assert len(sigmas) == 13 and sigmas[-1] == 0
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * sigmas[0]
+    denoiser = our_denoiser("eps")
+    fn, options = K_CASES[name]
+    noise = {"noise_sampler": NoiseTape(x_T.shape)} if sampler.stochastic else {}
+    theirs = getattr(K.sampling, fn)(lambda x, s: denoiser(x, s[0]), x_T, sigmas, disable=True, **noise, **options)
+    ours = sampler.fn(denoiser, x_T, sigmas, noise=NoiseTape(x_T.shape))
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+    assert theirs.abs().mean() > 0.1
+
+
+def test_lms_coefficients_match_k_diffusion():
+    """Our exact integrals of the Lagrange basis against k-diffusion's numerical quadrature."""
+    sigmas = schedulers.karras(10, SIGMA_TABLE).numpy()
+    for i in range(9):
+        order = min(i + 1, 4)
+        ours = lms_coefficients(torch.from_numpy(sigmas), i, order)
+        theirs = [K.sampling.linear_multistep_coeff(order, sigmas, i, j) for j in range(order)]
+        assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+
+
+def test_brownian_noise_matches_k_diffusion():
+    """Per-image Brownian trees seeded as the web UI seeds them: the same increments as k-diffusion's
+    BrownianTreeNoiseSampler with a list of seeds, and row i depends only on seed i."""
+    sigmas = schedulers.karras(8, SIGMA_TABLE)
+    seeds, shape = [7, 123456789], (4, 8, 8)
+    ours = BrownianNoise(shape, sigmas, seeds, torch.device("cpu"))
+    f32 = sigmas.float()
+    theirs = K.sampling.BrownianTreeNoiseSampler(torch.zeros(2, *shape), f32[f32 > 0].min(), f32.max(), seed=seeds)
+    alone = BrownianNoise(shape, sigmas, seeds[1:], torch.device("cpu"))
+    for a, b in itertools.pairwise(f32):
+        if b == 0:
+            continue
+        step = ours(a, b)
+        torch.testing.assert_close(step, theirs(a, b), atol=1e-6, rtol=0)
+        torch.testing.assert_close(step[1:], alone(a, b), atol=1e-6, rtol=0)
+        assert 0.7 < step.std() < 1.3
+
+
+SIGMA_TABLE_F32 = SIGMA_TABLE.float()
+
+
+@pytest.mark.parametrize("n", [1, 7, 20])
+def test_schedulers_match_references(n):
+    """The web UI's schedule types against k-diffusion (its get_sigmas_* and its discrete model's σ ↔ t) and
+    diffusers (Beta), on SD's σ table."""
+    low, high = SIGMA_TABLE[0].item(), SIGMA_TABLE[-1].item()
+    discrete = K.external.DiscreteEpsDDPMDenoiser(None, ALPHA_BAR, quantize=False)
+    expected = {
+        "karras": K.sampling.get_sigmas_karras(n, low, high),
+        "exponential": K.sampling.get_sigmas_exponential(n, low, high),
+        "polyexponential": K.sampling.get_sigmas_polyexponential(n, low, high),
+        "uniform": discrete.get_sigmas(n),
+        "normal": discrete.get_sigmas(n),
+        "sgm_uniform": K.sampling.append_zero(discrete.t_to_sigma(torch.linspace(999, 0, n + 1)[:-1])),
+        "beta": K.sampling.append_zero(
+            torch.as_tensor(diffusers.EulerDiscreteScheduler()._convert_to_beta(torch.tensor([high, low]), n))
+        ),
+    }
+    for name, theirs in expected.items():
+        ours = schedulers.SCHEDULERS[name].fn(n, SIGMA_TABLE)
+        assert len(ours) == n + 1, name
+        torch.testing.assert_close(ours, theirs.double(), atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_closed_form_schedulers():
+    """The schedule types defined by table positions or a formula, checked from their definitions."""
+    table = SIGMA_TABLE
+    zero = torch.zeros(1, dtype=torch.float64)
+    # simple: every (T/n)-th σ from the top; ddim: timesteps 1 + k·(T//n), from the top (7 steps: 8 levels)
+    torch.testing.assert_close(schedulers.simple(10, table), torch.cat([table[range(999, 0, -100)], zero]))
+    torch.testing.assert_close(schedulers.ddim(10, table), torch.cat([table[range(901, 0, -100)], zero]))
+    assert len(schedulers.ddim(7, table)) == 9
+    # KL optimal: evenly spaced in atan σ, from σ_max to σ_min
+    kl = schedulers.kl_optimal(9, table)
+    steps = kl.atan().diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, steps[0].item()))
+    assert kl[0].item() == pytest.approx(table[-1].item()) and kl[-1].item() == pytest.approx(table[0].item())
+    # Align Your Steps: NVIDIA's 10-step SD 1.5 σs (11 levels) verbatim, then 0
+    ays = torch.tensor([14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029, 0.0])
+    torch.testing.assert_close(schedulers.align_your_steps(11, table), ays.double())
+    assert schedulers.find_scheduler("SGM Uniform").name == schedulers.find_scheduler("SGMUniform").name
+
+
+def test_discarding_the_penultimate_sigma():
+    """DPM2 and DPM++ 3M SDE run on the levels of steps + 1 without the next-to-last, as the web UI runs them."""
+    full = schedulers.karras(11, SIGMA_TABLE)
+    dropped = schedulers.sampling_schedule(get_sampler("dpm2"), "automatic", 10, ALPHA_BAR)
+    torch.testing.assert_close(dropped, torch.cat([full[:-2], full[-1:]]))

@@ -24,8 +24,9 @@ from .images import grid, load_image, model_hash, parameters_text, save_png, to_
 from .infotext import read_infotext, settings_from_infotext
 from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest, RequestError, infotext_fields, validate
-from .samplers import SAMPLERS
+from .samplers import SAMPLERS, find_sampler
 from .schedule import SPACINGS
+from .schedulers import SCHEDULERS
 from .train import TrainConfig, train
 from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
 from .training import TrainError, TrainingDiverged
@@ -104,13 +105,23 @@ def request_from_args(args) -> GenerationRequest:
         raise UsageError("--batch-size and --n-iter must be at least 1")
     count = args.batch_size * args.n_iter
     seed = random.randrange(2**32) if args.seed in (None, -1) else args.seed  # -1: random, as the web UI
+    sampler, scheduler = sampler_and_scheduler(args)
     return GenerationRequest(
         prompts=[args.prompt] * count, negative_prompts=[args.negative_prompt] * count,
         seeds=[seed + i for i in range(count)], width=args.width, height=args.height, steps=args.steps,
-        sampler=args.sampler, karras=args.karras, spacing=args.spacing, eta=args.eta, s_noise=args.s_noise,
+        sampler=sampler, scheduler=scheduler, spacing=args.spacing, eta=args.eta, s_noise=args.s_noise,
         cfg_scale=args.cfg_scale, clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
         strength=getattr(args, "strength", 1.0), batch_size=args.batch_size,
     )  # fmt: skip
+
+
+def sampler_and_scheduler(args) -> tuple[str, str]:
+    """--sampler as our id or the web UI's name (a legacy one such as "DPM++ 2M Karras" names the schedule too)."""
+    try:
+        sampler, schedule = find_sampler(args.sampler)
+    except ValueError as e:
+        raise UsageError(f"--sampler: {e}") from None
+    return sampler.name, args.scheduler if args.scheduler != "automatic" or schedule is None else schedule
 
 
 def with_images(request: GenerationRequest, args, model: LatentDiffusion) -> GenerationRequest:
@@ -129,11 +140,11 @@ def apply_infotext(args, argv: list[str]) -> None:
     """Fill in the settings of --infotext, except those of flags given on the command line."""
     settings, ignored = settings_from_infotext(read_infotext(args.infotext))
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
-    flags = {"karras": "--no-karras"}  # the other spelling of a flag
+    other_flags = {"scheduler": {"--karras", "--no-karras"}}  # other flags that set the same setting
     args.infotext_model_hash = settings.pop("model_hash", None)
     for dest, value in settings.items():
         flag = "--" + dest.replace("_", "-")
-        if hasattr(args, dest) and flag not in given and flags.get(dest) not in given:
+        if hasattr(args, dest) and flag not in given and not other_flags.get(dest, set()) & given:
             setattr(args, dest, value)
     if ignored:
         print(f"ldm: warning: infotext fields not used here: {', '.join(ignored)}", file=sys.stderr)
@@ -317,8 +328,9 @@ def cmd_eval(args) -> None:
         raise UsageError("--count must be at least 1 and --image-size a positive multiple of 8")
     if args.json and not Path(args.json).parent.is_dir():
         raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    sampler, scheduler = sampler_and_scheduler(args)
     settings = checked(GenerationRequest([""], [0], width=args.image_size, height=args.image_size, steps=args.steps,
-                                         sampler=args.sampler, karras=args.karras, cfg_scale=args.cfg_scale,
+                                         sampler=sampler, scheduler=scheduler, cfg_scale=args.cfg_scale,
                                          batch_size=args.batch_size))  # fmt: skip
     model = load_model(args.ckpt, device=pick_device(args.device))
     batches = -(-args.count // max(1, args.batch_size))  # per split
@@ -327,7 +339,8 @@ def cmd_eval(args) -> None:
     bar.close()
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
     fields = infotext_fields(settings, model)
-    print(f"{args.ckpt}: {settings.steps} steps {fields['Sampler']}, CFG {settings.cfg_scale}, "
+    sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
+    print(f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
           f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip
     print(f"{'':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
     for split, row in report.items():
@@ -380,11 +393,10 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--width", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
         p.add_argument("--height", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
-    p.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
-    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True,
-                   help="Karras noise levels for the sigma-space samplers (not ddim, plms, ddpm)")  # fmt: skip
+    add_sampler_arguments(p)
     p.add_argument("--spacing", default="leading", choices=SPACINGS,
-                   help="timestep spacing, as diffusers' schedulers (leading: 901, 801, ..., 1 for 10 steps)")  # fmt: skip
+                   help="timestep spacing of ddim, plms and ddpm, as diffusers' (leading: 901, 801, ..., 1 for 10 "
+                        "steps)")  # fmt: skip
     p.add_argument("--eta", type=float, help="eta of the samplers that take one (default: theirs; DDIM: 0)")
     p.add_argument("--s-noise", type=float, help="noise scale of the ancestral samplers (default: 1)")
     p.add_argument(
@@ -482,12 +494,22 @@ def command(sub, name: str, run, help_text: str, description: str) -> argparse.A
     return p
 
 
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--sampler", default="dpmpp_2m",
+                   help=f"one of: {', '.join(SAMPLERS)}; or the web UI's name, e.g. 'DPM++ 2M SDE'")  # fmt: skip
+    p.add_argument("--scheduler", default="automatic",
+                   help=f"noise schedule of the sigma-space samplers, the web UI's 'Schedule type': "
+                        f"{', '.join(SCHEDULERS)} (automatic: the sampler's own, as the web UI)")  # fmt: skip
+    p.add_argument("--karras", dest="scheduler", action="store_const", const="karras", help="--scheduler karras")
+    p.add_argument("--no-karras", dest="scheduler", action="store_const", const="uniform",
+                   help="--scheduler uniform")  # fmt: skip
+
+
 def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--ckpt", default=str(BUILTIN_MODEL), help="a model trained on the built-in shapes data")
     ev.add_argument("--count", type=int, default=200, help="images per split (seen, held-out)")
     ev.add_argument("--steps", type=int, default=20)
-    ev.add_argument("--sampler", default="dpmpp_2m", help=f"one of: {', '.join(SAMPLERS)}")
-    ev.add_argument("--karras", action=argparse.BooleanOptionalAction, default=True)
+    add_sampler_arguments(ev)
     ev.add_argument("--cfg-scale", type=float, help="default: the model's own (2 for the built-in model)")
     ev.add_argument("--image-size", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=8)

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
+from .noise import BrownianNoise, per_image_randn
 from .prompts import prompt_schedule
 from .request import GenerationRequest, GenerationResult, infotext, infotext_fields, validate
 from .samplers import Step, get_sampler
-from .schedule import sampling_sigmas
+from .schedulers import sampling_schedule
 
 
 @dataclass
@@ -47,11 +48,6 @@ def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(images).all():
         raise NonFiniteError("the autoencoder decoded non-finite pixels (NaN or inf): its weights are broken")
     return images
-
-
-def per_image_randn(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
-    """(b, *shape) standard normals, row i from generators[i] (on the CPU)."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators])
 
 
 @torch.no_grad()
@@ -144,10 +140,7 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     generators = [torch.Generator().manual_seed(r.seeds[i]) for i in batch]
     f = model.cfg.autoencoder.downsampling_factor
     latent_shape = (model.cfg.autoencoder.embed_dim, r.height // f, r.width // f)
-    sigmas = sampling_sigmas(
-        model.alphas_cumprod.cpu(), r.steps, spacing=r.spacing, karras=r.karras and not sampler.discrete,
-        final=sampler.lands_at,
-    )  # fmt: skip
+    sigmas = sampling_schedule(sampler, r.scheduler, r.steps, model.alphas_cumprod.cpu(), r.spacing)
     sigmas = sigmas[r.steps - r.steps_run :]  # img2img starts part-way
 
     def encode(image: torch.Tensor) -> torch.Tensor:
@@ -174,6 +167,9 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     def noise_sampler(sigma, sigma_next) -> torch.Tensor:
         return per_image_randn(latent_shape, generators).to(device)
 
+    if sampler.brownian:
+        noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
+
     denoiser, notes = scheduled_denoiser(model, r, batch, extra)
     options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
@@ -181,7 +177,8 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
         denoiser, x, sigmas, noise=noise_sampler, callback=step_done,
         hold=hold if latent_mask is not None and not model.cfg.inpainting else None, **options,
     )  # fmt: skip
-    x = x / (1 + sigmas[-1].item() ** 2) ** 0.5  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
+    if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
+        x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
     images = (decode(model, x) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None:  # keep the input's pixels outside the mask
         images = pixel_mask * images + (1 - pixel_mask) * rows(r.init_image, batch).to(device, torch.float32)

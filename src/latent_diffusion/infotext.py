@@ -9,10 +9,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from .images import parse_parameters
-from .samplers import SAMPLERS
+from .samplers import find_sampler
+from .schedulers import find_scheduler
 
-# The web UI's automatic schedule: Karras for these samplers, uniform for the rest.
-KARRAS_BY_DEFAULT = {"dpmpp_2m", "dpmpp_2s_ancestral", "dpmpp_sde", "dpm2"}
 FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Eta": ("eta", float),
           "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),
           "Denoising strength": ("strength", float)}  # fmt: skip
@@ -43,21 +42,13 @@ def read_infotext(source: str) -> str:
     return text
 
 
-def sampler_from_web_ui(name: str, schedule: str | None) -> tuple[str, bool]:
-    """The web UI's sampler (its current name and "Schedule type", or a legacy name such as "DPM++ 2M Karras")
-    -> (our sampler id, Karras σs)."""
-    legacy_karras = name.endswith(" Karras")
-    display = name.removesuffix(" Karras")
-    found = [s.name for s in SAMPLERS.values() if s.display_name == display]
-    if not found:
-        known = ", ".join(s.display_name for s in SAMPLERS.values())
-        raise ValueError(f"the infotext's sampler {name!r} is not available here; these are: {known}")
-    sampler = found[0]
-    if schedule is None or schedule == "Automatic":
-        karras = legacy_karras or (schedule == "Automatic" and sampler in KARRAS_BY_DEFAULT)
-    else:
-        karras = schedule == "Karras"
-    return sampler, karras
+def sampler_from_web_ui(name: str, schedule: str | None) -> tuple[str, str]:
+    """The web UI's sampler (its current name and "Schedule type", or a legacy name such as "DPM++ 2M Karras" with
+    the schedule in it) -> (our sampler id, our scheduler id). An infotext without a schedule type ran on the
+    sampler's automatic one."""
+    sampler, legacy_schedule = find_sampler(name)
+    scheduler = find_scheduler(schedule).name if schedule else legacy_schedule or "automatic"
+    return sampler.name, scheduler
 
 
 def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
@@ -71,7 +62,7 @@ def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
         width, _, height = fields["Size"].partition("x")
         settings["width"], settings["height"] = _number(int, "Size", width), _number(int, "Size", height)
     if "Sampler" in fields:
-        settings["sampler"], settings["karras"] = sampler_from_web_ui(fields["Sampler"], fields.get("Schedule type"))
+        settings["sampler"], settings["scheduler"] = sampler_from_web_ui(fields["Sampler"], fields.get("Schedule type"))
     ignored = [k for k in fields if k not in FIELDS and k not in NOT_SETTINGS and k not in INFORMATIONAL]
     if "Model hash" in fields:
         settings["model_hash"] = fields["Model hash"]  # checked against the checkpoint used, once it is loaded

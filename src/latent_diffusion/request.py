@@ -20,6 +20,7 @@ from .images import model_hash, parameters_text
 from .latent_diffusion import LatentDiffusion
 from .samplers import SAMPLERS, get_sampler
 from .schedule import SPACINGS, sampling_timesteps
+from .schedulers import SCHEDULERS, find_scheduler, schedule_for
 
 MAX_SIDE = 8192  # pixels per side; larger requests are refused before anything is allocated
 
@@ -37,8 +38,8 @@ class GenerationRequest:
     height: int | None = None
     steps: int = 20
     sampler: str = "dpmpp_2m"
-    karras: bool = True  # Karras σ spacing for the σ-space samplers (DDIM, PLMS, DDPM keep their timesteps)
-    spacing: str = "leading"  # timestep spacing, as diffusers' SD schedulers ("leading", "trailing", "linspace")
+    scheduler: str = "automatic"  # the σ-space samplers' schedule type (`schedulers.py`; automatic: the sampler's)
+    spacing: str = "leading"  # DDIM, PLMS, DDPM: timestep spacing, as diffusers' ("leading", "trailing", "linspace")
     eta: float | None = None  # the sampler's η, where it takes one (None: its own, DDIM 0, ancestral 1)
     s_noise: float | None = None  # the ancestral samplers' noise scale (None: 1)
     cfg_scale: float | None = None  # classifier-free guidance (1: none; None: the model's default)
@@ -96,6 +97,8 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
         _fail(f"steps must be at least 1, not {r.steps}")
     if r.sampler not in SAMPLERS:
         _fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not isinstance(r.scheduler, str) or not _known_scheduler(r.scheduler):
+        _fail(f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if r.spacing not in SPACINGS:
         _fail(f"unknown timestep spacing {r.spacing!r}; choose one of {', '.join(SPACINGS)}")
     if not 0 < r.strength <= 1:
@@ -113,6 +116,14 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
     if model is None:
         return request
     return _resolve(r, model)
+
+
+def _known_scheduler(name: str) -> bool:
+    try:
+        find_scheduler(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_utf8(text: str) -> bool:
@@ -156,7 +167,7 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     if max(width, height) > MAX_SIDE:
         _fail(f"the image is {width}x{height}: at most {MAX_SIDE} pixels per side")
     sampler = SAMPLERS[r.sampler]
-    if sampler.discrete or not r.karras:  # the sampler visits timesteps of the model's table
+    if sampler.discrete:  # the sampler visits timesteps of the model's table
         t = sampling_timesteps(r.steps, r.spacing, cfg.timesteps)
         if len(set(t.tolist())) < r.steps or t.max() > cfg.timesteps - 1:
             _fail(f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
@@ -200,10 +211,12 @@ def available_memory(device: torch.device) -> int | None:
 def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
     """The settings of a resolved request as the web UI's infotext fields, without the seed."""
     sampler = get_sampler(r.sampler)
-    karras = " Karras" if r.karras and not sampler.discrete else ""
+    _, schedule_type = schedule_for(sampler, r.scheduler)
     # "Seed" holds its place in the web UI's order until `infotext` fills it in
-    fields = {"Steps": r.steps, "Sampler": sampler.display_name + karras, "CFG scale": r.cfg_scale, "Seed": None,
-              "Size": f"{r.width}x{r.height}"}  # fmt: skip
+    fields = {"Steps": r.steps, "Sampler": sampler.display_name, "Schedule type": schedule_type,
+              "CFG scale": r.cfg_scale, "Seed": None, "Size": f"{r.width}x{r.height}"}  # fmt: skip
+    if schedule_type is None:
+        del fields["Schedule type"]
     if model.checkpoint is not None:
         fields |= {"Model hash": model_hash(model.checkpoint), "Model": Path(model.checkpoint).stem}
     for option, name in (("eta", "Eta"), ("s_noise", "Sigma noise")):  # where not the sampler's default, as the web UI

@@ -20,6 +20,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -127,6 +128,52 @@ def dpm2(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None)
     return x
 
 
+def dpm2_ancestral(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver-2 to σ_down (the derivative at the geometric midpoint), then σ_up of fresh noise, as
+    k-diffusion's sample_dpm_2_ancestral."""
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        d = to_d(x, sigma, x0)
+        if sigma_down == 0:
+            x = x + d * (sigma_down - sigma)
+        else:
+            sigma_mid = (sigma.log().lerp(sigma_down.log(), 0.5)).exp()
+            x_mid = x + d * (sigma_mid - sigma)
+            x = x + to_d(x_mid, sigma_mid, denoiser(x_mid, sigma_mid)) * (sigma_down - sigma)
+            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+        x = end_step(i, sigma, x, x0, hold, callback)
+    return x
+
+
+def lms_coefficients(sigmas, i: int, order: int) -> list[float]:
+    """The linear multistep weights of the last `order` derivatives for the step σ_i → σ_(i+1): the integrals of
+    their Lagrange basis polynomials over [σ_i, σ_(i+1)], exact (k-diffusion integrates them numerically)."""
+    nodes = [float(sigmas[i - k]) for k in range(order)]  # the newest first
+    coefficients = []
+    for j in range(order):
+        basis = np.polynomial.Polynomial([1.0])
+        for k in range(order):
+            if k != j:
+                basis *= np.polynomial.Polynomial([-nodes[k], 1.0]) / (nodes[j] - nodes[k])
+        integral = basis.integ()
+        coefficients.append(integral(float(sigmas[i + 1])) - integral(float(sigmas[i])))
+    return coefficients
+
+
+def lms(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None, order: int = 4):
+    """Linear multistep on the ODE dx/dσ = d (Karras et al. 2022), order up to 4, as k-diffusion's sample_lms."""
+    ds: list[torch.Tensor] = []
+    for i in range(len(sigmas) - 1):
+        x0 = denoiser(x, sigmas[i])
+        ds = [*ds[-(order - 1) :], to_d(x, sigmas[i], x0)]
+        coefficients = lms_coefficients(sigmas, i, min(i + 1, order))
+        x = x + sum(c * d for c, d in zip(coefficients, reversed(ds)))
+        x = end_step(i, sigmas[i], x, x0, hold, callback)
+    return x
+
+
 def plms(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
     """PLMS (Liu et al. 2022, pseudo linear multistep): Adams–Bashforth on ε up to order 4, started with a
     pseudo improved-Euler step, as in CompVis's PLMSSampler and diffusers' PNDM (skip_prk_steps)."""
@@ -213,6 +260,80 @@ def dpmpp_sde(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None,
     return x
 
 
+def dpmpp_2m_sde(
+    denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0, solver="midpoint"
+):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022) as k-diffusion's sample_dpmpp_2m_sde, in its "midpoint" or "heun"
+    form. With t = −log σ, h = t' − t and ηh: x' = (σ'/σ)·e^(−ηh)·x + (1 − e^(−h−ηh))·x0 + a second-order
+    correction from the last two x0, plus σ'·√(1 − e^(−2ηh)) of noise."""
+    old_x0, h, h_last = None, None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = x0
+        else:
+            h = sigma.log() - sigma_next.log()
+            eta_h = eta * h
+            x = (sigma_next / sigma) * (-eta_h).exp() * x - torch.expm1(-h - eta_h) * x0
+            if old_x0 is not None:
+                r = h_last / h
+                if solver == "heun":
+                    x = x + (-torch.expm1(-h - eta_h) / (-h - eta_h) + 1) / r * (x0 - old_x0)
+                else:
+                    x = x - 0.5 * torch.expm1(-h - eta_h) / r * (x0 - old_x0)
+            if eta:
+                x = x + noise(sigma, sigma_next) * sigma_next * (-torch.expm1(-2 * eta_h)).sqrt() * s_noise
+        old_x0, h_last = x0, h
+        x = end_step(i, sigma, x, x0, hold, callback)
+    return x
+
+
+def dpmpp_2m_sde_heun(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(2M) SDE with the Heun form of the second-order correction."""
+    return dpmpp_2m_sde(denoiser, x, sigmas, noise=noise, hold=hold, callback=callback, eta=eta, s_noise=s_noise,
+                        solver="heun")  # fmt: skip
+
+
+def dpmpp_3m_sde(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):
+    """DPM-Solver++(3M) SDE as k-diffusion's sample_dpmpp_3m_sde: the exponential integrator over h·(1 + η) with
+    first and second divided differences of the last three x0 (φ_2, φ_3 terms), plus σ'·√(1 − e^(−2ηh)) of noise."""
+    x0_1, x0_2, h, h_1, h_2 = None, None, None, None, None
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        x0 = denoiser(x, sigma)
+        if sigma_next == 0:
+            x = x0
+        else:
+            h = sigma.log() - sigma_next.log()
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x - torch.expm1(-h_eta) * x0
+            phi_2 = torch.expm1(-h_eta) / h_eta + 1  # φ_2(h) = (e^(−h) − 1)/h + 1
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0, d1_1 = (x0 - x0_1) / r0, (x0_1 - x0_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = x + phi_2 * d1 - (phi_2 / h_eta - 0.5) * d2
+            elif h_1 is not None:
+                x = x + phi_2 * (x0 - x0_1) / (h_1 / h)
+            if eta:
+                x = x + noise(sigma, sigma_next) * sigma_next * (-torch.expm1(-2 * h * eta)).sqrt() * s_noise
+        x0_1, x0_2, h_1, h_2 = x0, x0_1, h, h_1
+        x = end_step(i, sigma, x, x0, hold, callback)
+    return x
+
+
+def lcm(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None):
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 1): the model's x0, noised afresh to
+    the next level, x' = x0 + σ'·z; for LCM-distilled models and LCM-LoRA, in a few steps without guidance."""
+    for i in range(len(sigmas) - 1):
+        x0 = denoiser(x, sigmas[i])
+        x = x0 + sigmas[i + 1] * noise(sigmas[i], sigmas[i + 1]) if sigmas[i + 1] > 0 else x0
+        x = end_step(i, sigmas[i], x, x0, hold, callback)
+    return x
+
+
 def _uni_update(x, sigma_s, sigma_t, x0s, lambdas, order, x0_t=None):
     """One UniPC update from σ_s to σ_t with B(h) = e^(−h) − 1 ("bh2") on data predictions, in σ-space.
 
@@ -263,14 +384,19 @@ def unipc(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None
 @dataclass(frozen=True)
 class Sampler:
     name: str  # the id that commands and requests use
-    display_name: str  # as the web UI writes it in infotexts ("Karras" is appended for Karras σs)
+    display_name: str  # as the web UI writes it in infotexts
     fn: Callable
-    discrete: bool = False  # keeps the model's discrete timesteps (no Karras σs): DDPM, DDIM, PLMS
+    discrete: bool = False  # keeps the model's discrete timesteps (takes no scheduler): DDPM, DDIM, PLMS
     lands_at: str = "zero"  # where the last step lands: σ = 0, or "sigma_min" (σ at t = 0, as DDIM and PLMS)
     stochastic: bool = False  # draws fresh noise while sampling (DDIM only with η > 0)
     options: tuple[str, ...] = field(default=())  # the keyword options of `fn` that a request may set
+    scheduler: str | None = None  # the web UI's automatic schedule type for it (None: uniform, not written)
+    discard_penultimate: bool = False  # computes σs for steps + 1 and drops the next-to-last, as the web UI
+    brownian: bool = False  # its noise comes from a Brownian tree (σ-consistent), as the web UI's SDE samplers
 
 
+ANCESTRAL = ("eta", "s_noise")
+# fmt: off
 SAMPLERS = {
     s.name: s
     for s in (
@@ -278,18 +404,48 @@ SAMPLERS = {
         Sampler("ddim", "DDIM", ddim, discrete=True, lands_at="sigma_min", stochastic=True, options=("eta",)),
         Sampler("plms", "PLMS", plms, discrete=True, lands_at="sigma_min"),
         Sampler("euler", "Euler", euler),
-        Sampler("euler_ancestral", "Euler a", euler_ancestral, stochastic=True, options=("eta", "s_noise")),
+        Sampler("euler_ancestral", "Euler a", euler_ancestral, stochastic=True, options=ANCESTRAL),
         Sampler("heun", "Heun", heun),
-        Sampler("dpm2", "DPM2", dpm2),
-        Sampler("dpmpp_2m", "DPM++ 2M", dpmpp_2m),
-        Sampler("dpmpp_2s_ancestral", "DPM++ 2S a", dpmpp_2s_ancestral, stochastic=True, options=("eta", "s_noise")),
-        Sampler("dpmpp_sde", "DPM++ SDE", dpmpp_sde, stochastic=True, options=("eta", "s_noise")),
+        Sampler("lms", "LMS", lms),
+        Sampler("dpm2", "DPM2", dpm2, scheduler="karras", discard_penultimate=True),
+        Sampler("dpm2_ancestral", "DPM2 a", dpm2_ancestral, stochastic=True, options=ANCESTRAL, scheduler="karras",
+                discard_penultimate=True),
+        Sampler("dpmpp_2m", "DPM++ 2M", dpmpp_2m, scheduler="karras"),
+        Sampler("dpmpp_2s_ancestral", "DPM++ 2S a", dpmpp_2s_ancestral, stochastic=True, options=ANCESTRAL,
+                scheduler="karras"),
+        Sampler("dpmpp_sde", "DPM++ SDE", dpmpp_sde, stochastic=True, options=ANCESTRAL, scheduler="karras",
+                brownian=True),
+        Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", dpmpp_2m_sde, stochastic=True, options=ANCESTRAL,
+                scheduler="exponential", brownian=True),
+        Sampler("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", dpmpp_2m_sde_heun, stochastic=True, options=ANCESTRAL,
+                scheduler="exponential", brownian=True),
+        Sampler("dpmpp_3m_sde", "DPM++ 3M SDE", dpmpp_3m_sde, stochastic=True, options=ANCESTRAL,
+                scheduler="exponential", discard_penultimate=True, brownian=True),
         Sampler("unipc", "UniPC", unipc),
+        Sampler("lcm", "LCM", lcm, stochastic=True),
     )
 }
+# fmt: on
 
 
 def get_sampler(name: str) -> Sampler:
     if name not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
     return SAMPLERS[name]
+
+
+def find_sampler(name: str) -> tuple[Sampler, str | None]:
+    """A sampler by our id, the web UI's name or its k-diffusion alias, in any case ("DPM++ 2M", "dpmpp_2m",
+    "k_dpmpp_2m"), or a legacy web UI name with the schedule in it ("DPM++ 2M Karras") -> (sampler, that schedule's
+    id or None)."""
+    key = name.strip().lower()
+    for suffix, schedule in ((" karras", "karras"), (" exponential", "exponential"), ("", None)):
+        if not key.endswith(suffix):
+            continue
+        base = key.removesuffix(suffix) if suffix else key
+        for s in SAMPLERS.values():
+            k_name = "k_" + s.name.replace("ancestral", "a").replace("dpm2", "dpm_2")  # the web UI's aliases
+            aliases = {s.name, s.display_name.lower(), k_name, "k_" + s.name}
+            if base in aliases:
+                return s, schedule
+    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(s.display_name for s in SAMPLERS.values())}")
