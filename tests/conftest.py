@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 import torch
 
-from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig, preset
+from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig, preset, save_model
 
 
 def tiny_config(variant: str) -> LatentDiffusionConfig:
@@ -37,3 +37,11 @@ def tiny_models():
     return {
         v: randomize(LatentDiffusion(tiny_config(v)), seed=i).eval() for i, v in enumerate(("sd1", "sd2", "inpaint"))
     }
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_models):
+    """The tiny SD 1.x model as a .safetensors file."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_model(tiny_models["sd1"], path)
+    return path

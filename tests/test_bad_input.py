@@ -18,13 +18,6 @@ from latent_diffusion.cli import main
 from latent_diffusion.images import load_image, parse_parameters
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_models):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_model(tiny_models["sd1"], path)
-    return path
-
-
 def ldm(*args) -> list[str]:
     return [sys.executable, "-m", "latent_diffusion.cli", *map(str, args)]
 

@@ -13,13 +13,6 @@ from latent_diffusion.images import model_hash, parameters_text, parse_parameter
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_models):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_model(tiny_models["sd1"], path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def inpaint_ckpt(tmp_path_factory, tiny_models):
     path = tmp_path_factory.mktemp("ckpt") / "tiny-inpainting.safetensors"
     save_model(tiny_models["inpaint"], path)

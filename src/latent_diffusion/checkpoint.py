@@ -107,12 +107,28 @@ _STAND_INS = [
 ]
 
 
+class _ModuleState:
+    """Stands in for torch.nn.ParameterDict, which early textual-inversion files pickle as `string_to_param`:
+    keeps the state it is given (its `_parameters`, tensors), runs no module code."""
+
+    def __setstate__(self, state):
+        self.__dict__.update(state if isinstance(state, dict) else {})
+
+
+_STAND_INS.append((_ModuleState, "torch.nn.modules.container.ParameterDict"))
+
+
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    return _unwrap(load_pickle(path), path)
+
+
+def load_pickle(path: str | os.PathLike):
+    """A PyTorch pickle's contents, loaded without running code from it: tensors, plain containers and the inert
+    stand-ins above; anything else is refused with a CheckpointError naming what it would have imported."""
+    path = Path(path)
     try:
         with torch.serialization.safe_globals(_STAND_INS):
-            return _unwrap(_torch_load(path), path)
-    except CheckpointError:
-        raise
+            return _torch_load(path)
     except pickle.UnpicklingError as e:
         glob = re.search(r"GLOBAL ([\w.]+)", str(e))
         what = f"would import or call {glob.group(1)}" if glob else "uses pickle instructions beyond plain data"

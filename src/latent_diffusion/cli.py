@@ -17,6 +17,7 @@ from tqdm import tqdm
 from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model
 from .data import HELD_OUT_PAIRS
 from .devices import resolve_device
+from .embeddings import load_embeddings
 from .evaluate import ATTRIBUTES, prompt_adherence
 from .files import atomic_write, claim_numbered, writable_folder
 from .generate import NonFiniteError, generate
@@ -115,6 +116,15 @@ def request_from_args(args) -> GenerationRequest:
     )  # fmt: skip
 
 
+def embeddings_dir(args) -> Path | None:
+    """--embeddings-dir, which must exist if given; by default `embeddings/` where it exists."""
+    if args.embeddings_dir is None:
+        return Path("embeddings") if Path("embeddings").is_dir() else None
+    if not Path(args.embeddings_dir).is_dir():
+        raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
+    return Path(args.embeddings_dir)
+
+
 def sampler_and_scheduler(args) -> tuple[str, str]:
     """--sampler as our id or the web UI's name (a legacy one such as "DPM++ 2M Karras" names the schedule too)."""
     try:
@@ -153,6 +163,7 @@ def apply_infotext(args, argv: list[str]) -> None:
 def cmd_generate(args) -> None:
     """txt2img, img2img and inpaint: check, load, sample batch after batch, write PNGs (and a grid)."""
     request = checked(request_from_args(args))
+    embeddings = embeddings_dir(args)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     outdir = Path(args.outdir)
@@ -161,6 +172,9 @@ def cmd_generate(args) -> None:
         model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
         if model.cfg.inpainting and args.command != "inpaint":
             raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
+        model.embeddings, notices = load_embeddings(embeddings, model.cfg.text.width) if embeddings else ({}, [])
+        for notice in notices:
+            print(f"ldm: warning: {notice}", file=sys.stderr)
         request = checked(with_images(request, args, model), model)
         if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(model.checkpoint):
             print(f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
@@ -405,6 +419,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         help="use the text encoder's hidden state N layers from the end, as the "
         "web UI's CLIP skip (1: the last; default: the model's own)",
     )
+    p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by writing a file's name in the prompt "
+                   "(default: embeddings/ where it exists)")  # fmt: skip
     p.add_argument(
         "--prompt-syntax",
         action=argparse.BooleanOptionalAction,

@@ -16,7 +16,8 @@ FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("
           "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),
           "Denoising strength": ("strength", float)}  # fmt: skip
 NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size"}
-INFORMATIONAL = {"Model hash", "Model", "Version"}  # which checkpoint and program: --ckpt says which is used here
+# Which files and program made the image: the flags say which are used here.
+INFORMATIONAL = {"Model hash", "Model", "Version", "TI hashes"}
 
 
 def read_infotext(source: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,6 +21,9 @@ from .prompts import chunk_prompt
 from .text_encoder import TextEncoder
 from .tokenizer import clip_tokenizer
 from .unet import UNetModel
+
+if TYPE_CHECKING:  # embeddings.py imports checkpoint.py, which imports the model: a cycle at import time
+    from .embeddings import Embedding
 
 CONDITIONING_KEYS = ("crossattn", "concat", "vector")
 
@@ -56,6 +60,7 @@ class LatentDiffusion(nn.Module):
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
         self.cond_stage_model = TextEncoder(cfg.text)
         self.checkpoint: str | None = None  # the file `load_model` read it from (infotexts name it)
+        self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (`embeddings.load_embeddings`)
         self.init_schedule()
 
     @classmethod
@@ -98,14 +103,15 @@ class LatentDiffusion(nn.Module):
         web UI's "Original" emphasis (which takes that mean over its whole batch; per prompt here, so that an
         image of a batch stays the image its seed gives alone). syntax=False reads the prompts as plain text."""
         tokenizer = clip_tokenizer(self.cfg.text.max_length)
-        chunked = [chunk_prompt(p, tokenizer, syntax) for p in prompts]
+        chunked = [chunk_prompt(p, tokenizer, syntax, self.embeddings) for p in prompts]
         empty = chunk_prompt("", tokenizer, syntax=False)[0]
         encoded = []
         for i in range(max(len(c) for c in chunked)):
             batch = [c[i] if i < len(c) else empty for c in chunked]
             tokens = torch.tensor([self.cond_stage_model.pad(c.tokens) for c in batch], device=self.device)
             weights = torch.tensor([c.weights for c in batch], device=self.device)[..., None]  # (b, 77, 1)
-            z = self.cond_stage_model(tokens, clip_skip)  # (b, 77, d)
+            vectors = [[(position, e.vectors) for position, e in c.embeddings] for c in batch]
+            z = self.cond_stage_model(tokens, clip_skip, vectors)  # (b, 77, d)
             if (weights != 1).any():
                 weighted = z * weights.to(z.dtype)
                 mean, new_mean = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)

@@ -10,15 +10,21 @@ is multiplied by its weight (`LatentDiffusion.conditioning`).
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from .tokenizer import CLIPTokenizer
+
+if TYPE_CHECKING:  # embeddings.py imports checkpoint.py, which imports the model: a cycle at import time
+    from .embeddings import Embedding
 
 # One match per syntax element: escapes, brackets, a weight with its closing bracket, text, or a lone colon.
 ELEMENT = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
 CHUNK = 75  # tokens of prompt text per chunk, between BOS and EOS
 BACKTRACK = 20  # how far back a comma may be for the text after it to move to the next chunk
+PLACEHOLDER = 0  # the token id in the places of an embedding's vectors (the web UI's; the vectors replace it)
 
 
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
@@ -66,37 +72,64 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
 class Chunk:
     tokens: list[int] = field(default_factory=list)  # BOS + 75 + EOS once closed (77)
     weights: list[float] = field(default_factory=list)
+    embeddings: list[tuple[int, Embedding]] = field(default_factory=list)  # (position of its first vector, it)
 
 
-def chunk_prompt(text: str, tokenizer: CLIPTokenizer, syntax: bool = True) -> list[Chunk]:
+def chunk_prompt(
+    text: str, tokenizer: CLIPTokenizer, syntax: bool = True, embeddings: Mapping[str, Embedding] | None = None
+) -> list[Chunk]:
     """A prompt -> its chunks of 77 token ids and weights, padded with EOS (the family's pad comes later).
-    syntax=False: the plain text, every weight 1, no BREAK."""
+    Where the tokens spell an embedding's name (the longest that matches), its vectors take that many places,
+    all in one chunk. syntax=False: the plain text, every weight 1, no BREAK."""
     comma = tokenizer.encoder[",</w>"]
+    by_first_token: dict[int, list[tuple[list[int], Embedding]]] = {}
+    for embedding in (embeddings or {}).values():
+        ids = tokenizer.encode(embedding.name)
+        by_first_token.setdefault(ids[0], []).append((ids, embedding))
+    for candidates in by_first_token.values():
+        candidates.sort(key=lambda c: -len(c[0]))
     chunks, chunk, last_comma = [], Chunk(), -1
 
     def close() -> None:
         nonlocal chunk, last_comma
         pad = CHUNK - len(chunk.tokens)
         chunks.append(Chunk([tokenizer.sot_id, *chunk.tokens, *[tokenizer.eot_id] * pad, tokenizer.eot_id],
-                            [1.0, *chunk.weights, *[1.0] * pad, 1.0]))  # fmt: skip
+                            [1.0, *chunk.weights, *[1.0] * pad, 1.0],
+                            [(position + 1, e) for position, e in chunk.embeddings]))  # fmt: skip
         chunk, last_comma = Chunk(), -1
 
     for fragment, weight in parse_emphasis(text) if syntax else [(text, 1.0)]:
         if weight == -1:  # BREAK
             close()
             continue
-        for token in tokenizer.encode(fragment):
+        tokens, i = tokenizer.encode(fragment), 0
+        while i < len(tokens):
+            token = tokens[i]
             if token == comma:
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == CHUNK and last_comma != -1 and CHUNK - last_comma <= BACKTRACK:
-                moved = Chunk(chunk.tokens[last_comma + 1 :], chunk.weights[last_comma + 1 :])
-                chunk.tokens, chunk.weights = chunk.tokens[: last_comma + 1], chunk.weights[: last_comma + 1]
+                cut = last_comma + 1
+                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:],
+                              [(p - cut, e) for p, e in chunk.embeddings if p >= cut])  # fmt: skip
+                chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
+                chunk.embeddings = [(p, e) for p, e in chunk.embeddings if p < cut]
                 close()
                 chunk = moved
             if len(chunk.tokens) == CHUNK:
                 close()
-            chunk.tokens.append(token)
-            chunk.weights.append(weight)
+            ids, embedding = next(((ids, e) for ids, e in by_first_token.get(token, []) if tokens[i : i + len(ids)] == ids),
+                                  ([token], None))  # fmt: skip
+            if embedding is not None:
+                n = min(len(embedding.vectors), CHUNK)
+                if len(chunk.tokens) + n > CHUNK:
+                    close()
+                chunk.embeddings.append((len(chunk.tokens), embedding))
+                chunk.tokens += [PLACEHOLDER] * n
+                chunk.weights += [weight] * n
+            else:
+                chunk.tokens.append(token)
+                chunk.weights.append(weight)
+            i += len(ids)
     if chunk.tokens or not chunks:
         close()
     return chunks

@@ -18,9 +18,11 @@ import torch
 
 from .images import model_hash, parameters_text
 from .latent_diffusion import LatentDiffusion
+from .prompts import chunk_prompt, prompt_schedule
 from .samplers import SAMPLERS, get_sampler
 from .schedule import SPACINGS, sampling_timesteps
 from .schedulers import SCHEDULERS, find_scheduler, schedule_for
+from .tokenizer import clip_tokenizer
 
 MAX_SIDE = 8192  # pixels per side; larger requests are refused before anything is allocated
 
@@ -225,9 +227,23 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
             fields[name] = value
     if r.clip_skip is not None and r.clip_skip > 1:
         fields["Clip skip"] = r.clip_skip
+    if used := embeddings_used(r, model):
+        fields["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
     if r.init_image is not None:
         fields["Denoising strength"] = r.strength
     return fields
+
+
+def embeddings_used(r: GenerationRequest, model: LatentDiffusion) -> list:
+    """The model's textual-inversion embeddings that the request's prompts (in any of their edits) use."""
+    if not model.embeddings:
+        return []
+    tokenizer, used = clip_tokenizer(model.cfg.text.max_length), {}
+    for text in {*r.prompts, *(r.negative_prompts or [])}:
+        for _, variant in prompt_schedule(text, r.steps_run) if r.prompt_syntax else [(0, text)]:
+            for chunk in chunk_prompt(variant, tokenizer, r.prompt_syntax, model.embeddings):
+                used |= {e.name: e for _, e in chunk.embeddings}
+    return [used[name] for name in sorted(used)]
 
 
 def infotext(r: GenerationRequest, i: int, fields: dict) -> str:

@@ -153,12 +153,25 @@ class TextEncoder(nn.Module):
         m = self.model
         return m.token_embedding, m.positional_embedding, m.transformer.resblocks, m.ln_final
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        clip_skip: int | None = None,
+        vectors: list[list[tuple[int, torch.Tensor]]] | None = None,
+    ) -> torch.Tensor:
         """tokens: (b, n) ids, n <= max_length -> (b, n, width): the hidden state `clip_skip` layers from the end
         (the web UI's CLIP skip: 1 = the last layer), then the final layer norm. None: the model's own choice,
-        the last layer (SD 1.x) or the penultimate (SD 2.x, whose last block is stored in checkpoints unused)."""
+        the last layer (SD 1.x) or the penultimate (SD 2.x, whose last block is stored in checkpoints unused).
+        vectors: per row, (position, (k, width) tensor) pairs that take the place of the token embeddings at
+        positions position..position + k − 1 (textual inversion)."""
         token_embedding, position_embedding, layers, final_norm = self._parts()
-        x = token_embedding(tokens) + position_embedding[: tokens.shape[1]]
+        x = token_embedding(tokens)
+        if vectors and any(vectors):
+            x = x.clone()
+            for row, pairs in enumerate(vectors):
+                for position, v in pairs:
+                    x[row, position : position + len(v)] = v[: x.shape[1] - position].to(x)
+        x = x + position_embedding[: tokens.shape[1]]
         skip = clip_skip if clip_skip is not None else 2 if self.cfg.layer == "penultimate" else 1
         for layer in layers[: max(1, len(layers) - (skip - 1))]:
             x = layer(x)
