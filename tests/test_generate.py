@@ -190,6 +190,7 @@ def test_sampler_options_reach_the_samplers_that_take_them(tiny_models):
     assert torch.equal(run(sampler="euler_ancestral", s_noise=1.0).images, default.images)
     assert "Sigma noise: 0.5" in quiet.infotexts[0] and "Sigma noise" not in default.infotexts[0]
     assert "Eta" not in run(sampler="euler", eta=0.5).infotexts[0]  # Euler takes no η: ignored, not written
+    assert "Eta DDIM: 0.5" in run(sampler="ddim", eta=0.5).infotexts[0]  # the web UI's name for DDIM's η
 
 
 def test_long_prompts_are_not_cut(tiny_models):

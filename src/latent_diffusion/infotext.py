@@ -13,7 +13,7 @@ from .samplers import find_sampler
 from .schedulers import find_scheduler
 
 FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Eta": ("eta", float),
-          "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),
+          "Eta DDIM": ("eta", float), "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),
           "Denoising strength": ("strength", float)}  # fmt: skip
 NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size"}
 # Which files and program made the image: the flags say which are used here.

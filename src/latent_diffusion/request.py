@@ -221,7 +221,8 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
         del fields["Schedule type"]
     if model.checkpoint is not None:
         fields |= {"Model hash": model_hash(model.checkpoint), "Model": Path(model.checkpoint).stem}
-    for option, name in (("eta", "Eta"), ("s_noise", "Sigma noise")):  # where not the sampler's default, as the web UI
+    eta = "Eta DDIM" if sampler.discrete else "Eta"  # the web UI's names: DDIM and PLMS apart from k-diffusion's
+    for option, name in (("eta", eta), ("s_noise", "Sigma noise")):  # where not the sampler's default, as the web UI
         value = getattr(r, option)
         if option in sampler.options and value not in (None, inspect.signature(sampler.fn).parameters[option].default):
             fields[name] = value
