@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from latent_diffusion.generate import generate
-from latent_diffusion.prompts import chunk_prompt, parse_emphasis, prompt_schedule
+from latent_diffusion.prompts import LoraTag, chunk_prompt, extract_lora_tags, parse_emphasis, prompt_schedule
 from latent_diffusion.request import GenerationRequest
 from latent_diffusion.tokenizer import clip_tokenizer
 
@@ -160,3 +160,17 @@ def test_prompt_editing_switches_the_conditioning_at_its_step(tiny_models, monke
     assert [torch.equal(c, cat) for c in seen] == [True, True, True, False] and torch.equal(seen[3], dog)
     same = generate(model, GenerationRequest(["[cat:cat:2]"], [1], **common)).images
     assert torch.equal(same, generate(model, GenerationRequest(["cat"], [1], **common)).images)
+
+
+def test_lora_tags_are_taken_out_of_the_prompt():
+    """The web UI's extra-network syntax: <lora:name>, <lora:name:w>, <lora:name:te:unet>, te=/unet=; the tag is
+    removed from the text, the rest of the prompt is left as written."""
+    text, tags = extract_lora_tags("a cat <lora:film grain:0.8>, (sitting:1.2)<lora:detail:0.5:1.5><LyCO:x> here")
+    assert text == "a cat , (sitting:1.2) here"
+    assert tags == [LoraTag("film grain", 0.8, 0.8), LoraTag("detail", 0.5, 1.5), LoraTag("x", 1.0, 1.0)]
+    assert extract_lora_tags("<lora:a:unet=0.3:te=2>")[1] == [LoraTag("a", 2.0, 0.3)]
+    assert extract_lora_tags("no tags (here:1.1)") == ("no tags (here:1.1)", [])
+    with pytest.raises(ValueError, match="<hypernet:...> networks are not supported here"):
+        extract_lora_tags("<hypernet:h:1>")
+    with pytest.raises(ValueError, match="the weights of <lora:a:much> are not numbers"):
+        extract_lora_tags("<lora:a:much>")

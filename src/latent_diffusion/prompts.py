@@ -9,6 +9,7 @@ is multiplied by its weight (`LatentDiffusion.conditioning`).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -235,3 +236,45 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     tree = _parse(text, steps)
     ends = sorted({steps, *(s for s in _steps_of(tree, steps) if s < steps)})
     return [(end, _at_step(tree, end)) for end in ends]
+
+
+# Extra networks ----------------------------------------------------------------------------------------------------
+#
+# `<lora:name>`, `<lora:name:weight>` or `<lora:name:te weight:unet weight>` (also `te=`, `unet=`) name a LoRA to
+# apply while the prompt is sampled; the tag itself is removed from the text, as the web UI does. `<lyco:...>` is
+# the old name of the same thing.
+
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")
+
+
+@dataclass(frozen=True)
+class LoraTag:
+    name: str
+    te_weight: float = 1.0  # on the text encoder
+    unet_weight: float = 1.0  # on the U-Net
+
+
+def extract_lora_tags(text: str) -> tuple[str, list[LoraTag]]:
+    """A prompt -> (the prompt without its extra-network tags, its LoRA tags). ValueError for a tag of another kind
+    of network or a weight that is not a number."""
+    tags = []
+
+    def take(m: re.Match) -> str:
+        kind, args = m.group(1).lower(), m.group(2).split(":")
+        if kind not in ("lora", "lyco"):
+            raise ValueError(
+                f"prompt: <{m.group(1)}:...> networks are not supported here; LoRA is (<lora:name:weight>)"
+            )
+        positional = [a for a in args[1:] if "=" not in a]
+        named = dict(a.split("=", 1) for a in args[1:] if "=" in a)
+        try:
+            te = float(named.get("te", positional[0] if positional else 1.0))
+            unet = float(named.get("unet", positional[1] if len(positional) > 1 else te))
+        except ValueError:
+            raise ValueError(f"prompt: the weights of {m.group(0)} are not numbers") from None
+        if not (math.isfinite(te) and math.isfinite(unet)):
+            raise ValueError(f"prompt: the weights of {m.group(0)} must be finite")
+        tags.append(LoraTag(args[0].strip(), te, unet))
+        return ""
+
+    return EXTRA_NETWORK.sub(take, text), tags
