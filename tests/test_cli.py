@@ -221,3 +221,37 @@ def test_web_ui_infotexts_map_onto_our_settings():
         sampler_from_web_ui("DPM fast", "Karras")
     with pytest.raises(ValueError, match="unknown scheduler 'Linear'"):
         sampler_from_web_ui("Euler", "Linear")
+
+
+def test_lora_from_a_folder_and_from_a_flag(tmp_path, ckpt, tiny_models, capsys):
+    """--lora-dir serves <lora:name:w> tags; --lora FILE:W adds the tag itself; both write the same image, the tag in
+    the infotext's prompt and the file's hash; the infotext alone makes that image again."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shape = tiny_models["sd1"].unet.input_blocks[1][1].proj_in.weight.shape
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    g = torch.Generator().manual_seed(0)
+    save_file({f"{key}.lora_down.weight": torch.randn(2, shape[1], 1, 1, generator=g),
+               f"{key}.lora_up.weight": torch.randn(shape[0], 2, 1, 1, generator=g)}, folder / "grain.safetensors")  # fmt: skip
+    common = ["--ckpt", ckpt, "--width", 16, "--height", 16, "--steps", 2, "--seed", 5, "--quiet"]
+    assert run("txt2img", *common, "--prompt", "a cat <lora:grain:0.5>", "--lora-dir", folder,
+               "--outdir", tmp_path / "a") == 0  # fmt: skip
+    assert run("txt2img", *common, "--prompt", "a cat", "--lora", f"{folder / 'grain.safetensors'}:0.5",
+               "--outdir", tmp_path / "b") == 0  # fmt: skip
+    assert run("txt2img", *common, "--prompt", "a cat", "--outdir", tmp_path / "c") == 0
+    (a,), (b,), (c,) = ((tmp_path / d).iterdir() for d in "abc")
+    with Image.open(a) as ia, Image.open(b) as ib, Image.open(c) as ic:
+        assert ia.tobytes() == ib.tobytes() != ic.tobytes()
+        params = parse_parameters(ib.text["parameters"])
+    assert params["prompt"] == "a cat <lora:grain:0.5>" and params["Lora hashes"].startswith("grain: ")
+    assert (
+        run("txt2img", "--ckpt", ckpt, "--infotext", a, "--lora-dir", folder, "--quiet", "--outdir", tmp_path / "d")
+        == 0
+    )
+    with Image.open(a) as ia, Image.open(next((tmp_path / "d").iterdir())) as idd:
+        assert ia.tobytes() == idd.tobytes()
+    assert capsys.readouterr().err == ""
+    assert run("txt2img", *common, "--prompt", "a cat <lora:missing:1>", "--outdir", tmp_path / "e") == 2
+    assert "<lora:missing> names no LoRA file here" in capsys.readouterr().err and not (tmp_path / "e").exists()

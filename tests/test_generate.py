@@ -1,6 +1,7 @@
 """End to end: our txt2img / img2img / inpainting against diffusers' Stable Diffusion pipelines assembled
 from the same tiny random weights (converted with diffusers' own converters), same seeds, DDIM 10 steps."""
 
+import copy
 import dataclasses
 
 import pytest
@@ -251,3 +252,37 @@ def test_one_init_image_per_image_across_batches(tiny_models, image):
     assert torch.equal(apart[1, ..., :32], images[1, ..., :32])  # the second image's own kept half
     with pytest.raises(RequestError, match="one for all images or one per image"):
         generate(tiny_models["sd1"], GenerationRequest(["a"] * 3, [1, 2, 3], **common))
+
+
+def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path):
+    """<lora:name:w> in a prompt: the image is the one made with the LoRA merged by hand at w and the tag taken out
+    of the text; afterwards every weight is bitwise what it was; the infotext keeps the tag and hashes the file."""
+    from safetensors.torch import save_file
+
+    from latent_diffusion.images import lora_hash
+    from latent_diffusion.lora import apply_lora, read_lora, remove_lora
+
+    model = copy.copy(tiny_models["sd1"])  # its own `loras`, the same weights
+    proj_in = model.unet.input_blocks[1][1].proj_in.weight  # (out, in, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "style.safetensors"
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"  # kohya's name of input block 1's proj_in
+    save_file({f"{key}.lora_down.weight": torch.randn(2, proj_in.shape[1], 1, 1, generator=g),
+               f"{key}.lora_up.weight": torch.randn(proj_in.shape[0], 2, 1, 1, generator=g),
+               f"{key}.alpha": torch.tensor(1.0)}, path)  # fmt: skip
+    model.loras = {"style": path}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    common = dict(steps=2, width=16, height=16, cfg_scale=3.0)
+    tagged = generate(model, GenerationRequest(["a cat <lora:style:0.6>"], [3], **common))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    applied = apply_lora(model, read_lora(path), 0.6)
+    by_hand = generate(model, GenerationRequest(["a cat "], [3], **common))
+    remove_lora(model, applied)
+    assert torch.equal(tagged.images, by_hand.images)
+    assert not torch.allclose(tagged.images, generate(model, GenerationRequest(["a cat "], [3], **common)).images)
+    assert tagged.infotexts[0].startswith("a cat <lora:style:0.6>\n")
+    assert f'Lora hashes: "style: {lora_hash(path)}"' in tagged.infotexts[0]
+    with pytest.raises(RequestError, match=r"<lora:other> names no LoRA file here; these are: style"):
+        generate(model, GenerationRequest(["<lora:other:1>"], [3], **common))
+    with pytest.raises(RequestError, match="LoRA style at two weights in one batch"):
+        generate(model, GenerationRequest(["<lora:style:1>", "<lora:style:0.5>"], [1, 2], batch_size=2, **common))

@@ -24,6 +24,7 @@ from .generate import NonFiniteError, generate
 from .images import grid, load_image, model_hash, parameters_text, save_png, to_pil
 from .infotext import read_infotext, settings_from_infotext
 from .latent_diffusion import LatentDiffusion
+from .lora import find_loras
 from .request import GenerationRequest, RequestError, infotext_fields, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedule import SPACINGS
@@ -116,13 +117,31 @@ def request_from_args(args) -> GenerationRequest:
     )  # fmt: skip
 
 
-def embeddings_dir(args) -> Path | None:
-    """--embeddings-dir, which must exist if given; by default `embeddings/` where it exists."""
-    if args.embeddings_dir is None:
-        return Path("embeddings") if Path("embeddings").is_dir() else None
-    if not Path(args.embeddings_dir).is_dir():
-        raise UsageError(f"--embeddings-dir {args.embeddings_dir}: no such folder")
-    return Path(args.embeddings_dir)
+def folder_arg(value: str | None, flag: str, default: str) -> Path | None:
+    """A folder flag: it must exist if given; by default `default` where it exists."""
+    if value is None:
+        return Path(default) if Path(default).is_dir() else None
+    if not Path(value).is_dir():
+        raise UsageError(f"{flag} {value}: no such folder")
+    return Path(value)
+
+
+def lora_args(args) -> tuple[dict[str, Path], str]:
+    """--lora-dir's files and each --lora PATH[:WEIGHT] by name, and the tags that --lora adds to the prompt (so that
+    the infotext says which LoRAs made the image, as the web UI's does)."""
+    folder = folder_arg(args.lora_dir, "--lora-dir", "models/Lora")
+    loras, tags = find_loras(folder) if folder else {}, []
+    for value in args.lora or []:
+        path, _, weight = value.rpartition(":")
+        try:
+            path, weight = (path, float(weight)) if path else (value, 1.0)
+        except ValueError:
+            path, weight = value, 1.0
+        if not Path(path).is_file():
+            raise UsageError(f"--lora {path}: no such file")
+        loras[Path(path).stem] = Path(path)
+        tags.append(f"<lora:{Path(path).stem}:{weight:g}>")
+    return loras, " ".join(tags)
 
 
 def sampler_and_scheduler(args) -> tuple[str, str]:
@@ -162,8 +181,11 @@ def apply_infotext(args, argv: list[str]) -> None:
 
 def cmd_generate(args) -> None:
     """txt2img, img2img and inpaint: check, load, sample batch after batch, write PNGs (and a grid)."""
+    loras, tags = lora_args(args)
+    if tags:
+        args.prompt = f"{args.prompt} {tags}"
     request = checked(request_from_args(args))
-    embeddings = embeddings_dir(args)
+    embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     outdir = Path(args.outdir)
@@ -173,6 +195,7 @@ def cmd_generate(args) -> None:
         if model.cfg.inpainting and args.command != "inpaint":
             raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
         model.embeddings, notices = load_embeddings(embeddings, model.cfg.text.width) if embeddings else ({}, [])
+        model.loras = loras
         for notice in notices:
             print(f"ldm: warning: {notice}", file=sys.stderr)
         request = checked(with_images(request, args, model), model)
@@ -419,6 +442,10 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         help="use the text encoder's hidden state N layers from the end, as the "
         "web UI's CLIP skip (1: the last; default: the model's own)",
     )
+    p.add_argument("--lora-dir", help="LoRA files, used by <lora:NAME:WEIGHT> in the prompt, NAME a file's name "
+                   "(default: models/Lora where it exists)")  # fmt: skip
+    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
+                   help="apply this LoRA file (repeatable): adds <lora:NAME:WEIGHT> to the prompt")  # fmt: skip
     p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by writing a file's name in the prompt "
                    "(default: embeddings/ where it exists)")  # fmt: skip
     p.add_argument(

@@ -12,14 +12,14 @@ Pickled files go through the checkpoint reader's safe loader: nothing in them is
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointError, load_pickle, read_state_dict
+from .images import sha256_of
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 
@@ -29,18 +29,11 @@ class Embedding:
     name: str  # the file's stem: what a prompt writes
     vectors: torch.Tensor  # (n, width) float32
     path: Path
-    _hash: str | None = field(default=None, repr=False)
 
     @property
     def shorthash(self) -> str:
         """The first 12 hex digits of the file's SHA-256, as the web UI's "TI hashes" infotext field."""
-        if self._hash is None:
-            digest = hashlib.sha256()
-            with open(self.path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-            self._hash = digest.hexdigest()[:12]
-        return self._hash
+        return sha256_of(self.path)[:12]
 
 
 def read_embedding(path: str | os.PathLike) -> torch.Tensor:

@@ -20,9 +20,18 @@ import torch.nn.functional as F
 
 from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
+from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .noise import BrownianNoise, per_image_randn
-from .prompts import prompt_schedule
-from .request import GenerationRequest, GenerationResult, infotext, infotext_fields, validate
+from .prompts import extract_lora_tags, prompt_schedule
+from .request import (
+    GenerationRequest,
+    GenerationResult,
+    RequestError,
+    infotext,
+    infotext_fields,
+    lora_weights,
+    validate,
+)
 from .samplers import Step, get_sampler
 from .schedulers import sampling_schedule
 
@@ -59,6 +68,7 @@ def generate(
     fields = infotext_fields(r, model)
     batches = [range(i, min(i + r.batch_size, len(r.prompts))) for i in range(0, len(r.prompts), r.batch_size)]
     images, warnings = [], []
+    loras = read_loras(model, r)
     for number, batch in enumerate(batches):
 
         def step_done(step: Step, number=number, batch=batch) -> None:
@@ -70,17 +80,38 @@ def generate(
             if progress:
                 progress(Progress(number * r.steps_run + step.i + 1, len(batches) * r.steps_run, step))
 
-        out, notes = sample(model, r, batch, step_done)
+        applied = []
+        try:  # the batch's LoRAs merged into the weights while it samples, and taken out again bit for bit
+            for tag in lora_weights([r.prompts[i] for i in batch], model).values():
+                applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
+                warnings += [w for w in applied[-1].warnings if w not in warnings]
+            out, notes = sample(model, r, batch, step_done)
+        except LoRAError as e:
+            raise RequestError(str(e)) from None
+        finally:
+            for a in reversed(applied):
+                remove_lora(model, a)
         images.append(out)
         warnings += [n for n in notes if n not in warnings]
     return GenerationResult(torch.cat(images), [infotext(r, i, fields) for i in range(len(r.prompts))], warnings, r)
+
+
+def read_loras(model: LatentDiffusion, r: GenerationRequest) -> dict[str, LoRA]:
+    """Every LoRA the request's prompts name, read once, before any work (RequestError for a file that is not
+    a LoRA)."""
+    names = {tag.name for text in r.prompts for tag in extract_lora_tags(text)[1]}
+    try:
+        return {name: read_lora(model.loras[name]) for name in sorted(names)}
+    except ValueError as e:  # CheckpointError, LoRAError
+        raise RequestError(str(e)) from None
 
 
 def scheduled_denoiser(model: LatentDiffusion, r: GenerationRequest, batch: range, extra: dict):
     """The denoiser of a batch, with the conditioning of each prompt-editing segment (`prompts.prompt_schedule`):
     evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
     editing there is one segment. -> (denoiser, prompt warnings)."""
-    texts = [r.prompts[i] for i in batch] + ([r.negative_prompts[i] for i in batch] if r.cfg_scale != 1 else [])
+    texts = [extract_lora_tags(r.prompts[i])[0] for i in batch]  # the tags name LoRAs, merged already
+    texts += [r.negative_prompts[i] for i in batch] if r.cfg_scale != 1 else []
     schedules = [prompt_schedule(t, r.steps_run) if r.prompt_syntax else [(r.steps_run, t)] for t in texts]
     ends = sorted({end for schedule in schedules for end, _ in schedule})
     denoisers, notes = {}, []

@@ -72,19 +72,32 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
 
 
 def model_hash(path: str | os.PathLike) -> str:
-    """The web UI's model hash ("AutoV2"): the first 10 hex digits of the file's SHA-256 (computed once per
-    version of the file: a 2 GB checkpoint takes seconds)."""
+    """The web UI's model hash ("AutoV2"): the first 10 hex digits of the file's SHA-256."""
+    return sha256_of(path)[:10]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """The web UI's "Lora hashes" value: 12 hex digits of SHA-256, for a .safetensors file over its tensor data
+    only (the header skipped: kohya's "addnet" hash, which metadata edits leave unchanged)."""
+    return sha256_of(path, skip_header=Path(path).suffix.lower() == ".safetensors")[:12]
+
+
+def sha256_of(path: str | os.PathLike, skip_header: bool = False) -> str:
+    """The file's SHA-256 in hex (computed once per version of the file: a 2 GB checkpoint takes seconds);
+    skip_header: of what follows a .safetensors header."""
     stat = os.stat(path)
-    return _file_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    return _file_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, skip_header)
 
 
-@functools.lru_cache(maxsize=64)
-def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int, skip_header: bool) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
+        if skip_header:
+            f.seek(8 + int.from_bytes(f.read(8), "little"))
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()[:10]
+    return digest.hexdigest()
 
 
 def _quote(value) -> str:

@@ -17,7 +17,7 @@ FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("
           "Denoising strength": ("strength", float)}  # fmt: skip
 NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size"}
 # Which files and program made the image: the flags say which are used here.
-INFORMATIONAL = {"Model hash", "Model", "Version", "TI hashes"}
+INFORMATIONAL = {"Model hash", "Model", "Version", "TI hashes", "Lora hashes"}
 
 
 def read_infotext(source: str) -> str:

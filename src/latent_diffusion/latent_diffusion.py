@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,6 +62,7 @@ class LatentDiffusion(nn.Module):
         self.cond_stage_model = TextEncoder(cfg.text)
         self.checkpoint: str | None = None  # the file `load_model` read it from (infotexts name it)
         self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (`embeddings.load_embeddings`)
+        self.loras: dict[str, Path] = {}  # LoRA files that prompts may name (<lora:name:weight>), by name
         self.init_schedule()
 
     @classmethod

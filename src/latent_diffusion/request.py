@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .images import model_hash, parameters_text
+from .images import lora_hash, model_hash, parameters_text
 from .latent_diffusion import LatentDiffusion
-from .prompts import chunk_prompt, prompt_schedule
+from .prompts import LoraTag, chunk_prompt, extract_lora_tags, prompt_schedule
 from .samplers import SAMPLERS, get_sampler
 from .schedule import SPACINGS, sampling_timesteps
 from .schedulers import SCHEDULERS, find_scheduler, schedule_for
@@ -115,6 +115,11 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
         _fail(f"cfg_scale must be a finite number, not {r.cfg_scale}")
     if r.init_image is not None:
         _check_images(r)
+    for text in r.prompts:
+        try:
+            extract_lora_tags(text)
+        except ValueError as e:
+            _fail(str(e))
     if model is None:
         return request
     return _resolve(r, model)
@@ -174,6 +179,8 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
         if len(set(t.tolist())) < r.steps or t.max() > cfg.timesteps - 1:
             _fail(f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
                   f"(they repeat or run past the last); use fewer")  # fmt: skip
+    for start in range(0, len(r.prompts), r.batch_size):
+        lora_weights(r.prompts[start : start + r.batch_size], model)  # every name known, one weight per batch
     need, have = needed_memory(r, cfg, width, height, model.dtype), available_memory(model.device)
     if have is not None and need > have:
         _fail(f"batch_size: {min(r.batch_size, len(r.prompts))} images of {width}x{height} need about "
@@ -182,6 +189,20 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
         r, width=width, height=height, cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
         negative_prompts=r.negative_prompts or [""] * len(r.prompts),
     )  # fmt: skip
+
+
+def lora_weights(prompts: list[str], model: LatentDiffusion) -> dict[str, LoraTag]:
+    """The LoRAs that a batch's prompts name, by name -> their tag (RequestError for a name that is not among the
+    model's LoRA files, or one named at two weights in one batch: a batch runs on one set of merged weights)."""
+    tags: dict[str, LoraTag] = {}
+    for text in prompts:
+        for tag in extract_lora_tags(text)[1]:
+            if tag.name not in model.loras:
+                known = ", ".join(sorted(model.loras)) or "none: give a folder with --lora-dir"
+                _fail(f"prompt: <lora:{tag.name}> names no LoRA file here; these are: {known}")
+            if tags.setdefault(tag.name, tag) != tag:
+                _fail(f"prompt: LoRA {tag.name} at two weights in one batch; use one, or batch_size 1")
+    return tags
 
 
 def needed_memory(r: GenerationRequest, cfg, width: int, height: int, dtype: torch.dtype) -> int:
@@ -228,6 +249,8 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
             fields[name] = value
     if r.clip_skip is not None and r.clip_skip > 1:
         fields["Clip skip"] = r.clip_skip
+    if loras := sorted({tag.name for text in r.prompts for tag in extract_lora_tags(text)[1]}):
+        fields["Lora hashes"] = ", ".join(f"{name}: {lora_hash(model.loras[name])}" for name in loras)
     if used := embeddings_used(r, model):
         fields["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
     if r.init_image is not None:
@@ -241,6 +264,7 @@ def embeddings_used(r: GenerationRequest, model: LatentDiffusion) -> list:
         return []
     tokenizer, used = clip_tokenizer(model.cfg.text.max_length), {}
     for text in {*r.prompts, *(r.negative_prompts or [])}:
+        text = extract_lora_tags(text)[0]
         for _, variant in prompt_schedule(text, r.steps_run) if r.prompt_syntax else [(0, text)]:
             for chunk in chunk_prompt(variant, tokenizer, r.prompt_syntax, model.embeddings):
                 used |= {e.name: e for _, e in chunk.embeddings}
