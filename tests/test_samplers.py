@@ -131,7 +131,10 @@ def test_sampler_matches_diffusers(case, parameterization, monkeypatch):
     sampler, final = get_sampler(name).fn, get_sampler(name).lands_at
     steps = 20  # diffusers' DPM-Solver drops to first order for the last two steps below 15 steps
     spacing = CASES[case][1].get("timestep_spacing", "leading")
-    sigmas = schedule.sampling_sigmas(ALPHA_BAR, steps, spacing=spacing, karras="karras" in case, final=final)
+    if "karras" in case:
+        sigmas = schedulers.karras(steps, SIGMA_TABLE)
+    else:
+        sigmas = schedule.sampling_sigmas(ALPHA_BAR, steps, spacing=spacing, final=final)
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * math.sqrt(sigmas[0].item() ** 2 + 1)
 
     scheduler, theirs = run_diffusers(case, parameterization, steps, x_T, sigmas, NoiseTape(x_T.shape), monkeypatch)
@@ -222,19 +225,25 @@ def load_k_diffusion_sampling():
     """k-diffusion's `sampling` and `external` modules (and `utils`), loaded without the package's __init__, which
     imports its whole training stack (installed --no-deps, see the Makefile). `utils` imports torchvision for
     two image helpers that sampling never calls; PyPI has torchvision only as a CUDA build, which does not load
-    beside the CPU torch, so an empty stand-in takes its place while `utils` loads."""
+    beside the CPU torch, so an empty stand-in takes its place while `utils` loads, and only then (diffusers
+    looks for torchvision too)."""
     root = Path(importlib.util.find_spec("k_diffusion").submodule_search_locations[0])
     package = types.ModuleType("k_diffusion")
     package.__path__ = [str(root)]
     sys.modules["k_diffusion"] = package
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    for name in ("utils", "sampling", "external"):
-        spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", root / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        setattr(package, name, module)
+    stand_ins = [n for n in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional")
+                 if n not in sys.modules]  # fmt: skip
+    sys.modules |= {name: types.ModuleType(name) for name in stand_ins}
+    try:
+        for name in ("utils", "sampling", "external"):
+            spec = importlib.util.spec_from_file_location(f"k_diffusion.{name}", root / f"{name}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module
+            spec.loader.exec_module(module)
+            setattr(package, name, module)
+    finally:
+        for name in stand_ins:
+            del sys.modules[name]
     return package
 
 
@@ -284,6 +293,7 @@ def test_lms_coefficients_match_k_diffusion():
         assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Should have tb<=t1")  # torchsde, on k-diffusion's side (ours filters it)
 def test_brownian_noise_matches_k_diffusion():
     """Per-image Brownian trees seeded as the web UI seeds them: the same increments as k-diffusion's
     BrownianTreeNoiseSampler with a list of seeds, and row i depends only on seed i."""

@@ -36,7 +36,7 @@ class BrownianNoise:
     def __call__(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
         a, b = torch.as_tensor(sigma).float(), torch.as_tensor(sigma_next).float()
         low, high = (a, b) if a < b else (b, a)
-        with warnings.catch_warnings():  # torchsde rounds the tree's ends and notes that σ_max lies past them; it
-            warnings.filterwarnings("ignore", "Should have tb<=t1")  # clamps the query to the end, as it should
+        with warnings.catch_warnings():  # torchsde rounds the tree's ends and notes that σ_min or σ_max lies past
+            warnings.filterwarnings("ignore", "Should have t")  # them; it clamps the query to the end, as it should
             w = torch.stack([tree(low, high) for tree in self.trees]) * (1 if a < b else -1)  # W(b) − W(a), (b, ...)
         return (w / (b - a).abs().sqrt()).to(self.device)

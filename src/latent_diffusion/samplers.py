@@ -112,22 +112,6 @@ def heun(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None)
     return x
 
 
-def dpm2(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
-    """DPM-Solver-2 as in k-diffusion: the derivative at the geometric midpoint σ_mid = √(σ·σ_next)."""
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        x0 = denoiser(x, sigma)
-        d = to_d(x, sigma, x0)
-        if sigma_next == 0:
-            x = x + d * (sigma_next - sigma)
-        else:
-            sigma_mid = (sigma.log().lerp(sigma_next.log(), 0.5)).exp()
-            x_mid = x + d * (sigma_mid - sigma)
-            x = x + to_d(x_mid, sigma_mid, denoiser(x_mid, sigma_mid)) * (sigma_next - sigma)
-        x = end_step(i, sigma, x, x0, hold, callback)
-    return x
-
-
 def dpm2_ancestral(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver-2 to σ_down (the derivative at the geometric midpoint), then σ_up of fresh noise, as
     k-diffusion's sample_dpm_2_ancestral."""
@@ -142,9 +126,16 @@ def dpm2_ancestral(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=
             sigma_mid = (sigma.log().lerp(sigma_down.log(), 0.5)).exp()
             x_mid = x + d * (sigma_mid - sigma)
             x = x + to_d(x_mid, sigma_mid, denoiser(x_mid, sigma_mid)) * (sigma_down - sigma)
-            x = x + noise(sigma, sigma_next) * s_noise * sigma_up
+            if sigma_up > 0:
+                x = x + noise(sigma, sigma_next) * s_noise * sigma_up
         x = end_step(i, sigma, x, x0, hold, callback)
     return x
+
+
+def dpm2(denoiser: Denoiser, x, sigmas, *, noise=None, hold=None, callback=None):
+    """DPM-Solver-2 as in k-diffusion: the derivative at the geometric midpoint σ_mid = √(σ·σ_next), Euler for
+    the last step to σ = 0; DPM2 a without noise (η = 0: σ_down = σ_next)."""
+    return dpm2_ancestral(denoiser, x, sigmas, noise=noise, hold=hold, callback=callback, eta=0.0)
 
 
 def lms_coefficients(sigmas, i: int, order: int) -> list[float]:

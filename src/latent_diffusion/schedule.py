@@ -1,7 +1,8 @@
 """The noise schedule of Stable Diffusion, and the noise levels a sampler visits.
 
 "Scaled linear" (Rombach et al. 2022): β_t = (linspace(√β_1, √β_T, T))², α_t = 1 − β_t, ᾱ_t = ∏_{s≤t} α_s,
-σ_t = √((1−ᾱ_t)/ᾱ_t). A new schedule is a function (steps, ...) -> σs, high to low; `sampling_sigmas` picks one.
+σ_t = √((1−ᾱ_t)/ᾱ_t). `sampling_sigmas` gives the σs at the sampling timesteps (DDIM, PLMS, DDPM, and diffusers'
+schedulers); the schedule types of the σ-space samplers are in `schedulers.py`.
 The conversions between x0, ε, v and σ live in `parameterization.py`.
 """
 
@@ -42,28 +43,18 @@ def sampling_timesteps(steps: int, spacing: str = "leading", timesteps: int = 10
     return t.flip(0)
 
 
-def karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> torch.Tensor:
-    """Karras et al. (2022), eq. 5: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-
-
 def sampling_sigmas(
-    alpha_bar: torch.Tensor, steps: int, *, spacing: str = "leading", karras: bool = False, final: str = "zero"
+    alpha_bar: torch.Tensor, steps: int, *, spacing: str = "leading", final: str = "zero"
 ) -> torch.Tensor:
     """(steps + 1,) σ values, high to low, float64.
 
     σ at each sampling timestep, linearly interpolated in the table for fractional timesteps (as diffusers);
-    with karras, Karras's ramp between the table's σ_min and σ_max (as k-diffusion and diffusers' DPM-Solver).
     final: "zero" ends at σ = 0 (a clean sample); "sigma_min" ends at σ_0 = σ at timestep 0, where DDIM and
     PLMS land (CompVis, and diffusers with set_alpha_to_one=False).
     """
     table = sigma_from_alpha_bar(alpha_bar.double())
-    if karras:
-        sigmas = karras_sigmas(table[0].item(), table[-1].item(), steps)
-    else:
-        t = sampling_timesteps(steps, spacing, len(table))
-        sigmas = torch.from_numpy(np.interp(t.numpy(), np.arange(len(table)), table.numpy()))
+    t = sampling_timesteps(steps, spacing, len(table))
+    sigmas = torch.from_numpy(np.interp(t.numpy(), np.arange(len(table)), table.numpy()))
     last = table[:1] if final == "sigma_min" else torch.zeros(1, dtype=torch.float64)
     return torch.cat([sigmas, last])
 

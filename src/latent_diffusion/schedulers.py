@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .parameterization import sigma_from_alpha_bar
-from .schedule import karras_sigmas, sampling_sigmas, sigma_to_t
+from .schedule import sampling_sigmas, sigma_to_t
 
 # NVIDIA's Align Your Steps σs for SD 1.5 at 10 steps (Sabour et al. 2024), other step counts interpolated
 ALIGN_YOUR_STEPS_SD15 = (14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.029)
@@ -41,8 +41,10 @@ def uniform(n: int, table: torch.Tensor) -> torch.Tensor:
     return with_zero(t_to_sigma(torch.linspace(len(table) - 1, 0, n, dtype=torch.float64), table))
 
 
-def karras(n: int, table: torch.Tensor) -> torch.Tensor:
-    return with_zero(karras_sigmas(table[0].item(), table[-1].item(), n))
+def karras(n: int, table: torch.Tensor, rho: float = 7.0) -> torch.Tensor:
+    """Karras et al. (2022), eq. 5: σ_i = (σ_max^(1/ρ) + i/(n−1)·(σ_min^(1/ρ) − σ_max^(1/ρ)))^ρ."""
+    low, high = table[0].item() ** (1 / rho), table[-1].item() ** (1 / rho)
+    return with_zero((high + torch.linspace(0, 1, n, dtype=torch.float64) * (low - high)) ** rho)
 
 
 def exponential(n: int, table: torch.Tensor) -> torch.Tensor:
