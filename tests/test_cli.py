@@ -234,7 +234,8 @@ def test_lora_from_a_folder_and_from_a_flag(tmp_path, ckpt, tiny_models, capsys)
     key = "lora_unet_down_blocks_0_attentions_0_proj_in"
     g = torch.Generator().manual_seed(0)
     save_file({f"{key}.lora_down.weight": torch.randn(2, shape[1], 1, 1, generator=g),
-               f"{key}.lora_up.weight": torch.randn(shape[0], 2, 1, 1, generator=g)}, folder / "grain.safetensors")  # fmt: skip
+               f"{key}.lora_up.weight": torch.randn(shape[0], 2, 1, 1, generator=g)},
+              folder / "grain.safetensors")  # fmt: skip
     common = ["--ckpt", ckpt, "--width", 16, "--height", 16, "--steps", 2, "--seed", 5, "--quiet"]
     assert run("txt2img", *common, "--prompt", "a cat <lora:grain:0.5>", "--lora-dir", folder,
                "--outdir", tmp_path / "a") == 0  # fmt: skip
@@ -255,3 +256,40 @@ def test_lora_from_a_folder_and_from_a_flag(tmp_path, ckpt, tiny_models, capsys)
     assert capsys.readouterr().err == ""
     assert run("txt2img", *common, "--prompt", "a cat <lora:missing:1>", "--outdir", tmp_path / "e") == 2
     assert "<lora:missing> names no LoRA file here" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+def test_web_ui_infotext_with_lora_embedding_and_sde_sampler_runs_as_written(tmp_path, ckpt, tiny_models, capsys):
+    """The issue's acceptance case: a web UI infotext with emphasis, prompt editing, a LoRA tag, an embedding in the
+    negative prompt, "DPM++ 2M SDE" and "Karras", pasted into --infotext, runs with those settings."""
+    from safetensors.torch import save_file
+
+    width = tiny_models["sd1"].cfg.text.width
+    shape = tiny_models["sd1"].unet.input_blocks[1][1].proj_in.weight.shape
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir(), embeddings.mkdir()
+    key = "lora_unet_down_blocks_0_attentions_0_proj_in"
+    lora = {
+        f"{key}.lora_down.weight": torch.randn(2, shape[1], 1, 1),
+        f"{key}.lora_up.weight": torch.randn(shape[0], 2, 1, 1),
+    }
+    save_file(lora, loras / "film-grain.safetensors")
+    save_file({"emb_params": torch.randn(2, width)}, embeddings / "easynegative.safetensors")
+    infotext = (
+        "a (cozy:1.2) cabin in a snowy forest, [dusk:night:0.5], <lora:film-grain:0.7>\n"
+        "Negative prompt: easynegative, blurry\n"
+        "Steps: 4, Sampler: DPM++ 2M SDE, Schedule type: Karras, CFG scale: 6, Seed: 1234, Size: 24x16, "
+        'Model: v1-5-pruned-emaonly, Lora hashes: "film-grain: 0123456789ab", TI hashes: "easynegative: c74b4e810b03", '
+        "Version: v1.10.1"
+    )
+    assert run("txt2img", "--ckpt", ckpt, "--infotext", infotext, "--lora-dir", loras, "--embeddings-dir", embeddings,
+               "--quiet", "--outdir", tmp_path / "out") == 0  # fmt: skip
+    assert capsys.readouterr().err == ""  # every field used or only informative
+    with Image.open(next((tmp_path / "out").iterdir())) as im:
+        params = parse_parameters(im.text["parameters"])
+        assert im.size == (24, 16)
+    assert params["prompt"] == "a (cozy:1.2) cabin in a snowy forest, [dusk:night:0.5], <lora:film-grain:0.7>"
+    assert params["negative_prompt"] == "easynegative, blurry"
+    assert (params["Sampler"], params["Schedule type"], params["Steps"], params["CFG scale"], params["Seed"]) == (
+        "DPM++ 2M SDE", "Karras", "4", "6.0", "1234"
+    )  # fmt: skip
+    assert params["Lora hashes"].startswith("film-grain: ") and params["TI hashes"].startswith("easynegative: ")
