@@ -348,6 +348,27 @@ def cmd_train(args) -> None:
         print(f"wrote {path}")
 
 
+def cmd_serve(args) -> None:
+    """Load once, then serve until interrupted."""
+    import uvicorn
+
+    from .server import create_app
+
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be in 1..65535, not {args.port}")
+    loras = find_loras(folder) if (folder := folder_arg(args.lora_dir, "--lora-dir", "models/Lora")) else {}
+    embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    model = load_model(args.ckpt or BUILTIN_MODEL, device=device, dtype=dtype)
+    model.embeddings, notices = load_embeddings(embeddings, model.cfg.text.width) if embeddings else ({}, [])
+    model.loras = loras
+    for notice in notices:
+        print(f"ldm: warning: {notice}", file=sys.stderr)
+    print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/sdapi/v1/", file=sys.stderr)
+    uvicorn.run(create_app(model, args.outdir), host=args.host, port=args.port, log_level="warning")
+
+
 def cmd_train_autoencoder(args) -> None:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(AutoencoderTrainConfig)}
     try:
@@ -521,6 +542,18 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
                 "Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
                 "background, size and position back from the pixels with a deterministic analyser.")
     )  # fmt: skip
+    serve = command(sub, "serve", cmd_serve, "serve the web UI's HTTP API (/sdapi/v1/...)",
+                    "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
+                    "work unchanged: txt2img, samplers, schedulers, sd-models, options, progress, interrupt, "
+                    "png-info.")  # fmt: skip
+    serve.add_argument("--ckpt", help="checkpoint file (default: the built-in model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    serve.add_argument("--outdir", default="outputs", help="where save_images writes")
+    serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
+    serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
     demo = command(sub, "demo", cmd_demo, "a grid of images from the built-in model",
                    "The built-in model (trained by this project on the shapes data) draws a 64x64 image per prompt "
                    "and seed for a handful of prompts, with the default sampler and settings, into one grid.")  # fmt: skip

@@ -1,0 +1,245 @@
+"""`ldm serve`: the AUTOMATIC1111 web UI's HTTP API over one loaded model, so that its clients work unchanged.
+
+This first part answers txt2img, the sampler/schedule/model lists, options (read), png-info, progress and interrupt,
+with the web UI's paths, field names, defaults and response shapes (its `modules/api/models.py`). Requests build a
+`GenerationRequest` and run one at a time behind a lock, as the web UI does; bad input is a 422 naming the problem,
+and the server goes on serving.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import io
+import json
+import random
+import threading
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from .files import claim_numbered
+from .generate import NonFiniteError, Progress, generate
+from .images import model_hash, parse_parameters, save_png, sha256_of, to_pil
+from .latent_diffusion import LatentDiffusion
+from .request import GenerationRequest, RequestError, validate
+from .samplers import SAMPLERS, find_sampler
+from .schedulers import SCHEDULERS
+
+WEB_UI_CFG_SCALE = 7.0  # the web UI's default guidance; a model's own (the built-in model's) wins
+MAX_IMAGES = 64  # batch_size × n_iter per request
+
+
+class Txt2ImgRequest(BaseModel):
+    """The web UI's txt2img request: the fields used here; every other field of its model is accepted too, and
+    reported in `info["ignored"]` where it holds something other than its default."""
+
+    model_config = ConfigDict(extra="allow")
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    batch_size: int = 1
+    n_iter: int = 1
+    steps: int = 50
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str = "Euler"  # the web UI's older field; sampler_name wins
+    scheduler: str | None = None
+    eta: float | None = None
+    s_noise: float | None = None
+    send_images: bool = True
+    save_images: bool = False
+    override_settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class PngInfoRequest(BaseModel):
+    image: str
+
+
+class ServerState:
+    """The loaded model and the progress of the job running now."""
+
+    def __init__(self, model: LatentDiffusion, outdir: Path | None):
+        self.model, self.outdir = model, outdir
+        self.lock = threading.Lock()
+        self.step, self.steps, self.job_no, self.job_count = 0, 0, 0, 0
+        self.interrupted = False
+
+
+class Interrupted(Exception):
+    pass
+
+
+def decode_image(data: str) -> Image.Image:
+    """A base64 image, with or without a `data:image/...;base64,` prefix -> an opened (not decoded) PIL image."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        raise RequestError("image: not a base64-encoded image") from None
+
+
+def png_base64(image: Image.Image, parameters: str) -> str:
+    """A PNG with the `parameters` text chunk, base64-encoded, as the web UI's API sends images."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def ignored_fields(body: Txt2ImgRequest) -> list[str]:
+    """Fields of the web UI's model that this server does not implement and that hold a value other than an empty
+    one (its defaults are empty, zero, false or -1, except those named here)."""
+    defaults = {"denoising_strength": 0.75, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0, "hr_scale": 2.0,
+                "hr_second_pass_steps": 0, "hr_upscaler": None, "do_not_save_samples": False,
+                "do_not_save_grid": False, "sampler_index": "Euler", "subseed": -1, "subseed_strength": 0,
+                "seed_resize_from_h": -1, "seed_resize_from_w": -1}  # fmt: skip
+    ignored = []
+    for name, value in (body.model_extra or {}).items():
+        if value != defaults[name] if name in defaults else value not in (None, "", 0, False, -1, [], {}):
+            ignored.append(name)
+    return sorted(ignored)
+
+
+def create_app(model: LatentDiffusion, outdir: str | Path | None = None):
+    """The FastAPI application serving `model` (with its `loras` and `embeddings` set by the caller)."""
+    from fastapi import FastAPI, HTTPException
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI(title="latent_diffusion", docs_url=None, redoc_url=None)
+    state = ServerState(model, Path(outdir) if outdir else None)
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request, e: RequestError):
+        return JSONResponse(status_code=422, content={"error": "RequestError", "detail": str(e)})
+
+    def model_title() -> str:
+        name = Path(model.checkpoint).name if model.checkpoint else "model"
+        return f"{name} [{model_hash(model.checkpoint)}]" if model.checkpoint else name
+
+    @app.get("/sdapi/v1/samplers")
+    def samplers():
+        return [{"name": s.display_name, "aliases": [s.name], "options": {"scheduler": s.scheduler or ""}}
+                for s in SAMPLERS.values()]  # fmt: skip
+
+    @app.get("/sdapi/v1/schedulers")
+    def schedulers():
+        return [{"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
+                for s in SCHEDULERS.values()]  # fmt: skip
+
+    @app.get("/sdapi/v1/sd-models")
+    def sd_models():
+        path = model.checkpoint
+        return [{"title": model_title(), "model_name": Path(path).stem if path else "model",
+                 "hash": model_hash(path) if path else None, "sha256": sha256_of(path) if path else None,
+                 "filename": str(path) if path else "", "config": None}]  # fmt: skip
+
+    @app.get("/sdapi/v1/options")
+    def options():
+        return {"sd_model_checkpoint": model_title(), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+
+    @app.get("/sdapi/v1/progress")
+    def progress():
+        fraction = state.step / state.steps if state.steps else 0.0
+        return {"progress": fraction, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+                "state": {"skipped": False, "interrupted": state.interrupted, "job": "", "job_count": state.job_count,
+                          "job_timestamp": "0", "job_no": state.job_no, "sampling_step": state.step,
+                          "sampling_steps": state.steps}}  # fmt: skip
+
+    @app.post("/sdapi/v1/interrupt")
+    def interrupt():
+        if state.lock.locked():
+            state.interrupted = True
+        return {}
+
+    @app.post("/sdapi/v1/png-info")
+    def png_info(body: PngInfoRequest):
+        image = decode_image(body.image)
+        text = image.info.get("parameters")
+        if not isinstance(text, str):
+            return {"info": "", "items": {}, "parameters": {}}
+        return {"info": text, "items": {"parameters": text}, "parameters": parse_parameters(text)}
+
+    @app.post("/sdapi/v1/txt2img")
+    def txt2img(body: Txt2ImgRequest):
+        count = body.batch_size * body.n_iter
+        if body.batch_size < 1 or body.n_iter < 1 or count > MAX_IMAGES:
+            raise RequestError(f"batch_size × n_iter must be between 1 and {MAX_IMAGES}, not {count}")
+        try:
+            sampler, legacy_schedule = find_sampler(body.sampler_name or body.sampler_index)
+        except ValueError as e:
+            raise RequestError(f"sampler_name: {e}") from None
+        scheduler = body.scheduler or legacy_schedule or "automatic"
+        seed = random.randrange(2**32) if body.seed == -1 else body.seed
+        cfg_scale = body.cfg_scale
+        if cfg_scale is None:
+            cfg_scale = model.cfg.cfg_scale if model.cfg.cfg_scale is not None else WEB_UI_CFG_SCALE
+        request = GenerationRequest(
+            prompts=[body.prompt] * count, negative_prompts=[body.negative_prompt] * count,
+            seeds=[seed + i for i in range(count)], width=body.width, height=body.height, steps=body.steps,
+            sampler=sampler.name, scheduler=scheduler, eta=body.eta, s_noise=body.s_noise, cfg_scale=cfg_scale,
+            batch_size=body.batch_size,
+        )  # fmt: skip
+        validate(request, model)  # before taking the lock: bad input never waits
+        with state.lock:
+            return run(body, request, sampler.display_name, scheduler)
+
+    def run(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
+        state.interrupted, state.job_count = False, body.n_iter
+        images, infotexts, warnings, resolved = [], [], [], None
+
+        def step_done(p: Progress) -> None:
+            state.step, state.steps = p.step, p.total
+            if state.interrupted:
+                raise Interrupted
+
+        try:
+            for n in range(body.n_iter):
+                state.job_no, state.step = n, 0
+                part = slice(n * body.batch_size, (n + 1) * body.batch_size)
+                batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
+                                            negative_prompts=request.negative_prompts[part])  # fmt: skip
+                result = generate(model, batch, progress=step_done)
+                resolved = result.request
+                images += [to_pil(t) for t in result.images]
+                infotexts += result.infotexts
+                warnings += [w for w in result.warnings if w not in warnings]
+        except Interrupted:
+            pass
+        except NonFiniteError as e:
+            raise HTTPException(status_code=500, detail=str(e)) from None
+        finally:
+            state.step = state.steps = 0
+        if state.outdir and body.save_images:
+            state.outdir.mkdir(parents=True, exist_ok=True)
+            for image, text, seed in zip(images, infotexts, request.seeds):
+                save_png(image, claim_numbered(state.outdir, f"{seed}.png"), text)
+        width = resolved.width if resolved else body.width
+        height = resolved.height if resolved else body.height
+        info = {
+            "prompt": body.prompt, "all_prompts": request.prompts[: len(images)],
+            "negative_prompt": body.negative_prompt, "all_negative_prompts": request.negative_prompts[: len(images)],
+            "seed": request.seeds[0], "all_seeds": request.seeds[: len(images)], "subseed": -1, "all_subseeds": [],
+            "width": width, "height": height, "sampler_name": sampler_name, "scheduler": scheduler,
+            "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": body.batch_size,
+            "n_iter": body.n_iter, "sd_model_name": Path(model.checkpoint).stem if model.checkpoint else "model",
+            "sd_model_hash": model_hash(model.checkpoint) if model.checkpoint else None,
+            "infotexts": infotexts, "warnings": warnings, "interrupted": state.interrupted,
+            "ignored": ignored_fields(body),
+        }  # fmt: skip
+        parameters = body.model_dump() | {"seed": request.seeds[0], "cfg_scale": request.cfg_scale, "width": width,
+                                          "height": height, "sampler_name": sampler_name}  # fmt: skip
+        return {
+            "images": [png_base64(i, t) for i, t in zip(images, infotexts)] if body.send_images else [],
+            "parameters": parameters,
+            "info": json.dumps(info),
+        }
+
+    return app

@@ -1,0 +1,136 @@
+"""`ldm serve` through a real socket: a uvicorn server on a loopback port, spoken to with an HTTP client, answering
+the web UI's API paths and shapes; bad input is a 422 and the next good request is served."""
+
+import base64
+import io
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+import uvicorn
+from PIL import Image
+
+from latent_diffusion import load_model
+from latent_diffusion.generate import generate
+from latent_diffusion.request import GenerationRequest
+from latent_diffusion.server import create_app
+
+
+@pytest.fixture(scope="module")
+def server(ckpt):
+    """(base URL, the served model): a real server in a thread of this process, on a free loopback port."""
+    model = load_model(ckpt)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    instance = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=instance.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not instance.started:
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", model
+    instance.should_exit = True
+    thread.join(timeout=10)
+
+
+def call(base: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, object]:
+    data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    image.load()
+    return image
+
+
+def test_lists_and_options(server):
+    base, _ = server
+    status, samplers = call(base, "/sdapi/v1/samplers")
+    assert (
+        status == 200
+        and {"name": "DPM++ 2M SDE", "aliases": ["dpmpp_2m_sde"], "options": {"scheduler": "exponential"}} in samplers
+    )
+    status, schedulers = call(base, "/sdapi/v1/schedulers")
+    assert status == 200 and [s["name"] for s in schedulers][:3] == ["automatic", "uniform", "karras"]
+    status, models = call(base, "/sdapi/v1/sd-models")
+    assert status == 200 and models[0]["model_name"] == "tiny" and models[0]["title"].startswith("tiny.safetensors [")
+    assert call(base, "/sdapi/v1/options")[1]["sd_model_checkpoint"] == models[0]["title"]
+    status, progress = call(base, "/sdapi/v1/progress")
+    assert status == 200 and progress["progress"] == 0.0 and progress["state"]["sampling_steps"] == 0
+    assert call(base, "/sdapi/v1/interrupt", {}) == (200, {})
+
+
+def test_txt2img_answers_as_the_web_ui_and_equals_the_library(server):
+    base, model = server
+    body = {"prompt": "a red (circle:1.2)", "negative_prompt": "blue", "seed": 7, "steps": 3, "width": 32,
+            "height": 24, "batch_size": 2, "n_iter": 2, "sampler_name": "DPM++ 2M", "scheduler": "Karras",
+            "cfg_scale": 5, "enable_hr": False, "styles": [], "restore_faces": True, "script_args": [],
+            "alwayson_scripts": {}, "denoising_strength": 0.75}  # fmt: skip
+    status, answer = call(base, "/sdapi/v1/txt2img", body)
+    assert status == 200, answer
+    info = json.loads(answer["info"])
+    assert info["all_seeds"] == [7, 8, 9, 10] and info["ignored"] == ["restore_faces"]
+    assert (info["width"], info["height"], info["sampler_name"], info["cfg_scale"]) == (32, 24, "DPM++ 2M", 5.0)
+    assert answer["parameters"]["seed"] == 7 and answer["parameters"]["restore_faces"] is True
+    images = [decode(b) for b in answer["images"]]
+    assert [im.size for im in images] == [(32, 24)] * 4
+    assert [im.text["parameters"] for im in images] == info["infotexts"]
+    assert "Sampler: DPM++ 2M, Schedule type: Karras" in info["infotexts"][0]
+
+    library = generate(model, GenerationRequest(["a red (circle:1.2)"] * 4, [7, 8, 9, 10], negative_prompts=["blue"] * 4,
+                                                width=32, height=24, steps=3, cfg_scale=5.0, batch_size=2))  # fmt: skip
+    expected = (library.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert all(im.tobytes() == e.tobytes() for im, e in zip(images, expected))
+
+    status, png = call(base, "/sdapi/v1/png-info", {"image": "data:image/png;base64," + answer["images"][2]})
+    assert status == 200 and png["info"] == info["infotexts"][2] and png["parameters"]["Seed"] == "9"
+
+
+def test_web_ui_defaults_where_the_request_says_nothing(server):
+    base, model = server
+    status, answer = call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "seed": 3})
+    info = json.loads(answer["info"])
+    assert status == 200 and info["sampler_name"] == "Euler" and info["cfg_scale"] == 7.0  # the web UI's
+    assert (info["width"], info["height"]) == (model.cfg.default_size, model.cfg.default_size)  # the model's
+
+
+@pytest.mark.parametrize(
+    "body,message",
+    [
+        ({"prompt": "x", "sampler_name": "DPM fast"}, "unknown sampler 'DPM fast'; choose one of DDPM, DDIM"),
+        ({"prompt": "x", "width": 100000}, "up to 8192"),
+        ({"prompt": "x", "scheduler": "linear"}, "unknown scheduler 'linear'"),
+        ({"prompt": "x", "batch_size": 100, "n_iter": 100}, "batch_size × n_iter must be between 1 and 64"),
+        ({"prompt": "<lora:nothing:1>"}, "names no LoRA file here"),
+        ({"prompt": "x", "steps": "many"}, None),
+        ({"prompt": "x", "cfg_scale": "nan"}, "cfg_scale must be a finite number"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_a_422_and_the_server_goes_on(server, body, message):
+    base, _ = server
+    status, answer = call(base, "/sdapi/v1/txt2img", body)
+    assert status == 422
+    if message:
+        assert message in answer["detail"]
+    assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "seed": 1})[0] == 200
+
+
+def test_malformed_json_and_images_are_422(server):
+    base, _ = server
+    assert call(base, "/sdapi/v1/txt2img", raw=b"{not json")[0] == 422
+    status, answer = call(base, "/sdapi/v1/png-info", {"image": "not base64!"})
+    assert status == 422 and "not a base64-encoded image" in answer["detail"]
+    assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "seed": 1})[0] == 200
