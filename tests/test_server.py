@@ -10,6 +10,7 @@ import time
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 import uvicorn
@@ -134,3 +135,37 @@ def test_malformed_json_and_images_are_422(server):
     status, answer = call(base, "/sdapi/v1/png-info", {"image": "not base64!"})
     assert status == 422 and "not a base64-encoded image" in answer["detail"]
     assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "seed": 1})[0] == 200
+
+
+def png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_img2img_and_inpainting_equal_the_library(server):
+    base, model = server
+    picture = Image.new("RGB", (48, 40), (200, 30, 40))
+    mask = Image.new("L", (48, 40), 0)
+    mask.paste(255, (0, 0, 24, 40))
+    common = {"prompt": "a cat", "seed": 4, "steps": 4, "width": 32, "height": 32, "denoising_strength": 0.5}
+    status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": [png_b64(picture)]})
+    assert status == 200, answer
+    resized = torch.from_numpy(
+        np.asarray(picture.resize((32, 32), Image.Resampling.LANCZOS), dtype="float32") / 255
+    ).permute(2, 0, 1)[None]
+    library = generate(model, GenerationRequest(["a cat"], [4], steps=4, strength=0.5, init_image=resized,
+                                                cfg_scale=7.0, sampler="euler"))  # fmt: skip
+    expected = (library.images[0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert decode(answer["images"][0]).tobytes() == expected.tobytes()
+    assert "Denoising strength: 0.5" in json.loads(answer["info"])["infotexts"][0]
+
+    status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["data:image/png;base64," + png_b64(picture)],
+                                                      "mask": png_b64(mask), "inpainting_mask_invert": 1})  # fmt: skip
+    assert status == 200, answer
+    inpainted = np.asarray(decode(answer["images"][0]))
+    kept = np.asarray(picture.resize((32, 32), Image.Resampling.LANCZOS))
+    assert (inpainted[:, :16] == kept[:, :16]).all()  # the inverted mask keeps the left half (white there)
+    assert call(base, "/sdapi/v1/img2img", {**common, "init_images": []})[0] == 422
+    status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["aGVsbG8="]})
+    assert status == 422 and answer["detail"].startswith("init_images[0]: cannot read the image")

@@ -14,6 +14,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -24,21 +25,25 @@ from .files import atomic_write
 MAX_PIXELS = 8192 * 8192  # an image's pixel count, read from its header before anything is decoded
 
 
-def load_image(path: str | os.PathLike, mode: str = "RGB", size: tuple[int, int] | None = None) -> torch.Tensor:
-    """-> (1, C, H, W) in [0, 1]; resized to size = (width, height) when given. ValueError if unreadable or too big.
+def load_image(
+    path: str | os.PathLike | BinaryIO, mode: str = "RGB", size: tuple[int, int] | None = None, name: str | None = None
+) -> torch.Tensor:
+    """A file (or file object) -> (1, C, H, W) in [0, 1]; resized to size = (width, height) when given. ValueError,
+    naming the file (or `name`), if unreadable or too big.
 
     Any mode loads as it looks: 16- and 32-bit greyscale scaled from their full range, transparency composited on
     white (as image editors show it), palettes and CMYK converted, the EXIF orientation (phone photos) applied."""
+    name = name or str(path)
     try:
         with Image.open(path) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"{path}: the image is {im.width}x{im.height}, over the limit of {MAX_PIXELS} pixels")
+                raise ValueError(f"{name}: the image is {im.width}x{im.height}, over the limit of {MAX_PIXELS} pixels")
             im = _eight_bit(ImageOps.exif_transpose(im)).convert(mode)
             if size is not None and im.size != size:
                 im = im.resize(size, Image.Resampling.LANCZOS)
             array = np.asarray(im, dtype=np.float32) / 255.0
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{path}: cannot read the image ({e.__class__.__name__}: {e})") from None
+        raise ValueError(f"{name}: cannot read the image ({e.__class__.__name__}: {e})") from None
     tensor = torch.from_numpy(array)
     return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
 

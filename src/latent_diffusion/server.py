@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .files import claim_numbered
 from .generate import NonFiniteError, Progress, generate
-from .images import model_hash, parse_parameters, save_png, sha256_of, to_pil
+from .images import load_image, model_hash, parse_parameters, save_png, sha256_of, to_pil
 from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest, RequestError, validate
 from .samplers import SAMPLERS, find_sampler
@@ -57,6 +57,13 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class Img2ImgRequest(Txt2ImgRequest):
+    init_images: list[str] = Field(default_factory=list)  # base64, or data:image/...;base64,...
+    denoising_strength: float = 0.75
+    mask: str | None = None
+    inpainting_mask_invert: int = 0
+
+
 class PngInfoRequest(BaseModel):
     image: str
 
@@ -83,6 +90,21 @@ def decode_image(data: str) -> Image.Image:
         return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
     except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
         raise RequestError("image: not a base64-encoded image") from None
+
+
+def read_image(data: str, field: str, mode: str, size: tuple[int, int]):
+    """A base64 image of a request -> (1, C, H, W) in [0, 1] at `size`; its pixel count is checked from the header
+    before anything is decoded (`images.load_image`). RequestError naming the field otherwise."""
+    if data.startswith("data:"):
+        data = data.partition(",")[2]
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except binascii.Error:
+        raise RequestError(f"{field}: not a base64-encoded image") from None
+    try:
+        return load_image(io.BytesIO(raw), mode, size, name=field)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
 
 
 def png_base64(image: Image.Image, parameters: str) -> str:
@@ -169,6 +191,26 @@ def create_app(model: LatentDiffusion, outdir: str | Path | None = None):
 
     @app.post("/sdapi/v1/txt2img")
     def txt2img(body: Txt2ImgRequest):
+        return respond(body, *build_request(body))
+
+    @app.post("/sdapi/v1/img2img")
+    def img2img(body: Img2ImgRequest):
+        """The init image (the first; the web UI's "just resize" to width × height) and the mask (white = repaint,
+        inverted with inpainting_mask_invert) go into the request; denoising_strength is its strength."""
+        if not body.init_images:
+            raise RequestError("init_images: give one image (base64)")
+        request, sampler_name, scheduler = build_request(body)
+        size = (request.width or model.cfg.default_size, request.height or model.cfg.default_size)
+        image = read_image(body.init_images[0], "init_images[0]", "RGB", size)
+        mask = read_image(body.mask, "mask", "L", size) if body.mask else None
+        if mask is not None and body.inpainting_mask_invert:
+            mask = 1 - mask
+        request = dataclasses.replace(request, init_image=image, mask=mask, width=size[0], height=size[1],
+                                      strength=body.denoising_strength)  # fmt: skip
+        return respond(body, request, sampler_name, scheduler)
+
+    def build_request(body: Txt2ImgRequest) -> tuple[GenerationRequest, str, str]:
+        """The web UI's fields as a request (defaults: the web UI's, the model's size and its own guidance)."""
         count = body.batch_size * body.n_iter
         if body.batch_size < 1 or body.n_iter < 1 or count > MAX_IMAGES:
             raise RequestError(f"batch_size × n_iter must be between 1 and {MAX_IMAGES}, not {count}")
@@ -187,9 +229,13 @@ def create_app(model: LatentDiffusion, outdir: str | Path | None = None):
             sampler=sampler.name, scheduler=scheduler, eta=body.eta, s_noise=body.s_noise, cfg_scale=cfg_scale,
             batch_size=body.batch_size,
         )  # fmt: skip
+        validate(request)  # the checks that need no model, before any image is decoded
+        return request, sampler.display_name, scheduler
+
+    def respond(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
         validate(request, model)  # before taking the lock: bad input never waits
         with state.lock:
-            return run(body, request, sampler.display_name, scheduler)
+            return run(body, request, sampler_name, scheduler)
 
     def run(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
         state.interrupted, state.job_count = False, body.n_iter
