@@ -2,6 +2,7 @@
 the web UI's API paths and shapes; bad input is a 422 and the next good request is served."""
 
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -22,28 +23,40 @@ from latent_diffusion.request import GenerationRequest
 from latent_diffusion.server import create_app
 
 
-@pytest.fixture(scope="module")
-def server(ckpt):
-    """(base URL, the served model): a real server in a thread of this process, on a free loopback port."""
-    model = load_model(ckpt)
+@contextlib.contextmanager
+def serving(app):
+    """A real uvicorn server for `app` in a thread of this process, on a free loopback port -> its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    instance = uvicorn.Server(uvicorn.Config(create_app(model), host="127.0.0.1", port=port, log_level="warning"))
+    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=instance.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not instance.started:
         assert time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", model
-    instance.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        instance.should_exit = True
+        thread.join(timeout=10)
 
 
-def call(base: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, object]:
+@pytest.fixture(scope="module")
+def server(ckpt):
+    """(base URL, the served model)."""
+    model = load_model(ckpt)
+    with serving(create_app(model)) as base:
+        yield base, model
+
+
+def call(base: str, path: str, body=None, raw: bytes | None = None, auth: str | None = None) -> tuple[int, object]:
     data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    request = urllib.request.Request(base + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -169,3 +182,15 @@ def test_img2img_and_inpainting_equal_the_library(server):
     assert call(base, "/sdapi/v1/img2img", {**common, "init_images": []})[0] == 422
     status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["aGVsbG8="]})
     assert status == 422 and answer["detail"].startswith("init_images[0]: cannot read the image")
+
+
+def test_api_auth_and_body_limit(ckpt):
+    """--api-auth: a wrong or missing password is a 401 and the right one is served; a body over the limit is a 413
+    before it is read."""
+    with serving(create_app(load_model(ckpt), api_auth="me:secret", max_body=2000)) as base:
+        assert call(base, "/sdapi/v1/samplers")[0] == 401
+        assert call(base, "/sdapi/v1/samplers", auth="me:wrong")[0] == 401
+        assert call(base, "/sdapi/v1/samplers", auth="me:secret")[0] == 200
+        status, answer = call(base, "/sdapi/v1/txt2img", {"prompt": "x" * 5000}, auth="me:secret")
+        assert status == 413 and "over 2000 bytes" in answer["detail"]
+        assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1}, auth="me:secret")[0] == 200

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hmac
 import io
 import json
 import random
@@ -31,6 +32,7 @@ from .schedulers import SCHEDULERS
 
 WEB_UI_CFG_SCALE = 7.0  # the web UI's default guidance; a model's own (the built-in model's) wins
 MAX_IMAGES = 64  # batch_size × n_iter per request
+MAX_BODY = 64 * 2**20  # bytes of a request body: an init image and a mask of 4096² as base64 PNGs fit
 
 
 class Txt2ImgRequest(BaseModel):
@@ -130,13 +132,38 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     return sorted(ignored)
 
 
-def create_app(model: LatentDiffusion, outdir: str | Path | None = None):
-    """The FastAPI application serving `model` (with its `loras` and `embeddings` set by the caller)."""
+def authorized(header: str | None, credentials: str) -> bool:
+    """HTTP basic auth against "user:password", compared in constant time (no early exit on the first mismatch)."""
+    scheme, _, value = (header or "").partition(" ")
+    try:
+        given = base64.b64decode(value, validate=True) if scheme.lower() == "basic" else b""
+    except binascii.Error:
+        given = b""
+    return hmac.compare_digest(given, credentials.encode())
+
+
+def create_app(
+    model: LatentDiffusion, outdir: str | Path | None = None, *, api_auth: str | None = None,
+    max_body: int = MAX_BODY,
+):  # fmt: skip
+    """The FastAPI application serving `model` (with its `loras` and `embeddings` set by the caller). api_auth:
+    "user:password" for HTTP basic auth; max_body: the largest request body in bytes."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
     app = FastAPI(title="latent_diffusion", docs_url=None, redoc_url=None)
     state = ServerState(model, Path(outdir) if outdir else None)
+
+    @app.middleware("http")
+    async def limits(request, call_next):
+        """Auth first, then the declared body size (a body sent without a length is read by the handler)."""
+        if api_auth is not None and not authorized(request.headers.get("authorization"), api_auth):
+            return JSONResponse(status_code=401, content={"detail": "Incorrect username or password"},
+                                headers={"WWW-Authenticate": "Basic"})  # fmt: skip
+        length = request.headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > max_body:
+            return JSONResponse(status_code=413, content={"detail": f"request body over {max_body} bytes"})
+        return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def bad_request(request, e: RequestError):
