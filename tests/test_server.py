@@ -194,3 +194,26 @@ def test_api_auth_and_body_limit(ckpt):
         status, answer = call(base, "/sdapi/v1/txt2img", {"prompt": "x" * 5000}, auth="me:secret")
         assert status == 413 and "over 2000 bytes" in answer["detail"]
         assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1}, auth="me:secret")[0] == 200
+
+
+def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
+    """While a job runs, /progress reports its step and a preview image of the model's size; /interrupt ends it
+    early, and the answer says so."""
+    base, model = server
+    answer = {}
+    job = threading.Thread(target=lambda: answer.update(
+        zip(("status", "body"), call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 400, "seed": 1, "n_iter": 2}))
+    ))  # fmt: skip
+    job.start()
+    deadline = time.monotonic() + 60
+    while (progress := call(base, "/sdapi/v1/progress")[1])["state"]["sampling_step"] < 2:
+        assert time.monotonic() < deadline and job.is_alive(), "the job made no progress"
+        time.sleep(0.05)
+    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 400  # per job, as the web UI
+    assert (progress["state"]["job_count"], progress["state"]["job_no"]) == (2, 0)
+    assert decode(progress["current_image"]).size == (model.cfg.default_size, model.cfg.default_size)
+    assert call(base, "/sdapi/v1/interrupt", {}) == (200, {})
+    job.join(timeout=60)
+    info = json.loads(answer["body"]["info"])
+    assert answer["status"] == 200 and info["interrupted"] and len(answer["body"]["images"]) < 2
+    assert call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] == 0

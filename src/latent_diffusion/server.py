@@ -16,9 +16,11 @@ import io
 import json
 import random
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -78,6 +80,8 @@ class ServerState:
         self.lock = threading.Lock()
         self.step, self.steps, self.job_no, self.job_count = 0, 0, 0, 0
         self.interrupted = False
+        self.latent = None  # the x0 estimate of the step just done, first image of the batch: (1, 4, h, w)
+        self.started = 0.0
 
 
 class Interrupted(Exception):
@@ -110,9 +114,10 @@ def read_image(data: str, field: str, mode: str, size: tuple[int, int]):
 
 
 def png_base64(image: Image.Image, parameters: str) -> str:
-    """A PNG with the `parameters` text chunk, base64-encoded, as the web UI's API sends images."""
+    """A PNG with the `parameters` text chunk (if any), base64-encoded, as the web UI's API sends images."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters:
+        info.add_text("parameters", parameters)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return base64.b64encode(buffer.getvalue()).decode()
@@ -195,9 +200,16 @@ def create_app(
         return {"sd_model_checkpoint": model_title(), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
 
     @app.get("/sdapi/v1/progress")
-    def progress():
+    def progress(skip_current_image: bool = False):
+        """The running job's progress, and (unless skipped) a preview decoded from its current x0 estimate."""
         fraction = state.step / state.steps if state.steps else 0.0
-        return {"progress": fraction, "eta_relative": 0.0, "current_image": None, "textinfo": None,
+        elapsed = time.monotonic() - state.started
+        eta = elapsed / fraction - elapsed if fraction else 0.0
+        latent, preview = state.latent, None
+        if latent is not None and not skip_current_image:
+            with torch.no_grad():
+                preview = png_base64(to_pil((model.autoencoder_decode(latent)[0].float() / 2 + 0.5).clamp(0, 1)), "")
+        return {"progress": fraction, "eta_relative": eta, "current_image": preview, "textinfo": None,
                 "state": {"skipped": False, "interrupted": state.interrupted, "job": "", "job_count": state.job_count,
                           "job_timestamp": "0", "job_no": state.job_no, "sampling_step": state.step,
                           "sampling_steps": state.steps}}  # fmt: skip
@@ -265,11 +277,12 @@ def create_app(
             return run(body, request, sampler_name, scheduler)
 
     def run(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
-        state.interrupted, state.job_count = False, body.n_iter
+        state.interrupted, state.job_count, state.started = False, body.n_iter, time.monotonic()
         images, infotexts, warnings, resolved = [], [], [], None
 
         def step_done(p: Progress) -> None:
             state.step, state.steps = p.step, p.total
+            state.latent = p.sampler_step.denoised[:1].to(model.dtype)
             if state.interrupted:
                 raise Interrupted
 
@@ -289,7 +302,7 @@ def create_app(
         except NonFiniteError as e:
             raise HTTPException(status_code=500, detail=str(e)) from None
         finally:
-            state.step = state.steps = 0
+            state.step, state.steps, state.latent = 0, 0, None
         if state.outdir and body.save_images:
             state.outdir.mkdir(parents=True, exist_ok=True)
             for image, text, seed in zip(images, infotexts, request.seeds):
