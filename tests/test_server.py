@@ -217,3 +217,31 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
     info = json.loads(answer["body"]["info"])
     assert answer["status"] == 200 and info["interrupted"] and len(answer["body"]["images"]) < 2
     assert call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] == 0
+
+
+def test_concurrent_clients_all_get_their_image_and_a_full_queue_is_a_503(server, ckpt):
+    """8 clients at once with distinct seeds: all answered, each image the one its seed gives alone. With room for
+    one job, a second request while it runs is a 503, and the server serves again once the job is done."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = server
+    body = {"prompt": "a cat", "steps": 2, "width": 16, "height": 16}
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda seed: call(base, "/sdapi/v1/txt2img", {**body, "seed": seed}), range(8)))
+    assert [status for status, _ in answers] == [200] * 8
+    for seed, (_, answer) in enumerate(answers):
+        again = call(base, "/sdapi/v1/txt2img", {**body, "seed": seed})[1]
+        assert decode(answer["images"][0]).tobytes() == decode(again["images"][0]).tobytes()
+
+    with serving(create_app(load_model(ckpt), max_queue=1)) as small:
+        job = threading.Thread(target=call, args=(small, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 300, "seed": 1}))
+        job.start()
+        deadline = time.monotonic() + 60
+        while call(small, "/sdapi/v1/progress")[1]["state"]["sampling_step"] < 1:
+            assert time.monotonic() < deadline and job.is_alive(), "the job made no progress"
+            time.sleep(0.05)
+        status, answer = call(small, "/sdapi/v1/txt2img", {"prompt": "y", "steps": 1, "seed": 2})
+        assert status == 503 and "the queue is full (1 jobs)" in answer["detail"]
+        call(small, "/sdapi/v1/interrupt", {})
+        job.join(timeout=60)
+        assert call(small, "/sdapi/v1/txt2img", {"prompt": "y", "steps": 1, "seed": 2})[0] == 200

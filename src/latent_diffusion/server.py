@@ -34,6 +34,7 @@ from .schedulers import SCHEDULERS
 
 WEB_UI_CFG_SCALE = 7.0  # the web UI's default guidance; a model's own (the built-in model's) wins
 MAX_IMAGES = 64  # batch_size × n_iter per request
+MAX_QUEUE = 32  # generation jobs running or waiting; more are answered 503
 MAX_BODY = 64 * 2**20  # bytes of a request body: an init image and a mask of 4096² as base64 PNGs fit
 
 
@@ -77,7 +78,9 @@ class ServerState:
 
     def __init__(self, model: LatentDiffusion, outdir: Path | None):
         self.model, self.outdir = model, outdir
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # held by the running job
+        self.counter = threading.Lock()  # guards `queued`
+        self.queued = 0  # jobs running or waiting
         self.step, self.steps, self.job_no, self.job_count = 0, 0, 0, 0
         self.interrupted = False
         self.latent = None  # the x0 estimate of the step just done, first image of the batch: (1, 4, h, w)
@@ -149,10 +152,11 @@ def authorized(header: str | None, credentials: str) -> bool:
 
 def create_app(
     model: LatentDiffusion, outdir: str | Path | None = None, *, api_auth: str | None = None,
-    max_body: int = MAX_BODY,
+    max_body: int = MAX_BODY, max_queue: int = MAX_QUEUE,
 ):  # fmt: skip
     """The FastAPI application serving `model` (with its `loras` and `embeddings` set by the caller). api_auth:
-    "user:password" for HTTP basic auth; max_body: the largest request body in bytes."""
+    "user:password" for HTTP basic auth; max_body: the largest request body in bytes; max_queue: jobs running or
+    waiting at once (more is a 503)."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
@@ -272,9 +276,17 @@ def create_app(
         return request, sampler.display_name, scheduler
 
     def respond(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
-        validate(request, model)  # before taking the lock: bad input never waits
-        with state.lock:
-            return run(body, request, sampler_name, scheduler)
+        validate(request, model)  # before taking a place in the queue: bad input never waits
+        with state.counter:
+            if state.queued >= max_queue:
+                raise HTTPException(status_code=503, detail=f"the queue is full ({max_queue} jobs); try again later")
+            state.queued += 1
+        try:
+            with state.lock:  # one job at a time, in the order they came
+                return run(body, request, sampler_name, scheduler)
+        finally:
+            with state.counter:
+                state.queued -= 1
 
     def run(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
         state.interrupted, state.job_count, state.started = False, body.n_iter, time.monotonic()
