@@ -1,9 +1,10 @@
 """`ldm serve`: the AUTOMATIC1111 web UI's HTTP API over one loaded model, so that its clients work unchanged.
 
-This first part answers txt2img, the sampler/schedule/model lists, options (read), png-info, progress and interrupt,
-with the web UI's paths, field names, defaults and response shapes (its `modules/api/models.py`). Requests build a
-`GenerationRequest` and run one at a time behind a lock, as the web UI does; bad input is a 422 naming the problem,
-and the server goes on serving.
+It answers txt2img, img2img (and inpainting), the sampler/schedule/model lists, options (read), png-info,
+progress (with a preview) and interrupt, with the web UI's paths, field names, defaults and response shapes (its
+`modules/api/models.py`). Requests build a `GenerationRequest`, are validated before they queue, and run one at a
+time in arrival order; a full queue is a 503, bad input a 422 naming the problem, and the server goes on serving.
+Optional HTTP basic auth; bodies over a limit are refused before they are read.
 """
 
 from __future__ import annotations
