@@ -133,7 +133,8 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     defaults = {"denoising_strength": 0.75, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0, "hr_scale": 2.0,
                 "hr_second_pass_steps": 0, "hr_upscaler": None, "do_not_save_samples": False,
                 "do_not_save_grid": False, "sampler_index": "Euler", "subseed": -1, "subseed_strength": 0,
-                "seed_resize_from_h": -1, "seed_resize_from_w": -1}  # fmt: skip
+                "seed_resize_from_h": -1, "seed_resize_from_w": -1, "mask_blur": 4, "inpaint_full_res": True,
+                "inpaint_full_res_padding": 0, "image_cfg_scale": 1.5, "initial_noise_multiplier": 1.0}  # fmt: skip
     ignored = []
     for name, value in (body.model_extra or {}).items():
         if value != defaults[name] if name in defaults else value not in (None, "", 0, False, -1, [], {}):
