@@ -356,6 +356,8 @@ def cmd_serve(args) -> None:
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, not {args.port}")
+    if args.max_batch < 1 or args.max_queue < 1:
+        raise UsageError("--max-batch and --max-queue must be at least 1")
     if args.api_auth is not None and ":" not in args.api_auth:
         raise UsageError("--api-auth must be USER:PASSWORD")
     loras = find_loras(folder) if (folder := folder_arg(args.lora_dir, "--lora-dir", "models/Lora")) else {}
@@ -368,7 +370,7 @@ def cmd_serve(args) -> None:
     for notice in notices:
         print(f"ldm: warning: {notice}", file=sys.stderr)
     print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/sdapi/v1/", file=sys.stderr)
-    app = create_app(model, args.outdir, api_auth=args.api_auth)
+    app = create_app(model, args.outdir, api_auth=args.api_auth, max_batch=args.max_batch, max_queue=args.max_queue)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -556,6 +558,9 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
     serve.add_argument("--outdir", default="outputs", help="where save_images writes")
     serve.add_argument("--api-auth", metavar="USER:PASSWORD", help="require HTTP basic auth with these credentials")
+    serve.add_argument("--max-batch", type=int, default=8,
+                       help="images of queued requests with the same settings run as one U-Net batch (1: never)")  # fmt: skip
+    serve.add_argument("--max-queue", type=int, default=32, help="jobs running or waiting; more are answered 503")
     serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
     serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
     demo = command(sub, "demo", cmd_demo, "a grid of images from the built-in model",

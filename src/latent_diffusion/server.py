@@ -15,9 +15,11 @@ import dataclasses
 import hmac
 import io
 import json
+import queue
 import random
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +31,14 @@ from .files import claim_numbered
 from .generate import NonFiniteError, Progress, generate
 from .images import load_image, model_hash, parse_parameters, save_png, sha256_of, to_pil
 from .latent_diffusion import LatentDiffusion
-from .request import GenerationRequest, RequestError, validate
+from .request import GenerationRequest, RequestError, lora_weights, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedulers import SCHEDULERS
 
 WEB_UI_CFG_SCALE = 7.0  # the web UI's default guidance; a model's own (the built-in model's) wins
 MAX_IMAGES = 64  # batch_size × n_iter per request
 MAX_QUEUE = 32  # generation jobs running or waiting; more are answered 503
+MAX_BATCH = 8  # images of queued requests merged into one U-Net batch
 MAX_BODY = 64 * 2**20  # bytes of a request body: an init image and a mask of 4096² as base64 PNGs fit
 
 
@@ -79,9 +82,9 @@ class ServerState:
 
     def __init__(self, model: LatentDiffusion, outdir: Path | None):
         self.model, self.outdir = model, outdir
-        self.lock = threading.Lock()  # held by the running job
         self.counter = threading.Lock()  # guards `queued`
         self.queued = 0  # jobs running or waiting
+        self.running = False  # a job is running now
         self.step, self.steps, self.job_no, self.job_count = 0, 0, 0, 0
         self.interrupted = False
         self.latent = None  # the x0 estimate of the step just done, first image of the batch: (1, 4, h, w)
@@ -90,6 +93,29 @@ class ServerState:
 
 class Interrupted(Exception):
     pass
+
+
+@dataclass
+class Job:
+    """One API request waiting for (or run by) the worker."""
+
+    body: Txt2ImgRequest
+    request: GenerationRequest  # validated, the model's defaults filled in
+    sampler_name: str
+    scheduler: str
+    done: threading.Event = field(default_factory=threading.Event)
+    answer: dict | None = None
+    error: Exception | None = None
+
+    @property
+    def key(self) -> tuple | None:
+        """Requests of equal keys can share U-Net batches (image i of a request stays the image its seed gives, by
+        per-image generators); None: runs alone (init images, several iterations)."""
+        r = self.request
+        if r.init_image is not None or self.body.n_iter != 1:
+            return None
+        return (r.width, r.height, r.steps, r.sampler, r.scheduler, r.spacing, r.eta, r.s_noise, r.cfg_scale,
+                r.clip_skip, r.prompt_syntax)  # fmt: skip
 
 
 def decode_image(data: str) -> Image.Image:
@@ -154,11 +180,12 @@ def authorized(header: str | None, credentials: str) -> bool:
 
 def create_app(
     model: LatentDiffusion, outdir: str | Path | None = None, *, api_auth: str | None = None,
-    max_body: int = MAX_BODY, max_queue: int = MAX_QUEUE,
+    max_body: int = MAX_BODY, max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH, batch_window: float = 0.05,
 ):  # fmt: skip
     """The FastAPI application serving `model` (with its `loras` and `embeddings` set by the caller). api_auth:
     "user:password" for HTTP basic auth; max_body: the largest request body in bytes; max_queue: jobs running or
-    waiting at once (more is a 503)."""
+    waiting at once (more is a 503); max_batch: images per merged U-Net batch (1: no merging); batch_window: seconds
+    a job that can be merged waits for others."""
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
@@ -222,7 +249,7 @@ def create_app(
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
-        if state.lock.locked():
+        if state.running:
             state.interrupted = True
         return {}
 
@@ -278,21 +305,83 @@ def create_app(
         return request, sampler.display_name, scheduler
 
     def respond(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
-        validate(request, model)  # before taking a place in the queue: bad input never waits
+        """Validate, queue, wait for the worker, answer (or raise what the job raised)."""
+        job = Job(body, validate(request, model), sampler_name, scheduler)  # bad input never waits
         with state.counter:
             if state.queued >= max_queue:
                 raise HTTPException(status_code=503, detail=f"the queue is full ({max_queue} jobs); try again later")
             state.queued += 1
-        try:
-            with state.lock:  # one job at a time, in the order they came
-                return run(body, request, sampler_name, scheduler)
-        finally:
-            with state.counter:
-                state.queued -= 1
+        jobs.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.answer
 
-    def run(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
-        state.interrupted, state.job_count, state.started = False, body.n_iter, time.monotonic()
-        images, infotexts, warnings, resolved = [], [], [], None
+    def worker() -> None:
+        """Takes jobs in arrival order; a job that can share a U-Net batch waits up to `batch_window` seconds for
+        others that can (`batch_key`), up to `max_batch` images, and they run as one request."""
+        carried = None
+        while True:
+            group = [carried or jobs.get()]
+            carried, deadline = None, time.monotonic() + batch_window
+            while group[0].key is not None and sum(len(j.request.prompts) for j in group) < max_batch:
+                try:
+                    job = jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if not mergeable(group, job):
+                    carried = job  # the next group starts with it: the order is kept
+                    break
+                group.append(job)
+            state.running = True
+            try:
+                run_group(group)
+            except Exception as e:  # the job's error goes to its client; the worker goes on
+                for job in group:
+                    job.error = e if isinstance(e, RequestError | HTTPException) else HTTPException(500, str(e))
+            finally:
+                state.running = False
+                with state.counter:
+                    state.queued -= len(group)
+                for job in group:
+                    job.done.set()
+
+    def mergeable(group: list[Job], job: Job) -> bool:
+        if job.key != group[0].key or sum(len(j.request.prompts) for j in group) + len(job.request.prompts) > max_batch:
+            return False
+        try:  # one LoRA weight per name across the merged batch
+            lora_weights([p for j in [*group, job] for p in j.request.prompts], model)
+        except RequestError:
+            return False
+        return True
+
+    def run_group(group: list[Job]) -> None:
+        state.interrupted, state.started = False, time.monotonic()
+        state.job_count = group[0].body.n_iter if len(group) == 1 else 1
+        if len(group) == 1:
+            job = group[0]
+            parts = [job.request.prompts[i : i + job.body.batch_size] for i in range(0, len(job.request.prompts),
+                                                                                        job.body.batch_size)]  # fmt: skip
+            outputs = execute(job.request, [len(p) for p in parts])
+            job.answer = answer(job, *outputs, batched_with=1)
+            return
+        merged = dataclasses.replace(
+            group[0].request, prompts=[p for j in group for p in j.request.prompts],
+            negative_prompts=[p for j in group for p in j.request.negative_prompts],
+            seeds=[s for j in group for s in j.request.seeds], batch_size=max_batch,
+        )  # fmt: skip
+        images, infotexts, warnings = execute(merged, [len(merged.prompts)])
+        start = 0
+        for job in group:
+            n = len(job.request.prompts)
+            job.answer = answer(job, images[start : start + n], infotexts[start : start + n], warnings,
+                                batched_with=len(group))  # fmt: skip
+            start += n
+
+    def execute(request: GenerationRequest, batches: list[int]):
+        """Run a resolved request in U-Net batches of these sizes -> (PIL images, infotexts, warnings); stops early
+        on an interrupt."""
+        images, infotexts, warnings, start = [], [], [], 0
 
         def step_done(p: Progress) -> None:
             state.step, state.steps = p.step, p.total
@@ -301,45 +390,52 @@ def create_app(
                 raise Interrupted
 
         try:
-            for n in range(body.n_iter):
-                state.job_no, state.step = n, 0
-                part = slice(n * body.batch_size, (n + 1) * body.batch_size)
+            for number, size in enumerate(batches):
+                state.job_no, state.step = number, 0
+                part = slice(start, start + size)
                 batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
                                             negative_prompts=request.negative_prompts[part])  # fmt: skip
                 result = generate(model, batch, progress=step_done)
-                resolved = result.request
                 images += [to_pil(t) for t in result.images]
                 infotexts += result.infotexts
                 warnings += [w for w in result.warnings if w not in warnings]
+                start += size
         except Interrupted:
             pass
         except NonFiniteError as e:
             raise HTTPException(status_code=500, detail=str(e)) from None
         finally:
             state.step, state.steps, state.latent = 0, 0, None
+        return images, infotexts, warnings
+
+    def answer(job: Job, images: list, infotexts: list[str], warnings: list[str], batched_with: int) -> dict:
+        """The web UI's response to one job: images, the request with its defaults, and `info`."""
+        body, request = job.body, job.request
         if state.outdir and body.save_images:
             state.outdir.mkdir(parents=True, exist_ok=True)
             for image, text, seed in zip(images, infotexts, request.seeds):
                 save_png(image, claim_numbered(state.outdir, f"{seed}.png"), text)
-        width = resolved.width if resolved else body.width
-        height = resolved.height if resolved else body.height
         info = {
             "prompt": body.prompt, "all_prompts": request.prompts[: len(images)],
             "negative_prompt": body.negative_prompt, "all_negative_prompts": request.negative_prompts[: len(images)],
             "seed": request.seeds[0], "all_seeds": request.seeds[: len(images)], "subseed": -1, "all_subseeds": [],
-            "width": width, "height": height, "sampler_name": sampler_name, "scheduler": scheduler,
-            "cfg_scale": request.cfg_scale, "steps": request.steps, "batch_size": body.batch_size,
-            "n_iter": body.n_iter, "sd_model_name": Path(model.checkpoint).stem if model.checkpoint else "model",
+            "width": request.width, "height": request.height, "sampler_name": job.sampler_name,
+            "scheduler": job.scheduler, "cfg_scale": request.cfg_scale, "steps": request.steps,
+            "batch_size": body.batch_size, "n_iter": body.n_iter,
+            "sd_model_name": Path(model.checkpoint).stem if model.checkpoint else "model",
             "sd_model_hash": model_hash(model.checkpoint) if model.checkpoint else None,
             "infotexts": infotexts, "warnings": warnings, "interrupted": state.interrupted,
-            "ignored": ignored_fields(body),
+            "ignored": ignored_fields(body), "batched_with": batched_with,
         }  # fmt: skip
-        parameters = body.model_dump() | {"seed": request.seeds[0], "cfg_scale": request.cfg_scale, "width": width,
-                                          "height": height, "sampler_name": sampler_name}  # fmt: skip
+        parameters = body.model_dump() | {"seed": request.seeds[0], "cfg_scale": request.cfg_scale,
+                                          "width": request.width, "height": request.height,
+                                          "sampler_name": job.sampler_name}  # fmt: skip
         return {
             "images": [png_base64(i, t) for i, t in zip(images, infotexts)] if body.send_images else [],
             "parameters": parameters,
             "info": json.dumps(info),
         }
 
+    jobs: queue.Queue[Job] = queue.Queue()
+    threading.Thread(target=worker, daemon=True, name="ldm-serve-worker").start()
     return app
