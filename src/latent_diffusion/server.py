@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import hmac
 import io
@@ -189,7 +190,12 @@ def create_app(
     from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
 
-    app = FastAPI(title="latent_diffusion", docs_url=None, redoc_url=None)
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        jobs.put(None)  # the worker ends when the server does
+
+    app = FastAPI(title="latent_diffusion", docs_url=None, redoc_url=None, lifespan=lifespan)
     state = ServerState(model, Path(outdir) if outdir else None)
 
     @app.middleware("http")
@@ -319,15 +325,18 @@ def create_app(
 
     def worker() -> None:
         """Takes jobs in arrival order; a job that can share a U-Net batch waits up to `batch_window` seconds for
-        others that can (`batch_key`), up to `max_batch` images, and they run as one request."""
+        others that can (`Job.key`), up to `max_batch` images, and they run as one request. Ends at a None."""
         carried = None
-        while True:
-            group = [carried or jobs.get()]
+        while (first := carried or jobs.get()) is not None:
+            group = [first]
             carried, deadline = None, time.monotonic() + batch_window
             while group[0].key is not None and sum(len(j.request.prompts) for j in group) < max_batch:
                 try:
                     job = jobs.get(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
+                    break
+                if job is None:
+                    jobs.put(None)  # stop after this group
                     break
                 if not mergeable(group, job):
                     carried = job  # the next group starts with it: the order is kept
@@ -436,6 +445,6 @@ def create_app(
             "info": json.dumps(info),
         }
 
-    jobs: queue.Queue[Job] = queue.Queue()
+    jobs: queue.Queue[Job | None] = queue.Queue()  # None: stop
     threading.Thread(target=worker, daemon=True, name="ldm-serve-worker").start()
     return app
