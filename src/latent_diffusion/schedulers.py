@@ -59,16 +59,19 @@ def polyexponential(n: int, table: torch.Tensor, rho: float = 1.0) -> torch.Tens
     return with_zero((ramp * (high - low) + low).exp())
 
 
+def _t_range(table: torch.Tensor) -> tuple[float, float]:
+    """The timesteps of σ_max and σ_min, read back from the table as the web UI's schedules read them."""
+    return sigma_to_t(table[-1], table.log()).item(), sigma_to_t(table[0], table.log()).item()
+
+
 def sgm_uniform(n: int, table: torch.Tensor) -> torch.Tensor:
     """n + 1 timesteps evenly from the top to 0, the last dropped (as Stability's generative-models)."""
-    start, end = sigma_to_t(table[-1], table.log()).item(), sigma_to_t(table[0], table.log()).item()
-    return with_zero(t_to_sigma(torch.linspace(start, end, n + 1, dtype=torch.float64)[:-1], table))
+    return with_zero(t_to_sigma(torch.linspace(*_t_range(table), n + 1, dtype=torch.float64)[:-1], table))
 
 
 def normal(n: int, table: torch.Tensor) -> torch.Tensor:
     """n timesteps evenly from the timestep of σ_max to that of σ_min (for a table model: `uniform`)."""
-    start, end = sigma_to_t(table[-1], table.log()).item(), sigma_to_t(table[0], table.log()).item()
-    return with_zero(t_to_sigma(torch.linspace(start, end, n, dtype=torch.float64), table))
+    return with_zero(t_to_sigma(torch.linspace(*_t_range(table), n, dtype=torch.float64), table))
 
 
 def simple(n: int, table: torch.Tensor) -> torch.Tensor:

@@ -119,27 +119,27 @@ class Job:
                 r.clip_skip, r.prompt_syntax)  # fmt: skip
 
 
-def decode_image(data: str) -> Image.Image:
-    """A base64 image, with or without a `data:image/...;base64,` prefix -> an opened (not decoded) PIL image."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
+def image_bytes(data: str, field: str) -> bytes:
+    """A request's base64 image, with or without a `data:image/...;base64,` prefix -> its bytes (RequestError)."""
     try:
-        return Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError):
+        return base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=True)
+    except binascii.Error:
+        raise RequestError(f"{field}: not a base64-encoded image") from None
+
+
+def decode_image(data: str) -> Image.Image:
+    """A base64 image -> an opened (not decoded) PIL image, for its text chunks."""
+    try:
+        return Image.open(io.BytesIO(image_bytes(data, "image")))
+    except (UnidentifiedImageError, OSError):
         raise RequestError("image: not a base64-encoded image") from None
 
 
 def read_image(data: str, field: str, mode: str, size: tuple[int, int]):
     """A base64 image of a request -> (1, C, H, W) in [0, 1] at `size`; its pixel count is checked from the header
     before anything is decoded (`images.load_image`). RequestError naming the field otherwise."""
-    if data.startswith("data:"):
-        data = data.partition(",")[2]
     try:
-        raw = base64.b64decode(data, validate=True)
-    except binascii.Error:
-        raise RequestError(f"{field}: not a base64-encoded image") from None
-    try:
-        return load_image(io.BytesIO(raw), mode, size, name=field)
+        return load_image(io.BytesIO(image_bytes(data, field)), mode, size, name=field)
     except ValueError as e:
         raise RequestError(str(e)) from None
 
