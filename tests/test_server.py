@@ -17,10 +17,10 @@ import torch
 import uvicorn
 from PIL import Image
 
-from latent_diffusion import load_model
+from latent_diffusion import load_model, save_model
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
-from latent_diffusion.server import create_app
+from latent_diffusion.server import ServerLimits, create_app
 
 
 @contextlib.contextmanager
@@ -125,7 +125,8 @@ def test_web_ui_defaults_where_the_request_says_nothing(server):
     "body,message",
     [
         ({"prompt": "x", "sampler_name": "DPM fast"}, "unknown sampler 'DPM fast'; choose one of DDPM, DDIM"),
-        ({"prompt": "x", "width": 100000}, "up to 8192"),
+        ({"prompt": "x", "width": 100000}, "at most 2048 on this server, not 100000"),
+        ({"prompt": "x", "steps": 1000}, "steps must be at most 300"),
         ({"prompt": "x", "scheduler": "linear"}, "unknown scheduler 'linear'"),
         ({"prompt": "x", "batch_size": 100, "n_iter": 100}, "batch_size × n_iter must be between 1 and 64"),
         ({"prompt": "<lora:nothing:1>"}, "names no LoRA file here"),
@@ -187,12 +188,19 @@ def test_img2img_and_inpainting_equal_the_library(server):
 def test_api_auth_and_body_limit(ckpt):
     """--api-auth: a wrong or missing password is a 401 and the right one is served; a body over the limit is a 413
     before it is read."""
-    with serving(create_app(load_model(ckpt), api_auth="me:secret", max_body=2000)) as base:
+    with serving(create_app(load_model(ckpt), api_auth="me:secret", limits=ServerLimits(max_body=2000))) as base:
         assert call(base, "/sdapi/v1/samplers")[0] == 401
         assert call(base, "/sdapi/v1/samplers", auth="me:wrong")[0] == 401
         assert call(base, "/sdapi/v1/samplers", auth="me:secret")[0] == 200
         status, answer = call(base, "/sdapi/v1/txt2img", {"prompt": "x" * 5000}, auth="me:secret")
         assert status == 413 and "over 2000 bytes" in answer["detail"]
+        chunks = [b'{"prompt": "' + b"x" * 1000, b"x" * 1000, b"x" * 1000 + b'"}', b""]  # no Content-Length
+        body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
+        with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as client:
+            client.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                           b"Authorization: Basic bWU6c2VjcmV0\r\nContent-Type: application/json\r\n\r\n" + body)  # fmt: skip
+            answer = client.makefile("rb").read()
+        assert answer.startswith(b"HTTP/1.1 413") and b"over 2000 bytes" in answer
         assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1}, auth="me:secret")[0] == 200
 
 
@@ -202,14 +210,14 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
     base, model = server
     answer = {}
     job = threading.Thread(target=lambda: answer.update(
-        zip(("status", "body"), call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 400, "seed": 1, "n_iter": 2}))
+        zip(("status", "body"), call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 300, "seed": 1, "n_iter": 2}))
     ))  # fmt: skip
     job.start()
     deadline = time.monotonic() + 60
     while (progress := call(base, "/sdapi/v1/progress")[1])["state"]["sampling_step"] < 2:
         assert time.monotonic() < deadline and job.is_alive(), "the job made no progress"
         time.sleep(0.05)
-    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 400  # per job, as the web UI
+    assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 300  # per job, as the web UI
     assert (progress["state"]["job_count"], progress["state"]["job_no"]) == (2, 0)
     assert decode(progress["current_image"]).size == (model.cfg.default_size, model.cfg.default_size)
     assert call(base, "/sdapi/v1/interrupt", {}) == (200, {})
@@ -241,7 +249,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_image_and_a_full_queue
         a, b = (np.asarray(decode(x["images"][0]), dtype=int) for x in (answer, again))
         assert np.abs(a - b).max() <= 1, seed
 
-    with serving(create_app(load_model(ckpt), max_queue=1)) as small:
+    with serving(create_app(load_model(ckpt), limits=ServerLimits(max_queue=1))) as small:
         job = threading.Thread(target=call, args=(small, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 300, "seed": 1}))
         job.start()
         deadline = time.monotonic() + 60
@@ -253,3 +261,129 @@ def test_concurrent_clients_are_batched_and_each_gets_its_image_and_a_full_queue
         call(small, "/sdapi/v1/interrupt", {})
         job.join(timeout=60)
         assert call(small, "/sdapi/v1/txt2img", {"prompt": "y", "steps": 1, "seed": 2})[0] == 200
+
+
+def bomb_png(width: int, height: int) -> str:
+    """A 1x1 PNG whose header claims width x height: decoding it would allocate that much."""
+    import struct
+    import zlib
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return base64.b64encode(bytes(data)).decode()
+
+
+def test_init_images_are_checked_before_they_are_decoded(server):
+    """A decompression bomb is refused from its header; URLs are not fetched."""
+    base, _ = server
+    common = {"prompt": "x", "steps": 1, "width": 32, "height": 32}
+    status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": [bomb_png(5000, 5000)]})
+    assert status == 422 and "the image is 5000x5000, over the limit of 16777216 pixels" in answer["detail"]
+    status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["http://127.0.0.1:1/x.png"]})
+    assert status == 422 and "URLs are not fetched" in answer["detail"]
+    assert call(base, "/sdapi/v1/txt2img", common)[0] == 200
+
+
+def test_page_schema_and_cors(server, ckpt):
+    """The web page and its files are served from the package (and nothing beside them); the OpenAPI schema is at
+    /docs; CORS headers only for the origins named."""
+    base, _ = server
+    with urllib.request.urlopen(base + "/") as response:
+        assert response.status == 200 and b'<script src="/web/app.js">' in response.read()
+    with urllib.request.urlopen(base + "/web/app.js") as response:
+        assert b"/sdapi/v1/" in response.read()
+    for path in ("/web/../server.py", "/web/%2e%2e/server.py"):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(base + path)
+        assert e.value.code == 404
+    with urllib.request.urlopen(base + "/docs") as response:
+        assert response.status == 200
+    with urllib.request.urlopen(base + "/openapi.json") as response:
+        assert "/sdapi/v1/txt2img" in json.loads(response.read())["paths"]
+
+    def preflight(url: str) -> str | None:
+        request = urllib.request.Request(url + "/sdapi/v1/txt2img", method="OPTIONS", headers={
+            "Origin": "http://127.0.0.1:9999", "Access-Control-Request-Method": "POST"})  # fmt: skip
+        try:
+            with urllib.request.urlopen(request) as response:
+                return response.headers.get("access-control-allow-origin")
+        except urllib.error.HTTPError as e:
+            return e.headers.get("access-control-allow-origin")
+
+    assert preflight(base) is None
+    with serving(create_app(load_model(ckpt), cors_allow_origins=["http://127.0.0.1:9999"])) as allowed:
+        assert preflight(allowed) == "http://127.0.0.1:9999"
+
+
+def test_models_dir_switching(tmp_path, tiny_models):
+    """The checkpoints of --models-dir are listed; POST options switches the loaded one (after the jobs before it);
+    override_settings switches for one request; an unknown name is a 404 and the model stays."""
+    (tmp_path / "sub").mkdir()
+    save_model(tiny_models["sd1"], tmp_path / "tiny.safetensors")
+    save_model(tiny_models["sd2"], tmp_path / "sub" / "other.safetensors")
+    loads = []
+
+    def load(path):
+        loads.append(path.name)
+        return load_model(path)
+
+    body = {"prompt": "a cat", "seed": 3, "steps": 2, "width": 32, "height": 32}
+    with serving(create_app(load(tmp_path / "tiny.safetensors"), load=load, models_dir=tmp_path)) as base:
+        models = call(base, "/sdapi/v1/sd-models")[1]
+        assert [m["model_name"] for m in models] == ["tiny", "sub/other"]
+        assert models[0]["title"].startswith("tiny.safetensors [") and models[1]["title"] == "sub/other.safetensors"
+        first = call(base, "/sdapi/v1/txt2img", body)[1]
+
+        assert call(base, "/sdapi/v1/options", {"sd_model_checkpoint": "sub/other"}) == (200, {"ignored": []})
+        assert call(base, "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("sub/other.safetensors [")
+        other = call(base, "/sdapi/v1/txt2img", body)[1]
+        assert json.loads(other["info"])["sd_model_name"] == "other" and other["images"] != first["images"]
+
+        status, again = call(base, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_model_checkpoint": "tiny"}})
+        assert status == 200 and again["images"] == first["images"]
+        assert json.loads(call(base, "/sdapi/v1/txt2img", body)[1]["info"])["sd_model_name"] == "other"  # restored
+
+        status, answer = call(base, "/sdapi/v1/options", {"sd_model_checkpoint": "../tiny.safetensors"})
+        assert status == 404 and "no checkpoint named '../tiny.safetensors'" in answer["detail"]
+        status, answer = call(base, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_model_checkpoint": "nope"}})
+        assert status == 404
+    assert loads == ["tiny.safetensors", "other.safetensors", "tiny.safetensors", "other.safetensors"]
+
+
+def wait_for_step(base: str, step: int = 1) -> None:
+    deadline = time.monotonic() + 60
+    while call(base, "/sdapi/v1/progress")[1]["state"]["sampling_step"] < step:
+        assert time.monotonic() < deadline, "the job made no progress"
+        time.sleep(0.05)
+
+
+def wait_until_idle(base: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] != 0:
+        assert time.monotonic() < deadline, "the job goes on"
+        time.sleep(0.05)
+
+
+def test_a_client_that_leaves_or_times_out_does_not_leave_its_job_running(ckpt):
+    """A job whose client disconnects stops within a second; one over the request time is answered 503 and
+    stopped; the server then serves the next request."""
+    long = {"prompt": "x", "steps": 100000, "seed": 1, "width": 32, "height": 32}
+    with serving(create_app(load_model(ckpt), limits=ServerLimits(max_steps=100000, request_timeout=3))) as base:
+        port = int(base.rsplit(":", 1)[1])
+        payload = json.dumps(long).encode()
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+            wait_for_step(base)
+        wait_until_idle(base, seconds=2)
+
+        started = time.monotonic()
+        status, answer = call(base, "/sdapi/v1/txt2img", long)
+        assert status == 503 and "took over 3 s and was cancelled" in answer["detail"]
+        assert time.monotonic() - started < 6
+        wait_until_idle(base, seconds=2)
+        assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1})[0] == 200

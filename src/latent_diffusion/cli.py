@@ -352,25 +352,41 @@ def cmd_serve(args) -> None:
     """Load once, then serve until interrupted."""
     import uvicorn
 
-    from .server import create_app
+    from .server import CHECKPOINT_SUFFIXES, ServerLimits, create_app
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, not {args.port}")
-    if args.max_batch < 1 or args.max_queue < 1:
-        raise UsageError("--max-batch and --max-queue must be at least 1")
+    limits = ServerLimits(
+        max_body=args.max_body_mb * 2**20, max_side=args.max_size, max_steps=args.max_steps,
+        max_images=args.max_images, max_pixels=args.max_init_pixels, max_queue=args.max_queue,
+        max_batch=args.max_batch, request_timeout=args.request_timeout,
+    )  # fmt: skip
+    if bad := [f.name for f in dataclasses.fields(limits) if not getattr(limits, f.name) > 0]:
+        raise UsageError(f"--{bad[0].replace('_', '-')} must be positive")
     if args.api_auth is not None and ":" not in args.api_auth:
         raise UsageError("--api-auth must be USER:PASSWORD")
+    models_dir = Path(args.models_dir) if args.models_dir else None
+    if models_dir is not None and not models_dir.is_dir():
+        raise UsageError(f"--models-dir {models_dir}: not a folder")
     loras = find_loras(folder) if (folder := folder_arg(args.lora_dir, "--lora-dir", "models/Lora")) else {}
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    model = load_model(args.ckpt or BUILTIN_MODEL, device=device, dtype=dtype)
-    model.embeddings, notices = load_embeddings(embeddings, model.cfg.text.width) if embeddings else ({}, [])
-    model.loras = loras
-    for notice in notices:
-        print(f"ldm: warning: {notice}", file=sys.stderr)
-    print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/sdapi/v1/", file=sys.stderr)
-    app = create_app(model, args.outdir, api_auth=args.api_auth, max_batch=args.max_batch, max_queue=args.max_queue)
+
+    def load(path) -> LatentDiffusion:
+        model = load_model(path, device=device, dtype=dtype)
+        model.embeddings, notices = load_embeddings(embeddings, model.cfg.text.width) if embeddings else ({}, [])
+        model.loras = loras
+        for notice in notices:
+            print(f"ldm: warning: {notice}", file=sys.stderr)
+        return model
+
+    found = sorted(p for p in models_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES) if models_dir else []
+    model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
+    print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
+          file=sys.stderr)  # fmt: skip
+    app = create_app(model, args.outdir, load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits,
+                     cors_allow_origins=args.cors_allow_origins)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -549,20 +565,32 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     )  # fmt: skip
     serve = command(sub, "serve", cmd_serve, "serve the web UI's HTTP API (/sdapi/v1/...)",
                     "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
-                    "work unchanged: txt2img, samplers, schedulers, sd-models, options, progress, interrupt, "
-                    "png-info.")  # fmt: skip
-    serve.add_argument("--ckpt", help="checkpoint file (default: the built-in model)")
+                    "work unchanged (txt2img, img2img, samplers, schedulers, sd-models, options, progress, interrupt, "
+                    "png-info), and a web page at /.")  # fmt: skip
+    serve.add_argument("--ckpt", help="checkpoint file (default: the first of --models-dir, or the built-in model)")
+    serve.add_argument("--models-dir", help="checkpoints that clients may switch to (sd_model_checkpoint)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
     serve.add_argument("--outdir", default="outputs", help="where save_images writes")
     serve.add_argument("--api-auth", metavar="USER:PASSWORD", help="require HTTP basic auth with these credentials")
-    serve.add_argument("--max-batch", type=int, default=8,
-                       help="images of queued requests with the same settings run as one U-Net batch (1: never)")  # fmt: skip
-    serve.add_argument("--max-queue", type=int, default=32, help="jobs running or waiting; more are answered 503")
+    serve.add_argument("--cors-allow-origins", nargs="+", metavar="ORIGIN",
+                       help="origins whose pages may call the API (none by default)")  # fmt: skip
     serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
     serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
+    limits = serve.add_argument_group("limits")
+    limits.add_argument("--max-batch", type=int, default=8,
+                        help="images of queued requests with the same settings run as one U-Net batch (1: never)")  # fmt: skip
+    limits.add_argument("--max-queue", type=int, default=32, help="jobs running or waiting; more are answered 503")
+    limits.add_argument("--max-size", type=int, default=2048, help="largest width and height")
+    limits.add_argument("--max-steps", type=int, default=300)
+    limits.add_argument("--max-images", type=int, default=64, help="largest batch_size x n_iter")
+    limits.add_argument("--max-init-pixels", type=int, default=4096 * 4096,
+                        help="largest init image or mask, in pixels (read from its header before decoding)")  # fmt: skip
+    limits.add_argument("--max-body-mb", type=int, default=64, help="largest request body, in MiB")
+    limits.add_argument("--request-timeout", type=float, default=600,
+                        help="seconds a request may wait and run; then it is cancelled and answered 503")  # fmt: skip
     demo = command(sub, "demo", cmd_demo, "a grid of images from the built-in model",
                    "The built-in model (trained by this project on the shapes data) draws a 64x64 image per prompt "
                    "and seed for a handful of prompts, with the default sampler and settings, into one grid.")  # fmt: skip

@@ -26,18 +26,22 @@ MAX_PIXELS = 8192 * 8192  # an image's pixel count, read from its header before 
 
 
 def load_image(
-    path: str | os.PathLike | BinaryIO, mode: str = "RGB", size: tuple[int, int] | None = None, name: str | None = None
+    path: str | os.PathLike | BinaryIO,
+    mode: str = "RGB",
+    size: tuple[int, int] | None = None,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
 ) -> torch.Tensor:
     """A file (or file object) -> (1, C, H, W) in [0, 1]; resized to size = (width, height) when given. ValueError,
-    naming the file (or `name`), if unreadable or too big.
+    naming the file (or `name`), if unreadable or over `max_pixels` (read from its header, before decoding).
 
     Any mode loads as it looks: 16- and 32-bit greyscale scaled from their full range, transparency composited on
     white (as image editors show it), palettes and CMYK converted, the EXIF orientation (phone photos) applied."""
     name = name or str(path)
     try:
         with Image.open(path) as im:
-            if im.width * im.height > MAX_PIXELS:
-                raise ValueError(f"{name}: the image is {im.width}x{im.height}, over the limit of {MAX_PIXELS} pixels")
+            if im.width * im.height > max_pixels:
+                raise ValueError(f"{name}: the image is {im.width}x{im.height}, over the limit of {max_pixels} pixels")
             im = _eight_bit(ImageOps.exif_transpose(im)).convert(mode)
             if size is not None and im.size != size:
                 im = im.resize(size, Image.Resampling.LANCZOS)

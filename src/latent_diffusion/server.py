@@ -1,14 +1,16 @@
-"""`ldm serve`: the AUTOMATIC1111 web UI's HTTP API over one loaded model, so that its clients work unchanged.
+"""`ldm serve`: the AUTOMATIC1111 web UI's HTTP API over a loaded model, so that its clients work unchanged, and a
+web page at `/` that uses it.
 
-It answers txt2img, img2img (and inpainting), the sampler/schedule/model lists, options (read), png-info,
-progress (with a preview) and interrupt, with the web UI's paths, field names, defaults and response shapes (its
-`modules/api/models.py`). Requests build a `GenerationRequest`, are validated before they queue, and run one at a
-time in arrival order; a full queue is a 503, bad input a 422 naming the problem, and the server goes on serving.
-Optional HTTP basic auth; bodies over a limit are refused before they are read.
+It answers txt2img, img2img (and inpainting), the sampler/schedule/model lists, options (the checkpoint among the
+files of `--models-dir`), png-info, progress (with a preview) and interrupt, with the web UI's paths, field names,
+defaults and response shapes (its `modules/api/models.py` and `modules/processing.py`). Requests are validated
+before they queue (`job_queue.py` runs them, merging those that can share a U-Net batch). Bad input is a 4xx naming
+the problem and the server goes on serving; every size a request can ask for has a limit (`ServerLimits`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -16,36 +18,73 @@ import dataclasses
 import hmac
 import io
 import json
-import queue
 import random
-import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from .files import claim_numbered
-from .generate import NonFiniteError, Progress, generate
-from .images import load_image, model_hash, parse_parameters, save_png, sha256_of, to_pil
+from .images import load_image, model_hash, parse_parameters, save_png, to_pil
+from .job_queue import Job, Load, QueueFull, Task, Worker
 from .latent_diffusion import LatentDiffusion
-from .request import GenerationRequest, RequestError, lora_weights, validate
+from .request import GenerationRequest, RequestError, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedulers import SCHEDULERS
 
 WEB_UI_CFG_SCALE = 7.0  # the web UI's default guidance; a model's own (the built-in model's) wins
-MAX_IMAGES = 64  # batch_size × n_iter per request
-MAX_QUEUE = 32  # generation jobs running or waiting; more are answered 503
-MAX_BATCH = 8  # images of queued requests merged into one U-Net batch
-MAX_BODY = 64 * 2**20  # bytes of a request body: an init image and a mask of 4096² as base64 PNGs fit
+WEB_PAGE = resources.files("latent_diffusion") / "web"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one request may ask for, and how much the server takes on; each a flag of `ldm serve`."""
+
+    max_body: int = 64 * 2**20  # bytes of a request body: an init image and a mask of 4096² as base64 PNGs fit
+    max_side: int = 2048  # width and height
+    max_steps: int = 300
+    max_images: int = 64  # batch_size × n_iter
+    max_pixels: int = 4096 * 4096  # of an init image or mask, read from its header before it is decoded
+    max_queue: int = 32  # jobs running or waiting; more are answered 503
+    max_batch: int = 8  # images of queued requests merged into one U-Net batch (1: never merged)
+    request_timeout: float = 600.0  # seconds from arrival to answer; then the job is cancelled and answered 503
+    batch_window: float = 0.05  # seconds a job that can be merged waits for others
+
+
+# The web UI's request fields (`StableDiffusionProcessingTxt2Img`/`Img2Img` and its API model) that this server does
+# not implement, with their defaults: a request that sets one to something else is served, and the field is named
+# in info["ignored"]. Fields missing here are ignored when empty (None, "", 0, False, -1, [], {}).
+IGNORED_DEFAULTS = {
+    "enable_hr": False, "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0,
+    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
+    "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0, "styles": [], "subseed": -1,
+    "subseed_strength": 0.0, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "restore_faces": None,
+    "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False, "s_min_uncond": None, "s_churn": None,
+    "s_tmax": None, "s_tmin": None, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
+    "refiner_switch_at": None, "disable_extra_networks": False, "comments": None, "script_name": None,
+    "script_args": [], "alwayson_scripts": {}, "infotext": None, "force_task_id": None, "firstpass_image": None,
+    "resize_mode": 0, "image_cfg_scale": None, "mask_blur_x": 4, "mask_blur_y": 4, "mask_blur": None,
+    "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "initial_noise_multiplier": None,
+    "latent_mask": None, "include_init_images": False, "denoising_strength": 0.75,
+}  # fmt: skip
+SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}  # the options (and override_settings) honoured
 
 
 class Txt2ImgRequest(BaseModel):
-    """The web UI's txt2img request: the fields used here; every other field of its model is accepted too, and
-    reported in `info["ignored"]` where it holds something other than its default."""
+    """The web UI's txt2img request: the fields used here; every other field of its model is accepted too."""
 
     model_config = ConfigDict(extra="allow")
     prompt: str = ""
@@ -64,7 +103,7 @@ class Txt2ImgRequest(BaseModel):
     s_noise: float | None = None
     send_images: bool = True
     save_images: bool = False
-    override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings: dict[str, Any] | None = None
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -78,49 +117,85 @@ class PngInfoRequest(BaseModel):
     image: str
 
 
-class ServerState:
-    """The loaded model and the progress of the job running now."""
+class Checkpoints:
+    """The checkpoints the server can load: the files of `--models-dir` (and its subfolders) and the one it started
+    with. Requests name one by its title ("sub/name.safetensors [hash]"), file name, or name without suffix;
+    nothing a request sends reaches the file system except as a key of this table."""
 
-    def __init__(self, model: LatentDiffusion, outdir: Path | None):
-        self.model, self.outdir = model, outdir
-        self.counter = threading.Lock()  # guards `queued`
-        self.queued = 0  # jobs running or waiting
-        self.running = False  # a job is running now
-        self.step, self.steps, self.job_no, self.job_count = 0, 0, 0, 0
-        self.interrupted = False
-        self.latent = None  # the x0 estimate of the step just done, first image of the batch: (1, 4, h, w)
-        self.started = 0.0
+    def __init__(self, models_dir: Path | None, first: Path):
+        self.models_dir, self.first = models_dir, first
+        self.hashes: dict[Path, str] = {}  # files hashed once loaded (hashing a 2 GB file takes seconds)
+
+    def files(self) -> dict[str, Path]:
+        """Name (relative to the folder) -> path."""
+        found = {self.first.name: self.first}
+        if self.models_dir is not None:
+            for path in sorted(self.models_dir.rglob("*")):
+                if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file():
+                    found[path.relative_to(self.models_dir).as_posix()] = path
+        return found
+
+    def title(self, name: str, path: Path) -> str:
+        return f"{name} [{self.hashes[path]}]" if path in self.hashes else name
+
+    def find(self, wanted: str) -> Path:
+        for name, path in self.files().items():
+            if wanted in (name, self.title(name, path), Path(name).stem, Path(name).with_suffix("").as_posix()):
+                return path
+        raise LookupError(f"no checkpoint named {wanted!r}; GET /sdapi/v1/sd-models lists them")
+
+    def name_of(self, path: Path) -> str:
+        return next((n for n, p in self.files().items() if p == path), path.name)
 
 
-class Interrupted(Exception):
-    pass
+class LimitsMiddleware:
+    """Auth first (HTTP basic, compared in constant time), then the body size: a declared Content-Length over the
+    limit is refused before anything is read, and a body sent in chunks is counted as it arrives."""
+
+    def __init__(self, app, api_auth: str | None, max_body: int):
+        self.app, self.api_auth, self.max_body = app, api_auth, max_body
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if self.api_auth is not None and not authorized(headers.get(b"authorization"), self.api_auth):
+            answer = JSONResponse(status_code=401, content={"error": "Unauthorized", "detail": "Incorrect username or "
+                                  "password"}, headers={"WWW-Authenticate": "Basic"})  # fmt: skip
+            return await answer(scope, receive, send)
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body:
+            answer = JSONResponse(status_code=413, content={"error": "PayloadTooLarge", "detail": f"request body "
+                                  f"over {self.max_body} bytes"})  # fmt: skip
+            return await answer(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:  # raised inside the body read: FastAPI answers it as raised
+                raise HTTPException(status_code=413, detail=f"request body over {self.max_body} bytes")
+            return message
+
+        await self.app(scope, counted, send)
 
 
-@dataclass
-class Job:
-    """One API request waiting for (or run by) the worker."""
-
-    body: Txt2ImgRequest
-    request: GenerationRequest  # validated, the model's defaults filled in
-    sampler_name: str
-    scheduler: str
-    done: threading.Event = field(default_factory=threading.Event)
-    answer: dict | None = None
-    error: Exception | None = None
-
-    @property
-    def key(self) -> tuple | None:
-        """Requests of equal keys can share U-Net batches (image i of a request stays the image its seed gives, by
-        per-image generators); None: runs alone (init images, several iterations)."""
-        r = self.request
-        if r.init_image is not None or self.body.n_iter != 1:
-            return None
-        return (r.width, r.height, r.steps, r.sampler, r.scheduler, r.spacing, r.eta, r.s_noise, r.cfg_scale,
-                r.clip_skip, r.prompt_syntax)  # fmt: skip
+def authorized(header: bytes | None, credentials: str) -> bool:
+    """HTTP basic auth against "user:password", compared in constant time (no early exit on the first mismatch)."""
+    scheme, _, value = (header or b"").decode("latin-1").partition(" ")
+    try:
+        given = base64.b64decode(value, validate=True) if scheme.lower() == "basic" else b""
+    except binascii.Error:
+        given = b""
+    return hmac.compare_digest(given, credentials.encode())
 
 
 def image_bytes(data: str, field: str) -> bytes:
-    """A request's base64 image, with or without a `data:image/...;base64,` prefix -> its bytes (RequestError)."""
+    """A request's base64 image, with or without a `data:image/...;base64,` prefix -> its bytes (RequestError).
+    URLs are refused: the server fetches nothing a request points at."""
+    if data.startswith(("http://", "https://", "file:", "ftp://")):
+        raise RequestError(f"{field}: URLs are not fetched; send the image itself, base64-encoded")
     try:
         return base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=True)
     except binascii.Error:
@@ -135,15 +210,6 @@ def decode_image(data: str) -> Image.Image:
         raise RequestError("image: not a base64-encoded image") from None
 
 
-def read_image(data: str, field: str, mode: str, size: tuple[int, int]):
-    """A base64 image of a request -> (1, C, H, W) in [0, 1] at `size`; its pixel count is checked from the header
-    before anything is decoded (`images.load_image`). RequestError naming the field otherwise."""
-    try:
-        return load_image(io.BytesIO(image_bytes(data, field)), mode, size, name=field)
-    except ValueError as e:
-        raise RequestError(str(e)) from None
-
-
 def png_base64(image: Image.Image, parameters: str) -> str:
     """A PNG with the `parameters` text chunk (if any), base64-encoded, as the web UI's API sends images."""
     info = PngImagePlugin.PngInfo()
@@ -155,67 +221,86 @@ def png_base64(image: Image.Image, parameters: str) -> str:
 
 
 def ignored_fields(body: Txt2ImgRequest) -> list[str]:
-    """Fields of the web UI's model that this server does not implement and that hold a value other than an empty
-    one (its defaults are empty, zero, false or -1, except those named here)."""
-    defaults = {"denoising_strength": 0.75, "s_churn": 0.0, "s_tmax": None, "s_tmin": 0.0, "hr_scale": 2.0,
-                "hr_second_pass_steps": 0, "hr_upscaler": None, "do_not_save_samples": False,
-                "do_not_save_grid": False, "sampler_index": "Euler", "subseed": -1, "subseed_strength": 0,
-                "seed_resize_from_h": -1, "seed_resize_from_w": -1, "mask_blur": 4, "inpaint_full_res": True,
-                "inpaint_full_res_padding": 0, "image_cfg_scale": 1.5, "initial_noise_multiplier": 1.0}  # fmt: skip
-    ignored = []
-    for name, value in (body.model_extra or {}).items():
-        if value != defaults[name] if name in defaults else value not in (None, "", 0, False, -1, [], {}):
-            ignored.append(name)
+    """The fields of the request this server does not implement that hold something other than their default."""
+    empty = (None, "", 0, False, -1, [], {})
+    ignored = [name for name, value in (body.model_extra or {}).items()
+               if (value != IGNORED_DEFAULTS[name] if name in IGNORED_DEFAULTS else value not in empty)]  # fmt: skip
+    ignored += [f"override_settings.{name}" for name in (body.override_settings or {}) if name not in SETTINGS]
     return sorted(ignored)
 
 
-def authorized(header: str | None, credentials: str) -> bool:
-    """HTTP basic auth against "user:password", compared in constant time (no early exit on the first mismatch)."""
-    scheme, _, value = (header or "").partition(" ")
-    try:
-        given = base64.b64decode(value, validate=True) if scheme.lower() == "basic" else b""
-    except binascii.Error:
-        given = b""
-    return hmac.compare_digest(given, credentials.encode())
-
-
 def create_app(
-    model: LatentDiffusion, outdir: str | Path | None = None, *, api_auth: str | None = None,
-    max_body: int = MAX_BODY, max_queue: int = MAX_QUEUE, max_batch: int = MAX_BATCH, batch_window: float = 0.05,
+    model: LatentDiffusion, outdir: str | Path | None = None, *, load: Callable[[Path], LatentDiffusion] | None = None,
+    models_dir: str | Path | None = None, api_auth: str | None = None, limits: ServerLimits = ServerLimits(),
+    cors_allow_origins: list[str] | None = None,
 ):  # fmt: skip
-    """The FastAPI application serving `model` (with its `loras` and `embeddings` set by the caller). api_auth:
-    "user:password" for HTTP basic auth; max_body: the largest request body in bytes; max_queue: jobs running or
-    waiting at once (more is a 503); max_batch: images per merged U-Net batch (1: no merging); batch_window: seconds
-    a job that can be merged waits for others."""
-    from fastapi import FastAPI, HTTPException
-    from fastapi.responses import JSONResponse
+    """The ASGI application serving `model` (with its `loras` and `embeddings` set by the caller). load: a checkpoint
+    path -> a model set up the same way (for switching among `models_dir`); api_auth: "user:password" for HTTP basic
+    auth; cors_allow_origins: origins whose pages may call the API (none by default)."""
+    first = Path(model.checkpoint) if model.checkpoint else Path("model")
+    checkpoints = Checkpoints(Path(models_dir) if models_dir else None, first)
+    if model.checkpoint:
+        checkpoints.hashes[first] = model_hash(first)
+
+    def load_and_hash(path: Path) -> LatentDiffusion:
+        if load is None:
+            raise RequestError("this server was started without --models-dir: it serves one checkpoint")
+        new = load(path)
+        checkpoints.hashes[path] = model_hash(path)
+        return new
+
+    selected = [
+        Path(model.checkpoint) if model.checkpoint else None
+    ]  # the checkpoint chosen by the options (override_settings choose for one request)
+    worker = Worker(model, load_and_hash, max_queue=limits.max_queue, max_batch=limits.max_batch,
+                    window=limits.batch_window)  # fmt: skip
+    outdir = Path(outdir) if outdir else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        jobs.put(None)  # the worker ends when the server does
+        worker.stop()  # the worker thread ends with the server
 
-    app = FastAPI(title="latent_diffusion", docs_url=None, redoc_url=None, lifespan=lifespan)
-    state = ServerState(model, Path(outdir) if outdir else None)
+    app = FastAPI(title="latent_diffusion", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    if cors_allow_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["*"])  # fmt: skip
 
-    @app.middleware("http")
-    async def limits(request, call_next):
-        """Auth first, then the declared body size (a body sent without a length is read by the handler)."""
-        if api_auth is not None and not authorized(request.headers.get("authorization"), api_auth):
-            return JSONResponse(status_code=401, content={"detail": "Incorrect username or password"},
-                                headers={"WWW-Authenticate": "Basic"})  # fmt: skip
-        length = request.headers.get("content-length", "0")
-        if not length.isdigit() or int(length) > max_body:
-            return JSONResponse(status_code=413, content={"detail": f"request body over {max_body} bytes"})
-        return await call_next(request)
+    def error(status: int, kind: str, detail: str, errors=None, headers=None) -> JSONResponse:
+        """The web UI's error body."""
+        return JSONResponse(status_code=status, headers=headers,
+                            content={"error": kind, "detail": detail, "body": "", "errors": errors or ""})  # fmt: skip
 
     @app.exception_handler(RequestError)
     async def bad_request(request, e: RequestError):
-        return JSONResponse(status_code=422, content={"error": "RequestError", "detail": str(e)})
+        return error(422, "RequestError", str(e))
 
-    def model_title() -> str:
-        name = Path(model.checkpoint).name if model.checkpoint else "model"
-        return f"{name} [{model_hash(model.checkpoint)}]" if model.checkpoint else name
+    @app.exception_handler(LookupError)
+    async def not_found(request, e: LookupError):
+        return error(404, "NotFound", str(e.args[0]))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in x['loc'][1:]) or 'body'}: {x['msg']}" for x in e.errors()]
+        return error(422, "RequestValidationError", "; ".join(problems), errors=str(e.errors()))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, e: HTTPException):
+        return error(e.status_code, type(e).__name__, str(e.detail), headers=e.headers)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request, e: QueueFull):
+        return error(503, "QueueFull", str(e), headers={"Retry-After": "5"})
+
+    def current_title() -> str:
+        path = Path(worker.model.checkpoint) if worker.model.checkpoint else first
+        return checkpoints.title(checkpoints.name_of(path), path)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page():
+        return (WEB_PAGE / "index.html").read_text()
+
+    app.mount("/web", StaticFiles(directory=str(WEB_PAGE)), name="web")
 
     @app.get("/sdapi/v1/samplers")
     def samplers():
@@ -229,34 +314,49 @@ def create_app(
 
     @app.get("/sdapi/v1/sd-models")
     def sd_models():
-        path = model.checkpoint
-        return [{"title": model_title(), "model_name": Path(path).stem if path else "model",
-                 "hash": model_hash(path) if path else None, "sha256": sha256_of(path) if path else None,
-                 "filename": str(path) if path else "", "config": None}]  # fmt: skip
+        return [{"title": checkpoints.title(name, path), "model_name": Path(name).with_suffix("").as_posix(),
+                 "hash": checkpoints.hashes.get(path), "sha256": None, "filename": str(path), "config": None}
+                for name, path in checkpoints.files().items()]  # fmt: skip
 
     @app.get("/sdapi/v1/options")
     def options():
-        return {"sd_model_checkpoint": model_title(), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+        return {"sd_model_checkpoint": current_title(), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+
+    @app.post("/sdapi/v1/options")
+    async def set_options(body: dict[str, Any], http: Request):
+        """sd_model_checkpoint loads that checkpoint (after the jobs already queued); other options are accepted
+        and ignored, as `ignored` in the answer says."""
+        if "sd_model_checkpoint" in body:
+            if not isinstance(body["sd_model_checkpoint"], str):
+                raise RequestError("sd_model_checkpoint: a checkpoint's title or name")
+            path, before = checkpoints.find(body["sd_model_checkpoint"]), selected[0]
+            selected[0] = path  # for the requests from now on, whose jobs queue after this load
+            try:
+                await wait(Load(path), http)
+            except Exception:
+                selected[0] = before
+                raise
+        return {"ignored": sorted(set(body) - {"sd_model_checkpoint"})}
 
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
         """The running job's progress, and (unless skipped) a preview decoded from its current x0 estimate."""
-        fraction = state.step / state.steps if state.steps else 0.0
-        elapsed = time.monotonic() - state.started
+        fraction = (worker.part + worker.step / worker.steps) / worker.parts if worker.steps else 0.0
+        elapsed = time.monotonic() - worker.started
         eta = elapsed / fraction - elapsed if fraction else 0.0
-        latent, preview = state.latent, None
+        latent, preview = worker.latent, None
         if latent is not None and not skip_current_image:
             with torch.no_grad():
-                preview = png_base64(to_pil((model.autoencoder_decode(latent)[0].float() / 2 + 0.5).clamp(0, 1)), "")
+                image = (worker.model.autoencoder_decode(latent)[0].float() / 2 + 0.5).clamp(0, 1)
+            preview = png_base64(to_pil(image), "")
         return {"progress": fraction, "eta_relative": eta, "current_image": preview, "textinfo": None,
-                "state": {"skipped": False, "interrupted": state.interrupted, "job": "", "job_count": state.job_count,
-                          "job_timestamp": "0", "job_no": state.job_no, "sampling_step": state.step,
-                          "sampling_steps": state.steps}}  # fmt: skip
+                "state": {"skipped": False, "interrupted": worker.interrupted, "job": "", "job_count": worker.parts,
+                          "job_timestamp": "0", "job_no": worker.part, "sampling_step": worker.step,
+                          "sampling_steps": worker.steps}}  # fmt: skip
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
-        if state.running:
-            state.interrupted = True
+        worker.interrupt()
         return {}
 
     @app.post("/sdapi/v1/png-info")
@@ -268,183 +368,128 @@ def create_app(
         return {"info": text, "items": {"parameters": text}, "parameters": parse_parameters(text)}
 
     @app.post("/sdapi/v1/txt2img")
-    def txt2img(body: Txt2ImgRequest):
-        return respond(body, *build_request(body))
+    async def txt2img(body: Txt2ImgRequest, http: Request):
+        job = await run_in_threadpool(build_job, body)
+        return await respond(body, job, http)
 
     @app.post("/sdapi/v1/img2img")
-    def img2img(body: Img2ImgRequest):
+    async def img2img(body: Img2ImgRequest, http: Request):
+        job = await run_in_threadpool(build_img2img_job, body)
+        return await respond(body, job, http)
+
+    def build_img2img_job(body: Img2ImgRequest) -> Job:
         """The init image (the first; the web UI's "just resize" to width × height) and the mask (white = repaint,
         inverted with inpainting_mask_invert) go into the request; denoising_strength is its strength."""
         if not body.init_images:
             raise RequestError("init_images: give one image (base64)")
-        request, sampler_name, scheduler = build_request(body)
-        size = (request.width or model.cfg.default_size, request.height or model.cfg.default_size)
+        job = build_job(body)
+        size = (job.request.width or worker.model.cfg.default_size, job.request.height or worker.model.cfg.default_size)
         image = read_image(body.init_images[0], "init_images[0]", "RGB", size)
         mask = read_image(body.mask, "mask", "L", size) if body.mask else None
         if mask is not None and body.inpainting_mask_invert:
             mask = 1 - mask
-        request = dataclasses.replace(request, init_image=image, mask=mask, width=size[0], height=size[1],
-                                      strength=body.denoising_strength)  # fmt: skip
-        return respond(body, request, sampler_name, scheduler)
+        job.request = validate(dataclasses.replace(job.request, init_image=image, mask=mask, width=size[0],
+                                                   height=size[1], strength=body.denoising_strength))  # fmt: skip
+        return job
 
-    def build_request(body: Txt2ImgRequest) -> tuple[GenerationRequest, str, str]:
-        """The web UI's fields as a request (defaults: the web UI's, the model's size and its own guidance)."""
+    def read_image(data: str, field: str, mode: str, size: tuple[int, int]) -> torch.Tensor:
+        """A base64 image of a request -> (1, C, H, W) in [0, 1] at `size`; its pixel count is checked from the
+        header before anything is decoded. RequestError naming the field otherwise."""
+        try:
+            return load_image(io.BytesIO(image_bytes(data, field)), mode, size, name=field,
+                              max_pixels=limits.max_pixels)  # fmt: skip
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+    def build_job(body: Txt2ImgRequest) -> Job:
+        """The web UI's fields as a job (defaults: the web UI's, the model's size and its own guidance); every
+        check that needs no model is done here, before any image is decoded."""
         count = body.batch_size * body.n_iter
-        if body.batch_size < 1 or body.n_iter < 1 or count > MAX_IMAGES:
-            raise RequestError(f"batch_size × n_iter must be between 1 and {MAX_IMAGES}, not {count}")
+        if body.batch_size < 1 or body.n_iter < 1 or count > limits.max_images:
+            raise RequestError(f"batch_size × n_iter must be between 1 and {limits.max_images}, not {count}")
+        if bad := [side for side in (body.width, body.height) if side is not None and side > limits.max_side]:
+            raise RequestError(f"width and height must be at most {limits.max_side} on this server, not {bad[0]}")
+        if body.steps > limits.max_steps:
+            raise RequestError(f"steps must be at most {limits.max_steps} on this server, not {body.steps}")
         try:
             sampler, legacy_schedule = find_sampler(body.sampler_name or body.sampler_index)
         except ValueError as e:
             raise RequestError(f"sampler_name: {e}") from None
-        scheduler = body.scheduler or legacy_schedule or "automatic"
+        overrides = body.override_settings or {}
+        wanted = overrides.get("sd_model_checkpoint")
+        checkpoint = checkpoints.find(str(wanted)) if wanted is not None else selected[0]
+        clip_skip = overrides.get("CLIP_stop_at_last_layers")
+        if clip_skip is not None and not isinstance(clip_skip, int):
+            raise RequestError("override_settings.CLIP_stop_at_last_layers: a whole number of layers")
         seed = random.randrange(2**32) if body.seed == -1 else body.seed
         cfg_scale = body.cfg_scale
         if cfg_scale is None:
-            cfg_scale = model.cfg.cfg_scale if model.cfg.cfg_scale is not None else WEB_UI_CFG_SCALE
+            cfg_scale = worker.model.cfg.cfg_scale if worker.model.cfg.cfg_scale is not None else WEB_UI_CFG_SCALE
         request = GenerationRequest(
             prompts=[body.prompt] * count, negative_prompts=[body.negative_prompt] * count,
             seeds=[seed + i for i in range(count)], width=body.width, height=body.height, steps=body.steps,
-            sampler=sampler.name, scheduler=scheduler, eta=body.eta, s_noise=body.s_noise, cfg_scale=cfg_scale,
-            batch_size=body.batch_size,
+            sampler=sampler.name, scheduler=body.scheduler or legacy_schedule or "automatic", eta=body.eta,
+            s_noise=body.s_noise, cfg_scale=cfg_scale, batch_size=body.batch_size, clip_skip=clip_skip,
         )  # fmt: skip
-        validate(request)  # the checks that need no model, before any image is decoded
-        return request, sampler.display_name, scheduler
+        job = Job(validate(request), checkpoint, batch_size=body.batch_size, sampler_name=sampler.display_name)
+        model = worker.model
+        if checkpoint is None or Path(model.checkpoint or "").resolve() == checkpoint.resolve():
+            validate(request, model)  # the model's checks now: bad input never waits
+        return job
 
-    def respond(body: Txt2ImgRequest, request: GenerationRequest, sampler_name: str, scheduler: str):
-        """Validate, queue, wait for the worker, answer (or raise what the job raised)."""
-        job = Job(body, validate(request, model), sampler_name, scheduler)  # bad input never waits
-        with state.counter:
-            if state.queued >= max_queue:
-                raise HTTPException(status_code=503, detail=f"the queue is full ({max_queue} jobs); try again later")
-            state.queued += 1
-        jobs.put(job)
-        job.done.wait()
+    async def wait(job: Task, http: Request) -> bool:
+        """Queue the job and wait for it; cancel it if the client goes away (False) or its time runs out (503)."""
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+        job.notify = lambda: loop.call_soon_threadsafe(finished.set)
+        worker.submit(job)
+        deadline = time.monotonic() + limits.request_timeout
+        while not job.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), 0.25)
+                break
+            if await http.is_disconnected():
+                job.cancelled = True
+                return False
+            if time.monotonic() > deadline:
+                job.cancelled = True
+                raise HTTPException(503, f"the request took over {limits.request_timeout:g} s and was cancelled")
         if job.error is not None:
-            raise job.error
-        return job.answer
-
-    def worker() -> None:
-        """Takes jobs in arrival order; a job that can share a U-Net batch waits up to `batch_window` seconds for
-        others that can (`Job.key`), up to `max_batch` images, and they run as one request. Ends at a None."""
-        carried = None
-        while (first := carried or jobs.get()) is not None:
-            group = [first]
-            carried, deadline = None, time.monotonic() + batch_window
-            while group[0].key is not None and sum(len(j.request.prompts) for j in group) < max_batch:
-                try:
-                    job = jobs.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    break
-                if job is None:
-                    jobs.put(None)  # stop after this group
-                    break
-                if not mergeable(group, job):
-                    carried = job  # the next group starts with it: the order is kept
-                    break
-                group.append(job)
-            state.running = True
-            try:
-                run_group(group)
-            except Exception as e:  # the job's error goes to its client; the worker goes on
-                for job in group:
-                    job.error = e if isinstance(e, RequestError | HTTPException) else HTTPException(500, str(e))
-            finally:
-                state.running = False
-                with state.counter:
-                    state.queued -= len(group)
-                for job in group:
-                    job.done.set()
-
-    def mergeable(group: list[Job], job: Job) -> bool:
-        if job.key != group[0].key or sum(len(j.request.prompts) for j in group) + len(job.request.prompts) > max_batch:
-            return False
-        try:  # one LoRA weight per name across the merged batch
-            lora_weights([p for j in [*group, job] for p in j.request.prompts], model)
-        except RequestError:
-            return False
+            raise job.error if isinstance(job.error, RequestError | LookupError) else HTTPException(500, str(job.error))
         return True
 
-    def run_group(group: list[Job]) -> None:
-        state.interrupted, state.started = False, time.monotonic()
-        state.job_count = group[0].body.n_iter if len(group) == 1 else 1
-        if len(group) == 1:
-            job = group[0]
-            parts = [job.request.prompts[i : i + job.body.batch_size] for i in range(0, len(job.request.prompts),
-                                                                                        job.body.batch_size)]  # fmt: skip
-            outputs = execute(job.request, [len(p) for p in parts])
-            job.answer = answer(job, *outputs, batched_with=1)
-            return
-        merged = dataclasses.replace(
-            group[0].request, prompts=[p for j in group for p in j.request.prompts],
-            negative_prompts=[p for j in group for p in j.request.negative_prompts],
-            seeds=[s for j in group for s in j.request.seeds], batch_size=max_batch,
-        )  # fmt: skip
-        images, infotexts, warnings = execute(merged, [len(merged.prompts)])
-        start = 0
-        for job in group:
-            n = len(job.request.prompts)
-            job.answer = answer(job, images[start : start + n], infotexts[start : start + n], warnings,
-                                batched_with=len(group))  # fmt: skip
-            start += n
+    async def respond(body: Txt2ImgRequest, job: Job, http: Request):
+        if not await wait(job, http):
+            return Response(status_code=499)  # nobody reads it: the client has gone
+        return await run_in_threadpool(answer, body, job)
 
-    def execute(request: GenerationRequest, batches: list[int]):
-        """Run a resolved request in U-Net batches of these sizes -> (PIL images, infotexts, warnings); stops early
-        on an interrupt."""
-        images, infotexts, warnings, start = [], [], [], 0
-
-        def step_done(p: Progress) -> None:
-            state.step, state.steps = p.step, p.total
-            state.latent = p.sampler_step.denoised[:1].to(model.dtype)
-            if state.interrupted:
-                raise Interrupted
-
-        try:
-            for number, size in enumerate(batches):
-                state.job_no, state.step = number, 0
-                part = slice(start, start + size)
-                batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
-                                            negative_prompts=request.negative_prompts[part])  # fmt: skip
-                result = generate(model, batch, progress=step_done)
-                images += [to_pil(t) for t in result.images]
-                infotexts += result.infotexts
-                warnings += [w for w in result.warnings if w not in warnings]
-                start += size
-        except Interrupted:
-            pass
-        except NonFiniteError as e:
-            raise HTTPException(status_code=500, detail=str(e)) from None
-        finally:
-            state.step, state.steps, state.latent = 0, 0, None
-        return images, infotexts, warnings
-
-    def answer(job: Job, images: list, infotexts: list[str], warnings: list[str], batched_with: int) -> dict:
+    def answer(body: Txt2ImgRequest, job: Job) -> dict:
         """The web UI's response to one job: images, the request with its defaults, and `info`."""
-        body, request = job.body, job.request
-        if state.outdir and body.save_images:
-            state.outdir.mkdir(parents=True, exist_ok=True)
-            for image, text, seed in zip(images, infotexts, request.seeds):
-                save_png(image, claim_numbered(state.outdir, f"{seed}.png"), text)
+        request, images = job.resolved, job.images
+        if outdir and body.save_images:
+            outdir.mkdir(parents=True, exist_ok=True)
+            for image, text, seed in zip(images, job.infotexts, request.seeds):
+                save_png(image, claim_numbered(outdir, f"{seed}.png"), text)
+        checkpoint = Path(job.model_path) if job.model_path else None
         info = {
             "prompt": body.prompt, "all_prompts": request.prompts[: len(images)],
             "negative_prompt": body.negative_prompt, "all_negative_prompts": request.negative_prompts[: len(images)],
             "seed": request.seeds[0], "all_seeds": request.seeds[: len(images)], "subseed": -1, "all_subseeds": [],
             "width": request.width, "height": request.height, "sampler_name": job.sampler_name,
-            "scheduler": job.scheduler, "cfg_scale": request.cfg_scale, "steps": request.steps,
+            "scheduler": request.scheduler, "cfg_scale": request.cfg_scale, "steps": request.steps,
             "batch_size": body.batch_size, "n_iter": body.n_iter,
-            "sd_model_name": Path(model.checkpoint).stem if model.checkpoint else "model",
-            "sd_model_hash": model_hash(model.checkpoint) if model.checkpoint else None,
-            "infotexts": infotexts, "warnings": warnings, "interrupted": state.interrupted,
-            "ignored": ignored_fields(body), "batched_with": batched_with,
+            "sd_model_name": checkpoint.stem if checkpoint else "model",
+            "sd_model_hash": checkpoints.hashes.get(checkpoint), "infotexts": job.infotexts,
+            "warnings": job.warnings, "interrupted": job.interrupted, "ignored": ignored_fields(body),
+            "batched_with": job.batched_with,
         }  # fmt: skip
         parameters = body.model_dump() | {"seed": request.seeds[0], "cfg_scale": request.cfg_scale,
                                           "width": request.width, "height": request.height,
                                           "sampler_name": job.sampler_name}  # fmt: skip
         return {
-            "images": [png_base64(i, t) for i, t in zip(images, infotexts)] if body.send_images else [],
+            "images": [png_base64(i, t) for i, t in zip(images, job.infotexts)] if body.send_images else [],
             "parameters": parameters,
             "info": json.dumps(info),
         }
 
-    jobs: queue.Queue[Job | None] = queue.Queue()  # None: stop
-    threading.Thread(target=worker, daemon=True, name="ldm-serve-worker").start()
-    return app
+    return LimitsMiddleware(app, api_auth, limits.max_body)

@@ -1,0 +1,242 @@
+"""The server's queue: one worker thread per device runs generation jobs in arrival order, and merges jobs that can
+share a U-Net batch (the same model, size, steps, sampler, schedule and guidance) arriving within a short window
+into one batch. Image i of a job stays the image its seed gives alone: every image has its own generator.
+
+A job can be cancelled at any time (its client left, or its time ran out): a waiting job is dropped when its turn
+comes, a running one stops at the next step unless it shares the batch with jobs still wanted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .generate import Progress, generate
+from .images import to_pil
+from .latent_diffusion import LatentDiffusion
+from .request import GenerationRequest, RequestError, lora_weights, validate
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+@dataclass(kw_only=True)
+class Task:
+    """What the worker does for a client: it sets `error` if it failed, then `done`, then calls `notify`."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    notify: Callable[[], None] | None = None  # called from the worker thread when done
+    cancelled: bool = False  # the client no longer wants it
+    error: Exception | None = None
+
+
+@dataclass
+class Job(Task):
+    """One request waiting for (or run by) the worker."""
+
+    request: GenerationRequest  # as the client gave it (validated without a model)
+    checkpoint: Path | None  # the model it runs on (None: whichever is loaded)
+    batch_size: int = 1  # images per U-Net call when run alone
+    merge: bool = True  # may share a U-Net batch with other jobs
+    sampler_name: str = ""  # as the client named it, for its answer
+    # Filled by the worker:
+    resolved: GenerationRequest | None = None  # validated against the model, its defaults filled in
+    model_path: str | None = None  # the checkpoint of the model it ran on
+    images: list = field(default_factory=list)  # PIL images
+    infotexts: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    batched_with: int = 1  # jobs in the U-Net batch it ran in
+    interrupted: bool = False
+
+    def key(self) -> tuple | None:
+        """Jobs of equal keys can share U-Net batches; None: runs alone (init images, one call per batch_size)."""
+        r = self.resolved
+        if not self.merge or r.init_image is not None or self.batch_size != len(r.prompts):
+            return None
+        return (self.checkpoint, r.width, r.height, r.steps, r.sampler, r.scheduler, r.spacing, r.eta, r.s_noise,
+                r.cfg_scale, r.clip_skip, r.prompt_syntax)  # fmt: skip
+
+
+@dataclass
+class Load(Task):
+    """Make a checkpoint the loaded model (the web UI's `sd_model_checkpoint` option)."""
+
+    checkpoint: Path
+
+
+class Worker:
+    """The one thread that runs jobs on the model, and what `/progress` reads of the job running now."""
+
+    def __init__(
+        self, model: LatentDiffusion, load: Callable[[Path], LatentDiffusion], *, max_queue: int, max_batch: int,
+        window: float,
+    ):  # fmt: skip
+        self.model, self.load = model, load
+        self.max_queue, self.max_batch, self.window = max_queue, max_batch, window
+        self.jobs: queue.Queue[Task | None] = queue.Queue()  # None: stop
+        self.lock = threading.Lock()  # guards `waiting`
+        self.waiting = 0  # jobs queued or running
+        # The running job, for /progress:
+        self.running: list[Job] = []
+        self.step = self.steps = self.part = self.parts = 0
+        self.latent = None  # the x0 estimate of the step just done, first image of the batch: (1, 4, h, w)
+        self.started = 0.0
+        self.interrupted = False
+        self.thread = threading.Thread(target=self.run, daemon=True, name="ldm-serve-worker")
+        self.thread.start()
+
+    def submit(self, job: Task) -> None:
+        with self.lock:
+            if self.waiting >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs); try again later")
+            self.waiting += 1
+        self.jobs.put(job)
+
+    def interrupt(self) -> None:
+        """Stop the running job (not the waiting ones) at its next step; it answers with what it has."""
+        if self.running:
+            self.interrupted = True
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+
+    def run(self) -> None:
+        """Takes jobs in arrival order. A job that can share a U-Net batch waits up to `window` seconds for others
+        that can (equal `Job.key`), up to `max_batch` images, and they run as one request. Ends at a None."""
+        carried = None
+        while (first := carried or self.jobs.get()) is not None:
+            carried = None
+            if isinstance(first, Load):
+                self.finish([first], self.switch, first)
+                continue
+            group = [first]
+            if self.prepare(first) and first.key() is not None:
+                deadline = time.monotonic() + self.window
+                while sum(len(j.request.prompts) for j in group) < self.max_batch:
+                    try:
+                        job = self.jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                    except queue.Empty:
+                        break
+                    if job is None:
+                        self.jobs.put(None)  # stop after this group
+                        break
+                    if not self.mergeable(group, job):
+                        carried = job  # the next group starts with it: the order is kept
+                        break
+                    group.append(job)
+            self.finish(group, self.run_group, [j for j in group if j.error is None and not j.cancelled])
+
+    def finish(self, group: list, work: Callable, argument: Any) -> None:
+        """Run `work(argument)`; its error goes to each client of the group; then release them."""
+        try:
+            work(argument)
+        except Exception as e:  # the worker goes on
+            for job in group:
+                job.error = job.error or e
+        finally:
+            with self.lock:
+                self.waiting -= len(group)
+            for job in group:
+                job.done.set()
+                if job.notify is not None:
+                    job.notify()
+
+    def switch(self, load: Load) -> None:
+        """Load another checkpoint; the old model serves on if it cannot be loaded."""
+        if self.model.checkpoint is None or Path(self.model.checkpoint).resolve() != load.checkpoint.resolve():
+            self.model = self.load(load.checkpoint)
+
+    def prepare(self, job: Job) -> bool:
+        """Load the job's model if another is loaded, and validate the job against it (its error goes to it)."""
+        if job.cancelled:
+            return False
+        try:
+            if job.checkpoint is not None:
+                self.switch(Load(job.checkpoint))
+            job.resolved, job.model_path = validate(job.request, self.model), self.model.checkpoint
+        except Exception as e:
+            job.error = e
+            return False
+        return True
+
+    def mergeable(self, group: list[Job], job: Task) -> bool:
+        if isinstance(job, Load) or job.checkpoint != group[0].checkpoint:
+            return False
+        if job.cancelled or not self.prepare(job):
+            return True  # it rides along and is answered with its error, or dropped
+        images = sum(len(j.request.prompts) for j in group) + len(job.request.prompts)
+        if job.key() != group[0].key() or images > self.max_batch:
+            return False
+        try:  # one LoRA weight per name across the merged batch
+            lora_weights([p for j in [*group, job] for p in j.request.prompts], self.model)
+        except RequestError:
+            return False
+        return True
+
+    def run_group(self, group: list[Job]) -> None:
+        if not group:
+            return
+        self.interrupted, self.started, self.running = False, time.monotonic(), group
+        try:
+            if len(group) == 1:
+                job = group[0]
+                sizes = [job.batch_size] * (len(job.request.prompts) // job.batch_size)
+                job.images, job.infotexts, job.warnings = self.execute(job.resolved, sizes)
+            else:
+                merged = dataclasses.replace(
+                    group[0].resolved, prompts=[p for j in group for p in j.resolved.prompts],
+                    negative_prompts=[p for j in group for p in j.resolved.negative_prompts],
+                    seeds=[s for j in group for s in j.resolved.seeds],
+                )  # fmt: skip
+                images, infotexts, warnings = self.execute(merged, [len(merged.prompts)])
+                start = 0
+                for job in group:
+                    n = len(job.request.prompts)
+                    job.images, job.infotexts = images[start : start + n], infotexts[start : start + n]
+                    job.warnings, job.batched_with = warnings, len(group)
+                    start += n
+            for job in group:
+                job.interrupted = self.interrupted
+        finally:
+            self.running = []
+
+    def execute(self, request: GenerationRequest, sizes: list[int]) -> tuple[list, list[str], list[str]]:
+        """Run a resolved request in U-Net batches of these sizes -> (PIL images, infotexts, warnings); stops early
+        on an interrupt, or when every job of the batch is cancelled."""
+        images, infotexts, warnings, start = [], [], [], 0
+        self.parts = len(sizes)
+
+        def step_done(p: Progress) -> None:
+            self.step, self.steps = p.step, p.total
+            self.latent = p.sampler_step.denoised[:1].to(self.model.dtype)
+            if self.interrupted or all(j.cancelled for j in self.running):
+                raise Interrupted
+
+        try:
+            for self.part, size in enumerate(sizes):
+                self.step = 0
+                part = slice(start, start + size)
+                batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
+                                            negative_prompts=request.negative_prompts[part], batch_size=size)  # fmt: skip
+                result = generate(self.model, batch, progress=step_done)
+                images += [to_pil(t) for t in result.images]
+                infotexts += result.infotexts
+                warnings += [w for w in result.warnings if w not in warnings]
+                start += size
+        except Interrupted:
+            pass
+        finally:
+            self.step = self.steps = self.part = self.parts = 0
+            self.latent = None
+        return images, infotexts, warnings

@@ -1,0 +1,166 @@
+// The page's logic: fill the lists from the API, send txt2img / img2img requests, poll /progress for the bar and
+// the live preview, show the results with their infotext, reuse a result's settings, and paint inpainting masks.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const api = async (path, body) => {
+  const response = await fetch("/sdapi/v1/" + path, body === undefined ? {} : {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  const answer = await response.json();
+  if (!response.ok) throw new Error(answer.detail || response.statusText);
+  return answer;
+};
+let mode = "txt2img";
+
+async function fillLists() {
+  const [samplers, schedulers, models, options] = await Promise.all(
+    ["samplers", "schedulers", "sd-models", "options"].map((path) => api(path)));
+  for (const s of samplers) $("sampler_name").add(new Option(s.name, s.name, false, s.name === "DPM++ 2M"));
+  for (const s of schedulers) $("scheduler").add(new Option(s.label, s.name));
+  for (const m of models) {
+    $("checkpoint").add(new Option(m.title, m.title, false, m.title === options.sd_model_checkpoint));
+  }
+}
+
+$("checkpoint").addEventListener("change", async (event) => {
+  showError("");
+  try { await api("options", { sd_model_checkpoint: event.target.value }); } catch (e) { showError(e.message); }
+});
+
+for (const tab of document.querySelectorAll(".tab")) {
+  tab.addEventListener("click", () => {
+    mode = tab.dataset.mode;
+    document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
+    $("image-fields").hidden = mode !== "img2img";
+  });
+}
+
+function showError(message) {
+  $("error").textContent = message;
+  $("error").hidden = !message;
+}
+
+// The request: empty number fields are left out, so the server's (the model's) defaults apply.
+function request() {
+  const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
+                 sampler_name: $("sampler_name").value, scheduler: $("scheduler").value };
+  for (const name of ["width", "height", "steps", "cfg_scale", "seed", "batch_size"]) {
+    if ($(name).value !== "") body[name] = Number($(name).value);
+  }
+  if (mode === "img2img") {
+    if (!$("init-canvas").width) throw new Error("choose an init image");
+    body.init_images = [$("init-canvas").toDataURL("image/png")];
+    body.denoising_strength = Number($("denoising_strength").value);
+    if (maskPainted) body.mask = maskImage();
+  }
+  return body;
+}
+
+$("form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  showError("");
+  let body;
+  try { body = request(); } catch (e) { return showError(e.message); }
+  $("generate").disabled = true;
+  $("interrupt").disabled = false;
+  $("progress").hidden = false;
+  const polling = setInterval(pollProgress, 500);
+  try {
+    const answer = await api(mode, body);
+    const info = JSON.parse(answer.info);
+    answer.images.forEach((image, i) => addResult(image, info, i));
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    clearInterval(polling);
+    $("generate").disabled = false;
+    $("interrupt").disabled = true;
+    $("progress").hidden = true;
+    $("preview").removeAttribute("src");
+  }
+});
+
+$("interrupt").addEventListener("click", () => api("interrupt", {}));
+
+async function pollProgress() {
+  const p = await api("progress");
+  $("progress-bar").value = p.progress;
+  $("progress-text").textContent = p.state.sampling_steps
+    ? `step ${p.state.sampling_step} of ${p.state.sampling_steps}, ${p.eta_relative.toFixed(1)} s left` : "waiting";
+  if (p.current_image) $("preview").src = "data:image/png;base64," + p.current_image;
+}
+
+function addResult(image, info, i) {
+  const figure = document.createElement("figure");
+  const img = new Image();
+  img.src = "data:image/png;base64," + image;
+  img.alt = info.all_prompts[i];
+  const caption = document.createElement("figcaption");
+  caption.textContent = info.infotexts[i];
+  const reuse = document.createElement("button");
+  reuse.type = "button";
+  reuse.textContent = "Reuse settings";
+  reuse.addEventListener("click", () => {
+    const values = { prompt: info.prompt, negative_prompt: info.negative_prompt, seed: info.all_seeds[i],
+                     steps: info.steps, cfg_scale: info.cfg_scale, width: info.width, height: info.height,
+                     sampler_name: info.sampler_name, scheduler: info.scheduler };
+    for (const [name, value] of Object.entries(values)) $(name).value = value;
+    $("batch_size").value = 1;
+  });
+  figure.append(img, caption, reuse);
+  $("gallery").prepend(figure);
+}
+
+// img2img: the init image on one canvas, the mask painted in white on a transparent canvas above it.
+let maskPainted = false;
+$("init-file").addEventListener("change", () => {
+  const file = $("init-file").files[0];
+  if (!file) return;
+  const img = new Image();
+  img.onload = () => {
+    for (const canvas of [$("init-canvas"), $("mask-canvas")]) {
+      canvas.width = img.naturalWidth;
+      canvas.height = img.naturalHeight;
+    }
+    $("init-canvas").getContext("2d").drawImage(img, 0, 0);
+    maskPainted = false;
+    URL.revokeObjectURL(img.src);
+  };
+  img.src = URL.createObjectURL(file);
+});
+
+function paint(event) {
+  if (!(event.buttons & 1)) return;
+  const canvas = $("mask-canvas");
+  const box = canvas.getBoundingClientRect();
+  const scale = canvas.width / box.width;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "white";
+  context.beginPath();
+  context.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
+              Number($("brush").value) * scale / 2, 0, 2 * Math.PI);
+  context.fill();
+  maskPainted = true;
+}
+$("mask-canvas").addEventListener("pointerdown", paint);
+$("mask-canvas").addEventListener("pointermove", paint);
+$("clear-mask").addEventListener("click", () => {
+  const canvas = $("mask-canvas");
+  canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);
+  maskPainted = false;
+});
+
+// The web UI's mask: white = repaint, black = keep, the init image's size.
+function maskImage() {
+  const canvas = document.createElement("canvas");
+  canvas.width = $("mask-canvas").width;
+  canvas.height = $("mask-canvas").height;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "black";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  context.drawImage($("mask-canvas"), 0, 0);
+  return canvas.toDataURL("image/png");
+}
+
+fillLists().catch((e) => showError("cannot reach the API: " + e.message));
