@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test bench builtin-model clean
 
@@ -16,9 +17,9 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Test-only: diffusers and transformers (the independent reference), pytest, ruff, OpenAI's CLIP tokenizer
-# (openai-clip without its dependencies: we load only its tokenizer file) and k-diffusion's samplers (without
-# its training dependencies: the tests load only its sampling module).
+# Test-only: diffusers and transformers (the independent reference), pytest, ruff, selenium (drives the page
+# test's browser), OpenAI's CLIP tokenizer (openai-clip without its dependencies: we load only its tokenizer file)
+# and k-diffusion's samplers (without its training dependencies: the tests load only its sampling module).
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install -q -e ".[test]"
 	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 k-diffusion==0.1.1.post1
@@ -27,7 +28,12 @@ $(VENV)/.test: $(VENV)/.runtime
 demo: $(VENV)/.runtime
 	$(BIN)/ldm demo --outdir out
 
-test: $(VENV)/.test
+# The page test's browser: Debian's Chromium and its driver (root installs them; otherwise through sudo).
+/usr/bin/chromedriver:
+	$(SUDO) apt-get update -qq
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver
+
+test: $(VENV)/.test /usr/bin/chromedriver
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 

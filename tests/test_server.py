@@ -2,7 +2,6 @@
 the web UI's API paths and shapes; bad input is a 422 and the next good request is served."""
 
 import base64
-import contextlib
 import io
 import json
 import socket
@@ -14,7 +13,6 @@ import urllib.request
 import numpy as np
 import pytest
 import torch
-import uvicorn
 from PIL import Image
 
 from latent_diffusion import load_model, save_model
@@ -23,31 +21,11 @@ from latent_diffusion.request import GenerationRequest
 from latent_diffusion.server import ServerLimits, create_app
 
 
-@contextlib.contextmanager
-def serving(app):
-    """A real uvicorn server for `app` in a thread of this process, on a free loopback port -> its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
-def server(ckpt):
+def server(ckpt, serve):
     """(base URL, the served model)."""
     model = load_model(ckpt)
-    with serving(create_app(model)) as base:
+    with serve(create_app(model)) as base:
         yield base, model
 
 
@@ -185,10 +163,10 @@ def test_img2img_and_inpainting_equal_the_library(server):
     assert status == 422 and answer["detail"].startswith("init_images[0]: cannot read the image")
 
 
-def test_api_auth_and_body_limit(ckpt):
+def test_api_auth_and_body_limit(ckpt, serve):
     """--api-auth: a wrong or missing password is a 401 and the right one is served; a body over the limit is a 413
     before it is read."""
-    with serving(create_app(load_model(ckpt), api_auth="me:secret", limits=ServerLimits(max_body=2000))) as base:
+    with serve(create_app(load_model(ckpt), api_auth="me:secret", limits=ServerLimits(max_body=2000))) as base:
         assert call(base, "/sdapi/v1/samplers")[0] == 401
         assert call(base, "/sdapi/v1/samplers", auth="me:wrong")[0] == 401
         assert call(base, "/sdapi/v1/samplers", auth="me:secret")[0] == 200
@@ -197,7 +175,7 @@ def test_api_auth_and_body_limit(ckpt):
         chunks = [b'{"prompt": "' + b"x" * 1000, b"x" * 1000, b"x" * 1000 + b'"}', b""]  # no Content-Length
         body = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
         with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as client:
-            client.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            client.sendall(b"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
                            b"Authorization: Basic bWU6c2VjcmV0\r\nContent-Type: application/json\r\n\r\n" + body)  # fmt: skip
             answer = client.makefile("rb").read()
         assert answer.startswith(b"HTTP/1.1 413") and b"over 2000 bytes" in answer
@@ -227,7 +205,7 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
     assert call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] == 0
 
 
-def test_concurrent_clients_are_batched_and_each_gets_its_image_and_a_full_queue_is_a_503(server, ckpt):
+def test_concurrent_clients_are_batched_and_each_gets_its_image_and_a_full_queue_is_a_503(server, ckpt, serve):
     """16 clients at once with distinct seeds: all answered, requests merged into shared U-Net batches (counted),
     and each image the one its seed gives alone: every pixel within one 8-bit level. A batched matmul rounds
     floats differently from a batch of one (in the library, image i of a batch of 8 is within 0.003 levels of
@@ -249,7 +227,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_image_and_a_full_queue
         a, b = (np.asarray(decode(x["images"][0]), dtype=int) for x in (answer, again))
         assert np.abs(a - b).max() <= 1, seed
 
-    with serving(create_app(load_model(ckpt), limits=ServerLimits(max_queue=1))) as small:
+    with serve(create_app(load_model(ckpt), limits=ServerLimits(max_queue=1))) as small:
         job = threading.Thread(target=call, args=(small, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 300, "seed": 1}))
         job.start()
         deadline = time.monotonic() + 60
@@ -288,7 +266,7 @@ def test_init_images_are_checked_before_they_are_decoded(server):
     assert call(base, "/sdapi/v1/txt2img", common)[0] == 200
 
 
-def test_page_schema_and_cors(server, ckpt):
+def test_page_schema_and_cors(server, ckpt, serve):
     """The web page and its files are served from the package (and nothing beside them); the OpenAPI schema is at
     /docs; CORS headers only for the origins named."""
     base, _ = server
@@ -315,11 +293,11 @@ def test_page_schema_and_cors(server, ckpt):
             return e.headers.get("access-control-allow-origin")
 
     assert preflight(base) is None
-    with serving(create_app(load_model(ckpt), cors_allow_origins=["http://127.0.0.1:9999"])) as allowed:
+    with serve(create_app(load_model(ckpt), cors_allow_origins=["http://127.0.0.1:9999"])) as allowed:
         assert preflight(allowed) == "http://127.0.0.1:9999"
 
 
-def test_models_dir_switching(tmp_path, tiny_models):
+def test_models_dir_switching(tmp_path, tiny_models, serve):
     """The checkpoints of --models-dir are listed; POST options switches the loaded one (after the jobs before it);
     override_settings switches for one request; an unknown name is a 404 and the model stays."""
     (tmp_path / "sub").mkdir()
@@ -332,7 +310,7 @@ def test_models_dir_switching(tmp_path, tiny_models):
         return load_model(path)
 
     body = {"prompt": "a cat", "seed": 3, "steps": 2, "width": 32, "height": 32}
-    with serving(create_app(load(tmp_path / "tiny.safetensors"), load=load, models_dir=tmp_path)) as base:
+    with serve(create_app(load(tmp_path / "tiny.safetensors"), load=load, models_dir=tmp_path)) as base:
         models = call(base, "/sdapi/v1/sd-models")[1]
         assert [m["model_name"] for m in models] == ["tiny", "sub/other"]
         assert models[0]["title"].startswith("tiny.safetensors [") and models[1]["title"] == "sub/other.safetensors"
@@ -368,11 +346,11 @@ def wait_until_idle(base: str, seconds: float) -> None:
         time.sleep(0.05)
 
 
-def test_a_client_that_leaves_or_times_out_does_not_leave_its_job_running(ckpt):
+def test_a_client_that_leaves_or_times_out_does_not_leave_its_job_running(ckpt, serve):
     """A job whose client disconnects stops within a second; one over the request time is answered 503 and
     stopped; the server then serves the next request."""
     long = {"prompt": "x", "steps": 100000, "seed": 1, "width": 32, "height": 32}
-    with serving(create_app(load_model(ckpt), limits=ServerLimits(max_steps=100000, request_timeout=3))) as base:
+    with serve(create_app(load_model(ckpt), limits=ServerLimits(max_steps=100000, request_timeout=3))) as base:
         port = int(base.rsplit(":", 1)[1])
         payload = json.dumps(long).encode()
         with socket.create_connection(("127.0.0.1", port)) as client:

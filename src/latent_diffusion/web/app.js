@@ -130,21 +130,27 @@ $("init-file").addEventListener("change", () => {
   img.src = URL.createObjectURL(file);
 });
 
+let lastPoint = null;  // where the stroke was at the previous pointer event
 function paint(event) {
-  if (!(event.buttons & 1)) return;
+  if (!(event.buttons & 1)) { lastPoint = null; return; }
   const canvas = $("mask-canvas");
   const box = canvas.getBoundingClientRect();
   const scale = canvas.width / box.width;
+  const point = [(event.clientX - box.left) * scale, (event.clientY - box.top) * scale];
   const context = canvas.getContext("2d");
-  context.fillStyle = "white";
+  context.strokeStyle = "white";
+  context.lineCap = "round";
+  context.lineWidth = Number($("brush").value) * scale;
   context.beginPath();
-  context.arc((event.clientX - box.left) * scale, (event.clientY - box.top) * scale,
-              Number($("brush").value) * scale / 2, 0, 2 * Math.PI);
-  context.fill();
+  context.moveTo(...(lastPoint || point));
+  context.lineTo(...point);
+  context.stroke();
+  lastPoint = point;
   maskPainted = true;
 }
 $("mask-canvas").addEventListener("pointerdown", paint);
 $("mask-canvas").addEventListener("pointermove", paint);
+$("mask-canvas").addEventListener("pointerup", () => { lastPoint = null; });
 $("clear-mask").addEventListener("click", () => {
   const canvas = $("mask-canvas");
   canvas.getContext("2d").clearRect(0, 0, canvas.width, canvas.height);

@@ -1,0 +1,123 @@
+"""The page at `/` in a real browser: headless Chromium (Debian's package, installed by `make test`) driven through
+its chromedriver. It types a prompt, generates, and gets real images of the requested size with their infotext; it
+paints an inpainting mask on a canvas, and what it did not paint comes back unchanged."""
+
+import base64
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from latent_diffusion import load_model
+from latent_diffusion.server import create_app
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    assert CHROMIUM and CHROMEDRIVER, "make test installs Debian's chromium and chromium-driver"
+    os.environ["SE_OFFLINE"] = "true"  # Selenium never downloads a driver: the one named here is used
+    from selenium import webdriver
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def page(browser, ckpt, serve):
+    with serve(create_app(load_model(ckpt))) as base:
+        browser.get(base + "/")
+        yield browser
+
+
+def set_field(driver, name: str, value) -> None:
+    element = driver.find_element("id", name)
+    element.clear()
+    element.send_keys(str(value))
+
+
+def results(driver) -> list:
+    return driver.find_elements("css selector", "#gallery figure")
+
+
+def wait_for_results(driver, count: int):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 120).until(lambda d: len(results(d)) >= count)
+    WebDriverWait(driver, 30).until(lambda d: d.find_element("id", "generate").is_enabled())
+    error = driver.find_element("id", "error")
+    assert not error.is_displayed(), error.text
+    return results(driver)
+
+
+def shown_image(figure) -> Image.Image:
+    source = figure.find_element("tag name", "img").get_attribute("src")
+    assert source.startswith("data:image/png;base64,")
+    return Image.open(io.BytesIO(base64.b64decode(source.partition(",")[2]))).convert("RGB")
+
+
+def test_generate_from_the_page(page, tmp_path):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(page, 30).until(lambda d: len(d.find_elements("css selector", "#sampler_name option")) > 10)
+    assert page.find_element("id", "sampler_name").get_attribute("value") == "DPM++ 2M"
+    assert page.find_element("id", "checkpoint").get_attribute("value").startswith("tiny.safetensors [")
+    page.find_element("id", "prompt").send_keys("a red circle")
+    for name, value in {"width": 32, "height": 24, "steps": 3, "seed": 11, "batch_size": 2}.items():
+        set_field(page, name, value)
+    page.find_element("id", "generate").click()
+    figures = wait_for_results(page, 2)
+
+    # Newest first: the second image of the batch (seed 12) leads.
+    assert [shown_image(f).size for f in figures] == [(32, 24), (32, 24)]
+    captions = [f.find_element("tag name", "figcaption").text for f in figures]
+    assert captions[0].startswith("a red circle") and "Seed: 12" in captions[0] and "Seed: 11" in captions[1]
+    assert "Steps: 3, Sampler: DPM++ 2M" in captions[1]
+    assert np.asarray(shown_image(figures[0])).std() > 0  # a picture, not a blank
+
+    set_field(page, "seed", -1)
+    figures[1].find_element("tag name", "button").click()  # reuse the settings of seed 11
+    assert page.find_element("id", "seed").get_attribute("value") == "11"
+    assert page.find_element("id", "batch_size").get_attribute("value") == "1"
+
+    screenshot = tmp_path / "page.png"
+    assert page.save_screenshot(str(screenshot))
+    assert Image.open(screenshot).size[0] > 0
+
+
+def test_inpaint_with_a_painted_mask(page, tmp_path):
+    """The img2img tab: an init image from a file, a mask painted over its right side with the mouse; the left
+    side, not painted, comes back as it was."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    picture = np.zeros((32, 32, 3), dtype=np.uint8)
+    picture[:, :, 0], picture[:, :, 1] = np.arange(32)[None] * 8, 90  # a gradient: a resize would change it
+    Image.fromarray(picture).save(tmp_path / "init.png")
+    page.find_element("css selector", '.tab[data-mode="img2img"]').click()
+    page.find_element("id", "init-file").send_keys(str(tmp_path / "init.png"))
+    for name, value in {"width": 32, "height": 32, "steps": 4, "seed": 5, "batch_size": 1}.items():
+        set_field(page, name, value)
+    canvas = page.find_element("id", "mask-canvas")  # shown larger than its 32 pixels
+    WebDriverWait(page, 10).until(lambda d: canvas.get_attribute("width") == "32")  # the image has loaded
+    shown = canvas.size["width"]
+    assert shown > 100 and canvas.size["height"] == shown
+    page.execute_script("document.getElementById('brush').value = arguments[0]", shown // 4)  # 8 of 32 pixels
+    before = len(results(page))
+    # A stroke down the right side, from 10 % to 90 % of the height (offsets from the centre).
+    ActionChains(page).move_to_element_with_offset(canvas, int(shown * 0.35), -int(shown * 0.4)).click_and_hold() \
+        .move_by_offset(0, int(shown * 0.4)).move_by_offset(0, int(shown * 0.4)).release().perform()  # fmt: skip
+    page.find_element("id", "generate").click()
+    figure = wait_for_results(page, before + 1)[0]
+    result = np.asarray(shown_image(figure))
+    assert (result[:, :12] == picture[:, :12]).all()  # not painted: kept
+    assert not (result[:, 24:] == picture[:, 24:]).all()  # painted: repainted
