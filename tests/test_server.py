@@ -365,3 +365,43 @@ def test_a_client_that_leaves_or_times_out_does_not_leave_its_job_running(ckpt, 
         assert time.monotonic() - started < 6
         wait_until_idle(base, seconds=2)
         assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1})[0] == 200
+
+
+def test_an_existing_client_works_unchanged(tmp_path, tiny_models, serve):
+    """webuiapi, a published Python client of the web UI's API, with its own defaults for every field of the web
+    UI's request model: txt2img, img2img with a mask, the lists, model switching, png-info, progress, interrupt.
+    None of the values it sends for fields this server does not implement changes the web UI's result, except the
+    inpainting ones with a mask, and `ignored` says exactly that."""
+    import webuiapi
+
+    save_model(tiny_models["sd1"], tmp_path / "tiny.safetensors")
+    save_model(tiny_models["sd2"], tmp_path / "other.safetensors")
+    first = load_model(tmp_path / "tiny.safetensors")
+    with serve(create_app(first, load=load_model, models_dir=tmp_path)) as base:
+        api = webuiapi.WebUIApi(baseurl=base + "/sdapi/v1", sampler="Euler a", steps=3)
+        result = api.txt2img(prompt="a red (circle:1.2)", seed=5, width=32, height=24, batch_size=2, cfg_scale=6)
+        assert [im.size for im in result.images] == [(32, 24)] * 2
+        assert result.info["all_seeds"] == [5, 6] and result.info["ignored"] == []
+        library = generate(first, GenerationRequest(["a red (circle:1.2)"] * 2, [5, 6], width=32, height=24, steps=3,
+                                                    sampler="euler_ancestral", eta=1.0, s_noise=1.0, cfg_scale=6.0,
+                                                    batch_size=2))  # fmt: skip
+        expected = (library.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert all(im.tobytes() == e.tobytes() for im, e in zip(result.images, expected))
+        assert api.png_info(result.image).parameters["Seed"] == "5"
+
+        picture = Image.new("RGB", (32, 32), (200, 30, 40))
+        mask = Image.new("L", (32, 32), 0)
+        mask.paste(255, (16, 0, 32, 32))
+        result = api.img2img(images=[picture], mask_image=mask, prompt="a cat", seed=2, width=32, height=32)
+        assert result.image.size == (32, 32)
+        assert (np.asarray(result.image)[:, :16] == (200, 30, 40)).all()
+        assert result.info["ignored"] == ["inpaint_full_res", "inpainting_fill", "mask_blur"]
+
+        assert sorted(api.util_get_sampler_names())[:3] == ["DDIM", "DDPM", "DPM++ 2M"]
+        assert "karras" in api.util_get_scheduler_names()
+        assert api.util_get_model_names() == ["other.safetensors", api.util_get_current_model()]
+        api.util_set_model("other")
+        assert api.util_get_current_model().startswith("other.safetensors [")
+        assert api.txt2img(prompt="x", width=32, height=32).info["sd_model_name"] == "other"
+        assert api.get_progress()["state"]["sampling_steps"] == 0 and api.interrupt() == {}
+        assert api.get_loras() == [] and api.get_upscalers() == [] and api.get_embeddings()["loaded"] == {}

@@ -65,21 +65,20 @@ class ServerLimits:
 
 
 # The web UI's request fields (`StableDiffusionProcessingTxt2Img`/`Img2Img` and its API model) that this server does
-# not implement, with their defaults: a request that sets one to something else is served, and the field is named
-# in info["ignored"]. Fields missing here are ignored when empty (None, "", 0, False, -1, [], {}).
-IGNORED_DEFAULTS = {
-    "enable_hr": False, "hr_scale": 2.0, "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0,
-    "hr_resize_y": 0, "hr_checkpoint_name": None, "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "",
-    "hr_negative_prompt": "", "firstphase_width": 0, "firstphase_height": 0, "styles": [], "subseed": -1,
-    "subseed_strength": 0.0, "seed_resize_from_h": -1, "seed_resize_from_w": -1, "restore_faces": None,
-    "tiling": None, "do_not_save_samples": False, "do_not_save_grid": False, "s_min_uncond": None, "s_churn": None,
-    "s_tmax": None, "s_tmin": None, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
-    "refiner_switch_at": None, "disable_extra_networks": False, "comments": None, "script_name": None,
-    "script_args": [], "alwayson_scripts": {}, "infotext": None, "force_task_id": None, "firstpass_image": None,
-    "resize_mode": 0, "image_cfg_scale": None, "mask_blur_x": 4, "mask_blur_y": 4, "mask_blur": None,
-    "inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0, "initial_noise_multiplier": None,
-    "latent_mask": None, "include_init_images": False, "denoising_strength": 0.75,
+# not implement, with the values that give the web UI's result as if the field were absent (its default, and what
+# it treats the same: s_tmax 0 is infinity, a seed resize of 0 is off). A request that sets one to anything else is
+# served, and the field is named in info["ignored"]. Other fields are ignored where empty (None, "", 0, False, -1,
+# [], {}); the hires fields only matter with enable_hr, the inpainting ones only with a mask.
+NO_EFFECT = {
+    "styles": ([],), "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
+    "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0, float("inf")), "s_tmin": (None, 0),
+    "override_settings_restore_afterwards": (True,), "do_not_save_samples": (False, True),
+    "do_not_save_grid": (False, True), "image_cfg_scale": None,  # any value: it is for instruct-pix2pix models
+    "initial_noise_multiplier": (None, 1), "resize_mode": (0,), "mask_blur_x": (0,), "mask_blur_y": (0,),
+    "mask_blur": (None, 0), "inpainting_fill": (1,), "inpaint_full_res": (False,), "inpaint_full_res_padding": None,
 }  # fmt: skip
+HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
+MASK_FIELDS = ("mask_blur", "inpainting_fill", "inpaint_full_res")
 SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}  # the options (and override_settings) honoured
 
 
@@ -221,10 +220,17 @@ def png_base64(image: Image.Image, parameters: str) -> str:
 
 
 def ignored_fields(body: Txt2ImgRequest) -> list[str]:
-    """The fields of the request this server does not implement that hold something other than their default."""
-    empty = (None, "", 0, False, -1, [], {})
-    ignored = [name for name, value in (body.model_extra or {}).items()
-               if (value != IGNORED_DEFAULTS[name] if name in IGNORED_DEFAULTS else value not in empty)]  # fmt: skip
+    """The fields of the request this server does not implement that would change the web UI's result."""
+    fields = dict(body.model_extra or {})
+    if not fields.get("enable_hr"):
+        fields = {name: value for name, value in fields.items() if not name.startswith(HIRES_FIELDS)}
+    if not fields.get("subseed_strength"):
+        fields.pop("subseed", None)
+    if not getattr(body, "mask", None):
+        fields = {name: value for name, value in fields.items() if not name.startswith(MASK_FIELDS)}
+    ignored = [name for name, value in fields.items()
+               if (name not in NO_EFFECT and value not in (None, "", 0, False, -1, [], {}))
+               or (NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name])]  # fmt: skip
     ignored += [f"override_settings.{name}" for name in (body.override_settings or {}) if name not in SETTINGS]
     return sorted(ignored)
 
@@ -317,6 +323,29 @@ def create_app(
         return [{"title": checkpoints.title(name, path), "model_name": Path(name).with_suffix("").as_posix(),
                  "hash": checkpoints.hashes.get(path), "sha256": None, "filename": str(path), "config": None}
                 for name, path in checkpoints.files().items()]  # fmt: skip
+
+    @app.post("/sdapi/v1/refresh-checkpoints")
+    def refresh_checkpoints():
+        return {}  # the folder is read at every listing
+
+    @app.get("/sdapi/v1/loras")
+    def loras():
+        return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
+                for name, path in (getattr(worker.model, "loras", None) or {}).items()]  # fmt: skip
+
+    @app.get("/sdapi/v1/embeddings")
+    def embeddings():
+        loaded = getattr(worker.model, "embeddings", None) or {}
+        return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                  "shape": e.vectors.shape[1], "vectors": e.vectors.shape[0]}
+                           for name, e in loaded.items()}, "skipped": {}}  # fmt: skip
+
+    @app.get("/sdapi/v1/upscalers")
+    @app.get("/sdapi/v1/latent-upscale-modes")
+    @app.get("/sdapi/v1/sd-vae")
+    @app.get("/sdapi/v1/prompt-styles")
+    def not_provided():
+        return []  # this server has no upscalers, separate VAEs or styles: an empty list, as the web UI with none
 
     @app.get("/sdapi/v1/options")
     def options():
