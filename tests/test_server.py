@@ -152,12 +152,33 @@ def test_img2img_and_inpainting_equal_the_library(server):
     assert decode(answer["images"][0]).tobytes() == expected.tobytes()
     assert "Denoising strength: 0.5" in json.loads(answer["info"])["infotexts"][0]
 
-    status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["data:image/png;base64," + png_b64(picture)],
-                                                      "mask": png_b64(mask), "inpainting_mask_invert": 1})  # fmt: skip
-    assert status == 200, answer
-    inpainted = np.asarray(decode(answer["images"][0]))
-    kept = np.asarray(picture.resize((32, 32), Image.Resampling.LANCZOS))
-    assert (inpainted[:, :16] == kept[:, :16]).all()  # the inverted mask keeps the left half (white there)
+    # Whole picture, no blur, the original under the mask: the library's inpainting, laid in through the mask.
+    plain = {"inpaint_full_res": False, "mask_blur": 0, "inpainting_fill": 1, "inpainting_mask_invert": 1}
+    status, answer = call(base, "/sdapi/v1/img2img", {**common, **plain, "mask": png_b64(mask),
+                                                      "init_images": ["data:image/png;base64," + png_b64(picture)]})  # fmt: skip
+    assert status == 200 and json.loads(answer["info"])["ignored"] == [], answer
+    inverted = Image.eval(mask, lambda v: 255 - v).resize((32, 32), Image.Resampling.LANCZOS)
+    library = generate(model, GenerationRequest(["a cat"], [4], steps=4, strength=0.5, init_image=resized,
+                                                mask=torch.from_numpy(np.asarray(inverted, dtype="float32") / 255)[None, None],
+                                                cfg_scale=7.0, sampler="euler"))  # fmt: skip
+    expected = (library.images[0] * 255).round().permute(1, 2, 0).numpy()
+    inpainted = np.asarray(decode(answer["images"][0])).astype(int)
+    assert np.abs(inpainted - expected).max() <= 1  # laid in by PIL in 8 bits here, in float32 by the library
+    assert (inpainted[:, :10] == np.asarray(picture.resize((32, 32), Image.Resampling.LANCZOS))[:, :10]).all()
+
+    # The web UI's defaults: only the box around the blurred mask is worked on, and the answer is the whole
+    # picture at its own size, unchanged where the blurred mask is 0.
+    small = Image.new("L", (48, 40), 0)
+    small.paste(255, (30, 8, 38, 16))
+    status, answer = call(
+        base, "/sdapi/v1/img2img", {**common, "mask": png_b64(small), "init_images": [png_b64(picture)]}
+    )
+    assert status == 200 and json.loads(answer["info"])["ignored"] == [], answer
+    whole = np.asarray(decode(answer["images"][0]))
+    assert whole.shape == (40, 48, 3)
+    far = np.ones((40, 48), dtype=bool)
+    far[: 16 + 10, 30 - 10 :] = False  # the blur (σ 4) reaches 10 pixels
+    assert (whole[far] == (200, 30, 40)).all() and (whole[10:14, 32:36] != (200, 30, 40)).any()
     assert call(base, "/sdapi/v1/img2img", {**common, "init_images": []})[0] == 422
     status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["aGVsbG8="]})
     assert status == 422 and answer["detail"].startswith("init_images[0]: cannot read the image")
@@ -370,8 +391,8 @@ def test_a_client_that_leaves_or_times_out_does_not_leave_its_job_running(ckpt, 
 def test_an_existing_client_works_unchanged(tmp_path, tiny_models, serve):
     """webuiapi, a published Python client of the web UI's API, with its own defaults for every field of the web
     UI's request model: txt2img, img2img with a mask, the lists, model switching, png-info, progress, interrupt.
-    None of the values it sends for fields this server does not implement changes the web UI's result, except the
-    inpainting ones with a mask, and `ignored` says exactly that."""
+    None of the values it sends for fields this server does not implement changes the web UI's result, so
+    `ignored` stays empty."""
     import webuiapi
 
     save_model(tiny_models["sd1"], tmp_path / "tiny.safetensors")
@@ -394,8 +415,8 @@ def test_an_existing_client_works_unchanged(tmp_path, tiny_models, serve):
         mask.paste(255, (16, 0, 32, 32))
         result = api.img2img(images=[picture], mask_image=mask, prompt="a cat", seed=2, width=32, height=32)
         assert result.image.size == (32, 32)
-        assert (np.asarray(result.image)[:, :16] == (200, 30, 40)).all()
-        assert result.info["ignored"] == ["inpaint_full_res", "inpainting_fill", "mask_blur"]
+        assert (np.asarray(result.image)[:, :6] == (200, 30, 40)).all()  # the mask blurred by 4 reaches 10 pixels
+        assert result.info["ignored"] == []
 
         assert sorted(api.util_get_sampler_names())[:3] == ["DDIM", "DDPM", "DPM++ 2M"]
         assert "karras" in api.util_get_scheduler_names()

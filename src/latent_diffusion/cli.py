@@ -435,7 +435,8 @@ GENERATE_HELP = {
     "run: 1.0 ignores the image, small values keep it close.",
     "inpaint": "Repaint the white part of --mask in --init-image. With an inpainting checkpoint (9 input "
     "channels) the model sees the mask; with a standard one the known region is held at every step. Pixels "
-    "outside the mask are kept as they were.",
+    "outside the mask are kept as they were; a grey (soft) mask edge blends the two, fully repainted from half "
+    "grey up, as the web UI lays in a blurred mask.",
 }
 EPILOG = (
     "Files are named NNNNN-SEED.png; each carries the settings in a `parameters` PNG text chunk, in the form the "

@@ -154,14 +154,16 @@ def rows(images: torch.Tensor, batch: range) -> torch.Tensor:
 
 
 def _batch_images(r: GenerationRequest, batch: range, device: torch.device, latent_size: tuple[int, int]):
-    """The batch's init image in [-1, 1], pixel mask (binary, white = repaint) and latent-size mask, or Nones."""
+    """The batch's init image in [-1, 1] and its mask (white = repaint, soft where blurred) at pixel and at latent
+    size, or Nones. As the web UI: the latent mask is the mask resized (bicubic) and rounded to 0 or 1."""
     if r.init_image is None:
         return None, None, None
     image = rows(r.init_image, batch).to(device, torch.float32) * 2 - 1
     if r.mask is None:
         return image, None, None
-    pixel_mask = (rows(r.mask, batch).to(device, torch.float32) >= 0.5).float()
-    return image, pixel_mask, F.interpolate(pixel_mask, size=latent_size)
+    mask = rows(r.mask, batch).to(device, torch.float32)
+    latent_mask = F.interpolate(mask, size=latent_size, mode="bicubic", antialias=True).round().clamp(0, 1)
+    return image, mask, latent_mask
 
 
 def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done: Callable[[Step], None]):
@@ -188,7 +190,9 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
         x = noise * (1 + sigmas[0].item() ** 2) ** 0.5
     extra = {}
     if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out
-        extra["concat"] = torch.cat([latent_mask, encode(image * (pixel_mask < 0.5))], dim=1).to(dtype)
+        binary = (pixel_mask >= 0.5).float()  # this model was trained on hard masks, resized nearest
+        extra["concat"] = torch.cat([F.interpolate(binary, size=latent_shape[1:]), encode(image * (1 - binary))],
+                                    dim=1).to(dtype)  # fmt: skip
 
     def hold(i: int, x: torch.Tensor) -> torch.Tensor:
         """Standard models: the known region at the noise level the sampler is now at (clean after the last step)."""
@@ -211,6 +215,7 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
         x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
     images = (decode(model, x) / 2 + 0.5).clamp(0, 1)
-    if pixel_mask is not None:  # keep the input's pixels outside the mask
-        images = pixel_mask * images + (1 - pixel_mask) * rows(r.init_image, batch).to(device, torch.float32)
+    if pixel_mask is not None and r.paste:  # the input's pixels outside the mask; a soft mask's edge at half opacity
+        overlay = (pixel_mask * 2).clamp(max=1)  # (the web UI's overlay: a blurred mask's 0.5 is fully repainted)
+        images = overlay * images + (1 - overlay) * rows(r.init_image, batch).to(device, torch.float32)
     return images, notes

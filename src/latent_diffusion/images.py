@@ -37,18 +37,34 @@ def load_image(
 
     Any mode loads as it looks: 16- and 32-bit greyscale scaled from their full range, transparency composited on
     white (as image editors show it), palettes and CMYK converted, the EXIF orientation (phone photos) applied."""
+    im = as_mode(open_image(path, name, max_pixels), mode)
+    if size is not None and im.size != size:
+        im = im.resize(size, Image.Resampling.LANCZOS)
+    return from_pil(im)
+
+
+def open_image(path: str | os.PathLike | BinaryIO, name: str | None = None, max_pixels: int = MAX_PIXELS):
+    """A file (or file object) -> the decoded PIL image in its own mode, its EXIF orientation applied. ValueError,
+    naming the file (or `name`), if unreadable or over `max_pixels` (read from its header, before decoding)."""
     name = name or str(path)
     try:
         with Image.open(path) as im:
             if im.width * im.height > max_pixels:
                 raise ValueError(f"{name}: the image is {im.width}x{im.height}, over the limit of {max_pixels} pixels")
-            im = _eight_bit(ImageOps.exif_transpose(im)).convert(mode)
-            if size is not None and im.size != size:
-                im = im.resize(size, Image.Resampling.LANCZOS)
-            array = np.asarray(im, dtype=np.float32) / 255.0
+            im.load()
+            return ImageOps.exif_transpose(im)
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: cannot read the image ({e.__class__.__name__}: {e})") from None
-    tensor = torch.from_numpy(array)
+
+
+def as_mode(im: Image.Image, mode: str) -> Image.Image:
+    """Any image as an 8-bit image of `mode` ("RGB", "L") that looks the same (see `load_image`)."""
+    return _eight_bit(im).convert(mode)
+
+
+def from_pil(im: Image.Image) -> torch.Tensor:
+    """An 8-bit PIL image -> (1, C, H, W) float32 in [0, 1]."""
+    tensor = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
     return (tensor[None] if tensor.ndim == 2 else tensor.permute(2, 0, 1))[None]
 
 

@@ -50,6 +50,8 @@ class Job(Task):
     batch_size: int = 1  # images per U-Net call when run alone
     merge: bool = True  # may share a U-Net batch with other jobs
     sampler_name: str = ""  # as the client named it, for its answer
+    cfg_scale: float | None = None  # guidance where neither the request nor the model's file gives one
+    paste: Callable[[Any], Any] = lambda image: image  # lays a result into the client's picture (inpainting)
     # Filled by the worker:
     resolved: GenerationRequest | None = None  # validated against the model, its defaults filled in
     model_path: str | None = None  # the checkpoint of the model it ran on
@@ -164,7 +166,10 @@ class Worker:
         try:
             if job.checkpoint is not None:
                 self.switch(Load(job.checkpoint))
-            job.resolved, job.model_path = validate(job.request, self.model), self.model.checkpoint
+            request = job.request
+            if request.cfg_scale is None and self.model.cfg.cfg_scale is None:
+                request = dataclasses.replace(request, cfg_scale=job.cfg_scale)
+            job.resolved, job.model_path = validate(request, self.model), self.model.checkpoint
         except Exception as e:
             job.error = e
             return False

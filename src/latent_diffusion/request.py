@@ -47,6 +47,7 @@ class GenerationRequest:
     cfg_scale: float | None = None  # classifier-free guidance (1: none; None: the model's default)
     init_image: torch.Tensor | None = None  # (1 or b, 3, H, W) in [0, 1]: img2img and inpainting
     mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint
+    paste: bool = True  # inpainting: lay the result over the init image through the mask (False: the caller does)
     strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
     batch_size: int = 1  # images per U-Net call
     clip_skip: int | None = None  # the web UI's CLIP skip: text encoder layers from the end (None: the model's)

@@ -37,9 +37,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from .files import claim_numbered
-from .images import load_image, model_hash, parse_parameters, save_png, to_pil
+from .images import as_mode, from_pil, model_hash, open_image, parse_parameters, save_png, to_pil
 from .job_queue import Job, Load, QueueFull, Task, Worker
 from .latent_diffusion import LatentDiffusion
+from .masking import img2img_inputs
 from .request import GenerationRequest, RequestError, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedulers import SCHEDULERS
@@ -68,17 +69,15 @@ class ServerLimits:
 # not implement, with the values that give the web UI's result as if the field were absent (its default, and what
 # it treats the same: s_tmax 0 is infinity, a seed resize of 0 is off). A request that sets one to anything else is
 # served, and the field is named in info["ignored"]. Other fields are ignored where empty (None, "", 0, False, -1,
-# [], {}); the hires fields only matter with enable_hr, the inpainting ones only with a mask.
+# [], {}); the hires fields only matter with enable_hr.
 NO_EFFECT = {
     "styles": ([],), "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
     "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0, float("inf")), "s_tmin": (None, 0),
     "override_settings_restore_afterwards": (True,), "do_not_save_samples": (False, True),
     "do_not_save_grid": (False, True), "image_cfg_scale": None,  # any value: it is for instruct-pix2pix models
-    "initial_noise_multiplier": (None, 1), "resize_mode": (0,), "mask_blur_x": (0,), "mask_blur_y": (0,),
-    "mask_blur": (None, 0), "inpainting_fill": (1,), "inpaint_full_res": (False,), "inpaint_full_res_padding": None,
+    "initial_noise_multiplier": (None, 1),
 }  # fmt: skip
 HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
-MASK_FIELDS = ("mask_blur", "inpainting_fill", "inpaint_full_res")
 SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}  # the options (and override_settings) honoured
 
 
@@ -108,7 +107,14 @@ class Txt2ImgRequest(BaseModel):
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(default_factory=list)  # base64, or data:image/...;base64,...
     denoising_strength: float = 0.75
+    resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
     mask: str | None = None
+    mask_blur_x: float = 4
+    mask_blur_y: float = 4
+    mask_blur: float | None = None  # both at once
+    inpainting_fill: int = 0  # 0 fill, 1 original, 2 latent noise, 3 latent nothing (2 and 3: as 1, reported)
+    inpaint_full_res: bool = True  # "only masked": work on the box around the mask, at width x height
+    inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
 
 
@@ -226,12 +232,12 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
         fields = {name: value for name, value in fields.items() if not name.startswith(HIRES_FIELDS)}
     if not fields.get("subseed_strength"):
         fields.pop("subseed", None)
-    if not getattr(body, "mask", None):
-        fields = {name: value for name, value in fields.items() if not name.startswith(MASK_FIELDS)}
     ignored = [name for name, value in fields.items()
                if (name not in NO_EFFECT and value not in (None, "", 0, False, -1, [], {}))
                or (NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name])]  # fmt: skip
     ignored += [f"override_settings.{name}" for name in (body.override_settings or {}) if name not in SETTINGS]
+    if getattr(body, "mask", None) and getattr(body, "inpainting_fill", 0) in (2, 3):
+        ignored.append("inpainting_fill")  # latent noise and latent nothing run as "original"
     return sorted(ignored)
 
 
@@ -255,9 +261,8 @@ def create_app(
         checkpoints.hashes[path] = model_hash(path)
         return new
 
-    selected = [
-        Path(model.checkpoint) if model.checkpoint else None
-    ]  # the checkpoint chosen by the options (override_settings choose for one request)
+    # The checkpoint chosen by the options, for the requests from now on (override_settings choose for one request).
+    selected = [Path(model.checkpoint) if model.checkpoint else None]
     worker = Worker(model, load_and_hash, max_queue=limits.max_queue, max_batch=limits.max_batch,
                     window=limits.batch_window)  # fmt: skip
     outdir = Path(outdir) if outdir else None
@@ -407,26 +412,44 @@ def create_app(
         return await respond(body, job, http)
 
     def build_img2img_job(body: Img2ImgRequest) -> Job:
-        """The init image (the first; the web UI's "just resize" to width × height) and the mask (white = repaint,
-        inverted with inpainting_mask_invert) go into the request; denoising_strength is its strength."""
+        """The init image (the first) and the mask (white = repaint) prepared as the web UI does (`masking.py`:
+        resize mode, mask blur, inversion, fill, only-masked crop); denoising_strength is the request's strength.
+        The result is laid into the picture here (`Img2ImgInputs.paste`), against the unfilled original."""
         if not body.init_images:
             raise RequestError("init_images: give one image (base64)")
+        if body.resize_mode not in (0, 1, 2):
+            raise RequestError(f"resize_mode: 0 (just resize), 1 (crop and resize) or 2 (resize and fill), not "
+                               f"{body.resize_mode}; 3 (latent upscale) is not implemented")  # fmt: skip
+        if body.inpainting_fill not in (0, 1, 2, 3):
+            raise RequestError(f"inpainting_fill: 0 (fill), 1 (original), 2 or 3, not {body.inpainting_fill}")
+        blur_x, blur_y = (body.mask_blur, body.mask_blur) if body.mask_blur is not None else (body.mask_blur_x,
+                                                                                             body.mask_blur_y)  # fmt: skip
+        if not (0 <= blur_x <= 256 and 0 <= blur_y <= 256):
+            raise RequestError(f"mask_blur must be between 0 and 256 pixels, not {max(blur_x, blur_y, key=abs)}")
         job = build_job(body)
-        size = (job.request.width or worker.model.cfg.default_size, job.request.height or worker.model.cfg.default_size)
-        image = read_image(body.init_images[0], "init_images[0]", "RGB", size)
-        mask = read_image(body.mask, "mask", "L", size) if body.mask else None
-        if mask is not None and body.inpainting_mask_invert:
-            mask = 1 - mask
-        job.request = validate(dataclasses.replace(job.request, init_image=image, mask=mask, width=size[0],
-                                                   height=size[1], strength=body.denoising_strength))  # fmt: skip
+        width = job.request.width or worker.model.cfg.default_size
+        height = job.request.height or worker.model.cfg.default_size
+        image = open_request_image(body.init_images[0], "init_images[0]")
+        mask = open_request_image(body.mask, "mask") if body.mask else None
+        if mask is not None and mask.mode != "RGBA":
+            mask = as_mode(mask, "L")
+        inputs = img2img_inputs(
+            as_mode(image, "RGB"), mask, width, height, resize_mode=body.resize_mode, mask_blur_x=blur_x,
+            mask_blur_y=blur_y, invert=bool(body.inpainting_mask_invert), fill=body.inpainting_fill == 0,
+            only_masked=body.inpaint_full_res, padding=body.inpaint_full_res_padding,
+        )  # fmt: skip
+        job.request = validate(dataclasses.replace(
+            job.request, init_image=from_pil(inputs.image), mask=from_pil(inputs.mask) if mask else None,
+            width=width, height=height, strength=body.denoising_strength, paste=False,
+        ))  # fmt: skip
+        job.paste = inputs.paste
         return job
 
-    def read_image(data: str, field: str, mode: str, size: tuple[int, int]) -> torch.Tensor:
-        """A base64 image of a request -> (1, C, H, W) in [0, 1] at `size`; its pixel count is checked from the
-        header before anything is decoded. RequestError naming the field otherwise."""
+    def open_request_image(data: str, field: str) -> Image.Image:
+        """A base64 image of a request, decoded; its pixel count is checked from the header before anything is
+        decoded. RequestError naming the field otherwise."""
         try:
-            return load_image(io.BytesIO(image_bytes(data, field)), mode, size, name=field,
-                              max_pixels=limits.max_pixels)  # fmt: skip
+            return open_image(io.BytesIO(image_bytes(data, field)), name=field, max_pixels=limits.max_pixels)
         except ValueError as e:
             raise RequestError(str(e)) from None
 
@@ -451,16 +474,14 @@ def create_app(
         if clip_skip is not None and not isinstance(clip_skip, int):
             raise RequestError("override_settings.CLIP_stop_at_last_layers: a whole number of layers")
         seed = random.randrange(2**32) if body.seed == -1 else body.seed
-        cfg_scale = body.cfg_scale
-        if cfg_scale is None:
-            cfg_scale = worker.model.cfg.cfg_scale if worker.model.cfg.cfg_scale is not None else WEB_UI_CFG_SCALE
         request = GenerationRequest(
             prompts=[body.prompt] * count, negative_prompts=[body.negative_prompt] * count,
             seeds=[seed + i for i in range(count)], width=body.width, height=body.height, steps=body.steps,
             sampler=sampler.name, scheduler=body.scheduler or legacy_schedule or "automatic", eta=body.eta,
-            s_noise=body.s_noise, cfg_scale=cfg_scale, batch_size=body.batch_size, clip_skip=clip_skip,
+            s_noise=body.s_noise, cfg_scale=body.cfg_scale, batch_size=body.batch_size, clip_skip=clip_skip,
         )  # fmt: skip
-        job = Job(validate(request), checkpoint, batch_size=body.batch_size, sampler_name=sampler.display_name)
+        job = Job(validate(request), checkpoint, batch_size=body.batch_size, sampler_name=sampler.display_name,
+                  cfg_scale=WEB_UI_CFG_SCALE)  # fmt: skip
         model = worker.model
         if checkpoint is None or Path(model.checkpoint or "").resolve() == checkpoint.resolve():
             validate(request, model)  # the model's checks now: bad input never waits
@@ -494,7 +515,7 @@ def create_app(
 
     def answer(body: Txt2ImgRequest, job: Job) -> dict:
         """The web UI's response to one job: images, the request with its defaults, and `info`."""
-        request, images = job.resolved, job.images
+        request, images = job.resolved, [job.paste(image) for image in job.images]
         if outdir and body.save_images:
             outdir.mkdir(parents=True, exist_ok=True)
             for image, text, seed in zip(images, job.infotexts, request.seeds):

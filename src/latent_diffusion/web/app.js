@@ -52,7 +52,7 @@ function request() {
     if (!$("init-canvas").width) throw new Error("choose an init image");
     body.init_images = [$("init-canvas").toDataURL("image/png")];
     body.denoising_strength = Number($("denoising_strength").value);
-    if (maskPainted) body.mask = maskImage();
+    if (maskPainted) Object.assign(body, { mask: maskImage(), inpaint_full_res: false });  // whole picture
   }
   return body;
 }
