@@ -12,36 +12,16 @@ import argparse
 import contextlib
 import json
 import platform
-import socket
 import statistics
-import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-import uvicorn
 
 from latent_diffusion import LatentDiffusion, load_model, preset
 from latent_diffusion.checkpoint import BUILTIN_MODEL
-from latent_diffusion.server import ServerLimits, create_app
-
-
-@contextlib.contextmanager
-def serving(app):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join()
+from latent_diffusion.server import ServerLimits, create_app, serving
 
 
 def txt2img(base: str, body: dict) -> float:

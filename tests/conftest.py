@@ -1,10 +1,6 @@
 """Tiny-width models of the real architecture, one per variant, with every weight perturbed from its init."""
 
-import contextlib
 import dataclasses
-import socket
-import threading
-import time
 
 import pytest
 import torch
@@ -51,29 +47,9 @@ def ckpt(tmp_path_factory, tiny_models):
     return path
 
 
-@contextlib.contextmanager
-def serving(app):
-    import uvicorn
-
-    """A real uvicorn server for `app` in a thread of this process, on a free loopback port -> its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    instance = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=instance.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not instance.started:
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        instance.should_exit = True
-        thread.join(timeout=10)
-
-
 @pytest.fixture(scope="session")
 def serve():
     """serve(app): a context manager running a real uvicorn server for `app` -> its base URL."""
+    from latent_diffusion.server import serving
+
     return serving

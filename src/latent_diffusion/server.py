@@ -543,3 +543,30 @@ def create_app(
         }
 
     return LimitsMiddleware(app, api_auth, limits.max_body)
+
+
+@contextlib.contextmanager
+def serving(app, host: str = "127.0.0.1", timeout: float = 30):
+    """Run an ASGI app with uvicorn in a thread of this process, on a free port of `host` -> its base URL; the
+    server stops when the block ends. For tests, benchmarks and embedding (`ldm serve` runs uvicorn itself)."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
