@@ -99,6 +99,21 @@ def test_bad_txt2img_arguments_exit_2(tmp_path, ckpt, capsys, args, message):
 
 
 @pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--port", 70000], "--port must be in 1..65535, not 70000"),
+        (["--max-steps", 0], "--max-steps must be positive"),
+        (["--api-auth", "nocolon"], "--api-auth must be USER:PASSWORD"),
+        (["--models-dir", "/nonexistent"], "--models-dir /nonexistent: not a folder"),
+    ],
+)
+def test_bad_serve_arguments_exit_2_before_loading(capsys, args, message):
+    assert run("serve", *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
     "command,args,message",
     [
         ("img2img", ["--strength", 0], r"--strength must be in (0, 1]"),
