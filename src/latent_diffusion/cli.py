@@ -113,7 +113,7 @@ def request_from_args(args) -> GenerationRequest:
         seeds=[seed + i for i in range(count)], width=args.width, height=args.height, steps=args.steps,
         sampler=sampler, scheduler=scheduler, spacing=args.spacing, eta=args.eta, s_noise=args.s_noise,
         cfg_scale=args.cfg_scale, clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
-        strength=getattr(args, "strength", 1.0), batch_size=args.batch_size,
+        strength=getattr(args, "strength", 1.0), batch_size=args.batch_size, vae_tiling=args.vae_tiling,
     )  # fmt: skip
 
 
@@ -485,6 +485,9 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         help="use the text encoder's hidden state N layers from the end, as the "
         "web UI's CLIP skip (1: the last; default: the model's own)",
     )
+    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction,
+                   help="encode and decode in overlapping tiles, for images too large for memory at once (default: "
+                        "when the whole image would not fit)")  # fmt: skip
     p.add_argument("--lora-dir", help="LoRA files, used by <lora:NAME:WEIGHT> in the prompt, NAME a file's name "
                    "(default: models/Lora where it exists)")  # fmt: skip
     p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import vae_tiling
 from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
@@ -47,13 +48,16 @@ class NonFiniteError(RuntimeError):
     """A run that produced NaN or inf where an image should be: nothing is written."""
 
 
-def decode(model: LatentDiffusion, z: torch.Tensor) -> torch.Tensor:
-    """Latents -> images (float32, about [-1, 1]). A float16 decode that overflows is done again in float32 (the
-    web UI's automatic VAE precision); a copy of the decoder in float32 exists only for that retry."""
-    images = model.autoencoder_decode(z.to(model.dtype)).float()
+def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """Latents -> images (float32, about [-1, 1]), in overlapping tiles if `tiled`. A float16 decode that overflows
+    is done again in float32 (the web UI's automatic VAE precision); a copy of the decoder in float32 exists only
+    for that retry."""
+    images = model.autoencoder_decode(z.to(model.dtype), tiled=tiled).float()
     if model.dtype == torch.float16 and not torch.isfinite(images).all():
         vae = copy.deepcopy(model.first_stage_model).float()
-        images = vae.decode(z.float() / model.scale_factor)
+        f = model.cfg.autoencoder.downsampling_factor
+        z = z.float() / model.scale_factor
+        images = vae_tiling.tiled(vae.decode, z, f, vae_tiling.TILE, vae_tiling.OVERLAP) if tiled else vae.decode(z)
     if not torch.isfinite(images).all():
         raise NonFiniteError("the autoencoder decoded non-finite pixels (NaN or inf): its weights are broken")
     return images
@@ -177,7 +181,8 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     sigmas = sigmas[r.steps - r.steps_run :]  # img2img starts part-way
 
     def encode(image: torch.Tensor) -> torch.Tensor:
-        return model.autoencoder_encode(image.to(dtype), noise=per_image_randn(latent_shape, generators)).float()
+        noise = per_image_randn(latent_shape, generators)
+        return model.autoencoder_encode(image.to(dtype), noise=noise, tiled=r.vae_tiling).float()
 
     image, pixel_mask, latent_mask = _batch_images(r, batch, device, latent_shape[1:])
     image_latent = None
@@ -214,7 +219,7 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     )  # fmt: skip
     if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
         x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
-    images = (decode(model, x) / 2 + 0.5).clamp(0, 1)
+    images = (decode(model, x, tiled=r.vae_tiling) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None and r.paste:  # the input's pixels outside the mask; a soft mask's edge at half opacity
         overlay = (pixel_mask * 2).clamp(max=1)  # (the web UI's overlay: a blurred mask's 0.5 is fully repainted)
         images = overlay * images + (1 - overlay) * rows(r.init_image, batch).to(device, torch.float32)

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import schedule
-from .autoencoder import AutoencoderKL
+from . import schedule, vae_tiling
+from .autoencoder import AutoencoderKL, DiagonalGaussian
 from .config import LatentDiffusionConfig, from_ldm_config
 from .prompts import chunk_prompt
 from .text_encoder import TextEncoder
@@ -131,13 +131,28 @@ class LatentDiffusion(nn.Module):
                 warnings.warn(f"prompt longer than 75 tokens; this part was cut: {dropped!r}", stacklevel=2)
         return self.cond_stage_model(tokens)
 
-    def autoencoder_encode(self, image: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def autoencoder_encode(
+        self, image: torch.Tensor, noise: torch.Tensor | None = None, tiled: bool = False
+    ) -> torch.Tensor:
         """image (b, 3, H, W) in [-1, 1] -> a latent sample × scale_factor (b, 4, H/8, W/8); noise (b, 4, H/8, W/8)
-        is the posterior sample's standard normal draw (default: torch's global generator)."""
-        return self.scale_factor * self.first_stage_model.encode(image).sample(noise=noise)
+        is the posterior sample's standard normal draw (default: torch's global generator). tiled: encode in
+        overlapping tiles (`vae_tiling.py`), for images whose activations would not fit in memory at once."""
+        vae = self.first_stage_model
+        if tiled:
+            f = self.cfg.autoencoder.downsampling_factor
+            moments = vae_tiling.tiled(lambda t: vae.quant_conv(vae.encoder(t)), image, 1 / f, vae_tiling.TILE * f,
+                                       vae_tiling.OVERLAP * f)  # fmt: skip
+            posterior = DiagonalGaussian(moments.to(image.dtype))
+        else:
+            posterior = vae.encode(image)
+        return self.scale_factor * posterior.sample(noise=noise)
 
-    def autoencoder_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """scaled latent (b, 4, h, w) -> image (b, 3, 8h, 8w), about [-1, 1]."""
+    def autoencoder_decode(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """scaled latent (b, 4, h, w) -> image (b, 3, 8h, 8w), about [-1, 1]; tiled: in overlapping tiles."""
+        if tiled:
+            f = self.cfg.autoencoder.downsampling_factor
+            return vae_tiling.tiled(self.first_stage_model.decode, z / self.scale_factor, f, vae_tiling.TILE,
+                                    vae_tiling.OVERLAP)  # fmt: skip
         return self.first_stage_model.decode(z / self.scale_factor)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import vae_tiling
 from .images import lora_hash, model_hash, parameters_text
 from .latent_diffusion import LatentDiffusion
 from .prompts import LoraTag, chunk_prompt, extract_lora_tags, prompt_schedule
@@ -48,6 +49,7 @@ class GenerationRequest:
     init_image: torch.Tensor | None = None  # (1 or b, 3, H, W) in [0, 1]: img2img and inpainting
     mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint
     paste: bool = True  # inpainting: lay the result over the init image through the mask (False: the caller does)
+    vae_tiling: bool | None = None  # encode and decode in overlapping tiles (None: when untiled would not fit)
     strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
     batch_size: int = 1  # images per U-Net call
     clip_skip: int | None = None  # the web UI's CLIP skip: text encoder layers from the end (None: the model's)
@@ -182,13 +184,19 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
                   f"(they repeat or run past the last); use fewer")  # fmt: skip
     for start in range(0, len(r.prompts), r.batch_size):
         lora_weights(r.prompts[start : start + r.batch_size], model)  # every name known, one weight per batch
-    need, have = needed_memory(r, cfg, width, height, model.dtype), available_memory(model.device)
+    have = available_memory(model.device)
+    tiled = r.vae_tiling
+    if tiled is None:  # automatic: tiles where the whole image would not fit and tiles need less
+        untiled = needed_memory(r, cfg, width, height, model.dtype, tiled=False)
+        tiled = have is not None and untiled > have > needed_memory(r, cfg, width, height, model.dtype, tiled=True)
+    need = needed_memory(r, cfg, width, height, model.dtype, tiled=tiled)
     if have is not None and need > have:
         _fail(f"batch_size: {min(r.batch_size, len(r.prompts))} images of {width}x{height} need about "
-              f"{_bytes(need)} at once, more than the {_bytes(have)} free on {model.device}")  # fmt: skip
+              f"{_bytes(need)} at once{' even with VAE tiling' if tiled else ''}, more than the {_bytes(have)} "
+              f"free on {model.device}")  # fmt: skip
     return dataclasses.replace(
         r, width=width, height=height, cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
-        negative_prompts=r.negative_prompts or [""] * len(r.prompts),
+        negative_prompts=r.negative_prompts or [""] * len(r.prompts), vae_tiling=tiled,
     )  # fmt: skip
 
 
@@ -206,12 +214,16 @@ def lora_weights(prompts: list[str], model: LatentDiffusion) -> dict[str, LoraTa
     return tags
 
 
-def needed_memory(r: GenerationRequest, cfg, width: int, height: int, dtype: torch.dtype) -> int:
+def needed_memory(r: GenerationRequest, cfg, width: int, height: int, dtype: torch.dtype, tiled: bool) -> int:
     """Bytes one U-Net batch needs at its peak, the decode: about 8 tensors of the decoder's first-level width at
     full resolution per image (measured on CPU, built-in model: 6.1 at batch 200, 9.2 at 50; SD 512² in float32:
-    8 × 128 × 512² × 4 B = 1 GiB per image)."""
-    per_image = 8 * cfg.autoencoder.ch * cfg.autoencoder.ch_mult[0] * width * height * dtype.itemsize
-    return min(r.batch_size, len(r.prompts)) * per_image
+    8 × 128 × 512² × 4 B = 1 GiB per image). Tiled: those of one tile, plus the float32 image and its blending
+    weights being assembled."""
+    images = min(r.batch_size, len(r.prompts))
+    side = vae_tiling.TILE * cfg.autoencoder.downsampling_factor
+    pixels = min(width, side) * min(height, side) if tiled else width * height
+    need = images * 8 * cfg.autoencoder.ch * cfg.autoencoder.ch_mult[0] * pixels * dtype.itemsize
+    return need + (images * 3 + 1) * width * height * 4 if tiled else need
 
 
 def _bytes(n: int) -> str:
