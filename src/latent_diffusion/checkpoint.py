@@ -12,10 +12,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
+import mmap
 import os
 import pickle
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -59,10 +63,14 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
             head = f.read(8)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    pickle_suffix = path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin")
-    if zipfile.is_zipfile(path) or (pickle_suffix and not _looks_like_safetensors(head)):
+    if _is_pickle(path, head):
         return _read_pickle(path), {}
     return _read_safetensors(path)
+
+
+def _is_pickle(path: Path, head: bytes) -> bool:
+    pickle_suffix = path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin")
+    return zipfile.is_zipfile(path) or (pickle_suffix and not _looks_like_safetensors(head))
 
 
 def _looks_like_safetensors(head: bytes) -> bool:
@@ -386,14 +394,37 @@ def load_model(
             f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape)
         )
 
+    with open(path, "rb") as f:
+        mapped = not _is_pickle(Path(path), f.read(8))  # safetensors: every tensor is a view of the mapped file
     weights = {}
     for k in expected:
         t = sd[k]
         weights[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        if mapped and weights[k].data_ptr() != t.data_ptr():  # copied: its pages of the file are done with
+            _release_pages(t)
     model.load_state_dict(weights, strict=True, assign=True)
     model.init_schedule(device)
     model.checkpoint = str(path)
     return model.eval()
+
+
+def _release_pages(t: torch.Tensor) -> None:
+    """Drop the pages of a memory-mapped tensor that has been copied from this process's resident memory (Linux
+    madvise MADV_DONTNEED; the file stays in the page cache, and a page read again is simply read again). Without
+    it, loading a float16 file as float32 holds the whole file resident beside the converted weights: 1.5x the
+    model's size at the peak instead of about 1x."""
+    if sys.platform != "linux" or t.device.type != "cpu":
+        return
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:  # 4: MADV_DONTNEED; a failure leaves the pages resident, which is only memory
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)
+
+
+@functools.cache
+def _libc():
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
