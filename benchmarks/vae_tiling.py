@@ -10,7 +10,6 @@ its peak resident memory (CPU) or peak allocated memory (CUDA) is its own.
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,6 +17,12 @@ import time
 import torch
 
 VARIANTS = ("ours-whole", "ours-tiled", "diffusers-whole", "diffusers-tiled")
+
+
+def peak_resident() -> int:
+    """Bytes: this process's peak resident memory (VmHWM; ru_maxrss would include the parent's, inherited)."""
+    with open("/proc/self/status") as f:
+        return 1024 * int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
 
 
 def run_one(variant: str, size: int) -> dict:
@@ -62,7 +67,7 @@ def run_one(variant: str, size: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else peak_resident()
     return {"variant": variant, "seconds": seconds, "peak_gib": peak / 2**30, "shape": list(image.shape),
             "finite": bool(torch.isfinite(image).all())}  # fmt: skip
 

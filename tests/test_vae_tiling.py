@@ -12,15 +12,16 @@ import latent_diffusion.request as request
 from latent_diffusion import vae_tiling
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest, validate
-from latent_diffusion.vae_tiling import tile_starts, tiled
+from latent_diffusion.vae_tiling import tile_spans, tiled
 
 
-@pytest.mark.parametrize("size,tile,overlap", [(64, 64, 16), (65, 64, 16), (200, 64, 16), (37, 8, 3), (9, 8, 7)])
+@pytest.mark.parametrize("size,tile,overlap", [(64, 64, 16), (65, 64, 16), (128, 64, 16), (200, 64, 16), (37, 8, 3),
+                                               (9, 8, 7)])  # fmt: skip
 def test_tiles_cover_the_image_with_the_overlap(size, tile, overlap):
-    starts = tile_starts(size, tile, overlap)
-    assert starts[0] == 0 and starts[-1] + min(tile, size) == size
-    assert all(b - a <= tile - overlap for a, b in itertools.pairwise(starts))  # neighbours share >= overlap
-    fewer = len(starts) - 1  # one tile fewer cannot cover the image with that overlap
+    spans = tile_spans(size, tile, overlap)
+    assert spans[0][0] == 0 and sum(spans[-1]) == size and all(0 < length <= tile for _, length in spans)
+    assert all(a + length - b >= overlap for (a, length), (b, _) in itertools.pairwise(spans))
+    fewer = len(spans) - 1  # one tile fewer cannot cover the image with that overlap
     assert fewer == 0 or (fewer - 1) * (tile - overlap) + tile < size
 
 

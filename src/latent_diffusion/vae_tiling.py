@@ -20,13 +20,15 @@ TILE = 64  # latent pixels per tile side (512 image pixels for SD)
 OVERLAP = 16  # latent pixels shared by neighbouring tiles (a quarter of a tile, as diffusers')
 
 
-def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
-    """Starts of the fewest tiles of side `tile` that cover 0..size with at least `overlap` shared between
-    neighbours, spread evenly (the first starts at 0, the last ends at size)."""
+def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """(start, length) of the fewest tiles of at most `tile` that cover 0..size with at least `overlap` shared
+    between neighbours: equal lengths, no longer than needed (less work than full tiles and a short last one),
+    spread evenly from 0 to size."""
     if size <= tile:
-        return [0]
+        return [(0, size)]
     count = -(-(size - overlap) // (tile - overlap))  # ceil((size - overlap) / stride)
-    return [round(i * (size - tile) / (count - 1)) for i in range(count)]
+    length = -(-(size + (count - 1) * overlap) // count)
+    return [(round(i * (size - length) / (count - 1)), length) for i in range(count)]
 
 
 def ramp(length: int, rise: int, fall: int) -> torch.Tensor:
@@ -51,9 +53,8 @@ def tiled(
     tw·scale): scale is 8 for a decoder, 1/8 for an encoder. tile and overlap count pixels of x."""
     b, _, h, w = x.shape
     out = weight = None
-    for y in tile_starts(h, tile, overlap):
-        for x0 in tile_starts(w, tile, overlap):
-            th, tw = min(tile, h), min(tile, w)
+    for y, th in tile_spans(h, tile, overlap):
+        for x0, tw in tile_spans(w, tile, overlap):
             part = fn(x[:, :, y : y + th, x0 : x0 + tw]).float()  # (b, c', th·scale, tw·scale)
             if out is None:
                 out = torch.zeros(b, part.shape[1], round(h * scale), round(w * scale), device=part.device)

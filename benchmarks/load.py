@@ -1,0 +1,56 @@
+"""`load_model` of an SD 1.5-size float16 `.safetensors` (random weights, 2 GB): seconds and peak memory.
+
+Each load runs in a fresh process, which reports the growth of its peak resident memory (VmHWM) over the load and
+its resident memory after it. "file pages kept" is the same load with the release of the file's pages turned off
+(what `load_model` did before), for comparison. The file is read once first, so it is in the page cache.
+
+    python benchmarks/load.py                 # writes /tmp/sd15-fp16.safetensors once, then loads it
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+PROBE = """
+import sys, time, torch, latent_diffusion as ld, latent_diffusion.checkpoint as ck
+kb = lambda field: int(next(l for l in open('/proc/self/status') if l.startswith(field + ':')).split()[1])
+if sys.argv[3] == 'keep':
+    ck._release_pages = lambda t: None
+before = kb('VmHWM')
+start = time.perf_counter()
+m = ld.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]))
+seconds = time.perf_counter() - start
+print(seconds, kb('VmHWM') - before, kb('VmRSS') - before)
+"""
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--file", default="/tmp/sd15-fp16.safetensors")
+    args = parser.parse_args()
+    path = Path(args.file)
+    if not path.exists():
+        from latent_diffusion import LatentDiffusion, preset, save_model
+
+        torch.manual_seed(0)
+        save_model(LatentDiffusion(preset("sd-v1.5")).half(), path)
+    path.read_bytes()  # into the page cache
+    print(f"{path} ({os.path.getsize(path) / 2**30:.2f} GiB), torch {torch.__version__}, CPU")
+    print("| load as | release | seconds | peak growth | resident after | peak / resident |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for dtype in ("float16", "float32"):
+        for mode in ("release", "keep"):
+            out = subprocess.run([sys.executable, "-c", PROBE, str(path), dtype, mode], capture_output=True,
+                                 text=True, check=True).stdout.split()  # fmt: skip
+            seconds, peak, resident = float(out[0]), int(out[1]) / 2**20, int(out[2]) / 2**20
+            label = "file pages released" if mode == "release" else "file pages kept"
+            print(f"| {dtype} | {label} | {seconds:.2f} | {peak:.2f} GiB | {resident:.2f} GiB | "
+                  f"{peak / resident:.2f} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
