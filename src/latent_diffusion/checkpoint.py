@@ -12,14 +12,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import functools
-import mmap
+import json
 import os
 import pickle
 import re
-import sys
 import zipfile
 from pathlib import Path
 
@@ -366,6 +363,7 @@ def load_model(
     what the config or file name says.
     """
     sd, metadata = read_state_dict(path)
+    origin = _add_text_model_level({k: k for k in sd})  # our key -> the file's key (some files rename a level)
     sd = _add_text_model_level(sd)
     cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
     if parameterization is not None:
@@ -385,6 +383,7 @@ def load_model(
         if absent:  # never mix EMA and non-EMA weights silently
             raise CheckpointError(f"{path}: ema=True, but {len(absent)} EMA weights are missing (first: {absent[0]})")
         sd = {**sd, **{k: sd[ema_key(k)] for k in unet_keys if ema_key(k) in sd}}
+        origin = {**origin, **{k: origin[ema_key(k)] for k in unet_keys if ema_key(k) in origin}}
 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
@@ -394,37 +393,47 @@ def load_model(
             f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape)
         )
 
-    with open(path, "rb") as f:
-        mapped = not _is_pickle(Path(path), f.read(8))  # safetensors: every tensor is a view of the mapped file
     weights = {}
-    for k in expected:
-        t = sd[k]
-        weights[k] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        if mapped and weights[k].data_ptr() != t.data_ptr():  # copied: its pages of the file are done with
-            _release_pages(t)
+    with open(path, "rb") as f:
+        index = {} if _is_pickle(Path(path), f.read(8)) else _safetensors_index(path)
+        scratch = None  # one buffer of the largest tensor's size, made when a tensor is first read
+        for k in expected:
+            t = sd[k]
+            target = dtype if t.is_floating_point() else t.dtype
+            if (target != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
+                scratch = scratch or bytearray(max(end - start for *_, start, end in index.values()))
+                t = _read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
+            weights[k] = t.to(device=device, dtype=target)  # a copy: `scratch` is free for the next tensor
     model.load_state_dict(weights, strict=True, assign=True)
     model.init_schedule(device)
     model.checkpoint = str(path)
     return model.eval()
 
 
-def _release_pages(t: torch.Tensor) -> None:
-    """Drop the pages of a memory-mapped tensor that has been copied from this process's resident memory (Linux
-    madvise MADV_DONTNEED; the file stays in the page cache, and a page read again is simply read again). Without
-    it, loading a float16 file as float32 holds the whole file resident beside the converted weights: 1.5x the
-    model's size at the peak instead of about 1x."""
-    if sys.platform != "linux" or t.device.type != "cpu":
-        return
-    page = mmap.PAGESIZE
-    start = -(-t.data_ptr() // page) * page  # whole pages inside the tensor only
-    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
-    if end > start:  # 4: MADV_DONTNEED; a failure leaves the pages resident, which is only memory
-        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)
+# safetensors' dtype names -> torch's, for reading a tensor's bytes straight from the file
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}  # fmt: skip
 
 
-@functools.cache
-def _libc():
-    return ctypes.CDLL(None, use_errno=True)
+def _safetensors_index(path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """key -> (dtype, shape, first byte, end byte) of each tensor in a .safetensors file (from its JSON header)."""
+    with open(path, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+    return {k: (SAFETENSORS_DTYPES[v["dtype"]], v["shape"], 8 + length + v["data_offsets"][0],
+                8 + length + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES}  # fmt: skip
+
+
+def _read_tensor(f, dtype: torch.dtype, shape: list[int], start: int, end: int, scratch: bytearray) -> torch.Tensor:
+    """One tensor of a .safetensors file, read into `scratch` (valid until the next read: copy it at once).
+    Converting a memory-mapped tensor instead would leave the file's pages resident beside the copy: a float16
+    file loaded as float32 would peak at 1.5x the model's size; read like this, the peak is the model's size."""
+    view = memoryview(scratch)[: end - start]
+    if os.preadv(f.fileno(), [view], start) != end - start:
+        raise CheckpointError(f"{f.name}: truncated (the tensor at byte {start} runs past the end)")
+    return torch.frombuffer(view, dtype=dtype).reshape(shape) if end > start else torch.empty(shape, dtype=dtype)
 
 
 def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
