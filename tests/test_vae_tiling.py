@@ -43,15 +43,22 @@ def test_blend_is_exact_for_local_operations():
         def encode(image):  # 8x8 average pooling, then a 1x1 convolution: sees only its own block
             return down(F.avg_pool2d(image, 8))
 
-        image = torch.randn(1, 3, 160, 96)
-        assert torch.allclose(tiled(encode, image, 1 / 8, tile=64, overlap=16), encode(image), atol=1e-5)
+        for h, w in [(160, 96), (296, 264)]:  # 37 and 33 latent pixels: tiles of 8 that do not divide them
+            image = torch.randn(1, 3, h, w)
+            assert torch.allclose(tiled(encode, image, 1 / 8, tile=8, overlap=3, unit=8), encode(image), atol=1e-5)
 
 
-def test_one_tile_is_the_untiled_decode(tiny_models):
+def test_one_tile_is_the_untiled_decode_and_many_tiles_cover_any_size(tiny_models, monkeypatch):
     model = tiny_models["sd1"]
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
         assert torch.equal(model.autoencoder_decode(z, tiled=True), model.autoencoder_decode(z).float())
+        monkeypatch.setattr(vae_tiling, "TILE", 4)
+        monkeypatch.setattr(vae_tiling, "OVERLAP", 2)
+        image = torch.rand(1, 3, 72, 104) * 2 - 1  # 9x13 latent pixels: tiles of 4 do not divide them
+        latent = model.autoencoder_encode(image, noise=torch.zeros(1, 4, 9, 13), tiled=True)
+        assert latent.shape == (1, 4, 9, 13) and torch.isfinite(latent).all()
+        assert torch.isfinite(model.autoencoder_decode(latent, tiled=True)).all()
 
 
 def test_generation_tiles_when_the_image_would_not_fit(tiny_models, monkeypatch):

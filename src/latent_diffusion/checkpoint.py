@@ -430,9 +430,12 @@ def _read_tensor(f, dtype: torch.dtype, shape: list[int], start: int, end: int, 
     """One tensor of a .safetensors file, read into `scratch` (valid until the next read: copy it at once).
     Converting a memory-mapped tensor instead would leave the file's pages resident beside the copy: a float16
     file loaded as float32 would peak at 1.5x the model's size; read like this, the peak is the model's size."""
-    view = memoryview(scratch)[: end - start]
-    if os.preadv(f.fileno(), [view], start) != end - start:
-        raise CheckpointError(f"{f.name}: truncated (the tensor at byte {start} runs past the end)")
+    view, done = memoryview(scratch)[: end - start], 0
+    while done < end - start:  # one read returns at most about 2 GiB
+        n = os.preadv(f.fileno(), [view[done:]], start + done)
+        if n == 0:
+            raise CheckpointError(f"{f.name}: truncated (the tensor at byte {start} runs past the end)")
+        done += n
     return torch.frombuffer(view, dtype=dtype).reshape(shape) if end > start else torch.empty(shape, dtype=dtype)
 
 

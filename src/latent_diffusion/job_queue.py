@@ -202,8 +202,15 @@ class Worker:
                 merged = dataclasses.replace(
                     group[0].resolved, prompts=[p for j in group for p in j.resolved.prompts],
                     negative_prompts=[p for j in group for p in j.resolved.negative_prompts],
-                    seeds=[s for j in group for s in j.resolved.seeds],
+                    seeds=[s for j in group for s in j.resolved.seeds], vae_tiling=None,
+                    batch_size=sum(len(j.resolved.prompts) for j in group),
                 )  # fmt: skip
+                try:  # the batch's memory (and so its VAE tiling) is checked for all its images together
+                    merged = validate(merged, self.model)
+                except RequestError:  # too large together: each job alone, one after another
+                    for job in group:
+                        self.run_group([job])
+                    return
                 images, infotexts, warnings = self.execute(merged, [len(merged.prompts)])
                 start = 0
                 for job in group:

@@ -140,8 +140,8 @@ class LatentDiffusion(nn.Module):
         vae = self.first_stage_model
         if tiled:
             f = self.cfg.autoencoder.downsampling_factor
-            moments = vae_tiling.tiled(lambda t: vae.quant_conv(vae.encoder(t)), image, 1 / f, vae_tiling.TILE * f,
-                                       vae_tiling.OVERLAP * f)  # fmt: skip
+            moments = vae_tiling.tiled(lambda t: vae.quant_conv(vae.encoder(t)), image, 1 / f, vae_tiling.TILE,
+                                       vae_tiling.OVERLAP, unit=f)  # fmt: skip
             posterior = DiagonalGaussian(moments.to(image.dtype))
         else:
             posterior = vae.encode(image)

@@ -11,22 +11,31 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 
 
+def scaled_size(size: tuple[int, int], width: int, height: int, mode: int) -> tuple[int, int]:
+    """The size an image of `size` is scaled to by `resize_image` before it is cut or padded to width × height."""
+    w, h = size
+    if mode == 0:
+        return width, height
+    wider = width / height > w / h  # the target is wider than the image
+    if (mode == 1) == wider:  # scale to the target's width
+        return width, max(1, h * width // w)
+    return max(1, w * height // h), height  # to its height
+
+
 def resize_image(image: Image.Image, width: int, height: int, mode: int = 0) -> Image.Image:
     """0: stretch to width × height; 1: scale to cover it and cut the overflow, centred; 2: scale to fit inside it,
     centred, the bands left over filled by stretching the image's edge rows (or columns). Lanczos throughout."""
-    if mode == 0:
-        return image.resize((width, height), Image.Resampling.LANCZOS)
-    wider = width / height > image.width / image.height  # the target is wider than the image
-    if (mode == 1) == wider:  # scale to the target's width
-        scaled_w, scaled_h = width, image.height * width // image.width
-    else:  # to its height
-        scaled_w, scaled_h = image.width * height // image.height, height
+    scaled_w, scaled_h = scaled_size(image.size, width, height, mode)
     scaled = image.resize((scaled_w, scaled_h), Image.Resampling.LANCZOS)
+    if mode == 0:
+        return scaled
     out = Image.new(image.mode, (width, height))
     left, top = width // 2 - scaled_w // 2, height // 2 - scaled_h // 2
     out.paste(scaled, (left, top))
@@ -43,14 +52,15 @@ def gaussian_blur(mask: np.ndarray, sigma: float, axis: int) -> np.ndarray:
     """OpenCV's GaussianBlur of an 8-bit mask along one axis, as the web UI calls it: a kernel of 2·⌊2.5σ + 0.5⌋ + 1
     taps, the border mirrored without repeating its edge pixel (BORDER_REFLECT_101), rounded back to 8 bits."""
     radius = int(2.5 * sigma + 0.5)
-    taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
-    taps /= taps.sum()
-    pad = [(0, 0), (0, 0)]
-    pad[axis] = (radius, radius)
-    padded = np.pad(mask.astype(np.float64), pad, mode="reflect")
-    n = mask.shape[axis]
-    blurred = sum(w * padded.take(np.arange(i, i + n), axis=axis) for i, w in enumerate(taps))
-    return np.clip(np.round(blurred), 0, 255).astype(np.uint8)
+    if radius == 0:  # one tap: OpenCV leaves the mask as it is
+        return mask
+    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2) / (2 * sigma**2))
+    taps = (taps / taps.sum()).float()[None, None]  # (1, 1, 2r + 1)
+    lines = np.moveaxis(mask, axis, -1)  # blur along the last axis: (lines, n)
+    padded = np.pad(lines.astype(np.float32), [(0, 0), (radius, radius)], mode="reflect")  # reflect-101, any width
+    blurred = torch.cat([F.conv1d(chunk[:, None], taps)[:, 0] for chunk in torch.from_numpy(padded).split(256)])
+    blurred = blurred.numpy()
+    return np.moveaxis(np.clip(np.round(blurred), 0, 255).astype(np.uint8), -1, axis)
 
 
 def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:

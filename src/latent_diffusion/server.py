@@ -18,7 +18,9 @@ import dataclasses
 import hmac
 import io
 import json
+import math
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,11 +38,12 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from . import vae_tiling
 from .files import claim_numbered
 from .images import as_mode, from_pil, model_hash, open_image, parse_parameters, save_png, to_pil
 from .job_queue import Job, Load, QueueFull, Task, Worker
 from .latent_diffusion import LatentDiffusion
-from .masking import img2img_inputs
+from .masking import img2img_inputs, scaled_size
 from .request import GenerationRequest, RequestError, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedulers import SCHEDULERS
@@ -122,6 +125,10 @@ class PngInfoRequest(BaseModel):
     image: str
 
 
+class NotFound(Exception):
+    """A name that names nothing this server has (a 404)."""
+
+
 class Checkpoints:
     """The checkpoints the server can load: the files of `--models-dir` (and its subfolders) and the one it started
     with. Requests name one by its title ("sub/name.safetensors [hash]"), file name, or name without suffix;
@@ -147,7 +154,7 @@ class Checkpoints:
         for name, path in self.files().items():
             if wanted in (name, self.title(name, path), Path(name).stem, Path(name).with_suffix("").as_posix()):
                 return path
-        raise LookupError(f"no checkpoint named {wanted!r}; GET /sdapi/v1/sd-models lists them")
+        raise NotFound(f"no checkpoint named {wanted!r}; GET /sdapi/v1/sd-models lists them")
 
     def name_of(self, path: Path) -> str:
         return next((n for n, p in self.files().items() if p == path), path.name)
@@ -164,7 +171,8 @@ class LimitsMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
-        if self.api_auth is not None and not authorized(headers.get(b"authorization"), self.api_auth):
+        preflight = scope["method"] == "OPTIONS"  # a browser's CORS preflight carries no credentials
+        if self.api_auth is not None and not preflight and not authorized(headers.get(b"authorization"), self.api_auth):
             answer = JSONResponse(status_code=401, content={"error": "Unauthorized", "detail": "Incorrect username or "
                                   "password"}, headers={"WWW-Authenticate": "Basic"})  # fmt: skip
             return await answer(scope, receive, send)
@@ -211,8 +219,8 @@ def decode_image(data: str) -> Image.Image:
     """A base64 image -> an opened (not decoded) PIL image, for its text chunks."""
     try:
         return Image.open(io.BytesIO(image_bytes(data, "image")))
-    except (UnidentifiedImageError, OSError):
-        raise RequestError("image: not a base64-encoded image") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        raise RequestError("image: not a base64-encoded image of a size this server reads") from None
 
 
 def png_base64(image: Image.Image, parameters: str) -> str:
@@ -286,8 +294,8 @@ def create_app(
     async def bad_request(request, e: RequestError):
         return error(422, "RequestError", str(e))
 
-    @app.exception_handler(LookupError)
-    async def not_found(request, e: LookupError):
+    @app.exception_handler(NotFound)
+    async def not_found(request, e: NotFound):
         return error(404, "NotFound", str(e.args[0]))
 
     @app.exception_handler(RequestValidationError)
@@ -375,18 +383,26 @@ def create_app(
     @app.get("/sdapi/v1/progress")
     def progress(skip_current_image: bool = False):
         """The running job's progress, and (unless skipped) a preview decoded from its current x0 estimate."""
-        fraction = (worker.part + worker.step / worker.steps) / worker.parts if worker.steps else 0.0
+        step, steps, part, parts, latent = worker.step, worker.steps, worker.part, worker.parts, worker.latent
+        fraction = (part + step / steps) / parts if steps and parts else 0.0  # one read: the worker may reset them
         elapsed = time.monotonic() - worker.started
         eta = elapsed / fraction - elapsed if fraction else 0.0
-        latent, preview = worker.latent, None
-        if latent is not None and not skip_current_image:
-            with torch.no_grad():
-                image = (worker.model.autoencoder_decode(latent)[0].float() / 2 + 0.5).clamp(0, 1)
-            preview = png_base64(to_pil(image), "")
-        return {"progress": fraction, "eta_relative": eta, "current_image": preview, "textinfo": None,
-                "state": {"skipped": False, "interrupted": worker.interrupted, "job": "", "job_count": worker.parts,
-                          "job_timestamp": "0", "job_no": worker.part, "sampling_step": worker.step,
-                          "sampling_steps": worker.steps}}  # fmt: skip
+        return {"progress": fraction, "eta_relative": eta, "textinfo": None,
+                "current_image": None if latent is None or skip_current_image else preview_of(latent),
+                "state": {"skipped": False, "interrupted": worker.interrupted, "job": "", "job_count": parts,
+                          "job_timestamp": "0", "job_no": part, "sampling_step": step, "sampling_steps": steps}}  # fmt: skip
+
+    previews: dict = {}  # the last preview, by the latent it was decoded from: one decode per step, however polled
+    preview_lock = threading.Lock()
+
+    def preview_of(latent: torch.Tensor) -> str:
+        with preview_lock:  # polls wait for the one decode rather than each starting their own
+            if previews.get("latent") is not latent:
+                with torch.no_grad():
+                    tiled = latent.shape[-1] > vae_tiling.TILE or latent.shape[-2] > vae_tiling.TILE
+                    image = worker.model.autoencoder_decode(latent, tiled=tiled)[0].float()
+                previews.update(latent=latent, png=png_base64(to_pil((image / 2 + 0.5).clamp(0, 1)), ""))
+            return previews["png"]
 
     @app.post("/sdapi/v1/interrupt")
     def interrupt():
@@ -403,13 +419,15 @@ def create_app(
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, http: Request):
+        arrived = time.monotonic()
         job = await run_in_threadpool(build_job, body)
-        return await respond(body, job, http)
+        return await respond(body, job, http, arrived)
 
     @app.post("/sdapi/v1/img2img")
     async def img2img(body: Img2ImgRequest, http: Request):
+        arrived = time.monotonic()
         job = await run_in_threadpool(build_img2img_job, body)
-        return await respond(body, job, http)
+        return await respond(body, job, http, arrived)
 
     def build_img2img_job(body: Img2ImgRequest) -> Job:
         """The init image (the first) and the mask (white = repaint) prepared as the web UI does (`masking.py`:
@@ -424,13 +442,19 @@ def create_app(
             raise RequestError(f"inpainting_fill: 0 (fill), 1 (original), 2 or 3, not {body.inpainting_fill}")
         blur_x, blur_y = (body.mask_blur, body.mask_blur) if body.mask_blur is not None else (body.mask_blur_x,
                                                                                              body.mask_blur_y)  # fmt: skip
-        if not (0 <= blur_x <= 256 and 0 <= blur_y <= 256):
-            raise RequestError(f"mask_blur must be between 0 and 256 pixels, not {max(blur_x, blur_y, key=abs)}")
-        job = build_job(body)
+        if not (0 <= blur_x <= 64 and 0 <= blur_y <= 64):  # the web UI's slider reaches 64
+            raise RequestError(f"mask_blur must be between 0 and 64 pixels, not {max(blur_x, blur_y, key=abs)}")
+        if body.inpaint_full_res_padding < 0:
+            raise RequestError(f"inpaint_full_res_padding must be 0 or more, not {body.inpaint_full_res_padding}")
+        job = build_job(body, check_model=False)  # checked against the model once the images are in
         width = job.request.width or worker.model.cfg.default_size
         height = job.request.height or worker.model.cfg.default_size
         image = open_request_image(body.init_images[0], "init_images[0]")
         mask = open_request_image(body.mask, "mask") if body.mask else None
+        for name, im in (("init_images[0]", image), ("mask", mask)):
+            if im is not None and math.prod(scaled_size(im.size, width, height, body.resize_mode)) > limits.max_pixels:
+                raise RequestError(f"{name}: a {im.width}x{im.height} image scaled to cover {width}x{height} would "
+                                   f"be over the limit of {limits.max_pixels} pixels")  # fmt: skip
         if mask is not None and mask.mode != "RGBA":
             mask = as_mode(mask, "L")
         inputs = img2img_inputs(
@@ -443,6 +467,7 @@ def create_app(
             width=width, height=height, strength=body.denoising_strength, paste=False,
         ))  # fmt: skip
         job.paste = inputs.paste
+        check_against_model(job)
         return job
 
     def open_request_image(data: str, field: str) -> Image.Image:
@@ -453,7 +478,7 @@ def create_app(
         except ValueError as e:
             raise RequestError(str(e)) from None
 
-    def build_job(body: Txt2ImgRequest) -> Job:
+    def build_job(body: Txt2ImgRequest, check_model: bool = True) -> Job:
         """The web UI's fields as a job (defaults: the web UI's, the model's size and its own guidance); every
         check that needs no model is done here, before any image is decoded."""
         count = body.batch_size * body.n_iter
@@ -482,18 +507,24 @@ def create_app(
         )  # fmt: skip
         job = Job(validate(request), checkpoint, batch_size=body.batch_size, sampler_name=sampler.display_name,
                   cfg_scale=WEB_UI_CFG_SCALE)  # fmt: skip
-        model = worker.model
-        if checkpoint is None or Path(model.checkpoint or "").resolve() == checkpoint.resolve():
-            validate(request, model)  # the model's checks now: bad input never waits
+        if check_model:
+            check_against_model(job)
         return job
 
-    async def wait(job: Task, http: Request) -> bool:
-        """Queue the job and wait for it; cancel it if the client goes away (False) or its time runs out (503)."""
+    def check_against_model(job: Job) -> None:
+        """The loaded model's checks now, where the job runs on it: bad input never waits."""
+        model = worker.model
+        if job.checkpoint is None or Path(model.checkpoint or "").resolve() == job.checkpoint.resolve():
+            validate(job.request, model)
+
+    async def wait(job: Task, http: Request, arrived: float | None = None) -> bool:
+        """Queue the job and wait for it; cancel it if the client goes away (False) or its time, counted from the
+        request's arrival, runs out (503)."""
         loop = asyncio.get_running_loop()
         finished = asyncio.Event()
         job.notify = lambda: loop.call_soon_threadsafe(finished.set)
         worker.submit(job)
-        deadline = time.monotonic() + limits.request_timeout
+        deadline = (arrived or time.monotonic()) + limits.request_timeout
         while not job.done.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(finished.wait(), 0.25)
@@ -505,11 +536,11 @@ def create_app(
                 job.cancelled = True
                 raise HTTPException(503, f"the request took over {limits.request_timeout:g} s and was cancelled")
         if job.error is not None:
-            raise job.error if isinstance(job.error, RequestError | LookupError) else HTTPException(500, str(job.error))
+            raise job.error if isinstance(job.error, RequestError | NotFound) else HTTPException(500, str(job.error))
         return True
 
-    async def respond(body: Txt2ImgRequest, job: Job, http: Request):
-        if not await wait(job, http):
+    async def respond(body: Txt2ImgRequest, job: Job, http: Request, arrived: float):
+        if not await wait(job, http, arrived):
             return Response(status_code=499)  # nobody reads it: the client has gone
         return await run_in_threadpool(answer, body, job)
 
@@ -550,7 +581,6 @@ def serving(app, host: str = "127.0.0.1", timeout: float = 30):
     """Run an ASGI app with uvicorn in a thread of this process, on a free port of `host` -> its base URL; the
     server stops when the block ends. For tests, benchmarks and embedding (`ldm serve` runs uvicorn itself)."""
     import socket
-    import threading
 
     import uvicorn
 

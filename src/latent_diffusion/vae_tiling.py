@@ -47,20 +47,23 @@ def ramp(length: int, rise: int, fall: int) -> torch.Tensor:
 
 
 def tiled(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: float, tile: int, overlap: int
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: float, tile: int, overlap: int, unit: int = 1
 ) -> torch.Tensor:
     """fn over overlapping tiles of x (b, c, h, w), blended. fn maps a (b, c, th, tw) tile to (b, c', th·scale,
-    tw·scale): scale is 8 for a decoder, 1/8 for an encoder. tile and overlap count pixels of x."""
+    tw·scale): scale is 8 for a decoder, 1/8 for an encoder. tile and overlap count units of `unit` pixels of x
+    (an encoder's tiles are laid out in latent pixels, unit 8, so that each starts on a whole latent pixel)."""
     b, _, h, w = x.shape
     out = weight = None
-    for y, th in tile_spans(h, tile, overlap):
-        for x0, tw in tile_spans(w, tile, overlap):
+    rows = [(y * unit, th * unit) for y, th in tile_spans(h // unit, tile, overlap)]
+    columns = [(x0 * unit, tw * unit) for x0, tw in tile_spans(w // unit, tile, overlap)]
+    for y, th in rows:
+        for x0, tw in columns:
             part = fn(x[:, :, y : y + th, x0 : x0 + tw]).float()  # (b, c', th·scale, tw·scale)
             if out is None:
                 out = torch.zeros(b, part.shape[1], round(h * scale), round(w * scale), device=part.device)
                 weight = torch.zeros(round(h * scale), round(w * scale), device=part.device)
             ph, pw = part.shape[-2:]
-            shared = round(overlap * scale)
+            shared = round(overlap * unit * scale)
             wy = ramp(ph, shared if y > 0 else 0, shared if y + th < h else 0)
             wx = ramp(pw, shared if x0 > 0 else 0, shared if x0 + tw < w else 0)
             wt = (wy[:, None] * wx[None, :]).to(part.device)  # (ph, pw)

@@ -65,7 +65,12 @@ $("form").addEventListener("submit", async (event) => {
   $("generate").disabled = true;
   $("interrupt").disabled = false;
   $("progress").hidden = false;
-  const polling = setInterval(pollProgress, 500);
+  let generating = true;
+  const poll = async () => {  // the next poll only after the last answer: previews can take a while
+    try { await pollProgress(); } catch (e) { /* the next poll tries again */ }
+    if (generating) setTimeout(poll, 500);
+  };
+  setTimeout(poll, 500);
   try {
     const answer = await api(mode, body);
     const info = JSON.parse(answer.info);
@@ -73,7 +78,7 @@ $("form").addEventListener("submit", async (event) => {
   } catch (e) {
     showError(e.message);
   } finally {
-    clearInterval(polling);
+    generating = false;
     $("generate").disabled = false;
     $("interrupt").disabled = true;
     $("progress").hidden = true;
