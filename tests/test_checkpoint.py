@@ -208,8 +208,9 @@ def memory_kb(field: str) -> str:
 
 
 def test_a_float16_file_loads_as_float32_without_holding_the_file(tmp_path):
-    """Converting while loading (float16 file, float32 model) releases the file's pages as each tensor is copied:
-    the peak memory of the load is that of the loaded model, not that plus the whole file (1.4x here without)."""
+    """Converting while loading (float16 file, float32 model) reads each tensor into a buffer instead of converting
+    the memory-mapped view, so the file's pages do not stay resident: the peak memory of the load is that of the
+    loaded model, not that plus the whole file (1.4x here when converting the mapped views)."""
     cfg = tiny_config("sd1")
     cfg.unet.model_channels, cfg.unet.channel_mult, cfg.unet.num_res_blocks = 128, (1, 2, 4, 4), 2
     path = tmp_path / "medium-fp16.safetensors"

@@ -381,7 +381,8 @@ def cmd_serve(args) -> None:
             print(f"ldm: warning: {notice}", file=sys.stderr)
         return model
 
-    found = sorted(p for p in models_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES) if models_dir else []
+    found = sorted(p for p in models_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()) \
+        if models_dir else []  # fmt: skip
     model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
     print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
           file=sys.stderr)  # fmt: skip

@@ -119,8 +119,8 @@ class Worker:
         carried = None
         while (first := carried or self.jobs.get()) is not None:
             carried = None
-            if isinstance(first, Load):
-                self.finish([first], self.switch, first)
+            if isinstance(first, Load):  # (one whose client has gone is not loaded)
+                self.finish([first], lambda load: load.cancelled or self.switch(load), first)
                 continue
             group = [first]
             if self.prepare(first) and first.key() is not None:

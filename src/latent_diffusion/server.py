@@ -376,7 +376,8 @@ def create_app(
             try:
                 await wait(Load(path), http)
             except Exception:
-                selected[0] = before
+                if selected[0] == path:  # (another request may have chosen since)
+                    selected[0] = before
                 raise
         return {"ignored": sorted(set(body) - {"sd_model_checkpoint"})}
 

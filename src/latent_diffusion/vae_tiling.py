@@ -24,6 +24,7 @@ def tile_spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     """(start, length) of the fewest tiles of at most `tile` that cover 0..size with at least `overlap` shared
     between neighbours: equal lengths, no longer than needed (less work than full tiles and a short last one),
     spread evenly from 0 to size."""
+    assert 0 <= overlap < tile, "tiles must be larger than their overlap"
     if size <= tile:
         return [(0, size)]
     count = -(-(size - overlap) // (tile - overlap))  # ceil((size - overlap) / stride)
