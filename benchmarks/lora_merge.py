@@ -11,7 +11,6 @@ and read back memory-mapped, as a user's would be. Medians over the iterations.
 """
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -22,6 +21,7 @@ from safetensors.torch import save_file
 
 from latent_diffusion import LatentDiffusion, preset
 from latent_diffusion.lora import apply_lora, module_table, read_lora, remove_lora
+from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 # The layers kohya-ss's LoRA (not LoCon) trains, by the end of their kohya name.
 UNET_LAYERS = ("to_q", "to_k", "to_v", "to_out_0", "proj_in", "proj_out", "ff_net_0_proj", "ff_net_2")
@@ -87,11 +87,7 @@ def main():
             removes.append(time.perf_counter() - start)
         restored = all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
-    where = (
-        torch.cuda.get_device_name()
-        if cuda
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    where = machine()
     print(f"LoRA merge, SD 1.5 ({args.dtype}), kohya rank {args.rank}: {len(lora.layers)} layers, "
           f"{size / 1e6:.0f} MB; {device} ({where}), torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
     print(f"  read_lora          {read * 1e3:8.1f} ms")

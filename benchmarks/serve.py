@@ -9,9 +9,7 @@ txt2img of one image with its own seed. Prints images/s and the p50/p95 latency 
 """
 
 import argparse
-import contextlib
 import json
-import platform
 import statistics
 import time
 import urllib.request
@@ -22,6 +20,7 @@ import torch
 from latent_diffusion import LatentDiffusion, load_model, preset
 from latent_diffusion.checkpoint import BUILTIN_MODEL
 from latent_diffusion.server import ServerLimits, create_app, serving
+from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 
 def txt2img(base: str, body: dict) -> float:
@@ -46,13 +45,6 @@ def run(model, max_batch: int, clients: int, requests: int, body: dict) -> tuple
         return time.perf_counter() - start, latencies
 
 
-def cpu_name() -> str:
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        if name := next((line.partition(":")[2].strip() for line in f if line.startswith("model name")), None):
-            return name
-    return platform.processor() or "CPU"
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", help="random weights of this preset (default: the built-in model's file)")
@@ -72,8 +64,7 @@ def main():
     size = args.size or model.cfg.default_size
     body = {"prompt": "a small red circle at the left on a blue background", "steps": args.steps, "width": size,
             "height": size, "sampler_name": "DPM++ 2M"}  # fmt: skip
-    machine = torch.cuda.get_device_name() if cuda else f"{cpu_name()}, {torch.get_num_threads()} threads"
-    print(f"{machine}; {args.preset or 'built-in model'} at {size}x{size}, {args.steps} steps, {args.requests} "
+    print(f"{machine()}; {args.preset or 'built-in model'} at {size}x{size}, {args.steps} steps, {args.requests} "
           f"requests of one image, torch {torch.__version__}")  # fmt: skip
     print("| mode | images/s | p50 latency | p95 latency |")
     print("| --- | --- | --- | --- |")

@@ -10,7 +10,6 @@ scheduler with SD's settings, and a transformers CLIPTokenizer written from our 
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -32,6 +31,7 @@ from latent_diffusion.config import to_ldm_config
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
 from latent_diffusion.tokenizer import clip_tokenizer
+from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 
 def diffusers_pipeline(model: LatentDiffusion, workdir: Path) -> StableDiffusionPipeline:
@@ -104,7 +104,7 @@ def main():
             t_ours.append(timed(ours)[0])
             t_theirs.append(timed(theirs)[0])
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
-    where = torch.cuda.get_device_name() if cuda else f"{platform.machine()}, {torch.get_num_threads()} threads"
+    where = machine()
     print(f"txt2img SD 1.5-size random weights, {size}x{size}, {steps} DDIM steps, CFG 7.5, batch 1, {dtype}, "
           f"{device} ({where}), torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
     print(f"  ours      median {mo:8.2f} s")

@@ -9,7 +9,6 @@ with the ratio ours/diffusers (below 1.0: ours is faster).
 """
 
 import argparse
-import platform
 import statistics
 import time
 
@@ -20,6 +19,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from latent_diffusion import LatentDiffusionConfig, preset
 from latent_diffusion.config import to_ldm_config
 from latent_diffusion.unet import UNetModel
+from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 
 def build(cfg: LatentDiffusionConfig, device, dtype):
@@ -73,11 +73,7 @@ def main():
             times_theirs.append(timed(lambda: theirs(x, t, encoder_hidden_states=context), sync))
 
     a, b = statistics.median(times_ours), statistics.median(times_theirs)
-    where = (
-        torch.cuda.get_device_name()
-        if cuda
-        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    )
+    where = machine()
     print(f"U-Net {args.preset}, batch 2, {size}x{size} ({size // 8}x{size // 8} latents), {dtype}, {device} ({where}), "
           f"torch {torch.__version__}, {iters} iterations")  # fmt: skip
     print(f"  ours      median {a * 1e3:8.1f} ms")

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
+
 VARIANTS = ("ours-whole", "ours-tiled", "diffusers-whole", "diffusers-tiled")
 
 
@@ -36,13 +38,8 @@ def run_one(variant: str, size: int) -> dict:
     vae = Ours(cfg.autoencoder)
     z = torch.randn(1, cfg.autoencoder.embed_dim, size // 8, size // 8, generator=torch.Generator().manual_seed(1))
     if variant.startswith("ours"):
-        from latent_diffusion import vae_tiling
-
         vae = vae.to(device, dtype).eval()
-        if variant == "ours-tiled":
-            decode = lambda z: vae_tiling.tiled(vae.decode, z, 8, vae_tiling.TILE, vae_tiling.OVERLAP)  # noqa: E731
-        else:
-            decode = vae.decode
+        decode = lambda z: vae.decode(z, tiled=variant == "ours-tiled")  # noqa: E731
     else:
         from diffusers import AutoencoderKL
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
@@ -81,8 +78,7 @@ def main():
     if args.one:
         print(json.dumps(run_one(args.one, args.size)))
         return
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    print(f"{device}, torch {torch.__version__}, SD-size VAE decode of {args.size}x{args.size}")
+    print(f"{machine()}, torch {torch.__version__}, SD-size VAE decode of {args.size}x{args.size}")
     print("| variant | seconds | peak memory |")
     print("| --- | --- | --- |")
     for variant in args.only:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import vae_tiling
 from .attention import attention
 from .config import AutoencoderConfig
 
@@ -187,12 +188,26 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
 
-    def encode(self, img: torch.Tensor, batch_size: int | None = None) -> DiagonalGaussian:
+    def encode(self, img: torch.Tensor, batch_size: int | None = None, tiled: bool = False) -> DiagonalGaussian:
         """img: (b, 3, H, W) in [-1, 1] -> posterior over (b, embed_dim, H/f, W/f); batch_size images at a time
-        (bounds the activations' memory when encoding many)."""
+        (bounds the activations' memory when encoding many); tiled: in overlapping tiles (`vae_tiling.py`), for
+        images whose activations would not fit in memory at once."""
+        f = self.cfg.downsampling_factor
         chunks = img.split(batch_size) if batch_size else [img]
-        return DiagonalGaussian(torch.cat([self.quant_conv(self.encoder(chunk)) for chunk in chunks]))
+        if tiled:  # tiles laid out in latent pixels (unit f), so that each starts on a whole one
+            moments = [vae_tiling.tiled(self._moments, c, 1 / f, vae_tiling.TILE, vae_tiling.OVERLAP, unit=f)
+                       for c in chunks]  # fmt: skip
+            return DiagonalGaussian(torch.cat(moments).to(img.dtype))
+        return DiagonalGaussian(torch.cat([self._moments(chunk) for chunk in chunks]))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (b, embed_dim, h, w) -> image (b, 3, h*f, w*f), about [-1, 1]."""
+    def _moments(self, img: torch.Tensor) -> torch.Tensor:
+        return self.quant_conv(self.encoder(img))
+
+    def decode(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """z: (b, embed_dim, h, w) -> image (b, 3, h*f, w*f), about [-1, 1]; tiled: in overlapping tiles (float32)."""
+        if tiled:
+            return vae_tiling.tiled(self._decode, z, self.cfg.downsampling_factor, vae_tiling.TILE, vae_tiling.OVERLAP)
+        return self._decode(z)
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z))

@@ -352,7 +352,7 @@ def cmd_serve(args) -> None:
     """Load once, then serve until interrupted."""
     import uvicorn
 
-    from .server import CHECKPOINT_SUFFIXES, ServerLimits, create_app
+    from .server import ServerLimits, checkpoint_files, create_app
 
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, not {args.port}")
@@ -381,8 +381,7 @@ def cmd_serve(args) -> None:
             print(f"ldm: warning: {notice}", file=sys.stderr)
         return model
 
-    found = sorted(p for p in models_dir.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()) \
-        if models_dir else []  # fmt: skip
+    found = list(checkpoint_files(models_dir).values()) if models_dir else []
     model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
     print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
           file=sys.stderr)  # fmt: skip

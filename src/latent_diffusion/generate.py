@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import vae_tiling
 from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
@@ -55,9 +54,7 @@ def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torc
     images = model.autoencoder_decode(z.to(model.dtype), tiled=tiled).float()
     if model.dtype == torch.float16 and not torch.isfinite(images).all():
         vae = copy.deepcopy(model.first_stage_model).float()
-        f = model.cfg.autoencoder.downsampling_factor
-        z = z.float() / model.scale_factor
-        images = vae_tiling.tiled(vae.decode, z, f, vae_tiling.TILE, vae_tiling.OVERLAP) if tiled else vae.decode(z)
+        images = vae.decode(z.float() / model.scale_factor, tiled=tiled)
     if not torch.isfinite(images).all():
         raise NonFiniteError("the autoencoder decoded non-finite pixels (NaN or inf): its weights are broken")
     return images

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from . import schedule, vae_tiling
-from .autoencoder import AutoencoderKL, DiagonalGaussian
+from . import schedule
+from .autoencoder import AutoencoderKL
 from .config import LatentDiffusionConfig, from_ldm_config
 from .prompts import chunk_prompt
 from .text_encoder import TextEncoder
@@ -137,23 +137,11 @@ class LatentDiffusion(nn.Module):
         """image (b, 3, H, W) in [-1, 1] -> a latent sample × scale_factor (b, 4, H/8, W/8); noise (b, 4, H/8, W/8)
         is the posterior sample's standard normal draw (default: torch's global generator). tiled: encode in
         overlapping tiles (`vae_tiling.py`), for images whose activations would not fit in memory at once."""
-        vae = self.first_stage_model
-        if tiled:
-            f = self.cfg.autoencoder.downsampling_factor
-            moments = vae_tiling.tiled(lambda t: vae.quant_conv(vae.encoder(t)), image, 1 / f, vae_tiling.TILE,
-                                       vae_tiling.OVERLAP, unit=f)  # fmt: skip
-            posterior = DiagonalGaussian(moments.to(image.dtype))
-        else:
-            posterior = vae.encode(image)
-        return self.scale_factor * posterior.sample(noise=noise)
+        return self.scale_factor * self.first_stage_model.encode(image, tiled=tiled).sample(noise=noise)
 
     def autoencoder_decode(self, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """scaled latent (b, 4, h, w) -> image (b, 3, 8h, 8w), about [-1, 1]; tiled: in overlapping tiles."""
-        if tiled:
-            f = self.cfg.autoencoder.downsampling_factor
-            return vae_tiling.tiled(self.first_stage_model.decode, z / self.scale_factor, f, vae_tiling.TILE,
-                                    vae_tiling.OVERLAP)  # fmt: skip
-        return self.first_stage_model.decode(z / self.scale_factor)
+        return self.first_stage_model.decode(z / self.scale_factor, tiled=tiled)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The U-Net's prediction (ε or v, per `parameterization`) for noisy latents x at timesteps t."""

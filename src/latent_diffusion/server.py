@@ -129,6 +129,12 @@ class NotFound(Exception):
     """A name that names nothing this server has (a 404)."""
 
 
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """The checkpoint files of a folder and its subfolders, by name relative to it ("sub/name.safetensors")."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+    return {p.relative_to(folder).as_posix(): p for p in paths}
+
+
 class Checkpoints:
     """The checkpoints the server can load: the files of `--models-dir` (and its subfolders) and the one it started
     with. Requests name one by its title ("sub/name.safetensors [hash]"), file name, or name without suffix;
@@ -140,12 +146,7 @@ class Checkpoints:
 
     def files(self) -> dict[str, Path]:
         """Name (relative to the folder) -> path."""
-        found = {self.first.name: self.first}
-        if self.models_dir is not None:
-            for path in sorted(self.models_dir.rglob("*")):
-                if path.suffix.lower() in CHECKPOINT_SUFFIXES and path.is_file():
-                    found[path.relative_to(self.models_dir).as_posix()] = path
-        return found
+        return {self.first.name: self.first} | (checkpoint_files(self.models_dir) if self.models_dir else {})
 
     def title(self, name: str, path: Path) -> str:
         return f"{name} [{self.hashes[path]}]" if path in self.hashes else name
