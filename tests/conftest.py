@@ -17,6 +17,29 @@ def tiny_config(variant: str) -> LatentDiffusionConfig:
                                  "use_linear_in_transformer": True, "transformer_depth": 2})  # fmt: skip
         cfg.text = TextEncoderConfig(kind="openclip", width=32, layers=3, heads=2, mlp_width=64, activation="gelu",
                                      layer="penultimate", pad_token=0, embed_dim=24)  # fmt: skip
+    elif variant in ("sdxl", "sdxl-refiner"):  # SDXL's options: a first level without attention, depth per level
+        clip = TextEncoderConfig(width=32, layers=3, heads=2, mlp_width=64, layer="penultimate", final_norm=False)
+        big_g = TextEncoderConfig(
+            kind="openclip",
+            width=48,
+            layers=3,
+            heads=3,
+            mlp_width=96,
+            activation="gelu",
+            layer="penultimate",
+            final_norm=False,
+            pad_token=0,
+            embed_dim=40,
+            pooled=True,
+        )
+        refiner = variant == "sdxl-refiner"
+        micro = ("original_size", "crop_coords", "aesthetic_score" if refiner else "target_size")
+        cfg.unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 4), num_res_blocks=1,
+                              num_heads=None, num_head_channels=16, transformer_depth=(1, 1, 2) if refiner else (1, 2, 3),
+                              context_dim=48 if refiner else 80, use_linear_in_transformer=True,
+                              adm_in_channels=40 + (5 if refiner else 6) * 8)  # fmt: skip
+        cfg = dataclasses.replace(cfg, text=big_g if refiner else clip, text2=None if refiner else big_g,
+                                  micro_conditioning=micro, micro_conditioning_width=8, scale_factor=0.13025)  # fmt: skip
     elif variant != "sd1":
         raise ValueError(variant)
     return cfg

@@ -164,15 +164,20 @@ def test_dtype(tmp_path, tiny_models, dtype):
         ("sd-v2.1", "v2-1_512-ema-pruned.safetensors", "eps"),
         ("sd-v2.1", "v2-1_768-ema-pruned.safetensors", "v"),
         ("sd-v2.1", "768-v-ema.ckpt", "v"),
+        ("sdxl-base", "sd_xl_base_1.0.safetensors", "eps"),
+        ("sdxl-refiner", "sd_xl_refiner_1.0.safetensors", "eps"),
     ],
 )
 def test_variant_detected_from_keys_alone(name, file_name, parameterization):
     with torch.device("meta"):
         sd = dict(LatentDiffusion(preset(name)).state_dict())
     # What released files carry beside the model: schedule buffers, LitEma's counters, transformers' old buffer.
-    sd.update({"betas": torch.zeros(1000), "alphas_cumprod": torch.zeros(1000), "model_ema.decay": torch.zeros(())})
+    sd.update({"betas": torch.zeros(1000), "alphas_cumprod": torch.zeros(1000), "alphas_cumprod_prev": torch.zeros(1000),
+               "model_ema.decay": torch.zeros(()), "model_ema.num_updates": torch.zeros((), dtype=torch.int64)})  # fmt: skip
     if name.startswith("sd-v1"):
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77)
+    if name == "sdxl-base":
+        sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.zeros(1, 77)
     cfg = infer_config(sd, path=file_name)
     expected = preset(name)
     expected.parameterization = parameterization
@@ -183,6 +188,7 @@ def test_safetensors_is_memory_mapped_not_copied(tmp_path):
     """Load a ~190 MB checkpoint in a fresh process: peak memory must grow by far less than the file size."""
     cfg = tiny_config("sd1")
     cfg.unet.model_channels, cfg.unet.channel_mult, cfg.unet.num_res_blocks = 128, (1, 2, 4, 4), 2
+    cfg.unet.transformer_depth = (1, 1, 1, 1)  # one per level
     path = tmp_path / "medium.safetensors"
     save_model(LatentDiffusion(cfg), path)
     size_mb = os.path.getsize(path) / 1e6
@@ -213,6 +219,7 @@ def test_a_float16_file_loads_as_float32_without_holding_the_file(tmp_path):
     loaded model, not that plus the whole file (1.4x here when converting the mapped views)."""
     cfg = tiny_config("sd1")
     cfg.unet.model_channels, cfg.unet.channel_mult, cfg.unet.num_res_blocks = 128, (1, 2, 4, 4), 2
+    cfg.unet.transformer_depth = (1, 1, 1, 1)  # one per level
     path = tmp_path / "medium-fp16.safetensors"
     save_model(LatentDiffusion(cfg).half(), path)
     assert os.path.getsize(path) > 150e6
@@ -327,3 +334,59 @@ def test_zip_bomb_like_non_checkpoint_zip(tmp_path):
         z.writestr("hello.txt", "not a torch archive")
     with pytest.raises(CheckpointError, match=r"a\.ckpt: not a readable PyTorch checkpoint"):
         load_model(tmp_path / "a.ckpt")
+
+
+def test_vae_attention_stored_as_linear_weights_is_reshaped(tmp_path, tiny_models):
+    """Files converted back from diffusers hold the VAE's attention q, k, v, proj_out as [c, c] (Linear) instead of
+    [c, c, 1, 1]: the same numbers, loaded exactly."""
+    model = tiny_models["sd1"]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    linear = [k for k in sd if ".attn_1." in k and k.endswith(".weight") and sd[k].ndim == 4]
+    assert len(linear) == 8  # encoder and decoder: q, k, v, proj_out
+    for k in linear:
+        sd[k] = sd[k][:, :, 0, 0].contiguous()
+    save_file(sd, tmp_path / "converted.safetensors")
+    loaded = load_model(tmp_path / "converted.safetensors", config=to_ldm_config(model.cfg))
+    assert_same_weights(loaded, model)
+
+
+def test_sd2_converted_back_from_diffusers_loads(tmp_path, tiny_models):
+    """An SD 2.x file converted back from diffusers has one text block fewer and no text_projection or logit_scale:
+    the blocks it has are the ones SD 2.x uses, so it loads as their last layer and conditions exactly as the
+    original. Read off the keys (full size, on the meta device) and run (tiny)."""
+    with torch.device("meta"):
+        sd = dict(LatentDiffusion(preset("sd-v2.1")).state_dict())
+    prefix = "cond_stage_model.model."
+    sd = {k: v for k, v in sd.items() if not k.startswith((prefix + "transformer.resblocks.23.", prefix + "text_projection",
+                                                            prefix + "logit_scale"))}  # fmt: skip
+    text = infer_config(sd).text
+    assert (text.layers, text.layer, text.projection) == (23, "last", False)
+
+    model = tiny_models["sd2"]  # 3 blocks, the penultimate layer
+    last = f"{prefix}transformer.resblocks.{model.cfg.text.layers - 1}."
+    converted = {k: v for k, v in model.state_dict().items()
+                 if not k.startswith((last, prefix + "text_projection", prefix + "logit_scale"))}  # fmt: skip
+    cfg = to_ldm_config(model.cfg)
+    cfg["params"]["cond_stage_config"]["params"] |= {"layers": 2, "layer": "last", "projection": False}
+    save_file(converted, tmp_path / "sd2-from-diffusers.safetensors")
+    loaded = load_model(tmp_path / "sd2-from-diffusers.safetensors", config=cfg)
+    with torch.no_grad():
+        expected = model.conditioning(["a red circle", ""])[0]["crossattn"]
+        torch.testing.assert_close(loaded.conditioning(["a red circle", ""])[0]["crossattn"], expected)
+
+
+def test_sdxl_round_trips_with_and_without_our_metadata(tmp_path):
+    """Our file (config in the metadata), and a plain state dict read with generative-models' YAML."""
+    from conftest import tiny_config as config
+
+    for i, variant in enumerate(("sdxl", "sdxl-refiner")):
+        model = randomize(LatentDiffusion(config(variant)), seed=20 + i)
+        save_model(model, tmp_path / f"{variant}.safetensors")
+        loaded = load_model(tmp_path / f"{variant}.safetensors")
+        assert loaded.cfg == model.cfg
+        assert_same_weights(loaded, model)
+        torch.save(model.state_dict(), tmp_path / f"{variant}.ckpt")
+        (tmp_path / f"{variant}.yaml").write_text(yaml.safe_dump({"model": to_ldm_config(model.cfg)}))
+        plain = load_model(tmp_path / f"{variant}.ckpt", config=tmp_path / f"{variant}.yaml")
+        assert plain.cfg == model.cfg
+        assert_same_weights(plain, model)

@@ -23,14 +23,18 @@ from pathlib import Path
 import torch
 
 from .config import (
+    MICRO_CONDITIONING,
+    OPENCLIP_VIT_BIGG_14,
     OPENCLIP_VIT_H_14,
+    SDXL_CLIP_VIT_L_14,
+    SDXL_SCALE_FACTOR,
     AutoencoderConfig,
     LatentDiffusionConfig,
     TextEncoderConfig,
     UNetConfig,
     from_ldm_config,
 )
-from .family import EMA, SD1, SD2, UNET, VAE, family_of_keys
+from .family import EMA, SD1, SD2, SDXL, UNET, VAE, family_of_keys
 from .files import atomic_write
 from .latent_diffusion import LatentDiffusion
 
@@ -181,12 +185,24 @@ def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
     blocks = _indices(keys, UNET + "input_blocks.")
     downs = [i for i in blocks if UNET + f"input_blocks.{i}.0.op.weight" in sd]
     num_res_blocks = (downs[0] if downs else len(blocks)) - 1
-    channel_mult, attention_resolutions = [], []
+    channel_mult, attention_resolutions, depths = [], [], {}
     for level in range(len(downs) + 1):
         first = 1 + level * (num_res_blocks + 1)
         channel_mult.append(sd[UNET + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
         if UNET + f"input_blocks.{first}.1.proj_in.weight" in sd:
             attention_resolutions.append(2**level)
+            depths[level] = len(_indices(keys, UNET + f"input_blocks.{first}.1.transformer_blocks."))
+    # A level without attention leaves no depth in the keys: the one depth of all levels if they share one
+    # (the refiner's 4), else 1 (SDXL base's [1, 2, 10]), as the original YAMLs write them. The middle block
+    # has the last level's depth.
+    middle = len(_indices(keys, UNET + "middle_block.1.transformer_blocks."))
+    fill = depths[min(depths)] if len(set(depths.values())) == 1 else 1
+    transformer_depth = [depths.get(level, fill) for level in range(len(channel_mult))]
+    last = len(channel_mult) - 1
+    if last not in depths:
+        transformer_depth[last] = middle
+    elif depths[last] != middle:
+        raise ValueError(f"a middle block of depth {middle} beside a last level of depth {depths[last]}")
     proj_in = sd[UNET + "middle_block.1.proj_in.weight"]
     linear = proj_in.ndim == 2
     return UNetConfig(
@@ -199,7 +215,7 @@ def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
         # Head counts leave no trace in the shapes: these are SD 1.x's and SD 2.x's.
         num_heads=None if linear else 8,
         num_head_channels=64 if linear else None,
-        transformer_depth=len(_indices(keys, UNET + "middle_block.1.transformer_blocks.")),
+        transformer_depth=tuple(transformer_depth),
         context_dim=sd[UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
         use_linear_in_transformer=linear,
         adm_in_channels=sd[UNET + "label_emb.0.0.weight"].shape[1] if UNET + "label_emb.0.0.weight" in sd else None,
@@ -223,26 +239,46 @@ def _infer_autoencoder(sd: dict[str, torch.Tensor]) -> AutoencoderConfig:
     )
 
 
-def _infer_text(sd: dict[str, torch.Tensor]) -> TextEncoderConfig:
+def _infer_text(sd: dict[str, torch.Tensor], prefix: str, stock: TextEncoderConfig) -> TextEncoderConfig:
+    """The text encoder whose weights start with `prefix` (`...transformer.text_model.` for CLIP's layout,
+    `...model.` for OpenCLIP's): `stock`'s options with the widths and depth of the weights."""
     keys = sd.keys()
-    if family_of_keys(keys) is SD1:
-        vocab, width = sd[CLIP + "embeddings.token_embedding.weight"].shape
-        return TextEncoderConfig(
-            vocab_size=vocab,
-            max_length=sd[CLIP + "embeddings.position_embedding.weight"].shape[0],
-            width=width,
-            layers=len(_indices(keys, CLIP + "encoder.layers.")),
-            heads=max(1, width // 64),  # CLIP's head width is 64
-            mlp_width=sd[CLIP + "encoder.layers.0.mlp.fc1.weight"].shape[0],
-        )
-    vocab, width = sd[OPENCLIP + "token_embedding.weight"].shape
-    text = dataclasses.replace(OPENCLIP_VIT_H_14)
-    text.vocab_size, text.width, text.heads = vocab, width, max(1, width // 64)
-    text.max_length = sd[OPENCLIP + "positional_embedding"].shape[0]
-    text.layers = len(_indices(keys, OPENCLIP + "transformer.resblocks."))
-    text.mlp_width = sd[OPENCLIP + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    text.embed_dim = sd[OPENCLIP + "text_projection"].shape[1]
+    text = dataclasses.replace(stock)
+    if stock.kind == "clip":
+        text.vocab_size, text.width = sd[prefix + "embeddings.token_embedding.weight"].shape
+        text.max_length = sd[prefix + "embeddings.position_embedding.weight"].shape[0]
+        text.layers = len(_indices(keys, prefix + "encoder.layers."))
+        text.mlp_width = sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+    else:
+        text.vocab_size, text.width = sd[prefix + "token_embedding.weight"].shape
+        text.max_length = sd[prefix + "positional_embedding"].shape[0]
+        text.layers = len(_indices(keys, prefix + "transformer.resblocks."))
+        text.mlp_width = sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        text.projection = prefix + "text_projection" in sd
+        if text.projection:
+            text.embed_dim = sd[prefix + "text_projection"].shape[1]
+        elif not text.pooled:  # converted back from diffusers: the last block is the one SD 2.x's penultimate is
+            text.layer = "last"
+    text.heads = max(1, text.width // 64)  # CLIP's and OpenCLIP's head width is 64
+    text.__post_init__()
     return text
+
+
+def _infer_conditioner(sd: dict[str, torch.Tensor]) -> dict:
+    """The config fields of the family's conditioner: the text encoder(s) and, for SDXL, its micro-conditioning."""
+    family = family_of_keys(sd.keys())
+    if family is SD1:
+        return {"text": _infer_text(sd, CLIP, TextEncoderConfig())}
+    if family is SD2:
+        return {"text": _infer_text(sd, OPENCLIP, OPENCLIP_VIT_H_14)}
+    base = family is SDXL
+    texts = [_infer_text(sd, SDXL.text_prefix + "0.transformer.text_model.", SDXL_CLIP_VIT_L_14)] if base else []
+    texts.append(_infer_text(sd, SDXL.text_prefix + f"{len(texts)}.model.", OPENCLIP_VIT_BIGG_14))
+    micro = ("original_size", "crop_coords", "target_size" if base else "aesthetic_score")
+    adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
+    return {"text": texts[0], "text2": texts[1] if base else None, "micro_conditioning": micro,
+            "micro_conditioning_width": (adm - texts[-1].embed_dim) // sum(MICRO_CONDITIONING[m] for m in micro),
+            "scale_factor": SDXL_SCALE_FACTOR}  # fmt: skip
 
 
 def _check_family(sd: dict[str, torch.Tensor], path) -> None:
@@ -258,10 +294,10 @@ def _check_family(sd: dict[str, torch.Tensor], path) -> None:
         hint = "it looks like a diffusers-format component, not a single-file Stable Diffusion checkpoint"
     elif any(k.startswith(UNET) for k in keys):
         missing = [p for p, ok in (("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
-                                   ("cond_stage_model.*", has_text)) if not ok]  # fmt: skip
+                                   ("cond_stage_model.* (or SDXL's conditioner.*)", has_text)) if not ok]  # fmt: skip
         hint = f"it has a U-Net but no {' and no '.join(missing)} weights"
     else:
-        hint = "no model.diffusion_model.* / first_stage_model.* / cond_stage_model.* keys"
+        hint = "no model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (or conditioner.*) keys"
     raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: {hint} (first keys: {sample})")
 
 
@@ -280,14 +316,15 @@ def infer_config(
             raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not a valid config ({e})") from None
     _check_family(sd, path)
     try:
-        text = _infer_text(sd)
+        conditioner = _infer_conditioner(sd)
         name = Path(path).name.lower() if path else ""
-        is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (text.kind == "openclip" and "768" in name)
+        sd2 = family_of_keys(sd.keys()) is SD2
+        is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (sd2 and "768" in name)
         return LatentDiffusionConfig(
             unet=_infer_unet(sd),
             autoencoder=_infer_autoencoder(sd),
-            text=text,
             parameterization="v" if is_v else "eps",
+            **conditioner,
         )
     except KeyError as e:
         raise CheckpointError(f"{path}: an incomplete Stable Diffusion checkpoint: it has no {e.args[0]}") from None
@@ -342,7 +379,7 @@ def _ignorable(key: str) -> bool:
     return (
         "." not in key  # CompVis's schedule buffers: betas, alphas_cumprod, posterior_variance, ...
         or key.startswith(EMA)  # taken only when ema=True
-        or key == CLIP + "embeddings.position_ids"  # a buffer older transformers versions saved
+        or key.endswith("text_model.embeddings.position_ids")  # a buffer older transformers versions saved
     )
 
 
@@ -388,6 +425,9 @@ def load_model(
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
     wrong_shape = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    # The VAE's attention as Linear weights [c, c] instead of 1x1 convolutions [c, c, 1, 1], as files converted back
+    # from diffusers store them: the same numbers, reshaped exactly.
+    wrong_shape = [k for k in wrong_shape if not (k.startswith(VAE) and (*sd[k].shape, 1, 1) == expected[k].shape)]
     if missing or unexpected or wrong_shape:
         raise CheckpointError(
             f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape)
@@ -403,7 +443,7 @@ def load_model(
             if (target != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
                 scratch = scratch or bytearray(max(end - start for *_, start, end in index.values()))
                 t = _read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
-            weights[k] = t.to(device=device, dtype=target)  # a copy: `scratch` is free for the next tensor
+            weights[k] = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
     model.load_state_dict(weights, strict=True, assign=True)
     model.init_schedule(device)
     model.checkpoint = str(path)

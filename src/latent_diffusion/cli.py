@@ -46,15 +46,26 @@ def count(module: torch.nn.Module) -> str:
 
 def describe(model: LatentDiffusion) -> str:
     cfg = model.cfg
-    return (
-        f"variant {cfg.variant} ({cfg.parameterization}-prediction), {model.dtype}, {model.device}\n"
+    lines = [
+        f"variant {cfg.variant} ({cfg.family.title}, {cfg.parameterization}-prediction), {model.dtype}, {model.device}",
         f"  U-Net        model.diffusion_model   {count(model.model)}  in_channels={cfg.unet.in_channels}"
-        f" model_channels={cfg.unet.model_channels} channel_mult={cfg.unet.channel_mult}\n"
+        f" model_channels={cfg.unet.model_channels} channel_mult={cfg.unet.channel_mult}"
+        + (f" vector y={cfg.unet.adm_in_channels}" if cfg.unet.adm_in_channels else ""),
         f"  autoencoder  first_stage_model       {count(model.first_stage_model)}"
-        f"  {cfg.autoencoder.downsampling_factor}x smaller per side, scale_factor={cfg.scale_factor}\n"
-        f"  text         cond_stage_model        {count(model.cond_stage_model)}  {cfg.text.kind}"
-        f" width={cfg.text.width} layers={cfg.text.layers} ({cfg.text.layer} layer)"
-    )
+        f"  {cfg.autoencoder.downsampling_factor}x smaller per side, scale_factor={cfg.scale_factor}",
+    ]
+    xl = bool(cfg.micro_conditioning)
+    for i, (t, encoder) in enumerate(zip(cfg.texts, model.text_encoders)):
+        where = f"conditioner.embedders.{i}" if xl else "cond_stage_model"
+        lines.append(
+            f"  text         {where:<23} {count(encoder)}  {t.kind} width={t.width} layers={t.layers} ({t.layer}"
+            f" layer{'' if t.final_norm else ', no final norm'}){', pooled into y' if t.pooled else ''}"
+            + ("; no text_projection or logit_scale in the file (unused)" if not t.projection else "")
+        )
+    if xl:
+        lines.append(f"  micro-conditioning ({cfg.micro_conditioning_width} wide each): "
+                     f"{', '.join(cfg.micro_conditioning)}")  # fmt: skip
+    return "\n".join(lines)
 
 
 def cmd_info(args) -> None:
@@ -194,7 +205,7 @@ def cmd_generate(args) -> None:
         model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
         if model.cfg.inpainting and args.command != "inpaint":
             raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
-        model.embeddings, notices = load_embeddings(embeddings, model.cfg.text.width) if embeddings else ({}, [])
+        model.embeddings, notices = load_embeddings(embeddings, model.cfg.unet.context_dim) if embeddings else ({}, [])
         model.loras = loras
         for notice in notices:
             print(f"ldm: warning: {notice}", file=sys.stderr)
@@ -375,7 +386,7 @@ def cmd_serve(args) -> None:
 
     def load(path) -> LatentDiffusion:
         model = load_model(path, device=device, dtype=dtype)
-        model.embeddings, notices = load_embeddings(embeddings, model.cfg.text.width) if embeddings else ({}, [])
+        model.embeddings, notices = load_embeddings(embeddings, model.cfg.unet.context_dim) if embeddings else ({}, [])
         model.loras = loras
         for notice in notices:
             print(f"ldm: warning: {notice}", file=sys.stderr)

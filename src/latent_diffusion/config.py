@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from .family import Family, family_of_text_kind
+from .family import SDXL, SDXL_REFINER, Family, family_of_text_kind
 from .parameterization import PARAMETERIZATIONS
 
 
@@ -48,18 +48,26 @@ class UNetConfig:
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     num_heads: int | None = 8  # SD 1.x: a fixed head count ...
     num_head_channels: int | None = None  # ... SD 2.x: a fixed head width (64); exactly one of the two is set
-    transformer_depth: int = 1
+    transformer_depth: tuple[int, ...] = 1  # transformer blocks per level (a number: the same for every level);
+    # the middle block has the last level's. SDXL base: (1, 2, 10), its first level without attention.
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     adm_in_channels: int | None = None  # width of the vector conditioning y (CompVis num_classes="sequential")
 
     def __post_init__(self):
+        levels = len(self.channel_mult) if isinstance(self.channel_mult, (tuple, list)) else 1
+        if isinstance(self.transformer_depth, int) and not isinstance(self.transformer_depth, bool):
+            self.transformer_depth = (self.transformer_depth,) * levels
+        if isinstance(self.transformer_depth, (tuple, list)) and len(self.transformer_depth) != levels:
+            raise ValueError(f"UNetConfig: transformer_depth {list(self.transformer_depth)} must have one number per "
+                             f"level of channel_mult {list(self.channel_mult)}")  # fmt: skip
         check_ranges(self, in_channels=(1, 64), out_channels=(1, 64), model_channels=(1, 4096), num_res_blocks=(1, 16),
                      attention_resolutions=(1, 64), channel_mult=(1, 64), num_heads=(1, 256),
                      num_head_channels=(1, 1024), transformer_depth=(1, 64), context_dim=(1, 16384),
                      adm_in_channels=(1, 65536))  # fmt: skip
         self.attention_resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))  # a set; (4, 2, 1)
         self.channel_mult = tuple(self.channel_mult)
+        self.transformer_depth = tuple(self.transformer_depth)
         if (self.num_heads is None) == (self.num_head_channels is None) or not self.channel_mult:
             raise ValueError("UNetConfig: set exactly one of num_heads and num_head_channels, and a channel_mult")
         for width in (self.model_channels * m for m in self.channel_mult):
@@ -101,9 +109,13 @@ class TextEncoderConfig:
     heads: int = 12
     mlp_width: int = 3072
     activation: str = "quick_gelu"  # CLIP ViT-L/14: quick_gelu; OpenCLIP ViT-H/14: gelu
-    layer: str = "last"  # "last" or "penultimate" hidden state (final layer norm applied to either)
+    layer: str = "last"  # "last" or "penultimate" hidden state
+    final_norm: bool = True  # the final layer norm on that hidden state (SD 1.x, 2.x); SDXL's encoders skip it
     pad_token: int = 49407  # CompVis FrozenCLIPEmbedder pads with <|endoftext|>; open_clip pads with 0
-    embed_dim: int = 1024  # width of OpenCLIP's text_projection (stored in checkpoints, unused for conditioning)
+    embed_dim: int = 1024  # width of OpenCLIP's text_projection (unused by SD 2.x; SDXL's pooled text vector)
+    pooled: bool = False  # SDXL: this encoder's pooled, projected end token begins the vector conditioning y
+    projection: bool = True  # OpenCLIP: holds text_projection and logit_scale (SD 2.x files converted back from
+    # diffusers lack both, and the last block, which SD 2.x does not use: they load as `layer="last"` of 23)
 
     def __post_init__(self):
         check_ranges(self, vocab_size=(49408, 10**6), max_length=(3, 4096), width=(1, 16384), layers=(1, 256),
@@ -114,15 +126,29 @@ class TextEncoderConfig:
             raise ValueError(f"TextEncoderConfig.kind must be 'clip' or 'openclip', not {self.kind!r}")
         if self.layer not in ("last", "penultimate"):
             raise ValueError(f"TextEncoderConfig.layer must be 'last' or 'penultimate', not {self.layer!r}")
+        if self.pooled and (self.kind != "openclip" or not self.projection):
+            raise ValueError("TextEncoderConfig.pooled needs kind 'openclip' with its projection")
         if self.activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"TextEncoderConfig.activation must be 'quick_gelu' or 'gelu', not {self.activation!r}")
+
+
+# SDXL's micro-conditioning (Podell et al. 2023, section 2.2): numbers about the training image that the U-Net
+# sees through y, each number as a sinusoidal embedding (generative-models' ConcatTimestepEmbedderND).
+# name -> how many numbers: original_size (height, width), crop_coords (top, left), target_size (height, width),
+# aesthetic_score (the refiner's).
+MICRO_CONDITIONING = {"original_size": 2, "crop_coords": 2, "target_size": 2, "aesthetic_score": 1}
 
 
 @dataclass
 class LatentDiffusionConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)  # the text encoder, or SDXL's first
+    text2: TextEncoderConfig | None = None  # SDXL base's second text encoder (OpenCLIP ViT-bigG/14)
+    # SDXL: the micro-conditioning inputs of y, in order after the pooled text (empty: SD 1.x/2.x). Non-empty
+    # means generative-models' layout: the text encoders and these under `conditioner.embedders.N`.
+    micro_conditioning: tuple[str, ...] = ()
+    micro_conditioning_width: int = 256  # embedding width per number
     scale_factor: float = 0.18215  # latents are multiplied by this so that they have about unit variance
     linear_start: float = 0.00085  # beta_1 of the "scaled linear" schedule
     linear_end: float = 0.012  # beta_T
@@ -145,13 +171,35 @@ class LatentDiffusionConfig:
                              f"do not fit the autoencoder's {self.autoencoder.embed_dim} latent channels")  # fmt: skip
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be 'eps' or 'v', not {self.parameterization!r}")
-        if self.unet.context_dim != self.text.width:
-            raise ValueError(
-                f"U-Net context_dim {self.unet.context_dim} must equal the text encoder width {self.text.width}"
-            )
+        check_ranges(self, micro_conditioning_width=(2, 4096))
+        self.micro_conditioning = tuple(self.micro_conditioning)
+        if unknown := [m for m in self.micro_conditioning if m not in MICRO_CONDITIONING]:
+            raise ValueError(f"unknown micro_conditioning {unknown}; known: {', '.join(MICRO_CONDITIONING)}")
+        if self.text2 is not None and not self.micro_conditioning:
+            raise ValueError("a second text encoder needs SDXL's micro_conditioning (generative-models' layout)")
+        widths = [t.width for t in self.texts]
+        if self.unet.context_dim != sum(widths):
+            raise ValueError(f"U-Net context_dim {self.unet.context_dim} must equal the text encoder width "
+                             f"{' + '.join(map(str, widths))}")  # fmt: skip
+        if self.micro_conditioning and self.unet.adm_in_channels != self.vector_width:
+            raise ValueError(f"U-Net adm_in_channels {self.unet.adm_in_channels} must equal the width of the vector "
+                             f"conditioning, {self.vector_width} (pooled text and micro-conditioning)")  # fmt: skip
+
+    @property
+    def texts(self) -> list[TextEncoderConfig]:
+        """The text encoders, in the order of their outputs' concatenation into the context."""
+        return [self.text] + ([self.text2] if self.text2 is not None else [])
+
+    @property
+    def vector_width(self) -> int:
+        """Width of y: the pooled text embeddings, then micro_conditioning_width per micro-conditioning number."""
+        numbers = sum(MICRO_CONDITIONING[m] for m in self.micro_conditioning)
+        return sum(t.embed_dim for t in self.texts if t.pooled) + numbers * self.micro_conditioning_width
 
     @property
     def family(self) -> Family:
+        if self.micro_conditioning:
+            return SDXL_REFINER if "aesthetic_score" in self.micro_conditioning else SDXL
         return family_of_text_kind(self.text.kind)
 
     @property
@@ -190,10 +238,14 @@ class LatentDiffusionConfig:
         d = json.loads(text)
         if not isinstance(d, dict) or not all(isinstance(d.get(k), dict) for k in ("unet", "autoencoder", "text")):
             raise ValueError("a config needs unet, autoencoder and text sections")
+        text2 = d.pop("text2", None)
+        if text2 is not None and not isinstance(text2, dict):
+            raise ValueError("a config's text2 section must be a mapping")
         return cls(
             unet=UNetConfig(**d.pop("unet")),
             autoencoder=AutoencoderConfig(**d.pop("autoencoder")),
             text=TextEncoderConfig(**d.pop("text")),
+            text2=TextEncoderConfig(**text2) if text2 is not None else None,
             **d,
         )
 
@@ -204,6 +256,14 @@ OPENCLIP_VIT_H_14 = TextEncoderConfig(
     layer="penultimate", pad_token=0, embed_dim=1024,
 )  # fmt: skip
 SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+# SDXL's text encoders (generative-models' FrozenCLIPEmbedder layer "hidden" 11 and FrozenOpenCLIPEmbedder2):
+# the penultimate hidden state without the final layer norm; ViT-bigG also gives its pooled, projected output.
+SDXL_CLIP_VIT_L_14 = dataclasses.replace(CLIP_VIT_L_14, layer="penultimate", final_norm=False)
+OPENCLIP_VIT_BIGG_14 = TextEncoderConfig(
+    kind="openclip", width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu",
+    layer="penultimate", final_norm=False, pad_token=0, embed_dim=1280, pooled=True,
+)  # fmt: skip
+SDXL_SCALE_FACTOR = 0.13025  # the SDXL autoencoder's latent scale (it was retrained; same architecture)
 
 
 def _sd1(**unet) -> LatentDiffusionConfig:
@@ -216,6 +276,33 @@ def _sd2(parameterization: str) -> LatentDiffusionConfig:
         text=dataclasses.replace(OPENCLIP_VIT_H_14),
         parameterization=parameterization,
     )
+
+
+def _sdxl_base() -> LatentDiffusionConfig:
+    return LatentDiffusionConfig(
+        unet=UNetConfig(
+            model_channels=320, attention_resolutions=(4, 2), channel_mult=(1, 2, 4), num_heads=None,
+            num_head_channels=64, transformer_depth=(1, 2, 10), context_dim=768 + 1280, use_linear_in_transformer=True,
+            adm_in_channels=1280 + 6 * 256,
+        ),
+        text=dataclasses.replace(SDXL_CLIP_VIT_L_14),
+        text2=dataclasses.replace(OPENCLIP_VIT_BIGG_14),
+        micro_conditioning=("original_size", "crop_coords", "target_size"),
+        scale_factor=SDXL_SCALE_FACTOR,
+    )  # fmt: skip
+
+
+def _sdxl_refiner() -> LatentDiffusionConfig:
+    return LatentDiffusionConfig(
+        unet=UNetConfig(
+            model_channels=384, attention_resolutions=(4, 2), channel_mult=(1, 2, 4, 4), num_heads=None,
+            num_head_channels=64, transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+            adm_in_channels=1280 + 5 * 256,
+        ),
+        text=dataclasses.replace(OPENCLIP_VIT_BIGG_14),
+        micro_conditioning=("original_size", "crop_coords", "aesthetic_score"),
+        scale_factor=SDXL_SCALE_FACTOR,
+    )  # fmt: skip
 
 
 def _tiny() -> LatentDiffusionConfig:
@@ -235,6 +322,8 @@ PRESETS = {
     "sd-v1.5-inpaint": lambda: _sd1(in_channels=9),
     "sd-v2.1": lambda: _sd2("eps"),
     "sd-v2.1-768-v": lambda: _sd2("v"),
+    "sdxl-base": _sdxl_base,
+    "sdxl-refiner": _sdxl_refiner,
     "tiny": _tiny,
 }
 
@@ -247,50 +336,75 @@ def preset(name: str) -> LatentDiffusionConfig:
 
 
 def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
+    """A text encoder's config from its CompVis `cond_stage_config` or generative-models `emb_models` entry."""
     target = cond.get("target", "")
     params = dict(cond.get("params") or {})
-    if target.endswith("FrozenOpenCLIPEmbedder"):
-        text = dataclasses.replace(OPENCLIP_VIT_H_14)
-        if params.get("arch", "ViT-H-14") != "ViT-H-14":
-            raise ValueError(f"cond_stage_config: only OpenCLIP arch ViT-H-14 is supported, not {params['arch']!r}")
+    arch = params.get("arch")
+    if target.endswith(("FrozenOpenCLIPEmbedder", "FrozenOpenCLIPEmbedder2")):
+        stock = {"ViT-H-14": OPENCLIP_VIT_H_14, "ViT-bigG-14": OPENCLIP_VIT_BIGG_14}
+        if arch is not None and arch not in stock:
+            raise ValueError(f"OpenCLIP arch {arch!r} is not supported; only ViT-H-14 and ViT-bigG-14")
+        second = target.endswith("2")  # generative-models' FrozenOpenCLIPEmbedder2: SDXL's, pooled, legacy or not
+        text = dataclasses.replace(stock[arch or ("ViT-bigG-14" if second else "ViT-H-14")])
         text.layer = params.get("layer", "last")
+        text.final_norm = not second or params.get("legacy", True)  # legacy: the final norm on the layer taken
+        text.pooled = second and params.get("always_return_pooled", False)
     elif target.endswith("FrozenCLIPEmbedder"):
         text = dataclasses.replace(CLIP_VIT_L_14)
         text.layer = params.get("layer", "last")
+        if text.layer == "hidden":  # generative-models: hidden_states[layer_idx], without the final norm
+            layers = params.get("layers", CLIP_VIT_L_14.layers)  # (our extension below may set another depth)
+            if params.get("layer_idx") != layers - 1:
+                raise ValueError(f"FrozenCLIPEmbedder: only layer_idx {layers - 1} (the penultimate layer) is "
+                                 f"supported, not {params.get('layer_idx')!r}")  # fmt: skip
+            text.layer, text.final_norm = "penultimate", False
     else:
-        raise ValueError(f"cond_stage_config: unsupported text encoder target {target!r}")
+        raise ValueError(f"unsupported text encoder target {target!r}")
     # Our extension: explicit widths, so that small CLIP-architecture text encoders can be configured too.
-    known = {f.name for f in dataclasses.fields(TextEncoderConfig)} - {"kind"}
+    known = {f.name for f in dataclasses.fields(TextEncoderConfig)} - {"kind", "layer", "final_norm", "pooled"}
     for k in known & params.keys():
         setattr(text, k, params[k])
     text.__post_init__()
     return text
 
 
+def _text_params(t: TextEncoderConfig, stock: TextEncoderConfig, **params) -> dict:
+    """`params` plus the widths where `t` differs from the stock encoder (our extension; CompVis ignores them)."""
+    skip = {"kind", "layer", "final_norm", "pooled"}
+    return params | {f.name: getattr(t, f.name) for f in dataclasses.fields(TextEncoderConfig)
+                     if f.name not in skip and getattr(t, f.name) != getattr(stock, f.name)}  # fmt: skip
+
+
+# generative-models' micro-conditioning input keys <-> our names
+MICRO_KEYS = {"original_size_as_tuple": "original_size", "crop_coords_top_left": "crop_coords",
+              "target_size_as_tuple": "target_size", "aesthetic_score": "aesthetic_score"}  # fmt: skip
+
+
 def from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
-    """Config from the `model:` mapping of a CompVis inference YAML (or the whole parsed YAML)."""
+    """Config from the `model:` mapping of a CompVis inference YAML or a generative-models one (SDXL's
+    `sd_xl_base.yaml`, `sd_xl_refiner.yaml`), or the whole parsed YAML."""
     try:
         return _from_ldm_config(cfg)
     except KeyError as e:
-        raise ValueError(f"not a CompVis LatentDiffusion config: missing {e}") from None
+        raise ValueError(f"not a CompVis or generative-models config: missing {e}") from None
     except (TypeError, AttributeError) as e:
-        raise ValueError(f"not a CompVis LatentDiffusion config: a value of the wrong type ({e})") from None
+        raise ValueError(f"not a CompVis or generative-models config: a value of the wrong type ({e})") from None
 
 
-def _from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
-    if "model" in cfg and "params" not in cfg:
-        cfg = cfg["model"]
-    p = cfg["params"]
-    u = p["unet_config"]["params"]
-    fs = p["first_stage_config"]["params"]
-    dd = fs["ddconfig"]
-    if dd.get("attn_resolutions"):
-        raise ValueError("first_stage_config: attention outside the autoencoder's middle block is not supported")
+def _unet_config_from_ldm(u: dict) -> UNetConfig:
     num_heads = u.get("num_heads", -1)
     num_head_channels = u.get("num_head_channels", -1)
     if num_head_channels not in (-1, None):
         num_heads = None  # CompVis: num_head_channels, when given, overrides num_heads
-    unet = UNetConfig(
+    context_dim = u["context_dim"]
+    if isinstance(context_dim, list):  # generative-models: one per level, all the same in every SD model
+        if len(set(context_dim)) != 1:
+            raise ValueError(f"network_config: a context_dim per level {context_dim} is not supported")
+        context_dim = context_dim[0]
+    depth = u.get("transformer_depth", 1)
+    if u.get("transformer_depth_middle") not in (None, depth if isinstance(depth, int) else depth[-1]):
+        raise ValueError("network_config: a transformer_depth_middle other than the last level's is not supported")
+    return UNetConfig(
         in_channels=u["in_channels"],
         out_channels=u["out_channels"],
         model_channels=u["model_channels"],
@@ -299,11 +413,21 @@ def _from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
         channel_mult=tuple(u["channel_mult"]),
         num_heads=None if num_heads in (-1, None) else num_heads,
         num_head_channels=None if num_head_channels in (-1, None) else num_head_channels,
-        transformer_depth=u.get("transformer_depth", 1),
-        context_dim=u["context_dim"],
+        transformer_depth=depth,
+        context_dim=context_dim,
         use_linear_in_transformer=u.get("use_linear_in_transformer", False),
         adm_in_channels=u.get("adm_in_channels") if u.get("num_classes") == "sequential" else None,
     )
+
+
+def _from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
+    if "model" in cfg and "params" not in cfg:
+        cfg = cfg["model"]
+    p = cfg["params"]
+    fs = p["first_stage_config"]["params"]
+    dd = fs["ddconfig"]
+    if dd.get("attn_resolutions"):
+        raise ValueError("first_stage_config: attention outside the autoencoder's middle block is not supported")
     autoencoder = AutoencoderConfig(
         embed_dim=fs["embed_dim"],
         z_channels=dd["z_channels"],
@@ -314,79 +438,143 @@ def _from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
         ch_mult=tuple(dd["ch_mult"]),
         num_res_blocks=dd["num_res_blocks"],
     )
+    if "network_config" not in p:  # CompVis's LatentDiffusion
+        return LatentDiffusionConfig(
+            unet=_unet_config_from_ldm(p["unet_config"]["params"]),
+            autoencoder=autoencoder,
+            text=_text_config_from_ldm(p.get("cond_stage_config") or {}),
+            scale_factor=p.get("scale_factor", 1.0),
+            linear_start=p.get("linear_start", 1e-4),  # CompVis's defaults; every SD YAML sets both
+            linear_end=p.get("linear_end", 2e-2),
+            timesteps=p.get("timesteps", 1000),
+            parameterization=p.get("parameterization", "eps"),
+        )
+    # generative-models' DiffusionEngine: the conditioner's embedders in order, the schedule in the denoiser
+    texts, micro, width = [], [], 256
+    for e in p["conditioner_config"]["params"]["emb_models"]:
+        if e["target"].endswith("ConcatTimestepEmbedderND"):
+            if e["input_key"] not in MICRO_KEYS:
+                raise ValueError(f"conditioner_config: unknown micro-conditioning input {e['input_key']!r}")
+            micro.append(MICRO_KEYS[e["input_key"]])
+            width = (e.get("params") or {}).get("outdim", width)
+        else:
+            texts.append(_text_config_from_ldm(e))
+    if not 1 <= len(texts) <= 2 or texts[-1].pooled != bool(micro) or any(t.pooled for t in texts[:-1]):
+        raise ValueError("conditioner_config: only SDXL's conditioners are supported (one or two text encoders, "
+                         "the last pooled, then micro-conditioning)")  # fmt: skip
+    denoiser = p.get("denoiser_config", {}).get("params", {})
+    discretization = denoiser.get("discretization_config", {}).get("params", {})
+    scaling = denoiser.get("scaling_config", {}).get("target", "EpsScaling")
     return LatentDiffusionConfig(
-        unet=unet,
+        unet=_unet_config_from_ldm(p["network_config"]["params"]),
         autoencoder=autoencoder,
-        text=_text_config_from_ldm(p.get("cond_stage_config") or {}),
+        text=texts[0],
+        text2=texts[1] if len(texts) == 2 else None,
+        micro_conditioning=tuple(micro),
+        micro_conditioning_width=width,
         scale_factor=p.get("scale_factor", 1.0),
-        linear_start=p.get("linear_start", 1e-4),  # CompVis's defaults; every SD YAML sets both
-        linear_end=p.get("linear_end", 2e-2),
-        timesteps=p.get("timesteps", 1000),
-        parameterization=p.get("parameterization", "eps"),
+        linear_start=discretization.get("linear_start", 0.00085),  # LegacyDDPMDiscretization's defaults
+        linear_end=discretization.get("linear_end", 0.012),
+        timesteps=denoiser.get("num_idx", 1000),
+        parameterization="v" if scaling.endswith("VScaling") else "eps",
     )
 
 
 def to_ldm_config(cfg: LatentDiffusionConfig) -> dict:
-    """The `model:` mapping of a CompVis inference YAML for this config (the inverse of from_ldm_config).
+    """The `model:` mapping of the original inference YAML for this config (the inverse of from_ldm_config):
+    CompVis's for SD 1.x/2.x, generative-models' for SDXL.
 
-    Text-encoder widths that differ from ViT-L/14 or ViT-H/14 are written as extra `cond_stage_config`
-    params, which CompVis would not read; the standard presets produce the stock YAMLs.
+    Text-encoder widths that differ from the stock encoders are written as extra text-encoder params, which
+    the originals would not read; the standard presets produce the stock YAMLs.
     """
     u, a, t = cfg.unet, cfg.autoencoder, cfg.text
-    stock = CLIP_VIT_L_14 if t.kind == "clip" else OPENCLIP_VIT_H_14
-    text_params = {"layer": t.layer}
-    for f in dataclasses.fields(TextEncoderConfig):
-        if f.name not in ("kind", "layer") and getattr(t, f.name) != getattr(stock, f.name):
-            text_params[f.name] = getattr(t, f.name)
-    params = {
-        "linear_start": cfg.linear_start,
-        "linear_end": cfg.linear_end,
-        "timesteps": cfg.timesteps,
-        "scale_factor": cfg.scale_factor,
-        "parameterization": cfg.parameterization,
-        "conditioning_key": "hybrid" if cfg.concat_channels else "crossattn",
-        "unet_config": {
-            "target": "ldm.modules.diffusionmodules.openaimodel.UNetModel",
-            "params": {
-                "in_channels": u.in_channels,
-                "out_channels": u.out_channels,
-                "model_channels": u.model_channels,
-                "attention_resolutions": list(u.attention_resolutions),
-                "num_res_blocks": u.num_res_blocks,
-                "channel_mult": list(u.channel_mult),
-                **({"num_heads": u.num_heads} if u.num_heads is not None else {}),
-                **({"num_head_channels": u.num_head_channels} if u.num_head_channels is not None else {}),
-                "use_spatial_transformer": True,
-                "transformer_depth": u.transformer_depth,
-                "context_dim": u.context_dim,
-                "use_linear_in_transformer": u.use_linear_in_transformer,
-                **({"num_classes": "sequential", "adm_in_channels": u.adm_in_channels} if u.adm_in_channels else {}),
-                "legacy": False,
-            },
-        },
-        "first_stage_config": {
-            "target": "ldm.models.autoencoder.AutoencoderKL",
-            "params": {
-                "embed_dim": a.embed_dim,
-                "ddconfig": {
-                    "double_z": a.double_z,
-                    "z_channels": a.z_channels,
-                    "resolution": 256,
-                    "in_channels": a.in_channels,
-                    "out_ch": a.out_ch,
-                    "ch": a.ch,
-                    "ch_mult": list(a.ch_mult),
-                    "num_res_blocks": a.num_res_blocks,
-                    "attn_resolutions": [],
-                    "dropout": 0.0,
-                },
-                "lossconfig": {"target": "torch.nn.Identity"},
-            },
-        },
-        "cond_stage_config": {
-            "target": "ldm.modules.encoders.modules."
-            + ("FrozenCLIPEmbedder" if t.kind == "clip" else "FrozenOpenCLIPEmbedder"),
-            "params": text_params,
-        },
+    xl = bool(cfg.micro_conditioning)
+    depth = u.transformer_depth[0] if len(set(u.transformer_depth)) == 1 else list(u.transformer_depth)
+    unet = {
+        **({"num_classes": "sequential", "adm_in_channels": u.adm_in_channels} if u.adm_in_channels else {}),
+        "in_channels": u.in_channels,
+        "out_channels": u.out_channels,
+        "model_channels": u.model_channels,
+        "attention_resolutions": list(u.attention_resolutions),
+        "num_res_blocks": u.num_res_blocks,
+        "channel_mult": list(u.channel_mult),
+        **({"num_heads": u.num_heads} if u.num_heads is not None else {}),
+        **({"num_head_channels": u.num_head_channels} if u.num_head_channels is not None else {}),
+        "use_spatial_transformer": True,
+        "transformer_depth": depth,
+        "context_dim": u.context_dim,
+        "use_linear_in_transformer": u.use_linear_in_transformer,
+        "legacy": False,
     }
-    return {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}
+    first_stage = {
+        "embed_dim": a.embed_dim,
+        "ddconfig": {
+            "double_z": a.double_z,
+            "z_channels": a.z_channels,
+            "resolution": 256,
+            "in_channels": a.in_channels,
+            "out_ch": a.out_ch,
+            "ch": a.ch,
+            "ch_mult": list(a.ch_mult),
+            "num_res_blocks": a.num_res_blocks,
+            "attn_resolutions": [],
+            "dropout": 0.0,
+        },
+        "lossconfig": {"target": "torch.nn.Identity"},
+    }
+    if not xl:
+        stock = CLIP_VIT_L_14 if t.kind == "clip" else OPENCLIP_VIT_H_14
+        params = {
+            "linear_start": cfg.linear_start,
+            "linear_end": cfg.linear_end,
+            "timesteps": cfg.timesteps,
+            "scale_factor": cfg.scale_factor,
+            "parameterization": cfg.parameterization,
+            "conditioning_key": "hybrid" if cfg.concat_channels else "crossattn",
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": first_stage},
+            "cond_stage_config": {
+                "target": "ldm.modules.encoders.modules."
+                + ("FrozenCLIPEmbedder" if t.kind == "clip" else "FrozenOpenCLIPEmbedder"),
+                "params": _text_params(t, stock, layer=t.layer),
+            },
+        }
+        return {"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": params}
+
+    def embedder(t: TextEncoderConfig) -> dict:
+        if t.kind == "clip":
+            layer = {"layer": "hidden", "layer_idx": t.layers - 1} if not t.final_norm else {"layer": t.layer}
+            params = _text_params(t, CLIP_VIT_L_14, **layer)
+            return {"is_trainable": False, "input_key": "txt", "params": params,
+                    "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder"}  # fmt: skip
+        params = _text_params(t, OPENCLIP_VIT_BIGG_14, arch="ViT-bigG-14", version="laion2b_s39b_b160k",
+                              freeze=True, layer=t.layer, always_return_pooled=t.pooled, legacy=t.final_norm)  # fmt: skip
+        return {"is_trainable": False, "input_key": "txt", "params": params,
+                "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2"}  # fmt: skip
+
+    keys = {name: key for key, name in MICRO_KEYS.items()}
+    micro = [{"is_trainable": False, "input_key": keys[m], "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+              "params": {"outdim": cfg.micro_conditioning_width}} for m in cfg.micro_conditioning]  # fmt: skip
+    scaling = "VScaling" if cfg.parameterization == "v" else "EpsScaling"
+    params = {
+        "scale_factor": cfg.scale_factor,
+        "disable_first_stage_autocast": True,
+        "denoiser_config": {
+            "target": "sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser",
+            "params": {
+                "num_idx": cfg.timesteps,
+                "scaling_config": {"target": f"sgm.modules.diffusionmodules.denoiser_scaling.{scaling}"},
+                "discretization_config": {
+                    "target": "sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization",
+                    "params": {"linear_start": cfg.linear_start, "linear_end": cfg.linear_end},
+                },
+            },
+        },
+        "network_config": {"target": "sgm.modules.diffusionmodules.openaimodel.UNetModel", "params": unet},
+        "conditioner_config": {
+            "target": "sgm.modules.GeneralConditioner",
+            "params": {"emb_models": [embedder(t) for t in cfg.texts] + micro},
+        },
+        "first_stage_config": {"target": "sgm.models.autoencoder.AutoencoderKLInferenceWrapper", "params": first_stage},
+    }
+    return {"target": "sgm.models.diffusion.DiffusionEngine", "params": params}

@@ -6,7 +6,9 @@ chunks) and the text encoder takes the embedding's vectors instead of those toke
 (`TextEncoder.forward(..., vectors=...)`), before the transformer.
 
 Formats, as the web UI reads them: its own `.pt` (`string_to_param` with one entry), diffusers'
-`learned_embeds.bin` (`{token: (width,) or (n, width)}`) and `.safetensors` with one tensor (`emb_params`).
+`learned_embeds.bin` (`{token: (width,) or (n, width)}`), `.safetensors` with one tensor (`emb_params`), and
+SDXL's `.safetensors` with `clip_l` (n, 768) and `clip_g` (n, 1280), held as one (n, 768 + 1280) tensor whose
+columns each text encoder takes its part of, in the order of the model's context.
 Pickled files go through the checkpoint reader's safe loader: nothing in them is run.
 """
 
@@ -46,6 +48,11 @@ def read_embedding(path: str | os.PathLike) -> torch.Tensor:
     if isinstance(data, dict) and "string_to_param" in data:  # the web UI's (and the original code's) format
         data = data["string_to_param"]
         data = getattr(data, "_parameters", data)  # an early file's pickled ParameterDict
+    if isinstance(data, dict) and data.keys() == {"clip_l", "clip_g"}:  # SDXL's: vectors for each text encoder
+        clip_l, clip_g = data["clip_l"], data["clip_g"]
+        tensors = isinstance(clip_l, torch.Tensor) and isinstance(clip_g, torch.Tensor)
+        if tensors and clip_l.ndim == clip_g.ndim == 2 and len(clip_l) == len(clip_g):
+            data = {"": torch.cat([clip_l, clip_g], dim=1)}
     if not isinstance(data, dict) or len(data) != 1 or not isinstance(next(iter(data.values())), torch.Tensor):
         raise CheckpointError(f"{path}: not a textual-inversion embedding (one tensor of token vectors)")
     vectors = next(iter(data.values())).detach().float()
@@ -56,9 +63,9 @@ def read_embedding(path: str | os.PathLike) -> torch.Tensor:
 
 
 def load_embeddings(folder: str | os.PathLike, width: int) -> tuple[dict[str, Embedding], list[str]]:
-    """Every embedding file in `folder` (and its subfolders) for a text encoder of this width -> ({name: embedding},
-    notices). A file that cannot be read, or whose vectors have another width (made for another family: 768 for
-    SD 1.x, 1024 for SD 2.x), is skipped with a one-line notice."""
+    """Every embedding file in `folder` (and its subfolders) for text encoders of this width together (the U-Net's
+    context_dim) -> ({name: embedding}, notices). A file that cannot be read, or whose vectors have another width
+    (made for another family: 768 for SD 1.x, 1024 for SD 2.x, 768 + 1280 for SDXL), is skipped with a notice."""
     embeddings, notices = {}, []
     for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()):
         try:

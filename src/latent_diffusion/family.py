@@ -1,9 +1,9 @@
 """Model families: one row each, with what tells the family apart in a checkpoint, where its conditioner's
 weights live, and its generation defaults. Everything else reads these rows instead of testing shapes.
 
-A new family (SDXL next: its conditioner under `conditioner.embedders.N`, a vector `y` for the U-Net) is a new
-row here, its conditioner module, and its config; the U-Net, the autoencoder, the samplers, the request layer
-and the front ends stay as they are. Inpainting is not a family: any family's U-Net with the mask and the
+A new family is a new row here, its conditioner module, and its config (SDXL: `conditioner.py`, its conditioner
+under `conditioner.embedders.N` that also makes the vector `y`); the U-Net, the autoencoder, the samplers, the
+request layer and the front ends stay as they are. Inpainting is not a family: any family's U-Net with the mask and the
 masked-image latent as extra input channels (`LatentDiffusionConfig.inpainting`).
 """
 
@@ -21,11 +21,12 @@ EMA = "model_ema."
 class Family:
     name: str  # how `variant` begins: "sd1"
     title: str  # for people: "SD 1.x"
-    text_kind: str  # the TextEncoderConfig.kind of its conditioner
+    text_kind: str  # the TextEncoderConfig.kind of its conditioner ("sgm": generative-models' conditioner)
     text_prefix: str  # where its conditioner's weights live in a checkpoint
     marker: str  # a key that only this family's checkpoints hold
     default_size: int = 512  # image side in pixels, for width and height when a request leaves them out
     default_cfg_scale: float = 7.5
+    vae_overflows_in_float16: bool = False  # decode in float32 even when the model runs in float16 (SDXL's VAE)
 
 
 SD1 = Family(
@@ -33,7 +34,18 @@ SD1 = Family(
     "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
 )  # fmt: skip
 SD2 = Family("sd2", "SD 2.x", "openclip", "cond_stage_model.model.", "cond_stage_model.model.token_embedding.weight")
-FAMILIES = (SD1, SD2)
+# generative-models' layout: `conditioner.embedders.N`, base: CLIP ViT-L (0), OpenCLIP ViT-bigG (1), sizes, crop;
+# refiner: ViT-bigG (0), size, crop, aesthetic score. Defaults of diffusers' StableDiffusionXLPipeline.
+SDXL = Family(
+    "sdxl", "SDXL", "sgm", "conditioner.embedders.", "conditioner.embedders.1.model.token_embedding.weight",
+    default_size=1024, default_cfg_scale=5.0, vae_overflows_in_float16=True,
+)  # fmt: skip
+SDXL_REFINER = Family(
+    "sdxl-refiner", "SDXL refiner", "sgm", "conditioner.embedders.",
+    "conditioner.embedders.0.model.token_embedding.weight", default_size=1024, default_cfg_scale=5.0,
+    vae_overflows_in_float16=True,
+)  # fmt: skip
+FAMILIES = (SD1, SD2, SDXL, SDXL_REFINER)
 
 
 def family_of_text_kind(kind: str) -> Family:

@@ -50,9 +50,11 @@ class NonFiniteError(RuntimeError):
 def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """Latents -> images (float32, about [-1, 1]), in overlapping tiles if `tiled`. A float16 decode that overflows
     is done again in float32 (the web UI's automatic VAE precision); a copy of the decoder in float32 exists only
-    for that retry."""
-    images = model.autoencoder_decode(z.to(model.dtype), tiled=tiled).float()
-    if model.dtype == torch.float16 and not torch.isfinite(images).all():
+    for that retry. A family whose VAE is known to overflow in float16 (SDXL's) decodes in float32 at once, as
+    diffusers' `force_upcast`."""
+    upcast = model.dtype == torch.float16 and model.cfg.family.vae_overflows_in_float16
+    images = None if upcast else model.autoencoder_decode(z.to(model.dtype), tiled=tiled).float()
+    if model.dtype == torch.float16 and (upcast or not torch.isfinite(images).all()):
         vae = copy.deepcopy(model.first_stage_model).float()
         images = vae.decode(z.float() / model.scale_factor, tiled=tiled)
     if not torch.isfinite(images).all():
@@ -118,12 +120,13 @@ def scheduled_denoiser(model: LatentDiffusion, r: GenerationRequest, batch: rang
     denoisers, notes = {}, []
     for end in ends:
         at_end = [next(text for last, text in schedule if end <= last) for schedule in schedules]
-        cond, notes = model.conditioning(at_end[: len(batch)], clip_skip=r.clip_skip, syntax=r.prompt_syntax)
+        options = dict(clip_skip=r.clip_skip, syntax=r.prompt_syntax, size=(r.height, r.width))
+        cond, notes = model.conditioning(at_end[: len(batch)], **options)
         uncond = {}
         if r.cfg_scale != 1:
-            uncond, more = model.conditioning(at_end[len(batch) :], clip_skip=r.clip_skip, syntax=r.prompt_syntax)
+            uncond, more = model.conditioning(at_end[len(batch) :], negative=True, **options)
             cond["crossattn"], uncond["crossattn"] = same_length(model, r, cond["crossattn"], uncond["crossattn"])
-            notes += more
+            notes += [n for n in more if n not in notes]
         denoisers[end] = Denoiser(
             lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(), model.alphas_cumprod,
             model.parameterization, {**cond, **extra}, {**uncond, **extra} if uncond else None, r.cfg_scale,

@@ -1,5 +1,7 @@
 """LatentDiffusion: the autoencoder, the text encoder and the U-Net under the names of CompVis checkpoints
-(`first_stage_model`, `cond_stage_model`, `model.diffusion_model`), plus the noise schedule.
+(`first_stage_model`, `cond_stage_model`, `model.diffusion_model`), plus the noise schedule. SDXL models have
+generative-models' `conditioner` (`conditioner.py`: two text encoders and the micro-conditioning) in place of
+`cond_stage_model`; the other names are the same.
 
 `conditioning(prompts)` is the model's conditioner: it turns prompts into the mapping that `DiffusionWrapper`
 routes into the U-Net; the request layer adds what does not come from the prompt (inpainting's "concat").
@@ -17,6 +19,7 @@ from torch import nn
 
 from . import schedule
 from .autoencoder import AutoencoderKL
+from .conditioner import Conditioner
 from .config import LatentDiffusionConfig, from_ldm_config
 from .prompts import chunk_prompt
 from .text_encoder import TextEncoder
@@ -59,7 +62,10 @@ class LatentDiffusion(nn.Module):
         self.cfg = cfg
         self.model = DiffusionWrapper(UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
-        self.cond_stage_model = TextEncoder(cfg.text)
+        if cfg.micro_conditioning:  # generative-models' layout (SDXL)
+            self.conditioner = Conditioner(cfg)
+        else:
+            self.cond_stage_model = TextEncoder(cfg.text)
         self.checkpoint: str | None = None  # the file `load_model` read it from (infotexts name it)
         self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (`embeddings.load_embeddings`)
         self.loras: dict[str, Path] = {}  # LoRA files that prompts may name (<lora:name:weight>), by name
@@ -88,6 +94,11 @@ class LatentDiffusion(nn.Module):
         return self.model.diffusion_model
 
     @property
+    def text_encoders(self) -> list[TextEncoder]:
+        """The text encoders, in the order their outputs are concatenated into the context."""
+        return self.conditioner.text_encoders if self.cfg.micro_conditioning else [self.cond_stage_model]
+
+    @property
     def device(self) -> torch.device:
         return self.unet.out[2].weight.device
 
@@ -96,40 +107,71 @@ class LatentDiffusion(nn.Module):
         return self.unet.out[2].weight.dtype
 
     def conditioning(
-        self, prompts: list[str], *, clip_skip: int | None = None, syntax: bool = True
+        self,
+        prompts: list[str],
+        *,
+        clip_skip: int | None = None,
+        syntax: bool = True,
+        size: tuple[int, int] | None = None,
+        negative: bool = False,
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """prompts in the web UI's language (`prompts.py`) -> ({"crossattn": (b, 77·k, context_dim)}, warnings).
+        """prompts in the web UI's language (`prompts.py`) -> ({"crossattn": (b, 77·k, context_dim)}, warnings),
+        and for SDXL "vector": y (b, adm_in_channels).
 
         Each prompt is k chunks of 77 tokens (prompts with fewer get empty-prompt chunks). Each token's hidden state
         is multiplied by its emphasis weight, then each chunk is rescaled to the mean it had unweighted, as the
         web UI's "Original" emphasis (which takes that mean over its whole batch; per prompt here, so that an
-        image of a batch stays the image its seed gives alone). syntax=False reads the prompts as plain text."""
+        image of a batch stays the image its seed gives alone). syntax=False reads the prompts as plain text.
+
+        SDXL: each text encoder encodes the chunks (emphasis applies to each), and the contexts are concatenated
+        along the features. y is the pooled text of the first chunk, as the web UI's, then the micro-conditioning:
+        original and target size `size` (height, width of the image), crop (0, 0), aesthetic score 6 (2.5 for
+        negative prompts), diffusers' and the web UI's defaults. An empty negative prompt is all zeros, text and
+        pooled (generative-models' `force_zero_embeddings`, as the reference sampling and the web UI use it).
+        CLIP skip does not apply to SDXL, as in the web UI."""
+        xl = bool(self.cfg.micro_conditioning)
+        notes = ["clip_skip has no effect on SDXL models (as in the web UI)"] if xl and clip_skip is not None else []
+        clip_skip = None if xl else clip_skip
         tokenizer = clip_tokenizer(self.cfg.text.max_length)
         chunked = [chunk_prompt(p, tokenizer, syntax, self.embeddings) for p in prompts]
         empty = chunk_prompt("", tokenizer, syntax=False)[0]
-        encoded = []
+        encoded, pooled = [], None
         for i in range(max(len(c) for c in chunked)):
             batch = [c[i] if i < len(c) else empty for c in chunked]
-            tokens = torch.tensor([self.cond_stage_model.pad(c.tokens) for c in batch], device=self.device)
             weights = torch.tensor([c.weights for c in batch], device=self.device)[..., None]  # (b, 77, 1)
             vectors = [[(position, e.vectors) for position, e in c.embeddings] for c in batch]
-            z = self.cond_stage_model(tokens, clip_skip, vectors)  # (b, 77, d)
-            if (weights != 1).any():
-                weighted = z * weights.to(z.dtype)
-                mean, new_mean = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
-                z = weighted * torch.where(new_mean == 0, 1, mean / new_mean)
-            encoded.append(z)
-        return {"crossattn": torch.cat(encoded, dim=1)}, []
+            parts, offset = [], 0
+            for encoder in self.text_encoders:
+                tokens = torch.tensor([encoder.pad(c.tokens) for c in batch], device=self.device)
+                columns = [[(p, v[:, offset : offset + encoder.cfg.width]) for p, v in row] for row in vectors]
+                offset += encoder.cfg.width  # (an embedding's vectors hold every encoder's part, side by side)
+                z = encoder(tokens, clip_skip, columns, pooled=encoder.cfg.pooled)  # (b, 77, d)
+                if encoder.cfg.pooled:
+                    z, chunk_pooled = z
+                    pooled = chunk_pooled if pooled is None else pooled  # (b, embed_dim), the first chunk's
+                parts.append(emphasized(z, weights))
+            encoded.append(torch.cat(parts, dim=-1))
+        cond = {"crossattn": torch.cat(encoded, dim=1)}
+        if xl:
+            micro = micro_conditioning(len(prompts), size or (self.cfg.default_size,) * 2, negative)
+            cond["vector"] = self.conditioner.vector(pooled, micro)
+            zero = torch.tensor([negative and p == "" for p in prompts], device=self.device)
+            cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
+            cond["vector"][:, : pooled.shape[1]] = pooled.masked_fill(zero[:, None], 0)
+        return cond, notes
 
     def get_text_conditioning(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> context (b, 77, context_dim) as CompVis encodes captions: plain text, cut at 75 tokens (with a
         Python warning naming what was cut). Training uses this; generation uses `conditioning`."""
-        tokens, cut = self.cond_stage_model.tokenize(list(prompts))
+        contexts = []
+        for encoder in self.text_encoders:
+            tokens, cut = encoder.tokenize(list(prompts))
+            contexts.append(encoder(tokens))
         for prompt, was_cut in zip(prompts, cut):
             if was_cut:
                 dropped = clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)
                 warnings.warn(f"prompt longer than 75 tokens; this part was cut: {dropped!r}", stacklevel=2)
-        return self.cond_stage_model(tokens)
+        return torch.cat(contexts, dim=-1)
 
     def autoencoder_encode(
         self, image: torch.Tensor, noise: torch.Tensor | None = None, tiled: bool = False
@@ -146,3 +188,20 @@ class LatentDiffusion(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The U-Net's prediction (ε or v, per `parameterization`) for noisy latents x at timesteps t."""
         return self.model(x, t, cond)
+
+
+def emphasized(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Hidden states (b, 77, d) times their tokens' weights (b, 77, 1), rescaled to the mean they had unweighted."""
+    if (weights == 1).all():
+        return z
+    weighted = z * weights.to(z.dtype)
+    mean, new_mean = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+    return weighted * torch.where(new_mean == 0, 1, mean / new_mean)
+
+
+def micro_conditioning(b: int, size: tuple[int, int], negative: bool) -> dict[str, torch.Tensor]:
+    """SDXL's micro-conditioning for generation: trained-on size = target size = `size` (height, width), no crop,
+    aesthetic score 6 (2.5 for the negative prompts). -> name -> (b, k)."""
+    score = 2.5 if negative else 6.0
+    values = {"original_size": size, "crop_coords": (0, 0), "target_size": size, "aesthetic_score": (score,)}
+    return {name: torch.tensor([v] * b, dtype=torch.float32) for name, v in values.items()}

@@ -161,7 +161,7 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     cfg = model.cfg
     if r.init_image is None and (r.mask is not None or r.strength < 1):
         _fail("a mask or a strength below 1 needs an init image")
-    if cfg.unet.adm_in_channels:
+    if cfg.unet.adm_in_channels and not cfg.micro_conditioning:
         _fail("this model needs a vector conditioning (y), which this project does not produce for it yet")
     if cfg.inpainting and r.mask is None:
         _fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")

@@ -5,7 +5,10 @@ Two layouts of the same causal transformer, each matching its checkpoint keys:
   `transformers.CLIPTextModel` (separate q/k/v projections, quick-GELU); last hidden state.
 - SD 2.x, `cond_stage_model.model.*`: OpenCLIP ViT-H/14 in open_clip's layout (fused `in_proj`, GELU);
   penultimate layer, then the final layer norm.
-Both run attention through `attention.attention` with a causal mask.
+- SDXL, `conditioner.embedders.0.transformer.*` and `conditioner.embedders.1.model.*`: CLIP ViT-L/14 and OpenCLIP
+  ViT-bigG/14 in these two layouts, both the penultimate layer without the final layer norm; ViT-bigG also gives
+  its pooled output (the end token's last hidden state, normed, through `text_projection`).
+All run attention through `attention.attention` with a causal mask.
 """
 
 import torch
@@ -125,9 +128,9 @@ class OpenCLIPTextTower(nn.Module):
         self.transformer = nn.Module()
         self.transformer.resblocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.layers))
         self.ln_final = nn.LayerNorm(cfg.width)
-        # Stored in SD 2.x checkpoints, unused for conditioning (they belong to CLIP's contrastive head).
-        self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.embed_dim) * cfg.width**-0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07)
+        if cfg.projection:  # CLIP's contrastive head: in SD 2.x checkpoints but unused there; SDXL's pooled text
+            self.text_projection = nn.Parameter(torch.randn(cfg.width, cfg.embed_dim) * cfg.width**-0.5)
+            self.logit_scale = nn.Parameter(torch.tensor(2.6592))  # log(1 / 0.07)
 
 
 # The embedder both layouts share ---------------------------------------------------------------------------
@@ -158,12 +161,15 @@ class TextEncoder(nn.Module):
         tokens: torch.Tensor,
         clip_skip: int | None = None,
         vectors: list[list[tuple[int, torch.Tensor]]] | None = None,
-    ) -> torch.Tensor:
+        pooled: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens: (b, n) ids, n <= max_length -> (b, n, width): the hidden state `clip_skip` layers from the end
-        (the web UI's CLIP skip: 1 = the last layer), then the final layer norm. None: the model's own choice,
-        the last layer (SD 1.x) or the penultimate (SD 2.x, whose last block is stored in checkpoints unused).
-        vectors: per row, (position, (k, width) tensor) pairs that take the place of the token embeddings at
-        positions position..position + k − 1 (textual inversion)."""
+        (the web UI's CLIP skip: 1 = the last layer), then the final layer norm if the config says so. None: the
+        model's own choice, the last layer (SD 1.x) or the penultimate (SD 2.x and SDXL; SD 2.x's last block is
+        stored in checkpoints unused). vectors: per row, (position, (k, width) tensor) pairs that take the place
+        of the token embeddings at positions position..position + k − 1 (textual inversion).
+        pooled: also return (b, embed_dim), the last layer's normed hidden state at each row's first end token
+        (the highest id, as open_clip finds it) through text_projection, as SDXL's FrozenOpenCLIPEmbedder2."""
         token_embedding, position_embedding, layers, final_norm = self._parts()
         x = token_embedding(tokens)
         if vectors and any(vectors):
@@ -173,9 +179,16 @@ class TextEncoder(nn.Module):
                     x[row, position : position + len(v)] = v[: x.shape[1] - position].to(x)
         x = x + position_embedding[: tokens.shape[1]]
         skip = clip_skip if clip_skip is not None else 2 if self.cfg.layer == "penultimate" else 1
-        for layer in layers[: max(1, len(layers) - (skip - 1))]:
+        keep = max(1, len(layers) - (skip - 1))
+        for layer in layers[:keep]:
             x = layer(x)
-        return final_norm(x)
+        z = final_norm(x) if self.cfg.final_norm else x
+        if not pooled:
+            return z
+        for layer in layers[keep:]:
+            x = layer(x)
+        end = final_norm(x)[torch.arange(len(x), device=x.device), tokens.argmax(dim=-1)]  # (b, width)
+        return z, end @ self.model.text_projection
 
     def pad(self, tokens: list[int]) -> list[int]:
         """A chunk padded with the end token -> padded as this family pads: SD 2.x's OpenCLIP puts 0 after the

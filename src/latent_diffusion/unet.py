@@ -97,14 +97,12 @@ class UNetModel(nn.Module):
         mc = cfg.model_channels
         emb_channels = mc * 4
 
-        def transformer(ch: int) -> SpatialTransformer:
+        def transformer(ch: int, depth: int) -> SpatialTransformer:
             if cfg.num_head_channels is not None:
                 heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
             else:
                 heads, dim_head = cfg.num_heads, ch // cfg.num_heads
-            return SpatialTransformer(
-                ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.use_linear_in_transformer
-            )
+            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
         if cfg.adm_in_channels:  # nested Sequential: keys `label_emb.0.0.weight`, as CompVis
@@ -122,7 +120,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch, emb_channels, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.transformer_depth[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
@@ -131,7 +129,7 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_channels, ch), transformer(ch), ResBlock(ch, emb_channels, ch)
+            ResBlock(ch, emb_channels, ch), transformer(ch, cfg.transformer_depth[-1]), ResBlock(ch, emb_channels, ch)
         )
 
         self.output_blocks = nn.ModuleList()
@@ -140,7 +138,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_channels, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, cfg.transformer_depth[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2

@@ -1,0 +1,315 @@
+"""SDXL (base and refiner) in generative-models' layout against diffusers and transformers, built from the same
+state dict by diffusers' own single-file converters: the U-Net with its vector conditioning, both text encoders
+with the pooled output, and txt2img end to end against StableDiffusionXLPipeline."""
+
+import pytest
+import torch
+import yaml
+from diffusers import DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_clip_checkpoint,
+    convert_ldm_unet_checkpoint,
+    convert_open_clip_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+from latent_diffusion import LatentDiffusion, from_ldm_config, preset
+from latent_diffusion.config import TextEncoderConfig, to_ldm_config
+from latent_diffusion.generate import generate
+from latent_diffusion.request import GenerationRequest
+
+from conftest import randomize, tiny_config
+from test_reference import ATOL, diffusers_vae
+
+PROMPT, NEGATIVE = "a small red circle on a blue background", "blurry"
+
+
+@pytest.fixture(scope="module")
+def xl_models():
+    return {v: randomize(LatentDiffusion(tiny_config(v)), seed=11 + i).eval() for i, v in
+            enumerate(("sdxl", "sdxl-refiner"))}  # fmt: skip
+
+
+def diffusers_xl_unet(cfg, sd: dict) -> UNet2DConditionModel:
+    unet_cfg = create_unet_diffusers_config_from_ldm({"model": to_ldm_config(cfg)}, sd)
+    # diffusers tells SDXL apart by its full context width (2048 or 1280); at tiny width, say so
+    unet_cfg |= {"class_embed_type": None, "addition_embed_type": "text_time",
+                 "addition_time_embed_dim": cfg.micro_conditioning_width}  # fmt: skip
+    unet = UNet2DConditionModel(**unet_cfg)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(sd, unet_cfg), strict=True)
+    return unet.eval()
+
+
+def transformers_config(t: TextEncoderConfig) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=t.vocab_size, hidden_size=t.width, intermediate_size=t.mlp_width, num_attention_heads=t.heads,
+        max_position_embeddings=t.max_length, hidden_act=t.activation, projection_dim=t.embed_dim,
+        num_hidden_layers=t.layers,
+    )  # fmt: skip
+
+
+def transformers_text_encoders(model: LatentDiffusion) -> list:
+    """The conditioner's text encoders as transformers models: CLIPTextModel for CLIP ViT-L, and
+    CLIPTextModelWithProjection for OpenCLIP ViT-bigG, as diffusers' SDXL pipelines hold them."""
+    sd, encoders = model.state_dict(), []
+    for i, t in enumerate(model.cfg.texts):
+        prefix = f"conditioner.embedders.{i}."
+        if t.kind == "clip":
+            encoder = CLIPTextModel(transformers_config(t))
+            converted = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(prefix)})
+        else:
+            encoder = CLIPTextModelWithProjection(transformers_config(t))
+            converted = convert_open_clip_checkpoint(encoder, sd, prefix=prefix + "model.")
+        converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        if t.kind == "openclip":  # CLIPTextModelWithProjection keeps its encoder under text_model
+            converted = {(k if k == "text_projection.weight" else "text_model." + k): v for k, v in converted.items()}
+        missing, unexpected = encoder.load_state_dict(converted, strict=False)
+        assert missing == [] and unexpected == []
+        encoders.append(encoder.eval())
+    return encoders
+
+
+def reference_conditioning(model, encoders, prompt: str):
+    """diffusers' SDXL prompt encoding on our token ids: each encoder's penultimate hidden state, concatenated,
+    and the last encoder's projected pooled output (text_embeds)."""
+    contexts = []
+    for encoder, ours in zip(encoders, model.text_encoders):
+        tokens, _ = ours.tokenize([prompt])
+        out = encoder(tokens, output_hidden_states=True)
+        contexts.append(out.hidden_states[-2])
+    return torch.cat(contexts, dim=-1), out.text_embeds
+
+
+@pytest.mark.parametrize("variant", ["sdxl", "sdxl-refiner"])
+def test_unet_matches_diffusers(xl_models, variant):
+    """The vector y = [pooled | sinusoidal size embeddings] against diffusers' text_time added embedding."""
+    model = xl_models[variant]
+    ref = diffusers_xl_unet(model.cfg, model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 24, generator=g), torch.tensor([3, 871])
+    context = torch.randn(2, 77, model.cfg.unet.context_dim, generator=g)
+    pooled = torch.randn(2, model.cfg.text2.embed_dim if model.cfg.text2 else model.cfg.text.embed_dim, generator=g)
+    time_ids = torch.tensor([[1024.0, 768, 0, 0, 1024, 768], [512, 512, 16, 32, 640, 896]])
+    if variant == "sdxl-refiner":  # original size, crop, aesthetic score
+        time_ids = torch.tensor([[1024.0, 768, 0, 0, 6], [512, 512, 16, 32, 2.5]])
+    names, numbers = model.cfg.micro_conditioning, time_ids.split([2, 2, time_ids.shape[1] - 4], dim=1)
+    y = model.conditioner.vector(pooled, dict(zip(names, numbers)))
+    with torch.no_grad():
+        ours = model(x, t, {"crossattn": context, "vector": y})
+        theirs = ref(x, t, encoder_hidden_states=context,
+                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample  # fmt: skip
+        no_sizes = ref(x, t, encoder_hidden_states=context,
+                       added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids * 0}).sample  # fmt: skip
+    assert ours.shape == (2, 4, 16, 24)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert (theirs - no_sizes).abs().mean() > 0.01  # the micro-conditioning really changes the prediction
+
+
+@pytest.mark.parametrize("variant", ["sdxl", "sdxl-refiner"])
+def test_text_encoders_match_transformers(xl_models, variant):
+    model = xl_models[variant]
+    encoders = transformers_text_encoders(model)
+    prompts = [PROMPT, "", "Ünïcode, 12 cats!"]
+    with torch.no_grad():
+        cond, _ = model.conditioning(prompts, size=(64, 48))
+        for i, prompt in enumerate(prompts):
+            context, pooled = reference_conditioning(model, encoders, prompt)
+            torch.testing.assert_close(cond["crossattn"][i : i + 1], context, atol=ATOL, rtol=0)
+            torch.testing.assert_close(cond["vector"][i : i + 1, : pooled.shape[1]], pooled, atol=ATOL, rtol=0)
+    assert cond["crossattn"].shape == (3, 77, model.cfg.unet.context_dim)
+    assert cond["vector"].shape == (3, model.cfg.unet.adm_in_channels)
+
+
+def test_an_empty_negative_prompt_is_zeros(xl_models):
+    """generative-models' force_zero_embeddings for "txt", as its sampling and the web UI use it for an empty
+    negative prompt; the micro-conditioning stays."""
+    model = xl_models["sdxl"]
+    with torch.no_grad():
+        cond, _ = model.conditioning(["", NEGATIVE], size=(64, 64), negative=True)
+        positive, _ = model.conditioning(["", NEGATIVE], size=(64, 64))
+    pooled = model.cfg.text2.embed_dim
+    assert (cond["crossattn"][0] == 0).all() and (cond["vector"][0, :pooled] == 0).all()
+    torch.testing.assert_close(cond["vector"][0, pooled:], positive["vector"][0, pooled:])
+    torch.testing.assert_close(cond["crossattn"][1], positive["crossattn"][1])
+
+
+def xl_pipeline(model) -> StableDiffusionXLPipeline:
+    sd = model.state_dict()
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="leading",
+        steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+    )  # fmt: skip
+    clip, big_g = transformers_text_encoders(model)
+    return StableDiffusionXLPipeline(
+        vae=diffusers_vae(model.cfg, sd), text_encoder=clip, text_encoder_2=big_g, tokenizer=None,
+        tokenizer_2=None, unet=diffusers_xl_unet(model.cfg, sd), scheduler=scheduler,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("negative", [NEGATIVE, ""])
+def test_txt2img_matches_stable_diffusion_xl_pipeline(xl_models, negative):
+    """Same tiny weights, same seed, DDIM 10 steps at 64x48: the image diffusers' SDXL pipeline makes, with its
+    default micro-conditioning (original = target = the image size, crop (0, 0)). An empty negative prompt is
+    diffusers' force_zeros_for_empty_prompt."""
+    model = xl_models["sdxl"]
+    pipe = xl_pipeline(model)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    with torch.no_grad():
+        context, pooled = reference_conditioning(model, encoders, PROMPT)
+        negatives = {}
+        if negative:
+            negatives = dict(zip(("negative_prompt_embeds", "negative_pooled_prompt_embeds"),
+                                 reference_conditioning(model, encoders, negative)))  # fmt: skip
+        theirs = pipe(
+            prompt_embeds=context, pooled_prompt_embeds=pooled, **negatives, height=64, width=48,
+            num_inference_steps=10, guidance_scale=5.0, eta=0.0, generator=torch.Generator().manual_seed(5),
+            output_type="pt",
+        ).images  # fmt: skip
+    request = GenerationRequest([PROMPT], [5], negative_prompts=[negative], width=48, height=64, steps=10,
+                                sampler="ddim")  # fmt: skip
+    images = generate(model, request).images
+    assert images.shape == theirs.shape == (1, 3, 64, 48)
+    torch.testing.assert_close(images, theirs, atol=1e-3, rtol=0)
+    assert theirs.std() > 0.01
+
+
+SD_XL_BASE_YAML = """
+model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    disable_first_stage_autocast: True
+    denoiser_config:
+      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser
+      params:
+        num_idx: 1000
+        scaling_config:
+          target: sgm.modules.diffusionmodules.denoiser_scaling.EpsScaling
+        discretization_config:
+          target: sgm.modules.diffusionmodules.discretizer.LegacyDDPMDiscretization
+    network_config:
+      target: sgm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        adm_in_channels: 2816
+        num_classes: sequential
+        use_checkpoint: True
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [4, 2]
+        num_res_blocks: 2
+        channel_mult: [1, 2, 4]
+        num_head_channels: 64
+        use_linear_in_transformer: True
+        transformer_depth: [1, 2, 10]
+        context_dim: 2048
+        spatial_transformer_attn_type: softmax-xformers
+    conditioner_config:
+      target: sgm.modules.GeneralConditioner
+      params:
+        emb_models:
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenCLIPEmbedder
+            params:
+              layer: hidden
+              layer_idx: 11
+          - is_trainable: False
+            input_key: txt
+            target: sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2
+            params:
+              arch: ViT-bigG-14
+              version: laion2b_s39b_b160k
+              freeze: True
+              layer: penultimate
+              always_return_pooled: True
+              legacy: False
+          - is_trainable: False
+            input_key: original_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256
+          - is_trainable: False
+            input_key: crop_coords_top_left
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256
+          - is_trainable: False
+            input_key: target_size_as_tuple
+            target: sgm.modules.encoders.modules.ConcatTimestepEmbedderND
+            params:
+              outdim: 256
+    first_stage_config:
+      target: sgm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          attn_type: vanilla-xformers
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [1, 2, 4, 4]
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+"""
+
+
+def test_generative_models_yaml_is_the_preset():
+    """generative-models' `configs/inference/sd_xl_base.yaml` (as published) and the refiner's differences."""
+    base = yaml.safe_load(SD_XL_BASE_YAML)
+    assert from_ldm_config(base) == preset("sdxl-base")
+    p = base["model"]["params"]
+    p["network_config"]["params"] |= {"adm_in_channels": 2560, "model_channels": 384, "channel_mult": [1, 2, 4, 4],
+                                      "transformer_depth": 4, "context_dim": [1280, 1280, 1280, 1280]}  # fmt: skip
+    models = p["conditioner_config"]["params"]["emb_models"]
+    models[4]["input_key"] = "aesthetic_score"
+    del models[0]
+    assert from_ldm_config(base) == preset("sdxl-refiner")
+
+
+def shapes(sd: dict) -> dict:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("name", ["sdxl-base", "sdxl-refiner"])
+def test_full_size_preset_has_the_keys_and_shapes_the_converters_expect(name):
+    """On the meta device: every key and shape is what diffusers' converters map onto diffusers' and transformers'
+    full-size SDXL models (diffusers recognises SDXL's U-Net from the config on its own at this width), and the
+    parameter counts are theirs (the U-Net 2.57 B for the base); nothing is left over."""
+    cfg = preset(name)
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    sd = model.state_dict()
+    original = {"model": to_ldm_config(cfg)}
+    unet_cfg = create_unet_diffusers_config_from_ldm(original, sd)
+    assert unet_cfg["addition_embed_type"] == "text_time"
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_cfg)
+        texts = [(CLIPTextModel if t.kind == "clip" else CLIPTextModelWithProjection)(transformers_config(t))
+                 for t in cfg.texts]  # fmt: skip
+    assert shapes(convert_ldm_unet_checkpoint(sd, unet_cfg)) == shapes(unet.state_dict())
+    assert sum(p.numel() for p in model.model.parameters()) == sum(p.numel() for p in unet.parameters())
+    if name == "sdxl-base":
+        assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    for i, (t, text) in enumerate(zip(cfg.texts, texts)):
+        prefix = f"conditioner.embedders.{i}."
+        if t.kind == "clip":
+            converted = convert_ldm_clip_checkpoint({k: v for k, v in sd.items() if k.startswith(prefix)})
+            converted = {k.removeprefix("text_model."): v for k, v in converted.items()}
+        else:
+            converted = convert_open_clip_checkpoint(text, sd, prefix=prefix + "model.")
+            converted = {(k if k.startswith("text_projection") else "text_model." + k.removeprefix("text_model.")): v
+                         for k, v in converted.items()}  # fmt: skip
+        assert shapes(converted) == shapes(text.state_dict())
+        extra = 1 if t.kind == "openclip" else 0  # open_clip's logit_scale, which transformers' text model lacks
+        count = sum(p.numel() for p in model.text_encoders[i].parameters())
+        assert count == sum(p.numel() for p in text.parameters()) + extra
+    assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")) for k in sd)
