@@ -166,7 +166,7 @@ def test_parameters_round_trip_with_multiline_prompts():
 
 def test_info(ckpt, capsys):
     assert main(["info", str(ckpt)]) == 0
-    assert "variant sd1 (eps-prediction)" in capsys.readouterr().out
+    assert "variant sd1 (SD 1.x, eps-prediction)" in capsys.readouterr().out
 
 
 def test_bad_checkpoint_exits_2_with_one_line(tmp_path):

@@ -313,3 +313,187 @@ def test_full_size_preset_has_the_keys_and_shapes_the_converters_expect(name):
         count = sum(p.numel() for p in model.text_encoders[i].parameters())
         assert count == sum(p.numel() for p in text.parameters()) + extra
     assert all(k.startswith(("model.diffusion_model.", "first_stage_model.", "conditioner.embedders.")) for k in sd)
+
+
+def test_refiner_flow_matches_diffusers_ensemble_of_experts(xl_models):
+    """Base to 80 % of the timestep range, the refiner the rest, the refiner's autoencoder decodes: diffusers'
+    StableDiffusionXLPipeline(denoising_end=0.8) then StableDiffusionXLImg2ImgPipeline(denoising_start=0.8)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    base, refiner = xl_models["sdxl"], xl_models["sdxl-refiner"]
+    pipe = xl_pipeline(base)
+    sd = refiner.state_dict()
+    (big_g,) = transformers_text_encoders(refiner)
+    refine = StableDiffusionXLImg2ImgPipeline(
+        vae=diffusers_vae(refiner.cfg, sd), text_encoder=None, text_encoder_2=big_g, tokenizer=None, tokenizer_2=None,
+        unet=diffusers_xl_unet(refiner.cfg, sd), scheduler=pipe.scheduler, requires_aesthetics_score=True,
+    )  # fmt: skip
+    settings = dict(num_inference_steps=10, guidance_scale=5.0, eta=0.0, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        embeds = {}
+        for model, encoders, key in ((base, [pipe.text_encoder, pipe.text_encoder_2], "base"),
+                                     (refiner, [big_g], "refiner")):  # fmt: skip
+            (c, p), (nc, npool) = (reference_conditioning(model, encoders, text) for text in (PROMPT, NEGATIVE))
+            embeds[key] = dict(prompt_embeds=c, pooled_prompt_embeds=p, negative_prompt_embeds=nc,
+                               negative_pooled_prompt_embeds=npool)  # fmt: skip
+        latents = pipe(**embeds["base"], height=64, width=48, denoising_end=0.8, output_type="latent", **settings)
+        theirs = refine(**embeds["refiner"], image=latents.images, denoising_start=0.8, output_type="pt",
+                        **settings).images  # fmt: skip
+    request = GenerationRequest([PROMPT], [9], negative_prompts=[NEGATIVE], width=48, height=64, steps=10,
+                                sampler="ddim", refiner_switch=0.8)  # fmt: skip
+    result = generate(base, request, refiner=refiner)
+    torch.testing.assert_close(result.images, theirs, atol=1e-3, rtol=0)
+    alone = generate(base, request).images
+    assert (alone - theirs).abs().max() > 0.01  # the refiner's part really made a difference
+    assert "Refiner switch at: 0.8" in result.infotexts[0]
+
+
+def test_command_line_with_refiner_and_separate_vae(tmp_path, xl_models, capsys):
+    """`ldm info` names the conditioner's parts; txt2img with --refiner gives the refiner flow's image and
+    --vae decodes with another autoencoder file (CompVis keys, attention stored linear-shaped as some are)."""
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from latent_diffusion import save_model
+    from latent_diffusion.cli import main
+    from latent_diffusion.images import from_pil
+
+    base, refiner = xl_models["sdxl"], xl_models["sdxl-refiner"]
+    save_model(base, tmp_path / "base.safetensors")
+    save_model(refiner, tmp_path / "refiner.safetensors")
+    assert main(["info", str(tmp_path / "base.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "variant sdxl (SDXL, eps-prediction)" in out and "conditioner.embedders.1" in out and "pooled into y" in out
+
+    flags = ["--prompt", PROMPT, "--negative-prompt", NEGATIVE, "--width", "48", "--height", "64", "--steps", "6",
+             "--sampler", "ddim", "--seed", "3", "--quiet"]  # fmt: skip
+    assert main(["txt2img", "--ckpt", str(tmp_path / "base.safetensors"), "--refiner", str(tmp_path / "refiner.safetensors"),
+                 *flags, "--outdir", str(tmp_path / "refined")]) == 0  # fmt: skip
+    (path,) = (tmp_path / "refined").iterdir()
+    request = GenerationRequest(
+        [PROMPT], [3], negative_prompts=[NEGATIVE], width=48, height=64, steps=6, sampler="ddim"
+    )
+    expected = generate(base, request, refiner=refiner).images
+    with Image.open(path) as image:
+        assert (from_pil(image) - expected).abs().max() <= 1 / 255 + 1e-6  # 8-bit rounding
+        assert "Refiner: refiner [" in image.text["parameters"]
+
+    vae = {k.removeprefix("first_stage_model."): v for k, v in refiner.state_dict().items()
+           if k.startswith("first_stage_model.")}  # fmt: skip
+    vae = {k: v[:, :, 0, 0].contiguous() if ".attn_1." in k and v.ndim == 4 else v for k, v in vae.items()}
+    save_file(vae, tmp_path / "other_vae.safetensors")
+    assert main(["txt2img", "--ckpt", str(tmp_path / "base.safetensors"), "--vae", str(tmp_path / "other_vae.safetensors"),
+                 *flags, "--outdir", str(tmp_path / "vae")]) == 0  # fmt: skip
+    (path,) = (tmp_path / "vae").iterdir()
+    with_vae = LatentDiffusion(base.cfg).eval()
+    with_vae.load_state_dict({**base.state_dict(), **{"first_stage_model." + k: v for k, v in
+                                                      refiner.first_stage_model.state_dict().items()}})  # fmt: skip
+    with Image.open(path) as image:
+        assert (from_pil(image) - generate(with_vae, request).images).abs().max() <= 1 / 255 + 1e-6
+        assert "VAE: other_vae.safetensors" in image.text["parameters"]
+
+    assert main(["txt2img", "--ckpt", str(tmp_path / "base.safetensors"), "--refiner", str(tmp_path / "nothing"),
+                 *flags, "--outdir", str(tmp_path / "none")]) == 2  # fmt: skip
+    assert "--refiner" in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_sdxl_embedding_gives_each_text_encoder_its_part(tmp_path, xl_models):
+    """An SDXL embedding file holds `clip_l` and `clip_g` vectors: the first text encoder takes the first, the second
+    the other, in place of the name's tokens (the pooled output sees them too)."""
+    from safetensors.torch import save_file
+
+    from latent_diffusion.embeddings import load_embeddings
+    from latent_diffusion.prompts import chunk_prompt
+    from latent_diffusion.tokenizer import clip_tokenizer
+
+    model = xl_models["sdxl"]
+    g = torch.Generator().manual_seed(4)
+    clip_l, clip_g = torch.randn(2, 32, generator=g), torch.randn(2, 48, generator=g)
+    (tmp_path / "emb").mkdir()
+    save_file({"clip_l": clip_l, "clip_g": clip_g}, tmp_path / "emb" / "shiny.safetensors")
+    save_file({"emb_params": torch.randn(1, 32)}, tmp_path / "emb" / "sd1-only.safetensors")
+    embeddings, notices = load_embeddings(tmp_path / "emb", model.cfg.unet.context_dim)
+    assert list(embeddings) == ["shiny"] and len(notices) == 1 and "width 32" in notices[0]
+    model.embeddings = embeddings
+    try:
+        with torch.no_grad():
+            cond, _ = model.conditioning(["a shiny cat"], size=(64, 64))
+    finally:
+        model.embeddings = {}
+    with torch.no_grad():
+        plain, _ = model.conditioning(["a shiny cat"], size=(64, 64))  # "shiny" as words
+    (chunk,) = chunk_prompt("a shiny cat", clip_tokenizer(77), True, embeddings)
+    (position, _), *_ = chunk.embeddings
+    contexts = []
+    with torch.no_grad():
+        for encoder, vectors in zip(model.text_encoders, (clip_l, clip_g)):
+            tokens = torch.tensor([encoder.pad(chunk.tokens)])
+            out = encoder(tokens, None, [[(position, vectors)]], pooled=encoder.cfg.pooled)
+            contexts.append(out[0] if encoder.cfg.pooled else out)
+    torch.testing.assert_close(cond["crossattn"], torch.cat(contexts, dim=-1))
+    torch.testing.assert_close(cond["vector"][:, :40], out[1])
+    assert (cond["crossattn"] - plain["crossattn"]).abs().max() > 0.01
+
+
+def test_sdxl_lora_matches_diffusers(xl_models, tmp_path):
+    """A diffusers-format SDXL LoRA on every Linear and Conv2d of the U-Net and both text encoders (`text_encoder`,
+    `text_encoder_2`), merged by ours and by diffusers' `load_lora_weights` + `fuse_lora`; the same file in kohya's
+    spelling (`lora_unet_`, `lora_te1_`, `lora_te2_`) merges the same weights."""
+    import copy
+
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from latent_diffusion.lora import apply_lora, read_lora, remove_lora
+
+    model = copy.deepcopy(xl_models["sdxl"])
+    pipe = xl_pipeline(model)
+    g = torch.Generator().manual_seed(6)
+    peft, kohya = {}, {}
+    for part, root in (
+        ("unet", pipe.unet),
+        ("text_encoder", pipe.text_encoder),
+        ("text_encoder_2", pipe.text_encoder_2),
+    ):
+        for path, m in root.named_modules():
+            if not isinstance(m, (nn.Linear, nn.Conv2d)) or path == "text_projection":
+                continue  # (ViT-bigG's projection is a plain matrix in the original layout, as in kohya's files)
+            if isinstance(m, nn.Conv2d):
+                down = torch.randn(4, m.in_channels, *m.kernel_size, generator=g) / m.weight[0].numel() ** 0.5
+                up = torch.randn(m.out_channels, 4, 1, 1, generator=g) * 0.15
+            else:
+                down = torch.randn(4, m.in_features, generator=g) / m.in_features**0.5
+                up = torch.randn(m.out_features, 4, generator=g) * 0.15
+            peft[f"{part}.{path}.lora_A.weight"], peft[f"{part}.{path}.lora_B.weight"] = down, up
+            prefix = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[part]
+            name = prefix + (path if part == "unet" else "text_model." + path.removeprefix("text_model.")).replace(
+                ".", "_"
+            )
+            kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"] = down, up
+    save_file(peft, tmp_path / "peft.safetensors")
+    save_file(kohya, tmp_path / "kohya.safetensors")
+
+    pipe.load_lora_weights(str(tmp_path / "peft.safetensors"))
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=0.7)
+    applied = apply_lora(model, read_lora(tmp_path / "peft.safetensors"), 0.7)
+    assert applied.warnings == [] and applied.layers == len(peft) // 2
+    merged = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    x, t = torch.randn(2, 4, 16, 16, generator=g), torch.tensor([3, 871])
+    context, pooled = torch.randn(2, 77, 80, generator=g), torch.randn(2, 40, generator=g)
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2)
+    y = model.conditioner.vector(pooled, dict(zip(model.cfg.micro_conditioning, time_ids.split(2, dim=1))))
+    with torch.no_grad():
+        ours = model(x, t, {"crossattn": context, "vector": y})
+        theirs = pipe.unet(x, t, encoder_hidden_states=context,
+                           added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample  # fmt: skip
+        torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+        cond, _ = model.conditioning([PROMPT], size=(64, 64))
+        context, pooled = reference_conditioning(model, [pipe.text_encoder, pipe.text_encoder_2], PROMPT)
+        torch.testing.assert_close(cond["crossattn"], context, atol=ATOL, rtol=0)
+        torch.testing.assert_close(cond["vector"][:, :40], pooled, atol=ATOL, rtol=0)
+    remove_lora(model, applied)
+    again = apply_lora(model, read_lora(tmp_path / "kohya.safetensors"), 0.7)
+    assert again.warnings == [] and again.layers == len(kohya) // 2
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, merged[k]), k

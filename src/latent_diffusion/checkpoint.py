@@ -450,6 +450,28 @@ def load_model(
     return model.eval()
 
 
+def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
+    """A separate autoencoder file into `model.first_stage_model`, as the web UI's VAE selector: CompVis-layout keys
+    (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, or the same under `first_stage_model.`), in the
+    model's dtype and device; a training file's `loss.*` (discriminator) and EMA keys are left out. CheckpointError
+    if it does not fit; the model is unchanged then."""
+    sd, _ = read_state_dict(path)
+    sd = {k.removeprefix(VAE): v for k, v in sd.items() if not k.startswith(("loss.", EMA)) and "." in k}
+    expected = model.first_stage_model.state_dict()
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        raise CheckpointError(f"{path}: a diffusers-format VAE; this takes the original layout (encoder.down.*)")
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong_shape = [k for k in expected if k in sd and sd[k].numel() != expected[k].numel()]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"{path}: not an autoencoder of this model: " + _describe(missing, unexpected, wrong_shape)
+        )
+    weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
+    model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
+    model.vae_file = str(path)
+
+
 # safetensors' dtype names -> torch's, for reading a tensor's bytes straight from the file
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model
+from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model, load_vae
 from .data import HELD_OUT_PAIRS
 from .devices import resolve_device
 from .embeddings import load_embeddings
@@ -96,13 +96,15 @@ def prepare_outdir(outdir: Path) -> bool:
 # The request fields whose errors name a flag of their own (the messages begin with the field's name).
 FLAGS = {"width and height": "--width and --height", "batch_size": "--batch-size", "steps": "--steps",
          "strength": "--strength", "eta": "--eta", "s_noise": "--s-noise", "cfg_scale": "--cfg-scale",
-         "clip_skip": "--clip-skip"}  # fmt: skip
+         "clip_skip": "--clip-skip", "refiner_switch": "--refiner-switch"}  # fmt: skip
 
 
-def checked(request: GenerationRequest, model: LatentDiffusion | None = None) -> GenerationRequest:
+def checked(
+    request: GenerationRequest, model: LatentDiffusion | None = None, refiner: LatentDiffusion | None = None
+) -> GenerationRequest:
     """`validate`, with its errors in the command line's words."""
     try:
-        return validate(request, model)
+        return validate(request, model, refiner)
     except RequestError as e:
         message = str(e)
         for field, flag in FLAGS.items():
@@ -125,6 +127,7 @@ def request_from_args(args) -> GenerationRequest:
         sampler=sampler, scheduler=scheduler, spacing=args.spacing, eta=args.eta, s_noise=args.s_noise,
         cfg_scale=args.cfg_scale, clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
         strength=getattr(args, "strength", 1.0), batch_size=args.batch_size, vae_tiling=args.vae_tiling,
+        refiner_switch=args.refiner_switch,
     )  # fmt: skip
 
 
@@ -197,6 +200,9 @@ def cmd_generate(args) -> None:
         args.prompt = f"{args.prompt} {tags}"
     request = checked(request_from_args(args))
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
+    for flag, path in (("--vae", args.vae), ("--refiner", args.refiner)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     outdir = Path(args.outdir)
@@ -205,11 +211,14 @@ def cmd_generate(args) -> None:
         model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
         if model.cfg.inpainting and args.command != "inpaint":
             raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
+        if args.vae:
+            load_vae(model, args.vae)
+        refiner = load_model(args.refiner, device=device, dtype=dtype) if args.refiner else None
         model.embeddings, notices = load_embeddings(embeddings, model.cfg.unet.context_dim) if embeddings else ({}, [])
         model.loras = loras
         for notice in notices:
             print(f"ldm: warning: {notice}", file=sys.stderr)
-        request = checked(with_images(request, args, model), model)
+        request = checked(with_images(request, args, model), model, refiner)
         if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(model.checkpoint):
             print(f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
                   f"{model.checkpoint} has {model_hash(model.checkpoint)}", file=sys.stderr)  # fmt: skip
@@ -223,7 +232,7 @@ def cmd_generate(args) -> None:
         batch = dataclasses.replace(request, prompts=request.prompts[start : start + n],
                                     negative_prompts=request.negative_prompts[start : start + n],
                                     seeds=request.seeds[start : start + n])  # fmt: skip
-        result = generate(model, batch, progress=lambda p: bar.update(1))
+        result = generate(model, batch, progress=lambda p: bar.update(1), refiner=refiner)
         for warning in set(result.warnings) - warned:
             tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
         warned |= set(result.warnings)
@@ -464,6 +473,11 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     )
     p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
+    p.add_argument("--vae", help="a separate autoencoder file (original layout) in place of the checkpoint's")
+    p.add_argument("--refiner", help="a second checkpoint (SDXL's refiner) that denoises the end of the schedule")
+    p.add_argument("--refiner-switch", type=float, default=0.8,
+                   help="with --refiner: the part of the timestep range, from the noisiest, the model denoises "
+                        "before the refiner takes over (default 0.8)")  # fmt: skip
     p.add_argument("--prompt", help="what to draw, in the web UI's prompt language, any length")
     p.add_argument(
         "--infotext",

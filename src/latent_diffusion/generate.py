@@ -22,6 +22,7 @@ from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .noise import BrownianNoise, per_image_randn
+from .parameterization import sigma_from_alpha_bar
 from .prompts import extract_lora_tags, prompt_schedule
 from .request import (
     GenerationRequest,
@@ -33,6 +34,7 @@ from .request import (
     validate,
 )
 from .samplers import Step, get_sampler
+from .schedule import sigma_to_t
 from .schedulers import sampling_schedule
 
 
@@ -64,11 +66,15 @@ def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torc
 
 @torch.no_grad()
 def generate(
-    model: LatentDiffusion, request: GenerationRequest, progress: Callable[[Progress], None] | None = None
+    model: LatentDiffusion,
+    request: GenerationRequest,
+    progress: Callable[[Progress], None] | None = None,
+    refiner: LatentDiffusion | None = None,
 ) -> GenerationResult:
-    """Run a request, batch_size images per U-Net call; RequestError before any work if it cannot run."""
-    r = validate(request, model)
-    fields = infotext_fields(r, model)
+    """Run a request, batch_size images per U-Net call; RequestError before any work if it cannot run.
+    refiner: a second model (SDXL's refiner) that denoises the low-noise end of the schedule (`Experts`)."""
+    r = validate(request, model, refiner)
+    fields = infotext_fields(r, model, refiner)
     batches = [range(i, min(i + r.batch_size, len(r.prompts))) for i in range(0, len(r.prompts), r.batch_size)]
     images, warnings = [], []
     loras = read_loras(model, r)
@@ -88,7 +94,7 @@ def generate(
             for tag in lora_weights([r.prompts[i] for i in batch], model).values():
                 applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
                 warnings += [w for w in applied[-1].warnings if w not in warnings]
-            out, notes = sample(model, r, batch, step_done)
+            out, notes = sample(model, r, batch, step_done, refiner)
         except LoRAError as e:
             raise RequestError(str(e)) from None
         finally:
@@ -170,7 +176,31 @@ def _batch_images(r: GenerationRequest, batch: range, device: torch.device, late
     return image, mask, latent_mask
 
 
-def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done: Callable[[Step], None]):
+class Experts:
+    """SDXL's ensemble of experts (Podell et al. 2023, section 2.5), as diffusers' denoising_end / denoising_start:
+    the base model denoises timesteps t >= cutoff = round(T·(1 − switch)), the refiner those below. Both see the
+    same latents, noise and σs; the sampler does not know there are two."""
+
+    def __init__(self, base, refiner, model: LatentDiffusion, switch: float):
+        self.base, self.refiner = base, refiner
+        self.log_sigmas = sigma_from_alpha_bar(model.alphas_cumprod.double()).log().cpu()
+        self.cutoff = round(model.cfg.timesteps * (1 - switch))
+        self.refined = False  # whether the refiner denoised any step (then its autoencoder decodes)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if sigma_to_t(torch.as_tensor(sigma, dtype=torch.float64).cpu(), self.log_sigmas) >= self.cutoff:
+            return self.base(x, sigma)
+        self.refined = True
+        return self.refiner(x, sigma)
+
+
+def sample(
+    model: LatentDiffusion,
+    r: GenerationRequest,
+    batch: range,
+    step_done: Callable[[Step], None],
+    refiner: LatentDiffusion | None = None,
+):
     """Images `batch` of a validated request -> ((b, 3, H, W) in [0, 1], prompt warnings)."""
     sampler = get_sampler(r.sampler)
     device, dtype = model.device, model.dtype
@@ -211,6 +241,10 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
 
     denoiser, notes = scheduled_denoiser(model, r, batch, extra)
+    if refiner is not None:
+        refined, more = scheduled_denoiser(refiner, r, batch, {})
+        denoiser = Experts(denoiser, refined, model, r.refiner_switch)
+        notes += [n for n in more if n not in notes]
     options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
     x = sampler.fn(
@@ -219,7 +253,8 @@ def sample(model: LatentDiffusion, r: GenerationRequest, batch: range, step_done
     )  # fmt: skip
     if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
         x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
-    images = (decode(model, x, tiled=r.vae_tiling) / 2 + 0.5).clamp(0, 1)
+    decoder = refiner if isinstance(denoiser, Experts) and denoiser.refined else model
+    images = (decode(decoder, x, tiled=r.vae_tiling) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None and r.paste:  # the input's pixels outside the mask; a soft mask's edge at half opacity
         overlay = (pixel_mask * 2).clamp(max=1)  # (the web UI's overlay: a blurred mask's 0.5 is fully repainted)
         images = overlay * images + (1 - overlay) * rows(r.init_image, batch).to(device, torch.float32)

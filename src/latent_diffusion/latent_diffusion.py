@@ -67,6 +67,7 @@ class LatentDiffusion(nn.Module):
         else:
             self.cond_stage_model = TextEncoder(cfg.text)
         self.checkpoint: str | None = None  # the file `load_model` read it from (infotexts name it)
+        self.vae_file: str | None = None  # a separate autoencoder file loaded by `checkpoint.load_vae`
         self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (`embeddings.load_embeddings`)
         self.loras: dict[str, Path] = {}  # LoRA files that prompts may name (<lora:name:weight>), by name
         self.init_schedule()

@@ -10,7 +10,8 @@ A LoRA layer of rank r changes a weight W (out, in) by ΔW = (α / r) · up · d
 Files, each naming modules by diffusers' (U-Net) and transformers' (CLIP text encoder) module paths:
 - kohya-ss: `lora_unet_<path>` and `lora_te_<path>` with `.` written `_`, then `.lora_down.weight`,
   `.lora_up.weight`, `.alpha`. kohya trains SD 2.x's OpenCLIP text encoder as a transformers CLIPTextModel, so
-  its q/k/v land in thirds of our fused `in_proj_weight`.
+  its q/k/v land in thirds of our fused `in_proj_weight`. SDXL: `lora_te1_` (CLIP ViT-L, diffusers'
+  `text_encoder`) and `lora_te2_` (OpenCLIP ViT-bigG, `text_encoder_2`), the U-Net in generative-models' names.
 - PEFT / diffusers: `unet.<path>.lora_A.weight` (down) and `.lora_B.weight` (up), `text_encoder.<path>...`, also
   without those prefixes or under `base_model.model.`. α from `.alpha` keys or from diffusers'
   `lora_adapter_metadata` (`unet.lora_alpha`, `unet.alpha_pattern`), else the scale is 1. diffusers' older
@@ -65,6 +66,10 @@ OLD_NAMES = {
     "unet": {"to_out": "to_out.0"},
     "text_encoder": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"},
 }
+OLD_NAMES["text_encoder_2"] = OLD_NAMES["text_encoder"]
+# kohya's prefixes -> diffusers' part names
+KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+               "lora_te2_": "text_encoder_2"}  # fmt: skip
 FILE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' PEFT LoraConfig per part, JSON: {"unet.lora_alpha": 8, ...}
 
@@ -132,17 +137,18 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
 
 
 def module_name(raw: str) -> str:
-    """A file's module name -> "unet.<path>" or "text_encoder.<path>" (kohya's path keeps its `_`)."""
-    for prefix, part in (("lora_unet_", "unet"), ("lora_te_", "text_encoder")):
+    """A file's module name -> "unet.<path>", "text_encoder.<path>" or "text_encoder_2.<path>" (kohya's path keeps
+    its `_`)."""
+    for prefix, part in KOHYA_PARTS.items():
         if raw.startswith(prefix):
             return f"{part}.{raw[len(prefix) :]}"
     if "." not in raw:
-        return raw  # another kohya part (SDXL's lora_te1_, lora_te2_): matches nothing here, reported as it is
+        return raw  # another kohya part: matches nothing here, reported as it is
     name = raw.removeprefix("base_model.model.").replace(".processor.", ".")
     part, _, path = name.partition(".")
-    if part not in ("unet", "text_encoder"):
+    if part not in ("unet", "text_encoder", "text_encoder_2"):
         part, path = ("text_encoder" if name.startswith(("text_model.", "encoder.layers.")) else "unet"), name
-    if part == "text_encoder" and not path.startswith("text_model."):
+    if part.startswith("text_encoder") and not path.startswith("text_model."):
         path = "text_model." + path  # transformers >= 5.6 saves CLIPTextModel without its text_model level
     head, dot, last = path.rpartition(".")
     last = last.removesuffix("_lora")  # `to_q_lora.alpha` beside `to_q_lora.down.weight`
@@ -188,6 +194,8 @@ def unet_blocks(cfg: UNetConfig) -> dict[str, str]:
         "mid_block.resnets.1": "middle_block.2",
         "conv_out": "out.2",
     }
+    if cfg.adm_in_channels:  # the vector conditioning's MLP: SDXL's `add_embedding` in diffusers
+        blocks |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     for level in range(levels):
         attends = 2**level in cfg.attention_resolutions
         for i in range(n):
@@ -227,24 +235,28 @@ def module_table(model: LatentDiffusion) -> dict[str, Target]:
                 add(f"unet.{theirs}.{RESBLOCK.get(inner, inner)}" if inner else f"unet.{theirs}", target)
                 add(f"unet.{path}", target)
 
-    text = model.cfg.text
-    if text.kind == "clip":  # our SD 1.x encoder is transformers' layout already
-        for path, module in model.cond_stage_model.transformer.named_modules():
+    where = {id(module): name for name, module in model.named_modules()}
+    for encoder in model.text_encoders:  # diffusers' names: SDXL's pooled ViT-bigG is `text_encoder_2`
+        add_text_encoder(add, encoder, where[id(encoder)], "text_encoder_2" if encoder.cfg.pooled else "text_encoder")
+    return table
+
+
+def add_text_encoder(add, encoder, prefix: str, part: str) -> None:
+    """The Linear weights of a text encoder at `prefix` in the model, by transformers' CLIPTextModel names."""
+    text = encoder.cfg
+    if text.kind == "clip":  # our CLIP encoder is transformers' layout already
+        for path, module in encoder.transformer.named_modules():
             if isinstance(module, nn.Linear):
-                add(f"text_encoder.{path}", Target(f"cond_stage_model.transformer.{path}.weight"))
+                add(f"{part}.{path}", Target(f"{prefix}.transformer.{path}.weight"))
     else:  # OpenCLIP: q, k, v stacked in in_proj_weight (3·width, width); the MLP named c_fc, c_proj
         d = text.width
         for i in range(text.layers):
-            theirs, ours = (
-                f"text_encoder.text_model.encoder.layers.{i}",
-                f"cond_stage_model.model.transformer.resblocks.{i}",
-            )
+            theirs, ours = f"{part}.text_model.encoder.layers.{i}", f"{prefix}.model.transformer.resblocks.{i}"
             for j, x in enumerate("qkv"):
                 add(f"{theirs}.self_attn.{x}_proj", Target(f"{ours}.attn.in_proj_weight", (j * d, (j + 1) * d)))
             add(f"{theirs}.self_attn.out_proj", Target(f"{ours}.attn.out_proj.weight"))
             add(f"{theirs}.mlp.fc1", Target(f"{ours}.mlp.c_fc.weight"))
             add(f"{theirs}.mlp.fc2", Target(f"{ours}.mlp.c_proj.weight"))
-    return table
 
 
 # Merging ------------------------------------------------------------------------------------------------------------
@@ -272,7 +284,8 @@ def apply_lora(
     that shows the LoRA was made for another model."""
     params = dict(model.named_parameters())
     matched, warnings = _match(model, lora, params)
-    strength = {"unet": weight, "text_encoder": weight if te_weight is None else te_weight}
+    te = weight if te_weight is None else te_weight
+    strength = {"unet": weight, "text_encoder": te, "text_encoder_2": te}
     by_param: dict[str, list[tuple[tuple[int, int] | None, LoRALayer, float]]] = {}
     for name, target in matched:
         if w := strength[name.partition(".")[0]]:

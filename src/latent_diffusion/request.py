@@ -54,6 +54,9 @@ class GenerationRequest:
     batch_size: int = 1  # images per U-Net call
     clip_skip: int | None = None  # the web UI's CLIP skip: text encoder layers from the end (None: the model's)
     prompt_syntax: bool = True  # read emphasis and BREAK in the prompts (False: plain text)
+    # With a refiner model (`generate(..., refiner=)`): the part of the timestep range, from the noisiest, that the
+    # model denoises before the refiner takes over (diffusers' denoising_end / denoising_start)
+    refiner_switch: float = 0.8
 
     @property
     def steps_run(self) -> int:
@@ -73,13 +76,17 @@ def _fail(message: str) -> None:
     raise RequestError(message)
 
 
-def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -> GenerationRequest:
+def validate(
+    request: GenerationRequest, model: LatentDiffusion | None = None, refiner: LatentDiffusion | None = None
+) -> GenerationRequest:
     """Every check of a request, before any work: RequestError naming the problem. Without a model, what can be
-    checked without one; with it, also what depends on the model, and the returned copy has its defaults."""
+    checked without one; with it, also what depends on the model (and the refiner), and the returned copy has its
+    defaults."""
     r = request
-    for name in ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise", "clip_skip"):
+    numbers = ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise", "clip_skip")
+    for name in (*numbers, "refiner_switch"):
         value, whole = getattr(r, name), name in ("steps", "batch_size", "width", "height", "clip_skip")
-        if value is None and name not in ("steps", "batch_size", "strength"):
+        if value is None and name not in ("steps", "batch_size", "strength", "refiner_switch"):
             continue  # None: the default
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
             _fail(f"{name} must be a {'whole number' if whole else 'number'}, not {value!r}")
@@ -110,6 +117,8 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
         _fail(f"strength must be in (0, 1], not {r.strength}")
     if r.steps_run < 1:
         _fail(f"strength {r.strength} of {r.steps} steps runs no step; raise either")
+    if not 0 <= r.refiner_switch <= 1:
+        _fail(f"refiner_switch must be in [0, 1], not {r.refiner_switch}")
     for name in ("eta", "s_noise"):
         value = getattr(r, name)
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -125,7 +134,23 @@ def validate(request: GenerationRequest, model: LatentDiffusion | None = None) -
             _fail(str(e))
     if model is None:
         return request
+    if refiner is not None:
+        _check_refiner(model, refiner)
     return _resolve(r, model)
+
+
+def _check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
+    """A refiner continues the model's latents: the same latent space and noise schedule, and no inpainting input."""
+    if refiner.cfg.inpainting or refiner.cfg.concat_channels:
+        _fail("the refiner is an inpainting model; a refiner takes only the noisy latent")
+    same = ("scale_factor", "timesteps", "linear_start", "linear_end")
+    if refiner.cfg.autoencoder.embed_dim != model.cfg.autoencoder.embed_dim or any(
+        getattr(refiner.cfg, k) != getattr(model.cfg, k) for k in same
+    ):
+        _fail(f"the refiner ({refiner.cfg.family.title}) does not share this {model.cfg.family.title} model's latent "
+              f"space and noise schedule")  # fmt: skip
+    if (refiner.device, refiner.dtype) != (model.device, model.dtype):
+        _fail(f"the refiner is on {refiner.device} in {refiner.dtype}, the model on {model.device} in {model.dtype}")
 
 
 def _known_scheduler(name: str) -> bool:
@@ -244,7 +269,7 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
+def infotext_fields(r: GenerationRequest, model: LatentDiffusion, refiner: LatentDiffusion | None = None) -> dict:
     """The settings of a resolved request as the web UI's infotext fields, without the seed."""
     sampler = get_sampler(r.sampler)
     _, schedule_type = schedule_for(sampler, r.scheduler)
@@ -255,6 +280,8 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
         del fields["Schedule type"]
     if model.checkpoint is not None:
         fields |= {"Model hash": model_hash(model.checkpoint), "Model": Path(model.checkpoint).stem}
+    if model.vae_file is not None:
+        fields |= {"VAE hash": model_hash(model.vae_file), "VAE": Path(model.vae_file).name}
     eta = "Eta DDIM" if sampler.discrete else "Eta"  # the web UI's names: DDIM and PLMS apart from k-diffusion's
     for option, name in (("eta", eta), ("s_noise", "Sigma noise")):  # where not the sampler's default, as the web UI
         value = getattr(r, option)
@@ -268,6 +295,10 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion) -> dict:
         fields["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
     if r.init_image is not None:
         fields["Denoising strength"] = r.strength
+    if refiner is not None:
+        name = Path(refiner.checkpoint).stem if refiner.checkpoint else "refiner"
+        hash_ = f" [{model_hash(refiner.checkpoint)}]" if refiner.checkpoint else ""
+        fields |= {"Refiner": name + hash_, "Refiner switch at": r.refiner_switch}
     return fields
 
 
