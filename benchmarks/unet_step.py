@@ -6,6 +6,11 @@ with the ratio ours/diffusers (below 1.0: ours is faster).
 
     python benchmarks/unet_step.py                 # CPU float32 at 256x256 (32x32 latents)
     python benchmarks/unet_step.py --size 512      # on a GPU: float16 at 512x512 unless --dtype says otherwise
+    python benchmarks/unet_step.py --preset sdxl-base --shared-weights   # SDXL on a 24 GiB CPU machine
+
+SDXL presets get the vector conditioning (pooled text and size embeddings; diffusers' added_cond_kwargs).
+--shared-weights: diffusers' model takes our weight tensors themselves (its converter's output, assigned), so
+one copy of the weights is in memory: two float32 SDXL U-Nets (2 x 10.3 GB) do not fit in 24 GiB.
 """
 
 import argparse
@@ -18,18 +23,19 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 
 from latent_diffusion import LatentDiffusionConfig, preset
 from latent_diffusion.config import to_ldm_config
-from latent_diffusion.unet import UNetModel
+from latent_diffusion.unet import UNetModel, timestep_embedding
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 
-def build(cfg: LatentDiffusionConfig, device, dtype):
+def build(cfg: LatentDiffusionConfig, device, dtype, shared: bool = False):
     torch.manual_seed(0)
-    ours = UNetModel(cfg.unet)
+    ours = UNetModel(cfg.unet).to(device, dtype)
     sd = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
     theirs_cfg = create_unet_diffusers_config_from_ldm({"model": to_ldm_config(cfg)}, sd)
-    theirs = UNet2DConditionModel(**theirs_cfg)
-    theirs.load_state_dict(convert_ldm_unet_checkpoint(sd, theirs_cfg), strict=True)
-    return ours.to(device, dtype).eval(), theirs.to(device, dtype).eval()
+    with torch.device("meta" if shared else "cpu"):
+        theirs = UNet2DConditionModel(**theirs_cfg)
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(sd, theirs_cfg), strict=True, assign=shared)
+    return ours.eval(), theirs.to(device, dtype).eval()
 
 
 def timed(fn, sync) -> float:
@@ -46,6 +52,7 @@ def main():
     parser.add_argument("--size", type=int, default=None, help="image side in pixels (latents are 8x smaller)")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--shared-weights", action="store_true", help="one copy of the weights for both models")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -56,26 +63,43 @@ def main():
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     cfg = preset(args.preset)
-    ours, theirs = build(cfg, device, dtype)
+    ours, theirs = build(cfg, device, dtype, args.shared_weights)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, cfg.unet.in_channels, size // 8, size // 8, generator=g).to(device, dtype)
     t = torch.tensor([999, 999], device=device)
     context = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
+    y, added = None, None
+    if cfg.micro_conditioning:  # SDXL: y = [pooled | embeddings of (h, w, top, left, target h, w)], both ways
+        pooled = torch.randn(2, sum(t.embed_dim for t in cfg.texts if t.pooled), generator=g)
+        numbers = torch.tensor(
+            [[size, size, 0, 0, size, size][: len(cfg.micro_conditioning) * 2]] * 2, dtype=torch.float
+        )
+        if "aesthetic_score" in cfg.micro_conditioning:
+            numbers = torch.tensor([[size, size, 0, 0, 6.0]] * 2)
+        sizes = timestep_embedding(numbers.flatten(), cfg.micro_conditioning_width).reshape(2, -1)
+        y = torch.cat([pooled, sizes], dim=1).to(device, dtype)
+        added = {"text_embeds": pooled.to(device, dtype), "time_ids": numbers.to(device)}
+
+    def run_ours():
+        return ours(x, t, context, y)
+
+    def run_theirs():
+        return theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
     with torch.inference_mode():
-        diff = (ours(x, t, context) - theirs(x, t, encoder_hidden_states=context).sample).abs().max().item()
+        diff = (run_ours() - run_theirs()).abs().max().item()
         for _ in range(2):  # warm-up
-            ours(x, t, context)
-            theirs(x, t, encoder_hidden_states=context)
+            run_ours()
+            run_theirs()
         times_ours, times_theirs = [], []
         for _ in range(iters):  # interleaved, so drift in machine load hits both alike
-            times_ours.append(timed(lambda: ours(x, t, context), sync))
-            times_theirs.append(timed(lambda: theirs(x, t, encoder_hidden_states=context), sync))
+            times_ours.append(timed(run_ours, sync))
+            times_theirs.append(timed(run_theirs, sync))
 
     a, b = statistics.median(times_ours), statistics.median(times_theirs)
     where = machine()
     print(f"U-Net {args.preset}, batch 2, {size}x{size} ({size // 8}x{size // 8} latents), {dtype}, {device} ({where}), "
-          f"torch {torch.__version__}, {iters} iterations")  # fmt: skip
+          f"torch {torch.__version__}, {iters} iterations{', shared weights' if args.shared_weights else ''}")  # fmt: skip
     print(f"  ours      median {a * 1e3:8.1f} ms")
     print(f"  diffusers median {b * 1e3:8.1f} ms")
     print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
