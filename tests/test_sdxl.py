@@ -20,6 +20,7 @@ from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
 
 from conftest import randomize, tiny_config
+from test_full_size import shapes
 from test_reference import ATOL, diffusers_vae
 
 PROMPT, NEGATIVE = "a small red circle on a blue background", "blurry"
@@ -273,10 +274,6 @@ def test_generative_models_yaml_is_the_preset():
     models[4]["input_key"] = "aesthetic_score"
     del models[0]
     assert from_ldm_config(base) == preset("sdxl-refiner")
-
-
-def shapes(sd: dict) -> dict:
-    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 @pytest.mark.parametrize("name", ["sdxl-base", "sdxl-refiner"])
