@@ -23,6 +23,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 
 from latent_diffusion import LatentDiffusionConfig, preset
 from latent_diffusion.config import to_ldm_config
+from latent_diffusion.latent_diffusion import micro_conditioning
 from latent_diffusion.unet import UNetModel, timestep_embedding
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
@@ -71,11 +72,8 @@ def main():
     y, added = None, None
     if cfg.micro_conditioning:  # SDXL: y = [pooled | embeddings of (h, w, top, left, target h, w)], both ways
         pooled = torch.randn(2, sum(t.embed_dim for t in cfg.texts if t.pooled), generator=g)
-        numbers = torch.tensor(
-            [[size, size, 0, 0, size, size][: len(cfg.micro_conditioning) * 2]] * 2, dtype=torch.float
-        )
-        if "aesthetic_score" in cfg.micro_conditioning:
-            numbers = torch.tensor([[size, size, 0, 0, 6.0]] * 2)
+        micro = micro_conditioning(2, (size, size), negative=False)  # what generation feeds
+        numbers = torch.cat([micro[m] for m in cfg.micro_conditioning], dim=1)  # diffusers' time_ids
         sizes = timestep_embedding(numbers.flatten(), cfg.micro_conditioning_width).reshape(2, -1)
         y = torch.cat([pooled, sizes], dim=1).to(device, dtype)
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": numbers.to(device)}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig, preset, save_model
+from latent_diffusion.config import SDXL_MICRO, SDXL_REFINER_MICRO
 
 
 def tiny_config(variant: str) -> LatentDiffusionConfig:
@@ -33,7 +34,7 @@ def tiny_config(variant: str) -> LatentDiffusionConfig:
             pooled=True,
         )
         refiner = variant == "sdxl-refiner"
-        micro = ("original_size", "crop_coords", "aesthetic_score" if refiner else "target_size")
+        micro = SDXL_REFINER_MICRO if refiner else SDXL_MICRO
         cfg.unet = UNetConfig(model_channels=32, channel_mult=(1, 2, 2), attention_resolutions=(2, 4), num_res_blocks=1,
                               num_heads=None, num_head_channels=16, transformer_depth=(1, 1, 2) if refiner else (1, 2, 3),
                               context_dim=48 if refiner else 80, use_linear_in_transformer=True,

@@ -27,6 +27,8 @@ from .config import (
     OPENCLIP_VIT_BIGG_14,
     OPENCLIP_VIT_H_14,
     SDXL_CLIP_VIT_L_14,
+    SDXL_MICRO,
+    SDXL_REFINER_MICRO,
     SDXL_SCALE_FACTOR,
     AutoencoderConfig,
     LatentDiffusionConfig,
@@ -274,7 +276,7 @@ def _infer_conditioner(sd: dict[str, torch.Tensor]) -> dict:
     base = family is SDXL
     texts = [_infer_text(sd, SDXL.text_prefix + "0.transformer.text_model.", SDXL_CLIP_VIT_L_14)] if base else []
     texts.append(_infer_text(sd, SDXL.text_prefix + f"{len(texts)}.model.", OPENCLIP_VIT_BIGG_14))
-    micro = ("original_size", "crop_coords", "target_size" if base else "aesthetic_score")
+    micro = SDXL_MICRO if base else SDXL_REFINER_MICRO
     adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
     return {"text": texts[0], "text2": texts[1] if base else None, "micro_conditioning": micro,
             "micro_conditioning_width": (adm - texts[-1].embed_dim) // sum(MICRO_CONDITIONING[m] for m in micro),

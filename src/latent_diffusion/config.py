@@ -137,6 +137,8 @@ class TextEncoderConfig:
 # name -> how many numbers: original_size (height, width), crop_coords (top, left), target_size (height, width),
 # aesthetic_score (the refiner's).
 MICRO_CONDITIONING = {"original_size": 2, "crop_coords": 2, "target_size": 2, "aesthetic_score": 1}
+SDXL_MICRO = ("original_size", "crop_coords", "target_size")  # the base's inputs, in generative-models' order
+SDXL_REFINER_MICRO = ("original_size", "crop_coords", "aesthetic_score")
 
 
 @dataclass
@@ -287,7 +289,7 @@ def _sdxl_base() -> LatentDiffusionConfig:
         ),
         text=dataclasses.replace(SDXL_CLIP_VIT_L_14),
         text2=dataclasses.replace(OPENCLIP_VIT_BIGG_14),
-        micro_conditioning=("original_size", "crop_coords", "target_size"),
+        micro_conditioning=SDXL_MICRO,
         scale_factor=SDXL_SCALE_FACTOR,
     )  # fmt: skip
 
@@ -300,7 +302,7 @@ def _sdxl_refiner() -> LatentDiffusionConfig:
             adm_in_channels=1280 + 5 * 256,
         ),
         text=dataclasses.replace(OPENCLIP_VIT_BIGG_14),
-        micro_conditioning=("original_size", "crop_coords", "aesthetic_score"),
+        micro_conditioning=SDXL_REFINER_MICRO,
         scale_factor=SDXL_SCALE_FACTOR,
     )  # fmt: skip
 
