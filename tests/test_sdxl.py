@@ -494,3 +494,75 @@ def test_sdxl_lora_matches_diffusers(xl_models, tmp_path):
     assert again.warnings == [] and again.layers == len(kohya) // 2
     for k, v in model.state_dict().items():
         assert torch.equal(v, merged[k]), k
+
+
+def test_fine_tuning_feeds_each_images_size_and_crop(tmp_path, xl_models):
+    """SDXL fine-tuning: y holds each image's original size and center crop (generative-models' original_size_as_tuple
+    and crop_coords_top_left) and the training size as the target; a dropped caption is zeros (text and pooled);
+    the text encoders and the autoencoder stay as they were, the U-Net moves."""
+    from PIL import Image
+
+    from latent_diffusion import load_model, save_model
+    from latent_diffusion.data import ImageCaptionFolder
+    from latent_diffusion.train import Run, TrainConfig, build_cache, make_batch, train
+
+    model = xl_models["sdxl"]
+    save_model(model, tmp_path / "xl.safetensors")
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, (w, h) in enumerate([(48, 32), (32, 64), (40, 40), (96, 32)]):
+        Image.new("RGB", (w, h), (60 * i, 90, 200 - 40 * i)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a picture number {i}")
+    # 48x32 at 16: scaled by 1/2 to 24x16, cropped 4 from the left; 32x64: 16x32, 8 from the top; 96x32: 48x16, 16
+    folder = ImageCaptionFolder(data, 16)
+    assert [(it.original_size, it.crop) for it in map(folder.load, range(4))] == [
+        ((32, 48), (0, 4)), ((64, 32), (8, 0)), ((40, 40), (0, 0)), ((32, 96), (0, 16))]  # fmt: skip
+
+    cfg = TrainConfig(outdir=str(tmp_path / "run"), data=str(data), ckpt=str(tmp_path / "xl.safetensors"), image_size=16,
+                      batch_size=4, steps=2, save_every=2, ema_decay=0, prompt_dropout=0.0, quiet=True, device="cpu",
+                      lr=1e-3, warmup=1, gradient_checkpointing=True)  # fmt: skip
+    with torch.no_grad():
+        cache = build_cache(model, folder, torch.device("cpu"), cfg, quiet=True)
+        run = Run(cfg, model, folder, cache, torch.device("cpu"), 0, 1)
+        batch = make_batch(run, 0, slice(0, 4))
+        order = [cache["captions"][cache["caption"][i]] for i in range(4)]
+        for row in range(4):
+            i = next(
+                i
+                for i in range(4)
+                if torch.equal(batch.cond["crossattn"][row], cache["embeddings"][cache["caption"][i]])
+            )
+            _, pooled = model.get_text_conditioning([order[i]], pooled=True)
+            expected = model.conditioner.vector(pooled, {
+                "original_size": torch.tensor([folder.load(i).original_size], dtype=torch.float32),
+                "crop_coords": torch.tensor([folder.load(i).crop], dtype=torch.float32),
+                "target_size": torch.tensor([[16.0, 16.0]])})  # fmt: skip
+            torch.testing.assert_close(batch.cond["vector"][row : row + 1], expected)
+        run.cfg = TrainConfig(**{**cfg.__dict__, "prompt_dropout": 1.0})
+        dropped = make_batch(run, 0, slice(0, 4))
+        assert (dropped.cond["crossattn"] == 0).all() and (dropped.cond["vector"][:, :40] == 0).all()
+        torch.testing.assert_close(dropped.cond["vector"][:, 40:], batch.cond["vector"][:, 40:])
+
+    tuned = load_model(train(cfg))
+    a, b = model.state_dict(), tuned.state_dict()
+    for prefix in ("first_stage_model.", "conditioner."):
+        assert all(torch.equal(a[k], b[k]) for k in a if k.startswith(prefix)), prefix
+    unet = [k for k in a if k.startswith("model.diffusion_model.")]
+    assert sum(not torch.equal(a[k], b[k]) for k in unet) > 0.9 * len(unet)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(xl_models):
+    import copy
+
+    model = copy.deepcopy(xl_models["sdxl"]).train()
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 700])
+    cond = {"crossattn": torch.randn(2, 77, 80, generator=g), "vector": torch.randn(2, 88, generator=g)}
+    grads = []
+    for checkpointing in (False, True):
+        model.zero_grad()
+        model.unet.checkpointing = checkpointing
+        model(x, t, cond).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.unet.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -2,7 +2,8 @@
 
 Folder forms: `name.jpg` + `name.txt` side by side, or a `metadata.jsonl` with {"file_name", "text"} per line.
 Images are resized (shorter side) and center-cropped to the training size; unreadable images are skipped and
-counted, never a crash mid-epoch. Items are (image (3, S, S) in [-1, 1], caption).
+counted, never a crash mid-epoch. Items are `Item`s: the image (3, S, S) in [-1, 1], its caption, and the original
+size and crop that SDXL's micro-conditioning takes.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -23,16 +25,24 @@ class DataError(ValueError):
     """A data set that cannot be used as given; the message says why."""
 
 
+class Item(NamedTuple):
+    image: torch.Tensor  # (3, S, S) in [-1, 1]
+    caption: str
+    original_size: tuple[int, int]  # (height, width) of the image as read, before resizing
+    crop: tuple[int, int]  # (top, left) of the crop in the resized image: generative-models' crop_coords_top_left
+
+
 def to_tensor(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
 
 
-def resize_center_crop(im: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(im: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int]]:
+    """-> (the size x size crop, its (top, left) in the resized image)."""
     scale = size / min(im.size)
     w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
     im = im.resize((w, h), Image.Resampling.BICUBIC)
     left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size))
+    return im.crop((left, top, left + size, top + size)), (top, left)
 
 
 def read_text(path: Path) -> str:
@@ -89,18 +99,20 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def load(self, index: int, rng: random.Random | None = None) -> tuple[torch.Tensor, str] | None:
+    def load(self, index: int, rng: random.Random | None = None) -> Item | None:
         """The item, or None (and one more in `skipped`) if its image cannot be read."""
         path, caption = self.items[index]
         try:
             with Image.open(path) as im:
-                im = resize_center_crop(ImageOps.exif_transpose(im).convert("RGB"), self.size)
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                original = (im.height, im.width)
+                im, crop = resize_center_crop(im, self.size)
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
             self.skipped += 1
             return None
         if self.flip and rng is not None and rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(im), caption
+        return Item(to_tensor(im), caption, original, crop)
 
     def __getitem__(self, index: int):
         return self.load(index)
@@ -175,12 +187,12 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.specs)
 
-    def load(self, index: int, rng: random.Random | None = None) -> tuple[torch.Tensor, str]:
+    def load(self, index: int, rng: random.Random | None = None) -> Item:
         spec = self.specs[index]
         # Every fourth caption leaves the position out, so that prompts without one (any position will do)
         # are in the training distribution too.
         caption = spec.caption_without_position if index % 4 == 3 else spec.caption
-        return to_tensor(draw(spec, self.image_size)), caption
+        return Item(to_tensor(draw(spec, self.image_size)), caption, (self.image_size,) * 2, (0, 0))
 
     def __getitem__(self, index: int):
         return self.load(index)

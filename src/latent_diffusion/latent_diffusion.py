@@ -161,18 +161,25 @@ class LatentDiffusion(nn.Module):
             cond["vector"][:, : pooled.shape[1]] = pooled.masked_fill(zero[:, None], 0)
         return cond, notes
 
-    def get_text_conditioning(self, prompts: list[str]) -> torch.Tensor:
+    def get_text_conditioning(
+        self, prompts: list[str], pooled: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """prompts -> context (b, 77, context_dim) as CompVis encodes captions: plain text, cut at 75 tokens (with a
-        Python warning naming what was cut). Training uses this; generation uses `conditioning`."""
-        contexts = []
+        Python warning naming what was cut); SDXL: both encoders' contexts side by side. Training uses this;
+        generation uses `conditioning`. pooled: also return SDXL's pooled text (b, embed_dim), None for others."""
+        contexts, pooled_text = [], None
         for encoder in self.text_encoders:
             tokens, cut = encoder.tokenize(list(prompts))
-            contexts.append(encoder(tokens))
+            out = encoder(tokens, pooled=encoder.cfg.pooled)
+            if encoder.cfg.pooled:
+                out, pooled_text = out
+            contexts.append(out)
         for prompt, was_cut in zip(prompts, cut):
             if was_cut:
                 dropped = clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)
                 warnings.warn(f"prompt longer than 75 tokens; this part was cut: {dropped!r}", stacklevel=2)
-        return torch.cat(contexts, dim=-1)
+        context = torch.cat(contexts, dim=-1)
+        return (context, pooled_text) if pooled else context
 
     def autoencoder_encode(
         self, image: torch.Tensor, noise: torch.Tensor | None = None, tiled: bool = False

@@ -4,7 +4,9 @@ Objective (Ho et al. 2020; v: Salimans & Ho 2022): t ~ U{0..T-1}, ε ~ N(0, I), 
 z the scaled latent of an image; loss = w(t)·|f(x_t, t, c) − target|², target ε or v = √ᾱ_t·ε − √(1−ᾱ_t)·z.
 w(t) = 1, or min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, SNR = ᾱ/(1−ᾱ).
 The prompt is replaced by "" with probability `prompt_dropout`, so that the model learns the unconditional
-prediction that classifier-free guidance needs.
+prediction that classifier-free guidance needs (SDXL: by zeros, text and pooled, as generative-models' `ucg_rate`
+and as generation conditions on an empty negative prompt). SDXL also sees each image's micro-conditioning: its
+original size and crop (`data.Item`), the training size as the target size.
 
 The loop reads top to bottom in `train`: check the config, build the data, the model and the optimizer
 (or restore them from the last checkpoint), then per step: the micro-batches (`make_batch`), the loss
@@ -59,6 +61,7 @@ class TrainConfig:
     parameterization: str | None = None  # from scratch: "eps" or "v" (default: the preset's)
     autoencoder: str | None = None  # first_stage_model.* weights for a from-scratch model (stage 1's output)
     train_text_encoder: bool = False  # needed when the text encoder is new too
+    gradient_checkpointing: bool = False  # recompute the U-Net's blocks in the backward pass: less memory, ~30 % slower
     steps: int = 1000
     batch_size: int = 8  # global: samples per optimizer step, over all processes and accumulation steps
     grad_accum: int = 1
@@ -88,7 +91,7 @@ class TrainConfig:
 
 # The fields that may change when a run is resumed; every other field of TrainConfig defines the run.
 RESUMABLE = ("outdir", "steps", "save_every", "keep_checkpoints", "sample_every", "sample_prompts", "log_every",
-             "resume", "device", "quiet")  # fmt: skip
+             "resume", "device", "quiet", "gradient_checkpointing")  # fmt: skip
 
 
 # Small pure pieces (tested on their own) ------------------------------------------------------------------------
@@ -163,8 +166,12 @@ def build_model(cfg: TrainConfig, dataset) -> LatentDiffusion:
             except RuntimeError as e:
                 raise TrainError(f"{cfg.autoencoder}: does not fit the {cfg.preset} autoencoder ({e})") from None
             model.cfg.scale_factor = latent_scale_factor(model, dataset)
+    if cfg.train_text_encoder and model.cfg.micro_conditioning:
+        raise TrainError("--train-text-encoder is not supported for SDXL models yet; their text encoders stay frozen")
     model.first_stage_model.requires_grad_(False)
-    model.cond_stage_model.requires_grad_(cfg.train_text_encoder)
+    for encoder in model.text_encoders:
+        encoder.requires_grad_(cfg.train_text_encoder)
+    model.unet.checkpointing = cfg.gradient_checkpointing
     return model
 
 
@@ -176,31 +183,36 @@ def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> fl
     items = [it for i in range(min(count, len(dataset))) if (it := dataset.load(i)) is not None]
     if not items:
         raise TrainError("none of the first images could be read")
-    z = model.first_stage_model.encode(torch.stack([im for im, _ in items]), batch_size=16).mean
+    z = model.first_stage_model.encode(torch.stack([it.image for it in items]), batch_size=16).mean
     return round(1 / z.std().item(), 5)
 
 
 @torch.no_grad()
 def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet: bool) -> dict:
-    """Posterior mean and std of every image's latent, and the text embedding of every distinct caption."""
-    means, stds, captions = [], [], []
+    """Posterior mean and std of every image's latent, its micro-conditioning, and the text embedding (and pooled
+    text, SDXL) of every distinct caption."""
+    means, stds, captions, micro = [], [], [], []
     for start in tqdm(range(0, len(dataset), 16), desc="caching latents", disable=quiet, unit="batch"):
         items = [it for i in range(start, min(start + 16, len(dataset))) if (it := dataset.load(i)) is not None]
         if not items:
             continue
-        posterior = model.first_stage_model.encode(torch.stack([im for im, _ in items]).to(device))
+        posterior = model.first_stage_model.encode(torch.stack([it.image for it in items]).to(device))
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
-        captions.extend(c for _, c in items)
+        captions.extend(it.caption for it in items)
+        micro.extend((*it.original_size, *it.crop) for it in items)
     if not means:
         raise TrainError(f"none of the {len(dataset)} images of the data set can be read")
     unique = sorted(set(captions) | {""})
-    embeddings = None
+    embeddings = pooled = None
     if not cfg.train_text_encoder:
-        embeddings = torch.cat([model.get_text_conditioning(unique[i : i + 64]) for i in range(0, len(unique), 64)])
+        parts = [model.get_text_conditioning(unique[i : i + 64], pooled=True) for i in range(0, len(unique), 64)]
+        embeddings = torch.cat([context for context, _ in parts])
+        pooled = torch.cat([p for _, p in parts]) if parts[0][1] is not None else None
     index = {c: i for i, c in enumerate(unique)}
     return {"mean": torch.cat(means), "std": torch.cat(stds), "caption": [index[c] for c in captions],
-            "captions": unique, "index": index, "embeddings": embeddings}  # fmt: skip
+            "captions": unique, "index": index, "embeddings": embeddings, "pooled": pooled,
+            "micro": torch.tensor(micro, dtype=torch.float32)}  # fmt: skip
 
 
 class TrainedParts(nn.Module):
@@ -230,7 +242,9 @@ class Batch:
     """One micro-batch with every random draw made: the loss is then a function of the network and the batch."""
 
     latents: torch.Tensor  # z, the scaled latents of the images (b, c, h, w)
-    cond: dict  # {"crossattn": (b, 77, d)}, or {"tokens": (b, 77)} when the text encoder is trained
+    cond: (
+        dict  # {"crossattn": (b, 77, d)} (SDXL: and "vector"), or {"tokens": (b, 77)} when the text encoder is trained
+    )
     timesteps: torch.Tensor  # (b,)
     noise: torch.Tensor  # ε (b, c, h, w)
 
@@ -293,26 +307,48 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
     if cache:
         z = cache["mean"][idx] + cache["std"][idx] * z_noise[part]
         captions = [cache["captions"][cache["caption"][i]] for i in idx]
+        micro = cache["micro"][idx]
     else:
         items = [load_readable(run, i, random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
         with torch.no_grad():
-            posterior = model.first_stage_model.encode(torch.stack([im for im, _ in items]).to(run.device))
+            posterior = model.first_stage_model.encode(torch.stack([it.image for it in items]).to(run.device))
         z = posterior.sample(noise=z_noise[part])
-        captions = [c for _, c in items]
-    captions = ["" if d else c for c, d in zip(captions, drop[part].tolist())]
+        captions = [it.caption for it in items]
+        micro = torch.tensor([(*it.original_size, *it.crop) for it in items], dtype=torch.float32)
+    dropped = drop[part].tolist()
+    captions = ["" if d else c for c, d in zip(captions, dropped)]
     latents = (model.scale_factor * z).to(run.device)
-    return Batch(latents, text_conditioning(run, captions), t[part].to(run.device), noise[part].to(run.device))
+    cond = text_conditioning(run, captions)
+    if model.cfg.micro_conditioning:  # SDXL: dropped captions are zeros; y from the pooled text and the sizes
+        zero = torch.tensor(dropped, device=run.device)
+        cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
+        pooled = cond.pop("pooled").masked_fill(zero[:, None], 0)
+        cond["vector"] = model.conditioner.vector(pooled, training_micro_conditioning(micro, cfg.image_size))
+    return Batch(latents, cond, t[part].to(run.device), noise[part].to(run.device))
+
+
+def training_micro_conditioning(micro: torch.Tensor, image_size: int) -> dict[str, torch.Tensor]:
+    """Rows (original height, width, crop top, left) -> SDXL's micro-conditioning inputs: the target size is the
+    training size; the refiner's aesthetic score is 6 for every image (no scores in the data)."""
+    b = len(micro)
+    return {"original_size": micro[:, :2], "crop_coords": micro[:, 2:], "target_size": torch.full((b, 2), image_size),
+            "aesthetic_score": torch.full((b, 1), 6.0)}  # fmt: skip
 
 
 def text_conditioning(run: Run, captions: list[str]) -> dict:
-    """The context of the captions (from the cache when it has them), or their tokens when the text encoder is
-    trained (it then runs inside the trained module's forward)."""
+    """The context of the captions (and, SDXL, their pooled text under "pooled"), from the cache when it has them,
+    or their tokens when the text encoder is trained (it then runs inside the trained module's forward)."""
     if run.cfg.train_text_encoder:
         return {"tokens": run.model.cond_stage_model.tokenize(captions)[0]}
     if run.cache:
-        return {"crossattn": run.cache["embeddings"][[run.cache["index"][c] for c in captions]].to(run.device)}
+        rows = [run.cache["index"][c] for c in captions]
+        cond = {"crossattn": run.cache["embeddings"][rows].to(run.device)}
+        if run.cache["pooled"] is not None:
+            cond["pooled"] = run.cache["pooled"][rows].to(run.device)
+        return cond
     with torch.no_grad():
-        return {"crossattn": run.model.get_text_conditioning(captions)}
+        context, pooled = run.model.get_text_conditioning(captions, pooled=True)
+    return {"crossattn": context} | ({"pooled": pooled} if pooled is not None else {})
 
 
 def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:

@@ -127,7 +127,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc else None
     g = torch.Generator().manual_seed(cfg.seed)
     flip_rng = random.Random(cfg.seed)
-    holdout = [it[0] for i in range(n_train, len(dataset)) if (it := dataset.load(i))]
+    holdout = [it.image for i in range(n_train, len(dataset)) if (it := dataset.load(i))]
     if not holdout:
         raise TrainError(f"none of the {n_holdout} held-out images can be read, so PSNR cannot be reported")
     holdout = torch.stack(holdout).to(device)
@@ -140,7 +140,7 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
         items = [it for i in idx if (it := dataset.load(i, rng=flip_rng)) is not None]
         if not items:
             continue
-        x = torch.stack([im for im, _ in items]).to(device)
+        x = torch.stack([it.image for it in items]).to(device)
         loss, x_rec, parts = autoencoder_loss(model, disc, x, step, cfg, g)
         if not math.isfinite(loss.item()):
             raise TrainingDiverged(f"step {step + 1}: the loss is {loss.item()}; nothing was saved (lower --lr?)")

@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import UNetConfig
 from .spatial_transformer import SpatialTransformer
@@ -145,6 +146,7 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(nn.GroupNorm(32, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.checkpointing = False  # training: recompute each block's activations in the backward pass
 
     def forward(
         self,
@@ -165,13 +167,19 @@ class UNetModel(nn.Module):
             raise ValueError(f"this U-Net takes {'a' if self.cfg.adm_in_channels else 'no'} vector conditioning y")
         if y is not None:
             emb = emb + self.label_emb(y)
+
+        def run(block, *args):
+            if self.checkpointing and torch.is_grad_enabled():
+                return checkpoint(block, *args, use_reentrant=False)
+            return block(*args)
+
         skips = []
         h = x
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = run(block, h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = run(self.middle_block, h, emb, context)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
