@@ -388,6 +388,12 @@ def test_command_line_with_refiner_and_separate_vae(tmp_path, xl_models, capsys)
     with Image.open(path) as image:
         assert (from_pil(image) - generate(with_vae, request).images).abs().max() <= 1 / 255 + 1e-6
         assert "VAE: other_vae.safetensors" in image.text["parameters"]
+    # a whole checkpoint as the VAE file: its first_stage_model.* (as the web UI's VAE selector reads one)
+    assert main(["txt2img", "--ckpt", str(tmp_path / "base.safetensors"), "--vae", str(tmp_path / "refiner.safetensors"),
+                 *flags, "--outdir", str(tmp_path / "vae2")]) == 0  # fmt: skip
+    (again,) = (tmp_path / "vae2").iterdir()
+    with Image.open(path) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes()
 
     assert main(["txt2img", "--ckpt", str(tmp_path / "base.safetensors"), "--refiner", str(tmp_path / "nothing"),
                  *flags, "--outdir", str(tmp_path / "none")]) == 2  # fmt: skip

@@ -454,11 +454,13 @@ def load_model(
 
 def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
     """A separate autoencoder file into `model.first_stage_model`, as the web UI's VAE selector: CompVis-layout keys
-    (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`, or the same under `first_stage_model.`), in the
-    model's dtype and device; a training file's `loss.*` (discriminator) and EMA keys are left out. CheckpointError
-    if it does not fit; the model is unchanged then."""
+    (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`), or a whole checkpoint's `first_stage_model.*`,
+    in the model's dtype and device; a training file's `loss.*` (discriminator) and EMA keys are left out.
+    CheckpointError if it does not fit; the model is unchanged then."""
     sd, _ = read_state_dict(path)
-    sd = {k.removeprefix(VAE): v for k, v in sd.items() if not k.startswith(("loss.", EMA)) and "." in k}
+    if any(k.startswith(VAE) for k in sd):
+        sd = {k.removeprefix(VAE): v for k, v in sd.items() if k.startswith(VAE)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", EMA)) and "." in k}
     expected = model.first_stage_model.state_dict()
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         raise CheckpointError(f"{path}: a diffusers-format VAE; this takes the original layout (encoder.down.*)")
