@@ -106,6 +106,25 @@ def write(work: Path) -> None:
 
 
 @torch.no_grad()
+def ours_bf16(work: Path, size: int = 64) -> None:
+    """The same file loaded as bfloat16 and generating a small image (this CPU emulates bfloat16: slow)."""
+    from latent_diffusion import load_model
+    from latent_diffusion.generate import generate
+    from latent_diffusion.request import GenerationRequest
+
+    start = time.perf_counter()
+    model = load_model(work / "sdxl_random.safetensors", dtype=torch.bfloat16)
+    loaded = time.perf_counter() - start
+    start = time.perf_counter()
+    result = generate(model, GenerationRequest([PROMPT], [1], width=size, height=size, steps=2, sampler="euler"))
+    assert torch.isfinite(result.images).all()
+    print(
+        f"ours, bfloat16: loaded strictly in {loaded:.1f} s; txt2img {size}x{size}, 2 Euler steps with CFG "
+        f"{result.request.cfg_scale} in {time.perf_counter() - start:.1f} s; peak {peak_gib():.1f} GiB"
+    )
+
+
+@torch.no_grad()
 def ours(work: Path) -> None:
     from latent_diffusion import load_model, preset
     from latent_diffusion.checkpoint import infer_config, read_state_dict
@@ -170,14 +189,16 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="/tmp/sdxl-full-size")
     parser.add_argument(
-        "--step", choices=["write", "ours", "theirs"], help="one step (default: all, each in a fresh process)"
+        "--step",
+        choices=["write", "ours", "theirs", "ours-bf16"],
+        help="one step (default: write, ours, theirs, each in a fresh process)",
     )
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     if args.step:
         torch.set_grad_enabled(False)
-        {"write": write, "ours": ours, "theirs": theirs}[args.step](work)
+        {"write": write, "ours": ours, "theirs": theirs, "ours-bf16": ours_bf16}[args.step](work)
         return
     from machine import machine  # benchmarks/machine.py
 
