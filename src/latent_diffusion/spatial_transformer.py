@@ -82,7 +82,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = x.transpose(1, 2).unflatten(2, (h, w))  # (b, c, h, w)
+        # (b, c, h, w), copied into the standard layout: the transposed view is channels-last in memory, and on the
+        # CPU every convolution after it ran slower on that (SDXL's U-Net step: 20 % slower)
+        x = x.transpose(1, 2).unflatten(2, (h, w)).contiguous()
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
