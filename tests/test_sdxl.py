@@ -572,3 +572,14 @@ def test_gradient_checkpointing_gives_the_same_gradients(xl_models):
         grads.append([p.grad.clone() for p in model.unet.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_prompt_editing_counts_steps_over_base_and_refiner(xl_models):
+    """The web UI counts prompt-editing steps over both models: with the model as its own refiner, the switch
+    changes nothing, whichever side of it the edit falls."""
+    model = xl_models["sdxl"]
+    for switch in (0.3, 0.7):
+        request = GenerationRequest(["[a red circle:a blue square:0.5]"], [2], width=32, height=32, steps=6,
+                                    sampler="euler", refiner_switch=switch)  # fmt: skip
+        alone = generate(model, request).images
+        torch.testing.assert_close(generate(model, request, refiner=model).images, alone, atol=0, rtol=0)

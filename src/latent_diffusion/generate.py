@@ -115,7 +115,9 @@ def read_loras(model: LatentDiffusion, r: GenerationRequest) -> dict[str, LoRA]:
         raise RequestError(str(e)) from None
 
 
-def scheduled_denoiser(model: LatentDiffusion, r: GenerationRequest, batch: range, extra: dict):
+def scheduled_denoiser(
+    model: LatentDiffusion, r: GenerationRequest, batch: range, extra: dict, calls: itertools.count | None = None
+):
     """The denoiser of a batch, with the conditioning of each prompt-editing segment (`prompts.prompt_schedule`):
     evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
     editing there is one segment. -> (denoiser, prompt warnings)."""
@@ -139,7 +141,7 @@ def scheduled_denoiser(model: LatentDiffusion, r: GenerationRequest, batch: rang
         )  # fmt: skip
     if len(ends) == 1:
         return denoisers[ends[0]], notes
-    calls = itertools.count()
+    calls = calls if calls is not None else itertools.count()  # shared with a refiner: one count over both models
 
     def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         k = next(calls)
@@ -240,9 +242,10 @@ def sample(
     if sampler.brownian:
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
 
-    denoiser, notes = scheduled_denoiser(model, r, batch, extra)
+    calls = itertools.count()  # the model evaluations so far, for prompt editing (the web UI counts over both)
+    denoiser, notes = scheduled_denoiser(model, r, batch, extra, calls)
     if refiner is not None:
-        refined, more = scheduled_denoiser(refiner, r, batch, {})
+        refined, more = scheduled_denoiser(refiner, r, batch, {}, calls)
         denoiser = Experts(denoiser, refined, model, r.refiner_switch)
         notes += [n for n in more if n not in notes]
     options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
