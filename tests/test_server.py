@@ -454,3 +454,36 @@ def test_an_inpainting_checkpoint_inpaints_through_the_server(tiny_models, serve
         assert (np.asarray(decode(answer["images"][0]))[:, :14] == (200, 30, 40)).all()
         status, answer = call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "width": 32, "height": 32})
         assert status == 422 and "it needs an image and a mask" in answer["detail"]
+
+
+def test_sdxl_with_the_web_ui_refiner_fields(tmp_path, serve):
+    """An SDXL checkpoint served, with the web UI's refiner_checkpoint / refiner_switch_at: the image the library
+    gives with that refiner; an unknown refiner is a 404; a refiner of another latent space a 422."""
+    from latent_diffusion import LatentDiffusion
+
+    from conftest import randomize, tiny_config
+
+    base = randomize(LatentDiffusion(tiny_config("sdxl")), seed=31).eval()
+    refiner = randomize(LatentDiffusion(tiny_config("sdxl-refiner")), seed=32).eval()
+    save_model(base, tmp_path / "base.safetensors")
+    save_model(refiner, tmp_path / "refiner.safetensors")
+    save_model(LatentDiffusion(tiny_config("sd1")), tmp_path / "sd1.safetensors")
+    body = {"prompt": "a red circle", "seed": 4, "steps": 4, "width": 32, "height": 32, "sampler_name": "Euler",
+            "refiner_checkpoint": "refiner", "refiner_switch_at": 0.6}  # fmt: skip
+    with serve(create_app(load_model(tmp_path / "base.safetensors"), load=load_model, models_dir=tmp_path)) as url:
+        status, answer = call(url, "/sdapi/v1/txt2img", body)
+        assert status == 200, answer
+        info = json.loads(answer["info"])
+        assert "Refiner switch at: 0.6" in info["infotexts"][0] and "refiner" not in str(info.get("ignored"))
+        request = GenerationRequest(["a red circle"], [4], width=32, height=32, steps=4, sampler="euler",
+                                    cfg_scale=7.0, refiner_switch=0.6)  # fmt: skip
+        expected = generate(load_model(tmp_path / "base.safetensors"), request,
+                            refiner=load_model(tmp_path / "refiner.safetensors")).images  # fmt: skip
+        got = torch.from_numpy(np.asarray(decode(answer["images"][0]), dtype=np.float32) / 255).permute(2, 0, 1)
+        assert (got - expected[0]).abs().max() <= 1 / 255 + 1e-6
+        assert call(url, "/sdapi/v1/txt2img", {**body, "refiner_checkpoint": "nope"})[0] == 404
+        status, answer = call(url, "/sdapi/v1/txt2img", {**body, "refiner_switch_at": 3})
+        assert status == 422 and "refiner_switch" in answer["detail"]
+        status, answer = call(url, "/sdapi/v1/txt2img", {**body, "refiner_checkpoint": "sd1"})
+        assert status == 422 and "latent space" in answer["detail"]
+        assert call(url, "/sdapi/v1/txt2img", {**body, "refiner_checkpoint": "None"})[0] == 200  # the web UI's none

@@ -47,6 +47,7 @@ class Job(Task):
 
     request: GenerationRequest  # as the client gave it (validated without a model)
     checkpoint: Path | None  # the model it runs on (None: whichever is loaded)
+    refiner: Path | None = None  # the checkpoint that denoises the end of its schedule (the web UI's refiner)
     batch_size: int = 1  # images per U-Net call when run alone
     merge: bool = True  # may share a U-Net batch with other jobs
     sampler_name: str = ""  # as the client named it, for its answer
@@ -66,8 +67,8 @@ class Job(Task):
         r = self.resolved
         if not self.merge or r.init_image is not None or self.batch_size != len(r.prompts):
             return None
-        return (self.checkpoint, r.width, r.height, r.steps, r.sampler, r.scheduler, r.spacing, r.eta, r.s_noise,
-                r.cfg_scale, r.clip_skip, r.prompt_syntax)  # fmt: skip
+        return (self.checkpoint, self.refiner, r.refiner_switch, r.width, r.height, r.steps, r.sampler, r.scheduler,
+                r.spacing, r.eta, r.s_noise, r.cfg_scale, r.clip_skip, r.prompt_syntax)  # fmt: skip
 
 
 @dataclass
@@ -85,6 +86,7 @@ class Worker:
         window: float,
     ):  # fmt: skip
         self.model, self.load = model, load
+        self.refiner: LatentDiffusion | None = None  # the last refiner a job asked for, kept for the next
         self.max_queue, self.max_batch, self.window = max_queue, max_batch, window
         self.jobs: queue.Queue[Task | None] = queue.Queue()  # None: stop
         self.lock = threading.Lock()  # guards `waiting`
@@ -166,17 +168,26 @@ class Worker:
         try:
             if job.checkpoint is not None:
                 self.switch(Load(job.checkpoint))
+            if job.refiner is not None and (
+                self.refiner is None or Path(self.refiner.checkpoint).resolve() != job.refiner.resolve()
+            ):
+                self.refiner = None  # (the old one's memory is free before the new one loads)
+                self.refiner = self.load(job.refiner)
             request = job.request
             if request.cfg_scale is None and self.model.cfg.cfg_scale is None:
                 request = dataclasses.replace(request, cfg_scale=job.cfg_scale)
-            job.resolved, job.model_path = validate(request, self.model), self.model.checkpoint
+            job.resolved = validate(request, self.model, self.refiner_of(job))
+            job.model_path = self.model.checkpoint
         except Exception as e:
             job.error = e
             return False
         return True
 
+    def refiner_of(self, job: Job) -> LatentDiffusion | None:
+        return self.refiner if job.refiner is not None else None
+
     def mergeable(self, group: list[Job], job: Task) -> bool:
-        if isinstance(job, Load) or job.checkpoint != group[0].checkpoint:
+        if isinstance(job, Load) or (job.checkpoint, job.refiner) != (group[0].checkpoint, group[0].refiner):
             return False
         if job.cancelled or not self.prepare(job):
             return True  # it rides along and is answered with its error, or dropped
@@ -197,7 +208,7 @@ class Worker:
             if len(group) == 1:
                 job = group[0]
                 sizes = [job.batch_size] * (len(job.request.prompts) // job.batch_size)
-                job.images, job.infotexts, job.warnings = self.execute(job.resolved, sizes)
+                job.images, job.infotexts, job.warnings = self.execute(job.resolved, sizes, self.refiner_of(job))
             else:
                 merged = dataclasses.replace(
                     group[0].resolved, prompts=[p for j in group for p in j.resolved.prompts],
@@ -206,12 +217,12 @@ class Worker:
                     batch_size=sum(len(j.resolved.prompts) for j in group),
                 )  # fmt: skip
                 try:  # the batch's memory (and so its VAE tiling) is checked for all its images together
-                    merged = validate(merged, self.model)
+                    merged = validate(merged, self.model, self.refiner_of(group[0]))
                 except RequestError:  # too large together: each job alone, one after another
                     for job in group:
                         self.run_group([job])
                     return
-                images, infotexts, warnings = self.execute(merged, [len(merged.prompts)])
+                images, infotexts, warnings = self.execute(merged, [len(merged.prompts)], self.refiner_of(group[0]))
                 start = 0
                 for job in group:
                     n = len(job.request.prompts)
@@ -223,7 +234,9 @@ class Worker:
         finally:
             self.running = []
 
-    def execute(self, request: GenerationRequest, sizes: list[int]) -> tuple[list, list[str], list[str]]:
+    def execute(
+        self, request: GenerationRequest, sizes: list[int], refiner: LatentDiffusion | None = None
+    ) -> tuple[list, list[str], list[str]]:
         """Run a resolved request in U-Net batches of these sizes -> (PIL images, infotexts, warnings); stops early
         on an interrupt, or when every job of the batch is cancelled."""
         images, infotexts, warnings, start = [], [], [], 0
@@ -241,7 +254,7 @@ class Worker:
                 part = slice(start, start + size)
                 batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
                                             negative_prompts=request.negative_prompts[part], batch_size=size)  # fmt: skip
-                result = generate(self.model, batch, progress=step_done)
+                result = generate(self.model, batch, progress=step_done, refiner=refiner)
                 images += [to_pil(t) for t in result.images]
                 infotexts += result.infotexts
                 warnings += [w for w in result.warnings if w not in warnings]

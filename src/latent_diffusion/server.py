@@ -105,6 +105,8 @@ class Txt2ImgRequest(BaseModel):
     send_images: bool = True
     save_images: bool = False
     override_settings: dict[str, Any] | None = None
+    refiner_checkpoint: str | None = None  # a checkpoint of the models folder, by any name sd_model_checkpoint takes
+    refiner_switch_at: float | None = None  # the part of the timestep range the model denoises first (default 0.8)
 
 
 class Img2ImgRequest(Txt2ImgRequest):
@@ -500,15 +502,19 @@ def create_app(
         clip_skip = overrides.get("CLIP_stop_at_last_layers")
         if clip_skip is not None and not isinstance(clip_skip, int):
             raise RequestError("override_settings.CLIP_stop_at_last_layers: a whole number of layers")
+        refiner = None
+        if body.refiner_checkpoint not in (None, "", "None"):  # the web UI's "None" is no refiner
+            refiner = checkpoints.find(body.refiner_checkpoint)
         seed = random.randrange(2**32) if body.seed == -1 else body.seed
         request = GenerationRequest(
             prompts=[body.prompt] * count, negative_prompts=[body.negative_prompt] * count,
             seeds=[seed + i for i in range(count)], width=body.width, height=body.height, steps=body.steps,
             sampler=sampler.name, scheduler=body.scheduler or legacy_schedule or "automatic", eta=body.eta,
             s_noise=body.s_noise, cfg_scale=body.cfg_scale, batch_size=body.batch_size, clip_skip=clip_skip,
+            refiner_switch=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
         )  # fmt: skip
-        job = Job(validate(request), checkpoint, batch_size=body.batch_size, sampler_name=sampler.display_name,
-                  cfg_scale=WEB_UI_CFG_SCALE)  # fmt: skip
+        job = Job(validate(request), checkpoint, refiner, batch_size=body.batch_size,
+                  sampler_name=sampler.display_name, cfg_scale=WEB_UI_CFG_SCALE)  # fmt: skip
         if check_model:
             check_against_model(job)
         return job
