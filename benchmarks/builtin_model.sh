@@ -28,7 +28,7 @@ start=$(date +%s)
     --lr 1e-3 --warmup 50 --lr-schedule cosine --loss l2 --kl-weight 5e-4 --precision bf16 --seed 0 --quiet
 stage1=$(date +%s)
 "$LDM" train --outdir "$OUT/stage2" --preset tiny --parameterization v \
-    --autoencoder "$OUT/stage1/autoencoder.safetensors" --train-text-encoder --shapes-count 4000 --image-size 64 \
+    --autoencoder "$OUT/stage1/autoencoder.safetensors" --train-text-encoder --shapes-count 8000 --image-size 64 \
     --steps 6000 --batch-size 32 --lr 1e-3 --warmup 100 --lr-schedule cosine --min-snr-gamma 5 --ema-decay 0.999 \
     --save-every 1000 --seed 0 --quiet
 stage2=$(date +%s)

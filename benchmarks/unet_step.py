@@ -7,6 +7,7 @@ with the ratio ours/diffusers (below 1.0: ours is faster).
     python benchmarks/unet_step.py                 # CPU float32 at 256x256 (32x32 latents)
     python benchmarks/unet_step.py --size 512      # on a GPU: float16 at 512x512 unless --dtype says otherwise
     python benchmarks/unet_step.py --preset sdxl-base --shared-weights   # SDXL on a 24 GiB CPU machine
+    python benchmarks/unet_step.py --size 512 --compile   # both compiled (CUDA graphs on a GPU)
 
 SDXL presets get the vector conditioning (pooled text and size embeddings; diffusers' added_cond_kwargs).
 --shared-weights: diffusers' model takes our weight tensors themselves (its converter's output, assigned), so
@@ -22,6 +23,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
 from latent_diffusion import LatentDiffusionConfig, preset
+from latent_diffusion.compiling import compile_mode
 from latent_diffusion.config import to_ldm_config
 from latent_diffusion.latent_diffusion import micro_conditioning
 from latent_diffusion.unet import UNetModel, timestep_embedding
@@ -54,6 +56,8 @@ def main():
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--shared-weights", action="store_true", help="one copy of the weights for both models")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both (ours as `compiling.py` does; mode reduce-overhead on CUDA)")  # fmt: skip
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -65,6 +69,9 @@ def main():
 
     cfg = preset(args.preset)
     ours, theirs = build(cfg, device, dtype, args.shared_weights)
+    if args.compile:  # the same settings for both: static shapes, CUDA graphs on a GPU
+        for net in (ours, theirs):
+            net.compile(mode=compile_mode(torch.device(device)), dynamic=False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, cfg.unet.in_channels, size // 8, size // 8, generator=g).to(device, dtype)
     t = torch.tensor([999, 999], device=device)
@@ -86,7 +93,7 @@ def main():
 
     with torch.inference_mode():
         diff = (run_ours() - run_theirs()).abs().max().item()
-        for _ in range(2):  # warm-up
+        for _ in range(3):  # warm-up (and compilation, with --compile)
             run_ours()
             run_theirs()
         times_ours, times_theirs = [], []
@@ -97,7 +104,8 @@ def main():
     a, b = statistics.median(times_ours), statistics.median(times_theirs)
     where = machine()
     print(f"U-Net {args.preset}, batch 2, {size}x{size} ({size // 8}x{size // 8} latents), {dtype}, {device} ({where}), "
-          f"torch {torch.__version__}, {iters} iterations{', shared weights' if args.shared_weights else ''}")  # fmt: skip
+          f"torch {torch.__version__}, {iters} iterations{', shared weights' if args.shared_weights else ''}"
+          f"{', compiled' if args.compile else ', eager'}")  # fmt: skip
     print(f"  ours      median {a * 1e3:8.1f} ms")
     print(f"  diffusers median {b * 1e3:8.1f} ms")
     print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")

@@ -1,12 +1,13 @@
 """The pixel analyser that scores prompt adherence on the shapes data, validated on ground-truth images."""
 
 import json
+import re
 
 import torch
 
 from latent_diffusion import save_model
 from latent_diffusion.cli import main
-from latent_diffusion.data import HELD_OUT_PAIRS, ShapesDataset
+from latent_diffusion.data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, SHAPES, Shape, ShapesDataset
 from latent_diffusion.evaluate import ATTRIBUTES, analyse, score
 
 
@@ -41,5 +42,70 @@ def test_eval_command_reports_both_splits(tmp_path, tiny_models, capsys):
     out = capsys.readouterr().out
     assert "held-out pairs: green triangle, purple circle, white square" in out
     report = json.loads((tmp_path / "scores.json").read_text())
-    assert set(report) == {"seen", "held-out"} and report["seen"]["images"] == 4
-    assert set(report["seen"]) == {"images", *ATTRIBUTES}
+    assert set(report) == set(EVAL_FORMS)
+    assert all(set(splits) == {"seen", "held-out"} for splits in report.values())
+    assert report["template"]["seen"]["images"] == 4 and set(report["template"]["seen"]) == {"images", *ATTRIBUTES}
+    assert set(report["short"]["held-out"]) == {"images", "shape", "color"}  # only what "a red circle" names
+    assert "short" in out and "e.g. 'a " in out
+
+
+def test_eval_refuses_an_unknown_prompt_form(capsys):
+    assert main(["eval", "--forms", "template,poem", "--count", "1", "--quiet"]) == 2
+    assert "no prompt form 'poem'" in capsys.readouterr().err
+
+
+# Caption wordings -------------------------------------------------------------------------------------------
+
+WORDS = {"small": {"small", "little"}, "large": {"large", "big"}}
+PLACES = {"left": {"left"}, "right": {"right"}, "top": {"top", "upper"}, "bottom": {"bottom", "lower"},
+          "center": {"center", "centre", "middle", "centered"}}  # fmt: skip
+
+
+def named(caption: str, spec: Shape) -> set[str]:
+    """The attributes of `spec` that `caption` names, found by their words."""
+    words = set(caption.replace(",", " ").replace("-", " ").split())
+    found = {"shape"} if spec.shape in words else set()
+    found |= {"color"} if spec.color in words else set()
+    found |= {"background"} if spec.background in words else set()
+    found |= {"size"} if words & (WORDS["small"] | WORDS["large"]) else set()
+    return found | ({"position"} if words & set().union(*PLACES.values()) else set())
+
+
+def test_training_captions_vary_their_wording_and_never_say_anything_wrong():
+    data = ShapesDataset(3000, 16, seed=0)
+    assert data.captions == ShapesDataset(3000, 16, seed=0).captions  # deterministic in the seed
+    templates = 0
+    for spec, caption in zip(data.specs, data.captions):
+        said = named(caption, spec)
+        assert {"shape", "color"} <= said, caption
+        words = caption.replace(",", " ").split()
+        if "size" in said:  # the right size word, and the right place
+            assert set(words) & WORDS[spec.size], caption
+        if "position" in said:
+            assert set(words) & PLACES[spec.position], caption
+        # "an" before a vowel, "a" before anything else
+        assert not re.search(r"\ba [aeiou]|\ban [^aeiou]", caption), caption
+        # never one of the scoring prompts (other than the template, which is the training caption)
+        assert caption not in {f.write(spec) for name, f in EVAL_FORMS.items() if name != "template"}, caption
+        templates += caption == spec.caption
+    assert 0.45 < templates / len(data.captions) < 0.55
+    # each optional attribute is named in about half the other captions, and the wordings are many
+    others = [(c, named(c, s)) for s, c in zip(data.specs, data.captions) if c != s.caption]
+    for attribute in ("size", "position", "background"):
+        assert 0.4 < sum(attribute in said for _, said in others) / len(others) < 0.6, attribute
+    skeletons = {" ".join("X" if w in COLORS or w in SHAPES else w for w in c.split()) for c, _ in others}
+    assert len(skeletons) > 300
+
+
+def test_scoring_prompt_forms_name_exactly_their_attributes():
+    for spec in ShapesDataset(200, 16, seed=5).specs + ShapesDataset(50, 16, seed=6, only=HELD_OUT_PAIRS).specs:
+        for name, form in EVAL_FORMS.items():
+            prompt = form.write(spec)
+            assert named(prompt, spec) == set(form.attributes), (name, prompt)
+            assert not re.search(r"\ba [aeiou]|\ban [^aeiou]", prompt), prompt
+    spec = Shape("square", "orange", "white", "large", "top")
+    assert [f.write(spec) for f in EVAL_FORMS.values()] == [
+        "a large orange square at the top on a white background", "an orange square", "a large orange square",
+        "an orange square on a white background", "orange square, white background",
+        "a white background with a large orange square at the top",
+    ]  # fmt: skip

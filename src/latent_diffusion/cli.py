@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model, load_vae
-from .data import HELD_OUT_PAIRS
+from .compiling import compile_model
+from .data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
 from .devices import resolve_device
 from .embeddings import load_embeddings
 from .evaluate import ATTRIBUTES, prompt_adherence
@@ -127,7 +128,7 @@ def request_from_args(args) -> GenerationRequest:
         sampler=sampler, scheduler=scheduler, spacing=args.spacing, eta=args.eta, s_noise=args.s_noise,
         cfg_scale=args.cfg_scale, clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
         strength=getattr(args, "strength", 1.0), batch_size=args.batch_size, vae_tiling=args.vae_tiling,
-        refiner_switch=args.refiner_switch,
+        refiner_switch=args.refiner_switch, compile=args.compile,
     )  # fmt: skip
 
 
@@ -253,13 +254,13 @@ def cmd_generate(args) -> None:
         print(f"wrote {path}")
 
 
-DEMO_PROMPTS = (
-    "a small red circle on a blue background",
+DEMO_PROMPTS = (  # the template caption, then shorter and reordered wordings (data.EVAL_FORMS)
     "a large yellow square in the center on a black background",
-    "a small white triangle at the left on a green background",
-    "a large orange circle at the bottom on a purple background",
-    "a small blue square at the top on a yellow background",
-    "a large green triangle in the center on a white background",  # a held-out (colour, shape) pair
+    "a yellow circle",
+    "a purple square on a white background",
+    "red triangle, green background",
+    "a blue background with a small orange circle at the left",
+    "a green triangle on a white background",  # a held-out (colour, shape) pair
 )
 
 
@@ -296,6 +297,7 @@ TRAIN_HELP = {
     "autoencoder": "first_stage_model weights (from `ldm train-autoencoder`) for a from-scratch model",
     "train_text_encoder": "train the text encoder too (frozen by default; not for SDXL)",
     "gradient_checkpointing": "recompute the U-Net's activations in the backward pass: less memory, slower steps",
+    "compile": "torch.compile the training step's forward and backward (the first step waits for the compilation)",
     "steps": "optimizer steps in all",
     "batch_size": "global batch: samples per optimizer step over all processes and accumulation steps",
     "grad_accum": "gradient accumulation steps",
@@ -400,7 +402,7 @@ def cmd_serve(args) -> None:
         model.loras = loras
         for notice in notices:
             print(f"ldm: warning: {notice}", file=sys.stderr)
-        return model
+        return compile_model(model) if args.compile else model
 
     found = list(checkpoint_files(models_dir).values()) if models_dir else []
     model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
@@ -432,19 +434,26 @@ def cmd_eval(args) -> None:
     settings = checked(GenerationRequest([""], [0], width=args.image_size, height=args.image_size, steps=args.steps,
                                          sampler=sampler, scheduler=scheduler, cfg_scale=args.cfg_scale,
                                          batch_size=args.batch_size))  # fmt: skip
+    forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else tuple(EVAL_FORMS)
+    if unknown := [f for f in forms if f not in EVAL_FORMS]:
+        raise UsageError(f"--forms: no prompt form {unknown[0]!r}; the forms are {', '.join(EVAL_FORMS)}")
     model = load_model(args.ckpt, device=pick_device(args.device))
     batches = -(-args.count // max(1, args.batch_size))  # per split
-    bar = tqdm(total=2 * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
-    report, settings = prompt_adherence(model, args.count, settings, seed=args.seed, progress=lambda p: bar.update(1))
+    bar = tqdm(total=2 * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
+    report, settings = prompt_adherence(model, args.count, settings, seed=args.seed, forms=forms,
+                                        progress=lambda p: bar.update(1))  # fmt: skip
     bar.close()
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
     fields = infotext_fields(settings, model)
     sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
     print(f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
           f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip
-    print(f"{'':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
-    for split, row in report.items():
-        print(f"{split:10s}{row['images']:8d}" + "".join(f"{row[a]:12.1%}" for a in ATTRIBUTES))
+    print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
+    for form, splits in report.items():  # an attribute the form's prompts do not name is not scored: "-"
+        print(f"{form:18s}e.g. {EVAL_FORMS[form].write(ShapesDataset(1, seed=args.seed + 1).specs[0])!r}")
+        for split, row in splits.items():
+            cells = "".join(f"{row[a]:12.1%}" if a in row else f"{'-':>12s}" for a in ATTRIBUTES)
+            print(f"{'':18s}{split:10s}{row['images']:8d}{cells}")
     if args.json:
         with atomic_write(args.json) as tmp:
             tmp.write_text(json.dumps(report, indent=2))
@@ -514,6 +523,10 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction,
                    help="encode and decode in overlapping tiles, for images too large for memory at once (default: "
                         "when the whole image would not fit)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net and VAE decoder (CUDA graphs on a GPU): the first image of each size "
+                        "waits for the compilation, later ones are faster; compiled kernels are cached across runs in "
+                        "$TORCHINDUCTOR_CACHE_DIR")  # fmt: skip
     p.add_argument("--lora-dir", help="LoRA files, used by <lora:NAME:WEIGHT> in the prompt, NAME a file's name "
                    "(default: models/Lora where it exists)")  # fmt: skip
     p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
@@ -604,6 +617,9 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
     serve.add_argument("--outdir", default="outputs", help="where save_images writes")
+    serve.add_argument("--compile", action="store_true",
+                       help="torch.compile every model loaded (see txt2img --compile): the first request of each size "
+                            "waits for the compilation")  # fmt: skip
     serve.add_argument("--api-auth", metavar="USER:PASSWORD", help="require HTTP basic auth with these credentials")
     serve.add_argument("--cors-allow-origins", nargs="+", metavar="ORIGIN",
                        help="origins whose pages may call the API (none by default)")  # fmt: skip
@@ -658,6 +674,7 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
+    ev.add_argument("--forms", help=f"comma-separated prompt forms to score (default: all: {', '.join(EVAL_FORMS)})")
     ev.add_argument("--json", help="also write the scores to this file")
     ev.add_argument("--quiet", action="store_true")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -140,17 +141,101 @@ class Shape:
     position: str
 
     @property
-    def caption(self) -> str:
-        """The full caption: "a small red circle at the left on a blue background"."""
-        where = "in the center" if self.position == "center" else f"at the {self.position}"
-        return self._caption(f" {where}")
+    def where(self) -> str:
+        return "in the center" if self.position == "center" else f"at the {self.position}"
 
     @property
-    def caption_without_position(self) -> str:
-        return self._caption("")
+    def caption(self) -> str:
+        """The template caption, every attribute named: "a small red circle at the left on a blue background"."""
+        background = f"{an(self.background)} {self.background} background"
+        return f"a {self.size} {self.color} {self.shape} {self.where} on {background}"
 
-    def _caption(self, where: str) -> str:
-        return f"a {self.size} {self.color} {self.shape}{where} on a {self.background} background"
+
+def an(word: str) -> str:
+    """The indefinite article before `word`: "an orange", "a small"."""
+    return "an" if word[0] in "aeiou" else "a"
+
+
+class PromptForm(NamedTuple):
+    write: Callable[[Shape], str]
+    attributes: tuple[str, ...]  # what the prompt names; only these are scored
+
+
+# The fixed prompt forms `ldm eval` scores (listed in BENCHMARKS.md). Apart from the template, no training caption
+# is ever one of these exact strings: the model has to understand them, not remember them.
+EVAL_FORMS = {
+    "template": PromptForm(lambda s: s.caption, ("shape", "color", "background", "size", "position")),
+    "short": PromptForm(lambda s: f"{an(s.color)} {s.color} {s.shape}", ("shape", "color")),
+    "sized": PromptForm(lambda s: f"a {s.size} {s.color} {s.shape}", ("shape", "color", "size")),
+    "on background": PromptForm(
+        lambda s: f"{an(s.color)} {s.color} {s.shape} on {an(s.background)} {s.background} background",
+        ("shape", "color", "background"),
+    ),
+    "tags": PromptForm(lambda s: f"{s.color} {s.shape}, {s.background} background", ("shape", "color", "background")),
+    "background first": PromptForm(
+        lambda s: f"{an(s.background)} {s.background} background with a {s.size} {s.color} {s.shape} {s.where}",
+        ("shape", "color", "background", "size", "position"),
+    ),
+}
+
+# Training captions vary in wording: the pieces each form is made of, in their alternatives.
+WHERE = {
+    "left": ("at the left", "on the left", "in the left part", "to the left"),
+    "right": ("at the right", "on the right", "in the right part", "to the right"),
+    "top": ("at the top", "near the top", "in the top part", "in the upper part"),
+    "bottom": ("at the bottom", "near the bottom", "in the bottom part", "in the lower part"),
+    "center": ("in the center", "in the middle", "in the centre", "centered"),
+}
+SIZE_WORDS = {"small": ("small", "small", "little"), "large": ("large", "large", "big")}
+ON_BACKGROUND = ("on {a} {b} background", "on {b}", "against {a} {b} background", "in front of {a} {b} background",
+                 "on {a} {b} backdrop")  # fmt: skip
+BACKGROUND_FIRST = ("{} background with {}", "{} image with {}", "{} picture showing {}")
+TEMPLATE_SHARE = 0.5
+PICTURE_OF = ("an image of", "a picture of", "a drawing of", "a photo of")
+
+
+def training_caption(s: Shape, rng: random.Random) -> str:
+    """One caption of `s` in a random wording. Half are the template. The others always name the colour and
+    the shape, and each of size, position and background with probability 1/2, in one of several forms: prose
+    ("a red circle on blue"), tags ("red circle, small, left, blue background"), background first ("a blue image
+    with a small red circle"), "a picture of ...", "a circle in red", "a red-colored circle". What a caption leaves
+    out is drawn at random in the image all the same, so a missing word means "any"."""
+    if rng.random() < TEMPLATE_SHARE:
+        return s.caption
+    blocked = {form.write(s) for name, form in EVAL_FORMS.items() if name != "template"}
+    while True:
+        size = rng.choice(SIZE_WORDS[s.size]) if rng.random() < 0.5 else None
+        where = rng.choice(WHERE[s.position]) if rng.random() < 0.5 else None
+        background = s.background if rng.random() < 0.5 else None
+        caption = _wording(s, size, where, background, rng)
+        if caption not in blocked:
+            return caption
+
+
+def _wording(s: Shape, size: str | None, where: str | None, background: str | None, rng: random.Random) -> str:
+    form = rng.randrange(5)
+    if form == 1:  # tags, in any order after the object
+        tags = [t for t in (size, where and where.split()[-1], background and f"{background} background") if t]
+        rng.shuffle(tags)
+        head = f"{s.color} {s.shape}" if rng.random() < 0.5 else f"{an(s.color)} {s.color} {s.shape}"
+        return ", ".join([head, *tags])
+    if form == 3:  # "a circle in red", "a red-colored circle"
+        if rng.random() < 0.5:
+            thing = f"{s.shape} in {s.color}"
+        else:
+            thing = f"{s.color}-{rng.choice(('colored', 'coloured'))} {s.shape}"
+    else:
+        thing = f"{s.color} {s.shape}"
+    thing = f"{size} {thing}" if size else thing
+    thing = f"{an(thing)} {thing}"
+    if form == 2 and background:  # background first
+        thing = rng.choice(BACKGROUND_FIRST).format(background, thing + (f" {where}" if where else ""))
+        return f"{an(background)} {thing}"
+    parts = [thing, where, background and rng.choice(ON_BACKGROUND).format(a=an(background), b=background)]
+    if where and background and rng.random() < 0.3:  # "a red circle on blue at the left"
+        parts[1], parts[2] = parts[2], parts[1]
+    caption = " ".join(p for p in parts if p)
+    return f"{rng.choice(PICTURE_OF)} {caption}" if form == 4 else caption
 
 
 def draw(spec: Shape, image_size: int) -> Image.Image:
@@ -182,6 +267,9 @@ class ShapesDataset(torch.utils.data.Dataset):
             pair = (spec.color, spec.shape)
             if (only is None and pair not in exclude) or (only is not None and pair in only):
                 self.specs.append(spec)
+        # The wordings come from a second generator, so that the images of a seed do not depend on them.
+        words = random.Random(f"captions {seed}")
+        self.captions = [training_caption(s, words) for s in self.specs]
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -189,10 +277,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, rng: random.Random | None = None) -> Item:
         spec = self.specs[index]
-        # Every fourth caption leaves the position out, so that prompts without one (any position will do)
-        # are in the training distribution too.
-        caption = spec.caption_without_position if index % 4 == 3 else spec.caption
-        return Item(to_tensor(draw(spec, self.image_size)), caption, (self.image_size,) * 2, (0, 0))
+        return Item(to_tensor(draw(spec, self.image_size)), self.captions[index], (self.image_size,) * 2, (0, 0))
 
     def __getitem__(self, index: int):
         return self.load(index)

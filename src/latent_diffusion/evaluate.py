@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from .data import COLORS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, ShapesDataset
+from .data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, ShapesDataset
 from .generate import Progress, generate
 from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest
@@ -57,10 +57,10 @@ def analyse(image: torch.Tensor) -> dict[str, str]:
     return {"shape": shape, "color": color, "background": background, "size": size, "position": position}
 
 
-def score(specs: list[Shape], images: torch.Tensor) -> dict[str, float]:
+def score(specs: list[Shape], images: torch.Tensor, attributes: tuple[str, ...] = ATTRIBUTES) -> dict[str, float]:
     """Share of images whose analysed attribute equals the one asked for, per attribute."""
     found = [analyse(im) for im in images]
-    return {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in ATTRIBUTES}
+    return {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in attributes}
 
 
 @torch.no_grad()
@@ -70,19 +70,25 @@ def prompt_adherence(
     settings: GenerationRequest,
     *,
     seed: int = 0,
+    forms: tuple[str, ...] = tuple(EVAL_FORMS),
     progress: Callable[[Progress], None] | None = None,
 ) -> tuple[dict[str, dict], GenerationRequest]:
-    """Generate `count` images for captions of seen (colour, shape) pairs and `count` for held-out pairs, with
-    the size, sampler, guidance and batch size of `settings` (its prompts and seeds are ignored), and score them:
-    ({"seen": {"images": n, "shape": share, ...}, "held-out": {...}}, the request as run). Image i of each split
-    uses seed seed + i."""
+    """Generate `count` images for prompts about seen (colour, shape) pairs and `count` for held-out pairs, in each
+    of the prompt `forms` (`data.EVAL_FORMS`), with the size, sampler, guidance and batch size of `settings` (its
+    prompts and seeds are ignored), and score the attributes each form names:
+    ({form: {"seen": {"images": n, "shape": share, ...}, "held-out": {...}}}, the request as run). Image i of each
+    split has seed seed + i and shows the same shape in every form, so forms differ only in their wording."""
+    splits = {
+        "seen": ShapesDataset(count, settings.width or 64, seed=seed + 1),
+        "held-out": ShapesDataset(count, settings.width or 64, seed=seed + 2, only=HELD_OUT_PAIRS),
+    }
     report = {}
-    for split, data in (
-        ("seen", ShapesDataset(count, settings.width or 64, seed=seed + 1)),
-        ("held-out", ShapesDataset(count, settings.width or 64, seed=seed + 2, only=HELD_OUT_PAIRS)),
-    ):
-        request = dataclasses.replace(settings, prompts=[s.caption for s in data.specs],
-                                      seeds=[seed + i for i in range(count)], negative_prompts=None)  # fmt: skip
-        result = generate(model, request, progress)
-        report[split] = {"images": count, **score(data.specs, result.images.cpu() * 2 - 1)}
+    for name in forms:
+        form = EVAL_FORMS[name]
+        for split, data in splits.items():
+            request = dataclasses.replace(settings, prompts=[form.write(s) for s in data.specs],
+                                          seeds=[seed + i for i in range(count)], negative_prompts=None)  # fmt: skip
+            result = generate(model, request, progress)
+            images = result.images.cpu() * 2 - 1
+            report.setdefault(name, {})[split] = {"images": count, **score(data.specs, images, form.attributes)}
     return report, result.request

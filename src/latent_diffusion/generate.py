@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .compiling import compile_model
 from .denoiser import Denoiser
 from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
@@ -75,6 +76,9 @@ def generate(
     refiner: a second model (SDXL's refiner) that denoises the low-noise end of the schedule (`Experts`)."""
     r = validate(request, model, refiner)
     fields = infotext_fields(r, model, refiner)
+    if r.compile:
+        for m in filter(None, (model, refiner)):
+            compile_model(m)
     batches = [range(i, min(i + r.batch_size, len(r.prompts))) for i in range(0, len(r.prompts), r.batch_size)]
     images, warnings = [], []
     loras = read_loras(model, r)

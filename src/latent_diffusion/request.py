@@ -54,6 +54,7 @@ class GenerationRequest:
     batch_size: int = 1  # images per U-Net call
     clip_skip: int | None = None  # the web UI's CLIP skip: text encoder layers from the end (None: the model's)
     prompt_syntax: bool = True  # read emphasis and BREAK in the prompts (False: plain text)
+    compile: bool = False  # torch.compile the U-Net and VAE decoder first (`compiling.py`); they stay compiled
     # With a refiner model (`generate(..., refiner=)`): the part of the timestep range, from the noisiest, that the
     # model denoises before the refiner takes over (diffusers' denoising_end / denoising_start)
     refiner_switch: float = 0.8

@@ -1,0 +1,74 @@
+"""The compiled path (`--compile`, `compiling.py`) on CPU at tiny width: the same images as eager through the
+request, the same state-dict keys, one graph per module, and inductor's kernels equal to eager and loaded from
+the on-disk cache by a second process instead of being compiled again."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+from torch._dynamo.utils import counters
+
+from latent_diffusion import LatentDiffusion, load_model, save_model
+from latent_diffusion.compiling import compile_model, is_compiled
+from latent_diffusion.config import AutoencoderConfig, UNetConfig
+from latent_diffusion.generate import generate
+from latent_diffusion.request import GenerationRequest
+
+from conftest import randomize, tiny_config
+
+
+def test_compiled_generation_equals_eager_and_keeps_the_layout(tiny_models, tmp_path):
+    """aot_eager traces the graphs torch.compile runs, without inductor's minute of kernel building on 2 cores
+    (that path is the next test's)."""
+    save_model(tiny_models["sd1"], tmp_path / "m.safetensors")
+    model = load_model(tmp_path / "m.safetensors")  # a private copy: compiling changes the modules in place
+    request = GenerationRequest(["a red circle", "a blue square"], [1, 2], width=32, height=32, steps=3,
+                                sampler="dpmpp_2m", cfg_scale=4.0, batch_size=2)  # fmt: skip
+    eager = generate(model, request).images
+    keys = list(model.state_dict())
+    counters.clear()
+    compile_model(model, backend="aot_eager")
+    compiled = generate(model, dataclasses.replace(request, compile=True)).images  # compile=True: already done
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # one whole graph per module
+    assert is_compiled(model.unet) and is_compiled(model.first_stage_model.decoder)
+    assert list(model.state_dict()) == keys  # nn.Module.compile: no _orig_mod. prefix, saves as before
+    assert (compiled - eager).abs().max() < 1e-5
+
+
+CHILD = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from latent_diffusion import load_model
+from latent_diffusion.compiling import compile_model
+model = load_model(sys.argv[1])
+x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
+with torch.no_grad():
+    eager = model.unet(x, t, context)
+    compiled = compile_model(model).unet(x, t, context)
+print(json.dumps({"difference": (compiled - eager).abs().max().item(), **counters["inductor"]}))
+"""
+
+
+def test_inductor_kernels_equal_eager_and_are_cached_across_processes(tmp_path):
+    """A one-level U-Net (the fewest kernels to build) compiled by inductor in a fresh process; a second process
+    with the same cache folder finds the compiled graph there (an FX-graph cache hit) instead of compiling it."""
+    cfg = tiny_config("sd1")
+    cfg.unet = UNetConfig(
+        **{**dataclasses.asdict(cfg.unet), "channel_mult": (1,), "attention_resolutions": (1,), "transformer_depth": 1}
+    )
+    cfg.autoencoder = AutoencoderConfig(ch=32, ch_mult=(1, 1), num_res_blocks=1)
+    save_model(randomize(LatentDiffusion(cfg)), tmp_path / "m.safetensors")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run() -> dict:
+        out = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path / "m.safetensors")], env=env,
+                             capture_output=True, text=True, check=True)  # fmt: skip
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert first.get("fxgraph_cache_miss", 0) >= 1 and first.get("fxgraph_cache_hit", 0) == 0, first
+    assert second.get("fxgraph_cache_hit", 0) >= 1 and second.get("fxgraph_cache_miss", 0) == 0, second
+    # inductor fuses and reorders float32 arithmetic: agreement to rounding
+    assert first["difference"] < 1e-5 and second["difference"] < 1e-5
