@@ -449,8 +449,9 @@ def cmd_eval(args) -> None:
     print(f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
           f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip
     print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
+    example = ShapesDataset(1, seed=args.seed + 1).specs[0]  # the first seen-split shape
     for form, splits in report.items():  # an attribute the form's prompts do not name is not scored: "-"
-        print(f"{form:18s}e.g. {EVAL_FORMS[form].write(ShapesDataset(1, seed=args.seed + 1).specs[0])!r}")
+        print(f"{form:18s}e.g. {EVAL_FORMS[form].write(example)!r}")
         for split, row in splits.items():
             cells = "".join(f"{row[a]:12.1%}" if a in row else f"{'-':>12s}" for a in ATTRIBUTES)
             print(f"{'':18s}{split:10s}{row['images']:8d}{cells}")
