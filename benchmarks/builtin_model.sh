@@ -5,7 +5,8 @@
 #     bash benchmarks/builtin_model.sh [outdir]      # default runs/builtin; 30-50 minutes on 2 CPU cores (BENCHMARKS.md)
 #
 # Stage 1: the tiny preset's KL autoencoder (64x64 images -> 4x8x8 latents) on 2000 shapes images, L2 loss,
-#          cosine learning-rate decay, bf16 autocast (twice as fast on CPUs with AVX-512 BF16). KL weight 5e-4,
+#          cosine learning-rate decay, --precision auto: bf16 autocast on CPUs with native bfloat16 (AVX-512 BF16
+#          or AMX: twice as fast as fp32), fp32 elsewhere (emulated bf16 was 15x slower than fp32). KL weight 5e-4,
 #          not CompVis's 1e-6: the decoder then sees slightly noisier latents in training and tolerates the
 #          U-Net's small errors better; with 1e-6, latent noise of 0.2 σ made the analyser misread 20-30 % of
 #          small squares, with 5e-4 15 % (BENCHMARKS.md).
@@ -27,7 +28,7 @@ mkdir -p "$OUT"
 
 start=$(date +%s)
 "$LDM" train-autoencoder --outdir "$OUT/stage1" --steps 5000 --image-size 64 --batch-size 8 --shapes-count 2000 \
-    --lr 1e-3 --warmup 50 --lr-schedule cosine --loss l2 --kl-weight 5e-4 --precision bf16 --seed 0 --quiet
+    --lr 1e-3 --warmup 50 --lr-schedule cosine --loss l2 --kl-weight 5e-4 --precision auto --seed 0 --quiet
 stage1=$(date +%s)
 "$LDM" train --outdir "$OUT/stage2" --preset tiny --parameterization v \
     --autoencoder "$OUT/stage1/autoencoder.safetensors" --train-text-encoder --shapes-count 8000 --image-size 64 \

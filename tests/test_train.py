@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from latent_diffusion import LatentDiffusion, load_model, preset, save_model, schedule
 from latent_diffusion.cli import main
 from latent_diffusion.data import ImageCaptionFolder, ShapesDataset
+from latent_diffusion.devices import has_native_bfloat16
 from latent_diffusion.parameterization import min_snr_weight
 from latent_diffusion.train import (
     Batch,
@@ -29,7 +30,7 @@ from latent_diffusion.train import (
     run_fingerprint,
     train,
 )
-from latent_diffusion.training import TrainError
+from latent_diffusion.training import TrainError, resolve_precision
 
 from test_reference import diffusers_unet
 
@@ -371,6 +372,29 @@ def test_gradient_accumulation_and_bf16(tmp_path):
     train(TrainConfig(outdir=str(tmp_path / "bf16"), precision="bf16", **common))
     rows = (tmp_path / "bf16" / "log.csv").read_text().splitlines()[1:]
     assert all(math.isfinite(float(r.split(",")[1])) for r in rows)  # neither NaN nor ±inf
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags():
+    """The CPU probe agrees with the kernel's list of the CPU's features (Linux)."""
+    flags = set(re.search(r"^flags\s*:(.*)$", Path("/proc/cpuinfo").read_text(), re.M).group(1).split())
+    assert has_native_bfloat16(torch.device("cpu")) == bool(flags & {"avx512_bf16", "amx_tile"})
+
+
+def test_precision_auto_is_bf16_only_where_native(tmp_path, monkeypatch, capsys):
+    """auto: bf16 on a device with native bfloat16, else fp32, and a run records what it resolved to (so a resume
+    elsewhere cannot change it silently); an explicit bf16 without native support runs, with one warning line."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("latent_diffusion.training.has_native_bfloat16", lambda device: True)
+    assert resolve_precision("auto", cpu) == "bf16" and resolve_precision("bf16", cpu) == "bf16"
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr("latent_diffusion.training.has_native_bfloat16", lambda device: False)
+    assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("fp16", cpu) == "fp16"
+    assert capsys.readouterr().err == ""
+    assert resolve_precision("bf16", cpu) == "bf16"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no native bfloat16" in err and "--precision auto" in err
+    train(TrainConfig(outdir=str(tmp_path), steps=2, save_every=2, precision="auto", **FAST))
+    train(TrainConfig(outdir=str(tmp_path), steps=3, save_every=3, precision="fp32", resume=True, **FAST))
 
 
 def test_compiled_training_gives_the_weights_of_eager(tmp_path, monkeypatch):

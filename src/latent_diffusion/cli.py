@@ -306,7 +306,8 @@ TRAIN_HELP = {
     "lr_schedule": "learning rate after the warm-up: constant, or cosine decay to 0 at the last step",
     "weight_decay": "AdamW weight decay",
     "max_grad_norm": "gradient clipping norm",
-    "precision": "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler)",
+    "precision": "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler), or auto: bf16 where the device "
+    "has native bfloat16 (CUDA since Ampere, CPUs with AVX-512 BF16 or AMX), else fp32",
     "ema_decay": "EMA decay of the U-Net weights, saved as model_ema.* (0: off)",
     "prompt_dropout": "probability of training on the empty prompt (for classifier-free guidance)",
     "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default off)",
@@ -334,7 +335,7 @@ AUTOENCODER_HELP = {
     "batch_size": "images per step",
     "lr": "Adam learning rate",
     "loss": "reconstruction loss: l1 or l2",
-    "precision": "fp32, or bf16 autocast",
+    "precision": "fp32, or bf16 autocast, or auto: bf16 where the device has native bfloat16, else fp32",
     "kl_weight": "weight of the KL term (CompVis: 1e-6)",
     "disc_start": "step from which the patch-GAN discriminator loss is on (-1: never)",
     "disc_weight": "weight of the generator's adversarial loss",

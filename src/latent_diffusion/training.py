@@ -6,9 +6,13 @@ import dataclasses
 import fcntl
 import math
 import os
+import sys
 from pathlib import Path
 
+import torch
+
 from .data import DataError, ImageCaptionFolder, ShapesDataset
+from .devices import has_native_bfloat16
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -48,6 +52,25 @@ def get_lr(step: int, cfg) -> float:
     if cfg.lr_schedule == "cosine":
         lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
     return lr
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Precision "auto" -> bf16 where the device computes in bfloat16 natively, else fp32. An explicit bf16
+    without native support is kept, with a one-line warning: it is correct, only many times slower than fp32."""
+    native = has_native_bfloat16(device)
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        print(f"ldm: warning: {device.type} has no native bfloat16 here, so bf16 autocast is emulated and much slower "
+              "than fp32 (--precision auto picks fp32 on such devices)", file=sys.stderr)  # fmt: skip
+    return precision
+
+
+def fast_optimizer_options(device: torch.device) -> dict:
+    """Keyword arguments for Adam/AdamW: one fused kernel per update on CUDA and CPU (on 2 CPU cores the tiny
+    model's AdamW step takes 7 ms fused, 27 ms foreach, 16-19 ms as a Python loop over the parameters); foreach
+    elsewhere, each update op once over all parameters."""
+    return {"fused": True} if device.type in ("cuda", "cpu") else {"foreach": True}
 
 
 def check_common(cfg, precisions: tuple[str, ...]) -> None:
