@@ -49,6 +49,17 @@ def test_txt2img_writes_pngs_with_parameters(tmp_path, ckpt):
     }  # fmt: skip
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bfloat16_without_native_support_warns(tmp_path, ckpt, capsys, monkeypatch, native):
+    """--dtype bfloat16 generates either way; where the device would emulate it, one warning line says so."""
+    monkeypatch.setattr("latent_diffusion.cli.has_native_bfloat16", lambda device: native)
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "a cat", "--width", 32, "--height", 32, "--steps", 1,
+               "--dtype", "bfloat16", "--device", "cpu", "--seed", 0, "--quiet", "--outdir", tmp_path) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert ("no native bfloat16" in err) != native and err.count("\n") == (0 if native else 1)
+    assert (tmp_path / "00001-0.png").is_file()
+
+
 def test_image_of_a_batch_regenerates_alone(tmp_path, ckpt):
     common = ["--ckpt", ckpt, "--prompt", "x", "--width", 32, "--height", 32, "--steps", 3, "--quiet"]
     assert run("txt2img", *common, "--seed", 100, "--batch-size", 3, "--outdir", tmp_path / "a") == 0

@@ -1,20 +1,26 @@
 """The compiled path (`--compile`, `compiling.py`) on CPU at tiny width: the same images as eager through the
 request, the same state-dict keys, one graph per module, and inductor's kernels equal to eager and loaded from
-the on-disk cache by a second process instead of being compiled again."""
+the on-disk cache by a second process instead of being compiled again; `ldm serve --compile` compiles each model
+it loads."""
 
 import dataclasses
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 from torch._dynamo.utils import counters
 
 from latent_diffusion import LatentDiffusion, load_model, save_model
+from latent_diffusion.cli import main
 from latent_diffusion.compiling import compile_model, is_compiled
 from latent_diffusion.config import AutoencoderConfig, UNetConfig
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
+from latent_diffusion.server import serving
+from test_server import call, decode
 
 from conftest import randomize, tiny_config
 
@@ -72,3 +78,39 @@ def test_inductor_kernels_equal_eager_and_are_cached_across_processes(tmp_path):
     assert second.get("fxgraph_cache_hit", 0) >= 1 and second.get("fxgraph_cache_miss", 0) == 0, second
     # inductor fuses and reorders float32 arithmetic: agreement to rounding
     assert first["difference"] < 1e-5 and second["difference"] < 1e-5
+
+
+def test_serve_compile_compiles_every_model_it_loads(tmp_path, tiny_models, monkeypatch):
+    """`ldm serve --compile` through a real socket: the model it starts with and one a client switches to are
+    compiled when loaded, and the served image is eager generation's (aot_eager, as in the first test)."""
+    save_model(tiny_models["sd1"], tmp_path / "a.safetensors")
+    save_model(tiny_models["sd2"], tmp_path / "b.safetensors")
+    compiled = []
+
+    def compile_fast(model):
+        compiled.append(model)
+        return compile_model(model, backend="aot_eager")
+
+    # DPM++ 2M Karras: the library's default sampler
+    body = {"prompt": "a cat", "seed": 3, "steps": 2, "width": 32, "height": 32, "cfg_scale": 4,
+            "sampler_name": "DPM++ 2M", "scheduler": "Karras"}  # fmt: skip
+    answers = []
+
+    def run_in_a_thread(app, host, port, log_level):  # instead of uvicorn.run, which would block the test
+        with serving(app) as base:
+            answers.append(call(base, "/sdapi/v1/txt2img", body))
+            answers.append(call(base, "/sdapi/v1/options", {"sd_model_checkpoint": "b"}))
+
+    monkeypatch.setattr("latent_diffusion.cli.compile_model", compile_fast)
+    monkeypatch.setattr("uvicorn.run", run_in_a_thread)
+    args = ["serve", "--ckpt", tmp_path / "a.safetensors", "--models-dir", tmp_path, "--compile", "--device", "cpu"]
+    assert main([str(a) for a in args]) == 0
+    (status, answer), switched = answers
+    assert status == 200 and switched == (200, {"ignored": []}), answers
+    assert [Path(m.checkpoint).name for m in compiled] == ["a.safetensors", "b.safetensors"]
+    assert all(is_compiled(m.unet) and is_compiled(m.first_stage_model.decoder) for m in compiled)
+    eager = generate(load_model(tmp_path / "a.safetensors"), GenerationRequest(["a cat"], [3], width=32, height=32,
+                                                                               steps=2, cfg_scale=4.0))  # fmt: skip
+    served = np.asarray(decode(answer["images"][0]).convert("RGB"), dtype=np.int16)
+    expected = (eager.images[0] * 255).round().permute(1, 2, 0).numpy().astype(np.int16)
+    assert np.abs(served - expected).max() <= 1  # compiled within 1e-5 of eager: at most a rounding step apart
