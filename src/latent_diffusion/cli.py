@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model, load_vae
 from .compiling import compile_model
 from .data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
-from .devices import has_native_bfloat16, resolve_device
+from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
 from .embeddings import load_embeddings
 from .evaluate import ATTRIBUTES, prompt_adherence
 from .files import atomic_write, claim_numbered, writable_folder
@@ -207,8 +207,7 @@ def cmd_generate(args) -> None:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     if dtype == torch.bfloat16 and not has_native_bfloat16(device):
-        print(f"ldm: warning: {device.type} has no native bfloat16 here, so bfloat16 is emulated and much slower than "
-              "float32", file=sys.stderr)  # fmt: skip
+        print(emulated_bfloat16_warning(device), file=sys.stderr)
     outdir = Path(args.outdir)
     created = prepare_outdir(outdir)
     try:

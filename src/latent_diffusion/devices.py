@@ -30,3 +30,10 @@ def has_native_bfloat16(device: torch.device) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence the getattr
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False
+
+
+def emulated_bfloat16_warning(device: torch.device) -> str:
+    """The line printed when bfloat16 is asked for on a device without `has_native_bfloat16`."""
+    return (
+        f"ldm: warning: {device.type} has no native bfloat16 here, so bfloat16 is emulated and much slower than float32"
+    )

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .data import DataError, ImageCaptionFolder, ShapesDataset
-from .devices import has_native_bfloat16
+from .devices import emulated_bfloat16_warning, has_native_bfloat16
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -61,8 +61,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if native else "fp32"
     if precision == "bf16" and not native:
-        print(f"ldm: warning: {device.type} has no native bfloat16 here, so bf16 autocast is emulated and much slower "
-              "than fp32 (--precision auto picks fp32 on such devices)", file=sys.stderr)  # fmt: skip
+        print(f"{emulated_bfloat16_warning(device)} (--precision auto picks fp32 on such devices)", file=sys.stderr)
     return precision
 
 
