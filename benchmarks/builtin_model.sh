@@ -40,5 +40,5 @@ model = load_model(sys.argv[1], ema=True)
 model.cfg = dataclasses.replace(model.cfg, cfg_scale=2.0)  # its default guidance scale, tuned on seeds 100+
 save_model(model, sys.argv[2])" "$OUT/stage2/model.safetensors" "$OUT/shapes.safetensors"
 echo "stage 1: $((stage1 - start)) s, stage 2: $((stage2 - stage1)) s, both: $((stage2 - start)) s"
-"$LDM" eval --ckpt "$OUT/shapes.safetensors" --count 200 --json "$OUT/eval.json"
+"$LDM" eval --ckpt "$OUT/shapes.safetensors" --count 200 --quiet --json "$OUT/eval.json"
 echo "wrote $OUT/shapes.safetensors; to ship it: cp $OUT/shapes.safetensors src/latent_diffusion/assets/"

@@ -68,6 +68,13 @@ def test_min_snr_weights_follow_the_formula():
     torch.testing.assert_close(min_snr_weight(a, 5.0, "eps"), torch.minimum(snr, torch.tensor(5.0)) / snr)
     torch.testing.assert_close(min_snr_weight(a, 5.0, "v"), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
     assert min_snr_weight(a, 5.0, "eps")[-1] == 1.0  # high noise: SNR < γ, weight 1
+    # "cap": the loss's own x0 weight (SNR on ε, SNR + 1 on v) capped at γ; on ε that is the same as "x0"
+    torch.testing.assert_close(min_snr_weight(a, 5.0, "eps", "cap"), min_snr_weight(a, 5.0, "eps"))
+    torch.testing.assert_close(
+        min_snr_weight(a, 5.0, "v", "cap"), torch.minimum(snr + 1, torch.tensor(5.0)) / (snr + 1)
+    )
+    assert min_snr_weight(a, 5.0, "v", "cap")[-1] == 1.0  # high noise on v: the plain v loss, where "x0" gives ≈ SNR
+    assert min_snr_weight(a, 5.0, "v")[-1] < 0.01
 
 
 def test_ema_update_rule():
@@ -122,6 +129,9 @@ def test_resume_fingerprint_holds_every_field_but_the_resumable_ones():
 def test_flip_with_cached_latents_is_refused_by_the_library(tmp_path):
     with pytest.raises(TrainError, match="--flip needs --no-cache-latents"):
         train(TrainConfig(outdir=str(tmp_path), flip=True, **FAST))
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TrainError, match="min-snr-mode must be one of x0, cap, not 'v'"):
+        train(TrainConfig(outdir=str(tmp_path), min_snr_gamma=5, min_snr_mode="v", **FAST))
     assert list(tmp_path.iterdir()) == []
 
 

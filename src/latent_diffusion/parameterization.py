@@ -53,8 +53,16 @@ def target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, param
     return s * noise - n * x0
 
 
-def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str) -> torch.Tensor:
-    """Min-SNR-γ loss weight (Hang et al. 2023), SNR = ᾱ/(1−ᾱ) = 1/σ²: min(SNR, γ)/SNR on ε, min(SNR, γ)/(SNR + 1)
-    on v (the v loss is the x0 loss times SNR + 1)."""
+MIN_SNR_MODES = ("x0", "cap")
+
+
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str, mode: str = "x0") -> torch.Tensor:
+    """Min-SNR-γ loss weight, SNR = ᾱ/(1−ᾱ). The ε loss is the x0 loss times SNR, the v loss the x0 loss times SNR + 1.
+
+    "x0" (Hang et al. 2023): the x0 loss weighted min(SNR, γ), so min(SNR, γ)/SNR on ε, min(SNR, γ)/(SNR + 1) on v.
+    "cap": the loss's own x0 weight capped at γ, min(1, γ/SNR) on ε (the same), min(1, γ/(SNR + 1)) on v: on v the
+    highest noise levels, where "x0" weighs the x0 error ≈ SNR ≈ 0, keep the plain v loss's weight 1.
+    """
     snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=gamma) / (snr if parameterization == "eps" else snr + 1)
+    own = snr if parameterization == "eps" else snr + 1
+    return (snr.clamp(max=gamma) if mode == "x0" else own.clamp(max=gamma)) / own

@@ -2,7 +2,8 @@
 
 Objective (Ho et al. 2020; v: Salimans & Ho 2022): t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε with
 z the scaled latent of an image; loss = w(t)·|f(x_t, t, c) − target|², target ε or v = √ᾱ_t·ε − √(1−ᾱ_t)·z.
-w(t) = 1, or min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, SNR = ᾱ/(1−ᾱ).
+w(t) = 1, or min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, SNR = ᾱ/(1−ᾱ);
+or, `min_snr_mode="cap"`, min(SNR + 1, γ)/(SNR + 1) for v (the plain v loss at high noise).
 The prompt is replaced by "" with probability `prompt_dropout`, so that the model learns the unconditional
 prediction that classifier-free guidance needs (SDXL: by zeros, text and pooled, as generative-models' `ucg_rate`
 and as generation conditions on an empty negative prompt). SDXL also sees each image's micro-conditioning: its
@@ -46,7 +47,7 @@ from .devices import resolve_device
 from .family import UNET, VAE
 from .files import atomic_write, writable_folder
 from .latent_diffusion import LatentDiffusion
-from .parameterization import PARAMETERIZATIONS, min_snr_weight, noised, target
+from .parameterization import MIN_SNR_MODES, PARAMETERIZATIONS, min_snr_weight, noised, target
 from .training import (
     TrainError,
     TrainingDiverged,
@@ -84,6 +85,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0: no EMA
     prompt_dropout: float = 0.1
     min_snr_gamma: float | None = None
+    min_snr_mode: str = "x0"  # or "cap" (parameterization.min_snr_weight)
     offset_noise: float = 0.0
     cache_latents: bool = True  # encode images and captions once; off for random flips
     flip: bool = False
@@ -141,6 +143,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_common(cfg, precisions=("fp32", "bf16", "fp16", "auto"))
     if cfg.parameterization not in (None, *PARAMETERIZATIONS):
         raise TrainError(f"parameterization must be eps or v, not {cfg.parameterization!r}")
+    if cfg.min_snr_mode not in MIN_SNR_MODES:
+        raise TrainError(f"min-snr-mode must be one of {', '.join(MIN_SNR_MODES)}, not {cfg.min_snr_mode!r}")
     if cfg.parameterization and cfg.ckpt:
         raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
     if cfg.flip and cfg.cache_latents:
@@ -261,14 +265,14 @@ class Batch:
 
 
 def diffusion_loss(net, batch: Batch, alphas_cumprod: torch.Tensor, parameterization: str,
-                   min_snr_gamma: float | None = None) -> torch.Tensor:  # fmt: skip
+                   min_snr_gamma: float | None = None, min_snr_mode: str = "x0") -> torch.Tensor:  # fmt: skip
     """Mean over the batch of w(t)·mean|net(x_t, t, c) − target|² (the module docstring's objective)."""
     a = alphas_cumprod[batch.timesteps]
     prediction = net(noised(batch.latents, batch.noise, a), batch.timesteps, batch.cond)
     loss = F.mse_loss(prediction.float(), target(batch.latents, batch.noise, a, parameterization), reduction="none")
     loss = loss.mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        loss = loss * min_snr_weight(a, min_snr_gamma, parameterization)
+        loss = loss * min_snr_weight(a, min_snr_gamma, parameterization, min_snr_mode)
     return loss.mean()
 
 
@@ -373,7 +377,9 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
         synced = run.world == 1 or k == cfg.grad_accum - 1  # one all-reduce per step, after the last micro-batch
         with contextlib.nullcontext() if synced else net.no_sync():
             batch = make_batch(run, step, slice(first, first + run.micro))
-            loss = diffusion_loss(net, batch, run.model.alphas_cumprod, run.model.parameterization, cfg.min_snr_gamma)
+            loss = diffusion_loss(
+                net, batch, run.model.alphas_cumprod, run.model.parameterization, cfg.min_snr_gamma, cfg.min_snr_mode
+            )
             loss = loss / cfg.grad_accum
             scaler.scale(loss).backward()
         step_loss += loss.item()
