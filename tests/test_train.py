@@ -68,13 +68,11 @@ def test_min_snr_weights_follow_the_formula():
     torch.testing.assert_close(min_snr_weight(a, 5.0, "eps"), torch.minimum(snr, torch.tensor(5.0)) / snr)
     torch.testing.assert_close(min_snr_weight(a, 5.0, "v"), torch.minimum(snr, torch.tensor(5.0)) / (snr + 1))
     assert min_snr_weight(a, 5.0, "eps")[-1] == 1.0  # high noise: SNR < γ, weight 1
-    # "cap": the loss's own x0 weight (SNR on ε, SNR + 1 on v) capped at γ; on ε that is the same as "x0"
-    torch.testing.assert_close(min_snr_weight(a, 5.0, "eps", "cap"), min_snr_weight(a, 5.0, "eps"))
-    torch.testing.assert_close(
-        min_snr_weight(a, 5.0, "v", "cap"), torch.minimum(snr + 1, torch.tensor(5.0)) / (snr + 1)
-    )
-    assert min_snr_weight(a, 5.0, "v", "cap")[-1] == 1.0  # high noise on v: the plain v loss, where "x0" gives ≈ SNR
-    assert min_snr_weight(a, 5.0, "v")[-1] < 0.01
+    # a floor f: the x0 weight clamp(SNR, f, γ); at t = 999 (SNR 0.0047) the v weight is f/(SNR + 1), not ≈ SNR
+    floored = min_snr_weight(a, 5.0, "v", floor=0.1)
+    torch.testing.assert_close(floored, snr.clamp(0.1, 5.0) / (snr + 1))
+    assert min_snr_weight(a, 5.0, "v")[-1] < 0.005 and 0.099 < floored[-1] < 0.1
+    torch.testing.assert_close(floored[:2], min_snr_weight(a, 5.0, "v")[:2])  # SNR above the floor: unchanged
 
 
 def test_ema_update_rule():
@@ -112,9 +110,10 @@ def test_diffusion_loss_against_the_formula():
         zero = lambda x_t, t, cond: torch.zeros_like(x_t)  # noqa: E731
         per_sample = (expected_target**2).mean(dim=(1, 2, 3))
         torch.testing.assert_close(diffusion_loss(zero, batch, alphas_cumprod, parameterization), per_sample.mean())
-        weight = min_snr_weight(a.flatten(), 5.0, parameterization)
-        torch.testing.assert_close(diffusion_loss(zero, batch, alphas_cumprod, parameterization, min_snr_gamma=5.0),
-                                   (weight * per_sample).mean())  # fmt: skip
+        for floor in (0.0, 0.3):  # t = 990 has SNR ≈ 0.005, below the floor
+            weight = min_snr_weight(a.flatten(), 5.0, parameterization, floor)
+            loss = diffusion_loss(zero, batch, alphas_cumprod, parameterization, min_snr_gamma=5.0, min_snr_floor=floor)
+            torch.testing.assert_close(loss, (weight * per_sample).mean())
 
 
 def test_resume_fingerprint_holds_every_field_but_the_resumable_ones():
@@ -130,8 +129,10 @@ def test_flip_with_cached_latents_is_refused_by_the_library(tmp_path):
     with pytest.raises(TrainError, match="--flip needs --no-cache-latents"):
         train(TrainConfig(outdir=str(tmp_path), flip=True, **FAST))
     assert list(tmp_path.iterdir()) == []
-    with pytest.raises(TrainError, match="min-snr-mode must be one of x0, cap, not 'v'"):
-        train(TrainConfig(outdir=str(tmp_path), min_snr_gamma=5, min_snr_mode="v", **FAST))
+    with pytest.raises(TrainError, match="--min-snr-floor needs --min-snr-gamma"):
+        train(TrainConfig(outdir=str(tmp_path), min_snr_floor=0.1, **FAST))
+    with pytest.raises(TrainError, match="min-snr-floor must be between 0 and the gamma 5, not 6"):
+        train(TrainConfig(outdir=str(tmp_path), min_snr_gamma=5, min_snr_floor=6, **FAST))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -313,8 +313,8 @@ TRAIN_HELP = {
     "ema_decay": "EMA decay of the U-Net weights, saved as model_ema.* (0: off)",
     "prompt_dropout": "probability of training on the empty prompt (for classifier-free guidance)",
     "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default off)",
-    "min_snr_mode": "x0: the x0 loss weighted min(SNR, gamma) (Hang et al.); cap: the loss's own x0 weight capped at "
-    "gamma (the same for eps; for v, the highest noise levels keep the plain v loss's weight)",
+    "min_snr_floor": "with --min-snr-gamma: the x0 loss's weight is clamp(SNR, floor, gamma), not min(SNR, gamma); "
+    "lifts the highest noise levels, where the layout is decided (default 0)",
     "offset_noise": "offset-noise strength (e.g. 0.05; default off)",
     "cache_latents": "encode images and captions once and train from the cache (--no-cache-latents for --flip)",
     "flip": "random horizontal flips (needs --no-cache-latents)",

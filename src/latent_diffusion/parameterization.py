@@ -53,16 +53,10 @@ def target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, param
     return s * noise - n * x0
 
 
-MIN_SNR_MODES = ("x0", "cap")
-
-
-def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str, mode: str = "x0") -> torch.Tensor:
-    """Min-SNR-γ loss weight, SNR = ᾱ/(1−ᾱ). The ε loss is the x0 loss times SNR, the v loss the x0 loss times SNR + 1.
-
-    "x0" (Hang et al. 2023): the x0 loss weighted min(SNR, γ), so min(SNR, γ)/SNR on ε, min(SNR, γ)/(SNR + 1) on v.
-    "cap": the loss's own x0 weight capped at γ, min(1, γ/SNR) on ε (the same), min(1, γ/(SNR + 1)) on v: on v the
-    highest noise levels, where "x0" weighs the x0 error ≈ SNR ≈ 0, keep the plain v loss's weight 1.
-    """
+def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str, floor: float = 0.0) -> torch.Tensor:
+    """Min-SNR-γ loss weight (Hang et al. 2023), SNR = ᾱ/(1−ᾱ): the x0 loss weighted min(SNR, γ). The ε loss is the
+    x0 loss times SNR and the v loss the x0 loss times SNR + 1, so the weight is min(SNR, γ)/SNR on ε and
+    min(SNR, γ)/(SNR + 1) on v. With a floor the x0 weight is clamp(SNR, floor, γ): on v the highest noise levels,
+    where layout is decided and min-SNR leaves the x0 error a weight ≈ SNR ≈ 0, then keep weight ≈ floor."""
     snr = alpha_bar / (1 - alpha_bar)
-    own = snr if parameterization == "eps" else snr + 1
-    return (snr.clamp(max=gamma) if mode == "x0" else own.clamp(max=gamma)) / own
+    return snr.clamp(min=floor, max=gamma) / (snr if parameterization == "eps" else snr + 1)

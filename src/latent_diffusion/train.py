@@ -3,7 +3,7 @@
 Objective (Ho et al. 2020; v: Salimans & Ho 2022): t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε with
 z the scaled latent of an image; loss = w(t)·|f(x_t, t, c) − target|², target ε or v = √ᾱ_t·ε − √(1−ᾱ_t)·z.
 w(t) = 1, or min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, SNR = ᾱ/(1−ᾱ);
-or, `min_snr_mode="cap"`, min(SNR + 1, γ)/(SNR + 1) for v (the plain v loss at high noise).
+with `min_snr_floor` f, clamp(SNR, f, γ) in place of min(SNR, γ).
 The prompt is replaced by "" with probability `prompt_dropout`, so that the model learns the unconditional
 prediction that classifier-free guidance needs (SDXL: by zeros, text and pooled, as generative-models' `ucg_rate`
 and as generation conditions on an empty negative prompt). SDXL also sees each image's micro-conditioning: its
@@ -47,7 +47,7 @@ from .devices import resolve_device
 from .family import UNET, VAE
 from .files import atomic_write, writable_folder
 from .latent_diffusion import LatentDiffusion
-from .parameterization import MIN_SNR_MODES, PARAMETERIZATIONS, min_snr_weight, noised, target
+from .parameterization import PARAMETERIZATIONS, min_snr_weight, noised, target
 from .training import (
     TrainError,
     TrainingDiverged,
@@ -85,7 +85,7 @@ class TrainConfig:
     ema_decay: float = 0.9999  # 0: no EMA
     prompt_dropout: float = 0.1
     min_snr_gamma: float | None = None
-    min_snr_mode: str = "x0"  # or "cap" (parameterization.min_snr_weight)
+    min_snr_floor: float = 0.0  # x0-loss weight clamp(SNR, floor, gamma) (parameterization.min_snr_weight)
     offset_noise: float = 0.0
     cache_latents: bool = True  # encode images and captions once; off for random flips
     flip: bool = False
@@ -143,8 +143,12 @@ def check_config(cfg: TrainConfig) -> None:
     check_common(cfg, precisions=("fp32", "bf16", "fp16", "auto"))
     if cfg.parameterization not in (None, *PARAMETERIZATIONS):
         raise TrainError(f"parameterization must be eps or v, not {cfg.parameterization!r}")
-    if cfg.min_snr_mode not in MIN_SNR_MODES:
-        raise TrainError(f"min-snr-mode must be one of {', '.join(MIN_SNR_MODES)}, not {cfg.min_snr_mode!r}")
+    if cfg.min_snr_floor and not cfg.min_snr_gamma:
+        raise TrainError("--min-snr-floor needs --min-snr-gamma")
+    if not 0 <= cfg.min_snr_floor <= (cfg.min_snr_gamma or 0):
+        raise TrainError(
+            f"min-snr-floor must be between 0 and the gamma {cfg.min_snr_gamma:g}, not {cfg.min_snr_floor:g}"
+        )
     if cfg.parameterization and cfg.ckpt:
         raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
     if cfg.flip and cfg.cache_latents:
@@ -265,14 +269,14 @@ class Batch:
 
 
 def diffusion_loss(net, batch: Batch, alphas_cumprod: torch.Tensor, parameterization: str,
-                   min_snr_gamma: float | None = None, min_snr_mode: str = "x0") -> torch.Tensor:  # fmt: skip
+                   min_snr_gamma: float | None = None, min_snr_floor: float = 0.0) -> torch.Tensor:  # fmt: skip
     """Mean over the batch of w(t)·mean|net(x_t, t, c) − target|² (the module docstring's objective)."""
     a = alphas_cumprod[batch.timesteps]
     prediction = net(noised(batch.latents, batch.noise, a), batch.timesteps, batch.cond)
     loss = F.mse_loss(prediction.float(), target(batch.latents, batch.noise, a, parameterization), reduction="none")
     loss = loss.mean(dim=(1, 2, 3))
     if min_snr_gamma:
-        loss = loss * min_snr_weight(a, min_snr_gamma, parameterization, min_snr_mode)
+        loss = loss * min_snr_weight(a, min_snr_gamma, parameterization, min_snr_floor)
     return loss.mean()
 
 
@@ -378,7 +382,7 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
         with contextlib.nullcontext() if synced else net.no_sync():
             batch = make_batch(run, step, slice(first, first + run.micro))
             loss = diffusion_loss(
-                net, batch, run.model.alphas_cumprod, run.model.parameterization, cfg.min_snr_gamma, cfg.min_snr_mode
+                net, batch, run.model.alphas_cumprod, run.model.parameterization, cfg.min_snr_gamma, cfg.min_snr_floor
             )
             loss = loss / cfg.grad_accum
             scaler.scale(loss).backward()
