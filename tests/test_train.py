@@ -129,6 +129,9 @@ def test_flip_with_cached_latents_is_refused_by_the_library(tmp_path):
     with pytest.raises(TrainError, match="--flip needs --no-cache-latents"):
         train(TrainConfig(outdir=str(tmp_path), flip=True, **FAST))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_min_snr_floor_outside_its_range_is_refused_before_any_work(tmp_path):
     with pytest.raises(TrainError, match="--min-snr-floor needs --min-snr-gamma"):
         train(TrainConfig(outdir=str(tmp_path), min_snr_floor=0.1, **FAST))
     with pytest.raises(TrainError, match="min-snr-floor must be between 0 and the gamma 5, not 6"):

@@ -56,7 +56,7 @@ def target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, param
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str, floor: float = 0.0) -> torch.Tensor:
     """Min-SNR-γ loss weight (Hang et al. 2023), SNR = ᾱ/(1−ᾱ): the x0 loss weighted min(SNR, γ). The ε loss is the
     x0 loss times SNR and the v loss the x0 loss times SNR + 1, so the weight is min(SNR, γ)/SNR on ε and
-    min(SNR, γ)/(SNR + 1) on v. With a floor the x0 weight is clamp(SNR, floor, γ): on v the highest noise levels,
-    where layout is decided and min-SNR leaves the x0 error a weight ≈ SNR ≈ 0, then keep weight ≈ floor."""
+    min(SNR, γ)/(SNR + 1) on v. With a floor the x0 weight is clamp(SNR, floor, γ): the highest noise levels, where
+    the layout is decided and min-SNR leaves the x0 error a weight ≈ SNR ≈ 0, keep the weight `floor`."""
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(min=floor, max=gamma) / (snr if parameterization == "eps" else snr + 1)
