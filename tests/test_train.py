@@ -158,29 +158,6 @@ def test_prompt_dropout_rate(tmp_path, monkeypatch):
     assert len(seen) == 640 and abs(rate - 0.25) < 4 * (0.25 * 0.75 / 640) ** 0.5  # 4 binomial standard errors
 
 
-def test_recaption_draws_a_new_wording_of_each_image_at_every_step(tmp_path, monkeypatch):
-    """--recaption: every step sees each image under a caption drawn anew, naming its colour and shape; the draws
-    depend only on the seed and step (so resume and DDP see the same). Frozen text encoder: the new captions are
-    not in the cache and are encoded on the fly."""
-    drawn = []
-    real = ShapesDataset.caption
-
-    def spy(self, index, rng):
-        caption = real(self, index, rng)
-        drawn.append((index, caption, self.specs[index]))
-        return caption
-
-    monkeypatch.setattr(ShapesDataset, "caption", spy)
-    cfg = dict(steps=3, recaption=True, prompt_dropout=0, ema_decay=0, save_every=1000, **{**FAST, "shapes_count": 8})
-    train(TrainConfig(outdir=str(tmp_path / "a"), **cfg))
-    first, drawn[:] = drawn[:], []
-    train(TrainConfig(outdir=str(tmp_path / "b"), **cfg))
-    assert first == drawn and sorted(i for i, _, _ in first) == sorted(list(range(8)) * 3)
-    assert all(s.color in c and s.shape in c for _, c, s in first)
-    wordings = {i: {c for j, c, _ in first if j == i} for i in range(8)}
-    assert sum(len(w) > 1 for w in wordings.values()) >= 6, wordings  # a fixed caption would give 1 each
-
-
 def test_loss_decreases_on_shapes(tmp_path):
     cfg = TrainConfig(outdir=str(tmp_path), steps=200, save_every=1000, train_text_encoder=True, **FAST)
     train(cfg)
@@ -272,7 +249,6 @@ def test_folder_forms_and_unreadable_images(tmp_path):
         (lambda d: None, ["--shapes-count", "4", "--batch-size", "8"], "batch size 8 is larger than the data set (4"),
         (lambda d: (d / "blocker").write_text(""), ["--outdir", "{d}/blocker/out"], "cannot write to the output folder"),
         (lambda d: None, ["--resume"], "--resume: no checkpoint"),
-        (lambda d: None, ["--data", "{d}", "--recaption"], "--recaption is for the built-in shapes set"),
     ],
 )  # fmt: skip
 def test_bad_training_input_exits_2(tmp_path, capsys, setup, args, message):

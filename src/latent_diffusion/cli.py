@@ -292,8 +292,6 @@ TRAIN_HELP = {
     "outdir": "folder for checkpoints, log.csv, samples and the final model.safetensors",
     "data": "image folder: NAME.jpg + NAME.txt captions, or a metadata.jsonl (default: the built-in shapes set)",
     "shapes_count": "images in the built-in shapes set",
-    "recaption": "the built-in shapes set: draw each image's caption anew at every step, in a random wording "
-    "(default: one wording per image for the whole run)",
     "image_size": "training resolution in pixels (images are resized and center-cropped)",
     "ckpt": "fine-tune this checkpoint",
     "preset": "train this architecture from scratch (when no --ckpt)",

@@ -281,7 +281,3 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int):
         return self.load(index)
-
-    def caption(self, index: int, rng: random.Random) -> str:
-        """A fresh wording of image `index`'s caption (training with --recaption)."""
-        return training_caption(self.specs[index], rng)

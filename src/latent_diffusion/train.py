@@ -65,7 +65,6 @@ class TrainConfig:
     outdir: str
     data: str | None = None  # an image folder; None: the built-in shapes set
     shapes_count: int = 2000
-    recaption: bool = False  # the shapes set: a new wording of each image's caption at every step, not one per run
     image_size: int = 64
     ckpt: str | None = None  # fine-tune this checkpoint ...
     preset: str = "tiny"  # ... or train this architecture from scratch
@@ -152,8 +151,6 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.parameterization and cfg.ckpt:
         raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
-    if cfg.recaption and cfg.data:
-        raise TrainError("--recaption is for the built-in shapes set: a folder's captions are its own")
     if cfg.flip and cfg.cache_latents:
         raise TrainError("--flip needs --no-cache-latents (cached latents cannot be flipped)")
 
@@ -337,8 +334,6 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
         z = posterior.sample(noise=z_noise[part])
         captions = [it.caption for it in items]
         micro = torch.tensor([(*it.original_size, *it.crop) for it in items], dtype=torch.float32)
-    if cfg.recaption:  # a wording of its own for every (step, image), the same on every process and on resume
-        captions = [run.dataset.caption(i, random.Random(f"caption {cfg.seed} {step} {i}")) for i in idx]
     dropped = drop[part].tolist()
     captions = ["" if d else c for c, d in zip(captions, dropped)]
     latents = (model.scale_factor * z).to(run.device)
@@ -364,7 +359,7 @@ def text_conditioning(run: Run, captions: list[str]) -> dict:
     or their tokens when the text encoder is trained (it then runs inside the trained module's forward)."""
     if run.cfg.train_text_encoder:
         return {"tokens": run.model.cond_stage_model.tokenize(captions)[0]}
-    if run.cache and all(c in run.cache["index"] for c in captions):  # not so with --recaption
+    if run.cache:
         rows = [run.cache["index"][c] for c in captions]
         cond = {"crossattn": run.cache["embeddings"][rows].to(run.device)}
         if run.cache["pooled"] is not None:
