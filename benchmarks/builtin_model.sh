@@ -14,12 +14,16 @@
 #          tokenizer) on latents of the frozen stage-1 autoencoder. v-prediction: at the highest noise levels
 #          an ε-model's x0 estimate divides its error by √ᾱ_T ≈ 0.07, and a small model trained for minutes
 #          then gets the image's colours from the seed, not the prompt; a v-model predicts x0 there directly.
-#          min-SNR-5 weighting, EMA. Captions in many wordings (data.training_caption): half the template, the
-#          rest naming colour and shape always and size, position and background each half the time; 8000
-#          images, so that there are many wordings. The shipped file is this stage (seed 0) on the previous file's stage 1 (the same commands).
+#          min-SNR-5 weighting with a floor of 0.1 (the x0 loss weighs clamp(SNR, 0.1, 5)): plain min-SNR on v
+#          nearly ignores the highest noise levels, where the layout is decided, and position was then learnt with
+#          one seed of three; with the floor, with two of three. EMA. Captions in many wordings
+#          (data.training_caption): half the template, the rest naming colour and shape always and size, position
+#          and background each half the time; 8000 images, so that there are many wordings. The shipped file
+#          is this stage (seed 1: the best of three seeds on the tuning seeds, BENCHMARKS.md) on the stage 1 of
+#          the files before it (the same commands, in bf16 on a CPU with native bfloat16).
 # Then: the EMA U-Net goes into one file without the training copy (as SD's "emaonly" files) with its default
 # guidance scale in the config metadata (its 64 px training size is there already), and `ldm eval`
-# scores 200 seen and 200 held-out prompts with the default sampler and settings.
+# scores 200 seen and 200 held-out prompts in each of its prompt forms, with the default sampler and settings.
 set -euo pipefail
 OUT=${1:-runs/builtin}
 LDM=${LDM:-.venv/bin/ldm}
@@ -32,8 +36,8 @@ start=$(date +%s)
 stage1=$(date +%s)
 "$LDM" train --outdir "$OUT/stage2" --preset tiny --parameterization v \
     --autoencoder "$OUT/stage1/autoencoder.safetensors" --train-text-encoder --shapes-count 8000 --image-size 64 \
-    --steps 6000 --batch-size 32 --lr 1e-3 --warmup 100 --lr-schedule cosine --min-snr-gamma 5 --ema-decay 0.999 \
-    --save-every 1000 --seed 0 --quiet
+    --steps 6000 --batch-size 32 --lr 1e-3 --warmup 100 --lr-schedule cosine --min-snr-gamma 5 --min-snr-floor 0.1 \
+    --ema-decay 0.999 --save-every 1000 --seed 1 --quiet
 stage2=$(date +%s)
 "$PYTHON" -c "import dataclasses, sys; from latent_diffusion import load_model, save_model
 model = load_model(sys.argv[1], ema=True)
