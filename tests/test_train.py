@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from latent_diffusion import LatentDiffusion, load_model, preset, save_model, schedule
 from latent_diffusion.cli import main
-from latent_diffusion.data import ImageCaptionFolder, ShapesDataset
+from latent_diffusion.data import HELD_OUT_PAIRS, ImageCaptionFolder, ShapesDataset
 from latent_diffusion.devices import has_native_bfloat16
 from latent_diffusion.parameterization import min_snr_weight
 from latent_diffusion.train import (
@@ -220,6 +220,32 @@ def test_shapes_are_deterministic_and_captioned():
     assert a.specs[0].caption == "a small yellow triangle at the top on a purple background"  # the template
     held_out = ShapesDataset(300, 32, exclude={("red", "circle")})
     assert not any(s.color == "red" and s.shape == "circle" for s in held_out.specs)
+
+
+def test_only_the_autoencoder_sees_the_held_out_pairs(tmp_path, monkeypatch):
+    """The held-out colour-shape pairs test the denoiser's composition of words, so its captions never name them;
+    the autoencoder reads no captions and trains on every pair (stage 1 of benchmarks/builtin_model.sh)."""
+    import latent_diffusion.train as stage2
+    import latent_diffusion.train_autoencoder as stage1
+    from latent_diffusion import training
+
+    seen = {}  # stage -> the (colour, shape) pairs of its data set
+
+    def record(module):
+        def build(cfg, **kwargs):
+            seen[module] = {(s.color, s.shape) for s in training.build_dataset(cfg, **kwargs).specs}
+            raise TrainError("stop")
+
+        return build
+
+    monkeypatch.setattr(stage1, "build_dataset", record("autoencoder"))
+    monkeypatch.setattr(stage2, "build_dataset", record("denoiser"))
+    with pytest.raises(TrainError, match="stop"):
+        stage1.train_autoencoder(stage1.AutoencoderTrainConfig(outdir=str(tmp_path / "a"), shapes_count=400))
+    with pytest.raises(TrainError, match="stop"):
+        train(TrainConfig(outdir=str(tmp_path / "d"), **{**FAST, "shapes_count": 400}))
+    assert seen["autoencoder"] >= HELD_OUT_PAIRS
+    assert not HELD_OUT_PAIRS & seen["denoiser"] and len(seen["denoiser"]) == len(seen["autoencoder"]) - 3
 
 
 def test_folder_forms_and_unreadable_images(tmp_path):

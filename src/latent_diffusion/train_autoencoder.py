@@ -126,7 +126,10 @@ def train_autoencoder(cfg: AutoencoderTrainConfig) -> tuple[Path, dict]:
     """-> (outdir/autoencoder.safetensors, {"images": held-out count, "psnr_start": dB, "psnr": dB})."""
     outdir, device = check(cfg)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))
-    dataset = build_dataset(cfg)
+    # Every colour-shape pair, the held-out ones too: they are held out of the captions, to test whether the
+    # denoiser composes words it never saw together. The autoencoder reads no captions, and one that never saw
+    # a small white square cannot draw one whatever the denoiser asks (as the SD VAE saw every kind of image).
+    dataset = build_dataset(cfg, exclude=frozenset())
     n_holdout = max(1, int(len(dataset) * cfg.holdout))
     n_train = len(dataset) - n_holdout
     if cfg.batch_size > n_train:

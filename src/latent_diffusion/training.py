@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError, ImageCaptionFolder, ShapesDataset
+from .data import HELD_OUT_PAIRS, DataError, ImageCaptionFolder, ShapesDataset
 from .devices import emulated_bfloat16_warning, has_native_bfloat16
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -88,10 +88,10 @@ def check_common(cfg, precisions: tuple[str, ...]) -> None:
             raise TrainError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
 
 
-def build_dataset(cfg):
-    """The config's image folder, or the built-in shapes set when it names none."""
+def build_dataset(cfg, exclude=HELD_OUT_PAIRS):
+    """The config's image folder, or the built-in shapes set when it names none, without the `exclude` pairs."""
     if cfg.data is None:
-        return ShapesDataset(cfg.shapes_count, cfg.image_size, seed=cfg.seed)
+        return ShapesDataset(cfg.shapes_count, cfg.image_size, seed=cfg.seed, exclude=exclude)
     try:
         return ImageCaptionFolder(cfg.data, cfg.image_size, flip=cfg.flip, caption_default=cfg.caption_default)
     except DataError as e:
