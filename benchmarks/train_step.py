@@ -7,6 +7,12 @@ so each peak-memory figure is that model's alone.
 
     python benchmarks/train_step.py                  # CPU: 32x32 latents, batch 1, float32
     python benchmarks/train_step.py --latent 64 --batch 8 --precision bf16   # the GPU setting
+    python benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --tiny-steps 0
+
+--fused: both sides' AdamW as one fused kernel (`ldm train`'s optimizer on CUDA and CPU). --checkpointing: both
+recompute their blocks' activations in the backward pass (ours: `unet.checkpointing`, `ldm train
+--gradient-checkpointing`; diffusers: `enable_gradient_checkpointing`). --compile: both U-Nets torch.compiled
+(inductor, static shapes), as `ldm train --compile` does. --tiny-steps 0 leaves out the tiny preset's throughput.
 """
 
 import argparse
@@ -22,8 +28,10 @@ import torch
 
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
+OPTIONS = ("fused", "checkpointing", "compile")
 
-def one_side(which: str, latent: int, batch: int, precision: str, iters: int) -> dict:
+
+def one_side(which: str, latent: int, batch: int, precision: str, iters: int, options: set) -> dict:
     from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
@@ -44,7 +52,14 @@ def one_side(which: str, latent: int, batch: int, precision: str, iters: int) ->
         del unet, sd
         unet = theirs
     unet = unet.to(device).train()
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5)
+    if "checkpointing" in options:
+        if which == "ours":
+            unet.checkpointing = True
+        else:
+            unet.enable_gradient_checkpointing()
+    if "compile" in options:
+        unet.compile(dynamic=False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused="fused" in options)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
@@ -61,7 +76,8 @@ def one_side(which: str, latent: int, batch: int, precision: str, iters: int) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up (and AdamW state allocation)
+    step()  # warm-up (and AdamW state allocation, and compilation with --compile)
+    step()
     times = []
     for _ in range(iters):
         sync()
@@ -102,18 +118,24 @@ def main():
     parser.add_argument("--side", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     parser.add_argument("--tiny-steps", type=int, default=40)
     parser.add_argument("--tiny-only", action="store_true", help="only the tiny preset's throughput")
+    for option in OPTIONS:
+        parser.add_argument(f"--{option}", action="store_true")
     args = parser.parse_args()
     if args.side:
-        print(json.dumps(one_side(args.side, args.latent, args.batch, args.precision, args.iters)))
+        options = {o for o in OPTIONS if getattr(args, o)}
+        print(json.dumps(one_side(args.side, args.latent, args.batch, args.precision, args.iters, options)))
         return
     results = {}
     for side in () if args.tiny_only else ("ours", "diffusers"):
         run = subprocess.run([sys.executable, __file__, "--side", side, "--latent", str(args.latent), "--batch",
-                              str(args.batch), "--precision", args.precision, "--iters", str(args.iters)],
+                              str(args.batch), "--precision", args.precision, "--iters", str(args.iters),
+                              *(f"--{o}" for o in OPTIONS if getattr(args, o))],
                              capture_output=True, text=True, check=True)  # fmt: skip
         results[side] = json.loads(run.stdout.strip().splitlines()[-1])
     if not args.tiny_only:
         report(args, results)
+    if args.tiny_steps == 0:
+        return
     cached, uncached = tiny_throughput(True, args.tiny_steps), tiny_throughput(False, args.tiny_steps)
     print(f"tiny preset, 64x64 shapes, batch 8, text encoder trained, steady state over {args.tiny_steps} steps: "
           f"{cached:.1f} samples/s with latent caching, {uncached:.1f} without")  # fmt: skip
@@ -121,10 +143,14 @@ def main():
 
 def report(args, results: dict) -> None:
     a, b = results["ours"], results["diffusers"]
+    options = "".join(f", {o}" for o in OPTIONS if getattr(args, o))
     print(f"U-Net training step, SD 1.5 size, batch {args.batch}, {args.latent}x{args.latent} latents, {args.precision},"
-          f" AdamW, {a['device']}, torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
-    print(f"  ours      median {a['median_s']:7.2f} s   peak memory {a['peak_gib']:5.1f} GiB")
-    print(f"  diffusers median {b['median_s']:7.2f} s   peak memory {b['peak_gib']:5.1f} GiB")
+          f" AdamW{options}, {a['device']}, torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
+    for name, r in (("ours     ", a), ("diffusers", b)):
+        print(
+            f"  {name} median {r['median_s']:7.3f} s   {args.batch / r['median_s']:6.1f} samples/s   "
+            f"peak memory {r['peak_gib']:5.1f} GiB"
+        )
     print(f"  ratio ours/diffusers {a['median_s'] / b['median_s']:.3f}")
 
 

@@ -6,6 +6,10 @@ scheduler with SD's settings, and a transformers CLIPTokenizer written from our 
 
     python benchmarks/txt2img.py                       # CPU: 256x256, 10 steps, float32
     python benchmarks/txt2img.py --size 512 --steps 50 # GPU default: float16
+    python benchmarks/txt2img.py --batch 8 --steps 20   # throughput: 8 images per call, images per second
+
+--batch N: N images of the prompt in one call (ours: one U-Net call for the batch; diffusers: num_images_per_prompt),
+the image check compares the first image of each, drawn from the same seed on both sides.
 """
 
 import argparse
@@ -63,6 +67,7 @@ def main():
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -78,15 +83,16 @@ def main():
         pipe = diffusers_pipeline(model, Path(tmp)).to(device, dtype)
     model = model.to(device, dtype)
     prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
-    request = GenerationRequest([prompt], [1], negative_prompts=[negative], width=size, height=size, steps=steps,
-                                sampler="ddim", cfg_scale=7.5)  # fmt: skip
+    n = args.batch
+    request = GenerationRequest([prompt] * n, list(range(1, n + 1)), negative_prompts=[negative] * n, width=size,
+                                height=size, steps=steps, sampler="ddim", cfg_scale=7.5, batch_size=n)  # fmt: skip
 
     def ours():
         return generate(model, request).images
 
     def theirs():
         return pipe(prompt, negative_prompt=negative, height=size, width=size, num_inference_steps=steps,
-                    guidance_scale=7.5, generator=torch.Generator().manual_seed(1), output_type="pt").images  # fmt: skip
+                    guidance_scale=7.5, num_images_per_prompt=n, generator=torch.Generator().manual_seed(1), output_type="pt").images  # fmt: skip
 
     def timed(fn):
         sync()
@@ -97,18 +103,19 @@ def main():
 
     pipe.set_progress_bar_config(disable=True)
     with torch.inference_mode():
-        _, a = timed(ours)  # warm-up, and the two images for the check below
+        _, a = timed(ours)  # warm-up, and the two images for the check below (the first of a batch)
         _, b = timed(theirs)
+        a, b = a[:1].float(), b[:1].float()
         t_ours, t_theirs = [], []
         for _ in range(args.iters):
             t_ours.append(timed(ours)[0])
             t_theirs.append(timed(theirs)[0])
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
     where = machine()
-    print(f"txt2img SD 1.5-size random weights, {size}x{size}, {steps} DDIM steps, CFG 7.5, batch 1, {dtype}, "
+    print(f"txt2img SD 1.5-size random weights, {size}x{size}, {steps} DDIM steps, CFG 7.5, batch {n}, {dtype}, "
           f"{device} ({where}), torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
-    print(f"  ours      median {mo:8.2f} s")
-    print(f"  diffusers median {mt:8.2f} s")
+    print(f"  ours      median {mo:8.2f} s   {n / mo:6.2f} images/s")
+    print(f"  diffusers median {mt:8.2f} s   {n / mt:6.2f} images/s")
     print(f"  ratio ours/diffusers {mo / mt:.3f}   (max |difference| of the images {(a - b).abs().max().item():.2e})")
     # In float16, random SD-size weights can overflow on either side: say which, and how many pixels differ.
     finite = {name: torch.isfinite(x).float().mean().item() for name, x in (("ours", a), ("diffusers", b))}

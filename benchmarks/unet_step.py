@@ -92,7 +92,8 @@ def main():
         return theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
     with torch.inference_mode():
-        diff = (run_ours() - run_theirs()).abs().max().item()
+        # clone: a CUDA graph's output is overwritten by the next replay of any graph (--compile on a GPU)
+        diff = (run_ours().clone() - run_theirs()).abs().max().item()
         for _ in range(3):  # warm-up (and compilation, with --compile)
             run_ours()
             run_theirs()

@@ -236,6 +236,22 @@ def test_a_float16_file_loads_as_float32_without_holding_the_file(tmp_path):
     assert peak_kb < 1.1 * loaded_kb, f"the load peaked at {peak_kb / 1e3:.0f} MB for {loaded_kb / 1e3:.0f} MB loaded"
 
 
+def test_a_first_load_builds_no_initialisers_and_imports_no_compiler():
+    """load_model builds the module tree on the meta device with nn.init skipped: the meta `normal_` and the like
+    import torch._dynamo on first use, 2-3 s (and sympy's memory) of every `ldm` process's first load. After the
+    load, nn.init is whole again."""
+    probe = (
+        "import sys, torch, latent_diffusion as ld\n"
+        "from latent_diffusion.checkpoint import BUILTIN_MODEL\n"
+        "normal = torch.nn.init.normal_\n"
+        "m = ld.load_model(BUILTIN_MODEL)\n"
+        "assert torch.nn.init.normal_ is normal and m.alphas_cumprod.device.type == 'cpu'\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 # Bad input --------------------------------------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -21,6 +22,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import (
     MICRO_CONDITIONING,
@@ -362,6 +364,23 @@ def _parse_config(config) -> LatentDiffusionConfig:
 # Loading ----------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _empty_modules():
+    """Build modules on the meta device with their initialisers skipped: the weights are about to be replaced, and
+    the meta versions of `normal_` and the like import torch._dynamo on first use (2-3 s of a process's first load).
+    nn.init's functions are swapped for the duration, as transformers' `no_init_weights` does."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]  # normal_, kaiming_uniform_, ...
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def ema_key(unet_key: str) -> str:
     """CompVis's LitEma name of a U-Net weight: `model.diffusion_model.a.0.b` -> `model_ema.diffusion_modela0b`."""
     return EMA + unet_key[len("model.") :].replace(".", "")
@@ -408,7 +427,7 @@ def load_model(
     if parameterization is not None:
         cfg = dataclasses.replace(cfg, parameterization=parameterization)
     try:
-        with torch.device("meta"):
+        with _empty_modules():
             model = LatentDiffusion(cfg)
     except (ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its config describes no model this project builds ({_first_line(e)})") from None

@@ -13,8 +13,9 @@ from .parameterization import sigma_from_alpha_bar
 
 
 def scaled_linear_betas(linear_start: float, linear_end: float, timesteps: int) -> torch.Tensor:
-    """(T,) float64, as CompVis `make_beta_schedule("linear", ...)` (which is "scaled linear" in diffusers)."""
-    return torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64) ** 2
+    """(T,) float64, as CompVis `make_beta_schedule("linear", ...)` (which is "scaled linear" in diffusers); on the
+    CPU, also while a model is built on the meta device (its schedule is a constant of the config)."""
+    return torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64, device="cpu") ** 2
 
 
 def alphas_cumprod(betas: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU figure of BENCHMARKS.md in one run, most wanted first, each step ours beside diffusers in one process
+# (the scripts' own comparisons). A step that would not finish before the deadline is left out and says so.
+#
+#   bash benchmarks/gpu.sh [SECONDS] [LOG]   # default 540 s; the log also goes to stdout
+#
+# diffusers must be importable (on a machine without the test extras: PYTHONPATH holding its wheel's install).
+set -uo pipefail
+budget=${1:-540}
+log=${2:-/dev/null}
+deadline=$(($(date +%s) + budget))
+PY=${PYTHON:-python3}
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+step() {  # step NEEDED_SECONDS COMMAND...: run it if that much time is left, under a timeout of what is left
+    local need=$1 left=$((deadline - $(date +%s)))
+    shift
+    local what="$*"
+    echo "=== ${what//$'\n'/ } ($left s left)" | tee -a "$log"
+    if ((left < need)); then
+        echo "skipped: needs about $need s" | tee -a "$log"
+        return
+    fi
+    local start=$(date +%s)
+    timeout "$left" "$@" 2>&1 | grep -v -e "should be kept in float32" -e "^\s*$" | tee -a "$log"
+    echo "--- exit ${PIPESTATUS[0]}, $(($(date +%s) - start)) s" | tee -a "$log"
+}
+
+step 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+step 5 "$PY" -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
+# Goal 1's baseline and the eager step.
+step 40 "$PY" benchmarks/unet_step.py --size 512
+# Goal 5: images per second at batch 8, 512x512, 20 steps.
+step 60 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2
+# Goal 6: training step at batch 32 (fused AdamW on both sides), and batch 8's memory with checkpointing.
+step 60 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --tiny-steps 0
+step 60 "$PY" benchmarks/train_step.py --latent 64 --batch 8 --precision bf16 --fused --checkpointing --tiny-steps 0
+# Goal 2: a 2 GB float16 file to the GPU.
+step 60 "$PY" benchmarks/load.py --device cuda
+# Goal 4: 2048x2048 decodes, whole and tiled.
+step 45 "$PY" benchmarks/vae_tiling.py --size 2048
+# Goal 1: compiled, both sides (CUDA graphs).
+step 150 "$PY" benchmarks/unet_step.py --size 512 --compile
+# Goal 1's cache: the second process finds the compiled kernels (the file load.py wrote).
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
+for run in first second; do
+    step 60 "$PY" -c "import sys, time
+from latent_diffusion.cli import main
+start = time.perf_counter()
+code = main(sys.argv[1:])
+print(f'$run process with --compile: {time.perf_counter() - start:.1f} s from the command to the images')
+sys.exit(code)" txt2img --ckpt /tmp/sd15-fp16.safetensors --compile --steps 20 --prompt "a red cube" \
+        --outdir /tmp/compiled-out --dtype float16 --quiet
+done
