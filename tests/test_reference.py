@@ -95,6 +95,19 @@ def test_autoencoder_matches_diffusers(tiny_models, variant):
     torch.testing.assert_close(ours_img, theirs_img, atol=ATOL, rtol=0)
 
 
+def test_every_attention_takes_a_fused_kernel(tiny_models):
+    """With scaled_dot_product_attention limited to the flash kernel (no math fallback, which holds the whole
+    attention matrix), the text encoder, the U-Net and both halves of the autoencoder still run: every attention
+    hands it q, k and v in a layout the fused kernels take (channels contiguous)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = tiny_models["sd1"]
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        context = model.get_text_conditioning(["a cat"])
+        model(torch.randn(1, 4, 8, 8), torch.tensor([10]), {"crossattn": context})
+        model.first_stage_model.decode(model.first_stage_model.encode(torch.rand(1, 3, 32, 32)).mode())
+
+
 @pytest.mark.parametrize("variant", ["sd1", "sd2"])
 def test_text_encoder_matches_transformers(tiny_models, variant):
     model = tiny_models[variant]

@@ -50,10 +50,14 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[2:]
-        y = self.norm(x)
-        q, k, v = (conv(y).flatten(2).transpose(1, 2) for conv in (self.q, self.k, self.v))  # (b, h*w, c)
-        y = attention(q, k, v, heads=1).transpose(1, 2).unflatten(2, (h, w))  # (b, c, h, w)
-        return x + self.proj_out(y)
+        y = self.norm(x).flatten(2).transpose(1, 2)  # (b, h*w, c)
+        # The 1x1 convolutions as matrix products on the pixels-first layout, so that q, k and v come out with
+        # channels contiguous: scaled_dot_product_attention's flash and memory-efficient kernels take no other
+        # layout, and the math fallback holds the whole (h*w)² attention matrix (2.4 GiB for a 1024² image).
+        q, k, v = (F.linear(y, conv.weight.flatten(1), conv.bias) for conv in (self.q, self.k, self.v))
+        y = attention(q, k, v, heads=1)  # (b, h*w, c)
+        y = F.linear(y, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + y.transpose(1, 2).unflatten(2, (h, w))  # (b, c, h, w)
 
 
 class Downsample(nn.Module):
