@@ -7,6 +7,7 @@ scheduler with SD's settings, and a transformers CLIPTokenizer written from our 
     python benchmarks/txt2img.py                       # CPU: 256x256, 10 steps, float32
     python benchmarks/txt2img.py --size 512 --steps 50 # GPU default: float16
     python benchmarks/txt2img.py --batch 8 --steps 20   # throughput: 8 images per call, images per second
+    python benchmarks/txt2img.py --compile              # both compiled: U-Net and VAE decoder (CUDA graphs on a GPU)
 
 --batch N: N images of the prompt in one call (ours: one U-Net call for the batch; diffusers: num_images_per_prompt),
 the image check compares the first image of each, drawn from the same seed on both sides.
@@ -31,6 +32,7 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latent_diffusion import LatentDiffusion, preset
+from latent_diffusion.compiling import compile_mode
 from latent_diffusion.config import to_ldm_config
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
@@ -68,6 +70,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--compile", action="store_true", help="torch.compile both sides' U-Net and VAE decoder")
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -85,7 +88,8 @@ def main():
     prompt, negative = "a photograph of an astronaut riding a horse", "blurry, low quality"
     n = args.batch
     request = GenerationRequest([prompt] * n, list(range(1, n + 1)), negative_prompts=[negative] * n, width=size,
-                                height=size, steps=steps, sampler="ddim", cfg_scale=7.5, batch_size=n)  # fmt: skip
+                                height=size, steps=steps, sampler="ddim", cfg_scale=7.5, batch_size=n,
+                                compile=args.compile)  # fmt: skip
 
     def ours():
         return generate(model, request).images
@@ -102,9 +106,14 @@ def main():
         return time.perf_counter() - start, out
 
     pipe.set_progress_bar_config(disable=True)
+    if args.compile:  # what `compiling.compile_model` does to ours (on the first call): the same modules and mode
+        for module in (pipe.unet, pipe.vae.decoder):
+            module.compile(mode=compile_mode(torch.device(device)), dynamic=False)
     with torch.inference_mode():
         _, a = timed(ours)  # warm-up, and the two images for the check below (the first of a batch)
         _, b = timed(theirs)
+        if args.compile:  # CUDA graphs are recorded on the second call of a shape, replayed from the third
+            timed(ours), timed(theirs)
         a, b = a[:1].float(), b[:1].float()
         t_ours, t_theirs = [], []
         for _ in range(args.iters):
@@ -113,7 +122,8 @@ def main():
     mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
     where = machine()
     print(f"txt2img SD 1.5-size random weights, {size}x{size}, {steps} DDIM steps, CFG 7.5, batch {n}, {dtype}, "
-          f"{device} ({where}), torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
+          f"{device} ({where}), torch {torch.__version__}, {args.iters} iterations"
+          f"{', compiled' if args.compile else ''}")  # fmt: skip
     print(f"  ours      median {mo:8.2f} s   {n / mo:6.2f} images/s")
     print(f"  diffusers median {mt:8.2f} s   {n / mt:6.2f} images/s")
     print(f"  ratio ours/diffusers {mo / mt:.3f}   (max |difference| of the images {(a - b).abs().max().item():.2e})")
