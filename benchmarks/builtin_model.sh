@@ -9,7 +9,9 @@
 #          or AMX: twice as fast as fp32), fp32 elsewhere (emulated bf16 was 15x slower than fp32). KL weight 5e-4,
 #          not CompVis's 1e-6: the decoder then sees slightly noisier latents in training and tolerates the
 #          U-Net's small errors better; with 1e-6, latent noise of 0.2 σ made the analyser misread 20-30 % of
-#          small squares, with 5e-4 15 % (BENCHMARKS.md).
+#          small squares, with 5e-4 15 % (BENCHMARKS.md). Every colour-shape pair is in its images, the three
+#          held out of stage 2's captions too: they test whether the denoiser composes words it never saw
+#          together, and an autoencoder that never saw a small white square could not draw one (BENCHMARKS.md).
 # Stage 2: the tiny preset's U-Net and CLIP-architecture text encoder (both from scratch, the real CLIP
 #          tokenizer) on latents of the frozen stage-1 autoencoder. v-prediction: at the highest noise levels
 #          an ε-model's x0 estimate divides its error by √ᾱ_T ≈ 0.07, and a small model trained for minutes
@@ -18,9 +20,9 @@
 #          nearly ignores the highest noise levels, where the layout is decided, and position was then learnt with
 #          one seed of three; with the floor, with two of three. EMA. Captions in many wordings
 #          (data.training_caption): half the template, the rest naming colour and shape always and size, position
-#          and background each half the time; 8000 images, so that there are many wordings. The shipped file
-#          is this stage (seed 1: the best of three seeds on the tuning seeds, BENCHMARKS.md) on the stage 1 of
-#          the files before it (the same commands, in bf16 on a CPU with native bfloat16).
+#          and background each half the time; 8000 images, so that there are many wordings. Seed 1 was the
+#          best of three on the tuning seeds (BENCHMARKS.md). The shipped file is this script's output, run
+#          on a 2-core CPU without native bfloat16 (stage 1 in fp32).
 # Then: the EMA U-Net goes into one file without the training copy (as SD's "emaonly" files) with its default
 # guidance scale in the config metadata (its 64 px training size is there already), and `ldm eval`
 # scores 200 seen and 200 held-out prompts in each of its prompt forms, with the default sampler and settings.
