@@ -231,9 +231,9 @@ def test_only_the_autoencoder_sees_the_held_out_pairs(tmp_path, monkeypatch):
 
     seen = {}  # stage -> the (colour, shape) pairs of its data set
 
-    def record(module):
+    def record(stage):
         def build(cfg, **kwargs):
-            seen[module] = {(s.color, s.shape) for s in training.build_dataset(cfg, **kwargs).specs}
+            seen[stage] = {(s.color, s.shape) for s in training.build_dataset(cfg, **kwargs).specs}
             raise TrainError("stop")
 
         return build
