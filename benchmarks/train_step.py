@@ -121,19 +121,19 @@ def main():
     for option in OPTIONS:
         parser.add_argument(f"--{option}", action="store_true")
     args = parser.parse_args()
+    options = [o for o in OPTIONS if getattr(args, o)]
     if args.side:
-        options = {o for o in OPTIONS if getattr(args, o)}
-        print(json.dumps(one_side(args.side, args.latent, args.batch, args.precision, args.iters, options)))
+        print(json.dumps(one_side(args.side, args.latent, args.batch, args.precision, args.iters, set(options))))
         return
     results = {}
     for side in () if args.tiny_only else ("ours", "diffusers"):
         run = subprocess.run([sys.executable, __file__, "--side", side, "--latent", str(args.latent), "--batch",
                               str(args.batch), "--precision", args.precision, "--iters", str(args.iters),
-                              *(f"--{o}" for o in OPTIONS if getattr(args, o))],
+                              *(f"--{o}" for o in options)],
                              capture_output=True, text=True, check=True)  # fmt: skip
         results[side] = json.loads(run.stdout.strip().splitlines()[-1])
     if not args.tiny_only:
-        report(args, results)
+        report(args, results, options)
     if args.tiny_steps == 0:
         return
     cached, uncached = tiny_throughput(True, args.tiny_steps), tiny_throughput(False, args.tiny_steps)
@@ -141,9 +141,9 @@ def main():
           f"{cached:.1f} samples/s with latent caching, {uncached:.1f} without")  # fmt: skip
 
 
-def report(args, results: dict) -> None:
+def report(args, results: dict, options: list) -> None:
     a, b = results["ours"], results["diffusers"]
-    options = "".join(f", {o}" for o in OPTIONS if getattr(args, o))
+    options = "".join(f", {o}" for o in options)
     print(f"U-Net training step, SD 1.5 size, batch {args.batch}, {args.latent}x{args.latent} latents, {args.precision},"
           f" AdamW{options}, {a['device']}, torch {torch.__version__}, {args.iters} iterations")  # fmt: skip
     for name, r in (("ours     ", a), ("diffusers", b)):
