@@ -40,7 +40,8 @@ test: $(VENV)/.test /usr/bin/chromedriver
 bench: $(VENV)/.test
 	$(BIN)/python benchmarks/unet_step.py
 
-# Retrain the built-in model from scratch (both stages, about 30 minutes on 2 CPU cores) and score it.
+# Retrain the built-in model from scratch (both stages: 35 minutes to well over an hour on 2 CPU cores, by the CPU;
+# BENCHMARKS.md) and score it.
 builtin-model: $(VENV)/.runtime
 	bash benchmarks/builtin_model.sh runs/builtin
 
