@@ -1,5 +1,6 @@
 """Checkpoint I/O: round trips, .ckpt forms, EMA, dtype, variant detection, memory mapping and bad files."""
 
+import copy
 import os
 import pickle
 import subprocess
@@ -16,6 +17,8 @@ from safetensors.torch import save_file
 from latent_diffusion import CheckpointError, LatentDiffusion, load_model, preset, save_model
 from latent_diffusion.checkpoint import ema_key, infer_config
 from latent_diffusion.config import to_ldm_config
+from latent_diffusion.generate import generate
+from latent_diffusion.request import GenerationRequest
 
 from conftest import randomize, tiny_config
 
@@ -154,6 +157,20 @@ def test_dtype(tmp_path, tiny_models, dtype):
         with torch.no_grad():
             out = model(torch.randn(1, 4, 8, 8, dtype=dtype), torch.tensor([10]), model.conditioning(["a"])[0])
         assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_model_cast_with_to_keeps_its_schedule_in_float32(tiny_models, dtype):
+    """`model.to(dtype)` / `.half()` cast every floating buffer: ᾱ in bfloat16 rounded its first values to 1 (σ = 0,
+    log σ = -inf), so sampling asked the U-Net for timestep NaN; in float16 every σ moved by up to 1e-3."""
+    model = copy.deepcopy(tiny_models["sd1"])
+    schedule = model.alphas_cumprod.clone()
+    model.to(dtype)
+    assert next(model.parameters()).dtype == dtype
+    assert model.alphas_cumprod.dtype == torch.float32 and torch.equal(model.alphas_cumprod, schedule)
+    if dtype == torch.bfloat16:  # CPU kernels for the whole model exist in bf16
+        request = GenerationRequest(["a red circle"], [0], width=64, height=64, steps=2, sampler="ddim")
+        assert torch.isfinite(generate(model, request).images).all()
 
 
 @pytest.mark.parametrize(

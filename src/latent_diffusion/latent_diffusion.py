@@ -82,6 +82,16 @@ class LatentDiffusion(nn.Module):
         betas = schedule.scaled_linear_betas(self.cfg.linear_start, self.cfg.linear_end, self.cfg.timesteps)
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod(betas).float().to(device), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """As nn.Module's (`.to`, `.half`, `.cuda`, ...), except that ᾱ keeps its float32 values whatever dtype the
+        weights take: in bfloat16 the first values round to 1 (σ = 0, log σ = -inf: NaN timesteps), and in float16
+        every σ moves by up to 1e-3 of itself. It still moves with the model to a new device."""
+        schedule = self.alphas_cumprod
+        super()._apply(fn, recurse)
+        if self.alphas_cumprod.dtype != schedule.dtype:
+            self.alphas_cumprod = schedule.to(self.alphas_cumprod.device)
+        return self
+
     @property
     def parameterization(self) -> str:
         return self.cfg.parameterization
