@@ -35,6 +35,8 @@ step 150 "$PY" benchmarks/unet_step.py --size 512 --compile
 step 60 "$PY" benchmarks/load.py --device cuda
 # goal 4, the whole 2048x2048 decode (the VAE attention now takes a fused kernel) and the tiled one;
 step 45 "$PY" benchmarks/vae_tiling.py --size 2048
+# float16 against float32, each side against its own float32 model (ours no longer casts its schedule);
+step 60 "$PY" benchmarks/reduced_precision.py --dtype float16
 # goal 5, batch 8 compiled.
 step 240 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
 # The eager figures, measured on 2026-11-27.
