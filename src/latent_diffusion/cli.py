@@ -531,8 +531,8 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
                         "when the whole image would not fit)")  # fmt: skip
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net and VAE decoder (CUDA graphs on a GPU): the first image of each size "
-                        "waits for the compilation, later ones are faster; compiled kernels are cached across runs in "
-                        "$TORCHINDUCTOR_CACHE_DIR")  # fmt: skip
+                        "waits for the compilation, later ones are faster on a GPU (on a CPU, slower than eager: "
+                        "BENCHMARKS.md); compiled kernels are cached across runs in $TORCHINDUCTOR_CACHE_DIR")  # fmt: skip
     p.add_argument("--lora-dir", help="LoRA files, used by <lora:NAME:WEIGHT> in the prompt, NAME a file's name "
                    "(default: models/Lora where it exists)")  # fmt: skip
     p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",

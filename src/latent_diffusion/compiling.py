@@ -9,7 +9,8 @@ On CUDA the mode is "reduce-overhead": the compiled graphs are replayed as CUDA 
 kernel-launch overhead that dominates a guided step at batch 2. A CUDA graph writes its outputs into the same
 memory on every replay; that is safe here because the denoiser turns each U-Net output into a new tensor (the x0
 estimate) and the decoder's into the image before the next call. Elsewhere the mode is "default" (inductor's
-fused C++/OpenMP kernels on CPU).
+fused C++/OpenMP kernels on CPU). On a 2-core CPU the compiled SD 1.5 U-Net step was a third slower than eager, in
+float32 and in bfloat16 alike (BENCHMARKS.md), so eager is the default and compiling there is for experiments.
 
 Compiled kernels persist across processes in inductor's on-disk caches (FX graph and AOTAutograd caches, on by
 default), under `TORCHINDUCTOR_CACHE_DIR` (default: a torchinductor_USER folder in the temp directory): a
