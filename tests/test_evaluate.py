@@ -1,5 +1,6 @@
 """The pixel analyser that scores prompt adherence on the shapes data, validated on ground-truth images."""
 
+import dataclasses
 import json
 import re
 
@@ -7,8 +8,8 @@ import torch
 
 from latent_diffusion import save_model
 from latent_diffusion.cli import main
-from latent_diffusion.data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, SHAPES, Shape, ShapesDataset
-from latent_diffusion.evaluate import ATTRIBUTES, analyse, score
+from latent_diffusion.data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, SHAPES, Shape, ShapesDataset, draw, to_tensor
+from latent_diffusion.evaluate import ATTRIBUTES, LEFT_TO_CHANCE, analyse, score
 
 
 def test_analyser_reads_ground_truth_images():
@@ -19,6 +20,21 @@ def test_analyser_reads_ground_truth_images():
     result = score(data.specs, images)
     assert set(result) == set(ATTRIBUTES)
     assert all(v >= 0.98 for v in result.values()), result
+
+
+def test_what_a_prompt_leaves_out_is_reported_as_its_most_common_value():
+    """Attributes not asked for are not scored, but a model that always draws them one way shows: "most common"
+    is near the chance share for shapes placed at random, and 1 when every shape is at the top."""
+    data = ShapesDataset(200, 64, seed=12)
+    at_random = torch.stack([data[i][0] for i in range(len(data))])
+    row = score(data.specs, at_random, ("shape", "color"))
+    assert set(row) == {"shape", "color", "most common"} and set(row["most common"]) == set(LEFT_TO_CHANCE)
+    for attribute, (value, share) in row["most common"].items():  # 200 draws: within 0.12 of the chance share
+        assert LEFT_TO_CHANCE[attribute] <= share < LEFT_TO_CHANCE[attribute] + 0.12, (attribute, value, share)
+    at_top = [dataclasses.replace(s, position="top") for s in data.specs]
+    images = torch.stack([to_tensor(draw(s, 64)) for s in at_top])
+    assert score(at_top, images, ("shape", "color", "background", "size"))["most common"] == {"position": ["top", 1.0]}
+    assert "most common" not in score(data.specs, at_random)  # the template names everything
 
 
 def test_analyser_on_an_empty_image():
@@ -45,8 +61,10 @@ def test_eval_command_reports_both_splits(tmp_path, tiny_models, capsys):
     assert set(report) == set(EVAL_FORMS)
     assert all(set(splits) == {"seen", "held-out"} for splits in report.values())
     assert report["template"]["seen"]["images"] == 4 and set(report["template"]["seen"]) == {"images", *ATTRIBUTES}
-    assert set(report["short"]["held-out"]) == {"images", "shape", "color"}  # only what "a red circle" names
-    assert "short" in out and "e.g. 'a " in out
+    # only what "a red circle" names is scored; the rest is reported as the value read most often
+    assert set(report["short"]["held-out"]) == {"images", "shape", "color", "most common"}
+    assert "background" in report["short"]["held-out"]["most common"]
+    assert "short" in out and "e.g. 'a " in out and "~: not in the prompt" in out
 
 
 def test_eval_refuses_an_unknown_prompt_form(capsys):
@@ -83,6 +101,9 @@ def test_training_captions_vary_their_wording_and_never_say_anything_wrong():
             assert set(words) & WORDS[spec.size], caption
         if "position" in said:
             assert set(words) & PLACES[spec.position], caption
+        if "," in caption:  # tags: each after the object is a size, a place or "<colour> background", nothing else
+            for tag in caption.split(", ")[1:]:
+                assert tag in WORDS[spec.size] | PLACES[spec.position] | {f"{spec.background} background"}, caption
         # "an" before a vowel, "a" before anything else
         assert not re.search(r"\ba [aeiou]|\ban [^aeiou]", caption), caption
         # never one of the scoring prompts (other than the template, which is the training caption)

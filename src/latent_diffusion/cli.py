@@ -19,7 +19,7 @@ from .compiling import compile_model
 from .data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
 from .embeddings import load_embeddings
-from .evaluate import ATTRIBUTES, prompt_adherence
+from .evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
 from .files import atomic_write, claim_numbered, writable_folder
 from .generate import NonFiniteError, generate
 from .images import grid, load_image, model_hash, parameters_text, save_png, to_pil
@@ -455,14 +455,22 @@ def cmd_eval(args) -> None:
           f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip
     print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
     example = ShapesDataset(1, seed=args.seed + 1).specs[0]  # the first seen-split shape
-    for form, splits in report.items():  # an attribute the form's prompts do not name is not scored: "-"
+    for form, splits in report.items():
         print(f"{form:18s}e.g. {EVAL_FORMS[form].write(example)!r}")
         for split, row in splits.items():
-            cells = "".join(f"{row[a]:12.1%}" if a in row else f"{'-':>12s}" for a in ATTRIBUTES)
+            cells = "".join(f"{row[a]:12.1%}" if a in row else f"{unnamed(row, a):>12s}" for a in ATTRIBUTES)
             print(f"{'':18s}{split:10s}{row['images']:8d}{cells}")
+    chance = ", ".join(f"{a} {share:.0%}" for a, share in LEFT_TO_CHANCE.items())
+    print(f"~: not in the prompt, so not scored; the value read most often and its share (left to chance: {chance})")
     if args.json:
         with atomic_write(args.json) as tmp:
             tmp.write_text(json.dumps(report, indent=2))
+
+
+def unnamed(row: dict, attribute: str) -> str:
+    """An eval cell for an attribute the prompt leaves out: "~top 91%", the value read most often, or "-"."""
+    value, share = row.get("most common", {}).get(attribute, (None, 0))
+    return f"~{value} {share:.0%}" if value else "-"
 
 
 GENERATE_HELP = {

@@ -215,7 +215,8 @@ def training_caption(s: Shape, rng: random.Random) -> str:
 def _wording(s: Shape, size: str | None, where: str | None, background: str | None, rng: random.Random) -> str:
     form = rng.randrange(5)
     if form == 1:  # tags, in any order after the object
-        tags = [t for t in (size, where and where.split()[-1], background and f"{background} background") if t]
+        place = where and where.removesuffix(" part").split()[-1]  # "in the left part" -> "left"
+        tags = [t for t in (size, place, background and f"{background} background") if t]
         rng.shuffle(tags)
         head = f"{s.color} {s.shape}" if rng.random() < 0.5 else f"{an(s.color)} {s.color} {s.shape}"
         return ", ".join([head, *tags])
