@@ -460,8 +460,9 @@ def cmd_eval(args) -> None:
         for split, row in splits.items():
             cells = "".join(f"{row[a]:12.1%}" if a in row else f"{unnamed(row, a):>12s}" for a in ATTRIBUTES)
             print(f"{'':18s}{split:10s}{row['images']:8d}{cells}")
-    chance = ", ".join(f"{a} {share:.0%}" for a, share in LEFT_TO_CHANCE.items())
-    print(f"~: not in the prompt, so not scored; the value read most often and its share (left to chance: {chance})")
+    if any("most common" in row for splits in report.values() for row in splits.values()):
+        chance = ", ".join(f"{a} {share:.0%}" for a, share in LEFT_TO_CHANCE.items())
+        print(f"~: not in the prompt, so not scored; the value read most often and its share (chance: {chance})")
     if args.json:
         with atomic_write(args.json) as tmp:
             tmp.write_text(json.dumps(report, indent=2))

@@ -72,8 +72,8 @@ def score(specs: list[Shape], images: torch.Tensor, attributes: tuple[str, ...] 
     found = [analyse(im) for im in images]
     row: dict = {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in attributes}
     if unnamed := [a for a in LEFT_TO_CHANCE if a not in attributes]:
-        counts = {a: Counter(f[a] for f in found if f[a] != "none") for a in unnamed}
-        row["most common"] = {a: [v, n / len(specs)] for a in unnamed for v, n in counts[a].most_common(1)}
+        read = {a: Counter(f[a] for f in found if f[a] != "none").most_common(1) for a in unnamed}  # [(value, n)]
+        row["most common"] = {a: [value, n / len(specs)] for a, top in read.items() for value, n in top}
     return row
 
 
