@@ -28,31 +28,23 @@ step() {  # step NEEDED_SECONDS COMMAND...: run it if that much time is left, un
 
 step 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 5 "$PY" -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
-# Not measured yet, or changed since the last run (BENCHMARKS.md says which):
+# Not measured yet, or changed since the last run (BENCHMARKS.md says which), most wanted first:
 # goal 1, the compiled guided step, both sides (CUDA graphs);
 step 150 "$PY" benchmarks/unet_step.py --size 512 --compile
-# goal 2, a 2 GB float16 file to the GPU (the first load no longer imports torch._dynamo);
+# goal 5, batch 8 compiled;
+step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
+# goal 2, a 2 GB float16 file to the GPU (it also writes the file the next step reads);
 step 60 "$PY" benchmarks/load.py --device cuda
+# goal 1's cache: where the seconds of a first and a second compiled process go;
+step 130 "$PY" benchmarks/compiled_start.py
 # goal 4, the whole 2048x2048 decode (the VAE attention now takes a fused kernel) and the tiled one;
 step 45 "$PY" benchmarks/vae_tiling.py --size 2048
 # float16 against float32, each side against its own float32 model (ours no longer casts its schedule);
 step 60 "$PY" benchmarks/reduced_precision.py --dtype float16
-# goal 5, batch 8 compiled.
-step 240 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
+# goal 6, the compiled training step.
+step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --compile --tiny-steps 0
 # The eager figures, measured on 2026-11-27.
 step 40 "$PY" benchmarks/unet_step.py --size 512
 step 60 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2
 step 60 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --tiny-steps 0
 step 60 "$PY" benchmarks/train_step.py --latent 64 --batch 8 --precision bf16 --fused --checkpointing --tiny-steps 0
-step 240 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --compile --tiny-steps 0
-# Goal 1's cache: the second process finds the compiled kernels (the file load.py wrote).
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache
-for run in first second; do
-    step $([ $run = first ] && echo 100 || echo 30) "$PY" -c "import sys, time
-from latent_diffusion.cli import main
-start = time.perf_counter()
-code = main(sys.argv[1:])
-print(f'$run process with --compile: {time.perf_counter() - start:.1f} s from the command to the images')
-sys.exit(code)" txt2img --ckpt /tmp/sd15-fp16.safetensors --compile --steps 20 --prompt "a red cube" \
-        --outdir /tmp/compiled-out --dtype float16 --quiet
-done
