@@ -29,21 +29,19 @@ step() {  # step NEEDED_SECONDS COMMAND...: run it if that much time is left, un
 step 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 5 "$PY" -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
 # Not measured yet, or changed since the last run (BENCHMARKS.md says which), most wanted first:
-# goal 1, the compiled guided step, both sides (CUDA graphs);
-step 150 "$PY" benchmarks/unet_step.py --size 512 --compile
-# goal 5, batch 8 compiled;
-step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
-# goal 2, a 2 GB float16 file to the GPU (it also writes the file the next step reads);
-step 60 "$PY" benchmarks/load.py --device cuda
-# goal 1's cache: where the seconds of a first and a second compiled process go;
-step 130 "$PY" benchmarks/compiled_start.py
-# goal 4, the whole 2048x2048 decode (the VAE attention now takes a fused kernel) and the tiled one;
-step 45 "$PY" benchmarks/vae_tiling.py --size 2048
-# float16 against float32, each side against its own float32 model (ours no longer casts its schedule);
-step 60 "$PY" benchmarks/reduced_precision.py --dtype float16
-# goal 6, the compiled training step.
+# goal 6, the compiled training step;
 step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --compile --tiny-steps 0
-# The eager figures, measured on 2026-11-27.
+# goal 1, the compiled guided step, both sides (CUDA graphs), and which kernels take our 9.3 ms;
+step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --profile
+# goal 3, the overflow checks' cost per decode (now with the kernels loaded first), and goal 4's decodes;
+step 45 "$PY" benchmarks/vae_tiling.py --size 2048
+# goal 1's cache: where the seconds of a first and a second compiled process go (measured on 2026-11-28);
+step 130 "$PY" benchmarks/compiled_start.py
+# Measured on 2026-11-28: goal 5 (batch 8 compiled), goal 2 (loading), float16 against float32.
+step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
+step 60 "$PY" benchmarks/load.py --device cuda
+step 60 "$PY" benchmarks/reduced_precision.py --dtype float16
+# The eager figures, measured on 2026-11-27 and 2026-11-28.
 step 40 "$PY" benchmarks/unet_step.py --size 512
 step 60 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2
 step 60 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --tiny-steps 0

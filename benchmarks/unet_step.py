@@ -8,6 +8,7 @@ with the ratio ours/diffusers (below 1.0: ours is faster).
     python benchmarks/unet_step.py --size 512      # on a GPU: float16 at 512x512 unless --dtype says otherwise
     python benchmarks/unet_step.py --preset sdxl-base --shared-weights   # SDXL on a 24 GiB CPU machine
     python benchmarks/unet_step.py --size 512 --compile   # both compiled (CUDA graphs on a GPU)
+    python benchmarks/unet_step.py --size 512 --compile --profile   # and where our step's time goes, per kernel
 
 SDXL presets get the vector conditioning (pooled text and size embeddings; diffusers' added_cond_kwargs).
 --shared-weights: diffusers' model takes our weight tensors themselves (its converter's output, assigned), so
@@ -58,6 +59,7 @@ def main():
     parser.add_argument("--shared-weights", action="store_true", help="one copy of the weights for both models")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both (ours as `compiling.py` does; mode reduce-overhead on CUDA)")  # fmt: skip
+    parser.add_argument("--profile", action="store_true", help="then our step's 15 costliest operations, 5 steps")
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -110,6 +112,14 @@ def main():
     print(f"  ours      median {a * 1e3:8.1f} ms")
     print(f"  diffusers median {b * 1e3:8.1f} ms")
     print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
+    if args.profile:  # where the step's time goes: convolutions, matrix products, attention, fused elementwise
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
+            for _ in range(5):
+                run_ours()
+            sync()
+        key = "self_device_time_total" if cuda else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":
