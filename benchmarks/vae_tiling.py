@@ -67,8 +67,8 @@ def run_one(variant: str, size: int) -> dict:
     peak = torch.cuda.max_memory_allocated() if cuda else peak_resident()
     # What generation adds to every decode to catch a float16 overflow (`generate.decode`): two finiteness checks
     # of the image (the float16 one and the final one), each a reduction to one bool read by the host. In generation
-    # the per-step checks of the latents have run these kernels before; here one untimed check loads them (the
-    # first launch of a CUDA kernel in a process costs tens of ms, which the first GPU run counted).
+    # the per-step checks of the latents have run these kernels before; here one untimed check runs them first (a
+    # process's first launch of a CUDA kernel loads it; the first GPU run's 62 ms most likely counted that).
     bool(torch.isfinite(image).all())
     start = time.perf_counter()
     finite = all(bool(torch.isfinite(image).all()) for _ in range(2))
