@@ -16,6 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+from load import write_sd15_file  # benchmarks/load.py: run as a script, this folder is on sys.path
 
 CHILD = """
 import sys, time
@@ -59,13 +62,6 @@ wanted = ['_compile.compile_inner', 'bytecode_tracing', 'OutputGraph.call_user_c
 print('compile phases, both graphs:', ', '.join(f'{n} {float(phases[n]):.2f} s' for n in wanted if n in phases))
 """
 
-WRITE = """
-import sys, torch
-from latent_diffusion import LatentDiffusion, preset, save_model
-torch.manual_seed(0)
-save_model(LatentDiffusion(preset("sd-v1.5")).half(), sys.argv[1])
-"""
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,8 +71,8 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
-    if args.ckpt != "builtin" and not os.path.exists(args.ckpt):  # what load.py writes, if it has not run
-        subprocess.run([sys.executable, "-c", WRITE, args.ckpt], check=True)
+    if args.ckpt != "builtin":
+        write_sd15_file(Path(args.ckpt))  # what load.py writes, if it has not run
     with tempfile.TemporaryDirectory() as cache:
         env = {"TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
         for run in ("first process (empty cache)", "second process (the first one's kernels)"):

@@ -41,17 +41,22 @@ print(seconds, kb('VmHWM') - before, kb('VmRSS') - before)
 """
 
 
+def write_sd15_file(path: Path) -> None:
+    """The SD 1.5-size float16 file of random weights (seed 0) that the GPU benchmarks load, if it is not there."""
+    if not path.exists():
+        from latent_diffusion import LatentDiffusion, preset, save_model
+
+        torch.manual_seed(0)
+        save_model(LatentDiffusion(preset("sd-v1.5")).half(), path)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--file", default="/tmp/sd15-fp16.safetensors")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
     path = Path(args.file)
-    if not path.exists():
-        from latent_diffusion import LatentDiffusion, preset, save_model
-
-        torch.manual_seed(0)
-        save_model(LatentDiffusion(preset("sd-v1.5")).half(), path)
+    write_sd15_file(path)
     path.read_bytes()  # into the page cache
     print(
         f"{path} ({os.path.getsize(path) / 2**30:.2f} GiB), torch {torch.__version__}, to {args.device} ({machine()})"
