@@ -30,7 +30,7 @@ def test_builtin_model_is_small_and_in_the_original_layout():
     assert any(k.startswith("first_stage_model.") for k in keys)
     assert any(k.startswith("cond_stage_model.transformer.text_model.") for k in keys)
     assert model.cfg.scale_factor != 0.18215  # measured on its own autoencoder's latents
-    assert (model.cfg.default_size, model.cfg.default_cfg_scale) == (64, 1.5)  # from its metadata
+    assert (model.cfg.default_size, model.cfg.default_cfg_scale) == (64, 1.75)  # from its metadata
 
 
 def test_builtin_model_follows_seen_prompts():
@@ -50,7 +50,7 @@ def test_txt2img_without_ckpt_uses_the_builtin_model(tmp_path):
     image = Image.open(path)
     assert image.size == (64, 64)
     info = parse_parameters(image.text["parameters"])
-    assert info["Model"] == "shapes" and info["Size"] == "64x64" and info["CFG scale"] == "1.5"
+    assert info["Model"] == "shapes" and info["Size"] == "64x64" and info["CFG scale"] == "1.75"
 
 
 def test_demo_writes_a_grid(tmp_path, capsys):

@@ -45,7 +45,7 @@ from .latent_diffusion import LatentDiffusion
 CLIP, OPENCLIP = SD1.text_prefix, SD2.text_prefix
 CONFIG_METADATA_KEY = "latent_diffusion.config"
 # The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
-# checkpoint is given. Its generation defaults (64x64 images, CFG 1.5) are in its config metadata.
+# checkpoint is given. Its generation defaults (64x64 images, CFG 1.75) are in its config metadata.
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "shapes.safetensors"
 
 

@@ -558,7 +558,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         "--cfg-scale",
         type=float,
         help="classifier-free guidance scale (1: none; default: the model's own, 7.5 for Stable Diffusion, "
-        "1.5 for the built-in model)",
+        "1.75 for the built-in model)",
     )
     p.add_argument(
         "--seed",
@@ -684,7 +684,7 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--count", type=int, default=200, help="images per split (seen, held-out)")
     ev.add_argument("--steps", type=int, default=20)
     add_sampler_arguments(ev)
-    ev.add_argument("--cfg-scale", type=float, help="default: the model's own (1.5 for the built-in model)")
+    ev.add_argument("--cfg-scale", type=float, help="default: the model's own (1.75 for the built-in model)")
     ev.add_argument("--image-size", type=int, default=64)
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seed", type=int, default=0)

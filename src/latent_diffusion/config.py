@@ -157,7 +157,7 @@ class LatentDiffusionConfig:
     timesteps: int = 1000
     parameterization: str = "eps"  # "eps": the U-Net predicts the noise; "v": v = sqrt(ab) eps - sqrt(1-ab) x0
     # Generation defaults of this model where they differ from its family's (None: the family's), e.g. the
-    # built-in model's 64 px and CFG 1.5. Saved with the config in the files this project writes.
+    # built-in model's 64 px and CFG 1.75. Saved with the config in the files this project writes.
     image_size: int | None = None
     cfg_scale: float | None = None
 
