@@ -6,8 +6,16 @@ finds the first one's kernels. Each is timed from its start (the parent's clock)
 after a synchronise. The last line of each is dynamo's account of its main compile phases (seconds summed over the U-Net
 and the decoder): tracing, the backend (compiling, or reading the cache), guards.
 
+--precompiled measures the other way to start: `torch.compile(...).aot_compile` (torch 2.10+, experimental). The
+first process records the U-Net's inputs in a one-step eager run, compiles its forward ahead of time for them, saves
+the artifact and installs it; the second loads the artifact, which skips dynamo's tracing and guard building. Only
+the U-Net is compiled that way (the decoder stays eager), in the mode `compiling.compile_mode` picks: on CUDA
+"reduce-overhead", if aot_compile takes it (the script says so if not, and falls back to "default"). The weights are
+inputs of the compiled function, not part of the artifact; the child checks that outputs follow a parameter change.
+
     python benchmarks/compiled_start.py                           # the file load.py writes, float16, CUDA
     python benchmarks/compiled_start.py --ckpt builtin --device cpu --dtype float32 --size 64   # a quick CPU check
+    python benchmarks/compiled_start.py --precompiled                # the same, by an aot_compile artifact
 """
 
 import argparse
@@ -29,6 +37,7 @@ from latent_diffusion.cli import BUILTIN_MODEL
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
 ckpt, device, dtype, size, steps = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+artifact = sys.argv[6]  # '-': torch.compile and the inductor cache; else the path of an aot_compile artifact
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 stamps = [('imports', time.perf_counter())]
 if device == 'cuda':
@@ -38,7 +47,37 @@ if device == 'cuda':
 model = ld.load_model(BUILTIN_MODEL if ckpt == 'builtin' else ckpt, device=device, dtype=dtype)
 sync()
 stamps.append(('load_model', time.perf_counter()))
-request = GenerationRequest(['a red cube'], [1], width=size, height=size, steps=steps, compile=True)
+request = GenerationRequest(['a red cube'], [1], width=size, height=size, steps=steps, compile=artifact == '-')
+if artifact != '-':
+    import dataclasses, os
+    from latent_diffusion.compiling import compile_mode
+    unet = model.unet
+    if not os.path.exists(artifact):  # first process: record the U-Net's inputs, compile ahead of time, save
+        seen = []
+        hook = unet.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)) if not seen else None, with_kwargs=True)
+        generate(model, dataclasses.replace(request, steps=1))
+        hook.remove()
+        sync()
+        stamps.append(('one eager step, to record the inputs', time.perf_counter()))
+        mode = compile_mode(model.device)
+        with torch.no_grad():  # generate's grad mode: it is one of the artifact's guards
+            try:
+                fn = torch.compile(unet, fullgraph=True, dynamic=False, mode=mode).forward.aot_compile(seen[0])
+            except Exception as e:
+                print(f'aot_compile with mode {mode!r} failed ({type(e).__name__}: {str(e)[:200]}); mode "default"')
+                fn = torch.compile(unet, fullgraph=True, dynamic=False).forward.aot_compile(seen[0])
+        sync()
+        stamps.append(('aot_compile of the U-Net', time.perf_counter()))
+        fn.save_compiled_function(artifact)
+        stamps.append(('save the artifact', time.perf_counter()))
+    else:
+        with open(artifact, 'rb') as f:
+            fn = torch.compiler.load_compiled_function(f)
+        sync()
+        stamps.append(('load the artifact', time.perf_counter()))
+    # the module is the compiled function's first argument; the call goes in through the wrapper above the U-Net
+    # (an instance attribute 'forward' on the U-Net itself fails one of the artifact's guards)
+    model.model.forward = lambda x, t, cond: fn(unet, x, t, context=cond.get('crossattn'), y=cond.get('vector'))
 
 def step_done(progress):
     sync()
@@ -46,7 +85,7 @@ def step_done(progress):
 
 generate(model, request, step_done)
 sync()
-stamps.append(('decode (compiled) and the rest of generate', time.perf_counter()))
+stamps.append(('decode (compiled unless --precompiled) and the rest of generate', time.perf_counter()))
 generate(model, request)
 sync()
 stamps.append(('a second request, the same shapes', time.perf_counter()))
@@ -55,6 +94,14 @@ for name, t in stamps:
     print(f'{name}: {t - last:.3f} s')
     last = t
 print(f'in process: {last - start:.1f} s')
+if artifact != '-':  # the weights are inputs: a changed parameter changes the output
+    bias = model.unet.out[2].bias
+    with torch.no_grad():
+        before = generate(model, request).images
+        bias.add_(1.0)
+        after = generate(model, request).images
+        bias.sub_(1.0)
+    print('a parameter changed in place changes the output:', not torch.equal(before, after))
 names, seconds = torch._dynamo.utils.compile_times(repr='csv', aggregate=True)
 phases = dict(zip(names, seconds))
 wanted = ['_compile.compile_inner', 'bytecode_tracing', 'OutputGraph.call_user_compiler', 'fx_codegen_and_compile',
@@ -70,6 +117,7 @@ def main():
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precompiled", action="store_true", help="an aot_compile artifact of the U-Net (see above)")
     args = parser.parse_args()
     if args.ckpt != "builtin":
         write_sd15_file(Path(args.ckpt))  # what load.py writes, if it has not run
@@ -78,7 +126,9 @@ def main():
         for run in ("first process (empty cache)", "second process (the first one's kernels)"):
             print(f"--- {run}: {args.ckpt}, {args.size}×{args.size}, {args.steps} steps, {args.dtype}, {args.device}")
             begin = time.perf_counter()
+            artifact = str(Path(cache) / "unet-aot.pt") if args.precompiled else "-"
             argv = [sys.executable, "-c", CHILD, args.ckpt, args.device, args.dtype, str(args.size), str(args.steps)]
+            argv.append(artifact)
             subprocess.run(argv, check=True, env={**os.environ, **env})
             print(f"whole process, interpreter start to exit: {time.perf_counter() - begin:.1f} s")
 

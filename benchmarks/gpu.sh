@@ -35,8 +35,9 @@ step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 
 step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --profile
 # goal 3, the overflow checks' cost per decode (now with the kernels loaded first), and goal 4's decodes;
 step 45 "$PY" benchmarks/vae_tiling.py --size 2048
-# goal 1's cache: where the seconds of a first and a second compiled process go (measured on 2026-11-28);
-step 130 "$PY" benchmarks/compiled_start.py
+# goal 1's start: a second process from an aot_compile artifact of the U-Net (the cache path's 38.4 s measured on
+# 2026-11-28), and whether aot_compile keeps CUDA graphs;
+step 150 "$PY" benchmarks/compiled_start.py --precompiled
 # Measured on 2026-11-28: goal 5 (batch 8 compiled), goal 2 (loading), float16 against float32.
 step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
 step 60 "$PY" benchmarks/load.py --device cuda
