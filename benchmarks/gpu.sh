@@ -33,6 +33,8 @@ step 5 "$PY" -c "import torch, diffusers, transformers; print(torch.__version__,
 step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --compile --tiny-steps 0
 # goal 1, the compiled guided step, both sides (CUDA graphs), and which kernels take our 9.3 ms;
 step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --profile
+# and the first lever: NHWC convolutions, both sides (on this project's CPU, bfloat16: 6-8 % faster; float32: none);
+step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --channels-last
 # goal 3, the overflow checks' cost per decode (now with the kernels loaded first), and goal 4's decodes;
 step 45 "$PY" benchmarks/vae_tiling.py --size 2048
 # goal 1's start: a second process from an aot_compile artifact of the U-Net (the cache path's 38.4 s measured on

@@ -9,6 +9,7 @@ with the ratio ours/diffusers (below 1.0: ours is faster).
     python benchmarks/unet_step.py --preset sdxl-base --shared-weights   # SDXL on a 24 GiB CPU machine
     python benchmarks/unet_step.py --size 512 --compile   # both compiled (CUDA graphs on a GPU)
     python benchmarks/unet_step.py --size 512 --compile --profile   # and where our step's time goes, per kernel
+    python benchmarks/unet_step.py --size 512 --compile --channels-last --compile-mode max-autotune   # levers
 
 SDXL presets get the vector conditioning (pooled text and size embeddings; diffusers' added_cond_kwargs).
 --shared-weights: diffusers' model takes our weight tensors themselves (its converter's output, assigned), so
@@ -60,6 +61,9 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both (ours as `compiling.py` does; mode reduce-overhead on CUDA)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="then our step's 15 costliest operations, 5 steps")
+    parser.add_argument("--channels-last", action="store_true", help="both models' weights and inputs NHWC")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile's mode for both (default: compiling.compile_mode's, reduce-overhead on CUDA)")  # fmt: skip
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
@@ -73,7 +77,7 @@ def main():
     ours, theirs = build(cfg, device, dtype, args.shared_weights)
     if args.compile:  # the same settings for both: static shapes, CUDA graphs on a GPU
         for net in (ours, theirs):
-            net.compile(mode=compile_mode(torch.device(device)), dynamic=False)
+            net.compile(mode=args.compile_mode or compile_mode(torch.device(device)), dynamic=False)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, cfg.unet.in_channels, size // 8, size // 8, generator=g).to(device, dtype)
     t = torch.tensor([999, 999], device=device)
@@ -86,6 +90,9 @@ def main():
         sizes = timestep_embedding(numbers.flatten(), cfg.micro_conditioning_width).reshape(2, -1)
         y = torch.cat([pooled, sizes], dim=1).to(device, dtype)
         added = {"text_embeds": pooled.to(device, dtype), "time_ids": numbers.to(device)}
+    if args.channels_last:  # convolutions in NHWC: cuDNN's tensor-core kernels, oneDNN's blocked ones
+        ours, theirs = (net.to(memory_format=torch.channels_last) for net in (ours, theirs))
+        x = x.contiguous(memory_format=torch.channels_last)
 
     def run_ours():
         return ours(x, t, context, y)
@@ -108,7 +115,8 @@ def main():
     where = machine()
     print(f"U-Net {args.preset}, batch 2, {size}x{size} ({size // 8}x{size // 8} latents), {dtype}, {device} ({where}), "
           f"torch {torch.__version__}, {iters} iterations{', shared weights' if args.shared_weights else ''}"
-          f"{', compiled' if args.compile else ', eager'}")  # fmt: skip
+          f"{', compiled' if args.compile else ', eager'}{f' ({args.compile_mode})' if args.compile_mode else ''}"
+          f"{', channels-last' if args.channels_last else ''}")  # fmt: skip
     print(f"  ours      median {a * 1e3:8.1f} ms")
     print(f"  diffusers median {b * 1e3:8.1f} ms")
     print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
