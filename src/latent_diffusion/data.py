@@ -196,9 +196,9 @@ PICTURE_OF = ("an image of", "a picture of", "a drawing of", "a photo of")
 
 def training_caption(s: Shape, rng: random.Random) -> str:
     """One caption of `s` in a random wording. A tenth are the template. The others always name the colour and
-    the shape, size and background each with probability 1/2, and position with 9/10 (named half the time,
-    position was learnt in some runs and not in others; named every time, a prompt without one put every shape
-    at the top), in one of several forms: prose ("a red circle on blue"), tags ("red circle, small, left, blue
+    the shape, size and background each with probability 1/2, and position with 9/10 (named half the time, it
+    was learnt in some runs and not in others; named every time, a prompt without one put every shape at the
+    top), in one of several forms: prose ("a red circle on blue"), tags ("red circle, small, left, blue
     background"), background first ("a blue image with a small red circle"), "a picture of ...", "a circle in
     red", "a red-colored circle". What a caption leaves out is drawn at random in the image all the same, so a
     missing word means "any"."""
