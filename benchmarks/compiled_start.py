@@ -52,6 +52,8 @@ if artifact != '-':
     import dataclasses, os
     from latent_diffusion.compiling import compile_mode
     unet = model.unet
+    if hasattr(torch._dynamo.config, 'enable_aot_compile'):  # off by default before torch 2.12
+        torch._dynamo.config.enable_aot_compile = True
     if not os.path.exists(artifact):  # first process: record the U-Net's inputs, compile ahead of time, save
         seen = []
         hook = unet.register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)) if not seen else None, with_kwargs=True)
