@@ -125,12 +125,12 @@ def main():
         write_sd15_file(Path(args.ckpt))  # what load.py writes, if it has not run
     with tempfile.TemporaryDirectory() as cache:
         env = {"TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
+        artifact = str(Path(cache) / "unet-aot.pt") if args.precompiled else "-"
+        settings = [args.ckpt, args.device, args.dtype, str(args.size), str(args.steps), artifact]
+        argv = [sys.executable, "-c", CHILD, *settings]
         for run in ("first process (empty cache)", "second process (the first one's kernels)"):
             print(f"--- {run}: {args.ckpt}, {args.size}×{args.size}, {args.steps} steps, {args.dtype}, {args.device}")
             begin = time.perf_counter()
-            artifact = str(Path(cache) / "unet-aot.pt") if args.precompiled else "-"
-            argv = [sys.executable, "-c", CHILD, args.ckpt, args.device, args.dtype, str(args.size), str(args.steps)]
-            argv.append(artifact)
             subprocess.run(argv, check=True, env={**os.environ, **env})
             print(f"whole process, interpreter start to exit: {time.perf_counter() - begin:.1f} s")
 

@@ -63,6 +63,7 @@ def main():
     parser.add_argument("--profile", action="store_true", help="then our step's 15 costliest operations, 5 steps")
     parser.add_argument("--channels-last", action="store_true", help="both models' weights and inputs NHWC")
     parser.add_argument("--compile-mode", default=None,
+                        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                         help="torch.compile's mode for both (default: compiling.compile_mode's, reduce-overhead on CUDA)")  # fmt: skip
     args = parser.parse_args()
 
