@@ -16,6 +16,7 @@ inputs of the compiled function, not part of the artifact; the child checks that
     python benchmarks/compiled_start.py                           # the file load.py writes, float16, CUDA
     python benchmarks/compiled_start.py --ckpt builtin --device cpu --dtype float32 --size 64   # a quick CPU check
     python benchmarks/compiled_start.py --precompiled                # the same, by an aot_compile artifact
+    python benchmarks/compiled_start.py --cprofile                   # and where the second one's first request goes
 """
 
 import argparse
@@ -38,6 +39,7 @@ from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
 ckpt, device, dtype, size, steps = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 artifact = sys.argv[6]  # '-': torch.compile and the inductor cache; else the path of an aot_compile artifact
+profile = sys.argv[7] == '1'  # cProfile the first request: where step 1's seconds go outside dynamo's own account
 sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
 stamps = [('imports', time.perf_counter())]
 if device == 'cuda':
@@ -85,7 +87,15 @@ def step_done(progress):
     sync()
     stamps.append((f'step {progress.step}', time.perf_counter()))
 
+if profile:
+    import cProfile, pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
 generate(model, request, step_done)
+if profile:
+    profiler.disable()
+    for order, count in (('tottime', 25), ('cumulative', 40)):
+        pstats.Stats(profiler).strip_dirs().sort_stats(order).print_stats(count)
 sync()
 stamps.append(('decode (compiled unless --precompiled) and the rest of generate', time.perf_counter()))
 generate(model, request)
@@ -120,6 +130,8 @@ def main():
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--precompiled", action="store_true", help="an aot_compile artifact of the U-Net (see above)")
+    parser.add_argument("--cprofile", action="store_true",
+                        help="the second process's first request under cProfile (its stamps then include the overhead)")  # fmt: skip
     args = parser.parse_args()
     if args.ckpt != "builtin":
         write_sd15_file(Path(args.ckpt))  # what load.py writes, if it has not run
@@ -127,8 +139,9 @@ def main():
         env = {"TORCHINDUCTOR_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
         artifact = str(Path(cache) / "unet-aot.pt") if args.precompiled else "-"
         settings = [args.ckpt, args.device, args.dtype, str(args.size), str(args.steps), artifact]
-        argv = [sys.executable, "-c", CHILD, *settings]
         for run in ("first process (empty cache)", "second process (the first one's kernels)"):
+            profile = args.cprofile and run.startswith("second")
+            argv = [sys.executable, "-c", CHILD, *settings, "1" if profile else "0"]
             print(f"--- {run}: {args.ckpt}, {args.size}×{args.size}, {args.steps} steps, {args.dtype}, {args.device}")
             begin = time.perf_counter()
             subprocess.run(argv, check=True, env={**os.environ, **env})

@@ -29,17 +29,18 @@ step() {  # step NEEDED_SECONDS COMMAND...: run it if that much time is left, un
 step 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 5 "$PY" -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
 # Not measured yet, or changed since the last run (BENCHMARKS.md says which), most wanted first:
-# goal 6, the compiled training step;
-step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --compile --tiny-steps 0
-# goal 1, the compiled guided step, both sides (CUDA graphs), and which kernels take our 9.3 ms;
+# goal 1, the compiled guided step, both sides (CUDA graphs), and which kinds of kernel take our 9.3 ms;
 step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --profile
-# and the first lever: NHWC convolutions, both sides (on this project's CPU, bfloat16: 6-8 % faster; float32: none);
-step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --channels-last
+# its two likeliest levers, both sides, profiled so each shows in its own kind of kernel: NHWC convolutions (cuDNN's
+# tensor-core kernels work in NHWC) and cuDNN's attention (flash pads SD 1.5's 40-channel heads to 64);
+step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --profile --channels-last --sdpa-backend cudnn
 # goal 3, the overflow checks' cost per decode (now with the kernels loaded first), and goal 4's decodes;
 step 45 "$PY" benchmarks/vae_tiling.py --size 2048
+# goal 6, the compiled training step;
+step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --compile --tiny-steps 0
 # goal 1's start: a second process from an aot_compile artifact of the U-Net (the cache path's 38.4 s measured on
-# 2026-11-28), and whether aot_compile keeps CUDA graphs;
-step 150 "$PY" benchmarks/compiled_start.py --precompiled
+# 2026-11-28), whether aot_compile keeps CUDA graphs, and (cProfile) where that process's first request goes;
+step 150 "$PY" benchmarks/compiled_start.py --precompiled --cprofile
 # Measured on 2026-11-28: goal 5 (batch 8 compiled), goal 2 (loading), float16 against float32.
 step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
 step 60 "$PY" benchmarks/load.py --device cuda

@@ -10,6 +10,7 @@ with the ratio ours/diffusers (below 1.0: ours is faster).
     python benchmarks/unet_step.py --size 512 --compile   # both compiled (CUDA graphs on a GPU)
     python benchmarks/unet_step.py --size 512 --compile --profile   # and where our step's time goes, per kernel
     python benchmarks/unet_step.py --size 512 --compile --channels-last --compile-mode max-autotune   # levers
+    python benchmarks/unet_step.py --size 512 --compile --sdpa-backend cudnn   # cuDNN's attention, not flash's
 
 SDXL presets get the vector conditioning (pooled text and size embeddings; diffusers' added_cond_kwargs).
 --shared-weights: diffusers' model takes our weight tensors themselves (its converter's output, assigned), so
@@ -19,10 +20,12 @@ one copy of the weights is in memory: two float32 SDXL U-Nets (2 x 10.3 GB) do n
 import argparse
 import statistics
 import time
+from contextlib import nullcontext
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from latent_diffusion import LatentDiffusionConfig, preset
 from latent_diffusion.compiling import compile_mode
@@ -30,6 +33,19 @@ from latent_diffusion.config import to_ldm_config
 from latent_diffusion.latent_diffusion import micro_conditioning
 from latent_diffusion.unet import UNetModel, timestep_embedding
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
+
+# Kernel (GPU) or operator (CPU) names by what they compute, first match wins: inductor names its fused Triton
+# kernels after the operations they hold ("triton_poi_fused_convolution_..."), so those come first.
+CATEGORIES = (
+    ("fused by inductor (Triton)", ("triton",)),
+    ("layout conversion (NCHW <-> NHWC)", ("nchwtonhwc", "nhwctonchw")),
+    ("attention", ("attention", "flash", "fmha", "sdpa")),
+    ("convolution", ("conv", "fprop", "implicit")),
+    ("matrix product", ("gemm", "nvjet", "cutlass", "mm")),
+)
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
 
 
 def build(cfg: LatentDiffusionConfig, device, dtype, shared: bool = False):
@@ -60,14 +76,20 @@ def main():
     parser.add_argument("--shared-weights", action="store_true", help="one copy of the weights for both models")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both (ours as `compiling.py` does; mode reduce-overhead on CUDA)")  # fmt: skip
-    parser.add_argument("--profile", action="store_true", help="then our step's 15 costliest operations, 5 steps")
+    parser.add_argument("--profile", action="store_true",
+                        help="then our step's 15 costliest operations and the time by kind (CATEGORIES), 5 steps")  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="both models' weights and inputs NHWC")
     parser.add_argument("--compile-mode", default=None,
                         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                         help="torch.compile's mode for both (default: compiling.compile_mode's, reduce-overhead on CUDA)")  # fmt: skip
+    parser.add_argument("--sdpa-backend", default=None, choices=list(SDPA_BACKENDS),
+                        help="only this scaled_dot_product_attention kernel, both models (default: torch's choice, flash "
+                             "where it applies); SD 1.5's heads of 40 and 80 channels are padded to 64 and 96 by flash")  # fmt: skip
     args = parser.parse_args()
 
     cuda = torch.cuda.is_available()
+    if args.sdpa_backend in ("cudnn", "efficient") and not cuda:
+        parser.error(f"--sdpa-backend {args.sdpa_backend} needs CUDA")
     device = "cuda" if cuda else "cpu"
     size = args.size or (512 if cuda else 256)
     dtype = getattr(torch, args.dtype or ("float16" if cuda else "float32"))
@@ -101,7 +123,11 @@ def main():
     def run_theirs():
         return theirs(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
 
-    with torch.inference_mode():
+    # The backend is chosen when a graph is traced (--compile) or at each call (eager): set for the whole run.
+    def backend():
+        return sdpa_kernel(SDPA_BACKENDS[args.sdpa_backend]) if args.sdpa_backend else nullcontext()
+
+    with backend(), torch.inference_mode():
         # clone: a CUDA graph's output is overwritten by the next replay of any graph (--compile on a GPU)
         diff = (run_ours().clone() - run_theirs()).abs().max().item()
         for _ in range(3):  # warm-up (and compilation, with --compile)
@@ -117,18 +143,28 @@ def main():
     print(f"U-Net {args.preset}, batch 2, {size}x{size} ({size // 8}x{size // 8} latents), {dtype}, {device} ({where}), "
           f"torch {torch.__version__}, {iters} iterations{', shared weights' if args.shared_weights else ''}"
           f"{', compiled' if args.compile else ', eager'}{f' ({args.compile_mode})' if args.compile_mode else ''}"
-          f"{', channels-last' if args.channels_last else ''}")  # fmt: skip
+          f"{', channels-last' if args.channels_last else ''}"
+          f"{f', attention by {args.sdpa_backend} only' if args.sdpa_backend else ''}")  # fmt: skip
     print(f"  ours      median {a * 1e3:8.1f} ms")
     print(f"  diffusers median {b * 1e3:8.1f} ms")
     print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
     if args.profile:  # where the step's time goes: convolutions, matrix products, attention, fused elementwise
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-        with torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
+        with backend(), torch.inference_mode(), torch.profiler.profile(activities=activities) as prof:
             for _ in range(5):
                 run_ours()
             sync()
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
-        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60))
+        events = prof.key_averages()
+        print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
+        by_kind = {}
+        for e in events:  # on CUDA only kernels have device time of their own; on CPU every operator has CPU time
+            kind = next((k for k, words in CATEGORIES if any(w in e.key.lower() for w in words)), "other")
+            by_kind[kind] = by_kind.get(kind, 0) + getattr(e, key)
+        total = sum(by_kind.values())
+        print(f"our step by kind, {total / 5e3:.2f} ms per step:")
+        for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+            print(f"  {kind:36} {us / 5e3:8.2f} ms  {100 * us / total:5.1f} %")
 
 
 if __name__ == "__main__":
