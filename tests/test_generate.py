@@ -15,7 +15,7 @@ from diffusers import (
 
 from latent_diffusion import LatentDiffusion
 from latent_diffusion.denoiser import Denoiser
-from latent_diffusion.generate import generate
+from latent_diffusion.generate import NonFiniteError, generate
 from latent_diffusion.request import GenerationRequest, RequestError, validate
 
 from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
@@ -107,6 +107,25 @@ def test_seed_convention(tiny_models, sampler):
     assert torch.equal(alone, again)
     torch.testing.assert_close(batch[1:2], alone, atol=1e-5, rtol=0)  # batched matmuls may round differently
     assert not torch.allclose(batch[0], batch[2])
+
+
+def test_non_finite_latents_stop_the_run_one_step_late_naming_the_first_bad_step(tiny_models):
+    """The check of step i is read after step i + 1 (the host never waits on the step it has just queued), so a
+    U-Net that turns NaN at step 3 of 6 stops the run after step 4, and the error names step 3."""
+    model = tiny_models["sd1"]
+    calls = []
+
+    def nan_from_the_third_call(module, args, out):
+        calls.append(1)
+        return out.fill_(float("nan")) if len(calls) >= 3 else out
+
+    hook = model.unet.register_forward_hook(nan_from_the_third_call)
+    try:
+        with pytest.raises(NonFiniteError, match=r"^step 3 of 6 gave non-finite latents .* seeds \[5\]"):
+            generate(model, GenerationRequest(["a"], [5], steps=6, sampler="euler", cfg_scale=1.0, width=32, height=32))
+    finally:
+        hook.remove()
+    assert len(calls) == 4
 
 
 def test_ddim_eta_adds_noise(tiny_models):

@@ -20,6 +20,7 @@ from diffusers.schedulers import (
 )
 
 from latent_diffusion import schedule, schedulers
+from latent_diffusion.denoiser import Denoiser
 from latent_diffusion.noise import BrownianNoise
 from latent_diffusion.parameterization import sigma_from_alpha_bar
 from latent_diffusion.samplers import SAMPLERS, get_sampler, lms_coefficients
@@ -362,3 +363,26 @@ def test_discarding_the_penultimate_sigma():
     full = schedulers.karras(11, SIGMA_TABLE)
     dropped = schedulers.sampling_schedule(get_sampler("dpm2"), "automatic", 10, ALPHA_BAR)
     torch.testing.assert_close(dropped, torch.cat([full[:-2], full[-1:]]))
+
+
+@pytest.mark.parametrize("name", list(SAMPLERS))
+def test_no_sampler_reads_the_latents_back_to_the_host(name):
+    """On a GPU a read of a device tensor (`.item()`, `if tensor:`) waits for every queued kernel, so the GPU
+    idles while the host queues the next step. Every sampler and the guided `Denoiser` run here on the meta
+    device, which has no values: any such read raises. (Blocking copies to the device, the other way to drain
+    the queue, pass unseen on meta; `Denoiser` and `generate` make theirs non-blocking.)"""
+    sampler = get_sampler(name)
+    meta = torch.device("meta")
+    net = lambda x_in, t, cond: torch.tanh(x_in) * t[:, None, None, None] / 1000 + cond["crossattn"].mean()  # noqa: E731
+    cond = {"crossattn": torch.zeros(1, 2, 3, device=meta)}
+    denoiser = Denoiser(net, ALPHA_BAR, "eps", cond, {"crossattn": torch.ones(1, 2, 3, device=meta)}, cfg_scale=5.0)
+    sigmas = schedulers.sampling_schedule(sampler, "automatic", 4, ALPHA_BAR)
+    shape = (1, 4, 8, 8)
+    noise = (
+        BrownianNoise(shape[1:], sigmas, [0], meta)
+        if sampler.brownian
+        else lambda s, s_next: torch.randn(shape, device=meta)
+    )
+    steps = []
+    x = sampler.fn(denoiser, torch.randn(shape, device=meta), sigmas, noise=noise, callback=steps.append)
+    assert x.device == meta and x.shape == shape and len(steps) == len(sigmas) - 1

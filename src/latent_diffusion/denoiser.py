@@ -41,7 +41,8 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x: (b, c, h, w) at noise level σ (a scalar tensor) -> x0 estimate (b, c, h, w)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        t = sigma_to_t(sigma.cpu(), self.log_sigmas).to(x.device).float()
+        # non_blocking: a blocking copy to a GPU waits for its queue to drain, which would idle it between steps
+        t = sigma_to_t(sigma.cpu(), self.log_sigmas).float().to(x.device, non_blocking=True)
         s = sigma.item()
         x_in = x * c_in(s)
         if self.guided:

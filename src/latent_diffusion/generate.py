@@ -50,6 +50,25 @@ class NonFiniteError(RuntimeError):
     """A run that produced NaN or inf where an image should be: nothing is written."""
 
 
+class FiniteLatents:
+    """Stops a run at its first step whose latents hold NaN or inf, read one step late: the answer about step i is
+    read when step i + 1 is done. Reading a GPU's answer waits for everything queued before it; read at once, the
+    host would wait for each step to finish before queueing the next, and the GPU would idle meanwhile."""
+
+    def __init__(self, steps: int, seeds: list[int]):
+        self.steps, self.seeds = steps, seeds
+        self.pending: tuple[int, torch.Tensor] | None = None  # (step index, all finite: a 0-d bool tensor)
+
+    def check(self, step: Step | None) -> None:
+        """Queue this step's check and read the one before (None: read the last)."""
+        pending, self.pending = self.pending, None if step is None else (step.i, torch.isfinite(step.x).all())
+        if pending is not None and not pending[1]:
+            raise NonFiniteError(
+                f"step {pending[0] + 1} of {self.steps} gave non-finite latents (NaN or inf) for seeds {self.seeds}; "
+                "the likely causes are the checkpoint's weights or the guidance scale"
+            )
+
+
 def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """Latents -> images (float32, about [-1, 1]), in overlapping tiles if `tiled`. A float16 decode that overflows
     is done again in float32 (the web UI's automatic VAE precision); a copy of the decoder in float32 exists only
@@ -84,12 +103,7 @@ def generate(
     loras = read_loras(model, r)
     for number, batch in enumerate(batches):
 
-        def step_done(step: Step, number=number, batch=batch) -> None:
-            if not torch.isfinite(step.x).all():  # stop at the first bad step (one small reduction per step)
-                raise NonFiniteError(
-                    f"step {step.i + 1} of {r.steps_run} gave non-finite latents (NaN or inf) for seeds "
-                    f"{[r.seeds[i] for i in batch]}; the likely causes are the checkpoint's weights or the guidance scale"
-                )
+        def step_done(step: Step, number=number) -> None:
             if progress:
                 progress(Progress(number * r.steps_run + step.i + 1, len(batches) * r.steps_run, step))
 
@@ -224,7 +238,7 @@ def sample(
     image_latent = None
     if image is not None and (r.strength < 1 or (pixel_mask is not None and not model.cfg.inpainting)):
         image_latent = encode(image)
-    noise = per_image_randn(latent_shape, generators).to(device)
+    noise = per_image_randn(latent_shape, generators).to(device, non_blocking=True)  # as `Denoiser`'s t
     if r.strength < 1:
         x = image_latent + sigmas[0].item() * noise
     else:
@@ -241,7 +255,7 @@ def sample(
         return latent_mask * x + (1 - latent_mask) * (image_latent + sigma * noise)
 
     def noise_sampler(sigma, sigma_next) -> torch.Tensor:
-        return per_image_randn(latent_shape, generators).to(device)
+        return per_image_randn(latent_shape, generators).to(device, non_blocking=True)
 
     if sampler.brownian:
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
@@ -253,11 +267,18 @@ def sample(
         denoiser = Experts(denoiser, refined, model, r.refiner_switch)
         notes += [n for n in more if n not in notes]
     options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
+    finite = FiniteLatents(r.steps_run, [r.seeds[i] for i in batch])
+
+    def callback(step: Step) -> None:
+        finite.check(step)
+        step_done(step)
+
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
     x = sampler.fn(
-        denoiser, x, sigmas, noise=noise_sampler, callback=step_done,
+        denoiser, x, sigmas, noise=noise_sampler, callback=callback,
         hold=hold if latent_mask is not None and not model.cfg.inpainting else None, **options,
     )  # fmt: skip
+    finite.check(None)  # the last step's, before the decode
     if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
         x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
     decoder = refiner if isinstance(denoiser, Experts) and denoiser.refined else model

@@ -39,4 +39,4 @@ class BrownianNoise:
         with warnings.catch_warnings():  # torchsde rounds the tree's ends and notes that σ_min or σ_max lies past
             warnings.filterwarnings("ignore", "Should have t")  # them; it clamps the query to the end, as it should
             w = torch.stack([tree(low, high) for tree in self.trees]) * (1 if a < b else -1)  # W(b) − W(a), (b, ...)
-        return (w / (b - a).abs().sqrt()).to(self.device)
+        return (w / (b - a).abs().sqrt()).to(self.device, non_blocking=True)  # the GPU's queue does not drain
