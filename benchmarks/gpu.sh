@@ -2,12 +2,16 @@
 # Every GPU figure of BENCHMARKS.md in one run, most wanted first, each step ours beside diffusers in one process
 # (the scripts' own comparisons). A step that would not finish before the deadline is left out and says so.
 #
-#   bash benchmarks/gpu.sh [SECONDS] [LOG]   # default 540 s; the log also goes to stdout
+#   bash benchmarks/gpu.sh [SECONDS] [LOG] [FROM]   # default 540 s; the log also goes to stdout
+#
+# FROM: begin at the first benchmark step whose command line contains it (a second call on a warm machine goes
+# on where the first one's deadline stopped it); the two steps that name the machine always run.
 #
 # diffusers must be importable (on a machine without the test extras: PYTHONPATH holding its wheel's install).
 set -uo pipefail
 budget=${1:-540}
 log=${2:-/dev/null}
+from=${3:-}
 deadline=$(($(date +%s) + budget))
 PY=${PYTHON:-python3}
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -16,6 +20,11 @@ step() {  # step NEEDED_SECONDS COMMAND...: run it if that much time is left, un
     local need=$1 left=$((deadline - $(date +%s)))
     shift
     local what="$*"
+    if [[ -n $from && $what != *"$from"* ]]; then
+        echo "=== ${what//$'\n'/ }: before '$from', not run" | tee -a "$log"
+        return
+    fi
+    from=""
     echo "=== ${what//$'\n'/ } ($left s left)" | tee -a "$log"
     if ((left < need)); then
         echo "skipped: needs about $need s" | tee -a "$log"
@@ -26,8 +35,10 @@ step() {  # step NEEDED_SECONDS COMMAND...: run it if that much time is left, un
     echo "--- exit ${PIPESTATUS[0]}, $(($(date +%s) - start)) s" | tee -a "$log"
 }
 
+start_at=$from from=""  # the machine's name and versions, always
 step 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 5 "$PY" -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
+from=$start_at
 # Not measured yet, or changed since the last run (BENCHMARKS.md says which), most wanted first:
 # goal 1, the compiled guided step, both sides (CUDA graphs), and which kinds of kernel take our 9.3 ms;
 step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --profile
@@ -41,6 +52,8 @@ step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 
 # goal 1's start: a second process from an aot_compile artifact of the U-Net (the cache path's 38.4 s measured on
 # 2026-11-28), whether aot_compile keeps CUDA graphs, and (cProfile) where that process's first request goes;
 step 150 "$PY" benchmarks/compiled_start.py --precompiled --cprofile
+# sampling no longer waits on the GPU between steps (the non-finite check is read a step late): batch 1, 50 steps;
+step 120 "$PY" benchmarks/txt2img.py --compile
 # Measured on 2026-11-28: goal 5 (batch 8 compiled), goal 2 (loading), float16 against float32.
 step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
 step 60 "$PY" benchmarks/load.py --device cuda
