@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .devices import to_device
 from .parameterization import c_in, sigma_from_alpha_bar, x0_from_prediction
 from .schedule import sigma_to_t
 
@@ -41,8 +42,7 @@ class Denoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x: (b, c, h, w) at noise level σ (a scalar tensor) -> x0 estimate (b, c, h, w)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float64)
-        # non_blocking: a blocking copy to a GPU waits for its queue to drain, which would idle it between steps
-        t = sigma_to_t(sigma.cpu(), self.log_sigmas).float().to(x.device, non_blocking=True)
+        t = to_device(sigma_to_t(sigma.cpu(), self.log_sigmas).float(), x.device)
         s = sigma.item()
         x_in = x * c_in(s)
         if self.guided:

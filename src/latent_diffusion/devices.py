@@ -37,3 +37,11 @@ def emulated_bfloat16_warning(device: torch.device) -> str:
     return (
         f"ldm: warning: {device.type} has no native bfloat16 here, so bfloat16 is emulated and much slower than float32"
     )
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without waiting for the device: a blocking copy to a GPU first waits for everything
+    queued on it, which idles the GPU between sampling steps. Only on CUDA, where a copy from pageable memory is
+    staged before the call returns; a non-blocking copy to MPS can read the source after it is freed (pytorch
+    issue 189690)."""
+    return t.to(device, non_blocking=torch.device(device).type == "cuda")

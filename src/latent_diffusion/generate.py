@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from .compiling import compile_model
 from .denoiser import Denoiser
+from .devices import to_device
 from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .noise import BrownianNoise, per_image_randn
@@ -238,7 +239,7 @@ def sample(
     image_latent = None
     if image is not None and (r.strength < 1 or (pixel_mask is not None and not model.cfg.inpainting)):
         image_latent = encode(image)
-    noise = per_image_randn(latent_shape, generators).to(device, non_blocking=True)  # as `Denoiser`'s t
+    noise = to_device(per_image_randn(latent_shape, generators), device)
     if r.strength < 1:
         x = image_latent + sigmas[0].item() * noise
     else:
@@ -255,7 +256,7 @@ def sample(
         return latent_mask * x + (1 - latent_mask) * (image_latent + sigma * noise)
 
     def noise_sampler(sigma, sigma_next) -> torch.Tensor:
-        return per_image_randn(latent_shape, generators).to(device, non_blocking=True)
+        return to_device(per_image_randn(latent_shape, generators), device)
 
     if sampler.brownian:
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)

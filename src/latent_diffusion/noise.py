@@ -13,6 +13,8 @@ import warnings
 
 import torch
 
+from .devices import to_device
+
 
 def per_image_randn(shape: tuple[int, ...], generators: list[torch.Generator]) -> torch.Tensor:
     """(b, *shape) standard normals, row i from generators[i] (on the CPU)."""
@@ -39,4 +41,4 @@ class BrownianNoise:
         with warnings.catch_warnings():  # torchsde rounds the tree's ends and notes that σ_min or σ_max lies past
             warnings.filterwarnings("ignore", "Should have t")  # them; it clamps the query to the end, as it should
             w = torch.stack([tree(low, high) for tree in self.trees]) * (1 if a < b else -1)  # W(b) − W(a), (b, ...)
-        return (w / (b - a).abs().sqrt()).to(self.device, non_blocking=True)  # the GPU's queue does not drain
+        return to_device(w / (b - a).abs().sqrt(), self.device)
