@@ -40,6 +40,8 @@ step 5 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step 5 "$PY" -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
 from=$start_at
 # Not measured yet, or changed since the last run (BENCHMARKS.md says which), most wanted first:
+# sampling no longer waits on the GPU between steps (new, untried on a GPU): the waits torch reports, per step;
+step 30 "$PY" benchmarks/step_syncs.py
 # goal 1, the compiled guided step, both sides (CUDA graphs), and which kinds of kernel take our 9.3 ms;
 step 150 "$PY" benchmarks/unet_step.py --size 512 --compile --profile
 # its two likeliest levers, both sides, profiled so each shows in its own kind of kernel: NHWC convolutions (cuDNN's
@@ -52,7 +54,7 @@ step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 
 # goal 1's start: a second process from an aot_compile artifact of the U-Net (the cache path's 38.4 s measured on
 # 2026-11-28), whether aot_compile keeps CUDA graphs, and (cProfile) where that process's first request goes;
 step 150 "$PY" benchmarks/compiled_start.py --precompiled --cprofile
-# sampling no longer waits on the GPU between steps (the non-finite check is read a step late): batch 1, 50 steps;
+# and what that gains where a step is shortest: batch 1, 50 steps, compiled;
 step 120 "$PY" benchmarks/txt2img.py --compile
 # Measured on 2026-11-28: goal 5 (batch 8 compiled), goal 2 (loading), float16 against float32.
 step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile

@@ -40,8 +40,10 @@ def emulated_bfloat16_warning(device: torch.device) -> str:
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU tensor on `device` without waiting for the device: a blocking copy to a GPU first waits for everything
-    queued on it, which idles the GPU between sampling steps. Only on CUDA, where a copy from pageable memory is
-    staged before the call returns; a non-blocking copy to MPS can read the source after it is freed (pytorch
-    issue 189690)."""
-    return t.to(device, non_blocking=torch.device(device).type == "cuda")
+    """A CPU tensor on `device` without waiting for the device. A copy from pageable memory to a GPU may first wait
+    for everything queued on it, which idles the GPU between sampling steps; from pinned memory it is queued like a
+    kernel, and torch's pinned-memory cache keeps the source until the copy has run. Only on CUDA: a non-blocking
+    copy to MPS can read its source after it is freed (pytorch issue 189690)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

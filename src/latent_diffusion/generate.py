@@ -53,21 +53,39 @@ class NonFiniteError(RuntimeError):
 
 class FiniteLatents:
     """Stops a run at its first step whose latents hold NaN or inf, read one step late: the answer about step i is
-    read when step i + 1 is done. Reading a GPU's answer waits for everything queued before it; read at once, the
-    host would wait for each step to finish before queueing the next, and the GPU would idle meanwhile."""
+    read when step i + 1 is queued. A read of a GPU tensor waits for everything queued before it; read at once,
+    the host would queue each step only after the one before had finished, and the GPU would idle meanwhile. On
+    CUDA the answer is copied to pinned host memory right after step i, and an event marks that copy: waiting for
+    it leaves step i + 1's kernels running."""
 
     def __init__(self, steps: int, seeds: list[int]):
         self.steps, self.seeds = steps, seeds
-        self.pending: tuple[int, torch.Tensor] | None = None  # (step index, all finite: a 0-d bool tensor)
+        self.pending = None  # (step index, all finite: a 0-d bool tensor on the host, its CUDA event or None)
 
     def check(self, step: Step | None) -> None:
         """Queue this step's check and read the one before (None: read the last)."""
-        pending, self.pending = self.pending, None if step is None else (step.i, torch.isfinite(step.x).all())
-        if pending is not None and not pending[1]:
+        pending, self.pending = self.pending, None if step is None else (step.i, *self.ask(step.x))
+        if pending is None:
+            return
+        i, finite, ready = pending
+        if ready is not None:
+            ready.synchronize()
+        if not finite:
             raise NonFiniteError(
-                f"step {pending[0] + 1} of {self.steps} gave non-finite latents (NaN or inf) for seeds {self.seeds}; "
+                f"step {i + 1} of {self.steps} gave non-finite latents (NaN or inf) for seeds {self.seeds}; "
                 "the likely causes are the checkpoint's weights or the guidance scale"
             )
+
+    @staticmethod
+    def ask(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        finite = torch.isfinite(x).all()
+        if not finite.is_cuda:
+            return finite, None
+        answer = torch.empty((), dtype=torch.bool, pin_memory=True)
+        answer.copy_(finite, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return answer, ready
 
 
 def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
