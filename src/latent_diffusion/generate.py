@@ -78,6 +78,7 @@ class FiniteLatents:
 
     @staticmethod
     def ask(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """(whether x is all finite, a 0-d bool tensor the host can read; the CUDA event to wait for first, or None)"""
         finite = torch.isfinite(x).all()
         if not finite.is_cuda:
             return finite, None
