@@ -12,13 +12,17 @@ import sys
 import traceback
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import torch
 
+import latent_diffusion
 from latent_diffusion import load_model
 from latent_diffusion.cli import BUILTIN_MODEL
 from latent_diffusion.generate import generate
 from latent_diffusion.request import GenerationRequest
+
+PACKAGE = str(Path(latent_diffusion.__file__).parent)
 
 
 def syncs_per_step(model, request: GenerationRequest) -> tuple[list[int], Counter]:
@@ -33,7 +37,7 @@ def syncs_per_step(model, request: GenerationRequest) -> tuple[list[int], Counte
         counts.append(len(stacks))
         if progress.step > 1:
             for stack in stacks:  # the innermost frame of this package: the line to change
-                ours = [f for f in stack if "latent_diffusion" in f.filename and "benchmarks" not in f.filename]
+                ours = [f for f in stack if f.filename.startswith(PACKAGE)]
                 places[f"{ours[-1].filename}:{ours[-1].lineno}" if ours else "outside the package"] += 1
         stacks.clear()
 
