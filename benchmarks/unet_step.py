@@ -20,6 +20,7 @@ one copy of the weights is in memory: two float32 SDXL U-Nets (2 x 10.3 GB) do n
 import argparse
 import statistics
 import time
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
@@ -157,13 +158,13 @@ def main():
         key = "self_device_time_total" if cuda else "self_cpu_time_total"
         events = prof.key_averages()
         print(events.table(sort_by=key, row_limit=15, max_name_column_width=60))
-        by_kind = {}
+        by_kind = Counter()
         for e in events:  # on CUDA only kernels have device time of their own; on CPU every operator has CPU time
             kind = next((k for k, words in CATEGORIES if any(w in e.key.lower() for w in words)), "other")
-            by_kind[kind] = by_kind.get(kind, 0) + getattr(e, key)
-        total = sum(by_kind.values())
+            by_kind[kind] += getattr(e, key)
+        total = by_kind.total()
         print(f"our step by kind, {total / 5e3:.2f} ms per step:")
-        for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        for kind, us in by_kind.most_common():
             print(f"  {kind:36} {us / 5e3:8.2f} ms  {100 * us / total:5.1f} %")
 
 
