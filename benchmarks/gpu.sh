@@ -56,6 +56,8 @@ step 200 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 
 step 150 "$PY" benchmarks/compiled_start.py --precompiled --cprofile
 # and what that gains where a step is shortest: batch 1, 50 steps, compiled;
 step 120 "$PY" benchmarks/txt2img.py --compile
+# goal 6's channels-last (on this project's CPU: no gain), eager, batch 32;
+step 90 "$PY" benchmarks/train_step.py --latent 64 --batch 32 --precision bf16 --fused --channels-last --tiny-steps 0
 # Measured on 2026-11-28: goal 5 (batch 8 compiled), goal 2 (loading), float16 against float32.
 step 200 "$PY" benchmarks/txt2img.py --batch 8 --steps 20 --iters 2 --compile
 step 60 "$PY" benchmarks/load.py --device cuda

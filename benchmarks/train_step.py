@@ -12,7 +12,8 @@ so each peak-memory figure is that model's alone.
 --fused: both sides' AdamW as one fused kernel (`ldm train`'s optimizer on CUDA and CPU). --checkpointing: both
 recompute their blocks' activations in the backward pass (ours: `unet.checkpointing`, `ldm train
 --gradient-checkpointing`; diffusers: `enable_gradient_checkpointing`). --compile: both U-Nets torch.compiled
-(inductor, static shapes), as `ldm train --compile` does. --tiny-steps 0 leaves out the tiny preset's throughput.
+(inductor, static shapes), as `ldm train --compile` does. --channels-last: both U-Nets' weights and inputs in
+NHWC memory layout (the layout of cuDNN's and oneDNN's fastest convolutions). --tiny-steps 0 leaves out the tiny preset's throughput.
 """
 
 import argparse
@@ -28,7 +29,7 @@ import torch
 
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
-OPTIONS = ("fused", "checkpointing", "compile")
+OPTIONS = ("fused", "checkpointing", "compile", "channels-last")
 
 
 def one_side(which: str, latent: int, batch: int, precision: str, iters: int, options: set) -> dict:
@@ -57,11 +58,15 @@ def one_side(which: str, latent: int, batch: int, precision: str, iters: int, op
             unet.checkpointing = True
         else:
             unet.enable_gradient_checkpointing()
+    if "channels-last" in options:
+        unet = unet.to(memory_format=torch.channels_last)
     if "compile" in options:
         unet.compile(dynamic=False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-5, fused="fused" in options)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    if "channels-last" in options:
+        x = x.contiguous(memory_format=torch.channels_last)
     t = torch.randint(0, 1000, (batch,), generator=g).to(device)
     context = torch.randn(batch, 77, 768, generator=g).to(device)
     target = torch.randn(batch, 4, latent, latent, generator=g).to(device)
@@ -121,7 +126,7 @@ def main():
     for option in OPTIONS:
         parser.add_argument(f"--{option}", action="store_true")
     args = parser.parse_args()
-    options = [o for o in OPTIONS if getattr(args, o)]
+    options = [o for o in OPTIONS if getattr(args, o.replace("-", "_"))]
     if args.side:
         print(json.dumps(one_side(args.side, args.latent, args.batch, args.precision, args.iters, set(options))))
         return
