@@ -161,7 +161,8 @@ def scheduled_denoiser(
     editing there is one segment. -> (denoiser, prompt warnings)."""
     texts = [extract_lora_tags(r.prompts[i])[0] for i in batch]  # the tags name LoRAs, merged already
     texts += [r.negative_prompts[i] for i in batch] if r.cfg_scale != 1 else []
-    schedules = [prompt_schedule(t, r.steps_run) if r.prompt_syntax else [(r.steps_run, t)] for t in texts]
+    steps = r.editing_steps
+    schedules = [prompt_schedule(t, steps) if r.prompt_syntax else [(steps, t)] for t in texts]
     ends = sorted({end for schedule in schedules for end, _ in schedule})
     denoisers, notes = {}, []
     for end in ends:

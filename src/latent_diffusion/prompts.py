@@ -139,75 +139,114 @@ def chunk_prompt(
 # Prompt editing and alternation ---------------------------------------------------------------------------------
 #
 # `[from:to:when]` is `from` until step `when` and `to` after it (`[to:when]`: nothing, then `to`; `[from::when]`:
-# `from`, then nothing); `when` below 1 is a fraction of the steps, else a step number. `[a|b|c]` takes a, b, c
-# in turn, one per step. As the web UI, steps count the denoiser's evaluations from 1.
+# `from`, then nothing). `when` written with a point is a fraction of the steps (0.5, 1.0, .25), without one a
+# step number (3, -1, 1e1): the web UI's rule since 1.6 ("Old prompt editing timelines" off). `[a|b|c]` takes a, b,
+# c in turn, one per step. As the web UI, steps count the denoiser's evaluations.
+#
+# The syntax is the web UI's grammar (its prompt_parser.py), parsed here by recursive descent:
+#
+#   text      := (element | one of `[ ] ( ) :` as plain text)*
+#   prompt    := element*                      (no bare `[ ] ( ) : |`: brackets must pair up inside)
+#   element   := plain | `(` prompt `)` | `(` prompt `:` prompt `)` | `[` prompt `]`
+#              | `[` [prompt `:`] prompt `:` NUMBER `]`          an edit (spaces allowed around NUMBER)
+#              | `[` prompt (`|` prompt)+ `]`                     an alternation
+#   plain     := characters other than `\ [ ] ( ) : |`, or `\` and any character but a newline
+#
+# A text outside that language (a `|` outside an alternation, a trailing `\`) is used as written, without edits.
 
-NUMBER = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*")
-
-
-def _close(text: str, start: int) -> int:
-    """The index of the `]` that closes the `[` at text[start], or -1; escapes and nested brackets are skipped."""
-    depth, i = 0, start
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        if text[i] in "[(":
-            depth += 1
-        elif text[i] in "])":
-            depth -= 1
-            if depth == 0:
-                return i if text[i] == "]" else -1
-        i += 1
-    return -1
+NUMBER = re.compile(r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*]")
+PLAIN = re.compile(r"(?:[^\\\[\]():|]|\\.)+")  # `.` stops at a newline, as the web UI's grammar
 
 
-def _split_top(text: str, sep: str) -> list[str]:
-    """text split at the `sep` characters that are outside every bracket and not escaped."""
-    parts, depth, start, i = [], 0, 0, 0
-    while i < len(text):
-        if text[i] == "\\":
-            i += 2
-            continue
-        depth += (text[i] in "[(" and 1) or -(text[i] in "])")
-        if text[i] == sep and depth == 0:
-            parts.append(text[start:i])
-            start = i + 1
-        i += 1
-    return [*parts, text[start:]]
+class _Invalid(Exception):
+    """The text is not in the grammar above."""
 
 
-def _parse(text: str, steps: int):
-    """text -> a list of parts: str, ("edit", before, after, when) or ("alternate", [options]); nested lists."""
-    parts, plain, i = [], "", 0
-    while i < len(text):
-        if text[i] == "\\":
-            plain, i = plain + text[i : i + 2], i + 2
-            continue
-        end = _close(text, i) if text[i] == "[" else -1
-        if end == -1:
-            plain, i = plain + text[i], i + 1
-            continue
-        inner = text[i + 1 : end]
-        options, fields = _split_top(inner, "|"), _split_top(inner, ":")
-        if len(fields) in (2, 3) and NUMBER.fullmatch(fields[-1]):  # before alternation, as the web UI parses
-            when = float(fields[-1])
-            when = int(when * steps if when < 1 else when)
-            before = fields[0] if len(fields) == 3 else ""
-            node = ("edit", _parse(before, steps), _parse(fields[-2], steps), min(steps, when))
-        elif len(options) > 1:
-            node = ("alternate", [_parse(o, steps) for o in options])
-        else:
-            node = ["[", *_parse(inner, steps), "]"]
-        parts, plain, i = [*parts, plain, node], "", end + 1
-    return [*parts, plain]
+def _prompt(text: str, i: int) -> tuple[list, int]:
+    """Parse a `prompt` at text[i:] -> (its parts, where it stops: at `:`, `|`, `]`, `)` or the end). Parts: str,
+    lists of parts, ("edit", before, after, NUMBER's text) and ("alternate", [options])."""
+    parts: list = []
+    while i < len(text) and text[i] not in ":|])":
+        if text[i] in "([":
+            part, i = (_round if text[i] == "(" else _square)(text, i)
+        elif m := PLAIN.match(text, i):
+            part, i = m.group(0), m.end()
+        else:  # a `\` at the end, or before a newline
+            raise _Invalid
+        parts.append(part)
+    return parts, i
+
+
+def _round(text: str, i: int) -> tuple[list, int]:
+    """`(` prompt [`:` prompt] `)` at text[i] -> (its parts, the index after the `)`); its text stays as written."""
+    parts, i = _prompt(text, i + 1)
+    if i < len(text) and text[i] == ":":
+        weight, i = _prompt(text, i + 1)
+        parts = [*parts, ":", *weight]
+    if i == len(text) or text[i] != ")":
+        raise _Invalid
+    return ["(", *parts, ")"], i + 1
+
+
+def _square(text: str, i: int) -> tuple[object, int]:
+    """The element that begins with the `[` at text[i]: an edit, an alternation or `[prompt]` -> (it, the index
+    after its `]`)."""
+    first, i = _prompt(text, i + 1)
+    end = text[i] if i < len(text) else ""
+    if end == "]":
+        return ["[", *first, "]"], i + 1
+    if end == "|":
+        options = [first]
+        while i < len(text) and text[i] == "|":
+            option, i = _prompt(text, i + 1)
+            options.append(option)
+        if i < len(text) and text[i] == "]":
+            return ("alternate", options), i + 1
+    elif end == ":":
+        if m := NUMBER.match(text, i + 1):  # [to:when]
+            return ("edit", [], first, m.group(1)), m.end()
+        second, i = _prompt(text, i + 1)
+        if i < len(text) and text[i] == ":" and (m := NUMBER.match(text, i + 1)):
+            return ("edit", first, second, m.group(1)), m.end()
+    raise _Invalid
+
+
+def _parse(text: str) -> list:
+    """The whole text -> its parts (as `_prompt`'s); [text] where it is outside the grammar."""
+    parts, i = [], 0
+    try:
+        while i < len(text):
+            if text[i] in "([":
+                try:
+                    part, i = (_round if text[i] == "(" else _square)(text, i)
+                    parts.append(part)
+                    continue
+                except _Invalid:  # not an element here: the bracket is plain text, as `]`, `)` and `:` are
+                    pass
+            if text[i] in "[]():":
+                part, i = text[i], i + 1
+            elif m := PLAIN.match(text, i):
+                part, i = m.group(0), m.end()
+            else:  # `|` outside an alternation, a `\` at the end or before a newline
+                raise _Invalid
+            parts.append(part)
+    except (_Invalid, RecursionError):  # RecursionError: brackets nested a thousand deep
+        return [text]
+    return parts
+
+
+def _when(number: str, steps: int) -> int:
+    """An edit's NUMBER -> the last step of its first part (< 1: none; the rule is above)."""
+    value = float(number) * (steps if "." in number else 1)
+    return steps if value >= steps else int(value)
 
 
 def _steps_of(tree, steps: int) -> set[int]:
+    """The steps after which some part of `tree` changes."""
     found = set()
     for part in tree:
         if isinstance(part, tuple) and part[0] == "edit":
-            found |= ({part[3]} if part[3] >= 1 else set()) | _steps_of(part[1], steps) | _steps_of(part[2], steps)
+            found |= {_when(part[3], steps)} | _steps_of(part[1], steps) | _steps_of(part[2], steps)
         elif isinstance(part, tuple):
             found |= set(range(1, steps + 1))
             for option in part[1]:
@@ -217,25 +256,25 @@ def _steps_of(tree, steps: int) -> set[int]:
     return found
 
 
-def _at_step(tree, step: int) -> str:
+def _at_step(tree, step: int, steps: int) -> str:
     out = []
     for part in tree:
         if isinstance(part, str):
             out.append(part)
         elif isinstance(part, list):
-            out.append(_at_step(part, step))
+            out.append(_at_step(part, step, steps))
         elif part[0] == "edit":
-            out.append(_at_step(part[1] if step <= part[3] else part[2], step))
+            out.append(_at_step(part[1] if step <= _when(part[3], steps) else part[2], step, steps))
         else:
-            out.append(_at_step(part[1][(step - 1) % len(part[1])], step))
+            out.append(_at_step(part[1][(step - 1) % len(part[1])], step, steps))
     return "".join(out)
 
 
 def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     """[(last step, prompt)]: the prompt to use up to and including each step (steps counted from 1)."""
-    tree = _parse(text, steps)
-    ends = sorted({steps, *(s for s in _steps_of(tree, steps) if s < steps)})
-    return [(end, _at_step(tree, end)) for end in ends]
+    tree = _parse(text)
+    ends = sorted({steps, *(s for s in _steps_of(tree, steps) if 1 <= s < steps)})
+    return [(end, _at_step(tree, end, steps)) for end in ends]
 
 
 # Extra networks ----------------------------------------------------------------------------------------------------

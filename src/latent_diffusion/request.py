@@ -64,6 +64,12 @@ class GenerationRequest:
         """Sampling steps each image goes through (img2img starts part-way)."""
         return int(self.steps * self.strength)
 
+    @property
+    def editing_steps(self) -> int:
+        """The steps that prompt editing's `when` counts in, as the web UI: the requested steps (img2img runs fewer),
+        doubled for the samplers that evaluate the model twice a step (the schedule follows evaluations)."""
+        return self.steps * (2 if get_sampler(self.sampler).second_order else 1)
+
 
 @dataclass
 class GenerationResult:
@@ -310,7 +316,7 @@ def embeddings_used(r: GenerationRequest, model: LatentDiffusion) -> list:
     tokenizer, used = clip_tokenizer(model.cfg.text.max_length), {}
     for text in {*r.prompts, *(r.negative_prompts or [])}:
         text = extract_lora_tags(text)[0]
-        for _, variant in prompt_schedule(text, r.steps_run) if r.prompt_syntax else [(0, text)]:
+        for _, variant in prompt_schedule(text, r.editing_steps) if r.prompt_syntax else [(0, text)]:
             for chunk in chunk_prompt(variant, tokenizer, r.prompt_syntax, model.embeddings):
                 used |= {e.name: e for _, e in chunk.embeddings}
     return [used[name] for name in sorted(used)]

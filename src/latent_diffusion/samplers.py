@@ -384,6 +384,7 @@ class Sampler:
     scheduler: str | None = None  # the web UI's automatic schedule type for it (None: uniform, not written)
     discard_penultimate: bool = False  # computes σs for steps + 1 and drops the next-to-last, as the web UI
     brownian: bool = False  # its noise comes from a Brownian tree (σ-consistent), as the web UI's SDE samplers
+    second_order: bool = False  # two model evaluations a step (the web UI's flag: prompt editing counts them)
 
 
 ANCESTRAL = ("eta", "s_noise")
@@ -396,16 +397,16 @@ SAMPLERS = {
         Sampler("plms", "PLMS", plms, discrete=True, lands_at="sigma_min"),
         Sampler("euler", "Euler", euler),
         Sampler("euler_ancestral", "Euler a", euler_ancestral, stochastic=True, options=ANCESTRAL),
-        Sampler("heun", "Heun", heun),
+        Sampler("heun", "Heun", heun, second_order=True),
         Sampler("lms", "LMS", lms),
-        Sampler("dpm2", "DPM2", dpm2, scheduler="karras", discard_penultimate=True),
+        Sampler("dpm2", "DPM2", dpm2, scheduler="karras", discard_penultimate=True, second_order=True),
         Sampler("dpm2_ancestral", "DPM2 a", dpm2_ancestral, stochastic=True, options=ANCESTRAL, scheduler="karras",
-                discard_penultimate=True),
+                discard_penultimate=True, second_order=True),
         Sampler("dpmpp_2m", "DPM++ 2M", dpmpp_2m, scheduler="karras"),
         Sampler("dpmpp_2s_ancestral", "DPM++ 2S a", dpmpp_2s_ancestral, stochastic=True, options=ANCESTRAL,
-                scheduler="karras"),
+                scheduler="karras", second_order=True),
         Sampler("dpmpp_sde", "DPM++ SDE", dpmpp_sde, stochastic=True, options=ANCESTRAL, scheduler="karras",
-                brownian=True),
+                brownian=True, second_order=True),
         Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", dpmpp_2m_sde, stochastic=True, options=ANCESTRAL,
                 scheduler="exponential", brownian=True),
         Sampler("dpmpp_2m_sde_heun", "DPM++ 2M SDE Heun", dpmpp_2m_sde_heun, stochastic=True, options=ANCESTRAL,
