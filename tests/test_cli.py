@@ -97,7 +97,8 @@ def test_long_prompt_with_emphasis_runs_whole(tmp_path, ckpt, capsys):
     "args,message",
     [
         (["--width", 500], "--width and --height must be positive multiples of 8, not 500x512"),
-        (["--steps", 0], "--steps must be at least 1"),
+        (["--steps", 0], "--steps must be between 1 and 10000"),
+        (["--steps", 10**12], "--steps must be between 1 and 10000"),
         (["--sampler", "k_dpm_fast"], "--sampler: unknown sampler 'k_dpm_fast'; choose one of DDPM, DDIM, PLMS, Euler"),
     ],
 )
@@ -319,3 +320,74 @@ def test_web_ui_infotext_with_lora_embedding_and_sde_sampler_runs_as_written(tmp
         "DPM++ 2M SDE", "Karras", "4", "6.0", "1234"
     )  # fmt: skip
     assert params["Lora hashes"].startswith("film-grain: ") and params["TI hashes"].startswith("easynegative: ")
+
+
+def test_a_run_that_fails_after_making_its_folders_leaves_none_of_them(tmp_path, ckpt, capsys):
+    """The folder is made before any work (to prove it writable); a failure later, here a LoRA file that is not
+    one, read when the batch starts, takes away every folder the run made, parents included."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "broken.safetensors").write_bytes(b"not a safetensors file")
+    out = tmp_path / "p" / "q" / "r"
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "x <lora:broken:1>", "--lora-dir", loras, "--steps", 1,
+               "--width", 32, "--height", 32, "--quiet", "--outdir", out) == 2  # fmt: skip
+    assert capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "p").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_leaves_no_empty_folder(tmp_path, ckpt, capsys, monkeypatch):
+    import latent_diffusion.cli as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "generate", interrupted)
+    out = tmp_path / "out"
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "x", "--quiet", "--outdir", out) == 130
+    assert capsys.readouterr().err == "ldm: interrupted\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["txt2img", "--prompt", "x", "--n-iter", 10**12, "--outdir", "OUT"], "--batch-size × --n-iter must be at most"),
+        (["info", "CKPT", "--device", "bogus"], "bogus"),
+        (["train", "--max-grad-norm", -1, "--outdir", "OUT"], "max-grad-norm must be above 0, not -1"),
+        (["train", "--lr", 0, "--outdir", "OUT"], "lr must be above 0, not 0"),
+        (["train", "--prompt-dropout", 2, "--outdir", "OUT"], "prompt-dropout is a probability, in [0, 1], not 2"),
+        (["serve", "--host", "no-such-host.invalid", "--outdir", "OUT"],
+         "--host no-such-host.invalid: not an address of this machine"),
+    ],
+)  # fmt: skip
+def test_more_bad_arguments_exit_2_in_one_line(tmp_path, ckpt, capsys, args, message):
+    assert run(*[{"OUT": tmp_path / "out", "CKPT": ckpt}.get(a, a) for a in args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_a_folder_as_its_json_file_before_any_work(tmp_path, capsys):
+    assert run("eval", "--json", tmp_path) == 2
+    assert f"--json {tmp_path}: a folder, not a file" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_taken_port_and_an_unwritable_folder_before_loading(tmp_path, capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert run("serve", "--host", "127.0.0.1", "--port", port, "--outdir", tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "Address already in use" in err and err.count("\n") == 1
+    (tmp_path / "file").write_text("")
+    assert run("serve", "--port", port, "--outdir", tmp_path / "file" / "sub") == 2
+    assert "cannot write to the output folder" in capsys.readouterr().err
+
+
+def test_numbering_goes_on_past_99999(tmp_path):
+    from latent_diffusion.files import claim_numbered
+
+    (tmp_path / "99999-5.png").write_bytes(b"")
+    assert claim_numbered(tmp_path, "5.png").name == "100000-5.png"
+    assert claim_numbered(tmp_path, "5.png").name == "100001-5.png"  # once looped for ever on 100000

@@ -149,7 +149,7 @@ def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
 @pytest.mark.parametrize(
     "fields,message",
     [
-        ({"steps": 0}, "steps must be at least 1"),
+        ({"steps": 0}, "steps must be between 1 and 10000"),
         ({"strength": 1.5}, r"strength must be in \(0, 1\]"),
         ({"strength": 0.0}, r"strength must be in \(0, 1\]"),
         ({"strength": float("nan")}, r"strength must be in \(0, 1\]"),

@@ -41,6 +41,10 @@ def test_parser_edge_cases():
     assert parse_emphasis("x: y) z]") == [("x: y) z]", 1.0)]  # stray closers and colons are text
     assert parse_emphasis("a BREAK b") == [("a", 1.0), ("BREAK", -1.0), ("b", 1.0)]
     assert parse_emphasis("BREAKFAST") == [("BREAKFAST", 1.0)]
+    # not numbers, on which the web UI's own parser fails: the colon and the digits stay text, the bracket ×1.1
+    assert parse_emphasis("(red:1.2.3)") == [("red:1.2.3", 1.1)]
+    assert parse_emphasis("(red:.)") == [("red:.", 1.1)]
+    assert parse_emphasis("(a:1.)") == [("a", 1.0)] and parse_emphasis("(a: -.5 )") == [("a", -0.5)]
 
 
 def test_a_200_token_prompt_is_chunked_token_by_token():

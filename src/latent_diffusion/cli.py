@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import socket
 import sys
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from .data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
 from .embeddings import load_embeddings
 from .evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
-from .files import atomic_write, claim_numbered, writable_folder
+from .files import atomic_write, claim_numbered, missing_folders, remove_empty, writable_folder
 from .generate import NonFiniteError, generate
 from .images import grid, load_image, model_hash, parameters_text, save_png, to_pil
 from .infotext import read_infotext, settings_from_infotext
@@ -70,7 +71,9 @@ def describe(model: LatentDiffusion) -> str:
 
 
 def cmd_info(args) -> None:
-    model = load_model(args.ckpt, args.config, device=args.device, dtype=DTYPES[args.dtype], ema=args.ema or None)
+    model = load_model(
+        args.ckpt, args.config, device=pick_device(args.device), dtype=DTYPES[args.dtype], ema=args.ema or None
+    )
     print(f"{args.ckpt}: {describe(model)}")
 
 
@@ -81,11 +84,11 @@ def pick_device(name: str) -> torch.device:
         raise UsageError(str(e)) from None
 
 
-def prepare_outdir(outdir: Path) -> bool:
-    """Create the folder and prove it writable before any work, so a bad folder costs nothing; whether it was
-    created (and may be removed again if the run fails before writing)."""
+def prepare_outdir(outdir: Path) -> list[Path]:
+    """Create the folder and prove it writable before any work, so a bad folder costs nothing; -> the folders it
+    created (`remove_empty` takes them away again if the run fails before writing into them)."""
     try:
-        created = not outdir.is_dir()
+        created = missing_folders(outdir)
         writable_folder(outdir)
     except ValueError as e:
         raise UsageError(str(e)) from None
@@ -114,12 +117,17 @@ def checked(
         raise UsageError(message) from None
 
 
+MAX_IMAGES = 100_000  # images of one command
+
+
 def request_from_args(args) -> GenerationRequest:
     """The flags of txt2img, img2img and inpaint as a request (without the images, which need the model's
     default size for --resize)."""
     if args.batch_size < 1 or args.n_iter < 1:
         raise UsageError("--batch-size and --n-iter must be at least 1")
     count = args.batch_size * args.n_iter
+    if count > MAX_IMAGES:  # the request holds a prompt and a seed per image: refuse before building it
+        raise UsageError(f"--batch-size × --n-iter must be at most {MAX_IMAGES}, not {count}")
     seed = random.randrange(2**32) if args.seed in (None, -1) else args.seed  # -1: random, as the web UI
     sampler, scheduler = sampler_and_scheduler(args)
     return GenerationRequest(
@@ -211,24 +219,28 @@ def cmd_generate(args) -> None:
     outdir = Path(args.outdir)
     created = prepare_outdir(outdir)
     try:
-        model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
-        if model.cfg.inpainting and args.command != "inpaint":
-            raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
-        if args.vae:
-            load_vae(model, args.vae)
-        refiner = load_model(args.refiner, device=device, dtype=dtype) if args.refiner else None
-        model.embeddings, notices = load_embeddings(embeddings, model.cfg.unet.context_dim) if embeddings else ({}, [])
-        model.loras = loras
-        for notice in notices:
-            print(f"ldm: warning: {notice}", file=sys.stderr)
-        request = checked(with_images(request, args, model), model, refiner)
-        if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(model.checkpoint):
-            print(f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
-                  f"{model.checkpoint} has {model_hash(model.checkpoint)}", file=sys.stderr)  # fmt: skip
-    except (CheckpointError, UsageError, ValueError):
-        if created and not any(outdir.iterdir()):
-            outdir.rmdir()  # leave nothing behind
+        write_images(args, request, outdir, embeddings, loras, device, dtype)
+    except BaseException:
+        remove_empty(created)  # leave nothing behind where nothing was written
         raise
+
+
+def write_images(args, request: GenerationRequest, outdir: Path, embeddings, loras, device, dtype) -> None:
+    """cmd_generate once its folder is there: load, sample batch after batch, write each image as it is done."""
+    model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
+    if model.cfg.inpainting and args.command != "inpaint":
+        raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
+    if args.vae:
+        load_vae(model, args.vae)
+    refiner = load_model(args.refiner, device=device, dtype=dtype) if args.refiner else None
+    model.embeddings, notices = load_embeddings(embeddings, model.cfg.unet.context_dim) if embeddings else ({}, [])
+    model.loras = loras
+    for notice in notices:
+        print(f"ldm: warning: {notice}", file=sys.stderr)
+    request = checked(with_images(request, args, model), model, refiner)
+    if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(model.checkpoint):
+        print(f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
+              f"{model.checkpoint} has {model_hash(model.checkpoint)}", file=sys.stderr)  # fmt: skip
     bar = tqdm(total=args.n_iter * request.steps_run, disable=args.quiet, unit="step", desc=args.command)
     images, warned, n = [], set(), args.batch_size
     for start in range(0, len(request.prompts), n):  # one batch at a time, each written as soon as it is done
@@ -271,7 +283,15 @@ def cmd_demo(args) -> None:
     if args.columns < 1:
         raise UsageError("--columns must be at least 1")
     outdir = Path(args.outdir)
-    prepare_outdir(outdir)
+    created = prepare_outdir(outdir)
+    try:
+        draw_demo(args, outdir)
+    except BaseException:
+        remove_empty(created)
+        raise
+
+
+def draw_demo(args, outdir: Path) -> None:
     start = time.perf_counter()
     model = load_model(BUILTIN_MODEL)
     print(f"built-in model {BUILTIN_MODEL}: {describe(model)}")
@@ -376,6 +396,13 @@ def cmd_train(args) -> None:
         print(f"wrote {path}")
 
 
+def socket_family(host: str) -> socket.AddressFamily:
+    try:
+        return socket.getaddrinfo(host, None)[0][0]
+    except socket.gaierror:
+        raise UsageError(f"--host {host}: not an address of this machine") from None
+
+
 def cmd_serve(args) -> None:
     """Load once, then serve until interrupted."""
     import uvicorn
@@ -409,8 +436,15 @@ def cmd_serve(args) -> None:
             print(f"ldm: warning: {notice}", file=sys.stderr)
         return compile_model(model) if args.compile else model
 
+    with socket.create_server((args.host, args.port), family=socket_family(args.host)):
+        pass  # the address is free and ours to take (else OSError, exit 1), before the model loads
+    created = prepare_outdir(Path(args.outdir))  # where save_images writes: a bad folder is found now
     found = list(checkpoint_files(models_dir).values()) if models_dir else []
-    model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
+    try:
+        model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
+    except BaseException:
+        remove_empty(created)
+        raise
     print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
           file=sys.stderr)  # fmt: skip
     app = create_app(model, args.outdir, load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits,
@@ -435,6 +469,8 @@ def cmd_eval(args) -> None:
         raise UsageError("--count must be at least 1 and --image-size a positive multiple of 8")
     if args.json and not Path(args.json).parent.is_dir():
         raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
+    if args.json and Path(args.json).is_dir():
+        raise UsageError(f"--json {args.json}: a folder, not a file")
     sampler, scheduler = sampler_and_scheduler(args)
     settings = checked(GenerationRequest([""], [0], width=args.image_size, height=args.image_size, steps=args.steps,
                                          sampler=sampler, scheduler=scheduler, cfg_scale=args.cfg_scale,
@@ -705,6 +741,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "run", None) is cmd_generate and args.prompt is None:
             raise UsageError("--prompt is needed (or --infotext)")
         args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays, a half-written file does not (atomic writes)
+        print("ldm: interrupted", file=sys.stderr)
+        return 130
     except (CheckpointError, UsageError, ValueError) as e:
         return fail(args, e, 2)
     except (OSError, MemoryError, torch.OutOfMemoryError, NonFiniteError, TrainingDiverged) as e:

@@ -42,9 +42,24 @@ def writable_folder(path: str | os.PathLike) -> Path:
     return path
 
 
+def missing_folders(path: str | os.PathLike) -> list[Path]:
+    """The folders that creating `path` would create, deepest first (for `remove_empty` after a failed run)."""
+    path = Path(path)
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove these folders, deepest first, while they are empty: what a failed run created and did not fill."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty, or not there: it and the folders above it stay
+            return
+
+
 def next_index(folder: Path) -> int:
-    """1 + the largest NNNNN- prefix in the folder, so runs never overwrite earlier images."""
-    found = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    """1 + the largest NNNNN- prefix (five digits or more) in the folder, so runs never overwrite earlier images."""
+    found = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5,})-", p.name))]
     return max(found, default=0) + 1
 
 

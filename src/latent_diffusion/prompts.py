@@ -20,8 +20,10 @@ from .tokenizer import CLIPTokenizer
 if TYPE_CHECKING:  # embeddings.py imports checkpoint.py, which imports the model: a cycle at import time
     from .embeddings import Embedding
 
-# One match per syntax element: escapes, brackets, a weight with its closing bracket, text, or a lone colon.
-ELEMENT = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+# One match per syntax element: escapes, brackets, a weight with its closing bracket, text, or a lone colon. The web
+# UI's weight pattern, [.\d]+, also takes "1.2.3" and ".", on which it fails; here those are not weights (the colon
+# and the digits stay text), so every prompt parses.
+ELEMENT = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK = re.compile(r"\s*\bBREAK\b\s*")
 CHUNK = 75  # tokens of prompt text per chunk, between BOS and EOS
 BACKTRACK = 20  # how far back a comma may be for the text after it to move to the next chunk

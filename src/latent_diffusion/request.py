@@ -26,6 +26,7 @@ from .schedulers import SCHEDULERS, find_scheduler, schedule_for
 from .tokenizer import clip_tokenizer
 
 MAX_SIDE = 8192  # pixels per side; larger requests are refused before anything is allocated
+MAX_STEPS = 10_000  # sampling steps; the σ schedules are allocated before the first step
 
 
 class RequestError(ValueError):
@@ -112,8 +113,8 @@ def validate(
         _fail(f"width and height must be positive multiples of 8 up to {MAX_SIDE}, not {bad[0]}")
     if r.batch_size < 1:
         _fail(f"batch_size must be at least 1, not {r.batch_size}")
-    if r.steps < 1:
-        _fail(f"steps must be at least 1, not {r.steps}")
+    if not 1 <= r.steps <= MAX_STEPS:
+        _fail(f"steps must be between 1 and {MAX_STEPS}, not {r.steps}")
     if r.sampler not in SAMPLERS:
         _fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not isinstance(r.scheduler, str) or not _known_scheduler(r.scheduler):

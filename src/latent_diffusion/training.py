@@ -86,6 +86,14 @@ def check_common(cfg, precisions: tuple[str, ...]) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise TrainError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
+    # a negative learning rate or clipping norm trains backwards, a zero one not at all
+    for name in ("lr", "max_grad_norm"):
+        if getattr(cfg, name, 1) <= 0:
+            raise TrainError(f"{name.replace('_', '-')} must be above 0, not {getattr(cfg, name):g}")
+    if getattr(cfg, "weight_decay", 0) < 0:
+        raise TrainError(f"weight-decay must be at least 0, not {cfg.weight_decay:g}")
+    if not 0 <= getattr(cfg, "prompt_dropout", 0) <= 1:
+        raise TrainError(f"prompt-dropout is a probability, in [0, 1], not {cfg.prompt_dropout:g}")
 
 
 def build_dataset(cfg, exclude=HELD_OUT_PAIRS):
