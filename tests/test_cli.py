@@ -391,3 +391,16 @@ def test_numbering_goes_on_past_99999(tmp_path):
     (tmp_path / "99999-5.png").write_bytes(b"")
     assert claim_numbered(tmp_path, "5.png").name == "100000-5.png"
     assert claim_numbered(tmp_path, "5.png").name == "100001-5.png"  # once looped for ever on 100000
+
+
+def test_infotext_values_round_trip_and_are_read_as_the_web_ui_reads_them():
+    """Values with a comma, colon or newline are written as JSON strings (the web UI's quoting) and read back
+    whole; the last line holds the settings only with three `Key: value` pairs or more; lines are stripped; keys
+    may hold `-` and `/`. The expected readings are what the web UI's parse_generation_parameters gives."""
+    for value in ['a: b, "c"', "C:\\dir", "a\nb", "é:x", 'x"y']:
+        text = parameters_text("p", "", {"Steps": 20, "Sampler": "Euler", "Model": value})
+        assert parse_parameters(text)["Model"] == value
+    assert parse_parameters("prompt\nSteps: 20") == {"prompt": "prompt\nSteps: 20", "negative_prompt": ""}
+    read = parse_parameters("  a cat  \n  Negative prompt: ugly\nCFG scale: 7, Seed: 1, Hires-fix thing: 3")
+    assert read == {"prompt": "a cat", "negative_prompt": "ugly", "CFG scale": "7", "Seed": "1",
+                    "Hires-fix thing": "3"}  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import math
 import os
 import re
@@ -127,8 +128,18 @@ def _file_hash(path: str, size: int, mtime_ns: int, skip_header: bool) -> str:
 
 
 def _quote(value) -> str:
+    """A field's value as the web UI writes it: as a JSON string where it holds a comma, a colon or a newline."""
     text = str(value)
-    return f'"{text}"' if any(c in text for c in ',:"\n') else text
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:  # quoted but not JSON (as this project wrote before it escaped): the inside
+        return value[1:-1]
 
 
 def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
@@ -140,26 +151,25 @@ def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
     return "\n".join(lines)
 
 
-FIELD = re.compile(r'\s*([\w ]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 
 
 def parse_parameters(text: str) -> dict:
-    """The inverse of parameters_text: {"prompt", "negative_prompt", and each field as a string}."""
+    """The inverse of parameters_text, read as the web UI reads it: {"prompt", "negative_prompt", and each field as
+    a string}. The last line holds the fields if it has at least three `Key: value` pairs."""
     *head, last = text.strip().split("\n")
-    if not FIELD.match(last) or "Steps:" not in last:  # no settings line: the whole text is the prompt
+    if len(FIELD.findall(last)) < 3:  # no settings line: the whole text is the prompt
         head, last = [*head, last], ""
     prompt_lines, negative_lines, in_negative = [], [], False
     for line in head:
+        line = line.strip()
         if line.startswith("Negative prompt:"):
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
     result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
     for key, value in FIELD.findall(last):
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == '"':
-            value = value[1:-1]
-        result[key.strip()] = value
+        result[key.strip()] = _unquote(value.strip())
     return result
 
 
