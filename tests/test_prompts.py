@@ -107,13 +107,36 @@ def test_clip_skip_is_the_web_uis(tiny_models):
                                atol=1e-4, rtol=0)  # fmt: skip
 
 
-def test_prompt_and_negative_of_different_lengths_run_in_one_batch(tiny_models):
-    model = tiny_models["sd1"]
+def test_prompt_and_negative_of_different_lengths_are_not_padded(tiny_models, monkeypatch):
+    """As the web UI by default ("Pad prompt/negative prompt" off, its pad_cond_uncond): the two run as two U-Net
+    calls, each on its own encoding (154 and 77 tokens here), and guidance combines them; prompts of equal length
+    still run as one batch."""
+    import latent_diffusion.denoiser as d
+
+    model, calls = tiny_models["sd1"], []
+    net = model.model.forward
+    monkeypatch.setattr(model.model, "forward", lambda x, t, c: calls.append((len(x), c["crossattn"])) or net(x, t, c))
     long = "a cat, " * 40  # two chunks
-    common = dict(width=16, height=16, steps=2, sampler="euler")
+    common = dict(width=32, height=32, steps=1, sampler="euler", cfg_scale=5.0)
     a = generate(model, GenerationRequest([long], [3], negative_prompts=["blurry"], **common))
-    b = generate(model, GenerationRequest(["blurry"], [3], negative_prompts=[long], **common))
-    assert a.images.shape == b.images.shape == (1, 3, 16, 16) and a.warnings == []
+    (_, negative), (_, positive) = calls
+    assert torch.equal(negative, model.conditioning(["blurry"], negative=True)[0]["crossattn"])
+    assert torch.equal(positive, model.conditioning([long])[0]["crossattn"]) and positive.shape[1] == 154
+    calls.clear()
+    generate(model, GenerationRequest(["a cat"], [3], negative_prompts=["blurry"], **common))
+    assert [n for n, _ in calls] == [2]
+    # the guided x0 from the two calls, by hand: D = x0(u) + s·(x0(c) − x0(u)), the same as guiding the predictions
+    seen = []
+    monkeypatch.setattr(d, "x0_from_prediction", lambda x, out, s, p: seen.append(out) or x)
+    denoiser = d.Denoiser(net, model.alphas_cumprod, model.parameterization, {"crossattn": positive},
+                          {"crossattn": negative}, 5.0)  # fmt: skip
+    x, sigma = torch.randn(1, 4, 8, 8), torch.tensor(3.0, dtype=torch.float64)
+    denoiser(x, sigma)
+    t = d.sigma_to_t(sigma, denoiser.log_sigmas).float().expand(1)
+    x_in = x * d.c_in(3.0)
+    u, c = net(x_in, t, {"crossattn": negative}), net(x_in, t, {"crossattn": positive})
+    torch.testing.assert_close(seen[0], u + 5.0 * (c - u), atol=0, rtol=0)
+    assert a.images.shape == (1, 3, 32, 32) and a.warnings == []
     request = GenerationRequest(["(cat:1.3)"], [3], clip_skip=2, **common)
     assert "Clip skip: 2" in generate(model, request).infotexts[0]
 

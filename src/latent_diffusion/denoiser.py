@@ -3,7 +3,9 @@
 A discrete-time model predicts ε (or v) from the variance-preserving latent x_VP = x/√(1+σ²) at timestep t(σ);
 `parameterization.x0_from_prediction` turns that into x0. Guidance (Ho & Salimans 2022):
 out = out_u + s·(out_c − out_u), both halves in one batched U-Net call, every conditioning field batched
-the same way; the map from the prediction to x0 is affine, so guiding ε, v or x0 gives the same result.
+the same way; the map from the prediction to x0 is affine, so guiding ε, v or x0 gives the same result. A prompt
+and a negative prompt of different lengths (77-token chunks) run as two calls, as the web UI runs them by default
+("Pad conds" off): padding the shorter with empty chunks would change what cross-attention sees, so the image.
 """
 
 from collections.abc import Callable, Mapping
@@ -37,7 +39,9 @@ class Denoiser:
         if self.guided and (uncond is None or uncond.keys() != cond.keys()):
             raise ValueError("classifier-free guidance needs the unconditional conditioning, with the same fields")
         # Batch layout of one guided call: [unconditional; conditional], as diffusers.
-        self.cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond} if self.guided else cond
+        self.batched = self.guided and all(uncond[k].shape[1:] == cond[k].shape[1:] for k in cond)
+        self.cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond} if self.batched else cond
+        self.uncond = uncond if self.guided and not self.batched else None
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """x: (b, c, h, w) at noise level σ (a scalar tensor) -> x0 estimate (b, c, h, w)."""
@@ -45,10 +49,11 @@ class Denoiser:
         t = to_device(sigma_to_t(sigma.cpu(), self.log_sigmas).float(), x.device)
         s = sigma.item()
         x_in = x * c_in(s)
-        if self.guided:
-            x_in = torch.cat([x_in, x_in])  # the unconditional and conditional halves see the same input
-        out = self.net(x_in, t.expand(len(x_in)), self.cond)
-        if self.guided:
-            out_uncond, out_cond = out.chunk(2)
-            out = out_uncond + self.cfg_scale * (out_cond - out_uncond)
+        if not self.guided:
+            return x0_from_prediction(x, self.net(x_in, t.expand(len(x)), self.cond), s, self.parameterization)
+        if self.batched:  # the unconditional and conditional halves see the same input
+            out_uncond, out_cond = self.net(torch.cat([x_in, x_in]), t.expand(2 * len(x)), self.cond).chunk(2)
+        else:
+            out_uncond, out_cond = (self.net(x_in, t.expand(len(x)), c) for c in (self.uncond, self.cond))
+        out = out_uncond + self.cfg_scale * (out_cond - out_uncond)
         return x0_from_prediction(x, out, s, self.parameterization)

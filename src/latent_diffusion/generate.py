@@ -172,7 +172,6 @@ def scheduled_denoiser(
         uncond = {}
         if r.cfg_scale != 1:
             uncond, more = model.conditioning(at_end[len(batch) :], negative=True, **options)
-            cond["crossattn"], uncond["crossattn"] = same_length(model, r, cond["crossattn"], uncond["crossattn"])
             notes += [n for n in more if n not in notes]
         denoisers[end] = Denoiser(
             lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(), model.alphas_cumprod,
@@ -187,16 +186,6 @@ def scheduled_denoiser(
         return denoisers[next((end for end in ends if k <= end), ends[-1])](x, sigma)
 
     return denoiser, notes
-
-
-def same_length(model: LatentDiffusion, r: GenerationRequest, a: torch.Tensor, b: torch.Tensor):
-    """Guidance runs prompt and negative prompt in one batch: the one of fewer 77-token chunks gets the empty
-    prompt's encoding appended until both are as long, as the web UI does. a, b: (batch, 77·k, d)."""
-    if a.shape[1] == b.shape[1]:
-        return a, b
-    empty = model.conditioning([""] * len(a), clip_skip=r.clip_skip)[0]["crossattn"]  # (batch, 77, d)
-    pad = empty.repeat(1, abs(a.shape[1] - b.shape[1]) // empty.shape[1], 1)
-    return (torch.cat([a, pad], dim=1), b) if a.shape[1] < b.shape[1] else (a, torch.cat([b, pad], dim=1))
 
 
 def rows(images: torch.Tensor, batch: range) -> torch.Tensor:
