@@ -404,3 +404,11 @@ def test_infotext_values_round_trip_and_are_read_as_the_web_ui_reads_them():
     read = parse_parameters("  a cat  \n  Negative prompt: ugly\nCFG scale: 7, Seed: 1, Hires-fix thing: 3")
     assert read == {"prompt": "a cat", "negative_prompt": "ugly", "CFG scale": "7", "Seed": "1",
                     "Hires-fix thing": "3"}  # fmt: skip
+
+
+def test_argument_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["txt2img", "--seed", "abc"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "ldm: error: txt2img: argument --seed: invalid int value: 'abc' (see ldm txt2img --help)\n"

@@ -610,8 +610,16 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line like every other error (the usage is --help's)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("ldm").strip()  # "txt2img", or "" for the top level
+        self.exit(2, f"ldm: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ldm",
         allow_abbrev=False,  # --infotext must see every flag given as it is spelt
         description="Latent diffusion (Stable Diffusion) in the original checkpoint layout.",
