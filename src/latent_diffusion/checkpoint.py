@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -158,7 +159,9 @@ def _torch_load(path: Path):
     except RuntimeError as e:
         if "mmap" not in str(e):
             raise
-        return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
+        with warnings.catch_warnings():  # torch warns of a pickle protocol it may not read; the refusal says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
 
 
 def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
