@@ -28,9 +28,9 @@ TINY = ["--width", 16, "--height", 16, "--steps", 1, "--quiet"]
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--cfg-scale", "nan"], "--cfg-scale must be a finite number, not nan"),
-        (["--cfg-scale", "inf"], "--cfg-scale must be a finite number, not inf"),
-        (["--sampler", "ddim", "--eta", "nan"], "--eta must be a finite number of at least 0, not nan"),
+        (["--cfg-scale", "nan"], "--cfg-scale must be between -100 and 100, not nan"),
+        (["--cfg-scale", "inf"], "--cfg-scale must be between -100 and 100, not inf"),
+        (["--sampler", "ddim", "--eta", "nan"], "--eta must be between 0 and 10, not nan"),
         (["--width", 0], "--width and --height must be positive multiples of 8 up to 8192, not 0"),
         (["--width", 100000, "--height", 100000], "up to 8192, not 100000"),
         (["--sampler", "ddim", "--steps", 1001], "steps: 1001 steps with leading spacing do not fit the model's 1000"),

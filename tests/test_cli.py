@@ -133,7 +133,7 @@ def test_bad_serve_arguments_exit_2_before_loading(capsys, args, message):
         ("inpaint", ["--mask", "{small_mask}"], "the mask is 8x8 but the image is 64x48"),
         ("img2img", ["--init-image", "{not_an_image}"], "cannot read the image"),
         ("img2img", ["--init-image", "{odd_image}"], "the image is 60x48: its sides must be multiples of 8"),
-        ("img2img", ["--eta", "-1"], "--eta must be a finite number of at least 0"),
+        ("img2img", ["--eta", "-1"], "--eta must be between 0 and 10, not -1"),
     ],
 )
 def test_bad_image_arguments_exit_2(tmp_path, ckpt, picture, capsys, command, args, message):

@@ -44,12 +44,17 @@ def load_image(
     return from_pil(im)
 
 
+# Raster formats only: Pillow would hand EPS and PDF to Ghostscript, which runs the file's PostScript.
+RASTER_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "PPM", "TGA")
+
+
 def open_image(path: str | os.PathLike | BinaryIO, name: str | None = None, max_pixels: int = MAX_PIXELS):
     """A file (or file object) -> the decoded PIL image in its own mode, its EXIF orientation applied. ValueError,
-    naming the file (or `name`), if unreadable or over `max_pixels` (read from its header, before decoding)."""
-    name = name or str(path)
+    naming the file (or `name`), if unreadable, not a raster image (`RASTER_FORMATS`) or over `max_pixels` (read
+    from its header, before decoding)."""
+    name = name or (str(path) if isinstance(path, (str, os.PathLike)) else "image")
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=RASTER_FORMATS) as im:
             if im.width * im.height > max_pixels:
                 raise ValueError(f"{name}: the image is {im.width}x{im.height}, over the limit of {max_pixels} pixels")
             im.load()

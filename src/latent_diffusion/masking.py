@@ -157,8 +157,10 @@ def img2img_inputs(
     mask = ImageOps.invert(mask.convert("L")) if invert else mask.convert("L")
     mask = blur_mask(mask, mask_blur_x, mask_blur_y)
     if only_masked:
+        if mask.size != image.size:  # a mask of another size covers the same picture: the result keeps the image's
+            mask = mask.resize(image.size, Image.Resampling.LANCZOS)
         box = widen_box(mask_box(np.asarray(mask), padding), width, height, mask.width, mask.height)
-        original = resize_image(image, mask.width, mask.height) if image.size != mask.size else image
+        original = image
         work_mask = resize_image(mask.crop(box), width, height, mode=2)
         work_image = resize_image(original.crop(box), width, height, mode=2)
         overlay, paste_box = mask, box

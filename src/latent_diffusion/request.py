@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from . import vae_tiling
 from .images import lora_hash, model_hash, parameters_text
 from .latent_diffusion import LatentDiffusion
-from .prompts import LoraTag, chunk_prompt, extract_lora_tags, prompt_schedule
+from .prompts import LoraTag, chunk_prompt, extract_lora_tags, parse_emphasis, prompt_schedule
 from .samplers import SAMPLERS, get_sampler
 from .schedule import SPACINGS, sampling_timesteps
 from .schedulers import SCHEDULERS, find_scheduler, schedule_for
@@ -27,6 +26,11 @@ from .tokenizer import clip_tokenizer
 
 MAX_SIDE = 8192  # pixels per side; larger requests are refused before anything is allocated
 MAX_STEPS = 10_000  # sampling steps; the σ schedules are allocated before the first step
+# Beyond these the latents overflow to inf or NaN (found by feeding extremes to the server); the web UI's sliders
+# stop far below them (CFG 30, η 1, emphasis 1.1^k for a few brackets).
+MAX_CFG_SCALE = 100.0
+MAX_NOISE = 10.0  # η and s_noise
+MAX_EMPHASIS = 1000.0  # the magnitude of a token's emphasis weight
 
 
 class RequestError(ValueError):
@@ -129,10 +133,10 @@ def validate(
         _fail(f"refiner_switch must be in [0, 1], not {r.refiner_switch}")
     for name in ("eta", "s_noise"):
         value = getattr(r, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            _fail(f"{name} must be a finite number of at least 0, not {value}")
-    if r.cfg_scale is not None and not math.isfinite(r.cfg_scale):
-        _fail(f"cfg_scale must be a finite number, not {r.cfg_scale}")
+        if value is not None and not 0 <= value <= MAX_NOISE:
+            _fail(f"{name} must be between 0 and {MAX_NOISE:g}, not {value}")
+    if r.cfg_scale is not None and not -MAX_CFG_SCALE <= r.cfg_scale <= MAX_CFG_SCALE:
+        _fail(f"cfg_scale must be between -{MAX_CFG_SCALE:g} and {MAX_CFG_SCALE:g}, not {r.cfg_scale}")
     if r.init_image is not None:
         _check_images(r)
     for text in r.prompts:
@@ -140,6 +144,9 @@ def validate(
             extract_lora_tags(text)
         except ValueError as e:
             _fail(str(e))
+    for text in {*r.prompts, *(r.negative_prompts or [])} if r.prompt_syntax else ():
+        if (weight := max((abs(w) for _, w in parse_emphasis(text)), default=1.0)) > MAX_EMPHASIS:
+            _fail(f"prompt: an emphasis weight of {weight:.3g} is beyond ±{MAX_EMPHASIS:g} (brackets nested too deep?)")
     if model is None:
         return request
     if refiner is not None:

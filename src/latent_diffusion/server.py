@@ -40,11 +40,11 @@ from starlette.concurrency import run_in_threadpool
 
 from . import vae_tiling
 from .files import claim_numbered
-from .images import as_mode, from_pil, model_hash, open_image, parse_parameters, save_png, to_pil
+from .images import RASTER_FORMATS, as_mode, from_pil, model_hash, open_image, parse_parameters, save_png, to_pil
 from .job_queue import Job, Load, QueueFull, Task, Worker
 from .latent_diffusion import LatentDiffusion
 from .masking import img2img_inputs, scaled_size
-from .request import GenerationRequest, RequestError, validate
+from .request import MAX_SIDE, GenerationRequest, RequestError, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedulers import SCHEDULERS
 
@@ -125,6 +125,24 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 class PngInfoRequest(BaseModel):
     image: str
+
+
+class SafeJSON(JSONResponse):
+    """Every answer's JSON, whatever a request echoed into it: NaN and infinities (valid Python floats, not JSON)
+    become null, lone surrogates travel as \\u escapes; FastAPI's own encoder would fail on both with a 500."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+def _finite(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 class NotFound(Exception):
@@ -212,8 +230,9 @@ def image_bytes(data: str, field: str) -> bytes:
     URLs are refused: the server fetches nothing a request points at."""
     if data.startswith(("http://", "https://", "file:", "ftp://")):
         raise RequestError(f"{field}: URLs are not fetched; send the image itself, base64-encoded")
-    try:
-        return base64.b64decode(data.partition(",")[2] if data.startswith("data:") else data, validate=True)
+    data = data.partition(",")[2] if data.startswith("data:") else data
+    try:  # line breaks and spaces are allowed, as base64 tools write them and the web UI reads them
+        return base64.b64decode("".join(data.split()), validate=True)
     except binascii.Error:
         raise RequestError(f"{field}: not a base64-encoded image") from None
 
@@ -221,8 +240,9 @@ def image_bytes(data: str, field: str) -> bytes:
 def decode_image(data: str) -> Image.Image:
     """A base64 image -> an opened (not decoded) PIL image, for its text chunks."""
     try:
-        return Image.open(io.BytesIO(image_bytes(data, "image")))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError):
+        return Image.open(io.BytesIO(image_bytes(data, "image")), formats=RASTER_FORMATS)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):  # ValueError: a text
+        # chunk that decompresses beyond Pillow's limit
         raise RequestError("image: not a base64-encoded image of a size this server reads") from None
 
 
@@ -283,14 +303,15 @@ def create_app(
         yield
         worker.stop()  # the worker thread ends with the server
 
-    app = FastAPI(title="latent_diffusion", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan)
+    app = FastAPI(title="latent_diffusion", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan,
+                  default_response_class=SafeJSON)  # fmt: skip
     if cors_allow_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_allow_origins, allow_methods=["GET", "POST"],
                            allow_headers=["*"])  # fmt: skip
 
     def error(status: int, kind: str, detail: str, errors=None, headers=None) -> JSONResponse:
         """The web UI's error body."""
-        return JSONResponse(status_code=status, headers=headers,
+        return SafeJSON(status_code=status, headers=headers,
                             content={"error": kind, "detail": detail, "body": "", "errors": errors or ""})  # fmt: skip
 
     @app.exception_handler(RequestError)
@@ -448,8 +469,9 @@ def create_app(
                                                                                              body.mask_blur_y)  # fmt: skip
         if not (0 <= blur_x <= 64 and 0 <= blur_y <= 64):  # the web UI's slider reaches 64
             raise RequestError(f"mask_blur must be between 0 and 64 pixels, not {max(blur_x, blur_y, key=abs)}")
-        if body.inpaint_full_res_padding < 0:
-            raise RequestError(f"inpaint_full_res_padding must be 0 or more, not {body.inpaint_full_res_padding}")
+        if not 0 <= body.inpaint_full_res_padding <= MAX_SIDE:  # any padding past the image's side is the whole image
+            raise RequestError(f"inpaint_full_res_padding must be between 0 and {MAX_SIDE}, not "
+                               f"{body.inpaint_full_res_padding}")  # fmt: skip
         job = build_job(body, check_model=False)  # checked against the model once the images are in
         width = job.request.width or worker.model.cfg.default_size
         height = job.request.height or worker.model.cfg.default_size
