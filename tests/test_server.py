@@ -292,7 +292,7 @@ def test_init_images_are_checked_before_they_are_decoded(server):
     assert status == 422 and "would be over the limit of 16777216 pixels" in answer["detail"]
     picture, mask = png_b64(Image.new("RGB", (32, 32))), png_b64(Image.new("L", (32, 32), 255))
     for extra, message in [({"mask_blur": 65}, "mask_blur must be between 0 and 64"),
-                           ({"inpaint_full_res_padding": -4}, "inpaint_full_res_padding must be 0 or more"),
+                           ({"inpaint_full_res_padding": -4}, "inpaint_full_res_padding must be between 0 and 8192"),
                            ({"resize_mode": 3}, "3 (latent upscale) is not implemented")]:  # fmt: skip
         status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": [picture], "mask": mask, **extra})
         assert status == 422 and message in answer["detail"], answer
@@ -524,3 +524,31 @@ def test_odd_but_harmless_input_is_answered_and_hostile_input_is_a_422(server):
     status, answer = call(base, "/sdapi/v1/png-info", {"image": png_b64(picture, pnginfo=huge_text)})
     assert status == 422
     assert call(base, "/sdapi/v1/txt2img", small)[0] == 200
+
+
+def test_answers_have_the_web_uis_shape(server):
+    """png-info's parameters in the web UI's keys (Prompt, Size-1, ...) and items without the infotext; img2img's
+    parameters without the images the client sent (unless include_init_images); a null seed is a random one."""
+    base, _ = server
+    small = {"prompt": "a (red:1.2) cat", "negative_prompt": "dull", "steps": 2, "seed": 4, "width": 32, "height": 24}
+    status, answer = call(base, "/sdapi/v1/txt2img", small)
+    status, png = call(base, "/sdapi/v1/png-info", {"image": answer["images"][0] + "\n"})
+    assert status == 200 and png["items"] == {} and png["info"] == json.loads(answer["info"])["infotexts"][0]
+    assert {k: png["parameters"][k] for k in ("Prompt", "Negative prompt", "Seed", "Size-1", "Size-2")} == {
+        "Prompt": "a (red:1.2) cat",
+        "Negative prompt": "dull",
+        "Seed": "4",
+        "Size-1": "32",
+        "Size-2": "24",
+    }
+    picture = png_b64(Image.new("RGB", (32, 24), (9, 99, 199)))
+    status, answer = call(base, "/sdapi/v1/img2img", small | {"init_images": [picture]})
+    assert status == 200 and answer["parameters"]["init_images"] is None and answer["parameters"]["mask"] is None
+    status, answer = call(base, "/sdapi/v1/img2img", small | {"init_images": [picture], "include_init_images": True})
+    assert answer["parameters"]["init_images"] == [picture]
+    status, answer = call(base, "/sdapi/v1/img2img", small | {"init_images": [picture, picture]})
+    assert status == 422 and "init_images: give one image (base64), not 2" in answer["detail"]
+    status, answer = call(base, "/sdapi/v1/txt2img", small | {"seed": None})
+    assert status == 200 and 0 <= json.loads(answer["info"])["seed"] < 2**32
+    status, answer = call(base, "/sdapi/v1/txt2img", small | {"batch_size": -1, "n_iter": -1})
+    assert status == 422 and "batch_size and n_iter must be at least 1, not -1 and -1" in answer["detail"]

@@ -20,6 +20,7 @@ import io
 import json
 import math
 import random
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -90,7 +91,7 @@ class Txt2ImgRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     prompt: str = ""
     negative_prompt: str = ""
-    seed: int = -1
+    seed: int | None = -1  # -1 or null: random
     batch_size: int = 1
     n_iter: int = 1
     steps: int = 50
@@ -121,6 +122,7 @@ class Img2ImgRequest(Txt2ImgRequest):
     inpaint_full_res: bool = True  # "only masked": work on the box around the mask, at width x height
     inpaint_full_res_padding: int = 0
     inpainting_mask_invert: int = 0
+    include_init_images: bool = False  # echo init_images and mask in the answer's parameters (as the web UI)
 
 
 class PngInfoRequest(BaseModel):
@@ -244,6 +246,19 @@ def decode_image(data: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):  # ValueError: a text
         # chunk that decompresses beyond Pillow's limit
         raise RequestError("image: not a base64-encoded image of a size this server reads") from None
+
+
+def web_ui_parameters(text: str) -> dict[str, str]:
+    """An infotext read into the web UI's keys: "Prompt", "Negative prompt", then its fields, a `WxH` value split
+    into "<key>-1" and "<key>-2" (as "Size-1", "Size-2")."""
+    fields = parse_parameters(text)
+    out = {"Prompt": fields.pop("prompt"), "Negative prompt": fields.pop("negative_prompt")}
+    for key, value in fields.items():
+        if m := re.fullmatch(r"(\d+)x(\d+)", value):
+            out[f"{key}-1"], out[f"{key}-2"] = m.groups()
+        else:
+            out[key] = value
+    return out
 
 
 def png_base64(image: Image.Image, parameters: str) -> str:
@@ -436,11 +451,10 @@ def create_app(
 
     @app.post("/sdapi/v1/png-info")
     def png_info(body: PngInfoRequest):
-        image = decode_image(body.image)
-        text = image.info.get("parameters")
-        if not isinstance(text, str):
-            return {"info": "", "items": {}, "parameters": {}}
-        return {"info": text, "items": {"parameters": text}, "parameters": parse_parameters(text)}
+        image = decode_image(body.image.strip())
+        items = {k: v for k, v in image.info.items() if isinstance(v, str)}  # the image's other text chunks
+        text = items.pop("parameters", "")
+        return {"info": text, "items": items, "parameters": web_ui_parameters(text) if text else {}}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: Txt2ImgRequest, http: Request):
@@ -458,8 +472,8 @@ def create_app(
         """The init image (the first) and the mask (white = repaint) prepared as the web UI does (`masking.py`:
         resize mode, mask blur, inversion, fill, only-masked crop); denoising_strength is the request's strength.
         The result is laid into the picture here (`Img2ImgInputs.paste`), against the unfilled original."""
-        if not body.init_images:
-            raise RequestError("init_images: give one image (base64)")
+        if len(body.init_images) != 1:  # the web UI takes one per image of a batch; this server, one for all
+            raise RequestError(f"init_images: give one image (base64), not {len(body.init_images)}")
         if body.resize_mode not in (0, 1, 2):
             raise RequestError(f"resize_mode: 0 (just resize), 1 (crop and resize) or 2 (resize and fill), not "
                                f"{body.resize_mode}; 3 (latent upscale) is not implemented")  # fmt: skip
@@ -508,7 +522,9 @@ def create_app(
         """The web UI's fields as a job (defaults: the web UI's, the model's size and its own guidance); every
         check that needs no model is done here, before any image is decoded."""
         count = body.batch_size * body.n_iter
-        if body.batch_size < 1 or body.n_iter < 1 or count > limits.max_images:
+        if body.batch_size < 1 or body.n_iter < 1:
+            raise RequestError(f"batch_size and n_iter must be at least 1, not {body.batch_size} and {body.n_iter}")
+        if count > limits.max_images:
             raise RequestError(f"batch_size × n_iter must be between 1 and {limits.max_images}, not {count}")
         if bad := [side for side in (body.width, body.height) if side is not None and side > limits.max_side]:
             raise RequestError(f"width and height must be at most {limits.max_side} on this server, not {bad[0]}")
@@ -527,7 +543,7 @@ def create_app(
         refiner = None
         if body.refiner_checkpoint not in (None, "", "None"):  # the web UI's "None" is no refiner
             refiner = checkpoints.find(body.refiner_checkpoint)
-        seed = random.randrange(2**32) if body.seed == -1 else body.seed
+        seed = random.randrange(2**32) if body.seed in (None, -1) else body.seed
         request = GenerationRequest(
             prompts=[body.prompt] * count, negative_prompts=[body.negative_prompt] * count,
             seeds=[seed + i for i in range(count)], width=body.width, height=body.height, steps=body.steps,
@@ -597,6 +613,8 @@ def create_app(
         parameters = body.model_dump() | {"seed": request.seeds[0], "cfg_scale": request.cfg_scale,
                                           "width": request.width, "height": request.height,
                                           "sampler_name": job.sampler_name}  # fmt: skip
+        if isinstance(body, Img2ImgRequest) and not body.include_init_images:
+            parameters |= {"init_images": None, "mask": None}  # megabytes the client sent, as the web UI leaves out
         return {
             "images": [png_base64(i, t) for i, t in zip(images, job.infotexts)] if body.send_images else [],
             "parameters": parameters,
