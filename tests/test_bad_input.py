@@ -22,7 +22,7 @@ def ldm(*args) -> list[str]:
     return [sys.executable, "-m", "latent_diffusion.cli", *map(str, args)]
 
 
-TINY = ["--width", 16, "--height", 16, "--steps", 1, "--quiet"]
+TINY = ["--width", 24, "--height", 24, "--steps", 1, "--quiet"]
 
 
 @pytest.mark.parametrize(
@@ -247,7 +247,7 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, 
         "batch_size: 4 images of 64x64 need about 16 MiB at once, more than the 10 MiB free" in capsys.readouterr().err
     )
     assert not out.exists()
-    assert main([*argv, "--width", "16", "--height", "16", "--batch-size", "4"]) == 0  # 4 x 16 x 16 fits
+    assert main([*argv, "--width", "24", "--height", "24", "--batch-size", "4"]) == 0  # 4 x 24 x 24 fits
 
 
 @pytest.mark.parametrize(

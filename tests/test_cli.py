@@ -86,7 +86,7 @@ def test_img2img_and_inpaint(tmp_path, ckpt, inpaint_ckpt, picture):
 
 def test_long_prompt_with_emphasis_runs_whole(tmp_path, ckpt, capsys):
     prompt = "word " * 74 + "the (end:1.2) of this [prompt]"
-    assert run("txt2img", "--ckpt", ckpt, "--prompt", prompt, "--width", 16, "--height", 16, "--steps", 1,
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", prompt, "--width", 24, "--height", 24, "--steps", 1,
                "--clip-skip", 2, "--quiet", "--outdir", tmp_path) == 0  # fmt: skip
     assert capsys.readouterr().err == ""
     with Image.open(tmp_path / f"00001-{next(tmp_path.iterdir()).name[6:]}") as im:
@@ -134,6 +134,7 @@ def test_bad_serve_arguments_exit_2_before_loading(capsys, args, message):
         ("img2img", ["--init-image", "{not_an_image}"], "cannot read the image"),
         ("img2img", ["--init-image", "{odd_image}"], "the image is 60x48: its sides must be multiples of 8"),
         ("img2img", ["--eta", "-1"], "--eta must be between 0 and 10, not -1"),
+        ("inpaint", ["--width", "32"], "--width and --height ask for 32x48, the init image is 64x48: add --resize"),
     ],
 )
 def test_bad_image_arguments_exit_2(tmp_path, ckpt, picture, capsys, command, args, message):
@@ -263,7 +264,7 @@ def test_lora_from_a_folder_and_from_a_flag(tmp_path, ckpt, tiny_models, capsys)
     save_file({f"{key}.lora_down.weight": torch.randn(2, shape[1], 1, 1, generator=g),
                f"{key}.lora_up.weight": torch.randn(shape[0], 2, 1, 1, generator=g)},
               folder / "grain.safetensors")  # fmt: skip
-    common = ["--ckpt", ckpt, "--width", 16, "--height", 16, "--steps", 2, "--seed", 5, "--quiet"]
+    common = ["--ckpt", ckpt, "--width", 24, "--height", 24, "--steps", 2, "--seed", 5, "--quiet"]
     assert run("txt2img", *common, "--prompt", "a cat <lora:grain:0.5>", "--lora-dir", folder,
                "--outdir", tmp_path / "a") == 0  # fmt: skip
     assert run("txt2img", *common, "--prompt", "a cat", "--lora", f"{folder / 'grain.safetensors'}:0.5",

@@ -104,7 +104,7 @@ def test_command_line_reads_an_embeddings_folder(tmp_path, ckpt, tiny_models, ca
     folder = tmp_path / "emb"
     folder.mkdir()
     write(folder / "shiny.pt", torch.randn(2, tiny_models["sd1"].cfg.text.width), "webui")
-    common = ["--ckpt", ckpt, "--width", 16, "--height", 16, "--steps", 1, "--quiet"]
+    common = ["--ckpt", ckpt, "--width", 24, "--height", 24, "--steps", 1, "--quiet"]
     assert (
         run("txt2img", *common, "--prompt", "a shiny cat", "--embeddings-dir", folder, "--outdir", tmp_path / "a") == 0
     )

@@ -155,6 +155,7 @@ def test_standard_model_inpainting_keeps_the_known_region(tiny_models, image):
         ({"strength": float("nan")}, r"strength must be in \(0, 1\]"),
         ({"sampler": "k_dpm_fast"}, "unknown sampler 'k_dpm_fast'; choose one of ddpm, ddim, plms"),
         ({"width": 60}, "width and height must be positive multiples of 8, not 60x64"),
+        ({"width": 16, "height": 16}, "the image is 16x16: too small for this model"),  # 1 value per group
         ({"seeds": [0, 1]}, "1 prompts need as many seeds"),
         ({"eta": -1.0}, "eta must be between 0 and 10, not -1.0"),
         ({"s_noise": 1e308}, "s_noise must be between 0 and 10"),
@@ -191,20 +192,20 @@ def test_inpainting_model_needs_a_mask(tiny_models):
 
 def test_progress_sees_every_step_with_its_x0_and_the_result_has_infotexts(tiny_models):
     seen = []
-    request = GenerationRequest(["a", "b", "c"], [1, 2, 3], steps=3, width=16, height=16, batch_size=2)
+    request = GenerationRequest(["a", "b", "c"], [1, 2, 3], steps=3, width=24, height=24, batch_size=2)
     result = generate(tiny_models["sd1"], request, progress=seen.append)
     assert [(p.step, p.total) for p in seen] == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
-    assert seen[0].sampler_step.denoised.shape == (2, 4, 2, 2) and seen[-1].sampler_step.x.shape == (1, 4, 2, 2)
-    assert result.images.shape == (3, 3, 16, 16) and len(result.infotexts) == 3
+    assert seen[0].sampler_step.denoised.shape == (2, 4, 3, 3) and seen[-1].sampler_step.x.shape == (1, 4, 3, 3)
+    assert result.images.shape == (3, 3, 24, 24) and len(result.infotexts) == 3
     assert result.infotexts[2] == (
-        "c\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 16x16"
+        "c\nSteps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 24x24"
     )
 
 
 def test_sampler_options_reach_the_samplers_that_take_them(tiny_models):
     """eta and s_noise go to every sampler that takes them (and are written in the infotext where they differ from
     the sampler's default, under the web UI's names): Euler a with η = 0 is Euler; s_noise scales its fresh noise."""
-    model, common = tiny_models["sd1"], {"width": 16, "height": 16, "steps": 3, "scheduler": "uniform"}
+    model, common = tiny_models["sd1"], {"width": 24, "height": 24, "steps": 3, "scheduler": "uniform"}
     run = lambda **kw: generate(model, GenerationRequest(["a"], [5], **common, **kw))  # noqa: E731
     default, euler = run(sampler="euler_ancestral"), run(sampler="euler")
     torch.testing.assert_close(run(sampler="euler_ancestral", eta=0.0).images, euler.images, atol=1e-6, rtol=0)
@@ -238,7 +239,7 @@ def test_standard_model_inpainting_matches_pipeline(tiny_models, image):
 
 def test_ddpm_keeps_its_timesteps_whatever_the_scheduler(tiny_models):
     model = tiny_models["sd1"]
-    runs = [generate(model, GenerationRequest(["a"], [4], steps=3, sampler="ddpm", scheduler=s, width=16, height=16))
+    runs = [generate(model, GenerationRequest(["a"], [4], steps=3, sampler="ddpm", scheduler=s, width=24, height=24))
             for s in ("karras", "automatic")]  # fmt: skip
     assert torch.equal(runs[0].images, runs[1].images) and "Schedule type" not in runs[0].infotexts[0]
 
@@ -294,7 +295,7 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
                f"{key}.alpha": torch.tensor(1.0)}, path)  # fmt: skip
     model.loras = {"style": path}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    common = dict(steps=2, width=16, height=16, cfg_scale=3.0)
+    common = dict(steps=2, width=24, height=24, cfg_scale=3.0)
     tagged = generate(model, GenerationRequest(["a cat <lora:style:0.6>"], [3], **common))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     applied = apply_lora(model, read_lora(path), 0.6)

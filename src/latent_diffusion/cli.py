@@ -183,6 +183,10 @@ def with_images(request: GenerationRequest, args, model: LatentDiffusion) -> Gen
     side = model.cfg.default_size
     size = (args.width or side, args.height or side) if args.resize else None
     image = load_image(args.init_image, "RGB", size)
+    asked = (args.width or image.shape[-1], args.height or image.shape[-2])
+    if size is None and asked != (image.shape[-1], image.shape[-2]):  # else the size asked for would be ignored
+        raise UsageError(f"--width and --height ask for {asked[0]}x{asked[1]}, the init image is "
+                         f"{image.shape[-1]}x{image.shape[-2]}: add --resize to scale it")  # fmt: skip
     mask = load_image(args.mask, "L", size) if args.command == "inpaint" else None
     width, height = (None, None) if size is None else size
     return dataclasses.replace(request, init_image=image, mask=mask, width=width, height=height)

@@ -154,6 +154,17 @@ def validate(
     return _resolve(r, model)
 
 
+def _fewest_per_group(cfg, h: int, w: int) -> int:
+    """The fewest values one of the U-Net's GroupNorm(32) layers normalises together, for one h×w latent: the
+    channels of a group times the level's size (each level halves it, rounding up); a level's first block
+    normalises the previous level's channels."""
+    fewest, previous = [], cfg.unet.channel_mult[0]
+    for mult in cfg.unet.channel_mult:
+        fewest.append(cfg.unet.model_channels * min(mult, previous) // 32 * h * w)
+        previous, h, w = mult, (h + 1) // 2, (w + 1) // 2
+    return min(fewest)
+
+
 def _check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
     """A refiner continues the model's latents: the same latent space and noise schedule, and no inpainting input."""
     if refiner.cfg.inpainting or refiner.cfg.concat_channels:
@@ -216,6 +227,9 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
         _fail(f"clip_skip must be in [1, {cfg.text.layers}] for this text encoder, not {r.clip_skip}")
     if max(width, height) > MAX_SIDE:
         _fail(f"the image is {width}x{height}: at most {MAX_SIDE} pixels per side")
+    if _fewest_per_group(cfg, height // f, width // f) < 2:
+        _fail(f"the image is {width}x{height}: too small for this model, whose deepest U-Net level would be left with "
+              f"one value per normalisation group; make it larger")  # fmt: skip
     sampler = SAMPLERS[r.sampler]
     if sampler.discrete:  # the sampler visits timesteps of the model's table
         t = sampling_timesteps(r.steps, r.spacing, cfg.timesteps)
