@@ -357,6 +357,9 @@ def test_ctrl_c_is_one_line_and_exit_130_and_leaves_no_empty_folder(tmp_path, ck
         (["train", "--max-grad-norm", -1, "--outdir", "OUT"], "max-grad-norm must be above 0, not -1"),
         (["train", "--lr", 0, "--outdir", "OUT"], "lr must be above 0, not 0"),
         (["train", "--prompt-dropout", 2, "--outdir", "OUT"], "prompt-dropout is a probability, in [0, 1], not 2"),
+        (["train", "--data", "/nonexistent", "--outdir", "OUT"], "/nonexistent: no such data folder"),  # after the lock
+        (["train", "--device", "bogus", "--outdir", "OUT"], "unknown device 'bogus'"),
+        (["train-autoencoder", "--device", "bogus", "--outdir", "OUT"], "unknown device 'bogus'"),
         (["serve", "--host", "no-such-host.invalid", "--outdir", "OUT"],
          "--host no-such-host.invalid: not an address of this machine"),
     ],

@@ -45,7 +45,7 @@ from .checkpoint import CheckpointError, ema_key, load_model, read_state_dict, s
 from .config import preset
 from .devices import resolve_device
 from .family import UNET, VAE
-from .files import atomic_write, writable_folder
+from .files import atomic_write, missing_folders, remove_empty, writable_folder
 from .latent_diffusion import LatentDiffusion
 from .parameterization import PARAMETERIZATIONS, min_snr_weight, noised, target
 from .training import (
@@ -493,31 +493,51 @@ def log_row(path: Path, step: int, losses: list[float], seconds: float, lr: floa
 
 
 def setup(cfg: TrainConfig):
-    """(outdir, device, rank, world size, the outdir's lock), checked before any work."""
+    """(outdir, device, rank, world size, the outdir's lock, what `discard` removes after a failure), checked
+    before any work."""
     check_config(cfg)
     rank, world = distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} "
                          "accumulation steps")  # fmt: skip
     try:
-        outdir, device = writable_folder(cfg.outdir), resolve_device(cfg.device)
+        device, created = resolve_device(cfg.device), missing_folders(cfg.outdir)  # the device first: no folder
+        outdir = writable_folder(cfg.outdir)  # is made for a run refused over its device
     except ValueError as e:
         raise TrainError(str(e)) from None
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    new_lock = not (outdir / ".lock").exists()
     lock = lock_outdir(outdir) if rank == 0 else None  # one run per folder (the other ranks only read from it)
+    litter = ([outdir / ".lock"] if new_lock and lock else [], created)
     if not cfg.resume and latest_checkpoint(outdir) is not None:
+        if lock:
+            lock.close()
+        discard(litter)
         raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
-    return outdir, device, rank, world, lock
+    return outdir, device, rank, world, lock, litter
+
+
+def discard(litter: tuple[list[Path], list[Path]]) -> None:
+    """After a run that failed before writing anything: its lock file, then the folders it made, while empty."""
+    files, folders = litter
+    for path in files:
+        path.unlink(missing_ok=True)
+    remove_empty(folders)
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
-    outdir, device, rank, world, lock = setup(cfg)
+    outdir, device, rank, world, lock, litter = setup(cfg)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # what the fingerprint holds
     try:
         return run_training(cfg, outdir, device, rank, world)
+    except BaseException:
+        if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
+            lock.close()
+            discard(litter)
+        raise
     finally:
         if lock:
             lock.close()  # also when the run fails inside this process (a notebook, tests)

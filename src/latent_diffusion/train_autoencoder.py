@@ -117,7 +117,8 @@ def check(cfg: AutoencoderTrainConfig) -> tuple[Path, torch.device]:
         raise TrainError(f"loss must be l1 or l2, not {cfg.loss!r}")
     check_common(cfg, precisions=("fp32", "bf16", "auto"))
     try:
-        return writable_folder(cfg.outdir), resolve_device(cfg.device)
+        device = resolve_device(cfg.device)  # first: no folder is made for a run refused over its device
+        return writable_folder(cfg.outdir), device
     except ValueError as e:
         raise TrainError(str(e)) from None
 
