@@ -284,6 +284,18 @@ def test_lora_from_a_folder_and_from_a_flag(tmp_path, ckpt, tiny_models, capsys)
     assert capsys.readouterr().err == ""
     assert run("txt2img", *common, "--prompt", "a cat <lora:missing:1>", "--outdir", tmp_path / "e") == 2
     assert "<lora:missing> names no LoRA file here" in capsys.readouterr().err and not (tmp_path / "e").exists()
+    # a file name that a tag cannot hold (`:` ends the name) is tagged under a name it can
+    (folder / "grain.safetensors").rename(folder / "gr:ain.safetensors")
+    assert run("txt2img", *common, "--prompt", "a cat", "--lora", f"{folder / 'gr:ain.safetensors'}:0.5",
+               "--outdir", tmp_path / "f") == 0  # fmt: skip
+    with Image.open(a) as ia, Image.open(next((tmp_path / "f").iterdir())) as iff:
+        assert ia.tobytes() == iff.tobytes() and "<lora:gr_ain:0.5>" in iff.text["parameters"]
+    nan = torch.full((2, shape[1], 1, 1), float("nan"))
+    save_file({f"{key}.lora_down.weight": nan, f"{key}.lora_up.weight": torch.ones(shape[0], 2, 1, 1)},
+              folder / "nan.safetensors")  # fmt: skip
+    assert run("txt2img", *common, "--prompt", "a cat <lora:nan:1>", "--lora-dir", folder,
+               "--outdir", tmp_path / "g") == 2  # fmt: skip
+    assert "its weights are not all finite numbers" in capsys.readouterr().err
 
 
 def test_web_ui_infotext_with_lora_embedding_and_sde_sampler_runs_as_written(tmp_path, ckpt, tiny_models, capsys):
@@ -354,6 +366,7 @@ def test_ctrl_c_is_one_line_and_exit_130_and_leaves_no_empty_folder(tmp_path, ck
     [
         (["txt2img", "--prompt", "x", "--n-iter", 10**12, "--outdir", "OUT"], "--batch-size × --n-iter must be at most"),
         (["info", "CKPT", "--device", "bogus"], "bogus"),
+        (["info", "CKPT", "--config", "CKPT"], "tiny.safetensors: cannot read the config"),
         (["train", "--max-grad-norm", -1, "--outdir", "OUT"], "max-grad-norm must be above 0, not -1"),
         (["train", "--lr", 0, "--outdir", "OUT"], "lr must be above 0, not 0"),
         (["train", "--prompt-dropout", 2, "--outdir", "OUT"], "prompt-dropout is a probability, in [0, 1], not 2"),

@@ -355,10 +355,13 @@ def _parse_config(config) -> LatentDiffusionConfig:
     if isinstance(config, (str, os.PathLike)):
         import yaml
 
+        path = config
         try:
-            config = yaml.safe_load(Path(config).read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise CheckpointError(f"{config}: cannot read the config ({_first_line(e)})") from None
+            config = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise CheckpointError(f"{path}: cannot read the config ({_first_line(e)})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: not a CompVis YAML config (it holds a {type(config).__name__})")
     if not isinstance(config, dict):
         raise CheckpointError(f"config must be a CompVis YAML path or its parsed mapping, not {type(config).__name__}")
     return from_ldm_config(config)

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import socket
 import sys
 import time
@@ -112,7 +113,7 @@ def checked(
     except RequestError as e:
         message = str(e)
         for field, flag in FLAGS.items():
-            if message.startswith(field + " "):
+            if message.startswith((field + " ", field + ":")):
                 message = flag + message[len(field) :]
         raise UsageError(message) from None
 
@@ -162,8 +163,9 @@ def lora_args(args) -> tuple[dict[str, Path], str]:
             path, weight = value, 1.0
         if not Path(path).is_file():
             raise UsageError(f"--lora {path}: no such file")
-        loras[Path(path).stem] = Path(path)
-        tags.append(f"<lora:{Path(path).stem}:{weight:g}>")
+        name = re.sub(r"[:<>]", "_", Path(path).stem)  # a name the tag can hold (`:` and `>` end it)
+        loras[name] = Path(path)
+        tags.append(f"<lora:{name}:{weight:g}>")
     return loras, " ".join(tags)
 
 

@@ -130,6 +130,8 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
             and up.shape[2:].numel() == 1
         ):
             raise LoRAError(f"{source}: {name}: up {tuple(up.shape)} and down {tuple(down.shape)} are no LoRA pair")
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):  # else a NaN image, blamed on the model
+            raise LoRAError(f"{source}: {name}: its weights are not all finite numbers")
         alpha = float(h["alpha"]) if "alpha" in h else _metadata_alpha(config, name)
         rank = down.shape[0]
         layers[name] = LoRALayer(down, up, alpha / rank if alpha else 1.0)  # kohya reads α = 0 as α = r too

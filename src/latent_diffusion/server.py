@@ -538,8 +538,10 @@ def create_app(
         wanted = overrides.get("sd_model_checkpoint")
         checkpoint = checkpoints.find(str(wanted)) if wanted is not None else selected[0]
         clip_skip = overrides.get("CLIP_stop_at_last_layers")
-        if clip_skip is not None and not isinstance(clip_skip, int):
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)):
             raise RequestError("override_settings.CLIP_stop_at_last_layers: a whole number of layers")
+        if body.refiner_switch_at is not None and not 0 <= body.refiner_switch_at <= 1:
+            raise RequestError(f"refiner_switch_at must be in [0, 1], not {body.refiner_switch_at}")
         refiner = None
         if body.refiner_checkpoint not in (None, "", "None"):  # the web UI's "None" is no refiner
             refiner = checkpoints.find(body.refiner_checkpoint)
