@@ -360,3 +360,45 @@ def test_half_precision_weights_get_a_float32_delta(tiny_models, tmp_path):
     assert ulps.max() <= 1 and (ulps == 0).float().mean() > 0.99
     remove_lora(model, applied)
     assert_restored(model, before)
+
+
+def web_ui_dora(w: torch.Tensor, updown: torch.Tensor, dora_scale: torch.Tensor, scale: float, strength: float):
+    """The web UI's DoRA merge, written out from its extensions-builtin/Lora/network.py (finalize_updown, then
+    apply_weight_decompose): the reference for `test_dora_merges_as_the_web_ui`."""
+    updown = updown.reshape(w.shape) * scale
+    merged = updown + w
+    norm = merged.transpose(0, 1).reshape(merged.shape[1], -1).norm(dim=1, keepdim=True)
+    norm = norm.reshape(merged.shape[1], *[1] * (w.dim() - 1)).transpose(0, 1)
+    return w + (merged * (dora_scale / norm) - w) * strength
+
+
+def test_dora_merges_as_the_web_ui(tiny_models, tmp_path):
+    """LyCORIS's `.dora_scale` beside a kohya pair: per input channel (its default, (1, in[, 1, 1])) on a 3×3
+    convolution and a Linear layer, per output ((out, 1), its wd_on_output) on another; removed bit for bit."""
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(tiny_models["sd1"])
+    names = {"unet.down_blocks.0.resnets.0.conv1": model.unet.input_blocks[1][0].in_layers[2],
+             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k":
+                 model.unet.input_blocks[1][1].transformer_blocks[0].attn2.to_k,
+             "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+                 model.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q}  # fmt: skip
+    halves = random_halves(names, 13)
+    path = kohya_file(tmp_path / "d.safetensors", halves, {n: 2.0 for n in names})
+    sd, g, magnitudes = load_file(path), torch.Generator().manual_seed(14), {}
+    for (name, module), per_output in zip(names.items(), (False, False, True)):
+        w = module.weight
+        shape = (w.shape[0], *[1] * (w.dim() - 1)) if per_output else (1, w.shape[1], *[1] * (w.dim() - 2))
+        magnitudes[name] = torch.rand(shape, generator=g) + 0.5
+        sd["lora_unet_" + name.partition(".")[2].replace(".", "_") + ".dora_scale"] = magnitudes[name]
+    save_file(sd, path)
+    before = {name: m.weight.detach().clone() for name, m in names.items()}
+    applied = apply_lora(model, read_lora(path), 0.7)
+    assert applied.warnings == []
+    for name, module in names.items():
+        down, up = halves[name]
+        updown = up.flatten(1) @ down.flatten(1)
+        expected = web_ui_dora(before[name], updown, magnitudes[name], 2.0 / RANK, 0.7)
+        torch.testing.assert_close(module.weight, expected, atol=1e-5, rtol=0)
+    remove_lora(model, applied)
+    assert all(torch.equal(m.weight, before[n]) for n, m in names.items())

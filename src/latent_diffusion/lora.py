@@ -6,6 +6,10 @@ A LoRA layer of rank r changes a weight W (out, in) by ΔW = (α / r) · up · d
 ΔW = (up (out, r) @ down (r, in·k·k)) reshaped to (out, in, k, k). Merging with a strength w:
 
     W' = W + w · (α / r) · up · down        (in float32, then cast to W's dtype)
+DoRA (Liu et al. 2024; LyCORIS's `.dora_scale`, as the web UI merges it): the LoRA's sum is rescaled so that each
+input channel's column (over the outputs and the kernel) has the file's magnitude m, and the strength scales the
+change from W:
+    V = W + (α / r) · up · down,   W' = W + w · (m · V / ‖V‖_column − W)
 
 Files, each naming modules by diffusers' (U-Net) and transformers' (CLIP text encoder) module paths:
 - kohya-ss: `lora_unet_<path>` and `lora_te_<path>` with `.` written `_`, then `.lora_down.weight`,
@@ -59,7 +63,7 @@ SUFFIXES = (
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),  # diffusers before PEFT ...
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # ... and its attention processors' `to_q_lora`
-    (".alpha", "alpha"),
+    (".alpha", "alpha"), (".dora_scale", "dora_scale"),
 )  # fmt: skip
 # diffusers' attention-processor LoRA named the projections its own way (`to_out_lora`, text `to_q_lora`).
 OLD_NAMES = {
@@ -79,13 +83,14 @@ class LoRALayer:
     down: torch.Tensor  # (r, in), or (r, in, k, k) for a convolution
     up: torch.Tensor  # (out, r), or (out, r, 1, 1)
     scale: float  # α / r; 1 where the file gives no alpha
+    dora_scale: torch.Tensor | None = None  # DoRA's magnitudes: (1, in[, 1, 1]) per input channel
 
 
 @dataclass
 class LoRA:
     # By module: "unet.<diffusers path>" or "text_encoder.<transformers path>", kohya's written with `_`.
     layers: dict[str, LoRALayer]
-    skipped: list[str] = field(default_factory=list)  # keys not merged: DoRA scales, LoHa/LoKr factors, lone halves
+    skipped: list[str] = field(default_factory=list)  # keys not merged: LoHa/LoKr factors, lone halves
     source: str = ""  # the file, for messages
 
 
@@ -120,7 +125,7 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
     layers = {}
     for name, h in halves.items():
         if "down" not in h or "up" not in h:
-            skipped += [f"{name} ({role} only)" for role in ("down", "up") if role in h]
+            skipped += [f"{name} ({role} only)" for role in ("down", "up", "dora_scale") if role in h]
             continue
         down, up = h["down"], h["up"]
         if not (
@@ -134,7 +139,11 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
             raise LoRAError(f"{source}: {name}: its weights are not all finite numbers")
         alpha = float(h["alpha"]) if "alpha" in h else _metadata_alpha(config, name)
         rank = down.shape[0]
-        layers[name] = LoRALayer(down, up, alpha / rank if alpha else 1.0)  # kohya reads α = 0 as α = r too
+        dora = h.get("dora_scale")
+        if dora is not None and dora.numel() not in (down.shape[1], up.shape[0]):
+            raise LoRAError(f"{source}: {name}: dora_scale {tuple(dora.shape)} has neither its {down.shape[1]} inputs "
+                            f"nor its {up.shape[0]} outputs")  # fmt: skip
+        layers[name] = LoRALayer(down, up, alpha / rank if alpha else 1.0, dora)  # kohya reads α = 0 as α = r too
     return LoRA(layers, skipped, source)
 
 
@@ -343,7 +352,7 @@ def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple
         )
     if lora.skipped:
         warnings.append(
-            f"{lora.source}: {len(lora.skipped)} keys of kinds not merged here (DoRA, LoHa, LoKr, lone halves) "
+            f"{lora.source}: {len(lora.skipped)} keys of kinds not merged here (LoHa, LoKr, lone halves) "
             f"were left out (first: {', '.join(lora.skipped[:3])})"
         )
     return matched, warnings
@@ -365,11 +374,24 @@ def remove_lora(model: LatentDiffusion, applied: AppliedLoRA) -> None:
 
 
 def _merged(w: torch.Tensor, layer: LoRALayer, strength: float) -> torch.Tensor:
-    """w + strength·scale·(up @ down) as a new tensor of w's dtype and shape; the product in float32."""
+    """w + strength·scale·(up @ down) as a new tensor of w's dtype and shape; the product in float32. With DoRA
+    magnitudes, W + strength·(m·V/‖V‖ − W) for V = W + scale·(up @ down) (the module docstring)."""
     f32 = {"device": w.device, "dtype": torch.float32}
     up, down = layer.up.flatten(1).to(**f32), layer.down.flatten(1).to(**f32)  # (out, r), (r, in·k·k)
-    merged = torch.addmm(w.reshape(w.shape[0], -1).float(), up, down, alpha=strength * layer.scale)
-    return merged.to(w.dtype).reshape(w.shape)
+    original = w.reshape(w.shape[0], -1).float()  # (out, in·k·k)
+    if layer.dora_scale is None:
+        merged = torch.addmm(original, up, down, alpha=strength * layer.scale)
+        return merged.to(w.dtype).reshape(w.shape)
+    out, inputs = w.shape[:2]
+    summed = torch.addmm(original, up, down, alpha=layer.scale).reshape(out, inputs, -1)  # (out, in, k·k)
+    norm = summed.transpose(0, 1).reshape(inputs, -1).norm(dim=1).reshape(1, inputs, 1)  # per input channel
+    m = layer.dora_scale.to(**f32)
+    # magnitudes per input (1, in, ...) as LyCORIS writes them by default; per output (out, 1, ...) (its
+    # wd_on_output) are broadcast against the per-input norm, as the web UI does
+    per_output = m.ndim > 1 and m.shape[0] == out != 1
+    m = m.reshape(out, 1, 1) if per_output else m.reshape(1, inputs, 1)
+    change = (summed * (m / norm)).reshape(out, -1) - original
+    return (original + strength * change).to(w.dtype).reshape(w.shape)
 
 
 def _fits(layer: LoRALayer, shape: tuple[int, ...]) -> bool:
