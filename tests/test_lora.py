@@ -384,7 +384,7 @@ def test_dora_merges_as_the_web_ui(tiny_models, tmp_path):
              "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
                  model.unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q}  # fmt: skip
     halves = random_halves(names, 13)
-    path = kohya_file(tmp_path / "d.safetensors", halves, {n: 2.0 for n in names})
+    path = kohya_file(tmp_path / "d.safetensors", halves, dict.fromkeys(names, 2.0))
     sd, g, magnitudes = load_file(path), torch.Generator().manual_seed(14), {}
     for (name, module), per_output in zip(names.items(), (False, False, True)):
         w = module.weight
