@@ -402,3 +402,26 @@ def test_dora_merges_as_the_web_ui(tiny_models, tmp_path):
         torch.testing.assert_close(module.weight, expected, atol=1e-5, rtol=0)
     remove_lora(model, applied)
     assert all(torch.equal(m.weight, before[n]) for n, m in names.items())
+
+
+def test_cp_decomposed_locon_merges_to_lycoris_forward(tiny_models, tmp_path):
+    """LyCORIS's CP LoCon runs a 1×1 down, a k×k mid (the layer's stride and padding) and a 1×1 up; the merged
+    convolution equals W·x + (α/r)·up(mid(down(x)))."""
+    model = copy.deepcopy(tiny_models["sd1"])
+    conv = model.unet.input_blocks[2][0].op  # stride 2, padding 1
+    name = "lora_unet_down_blocks_0_downsamplers_0_conv"
+    g = torch.Generator().manual_seed(15)
+    down = torch.randn(RANK, conv.in_channels, 1, 1, generator=g) / conv.in_channels**0.5
+    mid = torch.randn(RANK, RANK, 3, 3, generator=g) / 3
+    up = torch.randn(conv.out_channels, RANK, 1, 1, generator=g) * 0.3 / RANK**0.5
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_mid.weight": mid, f"{name}.lora_up.weight": up,
+               f"{name}.alpha": torch.tensor(2.0)}, tmp_path / "cp.safetensors")  # fmt: skip
+    w = conv.weight.detach().clone()
+    applied = apply_lora(model, read_lora(tmp_path / "cp.safetensors"), 0.8)
+    x = torch.randn(2, conv.in_channels, 9, 11, generator=g)
+    with torch.no_grad():
+        lycoris = F.conv2d(x, w, conv.bias, stride=2, padding=1)
+        lycoris = lycoris + 0.8 * 2.0 / RANK * F.conv2d(F.conv2d(F.conv2d(x, down), mid, stride=2, padding=1), up)
+        torch.testing.assert_close(conv(x), lycoris, atol=1e-5, rtol=0)
+    remove_lora(model, applied)
+    assert torch.equal(conv.weight, w)

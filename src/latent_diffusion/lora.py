@@ -3,7 +3,9 @@
 A LoRA layer of rank r changes a weight W (out, in) by ΔW = (α / r) · up · down, with down (r, in), up (out, r) and
 α the file's alpha (r where the file has none: a scale of 1). For a convolution (LoCon) down is a k×k convolution
 (r, in, k, k) and up a 1×1 one (out, r, 1, 1); their composition is again a k×k convolution,
-ΔW = (up (out, r) @ down (r, in·k·k)) reshaped to (out, in, k, k). Merging with a strength w:
+ΔW = (up (out, r) @ down (r, in·k·k)) reshaped to (out, in, k, k). LyCORIS's CP-decomposed LoCon has a 1×1 down
+(r, in, 1, 1), a k×k `lora_mid` (r, r, k, k) and a 1×1 up: the mid folds into the down as
+down'[n, j, k, l] = Σ_m mid[n, m, k, l] · down[m, j], which is again a LoCon pair. Merging with a strength w:
 
     W' = W + w · (α / r) · up · down        (in float32, then cast to W's dtype)
 DoRA (Liu et al. 2024; LyCORIS's `.dora_scale`, as the web UI merges it): the LoRA's sum is rescaled so that each
@@ -58,7 +60,7 @@ class LoRAError(ValueError):
 
 # (key suffix, role): what stands before the suffix names the module.
 SUFFIXES = (
-    (".lora_down.weight", "down"), (".lora_up.weight", "up"),  # kohya-ss
+    (".lora_down.weight", "down"), (".lora_up.weight", "up"), (".lora_mid.weight", "mid"),  # kohya-ss, LyCORIS
     (".lora_A.weight", "down"), (".lora_B.weight", "up"),  # PEFT
     (".lora.down.weight", "down"), (".lora.up.weight", "up"),  # diffusers before PEFT ...
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
@@ -125,9 +127,14 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
     layers = {}
     for name, h in halves.items():
         if "down" not in h or "up" not in h:
-            skipped += [f"{name} ({role} only)" for role in ("down", "up", "dora_scale") if role in h]
+            skipped += [f"{name} ({role} only)" for role in ("down", "up", "mid", "dora_scale") if role in h]
             continue
-        down, up = h["down"], h["up"]
+        down, up, rank = h["down"], h["up"], h["down"].shape[0]
+        if "mid" in h:  # CP decomposition: (r, r, k, k) between a 1×1 down and up
+            mid = h["mid"]
+            if not (mid.ndim == 4 and down.ndim == 4 and down.shape[2:].numel() == 1 and mid.shape[1] == rank):
+                raise LoRAError(f"{source}: {name}: mid {tuple(mid.shape)} and down {tuple(down.shape)} are no CP pair")
+            down = torch.einsum("nmkl,mj->njkl", mid.float(), down.flatten(1).float()).to(down.dtype)
         if not (
             down.ndim in (2, 4)
             and up.ndim == down.ndim
@@ -138,7 +145,6 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
         if not (torch.isfinite(up).all() and torch.isfinite(down).all()):  # else a NaN image, blamed on the model
             raise LoRAError(f"{source}: {name}: its weights are not all finite numbers")
         alpha = float(h["alpha"]) if "alpha" in h else _metadata_alpha(config, name)
-        rank = down.shape[0]
         dora = h.get("dora_scale")
         if dora is not None and dora.numel() not in (down.shape[1], up.shape[0]):
             raise LoRAError(f"{source}: {name}: dora_scale {tuple(dora.shape)} has neither its {down.shape[1]} inputs "
