@@ -254,3 +254,26 @@ def test_lora_tags_are_taken_out_of_the_prompt():
         extract_lora_tags("<hypernet:h:1>")
     with pytest.raises(ValueError, match="the weights of <lora:a:much> are not numbers"):
         extract_lora_tags("<lora:a:much>")
+
+
+def test_the_variants_of_an_edited_prompt_are_encoded_together_as_the_web_ui(tiny_models, monkeypatch):
+    """The web UI encodes a prompt's schedule variants in one batch: the shorter is padded with empty chunks, and
+    the emphasis rescaling restores the mean of the whole batch, not of each variant (its "Original" emphasis:
+    z·w·mean(z)/mean(z·w) over everything it encodes at once)."""
+    import latent_diffusion.denoiser as d
+
+    model, seen = tiny_models["sd1"], []
+    real = d.Denoiser.__init__
+    monkeypatch.setattr(d.Denoiser, "__init__", lambda self, *a: seen.append(a[3]["crossattn"]) or real(self, *a))
+    long = "word " * 80  # two chunks
+    common = dict(width=32, height=32, steps=4, sampler="euler", cfg_scale=1.0)
+    generate(model, GenerationRequest([f"[{long}::2] (cat:1.5)"], [1], **common))
+    first, second = seen
+    assert first.shape[1] == second.shape[1] == 154  # " (cat:1.5)" alone would be one chunk
+    plain = model.conditioning([f"{long} cat", " cat"], syntax=False)[0]["crossattn"]  # no emphasis at all
+    both = torch.cat([first, second])
+    # the joint rescaling keeps the mean over both variants of each chunk, not each variant's own mean
+    for chunk in (slice(0, 77), slice(77, 154)):
+        torch.testing.assert_close(both[:, chunk].mean(), plain[:, chunk].mean(), atol=1e-6, rtol=1e-5)
+    alone = model.conditioning([" (cat:1.5)"])[0]["crossattn"]
+    assert not torch.allclose(second[:, :77], alone, atol=1e-6)  # per-variant rescaling would give this

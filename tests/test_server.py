@@ -228,6 +228,24 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
     assert call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] == 0
 
 
+def test_clients_whose_prompts_differ_in_length_are_not_batched_together(server):
+    """A long prompt (two 77-token chunks) and short ones at once: a shared batch would pad the short contexts,
+    which changes their images, so each is answered with the image it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    base, _ = server
+    long = "a cat, " * 40
+    bodies = [{"prompt": long if seed % 2 else "a cat", "steps": 2, "width": 32, "height": 32, "seed": seed}
+              for seed in range(8)]  # fmt: skip
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda body: call(base, "/sdapi/v1/txt2img", body), bodies))
+    assert [status for status, _ in answers] == [200] * 8
+    for body, (_, answer) in zip(bodies, answers):
+        again = call(base, "/sdapi/v1/txt2img", body)[1]
+        a, b = (np.asarray(decode(x["images"][0]), dtype=int) for x in (answer, again))
+        assert np.abs(a - b).max() <= 1, body["seed"]
+
+
 def test_concurrent_clients_are_batched_and_each_gets_its_image_and_a_full_queue_is_a_503(server, ckpt, serve):
     """16 clients at once with distinct seeds: all answered, requests merged into shared U-Net batches (counted),
     and each image the one its seed gives alone: every pixel within one 8-bit level. A batched matmul rounds

@@ -158,21 +158,35 @@ def scheduled_denoiser(
 ):
     """The denoiser of a batch, with the conditioning of each prompt-editing segment (`prompts.prompt_schedule`):
     evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
-    editing there is one segment. -> (denoiser, prompt warnings)."""
-    texts = [extract_lora_tags(r.prompts[i])[0] for i in batch]  # the tags name LoRAs, merged already
-    texts += [r.negative_prompts[i] for i in batch] if r.cfg_scale != 1 else []
-    steps = r.editing_steps
-    schedules = [prompt_schedule(t, steps) if r.prompt_syntax else [(steps, t)] for t in texts]
-    ends = sorted({end for schedule in schedules for end, _ in schedule})
-    denoisers, notes = {}, []
+    editing there is one segment. As the web UI, the variants of one prompt are encoded together (padded to the
+    longest with empty chunks, one emphasis mean), and prompts of different lengths in one batch are padded by
+    repeating their last vector. -> (denoiser, prompt warnings)."""
+    steps, notes = r.editing_steps, []
+    options = dict(clip_skip=r.clip_skip, syntax=r.prompt_syntax, size=(r.height, r.width))
+
+    def encoded(texts: list[str], negative: bool) -> list[tuple[list, dict]]:
+        """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)})."""
+        found = {}
+        for text in dict.fromkeys(texts):
+            schedule = prompt_schedule(text, steps) if r.prompt_syntax else [(steps, text)]
+            variants = list(dict.fromkeys(variant for _, variant in schedule))
+            cond, more = model.conditioning(variants, negative=negative, joint=True, **options)
+            notes.extend(n for n in more if n not in notes)
+            found[text] = (schedule, {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)})
+        return [found[text] for text in texts]
+
+    prompts = encoded([extract_lora_tags(r.prompts[i])[0] for i in batch], False)  # the tags' LoRAs are merged
+    negatives = encoded([r.negative_prompts[i] for i in batch], True) if r.cfg_scale != 1 else []
+    ends = sorted({end for schedule, _ in (*prompts, *negatives) for end, _ in schedule})
+
+    def at(end: int, texts: list[tuple[list, dict]]) -> dict[str, torch.Tensor]:
+        """The batch's conditioning for the segment that ends at `end`."""
+        rows = [variants[next(v for last, v in schedule if end <= last)] for schedule, variants in texts]
+        return {k: padded_cat([row[k] for row in rows]) for k in rows[0]}
+
+    denoisers = {}
     for end in ends:
-        at_end = [next(text for last, text in schedule if end <= last) for schedule in schedules]
-        options = dict(clip_skip=r.clip_skip, syntax=r.prompt_syntax, size=(r.height, r.width))
-        cond, notes = model.conditioning(at_end[: len(batch)], **options)
-        uncond = {}
-        if r.cfg_scale != 1:
-            uncond, more = model.conditioning(at_end[len(batch) :], negative=True, **options)
-            notes += [n for n in more if n not in notes]
+        cond, uncond = at(end, prompts), at(end, negatives) if negatives else {}
         denoisers[end] = Denoiser(
             lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(), model.alphas_cumprod,
             model.parameterization, {**cond, **extra}, {**uncond, **extra} if uncond else None, r.cfg_scale,
@@ -186,6 +200,14 @@ def scheduled_denoiser(
         return denoisers[next((end for end in ends if k <= end), ends[-1])](x, sigma)
 
     return denoiser, notes
+
+
+def padded_cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """(1, n_i, ...) rows -> (b, max n_i, ...): a shorter context repeats its last vector (the web UI's
+    reconstruct_multicond_batch)."""
+    n = max(row.shape[1] for row in rows) if rows[0].ndim == 3 else None
+    return torch.cat([row if n is None or row.shape[1] == n else
+                      torch.cat([row, row[:, -1:].expand(-1, n - row.shape[1], -1)], dim=1) for row in rows])  # fmt: skip
 
 
 def rows(images: torch.Tensor, batch: range) -> torch.Tensor:

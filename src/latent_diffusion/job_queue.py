@@ -20,7 +20,7 @@ from typing import Any
 from .generate import Progress, generate
 from .images import to_pil
 from .latent_diffusion import LatentDiffusion
-from .request import GenerationRequest, RequestError, lora_weights, validate
+from .request import GenerationRequest, RequestError, context_lengths, lora_weights, validate
 
 
 class QueueFull(Exception):
@@ -60,6 +60,7 @@ class Job(Task):
     infotexts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     batched_with: int = 1  # jobs in the U-Net batch it ran in
+    lengths: tuple = ()  # `request.context_lengths` of the resolved request: only equal ones share a batch
     interrupted: bool = False
 
     def key(self) -> tuple | None:
@@ -68,7 +69,7 @@ class Job(Task):
         if not self.merge or r.init_image is not None or self.batch_size != len(r.prompts):
             return None
         return (self.checkpoint, self.refiner, r.refiner_switch, r.width, r.height, r.steps, r.sampler, r.scheduler,
-                r.spacing, r.eta, r.s_noise, r.cfg_scale, r.clip_skip, r.prompt_syntax)  # fmt: skip
+                r.spacing, r.eta, r.s_noise, r.cfg_scale, r.clip_skip, r.prompt_syntax, self.lengths)  # fmt: skip
 
 
 @dataclass
@@ -177,6 +178,7 @@ class Worker:
             if request.cfg_scale is None and self.model.cfg.cfg_scale is None:
                 request = dataclasses.replace(request, cfg_scale=job.cfg_scale)
             job.resolved = validate(request, self.model, self.refiner_of(job))
+            job.lengths = tuple(frozenset(n) for n in context_lengths(job.resolved, self.model))
             job.model_path = self.model.checkpoint
         except Exception as e:
             job.error = e

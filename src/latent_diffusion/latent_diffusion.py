@@ -125,14 +125,16 @@ class LatentDiffusion(nn.Module):
         syntax: bool = True,
         size: tuple[int, int] | None = None,
         negative: bool = False,
+        joint: bool = False,
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """prompts in the web UI's language (`prompts.py`) -> ({"crossattn": (b, 77·k, context_dim)}, warnings),
         and for SDXL "vector": y (b, adm_in_channels).
 
         Each prompt is k chunks of 77 tokens (prompts with fewer get empty-prompt chunks). Each token's hidden state
         is multiplied by its emphasis weight, then each chunk is rescaled to the mean it had unweighted, as the
-        web UI's "Original" emphasis (which takes that mean over its whole batch; per prompt here, so that an
-        image of a batch stays the image its seed gives alone). syntax=False reads the prompts as plain text.
+        web UI's "Original" emphasis. The web UI takes that mean over its whole batch, which holds the variants of
+        one prompt (its prompt-editing schedule): joint=True for those; per prompt otherwise, so that an image of
+        a batch stays the image its seed gives alone. syntax=False reads the prompts as plain text.
 
         SDXL: each text encoder encodes the chunks (emphasis applies to each), and the contexts are concatenated
         along the features. y is the pooled text of the first chunk, as the web UI's, then the micro-conditioning:
@@ -160,7 +162,7 @@ class LatentDiffusion(nn.Module):
                 if encoder.cfg.pooled:
                     z, chunk_pooled = z
                     pooled = chunk_pooled if pooled is None else pooled  # (b, embed_dim), the first chunk's
-                parts.append(emphasized(z, weights))
+                parts.append(emphasized(z, weights, joint))
             encoded.append(torch.cat(parts, dim=-1))
         cond = {"crossattn": torch.cat(encoded, dim=1)}
         if xl:
@@ -208,12 +210,14 @@ class LatentDiffusion(nn.Module):
         return self.model(x, t, cond)
 
 
-def emphasized(z: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Hidden states (b, 77, d) times their tokens' weights (b, 77, 1), rescaled to the mean they had unweighted."""
+def emphasized(z: torch.Tensor, weights: torch.Tensor, joint: bool = False) -> torch.Tensor:
+    """Hidden states (b, 77, d) times their tokens' weights (b, 77, 1), rescaled to the mean they had unweighted:
+    each row's mean, or with joint the mean of all rows."""
     if (weights == 1).all():
         return z
     weighted = z * weights.to(z.dtype)
-    mean, new_mean = z.mean(dim=(1, 2), keepdim=True), weighted.mean(dim=(1, 2), keepdim=True)
+    dims = (0, 1, 2) if joint else (1, 2)
+    mean, new_mean = z.mean(dim=dims, keepdim=True), weighted.mean(dim=dims, keepdim=True)
     return weighted * torch.where(new_mean == 0, 1, mean / new_mean)
 
 

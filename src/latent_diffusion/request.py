@@ -346,6 +346,20 @@ def embeddings_used(r: GenerationRequest, model: LatentDiffusion) -> list:
     return [used[name] for name in sorted(used)]
 
 
+def context_lengths(r: GenerationRequest, model: LatentDiffusion) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The 77-token chunk counts of the request's prompts and of its negative prompts, each the longest of its
+    variants (its prompt-editing schedule), as `generate` encodes them. Requests whose counts differ would pad each
+    other's contexts in one U-Net batch, which changes their images: a server batches only requests of equal ones."""
+    tokenizer = clip_tokenizer(model.cfg.text.max_length)
+
+    def chunks(text: str) -> int:
+        variants = [v for _, v in prompt_schedule(text, r.editing_steps)] if r.prompt_syntax else [text]
+        return max(len(chunk_prompt(v, tokenizer, r.prompt_syntax, model.embeddings)) for v in variants)
+
+    prompts = tuple(chunks(extract_lora_tags(text)[0]) for text in r.prompts)
+    return prompts, tuple(chunks(text) for text in r.negative_prompts or [""] * len(r.prompts))
+
+
 def infotext(r: GenerationRequest, i: int, fields: dict) -> str:
     """Image i's `parameters` text: its prompt, negative prompt, and the fields with its seed."""
     return parameters_text(r.prompts[i], r.negative_prompts[i], {**fields, "Seed": r.seeds[i]})
