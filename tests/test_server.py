@@ -207,7 +207,7 @@ def test_api_auth_and_body_limit(ckpt, serve):
 
 def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
     """While a job runs, /progress reports its step and a preview image of the model's size; /interrupt ends it
-    early, and the answer says so."""
+    early, and the answer says so, with the image the running batch had got to (as the web UI answers)."""
     base, model = server
     answer = {}
     job = threading.Thread(target=lambda: answer.update(
@@ -224,7 +224,9 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
     assert call(base, "/sdapi/v1/interrupt", {}) == (200, {})
     job.join(timeout=60)
     info = json.loads(answer["body"]["info"])
-    assert answer["status"] == 200 and info["interrupted"] and len(answer["body"]["images"]) < 2
+    assert answer["status"] == 200 and info["interrupted"] and len(answer["body"]["images"]) == 1
+    assert info["all_seeds"] == [1] and "Seed: 1" in info["infotexts"][0]
+    assert decode(answer["body"]["images"][0]).size == (model.cfg.default_size, model.cfg.default_size)
     assert call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] == 0
 
 

@@ -17,10 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .generate import Progress, generate
+import torch
+
+from .generate import Progress, decode, generate
 from .images import to_pil
 from .latent_diffusion import LatentDiffusion
-from .request import GenerationRequest, RequestError, context_lengths, lora_weights, validate
+from .request import GenerationRequest, RequestError, context_lengths, infotext, infotext_fields, lora_weights, validate
 
 
 class QueueFull(Exception):
@@ -240,19 +242,21 @@ class Worker:
         self, request: GenerationRequest, sizes: list[int], refiner: LatentDiffusion | None = None
     ) -> tuple[list, list[str], list[str]]:
         """Run a resolved request in U-Net batches of these sizes -> (PIL images, infotexts, warnings); stops early
-        on an interrupt, or when every job of the batch is cancelled."""
+        on an interrupt, or when every job of the batch is cancelled. An interrupted batch answers, as the web UI's,
+        with the images its last step's x0 estimate decodes to."""
         images, infotexts, warnings, start = [], [], [], 0
-        self.parts = len(sizes)
+        self.parts, estimate = len(sizes), None
 
         def step_done(p: Progress) -> None:
-            self.step, self.steps = p.step, p.total
-            self.latent = p.sampler_step.denoised[:1].to(self.model.dtype)
+            nonlocal estimate
+            self.step, self.steps, estimate = p.step, p.total, p.sampler_step.denoised
+            self.latent = estimate[:1].to(self.model.dtype)
             if self.interrupted or all(j.cancelled for j in self.running):
                 raise Interrupted
 
         try:
             for self.part, size in enumerate(sizes):
-                self.step = 0
+                self.step, estimate = 0, None
                 part = slice(start, start + size)
                 batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
                                             negative_prompts=request.negative_prompts[part], batch_size=size)  # fmt: skip
@@ -262,7 +266,12 @@ class Worker:
                 warnings += [w for w in result.warnings if w not in warnings]
                 start += size
         except Interrupted:
-            pass
+            if estimate is not None and not all(j.cancelled for j in self.running):
+                with torch.no_grad():
+                    decoded = decode(self.model, estimate, tiled=bool(batch.vae_tiling))
+                images += [to_pil((image / 2 + 0.5).clamp(0, 1)) for image in decoded]
+                fields = infotext_fields(batch, self.model, refiner)
+                infotexts += [infotext(batch, i, fields) for i in range(len(batch.prompts))]
         finally:
             self.step = self.steps = self.part = self.parts = 0
             self.latent = None
