@@ -220,7 +220,8 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     height, width = (cfg.default_size if side is None else side for side in size)
     f = cfg.autoencoder.downsampling_factor
     if any(side is not None and side % f for side in (r.width, r.height)):  # asked for, before any image's size
-        _fail(f"width and height must be positive multiples of {f}, not {r.width}x{r.height}")
+        asked = [cfg.default_size if side is None else side for side in (r.width, r.height)]
+        _fail(f"width and height must be positive multiples of {f}, not {asked[0]}x{asked[1]}")
     if r.init_image is not None and (width % f or height % f):
         _fail(f"the image is {width}x{height}: its sides must be multiples of {f}; resize it")
     if width % f or height % f or width <= 0 or height <= 0:
