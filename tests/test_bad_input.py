@@ -244,7 +244,8 @@ def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, 
     argv = ["txt2img", "--ckpt", str(ckpt), "--prompt", "x", "--outdir", str(out), "--steps", "1", "--quiet"]
     assert main([*argv, "--width", "64", "--height", "64", "--batch-size", "4"]) == 2
     assert (
-        "--batch-size: 4 images of 64x64 need about 16 MiB at once, more than the 10 MiB free" in capsys.readouterr().err
+        "--batch-size: 4 images of 64x64 need about 16 MiB at once, more than the 10 MiB free"
+        in capsys.readouterr().err
     )
     assert not out.exists()
     assert main([*argv, "--width", "24", "--height", "24", "--batch-size", "4"]) == 0  # 4 x 24 x 24 fits
