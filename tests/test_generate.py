@@ -305,6 +305,10 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     assert not torch.allclose(tagged.images, generate(model, GenerationRequest(["a cat "], [3], **common)).images)
     assert tagged.infotexts[0].startswith("a cat <lora:style:0.6>\n")
     assert f'Lora hashes: "style: {lora_hash(path)}"' in tagged.infotexts[0]
+    model.loras = {"style": path, "sty,le": path}  # the web UI writes a name without its `,` and `:` there
+    infotext = generate(model, GenerationRequest(["<lora:sty,le:0.6>"], [3], **common)).infotexts[0]
+    assert f'Lora hashes: "style: {lora_hash(path)}"' in infotext
+    model.loras = {"style": path}
     with pytest.raises(RequestError, match=r"<lora:other> names no LoRA file here; these are: style"):
         generate(model, GenerationRequest(["<lora:other:1>"], [3], **common))
     with pytest.raises(RequestError, match="LoRA style at two weights in one batch"):

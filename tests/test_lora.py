@@ -425,3 +425,21 @@ def test_cp_decomposed_locon_merges_to_lycoris_forward(tiny_models, tmp_path):
         torch.testing.assert_close(conv(x), lycoris, atol=1e-5, rtol=0)
     remove_lora(model, applied)
     assert torch.equal(conv.weight, w)
+
+
+def test_a_base_model_lora_widens_onto_an_inpainting_models_input_convolution(tiny_models, tmp_path):
+    """The web UI pads a LoRA's change to conv_in from the base model's 4 latent channels to the inpainting model's
+    9 with zeros: the mask and masked-image channels keep their weights."""
+    model = copy.deepcopy(tiny_models["inpaint"])
+    conv = model.unet.input_blocks[0][0]
+    assert conv.in_channels == 9
+    base = nn.Conv2d(4, conv.out_channels, 3, padding=1)
+    halves = random_halves({"unet.conv_in": base}, 16)
+    w = conv.weight.detach().clone()
+    applied = apply_lora(model, read_lora(kohya_file(tmp_path / "in.safetensors", halves, {})), 0.5)
+    down, up = halves["unet.conv_in"]
+    change = 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(conv.out_channels, 4, 3, 3)
+    torch.testing.assert_close(conv.weight[:, :4], w[:, :4] + change, atol=1e-6, rtol=0)
+    assert torch.equal(conv.weight[:, 4:], w[:, 4:])
+    remove_lora(model, applied)
+    assert torch.equal(conv.weight, w)

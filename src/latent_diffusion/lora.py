@@ -35,6 +35,7 @@ each touched parameter gets a new tensor, and `remove_lora` puts the original te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import CheckpointError, read_state_dict
@@ -304,9 +306,9 @@ def apply_lora(
     te = weight if te_weight is None else te_weight
     strength = {"unet": weight, "text_encoder": te, "text_encoder_2": te}
     by_param: dict[str, list[tuple[tuple[int, int] | None, LoRALayer, float]]] = {}
-    for name, target in matched:
+    for name, target, layer in matched:
         if w := strength[name.partition(".")[0]]:
-            by_param.setdefault(target.param, []).append((target.rows, lora.layers[name], w))
+            by_param.setdefault(target.param, []).append((target.rows, layer, w))
     replaced = {}
     with torch.no_grad():
         for name, parts in by_param.items():
@@ -323,10 +325,13 @@ def apply_lora(
     return AppliedLoRA(replaced, len(matched), warnings)
 
 
-def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple[str, Target]], list[str]]:
-    """-> ([(LoRA layer name, its target)], warnings), or LoRAError when nothing matches or a shape does not fit."""
+def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple[str, Target, LoRALayer]], list[str]]:
+    """-> ([(LoRA layer name, its target, the layer)], warnings), or LoRAError when nothing matches or a shape does
+    not fit. An inpainting model's input convolution takes a LoRA of the base model's (4 latent channels in) with
+    zeros for its mask and masked-image channels, as the web UI widens it."""
     table = module_table(model)
     matched, unmatched, misfits = [], [], []
+    first_conv = next(k for k in params if k.endswith("input_blocks.0.0.weight"))
     for name, layer in lora.layers.items():
         target = table.get(name)
         if target is None:
@@ -334,9 +339,12 @@ def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple
             continue
         w = params[target.param]
         shape = (w.shape[0] if target.rows is None else target.rows[1] - target.rows[0], *w.shape[1:])
+        extra = w.shape[1] - layer.down.shape[1] if target.param == first_conv and layer.down.ndim == 4 else 0
+        if extra > 0 and layer.down.shape[1] == model.cfg.unet.in_channels - model.cfg.concat_channels:
+            layer = dataclasses.replace(layer, down=F.pad(layer.down, (0, 0, 0, 0, 0, extra)))  # (r, in + extra, k, k)
         if not _fits(layer, shape):
             misfits.append(f"{name}: LoRA {_shape((layer.up.shape[0], *layer.down.shape[1:]))}, model {_shape(shape)}")
-        matched.append((name, target))
+        matched.append((name, target, layer))
     family = model.cfg.family.title
     if misfits:
         widths = (v.down.shape[1] for k, v in lora.layers.items() if k.endswith(("attn2.to_k", "attn2_to_k", "q_proj")))

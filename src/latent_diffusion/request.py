@@ -322,9 +322,9 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion, refiner: Laten
     if r.clip_skip is not None and r.clip_skip > 1:
         fields["Clip skip"] = r.clip_skip
     if loras := sorted({tag.name for text in r.prompts for tag in extract_lora_tags(text)[1]}):
-        fields["Lora hashes"] = ", ".join(f"{name}: {lora_hash(model.loras[name])}" for name in loras)
+        fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(model.loras[name])}" for name in loras)
     if used := embeddings_used(r, model):
-        fields["TI hashes"] = ", ".join(f"{e.name}: {e.shorthash}" for e in used)
+        fields["TI hashes"] = ", ".join(f"{_bare(e.name)}: {e.shorthash}" for e in used)
     if r.init_image is not None:
         fields["Denoising strength"] = r.strength
     if refiner is not None:
@@ -345,6 +345,11 @@ def embeddings_used(r: GenerationRequest, model: LatentDiffusion) -> list:
             for chunk in chunk_prompt(variant, tokenizer, r.prompt_syntax, model.embeddings):
                 used |= {e.name: e for _, e in chunk.embeddings}
     return [used[name] for name in sorted(used)]
+
+
+def _bare(name: str) -> str:
+    """A name as the web UI writes it in a "name: hash, ..." field: without the `:` and `,` that separate them."""
+    return name.replace(":", "").replace(",", "")
 
 
 def context_lengths(r: GenerationRequest, model: LatentDiffusion) -> tuple[tuple[int, ...], tuple[int, ...]]:
