@@ -574,3 +574,27 @@ def test_answers_have_the_web_uis_shape(server):
     assert status == 200 and 0 <= json.loads(answer["info"])["seed"] < 2**32
     status, answer = call(base, "/sdapi/v1/txt2img", small | {"batch_size": -1, "n_iter": -1})
     assert status == 422 and "batch_size and n_iter must be at least 1, not -1 and -1" in answer["detail"]
+
+
+def test_a_request_that_goes_non_finite_in_a_shared_batch_fails_alone(ckpt, serve, monkeypatch):
+    """If a merged batch turns NaN, each of its jobs runs again alone: the others get their images, and the error
+    goes to the one that causes it, with its own seeds only."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import latent_diffusion.job_queue as q
+
+    real = q.generate
+
+    def poisoned(model, request, **kw):
+        if any("poison" in p for p in request.prompts):
+            raise q.NonFiniteError(f"non-finite latents for seeds {request.seeds}")
+        return real(model, request, **kw)
+
+    monkeypatch.setattr(q, "generate", poisoned)
+    with serve(create_app(load_model(ckpt), limits=ServerLimits(batch_window=1.0))) as base:
+        bodies = [{"prompt": "poison" if seed == 2 else "a cat", "steps": 1, "width": 32, "height": 32, "seed": seed}
+                  for seed in range(4)]  # fmt: skip
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda body: call(base, "/sdapi/v1/txt2img", body), bodies))
+    assert [status for status, _ in answers] == [200, 200, 500, 200]
+    assert "seeds [2]" in answers[2][1]["detail"]

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .generate import Progress, decode, generate
+from .generate import NonFiniteError, Progress, decode, generate
 from .images import to_pil
 from .latent_diffusion import LatentDiffusion
 from .request import GenerationRequest, RequestError, context_lengths, infotext, infotext_fields, lora_weights, validate
@@ -222,11 +222,14 @@ class Worker:
                 )  # fmt: skip
                 try:  # the batch's memory (and so its VAE tiling) is checked for all its images together
                     merged = validate(merged, self.model, self.refiner_of(group[0]))
-                except RequestError:  # too large together: each job alone, one after another
-                    for job in group:
-                        self.run_group([job])
+                    images, infotexts, warnings = self.execute(merged, [len(merged.prompts)], self.refiner_of(group[0]))
+                except (RequestError, NonFiniteError):  # too large together, or one went NaN: each job alone, so
+                    for job in group:  # that each gets its own answer (and its own seeds in an error)
+                        try:
+                            self.run_group([job])
+                        except Exception as e:
+                            job.error = e
                     return
-                images, infotexts, warnings = self.execute(merged, [len(merged.prompts)], self.refiner_of(group[0]))
                 start = 0
                 for job in group:
                     n = len(job.request.prompts)
