@@ -429,3 +429,24 @@ def test_argument_errors_are_one_line(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err == "ldm: error: txt2img: argument --seed: invalid int value: 'abc' (see ldm txt2img --help)\n"
+
+
+def test_serve_makes_no_output_folder_it_does_not_need(tmp_path, capsys):
+    """The folder is checked (it could be made and written) but not made: save_images is off by default."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out"
+    assert run("serve", "--port", port, "--ckpt", tmp_path / "missing.safetensors", "--outdir", out) == 2
+    assert "missing.safetensors" in capsys.readouterr().err and not out.exists()
+
+
+def test_img2img_infotext_keeps_the_init_images_size_without_resize(tmp_path, ckpt, picture, capsys):
+    image, _ = picture  # 64x48
+    infotext = "a cat\nSteps: 2, Sampler: Euler, CFG scale: 3, Seed: 1, Size: 32x32"
+    assert run("img2img", "--ckpt", ckpt, "--init-image", image, "--infotext", infotext, "--quiet",
+               "--outdir", tmp_path / "out") == 0  # fmt: skip
+    with Image.open(next((tmp_path / "out").iterdir())) as im:
+        assert im.size == (64, 48)

@@ -443,3 +443,8 @@ def test_a_base_model_lora_widens_onto_an_inpainting_models_input_convolution(ti
     assert torch.equal(conv.weight[:, 4:], w[:, 4:])
     remove_lora(model, applied)
     assert torch.equal(conv.weight, w)
+    sd = {"lora_unet_conv_in.lora_down.weight": down, "lora_unet_conv_in.lora_up.weight": up,
+          "lora_unet_conv_in.dora_scale": torch.ones(1, 4, 1, 1)}  # fmt: skip
+    save_file(sd, tmp_path / "dora.safetensors")
+    with pytest.raises(LoRAError, match="DoRA on an inpainting model's input convolution is not supported"):
+        apply_lora(model, read_lora(tmp_path / "dora.safetensors"))

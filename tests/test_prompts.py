@@ -178,7 +178,7 @@ def test_prompt_editing_schedules_match_the_web_uis_examples(text, steps, expect
         # a number with a point is a fraction of the steps, one without a step number
         ("[a:b:1.0]", [(10, "a")]), ("[a:b:2.5]", [(10, "a")]), ("[a:b:3.]", [(10, "a")]), ("[a:b:0.25]", [(2, "a"), (10, "b")]),
         ("[a:b:1e1]", [(10, "a")]), ("[a:b:+3]", [(3, "a"), (10, "b")]), ("[a:b:-1]", [(10, "b")]), ("[a:b:0]", [(10, "b")]),
-        ("[a:b:3 ]", [(3, "a"), (10, "b")]), ("[a:b:\t2]", [(2, "a"), (10, "b")]), ("[a:b:1e400]", [(10, "a")]),
+        ("[a:b:3 ]", [(3, "a"), (10, "b")]), ("[a:b:\t2]", [(2, "a"), (10, "b")]), ("[a:b:1e400]", [(10, "a")]), ("[a:b:-1e999]", [(10, "b")]),
         # outside the grammar: the text as written, no edit anywhere in it
         ("[a:b:3] cat | dog", [(10, "[a:b:3] cat | dog")]), ("(a|b) [c:d:3]", [(10, "(a|b) [c:d:3]")]),
         ("[a:b:3] x\\", [(10, "[a:b:3] x\\")]), ("[a:b:2]\\\n", [(10, "[a:b:2]\\\n")]),

@@ -195,8 +195,11 @@ def with_images(request: GenerationRequest, args, model: LatentDiffusion) -> Gen
 
 
 def apply_infotext(args, argv: list[str]) -> None:
-    """Fill in the settings of --infotext, except those of flags given on the command line."""
+    """Fill in the settings of --infotext, except those of flags given on the command line, and its size where an
+    init image keeps its own (no --resize)."""
     settings, ignored = settings_from_infotext(read_infotext(args.infotext))
+    if getattr(args, "init_image", None) and not args.resize:
+        settings = {k: v for k, v in settings.items() if k not in ("width", "height")}
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     other_flags = {"scheduler": {"--karras", "--no-karras"}}  # other flags that set the same setting
     args.infotext_model_hash = settings.pop("model_hash", None)
@@ -402,11 +405,12 @@ def cmd_train(args) -> None:
         print(f"wrote {path}")
 
 
-def socket_family(host: str) -> socket.AddressFamily:
-    try:
-        return socket.getaddrinfo(host, None)[0][0]
-    except socket.gaierror:
-        raise UsageError(f"--host {host}: not an address of this machine") from None
+def writable_later(folder: Path) -> None:
+    """UsageError unless `folder` could be made and written: it, or the nearest folder above it that exists, is a
+    writable folder. Nothing is created (a server that never saves leaves no empty folder)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to the output folder {folder}: {existing} is not a writable folder")
 
 
 def cmd_serve(args) -> None:
@@ -442,15 +446,16 @@ def cmd_serve(args) -> None:
             print(f"ldm: warning: {notice}", file=sys.stderr)
         return compile_model(model) if args.compile else model
 
-    with socket.create_server((args.host, args.port), family=socket_family(args.host)):
-        pass  # the address is free and ours to take (else OSError, exit 1), before the model loads
-    created = prepare_outdir(Path(args.outdir))  # where save_images writes: a bad folder is found now
-    found = list(checkpoint_files(models_dir).values()) if models_dir else []
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # as uvicorn picks it
     try:
-        model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
-    except BaseException:
-        remove_empty(created)
-        raise
+        socket.getaddrinfo(args.host, args.port, family)
+    except socket.gaierror:
+        raise UsageError(f"--host {args.host}: not an address of this machine") from None
+    with socket.create_server((args.host, args.port), family=family):
+        pass  # the address is free and ours to take (else OSError, exit 1), before the model loads
+    writable_later(Path(args.outdir))  # where save_images writes: a bad folder is found now, none is made
+    found = list(checkpoint_files(models_dir).values()) if models_dir else []
+    model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
     print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
           file=sys.stderr)  # fmt: skip
     app = create_app(model, args.outdir, load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits,

@@ -65,10 +65,15 @@ class Job(Task):
     lengths: tuple = ()  # `request.context_lengths` of the resolved request: only equal ones share a batch
     interrupted: bool = False
 
-    def key(self) -> tuple | None:
-        """Jobs of equal keys can share U-Net batches; None: runs alone (init images, one call per batch_size)."""
+    def shares_batches(self) -> bool:
+        """Whether it may share U-Net batches at all (not with init images, nor one call per batch_size)."""
         r = self.resolved
-        if not self.merge or r.init_image is not None or self.batch_size != len(r.prompts):
+        return self.merge and r.init_image is None and self.batch_size == len(r.prompts)
+
+    def key(self) -> tuple | None:
+        """Jobs of equal keys can share U-Net batches; None: runs alone."""
+        r = self.resolved
+        if not self.shares_batches():
             return None
         return (self.checkpoint, self.refiner, r.refiner_switch, r.width, r.height, r.steps, r.sampler, r.scheduler,
                 r.spacing, r.eta, r.s_noise, r.cfg_scale, r.clip_skip, r.prompt_syntax, self.lengths)  # fmt: skip
@@ -180,7 +185,8 @@ class Worker:
             if request.cfg_scale is None and self.model.cfg.cfg_scale is None:
                 request = dataclasses.replace(request, cfg_scale=job.cfg_scale)
             job.resolved = validate(request, self.model, self.refiner_of(job))
-            job.lengths = tuple(frozenset(n) for n in context_lengths(job.resolved, self.model))
+            if job.shares_batches():  # (the chunk counts cost a tokenisation of every distinct prompt variant)
+                job.lengths = tuple(frozenset(n) for n in context_lengths(job.resolved, self.model))
             job.model_path = self.model.checkpoint
         except Exception as e:
             job.error = e
@@ -204,10 +210,14 @@ class Worker:
             return False
         return True
 
-    def run_group(self, group: list[Job]) -> None:
+    def run_group(self, group: list[Job], again: bool = False) -> None:
+        """Run the jobs as one U-Net batch. again: a job of a group that failed together, run on its own now (an
+        interrupt of the group still holds)."""
         if not group:
             return
-        self.interrupted, self.started, self.running = False, time.monotonic(), group
+        if not again:
+            self.interrupted, self.started = False, time.monotonic()
+        self.running = group
         try:
             if len(group) == 1:
                 job = group[0]
@@ -226,7 +236,7 @@ class Worker:
                 except (RequestError, NonFiniteError):  # too large together, or one went NaN: each job alone, so
                     for job in group:  # that each gets its own answer (and its own seeds in an error)
                         try:
-                            self.run_group([job])
+                            self.run_group([job], again=True)
                         except Exception as e:
                             job.error = e
                     return

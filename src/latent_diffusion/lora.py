@@ -148,7 +148,8 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
             raise LoRAError(f"{source}: {name}: its weights are not all finite numbers")
         alpha = float(h["alpha"]) if "alpha" in h else _metadata_alpha(config, name)
         dora = h.get("dora_scale")
-        if dora is not None and dora.numel() not in (down.shape[1], up.shape[0]):
+        per_input = dora is not None and dora.numel() == down.shape[1] and (dora.ndim == 1 or dora.shape[0] == 1)
+        if dora is not None and not per_input and dora.numel() != up.shape[0]:
             raise LoRAError(f"{source}: {name}: dora_scale {tuple(dora.shape)} has neither its {down.shape[1]} inputs "
                             f"nor its {up.shape[0]} outputs")  # fmt: skip
         layers[name] = LoRALayer(down, up, alpha / rank if alpha else 1.0, dora)  # kohya reads α = 0 as α = r too
@@ -341,6 +342,9 @@ def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple
         shape = (w.shape[0] if target.rows is None else target.rows[1] - target.rows[0], *w.shape[1:])
         extra = w.shape[1] - layer.down.shape[1] if target.param == first_conv and layer.down.ndim == 4 else 0
         if extra > 0 and layer.down.shape[1] == model.cfg.unet.in_channels - model.cfg.concat_channels:
+            if layer.dora_scale is not None:  # its magnitudes are for the 4 channels (the web UI fails here too)
+                raise LoRAError(f"{lora.source}: {name}: DoRA on an inpainting model's input convolution is not "
+                                "supported")  # fmt: skip
             layer = dataclasses.replace(layer, down=F.pad(layer.down, (0, 0, 0, 0, 0, extra)))  # (r, in + extra, k, k)
         if not _fits(layer, shape):
             misfits.append(f"{name}: LoRA {_shape((layer.up.shape[0], *layer.down.shape[1:]))}, model {_shape(shape)}")
@@ -402,8 +406,8 @@ def _merged(w: torch.Tensor, layer: LoRALayer, strength: float) -> torch.Tensor:
     m = layer.dora_scale.to(**f32)
     # magnitudes per input (1, in, ...) as LyCORIS writes them by default; per output (out, 1, ...) (its
     # wd_on_output) are broadcast against the per-input norm, as the web UI does
-    per_output = m.ndim > 1 and m.shape[0] == out != 1
-    m = m.reshape(out, 1, 1) if per_output else m.reshape(1, inputs, 1)
+    per_input = m.numel() == inputs and (m.ndim == 1 or m.shape[0] == 1)
+    m = m.reshape(1, inputs, 1) if per_input else m.reshape(out, 1, 1)  # (parse_lora checked it is one or other)
     change = (summed * (m / norm)).reshape(out, -1) - original
     return (original + strength * change).to(w.dtype).reshape(w.shape)
 

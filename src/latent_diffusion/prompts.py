@@ -240,7 +240,9 @@ def _parse(text: str) -> list:
 def _when(number: str, steps: int) -> int:
     """An edit's NUMBER -> the last step of its first part (< 1: none; the rule is above)."""
     value = float(number) * (steps if "." in number else 1)
-    return steps if value >= steps else int(value)
+    if value >= steps:
+        return steps
+    return int(value) if value > 0 else 0  # 0 and below: never (-1e999 is -inf, which int() refuses)
 
 
 def _steps_of(tree, steps: int) -> set[int]:

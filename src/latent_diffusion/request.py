@@ -9,6 +9,7 @@ Image i of a request is drawn from seed `seeds[i]` alone, whatever the batch siz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -358,8 +359,9 @@ def context_lengths(r: GenerationRequest, model: LatentDiffusion) -> tuple[tuple
     other's contexts in one U-Net batch, which changes their images: a server batches only requests of equal ones."""
     tokenizer = clip_tokenizer(model.cfg.text.max_length)
 
-    def chunks(text: str) -> int:
-        variants = [v for _, v in prompt_schedule(text, r.editing_steps)] if r.prompt_syntax else [text]
+    @functools.cache
+    def chunks(text: str) -> int:  # (a request repeats its prompt per image, a schedule its variants per step)
+        variants = dict.fromkeys(v for _, v in prompt_schedule(text, r.editing_steps)) if r.prompt_syntax else [text]
         return max(len(chunk_prompt(v, tokenizer, r.prompt_syntax, model.embeddings)) for v in variants)
 
     prompts = tuple(chunks(extract_lora_tags(text)[0]) for text in r.prompts)

@@ -512,9 +512,9 @@ def setup(cfg: TrainConfig):
     lock = lock_outdir(outdir) if rank == 0 else None  # one run per folder (the other ranks only read from it)
     litter = ([outdir / ".lock"] if new_lock and lock else [], created)
     if not cfg.resume and latest_checkpoint(outdir) is not None:
+        discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
         if lock:
             lock.close()
-        discard(litter)
         raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
     return outdir, device, rank, world, lock, litter
 
@@ -535,8 +535,7 @@ def train(cfg: TrainConfig) -> Path:
         return run_training(cfg, outdir, device, rank, world)
     except BaseException:
         if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
-            lock.close()
-            discard(litter)
+            discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
         raise
     finally:
         if lock:
