@@ -112,6 +112,7 @@ def test_web_ui_defaults_where_the_request_says_nothing(server):
         ({"prompt": "x", "cfg_scale": "nan"}, "cfg_scale must be between -100 and 100, not nan"),
         ({"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": True}}, "CLIP_stop_at_last_layers: a whole"),
         ({"prompt": "x", "refiner_switch_at": float("nan")}, "refiner_switch_at must be in [0, 1], not nan"),
+        ({"prompt": "x", "negative_prompt": "y" * 20_001}, "prompt: 20001 characters, over this server's limit of"),
     ],
 )  # fmt: skip
 def test_bad_input_is_a_422_and_the_server_goes_on(server, body, message):

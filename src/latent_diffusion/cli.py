@@ -423,7 +423,7 @@ def cmd_serve(args) -> None:
         raise UsageError(f"--port must be in 1..65535, not {args.port}")
     limits = ServerLimits(
         max_body=args.max_body_mb * 2**20, max_side=args.max_size, max_steps=args.max_steps,
-        max_images=args.max_images, max_pixels=args.max_init_pixels, max_queue=args.max_queue,
+        max_images=args.max_images, max_prompt=args.max_prompt, max_pixels=args.max_init_pixels, max_queue=args.max_queue,
         max_batch=args.max_batch, request_timeout=args.request_timeout,
     )  # fmt: skip
     if bad := [f.name for f in dataclasses.fields(limits) if not getattr(limits, f.name) > 0]:
@@ -702,6 +702,7 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     limits.add_argument("--max-size", type=int, default=2048, help="largest width and height")
     limits.add_argument("--max-steps", type=int, default=300)
     limits.add_argument("--max-images", type=int, default=64, help="largest batch_size x n_iter")
+    limits.add_argument("--max-prompt", type=int, default=20_000, help="characters of a prompt or negative prompt")
     limits.add_argument("--max-init-pixels", type=int, default=4096 * 4096,
                         help="largest init image or mask, in pixels (read from its header before decoding)")  # fmt: skip
     limits.add_argument("--max-body-mb", type=int, default=64, help="largest request body, in MiB")

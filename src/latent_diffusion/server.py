@@ -62,6 +62,8 @@ class ServerLimits:
     max_side: int = 2048  # width and height
     max_steps: int = 300
     max_images: int = 64  # batch_size × n_iter
+    max_prompt: int = 20_000  # characters of a prompt or negative prompt (about 65 chunks of 75 tokens; a 2 MB
+    # prompt took 29 s and 1.2 GB to encode on 2 CPU cores, so the body limit alone would let one exhaust memory)
     max_pixels: int = 4096 * 4096  # of an init image or mask, read from its header before it is decoded
     max_queue: int = 32  # jobs running or waiting; more are answered 503
     max_batch: int = 8  # images of queued requests merged into one U-Net batch (1: never merged)
@@ -528,6 +530,8 @@ def create_app(
             raise RequestError(f"batch_size × n_iter must be between 1 and {limits.max_images}, not {count}")
         if bad := [side for side in (body.width, body.height) if side is not None and side > limits.max_side]:
             raise RequestError(f"width and height must be at most {limits.max_side} on this server, not {bad[0]}")
+        if (longest := max(len(body.prompt), len(body.negative_prompt))) > limits.max_prompt:
+            raise RequestError(f"prompt: {longest} characters, over this server's limit of {limits.max_prompt}")
         if body.steps > limits.max_steps:
             raise RequestError(f"steps must be at most {limits.max_steps} on this server, not {body.steps}")
         try:
