@@ -25,7 +25,7 @@ from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .noise import BrownianNoise, per_image_randn
 from .parameterization import sigma_from_alpha_bar
-from .prompts import extract_lora_tags, prompt_schedule
+from .prompts import extract_lora_tags
 from .request import (
     GenerationRequest,
     GenerationResult,
@@ -161,14 +161,14 @@ def scheduled_denoiser(
     editing there is one segment. As the web UI, the variants of one prompt are encoded together (padded to the
     longest with empty chunks, one emphasis mean), and prompts of different lengths in one batch are padded by
     repeating their last vector. -> (denoiser, prompt warnings)."""
-    steps, notes = r.editing_steps, []
+    notes = []
     options = dict(clip_skip=r.clip_skip, syntax=r.prompt_syntax, size=(r.height, r.width))
 
     def encoded(texts: list[str], negative: bool) -> list[tuple[list, dict]]:
         """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)})."""
         found = {}
         for text in dict.fromkeys(texts):
-            schedule = prompt_schedule(text, steps) if r.prompt_syntax else [(steps, text)]
+            schedule = r.schedule(text)
             variants = list(dict.fromkeys(variant for _, variant in schedule))
             cond, more = model.conditioning(variants, negative=negative, joint=True, **options)
             notes.extend(n for n in more if n not in notes)

@@ -124,8 +124,9 @@ def sha256_of(path: str | os.PathLike, skip_header: bool = False) -> str:
 def _file_hash(path: str, size: int, mtime_ns: int, skip_header: bool) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
-        if skip_header:  # (a header longer than the file: not a .safetensors file; its reader says so, the hash
-            header = int.from_bytes(f.read(8), "little")  # is then of the whole file)
+        if skip_header:
+            header = int.from_bytes(f.read(8), "little")
+            # a header longer than the file: not a .safetensors file (its reader says so); hash the whole file
             f.seek(8 + header if 8 + header <= size else 0)
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)

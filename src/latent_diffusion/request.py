@@ -76,6 +76,12 @@ class GenerationRequest:
         doubled for the samplers that evaluate the model twice a step (the schedule follows evaluations)."""
         return self.steps * (2 if get_sampler(self.sampler).second_order else 1)
 
+    def schedule(self, text: str) -> list[tuple[int, str]]:
+        """A prompt's editing schedule, [(last step, the prompt up to it)] (`prompts.prompt_schedule`); one entry
+        for the whole run where the syntax is off."""
+        steps = self.editing_steps
+        return prompt_schedule(text, steps) if self.prompt_syntax else [(steps, text)]
+
 
 @dataclass
 class GenerationResult:
@@ -342,7 +348,7 @@ def embeddings_used(r: GenerationRequest, model: LatentDiffusion) -> list:
     tokenizer, used = clip_tokenizer(model.cfg.text.max_length), {}
     for text in {*r.prompts, *(r.negative_prompts or [])}:
         text = extract_lora_tags(text)[0]
-        for _, variant in prompt_schedule(text, r.editing_steps) if r.prompt_syntax else [(0, text)]:
+        for _, variant in r.schedule(text):
             for chunk in chunk_prompt(variant, tokenizer, r.prompt_syntax, model.embeddings):
                 used |= {e.name: e for _, e in chunk.embeddings}
     return [used[name] for name in sorted(used)]
@@ -361,7 +367,7 @@ def context_lengths(r: GenerationRequest, model: LatentDiffusion) -> tuple[tuple
 
     @functools.cache
     def chunks(text: str) -> int:  # (a request repeats its prompt per image, a schedule its variants per step)
-        variants = dict.fromkeys(v for _, v in prompt_schedule(text, r.editing_steps)) if r.prompt_syntax else [text]
+        variants = dict.fromkeys(v for _, v in r.schedule(text))
         return max(len(chunk_prompt(v, tokenizer, r.prompt_syntax, model.embeddings)) for v in variants)
 
     prompts = tuple(chunks(extract_lora_tags(text)[0]) for text in r.prompts)
