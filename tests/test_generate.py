@@ -311,5 +311,11 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     model.loras = {"style": path}
     with pytest.raises(RequestError, match=r"<lora:other> names no LoRA file here; these are: style"):
         generate(model, GenerationRequest(["<lora:other:1>"], [3], **common))
-    with pytest.raises(RequestError, match="LoRA style at two weights in one batch"):
-        generate(model, GenerationRequest(["<lora:style:1>", "<lora:style:0.5>"], [1, 2], batch_size=2, **common))
+    # A batch of prompts that name other LoRA sets (none is a set): each image is the one its prompt gives alone,
+    # for a batch samples on one set of merged weights
+    prompts = ["a cat <lora:style:1>", "a cat", "a cat <lora:style:0.5>", "a cat <lora:style:0.5>"]
+    batched = generate(model, GenerationRequest(prompts, [1, 2, 3, 4], batch_size=4, **common)).images
+    alone = torch.cat([generate(model, GenerationRequest([p], [s], **common)).images for p, s in zip(prompts, [1, 2, 3, 4])])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    with pytest.raises(RequestError, match="LoRA style at two weights in one prompt"):
+        generate(model, GenerationRequest(["<lora:style:1> <lora:style:0.5>"], [1], **common))

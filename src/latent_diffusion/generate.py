@@ -32,7 +32,7 @@ from .request import (
     RequestError,
     infotext,
     infotext_fields,
-    lora_weights,
+    lora_set,
     validate,
 )
 from .samplers import Step, get_sampler
@@ -118,9 +118,10 @@ def generate(
     if r.compile:
         for m in filter(None, (model, refiner)):
             compile_model(m)
-    batches = [range(i, min(i + r.batch_size, len(r.prompts))) for i in range(0, len(r.prompts), r.batch_size)]
+    sets = [lora_set(text, model) for text in r.prompts]
+    batches = unet_batches(sets, r.batch_size)
     images, warnings = [], []
-    loras = read_loras(model, r)
+    loras = read_loras(model, sets)
     for number, batch in enumerate(batches):
 
         def step_done(step: Step, number=number) -> None:
@@ -129,7 +130,7 @@ def generate(
 
         applied = []
         try:  # the batch's LoRAs merged into the weights while it samples, and taken out again bit for bit
-            for tag in lora_weights([r.prompts[i] for i in batch], model).values():
+            for tag in sorted(sets[batch.start], key=lambda tag: tag.name):
                 applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
                 warnings += [w for w in applied[-1].warnings if w not in warnings]
             out, notes = sample(model, r, batch, step_done, refiner)
@@ -143,10 +144,21 @@ def generate(
     return GenerationResult(torch.cat(images), [infotext(r, i, fields) for i in range(len(r.prompts))], warnings, r)
 
 
-def read_loras(model: LatentDiffusion, r: GenerationRequest) -> dict[str, LoRA]:
+def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
+    """Consecutive images in U-Net batches of at most batch_size, and a new batch wherever the LoRA set changes:
+    a batch samples on one set of merged weights, which must not reach an image that does not name them."""
+    batches, start = [], 0
+    for i in range(1, len(lora_sets) + 1):
+        if i == len(lora_sets) or i - start == batch_size or lora_sets[i] != lora_sets[start]:
+            batches.append(range(start, i))
+            start = i
+    return batches
+
+
+def read_loras(model: LatentDiffusion, lora_sets: list[frozenset]) -> dict[str, LoRA]:
     """Every LoRA the request's prompts name, read once, before any work (RequestError for a file that is not
     a LoRA)."""
-    names = {tag.name for text in r.prompts for tag in extract_lora_tags(text)[1]}
+    names = {tag.name for tags in lora_sets for tag in tags}
     try:
         return {name: read_lora(model.loras[name]) for name in sorted(names)}
     except ValueError as e:  # CheckpointError, LoRAError

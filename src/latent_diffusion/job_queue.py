@@ -1,5 +1,5 @@
 """The server's queue: one worker thread per device runs generation jobs in arrival order, and merges jobs that can
-share a U-Net batch (the same model, size, steps, sampler, schedule and guidance) arriving within a short window
+share a U-Net batch (the same model, size, steps, sampler, schedule, guidance and LoRAs) arriving within a short window
 into one batch. Image i of a job stays the image its seed gives alone: every image has its own generator.
 
 A job can be cancelled at any time (its client left, or its time ran out): a waiting job is dropped when its turn
@@ -22,7 +22,7 @@ import torch
 from .generate import NonFiniteError, Progress, decode, generate
 from .images import to_pil
 from .latent_diffusion import LatentDiffusion
-from .request import GenerationRequest, RequestError, context_lengths, infotext, infotext_fields, lora_weights, validate
+from .request import GenerationRequest, RequestError, context_lengths, infotext, infotext_fields, lora_set, validate
 
 
 class QueueFull(Exception):
@@ -63,6 +63,7 @@ class Job(Task):
     warnings: list[str] = field(default_factory=list)
     batched_with: int = 1  # jobs in the U-Net batch it ran in
     lengths: tuple = ()  # `request.context_lengths` of the resolved request: only equal ones share a batch
+    loras: frozenset = frozenset()  # its prompts' LoRA sets (`request.lora_set`): only equal ones share a batch
     interrupted: bool = False
 
     def shares_batches(self) -> bool:
@@ -76,7 +77,7 @@ class Job(Task):
         if not self.shares_batches():
             return None
         return (self.checkpoint, self.refiner, r.refiner_switch, r.width, r.height, r.steps, r.sampler, r.scheduler,
-                r.spacing, r.eta, r.s_noise, r.cfg_scale, r.clip_skip, r.prompt_syntax, self.lengths)  # fmt: skip
+                r.spacing, r.eta, r.s_noise, r.cfg_scale, r.clip_skip, r.prompt_syntax, self.lengths, self.loras)  # fmt: skip
 
 
 @dataclass
@@ -187,6 +188,7 @@ class Worker:
             job.resolved = validate(request, self.model, self.refiner_of(job))
             if job.shares_batches():  # (the chunk counts cost a tokenisation of every distinct prompt variant)
                 job.lengths = tuple(frozenset(n) for n in context_lengths(job.resolved, self.model))
+                job.loras = frozenset(lora_set(text, self.model) for text in job.resolved.prompts)
             job.model_path = self.model.checkpoint
         except Exception as e:
             job.error = e
@@ -202,13 +204,7 @@ class Worker:
         if job.cancelled or not self.prepare(job):
             return True  # it rides along and is answered with its error, or dropped
         images = sum(len(j.request.prompts) for j in group) + len(job.request.prompts)
-        if job.key() != group[0].key() or images > self.max_batch:
-            return False
-        try:  # one LoRA weight per name across the merged batch
-            lora_weights([p for j in [*group, job] for p in j.request.prompts], self.model)
-        except RequestError:
-            return False
-        return True
+        return job.key() == group[0].key() and images <= self.max_batch
 
     def run_group(self, group: list[Job], again: bool = False) -> None:
         """Run the jobs as one U-Net batch. again: a job of a group that failed together, run on its own now (an

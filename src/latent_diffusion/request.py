@@ -246,8 +246,8 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
         if len(set(t.tolist())) < r.steps or t.max() > cfg.timesteps - 1:
             _fail(f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
                   f"(they repeat or run past the last); use fewer")  # fmt: skip
-    for start in range(0, len(r.prompts), r.batch_size):
-        lora_weights(r.prompts[start : start + r.batch_size], model)  # every name known, one weight per batch
+    for text in dict.fromkeys(r.prompts):
+        lora_set(text, model)  # every name known, one weight per name
     have = available_memory(model.device)
     tiled = r.vae_tiling
     if tiled is None:  # automatic: tiles where the whole image would not fit and tiles need less
@@ -264,18 +264,18 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     )  # fmt: skip
 
 
-def lora_weights(prompts: list[str], model: LatentDiffusion) -> dict[str, LoraTag]:
-    """The LoRAs that a batch's prompts name, by name -> their tag (RequestError for a name that is not among the
-    model's LoRA files, or one named at two weights in one batch: a batch runs on one set of merged weights)."""
+def lora_set(prompt: str, model: LatentDiffusion) -> frozenset[LoraTag]:
+    """The LoRAs a prompt names, with their weights. Images of different sets never share a U-Net batch: a batch
+    runs on one set of merged weights. RequestError for a name that is not among the model's LoRA files, or one
+    named at two weights."""
     tags: dict[str, LoraTag] = {}
-    for text in prompts:
-        for tag in extract_lora_tags(text)[1]:
-            if tag.name not in model.loras:
-                known = ", ".join(sorted(model.loras)) or "none: give a folder with --lora-dir"
-                _fail(f"prompt: <lora:{tag.name}> names no LoRA file here; these are: {known}")
-            if tags.setdefault(tag.name, tag) != tag:
-                _fail(f"prompt: LoRA {tag.name} at two weights in one batch; use one, or batch_size 1")
-    return tags
+    for tag in extract_lora_tags(prompt)[1]:
+        if tag.name not in model.loras:
+            known = ", ".join(sorted(model.loras)) or "none: give a folder with --lora-dir"
+            _fail(f"prompt: <lora:{tag.name}> names no LoRA file here; these are: {known}")
+        if tags.setdefault(tag.name, tag) != tag:
+            _fail(f"prompt: LoRA {tag.name} at two weights in one prompt; use one")
+    return frozenset(tags.values())
 
 
 def needed_memory(r: GenerationRequest, cfg, width: int, height: int, dtype: torch.dtype, tiled: bool) -> int:
