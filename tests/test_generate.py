@@ -315,7 +315,9 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     # for a batch samples on one set of merged weights
     prompts = ["a cat <lora:style:1>", "a cat", "a cat <lora:style:0.5>", "a cat <lora:style:0.5>"]
     batched = generate(model, GenerationRequest(prompts, [1, 2, 3, 4], batch_size=4, **common)).images
-    alone = torch.cat([generate(model, GenerationRequest([p], [s], **common)).images for p, s in zip(prompts, [1, 2, 3, 4])])
+    alone = torch.cat(
+        [generate(model, GenerationRequest([p], [s], **common)).images for p, s in zip(prompts, [1, 2, 3, 4])]
+    )
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     with pytest.raises(RequestError, match="LoRA style at two weights in one prompt"):
         generate(model, GenerationRequest(["<lora:style:1> <lora:style:0.5>"], [1], **common))
