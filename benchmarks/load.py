@@ -30,7 +30,7 @@ device = sys.argv[4]
 if device == 'cuda':
     torch.zeros(1, device=device)  # CUDA's initialisation
 if sys.argv[3] == 'keep':
-    ck._safetensors_index = lambda path: {}  # convert the memory-mapped tensors, as before
+    ck.safetensors_index = lambda path: {}  # convert the memory-mapped tensors, as before
 before = kb('VmHWM')
 start = time.perf_counter()
 m = ld.load_model(sys.argv[1], dtype=getattr(torch, sys.argv[2]), device=device)

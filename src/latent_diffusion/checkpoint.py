@@ -1,11 +1,9 @@
-"""Reading and writing checkpoints in the original Stable Diffusion layout, without running code from them.
+"""Loading and saving models in the original Stable Diffusion layout, from files read by `weights_reader.py`
+(which runs no code from them).
 
-- `.safetensors` is memory-mapped: tensors are views of the file's pages, and the model is built on the
-  `meta` device and takes those tensors as its parameters (`assign=True`), so no second full copy exists
-  unless a dtype or device change asks for one.
-- `.ckpt` (a pickle) goes through `torch.load(weights_only=True)`, which refuses any pickle that would
-  import or call anything beyond tensors and plain containers (a few Lightning/numpy names that training
-  checkpoints carry beside the weights are read as inert stand-ins, see `_STAND_INS`).
+- `.safetensors` tensors are views of the file's pages, and the model is built on the `meta` device and takes
+  those tensors as its parameters (`assign=True`), so no second full copy exists unless a dtype or device change
+  asks for one.
 - Without a config, the architecture is read off the keys and shapes. Files we write carry their exact
   config in the safetensors metadata, so tiny and custom models round-trip exactly.
 """
@@ -14,12 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
-import pickle
 import re
-import warnings
-import zipfile
 from pathlib import Path
 
 import torch
@@ -42,139 +36,13 @@ from .config import (
 from .family import EMA, SD1, SD2, SDXL, UNET, VAE, family_of_keys
 from .files import atomic_write
 from .latent_diffusion import LatentDiffusion
+from .weights_reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
 
 CLIP, OPENCLIP = SD1.text_prefix, SD2.text_prefix
 CONFIG_METADATA_KEY = "latent_diffusion.config"
 # The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
 # checkpoint is given. Its generation defaults (64x64 images, CFG 1.75) are in its config metadata.
 BUILTIN_MODEL = Path(__file__).parent / "assets" / "shapes.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model; the message names the file and the problem."""
-
-
-# Reading ----------------------------------------------------------------------------------------------------
-
-
-def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """-> (tensors by key, metadata). Raises CheckpointError with a one-line reason."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
-    if _is_pickle(path, head):
-        return _read_pickle(path), {}
-    return _read_safetensors(path)
-
-
-def _is_pickle(path: Path, head: bytes) -> bool:
-    pickle_suffix = path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin")
-    return zipfile.is_zipfile(path) or (pickle_suffix and not _looks_like_safetensors(head))
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    return len(head) == 8 and 2 <= int.from_bytes(head, "little") < 100_000_000
-
-
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            return {k: f.get_tensor(k) for k in f.keys()}, metadata  # noqa: SIM118 (not a dict)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable .safetensors file ({_first_line(e)})") from None
-
-
-class _Discarded:
-    """Stands in for a class that training checkpoints pickle beside the weights; holds nothing."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        pass
-
-
-def _discarded(*args, **kwargs) -> None:
-    return None
-
-
-# Globals that original Stable Diffusion training checkpoints (PyTorch Lightning) pickle beside the weights:
-# the callback state, numpy scalars such as global_step. They are mapped to the inert stand-ins above, so
-# their code is never imported or run and their values are dropped; anything else is still refused.
-_STAND_INS = [
-    (_Discarded, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
-    (_Discarded, "numpy.dtype"),
-    *((_Discarded, f"numpy.dtypes.{t}DType") for t in ("Int64", "Int32", "Float64", "Float32", "Bool")),
-    (_discarded, "numpy.core.multiarray.scalar"),
-    (_discarded, "numpy._core.multiarray.scalar"),
-    (_discarded, "_codecs.encode"),
-]
-
-
-class _ModuleState:
-    """Stands in for torch.nn.ParameterDict, which early textual-inversion files pickle as `string_to_param`:
-    keeps the state it is given (its `_parameters`, tensors), runs no module code."""
-
-    def __setstate__(self, state):
-        self.__dict__.update(state if isinstance(state, dict) else {})
-
-
-_STAND_INS.append((_ModuleState, "torch.nn.modules.container.ParameterDict"))
-
-
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    return _unwrap(load_pickle(path), path)
-
-
-def load_pickle(path: str | os.PathLike):
-    """A PyTorch pickle's contents, loaded without running code from it: tensors, plain containers and the inert
-    stand-ins above; anything else is refused with a CheckpointError naming what it would have imported."""
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(_STAND_INS):
-            return _torch_load(path)
-    except pickle.UnpicklingError as e:
-        glob = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f"would import or call {glob.group(1)}" if glob else "uses pickle instructions beyond plain data"
-        raise CheckpointError(
-            f"{path}: refused: its pickle {what}, which is not a tensor or plain container; nothing from it was run"
-        ) from None
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
-
-
-def _torch_load(path: Path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        with warnings.catch_warnings():  # torch warns of a pickle protocol it may not read; the refusal says it all
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            return torch.load(path, map_location="cpu", weights_only=True)  # the legacy (non-zip) format
-
-
-def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 # The architecture from the keys -----------------------------------------------------------------------------
@@ -359,7 +227,7 @@ def _parse_config(config) -> LatentDiffusionConfig:
         try:
             config = yaml.safe_load(Path(path).read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise CheckpointError(f"{path}: cannot read the config ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: cannot read the config ({first_line(e)})") from None
         if not isinstance(config, dict):
             raise CheckpointError(f"{path}: not a CompVis YAML config (it holds a {type(config).__name__})")
     if not isinstance(config, dict):
@@ -436,7 +304,7 @@ def load_model(
         with _empty_modules():
             model = LatentDiffusion(cfg)
     except (ValueError, ZeroDivisionError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: its config describes no model this project builds ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: its config describes no model this project builds ({first_line(e)})") from None
     expected = model.state_dict()  # meta tensors: names and shapes only
 
     if ema:
@@ -462,14 +330,14 @@ def load_model(
 
     weights = {}
     with open(path, "rb") as f:
-        index = {} if _is_pickle(Path(path), f.read(8)) else _safetensors_index(path)
+        index = {} if is_pickle(Path(path), f.read(8)) else safetensors_index(path)
         scratch = None  # one buffer of the largest tensor's size, made when a tensor is first read
         for k in expected:
             t = sd[k]
             target = dtype if t.is_floating_point() else t.dtype
             if (target != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
                 scratch = scratch or bytearray(max(end - start for *_, start, end in index.values()))
-                t = _read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
+                t = read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
             weights[k] = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
     model.load_state_dict(weights, strict=True, assign=True)
     model.init_schedule(device)
@@ -499,35 +367,6 @@ def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
     weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
     model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
     model.vae_file = str(path)
-
-
-# safetensors' dtype names -> torch's, for reading a tensor's bytes straight from the file
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                      "BOOL": torch.bool}  # fmt: skip
-
-
-def _safetensors_index(path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
-    """key -> (dtype, shape, first byte, end byte) of each tensor in a .safetensors file (from its JSON header)."""
-    with open(path, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    return {k: (SAFETENSORS_DTYPES[v["dtype"]], v["shape"], 8 + length + v["data_offsets"][0],
-                8 + length + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES}  # fmt: skip
-
-
-def _read_tensor(f, dtype: torch.dtype, shape: list[int], start: int, end: int, scratch: bytearray) -> torch.Tensor:
-    """One tensor of a .safetensors file, read into `scratch` (valid until the next read: copy it at once).
-    Converting a memory-mapped tensor instead would leave the file's pages resident beside the copy: a float16
-    file loaded as float32 would peak at 1.5x the model's size; read like this, the peak is the model's size."""
-    view, done = memoryview(scratch)[: end - start], 0
-    while done < end - start:  # one read returns at most about 2 GiB
-        n = os.preadv(f.fileno(), [view[done:]], start + done)
-        if n == 0:
-            raise CheckpointError(f"{f.name}: truncated (the tensor at byte {start} runs past the end)")
-        done += n
-    return torch.frombuffer(view, dtype=dtype).reshape(shape) if end > start else torch.empty(shape, dtype=dtype)
 
 
 def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
@@ -562,4 +401,4 @@ def save_model(model: LatentDiffusion, path: str | os.PathLike, *, ema_unet: tor
         with atomic_write(path) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
     except Exception as e:  # an OSError, or safetensors' own error around one: the environment's failure
-        raise OSError(f"{path}: cannot write ({_first_line(e)})") from None
+        raise OSError(f"{path}: cannot write ({first_line(e)})") from None

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_pickle, read_state_dict
 from .images import sha256_of
+from .weights_reader import CheckpointError, load_pickle, read_state_dict
 
 SUFFIXES = (".pt", ".bin", ".safetensors")
 

@@ -46,9 +46,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError, read_state_dict
 from .config import UNetConfig
 from .family import UNET
+from .weights_reader import CheckpointError, read_state_dict
 
 if TYPE_CHECKING:
     from .latent_diffusion import LatentDiffusion
