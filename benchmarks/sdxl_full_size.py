@@ -129,6 +129,7 @@ def ours(work: Path) -> None:
     from latent_diffusion import load_model, preset
     from latent_diffusion.checkpoint import infer_config, read_state_dict
     from latent_diffusion.generate import generate
+    from latent_diffusion.prompt_encoding import encode_prompts
     from latent_diffusion.request import GenerationRequest
 
     path = work / "sdxl_random.safetensors"
@@ -143,7 +144,7 @@ def ours(work: Path) -> None:
     assert torch.isfinite(result.images).all()
     x, t, context, pooled, time_ids = fixed_inputs(model.cfg)
     y = model.conditioner.vector(pooled, dict(zip(model.cfg.micro_conditioning, time_ids.split(2, dim=1))))
-    cond, _ = model.conditioning([PROMPT], size=(256, 256))
+    cond, _ = encode_prompts(model, [PROMPT], size=(256, 256))
     torch.save({"unet": model(x, t, {"crossattn": context, "vector": y}), "context": cond["crossattn"],
                 "pooled": cond["vector"][:, :1280], "tokens": [e.tokenize([PROMPT])[0] for e in model.text_encoders]},
                work / "ours.pt")  # fmt: skip

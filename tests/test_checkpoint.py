@@ -18,6 +18,7 @@ from latent_diffusion import CheckpointError, LatentDiffusion, load_model, prese
 from latent_diffusion.checkpoint import ema_key, infer_config
 from latent_diffusion.config import to_ldm_config
 from latent_diffusion.generate import generate
+from latent_diffusion.prompt_encoding import encode_prompts
 from latent_diffusion.request import GenerationRequest
 
 from conftest import randomize, tiny_config
@@ -155,7 +156,7 @@ def test_dtype(tmp_path, tiny_models, dtype):
     assert model.alphas_cumprod.dtype == torch.float32  # the schedule stays float32
     if dtype == torch.bfloat16:  # CPU kernels for the whole forward exist in bf16
         with torch.no_grad():
-            out = model(torch.randn(1, 4, 8, 8, dtype=dtype), torch.tensor([10]), model.conditioning(["a"])[0])
+            out = model(torch.randn(1, 4, 8, 8, dtype=dtype), torch.tensor([10]), encode_prompts(model, ["a"])[0])
         assert out.dtype == dtype and torch.isfinite(out).all()
 
 
@@ -404,8 +405,8 @@ def test_sd2_converted_back_from_diffusers_loads(tmp_path, tiny_models):
     save_file(converted, tmp_path / "sd2-from-diffusers.safetensors")
     loaded = load_model(tmp_path / "sd2-from-diffusers.safetensors", config=cfg)
     with torch.no_grad():
-        expected = model.conditioning(["a red circle", ""])[0]["crossattn"]
-        torch.testing.assert_close(loaded.conditioning(["a red circle", ""])[0]["crossattn"], expected)
+        expected = encode_prompts(model, ["a red circle", ""])[0]["crossattn"]
+        torch.testing.assert_close(encode_prompts(loaded, ["a red circle", ""])[0]["crossattn"], expected)
 
 
 def test_sdxl_round_trips_with_and_without_our_metadata(tmp_path):

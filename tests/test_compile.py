@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 from torch._dynamo.utils import counters
@@ -101,13 +100,13 @@ def test_serve_compile_compiles_every_model_it_loads(tmp_path, tiny_models, monk
             answers.append(call(base, "/sdapi/v1/txt2img", body))
             answers.append(call(base, "/sdapi/v1/options", {"sd_model_checkpoint": "b"}))
 
-    monkeypatch.setattr("latent_diffusion.cli.compile_model", compile_fast)
+    monkeypatch.setattr("latent_diffusion.pipeline.compile_model", compile_fast)
     monkeypatch.setattr("uvicorn.run", run_in_a_thread)
     args = ["serve", "--ckpt", tmp_path / "a.safetensors", "--models-dir", tmp_path, "--compile", "--device", "cpu"]
     assert main([str(a) for a in args]) == 0
     (status, answer), switched = answers
     assert status == 200 and switched == (200, {"ignored": []}), answers
-    assert [Path(m.checkpoint).name for m in compiled] == ["a.safetensors", "b.safetensors"]
+    assert [m.cfg for m in compiled] == [tiny_models["sd1"].cfg, tiny_models["sd2"].cfg]  # a, then b
     assert all(is_compiled(m.unet) and is_compiled(m.first_stage_model.decoder) for m in compiled)
     eager = generate(load_model(tmp_path / "a.safetensors"), GenerationRequest(["a cat"], [3], width=32, height=32,
                                                                                steps=2, cfg_scale=4.0))  # fmt: skip

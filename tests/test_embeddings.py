@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from latent_diffusion.embeddings import load_embeddings, read_embedding
 from latent_diffusion.images import parse_parameters
+from latent_diffusion.prompt_encoding import encode_prompts
 from latent_diffusion.prompts import CHUNK, chunk_prompt
 from latent_diffusion.tokenizer import clip_tokenizer
 from test_cli import run
@@ -49,16 +50,16 @@ def by_hand(model, prompt_before: str, vectors: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("fmt,suffix", [("webui", ".pt"), ("parameterdict", ".pt"), ("diffusers", ".bin"),
                                         ("safetensors", ".safetensors")])  # fmt: skip
 def test_embedding_file_matches_vectors_written_by_hand(tiny_models, tmp_path, variant, fmt, suffix):
-    model = copy.copy(tiny_models[variant])  # its own `embeddings`, the same weights
+    model = tiny_models[variant]
     width = model.cfg.text.width
     count = 1 if fmt == "diffusers" else 3
     vectors = torch.randn(count, width, generator=torch.Generator().manual_seed(1))
     write(tmp_path / f"shiny-thing{suffix}", vectors, fmt)
-    model.embeddings, notices = load_embeddings(tmp_path, width)
-    assert notices == [] and list(model.embeddings) == ["shiny-thing"]
-    ours = model.conditioning(["a photo of shiny-thing"])[0]["crossattn"]
+    embeddings, notices = load_embeddings(tmp_path, width)
+    assert notices == [] and list(embeddings) == ["shiny-thing"]
+    ours = encode_prompts(model, ["a photo of shiny-thing"], embeddings=embeddings)[0]["crossattn"]
     torch.testing.assert_close(ours, by_hand(model, "a photo of", vectors), atol=1e-6, rtol=0)
-    plain = copy.copy(tiny_models[variant]).conditioning(["a photo of shiny-thing"])[0]["crossattn"]
+    plain = encode_prompts(tiny_models[variant], ["a photo of shiny-thing"])[0]["crossattn"]
     assert not torch.allclose(ours, plain)
 
 

@@ -1,7 +1,6 @@
 """End to end: our txt2img / img2img / inpainting against diffusers' Stable Diffusion pipelines assembled
 from the same tiny random weights (converted with diffusers' own converters), same seeds, DDIM 10 steps."""
 
-import copy
 import dataclasses
 
 import pytest
@@ -16,6 +15,7 @@ from diffusers import (
 from latent_diffusion import LatentDiffusion
 from latent_diffusion.denoiser import Denoiser
 from latent_diffusion.generate import NonFiniteError, generate
+from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.request import GenerationRequest, RequestError, validate
 
 from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
@@ -285,7 +285,7 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     from latent_diffusion.images import lora_hash
     from latent_diffusion.lora import apply_lora, read_lora, remove_lora
 
-    model = copy.copy(tiny_models["sd1"])  # its own `loras`, the same weights
+    model = tiny_models["sd1"]
     proj_in = model.unet.input_blocks[1][1].proj_in.weight  # (out, in, 1, 1)
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "style.safetensors"
@@ -293,10 +293,10 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     save_file({f"{key}.lora_down.weight": torch.randn(2, proj_in.shape[1], 1, 1, generator=g),
                f"{key}.lora_up.weight": torch.randn(proj_in.shape[0], 2, 1, 1, generator=g),
                f"{key}.alpha": torch.tensor(1.0)}, path)  # fmt: skip
-    model.loras = {"style": path}
+    pipeline = Pipeline(model, loras={"style": path})
     before = {k: v.clone() for k, v in model.state_dict().items()}
     common = dict(steps=2, width=24, height=24, cfg_scale=3.0)
-    tagged = generate(model, GenerationRequest(["a cat <lora:style:0.6>"], [3], **common))
+    tagged = generate(pipeline, GenerationRequest(["a cat <lora:style:0.6>"], [3], **common))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     applied = apply_lora(model, read_lora(path), 0.6)
     by_hand = generate(model, GenerationRequest(["a cat "], [3], **common))
@@ -305,19 +305,19 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     assert not torch.allclose(tagged.images, generate(model, GenerationRequest(["a cat "], [3], **common)).images)
     assert tagged.infotexts[0].startswith("a cat <lora:style:0.6>\n")
     assert f'Lora hashes: "style: {lora_hash(path)}"' in tagged.infotexts[0]
-    model.loras = {"style": path, "sty,le": path}  # the web UI writes a name without its `,` and `:` there
-    infotext = generate(model, GenerationRequest(["<lora:sty,le:0.6>"], [3], **common)).infotexts[0]
+    pipeline.loras = {"style": path, "sty,le": path}  # the web UI writes a name without its `,` and `:` there
+    infotext = generate(pipeline, GenerationRequest(["<lora:sty,le:0.6>"], [3], **common)).infotexts[0]
     assert f'Lora hashes: "style: {lora_hash(path)}"' in infotext
-    model.loras = {"style": path}
+    pipeline.loras = {"style": path}
     with pytest.raises(RequestError, match=r"<lora:other> names no LoRA file here; these are: style"):
-        generate(model, GenerationRequest(["<lora:other:1>"], [3], **common))
+        generate(pipeline, GenerationRequest(["<lora:other:1>"], [3], **common))
     # A batch of prompts that name other LoRA sets (none is a set): each image is the one its prompt gives alone,
     # for a batch samples on one set of merged weights
     prompts = ["a cat <lora:style:1>", "a cat", "a cat <lora:style:0.5>", "a cat <lora:style:0.5>"]
-    batched = generate(model, GenerationRequest(prompts, [1, 2, 3, 4], batch_size=4, **common)).images
+    batched = generate(pipeline, GenerationRequest(prompts, [1, 2, 3, 4], batch_size=4, **common)).images
     alone = torch.cat(
-        [generate(model, GenerationRequest([p], [s], **common)).images for p, s in zip(prompts, [1, 2, 3, 4])]
+        [generate(pipeline, GenerationRequest([p], [s], **common)).images for p, s in zip(prompts, [1, 2, 3, 4])]
     )
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
     with pytest.raises(RequestError, match="LoRA style at two weights in one prompt"):
-        generate(model, GenerationRequest(["<lora:style:1> <lora:style:0.5>"], [1], **common))
+        generate(pipeline, GenerationRequest(["<lora:style:1> <lora:style:0.5>"], [1], **common))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from latent_diffusion.generate import generate
+from latent_diffusion.prompt_encoding import encode_prompts
 from latent_diffusion.prompts import LoraTag, chunk_prompt, extract_lora_tags, parse_emphasis, prompt_schedule
 from latent_diffusion.request import GenerationRequest
 from latent_diffusion.tokenizer import clip_tokenizer
@@ -79,7 +80,7 @@ def test_weighted_long_prompt_against_transformers(tiny_models, variant):
     model = tiny_models[variant]
     ref = transformers_text_encoder(model.cfg, model.state_dict())
     prompt = "a (red:1.4) cat, " + "[sitting] on a mat, " * 20
-    ours = model.conditioning([prompt])[0]["crossattn"]
+    ours = encode_prompts(model, [prompt])[0]["crossattn"]
     expected = []
     for chunk in chunk_prompt(prompt, TOK):
         tokens = torch.tensor([model.cond_stage_model.pad(chunk.tokens)])
@@ -102,8 +103,10 @@ def test_clip_skip_is_the_web_uis(tiny_models):
         out = ref(input_ids=tokens, output_hidden_states=True)
         norm = getattr(ref, "final_layer_norm", None) or ref.text_model.final_layer_norm  # transformers 5 / 4
         skip2 = norm(out.hidden_states[-2])
-    torch.testing.assert_close(model.conditioning(["a red cat"], clip_skip=2)[0]["crossattn"], skip2, atol=1e-4, rtol=0)
-    torch.testing.assert_close(model.conditioning(["a red cat"], clip_skip=1)[0]["crossattn"], out.last_hidden_state,
+    torch.testing.assert_close(
+        encode_prompts(model, ["a red cat"], clip_skip=2)[0]["crossattn"], skip2, atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(encode_prompts(model, ["a red cat"], clip_skip=1)[0]["crossattn"], out.last_hidden_state,
                                atol=1e-4, rtol=0)  # fmt: skip
 
 
@@ -120,8 +123,8 @@ def test_prompt_and_negative_of_different_lengths_are_not_padded(tiny_models, mo
     common = dict(width=32, height=32, steps=1, sampler="euler", cfg_scale=5.0)
     a = generate(model, GenerationRequest([long], [3], negative_prompts=["blurry"], **common))
     (_, negative), (_, positive) = calls
-    assert torch.equal(negative, model.conditioning(["blurry"], negative=True)[0]["crossattn"])
-    assert torch.equal(positive, model.conditioning([long])[0]["crossattn"]) and positive.shape[1] == 154
+    assert torch.equal(negative, encode_prompts(model, ["blurry"], negative=True)[0]["crossattn"])
+    assert torch.equal(positive, encode_prompts(model, [long])[0]["crossattn"]) and positive.shape[1] == 154
     calls.clear()
     generate(model, GenerationRequest(["a cat"], [3], negative_prompts=["blurry"], **common))
     assert [n for n, _ in calls] == [2]
@@ -214,7 +217,7 @@ def test_prompt_editing_switches_the_conditioning_at_its_step(tiny_models, monke
     )
     common = dict(width=32, height=32, steps=4, sampler="euler", cfg_scale=1.0)
     generate(model, GenerationRequest(["[cat:dog:2]"], [1], **common))
-    cat, dog = (model.conditioning([w])[0]["crossattn"] for w in ("cat", "dog"))
+    cat, dog = (encode_prompts(model, [w])[0]["crossattn"] for w in ("cat", "dog"))
     assert [torch.equal(c, cat) for c in seen] == [True, True, True, False] and torch.equal(seen[3], dog)
     same = generate(model, GenerationRequest(["[cat:cat:2]"], [1], **common)).images
     assert torch.equal(same, generate(model, GenerationRequest(["cat"], [1], **common)).images)
@@ -231,7 +234,7 @@ def test_prompt_editing_counts_as_the_web_ui_for_second_order_samplers_and_img2i
     monkeypatch.setattr(
         g.Denoiser, "__call__", lambda self, x, s: seen.append(self.cond["crossattn"]) or real(self, x, s)
     )
-    cat = model.conditioning(["cat"])[0]["crossattn"]
+    cat = encode_prompts(model, ["cat"])[0]["crossattn"]
     common = dict(width=32, height=32, cfg_scale=1.0)
     generate(model, GenerationRequest(["[cat:dog:0.5]"], [1], steps=4, sampler="heun", **common))
     assert [torch.equal(c, cat) for c in seen] == [True] * 5 + [False] * 2  # 7 evaluations, schedule over 8
@@ -270,10 +273,10 @@ def test_the_variants_of_an_edited_prompt_are_encoded_together_as_the_web_ui(tin
     generate(model, GenerationRequest([f"[{long}::2] (cat:1.5)"], [1], **common))
     first, second = seen
     assert first.shape[1] == second.shape[1] == 154  # " (cat:1.5)" alone would be one chunk
-    plain = model.conditioning([f"{long} cat", " cat"], syntax=False)[0]["crossattn"]  # no emphasis at all
+    plain = encode_prompts(model, [f"{long} cat", " cat"], syntax=False)[0]["crossattn"]  # no emphasis at all
     both = torch.cat([first, second])
     # the joint rescaling keeps the mean over both variants of each chunk, not each variant's own mean
     for chunk in (slice(0, 77), slice(77, 154)):
         torch.testing.assert_close(both[:, chunk].mean(), plain[:, chunk].mean(), atol=1e-6, rtol=1e-5)
-    alone = model.conditioning([" (cat:1.5)"])[0]["crossattn"]
+    alone = encode_prompts(model, [" (cat:1.5)"])[0]["crossattn"]
     assert not torch.allclose(second[:, :77], alone, atol=1e-6)  # per-variant rescaling would give this

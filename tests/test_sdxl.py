@@ -17,6 +17,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from latent_diffusion import LatentDiffusion, from_ldm_config, preset
 from latent_diffusion.config import TextEncoderConfig, to_ldm_config
 from latent_diffusion.generate import generate
+from latent_diffusion.pipeline import Pipeline
+from latent_diffusion.prompt_encoding import encode_prompts
 from latent_diffusion.request import GenerationRequest
 
 from conftest import randomize, tiny_config
@@ -113,7 +115,7 @@ def test_text_encoders_match_transformers(xl_models, variant):
     encoders = transformers_text_encoders(model)
     prompts = [PROMPT, "", "Ünïcode, 12 cats!"]
     with torch.no_grad():
-        cond, _ = model.conditioning(prompts, size=(64, 48))
+        cond, _ = encode_prompts(model, prompts, size=(64, 48))
         for i, prompt in enumerate(prompts):
             context, pooled = reference_conditioning(model, encoders, prompt)
             torch.testing.assert_close(cond["crossattn"][i : i + 1], context, atol=ATOL, rtol=0)
@@ -127,8 +129,8 @@ def test_an_empty_negative_prompt_is_zeros(xl_models):
     negative prompt; the micro-conditioning stays."""
     model = xl_models["sdxl"]
     with torch.no_grad():
-        cond, _ = model.conditioning(["", NEGATIVE], size=(64, 64), negative=True)
-        positive, _ = model.conditioning(["", NEGATIVE], size=(64, 64))
+        cond, _ = encode_prompts(model, ["", NEGATIVE], size=(64, 64), negative=True)
+        positive, _ = encode_prompts(model, ["", NEGATIVE], size=(64, 64))
     pooled = model.cfg.text2.embed_dim
     assert (cond["crossattn"][0] == 0).all() and (cond["vector"][0, :pooled] == 0).all()
     torch.testing.assert_close(cond["vector"][0, pooled:], positive["vector"][0, pooled:])
@@ -338,7 +340,7 @@ def test_refiner_flow_matches_diffusers_ensemble_of_experts(xl_models):
                         **settings).images  # fmt: skip
     request = GenerationRequest([PROMPT], [9], negative_prompts=[NEGATIVE], width=48, height=64, steps=10,
                                 sampler="ddim", refiner_switch=0.8)  # fmt: skip
-    result = generate(base, request, refiner=refiner)
+    result = generate(Pipeline(base, refiner=refiner), request)
     torch.testing.assert_close(result.images, theirs, atol=1e-3, rtol=0)
     alone = generate(base, request).images
     assert (alone - theirs).abs().max() > 0.01  # the refiner's part really made a difference
@@ -370,7 +372,7 @@ def test_command_line_with_refiner_and_separate_vae(tmp_path, xl_models, capsys)
     request = GenerationRequest(
         [PROMPT], [3], negative_prompts=[NEGATIVE], width=48, height=64, steps=6, sampler="ddim"
     )
-    expected = generate(base, request, refiner=refiner).images
+    expected = generate(Pipeline(base, refiner=refiner), request).images
     with Image.open(path) as image:
         assert (from_pil(image) - expected).abs().max() <= 1 / 255 + 1e-6  # 8-bit rounding
         assert "Refiner: refiner [" in image.text["parameters"]
@@ -417,14 +419,9 @@ def test_sdxl_embedding_gives_each_text_encoder_its_part(tmp_path, xl_models):
     save_file({"emb_params": torch.randn(1, 32)}, tmp_path / "emb" / "sd1-only.safetensors")
     embeddings, notices = load_embeddings(tmp_path / "emb", model.cfg.unet.context_dim)
     assert list(embeddings) == ["shiny"] and len(notices) == 1 and "width 32" in notices[0]
-    model.embeddings = embeddings
-    try:
-        with torch.no_grad():
-            cond, _ = model.conditioning(["a shiny cat"], size=(64, 64))
-    finally:
-        model.embeddings = {}
     with torch.no_grad():
-        plain, _ = model.conditioning(["a shiny cat"], size=(64, 64))  # "shiny" as words
+        cond, _ = encode_prompts(model, ["a shiny cat"], size=(64, 64), embeddings=embeddings)
+        plain, _ = encode_prompts(model, ["a shiny cat"], size=(64, 64))  # "shiny" as words
     (chunk,) = chunk_prompt("a shiny cat", clip_tokenizer(77), True, embeddings)
     (position, _), *_ = chunk.embeddings
     contexts = []
@@ -491,7 +488,7 @@ def test_sdxl_lora_matches_diffusers(xl_models, tmp_path):
         theirs = pipe.unet(x, t, encoder_hidden_states=context,
                            added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample  # fmt: skip
         torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
-        cond, _ = model.conditioning([PROMPT], size=(64, 64))
+        cond, _ = encode_prompts(model, [PROMPT], size=(64, 64))
         context, pooled = reference_conditioning(model, [pipe.text_encoder, pipe.text_encoder_2], PROMPT)
         torch.testing.assert_close(cond["crossattn"], context, atol=ATOL, rtol=0)
         torch.testing.assert_close(cond["vector"][:, :40], pooled, atol=ATOL, rtol=0)
@@ -582,4 +579,4 @@ def test_prompt_editing_counts_steps_over_base_and_refiner(xl_models):
         request = GenerationRequest(["[a red circle:a blue square:0.5]"], [2], width=32, height=32, steps=6,
                                     sampler="euler", refiner_switch=switch)  # fmt: skip
         alone = generate(model, request).images
-        torch.testing.assert_close(generate(model, request, refiner=model).images, alone, atol=0, rtol=0)
+        torch.testing.assert_close(generate(Pipeline(model, refiner=model), request).images, alone, atol=0, rtol=0)

@@ -15,18 +15,19 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from latent_diffusion import load_model, save_model
+from latent_diffusion import save_model
 from latent_diffusion.generate import generate
+from latent_diffusion.pipeline import load_pipeline
 from latent_diffusion.request import GenerationRequest
 from latent_diffusion.server import ServerLimits, create_app
 
 
 @pytest.fixture(scope="module")
 def server(ckpt, serve):
-    """(base URL, the served model)."""
-    model = load_model(ckpt)
-    with serve(create_app(model)) as base:
-        yield base, model
+    """(base URL, the served pipeline)."""
+    pipeline = load_pipeline(ckpt)
+    with serve(create_app(pipeline)) as base:
+        yield base, pipeline
 
 
 def call(base: str, path: str, body=None, raw: bytes | None = None, auth: str | None = None) -> tuple[int, object]:
@@ -96,7 +97,7 @@ def test_web_ui_defaults_where_the_request_says_nothing(server):
     status, answer = call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "seed": 3})
     info = json.loads(answer["info"])
     assert status == 200 and info["sampler_name"] == "Euler" and info["cfg_scale"] == 7.0  # the web UI's
-    assert (info["width"], info["height"]) == (model.cfg.default_size, model.cfg.default_size)  # the model's
+    assert (info["width"], info["height"]) == (model.model.cfg.default_size,) * 2  # the model's
 
 
 @pytest.mark.parametrize(
@@ -190,7 +191,7 @@ def test_img2img_and_inpainting_equal_the_library(server):
 def test_api_auth_and_body_limit(ckpt, serve):
     """--api-auth: a wrong or missing password is a 401 and the right one is served; a body over the limit is a 413
     before it is read."""
-    with serve(create_app(load_model(ckpt), api_auth="me:secret", limits=ServerLimits(max_body=2000))) as base:
+    with serve(create_app(load_pipeline(ckpt), api_auth="me:secret", limits=ServerLimits(max_body=2000))) as base:
         assert call(base, "/sdapi/v1/samplers")[0] == 401
         assert call(base, "/sdapi/v1/samplers", auth="me:wrong")[0] == 401
         assert call(base, "/sdapi/v1/samplers", auth="me:secret")[0] == 200
@@ -221,13 +222,13 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
         time.sleep(0.05)
     assert 0 < progress["progress"] < 1 and progress["state"]["sampling_steps"] == 300  # per job, as the web UI
     assert (progress["state"]["job_count"], progress["state"]["job_no"]) == (2, 0)
-    assert decode(progress["current_image"]).size == (model.cfg.default_size, model.cfg.default_size)
+    assert decode(progress["current_image"]).size == (model.model.cfg.default_size,) * 2
     assert call(base, "/sdapi/v1/interrupt", {}) == (200, {})
     job.join(timeout=60)
     info = json.loads(answer["body"]["info"])
     assert answer["status"] == 200 and info["interrupted"] and len(answer["body"]["images"]) == 1
     assert info["all_seeds"] == [1] and "Seed: 1" in info["infotexts"][0]
-    assert decode(answer["body"]["images"][0]).size == (model.cfg.default_size, model.cfg.default_size)
+    assert decode(answer["body"]["images"][0]).size == (model.model.cfg.default_size,) * 2
     assert call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] == 0
 
 
@@ -271,7 +272,7 @@ def test_concurrent_clients_are_batched_and_each_gets_its_image_and_a_full_queue
         a, b = (np.asarray(decode(x["images"][0]), dtype=int) for x in (answer, again))
         assert np.abs(a - b).max() <= 1, seed
 
-    with serve(create_app(load_model(ckpt), limits=ServerLimits(max_queue=1))) as small:
+    with serve(create_app(load_pipeline(ckpt), limits=ServerLimits(max_queue=1))) as small:
         job = threading.Thread(target=call, args=(small, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 300, "seed": 1}))
         job.start()
         deadline = time.monotonic() + 60
@@ -293,16 +294,16 @@ def test_a_lora_reaches_only_the_images_of_the_requests_that_name_it(ckpt, serve
 
     from safetensors.torch import save_file
 
-    model = load_model(ckpt)
-    proj_in = model.unet.input_blocks[1][1].proj_in.weight  # (out, in, 1, 1)
+    pipeline = load_pipeline(ckpt)
+    proj_in = pipeline.model.unet.input_blocks[1][1].proj_in.weight  # (out, in, 1, 1)
     g, key = torch.Generator().manual_seed(0), "lora_unet_down_blocks_0_attentions_0_proj_in"
     save_file({f"{key}.lora_down.weight": torch.randn(2, proj_in.shape[1], 1, 1, generator=g),
                f"{key}.lora_up.weight": torch.randn(proj_in.shape[0], 2, 1, 1, generator=g),
                f"{key}.alpha": torch.tensor(2.0)}, tmp_path / "style.safetensors")  # fmt: skip
-    model.loras = {"style": tmp_path / "style.safetensors"}
+    pipeline.loras = {"style": tmp_path / "style.safetensors"}
     bodies = [{"prompt": "a cat <lora:style:1>" if seed % 3 == 0 else "a cat", "steps": 2, "width": 32,
                "height": 32, "seed": seed} for seed in range(12)]  # fmt: skip
-    with serve(create_app(model)) as base:
+    with serve(create_app(pipeline)) as base:
         with ThreadPoolExecutor(12) as pool:
             answers = list(pool.map(lambda body: call(base, "/sdapi/v1/txt2img", body), bodies))
         assert [status for status, _ in answers] == [200] * 12
@@ -381,7 +382,9 @@ def test_page_schema_and_cors(server, ckpt, serve):
             return e.headers.get("access-control-allow-origin")
 
     assert preflight(base) is None
-    with serve(create_app(load_model(ckpt), cors_allow_origins=["http://127.0.0.1:9999"], api_auth="a:b")) as allowed:
+    with serve(
+        create_app(load_pipeline(ckpt), cors_allow_origins=["http://127.0.0.1:9999"], api_auth="a:b")
+    ) as allowed:
         assert preflight(allowed) == "http://127.0.0.1:9999"  # a preflight carries no credentials: not a 401
 
 
@@ -395,7 +398,7 @@ def test_models_dir_switching(tmp_path, tiny_models, serve):
 
     def load(path):
         loads.append(path.name)
-        return load_model(path)
+        return load_pipeline(path)
 
     body = {"prompt": "a cat", "seed": 3, "steps": 2, "width": 32, "height": 32}
     with serve(create_app(load(tmp_path / "tiny.safetensors"), load=load, models_dir=tmp_path)) as base:
@@ -438,7 +441,7 @@ def test_a_client_that_leaves_or_times_out_does_not_leave_its_job_running(ckpt, 
     """A job whose client disconnects stops (it would run for minutes); one over the request time is answered 503
     and stopped; the server then serves the next request."""
     long = {"prompt": "x", "steps": 10000, "seed": 1, "width": 32, "height": 32}
-    with serve(create_app(load_model(ckpt), limits=ServerLimits(max_steps=10000, request_timeout=3))) as base:
+    with serve(create_app(load_pipeline(ckpt), limits=ServerLimits(max_steps=10000, request_timeout=3))) as base:
         port = int(base.rsplit(":", 1)[1])
         payload = json.dumps(long).encode()
         with socket.create_connection(("127.0.0.1", port)) as client:
@@ -464,8 +467,8 @@ def test_an_existing_client_works_unchanged(tmp_path, tiny_models, serve):
 
     save_model(tiny_models["sd1"], tmp_path / "tiny.safetensors")
     save_model(tiny_models["sd2"], tmp_path / "other.safetensors")
-    first = load_model(tmp_path / "tiny.safetensors")
-    with serve(create_app(first, load=load_model, models_dir=tmp_path)) as base:
+    first = load_pipeline(tmp_path / "tiny.safetensors")
+    with serve(create_app(first, load=load_pipeline, models_dir=tmp_path)) as base:
         api = webuiapi.WebUIApi(baseurl=base + "/sdapi/v1", sampler="Euler a", steps=3)
         result = api.txt2img(prompt="a red (circle:1.2)", seed=5, width=32, height=24, batch_size=2, cfg_scale=6)
         assert [im.size for im in result.images] == [(32, 24)] * 2
@@ -525,15 +528,17 @@ def test_sdxl_with_the_web_ui_refiner_fields(tmp_path, serve):
     save_model(LatentDiffusion(tiny_config("sd1")), tmp_path / "sd1.safetensors")
     body = {"prompt": "a red circle", "seed": 4, "steps": 4, "width": 32, "height": 32, "sampler_name": "Euler",
             "refiner_checkpoint": "refiner", "refiner_switch_at": 0.6}  # fmt: skip
-    with serve(create_app(load_model(tmp_path / "base.safetensors"), load=load_model, models_dir=tmp_path)) as url:
+    with serve(
+        create_app(load_pipeline(tmp_path / "base.safetensors"), load=load_pipeline, models_dir=tmp_path)
+    ) as url:
         status, answer = call(url, "/sdapi/v1/txt2img", body)
         assert status == 200, answer
         info = json.loads(answer["info"])
         assert "Refiner switch at: 0.6" in info["infotexts"][0] and "refiner" not in str(info.get("ignored"))
         request = GenerationRequest(["a red circle"], [4], width=32, height=32, steps=4, sampler="euler",
                                     cfg_scale=7.0, refiner_switch=0.6)  # fmt: skip
-        expected = generate(load_model(tmp_path / "base.safetensors"), request,
-                            refiner=load_model(tmp_path / "refiner.safetensors")).images  # fmt: skip
+        expected = generate(load_pipeline(tmp_path / "base.safetensors", refiner=tmp_path / "refiner.safetensors"),
+                            request).images  # fmt: skip
         got = torch.from_numpy(np.asarray(decode(answer["images"][0]), dtype=np.float32) / 255).permute(2, 0, 1)
         assert (got - expected[0]).abs().max() <= 1 / 255 + 1e-6
         assert call(url, "/sdapi/v1/txt2img", {**body, "refiner_checkpoint": "nope"})[0] == 404
@@ -624,7 +629,7 @@ def test_a_request_that_goes_non_finite_in_a_shared_batch_fails_alone(ckpt, serv
         return real(model, request, **kw)
 
     monkeypatch.setattr(q, "generate", poisoned)
-    with serve(create_app(load_model(ckpt), limits=ServerLimits(batch_window=1.0))) as base:
+    with serve(create_app(load_pipeline(ckpt), limits=ServerLimits(batch_window=1.0))) as base:
         bodies = [{"prompt": "poison" if seed == 2 else "a cat", "steps": 1, "width": 32, "height": 32, "seed": seed}
                   for seed in range(4)]  # fmt: skip
         with ThreadPoolExecutor(4) as pool:

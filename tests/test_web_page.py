@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from latent_diffusion import load_model
+from latent_diffusion import load_pipeline
 from latent_diffusion.server import create_app
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -34,7 +34,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def page(browser, ckpt, serve):
-    with serve(create_app(load_model(ckpt))) as base:
+    with serve(create_app(load_pipeline(ckpt))) as base:
         browser.get(base + "/")
         yield browser
 

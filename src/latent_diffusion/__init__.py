@@ -11,6 +11,7 @@ from .config import (
     preset,
 )
 from .latent_diffusion import LatentDiffusion
+from .pipeline import Pipeline, load_pipeline
 
 __all__ = [
     "PRESETS",
@@ -18,10 +19,12 @@ __all__ = [
     "CheckpointError",
     "LatentDiffusion",
     "LatentDiffusionConfig",
+    "Pipeline",
     "TextEncoderConfig",
     "UNetConfig",
     "from_ldm_config",
     "load_model",
+    "load_pipeline",
     "preset",
     "read_state_dict",
     "save_model",

@@ -341,7 +341,6 @@ def load_model(
             weights[k] = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
     model.load_state_dict(weights, strict=True, assign=True)
     model.init_schedule(device)
-    model.checkpoint = str(path)
     return model.eval()
 
 
@@ -366,7 +365,6 @@ def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
         )
     weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
     model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
-    model.vae_file = str(path)
 
 
 def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:

@@ -16,11 +16,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model, load_vae
-from .compiling import compile_model
+from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model
 from .data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
-from .embeddings import load_embeddings
 from .evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
 from .files import atomic_write, claim_numbered, missing_folders, remove_empty, writable_folder
 from .generate import NonFiniteError, generate
@@ -28,6 +26,7 @@ from .images import grid, load_image, model_hash, parameters_text, save_png, to_
 from .infotext import read_infotext, settings_from_infotext
 from .latent_diffusion import LatentDiffusion
 from .lora import find_loras
+from .pipeline import Pipeline, load_pipeline
 from .request import GenerationRequest, RequestError, infotext_fields, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedule import SPACINGS
@@ -104,12 +103,10 @@ FLAGS = {"width and height": "--width and --height", "batch_size": "--batch-size
          "clip_skip": "--clip-skip", "refiner_switch": "--refiner-switch"}  # fmt: skip
 
 
-def checked(
-    request: GenerationRequest, model: LatentDiffusion | None = None, refiner: LatentDiffusion | None = None
-) -> GenerationRequest:
+def checked(request: GenerationRequest, pipeline: Pipeline | None = None) -> GenerationRequest:
     """`validate`, with its errors in the command line's words."""
     try:
-        return validate(request, model, refiner)
+        return validate(request, pipeline)
     except RequestError as e:
         message = str(e)
         for field, flag in FLAGS.items():
@@ -236,27 +233,26 @@ def cmd_generate(args) -> None:
 
 def write_images(args, request: GenerationRequest, outdir: Path, embeddings, loras, device, dtype) -> None:
     """cmd_generate once its folder is there: load, sample batch after batch, write each image as it is done."""
-    model = load_model(args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None)
-    if model.cfg.inpainting and args.command != "inpaint":
+    pipeline = load_pipeline(
+        args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None, vae=args.vae,
+        refiner=args.refiner, embeddings_dir=embeddings, loras=loras,
+    )  # fmt: skip
+    if pipeline.model.cfg.inpainting and args.command != "inpaint":
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
-    if args.vae:
-        load_vae(model, args.vae)
-    refiner = load_model(args.refiner, device=device, dtype=dtype) if args.refiner else None
-    model.embeddings, notices = load_embeddings(embeddings, model.cfg.unet.context_dim) if embeddings else ({}, [])
-    model.loras = loras
-    for notice in notices:
+    for notice in pipeline.notices:
         print(f"ldm: warning: {notice}", file=sys.stderr)
-    request = checked(with_images(request, args, model), model, refiner)
-    if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(model.checkpoint):
+    request = checked(with_images(request, args, pipeline.model), pipeline)
+    file = pipeline.checkpoint
+    if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(file):
         print(f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
-              f"{model.checkpoint} has {model_hash(model.checkpoint)}", file=sys.stderr)  # fmt: skip
+              f"{file} has {model_hash(file)}", file=sys.stderr)  # fmt: skip
     bar = tqdm(total=args.n_iter * request.steps_run, disable=args.quiet, unit="step", desc=args.command)
     images, warned, n = [], set(), args.batch_size
     for start in range(0, len(request.prompts), n):  # one batch at a time, each written as soon as it is done
         batch = dataclasses.replace(request, prompts=request.prompts[start : start + n],
                                     negative_prompts=request.negative_prompts[start : start + n],
                                     seeds=request.seeds[start : start + n])  # fmt: skip
-        result = generate(model, batch, progress=lambda p: bar.update(1), refiner=refiner)
+        result = generate(pipeline, batch, progress=lambda p: bar.update(1))
         for warning in set(result.warnings) - warned:
             tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
         warned |= set(result.warnings)
@@ -302,15 +298,15 @@ def cmd_demo(args) -> None:
 
 def draw_demo(args, outdir: Path) -> None:
     start = time.perf_counter()
-    model = load_model(BUILTIN_MODEL)
-    print(f"built-in model {BUILTIN_MODEL}: {describe(model)}")
+    pipeline = load_pipeline(BUILTIN_MODEL)
+    print(f"built-in model {BUILTIN_MODEL}: {describe(pipeline.model)}")
     seeds = [args.seed + i for i in range(args.columns)]
     rows = []
     for prompt in DEMO_PROMPTS:  # the model's own defaults: its size and guidance scale
-        result = generate(model, GenerationRequest([prompt] * len(seeds), seeds, batch_size=len(seeds)))
+        result = generate(pipeline, GenerationRequest([prompt] * len(seeds), seeds, batch_size=len(seeds)))
         rows += [to_pil(im) for im in result.images]
         print(f"  row {len(rows) // len(seeds)}: {prompt}")
-    fields = {**infotext_fields(result.request, model), "Seed": args.seed}
+    fields = {**infotext_fields(result.request, pipeline), "Seed": args.seed}
     path = outdir / "demo-grid.png"
     save_png(grid(rows, len(seeds)), path, parameters_text(" | ".join(DEMO_PROMPTS), "", fields))
     print(f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds) in {time.perf_counter() - start:.1f} s")
@@ -438,13 +434,13 @@ def cmd_serve(args) -> None:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
 
-    def load(path) -> LatentDiffusion:
-        model = load_model(path, device=device, dtype=dtype)
-        model.embeddings, notices = load_embeddings(embeddings, model.cfg.unet.context_dim) if embeddings else ({}, [])
-        model.loras = loras
-        for notice in notices:
+    def load(path) -> Pipeline:
+        pipeline = load_pipeline(
+            path, device=device, dtype=dtype, embeddings_dir=embeddings, loras=loras, compile=args.compile
+        )
+        for notice in pipeline.notices:
             print(f"ldm: warning: {notice}", file=sys.stderr)
-        return compile_model(model) if args.compile else model
+        return pipeline
 
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET  # as uvicorn picks it
     try:
@@ -455,10 +451,10 @@ def cmd_serve(args) -> None:
         pass  # the address is free and ours to take (else OSError, exit 1), before the model loads
     writable_later(Path(args.outdir))  # where save_images writes: a bad folder is found now, none is made
     found = list(checkpoint_files(models_dir).values()) if models_dir else []
-    model = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
-    print(f"ldm: serving {model.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
+    pipeline = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
+    print(f"ldm: serving {pipeline.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
           file=sys.stderr)  # fmt: skip
-    app = create_app(model, args.outdir, load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits,
+    app = create_app(pipeline, args.outdir, load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits,
                      cors_allow_origins=args.cors_allow_origins)  # fmt: skip
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -14,6 +14,7 @@ import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -21,10 +22,13 @@ import torch.nn.functional as F
 from .compiling import compile_model
 from .denoiser import Denoiser
 from .devices import to_device
+from .embeddings import Embedding
 from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .noise import BrownianNoise, per_image_randn
 from .parameterization import sigma_from_alpha_bar
+from .pipeline import Pipeline, as_pipeline
+from .prompt_encoding import encode_prompts
 from .prompts import extract_lora_tags
 from .request import (
     GenerationRequest,
@@ -106,22 +110,23 @@ def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torc
 
 @torch.no_grad()
 def generate(
-    model: LatentDiffusion,
+    pipeline: Pipeline | LatentDiffusion,
     request: GenerationRequest,
     progress: Callable[[Progress], None] | None = None,
-    refiner: LatentDiffusion | None = None,
 ) -> GenerationResult:
-    """Run a request, batch_size images per U-Net call; RequestError before any work if it cannot run.
-    refiner: a second model (SDXL's refiner) that denoises the low-noise end of the schedule (`Experts`)."""
-    r = validate(request, model, refiner)
-    fields = infotext_fields(r, model, refiner)
+    """Run a request, batch_size images per U-Net call; RequestError before any work if it cannot run. With the
+    pipeline's refiner (SDXL's), that second model denoises the low-noise end of the schedule (`Experts`)."""
+    pipeline = as_pipeline(pipeline)
+    model = pipeline.model
+    r = validate(request, pipeline)
+    fields = infotext_fields(r, pipeline)
     if r.compile:
-        for m in filter(None, (model, refiner)):
+        for m in filter(None, (model, pipeline.refiner)):
             compile_model(m)
-    sets = [lora_set(text, model) for text in r.prompts]
+    sets = [lora_set(text, pipeline.loras) for text in r.prompts]
     batches = unet_batches(sets, r.batch_size)
     images, warnings = [], []
-    loras = read_loras(model, sets)
+    loras = read_loras(pipeline.loras, sets)
     for number, batch in enumerate(batches):
 
         def step_done(step: Step, number=number) -> None:
@@ -133,7 +138,7 @@ def generate(
             for tag in sorted(sets[batch.start], key=lambda tag: tag.name):
                 applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
                 warnings += [w for w in applied[-1].warnings if w not in warnings]
-            out, notes = sample(model, r, batch, step_done, refiner)
+            out, notes = sample(pipeline, r, batch, step_done)
         except LoRAError as e:
             raise RequestError(str(e)) from None
         finally:
@@ -155,18 +160,23 @@ def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
     return batches
 
 
-def read_loras(model: LatentDiffusion, lora_sets: list[frozenset]) -> dict[str, LoRA]:
+def read_loras(files: dict[str, Path], lora_sets: list[frozenset]) -> dict[str, LoRA]:
     """Every LoRA the request's prompts name, read once, before any work (RequestError for a file that is not
     a LoRA)."""
     names = {tag.name for tags in lora_sets for tag in tags}
     try:
-        return {name: read_lora(model.loras[name]) for name in sorted(names)}
+        return {name: read_lora(files[name]) for name in sorted(names)}
     except ValueError as e:  # CheckpointError, LoRAError
         raise RequestError(str(e)) from None
 
 
 def scheduled_denoiser(
-    model: LatentDiffusion, r: GenerationRequest, batch: range, extra: dict, calls: itertools.count | None = None
+    model: LatentDiffusion,
+    r: GenerationRequest,
+    batch: range,
+    extra: dict,
+    calls: itertools.count | None = None,
+    embeddings: dict[str, Embedding] | None = None,
 ):
     """The denoiser of a batch, with the conditioning of each prompt-editing segment (`prompts.prompt_schedule`):
     evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
@@ -174,7 +184,7 @@ def scheduled_denoiser(
     longest with empty chunks, one emphasis mean), and prompts of different lengths in one batch are padded by
     repeating their last vector. -> (denoiser, prompt warnings)."""
     notes = []
-    options = dict(clip_skip=r.clip_skip, syntax=r.prompt_syntax, size=(r.height, r.width))
+    options = dict(clip_skip=r.clip_skip, syntax=r.prompt_syntax, size=(r.height, r.width), embeddings=embeddings)
 
     def encoded(texts: list[str], negative: bool) -> list[tuple[list, dict]]:
         """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)})."""
@@ -182,7 +192,7 @@ def scheduled_denoiser(
         for text in dict.fromkeys(texts):
             schedule = r.schedule(text)
             variants = list(dict.fromkeys(variant for _, variant in schedule))
-            cond, more = model.conditioning(variants, negative=negative, joint=True, **options)
+            cond, more = encode_prompts(model, variants, negative=negative, joint=True, **options)
             notes.extend(n for n in more if n not in notes)
             found[text] = (schedule, {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)})
         return [found[text] for text in texts]
@@ -258,14 +268,9 @@ class Experts:
         return self.refiner(x, sigma)
 
 
-def sample(
-    model: LatentDiffusion,
-    r: GenerationRequest,
-    batch: range,
-    step_done: Callable[[Step], None],
-    refiner: LatentDiffusion | None = None,
-):
+def sample(pipeline: Pipeline, r: GenerationRequest, batch: range, step_done: Callable[[Step], None]):
     """Images `batch` of a validated request -> ((b, 3, H, W) in [0, 1], prompt warnings)."""
+    model, refiner = pipeline.model, pipeline.refiner
     sampler = get_sampler(r.sampler)
     device, dtype = model.device, model.dtype
     generators = [torch.Generator().manual_seed(r.seeds[i]) for i in batch]
@@ -305,7 +310,7 @@ def sample(
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
 
     calls = itertools.count()  # the model evaluations so far, for prompt editing (the web UI counts over both)
-    denoiser, notes = scheduled_denoiser(model, r, batch, extra, calls)
+    denoiser, notes = scheduled_denoiser(model, r, batch, extra, calls, pipeline.embeddings)
     if refiner is not None:
         refined, more = scheduled_denoiser(refiner, r, batch, {}, calls)
         denoiser = Experts(denoiser, refined, model, r.refiner_switch)

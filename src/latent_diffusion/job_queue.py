@@ -21,7 +21,7 @@ import torch
 
 from .generate import NonFiniteError, Progress, decode, generate
 from .images import to_pil
-from .latent_diffusion import LatentDiffusion
+from .pipeline import Pipeline
 from .request import GenerationRequest, RequestError, context_lengths, infotext, infotext_fields, lora_set, validate
 
 
@@ -57,7 +57,7 @@ class Job(Task):
     paste: Callable[[Any], Any] = lambda image: image  # lays a result into the client's picture (inpainting)
     # Filled by the worker:
     resolved: GenerationRequest | None = None  # validated against the model, its defaults filled in
-    model_path: str | None = None  # the checkpoint of the model it ran on
+    model_path: Path | None = None  # the checkpoint of the model it ran on
     images: list = field(default_factory=list)  # PIL images
     infotexts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -91,11 +91,10 @@ class Worker:
     """The one thread that runs jobs on the model, and what `/progress` reads of the job running now."""
 
     def __init__(
-        self, model: LatentDiffusion, load: Callable[[Path], LatentDiffusion], *, max_queue: int, max_batch: int,
-        window: float,
-    ):  # fmt: skip
-        self.model, self.load = model, load
-        self.refiner: LatentDiffusion | None = None  # the last refiner a job asked for, kept for the next
+        self, pipeline: Pipeline, load: Callable[[Path], Pipeline], *, max_queue: int, max_batch: int, window: float
+    ):
+        self.pipeline, self.load = pipeline, load
+        self.refiner: Pipeline | None = None  # the last refiner a job asked for, kept for the next
         self.max_queue, self.max_batch, self.window = max_queue, max_batch, window
         self.jobs: queue.Queue[Task | None] = queue.Queue()  # None: stop
         self.lock = threading.Lock()  # guards `waiting`
@@ -167,8 +166,8 @@ class Worker:
 
     def switch(self, load: Load) -> None:
         """Load another checkpoint; the old model serves on if it cannot be loaded."""
-        if self.model.checkpoint is None or Path(self.model.checkpoint).resolve() != load.checkpoint.resolve():
-            self.model = self.load(load.checkpoint)
+        if self.pipeline.checkpoint is None or self.pipeline.checkpoint.resolve() != load.checkpoint.resolve():
+            self.pipeline = self.load(load.checkpoint)
 
     def prepare(self, job: Job) -> bool:
         """Load the job's model if another is loaded, and validate the job against it (its error goes to it)."""
@@ -178,25 +177,30 @@ class Worker:
             if job.checkpoint is not None:
                 self.switch(Load(job.checkpoint))
             if job.refiner is not None and (
-                self.refiner is None or Path(self.refiner.checkpoint).resolve() != job.refiner.resolve()
+                self.refiner is None or self.refiner.checkpoint.resolve() != job.refiner.resolve()
             ):
                 self.refiner = None  # (the old one's memory is free before the new one loads)
                 self.refiner = self.load(job.refiner)
             request = job.request
-            if request.cfg_scale is None and self.model.cfg.cfg_scale is None:
+            if request.cfg_scale is None and self.pipeline.model.cfg.cfg_scale is None:
                 request = dataclasses.replace(request, cfg_scale=job.cfg_scale)
-            job.resolved = validate(request, self.model, self.refiner_of(job))
+            job.resolved = validate(request, self.pipeline_of(job))
             if job.shares_batches():  # (the chunk counts cost a tokenisation of every distinct prompt variant)
-                job.lengths = tuple(frozenset(n) for n in context_lengths(job.resolved, self.model))
-                job.loras = frozenset(lora_set(text, self.model) for text in job.resolved.prompts)
-            job.model_path = self.model.checkpoint
+                job.lengths = tuple(frozenset(n) for n in context_lengths(job.resolved, self.pipeline))
+                job.loras = frozenset(lora_set(text, self.pipeline.loras) for text in job.resolved.prompts)
+            job.model_path = self.pipeline.checkpoint
         except Exception as e:
             job.error = e
             return False
         return True
 
-    def refiner_of(self, job: Job) -> LatentDiffusion | None:
-        return self.refiner if job.refiner is not None else None
+    def pipeline_of(self, job: Job) -> Pipeline:
+        """The loaded pipeline, with the refiner the job asked for (loaded by `prepare`)."""
+        if job.refiner is None:
+            return self.pipeline
+        return dataclasses.replace(
+            self.pipeline, refiner=self.refiner.model, refiner_checkpoint=self.refiner.checkpoint
+        )
 
     def mergeable(self, group: list[Job], job: Task) -> bool:
         if isinstance(job, Load) or (job.checkpoint, job.refiner) != (group[0].checkpoint, group[0].refiner):
@@ -218,7 +222,7 @@ class Worker:
             if len(group) == 1:
                 job = group[0]
                 sizes = [job.batch_size] * (len(job.request.prompts) // job.batch_size)
-                job.images, job.infotexts, job.warnings = self.execute(job.resolved, sizes, self.refiner_of(job))
+                job.images, job.infotexts, job.warnings = self.execute(job.resolved, sizes, self.pipeline_of(job))
             else:
                 merged = dataclasses.replace(
                     group[0].resolved, prompts=[p for j in group for p in j.resolved.prompts],
@@ -227,8 +231,9 @@ class Worker:
                     batch_size=sum(len(j.resolved.prompts) for j in group),
                 )  # fmt: skip
                 try:  # the batch's memory (and so its VAE tiling) is checked for all its images together
-                    merged = validate(merged, self.model, self.refiner_of(group[0]))
-                    images, infotexts, warnings = self.execute(merged, [len(merged.prompts)], self.refiner_of(group[0]))
+                    pipeline = self.pipeline_of(group[0])
+                    merged = validate(merged, pipeline)
+                    images, infotexts, warnings = self.execute(merged, [len(merged.prompts)], pipeline)
                 except (RequestError, NonFiniteError):  # too large together, or one went NaN: each job alone, so
                     for job in group:  # that each gets its own answer (and its own seeds in an error)
                         try:
@@ -248,7 +253,7 @@ class Worker:
             self.running = []
 
     def execute(
-        self, request: GenerationRequest, sizes: list[int], refiner: LatentDiffusion | None = None
+        self, request: GenerationRequest, sizes: list[int], pipeline: Pipeline
     ) -> tuple[list, list[str], list[str]]:
         """Run a resolved request in U-Net batches of these sizes -> (PIL images, infotexts, warnings); stops early
         on an interrupt, or when every job of the batch is cancelled. An interrupted batch answers, as the web UI's,
@@ -259,7 +264,7 @@ class Worker:
         def step_done(p: Progress) -> None:
             nonlocal estimate
             self.step, self.steps, estimate = p.step, p.total, p.sampler_step.denoised
-            self.latent = estimate[:1].to(self.model.dtype)
+            self.latent = estimate[:1].to(pipeline.model.dtype)
             if self.interrupted or all(j.cancelled for j in self.running):
                 raise Interrupted
 
@@ -269,7 +274,7 @@ class Worker:
                 part = slice(start, start + size)
                 batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
                                             negative_prompts=request.negative_prompts[part], batch_size=size)  # fmt: skip
-                result = generate(self.model, batch, progress=step_done, refiner=refiner)
+                result = generate(pipeline, batch, progress=step_done)
                 images += [to_pil(t) for t in result.images]
                 infotexts += result.infotexts
                 warnings += [w for w in result.warnings if w not in warnings]
@@ -277,9 +282,9 @@ class Worker:
         except Interrupted:
             if estimate is not None and not all(j.cancelled for j in self.running):
                 with torch.no_grad():
-                    decoded = decode(self.model, estimate, tiled=bool(batch.vae_tiling))
+                    decoded = decode(pipeline.model, estimate, tiled=bool(batch.vae_tiling))
                 images += [to_pil((image / 2 + 0.5).clamp(0, 1)) for image in decoded]
-                fields = infotext_fields(batch, self.model, refiner)
+                fields = infotext_fields(batch, pipeline)
                 infotexts += [infotext(batch, i, fields) for i in range(len(batch.prompts))]
         finally:
             self.step = self.steps = self.part = self.parts = 0

@@ -3,16 +3,15 @@
 generative-models' `conditioner` (`conditioner.py`: two text encoders and the micro-conditioning) in place of
 `cond_stage_model`; the other names are the same.
 
-`conditioning(prompts)` is the model's conditioner: it turns prompts into the mapping that `DiffusionWrapper`
-routes into the U-Net; the request layer adds what does not come from the prompt (inpainting's "concat").
+The conditioning is a mapping that `DiffusionWrapper` routes into the U-Net. Prompts in the web UI's language become
+its text ("crossattn", and SDXL's pooled "vector") in `prompt_encoding.py`, which calls the text encoders here; the
+request layer adds what does not come from the prompt (inpainting's "concat").
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,13 +20,9 @@ from . import schedule
 from .autoencoder import AutoencoderKL
 from .conditioner import Conditioner
 from .config import LatentDiffusionConfig, from_ldm_config
-from .prompts import chunk_prompt
 from .text_encoder import TextEncoder
 from .tokenizer import clip_tokenizer
 from .unet import UNetModel
-
-if TYPE_CHECKING:  # embeddings.py imports checkpoint.py, which imports the model: a cycle at import time
-    from .embeddings import Embedding
 
 CONDITIONING_KEYS = ("crossattn", "concat", "vector")
 
@@ -66,10 +61,6 @@ class LatentDiffusion(nn.Module):
             self.conditioner = Conditioner(cfg)
         else:
             self.cond_stage_model = TextEncoder(cfg.text)
-        self.checkpoint: str | None = None  # the file `load_model` read it from (infotexts name it)
-        self.vae_file: str | None = None  # a separate autoencoder file loaded by `checkpoint.load_vae`
-        self.embeddings: dict[str, Embedding] = {}  # textual inversion, by name (`embeddings.load_embeddings`)
-        self.loras: dict[str, Path] = {}  # LoRA files that prompts may name (<lora:name:weight>), by name
         self.init_schedule()
 
     @classmethod
@@ -117,62 +108,6 @@ class LatentDiffusion(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.unet.out[2].weight.dtype
 
-    def conditioning(
-        self,
-        prompts: list[str],
-        *,
-        clip_skip: int | None = None,
-        syntax: bool = True,
-        size: tuple[int, int] | None = None,
-        negative: bool = False,
-        joint: bool = False,
-    ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        """prompts in the web UI's language (`prompts.py`) -> ({"crossattn": (b, 77·k, context_dim)}, warnings),
-        and for SDXL "vector": y (b, adm_in_channels).
-
-        Each prompt is k chunks of 77 tokens (prompts with fewer get empty-prompt chunks). Each token's hidden state
-        is multiplied by its emphasis weight, then each chunk is rescaled to the mean it had unweighted, as the
-        web UI's "Original" emphasis. The web UI takes that mean over its whole batch, which holds the variants of
-        one prompt (its prompt-editing schedule): joint=True for those; per prompt otherwise, so that an image of
-        a batch stays the image its seed gives alone. syntax=False reads the prompts as plain text.
-
-        SDXL: each text encoder encodes the chunks (emphasis applies to each), and the contexts are concatenated
-        along the features. y is the pooled text of the first chunk, as the web UI's, then the micro-conditioning:
-        original and target size `size` (height, width of the image), crop (0, 0), aesthetic score 6 (2.5 for
-        negative prompts), diffusers' and the web UI's defaults. An empty negative prompt is all zeros, text and
-        pooled (generative-models' `force_zero_embeddings`, as the reference sampling and the web UI use it).
-        CLIP skip does not apply to SDXL, as in the web UI."""
-        xl = bool(self.cfg.micro_conditioning)
-        notes = ["clip_skip has no effect on SDXL models (as in the web UI)"] if xl and clip_skip is not None else []
-        clip_skip = None if xl else clip_skip
-        tokenizer = clip_tokenizer(self.cfg.text.max_length)
-        chunked = [chunk_prompt(p, tokenizer, syntax, self.embeddings) for p in prompts]
-        empty = chunk_prompt("", tokenizer, syntax=False)[0]
-        encoded, pooled = [], None
-        for i in range(max(len(c) for c in chunked)):
-            batch = [c[i] if i < len(c) else empty for c in chunked]
-            weights = torch.tensor([c.weights for c in batch], device=self.device)[..., None]  # (b, 77, 1)
-            vectors = [[(position, e.vectors) for position, e in c.embeddings] for c in batch]
-            parts, offset = [], 0
-            for encoder in self.text_encoders:
-                tokens = torch.tensor([encoder.pad(c.tokens) for c in batch], device=self.device)
-                columns = [[(p, v[:, offset : offset + encoder.cfg.width]) for p, v in row] for row in vectors]
-                offset += encoder.cfg.width  # (an embedding's vectors hold every encoder's part, side by side)
-                z = encoder(tokens, clip_skip, columns, pooled=encoder.cfg.pooled)  # (b, 77, d)
-                if encoder.cfg.pooled:
-                    z, chunk_pooled = z
-                    pooled = chunk_pooled if pooled is None else pooled  # (b, embed_dim), the first chunk's
-                parts.append(emphasized(z, weights, joint))
-            encoded.append(torch.cat(parts, dim=-1))
-        cond = {"crossattn": torch.cat(encoded, dim=1)}
-        if xl:
-            micro = micro_conditioning(len(prompts), size or (self.cfg.default_size,) * 2, negative)
-            cond["vector"] = self.conditioner.vector(pooled, micro)
-            zero = torch.tensor([negative and p == "" for p in prompts], device=self.device)
-            cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
-            cond["vector"][:, : pooled.shape[1]] = pooled.masked_fill(zero[:, None], 0)
-        return cond, notes
-
     def get_text_conditioning(
         self, prompts: list[str], pooled: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
@@ -208,17 +143,6 @@ class LatentDiffusion(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The U-Net's prediction (ε or v, per `parameterization`) for noisy latents x at timesteps t."""
         return self.model(x, t, cond)
-
-
-def emphasized(z: torch.Tensor, weights: torch.Tensor, joint: bool = False) -> torch.Tensor:
-    """Hidden states (b, 77, d) times their tokens' weights (b, 77, 1), rescaled to the mean they had unweighted:
-    each row's mean, or with joint the mean of all rows."""
-    if (weights == 1).all():
-        return z
-    weighted = z * weights.to(z.dtype)
-    dims = (0, 1, 2) if joint else (1, 2)
-    mean, new_mean = z.mean(dim=dims, keepdim=True), weighted.mean(dim=dims, keepdim=True)
-    return weighted * torch.where(new_mean == 0, 1, mean / new_mean)
 
 
 def micro_conditioning(b: int, size: tuple[int, int], negative: bool) -> dict[str, torch.Tensor]:

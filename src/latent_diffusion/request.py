@@ -19,6 +19,7 @@ import torch
 from . import vae_tiling
 from .images import lora_hash, model_hash, parameters_text
 from .latent_diffusion import LatentDiffusion
+from .pipeline import Pipeline, as_pipeline
 from .prompts import LoraTag, chunk_prompt, extract_lora_tags, parse_emphasis, prompt_schedule
 from .samplers import SAMPLERS, get_sampler
 from .schedule import SPACINGS, sampling_timesteps
@@ -61,7 +62,7 @@ class GenerationRequest:
     clip_skip: int | None = None  # the web UI's CLIP skip: text encoder layers from the end (None: the model's)
     prompt_syntax: bool = True  # read emphasis and BREAK in the prompts (False: plain text)
     compile: bool = False  # torch.compile the U-Net and VAE decoder first (`compiling.py`); they stay compiled
-    # With a refiner model (`generate(..., refiner=)`): the part of the timestep range, from the noisiest, that the
+    # With a refiner model (`Pipeline.refiner`): the part of the timestep range, from the noisiest, that the
     # model denoises before the refiner takes over (diffusers' denoising_end / denoising_start)
     refiner_switch: float = 0.8
 
@@ -95,11 +96,9 @@ def _fail(message: str) -> None:
     raise RequestError(message)
 
 
-def validate(
-    request: GenerationRequest, model: LatentDiffusion | None = None, refiner: LatentDiffusion | None = None
-) -> GenerationRequest:
-    """Every check of a request, before any work: RequestError naming the problem. Without a model, what can be
-    checked without one; with it, also what depends on the model (and the refiner), and the returned copy has its
+def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | None = None) -> GenerationRequest:
+    """Every check of a request, before any work: RequestError naming the problem. Without a pipeline, what can be
+    checked without one; with it, also what depends on its models and files, and the returned copy has its
     defaults."""
     r = request
     numbers = ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise", "clip_skip")
@@ -154,11 +153,12 @@ def validate(
     for text in {*r.prompts, *(r.negative_prompts or [])} if r.prompt_syntax else ():
         if (weight := max((abs(w) for _, w in parse_emphasis(text)), default=1.0)) > MAX_EMPHASIS:
             _fail(f"prompt: an emphasis weight of {weight:.3g} is beyond ±{MAX_EMPHASIS:g} (brackets nested too deep?)")
-    if model is None:
+    if pipeline is None:
         return request
-    if refiner is not None:
-        _check_refiner(model, refiner)
-    return _resolve(r, model)
+    pipeline = as_pipeline(pipeline)
+    if pipeline.refiner is not None:
+        _check_refiner(pipeline.model, pipeline.refiner)
+    return _resolve(r, pipeline)
 
 
 def _fewest_per_group(cfg, h: int, w: int) -> int:
@@ -214,8 +214,9 @@ def _check_images(r: GenerationRequest) -> None:
         _fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")
 
 
-def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
+def _resolve(r: GenerationRequest, pipeline: Pipeline) -> GenerationRequest:
     """The checks that need the model (or the images, which front ends may attach after the first check)."""
+    model = pipeline.model
     cfg = model.cfg
     if r.init_image is None and (r.mask is not None or r.strength < 1):
         _fail("a mask or a strength below 1 needs an init image")
@@ -247,7 +248,7 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
             _fail(f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
                   f"(they repeat or run past the last); use fewer")  # fmt: skip
     for text in dict.fromkeys(r.prompts):
-        lora_set(text, model)  # every name known, one weight per name
+        lora_set(text, pipeline.loras)  # every name known, one weight per name
     have = available_memory(model.device)
     tiled = r.vae_tiling
     if tiled is None:  # automatic: tiles where the whole image would not fit and tiles need less
@@ -264,14 +265,14 @@ def _resolve(r: GenerationRequest, model: LatentDiffusion) -> GenerationRequest:
     )  # fmt: skip
 
 
-def lora_set(prompt: str, model: LatentDiffusion) -> frozenset[LoraTag]:
+def lora_set(prompt: str, files: dict[str, Path]) -> frozenset[LoraTag]:
     """The LoRAs a prompt names, with their weights. Images of different sets never share a U-Net batch: a batch
-    runs on one set of merged weights. RequestError for a name that is not among the model's LoRA files, or one
-    named at two weights."""
+    runs on one set of merged weights. RequestError for a name that is not among the LoRA `files`, or one named at
+    two weights."""
     tags: dict[str, LoraTag] = {}
     for tag in extract_lora_tags(prompt)[1]:
-        if tag.name not in model.loras:
-            known = ", ".join(sorted(model.loras)) or "none: give a folder with --lora-dir"
+        if tag.name not in files:
+            known = ", ".join(sorted(files)) or "none: give a folder with --lora-dir"
             _fail(f"prompt: <lora:{tag.name}> names no LoRA file here; these are: {known}")
         if tags.setdefault(tag.name, tag) != tag:
             _fail(f"prompt: LoRA {tag.name} at two weights in one prompt; use one")
@@ -308,7 +309,7 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def infotext_fields(r: GenerationRequest, model: LatentDiffusion, refiner: LatentDiffusion | None = None) -> dict:
+def infotext_fields(r: GenerationRequest, pipeline: Pipeline) -> dict:
     """The settings of a resolved request as the web UI's infotext fields, without the seed."""
     sampler = get_sampler(r.sampler)
     _, schedule_type = schedule_for(sampler, r.scheduler)
@@ -317,10 +318,10 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion, refiner: Laten
               "CFG scale": r.cfg_scale, "Seed": None, "Size": f"{r.width}x{r.height}"}  # fmt: skip
     if schedule_type is None:
         del fields["Schedule type"]
-    if model.checkpoint is not None:
-        fields |= {"Model hash": model_hash(model.checkpoint), "Model": Path(model.checkpoint).stem}
-    if model.vae_file is not None:
-        fields |= {"VAE hash": model_hash(model.vae_file), "VAE": Path(model.vae_file).name}
+    if pipeline.checkpoint is not None:
+        fields |= {"Model hash": model_hash(pipeline.checkpoint), "Model": pipeline.checkpoint.stem}
+    if pipeline.vae_file is not None:
+        fields |= {"VAE hash": model_hash(pipeline.vae_file), "VAE": pipeline.vae_file.name}
     eta = "Eta DDIM" if sampler.discrete else "Eta"  # the web UI's names: DDIM and PLMS apart from k-diffusion's
     for option, name in (("eta", eta), ("s_noise", "Sigma noise")):  # where not the sampler's default, as the web UI
         value = getattr(r, option)
@@ -329,27 +330,27 @@ def infotext_fields(r: GenerationRequest, model: LatentDiffusion, refiner: Laten
     if r.clip_skip is not None and r.clip_skip > 1:
         fields["Clip skip"] = r.clip_skip
     if loras := sorted({tag.name for text in r.prompts for tag in extract_lora_tags(text)[1]}):
-        fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(model.loras[name])}" for name in loras)
-    if used := embeddings_used(r, model):
+        fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(pipeline.loras[name])}" for name in loras)
+    if used := embeddings_used(r, pipeline):
         fields["TI hashes"] = ", ".join(f"{_bare(e.name)}: {e.shorthash}" for e in used)
     if r.init_image is not None:
         fields["Denoising strength"] = r.strength
-    if refiner is not None:
-        name = Path(refiner.checkpoint).stem if refiner.checkpoint else "refiner"
-        hash_ = f" [{model_hash(refiner.checkpoint)}]" if refiner.checkpoint else ""
+    if pipeline.refiner is not None:
+        file = pipeline.refiner_checkpoint
+        name, hash_ = (file.stem, f" [{model_hash(file)}]") if file else ("refiner", "")
         fields |= {"Refiner": name + hash_, "Refiner switch at": r.refiner_switch}
     return fields
 
 
-def embeddings_used(r: GenerationRequest, model: LatentDiffusion) -> list:
-    """The model's textual-inversion embeddings that the request's prompts (in any of their edits) use."""
-    if not model.embeddings:
+def embeddings_used(r: GenerationRequest, pipeline: Pipeline) -> list:
+    """The textual-inversion embeddings that the request's prompts (in any of their edits) use."""
+    if not pipeline.embeddings:
         return []
-    tokenizer, used = clip_tokenizer(model.cfg.text.max_length), {}
+    tokenizer, used = clip_tokenizer(pipeline.model.cfg.text.max_length), {}
     for text in {*r.prompts, *(r.negative_prompts or [])}:
         text = extract_lora_tags(text)[0]
         for _, variant in r.schedule(text):
-            for chunk in chunk_prompt(variant, tokenizer, r.prompt_syntax, model.embeddings):
+            for chunk in chunk_prompt(variant, tokenizer, r.prompt_syntax, pipeline.embeddings):
                 used |= {e.name: e for _, e in chunk.embeddings}
     return [used[name] for name in sorted(used)]
 
@@ -359,16 +360,16 @@ def _bare(name: str) -> str:
     return name.replace(":", "").replace(",", "")
 
 
-def context_lengths(r: GenerationRequest, model: LatentDiffusion) -> tuple[tuple[int, ...], tuple[int, ...]]:
+def context_lengths(r: GenerationRequest, pipeline: Pipeline) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The 77-token chunk counts of the request's prompts and of its negative prompts, each the longest of its
     variants (its prompt-editing schedule), as `generate` encodes them. Requests whose counts differ would pad each
     other's contexts in one U-Net batch, which changes their images: a server batches only requests of equal ones."""
-    tokenizer = clip_tokenizer(model.cfg.text.max_length)
+    tokenizer = clip_tokenizer(pipeline.model.cfg.text.max_length)
 
     @functools.cache
     def chunks(text: str) -> int:  # (a request repeats its prompt per image, a schedule its variants per step)
         variants = dict.fromkeys(v for _, v in r.schedule(text))
-        return max(len(chunk_prompt(v, tokenizer, r.prompt_syntax, model.embeddings)) for v in variants)
+        return max(len(chunk_prompt(v, tokenizer, r.prompt_syntax, pipeline.embeddings)) for v in variants)
 
     prompts = tuple(chunks(extract_lora_tags(text)[0]) for text in r.prompts)
     return prompts, tuple(chunks(text) for text in r.negative_prompts or [""] * len(r.prompts))

@@ -45,6 +45,7 @@ from .images import RASTER_FORMATS, as_mode, from_pil, model_hash, open_image, p
 from .job_queue import Job, Load, QueueFull, Task, Worker
 from .latent_diffusion import LatentDiffusion
 from .masking import img2img_inputs, scaled_size
+from .pipeline import Pipeline, as_pipeline
 from .request import MAX_SIDE, GenerationRequest, RequestError, validate
 from .samplers import SAMPLERS, find_sampler
 from .schedulers import SCHEDULERS
@@ -290,19 +291,20 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
 
 
 def create_app(
-    model: LatentDiffusion, outdir: str | Path | None = None, *, load: Callable[[Path], LatentDiffusion] | None = None,
+    pipeline: Pipeline | LatentDiffusion, outdir: str | Path | None = None, *, load: Callable[[Path], Pipeline] | None = None,
     models_dir: str | Path | None = None, api_auth: str | None = None, limits: ServerLimits = ServerLimits(),
     cors_allow_origins: list[str] | None = None,
 ):  # fmt: skip
-    """The ASGI application serving `model` (with its `loras` and `embeddings` set by the caller). load: a checkpoint
-    path -> a model set up the same way (for switching among `models_dir`); api_auth: "user:password" for HTTP basic
+    """The ASGI application serving `pipeline` (a model and its LoRA files and embeddings). load: a checkpoint path ->
+    a pipeline set up the same way (for switching among `models_dir`); api_auth: "user:password" for HTTP basic
     auth; cors_allow_origins: origins whose pages may call the API (none by default)."""
-    first = Path(model.checkpoint) if model.checkpoint else Path("model")
+    pipeline = as_pipeline(pipeline)
+    first = pipeline.checkpoint or Path("model")
     checkpoints = Checkpoints(Path(models_dir) if models_dir else None, first)
-    if model.checkpoint:
+    if pipeline.checkpoint:
         checkpoints.hashes[first] = model_hash(first)
 
-    def load_and_hash(path: Path) -> LatentDiffusion:
+    def load_and_hash(path: Path) -> Pipeline:
         if load is None:
             raise RequestError("this server was started without --models-dir: it serves one checkpoint")
         new = load(path)
@@ -310,8 +312,8 @@ def create_app(
         return new
 
     # The checkpoint chosen by the options, for the requests from now on (override_settings choose for one request).
-    selected = [Path(model.checkpoint) if model.checkpoint else None]
-    worker = Worker(model, load_and_hash, max_queue=limits.max_queue, max_batch=limits.max_batch,
+    selected = [pipeline.checkpoint]
+    worker = Worker(pipeline, load_and_hash, max_queue=limits.max_queue, max_batch=limits.max_batch,
                     window=limits.batch_window)  # fmt: skip
     outdir = Path(outdir) if outdir else None
 
@@ -353,7 +355,7 @@ def create_app(
         return error(503, "QueueFull", str(e), headers={"Retry-After": "5"})
 
     def current_title() -> str:
-        path = Path(worker.model.checkpoint) if worker.model.checkpoint else first
+        path = worker.pipeline.checkpoint or first
         return checkpoints.title(checkpoints.name_of(path), path)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -385,11 +387,11 @@ def create_app(
     @app.get("/sdapi/v1/loras")
     def loras():
         return [{"name": name, "alias": name, "path": str(path), "metadata": {}}
-                for name, path in (getattr(worker.model, "loras", None) or {}).items()]  # fmt: skip
+                for name, path in worker.pipeline.loras.items()]  # fmt: skip
 
     @app.get("/sdapi/v1/embeddings")
     def embeddings():
-        loaded = getattr(worker.model, "embeddings", None) or {}
+        loaded = worker.pipeline.embeddings
         return {"loaded": {name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
                                   "shape": e.vectors.shape[1], "vectors": e.vectors.shape[0]}
                            for name, e in loaded.items()}, "skipped": {}}  # fmt: skip
@@ -442,7 +444,7 @@ def create_app(
             if previews.get("latent") is not latent:
                 with torch.no_grad():
                     tiled = latent.shape[-1] > vae_tiling.TILE or latent.shape[-2] > vae_tiling.TILE
-                    image = worker.model.autoencoder_decode(latent, tiled=tiled)[0].float()
+                    image = worker.pipeline.model.autoencoder_decode(latent, tiled=tiled)[0].float()
                 previews.update(latent=latent, png=png_base64(to_pil((image / 2 + 0.5).clamp(0, 1)), ""))
             return previews["png"]
 
@@ -489,8 +491,8 @@ def create_app(
             raise RequestError(f"inpaint_full_res_padding must be between 0 and {MAX_SIDE}, not "
                                f"{body.inpaint_full_res_padding}")  # fmt: skip
         job = build_job(body, check_model=False)  # checked against the model once the images are in
-        width = job.request.width or worker.model.cfg.default_size
-        height = job.request.height or worker.model.cfg.default_size
+        width = job.request.width or worker.pipeline.model.cfg.default_size
+        height = job.request.height or worker.pipeline.model.cfg.default_size
         image = open_request_image(body.init_images[0], "init_images[0]")
         mask = open_request_image(body.mask, "mask") if body.mask else None
         for name, im in (("init_images[0]", image), ("mask", mask)):
@@ -565,9 +567,9 @@ def create_app(
 
     def check_against_model(job: Job) -> None:
         """The loaded model's checks now, where the job runs on it: bad input never waits."""
-        model = worker.model
-        if job.checkpoint is None or Path(model.checkpoint or "").resolve() == job.checkpoint.resolve():
-            validate(job.request, model)
+        pipeline = worker.pipeline
+        if job.checkpoint is None or (pipeline.checkpoint or Path()).resolve() == job.checkpoint.resolve():
+            validate(job.request, pipeline)
 
     async def wait(job: Task, http: Request, arrived: float | None = None) -> bool:
         """Queue the job and wait for it; cancel it if the client goes away (False) or its time, counted from the
