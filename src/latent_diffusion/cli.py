@@ -485,14 +485,14 @@ def cmd_eval(args) -> None:
     forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else tuple(EVAL_FORMS)
     if unknown := [f for f in forms if f not in EVAL_FORMS]:
         raise UsageError(f"--forms: no prompt form {unknown[0]!r}; the forms are {', '.join(EVAL_FORMS)}")
-    model = load_model(args.ckpt, device=pick_device(args.device))
+    pipeline = load_pipeline(args.ckpt, device=pick_device(args.device))
     batches = -(-args.count // max(1, args.batch_size))  # per split
     bar = tqdm(total=2 * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
-    report, settings = prompt_adherence(model, args.count, settings, seed=args.seed, forms=forms,
+    report, settings = prompt_adherence(pipeline, args.count, settings, seed=args.seed, forms=forms,
                                         progress=lambda p: bar.update(1))  # fmt: skip
     bar.close()
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
-    fields = infotext_fields(settings, model)
+    fields = infotext_fields(settings, pipeline)
     sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
     print(f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
           f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 from .data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, ShapesDataset
 from .generate import Progress, generate
 from .latent_diffusion import LatentDiffusion
+from .pipeline import Pipeline
 from .request import GenerationRequest
 
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
@@ -79,7 +80,7 @@ def score(specs: list[Shape], images: torch.Tensor, attributes: tuple[str, ...] 
 
 @torch.no_grad()
 def prompt_adherence(
-    model: LatentDiffusion,
+    pipeline: Pipeline | LatentDiffusion,
     count: int,
     settings: GenerationRequest,
     *,
@@ -102,7 +103,7 @@ def prompt_adherence(
         for split, data in splits.items():
             request = dataclasses.replace(settings, prompts=[form.write(s) for s in data.specs],
                                           seeds=[seed + i for i in range(count)], negative_prompts=None)  # fmt: skip
-            result = generate(model, request, progress)
+            result = generate(pipeline, request, progress)
             images = result.images.cpu() * 2 - 1
             report.setdefault(name, {})[split] = {"images": count, **score(data.specs, images, form.attributes)}
     return report, result.request
