@@ -129,6 +129,8 @@ def test_malformed_json_and_images_are_422(server):
     assert call(base, "/sdapi/v1/txt2img", raw=b"{not json")[0] == 422
     status, answer = call(base, "/sdapi/v1/png-info", {"image": "not base64!"})
     assert status == 422 and "not a base64-encoded image" in answer["detail"]
+    status, answer = call(base, "/sdapi/v1/img2img", {"prompt": "x", "init_images": ["aGVsbG8=é"]})  # not ASCII
+    assert status == 422 and answer["detail"] == "init_images[0]: not a base64-encoded image", answer
     assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "seed": 1})[0] == 200
 
 
@@ -204,6 +206,11 @@ def test_api_auth_and_body_limit(ckpt, serve):
             answer = client.makefile("rb").read()
         assert answer.startswith(b"HTTP/1.1 413") and b"over 2000 bytes" in answer
         assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1}, auth="me:secret")[0] == 200
+        # A header that base64 cannot read (a non-ASCII character, sent as Latin-1) is a wrong password, not a 500.
+        request = urllib.request.Request(base + "/sdapi/v1/samplers", headers={"Authorization": "Basic bWU6c2VjcmV0é"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=60)
+        assert e.value.code == 401
 
 
 def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):

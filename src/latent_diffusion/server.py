@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import dataclasses
 import hmac
@@ -224,7 +223,7 @@ def authorized(header: bytes | None, credentials: str) -> bool:
     scheme, _, value = (header or b"").decode("latin-1").partition(" ")
     try:
         given = base64.b64decode(value, validate=True) if scheme.lower() == "basic" else b""
-    except binascii.Error:
+    except ValueError:  # binascii.Error, and the ValueError of a header with non-ASCII characters
         given = b""
     return hmac.compare_digest(given, credentials.encode())
 
@@ -237,7 +236,7 @@ def image_bytes(data: str, field: str) -> bytes:
     data = data.partition(",")[2] if data.startswith("data:") else data
     try:  # line breaks and spaces are allowed, as base64 tools write them and the web UI reads them
         return base64.b64decode("".join(data.split()), validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII character
         raise RequestError(f"{field}: not a base64-encoded image") from None
 
 
