@@ -588,6 +588,23 @@ def test_odd_but_harmless_input_is_answered_and_hostile_input_is_a_422(server):
     assert call(base, "/sdapi/v1/txt2img", small)[0] == 200
 
 
+def test_deeply_nested_json_is_a_422_before_any_work(server):
+    """JSON nested some hundred levels deep in a field this server does not read parses, but echoing it back (and
+    checking it for NaN) recursed past Python's limit: a 500 once the images were made. It is refused first."""
+    base, _ = server
+    deep = b"[" * 900 + b"]" * 900
+    small = b'"prompt": "x", "steps": 1, "seed": 1, "width": 32, "height": 32'
+    for path, body, field in [
+        ("/sdapi/v1/txt2img", b"{" + small + b', "alwayson_scripts": {"a": ' + deep + b"}}", "alwayson_scripts"),
+        ("/sdapi/v1/txt2img", b"{" + small + b', "override_settings": {"a": ' + deep + b"}}", "override_settings"),
+        ("/sdapi/v1/img2img", b"{" + small + b', "init_images": ["x"], "foo": ' + deep + b"}", "foo"),
+    ]:
+        status, answer = call(base, path, raw=body)
+        assert status == 422 and answer["detail"].startswith(f"{field}: nested over 64 levels deep"), answer
+    nested = {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "image": {"image": "x"}}]}}}
+    assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, **nested})[0] == 200  # as clients send
+
+
 def test_answers_have_the_web_uis_shape(server):
     """png-info's parameters in the web UI's keys (Prompt, Size-1, ...) and items without the infotext; img2img's
     parameters without the images the client sent (unless include_init_images); a null seed is a random one."""

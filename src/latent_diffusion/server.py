@@ -84,6 +84,9 @@ NO_EFFECT = {
 }  # fmt: skip
 HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
 SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}  # the options (and override_settings) honoured
+# Levels of lists and objects in one field of a request's own (a field this server does not read, override_settings):
+# clients nest a few (alwayson_scripts). Some hundreds still parse, and echoing them recursed past Python's limit.
+MAX_NESTING = 64
 
 
 class Txt2ImgRequest(BaseModel):
@@ -146,6 +149,18 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def too_deep(value, limit: int) -> bool:
+    """Whether lists and dicts nest in `value` more than `limit` levels deep; walked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth == limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 class NotFound(Exception):
@@ -522,6 +537,9 @@ def create_app(
     def build_job(body: Txt2ImgRequest, check_model: bool = True) -> Job:
         """The web UI's fields as a job (defaults: the web UI's, the model's size and its own guidance); every
         check that needs no model is done here, before any image is decoded."""
+        for name, value in {**(body.model_extra or {}), "override_settings": body.override_settings}.items():
+            if too_deep(value, MAX_NESTING):
+                raise RequestError(f"{name}: nested over {MAX_NESTING} levels deep")
         count = body.batch_size * body.n_iter
         if body.batch_size < 1 or body.n_iter < 1:
             raise RequestError(f"batch_size and n_iter must be at least 1, not {body.batch_size} and {body.n_iter}")
