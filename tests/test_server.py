@@ -581,6 +581,11 @@ def test_odd_but_harmless_input_is_answered_and_hostile_input_is_a_422(server):
     eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n").decode()
     status, answer = call(base, "/sdapi/v1/img2img", small | {"init_images": [eps]})
     assert status == 422 and "cannot read the image" in answer["detail"] and "Ghostscript" not in answer["detail"]
+    lab = io.BytesIO()
+    Image.new("LAB", (32, 32)).save(lab, format="TIFF")  # a mode Pillow converts to no greyscale
+    status, answer = call(base, "/sdapi/v1/img2img", small | {"init_images": [png_b64(picture)],
+                                                              "mask": base64.b64encode(lab.getvalue()).decode()})  # fmt: skip
+    assert status == 422 and answer["detail"].startswith("mask: a LAB image"), answer
     huge_text = PngImagePlugin.PngInfo()
     huge_text.add_text("parameters", "x" * (2 << 20), zip=True)  # decompresses beyond Pillow's limit
     status, answer = call(base, "/sdapi/v1/png-info", {"image": png_b64(picture, pnginfo=huge_text)})

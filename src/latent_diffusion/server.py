@@ -511,10 +511,14 @@ def create_app(
             if im is not None and math.prod(scaled_size(im.size, width, height, body.resize_mode)) > limits.max_pixels:
                 raise RequestError(f"{name}: a {im.width}x{im.height} image scaled to cover {width}x{height} would "
                                    f"be over the limit of {limits.max_pixels} pixels")  # fmt: skip
-        if mask is not None and mask.mode != "RGBA":
-            mask = as_mode(mask, "L")
+        try:  # a mode Pillow cannot convert (a LAB TIFF) is the client's
+            image = as_mode(image, "RGB", "init_images[0]")
+            if mask is not None and mask.mode != "RGBA":
+                mask = as_mode(mask, "L", "mask")
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         inputs = img2img_inputs(
-            as_mode(image, "RGB"), mask, width, height, resize_mode=body.resize_mode, mask_blur_x=blur_x,
+            image, mask, width, height, resize_mode=body.resize_mode, mask_blur_x=blur_x,
             mask_blur_y=blur_y, invert=bool(body.inpainting_mask_invert), fill=body.inpainting_fill == 0,
             only_masked=body.inpaint_full_res, padding=body.inpaint_full_res_padding,
         )  # fmt: skip
