@@ -108,6 +108,8 @@ def test_web_ui_defaults_where_the_request_says_nothing(server):
         ({"prompt": "x", "scheduler": "linear"}, "unknown scheduler 'linear'"),
         ({"prompt": "x", "batch_size": 100, "n_iter": 100}, "batch_size × n_iter must be between 1 and 64"),
         ({"prompt": "<lora:nothing:1>"}, "names no LoRA file here"),
+        ({"prompt": "<lora:nothing:1e30>"}, "prompt: <lora:nothing> at a weight of 1e+30 is beyond ±100"),
+        ({"prompt": "<lora:nothing:1:unet=-1e30>"}, "prompt: <lora:nothing> at a weight of -1e+30 is beyond ±100"),
         ({"prompt": "x", "steps": "many"}, None),
         ({"prompt": "x", "cfg_scale": "nan"}, "cfg_scale must be between -100 and 100, not nan"),
         ({"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": True}}, "CLIP_stop_at_last_layers: a whole"),
@@ -316,6 +318,8 @@ def test_a_lora_reaches_only_the_images_of_the_requests_that_name_it(ckpt, serve
         assert max(json.loads(answer["info"])["batched_with"] for _, answer in answers) > 1  # batches formed
         alone = [call(base, "/sdapi/v1/txt2img", body)[1] for body in bodies]
         untagged = call(base, "/sdapi/v1/txt2img", {**bodies[0], "prompt": "a cat"})[1]
+        status, answer = call(base, "/sdapi/v1/txt2img", {**bodies[0], "prompt": "a cat <lora:style:1e30>"})
+        assert status == 422 and "beyond ±100" in answer["detail"], answer  # (merged, it drove the latents to NaN)
     pixels = [[np.asarray(decode(a["images"][0]), dtype=int) for a in (answer, again)]
               for (_, answer), again in zip(answers, alone)]  # fmt: skip
     for body, (a, b) in zip(bodies, pixels):
