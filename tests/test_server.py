@@ -189,6 +189,7 @@ def test_img2img_and_inpainting_equal_the_library(server):
     assert call(base, "/sdapi/v1/img2img", {**common, "init_images": []})[0] == 422
     status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["aGVsbG8="]})
     assert status == 422 and answer["detail"].startswith("init_images[0]: cannot read the image")
+    assert " object at 0x" not in answer["detail"], answer  # Pillow's message holds the BytesIO's repr
 
 
 def test_api_auth_and_body_limit(ckpt, serve):
@@ -429,6 +430,30 @@ def test_models_dir_switching(tmp_path, tiny_models, serve):
         status, answer = call(base, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_model_checkpoint": "nope"}})
         assert status == 404
     assert loads == ["tiny.safetensors", "other.safetensors", "tiny.safetensors", "other.safetensors"]
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_a_422_naming_it_as_listed(tmp_path, tiny_models, serve):
+    """A damaged file of --models-dir, or one refused (a pickle that would run code), chosen by a client in any of
+    the three ways: a 422 naming the checkpoint as the list does, never the server's path; the model serves on."""
+    import pickle
+
+    save_model(tiny_models["sd1"], tmp_path / "tiny.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10" + bytes(7) + b"not a header")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": print}))
+    body = {"prompt": "a cat", "seed": 3, "steps": 1, "width": 32, "height": 32}
+    with serve(create_app(load_model(tmp_path / "tiny.safetensors"), load=load_model, models_dir=tmp_path)) as base:
+        override = {**body, "override_settings": {"sd_model_checkpoint": "broken"}}
+        for path, request, name in [
+            ("/sdapi/v1/txt2img", override, "broken.safetensors"),
+            ("/sdapi/v1/options", {"sd_model_checkpoint": "sub/evil.ckpt"}, "sub/evil.ckpt"),
+            ("/sdapi/v1/txt2img", {**body, "refiner_checkpoint": "broken.safetensors"}, "broken.safetensors"),
+        ]:
+            status, answer = call(base, path, request)
+            assert status == 422 and answer["detail"].startswith(f"checkpoint {name}: "), answer
+            assert str(tmp_path) not in json.dumps(answer) and " object at 0x" not in answer["detail"], answer
+        assert call(base, "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("tiny.safetensors [")
+        assert call(base, "/sdapi/v1/txt2img", body)[0] == 200
 
 
 def wait_for_step(base: str, step: int = 1) -> None:

@@ -60,7 +60,9 @@ def open_image(path: str | os.PathLike | BinaryIO, name: str | None = None, max_
                 raise ValueError(f"{name}: the image is {im.width}x{im.height}, over the limit of {max_pixels} pixels")
             im.load()
             return ImageOps.exif_transpose(im)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # (Pillow's message holds the repr of a file object: "<_io.BytesIO ...>")
+        raise ValueError(f"{name}: cannot read the image (not one of {', '.join(RASTER_FORMATS)})") from None
+    except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: cannot read the image ({e.__class__.__name__}: {e})") from None
 
 

@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from . import vae_tiling
+from .checkpoint import CheckpointError
 from .files import claim_numbered
 from .images import RASTER_FORMATS, as_mode, from_pil, model_hash, open_image, parse_parameters, save_png, to_pil
 from .job_queue import Job, Load, QueueFull, Task, Worker
@@ -319,8 +320,16 @@ def create_app(
     def load_and_hash(path: Path) -> LatentDiffusion:
         if load is None:
             raise RequestError("this server was started without --models-dir: it serves one checkpoint")
-        new = load(path)
-        checkpoints.hashes[path] = model_hash(path)
+        # A file that cannot be loaded (damaged, refused) is the choice of a client: named as the list names it,
+        # never by the server's path, which the errors' texts hold.
+        name = checkpoints.name_of(path)
+        try:
+            new = load(path)
+            checkpoints.hashes[path] = model_hash(path)
+        except CheckpointError as e:
+            raise RequestError(f"checkpoint {name}: {str(e).replace(str(path), '').removeprefix(': ')}") from None
+        except OSError as e:
+            raise RequestError(f"checkpoint {name}: cannot read it ({e.strerror or type(e).__name__})") from None
         return new
 
     # The checkpoint chosen by the options, for the requests from now on (override_settings choose for one request).
