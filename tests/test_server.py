@@ -359,6 +359,7 @@ def test_init_images_are_checked_before_they_are_decoded(server):
     assert status == 422 and "would be over the limit of 16777216 pixels" in answer["detail"]
     picture, mask = png_b64(Image.new("RGB", (32, 32))), png_b64(Image.new("L", (32, 32), 255))
     for extra, message in [({"mask_blur": 65}, "mask_blur must be between 0 and 64"),
+                           ({"mask_blur_x": -1}, "mask_blur_x must be between 0 and 64 pixels, not -1"),
                            ({"inpaint_full_res_padding": -4}, "inpaint_full_res_padding must be between 0 and 8192"),
                            ({"resize_mode": 3}, "3 (latent upscale) is not implemented")]:  # fmt: skip
         status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": [picture], "mask": mask, **extra})

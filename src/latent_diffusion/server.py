@@ -506,8 +506,10 @@ def create_app(
             raise RequestError(f"inpainting_fill: 0 (fill), 1 (original), 2 or 3, not {body.inpainting_fill}")
         blur_x, blur_y = (body.mask_blur, body.mask_blur) if body.mask_blur is not None else (body.mask_blur_x,
                                                                                              body.mask_blur_y)  # fmt: skip
-        if not (0 <= blur_x <= 64 and 0 <= blur_y <= 64):  # the web UI's slider reaches 64
-            raise RequestError(f"mask_blur must be between 0 and 64 pixels, not {max(blur_x, blur_y, key=abs)}")
+        names = ["mask_blur"] * 2 if body.mask_blur is not None else ["mask_blur_x", "mask_blur_y"]
+        for name, blur in zip(names, (blur_x, blur_y)):  # (the field that is out of range, with its own value)
+            if not 0 <= blur <= 64:  # the web UI's slider reaches 64
+                raise RequestError(f"{name} must be between 0 and 64 pixels, not {blur:g}")
         if not 0 <= body.inpaint_full_res_padding <= MAX_SIDE:  # any padding past the image's side is the whole image
             raise RequestError(f"inpaint_full_res_padding must be between 0 and {MAX_SIDE}, not "
                                f"{body.inpaint_full_res_padding}")  # fmt: skip
