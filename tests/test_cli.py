@@ -227,6 +227,16 @@ def test_infotext_reproduces_an_image(tmp_path, ckpt, capsys):
     assert "the infotext's image was made with model hash" in capsys.readouterr().err
 
 
+def test_an_infotext_path_that_is_a_folder_or_missing_exits_2(tmp_path, ckpt, capsys):
+    """A path is not taken for the infotext's text: a folder is an error, as a missing file is."""
+    out = tmp_path / "out"
+    for path, message in [(tmp_path, f"{tmp_path}: a folder, not"), (tmp_path / "missing.png", "missing.png: no such")]:
+        assert run("txt2img", "--ckpt", ckpt, "--infotext", path, "--quiet", "--outdir", out) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_web_ui_infotexts_map_onto_our_settings():
     from latent_diffusion.infotext import read_infotext, sampler_from_web_ui, settings_from_infotext
 
