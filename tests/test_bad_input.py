@@ -39,6 +39,7 @@ TINY = ["--width", 24, "--height", 24, "--steps", 1, "--quiet"]
         (["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")], "prompts must be UTF-8 text"),
         (["--sampler", "DPM fast"], "--sampler: unknown sampler 'DPM fast'; choose one of DDPM, DDIM"),
         (["--scheduler", "linear"], "unknown scheduler 'linear'; choose one of automatic, uniform, karras"),
+        (["--prompt", "x <lora:style:-1e30>"], "prompt: <lora:style> at a weight of -1e+30 is beyond ±100"),
     ],
 )  # fmt: skip
 def test_bad_generation_input_is_one_line_and_exit_2(tmp_path, ckpt, capsys, args, message):

@@ -135,22 +135,25 @@ def test_bad_serve_arguments_exit_2_before_loading(capsys, args, message):
         ("img2img", ["--init-image", "{odd_image}"], "the image is 60x48: its sides must be multiples of 8"),
         ("img2img", ["--eta", "-1"], "--eta must be between 0 and 10, not -1"),
         ("inpaint", ["--width", "32"], "--width and --height ask for 32x48, the init image is 64x48: add --resize"),
+        ("inpaint", ["--mask", "{lab_mask}"], "lab.tif: a LAB image, which cannot be read as L"),
     ],
 )
 def test_bad_image_arguments_exit_2(tmp_path, ckpt, picture, capsys, command, args, message):
     image, mask = picture
     Image.new("L", (8, 8)).save(tmp_path / "small.png")
+    Image.new("LAB", (64, 48)).save(tmp_path / "lab.tif")  # a mode Pillow converts to no greyscale
     (tmp_path / "text.png").write_text("not an image")
     Image.new("RGB", (60, 48)).save(tmp_path / "odd.png")
     fill = {"{small_mask}": tmp_path / "small.png", "{not_an_image}": tmp_path / "text.png",
-            "{odd_image}": tmp_path / "odd.png"}  # fmt: skip
+            "{odd_image}": tmp_path / "odd.png", "{lab_mask}": tmp_path / "lab.tif"}  # fmt: skip
     base = {"--init-image": image, **({"--mask": mask} if command == "inpaint" else {})}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = fill.get(value, value)
     out = tmp_path / "out"
     flat = [x for kv in base.items() for x in kv]
     assert run(command, "--ckpt", ckpt, "--prompt", "x", "--steps", 2, "--outdir", out, *flat) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
     assert not out.exists()
 
 
@@ -222,6 +225,16 @@ def test_infotext_reproduces_an_image(tmp_path, ckpt, capsys):
     save_model(model, other)
     assert run("txt2img", "--ckpt", other, "--infotext", original, "--quiet", "--outdir", tmp_path / "d") == 0
     assert "the infotext's image was made with model hash" in capsys.readouterr().err
+
+
+def test_an_infotext_path_that_is_a_folder_or_missing_exits_2(tmp_path, ckpt, capsys):
+    """A path is not taken for the infotext's text: a folder is an error, as a missing file is."""
+    out = tmp_path / "out"
+    for path, message in [(tmp_path, f"{tmp_path}: a folder, not"), (tmp_path / "missing.png", "missing.png: no such")]:
+        assert run("txt2img", "--ckpt", ckpt, "--infotext", path, "--quiet", "--outdir", out) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
 
 
 def test_web_ui_infotexts_map_onto_our_settings():

@@ -109,6 +109,8 @@ def test_web_ui_defaults_where_the_request_says_nothing(server):
         ({"prompt": "x", "scheduler": "linear"}, "unknown scheduler 'linear'"),
         ({"prompt": "x", "batch_size": 100, "n_iter": 100}, "batch_size × n_iter must be between 1 and 64"),
         ({"prompt": "<lora:nothing:1>"}, "names no LoRA file here"),
+        ({"prompt": "<lora:nothing:1e30>"}, "prompt: <lora:nothing> at a weight of 1e+30 is beyond ±100"),
+        ({"prompt": "<lora:nothing:1:unet=-1e30>"}, "prompt: <lora:nothing> at a weight of -1e+30 is beyond ±100"),
         ({"prompt": "x", "steps": "many"}, None),
         ({"prompt": "x", "cfg_scale": "nan"}, "cfg_scale must be between -100 and 100, not nan"),
         ({"prompt": "x", "override_settings": {"CLIP_stop_at_last_layers": True}}, "CLIP_stop_at_last_layers: a whole"),
@@ -130,6 +132,8 @@ def test_malformed_json_and_images_are_422(server):
     assert call(base, "/sdapi/v1/txt2img", raw=b"{not json")[0] == 422
     status, answer = call(base, "/sdapi/v1/png-info", {"image": "not base64!"})
     assert status == 422 and "not a base64-encoded image" in answer["detail"]
+    status, answer = call(base, "/sdapi/v1/img2img", {"prompt": "x", "init_images": ["aGVsbG8=é"]})  # not ASCII
+    assert status == 422 and answer["detail"] == "init_images[0]: not a base64-encoded image", answer
     assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, "seed": 1})[0] == 200
 
 
@@ -186,6 +190,7 @@ def test_img2img_and_inpainting_equal_the_library(server):
     assert call(base, "/sdapi/v1/img2img", {**common, "init_images": []})[0] == 422
     status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": ["aGVsbG8="]})
     assert status == 422 and answer["detail"].startswith("init_images[0]: cannot read the image")
+    assert " object at 0x" not in answer["detail"], answer  # Pillow's message holds the BytesIO's repr
 
 
 def test_api_auth_and_body_limit(ckpt, serve):
@@ -205,6 +210,11 @@ def test_api_auth_and_body_limit(ckpt, serve):
             answer = client.makefile("rb").read()
         assert answer.startswith(b"HTTP/1.1 413") and b"over 2000 bytes" in answer
         assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1}, auth="me:secret")[0] == 200
+        # A header that base64 cannot read (a non-ASCII character, sent as Latin-1) is a wrong password, not a 500.
+        request = urllib.request.Request(base + "/sdapi/v1/samplers", headers={"Authorization": "Basic bWU6c2VjcmV0é"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=60)
+        assert e.value.code == 401
 
 
 def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
@@ -310,6 +320,8 @@ def test_a_lora_reaches_only_the_images_of_the_requests_that_name_it(ckpt, serve
         assert max(json.loads(answer["info"])["batched_with"] for _, answer in answers) > 1  # batches formed
         alone = [call(base, "/sdapi/v1/txt2img", body)[1] for body in bodies]
         untagged = call(base, "/sdapi/v1/txt2img", {**bodies[0], "prompt": "a cat"})[1]
+        status, answer = call(base, "/sdapi/v1/txt2img", {**bodies[0], "prompt": "a cat <lora:style:1e30>"})
+        assert status == 422 and "beyond ±100" in answer["detail"], answer  # (merged, it drove the latents to NaN)
     pixels = [[np.asarray(decode(a["images"][0]), dtype=int) for a in (answer, again)]
               for (_, answer), again in zip(answers, alone)]  # fmt: skip
     for body, (a, b) in zip(bodies, pixels):
@@ -348,6 +360,7 @@ def test_init_images_are_checked_before_they_are_decoded(server):
     assert status == 422 and "would be over the limit of 16777216 pixels" in answer["detail"]
     picture, mask = png_b64(Image.new("RGB", (32, 32))), png_b64(Image.new("L", (32, 32), 255))
     for extra, message in [({"mask_blur": 65}, "mask_blur must be between 0 and 64"),
+                           ({"mask_blur_x": -1}, "mask_blur_x must be between 0 and 64 pixels, not -1"),
                            ({"inpaint_full_res_padding": -4}, "inpaint_full_res_padding must be between 0 and 8192"),
                            ({"resize_mode": 3}, "3 (latent upscale) is not implemented")]:  # fmt: skip
         status, answer = call(base, "/sdapi/v1/img2img", {**common, "init_images": [picture], "mask": mask, **extra})
@@ -421,6 +434,30 @@ def test_models_dir_switching(tmp_path, tiny_models, serve):
         status, answer = call(base, "/sdapi/v1/txt2img", {**body, "override_settings": {"sd_model_checkpoint": "nope"}})
         assert status == 404
     assert loads == ["tiny.safetensors", "other.safetensors", "tiny.safetensors", "other.safetensors"]
+
+
+def test_a_checkpoint_that_cannot_be_loaded_is_a_422_naming_it_as_listed(tmp_path, tiny_models, serve):
+    """A damaged file of --models-dir, or one refused (a pickle that would run code), chosen by a client in any of
+    the three ways: a 422 naming the checkpoint as the list does, never the server's path; the model serves on."""
+    import pickle
+
+    save_model(tiny_models["sd1"], tmp_path / "tiny.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10" + bytes(7) + b"not a header")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": print}))
+    body = {"prompt": "a cat", "seed": 3, "steps": 1, "width": 32, "height": 32}
+    with serve(create_app(load_model(tmp_path / "tiny.safetensors"), load=load_model, models_dir=tmp_path)) as base:
+        override = {**body, "override_settings": {"sd_model_checkpoint": "broken"}}
+        for path, request, name in [
+            ("/sdapi/v1/txt2img", override, "broken.safetensors"),
+            ("/sdapi/v1/options", {"sd_model_checkpoint": "sub/evil.ckpt"}, "sub/evil.ckpt"),
+            ("/sdapi/v1/txt2img", {**body, "refiner_checkpoint": "broken.safetensors"}, "broken.safetensors"),
+        ]:
+            status, answer = call(base, path, request)
+            assert status == 422 and answer["detail"].startswith(f"checkpoint {name}: "), answer
+            assert str(tmp_path) not in json.dumps(answer) and " object at 0x" not in answer["detail"], answer
+        assert call(base, "/sdapi/v1/options")[1]["sd_model_checkpoint"].startswith("tiny.safetensors [")
+        assert call(base, "/sdapi/v1/txt2img", body)[0] == 200
 
 
 def wait_for_step(base: str, step: int = 1) -> None:
@@ -579,11 +616,33 @@ def test_odd_but_harmless_input_is_answered_and_hostile_input_is_a_422(server):
     eps = base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n").decode()
     status, answer = call(base, "/sdapi/v1/img2img", small | {"init_images": [eps]})
     assert status == 422 and "cannot read the image" in answer["detail"] and "Ghostscript" not in answer["detail"]
+    lab = io.BytesIO()
+    Image.new("LAB", (32, 32)).save(lab, format="TIFF")  # a mode Pillow converts to no greyscale
+    status, answer = call(base, "/sdapi/v1/img2img", small | {"init_images": [png_b64(picture)],
+                                                              "mask": base64.b64encode(lab.getvalue()).decode()})  # fmt: skip
+    assert status == 422 and answer["detail"].startswith("mask: a LAB image"), answer
     huge_text = PngImagePlugin.PngInfo()
     huge_text.add_text("parameters", "x" * (2 << 20), zip=True)  # decompresses beyond Pillow's limit
     status, answer = call(base, "/sdapi/v1/png-info", {"image": png_b64(picture, pnginfo=huge_text)})
     assert status == 422
     assert call(base, "/sdapi/v1/txt2img", small)[0] == 200
+
+
+def test_deeply_nested_json_is_a_422_before_any_work(server):
+    """JSON nested some hundred levels deep in a field this server does not read parses, but echoing it back (and
+    checking it for NaN) recursed past Python's limit: a 500 once the images were made. It is refused first."""
+    base, _ = server
+    deep = b"[" * 900 + b"]" * 900
+    small = b'"prompt": "x", "steps": 1, "seed": 1, "width": 32, "height": 32'
+    for path, body, field in [
+        ("/sdapi/v1/txt2img", b"{" + small + b', "alwayson_scripts": {"a": ' + deep + b"}}", "alwayson_scripts"),
+        ("/sdapi/v1/txt2img", b"{" + small + b', "override_settings": {"a": ' + deep + b"}}", "override_settings"),
+        ("/sdapi/v1/img2img", b"{" + small + b', "init_images": ["x"], "foo": ' + deep + b"}", "foo"),
+    ]:
+        status, answer = call(base, path, raw=body)
+        assert status == 422 and answer["detail"].startswith(f"{field}: nested over 64 levels deep"), answer
+    nested = {"alwayson_scripts": {"controlnet": {"args": [{"enabled": True, "image": {"image": "x"}}]}}}
+    assert call(base, "/sdapi/v1/txt2img", {"prompt": "x", "steps": 1, **nested})[0] == 200  # as clients send
 
 
 def test_answers_have_the_web_uis_shape(server):

@@ -38,7 +38,8 @@ def load_image(
 
     Any mode loads as it looks: 16- and 32-bit greyscale scaled from their full range, transparency composited on
     white (as image editors show it), palettes and CMYK converted, the EXIF orientation (phone photos) applied."""
-    im = as_mode(open_image(path, name, max_pixels), mode)
+    name = _name(path, name)
+    im = as_mode(open_image(path, name, max_pixels), mode, name)
     if size is not None and im.size != size:
         im = im.resize(size, Image.Resampling.LANCZOS)
     return from_pil(im)
@@ -52,20 +53,31 @@ def open_image(path: str | os.PathLike | BinaryIO, name: str | None = None, max_
     """A file (or file object) -> the decoded PIL image in its own mode, its EXIF orientation applied. ValueError,
     naming the file (or `name`), if unreadable, not a raster image (`RASTER_FORMATS`) or over `max_pixels` (read
     from its header, before decoding)."""
-    name = name or (str(path) if isinstance(path, (str, os.PathLike)) else "image")
+    name = _name(path, name)
     try:
         with Image.open(path, formats=RASTER_FORMATS) as im:
             if im.width * im.height > max_pixels:
                 raise ValueError(f"{name}: the image is {im.width}x{im.height}, over the limit of {max_pixels} pixels")
             im.load()
             return ImageOps.exif_transpose(im)
-    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError:  # (Pillow's message holds the repr of a file object: "<_io.BytesIO ...>")
+        raise ValueError(f"{name}: cannot read the image (not one of {', '.join(RASTER_FORMATS)})") from None
+    except (OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{name}: cannot read the image ({e.__class__.__name__}: {e})") from None
 
 
-def as_mode(im: Image.Image, mode: str) -> Image.Image:
-    """Any image as an 8-bit image of `mode` ("RGB", "L") that looks the same (see `load_image`)."""
-    return _eight_bit(im).convert(mode)
+def _name(path: str | os.PathLike | BinaryIO, name: str | None) -> str:
+    """What messages call an image: `name`, else its path."""
+    return name or (str(path) if isinstance(path, (str, os.PathLike)) else "image")
+
+
+def as_mode(im: Image.Image, mode: str, name: str = "image") -> Image.Image:
+    """Any image as an 8-bit image of `mode` ("RGB", "L") that looks the same (see `load_image`). ValueError naming
+    the image (`name`) for a mode Pillow cannot convert (LAB to L)."""
+    try:
+        return _eight_bit(im).convert(mode)
+    except ValueError:  # Pillow's own names no file (and, converting LAB to L, says "LAB to RGB")
+        raise ValueError(f"{name}: a {im.mode} image, which cannot be read as {mode}; save it as RGB") from None
 
 
 def from_pil(im: Image.Image) -> torch.Tensor:

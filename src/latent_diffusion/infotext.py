@@ -24,9 +24,11 @@ def read_infotext(source: str) -> str:
     """A PNG's `parameters` text, a text file's contents, or `source` itself when it names no file."""
     path = Path(source)
     try:
-        is_file = path.is_file()
+        is_file, is_folder = path.is_file(), path.is_dir()
     except OSError:  # e.g. a text too long to be a file name: then it is the text itself
-        is_file = False
+        is_file = is_folder = False
+    if is_folder:  # (a path, never an infotext)
+        raise ValueError(f"{source}: a folder, not an image or a text file")
     if not is_file:
         if "\n" not in source and path.suffix.lower() in (".png", ".webp", ".jpg", ".jpeg", ".txt"):
             raise ValueError(f"{source}: no such file")  # a file was meant, not a one-word infotext

@@ -33,6 +33,7 @@ MAX_STEPS = 10_000  # sampling steps; the σ schedules are allocated before the 
 MAX_CFG_SCALE = 100.0
 MAX_NOISE = 10.0  # η and s_noise
 MAX_EMPHASIS = 1000.0  # the magnitude of a token's emphasis weight
+MAX_LORA_WEIGHT = 100.0  # the magnitude of a <lora:name:weight> (the web UI's slider reaches ±2; people use up to 10)
 
 
 class RequestError(ValueError):
@@ -147,9 +148,12 @@ def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | 
         _check_images(r)
     for text in r.prompts:
         try:
-            extract_lora_tags(text)
+            tags = extract_lora_tags(text)[1]
         except ValueError as e:
             _fail(str(e))
+        for tag in tags:
+            if abs(weight := max(tag.te_weight, tag.unet_weight, key=abs)) > MAX_LORA_WEIGHT:  # (the latents go NaN)
+                _fail(f"prompt: <lora:{tag.name}> at a weight of {weight:g} is beyond ±{MAX_LORA_WEIGHT:g}")
     for text in {*r.prompts, *(r.negative_prompts or [])} if r.prompt_syntax else ():
         if (weight := max((abs(w) for _, w in parse_emphasis(text)), default=1.0)) > MAX_EMPHASIS:
             _fail(f"prompt: an emphasis weight of {weight:.3g} is beyond ±{MAX_EMPHASIS:g} (brackets nested too deep?)")

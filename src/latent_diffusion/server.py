@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import contextlib
 import dataclasses
 import hmac
@@ -40,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from . import vae_tiling
+from .checkpoint import CheckpointError
 from .files import claim_numbered
 from .images import RASTER_FORMATS, as_mode, from_pil, model_hash, open_image, parse_parameters, save_png, to_pil
 from .job_queue import Job, Load, QueueFull, Task, Worker
@@ -86,6 +86,9 @@ NO_EFFECT = {
 }  # fmt: skip
 HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
 SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}  # the options (and override_settings) honoured
+# Levels of lists and objects in one field of a request's own (a field this server does not read, override_settings):
+# clients nest a few (alwayson_scripts). Some hundreds still parse, and echoing them recursed past Python's limit.
+MAX_NESTING = 64
 
 
 class Txt2ImgRequest(BaseModel):
@@ -148,6 +151,18 @@ def _finite(value):
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def too_deep(value, limit: int) -> bool:
+    """Whether lists and dicts nest in `value` more than `limit` levels deep; walked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth == limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 class NotFound(Exception):
@@ -225,7 +240,7 @@ def authorized(header: bytes | None, credentials: str) -> bool:
     scheme, _, value = (header or b"").decode("latin-1").partition(" ")
     try:
         given = base64.b64decode(value, validate=True) if scheme.lower() == "basic" else b""
-    except binascii.Error:
+    except ValueError:  # binascii.Error, and the ValueError of a header with non-ASCII characters
         given = b""
     return hmac.compare_digest(given, credentials.encode())
 
@@ -238,7 +253,7 @@ def image_bytes(data: str, field: str) -> bytes:
     data = data.partition(",")[2] if data.startswith("data:") else data
     try:  # line breaks and spaces are allowed, as base64 tools write them and the web UI reads them
         return base64.b64decode("".join(data.split()), validate=True)
-    except binascii.Error:
+    except ValueError:  # binascii.Error, or a non-ASCII character
         raise RequestError(f"{field}: not a base64-encoded image") from None
 
 
@@ -307,8 +322,16 @@ def create_app(
     def load_and_hash(path: Path) -> Pipeline:
         if load is None:
             raise RequestError("this server was started without --models-dir: it serves one checkpoint")
-        new = load(path)
-        checkpoints.hashes[path] = model_hash(path)
+        # A file that cannot be loaded (damaged, refused) is the choice of a client: named as the list names it,
+        # never by the server's path, which the errors' texts hold.
+        name = checkpoints.name_of(path)
+        try:
+            new = load(path)
+            checkpoints.hashes[path] = model_hash(path)
+        except CheckpointError as e:
+            raise RequestError(f"checkpoint {name}: {str(e).replace(str(path), '').removeprefix(': ')}") from None
+        except OSError as e:
+            raise RequestError(f"checkpoint {name}: cannot read it ({e.strerror or type(e).__name__})") from None
         return new
 
     # The checkpoint chosen by the options, for the requests from now on (override_settings choose for one request).
@@ -485,8 +508,10 @@ def create_app(
             raise RequestError(f"inpainting_fill: 0 (fill), 1 (original), 2 or 3, not {body.inpainting_fill}")
         blur_x, blur_y = (body.mask_blur, body.mask_blur) if body.mask_blur is not None else (body.mask_blur_x,
                                                                                              body.mask_blur_y)  # fmt: skip
-        if not (0 <= blur_x <= 64 and 0 <= blur_y <= 64):  # the web UI's slider reaches 64
-            raise RequestError(f"mask_blur must be between 0 and 64 pixels, not {max(blur_x, blur_y, key=abs)}")
+        names = ["mask_blur"] * 2 if body.mask_blur is not None else ["mask_blur_x", "mask_blur_y"]
+        for name, blur in zip(names, (blur_x, blur_y)):  # (the field that is out of range, with its own value)
+            if not 0 <= blur <= 64:  # the web UI's slider reaches 64
+                raise RequestError(f"{name} must be between 0 and 64 pixels, not {blur:g}")
         if not 0 <= body.inpaint_full_res_padding <= MAX_SIDE:  # any padding past the image's side is the whole image
             raise RequestError(f"inpaint_full_res_padding must be between 0 and {MAX_SIDE}, not "
                                f"{body.inpaint_full_res_padding}")  # fmt: skip
@@ -499,10 +524,14 @@ def create_app(
             if im is not None and math.prod(scaled_size(im.size, width, height, body.resize_mode)) > limits.max_pixels:
                 raise RequestError(f"{name}: a {im.width}x{im.height} image scaled to cover {width}x{height} would "
                                    f"be over the limit of {limits.max_pixels} pixels")  # fmt: skip
-        if mask is not None and mask.mode != "RGBA":
-            mask = as_mode(mask, "L")
+        try:  # a mode Pillow cannot convert (a LAB TIFF) is the client's
+            image = as_mode(image, "RGB", "init_images[0]")
+            if mask is not None and mask.mode != "RGBA":
+                mask = as_mode(mask, "L", "mask")
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         inputs = img2img_inputs(
-            as_mode(image, "RGB"), mask, width, height, resize_mode=body.resize_mode, mask_blur_x=blur_x,
+            image, mask, width, height, resize_mode=body.resize_mode, mask_blur_x=blur_x,
             mask_blur_y=blur_y, invert=bool(body.inpainting_mask_invert), fill=body.inpainting_fill == 0,
             only_masked=body.inpaint_full_res, padding=body.inpaint_full_res_padding,
         )  # fmt: skip
@@ -525,6 +554,9 @@ def create_app(
     def build_job(body: Txt2ImgRequest, check_model: bool = True) -> Job:
         """The web UI's fields as a job (defaults: the web UI's, the model's size and its own guidance); every
         check that needs no model is done here, before any image is decoded."""
+        for name, value in {**(body.model_extra or {}), "override_settings": body.override_settings}.items():
+            if too_deep(value, MAX_NESTING):
+                raise RequestError(f"{name}: nested over {MAX_NESTING} levels deep")
         count = body.batch_size * body.n_iter
         if body.batch_size < 1 or body.n_iter < 1:
             raise RequestError(f"batch_size and n_iter must be at least 1, not {body.batch_size} and {body.n_iter}")
