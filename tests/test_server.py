@@ -446,7 +446,9 @@ def test_a_checkpoint_that_cannot_be_loaded_is_a_422_naming_it_as_listed(tmp_pat
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "evil.ckpt").write_bytes(pickle.dumps({"state_dict": print}))
     body = {"prompt": "a cat", "seed": 3, "steps": 1, "width": 32, "height": 32}
-    with serve(create_app(load_model(tmp_path / "tiny.safetensors"), load=load_model, models_dir=tmp_path)) as base:
+    with serve(
+        create_app(load_pipeline(tmp_path / "tiny.safetensors"), load=load_pipeline, models_dir=tmp_path)
+    ) as base:
         override = {**body, "override_settings": {"sd_model_checkpoint": "broken"}}
         for path, request, name in [
             ("/sdapi/v1/txt2img", override, "broken.safetensors"),
