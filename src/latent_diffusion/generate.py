@@ -268,8 +268,33 @@ class Experts:
         return self.refiner(x, sigma)
 
 
+@dataclass
+class Stage:
+    """One pass of the sampler over a range of the noise schedule, with everything it needs by name (in the spirit
+    of flux's `prepare()`). txt2img, img2img and inpainting are one stage; SDXL's refiner takes over within it (the
+    web UI switches models between two steps of one pass, which keeps a multistep sampler's history). A second
+    pass (hires fix) is another stage that starts from this one's latent; a ControlNet is one more input of a
+    stage's denoiser, active in a window of its steps."""
+
+    sigmas: torch.Tensor  # (n + 1,) float64 on the CPU: the noise levels the sampler walks, x's first
+    x: torch.Tensor  # (b, c, h, w): the latent at sigmas[0]
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, σ) -> the x0 estimate
+    noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (σ, σ_next) -> fresh noise like x
+    hold: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # after step i: the known region put back
+
+
 def sample(pipeline: Pipeline, r: GenerationRequest, batch: range, step_done: Callable[[Step], None]):
-    """Images `batch` of a validated request -> ((b, 3, H, W) in [0, 1], prompt warnings)."""
+    """Images `batch` of a validated request -> ((b, 3, H, W) in [0, 1], prompt warnings): prepare its stage, run
+    it, decode."""
+    stage, pixel_mask, notes = prepare(pipeline, r, batch)
+    x = run(stage, r, [r.seeds[i] for i in batch], step_done)
+    return finish(pipeline, r, batch, stage, x, pixel_mask), notes
+
+
+def prepare(pipeline: Pipeline, r: GenerationRequest, batch: range) -> tuple[Stage, torch.Tensor | None, list[str]]:
+    """The batch's stage: its σs, its starting latent (noise, or the init image's latent noised to the first σ), the
+    conditioning of its denoiser and its per-step noise, all drawn from each image's own generator. -> (the stage,
+    the inpainting mask at pixel size or None, prompt warnings)."""
     model, refiner = pipeline.model, pipeline.refiner
     sampler = get_sampler(r.sampler)
     device, dtype = model.device, model.dtype
@@ -295,8 +320,8 @@ def sample(pipeline: Pipeline, r: GenerationRequest, batch: range, step_done: Ca
     extra = {}
     if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out
         binary = (pixel_mask >= 0.5).float()  # this model was trained on hard masks, resized nearest
-        extra["concat"] = torch.cat([F.interpolate(binary, size=latent_shape[1:]), encode(image * (1 - binary))],
-                                    dim=1).to(dtype)  # fmt: skip
+        hole = encode(image * (1 - binary))
+        extra["concat"] = torch.cat([F.interpolate(binary, size=latent_shape[1:]), hole], dim=1).to(dtype)
 
     def hold(i: int, x: torch.Tensor) -> torch.Tensor:
         """Standard models: the known region at the noise level the sampler is now at (clean after the last step)."""
@@ -315,24 +340,43 @@ def sample(pipeline: Pipeline, r: GenerationRequest, batch: range, step_done: Ca
         refined, more = scheduled_denoiser(refiner, r, batch, {}, calls)
         denoiser = Experts(denoiser, refined, model, r.refiner_switch)
         notes += [n for n in more if n not in notes]
+    keep = hold if latent_mask is not None and not model.cfg.inpainting else None
+    return Stage(sigmas, x, denoiser, noise_sampler, keep), pixel_mask, notes
+
+
+def run(stage: Stage, r: GenerationRequest, seeds: list[int], step_done: Callable[[Step], None]) -> torch.Tensor:
+    """The request's sampler over the stage -> the latent at its last σ, in the VP scale the autoencoder reads.
+    Stops at the first step whose latents are not finite (`FiniteLatents`)."""
+    sampler = get_sampler(r.sampler)
     options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
-    finite = FiniteLatents(r.steps_run, [r.seeds[i] for i in batch])
+    finite = FiniteLatents(r.steps_run, seeds)
 
     def callback(step: Step) -> None:
         finite.check(step)
         step_done(step)
 
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
-    x = sampler.fn(
-        denoiser, x, sigmas, noise=noise_sampler, callback=callback,
-        hold=hold if latent_mask is not None and not model.cfg.inpainting else None, **options,
-    )  # fmt: skip
+    x = sampler.fn(stage.denoiser, stage.x, stage.sigmas, noise=stage.noise, callback=callback, hold=stage.hold,
+                   **options)  # fmt: skip
     finite.check(None)  # the last step's, before the decode
     if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
-        x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
-    decoder = refiner if isinstance(denoiser, Experts) and denoiser.refined else model
-    images = (decode(decoder, x, tiled=r.vae_tiling) / 2 + 0.5).clamp(0, 1)
+        x = x / (1 + stage.sigmas[-1].item() ** 2) ** 0.5
+    return x
+
+
+def finish(
+    pipeline: Pipeline,
+    r: GenerationRequest,
+    batch: range,
+    stage: Stage,
+    x: torch.Tensor,
+    pixel_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The stage's latent -> images (b, 3, H, W) in [0, 1], decoded by the autoencoder of the model that denoised
+    last, and laid over the init image through the mask (inpainting, unless the caller pastes)."""
+    refined = isinstance(stage.denoiser, Experts) and stage.denoiser.refined
+    images = (decode(pipeline.refiner if refined else pipeline.model, x, tiled=r.vae_tiling) / 2 + 0.5).clamp(0, 1)
     if pixel_mask is not None and r.paste:  # the input's pixels outside the mask; a soft mask's edge at half opacity
         overlay = (pixel_mask * 2).clamp(max=1)  # (the web UI's overlay: a blurred mask's 0.5 is fully repainted)
-        images = overlay * images + (1 - overlay) * rows(r.init_image, batch).to(device, torch.float32)
-    return images, notes
+        images = overlay * images + (1 - overlay) * rows(r.init_image, batch).to(images.device, torch.float32)
+    return images
