@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import re
 import socket
 import sys
@@ -126,16 +125,29 @@ def request_from_args(args) -> GenerationRequest:
     count = args.batch_size * args.n_iter
     if count > MAX_IMAGES:  # the request holds a prompt and a seed per image: refuse before building it
         raise UsageError(f"--batch-size × --n-iter must be at most {MAX_IMAGES}, not {count}")
-    seed = random.randrange(2**32) if args.seed in (None, -1) else args.seed  # -1: random, as the web UI
     sampler, scheduler = sampler_and_scheduler(args)
-    return GenerationRequest(
-        prompts=[args.prompt] * count, negative_prompts=[args.negative_prompt] * count,
-        seeds=[seed + i for i in range(count)], width=args.width, height=args.height, steps=args.steps,
-        sampler=sampler, scheduler=scheduler, spacing=args.spacing, eta=args.eta, s_noise=args.s_noise,
-        cfg_scale=args.cfg_scale, clip_skip=args.clip_skip, prompt_syntax=args.prompt_syntax,
-        strength=getattr(args, "strength", 1.0), batch_size=args.batch_size, vae_tiling=args.vae_tiling,
-        refiner_switch=args.refiner_switch, compile=args.compile,
-    )  # fmt: skip
+    return GenerationRequest.repeated(
+        args.prompt,
+        args.negative_prompt,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        n_iter=args.n_iter,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        sampler=sampler,
+        scheduler=scheduler,
+        spacing=args.spacing,
+        eta=args.eta,
+        s_noise=args.s_noise,
+        cfg_scale=args.cfg_scale,
+        clip_skip=args.clip_skip,
+        prompt_syntax=args.prompt_syntax,
+        strength=getattr(args, "strength", 1.0),
+        vae_tiling=args.vae_tiling,
+        refiner_switch=args.refiner_switch,
+        compile=args.compile,
+    )
 
 
 def folder_arg(value: str | None, flag: str, default: str) -> Path | None:

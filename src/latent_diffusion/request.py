@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,17 @@ class GenerationRequest:
     # With a refiner model (`Pipeline.refiner`): the part of the timestep range, from the noisiest, that the
     # model denoises before the refiner takes over (diffusers' denoising_end / denoising_start)
     refiner_switch: float = 0.8
+
+    @classmethod
+    def repeated(
+        cls, prompt: str, negative_prompt: str, *, seed: int | None, batch_size: int, n_iter: int, **settings
+    ) -> GenerationRequest:
+        """batch_size × n_iter images of one prompt, as the web UI's form and API ask for them: seeds seed,
+        seed + 1, ... (None or -1: a random first seed, as the web UI), batch_size images per U-Net call."""
+        count = batch_size * n_iter
+        seed = random.randrange(2**32) if seed in (None, -1) else seed
+        seeds = [seed + i for i in range(count)]
+        return cls([prompt] * count, seeds, [negative_prompt] * count, batch_size=batch_size, **settings)
 
     @property
     def steps_run(self) -> int:
