@@ -199,8 +199,9 @@ class AutoencoderKL(nn.Module):
         f = self.cfg.downsampling_factor
         chunks = img.split(batch_size) if batch_size else [img]
         if tiled:  # tiles laid out in latent pixels (unit f), so that each starts on a whole one
-            moments = [vae_tiling.tiled(self._moments, c, 1 / f, vae_tiling.TILE, vae_tiling.OVERLAP, unit=f)
-                       for c in chunks]  # fmt: skip
+            moments = [
+                vae_tiling.tiled(self._moments, c, 1 / f, vae_tiling.TILE, vae_tiling.OVERLAP, unit=f) for c in chunks
+            ]
             return DiagonalGaussian(torch.cat(moments).to(img.dtype))
         return DiagonalGaussian(torch.cat([self._moments(chunk) for chunk in chunks]))
 

@@ -151,9 +151,13 @@ def _infer_conditioner(sd: dict[str, torch.Tensor]) -> dict:
     texts.append(_infer_text(sd, SDXL.text_prefix + f"{len(texts)}.model.", OPENCLIP_VIT_BIGG_14))
     micro = SDXL_MICRO if base else SDXL_REFINER_MICRO
     adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
-    return {"text": texts[0], "text2": texts[1] if base else None, "micro_conditioning": micro,
-            "micro_conditioning_width": (adm - texts[-1].embed_dim) // sum(MICRO_CONDITIONING[m] for m in micro),
-            "scale_factor": SDXL_SCALE_FACTOR}  # fmt: skip
+    return {
+        "text": texts[0],
+        "text2": texts[1] if base else None,
+        "micro_conditioning": micro,
+        "micro_conditioning_width": (adm - texts[-1].embed_dim) // sum(MICRO_CONDITIONING[m] for m in micro),
+        "scale_factor": SDXL_SCALE_FACTOR,
+    }
 
 
 def _check_family(sd: dict[str, torch.Tensor], path) -> None:
@@ -168,8 +172,14 @@ def _check_family(sd: dict[str, torch.Tensor], path) -> None:
     ):
         hint = "it looks like a diffusers-format component, not a single-file Stable Diffusion checkpoint"
     elif any(k.startswith(UNET) for k in keys):
-        missing = [p for p, ok in (("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
-                                   ("cond_stage_model.* (or SDXL's conditioner.*)", has_text)) if not ok]  # fmt: skip
+        missing = [
+            p
+            for p, ok in (
+                ("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
+                ("cond_stage_model.* (or SDXL's conditioner.*)", has_text),
+            )
+            if not ok
+        ]
         hint = f"it has a U-Net but no {' and no '.join(missing)} weights"
     else:
         hint = "no model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (or conditioner.*) keys"

@@ -64,8 +64,9 @@ def describe(model: LatentDiffusion) -> str:
             + ("; no text_projection or logit_scale in the file (unused)" if not t.projection else "")
         )
     if xl:
-        lines.append(f"  micro-conditioning ({cfg.micro_conditioning_width} wide each): "
-                     f"{', '.join(cfg.micro_conditioning)}")  # fmt: skip
+        lines.append(
+            f"  micro-conditioning ({cfg.micro_conditioning_width} wide each): {', '.join(cfg.micro_conditioning)}"
+        )
     return "\n".join(lines)
 
 
@@ -97,9 +98,17 @@ def prepare_outdir(outdir: Path) -> list[Path]:
 
 
 # The request fields whose errors name a flag of their own (the messages begin with the field's name).
-FLAGS = {"width and height": "--width and --height", "batch_size": "--batch-size", "steps": "--steps",
-         "strength": "--strength", "eta": "--eta", "s_noise": "--s-noise", "cfg_scale": "--cfg-scale",
-         "clip_skip": "--clip-skip", "refiner_switch": "--refiner-switch"}  # fmt: skip
+FLAGS = {
+    "width and height": "--width and --height",
+    "batch_size": "--batch-size",
+    "steps": "--steps",
+    "strength": "--strength",
+    "eta": "--eta",
+    "s_noise": "--s-noise",
+    "cfg_scale": "--cfg-scale",
+    "clip_skip": "--clip-skip",
+    "refiner_switch": "--refiner-switch",
+}
 
 
 def checked(request: GenerationRequest, pipeline: Pipeline | None = None) -> GenerationRequest:
@@ -196,8 +205,10 @@ def with_images(request: GenerationRequest, args, model: LatentDiffusion) -> Gen
     image = load_image(args.init_image, "RGB", size)
     asked = (args.width or image.shape[-1], args.height or image.shape[-2])
     if size is None and asked != (image.shape[-1], image.shape[-2]):  # else the size asked for would be ignored
-        raise UsageError(f"--width and --height ask for {asked[0]}x{asked[1]}, the init image is "
-                         f"{image.shape[-1]}x{image.shape[-2]}: add --resize to scale it")  # fmt: skip
+        raise UsageError(
+            f"--width and --height ask for {asked[0]}x{asked[1]}, the init image is "
+            f"{image.shape[-1]}x{image.shape[-2]}: add --resize to scale it"
+        )
     mask = load_image(args.mask, "L", size) if args.command == "inpaint" else None
     width, height = (None, None) if size is None else size
     return dataclasses.replace(request, init_image=image, mask=mask, width=width, height=height)
@@ -246,9 +257,16 @@ def cmd_generate(args) -> None:
 def write_images(args, request: GenerationRequest, outdir: Path, embeddings, loras, device, dtype) -> None:
     """cmd_generate once its folder is there: load, sample batch after batch, write each image as it is done."""
     pipeline = load_pipeline(
-        args.ckpt or BUILTIN_MODEL, args.config, device=device, dtype=dtype, ema=args.ema or None, vae=args.vae,
-        refiner=args.refiner, embeddings_dir=embeddings, loras=loras,
-    )  # fmt: skip
+        args.ckpt or BUILTIN_MODEL,
+        args.config,
+        device=device,
+        dtype=dtype,
+        ema=args.ema or None,
+        vae=args.vae,
+        refiner=args.refiner,
+        embeddings_dir=embeddings,
+        loras=loras,
+    )
     if pipeline.model.cfg.inpainting and args.command != "inpaint":
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
     for notice in pipeline.notices:
@@ -256,14 +274,20 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
     request = checked(with_images(request, args, pipeline.model), pipeline)
     file = pipeline.checkpoint
     if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(file):
-        print(f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
-              f"{file} has {model_hash(file)}", file=sys.stderr)  # fmt: skip
+        print(
+            f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
+            f"{file} has {model_hash(file)}",
+            file=sys.stderr,
+        )
     bar = tqdm(total=args.n_iter * request.steps_run, disable=args.quiet, unit="step", desc=args.command)
     images, warned, n = [], set(), args.batch_size
     for start in range(0, len(request.prompts), n):  # one batch at a time, each written as soon as it is done
-        batch = dataclasses.replace(request, prompts=request.prompts[start : start + n],
-                                    negative_prompts=request.negative_prompts[start : start + n],
-                                    seeds=request.seeds[start : start + n])  # fmt: skip
+        batch = dataclasses.replace(
+            request,
+            prompts=request.prompts[start : start + n],
+            negative_prompts=request.negative_prompts[start : start + n],
+            seeds=request.seeds[start : start + n],
+        )
         result = generate(pipeline, batch, progress=lambda p: bar.update(1))
         for warning in set(result.warnings) - warned:
             tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
@@ -430,10 +454,16 @@ def cmd_serve(args) -> None:
     if not 0 < args.port < 65536:
         raise UsageError(f"--port must be in 1..65535, not {args.port}")
     limits = ServerLimits(
-        max_body=args.max_body_mb * 2**20, max_side=args.max_size, max_steps=args.max_steps,
-        max_images=args.max_images, max_prompt=args.max_prompt, max_pixels=args.max_init_pixels, max_queue=args.max_queue,
-        max_batch=args.max_batch, request_timeout=args.request_timeout,
-    )  # fmt: skip
+        max_body=args.max_body_mb * 2**20,
+        max_side=args.max_size,
+        max_steps=args.max_steps,
+        max_images=args.max_images,
+        max_prompt=args.max_prompt,
+        max_pixels=args.max_init_pixels,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        request_timeout=args.request_timeout,
+    )
     if bad := [f.name for f in dataclasses.fields(limits) if not getattr(limits, f.name) > 0]:
         raise UsageError(f"--{bad[0].replace('_', '-')} must be positive")
     if args.api_auth is not None and ":" not in args.api_auth:
@@ -464,10 +494,19 @@ def cmd_serve(args) -> None:
     writable_later(Path(args.outdir))  # where save_images writes: a bad folder is found now, none is made
     found = list(checkpoint_files(models_dir).values()) if models_dir else []
     pipeline = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
-    print(f"ldm: serving {pipeline.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
-          file=sys.stderr)  # fmt: skip
-    app = create_app(pipeline, args.outdir, load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits,
-                     cors_allow_origins=args.cors_allow_origins)  # fmt: skip
+    print(
+        f"ldm: serving {pipeline.checkpoint} on http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)",
+        file=sys.stderr,
+    )
+    app = create_app(
+        pipeline,
+        args.outdir,
+        load=load,
+        models_dir=models_dir,
+        api_auth=args.api_auth,
+        limits=limits,
+        cors_allow_origins=args.cors_allow_origins,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 
@@ -477,8 +516,10 @@ def cmd_train_autoencoder(args) -> None:
         path, report = train_autoencoder(AutoencoderTrainConfig(**values))
     except TrainError as e:
         raise UsageError(str(e)) from None
-    print(f"held-out PSNR ({report['images']} images): {report['psnr_start']:.2f} dB at the start, "
-          f"{report['psnr']:.2f} dB now")  # fmt: skip
+    print(
+        f"held-out PSNR ({report['images']} images): {report['psnr_start']:.2f} dB at the start, "
+        f"{report['psnr']:.2f} dB now"
+    )
     print(f"wrote {path}")
 
 
@@ -491,23 +532,36 @@ def cmd_eval(args) -> None:
     if args.json and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json}: a folder, not a file")
     sampler, scheduler = sampler_and_scheduler(args)
-    settings = checked(GenerationRequest([""], [0], width=args.image_size, height=args.image_size, steps=args.steps,
-                                         sampler=sampler, scheduler=scheduler, cfg_scale=args.cfg_scale,
-                                         batch_size=args.batch_size))  # fmt: skip
+    settings = checked(
+        GenerationRequest(
+            [""],
+            [0],
+            width=args.image_size,
+            height=args.image_size,
+            steps=args.steps,
+            sampler=sampler,
+            scheduler=scheduler,
+            cfg_scale=args.cfg_scale,
+            batch_size=args.batch_size,
+        )
+    )
     forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else tuple(EVAL_FORMS)
     if unknown := [f for f in forms if f not in EVAL_FORMS]:
         raise UsageError(f"--forms: no prompt form {unknown[0]!r}; the forms are {', '.join(EVAL_FORMS)}")
     pipeline = load_pipeline(args.ckpt, device=pick_device(args.device))
     batches = -(-args.count // max(1, args.batch_size))  # per split
     bar = tqdm(total=2 * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
-    report, settings = prompt_adherence(pipeline, args.count, settings, seed=args.seed, forms=forms,
-                                        progress=lambda p: bar.update(1))  # fmt: skip
+    report, settings = prompt_adherence(
+        pipeline, args.count, settings, seed=args.seed, forms=forms, progress=lambda p: bar.update(1)
+    )
     bar.close()
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
     fields = infotext_fields(settings, pipeline)
     sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
-    print(f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
-          f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}")  # fmt: skip
+    print(
+        f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
+        f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}"
+    )
     print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
     example = ShapesDataset(1, seed=args.seed + 1).specs[0]  # the first seen-split shape
     for form, splits in report.items():
@@ -555,9 +609,13 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
     p.add_argument("--vae", help="a separate autoencoder file (original layout) in place of the checkpoint's")
     p.add_argument("--refiner", help="a second checkpoint (SDXL's refiner) that denoises the end of the schedule")
-    p.add_argument("--refiner-switch", type=float, default=0.8,
-                   help="with --refiner: the part of the timestep range, from the noisiest, the model denoises "
-                        "before the refiner takes over (default 0.8)")  # fmt: skip
+    p.add_argument(
+        "--refiner-switch",
+        type=float,
+        default=0.8,
+        help="with --refiner: the part of the timestep range, from the noisiest, the model denoises "
+        "before the refiner takes over (default 0.8)",
+    )
     p.add_argument("--prompt", help="what to draw, in the web UI's prompt language, any length")
     p.add_argument(
         "--infotext",
@@ -572,16 +630,23 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--init-image", required=True, help="the image to start from")
         if command == "inpaint":
             p.add_argument("--mask", required=True, help="same size as the image; white = repaint, black = keep")
-        p.add_argument("--strength", type=float, default=1.0 if command == "inpaint" else 0.75,
-                       help="fraction of the schedule to run, in (0, 1]")  # fmt: skip
+        p.add_argument(
+            "--strength",
+            type=float,
+            default=1.0 if command == "inpaint" else 0.75,
+            help="fraction of the schedule to run, in (0, 1]",
+        )
         p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
         p.add_argument("--width", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
         p.add_argument("--height", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps")
     add_sampler_arguments(p)
-    p.add_argument("--spacing", default="leading", choices=SPACINGS,
-                   help="timestep spacing of ddim, plms and ddpm, as diffusers' (leading: 901, 801, ..., 1 for 10 "
-                        "steps)")  # fmt: skip
+    p.add_argument(
+        "--spacing",
+        default="leading",
+        choices=SPACINGS,
+        help="timestep spacing of ddim, plms and ddpm, as diffusers' (leading: 901, 801, ..., 1 for 10 steps)",
+    )
     p.add_argument("--eta", type=float, help="eta of the samplers that take one (default: theirs; DDIM: 0)")
     p.add_argument("--s-noise", type=float, help="noise scale of the ancestral samplers (default: 1)")
     p.add_argument(
@@ -590,19 +655,35 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
         help="use the text encoder's hidden state N layers from the end, as the "
         "web UI's CLIP skip (1: the last; default: the model's own)",
     )
-    p.add_argument("--vae-tiling", action=argparse.BooleanOptionalAction,
-                   help="encode and decode in overlapping tiles, for images too large for memory at once (default: "
-                        "when the whole image would not fit)")  # fmt: skip
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the U-Net and VAE decoder (CUDA graphs on a GPU): the first image of each size "
-                        "waits for the compilation, later ones are faster on a GPU (on a CPU, slower than eager: "
-                        "BENCHMARKS.md); compiled kernels are cached across runs in $TORCHINDUCTOR_CACHE_DIR")  # fmt: skip
-    p.add_argument("--lora-dir", help="LoRA files, used by <lora:NAME:WEIGHT> in the prompt, NAME a file's name "
-                   "(default: models/Lora where it exists)")  # fmt: skip
-    p.add_argument("--lora", action="append", metavar="PATH[:WEIGHT]",
-                   help="apply this LoRA file (repeatable): adds <lora:NAME:WEIGHT> to the prompt")  # fmt: skip
-    p.add_argument("--embeddings-dir", help="textual-inversion embeddings, used by writing a file's name in the prompt "
-                   "(default: embeddings/ where it exists)")  # fmt: skip
+    p.add_argument(
+        "--vae-tiling",
+        action=argparse.BooleanOptionalAction,
+        help="encode and decode in overlapping tiles, for images too large for memory at once (default: "
+        "when the whole image would not fit)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the U-Net and VAE decoder (CUDA graphs on a GPU): the first image of each size "
+        "waits for the compilation, later ones are faster on a GPU (on a CPU, slower than eager: "
+        "BENCHMARKS.md); compiled kernels are cached across runs in $TORCHINDUCTOR_CACHE_DIR",
+    )
+    p.add_argument(
+        "--lora-dir",
+        help="LoRA files, used by <lora:NAME:WEIGHT> in the prompt, NAME a file's name "
+        "(default: models/Lora where it exists)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:WEIGHT]",
+        help="apply this LoRA file (repeatable): adds <lora:NAME:WEIGHT> to the prompt",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        help="textual-inversion embeddings, used by writing a file's name in the prompt "
+        "(default: embeddings/ where it exists)",
+    )
     p.add_argument(
         "--prompt-syntax",
         action=argparse.BooleanOptionalAction,
@@ -655,39 +736,68 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    info = command(sub, "info", cmd_info, "load a checkpoint and describe it",
-                   "Load a .safetensors or .ckpt Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) and print its "
-                   "variant and parts. Without --config the architecture is read off the keys.")  # fmt: skip
+    info = command(
+        sub,
+        "info",
+        cmd_info,
+        "load a checkpoint and describe it",
+        "Load a .safetensors or .ckpt Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) and print its "
+        "variant and parts. Without --config the architecture is read off the keys.",
+    )
     info.add_argument("ckpt", help="checkpoint file (.safetensors or .ckpt)")
     info.add_argument("--config", help="CompVis inference YAML (optional)")
     info.add_argument("--ema", action="store_true", help="load the model_ema.* U-Net weights")
     info.add_argument("--device", default="cpu")
     info.add_argument("--dtype", default="float32", choices=DTYPES)
-    for name, help_text in (("txt2img", "generate images from a prompt"),
-                            ("img2img", "redraw an image following a prompt"),
-                            ("inpaint", "repaint the white part of a mask")):  # fmt: skip
+    for name, help_text in (
+        ("txt2img", "generate images from a prompt"),
+        ("img2img", "redraw an image following a prompt"),
+        ("inpaint", "repaint the white part of a mask"),
+    ):
         add_generation_arguments(command(sub, name, cmd_generate, help_text, GENERATE_HELP[name]), name)
     add_config_arguments(
-        command(sub, "train", cmd_train, "train the U-Net in the latent space of a frozen autoencoder",
-                "Train (or fine-tune) the diffusion U-Net on latents of the frozen autoencoder. Several processes: "
-                "torchrun --nproc_per_node N -m latent_diffusion.cli train ..."),
-        TrainConfig, TRAIN_HELP,
-    )  # fmt: skip
+        command(
+            sub,
+            "train",
+            cmd_train,
+            "train the U-Net in the latent space of a frozen autoencoder",
+            "Train (or fine-tune) the diffusion U-Net on latents of the frozen autoencoder. Several processes: "
+            "torchrun --nproc_per_node N -m latent_diffusion.cli train ...",
+        ),
+        TrainConfig,
+        TRAIN_HELP,
+    )
     add_config_arguments(
-        command(sub, "train-autoencoder", cmd_train_autoencoder, "train the KL autoencoder (stage 1)",
-                "Train the KL autoencoder: L1/L2 reconstruction + KL, optionally a patch-GAN after a warm-up. Writes "
-                "first_stage_model.* weights for `ldm train --autoencoder` and reports held-out PSNR."),
-        AutoencoderTrainConfig, AUTOENCODER_HELP,
-    )  # fmt: skip
+        command(
+            sub,
+            "train-autoencoder",
+            cmd_train_autoencoder,
+            "train the KL autoencoder (stage 1)",
+            "Train the KL autoencoder: L1/L2 reconstruction + KL, optionally a patch-GAN after a warm-up. Writes "
+            "first_stage_model.* weights for `ldm train --autoencoder` and reports held-out PSNR.",
+        ),
+        AutoencoderTrainConfig,
+        AUTOENCODER_HELP,
+    )
     add_eval_arguments(
-        command(sub, "eval", cmd_eval, "prompt adherence of a model trained on the shapes data",
-                "Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
-                "background, size and position back from the pixels with a deterministic analyser.")
-    )  # fmt: skip
-    serve = command(sub, "serve", cmd_serve, "serve the web UI's HTTP API (/sdapi/v1/...)",
-                    "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
-                    "work unchanged (txt2img, img2img, samplers, schedulers, sd-models, options, progress, interrupt, "
-                    "png-info), and a web page at /.")  # fmt: skip
+        command(
+            sub,
+            "eval",
+            cmd_eval,
+            "prompt adherence of a model trained on the shapes data",
+            "Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
+            "background, size and position back from the pixels with a deterministic analyser.",
+        )
+    )
+    serve = command(
+        sub,
+        "serve",
+        cmd_serve,
+        "serve the web UI's HTTP API (/sdapi/v1/...)",
+        "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
+        "work unchanged (txt2img, img2img, samplers, schedulers, sd-models, options, progress, interrupt, "
+        "png-info), and a web page at /.",
+    )
     serve.add_argument("--ckpt", help="checkpoint file (default: the first of --models-dir, or the built-in model)")
     serve.add_argument("--models-dir", help="checkpoints that clients may switch to (sd_model_checkpoint)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
@@ -695,30 +805,54 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
     serve.add_argument("--outdir", default="outputs", help="where save_images writes")
-    serve.add_argument("--compile", action="store_true",
-                       help="torch.compile every model loaded (see txt2img --compile): the first request of each size "
-                            "waits for the compilation")  # fmt: skip
+    serve.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every model loaded (see txt2img --compile): the first request of each size "
+        "waits for the compilation",
+    )
     serve.add_argument("--api-auth", metavar="USER:PASSWORD", help="require HTTP basic auth with these credentials")
-    serve.add_argument("--cors-allow-origins", nargs="+", metavar="ORIGIN",
-                       help="origins whose pages may call the API (none by default)")  # fmt: skip
+    serve.add_argument(
+        "--cors-allow-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="origins whose pages may call the API (none by default)",
+    )
     serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
     serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
     limits = serve.add_argument_group("limits")
-    limits.add_argument("--max-batch", type=int, default=8,
-                        help="images of queued requests with the same settings run as one U-Net batch (1: never)")  # fmt: skip
+    limits.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="images of queued requests with the same settings run as one U-Net batch (1: never)",
+    )
     limits.add_argument("--max-queue", type=int, default=32, help="jobs running or waiting; more are answered 503")
     limits.add_argument("--max-size", type=int, default=2048, help="largest width and height")
     limits.add_argument("--max-steps", type=int, default=300)
     limits.add_argument("--max-images", type=int, default=64, help="largest batch_size x n_iter")
     limits.add_argument("--max-prompt", type=int, default=20_000, help="characters of a prompt or negative prompt")
-    limits.add_argument("--max-init-pixels", type=int, default=4096 * 4096,
-                        help="largest init image or mask, in pixels (read from its header before decoding)")  # fmt: skip
+    limits.add_argument(
+        "--max-init-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest init image or mask, in pixels (read from its header before decoding)",
+    )
     limits.add_argument("--max-body-mb", type=int, default=64, help="largest request body, in MiB")
-    limits.add_argument("--request-timeout", type=float, default=600,
-                        help="seconds a request may wait and run; then it is cancelled and answered 503")  # fmt: skip
-    demo = command(sub, "demo", cmd_demo, "a grid of images from the built-in model",
-                   "The built-in model (trained by this project on the shapes data) draws a 64x64 image per prompt "
-                   "and seed for a handful of prompts, with the default sampler and settings, into one grid.")  # fmt: skip
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600,
+        help="seconds a request may wait and run; then it is cancelled and answered 503",
+    )
+    demo = command(
+        sub,
+        "demo",
+        cmd_demo,
+        "a grid of images from the built-in model",
+        "The built-in model (trained by this project on the shapes data) draws a 64x64 image per prompt "
+        "and seed for a handful of prompts, with the default sampler and settings, into one grid.",
+    )
     demo.add_argument("--outdir", default="out", help="folder for the grid")
     demo.add_argument("--columns", type=int, default=6, help="seeds per prompt")
     demo.add_argument("--seed", type=int, default=0, help="seed of the first column")
@@ -726,21 +860,31 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
 
 
 def command(sub, name: str, run, help_text: str, description: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=description, allow_abbrev=False,
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.set_defaults(run=run)
     return p
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--sampler", default="dpmpp_2m",
-                   help=f"one of: {', '.join(SAMPLERS)}; or the web UI's name, e.g. 'DPM++ 2M SDE'")  # fmt: skip
-    p.add_argument("--scheduler", default="automatic",
-                   help=f"noise schedule of the sigma-space samplers, the web UI's 'Schedule type': "
-                        f"{', '.join(SCHEDULERS)} (automatic: the sampler's own, as the web UI)")  # fmt: skip
+    p.add_argument(
+        "--sampler",
+        default="dpmpp_2m",
+        help=f"one of: {', '.join(SAMPLERS)}; or the web UI's name, e.g. 'DPM++ 2M SDE'",
+    )
+    p.add_argument(
+        "--scheduler",
+        default="automatic",
+        help=f"noise schedule of the sigma-space samplers, the web UI's 'Schedule type': "
+        f"{', '.join(SCHEDULERS)} (automatic: the sampler's own, as the web UI)",
+    )
     p.add_argument("--karras", dest="scheduler", action="store_const", const="karras", help="--scheduler karras")
-    p.add_argument("--no-karras", dest="scheduler", action="store_const", const="uniform",
-                   help="--scheduler uniform")  # fmt: skip
+    p.add_argument("--no-karras", dest="scheduler", action="store_const", const="uniform", help="--scheduler uniform")
 
 
 def add_eval_arguments(ev: argparse.ArgumentParser) -> None:

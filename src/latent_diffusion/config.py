@@ -59,12 +59,24 @@ class UNetConfig:
         if isinstance(self.transformer_depth, int) and not isinstance(self.transformer_depth, bool):
             self.transformer_depth = (self.transformer_depth,) * levels
         if isinstance(self.transformer_depth, (tuple, list)) and len(self.transformer_depth) != levels:
-            raise ValueError(f"UNetConfig: transformer_depth {list(self.transformer_depth)} must have one number per "
-                             f"level of channel_mult {list(self.channel_mult)}")  # fmt: skip
-        check_ranges(self, in_channels=(1, 64), out_channels=(1, 64), model_channels=(1, 4096), num_res_blocks=(1, 16),
-                     attention_resolutions=(1, 64), channel_mult=(1, 64), num_heads=(1, 256),
-                     num_head_channels=(1, 1024), transformer_depth=(1, 64), context_dim=(1, 16384),
-                     adm_in_channels=(1, 65536))  # fmt: skip
+            raise ValueError(
+                f"UNetConfig: transformer_depth {list(self.transformer_depth)} must have one number per "
+                f"level of channel_mult {list(self.channel_mult)}"
+            )
+        check_ranges(
+            self,
+            in_channels=(1, 64),
+            out_channels=(1, 64),
+            model_channels=(1, 4096),
+            num_res_blocks=(1, 16),
+            attention_resolutions=(1, 64),
+            channel_mult=(1, 64),
+            num_heads=(1, 256),
+            num_head_channels=(1, 1024),
+            transformer_depth=(1, 64),
+            context_dim=(1, 16384),
+            adm_in_channels=(1, 65536),
+        )
         self.attention_resolutions = tuple(sorted(set(self.attention_resolutions), reverse=True))  # a set; (4, 2, 1)
         self.channel_mult = tuple(self.channel_mult)
         self.transformer_depth = tuple(self.transformer_depth)
@@ -87,8 +99,16 @@ class AutoencoderConfig:
     num_res_blocks: int = 2
 
     def __post_init__(self):
-        check_ranges(self, embed_dim=(1, 64), z_channels=(1, 64), in_channels=(1, 16), out_ch=(1, 16), ch=(1, 1024),
-                     ch_mult=(1, 64), num_res_blocks=(1, 16))  # fmt: skip
+        check_ranges(
+            self,
+            embed_dim=(1, 64),
+            z_channels=(1, 64),
+            in_channels=(1, 16),
+            out_ch=(1, 16),
+            ch=(1, 1024),
+            ch_mult=(1, 64),
+            num_res_blocks=(1, 16),
+        )
         self.ch_mult = tuple(self.ch_mult)
         if not self.ch_mult or any(self.ch * m % 32 for m in self.ch_mult):
             raise ValueError(f"AutoencoderConfig: ch {self.ch} x ch_mult {self.ch_mult} must be multiples of 32")
@@ -118,8 +138,17 @@ class TextEncoderConfig:
     # diffusers lack both, and the last block, which SD 2.x does not use: they load as `layer="last"` of 23)
 
     def __post_init__(self):
-        check_ranges(self, vocab_size=(49408, 10**6), max_length=(3, 4096), width=(1, 16384), layers=(1, 256),
-                     heads=(1, 256), mlp_width=(1, 65536), pad_token=(0, self.vocab_size - 1), embed_dim=(1, 16384))  # fmt: skip
+        check_ranges(
+            self,
+            vocab_size=(49408, 10**6),
+            max_length=(3, 4096),
+            width=(1, 16384),
+            layers=(1, 256),
+            heads=(1, 256),
+            mlp_width=(1, 65536),
+            pad_token=(0, self.vocab_size - 1),
+            embed_dim=(1, 16384),
+        )
         if self.width % self.heads:
             raise ValueError(f"TextEncoderConfig: width {self.width} does not split into {self.heads} heads")
         if self.kind not in ("clip", "openclip"):
@@ -166,11 +195,19 @@ class LatentDiffusionConfig:
             isinstance(self.scale_factor, (int, float)) and math.isfinite(self.scale_factor) and self.scale_factor > 0
         ):
             raise ValueError(f"scale_factor must be a positive finite number, not {self.scale_factor}")
-        check_ranges(self, linear_start=(1e-8, 0.5), linear_end=(1e-8, 0.5), timesteps=(2, 100_000),
-                     image_size=(8, 8192), cfg_scale=(-1e4, 1e4))  # fmt: skip
+        check_ranges(
+            self,
+            linear_start=(1e-8, 0.5),
+            linear_end=(1e-8, 0.5),
+            timesteps=(2, 100_000),
+            image_size=(8, 8192),
+            cfg_scale=(-1e4, 1e4),
+        )
         if self.unet.out_channels != self.autoencoder.embed_dim or self.concat_channels < 0:
-            raise ValueError(f"the U-Net's {self.unet.in_channels} input and {self.unet.out_channels} output channels "
-                             f"do not fit the autoencoder's {self.autoencoder.embed_dim} latent channels")  # fmt: skip
+            raise ValueError(
+                f"the U-Net's {self.unet.in_channels} input and {self.unet.out_channels} output channels "
+                f"do not fit the autoencoder's {self.autoencoder.embed_dim} latent channels"
+            )
         if self.parameterization not in PARAMETERIZATIONS:
             raise ValueError(f"parameterization must be 'eps' or 'v', not {self.parameterization!r}")
         check_ranges(self, micro_conditioning_width=(2, 4096))
@@ -181,11 +218,15 @@ class LatentDiffusionConfig:
             raise ValueError("a second text encoder needs SDXL's micro_conditioning (generative-models' layout)")
         widths = [t.width for t in self.texts]
         if self.unet.context_dim != sum(widths):
-            raise ValueError(f"U-Net context_dim {self.unet.context_dim} must equal the text encoder width "
-                             f"{' + '.join(map(str, widths))}")  # fmt: skip
+            raise ValueError(
+                f"U-Net context_dim {self.unet.context_dim} must equal the text encoder width "
+                f"{' + '.join(map(str, widths))}"
+            )
         if self.micro_conditioning and self.unet.adm_in_channels != self.vector_width:
-            raise ValueError(f"U-Net adm_in_channels {self.unet.adm_in_channels} must equal the width of the vector "
-                             f"conditioning, {self.vector_width} (pooled text and micro-conditioning)")  # fmt: skip
+            raise ValueError(
+                f"U-Net adm_in_channels {self.unet.adm_in_channels} must equal the width of the vector "
+                f"conditioning, {self.vector_width} (pooled text and micro-conditioning)"
+            )
 
     @property
     def texts(self) -> list[TextEncoderConfig]:
@@ -254,17 +295,33 @@ class LatentDiffusionConfig:
 
 CLIP_VIT_L_14 = TextEncoderConfig()  # openai/clip-vit-large-patch14, last hidden state
 OPENCLIP_VIT_H_14 = TextEncoderConfig(
-    kind="openclip", width=1024, layers=24, heads=16, mlp_width=4096, activation="gelu",
-    layer="penultimate", pad_token=0, embed_dim=1024,
-)  # fmt: skip
+    kind="openclip",
+    width=1024,
+    layers=24,
+    heads=16,
+    mlp_width=4096,
+    activation="gelu",
+    layer="penultimate",
+    pad_token=0,
+    embed_dim=1024,
+)
 SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 # SDXL's text encoders (generative-models' FrozenCLIPEmbedder layer "hidden" 11 and FrozenOpenCLIPEmbedder2):
 # the penultimate hidden state without the final layer norm; ViT-bigG also gives its pooled, projected output.
 SDXL_CLIP_VIT_L_14 = dataclasses.replace(CLIP_VIT_L_14, layer="penultimate", final_norm=False)
 OPENCLIP_VIT_BIGG_14 = TextEncoderConfig(
-    kind="openclip", width=1280, layers=32, heads=20, mlp_width=5120, activation="gelu",
-    layer="penultimate", final_norm=False, pad_token=0, embed_dim=1280, pooled=True,
-)  # fmt: skip
+    kind="openclip",
+    width=1280,
+    layers=32,
+    heads=20,
+    mlp_width=5120,
+    activation="gelu",
+    layer="penultimate",
+    final_norm=False,
+    pad_token=0,
+    embed_dim=1280,
+    pooled=True,
+)
 SDXL_SCALE_FACTOR = 0.13025  # the SDXL autoencoder's latent scale (it was retrained; same architecture)
 
 
@@ -283,40 +340,56 @@ def _sd2(parameterization: str) -> LatentDiffusionConfig:
 def _sdxl_base() -> LatentDiffusionConfig:
     return LatentDiffusionConfig(
         unet=UNetConfig(
-            model_channels=320, attention_resolutions=(4, 2), channel_mult=(1, 2, 4), num_heads=None,
-            num_head_channels=64, transformer_depth=(1, 2, 10), context_dim=768 + 1280, use_linear_in_transformer=True,
+            model_channels=320,
+            attention_resolutions=(4, 2),
+            channel_mult=(1, 2, 4),
+            num_heads=None,
+            num_head_channels=64,
+            transformer_depth=(1, 2, 10),
+            context_dim=768 + 1280,
+            use_linear_in_transformer=True,
             adm_in_channels=1280 + 6 * 256,
         ),
         text=dataclasses.replace(SDXL_CLIP_VIT_L_14),
         text2=dataclasses.replace(OPENCLIP_VIT_BIGG_14),
         micro_conditioning=SDXL_MICRO,
         scale_factor=SDXL_SCALE_FACTOR,
-    )  # fmt: skip
+    )
 
 
 def _sdxl_refiner() -> LatentDiffusionConfig:
     return LatentDiffusionConfig(
         unet=UNetConfig(
-            model_channels=384, attention_resolutions=(4, 2), channel_mult=(1, 2, 4, 4), num_heads=None,
-            num_head_channels=64, transformer_depth=4, context_dim=1280, use_linear_in_transformer=True,
+            model_channels=384,
+            attention_resolutions=(4, 2),
+            channel_mult=(1, 2, 4, 4),
+            num_heads=None,
+            num_head_channels=64,
+            transformer_depth=4,
+            context_dim=1280,
+            use_linear_in_transformer=True,
             adm_in_channels=1280 + 5 * 256,
         ),
         text=dataclasses.replace(OPENCLIP_VIT_BIGG_14),
         micro_conditioning=SDXL_REFINER_MICRO,
         scale_factor=SDXL_SCALE_FACTOR,
-    )  # fmt: skip
+    )
 
 
 def _tiny() -> LatentDiffusionConfig:
     """The real architecture at tiny widths: for tests and the demo, not for pictures."""
     return LatentDiffusionConfig(
         unet=UNetConfig(
-            model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1,
-            num_heads=2, context_dim=32,
+            model_channels=32,
+            channel_mult=(1, 2),
+            attention_resolutions=(1, 2),
+            num_res_blocks=1,
+            num_heads=2,
+            context_dim=32,
         ),
         autoencoder=AutoencoderConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
         text=TextEncoderConfig(width=32, layers=2, heads=2, mlp_width=64),
-    )  # fmt: skip
+    )
 
 
 PRESETS = {
@@ -357,8 +430,10 @@ def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
         if text.layer == "hidden":  # generative-models: hidden_states[layer_idx], without the final norm
             layers = params.get("layers", CLIP_VIT_L_14.layers)  # (our extension below may set another depth)
             if params.get("layer_idx") != layers - 1:
-                raise ValueError(f"FrozenCLIPEmbedder: only layer_idx {layers - 1} (the penultimate layer) is "
-                                 f"supported, not {params.get('layer_idx')!r}")  # fmt: skip
+                raise ValueError(
+                    f"FrozenCLIPEmbedder: only layer_idx {layers - 1} (the penultimate layer) is "
+                    f"supported, not {params.get('layer_idx')!r}"
+                )
             text.layer, text.final_norm = "penultimate", False
     else:
         raise ValueError(f"unsupported text encoder target {target!r}")
@@ -373,13 +448,20 @@ def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
 def _text_params(t: TextEncoderConfig, stock: TextEncoderConfig, **params) -> dict:
     """`params` plus the widths where `t` differs from the stock encoder (our extension; CompVis ignores them)."""
     skip = {"kind", "layer", "final_norm", "pooled"}
-    return params | {f.name: getattr(t, f.name) for f in dataclasses.fields(TextEncoderConfig)
-                     if f.name not in skip and getattr(t, f.name) != getattr(stock, f.name)}  # fmt: skip
+    return params | {
+        f.name: getattr(t, f.name)
+        for f in dataclasses.fields(TextEncoderConfig)
+        if f.name not in skip and getattr(t, f.name) != getattr(stock, f.name)
+    }
 
 
 # generative-models' micro-conditioning input keys <-> our names
-MICRO_KEYS = {"original_size_as_tuple": "original_size", "crop_coords_top_left": "crop_coords",
-              "target_size_as_tuple": "target_size", "aesthetic_score": "aesthetic_score"}  # fmt: skip
+MICRO_KEYS = {
+    "original_size_as_tuple": "original_size",
+    "crop_coords_top_left": "crop_coords",
+    "target_size_as_tuple": "target_size",
+    "aesthetic_score": "aesthetic_score",
+}
 
 
 def from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
@@ -462,8 +544,10 @@ def _from_ldm_config(cfg: dict) -> LatentDiffusionConfig:
         else:
             texts.append(_text_config_from_ldm(e))
     if not 1 <= len(texts) <= 2 or texts[-1].pooled != bool(micro) or any(t.pooled for t in texts[:-1]):
-        raise ValueError("conditioner_config: only SDXL's conditioners are supported (one or two text encoders, "
-                         "the last pooled, then micro-conditioning)")  # fmt: skip
+        raise ValueError(
+            "conditioner_config: only SDXL's conditioners are supported (one or two text encoders, "
+            "the last pooled, then micro-conditioning)"
+        )
     denoiser = p.get("denoiser_config", {}).get("params", {})
     discretization = denoiser.get("discretization_config", {}).get("params", {})
     scaling = denoiser.get("scaling_config", {}).get("target", "EpsScaling")
@@ -547,16 +631,39 @@ def to_ldm_config(cfg: LatentDiffusionConfig) -> dict:
         if t.kind == "clip":
             layer = {"layer": "hidden", "layer_idx": t.layers - 1} if not t.final_norm else {"layer": t.layer}
             params = _text_params(t, CLIP_VIT_L_14, **layer)
-            return {"is_trainable": False, "input_key": "txt", "params": params,
-                    "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder"}  # fmt: skip
-        params = _text_params(t, OPENCLIP_VIT_BIGG_14, arch="ViT-bigG-14", version="laion2b_s39b_b160k",
-                              freeze=True, layer=t.layer, always_return_pooled=t.pooled, legacy=t.final_norm)  # fmt: skip
-        return {"is_trainable": False, "input_key": "txt", "params": params,
-                "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2"}  # fmt: skip
+            return {
+                "is_trainable": False,
+                "input_key": "txt",
+                "params": params,
+                "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
+            }
+        params = _text_params(
+            t,
+            OPENCLIP_VIT_BIGG_14,
+            arch="ViT-bigG-14",
+            version="laion2b_s39b_b160k",
+            freeze=True,
+            layer=t.layer,
+            always_return_pooled=t.pooled,
+            legacy=t.final_norm,
+        )
+        return {
+            "is_trainable": False,
+            "input_key": "txt",
+            "params": params,
+            "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+        }
 
     keys = {name: key for key, name in MICRO_KEYS.items()}
-    micro = [{"is_trainable": False, "input_key": keys[m], "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
-              "params": {"outdim": cfg.micro_conditioning_width}} for m in cfg.micro_conditioning]  # fmt: skip
+    micro = [
+        {
+            "is_trainable": False,
+            "input_key": keys[m],
+            "target": "sgm.modules.encoders.modules.ConcatTimestepEmbedderND",
+            "params": {"outdim": cfg.micro_conditioning_width},
+        }
+        for m in cfg.micro_conditioning
+    ]
     scaling = "VScaling" if cfg.parameterization == "v" else "EpsScaling"
     params = {
         "scale_factor": cfg.scale_factor,

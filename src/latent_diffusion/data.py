@@ -187,8 +187,13 @@ WHERE = {
     "center": ("in the center", "in the middle", "in the centre", "centered"),
 }
 SIZE_WORDS = {"small": ("small", "small", "little"), "large": ("large", "large", "big")}
-ON_BACKGROUND = ("on {a} {b} background", "on {b}", "against {a} {b} background", "in front of {a} {b} background",
-                 "on {a} {b} backdrop")  # fmt: skip
+ON_BACKGROUND = (
+    "on {a} {b} background",
+    "on {b}",
+    "against {a} {b} background",
+    "in front of {a} {b} background",
+    "on {a} {b} backdrop",
+)
 BACKGROUND_FIRST = ("{} background with {}", "{} image with {}", "{} picture showing {}")
 TEMPLATE_SHARE = 0.1
 PICTURE_OF = ("an image of", "a picture of", "a drawing of", "a photo of")

@@ -74,8 +74,10 @@ def load_embeddings(folder: str | os.PathLike, width: int) -> tuple[dict[str, Em
             notices.append(f"embedding skipped: {e}")
             continue
         if vectors.shape[1] != width:
-            notices.append(f"embedding skipped: {path} has vectors of width {vectors.shape[1]}; this model's text "
-                           f"encoder takes {width}")  # fmt: skip
+            notices.append(
+                f"embedding skipped: {path} has vectors of width {vectors.shape[1]}; this model's text "
+                f"encoder takes {width}"
+            )
             continue
         if path.stem in embeddings:
             notices.append(f"embedding skipped: {path} has the name of {embeddings[path.stem].path}")

@@ -101,8 +101,12 @@ def prompt_adherence(
     for name in forms:
         form = EVAL_FORMS[name]
         for split, data in splits.items():
-            request = dataclasses.replace(settings, prompts=[form.write(s) for s in data.specs],
-                                          seeds=[seed + i for i in range(count)], negative_prompts=None)  # fmt: skip
+            request = dataclasses.replace(
+                settings,
+                prompts=[form.write(s) for s in data.specs],
+                seeds=[seed + i for i in range(count)],
+                negative_prompts=None,
+            )
             result = generate(pipeline, request, progress)
             images = result.images.cpu() * 2 - 1
             report.setdefault(name, {})[split] = {"images": count, **score(data.specs, images, form.attributes)}

@@ -30,21 +30,41 @@ class Family:
 
 
 SD1 = Family(
-    "sd1", "SD 1.x", "clip", "cond_stage_model.transformer.text_model.",
-    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
-)  # fmt: skip
-SD2 = Family("sd2", "SD 2.x", "openclip", "cond_stage_model.model.", "cond_stage_model.model.token_embedding.weight")
+    name="sd1",
+    title="SD 1.x",
+    text_kind="clip",
+    text_prefix="cond_stage_model.transformer.text_model.",
+    marker="cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+)
+SD2 = Family(
+    name="sd2",
+    title="SD 2.x",
+    text_kind="openclip",
+    text_prefix="cond_stage_model.model.",
+    marker="cond_stage_model.model.token_embedding.weight",
+)
 # generative-models' layout: `conditioner.embedders.N`, base: CLIP ViT-L (0), OpenCLIP ViT-bigG (1), sizes, crop;
 # refiner: ViT-bigG (0), size, crop, aesthetic score. Defaults of diffusers' StableDiffusionXLPipeline.
 SDXL = Family(
-    "sdxl", "SDXL", "sgm", "conditioner.embedders.", "conditioner.embedders.1.model.token_embedding.weight",
-    default_size=1024, default_cfg_scale=5.0, vae_overflows_in_float16=True,
-)  # fmt: skip
-SDXL_REFINER = Family(
-    "sdxl-refiner", "SDXL refiner", "sgm", "conditioner.embedders.",
-    "conditioner.embedders.0.model.token_embedding.weight", default_size=1024, default_cfg_scale=5.0,
+    name="sdxl",
+    title="SDXL",
+    text_kind="sgm",
+    text_prefix="conditioner.embedders.",
+    marker="conditioner.embedders.1.model.token_embedding.weight",
+    default_size=1024,
+    default_cfg_scale=5.0,
     vae_overflows_in_float16=True,
-)  # fmt: skip
+)
+SDXL_REFINER = Family(
+    name="sdxl-refiner",
+    title="SDXL refiner",
+    text_kind="sgm",
+    text_prefix="conditioner.embedders.",
+    marker="conditioner.embedders.0.model.token_embedding.weight",
+    default_size=1024,
+    default_cfg_scale=5.0,
+    vae_overflows_in_float16=True,
+)
 FAMILIES = (SD1, SD2, SDXL, SDXL_REFINER)
 
 

@@ -210,9 +210,13 @@ def scheduled_denoiser(
     for end in ends:
         cond, uncond = at(end, prompts), at(end, negatives) if negatives else {}
         denoisers[end] = Denoiser(
-            lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(), model.alphas_cumprod,
-            model.parameterization, {**cond, **extra}, {**uncond, **extra} if uncond else None, r.cfg_scale,
-        )  # fmt: skip
+            net=lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(),
+            alphas_cumprod=model.alphas_cumprod,
+            parameterization=model.parameterization,
+            cond={**cond, **extra},
+            uncond={**uncond, **extra} if uncond else None,
+            cfg_scale=r.cfg_scale,
+        )
     if len(ends) == 1:
         return denoisers[ends[0]], notes
     calls = calls if calls is not None else itertools.count()  # shared with a refiner: one count over both models
@@ -227,9 +231,10 @@ def scheduled_denoiser(
 def padded_cat(rows: list[torch.Tensor]) -> torch.Tensor:
     """(1, n_i, ...) rows -> (b, max n_i, ...): a shorter context repeats its last vector (the web UI's
     reconstruct_multicond_batch)."""
-    n = max(row.shape[1] for row in rows) if rows[0].ndim == 3 else None
-    return torch.cat([row if n is None or row.shape[1] == n else
-                      torch.cat([row, row[:, -1:].expand(-1, n - row.shape[1], -1)], dim=1) for row in rows])  # fmt: skip
+    if rows[0].ndim != 3:  # vectors (1, d): nothing to pad
+        return torch.cat(rows)
+    n = max(row.shape[1] for row in rows)
+    return torch.cat([torch.cat([row, row[:, -1:].expand(-1, n - row.shape[1], -1)], dim=1) for row in rows])
 
 
 def rows(images: torch.Tensor, batch: range) -> torch.Tensor:
@@ -356,8 +361,9 @@ def run(stage: Stage, r: GenerationRequest, seeds: list[int], step_done: Callabl
         step_done(step)
 
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
-    x = sampler.fn(stage.denoiser, stage.x, stage.sigmas, noise=stage.noise, callback=callback, hold=stage.hold,
-                   **options)  # fmt: skip
+    x = sampler.fn(
+        stage.denoiser, stage.x, stage.sigmas, noise=stage.noise, callback=callback, hold=stage.hold, **options
+    )
     finite.check(None)  # the last step's, before the decode
     if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
         x = x / (1 + stage.sigmas[-1].item() ** 2) ** 0.5

@@ -76,8 +76,24 @@ class Job(Task):
         r = self.resolved
         if not self.shares_batches():
             return None
-        return (self.checkpoint, self.refiner, r.refiner_switch, r.width, r.height, r.steps, r.sampler, r.scheduler,
-                r.spacing, r.eta, r.s_noise, r.cfg_scale, r.clip_skip, r.prompt_syntax, self.lengths, self.loras)  # fmt: skip
+        return (
+            self.checkpoint,
+            self.refiner,
+            r.refiner_switch,
+            r.width,
+            r.height,
+            r.steps,
+            r.sampler,
+            r.scheduler,
+            r.spacing,
+            r.eta,
+            r.s_noise,
+            r.cfg_scale,
+            r.clip_skip,
+            r.prompt_syntax,
+            self.lengths,
+            self.loras,
+        )
 
 
 @dataclass
@@ -225,11 +241,13 @@ class Worker:
                 job.images, job.infotexts, job.warnings = self.execute(job.resolved, sizes, self.pipeline_of(job))
             else:
                 merged = dataclasses.replace(
-                    group[0].resolved, prompts=[p for j in group for p in j.resolved.prompts],
+                    group[0].resolved,
+                    prompts=[p for j in group for p in j.resolved.prompts],
                     negative_prompts=[p for j in group for p in j.resolved.negative_prompts],
-                    seeds=[s for j in group for s in j.resolved.seeds], vae_tiling=None,
+                    seeds=[s for j in group for s in j.resolved.seeds],
+                    vae_tiling=None,
                     batch_size=sum(len(j.resolved.prompts) for j in group),
-                )  # fmt: skip
+                )
                 try:  # the batch's memory (and so its VAE tiling) is checked for all its images together
                     pipeline = self.pipeline_of(group[0])
                     merged = validate(merged, pipeline)
@@ -272,8 +290,13 @@ class Worker:
             for self.part, size in enumerate(sizes):
                 self.step, estimate = 0, None
                 part = slice(start, start + size)
-                batch = dataclasses.replace(request, prompts=request.prompts[part], seeds=request.seeds[part],
-                                            negative_prompts=request.negative_prompts[part], batch_size=size)  # fmt: skip
+                batch = dataclasses.replace(
+                    request,
+                    prompts=request.prompts[part],
+                    seeds=request.seeds[part],
+                    negative_prompts=request.negative_prompts[part],
+                    batch_size=size,
+                )
                 result = generate(pipeline, batch, progress=step_done)
                 images += [to_pil(t) for t in result.images]
                 infotexts += result.infotexts

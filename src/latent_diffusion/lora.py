@@ -76,8 +76,12 @@ OLD_NAMES = {
 }
 OLD_NAMES["text_encoder_2"] = OLD_NAMES["text_encoder"]
 # kohya's prefixes -> diffusers' part names
-KOHYA_PARTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-               "lora_te2_": "text_encoder_2"}  # fmt: skip
+KOHYA_PARTS = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
 FILE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' PEFT LoraConfig per part, JSON: {"unet.lora_alpha": 8, ...}
 
@@ -150,8 +154,10 @@ def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = No
         dora = h.get("dora_scale")
         per_input = dora is not None and dora.numel() == down.shape[1] and (dora.ndim == 1 or dora.shape[0] == 1)
         if dora is not None and not per_input and dora.numel() != up.shape[0]:
-            raise LoRAError(f"{source}: {name}: dora_scale {tuple(dora.shape)} has neither its {down.shape[1]} inputs "
-                            f"nor its {up.shape[0]} outputs")  # fmt: skip
+            raise LoRAError(
+                f"{source}: {name}: dora_scale {tuple(dora.shape)} has neither its {down.shape[1]} inputs "
+                f"nor its {up.shape[0]} outputs"
+            )
         layers[name] = LoRALayer(down, up, alpha / rank if alpha else 1.0, dora)  # kohya reads α = 0 as α = r too
     return LoRA(layers, skipped, source)
 
@@ -195,8 +201,12 @@ class Target:
 
 
 # A ResBlock's layers: CompVis's name -> diffusers'. Elsewhere the names inside a block are the same in both.
-RESBLOCK = {"in_layers.2": "conv1", "emb_layers.1": "time_emb_proj", "out_layers.3": "conv2",
-            "skip_connection": "conv_shortcut"}  # fmt: skip
+RESBLOCK = {
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
 
 
 def unet_blocks(cfg: UNetConfig) -> dict[str, str]:
@@ -343,8 +353,9 @@ def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple
         extra = w.shape[1] - layer.down.shape[1] if target.param == first_conv and layer.down.ndim == 4 else 0
         if extra > 0 and layer.down.shape[1] == model.cfg.unet.in_channels - model.cfg.concat_channels:
             if layer.dora_scale is not None:  # its magnitudes are for the 4 channels (the web UI fails here too)
-                raise LoRAError(f"{lora.source}: {name}: DoRA on an inpainting model's input convolution is not "
-                                "supported")  # fmt: skip
+                raise LoRAError(
+                    f"{lora.source}: {name}: DoRA on an inpainting model's input convolution is not supported"
+                )
             layer = dataclasses.replace(layer, down=F.pad(layer.down, (0, 0, 0, 0, 0, extra)))  # (r, in + extra, k, k)
         if not _fits(layer, shape):
             misfits.append(f"{name}: LoRA {_shape((layer.up.shape[0], *layer.down.shape[1:]))}, model {_shape(shape)}")

@@ -92,8 +92,12 @@ def mask_box(mask: np.ndarray, padding: int) -> tuple[int, int, int, int]:
     h, w = mask.shape
     if len(rows) == 0:
         return 0, 0, w, h
-    return (max(columns[0] - padding, 0), max(rows[0] - padding, 0), min(columns[-1] + 1 + padding, w),
-            min(rows[-1] + 1 + padding, h))  # fmt: skip
+    return (
+        max(columns[0] - padding, 0),
+        max(rows[0] - padding, 0),
+        min(columns[-1] + 1 + padding, w),
+        min(rows[-1] + 1 + padding, h),
+    )
 
 
 def widen_box(box, width: int, height: int, image_w: int, image_h: int) -> tuple[int, int, int, int]:
@@ -139,10 +143,19 @@ class Img2ImgInputs:
 
 
 def img2img_inputs(
-    image: Image.Image, mask: Image.Image | None, width: int, height: int, *, resize_mode: int = 0,
-    mask_blur_x: float = 4, mask_blur_y: float = 4, invert: bool = False, fill: bool = True,
-    only_masked: bool = False, padding: int = 0,
-) -> Img2ImgInputs:  # fmt: skip
+    image: Image.Image,
+    mask: Image.Image | None,
+    width: int,
+    height: int,
+    *,
+    resize_mode: int = 0,
+    mask_blur_x: float = 4,
+    mask_blur_y: float = 4,
+    invert: bool = False,
+    fill: bool = True,
+    only_masked: bool = False,
+    padding: int = 0,
+) -> Img2ImgInputs:
     """The web UI's img2img preparation. The mask is read as the web UI reads it (the alpha channel of a
     transparent RGBA image, else its grey level), inverted if asked, blurred, then either resized with the image
     (`resize_mode`) or, `only_masked`, used to cut the box around it (plus `padding`, widened to the aspect of

@@ -96,9 +96,13 @@ def chunk_prompt(
     def close() -> None:
         nonlocal chunk, last_comma
         pad = CHUNK - len(chunk.tokens)
-        chunks.append(Chunk([tokenizer.sot_id, *chunk.tokens, *[tokenizer.eot_id] * pad, tokenizer.eot_id],
-                            [1.0, *chunk.weights, *[1.0] * pad, 1.0],
-                            [(position + 1, e) for position, e in chunk.embeddings]))  # fmt: skip
+        chunks.append(
+            Chunk(
+                [tokenizer.sot_id, *chunk.tokens, *[tokenizer.eot_id] * pad, tokenizer.eot_id],
+                [1.0, *chunk.weights, *[1.0] * pad, 1.0],
+                [(position + 1, e) for position, e in chunk.embeddings],
+            )
+        )
         chunk, last_comma = Chunk(), -1
 
     for fragment, weight in parse_emphasis(text) if syntax else [(text, 1.0)]:
@@ -112,16 +116,19 @@ def chunk_prompt(
                 last_comma = len(chunk.tokens)
             elif len(chunk.tokens) == CHUNK and last_comma != -1 and CHUNK - last_comma <= BACKTRACK:
                 cut = last_comma + 1
-                moved = Chunk(chunk.tokens[cut:], chunk.weights[cut:],
-                              [(p - cut, e) for p, e in chunk.embeddings if p >= cut])  # fmt: skip
+                moved = Chunk(
+                    chunk.tokens[cut:], chunk.weights[cut:], [(p - cut, e) for p, e in chunk.embeddings if p >= cut]
+                )
                 chunk.tokens, chunk.weights = chunk.tokens[:cut], chunk.weights[:cut]
                 chunk.embeddings = [(p, e) for p, e in chunk.embeddings if p < cut]
                 close()
                 chunk = moved
             if len(chunk.tokens) == CHUNK:
                 close()
-            ids, embedding = next(((ids, e) for ids, e in by_first_token.get(token, []) if tokens[i : i + len(ids)] == ids),
-                                  ([token], None))  # fmt: skip
+            ids, embedding = next(
+                ((ids, e) for ids, e in by_first_token.get(token, []) if tokens[i : i + len(ids)] == ids),
+                ([token], None),
+            )
             if embedding is not None:
                 n = min(len(embedding.vectors), CHUNK)
                 if len(chunk.tokens) + n > CHUNK:

@@ -125,8 +125,10 @@ def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | 
     if n < 1:
         _fail("a request needs at least one prompt")
     if len(r.seeds) != n or (r.negative_prompts is not None and len(r.negative_prompts) != n):
-        _fail(f"{n} prompts need as many seeds and negative prompts, not {len(r.seeds)} and "
-              f"{len(r.negative_prompts or [])}")  # fmt: skip
+        _fail(
+            f"{n} prompts need as many seeds and negative prompts, not {len(r.seeds)} and "
+            f"{len(r.negative_prompts or [])}"
+        )
     for text in (*r.prompts, *(r.negative_prompts or [])):
         if not isinstance(text, str) or not _is_utf8(text):
             _fail(f"prompts must be UTF-8 text, not {text!r:.60}")
@@ -196,8 +198,10 @@ def _check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
     if refiner.cfg.autoencoder.embed_dim != model.cfg.autoencoder.embed_dim or any(
         getattr(refiner.cfg, k) != getattr(model.cfg, k) for k in same
     ):
-        _fail(f"the refiner ({refiner.cfg.family.title}) does not share this {model.cfg.family.title} model's latent "
-              f"space and noise schedule")  # fmt: skip
+        _fail(
+            f"the refiner ({refiner.cfg.family.title}) does not share this {model.cfg.family.title} model's latent "
+            f"space and noise schedule"
+        )
     if (refiner.device, refiner.dtype) != (model.device, model.dtype):
         _fail(f"the refiner is on {refiner.device} in {refiner.dtype}, the model on {model.device} in {model.dtype}")
 
@@ -224,8 +228,10 @@ def _check_images(r: GenerationRequest) -> None:
     if any(len(t) not in (1, len(r.prompts)) for t in (r.init_image, r.mask) if t is not None):
         _fail(f"init images and masks must be one for all images or one per image ({len(r.prompts)})")
     if r.mask is not None and r.mask.shape[-2:] != r.init_image.shape[-2:]:
-        _fail(f"the mask is {r.mask.shape[-1]}x{r.mask.shape[-2]} but the image is {width}x{height}; "
-              "they must be the same size")  # fmt: skip
+        _fail(
+            f"the mask is {r.mask.shape[-1]}x{r.mask.shape[-2]} but the image is {width}x{height}; "
+            "they must be the same size"
+        )
     if (r.width or width, r.height or height) != (width, height):
         _fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")
 
@@ -255,14 +261,18 @@ def _resolve(r: GenerationRequest, pipeline: Pipeline) -> GenerationRequest:
     if max(width, height) > MAX_SIDE:
         _fail(f"the image is {width}x{height}: at most {MAX_SIDE} pixels per side")
     if _fewest_per_group(cfg, height // f, width // f) < 2:
-        _fail(f"the image is {width}x{height}: too small for this model, whose deepest U-Net level would be left with "
-              f"one value per normalisation group; make it larger")  # fmt: skip
+        _fail(
+            f"the image is {width}x{height}: too small for this model, whose deepest U-Net level would be left with "
+            f"one value per normalisation group; make it larger"
+        )
     sampler = SAMPLERS[r.sampler]
     if sampler.discrete:  # the sampler visits timesteps of the model's table
         t = sampling_timesteps(r.steps, r.spacing, cfg.timesteps)
         if len(set(t.tolist())) < r.steps or t.max() > cfg.timesteps - 1:
-            _fail(f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
-                  f"(they repeat or run past the last); use fewer")  # fmt: skip
+            _fail(
+                f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
+                f"(they repeat or run past the last); use fewer"
+            )
     for text in dict.fromkeys(r.prompts):
         lora_set(text, pipeline.loras)  # every name known, one weight per name
     have = available_memory(model.device)
@@ -272,13 +282,19 @@ def _resolve(r: GenerationRequest, pipeline: Pipeline) -> GenerationRequest:
         tiled = have is not None and untiled > have > needed_memory(r, cfg, width, height, model.dtype, tiled=True)
     need = needed_memory(r, cfg, width, height, model.dtype, tiled=tiled)
     if have is not None and need > have:
-        _fail(f"batch_size: {min(r.batch_size, len(r.prompts))} images of {width}x{height} need about "
-              f"{_bytes(need)} at once{' even with VAE tiling' if tiled else ''}, more than the {_bytes(have)} "
-              f"free on {model.device}")  # fmt: skip
+        _fail(
+            f"batch_size: {min(r.batch_size, len(r.prompts))} images of {width}x{height} need about "
+            f"{_bytes(need)} at once{' even with VAE tiling' if tiled else ''}, more than the {_bytes(have)} "
+            f"free on {model.device}"
+        )
     return dataclasses.replace(
-        r, width=width, height=height, cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
-        negative_prompts=r.negative_prompts or [""] * len(r.prompts), vae_tiling=tiled,
-    )  # fmt: skip
+        r,
+        width=width,
+        height=height,
+        cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
+        negative_prompts=r.negative_prompts or [""] * len(r.prompts),
+        vae_tiling=tiled,
+    )
 
 
 def lora_set(prompt: str, files: dict[str, Path]) -> frozenset[LoraTag]:
@@ -330,8 +346,14 @@ def infotext_fields(r: GenerationRequest, pipeline: Pipeline) -> dict:
     sampler = get_sampler(r.sampler)
     _, schedule_type = schedule_for(sampler, r.scheduler)
     # "Seed" holds its place in the web UI's order until `infotext` fills it in
-    fields = {"Steps": r.steps, "Sampler": sampler.display_name, "Schedule type": schedule_type,
-              "CFG scale": r.cfg_scale, "Seed": None, "Size": f"{r.width}x{r.height}"}  # fmt: skip
+    fields = {
+        "Steps": r.steps,
+        "Sampler": sampler.display_name,
+        "Schedule type": schedule_type,
+        "CFG scale": r.cfg_scale,
+        "Seed": None,
+        "Size": f"{r.width}x{r.height}",
+    }
     if schedule_type is None:
         del fields["Schedule type"]
     if pipeline.checkpoint is not None:

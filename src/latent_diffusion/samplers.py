@@ -282,8 +282,9 @@ def dpmpp_2m_sde(
 
 def dpmpp_2m_sde_heun(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):
     """DPM-Solver++(2M) SDE with the Heun form of the second-order correction."""
-    return dpmpp_2m_sde(denoiser, x, sigmas, noise=noise, hold=hold, callback=callback, eta=eta, s_noise=s_noise,
-                        solver="heun")  # fmt: skip
+    return dpmpp_2m_sde(
+        denoiser, x, sigmas, noise=noise, hold=hold, callback=callback, eta=eta, s_noise=s_noise, solver="heun"
+    )
 
 
 def dpmpp_3m_sde(denoiser: Denoiser, x, sigmas, *, noise, hold=None, callback=None, eta=1.0, s_noise=1.0):

@@ -117,13 +117,18 @@ class LimitsMiddleware:
         headers = dict(scope["headers"])
         preflight = scope["method"] == "OPTIONS"  # a browser's CORS preflight carries no credentials
         if self.api_auth is not None and not preflight and not authorized(headers.get(b"authorization"), self.api_auth):
-            answer = JSONResponse(status_code=401, content={"error": "Unauthorized", "detail": "Incorrect username or "
-                                  "password"}, headers={"WWW-Authenticate": "Basic"})  # fmt: skip
+            answer = JSONResponse(
+                status_code=401,
+                content={"error": "Unauthorized", "detail": "Incorrect username or password"},
+                headers={"WWW-Authenticate": "Basic"},
+            )
             return await answer(scope, receive, send)
         length = headers.get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.max_body:
-            answer = JSONResponse(status_code=413, content={"error": "PayloadTooLarge", "detail": f"request body "
-                                  f"over {self.max_body} bytes"})  # fmt: skip
+            answer = JSONResponse(
+                status_code=413,
+                content={"error": "PayloadTooLarge", "detail": f"request body over {self.max_body} bytes"},
+            )
             return await answer(scope, receive, send)
         received = 0
 
@@ -168,9 +173,12 @@ class ServerState:
         self.outdir, self.load, self.limits = outdir, load, limits
         self.selected = pipeline.checkpoint  # by the options; override_settings choose for one request
         self.worker = Worker(
-            pipeline, self.load_and_hash, max_queue=limits.max_queue, max_batch=limits.max_batch,
+            pipeline,
+            self.load_and_hash,
+            max_queue=limits.max_queue,
+            max_batch=limits.max_batch,
             window=limits.batch_window,
-        )  # fmt: skip
+        )
         self.preview: tuple[torch.Tensor, str] | None = None  # (latent, its PNG): one decode per step, however polled
         self.preview_lock = threading.Lock()
 
@@ -198,10 +206,16 @@ class ServerState:
     def sd_models(self) -> list[dict]:
         checkpoints = self.checkpoints
         return [
-            {"title": checkpoints.title(name, path), "model_name": Path(name).with_suffix("").as_posix(),
-             "hash": checkpoints.hashes.get(path), "sha256": None, "filename": str(path), "config": None}
+            {
+                "title": checkpoints.title(name, path),
+                "model_name": Path(name).with_suffix("").as_posix(),
+                "hash": checkpoints.hashes.get(path),
+                "sha256": None,
+                "filename": str(path),
+                "config": None,
+            }
             for name, path in checkpoints.files().items()
-        ]  # fmt: skip
+        ]
 
     def loras(self) -> list[dict]:
         return [
@@ -211,10 +225,15 @@ class ServerState:
 
     def embeddings(self) -> dict:
         loaded = {
-            name: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None, "shape": e.vectors.shape[1],
-                   "vectors": e.vectors.shape[0]}
+            name: {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": e.vectors.shape[1],
+                "vectors": e.vectors.shape[0],
+            }
             for name, e in self.worker.pipeline.embeddings.items()
-        }  # fmt: skip
+        }
         return {"loaded": loaded, "skipped": {}}
 
     def options(self) -> dict:
@@ -244,8 +263,16 @@ class ServerState:
         step, steps, part, parts, latent = worker.step, worker.steps, worker.part, worker.parts, worker.latent
         fraction = (part + step / steps) / parts if steps and parts else 0.0  # one read: the worker may reset them
         elapsed = time.monotonic() - worker.started
-        state = {"skipped": False, "interrupted": worker.interrupted, "job": "", "job_count": parts,
-                 "job_timestamp": "0", "job_no": part, "sampling_step": step, "sampling_steps": steps}  # fmt: skip
+        state = {
+            "skipped": False,
+            "interrupted": worker.interrupted,
+            "job": "",
+            "job_count": parts,
+            "job_timestamp": "0",
+            "job_no": part,
+            "sampling_step": step,
+            "sampling_steps": steps,
+        }
         return {
             "progress": fraction,
             "eta_relative": elapsed / fraction - elapsed if fraction else 0.0,
@@ -290,9 +317,13 @@ class ServerState:
         if body.refiner_checkpoint not in (None, "", "None"):  # the web UI's "None" is no refiner
             refiner = self.checkpoints.find(body.refiner_checkpoint)
         job = Job(
-            validate(request), checkpoint, refiner, batch_size=body.batch_size, sampler_name=sampler.display_name,
+            validate(request),
+            checkpoint,
+            refiner,
+            batch_size=body.batch_size,
+            sampler_name=sampler.display_name,
             cfg_scale=WEB_UI_CFG_SCALE,
-        )  # fmt: skip
+        )
         if check_model:
             self.check_against_model(job)
         return job
@@ -314,14 +345,24 @@ class ServerState:
         except ValueError as e:
             raise RequestError(str(e)) from None
         inputs = img2img_inputs(
-            image, mask, width, height, resize_mode=body.resize_mode, mask_blur_x=blur_x, mask_blur_y=blur_y,
-            invert=bool(body.inpainting_mask_invert), fill=body.inpainting_fill == 0,
-            only_masked=body.inpaint_full_res, padding=body.inpaint_full_res_padding,
-        )  # fmt: skip
+            image,
+            mask,
+            width,
+            height,
+            resize_mode=body.resize_mode,
+            mask_blur_x=blur_x,
+            mask_blur_y=blur_y,
+            invert=bool(body.inpainting_mask_invert),
+            fill=body.inpainting_fill == 0,
+            only_masked=body.inpaint_full_res,
+            padding=body.inpaint_full_res_padding,
+        )
         images = {"init_image": from_pil(inputs.image), "mask": from_pil(inputs.mask) if mask else None}
-        job.request = validate(dataclasses.replace(
-            job.request, **images, width=width, height=height, strength=body.denoising_strength, paste=False
-        ))  # fmt: skip
+        job.request = validate(
+            dataclasses.replace(
+                job.request, **images, width=width, height=height, strength=body.denoising_strength, paste=False
+            )
+        )
         job.paste = inputs.paste
         self.check_against_model(job)
         return job
@@ -335,8 +376,10 @@ class ServerState:
         except ValueError as e:
             raise RequestError(str(e)) from None
         if math.prod(scaled_size(image.size, *size, resize_mode)) > limit:
-            raise RequestError(f"{field}: a {image.width}x{image.height} image scaled to cover {size[0]}x{size[1]} "
-                               f"would be over the limit of {limit} pixels")  # fmt: skip
+            raise RequestError(
+                f"{field}: a {image.width}x{image.height} image scaled to cover {size[0]}x{size[1]} "
+                f"would be over the limit of {limit} pixels"
+            )
         return image
 
     def check_against_model(self, job: Job) -> None:
@@ -409,8 +452,13 @@ async def queue_full(request, e: QueueFull):
     return error(503, "QueueFull", str(e), headers={"Retry-After": "5"})
 
 
-ERROR_HANDLERS = {RequestError: request_error, NotFound: not_found, RequestValidationError: invalid,
-                  HTTPException: http_error, QueueFull: queue_full}  # fmt: skip
+ERROR_HANDLERS = {
+    RequestError: request_error,
+    NotFound: not_found,
+    RequestValidationError: invalid,
+    HTTPException: http_error,
+    QueueFull: queue_full,
+}
 
 
 def page() -> str:
@@ -450,9 +498,13 @@ def create_app(
         state.worker.stop()  # the worker thread ends with the server
 
     app = FastAPI(
-        title="latent_diffusion", version="1", docs_url="/docs", redoc_url=None, lifespan=lifespan,
+        title="latent_diffusion",
+        version="1",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
         default_response_class=SafeJSON,
-    )  # fmt: skip
+    )
     if cors_allow_origins:
         methods = ["GET", "POST"]
         app.add_middleware(CORSMiddleware, allow_origins=cors_allow_origins, allow_methods=methods, allow_headers=["*"])
@@ -461,13 +513,28 @@ def create_app(
     app.add_api_route("/", page, response_class=HTMLResponse, include_in_schema=False)
     app.mount("/web", StaticFiles(directory=str(WEB_PAGE)), name="web")
     routes = {
-        "GET": {"samplers": web_ui_api.samplers, "schedulers": web_ui_api.schedulers, "sd-models": state.sd_models,
-                "loras": state.loras, "embeddings": state.embeddings, "options": state.options,
-                "progress": state.progress, "upscalers": none_here, "latent-upscale-modes": none_here,
-                "sd-vae": none_here, "prompt-styles": none_here},
-        "POST": {"refresh-checkpoints": nothing_to_refresh, "options": state.set_options, "interrupt": state.interrupt,
-                 "png-info": web_ui_api.png_info, "txt2img": state.txt2img, "img2img": state.img2img},
-    }  # fmt: skip
+        "GET": {
+            "samplers": web_ui_api.samplers,
+            "schedulers": web_ui_api.schedulers,
+            "sd-models": state.sd_models,
+            "loras": state.loras,
+            "embeddings": state.embeddings,
+            "options": state.options,
+            "progress": state.progress,
+            "upscalers": none_here,
+            "latent-upscale-modes": none_here,
+            "sd-vae": none_here,
+            "prompt-styles": none_here,
+        },
+        "POST": {
+            "refresh-checkpoints": nothing_to_refresh,
+            "options": state.set_options,
+            "interrupt": state.interrupt,
+            "png-info": web_ui_api.png_info,
+            "txt2img": state.txt2img,
+            "img2img": state.img2img,
+        },
+    }
     for method, endpoints in routes.items():
         for path, endpoint in endpoints.items():
             app.add_api_route(f"/sdapi/v1/{path}", endpoint, methods=[method])

@@ -102,8 +102,20 @@ class TrainConfig:
 
 
 # The fields that may change when a run is resumed; every other field of TrainConfig defines the run.
-RESUMABLE = ("outdir", "steps", "save_every", "keep_checkpoints", "sample_every", "sample_prompts", "log_every",
-             "resume", "device", "quiet", "gradient_checkpointing", "compile")  # fmt: skip
+RESUMABLE = (
+    "outdir",
+    "steps",
+    "save_every",
+    "keep_checkpoints",
+    "sample_every",
+    "sample_prompts",
+    "log_every",
+    "resume",
+    "device",
+    "quiet",
+    "gradient_checkpointing",
+    "compile",
+)
 COMPILE_BACKEND = "inductor"  # the tests trace with "aot_eager": the same graphs, without building kernels
 
 
@@ -229,9 +241,16 @@ def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet
         embeddings = torch.cat([context for context, _ in parts])
         pooled = torch.cat([p for _, p in parts]) if parts[0][1] is not None else None
     index = {c: i for i, c in enumerate(unique)}
-    return {"mean": torch.cat(means), "std": torch.cat(stds), "caption": [index[c] for c in captions],
-            "captions": unique, "index": index, "embeddings": embeddings, "pooled": pooled,
-            "micro": torch.tensor(micro, dtype=torch.float32)}  # fmt: skip
+    return {
+        "mean": torch.cat(means),
+        "std": torch.cat(stds),
+        "caption": [index[c] for c in captions],
+        "captions": unique,
+        "index": index,
+        "embeddings": embeddings,
+        "pooled": pooled,
+        "micro": torch.tensor(micro, dtype=torch.float32),
+    }
 
 
 class TrainedParts(nn.Module):
@@ -268,8 +287,14 @@ class Batch:
     noise: torch.Tensor  # ε (b, c, h, w)
 
 
-def diffusion_loss(net, batch: Batch, alphas_cumprod: torch.Tensor, parameterization: str,
-                   min_snr_gamma: float | None = None, min_snr_floor: float = 0.0) -> torch.Tensor:  # fmt: skip
+def diffusion_loss(
+    net,
+    batch: Batch,
+    alphas_cumprod: torch.Tensor,
+    parameterization: str,
+    min_snr_gamma: float | None = None,
+    min_snr_floor: float = 0.0,
+) -> torch.Tensor:
     """Mean over the batch of w(t)·mean|net(x_t, t, c) − target|² (the module docstring's objective)."""
     a = alphas_cumprod[batch.timesteps]
     prediction = net(noised(batch.latents, batch.noise, a), batch.timesteps, batch.cond)
@@ -350,8 +375,12 @@ def training_micro_conditioning(micro: torch.Tensor, image_size: int) -> dict[st
     """Rows (original height, width, crop top, left) -> SDXL's micro-conditioning inputs: the target size is the
     training size; the refiner's aesthetic score is 6 for every image (no scores in the data)."""
     b = len(micro)
-    return {"original_size": micro[:, :2], "crop_coords": micro[:, 2:], "target_size": torch.full((b, 2), image_size),
-            "aesthetic_score": torch.full((b, 1), 6.0)}  # fmt: skip
+    return {
+        "original_size": micro[:, :2],
+        "crop_coords": micro[:, 2:],
+        "target_size": torch.full((b, 2), image_size),
+        "aesthetic_score": torch.full((b, 1), 6.0),
+    }
 
 
 def text_conditioning(run: Run, captions: list[str]) -> dict:
@@ -390,8 +419,10 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
     if not scaler.is_enabled() and not (math.isfinite(step_loss) and torch.isfinite(norm)):  # fp16: the scaler skips
-        raise TrainingDiverged(f"step {step + 1}: loss {step_loss:.4g}, gradient norm {norm.item():.4g}: not finite; "
-                               "the step was not applied and the last checkpoint is the last good one (lower --lr?)")  # fmt: skip
+        raise TrainingDiverged(
+            f"step {step + 1}: loss {step_loss:.4g}, gradient norm {norm.item():.4g}: not finite; "
+            "the step was not applied and the last checkpoint is the last good one (lower --lr?)"
+        )
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -498,8 +529,9 @@ def setup(cfg: TrainConfig):
     check_config(cfg)
     rank, world = distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise TrainError(f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} "
-                         "accumulation steps")  # fmt: skip
+        raise TrainError(
+            f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} accumulation steps"
+        )
     try:
         device, created = resolve_device(cfg.device), missing_folders(cfg.outdir)  # the device first: no folder
         outdir = writable_folder(cfg.outdir)  # is made for a run refused over its device
@@ -554,14 +586,18 @@ def run_training(cfg: TrainConfig, outdir: Path, device: torch.device, rank: int
         raise TrainError(str(e)) from None
     state, saved = restore(cfg, outdir, model, ema=cfg.ema_decay > 0)
     model = model.to(device)
-    autocast = dict(device_type=device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
-                    enabled=cfg.precision != "fp32")  # fmt: skip
+    autocast = dict(
+        device_type=device.type,
+        dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+        enabled=cfg.precision != "fp32",
+    )
     trainable = TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast)
     ema = copy.deepcopy(model.unet).requires_grad_(False) if cfg.ema_decay > 0 else None
     if cfg.compile:  # in place: the module tree and so the checkpoint keys stay as they are
         trainable.compile(backend=COMPILE_BACKEND, dynamic=False)
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  **fast_optimizer_options(device))  # fmt: skip
+    optimizer = torch.optim.AdamW(
+        trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fast_optimizer_options(device)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     if state is not None:
         if ema is not None:
@@ -571,9 +607,15 @@ def run_training(cfg: TrainConfig, outdir: Path, device: torch.device, rank: int
     cache = build_cache(model, dataset, device, cfg, quiet) if cfg.cache_latents else None
     run = Run(cfg, model, dataset, cache, device, rank, world)
     # A trained SD 2.x text encoder has parameters without gradients (its last block and projection).
-    net = trainable if world == 1 else nn.parallel.DistributedDataParallel(
-        trainable, device_ids=[device.index] if device.type == "cuda" else None,
-        find_unused_parameters=cfg.train_text_encoder)  # fmt: skip
+    net = (
+        trainable
+        if world == 1
+        else nn.parallel.DistributedDataParallel(
+            trainable,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.train_text_encoder,
+        )
+    )
     loop(run, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)
     if getattr(dataset, "skipped", 0) and rank == 0:
         tqdm.write(f"skipped {dataset.skipped} unreadable images")
@@ -608,8 +650,12 @@ def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet:
                 log_row(log_path, done, losses, time.perf_counter() - tick, get_lr(step, cfg))
             losses, tick = [], time.perf_counter()
         if run.rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
-            state = {"step": done, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "fingerprint": fingerprint}  # fmt: skip
+            state = {
+                "step": done,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "fingerprint": fingerprint,
+            }
             save_checkpoint(outdir, done, model, ema, state, cfg.keep_checkpoints)
         if run.rank == 0 and cfg.sample_every and done % cfg.sample_every == 0:
             write_samples(model, cfg, outdir / "samples" / f"step-{done:07d}.png")
@@ -626,8 +672,15 @@ def write_samples(model: LatentDiffusion, cfg: TrainConfig, path: Path) -> None:
 
     model.eval()
     n = len(cfg.sample_prompts)
-    request = GenerationRequest(cfg.sample_prompts, list(range(n)), width=cfg.image_size, height=cfg.image_size,
-                                sampler="ddim", cfg_scale=5.0, batch_size=n)  # fmt: skip
+    request = GenerationRequest(
+        cfg.sample_prompts,
+        list(range(n)),
+        width=cfg.image_size,
+        height=cfg.image_size,
+        sampler="ddim",
+        cfg_scale=5.0,
+        batch_size=n,
+    )
     try:
         images = generate(model, request).images
     except (RequestError, NonFiniteError) as e:  # a sample must never end a long run

@@ -69,8 +69,11 @@ class PatchDiscriminator(nn.Sequential):
         mods = [nn.Conv2d(channels, width, 4, 2, 1), nn.LeakyReLU(0.2)]
         for i in range(1, layers + 1):
             stride = 2 if i < layers else 1
-            mods += [nn.Conv2d(width * min(2 ** (i - 1), 8), width * min(2**i, 8), 4, stride, 1, bias=False),
-                     nn.BatchNorm2d(width * min(2**i, 8)), nn.LeakyReLU(0.2)]  # fmt: skip
+            mods += [
+                nn.Conv2d(width * min(2 ** (i - 1), 8), width * min(2**i, 8), 4, stride, 1, bias=False),
+                nn.BatchNorm2d(width * min(2**i, 8)),
+                nn.LeakyReLU(0.2),
+            ]
         mods.append(nn.Conv2d(width * min(2**layers, 8), 1, 4, 1, 1))
         super().__init__(*mods)
 
@@ -81,8 +84,14 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4 / max(mse, 1e-12))
 
 
-def autoencoder_loss(model: AutoencoderKL, disc: nn.Module | None, x: torch.Tensor, step: int,
-                     cfg: AutoencoderTrainConfig, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+def autoencoder_loss(
+    model: AutoencoderKL,
+    disc: nn.Module | None,
+    x: torch.Tensor,
+    step: int,
+    cfg: AutoencoderTrainConfig,
+    g: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """-> (loss, the reconstruction x̂, its parts {"rec", "kl", and "gan" once the discriminator is on}):
     rec + kl_weight·KL/pixels, minus disc_weight·D(x̂) from step disc_start (the module docstring's loss)."""
     with torch.autocast(x.device.type, torch.bfloat16, enabled=cfg.precision == "bf16"):

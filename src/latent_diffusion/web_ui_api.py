@@ -168,9 +168,12 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
         fields = {name: value for name, value in fields.items() if not name.startswith(HIRES_FIELDS)}
     if not fields.get("subseed_strength"):
         fields.pop("subseed", None)
-    ignored = [name for name, value in fields.items()
-               if (name not in NO_EFFECT and value not in (None, "", 0, False, -1, [], {}))
-               or (NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name])]  # fmt: skip
+    ignored = [
+        name
+        for name, value in fields.items()
+        if (name not in NO_EFFECT and value not in (None, "", 0, False, -1, [], {}))
+        or (NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name])
+    ]
     ignored += [f"override_settings.{name}" for name in (body.override_settings or {}) if name not in SETTINGS]
     if getattr(body, "mask", None) and getattr(body, "inpainting_fill", 0) in (2, 3):
         ignored.append("inpainting_fill")  # latent noise and latent nothing run as "original"

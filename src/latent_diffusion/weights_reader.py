@@ -155,9 +155,16 @@ def safetensors_index(path) -> dict[str, tuple[torch.dtype, list[int], int, int]
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         header = json.loads(f.read(length))
-    return {k: (SAFETENSORS_DTYPES[v["dtype"]], v["shape"], 8 + length + v["data_offsets"][0],
-                8 + length + v["data_offsets"][1])
-            for k, v in header.items() if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES}  # fmt: skip
+    return {
+        k: (
+            SAFETENSORS_DTYPES[v["dtype"]],
+            v["shape"],
+            8 + length + v["data_offsets"][0],
+            8 + length + v["data_offsets"][1],
+        )
+        for k, v in header.items()
+        if k != "__metadata__" and v["dtype"] in SAFETENSORS_DTYPES
+    }
 
 
 def read_tensor(f, dtype: torch.dtype, shape: list[int], start: int, end: int, scratch: bytearray) -> torch.Tensor:
