@@ -52,7 +52,7 @@ def test_txt2img_writes_pngs_with_parameters(tmp_path, ckpt):
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_without_native_support_warns(tmp_path, ckpt, capsys, monkeypatch, native):
     """--dtype bfloat16 generates either way; where the device would emulate it, one warning line says so."""
-    monkeypatch.setattr("latent_diffusion.cli.has_native_bfloat16", lambda device: native)
+    monkeypatch.setattr("latent_diffusion.cli_generate.has_native_bfloat16", lambda device: native)
     assert run("txt2img", "--ckpt", ckpt, "--prompt", "a cat", "--width", 32, "--height", 32, "--steps", 1,
                "--dtype", "bfloat16", "--device", "cpu", "--seed", 0, "--quiet", "--outdir", tmp_path) == 0  # fmt: skip
     err = capsys.readouterr().err
@@ -362,7 +362,7 @@ def test_a_run_that_fails_after_making_its_folders_leaves_none_of_them(tmp_path,
 
 
 def test_ctrl_c_is_one_line_and_exit_130_and_leaves_no_empty_folder(tmp_path, ckpt, capsys, monkeypatch):
-    import latent_diffusion.cli as cli
+    import latent_diffusion.cli_generate as cli
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -1,0 +1,456 @@
+"""The `ldm` command's arguments: one argparse subcommand per job, each flag with its help and default. `cli.py`
+runs the command they name."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from .checkpoint import BUILTIN_MODEL
+from .data import EVAL_FORMS
+from .samplers import SAMPLERS
+from .schedule import SPACINGS
+from .schedulers import SCHEDULERS
+from .train import TrainConfig
+from .train_autoencoder import AutoencoderTrainConfig
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
+
+
+class UsageError(Exception):
+    """Bad input from the command line: printed as one line, exit code 2."""
+
+
+TRAIN_HELP = {
+    "outdir": "folder for checkpoints, log.csv, samples and the final model.safetensors",
+    "data": "image folder: NAME.jpg + NAME.txt captions, or a metadata.jsonl (default: the built-in shapes set)",
+    "shapes_count": "images in the built-in shapes set",
+    "image_size": "training resolution in pixels (images are resized and center-cropped)",
+    "ckpt": "fine-tune this checkpoint",
+    "preset": "train this architecture from scratch (when no --ckpt)",
+    "parameterization": "from scratch: what the U-Net predicts, eps or v (default: the preset's)",
+    "autoencoder": "first_stage_model weights (from `ldm train-autoencoder`) for a from-scratch model",
+    "train_text_encoder": "train the text encoder too (frozen by default; not for SDXL)",
+    "gradient_checkpointing": "recompute the U-Net's activations in the backward pass: less memory, slower steps",
+    "compile": "torch.compile the training step's forward and backward (the first step waits for the compilation)",
+    "steps": "optimizer steps in all",
+    "batch_size": "global batch: samples per optimizer step over all processes and accumulation steps",
+    "grad_accum": "gradient accumulation steps",
+    "lr": "AdamW learning rate",
+    "warmup": "linear learning-rate warm-up steps",
+    "lr_schedule": "learning rate after the warm-up: constant, or cosine decay to 0 at the last step",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm",
+    "precision": "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler), or auto: bf16 where the device "
+    "has native bfloat16 (CUDA since Ampere, CPUs with AVX-512 BF16 or AMX), else fp32",
+    "ema_decay": "EMA decay of the U-Net weights, saved as model_ema.* (0: off)",
+    "prompt_dropout": "probability of training on the empty prompt (for classifier-free guidance)",
+    "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default off)",
+    "min_snr_floor": "with --min-snr-gamma: the x0 loss's weight is clamp(SNR, floor, gamma), not min(SNR, gamma); "
+    "lifts the highest noise levels, where the layout is decided (default 0)",
+    "offset_noise": "offset-noise strength (e.g. 0.05; default off)",
+    "cache_latents": "encode images and captions once and train from the cache (--no-cache-latents for --flip)",
+    "flip": "random horizontal flips (needs --no-cache-latents)",
+    "caption_default": "caption for images without one (default: such images are an error)",
+    "seed": "seed of the data order, noise and initial weights",
+    "save_every": "checkpoint every N steps",
+    "keep_checkpoints": "how many checkpoints to keep",
+    "sample_every": "write sample images every N steps (0: never)",
+    "sample_prompts": "prompts of the sample images (repeat the flag for more)",
+    "log_every": "log loss and learning rate every N steps",
+    "resume": "continue from the last checkpoint in --outdir",
+    "device": "auto, cpu, cuda",
+    "quiet": "no progress bar",
+}
+
+
+AUTOENCODER_HELP = {
+    **TRAIN_HELP,
+    "outdir": "folder for autoencoder.safetensors (first_stage_model.* weights)",
+    "preset": "whose autoencoder architecture to train",
+    "steps": "optimizer steps",
+    "batch_size": "images per step",
+    "lr": "Adam learning rate",
+    "loss": "reconstruction loss: l1 or l2",
+    "precision": "fp32, or bf16 autocast, or auto: bf16 where the device has native bfloat16, else fp32",
+    "kl_weight": "weight of the KL term (CompVis: 1e-6)",
+    "disc_start": "step from which the patch-GAN discriminator loss is on (-1: never)",
+    "disc_weight": "weight of the generator's adversarial loss",
+    "holdout": "share of images held out for the reported PSNR",
+    "caption_default": "captions are not needed for stage 1; images without one get this",
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:
+    """One flag per field of a config dataclass, with its default and type."""
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name == "outdir":
+            p.add_argument(flag, required=True, help=helps[f.name])
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps[f.name])
+        elif isinstance(default, list):
+            p.add_argument("--sample-prompt", dest=f.name, action="append", help=helps[f.name])
+        else:
+            kind = {"min_snr_gamma": float}.get(f.name, type(default) if default is not None else str)
+            p.add_argument(flag, type=kind, default=default, help=helps[f.name])
+
+
+GENERATE_HELP = {
+    "txt2img": "Generate images from a text prompt with a Stable Diffusion checkpoint (SD 1.x, 2.x).",
+    "img2img": "Redraw --init-image following the prompt. --strength sets how much of the noise schedule is "
+    "run: 1.0 ignores the image, small values keep it close.",
+    "inpaint": "Repaint the white part of --mask in --init-image. With an inpainting checkpoint (9 input "
+    "channels) the model sees the mask; with a standard one the known region is held at every step. Pixels "
+    "outside the mask are kept as they were; a grey (soft) mask edge blends the two, fully repainted from half "
+    "grey up, as the web UI lays in a blurred mask.",
+}
+EPILOG = (
+    "Files are named NNNNN-SEED.png; each carries the settings in a `parameters` PNG text chunk, in the form the "
+    "Stable Diffusion web UI writes. Image i of a batch uses seed SEED+i, so it can be regenerated alone."
+)
+
+
+def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """txt2img's, img2img's and inpaint's flags."""
+    p.epilog = EPILOG
+    add_model_arguments(p)
+    add_prompt_arguments(p)
+    add_size_arguments(p, command)
+    add_sampling_arguments(p)
+    add_output_arguments(p)
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """What is loaded: the checkpoint, a VAE, a refiner, LoRA files and embeddings, and how it runs."""
+    p.add_argument(
+        "--ckpt",
+        help="Stable Diffusion checkpoint (.safetensors or .ckpt), original layout "
+        "(default: the built-in model, trained by this project on the shapes data)",
+    )
+    p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
+    p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
+    p.add_argument("--vae", help="a separate autoencoder file (original layout) in place of the checkpoint's")
+    p.add_argument("--refiner", help="a second checkpoint (SDXL's refiner) that denoises the end of the schedule")
+    p.add_argument(
+        "--refiner-switch",
+        type=float,
+        default=0.8,
+        help="with --refiner: the part of the timestep range, from the noisiest, the model denoises "
+        "before the refiner takes over (default 0.8)",
+    )
+    p.add_argument(
+        "--lora-dir",
+        help="LoRA files, used by <lora:NAME:WEIGHT> in the prompt, NAME a file's name "
+        "(default: models/Lora where it exists)",
+    )
+    p.add_argument(
+        "--lora",
+        action="append",
+        metavar="PATH[:WEIGHT]",
+        help="apply this LoRA file (repeatable): adds <lora:NAME:WEIGHT> to the prompt",
+    )
+    p.add_argument(
+        "--embeddings-dir",
+        help="textual-inversion embeddings, used by writing a file's name in the prompt "
+        "(default: embeddings/ where it exists)",
+    )
+    p.add_argument(
+        "--vae-tiling",
+        action=argparse.BooleanOptionalAction,
+        help="encode and decode in overlapping tiles, for images too large for memory at once (default: "
+        "when the whole image would not fit)",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the U-Net and VAE decoder (CUDA graphs on a GPU): the first image of each size "
+        "waits for the compilation, later ones are faster on a GPU (on a CPU, slower than eager: "
+        "BENCHMARKS.md); compiled kernels are cached across runs in $TORCHINDUCTOR_CACHE_DIR",
+    )
+
+
+def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prompt", help="what to draw, in the web UI's prompt language, any length")
+    p.add_argument(
+        "--infotext",
+        help="settings from a web UI infotext: an image with a `parameters` chunk, a text "
+        "file, or the text; flags given here win",
+    )
+    p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
+
+
+def add_size_arguments(p: argparse.ArgumentParser, command: str) -> None:
+    """txt2img: the size; img2img and inpaint: the init image, the mask and the strength."""
+    if command == "txt2img":
+        p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
+        p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
+    else:
+        p.add_argument("--init-image", required=True, help="the image to start from")
+        if command == "inpaint":
+            p.add_argument("--mask", required=True, help="same size as the image; white = repaint, black = keep")
+        p.add_argument(
+            "--strength",
+            type=float,
+            default=1.0 if command == "inpaint" else 0.75,
+            help="fraction of the schedule to run, in (0, 1]",
+        )
+        p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
+        p.add_argument("--width", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
+        p.add_argument("--height", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=20, help="sampling steps")
+    add_sampler_arguments(p)
+    p.add_argument(
+        "--spacing",
+        default="leading",
+        choices=SPACINGS,
+        help="timestep spacing of ddim, plms and ddpm, as diffusers' (leading: 901, 801, ..., 1 for 10 steps)",
+    )
+    p.add_argument("--eta", type=float, help="eta of the samplers that take one (default: theirs; DDIM: 0)")
+    p.add_argument("--s-noise", type=float, help="noise scale of the ancestral samplers (default: 1)")
+    p.add_argument(
+        "--clip-skip",
+        type=int,
+        help="use the text encoder's hidden state N layers from the end, as the "
+        "web UI's CLIP skip (1: the last; default: the model's own)",
+    )
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """Guidance, seeds, batches and where the images go."""
+    p.add_argument(
+        "--prompt-syntax",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="read the web UI's emphasis, (word:1.2), [word] and BREAK (--no-prompt-syntax: plain text)",
+    )
+    p.add_argument(
+        "--cfg-scale",
+        type=float,
+        help="classifier-free guidance scale (1: none; default: the model's own, 7.5 for Stable Diffusion, "
+        "1.75 for the built-in model)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the first image, 0 <= seed < 2^64 (default and -1: random, written in the PNG)",
+    )
+    p.add_argument("--batch-size", type=int, default=1, help="images per U-Net batch")
+    p.add_argument("--n-iter", type=int, default=1, help="how many batches")
+    p.add_argument("--outdir", default="outputs", help="where the PNGs go")
+    p.add_argument("--grid", action="store_true", help="also write a grid of all images")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
+    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error in one line like every other error (the usage is --help's)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("ldm").strip()  # "txt2img", or "" for the top level
+        self.exit(2, f"ldm: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="ldm",
+        allow_abbrev=False,  # --infotext must see every flag given as it is spelt
+        description="Latent diffusion (Stable Diffusion) in the original checkpoint layout.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  ldm txt2img --ckpt v1-5-pruned-emaonly.safetensors --prompt "a red sofa" --seed 42 --batch-size 4 --grid
+  ldm img2img --ckpt model.safetensors --init-image photo.png --strength 0.6 --prompt "an oil painting"
+  ldm inpaint --ckpt sd-v1-5-inpainting.ckpt --init-image photo.png --mask mask.png --prompt "a cat"
+  ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
+  torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
+  ldm info model.safetensors
+
+Each command has its own --help. Bad input is one line on stderr and exit code 2.""",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_info, add_generation_commands, add_training_commands, add_eval, add_serve, add_demo):
+        add(sub)
+    return parser
+
+
+def add_info(sub) -> None:
+    info = command(
+        sub,
+        "info",
+        "load a checkpoint and describe it",
+        "Load a .safetensors or .ckpt Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) and print its "
+        "variant and parts. Without --config the architecture is read off the keys.",
+    )
+    info.add_argument("ckpt", help="checkpoint file (.safetensors or .ckpt)")
+    info.add_argument("--config", help="CompVis inference YAML (optional)")
+    info.add_argument("--ema", action="store_true", help="load the model_ema.* U-Net weights")
+    info.add_argument("--device", default="cpu")
+    info.add_argument("--dtype", default="float32", choices=DTYPES)
+
+
+def add_generation_commands(sub) -> None:
+    for name, help_text in (
+        ("txt2img", "generate images from a prompt"),
+        ("img2img", "redraw an image following a prompt"),
+        ("inpaint", "repaint the white part of a mask"),
+    ):
+        add_generation_arguments(command(sub, name, help_text, GENERATE_HELP[name]), name)
+
+
+def add_training_commands(sub) -> None:
+    add_config_arguments(
+        command(
+            sub,
+            "train",
+            "train the U-Net in the latent space of a frozen autoencoder",
+            "Train (or fine-tune) the diffusion U-Net on latents of the frozen autoencoder. Several processes: "
+            "torchrun --nproc_per_node N -m latent_diffusion.cli train ...",
+        ),
+        TrainConfig,
+        TRAIN_HELP,
+    )
+    add_config_arguments(
+        command(
+            sub,
+            "train-autoencoder",
+            "train the KL autoencoder (stage 1)",
+            "Train the KL autoencoder: L1/L2 reconstruction + KL, optionally a patch-GAN after a warm-up. Writes "
+            "first_stage_model.* weights for `ldm train --autoencoder` and reports held-out PSNR.",
+        ),
+        AutoencoderTrainConfig,
+        AUTOENCODER_HELP,
+    )
+
+
+def add_eval(sub) -> None:
+    add_eval_arguments(
+        command(
+            sub,
+            "eval",
+            "prompt adherence of a model trained on the shapes data",
+            "Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
+            "background, size and position back from the pixels with a deterministic analyser.",
+        )
+    )
+
+
+def add_serve(sub) -> None:
+    serve = command(
+        sub,
+        "serve",
+        "serve the web UI's HTTP API (/sdapi/v1/...)",
+        "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
+        "work unchanged (txt2img, img2img, samplers, schedulers, sd-models, options, progress, interrupt, "
+        "png-info), and a web page at /.",
+    )
+    serve.add_argument("--ckpt", help="checkpoint file (default: the first of --models-dir, or the built-in model)")
+    serve.add_argument("--models-dir", help="checkpoints that clients may switch to (sd_model_checkpoint)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
+    serve.add_argument("--port", type=int, default=7860)
+    serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    serve.add_argument("--outdir", default="outputs", help="where save_images writes")
+    serve.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile every model loaded (see txt2img --compile): the first request of each size "
+        "waits for the compilation",
+    )
+    serve.add_argument("--api-auth", metavar="USER:PASSWORD", help="require HTTP basic auth with these credentials")
+    serve.add_argument(
+        "--cors-allow-origins",
+        nargs="+",
+        metavar="ORIGIN",
+        help="origins whose pages may call the API (none by default)",
+    )
+    serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
+    serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
+    limits = serve.add_argument_group("limits")
+    limits.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="images of queued requests with the same settings run as one U-Net batch (1: never)",
+    )
+    limits.add_argument("--max-queue", type=int, default=32, help="jobs running or waiting; more are answered 503")
+    limits.add_argument("--max-size", type=int, default=2048, help="largest width and height")
+    limits.add_argument("--max-steps", type=int, default=300)
+    limits.add_argument("--max-images", type=int, default=64, help="largest batch_size x n_iter")
+    limits.add_argument("--max-prompt", type=int, default=20_000, help="characters of a prompt or negative prompt")
+    limits.add_argument(
+        "--max-init-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="largest init image or mask, in pixels (read from its header before decoding)",
+    )
+    limits.add_argument("--max-body-mb", type=int, default=64, help="largest request body, in MiB")
+    limits.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600,
+        help="seconds a request may wait and run; then it is cancelled and answered 503",
+    )
+
+
+def add_demo(sub) -> None:
+    demo = command(
+        sub,
+        "demo",
+        "a grid of images from the built-in model",
+        "The built-in model (trained by this project on the shapes data) draws a 64x64 image per prompt "
+        "and seed for a handful of prompts, with the default sampler and settings, into one grid.",
+    )
+    demo.add_argument("--outdir", default="out", help="folder for the grid")
+    demo.add_argument("--columns", type=int, default=6, help="seeds per prompt")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the first column")
+
+
+def command(sub, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    return p
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--sampler",
+        default="dpmpp_2m",
+        help=f"one of: {', '.join(SAMPLERS)}; or the web UI's name, e.g. 'DPM++ 2M SDE'",
+    )
+    p.add_argument(
+        "--scheduler",
+        default="automatic",
+        help=f"noise schedule of the sigma-space samplers, the web UI's 'Schedule type': "
+        f"{', '.join(SCHEDULERS)} (automatic: the sampler's own, as the web UI)",
+    )
+    p.add_argument("--karras", dest="scheduler", action="store_const", const="karras", help="--scheduler karras")
+    p.add_argument("--no-karras", dest="scheduler", action="store_const", const="uniform", help="--scheduler uniform")
+
+
+def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
+    ev.add_argument("--ckpt", default=str(BUILTIN_MODEL), help="a model trained on the built-in shapes data")
+    ev.add_argument("--count", type=int, default=200, help="images per split (seen, held-out)")
+    ev.add_argument("--steps", type=int, default=20)
+    add_sampler_arguments(ev)
+    ev.add_argument("--cfg-scale", type=float, help="default: the model's own (1.75 for the built-in model)")
+    ev.add_argument("--image-size", type=int, default=64)
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--forms", help=f"comma-separated prompt forms to score (default: all: {', '.join(EVAL_FORMS)})")
+    ev.add_argument("--json", help="also write the scores to this file")
+    ev.add_argument("--quiet", action="store_true")

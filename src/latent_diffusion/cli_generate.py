@@ -1,0 +1,257 @@
+"""txt2img, img2img and inpaint from the command line: flags into a request, the pipeline loaded, images written as
+each batch is done. Also the checks of flags that the other commands share (device, folders, sampler)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import BUILTIN_MODEL
+from .cli_arguments import DTYPES, UsageError
+from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
+from .files import claim_numbered, missing_folders, remove_empty, writable_folder
+from .generate import generate
+from .images import grid, load_image, model_hash, save_png, to_pil
+from .infotext import read_infotext, settings_from_infotext
+from .latent_diffusion import LatentDiffusion
+from .lora import find_loras
+from .pipeline import Pipeline, load_pipeline
+from .request import GenerationRequest, RequestError, validate
+from .samplers import find_sampler
+
+
+def pick_device(name: str) -> torch.device:
+    try:
+        return resolve_device(name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def prepare_outdir(outdir: Path) -> list[Path]:
+    """Create the folder and prove it writable before any work, so a bad folder costs nothing; -> the folders it
+    created (`remove_empty` takes them away again if the run fails before writing into them)."""
+    try:
+        created = missing_folders(outdir)
+        writable_folder(outdir)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    except OSError as e:  # e.g. a name over the file system's limit
+        raise UsageError(f"cannot write to the output folder {outdir}: {e.strerror}") from None
+    return created
+
+
+# The request fields whose errors name a flag of their own (the messages begin with the field's name).
+FLAGS = {
+    "width and height": "--width and --height",
+    "batch_size": "--batch-size",
+    "steps": "--steps",
+    "strength": "--strength",
+    "eta": "--eta",
+    "s_noise": "--s-noise",
+    "cfg_scale": "--cfg-scale",
+    "clip_skip": "--clip-skip",
+    "refiner_switch": "--refiner-switch",
+}
+
+
+def checked(request: GenerationRequest, pipeline: Pipeline | None = None) -> GenerationRequest:
+    """`validate`, with its errors in the command line's words."""
+    try:
+        return validate(request, pipeline)
+    except RequestError as e:
+        message = str(e)
+        for field, flag in FLAGS.items():
+            if message.startswith((field + " ", field + ":")):
+                message = flag + message[len(field) :]
+        raise UsageError(message) from None
+
+
+MAX_IMAGES = 100_000  # images of one command
+
+
+def request_from_args(args) -> GenerationRequest:
+    """The flags of txt2img, img2img and inpaint as a request (without the images, which need the model's
+    default size for --resize)."""
+    if args.batch_size < 1 or args.n_iter < 1:
+        raise UsageError("--batch-size and --n-iter must be at least 1")
+    count = args.batch_size * args.n_iter
+    if count > MAX_IMAGES:  # the request holds a prompt and a seed per image: refuse before building it
+        raise UsageError(f"--batch-size × --n-iter must be at most {MAX_IMAGES}, not {count}")
+    sampler, scheduler = sampler_and_scheduler(args)
+    return GenerationRequest.repeated(
+        args.prompt,
+        args.negative_prompt,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        n_iter=args.n_iter,
+        width=args.width,
+        height=args.height,
+        steps=args.steps,
+        sampler=sampler,
+        scheduler=scheduler,
+        spacing=args.spacing,
+        eta=args.eta,
+        s_noise=args.s_noise,
+        cfg_scale=args.cfg_scale,
+        clip_skip=args.clip_skip,
+        prompt_syntax=args.prompt_syntax,
+        strength=getattr(args, "strength", 1.0),
+        vae_tiling=args.vae_tiling,
+        refiner_switch=args.refiner_switch,
+        compile=args.compile,
+    )
+
+
+def folder_arg(value: str | None, flag: str, default: str) -> Path | None:
+    """A folder flag: it must exist if given; by default `default` where it exists."""
+    if value is None:
+        return Path(default) if Path(default).is_dir() else None
+    if not Path(value).is_dir():
+        raise UsageError(f"{flag} {value}: no such folder")
+    return Path(value)
+
+
+def lora_args(args) -> tuple[dict[str, Path], str]:
+    """--lora-dir's files and each --lora PATH[:WEIGHT] by name, and the tags that --lora adds to the prompt (so that
+    the infotext says which LoRAs made the image, as the web UI's does)."""
+    folder = folder_arg(args.lora_dir, "--lora-dir", "models/Lora")
+    loras, tags = find_loras(folder) if folder else {}, []
+    for value in args.lora or []:
+        path, _, weight = value.rpartition(":")
+        try:
+            path, weight = (path, float(weight)) if path else (value, 1.0)
+        except ValueError:
+            path, weight = value, 1.0
+        if not Path(path).is_file():
+            raise UsageError(f"--lora {path}: no such file")
+        name = re.sub(r"[:<>]", "_", Path(path).stem)  # a name the tag can hold (`:` and `>` end it)
+        loras[name] = Path(path)
+        tags.append(f"<lora:{name}:{weight:g}>")
+    return loras, " ".join(tags)
+
+
+def sampler_and_scheduler(args) -> tuple[str, str]:
+    """--sampler as our id or the web UI's name (a legacy one such as "DPM++ 2M Karras" names the schedule too)."""
+    try:
+        sampler, schedule = find_sampler(args.sampler)
+    except ValueError as e:
+        raise UsageError(f"--sampler: {e}") from None
+    return sampler.name, args.scheduler if args.scheduler != "automatic" or schedule is None else schedule
+
+
+def with_images(request: GenerationRequest, args, model: LatentDiffusion) -> GenerationRequest:
+    """img2img and inpaint: the request with --init-image and --mask, resized with --resize."""
+    if args.command == "txt2img":
+        return request
+    side = model.cfg.default_size
+    size = (args.width or side, args.height or side) if args.resize else None
+    image = load_image(args.init_image, "RGB", size)
+    asked = (args.width or image.shape[-1], args.height or image.shape[-2])
+    if size is None and asked != (image.shape[-1], image.shape[-2]):  # else the size asked for would be ignored
+        raise UsageError(
+            f"--width and --height ask for {asked[0]}x{asked[1]}, the init image is "
+            f"{image.shape[-1]}x{image.shape[-2]}: add --resize to scale it"
+        )
+    mask = load_image(args.mask, "L", size) if args.command == "inpaint" else None
+    width, height = (None, None) if size is None else size
+    return dataclasses.replace(request, init_image=image, mask=mask, width=width, height=height)
+
+
+def apply_infotext(args, argv: list[str]) -> None:
+    """Fill in the settings of --infotext, except those of flags given on the command line, and its size where an
+    init image keeps its own (no --resize)."""
+    settings, ignored = settings_from_infotext(read_infotext(args.infotext))
+    if getattr(args, "init_image", None) and not args.resize:
+        settings = {k: v for k, v in settings.items() if k not in ("width", "height")}
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    other_flags = {"scheduler": {"--karras", "--no-karras"}}  # other flags that set the same setting
+    args.infotext_model_hash = settings.pop("model_hash", None)
+    for dest, value in settings.items():
+        flag = "--" + dest.replace("_", "-")
+        if hasattr(args, dest) and flag not in given and not other_flags.get(dest, set()) & given:
+            setattr(args, dest, value)
+    if ignored:
+        print(f"ldm: warning: infotext fields not used here: {', '.join(ignored)}", file=sys.stderr)
+
+
+def cmd_generate(args) -> None:
+    """txt2img, img2img and inpaint: check, load, sample batch after batch, write PNGs (and a grid)."""
+    loras, tags = lora_args(args)
+    if tags:
+        args.prompt = f"{args.prompt} {tags}"
+    request = checked(request_from_args(args))
+    embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
+    for flag, path in (("--vae", args.vae), ("--refiner", args.refiner)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.bfloat16 and not has_native_bfloat16(device):
+        print(emulated_bfloat16_warning(device), file=sys.stderr)
+    outdir = Path(args.outdir)
+    created = prepare_outdir(outdir)
+    try:
+        write_images(args, request, outdir, embeddings, loras, device, dtype)
+    except BaseException:
+        remove_empty(created)  # leave nothing behind where nothing was written
+        raise
+
+
+def write_images(args, request: GenerationRequest, outdir: Path, embeddings, loras, device, dtype) -> None:
+    """cmd_generate once its folder is there: load, sample batch after batch, write each image as it is done."""
+    pipeline = load_pipeline(
+        args.ckpt or BUILTIN_MODEL,
+        args.config,
+        device=device,
+        dtype=dtype,
+        ema=args.ema or None,
+        vae=args.vae,
+        refiner=args.refiner,
+        embeddings_dir=embeddings,
+        loras=loras,
+    )
+    if pipeline.model.cfg.inpainting and args.command != "inpaint":
+        raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
+    for notice in pipeline.notices:
+        print(f"ldm: warning: {notice}", file=sys.stderr)
+    request = checked(with_images(request, args, pipeline.model), pipeline)
+    file = pipeline.checkpoint
+    if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(file):
+        print(
+            f"ldm: warning: the infotext's image was made with model hash {args.infotext_model_hash}; "
+            f"{file} has {model_hash(file)}",
+            file=sys.stderr,
+        )
+    bar = tqdm(total=args.n_iter * request.steps_run, disable=args.quiet, unit="step", desc=args.command)
+    images, warned, n = [], set(), args.batch_size
+    for start in range(0, len(request.prompts), n):  # one batch at a time, each written as soon as it is done
+        batch = dataclasses.replace(
+            request,
+            prompts=request.prompts[start : start + n],
+            negative_prompts=request.negative_prompts[start : start + n],
+            seeds=request.seeds[start : start + n],
+        )
+        result = generate(pipeline, batch, progress=lambda p: bar.update(1))
+        for warning in set(result.warnings) - warned:
+            tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
+        warned |= set(result.warnings)
+        for seed, tensor, info in zip(batch.seeds, result.images, result.infotexts):
+            image, path = to_pil(tensor), claim_numbered(outdir, f"{seed}.png")
+            try:
+                save_png(image, path, info)
+            except BaseException:
+                path.unlink(missing_ok=True)  # the claimed name, still empty
+                raise
+            images.append((image, info, path))
+            if not args.quiet:
+                tqdm.write(f"wrote {path}")
+    bar.close()
+    if args.grid and len(images) > 1:  # named after this run's last image, which no other run can take
+        path = outdir / f"grid-{images[-1][2].name[:5]}.png"
+        save_png(grid([im for im, _, _ in images], args.batch_size), path, images[0][1])
+        print(f"wrote {path}")
