@@ -50,7 +50,7 @@ def write(work: Path) -> None:
     from transformers import CLIPTokenizer as HFTokenizer
 
     from latent_diffusion import LatentDiffusion, preset, save_model
-    from latent_diffusion.config import to_ldm_config
+    from latent_diffusion.ldm_yaml import to_ldm_config
     from latent_diffusion.tokenizer import CLIPTokenizer
 
     start = time.perf_counter()

@@ -37,7 +37,7 @@ def one_side(which: str, latent: int, batch: int, precision: str, iters: int, op
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
     from latent_diffusion import preset
-    from latent_diffusion.config import to_ldm_config
+    from latent_diffusion.ldm_yaml import to_ldm_config
     from latent_diffusion.unet import UNetModel
 
     cuda = torch.cuda.is_available()

@@ -33,8 +33,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latent_diffusion import LatentDiffusion, preset
 from latent_diffusion.compiling import compile_mode
-from latent_diffusion.config import to_ldm_config
 from latent_diffusion.generate import generate
+from latent_diffusion.ldm_yaml import to_ldm_config
 from latent_diffusion.request import GenerationRequest
 from latent_diffusion.tokenizer import clip_tokenizer
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path

@@ -30,8 +30,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from latent_diffusion import LatentDiffusionConfig, preset
 from latent_diffusion.compiling import compile_mode
-from latent_diffusion.config import to_ldm_config
 from latent_diffusion.latent_diffusion import micro_conditioning
+from latent_diffusion.ldm_yaml import to_ldm_config
 from latent_diffusion.unet import UNetModel, timestep_embedding
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 

@@ -44,7 +44,7 @@ def run_one(variant: str, size: int) -> dict:
         from diffusers import AutoencoderKL
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
-        from latent_diffusion.config import to_ldm_config
+        from latent_diffusion.ldm_yaml import to_ldm_config
 
         sd = {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
         theirs_cfg = create_vae_diffusers_config_from_ldm({"model": to_ldm_config(cfg)}, sd)

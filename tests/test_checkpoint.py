@@ -16,8 +16,8 @@ from safetensors.torch import save_file
 
 from latent_diffusion import CheckpointError, LatentDiffusion, load_model, preset, save_model
 from latent_diffusion.checkpoint import ema_key, infer_config
-from latent_diffusion.config import to_ldm_config
 from latent_diffusion.generate import generate
+from latent_diffusion.ldm_yaml import to_ldm_config
 from latent_diffusion.prompt_encoding import encode_prompts
 from latent_diffusion.request import GenerationRequest
 

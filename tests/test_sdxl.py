@@ -15,8 +15,9 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from latent_diffusion import LatentDiffusion, from_ldm_config, preset
-from latent_diffusion.config import TextEncoderConfig, to_ldm_config
+from latent_diffusion.config import TextEncoderConfig
 from latent_diffusion.generate import generate
+from latent_diffusion.ldm_yaml import to_ldm_config
 from latent_diffusion.pipeline import Pipeline
 from latent_diffusion.prompt_encoding import encode_prompts
 from latent_diffusion.request import GenerationRequest

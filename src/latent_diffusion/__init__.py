@@ -7,10 +7,10 @@ from .config import (
     LatentDiffusionConfig,
     TextEncoderConfig,
     UNetConfig,
-    from_ldm_config,
     preset,
 )
 from .latent_diffusion import LatentDiffusion
+from .ldm_yaml import from_ldm_config
 from .pipeline import Pipeline, load_pipeline
 
 __all__ = [

@@ -31,11 +31,11 @@ from .config import (
     LatentDiffusionConfig,
     TextEncoderConfig,
     UNetConfig,
-    from_ldm_config,
 )
 from .family import EMA, SD1, SD2, SDXL, UNET, VAE, family_of_keys
 from .files import atomic_write
 from .latent_diffusion import LatentDiffusion
+from .ldm_yaml import from_ldm_config
 from .weights_reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
 
 CLIP, OPENCLIP = SD1.text_prefix, SD2.text_prefix

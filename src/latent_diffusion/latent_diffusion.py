@@ -19,7 +19,8 @@ from torch import nn
 from . import schedule
 from .autoencoder import AutoencoderKL
 from .conditioner import Conditioner
-from .config import LatentDiffusionConfig, from_ldm_config
+from .config import LatentDiffusionConfig
+from .ldm_yaml import from_ldm_config
 from .text_encoder import TextEncoder
 from .tokenizer import clip_tokenizer
 from .unet import UNetModel
