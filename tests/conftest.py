@@ -74,6 +74,6 @@ def ckpt(tmp_path_factory, tiny_models):
 @pytest.fixture(scope="session")
 def serve():
     """serve(app): a context manager running a real uvicorn server for `app` -> its base URL."""
-    from latent_diffusion.server import serving
+    from latent_diffusion.http_edge import serving
 
     return serving

@@ -17,8 +17,8 @@ from latent_diffusion.cli import main
 from latent_diffusion.compiling import compile_model, is_compiled
 from latent_diffusion.config import AutoencoderConfig, UNetConfig
 from latent_diffusion.generate import generate
+from latent_diffusion.http_edge import serving
 from latent_diffusion.request import GenerationRequest
-from latent_diffusion.server import serving
 from test_server import call, decode
 
 from conftest import randomize, tiny_config
