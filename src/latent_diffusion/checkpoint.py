@@ -318,14 +318,7 @@ def load_model(
     expected = model.state_dict()  # meta tensors: names and shapes only
 
     if ema:
-        unet_keys = [k for k in expected if k.startswith(UNET)]
-        absent = [ema_key(k) for k in unet_keys if ema_key(k) not in sd]
-        if len(absent) == len(unet_keys):
-            raise CheckpointError(f"{path}: ema=True, but the file has no model_ema.* weights")
-        if absent:  # never mix EMA and non-EMA weights silently
-            raise CheckpointError(f"{path}: ema=True, but {len(absent)} EMA weights are missing (first: {absent[0]})")
-        sd = {**sd, **{k: sd[ema_key(k)] for k in unet_keys if ema_key(k) in sd}}
-        origin = {**origin, **{k: origin[ema_key(k)] for k in unet_keys if ema_key(k) in origin}}
+        sd, origin = _with_ema_unet(sd, origin, [k for k in expected if k.startswith(UNET)], path)
 
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
@@ -352,6 +345,18 @@ def load_model(
     model.load_state_dict(weights, strict=True, assign=True)
     model.init_schedule(device)
     return model.eval()
+
+
+def _with_ema_unet(sd: dict, origin: dict, unet_keys: list[str], path) -> tuple[dict, dict]:
+    """The state dict with the U-Net's weights taken from `model_ema.*` (and the file's key of each), all or none."""
+    absent = [ema_key(k) for k in unet_keys if ema_key(k) not in sd]
+    if len(absent) == len(unet_keys):
+        raise CheckpointError(f"{path}: ema=True, but the file has no model_ema.* weights")
+    if absent:  # never mix EMA and non-EMA weights silently
+        raise CheckpointError(f"{path}: ema=True, but {len(absent)} EMA weights are missing (first: {absent[0]})")
+    sd = {**sd, **{k: sd[ema_key(k)] for k in unet_keys}}
+    origin = {**origin, **{k: origin[ema_key(k)] for k in unet_keys}}
+    return sd, origin
 
 
 def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:

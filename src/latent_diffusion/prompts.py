@@ -85,12 +85,7 @@ def chunk_prompt(
     Where the tokens spell an embedding's name (the longest that matches), its vectors take that many places,
     all in one chunk. syntax=False: the plain text, every weight 1, no BREAK."""
     comma = tokenizer.encoder[",</w>"]
-    by_first_token: dict[int, list[tuple[list[int], Embedding]]] = {}
-    for embedding in (embeddings or {}).values():
-        ids = tokenizer.encode(embedding.name)
-        by_first_token.setdefault(ids[0], []).append((ids, embedding))
-    for candidates in by_first_token.values():
-        candidates.sort(key=lambda c: -len(c[0]))
+    by_first_token = _names_by_first_token(embeddings or {}, tokenizer)
     chunks, chunk, last_comma = [], Chunk(), -1
 
     def close() -> None:
@@ -143,6 +138,19 @@ def chunk_prompt(
     if chunk.tokens or not chunks:
         close()
     return chunks
+
+
+def _names_by_first_token(
+    embeddings: Mapping[str, Embedding], tokenizer: CLIPTokenizer
+) -> dict[int, list[tuple[list[int], Embedding]]]:
+    """The embeddings' names as token ids, by their first token, longest first (the longest name that matches wins)."""
+    found: dict[int, list[tuple[list[int], Embedding]]] = {}
+    for embedding in embeddings.values():
+        ids = tokenizer.encode(embedding.name)
+        found.setdefault(ids[0], []).append((ids, embedding))
+    for candidates in found.values():
+        candidates.sort(key=lambda c: -len(c[0]))
+    return found
 
 
 # Prompt editing and alternation ---------------------------------------------------------------------------------

@@ -114,6 +114,22 @@ def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | 
     checked without one; with it, also what depends on its models and files, and the returned copy has its
     defaults."""
     r = request
+    _check_types(r)
+    _check_counts(r)
+    _check_settings(r)
+    if r.init_image is not None:
+        _check_images(r)
+    _check_prompts(r)
+    if pipeline is None:
+        return request
+    pipeline = as_pipeline(pipeline)
+    if pipeline.refiner is not None:
+        _check_refiner(pipeline.model, pipeline.refiner)
+    return _resolve(r, pipeline)
+
+
+def _check_types(r: GenerationRequest) -> None:
+    """Each number a number (a whole one where it counts something); None where the field has a default."""
     numbers = ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise", "clip_skip")
     for name in (*numbers, "refiner_switch"):
         value, whole = getattr(r, name), name in ("steps", "batch_size", "width", "height", "clip_skip")
@@ -121,6 +137,10 @@ def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | 
             continue  # None: the default
         if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
             _fail(f"{name} must be a {'whole number' if whole else 'number'}, not {value!r}")
+
+
+def _check_counts(r: GenerationRequest) -> None:
+    """One prompt, seed and negative prompt per image; sizes, batch and steps in range."""
     n = len(r.prompts)
     if n < 1:
         _fail("a request needs at least one prompt")
@@ -140,6 +160,10 @@ def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | 
         _fail(f"batch_size must be at least 1, not {r.batch_size}")
     if not 1 <= r.steps <= MAX_STEPS:
         _fail(f"steps must be between 1 and {MAX_STEPS}, not {r.steps}")
+
+
+def _check_settings(r: GenerationRequest) -> None:
+    """The sampler, its schedule and options, the strength and the guidance."""
     if r.sampler not in SAMPLERS:
         _fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not isinstance(r.scheduler, str) or not _known_scheduler(r.scheduler):
@@ -158,8 +182,10 @@ def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | 
             _fail(f"{name} must be between 0 and {MAX_NOISE:g}, not {value}")
     if r.cfg_scale is not None and not -MAX_CFG_SCALE <= r.cfg_scale <= MAX_CFG_SCALE:
         _fail(f"cfg_scale must be between -{MAX_CFG_SCALE:g} and {MAX_CFG_SCALE:g}, not {r.cfg_scale}")
-    if r.init_image is not None:
-        _check_images(r)
+
+
+def _check_prompts(r: GenerationRequest) -> None:
+    """LoRA tags that can be read, at weights that keep the latents finite; emphasis weights in range."""
     for text in r.prompts:
         try:
             tags = extract_lora_tags(text)[1]
@@ -171,12 +197,6 @@ def validate(request: GenerationRequest, pipeline: Pipeline | LatentDiffusion | 
     for text in {*r.prompts, *(r.negative_prompts or [])} if r.prompt_syntax else ():
         if (weight := max((abs(w) for _, w in parse_emphasis(text)), default=1.0)) > MAX_EMPHASIS:
             _fail(f"prompt: an emphasis weight of {weight:.3g} is beyond ±{MAX_EMPHASIS:g} (brackets nested too deep?)")
-    if pipeline is None:
-        return request
-    pipeline = as_pipeline(pipeline)
-    if pipeline.refiner is not None:
-        _check_refiner(pipeline.model, pipeline.refiner)
-    return _resolve(r, pipeline)
 
 
 def _fewest_per_group(cfg, h: int, w: int) -> int:
