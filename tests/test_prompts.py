@@ -267,7 +267,9 @@ def test_the_variants_of_an_edited_prompt_are_encoded_together_as_the_web_ui(tin
 
     model, seen = tiny_models["sd1"], []
     real = d.Denoiser.__init__
-    monkeypatch.setattr(d.Denoiser, "__init__", lambda self, *a: seen.append(a[3]["crossattn"]) or real(self, *a))
+    monkeypatch.setattr(
+        d.Denoiser, "__init__", lambda self, **k: seen.append(k["cond"]["crossattn"]) or real(self, **k)
+    )
     long = "word " * 80  # two chunks
     common = dict(width=32, height=32, steps=4, sampler="euler", cfg_scale=1.0)
     generate(model, GenerationRequest([f"[{long}::2] (cat:1.5)"], [1], **common))
