@@ -238,9 +238,9 @@ def test_non_finite_training_flags_are_refused(tmp_path, capsys, argv, message):
 
 
 def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, ckpt, monkeypatch, capsys):
-    import latent_diffusion.request as request
+    import latent_diffusion.plan as plan
 
-    monkeypatch.setattr(request, "available_memory", lambda device: 10 * 2**20)  # a device with 10 MiB free
+    monkeypatch.setattr(plan, "available_memory", lambda device: 10 * 2**20)  # a device with 10 MiB free
     out = tmp_path / "out"
     argv = ["txt2img", "--ckpt", str(ckpt), "--prompt", "x", "--outdir", str(out), "--steps", "1", "--quiet"]
     assert main([*argv, "--width", "64", "--height", "64", "--batch-size", "4"]) == 2

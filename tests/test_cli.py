@@ -367,7 +367,7 @@ def test_ctrl_c_is_one_line_and_exit_130_and_leaves_no_empty_folder(tmp_path, ck
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "generate", interrupted)
+    monkeypatch.setattr(cli, "generate_plan", interrupted)
     out = tmp_path / "out"
     assert run("txt2img", "--ckpt", ckpt, "--prompt", "x", "--quiet", "--outdir", out) == 130
     assert capsys.readouterr().err == "ldm: interrupted\n"

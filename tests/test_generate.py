@@ -16,7 +16,8 @@ from latent_diffusion import LatentDiffusion
 from latent_diffusion.denoiser import Denoiser
 from latent_diffusion.generate import NonFiniteError, generate
 from latent_diffusion.pipeline import Pipeline
-from latent_diffusion.request import GenerationRequest, RequestError, validate
+from latent_diffusion.plan import resolve
+from latent_diffusion.request import GenerationRequest, RequestError
 
 from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
 
@@ -178,10 +179,10 @@ def test_bad_requests(tiny_models, fields, message):
 def test_request_defaults_come_from_the_model(tiny_models):
     """Size and guidance: the model's own where its config has them, else its family's (SD 1.x: 512, 7.5)."""
     model = tiny_models["sd1"]
-    resolved = validate(GenerationRequest(["a"], [0]), model)
+    resolved = resolve(GenerationRequest(["a"], [0]), Pipeline(model)).request
     assert (resolved.width, resolved.height, resolved.cfg_scale, resolved.negative_prompts) == (512, 512, 7.5, [""])
     small = LatentDiffusion(dataclasses.replace(model.cfg, image_size=32, cfg_scale=2.0))
-    resolved = validate(GenerationRequest(["a"], [0], width=48), small)
+    resolved = resolve(GenerationRequest(["a"], [0], width=48), Pipeline(small)).request
     assert (resolved.width, resolved.height, resolved.cfg_scale) == (48, 32, 2.0)
 
 

@@ -330,6 +330,34 @@ def test_a_lora_reaches_only_the_images_of_the_requests_that_name_it(ckpt, serve
     assert np.abs(pixels[0][1] - without).max() > 20  # the LoRA changes an image far beyond one level
 
 
+def test_each_request_is_resolved_once_and_a_merged_batch_once(ckpt, serve, monkeypatch):
+    """Eight clients at once: each request is resolved against the pipeline once (on arrival; the worker takes that
+    plan), each prompt's LoRA tags are parsed once, each merged batch is merged once, and generating a plan resolves
+    nothing again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import latent_diffusion.generate as generating
+    import latent_diffusion.job_queue as job_queue
+    import latent_diffusion.plan as plan
+
+    resolved, merged, parsed = [], [], []
+    real_resolve, real_merge, real_tags = job_queue.resolve, job_queue.merge, plan.extract_lora_tags
+    monkeypatch.setattr(job_queue, "resolve", lambda r, p: resolved.append(r.seeds[0]) or real_resolve(r, p))
+    monkeypatch.setattr(job_queue, "merge", lambda plans: merged.append(len(plans)) or real_merge(plans))
+    monkeypatch.setattr(plan, "extract_lora_tags", lambda text: parsed.append(text) or real_tags(text))
+    monkeypatch.setattr(generating, "resolve", None)  # generate_plan must not call it
+    body = {"steps": 1, "width": 32, "height": 32}
+    app = create_app(load_pipeline(ckpt), limits=ServerLimits(batch_window=1.0))
+    with serve(app) as base, ThreadPoolExecutor(8) as pool:
+        ask = lambda seed: call(base, "/sdapi/v1/txt2img", {**body, "prompt": f"cat {seed}", "seed": seed})  # noqa: E731
+        answers = list(pool.map(ask, range(8)))
+    assert [status for status, _ in answers] == [200] * 8
+    batched = [json.loads(answer["info"])["batched_with"] for _, answer in answers]
+    assert max(batched) > 1 and sorted(resolved) == list(range(8))
+    assert sum(merged) == sum(b > 1 for b in batched) and len(merged) == round(sum(1 / b for b in batched if b > 1))
+    assert sorted(parsed) == sorted(f"cat {seed}" for seed in range(8))
+
+
 def bomb_png(width: int, height: int) -> str:
     """A 1x1 PNG whose header claims width x height: decoding it would allocate that much."""
     import struct
@@ -682,14 +710,14 @@ def test_a_request_that_goes_non_finite_in_a_shared_batch_fails_alone(ckpt, serv
 
     import latent_diffusion.job_queue as q
 
-    real = q.generate
+    real = q.generate_plan
 
-    def poisoned(model, request, **kw):
-        if any("poison" in p for p in request.prompts):
-            raise q.NonFiniteError(f"non-finite latents for seeds {request.seeds}")
-        return real(model, request, **kw)
+    def poisoned(plan, **kw):
+        if any("poison" in p for p in plan.request.prompts):
+            raise q.NonFiniteError(f"non-finite latents for seeds {plan.request.seeds}")
+        return real(plan, **kw)
 
-    monkeypatch.setattr(q, "generate", poisoned)
+    monkeypatch.setattr(q, "generate_plan", poisoned)
     with serve(create_app(load_pipeline(ckpt), limits=ServerLimits(batch_window=1.0))) as base:
         bodies = [{"prompt": "poison" if seed == 2 else "a cat", "steps": 1, "width": 32, "height": 32, "seed": seed}
                   for seed in range(4)]  # fmt: skip

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import latent_diffusion.request as request
+import latent_diffusion.plan as plan
 from latent_diffusion import vae_tiling
 from latent_diffusion.generate import generate
-from latent_diffusion.request import GenerationRequest, validate
+from latent_diffusion.pipeline import Pipeline
+from latent_diffusion.request import GenerationRequest
 from latent_diffusion.vae_tiling import tile_spans, tiled
 
 
@@ -68,10 +69,11 @@ def test_generation_tiles_when_the_image_would_not_fit(tiny_models, monkeypatch)
     monkeypatch.setattr(vae_tiling, "TILE", 4)  # 32-pixel tiles, 16 pixels shared, so a 64x64 image has 9
     monkeypatch.setattr(vae_tiling, "OVERLAP", 2)
     r = GenerationRequest(["a cat"], [1], width=64, height=64, steps=2, batch_size=1)
-    untiled = request.needed_memory(r, model.cfg, 64, 64, model.dtype, tiled=False)
-    monkeypatch.setattr(request, "available_memory", lambda device: untiled - 1)
-    assert validate(r, model).vae_tiling is True
-    assert validate(GenerationRequest(["a cat"], [1], width=32, height=32), model).vae_tiling is False
+    untiled = plan.needed_memory(r, model.cfg, 64, 64, model.dtype, tiled=False)
+    monkeypatch.setattr(plan, "available_memory", lambda device: untiled - 1)
+    assert plan.resolve(r, Pipeline(model)).request.vae_tiling is True
+    small = GenerationRequest(["a cat"], [1], width=32, height=32)
+    assert plan.resolve(small, Pipeline(model)).request.vae_tiling is False
     calls = []
     monkeypatch.setattr(vae_tiling, "tiled", lambda *a, **k: calls.append(1) or tiled(*a, **k))
     result = generate(model, r)

@@ -33,7 +33,7 @@ from .images import grid, parameters_text, save_png, to_pil
 from .latent_diffusion import LatentDiffusion
 from .lora import find_loras
 from .pipeline import Pipeline, load_pipeline
-from .request import GenerationRequest, infotext_fields
+from .request import GenerationRequest
 from .train import TrainConfig, train
 from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
 from .training import TrainError, TrainingDiverged
@@ -108,7 +108,7 @@ def draw_demo(args, outdir: Path) -> None:
         result = generate(pipeline, GenerationRequest([prompt] * len(seeds), seeds, batch_size=len(seeds)))
         rows += [to_pil(im) for im in result.images]
         print(f"  row {len(rows) // len(seeds)}: {prompt}")
-    fields = {**infotext_fields(result.request, pipeline), "Seed": args.seed}
+    fields = {**result.fields, "Seed": args.seed}
     path = outdir / "demo-grid.png"
     save_png(grid(rows, len(seeds)), path, parameters_text(" | ".join(DEMO_PROMPTS), "", fields))
     print(f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds) in {time.perf_counter() - start:.1f} s")
@@ -246,12 +246,12 @@ def cmd_eval(args) -> None:
     pipeline = load_pipeline(args.ckpt, device=pick_device(args.device))
     batches = -(-args.count // max(1, args.batch_size))  # per split
     bar = tqdm(total=2 * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
-    report, settings = prompt_adherence(
+    report, result = prompt_adherence(
         pipeline, args.count, settings, seed=args.seed, forms=forms, progress=lambda p: bar.update(1)
     )
     bar.close()
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
-    fields = infotext_fields(settings, pipeline)
+    settings, fields = result.request, result.fields
     sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
     print(
         f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "

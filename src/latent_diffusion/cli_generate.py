@@ -3,6 +3,7 @@ each batch is done. Also the checks of flags that the other commands share (devi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import sys
@@ -15,12 +16,13 @@ from .checkpoint import BUILTIN_MODEL
 from .cli_arguments import DTYPES, UsageError
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
 from .files import claim_numbered, missing_folders, remove_empty, writable_folder
-from .generate import generate
+from .generate import generate_plan
 from .images import grid, load_image, model_hash, save_png, to_pil
 from .infotext import read_infotext, settings_from_infotext
 from .latent_diffusion import LatentDiffusion
 from .lora import find_loras
 from .pipeline import Pipeline, load_pipeline
+from .plan import Plan, resolve
 from .request import GenerationRequest, RequestError, validate
 from .samplers import find_sampler
 
@@ -59,10 +61,23 @@ FLAGS = {
 }
 
 
-def checked(request: GenerationRequest, pipeline: Pipeline | None = None) -> GenerationRequest:
+def checked(request: GenerationRequest) -> GenerationRequest:
     """`validate`, with its errors in the command line's words."""
+    with in_flag_words():
+        return validate(request)
+
+
+def planned(request: GenerationRequest, pipeline: Pipeline) -> Plan:
+    """`plan.resolve`, with its errors in the command line's words."""
+    with in_flag_words():
+        return resolve(request, pipeline)
+
+
+@contextlib.contextmanager
+def in_flag_words():
+    """A RequestError as a UsageError that names the flag where the request's message names a field."""
     try:
-        return validate(request, pipeline)
+        yield
     except RequestError as e:
         message = str(e)
         for field, flag in FLAGS.items():
@@ -219,7 +234,8 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
     for notice in pipeline.notices:
         print(f"ldm: warning: {notice}", file=sys.stderr)
-    request = checked(with_images(request, args, pipeline.model), pipeline)
+    plan = planned(with_images(request, args, pipeline.model), pipeline)
+    request = plan.request
     file = pipeline.checkpoint
     if getattr(args, "infotext_model_hash", None) and args.infotext_model_hash != model_hash(file):
         print(
@@ -230,17 +246,12 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
     bar = tqdm(total=args.n_iter * request.steps_run, disable=args.quiet, unit="step", desc=args.command)
     images, warned, n = [], set(), args.batch_size
     for start in range(0, len(request.prompts), n):  # one batch at a time, each written as soon as it is done
-        batch = dataclasses.replace(
-            request,
-            prompts=request.prompts[start : start + n],
-            negative_prompts=request.negative_prompts[start : start + n],
-            seeds=request.seeds[start : start + n],
-        )
-        result = generate(pipeline, batch, progress=lambda p: bar.update(1))
+        batch = plan.part(start, start + n)
+        result = generate_plan(batch, progress=lambda p: bar.update(1))
         for warning in set(result.warnings) - warned:
             tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
         warned |= set(result.warnings)
-        for seed, tensor, info in zip(batch.seeds, result.images, result.infotexts):
+        for seed, tensor, info in zip(batch.request.seeds, result.images, result.infotexts):
             image, path = to_pil(tensor), claim_numbered(outdir, f"{seed}.png")
             try:
                 save_png(image, path, info)

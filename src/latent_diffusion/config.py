@@ -1,4 +1,5 @@
-"""Hyperparameters of the three parts of latent diffusion, named presets, and CompVis YAML -> config.
+"""Hyperparameters of the three parts of latent diffusion and named presets (`ldm_yaml.py` reads and writes them as
+the original inference YAMLs).
 
 Field names are CompVis's (`model_channels`, `attention_resolutions`, `ch_mult`, ...), so a reader can
 hold a CompVis inference YAML beside these dataclasses. Where CompVis uses a sentinel (`num_heads=-1`)

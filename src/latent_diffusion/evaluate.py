@@ -19,7 +19,7 @@ from .data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, S
 from .generate import Progress, generate
 from .latent_diffusion import LatentDiffusion
 from .pipeline import Pipeline
-from .request import GenerationRequest
+from .request import GenerationRequest, GenerationResult
 
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
 NAMES = list(COLORS)
@@ -87,11 +87,12 @@ def prompt_adherence(
     seed: int = 0,
     forms: tuple[str, ...] = tuple(EVAL_FORMS),
     progress: Callable[[Progress], None] | None = None,
-) -> tuple[dict[str, dict], GenerationRequest]:
+) -> tuple[dict[str, dict], GenerationResult]:
     """Generate `count` images for prompts about seen (colour, shape) pairs and `count` for held-out pairs, in each
     of the prompt `forms` (`data.EVAL_FORMS`), with the size, sampler, guidance and batch size of `settings` (its
     prompts and seeds are ignored), and score the attributes each form names:
-    ({form: {"seen": {"images": n, "shape": share, ...}, "held-out": {...}}}, the request as run). Image i of each
+    ({form: {"seen": {"images": n, "shape": share, ...}, "held-out": {...}}}, the last result: its request as run and
+    its infotext fields). Image i of each
     split has seed seed + i and shows the same shape in every form, so forms differ only in their wording."""
     splits = {
         "seen": ShapesDataset(count, settings.width or 64, seed=seed + 1),
@@ -110,4 +111,4 @@ def prompt_adherence(
             result = generate(pipeline, request, progress)
             images = result.images.cpu() * 2 - 1
             report.setdefault(name, {})[split] = {"images": count, **score(data.specs, images, form.attributes)}
-    return report, result.request
+    return report, result

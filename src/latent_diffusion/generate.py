@@ -22,23 +22,14 @@ import torch.nn.functional as F
 from .compiling import compile_model
 from .denoiser import Denoiser
 from .devices import to_device
-from .embeddings import Embedding
 from .latent_diffusion import LatentDiffusion
 from .lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .noise import BrownianNoise, per_image_randn
 from .parameterization import sigma_from_alpha_bar
 from .pipeline import Pipeline, as_pipeline
-from .prompt_encoding import encode_prompts
-from .prompts import extract_lora_tags
-from .request import (
-    GenerationRequest,
-    GenerationResult,
-    RequestError,
-    infotext,
-    infotext_fields,
-    lora_set,
-    validate,
-)
+from .plan import ParsedPrompt, Plan, infotext, infotext_fields, resolve
+from .prompt_encoding import encode_chunked, encode_prompts
+from .request import GenerationRequest, GenerationResult, RequestError
 from .samplers import Step, get_sampler
 from .schedule import sigma_to_t
 from .schedulers import sampling_schedule
@@ -108,7 +99,6 @@ def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torc
     return images
 
 
-@torch.no_grad()
 def generate(
     pipeline: Pipeline | LatentDiffusion,
     request: GenerationRequest,
@@ -116,14 +106,19 @@ def generate(
 ) -> GenerationResult:
     """Run a request, batch_size images per U-Net call; RequestError before any work if it cannot run. With the
     pipeline's refiner (SDXL's), that second model denoises the low-noise end of the schedule (`Experts`)."""
-    pipeline = as_pipeline(pipeline)
+    return generate_plan(resolve(request, as_pipeline(pipeline)), progress)
+
+
+@torch.no_grad()
+def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None) -> GenerationResult:
+    """Run a resolved request (`plan.resolve`): its images in U-Net batches, each on its LoRAs' merged weights."""
+    pipeline, r = plan.pipeline, plan.request
     model = pipeline.model
-    r = validate(request, pipeline)
-    fields = infotext_fields(r, pipeline)
+    fields = infotext_fields(plan)
     if r.compile:
         for m in filter(None, (model, pipeline.refiner)):
             compile_model(m)
-    sets = [lora_set(text, pipeline.loras) for text in r.prompts]
+    sets = plan.lora_sets()
     batches = unet_batches(sets, r.batch_size)
     images, warnings = [], []
     loras = read_loras(pipeline.loras, sets)
@@ -138,7 +133,7 @@ def generate(
             for tag in sorted(sets[batch.start], key=lambda tag: tag.name):
                 applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
                 warnings += [w for w in applied[-1].warnings if w not in warnings]
-            out, notes = sample(pipeline, r, batch, step_done)
+            out, notes = sample(plan, batch, step_done)
         except LoRAError as e:
             raise RequestError(str(e)) from None
         finally:
@@ -146,7 +141,8 @@ def generate(
                 remove_lora(model, a)
         images.append(out)
         warnings += [n for n in notes if n not in warnings]
-    return GenerationResult(torch.cat(images), [infotext(r, i, fields) for i in range(len(r.prompts))], warnings, r)
+    infotexts = [infotext(r, i, fields) for i in range(len(r.prompts))]
+    return GenerationResult(torch.cat(images), infotexts, warnings, r, fields)
 
 
 def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
@@ -172,33 +168,40 @@ def read_loras(files: dict[str, Path], lora_sets: list[frozenset]) -> dict[str, 
 
 def scheduled_denoiser(
     model: LatentDiffusion,
-    r: GenerationRequest,
+    plan: Plan,
     batch: range,
     extra: dict,
     calls: itertools.count | None = None,
-    embeddings: dict[str, Embedding] | None = None,
+    own_chunks: bool = True,
 ):
     """The denoiser of a batch, with the conditioning of each prompt-editing segment (`prompts.prompt_schedule`):
     evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
     editing there is one segment. As the web UI, the variants of one prompt are encoded together (padded to the
     longest with empty chunks, one emphasis mean), and prompts of different lengths in one batch are padded by
-    repeating their last vector. -> (denoiser, prompt warnings)."""
-    notes = []
-    options = dict(clip_skip=r.clip_skip, syntax=r.prompt_syntax, size=(r.height, r.width), embeddings=embeddings)
+    repeating their last vector. own_chunks: the plan's chunks, made with the pipeline's embeddings (False: the
+    variants chunked again without them, for a refiner, whose text encoder they were not made for).
+    -> (denoiser, prompt warnings)."""
+    r, notes = plan.request, []
+    options = dict(clip_skip=r.clip_skip, size=(r.height, r.width), joint=True)
 
-    def encoded(texts: list[str], negative: bool) -> list[tuple[list, dict]]:
+    def encoded(texts: list[str], table: dict[str, ParsedPrompt], negative: bool) -> list[tuple[list, dict]]:
         """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)})."""
         found = {}
         for text in dict.fromkeys(texts):
-            schedule = r.schedule(text)
-            variants = list(dict.fromkeys(variant for _, variant in schedule))
-            cond, more = encode_prompts(model, variants, negative=negative, joint=True, **options)
+            parsed = table[text]
+            variants = list(parsed.chunks)  # each distinct variant, in the schedule's order
+            if own_chunks:
+                chunked, empty = [parsed.chunks[v] for v in variants], [v == "" for v in variants]
+                cond, more = encode_chunked(model, chunked, empty=empty, negative=negative, **options)
+            else:
+                cond, more = encode_prompts(model, variants, syntax=r.prompt_syntax, negative=negative, **options)
             notes.extend(n for n in more if n not in notes)
-            found[text] = (schedule, {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)})
+            rows = {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)}
+            found[text] = (parsed.schedule, rows)
         return [found[text] for text in texts]
 
-    prompts = encoded([extract_lora_tags(r.prompts[i])[0] for i in batch], False)  # the tags' LoRAs are merged
-    negatives = encoded([r.negative_prompts[i] for i in batch], True) if r.cfg_scale != 1 else []
+    prompts = encoded([r.prompts[i] for i in batch], plan.prompts, False)  # (their tags' LoRAs are merged)
+    negatives = encoded([r.negative_prompts[i] for i in batch], plan.negatives, True) if r.cfg_scale != 1 else []
     ends = sorted({end for schedule, _ in (*prompts, *negatives) for end, _ in schedule})
 
     def at(end: int, texts: list[tuple[list, dict]]) -> dict[str, torch.Tensor]:
@@ -288,18 +291,19 @@ class Stage:
     hold: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # after step i: the known region put back
 
 
-def sample(pipeline: Pipeline, r: GenerationRequest, batch: range, step_done: Callable[[Step], None]):
-    """Images `batch` of a validated request -> ((b, 3, H, W) in [0, 1], prompt warnings): prepare its stage, run
-    it, decode."""
-    stage, pixel_mask, notes = prepare(pipeline, r, batch)
+def sample(plan: Plan, batch: range, step_done: Callable[[Step], None]):
+    """Images `batch` of a plan -> ((b, 3, H, W) in [0, 1], prompt warnings): prepare its stage, run it, decode."""
+    r = plan.request
+    stage, pixel_mask, notes = prepare(plan, batch)
     x = run(stage, r, [r.seeds[i] for i in batch], step_done)
-    return finish(pipeline, r, batch, stage, x, pixel_mask), notes
+    return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
 
 
-def prepare(pipeline: Pipeline, r: GenerationRequest, batch: range) -> tuple[Stage, torch.Tensor | None, list[str]]:
+def prepare(plan: Plan, batch: range) -> tuple[Stage, torch.Tensor | None, list[str]]:
     """The batch's stage: its σs, its starting latent (noise, or the init image's latent noised to the first σ), the
     conditioning of its denoiser and its per-step noise, all drawn from each image's own generator. -> (the stage,
     the inpainting mask at pixel size or None, prompt warnings)."""
+    pipeline, r = plan.pipeline, plan.request
     model, refiner = pipeline.model, pipeline.refiner
     sampler = get_sampler(r.sampler)
     device, dtype = model.device, model.dtype
@@ -340,9 +344,9 @@ def prepare(pipeline: Pipeline, r: GenerationRequest, batch: range) -> tuple[Sta
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
 
     calls = itertools.count()  # the model evaluations so far, for prompt editing (the web UI counts over both)
-    denoiser, notes = scheduled_denoiser(model, r, batch, extra, calls, pipeline.embeddings)
+    denoiser, notes = scheduled_denoiser(model, plan, batch, extra, calls)
     if refiner is not None:
-        refined, more = scheduled_denoiser(refiner, r, batch, {}, calls)
+        refined, more = scheduled_denoiser(refiner, plan, batch, {}, calls, own_chunks=False)
         denoiser = Experts(denoiser, refined, model, r.refiner_switch)
         notes += [n for n in more if n not in notes]
     keep = hold if latent_mask is not None and not model.cfg.inpainting else None

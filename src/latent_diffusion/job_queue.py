@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from .generate import NonFiniteError, Progress, decode, generate
+from .generate import NonFiniteError, Progress, decode, generate_plan
 from .images import to_pil
 from .pipeline import Pipeline
-from .request import GenerationRequest, RequestError, context_lengths, infotext, infotext_fields, lora_set, validate
+from .plan import Plan, infotext, infotext_fields, merge, resolve
+from .request import GenerationRequest, RequestError
 
 
 class QueueFull(Exception):
@@ -56,15 +57,30 @@ class Job(Task):
     cfg_scale: float | None = None  # guidance where neither the request nor the model's file gives one
     paste: Callable[[Any], Any] = lambda image: image  # lays a result into the client's picture (inpainting)
     # Filled by the worker:
-    resolved: GenerationRequest | None = None  # validated against the model, its defaults filled in
+    plan: Plan | None = None  # resolved against the pipeline it runs on (by the server on arrival, if that is loaded)
     model_path: Path | None = None  # the checkpoint of the model it ran on
     images: list = field(default_factory=list)  # PIL images
     infotexts: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     batched_with: int = 1  # jobs in the U-Net batch it ran in
-    lengths: tuple = ()  # `request.context_lengths` of the resolved request: only equal ones share a batch
-    loras: frozenset = frozenset()  # its prompts' LoRA sets (`request.lora_set`): only equal ones share a batch
     interrupted: bool = False
+
+    @property
+    def resolved(self) -> GenerationRequest:
+        """The request as it runs: its defaults filled in."""
+        return self.plan.request
+
+    def request_for(self, pipeline: Pipeline) -> GenerationRequest:
+        """The request with the job's guidance where neither the request nor the model's file gives one."""
+        if self.request.cfg_scale is None and pipeline.model.cfg.cfg_scale is None:
+            return dataclasses.replace(self.request, cfg_scale=self.cfg_scale)
+        return self.request
+
+    def resolve(self, pipeline: Pipeline) -> None:
+        """Its plan for this pipeline, unless it has one already (the server resolves it on arrival)."""
+        plan = self.plan
+        if plan is None or (plan.pipeline.model, plan.pipeline.refiner) != (pipeline.model, pipeline.refiner):
+            self.plan = resolve(self.request_for(pipeline), pipeline)
 
     def shares_batches(self) -> bool:
         """Whether it may share U-Net batches at all (not with init images, nor one call per batch_size)."""
@@ -91,8 +107,8 @@ class Job(Task):
             r.cfg_scale,
             r.clip_skip,
             r.prompt_syntax,
-            self.lengths,
-            self.loras,
+            tuple(frozenset(n) for n in self.plan.context_lengths()),  # (padding would change a batch-mate's image)
+            frozenset(self.plan.lora_sets()),  # a batch runs on one set of merged weights
         )
 
 
@@ -197,13 +213,7 @@ class Worker:
             ):
                 self.refiner = None  # (the old one's memory is free before the new one loads)
                 self.refiner = self.load(job.refiner)
-            request = job.request
-            if request.cfg_scale is None and self.pipeline.model.cfg.cfg_scale is None:
-                request = dataclasses.replace(request, cfg_scale=job.cfg_scale)
-            job.resolved = validate(request, self.pipeline_of(job))
-            if job.shares_batches():  # (the chunk counts cost a tokenisation of every distinct prompt variant)
-                job.lengths = tuple(frozenset(n) for n in context_lengths(job.resolved, self.pipeline))
-                job.loras = frozenset(lora_set(text, self.pipeline.loras) for text in job.resolved.prompts)
+            job.resolve(self.pipeline_of(job))
             job.model_path = self.pipeline.checkpoint
         except Exception as e:
             job.error = e
@@ -238,20 +248,11 @@ class Worker:
             if len(group) == 1:
                 job = group[0]
                 sizes = [job.batch_size] * (len(job.request.prompts) // job.batch_size)
-                job.images, job.infotexts, job.warnings = self.execute(job.resolved, sizes, self.pipeline_of(job))
+                job.images, job.infotexts, job.warnings = self.execute(job.plan, sizes)
             else:
-                merged = dataclasses.replace(
-                    group[0].resolved,
-                    prompts=[p for j in group for p in j.resolved.prompts],
-                    negative_prompts=[p for j in group for p in j.resolved.negative_prompts],
-                    seeds=[s for j in group for s in j.resolved.seeds],
-                    vae_tiling=None,
-                    batch_size=sum(len(j.resolved.prompts) for j in group),
-                )
                 try:  # the batch's memory (and so its VAE tiling) is checked for all its images together
-                    pipeline = self.pipeline_of(group[0])
-                    merged = validate(merged, pipeline)
-                    images, infotexts, warnings = self.execute(merged, [len(merged.prompts)], pipeline)
+                    merged = merge([j.plan for j in group])
+                    images, infotexts, warnings = self.execute(merged, [len(merged.request.prompts)])
                 except (RequestError, NonFiniteError):  # too large together, or one went NaN: each job alone, so
                     for job in group:  # that each gets its own answer (and its own seeds in an error)
                         try:
@@ -270,14 +271,12 @@ class Worker:
         finally:
             self.running = []
 
-    def execute(
-        self, request: GenerationRequest, sizes: list[int], pipeline: Pipeline
-    ) -> tuple[list, list[str], list[str]]:
-        """Run a resolved request in U-Net batches of these sizes -> (PIL images, infotexts, warnings); stops early
+    def execute(self, plan: Plan, sizes: list[int]) -> tuple[list, list[str], list[str]]:
+        """Run a plan in parts of these sizes -> (PIL images, infotexts, warnings); stops early
         on an interrupt, or when every job of the batch is cancelled. An interrupted batch answers, as the web UI's,
         with the images its last step's x0 estimate decodes to."""
         images, infotexts, warnings, start = [], [], [], 0
-        self.parts, estimate = len(sizes), None
+        self.parts, estimate, pipeline = len(sizes), None, plan.pipeline
 
         def step_done(p: Progress) -> None:
             nonlocal estimate
@@ -289,15 +288,8 @@ class Worker:
         try:
             for self.part, size in enumerate(sizes):
                 self.step, estimate = 0, None
-                part = slice(start, start + size)
-                batch = dataclasses.replace(
-                    request,
-                    prompts=request.prompts[part],
-                    seeds=request.seeds[part],
-                    negative_prompts=request.negative_prompts[part],
-                    batch_size=size,
-                )
-                result = generate(pipeline, batch, progress=step_done)
+                part = plan.part(start, start + size)
+                result = generate_plan(part, progress=step_done)
                 images += [to_pil(t) for t in result.images]
                 infotexts += result.infotexts
                 warnings += [w for w in result.warnings if w not in warnings]
@@ -305,10 +297,10 @@ class Worker:
         except Interrupted:
             if estimate is not None and not all(j.cancelled for j in self.running):
                 with torch.no_grad():
-                    decoded = decode(pipeline.model, estimate, tiled=bool(batch.vae_tiling))
+                    decoded = decode(pipeline.model, estimate, tiled=bool(part.request.vae_tiling))
                 images += [to_pil((image / 2 + 0.5).clamp(0, 1)) for image in decoded]
-                fields = infotext_fields(batch, pipeline)
-                infotexts += [infotext(batch, i, fields) for i in range(len(batch.prompts))]
+                fields = infotext_fields(part)
+                infotexts += [infotext(part.request, i, fields) for i in range(len(part.request.prompts))]
         finally:
             self.step = self.steps = self.part = self.parts = 0
             self.latent = None

@@ -41,22 +41,39 @@ def encode_prompts(
     negative prompts), diffusers' and the web UI's defaults. An empty negative prompt is all zeros, text and
     pooled (generative-models' `force_zero_embeddings`, as the reference sampling and the web UI use it).
     CLIP skip does not apply to SDXL, as in the web UI."""
+    tokenizer = clip_tokenizer(model.cfg.text.max_length)
+    chunked = [chunk_prompt(p, tokenizer, syntax, embeddings or {}) for p in prompts]
+    options = dict(clip_skip=clip_skip, size=size, negative=negative, joint=joint)
+    return encode_chunked(model, chunked, empty=[p == "" for p in prompts], **options)
+
+
+def encode_chunked(
+    model: LatentDiffusion,
+    chunked: list[list[Chunk]],
+    *,
+    empty: list[bool],
+    clip_skip: int | None = None,
+    size: tuple[int, int] | None = None,
+    negative: bool = False,
+    joint: bool = False,
+) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """`encode_prompts` for prompts already in chunks (`prompts.chunk_prompt`); empty: which prompts are "" (an
+    empty negative prompt of SDXL is zeros)."""
     xl = bool(model.cfg.micro_conditioning)
     notes = ["clip_skip has no effect on SDXL models (as in the web UI)"] if xl and clip_skip is not None else []
     clip_skip = None if xl else clip_skip
-    tokenizer = clip_tokenizer(model.cfg.text.max_length)
-    chunked = [chunk_prompt(p, tokenizer, syntax, embeddings or {}) for p in prompts]
-    empty = chunk_prompt("", tokenizer, syntax=False)[0]
+    empty_chunk = chunk_prompt("", clip_tokenizer(model.cfg.text.max_length), syntax=False)[0]
     encoded, pooled = [], None
     for i in range(max(len(c) for c in chunked)):
-        context, chunk_pooled = encode_chunks(model, [c[i] if i < len(c) else empty for c in chunked], clip_skip, joint)
+        row = [c[i] if i < len(c) else empty_chunk for c in chunked]
+        context, chunk_pooled = encode_chunks(model, row, clip_skip, joint)
         encoded.append(context)
         pooled = chunk_pooled if pooled is None else pooled  # (b, embed_dim), the first chunk's
     cond = {"crossattn": torch.cat(encoded, dim=1)}
     if xl:
-        micro = micro_conditioning(len(prompts), size or (model.cfg.default_size,) * 2, negative)
+        micro = micro_conditioning(len(chunked), size or (model.cfg.default_size,) * 2, negative)
         cond["vector"] = model.conditioner.vector(pooled, micro)
-        zero = torch.tensor([negative and p == "" for p in prompts], device=model.device)
+        zero = torch.tensor([negative and e for e in empty], device=model.device)
         cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
         cond["vector"][:, : pooled.shape[1]] = pooled.masked_fill(zero[:, None], 0)
     return cond, notes

@@ -309,10 +309,11 @@ class ServerState:
         return image
 
     def check_against_model(self, job: Job) -> None:
-        """The loaded model's checks now, where the job runs on it: bad input never waits."""
+        """The job resolved against the loaded pipeline now, where it runs on it: bad input never waits, and the
+        worker takes the plan as it is (unless the model changes first, or the job needs a refiner)."""
         pipeline = self.worker.pipeline
         if job.checkpoint is None or (pipeline.checkpoint or Path()).resolve() == job.checkpoint.resolve():
-            validate(job.request, pipeline)
+            job.resolve(pipeline)
 
     async def wait(self, job: Task, http: Request, arrived: float | None = None) -> bool:
         """Queue the job and wait for it; cancel it if the client goes away (False) or its time, counted from the
