@@ -15,7 +15,8 @@ from PIL import Image
 
 from latent_diffusion import load_model, save_model
 from latent_diffusion.cli import main
-from latent_diffusion.images import load_image, parse_parameters
+from latent_diffusion.images import load_image
+from latent_diffusion.infotext import parse_parameters
 
 
 def ldm(*args) -> list[str]:

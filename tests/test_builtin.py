@@ -11,7 +11,7 @@ from latent_diffusion.cli import main
 from latent_diffusion.data import HELD_OUT_PAIRS, ShapesDataset
 from latent_diffusion.evaluate import score
 from latent_diffusion.generate import generate
-from latent_diffusion.images import parse_parameters
+from latent_diffusion.infotext import parse_parameters
 from latent_diffusion.request import GenerationRequest
 
 # The bar on seen (colour, shape) pairs, which BENCHMARKS.md measures on 200 + 200 images. A batch of

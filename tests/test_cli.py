@@ -9,7 +9,8 @@ from PIL import Image
 
 from latent_diffusion import load_model, save_model
 from latent_diffusion.cli import main
-from latent_diffusion.images import model_hash, parameters_text, parse_parameters
+from latent_diffusion.files import model_hash
+from latent_diffusion.infotext import parameters_text, parse_parameters
 
 
 @pytest.fixture(scope="module")

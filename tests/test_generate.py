@@ -283,7 +283,7 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     of the text; afterwards every weight is bitwise what it was; the infotext keeps the tag and hashes the file."""
     from safetensors.torch import save_file
 
-    from latent_diffusion.images import lora_hash
+    from latent_diffusion.files import lora_hash
     from latent_diffusion.lora import apply_lora, read_lora, remove_lora
 
     model = tiny_models["sd1"]

@@ -29,7 +29,8 @@ from .data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
 from .evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
 from .files import atomic_write, remove_empty
 from .generate import NonFiniteError, generate
-from .images import grid, parameters_text, save_png, to_pil
+from .images import grid, save_png, to_pil
+from .infotext import parameters_text
 from .latent_diffusion import LatentDiffusion
 from .lora import find_loras
 from .pipeline import Pipeline, load_pipeline

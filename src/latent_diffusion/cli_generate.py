@@ -15,9 +15,9 @@ from tqdm import tqdm
 from .checkpoint import BUILTIN_MODEL
 from .cli_arguments import DTYPES, UsageError
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
-from .files import claim_numbered, missing_folders, remove_empty, writable_folder
+from .files import claim_numbered, missing_folders, model_hash, remove_empty, writable_folder
 from .generate import generate_plan
-from .images import grid, load_image, model_hash, save_png, to_pil
+from .images import grid, load_image, save_png, to_pil
 from .infotext import read_infotext, settings_from_infotext
 from .latent_diffusion import LatentDiffusion
 from .lora import find_loras

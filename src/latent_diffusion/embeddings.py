@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .images import sha256_of
+from .files import sha256_of
 from .weights_reader import CheckpointError, load_pickle, read_state_dict
 
 SUFFIXES = (".pt", ".bin", ".safetensors")

@@ -1,8 +1,11 @@
-"""Files the project writes: whole or not at all, in folders proved writable before any work."""
+"""Files the project writes: whole or not at all, in folders proved writable before any work; and the hashes of
+files it reads, as the web UI writes them."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import os
 import re
 import tempfile
@@ -73,3 +76,34 @@ def claim_numbered(folder: Path, suffix: str) -> Path:
             return path
         except FileExistsError:
             continue  # another run took this number a moment ago: look again
+
+
+def model_hash(path: str | os.PathLike) -> str:
+    """The web UI's model hash ("AutoV2"): the first 10 hex digits of the file's SHA-256."""
+    return sha256_of(path)[:10]
+
+
+def lora_hash(path: str | os.PathLike) -> str:
+    """The web UI's "Lora hashes" value: 12 hex digits of SHA-256, for a .safetensors file over its tensor data
+    only (the header skipped: kohya's "addnet" hash, which metadata edits leave unchanged)."""
+    return sha256_of(path, skip_header=Path(path).suffix.lower() == ".safetensors")[:12]
+
+
+def sha256_of(path: str | os.PathLike, skip_header: bool = False) -> str:
+    """The file's SHA-256 in hex (computed once per version of the file: a 2 GB checkpoint takes seconds);
+    skip_header: of what follows a .safetensors header."""
+    stat = os.stat(path)
+    return _file_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, skip_header)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_hash(path: str, size: int, mtime_ns: int, skip_header: bool) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        if skip_header:
+            header = int.from_bytes(f.read(8), "little")
+            # a header longer than the file: not a .safetensors file (its reader says so); hash the whole file
+            f.seek(8 + header if 8 + header <= size else 0)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,19 +1,10 @@
 """Images in and out: reading init images and masks, writing PNGs with the generation settings in a
-`parameters` text chunk in the form of the most used Stable Diffusion web UI, and grids.
-
-    a photograph of an astronaut riding a horse
-    Negative prompt: blurry
-    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: v1-5
-"""
+`parameters` text chunk (`infotext.py` writes and reads that text), and grids."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -112,83 +103,6 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     for i, im in enumerate(images):
         sheet.paste(im, ((i % columns) * w, (i // columns) * h))
     return sheet
-
-
-def model_hash(path: str | os.PathLike) -> str:
-    """The web UI's model hash ("AutoV2"): the first 10 hex digits of the file's SHA-256."""
-    return sha256_of(path)[:10]
-
-
-def lora_hash(path: str | os.PathLike) -> str:
-    """The web UI's "Lora hashes" value: 12 hex digits of SHA-256, for a .safetensors file over its tensor data
-    only (the header skipped: kohya's "addnet" hash, which metadata edits leave unchanged)."""
-    return sha256_of(path, skip_header=Path(path).suffix.lower() == ".safetensors")[:12]
-
-
-def sha256_of(path: str | os.PathLike, skip_header: bool = False) -> str:
-    """The file's SHA-256 in hex (computed once per version of the file: a 2 GB checkpoint takes seconds);
-    skip_header: of what follows a .safetensors header."""
-    stat = os.stat(path)
-    return _file_hash(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, skip_header)
-
-
-@functools.lru_cache(maxsize=256)
-def _file_hash(path: str, size: int, mtime_ns: int, skip_header: bool) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if skip_header:
-            header = int.from_bytes(f.read(8), "little")
-            # a header longer than the file: not a .safetensors file (its reader says so); hash the whole file
-            f.seek(8 + header if 8 + header <= size else 0)
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _quote(value) -> str:
-    """A field's value as the web UI writes it: as a JSON string where it holds a comma, a colon or a newline."""
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def _unquote(value: str) -> str:
-    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
-        return value
-    try:
-        return json.loads(value)
-    except json.JSONDecodeError:  # quoted but not JSON (as this project wrote before it escaped): the inside
-        return value[1:-1]
-
-
-def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
-    """The `parameters` chunk: prompt line, `Negative prompt:` line, then `Key: value, ...`."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
-    return "\n".join(lines)
-
-
-FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-
-
-def parse_parameters(text: str) -> dict:
-    """The inverse of parameters_text, read as the web UI reads it: {"prompt", "negative_prompt", and each field as
-    a string}. The last line holds the fields if it has at least three `Key: value` pairs."""
-    *head, last = text.strip().split("\n")
-    if len(FIELD.findall(last)) < 3:  # no settings line: the whole text is the prompt
-        head, last = [*head, last], ""
-    prompt_lines, negative_lines, in_negative = [], [], False
-    for line in head:
-        line = line.strip()
-        if line.startswith("Negative prompt:"):
-            in_negative = True
-            line = line[len("Negative prompt:") :].strip()
-        (negative_lines if in_negative else prompt_lines).append(line)
-    result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
-    for key, value in FIELD.findall(last):
-        result[key.strip()] = _unquote(value.strip())
-    return result
 
 
 def save_png(image: Image.Image, path: Path, parameters: str) -> None:

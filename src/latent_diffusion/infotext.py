@@ -1,16 +1,85 @@
-"""The web UI's infotexts read back into settings: `ldm txt2img --infotext image.png` runs with the settings an
-image was made with (its `parameters` PNG chunk, a text file, or the text itself). Flags given on the command line
-win over the infotext's values; fields this project does not use are named in a warning."""
+"""The web UI's infotexts, written and read: the `parameters` text of every image this project makes, in the form of
+the most used Stable Diffusion web UI,
+
+    a photograph of an astronaut riding a horse
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 42, Size: 512x512, Model hash: 6ce0161689, Model: v1-5
+
+and such a text read back into settings: `ldm txt2img --infotext image.png` runs with the settings an image was made
+with (its `parameters` PNG chunk, a text file, or the text itself). Flags given on the command line win over the
+infotext's values; fields this project does not use are named in a warning. (`plan.infotext_fields` gives a plan's
+settings as these fields.)"""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from .images import parse_parameters
 from .samplers import find_sampler
 from .schedulers import find_scheduler
+
+
+def _quote(value) -> str:
+    """A field's value as the web UI writes it: as a JSON string where it holds a comma, a colon or a newline."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:  # quoted but not JSON (as this project wrote before it escaped): the inside
+        return value[1:-1]
+
+
+def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
+    """The `parameters` chunk: prompt line, `Negative prompt:` line, then `Key: value, ...`."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
+    return "\n".join(lines)
+
+
+FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def parse_parameters(text: str) -> dict:
+    """The inverse of parameters_text, read as the web UI reads it: {"prompt", "negative_prompt", and each field as
+    a string}. The last line holds the fields if it has at least three `Key: value` pairs."""
+    *head, last = text.strip().split("\n")
+    if len(FIELD.findall(last)) < 3:  # no settings line: the whole text is the prompt
+        head, last = [*head, last], ""
+    prompt_lines, negative_lines, in_negative = [], [], False
+    for line in head:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            in_negative = True
+            line = line[len("Negative prompt:") :].strip()
+        (negative_lines if in_negative else prompt_lines).append(line)
+    result = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
+    for key, value in FIELD.findall(last):
+        result[key.strip()] = _unquote(value.strip())
+    return result
+
+
+def web_ui_parameters(text: str) -> dict[str, str]:
+    """An infotext read into the web UI's keys: "Prompt", "Negative prompt", then its fields, a `WxH` value split
+    into "<key>-1" and "<key>-2" (as "Size-1", "Size-2")."""
+    fields = parse_parameters(text)
+    out = {"Prompt": fields.pop("prompt"), "Negative prompt": fields.pop("negative_prompt")}
+    for key, value in fields.items():
+        if m := re.fullmatch(r"(\d+)x(\d+)", value):
+            out[f"{key}-1"], out[f"{key}-2"] = m.groups()
+        else:
+            out[key] = value
+    return out
+
 
 FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Eta": ("eta", float),
           "Eta DDIM": ("eta", float), "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),

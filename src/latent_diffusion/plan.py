@@ -16,7 +16,8 @@ import torch
 
 from . import vae_tiling
 from .embeddings import Embedding
-from .images import lora_hash, model_hash, parameters_text
+from .files import lora_hash, model_hash
+from .infotext import parameters_text
 from .latent_diffusion import LatentDiffusion
 from .pipeline import Pipeline
 from .prompts import Chunk, LoraTag, chunk_prompt, extract_lora_tags

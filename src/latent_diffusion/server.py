@@ -32,9 +32,9 @@ from starlette.concurrency import run_in_threadpool
 
 from . import vae_tiling, web_ui_api
 from .checkpoint import CheckpointError
-from .files import claim_numbered
+from .files import claim_numbered, model_hash
 from .http_edge import ERROR_HANDLERS, LimitsMiddleware, NotFound, SafeJSON
-from .images import as_mode, from_pil, model_hash, open_image, save_png, to_pil
+from .images import as_mode, from_pil, open_image, save_png, to_pil
 from .job_queue import Job, Load, Task, Worker
 from .latent_diffusion import LatentDiffusion
 from .masking import img2img_inputs, scaled_size

@@ -9,14 +9,14 @@ from __future__ import annotations
 import base64
 import io
 import json
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from .images import RASTER_FORMATS, parse_parameters
+from .images import RASTER_FORMATS
+from .infotext import web_ui_parameters
 from .job_queue import Job
 from .request import MAX_SIDE, GenerationRequest, RequestError
 from .samplers import SAMPLERS, Sampler, find_sampler
@@ -136,19 +136,6 @@ def decode_image(data: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):  # ValueError: a text
         # chunk that decompresses beyond Pillow's limit
         raise RequestError("image: not a base64-encoded image of a size this server reads") from None
-
-
-def web_ui_parameters(text: str) -> dict[str, str]:
-    """An infotext read into the web UI's keys: "Prompt", "Negative prompt", then its fields, a `WxH` value split
-    into "<key>-1" and "<key>-2" (as "Size-1", "Size-2")."""
-    fields = parse_parameters(text)
-    out = {"Prompt": fields.pop("prompt"), "Negative prompt": fields.pop("negative_prompt")}
-    for key, value in fields.items():
-        if m := re.fullmatch(r"(\d+)x(\d+)", value):
-            out[f"{key}-1"], out[f"{key}-2"] = m.groups()
-        else:
-            out[key] = value
-    return out
 
 
 def png_base64(image: Image.Image, parameters: str) -> str:
