@@ -24,6 +24,7 @@ class Family:
     text_kind: str  # the TextEncoderConfig.kind of its conditioner ("sgm": generative-models' conditioner)
     text_prefix: str  # where its conditioner's weights live in a checkpoint
     marker: str  # a key that only this family's checkpoints hold
+    context_dim: int  # the width of the text its U-Net attends to (a LoRA's cross-attention keys tell its family)
     default_size: int = 512  # image side in pixels, for width and height when a request leaves them out
     default_cfg_scale: float = 7.5
     vae_overflows_in_float16: bool = False  # decode in float32 even when the model runs in float16 (SDXL's VAE)
@@ -35,6 +36,7 @@ SD1 = Family(
     text_kind="clip",
     text_prefix="cond_stage_model.transformer.text_model.",
     marker="cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    context_dim=768,
 )
 SD2 = Family(
     name="sd2",
@@ -42,6 +44,7 @@ SD2 = Family(
     text_kind="openclip",
     text_prefix="cond_stage_model.model.",
     marker="cond_stage_model.model.token_embedding.weight",
+    context_dim=1024,
 )
 # generative-models' layout: `conditioner.embedders.N`, base: CLIP ViT-L (0), OpenCLIP ViT-bigG (1), sizes, crop;
 # refiner: ViT-bigG (0), size, crop, aesthetic score. Defaults of diffusers' StableDiffusionXLPipeline.
@@ -51,6 +54,7 @@ SDXL = Family(
     text_kind="sgm",
     text_prefix="conditioner.embedders.",
     marker="conditioner.embedders.1.model.token_embedding.weight",
+    context_dim=768 + 1280,
     default_size=1024,
     default_cfg_scale=5.0,
     vae_overflows_in_float16=True,
@@ -61,6 +65,7 @@ SDXL_REFINER = Family(
     text_kind="sgm",
     text_prefix="conditioner.embedders.",
     marker="conditioner.embedders.0.model.token_embedding.weight",
+    context_dim=1280,
     default_size=1024,
     default_cfg_scale=5.0,
     vae_overflows_in_float16=True,

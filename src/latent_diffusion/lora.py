@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .family import UNET
+from .family import FAMILIES, UNET
 from .weights_reader import CheckpointError, read_state_dict
 
 if TYPE_CHECKING:
@@ -301,10 +301,6 @@ class AppliedLoRA:
     warnings: list[str]  # for people: layers that matched nothing, keys of kinds not merged
 
 
-# The width of the text context each family's cross-attention reads (and of its text encoder, SD 1.x and 2.x).
-CONTEXT_WIDTHS = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
-
-
 def apply_lora(
     model: LatentDiffusion, lora: LoRA, weight: float = 1.0, *, te_weight: float | None = None
 ) -> AppliedLoRA:
@@ -363,7 +359,8 @@ def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple
     family = model.cfg.family.title
     if misfits:
         widths = (v.down.shape[1] for k, v in lora.layers.items() if k.endswith(("attn2.to_k", "attn2_to_k", "q_proj")))
-        made_for = CONTEXT_WIDTHS.get(next(widths, None), family)
+        width = next(widths, None)
+        made_for = next((f.title for f in FAMILIES if f.context_dim == width), family)
         made_for = "another model" if made_for == family else made_for
         raise LoRAError(
             f"{lora.source}: made for {made_for}, not this {family} model: "
