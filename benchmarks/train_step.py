@@ -101,7 +101,8 @@ def one_side(which: str, latent: int, batch: int, precision: str, iters: int, op
 def tiny_throughput(cache: bool, steps: int) -> float:
     """Steady-state samples/s: the time of a 2N-step run minus that of an N-step run (set-up and the cache
     building cancel out)."""
-    from latent_diffusion.train import TrainConfig, train
+    from latent_diffusion.train import train
+    from latent_diffusion.train_config import TrainConfig
 
     def run(n: int) -> float:
         with tempfile.TemporaryDirectory() as out:

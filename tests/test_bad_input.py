@@ -165,7 +165,8 @@ FAST = dict(image_size=32, shapes_count=32, batch_size=4, lr=1e-3, warmup=5, log
 
 
 def test_a_second_run_in_one_outdir_is_refused_naming_the_first(tmp_path):
-    from latent_diffusion.train import TrainConfig, train
+    from latent_diffusion.train import train
+    from latent_diffusion.train_config import TrainConfig
     from latent_diffusion.training import TrainError, lock_outdir
 
     holder = lock_outdir(tmp_path)  # as a running training process holds it
@@ -177,7 +178,8 @@ def test_a_second_run_in_one_outdir_is_refused_naming_the_first(tmp_path):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    from latent_diffusion.train import TrainConfig, train
+    from latent_diffusion.train import train
+    from latent_diffusion.train_config import TrainConfig
 
     out = tmp_path_factory.mktemp("straight")
     train(TrainConfig(outdir=str(out), steps=6, save_every=2, **FAST))
@@ -188,7 +190,8 @@ def straight_run(tmp_path_factory):
 def test_resume_skips_a_damaged_checkpoint(tmp_path, straight_run, damage, capsys):
     """The newest checkpoint is damaged: resume takes the one before it, says so, and the run still ends with the
     weights of the straight run; log.csv holds each step once."""
-    from latent_diffusion.train import TrainConfig, train
+    from latent_diffusion.train import train
+    from latent_diffusion.train_config import TrainConfig
 
     train(TrainConfig(outdir=str(tmp_path), steps=4, save_every=2, **FAST))
     newest = tmp_path / "checkpoints" / "step-0000004"
@@ -207,7 +210,8 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, straight_run, damage, capsy
 
 
 def test_resume_with_no_checkpoint_that_verifies_is_refused(tmp_path):
-    from latent_diffusion.train import TrainConfig, train
+    from latent_diffusion.train import train
+    from latent_diffusion.train_config import TrainConfig
     from latent_diffusion.training import TrainError
 
     train(TrainConfig(outdir=str(tmp_path), steps=2, save_every=2, **FAST))

@@ -508,7 +508,9 @@ def test_fine_tuning_feeds_each_images_size_and_crop(tmp_path, xl_models):
 
     from latent_diffusion import load_model, save_model
     from latent_diffusion.data import ImageCaptionFolder
-    from latent_diffusion.train import Run, TrainConfig, build_cache, make_batch, train
+    from latent_diffusion.train import build_cache, train
+    from latent_diffusion.train_config import TrainConfig
+    from latent_diffusion.train_step import Run, make_batch
 
     model = xl_models["sdxl"]
     save_model(model, tmp_path / "xl.safetensors")

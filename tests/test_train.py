@@ -21,15 +21,10 @@ from latent_diffusion.cli import main
 from latent_diffusion.data import HELD_OUT_PAIRS, ImageCaptionFolder, ShapesDataset
 from latent_diffusion.devices import has_native_bfloat16
 from latent_diffusion.parameterization import min_snr_weight
-from latent_diffusion.train import (
-    Batch,
-    TrainConfig,
-    diffusion_loss,
-    ema_update,
-    global_batch_indices,
-    run_fingerprint,
-    train,
-)
+from latent_diffusion.train import ema_update, train
+from latent_diffusion.train_checkpoints import run_fingerprint
+from latent_diffusion.train_config import TrainConfig
+from latent_diffusion.train_step import Batch, diffusion_loss, global_batch_indices
 from latent_diffusion.training import TrainError, resolve_precision
 
 from test_reference import diffusers_unet

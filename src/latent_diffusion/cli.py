@@ -35,8 +35,9 @@ from .latent_diffusion import LatentDiffusion
 from .lora import find_loras
 from .pipeline import Pipeline, load_pipeline
 from .request import GenerationRequest
-from .train import TrainConfig, train
+from .train import train
 from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
+from .train_config import TrainConfig
 from .training import TrainError, TrainingDiverged
 
 

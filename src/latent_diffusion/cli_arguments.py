@@ -13,8 +13,8 @@ from .data import EVAL_FORMS
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
 from .schedulers import SCHEDULERS
-from .train import TrainConfig
 from .train_autoencoder import AutoencoderTrainConfig
+from .train_config import TrainConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")

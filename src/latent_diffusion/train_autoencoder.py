@@ -26,6 +26,7 @@ from .devices import resolve_device
 from .family import VAE
 from .files import atomic_write, writable_folder
 from .training import (
+    RunConfig,
     TrainError,
     TrainingDiverged,
     build_dataset,
@@ -37,29 +38,15 @@ from .training import (
 
 
 @dataclass
-class AutoencoderTrainConfig:
-    outdir: str
-    data: str | None = None  # an image folder; None: the built-in shapes set
-    shapes_count: int = 2000
-    image_size: int = 64
-    preset: str = "tiny"  # whose autoencoder architecture to train
-    steps: int = 1000
-    batch_size: int = 8
+class AutoencoderTrainConfig(RunConfig):
     lr: float = 1e-3
     warmup: int = 50
-    lr_schedule: str = "constant"  # or "cosine"
-    precision: str = "fp32"  # or "bf16" (autocast: about twice as fast on CPUs with AVX-512 BF16, many times
-    # slower where bf16 is emulated), or "auto" (bf16 where native, else fp32)
+    caption_default: str | None = "-"  # stage 1 needs no captions
     loss: str = "l1"  # or "l2"
     kl_weight: float = 1e-6
     disc_start: int = -1  # step from which the patch-GAN loss is on (-1: never)
     disc_weight: float = 0.5
     holdout: float = 0.05  # share of images kept out of training for the PSNR
-    seed: int = 0
-    caption_default: str | None = "-"  # stage 1 needs no captions
-    flip: bool = False
-    quiet: bool = False
-    device: str = "auto"
 
 
 class PatchDiscriminator(nn.Sequential):
