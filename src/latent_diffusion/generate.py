@@ -182,26 +182,13 @@ def scheduled_denoiser(
     variants chunked again without them, for a refiner, whose text encoder they were not made for).
     -> (denoiser, prompt warnings)."""
     r, notes = plan.request, []
-    options = dict(clip_skip=r.clip_skip, size=(r.height, r.width), joint=True)
-
-    def encoded(texts: list[str], table: dict[str, ParsedPrompt], negative: bool) -> list[tuple[list, dict]]:
-        """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)})."""
-        found = {}
-        for text in dict.fromkeys(texts):
-            parsed = table[text]
-            variants = list(parsed.chunks)  # each distinct variant, in the schedule's order
-            if own_chunks:
-                chunked, empty = [parsed.chunks[v] for v in variants], [v == "" for v in variants]
-                cond, more = encode_chunked(model, chunked, empty=empty, negative=negative, **options)
-            else:
-                cond, more = encode_prompts(model, variants, syntax=r.prompt_syntax, negative=negative, **options)
-            notes.extend(n for n in more if n not in notes)
-            rows = {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)}
-            found[text] = (parsed.schedule, rows)
-        return [found[text] for text in texts]
-
-    prompts = encoded([r.prompts[i] for i in batch], plan.prompts, False)  # (their tags' LoRAs are merged)
-    negatives = encoded([r.negative_prompts[i] for i in batch], plan.negatives, True) if r.cfg_scale != 1 else []
+    texts = [r.prompts[i] for i in batch]
+    prompts = encoded_variants(model, plan, texts, plan.prompts, False, own_chunks, notes)  # (tags' LoRAs merged)
+    if r.cfg_scale != 1:
+        texts = [r.negative_prompts[i] for i in batch]
+        negatives = encoded_variants(model, plan, texts, plan.negatives, True, own_chunks, notes)
+    else:
+        negatives = []
     ends = sorted({end for schedule, _ in (*prompts, *negatives) for end, _ in schedule})
 
     def at(end: int, texts: list[tuple[list, dict]]) -> dict[str, torch.Tensor]:
@@ -229,6 +216,33 @@ def scheduled_denoiser(
         return denoisers[next((end for end in ends if k <= end), ends[-1])](x, sigma)
 
     return denoiser, notes
+
+
+def encoded_variants(
+    model: LatentDiffusion,
+    plan: Plan,
+    texts: list[str],
+    table: dict[str, ParsedPrompt],
+    negative: bool,
+    own_chunks: bool,
+    notes: list[str],
+) -> list[tuple[list, dict]]:
+    """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)}); the encoders' warnings are
+    added to `notes`. The variants of one text are encoded together, as the web UI encodes them."""
+    r, found = plan.request, {}
+    options = dict(clip_skip=r.clip_skip, size=(r.height, r.width), joint=True, negative=negative)
+    for text in dict.fromkeys(texts):
+        parsed = table[text]
+        variants = list(parsed.chunks)  # each distinct variant, in the schedule's order
+        if own_chunks:
+            chunked, empty = [parsed.chunks[v] for v in variants], [v == "" for v in variants]
+            cond, more = encode_chunked(model, chunked, empty=empty, **options)
+        else:
+            cond, more = encode_prompts(model, variants, syntax=r.prompt_syntax, **options)
+        notes.extend(n for n in more if n not in notes)
+        rows = {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)}
+        found[text] = (parsed.schedule, rows)
+    return [found[text] for text in texts]
 
 
 def padded_cat(rows: list[torch.Tensor]) -> torch.Tensor:
