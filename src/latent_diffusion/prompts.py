@@ -179,9 +179,26 @@ class _Invalid(Exception):
     """The text is not in the grammar above."""
 
 
+# The parse tree: a prompt is a list of parts; a part is text, a list of parts (a bracketed group, its brackets kept
+# as text), an Edit or an Alternation.
+@dataclass(frozen=True)
+class Edit:
+    """`[before:after:when]`: `before` up to step `when`, `after` from the step after it."""
+
+    before: list
+    after: list
+    when: str  # NUMBER as written: with a point, a fraction of the steps (`_when`)
+
+
+@dataclass(frozen=True)
+class Alternation:
+    """`[a|b|c]`: the options in turn, one per step."""
+
+    options: list[list]
+
+
 def _prompt(text: str, i: int) -> tuple[list, int]:
-    """Parse a `prompt` at text[i:] -> (its parts, where it stops: at `:`, `|`, `]`, `)` or the end). Parts: str,
-    lists of parts, ("edit", before, after, NUMBER's text) and ("alternate", [options])."""
+    """Parse a `prompt` at text[i:] -> (its parts, where it stops: at `:`, `|`, `]`, `)` or the end)."""
     parts: list = []
     while i < len(text) and text[i] not in ":|])":
         if text[i] in "([":
@@ -218,13 +235,13 @@ def _square(text: str, i: int) -> tuple[object, int]:
             option, i = _prompt(text, i + 1)
             options.append(option)
         if i < len(text) and text[i] == "]":
-            return ("alternate", options), i + 1
+            return Alternation(options), i + 1
     elif end == ":":
         if m := NUMBER.match(text, i + 1):  # [to:when]
-            return ("edit", [], first, m.group(1)), m.end()
+            return Edit([], first, m.group(1)), m.end()
         second, i = _prompt(text, i + 1)
         if i < len(text) and text[i] == ":" and (m := NUMBER.match(text, i + 1)):
-            return ("edit", first, second, m.group(1)), m.end()
+            return Edit(first, second, m.group(1)), m.end()
     raise _Invalid
 
 
@@ -264,11 +281,11 @@ def _steps_of(tree, steps: int) -> set[int]:
     """The steps after which some part of `tree` changes."""
     found = set()
     for part in tree:
-        if isinstance(part, tuple) and part[0] == "edit":
-            found |= {_when(part[3], steps)} | _steps_of(part[1], steps) | _steps_of(part[2], steps)
-        elif isinstance(part, tuple):
+        if isinstance(part, Edit):
+            found |= {_when(part.when, steps)} | _steps_of(part.before, steps) | _steps_of(part.after, steps)
+        elif isinstance(part, Alternation):
             found |= set(range(1, steps + 1))
-            for option in part[1]:
+            for option in part.options:
                 found |= _steps_of(option, steps)
         elif isinstance(part, list):
             found |= _steps_of(part, steps)
@@ -282,10 +299,10 @@ def _at_step(tree, step: int, steps: int) -> str:
             out.append(part)
         elif isinstance(part, list):
             out.append(_at_step(part, step, steps))
-        elif part[0] == "edit":
-            out.append(_at_step(part[1] if step <= _when(part[3], steps) else part[2], step, steps))
+        elif isinstance(part, Edit):
+            out.append(_at_step(part.before if step <= _when(part.when, steps) else part.after, step, steps))
         else:
-            out.append(_at_step(part[1][(step - 1) % len(part[1])], step, steps))
+            out.append(_at_step(part.options[(step - 1) % len(part.options)], step, steps))
     return "".join(out)
 
 
