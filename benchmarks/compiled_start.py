@@ -35,8 +35,8 @@ start = time.perf_counter()
 import torch
 import latent_diffusion as ld
 from latent_diffusion.cli import BUILTIN_MODEL
-from latent_diffusion.generate import generate
-from latent_diffusion.request import GenerationRequest
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.request import GenerationRequest
 ckpt, device, dtype, size, steps = sys.argv[1], sys.argv[2], getattr(torch, sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 artifact = sys.argv[6]  # '-': torch.compile and the inductor cache; else the path of an aot_compile artifact
 profile = sys.argv[7] == '1'  # cProfile the first request: where step 1's seconds go outside dynamo's own account
@@ -52,7 +52,7 @@ stamps.append(('load_model', time.perf_counter()))
 request = GenerationRequest(['a red cube'], [1], width=size, height=size, steps=steps, compile=artifact == '-')
 if artifact != '-':
     import dataclasses, os
-    from latent_diffusion.compiling import compile_mode
+    from latent_diffusion.pipeline.compiling import compile_mode
     unet = model.unet
     if hasattr(torch._dynamo.config, 'enable_aot_compile'):  # off by default before torch 2.12
         torch._dynamo.config.enable_aot_compile = True

@@ -24,7 +24,7 @@ import torch
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 PROBE = """
-import sys, time, torch, latent_diffusion as ld, latent_diffusion.checkpoint as ck
+import sys, time, torch, latent_diffusion as ld, latent_diffusion.weights.checkpoint as ck
 kb = lambda field: int(next(l for l in open('/proc/self/status') if l.startswith(field + ':')).split()[1])
 device = sys.argv[4]
 if device == 'cuda':

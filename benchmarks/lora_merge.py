@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from latent_diffusion import LatentDiffusion, preset
-from latent_diffusion.lora import apply_lora, module_table, read_lora, remove_lora
+from latent_diffusion.weights.lora import apply_lora, module_table, read_lora, remove_lora
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 # The layers kohya-ss's LoRA (not LoCon) trains, by the end of their kohya name.

@@ -27,11 +27,11 @@ from pathlib import Path
 import torch
 
 from latent_diffusion import LatentDiffusion, load_model, preset
-from latent_diffusion.checkpoint import BUILTIN_MODEL
 from latent_diffusion.cli import DEMO_PROMPTS
 from latent_diffusion.devices import has_native_bfloat16
-from latent_diffusion.generate import generate
-from latent_diffusion.request import GenerationRequest
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.weights.checkpoint import BUILTIN_MODEL
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 from txt2img import diffusers_pipeline
 

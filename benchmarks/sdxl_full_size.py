@@ -50,8 +50,8 @@ def write(work: Path) -> None:
     from transformers import CLIPTokenizer as HFTokenizer
 
     from latent_diffusion import LatentDiffusion, preset, save_model
-    from latent_diffusion.ldm_yaml import to_ldm_config
-    from latent_diffusion.tokenizer import CLIPTokenizer
+    from latent_diffusion.models.tokenizer import CLIPTokenizer
+    from latent_diffusion.models.yaml_config import to_ldm_config
 
     start = time.perf_counter()
     cfg = preset("sdxl-base")
@@ -109,8 +109,8 @@ def write(work: Path) -> None:
 def ours_bf16(work: Path, size: int = 64) -> None:
     """The same file loaded as bfloat16 and generating a small image (this CPU emulates bfloat16: slow)."""
     from latent_diffusion import load_model
-    from latent_diffusion.generate import generate
-    from latent_diffusion.request import GenerationRequest
+    from latent_diffusion.pipeline.generate import generate
+    from latent_diffusion.pipeline.request import GenerationRequest
 
     start = time.perf_counter()
     model = load_model(work / "sdxl_random.safetensors", dtype=torch.bfloat16)
@@ -127,10 +127,10 @@ def ours_bf16(work: Path, size: int = 64) -> None:
 @torch.no_grad()
 def ours(work: Path) -> None:
     from latent_diffusion import load_model, preset
-    from latent_diffusion.checkpoint import infer_config, read_state_dict
-    from latent_diffusion.generate import generate
-    from latent_diffusion.prompt_encoding import encode_prompts
-    from latent_diffusion.request import GenerationRequest
+    from latent_diffusion.pipeline.generate import generate
+    from latent_diffusion.pipeline.request import GenerationRequest
+    from latent_diffusion.prompts.encoding import encode_prompts
+    from latent_diffusion.weights.checkpoint import infer_config, read_state_dict
 
     path = work / "sdxl_random.safetensors"
     inferred = infer_config(read_state_dict(path)[0])  # the keys alone, without our config metadata

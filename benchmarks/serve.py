@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from latent_diffusion import LatentDiffusion, load_model, preset
-from latent_diffusion.checkpoint import BUILTIN_MODEL
-from latent_diffusion.http_edge import serving
-from latent_diffusion.server import ServerLimits, create_app
+from latent_diffusion.serving.http_edge import serving
+from latent_diffusion.serving.server import ServerLimits, create_app
+from latent_diffusion.weights.checkpoint import BUILTIN_MODEL
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 

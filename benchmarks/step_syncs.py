@@ -19,8 +19,8 @@ import torch
 import latent_diffusion
 from latent_diffusion import load_model
 from latent_diffusion.cli import BUILTIN_MODEL
-from latent_diffusion.generate import generate
-from latent_diffusion.request import GenerationRequest
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.request import GenerationRequest
 
 PACKAGE = str(Path(latent_diffusion.__file__).parent)
 

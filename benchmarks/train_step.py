@@ -37,8 +37,8 @@ def one_side(which: str, latent: int, batch: int, precision: str, iters: int, op
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 
     from latent_diffusion import preset
-    from latent_diffusion.ldm_yaml import to_ldm_config
-    from latent_diffusion.unet import UNetModel
+    from latent_diffusion.models.unet import UNetModel
+    from latent_diffusion.models.yaml_config import to_ldm_config
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -101,8 +101,8 @@ def one_side(which: str, latent: int, batch: int, precision: str, iters: int, op
 def tiny_throughput(cache: bool, steps: int) -> float:
     """Steady-state samples/s: the time of a 2N-step run minus that of an N-step run (set-up and the cache
     building cancel out)."""
-    from latent_diffusion.train import train
-    from latent_diffusion.train_config import TrainConfig
+    from latent_diffusion.training.config import TrainConfig
+    from latent_diffusion.training.diffusion import train
 
     def run(n: int) -> float:
         with tempfile.TemporaryDirectory() as out:

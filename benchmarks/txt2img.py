@@ -32,11 +32,11 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from latent_diffusion import LatentDiffusion, preset
-from latent_diffusion.compiling import compile_mode
-from latent_diffusion.generate import generate
-from latent_diffusion.ldm_yaml import to_ldm_config
-from latent_diffusion.request import GenerationRequest
-from latent_diffusion.tokenizer import clip_tokenizer
+from latent_diffusion.models.tokenizer import clip_tokenizer
+from latent_diffusion.models.yaml_config import to_ldm_config
+from latent_diffusion.pipeline.compiling import compile_mode
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.request import GenerationRequest
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 

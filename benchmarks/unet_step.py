@@ -29,10 +29,10 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from latent_diffusion import LatentDiffusionConfig, preset
-from latent_diffusion.compiling import compile_mode
-from latent_diffusion.latent_diffusion import micro_conditioning
-from latent_diffusion.ldm_yaml import to_ldm_config
-from latent_diffusion.unet import UNetModel, timestep_embedding
+from latent_diffusion.models.ldm import micro_conditioning
+from latent_diffusion.models.unet import UNetModel, timestep_embedding
+from latent_diffusion.models.yaml_config import to_ldm_config
+from latent_diffusion.pipeline.compiling import compile_mode
 from machine import machine  # benchmarks/machine.py: run as a script, this folder is on sys.path
 
 # Kernel (GPU) or operator (CPU) names by what they compute, first match wins: inductor names its fused Triton

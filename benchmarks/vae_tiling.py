@@ -29,7 +29,7 @@ def peak_resident() -> int:
 
 def run_one(variant: str, size: int) -> dict:
     from latent_diffusion import preset
-    from latent_diffusion.autoencoder import AutoencoderKL as Ours
+    from latent_diffusion.models.autoencoder import AutoencoderKL as Ours
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
@@ -44,7 +44,7 @@ def run_one(variant: str, size: int) -> dict:
         from diffusers import AutoencoderKL
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
 
-        from latent_diffusion.ldm_yaml import to_ldm_config
+        from latent_diffusion.models.yaml_config import to_ldm_config
 
         sd = {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
         theirs_cfg = create_vae_diffusers_config_from_ldm({"model": to_ldm_config(cfg)}, sd)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig, preset, save_model
-from latent_diffusion.config import SDXL_MICRO, SDXL_REFINER_MICRO
+from latent_diffusion.models.config import SDXL_MICRO, SDXL_REFINER_MICRO
 
 
 def tiny_config(variant: str) -> LatentDiffusionConfig:
@@ -74,6 +74,6 @@ def ckpt(tmp_path_factory, tiny_models):
 @pytest.fixture(scope="session")
 def serve():
     """serve(app): a context manager running a real uvicorn server for `app` -> its base URL."""
-    from latent_diffusion.http_edge import serving
+    from latent_diffusion.serving.http_edge import serving
 
     return serving

@@ -15,8 +15,8 @@ from PIL import Image
 
 from latent_diffusion import load_model, save_model
 from latent_diffusion.cli import main
-from latent_diffusion.images import load_image
-from latent_diffusion.infotext import parse_parameters
+from latent_diffusion.pipeline.images import load_image
+from latent_diffusion.pipeline.infotext import parse_parameters
 
 
 def ldm(*args) -> list[str]:
@@ -165,9 +165,9 @@ FAST = dict(image_size=32, shapes_count=32, batch_size=4, lr=1e-3, warmup=5, log
 
 
 def test_a_second_run_in_one_outdir_is_refused_naming_the_first(tmp_path):
-    from latent_diffusion.train import train
-    from latent_diffusion.train_config import TrainConfig
-    from latent_diffusion.training import TrainError, lock_outdir
+    from latent_diffusion.training.common import TrainError, lock_outdir
+    from latent_diffusion.training.config import TrainConfig
+    from latent_diffusion.training.diffusion import train
 
     holder = lock_outdir(tmp_path)  # as a running training process holds it
     with pytest.raises(TrainError, match=f"in use by another training run \\(process {os.getpid()}\\)"):
@@ -178,8 +178,8 @@ def test_a_second_run_in_one_outdir_is_refused_naming_the_first(tmp_path):
 
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):
-    from latent_diffusion.train import train
-    from latent_diffusion.train_config import TrainConfig
+    from latent_diffusion.training.config import TrainConfig
+    from latent_diffusion.training.diffusion import train
 
     out = tmp_path_factory.mktemp("straight")
     train(TrainConfig(outdir=str(out), steps=6, save_every=2, **FAST))
@@ -190,8 +190,8 @@ def straight_run(tmp_path_factory):
 def test_resume_skips_a_damaged_checkpoint(tmp_path, straight_run, damage, capsys):
     """The newest checkpoint is damaged: resume takes the one before it, says so, and the run still ends with the
     weights of the straight run; log.csv holds each step once."""
-    from latent_diffusion.train import train
-    from latent_diffusion.train_config import TrainConfig
+    from latent_diffusion.training.config import TrainConfig
+    from latent_diffusion.training.diffusion import train
 
     train(TrainConfig(outdir=str(tmp_path), steps=4, save_every=2, **FAST))
     newest = tmp_path / "checkpoints" / "step-0000004"
@@ -210,9 +210,9 @@ def test_resume_skips_a_damaged_checkpoint(tmp_path, straight_run, damage, capsy
 
 
 def test_resume_with_no_checkpoint_that_verifies_is_refused(tmp_path):
-    from latent_diffusion.train import train
-    from latent_diffusion.train_config import TrainConfig
-    from latent_diffusion.training import TrainError
+    from latent_diffusion.training.common import TrainError
+    from latent_diffusion.training.config import TrainConfig
+    from latent_diffusion.training.diffusion import train
 
     train(TrainConfig(outdir=str(tmp_path), steps=2, save_every=2, **FAST))
     (tmp_path / "checkpoints" / "step-0000002" / "state.pt").write_bytes(b"")
@@ -243,7 +243,7 @@ def test_non_finite_training_flags_are_refused(tmp_path, capsys, argv, message):
 
 
 def test_a_batch_that_cannot_fit_in_memory_is_refused_before_any_work(tmp_path, ckpt, monkeypatch, capsys):
-    import latent_diffusion.plan as plan
+    import latent_diffusion.pipeline.plan as plan
 
     monkeypatch.setattr(plan, "available_memory", lambda device: 10 * 2**20)  # a device with 10 MiB free
     out = tmp_path / "out"
@@ -328,7 +328,7 @@ def test_a_float16_decode_that_overflows_is_done_again_in_float32(tiny_models):
     decode is redone in float32 and matches the float32 model's (to float16's rounding of the weights)."""
     import copy
 
-    from latent_diffusion.generate import decode
+    from latent_diffusion.pipeline.generate import decode
 
     model = copy.deepcopy(tiny_models["sd1"])
     with torch.no_grad():

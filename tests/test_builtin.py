@@ -6,13 +6,13 @@ import math
 from PIL import Image
 
 from latent_diffusion import load_model
-from latent_diffusion.checkpoint import BUILTIN_MODEL
 from latent_diffusion.cli import main
-from latent_diffusion.data import HELD_OUT_PAIRS, ShapesDataset
-from latent_diffusion.evaluate import score
-from latent_diffusion.generate import generate
-from latent_diffusion.infotext import parse_parameters
-from latent_diffusion.request import GenerationRequest
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.infotext import parse_parameters
+from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.training.data import HELD_OUT_PAIRS, ShapesDataset
+from latent_diffusion.training.evaluate import score
+from latent_diffusion.weights.checkpoint import BUILTIN_MODEL
 
 # The bar on seen (colour, shape) pairs, which BENCHMARKS.md measures on 200 + 200 images. A batch of
 # n = 32 is held to the bar's lower edge: the bar minus 1.645 binomial standard errors (one-sided 95 %), so a

@@ -15,11 +15,11 @@ import yaml
 from safetensors.torch import save_file
 
 from latent_diffusion import CheckpointError, LatentDiffusion, load_model, preset, save_model
-from latent_diffusion.checkpoint import ema_key, infer_config
-from latent_diffusion.generate import generate
-from latent_diffusion.ldm_yaml import to_ldm_config
-from latent_diffusion.prompt_encoding import encode_prompts
-from latent_diffusion.request import GenerationRequest
+from latent_diffusion.models.yaml_config import to_ldm_config
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.prompts.encoding import encode_prompts
+from latent_diffusion.weights.checkpoint import ema_key, infer_config
 
 from conftest import randomize, tiny_config
 
@@ -260,7 +260,7 @@ def test_a_first_load_builds_no_initialisers_and_imports_no_compiler():
     load, nn.init is whole again."""
     probe = (
         "import sys, torch, latent_diffusion as ld\n"
-        "from latent_diffusion.checkpoint import BUILTIN_MODEL\n"
+        "from latent_diffusion.weights.checkpoint import BUILTIN_MODEL\n"
         "normal = torch.nn.init.normal_\n"
         "m = ld.load_model(BUILTIN_MODEL)\n"
         "assert torch.nn.init.normal_ is normal and m.alphas_cumprod.device.type == 'cpu'\n"

@@ -10,7 +10,7 @@ from PIL import Image
 from latent_diffusion import load_model, save_model
 from latent_diffusion.cli import main
 from latent_diffusion.files import model_hash
-from latent_diffusion.infotext import parameters_text, parse_parameters
+from latent_diffusion.pipeline.infotext import parameters_text, parse_parameters
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_an_infotext_path_that_is_a_folder_or_missing_exits_2(tmp_path, ckpt, ca
 
 
 def test_web_ui_infotexts_map_onto_our_settings():
-    from latent_diffusion.infotext import read_infotext, sampler_from_web_ui, settings_from_infotext
+    from latent_diffusion.pipeline.infotext import read_infotext, sampler_from_web_ui, settings_from_infotext
 
     text = (
         "a (cat:1.2), BREAK sitting\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, "

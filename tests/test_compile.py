@@ -14,11 +14,11 @@ from torch._dynamo.utils import counters
 
 from latent_diffusion import LatentDiffusion, load_model, save_model
 from latent_diffusion.cli import main
-from latent_diffusion.compiling import compile_model, is_compiled
-from latent_diffusion.config import AutoencoderConfig, UNetConfig
-from latent_diffusion.generate import generate
-from latent_diffusion.http_edge import serving
-from latent_diffusion.request import GenerationRequest
+from latent_diffusion.models.config import AutoencoderConfig, UNetConfig
+from latent_diffusion.pipeline.compiling import compile_model, is_compiled
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.serving.http_edge import serving
 from test_server import call, decode
 
 from conftest import randomize, tiny_config
@@ -46,7 +46,7 @@ CHILD = """
 import json, sys, torch
 from torch._dynamo.utils import counters
 from latent_diffusion import load_model
-from latent_diffusion.compiling import compile_model
+from latent_diffusion.pipeline.compiling import compile_model
 model = load_model(sys.argv[1])
 x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.randn(2, 77, 32)
 with torch.no_grad():
@@ -100,7 +100,7 @@ def test_serve_compile_compiles_every_model_it_loads(tmp_path, tiny_models, monk
             answers.append(call(base, "/sdapi/v1/txt2img", body))
             answers.append(call(base, "/sdapi/v1/options", {"sd_model_checkpoint": "b"}))
 
-    monkeypatch.setattr("latent_diffusion.pipeline.compile_model", compile_fast)
+    monkeypatch.setattr("latent_diffusion.pipeline.loading.compile_model", compile_fast)
     monkeypatch.setattr("uvicorn.run", run_in_a_thread)
     args = ["serve", "--ckpt", tmp_path / "a.safetensors", "--models-dir", tmp_path, "--compile", "--device", "cpu"]
     assert main([str(a) for a in args]) == 0

@@ -5,8 +5,8 @@ import torch
 import yaml
 
 from latent_diffusion import PRESETS, LatentDiffusion, from_ldm_config, preset
-from latent_diffusion.config import LatentDiffusionConfig
-from latent_diffusion.ldm_yaml import to_ldm_config
+from latent_diffusion.models.config import LatentDiffusionConfig
+from latent_diffusion.models.yaml_config import to_ldm_config
 
 # configs/stable-diffusion/v1-inference.yaml of CompVis/stable-diffusion (scheduler_config omitted)
 V1_INFERENCE = """

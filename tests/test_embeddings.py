@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from latent_diffusion.embeddings import load_embeddings, read_embedding
-from latent_diffusion.infotext import parse_parameters
-from latent_diffusion.prompt_encoding import encode_prompts
-from latent_diffusion.prompts import CHUNK, chunk_prompt
-from latent_diffusion.tokenizer import clip_tokenizer
+from latent_diffusion.models.tokenizer import clip_tokenizer
+from latent_diffusion.pipeline.infotext import parse_parameters
+from latent_diffusion.prompts.encoding import encode_prompts
+from latent_diffusion.prompts.syntax import CHUNK, chunk_prompt
+from latent_diffusion.weights.embeddings import load_embeddings, read_embedding
 from test_cli import run
 
 

@@ -8,8 +8,17 @@ import torch
 
 from latent_diffusion import save_model
 from latent_diffusion.cli import main
-from latent_diffusion.data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, SHAPES, Shape, ShapesDataset, draw, to_tensor
-from latent_diffusion.evaluate import ATTRIBUTES, LEFT_TO_CHANCE, analyse, score
+from latent_diffusion.training.data import (
+    COLORS,
+    EVAL_FORMS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    Shape,
+    ShapesDataset,
+    draw,
+    to_tensor,
+)
+from latent_diffusion.training.evaluate import ATTRIBUTES, LEFT_TO_CHANCE, analyse, score
 
 
 def test_analyser_reads_ground_truth_images():

@@ -15,8 +15,8 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextModel
 
 from latent_diffusion import LatentDiffusion, preset
-from latent_diffusion.ldm_yaml import to_ldm_config
-from latent_diffusion.text_encoder import TextEncoder
+from latent_diffusion.models.text_encoder import TextEncoder
+from latent_diffusion.models.yaml_config import to_ldm_config
 
 from test_reference import transformers_text_config
 

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from latent_diffusion import CheckpointError, load_model
-from latent_diffusion.checkpoint import read_state_dict
-from latent_diffusion.images import load_image
+from latent_diffusion.pipeline.images import load_image
+from latent_diffusion.weights.checkpoint import read_state_dict
 
 FUZZ = settings(max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

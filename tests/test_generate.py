@@ -13,11 +13,11 @@ from diffusers import (
 )
 
 from latent_diffusion import LatentDiffusion
-from latent_diffusion.denoiser import Denoiser
-from latent_diffusion.generate import NonFiniteError, generate
-from latent_diffusion.pipeline import Pipeline
-from latent_diffusion.plan import resolve
-from latent_diffusion.request import GenerationRequest, RequestError
+from latent_diffusion.pipeline.generate import NonFiniteError, generate
+from latent_diffusion.pipeline.loading import Pipeline
+from latent_diffusion.pipeline.plan import resolve
+from latent_diffusion.pipeline.request import GenerationRequest, RequestError
+from latent_diffusion.sampling.denoiser import Denoiser
 
 from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
 
@@ -284,7 +284,7 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     from safetensors.torch import save_file
 
     from latent_diffusion.files import lora_hash
-    from latent_diffusion.lora import apply_lora, read_lora, remove_lora
+    from latent_diffusion.weights.lora import apply_lora, read_lora, remove_lora
 
     model = tiny_models["sd1"]
     proj_in = model.unet.input_blocks[1][1].proj_in.weight  # (out, in, 1, 1)

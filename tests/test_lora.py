@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from latent_diffusion import LatentDiffusion, load_model, preset, save_model
-from latent_diffusion.lora import LoRAError, apply_lora, module_table, read_lora, remove_lora
+from latent_diffusion.weights.lora import LoRAError, apply_lora, module_table, read_lora, remove_lora
 
 from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
 

@@ -6,7 +6,14 @@ import pytest
 from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 
-from latent_diffusion.masking import blur_mask, fill_masked, img2img_inputs, mask_box, resize_image, widen_box
+from latent_diffusion.serving.img2img_inputs import (
+    blur_mask,
+    fill_masked,
+    img2img_inputs,
+    mask_box,
+    resize_image,
+    widen_box,
+)
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

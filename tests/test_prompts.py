@@ -4,11 +4,11 @@ token, and the weighted, chunked conditioning against transformers' CLIP text mo
 import pytest
 import torch
 
-from latent_diffusion.generate import generate
-from latent_diffusion.prompt_encoding import encode_prompts
-from latent_diffusion.prompts import LoraTag, chunk_prompt, extract_lora_tags, parse_emphasis, prompt_schedule
-from latent_diffusion.request import GenerationRequest
-from latent_diffusion.tokenizer import clip_tokenizer
+from latent_diffusion.models.tokenizer import clip_tokenizer
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.prompts.encoding import encode_prompts
+from latent_diffusion.prompts.syntax import LoraTag, chunk_prompt, extract_lora_tags, parse_emphasis, prompt_schedule
 
 from test_reference import transformers_text_encoder
 
@@ -114,7 +114,7 @@ def test_prompt_and_negative_of_different_lengths_are_not_padded(tiny_models, mo
     """As the web UI by default ("Pad prompt/negative prompt" off, its pad_cond_uncond): the two run as two U-Net
     calls, each on its own encoding (154 and 77 tokens here), and guidance combines them; prompts of equal length
     still run as one batch."""
-    import latent_diffusion.denoiser as d
+    import latent_diffusion.sampling.denoiser as d
 
     model, calls = tiny_models["sd1"], []
     net = model.model.forward
@@ -208,7 +208,7 @@ def test_prompt_editing_survives_brackets_nested_beyond_pythons_recursion_limit(
 def test_prompt_editing_switches_the_conditioning_at_its_step(tiny_models, monkeypatch):
     """[cat:dog:2] over 4 Euler steps: evaluations 0, 1, 2 see "cat" and evaluation 3 sees "dog" (the web UI counts
     evaluations from 0 and switches after the segment's last step); the same text in both segments changes nothing."""
-    import latent_diffusion.generate as g
+    import latent_diffusion.pipeline.generate as g
 
     model, seen = tiny_models["sd1"], []
     real = g.Denoiser.__call__
@@ -227,7 +227,7 @@ def test_prompt_editing_counts_as_the_web_ui_for_second_order_samplers_and_img2i
     """The web UI builds the schedule over the requested steps, doubled for samplers of two evaluations a step
     (Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE), and counts evaluations; img2img keeps the full steps though it runs
     fewer. So [cat:dog:0.5] is half-way through Heun's evaluations, and never reached by img2img at strength 0.5."""
-    import latent_diffusion.generate as g
+    import latent_diffusion.pipeline.generate as g
 
     model, seen = tiny_models["sd1"], []
     real = g.Denoiser.__call__
@@ -263,7 +263,7 @@ def test_the_variants_of_an_edited_prompt_are_encoded_together_as_the_web_ui(tin
     """The web UI encodes a prompt's schedule variants in one batch: the shorter is padded with empty chunks, and
     the emphasis rescaling restores the mean of the whole batch, not of each variant (its "Original" emphasis:
     z·w·mean(z)/mean(z·w) over everything it encodes at once)."""
-    import latent_diffusion.denoiser as d
+    import latent_diffusion.sampling.denoiser as d
 
     model, seen = tiny_models["sd1"], []
     real = d.Denoiser.__init__

@@ -15,8 +15,8 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from latent_diffusion import LatentDiffusion
-from latent_diffusion.config import LatentDiffusionConfig
-from latent_diffusion.ldm_yaml import to_ldm_config
+from latent_diffusion.models.config import LatentDiffusionConfig
+from latent_diffusion.models.yaml_config import to_ldm_config
 
 from conftest import randomize, tiny_config
 

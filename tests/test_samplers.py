@@ -19,11 +19,12 @@ from diffusers.schedulers import (
     scheduling_lcm,
 )
 
-from latent_diffusion import schedule, schedulers
-from latent_diffusion.denoiser import Denoiser
-from latent_diffusion.noise import BrownianNoise
-from latent_diffusion.parameterization import sigma_from_alpha_bar
-from latent_diffusion.samplers import SAMPLERS, get_sampler, lms_coefficients
+from latent_diffusion.sampling import noise_schedule as schedule
+from latent_diffusion.sampling import sigma_schedules as schedulers
+from latent_diffusion.sampling.denoiser import Denoiser
+from latent_diffusion.sampling.noise import BrownianNoise
+from latent_diffusion.sampling.parameterization import sigma_from_alpha_bar
+from latent_diffusion.sampling.samplers import SAMPLERS, get_sampler, lms_coefficients
 
 ALPHA_BAR = schedule.alphas_cumprod(schedule.scaled_linear_betas(0.00085, 0.012, 1000))
 SIGMA_TABLE = sigma_from_alpha_bar(ALPHA_BAR)

@@ -15,12 +15,12 @@ from diffusers.loaders.single_file_utils import (
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from latent_diffusion import LatentDiffusion, from_ldm_config, preset
-from latent_diffusion.config import TextEncoderConfig
-from latent_diffusion.generate import generate
-from latent_diffusion.ldm_yaml import to_ldm_config
-from latent_diffusion.pipeline import Pipeline
-from latent_diffusion.prompt_encoding import encode_prompts
-from latent_diffusion.request import GenerationRequest
+from latent_diffusion.models.config import TextEncoderConfig
+from latent_diffusion.models.yaml_config import to_ldm_config
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.loading import Pipeline
+from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.prompts.encoding import encode_prompts
 
 from conftest import randomize, tiny_config
 from test_full_size import shapes
@@ -356,7 +356,7 @@ def test_command_line_with_refiner_and_separate_vae(tmp_path, xl_models, capsys)
 
     from latent_diffusion import save_model
     from latent_diffusion.cli import main
-    from latent_diffusion.images import from_pil
+    from latent_diffusion.pipeline.images import from_pil
 
     base, refiner = xl_models["sdxl"], xl_models["sdxl-refiner"]
     save_model(base, tmp_path / "base.safetensors")
@@ -408,9 +408,9 @@ def test_sdxl_embedding_gives_each_text_encoder_its_part(tmp_path, xl_models):
     the other, in place of the name's tokens (the pooled output sees them too)."""
     from safetensors.torch import save_file
 
-    from latent_diffusion.embeddings import load_embeddings
-    from latent_diffusion.prompts import chunk_prompt
-    from latent_diffusion.tokenizer import clip_tokenizer
+    from latent_diffusion.models.tokenizer import clip_tokenizer
+    from latent_diffusion.prompts.syntax import chunk_prompt
+    from latent_diffusion.weights.embeddings import load_embeddings
 
     model = xl_models["sdxl"]
     g = torch.Generator().manual_seed(4)
@@ -445,7 +445,7 @@ def test_sdxl_lora_matches_diffusers(xl_models, tmp_path):
     from safetensors.torch import save_file
     from torch import nn
 
-    from latent_diffusion.lora import apply_lora, read_lora, remove_lora
+    from latent_diffusion.weights.lora import apply_lora, read_lora, remove_lora
 
     model = copy.deepcopy(xl_models["sdxl"])
     pipe = xl_pipeline(model)
@@ -507,10 +507,10 @@ def test_fine_tuning_feeds_each_images_size_and_crop(tmp_path, xl_models):
     from PIL import Image
 
     from latent_diffusion import load_model, save_model
-    from latent_diffusion.data import ImageCaptionFolder
-    from latent_diffusion.train import build_cache, train
-    from latent_diffusion.train_config import TrainConfig
-    from latent_diffusion.train_step import Run, make_batch
+    from latent_diffusion.training.config import TrainConfig
+    from latent_diffusion.training.data import ImageCaptionFolder
+    from latent_diffusion.training.diffusion import build_cache, train
+    from latent_diffusion.training.step import Run, make_batch
 
     model = xl_models["sdxl"]
     save_model(model, tmp_path / "xl.safetensors")

@@ -16,10 +16,10 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from latent_diffusion import save_model
-from latent_diffusion.generate import generate
-from latent_diffusion.pipeline import load_pipeline
-from latent_diffusion.request import GenerationRequest
-from latent_diffusion.server import ServerLimits, create_app
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.loading import load_pipeline
+from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.serving.server import ServerLimits, create_app
 
 
 @pytest.fixture(scope="module")
@@ -336,9 +336,9 @@ def test_each_request_is_resolved_once_and_a_merged_batch_once(ckpt, serve, monk
     nothing again."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import latent_diffusion.generate as generating
-    import latent_diffusion.job_queue as job_queue
-    import latent_diffusion.plan as plan
+    import latent_diffusion.pipeline.generate as generating
+    import latent_diffusion.pipeline.plan as plan
+    import latent_diffusion.serving.job_queue as job_queue
 
     resolved, merged, parsed = [], [], []
     real_resolve, real_merge, real_tags = job_queue.resolve, job_queue.merge, plan.extract_lora_tags
@@ -708,7 +708,7 @@ def test_a_request_that_goes_non_finite_in_a_shared_batch_fails_alone(ckpt, serv
     goes to the one that causes it, with its own seeds only."""
     from concurrent.futures import ThreadPoolExecutor
 
-    import latent_diffusion.job_queue as q
+    import latent_diffusion.serving.job_queue as q
 
     real = q.generate_plan
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from latent_diffusion.tokenizer import CLIPTokenizer
+from latent_diffusion.models.tokenizer import CLIPTokenizer
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,17 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from latent_diffusion import LatentDiffusion, load_model, preset, save_model, schedule
+from latent_diffusion import LatentDiffusion, load_model, preset, save_model
 from latent_diffusion.cli import main
-from latent_diffusion.data import HELD_OUT_PAIRS, ImageCaptionFolder, ShapesDataset
 from latent_diffusion.devices import has_native_bfloat16
-from latent_diffusion.parameterization import min_snr_weight
-from latent_diffusion.train import ema_update, train
-from latent_diffusion.train_checkpoints import run_fingerprint
-from latent_diffusion.train_config import TrainConfig
-from latent_diffusion.train_step import Batch, diffusion_loss, global_batch_indices
-from latent_diffusion.training import TrainError, resolve_precision
+from latent_diffusion.sampling import noise_schedule as schedule
+from latent_diffusion.sampling.parameterization import min_snr_weight
+from latent_diffusion.training.checkpoints import run_fingerprint
+from latent_diffusion.training.common import TrainError, resolve_precision
+from latent_diffusion.training.config import TrainConfig
+from latent_diffusion.training.data import HELD_OUT_PAIRS, ImageCaptionFolder, ShapesDataset
+from latent_diffusion.training.diffusion import ema_update, train
+from latent_diffusion.training.step import Batch, diffusion_loss, global_batch_indices
 
 from test_reference import diffusers_unet
 
@@ -137,7 +138,7 @@ def test_min_snr_floor_outside_its_range_is_refused_before_any_work(tmp_path):
 def test_prompt_dropout_rate(tmp_path, monkeypatch):
     """Over many steps, the share of empty prompts the model sees is the configured rate."""
     seen = []
-    import latent_diffusion.train as t
+    import latent_diffusion.training.diffusion as t
 
     real = t.TrainedParts.forward
 
@@ -220,9 +221,9 @@ def test_shapes_are_deterministic_and_captioned():
 def test_only_the_autoencoder_sees_the_held_out_pairs(tmp_path, monkeypatch):
     """The held-out colour-shape pairs test the denoiser's composition of words, so its captions never name them;
     the autoencoder reads no captions and trains on every pair (stage 1 of benchmarks/builtin_model.sh)."""
-    import latent_diffusion.train as stage2
-    import latent_diffusion.train_autoencoder as stage1
-    from latent_diffusion import training
+    import latent_diffusion.training.autoencoder as stage1
+    import latent_diffusion.training.diffusion as stage2
+    from latent_diffusion.training import common as training
 
     seen = {}  # stage -> the (colour, shape) pairs of its data set
 
@@ -350,8 +351,8 @@ def test_sample_images_during_training_and_resume_on_another_process_count(tmp_p
 def test_autoencoder_with_the_patch_gan(tmp_path):
     """The adversarial term enters the loss from disc_start on, as −disc_weight·D(x̂); the discriminator's hinge
     step changes its weights; a run with it writes first_stage_model.* weights."""
-    from latent_diffusion.autoencoder import AutoencoderKL
-    from latent_diffusion.train_autoencoder import (
+    from latent_diffusion.models.autoencoder import AutoencoderKL
+    from latent_diffusion.training.autoencoder import (
         AutoencoderTrainConfig,
         PatchDiscriminator,
         autoencoder_loss,
@@ -419,10 +420,10 @@ def test_precision_auto_is_bf16_only_where_native(tmp_path, monkeypatch, capsys)
     """auto: bf16 on a device with native bfloat16, else fp32, and a run records what it resolved to (so a resume
     elsewhere cannot change it silently); an explicit bf16 without native support runs, with one warning line."""
     cpu = torch.device("cpu")
-    monkeypatch.setattr("latent_diffusion.training.has_native_bfloat16", lambda device: True)
+    monkeypatch.setattr("latent_diffusion.training.common.has_native_bfloat16", lambda device: True)
     assert resolve_precision("auto", cpu) == "bf16" and resolve_precision("bf16", cpu) == "bf16"
     assert capsys.readouterr().err == ""
-    monkeypatch.setattr("latent_diffusion.training.has_native_bfloat16", lambda device: False)
+    monkeypatch.setattr("latent_diffusion.training.common.has_native_bfloat16", lambda device: False)
     assert resolve_precision("auto", cpu) == "fp32" and resolve_precision("fp16", cpu) == "fp16"
     assert capsys.readouterr().err == ""
     assert resolve_precision("bf16", cpu) == "bf16"
@@ -435,7 +436,7 @@ def test_precision_auto_is_bf16_only_where_native(tmp_path, monkeypatch, capsys)
 def test_compiled_training_gives_the_weights_of_eager(tmp_path, monkeypatch):
     """--compile with the text encoder trained: the same weights as eager after 3 steps, and the same keys.
     aot_eager traces the forward and backward graphs that inductor would build kernels for (minutes on 2 cores)."""
-    monkeypatch.setattr("latent_diffusion.train.COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr("latent_diffusion.training.diffusion.COMPILE_BACKEND", "aot_eager")
     common = dict(steps=3, save_every=3, ema_decay=0, train_text_encoder=True, **FAST)
     train(TrainConfig(outdir=str(tmp_path / "eager"), **common))
     train(TrainConfig(outdir=str(tmp_path / "compiled"), compile=True, **common))

@@ -8,12 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import latent_diffusion.plan as plan
-from latent_diffusion import vae_tiling
-from latent_diffusion.generate import generate
-from latent_diffusion.pipeline import Pipeline
-from latent_diffusion.request import GenerationRequest
-from latent_diffusion.vae_tiling import tile_spans, tiled
+import latent_diffusion.pipeline.plan as plan
+from latent_diffusion.models import vae_tiling
+from latent_diffusion.models.vae_tiling import tile_spans, tiled
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.loading import Pipeline
+from latent_diffusion.pipeline.request import GenerationRequest
 
 
 @pytest.mark.parametrize("size,tile,overlap", [(64, 64, 16), (65, 64, 16), (128, 64, 16), (200, 64, 16), (37, 8, 3),

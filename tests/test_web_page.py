@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from latent_diffusion import load_pipeline
-from latent_diffusion.server import create_app
+from latent_diffusion.serving.server import create_app
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 

@@ -1,7 +1,6 @@
 """Latent diffusion (the Stable Diffusion architecture), readable, in the original checkpoint layout."""
 
-from .checkpoint import CheckpointError, load_model, read_state_dict, save_model
-from .config import (
+from .models.config import (
     PRESETS,
     AutoencoderConfig,
     LatentDiffusionConfig,
@@ -9,9 +8,10 @@ from .config import (
     UNetConfig,
     preset,
 )
-from .latent_diffusion import LatentDiffusion
-from .ldm_yaml import from_ldm_config
-from .pipeline import Pipeline, load_pipeline
+from .models.ldm import LatentDiffusion
+from .models.yaml_config import from_ldm_config
+from .pipeline.loading import Pipeline, load_pipeline
+from .weights.checkpoint import CheckpointError, load_model, read_state_dict, save_model
 
 __all__ = [
     "PRESETS",

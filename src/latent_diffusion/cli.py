@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import BUILTIN_MODEL, CheckpointError, load_model
 from .cli_arguments import DTYPES, GENERATION_COMMANDS, UsageError, build_parser
 from .cli_generate import (
     apply_infotext,
@@ -25,20 +24,21 @@ from .cli_generate import (
     prepare_outdir,
     sampler_and_scheduler,
 )
-from .data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
-from .evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
 from .files import atomic_write, remove_empty
-from .generate import NonFiniteError, generate
-from .images import grid, save_png, to_pil
-from .infotext import parameters_text
-from .latent_diffusion import LatentDiffusion
-from .lora import find_loras
-from .pipeline import Pipeline, load_pipeline
-from .request import GenerationRequest
-from .train import train
-from .train_autoencoder import AutoencoderTrainConfig, train_autoencoder
-from .train_config import TrainConfig
-from .training import TrainError, TrainingDiverged
+from .models.ldm import LatentDiffusion
+from .pipeline.generate import NonFiniteError, generate
+from .pipeline.images import grid, save_png, to_pil
+from .pipeline.infotext import parameters_text
+from .pipeline.loading import Pipeline, load_pipeline
+from .pipeline.request import GenerationRequest
+from .training.autoencoder import AutoencoderTrainConfig, train_autoencoder
+from .training.common import TrainError, TrainingDiverged
+from .training.config import TrainConfig
+from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
+from .training.diffusion import train
+from .training.evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
+from .weights.checkpoint import BUILTIN_MODEL, CheckpointError, load_model
+from .weights.lora import find_loras
 
 
 def count(module: torch.nn.Module) -> str:
@@ -141,7 +141,7 @@ def cmd_serve(args) -> None:
     """Load once, then serve until interrupted."""
     import uvicorn
 
-    from .server import checkpoint_files, create_app
+    from .serving.server import checkpoint_files, create_app
 
     limits = server_limits(args)
     if args.api_auth is not None and ":" not in args.api_auth:
@@ -175,7 +175,7 @@ def cmd_serve(args) -> None:
 
 def server_limits(args):
     """`ldm serve`'s limit flags as `ServerLimits`; each must be positive."""
-    from .server import ServerLimits
+    from .serving.server import ServerLimits
 
     limits = ServerLimits(
         max_body=args.max_body_mb * 2**20,

@@ -8,13 +8,13 @@ import dataclasses
 
 import torch
 
-from .checkpoint import BUILTIN_MODEL
-from .data import EVAL_FORMS
-from .samplers import SAMPLERS
-from .schedule import SPACINGS
-from .schedulers import SCHEDULERS
-from .train_autoencoder import AutoencoderTrainConfig
-from .train_config import TrainConfig
+from .sampling.noise_schedule import SPACINGS
+from .sampling.samplers import SAMPLERS
+from .sampling.sigma_schedules import SCHEDULERS
+from .training.autoencoder import AutoencoderTrainConfig
+from .training.config import TrainConfig
+from .training.data import EVAL_FORMS
+from .weights.checkpoint import BUILTIN_MODEL
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")

@@ -12,19 +12,19 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import BUILTIN_MODEL
 from .cli_arguments import DTYPES, UsageError
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
 from .files import claim_numbered, missing_folders, model_hash, remove_empty, writable_folder
-from .generate import generate_plan
-from .images import grid, load_image, save_png, to_pil
-from .infotext import read_infotext, settings_from_infotext
-from .latent_diffusion import LatentDiffusion
-from .lora import find_loras
-from .pipeline import Pipeline, load_pipeline
-from .plan import Plan, resolve
-from .request import GenerationRequest, RequestError, validate
-from .samplers import find_sampler
+from .models.ldm import LatentDiffusion
+from .pipeline.generate import generate_plan
+from .pipeline.images import grid, load_image, save_png, to_pil
+from .pipeline.infotext import read_infotext, settings_from_infotext
+from .pipeline.loading import Pipeline, load_pipeline
+from .pipeline.plan import Plan, resolve
+from .pipeline.request import GenerationRequest, RequestError, validate
+from .sampling.samplers import find_sampler
+from .weights.checkpoint import BUILTIN_MODEL
+from .weights.lora import find_loras
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,0 +1,406 @@
+"""txt2img, img2img and inpainting: one sampling loop in latent space, started from noise or from a noised
+image latent, with the known region of an inpainting mask held in place.
+
+Seeds: image i uses its own generator, seeded `seeds[i]`, for everything random about it (its posterior
+sample, initial noise and per-step noise), so any image of a grid can be regenerated alone. Random numbers
+are drawn on the CPU, so a seed gives the same noise on every device. The order of draws is diffusers' for a
+single image: image latent (img2img, inpainting), initial noise, masked-image latent (inpainting models),
+then the sampler's per-step noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..devices import to_device
+from ..models.ldm import LatentDiffusion
+from ..prompts.encoding import encode_chunked, encode_prompts
+from ..sampling.denoiser import Denoiser
+from ..sampling.noise import BrownianNoise, per_image_randn
+from ..sampling.noise_schedule import sigma_to_t
+from ..sampling.parameterization import sigma_from_alpha_bar
+from ..sampling.samplers import Step, get_sampler
+from ..sampling.sigma_schedules import sampling_schedule
+from ..weights.lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
+from .compiling import compile_model
+from .loading import Pipeline, as_pipeline
+from .plan import ParsedPrompt, Plan, infotext, infotext_fields, resolve
+from .request import GenerationRequest, GenerationResult, RequestError
+
+
+@dataclass
+class Progress:
+    step: int  # sampling steps done, over the whole request
+    total: int  # sampling steps of the whole request
+    sampler_step: Step  # σ, the latent x and the x0 estimate of this step, for previews
+
+
+class NonFiniteError(RuntimeError):
+    """A run that produced NaN or inf where an image should be: nothing is written."""
+
+
+class FiniteLatents:
+    """Stops a run at its first step whose latents hold NaN or inf, read one step late: the answer about step i is
+    read when step i + 1 is queued. A read of a GPU tensor waits for everything queued before it; read at once,
+    the host would queue each step only after the one before had finished, and the GPU would idle meanwhile. On
+    CUDA the answer is copied to pinned host memory right after step i, and an event marks that copy: waiting for
+    it leaves step i + 1's kernels running."""
+
+    def __init__(self, steps: int, seeds: list[int]):
+        self.steps, self.seeds = steps, seeds
+        self.pending = None  # (step index, all finite: a 0-d bool tensor on the host, its CUDA event or None)
+
+    def check(self, step: Step | None) -> None:
+        """Queue this step's check and read the one before (None: read the last)."""
+        pending, self.pending = self.pending, None if step is None else (step.i, *self.ask(step.x))
+        if pending is None:
+            return
+        i, finite, ready = pending
+        if ready is not None:
+            ready.synchronize()
+        if not finite:
+            raise NonFiniteError(
+                f"step {i + 1} of {self.steps} gave non-finite latents (NaN or inf) for seeds {self.seeds}; "
+                "the likely causes are the checkpoint's weights or the guidance scale"
+            )
+
+    @staticmethod
+    def ask(x: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """(whether x is all finite, a 0-d bool tensor the host can read; the CUDA event to wait for first, or None)"""
+        finite = torch.isfinite(x).all()
+        if not finite.is_cuda:
+            return finite, None
+        answer = torch.empty((), dtype=torch.bool, pin_memory=True)
+        answer.copy_(finite, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return answer, ready
+
+
+def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+    """Latents -> images (float32, about [-1, 1]), in overlapping tiles if `tiled`. A float16 decode that overflows
+    is done again in float32 (the web UI's automatic VAE precision); a copy of the decoder in float32 exists only
+    for that retry. A family whose VAE is known to overflow in float16 (SDXL's) decodes in float32 at once, as
+    diffusers' `force_upcast`."""
+    upcast = model.dtype == torch.float16 and model.cfg.family.vae_overflows_in_float16
+    images = None if upcast else model.autoencoder_decode(z.to(model.dtype), tiled=tiled).float()
+    if model.dtype == torch.float16 and (upcast or not torch.isfinite(images).all()):
+        vae = copy.deepcopy(model.first_stage_model).float()
+        images = vae.decode(z.float() / model.scale_factor, tiled=tiled)
+    if not torch.isfinite(images).all():
+        raise NonFiniteError("the autoencoder decoded non-finite pixels (NaN or inf): its weights are broken")
+    return images
+
+
+def generate(
+    pipeline: Pipeline | LatentDiffusion,
+    request: GenerationRequest,
+    progress: Callable[[Progress], None] | None = None,
+) -> GenerationResult:
+    """Run a request, batch_size images per U-Net call; RequestError before any work if it cannot run. With the
+    pipeline's refiner (SDXL's), that second model denoises the low-noise end of the schedule (`Experts`)."""
+    return generate_plan(resolve(request, as_pipeline(pipeline)), progress)
+
+
+@torch.no_grad()
+def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None) -> GenerationResult:
+    """Run a resolved request (`plan.resolve`): its images in U-Net batches, each on its LoRAs' merged weights."""
+    pipeline, r = plan.pipeline, plan.request
+    model = pipeline.model
+    fields = infotext_fields(plan)
+    if r.compile:
+        for m in filter(None, (model, pipeline.refiner)):
+            compile_model(m)
+    sets = plan.lora_sets()
+    batches = unet_batches(sets, r.batch_size)
+    images, warnings = [], []
+    loras = read_loras(pipeline.loras, sets)
+    for number, batch in enumerate(batches):
+
+        def step_done(step: Step, number=number) -> None:
+            if progress:
+                progress(Progress(number * r.steps_run + step.i + 1, len(batches) * r.steps_run, step))
+
+        applied = []
+        try:  # the batch's LoRAs merged into the weights while it samples, and taken out again bit for bit
+            for tag in sorted(sets[batch.start], key=lambda tag: tag.name):
+                applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
+                warnings += [w for w in applied[-1].warnings if w not in warnings]
+            out, notes = sample(plan, batch, step_done)
+        except LoRAError as e:
+            raise RequestError(str(e)) from None
+        finally:
+            for a in reversed(applied):
+                remove_lora(model, a)
+        images.append(out)
+        warnings += [n for n in notes if n not in warnings]
+    infotexts = [infotext(r, i, fields) for i in range(len(r.prompts))]
+    return GenerationResult(torch.cat(images), infotexts, warnings, r, fields)
+
+
+def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
+    """Consecutive images in U-Net batches of at most batch_size, and a new batch wherever the LoRA set changes:
+    a batch samples on one set of merged weights, which must not reach an image that does not name them."""
+    batches, start = [], 0
+    for i in range(1, len(lora_sets) + 1):
+        if i == len(lora_sets) or i - start == batch_size or lora_sets[i] != lora_sets[start]:
+            batches.append(range(start, i))
+            start = i
+    return batches
+
+
+def read_loras(files: dict[str, Path], lora_sets: list[frozenset]) -> dict[str, LoRA]:
+    """Every LoRA the request's prompts name, read once, before any work (RequestError for a file that is not
+    a LoRA)."""
+    names = {tag.name for tags in lora_sets for tag in tags}
+    try:
+        return {name: read_lora(files[name]) for name in sorted(names)}
+    except ValueError as e:  # CheckpointError, LoRAError
+        raise RequestError(str(e)) from None
+
+
+def scheduled_denoiser(
+    model: LatentDiffusion,
+    plan: Plan,
+    batch: range,
+    extra: dict,
+    calls: itertools.count | None = None,
+    own_chunks: bool = True,
+):
+    """The denoiser of a batch, with the conditioning of each prompt-editing segment (`syntax.prompt_schedule`):
+    evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
+    editing there is one segment. As the web UI, the variants of one prompt are encoded together (padded to the
+    longest with empty chunks, one emphasis mean), and prompts of different lengths in one batch are padded by
+    repeating their last vector. own_chunks: the plan's chunks, made with the pipeline's embeddings (False: the
+    variants chunked again without them, for a refiner, whose text encoder they were not made for).
+    -> (denoiser, prompt warnings)."""
+    r, notes = plan.request, []
+    texts = [r.prompts[i] for i in batch]
+    prompts = encoded_variants(model, plan, texts, plan.prompts, False, own_chunks, notes)  # (tags' LoRAs merged)
+    if r.cfg_scale != 1:
+        texts = [r.negative_prompts[i] for i in batch]
+        negatives = encoded_variants(model, plan, texts, plan.negatives, True, own_chunks, notes)
+    else:
+        negatives = []
+    ends = sorted({end for schedule, _ in (*prompts, *negatives) for end, _ in schedule})
+
+    def at(end: int, texts: list[tuple[list, dict]]) -> dict[str, torch.Tensor]:
+        """The batch's conditioning for the segment that ends at `end`."""
+        rows = [variants[next(v for last, v in schedule if end <= last)] for schedule, variants in texts]
+        return {k: padded_cat([row[k] for row in rows]) for k in rows[0]}
+
+    denoisers = {}
+    for end in ends:
+        cond, uncond = at(end, prompts), at(end, negatives) if negatives else {}
+        denoisers[end] = Denoiser(
+            net=lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(),
+            alphas_cumprod=model.alphas_cumprod,
+            parameterization=model.parameterization,
+            cond={**cond, **extra},
+            uncond={**uncond, **extra} if uncond else None,
+            cfg_scale=r.cfg_scale,
+        )
+    if len(ends) == 1:
+        return denoisers[ends[0]], notes
+    calls = calls if calls is not None else itertools.count()  # shared with a refiner: one count over both models
+
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        k = next(calls)
+        return denoisers[next((end for end in ends if k <= end), ends[-1])](x, sigma)
+
+    return denoiser, notes
+
+
+def encoded_variants(
+    model: LatentDiffusion,
+    plan: Plan,
+    texts: list[str],
+    table: dict[str, ParsedPrompt],
+    negative: bool,
+    own_chunks: bool,
+    notes: list[str],
+) -> list[tuple[list, dict]]:
+    """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)}); the encoders' warnings are
+    added to `notes`. The variants of one text are encoded together, as the web UI encodes them."""
+    r, found = plan.request, {}
+    options = dict(clip_skip=r.clip_skip, size=(r.height, r.width), joint=True, negative=negative)
+    for text in dict.fromkeys(texts):
+        parsed = table[text]
+        variants = list(parsed.chunks)  # each distinct variant, in the schedule's order
+        if own_chunks:
+            chunked, empty = [parsed.chunks[v] for v in variants], [v == "" for v in variants]
+            cond, more = encode_chunked(model, chunked, empty=empty, **options)
+        else:
+            cond, more = encode_prompts(model, variants, syntax=r.prompt_syntax, **options)
+        notes.extend(n for n in more if n not in notes)
+        rows = {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)}
+        found[text] = (parsed.schedule, rows)
+    return [found[text] for text in texts]
+
+
+def padded_cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """(1, n_i, ...) rows -> (b, max n_i, ...): a shorter context repeats its last vector (the web UI's
+    reconstruct_multicond_batch)."""
+    if rows[0].ndim != 3:  # vectors (1, d): nothing to pad
+        return torch.cat(rows)
+    n = max(row.shape[1] for row in rows)
+    return torch.cat([torch.cat([row, row[:, -1:].expand(-1, n - row.shape[1], -1)], dim=1) for row in rows])
+
+
+def rows(images: torch.Tensor, batch: range) -> torch.Tensor:
+    """The batch's rows of a request's (1 or n, c, H, W) images: one image for all, or one per image."""
+    return images.expand(len(batch), -1, -1, -1) if len(images) == 1 else images[batch.start : batch.stop]
+
+
+def _batch_images(r: GenerationRequest, batch: range, device: torch.device, latent_size: tuple[int, int]):
+    """The batch's init image in [-1, 1] and its mask (white = repaint, soft where blurred) at pixel and at latent
+    size, or Nones. As the web UI: the latent mask is the mask resized (bicubic) and rounded to 0 or 1."""
+    if r.init_image is None:
+        return None, None, None
+    image = rows(r.init_image, batch).to(device, torch.float32) * 2 - 1
+    if r.mask is None:
+        return image, None, None
+    mask = rows(r.mask, batch).to(device, torch.float32)
+    latent_mask = F.interpolate(mask, size=latent_size, mode="bicubic", antialias=True).round().clamp(0, 1)
+    return image, mask, latent_mask
+
+
+class Experts:
+    """SDXL's ensemble of experts (Podell et al. 2023, section 2.5), as diffusers' denoising_end / denoising_start:
+    the base model denoises timesteps t >= cutoff = round(T·(1 − switch)), the refiner those below. Both see the
+    same latents, noise and σs; the sampler does not know there are two."""
+
+    def __init__(self, base, refiner, model: LatentDiffusion, switch: float):
+        self.base, self.refiner = base, refiner
+        self.log_sigmas = sigma_from_alpha_bar(model.alphas_cumprod.double()).log().cpu()
+        self.cutoff = round(model.cfg.timesteps * (1 - switch))
+        self.refined = False  # whether the refiner denoised any step (then its autoencoder decodes)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if sigma_to_t(torch.as_tensor(sigma, dtype=torch.float64).cpu(), self.log_sigmas) >= self.cutoff:
+            return self.base(x, sigma)
+        self.refined = True
+        return self.refiner(x, sigma)
+
+
+@dataclass
+class Stage:
+    """One pass of the sampler over a range of the noise schedule, with everything it needs by name (in the spirit
+    of flux's `prepare()`). txt2img, img2img and inpainting are one stage; SDXL's refiner takes over within it (the
+    web UI switches models between two steps of one pass, which keeps a multistep sampler's history). A second
+    pass (hires fix) is another stage that starts from this one's latent; a ControlNet is one more input of a
+    stage's denoiser, active in a window of its steps."""
+
+    sigmas: torch.Tensor  # (n + 1,) float64 on the CPU: the noise levels the sampler walks, x's first
+    x: torch.Tensor  # (b, c, h, w): the latent at sigmas[0]
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, σ) -> the x0 estimate
+    noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (σ, σ_next) -> fresh noise like x
+    hold: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # after step i: the known region put back
+
+
+def sample(plan: Plan, batch: range, step_done: Callable[[Step], None]):
+    """Images `batch` of a plan -> ((b, 3, H, W) in [0, 1], prompt warnings): prepare its stage, run it, decode."""
+    r = plan.request
+    stage, pixel_mask, notes = prepare(plan, batch)
+    x = run(stage, r, [r.seeds[i] for i in batch], step_done)
+    return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
+
+
+def prepare(plan: Plan, batch: range) -> tuple[Stage, torch.Tensor | None, list[str]]:
+    """The batch's stage: its σs, its starting latent (noise, or the init image's latent noised to the first σ), the
+    conditioning of its denoiser and its per-step noise, all drawn from each image's own generator. -> (the stage,
+    the inpainting mask at pixel size or None, prompt warnings)."""
+    pipeline, r = plan.pipeline, plan.request
+    model, refiner = pipeline.model, pipeline.refiner
+    sampler = get_sampler(r.sampler)
+    device, dtype = model.device, model.dtype
+    generators = [torch.Generator().manual_seed(r.seeds[i]) for i in batch]
+    f = model.cfg.autoencoder.downsampling_factor
+    latent_shape = (model.cfg.autoencoder.embed_dim, r.height // f, r.width // f)
+    sigmas = sampling_schedule(sampler, r.scheduler, r.steps, model.alphas_cumprod.cpu(), r.spacing)
+    sigmas = sigmas[r.steps - r.steps_run :]  # img2img starts part-way
+
+    def encode(image: torch.Tensor) -> torch.Tensor:
+        noise = per_image_randn(latent_shape, generators)
+        return model.autoencoder_encode(image.to(dtype), noise=noise, tiled=r.vae_tiling).float()
+
+    image, pixel_mask, latent_mask = _batch_images(r, batch, device, latent_shape[1:])
+    image_latent = None
+    if image is not None and (r.strength < 1 or (pixel_mask is not None and not model.cfg.inpainting)):
+        image_latent = encode(image)
+    noise = to_device(per_image_randn(latent_shape, generators), device)
+    if r.strength < 1:
+        x = image_latent + sigmas[0].item() * noise
+    else:
+        x = noise * (1 + sigmas[0].item() ** 2) ** 0.5
+    extra = {}
+    if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out
+        binary = (pixel_mask >= 0.5).float()  # this model was trained on hard masks, resized nearest
+        hole = encode(image * (1 - binary))
+        extra["concat"] = torch.cat([F.interpolate(binary, size=latent_shape[1:]), hole], dim=1).to(dtype)
+
+    def hold(i: int, x: torch.Tensor) -> torch.Tensor:
+        """Standard models: the known region at the noise level the sampler is now at (clean after the last step)."""
+        sigma = sigmas[i + 1].item() if i + 2 < len(sigmas) else 0.0
+        return latent_mask * x + (1 - latent_mask) * (image_latent + sigma * noise)
+
+    def noise_sampler(sigma, sigma_next) -> torch.Tensor:
+        return to_device(per_image_randn(latent_shape, generators), device)
+
+    if sampler.brownian:
+        noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
+
+    calls = itertools.count()  # the model evaluations so far, for prompt editing (the web UI counts over both)
+    denoiser, notes = scheduled_denoiser(model, plan, batch, extra, calls)
+    if refiner is not None:
+        refined, more = scheduled_denoiser(refiner, plan, batch, {}, calls, own_chunks=False)
+        denoiser = Experts(denoiser, refined, model, r.refiner_switch)
+        notes += [n for n in more if n not in notes]
+    keep = hold if latent_mask is not None and not model.cfg.inpainting else None
+    return Stage(sigmas, x, denoiser, noise_sampler, keep), pixel_mask, notes
+
+
+def run(stage: Stage, r: GenerationRequest, seeds: list[int], step_done: Callable[[Step], None]) -> torch.Tensor:
+    """The request's sampler over the stage -> the latent at its last σ, in the VP scale the autoencoder reads.
+    Stops at the first step whose latents are not finite (`FiniteLatents`)."""
+    sampler = get_sampler(r.sampler)
+    options = {k: getattr(r, k) for k in sampler.options if getattr(r, k) is not None}
+    finite = FiniteLatents(r.steps_run, seeds)
+
+    def callback(step: Step) -> None:
+        finite.check(step)
+        step_done(step)
+
+    # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)
+    x = sampler.fn(
+        stage.denoiser, stage.x, stage.sigmas, noise=stage.noise, callback=callback, hold=stage.hold, **options
+    )
+    finite.check(None)  # the last step's, before the decode
+    if sampler.lands_at == "sigma_min":  # DDIM/PLMS stop at σ_0 > 0: back to the VP latent there
+        x = x / (1 + stage.sigmas[-1].item() ** 2) ** 0.5
+    return x
+
+
+def finish(
+    pipeline: Pipeline,
+    r: GenerationRequest,
+    batch: range,
+    stage: Stage,
+    x: torch.Tensor,
+    pixel_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """The stage's latent -> images (b, 3, H, W) in [0, 1], decoded by the autoencoder of the model that denoised
+    last, and laid over the init image through the mask (inpainting, unless the caller pastes)."""
+    refined = isinstance(stage.denoiser, Experts) and stage.denoiser.refined
+    images = (decode(pipeline.refiner if refined else pipeline.model, x, tiled=r.vae_tiling) / 2 + 0.5).clamp(0, 1)
+    if pixel_mask is not None and r.paste:  # the input's pixels outside the mask; a soft mask's edge at half opacity
+        overlay = (pixel_mask * 2).clamp(max=1)  # (the web UI's overlay: a blurred mask's 0.5 is fully repainted)
+        images = overlay * images + (1 - overlay) * rows(r.init_image, batch).to(images.device, torch.float32)
+    return images

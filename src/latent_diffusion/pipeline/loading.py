@@ -1,0 +1,73 @@
+"""What is loaded for generation, and where each part came from: the model, a refiner, a separate VAE file, the
+textual-inversion embeddings and the LoRA files that prompts may name. The `nn.Module`s hold weights and maths only;
+the infotext's model name and hashes, and the names a prompt may use, come from here.
+
+`load_pipeline` builds one for the command line, the server (once per checkpoint it switches to), evaluation and
+training samples alike. The next parts (ControlNets, T2I-Adapters, upscalers) are more fields here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..models.ldm import LatentDiffusion
+from ..weights.checkpoint import load_model, load_vae
+from ..weights.embeddings import Embedding, load_embeddings
+from .compiling import compile_model
+
+
+@dataclass
+class Pipeline:
+    model: LatentDiffusion
+    checkpoint: Path | None = None  # the file the model was read from (the infotext names and hashes it)
+    vae_file: Path | None = None  # a separate autoencoder file loaded over the checkpoint's (the web UI's VAE)
+    refiner: LatentDiffusion | None = None  # SDXL's refiner: denoises the low-noise end of the schedule
+    refiner_checkpoint: Path | None = None
+    embeddings: dict[str, Embedding] = field(default_factory=dict)  # textual inversion, by the name prompts use
+    loras: dict[str, Path] = field(default_factory=dict)  # LoRA files that prompts may name (<lora:name:w>)
+    notices: list[str] = field(default_factory=list)  # what loading skipped (embeddings of another width)
+
+
+def as_pipeline(model: LatentDiffusion | Pipeline) -> Pipeline:
+    """A bare model is a pipeline with nothing beside it (its infotexts name no file)."""
+    return model if isinstance(model, Pipeline) else Pipeline(model)
+
+
+def load_pipeline(
+    checkpoint: str | os.PathLike,
+    config=None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool | None = None,
+    vae: str | os.PathLike | None = None,
+    refiner: str | os.PathLike | None = None,
+    embeddings_dir: str | os.PathLike | None = None,
+    loras: dict[str, Path] | None = None,
+    compile: bool = False,
+) -> Pipeline:
+    """Load a checkpoint (`checkpoint.load_model`) and what goes beside it: a VAE file over its autoencoder, a refiner
+    on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text encoders' width, and
+    the LoRA files by name (`lora.find_loras`). compile: the U-Nets and decoders through torch.compile."""
+    model = load_model(checkpoint, config, device=device, dtype=dtype, ema=ema)
+    if vae is not None:
+        load_vae(model, vae)
+    second = load_model(refiner, device=device, dtype=dtype) if refiner is not None else None
+    found, notices = load_embeddings(embeddings_dir, model.cfg.unet.context_dim) if embeddings_dir else ({}, [])
+    if compile:
+        for m in filter(None, (model, second)):
+            compile_model(m)
+    return Pipeline(
+        model,
+        checkpoint=Path(checkpoint),
+        vae_file=Path(vae) if vae is not None else None,
+        refiner=second,
+        refiner_checkpoint=Path(refiner) if refiner is not None else None,
+        embeddings=found,
+        loras=dict(loras or {}),
+        notices=notices,
+    )

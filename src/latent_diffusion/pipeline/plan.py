@@ -1,0 +1,314 @@
+"""A request resolved against a pipeline, once: checked against its models and files, its defaults filled in, and
+its prompts parsed (`Plan`). Everything after takes the plan: generation, the server's batching and the infotexts
+read it and parse nothing again.
+
+Per distinct prompt the plan holds its text without extra-network tags, the LoRAs it names, its prompt-editing
+schedule and the 77-token chunks of each variant of that schedule (`ParsedPrompt`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+
+import torch
+
+from ..files import lora_hash, model_hash
+from ..models import vae_tiling
+from ..models.ldm import LatentDiffusion
+from ..models.tokenizer import clip_tokenizer
+from ..prompts.syntax import Chunk, LoraTag, chunk_prompt, extract_lora_tags
+from ..sampling.noise_schedule import sampling_timesteps
+from ..sampling.samplers import SAMPLERS, get_sampler
+from ..sampling.sigma_schedules import schedule_for
+from ..weights.embeddings import Embedding
+from .infotext import parameters_text
+from .loading import Pipeline
+from .request import MAX_SIDE, GenerationRequest, fail, validate
+
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A prompt read once: its text without extra-network tags, the LoRAs it names (with their weights), its
+    prompt-editing schedule [(last step, variant)], and each variant's chunks (with the pipeline's embeddings)."""
+
+    body: str
+    loras: frozenset[LoraTag]
+    schedule: list[tuple[int, str]]
+    chunks: dict[str, list[Chunk]]
+
+    @property
+    def context_length(self) -> int:
+        """Chunks of the longest variant: the variants of one prompt are encoded together, padded to it."""
+        return max(len(c) for c in self.chunks.values())
+
+
+@dataclass
+class Plan:
+    request: GenerationRequest  # validated, with its defaults filled in
+    pipeline: Pipeline  # what it was resolved against
+    prompts: dict[str, ParsedPrompt]  # each distinct prompt, by its text
+    negatives: dict[str, ParsedPrompt]  # each distinct negative prompt (tags stay text there)
+
+    def lora_sets(self) -> list[frozenset[LoraTag]]:
+        """Per image, the LoRAs its prompt names: images of different sets never share merged weights."""
+        return [self.prompts[text].loras for text in self.request.prompts]
+
+    def part(self, start: int, stop: int) -> Plan:
+        """Images start..stop, as parsed here."""
+        r = self.request
+        rows = slice(start, stop)
+        per_image = {k: v[rows] for k in ("init_image", "mask") if (v := getattr(r, k)) is not None and len(v) > 1}
+        request = dataclasses.replace(
+            r, prompts=r.prompts[rows], seeds=r.seeds[rows], negative_prompts=r.negative_prompts[rows], **per_image
+        )
+        return dataclasses.replace(self, request=request)
+
+    def context_lengths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The chunk counts of the prompts and of the negative prompts, per image. Requests whose counts differ would
+        pad each other's contexts in one U-Net batch, which changes their images: a server batches only equal ones."""
+        r = self.request
+        return (
+            tuple(self.prompts[text].context_length for text in r.prompts),
+            tuple(self.negatives[text].context_length for text in r.negative_prompts),
+        )
+
+    def embeddings_used(self) -> list[Embedding]:
+        """The textual-inversion embeddings that the prompts (in any of their edits) use, by name."""
+        used = {
+            e.name: e
+            for parsed in (*self.prompts.values(), *self.negatives.values())
+            for chunks in parsed.chunks.values()
+            for chunk in chunks
+            for _, e in chunk.embeddings
+        }
+        return [used[name] for name in sorted(used)]
+
+
+def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
+    """Every check of a request against the pipeline, before any work (RequestError naming the problem), and its
+    prompts parsed once."""
+    r = validate(request)
+    if pipeline.refiner is not None:
+        _check_refiner(pipeline.model, pipeline.refiner)
+    r = _check_against(r, pipeline)
+    tokenizer = clip_tokenizer(pipeline.model.cfg.text.max_length)
+
+    def parsed(body: str, loras: frozenset[LoraTag]) -> ParsedPrompt:
+        schedule = r.schedule(body)
+        variants = dict.fromkeys(variant for _, variant in schedule)
+        chunks = {v: chunk_prompt(v, tokenizer, r.prompt_syntax, pipeline.embeddings) for v in variants}
+        return ParsedPrompt(body, loras, schedule, chunks)
+
+    prompts = {}
+    for text in dict.fromkeys(r.prompts):
+        body, tags = extract_lora_tags(text)
+        prompts[text] = parsed(body, lora_set(tags, pipeline.loras))
+    negatives = {text: parsed(text, frozenset()) for text in dict.fromkeys(r.negative_prompts)}
+    return Plan(r, pipeline, prompts, negatives)
+
+
+def merge(plans: list[Plan]) -> Plan:
+    """Plans of one pipeline and settings as one U-Net batch: their images in order, parsed as they were; only the
+    memory (and so the VAE tiling) is decided again, for all images together (RequestError if they do not fit)."""
+    first = plans[0].request
+    r = dataclasses.replace(
+        first,
+        prompts=[p for plan in plans for p in plan.request.prompts],
+        negative_prompts=[p for plan in plans for p in plan.request.negative_prompts],
+        seeds=[s for plan in plans for s in plan.request.seeds],
+        batch_size=sum(len(plan.request.prompts) for plan in plans),
+        vae_tiling=None,
+    )
+    r = dataclasses.replace(r, vae_tiling=_tiling(r, plans[0].pipeline.model))
+    prompts = {k: v for plan in plans for k, v in plan.prompts.items()}
+    negatives = {k: v for plan in plans for k, v in plan.negatives.items()}
+    return Plan(r, plans[0].pipeline, prompts, negatives)
+
+
+def lora_set(tags: list[LoraTag], files: dict) -> frozenset[LoraTag]:
+    """A prompt's LoRA tags as a set (RequestError for a name that is not among the LoRA `files`, or one named at two
+    weights)."""
+    found: dict[str, LoraTag] = {}
+    for tag in tags:
+        if tag.name not in files:
+            known = ", ".join(sorted(files)) or "none: give a folder with --lora-dir"
+            fail(f"prompt: <lora:{tag.name}> names no LoRA file here; these are: {known}")
+        if found.setdefault(tag.name, tag) != tag:
+            fail(f"prompt: LoRA {tag.name} at two weights in one prompt; use one")
+    return frozenset(found.values())
+
+
+def _check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
+    """A refiner continues the model's latents: the same latent space and noise schedule, and no inpainting input."""
+    if refiner.cfg.inpainting or refiner.cfg.concat_channels:
+        fail("the refiner is an inpainting model; a refiner takes only the noisy latent")
+    same = ("scale_factor", "timesteps", "linear_start", "linear_end")
+    if refiner.cfg.autoencoder.embed_dim != model.cfg.autoencoder.embed_dim or any(
+        getattr(refiner.cfg, k) != getattr(model.cfg, k) for k in same
+    ):
+        fail(
+            f"the refiner ({refiner.cfg.family.title}) does not share this {model.cfg.family.title} model's latent "
+            f"space and noise schedule"
+        )
+    if (refiner.device, refiner.dtype) != (model.device, model.dtype):
+        fail(f"the refiner is on {refiner.device} in {refiner.dtype}, the model on {model.device} in {model.dtype}")
+
+
+def _check_against(r: GenerationRequest, pipeline: Pipeline) -> GenerationRequest:
+    """The checks that need the model (or the images, which front ends may attach after the first check) -> the
+    request with its size, guidance, negative prompts and tiling filled in."""
+    model = pipeline.model
+    cfg = model.cfg
+    if r.init_image is None and (r.mask is not None or r.strength < 1):
+        fail("a mask or a strength below 1 needs an init image")
+    if cfg.unet.adm_in_channels and not cfg.micro_conditioning:
+        fail("this model needs a vector conditioning (y), which this project does not produce for it yet")
+    if cfg.inpainting and r.mask is None:
+        fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")
+    size = r.init_image.shape[-2:] if r.init_image is not None else (r.height, r.width)
+    height, width = (cfg.default_size if side is None else side for side in size)
+    f = cfg.autoencoder.downsampling_factor
+    if any(side is not None and side % f for side in (r.width, r.height)):  # asked for, before any image's size
+        asked = [cfg.default_size if side is None else side for side in (r.width, r.height)]
+        fail(f"width and height must be positive multiples of {f}, not {asked[0]}x{asked[1]}")
+    if r.init_image is not None and (width % f or height % f):
+        fail(f"the image is {width}x{height}: its sides must be multiples of {f}; resize it")
+    if width % f or height % f or width <= 0 or height <= 0:
+        fail(f"width and height must be positive multiples of {f}, not {width}x{height}")
+    if r.clip_skip is not None and not 1 <= r.clip_skip <= cfg.text.layers:
+        fail(f"clip_skip must be in [1, {cfg.text.layers}] for this text encoder, not {r.clip_skip}")
+    if max(width, height) > MAX_SIDE:
+        fail(f"the image is {width}x{height}: at most {MAX_SIDE} pixels per side")
+    if _fewest_per_group(cfg, height // f, width // f) < 2:
+        fail(
+            f"the image is {width}x{height}: too small for this model, whose deepest U-Net level would be left with "
+            f"one value per normalisation group; make it larger"
+        )
+    sampler = SAMPLERS[r.sampler]
+    if sampler.discrete:  # the sampler visits timesteps of the model's table
+        t = sampling_timesteps(r.steps, r.spacing, cfg.timesteps)
+        if len(set(t.tolist())) < r.steps or t.max() > cfg.timesteps - 1:
+            fail(
+                f"steps: {r.steps} steps with {r.spacing} spacing do not fit the model's {cfg.timesteps} timesteps "
+                f"(they repeat or run past the last); use fewer"
+            )
+    r = dataclasses.replace(
+        r,
+        width=width,
+        height=height,
+        cfg_scale=cfg.default_cfg_scale if r.cfg_scale is None else r.cfg_scale,
+        negative_prompts=r.negative_prompts or [""] * len(r.prompts),
+    )
+    return dataclasses.replace(r, vae_tiling=_tiling(r, model))
+
+
+def _tiling(r: GenerationRequest, model: LatentDiffusion) -> bool:
+    """Whether the autoencoder works in tiles: as asked, or (None) where the whole image would not fit in the free
+    memory and tiles would. RequestError where even that does not fit."""
+    cfg, width, height = model.cfg, r.width, r.height
+    have = available_memory(model.device)
+    tiled = r.vae_tiling
+    if tiled is None:  # automatic: tiles where the whole image would not fit and tiles need less
+        untiled = needed_memory(r, cfg, width, height, model.dtype, tiled=False)
+        tiled = have is not None and untiled > have > needed_memory(r, cfg, width, height, model.dtype, tiled=True)
+    need = needed_memory(r, cfg, width, height, model.dtype, tiled=tiled)
+    if have is not None and need > have:
+        fail(
+            f"batch_size: {min(r.batch_size, len(r.prompts))} images of {width}x{height} need about "
+            f"{_bytes(need)} at once{' even with VAE tiling' if tiled else ''}, more than the {_bytes(have)} "
+            f"free on {model.device}"
+        )
+    return tiled
+
+
+def _fewest_per_group(cfg, h: int, w: int) -> int:
+    """The fewest values one of the U-Net's GroupNorm(32) layers normalises together, for one h×w latent: the
+    channels of a group times the level's size (each level halves it, rounding up); a level's first block
+    normalises the previous level's channels."""
+    fewest, previous = [], cfg.unet.channel_mult[0]
+    for mult in cfg.unet.channel_mult:
+        fewest.append(cfg.unet.model_channels * min(mult, previous) // 32 * h * w)
+        previous, h, w = mult, (h + 1) // 2, (w + 1) // 2
+    return min(fewest)
+
+
+def needed_memory(r: GenerationRequest, cfg, width: int, height: int, dtype: torch.dtype, tiled: bool) -> int:
+    """Bytes one U-Net batch needs at its peak, the decode: about 8 tensors of the decoder's first-level width at
+    full resolution per image (measured on CPU, built-in model: 6.1 at batch 200, 9.2 at 50; SD 512² in float32:
+    8 × 128 × 512² × 4 B = 1 GiB per image). Tiled: those of one tile, plus the float32 image and its blending
+    weights being assembled."""
+    images = min(r.batch_size, len(r.prompts))
+    side = vae_tiling.TILE * cfg.autoencoder.downsampling_factor
+    pixels = min(width, side) * min(height, side) if tiled else width * height
+    need = images * 8 * cfg.autoencoder.ch * cfg.autoencoder.ch_mult[0] * pixels * dtype.itemsize
+    return need + (images * 3 + 1) * width * height * 4 if tiled else need
+
+
+def _bytes(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on the device; None where it cannot be known."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+        except (OSError, StopIteration, ValueError):
+            return None
+    return None
+
+
+def infotext_fields(plan: Plan) -> dict:
+    """The settings of a plan as the web UI's infotext fields, without the seed."""
+    r, pipeline = plan.request, plan.pipeline
+    sampler = get_sampler(r.sampler)
+    _, schedule_type = schedule_for(sampler, r.scheduler)
+    # "Seed" holds its place in the web UI's order until `infotext` fills it in
+    fields = {
+        "Steps": r.steps,
+        "Sampler": sampler.display_name,
+        "Schedule type": schedule_type,
+        "CFG scale": r.cfg_scale,
+        "Seed": None,
+        "Size": f"{r.width}x{r.height}",
+    }
+    if schedule_type is None:
+        del fields["Schedule type"]
+    if pipeline.checkpoint is not None:
+        fields |= {"Model hash": model_hash(pipeline.checkpoint), "Model": pipeline.checkpoint.stem}
+    if pipeline.vae_file is not None:
+        fields |= {"VAE hash": model_hash(pipeline.vae_file), "VAE": pipeline.vae_file.name}
+    eta = "Eta DDIM" if sampler.discrete else "Eta"  # the web UI's names: DDIM and PLMS apart from k-diffusion's
+    for option, name in (("eta", eta), ("s_noise", "Sigma noise")):  # where not the sampler's default, as the web UI
+        value = getattr(r, option)
+        if option in sampler.options and value not in (None, inspect.signature(sampler.fn).parameters[option].default):
+            fields[name] = value
+    if r.clip_skip is not None and r.clip_skip > 1:
+        fields["Clip skip"] = r.clip_skip
+    if loras := sorted({tag.name for tags in plan.lora_sets() for tag in tags}):
+        fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(pipeline.loras[name])}" for name in loras)
+    if used := plan.embeddings_used():
+        fields["TI hashes"] = ", ".join(f"{_bare(e.name)}: {e.shorthash}" for e in used)
+    if r.init_image is not None:
+        fields["Denoising strength"] = r.strength
+    if pipeline.refiner is not None:
+        file = pipeline.refiner_checkpoint
+        name, hash_ = (file.stem, f" [{model_hash(file)}]") if file else ("refiner", "")
+        fields |= {"Refiner": name + hash_, "Refiner switch at": r.refiner_switch}
+    return fields
+
+
+def _bare(name: str) -> str:
+    """A name as the web UI writes it in a "name: hash, ..." field: without the `:` and `,` that separate them."""
+    return name.replace(":", "").replace(",", "")
+
+
+def infotext(r: GenerationRequest, i: int, fields: dict) -> str:
+    """Image i's `parameters` text: its prompt, negative prompt, and the fields with its seed."""
+    return parameters_text(r.prompts[i], r.negative_prompts[i], {**fields, "Seed": r.seeds[i]})

@@ -1,0 +1,216 @@
+"""A generation request, the checks that need no model, and its result: the layer every front end builds on.
+
+The command line parses flags into a `GenerationRequest`, the server builds the same request from JSON; both call
+`validate` before any work, `plan.resolve` against the loaded pipeline, and `generate.generate_plan` to run it
+(`generate.generate` does both), and get a `GenerationResult` back: the images, each image's infotext (the web UI's
+`parameters` text) and the warnings, as data.
+Image i of a request is drawn from seed `seeds[i]` alone, whatever the batch size.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from ..prompts.syntax import extract_lora_tags, parse_emphasis, prompt_schedule
+from ..sampling.noise_schedule import SPACINGS
+from ..sampling.samplers import SAMPLERS, get_sampler
+from ..sampling.sigma_schedules import SCHEDULERS, find_scheduler
+
+MAX_SIDE = 8192  # pixels per side; larger requests are refused before anything is allocated
+MAX_STEPS = 10_000  # sampling steps; the σ schedules are allocated before the first step
+# Beyond these the latents overflow to inf or NaN (found by feeding extremes to the server); the web UI's sliders
+# stop far below them (CFG 30, η 1, emphasis 1.1^k for a few brackets).
+MAX_CFG_SCALE = 100.0
+MAX_NOISE = 10.0  # η and s_noise
+MAX_EMPHASIS = 1000.0  # the magnitude of a token's emphasis weight
+MAX_LORA_WEIGHT = 100.0  # the magnitude of a <lora:name:weight> (the web UI's slider reaches ±2; people use up to 10)
+
+
+class RequestError(ValueError):
+    """A request that cannot be run as given; the message names the field and the problem."""
+
+
+@dataclass
+class GenerationRequest:
+    prompts: list[str]  # one per image
+    seeds: list[int]  # one per image
+    negative_prompts: list[str] | None = None  # one per image; None: "" (the unconditional prompt)
+    width: int | None = None  # pixels; None: the init image's size, or the model's default
+    height: int | None = None
+    steps: int = 20
+    sampler: str = "dpmpp_2m"
+    scheduler: str = "automatic"  # the σ-space samplers' schedule type (`sigma_schedules.py`; automatic: its own)
+    spacing: str = "leading"  # DDIM, PLMS, DDPM: timestep spacing, as diffusers' ("leading", "trailing", "linspace")
+    eta: float | None = None  # the sampler's η, where it takes one (None: its own, DDIM 0, ancestral 1)
+    s_noise: float | None = None  # the ancestral samplers' noise scale (None: 1)
+    cfg_scale: float | None = None  # classifier-free guidance (1: none; None: the model's default)
+    init_image: torch.Tensor | None = None  # (1 or b, 3, H, W) in [0, 1]: img2img and inpainting
+    mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint
+    paste: bool = True  # inpainting: lay the result over the init image through the mask (False: the caller does)
+    vae_tiling: bool | None = None  # encode and decode in overlapping tiles (None: when untiled would not fit)
+    strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
+    batch_size: int = 1  # images per U-Net call
+    clip_skip: int | None = None  # the web UI's CLIP skip: text encoder layers from the end (None: the model's)
+    prompt_syntax: bool = True  # read emphasis and BREAK in the prompts (False: plain text)
+    compile: bool = False  # torch.compile the U-Net and VAE decoder first (`pipeline/compiling.py`); they stay compiled
+    # With a refiner model (`Pipeline.refiner`): the part of the timestep range, from the noisiest, that the
+    # model denoises before the refiner takes over (diffusers' denoising_end / denoising_start)
+    refiner_switch: float = 0.8
+
+    @classmethod
+    def repeated(
+        cls, prompt: str, negative_prompt: str, *, seed: int | None, batch_size: int, n_iter: int, **settings
+    ) -> GenerationRequest:
+        """batch_size × n_iter images of one prompt, as the web UI's form and API ask for them: seeds seed,
+        seed + 1, ... (None or -1: a random first seed, as the web UI), batch_size images per U-Net call."""
+        count = batch_size * n_iter
+        seed = random.randrange(2**32) if seed in (None, -1) else seed
+        seeds = [seed + i for i in range(count)]
+        return cls([prompt] * count, seeds, [negative_prompt] * count, batch_size=batch_size, **settings)
+
+    @property
+    def steps_run(self) -> int:
+        """Sampling steps each image goes through (img2img starts part-way)."""
+        return int(self.steps * self.strength)
+
+    @property
+    def editing_steps(self) -> int:
+        """The steps that prompt editing's `when` counts in, as the web UI: the requested steps (img2img runs fewer),
+        doubled for the samplers that evaluate the model twice a step (the schedule follows evaluations)."""
+        return self.steps * (2 if get_sampler(self.sampler).second_order else 1)
+
+    def schedule(self, text: str) -> list[tuple[int, str]]:
+        """A prompt's editing schedule, [(last step, the prompt up to it)] (`syntax.prompt_schedule`); one entry
+        for the whole run where the syntax is off."""
+        steps = self.editing_steps
+        return prompt_schedule(text, steps) if self.prompt_syntax else [(steps, text)]
+
+
+@dataclass
+class GenerationResult:
+    images: torch.Tensor  # (n, 3, H, W) in [0, 1]
+    infotexts: list[str]  # per image: prompt, negative prompt and settings, as the web UI writes them
+    warnings: list[str] = field(default_factory=list)  # each distinct one once
+    request: GenerationRequest | None = None  # as run: the defaults filled in
+    fields: dict = field(default_factory=dict)  # the infotext's settings, without the seed
+
+
+def fail(message: str) -> None:
+    raise RequestError(message)
+
+
+def validate(request: GenerationRequest) -> GenerationRequest:
+    """The checks of a request that need no model, before any work: RequestError naming the problem. The request as
+    it was; `plan.resolve` checks the rest against a pipeline and fills in the defaults."""
+    r = request
+    _check_types(r)
+    _check_counts(r)
+    _check_settings(r)
+    if r.init_image is not None:
+        _check_images(r)
+    _check_prompts(r)
+    return request
+
+
+def _check_types(r: GenerationRequest) -> None:
+    """Each number a number (a whole one where it counts something); None where the field has a default."""
+    numbers = ("steps", "batch_size", "width", "height", "strength", "cfg_scale", "eta", "s_noise", "clip_skip")
+    for name in (*numbers, "refiner_switch"):
+        value, whole = getattr(r, name), name in ("steps", "batch_size", "width", "height", "clip_skip")
+        if value is None and name not in ("steps", "batch_size", "strength", "refiner_switch"):
+            continue  # None: the default
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            fail(f"{name} must be a {'whole number' if whole else 'number'}, not {value!r}")
+
+
+def _check_counts(r: GenerationRequest) -> None:
+    """One prompt, seed and negative prompt per image; sizes, batch and steps in range."""
+    n = len(r.prompts)
+    if n < 1:
+        fail("a request needs at least one prompt")
+    if len(r.seeds) != n or (r.negative_prompts is not None and len(r.negative_prompts) != n):
+        fail(
+            f"{n} prompts need as many seeds and negative prompts, not {len(r.seeds)} and "
+            f"{len(r.negative_prompts or [])}"
+        )
+    for text in (*r.prompts, *(r.negative_prompts or [])):
+        if not isinstance(text, str) or not _is_utf8(text):
+            fail(f"prompts must be UTF-8 text, not {text!r:.60}")
+    if bad := [s for s in r.seeds if not (isinstance(s, int) and 0 <= s < 2**64)]:
+        fail(f"seeds must be whole numbers in [0, 2^64), not {bad[0]!r}")
+    if bad := [side for side in (r.width, r.height) if side is not None and not 0 < side <= MAX_SIDE]:
+        fail(f"width and height must be positive multiples of 8 up to {MAX_SIDE}, not {bad[0]}")
+    if r.batch_size < 1:
+        fail(f"batch_size must be at least 1, not {r.batch_size}")
+    if not 1 <= r.steps <= MAX_STEPS:
+        fail(f"steps must be between 1 and {MAX_STEPS}, not {r.steps}")
+
+
+def _check_settings(r: GenerationRequest) -> None:
+    """The sampler, its schedule and options, the strength and the guidance."""
+    if r.sampler not in SAMPLERS:
+        fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if not isinstance(r.scheduler, str) or not _known_scheduler(r.scheduler):
+        fail(f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if r.spacing not in SPACINGS:
+        fail(f"unknown timestep spacing {r.spacing!r}; choose one of {', '.join(SPACINGS)}")
+    if not 0 < r.strength <= 1:
+        fail(f"strength must be in (0, 1], not {r.strength}")
+    if r.steps_run < 1:
+        fail(f"strength {r.strength} of {r.steps} steps runs no step; raise either")
+    if not 0 <= r.refiner_switch <= 1:
+        fail(f"refiner_switch must be in [0, 1], not {r.refiner_switch}")
+    for name in ("eta", "s_noise"):
+        value = getattr(r, name)
+        if value is not None and not 0 <= value <= MAX_NOISE:
+            fail(f"{name} must be between 0 and {MAX_NOISE:g}, not {value}")
+    if r.cfg_scale is not None and not -MAX_CFG_SCALE <= r.cfg_scale <= MAX_CFG_SCALE:
+        fail(f"cfg_scale must be between -{MAX_CFG_SCALE:g} and {MAX_CFG_SCALE:g}, not {r.cfg_scale}")
+
+
+def _check_prompts(r: GenerationRequest) -> None:
+    """LoRA tags that can be read, at weights that keep the latents finite; emphasis weights in range."""
+    for text in r.prompts:
+        try:
+            tags = extract_lora_tags(text)[1]
+        except ValueError as e:
+            fail(str(e))
+        for tag in tags:
+            if abs(weight := max(tag.te_weight, tag.unet_weight, key=abs)) > MAX_LORA_WEIGHT:  # (the latents go NaN)
+                fail(f"prompt: <lora:{tag.name}> at a weight of {weight:g} is beyond ±{MAX_LORA_WEIGHT:g}")
+    for text in {*r.prompts, *(r.negative_prompts or [])} if r.prompt_syntax else ():
+        if (weight := max((abs(w) for _, w in parse_emphasis(text)), default=1.0)) > MAX_EMPHASIS:
+            fail(f"prompt: an emphasis weight of {weight:.3g} is beyond ±{MAX_EMPHASIS:g} (brackets nested too deep?)")
+
+
+def _known_scheduler(name: str) -> bool:
+    try:
+        find_scheduler(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text with lone surrogates: bytes that were not UTF-8 (Python's surrogateescape of argv)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _check_images(r: GenerationRequest) -> None:
+    height, width = r.init_image.shape[-2:]
+    if any(len(t) not in (1, len(r.prompts)) for t in (r.init_image, r.mask) if t is not None):
+        fail(f"init images and masks must be one for all images or one per image ({len(r.prompts)})")
+    if r.mask is not None and r.mask.shape[-2:] != r.init_image.shape[-2:]:
+        fail(
+            f"the mask is {r.mask.shape[-1]}x{r.mask.shape[-2]} but the image is {width}x{height}; "
+            "they must be the same size"
+        )
+    if (r.width or width, r.height or height) != (width, height):
+        fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")

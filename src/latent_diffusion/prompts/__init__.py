@@ -1,0 +1,2 @@
+"""The web UI's prompt language (emphasis, BREAK, editing, extra-network tags) and its encoding into the
+conditioning mapping."""

@@ -1,0 +1,438 @@
+"""`ldm serve`: the AUTOMATIC1111 web UI's HTTP API over a loaded model, so that its clients work unchanged, and a
+web page at `/` that uses it.
+
+It answers txt2img, img2img (and inpainting), the sampler/schedule/model lists, options (the checkpoint among the
+files of `--models-dir`), png-info, progress (with a preview) and interrupt, with the web UI's paths, field names,
+defaults and response shapes (its `modules/api/models.py` and `modules/processing.py`). Requests are validated
+before they queue (`serving/job_queue.py` runs them, merging those that can share a U-Net batch). Bad input is a 4xx naming
+the problem and the server goes on serving; every size a request can ask for has a limit (`ServerLimits`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import io
+import math
+import threading
+import time
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from ..files import claim_numbered, model_hash
+from ..models import vae_tiling
+from ..models.ldm import LatentDiffusion
+from ..pipeline.images import as_mode, from_pil, open_image, save_png, to_pil
+from ..pipeline.loading import Pipeline, as_pipeline
+from ..pipeline.request import RequestError, validate
+from ..weights.checkpoint import CheckpointError
+from . import web_ui_api
+from .http_edge import ERROR_HANDLERS, LimitsMiddleware, NotFound, SafeJSON
+from .img2img_inputs import img2img_inputs, scaled_size
+from .job_queue import Job, Load, Task, Worker
+from .web_ui_api import WEB_UI_CFG_SCALE, Img2ImgRequest, ServerLimits, Txt2ImgRequest, png_base64
+
+WEB_PAGE = resources.files("latent_diffusion") / "web"
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+__all__ = ["ServerLimits", "create_app"]
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """The checkpoint files of a folder and its subfolders, by name relative to it ("sub/name.safetensors")."""
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
+    return {p.relative_to(folder).as_posix(): p for p in paths}
+
+
+class Checkpoints:
+    """The checkpoints the server can load: the files of `--models-dir` (and its subfolders) and the one it started
+    with. Requests name one by its title ("sub/name.safetensors [hash]"), file name, or name without suffix;
+    nothing a request sends reaches the file system except as a key of this table."""
+
+    def __init__(self, models_dir: Path | None, first: Path):
+        self.models_dir, self.first = models_dir, first
+        self.hashes: dict[Path, str] = {}  # files hashed once loaded (hashing a 2 GB file takes seconds)
+
+    def files(self) -> dict[str, Path]:
+        """Name (relative to the folder) -> path."""
+        return {self.first.name: self.first} | (checkpoint_files(self.models_dir) if self.models_dir else {})
+
+    def title(self, name: str, path: Path) -> str:
+        return f"{name} [{self.hashes[path]}]" if path in self.hashes else name
+
+    def find(self, wanted: str) -> Path:
+        for name, path in self.files().items():
+            if wanted in (name, self.title(name, path), Path(name).stem, Path(name).with_suffix("").as_posix()):
+                return path
+        raise NotFound(f"no checkpoint named {wanted!r}; GET /sdapi/v1/sd-models lists them")
+
+    def name_of(self, path: Path) -> str:
+        return next((n for n, p in self.files().items() if p == path), path.name)
+
+
+class ServerState:
+    """What the server holds between requests, and its endpoints as methods: the worker that runs jobs on the
+    loaded pipeline, the checkpoints it may switch to and the one chosen for the requests from now on, its limits,
+    and the last progress preview."""
+
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        outdir: Path | None,
+        load: Callable[[Path], Pipeline] | None,
+        models_dir: Path | None,
+        limits: ServerLimits,
+    ):
+        self.first = pipeline.checkpoint or Path("model")
+        self.checkpoints = Checkpoints(models_dir, self.first)
+        if pipeline.checkpoint:
+            self.checkpoints.hashes[self.first] = model_hash(self.first)
+        self.outdir, self.load, self.limits = outdir, load, limits
+        self.selected = pipeline.checkpoint  # by the options; override_settings choose for one request
+        self.worker = Worker(
+            pipeline,
+            self.load_and_hash,
+            max_queue=limits.max_queue,
+            max_batch=limits.max_batch,
+            window=limits.batch_window,
+        )
+        self.preview: tuple[torch.Tensor, str] | None = None  # (latent, its PNG): one decode per step, however polled
+        self.preview_lock = threading.Lock()
+
+    def load_and_hash(self, path: Path) -> Pipeline:
+        if self.load is None:
+            raise RequestError("this server was started without --models-dir: it serves one checkpoint")
+        # A file that cannot be loaded (damaged, refused) is the choice of a client: named as the list names it,
+        # never by the server's path, which the errors' texts hold.
+        name = self.checkpoints.name_of(path)
+        try:
+            new = self.load(path)
+            self.checkpoints.hashes[path] = model_hash(path)
+        except CheckpointError as e:
+            raise RequestError(f"checkpoint {name}: {str(e).replace(str(path), '').removeprefix(': ')}") from None
+        except OSError as e:
+            raise RequestError(f"checkpoint {name}: cannot read it ({e.strerror or type(e).__name__})") from None
+        return new
+
+    def current_title(self) -> str:
+        path = self.worker.pipeline.checkpoint or self.first
+        return self.checkpoints.title(self.checkpoints.name_of(path), path)
+
+    # Lists and options --------------------------------------------------------------------------------------
+
+    def sd_models(self) -> list[dict]:
+        checkpoints = self.checkpoints
+        return [
+            {
+                "title": checkpoints.title(name, path),
+                "model_name": Path(name).with_suffix("").as_posix(),
+                "hash": checkpoints.hashes.get(path),
+                "sha256": None,
+                "filename": str(path),
+                "config": None,
+            }
+            for name, path in checkpoints.files().items()
+        ]
+
+    def loras(self) -> list[dict]:
+        return [
+            {"name": name, "alias": name, "path": str(path), "metadata": {}}
+            for name, path in self.worker.pipeline.loras.items()
+        ]
+
+    def embeddings(self) -> dict:
+        loaded = {
+            name: {
+                "step": None,
+                "sd_checkpoint": None,
+                "sd_checkpoint_name": None,
+                "shape": e.vectors.shape[1],
+                "vectors": e.vectors.shape[0],
+            }
+            for name, e in self.worker.pipeline.embeddings.items()
+        }
+        return {"loaded": loaded, "skipped": {}}
+
+    def options(self) -> dict:
+        return {"sd_model_checkpoint": self.current_title(), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+
+    async def set_options(self, body: dict[str, Any], http: Request) -> dict:
+        """sd_model_checkpoint loads that checkpoint (after the jobs already queued); other options are accepted
+        and ignored, as `ignored` in the answer says."""
+        if "sd_model_checkpoint" in body:
+            if not isinstance(body["sd_model_checkpoint"], str):
+                raise RequestError("sd_model_checkpoint: a checkpoint's title or name")
+            path, before = self.checkpoints.find(body["sd_model_checkpoint"]), self.selected
+            self.selected = path  # for the requests from now on, whose jobs queue after this load
+            try:
+                await self.wait(Load(path), http)
+            except Exception:
+                if self.selected == path:  # (another request may have chosen since)
+                    self.selected = before
+                raise
+        return {"ignored": sorted(set(body) - {"sd_model_checkpoint"})}
+
+    # Progress -----------------------------------------------------------------------------------------------
+
+    def progress(self, skip_current_image: bool = False) -> dict:
+        """The running job's progress, and (unless skipped) a preview decoded from its current x0 estimate."""
+        worker = self.worker
+        step, steps, part, parts, latent = worker.step, worker.steps, worker.part, worker.parts, worker.latent
+        fraction = (part + step / steps) / parts if steps and parts else 0.0  # one read: the worker may reset them
+        elapsed = time.monotonic() - worker.started
+        state = {
+            "skipped": False,
+            "interrupted": worker.interrupted,
+            "job": "",
+            "job_count": parts,
+            "job_timestamp": "0",
+            "job_no": part,
+            "sampling_step": step,
+            "sampling_steps": steps,
+        }
+        return {
+            "progress": fraction,
+            "eta_relative": elapsed / fraction - elapsed if fraction else 0.0,
+            "textinfo": None,
+            "current_image": None if latent is None or skip_current_image else self.preview_of(latent),
+            "state": state,
+        }
+
+    def preview_of(self, latent: torch.Tensor) -> str:
+        with self.preview_lock:  # polls wait for the one decode rather than each starting their own
+            if self.preview is None or self.preview[0] is not latent:
+                with torch.no_grad():
+                    tiled = latent.shape[-1] > vae_tiling.TILE or latent.shape[-2] > vae_tiling.TILE
+                    image = self.worker.pipeline.model.autoencoder_decode(latent, tiled=tiled)[0].float()
+                self.preview = latent, png_base64(to_pil((image / 2 + 0.5).clamp(0, 1)), "")
+            return self.preview[1]
+
+    def interrupt(self) -> dict:
+        self.worker.interrupt()
+        return {}
+
+    # Generation ---------------------------------------------------------------------------------------------
+
+    async def txt2img(self, body: Txt2ImgRequest, http: Request):
+        arrived = time.monotonic()
+        job = await run_in_threadpool(self.build_job, body)
+        return await self.respond(body, job, http, arrived)
+
+    async def img2img(self, body: Img2ImgRequest, http: Request):
+        arrived = time.monotonic()
+        job = await run_in_threadpool(self.build_img2img_job, body)
+        return await self.respond(body, job, http, arrived)
+
+    def build_job(self, body: Txt2ImgRequest, check_model: bool = True) -> Job:
+        """The web UI's fields as a job (defaults: the web UI's, the model's size and its own guidance); every
+        check that needs no model is done here, before any image is decoded."""
+        web_ui_api.check_fields(body, self.limits)
+        request, sampler = web_ui_api.generation_request(body)
+        wanted = (body.override_settings or {}).get("sd_model_checkpoint")
+        checkpoint = self.checkpoints.find(str(wanted)) if wanted is not None else self.selected
+        refiner = None
+        if body.refiner_checkpoint not in (None, "", "None"):  # the web UI's "None" is no refiner
+            refiner = self.checkpoints.find(body.refiner_checkpoint)
+        job = Job(
+            validate(request),
+            checkpoint,
+            refiner,
+            batch_size=body.batch_size,
+            sampler_name=sampler.display_name,
+            cfg_scale=WEB_UI_CFG_SCALE,
+        )
+        if check_model:
+            self.check_against_model(job)
+        return job
+
+    def build_img2img_job(self, body: Img2ImgRequest) -> Job:
+        """The init image (the first) and the mask (white = repaint) prepared as the web UI does (`serving/img2img_inputs.py`:
+        resize mode, mask blur, inversion, fill, only-masked crop); denoising_strength is the request's strength.
+        The result is laid into the picture here (`Img2ImgInputs.paste`), against the unfilled original."""
+        blur_x, blur_y = web_ui_api.mask_blur(body)
+        job = self.build_job(body, check_model=False)  # checked against the model once the images are in
+        width = job.request.width or self.worker.pipeline.model.cfg.default_size
+        height = job.request.height or self.worker.pipeline.model.cfg.default_size
+        image = self.open_request_image(body.init_images[0], "init_images[0]", (width, height), body.resize_mode)
+        mask = self.open_request_image(body.mask, "mask", (width, height), body.resize_mode) if body.mask else None
+        try:  # a mode Pillow cannot convert (a LAB TIFF) is the client's
+            image = as_mode(image, "RGB", "init_images[0]")
+            if mask is not None and mask.mode != "RGBA":
+                mask = as_mode(mask, "L", "mask")
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        inputs = img2img_inputs(
+            image,
+            mask,
+            width,
+            height,
+            resize_mode=body.resize_mode,
+            mask_blur_x=blur_x,
+            mask_blur_y=blur_y,
+            invert=bool(body.inpainting_mask_invert),
+            fill=body.inpainting_fill == 0,
+            only_masked=body.inpaint_full_res,
+            padding=body.inpaint_full_res_padding,
+        )
+        images = {"init_image": from_pil(inputs.image), "mask": from_pil(inputs.mask) if mask else None}
+        job.request = validate(
+            dataclasses.replace(
+                job.request, **images, width=width, height=height, strength=body.denoising_strength, paste=False
+            )
+        )
+        job.paste = inputs.paste
+        self.check_against_model(job)
+        return job
+
+    def open_request_image(self, data: str, field: str, size: tuple[int, int], resize_mode: int) -> Image.Image:
+        """A base64 image of a request, opened; its pixel count, and the count it would have scaled to cover `size`,
+        are checked from the header before anything is decoded. RequestError naming the field otherwise."""
+        limit = self.limits.max_pixels
+        try:
+            image = open_image(io.BytesIO(web_ui_api.image_bytes(data, field)), name=field, max_pixels=limit)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+        if math.prod(scaled_size(image.size, *size, resize_mode)) > limit:
+            raise RequestError(
+                f"{field}: a {image.width}x{image.height} image scaled to cover {size[0]}x{size[1]} "
+                f"would be over the limit of {limit} pixels"
+            )
+        return image
+
+    def check_against_model(self, job: Job) -> None:
+        """The job resolved against the loaded pipeline now, where it runs on it: bad input never waits, and the
+        worker takes the plan as it is (unless the model changes first, or the job needs a refiner)."""
+        pipeline = self.worker.pipeline
+        if job.checkpoint is None or (pipeline.checkpoint or Path()).resolve() == job.checkpoint.resolve():
+            job.resolve(pipeline)
+
+    async def wait(self, job: Task, http: Request, arrived: float | None = None) -> bool:
+        """Queue the job and wait for it; cancel it if the client goes away (False) or its time, counted from the
+        request's arrival, runs out (503)."""
+        loop = asyncio.get_running_loop()
+        finished = asyncio.Event()
+        job.notify = lambda: loop.call_soon_threadsafe(finished.set)
+        self.worker.submit(job)
+        deadline = (arrived or time.monotonic()) + self.limits.request_timeout
+        while not job.done.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished.wait(), 0.25)
+                break
+            if await http.is_disconnected():
+                job.cancelled = True
+                return False
+            if time.monotonic() > deadline:
+                job.cancelled = True
+                raise HTTPException(503, f"the request took over {self.limits.request_timeout:g} s and was cancelled")
+        if job.error is not None:
+            raise job.error if isinstance(job.error, RequestError | NotFound) else HTTPException(500, str(job.error))
+        return True
+
+    async def respond(self, body: Txt2ImgRequest, job: Job, http: Request, arrived: float):
+        if not await self.wait(job, http, arrived):
+            return Response(status_code=499)  # nobody reads it: the client has gone
+        return await run_in_threadpool(self.answer, body, job)
+
+    def answer(self, body: Txt2ImgRequest, job: Job) -> dict:
+        """The web UI's answer, with the images laid into the client's picture and saved if it asks."""
+        images = [job.paste(image) for image in job.images]
+        if self.outdir and body.save_images:
+            self.outdir.mkdir(parents=True, exist_ok=True)
+            for image, text, seed in zip(images, job.infotexts, job.resolved.seeds):
+                save_png(image, claim_numbered(self.outdir, f"{seed}.png"), text)
+        return web_ui_api.answer(body, job, images, self.checkpoints.hashes.get(job.model_path))
+
+
+def page() -> str:
+    return (WEB_PAGE / "index.html").read_text()
+
+
+def nothing_to_refresh() -> dict:
+    return {}  # the models folder is read at every listing
+
+
+def none_here() -> list:
+    return []  # this server has no upscalers, separate VAEs or styles: an empty list, as the web UI with none
+
+
+def create_app(
+    pipeline: Pipeline | LatentDiffusion,
+    outdir: str | Path | None = None,
+    *,
+    load: Callable[[Path], Pipeline] | None = None,
+    models_dir: str | Path | None = None,
+    api_auth: str | None = None,
+    limits: ServerLimits | None = None,
+    cors_allow_origins: list[str] | None = None,
+):
+    """The ASGI application serving `pipeline` (a model and its LoRA files and embeddings). load: a checkpoint path ->
+    a pipeline set up the same way (for switching among `models_dir`); api_auth: "user:password" for HTTP basic
+    auth; limits: what a request may ask for (`ServerLimits()` by default); cors_allow_origins: origins whose pages
+    may call the API (none by default)."""
+    limits = limits or ServerLimits()
+    state = ServerState(
+        as_pipeline(pipeline), Path(outdir) if outdir else None, load, Path(models_dir) if models_dir else None, limits
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        state.worker.stop()  # the worker thread ends with the server
+
+    app = FastAPI(
+        title="latent_diffusion",
+        version="1",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+        default_response_class=SafeJSON,
+    )
+    if cors_allow_origins:
+        methods = ["GET", "POST"]
+        app.add_middleware(CORSMiddleware, allow_origins=cors_allow_origins, allow_methods=methods, allow_headers=["*"])
+    for kind, handler in ERROR_HANDLERS.items():
+        app.add_exception_handler(kind, handler)
+    app.add_api_route("/", page, response_class=HTMLResponse, include_in_schema=False)
+    app.mount("/web", StaticFiles(directory=str(WEB_PAGE)), name="web")
+    add_routes(app, state)
+    return LimitsMiddleware(app, api_auth, limits.max_body)
+
+
+def add_routes(app: FastAPI, state: ServerState) -> None:
+    """The web UI's API paths (`/sdapi/v1/...`), each answered by a method of the state or a plain function."""
+    routes = {
+        "GET": {
+            "samplers": web_ui_api.samplers,
+            "schedulers": web_ui_api.schedulers,
+            "sd-models": state.sd_models,
+            "loras": state.loras,
+            "embeddings": state.embeddings,
+            "options": state.options,
+            "progress": state.progress,
+            "upscalers": none_here,
+            "latent-upscale-modes": none_here,
+            "sd-vae": none_here,
+            "prompt-styles": none_here,
+        },
+        "POST": {
+            "refresh-checkpoints": nothing_to_refresh,
+            "options": state.set_options,
+            "interrupt": state.interrupt,
+            "png-info": web_ui_api.png_info,
+            "txt2img": state.txt2img,
+            "img2img": state.img2img,
+        },
+    }
+    for method, endpoints in routes.items():
+        for path, endpoint in endpoints.items():
+            app.add_api_route(f"/sdapi/v1/{path}", endpoint, methods=[method])

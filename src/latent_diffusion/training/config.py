@@ -1,0 +1,78 @@
+"""Stage 2's configuration: one field per `ldm train` flag, the fields a resumed run may change, and every check that
+needs nothing but the config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..sampling.parameterization import PARAMETERIZATIONS
+from .common import RunConfig, TrainError, check_common
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    ckpt: str | None = None  # fine-tune this checkpoint (or train `preset` from scratch)
+    parameterization: str | None = None  # from scratch: "eps" or "v" (default: the preset's)
+    autoencoder: str | None = None  # first_stage_model.* weights for a from-scratch model (stage 1's output)
+    train_text_encoder: bool = False  # needed when the text encoder is new too
+    gradient_checkpointing: bool = False  # recompute the U-Net's blocks in the backward pass: less memory, ~30 % slower
+    compile: bool = False  # torch.compile the trained modules' forward and backward (COMPILE_BACKEND)
+    # batch_size is global: samples per optimizer step, over all processes and accumulation steps
+    grad_accum: int = 1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.9999  # 0: no EMA
+    prompt_dropout: float = 0.1
+    min_snr_gamma: float | None = None
+    min_snr_floor: float = 0.0  # x0-loss weight clamp(SNR, floor, gamma) (parameterization.min_snr_weight)
+    offset_noise: float = 0.0
+    cache_latents: bool = True  # encode images and captions once; off for random flips
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    sample_every: int = 0
+    sample_prompts: list[str] = field(default_factory=lambda: ["a small red circle on a blue background"])
+    log_every: int = 10
+    resume: bool = False
+
+
+# The fields that may change when a run is resumed; every other field of TrainConfig defines the run.
+RESUMABLE = (
+    "outdir",
+    "steps",
+    "save_every",
+    "keep_checkpoints",
+    "sample_every",
+    "sample_prompts",
+    "log_every",
+    "resume",
+    "device",
+    "quiet",
+    "gradient_checkpointing",
+    "compile",
+)
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Every check that needs nothing but the config: TrainError naming the problem."""
+    for name in ("steps", "batch_size", "grad_accum", "save_every", "log_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise TrainError(f"{name.replace('_', '-')} must be at least 1, not {getattr(cfg, name)}")
+    check_common(cfg, precisions=("fp32", "bf16", "fp16", "auto"))
+    if cfg.max_grad_norm <= 0:  # a negative clipping norm trains backwards, a zero one not at all
+        raise TrainError(f"max-grad-norm must be above 0, not {cfg.max_grad_norm:g}")
+    if cfg.weight_decay < 0:
+        raise TrainError(f"weight-decay must be at least 0, not {cfg.weight_decay:g}")
+    if not 0 <= cfg.prompt_dropout <= 1:
+        raise TrainError(f"prompt-dropout is a probability, in [0, 1], not {cfg.prompt_dropout:g}")
+    if cfg.parameterization not in (None, *PARAMETERIZATIONS):
+        raise TrainError(f"parameterization must be eps or v, not {cfg.parameterization!r}")
+    if cfg.min_snr_floor and not cfg.min_snr_gamma:
+        raise TrainError("--min-snr-floor needs --min-snr-gamma")
+    if not 0 <= cfg.min_snr_floor <= (cfg.min_snr_gamma or 0):
+        raise TrainError(
+            f"min-snr-floor must be between 0 and the gamma {cfg.min_snr_gamma:g}, not {cfg.min_snr_floor:g}"
+        )
+    if cfg.parameterization and cfg.ckpt:
+        raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
+    if cfg.flip and cfg.cache_latents:
+        raise TrainError("--flip needs --no-cache-latents (cached latents cannot be flipped)")

@@ -1,0 +1,345 @@
+"""Stage 2 of latent diffusion: train the U-Net on latents of a frozen autoencoder, on one process or many.
+
+Objective (Ho et al. 2020; v: Salimans & Ho 2022): t ~ U{0..T-1}, ε ~ N(0, I), x_t = √ᾱ_t·z + √(1−ᾱ_t)·ε with
+z the scaled latent of an image; loss = w(t)·|f(x_t, t, c) − target|², target ε or v = √ᾱ_t·ε − √(1−ᾱ_t)·z.
+w(t) = 1, or min-SNR-γ (Hang et al. 2023): min(SNR, γ)/SNR for ε, min(SNR, γ)/(SNR + 1) for v, SNR = ᾱ/(1−ᾱ);
+with `min_snr_floor` f, clamp(SNR, f, γ) in place of min(SNR, γ).
+The prompt is replaced by "" with probability `prompt_dropout`, so that the model learns the unconditional
+prediction that classifier-free guidance needs (SDXL: by zeros, text and pooled, as generative-models' `ucg_rate`
+and as generation conditions on an empty negative prompt). SDXL also sees each image's micro-conditioning: its
+original size and crop (`data.Item`), the training size as the target size.
+
+The loop reads top to bottom in `train`: check the config, build the data, the model and the optimizer
+(or restore them from the last checkpoint), then per step: the micro-batches (`make_batch`), the loss
+(`diffusion_loss`, a function of the network and the batch alone), one optimizer step, the EMA, the log row
+and the checkpoint.
+
+Determinism: the data order of epoch e is a permutation seeded by (seed, e), and every random draw of step s
+(timesteps, noise, prompt dropout, posterior samples) comes from a generator seeded by (seed, s), drawn for the
+whole global batch. Each process takes its slice. So N steps + resume + N steps equals 2N steps, and two
+processes give the weights one process gives with the same global batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from ..devices import resolve_device
+from ..files import atomic_write, missing_folders, remove_empty, writable_folder
+from ..models.config import preset
+from ..models.family import UNET, VAE
+from ..models.ldm import LatentDiffusion
+from ..weights.checkpoint import CheckpointError, ema_key, load_model, read_state_dict
+from .checkpoints import latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
+from .common import (
+    TrainError,
+    build_dataset,
+    fast_optimizer_options,
+    get_lr,
+    lock_outdir,
+    resolve_precision,
+)
+from .config import TrainConfig, check_config
+from .step import Run, train_step
+
+COMPILE_BACKEND = "inductor"  # the tests trace with "aot_eager": the same graphs, without building kernels
+
+
+# Small pure pieces (tested on their own) ------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, num_updates: int) -> None:
+    """CompVis's LitEma: with n updates so far (this one included), d = min(decay, (1 + n)/(10 + n)) and
+    ema ← ema − (1 − d)·(ema − θ)."""
+    d = min(decay, (1 + num_updates) / (10 + num_updates))
+    ema_params = list(ema.parameters())  # one foreach op, not a Python loop over the parameters
+    torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters())], 1 - d)
+
+
+# Set-up -------------------------------------------------------------------------------------------------------
+
+
+def distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_model(cfg: TrainConfig, dataset) -> LatentDiffusion:
+    """The checkpoint to fine-tune, or the preset from scratch (with stage 1's autoencoder, if given); the
+    autoencoder is frozen, the text encoder too unless it is trained."""
+    if cfg.ckpt:
+        model = load_model(cfg.ckpt)
+    else:
+        config = preset(cfg.preset)
+        config.parameterization = cfg.parameterization or config.parameterization
+        config.image_size = cfg.image_size  # the model's default generation size
+        model = LatentDiffusion(config)
+        if cfg.autoencoder:
+            sd, _ = read_state_dict(cfg.autoencoder)
+            weights = {k.removeprefix(VAE): v for k, v in sd.items() if k.startswith(VAE)}
+            try:
+                model.first_stage_model.load_state_dict(weights, strict=True)
+            except RuntimeError as e:
+                raise TrainError(f"{cfg.autoencoder}: does not fit the {cfg.preset} autoencoder ({e})") from None
+            model.cfg.scale_factor = latent_scale_factor(model, dataset)
+    if cfg.train_text_encoder and model.cfg.micro_conditioning:
+        raise TrainError("--train-text-encoder is not supported for SDXL models yet; their text encoders stay frozen")
+    model.first_stage_model.requires_grad_(False)
+    for encoder in model.text_encoders:
+        encoder.requires_grad_(cfg.train_text_encoder)
+    model.unet.checkpointing = cfg.gradient_checkpointing
+    return model
+
+
+@torch.no_grad()
+def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> float:
+    """1 / std of the latents of the first `count` images: CompVis's `scale_by_std`, so that a new autoencoder's
+    latents have unit variance as the noise schedule assumes (SD's 0.18215 was found the same way).
+    Posterior means, not samples, so that the factor is the same in every run and on resume."""
+    items = [it for i in range(min(count, len(dataset))) if (it := dataset.load(i)) is not None]
+    if not items:
+        raise TrainError("none of the first images could be read")
+    z = model.first_stage_model.encode(torch.stack([it.image for it in items]), batch_size=16).mean
+    return round(1 / z.std().item(), 5)
+
+
+@torch.no_grad()
+def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet: bool) -> dict:
+    """Posterior mean and std of every image's latent, its micro-conditioning, and the text embedding (and pooled
+    text, SDXL) of every distinct caption."""
+    means, stds, captions, micro = [], [], [], []
+    for start in tqdm(range(0, len(dataset), 16), desc="caching latents", disable=quiet, unit="batch"):
+        items = [it for i in range(start, min(start + 16, len(dataset))) if (it := dataset.load(i)) is not None]
+        if not items:
+            continue
+        posterior = model.first_stage_model.encode(torch.stack([it.image for it in items]).to(device))
+        means.append(posterior.mean.cpu())
+        stds.append(posterior.std.cpu())
+        captions.extend(it.caption for it in items)
+        micro.extend((*it.original_size, *it.crop) for it in items)
+    if not means:
+        raise TrainError(f"none of the {len(dataset)} images of the data set can be read")
+    unique = sorted(set(captions) | {""})
+    embeddings = pooled = None
+    if not cfg.train_text_encoder:
+        parts = [model.get_text_conditioning(unique[i : i + 64], pooled=True) for i in range(0, len(unique), 64)]
+        embeddings = torch.cat([context for context, _ in parts])
+        pooled = torch.cat([p for _, p in parts]) if parts[0][1] is not None else None
+    index = {c: i for i, c in enumerate(unique)}
+    return {
+        "mean": torch.cat(means),
+        "std": torch.cat(stds),
+        "caption": [index[c] for c in captions],
+        "captions": unique,
+        "index": index,
+        "embeddings": embeddings,
+        "pooled": pooled,
+        "micro": torch.tensor(micro, dtype=torch.float32),
+    }
+
+
+class TrainedParts(nn.Module):
+    """What the optimizer updates, as one module for DistributedDataParallel: the U-Net behind its conditioning
+    wrapper, and the text encoder when it is trained (it then runs inside forward, so that its gradients are
+    synchronised too). Runs under the run's autocast."""
+
+    def __init__(self, wrapper: nn.Module, text: nn.Module | None, autocast: dict):
+        super().__init__()
+        self.wrapper = wrapper
+        self.text = text
+        self.autocast = autocast
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        """cond: the wrapper's conditioning, or {"tokens": (b, 77)} when the text encoder is trained."""
+        with torch.autocast(**self.autocast):
+            if "tokens" in cond:
+                cond = {"crossattn": self.text(cond["tokens"])}
+            return self.wrapper(x_t, t, cond)
+
+
+# The loop ------------------------------------------------------------------------------------------------------
+
+
+def setup(cfg: TrainConfig):
+    """(outdir, device, rank, world size, the outdir's lock, what `discard` removes after a failure), checked
+    before any work."""
+    check_config(cfg)
+    rank, world = distributed()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise TrainError(
+            f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} accumulation steps"
+        )
+    try:
+        device, created = resolve_device(cfg.device), missing_folders(cfg.outdir)  # the device first: no folder
+        outdir = writable_folder(cfg.outdir)  # is made for a run refused over its device
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    new_lock = not (outdir / ".lock").exists()
+    lock = lock_outdir(outdir) if rank == 0 else None  # one run per folder (the other ranks only read from it)
+    litter = ([outdir / ".lock"] if new_lock and lock else [], created)
+    if not cfg.resume and latest_checkpoint(outdir) is not None:
+        discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
+        if lock:
+            lock.close()
+        raise TrainError(f"{outdir} holds checkpoints of an earlier run: pass --resume, or use another --outdir")
+    return outdir, device, rank, world, lock, litter
+
+
+def discard(litter: tuple[list[Path], list[Path]]) -> None:
+    """After a run that failed before writing anything: its lock file, then the folders it made, while empty."""
+    files, folders = litter
+    for path in files:
+        path.unlink(missing_ok=True)
+    remove_empty(folders)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
+    outdir, device, rank, world, lock, litter = setup(cfg)
+    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # what the fingerprint holds
+    try:
+        return run_training(cfg, outdir, device, rank, world)
+    except BaseException:
+        if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
+            discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
+        raise
+    finally:
+        if lock:
+            lock.close()  # also when the run fails inside this process (a notebook, tests)
+
+
+def run_training(cfg: TrainConfig, outdir: Path, device: torch.device, rank: int, world: int) -> Path:
+    quiet = cfg.quiet or rank != 0
+    dataset = build_dataset(cfg)
+    if cfg.batch_size > len(dataset):
+        raise TrainError(f"batch size {cfg.batch_size} is larger than the data set ({len(dataset)} images)")
+    torch.manual_seed(cfg.seed)  # the initial weights of a from-scratch model
+    try:
+        model = build_model(cfg, dataset)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    state, saved = restore(cfg, outdir, model, ema=cfg.ema_decay > 0)
+    model = model.to(device)
+    autocast = dict(
+        device_type=device.type,
+        dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+        enabled=cfg.precision != "fp32",
+    )
+    trainable = TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast)
+    ema = copy.deepcopy(model.unet).requires_grad_(False) if cfg.ema_decay > 0 else None
+    if cfg.compile:  # in place: the module tree and so the checkpoint keys stay as they are
+        trainable.compile(backend=COMPILE_BACKEND, dynamic=False)
+    optimizer = torch.optim.AdamW(
+        trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fast_optimizer_options(device)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    if state is not None:
+        if ema is not None:
+            ema.load_state_dict({k: saved[ema_key(UNET + k)] for k in ema.state_dict()})
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+    cache = build_cache(model, dataset, device, cfg, quiet) if cfg.cache_latents else None
+    run = Run(cfg, model, dataset, cache, device, rank, world)
+    # A trained SD 2.x text encoder has parameters without gradients (its last block and projection).
+    net = (
+        trainable
+        if world == 1
+        else nn.parallel.DistributedDataParallel(
+            trainable,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=cfg.train_text_encoder,
+        )
+    )
+    loop(run, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)
+    if getattr(dataset, "skipped", 0) and rank == 0:
+        tqdm.write(f"skipped {dataset.skipped} unreadable images")
+    if world > 1:
+        dist.destroy_process_group()
+    return outdir / "model.safetensors"
+
+
+def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet: bool) -> None:
+    """Steps start..steps: train, EMA, log every log_every steps, checkpoint every save_every, samples."""
+    cfg, model = run.cfg, run.model
+    log_path = outdir / "log.csv"
+    if run.rank == 0:  # a resumed run keeps the rows up to its checkpoint's step, and only those
+        rows = log_path.read_text().splitlines()[1:] if cfg.resume and log_path.exists() else []
+        kept = [row for row in rows if row.split(",")[0].isdigit() and int(row.split(",")[0]) <= start]
+        with atomic_write(log_path) as tmp:
+            tmp.write_text("\n".join(["step,loss,lr,steps_per_s", *kept]) + "\n")
+    fingerprint = run_fingerprint(cfg, model)
+    bar = tqdm(total=cfg.steps, initial=start, disable=quiet, unit="step", desc="train")
+    losses, tick = [], time.perf_counter()
+    model.train()
+    model.first_stage_model.eval()
+    for step in range(start, cfg.steps):
+        losses.append(train_step(run, step, net, optimizer, scaler))
+        if ema is not None:
+            ema_update(ema, model.unet, cfg.ema_decay, step + 1)
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            bar.set_postfix(loss=f"{sum(losses) / len(losses):.4f}")
+            if run.rank == 0:
+                log_row(log_path, done, losses, time.perf_counter() - tick, get_lr(step, cfg))
+            losses, tick = [], time.perf_counter()
+        if run.rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
+            state = {
+                "step": done,
+                "optimizer": optimizer.state_dict(),
+                "scaler": scaler.state_dict(),
+                "fingerprint": fingerprint,
+            }
+            save_checkpoint(outdir, done, model, ema, state, cfg.keep_checkpoints)
+        if run.rank == 0 and cfg.sample_every and done % cfg.sample_every == 0:
+            write_samples(model, cfg, outdir / "samples" / f"step-{done:07d}.png")
+        if run.world > 1:
+            dist.barrier()
+    bar.close()
+
+
+@torch.no_grad()
+def write_samples(model: LatentDiffusion, cfg: TrainConfig, path: Path) -> None:
+    from ..pipeline.generate import NonFiniteError, generate
+    from ..pipeline.images import grid, save_png, to_pil
+    from ..pipeline.request import GenerationRequest, RequestError
+
+    model.eval()
+    n = len(cfg.sample_prompts)
+    request = GenerationRequest(
+        cfg.sample_prompts,
+        list(range(n)),
+        width=cfg.image_size,
+        height=cfg.image_size,
+        sampler="ddim",
+        cfg_scale=5.0,
+        batch_size=n,
+    )
+    try:
+        images = generate(model, request).images
+    except (RequestError, NonFiniteError) as e:  # a sample must never end a long run
+        tqdm.write(f"ldm: warning: no sample images at {path.stem}: {e}", file=sys.stderr)
+        return
+    finally:
+        model.train()
+        model.first_stage_model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_png(grid([to_pil(im) for im in images]), path, "\n".join(cfg.sample_prompts))

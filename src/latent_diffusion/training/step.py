@@ -1,0 +1,189 @@
+"""One optimizer step of stage 2 (`training/diffusion.py` runs them): the micro-batch with every random draw of the step made from
+a generator seeded by (seed, step) (`make_batch`), the diffusion loss as a function of the network and the batch alone
+(`diffusion_loss`), and the step with gradient accumulation over micro-batches (`train_step`)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.ldm import LatentDiffusion
+from ..sampling.parameterization import min_snr_weight, noised, target
+from .common import TrainError, TrainingDiverged, get_lr
+from .config import TrainConfig
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def global_batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The dataset indices of optimizer step `step`: consecutive slices of per-epoch permutations."""
+    out, position = [], step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(position, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+        take = perm[offset : offset + batch_size - len(out)].tolist()
+        out.extend(take)
+        position += len(take)
+    return out
+
+
+@dataclass
+class Batch:
+    """One micro-batch with every random draw made: the loss is then a function of the network and the batch."""
+
+    latents: torch.Tensor  # z, the scaled latents of the images (b, c, h, w)
+    cond: (
+        dict  # {"crossattn": (b, 77, d)} (SDXL: and "vector"), or {"tokens": (b, 77)} when the text encoder is trained
+    )
+    timesteps: torch.Tensor  # (b,)
+    noise: torch.Tensor  # ε (b, c, h, w)
+
+
+def diffusion_loss(
+    net,
+    batch: Batch,
+    alphas_cumprod: torch.Tensor,
+    parameterization: str,
+    min_snr_gamma: float | None = None,
+    min_snr_floor: float = 0.0,
+) -> torch.Tensor:
+    """Mean over the batch of w(t)·mean|net(x_t, t, c) − target|² (the module docstring's objective)."""
+    a = alphas_cumprod[batch.timesteps]
+    prediction = net(noised(batch.latents, batch.noise, a), batch.timesteps, batch.cond)
+    loss = F.mse_loss(prediction.float(), target(batch.latents, batch.noise, a, parameterization), reduction="none")
+    loss = loss.mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        loss = loss * min_snr_weight(a, min_snr_gamma, parameterization, min_snr_floor)
+    return loss.mean()
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share."""
+
+    cfg: TrainConfig
+    model: LatentDiffusion
+    dataset: object
+    cache: dict | None
+    device: torch.device
+    rank: int
+    world: int
+
+    @property
+    def items(self) -> int:
+        return len(self.cache["caption"]) if self.cache else len(self.dataset)
+
+    @property
+    def micro(self) -> int:
+        """Samples per micro-batch on this process."""
+        return self.cfg.batch_size // (self.world * self.cfg.grad_accum)
+
+
+def load_readable(run: Run, i: int, rng: random.Random):
+    """Item i, or the next readable one: an unreadable image is replaced the same way in every run."""
+    for j in range(run.items):
+        item = run.dataset.load((i + j) % run.items, rng)
+        if item is not None:
+            return item
+    raise TrainError("no image of the data set can be read")
+
+
+def make_batch(run: Run, step: int, part: slice) -> Batch:
+    """Samples `part` of step `step`'s global batch; every draw is made for the global batch (module docstring)."""
+    cfg, model, cache = run.cfg, run.model, run.cache
+    g = step_generator(cfg.seed, step)
+    B = cfg.batch_size
+    t = torch.randint(0, len(model.alphas_cumprod), (B,), generator=g)
+    drop = torch.rand(B, generator=g) < cfg.prompt_dropout
+    f = model.cfg.autoencoder.downsampling_factor
+    shape = (model.cfg.autoencoder.embed_dim, cfg.image_size // f, cfg.image_size // f)
+    noise = torch.randn((B, *shape), generator=g) + cfg.offset_noise * torch.randn((B, shape[0], 1, 1), generator=g)
+    z_noise = torch.randn((B, *shape), generator=g)
+    idx = global_batch_indices(step, B, run.items, cfg.seed)[part]
+    if cache:
+        z = cache["mean"][idx] + cache["std"][idx] * z_noise[part]
+        captions = [cache["captions"][cache["caption"][i]] for i in idx]
+        micro = cache["micro"][idx]
+    else:
+        items = [load_readable(run, i, random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
+        with torch.no_grad():
+            posterior = model.first_stage_model.encode(torch.stack([it.image for it in items]).to(run.device))
+        z = posterior.sample(noise=z_noise[part])
+        captions = [it.caption for it in items]
+        micro = torch.tensor([(*it.original_size, *it.crop) for it in items], dtype=torch.float32)
+    dropped = drop[part].tolist()
+    captions = ["" if d else c for c, d in zip(captions, dropped)]
+    latents = (model.scale_factor * z).to(run.device)
+    cond = text_conditioning(run, captions)
+    if model.cfg.micro_conditioning:  # SDXL: dropped captions are zeros; y from the pooled text and the sizes
+        zero = torch.tensor(dropped, device=run.device)
+        cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
+        pooled = cond.pop("pooled").masked_fill(zero[:, None], 0)
+        cond["vector"] = model.conditioner.vector(pooled, training_micro_conditioning(micro, cfg.image_size))
+    return Batch(latents, cond, t[part].to(run.device), noise[part].to(run.device))
+
+
+def training_micro_conditioning(micro: torch.Tensor, image_size: int) -> dict[str, torch.Tensor]:
+    """Rows (original height, width, crop top, left) -> SDXL's micro-conditioning inputs: the target size is the
+    training size; the refiner's aesthetic score is 6 for every image (no scores in the data)."""
+    b = len(micro)
+    return {
+        "original_size": micro[:, :2],
+        "crop_coords": micro[:, 2:],
+        "target_size": torch.full((b, 2), image_size),
+        "aesthetic_score": torch.full((b, 1), 6.0),
+    }
+
+
+def text_conditioning(run: Run, captions: list[str]) -> dict:
+    """The context of the captions (and, SDXL, their pooled text under "pooled"), from the cache when it has them,
+    or their tokens when the text encoder is trained (it then runs inside the trained module's forward)."""
+    if run.cfg.train_text_encoder:
+        return {"tokens": run.model.cond_stage_model.tokenize(captions)[0]}
+    if run.cache:
+        rows = [run.cache["index"][c] for c in captions]
+        cond = {"crossattn": run.cache["embeddings"][rows].to(run.device)}
+        if run.cache["pooled"] is not None:
+            cond["pooled"] = run.cache["pooled"][rows].to(run.device)
+        return cond
+    with torch.no_grad():
+        context, pooled = run.model.get_text_conditioning(captions, pooled=True)
+    return {"crossattn": context} | ({"pooled": pooled} if pooled is not None else {})
+
+
+def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
+    """One optimizer step over grad_accum micro-batches per process; returns the step's mean loss."""
+    cfg = run.cfg
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, cfg)
+    step_loss = 0.0
+    for k in range(cfg.grad_accum):
+        first = (run.rank * cfg.grad_accum + k) * run.micro
+        synced = run.world == 1 or k == cfg.grad_accum - 1  # one all-reduce per step, after the last micro-batch
+        with contextlib.nullcontext() if synced else net.no_sync():
+            batch = make_batch(run, step, slice(first, first + run.micro))
+            loss = diffusion_loss(
+                net, batch, run.model.alphas_cumprod, run.model.parameterization, cfg.min_snr_gamma, cfg.min_snr_floor
+            )
+            loss = loss / cfg.grad_accum
+            scaler.scale(loss).backward()
+        step_loss += loss.item()
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    if not scaler.is_enabled() and not (math.isfinite(step_loss) and torch.isfinite(norm)):  # fp16: the scaler skips
+        raise TrainingDiverged(
+            f"step {step + 1}: loss {step_loss:.4g}, gradient norm {norm.item():.4g}: not finite; "
+            "the step was not applied and the last checkpoint is the last good one (lower --lr?)"
+        )
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss

@@ -1,0 +1,1 @@
+"""Files in, models out: reading files safely, loading and saving models, LoRA-family merges, embeddings."""

@@ -1,0 +1,417 @@
+"""Loading and saving models in the original Stable Diffusion layout, from files read by `weights/reader.py`
+(which runs no code from them).
+
+- `.safetensors` tensors are views of the file's pages, and the model is built on the `meta` device and takes
+  those tensors as its parameters (`assign=True`), so no second full copy exists unless a dtype or device change
+  asks for one.
+- Without a config, the architecture is read off the keys and shapes. Files we write carry their exact
+  config in the safetensors metadata, so tiny and custom models round-trip exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..files import atomic_write
+from ..models.config import (
+    MICRO_CONDITIONING,
+    OPENCLIP_VIT_BIGG_14,
+    OPENCLIP_VIT_H_14,
+    SDXL_CLIP_VIT_L_14,
+    SDXL_MICRO,
+    SDXL_REFINER_MICRO,
+    SDXL_SCALE_FACTOR,
+    AutoencoderConfig,
+    LatentDiffusionConfig,
+    TextEncoderConfig,
+    UNetConfig,
+)
+from ..models.family import EMA, SD1, SD2, SDXL, UNET, VAE, family_of_keys
+from ..models.ldm import LatentDiffusion
+from ..models.yaml_config import from_ldm_config
+from .reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
+
+CLIP, OPENCLIP = SD1.text_prefix, SD2.text_prefix
+CONFIG_METADATA_KEY = "latent_diffusion.config"
+# The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
+# checkpoint is given. Its generation defaults (64x64 images, CFG 1.75) are in its config metadata.
+BUILTIN_MODEL = Path(__file__).parents[1] / "assets" / "shapes.safetensors"
+
+
+# The architecture from the keys -----------------------------------------------------------------------------
+
+
+def _indices(keys, prefix: str) -> list[int]:
+    """Distinct integers N in keys that start with `prefix` + "N."."""
+    found = {int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
+    return sorted(found)
+
+
+def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
+    keys = sd.keys()
+    mc, in_channels = sd[UNET + "input_blocks.0.0.weight"].shape[:2]
+    blocks = _indices(keys, UNET + "input_blocks.")
+    downs = [i for i in blocks if UNET + f"input_blocks.{i}.0.op.weight" in sd]
+    num_res_blocks = (downs[0] if downs else len(blocks)) - 1
+    channel_mult, attention_resolutions, depths = [], [], {}
+    for level in range(len(downs) + 1):
+        first = 1 + level * (num_res_blocks + 1)
+        channel_mult.append(sd[UNET + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        if UNET + f"input_blocks.{first}.1.proj_in.weight" in sd:
+            attention_resolutions.append(2**level)
+            depths[level] = len(_indices(keys, UNET + f"input_blocks.{first}.1.transformer_blocks."))
+    # A level without attention leaves no depth in the keys: the one depth of all levels if they share one
+    # (the refiner's 4), else 1 (SDXL base's [1, 2, 10]), as the original YAMLs write them. The middle block
+    # has the last level's depth.
+    middle = len(_indices(keys, UNET + "middle_block.1.transformer_blocks."))
+    fill = depths[min(depths)] if len(set(depths.values())) == 1 else 1
+    transformer_depth = [depths.get(level, fill) for level in range(len(channel_mult))]
+    last = len(channel_mult) - 1
+    if last not in depths:
+        transformer_depth[last] = middle
+    elif depths[last] != middle:
+        raise ValueError(f"a middle block of depth {middle} beside a last level of depth {depths[last]}")
+    proj_in = sd[UNET + "middle_block.1.proj_in.weight"]
+    linear = proj_in.ndim == 2
+    return UNetConfig(
+        in_channels=in_channels,
+        out_channels=sd[UNET + "out.2.weight"].shape[0],
+        model_channels=mc,
+        attention_resolutions=tuple(attention_resolutions),
+        num_res_blocks=num_res_blocks,
+        channel_mult=tuple(channel_mult),
+        # Head counts leave no trace in the shapes: these are SD 1.x's and SD 2.x's.
+        num_heads=None if linear else 8,
+        num_head_channels=64 if linear else None,
+        transformer_depth=tuple(transformer_depth),
+        context_dim=sd[UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        use_linear_in_transformer=linear,
+        adm_in_channels=sd[UNET + "label_emb.0.0.weight"].shape[1] if UNET + "label_emb.0.0.weight" in sd else None,
+    )
+
+
+def _infer_autoencoder(sd: dict[str, torch.Tensor]) -> AutoencoderConfig:
+    keys = sd.keys()
+    ch, in_channels = sd[VAE + "encoder.conv_in.weight"].shape[:2]
+    levels = _indices(keys, VAE + "encoder.down.")
+    z_channels = sd[VAE + "decoder.conv_in.weight"].shape[1]
+    return AutoencoderConfig(
+        embed_dim=sd[VAE + "post_quant_conv.weight"].shape[1],
+        z_channels=z_channels,
+        double_z=sd[VAE + "encoder.conv_out.weight"].shape[0] == 2 * z_channels,
+        in_channels=in_channels,
+        out_ch=sd[VAE + "decoder.conv_out.weight"].shape[0],
+        ch=ch,
+        ch_mult=tuple(sd[VAE + f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels),
+        num_res_blocks=len(_indices(keys, VAE + "encoder.down.0.block.")),
+    )
+
+
+def _infer_text(sd: dict[str, torch.Tensor], prefix: str, stock: TextEncoderConfig) -> TextEncoderConfig:
+    """The text encoder whose weights start with `prefix` (`...transformer.text_model.` for CLIP's layout,
+    `...model.` for OpenCLIP's): `stock`'s options with the widths and depth of the weights."""
+    keys = sd.keys()
+    text = dataclasses.replace(stock)
+    if stock.kind == "clip":
+        text.vocab_size, text.width = sd[prefix + "embeddings.token_embedding.weight"].shape
+        text.max_length = sd[prefix + "embeddings.position_embedding.weight"].shape[0]
+        text.layers = len(_indices(keys, prefix + "encoder.layers."))
+        text.mlp_width = sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
+    else:
+        text.vocab_size, text.width = sd[prefix + "token_embedding.weight"].shape
+        text.max_length = sd[prefix + "positional_embedding"].shape[0]
+        text.layers = len(_indices(keys, prefix + "transformer.resblocks."))
+        text.mlp_width = sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+        text.projection = prefix + "text_projection" in sd
+        if text.projection:
+            text.embed_dim = sd[prefix + "text_projection"].shape[1]
+        elif not text.pooled:  # converted back from diffusers: the last block is the one SD 2.x's penultimate is
+            text.layer = "last"
+    text.heads = max(1, text.width // 64)  # CLIP's and OpenCLIP's head width is 64
+    text.__post_init__()
+    return text
+
+
+def _infer_conditioner(sd: dict[str, torch.Tensor]) -> dict:
+    """The config fields of the family's conditioner: the text encoder(s) and, for SDXL, its micro-conditioning."""
+    family = family_of_keys(sd.keys())
+    if family is SD1:
+        return {"text": _infer_text(sd, CLIP, TextEncoderConfig())}
+    if family is SD2:
+        return {"text": _infer_text(sd, OPENCLIP, OPENCLIP_VIT_H_14)}
+    base = family is SDXL
+    texts = [_infer_text(sd, SDXL.text_prefix + "0.transformer.text_model.", SDXL_CLIP_VIT_L_14)] if base else []
+    texts.append(_infer_text(sd, SDXL.text_prefix + f"{len(texts)}.model.", OPENCLIP_VIT_BIGG_14))
+    micro = SDXL_MICRO if base else SDXL_REFINER_MICRO
+    adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
+    return {
+        "text": texts[0],
+        "text2": texts[1] if base else None,
+        "micro_conditioning": micro,
+        "micro_conditioning_width": (adm - texts[-1].embed_dim) // sum(MICRO_CONDITIONING[m] for m in micro),
+        "scale_factor": SDXL_SCALE_FACTOR,
+    }
+
+
+def _check_family(sd: dict[str, torch.Tensor], path) -> None:
+    keys = list(sd)
+    needed = [UNET + "input_blocks.0.0.weight", VAE + "encoder.conv_in.weight"]
+    has_text = family_of_keys(sd.keys()) is not None
+    if all(k in sd for k in needed) and has_text:
+        return
+    sample = ", ".join(keys[:3]) or "no tensors"
+    if any(
+        k.startswith(("down_blocks.", "conv_in.", "time_embedding.", "unet.", "encoder.down_blocks.")) for k in keys
+    ):
+        hint = "it looks like a diffusers-format component, not a single-file Stable Diffusion checkpoint"
+    elif any(k.startswith(UNET) for k in keys):
+        missing = [
+            p
+            for p, ok in (
+                ("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
+                ("cond_stage_model.* (or SDXL's conditioner.*)", has_text),
+            )
+            if not ok
+        ]
+        hint = f"it has a U-Net but no {' and no '.join(missing)} weights"
+    else:
+        hint = "no model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (or conditioner.*) keys"
+    raise CheckpointError(f"{path}: not a Stable Diffusion checkpoint: {hint} (first keys: {sample})")
+
+
+def infer_config(
+    sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, path=None
+) -> LatentDiffusionConfig:
+    """The model's config: from our metadata when present, else read off the keys and shapes.
+
+    v-prediction leaves no trace in the weights. Without metadata it is taken from the file name: a `-v`
+    part (`768-v-ema.ckpt`) or an SD 2.x file with 768 in its name (`v2-1_768-ema-pruned.safetensors`).
+    """
+    if metadata and CONFIG_METADATA_KEY in metadata:
+        try:
+            return LatentDiffusionConfig.from_json(metadata[CONFIG_METADATA_KEY])
+        except (ValueError, TypeError, KeyError) as e:
+            raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not a valid config ({e})") from None
+    _check_family(sd, path)
+    try:
+        conditioner = _infer_conditioner(sd)
+        name = Path(path).name.lower() if path else ""
+        sd2 = family_of_keys(sd.keys()) is SD2
+        is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (sd2 and "768" in name)
+        return LatentDiffusionConfig(
+            unet=_infer_unet(sd),
+            autoencoder=_infer_autoencoder(sd),
+            parameterization="v" if is_v else "eps",
+            **conditioner,
+        )
+    except KeyError as e:
+        raise CheckpointError(f"{path}: an incomplete Stable Diffusion checkpoint: it has no {e.args[0]}") from None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its weights describe no model this project builds ({e})") from None
+
+
+def _config_from_argument(config) -> LatentDiffusionConfig:
+    try:
+        return _parse_config(config)
+    except ValueError as e:
+        if isinstance(e, CheckpointError):
+            raise
+        where = f"{config}: " if isinstance(config, (str, os.PathLike)) else "config: "
+        raise CheckpointError(where + str(e)) from None
+
+
+def _parse_config(config) -> LatentDiffusionConfig:
+    if isinstance(config, LatentDiffusionConfig):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        import yaml
+
+        path = config
+        try:
+            config = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise CheckpointError(f"{path}: cannot read the config ({first_line(e)})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{path}: not a CompVis YAML config (it holds a {type(config).__name__})")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"config must be a CompVis YAML path or its parsed mapping, not {type(config).__name__}")
+    return from_ldm_config(config)
+
+
+# Loading ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _empty_modules():
+    """Build modules on the meta device with their initialisers skipped: the weights are about to be replaced, and
+    the meta versions of `normal_` and the like import torch._dynamo on first use (2-3 s of a process's first load).
+    nn.init's functions are swapped for the duration, as transformers' `no_init_weights` does."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]  # normal_, kaiming_uniform_, ...
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        with torch.device("meta"):
+            yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def ema_key(unet_key: str) -> str:
+    """CompVis's LitEma name of a U-Net weight: `model.diffusion_model.a.0.b` -> `model_ema.diffusion_modela0b`."""
+    return EMA + unet_key[len("model.") :].replace(".", "")
+
+
+def _add_text_model_level(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Some SD 1.x files were saved by an older transformers whose CLIPTextModel had no `text_model` level
+    (`cond_stage_model.transformer.embeddings.*`); the web UIs read them by adding it, and so do we."""
+    old = "cond_stage_model.transformer."
+    if any(k.startswith(CLIP) for k in sd) or not any(k.startswith(old) for k in sd):
+        return sd
+    return {(CLIP + k[len(old) :] if k.startswith(old) else k): v for k, v in sd.items()}
+
+
+def _ignorable(key: str) -> bool:
+    """Keys that original checkpoints carry and our model rebuilds or does not use."""
+    return (
+        "." not in key  # CompVis's schedule buffers: betas, alphas_cumprod, posterior_variance, ...
+        or key.startswith(EMA)  # taken only when ema=True
+        or key.endswith("text_model.embeddings.position_ids")  # a buffer older transformers versions saved
+    )
+
+
+def load_model(
+    path: str | os.PathLike,
+    config=None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool | None = None,
+    parameterization: str | None = None,
+) -> LatentDiffusion:
+    """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout.
+
+    config: a CompVis inference YAML path, its parsed mapping or a LatentDiffusionConfig; None reads the
+    architecture off the keys. ema=True loads the `model_ema.*` weights into the U-Net (an error if the file
+    has none); None or False loads `model.diffusion_model.*`. parameterization ("eps" or "v") overrides
+    what the config or file name says.
+    """
+    sd, metadata = read_state_dict(path)
+    origin = _add_text_model_level({k: k for k in sd})  # our key -> the file's key (some files rename a level)
+    sd = _add_text_model_level(sd)
+    cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
+    if parameterization is not None:
+        cfg = dataclasses.replace(cfg, parameterization=parameterization)
+    try:
+        with _empty_modules():
+            model = LatentDiffusion(cfg)
+    except (ValueError, ZeroDivisionError, RuntimeError) as e:
+        raise CheckpointError(f"{path}: its config describes no model this project builds ({first_line(e)})") from None
+    expected = model.state_dict()  # meta tensors: names and shapes only
+
+    if ema:
+        sd, origin = _with_ema_unet(sd, origin, [k for k in expected if k.startswith(UNET)], path)
+
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
+    wrong_shape = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
+    # The VAE's attention as Linear weights [c, c] instead of 1x1 convolutions [c, c, 1, 1], as files converted back
+    # from diffusers store them: the same numbers, reshaped exactly.
+    wrong_shape = [k for k in wrong_shape if not (k.startswith(VAE) and (*sd[k].shape, 1, 1) == expected[k].shape)]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape)
+        )
+
+    weights = {}
+    with open(path, "rb") as f:
+        index = {} if is_pickle(Path(path), f.read(8)) else safetensors_index(path)
+        scratch = None  # one buffer of the largest tensor's size, made when a tensor is first read
+        for k in expected:
+            t = sd[k]
+            target = dtype if t.is_floating_point() else t.dtype
+            if (target != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
+                scratch = scratch or bytearray(max(end - start for *_, start, end in index.values()))
+                t = read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
+            weights[k] = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
+    model.load_state_dict(weights, strict=True, assign=True)
+    model.init_schedule(device)
+    return model.eval()
+
+
+def _with_ema_unet(sd: dict, origin: dict, unet_keys: list[str], path) -> tuple[dict, dict]:
+    """The state dict with the U-Net's weights taken from `model_ema.*` (and the file's key of each), all or none."""
+    absent = [ema_key(k) for k in unet_keys if ema_key(k) not in sd]
+    if len(absent) == len(unet_keys):
+        raise CheckpointError(f"{path}: ema=True, but the file has no model_ema.* weights")
+    if absent:  # never mix EMA and non-EMA weights silently
+        raise CheckpointError(f"{path}: ema=True, but {len(absent)} EMA weights are missing (first: {absent[0]})")
+    sd = {**sd, **{k: sd[ema_key(k)] for k in unet_keys}}
+    origin = {**origin, **{k: origin[ema_key(k)] for k in unet_keys}}
+    return sd, origin
+
+
+def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
+    """A separate autoencoder file into `model.first_stage_model`, as the web UI's VAE selector: CompVis-layout keys
+    (`encoder.*`, `decoder.*`, `quant_conv.*`, `post_quant_conv.*`), or a whole checkpoint's `first_stage_model.*`,
+    in the model's dtype and device; a training file's `loss.*` (discriminator) and EMA keys are left out.
+    CheckpointError if it does not fit; the model is unchanged then."""
+    sd, _ = read_state_dict(path)
+    if any(k.startswith(VAE) for k in sd):
+        sd = {k.removeprefix(VAE): v for k, v in sd.items() if k.startswith(VAE)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(("loss.", EMA)) and "." in k}
+    expected = model.first_stage_model.state_dict()
+    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
+        raise CheckpointError(f"{path}: a diffusers-format VAE; this takes the original layout (encoder.down.*)")
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong_shape = [k for k in expected if k in sd and sd[k].numel() != expected[k].numel()]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointError(
+            f"{path}: not an autoencoder of this model: " + _describe(missing, unexpected, wrong_shape)
+        )
+    weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
+    model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
+
+
+def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
+    parts = []
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            parts.append(f"{len(keys)} {name} keys (first: {', '.join(keys[:3])})")
+    return "; ".join(parts)
+
+
+# Saving -----------------------------------------------------------------------------------------------------
+
+
+def save_model(model: LatentDiffusion, path: str | os.PathLike, *, ema_unet: torch.nn.Module | None = None) -> None:
+    """Write the model as `.safetensors` in the original layout, atomically (temp file, then rename).
+
+    ema_unet: an EMA copy of the U-Net, written as CompVis's flattened `model_ema.*` keys.
+    The config goes into the metadata, so `load_model` rebuilds exactly this architecture.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: save_model writes .safetensors files; use that suffix")
+    if not path.parent.is_dir():
+        raise CheckpointError(f"{path}: the folder {path.parent} does not exist")
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if ema_unet is not None:
+        for k, v in ema_unet.state_dict().items():
+            tensors[ema_key(UNET + k)] = v.detach().contiguous().cpu()
+    try:
+        with atomic_write(path) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
+    except Exception as e:  # an OSError, or safetensors' own error around one: the environment's failure
+        raise OSError(f"{path}: cannot write ({first_line(e)})") from None
