@@ -725,3 +725,93 @@ def test_a_request_that_goes_non_finite_in_a_shared_batch_fails_alone(ckpt, serv
             answers = list(pool.map(lambda body: call(base, "/sdapi/v1/txt2img", body), bodies))
     assert [status for status, _ in answers] == [200, 200, 500, 200]
     assert "seeds [2]" in answers[2][1]["detail"]
+
+
+def test_a_failure_of_the_server_is_one_line_in_its_log_and_a_500_without_its_paths(ckpt, serve, monkeypatch, capfd):
+    """What no handler answers (here, generation failing on a server-side file) is a 500 whose text names no path
+    and holds no repr, one line in the server's log instead of a traceback, and the server goes on serving."""
+    import latent_diffusion.serving.job_queue as q
+    import latent_diffusion.serving.web_ui_api as api
+
+    real = q.generate_plan
+
+    def failing(plan, **kw):
+        if "break" in plan.request.prompts[0]:
+            raise OSError(f"/srv/secret/models/x.safetensors: cannot read {object()!r}")
+        return real(plan, **kw)
+
+    monkeypatch.setattr(q, "generate_plan", failing)
+    monkeypatch.setattr(api, "samplers", lambda: [][1])  # a route that fails on its own (IndexError)
+    with serve(create_app(load_pipeline(ckpt))) as base:
+        capfd.readouterr()
+        status, answer = call(base, "/sdapi/v1/txt2img", {"prompt": "break", "steps": 1, "width": 32, "height": 32})
+        assert status == 500 and answer["error"] == "InternalError", answer
+        assert "/srv" not in json.dumps(answer) and "object at 0x" not in json.dumps(answer)
+        status, answer = call(base, "/sdapi/v1/samplers")
+        assert status == 500 and answer["detail"].startswith("the server failed on this request (IndexError)")
+        assert call(base, "/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 1, "width": 32, "height": 32})[0] == 200
+    log = capfd.readouterr().err
+    assert "Traceback" not in log, log
+    lines = [line for line in log.splitlines() if line.startswith("ldm serve: error:")]
+    assert len(lines) == 2 and "POST /sdapi/v1/txt2img: OSError" in lines[0] and "IndexError" in lines[1], log
+
+
+def hostile_inputs() -> list[tuple[str, object]]:
+    """(path, body: JSON, or bytes sent as they are) for every kind of bad input the tests above send."""
+    small = {"prompt": "x", "steps": 1, "width": 32, "height": 32}
+    image = "data:image/png;base64," + base64.b64encode(b"not a png").decode()
+    lab, png = io.BytesIO(), io.BytesIO()
+    Image.new("LAB", (32, 32)).save(lab, format="TIFF")
+    Image.new("RGB", (32, 32)).save(png, format="PNG")
+    lab, png = (base64.b64encode(f.getvalue()).decode() for f in (lab, png))
+    deep: object = 1
+    for _ in range(900):
+        deep = [deep]
+    txt2img = [
+        {"sampler_name": "DPM fast"}, {"width": 100000}, {"width": -8}, {"width": 33}, {"steps": 1000},
+        {"steps": 0}, {"steps": "many"}, {"scheduler": "linear"}, {"batch_size": 100, "n_iter": 100},
+        {"batch_size": 0}, {"seed": -5}, {"seed": 2**70}, {"cfg_scale": "nan"}, {"cfg_scale": 1e30},
+        {"eta": -1}, {"s_noise": 1e308, "sampler_name": "Euler a"}, {"refiner_switch_at": 3},
+        {"refiner_checkpoint": "nope"}, {"override_settings": {"sd_model_checkpoint": "nope"}},
+        {"override_settings": {"CLIP_stop_at_last_layers": True}}, {"override_settings": {"x": deep}},
+        {"extra": deep}, {"prompt": "<lora:nothing:1>"}, {"prompt": "<lora:nothing:1e30>"},
+        {"prompt": "<lyco:x:1>"}, {"prompt": "(" * 3000 + "a" + ")" * 3000}, {"prompt": "\ud800"},
+        {"negative_prompt": "y" * 20_001}, {"prompt": None}, {"prompt": 5},
+    ]  # fmt: skip
+    img2img = [
+        {"init_images": []}, {"init_images": [png, png]}, {"init_images": [image]},
+        {"init_images": ["https://example.com/a.png"]}, {"init_images": [bomb_png(100000, 100000)]},
+        {"init_images": ["aGVsbG8=é"]}, {"mask": lab}, {"mask": png[:40]}, {"mask_blur_x": -1},
+        {"mask_blur": 65}, {"resize_mode": 3}, {"inpainting_fill": 9}, {"inpaint_full_res_padding": -1},
+        {"denoising_strength": 0}, {"denoising_strength": 2}, {"extra": deep},
+    ]  # fmt: skip
+    other = [
+        ("/sdapi/v1/options", {"sd_model_checkpoint": "nope"}),
+        ("/sdapi/v1/options", {"sd_model_checkpoint": 5}),
+        ("/sdapi/v1/png-info", {"image": "not base64!"}),
+        ("/sdapi/v1/png-info", {"image": image}),
+        ("/sdapi/v1/png-info", {}),
+        ("/sdapi/v1/txt2img", b"{not json"),
+        ("/sdapi/v1/txt2img", b"[]"),
+        ("/sdapi/v1/txt2img", b'"a string"'),
+        ("/sdapi/v1/txt2img", b"\xff\xfe"),
+        ("/sdapi/v1/progress?skip_current_image=maybe", None),
+        ("/sdapi/v1/nothing-here", None),
+    ]
+    return [
+        *[("/sdapi/v1/txt2img", small | change) for change in txt2img],
+        *[("/sdapi/v1/img2img", small | {"init_images": [png]} | change) for change in img2img],
+        *other,
+    ]
+
+
+def test_no_client_input_is_answered_with_a_5xx(server):
+    """Every kind of bad input above, through one loop: a 4xx each (none a 5xx), and the server goes on serving."""
+    base, _ = server
+    answers = []
+    for path, body in hostile_inputs():
+        raw = body if isinstance(body, bytes) else None
+        status, _ = call(base, path, None if raw is not None else body, raw=raw)
+        answers.append((status, path, str(body)[:80]))
+    assert all(400 <= status < 500 for status, *_ in answers), [a for a in answers if not 400 <= a[0] < 500]
+    assert call(base, "/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 1, "width": 32, "height": 32})[0] == 200

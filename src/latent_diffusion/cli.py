@@ -169,7 +169,7 @@ def cmd_serve(args) -> None:
     where = f"http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)"
     print(f"ldm: serving {pipeline.checkpoint} on {where}", file=sys.stderr)
     options = dict(load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits)
-    app = create_app(pipeline, args.outdir, cors_allow_origins=args.cors_allow_origins, **options)
+    app = create_app(pipeline, args.outdir, cors_allow_origins=args.cors_allow_origins, debug=args.debug, **options)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

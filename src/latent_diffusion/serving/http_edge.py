@@ -9,8 +9,10 @@ import contextlib
 import hmac
 import json
 import math
+import sys
 import threading
 import time
+import traceback
 
 from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
@@ -44,10 +46,13 @@ class NotFound(Exception):
 
 class LimitsMiddleware:
     """Auth first (HTTP basic, compared in constant time), then the body size: a declared Content-Length over the
-    limit is refused before anything is read, and a body sent in chunks is counted as it arrives."""
+    limit is refused before anything is read, and a body sent in chunks is counted as it arrives. Last, the
+    catch-all: an exception no handler answered (a failure of the server, not of the request) is logged in one line
+    (with its traceback under `debug`) and answered 500 without paths or reprs (`internal_error`), and the server
+    goes on serving."""
 
-    def __init__(self, app, api_auth: str | None, max_body: int):
-        self.app, self.api_auth, self.max_body = app, api_auth, max_body
+    def __init__(self, app, api_auth: str | None, max_body: int, debug: bool = False):
+        self.app, self.api_auth, self.max_body, self.debug = app, api_auth, max_body, debug
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -78,7 +83,32 @@ class LimitsMiddleware:
                 raise HTTPException(status_code=413, detail=f"request body over {self.max_body} bytes")
             return message
 
-        await self.app(scope, counted, send)
+        started = False
+
+        async def sending(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except Exception as e:  # FastAPI has answered it (`internal_error`) and raised it again for the log
+            print(f"ldm serve: error: {scope['method']} {scope['path']}: {one_line(e)}", file=sys.stderr)
+            if self.debug:
+                traceback.print_exc()
+            if not started:
+                await internal_error(None, e)(scope, receive, send)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:300]}" if text else type(e).__name__
+
+
+def internal_error(request, e: Exception) -> JSONResponse:
+    """A failure of the server on a request: one line for the client that names no path and holds no repr (the
+    server's log has the rest)."""
+    return error(500, "InternalError", f"the server failed on this request ({type(e).__name__}); its log has more")
 
 
 def authorized(header: bytes | None, credentials: str) -> bool:
@@ -124,6 +154,7 @@ ERROR_HANDLERS = {
     RequestValidationError: invalid,
     HTTPException: http_error,
     QueueFull: queue_full,
+    Exception: internal_error,  # everything else: the server's failure (FastAPI answers it, then raises it again)
 }
 
 

@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from ..files import claim_numbered, model_hash
 from ..models import vae_tiling
 from ..models.ldm import LatentDiffusion
+from ..pipeline.generate import NonFiniteError
 from ..pipeline.images import as_mode, from_pil, open_image, save_png, to_pil
 from ..pipeline.loading import Pipeline, as_pipeline
 from ..pipeline.request import RequestError, validate
@@ -334,8 +335,12 @@ class ServerState:
             if time.monotonic() > deadline:
                 job.cancelled = True
                 raise HTTPException(503, f"the request took over {self.limits.request_timeout:g} s and was cancelled")
+        if isinstance(job.error, RequestError | NotFound):
+            raise job.error
+        if isinstance(job.error, NonFiniteError):  # (its text names the seeds, nothing of the server's)
+            raise HTTPException(500, str(job.error))
         if job.error is not None:
-            raise job.error if isinstance(job.error, RequestError | NotFound) else HTTPException(500, str(job.error))
+            raise job.error  # a failure of the server: `http_edge.internal_error` answers it in one line
         return True
 
     async def respond(self, body: Txt2ImgRequest, job: Job, http: Request, arrived: float):
@@ -374,11 +379,12 @@ def create_app(
     api_auth: str | None = None,
     limits: ServerLimits | None = None,
     cors_allow_origins: list[str] | None = None,
+    debug: bool = False,
 ):
     """The ASGI application serving `pipeline` (a model and its LoRA files and embeddings). load: a checkpoint path ->
     a pipeline set up the same way (for switching among `models_dir`); api_auth: "user:password" for HTTP basic
     auth; limits: what a request may ask for (`ServerLimits()` by default); cors_allow_origins: origins whose pages
-    may call the API (none by default)."""
+    may call the API (none by default); debug: log the traceback of a failure of the server, not one line."""
     limits = limits or ServerLimits()
     state = ServerState(
         as_pipeline(pipeline), Path(outdir) if outdir else None, load, Path(models_dir) if models_dir else None, limits
@@ -405,7 +411,7 @@ def create_app(
     app.add_api_route("/", page, response_class=HTMLResponse, include_in_schema=False)
     app.mount("/web", StaticFiles(directory=str(WEB_PAGE)), name="web")
     add_routes(app, state)
-    return LimitsMiddleware(app, api_auth, limits.max_body)
+    return LimitsMiddleware(app, api_auth, limits.max_body, debug)
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
