@@ -815,3 +815,34 @@ def test_no_client_input_is_answered_with_a_5xx(server):
         answers.append((status, path, str(body)[:80]))
     assert all(400 <= status < 500 for status, *_ in answers), [a for a in answers if not 400 <= a[0] < 500]
     assert call(base, "/sdapi/v1/txt2img", {"prompt": "a cat", "steps": 1, "width": 32, "height": 32})[0] == 200
+
+
+def test_an_interrupt_lets_a_batch_that_clients_share_finish(ckpt, serve):
+    """Two clients' requests merged into one U-Net batch: an interrupt (the web UI's API names no job, so it may come
+    from either client or a third) lets the shared batch finish, and neither answer is cut short. A job that runs
+    alone stops (test_progress_shows_a_preview_and_interrupt_stops_the_job)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    body = {"prompt": "a cat", "steps": 100, "width": 32, "height": 32}
+    app = create_app(load_pipeline(ckpt), limits=ServerLimits(batch_window=1.0))
+    with serve(app) as base, ThreadPoolExecutor(2) as pool:
+        pending = [pool.submit(call, base, "/sdapi/v1/txt2img", {**body, "seed": seed}) for seed in (1, 2)]
+        deadline = time.monotonic() + 60
+        while call(base, "/sdapi/v1/progress")[1]["state"]["sampling_step"] < 1:
+            assert time.monotonic() < deadline, "the batch made no progress"
+            time.sleep(0.02)
+        assert call(base, "/sdapi/v1/interrupt", {}) == (200, {})
+        infos = [json.loads(future.result()[1]["info"]) for future in pending]
+    assert [info["batched_with"] for info in infos] == [2, 2]
+    assert not any(info["interrupted"] for info in infos)
+
+
+def test_a_damaged_lora_file_is_a_422_naming_its_tag_not_the_servers_path(ckpt, serve, tmp_path):
+    pipeline = load_pipeline(ckpt)
+    (tmp_path / "broken.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    pipeline.loras = {"broken": tmp_path / "broken.safetensors"}
+    with serve(create_app(pipeline)) as base:
+        body = {"prompt": "a cat <lora:broken:1>", "steps": 1, "width": 32, "height": 32}
+        status, answer = call(base, "/sdapi/v1/txt2img", body)
+    assert status == 422 and answer["detail"].startswith("<lora:broken>: not a readable"), answer
+    assert str(tmp_path) not in json.dumps(answer)

@@ -135,7 +135,7 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
                 warnings += [w for w in applied[-1].warnings if w not in warnings]
             out, notes = sample(plan, batch, step_done)
         except LoRAError as e:
-            raise RequestError(str(e)) from None
+            raise lora_error(tag.name, pipeline.loras[tag.name], e) from None
         finally:
             for a in reversed(applied):
                 remove_lora(model, a)
@@ -159,11 +159,18 @@ def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
 def read_loras(files: dict[str, Path], lora_sets: list[frozenset]) -> dict[str, LoRA]:
     """Every LoRA the request's prompts name, read once, before any work (RequestError for a file that is not
     a LoRA)."""
-    names = {tag.name for tags in lora_sets for tag in tags}
-    try:
-        return {name: read_lora(files[name]) for name in sorted(names)}
-    except ValueError as e:  # CheckpointError, LoRAError
-        raise RequestError(str(e)) from None
+    found = {}
+    for name in sorted({tag.name for tags in lora_sets for tag in tags}):
+        try:
+            found[name] = read_lora(files[name])
+        except ValueError as e:  # CheckpointError, LoRAError
+            raise lora_error(name, files[name], e) from None
+    return found
+
+
+def lora_error(name: str, path: Path, e: Exception) -> RequestError:
+    """A LoRA file's error as the prompt's: named by its tag, without the file's path (a server's, in an answer)."""
+    return RequestError(f"<lora:{name}>: {str(e).replace(str(path), '').removeprefix(': ')}")
 
 
 def scheduled_denoiser(

@@ -148,8 +148,10 @@ class Worker:
         self.jobs.put(job)
 
     def interrupt(self) -> None:
-        """Stop the running job (not the waiting ones) at its next step; it answers with what it has."""
-        if self.running:
+        """Stop the running job (not the waiting ones) at its next step; it answers with what it has. A batch that
+        several clients' jobs share runs on: the web UI's API names no job, so an interrupt cannot tell whose it is,
+        and one client must not cut short the images of others (the web UI runs one job at a time)."""
+        if len(self.running) == 1:
             self.interrupted = True
 
     def stop(self) -> None:
