@@ -44,7 +44,7 @@ class NotFound(Exception):
     """A name that names nothing this server has (a 404)."""
 
 
-class LimitsMiddleware:
+class EdgeMiddleware:
     """Auth first (HTTP basic, compared in constant time), then the body size: a declared Content-Length over the
     limit is refused before anything is read, and a body sent in chunks is counted as it arrives. Last, the
     catch-all: an exception no handler answered (a failure of the server, not of the request) is logged in one line

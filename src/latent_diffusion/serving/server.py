@@ -39,7 +39,7 @@ from ..pipeline.loading import Pipeline, as_pipeline
 from ..pipeline.request import RequestError, validate
 from ..weights.checkpoint import CheckpointError
 from . import web_ui_api
-from .http_edge import ERROR_HANDLERS, LimitsMiddleware, NotFound, SafeJSON
+from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
 from .job_queue import Job, Load, Task, Worker
 from .web_ui_api import WEB_UI_CFG_SCALE, Img2ImgRequest, ServerLimits, Txt2ImgRequest, png_base64
@@ -411,7 +411,7 @@ def create_app(
     app.add_api_route("/", page, response_class=HTMLResponse, include_in_schema=False)
     app.mount("/web", StaticFiles(directory=str(WEB_PAGE)), name="web")
     add_routes(app, state)
-    return LimitsMiddleware(app, api_auth, limits.max_body, debug)
+    return EdgeMiddleware(app, api_auth, limits.max_body, debug)
 
 
 def add_routes(app: FastAPI, state: ServerState) -> None:
