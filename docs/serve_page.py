@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 from latent_diffusion import load_model
-from latent_diffusion.checkpoint import BUILTIN_MODEL
-from latent_diffusion.server import create_app, serving
+from latent_diffusion.serving.http_edge import serving
+from latent_diffusion.serving.server import create_app
+from latent_diffusion.weights.checkpoint import BUILTIN_MODEL
 
 SHOT = Path(__file__).resolve().parent / "serve-page.png"
 PROMPTS = ("a yellow circle on a purple background", "a large blue triangle at the top on a white background")
