@@ -1,4 +1,4 @@
-"""Redraw docs/serve-page.png: the server with the built-in model (`server.serving`, as the tests and benchmarks run
+"""Redraw docs/serve-page.png: the server with the built-in model (`serving.http_edge.serving`, as the tests and benchmarks run
 it), its page in headless Chromium, two prompts generated from the page as a user would (a short form, then the
 training template), and a screenshot.
 
