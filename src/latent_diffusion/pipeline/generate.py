@@ -10,6 +10,7 @@ then the sampler's per-step noise.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 from collections.abc import Callable
@@ -30,9 +31,11 @@ from ..sampling.samplers import Step, get_sampler
 from ..sampling.sigma_schedules import sampling_schedule
 from ..weights.lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .compiling import compile_model
+from .hires import LATENT_MODES, as_8_bit, truncate, upscale_latent
 from .loading import Pipeline, as_pipeline
 from .plan import ParsedPrompt, Plan, infotext, infotext_fields, resolve
 from .request import GenerationRequest, GenerationResult, RequestError
+from .upscalers import resize_image
 
 
 @dataclass
@@ -111,38 +114,52 @@ def generate(
 
 @torch.no_grad()
 def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None) -> GenerationResult:
-    """Run a resolved request (`plan.resolve`): its images in U-Net batches, each on its LoRAs' merged weights."""
+    """Run a resolved request (`plan.resolve`): its images in U-Net batches, each pass on its LoRAs' merged weights."""
     pipeline, r = plan.pipeline, plan.request
-    model = pipeline.model
     fields = infotext_fields(plan)
     if r.compile:
-        for m in filter(None, (model, pipeline.refiner)):
+        for m in filter(None, (pipeline.model, pipeline.refiner)):
             compile_model(m)
-    sets = plan.lora_sets()
-    batches = unet_batches(sets, r.batch_size)
+    passes = [p for p in (plan, plan.hires) if p is not None]
+    sets = [p.lora_sets() for p in passes]
+    batches = unet_batches(list(zip(*sets)), r.batch_size)  # (a batch shares its LoRA set in every pass)
+    loras = read_loras(pipeline.loras, [tags for pass_sets in sets for tags in pass_sets])
+    steps = sum(p.request.steps_run for p in passes)  # per image
     images, warnings = [], []
-    loras = read_loras(pipeline.loras, sets)
+
+    def on_loras(tags: frozenset):
+        return merged(pipeline, loras, tags, warnings)
+
     for number, batch in enumerate(batches):
+        done = itertools.count(number * steps + 1)
 
-        def step_done(step: Step, number=number) -> None:
+        def step_done(step: Step, done=done) -> None:
             if progress:
-                progress(Progress(number * r.steps_run + step.i + 1, len(batches) * r.steps_run, step))
+                progress(Progress(next(done), len(batches) * steps, step))
 
-        applied = []
-        try:  # the batch's LoRAs merged into the weights while it samples, and taken out again bit for bit
-            for tag in sorted(sets[batch.start], key=lambda tag: tag.name):
-                applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
-                warnings += [w for w in applied[-1].warnings if w not in warnings]
-            out, notes = sample(plan, batch, step_done)
-        except LoRAError as e:
-            raise lora_error(tag.name, pipeline.loras[tag.name], e) from None
-        finally:
-            for a in reversed(applied):
-                remove_lora(model, a)
+        out, notes = sample(plan, batch, step_done, on_loras)
         images.append(out)
-        warnings += [n for n in notes if n not in warnings]
+        warnings.extend(n for n in notes if n not in warnings)
     infotexts = [infotext(r, i, fields) for i in range(len(r.prompts))]
     return GenerationResult(torch.cat(images), infotexts, warnings, r, fields)
+
+
+@contextlib.contextmanager
+def merged(pipeline: Pipeline, loras: dict[str, LoRA], tags: frozenset, warnings: list[str]):
+    """The LoRAs `tags` name merged into the model's weights for the block, and taken out again bit for bit after;
+    their warnings added to `warnings`."""
+    model, applied = pipeline.model, []
+    try:
+        for tag in sorted(tags, key=lambda tag: tag.name):
+            try:
+                applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
+            except LoRAError as e:
+                raise lora_error(tag.name, pipeline.loras[tag.name], e) from None
+            warnings += [w for w in applied[-1].warnings if w not in warnings]
+        yield
+    finally:
+        for a in reversed(applied):
+            remove_lora(model, a)
 
 
 def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
@@ -312,38 +329,69 @@ class Stage:
     hold: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # after step i: the known region put back
 
 
-def sample(plan: Plan, batch: range, step_done: Callable[[Step], None]):
-    """Images `batch` of a plan -> ((b, 3, H, W) in [0, 1], prompt warnings): prepare its stage, run it, decode."""
-    r = plan.request
-    stage, pixel_mask, notes = prepare(plan, batch)
-    x = run(stage, r, [r.seeds[i] for i in batch], step_done)
-    return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
+def sample(plan: Plan, batch: range, step_done: Callable[[Step], None], merged: Callable):
+    """Images `batch` of a plan -> ((b, 3, H, W) in [0, 1], prompt warnings): each pass prepared and run on the LoRAs
+    its prompts name (`merged(tags)`: a context), and the last pass decoded. With the hires fix the first pass's latent
+    is enlarged (`hires.py`) and a second pass runs over it."""
+    r, seeds = plan.request, [plan.request.seeds[i] for i in batch]
+    with merged(plan.lora_sets()[batch.start]):
+        stage, pixel_mask, notes = prepare(plan, batch)
+        x = run(stage, r, seeds, step_done)
+    if plan.hires is None:
+        return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
+    latent, image = enlarge(plan, x)
+    with merged(plan.hires.lora_sets()[batch.start]):
+        stage, _, more = prepare(plan.hires, batch, latent=latent, start_image=image)
+        x = run(stage, plan.hires.request, seeds, step_done)
+    return finish(plan.pipeline, plan.hires.request, batch, stage, x, None), notes + [n for n in more if n not in notes]
 
 
-def prepare(plan: Plan, batch: range) -> tuple[Stage, torch.Tensor | None, list[str]]:
+def enlarge(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The first pass's latents (b, c, h, w) enlarged for the hires pass -> (the latents at its size, None) in a latent
+    mode, or (None, the images at its size in [0, 1]) with an image upscaler: decoded, through 8-bit pixels as the
+    web UI's, enlarged, and cut where the latent would be truncated (the hires pass encodes them as img2img does)."""
+    upscaler, size, model = plan.request.hires.upscaler or "Latent", plan.hires_size, plan.pipeline.model
+    f = model.cfg.autoencoder.downsampling_factor
+    if upscaler in LATENT_MODES:
+        return upscale_latent(x, size, upscaler, f), None
+    images = as_8_bit((decode(model, x, tiled=plan.request.vae_tiling) / 2 + 0.5).clamp(0, 1))
+    width, height = size.upscale_to
+    images = resize_image(images, width, height, upscaler, plan.pipeline.upscalers)
+    tx, ty = size.truncate
+    return None, truncate(images, (tx * f, ty * f))
+
+
+def prepare(
+    plan: Plan, batch: range, latent: torch.Tensor | None = None, start_image: torch.Tensor | None = None
+) -> tuple[Stage, torch.Tensor | None, list[str]]:
     """The batch's stage: its σs, its starting latent (noise, or the init image's latent noised to the first σ), the
-    conditioning of its denoiser and its per-step noise, all drawn from each image's own generator. -> (the stage,
-    the inpainting mask at pixel size or None, prompt warnings)."""
+    conditioning of its denoiser and its per-step noise, all drawn from each image's own generator. A hires pass
+    starts from the batch's enlarged `latent` or `start_image` (in [0, 1]). -> (the stage, the inpainting mask at pixel
+    size or None, prompt warnings)."""
     pipeline, r = plan.pipeline, plan.request
-    model, refiner = pipeline.model, pipeline.refiner
+    model = pipeline.model
+    refiner = pipeline.refiner if plan.hires is None else None  # (the web UI's default: the refiner in the last pass)
     sampler = get_sampler(r.sampler)
     device, dtype = model.device, model.dtype
     generators = [torch.Generator().manual_seed(r.seeds[i]) for i in batch]
     f = model.cfg.autoencoder.downsampling_factor
     latent_shape = (model.cfg.autoencoder.embed_dim, r.height // f, r.width // f)
-    sigmas = sampling_schedule(sampler, r.scheduler, r.steps, model.alphas_cumprod.cpu(), r.spacing)
-    sigmas = sigmas[r.steps - r.steps_run :]  # img2img starts part-way
+    sigmas = sampling_schedule(sampler, r.scheduler, r.schedule_steps, model.alphas_cumprod.cpu(), r.spacing)
+    sigmas = sigmas[r.schedule_steps - r.steps_run :]  # img2img starts part-way
 
     def encode(image: torch.Tensor) -> torch.Tensor:
         noise = per_image_randn(latent_shape, generators)
         return model.autoencoder_encode(image.to(dtype), noise=noise, tiled=r.vae_tiling).float()
 
     image, pixel_mask, latent_mask = _batch_images(r, batch, device, latent_shape[1:])
-    image_latent = None
-    if image is not None and (r.strength < 1 or (pixel_mask is not None and not model.cfg.inpainting)):
+    if start_image is not None:
+        image = start_image.to(device, torch.float32) * 2 - 1
+    from_image = r.strength < 1 or r.exact_steps  # (the web UI's img2img noises the image even at strength 1)
+    image_latent = latent
+    if image is not None and (from_image or (pixel_mask is not None and not model.cfg.inpainting)):
         image_latent = encode(image)
     noise = to_device(per_image_randn(latent_shape, generators), device)
-    if r.strength < 1:
+    if from_image:
         x = image_latent + sigmas[0].item() * noise
     else:
         x = noise * (1 + sigmas[0].item() ** 2) ** 0.5

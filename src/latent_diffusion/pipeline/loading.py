@@ -29,6 +29,7 @@ class Pipeline:
     refiner_checkpoint: Path | None = None
     embeddings: dict[str, Embedding] = field(default_factory=dict)  # textual inversion, by the name prompts use
     loras: dict[str, Path] = field(default_factory=dict)  # LoRA files that prompts may name (<lora:name:w>)
+    upscalers: dict[str, Path] = field(default_factory=dict)  # image upscaler model files, by name (`upscalers.py`)
     notices: list[str] = field(default_factory=list)  # what loading skipped (embeddings of another width)
 
 

@@ -23,9 +23,11 @@ from ..sampling.noise_schedule import sampling_timesteps
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import schedule_for
 from ..weights.embeddings import Embedding
+from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text
 from .loading import Pipeline
 from .request import MAX_SIDE, GenerationRequest, fail, validate
+from .upscalers import IMAGE_UPSCALERS
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,8 @@ class Plan:
     pipeline: Pipeline  # what it was resolved against
     prompts: dict[str, ParsedPrompt]  # each distinct prompt, by its text
     negatives: dict[str, ParsedPrompt]  # each distinct negative prompt (tags stay text there)
+    hires: Plan | None = None  # txt2img's hires pass (`hires.py`), resolved with the first
+    hires_size: HiresSize | None = None  # where its first pass is enlarged to
 
     def lora_sets(self) -> list[frozenset[LoraTag]]:
         """Per image, the LoRAs its prompt names: images of different sets never share merged weights."""
@@ -63,7 +67,8 @@ class Plan:
         request = dataclasses.replace(
             r, prompts=r.prompts[rows], seeds=r.seeds[rows], negative_prompts=r.negative_prompts[rows], **per_image
         )
-        return dataclasses.replace(self, request=request)
+        hires = self.hires.part(start, stop) if self.hires else None
+        return dataclasses.replace(self, request=request, hires=hires)
 
     def context_lengths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The chunk counts of the prompts and of the negative prompts, per image. Requests whose counts differ would
@@ -92,7 +97,19 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
     r = validate(request)
     if pipeline.refiner is not None:
         _check_refiner(pipeline.model, pipeline.refiner)
-    r = _check_against(r, pipeline)
+    resolved = _check_against(r, pipeline)
+    plan = Plan(resolved, pipeline, *_parsed(resolved, pipeline))
+    if r.hires is not None:
+        plan.hires_size = _check_hires(resolved, pipeline)
+        f = pipeline.model.cfg.autoencoder.downsampling_factor
+        second = second_pass(resolved, plan.hires_size, f, r.vae_tiling)
+        second = dataclasses.replace(second, vae_tiling=_tiling(second, pipeline.model))
+        plan.hires = Plan(second, pipeline, *_parsed(second, pipeline))
+    return plan
+
+
+def _parsed(r: GenerationRequest, pipeline: Pipeline) -> tuple[dict[str, ParsedPrompt], dict[str, ParsedPrompt]]:
+    """A request's distinct prompts and negative prompts, each parsed once."""
     tokenizer = clip_tokenizer(pipeline.model.cfg.text.max_length)
 
     def parsed(body: str, loras: frozenset[LoraTag]) -> ParsedPrompt:
@@ -106,7 +123,26 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         body, tags = extract_lora_tags(text)
         prompts[text] = parsed(body, lora_set(tags, pipeline.loras))
     negatives = {text: parsed(text, frozenset()) for text in dict.fromkeys(r.negative_prompts)}
-    return Plan(r, pipeline, prompts, negatives)
+    return prompts, negatives
+
+
+def _check_hires(r: GenerationRequest, pipeline: Pipeline) -> HiresSize:
+    """The hires fix of a resolved request against the pipeline: an upscaler it has, a larger size the model can
+    draw -> where the first pass is enlarged to."""
+    h, cfg = r.hires, pipeline.model.cfg
+    if r.init_image is not None:
+        fail("the hires fix is txt2img's: img2img and inpainting draw at the init image's size")
+    known = [*LATENT_MODES, *IMAGE_UPSCALERS, *pipeline.upscalers]
+    if h.upscaler is not None and h.upscaler not in known:
+        fail(f"hr_upscaler: no upscaler {h.upscaler!r} here; these are: {', '.join(known)}")
+    f = cfg.autoencoder.downsampling_factor
+    size = target_size(r.width, r.height, h.scale, h.resize_x, h.resize_y, f)
+    height, width = size.latent(f)
+    if max(*size.upscale_to, width * f, height * f) > MAX_SIDE:
+        fail(f"the hires fix enlarges to {size.upscale_to[0]}x{size.upscale_to[1]}: at most {MAX_SIDE} per side")
+    if min(width, height) < 1 or _fewest_per_group(cfg, height, width) < 2:
+        fail(f"the hires fix's size {width * f}x{height * f} is too small for this model; enlarge more")
+    return size
 
 
 def merge(plans: list[Plan]) -> Plan:
@@ -124,7 +160,8 @@ def merge(plans: list[Plan]) -> Plan:
     r = dataclasses.replace(r, vae_tiling=_tiling(r, plans[0].pipeline.model))
     prompts = {k: v for plan in plans for k, v in plan.prompts.items()}
     negatives = {k: v for plan in plans for k, v in plan.negatives.items()}
-    return Plan(r, plans[0].pipeline, prompts, negatives)
+    hires = merge([plan.hires for plan in plans]) if first.hires is not None else None
+    return Plan(r, plans[0].pipeline, prompts, negatives, hires, plans[0].hires_size)
 
 
 def lora_set(tags: list[LoraTag], files: dict) -> frozenset[LoraTag]:
@@ -289,18 +326,44 @@ def infotext_fields(plan: Plan) -> dict:
         value = getattr(r, option)
         if option in sampler.options and value not in (None, inspect.signature(sampler.fn).parameters[option].default):
             fields[name] = value
+    if r.init_image is not None or r.hires is not None:
+        fields["Denoising strength"] = r.strength if r.hires is None else r.hires.strength
     if r.clip_skip is not None and r.clip_skip > 1:
         fields["Clip skip"] = r.clip_skip
-    if loras := sorted({tag.name for tags in plan.lora_sets() for tag in tags}):
+    if r.hires is not None:
+        fields |= _hires_fields(r, schedule_type)
+    passes = [p for p in (plan, plan.hires) if p is not None]
+    if loras := sorted({tag.name for p in passes for tags in p.lora_sets() for tag in tags}):
         fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(pipeline.loras[name])}" for name in loras)
-    if used := plan.embeddings_used():
-        fields["TI hashes"] = ", ".join(f"{_bare(e.name)}: {e.shorthash}" for e in used)
-    if r.init_image is not None:
-        fields["Denoising strength"] = r.strength
+    if used := {e.name: e for p in passes for e in p.embeddings_used()}:
+        fields["TI hashes"] = ", ".join(f"{_bare(e.name)}: {e.shorthash}" for _, e in sorted(used.items()))
     if pipeline.refiner is not None:
         file = pipeline.refiner_checkpoint
         name, hash_ = (file.stem, f" [{model_hash(file)}]") if file else ("refiner", "")
         fields |= {"Refiner": name + hash_, "Refiner switch at": r.refiner_switch}
+    return fields
+
+
+def _hires_fields(r: GenerationRequest, schedule_type: str | None) -> dict:
+    """The hires fix's fields, in the web UI's order; "Hires prompt" and "Hires negative prompt" hold their places
+    for `infotext`, which writes them for the images whose prompt they differ from."""
+    h = r.hires
+    fields = {"Hires prompt": None, "Hires negative prompt": None}
+    if h.sampler is not None and h.sampler != r.sampler:
+        fields = {"Hires sampler": get_sampler(h.sampler).display_name, **fields}
+    if h.cfg_scale is not None:  # (Forge's field; the web UI's hires pass runs at the first pass's guidance)
+        fields["Hires CFG Scale"] = h.cfg_scale
+    _, hires_schedule = schedule_for(get_sampler(h.sampler or r.sampler), h.scheduler or r.scheduler)
+    if hires_schedule is not None and hires_schedule != schedule_type:
+        fields["Hires schedule type"] = hires_schedule
+    if h.resize_x == 0 and h.resize_y == 0:
+        fields["Hires upscale"] = h.scale
+    else:
+        fields["Hires resize"] = f"{h.resize_x}x{h.resize_y}"
+    if h.steps:
+        fields["Hires steps"] = h.steps
+    if h.upscaler is not None:
+        fields["Hires upscaler"] = h.upscaler
     return fields
 
 
@@ -310,5 +373,12 @@ def _bare(name: str) -> str:
 
 
 def infotext(r: GenerationRequest, i: int, fields: dict) -> str:
-    """Image i's `parameters` text: its prompt, negative prompt, and the fields with its seed."""
-    return parameters_text(r.prompts[i], r.negative_prompts[i], {**fields, "Seed": r.seeds[i]})
+    """Image i's `parameters` text: its prompt, negative prompt, and the fields with its seed (and its hires prompts
+    where they differ from its own)."""
+    fields = {**fields, "Seed": r.seeds[i]}
+    if r.hires is not None:
+        prompts = {"Hires prompt": (r.hires.prompt, r.prompts[i])}
+        prompts["Hires negative prompt"] = (r.hires.negative_prompt, r.negative_prompts[i])
+        for key, (hires, own) in prompts.items():
+            fields[key] = hires if hires is not None and hires != own else None
+    return parameters_text(r.prompts[i], r.negative_prompts[i], {k: v for k, v in fields.items() if v is not None})

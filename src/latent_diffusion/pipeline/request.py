@@ -26,11 +26,30 @@ MAX_STEPS = 10_000  # sampling steps; the σ schedules are allocated before the 
 MAX_CFG_SCALE = 100.0
 MAX_NOISE = 10.0  # η and s_noise
 MAX_EMPHASIS = 1000.0  # the magnitude of a token's emphasis weight
+MAX_HIRES_SCALE = 8.0  # the web UI's slider reaches 4
 MAX_LORA_WEIGHT = 100.0  # the magnitude of a <lora:name:weight> (the web UI's slider reaches ±2; people use up to 10)
 
 
 class RequestError(ValueError):
     """A request that cannot be run as given; the message names the field and the problem."""
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """The web UI's hires fix (txt2img's `enable_hr`): the first pass's image enlarged, then a second pass of img2img
+    over it (`hires.py`). None in a field: the first pass's setting."""
+
+    scale: float = 2.0  # hr_scale, where resize_x and resize_y are both 0
+    resize_x: int = 0  # hr_resize_x, hr_resize_y: a target size (one of them 0: the other side keeps the aspect)
+    resize_y: int = 0
+    upscaler: str | None = None  # a latent mode ("Latent", "Latent (bicubic)", ...) or an image upscaler; None: Latent
+    steps: int = 0  # hr_second_pass_steps; 0: the first pass's
+    strength: float = 0.7  # denoising_strength of the second pass
+    sampler: str | None = None
+    scheduler: str | None = None
+    prompt: str | None = None  # for every image; None: each image's own prompt
+    negative_prompt: str | None = None
+    cfg_scale: float | None = None  # hr_cfg (Forge's)
 
 
 @dataclass
@@ -59,6 +78,10 @@ class GenerationRequest:
     # With a refiner model (`Pipeline.refiner`): the part of the timestep range, from the noisiest, that the
     # model denoises before the refiner takes over (diffusers' denoising_end / denoising_start)
     refiner_switch: float = 0.8
+    # Run exactly `steps` steps, the last ones of a schedule of steps / strength (the web UI's "img2img_fix_steps"
+    # option, and its hires pass); False: int(steps × strength) steps, the last ones of a schedule of `steps`
+    exact_steps: bool = False
+    hires: HiresFix | None = None  # txt2img: a second pass at a larger size
 
     @classmethod
     def repeated(
@@ -74,7 +97,13 @@ class GenerationRequest:
     @property
     def steps_run(self) -> int:
         """Sampling steps each image goes through (img2img starts part-way)."""
-        return int(self.steps * self.strength)
+        return self.steps if self.exact_steps else int(self.steps * self.strength)
+
+    @property
+    def schedule_steps(self) -> int:
+        """The length of the noise schedule whose last `steps_run` steps are run (the web UI caps the strength at
+        0.999 there, so that its image is never wholly noise)."""
+        return int(self.steps / min(self.strength, 0.999)) if self.exact_steps else self.steps
 
     @property
     def editing_steps(self) -> int:
@@ -112,6 +141,8 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     if r.init_image is not None:
         _check_images(r)
     _check_prompts(r)
+    if r.hires is not None:
+        _check_hires(r.hires)
     return request
 
 
@@ -214,3 +245,32 @@ def _check_images(r: GenerationRequest) -> None:
         )
     if (r.width or width, r.height or height) != (width, height):
         fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")
+
+
+def _check_hires(h: HiresFix) -> None:
+    """The second pass's own settings (its upscaler and size are checked against the pipeline in `plan.resolve`)."""
+    if not isinstance(h.scale, (int, float)) or not 0 < h.scale <= MAX_HIRES_SCALE:  # (NaN fails too)
+        fail(f"hr_scale must be above 0 and at most {MAX_HIRES_SCALE:g}, not {h.scale}")
+    for name in ("resize_x", "resize_y", "steps"):
+        value = getattr(h, name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIDE:
+            fail(f"hr_{name} must be a whole number in [0, {MAX_SIDE}], not {value!r}")
+    if h.steps > MAX_STEPS:
+        fail(f"hr_steps must be at most {MAX_STEPS}, not {h.steps}")
+    second = GenerationRequest(
+        [h.prompt or ""],
+        [0],
+        [h.negative_prompt or ""],
+        steps=h.steps or 1,
+        strength=h.strength,
+        sampler=h.sampler or "euler",
+        scheduler=h.scheduler or "automatic",
+        cfg_scale=h.cfg_scale,
+        exact_steps=True,
+    )
+    try:
+        _check_types(second)
+        _check_settings(second)
+        _check_prompts(second)
+    except RequestError as e:
+        raise RequestError(f"hires pass: {e}") from None
