@@ -189,6 +189,7 @@ def add_size_arguments(p: argparse.ArgumentParser, command: str) -> None:
     if command == "txt2img":
         p.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
         p.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the model's, 512 for SD)")
+        add_hires_arguments(p)
     else:
         p.add_argument("--init-image", required=True, help="the image to start from")
         if command == "inpaint":
@@ -202,6 +203,28 @@ def add_size_arguments(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
         p.add_argument("--width", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
         p.add_argument("--height", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
+
+
+def add_hires_arguments(p: argparse.ArgumentParser) -> None:
+    """The web UI's hires fix: --hires-scale or --hires-resize turns it on."""
+    hires = p.add_argument_group(
+        "hires fix",
+        "draw at --width x --height, enlarge, and draw again over it at the larger size (the web UI's hires fix)",
+    )
+    hires.add_argument("--hires-scale", type=float, help="enlarge by this factor (the web UI's hr_scale)")
+    hires.add_argument("--hires-resize", metavar="WxH", help="enlarge to this size (0 for a side: keep the aspect)")
+    hires.add_argument(
+        "--hires-upscaler",
+        help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
+        "Latent (nearest), Latent (nearest-exact), None, Lanczos, Nearest, or a model of --upscaler-dir",
+    )
+    hires.add_argument("--hires-steps", type=int, default=0, help="steps of the second pass (0: --steps)")
+    hires.add_argument("--hires-denoise", type=float, default=0.7, help="denoising strength of the second pass")
+    hires.add_argument("--hires-sampler", help="the second pass's sampler (default: --sampler)")
+    hires.add_argument("--hires-scheduler", help="the second pass's schedule type (default: --scheduler)")
+    hires.add_argument("--hires-cfg-scale", type=float, help="the second pass's guidance (default: --cfg-scale)")
+    hires.add_argument("--hires-prompt", help="the second pass's prompt (default: --prompt)")
+    hires.add_argument("--hires-negative-prompt", help="the second pass's negative prompt (default: the first's)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -21,7 +21,7 @@ from .pipeline.images import grid, load_image, save_png, to_pil
 from .pipeline.infotext import read_infotext, settings_from_infotext
 from .pipeline.loading import Pipeline, load_pipeline
 from .pipeline.plan import Plan, resolve
-from .pipeline.request import GenerationRequest, RequestError, validate
+from .pipeline.request import GenerationRequest, HiresFix, RequestError, validate
 from .sampling.samplers import find_sampler
 from .weights.checkpoint import BUILTIN_MODEL
 from .weights.lora import find_loras
@@ -58,6 +58,13 @@ FLAGS = {
     "cfg_scale": "--cfg-scale",
     "clip_skip": "--clip-skip",
     "refiner_switch": "--refiner-switch",
+    "hr_scale": "--hires-scale",
+    "hr_resize_x": "--hires-resize's width",
+    "hr_resize_y": "--hires-resize's height",
+    "hr_second_pass_steps": "--hires-steps",
+    "hr_upscaler": "--hires-upscaler",
+    "hires pass: strength": "--hires-denoise",
+    "hires pass: cfg_scale": "--hires-cfg-scale",
 }
 
 
@@ -119,6 +126,49 @@ def request_from_args(args) -> GenerationRequest:
         vae_tiling=args.vae_tiling,
         refiner_switch=args.refiner_switch,
         compile=args.compile,
+        hires=hires_from_args(args),
+    )
+
+
+HIRES_FLAGS = ("hires_upscaler", "hires_sampler", "hires_scheduler", "hires_cfg_scale", "hires_prompt")
+
+
+def hires_from_args(args) -> HiresFix | None:
+    """--hires-scale or --hires-resize (and the other --hires flags) as the request's hires fix."""
+    scale, resize = getattr(args, "hires_scale", None), getattr(args, "hires_resize", None)
+    if scale is None and resize is None:
+        if any(getattr(args, name, None) is not None for name in (*HIRES_FLAGS, "hires_negative_prompt")):
+            raise UsageError("the --hires flags need --hires-scale or --hires-resize, which turn the hires fix on")
+        return None
+    if scale is not None and resize is not None:
+        raise UsageError("give --hires-scale or --hires-resize, not both")
+    width, height = 0, 0
+    if resize is not None:
+        m = re.fullmatch(r"(\d+)x(\d+)", resize)
+        if not m or resize == "0x0":
+            raise UsageError(
+                f"--hires-resize: WIDTHxHEIGHT in pixels (0 for one side: keep the aspect), not {resize!r}"
+            )
+        width, height = int(m[1]), int(m[2])
+    sampler = scheduler = None
+    if args.hires_sampler is not None:
+        try:
+            found, schedule = find_sampler(args.hires_sampler)
+        except ValueError as e:
+            raise UsageError(f"--hires-sampler: {e}") from None
+        sampler, scheduler = found.name, schedule
+    return HiresFix(
+        scale=2.0 if scale is None else scale,
+        resize_x=width,
+        resize_y=height,
+        upscaler=args.hires_upscaler,
+        steps=args.hires_steps,
+        strength=args.hires_denoise,
+        sampler=sampler,
+        scheduler=args.hires_scheduler or scheduler,
+        prompt=args.hires_prompt or None,  # (empty: the first pass's, as the web UI)
+        negative_prompt=args.hires_negative_prompt or None,
+        cfg_scale=args.hires_cfg_scale,
     )
 
 
@@ -199,6 +249,8 @@ def cmd_generate(args) -> None:
     loras, tags = lora_args(args)
     if tags:
         args.prompt = f"{args.prompt} {tags}"
+        if getattr(args, "hires_prompt", None):  # (a LoRA of --lora is for both passes)
+            args.hires_prompt = f"{args.hires_prompt} {tags}"
     request = checked(request_from_args(args))
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
     for flag, path in (("--vae", args.vae), ("--refiner", args.refiner)):
@@ -243,7 +295,8 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
             f"{file} has {model_hash(file)}",
             file=sys.stderr,
         )
-    bar = tqdm(total=args.n_iter * request.steps_run, disable=args.quiet, unit="step", desc=args.command)
+    steps = sum(p.request.steps_run for p in (plan, plan.hires) if p is not None)
+    bar = tqdm(total=args.n_iter * steps, disable=args.quiet, unit="step", desc=args.command)
     images, warned, n = [], set(), args.batch_size
     for start in range(0, len(request.prompts), n):  # one batch at a time, each written as soon as it is done
         batch = plan.part(start, start + n)

@@ -83,8 +83,11 @@ def web_ui_parameters(text: str) -> dict[str, str]:
 
 FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Eta": ("eta", float),
           "Eta DDIM": ("eta", float), "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),
-          "Denoising strength": ("strength", float)}  # fmt: skip
-NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size"}
+          "Denoising strength": ("strength", float), "Hires upscale": ("hires_scale", float),
+          "Hires resize": ("hires_resize", str), "Hires steps": ("hires_steps", int),
+          "Hires upscaler": ("hires_upscaler", str), "Hires CFG Scale": ("hires_cfg_scale", float),
+          "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}  # fmt: skip
+NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size", "Hires sampler", "Hires schedule type"}
 # Which files and program made the image: the flags say which are used here.
 INFORMATIONAL = {"Model hash", "Model", "Version", "TI hashes", "Lora hashes"}
 
@@ -135,6 +138,13 @@ def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
         settings["width"], settings["height"] = _number(int, "Size", width), _number(int, "Size", height)
     if "Sampler" in fields:
         settings["sampler"], settings["scheduler"] = sampler_from_web_ui(fields["Sampler"], fields.get("Schedule type"))
+    if "Hires upscale" in fields or "Hires resize" in fields:  # then the denoising strength is the hires pass's
+        settings["hires_denoise"] = settings.pop("strength", 0.7)  # (the web UI's default, where the text has none)
+        if "Hires sampler" in fields:  # (a legacy name holds its schedule: "DPM++ 2M Karras")
+            settings["hires_sampler"], schedule = sampler_from_web_ui(fields["Hires sampler"], None)
+            settings |= {"hires_scheduler": schedule} if schedule != "automatic" else {}
+        if "Hires schedule type" in fields:  # (written where it differs from the first pass's)
+            settings["hires_scheduler"] = find_scheduler(fields["Hires schedule type"]).name
     ignored = [k for k in fields if k not in FIELDS and k not in NOT_SETTINGS and k not in INFORMATIONAL]
     if "Model hash" in fields:
         settings["model_hash"] = fields["Model hash"]  # checked against the checkpoint used, once it is loaded

@@ -251,12 +251,10 @@ def _check_hires(h: HiresFix) -> None:
     """The second pass's own settings (its upscaler and size are checked against the pipeline in `plan.resolve`)."""
     if not isinstance(h.scale, (int, float)) or not 0 < h.scale <= MAX_HIRES_SCALE:  # (NaN fails too)
         fail(f"hr_scale must be above 0 and at most {MAX_HIRES_SCALE:g}, not {h.scale}")
-    for name in ("resize_x", "resize_y", "steps"):
-        value = getattr(h, name)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIDE:
-            fail(f"hr_{name} must be a whole number in [0, {MAX_SIDE}], not {value!r}")
-    if h.steps > MAX_STEPS:
-        fail(f"hr_steps must be at most {MAX_STEPS}, not {h.steps}")
+    wholes = {"hr_resize_x": (h.resize_x, MAX_SIDE), "hr_resize_y": (h.resize_y, MAX_SIDE)}
+    for name, (value, most) in {**wholes, "hr_second_pass_steps": (h.steps, MAX_STEPS)}.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= most:
+            fail(f"{name} must be a whole number in [0, {most}], not {value!r}")
     second = GenerationRequest(
         [h.prompt or ""],
         [0],

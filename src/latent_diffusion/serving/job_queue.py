@@ -109,6 +109,8 @@ class Job(Task):
             r.prompt_syntax,
             tuple(frozenset(n) for n in self.plan.context_lengths()),  # (padding would change a batch-mate's image)
             frozenset(self.plan.lora_sets()),  # a batch runs on one set of merged weights
+            r.hires,  # (its second pass: the same size, settings and prompts' lengths and LoRAs)
+            *((self.plan.hires.context_lengths(), frozenset(self.plan.hires.lora_sets())) if r.hires else ()),
         )
 
 

@@ -237,7 +237,7 @@ class ServerState:
     def build_job(self, body: Txt2ImgRequest, check_model: bool = True) -> Job:
         """The web UI's fields as a job (defaults: the web UI's, the model's size and its own guidance); every
         check that needs no model is done here, before any image is decoded."""
-        web_ui_api.check_fields(body, self.limits)
+        web_ui_api.check_fields(body, self.limits, self.worker.pipeline.model.cfg.default_size)
         request, sampler = web_ui_api.generation_request(body)
         wanted = (body.override_settings or {}).get("sd_model_checkpoint")
         checkpoint = self.checkpoints.find(str(wanted)) if wanted is not None else self.selected

@@ -15,9 +15,10 @@ from typing import Any
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..pipeline.hires import target_size
 from ..pipeline.images import RASTER_FORMATS
 from ..pipeline.infotext import web_ui_parameters
-from ..pipeline.request import MAX_SIDE, GenerationRequest, RequestError
+from ..pipeline.request import MAX_HIRES_SCALE, MAX_SIDE, GenerationRequest, HiresFix, RequestError
 from ..sampling.samplers import SAMPLERS, Sampler, find_sampler
 from ..sampling.sigma_schedules import SCHEDULERS
 from .job_queue import Job
@@ -52,7 +53,7 @@ NO_EFFECT = {
     "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0, float("inf")), "s_tmin": (None, 0),
     "override_settings_restore_afterwards": (True,), "do_not_save_samples": (False, True),
     "do_not_save_grid": (False, True), "image_cfg_scale": None,  # any value: it is for instruct-pix2pix models
-    "initial_noise_multiplier": (None, 1),
+    "initial_noise_multiplier": (None, 1), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
 }  # fmt: skip
 HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
 SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}  # the options (and override_settings) honoured
@@ -84,11 +85,23 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     refiner_checkpoint: str | None = None  # a checkpoint of the models folder, by any name sd_model_checkpoint takes
     refiner_switch_at: float | None = None  # the part of the timestep range the model denoises first (default 0.8)
+    # The hires fix (txt2img's; `pipeline/hires.py`)
+    enable_hr: bool = False
+    denoising_strength: float = 0.75  # txt2img: the hires pass's
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None  # None: "Latent"
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_sampler_name: str | None = None  # None, "" or "Use same sampler": the first pass's
+    hr_scheduler: str | None = None
+    hr_prompt: str = ""  # "": the first pass's
+    hr_negative_prompt: str = ""
+    hr_cfg: float | None = None  # Forge's field; None: the first pass's guidance, as the web UI
 
 
 class Img2ImgRequest(Txt2ImgRequest):
     init_images: list[str] = Field(default_factory=list)  # base64, or data:image/...;base64,...
-    denoising_strength: float = 0.75
     resize_mode: int = 0  # 0 just resize, 1 crop and resize, 2 resize and fill
     mask: str | None = None
     mask_blur_x: float = 4
@@ -151,7 +164,7 @@ def png_base64(image: Image.Image, parameters: str) -> str:
 def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     """The fields of the request this server does not implement that would change the web UI's result."""
     fields = dict(body.model_extra or {})
-    if not fields.get("enable_hr"):
+    if not body.enable_hr or isinstance(body, Img2ImgRequest):  # (img2img has no hires fix)
         fields = {name: value for name, value in fields.items() if not name.startswith(HIRES_FIELDS)}
     if not fields.get("subseed_strength"):
         fields.pop("subseed", None)
@@ -167,7 +180,7 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     return sorted(ignored)
 
 
-def check_fields(body: Txt2ImgRequest, limits: ServerLimits) -> None:
+def check_fields(body: Txt2ImgRequest, limits: ServerLimits, default_size: int = 512) -> None:
     """The checks of a request's fields that need no model, before any image is decoded (RequestError)."""
     for name, value in {**(body.model_extra or {}), "override_settings": body.override_settings}.items():
         if too_deep(value, MAX_NESTING):
@@ -185,6 +198,24 @@ def check_fields(body: Txt2ImgRequest, limits: ServerLimits) -> None:
         raise RequestError(f"steps must be at most {limits.max_steps} on this server, not {body.steps}")
     if body.refiner_switch_at is not None and not 0 <= body.refiner_switch_at <= 1:
         raise RequestError(f"refiner_switch_at must be in [0, 1], not {body.refiner_switch_at}")
+    if body.enable_hr and not isinstance(body, Img2ImgRequest):
+        _check_hires_fields(body, limits, default_size)
+
+
+def _check_hires_fields(body: Txt2ImgRequest, limits: ServerLimits, default_size: int) -> None:
+    """The hires pass within this server's limits: its steps, and the size it enlarges to (with the loaded model's
+    default size where the request gives none)."""
+    if body.hr_second_pass_steps > limits.max_steps:
+        raise RequestError(f"hr_second_pass_steps must be at most {limits.max_steps}, not {body.hr_second_pass_steps}")
+    if max(len(body.hr_prompt), len(body.hr_negative_prompt)) > limits.max_prompt:
+        raise RequestError(f"hr_prompt: over this server's limit of {limits.max_prompt} characters")
+    width, height = body.width or default_size, body.height or default_size
+    if not 0 < body.hr_scale <= MAX_HIRES_SCALE or min(width, height, body.hr_resize_x, body.hr_resize_y) < 0:
+        return  # (`request.validate` names the field)
+    size = target_size(width, height, body.hr_scale, body.hr_resize_x, body.hr_resize_y)
+    if max(*size.upscale_to, body.hr_resize_x, body.hr_resize_y) > limits.max_side:
+        to = f"{size.upscale_to[0]}x{size.upscale_to[1]}"
+        raise RequestError(f"hr_scale: the hires fix would enlarge to {to}, over this server's {limits.max_side}")
 
 
 def generation_request(body: Txt2ImgRequest) -> tuple[GenerationRequest, Sampler]:
@@ -213,8 +244,35 @@ def generation_request(body: Txt2ImgRequest) -> tuple[GenerationRequest, Sampler
         cfg_scale=body.cfg_scale,
         clip_skip=clip_skip,
         refiner_switch=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
+        hires=hires_fix(body) if body.enable_hr and not isinstance(body, Img2ImgRequest) else None,
     )
     return request, sampler
+
+
+def hires_fix(body: Txt2ImgRequest) -> HiresFix:
+    """txt2img's hr_ fields as the request's hires fix (the web UI's "Use same ..." and "" as the first pass's)."""
+    sampler = scheduler = None
+    if body.hr_sampler_name not in (None, "", "Use same sampler"):
+        try:
+            found, scheduler = find_sampler(body.hr_sampler_name)
+        except ValueError as e:
+            raise RequestError(f"hr_sampler_name: {e}") from None
+        sampler = found.name
+    if body.hr_scheduler not in (None, "", "Use same scheduler"):
+        scheduler = body.hr_scheduler
+    return HiresFix(
+        scale=body.hr_scale,
+        resize_x=body.hr_resize_x,
+        resize_y=body.hr_resize_y,
+        upscaler=body.hr_upscaler,
+        steps=body.hr_second_pass_steps,
+        strength=body.denoising_strength,
+        sampler=sampler,
+        scheduler=scheduler,
+        prompt=body.hr_prompt or None,
+        negative_prompt=body.hr_negative_prompt or None,
+        cfg_scale=body.hr_cfg,
+    )
 
 
 def mask_blur(body: Img2ImgRequest) -> tuple[float, float]:
