@@ -218,8 +218,8 @@ def add_hires_arguments(p: argparse.ArgumentParser) -> None:
         help="Latent (default), Latent (antialiased), Latent (bicubic), Latent (bicubic antialiased), "
         "Latent (nearest), Latent (nearest-exact), None, Lanczos, Nearest, or a model of --upscaler-dir",
     )
-    hires.add_argument("--hires-steps", type=int, default=0, help="steps of the second pass (0: --steps)")
-    hires.add_argument("--hires-denoise", type=float, default=0.7, help="denoising strength of the second pass")
+    hires.add_argument("--hires-steps", type=int, help="steps of the second pass (default and 0: --steps)")
+    hires.add_argument("--hires-denoise", type=float, help="denoising strength of the second pass (default: 0.7)")
     hires.add_argument("--hires-sampler", help="the second pass's sampler (default: --sampler)")
     hires.add_argument("--hires-scheduler", help="the second pass's schedule type (default: --scheduler)")
     hires.add_argument("--hires-cfg-scale", type=float, help="the second pass's guidance (default: --cfg-scale)")

@@ -130,14 +130,16 @@ def request_from_args(args) -> GenerationRequest:
     )
 
 
-HIRES_FLAGS = ("hires_upscaler", "hires_sampler", "hires_scheduler", "hires_cfg_scale", "hires_prompt")
+HIRES_FLAGS = ("hires_upscaler", "hires_steps", "hires_denoise", "hires_sampler", "hires_scheduler", "hires_cfg_scale")
 
 
 def hires_from_args(args) -> HiresFix | None:
     """--hires-scale or --hires-resize (and the other --hires flags) as the request's hires fix."""
     scale, resize = getattr(args, "hires_scale", None), getattr(args, "hires_resize", None)
     if scale is None and resize is None:
-        if any(getattr(args, name, None) is not None for name in (*HIRES_FLAGS, "hires_negative_prompt")):
+        if any(
+            getattr(args, name, None) is not None for name in (*HIRES_FLAGS, "hires_prompt", "hires_negative_prompt")
+        ):
             raise UsageError("the --hires flags need --hires-scale or --hires-resize, which turn the hires fix on")
         return None
     if scale is not None and resize is not None:
@@ -162,8 +164,8 @@ def hires_from_args(args) -> HiresFix | None:
         resize_x=width,
         resize_y=height,
         upscaler=args.hires_upscaler,
-        steps=args.hires_steps,
-        strength=args.hires_denoise,
+        steps=args.hires_steps or 0,
+        strength=0.7 if args.hires_denoise is None else args.hires_denoise,
         sampler=sampler,
         scheduler=args.hires_scheduler or scheduler,
         prompt=args.hires_prompt or None,  # (empty: the first pass's, as the web UI)

@@ -1,0 +1,197 @@
+"""The hires fix against the web UI's own arithmetic and identities: its target sizes, its latent modes as
+torch's interpolations, its second pass as img2img of the enlarged first pass, its step count, its infotext."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from latent_diffusion.cli import main
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.hires import LATENT_MODES, HiresSize, target_size, upscale_latent
+from latent_diffusion.pipeline.images import from_pil
+from latent_diffusion.pipeline.infotext import parse_parameters
+from latent_diffusion.pipeline.loading import Pipeline
+from latent_diffusion.pipeline.request import GenerationRequest, HiresFix, RequestError
+from latent_diffusion.sampling.samplers import get_sampler
+from latent_diffusion.sampling.sigma_schedules import sampling_schedule
+
+# (width, height, hr_scale, hr_resize_x, hr_resize_y) -> (hr_upscale_to_x, hr_upscale_to_y, truncate_x, truncate_y),
+# worked out by hand from the web UI's `calculate_target_resolution` (opt_f = 8)
+TARGETS = [
+    ((512, 512, 2.0, 0, 0), (1024, 1024, 0, 0)),
+    ((512, 768, 1.5, 0, 0), (768, 1152, 0, 0)),
+    ((512, 512, 1.3, 0, 0), (665, 665, 0, 0)),  # int(665.6): the latent is 83 wide, the image 664
+    ((640, 512, 2.0, 1024, 0), (1024, 819, 0, 0)),  # 1024 * 512 // 640
+    ((640, 512, 2.0, 0, 1024), (1280, 1024, 0, 0)),
+    ((512, 512, 2.0, 1024, 768), (1024, 1024, 0, 32)),  # wider target: cover its width, cut 256 rows
+    ((768, 512, 2.0, 1024, 1024), (1536, 1024, 64, 0)),  # taller target: cover its height, cut 512 columns
+    ((600, 400, 2.0, 1000, 700), (1050, 700, 6, 0)),  # (1050 - 1000) // 8
+]
+
+
+@pytest.mark.parametrize(("asked", "expected"), TARGETS)
+def test_target_sizes_follow_the_web_ui(asked, expected):
+    size = target_size(*asked)
+    assert (*size.upscale_to, *size.truncate) == expected
+
+
+def test_latent_modes_are_the_web_uis_interpolations_and_truncation_cuts_both_ends():
+    """The web UI's `latent_upscale_modes`, written out here, and its slicing of a truncated latent."""
+    web_ui = {
+        "Latent": ("bilinear", False),
+        "Latent (antialiased)": ("bilinear", True),
+        "Latent (bicubic)": ("bicubic", False),
+        "Latent (bicubic antialiased)": ("bicubic", True),
+        "Latent (nearest)": ("nearest", False),
+        "Latent (nearest-exact)": ("nearest-exact", False),
+    }
+    assert list(LATENT_MODES) == list(web_ui)
+    x = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))
+    for name, (mode, antialias) in web_ui.items():
+        expected = F.interpolate(x, size=(13, 20), mode=mode, antialias=antialias)
+        assert torch.equal(upscale_latent(x, HiresSize((160, 104), (0, 0)), name, 8), expected)
+    cut = upscale_latent(x, HiresSize((160, 104), (5, 2)), "Latent", 8)
+    full = F.interpolate(x, size=(13, 20), mode="bilinear")
+    assert torch.equal(cut, full[..., 1:12, 2:17])  # rows 2 // 2 = 1 before, (2 + 1) // 2 = 1 after; columns 2 and 3
+
+
+def pipeline(tiny_models, variant="sd1"):
+    return Pipeline(tiny_models[variant])
+
+
+SETTINGS = dict(width=32, height=24, steps=4, sampler="euler_ancestral", cfg_scale=5.0, batch_size=2)
+
+
+def test_hires_with_an_image_upscaler_is_img2img_of_the_enlarged_first_pass(tiny_models):
+    """The web UI's own identity: the first pass, decoded to 8-bit pixels and enlarged (Lanczos, as PIL does it),
+    then img2img of that with the hires steps, strength and seeds: its fixed-steps img2img, `exact_steps`. The
+    ancestral sampler draws per-step noise, so the order of every draw is checked too."""
+    pipe, seeds, prompts = pipeline(tiny_models), [3, 4], ["a red circle", "a blue square"]
+    hires = HiresFix(scale=2.0, upscaler="Lanczos", steps=3, strength=0.6)
+    result = generate(pipe, GenerationRequest(prompts, seeds, **SETTINGS, hires=hires))
+    assert result.images.shape == (2, 3, 48, 64)
+    first = generate(pipe, GenerationRequest(prompts, seeds, **SETTINGS)).images
+    enlarged = []
+    for image in first:
+        pixels = (image.permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # the web UI truncates
+        enlarged.append(from_pil(Image.fromarray(pixels).resize((64, 48), Image.LANCZOS)))
+    img2img = GenerationRequest(
+        prompts,
+        seeds,
+        **{**SETTINGS, "steps": 3, "width": 64, "height": 48},
+        init_image=torch.cat(enlarged),
+        strength=0.6,
+        exact_steps=True,
+    )
+    assert torch.allclose(result.images, generate(pipe, img2img).images, atol=1e-6)
+
+
+def test_the_hires_pass_runs_exactly_its_steps_at_the_end_of_a_stretched_schedule(tiny_models):
+    """The web UI's `setup_img2img_steps` with steps given: a schedule of int(steps / min(strength, 0.999)), of
+    which the last `steps` run; the first pass's count where hr_second_pass_steps is 0."""
+    pipe, seen = pipeline(tiny_models), []
+    for hires_steps, strength, expected_schedule in ((3, 0.45, 6), (0, 0.7, 5), (4, 1.0, 4)):
+        seen.clear()
+        hires = HiresFix(scale=1.5, steps=hires_steps, strength=strength, sampler="euler")
+        request = GenerationRequest(["x"], [1], **{**SETTINGS, "batch_size": 1}, hires=hires)
+        generate(pipe, request, progress=lambda p: seen.append((p.step, p.total, p.sampler_step.sigma.item())))
+        run = hires_steps or SETTINGS["steps"]
+        assert [s[0] for s in seen] == list(range(1, SETTINGS["steps"] + run + 1))
+        assert {s[1] for s in seen} == {SETTINGS["steps"] + run}
+        schedule = sampling_schedule(get_sampler("euler"), "automatic", expected_schedule, pipe.model.alphas_cumprod)
+        assert [s[2] for s in seen[SETTINGS["steps"] :]] == pytest.approx(schedule[-run - 1 : -1].tolist())
+
+
+def test_hires_prompts_and_settings_reach_the_second_pass_and_its_infotext(tiny_models):
+    """A hires prompt, sampler and guidance of their own change the image and are written where the web UI writes
+    them; the first pass's own are not written again."""
+    pipe = pipeline(tiny_models)
+    base = dict(**{**SETTINGS, "sampler": "dpmpp_2m", "batch_size": 1}, negative_prompts=["dark"])
+    plain = HiresFix(scale=1.5, upscaler="Latent (bicubic)", steps=2, strength=0.5)
+    own = dataclasses.replace(plain, prompt="a blue square", sampler="euler", cfg_scale=3.0, resize_x=48, scale=2.0)
+    a = generate(pipe, GenerationRequest(["a red circle"], [7], **base, hires=plain))
+    b = generate(pipe, GenerationRequest(["a red circle"], [7], **base, hires=own))
+    assert (
+        a.images.shape == b.images.shape == (1, 3, 32, 48)
+    )  # 36 // 8 latent rows and (a.images - b.images).abs().max() > 0.01
+    fields = parse_parameters(a.infotexts[0])
+    assert list(fields)[2:] == ["Steps", "Sampler", "Schedule type", "CFG scale", "Seed", "Size", "Denoising strength",
+                                "Hires upscale", "Hires steps", "Hires upscaler"]  # fmt: skip
+    assert (fields["Size"], fields["Hires upscale"], fields["Hires upscaler"]) == ("32x24", "1.5", "Latent (bicubic)")
+    fields = parse_parameters(b.infotexts[0])
+    assert list(fields)[8:] == ["Denoising strength", "Hires sampler", "Hires prompt", "Hires CFG Scale",
+                                "Hires resize", "Hires steps", "Hires upscaler"]  # fmt: skip
+    assert fields["Hires prompt"] == "a blue square" and fields["Hires resize"] == "48x0"
+    # Euler on the automatic schedule has none of its own: no "Hires schedule type", as the web UI
+
+
+@pytest.mark.parametrize(
+    ("hires", "message"),
+    [
+        (HiresFix(scale=0), "hr_scale must be above 0"),
+        (HiresFix(scale=float("nan")), "hr_scale must be above 0"),
+        (HiresFix(scale=1e9), "hr_scale must be above 0 and at most 8"),
+        (HiresFix(resize_x=-8), "hr_resize_x must be a whole number"),
+        (HiresFix(steps=2.5), "hr_second_pass_steps must be a whole number"),
+        (HiresFix(strength=0), "hires pass: strength must be in (0, 1]"),
+        (HiresFix(sampler="nope"), "hires pass: unknown sampler"),
+        (HiresFix(upscaler="ESRGAN_4x"), "hr_upscaler: no upscaler 'ESRGAN_4x' here; these are: Latent,"),
+        (HiresFix(resize_x=8192, resize_y=8192), "at most 8192 per side"),
+        (HiresFix(scale=0.1), "too small for this model"),
+    ],
+)
+def test_bad_hires_settings_are_refused_before_any_work(tiny_models, hires, message):
+    with pytest.raises(RequestError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        generate(pipeline(tiny_models), GenerationRequest(["x"], [1], **SETTINGS, hires=hires))
+
+
+def test_hires_is_txt2img_only(tiny_models):
+    request = GenerationRequest(["x"], [1], init_image=torch.rand(1, 3, 24, 32), strength=0.5, hires=HiresFix())
+    with pytest.raises(RequestError, match="the hires fix is txt2img's"):
+        generate(pipeline(tiny_models), request)
+
+
+def run(*args) -> int:
+    return main([str(a) for a in args])
+
+
+def test_the_command_line_hires_fix_and_its_infotext_give_the_same_image_again(tmp_path, ckpt, capsys):
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "a red circle", "--seed", 3, "--width", 32, "--height", 24,
+               "--steps", 3, "--hires-resize", "48x0", "--hires-upscaler", "Latent (nearest-exact)", "--hires-steps",
+               2, "--hires-denoise", 0.55, "--hires-sampler", "DPM++ 2M", "--hires-scheduler", "exponential",
+               "--hires-prompt", "a blue circle", "--hires-cfg-scale", 4, "--quiet", "--outdir", tmp_path / "a") == 0  # fmt: skip
+    (original,) = (tmp_path / "a").iterdir()
+    with Image.open(original) as im:
+        fields = parse_parameters(im.text["parameters"])
+        assert im.size == (48, 32)
+    assert fields["Hires resize"] == "48x0" and fields["Hires schedule type"] == "Exponential"
+    assert fields["Denoising strength"] == "0.55" and fields["Hires CFG Scale"] == "4.0"
+    assert run("txt2img", "--ckpt", ckpt, "--infotext", original, "--quiet", "--outdir", tmp_path / "b") == 0
+    (again,) = (tmp_path / "b").iterdir()
+    with Image.open(original) as a, Image.open(again) as b:
+        assert a.tobytes() == b.tobytes() and a.text["parameters"] == b.text["parameters"]
+    assert capsys.readouterr().err == ""  # every hires field is read
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--hires-scale", 0], "--hires-scale must be above 0"),
+        (["--hires-scale", "nan"], "--hires-scale must be above 0"),
+        (["--hires-resize", "9000x0"], "--hires-resize's width must be a whole number in [0, 8192]"),
+        (["--hires-resize", "big"], "--hires-resize: WIDTHxHEIGHT"),
+        (["--hires-scale", 2, "--hires-upscaler", "4x-UltraSharp"], "--hires-upscaler: no upscaler '4x-UltraSharp'"),
+        (["--hires-steps", 3], "the --hires flags need --hires-scale or --hires-resize"),
+        (["--hires-scale", 2, "--hires-denoise", 1.5], "--hires-denoise must be in (0, 1]"),
+    ],
+)
+def test_bad_hires_flags_exit_2_in_one_line_and_write_nothing(tmp_path, ckpt, capsys, args, message):
+    out = tmp_path / "out"
+    assert run("txt2img", "--ckpt", ckpt, "--prompt", "x", "--width", 32, "--height", 24, "--steps", 2,
+               *args, "--quiet", "--outdir", out) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not out.exists()
