@@ -2,6 +2,7 @@
 torch's interpolations, its second pass as img2img of the enlarged first pass, its step count, its infotext."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -195,3 +196,42 @@ def test_bad_hires_flags_exit_2_in_one_line_and_write_nothing(tmp_path, ckpt, ca
                *args, "--quiet", "--outdir", out) == 2  # fmt: skip
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_an_existing_client_asks_for_the_hires_fix_and_gets_the_librarys_image(ckpt, serve):
+    """webuiapi's txt2img with enable_hr and its own defaults for every other hires field: the larger image, equal
+    to the library's, nothing in `ignored`; bad hires fields are 422s naming them."""
+    import webuiapi
+
+    from latent_diffusion.pipeline.loading import load_pipeline
+    from latent_diffusion.serving.server import ServerLimits, create_app
+    from test_server import call
+
+    served = load_pipeline(ckpt)
+    with serve(create_app(served, limits=ServerLimits(max_side=128))) as base:
+        api = webuiapi.WebUIApi(baseurl=base + "/sdapi/v1", sampler="Euler a", steps=3)
+        result = api.txt2img(prompt="a red circle", seed=5, width=32, height=24, batch_size=2, cfg_scale=6,
+                             enable_hr=True, hr_scale=1.5, hr_second_pass_steps=2, denoising_strength=0.5,
+                             hr_upscaler=webuiapi.HiResUpscaler.LatentBicubic)  # fmt: skip
+        assert [im.size for im in result.images] == [(48, 32)] * 2 and result.info["ignored"] == []
+        hires = HiresFix(scale=1.5, upscaler="Latent (bicubic)", steps=2, strength=0.5)
+        library = generate(served, GenerationRequest(["a red circle"] * 2, [5, 6], width=32, height=24, steps=3,
+                                                     sampler="euler_ancestral", cfg_scale=6.0, batch_size=2,
+                                                     hires=hires))  # fmt: skip
+        expected = (library.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        assert all(im.tobytes() == e.tobytes() for im, e in zip(result.images, expected))
+        assert "Hires upscaler: Latent (bicubic)" in result.info["infotexts"][0]
+
+        body = {"prompt": "x", "width": 32, "height": 24, "steps": 2, "enable_hr": True}
+        for fields, message in (
+            ({"hr_scale": 0}, "hr_scale must be above 0"),
+            ({"hr_scale": 8}, "hr_scale: the hires fix would enlarge to 256x192, over this server's 128"),
+            ({"hr_upscaler": "4x-UltraSharp"}, "hr_upscaler: no upscaler '4x-UltraSharp' here"),
+            ({"hr_sampler_name": "nope"}, "hr_sampler_name: unknown sampler"),
+            ({"denoising_strength": 2}, "hires pass: strength must be in (0, 1]"),
+            ({"hr_second_pass_steps": 1000}, "hr_second_pass_steps must be at most 300"),
+        ):
+            status, answer = call(base, "/sdapi/v1/txt2img", {**body, **fields})
+            assert status == 422 and message in answer["detail"], (fields, answer)
+        status, answer = call(base, "/sdapi/v1/txt2img", {**body, "hr_checkpoint_name": "other", "hr_scale": 1.5})
+        assert status == 200 and json.loads(answer["info"])["ignored"] == ["hr_checkpoint_name"]
