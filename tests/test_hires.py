@@ -91,6 +91,32 @@ def test_hires_with_an_image_upscaler_is_img2img_of_the_enlarged_first_pass(tiny
     assert torch.allclose(result.images, generate(pipe, img2img).images, atol=1e-6)
 
 
+def test_a_latent_hires_fix_matches_diffusers_two_pipeline_flow(tiny_models):
+    """diffusers' StableDiffusionPipeline to latents, torch's bilinear interpolation of them, and its img2img
+    pipeline over those latents, with the second pass's noise drawn from a generator seeded afresh: the web UI's
+    hires fix with the "Latent" mode, written with another library. 4 of a schedule of 8 DDIM steps at 0.5."""
+    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
+
+    from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
+
+    model = tiny_models["sd1"]
+    hires = HiresFix(scale=2.0, upscaler="Latent", steps=4, strength=0.5)
+    request = GenerationRequest([PROMPT], [9], [NEGATIVE], width=32, height=24, **SETTINGS, hires=hires)
+    images = generate(model, request).images
+    first, second = diffusers_pipeline(model, StableDiffusionPipeline), None
+    second = diffusers_pipeline(model, StableDiffusionImg2ImgPipeline)
+    common = dict(prompt_embeds=embeddings(first, model, PROMPT), negative_prompt_embeds=embeddings(first, model,
+                  NEGATIVE), guidance_scale=SETTINGS["cfg_scale"], eta=0.0)  # fmt: skip
+    with torch.no_grad():
+        latents = first(**common, width=32, height=24, num_inference_steps=SETTINGS["steps"], output_type="latent",
+                        generator=torch.Generator().manual_seed(9)).images  # fmt: skip
+        enlarged = F.interpolate(latents, size=(6, 8), mode="bilinear")
+        theirs = second(**common, image=enlarged, strength=0.5, num_inference_steps=8, output_type="pt",
+                        generator=torch.Generator().manual_seed(9)).images  # fmt: skip
+    assert images.shape == theirs.shape == (1, 3, 48, 64)
+    torch.testing.assert_close(images, theirs, atol=1e-3, rtol=0)  # (test_generate's tolerance for ours vs diffusers)
+
+
 def test_the_hires_pass_runs_exactly_its_steps_at_the_end_of_a_stretched_schedule(tiny_models):
     """The web UI's `setup_img2img_steps` with steps given: a schedule of int(steps / min(strength, 0.999)), of
     which the last `steps` run; the first pass's count where hr_second_pass_steps is 0."""
