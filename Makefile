@@ -20,9 +20,12 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml
 # Test-only: diffusers and transformers (the independent reference), pytest, ruff, selenium (drives the page
 # test's browser), OpenAI's CLIP tokenizer (openai-clip without its dependencies: we load only its tokenizer file)
 # and k-diffusion's samplers (without its training dependencies: the tests load only its sampling module).
+# spandrel (the `upscale` extra) without torchvision: the only torchvision on this machine's package index is a CUDA
+# build that fails to import beside the CPU torch, so the tests put a stand-in for the three names spandrel imports
+# from it (tests/conftest.py, the `spandrel` fixture); einops is spandrel's one other dependency not already here.
 $(VENV)/.test: $(VENV)/.runtime
 	$(BIN)/pip install -q -e ".[test]"
-	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 k-diffusion==0.1.1.post1
+	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 k-diffusion==0.1.1.post1 spandrel==0.4.2 einops==0.8.2
 	touch $@
 
 demo: $(VENV)/.runtime

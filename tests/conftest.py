@@ -1,6 +1,10 @@
-"""Tiny-width models of the real architecture, one per variant, with every weight perturbed from its init."""
+"""Tiny-width models of the real architecture, one per variant, with every weight perturbed from its init; and
+spandrel for the upscaler tests, with a stand-in for the torchvision it imports where torchvision does not import."""
 
 import dataclasses
+import enum
+import sys
+import types
 
 import pytest
 import torch
@@ -77,3 +81,55 @@ def serve():
     from latent_diffusion.serving.http_edge import serving
 
     return serving
+
+
+def torchvision_stand_in() -> dict[str, types.ModuleType]:
+    """The three names spandrel imports from torchvision.transforms.functional at import time, for its LaMa and
+    RestoreFormer architectures, which no test runs: `InterpolationMode` (torchvision's values), `normalize`
+    (computed as torchvision does) and `rotate` (raises). Nothing else of torchvision is there."""
+
+    class InterpolationMode(enum.Enum):
+        NEAREST = "nearest"
+        NEAREST_EXACT = "nearest-exact"
+        BILINEAR = "bilinear"
+        BICUBIC = "bicubic"
+        BOX = "box"
+        HAMMING = "hamming"
+        LANCZOS = "lanczos"
+
+    def normalize(tensor, mean, std, inplace=False):
+        mean = torch.as_tensor(mean, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
+        std = torch.as_tensor(std, dtype=tensor.dtype, device=tensor.device).view(-1, 1, 1)
+        return tensor.sub_(mean).div_(std) if inplace else (tensor - mean) / std
+
+    def rotate(*args, **kwargs):
+        raise NotImplementedError(
+            "the tests' torchvision stand-in cannot rotate (spandrel's LaMa): install torchvision"
+        )
+
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.InterpolationMode, functional.normalize, functional.rotate = InterpolationMode, normalize, rotate
+    transforms = types.ModuleType("torchvision.transforms")
+    transforms.functional = functional
+    torchvision = types.ModuleType("torchvision")
+    torchvision.transforms, torchvision.__stand_in__ = transforms, True
+    return {"torchvision": torchvision, "torchvision.transforms": transforms, functional.__name__: functional}
+
+
+@pytest.fixture(scope="session")
+def spandrel():
+    """spandrel, imported as `pipeline/upscalers.py` imports it. spandrel imports torchvision when it is imported;
+    here the only torchvision on the package index is a CUDA build that fails beside the CPU torch ("operator
+    torchvision::nms does not exist"), so the Makefile installs spandrel without its dependencies and, where
+    torchvision does not import, this puts `torchvision_stand_in()` in its place for the rest of the session. The
+    architectures under test (ESRGAN, Compact, SPAN, SwinIR) use nothing of torchvision; a working torchvision, where
+    one is installed, is used as it is."""
+    try:
+        import torchvision  # noqa: F401
+    except (ImportError, RuntimeError):
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]  # what a failed import left behind
+        sys.modules.update(torchvision_stand_in())
+    import spandrel
+
+    return spandrel
