@@ -261,3 +261,38 @@ def test_an_existing_client_asks_for_the_hires_fix_and_gets_the_librarys_image(c
             assert status == 422 and message in answer["detail"], (fields, answer)
         status, answer = call(base, "/sdapi/v1/txt2img", {**body, "hr_checkpoint_name": "other", "hr_scale": 1.5})
         assert status == 200 and json.loads(answer["info"])["ignored"] == ["hr_checkpoint_name"]
+
+
+def test_a_model_upscaler_from_the_upscaler_folder_enlarges_the_first_pass(tmp_path, ckpt, spandrel, capsys):
+    """--upscaler-dir's model (a tiny Compact 2x built from spandrel's classes, as a .pth) as the hires upscaler: the
+    image is the library's img2img of the first pass enlarged by that model (`upscale`, tested against spandrel in
+    test_upscalers.py); a file that is not a model is refused in one line, before any work."""
+    from latent_diffusion.pipeline.loading import load_pipeline
+    from latent_diffusion.pipeline.upscalers import load_upscaler, upscale
+    from test_upscalers import build, save
+
+    folder = tmp_path / "ESRGAN"
+    folder.mkdir()
+    save(build("Compact", spandrel)[0], folder / "tiny-2x.pth")
+    args = ["txt2img", "--ckpt", ckpt, "--prompt", "a red circle", "--seed", 3, "--width", 32, "--height", 24,
+            "--steps", 3, "--sampler", "euler", "--hires-scale", 2, "--hires-steps", 2, "--hires-denoise", 0.5,
+            "--upscaler-dir", folder, "--quiet"]  # fmt: skip
+    assert run(*args, "--hires-upscaler", "tiny-2x", "--outdir", tmp_path / "a") == 0
+    with Image.open(next((tmp_path / "a").iterdir())) as im:
+        ours = from_pil(im)
+    pipe = load_pipeline(ckpt)
+    settings = dict(steps=3, sampler="euler", batch_size=1)
+    first = generate(pipe, GenerationRequest(["a red circle"], [3], width=32, height=24, **settings)).images
+    pixels = (first * 255).to(torch.uint8).float() / 255  # the web UI's 8-bit truncation
+    enlarged = upscale(pixels, load_upscaler(folder / "tiny-2x.pth"), size=(64, 48))
+    img2img = GenerationRequest(["a red circle"], [3], width=64, height=48, init_image=enlarged, strength=0.5,
+                                exact_steps=True, **{**settings, "steps": 2})  # fmt: skip
+    expected = generate(pipe, img2img).images
+    assert ours.shape == expected.shape == (1, 3, 48, 64)
+    assert (ours - expected).abs().max() <= 1 / 255 + 1e-6  # (the PNG's 8 bits)
+
+    (folder / "broken.pth").write_text("not a model")
+    assert run(*args, "--hires-upscaler", "broken", "--outdir", tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ldm: error: hr_upscaler broken:") and err.count("\n") == 1 and str(folder) not in err
+    assert not (tmp_path / "b").exists()

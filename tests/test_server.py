@@ -562,7 +562,9 @@ def test_an_existing_client_works_unchanged(tmp_path, tiny_models, serve):
         assert api.util_get_current_model().startswith("other.safetensors [")
         assert api.txt2img(prompt="x", width=32, height=32).info["sd_model_name"] == "other"
         assert api.get_progress()["state"]["sampling_steps"] == 0 and api.interrupt() == {}
-        assert api.get_loras() == [] and api.get_upscalers() == [] and api.get_embeddings()["loaded"] == {}
+        assert api.get_loras() == [] and api.get_embeddings()["loaded"] == {}
+        assert [u["name"] for u in api.get_upscalers()] == ["None", "Lanczos", "Nearest"]
+        assert [m["name"] for m in api.get_latent_upscale_modes()][:2] == ["Latent", "Latent (antialiased)"]
 
 
 def test_an_inpainting_checkpoint_inpaints_through_the_server(tiny_models, serve):

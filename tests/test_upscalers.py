@@ -18,7 +18,6 @@ from PIL import Image
 from latent_diffusion.models.vae_tiling import tile_spans
 from latent_diffusion.pipeline.images import from_pil, to_pil
 from latent_diffusion.pipeline.upscalers import (
-    IMAGE_UPSCALERS,
     RESAMPLERS,
     Upscaler,
     UpscalerError,
@@ -27,7 +26,6 @@ from latent_diffusion.pipeline.upscalers import (
     list_upscalers,
     load_upscaler,
     resample,
-    resize_image,
     run_model,
     upscale,
 )
@@ -317,16 +315,3 @@ def test_without_spandrel_one_line_says_what_to_install(monkeypatch, tmp_path):
 def test_bad_sizes(kwargs, message):
     with pytest.raises(UpscalerError, match=message):
         upscale(torch.rand(1, 3, 20, 20), "Lanczos", **kwargs)
-
-
-def test_resize_image_as_hires_fix_calls_it(spandrel, tmp_path):
-    """`resize_image(images, width, height, name, files)` (pipeline/generate.py's enlarge) is `upscale(size=...)` over
-    the resamplers and the pipeline's model files."""
-    net, _ = build("Compact", spandrel)
-    save(net, tmp_path / "compact.safetensors")
-    x = eight_bit((2, 3, 20, 28), seed=3)
-    files = {"compact": tmp_path / "compact.safetensors"}
-    model = load_upscaler(files["compact"])
-    assert torch.equal(resize_image(x, 61, 45, "compact", files), upscale(x, model, size=(61, 45)))
-    assert torch.equal(resize_image(x, 61, 45, None, files), upscale(x, "None", size=(61, 45)))
-    assert IMAGE_UPSCALERS == ("None", "Lanczos", "Nearest")

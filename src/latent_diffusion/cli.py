@@ -23,6 +23,7 @@ from .cli_generate import (
     pick_device,
     prepare_outdir,
     sampler_and_scheduler,
+    upscaler_args,
 )
 from .files import atomic_write, remove_empty
 from .models.ldm import LatentDiffusion
@@ -151,13 +152,13 @@ def cmd_serve(args) -> None:
         raise UsageError(f"--models-dir {models_dir}: not a folder")
     loras = find_loras(folder) if (folder := folder_arg(args.lora_dir, "--lora-dir", "models/Lora")) else {}
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
+    upscalers = upscaler_args(args.upscaler_dir)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers)
 
     def load(path) -> Pipeline:
-        pipeline = load_pipeline(
-            path, device=device, dtype=dtype, embeddings_dir=embeddings, loras=loras, compile=args.compile
-        )
+        pipeline = load_pipeline(path, device=device, dtype=dtype, compile=args.compile, **files)
         for notice in pipeline.notices:
             print(f"ldm: warning: {notice}", file=sys.stderr)
         return pipeline

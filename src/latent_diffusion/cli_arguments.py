@@ -18,6 +18,10 @@ from .weights.checkpoint import BUILTIN_MODEL
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
+UPSCALER_DIR_HELP = (
+    "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "
+    "UI's models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT and models/HAT where they exist)"
+)
 
 
 class UsageError(Exception):
@@ -159,6 +163,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="textual-inversion embeddings, used by writing a file's name in the prompt "
         "(default: embeddings/ where it exists)",
     )
+    p.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
     p.add_argument(
         "--vae-tiling",
         action=argparse.BooleanOptionalAction,
@@ -397,6 +402,7 @@ def add_serve(sub) -> None:
     )
     serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
     serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
+    serve.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
     limits = serve.add_argument_group("limits")
     limits.add_argument(
         "--max-batch",

@@ -22,6 +22,7 @@ from .pipeline.infotext import read_infotext, settings_from_infotext
 from .pipeline.loading import Pipeline, load_pipeline
 from .pipeline.plan import Plan, resolve
 from .pipeline.request import GenerationRequest, HiresFix, RequestError, validate
+from .pipeline.upscalers import FOLDERS, list_upscalers
 from .sampling.samplers import find_sampler
 from .weights.checkpoint import BUILTIN_MODEL
 from .weights.lora import find_loras
@@ -183,6 +184,12 @@ def folder_arg(value: str | None, flag: str, default: str) -> Path | None:
     return Path(value)
 
 
+def upscaler_args(value: str | None) -> dict[str, Path]:
+    """--upscaler-dir's model files by name; by default those of the web UI's upscaler folders that exist."""
+    folders = [folder_arg(value, "--upscaler-dir", "")] if value else [f for f in FOLDERS if Path(f).is_dir()]
+    return {name: row.path for name, row in list_upscalers(*folders).items() if row.path is not None}
+
+
 def lora_args(args) -> tuple[dict[str, Path], str]:
     """--lora-dir's files and each --lora PATH[:WEIGHT] by name, and the tags that --lora adds to the prompt (so that
     the infotext says which LoRAs made the image, as the web UI's does)."""
@@ -283,6 +290,7 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
         refiner=args.refiner,
         embeddings_dir=embeddings,
         loras=loras,
+        upscalers=upscaler_args(args.upscaler_dir),
     )
     if pipeline.model.cfg.inpainting and args.command != "inpaint":
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")

@@ -35,7 +35,7 @@ from .hires import LATENT_MODES, as_8_bit, truncate, upscale_latent
 from .loading import Pipeline, as_pipeline
 from .plan import ParsedPrompt, Plan, infotext, infotext_fields, resolve
 from .request import GenerationRequest, GenerationResult, RequestError
-from .upscalers import resize_image
+from .upscalers import RESAMPLERS, Upscaler, UpscalerError, UpscalerModel, load_upscaler, upscale
 
 
 @dataclass
@@ -125,6 +125,7 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
     batches = unet_batches(list(zip(*sets)), r.batch_size)  # (a batch shares its LoRA set in every pass)
     loras = read_loras(pipeline.loras, [tags for pass_sets in sets for tags in pass_sets])
     steps = sum(p.request.steps_run for p in passes)  # per image
+    upscaler = hires_upscaler(plan)  # (a model file loaded before any work, as the LoRAs are read)
     images, warnings = [], []
 
     def on_loras(tags: frozenset):
@@ -137,7 +138,7 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
             if progress:
                 progress(Progress(next(done), len(batches) * steps, step))
 
-        out, notes = sample(plan, batch, step_done, on_loras)
+        out, notes = sample(plan, batch, step_done, on_loras, upscaler)
         images.append(out)
         warnings.extend(n for n in notes if n not in warnings)
     infotexts = [infotext(r, i, fields) for i in range(len(r.prompts))]
@@ -329,7 +330,29 @@ class Stage:
     hold: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # after step i: the known region put back
 
 
-def sample(plan: Plan, batch: range, step_done: Callable[[Step], None], merged: Callable):
+def hires_upscaler(plan: Plan) -> str | UpscalerModel | None:
+    """The hires fix's upscaler: a latent mode's or a resampler's name, or its model file loaded on the model's device
+    in its dtype (RequestError naming it, without the file's path, for a file that is not an upscaler)."""
+    if plan.hires is None:
+        return None
+    name, pipeline = plan.request.hires.upscaler or "Latent", plan.pipeline
+    if name in LATENT_MODES or name in RESAMPLERS:
+        return name
+    try:
+        return load_upscaler(Upscaler(name, pipeline.upscalers[name]), device=pipeline.model.device,
+                             dtype=pipeline.model.dtype)  # fmt: skip
+    except UpscalerError as e:
+        message = str(e).replace(str(pipeline.upscalers[name]), "").removeprefix(": ")
+        raise RequestError(f"hr_upscaler {name}: {message}") from None
+
+
+def sample(
+    plan: Plan,
+    batch: range,
+    step_done: Callable[[Step], None],
+    merged: Callable,
+    upscaler: str | UpscalerModel | None = None,
+):
     """Images `batch` of a plan -> ((b, 3, H, W) in [0, 1], prompt warnings): each pass prepared and run on the LoRAs
     its prompts name (`merged(tags)`: a context), and the last pass decoded. With the hires fix the first pass's latent
     is enlarged (`hires.py`) and a second pass runs over it."""
@@ -339,24 +362,26 @@ def sample(plan: Plan, batch: range, step_done: Callable[[Step], None], merged: 
         x = run(stage, r, seeds, step_done)
     if plan.hires is None:
         return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
-    latent, image = enlarge(plan, x)
+    latent, image = enlarge(plan, x, upscaler)
     with merged(plan.hires.lora_sets()[batch.start]):
         stage, _, more = prepare(plan.hires, batch, latent=latent, start_image=image)
         x = run(stage, plan.hires.request, seeds, step_done)
     return finish(plan.pipeline, plan.hires.request, batch, stage, x, None), notes + [n for n in more if n not in notes]
 
 
-def enlarge(plan: Plan, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def enlarge(
+    plan: Plan, x: torch.Tensor, upscaler: str | UpscalerModel
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The first pass's latents (b, c, h, w) enlarged for the hires pass -> (the latents at its size, None) in a latent
     mode, or (None, the images at its size in [0, 1]) with an image upscaler: decoded, through 8-bit pixels as the
-    web UI's, enlarged, and cut where the latent would be truncated (the hires pass encodes them as img2img does)."""
-    upscaler, size, model = plan.request.hires.upscaler or "Latent", plan.hires_size, plan.pipeline.model
+    web UI's, enlarged as its `images.resize_image` does, and cut where the latent would be truncated (the hires pass
+    encodes them as img2img does)."""
+    size, model = plan.hires_size, plan.pipeline.model
     f = model.cfg.autoencoder.downsampling_factor
-    if upscaler in LATENT_MODES:
+    if isinstance(upscaler, str) and upscaler in LATENT_MODES:
         return upscale_latent(x, size, upscaler, f), None
     images = as_8_bit((decode(model, x, tiled=plan.request.vae_tiling) / 2 + 0.5).clamp(0, 1))
-    width, height = size.upscale_to
-    images = resize_image(images, width, height, upscaler, plan.pipeline.upscalers)
+    images = upscale(images, upscaler, size=size.upscale_to)
     tx, ty = size.truncate
     return None, truncate(images, (tx * f, ty * f))
 

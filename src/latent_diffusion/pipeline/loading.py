@@ -49,11 +49,12 @@ def load_pipeline(
     refiner: str | os.PathLike | None = None,
     embeddings_dir: str | os.PathLike | None = None,
     loras: dict[str, Path] | None = None,
+    upscalers: dict[str, Path] | None = None,
     compile: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (`checkpoint.load_model`) and what goes beside it: a VAE file over its autoencoder, a refiner
     on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text encoders' width, and
-    the LoRA files by name (`lora.find_loras`). compile: the U-Nets and decoders through torch.compile."""
+    the LoRA files and upscaler model files by name (`lora.find_loras`, `upscalers.find_upscalers`). compile: the U-Nets and decoders through torch.compile."""
     model = load_model(checkpoint, config, device=device, dtype=dtype, ema=ema)
     if vae is not None:
         load_vae(model, vae)
@@ -70,5 +71,6 @@ def load_pipeline(
         refiner_checkpoint=Path(refiner) if refiner is not None else None,
         embeddings=found,
         loras=dict(loras or {}),
+        upscalers=dict(upscalers or {}),
         notices=notices,
     )

@@ -27,7 +27,7 @@ from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text
 from .loading import Pipeline
 from .request import MAX_SIDE, GenerationRequest, fail, validate
-from .upscalers import IMAGE_UPSCALERS
+from .upscalers import RESAMPLERS
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,7 @@ def _check_hires(r: GenerationRequest, pipeline: Pipeline) -> HiresSize:
     h, cfg = r.hires, pipeline.model.cfg
     if r.init_image is not None:
         fail("the hires fix is txt2img's: img2img and inpainting draw at the init image's size")
-    known = [*LATENT_MODES, *IMAGE_UPSCALERS, *pipeline.upscalers]
+    known = [*LATENT_MODES, *RESAMPLERS, *pipeline.upscalers]
     if h.upscaler is not None and h.upscaler not in known:
         fail(f"hr_upscaler: no upscaler {h.upscaler!r} here; these are: {', '.join(known)}")
     f = cfg.autoencoder.downsampling_factor

@@ -45,6 +45,8 @@ from .images import from_pil, to_pil
 TILE = 192  # the web UI's ESRGAN_tile: input pixels per tile side (0: the whole image at once)
 OVERLAP = 8  # its ESRGAN_tile_overlap: input pixels shared by neighbouring tiles
 FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".ckpt")
+# The web UI's folders of upscaler models that spandrel reads (its LDSR and ScuNET are not image-to-image models here)
+FOLDERS = ("models/ESRGAN", "models/RealESRGAN", "models/SwinIR", "models/DAT", "models/HAT")
 PASSES = 3  # the web UI's Upscaler.upscale runs at most 3 passes
 
 
@@ -288,24 +290,3 @@ def _upscale_by(image: torch.Tensor, step: Callable[[torch.Tensor, float], torch
     if image.shape[-2:] != (target_h, target_w):
         image = resample(image, (target_w, target_h), Image.Resampling.LANCZOS)
     return image
-
-
-# What hires fix (`pipeline/generate.py`, `pipeline/plan.py`) calls: the resamplers' names, and resize_image.
-IMAGE_UPSCALERS = tuple(RESAMPLERS)
-
-
-def resize_image(
-    images: torch.Tensor,
-    width: int,
-    height: int,
-    name: str | None,
-    files: dict[str, Path],
-    *,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The web UI's `images.resize_image(0, image, width, height, name)`: `upscale(images, name, size=(width,
-    height))` with the resamplers and the model files `files` (name -> path, `Pipeline.upscalers`); no name is
-    "None". A model is loaded on `device` (default: the images') in `dtype` for this call."""
-    upscalers = {**RESAMPLERS, **{n: Upscaler(n, path=p) for n, p in files.items() if n not in RESAMPLERS}}
-    return upscale(images, name or "None", size=(width, height), upscalers=upscalers, device=device, dtype=dtype)

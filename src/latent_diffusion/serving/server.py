@@ -34,9 +34,11 @@ from ..files import claim_numbered, model_hash
 from ..models import vae_tiling
 from ..models.ldm import LatentDiffusion
 from ..pipeline.generate import NonFiniteError
+from ..pipeline.hires import LATENT_MODES
 from ..pipeline.images import as_mode, from_pil, open_image, save_png, to_pil
 from ..pipeline.loading import Pipeline, as_pipeline
 from ..pipeline.request import RequestError, validate
+from ..pipeline.upscalers import RESAMPLERS
 from ..weights.checkpoint import CheckpointError
 from . import web_ui_api
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
@@ -150,6 +152,13 @@ class ServerState:
             {"name": name, "alias": name, "path": str(path), "metadata": {}}
             for name, path in self.worker.pipeline.loras.items()
         ]
+
+    def upscalers(self) -> list[dict]:
+        """The web UI's resamplers, then the upscaler model files (their scale is known once one is loaded)."""
+        rows = [{"name": name, "model_name": None, "model_path": None, "scale": None} for name in RESAMPLERS]
+        for name, path in self.worker.pipeline.upscalers.items():
+            rows.append({"name": name, "model_name": name, "model_path": str(path), "scale": None})
+        return [{**row, "model_url": None} for row in rows]
 
     def embeddings(self) -> dict:
         loaded = {
@@ -367,7 +376,11 @@ def nothing_to_refresh() -> dict:
 
 
 def none_here() -> list:
-    return []  # this server has no upscalers, separate VAEs or styles: an empty list, as the web UI with none
+    return []  # this server has no separate VAEs or styles: an empty list, as the web UI with none
+
+
+def latent_upscale_modes() -> list[dict]:
+    return [{"name": name} for name in LATENT_MODES]
 
 
 def create_app(
@@ -425,8 +438,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "embeddings": state.embeddings,
             "options": state.options,
             "progress": state.progress,
-            "upscalers": none_here,
-            "latent-upscale-modes": none_here,
+            "upscalers": state.upscalers,
+            "latent-upscale-modes": latent_upscale_modes,
             "sd-vae": none_here,
             "prompt-styles": none_here,
         },
