@@ -2,6 +2,8 @@
 state dict by diffusers' own single-file converters: the U-Net with its vector conditioning, both text encoders
 with the pooled output, and txt2img end to end against StableDiffusionXLPipeline."""
 
+import dataclasses
+
 import pytest
 import torch
 import yaml
@@ -12,14 +14,16 @@ from diffusers.loaders.single_file_utils import (
     convert_open_clip_checkpoint,
     create_unet_diffusers_config_from_ldm,
 )
+from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from latent_diffusion import LatentDiffusion, from_ldm_config, preset
 from latent_diffusion.models.config import TextEncoderConfig
 from latent_diffusion.models.yaml_config import to_ldm_config
 from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.images import from_pil
 from latent_diffusion.pipeline.loading import Pipeline
-from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.pipeline.request import GenerationRequest, HiresFix
 from latent_diffusion.prompts.encoding import encode_prompts
 
 from conftest import randomize, tiny_config
@@ -346,6 +350,28 @@ def test_refiner_flow_matches_diffusers_ensemble_of_experts(xl_models):
     alone = generate(base, request).images
     assert (alone - theirs).abs().max() > 0.01  # the refiner's part really made a difference
     assert "Refiner switch at: 0.8" in result.infotexts[0]
+
+
+def test_hires_fix_with_the_refiner_in_the_web_uis_order(xl_models):
+    """The web UI's default ("hires_fix_refiner_pass": second pass): the first pass is the base model's alone, the
+    refiner takes over within the hires pass. So the hires image is (the web UI's identity) img2img, with the
+    refiner, of the base model's own first pass enlarged; and the refiner really changed it."""
+    base, refiner = xl_models["sdxl"], xl_models["sdxl-refiner"]
+    settings = dict(negative_prompts=[NEGATIVE], steps=4, sampler="euler", refiner_switch=0.5)
+    hires = HiresFix(scale=1.5, upscaler="Nearest", steps=4, strength=0.6)
+    request = GenerationRequest([PROMPT], [9], width=32, height=32, **settings, hires=hires)
+    result = generate(Pipeline(base, refiner=refiner), request)
+    first = generate(base, GenerationRequest([PROMPT], [9], width=32, height=32, **settings)).images
+    pixels = (first * 255).to(torch.uint8)  # the web UI's 8-bit truncation, then PIL's nearest 1.5x
+    enlarged = from_pil(Image.fromarray(pixels[0].permute(1, 2, 0).numpy()).resize((48, 48), Image.NEAREST))
+    img2img = GenerationRequest([PROMPT], [9], width=48, height=48, **settings, init_image=enlarged, strength=0.6,
+                                exact_steps=True)  # fmt: skip
+    torch.testing.assert_close(
+        result.images, generate(Pipeline(base, refiner=refiner), img2img).images, atol=1e-6, rtol=0
+    )
+    without = generate(base, dataclasses.replace(request, hires=hires))
+    assert (without.images - result.images).abs().max() > 0.01
+    assert "Refiner switch at: 0.5" in result.infotexts[0] and "Hires upscaler: Nearest" in result.infotexts[0]
 
 
 def test_command_line_with_refiner_and_separate_vae(tmp_path, xl_models, capsys):
