@@ -89,6 +89,17 @@ def test_generate_from_the_page(page, tmp_path):
     assert page.find_element("id", "seed").get_attribute("value") == "11"
     assert page.find_element("id", "batch_size").get_attribute("value") == "1"
 
+    page.find_element("id", "enable_hr").click()  # the hires fix: the image drawn again at twice the size
+    assert "Latent (bicubic)" in [o.text for o in page.find_elements("css selector", "#hr_upscaler option")]
+    for name, value in {"hr_scale": 2, "hr_second_pass_steps": 2, "steps": 2}.items():
+        set_field(page, name, value)
+    page.find_element("id", "generate").click()
+    figures = wait_for_results(page, 3)
+    assert shown_image(figures[0]).size == (64, 48)
+    caption = figures[0].find_element("tag name", "figcaption").text
+    assert "Denoising strength: 0.7, Hires upscale: 2.0, Hires steps: 2, Hires upscaler: Latent" in caption
+    page.find_element("id", "enable_hr").click()
+
     screenshot = tmp_path / "page.png"
     assert page.save_screenshot(str(screenshot))
     assert Image.open(screenshot).size[0] > 0

@@ -14,8 +14,9 @@ const api = async (path, body) => {
 let mode = "txt2img";
 
 async function fillLists() {
-  const [samplers, schedulers, models, options] = await Promise.all(
-    ["samplers", "schedulers", "sd-models", "options"].map((path) => api(path)));
+  const [samplers, schedulers, models, options, latentModes, upscalers] = await Promise.all(
+    ["samplers", "schedulers", "sd-models", "options", "latent-upscale-modes", "upscalers"].map((path) => api(path)));
+  for (const u of [...latentModes, ...upscalers]) $("hr_upscaler").add(new Option(u.name, u.name));
   for (const s of samplers) $("sampler_name").add(new Option(s.name, s.name, false, s.name === "DPM++ 2M"));
   for (const s of schedulers) $("scheduler").add(new Option(s.label, s.name));
   for (const m of models) {
@@ -33,6 +34,7 @@ for (const tab of document.querySelectorAll(".tab")) {
     mode = tab.dataset.mode;
     document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
     $("image-fields").hidden = mode !== "img2img";
+    $("hires-fields").hidden = mode !== "txt2img";  // (the web UI's hires fix is txt2img's)
   });
 }
 
@@ -41,12 +43,18 @@ function showError(message) {
   $("error").hidden = !message;
 }
 
-// The request: empty number fields are left out, so the server's (the model's) defaults apply.
+// The request: empty number fields are left out, so the server's (the model's) defaults apply; the hires fix's
+// fields where it is ticked.
 function request() {
   const body = { prompt: $("prompt").value, negative_prompt: $("negative_prompt").value,
                  sampler_name: $("sampler_name").value, scheduler: $("scheduler").value };
   for (const name of ["width", "height", "steps", "cfg_scale", "seed", "batch_size"]) {
     if ($(name).value !== "") body[name] = Number($(name).value);
+  }
+  if (mode === "txt2img" && $("enable_hr").checked) {
+    Object.assign(body, { enable_hr: true, hr_upscaler: $("hr_upscaler").value, hr_scale: Number($("hr_scale").value),
+                          hr_second_pass_steps: Number($("hr_second_pass_steps").value),
+                          denoising_strength: Number($("hr_denoising_strength").value) });
   }
   if (mode === "img2img") {
     if (!$("init-canvas").width) throw new Error("choose an init image");
