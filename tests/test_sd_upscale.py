@@ -97,3 +97,20 @@ def test_the_picture_is_enlarged_first_and_bad_settings_are_refused(tiny_models)
     ):
         with pytest.raises(RequestError, match=message):
             sd_upscale(pipe, request, **{"upscaler": "Lanczos", "overlap": 8, **kwargs})
+
+
+def test_the_command_line_sd_upscale(tmp_path, ckpt, capsys):
+    from latent_diffusion.cli import main
+
+    Image.new("RGB", (48, 32), (200, 30, 40)).save(tmp_path / "in.png")
+    args = ["img2img", "--ckpt", ckpt, "--init-image", tmp_path / "in.png", "--prompt", "a red circle", "--seed", 4,
+            "--steps", 3, "--strength", 0.5, "--width", 32, "--height", 32, "--sd-upscale", 2, "--quiet"]  # fmt: skip
+    assert main([str(a) for a in [*args, "--sd-upscale-overlap", 8, "--n-iter", 2, "--outdir", tmp_path / "a"]]) == 0
+    written = sorted((tmp_path / "a").iterdir())
+    assert [p.name[6:] for p in written] == ["4.png", "5.png"]
+    with Image.open(written[0]) as im:
+        assert im.size == (96, 64) and "SD upscale overlap: 8, SD upscale upscaler: Lanczos" in im.text["parameters"]
+    assert main([str(a) for a in [*args, "--sd-upscale-overlap", 40, "--outdir", tmp_path / "b"]]) == 2
+    err = capsys.readouterr().err
+    assert "--sd-upscale-overlap must be at least 0 and below the tile's sides, not 40" in err and err.count("\n") == 1
+    assert not (tmp_path / "b").exists()

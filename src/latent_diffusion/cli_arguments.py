@@ -206,6 +206,8 @@ def add_size_arguments(p: argparse.ArgumentParser, command: str) -> None:
             help="fraction of the schedule to run, in (0, 1]",
         )
         p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
+        if command == "img2img":
+            add_sd_upscale_arguments(p)
         p.add_argument("--width", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
         p.add_argument("--height", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
 
@@ -230,6 +232,21 @@ def add_hires_arguments(p: argparse.ArgumentParser) -> None:
     hires.add_argument("--hires-cfg-scale", type=float, help="the second pass's guidance (default: --cfg-scale)")
     hires.add_argument("--hires-prompt", help="the second pass's prompt (default: --prompt)")
     hires.add_argument("--hires-negative-prompt", help="the second pass's negative prompt (default: the first's)")
+
+
+def add_sd_upscale_arguments(p: argparse.ArgumentParser) -> None:
+    """The web UI's SD upscale script: --sd-upscale SCALE turns it on."""
+    group = p.add_argument_group(
+        "SD upscale",
+        "enlarge the init image, then redraw it in overlapping tiles of --width x --height (the web UI's script)",
+    )
+    group.add_argument("--sd-upscale", type=float, metavar="SCALE", help="enlarge by this factor, then redraw")
+    group.add_argument(
+        "--sd-upscale-upscaler",
+        default="Lanczos",
+        help="None, Lanczos, Nearest, or a model of --upscaler-dir",
+    )
+    group.add_argument("--sd-upscale-overlap", type=int, default=64, help="pixels that neighbouring tiles share")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from .pipeline.infotext import read_infotext, settings_from_infotext
 from .pipeline.loading import Pipeline, load_pipeline
 from .pipeline.plan import Plan, resolve
 from .pipeline.request import GenerationRequest, HiresFix, RequestError, validate
+from .pipeline.sd_upscale import sd_upscale
 from .pipeline.upscalers import FOLDERS, list_upscalers
 from .sampling.samplers import find_sampler
 from .weights.checkpoint import BUILTIN_MODEL
@@ -66,6 +67,7 @@ FLAGS = {
     "hr_upscaler": "--hires-upscaler",
     "hires pass: strength": "--hires-denoise",
     "hires pass: cfg_scale": "--hires-cfg-scale",
+    "SD upscale: the overlap": "--sd-upscale-overlap",
 }
 
 
@@ -296,6 +298,8 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
     for notice in pipeline.notices:
         print(f"ldm: warning: {notice}", file=sys.stderr)
+    if getattr(args, "sd_upscale", None) is not None:
+        return write_sd_upscale(args, request, pipeline, outdir)
     plan = planned(with_images(request, args, pipeline.model), pipeline)
     request = plan.request
     file = pipeline.checkpoint
@@ -315,17 +319,42 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
             tqdm.write(f"ldm: warning: {warning}", file=sys.stderr)
         warned |= set(result.warnings)
         for seed, tensor, info in zip(batch.request.seeds, result.images, result.infotexts):
-            image, path = to_pil(tensor), claim_numbered(outdir, f"{seed}.png")
-            try:
-                save_png(image, path, info)
-            except BaseException:
-                path.unlink(missing_ok=True)  # the claimed name, still empty
-                raise
-            images.append((image, info, path))
-            if not args.quiet:
-                tqdm.write(f"wrote {path}")
+            images.append(write_png(outdir, seed, tensor, info, args.quiet))
     bar.close()
     if args.grid and len(images) > 1:  # named after this run's last image, which no other run can take
         path = outdir / f"grid-{images[-1][2].name[:5]}.png"
         save_png(grid([im for im, _, _ in images], args.batch_size), path, images[0][1])
         print(f"wrote {path}")
+
+
+def write_png(outdir: Path, seed: int, tensor: torch.Tensor, info: str, quiet: bool) -> tuple:
+    """One image as the next numbered PNG with its infotext -> (the image, its infotext, its path)."""
+    image, path = to_pil(tensor), claim_numbered(outdir, f"{seed}.png")
+    try:
+        save_png(image, path, info)
+    except BaseException:
+        path.unlink(missing_ok=True)  # the claimed name, still empty
+        raise
+    if not quiet:
+        tqdm.write(f"wrote {path}")
+    return image, info, path
+
+
+def write_sd_upscale(args, request: GenerationRequest, pipeline: Pipeline, outdir: Path) -> None:
+    """img2img --sd-upscale: the init image enlarged and redrawn in tiles of --width x --height (the web UI's SD
+    upscale), one result per --n-iter, its tiles --batch-size per U-Net call."""
+    side = pipeline.model.cfg.default_size
+    seeds = [request.seeds[0] + k for k in range(args.n_iter)]
+    request = dataclasses.replace(
+        request,
+        prompts=request.prompts[: args.n_iter],
+        negative_prompts=request.negative_prompts[: args.n_iter],
+        seeds=seeds,
+        init_image=load_image(args.init_image, "RGB"),
+        width=args.width or side,
+        height=args.height or side,
+    )
+    with in_flag_words():
+        result = sd_upscale(pipeline, request, args.sd_upscale_upscaler, args.sd_upscale, args.sd_upscale_overlap)
+    for seed, tensor, info in zip(seeds, result.images, result.infotexts):
+        write_png(outdir, seed, tensor, info, args.quiet)
