@@ -22,23 +22,18 @@ from torch import nn
 from ..files import atomic_write
 from ..models.config import (
     MICRO_CONDITIONING,
-    OPENCLIP_VIT_BIGG_14,
-    OPENCLIP_VIT_H_14,
-    SDXL_CLIP_VIT_L_14,
-    SDXL_MICRO,
-    SDXL_REFINER_MICRO,
-    SDXL_SCALE_FACTOR,
     AutoencoderConfig,
     LatentDiffusionConfig,
     TextEncoderConfig,
     UNetConfig,
+    preset,
 )
-from ..models.family import EMA, SD1, SD2, SDXL, UNET, VAE, family_of_keys
+from ..models.family import EMA, SD1, UNET, VAE, Family, family_of_keys
 from ..models.ldm import LatentDiffusion
 from ..models.yaml_config import from_ldm_config
 from .reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
 
-CLIP, OPENCLIP = SD1.text_prefix, SD2.text_prefix
+CLIP = SD1.text_prefixes[0]
 CONFIG_METADATA_KEY = "latent_diffusion.config"
 # The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
 # checkpoint is given. Its generation defaults (64x64 images, CFG 1.75) are in its config metadata.
@@ -139,25 +134,17 @@ def _infer_text(sd: dict[str, torch.Tensor], prefix: str, stock: TextEncoderConf
     return text
 
 
-def _infer_conditioner(sd: dict[str, torch.Tensor]) -> dict:
-    """The config fields of the family's conditioner: the text encoder(s) and, for SDXL, its micro-conditioning."""
-    family = family_of_keys(sd.keys())
-    if family is SD1:
-        return {"text": _infer_text(sd, CLIP, TextEncoderConfig())}
-    if family is SD2:
-        return {"text": _infer_text(sd, OPENCLIP, OPENCLIP_VIT_H_14)}
-    base = family is SDXL
-    texts = [_infer_text(sd, SDXL.text_prefix + "0.transformer.text_model.", SDXL_CLIP_VIT_L_14)] if base else []
-    texts.append(_infer_text(sd, SDXL.text_prefix + f"{len(texts)}.model.", OPENCLIP_VIT_BIGG_14))
-    micro = SDXL_MICRO if base else SDXL_REFINER_MICRO
-    adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
-    return {
-        "text": texts[0],
-        "text2": texts[1] if base else None,
-        "micro_conditioning": micro,
-        "micro_conditioning_width": (adm - texts[-1].embed_dim) // sum(MICRO_CONDITIONING[m] for m in micro),
-        "scale_factor": SDXL_SCALE_FACTOR,
-    }
+def _infer_conditioner(sd: dict[str, torch.Tensor], family: Family) -> dict:
+    """The config fields of the family's conditioner: its preset's, with each text encoder's widths and depth read
+    off the weights at the family's prefixes, and the micro-conditioning's width off the U-Net's vector input."""
+    stock = preset(family.preset)
+    texts = [_infer_text(sd, prefix, t) for prefix, t in zip(family.text_prefixes, stock.texts, strict=True)]
+    fields = {"text": texts[0], "text2": texts[1] if len(texts) > 1 else None, "scale_factor": stock.scale_factor}
+    if micro := stock.micro_conditioning:
+        adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
+        numbers = sum(MICRO_CONDITIONING[m] for m in micro)
+        fields |= {"micro_conditioning": micro, "micro_conditioning_width": (adm - texts[-1].embed_dim) // numbers}
+    return fields
 
 
 def _check_family(sd: dict[str, torch.Tensor], path) -> None:
@@ -191,8 +178,8 @@ def infer_config(
 ) -> LatentDiffusionConfig:
     """The model's config: from our metadata when present, else read off the keys and shapes.
 
-    v-prediction leaves no trace in the weights. Without metadata it is taken from the file name: a `-v`
-    part (`768-v-ema.ckpt`) or an SD 2.x file with 768 in its name (`v2-1_768-ema-pruned.safetensors`).
+    v-prediction leaves no trace in the weights. Without metadata it is taken from the file name, as the family's
+    `v_name` says: a `-v` part (`768-v-ema.ckpt`), or for SD 2.x also a 768 (`v2-1_768-ema-pruned.safetensors`).
     """
     if metadata and CONFIG_METADATA_KEY in metadata:
         try:
@@ -201,10 +188,9 @@ def infer_config(
             raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not a valid config ({e})") from None
     _check_family(sd, path)
     try:
-        conditioner = _infer_conditioner(sd)
-        name = Path(path).name.lower() if path else ""
-        sd2 = family_of_keys(sd.keys()) is SD2
-        is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (sd2 and "768" in name)
+        family = family_of_keys(sd.keys())
+        conditioner = _infer_conditioner(sd, family)
+        is_v = re.search(family.v_name, Path(path).name.lower() if path else "") is not None
         return LatentDiffusionConfig(
             unet=_infer_unet(sd),
             autoencoder=_infer_autoencoder(sd),
