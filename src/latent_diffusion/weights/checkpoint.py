@@ -159,14 +159,8 @@ def _check_family(sd: dict[str, torch.Tensor], path) -> None:
     ):
         hint = "it looks like a diffusers-format component, not a single-file Stable Diffusion checkpoint"
     elif any(k.startswith(UNET) for k in keys):
-        missing = [
-            p
-            for p, ok in (
-                ("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
-                ("cond_stage_model.* (or SDXL's conditioner.*)", has_text),
-            )
-            if not ok
-        ]
+        missing = [] if VAE + "encoder.conv_in.weight" in sd else ["first_stage_model.*"]
+        missing += [] if has_text else ["cond_stage_model.* (or SDXL's conditioner.*)"]
         hint = f"it has a U-Net but no {' and no '.join(missing)} weights"
     else:
         hint = "no model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (or conditioner.*) keys"
@@ -204,22 +198,13 @@ def infer_config(
 
 
 def _config_from_argument(config) -> LatentDiffusionConfig:
-    try:
-        return _parse_config(config)
-    except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        where = f"{config}: " if isinstance(config, (str, os.PathLike)) else "config: "
-        raise CheckpointError(where + str(e)) from None
-
-
-def _parse_config(config) -> LatentDiffusionConfig:
+    """A CompVis YAML path, its parsed mapping or a LatentDiffusionConfig -> the config; CheckpointError otherwise."""
     if isinstance(config, LatentDiffusionConfig):
         return config
-    if isinstance(config, (str, os.PathLike)):
+    path = config if isinstance(config, (str, os.PathLike)) else None
+    if path is not None:
         import yaml
 
-        path = config
         try:
             config = yaml.safe_load(Path(path).read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -228,7 +213,10 @@ def _parse_config(config) -> LatentDiffusionConfig:
             raise CheckpointError(f"{path}: not a CompVis YAML config (it holds a {type(config).__name__})")
     if not isinstance(config, dict):
         raise CheckpointError(f"config must be a CompVis YAML path or its parsed mapping, not {type(config).__name__}")
-    return from_ldm_config(config)
+    try:
+        return from_ldm_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path if path is not None else 'config'}: {e}") from None
 
 
 # Loading ----------------------------------------------------------------------------------------------------
