@@ -294,16 +294,10 @@ def load_model(
     if ema:
         sd, origin = _with_ema_unet(sd, origin, [k for k in expected if k.startswith(UNET)], path)
 
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
-    wrong_shape = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
     # The VAE's attention as Linear weights [c, c] instead of 1x1 convolutions [c, c, 1, 1], as files converted back
-    # from diffusers store them: the same numbers, reshaped exactly.
-    wrong_shape = [k for k in wrong_shape if not (k.startswith(VAE) and (*sd[k].shape, 1, 1) == expected[k].shape)]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(
-            f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape)
-        )
+    # from diffusers store them, fits: the same numbers, reshaped exactly.
+    if problem := _mismatch(expected, sd, lambda k, have, want: (*have, 1, 1) == want and k.startswith(VAE)):
+        raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: {problem}")
 
     weights = {}
     with open(path, "rb") as f:
@@ -345,23 +339,25 @@ def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
     expected = model.first_stage_model.state_dict()
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         raise CheckpointError(f"{path}: a diffusers-format VAE; this takes the original layout (encoder.down.*)")
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong_shape = [k for k in expected if k in sd and sd[k].numel() != expected[k].numel()]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(
-            f"{path}: not an autoencoder of this model: " + _describe(missing, unexpected, wrong_shape)
-        )
+    if problem := _mismatch(expected, sd, lambda k, have, want: have.numel() == want.numel(), ignorable=None):
+        raise CheckpointError(f"{path}: not an autoencoder of this model: {problem}")
     weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
     model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
 
 
-def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
-    parts = []
-    for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-        if keys:
-            parts.append(f"{len(keys)} {name} keys (first: {', '.join(keys[:3])})")
-    return "; ".join(parts)
+def _mismatch(expected: dict, sd: dict, also_fits, ignorable=_ignorable) -> str:
+    """Why `sd` does not load as `expected` ("" when it does): its missing, unexpected (not `ignorable`) and
+    wrong-shape keys, a shape fitting when it is the expected one or `also_fits(key, shape, expected shape)`."""
+    found = {
+        "missing": [k for k in expected if k not in sd],
+        "unexpected": [k for k in sd if k not in expected and not (ignorable and ignorable(k))],
+        "wrong shape": [
+            k
+            for k in expected
+            if k in sd and sd[k].shape != expected[k].shape and not also_fits(k, sd[k].shape, expected[k].shape)
+        ],
+    }
+    return "; ".join(f"{len(keys)} {name} keys (first: {', '.join(keys[:3])})" for name, keys in found.items() if keys)
 
 
 # Saving -----------------------------------------------------------------------------------------------------
