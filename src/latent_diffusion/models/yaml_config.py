@@ -249,28 +249,24 @@ def _embedder_yaml(t: TextEncoderConfig) -> dict:
     """One of generative-models' text embedders (SDXL's FrozenCLIPEmbedder and FrozenOpenCLIPEmbedder2)."""
     if t.kind == "clip":
         layer = {"layer": "hidden", "layer_idx": t.layers - 1} if not t.final_norm else {"layer": t.layer}
-        params = _text_params(t, CLIP_VIT_L_14, **layer)
-        return {
-            "is_trainable": False,
-            "input_key": "txt",
-            "params": params,
-            "target": "sgm.modules.encoders.modules.FrozenCLIPEmbedder",
-        }
-    params = _text_params(
-        t,
-        OPENCLIP_VIT_BIGG_14,
-        arch="ViT-bigG-14",
-        version="laion2b_s39b_b160k",
-        freeze=True,
-        layer=t.layer,
-        always_return_pooled=t.pooled,
-        legacy=t.final_norm,
-    )
+        target, params = "FrozenCLIPEmbedder", _text_params(t, CLIP_VIT_L_14, **layer)
+    else:
+        target = "FrozenOpenCLIPEmbedder2"
+        params = _text_params(
+            t,
+            OPENCLIP_VIT_BIGG_14,
+            arch="ViT-bigG-14",
+            version="laion2b_s39b_b160k",
+            freeze=True,
+            layer=t.layer,
+            always_return_pooled=t.pooled,
+            legacy=t.final_norm,
+        )
     return {
         "is_trainable": False,
         "input_key": "txt",
         "params": params,
-        "target": "sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2",
+        "target": f"sgm.modules.encoders.modules.{target}",
     }
 
 

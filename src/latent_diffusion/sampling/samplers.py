@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Noise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Hold = Callable[[int, torch.Tensor], torch.Tensor]
 
 

@@ -41,14 +41,7 @@ from ..models.family import UNET, VAE
 from ..models.ldm import LatentDiffusion
 from ..weights.checkpoint import CheckpointError, ema_key, load_model, read_state_dict
 from .checkpoints import latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
-from .common import (
-    TrainError,
-    build_dataset,
-    fast_optimizer_options,
-    get_lr,
-    lock_outdir,
-    resolve_precision,
-)
+from .common import TrainError, build_dataset, fast_optimizer_options, get_lr, lock_outdir, resolve_precision
 from .config import TrainConfig, check_config
 from .step import Run, train_step
 

@@ -22,23 +22,18 @@ from torch import nn
 from ..files import atomic_write
 from ..models.config import (
     MICRO_CONDITIONING,
-    OPENCLIP_VIT_BIGG_14,
-    OPENCLIP_VIT_H_14,
-    SDXL_CLIP_VIT_L_14,
-    SDXL_MICRO,
-    SDXL_REFINER_MICRO,
-    SDXL_SCALE_FACTOR,
     AutoencoderConfig,
     LatentDiffusionConfig,
     TextEncoderConfig,
     UNetConfig,
+    preset,
 )
-from ..models.family import EMA, SD1, SD2, SDXL, UNET, VAE, family_of_keys
+from ..models.family import EMA, SD1, UNET, VAE, Family, family_of_keys
 from ..models.ldm import LatentDiffusion
 from ..models.yaml_config import from_ldm_config
 from .reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
 
-CLIP, OPENCLIP = SD1.text_prefix, SD2.text_prefix
+CLIP = SD1.text_prefixes[0]
 CONFIG_METADATA_KEY = "latent_diffusion.config"
 # The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
 # checkpoint is given. Its generation defaults (64x64 images, CFG 1.75) are in its config metadata.
@@ -139,25 +134,17 @@ def _infer_text(sd: dict[str, torch.Tensor], prefix: str, stock: TextEncoderConf
     return text
 
 
-def _infer_conditioner(sd: dict[str, torch.Tensor]) -> dict:
-    """The config fields of the family's conditioner: the text encoder(s) and, for SDXL, its micro-conditioning."""
-    family = family_of_keys(sd.keys())
-    if family is SD1:
-        return {"text": _infer_text(sd, CLIP, TextEncoderConfig())}
-    if family is SD2:
-        return {"text": _infer_text(sd, OPENCLIP, OPENCLIP_VIT_H_14)}
-    base = family is SDXL
-    texts = [_infer_text(sd, SDXL.text_prefix + "0.transformer.text_model.", SDXL_CLIP_VIT_L_14)] if base else []
-    texts.append(_infer_text(sd, SDXL.text_prefix + f"{len(texts)}.model.", OPENCLIP_VIT_BIGG_14))
-    micro = SDXL_MICRO if base else SDXL_REFINER_MICRO
-    adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
-    return {
-        "text": texts[0],
-        "text2": texts[1] if base else None,
-        "micro_conditioning": micro,
-        "micro_conditioning_width": (adm - texts[-1].embed_dim) // sum(MICRO_CONDITIONING[m] for m in micro),
-        "scale_factor": SDXL_SCALE_FACTOR,
-    }
+def _infer_conditioner(sd: dict[str, torch.Tensor], family: Family) -> dict:
+    """The config fields of the family's conditioner: its preset's, with each text encoder's widths and depth read
+    off the weights at the family's prefixes, and the micro-conditioning's width off the U-Net's vector input."""
+    stock = preset(family.preset)
+    texts = [_infer_text(sd, prefix, t) for prefix, t in zip(family.text_prefixes, stock.texts, strict=True)]
+    fields = {"text": texts[0], "text2": texts[1] if len(texts) > 1 else None, "scale_factor": stock.scale_factor}
+    if micro := stock.micro_conditioning:
+        adm = sd[UNET + "label_emb.0.0.weight"].shape[1]
+        numbers = sum(MICRO_CONDITIONING[m] for m in micro)
+        fields |= {"micro_conditioning": micro, "micro_conditioning_width": (adm - texts[-1].embed_dim) // numbers}
+    return fields
 
 
 def _check_family(sd: dict[str, torch.Tensor], path) -> None:
@@ -172,14 +159,8 @@ def _check_family(sd: dict[str, torch.Tensor], path) -> None:
     ):
         hint = "it looks like a diffusers-format component, not a single-file Stable Diffusion checkpoint"
     elif any(k.startswith(UNET) for k in keys):
-        missing = [
-            p
-            for p, ok in (
-                ("first_stage_model.*", VAE + "encoder.conv_in.weight" in sd),
-                ("cond_stage_model.* (or SDXL's conditioner.*)", has_text),
-            )
-            if not ok
-        ]
+        missing = [] if VAE + "encoder.conv_in.weight" in sd else ["first_stage_model.*"]
+        missing += [] if has_text else ["cond_stage_model.* (or SDXL's conditioner.*)"]
         hint = f"it has a U-Net but no {' and no '.join(missing)} weights"
     else:
         hint = "no model.diffusion_model.* / first_stage_model.* / cond_stage_model.* (or conditioner.*) keys"
@@ -191,8 +172,8 @@ def infer_config(
 ) -> LatentDiffusionConfig:
     """The model's config: from our metadata when present, else read off the keys and shapes.
 
-    v-prediction leaves no trace in the weights. Without metadata it is taken from the file name: a `-v`
-    part (`768-v-ema.ckpt`) or an SD 2.x file with 768 in its name (`v2-1_768-ema-pruned.safetensors`).
+    v-prediction leaves no trace in the weights. Without metadata it is taken from the file name, as the family's
+    `v_name` says: a `-v` part (`768-v-ema.ckpt`), or for SD 2.x also a 768 (`v2-1_768-ema-pruned.safetensors`).
     """
     if metadata and CONFIG_METADATA_KEY in metadata:
         try:
@@ -201,10 +182,9 @@ def infer_config(
             raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not a valid config ({e})") from None
     _check_family(sd, path)
     try:
-        conditioner = _infer_conditioner(sd)
-        name = Path(path).name.lower() if path else ""
-        sd2 = family_of_keys(sd.keys()) is SD2
-        is_v = re.search(r"(^|[-_])v([-_.]|$)", name) is not None or (sd2 and "768" in name)
+        family = family_of_keys(sd.keys())
+        conditioner = _infer_conditioner(sd, family)
+        is_v = re.search(family.v_name, Path(path).name.lower() if path else "") is not None
         return LatentDiffusionConfig(
             unet=_infer_unet(sd),
             autoencoder=_infer_autoencoder(sd),
@@ -218,22 +198,13 @@ def infer_config(
 
 
 def _config_from_argument(config) -> LatentDiffusionConfig:
-    try:
-        return _parse_config(config)
-    except ValueError as e:
-        if isinstance(e, CheckpointError):
-            raise
-        where = f"{config}: " if isinstance(config, (str, os.PathLike)) else "config: "
-        raise CheckpointError(where + str(e)) from None
-
-
-def _parse_config(config) -> LatentDiffusionConfig:
+    """A CompVis YAML path, its parsed mapping or a LatentDiffusionConfig -> the config; CheckpointError otherwise."""
     if isinstance(config, LatentDiffusionConfig):
         return config
-    if isinstance(config, (str, os.PathLike)):
+    path = config if isinstance(config, (str, os.PathLike)) else None
+    if path is not None:
         import yaml
 
-        path = config
         try:
             config = yaml.safe_load(Path(path).read_text())
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
@@ -242,7 +213,10 @@ def _parse_config(config) -> LatentDiffusionConfig:
             raise CheckpointError(f"{path}: not a CompVis YAML config (it holds a {type(config).__name__})")
     if not isinstance(config, dict):
         raise CheckpointError(f"config must be a CompVis YAML path or its parsed mapping, not {type(config).__name__}")
-    return from_ldm_config(config)
+    try:
+        return from_ldm_config(config)
+    except ValueError as e:
+        raise CheckpointError(f"{path if path is not None else 'config'}: {e}") from None
 
 
 # Loading ----------------------------------------------------------------------------------------------------
@@ -320,16 +294,10 @@ def load_model(
     if ema:
         sd, origin = _with_ema_unet(sd, origin, [k for k in expected if k.startswith(UNET)], path)
 
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected and not _ignorable(k)]
-    wrong_shape = [k for k in expected if k in sd and sd[k].shape != expected[k].shape]
     # The VAE's attention as Linear weights [c, c] instead of 1x1 convolutions [c, c, 1, 1], as files converted back
-    # from diffusers store them: the same numbers, reshaped exactly.
-    wrong_shape = [k for k in wrong_shape if not (k.startswith(VAE) and (*sd[k].shape, 1, 1) == expected[k].shape)]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(
-            f"{path}: does not fit the {cfg.variant} model: " + _describe(missing, unexpected, wrong_shape)
-        )
+    # from diffusers store them, fits: the same numbers, reshaped exactly.
+    if problem := _mismatch(expected, sd, lambda k, have, want: (*have, 1, 1) == want and k.startswith(VAE)):
+        raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: {problem}")
 
     weights = {}
     with open(path, "rb") as f:
@@ -371,23 +339,25 @@ def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
     expected = model.first_stage_model.state_dict()
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         raise CheckpointError(f"{path}: a diffusers-format VAE; this takes the original layout (encoder.down.*)")
-    missing = [k for k in expected if k not in sd]
-    unexpected = [k for k in sd if k not in expected]
-    wrong_shape = [k for k in expected if k in sd and sd[k].numel() != expected[k].numel()]
-    if missing or unexpected or wrong_shape:
-        raise CheckpointError(
-            f"{path}: not an autoencoder of this model: " + _describe(missing, unexpected, wrong_shape)
-        )
+    if problem := _mismatch(expected, sd, lambda k, have, want: have.numel() == want.numel(), ignorable=None):
+        raise CheckpointError(f"{path}: not an autoencoder of this model: {problem}")
     weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
     model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
 
 
-def _describe(missing: list[str], unexpected: list[str], wrong_shape: list[str]) -> str:
-    parts = []
-    for name, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
-        if keys:
-            parts.append(f"{len(keys)} {name} keys (first: {', '.join(keys[:3])})")
-    return "; ".join(parts)
+def _mismatch(expected: dict, sd: dict, also_fits, ignorable=_ignorable) -> str:
+    """Why `sd` does not load as `expected` ("" when it does): its missing, unexpected (not `ignorable`) and
+    wrong-shape keys, a shape fitting when it is the expected one or `also_fits(key, shape, expected shape)`."""
+    found = {
+        "missing": [k for k in expected if k not in sd],
+        "unexpected": [k for k in sd if k not in expected and not (ignorable and ignorable(k))],
+        "wrong shape": [
+            k
+            for k in expected
+            if k in sd and sd[k].shape != expected[k].shape and not also_fits(k, sd[k].shape, expected[k].shape)
+        ],
+    }
+    return "; ".join(f"{len(keys)} {name} keys (first: {', '.join(keys[:3])})" for name, keys in found.items() if keys)
 
 
 # Saving -----------------------------------------------------------------------------------------------------

@@ -37,17 +37,15 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
     if is_pickle(path, head):
-        return _read_pickle(path), {}
+        return _unwrap(load_pickle(path), path), {}
     return _read_safetensors(path)
 
 
 def is_pickle(path: Path, head: bytes) -> bool:
+    """A zip (PyTorch's format), or a pickle's suffix on a file whose first 8 bytes are no safetensors header size."""
     pickle_suffix = path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin")
-    return zipfile.is_zipfile(path) or (pickle_suffix and not _looks_like_safetensors(head))
-
-
-def _looks_like_safetensors(head: bytes) -> bool:
-    return len(head) == 8 and 2 <= int.from_bytes(head, "little") < 100_000_000
+    safetensors_header = len(head) == 8 and 2 <= int.from_bytes(head, "little") < 100_000_000
+    return zipfile.is_zipfile(path) or (pickle_suffix and not safetensors_header)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -97,10 +95,6 @@ class _ModuleState:
 
 
 _STAND_INS.append((_ModuleState, "torch.nn.modules.container.ParameterDict"))
-
-
-def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
-    return _unwrap(load_pickle(path), path)
 
 
 def load_pickle(path: str | os.PathLike):
