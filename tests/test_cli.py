@@ -244,14 +244,25 @@ def test_web_ui_infotexts_map_onto_our_settings():
     text = (
         "a (cat:1.2), BREAK sitting\nNegative prompt: blurry\nSteps: 4, Sampler: DPM++ 2M, Schedule type: Karras, "
         "CFG scale: 5, Seed: 7, Size: 32x48, Model hash: 6ce0161689, Model: v1-5, Clip skip: 2, Version: v1.10.1, "
-        "Hires upscale: 2"
+        "Hires upscale: 2, Face restoration: CodeFormer"
     )
     settings, ignored = settings_from_infotext(text)
     assert settings.pop("model_hash") == "6ce0161689"
-    assert settings == {"prompt": "a (cat:1.2), BREAK sitting", "negative_prompt": "blurry", "steps": 4,
-                        "cfg_scale": 5.0, "seed": 7, "clip_skip": 2, "width": 32, "height": 48,
-                        "sampler": "dpmpp_2m", "scheduler": "karras"}  # fmt: skip
-    assert ignored == ["Hires upscale"]  # a setting this project does not have; Model and Version only inform
+    assert settings == {
+        "prompt": "a (cat:1.2), BREAK sitting",
+        "negative_prompt": "blurry",
+        "steps": 4,
+        "cfg_scale": 5.0,
+        "seed": 7,
+        "clip_skip": 2,
+        "width": 32,
+        "height": 48,
+        "sampler": "dpmpp_2m",
+        "scheduler": "karras",
+        "hires_scale": 2.0,
+        "hires_denoise": 0.7,
+    }  # fmt: skip  (the web UI's default strength where none is written)
+    assert ignored == ["Face restoration"]  # a setting this project does not have; Model and Version only inform
     assert sampler_from_web_ui("Euler a", None) == ("euler_ancestral", "automatic")  # no schedule type: automatic
     assert sampler_from_web_ui("DPM++ 2M Karras", None) == ("dpmpp_2m", "karras")  # legacy names
     assert sampler_from_web_ui("DPM++ 2M SDE Heun Exponential", None) == ("dpmpp_2m_sde_heun", "exponential")
