@@ -311,3 +311,12 @@ def test_bad_upscale_arguments_exit_2_in_one_line_and_write_nothing(tmp_path, up
         message = message.replace(name, path)
     assert err.startswith("ldm: error: ") and message in err and err.count("\n") == 1, err
     assert str(upscaler_dir) not in err and not (tmp_path / "out").exists()
+
+
+def test_help_names_the_command(capsys):
+    for argv in (["--help"], ["upscale", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "ldm upscale photo.png --upscaler" in out and "--upscaler-dir" in out and "(default: 192)" in out

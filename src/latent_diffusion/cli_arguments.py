@@ -299,9 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
   ldm txt2img --ckpt v1-5-pruned-emaonly.safetensors --prompt "a red sofa" --seed 42 --batch-size 4 --grid
   ldm img2img --ckpt model.safetensors --init-image photo.png --strength 0.6 --prompt "an oil painting"
   ldm inpaint --ckpt sd-v1-5-inpainting.ckpt --init-image photo.png --mask mask.png --prompt "a cat"
+  ldm upscale photo.png --upscaler 4x-UltraSharp --scale 4 --upscaler-dir models/ESRGAN
   ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
   torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
-  ldm upscale photo.png --upscaler 4x-UltraSharp --scale 4 --upscaler-dir models/ESRGAN
   ldm info model.safetensors
 
 Each command has its own --help. Bad input is one line on stderr and exit code 2.""",
@@ -430,8 +430,8 @@ def add_serve(sub) -> None:
         "serve",
         "serve the web UI's HTTP API (/sdapi/v1/...)",
         "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
-        "work unchanged (txt2img, img2img, samplers, schedulers, sd-models, options, progress, interrupt, "
-        "png-info), and a web page at /.",
+        "work unchanged (txt2img, img2img, extras' upscale, samplers, schedulers, sd-models, upscalers, options, "
+        "progress, interrupt, png-info), and a web page at /.",
     )
     serve.add_argument("--ckpt", help="checkpoint file (default: the first of --models-dir, or the built-in model)")
     serve.add_argument("--models-dir", help="checkpoints that clients may switch to (sd_model_checkpoint)")

@@ -142,9 +142,10 @@ def check_output_size(
     settings: ExtrasUpscale, image_size: tuple[int, int], max_side: int, image: str, names: dict[str, str] = NAMES
 ) -> None:
     """UpscalerError naming the setting unless the result for an image of `image_size` (called `image`) is
-    between 1 and `max_side` pixels per side: known from the image's header, before any work."""
+    between 1 and `max_side` pixels per side: known from the image's header, before any work. With "None" first
+    the image comes back as it is, whatever its size."""
     w, h = output_size(settings, image_size)
-    if min(w, h) < 1 or max(w, h) > max_side:
+    if settings.upscaler != "None" and (min(w, h) < 1 or max(w, h) > max_side):
         asked = names["scale" if settings.size is None else "size"]
         raise UpscalerError(
             f"{asked}: {image} ({image_size[0]}x{image_size[1]}) would be {w}x{h}; each side must be between 1 "
