@@ -149,7 +149,10 @@ def test_an_existing_client_gets_the_web_ui_s_upscale(server):
     for ours, image in zip(result.images, images):
         expected = web_ui_extras(image, "Nearest", "Lanczos", 0.5, mode=1, w=96, h=64)
         assert ours.size == (96, 64) and ours.tobytes() == expected.tobytes()
-    text = "Postprocess upscale to: 96x64, Postprocess crop to: 96x64, Postprocess upscaler: Nearest, Postprocess upscaler 2: Lanczos"
+    text = (
+        "Postprocess upscale to: 96x64, Postprocess crop to: 96x64, Postprocess upscaler: Nearest, "
+        "Postprocess upscaler 2: Lanczos"
+    )
     assert result.info == f"<p>{text}</p>" and result.images[1].text["postprocessing"] == text
     assert result.json["ignored"] == ["gfpgan_visibility"]  # (CodeFormer's weight does nothing while it is invisible)
 
@@ -158,7 +161,7 @@ def test_an_existing_client_gets_the_web_ui_s_upscale(server):
     assert result.image.tobytes() == image.convert("RGB").tobytes() and result.info == "<p></p>"
 
 
-def test_a_model_of_the_upscaler_folder_is_the_library_s_upscale(server, upscaler_dir):
+def test_a_model_of_the_upscaler_folder_is_the_library_s_upscale(server, upscaler_dir, monkeypatch):
     """tiny-2x (Compact 2x) by 3: a pass of the model, a second, then Lanczos down to the size rounded to 8s, as
     `upscale` does (tested against spandrel in test_upscalers.py); on the server's worker thread, in the order of
     the queue. /realesrgan-models lists the model files."""
@@ -167,19 +170,15 @@ def test_a_model_of_the_upscaler_folder_is_the_library_s_upscale(server, upscale
     images = [picture(3), picture(4, (24, 16))]
     model = load_upscaler(upscaler_dir / "tiny-2x.pth")
     threads = []
-    import latent_diffusion.serving.server as server_module
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread().name)
         return upscale_extras(*args, **kwargs)
 
-    server_module.upscale_extras, before = recording, server_module.upscale_extras
-    try:
-        body = {"imageList": [{"data": b64(im), "name": f"{i}.png"} for i, im in enumerate(images)],
-                "upscaler_1": "tiny-2x", "upscaling_resize": 3}  # fmt: skip
-        status, answer = call(server, "/sdapi/v1/extra-batch-images", body)
-    finally:
-        server_module.upscale_extras = before
+    monkeypatch.setattr("latent_diffusion.serving.server.upscale_extras", recording)
+    body = {"imageList": [{"data": b64(im), "name": f"{i}.png"} for i, im in enumerate(images)],
+            "upscaler_1": "tiny-2x", "upscaling_resize": 3}  # fmt: skip
+    status, answer = call(server, "/sdapi/v1/extra-batch-images", body)
     assert status == 200, answer
     assert threads == ["ldm-serve-worker"] * 2
     for data, image in zip(answer["images"], images):
