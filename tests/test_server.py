@@ -798,6 +798,13 @@ def hostile_inputs() -> list[tuple[str, object]]:
         ("/sdapi/v1/txt2img", b'"a string"'),
         ("/sdapi/v1/txt2img", b"\xff\xfe"),
         ("/sdapi/v1/progress?skip_current_image=maybe", None),
+        ("/sdapi/v1/extra-single-image", {"image": image, "upscaler_1": "Lanczos"}),
+        ("/sdapi/v1/extra-single-image", {"image": png, "upscaler_1": "4x-UltraSharp"}),
+        ("/sdapi/v1/extra-single-image", {"image": png, "upscaler_1": "Lanczos", "upscaling_resize": 1e9}),
+        ("/sdapi/v1/extra-single-image", {"image": png, "upscaler_1": "Lanczos", "upscaling_resize": "nan"}),
+        ("/sdapi/v1/extra-single-image", {"image": bomb_png(100000, 100000), "upscaler_1": "Lanczos"}),
+        ("/sdapi/v1/extra-batch-images", {"imageList": [{"data": png}]}),
+        ("/sdapi/v1/extra-batch-images", {"imageList": [{"data": png, "name": "a"}] * 100, "upscaler_1": "Lanczos"}),
         ("/sdapi/v1/nothing-here", None),
     ]
     return [

@@ -25,6 +25,7 @@ from .cli_generate import (
     sampler_and_scheduler,
     upscaler_args,
 )
+from .cli_upscale import cmd_upscale
 from .files import atomic_write, remove_empty
 from .models.ldm import LatentDiffusion
 from .pipeline.generate import NonFiniteError, generate
@@ -307,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 COMMANDS = {
     "info": cmd_info,
     **dict.fromkeys(GENERATION_COMMANDS, cmd_generate),
+    "upscale": cmd_upscale,
     "train": cmd_train,
     "train-autoencoder": cmd_train_autoencoder,
     "eval": cmd_eval,

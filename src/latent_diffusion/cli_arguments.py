@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from .pipeline.upscalers import OVERLAP, TILE
 from .sampling.noise_schedule import SPACINGS
 from .sampling.samplers import SAMPLERS
 from .sampling.sigma_schedules import SCHEDULERS
@@ -18,6 +19,7 @@ from .weights.checkpoint import BUILTIN_MODEL
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
+SCALE_BY_DEFAULT = 4.0  # ldm upscale: the extras tab's "Resize" by default
 UPSCALER_DIR_HELP = (
     "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "
     "UI's models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT and models/HAT where they exist)"
@@ -314,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
   ldm txt2img --ckpt v1-5-pruned-emaonly.safetensors --prompt "a red sofa" --seed 42 --batch-size 4 --grid
   ldm img2img --ckpt model.safetensors --init-image photo.png --strength 0.6 --prompt "an oil painting"
   ldm inpaint --ckpt sd-v1-5-inpainting.ckpt --init-image photo.png --mask mask.png --prompt "a cat"
+  ldm upscale photo.png --upscaler 4x-UltraSharp --scale 4 --upscaler-dir models/ESRGAN
   ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
   torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
   ldm info model.safetensors
@@ -322,7 +325,7 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_info, add_generation_commands, add_training_commands, add_eval, add_serve, add_demo):
+    for add in (add_info, add_generation_commands, add_upscale, add_training_commands, add_eval, add_serve, add_demo):
         add(sub)
     return parser
 
@@ -349,6 +352,56 @@ def add_generation_commands(sub) -> None:
         ("inpaint", "repaint the white part of a mask"),
     ):
         add_generation_arguments(command(sub, name, help_text, GENERATE_HELP[name]), name)
+
+
+def add_upscale(sub) -> None:
+    up = command(
+        sub,
+        "upscale",
+        "enlarge images with an upscaler, as the web UI's extras tab",
+        "Enlarge each image by --scale, or to --width x --height, with a resampler (Lanczos, Nearest) or an "
+        "upscaler model of --upscaler-dir (ESRGAN and its kin, through spandrel), as the web UI's extras tab does: "
+        "the sizes rounded down to multiples of 8, a second upscaler blended in by its visibility. Each result is "
+        "OUTDIR/NNNNN-NAME.png, keeping the input's `parameters` text and adding the web UI's "
+        "'Postprocess upscale by' (or 'to') and 'Postprocess upscaler' fields.",
+    )
+    up.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, WebP, ...)")
+    up.add_argument(
+        "--upscaler",
+        required=True,
+        default=argparse.SUPPRESS,  # (no "default: None" in --help)
+        help="None (no change), Lanczos, Nearest, or a model of --upscaler-dir by its file name without suffix",
+    )
+    up.add_argument(
+        "--scale",
+        type=float,
+        default=argparse.SUPPRESS,  # (given or not: --width and --height exclude it)
+        help=f"enlarge by this factor (default: {SCALE_BY_DEFAULT:g})",
+    )
+    size = "with --height: enlarge to cover this size instead of by --scale"
+    up.add_argument("--width", type=int, default=argparse.SUPPRESS, help=size)
+    up.add_argument("--height", type=int, default=argparse.SUPPRESS, help="with --width")
+    up.add_argument(
+        "--crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --width and --height: centre the result on a canvas of exactly that size (the web UI's 'Crop "
+        "to fit'); --no-crop keeps the whole enlarged image",
+    )
+    up.add_argument("--upscaler-2", default="None", help="a second upscaler, blended in by --upscaler-2-visibility")
+    up.add_argument("--upscaler-2-visibility", type=float, default=0.0, help="0: the first alone, 1: the second alone")
+    up.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
+    up.add_argument(
+        "--tile",
+        type=int,
+        default=TILE,
+        help="a model runs on tiles of at most this many input pixels per side (the web UI's ESRGAN_tile; 0: whole)",
+    )
+    up.add_argument("--tile-overlap", type=int, default=OVERLAP, help="input pixels that neighbouring tiles share")
+    up.add_argument("--outdir", default="outputs", help="where the PNGs go")
+    up.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
+    up.add_argument("--dtype", choices=DTYPES, help="of a model (default: float16 on cuda, float32 on cpu)")
+    up.add_argument("--quiet", action="store_true", help="no line per image written")
 
 
 def add_training_commands(sub) -> None:
@@ -394,8 +447,8 @@ def add_serve(sub) -> None:
         "serve",
         "serve the web UI's HTTP API (/sdapi/v1/...)",
         "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
-        "work unchanged (txt2img, img2img, samplers, schedulers, sd-models, options, progress, interrupt, "
-        "png-info), and a web page at /.",
+        "work unchanged (txt2img, img2img, extras' upscale, samplers, schedulers, sd-models, upscalers, options, "
+        "progress, interrupt, png-info), and a web page at /.",
     )
     serve.add_argument("--ckpt", help="checkpoint file (default: the first of --models-dir, or the built-in model)")
     serve.add_argument("--models-dir", help="checkpoints that clients may switch to (sd_model_checkpoint)")

@@ -105,9 +105,17 @@ def grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
     return sheet
 
 
-def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Write with the `parameters` text chunk, atomically: a failed write leaves no partial file."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+def save_png(image: Image.Image, path: Path, parameters: str | dict[str, str]) -> None:
+    """Write with the `parameters` text chunk (or these text chunks, by key), atomically: a failed write leaves no
+    partial file."""
     with atomic_write(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
+        image.save(tmp, format="PNG", pnginfo=png_text(parameters))
+
+
+def png_text(chunks: str | dict[str, str]) -> PngImagePlugin.PngInfo:
+    """PNG text chunks: a `parameters` text, or chunks by key (iTXt where a text is not Latin-1, as Pillow writes
+    it)."""
+    info = PngImagePlugin.PngInfo()
+    for key, text in ({"parameters": chunks} if isinstance(chunks, str) else chunks).items():
+        info.add_text(key, text)
+    return info

@@ -42,8 +42,13 @@ def parameters_text(prompt: str, negative_prompt: str, fields: dict) -> str:
     lines = [prompt]
     if negative_prompt:
         lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{k}: {_quote(v)}" for k, v in fields.items()))
+    lines.append(fields_text(fields))
     return "\n".join(lines)
+
+
+def fields_text(fields: dict) -> str:
+    """`Key: value, ...`, each value quoted where the web UI quotes it (its `infotext_utils.quote`)."""
+    return ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items())
 
 
 FIELD = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')

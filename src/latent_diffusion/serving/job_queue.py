@@ -3,7 +3,8 @@ share a U-Net batch (the same model, size, steps, sampler, schedule, guidance an
 into one batch. Image i of a job stays the image its seed gives alone: every image has its own generator.
 
 A job can be cancelled at any time (its client left, or its time ran out): a waiting job is dropped when its turn
-comes, a running one stops at the next step unless it shares the batch with jobs still wanted.
+comes, a running one stops at the next step unless it shares the batch with jobs still wanted. Other work on the
+device (the extras tab's upscales) takes its turn among the jobs (`Call`).
 """
 
 from __future__ import annotations
@@ -121,6 +122,15 @@ class Load(Task):
     checkpoint: Path
 
 
+@dataclass
+class Call(Task):
+    """Other work on the device, in its turn among the jobs (the extras tab's upscales, as the web UI runs them under
+    its queue lock): `work(pipeline)` on the loaded pipeline, its return value kept in `result`."""
+
+    work: Callable[[Pipeline], Any]
+    result: Any = None
+
+
 class Worker:
     """The one thread that runs jobs on the model, and what `/progress` reads of the job running now."""
 
@@ -168,6 +178,9 @@ class Worker:
             if isinstance(first, Load):  # (one whose client has gone is not loaded)
                 self.finish([first], lambda load: load.cancelled or self.switch(load), first)
                 continue
+            if isinstance(first, Call):  # (nor is one run)
+                self.finish([first], self.call, first)
+                continue
             group = [first]
             if self.prepare(first) and first.key() is not None:
                 deadline = time.monotonic() + self.window
@@ -199,6 +212,10 @@ class Worker:
                 job.done.set()
                 if job.notify is not None:
                     job.notify()
+
+    def call(self, task: Call) -> None:
+        if not task.cancelled:
+            task.result = task.work(self.pipeline)
 
     def switch(self, load: Load) -> None:
         """Load another checkpoint; the old model serves on if it cannot be loaded."""
@@ -233,7 +250,7 @@ class Worker:
         )
 
     def mergeable(self, group: list[Job], job: Task) -> bool:
-        if isinstance(job, Load) or (job.checkpoint, job.refiner) != (group[0].checkpoint, group[0].refiner):
+        if not isinstance(job, Job) or (job.checkpoint, job.refiner) != (group[0].checkpoint, group[0].refiner):
             return False
         if job.cancelled or not self.prepare(job):
             return True  # it rides along and is answered with its error, or dropped

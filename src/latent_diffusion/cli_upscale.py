@@ -1,0 +1,94 @@
+"""`ldm upscale`: the web UI's extras tab on image files (`pipeline/extras.py`). Every image is read and its result's
+size checked, and the upscaler models are loaded, before anything is written; then each result is written as
+NNNNN-NAME.png with the input's text chunks, and the web UI's "postprocessing" and "extras" chunks."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from .cli_arguments import DTYPES, SCALE_BY_DEFAULT, UsageError
+from .cli_generate import pick_device, prepare_outdir, upscaler_args
+from .devices import emulated_bfloat16_warning, has_native_bfloat16
+from .files import claim_numbered, remove_empty
+from .pipeline.extras import (
+    ExtrasUpscale,
+    check_output_size,
+    check_upscalers,
+    load_upscalers,
+    text_chunks,
+    upscale_extras,
+)
+from .pipeline.images import as_mode, open_image, save_png
+from .pipeline.request import MAX_SIDE
+from .pipeline.upscalers import UpscalerError
+
+FLAGS = {"upscaler": "--upscaler", "upscaler_2": "--upscaler-2", "scale": "--scale", "size": "--width and --height"}
+
+
+def settings_from_args(args) -> ExtrasUpscale:
+    """The flags as the extras tab's settings: by --scale (4 by default), or to --width x --height."""
+    width, height, scale = (getattr(args, name, None) for name in ("width", "height", "scale"))
+    if (width is None) != (height is None):
+        raise UsageError("give --width and --height together (the web UI's 'Scale to' takes both)")
+    if width is not None and scale is not None:
+        raise UsageError("give --scale, or --width and --height, not both")
+    if width is not None and min(width, height) < 1:
+        raise UsageError(f"--width and --height must be at least 1, not {width} and {height}")
+    scale = SCALE_BY_DEFAULT if scale is None else scale
+    if not (math.isfinite(scale) and scale > 0):
+        raise UsageError(f"--scale must be a positive number, not {scale}")
+    if not 0 <= args.upscaler_2_visibility <= 1:
+        raise UsageError(f"--upscaler-2-visibility must be in [0, 1], not {args.upscaler_2_visibility}")
+    if args.tile < 0 or args.tile_overlap < 0:
+        raise UsageError("--tile and --tile-overlap must be 0 or more")
+    return ExtrasUpscale(
+        upscaler=args.upscaler,
+        scale=scale,
+        size=None if width is None else (width, height),
+        crop=args.crop,
+        upscaler_2=args.upscaler_2,
+        visibility_2=args.upscaler_2_visibility,
+    )
+
+
+def cmd_upscale(args) -> None:
+    """Check every flag and image and load the upscalers, then upscale and write image after image."""
+    settings = settings_from_args(args)
+    files = upscaler_args(args.upscaler_dir)
+    try:
+        check_upscalers(settings, files, FLAGS)
+        for path in args.images:  # (decoded to find a damaged file now; decoded again when its turn comes)
+            check_output_size(settings, open_image(path).size, MAX_SIDE, str(path), FLAGS)
+    except UpscalerError as e:
+        raise UsageError(str(e)) from None
+    device = pick_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    if dtype == torch.bfloat16 and not has_native_bfloat16(device):
+        print(emulated_bfloat16_warning(device), file=sys.stderr)
+    try:
+        first, second = load_upscalers(settings, files, FLAGS, device=device, dtype=dtype)
+    except UpscalerError as e:
+        raise UsageError(str(e)) from None
+    outdir = Path(args.outdir)
+    created = prepare_outdir(outdir)
+    try:
+        for path in args.images:
+            opened = open_image(path)
+            result, info = upscale_extras(
+                as_mode(opened, "RGB", str(path)), settings, first, second, tile=args.tile, overlap=args.tile_overlap
+            )
+            out = claim_numbered(outdir, f"{Path(path).stem}.png")
+            try:
+                save_png(result, out, text_chunks(opened, info, saved=True))
+            except BaseException:
+                out.unlink(missing_ok=True)  # the claimed name, still empty
+                raise
+            if not args.quiet:
+                print(f"wrote {out} ({result.width}x{result.height})")
+    except BaseException:
+        remove_empty(created)  # leave no folder behind where nothing was written
+        raise
