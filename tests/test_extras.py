@@ -175,7 +175,7 @@ def test_a_model_of_the_upscaler_folder_is_the_library_s_upscale(server, upscale
         threads.append(threading.current_thread().name)
         return upscale_extras(*args, **kwargs)
 
-    monkeypatch.setattr("latent_diffusion.serving.server.upscale_extras", recording)
+    monkeypatch.setattr("latent_diffusion.serving.upscaling_routes.upscale_extras", recording)
     body = {"imageList": [{"data": b64(im), "name": f"{i}.png"} for i, im in enumerate(images)],
             "upscaler_1": "tiny-2x", "upscaling_resize": 3}  # fmt: skip
     status, answer = call(server, "/sdapi/v1/extra-batch-images", body)

@@ -33,31 +33,20 @@ from starlette.concurrency import run_in_threadpool
 from ..files import claim_numbered, model_hash
 from ..models import vae_tiling
 from ..models.ldm import LatentDiffusion
-from ..pipeline.extras import (
-    ExtrasUpscale,
-    check_output_size,
-    check_upscalers,
-    load_upscalers,
-    postprocessing_text,
-    text_chunks,
-    upscale_extras,
-)
 from ..pipeline.generate import NonFiniteError
 from ..pipeline.hires import LATENT_MODES
 from ..pipeline.images import as_mode, from_pil, open_image, save_png, to_pil
 from ..pipeline.loading import Pipeline, as_pipeline
 from ..pipeline.request import RequestError, validate
-from ..pipeline.upscalers import RESAMPLERS, UpscalerError
+from ..pipeline.upscalers import RESAMPLERS
 from ..weights.checkpoint import CheckpointError
 from . import web_ui_api
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
-from .job_queue import Call, Job, Load, Task, Worker
+from .job_queue import Job, Load, Task, Worker
+from .upscaling_routes import UpscalingRoutes
 from .web_ui_api import (
     WEB_UI_CFG_SCALE,
-    ExtrasBatchImagesRequest,
-    ExtrasRequest,
-    ExtrasSingleImageRequest,
     Img2ImgRequest,
     ServerLimits,
     Txt2ImgRequest,
@@ -66,13 +55,6 @@ from .web_ui_api import (
 
 WEB_PAGE = resources.files("latent_diffusion") / "web"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
-# The extras request's names of the upscale settings (`pipeline/extras.py`), for its messages
-EXTRAS_FIELDS = {
-    "upscaler": "upscaler_1",
-    "upscaler_2": "upscaler_2",
-    "scale": "upscaling_resize",
-    "size": "upscaling_resize_w and upscaling_resize_h",
-}
 __all__ = ["ServerLimits", "create_app"]
 
 
@@ -135,6 +117,7 @@ class ServerState:
             window=limits.batch_window,
         )
         self.preview: tuple[torch.Tensor, str] | None = None  # (latent, its PNG): one decode per step, however polled
+        self.upscaling = UpscalingRoutes(self)  # the extras routes and SD upscale
         self.preview_lock = threading.Lock()
 
     def load_and_hash(self, path: Path) -> Pipeline:
@@ -255,74 +238,6 @@ class ServerState:
     def interrupt(self) -> dict:
         self.worker.interrupt()
         return {}
-
-    # Extras ---------------------------------------------------------------------------------------------------
-
-    def realesrgan_models(self) -> list[dict]:
-        """The web UI lists its Real-ESRGAN models here; this server, its upscaler model files, whatever their
-        architecture (their scale is known once one is loaded)."""
-        return [
-            {"name": name, "path": str(path), "scale": None} for name, path in self.worker.pipeline.upscalers.items()
-        ]
-
-    async def extra_single_image(self, body: ExtrasSingleImageRequest, http: Request):
-        """The extras tab's upscale of one image -> {html_info, image} (and `ignored`)."""
-        answer = await self.extras(body, [body.image], ["image"], http)
-        if isinstance(answer, Response):
-            return answer
-        return {"html_info": answer["html_info"], "image": answer["images"][0], "ignored": answer["ignored"]}
-
-    async def extra_batch_images(self, body: ExtrasBatchImagesRequest, http: Request):
-        """The extras tab's upscale of each image of `imageList` -> {html_info, images} (and `ignored`)."""
-        fields = [f"imageList[{i}]" for i in range(len(body.imageList))]
-        return await self.extras(body, [file.data for file in body.imageList], fields, http)
-
-    async def extras(self, body: ExtrasRequest, data: list[str], fields: list[str], http: Request):
-        """Images opened and checked (in a thread), upscaled on the worker in its turn (`pipeline/extras.py`),
-        encoded as PNGs with their text chunks and the web UI's "postprocessing" chunk (in a thread)."""
-        arrived = time.monotonic()
-        settings = web_ui_api.extras_settings(body)
-        images = await run_in_threadpool(self.extras_inputs, settings, data, fields)
-
-        def work(pipeline: Pipeline) -> list:
-            device, dtype = pipeline.model.device, pipeline.model.dtype
-            try:
-                first, second = load_upscalers(settings, pipeline.upscalers, EXTRAS_FIELDS, device=device, dtype=dtype)
-                return [upscale_extras(rgb, settings, first, second) for _, rgb in images]
-            except UpscalerError as e:  # (its text names no path of the server's)
-                raise RequestError(str(e)) from None
-
-        task = Call(work=work)
-        if not await self.wait(task, http, arrived):
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        results = task.result
-
-        def encode() -> list[str]:
-            return [png_base64(image, text_chunks(opened, info)) for (opened, _), (image, info) in zip(images, results)]
-
-        text = postprocessing_text(results[-1][1]) if results else ""  # (the web UI's: the last image's)
-        encoded = await run_in_threadpool(encode)
-        return {"html_info": web_ui_api.html_info(text), "images": encoded, "ignored": web_ui_api.extras_ignored(body)}
-
-    def extras_inputs(self, settings: ExtrasUpscale, data: list[str], fields: list[str]) -> list:
-        """Every check that needs no model file, before any work: the upscalers' names, the count of images, each
-        image (its pixels, read from its header before it is decoded) and the size it would be upscaled to ->
-        [(the opened image, for its text chunks; it as RGB)]."""
-        try:
-            check_upscalers(settings, self.worker.pipeline.upscalers, EXTRAS_FIELDS)
-        except UpscalerError as e:
-            raise RequestError(str(e)) from None
-        if len(data) > self.limits.max_images:
-            raise RequestError(f"imageList: {len(data)} images, over this server's limit of {self.limits.max_images}")
-        images = []
-        for field, one in zip(fields, data):
-            try:
-                opened = open_image(io.BytesIO(web_ui_api.image_bytes(one, field)), field, self.limits.max_pixels)
-                check_output_size(settings, opened.size, self.limits.max_side, field, EXTRAS_FIELDS)
-                images.append((opened, as_mode(opened, "RGB", field)))
-            except ValueError as e:  # (UpscalerError is one)
-                raise RequestError(str(e)) from None
-        return images
 
     # Generation ---------------------------------------------------------------------------------------------
 
@@ -532,7 +447,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "options": state.options,
             "progress": state.progress,
             "upscalers": state.upscalers,
-            "realesrgan-models": state.realesrgan_models,
+            "realesrgan-models": state.upscaling.realesrgan_models,
             "latent-upscale-modes": latent_upscale_modes,
             "sd-vae": none_here,
             "prompt-styles": none_here,
@@ -544,8 +459,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "png-info": web_ui_api.png_info,
             "txt2img": state.txt2img,
             "img2img": state.img2img,
-            "extra-single-image": state.extra_single_image,
-            "extra-batch-images": state.extra_batch_images,
+            "extra-single-image": state.upscaling.single_image,
+            "extra-batch-images": state.upscaling.batch_images,
         },
     }
     for method, endpoints in routes.items():

@@ -7,16 +7,14 @@ shapes of its answers (its `modules/api/models.py` and `modules/processing.py`).
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..pipeline.extras import ExtrasUpscale
 from ..pipeline.hires import target_size
 from ..pipeline.images import RASTER_FORMATS, png_text
 from ..pipeline.infotext import web_ui_parameters
@@ -118,39 +116,6 @@ class Img2ImgRequest(Txt2ImgRequest):
 
 class PngInfoRequest(BaseModel):
     image: str
-
-
-class ExtrasRequest(BaseModel):
-    """The web UI's `ExtrasBaseRequest` (the extras tab's upscale), its fields, defaults and ranges; other fields are
-    accepted and named in `ignored` where set."""
-
-    model_config = ConfigDict(extra="allow")
-    resize_mode: Literal[0, 1] = 0  # 0: by upscaling_resize, 1: to upscaling_resize_w x upscaling_resize_h
-    show_extras_results: bool = True  # (the web UI's API answers with the images either way)
-    gfpgan_visibility: float = Field(0, ge=0, le=1, allow_inf_nan=False)
-    codeformer_visibility: float = Field(0, ge=0, le=1, allow_inf_nan=False)
-    codeformer_weight: float = Field(0, ge=0, le=1, allow_inf_nan=False)
-    upscaling_resize: float = Field(2, gt=0, allow_inf_nan=False)
-    upscaling_resize_w: int = Field(512, ge=1)
-    upscaling_resize_h: int = Field(512, ge=1)
-    upscaling_crop: bool = True
-    upscaler_1: str = "None"
-    upscaler_2: str = "None"
-    extras_upscaler_2_visibility: float = Field(0, ge=0, le=1, allow_inf_nan=False)
-    upscale_first: bool = False  # before face restoration, which this server does not do
-
-
-class ExtrasSingleImageRequest(ExtrasRequest):
-    image: str = ""
-
-
-class FileData(BaseModel):
-    data: str  # base64
-    name: str
-
-
-class ExtrasBatchImagesRequest(ExtrasRequest):
-    imageList: list[FileData]  # (the web UI's name)
 
 
 def too_deep(value, limit: int) -> bool:
@@ -371,33 +336,6 @@ def answer(body: Txt2ImgRequest, job: Job, images: list[Image.Image], model_hash
         "parameters": parameters,
         "info": json.dumps(info),
     }
-
-
-def extras_settings(body: ExtrasRequest) -> ExtrasUpscale:
-    """The extras request's upscale fields as settings (the web UI's `run_extras` mapping)."""
-    return ExtrasUpscale(
-        upscaler=body.upscaler_1,
-        scale=body.upscaling_resize,
-        size=(body.upscaling_resize_w, body.upscaling_resize_h) if body.resize_mode == 1 else None,
-        crop=body.upscaling_crop,
-        upscaler_2=body.upscaler_2,
-        visibility_2=body.extras_upscaler_2_visibility,
-    )
-
-
-def extras_ignored(body: ExtrasRequest) -> list[str]:
-    """The fields of an extras request this server does not implement that would change the web UI's result: face
-    restoration (CodeFormer's weight only where CodeFormer is visible), and any field of no web UI's that is set."""
-    ignored = [name for name in ("gfpgan_visibility", "codeformer_visibility") if getattr(body, name)]
-    if body.codeformer_visibility and body.codeformer_weight:
-        ignored.append("codeformer_weight")
-    ignored += [name for name, value in (body.model_extra or {}).items() if value not in (None, "", 0, False, [], {})]
-    return sorted(ignored)
-
-
-def html_info(text: str) -> str:
-    """The web UI's `plaintext_to_html`: each line escaped, joined by <br>, in one paragraph."""
-    return "<p>" + "<br>\n".join(html.escape(line) for line in text.split("\n")) + "</p>"
 
 
 def samplers() -> list[dict]:
