@@ -114,3 +114,38 @@ def test_the_command_line_sd_upscale(tmp_path, ckpt, capsys):
     err = capsys.readouterr().err
     assert "--sd-upscale-overlap must be at least 0 and below the tile's sides, not 40" in err and err.count("\n") == 1
     assert not (tmp_path / "b").exists()
+
+
+def test_sd_upscale_through_the_api_with_an_existing_client(ckpt, serve):
+    """webuiapi's img2img with script_name "SD upscale" and the script's arguments: the library's image, nothing in
+    `ignored`; bad script arguments are 422s."""
+    import webuiapi
+
+    from latent_diffusion.pipeline.loading import load_pipeline
+    from latent_diffusion.serving.server import create_app
+    from test_server import call
+
+    served = load_pipeline(ckpt)
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 256, (24, 32, 3), dtype=np.uint8))
+    with serve(create_app(served)) as base:
+        api = webuiapi.WebUIApi(baseurl=base + "/sdapi/v1", sampler="Euler", steps=3)
+        result = api.img2img(images=[picture], prompt="a red circle", seed=8, width=32, height=32, cfg_scale=4,
+                             denoising_strength=0.5, script_name="SD upscale", script_args=[None, 8, "Lanczos", 2])  # fmt: skip
+        assert result.image.size == (64, 48) and result.info["ignored"] == []
+        assert "SD upscale overlap: 8, SD upscale upscaler: Lanczos" in result.info["infotexts"][0]
+        request = GenerationRequest(["a red circle"], [8], width=32, height=32, steps=3, sampler="euler",
+                                    cfg_scale=4.0, strength=0.5, init_image=from_pil(picture))  # fmt: skip
+        library = sd_upscale(served, request, upscaler="Lanczos", scale=2, overlap=8).images[0]
+        assert np.array_equal(np.asarray(result.image), np.asarray(to_pil(library)))
+
+        body = {"init_images": [webuiapi.raw_b64_img(picture)], "width": 32, "height": 32, "steps": 2,
+                "script_name": "SD upscale"}  # fmt: skip
+        for args, message in (
+            ([None, 8, "ESRGAN", 2], "script_args: no upscaler 'ESRGAN' here; these are: None, Lanczos, Nearest"),
+            ([None, -1, 1, 2], "script_args: the overlap must be a whole number"),
+            ([None, 8, 1, 0], "script_args: the scale must be above 0"),
+            ([None, 8, 1, 100], "script_args: the scale must be above 0 and at most 8"),
+            ([None, 40, 1, 2], "the overlap must be at least 0 and below the tile's sides"),
+        ):
+            status, answer = call(base, "/sdapi/v1/img2img", {**body, "script_args": args})
+            assert status == 422 and message in answer["detail"], (args, answer)

@@ -73,9 +73,9 @@ def sd_upscale(
         fail(f"{SCRIPT} redraws one init image, without a mask")
     if not 0 <= overlap < min(r.width or 1, r.height or 1):
         fail(f"{SCRIPT}: the overlap must be at least 0 and below the tile's sides, not {overlap}")
-    rows = {**RESAMPLERS, **{name: Upscaler(name, path) for name, path in pipeline.upscalers.items()}}
+    known = {**RESAMPLERS, **{name: Upscaler(name, path) for name, path in pipeline.upscalers.items()}}
     try:
-        enlarged = r.init_image if upscaler == "None" else upscale(r.init_image, upscaler, scale=scale, upscalers=rows)
+        enlarged = r.init_image if upscaler == "None" else upscale(r.init_image, upscaler, scale=scale, upscalers=known)
     except UpscalerError as e:
         fail(f"{SCRIPT}: {e}")
     height, width = enlarged.shape[-2:]
@@ -83,7 +83,7 @@ def sd_upscale(
         fail(f"{SCRIPT}: the enlarged image is {width}x{height}, smaller than a {r.width}x{r.height} tile")
     xs, ys = tile_origins(width, r.width, overlap), tile_origins(height, r.height, overlap)
     crops = torch.cat([enlarged[..., y : y + r.height, x : x + r.width] for y in ys for x in xs])
-    images, infotexts, warnings = [], [], []
+    images, infotexts, warnings, first = [], [], [], None
     for k, (prompt, negative) in enumerate(zip(r.prompts, r.negative_prompts or [""] * len(r.prompts))):
         done, seed = [], r.seeds[k]
         for start in range(0, len(crops), r.batch_size):
@@ -97,6 +97,7 @@ def sd_upscale(
                 batch_size=len(batch),
             )
             result = generate_plan(resolve(tiles, pipeline), progress)
+            first = first or result
             if not infotexts[k:]:  # the first batch's first infotext, with the script's fields, as the web UI's
                 fields = _with_script_fields(result.fields, overlap, upscaler)
                 infotexts.append(infotext(result.request, 0, fields))
@@ -105,7 +106,15 @@ def sd_upscale(
             seed += 1
         rows = [done[i : i + len(xs)] for i in range(0, len(done), len(xs))]
         images.append(from_pil(combine(rows, xs, ys, (width, height), overlap)))
-    return GenerationResult(torch.cat(images), infotexts, warnings, r)
+    resolved = dataclasses.replace(
+        first.request,
+        prompts=r.prompts,
+        negative_prompts=r.negative_prompts or [""] * len(r.prompts),
+        seeds=r.seeds,
+        init_image=r.init_image,
+        batch_size=r.batch_size,
+    )
+    return GenerationResult(torch.cat(images), infotexts, warnings, resolved, first.fields)  # (as run: the defaults)
 
 
 def _with_script_fields(fields: dict, overlap: int, upscaler: str) -> dict:

@@ -68,8 +68,8 @@ class Job(Task):
 
     @property
     def resolved(self) -> GenerationRequest:
-        """The request as it runs: its defaults filled in."""
-        return self.plan.request
+        """The request as it runs: its defaults filled in (a job run as a `Call`, SD upscale's, keeps it as `request`)."""
+        return self.plan.request if self.plan is not None else self.request
 
     def request_for(self, pipeline: Pipeline) -> GenerationRequest:
         """The request with the job's guidance where neither the request nor the model's file gives one."""

@@ -44,7 +44,7 @@ from . import web_ui_api
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
 from .job_queue import Job, Load, Task, Worker
-from .upscaling_routes import UpscalingRoutes
+from .upscaling_routes import UpscalingRoutes, is_sd_upscale
 from .web_ui_api import (
     WEB_UI_CFG_SCALE,
     Img2ImgRequest,
@@ -247,6 +247,8 @@ class ServerState:
         return await self.respond(body, job, http, arrived)
 
     async def img2img(self, body: Img2ImgRequest, http: Request):
+        if is_sd_upscale(body):  # the web UI's script: the picture enlarged and redrawn in tiles
+            return await self.upscaling.sd_upscale(body, http)
         arrived = time.monotonic()
         job = await run_in_threadpool(self.build_img2img_job, body)
         return await self.respond(body, job, http, arrived)
