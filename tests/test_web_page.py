@@ -132,3 +132,24 @@ def test_inpaint_with_a_painted_mask(page, tmp_path):
     result = np.asarray(shown_image(figure))
     assert (result[:, :12] == picture[:, :12]).all()  # not painted: kept
     assert not (result[:, 24:] == picture[:, 24:]).all()  # painted: repainted
+
+
+def test_the_extras_tab_upscales_a_file(page, tmp_path):
+    """The extras tab: an image from a file, Lanczos by 2 through /extra-single-image; the result is PIL's Lanczos of
+    it (the web UI's resampler), captioned with the "Postprocess" fields."""
+    from selenium.webdriver.support.ui import Select
+
+    picture = Image.fromarray(np.random.default_rng(4).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    picture.save(tmp_path / "small.png")
+    page.find_element("css selector", '.tab[data-mode="extras"]').click()
+    assert not page.find_element("id", "prompt").is_displayed()
+    page.find_element("id", "extras-file").send_keys(str(tmp_path / "small.png"))
+    Select(page.find_element("id", "upscaler_1")).select_by_visible_text("Lanczos")
+    set_field(page, "upscaling_resize", 2)
+    before = len(results(page))
+    page.find_element("id", "generate").click()
+    figure = wait_for_results(page, before + 1)[0]
+    assert np.array_equal(np.asarray(shown_image(figure)), np.asarray(picture.resize((80, 48), Image.LANCZOS)))
+    caption = figure.find_element("tag name", "figcaption").text
+    assert caption == "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"
+    page.find_element("css selector", '.tab[data-mode="txt2img"]').click()

@@ -17,6 +17,7 @@ async function fillLists() {
   const [samplers, schedulers, models, options, latentModes, upscalers] = await Promise.all(
     ["samplers", "schedulers", "sd-models", "options", "latent-upscale-modes", "upscalers"].map((path) => api(path)));
   for (const u of [...latentModes, ...upscalers]) $("hr_upscaler").add(new Option(u.name, u.name));
+  for (const u of upscalers) $("upscaler_1").add(new Option(u.name, u.name, false, u.name === "Lanczos"));
   for (const s of samplers) $("sampler_name").add(new Option(s.name, s.name, false, s.name === "DPM++ 2M"));
   for (const s of schedulers) $("scheduler").add(new Option(s.label, s.name));
   for (const m of models) {
@@ -35,6 +36,8 @@ for (const tab of document.querySelectorAll(".tab")) {
     document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
     $("image-fields").hidden = mode !== "img2img";
     $("hires-fields").hidden = mode !== "txt2img";  // (the web UI's hires fix is txt2img's)
+    $("generation-fields").hidden = mode === "extras";
+    $("extras-fields").hidden = mode !== "extras";
   });
 }
 
@@ -68,6 +71,7 @@ function request() {
 $("form").addEventListener("submit", async (event) => {
   event.preventDefault();
   showError("");
+  if (mode === "extras") return upscaleImage();
   let body;
   try { body = request(); } catch (e) { return showError(e.message); }
   $("generate").disabled = true;
@@ -94,6 +98,29 @@ $("form").addEventListener("submit", async (event) => {
   }
 });
 
+// The extras tab: the chosen file upscaled as the web UI's extras tab does, shown with its "Postprocess" fields.
+async function upscaleImage() {
+  const file = $("extras-file").files[0];
+  if (!file) return showError("choose an image");
+  $("generate").disabled = true;
+  try {
+    const image = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(new Error("cannot read the file"));
+      reader.readAsDataURL(file);
+    });
+    const answer = await api("extra-single-image", { image, upscaler_1: $("upscaler_1").value,
+                                                     upscaling_resize: Number($("upscaling_resize").value) });
+    const caption = new DOMParser().parseFromString(answer.html_info, "text/html").body.textContent;
+    addFigure(answer.image, file.name, caption);
+  } catch (e) {
+    showError(e.message);
+  } finally {
+    $("generate").disabled = false;
+  }
+}
+
 $("interrupt").addEventListener("click", () => api("interrupt", {}));
 
 async function pollProgress() {
@@ -104,13 +131,20 @@ async function pollProgress() {
   if (p.current_image) $("preview").src = "data:image/png;base64," + p.current_image;
 }
 
-function addResult(image, info, i) {
+function addFigure(image, alt, text) {
   const figure = document.createElement("figure");
   const img = new Image();
   img.src = "data:image/png;base64," + image;
-  img.alt = info.all_prompts[i];
+  img.alt = alt;
   const caption = document.createElement("figcaption");
-  caption.textContent = info.infotexts[i];
+  caption.textContent = text;
+  figure.append(img, caption);
+  $("gallery").prepend(figure);
+  return figure;
+}
+
+function addResult(image, info, i) {
+  const figure = addFigure(image, info.all_prompts[i], info.infotexts[i]);
   const reuse = document.createElement("button");
   reuse.type = "button";
   reuse.textContent = "Reuse settings";
@@ -121,8 +155,7 @@ function addResult(image, info, i) {
     for (const [name, value] of Object.entries(values)) $(name).value = value;
     $("batch_size").value = 1;
   });
-  figure.append(img, caption, reuse);
-  $("gallery").prepend(figure);
+  figure.append(reuse);
 }
 
 // img2img: the init image on one canvas, the mask painted in white on a transparent canvas above it.
