@@ -338,11 +338,11 @@ def hires_upscaler(plan: Plan) -> str | UpscalerModel | None:
     name, pipeline = plan.request.hires.upscaler or "Latent", plan.pipeline
     if name in LATENT_MODES or name in RESAMPLERS:
         return name
+    path, model = pipeline.upscalers[name], pipeline.model
     try:
-        return load_upscaler(Upscaler(name, pipeline.upscalers[name]), device=pipeline.model.device,
-                             dtype=pipeline.model.dtype)  # fmt: skip
+        return load_upscaler(Upscaler(name, path), device=model.device, dtype=model.dtype)
     except UpscalerError as e:
-        message = str(e).replace(str(pipeline.upscalers[name]), "").removeprefix(": ")
+        message = str(e).replace(str(path), "").removeprefix(": ")
         raise RequestError(f"hr_upscaler {name}: {message}") from None
 
 
@@ -350,20 +350,20 @@ def sample(
     plan: Plan,
     batch: range,
     step_done: Callable[[Step], None],
-    merged: Callable,
+    with_loras: Callable,
     upscaler: str | UpscalerModel | None = None,
 ):
     """Images `batch` of a plan -> ((b, 3, H, W) in [0, 1], prompt warnings): each pass prepared and run on the LoRAs
-    its prompts name (`merged(tags)`: a context), and the last pass decoded. With the hires fix the first pass's latent
+    its prompts name (`with_loras(tags)`: a context, `merged`), and the last pass decoded. With the hires fix the first pass's latent
     is enlarged (`hires.py`) and a second pass runs over it."""
     r, seeds = plan.request, [plan.request.seeds[i] for i in batch]
-    with merged(plan.lora_sets()[batch.start]):
+    with with_loras(plan.lora_sets()[batch.start]):
         stage, pixel_mask, notes = prepare(plan, batch)
         x = run(stage, r, seeds, step_done)
     if plan.hires is None:
         return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
     latent, image = enlarge(plan, x, upscaler)
-    with merged(plan.hires.lora_sets()[batch.start]):
+    with with_loras(plan.hires.lora_sets()[batch.start]):
         stage, _, more = prepare(plan.hires, batch, latent=latent, start_image=image)
         x = run(stage, plan.hires.request, seeds, step_done)
     return finish(plan.pipeline, plan.hires.request, batch, stage, x, None), notes + [n for n in more if n not in notes]
