@@ -260,7 +260,7 @@ def test_an_existing_client_asks_for_the_hires_fix_and_gets_the_librarys_image(c
             status, answer = call(base, "/sdapi/v1/txt2img", {**body, **fields})
             assert status == 422 and message in answer["detail"], (fields, answer)
         status, answer = call(base, "/sdapi/v1/txt2img", {**body, "hr_checkpoint_name": "other", "hr_scale": 1.5})
-        assert status == 200 and json.loads(answer["info"])["ignored"] == ["hr_checkpoint_name"]
+        assert status == 404 and "no checkpoint named 'other'" in answer["detail"]
 
 
 def test_a_model_upscaler_from_the_upscaler_folder_enlarges_the_first_pass(tmp_path, ckpt, spandrel, capsys):
@@ -296,3 +296,57 @@ def test_a_model_upscaler_from_the_upscaler_folder_enlarges_the_first_pass(tmp_p
     err = capsys.readouterr().err
     assert err.startswith("ldm: error: hr_upscaler broken:") and err.count("\n") == 1 and str(folder) not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_hires_checkpoint_of_its_own(tmp_path, tiny_models, serve):
+    """The web UI's hr_checkpoint_name: the second pass on another checkpoint (with an image upscaler, the first
+    pass's image encoded by that checkpoint's autoencoder), named in the infotext as the web UI names it; through
+    the library, the command line (--hires-checkpoint) and the server, each the same image. A latent mode needs the
+    same latent space."""
+    from latent_diffusion import LatentDiffusion, save_model
+    from latent_diffusion.files import model_hash
+    from latent_diffusion.pipeline.loading import load_pipeline
+    from latent_diffusion.serving.server import create_app
+    from test_server import call, decode
+
+    from conftest import randomize, tiny_config
+
+    save_model(tiny_models["sd1"], tmp_path / "base.safetensors")
+    save_model(randomize(LatentDiffusion(tiny_config("sd1")), seed=7).eval(), tmp_path / "detail.safetensors")
+    pipe = load_pipeline(tmp_path / "base.safetensors", hires_checkpoint=tmp_path / "detail.safetensors")
+    settings = dict(width=32, height=24, steps=3, sampler="euler", cfg_scale=5.0)
+    hires = HiresFix(scale=2.0, upscaler="Nearest", steps=2, strength=0.5)
+    result = generate(pipe, GenerationRequest(["a red circle"], [4], **settings, hires=hires))
+    first = generate(pipe, GenerationRequest(["a red circle"], [4], **settings)).images
+    enlarged = from_pil(Image.fromarray((first[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy()).resize(
+        (64, 48), Image.NEAREST))  # fmt: skip
+    img2img = GenerationRequest(["a red circle"], [4], **{**settings, "steps": 2, "width": 64, "height": 48},
+                                init_image=enlarged, strength=0.5, exact_steps=True)  # fmt: skip
+    assert torch.allclose(result.images, generate(pipe.hires_pipeline, img2img).images, atol=1e-6)
+    assert (result.images - generate(pipe, img2img).images).abs().max() > 0.01  # not the base model's
+    fields = parse_parameters(result.infotexts[0])
+    keys = list(fields)
+    assert keys[keys.index("Denoising strength") + 1] == "Hires checkpoint"  # (the web UI's order)
+    assert fields["Hires checkpoint"] == f"detail [{model_hash(tmp_path / 'detail.safetensors')}]"
+
+    other = LatentDiffusion(dataclasses.replace(tiny_config("sd1"), scale_factor=0.13025)).eval()
+    with pytest.raises(RequestError, match="the hires checkpoint .* does not share this .* latent space"):
+        generate(Pipeline(tiny_models["sd1"], hires_pipeline=Pipeline(other)), GenerationRequest(
+            ["x"], [1], **settings, hires=HiresFix(upscaler="Latent")))  # fmt: skip
+
+    assert run("txt2img", "--ckpt", tmp_path / "base.safetensors", "--hires-checkpoint", tmp_path / "detail.safetensors",
+               "--prompt", "a red circle", "--seed", 4, "--width", 32, "--height", 24, "--steps", 3, "--sampler", "euler",
+               "--cfg-scale", 5, "--hires-scale", 2, "--hires-upscaler", "Nearest", "--hires-steps", 2,
+               "--hires-denoise", 0.5, "--quiet", "--outdir", tmp_path / "out") == 0  # fmt: skip
+    with Image.open(next((tmp_path / "out").iterdir())) as im:
+        assert (from_pil(im) - result.images).abs().max() <= 1 / 255 + 1e-6
+
+    body = {"prompt": "a red circle", "seed": 4, "width": 32, "height": 24, "steps": 3, "sampler_name": "Euler",
+            "cfg_scale": 5, "enable_hr": True, "hr_scale": 2, "hr_upscaler": "Nearest", "hr_second_pass_steps": 2,
+            "denoising_strength": 0.5, "hr_checkpoint_name": "detail"}  # fmt: skip
+    with serve(create_app(load_pipeline(tmp_path / "base.safetensors"), load=load_pipeline,
+                          models_dir=tmp_path)) as base:  # fmt: skip
+        status, answer = call(base, "/sdapi/v1/txt2img", body)
+        assert status == 200 and json.loads(answer["info"])["ignored"] == []
+        assert "Hires checkpoint: detail [" in json.loads(answer["info"])["infotexts"][0]
+        assert (from_pil(decode(answer["images"][0])) - result.images).abs().max() <= 1 / 255 + 1e-6

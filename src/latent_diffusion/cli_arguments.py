@@ -234,6 +234,7 @@ def add_hires_arguments(p: argparse.ArgumentParser) -> None:
     hires.add_argument("--hires-cfg-scale", type=float, help="the second pass's guidance (default: --cfg-scale)")
     hires.add_argument("--hires-prompt", help="the second pass's prompt (default: --prompt)")
     hires.add_argument("--hires-negative-prompt", help="the second pass's negative prompt (default: the first's)")
+    hires.add_argument("--hires-checkpoint", help="a checkpoint for the second pass (default: --ckpt)")
 
 
 def add_sd_upscale_arguments(p: argparse.ArgumentParser) -> None:

@@ -264,7 +264,10 @@ def cmd_generate(args) -> None:
             args.hires_prompt = f"{args.hires_prompt} {tags}"
     request = checked(request_from_args(args))
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
-    for flag, path in (("--vae", args.vae), ("--refiner", args.refiner)):
+    hires_checkpoint = getattr(args, "hires_checkpoint", None)
+    if hires_checkpoint is not None and request.hires is None:
+        raise UsageError("--hires-checkpoint needs --hires-scale or --hires-resize, which turn the hires fix on")
+    for flag, path in (("--vae", args.vae), ("--refiner", args.refiner), ("--hires-checkpoint", hires_checkpoint)):
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
     device = pick_device(args.device)
@@ -293,6 +296,7 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
         embeddings_dir=embeddings,
         loras=loras,
         upscalers=upscaler_args(args.upscaler_dir),
+        hires_checkpoint=getattr(args, "hires_checkpoint", None),
     )
     if pipeline.model.cfg.inpainting and args.command != "inpaint":
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")

@@ -117,10 +117,10 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
     """Run a resolved request (`plan.resolve`): its images in U-Net batches, each pass on its LoRAs' merged weights."""
     pipeline, r = plan.pipeline, plan.request
     fields = infotext_fields(plan)
-    if r.compile:
-        for m in filter(None, (pipeline.model, pipeline.refiner)):
-            compile_model(m)
     passes = [p for p in (plan, plan.hires) if p is not None]
+    if r.compile:
+        for m in {id(m): m for p in passes for m in (p.pipeline.model, p.pipeline.refiner) if m}.values():
+            compile_model(m)
     sets = [p.lora_sets() for p in passes]
     batches = unet_batches(list(zip(*sets)), r.batch_size)  # (a batch shares its LoRA set in every pass)
     loras = read_loras(pipeline.loras, [tags for pass_sets in sets for tags in pass_sets])
@@ -128,8 +128,8 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
     upscaler = hires_upscaler(plan)  # (a model file loaded before any work, as the LoRAs are read)
     images, warnings = [], []
 
-    def on_loras(tags: frozenset):
-        return merged(pipeline, loras, tags, warnings)
+    def on_loras(model_of: Pipeline, tags: frozenset):
+        return merged(model_of, loras, tags, warnings)
 
     for number, batch in enumerate(batches):
         done = itertools.count(number * steps + 1)
@@ -354,19 +354,20 @@ def sample(
     upscaler: str | UpscalerModel | None = None,
 ):
     """Images `batch` of a plan -> ((b, 3, H, W) in [0, 1], prompt warnings): each pass prepared and run on the LoRAs
-    its prompts name (`with_loras(tags)`: a context, `merged`), and the last pass decoded. With the hires fix the first pass's latent
+    its prompts name (`with_loras(pipeline, tags)`: a context, `merged`), and the last pass decoded. With the hires fix the first pass's latent
     is enlarged (`hires.py`) and a second pass runs over it."""
     r, seeds = plan.request, [plan.request.seeds[i] for i in batch]
-    with with_loras(plan.lora_sets()[batch.start]):
+    with with_loras(plan.pipeline, plan.lora_sets()[batch.start]):
         stage, pixel_mask, notes = prepare(plan, batch)
         x = run(stage, r, seeds, step_done)
     if plan.hires is None:
         return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
     latent, image = enlarge(plan, x, upscaler)
-    with with_loras(plan.hires.lora_sets()[batch.start]):
+    with with_loras(plan.hires.pipeline, plan.hires.lora_sets()[batch.start]):
         stage, _, more = prepare(plan.hires, batch, latent=latent, start_image=image)
         x = run(stage, plan.hires.request, seeds, step_done)
-    return finish(plan.pipeline, plan.hires.request, batch, stage, x, None), notes + [n for n in more if n not in notes]
+    notes += [n for n in more if n not in notes]
+    return finish(plan.hires.pipeline, plan.hires.request, batch, stage, x, None), notes
 
 
 def enlarge(

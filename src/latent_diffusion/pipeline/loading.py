@@ -30,6 +30,7 @@ class Pipeline:
     embeddings: dict[str, Embedding] = field(default_factory=dict)  # textual inversion, by the name prompts use
     loras: dict[str, Path] = field(default_factory=dict)  # LoRA files that prompts may name (<lora:name:w>)
     upscalers: dict[str, Path] = field(default_factory=dict)  # image upscaler model files, by name (`upscalers.py`)
+    hires_pipeline: Pipeline | None = None  # the hires pass's own checkpoint (the web UI's hr_checkpoint_name)
     notices: list[str] = field(default_factory=list)  # what loading skipped (embeddings of another width)
 
 
@@ -50,11 +51,13 @@ def load_pipeline(
     embeddings_dir: str | os.PathLike | None = None,
     loras: dict[str, Path] | None = None,
     upscalers: dict[str, Path] | None = None,
+    hires_checkpoint: str | os.PathLike | None = None,
     compile: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (`checkpoint.load_model`) and what goes beside it: a VAE file over its autoencoder, a refiner
     on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text encoders' width, and
-    the LoRA files and upscaler model files by name (`lora.find_loras`, `upscalers.find_upscalers`). compile: the U-Nets and decoders through torch.compile."""
+    the LoRA files and upscaler model files by name (`lora.find_loras`, `upscalers.find_upscalers`), and a checkpoint
+    for the hires pass with the same embeddings, LoRAs and upscalers beside it. compile: the U-Nets and decoders through torch.compile."""
     model = load_model(checkpoint, config, device=device, dtype=dtype, ema=ema)
     if vae is not None:
         load_vae(model, vae)
@@ -63,6 +66,8 @@ def load_pipeline(
     if compile:
         for m in filter(None, (model, second)):
             compile_model(m)
+    files = dict(embeddings_dir=embeddings_dir, loras=loras, upscalers=upscalers, compile=compile)
+    hires = load_pipeline(hires_checkpoint, device=device, dtype=dtype, **files) if hires_checkpoint else None
     return Pipeline(
         model,
         checkpoint=Path(checkpoint),
@@ -72,5 +77,6 @@ def load_pipeline(
         embeddings=found,
         loras=dict(loras or {}),
         upscalers=dict(upscalers or {}),
-        notices=notices,
+        hires_pipeline=hires,
+        notices=notices + (hires.notices if hires else []),
     )

@@ -96,16 +96,26 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
     prompts parsed once."""
     r = validate(request)
     if pipeline.refiner is not None:
-        _check_refiner(pipeline.model, pipeline.refiner)
+        _check_follower(pipeline.model, pipeline.refiner, "the refiner")
     resolved = _check_against(r, pipeline)
     plan = Plan(resolved, pipeline, *_parsed(resolved, pipeline))
     if r.hires is not None:
         plan.hires_size = _check_hires(resolved, pipeline)
         f = pipeline.model.cfg.autoencoder.downsampling_factor
         second = second_pass(resolved, plan.hires_size, f, r.vae_tiling)
-        second = dataclasses.replace(second, vae_tiling=_tiling(second, pipeline.model))
-        plan.hires = Plan(second, pipeline, *_parsed(second, pipeline))
+        hires = hires_pipeline(pipeline)
+        second = dataclasses.replace(second, vae_tiling=_tiling(second, hires.model))
+        plan.hires = Plan(second, hires, *_parsed(second, hires))
     return plan
+
+
+def hires_pipeline(pipeline: Pipeline) -> Pipeline:
+    """What the hires pass runs on: the pipeline's own hires checkpoint, with its refiner (the web UI's default: the
+    refiner in the last pass), or the pipeline itself."""
+    hires = pipeline.hires_pipeline
+    if hires is None:
+        return pipeline
+    return dataclasses.replace(hires, refiner=pipeline.refiner, refiner_checkpoint=pipeline.refiner_checkpoint)
 
 
 def _parsed(r: GenerationRequest, pipeline: Pipeline) -> tuple[dict[str, ParsedPrompt], dict[str, ParsedPrompt]]:
@@ -135,6 +145,9 @@ def _check_hires(r: GenerationRequest, pipeline: Pipeline) -> HiresSize:
     known = [*LATENT_MODES, *RESAMPLERS, *pipeline.upscalers]
     if h.upscaler is not None and h.upscaler not in known:
         fail(f"hr_upscaler: no upscaler {h.upscaler!r} here; these are: {', '.join(known)}")
+    if pipeline.hires_pipeline is not None:  # (an image upscaler decodes, and the hires model encodes again)
+        latent = (h.upscaler or "Latent") in LATENT_MODES
+        _check_follower(pipeline.model, pipeline.hires_pipeline.model, "the hires checkpoint", latent=latent)
     f = cfg.autoencoder.downsampling_factor
     size = target_size(r.width, r.height, h.scale, h.resize_x, h.resize_y, f)
     height, width = size.latent(f)
@@ -177,20 +190,22 @@ def lora_set(tags: list[LoraTag], files: dict) -> frozenset[LoraTag]:
     return frozenset(found.values())
 
 
-def _check_refiner(model: LatentDiffusion, refiner: LatentDiffusion) -> None:
-    """A refiner continues the model's latents: the same latent space and noise schedule, and no inpainting input."""
-    if refiner.cfg.inpainting or refiner.cfg.concat_channels:
-        fail("the refiner is an inpainting model; a refiner takes only the noisy latent")
+def _check_follower(model: LatentDiffusion, other: LatentDiffusion, role: str, latent: bool = True) -> None:
+    """A model that goes on from this one's latents (a refiner; a hires checkpoint in a latent mode): the same latent
+    space and noise schedule (`latent`), no inpainting input, the same device and dtype."""
+    if other.cfg.inpainting or other.cfg.concat_channels:
+        fail(f"{role} is an inpainting model; it would take only the noisy latent")
     same = ("scale_factor", "timesteps", "linear_start", "linear_end")
-    if refiner.cfg.autoencoder.embed_dim != model.cfg.autoencoder.embed_dim or any(
-        getattr(refiner.cfg, k) != getattr(model.cfg, k) for k in same
+    if latent and (
+        other.cfg.autoencoder.embed_dim != model.cfg.autoencoder.embed_dim
+        or any(getattr(other.cfg, k) != getattr(model.cfg, k) for k in same)
     ):
         fail(
-            f"the refiner ({refiner.cfg.family.title}) does not share this {model.cfg.family.title} model's latent "
-            f"space and noise schedule"
+            f"{role} ({other.cfg.family.title}) does not share this {model.cfg.family.title} model's latent space and "
+            f"noise schedule"
         )
-    if (refiner.device, refiner.dtype) != (model.device, model.dtype):
-        fail(f"the refiner is on {refiner.device} in {refiner.dtype}, the model on {model.device} in {model.dtype}")
+    if (other.device, other.dtype) != (model.device, model.dtype):
+        fail(f"{role} is on {other.device} in {other.dtype}, the model on {model.device} in {model.dtype}")
 
 
 def _check_against(r: GenerationRequest, pipeline: Pipeline) -> GenerationRequest:
@@ -331,7 +346,7 @@ def infotext_fields(plan: Plan) -> dict:
     if r.clip_skip is not None and r.clip_skip > 1:
         fields["Clip skip"] = r.clip_skip
     if r.hires is not None:
-        fields |= _hires_fields(r, schedule_type)
+        fields |= _hires_fields(r, schedule_type, pipeline.hires_pipeline)
     passes = [p for p in (plan, plan.hires) if p is not None]
     if loras := sorted({tag.name for p in passes for tags in p.lora_sets() for tag in tags}):
         fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(pipeline.loras[name])}" for name in loras)
@@ -344,13 +359,16 @@ def infotext_fields(plan: Plan) -> dict:
     return fields
 
 
-def _hires_fields(r: GenerationRequest, schedule_type: str | None) -> dict:
+def _hires_fields(r: GenerationRequest, schedule_type: str | None, hires: Pipeline | None) -> dict:
     """The hires fix's fields, in the web UI's order; "Hires prompt" and "Hires negative prompt" hold their places
     for `infotext`, which writes them for the images whose prompt they differ from."""
     h = r.hires
     fields = {"Hires prompt": None, "Hires negative prompt": None}
     if h.sampler is not None and h.sampler != r.sampler:
         fields = {"Hires sampler": get_sampler(h.sampler).display_name, **fields}
+    if hires is not None:  # (the web UI's short title: name [hash])
+        file = hires.checkpoint
+        fields = {"Hires checkpoint": f"{file.stem} [{model_hash(file)}]" if file else "hires model", **fields}
     if h.cfg_scale is not None:  # (Forge's field; the web UI's hires pass runs at the first pass's guidance)
         fields["Hires CFG Scale"] = h.cfg_scale
     _, hires_schedule = schedule_for(get_sampler(h.sampler or r.sampler), h.scheduler or r.scheduler)

@@ -52,6 +52,7 @@ class Job(Task):
     request: GenerationRequest  # as the client gave it (validated without a model)
     checkpoint: Path | None  # the model it runs on (None: whichever is loaded)
     refiner: Path | None = None  # the checkpoint that denoises the end of its schedule (the web UI's refiner)
+    hires_checkpoint: Path | None = None  # the checkpoint of its hires pass (the web UI's hr_checkpoint_name)
     batch_size: int = 1  # images per U-Net call when run alone
     merge: bool = True  # may share a U-Net batch with other jobs
     sampler_name: str = ""  # as the client named it, for its answer
@@ -80,7 +81,7 @@ class Job(Task):
     def resolve(self, pipeline: Pipeline) -> None:
         """Its plan for this pipeline, unless it has one already (the server resolves it on arrival)."""
         plan = self.plan
-        if plan is None or (plan.pipeline.model, plan.pipeline.refiner) != (pipeline.model, pipeline.refiner):
+        if plan is None or _models(plan.pipeline) != _models(pipeline):
             self.plan = resolve(self.request_for(pipeline), pipeline)
 
     def shares_batches(self) -> bool:
@@ -96,6 +97,7 @@ class Job(Task):
         return (
             self.checkpoint,
             self.refiner,
+            self.hires_checkpoint,
             r.refiner_switch,
             r.width,
             r.height,
@@ -139,6 +141,7 @@ class Worker:
     ):
         self.pipeline, self.load = pipeline, load
         self.refiner: Pipeline | None = None  # the last refiner a job asked for, kept for the next
+        self.hires: Pipeline | None = None  # the last hires checkpoint (hr_checkpoint_name) a job asked for, kept too
         self.max_queue, self.max_batch, self.window = max_queue, max_batch, window
         self.jobs: queue.Queue[Task | None] = queue.Queue()  # None: stop
         self.lock = threading.Lock()  # guards `waiting`
@@ -229,11 +232,10 @@ class Worker:
         try:
             if job.checkpoint is not None:
                 self.switch(Load(job.checkpoint))
-            if job.refiner is not None and (
-                self.refiner is None or self.refiner.checkpoint.resolve() != job.refiner.resolve()
-            ):
-                self.refiner = None  # (the old one's memory is free before the new one loads)
-                self.refiner = self.load(job.refiner)
+            for name, wanted in (("refiner", job.refiner), ("hires", job.hires_checkpoint)):
+                if wanted is not None and not _is_of(getattr(self, name), wanted):
+                    setattr(self, name, None)  # (the old one's memory is free before the new one loads)
+                    setattr(self, name, self.load(wanted))
             job.resolve(self.pipeline_of(job))
             job.model_path = self.pipeline.checkpoint
         except Exception as e:
@@ -242,15 +244,18 @@ class Worker:
         return True
 
     def pipeline_of(self, job: Job) -> Pipeline:
-        """The loaded pipeline, with the refiner the job asked for (loaded by `prepare`)."""
-        if job.refiner is None:
-            return self.pipeline
-        return dataclasses.replace(
-            self.pipeline, refiner=self.refiner.model, refiner_checkpoint=self.refiner.checkpoint
-        )
+        """The loaded pipeline, with the refiner and the hires checkpoint the job asked for (loaded by `prepare`)."""
+        pipeline = self.pipeline
+        if job.refiner is not None:
+            pipeline = dataclasses.replace(
+                pipeline, refiner=self.refiner.model, refiner_checkpoint=self.refiner.checkpoint
+            )
+        if job.hires_checkpoint is not None:
+            pipeline = dataclasses.replace(pipeline, hires_pipeline=self.hires)
+        return pipeline
 
     def mergeable(self, group: list[Job], job: Task) -> bool:
-        if not isinstance(job, Job) or (job.checkpoint, job.refiner) != (group[0].checkpoint, group[0].refiner):
+        if not isinstance(job, Job) or _checkpoints(job) != _checkpoints(group[0]):
             return False
         if job.cancelled or not self.prepare(job):
             return True  # it rides along and is answered with its error, or dropped
@@ -326,3 +331,17 @@ class Worker:
             self.step = self.steps = self.part = self.parts = 0
             self.latent = None
         return images, infotexts, warnings
+
+
+def _models(pipeline: Pipeline) -> tuple:
+    """The models a plan is resolved against: the model, its refiner and its hires checkpoint's model."""
+    hires = pipeline.hires_pipeline
+    return pipeline.model, pipeline.refiner, hires.model if hires else None
+
+
+def _is_of(pipeline: Pipeline | None, checkpoint: Path) -> bool:
+    return pipeline is not None and pipeline.checkpoint.resolve() == checkpoint.resolve()
+
+
+def _checkpoints(job: Job) -> tuple:
+    return job.checkpoint, job.refiner, job.hires_checkpoint

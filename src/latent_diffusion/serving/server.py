@@ -263,10 +263,14 @@ class ServerState:
         refiner = None
         if body.refiner_checkpoint not in (None, "", "None"):  # the web UI's "None" is no refiner
             refiner = self.checkpoints.find(body.refiner_checkpoint)
+        hires = None
+        if request.hires is not None and body.hr_checkpoint_name not in (None, "", "Use same checkpoint"):
+            hires = self.checkpoints.find(body.hr_checkpoint_name)
         job = Job(
             validate(request),
             checkpoint,
             refiner,
+            hires_checkpoint=hires,
             batch_size=body.batch_size,
             sampler_name=sampler.display_name,
             cfg_scale=WEB_UI_CFG_SCALE,

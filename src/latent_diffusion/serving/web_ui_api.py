@@ -53,7 +53,7 @@ NO_EFFECT = {
     "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0, float("inf")), "s_tmin": (None, 0),
     "override_settings_restore_afterwards": (True,), "do_not_save_samples": (False, True),
     "do_not_save_grid": (False, True), "image_cfg_scale": None,  # any value: it is for instruct-pix2pix models
-    "initial_noise_multiplier": (None, 1), "hr_checkpoint_name": (None, "", "Use same checkpoint"),
+    "initial_noise_multiplier": (None, 1),
 }  # fmt: skip
 HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
 SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers"}  # the options (and override_settings) honoured
@@ -98,6 +98,7 @@ class Txt2ImgRequest(BaseModel):
     hr_prompt: str = ""  # "": the first pass's
     hr_negative_prompt: str = ""
     hr_cfg: float | None = None  # Forge's field; None: the first pass's guidance, as the web UI
+    hr_checkpoint_name: str | None = None  # a checkpoint of the models folder; None, "", "Use same checkpoint": none
 
 
 class Img2ImgRequest(Txt2ImgRequest):
