@@ -12,8 +12,8 @@ from .pipeline.upscalers import OVERLAP, TILE
 from .sampling.noise_schedule import SPACINGS
 from .sampling.samplers import SAMPLERS
 from .sampling.sigma_schedules import SCHEDULERS
-from .training.autoencoder import AutoencoderTrainConfig
-from .training.config import TrainConfig
+from .training.autoencoder import AUTOENCODER_HELP, AutoencoderTrainConfig
+from .training.config import TRAIN_HELP, TrainConfig
 from .training.data import EVAL_FORMS
 from .weights.checkpoint import BUILTIN_MODEL
 
@@ -28,66 +28,6 @@ UPSCALER_DIR_HELP = (
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
-
-
-TRAIN_HELP = {
-    "outdir": "folder for checkpoints, log.csv, samples and the final model.safetensors",
-    "data": "image folder: NAME.jpg + NAME.txt captions, or a metadata.jsonl (default: the built-in shapes set)",
-    "shapes_count": "images in the built-in shapes set",
-    "image_size": "training resolution in pixels (images are resized and center-cropped)",
-    "ckpt": "fine-tune this checkpoint",
-    "preset": "train this architecture from scratch (when no --ckpt)",
-    "parameterization": "from scratch: what the U-Net predicts, eps or v (default: the preset's)",
-    "autoencoder": "first_stage_model weights (from `ldm train-autoencoder`) for a from-scratch model",
-    "train_text_encoder": "train the text encoder too (frozen by default; not for SDXL)",
-    "gradient_checkpointing": "recompute the U-Net's activations in the backward pass: less memory, slower steps",
-    "compile": "torch.compile the training step's forward and backward (the first step waits for the compilation)",
-    "steps": "optimizer steps in all",
-    "batch_size": "global batch: samples per optimizer step over all processes and accumulation steps",
-    "grad_accum": "gradient accumulation steps",
-    "lr": "AdamW learning rate",
-    "warmup": "linear learning-rate warm-up steps",
-    "lr_schedule": "learning rate after the warm-up: constant, or cosine decay to 0 at the last step",
-    "weight_decay": "AdamW weight decay",
-    "max_grad_norm": "gradient clipping norm",
-    "precision": "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler), or auto: bf16 where the device "
-    "has native bfloat16 (CUDA since Ampere, CPUs with AVX-512 BF16 or AMX), else fp32",
-    "ema_decay": "EMA decay of the U-Net weights, saved as model_ema.* (0: off)",
-    "prompt_dropout": "probability of training on the empty prompt (for classifier-free guidance)",
-    "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default off)",
-    "min_snr_floor": "with --min-snr-gamma: the x0 loss's weight is clamp(SNR, floor, gamma), not min(SNR, gamma); "
-    "lifts the highest noise levels, where the layout is decided (default 0)",
-    "offset_noise": "offset-noise strength (e.g. 0.05; default off)",
-    "cache_latents": "encode images and captions once and train from the cache (--no-cache-latents for --flip)",
-    "flip": "random horizontal flips (needs --no-cache-latents)",
-    "caption_default": "caption for images without one (default: such images are an error)",
-    "seed": "seed of the data order, noise and initial weights",
-    "save_every": "checkpoint every N steps",
-    "keep_checkpoints": "how many checkpoints to keep",
-    "sample_every": "write sample images every N steps (0: never)",
-    "sample_prompts": "prompts of the sample images (repeat the flag for more)",
-    "log_every": "log loss and learning rate every N steps",
-    "resume": "continue from the last checkpoint in --outdir",
-    "device": "auto, cpu, cuda",
-    "quiet": "no progress bar",
-}
-
-
-AUTOENCODER_HELP = {
-    **TRAIN_HELP,
-    "outdir": "folder for autoencoder.safetensors (first_stage_model.* weights)",
-    "preset": "whose autoencoder architecture to train",
-    "steps": "optimizer steps",
-    "batch_size": "images per step",
-    "lr": "Adam learning rate",
-    "loss": "reconstruction loss: l1 or l2",
-    "precision": "fp32, or bf16 autocast, or auto: bf16 where the device has native bfloat16, else fp32",
-    "kl_weight": "weight of the KL term (CompVis: 1e-6)",
-    "disc_start": "step from which the patch-GAN discriminator loss is on (-1: never)",
-    "disc_weight": "weight of the generator's adversarial loss",
-    "holdout": "share of images held out for the reported PSNR",
-    "caption_default": "captions are not needed for stage 1; images without one get this",
-}
 
 
 def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:

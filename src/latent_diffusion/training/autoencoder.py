@@ -35,6 +35,7 @@ from .common import (
     get_lr,
     resolve_precision,
 )
+from .config import TRAIN_HELP
 
 
 @dataclass
@@ -47,6 +48,24 @@ class AutoencoderTrainConfig(RunConfig):
     disc_start: int = -1  # step from which the patch-GAN loss is on (-1: never)
     disc_weight: float = 0.5
     holdout: float = 0.05  # share of images kept out of training for the PSNR
+
+
+# Each field's `ldm train-autoencoder` flag help: `ldm train`'s, and the fields of its own
+AUTOENCODER_HELP = {
+    **TRAIN_HELP,
+    "outdir": "folder for autoencoder.safetensors (first_stage_model.* weights)",
+    "preset": "whose autoencoder architecture to train",
+    "steps": "optimizer steps",
+    "batch_size": "images per step",
+    "lr": "Adam learning rate",
+    "loss": "reconstruction loss: l1 or l2",
+    "precision": "fp32, or bf16 autocast, or auto: bf16 where the device has native bfloat16, else fp32",
+    "kl_weight": "weight of the KL term (CompVis: 1e-6)",
+    "disc_start": "step from which the patch-GAN discriminator loss is on (-1: never)",
+    "disc_weight": "weight of the generator's adversarial loss",
+    "holdout": "share of images held out for the reported PSNR",
+    "caption_default": "captions are not needed for stage 1; images without one get this",
+}
 
 
 class PatchDiscriminator(nn.Sequential):
