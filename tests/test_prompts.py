@@ -208,7 +208,7 @@ def test_prompt_editing_survives_brackets_nested_beyond_pythons_recursion_limit(
 def test_prompt_editing_switches_the_conditioning_at_its_step(tiny_models, monkeypatch):
     """[cat:dog:2] over 4 Euler steps: evaluations 0, 1, 2 see "cat" and evaluation 3 sees "dog" (the web UI counts
     evaluations from 0 and switches after the segment's last step); the same text in both segments changes nothing."""
-    import latent_diffusion.pipeline.generate as g
+    import latent_diffusion.pipeline.conditioning as g
 
     model, seen = tiny_models["sd1"], []
     real = g.Denoiser.__call__
@@ -227,7 +227,7 @@ def test_prompt_editing_counts_as_the_web_ui_for_second_order_samplers_and_img2i
     """The web UI builds the schedule over the requested steps, doubled for samplers of two evaluations a step
     (Heun, DPM2, DPM2 a, DPM++ 2S a, DPM++ SDE), and counts evaluations; img2img keeps the full steps though it runs
     fewer. So [cat:dog:0.5] is half-way through Heun's evaluations, and never reached by img2img at strength 0.5."""
-    import latent_diffusion.pipeline.generate as g
+    import latent_diffusion.pipeline.conditioning as g
 
     model, seen = tiny_models["sd1"], []
     real = g.Denoiser.__call__

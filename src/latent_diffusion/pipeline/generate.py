@@ -22,8 +22,6 @@ import torch.nn.functional as F
 
 from ..devices import to_device
 from ..models.ldm import LatentDiffusion
-from ..prompts.encoding import encode_chunked, encode_prompts
-from ..sampling.denoiser import Denoiser
 from ..sampling.noise import BrownianNoise, per_image_randn
 from ..sampling.noise_schedule import sigma_to_t
 from ..sampling.parameterization import sigma_from_alpha_bar
@@ -31,9 +29,10 @@ from ..sampling.samplers import Step, get_sampler
 from ..sampling.sigma_schedules import sampling_schedule
 from ..weights.lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .compiling import compile_model
+from .conditioning import scheduled_denoiser
 from .hires import LATENT_MODES, as_8_bit, truncate, upscale_latent
 from .loading import Pipeline, as_pipeline
-from .plan import ParsedPrompt, Plan, infotext, infotext_fields, resolve
+from .plan import Plan, infotext, infotext_fields, resolve
 from .request import GenerationRequest, GenerationResult, RequestError
 from .upscalers import RESAMPLERS, Upscaler, UpscalerError, UpscalerModel, load_upscaler, upscale
 
@@ -189,94 +188,6 @@ def read_loras(files: dict[str, Path], lora_sets: list[frozenset]) -> dict[str, 
 def lora_error(name: str, path: Path, e: Exception) -> RequestError:
     """A LoRA file's error as the prompt's: named by its tag, without the file's path (a server's, in an answer)."""
     return RequestError(f"<lora:{name}>: {str(e).replace(str(path), '').removeprefix(': ')}")
-
-
-def scheduled_denoiser(
-    model: LatentDiffusion,
-    plan: Plan,
-    batch: range,
-    extra: dict,
-    calls: itertools.count | None = None,
-    own_chunks: bool = True,
-):
-    """The denoiser of a batch, with the conditioning of each prompt-editing segment (`syntax.prompt_schedule`):
-    evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
-    editing there is one segment. As the web UI, the variants of one prompt are encoded together (padded to the
-    longest with empty chunks, one emphasis mean), and prompts of different lengths in one batch are padded by
-    repeating their last vector. own_chunks: the plan's chunks, made with the pipeline's embeddings (False: the
-    variants chunked again without them, for a refiner, whose text encoder they were not made for).
-    -> (denoiser, prompt warnings)."""
-    r, notes = plan.request, []
-    texts = [r.prompts[i] for i in batch]
-    prompts = encoded_variants(model, plan, texts, plan.prompts, False, own_chunks, notes)  # (tags' LoRAs merged)
-    if r.cfg_scale != 1:
-        texts = [r.negative_prompts[i] for i in batch]
-        negatives = encoded_variants(model, plan, texts, plan.negatives, True, own_chunks, notes)
-    else:
-        negatives = []
-    ends = sorted({end for schedule, _ in (*prompts, *negatives) for end, _ in schedule})
-
-    def at(end: int, texts: list[tuple[list, dict]]) -> dict[str, torch.Tensor]:
-        """The batch's conditioning for the segment that ends at `end`."""
-        rows = [variants[next(v for last, v in schedule if end <= last)] for schedule, variants in texts]
-        return {k: padded_cat([row[k] for row in rows]) for k in rows[0]}
-
-    denoisers = {}
-    for end in ends:
-        cond, uncond = at(end, prompts), at(end, negatives) if negatives else {}
-        denoisers[end] = Denoiser(
-            net=lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(),
-            alphas_cumprod=model.alphas_cumprod,
-            parameterization=model.parameterization,
-            cond={**cond, **extra},
-            uncond={**uncond, **extra} if uncond else None,
-            cfg_scale=r.cfg_scale,
-        )
-    if len(ends) == 1:
-        return denoisers[ends[0]], notes
-    calls = calls if calls is not None else itertools.count()  # shared with a refiner: one count over both models
-
-    def denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        k = next(calls)
-        return denoisers[next((end for end in ends if k <= end), ends[-1])](x, sigma)
-
-    return denoiser, notes
-
-
-def encoded_variants(
-    model: LatentDiffusion,
-    plan: Plan,
-    texts: list[str],
-    table: dict[str, ParsedPrompt],
-    negative: bool,
-    own_chunks: bool,
-    notes: list[str],
-) -> list[tuple[list, dict]]:
-    """Each text -> (its schedule, {variant: its conditioning, each field (1, ...)}); the encoders' warnings are
-    added to `notes`. The variants of one text are encoded together, as the web UI encodes them."""
-    r, found = plan.request, {}
-    options = dict(clip_skip=r.clip_skip, size=(r.height, r.width), joint=True, negative=negative)
-    for text in dict.fromkeys(texts):
-        parsed = table[text]
-        variants = list(parsed.chunks)  # each distinct variant, in the schedule's order
-        if own_chunks:
-            chunked, empty = [parsed.chunks[v] for v in variants], [v == "" for v in variants]
-            cond, more = encode_chunked(model, chunked, empty=empty, **options)
-        else:
-            cond, more = encode_prompts(model, variants, syntax=r.prompt_syntax, **options)
-        notes.extend(n for n in more if n not in notes)
-        rows = {v: {k: c[i : i + 1] for k, c in cond.items()} for i, v in enumerate(variants)}
-        found[text] = (parsed.schedule, rows)
-    return [found[text] for text in texts]
-
-
-def padded_cat(rows: list[torch.Tensor]) -> torch.Tensor:
-    """(1, n_i, ...) rows -> (b, max n_i, ...): a shorter context repeats its last vector (the web UI's
-    reconstruct_multicond_batch)."""
-    if rows[0].ndim != 3:  # vectors (1, d): nothing to pad
-        return torch.cat(rows)
-    n = max(row.shape[1] for row in rows)
-    return torch.cat([torch.cat([row, row[:, -1:].expand(-1, n - row.shape[1], -1)], dim=1) for row in rows])
 
 
 def rows(images: torch.Tensor, batch: range) -> torch.Tensor:

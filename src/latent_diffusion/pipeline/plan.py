@@ -2,8 +2,8 @@
 its prompts parsed (`Plan`). Everything after takes the plan: generation, the server's batching and the infotexts
 read it and parse nothing again.
 
-Per distinct prompt the plan holds its text without extra-network tags, the LoRAs it names, its prompt-editing
-schedule and the 77-token chunks of each variant of that schedule (`ParsedPrompt`).
+Per distinct prompt the plan holds its text without extra-network tags, the LoRAs it names, and per AND part its
+weight, its prompt-editing schedule and the 77-token chunks of each variant of that schedule (`ParsedPrompt`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..files import lora_hash, model_hash
 from ..models import vae_tiling
 from ..models.ldm import LatentDiffusion
 from ..models.tokenizer import clip_tokenizer
-from ..prompts.syntax import Chunk, LoraTag, chunk_prompt, extract_lora_tags
+from ..prompts.syntax import Chunk, LoraTag, chunk_prompt, extract_lora_tags, split_and
 from ..sampling.noise_schedule import sampling_timesteps
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import schedule_for
@@ -31,19 +31,33 @@ from .upscalers import RESAMPLERS
 
 
 @dataclass(frozen=True)
-class ParsedPrompt:
-    """A prompt read once: its text without extra-network tags, the LoRAs it names (with their weights), its
-    prompt-editing schedule [(last step, variant)], and each variant's chunks (with the pipeline's embeddings)."""
+class PromptPart:
+    """One AND part of a prompt (`syntax.split_and`; a prompt without AND is one part): its weight, its prompt-editing
+    schedule [(last step, variant)], and each variant's chunks (with the pipeline's embeddings)."""
 
-    body: str
-    loras: frozenset[LoraTag]
+    weight: float
     schedule: list[tuple[int, str]]
     chunks: dict[str, list[Chunk]]
 
+
+@dataclass(frozen=True)
+class ParsedPrompt:
+    """A prompt read once: its text without extra-network tags, the LoRAs it names (with their weights), and its
+    parts."""
+
+    body: str
+    loras: frozenset[LoraTag]
+    parts: tuple[PromptPart, ...]
+
     @property
     def context_length(self) -> int:
-        """Chunks of the longest variant: the variants of one prompt are encoded together, padded to it."""
-        return max(len(c) for c in self.chunks.values())
+        """Chunks of the longest variant: the variants of one part are encoded together, padded to it."""
+        return max(len(c) for part in self.parts for c in part.chunks.values())
+
+    @property
+    def composed(self) -> bool:
+        """Whether it asks for more than its one part at weight 1 (then guidance needs the unconditional output)."""
+        return len(self.parts) > 1 or self.parts[0].weight != 1
 
 
 @dataclass
@@ -84,7 +98,8 @@ class Plan:
         used = {
             e.name: e
             for parsed in (*self.prompts.values(), *self.negatives.values())
-            for chunks in parsed.chunks.values()
+            for part in parsed.parts
+            for chunks in part.chunks.values()
             for chunk in chunks
             for _, e in chunk.embeddings
         }
@@ -122,17 +137,20 @@ def _parsed(r: GenerationRequest, pipeline: Pipeline) -> tuple[dict[str, ParsedP
     """A request's distinct prompts and negative prompts, each parsed once."""
     tokenizer = clip_tokenizer(pipeline.model.cfg.text.max_length)
 
-    def parsed(body: str, loras: frozenset[LoraTag]) -> ParsedPrompt:
-        schedule = r.schedule(body)
+    def part(text: str, weight: float) -> PromptPart:
+        schedule = r.schedule(text)
         variants = dict.fromkeys(variant for _, variant in schedule)
         chunks = {v: chunk_prompt(v, tokenizer, r.prompt_syntax, pipeline.embeddings) for v in variants}
-        return ParsedPrompt(body, loras, schedule, chunks)
+        return PromptPart(weight, schedule, chunks)
 
     prompts = {}
-    for text in dict.fromkeys(r.prompts):
+    for text in dict.fromkeys(r.prompts):  # (a negative prompt is one part, AND in it is text, as the web UI's)
         body, tags = extract_lora_tags(text)
-        prompts[text] = parsed(body, lora_set(tags, pipeline.loras))
-    negatives = {text: parsed(text, frozenset()) for text in dict.fromkeys(r.negative_prompts)}
+        parts = split_and(body) if r.prompt_syntax else [(body, 1.0)]
+        prompts[text] = ParsedPrompt(body, lora_set(tags, pipeline.loras), tuple(part(*p) for p in parts))
+    negatives = {
+        text: ParsedPrompt(text, frozenset(), (part(text, 1.0),)) for text in dict.fromkeys(r.negative_prompts)
+    }
     return prompts, negatives
 
 

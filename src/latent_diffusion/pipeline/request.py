@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..prompts.syntax import extract_lora_tags, parse_emphasis, prompt_schedule
+from ..prompts.syntax import extract_lora_tags, parse_emphasis, prompt_schedule, split_and
 from ..sampling.noise_schedule import SPACINGS
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import SCHEDULERS, find_scheduler
@@ -212,6 +212,9 @@ def _check_prompts(r: GenerationRequest) -> None:
         for tag in tags:
             if abs(weight := max(tag.te_weight, tag.unet_weight, key=abs)) > MAX_LORA_WEIGHT:  # (the latents go NaN)
                 fail(f"prompt: <lora:{tag.name}> at a weight of {weight:g} is beyond ±{MAX_LORA_WEIGHT:g}")
+        parts = split_and(extract_lora_tags(text)[0]) if r.prompt_syntax else []
+        if bad := [weight for _, weight in parts if abs(weight) > MAX_CFG_SCALE]:  # (it multiplies the guidance)
+            fail(f"prompt: an AND part's weight of {bad[0]:g} is beyond ±{MAX_CFG_SCALE:g}")
     for text in {*r.prompts, *(r.negative_prompts or [])} if r.prompt_syntax else ():
         if (weight := max((abs(w) for _, w in parse_emphasis(text)), default=1.0)) > MAX_EMPHASIS:
             fail(f"prompt: an emphasis weight of {weight:.3g} is beyond ±{MAX_EMPHASIS:g} (brackets nested too deep?)")

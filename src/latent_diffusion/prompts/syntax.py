@@ -313,6 +313,27 @@ def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
     return [(end, _at_step(tree, end, steps)) for end in ends]
 
 
+# Composable prompts ------------------------------------------------------------------------------------------------
+#
+# `a castle AND a dragon :0.6` asks for one denoised output per part, combined with the weights: the unconditional
+# output plus, for each part, weight × guidance × (its output − the unconditional), as the web UI's
+# `get_multicond_prompt_list` and CFG denoiser do (Liu et al. 2022, "Compositional Visual Generation"). A part's
+# weight is a number after a colon at its very end, else 1; so is a whole prompt's without AND, as the web UI reads it.
+
+AND = re.compile(r"\bAND\b")
+PART_WEIGHT = re.compile(r"^((?:\s|.)*?)(?:\s*:\s*([-+]?(?:\d+\.?|\d*\.\d+)))?\s*$")
+
+
+def split_and(text: str) -> list[tuple[str, float]]:
+    """A prompt -> its AND parts [(text, weight)], the web UI's regular expressions (a part's text without the
+    whitespace at its end)."""
+    parts = []
+    for part in AND.split(text):
+        body, weight = PART_WEIGHT.search(part).groups()  # (the pattern matches every string)
+        parts.append((body, 1.0 if weight is None else float(weight)))
+    return parts
+
+
 # Extra networks ----------------------------------------------------------------------------------------------------
 #
 # `<lora:name>`, `<lora:name:weight>` or `<lora:name:te weight:unet weight>` (also `te=`, `unet=`) name a LoRA to
