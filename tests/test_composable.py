@@ -102,3 +102,32 @@ def test_prompt_editing_inside_parts_and_a_batch_of_mixed_prompts(tiny_models):
 def test_an_and_weight_beyond_the_guidance_limit_is_refused(tiny_models):
     with pytest.raises(RequestError, match="an AND part's weight of 1000 is beyond ±100"):
         images(tiny_models["sd1"], "a cat AND a dog :1000")
+
+
+def test_and_through_the_command_line_and_an_existing_client(tmp_path, ckpt, serve):
+    """The same composed prompt through `ldm txt2img` and through webuiapi over a real socket: the library's image."""
+    import webuiapi
+    from PIL import Image
+
+    from latent_diffusion.cli import main
+    from latent_diffusion.pipeline.images import from_pil
+    from latent_diffusion.pipeline.loading import load_pipeline
+    from latent_diffusion.serving.server import create_app
+
+    prompt = "a red circle AND [a blue:a green:0.5] square :0.6"
+    pipe = load_pipeline(ckpt)
+    request = GenerationRequest([prompt], [5], width=32, height=32, steps=3, sampler="euler", cfg_scale=4.0)
+    library = generate(pipe, request).images
+    assert main([str(a) for a in ("txt2img", "--ckpt", ckpt, "--prompt", prompt, "--seed", 5, "--width", 32,
+                                  "--height", 32, "--steps", 3, "--sampler", "euler", "--cfg-scale", 4, "--quiet",
+                                  "--outdir", tmp_path)]) == 0  # fmt: skip
+    with Image.open(next(tmp_path.iterdir())) as im:
+        assert (from_pil(im) - library).abs().max() <= 1 / 255 + 1e-6
+        assert im.text["parameters"].startswith(prompt + "\n")
+    with serve(create_app(pipe)) as base:
+        api = webuiapi.WebUIApi(baseurl=base + "/sdapi/v1", sampler="Euler", steps=3)
+        result = api.txt2img(prompt=prompt, seed=5, width=32, height=32, cfg_scale=4)
+        assert (from_pil(result.image) - library).abs().max() <= 1 / 255 + 1e-6
+        assert result.info["ignored"] == []
+        status = api.session.post(base + "/sdapi/v1/txt2img", json={"prompt": "x AND y :500", "steps": 1}).status_code
+        assert status == 422
