@@ -21,7 +21,7 @@ from ..models.tokenizer import clip_tokenizer
 from ..prompts.syntax import Chunk, LoraTag, chunk_prompt, extract_lora_tags, split_and
 from ..sampling.noise_schedule import sampling_timesteps
 from ..sampling.samplers import SAMPLERS, get_sampler
-from ..sampling.sigma_schedules import schedule_for
+from ..sampling.sigma_schedules import find_scheduler, schedule_for
 from ..weights.embeddings import Embedding
 from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text
@@ -339,17 +339,17 @@ def infotext_fields(plan: Plan) -> dict:
     r, pipeline = plan.request, plan.pipeline
     sampler = get_sampler(r.sampler)
     _, schedule_type = schedule_for(sampler, r.scheduler)
-    # "Seed" holds its place in the web UI's order until `infotext` fills it in
+    # "Seed" holds its place in the web UI's order until `infotext` fills it in. "Schedule type" is the one the
+    # sampler runs on, or (none resolved: DDIM's timesteps, Euler's own uniform levels) the one asked for, as the web
+    # UI writes its `p.scheduler` and only its k-diffusion samplers put the resolved label in its place.
     fields = {
         "Steps": r.steps,
         "Sampler": sampler.display_name,
-        "Schedule type": schedule_type,
+        "Schedule type": schedule_type or find_scheduler(r.scheduler).label,
         "CFG scale": r.cfg_scale,
         "Seed": None,
         "Size": f"{r.width}x{r.height}",
     }
-    if schedule_type is None:
-        del fields["Schedule type"]
     if pipeline.checkpoint is not None:
         fields |= {"Model hash": model_hash(pipeline.checkpoint), "Model": pipeline.checkpoint.stem}
     if pipeline.vae_file is not None:

@@ -143,9 +143,9 @@ def find_scheduler(name: str) -> Scheduler:
 
 
 def schedule_for(sampler, scheduler: str) -> tuple[Scheduler | None, str | None]:
-    """The schedule a sampler (a `samplers.Sampler`) runs on, and the "Schedule type" the web UI writes for it
-    (None: no such field). Discrete samplers keep their timesteps and take none; "automatic" is the sampler's own
-    (uniform where it has none, which the web UI does not write)."""
+    """The schedule a sampler (a `samplers.Sampler`) runs on, and the label the web UI's k-diffusion samplers write
+    as its "Schedule type" (None: none resolved, where the web UI writes the one asked for). Discrete samplers keep
+    their timesteps and take none; "automatic" is the sampler's own (uniform where it has none)."""
     if sampler.discrete:
         return None, None
     chosen = find_scheduler(scheduler)
