@@ -242,6 +242,30 @@ def test_progress_shows_a_preview_and_interrupt_stops_the_job(server):
     assert call(base, "/sdapi/v1/progress")[1]["state"]["sampling_steps"] == 0
 
 
+def test_skip_ends_the_running_batch_and_the_job_goes_on(server):
+    """/skip (the web UI's Skip): the running batch answers with what it had got to, the next one runs whole, and the
+    job is not interrupted. /memory reports the host's RAM and says why there is no CUDA report here."""
+    base, pipeline = server
+    answer = {}
+    body = {"prompt": "x", "steps": 40, "seed": 1, "n_iter": 2, "width": 32, "height": 32, "sampler_name": "Euler"}
+    job = threading.Thread(target=lambda: answer.update(zip(("status", "body"), call(base, "/sdapi/v1/txt2img", body))))
+    job.start()
+    deadline = time.monotonic() + 60
+    while call(base, "/sdapi/v1/progress")[1]["state"]["sampling_step"] < 2:
+        assert time.monotonic() < deadline and job.is_alive(), "the job made no progress"
+        time.sleep(0.02)
+    assert call(base, "/sdapi/v1/skip", {}) == (200, {})
+    job.join(timeout=120)
+    info = json.loads(answer["body"]["info"])
+    assert answer["status"] == 200 and not info["interrupted"] and info["all_seeds"] == [1, 2]
+    library = generate(pipeline, GenerationRequest(["x"], [2], width=32, height=32, steps=40, sampler="euler",
+                                                   cfg_scale=7.0)).images[0]  # fmt: skip
+    second = np.asarray(decode(answer["body"]["images"][1])).astype(int)
+    assert np.abs(second - (library * 255).round().permute(1, 2, 0).numpy().astype(int)).max() <= 1
+    memory = call(base, "/sdapi/v1/memory")[1]
+    assert memory["ram"]["total"] > memory["ram"]["free"] > 0 and "error" in memory["cuda"]
+
+
 def test_clients_whose_prompts_differ_in_length_are_not_batched_together(server):
     """A long prompt (two 77-token chunks) and short ones at once: a shared batch would pad the short contexts,
     which changes their images, so each is answered with the image it gets alone."""

@@ -47,3 +47,32 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if torch.device(device).type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def memory_report() -> dict:
+    """The web UI's /sdapi/v1/memory: the host's RAM (from /proc/meminfo where there is one) and CUDA's, or why not."""
+    ram = {"error": "this system has no /proc/meminfo"}
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
+        total, free = info["MemTotal"], info["MemAvailable"]
+        ram = {"free": free, "used": total - free, "total": total}
+    except (OSError, KeyError, ValueError):
+        pass
+    if not torch.cuda.is_available():
+        return {"ram": ram, "cuda": {"error": "CUDA is not available here"}}
+    free, total = torch.cuda.mem_get_info()
+    stats = torch.cuda.memory_stats()
+
+    def pair(name: str) -> dict:
+        return {"current": stats.get(f"{name}.all.current", 0), "peak": stats.get(f"{name}.all.peak", 0)}
+
+    cuda = {
+        "system": {"free": free, "used": total - free, "total": total},
+        "active": pair("active_bytes"),
+        "allocated": pair("allocated_bytes"),
+        "reserved": pair("reserved_bytes"),
+        "inactive": pair("inactive_split_bytes"),
+        "events": {"retries": stats.get("num_alloc_retries", 0), "oom": stats.get("num_ooms", 0)},
+    }
+    return {"ram": ram, "cuda": cuda}

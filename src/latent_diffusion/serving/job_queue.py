@@ -151,7 +151,7 @@ class Worker:
         self.step = self.steps = self.part = self.parts = 0
         self.latent = None  # the x0 estimate of the step just done, first image of the batch: (1, 4, h, w)
         self.started = 0.0
-        self.interrupted = False
+        self.interrupted = self.skipped = False  # (skipped: the running batch only)
         self.thread = threading.Thread(target=self.run, daemon=True, name="ldm-serve-worker")
         self.thread.start()
 
@@ -168,6 +168,12 @@ class Worker:
         and one client must not cut short the images of others (the web UI runs one job at a time)."""
         if len(self.running) == 1:
             self.interrupted = True
+
+    def skip(self) -> None:
+        """End the running job's current U-Net batch at its next step, with its images as far as they got; the job
+        goes on with its next batch (the web UI's skip). Not a batch that several clients' jobs share."""
+        if len(self.running) == 1:
+            self.skipped = True
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -308,25 +314,29 @@ class Worker:
             nonlocal estimate
             self.step, self.steps, estimate = p.step, p.total, p.sampler_step.denoised
             self.latent = estimate[:1].to(pipeline.model.dtype)
-            if self.interrupted or all(j.cancelled for j in self.running):
+            if self.interrupted or self.skipped or all(j.cancelled for j in self.running):
                 raise Interrupted
 
         try:
             for self.part, size in enumerate(sizes):
-                self.step, estimate = 0, None
+                self.step, estimate, self.skipped = 0, None, False
                 part = plan.part(start, start + size)
-                result = generate_plan(part, progress=step_done)
+                start += size
+                try:
+                    result = generate_plan(part, progress=step_done)
+                except Interrupted:
+                    if estimate is not None and not all(j.cancelled for j in self.running):
+                        with torch.no_grad():
+                            decoded = decode(pipeline.model, estimate, tiled=bool(part.request.vae_tiling))
+                        images += [to_pil((image / 2 + 0.5).clamp(0, 1)) for image in decoded]
+                        fields = infotext_fields(part)
+                        infotexts += [infotext(part.request, i, fields) for i in range(len(part.request.prompts))]
+                    if self.skipped:  # (the web UI's skip: this batch ends as it is, the next one runs)
+                        continue
+                    break
                 images += [to_pil(t) for t in result.images]
                 infotexts += result.infotexts
                 warnings += [w for w in result.warnings if w not in warnings]
-                start += size
-        except Interrupted:
-            if estimate is not None and not all(j.cancelled for j in self.running):
-                with torch.no_grad():
-                    decoded = decode(pipeline.model, estimate, tiled=bool(part.request.vae_tiling))
-                images += [to_pil((image / 2 + 0.5).clamp(0, 1)) for image in decoded]
-                fields = infotext_fields(part)
-                infotexts += [infotext(part.request, i, fields) for i in range(len(part.request.prompts))]
         finally:
             self.step = self.steps = self.part = self.parts = 0
             self.latent = None

@@ -30,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from ..devices import memory_report
 from ..files import claim_numbered, model_hash
 from ..models import vae_tiling
 from ..models.ldm import LatentDiffusion
@@ -237,6 +238,10 @@ class ServerState:
 
     def interrupt(self) -> dict:
         self.worker.interrupt()
+        return {}
+
+    def skip(self) -> dict:
+        self.worker.skip()
         return {}
 
     # Generation ---------------------------------------------------------------------------------------------
@@ -457,11 +462,13 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "latent-upscale-modes": latent_upscale_modes,
             "sd-vae": none_here,
             "prompt-styles": none_here,
+            "memory": memory_report,
         },
         "POST": {
             "refresh-checkpoints": nothing_to_refresh,
             "options": state.set_options,
             "interrupt": state.interrupt,
+            "skip": state.skip,
             "png-info": web_ui_api.png_info,
             "txt2img": state.txt2img,
             "img2img": state.img2img,
