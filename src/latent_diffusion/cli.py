@@ -23,6 +23,7 @@ from .cli_generate import (
     pick_device,
     prepare_outdir,
     sampler_and_scheduler,
+    styles_arg,
     upscaler_args,
 )
 from .cli_upscale import cmd_upscale
@@ -156,7 +157,7 @@ def cmd_serve(args) -> None:
     upscalers = upscaler_args(args.upscaler_dir)
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers)
+    files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers, styles=styles_arg(args.styles_file))
 
     def load(path) -> Pipeline:
         pipeline = load_pipeline(path, device=device, dtype=dtype, compile=args.compile, **files)

@@ -20,6 +20,7 @@ from .weights.checkpoint import BUILTIN_MODEL
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
 SCALE_BY_DEFAULT = 4.0  # ldm upscale: the extras tab's "Resize" by default
+STYLES_HELP = "the web UI's styles.csv: name, prompt, negative_prompt (default: styles.csv where it exists)"
 UPSCALER_DIR_HELP = (
     "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "
     "UI's models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT and models/HAT where they exist)"
@@ -129,6 +130,10 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
         "file, or the text; flags given here win",
     )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
+    p.add_argument(
+        "--style", action="append", help="a prompt style of --styles-file, applied as the web UI (repeatable)"
+    )
+    p.add_argument("--styles-file", help=STYLES_HELP)
 
 
 def add_size_arguments(p: argparse.ArgumentParser, command: str) -> None:
@@ -414,6 +419,7 @@ def add_serve(sub) -> None:
     serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
     serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
     serve.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
+    serve.add_argument("--styles-file", help=STYLES_HELP)
     limits = serve.add_argument_group("limits")
     limits.add_argument(
         "--max-batch",
@@ -455,14 +461,8 @@ def add_demo(sub) -> None:
 
 
 def command(sub, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        name,
-        help=help_text,
-        description=description,
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    return p
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    return sub.add_parser(name, help=help_text, description=description, allow_abbrev=False, formatter_class=formatter)
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:

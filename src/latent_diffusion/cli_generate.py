@@ -24,6 +24,7 @@ from .pipeline.plan import Plan, resolve
 from .pipeline.request import GenerationRequest, HiresFix, RequestError, validate
 from .pipeline.sd_upscale import sd_upscale
 from .pipeline.upscalers import FOLDERS, list_upscalers
+from .prompts.styles import find_styles
 from .sampling.samplers import find_sampler
 from .weights.checkpoint import BUILTIN_MODEL
 from .weights.lora import find_loras
@@ -68,6 +69,7 @@ FLAGS = {
     "hires pass: strength": "--hires-denoise",
     "hires pass: cfg_scale": "--hires-cfg-scale",
     "SD upscale: the overlap": "--sd-upscale-overlap",
+    "styles": "--style",
 }
 
 
@@ -130,6 +132,7 @@ def request_from_args(args) -> GenerationRequest:
         refiner_switch=args.refiner_switch,
         compile=args.compile,
         hires=hires_from_args(args),
+        styles=args.style or [],
     )
 
 
@@ -184,6 +187,14 @@ def folder_arg(value: str | None, flag: str, default: str) -> Path | None:
     if not Path(value).is_dir():
         raise UsageError(f"{flag} {value}: no such folder")
     return Path(value)
+
+
+def styles_arg(value: str | None) -> dict:
+    """--styles-file's styles (it must exist), or styles.csv's where it exists."""
+    try:
+        return find_styles(value)
+    except ValueError as e:
+        raise UsageError(f"--styles-file {e}") from None
 
 
 def upscaler_args(value: str | None) -> dict[str, Path]:
@@ -297,6 +308,7 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
         loras=loras,
         upscalers=upscaler_args(args.upscaler_dir),
         hires_checkpoint=getattr(args, "hires_checkpoint", None),
+        styles=styles_arg(args.styles_file),
     )
     if pipeline.model.cfg.inpainting and args.command != "inpaint":
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")

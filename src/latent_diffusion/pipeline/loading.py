@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..models.ldm import LatentDiffusion
+from ..prompts.styles import Style
 from ..weights.checkpoint import load_model, load_vae
 from ..weights.embeddings import Embedding, load_embeddings
 from .compiling import compile_model
@@ -31,6 +32,7 @@ class Pipeline:
     loras: dict[str, Path] = field(default_factory=dict)  # LoRA files that prompts may name (<lora:name:w>)
     upscalers: dict[str, Path] = field(default_factory=dict)  # image upscaler model files, by name (`upscalers.py`)
     hires_pipeline: Pipeline | None = None  # the hires pass's own checkpoint (the web UI's hr_checkpoint_name)
+    styles: dict[str, Style] = field(default_factory=dict)  # prompt styles that requests may name (a styles.csv)
     notices: list[str] = field(default_factory=list)  # what loading skipped (embeddings of another width)
 
 
@@ -52,6 +54,7 @@ def load_pipeline(
     loras: dict[str, Path] | None = None,
     upscalers: dict[str, Path] | None = None,
     hires_checkpoint: str | os.PathLike | None = None,
+    styles: dict[str, Style] | None = None,
     compile: bool = False,
 ) -> Pipeline:
     """Load a checkpoint (`checkpoint.load_model`) and what goes beside it: a VAE file over its autoencoder, a refiner
@@ -78,5 +81,6 @@ def load_pipeline(
         loras=dict(loras or {}),
         upscalers=dict(upscalers or {}),
         hires_pipeline=hires,
+        styles=dict(styles or {}),
         notices=notices + (hires.notices if hires else []),
     )

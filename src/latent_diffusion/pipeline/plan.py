@@ -18,6 +18,7 @@ from ..files import lora_hash, model_hash
 from ..models import vae_tiling
 from ..models.ldm import LatentDiffusion
 from ..models.tokenizer import clip_tokenizer
+from ..prompts.styles import apply_styles
 from ..prompts.syntax import Chunk, LoraTag, chunk_prompt, extract_lora_tags, split_and
 from ..sampling.noise_schedule import sampling_timesteps
 from ..sampling.samplers import SAMPLERS, get_sampler
@@ -109,7 +110,7 @@ class Plan:
 def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
     """Every check of a request against the pipeline, before any work (RequestError naming the problem), and its
     prompts parsed once."""
-    r = validate(request)
+    r = _styled(validate(request), pipeline)
     if pipeline.refiner is not None:
         _check_follower(pipeline.model, pipeline.refiner, "the refiner")
     resolved = _check_against(r, pipeline)
@@ -122,6 +123,28 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         second = dataclasses.replace(second, vae_tiling=_tiling(second, hires.model))
         plan.hires = Plan(second, hires, *_parsed(second, hires))
     return plan
+
+
+def _styled(r: GenerationRequest, pipeline: Pipeline) -> GenerationRequest:
+    """The request with its styles applied to its prompts and negative prompts, as the web UI applies them before
+    anything reads the prompts (RequestError for a style the pipeline does not have)."""
+    if not r.styles:
+        return r
+    if missing := [name for name in r.styles if name not in pipeline.styles]:
+        known = ", ".join(pipeline.styles) or "none: give a styles.csv"
+        fail(f"styles: no style {missing[0]!r} here; these are: {known}")
+    chosen = [pipeline.styles[name] for name in r.styles]
+
+    def styled(text: str | None, kind: str) -> str | None:
+        return None if text is None else apply_styles(text, [getattr(style, kind) for style in chosen])
+
+    prompts = [styled(p, "prompt") for p in r.prompts]
+    negatives = [styled(p, "negative_prompt") for p in r.negative_prompts or [""] * len(prompts)]
+    hires = r.hires  # (its own prompts too, as the web UI's)
+    if hires is not None:
+        prompt, negative = styled(hires.prompt, "prompt"), styled(hires.negative_prompt, "negative_prompt")
+        hires = dataclasses.replace(hires, prompt=prompt, negative_prompt=negative)
+    return validate(dataclasses.replace(r, prompts=prompts, negative_prompts=negatives, hires=hires, styles=[]))
 
 
 def hires_pipeline(pipeline: Pipeline) -> Pipeline:

@@ -82,6 +82,7 @@ class GenerationRequest:
     # option, and its hires pass); False: int(steps × strength) steps, the last ones of a schedule of `steps`
     exact_steps: bool = False
     hires: HiresFix | None = None  # txt2img: a second pass at a larger size
+    styles: list[str] = field(default_factory=list)  # prompt styles of the pipeline's, applied in order (`styles.py`)
 
     @classmethod
     def repeated(

@@ -240,6 +240,12 @@ class ServerState:
         self.worker.interrupt()
         return {}
 
+    def prompt_styles(self) -> list[dict]:
+        return [
+            {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
+            for s in self.worker.pipeline.styles.values()
+        ]
+
     def skip(self) -> dict:
         self.worker.skip()
         return {}
@@ -395,7 +401,7 @@ def nothing_to_refresh() -> dict:
 
 
 def none_here() -> list:
-    return []  # this server has no separate VAEs or styles: an empty list, as the web UI with none
+    return []  # this server has no separate VAEs: an empty list, as the web UI with none
 
 
 def latent_upscale_modes() -> list[dict]:
@@ -461,7 +467,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "realesrgan-models": state.upscaling.realesrgan_models,
             "latent-upscale-modes": latent_upscale_modes,
             "sd-vae": none_here,
-            "prompt-styles": none_here,
+            "prompt-styles": state.prompt_styles,
             "memory": memory_report,
         },
         "POST": {

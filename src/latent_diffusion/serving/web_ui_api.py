@@ -49,7 +49,7 @@ class ServerLimits:
 # served, and the field is named in info["ignored"]. Other fields are ignored where empty (None, "", 0, False, -1,
 # [], {}); the hires fields only matter with enable_hr.
 NO_EFFECT = {
-    "styles": ([],), "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
+    "subseed_strength": (0,), "seed_resize_from_h": (-1, 0), "seed_resize_from_w": (-1, 0),
     "s_min_uncond": (None, 0), "s_churn": (None, 0), "s_tmax": (None, 0, float("inf")), "s_tmin": (None, 0),
     "override_settings_restore_afterwards": (True,), "do_not_save_samples": (False, True),
     "do_not_save_grid": (False, True), "image_cfg_scale": None,  # any value: it is for instruct-pix2pix models
@@ -85,6 +85,7 @@ class Txt2ImgRequest(BaseModel):
     override_settings: dict[str, Any] | None = None
     refiner_checkpoint: str | None = None  # a checkpoint of the models folder, by any name sd_model_checkpoint takes
     refiner_switch_at: float | None = None  # the part of the timestep range the model denoises first (default 0.8)
+    styles: list[str] = Field(default_factory=list)  # prompt styles of the server's styles.csv, applied in order
     # The hires fix (txt2img's; `pipeline/hires.py`)
     enable_hr: bool = False
     denoising_strength: float = 0.75  # txt2img: the hires pass's
@@ -245,6 +246,7 @@ def generation_request(body: Txt2ImgRequest) -> tuple[GenerationRequest, Sampler
         cfg_scale=body.cfg_scale,
         clip_skip=clip_skip,
         refiner_switch=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
+        styles=body.styles,
         hires=hires_fix(body) if body.enable_hr and not isinstance(body, Img2ImgRequest) else None,
     )
     return request, sampler
