@@ -94,6 +94,16 @@ class Plan:
             tuple(self.negatives[text].context_length for text in r.negative_prompts),
         )
 
+    def batch_key(self) -> tuple:
+        """What plans must share to run as one U-Net batch (`merge`): every setting but the per-image ones, the prompts'
+        chunk counts (padding one to another's length would change its image) and their LoRA sets (a batch runs on
+        one set of merged weights), in both passes."""
+        r = self.request
+        settings = tuple(_hashable(getattr(r, f.name)) for f in dataclasses.fields(r) if f.name not in PER_IMAGE)
+        lengths = tuple(frozenset(n) for n in self.context_lengths())
+        hires = self.hires.batch_key()[-2:] if self.hires else ()
+        return *settings, *hires, lengths, frozenset(self.lora_sets())
+
     def embeddings_used(self) -> list[Embedding]:
         """The textual-inversion embeddings that the prompts (in any of their edits) use, by name."""
         used = {
@@ -105,6 +115,14 @@ class Plan:
             for _, e in chunk.embeddings
         }
         return [used[name] for name in sorted(used)]
+
+
+PER_IMAGE = {"prompts", "seeds", "negative_prompts", "batch_size", "vae_tiling"}  # (merge decides the tiling again)
+
+
+def _hashable(value):
+    """A request's field as part of a key: a tensor by its identity, a list as a tuple."""
+    return id(value) if isinstance(value, torch.Tensor) else tuple(value) if isinstance(value, list) else value
 
 
 def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:

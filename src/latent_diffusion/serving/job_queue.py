@@ -91,30 +91,9 @@ class Job(Task):
 
     def key(self) -> tuple | None:
         """Jobs of equal keys can share U-Net batches; None: runs alone."""
-        r = self.resolved
         if not self.shares_batches():
             return None
-        return (
-            self.checkpoint,
-            self.refiner,
-            self.hires_checkpoint,
-            r.refiner_switch,
-            r.width,
-            r.height,
-            r.steps,
-            r.sampler,
-            r.scheduler,
-            r.spacing,
-            r.eta,
-            r.s_noise,
-            r.cfg_scale,
-            r.clip_skip,
-            r.prompt_syntax,
-            tuple(frozenset(n) for n in self.plan.context_lengths()),  # (padding would change a batch-mate's image)
-            frozenset(self.plan.lora_sets()),  # a batch runs on one set of merged weights
-            r.hires,  # (its second pass: the same size, settings and prompts' lengths and LoRAs)
-            *((self.plan.hires.context_lengths(), frozenset(self.plan.hires.lora_sets())) if r.hires else ()),
-        )
+        return (*_checkpoints(self), *self.plan.batch_key())
 
 
 @dataclass
