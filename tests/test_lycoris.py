@@ -193,3 +193,36 @@ def test_networks_on_one_weight_apply_in_turn(tiny_models, tmp_path):
     assert torch.equal(linear.weight, w)
     x = input_for(linear, 1)
     assert torch.equal(linear(x), F.linear(x, w, linear.bias))
+
+
+def test_embeddings_bundled_in_a_lora_are_usable_while_it_is_named(tiny_models, tmp_path):
+    """`bundle_emb.NAME.string_to_param.*` beside a LoRA's layers: a prompt that names the LoRA uses NAME's vectors
+    (its "TI hashes" entry the LoRA's name, as the web UI writes it); one that does not keeps NAME as text; an
+    embeddings folder's own NAME wins over the bundled one."""
+    from latent_diffusion.pipeline.loading import Pipeline
+    from latent_diffusion.pipeline.plan import infotext_fields, resolve
+    from latent_diffusion.pipeline.request import GenerationRequest
+    from latent_diffusion.weights.embeddings import Embedding
+
+    model = tiny_models["sd1"]
+    width = model.cfg.unet.context_dim
+    g = torch.Generator().manual_seed(8)
+    vectors = torch.randn(2, width, generator=g)
+    save_file({f"{LINEAR}.weight": torch.randn(32, generator=g), f"{LINEAR}.on_input": torch.tensor(0),
+               "bundle_emb.sparkle.string_to_param.*": vectors,
+               "bundle_emb.wide.string_to_param.*": torch.randn(1, width + 1, generator=g)},
+              tmp_path / "shiny.safetensors")  # fmt: skip
+    pipeline = Pipeline(model, loras={"shiny": tmp_path / "shiny.safetensors"})
+    common = dict(steps=2, width=24, height=24)
+    plan = resolve(GenerationRequest(["a sparkle cat <lora:shiny:0.5>", "a sparkle cat"], [1, 2], **common), pipeline)
+    tagged, plain = plan.prompts.values()
+    used = [e for chunk in tagged.chunks[tagged.body] for _, e in chunk.embeddings]
+    assert [e.name for e in used] == ["sparkle"] and torch.equal(used[0].vectors, vectors)
+    assert not any(chunk.embeddings for chunk in plain.chunks[plain.body])
+    assert infotext_fields(plan)["TI hashes"] == "sparkle: shiny"
+    own = Embedding("sparkle", torch.randn(1, width, generator=g), tmp_path / "sparkle.pt")
+    pipeline.embeddings = {"sparkle": own}
+    plan = resolve(GenerationRequest(["a sparkle cat <lora:shiny:0.5>"], [1], **common), pipeline)
+    assert [e for chunk in plan.prompts[plan.request.prompts[0]].chunks.popitem()[1] for _, e in chunk.embeddings] == [
+        own
+    ]
