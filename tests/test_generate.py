@@ -325,5 +325,11 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
         [generate(pipeline, GenerationRequest([p], [s], **common)).images for p, s in zip(prompts, [1, 2, 3, 4])]
     )
     torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
-    with pytest.raises(RequestError, match="LoRA style at two weights in one prompt"):
-        generate(pipeline, GenerationRequest(["<lora:style:1> <lora:style:0.5>"], [1], **common))
+    # Named twice, as the web UI applies it: merged twice, both times at the last tag's weight
+    twice = generate(pipeline, GenerationRequest(["a cat <lora:style:1> <lora:style:0.5>"], [3], **common))
+    applied = [apply_lora(model, read_lora(path), 0.5) for _ in range(2)]
+    by_hand = generate(model, GenerationRequest(["a cat  "], [3], **common))
+    for a in reversed(applied):
+        remove_lora(model, a)
+    assert torch.equal(twice.images, by_hand.images)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

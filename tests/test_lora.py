@@ -265,8 +265,8 @@ def test_stacked_loras_come_off_in_reverse_order(pipes, tmp_path):
 
 
 def test_unmatched_layers_are_listed(tiny_models, tmp_path):
-    """Layers of another model part (SDXL's second text encoder) or of no module, and keys of a kind not merged
-    (LoHa), come back as warnings; the layers that match are merged."""
+    """Layers of another model part (SDXL's second text encoder) or of no module, and keys that make no layer (a
+    lone LoHa factor), come back as warnings; the layers that match are merged."""
     model = copy.deepcopy(tiny_models["sd1"])
     halves = random_halves({"unet.conv_in": model.unet.input_blocks[0][0]}, 8)
     halves |= {f"unet.down_blocks.7.attentions.0.proj_in{i}": halves["unet.conv_in"] for i in range(3)}
@@ -275,7 +275,7 @@ def test_unmatched_layers_are_listed(tiny_models, tmp_path):
     for name, (down, up) in halves.items():
         key = name.replace("unet.", "lora_unet_").replace("text_encoder2.", "lora_te2_").replace(".", "_")
         sd |= {f"{key}.lora_down.weight": down.clone(), f"{key}.lora_up.weight": up.clone()}
-    sd["lora_unet_conv_in.hada_w1_a"] = torch.zeros(1)
+    sd["lora_unet_conv_out.hada_w1_a"] = torch.zeros(1)
     save_file(sd, tmp_path / "partly.safetensors")
     applied = apply_lora(model, read_lora(tmp_path / "partly.safetensors"))
     assert applied.layers == 1 and len(applied.warnings) == 2

@@ -127,7 +127,7 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
     upscaler = hires_upscaler(plan)  # (a model file loaded before any work, as the LoRAs are read)
     images, warnings = [], []
 
-    def on_loras(model_of: Pipeline, tags: frozenset):
+    def on_loras(model_of: Pipeline, tags: tuple):
         return merged(model_of, loras, tags, warnings)
 
     for number, batch in enumerate(batches):
@@ -145,12 +145,13 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
 
 
 @contextlib.contextmanager
-def merged(pipeline: Pipeline, loras: dict[str, LoRA], tags: frozenset, warnings: list[str]):
-    """The LoRAs `tags` name merged into the model's weights for the block, and taken out again bit for bit after;
+def merged(pipeline: Pipeline, loras: dict[str, LoRA], tags: tuple, warnings: list[str]):
+    """The LoRAs `tags` name merged into the model's weights for the block in the prompt's order (each onto the
+    weights the ones before it left, as the web UI applies its networks), and taken out again bit for bit after;
     their warnings added to `warnings`."""
     model, applied = pipeline.model, []
     try:
-        for tag in sorted(tags, key=lambda tag: tag.name):
+        for tag in tags:
             try:
                 applied.append(apply_lora(model, loras[tag.name], tag.unet_weight, te_weight=tag.te_weight))
             except LoRAError as e:
@@ -162,7 +163,7 @@ def merged(pipeline: Pipeline, loras: dict[str, LoRA], tags: frozenset, warnings
             remove_lora(model, a)
 
 
-def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
+def unet_batches(lora_sets: list[tuple], batch_size: int) -> list[range]:
     """Consecutive images in U-Net batches of at most batch_size, and a new batch wherever the LoRA set changes:
     a batch samples on one set of merged weights, which must not reach an image that does not name them."""
     batches, start = [], 0
@@ -173,7 +174,7 @@ def unet_batches(lora_sets: list[frozenset], batch_size: int) -> list[range]:
     return batches
 
 
-def read_loras(files: dict[str, Path], lora_sets: list[frozenset]) -> dict[str, LoRA]:
+def read_loras(files: dict[str, Path], lora_sets: list[tuple]) -> dict[str, LoRA]:
     """Every LoRA the request's prompts name, read once, before any work (RequestError for a file that is not
     a LoRA)."""
     found = {}

@@ -23,7 +23,7 @@ from ..prompts.syntax import Chunk, LoraTag, chunk_prompt, extract_lora_tags, sp
 from ..sampling.noise_schedule import sampling_timesteps
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import find_scheduler, schedule_for
-from ..weights.embeddings import Embedding
+from ..weights.embeddings import Embedding, bundled_embeddings
 from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text
 from .loading import Pipeline
@@ -47,7 +47,7 @@ class ParsedPrompt:
     parts."""
 
     body: str
-    loras: frozenset[LoraTag]
+    loras: tuple[LoraTag, ...]  # in the prompt's order, merged in turn (`lora_tags`)
     parts: tuple[PromptPart, ...]
 
     @property
@@ -70,7 +70,7 @@ class Plan:
     hires: Plan | None = None  # txt2img's hires pass (`hires.py`), resolved with the first
     hires_size: HiresSize | None = None  # where its first pass is enlarged to
 
-    def lora_sets(self) -> list[frozenset[LoraTag]]:
+    def lora_sets(self) -> list[tuple[LoraTag, ...]]:
         """Per image, the LoRAs its prompt names: images of different sets never share merged weights."""
         return [self.prompts[text].loras for text in self.request.prompts]
 
@@ -178,19 +178,22 @@ def _parsed(r: GenerationRequest, pipeline: Pipeline) -> tuple[dict[str, ParsedP
     """A request's distinct prompts and negative prompts, each parsed once."""
     tokenizer = clip_tokenizer(pipeline.model.cfg.text.max_length)
 
-    def part(text: str, weight: float) -> PromptPart:
+    def part(text: str, weight: float, embeddings: dict[str, Embedding]) -> PromptPart:
         schedule = r.schedule(text)
         variants = dict.fromkeys(variant for _, variant in schedule)
-        chunks = {v: chunk_prompt(v, tokenizer, r.prompt_syntax, pipeline.embeddings) for v in variants}
+        chunks = {v: chunk_prompt(v, tokenizer, r.prompt_syntax, embeddings) for v in variants}
         return PromptPart(weight, schedule, chunks)
 
     prompts = {}
     for text in dict.fromkeys(r.prompts):  # (a negative prompt is one part, AND in it is text, as the web UI's)
         body, tags = extract_lora_tags(text)
+        loras = lora_tags(tags, pipeline.loras)
+        embeddings = {**_bundled(loras, pipeline), **pipeline.embeddings}  # (the folder's first, as the web UI's)
         parts = split_and(body) if r.prompt_syntax else [(body, 1.0)]
-        prompts[text] = ParsedPrompt(body, lora_set(tags, pipeline.loras), tuple(part(*p) for p in parts))
+        prompts[text] = ParsedPrompt(body, loras, tuple(part(words, weight, embeddings) for words, weight in parts))
     negatives = {
-        text: ParsedPrompt(text, frozenset(), (part(text, 1.0),)) for text in dict.fromkeys(r.negative_prompts)
+        text: ParsedPrompt(text, (), (part(text, 1.0, pipeline.embeddings),))
+        for text in dict.fromkeys(r.negative_prompts)
     }
     return prompts, negatives
 
@@ -236,17 +239,28 @@ def merge(plans: list[Plan]) -> Plan:
     return Plan(r, plans[0].pipeline, prompts, negatives, hires, plans[0].hires_size)
 
 
-def lora_set(tags: list[LoraTag], files: dict) -> frozenset[LoraTag]:
-    """A prompt's LoRA tags as a set (RequestError for a name that is not among the LoRA `files`, or one named at two
-    weights)."""
-    found: dict[str, LoraTag] = {}
+def lora_tags(tags: list[LoraTag], files: dict) -> tuple[LoraTag, ...]:
+    """A prompt's LoRA tags in its order, each merged in turn (RequestError for a name that is not among the LoRA
+    `files`). A LoRA named twice is merged twice, both times at its last tag's weights: the web UI's
+    `networks.load_networks` lists one network object per tag and sets the weights of the one object each time."""
     for tag in tags:
         if tag.name not in files:
             known = ", ".join(sorted(files)) or "none: give a folder with --lora-dir"
             fail(f"prompt: <lora:{tag.name}> names no LoRA file here; these are: {known}")
-        if found.setdefault(tag.name, tag) != tag:
-            fail(f"prompt: LoRA {tag.name} at two weights in one prompt; use one")
-    return frozenset(found.values())
+    last = {tag.name: tag for tag in tags}
+    return tuple(last[tag.name] for tag in tags)
+
+
+def _bundled(loras: tuple[LoraTag, ...], pipeline: Pipeline) -> dict[str, Embedding]:
+    """The embeddings that the prompt's LoRA files bundle, usable in it while they are named (RequestError for a file
+    that cannot be read)."""
+    found: dict[str, Embedding] = {}
+    for name in dict.fromkeys(tag.name for tag in loras):
+        try:
+            found |= bundled_embeddings(pipeline.loras[name], name, pipeline.model.cfg.unet.context_dim)
+        except ValueError as e:  # CheckpointError
+            fail(f"<lora:{name}>: {str(e).replace(str(pipeline.loras[name]), '').removeprefix(': ')}")
+    return found
 
 
 def _check_follower(model: LatentDiffusion, other: LatentDiffusion, role: str, latent: bool = True) -> None:

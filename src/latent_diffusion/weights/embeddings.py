@@ -10,6 +10,11 @@ Formats, as the web UI reads them: its own `.pt` (`string_to_param` with one ent
 SDXL's `.safetensors` with `clip_l` (n, 768) and `clip_g` (n, 1280), held as one (n, 768 + 1280) tensor whose
 columns each text encoder takes its part of, in the order of the model's context.
 Pickled files go through the checkpoint reader's safe loader: nothing in them is run.
+
+A LoRA file may bundle embeddings (the web UI's `bundle_emb.NAME.string_to_param.*`, `bundle_emb.NAME.clip_l` ...,
+any of the formats above under `bundle_emb.NAME.`): a prompt that names the LoRA may use them by NAME, unless the
+embeddings folder has one of that name (the web UI skips the bundled one then). Their "TI hashes" entry is the
+LoRA's name, as the web UI writes it.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ class Embedding:
     name: str  # the file's stem: what a prompt writes
     vectors: torch.Tensor  # (n, width) float32
     path: Path
+    bundled_in: str = ""  # the LoRA that bundles it, by the name prompts use
 
     @property
     def shorthash(self) -> str:
-        """The first 12 hex digits of the file's SHA-256, as the web UI's "TI hashes" infotext field."""
-        return sha256_of(self.path)[:12]
+        """The first 12 hex digits of the file's SHA-256, as the web UI's "TI hashes" infotext field; a bundled
+        embedding's is its LoRA's name (the web UI's `BundledTIHash`)."""
+        return self.bundled_in or sha256_of(self.path)[:12]
 
 
 def read_embedding(path: str | os.PathLike) -> torch.Tensor:
@@ -45,6 +52,12 @@ def read_embedding(path: str | os.PathLike) -> torch.Tensor:
         data = read_state_dict(path)[0]
     else:
         data = load_pickle(path)
+    return embedding_vectors(data, str(path))
+
+
+def embedding_vectors(data: object, source: str) -> torch.Tensor:
+    """An embedding's data, in any of the formats of the module docstring -> its vectors (n, width), float32.
+    CheckpointError (a ValueError) naming `source` if it holds none."""
     if isinstance(data, dict) and "string_to_param" in data:  # the web UI's (and the original code's) format
         data = data["string_to_param"]
         data = getattr(data, "_parameters", data)  # an early file's pickled ParameterDict
@@ -54,12 +67,35 @@ def read_embedding(path: str | os.PathLike) -> torch.Tensor:
         if tensors and clip_l.ndim == clip_g.ndim == 2 and len(clip_l) == len(clip_g):
             data = {"": torch.cat([clip_l, clip_g], dim=1)}
     if not isinstance(data, dict) or len(data) != 1 or not isinstance(next(iter(data.values())), torch.Tensor):
-        raise CheckpointError(f"{path}: not a textual-inversion embedding (one tensor of token vectors)")
+        raise CheckpointError(f"{source}: not a textual-inversion embedding (one tensor of token vectors)")
     vectors = next(iter(data.values())).detach().float()
     vectors = vectors[None] if vectors.ndim == 1 else vectors
     if vectors.ndim != 2 or not len(vectors) or not torch.isfinite(vectors).all():
-        raise CheckpointError(f"{path}: not a textual-inversion embedding (one tensor of token vectors)")
+        raise CheckpointError(f"{source}: not a textual-inversion embedding (one tensor of token vectors)")
     return vectors
+
+
+def bundled_embeddings(path: str | os.PathLike, lora: str, width: int) -> dict[str, Embedding]:
+    """The embeddings a LoRA file bundles, for text encoders of this width, by name (the web UI's `networks.py`:
+    `string_to_param.*` gathered into one dict). Ones of another width, or of no vectors, are left out, as the web
+    UI skips them. CheckpointError if the file cannot be read."""
+    data: dict[str, dict] = {}
+    for key, t in read_state_dict(path)[0].items():
+        if key.startswith("bundle_emb."):
+            _, name, part = key.split(".", 2) if key.count(".") >= 2 else (None, key, "")
+            if part.startswith("string_to_param."):
+                data.setdefault(name, {})["string_to_param"] = {part.partition(".")[2]: t}
+            else:
+                data.setdefault(name, {})[part] = t
+    found = {}
+    for name, parts in data.items():
+        try:
+            vectors = embedding_vectors(parts, f"{path}: bundle_emb.{name}")
+        except CheckpointError:
+            continue
+        if vectors.shape[1] == width:
+            found[name] = Embedding(name, vectors, Path(path), bundled_in=lora)
+    return found
 
 
 def load_embeddings(folder: str | os.PathLike, width: int) -> tuple[dict[str, Embedding], list[str]]:

@@ -1,4 +1,6 @@
 """LoRA (Hu et al. 2021): low-rank weight deltas, merged into the model's weights and taken out again bit for bit.
+LyCORIS's other types (LoHa, LoKr, OFT/BOFT, (IA)³) are read from the same files and merged the same way; their
+maths is in `weights/lycoris.py`.
 
 A LoRA layer of rank r changes a weight W (out, in) by ΔW = (α / r) · up · down, with down (r, in), up (out, r) and
 α the file's alpha (r where the file has none: a scale of 1). For a convolution (LoCon) down is a k×k convolution
@@ -48,6 +50,7 @@ from torch import nn
 
 from ..models.config import UNetConfig
 from ..models.family import FAMILIES, UNET
+from . import lycoris
 from .reader import CheckpointError, read_state_dict
 
 if TYPE_CHECKING:
@@ -68,6 +71,7 @@ SUFFIXES = (
     (".lora_linear_layer.down.weight", "down"), (".lora_linear_layer.up.weight", "up"),
     ("_lora.down.weight", "down"), ("_lora.up.weight", "up"),  # ... and its attention processors' `to_q_lora`
     (".alpha", "alpha"), (".dora_scale", "dora_scale"),
+    *((f".{key}", key) for key in lycoris.KEYS),  # LoHa, LoKr, OFT, (IA)³ (`weights/lycoris.py`)
 )  # fmt: skip
 # diffusers' attention-processor LoRA named the projections its own way (`to_out_lora`, text `to_q_lora`).
 OLD_NAMES = {
@@ -81,7 +85,9 @@ KOHYA_PARTS = {
     "lora_te_": "text_encoder",
     "lora_te1_": "text_encoder",
     "lora_te2_": "text_encoder_2",
+    "oft_unet_": "unet",  # kohya-ss's OFT
 }
+BUNDLED = "bundle_emb."  # textual-inversion embeddings bundled in the file (`embeddings.bundled_embeddings`)
 FILE_SUFFIXES = (".safetensors", ".pt", ".ckpt", ".bin")
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' PEFT LoraConfig per part, JSON: {"unet.lora_alpha": 8, ...}
 
@@ -93,12 +99,17 @@ class LoRALayer:
     scale: float  # α / r; 1 where the file gives no alpha
     dora_scale: torch.Tensor | None = None  # DoRA's magnitudes: (1, in[, 1, 1]) per input channel
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The weight's shape that up·down has."""
+        return (self.up.shape[0], *self.down.shape[1:])
+
 
 @dataclass
 class LoRA:
     # By module: "unet.<diffusers path>" or "text_encoder.<transformers path>", kohya's written with `_`.
-    layers: dict[str, LoRALayer]
-    skipped: list[str] = field(default_factory=list)  # keys not merged: LoHa/LoKr factors, lone halves
+    layers: dict[str, LoRALayer | lycoris.Network]
+    skipped: list[str] = field(default_factory=list)  # keys not merged: lone halves, kinds not known here
     source: str = ""  # the file, for messages
 
 
@@ -113,53 +124,62 @@ def read_lora(path: str | os.PathLike) -> LoRA:
 
 
 def parse_lora(sd: dict[str, torch.Tensor], metadata: dict[str, str] | None = None, source: str = "LoRA") -> LoRA:
-    """A LoRA state dict (and its safetensors metadata) -> its layers, by module name."""
-    halves: dict[str, dict[str, torch.Tensor]] = {}
+    """A LoRA state dict (and its safetensors metadata) -> its layers, by module name: LoRA pairs (with LoCon's
+    CP mid and DoRA's magnitudes), and LyCORIS's LoHa, LoKr, OFT and (IA)³ (`weights/lycoris.py`). Bundled
+    embeddings (`bundle_emb.*`) are not layers: `embeddings.bundled_embeddings` reads them."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     skipped = []
     for key, t in sd.items():
         suffix, role = next(((s, r) for s, r in SUFFIXES if key.endswith(s)), (None, None))
+        if key.startswith(BUNDLED):
+            continue
         if suffix is None:
             skipped.append(key)
         else:
-            halves.setdefault(module_name(key[: -len(suffix)]), {})[role] = t
-    if not any("down" in h for h in halves.values()):
-        first = ", ".join(list(sd)[:3]) or "no tensors"
-        raise LoRAError(f"{source}: not a LoRA: no lora_down / lora_A weights (first keys: {first})")
+            parts.setdefault(module_name(key[: -len(suffix)]), {})[role] = t
     try:
         config = json.loads((metadata or {}).get(METADATA_KEY) or "{}")
     except json.JSONDecodeError:
         raise LoRAError(f"{source}: its {METADATA_KEY} metadata is not JSON") from None
 
     layers = {}
-    for name, h in halves.items():
-        if "down" not in h or "up" not in h:
-            skipped += [f"{name} ({role} only)" for role in ("down", "up", "mid", "dora_scale") if role in h]
+    for name, h in parts.items():
+        try:
+            layer = _lora_layer(h, config, name) if "down" in h and "up" in h else lycoris.lycoris_layer(h)
+        except ValueError as e:
+            raise LoRAError(f"{source}: {name}: {e}") from None
+        if layer is None:
+            skipped += [f"{name} ({role} only)" for role in h if role != "alpha"]
             continue
-        down, up, rank = h["down"], h["up"], h["down"].shape[0]
-        if "mid" in h:  # CP decomposition: (r, r, k, k) between a 1×1 down and up
-            mid = h["mid"]
-            if not (mid.ndim == 4 and down.ndim == 4 and down.shape[2:].numel() == 1 and mid.shape[1] == rank):
-                raise LoRAError(f"{source}: {name}: mid {tuple(mid.shape)} and down {tuple(down.shape)} are no CP pair")
-            down = torch.einsum("nmkl,mj->njkl", mid.float(), down.flatten(1).float()).to(down.dtype)
-        if not (
-            down.ndim in (2, 4)
-            and up.ndim == down.ndim
-            and up.shape[1] == down.shape[0] > 0
-            and up.shape[2:].numel() == 1
-        ):
-            raise LoRAError(f"{source}: {name}: up {tuple(up.shape)} and down {tuple(down.shape)} are no LoRA pair")
-        if not (torch.isfinite(up).all() and torch.isfinite(down).all()):  # else a NaN image, blamed on the model
+        if not all(torch.isfinite(t).all() for t in h.values()):  # else a NaN image, blamed on the model
             raise LoRAError(f"{source}: {name}: its weights are not all finite numbers")
-        alpha = float(h["alpha"]) if "alpha" in h else _metadata_alpha(config, name)
-        dora = h.get("dora_scale")
-        per_input = dora is not None and dora.numel() == down.shape[1] and (dora.ndim == 1 or dora.shape[0] == 1)
-        if dora is not None and not per_input and dora.numel() != up.shape[0]:
-            raise LoRAError(
-                f"{source}: {name}: dora_scale {tuple(dora.shape)} has neither its {down.shape[1]} inputs "
-                f"nor its {up.shape[0]} outputs"
-            )
-        layers[name] = LoRALayer(down, up, alpha / rank if alpha else 1.0, dora)  # kohya reads α = 0 as α = r too
+        layers[name] = layer
+    if not layers and not any(key.startswith(BUNDLED) for key in sd):
+        first = ", ".join(list(sd)[:3]) or "no tensors"
+        raise LoRAError(f"{source}: not a LoRA: no LoRA, LoHa, LoKr, OFT or IA3 weights (first keys: {first})")
     return LoRA(layers, skipped, source)
+
+
+def _lora_layer(h: dict[str, torch.Tensor], config: dict, name: str) -> LoRALayer:
+    """A module's LoRA pair (and CP mid, α, DoRA magnitudes) -> its layer; ValueError where they do not fit."""
+    down, up, rank = h["down"], h["up"], h["down"].shape[0]
+    if "mid" in h:  # CP decomposition: (r, r, k, k) between a 1×1 down and up
+        mid = h["mid"]
+        if not (mid.ndim == 4 and down.ndim == 4 and down.shape[2:].numel() == 1 and mid.shape[1] == rank):
+            raise ValueError(f"mid {tuple(mid.shape)} and down {tuple(down.shape)} are no CP pair")
+        down = torch.einsum("nmkl,mj->njkl", mid.float(), down.flatten(1).float()).to(down.dtype)
+    if not (
+        down.ndim in (2, 4) and up.ndim == down.ndim and up.shape[1] == down.shape[0] > 0 and up.shape[2:].numel() == 1
+    ):
+        raise ValueError(f"up {tuple(up.shape)} and down {tuple(down.shape)} are no LoRA pair")
+    alpha = float(h["alpha"]) if "alpha" in h else _metadata_alpha(config, name)
+    dora = h.get("dora_scale")
+    per_input = dora is not None and dora.numel() == down.shape[1] and (dora.ndim == 1 or dora.shape[0] == 1)
+    if dora is not None and not per_input and dora.numel() != up.shape[0]:
+        raise ValueError(
+            f"dora_scale {tuple(dora.shape)} has neither its {down.shape[1]} inputs nor its {up.shape[0]} outputs"
+        )
+    return LoRALayer(down, up, alpha / rank if alpha else 1.0, dora)  # kohya reads α = 0 as α = r too
 
 
 def module_name(raw: str) -> str:
@@ -312,7 +332,7 @@ def apply_lora(
     matched, warnings = _match(model, lora, params)
     te = weight if te_weight is None else te_weight
     strength = {"unet": weight, "text_encoder": te, "text_encoder_2": te}
-    by_param: dict[str, list[tuple[tuple[int, int] | None, LoRALayer, float]]] = {}
+    by_param: dict[str, list[tuple[tuple[int, int] | None, LoRALayer | lycoris.Network, float]]] = {}
     for name, target, layer in matched:
         if w := strength[name.partition(".")[0]]:
             by_param.setdefault(target.param, []).append((target.rows, layer, w))
@@ -332,7 +352,7 @@ def apply_lora(
     return AppliedLoRA(replaced, len(matched), warnings)
 
 
-def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple[str, Target, LoRALayer]], list[str]]:
+def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple[str, Target, object]], list[str]]:
     """-> ([(LoRA layer name, its target, the layer)], warnings), or LoRAError when nothing matches or a shape does
     not fit. An inpainting model's input convolution takes a LoRA of the base model's (4 latent channels in) with
     zeros for its mask and masked-image channels, as the web UI widens it."""
@@ -346,20 +366,21 @@ def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple
             continue
         w = params[target.param]
         shape = (w.shape[0] if target.rows is None else target.rows[1] - target.rows[0], *w.shape[1:])
-        extra = w.shape[1] - layer.down.shape[1] if target.param == first_conv and layer.down.ndim == 4 else 0
+        widens = target.param == first_conv and isinstance(layer, LoRALayer) and layer.down.ndim == 4
+        extra = w.shape[1] - layer.down.shape[1] if widens else 0
         if extra > 0 and layer.down.shape[1] == model.cfg.unet.in_channels - model.cfg.concat_channels:
             if layer.dora_scale is not None:  # its magnitudes are for the 4 channels (the web UI fails here too)
                 raise LoRAError(
                     f"{lora.source}: {name}: DoRA on an inpainting model's input convolution is not supported"
                 )
             layer = dataclasses.replace(layer, down=F.pad(layer.down, (0, 0, 0, 0, 0, extra)))  # (r, in + extra, k, k)
-        if not _fits(layer, shape):
-            misfits.append(f"{name}: LoRA {_shape((layer.up.shape[0], *layer.down.shape[1:]))}, model {_shape(shape)}")
+        if not (_fits(layer, shape) if isinstance(layer, LoRALayer) else layer.fits(shape)):
+            misfits.append(f"{name}: LoRA {_shape(layer.shape)}, model {_shape(shape)}")
         matched.append((name, target, layer))
     family = model.cfg.family.title
     if misfits:
-        widths = (v.down.shape[1] for k, v in lora.layers.items() if k.endswith(("attn2.to_k", "attn2_to_k", "q_proj")))
-        width = next(widths, None)
+        keys = ("attn2.to_k", "attn2_to_k", "q_proj")
+        width = next((v.shape[1] for k, v in lora.layers.items() if k.endswith(keys) and len(v.shape) > 1), None)
         made_for = next((f.title for f in FAMILIES if f.context_dim == width), family)
         made_for = "another model" if made_for == family else made_for
         raise LoRAError(
@@ -378,7 +399,7 @@ def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple
         )
     if lora.skipped:
         warnings.append(
-            f"{lora.source}: {len(lora.skipped)} keys of kinds not merged here (LoHa, LoKr, lone halves) "
+            f"{lora.source}: {len(lora.skipped)} keys of kinds not merged here (lone halves, other kinds) "
             f"were left out (first: {', '.join(lora.skipped[:3])})"
         )
     return matched, warnings
@@ -399,24 +420,20 @@ def remove_lora(model: LatentDiffusion, applied: AppliedLoRA) -> None:
     applied.weights.clear()
 
 
-def _merged(w: torch.Tensor, layer: LoRALayer, strength: float) -> torch.Tensor:
+def _merged(w: torch.Tensor, layer: LoRALayer | lycoris.Network, strength: float) -> torch.Tensor:
     """w + strength·scale·(up @ down) as a new tensor of w's dtype and shape; the product in float32. With DoRA
-    magnitudes, W + strength·(m·V/‖V‖ − W) for V = W + scale·(up @ down) (the module docstring)."""
+    magnitudes, W + strength·(m·V/‖V‖ − W) for V = W + scale·(up @ down) (the module docstring). LyCORIS's
+    types: `lycoris.merged`."""
+    if not isinstance(layer, LoRALayer):
+        return lycoris.merged(w, layer, strength)
     f32 = {"device": w.device, "dtype": torch.float32}
     up, down = layer.up.flatten(1).to(**f32), layer.down.flatten(1).to(**f32)  # (out, r), (r, in·k·k)
     original = w.reshape(w.shape[0], -1).float()  # (out, in·k·k)
     if layer.dora_scale is None:
         merged = torch.addmm(original, up, down, alpha=strength * layer.scale)
         return merged.to(w.dtype).reshape(w.shape)
-    out, inputs = w.shape[:2]
-    summed = torch.addmm(original, up, down, alpha=layer.scale).reshape(out, inputs, -1)  # (out, in, k·k)
-    norm = summed.transpose(0, 1).reshape(inputs, -1).norm(dim=1).reshape(1, inputs, 1)  # per input channel
-    m = layer.dora_scale.to(**f32)
-    # magnitudes per input (1, in, ...) as LyCORIS writes them by default; per output (out, 1, ...) (its
-    # wd_on_output) are broadcast against the per-input norm, as the web UI does
-    per_input = m.numel() == inputs and (m.ndim == 1 or m.shape[0] == 1)
-    m = m.reshape(1, inputs, 1) if per_input else m.reshape(out, 1, 1)  # (parse_lora checked it is one or other)
-    change = (summed * (m / norm)).reshape(out, -1) - original
+    summed = torch.addmm(original, up, down, alpha=layer.scale)  # (out, in·k·k)
+    change = lycoris.dora(w, summed, layer.dora_scale) - original
     return (original + strength * change).to(w.dtype).reshape(w.shape)
 
 
