@@ -216,13 +216,13 @@ def test_embeddings_bundled_in_a_lora_are_usable_while_it_is_named(tiny_models, 
     common = dict(steps=2, width=24, height=24)
     plan = resolve(GenerationRequest(["a sparkle cat <lora:shiny:0.5>", "a sparkle cat"], [1, 2], **common), pipeline)
     tagged, plain = plan.prompts.values()
-    used = [e for chunk in tagged.chunks[tagged.body] for _, e in chunk.embeddings]
+    used = [e for chunk in next(iter(tagged.parts[0].chunks.values())) for _, e in chunk.embeddings]
     assert [e.name for e in used] == ["sparkle"] and torch.equal(used[0].vectors, vectors)
-    assert not any(chunk.embeddings for chunk in plain.chunks[plain.body])
+    assert not any(chunk.embeddings for chunk in next(iter(plain.parts[0].chunks.values())))
     assert infotext_fields(plan)["TI hashes"] == "sparkle: shiny"
     own = Embedding("sparkle", torch.randn(1, width, generator=g), tmp_path / "sparkle.pt")
     pipeline.embeddings = {"sparkle": own}
     plan = resolve(GenerationRequest(["a sparkle cat <lora:shiny:0.5>"], [1], **common), pipeline)
-    assert [e for chunk in plan.prompts[plan.request.prompts[0]].chunks.popitem()[1] for _, e in chunk.embeddings] == [
-        own
-    ]
+    assert [
+        e for chunk in plan.prompts[plan.request.prompts[0]].parts[0].chunks.popitem()[1] for _, e in chunk.embeddings
+    ] == [own]
