@@ -25,6 +25,7 @@ from .cli_generate import (
     sampler_and_scheduler,
     upscaler_args,
 )
+from .cli_merge import cmd_merge
 from .cli_upscale import cmd_upscale
 from .files import atomic_write, remove_empty
 from .models.ldm import LatentDiffusion
@@ -309,6 +310,7 @@ COMMANDS = {
     "info": cmd_info,
     **dict.fromkeys(GENERATION_COMMANDS, cmd_generate),
     "upscale": cmd_upscale,
+    "merge": cmd_merge,
     "train": cmd_train,
     "train-autoencoder": cmd_train_autoencoder,
     "eval": cmd_eval,
