@@ -26,6 +26,7 @@ from .cli_generate import (
     styles_arg,
     upscaler_args,
 )
+from .cli_merge import cmd_merge
 from .cli_upscale import cmd_upscale
 from .files import atomic_write, remove_empty
 from .models.ldm import LatentDiffusion
@@ -310,6 +311,7 @@ COMMANDS = {
     "info": cmd_info,
     **dict.fromkeys(GENERATION_COMMANDS, cmd_generate),
     "upscale": cmd_upscale,
+    "merge": cmd_merge,
     "train": cmd_train,
     "train-autoencoder": cmd_train_autoencoder,
     "eval": cmd_eval,

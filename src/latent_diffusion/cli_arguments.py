@@ -8,6 +8,7 @@ import dataclasses
 
 import torch
 
+from .cli_merge import add_merge
 from .pipeline.upscalers import OVERLAP, TILE
 from .sampling.noise_schedule import SPACINGS
 from .sampling.samplers import SAMPLERS
@@ -263,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
   ldm img2img --ckpt model.safetensors --init-image photo.png --strength 0.6 --prompt "an oil painting"
   ldm inpaint --ckpt sd-v1-5-inpainting.ckpt --init-image photo.png --mask mask.png --prompt "a cat"
   ldm upscale photo.png --upscaler 4x-UltraSharp --scale 4 --upscaler-dir models/ESRGAN
+  ldm merge a.safetensors b.safetensors --mode weighted-sum --alpha 0.3 --out merged.safetensors
   ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
   torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
   ldm info model.safetensors
@@ -271,7 +273,8 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_info, add_generation_commands, add_upscale, add_training_commands, add_eval, add_serve, add_demo):
+    adders = (add_info, add_generation_commands, add_upscale, add_merge, add_training_commands, add_eval, add_serve)
+    for add in (*adders, add_demo):
         add(sub)
     return parser
 

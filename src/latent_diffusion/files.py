@@ -83,6 +83,14 @@ def model_hash(path: str | os.PathLike) -> str:
     return sha256_of(path)[:10]
 
 
+def legacy_model_hash(path: str | os.PathLike) -> str:
+    """The web UI's old model hash (its `sd_models.model_hash`, "legacy_hash" in merge metadata): 8 hex digits of
+    the SHA-256 of the 64 KiB at 1 MiB into the file."""
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
 def lora_hash(path: str | os.PathLike) -> str:
     """The web UI's "Lora hashes" value: 12 hex digits of SHA-256, for a .safetensors file over its tensor data
     only (the header skipped: kohya's "addnet" hash, which metadata edits leave unchanged)."""

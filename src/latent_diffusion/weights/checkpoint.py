@@ -147,7 +147,7 @@ def _infer_conditioner(sd: dict[str, torch.Tensor], family: Family) -> dict:
     return fields
 
 
-def _check_family(sd: dict[str, torch.Tensor], path) -> None:
+def check_checkpoint_keys(sd: dict[str, torch.Tensor], path) -> None:
     keys = list(sd)
     needed = [UNET + "input_blocks.0.0.weight", VAE + "encoder.conv_in.weight"]
     has_text = family_of_keys(sd.keys()) is not None
@@ -180,7 +180,7 @@ def infer_config(
             return LatentDiffusionConfig.from_json(metadata[CONFIG_METADATA_KEY])
         except (ValueError, TypeError, KeyError) as e:
             raise CheckpointError(f"{path}: its {CONFIG_METADATA_KEY} metadata is not a valid config ({e})") from None
-    _check_family(sd, path)
+    check_checkpoint_keys(sd, path)
     try:
         family = family_of_keys(sd.keys())
         conditioner = _infer_conditioner(sd, family)
@@ -244,7 +244,7 @@ def ema_key(unet_key: str) -> str:
     return EMA + unet_key[len("model.") :].replace(".", "")
 
 
-def _add_text_model_level(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def add_text_model_level(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Some SD 1.x files were saved by an older transformers whose CLIPTextModel had no `text_model` level
     (`cond_stage_model.transformer.embeddings.*`); the web UIs read them by adding it, and so do we."""
     old = "cond_stage_model.transformer."
@@ -279,8 +279,8 @@ def load_model(
     what the config or file name says.
     """
     sd, metadata = read_state_dict(path)
-    origin = _add_text_model_level({k: k for k in sd})  # our key -> the file's key (some files rename a level)
-    sd = _add_text_model_level(sd)
+    origin = add_text_model_level({k: k for k in sd})  # our key -> the file's key (some files rename a level)
+    sd = add_text_model_level(sd)
     cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
     if parameterization is not None:
         cfg = dataclasses.replace(cfg, parameterization=parameterization)
