@@ -28,6 +28,7 @@ from .cli_generate import (
 )
 from .cli_merge import cmd_merge
 from .cli_upscale import cmd_upscale
+from .cli_xyz import cmd_xyz
 from .files import atomic_write, remove_empty
 from .models.ldm import LatentDiffusion
 from .pipeline.generate import NonFiniteError, generate
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "infotext", None):
             apply_infotext(args, sys.argv[1:] if argv is None else argv)
-        if args.command in GENERATION_COMMANDS and args.prompt is None:
+        if args.command in (*GENERATION_COMMANDS, "xyz") and args.prompt is None:
             raise UsageError("--prompt is needed (or --infotext)")
         COMMANDS[args.command](args)
     except KeyboardInterrupt:  # Ctrl-C: what was written stays, a half-written file does not (atomic writes)
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
 COMMANDS = {
     "info": cmd_info,
     **dict.fromkeys(GENERATION_COMMANDS, cmd_generate),
+    "xyz": cmd_xyz,
     "upscale": cmd_upscale,
     "merge": cmd_merge,
     "train": cmd_train,

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-import torch
-
+from .cli_common import DTYPES, STYLES_HELP, UPSCALER_DIR_HELP, UsageError, command
 from .cli_merge import add_merge
-from .pipeline.upscalers import OVERLAP, TILE
+from .cli_upscale import add_upscale
+from .cli_xyz import XYZ_HELP, add_axis_arguments
 from .sampling.noise_schedule import SPACINGS
 from .sampling.samplers import SAMPLERS
 from .sampling.sigma_schedules import SCHEDULERS
@@ -18,18 +18,8 @@ from .training.config import TRAIN_HELP, TrainConfig
 from .training.data import EVAL_FORMS
 from .weights.checkpoint import BUILTIN_MODEL
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
-SCALE_BY_DEFAULT = 4.0  # ldm upscale: the extras tab's "Resize" by default
-STYLES_HELP = "the web UI's styles.csv: name, prompt, negative_prompt (default: styles.csv where it exists)"
-UPSCALER_DIR_HELP = (
-    "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "
-    "UI's models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT and models/HAT where they exist)"
-)
-
-
-class UsageError(Exception):
-    """Bad input from the command line: printed as one line, exit code 2."""
+__all__ = ["DTYPES", "GENERATION_COMMANDS", "UsageError", "build_parser"]
 
 
 def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:
@@ -301,56 +291,9 @@ def add_generation_commands(sub) -> None:
         ("inpaint", "repaint the white part of a mask"),
     ):
         add_generation_arguments(command(sub, name, help_text, GENERATE_HELP[name]), name)
-
-
-def add_upscale(sub) -> None:
-    up = command(
-        sub,
-        "upscale",
-        "enlarge images with an upscaler, as the web UI's extras tab",
-        "Enlarge each image by --scale, or to --width x --height, with a resampler (Lanczos, Nearest) or an "
-        "upscaler model of --upscaler-dir (ESRGAN and its kin, through spandrel), as the web UI's extras tab does: "
-        "the sizes rounded down to multiples of 8, a second upscaler blended in by its visibility. Each result is "
-        "OUTDIR/NNNNN-NAME.png, keeping the input's `parameters` text and adding the web UI's "
-        "'Postprocess upscale by' (or 'to') and 'Postprocess upscaler' fields.",
-    )
-    up.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, WebP, ...)")
-    up.add_argument(
-        "--upscaler",
-        required=True,
-        default=argparse.SUPPRESS,  # (no "default: None" in --help)
-        help="None (no change), Lanczos, Nearest, or a model of --upscaler-dir by its file name without suffix",
-    )
-    up.add_argument(
-        "--scale",
-        type=float,
-        default=argparse.SUPPRESS,  # (given or not: --width and --height exclude it)
-        help=f"enlarge by this factor (default: {SCALE_BY_DEFAULT:g})",
-    )
-    size = "with --height: enlarge to cover this size instead of by --scale"
-    up.add_argument("--width", type=int, default=argparse.SUPPRESS, help=size)
-    up.add_argument("--height", type=int, default=argparse.SUPPRESS, help="with --width")
-    up.add_argument(
-        "--crop",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="with --width and --height: centre the result on a canvas of exactly that size (the web UI's 'Crop "
-        "to fit'); --no-crop keeps the whole enlarged image",
-    )
-    up.add_argument("--upscaler-2", default="None", help="a second upscaler, blended in by --upscaler-2-visibility")
-    up.add_argument("--upscaler-2-visibility", type=float, default=0.0, help="0: the first alone, 1: the second alone")
-    up.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
-    up.add_argument(
-        "--tile",
-        type=int,
-        default=TILE,
-        help="a model runs on tiles of at most this many input pixels per side (the web UI's ESRGAN_tile; 0: whole)",
-    )
-    up.add_argument("--tile-overlap", type=int, default=OVERLAP, help="input pixels that neighbouring tiles share")
-    up.add_argument("--outdir", default="outputs", help="where the PNGs go")
-    up.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
-    up.add_argument("--dtype", choices=DTYPES, help="of a model (default: float16 on cuda, float32 on cpu)")
-    up.add_argument("--quiet", action="store_true", help="no line per image written")
+    xyz = command(sub, "xyz", "an X/Y/Z plot: a grid of txt2img images along up to three axes", XYZ_HELP)
+    add_generation_arguments(xyz, "txt2img")
+    add_axis_arguments(xyz)
 
 
 def add_training_commands(sub) -> None:
@@ -461,11 +404,6 @@ def add_demo(sub) -> None:
     demo.add_argument("--outdir", default="out", help="folder for the grid")
     demo.add_argument("--columns", type=int, default=6, help="seeds per prompt")
     demo.add_argument("--seed", type=int, default=0, help="seed of the first column")
-
-
-def command(sub, name: str, help_text: str, description: str) -> argparse.ArgumentParser:
-    formatter = argparse.ArgumentDefaultsHelpFormatter
-    return sub.add_parser(name, help=help_text, description=description, allow_abbrev=False, formatter_class=formatter)
 
 
 def add_sampler_arguments(p: argparse.ArgumentParser) -> None:

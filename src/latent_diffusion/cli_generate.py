@@ -7,12 +7,13 @@ import contextlib
 import dataclasses
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .cli_arguments import DTYPES, UsageError
+from .cli_common import DTYPES, UsageError
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
 from .files import claim_numbered, missing_folders, model_hash, remove_empty, writable_folder
 from .models.ldm import LatentDiffusion
@@ -266,8 +267,9 @@ def apply_infotext(args, argv: list[str]) -> None:
         print(f"ldm: warning: infotext fields not used here: {', '.join(ignored)}", file=sys.stderr)
 
 
-def cmd_generate(args) -> None:
-    """txt2img, img2img and inpaint: check, load, sample batch after batch, write PNGs (and a grid)."""
+def cmd_generate(args, write: Callable | None = None) -> None:
+    """txt2img, img2img and inpaint: check, load, sample batch after batch, write PNGs (and a grid). write: what
+    runs once the checks are made and the folder is there (`write_images`; the X/Y/Z plot's own)."""
     loras, tags = lora_args(args)
     if tags:
         args.prompt = f"{args.prompt} {tags}"
@@ -288,14 +290,14 @@ def cmd_generate(args) -> None:
     outdir = Path(args.outdir)
     created = prepare_outdir(outdir)
     try:
-        write_images(args, request, outdir, embeddings, loras, device, dtype)
+        (write or write_images)(args, request, outdir, embeddings, loras, device, dtype)
     except BaseException:
         remove_empty(created)  # leave nothing behind where nothing was written
         raise
 
 
-def write_images(args, request: GenerationRequest, outdir: Path, embeddings, loras, device, dtype) -> None:
-    """cmd_generate once its folder is there: load, sample batch after batch, write each image as it is done."""
+def load_from_args(args, embeddings, loras, device, dtype) -> Pipeline:
+    """The pipeline the flags name, its notices printed (UsageError for an inpainting model outside `ldm inpaint`)."""
     pipeline = load_pipeline(
         args.ckpt or BUILTIN_MODEL,
         args.config,
@@ -314,6 +316,12 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
     for notice in pipeline.notices:
         print(f"ldm: warning: {notice}", file=sys.stderr)
+    return pipeline
+
+
+def write_images(args, request: GenerationRequest, outdir: Path, embeddings, loras, device, dtype) -> None:
+    """cmd_generate once its folder is there: load, sample batch after batch, write each image as it is done."""
+    pipeline = load_from_args(args, embeddings, loras, device, dtype)
     if getattr(args, "sd_upscale", None) is not None:
         return write_sd_upscale(args, request, pipeline, outdir)
     plan = planned(with_images(request, args, pipeline.model), pipeline)

@@ -4,13 +4,14 @@ NNNNN-NAME.png with the input's text chunks, and the web UI's "postprocessing" a
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from pathlib import Path
 
 import torch
 
-from .cli_arguments import DTYPES, SCALE_BY_DEFAULT, UsageError
+from .cli_common import DTYPES, UPSCALER_DIR_HELP, UsageError, command
 from .cli_generate import pick_device, prepare_outdir, upscaler_args
 from .devices import emulated_bfloat16_warning, has_native_bfloat16
 from .files import claim_numbered, remove_empty
@@ -24,7 +25,7 @@ from .pipeline.extras import (
 )
 from .pipeline.images import as_mode, open_image, save_png
 from .pipeline.request import MAX_SIDE
-from .pipeline.upscalers import UpscalerError
+from .pipeline.upscalers import OVERLAP, TILE, UpscalerError
 
 FLAGS = {"upscaler": "--upscaler", "upscaler_2": "--upscaler-2", "scale": "--scale", "size": "--width and --height"}
 
@@ -92,3 +93,56 @@ def cmd_upscale(args) -> None:
     except BaseException:
         remove_empty(created)  # leave no folder behind where nothing was written
         raise
+
+
+SCALE_BY_DEFAULT = 4.0  # the extras tab's "Resize" by default
+
+
+def add_upscale(sub) -> None:
+    up = command(
+        sub,
+        "upscale",
+        "enlarge images with an upscaler, as the web UI's extras tab",
+        "Enlarge each image by --scale, or to --width x --height, with a resampler (Lanczos, Nearest) or an "
+        "upscaler model of --upscaler-dir (ESRGAN and its kin, through spandrel), as the web UI's extras tab does: "
+        "the sizes rounded down to multiples of 8, a second upscaler blended in by its visibility. Each result is "
+        "OUTDIR/NNNNN-NAME.png, keeping the input's `parameters` text and adding the web UI's "
+        "'Postprocess upscale by' (or 'to') and 'Postprocess upscaler' fields.",
+    )
+    up.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, WebP, ...)")
+    up.add_argument(
+        "--upscaler",
+        required=True,
+        default=argparse.SUPPRESS,  # (no "default: None" in --help)
+        help="None (no change), Lanczos, Nearest, or a model of --upscaler-dir by its file name without suffix",
+    )
+    up.add_argument(
+        "--scale",
+        type=float,
+        default=argparse.SUPPRESS,  # (given or not: --width and --height exclude it)
+        help=f"enlarge by this factor (default: {SCALE_BY_DEFAULT:g})",
+    )
+    size = "with --height: enlarge to cover this size instead of by --scale"
+    up.add_argument("--width", type=int, default=argparse.SUPPRESS, help=size)
+    up.add_argument("--height", type=int, default=argparse.SUPPRESS, help="with --width")
+    up.add_argument(
+        "--crop",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --width and --height: centre the result on a canvas of exactly that size (the web UI's 'Crop "
+        "to fit'); --no-crop keeps the whole enlarged image",
+    )
+    up.add_argument("--upscaler-2", default="None", help="a second upscaler, blended in by --upscaler-2-visibility")
+    up.add_argument("--upscaler-2-visibility", type=float, default=0.0, help="0: the first alone, 1: the second alone")
+    up.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
+    up.add_argument(
+        "--tile",
+        type=int,
+        default=TILE,
+        help="a model runs on tiles of at most this many input pixels per side (the web UI's ESRGAN_tile; 0: whole)",
+    )
+    up.add_argument("--tile-overlap", type=int, default=OVERLAP, help="input pixels that neighbouring tiles share")
+    up.add_argument("--outdir", default="outputs", help="where the PNGs go")
+    up.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
+    up.add_argument("--dtype", choices=DTYPES, help="of a model (default: float16 on cuda, float32 on cpu)")
+    up.add_argument("--quiet", action="store_true", help="no line per image written")

@@ -172,6 +172,8 @@ class Plot:
     grid_infotext: str  # the first cell's, with the plot's axes
     images: torch.Tensor  # (cells, 3, h, w) in [0, 1], x fastest, then y, then z
     infotexts: list[str]
+    seeds: list[int]
+    request: GenerationRequest  # the first cell's, as it ran
 
 
 def xyz_plot(
@@ -203,7 +205,8 @@ def xyz_plot(
         for i, image, text in zip(group, result.images, result.infotexts):
             images[i], infotexts[i] = image, text
     grid = _grid([to_pil(t) for t in images], axes, values, shape, draw_legend)
-    return Plot(grid, _grid_infotext(plans[0], axes), torch.stack(images), infotexts)
+    seeds = [plan.request.seeds[0] for plan in plans]
+    return Plot(grid, _grid_infotext(plans[0], axes), torch.stack(images), infotexts, seeds, plans[0].request)
 
 
 def _batches(plans: list[Plan], max_batch: int) -> list[list[int]]:

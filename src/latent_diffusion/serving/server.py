@@ -45,7 +45,8 @@ from . import web_ui_api
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
 from .job_queue import Job, Load, Task, Worker
-from .upscaling_routes import UpscalingRoutes, is_sd_upscale
+from .script_routes import SD_UPSCALE, XYZ_PLOT, ScriptRoutes, script_name
+from .upscaling_routes import UpscalingRoutes
 from .web_ui_api import (
     WEB_UI_CFG_SCALE,
     Img2ImgRequest,
@@ -118,7 +119,8 @@ class ServerState:
             window=limits.batch_window,
         )
         self.preview: tuple[torch.Tensor, str] | None = None  # (latent, its PNG): one decode per step, however polled
-        self.upscaling = UpscalingRoutes(self)  # the extras routes and SD upscale
+        self.upscaling = UpscalingRoutes(self)  # the extras routes
+        self.scripts = ScriptRoutes(self)  # SD upscale, the X/Y/Z plot
         self.preview_lock = threading.Lock()
 
     def load_and_hash(self, path: Path) -> Pipeline:
@@ -253,13 +255,17 @@ class ServerState:
     # Generation ---------------------------------------------------------------------------------------------
 
     async def txt2img(self, body: Txt2ImgRequest, http: Request):
+        if script_name(body) == XYZ_PLOT:
+            return await self.scripts.xyz_plot(body, http)
         arrived = time.monotonic()
         job = await run_in_threadpool(self.build_job, body)
         return await self.respond(body, job, http, arrived)
 
     async def img2img(self, body: Img2ImgRequest, http: Request):
-        if is_sd_upscale(body):  # the web UI's script: the picture enlarged and redrawn in tiles
-            return await self.upscaling.sd_upscale(body, http)
+        if script_name(body) == SD_UPSCALE.lower():  # the picture enlarged and redrawn in tiles
+            return await self.scripts.sd_upscale(body, http)
+        if script_name(body) == XYZ_PLOT:
+            return await self.scripts.xyz_plot(body, http)
         arrived = time.monotonic()
         job = await run_in_threadpool(self.build_img2img_job, body)
         return await self.respond(body, job, http, arrived)

@@ -1,12 +1,10 @@
-"""The web UI's upscaling through its API: the extras tab (`/extra-single-image`, `/extra-batch-images`, with
-`/realesrgan-models`; `pipeline/extras.py` does the work) and img2img's "SD upscale" script (`pipeline/sd_upscale.py`).
-Both run on the server's worker in the queue's turn, as the web UI runs them under its queue lock; the images are
-decoded, checked and encoded in threads beside it.
+"""The web UI's extras tab through its API: `/extra-single-image`, `/extra-batch-images` and `/realesrgan-models`
+(`pipeline/extras.py` does the work). The upscales run on the server's worker in the queue's turn, as the web UI runs
+them under its queue lock; the images are decoded, checked and encoded in threads beside it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import io
 import time
@@ -26,11 +24,10 @@ from ..pipeline.extras import (
     text_chunks,
     upscale_extras,
 )
-from ..pipeline.images import as_mode, from_pil, open_image, to_pil
+from ..pipeline.images import as_mode, open_image
 from ..pipeline.loading import Pipeline
-from ..pipeline.request import MAX_HIRES_SCALE, RequestError
-from ..pipeline.sd_upscale import sd_upscale
-from ..pipeline.upscalers import RESAMPLERS, UpscalerError
+from ..pipeline.request import RequestError
+from ..pipeline.upscalers import UpscalerError
 from . import web_ui_api
 from .job_queue import Call
 
@@ -180,82 +177,3 @@ class UpscalingRoutes:
             except ValueError as e:  # (UpscalerError is one)
                 raise RequestError(str(e)) from None
         return images
-
-    # img2img's "SD upscale" script ---------------------------------------------------------------------------
-
-    async def sd_upscale(self, body: web_ui_api.Img2ImgRequest, http: Request):
-        """img2img with script_name "SD upscale": its init image enlarged and redrawn in tiles of width x height,
-        one result per n_iter, batch_size tiles per U-Net call; answered as img2img is."""
-        arrived = time.monotonic()
-        job, settings = await run_in_threadpool(self.sd_upscale_job, body)
-
-        def work(pipeline: Pipeline) -> None:
-            request = job.request_for(pipeline)
-            side = pipeline.model.cfg.default_size
-            request = dataclasses.replace(request, width=request.width or side, height=request.height or side)
-            result = sd_upscale(pipeline, request, *settings)
-            job.request, job.model_path = result.request, pipeline.checkpoint
-            job.images, job.infotexts, job.warnings = (
-                [to_pil(t) for t in result.images],
-                result.infotexts,
-                result.warnings,
-            )
-
-        if not await self.state.wait(Call(work=work), http, arrived):
-            return Response(status_code=499)  # nobody reads it: the client has gone
-        return await run_in_threadpool(self.state.answer, body, job)
-
-    def sd_upscale_job(self, body: web_ui_api.Img2ImgRequest) -> tuple:
-        """The checks that need no model, and the init image decoded (not resized: it is the picture) -> (the job, its
-        (upscaler, scale, overlap))."""
-        if len(body.init_images) != 1 or body.mask:
-            raise RequestError(f"init_images: {SD_UPSCALE} takes one image (base64) and no mask")
-        names = [*RESAMPLERS, *self.state.worker.pipeline.upscalers]
-        settings = sd_upscale_settings(body, names)
-        job = self.state.build_job(body, check_model=False)
-        image = self.state.open_request_image(body.init_images[0], "init_images[0]", (1, 1), 0)
-        upscaled = [int(side * settings[1] // 8 * 8) if settings[0] != "None" else side for side in image.size]
-        if max(upscaled) > self.state.limits.max_side:
-            raise RequestError(
-                f"script_args: {SD_UPSCALE} would enlarge the {image.width}x{image.height} image to "
-                f"{upscaled[0]}x{upscaled[1]}, over this server's {self.state.limits.max_side}"
-            )
-        image = from_pil(as_mode(image, "RGB", "init_images[0]"))
-        n = body.n_iter  # one result per iteration; its tiles batch_size at a time
-        request = job.request
-        job.request = dataclasses.replace(
-            request,
-            prompts=request.prompts[:n],
-            negative_prompts=request.negative_prompts[:n],
-            seeds=[request.seeds[0] + k for k in range(n)],
-            init_image=image,
-            strength=body.denoising_strength,
-        )
-        return job, settings  # (each batch of tiles is validated as a request of its own)
-
-
-SD_UPSCALE = "SD upscale"
-SD_UPSCALE_DEFAULTS = [None, 64, 0, 2.0]  # its script_args: info (a label), overlap, upscaler (index or name), scale
-
-
-def is_sd_upscale(body) -> bool:
-    return str((body.model_extra or {}).get("script_name") or "").lower() == SD_UPSCALE.lower()
-
-
-def sd_upscale_settings(body, names: list[str]) -> tuple[str, float, int]:
-    """The script's arguments, the web UI's defaults where they are missing -> (upscaler name, scale, overlap). The
-    upscaler is an index into the upscalers' list (the web UI's radio) or a name in any case, as its script reads."""
-    given = list((body.model_extra or {}).get("script_args") or [])
-    if not isinstance(given, list):
-        raise RequestError(f"script_args: a list of {SD_UPSCALE}'s [info, overlap, upscaler, scale]")
-    _, overlap, upscaler, scale = given[:4] + SD_UPSCALE_DEFAULTS[len(given[:4]) :]
-    if isinstance(upscaler, int) and not isinstance(upscaler, bool) and 0 <= upscaler < len(names):
-        upscaler = names[upscaler]
-    lower = {name.lower(): name for name in names}
-    if not isinstance(upscaler, str) or upscaler.lower() not in lower:
-        raise RequestError(f"script_args: no upscaler {upscaler!r} here; these are: {', '.join(names)}")
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0:
-        raise RequestError(f"script_args: the overlap must be a whole number of pixels, not {overlap!r}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_HIRES_SCALE:
-        raise RequestError(f"script_args: the scale must be above 0 and at most {MAX_HIRES_SCALE:g}, not {scale!r}")
-    return lower[upscaler.lower()], float(scale), overlap

@@ -166,7 +166,8 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     fields = dict(body.model_extra or {})
     if not body.enable_hr or isinstance(body, Img2ImgRequest):  # (img2img has no hires fix)
         fields = {name: value for name, value in fields.items() if not name.startswith(HIRES_FIELDS)}
-    if isinstance(body, Img2ImgRequest) and str(fields.get("script_name") or "").lower() == "sd upscale":
+    script = str(fields.get("script_name") or "").strip().lower()
+    if script == "x/y/z plot" or (script == "sd upscale" and isinstance(body, Img2ImgRequest)):  # (scripts run)
         fields = {name: value for name, value in fields.items() if name not in ("script_name", "script_args")}
     if not fields.get("subseed_strength"):
         fields.pop("subseed", None)
