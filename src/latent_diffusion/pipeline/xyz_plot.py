@@ -236,19 +236,21 @@ def _grid(cells: list[Image.Image], axes, values, shape, draw_legend: bool) -> I
     title = top if draw_legend and axes[2][0].label != "Nothing" else 0
     grid = Image.new("RGB", (nz * (left + nx * w), title + top + ny * h), "white")
     draw = ImageDraw.Draw(grid)
+
+    def label(centre: tuple[float, float], axis: int, index: int) -> None:
+        draw.text(centre, _label(axes[axis][0], values[axis][index]), "black", font, "mm")
+
     for iz in range(nz):
         x0 = iz * (left + nx * w)
         if title:
-            draw.text((x0 + left + nx * w / 2, title / 2), _label(axes[2][0], values[2][iz]), "black", font, "mm")
+            label((x0 + left + nx * w / 2, title / 2), 2, iz)
         for iy in range(ny):
             if draw_legend:
-                draw.text((x0 + left / 2, title + top + iy * h + h / 2), _label(axes[1][0], values[1][iy]), "black",
-                          font, "mm")  # fmt: skip
+                label((x0 + left / 2, title + top + iy * h + h / 2), 1, iy)
             for ix in range(nx):
                 grid.paste(cells[ix + iy * nx + iz * nx * ny], (x0 + left + ix * w, title + top + iy * h))
         for ix in range(nx if draw_legend else 0):
-            draw.text((x0 + left + ix * w + w / 2, title + top / 2), _label(axes[0][0], values[0][ix]), "black", font,
-                      "mm")  # fmt: skip
+            label((x0 + left + ix * w + w / 2, title + top / 2), 0, ix)
     return grid
 
 
