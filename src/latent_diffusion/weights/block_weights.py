@@ -70,18 +70,28 @@ def block_of(key: str, sdxl: bool) -> str | None:
 def _sd_block(key: str) -> str:
     if "time_embed" in key or ".out." in key:
         return "OUT11"
+    return _unet_block(key) or BASE  # (BASE: the text encoder, the VAE, EMA's flattened names)
+
+
+def _sdxl_block(key: str) -> str | None:
+    if "label_emb" in key or "time_embed" in key:
+        return None
+    if "conditioner.embedders" in key or "first_stage_model" in key:
+        return BASE
+    if UNET not in key:
+        return None
+    return "OUT08" if UNET + "out." in key else _unet_block(key)
+
+
+def _unet_block(key: str) -> str | None:
+    """An input block's, the middle block's or an output block's name, or None for another key."""
     if m := _INPUT.search(key):
         return f"IN{int(m.group(1)):02d}"
     if _MIDDLE.search(key):
         return "M00"
     if m := _OUTPUT.search(key):
         return f"OUT{int(m.group(1)):02d}"
-    return BASE  # the text encoder, the VAE, EMA's flattened names
-
-
-def _sdxl_block(key: str) -> str | None:
-    if "label_emb" in key or "time_embed" in key:
-        return None
+    return None
     if "conditioner.embedders" in key or "first_stage_model" in key:
         return BASE
     if UNET not in key:
