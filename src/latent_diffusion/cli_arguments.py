@@ -4,7 +4,6 @@ runs the command they name."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import torch
 
@@ -13,6 +12,7 @@ from .sampling.noise_schedule import SPACINGS
 from .sampling.samplers import SAMPLERS
 from .sampling.sigma_schedules import SCHEDULERS
 from .training.autoencoder import AUTOENCODER_HELP, AutoencoderTrainConfig
+from .training.common import add_config_arguments
 from .training.config import TRAIN_HELP, TrainConfig
 from .training.data import EVAL_FORMS
 from .weights.checkpoint import BUILTIN_MODEL
@@ -29,22 +29,6 @@ UPSCALER_DIR_HELP = (
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
-
-
-def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:
-    """One flag per field of a config dataclass, with its default and type."""
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if f.name == "outdir":
-            p.add_argument(flag, required=True, help=helps[f.name])
-        elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps[f.name])
-        elif isinstance(default, list):
-            p.add_argument("--sample-prompt", dest=f.name, action="append", help=helps[f.name])
-        else:
-            kind = {"min_snr_gamma": float}.get(f.name, type(default) if default is not None else str)
-            p.add_argument(flag, type=kind, default=default, help=helps[f.name])
 
 
 GENERATE_HELP = {
