@@ -16,6 +16,7 @@ from .training.common import add_config_arguments
 from .training.config import TRAIN_HELP, TrainConfig
 from .training.data import EVAL_FORMS
 from .weights.checkpoint import BUILTIN_MODEL
+from .weights.fp8 import FP8_DTYPES
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
@@ -91,6 +92,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "(default: embeddings/ where it exists)",
     )
     p.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
+    add_weights_arguments(p)
     p.add_argument(
         "--vae-tiling",
         action=argparse.BooleanOptionalAction,
@@ -104,6 +106,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "waits for the compilation, later ones are faster on a GPU (on a CPU, slower than eager: "
         "BENCHMARKS.md); compiled kernels are cached across runs in $TORCHINDUCTOR_CACHE_DIR",
     )
+
+
+def add_weights_arguments(p: argparse.ArgumentParser) -> None:
+    """fp8 weight storage, one flag per part as Forge's --unet-in-fp8-e4m3fn and --clip-in-fp8-e4m3fn."""
+    for part, what in (("unet", "the U-Net's"), ("text", "the text encoders'")):
+        p.add_argument(
+            f"--{part}-weights-dtype",
+            choices=FP8_DTYPES,
+            help=f"store {what} Linear and Conv weights in this float8 format, each layer's cast to --dtype as it "
+            "runs: a quarter of float32's memory for them (the web UI's 'FP8 weight'; default: --dtype)",
+        )
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
@@ -386,6 +399,7 @@ def add_serve(sub) -> None:
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    add_weights_arguments(serve)
     serve.add_argument("--outdir", default="outputs", help="where save_images writes")
     serve.add_argument(
         "--compile",
