@@ -25,6 +25,7 @@ from .cli_generate import (
     sampler_and_scheduler,
     styles_arg,
     upscaler_args,
+    weights_args,
 )
 from .cli_merge import cmd_merge
 from .cli_upscale import cmd_upscale
@@ -160,6 +161,7 @@ def cmd_serve(args) -> None:
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers, styles=styles_arg(args.styles_file))
+    files |= weights_args(args)
 
     def load(path) -> Pipeline:
         pipeline = load_pipeline(path, device=device, dtype=dtype, compile=args.compile, **files)

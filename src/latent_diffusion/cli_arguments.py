@@ -4,7 +4,6 @@ runs the command they name."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 from .cli_common import DTYPES, STYLES_HELP, UPSCALER_DIR_HELP, UsageError, command
 from .cli_merge import add_merge
@@ -14,28 +13,14 @@ from .sampling.noise_schedule import SPACINGS
 from .sampling.samplers import SAMPLERS
 from .sampling.sigma_schedules import SCHEDULERS
 from .training.autoencoder import AUTOENCODER_HELP, AutoencoderTrainConfig
+from .training.common import add_config_arguments
 from .training.config import TRAIN_HELP, TrainConfig
 from .training.data import EVAL_FORMS
 from .weights.checkpoint import BUILTIN_MODEL
+from .weights.fp8 import FP8_DTYPES
 
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
 __all__ = ["DTYPES", "GENERATION_COMMANDS", "UsageError", "build_parser"]
-
-
-def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:
-    """One flag per field of a config dataclass, with its default and type."""
-    for f in dataclasses.fields(config_class):
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        if f.name == "outdir":
-            p.add_argument(flag, required=True, help=helps[f.name])
-        elif isinstance(default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps[f.name])
-        elif isinstance(default, list):
-            p.add_argument("--sample-prompt", dest=f.name, action="append", help=helps[f.name])
-        else:
-            kind = {"min_snr_gamma": float}.get(f.name, type(default) if default is not None else str)
-            p.add_argument(flag, type=kind, default=default, help=helps[f.name])
 
 
 GENERATE_HELP = {
@@ -98,6 +83,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "(default: embeddings/ where it exists)",
     )
     p.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
+    add_weights_arguments(p)
     p.add_argument(
         "--vae-tiling",
         action=argparse.BooleanOptionalAction,
@@ -111,6 +97,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         "waits for the compilation, later ones are faster on a GPU (on a CPU, slower than eager: "
         "BENCHMARKS.md); compiled kernels are cached across runs in $TORCHINDUCTOR_CACHE_DIR",
     )
+
+
+def add_weights_arguments(p: argparse.ArgumentParser) -> None:
+    """fp8 weight storage, one flag per part as Forge's --unet-in-fp8-e4m3fn and --clip-in-fp8-e4m3fn."""
+    for part, what in (("unet", "the U-Net's"), ("text", "the text encoders'")):
+        p.add_argument(
+            f"--{part}-weights-dtype",
+            choices=FP8_DTYPES,
+            help=f"store {what} Linear and Conv weights in this float8 format, each layer's cast to --dtype as it "
+            "runs: a quarter of float32's memory for them (the web UI's 'FP8 weight'; default: --dtype)",
+        )
 
 
 def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
@@ -348,6 +345,7 @@ def add_serve(sub) -> None:
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    add_weights_arguments(serve)
     serve.add_argument("--outdir", default="outputs", help="where save_images writes")
     serve.add_argument(
         "--compile",

@@ -28,6 +28,7 @@ from .pipeline.upscalers import FOLDERS, list_upscalers
 from .prompts.styles import find_styles
 from .sampling.samplers import find_sampler
 from .weights.checkpoint import BUILTIN_MODEL
+from .weights.fp8 import FP8_DTYPES
 from .weights.lora import find_loras
 
 
@@ -204,6 +205,11 @@ def upscaler_args(value: str | None) -> dict[str, Path]:
     return {name: row.path for name, row in list_upscalers(*folders).items() if row.path is not None}
 
 
+def weights_args(args) -> dict[str, torch.dtype | None]:
+    """--unet-weights-dtype and --text-weights-dtype as `load_pipeline`'s keywords."""
+    return {key: FP8_DTYPES.get(getattr(args, key)) for key in ("unet_weights_dtype", "text_weights_dtype")}
+
+
 def lora_args(args) -> tuple[dict[str, Path], str]:
     """--lora-dir's files and each --lora PATH[:WEIGHT] by name, and the tags that --lora adds to the prompt (so that
     the infotext says which LoRAs made the image, as the web UI's does)."""
@@ -311,6 +317,7 @@ def load_from_args(args, embeddings, loras, device, dtype) -> Pipeline:
         upscalers=upscaler_args(args.upscaler_dir),
         hires_checkpoint=getattr(args, "hires_checkpoint", None),
         styles=styles_arg(args.styles_file),
+        **weights_args(args),
     )
     if pipeline.model.cfg.inpainting and args.command != "inpaint":
         raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")

@@ -100,7 +100,8 @@ class MultiheadSelfAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        w, b = self.in_proj_weight.to(x.dtype), self.in_proj_bias.to(x.dtype)  # stored in float8: `weights/fp8.py`
+        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
         return self.out_proj(attention(q, k, v, self.heads, causal=True))
 
 

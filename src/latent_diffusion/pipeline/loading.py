@@ -56,21 +56,26 @@ def load_pipeline(
     hires_checkpoint: str | os.PathLike | None = None,
     styles: dict[str, Style] | None = None,
     compile: bool = False,
+    unet_weights_dtype: torch.dtype | None = None,
+    text_weights_dtype: torch.dtype | None = None,
 ) -> Pipeline:
     """Load a checkpoint (`checkpoint.load_model`) and what goes beside it: a VAE file over its autoencoder, a refiner
     on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text encoders' width, and
     the LoRA files and upscaler model files by name (`lora.find_loras`, `upscalers.find_upscalers`), and a checkpoint
-    for the hires pass with the same embeddings, LoRAs and upscalers beside it. compile: the U-Nets and decoders through torch.compile."""
-    model = load_model(checkpoint, config, device=device, dtype=dtype, ema=ema)
+    for the hires pass with the same embeddings, LoRAs and upscalers beside it. compile: the U-Nets and decoders
+    through torch.compile. unet_weights_dtype, text_weights_dtype: float8 storage of the U-Nets' and the text
+    encoders' layer weights, for every checkpoint loaded here (`weights/fp8.py`)."""
+    at = dict(device=device, dtype=dtype, unet_weights_dtype=unet_weights_dtype, text_weights_dtype=text_weights_dtype)
+    model = load_model(checkpoint, config, ema=ema, **at)
     if vae is not None:
         load_vae(model, vae)
-    second = load_model(refiner, device=device, dtype=dtype) if refiner is not None else None
+    second = load_model(refiner, **at) if refiner is not None else None
     found, notices = load_embeddings(embeddings_dir, model.cfg.unet.context_dim) if embeddings_dir else ({}, [])
     if compile:
         for m in filter(None, (model, second)):
             compile_model(m)
     files = dict(embeddings_dir=embeddings_dir, loras=loras, upscalers=upscalers, compile=compile)
-    hires = load_pipeline(hires_checkpoint, device=device, dtype=dtype, **files) if hires_checkpoint else None
+    hires = load_pipeline(hires_checkpoint, **at, **files) if hires_checkpoint else None
     return Pipeline(
         model,
         checkpoint=Path(checkpoint),

@@ -24,6 +24,7 @@ from ..sampling.noise_schedule import sampling_timesteps
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import find_scheduler, schedule_for
 from ..weights.embeddings import Embedding, bundled_embeddings
+from ..weights.fp8 import stores_fp8
 from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text
 from .loading import Pipeline
@@ -407,6 +408,8 @@ def infotext_fields(plan: Plan) -> dict:
     }
     if pipeline.checkpoint is not None:
         fields |= {"Model hash": model_hash(pipeline.checkpoint), "Model": pipeline.checkpoint.stem}
+    if stores_fp8(pipeline.model):  # the web UI's `opts.fp8_storage if devices.fp8`: "Enable" (it has no e5m2)
+        fields["FP8 weight"] = "Enable"
     if pipeline.vae_file is not None:
         fields |= {"VAE hash": model_hash(pipeline.vae_file), "VAE": pipeline.vae_file.name}
     eta = "Eta DDIM" if sampler.discrete else "Eta"  # the web UI's names: DDIM and PLMS apart from k-diffusion's

@@ -1,7 +1,9 @@
-"""What both training stages share: the error type, the learning-rate schedule, the common checks, the data."""
+"""What both training stages share: the error type, the learning-rate schedule, the common checks, the data, and
+the command-line flags of their configs."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import fcntl
 import math
@@ -122,3 +124,20 @@ def build_dataset(cfg, exclude=HELD_OUT_PAIRS):
         return ImageCaptionFolder(cfg.data, cfg.image_size, flip=cfg.flip, caption_default=cfg.caption_default)
     except DataError as e:
         raise TrainError(str(e)) from None
+
+
+def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:
+    """One `ldm` flag per field of a training config dataclass (`helps`: each field's help), with its default and
+    type."""
+    for f in dataclasses.fields(config_class):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if f.name == "outdir":
+            p.add_argument(flag, required=True, help=helps[f.name])
+        elif isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helps[f.name])
+        elif isinstance(default, list):
+            p.add_argument("--sample-prompt", dest=f.name, action="append", help=helps[f.name])
+        else:
+            kind = {"min_snr_gamma": float}.get(f.name, type(default) if default is not None else str)
+            p.add_argument(flag, type=kind, default=default, help=helps[f.name])

@@ -78,7 +78,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError("--flip needs --no-cache-latents (cached latents cannot be flipped)")
 
 
-# Each field's `ldm train` flag help (`cli_arguments.add_config_arguments` makes a flag of every field)
+# Each field's `ldm train` flag help (`common.add_config_arguments` makes a flag of every field)
 TRAIN_HELP = {
     "outdir": "folder for checkpoints, log.csv, samples and the final model.safetensors",
     "data": "image folder: NAME.jpg + NAME.txt captions, or a metadata.jsonl (default: the built-in shapes set)",

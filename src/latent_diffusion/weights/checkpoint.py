@@ -31,6 +31,7 @@ from ..models.config import (
 from ..models.family import EMA, SD1, UNET, VAE, Family, family_of_keys
 from ..models.ldm import LatentDiffusion
 from ..models.yaml_config import from_ldm_config
+from . import fp8
 from .reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
 
 CLIP = SD1.text_prefixes[0]
@@ -270,13 +271,17 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     ema: bool | None = None,
     parameterization: str | None = None,
+    unet_weights_dtype: torch.dtype | None = None,
+    text_weights_dtype: torch.dtype | None = None,
 ) -> LatentDiffusion:
     """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout.
 
     config: a CompVis inference YAML path, its parsed mapping or a LatentDiffusionConfig; None reads the
     architecture off the keys. ema=True loads the `model_ema.*` weights into the U-Net (an error if the file
     has none); None or False loads `model.diffusion_model.*`. parameterization ("eps" or "v") overrides
-    what the config or file name says.
+    what the config or file name says. unet_weights_dtype, text_weights_dtype: a float8 dtype to store the U-Net's
+    or the text encoders' layer weights in, cast to `dtype` as each layer runs (`weights/fp8.py`); None: `dtype`.
+    A file's float8 tensors are read as they are into such weights, and cast to `dtype` everywhere else.
     """
     sd, metadata = read_state_dict(path)
     origin = add_text_model_level({k: k for k in sd})  # our key -> the file's key (some files rename a level)
@@ -290,6 +295,12 @@ def load_model(
     except (ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its config describes no model this project builds ({first_line(e)})") from None
     expected = model.state_dict()  # meta tensors: names and shapes only
+    try:
+        stored = fp8.stored_keys(model, unet_weights_dtype, text_weights_dtype)  # key -> its float8 dtype
+        if stored:
+            fp8.check_device(device)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
     if ema:
         sd, origin = _with_ema_unet(sd, origin, [k for k in expected if k.startswith(UNET)], path)
@@ -299,20 +310,29 @@ def load_model(
     if problem := _mismatch(expected, sd, lambda k, have, want: (*have, 1, 1) == want and k.startswith(VAE)):
         raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: {problem}")
 
+    dtypes = {k: stored.get(k, dtype) for k in expected}
+    model.load_state_dict(_read_weights(path, sd, origin, expected, dtypes, device), strict=True, assign=True)
+    fp8.cast_as_they_run(model)
+    model.init_schedule(device)
+    return model.eval()
+
+
+def _read_weights(path, sd: dict, origin: dict, expected: dict, dtypes: dict, device) -> dict[str, torch.Tensor]:
+    """The tensors of `expected`'s keys from `sd`, each a floating-point one in its dtype of `dtypes`, on `device`.
+    A tensor that keeps its dtype on the CPU stays a view of the mapped file (a float8 file's weights stored in
+    float8 too); one that changes is read from the file into a buffer and converted from there."""
     weights = {}
     with open(path, "rb") as f:
         index = {} if is_pickle(Path(path), f.read(8)) else safetensors_index(path)
         scratch = None  # one buffer of the largest tensor's size, made when a tensor is first read
         for k in expected:
             t = sd[k]
-            target = dtype if t.is_floating_point() else t.dtype
+            target = dtypes[k] if t.is_floating_point() else t.dtype
             if (target != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
                 scratch = scratch or bytearray(max(end - start for *_, start, end in index.values()))
                 t = read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
             weights[k] = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
-    model.load_state_dict(weights, strict=True, assign=True)
-    model.init_schedule(device)
-    return model.eval()
+    return weights
 
 
 def _with_ema_unet(sd: dict, origin: dict, unet_keys: list[str], path) -> tuple[dict, dict]:

@@ -33,6 +33,13 @@ unambiguously, so the table is keyed by both spellings of every name; the U-Net'
 
 A weight may be a read-only memory map of the checkpoint file, so merging never writes into a weight's storage:
 each touched parameter gets a new tensor, and `remove_lora` puts the original tensor back.
+
+A weight stored in float8 (`weights/fp8.py`) gets a merged copy in the compute dtype, float32(W) + ΔW, which its
+layer uses as it is while the LoRA is on; its float8 tensor comes back bit for bit. Rounding the sum back to float8,
+as the web UI does, would move each number to the nearest of steps an eighth of its size apart (e4m3fn): a LoRA's
+change, usually smaller than that, would be lost or snapped whole to a step. Forge's result is this one (it adds
+the LoRA to the cast weight in the compute dtype as each layer runs); the cost is the merged layers' memory in the
+compute dtype while the LoRA is on.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from torch import nn
 from ..models.config import UNetConfig
 from ..models.family import FAMILIES, UNET
 from . import lycoris
+from .fp8 import is_fp8
 from .reader import CheckpointError, read_state_dict
 
 if TYPE_CHECKING:
@@ -340,13 +348,14 @@ def apply_lora(
     with torch.no_grad():
         for name, parts in by_param.items():
             original = params[name].data
+            dtype = model.dtype if is_fp8(original.dtype) else original.dtype  # the merged copy's (module docstring)
             if len(parts) == 1 and parts[0][0] is None:
-                merged = _merged(original, *parts[0][1:])
+                merged = _merged(original, *parts[0][1:], dtype)
             else:  # a fused weight (or a module named twice): a copy, then each part into its rows
-                merged = original.clone()
+                merged = original.to(dtype, copy=True)
                 for rows, layer, w in parts:
                     span = slice(*rows) if rows else slice(None)
-                    merged[span] = _merged(merged[span], layer, w)
+                    merged[span] = _merged(merged[span], layer, w, dtype)
             params[name].data = merged
             replaced[name] = (original, merged)
     return AppliedLoRA(replaced, len(matched), warnings)
@@ -420,21 +429,21 @@ def remove_lora(model: LatentDiffusion, applied: AppliedLoRA) -> None:
     applied.weights.clear()
 
 
-def _merged(w: torch.Tensor, layer: LoRALayer | lycoris.Network, strength: float) -> torch.Tensor:
-    """w + strength·scale·(up @ down) as a new tensor of w's dtype and shape; the product in float32. With DoRA
+def _merged(w: torch.Tensor, layer: LoRALayer | lycoris.Network, strength: float, dtype: torch.dtype) -> torch.Tensor:
+    """w + strength·scale·(up @ down) as a new tensor of `dtype` and w's shape; the product in float32. With DoRA
     magnitudes, W + strength·(m·V/‖V‖ − W) for V = W + scale·(up @ down) (the module docstring). LyCORIS's
     types: `lycoris.merged`."""
     if not isinstance(layer, LoRALayer):
-        return lycoris.merged(w, layer, strength)
+        return lycoris.merged(w, layer, strength, dtype)
     f32 = {"device": w.device, "dtype": torch.float32}
     up, down = layer.up.flatten(1).to(**f32), layer.down.flatten(1).to(**f32)  # (out, r), (r, in·k·k)
     original = w.reshape(w.shape[0], -1).float()  # (out, in·k·k)
     if layer.dora_scale is None:
         merged = torch.addmm(original, up, down, alpha=strength * layer.scale)
-        return merged.to(w.dtype).reshape(w.shape)
+        return merged.to(dtype).reshape(w.shape)
     summed = torch.addmm(original, up, down, alpha=layer.scale)  # (out, in·k·k)
     change = lycoris.dora(w, summed, layer.dora_scale) - original
-    return (original + strength * change).to(w.dtype).reshape(w.shape)
+    return (original + strength * change).to(dtype).reshape(w.shape)
 
 
 def _fits(layer: LoRALayer, shape: tuple[int, ...]) -> bool:

@@ -232,11 +232,11 @@ def dora(weight: torch.Tensor, merged: torch.Tensor, magnitudes: torch.Tensor) -
     return (v * (m / norm)).reshape(merged.shape)
 
 
-def merged(w: torch.Tensor, layer: Network, strength: float) -> torch.Tensor:
-    """W + strength·ΔW(W) as a new tensor of W's dtype and shape, ΔW in float32 (the module docstring); with DoRA
-    magnitudes W + strength·(m·V/‖V‖ − W), V = W + ΔW."""
+def merged(w: torch.Tensor, layer: Network, strength: float, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """W + strength·ΔW(W) as a new tensor of W's shape in `dtype` (None: W's), ΔW in float32 (the module docstring);
+    with DoRA magnitudes W + strength·(m·V/‖V‖ − W), V = W + ΔW."""
     original = w.float()
     change = layer.delta(original)
     if getattr(layer, "dora_scale", None) is not None:
         change = dora(original, original + change, layer.dora_scale) - original
-    return (original + strength * change).to(w.dtype)
+    return (original + strength * change).to(dtype or w.dtype)
