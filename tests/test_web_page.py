@@ -153,3 +153,37 @@ def test_the_extras_tab_upscales_a_file(page, tmp_path):
     caption = figure.find_element("tag name", "figcaption").text
     assert caption == "Postprocess upscale by: 2.0, Postprocess upscaler: Lanczos"
     page.find_element("css selector", '.tab[data-mode="txt2img"]').click()
+
+
+def test_settings_from_an_images_infotext_and_an_xyz_plot(page, tmp_path):
+    """A PNG's infotext fills the form (/png-info, as the web UI's "Send to txt2img"); the X/Y/Z panel asks for the
+    script and shows its grid."""
+    from PIL import PngImagePlugin
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a green square\nNegative prompt: dark\nSteps: 3, Sampler: Euler, Schedule type: "
+                  "Karras, CFG scale: 2.5, Seed: 77, Size: 32x24, Hires upscale: 2, Hires upscaler: Latent (bicubic)")  # fmt: skip
+    Image.new("RGB", (8, 8)).save(tmp_path / "made.png", pnginfo=info)
+    page.find_element("id", "pnginfo-file").send_keys(str(tmp_path / "made.png"))
+    WebDriverWait(page, 30).until(lambda d: d.find_element("id", "seed").get_attribute("value") == "77")
+    values = {name: page.find_element("id", name).get_attribute("value")
+              for name in ("prompt", "negative_prompt", "steps", "cfg_scale", "width", "height", "hr_scale")}  # fmt: skip
+    assert values == {"prompt": "a green square", "negative_prompt": "dark", "steps": "3", "cfg_scale": "2.5",
+                      "width": "32", "height": "24", "hr_scale": "2"}  # fmt: skip
+    assert Select(page.find_element("id", "sampler_name")).first_selected_option.text == "Euler"
+    assert Select(page.find_element("id", "scheduler")).first_selected_option.text == "Karras"
+    assert Select(page.find_element("id", "hr_upscaler")).first_selected_option.text == "Latent (bicubic)"
+    assert page.find_element("id", "enable_hr").is_selected()
+    page.find_element("id", "enable_hr").click()  # off again
+
+    page.find_element("id", "xyz_enable").click()
+    Select(page.find_element("id", "xyz_x_type")).select_by_visible_text("Steps")
+    set_field(page, "xyz_x_values", "2,3")
+    before = len(results(page))
+    page.find_element("id", "generate").click()
+    figure = wait_for_results(page, before + 1)[0]
+    grid = shown_image(figure)
+    assert grid.size[0] > 2 * 32 and grid.size[1] > 24  # two cells with the legend above them
+    assert "Script: X/Y/Z plot, X Type: Steps" in figure.find_element("tag name", "figcaption").text
+    page.find_element("id", "xyz_enable").click()

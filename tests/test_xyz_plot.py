@@ -106,3 +106,10 @@ def test_the_script_through_the_api_with_an_existing_client(ckpt, serve):
             assert status == 422 and message in answer["detail"], (args, answer)
         status, answer = call(base, "/sdapi/v1/txt2img", {**body, "script_args": [4, "1,2", []]})
         assert status == 200 and len(answer["images"]) == 1 and decode(answer["images"][0]).size[0] > 64
+        assert call(base, "/sdapi/v1/scripts")[1] == {
+            "txt2img": ["x/y/z plot"],
+            "img2img": ["sd upscale", "x/y/z plot"],
+        }
+        info = call(base, "/sdapi/v1/script-info")[1]
+        choices = next(s for s in info if s["name"] == "x/y/z plot")["args"][0]["choices"]
+        assert choices.index("Steps") == 4 and choices.index("CFG Scale") == 6 and choices[2] is None

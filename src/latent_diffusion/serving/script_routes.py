@@ -18,7 +18,7 @@ from ..pipeline.loading import Pipeline
 from ..pipeline.request import MAX_HIRES_SCALE, RequestError
 from ..pipeline.sd_upscale import sd_upscale
 from ..pipeline.upscalers import RESAMPLERS
-from ..pipeline.xyz_plot import axis_values, find_axis, xyz_plot
+from ..pipeline.xyz_plot import AXES, axis_values, find_axis, xyz_plot
 from . import web_ui_api
 from .job_queue import Call
 
@@ -152,3 +152,29 @@ def sd_upscale_settings(body, names: list[str]) -> tuple[str, float, int]:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= MAX_HIRES_SCALE:
         raise RequestError(f"script_args: the scale must be above 0 and at most {MAX_HIRES_SCALE:g}, not {scale!r}")
     return lower[upscaler.lower()], float(scale), overlap
+
+
+def scripts() -> dict:
+    """The web UI's /sdapi/v1/scripts: the scripts a request may name, by tab."""
+    return {"txt2img": [XYZ_PLOT], "img2img": [SD_UPSCALE.lower(), XYZ_PLOT]}
+
+
+def script_info() -> list[dict]:
+    """The web UI's /sdapi/v1/script-info: each script's arguments in `script_args` order, with their defaults and
+    choices (the X/Y/Z plot's axis types list the labels this server varies, at their indices in the web UI's)."""
+
+    def arg(label: str, value, choices=None) -> dict:
+        return {"label": label, "value": value, "minimum": None, "maximum": None, "step": None, "choices": choices}
+
+    axes = [axis.label if axis is not None else None for axis in AXES]
+    xyz = []
+    for name, kind in (("X", "Seed"), ("Y", "Nothing"), ("Z", "Nothing")):
+        xyz += [arg(f"{name} type", kind, axes), arg(f"{name} values", ""), arg(f"{name} values", [])]
+    xyz += [arg("Draw legend", True), arg("Include Sub Images", False)]
+    upscalers = list(RESAMPLERS)
+    upscale = [arg("Info", None), arg("Tile overlap", 64), arg("Upscaler", "None", upscalers), arg("Scale Factor", 2.0)]
+    return [
+        {"name": XYZ_PLOT, "is_alwayson": False, "is_img2img": False, "args": xyz},
+        {"name": XYZ_PLOT, "is_alwayson": False, "is_img2img": True, "args": xyz},
+        {"name": SD_UPSCALE.lower(), "is_alwayson": False, "is_img2img": True, "args": upscale},
+    ]

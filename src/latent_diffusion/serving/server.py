@@ -45,7 +45,7 @@ from . import web_ui_api
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
 from .job_queue import Job, Load, Task, Worker
-from .script_routes import SD_UPSCALE, XYZ_PLOT, ScriptRoutes, script_name
+from .script_routes import SD_UPSCALE, XYZ_PLOT, ScriptRoutes, script_info, script_name, scripts
 from .upscaling_routes import UpscalingRoutes
 from .web_ui_api import (
     WEB_UI_CFG_SCALE,
@@ -475,6 +475,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "sd-vae": none_here,
             "prompt-styles": state.prompt_styles,
             "memory": memory_report,
+            "scripts": scripts,
+            "script-info": script_info,
         },
         "POST": {
             "refresh-checkpoints": nothing_to_refresh,

@@ -18,6 +18,12 @@ async function fillLists() {
     ["samplers", "schedulers", "sd-models", "options", "latent-upscale-modes", "upscalers"].map((path) => api(path)));
   for (const u of [...latentModes, ...upscalers]) $("hr_upscaler").add(new Option(u.name, u.name));
   for (const u of upscalers) $("upscaler_1").add(new Option(u.name, u.name, false, u.name === "Lanczos"));
+  const xyz = (await api("script-info")).find((s) => s.name === "x/y/z plot" && !s.is_img2img);
+  xyz.args[0].choices.forEach((label, index) => {  // (an axis by its index in the web UI's list)
+    if (label === null) return;
+    $("xyz_x_type").add(new Option(label, index, false, label === "Steps"));
+    $("xyz_y_type").add(new Option(label, index, false, label === "Nothing"));
+  });
   for (const s of samplers) $("sampler_name").add(new Option(s.name, s.name, false, s.name === "DPM++ 2M"));
   for (const s of schedulers) $("scheduler").add(new Option(s.label, s.name));
   for (const m of models) {
@@ -36,6 +42,7 @@ for (const tab of document.querySelectorAll(".tab")) {
     document.querySelectorAll(".tab").forEach((t) => t.classList.toggle("active", t === tab));
     $("image-fields").hidden = mode !== "img2img";
     $("hires-fields").hidden = mode !== "txt2img";  // (the web UI's hires fix is txt2img's)
+    $("xyz-fields").hidden = mode !== "txt2img";
     $("generation-fields").hidden = mode === "extras";
     $("extras-fields").hidden = mode !== "extras";
   });
@@ -58,6 +65,11 @@ function request() {
     Object.assign(body, { enable_hr: true, hr_upscaler: $("hr_upscaler").value, hr_scale: Number($("hr_scale").value),
                           hr_second_pass_steps: Number($("hr_second_pass_steps").value),
                           denoising_strength: Number($("hr_denoising_strength").value) });
+  }
+  if (mode === "txt2img" && $("xyz_enable").checked) {  // the grid comes back as the one image
+    body.script_name = "X/Y/Z plot";
+    body.script_args = [Number($("xyz_x_type").value), $("xyz_x_values").value, [],
+                        Number($("xyz_y_type").value), $("xyz_y_values").value, [], 0, "", [], true, false];
   }
   if (mode === "img2img") {
     if (!$("init-canvas").width) throw new Error("choose an init image");
@@ -98,18 +110,52 @@ $("form").addEventListener("submit", async (event) => {
   }
 });
 
+// An image's infotext (its `parameters` text, read by /png-info) into the form, as the web UI's "Send to txt2img".
+$("pnginfo-file").addEventListener("change", async () => {
+  const file = $("pnginfo-file").files[0];
+  if (!file) return;
+  showError("");
+  try {
+    const { parameters: p } = await api("png-info", { image: await dataUrl(file) });
+    if (!p.Prompt && !p.Steps) throw new Error(`${file.name} holds no infotext`);
+    const fields = { prompt: p.Prompt, negative_prompt: p["Negative prompt"], steps: p.Steps, seed: p.Seed,
+                     cfg_scale: p["CFG scale"], width: p["Size-1"], height: p["Size-2"] };
+    for (const [name, value] of Object.entries(fields)) if (value !== undefined) $(name).value = value;
+    selectByText("sampler_name", p.Sampler);
+    selectByText("scheduler", p["Schedule type"]);
+    $("enable_hr").checked = p["Hires upscale"] !== undefined;
+    if (p["Hires upscale"] !== undefined) $("hr_scale").value = p["Hires upscale"];
+    if (p["Hires steps"] !== undefined) $("hr_second_pass_steps").value = p["Hires steps"];
+    if (p["Hires upscaler"] !== undefined) selectByText("hr_upscaler", p["Hires upscaler"]);
+    if (p["Denoising strength"] !== undefined) {
+      $(p["Hires upscale"] !== undefined ? "hr_denoising_strength" : "denoising_strength").value = p["Denoising strength"];
+    }
+  } catch (e) {
+    showError(e.message);
+  }
+});
+
+function selectByText(id, text) {
+  const option = [...$(id).options].find((o) => o.text === text);
+  if (option) $(id).value = option.value;
+}
+
+function dataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(new Error("cannot read the file"));
+    reader.readAsDataURL(file);
+  });
+}
+
 // The extras tab: the chosen file upscaled as the web UI's extras tab does, shown with its "Postprocess" fields.
 async function upscaleImage() {
   const file = $("extras-file").files[0];
   if (!file) return showError("choose an image");
   $("generate").disabled = true;
   try {
-    const image = await new Promise((resolve, reject) => {
-      const reader = new FileReader();
-      reader.onload = () => resolve(reader.result);
-      reader.onerror = () => reject(new Error("cannot read the file"));
-      reader.readAsDataURL(file);
-    });
+    const image = await dataUrl(file);
     const answer = await api("extra-single-image", { image, upscaler_1: $("upscaler_1").value,
                                                      upscaling_resize: Number($("upscaling_resize").value) });
     const caption = new DOMParser().parseFromString(answer.html_info, "text/html").body.textContent;
