@@ -881,3 +881,50 @@ def test_a_damaged_lora_file_is_a_422_naming_its_tag_not_the_servers_path(ckpt, 
         status, answer = call(base, "/sdapi/v1/txt2img", body)
     assert status == 422 and answer["detail"].startswith("<lora:broken>: not a readable"), answer
     assert str(tmp_path) not in json.dumps(answer)
+
+
+def test_refresh_reads_the_lora_and_embedding_folders_again(ckpt, serve, tmp_path):
+    """`ldm serve` started with empty folders: a LoRA and an embedding copied in afterwards are listed and usable
+    after /refresh-loras (or /refresh-embeddings), as in the web UI; a real `ldm serve` process."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    loras, embeddings = tmp_path / "Lora", tmp_path / "embeddings"
+    loras.mkdir(), embeddings.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "latent_diffusion.cli", "serve", "--ckpt", str(ckpt), "--port",
+                               str(port), "--lora-dir", str(loras), "--embeddings-dir", str(embeddings)],
+                              stderr=subprocess.PIPE, text=True)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                assert call(base, "/sdapi/v1/loras")[1] == []
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert time.monotonic() < deadline and server.poll() is None, server.stderr.read()
+                time.sleep(0.3)
+        pipeline = load_pipeline(ckpt)
+        proj_in = pipeline.model.unet.input_blocks[1][1].proj_in.weight
+        g, key = torch.Generator().manual_seed(0), "lora_unet_down_blocks_0_attentions_0_proj_in"
+        save_file({f"{key}.lora_down.weight": torch.randn(2, proj_in.shape[1], 1, 1, generator=g),
+                   f"{key}.lora_up.weight": torch.randn(proj_in.shape[0], 2, 1, 1, generator=g)},
+                  loras / "late.safetensors")  # fmt: skip
+        width = pipeline.model.cfg.unet.context_dim
+        save_file({"emb_params": torch.randn(1, width, generator=g)}, embeddings / "shiny.safetensors")
+        body = {"prompt": "a shiny cat <lora:late:1>", "steps": 2, "width": 32, "height": 32, "seed": 1}
+        assert call(base, "/sdapi/v1/txt2img", body)[0] == 422  # not there yet
+        assert call(base, "/sdapi/v1/refresh-loras", {}) == (200, {})
+        assert [lora["name"] for lora in call(base, "/sdapi/v1/loras")[1]] == ["late"]
+        assert "shiny" in call(base, "/sdapi/v1/embeddings")[1]["loaded"]
+        status, answer = call(base, "/sdapi/v1/txt2img", body)
+        assert status == 200 and "Lora hashes" in json.loads(answer["info"])["infotexts"][0]
+        assert call(base, "/sdapi/v1/refresh-embeddings", {}) == (200, {})
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

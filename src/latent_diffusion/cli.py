@@ -44,6 +44,7 @@ from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
 from .training.diffusion import train
 from .training.evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
 from .weights.checkpoint import BUILTIN_MODEL, CheckpointError, load_model
+from .weights.embeddings import load_embeddings
 from .weights.lora import find_loras
 
 
@@ -147,7 +148,8 @@ def cmd_serve(args) -> None:
     """Load once, then serve until interrupted."""
     import uvicorn
 
-    from .serving.server import checkpoint_files, create_app
+    from .serving.checkpoints import checkpoint_files
+    from .serving.server import create_app
 
     limits = server_limits(args)
     if args.api_auth is not None and ":" not in args.api_auth:
@@ -155,7 +157,8 @@ def cmd_serve(args) -> None:
     models_dir = Path(args.models_dir) if args.models_dir else None
     if models_dir is not None and not models_dir.is_dir():
         raise UsageError(f"--models-dir {models_dir}: not a folder")
-    loras = find_loras(folder) if (folder := folder_arg(args.lora_dir, "--lora-dir", "models/Lora")) else {}
+    lora_folder = folder_arg(args.lora_dir, "--lora-dir", "models/Lora")
+    loras = find_loras(lora_folder) if lora_folder else {}
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
     upscalers = upscaler_args(args.upscaler_dir)
     device = pick_device(args.device)
@@ -169,13 +172,21 @@ def cmd_serve(args) -> None:
             print(f"ldm: warning: {notice}", file=sys.stderr)
         return pipeline
 
+    def rescan(pipeline: Pipeline) -> Pipeline:
+        """The LoRA files and the embeddings read again from their folders (the web UI's refresh), for this
+        pipeline and the ones loaded after it."""
+        files["loras"] = find_loras(lora_folder) if lora_folder else {}
+        width = pipeline.model.cfg.unet.context_dim
+        found = load_embeddings(embeddings, width)[0] if embeddings else {}
+        return dataclasses.replace(pipeline, loras=files["loras"], embeddings=found)
+
     claim_address(args.host, args.port)
     writable_later(Path(args.outdir))  # where save_images writes: a bad folder is found now, none is made
     found = list(checkpoint_files(models_dir).values()) if models_dir else []
     pipeline = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
     where = f"http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)"
     print(f"ldm: serving {pipeline.checkpoint} on {where}", file=sys.stderr)
-    options = dict(load=load, models_dir=models_dir, api_auth=args.api_auth, limits=limits)
+    options = dict(load=load, rescan=rescan, models_dir=models_dir, api_auth=args.api_auth, limits=limits)
     app = create_app(pipeline, args.outdir, cors_allow_origins=args.cors_allow_origins, debug=args.debug, **options)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

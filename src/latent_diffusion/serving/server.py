@@ -42,9 +42,10 @@ from ..pipeline.request import RequestError, validate
 from ..pipeline.upscalers import RESAMPLERS
 from ..weights.checkpoint import CheckpointError
 from . import web_ui_api
+from .checkpoints import Checkpoints
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
-from .job_queue import Job, Load, Task, Worker
+from .job_queue import Call, Job, Load, Task, Worker
 from .script_routes import SD_UPSCALE, XYZ_PLOT, ScriptRoutes, script_info, script_name, scripts
 from .upscaling_routes import UpscalingRoutes
 from .web_ui_api import (
@@ -56,40 +57,7 @@ from .web_ui_api import (
 )
 
 WEB_PAGE = resources.files("latent_diffusion") / "web"
-CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 __all__ = ["ServerLimits", "create_app"]
-
-
-def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """The checkpoint files of a folder and its subfolders, by name relative to it ("sub/name.safetensors")."""
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file())
-    return {p.relative_to(folder).as_posix(): p for p in paths}
-
-
-class Checkpoints:
-    """The checkpoints the server can load: the files of `--models-dir` (and its subfolders) and the one it started
-    with. Requests name one by its title ("sub/name.safetensors [hash]"), file name, or name without suffix;
-    nothing a request sends reaches the file system except as a key of this table."""
-
-    def __init__(self, models_dir: Path | None, first: Path):
-        self.models_dir, self.first = models_dir, first
-        self.hashes: dict[Path, str] = {}  # files hashed once loaded (hashing a 2 GB file takes seconds)
-
-    def files(self) -> dict[str, Path]:
-        """Name (relative to the folder) -> path."""
-        return {self.first.name: self.first} | (checkpoint_files(self.models_dir) if self.models_dir else {})
-
-    def title(self, name: str, path: Path) -> str:
-        return f"{name} [{self.hashes[path]}]" if path in self.hashes else name
-
-    def find(self, wanted: str) -> Path:
-        for name, path in self.files().items():
-            if wanted in (name, self.title(name, path), Path(name).stem, Path(name).with_suffix("").as_posix()):
-                return path
-        raise NotFound(f"no checkpoint named {wanted!r}; GET /sdapi/v1/sd-models lists them")
-
-    def name_of(self, path: Path) -> str:
-        return next((n for n, p in self.files().items() if p == path), path.name)
 
 
 class ServerState:
@@ -110,6 +78,7 @@ class ServerState:
         if pipeline.checkpoint:
             self.checkpoints.hashes[self.first] = model_hash(self.first)
         self.outdir, self.load, self.limits = outdir, load, limits
+        self.rescan: Callable[[Pipeline], Pipeline] | None = None  # (create_app's)
         self.selected = pipeline.checkpoint  # by the options; override_settings choose for one request
         self.worker = Worker(
             pipeline,
@@ -247,6 +216,17 @@ class ServerState:
             {"name": s.name, "prompt": s.prompt, "negative_prompt": s.negative_prompt}
             for s in self.worker.pipeline.styles.values()
         ]
+
+    async def refresh(self, http: Request) -> dict:
+        """/refresh-loras, /refresh-embeddings: the folders read again, on the worker between jobs (without a way to,
+        as a server made without `rescan`: nothing to read)."""
+        if self.rescan is not None:
+
+            def work(pipeline: Pipeline) -> None:
+                self.worker.pipeline = self.rescan(self.worker.pipeline)
+
+            await self.wait(Call(work=work), http)
+        return {}
 
     def skip(self) -> dict:
         self.worker.skip()
@@ -419,6 +399,7 @@ def create_app(
     outdir: str | Path | None = None,
     *,
     load: Callable[[Path], Pipeline] | None = None,
+    rescan: Callable[[Pipeline], Pipeline] | None = None,
     models_dir: str | Path | None = None,
     api_auth: str | None = None,
     limits: ServerLimits | None = None,
@@ -426,13 +407,15 @@ def create_app(
     debug: bool = False,
 ):
     """The ASGI application serving `pipeline` (a model and its LoRA files and embeddings). load: a checkpoint path ->
-    a pipeline set up the same way (for switching among `models_dir`); api_auth: "user:password" for HTTP basic
+    a pipeline set up the same way (for switching among `models_dir`); rescan: a pipeline -> it with its LoRA files
+    and embeddings read again (/refresh-loras, /refresh-embeddings); api_auth: "user:password" for HTTP basic
     auth; limits: what a request may ask for (`ServerLimits()` by default); cors_allow_origins: origins whose pages
     may call the API (none by default); debug: log the traceback of a failure of the server, not one line."""
     limits = limits or ServerLimits()
     state = ServerState(
         as_pipeline(pipeline), Path(outdir) if outdir else None, load, Path(models_dir) if models_dir else None, limits
     )
+    state.rescan = rescan
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -480,6 +463,8 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         },
         "POST": {
             "refresh-checkpoints": nothing_to_refresh,
+            "refresh-loras": state.refresh,
+            "refresh-embeddings": state.refresh,
             "options": state.set_options,
             "interrupt": state.interrupt,
             "skip": state.skip,
