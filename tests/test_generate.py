@@ -22,7 +22,7 @@ from latent_diffusion.sampling.denoiser import Denoiser
 from test_reference import diffusers_unet, diffusers_vae, transformers_text_encoder
 
 PROMPT, NEGATIVE = "a small red circle on a blue background", "blurry"
-SETTINGS = dict(steps=10, sampler="ddim", cfg_scale=7.5)
+SETTINGS = dict(steps=10, sampler="ddim", cfg_scale=7.5, step_count="diffusers")  # (img2img counts as diffusers')
 
 
 def ours(model, seed, **fields):
@@ -333,3 +333,21 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
         remove_lora(model, a)
     assert torch.equal(twice.images, by_hand.images)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    ("step_count", "run", "schedule"), [("web_ui", 16, 20), ("fixed", 20, 26), ("diffusers", 15, 20)]
+)
+def test_img2img_counts_its_steps_as_asked(tiny_models, image, step_count, run, schedule):
+    """20 steps at strength 0.75: the web UI's `setup_img2img_steps` runs t_enc + 1 = int(0.75 × 20) + 1 = 16 of a
+    schedule of 20 from its 5th σ (its default), or exactly 20 of int(20 / 0.75) = 26 (its img2img_fix_steps);
+    diffusers' img2img runs int(20 × 0.75) = 15 of 20."""
+    from latent_diffusion.sampling.samplers import get_sampler
+    from latent_diffusion.sampling.sigma_schedules import sampling_schedule
+
+    model, seen = tiny_models["sd1"], []
+    request = GenerationRequest(["a cat"], [1], steps=20, sampler="euler", init_image=image[..., :32, :32],
+                                strength=0.75, step_count=step_count)  # fmt: skip
+    generate(model, request, progress=lambda p: seen.append(p.sampler_step.sigma.item()))
+    sigmas = sampling_schedule(get_sampler("euler"), "automatic", schedule, model.alphas_cumprod)
+    assert len(seen) == run and seen == pytest.approx(sigmas[schedule - run : -1].tolist())

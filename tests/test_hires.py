@@ -69,7 +69,7 @@ SETTINGS = dict(width=32, height=24, steps=4, sampler="euler_ancestral", cfg_sca
 
 def test_hires_with_an_image_upscaler_is_img2img_of_the_enlarged_first_pass(tiny_models):
     """The web UI's own identity: the first pass, decoded to 8-bit pixels and enlarged (Lanczos, as PIL does it),
-    then img2img of that with the hires steps, strength and seeds: its fixed-steps img2img, `exact_steps`. The
+    then img2img of that with the hires steps, strength and seeds: its fixed-steps img2img, `step_count="fixed"`. The
     ancestral sampler draws per-step noise, so the order of every draw is checked too."""
     pipe, seeds, prompts = pipeline(tiny_models), [3, 4], ["a red circle", "a blue square"]
     hires = HiresFix(scale=2.0, upscaler="Lanczos", steps=3, strength=0.6)
@@ -86,7 +86,7 @@ def test_hires_with_an_image_upscaler_is_img2img_of_the_enlarged_first_pass(tiny
         **{**SETTINGS, "steps": 3, "width": 64, "height": 48},
         init_image=torch.cat(enlarged),
         strength=0.6,
-        exact_steps=True,
+        step_count="fixed",
     )
     assert torch.allclose(result.images, generate(pipe, img2img).images, atol=1e-6)
 
@@ -286,7 +286,7 @@ def test_a_model_upscaler_from_the_upscaler_folder_enlarges_the_first_pass(tmp_p
     pixels = (first * 255).to(torch.uint8).float() / 255  # the web UI's 8-bit truncation
     enlarged = upscale(pixels, load_upscaler(folder / "tiny-2x.pth"), size=(64, 48))
     img2img = GenerationRequest(["a red circle"], [3], width=64, height=48, init_image=enlarged, strength=0.5,
-                                exact_steps=True, **{**settings, "steps": 2})  # fmt: skip
+                                step_count="fixed", **{**settings, "steps": 2})  # fmt: skip
     expected = generate(pipe, img2img).images
     assert ours.shape == expected.shape == (1, 3, 48, 64)
     assert (ours - expected).abs().max() <= 1 / 255 + 1e-6  # (the PNG's 8 bits)
@@ -321,7 +321,7 @@ def test_a_hires_checkpoint_of_its_own(tmp_path, tiny_models, serve):
     enlarged = from_pil(Image.fromarray((first[0] * 255).to(torch.uint8).permute(1, 2, 0).numpy()).resize(
         (64, 48), Image.NEAREST))  # fmt: skip
     img2img = GenerationRequest(["a red circle"], [4], **{**settings, "steps": 2, "width": 64, "height": 48},
-                                init_image=enlarged, strength=0.5, exact_steps=True)  # fmt: skip
+                                init_image=enlarged, strength=0.5, step_count="fixed")  # fmt: skip
     assert torch.allclose(result.images, generate(pipe.hires_pipeline, img2img).images, atol=1e-6)
     assert (result.images - generate(pipe, img2img).images).abs().max() > 0.01  # not the base model's
     fields = parse_parameters(result.infotexts[0])

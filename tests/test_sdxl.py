@@ -365,7 +365,7 @@ def test_hires_fix_with_the_refiner_in_the_web_uis_order(xl_models):
     pixels = (first * 255).to(torch.uint8)  # the web UI's 8-bit truncation, then PIL's nearest 1.5x
     enlarged = from_pil(Image.fromarray(pixels[0].permute(1, 2, 0).numpy()).resize((48, 48), Image.NEAREST))
     img2img = GenerationRequest([PROMPT], [9], width=48, height=48, **settings, init_image=enlarged, strength=0.6,
-                                exact_steps=True)  # fmt: skip
+                                step_count="fixed")  # fmt: skip
     torch.testing.assert_close(
         result.images, generate(Pipeline(base, refiner=refiner), img2img).images, atol=1e-6, rtol=0
     )

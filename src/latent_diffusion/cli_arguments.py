@@ -9,6 +9,7 @@ from .cli_common import DTYPES, STYLES_HELP, UPSCALER_DIR_HELP, UsageError, comm
 from .cli_merge import add_merge
 from .cli_upscale import add_upscale
 from .cli_xyz import XYZ_HELP, add_axis_arguments
+from .pipeline.request import STEP_COUNTS
 from .sampling.noise_schedule import SPACINGS
 from .sampling.samplers import SAMPLERS
 from .sampling.sigma_schedules import SCHEDULERS
@@ -139,6 +140,13 @@ def add_size_arguments(p: argparse.ArgumentParser, command: str) -> None:
             type=float,
             default=1.0 if command == "inpaint" else 0.75,
             help="fraction of the schedule to run, in (0, 1]",
+        )
+        p.add_argument(
+            "--step-count",
+            choices=STEP_COUNTS,
+            default="web_ui",
+            help="img2img's steps: the web UI's int(strength × steps) + 1 of --steps; fixed: exactly --steps (its "
+            "img2img_fix_steps); diffusers: int(strength × steps) of --steps",
         )
         p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
         if command == "img2img":

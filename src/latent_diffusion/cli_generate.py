@@ -135,6 +135,7 @@ def request_from_args(args) -> GenerationRequest:
         compile=args.compile,
         hires=hires_from_args(args),
         styles=args.style or [],
+        step_count=getattr(args, "step_count", "web_ui"),
     )
 
 

@@ -324,7 +324,7 @@ def prepare(
     image, pixel_mask, latent_mask = _batch_images(r, batch, device, latent_shape[1:])
     if start_image is not None:
         image = start_image.to(device, torch.float32) * 2 - 1
-    from_image = r.strength < 1 or r.exact_steps  # (the web UI's img2img noises the image even at strength 1)
+    from_image = (image is not None or latent is not None) and r.noises_the_image
     image_latent = latent
     if image is not None and (from_image or (pixel_mask is not None and not model.cfg.inpainting)):
         image_latent = encode(image)

@@ -4,7 +4,7 @@ second pass of img2img over it (its `StableDiffusionProcessingTxt2Img`, `calcula
 
 The enlargement is either a latent mode (`LATENT_MODES`: the latent itself interpolated, nothing decoded) or an
 image upscaler (the first pass decoded to 8-bit pixels, enlarged as a picture, and encoded again). The second pass
-runs exactly its `steps`, the last ones of a schedule of steps / strength (`GenerationRequest.exact_steps`), from
+runs exactly its `steps`, the last ones of a schedule of steps / strength (`GenerationRequest.step_count` "fixed"), from
 noise drawn afresh from each image's seed, as the web UI draws it.
 """
 
@@ -75,7 +75,7 @@ def second_pass(r: GenerationRequest, size: HiresSize, f: int, vae_tiling: bool 
         scheduler=h.scheduler or r.scheduler,
         cfg_scale=r.cfg_scale if h.cfg_scale is None else h.cfg_scale,
         strength=h.strength,
-        exact_steps=True,
+        step_count="fixed",
         vae_tiling=vae_tiling,
         hires=None,
     )

@@ -26,6 +26,10 @@ MAX_STEPS = 10_000  # sampling steps; the σ schedules are allocated before the 
 MAX_CFG_SCALE = 100.0
 MAX_NOISE = 10.0  # η and s_noise
 MAX_EMPHASIS = 1000.0  # the magnitude of a token's emphasis weight
+# img2img's step counts: the web UI's, int(min(strength, 0.999) × steps) + 1 of a schedule of `steps` (its
+# `setup_img2img_steps`); "fixed", its "img2img_fix_steps" option and its hires pass: exactly `steps` of a schedule
+# of int(steps / min(strength, 0.999)); diffusers': int(steps × strength) of a schedule of `steps`
+STEP_COUNTS = ("web_ui", "fixed", "diffusers")
 MAX_HIRES_SCALE = 8.0  # the web UI's slider reaches 4
 MAX_LORA_WEIGHT = 100.0  # the magnitude of a <lora:name:weight> (the web UI's slider reaches ±2; people use up to 10)
 
@@ -78,9 +82,8 @@ class GenerationRequest:
     # With a refiner model (`Pipeline.refiner`): the part of the timestep range, from the noisiest, that the
     # model denoises before the refiner takes over (diffusers' denoising_end / denoising_start)
     refiner_switch: float = 0.8
-    # Run exactly `steps` steps, the last ones of a schedule of steps / strength (the web UI's "img2img_fix_steps"
-    # option, and its hires pass); False: int(steps × strength) steps, the last ones of a schedule of `steps`
-    exact_steps: bool = False
+    # How img2img counts its steps (`STEP_COUNTS`); txt2img runs all `steps` whatever this says
+    step_count: str = "web_ui"
     hires: HiresFix | None = None  # txt2img: a second pass at a larger size
     styles: list[str] = field(default_factory=list)  # prompt styles of the pipeline's, applied in order (`styles.py`)
 
@@ -97,14 +100,25 @@ class GenerationRequest:
 
     @property
     def steps_run(self) -> int:
-        """Sampling steps each image goes through (img2img starts part-way)."""
-        return self.steps if self.exact_steps else int(self.steps * self.strength)
+        """Sampling steps each image goes through, the last ones of a schedule of `schedule_steps` (img2img starts
+        part-way)."""
+        if self.step_count == "fixed" or (self.init_image is None and self.strength == 1):
+            return self.steps
+        if self.step_count == "web_ui":
+            return int(min(self.strength, 0.999) * self.steps) + 1
+        return int(self.steps * self.strength)
 
     @property
     def schedule_steps(self) -> int:
         """The length of the noise schedule whose last `steps_run` steps are run (the web UI caps the strength at
-        0.999 there, so that its image is never wholly noise)."""
-        return int(self.steps / min(self.strength, 0.999)) if self.exact_steps else self.steps
+        0.999, so that its image is never wholly noise)."""
+        return int(self.steps / min(self.strength, 0.999)) if self.step_count == "fixed" else self.steps
+
+    @property
+    def noises_the_image(self) -> bool:
+        """Whether an init image's latent, noised to the first σ, is where sampling starts (the web UI's counts: at
+        any strength; diffusers': below 1, where 1 starts from noise alone)."""
+        return self.strength < 1 or self.step_count != "diffusers"
 
     @property
     def editing_steps(self) -> int:
@@ -187,6 +201,8 @@ def _check_settings(r: GenerationRequest) -> None:
         fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not isinstance(r.scheduler, str) or not _known_scheduler(r.scheduler):
         fail(f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if r.step_count not in STEP_COUNTS:
+        fail(f"unknown step count {r.step_count!r}; choose one of {', '.join(STEP_COUNTS)}")
     if r.spacing not in SPACINGS:
         fail(f"unknown timestep spacing {r.spacing!r}; choose one of {', '.join(SPACINGS)}")
     if not 0 < r.strength <= 1:
@@ -268,7 +284,7 @@ def _check_hires(h: HiresFix) -> None:
         sampler=h.sampler or "euler",
         scheduler=h.scheduler or "automatic",
         cfg_scale=h.cfg_scale,
-        exact_steps=True,
+        step_count="fixed",
     )
     try:
         _check_types(second)
