@@ -80,11 +80,14 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution of the encoder or decoder: `block.N`, (empty) `attn`, and a down/upsampler."""
+    """One resolution of the encoder or decoder: `block.N` (the first from in_channels), (empty) `attn`, and a
+    down/upsampler."""
 
-    def __init__(self, blocks: list[ResnetBlock]):
+    def __init__(self, in_channels: int, out_channels: int, blocks: int):
         super().__init__()
-        self.block = nn.ModuleList(blocks)
+        self.block = nn.ModuleList(
+            ResnetBlock(in_channels if i == 0 else out_channels, out_channels) for i in range(blocks)
+        )
         self.attn = nn.ModuleList()  # SD's autoencoders have no attention outside the middle block
 
 
@@ -106,11 +109,7 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         ch = cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
-            blocks = []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(ch, cfg.ch * mult))
-                ch = cfg.ch * mult
-            level = Level(blocks)
+            level, ch = Level(ch, cfg.ch * mult, cfg.num_res_blocks), cfg.ch * mult
             if i != len(cfg.ch_mult) - 1:
                 level.downsample = Downsample(ch)
             self.down.append(level)
@@ -138,11 +137,7 @@ class Decoder(nn.Module):
         self.mid = Middle(ch)
         levels = []
         for i, mult in reversed(list(enumerate(cfg.ch_mult))):
-            blocks = []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(ch, cfg.ch * mult))
-                ch = cfg.ch * mult
-            level = Level(blocks)
+            level, ch = Level(ch, cfg.ch * mult, cfg.num_res_blocks + 1), cfg.ch * mult
             if i != 0:
                 level.upsample = Upsample(ch)
             levels.insert(0, level)  # `up.0` is the highest resolution, as in CompVis

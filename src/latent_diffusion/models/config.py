@@ -306,7 +306,6 @@ OPENCLIP_VIT_H_14 = TextEncoderConfig(
     pad_token=0,
     embed_dim=1024,
 )
-SD2_UNET = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
 # SDXL's text encoders (generative-models' FrozenCLIPEmbedder layer "hidden" 11 and FrozenOpenCLIPEmbedder2):
 # the penultimate hidden state without the final layer norm; ViT-bigG also gives its pooled, projected output.
 SDXL_CLIP_VIT_L_14 = dataclasses.replace(CLIP_VIT_L_14, layer="penultimate", final_norm=False)
@@ -331,11 +330,9 @@ def _sd1(**unet) -> LatentDiffusionConfig:
 
 
 def _sd2(parameterization: str) -> LatentDiffusionConfig:
-    return LatentDiffusionConfig(
-        unet=dataclasses.replace(SD2_UNET),
-        text=dataclasses.replace(OPENCLIP_VIT_H_14),
-        parameterization=parameterization,
-    )
+    unet = UNetConfig(num_heads=None, num_head_channels=64, context_dim=1024, use_linear_in_transformer=True)
+    text = dataclasses.replace(OPENCLIP_VIT_H_14)
+    return LatentDiffusionConfig(unet=unet, text=text, parameterization=parameterization)
 
 
 def _sdxl_base() -> LatentDiffusionConfig:

@@ -17,6 +17,12 @@ from .config import (
     UNetConfig,
 )
 
+# Our extension of the text encoders' params: their widths, so that small CLIP-architecture encoders can be configured
+# too (CompVis ignores them).
+WIDTHS = tuple(
+    f.name for f in dataclasses.fields(TextEncoderConfig) if f.name not in ("kind", "layer", "final_norm", "pooled")
+)
+
 
 def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
     """A text encoder's config from its CompVis `cond_stage_config` or generative-models `emb_models` entry."""
@@ -45,22 +51,15 @@ def _text_config_from_ldm(cond: dict) -> TextEncoderConfig:
             text.layer, text.final_norm = "penultimate", False
     else:
         raise ValueError(f"unsupported text encoder target {target!r}")
-    # Our extension: explicit widths, so that small CLIP-architecture text encoders can be configured too.
-    known = {f.name for f in dataclasses.fields(TextEncoderConfig)} - {"kind", "layer", "final_norm", "pooled"}
-    for k in known & params.keys():
+    for k in params.keys() & set(WIDTHS):
         setattr(text, k, params[k])
     text.__post_init__()
     return text
 
 
 def _text_params(t: TextEncoderConfig, stock: TextEncoderConfig, **params) -> dict:
-    """`params` plus the widths where `t` differs from the stock encoder (our extension; CompVis ignores them)."""
-    skip = {"kind", "layer", "final_norm", "pooled"}
-    return params | {
-        f.name: getattr(t, f.name)
-        for f in dataclasses.fields(TextEncoderConfig)
-        if f.name not in skip and getattr(t, f.name) != getattr(stock, f.name)
-    }
+    """`params` plus the widths where `t` differs from the stock encoder (`WIDTHS`)."""
+    return params | {k: getattr(t, k) for k in WIDTHS if getattr(t, k) != getattr(stock, k)}
 
 
 # generative-models' micro-conditioning input keys <-> our names

@@ -126,10 +126,6 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
     steps = sum(p.request.steps_run for p in passes)  # per image
     upscaler = hires_upscaler(plan)  # (a model file loaded before any work, as the LoRAs are read)
     images, warnings = [], []
-
-    def on_loras(model_of: Pipeline, tags: tuple):
-        return merged(model_of, loras, tags, warnings)
-
     for number, batch in enumerate(batches):
         done = itertools.count(number * steps + 1)
 
@@ -137,7 +133,7 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
             if progress:
                 progress(Progress(next(done), len(batches) * steps, step))
 
-        out, notes = sample(plan, batch, step_done, on_loras, upscaler)
+        out, notes = sample(plan, batch, step_done, lambda p, tags: merged(p, loras, tags, warnings), upscaler)
         images.append(out)
         warnings.extend(n for n in notes if n not in warnings)
     infotexts = [infotext(r, i, fields) for i in range(len(r.prompts))]

@@ -86,22 +86,16 @@ class Plan:
         hires = self.hires.part(start, stop) if self.hires else None
         return dataclasses.replace(self, request=request, hires=hires)
 
-    def context_lengths(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """The chunk counts of the prompts and of the negative prompts, per image. Requests whose counts differ would
-        pad each other's contexts in one U-Net batch, which changes their images: a server batches only equal ones."""
-        r = self.request
-        return (
-            tuple(self.prompts[text].context_length for text in r.prompts),
-            tuple(self.negatives[text].context_length for text in r.negative_prompts),
-        )
-
     def batch_key(self) -> tuple:
         """What plans must share to run as one U-Net batch (`merge`): every setting but the per-image ones, the prompts'
         chunk counts (padding one to another's length would change its image) and their LoRA sets (a batch runs on
         one set of merged weights), in both passes."""
         r = self.request
         settings = tuple(_hashable(getattr(r, f.name)) for f in dataclasses.fields(r) if f.name not in PER_IMAGE)
-        lengths = tuple(frozenset(n) for n in self.context_lengths())
+        lengths = (
+            frozenset(self.prompts[text].context_length for text in r.prompts),
+            frozenset(self.negatives[text].context_length for text in r.negative_prompts),
+        )
         hires = self.hires.batch_key()[-2:] if self.hires else ()
         return *settings, *hires, lengths, frozenset(self.lora_sets())
 

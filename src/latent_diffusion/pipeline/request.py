@@ -199,7 +199,9 @@ def _check_settings(r: GenerationRequest) -> None:
     """The sampler, its schedule and options, the strength and the guidance."""
     if r.sampler not in SAMPLERS:
         fail(f"unknown sampler {r.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if not isinstance(r.scheduler, str) or not _known_scheduler(r.scheduler):
+    try:
+        find_scheduler(r.scheduler)
+    except (ValueError, AttributeError, TypeError):  # (the last two: not a string)
         fail(f"unknown scheduler {r.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
     if r.step_count not in STEP_COUNTS:
         fail(f"unknown step count {r.step_count!r}; choose one of {', '.join(STEP_COUNTS)}")
@@ -235,14 +237,6 @@ def _check_prompts(r: GenerationRequest) -> None:
     for text in {*r.prompts, *(r.negative_prompts or [])} if r.prompt_syntax else ():
         if (weight := max((abs(w) for _, w in parse_emphasis(text)), default=1.0)) > MAX_EMPHASIS:
             fail(f"prompt: an emphasis weight of {weight:.3g} is beyond ±{MAX_EMPHASIS:g} (brackets nested too deep?)")
-
-
-def _known_scheduler(name: str) -> bool:
-    try:
-        find_scheduler(name)
-    except ValueError:
-        return False
-    return True
 
 
 def _is_utf8(text: str) -> bool:

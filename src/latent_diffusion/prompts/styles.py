@@ -35,17 +35,13 @@ def read_styles(path: str | os.PathLike) -> dict[str, Style]:
     return styles
 
 
-def merge_style(style_text: str, prompt: str) -> str:
-    """One style's text applied to a prompt."""
-    if "{prompt}" in style_text:
-        return style_text.replace("{prompt}", prompt)
-    return ", ".join(part for part in (prompt.strip(), style_text.strip()) if part)
-
-
 def apply_styles(prompt: str, style_texts: list[str]) -> str:
     """Styles' texts applied in turn, as the web UI's `apply_styles_to_prompt`."""
     for text in style_texts:
-        prompt = merge_style(text, prompt)
+        if "{prompt}" in text:
+            prompt = text.replace("{prompt}", prompt)
+        else:
+            prompt = ", ".join(part for part in (prompt.strip(), text.strip()) if part)
     return prompt
 
 
