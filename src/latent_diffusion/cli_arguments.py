@@ -27,7 +27,8 @@ __all__ = ["DTYPES", "GENERATION_COMMANDS", "UsageError", "build_parser"]
 GENERATE_HELP = {
     "txt2img": "Generate images from a text prompt with a Stable Diffusion checkpoint (SD 1.x, 2.x).",
     "img2img": "Redraw --init-image following the prompt. --strength sets how much of the noise schedule is "
-    "run: 1.0 ignores the image, small values keep it close.",
+    "run: 1.0 keeps little of the image (as the web UI, it is noised to the highest level, not replaced), small "
+    "values keep it close.",
     "inpaint": "Repaint the white part of --mask in --init-image. With an inpainting checkpoint (9 input "
     "channels) the model sees the mask; with a standard one the known region is held at every step. Pixels "
     "outside the mask are kept as they were; a grey (soft) mask edge blends the two, fully repainted from half "
