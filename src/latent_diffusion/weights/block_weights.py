@@ -92,16 +92,3 @@ def _unet_block(key: str) -> str | None:
     if m := _OUTPUT.search(key):
         return f"OUT{int(m.group(1)):02d}"
     return None
-    if "conditioner.embedders" in key or "first_stage_model" in key:
-        return BASE
-    if UNET not in key:
-        return None
-    if UNET + "out." in key:
-        return "OUT08"
-    if m := _INPUT.search(key):
-        return f"IN{int(m.group(1)):02d}"
-    if _MIDDLE.search(key):
-        return "M00"
-    if m := _OUTPUT.search(key):
-        return f"OUT{int(m.group(1)):02d}"
-    return None
