@@ -259,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
   ldm txt2img --ckpt v1-5-pruned-emaonly.safetensors --prompt "a red sofa" --seed 42 --batch-size 4 --grid
   ldm img2img --ckpt model.safetensors --init-image photo.png --strength 0.6 --prompt "an oil painting"
   ldm inpaint --ckpt sd-v1-5-inpainting.ckpt --init-image photo.png --mask mask.png --prompt "a cat"
+  ldm txt2img --ckpt model.safetensors --prompt "a castle AND a dragon :0.6" --hires-scale 2 --hires-steps 10
+  ldm xyz --ckpt model.safetensors --prompt "a red sofa" --x "Steps:10,20,30" --y "CFG Scale:3-7 (+2)"
   ldm upscale photo.png --upscaler 4x-UltraSharp --scale 4 --upscaler-dir models/ESRGAN
   ldm merge a.safetensors b.safetensors --mode weighted-sum --alpha 0.3 --out merged.safetensors
   ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
