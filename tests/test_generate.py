@@ -314,6 +314,9 @@ def test_lora_tags_merge_for_the_batch_and_come_off_after(tiny_models, tmp_path)
     pipeline.loras = {"style": path, "sty,le": path}  # the web UI writes a name without its `,` and `:` there
     infotext = generate(pipeline, GenerationRequest(["<lora:sty,le:0.6>"], [3], **common)).infotexts[0]
     assert f'Lora hashes: "style: {lora_hash(path)}"' in infotext
+    pipeline.loras = {"style": path, "b": path}  # in the prompt's order, as the web UI's loaded networks
+    infotext = generate(pipeline, GenerationRequest(["<lora:b:0.2> <lora:style:0.2>"], [3], **common)).infotexts[0]
+    assert f'Lora hashes: "b: {lora_hash(path)}, style: {lora_hash(path)}"' in infotext
     pipeline.loras = {"style": path}
     with pytest.raises(RequestError, match=r"<lora:other> names no LoRA file here; these are: style"):
         generate(pipeline, GenerationRequest(["<lora:other:1>"], [3], **common))

@@ -418,7 +418,7 @@ def infotext_fields(plan: Plan) -> dict:
     if r.hires is not None:
         fields |= _hires_fields(r, schedule_type, pipeline.hires_pipeline)
     passes = [p for p in (plan, plan.hires) if p is not None]
-    if loras := sorted({tag.name for p in passes for tags in p.lora_sets() for tag in tags}):
+    if loras := dict.fromkeys(tag.name for p in passes for tags in p.lora_sets() for tag in tags):  # (prompt order)
         fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(pipeline.loras[name])}" for name in loras)
     if used := {e.name: e for p in passes for e in p.embeddings_used()}:
         fields["TI hashes"] = ", ".join(f"{_bare(e.name)}: {e.shorthash}" for _, e in sorted(used.items()))
