@@ -928,3 +928,23 @@ def test_refresh_reads_the_lora_and_embedding_folders_again(ckpt, serve, tmp_pat
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_the_preview_is_the_web_uis_cheap_approximation_where_the_autoencoder_is_its_familys(tiny_models):
+    """SD's and SDXL's autoencoders: the web UI's `cheap_approximation` (its coefficients and einsum, written out);
+    an autoencoder of its own (the tiny test model's, the built-in model's): None, decoded in full instead."""
+    from latent_diffusion import LatentDiffusion, preset
+    from latent_diffusion.serving.server import cheap_preview
+
+    web_ui = {
+        "sd-v1.5": [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]],
+        "sdxl-base": [[0.3448, 0.4168, 0.4395], [-0.1953, -0.0290, 0.0250], [0.1074, 0.0886, -0.0163],
+                      [-0.3730, -0.2499, -0.2088]],
+    }  # fmt: skip
+    sample = torch.randn(4, 8, 6, generator=torch.Generator().manual_seed(0))
+    for name, coeffs in web_ui.items():
+        with torch.device("meta"):  # (only the config is read)
+            model = LatentDiffusion(preset(name))
+        expected = torch.einsum("...lxy,lr -> ...rxy", sample, torch.tensor(coeffs))
+        torch.testing.assert_close(cheap_preview(model, sample), expected)
+    assert cheap_preview(tiny_models["sd1"], sample) is None

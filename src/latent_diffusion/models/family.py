@@ -31,6 +31,18 @@ class Family:
     default_size: int = 512  # image side in pixels, for width and height when a request leaves them out
     default_cfg_scale: float = 7.5
     vae_overflows_in_float16: bool = False  # decode in float32 even when the model runs in float16 (SDXL's VAE)
+    # Latent channels -> RGB, a fixed linear map of its autoencoder's latents (the web UI's "Approx cheap" preview)
+    preview_rgb: tuple[tuple[float, float, float], ...] | None = None
+
+
+# The web UI's `sd_vae_approx.cheap_approximation` coefficients, (latent channel, RGB): SD's autoencoder, SDXL's
+SD_PREVIEW_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+SDXL_PREVIEW_RGB = (
+    (0.3448, 0.4168, 0.4395),
+    (-0.1953, -0.0290, 0.0250),
+    (0.1074, 0.0886, -0.0163),
+    (-0.3730, -0.2499, -0.2088),
+)
 
 
 SD1 = Family(
@@ -41,6 +53,7 @@ SD1 = Family(
     marker="cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
     context_dim=768,
     preset="sd-v1.5",
+    preview_rgb=SD_PREVIEW_RGB,
 )
 SD2 = Family(
     name="sd2",
@@ -51,6 +64,7 @@ SD2 = Family(
     context_dim=1024,
     preset="sd-v2.1",
     v_name=r"(^|[-_])v([-_.]|$)|768",  # also the 768 px models: `v2-1_768-ema-pruned.safetensors`
+    preview_rgb=SD_PREVIEW_RGB,
 )
 # generative-models' layout: `conditioner.embedders.N`, base: CLIP ViT-L (0), OpenCLIP ViT-bigG (1), sizes, crop;
 # refiner: ViT-bigG (0), size, crop, aesthetic score. Defaults of diffusers' StableDiffusionXLPipeline.
@@ -65,6 +79,7 @@ SDXL = Family(
     default_size=1024,
     default_cfg_scale=5.0,
     vae_overflows_in_float16=True,
+    preview_rgb=SDXL_PREVIEW_RGB,
 )
 SDXL_REFINER = replace(
     SDXL,

@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from ..devices import memory_report
 from ..files import claim_numbered, model_hash
 from ..models import vae_tiling
+from ..models.config import preset
 from ..models.ldm import LatentDiffusion
 from ..pipeline.generate import NonFiniteError
 from ..pipeline.hires import LATENT_MODES
@@ -199,11 +200,15 @@ class ServerState:
         }
 
     def preview_of(self, latent: torch.Tensor) -> str:
+        """The x0 estimate (1, c, h, w) as a PNG: the web UI's "Approx cheap" (a fixed linear map of the latent, at
+        its size) where the model's autoencoder is its family's, else decoded in full."""
         with self.preview_lock:  # polls wait for the one decode rather than each starting their own
             if self.preview is None or self.preview[0] is not latent:
+                model = self.worker.pipeline.model
                 with torch.no_grad():
-                    tiled = latent.shape[-1] > vae_tiling.TILE or latent.shape[-2] > vae_tiling.TILE
-                    image = self.worker.pipeline.model.autoencoder_decode(latent, tiled=tiled)[0].float()
+                    if (image := cheap_preview(model, latent[0])) is None:
+                        tiled = latent.shape[-1] > vae_tiling.TILE or latent.shape[-2] > vae_tiling.TILE
+                        image = model.autoencoder_decode(latent, tiled=tiled)[0].float()
                 self.preview = latent, png_base64(to_pil((image / 2 + 0.5).clamp(0, 1)), "")
             return self.preview[1]
 
@@ -388,6 +393,15 @@ def nothing_to_refresh() -> dict:
 
 def none_here() -> list:
     return []  # this server has no separate VAEs: an empty list, as the web UI with none
+
+
+def cheap_preview(model: LatentDiffusion, latent: torch.Tensor) -> torch.Tensor | None:
+    """A latent (c, h, w) -> (3, h, w) about [-1, 1] by the family's fixed latent-to-RGB map, where the model has its
+    family's autoencoder (another, such as the built-in model's, has latents of its own): else None."""
+    family = model.cfg.family
+    if family.preview_rgb is None or model.cfg.autoencoder != preset(family.preset).autoencoder:
+        return None
+    return torch.einsum("lhw,lr->rhw", latent.float(), torch.tensor(family.preview_rgb, device=latent.device))
 
 
 def latent_upscale_modes() -> list[dict]:
