@@ -350,3 +350,31 @@ def test_a_hires_checkpoint_of_its_own(tmp_path, tiny_models, serve):
         assert status == 200 and json.loads(answer["info"])["ignored"] == []
         assert "Hires checkpoint: detail [" in json.loads(answer["info"])["infotexts"][0]
         assert (from_pil(decode(answer["images"][0])) - result.images).abs().max() <= 1 / 255 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("when", "schedule"),
+    [("0.5", [(10, "b")]), ("1.5", [(5, "a"), (10, "b")]), ("25", [(5, "a"), (10, "b")]), ("8", [(10, "b")]),
+     ("2.0", [(10, "a")])],
+)  # fmt: skip
+def test_prompt_editing_counts_on_into_the_hires_pass(when, schedule):
+    """The web UI's get_learned_conditioning_prompt_schedules with hires steps (10 here, after a first pass of 20):
+    a fraction counts from 1 (v − 1)·10, a step number from the first pass's 20 (v − 20)."""
+    from latent_diffusion.prompts.syntax import prompt_schedule
+
+    assert prompt_schedule(f"[a:b:{when}]", 10, before=20) == schedule
+
+
+def test_an_edit_of_the_first_pass_is_past_in_the_hires_pass(tiny_models):
+    """[a red:a blue:0.5] switched half-way through the first pass, so the whole hires pass draws "a blue circle": the
+    same image as a hires prompt of "a blue circle" (the first pass being the same)."""
+    pipe = pipeline(tiny_models)
+    settings = {**SETTINGS, "batch_size": 1, "sampler": "euler"}
+    hires = HiresFix(scale=1.5, steps=2, strength=0.5)
+    edited = generate(pipe, GenerationRequest(["[a red:a blue:0.5] circle"], [5], **settings, hires=hires)).images
+    explicit = dataclasses.replace(hires, prompt="a blue circle")
+    blue = generate(pipe, GenerationRequest(["[a red:a blue:0.5] circle"], [5], **settings, hires=explicit)).images
+    assert torch.equal(edited, blue)
+    red = dataclasses.replace(hires, prompt="a red circle")
+    assert not torch.equal(edited, generate(pipe, GenerationRequest(["[a red:a blue:0.5] circle"], [5], **settings,
+                                                                    hires=red)).images)  # fmt: skip

@@ -77,6 +77,7 @@ def second_pass(r: GenerationRequest, size: HiresSize, f: int, vae_tiling: bool 
         strength=h.strength,
         step_count="fixed",
         vae_tiling=vae_tiling,
+        edits_after=r.editing_steps,  # (the web UI's prompt editing counts on across both passes)
         hires=None,
     )
 

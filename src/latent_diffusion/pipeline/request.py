@@ -86,6 +86,7 @@ class GenerationRequest:
     step_count: str = "web_ui"
     hires: HiresFix | None = None  # txt2img: a second pass at a larger size
     styles: list[str] = field(default_factory=list)  # prompt styles of the pipeline's, applied in order (`styles.py`)
+    edits_after: int = 0  # a hires pass: its first pass's editing steps, which prompt editing counts on from
 
     @classmethod
     def repeated(
@@ -130,7 +131,7 @@ class GenerationRequest:
         """A prompt's editing schedule, [(last step, the prompt up to it)] (`syntax.prompt_schedule`); one entry
         for the whole run where the syntax is off."""
         steps = self.editing_steps
-        return prompt_schedule(text, steps) if self.prompt_syntax else [(steps, text)]
+        return prompt_schedule(text, steps, self.edits_after) if self.prompt_syntax else [(steps, text)]
 
 
 @dataclass

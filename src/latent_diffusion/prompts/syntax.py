@@ -158,7 +158,9 @@ def _names_by_first_token(
 # `[from:to:when]` is `from` until step `when` and `to` after it (`[to:when]`: nothing, then `to`; `[from::when]`:
 # `from`, then nothing). `when` written with a point is a fraction of the steps (0.5, 1.0, .25), without one a
 # step number (3, -1, 1e1): the web UI's rule since 1.6 ("Old prompt editing timelines" off). `[a|b|c]` takes a, b,
-# c in turn, one per step. As the web UI, steps count the denoiser's evaluations.
+# c in turn, one per step. As the web UI, steps count the denoiser's evaluations. In a hires fix's second pass `when`
+# goes on counting from the first pass: a fraction from 1 (1.5: half-way through the second pass), a step number
+# from the first pass's steps; an edit whose `when` fell in the first pass is past.
 #
 # The syntax is the web UI's grammar (its prompt_parser.py), parsed here by recursive descent:
 #
@@ -269,48 +271,52 @@ def _parse(text: str) -> list:
     return parts
 
 
-def _when(number: str, steps: int) -> int:
-    """An edit's NUMBER -> the last step of its first part (< 1: none; the rule is above)."""
-    value = float(number) * (steps if "." in number else 1)
+def _when(number: str, steps: int, before: int = 0) -> int:
+    """An edit's NUMBER -> the last step of its first part (< 1: none; the rule is above). before: in a hires pass,
+    the first pass's steps, which NUMBER counts on from."""
+    value = (float(number) - (1 if before else 0)) * steps if "." in number else float(number) - before
     if value >= steps:
         return steps
     return int(value) if value > 0 else 0  # 0 and below: never (-1e999 is -inf, which int() refuses)
 
 
-def _steps_of(tree, steps: int) -> set[int]:
+def _steps_of(tree, steps: int, before: int) -> set[int]:
     """The steps after which some part of `tree` changes."""
     found = set()
     for part in tree:
         if isinstance(part, Edit):
-            found |= {_when(part.when, steps)} | _steps_of(part.before, steps) | _steps_of(part.after, steps)
+            found |= {_when(part.when, steps, before)}
+            found |= _steps_of(part.before, steps, before) | _steps_of(part.after, steps, before)
         elif isinstance(part, Alternation):
             found |= set(range(1, steps + 1))
             for option in part.options:
-                found |= _steps_of(option, steps)
+                found |= _steps_of(option, steps, before)
         elif isinstance(part, list):
-            found |= _steps_of(part, steps)
+            found |= _steps_of(part, steps, before)
     return found
 
 
-def _at_step(tree, step: int, steps: int) -> str:
+def _at_step(tree, step: int, steps: int, before: int) -> str:
     out = []
     for part in tree:
         if isinstance(part, str):
             out.append(part)
         elif isinstance(part, list):
-            out.append(_at_step(part, step, steps))
+            out.append(_at_step(part, step, steps, before))
         elif isinstance(part, Edit):
-            out.append(_at_step(part.before if step <= _when(part.when, steps) else part.after, step, steps))
+            chosen = part.before if step <= _when(part.when, steps, before) else part.after
+            out.append(_at_step(chosen, step, steps, before))
         else:
-            out.append(_at_step(part.options[(step - 1) % len(part.options)], step, steps))
+            out.append(_at_step(part.options[(step - 1) % len(part.options)], step, steps, before))
     return "".join(out)
 
 
-def prompt_schedule(text: str, steps: int) -> list[tuple[int, str]]:
-    """[(last step, prompt)]: the prompt to use up to and including each step (steps counted from 1)."""
+def prompt_schedule(text: str, steps: int, before: int = 0) -> list[tuple[int, str]]:
+    """[(last step, prompt)]: the prompt to use up to and including each step (steps counted from 1). before: in a
+    hires pass, the first pass's steps (the rule above)."""
     tree = _parse(text)
-    ends = sorted({steps, *(s for s in _steps_of(tree, steps) if 1 <= s < steps)})
-    return [(end, _at_step(tree, end, steps)) for end in ends]
+    ends = sorted({steps, *(s for s in _steps_of(tree, steps, before) if 1 <= s < steps)})
+    return [(end, _at_step(tree, end, steps, before)) for end in ends]
 
 
 # Composable prompts ------------------------------------------------------------------------------------------------
