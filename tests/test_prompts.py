@@ -282,3 +282,25 @@ def test_the_variants_of_an_edited_prompt_are_encoded_together_as_the_web_ui(tin
         torch.testing.assert_close(both[:, chunk].mean(), plain[:, chunk].mean(), atol=1e-6, rtol=1e-5)
     alone = encode_prompts(model, [" (cat:1.5)"])[0]["crossattn"]
     assert not torch.allclose(second[:, :77], alone, atol=1e-6)  # per-variant rescaling would give this
+
+
+def test_old_prompt_editing_timelines_as_the_web_ui_read_them_before_1_6(tiny_models):
+    """Its use_old_scheduling: a NUMBER below 1 is a fraction, any other a step number, point or not ([a:b:1.0] is
+    step 1, not the last step); an infotext of a version before 1.6 with a `[` in its prompt turns it on, as its
+    backcompat does, and "Old prompt editing timelines: True" is written and read back."""
+    from latent_diffusion.pipeline.infotext import settings_from_infotext
+
+    assert prompt_schedule("[a:b:1.0]", 10) == [(10, "a")]
+    assert prompt_schedule("[a:b:1.0]", 10, before=-1) == [(1, "a"), (10, "b")]
+    assert prompt_schedule("[a:b:0.5]", 10, before=-1) == prompt_schedule("[a:b:0.5]", 10)
+    common = dict(width=32, height=32, steps=4, sampler="euler", cfg_scale=3.0)
+    old = generate(tiny_models["sd1"], GenerationRequest(["[cat:dog:1.0]"], [1], **common, old_edit_timelines=True))
+    assert "Old prompt editing timelines: True" in old.infotexts[0]
+    new = generate(tiny_models["sd1"], GenerationRequest(["[cat:dog:1.0]"], [1], **common))
+    assert not torch.equal(old.images, new.images)
+    settings, ignored = settings_from_infotext(old.infotexts[0])
+    assert settings["old_edit_timelines"] is True and "Old prompt editing timelines" not in ignored
+    for version, prompt, expected in (("v1.5.1", "[a:b:1.0]", True), ("v1.6.0", "[a:b:1.0]", False),
+                                      ("v1.5.1", "a b", False)):  # fmt: skip
+        settings, _ = settings_from_infotext(f"{prompt}\nSteps: 4, Sampler: Euler, Seed: 1, Version: {version}")
+        assert settings.get("old_edit_timelines", False) is expected

@@ -121,6 +121,11 @@ def add_prompt_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--negative-prompt", default="", help="what to steer away from (empty: the unconditional prompt)")
     p.add_argument(
+        "--old-edit-timelines",
+        action="store_true",
+        help="prompt editing's `when` as the web UI read it before 1.6 (below 1 a fraction, else a step number)",
+    )
+    p.add_argument(
         "--style", action="append", help="a prompt style of --styles-file, applied as the web UI (repeatable)"
     )
     p.add_argument("--styles-file", help=STYLES_HELP)

@@ -136,6 +136,7 @@ def request_from_args(args) -> GenerationRequest:
         hires=hires_from_args(args),
         styles=args.style or [],
         step_count=getattr(args, "step_count", "web_ui"),
+        old_edit_timelines=args.old_edit_timelines,
     )
 
 

@@ -93,6 +93,7 @@ FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("
           "Hires upscaler": ("hires_upscaler", str), "Hires CFG Scale": ("hires_cfg_scale", float),
           "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}  # fmt: skip
 NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size", "Hires sampler", "Hires schedule type"}
+NOT_SETTINGS |= {"Old prompt editing timelines"}  # (read with the version, below)
 # Which files and program made the image: the flags say which are used here.
 INFORMATIONAL = {"Model hash", "Model", "Version", "TI hashes", "Lora hashes"}
 
@@ -143,6 +144,10 @@ def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
         settings["width"], settings["height"] = _number(int, "Size", width), _number(int, "Size", height)
     if "Sampler" in fields:
         settings["sampler"], settings["scheduler"] = sampler_from_web_ui(fields["Sampler"], fields.get("Schedule type"))
+    version = re.fullmatch(r"v?(\d+)\.(\d+).*", fields.get("Version", ""))  # (the web UI's backcompat: before 1.6)
+    old = version is not None and (int(version[1]), int(version[2])) < (1, 6) and "[" in fields["prompt"]
+    if fields.get("Old prompt editing timelines") == "True" or old:
+        settings["old_edit_timelines"] = True
     if "Hires upscale" in fields or "Hires resize" in fields:  # then the denoising strength is the hires pass's
         settings["hires_denoise"] = settings.pop("strength", 0.7)  # (the web UI's default, where the text has none)
         if "Hires sampler" in fields:  # (a legacy name holds its schedule: "DPM++ 2M Karras")

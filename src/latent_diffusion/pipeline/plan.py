@@ -422,6 +422,8 @@ def infotext_fields(plan: Plan) -> dict:
         fields["Lora hashes"] = ", ".join(f"{_bare(name)}: {lora_hash(pipeline.loras[name])}" for name in loras)
     if used := {e.name: e for p in passes for e in p.embeddings_used()}:
         fields["TI hashes"] = ", ".join(f"{_bare(e.name)}: {e.shorthash}" for _, e in sorted(used.items()))
+    if r.old_edit_timelines:
+        fields["Old prompt editing timelines"] = True
     if pipeline.refiner is not None:
         file = pipeline.refiner_checkpoint
         name, hash_ = (file.stem, f" [{model_hash(file)}]") if file else ("refiner", "")

@@ -87,6 +87,7 @@ class GenerationRequest:
     hires: HiresFix | None = None  # txt2img: a second pass at a larger size
     styles: list[str] = field(default_factory=list)  # prompt styles of the pipeline's, applied in order (`styles.py`)
     edits_after: int = 0  # a hires pass: its first pass's editing steps, which prompt editing counts on from
+    old_edit_timelines: bool = False  # the web UI's "Old prompt editing timelines" (its rule before 1.6)
 
     @classmethod
     def repeated(
@@ -130,8 +131,8 @@ class GenerationRequest:
     def schedule(self, text: str) -> list[tuple[int, str]]:
         """A prompt's editing schedule, [(last step, the prompt up to it)] (`syntax.prompt_schedule`); one entry
         for the whole run where the syntax is off."""
-        steps = self.editing_steps
-        return prompt_schedule(text, steps, self.edits_after) if self.prompt_syntax else [(steps, text)]
+        steps, before = self.editing_steps, -1 if self.old_edit_timelines else self.edits_after
+        return prompt_schedule(text, steps, before) if self.prompt_syntax else [(steps, text)]
 
 
 @dataclass

@@ -273,8 +273,12 @@ def _parse(text: str) -> list:
 
 def _when(number: str, steps: int, before: int = 0) -> int:
     """An edit's NUMBER -> the last step of its first part (< 1: none; the rule is above). before: in a hires pass,
-    the first pass's steps, which NUMBER counts on from."""
-    value = (float(number) - (1 if before else 0)) * steps if "." in number else float(number) - before
+    the first pass's steps, which NUMBER counts on from; -1: the web UI's old timelines (before 1.6: below 1 a
+    fraction, else a step number, point or not, in each pass alone)."""
+    if before < 0:
+        value = float(number) * steps if float(number) < 1 else float(number)
+    else:
+        value = (float(number) - (1 if before else 0)) * steps if "." in number else float(number) - before
     if value >= steps:
         return steps
     return int(value) if value > 0 else 0  # 0 and below: never (-1e999 is -inf, which int() refuses)

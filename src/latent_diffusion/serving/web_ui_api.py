@@ -56,7 +56,7 @@ NO_EFFECT = {
     "initial_noise_multiplier": (None, 1),
 }  # fmt: skip
 HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
-SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "img2img_fix_steps"}  # the options honoured
+SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "img2img_fix_steps", "use_old_scheduling"}  # honoured
 # Levels of lists and objects in one field of a request's own (a field this server does not read, override_settings):
 # clients nest a few (alwayson_scripts). Some hundreds still parse, and echoing them recursed past Python's limit.
 MAX_NESTING = 64
@@ -249,6 +249,7 @@ def generation_request(body: Txt2ImgRequest) -> tuple[GenerationRequest, Sampler
         refiner_switch=0.8 if body.refiner_switch_at is None else body.refiner_switch_at,
         styles=body.styles,
         step_count="fixed" if (body.override_settings or {}).get("img2img_fix_steps") is True else "web_ui",
+        old_edit_timelines=(body.override_settings or {}).get("use_old_scheduling") is True,
         hires=hires_fix(body) if body.enable_hr and not isinstance(body, Img2ImgRequest) else None,
     )
     return request, sampler
