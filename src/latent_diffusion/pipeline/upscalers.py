@@ -170,10 +170,23 @@ def load_upscaler(
 ) -> UpscalerModel:
     """A model file (an `Upscaler` row or a path) as spandrel's architecture with its weights, in eval mode on
     `device`, in `dtype` where the architecture supports it and float32 otherwise. UpscalerError, naming the file,
-    for a file that is not an image-to-image model spandrel knows."""
+    for a file that is not an image-to-image model spandrel knows. The last two files loaded are kept (a server's
+    requests name the same few), and read again once the file changes."""
     if isinstance(upscaler, Upscaler) and upscaler.path is None:
         raise UpscalerError(f"{upscaler.name!r} is a resampler, not a model file")
     path = Path(upscaler.path if isinstance(upscaler, Upscaler) else upscaler)
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None  # (read_upscaler_weights names the problem)
+    version = (stat.st_mtime_ns, stat.st_size) if stat else None
+    descriptor = _descriptor(path, version, str(torch.device(device)), dtype)
+    return UpscalerModel(upscaler.name if isinstance(upscaler, Upscaler) else path.stem, path, descriptor)
+
+
+@functools.lru_cache(maxsize=2)
+def _descriptor(path: Path, version: tuple | None, device: str, dtype: torch.dtype):
+    """`load_upscaler`'s work, kept by the file's path, modification time and size, device and dtype."""
     spandrel = import_spandrel()
     state_dict = read_upscaler_weights(path)
     try:
@@ -189,8 +202,7 @@ def load_upscaler(
         raise UpscalerError(f"{path}: a {descriptor.architecture.name} model, {what}, not an image upscaler")
     supported = {torch.float16: descriptor.supports_half, torch.bfloat16: descriptor.supports_bfloat16}
     descriptor.to(device=device, dtype=dtype if supported.get(dtype, True) else torch.float32).eval()
-    name = upscaler.name if isinstance(upscaler, Upscaler) else path.stem
-    return UpscalerModel(name, path, descriptor)
+    return descriptor
 
 
 def run_model(model: UpscalerModel, image: torch.Tensor, *, tile: int = TILE, overlap: int = OVERLAP) -> torch.Tensor:
