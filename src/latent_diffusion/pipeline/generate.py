@@ -265,13 +265,18 @@ def sample(
     its prompts name (`with_loras(pipeline, tags)`: a context, `merged`), and the last pass decoded. With the hires fix the first pass's latent
     is enlarged (`hires.py`) and a second pass runs over it."""
     r, seeds = plan.request, [plan.request.seeds[i] for i in batch]
-    with with_loras(plan.pipeline, plan.lora_sets()[batch.start]):
+    with contextlib.ExitStack() as merged_loras:
+        first = (plan.pipeline, plan.lora_sets()[batch.start])
+        merged_loras.enter_context(with_loras(*first))
         stage, pixel_mask, notes = prepare(plan, batch)
         x = run(stage, r, seeds, step_done)
-    if plan.hires is None:
-        return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
-    latent, image = enlarge(plan, x, upscaler)
-    with with_loras(plan.hires.pipeline, plan.hires.lora_sets()[batch.start]):
+        if plan.hires is None:
+            return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
+        latent, image = enlarge(plan, x, upscaler)
+        second = (plan.hires.pipeline, plan.hires.lora_sets()[batch.start])
+        if second[0] is not first[0] or second[1] != first[1]:  # (the same LoRAs stay merged for both passes)
+            merged_loras.close()
+            merged_loras.enter_context(with_loras(*second))
         stage, _, more = prepare(plan.hires, batch, latent=latent, start_image=image)
         x = run(stage, plan.hires.request, seeds, step_done)
     notes += [n for n in more if n not in notes]
