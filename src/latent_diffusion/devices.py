@@ -49,16 +49,22 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def memory_report() -> dict:
-    """The web UI's /sdapi/v1/memory: the host's RAM (from /proc/meminfo where there is one) and CUDA's, or why not."""
-    ram = {"error": "this system has no /proc/meminfo"}
+def host_memory() -> tuple[int, int] | None:
+    """(total, available) bytes of the host's RAM, from /proc/meminfo; None where there is none."""
     try:
         with open("/proc/meminfo") as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:]}
-        total, free = info["MemTotal"], info["MemAvailable"]
-        ram = {"free": free, "used": total - free, "total": total}
+        return info["MemTotal"], info["MemAvailable"]
     except (OSError, KeyError, ValueError):
-        pass
+        return None
+
+
+def memory_report() -> dict:
+    """The web UI's /sdapi/v1/memory: the host's RAM (from /proc/meminfo where there is one) and CUDA's, or why not."""
+    ram = {"error": "this system has no /proc/meminfo"}
+    if (host := host_memory()) is not None:
+        total, free = host
+        ram = {"free": free, "used": total - free, "total": total}
     if not torch.cuda.is_available():
         return {"ram": ram, "cuda": {"error": "CUDA is not available here"}}
     free, total = torch.cuda.mem_get_info()

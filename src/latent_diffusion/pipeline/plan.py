@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..devices import host_memory
 from ..files import lora_hash, model_hash
 from ..models import vae_tiling
 from ..models.ldm import LatentDiffusion
@@ -375,12 +376,8 @@ def available_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as f:
-                return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-        except (OSError, StopIteration, ValueError):
-            return None
+    if device.type == "cpu" and (host := host_memory()) is not None:
+        return host[1]
     return None
 
 
