@@ -97,7 +97,7 @@ class Plan:
             frozenset(self.prompts[text].context_length for text in r.prompts),
             frozenset(self.negatives[text].context_length for text in r.negative_prompts),
         )
-        hires = self.hires.batch_key()[-2:] if self.hires else ()
+        hires = self.hires.batch_key() if self.hires else ()
         return *settings, *hires, lengths, frozenset(self.lora_sets())
 
     def embeddings_used(self) -> list[Embedding]:
