@@ -25,7 +25,7 @@ from .tokenizer import clip_tokenizer
 from .unet import UNetModel
 from .yaml_config import from_ldm_config
 
-CONDITIONING_KEYS = ("crossattn", "concat", "vector")
+CONDITIONING_KEYS = ("crossattn", "concat", "vector", "control")
 
 
 class DiffusionWrapper(nn.Module):
@@ -35,6 +35,7 @@ class DiffusionWrapper(nn.Module):
         "crossattn": (b, n, context_dim)   attended to by every SpatialTransformer (the text)
         "concat":    (b, c, h, w)          appended to the noisy latent's channels (inpainting: mask + masked latent)
         "vector":    (b, adm_in_channels)  added to the time embedding through `label_emb` (SDXL: pooled text, sizes)
+        "control":   `unet.ControlResiduals`  what ControlNets and T2I-Adapters add to the U-Net's features
 
     A new conditioning input is a new key here and a producer of it (the model's conditioner or the request layer).
     """
@@ -49,7 +50,9 @@ class DiffusionWrapper(nn.Module):
             raise ValueError(f"unknown conditioning {sorted(unknown)}; the keys are {', '.join(CONDITIONING_KEYS)}")
         if "concat" in cond:
             x = torch.cat([x, cond["concat"]], dim=1)  # (b, latent channels + c, h, w)
-        return self.diffusion_model(x, t, context=cond.get("crossattn"), y=cond.get("vector"))
+        return self.diffusion_model(
+            x, t, context=cond.get("crossattn"), y=cond.get("vector"), control=cond.get("control")
+        )
 
 
 class LatentDiffusion(nn.Module):

@@ -9,9 +9,14 @@ input_blocks.0 is the stem convolution; each following input block is a ResBlock
 a Downsample; the middle block is ResBlock, SpatialTransformer, ResBlock; each output block takes the
 concatenation of the running features and one saved skip, and ends a level with an Upsample.
 Sequential indices are kept so that keys such as `input_blocks.1.0.in_layers.2.weight` resolve.
+
+Control models (ControlNet, T2I-Adapter) add to its features without changing its module tree (`ControlResiduals`).
 """
 
+from __future__ import annotations
+
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -91,20 +96,52 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
-class UNetModel(nn.Module):
+@dataclass
+class ControlResiduals:
+    """What control models add to the U-Net's features, summed over the units (the web UI's ControlNet extension adds
+    each unit's into one total):
+
+        skips:    one per input block, added to that block's skip connection as the decoder takes it (ControlNet, as
+                  lllyasviel's ControlledUnetModel), or None
+        middle:   added to the middle block's output (ControlNet; SDXL's T2I-Adapter's last feature), or None
+        features: {input block i: added to the running features after block i, before its skip is kept} (T2I-Adapter)
+
+    Each tensor is (b, c, h, w) at its block's width and size; an addend of another size is resized (nearest) first,
+    as the extension's `aligned_adding` does for sides that are not multiples of 64.
+    """
+
+    skips: list[torch.Tensor | None] | None = None
+    middle: torch.Tensor | None = None
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def __add__(self, other: ControlResiduals) -> ControlResiduals:
+        def add(a, b):
+            return b if a is None else a if b is None else a + b
+
+        skips = [add(a, b) for a, b in zip(self.skips, other.skips)] if self.skips and other.skips else None
+        features = {i: add(self.features.get(i), other.features.get(i)) for i in self.features.keys() | other.features}
+        return ControlResiduals(skips or self.skips or other.skips, add(self.middle, other.middle), features)
+
+
+def add_residual(h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """h + residual, the residual resized (nearest) where its side differs by the rounding of odd sizes."""
+    if residual is None:
+        return h
+    if residual.shape[-2:] != h.shape[-2:]:
+        residual = F.interpolate(residual, size=h.shape[-2:], mode="nearest")
+    return h + residual
+
+
+class UNetEncoder(nn.Module):
+    """The time embedding, the input blocks and the middle block: the U-Net's first half, which a ControlNet copies
+    (`controlnet.py`). -> self.skip_channels (each input block's width), self.channels and self.ds (the width and
+    downsampling factor at the bottom)."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.cfg = cfg
         mc = cfg.model_channels
         emb_channels = mc * 4
-
-        def transformer(ch: int, depth: int) -> SpatialTransformer:
-            if cfg.num_head_channels is not None:
-                heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
-            else:
-                heads, dim_head = cfg.num_heads, ch // cfg.num_heads
-            return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
-
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
         if cfg.adm_in_channels:  # nested Sequential: keys `label_emb.0.0.weight`, as CompVis
             self.label_emb = nn.Sequential(
@@ -114,32 +151,58 @@ class UNetModel(nn.Module):
             )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
-        skip_channels = [mc]
+        self.skip_channels = [mc]
         ch, ds = mc, 1  # current width and downsampling factor
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
                 layers = [ResBlock(ch, emb_channels, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                    layers.append(self.transformer(ch, cfg.transformer_depth[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
+                self.skip_channels.append(ch)
             if level != len(cfg.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
-                skip_channels.append(ch)
+                self.skip_channels.append(ch)
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_channels, ch), transformer(ch, cfg.transformer_depth[-1]), ResBlock(ch, emb_channels, ch)
+            ResBlock(ch, emb_channels, ch),
+            self.transformer(ch, cfg.transformer_depth[-1]),
+            ResBlock(ch, emb_channels, ch),
         )
+        self.channels, self.ds = ch, ds
 
+    def transformer(self, ch: int, depth: int) -> SpatialTransformer:
+        cfg = self.cfg
+        if cfg.num_head_channels is not None:
+            heads, dim_head = ch // cfg.num_head_channels, cfg.num_head_channels
+        else:
+            heads, dim_head = cfg.num_heads, ch // cfg.num_heads
+        return SpatialTransformer(ch, heads, dim_head, depth, cfg.context_dim, cfg.use_linear_in_transformer)
+
+    def embedding(self, timesteps: torch.Tensor, y: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+        """The time embedding (b, 4·model_channels), plus y's through `label_emb` where the model takes y."""
+        timesteps = torch.as_tensor(timesteps, device=like.device).expand(like.shape[0])
+        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(like.dtype))
+        if (y is not None) != bool(self.cfg.adm_in_channels):
+            raise ValueError(f"this U-Net takes {'a' if self.cfg.adm_in_channels else 'no'} vector conditioning y")
+        return emb if y is None else emb + self.label_emb(y)
+
+
+class UNetModel(UNetEncoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        mc = cfg.model_channels
+        emb_channels = mc * 4
+        skip_channels, ch, ds = list(self.skip_channels), self.channels, self.ds
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
             for i in range(cfg.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_channels, mult * mc)]
                 ch = mult * mc
                 if ds in cfg.attention_resolutions:
-                    layers.append(transformer(ch, cfg.transformer_depth[level]))
+                    layers.append(self.transformer(ch, cfg.transformer_depth[level]))
                 if level and i == cfg.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -154,32 +217,30 @@ class UNetModel(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         y: torch.Tensor | None = None,
+        control: ControlResiduals | None = None,
     ) -> torch.Tensor:
-        """x: (b, in_channels, h, w), timesteps: (b,) or scalar, context: (b, n, context_dim), y: (b, adm_in_channels)
-        -> (b, out_channels, h, w).
+        """x: (b, in_channels, h, w), timesteps: (b,) or scalar, context: (b, n, context_dim), y: (b, adm_in_channels),
+        control: what control models add (`ControlResiduals`) -> (b, out_channels, h, w).
 
         Any h and w work; sides that are not multiples of 2 ** (len(channel_mult) - 1) are upsampled to the
         size of the matching skip connection.
         """
-        timesteps = torch.as_tensor(timesteps, device=x.device).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels).to(x.dtype))
-        if (y is not None) != bool(self.cfg.adm_in_channels):
-            raise ValueError(f"this U-Net takes {'a' if self.cfg.adm_in_channels else 'no'} vector conditioning y")
-        if y is not None:
-            emb = emb + self.label_emb(y)
+        emb = self.embedding(timesteps, y, x)
 
         def run(block, *args):
             if self.checkpointing and torch.is_grad_enabled():
                 return checkpoint(block, *args, use_reentrant=False)
             return block(*args)
 
+        control = control or ControlResiduals()
         skips = []
         h = x
-        for block in self.input_blocks:
-            h = run(block, h, emb, context)
+        for i, block in enumerate(self.input_blocks):
+            h = add_residual(run(block, h, emb, context), control.features.get(i))
             skips.append(h)
-        h = run(self.middle_block, h, emb, context)
+        h = add_residual(run(self.middle_block, h, emb, context), control.middle)
+        skip_residuals = list(control.skips or [None] * len(skips))
         for block in self.output_blocks:
-            h = torch.cat([h, skips.pop()], dim=1)
+            h = torch.cat([h, add_residual(skips.pop(), skip_residuals.pop())], dim=1)
             h = run(block, h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
