@@ -312,7 +312,7 @@ CASES = [  # module, reference, processor_res, threshold_a, threshold_b
 
 
 @pytest.mark.parametrize(("module", "ref", "res", "a", "b"), CASES)
-@pytest.mark.parametrize("shape", [(48, 72), (70, 44), (100, 80)])  # enlarged to 96; at 64, shrunk too
+@pytest.mark.parametrize("shape", [(48, 72), (70, 44), (100, 80)])  # (100, 80): shrunk at resolution 64
 def test_weight_free_modules_equal_the_extension(module, ref, res, a, b, shape):
     image = drawing(*shape)
     defaults = find_module(module)
