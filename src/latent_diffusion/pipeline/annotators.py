@@ -1,0 +1,119 @@
+"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, normals, MLSD), run through
+the `controlnet_aux` package: only where it is importable and its weight files are in a folder the user names.
+Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
+as it is) only after every file it will read has been found there.
+
+This is a hook, not a port: the maps are controlnet_aux's, which resizes to a multiple of 64 at the processor
+resolution where the extension pads (`resize_image_with_pad`), so they differ from the web UI's in size and at the
+borders; `control_images.prepare_control` then sizes them to the generation as for any other module. The other
+weight-needing modules (segmentation, DWPose, CLIP vision, IP-Adapter, InstantID, ...) have no loader here.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .control_modules import ControlModule, PreprocessorError
+
+
+@dataclass(frozen=True)
+class Annotator:
+    """How one module runs in controlnet_aux: its detector class, the files `from_pretrained` reads from the folder,
+    the options of its call, and the call's names for the module's threshold_a and threshold_b."""
+
+    detector: str
+    files: tuple[str, ...]
+    options: dict = field(default_factory=dict)
+    thresholds: tuple[str, str] | None = None
+
+
+_OPENPOSE_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
+_LINEART_FILES = ("sk_model.pth", "sk_model2.pth")  # LineartDetector loads both, fine and coarse
+_LERES_FILES = ("res101.pth", "latest_net_G.pth")
+
+
+def _pose(body: bool, hand: bool, face: bool) -> Annotator:
+    return Annotator(
+        "OpenposeDetector", _OPENPOSE_FILES, {"include_body": body, "include_hand": hand, "include_face": face}
+    )
+
+
+# By the extension's module names; the file names are controlnet_aux 0.0.10's defaults (those of lllyasviel/Annotators).
+ANNOTATORS = {
+    "depth": Annotator("MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",)),
+    "depth_zoe": Annotator("ZoeDetector", ("ZoeD_M12_N.pt",)),
+    "depth_leres": Annotator("LeresDetector", _LERES_FILES, {"boost": False}, ("thr_a", "thr_b")),
+    "depth_leres++": Annotator("LeresDetector", _LERES_FILES, {"boost": True}, ("thr_a", "thr_b")),
+    "openpose": _pose(body=True, hand=False, face=False),
+    "openpose_face": _pose(body=True, hand=False, face=True),
+    "openpose_faceonly": _pose(body=False, hand=False, face=True),
+    "openpose_full": _pose(body=True, hand=True, face=True),
+    "openpose_hand": _pose(body=True, hand=True, face=False),
+    "lineart": Annotator("LineartDetector", _LINEART_FILES, {"coarse": False}),
+    "lineart_coarse": Annotator("LineartDetector", _LINEART_FILES, {"coarse": True}),
+    "lineart_anime": Annotator("LineartAnimeDetector", ("netG.pth",)),
+    "hed": Annotator("HEDdetector", ("ControlNetHED.pth",), {"safe": False}),
+    "hed_safe": Annotator("HEDdetector", ("ControlNetHED.pth",), {"safe": True}),
+    "scribble_hed": Annotator("HEDdetector", ("ControlNetHED.pth",), {"scribble": True}),
+    "pidinet": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": False}),
+    "pidinet_safe": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": True}),
+    "pidinet_scribble": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"scribble": True}),
+    "normal_bae": Annotator("NormalBaeDetector", ("scannet.pt",)),
+    "mlsd": Annotator("MLSDdetector", ("mlsd_large_512_fp32.pth",), thresholds=("thr_v", "thr_d")),
+}
+
+
+def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
+    """Why `module` cannot run through controlnet_aux with the weights in `folder`; None where it can."""
+    spec = ANNOTATORS.get(module.name)
+    if spec is None:
+        return f"ControlNet module {module.label!r} needs model weights that nothing here loads"
+    if importlib.util.find_spec("controlnet_aux") is None:
+        return f"ControlNet module {module.label!r} needs the controlnet_aux package, which is not installed"
+    if folder is None:
+        return f"ControlNet module {module.label!r} needs annotator weights ({', '.join(spec.files)}): no folder named"
+    missing = [name for name in spec.files if not (Path(folder) / name).is_file()]
+    if missing:
+        return f"ControlNet module {module.label!r} needs {', '.join(missing)} in {os.fspath(folder)}"
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _load(detector: str, folder: str):
+    """One controlnet_aux detector, built from the files in `folder` (the last two kept: each holds a network)."""
+    import controlnet_aux
+
+    return getattr(controlnet_aux, detector).from_pretrained(folder)
+
+
+def annotator(module: ControlModule, folder: str | os.PathLike | None) -> Callable[..., np.ndarray]:
+    """`module`'s detector as `run(image, resolution, threshold_a, threshold_b, rng) -> HWC uint8 map` (the
+    signature of the weight-free detectors; rng unused); a
+    PreprocessorError that says what is missing where it cannot run."""
+    reason = unavailable_reason(module, folder)
+    if reason is not None:
+        raise PreprocessorError(reason)
+    spec = ANNOTATORS[module.name]
+
+    def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: float, rng=None) -> np.ndarray:
+        try:
+            detector = _load(spec.detector, os.fspath(folder))
+        except Exception as error:  # a file that is not the weights it is named for: say which, in one line
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise PreprocessorError(
+                f"ControlNet module {module.label!r}: controlnet_aux cannot load it: {first}"
+            ) from error
+        options = dict(spec.options)
+        if spec.thresholds is not None:
+            options |= dict(zip(spec.thresholds, (threshold_a, threshold_b)))
+        found = detector(image, detect_resolution=resolution, image_resolution=resolution, output_type="np", **options)
+        return np.asarray(found, dtype=np.uint8)
+
+    return run
