@@ -50,7 +50,9 @@ class UNetConfig:
     num_heads: int | None = 8  # SD 1.x: a fixed head count ...
     num_head_channels: int | None = None  # ... SD 2.x: a fixed head width (64); exactly one of the two is set
     transformer_depth: tuple[int, ...] = 1  # transformer blocks per level (a number: the same for every level);
-    # the middle block has the last level's. SDXL base: (1, 2, 10), its first level without attention.
+    # the middle block has the last level's. SDXL base: (1, 2, 10), its first level without attention. 0: a
+    # SpatialTransformer without blocks (norm, proj_in, proj_out), as diffusers builds a cross-attention block of
+    # `transformer_layers_per_block` 0 (the middle block of its small SDXL ControlNets)
     context_dim: int = 768
     use_linear_in_transformer: bool = False  # SD 2.x: Linear proj_in/proj_out instead of 1x1 convs
     adm_in_channels: int | None = None  # width of the vector conditioning y (CompVis num_classes="sequential")
@@ -74,7 +76,7 @@ class UNetConfig:
             channel_mult=(1, 64),
             num_heads=(1, 256),
             num_head_channels=(1, 1024),
-            transformer_depth=(1, 64),
+            transformer_depth=(0, 64),
             context_dim=(1, 16384),
             adm_in_channels=(1, 65536),
         )

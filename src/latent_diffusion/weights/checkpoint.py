@@ -44,29 +44,36 @@ BUILTIN_MODEL = Path(__file__).parents[1] / "assets" / "shapes.safetensors"
 # The architecture from the keys -----------------------------------------------------------------------------
 
 
-def _indices(keys, prefix: str) -> list[int]:
+def key_indices(keys, prefix: str) -> list[int]:
     """Distinct integers N in keys that start with `prefix` + "N."."""
     found = {int(k[len(prefix) :].split(".", 1)[0]) for k in keys if k.startswith(prefix)}
     return sorted(found)
 
 
-def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
+def infer_unet(sd: dict[str, torch.Tensor], prefix: str = UNET, *, encoder_only: bool = False) -> UNetConfig:
+    """The U-Net's config, read off its weights at `prefix`.
+
+    encoder_only: the weights are a copy of the U-Net's first half (a ControlNet's, `models/controlnet.py`): there
+    is no `out.*`, so out_channels is taken to be in_channels, and the middle block's transformer may hold no blocks
+    (diffusers' small SDXL ControlNets), so the context width is read off any cross-attention, and is 1 where
+    nothing attends to text (as ComfyUI reads those files).
+    """
     keys = sd.keys()
-    mc, in_channels = sd[UNET + "input_blocks.0.0.weight"].shape[:2]
-    blocks = _indices(keys, UNET + "input_blocks.")
-    downs = [i for i in blocks if UNET + f"input_blocks.{i}.0.op.weight" in sd]
+    mc, in_channels = sd[prefix + "input_blocks.0.0.weight"].shape[:2]
+    blocks = key_indices(keys, prefix + "input_blocks.")
+    downs = [i for i in blocks if prefix + f"input_blocks.{i}.0.op.weight" in sd]
     num_res_blocks = (downs[0] if downs else len(blocks)) - 1
     channel_mult, attention_resolutions, depths = [], [], {}
     for level in range(len(downs) + 1):
         first = 1 + level * (num_res_blocks + 1)
-        channel_mult.append(sd[UNET + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
-        if UNET + f"input_blocks.{first}.1.proj_in.weight" in sd:
+        channel_mult.append(sd[prefix + f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        if prefix + f"input_blocks.{first}.1.proj_in.weight" in sd:
             attention_resolutions.append(2**level)
-            depths[level] = len(_indices(keys, UNET + f"input_blocks.{first}.1.transformer_blocks."))
+            depths[level] = len(key_indices(keys, prefix + f"input_blocks.{first}.1.transformer_blocks."))
     # A level without attention leaves no depth in the keys: the one depth of all levels if they share one
     # (the refiner's 4), else 1 (SDXL base's [1, 2, 10]), as the original YAMLs write them. The middle block
     # has the last level's depth.
-    middle = len(_indices(keys, UNET + "middle_block.1.transformer_blocks."))
+    middle = len(key_indices(keys, prefix + "middle_block.1.transformer_blocks."))
     fill = depths[min(depths)] if len(set(depths.values())) == 1 else 1
     transformer_depth = [depths.get(level, fill) for level in range(len(channel_mult))]
     last = len(channel_mult) - 1
@@ -74,11 +81,18 @@ def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
         transformer_depth[last] = middle
     elif depths[last] != middle:
         raise ValueError(f"a middle block of depth {middle} beside a last level of depth {depths[last]}")
-    proj_in = sd[UNET + "middle_block.1.proj_in.weight"]
+    proj_in = sd[prefix + "middle_block.1.proj_in.weight"]
     linear = proj_in.ndim == 2
+    if encoder_only:
+        out_channels = in_channels
+        attn2 = [k for k in keys if k.startswith(prefix) and k.endswith(".attn2.to_k.weight")]
+        context_dim = sd[attn2[0]].shape[1] if attn2 else 1
+    else:
+        out_channels = sd[prefix + "out.2.weight"].shape[0]
+        context_dim = sd[prefix + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1]
     return UNetConfig(
         in_channels=in_channels,
-        out_channels=sd[UNET + "out.2.weight"].shape[0],
+        out_channels=out_channels,
         model_channels=mc,
         attention_resolutions=tuple(attention_resolutions),
         num_res_blocks=num_res_blocks,
@@ -87,16 +101,16 @@ def _infer_unet(sd: dict[str, torch.Tensor]) -> UNetConfig:
         num_heads=None if linear else 8,
         num_head_channels=64 if linear else None,
         transformer_depth=tuple(transformer_depth),
-        context_dim=sd[UNET + "middle_block.1.transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        context_dim=context_dim,
         use_linear_in_transformer=linear,
-        adm_in_channels=sd[UNET + "label_emb.0.0.weight"].shape[1] if UNET + "label_emb.0.0.weight" in sd else None,
+        adm_in_channels=sd[prefix + "label_emb.0.0.weight"].shape[1] if prefix + "label_emb.0.0.weight" in sd else None,
     )
 
 
 def _infer_autoencoder(sd: dict[str, torch.Tensor]) -> AutoencoderConfig:
     keys = sd.keys()
     ch, in_channels = sd[VAE + "encoder.conv_in.weight"].shape[:2]
-    levels = _indices(keys, VAE + "encoder.down.")
+    levels = key_indices(keys, VAE + "encoder.down.")
     z_channels = sd[VAE + "decoder.conv_in.weight"].shape[1]
     return AutoencoderConfig(
         embed_dim=sd[VAE + "post_quant_conv.weight"].shape[1],
@@ -106,7 +120,7 @@ def _infer_autoencoder(sd: dict[str, torch.Tensor]) -> AutoencoderConfig:
         out_ch=sd[VAE + "decoder.conv_out.weight"].shape[0],
         ch=ch,
         ch_mult=tuple(sd[VAE + f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in levels),
-        num_res_blocks=len(_indices(keys, VAE + "encoder.down.0.block.")),
+        num_res_blocks=len(key_indices(keys, VAE + "encoder.down.0.block.")),
     )
 
 
@@ -118,12 +132,12 @@ def _infer_text(sd: dict[str, torch.Tensor], prefix: str, stock: TextEncoderConf
     if stock.kind == "clip":
         text.vocab_size, text.width = sd[prefix + "embeddings.token_embedding.weight"].shape
         text.max_length = sd[prefix + "embeddings.position_embedding.weight"].shape[0]
-        text.layers = len(_indices(keys, prefix + "encoder.layers."))
+        text.layers = len(key_indices(keys, prefix + "encoder.layers."))
         text.mlp_width = sd[prefix + "encoder.layers.0.mlp.fc1.weight"].shape[0]
     else:
         text.vocab_size, text.width = sd[prefix + "token_embedding.weight"].shape
         text.max_length = sd[prefix + "positional_embedding"].shape[0]
-        text.layers = len(_indices(keys, prefix + "transformer.resblocks."))
+        text.layers = len(key_indices(keys, prefix + "transformer.resblocks."))
         text.mlp_width = sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
         text.projection = prefix + "text_projection" in sd
         if text.projection:
@@ -187,7 +201,7 @@ def infer_config(
         conditioner = _infer_conditioner(sd, family)
         is_v = re.search(family.v_name, Path(path).name.lower() if path else "") is not None
         return LatentDiffusionConfig(
-            unet=_infer_unet(sd),
+            unet=infer_unet(sd),
             autoencoder=_infer_autoencoder(sd),
             parameterization="v" if is_v else "eps",
             **conditioner,
@@ -224,7 +238,7 @@ def _config_from_argument(config) -> LatentDiffusionConfig:
 
 
 @contextlib.contextmanager
-def _empty_modules():
+def empty_modules():
     """Build modules on the meta device with their initialisers skipped: the weights are about to be replaced, and
     the meta versions of `normal_` and the like import torch._dynamo on first use (2-3 s of a process's first load).
     nn.init's functions are swapped for the duration, as transformers' `no_init_weights` does."""
@@ -290,7 +304,7 @@ def load_model(
     if parameterization is not None:
         cfg = dataclasses.replace(cfg, parameterization=parameterization)
     try:
-        with _empty_modules():
+        with empty_modules():
             model = LatentDiffusion(cfg)
     except (ValueError, ZeroDivisionError, RuntimeError) as e:
         raise CheckpointError(f"{path}: its config describes no model this project builds ({first_line(e)})") from None
@@ -307,7 +321,7 @@ def load_model(
 
     # The VAE's attention as Linear weights [c, c] instead of 1x1 convolutions [c, c, 1, 1], as files converted back
     # from diffusers store them, fits: the same numbers, reshaped exactly.
-    if problem := _mismatch(expected, sd, lambda k, have, want: (*have, 1, 1) == want and k.startswith(VAE)):
+    if problem := mismatch(expected, sd, lambda k, have, want: (*have, 1, 1) == want and k.startswith(VAE)):
         raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: {problem}")
 
     dtypes = {k: stored.get(k, dtype) for k in expected}
@@ -359,13 +373,13 @@ def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
     expected = model.first_stage_model.state_dict()
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.")) for k in sd):
         raise CheckpointError(f"{path}: a diffusers-format VAE; this takes the original layout (encoder.down.*)")
-    if problem := _mismatch(expected, sd, lambda k, have, want: have.numel() == want.numel(), ignorable=None):
+    if problem := mismatch(expected, sd, lambda k, have, want: have.numel() == want.numel(), ignorable=None):
         raise CheckpointError(f"{path}: not an autoencoder of this model: {problem}")
     weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
     model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
 
 
-def _mismatch(expected: dict, sd: dict, also_fits, ignorable=_ignorable) -> str:
+def mismatch(expected: dict, sd: dict, also_fits, ignorable=_ignorable) -> str:
     """Why `sd` does not load as `expected` ("" when it does): its missing, unexpected (not `ignorable`) and
     wrong-shape keys, a shape fitting when it is the expected one or `also_fits(key, shape, expected shape)`."""
     found = {

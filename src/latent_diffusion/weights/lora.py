@@ -229,7 +229,10 @@ class Target:
 
 
 # A ResBlock's layers: CompVis's name -> diffusers'. Elsewhere the names inside a block are the same in both.
+# (The norms carry no LoRA; they are here for the ControlNet files in diffusers' layout, `weights/controlnet.py`.)
 RESBLOCK = {
+    "in_layers.0": "norm1",
+    "out_layers.0": "norm2",
     "in_layers.2": "conv1",
     "emb_layers.1": "time_emb_proj",
     "out_layers.3": "conv2",

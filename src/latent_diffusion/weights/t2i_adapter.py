@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from ..models.t2i_adapter import Adapter, AdapterLight, T2IAdapterConfig, build_t2i_adapter
-from .checkpoint import _empty_modules, _mismatch
+from .checkpoint import empty_modules, mismatch
 from .reader import CheckpointError, read_state_dict
 
 
@@ -139,9 +139,9 @@ def t2i_adapter_from_state_dict(
         raise T2IAdapterError(f"{name}: an incomplete T2I-Adapter: it has no {e.args[0]}") from None
     if len(cfg.channels) != 4:
         raise T2IAdapterError(f"{name}: a T2I-Adapter with {len(cfg.channels)} levels; the U-Net takes 4 features")
-    with _empty_modules():
+    with empty_modules():
         model = build_t2i_adapter(cfg)
-    if problem := _mismatch(model.state_dict(), sd, also_fits=lambda *_: False, ignorable=None):
+    if problem := mismatch(model.state_dict(), sd, also_fits=lambda *_: False, ignorable=None):
         raise T2IAdapterError(f"{name}: does not fit the {cfg.kind} T2I-Adapter its keys describe: {problem}")
     weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(weights, strict=True, assign=True)
