@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_common import DTYPES, STYLES_HELP, UPSCALER_DIR_HELP, UsageError, command
+from .cli_control import add_control_arguments
 from .cli_merge import add_merge
 from .cli_upscale import add_upscale
 from .cli_xyz import XYZ_HELP, add_axis_arguments
@@ -47,6 +48,7 @@ def add_generation_arguments(p: argparse.ArgumentParser, command: str) -> None:
     add_prompt_arguments(p)
     add_size_arguments(p, command)
     add_sampling_arguments(p)
+    add_control_arguments(p)
     add_output_arguments(p)
 
 

@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .cli_common import DTYPES, UsageError
+from .cli_control import controls_from_args
 from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
 from .files import claim_numbered, missing_folders, model_hash, remove_empty, writable_folder
 from .models.ldm import LatentDiffusion
@@ -267,6 +268,9 @@ def apply_infotext(args, argv: list[str]) -> None:
     given = {a.split("=")[0] for a in argv if a.startswith("--")}
     other_flags = {"scheduler": {"--karras", "--no-karras"}}  # other flags that set the same setting
     args.infotext_model_hash = settings.pop("model_hash", None)
+    if not getattr(args, "controlnet", None) and any(k.startswith("control_") for k in settings):
+        settings = {k: v for k, v in settings.items() if not k.startswith("control_")}
+        ignored.append("ControlNet units (give --controlnet FILE and --control-image for each)")
     for dest, value in settings.items():
         flag = "--" + dest.replace("_", "-")
         if hasattr(args, dest) and flag not in given and not other_flags.get(dest, set()) & given:
@@ -283,7 +287,8 @@ def cmd_generate(args, write: Callable | None = None) -> None:
         args.prompt = f"{args.prompt} {tags}"
         if getattr(args, "hires_prompt", None):  # (a LoRA of --lora is for both passes)
             args.hires_prompt = f"{args.hires_prompt} {tags}"
-    request = checked(request_from_args(args))
+    units, args.control_files = controls_from_args(args)
+    request = checked(dataclasses.replace(request_from_args(args), controls=units))
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
     hires_checkpoint = getattr(args, "hires_checkpoint", None)
     if hires_checkpoint is not None and request.hires is None:
@@ -317,6 +322,7 @@ def load_from_args(args, embeddings, loras, device, dtype) -> Pipeline:
         embeddings_dir=embeddings,
         loras=loras,
         upscalers=upscaler_args(args.upscaler_dir),
+        controlnets=getattr(args, "control_files", None),
         hires_checkpoint=getattr(args, "hires_checkpoint", None),
         styles=styles_arg(args.styles_file),
         **weights_args(args),

@@ -12,6 +12,7 @@ import torch
 from ..models.ldm import LatentDiffusion
 from ..prompts.encoding import encode_chunked, encode_prompts
 from ..sampling.denoiser import Denoiser
+from .control_hook import MARK
 from .plan import ParsedPrompt, Plan
 
 
@@ -22,14 +23,16 @@ def scheduled_denoiser(
     extra: dict,
     calls: itertools.count | None = None,
     own_chunks: bool = True,
+    net=None,
 ):
     """The denoiser of a batch, with the conditioning of each prompt-editing segment (`syntax.prompt_schedule`):
     evaluation k (from 0) uses the first segment that ends at or after k, as the web UI counts. Without prompt
     editing there is one segment. As the web UI, the variants of one prompt are encoded together (padded to the
     longest with empty chunks, one emphasis mean), and prompts of different lengths in one batch are padded by
     repeating their last vector. own_chunks: the plan's chunks, made with the pipeline's embeddings (False: the
-    variants chunked again without them, for a refiner, whose text encoder they were not made for).
-    -> (denoiser, prompt warnings)."""
+    variants chunked again without them, for a refiner, whose text encoder they were not made for). net: the U-Net
+    with control units (`control_hook.controlled_unet`), which also gets each row's mark: 1 for a prompt's rows, 0 for
+    the unconditional ones. -> (denoiser, prompt warnings)."""
     r, notes = plan.request, []
     texts = [r.prompts[i] for i in batch]
     prompts = encoded_variants(model, plan, texts, plan.prompts, False, own_chunks, notes)  # (tags' LoRAs merged)
@@ -47,6 +50,12 @@ def scheduled_denoiser(
         extra_cond = {k: v[image_of_row.to(v.device)] for k, v in extra.items()}
     else:
         extra_cond = extra
+    extra_uncond = extra
+    if net is not None:
+        extra_cond = {**extra_cond, MARK: torch.ones(len(parts))}
+        extra_uncond = {**extra, MARK: torch.zeros(len(batch))}
+    else:
+        net = lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float()  # noqa: E731
 
     def at(end: int, rows_of: list[tuple[float, list, dict]]) -> dict[str, torch.Tensor]:
         """The batch's conditioning for the segment that ends at `end`."""
@@ -57,11 +66,11 @@ def scheduled_denoiser(
     for end in ends:
         cond, uncond = at(end, parts), at(end, unconditional) if unconditional else {}
         denoisers[end] = Denoiser(
-            net=lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float(),
+            net=net,
             alphas_cumprod=model.alphas_cumprod,
             parameterization=model.parameterization,
             cond={**cond, **extra_cond},
-            uncond={**uncond, **extra} if uncond else None,
+            uncond={**uncond, **extra_uncond} if uncond else None,
             cfg_scale=r.cfg_scale,
             weights=weights,
         )

@@ -198,7 +198,7 @@ def unit_input(image: np.ndarray, mask: np.ndarray | None, module: ControlModule
     return rgb if (alpha <= 5).all() or (alpha >= 250).all() else hwc3(alpha)
 
 
-def control_hint(
+def control_map(
     image: np.ndarray,
     module: str,
     *,
@@ -212,9 +212,10 @@ def control_hint(
     seed: int = 0,
     annotator_folder: str | os.PathLike | None = None,
     strict: bool = True,
-) -> tuple[torch.Tensor, np.ndarray]:
-    """One ControlNet unit's hint for a generation of `size` (H, W): the hint (1, 3, H', W') float32 and the map
-    shown (uint8 HWC), H' and W' being H and W rounded down to multiples of 8.
+) -> tuple[ControlModule, str, np.ndarray]:
+    """One ControlNet unit's preprocessor run for a generation of `size` (H, W) -> (its module, the resize mode, the
+    map it detected, uint8 HWC, at the preprocessor's resolution), which `prepare_control` fits to a size: the first
+    pass's, and a hires pass's without running the preprocessor again (as the extension).
 
     `module` is a name or a label; `processor_res`, `threshold_a`, `threshold_b` are the request's (None or -1: the
     slider's default; out of a shown slider's range: an error where `strict`, else the default, as the extension);
@@ -236,5 +237,13 @@ def control_hint(
     res, a, b = resolve_sliders(found, None if pixel_perfect else processor_res, threshold_a, threshold_b, strict)
     if pixel_perfect:
         res = pixel_perfect_resolution(source.shape[:2], h, w, mode)
-    detected = run_module(found, source, res, a, b, np.random.RandomState(seed), annotator_folder)
-    return prepare_control(detected, found, mode, h, w)
+    return found, mode, run_module(found, source, res, a, b, np.random.RandomState(seed), annotator_folder)
+
+
+def control_hint(
+    image: np.ndarray, module: str, *, size: tuple[int, int], **options
+) -> tuple[torch.Tensor, np.ndarray]:
+    """One ControlNet unit's hint for a generation of `size` (H, W): the hint (1, 3, H', W') float32 and the map
+    shown (uint8 HWC), H' and W' being H and W rounded down to multiples of 8 (`control_map`'s options)."""
+    found, mode, detected = control_map(image, module, size=size, **options)
+    return prepare_control(detected, found, mode, (int(size[0]) // 8) * 8, (int(size[1]) // 8) * 8)

@@ -30,6 +30,7 @@ from ..sampling.sigma_schedules import sampling_schedule
 from ..weights.lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .compiling import compile_model
 from .conditioning import scheduled_denoiser
+from .control_hook import SamplingClock, control_conditioning, controlled_unet
 from .hires import LATENT_MODES, as_8_bit, truncate, upscale_latent
 from .loading import Pipeline, as_pipeline
 from .plan import Plan, infotext, infotext_fields, resolve
@@ -236,6 +237,7 @@ class Stage:
     denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x, σ) -> the x0 estimate
     noise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (σ, σ_next) -> fresh noise like x
     hold: Callable[[int, torch.Tensor], torch.Tensor] | None = None  # after step i: the known region put back
+    after_step: Callable[[Step], None] | None = None  # told of each step's end (control units' guidance windows)
 
 
 def hires_upscaler(plan: Plan) -> str | UpscalerModel | None:
@@ -352,13 +354,21 @@ def prepare(
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
 
     calls = itertools.count()  # the model evaluations so far, for prompt editing (the web UI counts over both)
-    denoiser, notes = scheduled_denoiser(model, plan, batch, extra, calls)
+    clock = net = None
+    if plan.controls:  # ControlNets and T2I-Adapters: their maps are conditioning fields, batched as the text is
+        clock = SamplingClock(r.steps_run)
+        extra |= control_conditioning(plan.controls, batch, device)
+        net = controlled_unet(model, plan.controls, clock)
+    denoiser, notes = scheduled_denoiser(model, plan, batch, extra, calls, net=net)
+    if clock is not None:  # (a refiner's steps run without control)
+        denoiser = clock.counting(denoiser)
     if refiner is not None:
         refined, more = scheduled_denoiser(refiner, plan, batch, {}, calls, own_chunks=False)
         denoiser = Experts(denoiser, refined, model, r.refiner_switch)
         notes += [n for n in more if n not in notes]
     keep = hold if latent_mask is not None and not model.cfg.inpainting else None
-    return Stage(sigmas, x, denoiser, noise_sampler, keep), pixel_mask, notes
+    after_step = clock.step_done if clock is not None else None
+    return Stage(sigmas, x, denoiser, noise_sampler, keep, after_step), pixel_mask, notes
 
 
 def run(stage: Stage, r: GenerationRequest, seeds: list[int], step_done: Callable[[Step], None]) -> torch.Tensor:
@@ -370,6 +380,8 @@ def run(stage: Stage, r: GenerationRequest, seeds: list[int], step_done: Callabl
 
     def callback(step: Step) -> None:
         finite.check(step)
+        if stage.after_step is not None:
+            stage.after_step(step)
         step_done(step)
 
     # σs stay float64 on the CPU (0-d values mix with tensors on any device; MPS has no float64)

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..sampling.samplers import find_sampler
 from ..sampling.sigma_schedules import find_scheduler
+from .request import CONTROL_MODES, RESIZE_MODES
 
 
 def _quote(value) -> str:
@@ -155,10 +156,46 @@ def settings_from_infotext(text: str) -> tuple[dict, list[str]]:
             settings |= {"hires_scheduler": schedule} if schedule != "automatic" else {}
         if "Hires schedule type" in fields:  # (written where it differs from the first pass's)
             settings["hires_scheduler"] = find_scheduler(fields["Hires schedule type"]).name
+    settings |= control_settings(fields)
     ignored = [k for k in fields if k not in FIELDS and k not in NOT_SETTINGS and k not in INFORMATIONAL]
+    ignored = [k for k in ignored if not re.fullmatch(r"ControlNet \d+", k)]
     if "Model hash" in fields:
         settings["model_hash"] = fields["Model hash"]  # checked against the checkpoint used, once it is loaded
     return settings, ignored
+
+
+def control_settings(fields: dict[str, str]) -> dict[str, list]:
+    """The ControlNet extension's `ControlNet k: "Module: canny, Weight: 1.0, ..."` fields -> {the --control flag's
+    destination: one value per unit, in unit order (None where a unit's text has none)}. Its "Model" names a file the
+    command line gives with --controlnet."""
+    units = sorted((int(m[1]), text) for key, text in fields.items() if (m := re.fullmatch(r"ControlNet (\d+)", key)))
+    settings: dict[str, list] = {}
+    for _, text in units:
+        values = dict(item.strip().split(": ", 1) for item in text.split(",") if ": " in item)
+        for name, (dest, read) in CONTROL_FIELDS.items():
+            value = values.get(name)
+            settings.setdefault(dest, []).append(None if value in (None, "None") else read(value))
+    if any(settings.pop("control_pixel_perfect", [])):
+        settings["control_pixel_perfect"] = True
+    return settings
+
+
+def _label(table: dict[str, str]):
+    """A reader of the extension's label ("Crop and Resize") as our name ("crop")."""
+    names = {label: name for name, label in table.items()}
+    return lambda label: names.get(label) or _unknown(label)
+
+
+def _unknown(label: str):
+    raise ValueError(f"the infotext's ControlNet field {label!r} is not one this project knows")
+
+
+CONTROL_FIELDS = {"Module": ("control_module", str), "Weight": ("control_weight", float),
+                  "Resize Mode": ("control_resize", _label(RESIZE_MODES)), "Processor Res": ("control_processor_res", int),
+                  "Threshold A": ("control_threshold_a", float), "Threshold B": ("control_threshold_b", float),
+                  "Guidance Start": ("control_start", float), "Guidance End": ("control_end", float),
+                  "Pixel Perfect": ("control_pixel_perfect", lambda v: v == "True"),
+                  "Control Mode": ("control_mode", _label(CONTROL_MODES))}  # fmt: skip
 
 
 def _number(kind, key: str, value: str):

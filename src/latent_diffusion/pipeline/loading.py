@@ -31,6 +31,7 @@ class Pipeline:
     embeddings: dict[str, Embedding] = field(default_factory=dict)  # textual inversion, by the name prompts use
     loras: dict[str, Path] = field(default_factory=dict)  # LoRA files that prompts may name (<lora:name:w>)
     upscalers: dict[str, Path] = field(default_factory=dict)  # image upscaler model files, by name (`upscalers.py`)
+    controlnets: dict[str, Path] = field(default_factory=dict)  # ControlNet and T2I-Adapter files, "name [hash]"
     hires_pipeline: Pipeline | None = None  # the hires pass's own checkpoint (the web UI's hr_checkpoint_name)
     styles: dict[str, Style] = field(default_factory=dict)  # prompt styles that requests may name (a styles.csv)
     notices: list[str] = field(default_factory=list)  # what loading skipped (embeddings of another width)
@@ -53,6 +54,7 @@ def load_pipeline(
     embeddings_dir: str | os.PathLike | None = None,
     loras: dict[str, Path] | None = None,
     upscalers: dict[str, Path] | None = None,
+    controlnets: dict[str, Path] | None = None,
     hires_checkpoint: str | os.PathLike | None = None,
     styles: dict[str, Style] | None = None,
     compile: bool = False,
@@ -61,7 +63,8 @@ def load_pipeline(
 ) -> Pipeline:
     """Load a checkpoint (`checkpoint.load_model`) and what goes beside it: a VAE file over its autoencoder, a refiner
     on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text encoders' width, and
-    the LoRA files and upscaler model files by name (`lora.find_loras`, `upscalers.find_upscalers`), and a checkpoint
+    the LoRA, upscaler and control model files by name (`lora.find_loras`, `upscalers.find_upscalers`,
+    `control.find_control_models`), and a checkpoint
     for the hires pass with the same embeddings, LoRAs and upscalers beside it. compile: the U-Nets and decoders
     through torch.compile. unet_weights_dtype, text_weights_dtype: float8 storage of the U-Nets' and the text
     encoders' layer weights, for every checkpoint loaded here (`weights/fp8.py`)."""
@@ -74,7 +77,9 @@ def load_pipeline(
     if compile:
         for m in filter(None, (model, second)):
             compile_model(m)
-    files = dict(embeddings_dir=embeddings_dir, loras=loras, upscalers=upscalers, compile=compile)
+    files = dict(
+        embeddings_dir=embeddings_dir, loras=loras, upscalers=upscalers, controlnets=controlnets, compile=compile
+    )
     hires = load_pipeline(hires_checkpoint, **at, **files) if hires_checkpoint else None
     return Pipeline(
         model,
@@ -85,6 +90,7 @@ def load_pipeline(
         embeddings=found,
         loras=dict(loras or {}),
         upscalers=dict(upscalers or {}),
+        controlnets=dict(controlnets or {}),
         hires_pipeline=hires,
         styles=dict(styles or {}),
         notices=notices + (hires.notices if hires else []),

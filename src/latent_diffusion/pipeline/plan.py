@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import find_scheduler, schedule_for
 from ..weights.embeddings import Embedding, bundled_embeddings
 from ..weights.fp8 import stores_fp8
+from .control import ResolvedControl, control_fields, fitted, merged_controls, resolve_controls
 from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text
 from .loading import Pipeline
@@ -71,6 +72,7 @@ class Plan:
     negatives: dict[str, ParsedPrompt]  # each distinct negative prompt (tags stay text there)
     hires: Plan | None = None  # txt2img's hires pass (`hires.py`), resolved with the first
     hires_size: HiresSize | None = None  # where its first pass is enlarged to
+    controls: list[ResolvedControl] = field(default_factory=list)  # its control units, with their maps at its size
 
     def lora_sets(self) -> list[tuple[LoraTag, ...]]:
         """Per image, the LoRAs its prompt names: images of different sets never share merged weights."""
@@ -85,7 +87,8 @@ class Plan:
             r, prompts=r.prompts[rows], seeds=r.seeds[rows], negative_prompts=r.negative_prompts[rows], **per_image
         )
         hires = self.hires.part(start, stop) if self.hires else None
-        return dataclasses.replace(self, request=request, hires=hires)
+        controls = [c.rows(start, stop) for c in self.controls]
+        return dataclasses.replace(self, request=request, hires=hires, controls=controls)
 
     def batch_key(self) -> tuple:
         """What plans must share to run as one U-Net batch (`merge`): every setting but the per-image ones, the prompts'
@@ -98,7 +101,8 @@ class Plan:
             frozenset(self.negatives[text].context_length for text in r.negative_prompts),
         )
         hires = self.hires.batch_key() if self.hires else ()
-        return *settings, *hires, lengths, frozenset(self.lora_sets())
+        controls = tuple(c.key() for c in self.controls)  # (their maps are per image)
+        return *settings, *hires, lengths, frozenset(self.lora_sets()), controls
 
     def embeddings_used(self) -> list[Embedding]:
         """The textual-inversion embeddings that the prompts (in any of their edits) use, by name."""
@@ -113,7 +117,7 @@ class Plan:
         return [used[name] for name in sorted(used)]
 
 
-PER_IMAGE = {"prompts", "seeds", "negative_prompts", "batch_size", "vae_tiling"}  # (merge decides the tiling again)
+PER_IMAGE = {"prompts", "seeds", "negative_prompts", "batch_size", "vae_tiling", "controls"}  # (merge: tiling again)
 
 
 def _hashable(value):
@@ -129,6 +133,7 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         _check_follower(pipeline.model, pipeline.refiner, "the refiner")
     resolved = _check_against(r, pipeline)
     plan = Plan(resolved, pipeline, *_parsed(resolved, pipeline))
+    plan.controls = resolve_controls(r.controls, pipeline, (resolved.height, resolved.width), resolved.seeds)
     if r.hires is not None:
         plan.hires_size = _check_hires(resolved, pipeline)
         f = pipeline.model.cfg.autoencoder.downsampling_factor
@@ -136,6 +141,7 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         hires = hires_pipeline(pipeline)
         second = dataclasses.replace(second, vae_tiling=_tiling(second, hires.model))
         plan.hires = Plan(second, hires, *_parsed(second, hires))
+        plan.hires.controls = [fitted(c, (second.height, second.width), hires=True) for c in plan.controls]
     return plan
 
 
@@ -232,7 +238,8 @@ def merge(plans: list[Plan]) -> Plan:
     prompts = {k: v for plan in plans for k, v in plan.prompts.items()}
     negatives = {k: v for plan in plans for k, v in plan.negatives.items()}
     hires = merge([plan.hires for plan in plans]) if first.hires is not None else None
-    return Plan(r, plans[0].pipeline, prompts, negatives, hires, plans[0].hires_size)
+    controls = merged_controls([plan.controls for plan in plans], [len(plan.request.prompts) for plan in plans])
+    return Plan(r, plans[0].pipeline, prompts, negatives, hires, plans[0].hires_size, controls)
 
 
 def lora_tags(tags: list[LoraTag], files: dict) -> tuple[LoraTag, ...]:
@@ -425,7 +432,7 @@ def infotext_fields(plan: Plan) -> dict:
         file = pipeline.refiner_checkpoint
         name, hash_ = (file.stem, f" [{model_hash(file)}]") if file else ("refiner", "")
         fields |= {"Refiner": name + hash_, "Refiner switch at": r.refiner_switch}
-    return fields
+    return fields | control_fields(plan.controls)
 
 
 def _hires_fields(r: GenerationRequest, schedule_type: str | None, hires: Pipeline | None) -> dict:

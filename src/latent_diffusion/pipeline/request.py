@@ -32,6 +32,14 @@ MAX_EMPHASIS = 1000.0  # the magnitude of a token's emphasis weight
 STEP_COUNTS = ("web_ui", "fixed", "diffusers")
 MAX_HIRES_SCALE = 8.0  # the web UI's slider reaches 4
 MAX_LORA_WEIGHT = 100.0  # the magnitude of a <lora:name:weight> (the web UI's slider reaches ±2; people use up to 10)
+# A control unit's modes, by our name and the ControlNet extension's label (its `ControlMode` and `ResizeMode`)
+CONTROL_MODES = {
+    "balanced": "Balanced",
+    "prompt": "My prompt is more important",
+    "control": "ControlNet is more important",
+}
+RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+MAX_CONTROL_WEIGHT = 10.0  # the extension's slider reaches 2
 
 
 class RequestError(ValueError):
@@ -54,6 +62,27 @@ class HiresFix:
     prompt: str | None = None  # for every image; None: each image's own prompt
     negative_prompt: str | None = None
     cfg_scale: float | None = None  # hr_cfg (Forge's)
+
+
+@dataclass(frozen=True)
+class ControlUnit:
+    """One ControlNet or T2I-Adapter unit, as the web UI's ControlNet extension's (`control.py` resolves it): a model
+    of the pipeline's, an image that a preprocessor (`module`) turns into the control map, and how strongly and when
+    the map steers the U-Net."""
+
+    model: str  # a control model of the pipeline's, by name
+    image: torch.Tensor  # (1 or b, 3, H, W) in [0, 1]: one for all images, or one per image
+    module: str = "none"  # the preprocessor (`preprocessors.py`); "none": the image is the map
+    weight: float = 1.0
+    guidance_start: float = 0.0  # the part of the steps in which the unit acts, as fractions
+    guidance_end: float = 1.0
+    control_mode: str = "balanced"  # CONTROL_MODES
+    resize_mode: str = "crop"  # RESIZE_MODES: how the map is brought to the image's size
+    processor_res: int = 512  # the side the preprocessor works at (pixel perfect: the image's own)
+    threshold_a: float | None = None  # the preprocessor's sliders (None: its defaults)
+    threshold_b: float | None = None
+    pixel_perfect: bool = False
+    mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint: the inpaint preprocessors'
 
 
 @dataclass
@@ -88,6 +117,7 @@ class GenerationRequest:
     styles: list[str] = field(default_factory=list)  # prompt styles of the pipeline's, applied in order (`styles.py`)
     edits_after: int = 0  # a hires pass: its first pass's editing steps, which prompt editing counts on from
     old_edit_timelines: bool = False  # the web UI's "Old prompt editing timelines" (its rule before 1.6)
+    controls: list[ControlUnit] = field(default_factory=list)  # ControlNet / T2I-Adapter units, in order
 
     @classmethod
     def repeated(
@@ -160,6 +190,8 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     _check_prompts(r)
     if r.hires is not None:
         _check_hires(r.hires)
+    for k, unit in enumerate(r.controls):
+        _check_control(unit, f"ControlNet unit {k}", len(r.prompts))
     return request
 
 
@@ -261,6 +293,35 @@ def _check_images(r: GenerationRequest) -> None:
         )
     if (r.width or width, r.height or height) != (width, height):
         fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")
+
+
+def _check_control(unit: ControlUnit, name: str, n: int) -> None:
+    """A control unit's own settings and images (its model and preprocessor are checked against the pipeline)."""
+    if not isinstance(unit, ControlUnit):
+        fail(f"{name}: not a control unit: {unit!r:.60}")
+    for field_name in ("weight", "guidance_start", "guidance_end"):
+        value = getattr(unit, field_name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail(f"{name}: {field_name} must be a number, not {value!r}")
+    if not 0 <= unit.weight <= MAX_CONTROL_WEIGHT:
+        fail(f"{name}: weight must be between 0 and {MAX_CONTROL_WEIGHT:g}, not {unit.weight}")
+    if not 0 <= unit.guidance_start <= unit.guidance_end <= 1:
+        fail(f"{name}: guidance_start and guidance_end must be in [0, 1], start not after end, not "
+             f"{unit.guidance_start} and {unit.guidance_end}")  # fmt: skip
+    if unit.control_mode not in CONTROL_MODES:
+        fail(f"{name}: unknown control_mode {unit.control_mode!r}; choose one of {', '.join(CONTROL_MODES)}")
+    if unit.resize_mode not in RESIZE_MODES:
+        fail(f"{name}: unknown resize_mode {unit.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    for image, kind in ((unit.image, "image"), (unit.mask, "mask")):
+        if image is None and kind == "mask":
+            continue
+        channels = 1 if kind == "mask" else 3
+        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
+            fail(f"{name}: the {kind} must be a (1 or {n}, {channels}, H, W) tensor")
+        if len(image) not in (1, n):
+            fail(f"{name}: {len(image)} {kind}s for {n} images; give one for all or one per image")
+        if max(image.shape[-2:]) > MAX_SIDE:
+            fail(f"{name}: the {kind} is {image.shape[-1]}x{image.shape[-2]}: at most {MAX_SIDE} pixels per side")
 
 
 def _check_hires(h: HiresFix) -> None:

@@ -25,6 +25,7 @@ how a ControlNet runs rather than what it holds (the shuffle model's global aver
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -201,7 +202,7 @@ def load_controlnet(
 ) -> ControlNet:
     """A ControlNet from a `.safetensors`, `.pth`, `.ckpt` or `.bin` file in any of the three layouts, its weights in
     `dtype` on `device`, in eval mode. base: the model a Control-LoRA file changes (its U-Net's weights are read;
-    the model itself is left as it is); other layouts ignore it. ControlNetError (a CheckpointError) with one line
+    the model itself is left as it is), and whose attention heads a ControlNet of its U-Net's widths has. ControlNetError (a CheckpointError) with one line
     for a file that is not a ControlNet or whose weights describe no ControlNet this project builds."""
     sd, _ = read_state_dict(path)
     layout = controlnet_layout(sd.keys())
@@ -226,6 +227,9 @@ def load_controlnet(
         elif any(k.startswith(CONTROL) for k in sd):
             sd = {k.removeprefix(CONTROL): v for k, v in sd.items() if k.startswith(CONTROL)}
         cfg, hint_channels = _infer(sd, path)
+    if base is not None and _same_widths(cfg, base.cfg.unet):  # a copy of the base's encoder: its attention heads
+        head = base.cfg.unet
+        cfg = dataclasses.replace(cfg, num_heads=head.num_heads, num_head_channels=head.num_head_channels)
     try:
         with empty_modules():
             controlnet = ControlNet(cfg, hint_channels)
@@ -241,6 +245,12 @@ def load_controlnet(
     weights = {k: sd[k].to(device, dtype if sd[k].is_floating_point() else sd[k].dtype) for k in expected}
     controlnet.load_state_dict(weights, strict=True, assign=True)
     return controlnet.eval()
+
+
+def _same_widths(cfg: UNetConfig, unet: UNetConfig) -> bool:
+    """Whether a ControlNet's encoder has the widths of this U-Net's: then it was made as its copy, and has its heads,
+    which the shapes of the weights do not show."""
+    return (cfg.model_channels, tuple(cfg.channel_mult)) == (unet.model_channels, tuple(unet.channel_mult))
 
 
 def _hint_channels(sd: dict[str, torch.Tensor], path) -> int:

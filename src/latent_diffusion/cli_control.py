@@ -1,0 +1,102 @@
+"""`ldm txt2img/img2img/inpaint`'s control unit flags: `--controlnet FILE[:WEIGHT]` once per unit, in order, each with
+its `--control-image`; the other --control flags given once apply to every unit, given once per unit to each."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .cli_common import UsageError
+from .files import legacy_model_hash
+from .pipeline.images import load_image
+from .pipeline.request import CONTROL_MODES, RESIZE_MODES, ControlUnit
+
+PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
+    "control_module": ("module", str),
+    "control_weight": ("weight", float),
+    "control_start": ("guidance_start", float),
+    "control_end": ("guidance_end", float),
+    "control_mode": ("control_mode", str),
+    "control_resize": ("resize_mode", str),
+    "control_processor_res": ("processor_res", int),
+    "control_threshold_a": ("threshold_a", float),
+    "control_threshold_b": ("threshold_b", float),
+}
+
+
+def add_control_arguments(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group(
+        "control (ControlNet, T2I-Adapter)",
+        "one unit per --controlnet, in order, each with its --control-image; the other flags once for all units or "
+        "once per unit",
+    )
+    group.add_argument(
+        "--controlnet", action="append", metavar="FILE[:WEIGHT]", help="a ControlNet or T2I-Adapter file (weight 1)"
+    )
+    group.add_argument("--control-image", action="append", metavar="IMAGE", help="the unit's image")
+    group.add_argument(
+        "--control-module", action="append", metavar="NAME", help="its preprocessor, e.g. canny (default: none)"
+    )
+    group.add_argument("--control-weight", action="append", type=float, help="its weight, where FILE has none (1)")
+    group.add_argument("--control-start", action="append", type=float, help="first fraction of the steps (0)")
+    group.add_argument("--control-end", action="append", type=float, help="last fraction of the steps (1)")
+    group.add_argument(
+        "--control-mode", action="append", choices=list(CONTROL_MODES), help="balanced, prompt or control (balanced)"
+    )
+    group.add_argument(
+        "--control-resize", action="append", choices=list(RESIZE_MODES), help="resize, crop or fill (crop)"
+    )
+    group.add_argument("--control-processor-res", action="append", type=int, help="the preprocessor's resolution")
+    group.add_argument("--control-threshold-a", action="append", type=float, help="the preprocessor's first slider")
+    group.add_argument("--control-threshold-b", action="append", type=float, help="the preprocessor's second slider")
+    group.add_argument("--control-pixel-perfect", action="store_true", help="the preprocessor at the image's size")
+
+
+def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
+    """The units the flags describe, and their files by listed name "stem [hash]" (UsageError for a flag that does
+    not fit)."""
+    specs = getattr(args, "controlnet", None) or []
+    images = getattr(args, "control_image", None) or []
+    if not specs:
+        if images or any(getattr(args, dest, None) for dest in PER_UNIT):
+            raise UsageError("the --control flags need --controlnet FILE, one per unit")
+        return [], {}
+    if len(images) != len(specs):
+        raise UsageError(f"{len(specs)} --controlnet units need as many --control-image, not {len(images)}")
+    files, units = {}, []
+    for k, (spec, image) in enumerate(zip(specs, images)):
+        path, weight = _file_and_weight(spec)
+        listed = f"{path.stem} [{legacy_model_hash(path)}]"
+        files[listed] = path
+        settings = {field: _nth(args, dest, k, len(specs)) for dest, (field, _) in PER_UNIT.items()}
+        settings = {field: value for field, value in settings.items() if value is not None}
+        if weight is not None:
+            settings["weight"] = weight
+        picture = load_image(image, "RGB", None)
+        units.append(ControlUnit(listed, picture, pixel_perfect=args.control_pixel_perfect, **settings))
+    return units, files
+
+
+def _file_and_weight(spec: str) -> tuple[Path, float | None]:
+    """FILE[:WEIGHT] -> (the file, the weight or None); a path with a colon and no weight stays a path."""
+    path, weight = spec, None
+    head, _, tail = spec.rpartition(":")
+    if head and not Path(spec).is_file():
+        try:
+            path, weight = head, float(tail)
+        except ValueError:
+            raise UsageError(f"--controlnet {spec}: FILE[:WEIGHT], the weight a number") from None
+    if not Path(path).is_file():
+        raise UsageError(f"--controlnet {path}: no such file")
+    return Path(path), weight
+
+
+def _nth(args, dest: str, k: int, units: int):
+    """Unit k's value of a per-unit flag: its only value, or its k-th where one is given per unit."""
+    values = getattr(args, dest, None)
+    if not values:
+        return None
+    if len(values) not in (1, units):
+        flag = "--" + dest.replace("_", "-")
+        raise UsageError(f"{flag}: give it once for all {units} units or once per unit, not {len(values)} times")
+    return values[0] if len(values) == 1 else values[k]

@@ -1,0 +1,211 @@
+"""Control units resolved against a pipeline: each `ControlUnit` of a request (request.py) becomes the model it names,
+loaded once and kept, and its control map, made by its preprocessor at the size of each pass (`ResolvedControl`).
+`control_hook.py` applies them while sampling.
+
+Control model files are listed as the web UI's ControlNet extension lists them, "name [hash]" with the web UI's old
+8-digit model hash, and a request may name one by that, by the name alone, or by its file's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..files import legacy_model_hash
+from ..models.controlnet import ControlNet
+from ..models.ldm import LatentDiffusion
+from ..weights.controlnet import check_controlnet_fits, load_controlnet
+from ..weights.reader import CheckpointError, first_line, read_state_dict, safetensors_index
+from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
+from .control_images import control_map, prepare_control
+from .control_modules import PreprocessorError
+from .preprocessors import numpy_seed
+from .request import CONTROL_MODES, RESIZE_MODES, ControlUnit, fail
+
+FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
+SOFT_IN_HIRES = ("canny", "mlsd")  # the extension's preprocessors whose maps are soft-injected in the hires pass
+
+
+@dataclass(frozen=True)
+class ResolvedControl:
+    """A unit of a plan: its settings, its model, and its control map at the pass's size."""
+
+    unit: ControlUnit
+    name: str  # as listed: "name [hash]"
+    model: nn.Module  # a ControlNet or a T2I-Adapter
+    hint: torch.Tensor  # (1 or n, 3, H, W) float32 in [0, 1] at the pass's pixel size (−1: an inpaint mask's pixels)
+    detected: tuple[np.ndarray, ...]  # the maps as shown (uint8, H×W×3 or ×4), for the API's answer
+    maps: tuple  # (module, resize mode, map) as the preprocessor gave each, for a hires pass to fit again
+    soft: bool  # the soft weights (the extension's soft injection): a control mode other than balanced, or forced
+    conditional_only: bool  # the unconditional half of guidance gets no control ("ControlNet is more important")
+
+    def rows(self, start: int, stop: int) -> ResolvedControl:
+        """Images start..stop's maps (one for all stays one)."""
+        if len(self.hint) == 1:
+            return self
+        rows = slice(start, stop)
+        return dataclasses.replace(self, hint=self.hint[rows], detected=self.detected[rows], maps=self.maps[rows])
+
+    def key(self) -> tuple:
+        """What two plans' units must share to run in one U-Net batch: everything but the images."""
+        u = self.unit
+        settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
+        return (self.name, *settings, self.soft, self.conditional_only, self.hint.shape[1:])
+
+
+def find_control_models(folder: str | os.PathLike) -> dict[str, Path]:
+    """The control model files in a folder and its subfolders, by the extension's listed name "stem [hash]"; {} for a
+    folder that does not exist."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in FILE_SUFFIXES and p.is_file())
+    return {f"{p.stem} [{legacy_model_hash(p)}]": p for p in files if p.stem != "None"}
+
+
+def find_model(name: str, models: dict[str, Path]) -> str | None:
+    """A unit's model name -> its listed name: the listed name itself, the name without its hash, or the file's name
+    (with or without its suffix, in any case); None where none matches."""
+    if name in models:
+        return name
+    wanted = name.lower().rsplit(" [", 1)[0] if name.endswith("]") else name.lower()
+    for listed, path in models.items():
+        if wanted in (path.stem.lower(), path.name.lower()):
+            return listed
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _load(path: Path, version: tuple, model: LatentDiffusion) -> nn.Module:
+    """A control model file on the model's device in its dtype, kept by its path, modification time and size (and
+    the model: a Control-LoRA file holds changes to its U-Net's weights)."""
+    keys = safetensors_index(path) if path.suffix.lower() == ".safetensors" else read_state_dict(path)[0]
+    if is_t2i_adapter_state_dict(keys):
+        return t2i_adapter_from_state_dict(read_state_dict(path)[0], device=model.device, dtype=model.dtype, name=path)
+    return load_controlnet(path, device=model.device, dtype=model.dtype, base=model)
+
+
+def check_adapter_fits(adapter: nn.Module, cfg) -> None:
+    """A T2I-Adapter's four features must have the widths of the U-Net's features where they are added: each level's
+    (SD 1.x, 2.x), or SDXL's three levels' and its middle block's."""
+    widths = [cfg.unet.model_channels * m for m in cfg.unet.channel_mult]
+    sdxl = bool(cfg.micro_conditioning)
+    expected = (*widths, widths[-1]) if sdxl else tuple(widths)
+    if adapter.cfg.sdxl != sdxl or tuple(adapter.cfg.channels) != expected:
+        kind = "SDXL's" if adapter.cfg.sdxl else "SD 1.x/2.x's"
+        raise ValueError(
+            f"a T2I-Adapter of {kind} layout with widths {list(adapter.cfg.channels)} does not fit this "
+            f"{cfg.family.title} model's U-Net (widths {list(expected)})"
+        )
+
+
+def load_control_model(path: Path, model: LatentDiffusion) -> nn.Module:
+    """The control model in `path`, on the model's device in its dtype, checked to fit the model (RequestError in
+    one line, naming the file, otherwise)."""
+    try:
+        stat = path.stat()
+        control = _load(path, (stat.st_mtime_ns, stat.st_size), model)
+        if isinstance(control, ControlNet):
+            check_controlnet_fits(control, model.cfg)
+        else:
+            check_adapter_fits(control, model.cfg)
+    except (OSError, CheckpointError, ValueError) as e:
+        fail(f"control model {path.name}: {first_line(e)}")
+    return control
+
+
+def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], seeds: list[int]):
+    """The request's units for a pass that draws `size` (height, width) pixels -> [ResolvedControl] (RequestError for
+    a model the pipeline does not have, or an image its preprocessor cannot use)."""
+    resolved = []
+    for k, unit in enumerate(units):
+        listed = find_model(unit.model, pipeline.controlnets)
+        if listed is None:
+            known = ", ".join(pipeline.controlnets) or "none: give a folder with --controlnet-dir"
+            fail(f"ControlNet unit {k}: no control model {unit.model!r} here; these are: {known}")
+        control = load_control_model(pipeline.controlnets[listed], pipeline.model)
+        maps = []
+        for i, image in enumerate(unit.image):
+            mask = None if unit.mask is None else unit.mask[min(i, len(unit.mask) - 1)]
+            try:
+                maps.append(
+                    control_map(
+                        _uint8(image),
+                        unit.module,
+                        size=size,
+                        resize_mode=RESIZE_MODES[unit.resize_mode],
+                        processor_res=unit.processor_res,
+                        threshold_a=unit.threshold_a,
+                        threshold_b=unit.threshold_b,
+                        pixel_perfect=unit.pixel_perfect,
+                        mask=None if mask is None else _uint8(mask)[..., 0],
+                        seed=numpy_seed(seeds[0], -1, seeds[0]),  # (shuffle's; the extension's, once a request)
+                    )
+                )
+            except PreprocessorError as e:
+                fail(f"ControlNet unit {k}: {e}")
+        unit_control = ResolvedControl(
+            unit,
+            listed,
+            control,
+            torch.empty(0),
+            (),
+            tuple(maps),
+            soft=unit.control_mode != "balanced",
+            conditional_only=unit.control_mode == "control",
+        )
+        resolved.append(fitted(unit_control, size))
+    return resolved
+
+
+def fitted(control: ResolvedControl, size: tuple[int, int], hires: bool = False) -> ResolvedControl:
+    """The unit with its maps fitted to a pass of `size` (height, width) pixels; in a hires pass canny's and mlsd's are
+    soft-injected, as the extension does."""
+    hints, shown = zip(*(prepare_control(found, module, mode, *size) for module, mode, found in control.maps))
+    soft = control.soft or (hires and any(name in control.unit.module for name in SOFT_IN_HIRES))
+    return dataclasses.replace(control, hint=torch.cat(hints), detected=shown, soft=soft)
+
+
+def _uint8(image: torch.Tensor) -> np.ndarray:
+    """(c, H, W) in [0, 1] -> (H, W, c) uint8, rounded as PIL's conversions round."""
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def merged_controls(parts: list[list[ResolvedControl]], counts: list[int]) -> list[ResolvedControl]:
+    """The units of plans run as one batch (their keys equal): each unit's maps, one per image, in order."""
+    merged = []
+    for units in zip(*parts):
+        hints = [u.hint.expand(n, -1, -1, -1) for u, n in zip(units, counts)]
+        detected = tuple(
+            d for u, n in zip(units, counts) for d in (u.detected * n if len(u.detected) == 1 else u.detected)
+        )
+        merged.append(dataclasses.replace(units[0], hint=torch.cat(hints), detected=detected))
+    return merged
+
+
+def control_fields(controls: list[ResolvedControl]) -> dict:
+    """The extension's infotext fields, `ControlNet k: "Module: ..., Model: ..., Weight: ..."` per unit."""
+    fields = {}
+    for k, c in enumerate(controls):
+        u = c.unit
+        values = {
+            "Module": u.module,
+            "Model": c.name,
+            "Weight": u.weight,
+            "Resize Mode": RESIZE_MODES[u.resize_mode],
+            "Processor Res": u.processor_res,
+            "Threshold A": u.threshold_a,
+            "Threshold B": u.threshold_b,
+            "Guidance Start": u.guidance_start,
+            "Guidance End": u.guidance_end,
+            "Pixel Perfect": u.pixel_perfect,
+            "Control Mode": CONTROL_MODES[u.control_mode],
+            "Hr Option": "Both",
+        }
+        text = ", ".join(f"{name}: {value}" for name, value in values.items() if value is not None)
+        fields[f"ControlNet {k}"] = text
+    return fields

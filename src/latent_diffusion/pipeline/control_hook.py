@@ -1,0 +1,126 @@
+"""Control units applied while sampling, as the web UI's ControlNet extension applies them (its `hook.py`): at every
+U-Net evaluation each unit whose guidance window holds the current step runs on the same input, timestep, text and
+vector conditioning as the U-Net, and what the units give is summed into the `ControlResiduals` the U-Net adds.
+
+Per unit, with w its weight:
+- A ControlNet's outputs (one per input block, then the middle block's) are scaled by w ("Balanced"), or by the soft
+  weights w·0.825^(12−i), i = 0..12, cut to the outputs there are (SDXL's 10 take the first 10), when the control
+  mode is not balanced (and in a hires pass for canny and mlsd maps). An inpainting U-Net's extra input channels
+  are not the ControlNet's: it sees the first 4.
+- A T2I-Adapter's features are scaled by w, or softly by w·(0.25, 0.62, 0.825, 1).
+- "ControlNet is more important" gives the unconditional rows of guidance no control (the extension's cond_mark;
+  lllyasviel's guess mode). The rows' marks and maps are conditioning fields, batched as the text is (denoiser.py).
+- The window: the unit acts while start ≤ s/N ≤ end, where N is the pass's steps and s is the web UI's
+  `state.sampling_step` as the extension reads it: the index of the step whose callback ran last, 0 before any.
+  k-diffusion's samplers call back after a step's first evaluation (`SamplingClock`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+from ..models.controlnet import ControlNet
+from ..models.ldm import LatentDiffusion
+from ..models.t2i_adapter import t2i_residuals
+from ..models.unet import ControlResiduals
+from .control import ResolvedControl
+
+MARK = "control_mark"  # conditioning field: (rows,) 1 for the rows of a prompt, 0 for the unconditional rows
+T2I_SOFT = (0.25, 0.62, 0.825, 1.0)
+
+
+def hint_field(k: int) -> str:
+    """The conditioning field of unit k's control map, one row per U-Net row."""
+    return f"control_hint_{k}"
+
+
+class SamplingClock:
+    """The web UI's `state.sampling_step` at each model evaluation. Its samplers' callback (which sets it to i) comes
+    after step i's first evaluation; ours comes at the end of the step. So the first evaluation of step i sees i − 1
+    (0 for the first step) and the later ones of a second-order step see i."""
+
+    def __init__(self, total: int):
+        self.total = total  # the web UI's `state.sampling_steps`: the steps the pass runs
+        self.done = 0  # steps finished
+        self.evaluations = 0  # model evaluations in the current step so far
+        self.fraction = 0.0  # s/N at the current evaluation, which the extension compares with a unit's window
+
+    def counting(self, denoiser: Callable) -> Callable:
+        """The denoiser, each call to it one model evaluation (a guided one may call the U-Net twice)."""
+
+        def counted(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+            step = max(self.done - 1, 0) if self.evaluations == 0 else self.done
+            self.fraction = step / self.total
+            self.evaluations += 1
+            return denoiser(x, sigma)
+
+        return counted
+
+    def step_done(self, *_) -> None:
+        self.done += 1
+        self.evaluations = 0
+
+
+def control_conditioning(controls: list[ResolvedControl], batch: range, device: torch.device) -> dict:
+    """The batch's control maps as conditioning fields on the device, one row per image (a map for all images
+    repeated, no copy)."""
+    fields = {}
+    for k, c in enumerate(controls):
+        hint = c.hint if len(c.hint) == 1 else c.hint[batch.start : batch.stop]
+        fields[hint_field(k)] = hint.to(device).expand(len(batch), -1, -1, -1)
+    return fields
+
+
+def controlled_unet(
+    model: LatentDiffusion, controls: list[ResolvedControl], clock: SamplingClock
+) -> Callable[[torch.Tensor, torch.Tensor, Mapping], torch.Tensor]:
+    """The model's U-Net with the units' residuals: net(x_in, t, cond) -> ε or v (float32), cond holding the text
+    conditioning, the control maps (`hint_field`) and the rows' marks (`MARK`)."""
+    adapted: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # a T2I-Adapter's features, by unit and map
+
+    def net(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping) -> torch.Tensor:
+        cond = dict(cond)
+        marks = cond.pop(MARK).to(x_in.device, torch.float32)[:, None, None, None]  # (rows, 1, 1, 1)
+        hints = [cond.pop(hint_field(k)) for k in range(len(controls))]
+        fraction = clock.fraction
+        x = x_in.to(model.dtype)
+        total = None
+        for k, (c, hint) in enumerate(zip(controls, hints)):
+            if not c.unit.guidance_start <= fraction <= c.unit.guidance_end:
+                continue
+            hint = hint.to(x.device, model.dtype)
+            if isinstance(c.model, ControlNet):
+                residuals = _controlnet(c, x, hint, t, cond, marks)
+            else:
+                if (k, id(hint)) not in adapted:  # (the features depend on the map alone; the map is kept alive)
+                    adapted[k, id(hint)] = (hint, c.model(hint))
+                residuals = _t2i_adapter(c, adapted[k, id(hint)][1], marks, model)
+            total = residuals if total is None else total + residuals
+        if total is not None:
+            cond["control"] = total
+        return model.model(x, t, cond).float()
+
+    return net
+
+
+def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:
+    """One ControlNet's residuals for these rows, scaled as the extension scales them."""
+    cn: ControlNet = c.model
+    out = cn(x[:, : cn.cfg.in_channels], hint, t, cond.get("crossattn"), cond.get("vector"))
+    outputs = [*out.skips, out.middle]
+    w = c.unit.weight
+    n = len(outputs)
+    scales = [w * 0.825 ** float(12 - i) for i in range(max(n, 13))][:n] if c.soft else [w] * n
+    outputs = [o * s * (marks if c.conditional_only else 1) for o, s in zip(outputs, scales)]
+    return ControlResiduals(skips=outputs[:-1], middle=outputs[-1])
+
+
+def _t2i_adapter(c: ResolvedControl, features: list[torch.Tensor], marks, model: LatentDiffusion) -> ControlResiduals:
+    """One T2I-Adapter's features, scaled, placed where the extension adds them."""
+    w = c.unit.weight
+    scales = [w * s for s in T2I_SOFT] if c.soft else [w] * len(features)
+    scaled = [f * (marks if c.conditional_only else 1) for f in features]
+    sdxl, blocks = bool(model.cfg.micro_conditioning), model.cfg.unet.num_res_blocks
+    return t2i_residuals(scaled, scales, sdxl=sdxl, num_res_blocks=blocks)

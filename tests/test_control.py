@@ -1,0 +1,209 @@
+"""Control units in generation: our txt2img with one and two ControlNets against diffusers'
+StableDiffusionControlNetPipeline with the same weights (converted by diffusers' own `convert_controlnet_checkpoint`),
+noise and DDIM schedule; the guidance window, the control modes and the batching of guidance against the web UI's
+ControlNet extension's rules, written out here from its `scripts/hook.py`."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import ControlNetModel, StableDiffusionControlNetPipeline, StableDiffusionPipeline
+from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint, create_unet_diffusers_config_from_ldm
+from safetensors.torch import save_file
+
+from latent_diffusion.models.controlnet import ControlNet
+from latent_diffusion.models.unet import ControlResiduals
+from latent_diffusion.models.yaml_config import to_ldm_config
+from latent_diffusion.pipeline.control import find_control_models
+from latent_diffusion.pipeline.control_hook import SamplingClock
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.loading import Pipeline
+from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, RequestError
+from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
+
+from conftest import randomize
+
+H, W = 64, 48
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_models, tmp_path_factory):
+    """Two tiny ControlNets for the SD 1.x model (zero convolutions not zero), saved in the original layout."""
+    folder = tmp_path_factory.mktemp("controlnet")
+    nets = []
+    for seed, name in ((1, "cn_edges"), (2, "cn_depth")):
+        net = randomize(ControlNet(tiny_models["sd1"].cfg.unet), seed=seed).eval()
+        save_file(net.state_dict(), folder / f"{name}.safetensors")
+        nets.append(net)
+    return folder, nets
+
+
+@pytest.fixture(scope="module")
+def maps():
+    """Two control maps (1, 3, H, W) in [0, 1], exactly representable in 8 bits (the preprocessor reads 8-bit)."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.rand(1, 3, H, W, generator=g) * 255).round() / 255 for _ in range(2)]
+
+
+def pipeline(tiny_models, controlnets):
+    return Pipeline(tiny_models["sd1"], controlnets=find_control_models(controlnets[0]))
+
+
+def diffusers_controlnet(model, net: ControlNet) -> ControlNetModel:
+    sd = {f"model.diffusion_model.{k}": v for k, v in net.state_dict().items() if k.startswith(("input_", "middle_b"))}
+    unet = create_unet_diffusers_config_from_ldm({"model": to_ldm_config(model.cfg)}, sd)
+    names = ("in_channels", "down_block_types", "block_out_channels", "layers_per_block", "cross_attention_dim",
+             "attention_head_dim", "use_linear_projection", "transformer_layers_per_block")  # fmt: skip
+    config = {k: unet[k] for k in names if k in unet} | {"conditioning_channels": 3}
+    theirs = ControlNetModel(**config)
+    theirs.load_state_dict(convert_controlnet_checkpoint(net.state_dict(), config), strict=True)
+    return theirs.eval()
+
+
+def unit(name, image, **settings):
+    return ControlUnit(name, image, resize_mode="resize", **settings)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_txt2img_matches_the_controlnet_pipeline(tiny_models, controlnets, maps, count):
+    model = tiny_models["sd1"]
+    weights = [0.8, 0.5][:count]
+    names = ["cn_edges", "cn_depth"][:count]
+    units = [unit(n, m, weight=w) for n, m, w in zip(names, maps, weights)]
+    request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, controls=units, **SETTINGS)
+    ours = generate(pipeline(tiny_models, controlnets), request).images
+
+    base = diffusers_pipeline(model, StableDiffusionPipeline)
+    theirs_nets = [diffusers_controlnet(model, net) for net in controlnets[1][:count]]
+    pipe = StableDiffusionControlNetPipeline(
+        **base.components, controlnet=theirs_nets if count > 1 else theirs_nets[0], requires_safety_checker=False
+    )
+    with torch.no_grad():
+        theirs = pipe(
+            prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
+            image=maps[:count] if count > 1 else maps[0], controlnet_conditioning_scale=weights if count > 1 else weights[0],
+            num_inference_steps=SETTINGS["steps"], guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
+            generator=torch.Generator().manual_seed(3), output_type="pt",
+        ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    plain = generate(model, dataclasses.replace(request, controls=[])).images
+    assert (ours - plain).abs().max() > 0.05  # the control changed the image
+
+
+def active_evaluations(tiny_models, controlnets, maps, sampler, steps, start, end):
+    """For each model evaluation of a run: whether the unit's ControlNet ran."""
+    from latent_diffusion.pipeline.generate import generate_plan
+    from latent_diffusion.pipeline.plan import resolve
+
+    request = GenerationRequest(
+        [PROMPT], [1], width=W, height=H, steps=steps, sampler=sampler, cfg_scale=1.0,
+        controls=[unit("cn_edges", maps[0], guidance_start=start, guidance_end=end)],
+    )  # fmt: skip
+    plan = resolve(request, pipeline(tiny_models, controlnets))
+    ran, evaluations = [], []
+    net_hook = plan.controls[0].model.register_forward_hook(lambda *_: ran.append(len(evaluations)))
+    unet_hook = tiny_models["sd1"].model.register_forward_hook(
+        lambda *_: evaluations.append(ran[-1:] == [len(evaluations)])
+    )
+    try:
+        generate_plan(plan)
+    finally:
+        net_hook.remove()
+        unet_hook.remove()
+    return evaluations
+
+
+@pytest.mark.parametrize(("sampler", "evaluations_per_step"), [("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize(("start", "end"), [(0.0, 1.0), (0.2, 0.5), (0.5, 0.5), (0.0, 0.0)])
+def test_guidance_window_follows_the_extension(
+    tiny_models, controlnets, maps, sampler, evaluations_per_step, start, end
+):
+    steps = 10
+    got = active_evaluations(tiny_models, controlnets, maps, sampler, steps, start, end)
+    # The extension (hook.py, guidance_schedule_handler): active unless s/N < start or s/N > end, with s the web UI's
+    # state.sampling_step: set to i by the sampler's callback, which k-diffusion calls after step i's first
+    # evaluation; N = steps. Heun's last step (to σ = 0) evaluates once.
+    expected = []
+    for i in range(steps):
+        for j in range(1 if i == steps - 1 else evaluations_per_step):
+            s = max(i - 1, 0) if j == 0 else i
+            expected.append(not (s / steps < start or s / steps > end))
+    assert got == expected
+
+
+def test_control_modes_scale_as_the_extension(tiny_models, controlnets, maps):
+    """One guided evaluation, cond and uncond rows batched: the U-Net's residuals as the extension computes them."""
+    from latent_diffusion.pipeline.control_hook import MARK, controlled_unet, hint_field
+    from latent_diffusion.pipeline.plan import resolve
+
+    model = tiny_models["sd1"]
+    net = controlnets[1][0]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, H // 8, W // 8, generator=g)
+    t = torch.tensor([500, 500])
+    context = torch.randn(2, 77, model.cfg.unet.context_dim, generator=g)
+    for mode in ("balanced", "prompt", "control"):
+        request = GenerationRequest(
+            [PROMPT], [1], width=W, height=H, controls=[unit("cn_edges", maps[0], weight=0.7, control_mode=mode)]
+        )
+        plan = resolve(request, pipeline(tiny_models, controlnets))
+        clock = SamplingClock(20)
+        cond = {"crossattn": context, MARK: torch.tensor([0.0, 1.0]), hint_field(0): maps[0].expand(2, -1, -1, -1)}
+        with torch.no_grad():
+            ours = controlled_unet(model, plan.controls, clock)(x, t, cond)
+            out = net(x, maps[0].expand(2, -1, -1, -1), t, context)
+            control = [*out.skips, out.middle]
+            scales = [0.7] * 13 if mode == "balanced" else [0.7 * 0.825 ** float(12 - i) for i in range(13)]
+            if mode == "control":  # cfg_injection: control = [c * cond_mark for c in control]
+                control = [c * torch.tensor([0.0, 1.0])[:, None, None, None] for c in control]
+            control = [c * s for c, s in zip(control, scales[: len(control)])]
+            expected = model.model.diffusion_model(x, t, context, control=ControlResiduals(control[:-1], control[-1]))
+        torch.testing.assert_close(ours, expected, atol=1e-6, rtol=0)
+
+
+def test_units_reach_img2img_and_an_inpainting_model(tiny_models, controlnets, maps):
+    """img2img and an inpainting U-Net (9 channels; the ControlNet sees the first 4) with a unit, and AND prompts
+    (a row per part): each run differs from the same run without the unit."""
+    y, x = torch.meshgrid(torch.linspace(0, 1, H), torch.linspace(0, 1, W), indexing="ij")
+    picture = torch.stack([x, y, (x * y) ** 0.5])[None]
+    mask = torch.zeros(1, 1, H, W)
+    mask[..., 16:48, 8:40] = 1
+    cases = [
+        ("sd1", dict(init_image=picture, strength=0.6)),
+        ("sd1", dict(prompts=["a red circle AND a blue square:0.5"])),
+        ("inpaint", dict(init_image=picture, mask=mask)),
+    ]
+    for variant, fields in cases:
+        model = tiny_models[variant]
+        pipe = Pipeline(model, controlnets=find_control_models(controlnets[0]))
+        request = GenerationRequest([PROMPT], [2], [NEGATIVE], width=W, height=H, steps=4, cfg_scale=5.0)
+        request = dataclasses.replace(request, **fields)
+        controlled = dataclasses.replace(request, controls=[unit("cn_edges", maps[0])])
+        difference = (generate(pipe, controlled).images - generate(pipe, request).images).abs().max()
+        assert difference > 0.02, variant
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (dict(model="nothing"), "no control model 'nothing' here"),
+        (dict(weight=-1.0), "weight must be between 0 and 10"),
+        (dict(guidance_start=0.6, guidance_end=0.4), "start not after end"),
+        (dict(control_mode="loud"), "unknown control_mode 'loud'"),
+        (dict(resize_mode="stretch"), "unknown resize_mode 'stretch'"),
+        (dict(image=torch.rand(1, 1, 8, 8)), "the image must be a (1 or 1, 3, H, W) tensor"),
+    ],
+)
+def test_bad_units_are_refused_before_any_work(tiny_models, controlnets, maps, settings, message):
+    fields = {"model": "cn_edges", "image": maps[0], **settings}
+    request = GenerationRequest([PROMPT], [1], width=W, height=H, controls=[ControlUnit(**fields)])
+    with pytest.raises(RequestError, match=f"ControlNet unit 0: .*{__import__('re').escape(message)}"):
+        generate(pipeline(tiny_models, controlnets), request)
+
+
+def test_units_are_found_by_listed_name_bare_name_or_file_name(tiny_models, controlnets, maps):
+    listed = next(name for name in find_control_models(controlnets[0]) if name.startswith("cn_edges ["))
+    for name in (listed, "cn_edges", "CN_EDGES.safetensors", "cn_edges [00000000]"):
+        request = GenerationRequest([PROMPT], [1], width=W, height=H, steps=1, controls=[unit(name, maps[0])])
+        result = generate(pipeline(tiny_models, controlnets), request)
+        assert f'ControlNet 0: "Module: none, Model: {listed}, Weight: 1.0' in result.infotexts[0]
