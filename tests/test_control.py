@@ -207,3 +207,80 @@ def test_units_are_found_by_listed_name_bare_name_or_file_name(tiny_models, cont
         request = GenerationRequest([PROMPT], [1], width=W, height=H, steps=1, controls=[unit(name, maps[0])])
         result = generate(pipeline(tiny_models, controlnets), request)
         assert f'ControlNet 0: "Module: none, Model: {listed}, Weight: 1.0' in result.infotexts[0]
+
+
+def test_sdxl_txt2img_with_a_diffusers_controlnet_matches_the_xl_controlnet_pipeline(tmp_path):
+    """An SDXL ControlNet in diffusers' layout (text-time conditioning), read by our loader, in our generation: the
+    image StableDiffusionXLControlNetPipeline makes with the same weights, noise and DDIM schedule."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+
+    from latent_diffusion import LatentDiffusion
+    from test_controlnet_files import diffusers_config
+
+    from conftest import tiny_config
+    from test_sdxl import reference_conditioning, xl_pipeline
+
+    model = randomize(LatentDiffusion(tiny_config("sdxl")), seed=11).eval()
+    theirs_net = randomize(ControlNetModel(**diffusers_config(model.cfg.unet)), seed=6).eval()
+    folder = tmp_path / "ControlNet"
+    folder.mkdir()
+    save_file(theirs_net.state_dict(), folder / "xl_canny.safetensors")
+    control = (torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(9)) * 255).round() / 255
+    request = GenerationRequest(
+        [PROMPT], [5], [NEGATIVE], width=W, height=H, steps=10, sampler="ddim",
+        controls=[unit("xl_canny", control, weight=0.6)],
+    )  # fmt: skip
+    ours = generate(Pipeline(model, controlnets=find_control_models(folder)), request).images
+
+    base = xl_pipeline(model)
+    pipe = StableDiffusionXLControlNetPipeline(**base.components, controlnet=theirs_net)
+    encoders = [pipe.text_encoder, pipe.text_encoder_2]
+    with torch.no_grad():
+        context, pooled = reference_conditioning(model, encoders, PROMPT)
+        negative, negative_pooled = reference_conditioning(model, encoders, NEGATIVE)
+        theirs = pipe(
+            prompt_embeds=context, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
+            negative_pooled_prompt_embeds=negative_pooled, image=control, controlnet_conditioning_scale=0.6,
+            height=H, width=W, num_inference_steps=10, guidance_scale=5.0, eta=0.0,
+            generator=torch.Generator().manual_seed(5), output_type="pt",
+        ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    plain = generate(model, dataclasses.replace(request, controls=[])).images
+    assert (ours - plain).abs().max() > 0.05
+
+
+def test_txt2img_with_a_t2i_adapter_matches_the_adapter_pipeline(tmp_path):
+    """A T2I-Adapter (diffusers' layout, read by our loader) in our generation: the image
+    StableDiffusionAdapterPipeline makes with the same weights, noise and DDIM schedule; both add the scaled features
+    to both halves of guidance (the extension's balanced mode)."""
+    from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
+
+    from test_t2i_adapter import tiny_unet_model
+
+    model = tiny_unet_model("sd1", 2)  # SD's four levels, which the adapter's four features need
+    widths = [model.cfg.unet.model_channels * m for m in model.cfg.unet.channel_mult]
+    adapter = randomize(T2IAdapter(in_channels=3, channels=widths, num_res_blocks=2, downscale_factor=8), seed=3).eval()
+    folder = tmp_path / "ControlNet"
+    folder.mkdir()
+    save_file(adapter.state_dict(), folder / "t2iadapter_depth.safetensors")
+    size = 64
+    control = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(8)) * 255).round() / 255
+    settings = {**SETTINGS, "width": size, "height": size}
+    request = GenerationRequest([PROMPT], [4], [NEGATIVE], controls=[unit("t2iadapter_depth", control, weight=0.8)],
+                                **settings)  # fmt: skip
+    ours = generate(Pipeline(model, controlnets=find_control_models(folder)), request).images
+
+    base = diffusers_pipeline(model, StableDiffusionPipeline)
+    parts = {k: v for k, v in base.components.items() if k not in ("image_encoder",)}
+    pipe = StableDiffusionAdapterPipeline(**parts, adapter=adapter, requires_safety_checker=False)
+    with torch.no_grad():
+        theirs = pipe(
+            prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
+            image=control, adapter_conditioning_scale=0.8, num_inference_steps=SETTINGS["steps"],
+            guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=size, width=size,
+            generator=torch.Generator().manual_seed(4), output_type="np",
+        ).images  # fmt: skip
+    theirs = torch.from_numpy(theirs).permute(0, 3, 1, 2)  # (this pipeline decodes to NumPy, (b, H, W, 3))
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    plain = generate(model, dataclasses.replace(request, controls=[])).images
+    assert (ours - plain).abs().max() > 0.05

@@ -114,7 +114,8 @@ def load_control_model(path: Path, model: LatentDiffusion) -> nn.Module:
         else:
             check_adapter_fits(control, model.cfg)
     except (OSError, CheckpointError, ValueError) as e:
-        fail(f"control model {path.name}: {first_line(e)}")
+        message = first_line(e).replace(f"{path}: ", "").replace(str(path), path.name)  # (no paths in an answer)
+        fail(f"control model {path.name}: {message}")
     return control
 
 

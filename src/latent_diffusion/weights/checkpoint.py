@@ -50,9 +50,12 @@ def key_indices(keys, prefix: str) -> list[int]:
     return sorted(found)
 
 
-def infer_unet(sd: dict[str, torch.Tensor], prefix: str = UNET, *, encoder_only: bool = False) -> UNetConfig:
+def infer_unet(
+    sd: dict[str, torch.Tensor], prefix: str = UNET, *, encoder_only: bool = False, heads: tuple | None = None
+) -> UNetConfig:
     """The U-Net's config, read off its weights at `prefix`.
 
+    heads: (num_heads, num_head_channels) where the caller knows them (a ControlNet copies its base's).
     encoder_only: the weights are a copy of the U-Net's first half (a ControlNet's, `models/controlnet.py`): there
     is no `out.*`, so out_channels is taken to be in_channels, and the middle block's transformer may hold no blocks
     (diffusers' small SDXL ControlNets), so the context width is read off any cross-attention, and is 1 where
@@ -97,9 +100,9 @@ def infer_unet(sd: dict[str, torch.Tensor], prefix: str = UNET, *, encoder_only:
         attention_resolutions=tuple(attention_resolutions),
         num_res_blocks=num_res_blocks,
         channel_mult=tuple(channel_mult),
-        # Head counts leave no trace in the shapes: these are SD 1.x's and SD 2.x's.
-        num_heads=None if linear else 8,
-        num_head_channels=64 if linear else None,
+        # Head counts leave no trace in the shapes: these are SD 1.x's and SD 2.x's (or the `heads` given).
+        num_heads=heads[0] if heads else None if linear else 8,
+        num_head_channels=heads[1] if heads else 64 if linear else None,
         transformer_depth=tuple(transformer_depth),
         context_dim=context_dim,
         use_linear_in_transformer=linear,

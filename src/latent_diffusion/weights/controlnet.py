@@ -25,7 +25,6 @@ how a ControlNet runs rather than what it holds (the shuffle model's global aver
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -226,10 +225,7 @@ def load_controlnet(
                 )
         elif any(k.startswith(CONTROL) for k in sd):
             sd = {k.removeprefix(CONTROL): v for k, v in sd.items() if k.startswith(CONTROL)}
-        cfg, hint_channels = _infer(sd, path)
-    if base is not None and _same_widths(cfg, base.cfg.unet):  # a copy of the base's encoder: its attention heads
-        head = base.cfg.unet
-        cfg = dataclasses.replace(cfg, num_heads=head.num_heads, num_head_channels=head.num_head_channels)
+        cfg, hint_channels = _infer(sd, path, base)
     try:
         with empty_modules():
             controlnet = ControlNet(cfg, hint_channels)
@@ -247,27 +243,25 @@ def load_controlnet(
     return controlnet.eval()
 
 
-def _same_widths(cfg: UNetConfig, unet: UNetConfig) -> bool:
-    """Whether a ControlNet's encoder has the widths of this U-Net's: then it was made as its copy, and has its heads,
-    which the shapes of the weights do not show."""
-    return (cfg.model_channels, tuple(cfg.channel_mult)) == (unet.model_channels, tuple(unet.channel_mult))
-
-
 def _hint_channels(sd: dict[str, torch.Tensor], path) -> int:
     if HINT not in sd:
         raise ControlNetError(f"{path}: an incomplete ControlNet: it has no {HINT}")
     return sd[HINT].shape[1]
 
 
-def _infer(sd: dict[str, torch.Tensor], path) -> tuple[UNetConfig, int]:
-    """(the encoder's config, the hint's channels) read off the keys of the original layout."""
+def _infer(sd: dict[str, torch.Tensor], path, base: LatentDiffusion | None) -> tuple[UNetConfig, int]:
+    """(the encoder's config, the hint's channels) read off the keys of the original layout; a ControlNet of the base
+    model's width is a copy of its encoder, and has its attention heads, which the shapes do not show."""
     if "middle_block.1.proj_in.weight" not in sd and "middle_block.0.in_layers.0.weight" in sd:
         raise ControlNetError(
             f"{path}: its middle block has no transformer (diffusers' mid_block_type UNetMidBlock2D), which the "
             "ControlNet this project builds always has"
         )
     try:
-        return infer_unet(sd, prefix="", encoder_only=True), _hint_channels(sd, path)
+        unet = base.cfg.unet if base is not None else None
+        same = unet is not None and sd["input_blocks.0.0.weight"].shape[0] == unet.model_channels
+        heads = (unet.num_heads, unet.num_head_channels) if same else None
+        return infer_unet(sd, prefix="", encoder_only=True, heads=heads), _hint_channels(sd, path)
     except KeyError as e:
         raise ControlNetError(f"{path}: an incomplete ControlNet: it has no {e.args[0]}") from None
     except ValueError as e:
