@@ -284,3 +284,92 @@ def test_txt2img_with_a_t2i_adapter_matches_the_adapter_pipeline(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
     plain = generate(model, dataclasses.replace(request, controls=[])).images
     assert (ours - plain).abs().max() > 0.05
+
+
+def test_command_line_units_write_the_extensions_fields_and_read_them_back(tmp_path, ckpt, controlnets, capsys):
+    """`ldm txt2img --controlnet FILE:WEIGHT --control-image ... --control-module canny`: the image, its
+    `ControlNet 0` infotext field; the same command from that infotext (--infotext) draws the same image."""
+    from PIL import Image, ImageDraw
+
+    from latent_diffusion.cli import main
+    from latent_diffusion.pipeline.infotext import parse_parameters
+
+    picture = Image.new("RGB", (W, H), "white")
+    ImageDraw.Draw(picture).ellipse((8, 16, 40, 48), fill="black")
+    picture.save(tmp_path / "control.png")
+    file = controlnets[0] / "cn_edges.safetensors"
+    common = ["--ckpt", ckpt, "--width", W, "--height", H, "--steps", 3, "--quiet", "--control-image",
+              tmp_path / "control.png"]  # fmt: skip
+    first = tmp_path / "first"
+    assert main([str(a) for a in ["txt2img", "--prompt", "a red circle", "--seed", 3, "--controlnet", f"{file}:0.8",
+                                  "--control-module", "canny", "--control-threshold-a", 50, "--control-end", 0.8,
+                                  "--control-mode", "prompt", "--outdir", first, *common]]) == 0  # fmt: skip
+    with Image.open(first / "00001-3.png") as im:
+        text = im.text["parameters"]
+        drawn = torch.tensor(list(im.getdata()))
+    unit_text = parse_parameters(text)["ControlNet 0"]
+    assert unit_text.startswith("Module: canny, Model: cn_edges [")
+    for part in ("Weight: 0.8", "Resize Mode: Crop and Resize", "Threshold A: 50", "Guidance End: 0.8",
+                 "Control Mode: My prompt is more important"):  # fmt: skip
+        assert part in unit_text
+    again = tmp_path / "again"
+    assert main([str(a) for a in ["txt2img", "--infotext", first / "00001-3.png", "--controlnet", file,
+                                  "--outdir", again, *common]]) == 0  # fmt: skip
+    with Image.open(again / "00001-3.png") as im:
+        assert parse_parameters(im.text["parameters"])["ControlNet 0"] == unit_text
+        assert torch.equal(torch.tensor(list(im.getdata())), drawn)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--control-image", "IMAGE"], "the --control flags need --controlnet FILE"),
+        (["--controlnet", "FILE", "--controlnet", "FILE", "--control-image", "IMAGE"], "2 --controlnet units need"),
+        (["--controlnet", "FILE", "--control-image", "IMAGE", "--control-module", "sharpen"], "sharpen"),
+        (["--controlnet", "FILE:3x", "--control-image", "IMAGE"], "the weight a number"),
+        (["--controlnet", "FILE:11", "--control-image", "IMAGE"], "weight must be between 0 and 10"),
+        (
+            ["--controlnet", "FILE", "--control-image", "IMAGE", "--control-start", "0.9", "--control-end", "0.1"],
+            "start not after end",
+        ),
+        (["--controlnet", "nowhere.safetensors", "--control-image", "IMAGE"], "no such file"),
+        (["--controlnet", "FILE", "--control-image", "nowhere.png"], "nowhere.png"),
+    ],
+)
+def test_command_line_bad_units_exit_2_writing_nothing(tmp_path, ckpt, controlnets, capsys, flags, message):
+    from PIL import Image
+
+    from latent_diffusion.cli import main
+
+    Image.new("RGB", (W, H), "white").save(tmp_path / "control.png")
+    file = str(controlnets[0] / "cn_edges.safetensors")
+    flags = [f.replace("FILE", file).replace("IMAGE", str(tmp_path / "control.png")) for f in flags]
+    out = tmp_path / "out"
+    code = main(["txt2img", "--ckpt", str(ckpt), "--prompt", "x", "--width", str(W), "--height", str(H), "--steps",
+                 "1", "--outdir", str(out), *flags])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not out.exists()
+
+
+def test_the_hires_pass_fits_the_first_passs_map_again(tiny_models, controlnets, maps):
+    """As the extension: the hires pass's map is the preprocessor's first map fitted to the larger size (not run
+    again), and canny's is soft-injected there (`high_res_fix_forced_soft_injection`)."""
+    from latent_diffusion.pipeline.control_images import control_map, prepare_control
+    from latent_diffusion.pipeline.generate import generate_plan
+    from latent_diffusion.pipeline.plan import resolve
+    from latent_diffusion.pipeline.request import HiresFix
+
+    units = [unit("cn_edges", maps[0], module="canny"), unit("cn_depth", maps[1])]
+    request = GenerationRequest([PROMPT], [1], width=W, height=H, steps=2, hires=HiresFix(scale=1.5, steps=2),
+                                controls=units)  # fmt: skip
+    plan = resolve(request, pipeline(tiny_models, controlnets))
+    first, second = plan.controls[0], plan.hires.controls[0]
+    assert first.hint.shape[-2:] == (H, W) and second.hint.shape[-2:] == (H * 3 // 2, W * 3 // 2)
+    as_8_bit = (maps[0][0] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    module, mode, detected = control_map(as_8_bit, "canny", size=(H, W), resize_mode="Just Resize")
+    torch.testing.assert_close(second.hint, prepare_control(detected, module, mode, H * 3 // 2, W * 3 // 2)[0])
+    assert (first.soft, second.soft, plan.hires.controls[1].soft) == (False, True, False)
+    images = generate_plan(plan).images
+    assert images.shape == (1, 3, H * 3 // 2, W * 3 // 2)
