@@ -46,9 +46,9 @@ def main():
     with torch.no_grad():
         for conv in [*net.zero_convs, net.middle_block_out]:
             conv[0].weight.normal_(0, 0.02)
-    config = dict(cross_attention_dim=768, conditioning_channels=3)  # diffusers' defaults are SD 1.5's
-    theirs = ControlNetModel(**config)
-    theirs.load_state_dict(convert_controlnet_checkpoint(net.state_dict(), config), strict=True)
+    theirs = ControlNetModel(cross_attention_dim=768)  # diffusers' defaults are otherwise SD 1.5's
+    converted = convert_controlnet_checkpoint(net.state_dict(), dict(theirs.config))
+    theirs.load_state_dict(converted, strict=True)
     theirs = theirs.to(device, dtype).eval()
 
     g = torch.Generator().manual_seed(1)
@@ -57,7 +57,7 @@ def main():
     context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
     hint = torch.rand(1, 3, size, size, generator=g).to(device, dtype)
     unit = ControlUnit("bench", hint.cpu().float())
-    control = ResolvedControl(unit, "bench", net, hint, (), soft=False, conditional_only=False)
+    control = ResolvedControl(unit, "bench", net, hint, (), (), soft=False, conditional_only=False)
     ours = controlled_unet(model, [control], SamplingClock(20))
     cond = {"crossattn": context, MARK: torch.ones(2, device=device), hint_field(0): hint.expand(2, -1, -1, -1)}
 

@@ -64,17 +64,22 @@ def unit(name, image, **settings):
     return ControlUnit(name, image, resize_mode="resize", **settings)
 
 
-@pytest.mark.parametrize("count", [1, 2])
-def test_txt2img_matches_the_controlnet_pipeline(tiny_models, controlnets, maps, count):
-    model = tiny_models["sd1"]
+@pytest.mark.parametrize(("variant", "count"), [("sd1", 1), ("sd1", 2), ("sd2", 1)])
+def test_txt2img_matches_the_controlnet_pipeline(tiny_models, controlnets, maps, variant, count, tmp_path):
+    model = tiny_models[variant]
     weights = [0.8, 0.5][:count]
     names = ["cn_edges", "cn_depth"][:count]
     units = [unit(n, m, weight=w) for n, m, w in zip(names, maps, weights)]
     request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, controls=units, **SETTINGS)
-    ours = generate(pipeline(tiny_models, controlnets), request).images
+    folder, nets = controlnets
+    if variant == "sd2":  # (an SD 2.x ControlNet: linear projections, 64-channel heads of the tiny config's)
+        nets = [randomize(ControlNet(model.cfg.unet), seed=3).eval()]
+        folder = tmp_path
+        save_file(nets[0].state_dict(), folder / "cn_edges.safetensors")
+    ours = generate(Pipeline(model, controlnets=find_control_models(folder)), request).images
 
     base = diffusers_pipeline(model, StableDiffusionPipeline)
-    theirs_nets = [diffusers_controlnet(model, net) for net in controlnets[1][:count]]
+    theirs_nets = [diffusers_controlnet(model, net) for net in nets[:count]]
     pipe = StableDiffusionControlNetPipeline(
         **base.components, controlnet=theirs_nets if count > 1 else theirs_nets[0], requires_safety_checker=False
     )
