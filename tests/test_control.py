@@ -378,3 +378,26 @@ def test_the_hires_pass_fits_the_first_passs_map_again(tiny_models, controlnets,
     assert (first.soft, second.soft, plan.hires.controls[1].soft) == (False, True, False)
     images = generate_plan(plan).images
     assert images.shape == (1, 3, H * 3 // 2, W * 3 // 2)
+
+
+def test_plans_with_different_maps_merge_into_one_batch(tiny_models, controlnets, maps):
+    """Two requests whose units differ only in their images share a U-Net batch (the job queue's `merge`): their maps
+    in image order, and each image as it is drawn alone."""
+    from latent_diffusion.pipeline.generate import generate_plan
+    from latent_diffusion.pipeline.plan import merge, resolve
+
+    pipe = pipeline(tiny_models, controlnets)
+    requests = [
+        GenerationRequest([PROMPT] * 2, [1, 2], width=W, height=H, steps=2, controls=[unit("cn_edges", maps[0])]),
+        GenerationRequest([PROMPT], [3], width=W, height=H, steps=2, controls=[unit("cn_edges", maps[1])]),
+    ]
+    plans = [resolve(r, pipe) for r in requests]
+    assert plans[0].batch_key() == plans[1].batch_key()
+    other = resolve(dataclasses.replace(requests[1], controls=[unit("cn_edges", maps[1], weight=0.5)]), pipe)
+    assert other.batch_key() != plans[0].batch_key()
+    merged = merge(plans)
+    assert len(merged.controls[0].hint) == len(merged.controls[0].maps) == 3
+    torch.testing.assert_close(merged.controls[0].hint, torch.cat([maps[0], maps[0], maps[1]]))
+    together = generate_plan(merged).images
+    alone = torch.cat([generate_plan(plan).images for plan in plans])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)

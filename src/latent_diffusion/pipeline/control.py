@@ -180,11 +180,15 @@ def merged_controls(parts: list[list[ResolvedControl]], counts: list[int]) -> li
     """The units of plans run as one batch (their keys equal): each unit's maps, one per image, in order."""
     merged = []
     for units in zip(*parts):
-        hints = [u.hint.expand(n, -1, -1, -1) for u, n in zip(units, counts)]
-        detected = tuple(
-            d for u, n in zip(units, counts) for d in (u.detected * n if len(u.detected) == 1 else u.detected)
+        rows = [(u, n if len(u.hint) == 1 else 1) for u, n in zip(units, counts)]  # (a map for all: n times)
+        merged.append(
+            dataclasses.replace(
+                units[0],
+                hint=torch.cat([u.hint.expand(n * len(u.hint), -1, -1, -1) for u, n in rows]),
+                detected=tuple(d for u, n in rows for d in u.detected * n),
+                maps=tuple(m for u, n in rows for m in u.maps * n),
+            )
         )
-        merged.append(dataclasses.replace(units[0], hint=torch.cat(hints), detected=detected))
     return merged
 
 
