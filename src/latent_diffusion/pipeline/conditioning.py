@@ -51,11 +51,13 @@ def scheduled_denoiser(
     else:
         extra_cond = extra
     extra_uncond = extra
-    if net is not None:
+    if net is not None:  # control units: which rows are a prompt's (the ControlNet extension's cond_mark)
         extra_cond = {**extra_cond, MARK: torch.ones(len(parts))}
         extra_uncond = {**extra, MARK: torch.zeros(len(batch))}
     else:
-        net = lambda x_in, t, c: model.model(x_in.to(model.dtype), t, c).float()  # noqa: E731
+
+        def net(x_in: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+            return model.model(x_in.to(model.dtype), t, c).float()
 
     def at(end: int, rows_of: list[tuple[float, list, dict]]) -> dict[str, torch.Tensor]:
         """The batch's conditioning for the segment that ends at `end`."""
