@@ -118,6 +118,7 @@ def test_bad_txt2img_arguments_exit_2(tmp_path, ckpt, capsys, args, message):
         (["--max-steps", 0], "--max-steps must be positive"),
         (["--api-auth", "nocolon"], "--api-auth must be USER:PASSWORD"),
         (["--models-dir", "/nonexistent"], "--models-dir /nonexistent: not a folder"),
+        (["--controlnet-dir", "/nonexistent"], "--controlnet-dir /nonexistent: no such folder"),
     ],
 )
 def test_bad_serve_arguments_exit_2_before_loading(capsys, args, message):

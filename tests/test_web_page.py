@@ -1,6 +1,7 @@
 """The page at `/` in a real browser: headless Chromium (Debian's package, installed by `make test`) driven through
 its chromedriver. It types a prompt, generates, and gets real images of the requested size with their infotext; it
-paints an inpainting mask on a canvas, and what it did not paint comes back unchanged."""
+paints an inpainting mask on a canvas, and what it did not paint comes back unchanged; it adds a ControlNet unit with
+an uploaded control image, previews its map and gets the map back with the image."""
 
 import base64
 import io
@@ -10,9 +11,15 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors.torch import save_file
 
 from latent_diffusion import load_pipeline
+from latent_diffusion.models.controlnet import ControlNet
+from latent_diffusion.pipeline.control import find_control_models
+from latent_diffusion.pipeline.preprocessors import detect
 from latent_diffusion.serving.server import create_app
+
+from conftest import randomize
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -33,8 +40,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def page(browser, ckpt, serve):
-    with serve(create_app(load_pipeline(ckpt))) as base:
+def page(browser, ckpt, tiny_models, serve, tmp_path_factory):
+    """The page of a server with the tiny model and a tiny ControlNet for it in its --controlnet-dir."""
+    folder = tmp_path_factory.mktemp("ControlNet")
+    net = randomize(ControlNet(tiny_models["sd1"].cfg.unet), seed=1)
+    save_file(net.state_dict(), folder / "control_canny.safetensors")
+    pipeline = load_pipeline(ckpt, controlnets=find_control_models(folder))
+    with serve(create_app(pipeline, controlnet_dir=folder)) as base:
         browser.get(base + "/")
         yield browser
 
@@ -187,3 +199,34 @@ def test_settings_from_an_images_infotext_and_an_xyz_plot(page, tmp_path):
     assert grid.size[0] > 2 * 32 and grid.size[1] > 24  # two cells with the legend above them
     assert "Script: X/Y/Z plot, X Type: Steps" in figure.find_element("tag name", "figcaption").text
     page.find_element("id", "xyz_enable").click()
+
+
+def test_a_controlnet_unit_from_the_panel(page, tmp_path):
+    """The ControlNet panel: a control image uploaded, canny chosen from the extension's module list, its map
+    previewed (/controlnet/detect); then generated: the image with the unit in its infotext, and the detected map
+    after it (shown first: newest first)."""
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    y, x = np.mgrid[0:40, 0:40]
+    picture = np.stack([((np.hypot(x - 20, y - 20) // 5) % 2 * 220).astype(np.uint8)] * 3, axis=2)
+    Image.fromarray(picture).save(tmp_path / "rings.png")
+    page.find_element("css selector", '.tab[data-mode="txt2img"]').click()
+    WebDriverWait(page, 30).until(lambda d: len(d.find_elements("css selector", "#cn_model option")) == 1)
+    page.find_element("id", "cn_enable").click()
+    page.find_element("id", "cn-file").send_keys(str(tmp_path / "rings.png"))
+    Select(page.find_element("id", "cn_module")).select_by_visible_text("canny")
+    for name, value in {"cn_weight": 0.8, "width": 32, "height": 32, "steps": 2, "seed": 3, "batch_size": 1}.items():
+        set_field(page, name, value)
+    page.find_element("id", "cn-preview-button").click()
+    preview = page.find_element("id", "cn-preview")
+    WebDriverWait(page, 30).until(lambda d: (preview.get_attribute("src") or "").startswith("data:image/png"))
+    shown = Image.open(io.BytesIO(base64.b64decode(preview.get_attribute("src").partition(",")[2])))
+    assert np.array_equal(np.asarray(shown.convert("RGB")), detect(picture, "canny"))
+    before = len(results(page))
+    page.find_element("id", "generate").click()
+    detected, image = wait_for_results(page, before + 2)[:2]
+    caption = image.find_element("tag name", "figcaption").text
+    assert 'ControlNet 0: "Module: canny, Model: control_canny [' in caption and "Weight: 0.8" in caption
+    assert detected.find_element("tag name", "figcaption").text == "ControlNet detected map"
+    assert shown_image(detected).size == (32, 32) and len(np.unique(np.asarray(shown_image(detected)))) == 2
+    page.find_element("id", "cn_enable").click()  # off again

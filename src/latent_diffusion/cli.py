@@ -32,6 +32,7 @@ from .cli_upscale import cmd_upscale
 from .cli_xyz import cmd_xyz
 from .files import atomic_write, remove_empty
 from .models.ldm import LatentDiffusion
+from .pipeline.control import find_control_models
 from .pipeline.generate import NonFiniteError, generate
 from .pipeline.images import grid, save_png, to_pil
 from .pipeline.infotext import parameters_text
@@ -161,9 +162,12 @@ def cmd_serve(args) -> None:
     loras = find_loras(lora_folder) if lora_folder else {}
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
     upscalers = upscaler_args(args.upscaler_dir)
+    controlnet_folder = folder_arg(args.controlnet_dir, "--controlnet-dir", "models/ControlNet")
+    controlnets = find_control_models(controlnet_folder) if controlnet_folder else {}
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers, styles=styles_arg(args.styles_file))
+    files |= dict(controlnets=controlnets)
     files |= weights_args(args)
 
     def load(path) -> Pipeline:
@@ -186,8 +190,9 @@ def cmd_serve(args) -> None:
     pipeline = load(args.ckpt or (found[0] if found else BUILTIN_MODEL))
     where = f"http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)"
     print(f"ldm: serving {pipeline.checkpoint} on {where}", file=sys.stderr)
-    options = dict(load=load, rescan=rescan, models_dir=models_dir, api_auth=args.api_auth, limits=limits)
-    app = create_app(pipeline, args.outdir, cors_allow_origins=args.cors_allow_origins, debug=args.debug, **options)
+    options = dict(load=load, rescan=rescan, models_dir=models_dir, controlnet_dir=controlnet_folder, limits=limits)
+    options |= dict(api_auth=args.api_auth, cors_allow_origins=args.cors_allow_origins, debug=args.debug)
+    app = create_app(pipeline, args.outdir, **options)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

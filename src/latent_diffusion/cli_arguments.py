@@ -355,7 +355,7 @@ def add_serve(sub) -> None:
         "serve the web UI's HTTP API (/sdapi/v1/...)",
         "Load the model once and answer the AUTOMATIC1111 web UI's API on HOST:PORT, so that its clients "
         "work unchanged (txt2img, img2img, extras' upscale, samplers, schedulers, sd-models, upscalers, options, "
-        "progress, interrupt, png-info), and a web page at /.",
+        "progress, interrupt, png-info, the ControlNet extension's /controlnet/...), and a web page at /.",
     )
     serve.add_argument("--ckpt", help="checkpoint file (default: the first of --models-dir, or the built-in model)")
     serve.add_argument("--models-dir", help="checkpoints that clients may switch to (sd_model_checkpoint)")
@@ -381,7 +381,17 @@ def add_serve(sub) -> None:
     serve.add_argument("--lora-dir", help="LoRA files for <lora:NAME:WEIGHT> (default: models/Lora where it exists)")
     serve.add_argument("--embeddings-dir", help="textual-inversion embeddings (default: embeddings/ where it exists)")
     serve.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
+    serve.add_argument(
+        "--controlnet-dir",
+        help="ControlNet and T2I-Adapter files for the ControlNet extension's API (default: models/ControlNet "
+        "where it exists)",
+    )
     serve.add_argument("--styles-file", help=STYLES_HELP)
+    add_serve_limits(serve)
+
+
+def add_serve_limits(serve) -> None:
+    """`ldm serve`'s limits: what one request may ask for, and how much the server takes on (`ServerLimits`)."""
     limits = serve.add_argument_group("limits")
     limits.add_argument(
         "--max-batch",

@@ -25,9 +25,9 @@ from ..weights.controlnet import check_controlnet_fits, load_controlnet
 from ..weights.reader import CheckpointError, first_line, read_state_dict, safetensors_index
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
 from .control_images import control_map, prepare_control
-from .control_modules import PreprocessorError
+from .control_modules import PreprocessorError, Slider, find_module
 from .preprocessors import numpy_seed
-from .request import CONTROL_MODES, RESIZE_MODES, ControlUnit, fail
+from .request import CONTROL_MODES, RESIZE_MODES, ControlUnit, RequestError, fail
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 SOFT_IN_HIRES = ("canny", "mlsd")  # the extension's preprocessors whose maps are soft-injected in the hires pass
@@ -124,11 +124,15 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
     a model the pipeline does not have, or an image its preprocessor cannot use)."""
     resolved = []
     for k, unit in enumerate(units):
+        title = unit.title or f"ControlNet unit {k}"
         listed = find_model(unit.model, pipeline.controlnets)
         if listed is None:
             known = ", ".join(pipeline.controlnets) or "none: give a folder with --controlnet-dir"
-            fail(f"ControlNet unit {k}: no control model {unit.model!r} here; these are: {known}")
-        control = load_control_model(pipeline.controlnets[listed], pipeline.model)
+            fail(f"{title}: no control model {unit.model!r} here; these are: {known}")
+        try:
+            control = load_control_model(pipeline.controlnets[listed], pipeline.model)
+        except RequestError as e:
+            fail(f"{title}: {e}")
         maps = []
         for i, image in enumerate(unit.image):
             mask = None if unit.mask is None else unit.mask[min(i, len(unit.mask) - 1)]
@@ -148,7 +152,7 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
                     )
                 )
             except PreprocessorError as e:
-                fail(f"ControlNet unit {k}: {e}")
+                fail(f"{title}: {e}")
         unit_control = ResolvedControl(
             unit,
             listed,
@@ -193,24 +197,36 @@ def merged_controls(parts: list[list[ResolvedControl]], counts: list[int]) -> li
 
 
 def control_fields(controls: list[ResolvedControl]) -> dict:
-    """The extension's infotext fields, `ControlNet k: "Module: ..., Model: ..., Weight: ..."` per unit."""
+    """The extension's infotext fields, `ControlNet k: "Module: ..., Model: ..., Weight: 1.0, ..."` per unit, as its
+    `ControlNetUnit.serialize` writes them (`internal_controlnet/args.py`, 1.1.455): the fields of its
+    `infotext_fields()` in that order, each `str()` of the value its pydantic model holds, enums by label. So the
+    floats are floats ("Weight: 1.0"), the resolution a whole number, and a slider's value is the request's where it
+    is within the module's range, else the slider's default as the extension declares it ("Threshold A: 100" for
+    canny; an out-of-range value is replaced silently, `bound_check_params`). The model is its listed name."""
     fields = {}
     for k, c in enumerate(controls):
         u = c.unit
+        module = find_module(u.module)
         values = {
             "Module": u.module,
             "Model": c.name,
-            "Weight": u.weight,
+            "Weight": float(u.weight),
             "Resize Mode": RESIZE_MODES[u.resize_mode],
-            "Processor Res": u.processor_res,
-            "Threshold A": u.threshold_a,
-            "Threshold B": u.threshold_b,
-            "Guidance Start": u.guidance_start,
-            "Guidance End": u.guidance_end,
+            "Processor Res": _slider_shown(module.resolution, u.processor_res, int),
+            "Threshold A": _slider_shown(module.threshold_a, u.threshold_a, float),
+            "Threshold B": _slider_shown(module.threshold_b, u.threshold_b, float),
+            "Guidance Start": float(u.guidance_start),
+            "Guidance End": float(u.guidance_end),
             "Pixel Perfect": u.pixel_perfect,
             "Control Mode": CONTROL_MODES[u.control_mode],
-            "Hr Option": "Both",
         }
-        text = ", ".join(f"{name}: {value}" for name, value in values.items() if value is not None)
-        fields[f"ControlNet {k}"] = text
+        fields[f"ControlNet {k}"] = ", ".join(f"{name}: {value}" for name, value in values.items())
     return fields
+
+
+def _slider_shown(slider: Slider, value: float | None, kind: type):
+    """A slider's value as the extension's unit holds it after its bound check: the request's (as its field's type)
+    where given and in range, else the slider's declared default."""
+    if value is None or value == -1 or not slider.minimum <= value <= slider.maximum:
+        return slider.value
+    return kind(value)

@@ -176,6 +176,34 @@ _MODULES = [
 MODULES: dict[str, ControlModule] = {m.name: m for m in _MODULES}
 _BY_LABEL = {m.label: m for m in _MODULES}
 
+# The extension's control types (each module's `tags`; its UI's "Control Type" radio and `/controlnet/control_types`):
+# the modules tagged with each, by name. facexlib, mediapipe_face and threshold have none.
+CONTROL_TYPES = {
+    "Canny": ("canny", "invert"),
+    "Depth": ("depth", "depth_anything", "depth_anything_v2", "depth_hand_refiner", "depth_leres", "depth_leres++",
+              "depth_zoe"),
+    "IP-Adapter": ("ip-adapter-auto", "ip-adapter_pulid", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl",
+                   "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_face_id", "ip-adapter_face_id_plus"),
+    "Inpaint": ("inpaint", "inpaint_only", "inpaint_only+lama"),
+    "Instant-ID": ("instant_id_face_embedding", "instant_id_face_keypoints"),
+    "InstructP2P": ("none",),
+    "Lineart": ("invert", "lineart", "lineart_anime", "lineart_anime_denoise", "lineart_coarse", "lineart_standard"),
+    "MLSD": ("invert", "mlsd"),
+    "NormalMap": ("normal_dsine", "normal_bae", "normal_map"),
+    "OpenPose": ("animal_openpose", "densepose", "densepose_parula", "dw_openpose_full", "openpose", "openpose_face",
+                 "openpose_faceonly", "openpose_full", "openpose_hand"),
+    "Recolor": ("recolor_intensity", "recolor_luminance"),
+    "Reference": ("reference_adain", "reference_adain+attn", "reference_only"),
+    "Revision": ("revision_clipvision", "revision_ignore_prompt"),
+    "Scribble": ("invert", "scribble_xdog", "scribble_hed", "pidinet_scribble"),
+    "Segmentation": ("mobile_sam", "anime_face_segment", "oneformer_ade20k", "oneformer_coco", "segmentation"),
+    "Shuffle": ("shuffle",),
+    "SoftEdge": ("softedge_teed", "softedge_anyline", "hed", "hed_safe", "pidinet", "pidinet_safe"),
+    "SparseCtrl": ("scribble_xdog", "scribble_hed", "pidinet_scribble"),
+    "T2I-Adapter": ("color", "pidinet_sketch", "clip_vision"),
+    "Tile": ("blur_gaussian", "tile_colorfix", "tile_colorfix+sharp", "tile_resample"),
+}  # fmt: skip
+
 
 def find_module(name: str) -> ControlModule:
     """A module by its name or its label (labels first, as the extension looks them up)."""
@@ -190,6 +218,12 @@ def sorted_modules() -> list[ControlModule]:
     str(priority).zfill(8) + label, descending; so priority 1000 before 100 before 20 before 10 before 0."""
     rest = [m for m in _MODULES if m.name != "none"]
     return [MODULES["none"], *sorted(rest, key=lambda m: str(m.priority).zfill(8) + m.label, reverse=True)]
+
+
+def tagged(control_type: str) -> list[ControlModule]:
+    """The modules of a control type in list order, "none" among them (`Preprocessor.get_filtered_preprocessors`)."""
+    names = CONTROL_TYPES[control_type]
+    return [m for m in sorted_modules() if m.name in names or m.name == "none"]
 
 
 def module_detail(module: ControlModule) -> dict:

@@ -186,12 +186,20 @@ def _label(table: dict[str, str]):
     return lambda label: names.get(label) or _unknown(label)
 
 
+def _resolution(text: str) -> int | None:
+    """The "Processor Res" field: a whole number; a fraction is the default of a module that hides its resolution
+    slider (the extension writes that slider's 0.5 for invert's), so None: the module's default again."""
+    value = float(text)
+    return int(value) if value.is_integer() else None
+
+
 def _unknown(label: str):
     raise ValueError(f"the infotext's ControlNet field {label!r} is not one this project knows")
 
 
 CONTROL_FIELDS = {"Module": ("control_module", str), "Weight": ("control_weight", float),
-                  "Resize Mode": ("control_resize", _label(RESIZE_MODES)), "Processor Res": ("control_processor_res", int),
+                  "Resize Mode": ("control_resize", _label(RESIZE_MODES)),
+                  "Processor Res": ("control_processor_res", _resolution),
                   "Threshold A": ("control_threshold_a", float), "Threshold B": ("control_threshold_b", float),
                   "Guidance Start": ("control_start", float), "Guidance End": ("control_end", float),
                   "Pixel Perfect": ("control_pixel_perfect", lambda v: v == "True"),

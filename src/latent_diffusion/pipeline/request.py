@@ -78,11 +78,13 @@ class ControlUnit:
     guidance_end: float = 1.0
     control_mode: str = "balanced"  # CONTROL_MODES
     resize_mode: str = "crop"  # RESIZE_MODES: how the map is brought to the image's size
-    processor_res: int = 512  # the side the preprocessor works at (pixel perfect: the image's own)
+    # The side the preprocessor works at (pixel perfect: the image's own; None: the module's default)
+    processor_res: int | None = 512
     threshold_a: float | None = None  # the preprocessor's sliders (None: its defaults)
     threshold_b: float | None = None
     pixel_perfect: bool = False
     mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint: the inpaint preprocessors'
+    title: str = ""  # what messages call it ("": "ControlNet unit k", k its place in `controls`)
 
 
 @dataclass
@@ -191,7 +193,7 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     if r.hires is not None:
         _check_hires(r.hires)
     for k, unit in enumerate(r.controls):
-        _check_control(unit, f"ControlNet unit {k}", len(r.prompts))
+        _check_control(unit, getattr(unit, "title", "") or f"ControlNet unit {k}", len(r.prompts))
     return request
 
 

@@ -36,7 +36,6 @@ from ..models import vae_tiling
 from ..models.config import preset
 from ..models.ldm import LatentDiffusion
 from ..pipeline.generate import NonFiniteError
-from ..pipeline.hires import LATENT_MODES
 from ..pipeline.images import as_mode, from_pil, open_image, save_png, to_pil
 from ..pipeline.loading import Pipeline, as_pipeline
 from ..pipeline.request import RequestError, validate
@@ -44,6 +43,7 @@ from ..pipeline.upscalers import RESAMPLERS
 from ..weights.checkpoint import CheckpointError
 from . import web_ui_api
 from .checkpoints import Checkpoints
+from .controlnet_routes import ControlNetRoutes
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
 from .job_queue import Call, Job, Load, Task, Worker
@@ -73,6 +73,7 @@ class ServerState:
         load: Callable[[Path], Pipeline] | None,
         models_dir: Path | None,
         limits: ServerLimits,
+        controlnet_dir: Path | None = None,
     ):
         self.first = pipeline.checkpoint or Path("model")
         self.checkpoints = Checkpoints(models_dir, self.first)
@@ -91,6 +92,7 @@ class ServerState:
         self.preview: tuple[torch.Tensor, str] | None = None  # (latent, its PNG): one decode per step, however polled
         self.upscaling = UpscalingRoutes(self)  # the extras routes
         self.scripts = ScriptRoutes(self)  # SD upscale, the X/Y/Z plot
+        self.controlnet = ControlNetRoutes(self, controlnet_dir)  # the ControlNet extension's API
         self.preview_lock = threading.Lock()
 
     def load_and_hash(self, path: Path) -> Pipeline:
@@ -101,6 +103,7 @@ class ServerState:
         name = self.checkpoints.name_of(path)
         try:
             new = self.load(path)
+            self.controlnet.adopt(new)
             self.checkpoints.hashes[path] = model_hash(path)
         except CheckpointError as e:
             raise RequestError(f"checkpoint {name}: {str(e).replace(str(path), '').removeprefix(': ')}") from None
@@ -260,6 +263,8 @@ class ServerState:
         check that needs no model is done here, before any image is decoded."""
         web_ui_api.check_fields(body, self.limits, self.worker.pipeline.model.cfg.default_size)
         request, sampler = web_ui_api.generation_request(body)
+        if not isinstance(body, Img2ImgRequest):  # (img2img's, once its picture is open: units may take it)
+            request.controls = self.controlnet.units(body)
         wanted = (body.override_settings or {}).get("sd_model_checkpoint")
         checkpoint = self.checkpoints.find(str(wanted)) if wanted is not None else self.selected
         refiner = None
@@ -311,6 +316,9 @@ class ServerState:
             padding=body.inpaint_full_res_padding,
         )
         images = {"init_image": from_pil(inputs.image), "mask": from_pil(inputs.mask) if mask else None}
+        images["controls"] = self.controlnet.img2img_units(
+            body, image, mask, inputs.box, (width, height), (blur_x, blur_y)
+        )
         job.request = validate(
             dataclasses.replace(
                 job.request, **images, width=width, height=height, strength=body.denoising_strength, paste=False
@@ -380,19 +388,13 @@ class ServerState:
             self.outdir.mkdir(parents=True, exist_ok=True)
             for image, text, seed in zip(images, job.infotexts, job.resolved.seeds):
                 save_png(image, claim_numbered(self.outdir, f"{seed}.png"), text)
-        return web_ui_api.answer(body, job, images, self.checkpoints.hashes.get(job.model_path))
+        answer = web_ui_api.answer(body, job, images, self.checkpoints.hashes.get(job.model_path))
+        answer["images"] += self.controlnet.detected_maps(body, job)  # (after the images, as the extension's)
+        return answer
 
 
 def page() -> str:
     return (WEB_PAGE / "index.html").read_text()
-
-
-def nothing_to_refresh() -> dict:
-    return {}  # the models folder is read at every listing
-
-
-def none_here() -> list:
-    return []  # this server has no separate VAEs: an empty list, as the web UI with none
 
 
 def cheap_preview(model: LatentDiffusion, latent: torch.Tensor) -> torch.Tensor | None:
@@ -404,10 +406,6 @@ def cheap_preview(model: LatentDiffusion, latent: torch.Tensor) -> torch.Tensor 
     return torch.einsum("lhw,lr->rhw", latent.float(), torch.tensor(family.preview_rgb, device=latent.device))
 
 
-def latent_upscale_modes() -> list[dict]:
-    return [{"name": name} for name in LATENT_MODES]
-
-
 def create_app(
     pipeline: Pipeline | LatentDiffusion,
     outdir: str | Path | None = None,
@@ -415,6 +413,7 @@ def create_app(
     load: Callable[[Path], Pipeline] | None = None,
     rescan: Callable[[Pipeline], Pipeline] | None = None,
     models_dir: str | Path | None = None,
+    controlnet_dir: str | Path | None = None,
     api_auth: str | None = None,
     limits: ServerLimits | None = None,
     cors_allow_origins: list[str] | None = None,
@@ -422,13 +421,13 @@ def create_app(
 ):
     """The ASGI application serving `pipeline` (a model and its LoRA files and embeddings). load: a checkpoint path ->
     a pipeline set up the same way (for switching among `models_dir`); rescan: a pipeline -> it with its LoRA files
-    and embeddings read again (/refresh-loras, /refresh-embeddings); api_auth: "user:password" for HTTP basic
+    and embeddings read again (/refresh-loras, /refresh-embeddings); controlnet_dir: the folder of the control
+    models, read again by /controlnet/model_list (`serving/controlnet_routes.py`); api_auth: "user:password" for HTTP basic
     auth; limits: what a request may ask for (`ServerLimits()` by default); cors_allow_origins: origins whose pages
     may call the API (none by default); debug: log the traceback of a failure of the server, not one line."""
     limits = limits or ServerLimits()
-    state = ServerState(
-        as_pipeline(pipeline), Path(outdir) if outdir else None, load, Path(models_dir) if models_dir else None, limits
-    )
+    folders = [Path(folder) if folder else None for folder in (outdir, models_dir, controlnet_dir)]
+    state = ServerState(as_pipeline(pipeline), folders[0], load, folders[1], limits, folders[2])
     state.rescan = rescan
 
     @contextlib.asynccontextmanager
@@ -452,6 +451,7 @@ def create_app(
     app.add_api_route("/", page, response_class=HTMLResponse, include_in_schema=False)
     app.mount("/web", StaticFiles(directory=str(WEB_PAGE)), name="web")
     add_routes(app, state)
+    state.controlnet.add_routes(app)
     return EdgeMiddleware(app, api_auth, limits.max_body, debug)
 
 
@@ -468,15 +468,15 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "progress": state.progress,
             "upscalers": state.upscalers,
             "realesrgan-models": state.upscaling.realesrgan_models,
-            "latent-upscale-modes": latent_upscale_modes,
-            "sd-vae": none_here,
+            "latent-upscale-modes": web_ui_api.latent_upscale_modes,
+            "sd-vae": web_ui_api.none_here,
             "prompt-styles": state.prompt_styles,
             "memory": memory_report,
             "scripts": scripts,
             "script-info": script_info,
         },
         "POST": {
-            "refresh-checkpoints": nothing_to_refresh,
+            "refresh-checkpoints": web_ui_api.nothing_to_refresh,
             "refresh-loras": state.refresh,
             "refresh-embeddings": state.refresh,
             "options": state.set_options,

@@ -15,12 +15,13 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..pipeline.hires import target_size
+from ..pipeline.hires import LATENT_MODES, target_size
 from ..pipeline.images import RASTER_FORMATS, png_text
 from ..pipeline.infotext import web_ui_parameters
 from ..pipeline.request import MAX_HIRES_SCALE, MAX_SIDE, GenerationRequest, HiresFix, RequestError
 from ..sampling.samplers import SAMPLERS, Sampler, find_sampler
 from ..sampling.sigma_schedules import SCHEDULERS
+from .controlnet_units import enabled_units, ignored_unit_fields
 from .job_queue import Job
 
 WEB_UI_CFG_SCALE = 7.0  # the web UI's default guidance; a model's own (the built-in model's) wins
@@ -56,7 +57,13 @@ NO_EFFECT = {
     "initial_noise_multiplier": (None, 1),
 }  # fmt: skip
 HIRES_FIELDS = ("hr_", "firstphase_", "denoising_strength")  # txt2img's denoising_strength is the hires pass's
-SETTINGS = {"sd_model_checkpoint", "CLIP_stop_at_last_layers", "img2img_fix_steps", "use_old_scheduling"}  # honoured
+SETTINGS = {
+    "sd_model_checkpoint",
+    "CLIP_stop_at_last_layers",
+    "img2img_fix_steps",
+    "use_old_scheduling",
+    "control_net_no_detectmap",
+}  # honoured
 # Levels of lists and objects in one field of a request's own (a field this server does not read, override_settings):
 # clients nest a few (alwayson_scripts). Some hundreds still parse, and echoing them recursed past Python's limit.
 MAX_NESTING = 64
@@ -171,16 +178,42 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
         fields = {name: value for name, value in fields.items() if name not in ("script_name", "script_args")}
     if not fields.get("subseed_strength"):
         fields.pop("subseed", None)
+    scripts = fields.pop("alwayson_scripts", None)
     ignored = [
         name
         for name, value in fields.items()
         if (name not in NO_EFFECT and value not in (None, "", 0, False, -1, [], {}))
         or (NO_EFFECT.get(name) is not None and value not in NO_EFFECT[name])
     ]
+    ignored += always_on_ignored(body, scripts, script)
     ignored += [f"override_settings.{name}" for name in (body.override_settings or {}) if name not in SETTINGS]
     if getattr(body, "mask", None) and getattr(body, "inpainting_fill", 0) in (2, 3):
         ignored.append("inpainting_fill")  # latent noise and latent nothing run as "original"
     return sorted(ignored)
+
+
+def always_on_ignored(body: Txt2ImgRequest, scripts, script: str) -> list[str]:
+    """The always-on scripts a request sets (`alwayson_scripts`): ControlNet's units run (the fields of theirs this
+    server does not apply are named), except under SD upscale, which runs without them; any other script is named
+    where it has arguments."""
+    if not isinstance(scripts, dict):
+        return [] if scripts in (None, "", [], {}) else ["alwayson_scripts"]
+    named = [
+        f"alwayson_scripts.{name}"
+        for name, entry in scripts.items()
+        if name.lower() != "controlnet" and entry not in (None, [], {}) and not _no_args(entry)
+    ]
+    img2img = isinstance(body, Img2ImgRequest)
+    if script == "sd upscale" and img2img:
+        try:
+            return named + (["alwayson_scripts.ControlNet"] if enabled_units(body) else [])
+        except RequestError:  # (not read: units that cannot be read are not run either)
+            return [*named, "alwayson_scripts.ControlNet"]
+    return named + ignored_unit_fields(body, hires=body.enable_hr and not img2img)
+
+
+def _no_args(entry) -> bool:
+    return isinstance(entry, dict) and entry.get("args") in (None, [], {})
 
 
 def check_fields(body: Txt2ImgRequest, limits: ServerLimits, default_size: int = 512) -> None:
@@ -358,6 +391,18 @@ def schedulers() -> list[dict]:
         {"name": s.name, "label": s.label, "aliases": None, "default_rho": -1, "need_inner_model": False}
         for s in SCHEDULERS.values()
     ]
+
+
+def latent_upscale_modes() -> list[dict]:
+    return [{"name": name} for name in LATENT_MODES]
+
+
+def nothing_to_refresh() -> dict:
+    return {}  # the models folder is read at every listing
+
+
+def none_here() -> list:
+    return []  # this server has no separate VAEs: an empty list, as the web UI with none
 
 
 def png_info(body: PngInfoRequest) -> dict:

@@ -3,8 +3,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const api = async (path, body) => {
-  const response = await fetch("/sdapi/v1/" + path, body === undefined ? {} : {
+const api = async (path, body) => {  // a path of the web UI's API ("txt2img"), or a whole one ("/controlnet/...")
+  const response = await fetch((path.startsWith("/") ? "" : "/sdapi/v1/") + path, body === undefined ? {} : {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
   const answer = await response.json();
@@ -77,6 +77,8 @@ function request() {
     body.denoising_strength = Number($("denoising_strength").value);
     if (maskPainted) Object.assign(body, { mask: maskImage(), inpaint_full_res: false });  // whole picture
   }
+  const scripts = controlnetScripts();  // (controlnet.js)
+  if (scripts) body.alwayson_scripts = scripts;
   return body;
 }
 
@@ -98,7 +100,10 @@ $("form").addEventListener("submit", async (event) => {
   try {
     const answer = await api(mode, body);
     const info = JSON.parse(answer.info);
-    answer.images.forEach((image, i) => addResult(image, info, i));
+    answer.images.forEach((image, i) => {  // the ControlNet detected maps come after the images, without infotext
+      if (i < info.infotexts.length) addResult(image, info, i);
+      else addFigure(image, "ControlNet detected map", "ControlNet detected map");
+    });
   } catch (e) {
     showError(e.message);
   } finally {
