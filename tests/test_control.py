@@ -330,12 +330,7 @@ def test_command_line_units_write_the_extensions_fields_and_read_them_back(tmp_p
 def control_values(text: str) -> dict:
     """A `ControlNet k` field's values, numbers as numbers."""
     values = dict(item.split(": ", 1) for item in text.split(", "))
-    for key, value in values.items():
-        try:
-            values[key] = float(value)
-        except ValueError:
-            pass
-    return values
+    return {key: float(value) if value.replace(".", "", 1).isdigit() else value for key, value in values.items()}
 
 
 @pytest.mark.parametrize(
