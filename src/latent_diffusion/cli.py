@@ -164,6 +164,7 @@ def cmd_serve(args) -> None:
     upscalers = upscaler_args(args.upscaler_dir)
     controlnet_folder = folder_arg(args.controlnet_dir, "--controlnet-dir", "models/ControlNet")
     controlnets = find_control_models(controlnet_folder) if controlnet_folder else {}
+    vae_folder = folder_arg(args.vae_dir, "--vae-dir", "models/VAE")
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
     files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers, styles=styles_arg(args.styles_file))
@@ -191,6 +192,7 @@ def cmd_serve(args) -> None:
     where = f"http://{args.host}:{args.port}/ (API: /sdapi/v1/, schema: /docs)"
     print(f"ldm: serving {pipeline.checkpoint} on {where}", file=sys.stderr)
     options = dict(load=load, rescan=rescan, models_dir=models_dir, controlnet_dir=controlnet_folder, limits=limits)
+    options |= dict(vae_dir=vae_folder)
     options |= dict(api_auth=args.api_auth, cors_allow_origins=args.cors_allow_origins, debug=args.debug)
     app = create_app(pipeline, args.outdir, **options)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -386,6 +386,9 @@ def add_serve(sub) -> None:
         help="ControlNet and T2I-Adapter files for the ControlNet extension's API (default: models/ControlNet "
         "where it exists)",
     )
+    serve.add_argument(
+        "--vae-dir", help="VAE files that clients may choose (sd_vae; default: models/VAE where it exists)"
+    )
     serve.add_argument("--styles-file", help=STYLES_HELP)
     add_serve_limits(serve)
 

@@ -38,5 +38,19 @@ class Checkpoints:
                 return path
         raise NotFound(f"no checkpoint named {wanted!r}; GET /sdapi/v1/sd-models lists them")
 
+    def listing(self) -> list[dict]:
+        """/sdapi/v1/sd-models: each file, by its title (with its hash once it has been loaded)."""
+        return [
+            {
+                "title": self.title(name, path),
+                "model_name": Path(name).with_suffix("").as_posix(),
+                "hash": self.hashes.get(path),
+                "sha256": None,
+                "filename": str(path),
+                "config": None,
+            }
+            for name, path in self.files().items()
+        ]
+
     def name_of(self, path: Path) -> str:
         return next((n for n, p in self.files().items() if p == path), path.name)

@@ -131,6 +131,7 @@ class Worker:
         self.latent = None  # the x0 estimate of the step just done, first image of the batch: (1, 4, h, w)
         self.started = 0.0
         self.interrupted = self.skipped = False  # (skipped: the running batch only)
+        self.before_job: Callable[[], None] | None = None  # run before each job (the models back on their device)
         self.thread = threading.Thread(target=self.run, daemon=True, name="ldm-serve-worker")
         self.thread.start()
 
@@ -215,6 +216,8 @@ class Worker:
         if job.cancelled:
             return False
         try:
+            if self.before_job is not None:
+                self.before_job()
             if job.checkpoint is not None:
                 self.switch(Load(job.checkpoint))
             for name, wanted in (("refiner", job.refiner), ("hires", job.hires_checkpoint)):

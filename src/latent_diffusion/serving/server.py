@@ -47,6 +47,7 @@ from .controlnet_routes import ControlNetRoutes
 from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
 from .job_queue import Call, Job, Load, Task, Worker
+from .model_routes import ModelRoutes
 from .script_routes import SD_UPSCALE, XYZ_PLOT, ScriptRoutes, script_info, script_name, scripts
 from .upscaling_routes import UpscalingRoutes
 from .web_ui_api import (
@@ -74,6 +75,7 @@ class ServerState:
         models_dir: Path | None,
         limits: ServerLimits,
         controlnet_dir: Path | None = None,
+        vae_dir: Path | None = None,
     ):
         self.first = pipeline.checkpoint or Path("model")
         self.checkpoints = Checkpoints(models_dir, self.first)
@@ -93,6 +95,8 @@ class ServerState:
         self.upscaling = UpscalingRoutes(self)  # the extras routes
         self.scripts = ScriptRoutes(self)  # SD upscale, the X/Y/Z plot
         self.controlnet = ControlNetRoutes(self, controlnet_dir)  # the ControlNet extension's API
+        self.models = ModelRoutes(self, vae_dir)  # VAE files, unloading and reloading
+        self.worker.before_job = lambda: self.models.unpark(self.worker.pipeline)  # (after /unload-checkpoint)
         self.preview_lock = threading.Lock()
 
     def load_and_hash(self, path: Path) -> Pipeline:
@@ -102,7 +106,7 @@ class ServerState:
         # never by the server's path, which the errors' texts hold.
         name = self.checkpoints.name_of(path)
         try:
-            new = self.load(path)
+            new = self.models.with_vae(self.load(path))  # (the VAE chosen by sd_vae, for every checkpoint)
             self.controlnet.adopt(new)
             self.checkpoints.hashes[path] = model_hash(path)
         except CheckpointError as e:
@@ -116,20 +120,6 @@ class ServerState:
         return self.checkpoints.title(self.checkpoints.name_of(path), path)
 
     # Lists and options --------------------------------------------------------------------------------------
-
-    def sd_models(self) -> list[dict]:
-        checkpoints = self.checkpoints
-        return [
-            {
-                "title": checkpoints.title(name, path),
-                "model_name": Path(name).with_suffix("").as_posix(),
-                "hash": checkpoints.hashes.get(path),
-                "sha256": None,
-                "filename": str(path),
-                "config": None,
-            }
-            for name, path in checkpoints.files().items()
-        ]
 
     def loras(self) -> list[dict]:
         return [
@@ -158,11 +148,12 @@ class ServerState:
         return {"loaded": loaded, "skipped": {}}
 
     def options(self) -> dict:
-        return {"sd_model_checkpoint": self.current_title(), "CLIP_stop_at_last_layers": 1, "samples_format": "png"}
+        return {"sd_model_checkpoint": self.current_title(), "sd_vae": self.models.chosen, "CLIP_stop_at_last_layers": 1,
+                "samples_format": "png"}  # fmt: skip
 
     async def set_options(self, body: dict[str, Any], http: Request) -> dict:
-        """sd_model_checkpoint loads that checkpoint (after the jobs already queued); other options are accepted
-        and ignored, as `ignored` in the answer says."""
+        """sd_model_checkpoint loads that checkpoint (after the jobs already queued), sd_vae puts that VAE in place
+        (`model_routes.py`); other options are accepted and ignored, as `ignored` in the answer says."""
         if "sd_model_checkpoint" in body:
             if not isinstance(body["sd_model_checkpoint"], str):
                 raise RequestError("sd_model_checkpoint: a checkpoint's title or name")
@@ -174,7 +165,9 @@ class ServerState:
                 if self.selected == path:  # (another request may have chosen since)
                     self.selected = before
                 raise
-        return {"ignored": sorted(set(body) - {"sd_model_checkpoint"})}
+        if "sd_vae" in body:
+            await self.models.choose(body["sd_vae"], http)
+        return {"ignored": sorted(set(body) - {"sd_model_checkpoint", "sd_vae"})}
 
     # Progress -----------------------------------------------------------------------------------------------
 
@@ -414,6 +407,7 @@ def create_app(
     rescan: Callable[[Pipeline], Pipeline] | None = None,
     models_dir: str | Path | None = None,
     controlnet_dir: str | Path | None = None,
+    vae_dir: str | Path | None = None,
     api_auth: str | None = None,
     limits: ServerLimits | None = None,
     cors_allow_origins: list[str] | None = None,
@@ -422,12 +416,13 @@ def create_app(
     """The ASGI application serving `pipeline` (a model and its LoRA files and embeddings). load: a checkpoint path ->
     a pipeline set up the same way (for switching among `models_dir`); rescan: a pipeline -> it with its LoRA files
     and embeddings read again (/refresh-loras, /refresh-embeddings); controlnet_dir: the folder of the control
-    models, read again by /controlnet/model_list (`serving/controlnet_routes.py`); api_auth: "user:password" for HTTP basic
+    models, read again by /controlnet/model_list (`serving/controlnet_routes.py`); vae_dir: the VAE files of
+    /sd-vae and the option sd_vae (`serving/model_routes.py`); api_auth: "user:password" for HTTP basic
     auth; limits: what a request may ask for (`ServerLimits()` by default); cors_allow_origins: origins whose pages
     may call the API (none by default); debug: log the traceback of a failure of the server, not one line."""
     limits = limits or ServerLimits()
-    folders = [Path(folder) if folder else None for folder in (outdir, models_dir, controlnet_dir)]
-    state = ServerState(as_pipeline(pipeline), folders[0], load, folders[1], limits, folders[2])
+    folders = [Path(folder) if folder else None for folder in (outdir, models_dir, controlnet_dir, vae_dir)]
+    state = ServerState(as_pipeline(pipeline), folders[0], load, folders[1], limits, *folders[2:])
     state.rescan = rescan
 
     @contextlib.asynccontextmanager
@@ -450,8 +445,10 @@ def create_app(
         app.add_exception_handler(kind, handler)
     app.add_api_route("/", page, response_class=HTMLResponse, include_in_schema=False)
     app.mount("/web", StaticFiles(directory=str(WEB_PAGE)), name="web")
+    app.state.server = state  # (for tests and embedding applications)
     add_routes(app, state)
     state.controlnet.add_routes(app)
+    state.models.add_routes(app)
     return EdgeMiddleware(app, api_auth, limits.max_body, debug)
 
 
@@ -461,7 +458,7 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
         "GET": {
             "samplers": web_ui_api.samplers,
             "schedulers": web_ui_api.schedulers,
-            "sd-models": state.sd_models,
+            "sd-models": state.checkpoints.listing,
             "loras": state.loras,
             "embeddings": state.embeddings,
             "options": state.options,
@@ -469,7 +466,6 @@ def add_routes(app: FastAPI, state: ServerState) -> None:
             "upscalers": state.upscalers,
             "realesrgan-models": state.upscaling.realesrgan_models,
             "latent-upscale-modes": web_ui_api.latent_upscale_modes,
-            "sd-vae": web_ui_api.none_here,
             "prompt-styles": state.prompt_styles,
             "memory": memory_report,
             "scripts": scripts,

@@ -401,10 +401,6 @@ def nothing_to_refresh() -> dict:
     return {}  # the models folder is read at every listing
 
 
-def none_here() -> list:
-    return []  # this server has no separate VAEs: an empty list, as the web UI with none
-
-
 def png_info(body: PngInfoRequest) -> dict:
     """An image's infotext, its other text chunks, and the infotext read into the web UI's keys."""
     image = decode_image(body.image.strip())
