@@ -108,7 +108,7 @@ def test_the_script_through_the_api_with_an_existing_client(ckpt, serve):
         assert status == 200 and len(answer["images"]) == 1 and decode(answer["images"][0]).size[0] > 64
         assert call(base, "/sdapi/v1/scripts")[1] == {
             "txt2img": ["x/y/z plot"],
-            "img2img": ["sd upscale", "x/y/z plot"],
+            "img2img": ["sd upscale", "outpainting mk2", "poor man's outpainting", "x/y/z plot"],
         }
         info = call(base, "/sdapi/v1/script-info")[1]
         choices = next(s for s in info if s["name"] == "x/y/z plot")["args"][0]["choices"]

@@ -159,6 +159,7 @@ def add_size_arguments(p: argparse.ArgumentParser, command: str) -> None:
         p.add_argument("--resize", action="store_true", help="resize the image (and mask) to --width x --height")
         if command == "img2img":
             add_sd_upscale_arguments(p)
+            add_outpaint_arguments(p)
         p.add_argument("--width", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
         p.add_argument("--height", type=int, help="with --resize: pixels, a multiple of 8 (default: as txt2img's)")
 
@@ -199,6 +200,25 @@ def add_sd_upscale_arguments(p: argparse.ArgumentParser) -> None:
         help="None, Lanczos, Nearest, or a model of --upscaler-dir",
     )
     group.add_argument("--sd-upscale-overlap", type=int, default=64, help="pixels that neighbouring tiles share")
+
+
+def add_outpaint_arguments(p: argparse.ArgumentParser) -> None:
+    """The web UI's outpainting scripts: --outpaint PIXELS turns them on."""
+    group = p.add_argument_group(
+        "outpainting",
+        'extend the init image on chosen sides and draw the new border (the web UI\'s "Outpainting mk2" and "Poor '
+        "man's outpainting\" scripts); --width and --height: the most each pass (tile) redraws",
+    )
+    group.add_argument("--outpaint", type=int, metavar="PIXELS", help="add this many pixels on each chosen side")
+    group.add_argument("--outpaint-sides", metavar="SIDES", default="left,right,up,down", help="comma-separated")
+    group.add_argument("--outpaint-method", choices=("mk2", "poor-man"), default="mk2", help="which script")
+    group.add_argument("--outpaint-mask-blur", type=int, metavar="PIXELS", help="None: the script's, mk2 8, poor-man 4")
+    group.add_argument("--outpaint-fill", choices=OUTPAINT_FILLS, help="poor-man's masked content; None: fill")
+    group.add_argument("--outpaint-falloff", type=float, metavar="Q", help="mk2's, 0 to 4, lower: finer; None: 1")
+    group.add_argument("--outpaint-color-variation", type=float, metavar="V", help="mk2's, 0 to 1; None: 0.05")
+
+
+OUTPAINT_FILLS = ("fill", "original", "latent-noise", "latent-nothing")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -22,6 +22,7 @@ from .pipeline.generate import generate_plan
 from .pipeline.images import grid, load_image, save_png, to_pil
 from .pipeline.infotext import read_infotext, settings_from_infotext
 from .pipeline.loading import Pipeline, load_pipeline
+from .pipeline.outpainting import MK2, POOR_MAN, check_settings, outpainting_mk2, poor_mans_outpainting
 from .pipeline.plan import Plan, resolve
 from .pipeline.request import GenerationRequest, HiresFix, RequestError, validate
 from .pipeline.sd_upscale import sd_upscale
@@ -53,6 +54,15 @@ def prepare_outdir(outdir: Path) -> list[Path]:
     return created
 
 
+# The outpainting scripts' settings, as their errors name them after the script's name
+OUTPAINT_FLAGS = {
+    "pixels to expand": "--outpaint",
+    "mask blur": "--outpaint-mask-blur",
+    "sides": "--outpaint-sides",
+    "masked content": "--outpaint-fill",
+    "falloff": "--outpaint-falloff",
+    "color variation": "--outpaint-color-variation",
+}
 # The request fields whose errors name a flag of their own (the messages begin with the field's name).
 FLAGS = {
     "width and height": "--width and --height",
@@ -72,6 +82,8 @@ FLAGS = {
     "hires pass: strength": "--hires-denoise",
     "hires pass: cfg_scale": "--hires-cfg-scale",
     "SD upscale: the overlap": "--sd-upscale-overlap",
+    **{f"{script}: the {name}": flag for script in (MK2, POOR_MAN) for name, flag in OUTPAINT_FLAGS.items()},
+    **{f"{script}:": "--outpaint:" for script in (MK2, POOR_MAN)},
     "styles": "--style",
 }
 
@@ -289,6 +301,7 @@ def cmd_generate(args, write: Callable | None = None) -> None:
             args.hires_prompt = f"{args.hires_prompt} {tags}"
     units, args.control_files = controls_from_args(args)
     request = checked(dataclasses.replace(request_from_args(args), controls=units))
+    args.outpaint_settings = outpaint_settings(args) if args.command == "img2img" else None
     embeddings = folder_arg(args.embeddings_dir, "--embeddings-dir", "embeddings")
     hires_checkpoint = getattr(args, "hires_checkpoint", None)
     if hires_checkpoint is not None and request.hires is None:
@@ -339,6 +352,8 @@ def write_images(args, request: GenerationRequest, outdir: Path, embeddings, lor
     pipeline = load_from_args(args, embeddings, loras, device, dtype)
     if getattr(args, "sd_upscale", None) is not None:
         return write_sd_upscale(args, request, pipeline, outdir)
+    if getattr(args, "outpaint_settings", None) is not None:
+        return write_outpaint(args, request, pipeline, outdir)
     plan = planned(with_images(request, args, pipeline.model), pipeline)
     request = plan.request
     file = pipeline.checkpoint
@@ -396,4 +411,42 @@ def write_sd_upscale(args, request: GenerationRequest, pipeline: Pipeline, outdi
     with in_flag_words():
         result = sd_upscale(pipeline, request, args.sd_upscale_upscaler, args.sd_upscale, args.sd_upscale_overlap)
     for seed, tensor, info in zip(seeds, result.images, result.infotexts):
+        write_png(outdir, seed, tensor, info, args.quiet)
+
+
+def outpaint_settings(args) -> dict | None:
+    """img2img --outpaint: the script's settings from its flags, checked before any work (None: not asked for)."""
+    extras = ("outpaint_mask_blur", "outpaint_fill", "outpaint_falloff", "outpaint_color_variation")
+    if args.outpaint is None:
+        if given := [name for name in extras if getattr(args, name) is not None]:
+            raise UsageError(f"--{given[0].replace('_', '-')} needs --outpaint PIXELS")
+        return None
+    if args.sd_upscale is not None or args.resize:
+        raise UsageError("--outpaint takes the init image as it is, without --sd-upscale or --resize")
+    mk2 = args.outpaint_method == "mk2"
+    for name in ("outpaint_fill",) if mk2 else ("outpaint_falloff", "outpaint_color_variation"):
+        if getattr(args, name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} is for --outpaint-method {'poor-man' if mk2 else 'mk2'}")
+    if not mk2 and args.batch_size * args.n_iter > 1:
+        raise UsageError("--outpaint-method poor-man makes one image, as the web UI's: drop --batch-size, --n-iter")
+    sides = [side.strip() for side in args.outpaint_sides.split(",") if side.strip()]
+    settings = {"pixels": args.outpaint, "sides": sides, "mask_blur": args.outpaint_mask_blur}
+    if mk2:
+        settings |= {"falloff": args.outpaint_falloff, "color_variation": args.outpaint_color_variation}
+    else:
+        settings["fill"] = args.outpaint_fill and args.outpaint_fill.replace("-", " ")
+    settings = {name: value for name, value in settings.items() if value is not None}  # (the script's defaults)
+    with in_flag_words():
+        check_settings(MK2 if mk2 else POOR_MAN, **{"mask_blur": 0, **settings})  # (0: a stand-in for the default)
+    return settings
+
+
+def write_outpaint(args, request: GenerationRequest, pipeline: Pipeline, outdir: Path) -> None:
+    """img2img --outpaint: the init image extended by the script --outpaint-method names (mk2: one result per image
+    of --batch-size x --n-iter; poor man's: one), each pass (tile) at most --width x --height."""
+    request = dataclasses.replace(request, init_image=load_image(args.init_image, "RGB"))
+    run = outpainting_mk2 if args.outpaint_method == "mk2" else poor_mans_outpainting
+    with in_flag_words():
+        result = run(pipeline, request, **args.outpaint_settings)
+    for seed, tensor, info in zip(result.request.seeds, result.images, result.infotexts):
         write_png(outdir, seed, tensor, info, args.quiet)

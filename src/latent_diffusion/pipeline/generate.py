@@ -195,14 +195,16 @@ def rows(images: torch.Tensor, batch: range) -> torch.Tensor:
 
 def _batch_images(r: GenerationRequest, batch: range, device: torch.device, latent_size: tuple[int, int]):
     """The batch's init image in [-1, 1] and its mask (white = repaint, soft where blurred) at pixel and at latent
-    size, or Nones. As the web UI: the latent mask is the mask resized (bicubic) and rounded to 0 or 1."""
+    size, or Nones. As the web UI: the latent mask is the mask (or the request's latent mask) resized (bicubic) and
+    rounded to 0 or 1."""
     if r.init_image is None:
         return None, None, None
     image = rows(r.init_image, batch).to(device, torch.float32) * 2 - 1
     if r.mask is None:
         return image, None, None
     mask = rows(r.mask, batch).to(device, torch.float32)
-    latent_mask = F.interpolate(mask, size=latent_size, mode="bicubic", antialias=True).round().clamp(0, 1)
+    held = mask if r.latent_mask is None else rows(r.latent_mask, batch).to(device, torch.float32)
+    latent_mask = F.interpolate(held, size=latent_size, mode="bicubic", antialias=True).round().clamp(0, 1)
     return image, mask, latent_mask
 
 
@@ -332,6 +334,10 @@ def prepare(
     if image is not None and (from_image or (pixel_mask is not None and not model.cfg.inpainting)):
         image_latent = encode(image)
     noise = to_device(per_image_randn(latent_shape, generators), device)
+    if r.latent_fill is not None and image_latent is not None:  # the web UI's "latent noise" draws the seed's first
+        # noise, which is also its initial noise: here the same tensor
+        fill = noise if r.latent_fill == "noise" else torch.zeros_like(noise)
+        image_latent = image_latent * (1 - latent_mask) + fill * latent_mask
     if from_image:
         x = image_latent + sigmas[0].item() * noise
     else:

@@ -82,7 +82,9 @@ class Plan:
         """Images start..stop, as parsed here."""
         r = self.request
         rows = slice(start, stop)
-        per_image = {k: v[rows] for k in ("init_image", "mask") if (v := getattr(r, k)) is not None and len(v) > 1}
+        per_image = {
+            k: v[rows] for k in ("init_image", "mask", "latent_mask") if (v := getattr(r, k)) is not None and len(v) > 1
+        }
         request = dataclasses.replace(
             r, prompts=r.prompts[rows], seeds=r.seeds[rows], negative_prompts=r.negative_prompts[rows], **per_image
         )

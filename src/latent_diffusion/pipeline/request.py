@@ -39,6 +39,9 @@ CONTROL_MODES = {
     "control": "ControlNet is more important",
 }
 RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+# Inpainting: what the masked part of the image latent starts as, where not the image's own (the web UI's "Masked
+# content" latent noise and latent nothing; its "fill" is done on the pixels before, `masking.fill_masked`)
+LATENT_FILLS = ("noise", "nothing")
 MAX_CONTROL_WEIGHT = 10.0  # the extension's slider reaches 2
 
 
@@ -103,6 +106,10 @@ class GenerationRequest:
     cfg_scale: float | None = None  # classifier-free guidance (1: none; None: the model's default)
     init_image: torch.Tensor | None = None  # (1 or b, 3, H, W) in [0, 1]: img2img and inpainting
     mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint
+    # (1 or b, 1, H, W) in [0, 1]: the mask the latent is held by, where it is not `mask` (the web UI's
+    # `latent_mask`, which the outpainting scripts draw sharper than the blurred mask that the result is pasted by)
+    latent_mask: torch.Tensor | None = None
+    latent_fill: str | None = None  # LATENT_FILLS: the masked part of the image latent replaced (None: kept)
     paste: bool = True  # inpainting: lay the result over the init image through the mask (False: the caller does)
     vae_tiling: bool | None = None  # encode and decode in overlapping tiles (None: when untiled would not fit)
     strength: float = 1.0  # img2img / inpainting: how much of the schedule to run (1 = from pure noise)
@@ -189,6 +196,10 @@ def validate(request: GenerationRequest) -> GenerationRequest:
     _check_settings(r)
     if r.init_image is not None:
         _check_images(r)
+    if r.latent_fill not in (None, *LATENT_FILLS):
+        fail(f"unknown latent_fill {r.latent_fill!r}; choose one of {', '.join(LATENT_FILLS)} (or None)")
+    if r.mask is None and (r.latent_mask is not None or r.latent_fill is not None):
+        fail("a latent mask or a latent fill needs a mask")
     _check_prompts(r)
     if r.hires is not None:
         _check_hires(r.hires)
@@ -286,13 +297,14 @@ def _is_utf8(text: str) -> bool:
 
 def _check_images(r: GenerationRequest) -> None:
     height, width = r.init_image.shape[-2:]
-    if any(len(t) not in (1, len(r.prompts)) for t in (r.init_image, r.mask) if t is not None):
+    if any(len(t) not in (1, len(r.prompts)) for t in (r.init_image, r.mask, r.latent_mask) if t is not None):
         fail(f"init images and masks must be one for all images or one per image ({len(r.prompts)})")
-    if r.mask is not None and r.mask.shape[-2:] != r.init_image.shape[-2:]:
-        fail(
-            f"the mask is {r.mask.shape[-1]}x{r.mask.shape[-2]} but the image is {width}x{height}; "
-            "they must be the same size"
-        )
+    for name, mask in (("mask", r.mask), ("latent mask", r.latent_mask)):
+        if mask is not None and mask.shape[-2:] != r.init_image.shape[-2:]:
+            fail(
+                f"the {name} is {mask.shape[-1]}x{mask.shape[-2]} but the image is {width}x{height}; "
+                "they must be the same size"
+            )
     if (r.width or width, r.height or height) != (width, height):
         fail(f"the image is {width}x{height}, not the requested {r.width}x{r.height}; resize it first")
 

@@ -3,7 +3,8 @@ mask blur, the "fill" of the masked area with colours from around it, and "only 
 the mask, worked on at the request's size and pasted back into the whole image).
 
 These follow `modules/images.py`, `modules/masking.py` and `StableDiffusionProcessingImg2Img.init` of the
-AUTOMATIC1111 web UI, so that a request to `ldm serve` gives what it gives there.
+AUTOMATIC1111 web UI, so that a request to `ldm serve` gives what it gives there. The blur and the fill are
+`pipeline/masking.py`'s (the outpainting scripts use them too).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageOps
+
+from ..pipeline.masking import blur_mask, fill_masked
 
 RESIZE_MODES = ("just resize", "crop and resize", "resize and fill")
 
@@ -46,44 +47,6 @@ def resize_image(image: Image.Image, width: int, height: int, mode: int = 0) -> 
         out.paste(scaled.resize((left, height), box=(0, 0, 0, height)), (0, 0))
         out.paste(scaled.resize((left, height), box=(scaled_w, 0, scaled_w, height)), (left + scaled_w, 0))
     return out
-
-
-def gaussian_blur(mask: np.ndarray, sigma: float, axis: int) -> np.ndarray:
-    """OpenCV's GaussianBlur of an 8-bit mask along one axis, as the web UI calls it: a kernel of 2·⌊2.5σ + 0.5⌋ + 1
-    taps, the border mirrored without repeating its edge pixel (BORDER_REFLECT_101), rounded back to 8 bits."""
-    radius = int(2.5 * sigma + 0.5)
-    if radius == 0:  # one tap: OpenCV leaves the mask as it is
-        return mask
-    taps = torch.exp(-(torch.arange(-radius, radius + 1, dtype=torch.float64) ** 2) / (2 * sigma**2))
-    taps = (taps / taps.sum()).float()[None, None]  # (1, 1, 2r + 1)
-    lines = np.moveaxis(mask, axis, -1)  # blur along the last axis: (lines, n)
-    padded = np.pad(lines.astype(np.float32), [(0, 0), (radius, radius)], mode="reflect")  # reflect-101, any width
-    blurred = torch.cat([F.conv1d(chunk[:, None], taps)[:, 0] for chunk in torch.from_numpy(padded).split(256)])
-    blurred = blurred.numpy()
-    return np.moveaxis(np.clip(np.round(blurred), 0, 255).astype(np.uint8), -1, axis)
-
-
-def blur_mask(mask: Image.Image, blur_x: float, blur_y: float) -> Image.Image:
-    array = np.asarray(mask.convert("L"))
-    if blur_x > 0:
-        array = gaussian_blur(array, blur_x, axis=1)
-    if blur_y > 0:
-        array = gaussian_blur(array, blur_y, axis=0)
-    return Image.fromarray(array)
-
-
-def fill_masked(image: Image.Image, mask: Image.Image) -> Image.Image:
-    """The masked area painted with the colours around it: the unmasked pixels (premultiplied by their alpha) are
-    blurred at falling radii, each blur laid over the last, so that far into the hole the colour is a wide average
-    and near its edge the neighbouring colour (the web UI's "fill", its default masked content)."""
-    kept = Image.new("RGBa", image.size)
-    kept.paste(image.convert("RGBA").convert("RGBa"), mask=ImageOps.invert(mask.convert("L")))
-    out = Image.new("RGBA", image.size)
-    for radius, repeats in [(256, 1), (64, 1), (16, 2), (4, 4), (2, 2), (0, 1)]:
-        blurred = kept.filter(ImageFilter.GaussianBlur(radius)).convert("RGBA")
-        for _ in range(repeats):
-            out.alpha_composite(blurred)
-    return out.convert("RGB")
 
 
 def mask_box(mask: np.ndarray, padding: int) -> tuple[int, int, int, int]:

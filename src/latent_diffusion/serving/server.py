@@ -48,7 +48,7 @@ from .http_edge import ERROR_HANDLERS, EdgeMiddleware, NotFound, SafeJSON
 from .img2img_inputs import img2img_inputs, scaled_size
 from .job_queue import Call, Job, Load, Task, Worker
 from .model_routes import ModelRoutes
-from .script_routes import SD_UPSCALE, XYZ_PLOT, ScriptRoutes, script_info, script_name, scripts
+from .script_routes import XYZ_PLOT, ScriptRoutes, script_info, script_name, scripts
 from .upscaling_routes import UpscalingRoutes
 from .web_ui_api import (
     WEB_UI_CFG_SCALE,
@@ -243,10 +243,8 @@ class ServerState:
         return await self.respond(body, job, http, arrived)
 
     async def img2img(self, body: Img2ImgRequest, http: Request):
-        if script_name(body) == SD_UPSCALE.lower():  # the picture enlarged and redrawn in tiles
-            return await self.scripts.sd_upscale(body, http)
-        if script_name(body) == XYZ_PLOT:
-            return await self.scripts.xyz_plot(body, http)
+        if (script := self.scripts.img2img_script(body)) is not None:  # SD upscale, outpainting, X/Y/Z plot
+            return await script(body, http)
         arrived = time.monotonic()
         job = await run_in_threadpool(self.build_img2img_job, body)
         return await self.respond(body, job, http, arrived)

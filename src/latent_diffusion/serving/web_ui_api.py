@@ -174,7 +174,8 @@ def ignored_fields(body: Txt2ImgRequest) -> list[str]:
     if not body.enable_hr or isinstance(body, Img2ImgRequest):  # (img2img has no hires fix)
         fields = {name: value for name, value in fields.items() if not name.startswith(HIRES_FIELDS)}
     script = str(fields.get("script_name") or "").strip().lower()
-    if script == "x/y/z plot" or (script == "sd upscale" and isinstance(body, Img2ImgRequest)):  # (scripts run)
+    img2img_scripts = ("sd upscale", "outpainting mk2", "poor man's outpainting")
+    if script == "x/y/z plot" or (script in img2img_scripts and isinstance(body, Img2ImgRequest)):  # (scripts run)
         fields = {name: value for name, value in fields.items() if name not in ("script_name", "script_args")}
     if not fields.get("subseed_strength"):
         fields.pop("subseed", None)
