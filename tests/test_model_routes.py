@@ -102,3 +102,30 @@ def test_unload_moves_the_models_off_and_the_next_job_brings_them_back(ckpt, ser
         assert models.parked is None
         assert call(base, "/sdapi/v1/reload-checkpoint", {}) == (200, {})
         assert torch.equal(served_image(base)[0], before)
+
+
+def test_show_progress_type_chooses_the_preview(ckpt, serve, monkeypatch):
+    """Full decodes the x0 estimate; Approx cheap takes the family's linear map where there is one (here a stand-in,
+    the tiny model's autoencoder being none of a family's); Approx NN and TAESD, which need weights, are accepted
+    and named in `ignored`; anything else is a 422."""
+    from latent_diffusion.serving import server
+
+    cheap = torch.zeros(3, 4, 4)
+    monkeypatch.setattr(server, "cheap_preview", lambda model, latent: cheap)
+    app = create_app(load_pipeline(ckpt))
+    state = app.app.state.server
+    latent = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    with serve(app) as base:
+        assert call(base, "/sdapi/v1/options")[1]["show_progress_type"] == "Approx cheap"
+        shown = Image.open(io.BytesIO(base64.b64decode(state.preview_of(latent))))
+        assert shown.size == (4, 4) and set(shown.convert("RGB").getdata()) == {(128, 128, 128)}
+        assert call(base, "/sdapi/v1/options", {"show_progress_type": "Full"}) == (200, {"ignored": []})
+        state.preview = None
+        full = Image.open(io.BytesIO(base64.b64decode(state.preview_of(latent))))
+        assert full.size == (32, 32)  # (the tiny autoencoder's 8x)
+        assert call(base, "/sdapi/v1/options", {"show_progress_type": "TAESD"}) == (
+            200,
+            {"ignored": ["show_progress_type"]},
+        )
+        status, answer = call(base, "/sdapi/v1/options", {"show_progress_type": "Sharp"})
+        assert status == 422 and "show_progress_type: one of Full, Approx cheap, Approx NN, TAESD" in answer["detail"]

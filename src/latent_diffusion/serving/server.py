@@ -60,6 +60,8 @@ from .web_ui_api import (
 
 WEB_PAGE = resources.files("latent_diffusion") / "web"
 __all__ = ["ServerLimits", "create_app"]
+# The web UI's show_progress_type. Approx NN and TAESD need weights this server does not have: shown as Approx cheap.
+PREVIEW_TYPES = ("Full", "Approx cheap", "Approx NN", "TAESD")
 
 
 class ServerState:
@@ -92,6 +94,7 @@ class ServerState:
             window=limits.batch_window,
         )
         self.preview: tuple[torch.Tensor, str] | None = None  # (latent, its PNG): one decode per step, however polled
+        self.preview_type = "Approx cheap"  # the option show_progress_type
         self.upscaling = UpscalingRoutes(self)  # the extras routes
         self.scripts = ScriptRoutes(self)  # SD upscale, the X/Y/Z plot
         self.controlnet = ControlNetRoutes(self, controlnet_dir)  # the ControlNet extension's API
@@ -149,7 +152,7 @@ class ServerState:
 
     def options(self) -> dict:
         return {"sd_model_checkpoint": self.current_title(), "sd_vae": self.models.chosen, "CLIP_stop_at_last_layers": 1,
-                "samples_format": "png"}  # fmt: skip
+                "samples_format": "png", "show_progress_type": self.preview_type}  # fmt: skip
 
     async def set_options(self, body: dict[str, Any], http: Request) -> dict:
         """sd_model_checkpoint loads that checkpoint (after the jobs already queued), sd_vae puts that VAE in place
@@ -167,7 +170,12 @@ class ServerState:
                 raise
         if "sd_vae" in body:
             await self.models.choose(body["sd_vae"], http)
-        return {"ignored": sorted(set(body) - {"sd_model_checkpoint", "sd_vae"})}
+        if (kind := body.get("show_progress_type")) is not None:
+            if kind not in PREVIEW_TYPES:
+                raise RequestError(f"show_progress_type: one of {', '.join(PREVIEW_TYPES)}, not {kind!r}")
+            self.preview_type = kind
+        applied = {"sd_model_checkpoint", "sd_vae"} | ({"show_progress_type"} if kind in PREVIEW_TYPES[:2] else set())
+        return {"ignored": sorted(set(body) - applied)}
 
     # Progress -----------------------------------------------------------------------------------------------
 
@@ -197,12 +205,14 @@ class ServerState:
 
     def preview_of(self, latent: torch.Tensor) -> str:
         """The x0 estimate (1, c, h, w) as a PNG: the web UI's "Approx cheap" (a fixed linear map of the latent, at
-        its size) where the model's autoencoder is its family's, else decoded in full."""
+        its size) where the model's autoencoder is its family's, else (and for show_progress_type Full) decoded in
+        full."""
         with self.preview_lock:  # polls wait for the one decode rather than each starting their own
             if self.preview is None or self.preview[0] is not latent:
                 model = self.worker.pipeline.model
                 with torch.no_grad():
-                    if (image := cheap_preview(model, latent[0])) is None:
+                    image = None if self.preview_type == "Full" else cheap_preview(model, latent[0])
+                    if image is None:
                         tiled = latent.shape[-1] > vae_tiling.TILE or latent.shape[-2] > vae_tiling.TILE
                         image = model.autoencoder_decode(latent, tiled=tiled)[0].float()
                 self.preview = latent, png_base64(to_pil((image / 2 + 0.5).clamp(0, 1)), "")
