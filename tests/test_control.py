@@ -24,6 +24,7 @@ from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embedd
 from conftest import randomize
 
 H, W = 64, 48
+STEPS = 4  # DDIM steps of the comparisons with diffusers' pipelines (enough for every step to go through control)
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,7 @@ def test_txt2img_matches_the_controlnet_pipeline(tiny_models, controlnets, maps,
     names = ["cn_edges", "cn_depth"][:count]
     units = [unit(n, m, weight=w) for n, m, w in zip(names, maps, weights)]
     request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, controls=units, **SETTINGS)
+    request = dataclasses.replace(request, steps=STEPS)
     folder, nets = controlnets
     if variant == "sd2":  # (an SD 2.x ControlNet: linear projections, 64-channel heads of the tiny config's)
         nets = [randomize(ControlNet(model.cfg.unet), seed=3).eval()]
@@ -87,7 +89,7 @@ def test_txt2img_matches_the_controlnet_pipeline(tiny_models, controlnets, maps,
         theirs = pipe(
             prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
             image=maps[:count] if count > 1 else maps[0], controlnet_conditioning_scale=weights if count > 1 else weights[0],
-            num_inference_steps=SETTINGS["steps"], guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
+            num_inference_steps=STEPS, guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
             generator=torch.Generator().manual_seed(3), output_type="pt",
         ).images  # fmt: skip
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
@@ -232,7 +234,7 @@ def test_sdxl_txt2img_with_a_diffusers_controlnet_matches_the_xl_controlnet_pipe
     save_file(theirs_net.state_dict(), folder / "xl_canny.safetensors")
     control = (torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(9)) * 255).round() / 255
     request = GenerationRequest(
-        [PROMPT], [5], [NEGATIVE], width=W, height=H, steps=10, sampler="ddim",
+        [PROMPT], [5], [NEGATIVE], width=W, height=H, steps=STEPS, sampler="ddim",
         controls=[unit("xl_canny", control, weight=0.6)],
     )  # fmt: skip
     ours = generate(Pipeline(model, controlnets=find_control_models(folder)), request).images
@@ -246,7 +248,7 @@ def test_sdxl_txt2img_with_a_diffusers_controlnet_matches_the_xl_controlnet_pipe
         theirs = pipe(
             prompt_embeds=context, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
             negative_pooled_prompt_embeds=negative_pooled, image=control, controlnet_conditioning_scale=0.6,
-            height=H, width=W, num_inference_steps=10, guidance_scale=5.0, eta=0.0,
+            height=H, width=W, num_inference_steps=STEPS, guidance_scale=5.0, eta=0.0,
             generator=torch.Generator().manual_seed(5), output_type="pt",
         ).images  # fmt: skip
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
@@ -270,7 +272,7 @@ def test_txt2img_with_a_t2i_adapter_matches_the_adapter_pipeline(tmp_path):
     save_file(adapter.state_dict(), folder / "t2iadapter_depth.safetensors")
     size = 64
     control = (torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(8)) * 255).round() / 255
-    settings = {**SETTINGS, "width": size, "height": size}
+    settings = {**SETTINGS, "width": size, "height": size, "steps": STEPS}
     request = GenerationRequest([PROMPT], [4], [NEGATIVE], controls=[unit("t2iadapter_depth", control, weight=0.8)],
                                 **settings)  # fmt: skip
     ours = generate(Pipeline(model, controlnets=find_control_models(folder)), request).images
@@ -281,7 +283,7 @@ def test_txt2img_with_a_t2i_adapter_matches_the_adapter_pipeline(tmp_path):
     with torch.no_grad():
         theirs = pipe(
             prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
-            image=control, adapter_conditioning_scale=0.8, num_inference_steps=SETTINGS["steps"],
+            image=control, adapter_conditioning_scale=0.8, num_inference_steps=STEPS,
             guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=size, width=size,
             generator=torch.Generator().manual_seed(4), output_type="np",
         ).images  # fmt: skip
