@@ -26,6 +26,7 @@ how a ControlNet runs rather than what it holds (the shuffle model's global aver
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -45,6 +46,7 @@ CONTROL = "control_model."  # the ControlNet's prefix in lllyasviel's ControlLDM
 HINT = "input_hint_block.0.weight"  # (16, hint channels, 3, 3): the original layout's mark
 DIFFUSERS_HINT = "controlnet_cond_embedding.conv_in.weight"  # diffusers' ControlNetModel's mark
 CONTROL_LORA = "lora_controlnet"  # Stability's Control-LoRA's mark: an empty tensor
+CONFIG_METADATA_KEY = "latent_diffusion.controlnet"  # our files' {"unet": config}: the heads, which no shape shows
 
 
 class ControlNetError(CheckpointError):
@@ -204,7 +206,7 @@ def load_controlnet(
     `dtype` on `device`, in eval mode. base: the model a Control-LoRA file changes (its U-Net's weights are read;
     the model itself is left as it is), and whose attention heads a ControlNet of its U-Net's widths has. ControlNetError (a CheckpointError) with one line
     for a file that is not a ControlNet or whose weights describe no ControlNet this project builds."""
-    sd, _ = read_state_dict(path)
+    sd, metadata = read_state_dict(path)
     layout = controlnet_layout(sd.keys())
     if layout is None:
         raise ControlNetError(f"{path}: not a ControlNet: {_what_it_is(sd.keys())}")
@@ -227,6 +229,7 @@ def load_controlnet(
         elif any(k.startswith(CONTROL) for k in sd):
             sd = {k.removeprefix(CONTROL): v for k, v in sd.items() if k.startswith(CONTROL)}
         cfg, hint_channels = _infer(sd, path)
+        cfg = _saved_heads(cfg, metadata, path)
     if base is not None and _same_widths(cfg, base.cfg.unet):  # a copy of the base's encoder: its attention heads
         head = base.cfg.unet
         cfg = dataclasses.replace(cfg, num_heads=head.num_heads, num_head_channels=head.num_head_channels)
@@ -251,6 +254,19 @@ def _same_widths(cfg: UNetConfig, unet: UNetConfig) -> bool:
     """Whether a ControlNet's encoder has the widths of this U-Net's: then it was made as its copy, and has its heads,
     which the shapes of the weights do not show."""
     return (cfg.model_channels, tuple(cfg.channel_mult)) == (unet.model_channels, tuple(unet.channel_mult))
+
+
+def _saved_heads(cfg: UNetConfig, metadata: dict[str, str], path) -> UNetConfig:
+    """The attention heads our training wrote into the file's metadata (`training/controlnet.py`), where it has them."""
+    if CONFIG_METADATA_KEY not in metadata:
+        return cfg
+    try:
+        saved = json.loads(metadata[CONFIG_METADATA_KEY])["unet"]
+        channels = saved["num_head_channels"]
+        heads = {"num_heads": int(saved["num_heads"]), "num_head_channels": None if channels is None else int(channels)}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ControlNetError(f"{path}: its {CONFIG_METADATA_KEY} metadata is no valid config ({e})") from None
+    return dataclasses.replace(cfg, **heads)
 
 
 def _hint_channels(sd: dict[str, torch.Tensor], path) -> int:
