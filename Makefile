@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test bench builtin-model clean
+.PHONY: demo test bench builtin-model builtin-controlnet clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: $(VENV)/.test
 # BENCHMARKS.md) and score it.
 builtin-model: $(VENV)/.runtime
 	bash benchmarks/builtin_model.sh runs/builtin
+
+# Retrain the built-in model's ControlNet from the shipped model, and score it with and without it (BENCHMARKS.md).
+builtin-controlnet: $(VENV)/.runtime
+	bash benchmarks/builtin_controlnet.sh runs/builtin-controlnet
 
 clean:
 	rm -rf $(VENV) out

@@ -6,7 +6,7 @@ import math
 from PIL import Image
 
 from latent_diffusion import load_model
-from latent_diffusion.cli import main
+from latent_diffusion.cli import DEMO_PROMPTS, main
 from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.infotext import parse_parameters
 from latent_diffusion.pipeline.request import GenerationRequest
@@ -55,5 +55,6 @@ def test_txt2img_without_ckpt_uses_the_builtin_model(tmp_path):
 
 def test_demo_writes_a_grid(tmp_path, capsys):
     assert main(["demo", "--outdir", str(tmp_path), "--columns", "2"]) == 0
-    assert Image.open(tmp_path / "demo-grid.png").size[0] == 2 * 64
+    rows = len(DEMO_PROMPTS) + 2  # a row per prompt, then the control images and the images drawn from them
+    assert Image.open(tmp_path / "demo-grid.png").size == (2 * 64, rows * 64)
     assert f"wrote {tmp_path / 'demo-grid.png'}" in capsys.readouterr().out

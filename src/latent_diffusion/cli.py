@@ -37,14 +37,15 @@ from .pipeline.generate import NonFiniteError, generate
 from .pipeline.images import grid, save_png, to_pil
 from .pipeline.infotext import parameters_text
 from .pipeline.loading import Pipeline, load_pipeline
-from .pipeline.request import GenerationRequest
+from .pipeline.request import ControlUnit, GenerationRequest
 from .training.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from .training.common import TrainError, TrainingDiverged
 from .training.config import TrainConfig
-from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, ShapesDataset
+from .training.controlnet import ControlNetTrainConfig, train_controlnet
+from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, Shape, ShapesDataset, draw, to_hint
 from .training.diffusion import train
-from .training.evaluate import ATTRIBUTES, LEFT_TO_CHANCE, prompt_adherence
-from .weights.checkpoint import BUILTIN_MODEL, CheckpointError, load_model
+from .training.evaluate import ATTRIBUTES, BOTH, CONTROL_FORMS, LEFT_TO_CHANCE, control_adherence, prompt_adherence
+from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL, CheckpointError, load_model
 from .weights.embeddings import load_embeddings
 from .weights.lora import find_loras
 
@@ -108,9 +109,20 @@ def cmd_demo(args) -> None:
         raise
 
 
+# The control row's shapes, one per column: the ControlNet gets each one's mask and the prompt names its colours.
+DEMO_CONTROLS = (
+    Shape("circle", "red", "blue", "small", "left"),
+    Shape("square", "yellow", "black", "large", "right"),
+    Shape("triangle", "green", "white", "small", "top"),  # a held-out (colour, shape) pair
+    Shape("circle", "orange", "purple", "large", "center"),
+    Shape("square", "white", "red", "small", "bottom"),  # held out too
+    Shape("triangle", "blue", "yellow", "large", "left"),
+)
+
+
 def draw_demo(args, outdir: Path) -> None:
     start = time.perf_counter()
-    pipeline = load_pipeline(BUILTIN_MODEL)
+    pipeline = load_pipeline(BUILTIN_MODEL, controlnets={BUILTIN_CONTROLNET.stem: BUILTIN_CONTROLNET})
     print(f"built-in model {BUILTIN_MODEL}: {describe(pipeline.model)}")
     seeds = [args.seed + i for i in range(args.columns)]
     rows = []
@@ -118,23 +130,44 @@ def draw_demo(args, outdir: Path) -> None:
         result = generate(pipeline, GenerationRequest([prompt] * len(seeds), seeds, batch_size=len(seeds)))
         rows += [to_pil(im) for im in result.images]
         print(f"  row {len(rows) // len(seeds)}: {prompt}")
+    rows += control_rows(pipeline, seeds)
     fields = {**result.fields, "Seed": args.seed}
     path = outdir / "demo-grid.png"
     save_png(grid(rows, len(seeds)), path, parameters_text(" | ".join(DEMO_PROMPTS), "", fields))
-    print(f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds) in {time.perf_counter() - start:.1f} s")
+    print(
+        f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds, then control images and the images drawn "
+        f"from them) in {time.perf_counter() - start:.1f} s"
+    )
     print('next: ldm txt2img --prompt "a large red square at the right on a white background" --batch-size 4 --grid')
 
 
-def cmd_train(args) -> None:
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+def control_rows(pipeline: Pipeline, seeds: list[int]) -> list:
+    """Two rows: the built-in ControlNet's control images (shape masks), and the images it draws from them, each
+    prompt naming the colours and shape but not where or how large."""
+    shapes = [DEMO_CONTROLS[i % len(DEMO_CONTROLS)] for i in range(len(seeds))]
+    masks = torch.stack([to_hint(draw(s, pipeline.model.cfg.image_size, mask=True)) for s in shapes])
+    prompts = [EVAL_FORMS["on background"].write(s) for s in shapes]
+    unit = ControlUnit(BUILTIN_CONTROLNET.stem, masks, resize_mode="resize")
+    result = generate(pipeline, GenerationRequest(prompts, seeds, batch_size=len(seeds), controls=[unit]))
+    print(f"  rows of the built-in ControlNet {BUILTIN_CONTROLNET.name}: its control images, then e.g. {prompts[0]!r}")
+    return [to_pil(m) for m in masks] + [to_pil(im) for im in result.images]
+
+
+def cmd_train(args, config_class=TrainConfig, run=train) -> None:
+    """`ldm train`, and `ldm train-controlnet` with its config and run."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
     if values["sample_prompts"] is None:
         del values["sample_prompts"]
     try:
-        path = train(TrainConfig(**values))
+        path = run(config_class(**values))
     except TrainError as e:
         raise UsageError(str(e)) from None
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"wrote {path}")
+
+
+def cmd_train_controlnet(args) -> None:
+    cmd_train(args, ControlNetTrainConfig, train_controlnet)
 
 
 def writable_later(folder: Path) -> None:
@@ -246,13 +279,15 @@ def cmd_train_autoencoder(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    """Prompt adherence of a model trained on the shapes data."""
+    """Prompt adherence of a model trained on the shapes data; with --controlnet, control adherence."""
     if args.count < 1 or args.image_size % 8 or args.image_size <= 0:
         raise UsageError("--count must be at least 1 and --image-size a positive multiple of 8")
     if args.json and not Path(args.json).parent.is_dir():
         raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
     if args.json and Path(args.json).is_dir():
         raise UsageError(f"--json {args.json}: a folder, not a file")
+    if args.controlnet and not Path(args.controlnet).is_file():
+        raise UsageError(f"--controlnet {args.controlnet}: no such file")
     sampler, scheduler = sampler_and_scheduler(args)
     settings = checked(
         GenerationRequest(
@@ -267,36 +302,51 @@ def cmd_eval(args) -> None:
             batch_size=args.batch_size,
         )
     )
-    forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else tuple(EVAL_FORMS)
+    default = CONTROL_FORMS if args.controlnet else tuple(EVAL_FORMS)
+    forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else default
     if unknown := [f for f in forms if f not in EVAL_FORMS]:
         raise UsageError(f"--forms: no prompt form {unknown[0]!r}; the forms are {', '.join(EVAL_FORMS)}")
-    pipeline = load_pipeline(args.ckpt, device=pick_device(args.device))
+    controlnets = {"control": Path(args.controlnet)} if args.controlnet else {}
+    pipeline = load_pipeline(args.ckpt, device=pick_device(args.device), controlnets=controlnets)
     batches = -(-args.count // max(1, args.batch_size))  # per split
     bar = tqdm(total=2 * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
-    report, result = prompt_adherence(
-        pipeline, args.count, settings, seed=args.seed, forms=forms, progress=lambda p: bar.update(1)
-    )
+    options = dict(seed=args.seed, forms=forms, progress=lambda p: bar.update(1))
+    if args.controlnet:
+        report, result = control_adherence(
+            pipeline, "control", args.count, settings, weight=args.control_weight, **options
+        )
+    else:
+        report, result = prompt_adherence(pipeline, args.count, settings, **options)
     bar.close()
+    print_report(args, report, result)
+    if args.json:
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps(report, indent=2))
+
+
+def print_report(args, report: dict, result) -> None:
+    """`ldm eval`'s table: a row per prompt form and split, a column per attribute."""
     held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
     settings, fields = result.request, result.fields
     sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
+    control = f"; ControlNet {args.controlnet} at weight {args.control_weight:g}" if args.controlnet else ""
     print(
         f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
-        f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}"
+        f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}{control}"
     )
-    print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in ATTRIBUTES))
+    columns = (*ATTRIBUTES, BOTH) if args.controlnet else ATTRIBUTES
+    print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in columns))
     example = ShapesDataset(1, seed=args.seed + 1).specs[0]  # the first seen-split shape
     for form, splits in report.items():
         print(f"{form:18s}e.g. {EVAL_FORMS[form].write(example)!r}")
         for split, row in splits.items():
-            cells = "".join(f"{row[a]:12.1%}" if a in row else f"{unnamed(row, a):>12s}" for a in ATTRIBUTES)
+            cells = "".join(f"{row[a]:12.1%}" if a in row else f"{unnamed(row, a):>12s}" for a in columns)
             print(f"{'':18s}{split:10s}{row['images']:8d}{cells}")
+    if args.controlnet:
+        print("size, position and both: against each image's control image (the mask of the prompt's shape)")
     if any("most common" in row for splits in report.values() for row in splits.values()):
         chance = ", ".join(f"{a} {share:.0%}" for a, share in LEFT_TO_CHANCE.items())
         print(f"~: not in the prompt, so not scored; the value read most often and its share (chance: {chance})")
-    if args.json:
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
 
 
 def unnamed(row: dict, attribute: str) -> str:
@@ -335,6 +385,7 @@ COMMANDS = {
     "upscale": cmd_upscale,
     "merge": cmd_merge,
     "train": cmd_train,
+    "train-controlnet": cmd_train_controlnet,
     "train-autoencoder": cmd_train_autoencoder,
     "eval": cmd_eval,
     "serve": cmd_serve,

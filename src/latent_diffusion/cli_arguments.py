@@ -17,8 +17,9 @@ from .sampling.sigma_schedules import SCHEDULERS
 from .training.autoencoder import AUTOENCODER_HELP, AutoencoderTrainConfig
 from .training.common import add_config_arguments
 from .training.config import TRAIN_HELP, TrainConfig
+from .training.controlnet import CONTROLNET_HELP, NOT_FLAGS, ControlNetTrainConfig
 from .training.data import EVAL_FORMS
-from .weights.checkpoint import BUILTIN_MODEL
+from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL
 from .weights.fp8 import FP8_DTYPES
 
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
@@ -291,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
   ldm upscale photo.png --upscaler 4x-UltraSharp --scale 4 --upscaler-dir models/ESRGAN
   ldm merge a.safetensors b.safetensors --mode weighted-sum --alpha 0.3 --out merged.safetensors
   ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
+  ldm train-controlnet --outdir runs/cn --ckpt model.safetensors --data pairs/ --image-size 512
   torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
   ldm info model.safetensors
 
@@ -346,6 +348,20 @@ def add_training_commands(sub) -> None:
     add_config_arguments(
         command(
             sub,
+            "train-controlnet",
+            "train a ControlNet for a frozen model",
+            "Train a ControlNet (lllyasviel's recipe: a copy of the base U-Net's encoder, zero convolutions, the "
+            "base frozen) on images, their control images and captions; writes controlnet.safetensors in the "
+            "original layout. Several processes: torchrun --nproc_per_node N -m latent_diffusion.cli "
+            "train-controlnet ...",
+        ),
+        ControlNetTrainConfig,
+        CONTROLNET_HELP,
+        skip=NOT_FLAGS,
+    )
+    add_config_arguments(
+        command(
+            sub,
             "train-autoencoder",
             "train the KL autoencoder (stage 1)",
             "Train the KL autoencoder: L1/L2 reconstruction + KL, optionally a patch-GAN after a warm-up. Writes "
@@ -363,7 +379,8 @@ def add_eval(sub) -> None:
             "eval",
             "prompt adherence of a model trained on the shapes data",
             "Generate images for captions of seen and held-out (colour, shape) pairs and read shape, colour, "
-            "background, size and position back from the pixels with a deterministic analyser.",
+            "background, size and position back from the pixels with a deterministic analyser. With --controlnet, "
+            "each image also has its shape's mask as control image, and size and position are scored against it.",
         )
     )
 
@@ -482,5 +499,12 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--device", default="auto")
     ev.add_argument("--forms", help=f"comma-separated prompt forms to score (default: all: {', '.join(EVAL_FORMS)})")
+    ev.add_argument(
+        "--controlnet",
+        metavar="FILE",
+        help=f"score a ControlNet for the model instead (the built-in model's: {BUILTIN_CONTROLNET}): each prompt "
+        "with its shape's mask as the control image; position and size against the mask's",
+    )
+    ev.add_argument("--control-weight", type=float, default=1.0, help="the ControlNet's weight (0: the model alone)")
     ev.add_argument("--json", help="also write the scores to this file")
     ev.add_argument("--quiet", action="store_true")

@@ -89,6 +89,11 @@ def _load(path: Path, version: tuple, model: LatentDiffusion) -> nn.Module:
     return load_controlnet(path, device=model.device, dtype=model.dtype, base=model)
 
 
+def unload_control_models() -> None:
+    """Forget the control models that `_load` keeps (training's sample images load a new file each time)."""
+    _load.cache_clear()
+
+
 def check_adapter_fits(adapter: nn.Module, cfg) -> None:
     """A T2I-Adapter's four features must have the widths of the U-Net's features where they are added: each level's
     (SD 1.x, 2.x), or SDXL's three levels' and its middle block's."""

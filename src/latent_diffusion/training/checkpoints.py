@@ -1,6 +1,7 @@
-"""Stage 2's checkpoints: written atomically every `save_every` steps (the last `keep_checkpoints` kept), and read
-back on resume only when they belong to this run (its fingerprint: every config field but the resumable ones, and the
-model's architecture), so that N steps + resume + N steps equal 2N steps."""
+"""Stage 2's checkpoints, and ControlNet training's: written atomically every `save_every` steps (the last
+`keep_checkpoints` kept), and read back on resume only when they belong to this run (its fingerprint: every config
+field but the resumable ones, and the model's architecture), so that N steps + resume + N steps equal 2N steps.
+What a checkpoint holds is the `Trainee`'s file (the whole model, or the ControlNet) and the optimizer's state."""
 
 from __future__ import annotations
 
@@ -9,17 +10,34 @@ import dataclasses
 import os
 import shutil
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..models.family import UNET
 from ..models.ldm import LatentDiffusion
-from ..weights.checkpoint import CheckpointError, ema_key, read_state_dict, save_model
+from ..weights.checkpoint import CheckpointError, read_state_dict, save_tensors
 from .common import TrainError
 from .config import RESUMABLE, TrainConfig
+
+
+@dataclass
+class Trainee:
+    """What a run trains and writes: `ldm train`'s U-Net inside the whole model (`diffusion.unet_trainee`), or
+    `ldm train-controlnet`'s ControlNet beside the frozen model (`controlnet.controlnet_trainee`). The loop, the
+    checkpoints and resume see only this."""
+
+    model: LatentDiffusion  # the whole model: it encodes the data, and its config is part of the run's fingerprint
+    module: nn.Module  # what the EMA follows: the U-Net, or the ControlNet
+    net: nn.Module  # net(x_t, t, cond) -> ε or v, what the loss calls; its parameters that take gradients train
+    file_name: str  # the run's weights, in each checkpoint folder and in outdir
+    tensors: Callable[[nn.Module | None], dict[str, torch.Tensor]]  # that file's tensors, given the EMA copy
+    metadata: dict[str, str]  # and its metadata
+    load: Callable[[dict[str, torch.Tensor], nn.Module | None], None]  # the file's tensors back into module and EMA
+    samples: Callable[[Path], None]  # writes sample images to a path
 
 
 def latest_checkpoint(outdir: Path) -> Path | None:
@@ -27,16 +45,17 @@ def latest_checkpoint(outdir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(outdir: Path, step: int, model: LatentDiffusion, ema: nn.Module | None, state: dict, keep: int):
-    """checkpoints/step-NNNNNNN/{model.safetensors, state.pt}, written in a temp folder and renamed into place,
-    so a kill at any moment leaves the previous checkpoint whole; then model.safetensors, atomically."""
+def save_checkpoint(outdir: Path, step: int, trainee: Trainee, ema: nn.Module | None, state: dict, keep: int):
+    """checkpoints/step-NNNNNNN/{the trainee's file, state.pt}, written in a temp folder and renamed into place,
+    so a kill at any moment leaves the previous checkpoint whole; then the trainee's file in outdir, atomically."""
     root = outdir / "checkpoints"
     root.mkdir(exist_ok=True)
     tmp = root / f".tmp-step-{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    tensors = trainee.tensors(ema)
     try:
-        save_model(model, tmp / "model.safetensors", ema_unet=ema)
+        save_tensors(tensors, tmp / trainee.file_name, trainee.metadata, "training")
         torch.save(state, tmp / "state.pt")
         shutil.rmtree(root / f"step-{step:07d}", ignore_errors=True)  # a damaged one that resume skipped
         os.replace(tmp, root / f"step-{step:07d}")
@@ -45,7 +64,7 @@ def save_checkpoint(outdir: Path, step: int, model: LatentDiffusion, ema: nn.Mod
         raise
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    save_model(model, outdir / "model.safetensors", ema_unet=ema)
+    save_tensors(tensors, outdir / trainee.file_name, trainee.metadata, "training")
 
 
 def run_fingerprint(cfg: TrainConfig, model: LatentDiffusion) -> dict:
@@ -54,26 +73,26 @@ def run_fingerprint(cfg: TrainConfig, model: LatentDiffusion) -> dict:
     return {**fields, "model": model.cfg.to_json()}
 
 
-def restore(cfg: TrainConfig, outdir: Path, model: LatentDiffusion, ema: bool) -> tuple[dict | None, dict | None]:
-    """On --resume: the newest checkpoint that verifies, as (state, tensors), with its weights loaded into the
-    model (the tensors are read once: weights and EMA). Damaged ones are skipped, with a note of each; a checkpoint
-    of a run with other settings is an error. Else (None, None)."""
+def restore(cfg: TrainConfig, outdir: Path, trainee: Trainee, ema: nn.Module | None) -> dict | None:
+    """On --resume: the state of the newest checkpoint that verifies, with its weights loaded into the trainee and
+    the EMA copy. Damaged ones are skipped, with a note of each; a checkpoint of a run with other settings is an
+    error. Else None."""
     if not cfg.resume:
-        return None, None
+        return None
     found = sorted((outdir / "checkpoints").glob("step-*"), reverse=True)
     if not found:
         raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'}")
     skipped = []
     for checkpoint in found:
         try:
-            state, saved = verified_checkpoint(checkpoint, cfg, model, ema)
+            state, saved = verified_checkpoint(checkpoint, cfg, trainee, ema)
         except DamagedCheckpoint as e:
             skipped.append(f"{checkpoint.name} ({e})")
             continue
         if skipped:
             tqdm.write(f"ldm: warning: resume skipped damaged checkpoints: {'; '.join(skipped)}", file=sys.stderr)
-        model.load_state_dict({k: saved[k] for k in model.state_dict()})
-        return state, saved
+        trainee.load(saved, ema)
+        return state
     raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'} verifies: {'; '.join(skipped)}")
 
 
@@ -81,7 +100,7 @@ class DamagedCheckpoint(Exception):
     """A checkpoint folder with a missing, unreadable or incomplete file."""
 
 
-def verified_checkpoint(path: Path, cfg: TrainConfig, model: LatentDiffusion, ema: bool) -> tuple[dict, dict]:
+def verified_checkpoint(path: Path, cfg: TrainConfig, trainee: Trainee, ema: nn.Module | None) -> tuple[dict, dict]:
     """(state, tensors) of checkpoint folder `path` once every file reads and every tensor has its expected shape."""
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -90,18 +109,15 @@ def verified_checkpoint(path: Path, cfg: TrainConfig, model: LatentDiffusion, em
         raise DamagedCheckpoint(f"state.pt: {type(e).__name__}") from None
     if missing:
         raise DamagedCheckpoint(f"state.pt has no {missing[0]}")
-    fingerprint = run_fingerprint(cfg, model)
+    fingerprint = run_fingerprint(cfg, trainee.model)
     if differs := [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]:
         raise TrainError(f"{path}: was written by a run with other settings ({', '.join(differs)})")
     try:
-        saved, _ = read_state_dict(path / "model.safetensors")
+        saved, _ = read_state_dict(path / trainee.file_name)
     except CheckpointError:
-        raise DamagedCheckpoint("model.safetensors is unreadable") from None
-    expected = dict(model.state_dict())
-    if ema:
-        expected |= {ema_key(UNET + k): v for k, v in model.unet.state_dict().items()}
-    if bad := [k for k, v in expected.items() if k not in saved or saved[k].shape != v.shape]:
-        raise DamagedCheckpoint(f"model.safetensors lacks {bad[0]} or has another shape")
+        raise DamagedCheckpoint(f"{trainee.file_name} is unreadable") from None
+    if bad := [k for k, v in trainee.tensors(ema).items() if k not in saved or saved[k].shape != v.shape]:
+        raise DamagedCheckpoint(f"{trainee.file_name} lacks {bad[0]} or has another shape")
     return state, saved
 
 

@@ -116,20 +116,25 @@ def check_common(cfg: RunConfig, precisions: tuple[str, ...]) -> None:
         raise TrainError(f"lr must be above 0, not {cfg.lr:g}")
 
 
-def build_dataset(cfg, exclude=HELD_OUT_PAIRS):
-    """The config's image folder, or the built-in shapes set when it names none, without the `exclude` pairs."""
+def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False):
+    """The config's image folder, or the built-in shapes set when it names none, without the `exclude` pairs;
+    control: with each image's control image (ControlNet training)."""
     if cfg.data is None:
-        return ShapesDataset(cfg.shapes_count, cfg.image_size, seed=cfg.seed, exclude=exclude)
+        return ShapesDataset(cfg.shapes_count, cfg.image_size, seed=cfg.seed, exclude=exclude, control=control)
     try:
-        return ImageCaptionFolder(cfg.data, cfg.image_size, flip=cfg.flip, caption_default=cfg.caption_default)
+        return ImageCaptionFolder(
+            cfg.data, cfg.image_size, flip=cfg.flip, caption_default=cfg.caption_default, control=control
+        )
     except DataError as e:
         raise TrainError(str(e)) from None
 
 
-def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict) -> None:
-    """One `ldm` flag per field of a training config dataclass (`helps`: each field's help), with its default and
-    type."""
+def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict, skip: tuple[str, ...] = ()) -> None:
+    """One `ldm` flag per field of a training config dataclass but the `skip` ones (`helps`: each field's help), with
+    its default and type."""
     for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if f.name == "outdir":

@@ -12,7 +12,8 @@ original size and crop (`data.Item`), the training size as the target size.
 The loop reads top to bottom in `train`: check the config, build the data, the model and the optimizer
 (or restore them from the last checkpoint), then per step: the micro-batches (`make_batch`), the loss
 (`diffusion_loss`, a function of the network and the batch alone), one optimizer step, the EMA, the log row
-and the checkpoint.
+and the checkpoint. What is trained and written is a `Trainee`: here the U-Net (`unet_trainee`); ControlNet
+training (`controlnet.py`) runs the same loop with a ControlNet beside the frozen model.
 
 Determinism: the data order of epoch e is a permutation seeded by (seed, e), and every random draw of step s
 (timesteps, noise, prompt dropout, posterior samples) comes from a generator seeded by (seed, s), drawn for the
@@ -39,8 +40,15 @@ from ..files import atomic_write, missing_folders, remove_empty, writable_folder
 from ..models.config import preset
 from ..models.family import UNET, VAE
 from ..models.ldm import LatentDiffusion
-from ..weights.checkpoint import CheckpointError, ema_key, load_model, read_state_dict
-from .checkpoints import latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
+from ..weights.checkpoint import (
+    CheckpointError,
+    checkpoint_metadata,
+    checkpoint_tensors,
+    ema_key,
+    load_model,
+    read_state_dict,
+)
+from .checkpoints import Trainee, latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
 from .common import TrainError, build_dataset, fast_optimizer_options, get_lr, lock_outdir, resolve_precision
 from .config import TrainConfig, check_config
 from .step import Run, train_step
@@ -113,13 +121,16 @@ def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> fl
 
 @torch.no_grad()
 def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet: bool) -> dict:
-    """Posterior mean and std of every image's latent, its micro-conditioning, and the text embedding (and pooled
-    text, SDXL) of every distinct caption."""
-    means, stds, captions, micro = [], [], [], []
+    """Posterior mean and std of every image's latent, its micro-conditioning, the data set's index of each (where
+    unreadable images are left out, they differ), and the text embedding (and pooled text, SDXL) of every distinct
+    caption."""
+    means, stds, captions, micro, source = [], [], [], [], []
     for start in tqdm(range(0, len(dataset), 16), desc="caching latents", disable=quiet, unit="batch"):
-        items = [it for i in range(start, min(start + 16, len(dataset))) if (it := dataset.load(i)) is not None]
-        if not items:
+        read = [(i, it) for i in range(start, min(start + 16, len(dataset))) if (it := dataset.load(i)) is not None]
+        if not read:
             continue
+        source.extend(i for i, _ in read)
+        items = [it for _, it in read]
         posterior = model.first_stage_model.encode(torch.stack([it.image for it in items]).to(device))
         means.append(posterior.mean.cpu())
         stds.append(posterior.std.cpu())
@@ -143,6 +154,7 @@ def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet
         "embeddings": embeddings,
         "pooled": pooled,
         "micro": torch.tensor(micro, dtype=torch.float32),
+        "source": source,
     }
 
 
@@ -163,6 +175,28 @@ class TrainedParts(nn.Module):
             if "tokens" in cond:
                 cond = {"crossattn": self.text(cond["tokens"])}
             return self.wrapper(x_t, t, cond)
+
+
+def unet_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
+    """`ldm train`'s: the U-Net (and the text encoder, where it is trained) of the whole model, written as the whole
+    model with the EMA U-Net as `model_ema.*`."""
+    model = build_model(cfg, dataset)
+
+    def load(saved: dict, ema: nn.Module | None) -> None:
+        model.load_state_dict({k: saved[k] for k in model.state_dict()})
+        if ema is not None:
+            ema.load_state_dict({k: saved[ema_key(UNET + k)] for k in ema.state_dict()})
+
+    return Trainee(
+        model=model,
+        module=model.unet,
+        net=TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast),
+        file_name="model.safetensors",
+        tensors=lambda ema: checkpoint_tensors(model, ema_unet=ema),
+        metadata=checkpoint_metadata(model),
+        load=load,
+        samples=lambda path: write_samples(model, cfg, path),
+    )
 
 
 # The loop ------------------------------------------------------------------------------------------------------
@@ -204,12 +238,14 @@ def discard(litter: tuple[list[Path], list[Path]]) -> None:
     remove_empty(folders)
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train; returns the path of the final model (outdir/model.safetensors, with the EMA as model_ema.*)."""
+def train(cfg: TrainConfig, make_trainee=unet_trainee, control: bool = False) -> Path:
+    """Train; returns the path of the final file (`ldm train`: outdir/model.safetensors, with the EMA as
+    model_ema.*). make_trainee(cfg, dataset, autocast) -> what is trained (`Trainee`); control: the data's items
+    carry control images (ControlNet training)."""
     outdir, device, rank, world, lock, litter = setup(cfg)
     cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # what the fingerprint holds
     try:
-        return run_training(cfg, outdir, device, rank, world)
+        return run_training(cfg, outdir, device, rank, world, make_trainee, control)
     except BaseException:
         if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
             discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
@@ -219,57 +255,56 @@ def train(cfg: TrainConfig) -> Path:
             lock.close()  # also when the run fails inside this process (a notebook, tests)
 
 
-def run_training(cfg: TrainConfig, outdir: Path, device: torch.device, rank: int, world: int) -> Path:
+def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, make_trainee, control: bool) -> Path:
     quiet = cfg.quiet or rank != 0
-    dataset = build_dataset(cfg)
+    dataset = build_dataset(cfg, control=control)
     if cfg.batch_size > len(dataset):
         raise TrainError(f"batch size {cfg.batch_size} is larger than the data set ({len(dataset)} images)")
-    torch.manual_seed(cfg.seed)  # the initial weights of a from-scratch model
-    try:
-        model = build_model(cfg, dataset)
-    except CheckpointError as e:
-        raise TrainError(str(e)) from None
-    state, saved = restore(cfg, outdir, model, ema=cfg.ema_decay > 0)
-    model = model.to(device)
     autocast = dict(
         device_type=device.type,
         dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
         enabled=cfg.precision != "fp32",
     )
-    trainable = TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast)
-    ema = copy.deepcopy(model.unet).requires_grad_(False) if cfg.ema_decay > 0 else None
+    torch.manual_seed(cfg.seed)  # the initial weights of a from-scratch model (or of a ControlNet's hint block)
+    try:
+        trainee = make_trainee(cfg, dataset, autocast)
+    except CheckpointError as e:
+        raise TrainError(str(e)) from None
+    ema = copy.deepcopy(trainee.module).requires_grad_(False) if cfg.ema_decay > 0 else None
+    state = restore(cfg, outdir, trainee, ema)
+    model = trainee.model.to(device)
+    trainee.net.to(device)
+    if ema is not None:
+        ema.to(device)
     if cfg.compile:  # in place: the module tree and so the checkpoint keys stay as they are
-        trainable.compile(backend=COMPILE_BACKEND, dynamic=False)
-    optimizer = torch.optim.AdamW(
-        trainable.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, **fast_optimizer_options(device)
-    )
+        trainee.net.compile(backend=COMPILE_BACKEND, dynamic=False)
+    trained = [p for p in trainee.net.parameters() if p.requires_grad]  # (a frozen base model's are not)
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast_optimizer_options(device))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     if state is not None:
-        if ema is not None:
-            ema.load_state_dict({k: saved[ema_key(UNET + k)] for k in ema.state_dict()})
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
     cache = build_cache(model, dataset, device, cfg, quiet) if cfg.cache_latents else None
-    run = Run(cfg, model, dataset, cache, device, rank, world)
+    run = Run(cfg, model, dataset, cache, device, rank, world, hints=control)
     # A trained SD 2.x text encoder has parameters without gradients (its last block and projection).
     net = (
-        trainable
+        trainee.net
         if world == 1
         else nn.parallel.DistributedDataParallel(
-            trainable,
+            trainee.net,
             device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=cfg.train_text_encoder,
         )
     )
-    loop(run, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)
+    loop(run, trainee, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)
     if getattr(dataset, "skipped", 0) and rank == 0:
         tqdm.write(f"skipped {dataset.skipped} unreadable images")
     if world > 1:
         dist.destroy_process_group()
-    return outdir / "model.safetensors"
+    return outdir / trainee.file_name
 
 
-def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet: bool) -> None:
+def loop(run: Run, trainee: Trainee, net, optimizer, scaler, ema, outdir: Path, start: int, quiet: bool) -> None:
     """Steps start..steps: train, EMA, log every log_every steps, checkpoint every save_every, samples."""
     cfg, model = run.cfg, run.model
     log_path = outdir / "log.csv"
@@ -281,12 +316,11 @@ def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet:
     fingerprint = run_fingerprint(cfg, model)
     bar = tqdm(total=cfg.steps, initial=start, disable=quiet, unit="step", desc="train")
     losses, tick = [], time.perf_counter()
-    model.train()
-    model.first_stage_model.eval()
+    training_mode(trainee)
     for step in range(start, cfg.steps):
         losses.append(train_step(run, step, net, optimizer, scaler))
         if ema is not None:
-            ema_update(ema, model.unet, cfg.ema_decay, step + 1)
+            ema_update(ema, trainee.module, cfg.ema_decay, step + 1)
         bar.update(1)
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
@@ -301,18 +335,28 @@ def loop(run: Run, net, optimizer, scaler, ema, outdir: Path, start: int, quiet:
                 "scaler": scaler.state_dict(),
                 "fingerprint": fingerprint,
             }
-            save_checkpoint(outdir, done, model, ema, state, cfg.keep_checkpoints)
+            save_checkpoint(outdir, done, trainee, ema, state, cfg.keep_checkpoints)
         if run.rank == 0 and cfg.sample_every and done % cfg.sample_every == 0:
-            write_samples(model, cfg, outdir / "samples" / f"step-{done:07d}.png")
+            trainee.samples(outdir / "samples" / f"step-{done:07d}.png")
+            training_mode(trainee)
         if run.world > 1:
             dist.barrier()
     bar.close()
 
 
+def training_mode(trainee: Trainee) -> None:
+    """What is trained in training mode, the rest (the autoencoder, frozen parts) in eval mode."""
+    trainee.model.eval()
+    trainee.net.train()
+
+
 @torch.no_grad()
-def write_samples(model: LatentDiffusion, cfg: TrainConfig, path: Path) -> None:
+def write_samples(model: LatentDiffusion, cfg: TrainConfig, path: Path, controls=(), controlnets=None) -> None:
+    """A grid of one image per sample prompt (DDIM, guidance 5), with the control units `controls` of the
+    `controlnets` files where given; a failure is a warning, never the end of a long run."""
     from ..pipeline.generate import NonFiniteError, generate
     from ..pipeline.images import grid, save_png, to_pil
+    from ..pipeline.loading import Pipeline
     from ..pipeline.request import GenerationRequest, RequestError
 
     model.eval()
@@ -325,14 +369,12 @@ def write_samples(model: LatentDiffusion, cfg: TrainConfig, path: Path) -> None:
         sampler="ddim",
         cfg_scale=5.0,
         batch_size=n,
+        controls=list(controls),
     )
     try:
-        images = generate(model, request).images
+        images = generate(Pipeline(model, controlnets=controlnets or {}), request).images
     except (RequestError, NonFiniteError) as e:  # a sample must never end a long run
         tqdm.write(f"ldm: warning: no sample images at {path.stem}: {e}", file=sys.stderr)
         return
-    finally:
-        model.train()
-        model.first_stage_model.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_png(grid([to_pil(im) for im in images]), path, "\n".join(cfg.sample_prompts))

@@ -5,6 +5,11 @@ Analyser: background = the palette colour nearest the median of the border pixel
 nearest the median of the pixels far from the background; the shape's pixels = those nearer that colour than
 the background's; size from their bounding box; position from their centroid; shape from how much of the
 bounding box they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2).
+
+Control adherence (`control_adherence`): the same, with a ControlNet and each shape's mask as its control image
+(`data.draw(..., mask=True)`), for prompts that name no position or size: position and size are read from the
+generated image and from the control image by the same analyser and compared; colour, shape and background
+(where named) against the prompt.
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import torch
 from ..models.ldm import LatentDiffusion
 from ..pipeline.generate import Progress, generate
 from ..pipeline.loading import Pipeline
-from ..pipeline.request import GenerationRequest, GenerationResult
+from ..pipeline.request import ControlUnit, GenerationRequest, GenerationResult
 from .data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, ShapesDataset
 
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
 NAMES = list(COLORS)
 ATTRIBUTES = ("shape", "color", "background", "size", "position")
+CONTROLLED = ("position", "size")  # what the control image decides
+BOTH = "size and position"  # both right in one image
+CONTROL_FORMS = ("short", "on background")  # prompt forms that name neither: the control image alone says them
 
 
 def nearest_color(rgb: torch.Tensor) -> str:
@@ -111,4 +119,57 @@ def prompt_adherence(
             result = generate(pipeline, request, progress)
             images = result.images.cpu() * 2 - 1
             report.setdefault(name, {})[split] = {"images": count, **score(data.specs, images, form.attributes)}
+    return report, result
+
+
+def control_score(specs: list[Shape], images: torch.Tensor, hints: torch.Tensor, attributes: tuple[str, ...]) -> dict:
+    """Share of images whose position and size, as the analyser reads them, are those it reads off the control image
+    (`hints`, (n, 3, H, W) in [0, 1]), each and both (BOTH), and whose attributes named by the prompt (`attributes`)
+    are the prompt's."""
+    found = [analyse(im) for im in images]
+    wanted = [analyse(hint * 2 - 1) for hint in hints]
+    row = {a: sum(f[a] == w[a] for f, w in zip(found, wanted)) / len(specs) for a in CONTROLLED}
+    row[BOTH] = sum(all(f[a] == w[a] for a in CONTROLLED) for f, w in zip(found, wanted)) / len(specs)
+    named = [a for a in attributes if a not in CONTROLLED]
+    return row | {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in named}
+
+
+@torch.no_grad()
+def control_adherence(
+    pipeline: Pipeline,
+    controlnet: str,
+    count: int,
+    settings: GenerationRequest,
+    *,
+    weight: float = 1.0,
+    seed: int = 0,
+    forms: tuple[str, ...] = CONTROL_FORMS,
+    progress: Callable[[Progress], None] | None = None,
+) -> tuple[dict[str, dict], GenerationResult]:
+    """As `prompt_adherence`, each image with one control unit: the pipeline's `controlnet` (by name) at `weight`
+    (0: the images the model draws without it, to compare with), its control image the mask of the shape the prompt
+    describes. -> ({form: {"seen": {"images": n, "position": share, ...}, "held-out": {...}}}, the last result)."""
+    size = settings.width or 64
+    splits = {
+        "seen": ShapesDataset(count, size, seed=seed + 1, control=True),
+        "held-out": ShapesDataset(count, size, seed=seed + 2, only=HELD_OUT_PAIRS, control=True),
+    }
+    report = {}
+    for name in forms:
+        form = EVAL_FORMS[name]
+        for split, data in splits.items():
+            hints = torch.stack([data.hint(i) for i in range(count)])
+            request = dataclasses.replace(
+                settings,
+                prompts=[form.write(s) for s in data.specs],
+                seeds=[seed + i for i in range(count)],
+                negative_prompts=None,
+                controls=[ControlUnit(controlnet, hints, weight=weight, resize_mode="resize")],
+            )
+            result = generate(pipeline, request, progress)
+            images = result.images.cpu() * 2 - 1
+            report.setdefault(name, {})[split] = {
+                "images": count,
+                **control_score(data.specs, images, hints, form.attributes),
+            }
     return report, result

@@ -40,9 +40,9 @@ class Batch:
     """One micro-batch with every random draw made: the loss is then a function of the network and the batch."""
 
     latents: torch.Tensor  # z, the scaled latents of the images (b, c, h, w)
-    cond: (
-        dict  # {"crossattn": (b, 77, d)} (SDXL: and "vector"), or {"tokens": (b, 77)} when the text encoder is trained
-    )
+    # {"crossattn": (b, 77, d)} (SDXL: and "vector"), or {"tokens": (b, 77)} when the text encoder is trained;
+    # ControlNet training: and "hint", the control images (b, 3, H, W) in [0, 1]
+    cond: dict
     timesteps: torch.Tensor  # (b,)
     noise: torch.Tensor  # ε (b, c, h, w)
 
@@ -76,6 +76,7 @@ class Run:
     device: torch.device
     rank: int
     world: int
+    hints: bool = False  # the batches carry the items' control images (ControlNet training)
 
     @property
     def items(self) -> int:
@@ -112,6 +113,7 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
         z = cache["mean"][idx] + cache["std"][idx] * z_noise[part]
         captions = [cache["captions"][cache["caption"][i]] for i in idx]
         micro = cache["micro"][idx]
+        hints = [cached_hint(run, i) for i in idx] if run.hints else None
     else:
         items = [load_readable(run, i, random.Random(cfg.seed * 31 + step * 1009 + i)) for i in idx]
         with torch.no_grad():
@@ -119,6 +121,7 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
         z = posterior.sample(noise=z_noise[part])
         captions = [it.caption for it in items]
         micro = torch.tensor([(*it.original_size, *it.crop) for it in items], dtype=torch.float32)
+        hints = [it.hint for it in items] if run.hints else None
     dropped = drop[part].tolist()
     captions = ["" if d else c for c, d in zip(captions, dropped)]
     latents = (model.scale_factor * z).to(run.device)
@@ -128,7 +131,18 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
         cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
         pooled = cond.pop("pooled").masked_fill(zero[:, None], 0)
         cond["vector"] = model.conditioner.vector(pooled, training_micro_conditioning(micro, cfg.image_size))
+    if hints is not None:
+        cond["hint"] = torch.stack(hints).to(run.device)
     return Batch(latents, cond, t[part].to(run.device), noise[part].to(run.device))
+
+
+def cached_hint(run: Run, row: int) -> torch.Tensor:
+    """The control image of the cache's row `row`, read again from the data set (a control image is not encoded, so
+    the cache keeps only where each row came from)."""
+    hint = run.dataset.hint(run.cache["source"][row])
+    if hint is None:
+        raise TrainError(f"the control image of item {run.cache['source'][row]} can no longer be read")
+    return hint
 
 
 def training_micro_conditioning(micro: torch.Tensor, image_size: int) -> dict[str, torch.Tensor]:

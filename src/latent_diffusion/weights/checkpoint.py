@@ -39,6 +39,8 @@ CONFIG_METADATA_KEY = "latent_diffusion.config"
 # The model this project trains on the built-in shapes data (benchmarks/builtin_model.sh), used when no
 # checkpoint is given. Its generation defaults (64x64 images, CFG 1.75) are in its config metadata.
 BUILTIN_MODEL = Path(__file__).parents[1] / "assets" / "shapes.safetensors"
+# Its ControlNet, trained by `ldm train-controlnet` on the shapes' masks (benchmarks/builtin_controlnet.sh)
+BUILTIN_CONTROLNET = Path(__file__).parents[1] / "assets" / "shapes-control.safetensors"
 
 
 # The architecture from the keys -----------------------------------------------------------------------------
@@ -406,19 +408,35 @@ def save_model(model: LatentDiffusion, path: str | os.PathLike, *, ema_unet: tor
     ema_unet: an EMA copy of the U-Net, written as CompVis's flattened `model_ema.*` keys.
     The config goes into the metadata, so `load_model` rebuilds exactly this architecture.
     """
+    save_tensors(checkpoint_tensors(model, ema_unet), path, checkpoint_metadata(model), "save_model")
+
+
+def checkpoint_tensors(model: LatentDiffusion, ema_unet: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """What `save_model` writes: the model's state dict, and the EMA U-Net's under `model_ema.*`."""
+    tensors = dict(model.state_dict())
+    if ema_unet is not None:
+        tensors |= {ema_key(UNET + k): v for k, v in ema_unet.state_dict().items()}
+    return tensors
+
+
+def checkpoint_metadata(model: LatentDiffusion) -> dict[str, str]:
+    """`save_model`'s metadata: the config, so that `load_model` rebuilds exactly this architecture."""
+    return {"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()}
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str], by: str) -> None:
+    """Write tensors (any device) as `.safetensors` atomically; CheckpointError for another suffix or a missing
+    folder (`by`: the writer, named in that error), OSError where the disk fails."""
     from safetensors.torch import save_file
 
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
-        raise CheckpointError(f"{path}: save_model writes .safetensors files; use that suffix")
+        raise CheckpointError(f"{path}: {by} writes .safetensors files; use that suffix")
     if not path.parent.is_dir():
         raise CheckpointError(f"{path}: the folder {path.parent} does not exist")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if ema_unet is not None:
-        for k, v in ema_unet.state_dict().items():
-            tensors[ema_key(UNET + k)] = v.detach().contiguous().cpu()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     try:
         with atomic_write(path) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt", CONFIG_METADATA_KEY: model.cfg.to_json()})
+            save_file(tensors, tmp, metadata=metadata)
     except Exception as e:  # an OSError, or safetensors' own error around one: the environment's failure
         raise OSError(f"{path}: cannot write ({first_line(e)})") from None

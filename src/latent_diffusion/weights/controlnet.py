@@ -25,6 +25,7 @@ how a ControlNet runs rather than what it holds (the shuffle model's global aver
 
 from __future__ import annotations
 
+import json
 import os
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,7 @@ CONTROL = "control_model."  # the ControlNet's prefix in lllyasviel's ControlLDM
 HINT = "input_hint_block.0.weight"  # (16, hint channels, 3, 3): the original layout's mark
 DIFFUSERS_HINT = "controlnet_cond_embedding.conv_in.weight"  # diffusers' ControlNetModel's mark
 CONTROL_LORA = "lora_controlnet"  # Stability's Control-LoRA's mark: an empty tensor
+CONFIG_METADATA_KEY = "latent_diffusion.controlnet"  # our files' {"unet": config}: the heads, which no shape shows
 
 
 class ControlNetError(CheckpointError):
@@ -203,7 +205,7 @@ def load_controlnet(
     `dtype` on `device`, in eval mode. base: the model a Control-LoRA file changes (its U-Net's weights are read;
     the model itself is left as it is), and whose attention heads a ControlNet of its U-Net's widths has. ControlNetError (a CheckpointError) with one line
     for a file that is not a ControlNet or whose weights describe no ControlNet this project builds."""
-    sd, _ = read_state_dict(path)
+    sd, metadata = read_state_dict(path)
     layout = controlnet_layout(sd.keys())
     if layout is None:
         raise ControlNetError(f"{path}: not a ControlNet: {_what_it_is(sd.keys())}")
@@ -225,7 +227,7 @@ def load_controlnet(
                 )
         elif any(k.startswith(CONTROL) for k in sd):
             sd = {k.removeprefix(CONTROL): v for k, v in sd.items() if k.startswith(CONTROL)}
-        cfg, hint_channels = _infer(sd, path, base)
+        cfg, hint_channels = _infer(sd, path, base, _saved_heads(metadata, path))
     try:
         with empty_modules():
             controlnet = ControlNet(cfg, hint_channels)
@@ -243,15 +245,32 @@ def load_controlnet(
     return controlnet.eval()
 
 
+def _saved_heads(metadata: dict[str, str], path) -> tuple[int | None, int | None] | None:
+    """The attention heads (num_heads, num_head_channels) our training wrote into the file's metadata
+    (`training/controlnet.py`), or None where it has none."""
+    if CONFIG_METADATA_KEY not in metadata:
+        return None
+    try:
+        saved = json.loads(metadata[CONFIG_METADATA_KEY])["unet"]
+        channels = saved["num_head_channels"]
+        return (
+            None if saved["num_heads"] is None else int(saved["num_heads"]),
+            None if channels is None else int(channels),
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        raise ControlNetError(f"{path}: its {CONFIG_METADATA_KEY} metadata is no valid config ({e})") from None
+
+
 def _hint_channels(sd: dict[str, torch.Tensor], path) -> int:
     if HINT not in sd:
         raise ControlNetError(f"{path}: an incomplete ControlNet: it has no {HINT}")
     return sd[HINT].shape[1]
 
 
-def _infer(sd: dict[str, torch.Tensor], path, base: LatentDiffusion | None) -> tuple[UNetConfig, int]:
-    """(the encoder's config, the hint's channels) read off the keys of the original layout; a ControlNet of the base
-    model's width is a copy of its encoder, and has its attention heads, which the shapes do not show."""
+def _infer(sd: dict[str, torch.Tensor], path, base: LatentDiffusion | None, saved=None) -> tuple[UNetConfig, int]:
+    """(the encoder's config, the hint's channels) read off the keys of the original layout. The attention heads,
+    which the shapes do not show: those `saved` in our files' metadata, else the base model's for a ControlNet of its
+    width (a copy of its encoder), else SD's rule."""
     if "middle_block.1.proj_in.weight" not in sd and "middle_block.0.in_layers.0.weight" in sd:
         raise ControlNetError(
             f"{path}: its middle block has no transformer (diffusers' mid_block_type UNetMidBlock2D), which the "
@@ -260,7 +279,7 @@ def _infer(sd: dict[str, torch.Tensor], path, base: LatentDiffusion | None) -> t
     try:
         unet = base.cfg.unet if base is not None else None
         same = unet is not None and sd["input_blocks.0.0.weight"].shape[0] == unet.model_channels
-        heads = (unet.num_heads, unet.num_head_channels) if same else None
+        heads = saved or ((unet.num_heads, unet.num_head_channels) if same else None)
         return infer_unet(sd, prefix="", encoder_only=True, heads=heads), _hint_channels(sd, path)
     except KeyError as e:
         raise ControlNetError(f"{path}: an incomplete ControlNet: it has no {e.args[0]}") from None
