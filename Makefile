@@ -25,8 +25,9 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml
 # from it (tests/conftest.py, the `spandrel` fixture); einops is spandrel's one other dependency not already here.
 # lycoris-lora's own network modules (LoHa, LoKr, OFT, BOFT, IA3) are the reference of tests/test_lycoris.py: without
 # its training dependencies; its package imports toml at the top, the one it needs that is not already here.
+# The `gguf` extra (the gguf package) is a run-time option that tests/test_gguf.py exercises: installed with them.
 $(VENV)/.test: $(VENV)/.runtime
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,gguf]"
 	$(BIN)/pip install -q --no-deps openai-clip==1.0.1 k-diffusion==0.1.1.post1 spandrel==0.4.2 einops==0.8.2
 	$(BIN)/pip install -q --no-deps lycoris-lora==4.1.3 toml==0.10.2
 	touch $@

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from .cli_arguments import DTYPES, GENERATION_COMMANDS, UsageError, build_parser
+from .cli_convert import cmd_convert
 from .cli_generate import (
     apply_infotext,
     checked,
@@ -47,11 +48,12 @@ from .training.diffusion import train
 from .training.evaluate import ATTRIBUTES, BOTH, CONTROL_FORMS, LEFT_TO_CHANCE, control_adherence, prompt_adherence
 from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL, CheckpointError, load_model
 from .weights.embeddings import load_embeddings
+from .weights.ggml_quants import parameter_count, storage
 from .weights.lora import find_loras
 
 
 def count(module: torch.nn.Module) -> str:
-    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.1f} M"
+    return f"{parameter_count(module) / 1e6:.1f} M"
 
 
 def describe(model: LatentDiffusion) -> str:
@@ -72,6 +74,10 @@ def describe(model: LatentDiffusion) -> str:
             f" layer{'' if t.final_norm else ', no final norm'}){', pooled into y' if t.pooled else ''}"
             + ("; no text_projection or logit_scale in the file (unused)" if not t.projection else "")
         )
+    for part, module in (("U-Net", model.unet), *(("text", e) for e in model.text_encoders)):
+        if found := storage(module):
+            types = ", ".join(f"{n} {t}" for t, n in sorted(found.items(), key=lambda item: -item[1]))
+            lines.append(f"  {part} layers in GGUF blocks, dequantized as they run: {types}")
     if xl:
         lines.append(
             f"  micro-conditioning ({cfg.micro_conditioning_width} wide each): {', '.join(cfg.micro_conditioning)}"
@@ -80,8 +86,9 @@ def describe(model: LatentDiffusion) -> str:
 
 
 def cmd_info(args) -> None:
+    device, dtype = pick_device(args.device), DTYPES[args.dtype]
     model = load_model(
-        args.ckpt, args.config, device=pick_device(args.device), dtype=DTYPES[args.dtype], ema=args.ema or None
+        args.ckpt, args.config, device=device, dtype=dtype, ema=args.ema or None, unet_gguf=args.unet_gguf
     )
     print(f"{args.ckpt}: {describe(model)}")
 
@@ -384,6 +391,7 @@ COMMANDS = {
     "xyz": cmd_xyz,
     "upscale": cmd_upscale,
     "merge": cmd_merge,
+    "convert": cmd_convert,
     "train": cmd_train,
     "train-controlnet": cmd_train_controlnet,
     "train-autoencoder": cmd_train_autoencoder,

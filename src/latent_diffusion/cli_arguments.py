@@ -7,6 +7,7 @@ import argparse
 
 from .cli_common import DTYPES, STYLES_HELP, UPSCALER_DIR_HELP, UsageError, command
 from .cli_control import add_control_arguments
+from .cli_convert import add_convert
 from .cli_merge import add_merge
 from .cli_upscale import add_upscale
 from .cli_xyz import XYZ_HELP, add_axis_arguments
@@ -23,6 +24,11 @@ from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL
 from .weights.fp8 import FP8_DTYPES
 
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
+UNET_GGUF_HELP = (
+    "a GGUF U-Net (city96's layout, as ComfyUI-GGUF reads; `ldm convert --to gguf` makes one) in place of --ckpt's, "
+    "which then brings only the VAE and text encoders; its weights stay quantized and each layer is dequantized to "
+    "--dtype as it runs. --ckpt may itself be a .gguf whole model (stable-diffusion.cpp's layout)"
+)
 __all__ = ["DTYPES", "GENERATION_COMMANDS", "UsageError", "build_parser"]
 
 
@@ -63,6 +69,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="CompVis inference YAML (optional: the architecture is read off the keys)")
     p.add_argument("--ema", action="store_true", help="use the checkpoint's model_ema.* U-Net weights")
     p.add_argument("--vae", help="a separate autoencoder file (original layout) in place of the checkpoint's")
+    p.add_argument("--unet-gguf", metavar="FILE", help=UNET_GGUF_HELP)
     p.add_argument("--refiner", help="a second checkpoint (SDXL's refiner) that denoises the end of the schedule")
     p.add_argument(
         "--refiner-switch",
@@ -291,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
   ldm xyz --ckpt model.safetensors --prompt "a red sofa" --x "Steps:10,20,30" --y "CFG Scale:3-7 (+2)"
   ldm upscale photo.png --upscaler 4x-UltraSharp --scale 4 --upscaler-dir models/ESRGAN
   ldm merge a.safetensors b.safetensors --mode weighted-sum --alpha 0.3 --out merged.safetensors
+  ldm convert model.safetensors --to gguf --quant Q8_0 --out unet-Q8_0.gguf
+  ldm txt2img --ckpt model.safetensors --unet-gguf unet-Q8_0.gguf --prompt "a red sofa"
   ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
   ldm train-controlnet --outdir runs/cn --ckpt model.safetensors --data pairs/ --image-size 512
   torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
@@ -300,8 +309,8 @@ Each command has its own --help. Bad input is one line on stderr and exit code 2
     )
     parser.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    adders = (add_info, add_generation_commands, add_upscale, add_merge, add_training_commands, add_eval, add_serve)
-    for add in (*adders, add_demo):
+    adders = (add_info, add_generation_commands, add_upscale, add_merge, add_convert, add_training_commands)
+    for add in (*adders, add_eval, add_serve, add_demo):
         add(sub)
     return parser
 
@@ -311,11 +320,12 @@ def add_info(sub) -> None:
         sub,
         "info",
         "load a checkpoint and describe it",
-        "Load a .safetensors or .ckpt Stable Diffusion checkpoint (SD 1.x, 2.x, inpainting) and print its "
-        "variant and parts. Without --config the architecture is read off the keys.",
+        "Load a .safetensors, .ckpt or .gguf Stable Diffusion checkpoint (SD 1.x, 2.x, SDXL, inpainting) and print "
+        "its variant and parts. Without --config the architecture is read off the keys.",
     )
-    info.add_argument("ckpt", help="checkpoint file (.safetensors or .ckpt)")
+    info.add_argument("ckpt", help="checkpoint file (.safetensors, .ckpt, or a .gguf whole model)")
     info.add_argument("--config", help="CompVis inference YAML (optional)")
+    info.add_argument("--unet-gguf", metavar="FILE", help=UNET_GGUF_HELP)
     info.add_argument("--ema", action="store_true", help="load the model_ema.* U-Net weights")
     info.add_argument("--device", default="cpu")
     info.add_argument("--dtype", default="float32", choices=DTYPES)

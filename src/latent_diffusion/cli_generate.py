@@ -331,6 +331,7 @@ def load_from_args(args, embeddings, loras, device, dtype) -> Pipeline:
         dtype=dtype,
         ema=args.ema or None,
         vae=args.vae,
+        unet_gguf=args.unet_gguf,
         refiner=args.refiner,
         embeddings_dir=embeddings,
         loras=loras,

@@ -26,6 +26,7 @@ class Pipeline:
     model: LatentDiffusion
     checkpoint: Path | None = None  # the file the model was read from (the infotext names and hashes it)
     vae_file: Path | None = None  # a separate autoencoder file loaded over the checkpoint's (the web UI's VAE)
+    unet_file: Path | None = None  # a GGUF U-Net loaded in place of the checkpoint's (`weights/gguf_files.py`)
     refiner: LatentDiffusion | None = None  # SDXL's refiner: denoises the low-noise end of the schedule
     refiner_checkpoint: Path | None = None
     embeddings: dict[str, Embedding] = field(default_factory=dict)  # textual inversion, by the name prompts use
@@ -50,6 +51,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     ema: bool | None = None,
     vae: str | os.PathLike | None = None,
+    unet_gguf: str | os.PathLike | None = None,
     refiner: str | os.PathLike | None = None,
     embeddings_dir: str | os.PathLike | None = None,
     loras: dict[str, Path] | None = None,
@@ -61,15 +63,16 @@ def load_pipeline(
     unet_weights_dtype: torch.dtype | None = None,
     text_weights_dtype: torch.dtype | None = None,
 ) -> Pipeline:
-    """Load a checkpoint (`checkpoint.load_model`) and what goes beside it: a VAE file over its autoencoder, a refiner
-    on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text encoders' width, and
+    """Load a checkpoint (`checkpoint.load_model`, with a GGUF U-Net in place of its own where `unet_gguf` names
+    one) and what goes beside it: a VAE file over its autoencoder, a refiner on the same device in the same dtype,
+    the embeddings in `embeddings_dir` made for its text encoders' width, and
     the LoRA, upscaler and control model files by name (`lora.find_loras`, `upscalers.find_upscalers`,
     `control.find_control_models`), and a checkpoint
     for the hires pass with the same embeddings, LoRAs and upscalers beside it. compile: the U-Nets and decoders
     through torch.compile. unet_weights_dtype, text_weights_dtype: float8 storage of the U-Nets' and the text
     encoders' layer weights, for every checkpoint loaded here (`weights/fp8.py`)."""
     at = dict(device=device, dtype=dtype, unet_weights_dtype=unet_weights_dtype, text_weights_dtype=text_weights_dtype)
-    model = load_model(checkpoint, config, ema=ema, **at)
+    model = load_model(checkpoint, config, ema=ema, unet_gguf=unet_gguf, **at)
     if vae is not None:
         load_vae(model, vae)
     second = load_model(refiner, **at) if refiner is not None else None
@@ -85,6 +88,7 @@ def load_pipeline(
         model,
         checkpoint=Path(checkpoint),
         vae_file=Path(vae) if vae is not None else None,
+        unet_file=Path(unet_gguf) if unet_gguf is not None else None,
         refiner=second,
         refiner_checkpoint=Path(refiner) if refiner is not None else None,
         embeddings=found,

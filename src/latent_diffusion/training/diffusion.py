@@ -85,6 +85,8 @@ def build_model(cfg: TrainConfig, dataset) -> LatentDiffusion:
     autoencoder is frozen, the text encoder too unless it is trained."""
     if cfg.ckpt:
         model = load_model(cfg.ckpt)
+        if any(p.dtype == torch.uint8 for p in model.parameters()):  # GGML blocks (`weights/ggml_quants.py`)
+            raise TrainError(f"{cfg.ckpt}: a GGUF model holds quantized weights; training needs a float checkpoint")
     else:
         config = preset(cfg.preset)
         config.parameterization = cfg.parameterization or config.parameterization

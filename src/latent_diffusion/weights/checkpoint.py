@@ -31,7 +31,7 @@ from ..models.config import (
 from ..models.family import EMA, SD1, UNET, VAE, Family, family_of_keys
 from ..models.ldm import LatentDiffusion
 from ..models.yaml_config import from_ldm_config
-from . import fp8
+from . import fp8, gguf_files
 from .reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
 
 CLIP = SD1.text_prefixes[0]
@@ -292,8 +292,10 @@ def load_model(
     parameterization: str | None = None,
     unet_weights_dtype: torch.dtype | None = None,
     text_weights_dtype: torch.dtype | None = None,
+    unet_gguf: str | os.PathLike | None = None,
 ) -> LatentDiffusion:
-    """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout.
+    """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout, or a `.gguf` whole model
+    in stable-diffusion.cpp's.
 
     config: a CompVis inference YAML path, its parsed mapping or a LatentDiffusionConfig; None reads the
     architecture off the keys. ema=True loads the `model_ema.*` weights into the U-Net (an error if the file
@@ -301,10 +303,11 @@ def load_model(
     what the config or file name says. unet_weights_dtype, text_weights_dtype: a float8 dtype to store the U-Net's
     or the text encoders' layer weights in, cast to `dtype` as each layer runs (`weights/fp8.py`); None: `dtype`.
     A file's float8 tensors are read as they are into such weights, and cast to `dtype` everywhere else.
+    unet_gguf: a GGUF U-Net (city96's layout: ComfyUI-GGUF's files) in place of the checkpoint's, which brings the
+    autoencoder and text encoders (its own U-Net is not read). A GGUF file's layer weights stay quantized and are
+    dequantized to `dtype` as each layer runs (`weights/gguf_files.py`, `weights/ggml_quants.py`).
     """
-    sd, metadata = read_state_dict(path)
-    origin = add_text_model_level({k: k for k in sd})  # our key -> the file's key (some files rename a level)
-    sd = add_text_model_level(sd)
+    sd, metadata, origin, ggml = _read_files(path, unet_gguf, ema)
     cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
     if parameterization is not None:
         cfg = dataclasses.replace(cfg, parameterization=parameterization)
@@ -316,6 +319,8 @@ def load_model(
     expected = model.state_dict()  # meta tensors: names and shapes only
     try:
         stored = fp8.stored_keys(model, unet_weights_dtype, text_weights_dtype)  # key -> its float8 dtype
+        if clash := [k for k in stored if k in ggml]:
+            raise ValueError(f"float8 storage applies to a checkpoint's weights, not a GGUF file's ({clash[0]})")
         if stored:
             fp8.check_device(device)
     except ValueError as e:
@@ -323,17 +328,47 @@ def load_model(
 
     if ema:
         sd, origin = _with_ema_unet(sd, origin, [k for k in expected if k.startswith(UNET)], path)
-
-    # The VAE's attention as Linear weights [c, c] instead of 1x1 convolutions [c, c, 1, 1], as files converted back
-    # from diffusers store them, fits: the same numbers, reshaped exactly.
-    if problem := mismatch(expected, sd, lambda k, have, want: (*have, 1, 1) == want and k.startswith(VAE)):
+    if problem := mismatch(expected, sd, lambda k, have, want: _same_numbers(k, have, want, ggml)):
         raise CheckpointError(f"{path}: does not fit the {cfg.variant} model: {problem}")
 
     dtypes = {k: stored.get(k, dtype) for k in expected}
-    model.load_state_dict(_read_weights(path, sd, origin, expected, dtypes, device), strict=True, assign=True)
+    plain = {k: v for k, v in expected.items() if k not in ggml}  # the tensors of a .safetensors or .ckpt file
+    weights = _read_weights(path, sd, origin, plain, dtypes, device) if plain else {}
+    weights |= gguf_files.weights(model, ggml, expected, device, dtype)
+    model.load_state_dict(weights, strict=True, assign=True)
     fp8.cast_as_they_run(model)
     model.init_schedule(device)
     return model.eval()
+
+
+def _read_files(path, unet_gguf, ema) -> tuple[dict, dict, dict, dict]:
+    """-> (the tensors by key, the checkpoint's metadata, our key -> the file's key, the GGUF files' tensors by key
+    (`gguf_files.Stored`), which the first holds as meta tensors of their shape)."""
+    if gguf_files.is_gguf(path):
+        sd, metadata, ggml = {}, {}, gguf_files.read_gguf(path)
+        if gguf_files.is_unet_alone(ggml):
+            raise CheckpointError(
+                f"{path}: a GGUF U-Net alone: load it as unet_gguf (--unet-gguf) beside a checkpoint that has the "
+                "autoencoder and text encoders"
+            )
+    else:
+        (sd, metadata), ggml = read_state_dict(path), {}
+    origin = add_text_model_level({k: k for k in sd})  # our key -> the file's key (some files rename a level)
+    sd = add_text_model_level(sd)
+    if ema and (ggml or unet_gguf is not None):
+        raise CheckpointError(f"{unet_gguf or path}: ema=True, but a GGUF file holds no EMA copy of the U-Net")
+    if unet_gguf is not None:
+        unet = gguf_files.unet_of(gguf_files.read_gguf(unet_gguf), unet_gguf)
+        gguf_files.check_family(unet, sd | gguf_files.shapes(ggml), unet_gguf, path)
+        sd, ggml = gguf_files.without_unet(sd), gguf_files.without_unet(ggml) | unet
+    return sd | gguf_files.shapes(ggml), metadata, origin, ggml
+
+
+def _same_numbers(key: str, have: torch.Size, want: torch.Size, ggml: dict) -> bool:
+    """A tensor fits a key of another shape with the same numbers where files are known to store it so: the VAE's
+    attention as Linear weights [c, c] instead of 1x1 convolutions [c, c, 1, 1] (files converted back from
+    diffusers), and SDXL's linear proj_in/proj_out as [c, c, 1, 1] (stable-diffusion.cpp's GGUF files)."""
+    return ((*have, 1, 1) == want and key.startswith(VAE)) or ((*want, 1, 1) == have and key in ggml)
 
 
 def _read_weights(path, sd: dict, origin: dict, expected: dict, dtypes: dict, device) -> dict[str, torch.Tensor]:

@@ -40,6 +40,10 @@ as the web UI does, would move each number to the nearest of steps an eighth of 
 change, usually smaller than that, would be lost or snapped whole to a step. Forge's result is this one (it adds
 the LoRA to the cast weight in the compute dtype as each layer runs); the cost is the merged layers' memory in the
 compute dtype while the LoRA is on.
+
+A weight held in GGML blocks (a GGUF file's, `weights/ggml_quants.py`) is merged the same way: its merged copy is
+the dequantized W + ΔW in the compute dtype, which the layer uses in place of its blocks while the LoRA is on; the
+blocks come back as they were.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from torch import nn
 
 from ..models.config import UNetConfig
 from ..models.family import FAMILIES, UNET
-from . import lycoris
+from . import ggml_quants, lycoris
 from .fp8 import is_fp8
 from .reader import CheckpointError, read_state_dict
 
@@ -340,7 +344,7 @@ def apply_lora(
     the LoRA that match nothing here. LoRAError, with nothing changed, when no layer matches or one has a shape
     that shows the LoRA was made for another model."""
     params = dict(model.named_parameters())
-    matched, warnings = _match(model, lora, params)
+    matched, warnings = _match(model, lora, ggml_quants.parameter_shapes(model))
     te = weight if te_weight is None else te_weight
     strength = {"unet": weight, "text_encoder": te, "text_encoder_2": te}
     by_param: dict[str, list[tuple[tuple[int, int] | None, LoRALayer | lycoris.Network, float]]] = {}
@@ -351,11 +355,13 @@ def apply_lora(
     with torch.no_grad():
         for name, parts in by_param.items():
             original = params[name].data
-            dtype = model.dtype if is_fp8(original.dtype) else original.dtype  # the merged copy's (module docstring)
+            layer = model.get_submodule(name.rpartition(".")[0])
+            full = ggml_quants.weight(layer, model.dtype) if ggml_quants.is_quantized(layer) else original
+            dtype = model.dtype if is_fp8(full.dtype) else full.dtype  # the merged copy's (module docstring)
             if len(parts) == 1 and parts[0][0] is None:
-                merged = _merged(original, *parts[0][1:], dtype)
+                merged = _merged(full, *parts[0][1:], dtype)
             else:  # a fused weight (or a module named twice): a copy, then each part into its rows
-                merged = original.to(dtype, copy=True)
+                merged = full.to(dtype, copy=True)
                 for rows, layer, w in parts:
                     span = slice(*rows) if rows else slice(None)
                     merged[span] = _merged(merged[span], layer, w, dtype)
@@ -364,22 +370,22 @@ def apply_lora(
     return AppliedLoRA(replaced, len(matched), warnings)
 
 
-def _match(model: LatentDiffusion, lora: LoRA, params: dict) -> tuple[list[tuple[str, Target, object]], list[str]]:
+def _match(model: LatentDiffusion, lora: LoRA, shapes: dict) -> tuple[list[tuple[str, Target, object]], list[str]]:
     """-> ([(LoRA layer name, its target, the layer)], warnings), or LoRAError when nothing matches or a shape does
     not fit. An inpainting model's input convolution takes a LoRA of the base model's (4 latent channels in) with
     zeros for its mask and masked-image channels, as the web UI widens it."""
     table = module_table(model)
     matched, unmatched, misfits = [], [], []
-    first_conv = next(k for k in params if k.endswith("input_blocks.0.0.weight"))
+    first_conv = next(k for k in shapes if k.endswith("input_blocks.0.0.weight"))
     for name, layer in lora.layers.items():
         target = table.get(name)
         if target is None:
             unmatched.append(name)
             continue
-        w = params[target.param]
-        shape = (w.shape[0] if target.rows is None else target.rows[1] - target.rows[0], *w.shape[1:])
+        w = shapes[target.param]
+        shape = (w[0] if target.rows is None else target.rows[1] - target.rows[0], *w[1:])
         widens = target.param == first_conv and isinstance(layer, LoRALayer) and layer.down.ndim == 4
-        extra = w.shape[1] - layer.down.shape[1] if widens else 0
+        extra = w[1] - layer.down.shape[1] if widens else 0
         if extra > 0 and layer.down.shape[1] == model.cfg.unet.in_channels - model.cfg.concat_channels:
             if layer.dora_scale is not None:  # its magnitudes are for the 4 channels (the web UI fails here too)
                 raise LoRAError(
