@@ -11,6 +11,10 @@ its image, so that each is compared with float32's on the same inputs. Rounds al
 
     python benchmarks/gguf_memory.py                          # float32, fp8_e4m3fn, Q8_0, Q4_0: 2 rounds
     python benchmarks/gguf_memory.py --rounds 1 --steps 2 --formats Q8_0
+
+On a machine shared with other work, the separate processes' step times follow the load more than the formats;
+`--interleaved` loads every setting into one process instead and times their guided steps in turn, round after
+round, so that each setting's steps meet the same load (its memory figures are the whole process's, not reported).
 """
 
 import argparse
@@ -19,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +70,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3, help="timed guided steps per process")
     parser.add_argument("--image-steps", type=int, default=4, help="Euler steps of the image compared with float32's")
+    parser.add_argument("--interleaved", action="store_true", help="time the steps of all settings in one process")
     args = parser.parse_args()
     path = Path(args.file)
     write_sd15_file(path)
@@ -73,6 +79,8 @@ def main():
         settings[fmt] = fmt if fmt.startswith("fp8") else str(gguf_file(path, fmt))
     path.read_bytes()  # into the page cache
     print(f"{path} ({os.path.getsize(path) / 2**30:.2f} GiB), torch {torch.__version__}, {machine()}")
+    if args.interleaved:
+        return interleaved(path, settings, args.rounds, args.steps)
     runs: dict[str, list] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory() as folder:
         for _ in range(args.rounds):
@@ -95,6 +103,35 @@ def main():
         cells = [describe(name), f"{load_s:.2f}", f"{after_load:.2f} GiB", f"{peak:.2f} GiB", f"{weights:.2f} GiB"]
         cells += [f"{step:.2f}", f"{error:.4f}", f"{pixels:.4f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def interleaved(path: Path, settings: dict[str, str], rounds: int, steps: int) -> None:
+    """Every setting loaded into this process; in each round, `steps` guided steps of each in turn; medians."""
+    from latent_diffusion import load_model
+    from latent_diffusion.weights.fp8 import FP8_DTYPES
+
+    models = {}
+    for name, setting in settings.items():
+        fp8, unet_gguf = FP8_DTYPES.get(setting), setting if setting.endswith(".gguf") else None
+        models[name] = load_model(path, unet_weights_dtype=fp8, text_weights_dtype=fp8, unet_gguf=unet_gguf)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, 4, 32, 32, generator=g), torch.tensor([500, 500])
+    cond = {"crossattn": torch.randn(2, 77, 768, generator=g)}
+    times: dict[str, list[float]] = {name: [] for name in models}
+    with torch.no_grad():
+        for model in models.values():  # warm-up
+            model(x, t, cond)
+        for _ in range(rounds):
+            for name, model in models.items():
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    model(x, t, cond)
+                    times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["float32"])
+    print("| weights | s / guided step (median) | against float32 | all steps, s |\n| --- | --- | --- | --- |")
+    for name, values in times.items():
+        step = statistics.median(values)
+        print(f"| {describe(name)} | {step:.2f} | {step / base:.2f}x | {', '.join(f'{v:.1f}' for v in values)} |")
 
 
 def gguf_file(path: Path, quant: str) -> Path:

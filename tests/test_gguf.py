@@ -191,16 +191,18 @@ def step_bound(w: torch.Tensor, qtype: str) -> torch.Tensor:
     return bound.expand_as(blocks).reshape(w.shape)
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
-@pytest.mark.parametrize("quant", [*LEGACY, "F16", "BF16", "F32"])
+@pytest.mark.parametrize(
+    ("variant", "quant"),
+    [("sd1", q) for q in [*LEGACY, "F16", "BF16", "F32"]] + [(v, q) for v in ("sd2", "sdxl") for q in ("Q8_0", "Q4_0")],
+)
 def test_converted_unet_loads_beside_its_checkpoint(files, tmp_path, variant, quant):
     """`convert_to_gguf` writes the U-Net with the gguf package's writer in city96's layout; loaded beside the
     checkpoint (which brings the VAE and text encoders), each weight keeps its type (quantized layers hold uint8
     blocks, F16/BF16 layers cast as they run), lies within its format's step of the float32 weight, and the model
     computes exactly what its float32 twin computes. The U-Net output's relative error against the float32 model,
-    on these random tiny weights, measured over SD 1.x, 2.x and SDXL in two runs (the random init differs): Q8_0
-    0.017-0.022, Q5_1 0.12-0.15, Q5_0 0.14-0.17, Q4_1 0.26-0.29, Q4_0 0.28-0.31, F16 0.0008-0.0009, BF16
-    0.0067-0.0074, F32 0; bounded at about twice those."""
+    on these random tiny weights (every type on SD 1.x, Q8_0 and Q4_0 on 2.x and SDXL), measured over SD 1.x, 2.x
+    and SDXL in two runs (the random init differs): Q8_0 0.017-0.022, Q5_1 0.12-0.15, Q5_0 0.14-0.17, Q4_1
+    0.26-0.29, Q4_0 0.28-0.31, F16 0.0008-0.0009, BF16 0.0067-0.0074, F32 0; bounded at about twice those."""
     model, path = files[variant]
     out = tmp_path / f"unet-{quant}.gguf"
     result = convert_to_gguf(path, out, quant)
@@ -384,6 +386,20 @@ def test_ldm_convert_makes_a_file_that_loads_back(files, tmp_path, capsys):
     again = load_model(tmp_path / "dequantized.safetensors")
     assert ggml_quants.storage(again) == {} and {p.dtype for p in again.parameters()} == {torch.float32}
     for a, b in zip(outputs(loaded), outputs(again), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fp8_text_encoder_beside_a_gguf_unet(files, tmp_path):
+    """--text-weights-dtype applies to the checkpoint's text encoder beside a GGUF U-Net: both stored small at once,
+    and the model computes what the float32 model with both formats' numbers computes."""
+    model, path = files["sd1"]
+    out = convert_to_gguf(path, tmp_path / "unet.gguf", "Q8_0").path
+    both = load_model(path, unet_gguf=out, text_weights_dtype=torch.float8_e4m3fn)
+    fc1 = both.cond_stage_model.transformer.text_model.encoder.layers[0].mlp.fc1
+    assert fc1.weight.dtype == torch.float8_e4m3fn and ggml_quants.storage(both.unet)["Q8_0"] == 87
+    numbers = {UNET + k: v for k, v in file_numbers(out).items()}
+    numbers |= {k: v.float() for k, v in both.state_dict().items() if v.dtype == torch.float8_e4m3fn}
+    for a, b in zip(outputs(both), outputs(twin(model, numbers)), strict=True):
         assert torch.equal(a, b)
 
 
