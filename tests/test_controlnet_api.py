@@ -82,7 +82,9 @@ def test_a_webuiapi_unit_reaches_generation_with_the_extensions_infotext_and_map
     base, pipeline, listed, *_ = served
     api = webuiapi.WebUIApi(baseurl=base + "/sdapi/v1", sampler="Euler a", steps=3)
     unit = webuiapi.ControlNetUnit(image=picture, module="canny", model="control_canny", weight=0.8)
-    result = api.txt2img(prompt="a red circle", seed=3, width=W, height=H, cfg_scale=5, controlnet_units=[unit])
+    # A fresh `alwayson_scripts`: webuiapi's default is one shared dict that keeps the unit for the process's later calls
+    result = api.txt2img(prompt="a red circle", seed=3, width=W, height=H, cfg_scale=5, controlnet_units=[unit],
+                         alwayson_scripts={})  # fmt: skip
     assert [im.size for im in result.images] == [(W, H), (W, H)] and result.info["ignored"] == []
     assert result.info["infotexts"][0].endswith(
         f'ControlNet 0: "Module: canny, Model: {listed}, Weight: 0.8, Resize Mode: Resize and Fill, Processor Res: '
