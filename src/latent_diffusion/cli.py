@@ -46,6 +46,7 @@ from .training.controlnet import ControlNetTrainConfig, train_controlnet
 from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, Shape, ShapesDataset, draw, to_hint
 from .training.diffusion import train
 from .training.evaluate import ATTRIBUTES, BOTH, CONTROL_FORMS, LEFT_TO_CHANCE, control_adherence, prompt_adherence
+from .training.lora import train_lora
 from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL, CheckpointError, load_model
 from .weights.embeddings import load_embeddings
 from .weights.ggml_quants import parameter_count, storage
@@ -161,10 +162,11 @@ def control_rows(pipeline: Pipeline, seeds: list[int]) -> list:
 
 
 def cmd_train(args, config_class=TrainConfig, run=train) -> None:
-    """`ldm train`, and `ldm train-controlnet` with its config and run."""
+    """`ldm train` (with --lora: `train_lora`), and `ldm train-controlnet` with its config and run."""
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
     if values["sample_prompts"] is None:
         del values["sample_prompts"]
+    run = train_lora if values.get("lora") is not None and run is train else run
     try:
         path = run(config_class(**values))
     except TrainError as e:

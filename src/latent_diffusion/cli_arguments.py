@@ -290,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
   ldm convert model.safetensors --to gguf --quant Q8_0 --out unet-Q8_0.gguf
   ldm txt2img --ckpt model.safetensors --unet-gguf unet-Q8_0.gguf --prompt "a red sofa"
   ldm train --outdir runs/ft --ckpt model.safetensors --data my_images/ --image-size 512
+  ldm train --lora 16 --outdir runs/mine --ckpt model.safetensors --data my_images/ --image-size 512
   ldm train-controlnet --outdir runs/cn --ckpt model.safetensors --data pairs/ --image-size 512
   torchrun --nproc_per_node 8 -m latent_diffusion.cli train ...      (several GPUs)
   ldm info model.safetensors

@@ -99,9 +99,13 @@ class MultiheadSelfAttention(nn.Module):
         self.out_proj = nn.Linear(width, width)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def in_proj(self, x: torch.Tensor) -> torch.Tensor:
+        """(b, n, width) -> q, k, v side by side (b, n, 3·width); LoRA training adds its q, k, v adapters here."""
         w, b = self.in_proj_weight.to(x.dtype), self.in_proj_bias.to(x.dtype)  # stored in float8: `weights/fp8.py`
-        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+        return F.linear(x, w, b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.in_proj(x).chunk(3, dim=-1)
         return self.out_proj(attention(q, k, v, self.heads, causal=True))
 
 

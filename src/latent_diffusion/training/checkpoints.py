@@ -26,8 +26,9 @@ from .config import RESUMABLE, TrainConfig
 
 @dataclass
 class Trainee:
-    """What a run trains and writes: `ldm train`'s U-Net inside the whole model (`diffusion.unet_trainee`), or
-    `ldm train-controlnet`'s ControlNet beside the frozen model (`controlnet.controlnet_trainee`). The loop, the
+    """What a run trains and writes: `ldm train`'s U-Net inside the whole model (`diffusion.unet_trainee`),
+    `ldm train-controlnet`'s ControlNet beside the frozen model (`controlnet.controlnet_trainee`), or `ldm train
+    --lora`'s adapters in it (`lora.lora_trainee`). The loop, the
     checkpoints and resume see only this."""
 
     model: LatentDiffusion  # the whole model: it encodes the data, and its config is part of the run's fingerprint
@@ -35,9 +36,12 @@ class Trainee:
     net: nn.Module  # net(x_t, t, cond) -> ε or v, what the loss calls; its parameters that take gradients train
     file_name: str  # the run's weights, in each checkpoint folder and in outdir
     tensors: Callable[[nn.Module | None], dict[str, torch.Tensor]]  # that file's tensors, given the EMA copy
-    metadata: dict[str, str]  # and its metadata
+    metadata: Callable[[dict[str, torch.Tensor]], dict[str, str]]  # the file's metadata, given its tensors
     load: Callable[[dict[str, torch.Tensor], nn.Module | None], None]  # the file's tensors back into module and EMA
     samples: Callable[[Path], None]  # writes sample images to a path
+    # the optimizer's parameter groups, each with an optional "lr_scale" on the schedule's rate (LoRA training's
+    # text encoder); None: one group of every parameter of `net` that takes gradients
+    param_groups: list[dict] | None = None
 
 
 def latest_checkpoint(outdir: Path) -> Path | None:
@@ -55,7 +59,8 @@ def save_checkpoint(outdir: Path, step: int, trainee: Trainee, ema: nn.Module | 
     tmp.mkdir()
     tensors = trainee.tensors(ema)
     try:
-        save_tensors(tensors, tmp / trainee.file_name, trainee.metadata, "training")
+        metadata = trainee.metadata(tensors)
+        save_tensors(tensors, tmp / trainee.file_name, metadata, "training")
         torch.save(state, tmp / "state.pt")
         shutil.rmtree(root / f"step-{step:07d}", ignore_errors=True)  # a damaged one that resume skipped
         os.replace(tmp, root / f"step-{step:07d}")
@@ -64,7 +69,7 @@ def save_checkpoint(outdir: Path, step: int, trainee: Trainee, ema: nn.Module | 
         raise
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    save_tensors(tensors, outdir / trainee.file_name, trainee.metadata, "training")
+    save_tensors(tensors, outdir / trainee.file_name, metadata, "training")
 
 
 def run_fingerprint(cfg: TrainConfig, model: LatentDiffusion) -> dict:

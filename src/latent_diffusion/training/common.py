@@ -129,6 +129,11 @@ def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False):
         raise TrainError(str(e)) from None
 
 
+# The type of the fields whose default is None (and that are no strings)
+NONE_BY_DEFAULT = {"min_snr_gamma": float, "lora": int, "lora_alpha": float, "lora_conv_rank": int,
+                   "lora_conv_alpha": float, "text_encoder_lr": float}  # fmt: skip
+
+
 def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict, skip: tuple[str, ...] = ()) -> None:
     """One `ldm` flag per field of a training config dataclass but the `skip` ones (`helps`: each field's help), with
     its default and type."""
@@ -144,5 +149,5 @@ def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict, 
         elif isinstance(default, list):
             p.add_argument("--sample-prompt", dest=f.name, action="append", help=helps[f.name])
         else:
-            kind = {"min_snr_gamma": float}.get(f.name, type(default) if default is not None else str)
+            kind = NONE_BY_DEFAULT.get(f.name, type(default) if default is not None else str)
             p.add_argument(flag, type=kind, default=default, help=helps[f.name])

@@ -33,6 +33,13 @@ class TrainConfig(RunConfig):
     sample_prompts: list[str] = field(default_factory=lambda: ["a small red circle on a blue background"])
     log_every: int = 10
     resume: bool = False
+    # LoRA training (`lora.py`): the rank of the adapters; None: a full fine-tune
+    lora: int | None = None
+    lora_alpha: float | None = None  # α; None: the rank (a scale α/r of 1)
+    lora_conv_rank: int | None = None  # LoCon: the ResBlocks' and samplers' 3×3 convolutions too, at this rank
+    lora_conv_alpha: float | None = None  # None: lora_conv_rank
+    lora_dropout: float = 0.0  # of the adapters' r hidden units (kohya's network_dropout)
+    text_encoder_lr: float | None = None  # with --train-text-encoder; None: lr
 
 
 # The fields that may change when a run is resumed; every other field of TrainConfig defines the run.
@@ -74,6 +81,10 @@ def check_config(cfg: TrainConfig) -> None:
         )
     if cfg.parameterization and cfg.ckpt:
         raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
+    lora_options = ("lora_alpha", "lora_conv_rank", "lora_conv_alpha", "text_encoder_lr")
+    given = [n for n in lora_options if getattr(cfg, n) is not None] + (["lora_dropout"] if cfg.lora_dropout else [])
+    if cfg.lora is None and given:
+        raise TrainError(f"--{given[0].replace('_', '-')} needs --lora RANK")
     if cfg.flip and cfg.cache_latents:
         raise TrainError("--flip needs --no-cache-latents (cached latents cannot be flipped)")
 
@@ -88,7 +99,7 @@ TRAIN_HELP = {
     "preset": "train this architecture from scratch (when no --ckpt)",
     "parameterization": "from scratch: what the U-Net predicts, eps or v (default: the preset's)",
     "autoencoder": "first_stage_model weights (from `ldm train-autoencoder`) for a from-scratch model",
-    "train_text_encoder": "train the text encoder too (frozen by default; not for SDXL)",
+    "train_text_encoder": "train the text encoder too (frozen by default; not for SDXL); with --lora: adapters in it",
     "gradient_checkpointing": "recompute the U-Net's activations in the backward pass: less memory, slower steps",
     "compile": "torch.compile the training step's forward and backward (the first step waits for the compilation)",
     "steps": "optimizer steps in all",
@@ -101,7 +112,7 @@ TRAIN_HELP = {
     "max_grad_norm": "gradient clipping norm",
     "precision": "fp32, or bf16 / fp16 autocast (fp16 with a gradient scaler), or auto: bf16 where the device "
     "has native bfloat16 (CUDA since Ampere, CPUs with AVX-512 BF16 or AMX), else fp32",
-    "ema_decay": "EMA decay of the U-Net weights, saved as model_ema.* (0: off)",
+    "ema_decay": "EMA decay of the U-Net weights, saved as model_ema.* (0: off; a LoRA keeps none)",
     "prompt_dropout": "probability of training on the empty prompt (for classifier-free guidance)",
     "min_snr_gamma": "min-SNR-gamma loss weighting (e.g. 5; default off)",
     "min_snr_floor": "with --min-snr-gamma: the x0 loss's weight is clamp(SNR, floor, gamma), not min(SNR, gamma); "
@@ -117,6 +128,13 @@ TRAIN_HELP = {
     "sample_prompts": "prompts of the sample images (repeat the flag for more)",
     "log_every": "log loss and learning rate every N steps",
     "resume": "continue from the last checkpoint in --outdir",
+    "lora": "train a LoRA of this rank (kohya's network_dim) on the frozen --ckpt (default: the built-in model) and "
+    "write lora.safetensors in kohya's format (default: fine-tune the whole U-Net)",
+    "lora_alpha": "LoRA alpha: the adapters' output is scaled by alpha / rank (default: the rank, a scale of 1)",
+    "lora_conv_rank": "LoCon: also adapt the ResBlocks' and samplers' 3x3 convolutions, at this rank (default: not)",
+    "lora_conv_alpha": "alpha of the 3x3 convolutions' adapters (default: --lora-conv-rank)",
+    "lora_dropout": "dropout of the adapters' hidden units while training (kohya's --network_dropout)",
+    "text_encoder_lr": "with --lora and --train-text-encoder: the text encoder adapters' learning rate (default: --lr)",
     "device": "auto, cpu, cuda",
     "quiet": "no progress bar",
 }

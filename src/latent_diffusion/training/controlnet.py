@@ -49,7 +49,8 @@ class ControlNetTrainConfig(TrainConfig):
 
 
 # `ldm train`'s fields that make no sense with a frozen base model: not flags of `ldm train-controlnet`
-NOT_FLAGS = ("preset", "parameterization", "autoencoder", "train_text_encoder")
+NOT_FLAGS = ("preset", "parameterization", "autoencoder", "train_text_encoder", "lora", "lora_alpha", "lora_conv_rank",
+             "lora_conv_alpha", "lora_dropout", "text_encoder_lr")  # fmt: skip
 
 CONTROLNET_HELP = {
     **TRAIN_HELP,
@@ -157,7 +158,7 @@ def controlnet_trainee(cfg: ControlNetTrainConfig, dataset, autocast: dict) -> T
         net=ControlledParts(controlnet, model.model, autocast),
         file_name="controlnet.safetensors",
         tensors=lambda ema: dict(controlnet.state_dict()),
-        metadata=metadata,
+        metadata=lambda tensors: metadata,
         load=load,
         samples=samples,
     )

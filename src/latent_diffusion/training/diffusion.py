@@ -13,7 +13,8 @@ The loop reads top to bottom in `train`: check the config, build the data, the m
 (or restore them from the last checkpoint), then per step: the micro-batches (`make_batch`), the loss
 (`diffusion_loss`, a function of the network and the batch alone), one optimizer step, the EMA, the log row
 and the checkpoint. What is trained and written is a `Trainee`: here the U-Net (`unet_trainee`); ControlNet
-training (`controlnet.py`) runs the same loop with a ControlNet beside the frozen model.
+training (`controlnet.py`) runs the same loop with a ControlNet beside the frozen model, LoRA training (`lora.py`)
+with adapters in it.
 
 Determinism: the data order of epoch e is a permutation seeded by (seed, e), and every random draw of step s
 (timesteps, noise, prompt dropout, posterior samples) comes from a generator seeded by (seed, s), drawn for the
@@ -163,13 +164,15 @@ def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet
 class TrainedParts(nn.Module):
     """What the optimizer updates, as one module for DistributedDataParallel: the U-Net behind its conditioning
     wrapper, and the text encoder when it is trained (it then runs inside forward, so that its gradients are
-    synchronised too). Runs under the run's autocast."""
+    synchronised too); for LoRA training, the frozen model and the `adapters` hooked into its layers (they alone
+    train). Runs under the run's autocast."""
 
-    def __init__(self, wrapper: nn.Module, text: nn.Module | None, autocast: dict):
+    def __init__(self, wrapper: nn.Module, text: nn.Module | None, autocast: dict, adapters: nn.Module | None = None):
         super().__init__()
         self.wrapper = wrapper
         self.text = text
         self.autocast = autocast
+        self.adapters = adapters
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         """cond: the wrapper's conditioning, or {"tokens": (b, 77)} when the text encoder is trained."""
@@ -195,7 +198,7 @@ def unet_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
         net=TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast),
         file_name="model.safetensors",
         tensors=lambda ema: checkpoint_tensors(model, ema_unet=ema),
-        metadata=checkpoint_metadata(model),
+        metadata=lambda tensors: checkpoint_metadata(model),
         load=load,
         samples=lambda path: write_samples(model, cfg, path),
     )
@@ -281,7 +284,8 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
     if cfg.compile:  # in place: the module tree and so the checkpoint keys stay as they are
         trainee.net.compile(backend=COMPILE_BACKEND, dynamic=False)
     trained = [p for p in trainee.net.parameters() if p.requires_grad]  # (a frozen base model's are not)
-    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast_optimizer_options(device))
+    groups = trainee.param_groups or [{"params": trained}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast_optimizer_options(device))
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

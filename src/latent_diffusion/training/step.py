@@ -177,13 +177,16 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
     """One optimizer step over grad_accum micro-batches per process; returns the step's mean loss."""
     cfg = run.cfg
     for group in optimizer.param_groups:
-        group["lr"] = get_lr(step, cfg)
+        group["lr"] = get_lr(step, cfg) * group.get("lr_scale", 1.0)
     step_loss = 0.0
     for k in range(cfg.grad_accum):
         first = (run.rank * cfg.grad_accum + k) * run.micro
         synced = run.world == 1 or k == cfg.grad_accum - 1  # one all-reduce per step, after the last micro-batch
         with contextlib.nullcontext() if synced else net.no_sync():
             batch = make_batch(run, step, slice(first, first + run.micro))
+            # Dropout (a LoRA's, a U-Net's) draws from the global generator: seeded per micro-batch, so that resume
+            # is exact (with dropout, N processes draw other masks than one does)
+            torch.manual_seed(cfg.seed * 1_000_003 + step * 1009 + run.rank * cfg.grad_accum + k)
             loss = diffusion_loss(
                 net, batch, run.model.alphas_cumprod, run.model.parameterization, cfg.min_snr_gamma, cfg.min_snr_floor
             )

@@ -1,0 +1,209 @@
+"""LoRA training (`ldm train --lora`): the trained file is kohya's (its names from diffusers' and transformers' own module
+names, its metadata and hashes as kohya computes them), loads in diffusers (`load_lora_weights` + `fuse_lora`) to what
+our merge gives; an adapter's gradients are the closed form's; resume is exact; bad input is one line."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+from torch import nn
+
+from latent_diffusion import LatentDiffusion, save_model
+from latent_diffusion.cli import main
+from latent_diffusion.training.config import TrainConfig
+from latent_diffusion.training.lora import Adapter, LoRANetwork, lora_targets, train_lora
+from latent_diffusion.weights.lora import apply_lora, parse_lora, read_lora, remove_lora
+from test_lora import compare, lora_layers, pipes  # noqa: F401 (pipes: the fixture)
+
+from conftest import randomize, tiny_config
+
+FAST = dict(image_size=32, shapes_count=8, batch_size=4, warmup=1, log_every=1, quiet=True, device="cpu")
+
+
+def tensors(path) -> dict[str, torch.Tensor]:
+    return load_file(path)
+
+
+def metadata(path) -> dict[str, str]:
+    with safe_open(path, "pt") as f:
+        return f.metadata()
+
+
+def kohya_names(pipe, conv: bool) -> set[str]:
+    """The modules kohya's networks/lora.py adapts, named from diffusers' U-Net and transformers' CLIPTextModel (not
+    from our tables): Linear and Conv2d layers inside Transformer2DModel blocks, with `conv` also inside ResnetBlock2D,
+    Downsample2D and Upsample2D; the text encoder's CLIPAttention and CLIPMLP layers."""
+    blocks = ("Transformer2DModel",) + (("ResnetBlock2D", "Downsample2D", "Upsample2D") if conv else ())
+    names = set()
+    for path, block in pipe.unet.named_modules():
+        if type(block).__name__ in blocks:
+            for inner, layer in block.named_modules():
+                if isinstance(layer, (nn.Linear, nn.Conv2d)):
+                    names.add("lora_unet_" + f"{path}.{inner}".replace(".", "_"))
+    for name in lora_layers(pipe):
+        part, _, path = name.partition(".")
+        if part == "text_encoder" and (".self_attn." in path or ".mlp." in path):
+            names.add("lora_te_" + path.replace(".", "_"))
+    return names
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_a_trained_lora_is_kohyas_file_and_diffusers_fuses_it_as_we_merge_it(pipes, variant, tmp_path):  # noqa: F811
+    """LoCon with the text encoder, two steps at a high rate: the file's modules are the ones kohya adapts (SD 2.x's
+    text encoder without the last block, which its context skips), and diffusers, fusing it, gives our merge's U-Net
+    prediction and text hidden states."""
+    model, pipeline = pipes[variant]
+    save_model(model, tmp_path / "base.safetensors")
+    cfg = TrainConfig(outdir=str(tmp_path / "run"), ckpt=str(tmp_path / "base.safetensors"), steps=2, lr=0.05,
+                      lora=4, lora_alpha=2, lora_conv_rank=4, lora_conv_alpha=2, train_text_encoder=True,
+                      text_encoder_lr=0.02, **FAST)  # fmt: skip
+    path = train_lora(cfg)
+    trained = tensors(path)
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in trained}
+    pipe = pipeline(model)
+    expected = kohya_names(pipe, conv=True)
+    if variant == "sd2":  # the last block of the text encoder is not read: kohya's SD 2.x encoder has one block less
+        last = f"lora_te_text_model_encoder_layers_{model.cfg.text.layers - 1}_"
+        expected = {n for n in expected if not n.startswith(last)}
+    assert names == expected
+    assert all(float(trained[f"{n}.alpha"]) == 2.0 for n in names)
+    assert all(trained[f"{n}.lora_up.weight"].abs().max() > 0 for n in names)  # every adapter trained
+
+    plain = compare(model, pipe)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
+    applied = apply_lora(model, read_lora(path), 1.0)
+    assert applied.warnings == [] and applied.layers == len(names)
+    merged = compare(model, pipe)  # ours and diffusers' agree to test_lora's ATOL
+    remove_lora(model, applied)
+    for a, b in zip(merged, plain):
+        assert (a - b).abs().mean() > 1e-3  # the LoRA changed both parts
+
+
+def test_the_hooked_adapters_compute_the_merged_model():
+    """What training runs (adapters hooked beside the frozen layers) is what the merged file computes: SDXL's U-Net
+    with kohya's generative-models names, LoCon, both text encoders."""
+    model = randomize(LatentDiffusion(tiny_config("sdxl")), seed=3).eval()
+    cfg = TrainConfig(outdir="unused", lora=2, lora_alpha=1.0, lora_conv_rank=3, train_text_encoder=True)
+    targets = lora_targets(model, cfg)
+    assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in {t.name for t in targets}
+    assert "lora_unet_output_blocks_1_2_conv" in {t.name for t in targets}  # an upsampler, generative-models' name
+    assert "lora_unet_input_blocks_1_0_in_layers_2" in {t.name for t in targets}  # LoCon: a ResBlock's 3×3
+    assert {t.name.split("_text_model")[0] for t in targets if t.text} == {"lora_te1", "lora_te2"}
+    network = LoRANetwork(model, targets, dropout=0.0).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in network.state_dict().items():
+            if name.endswith("lora_up.weight"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([5, 700])
+    y = torch.randn(2, model.cfg.unet.adm_in_channels, generator=g)
+    prompts = ["a red circle", "a blue square"]
+
+    def outputs():
+        with torch.no_grad():
+            context = model.get_text_conditioning(prompts)
+            return context, model.unet(x, t, context, y=y)
+
+    plain = outputs()
+    network.attach(model)
+    hooked = outputs()
+    network.detach()
+    applied = apply_lora(model, parse_lora(network.state_dict(), source="trained"), 1.0)
+    assert applied.warnings == [] and applied.layers == len(targets)
+    merged = outputs()
+    remove_lora(model, applied)
+    after = outputs()
+    for a, b, c in zip(hooked, merged, plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert (a - c).abs().mean() > 1e-3
+    assert all(torch.equal(a, b) for a, b in zip(plain, after))  # detached: the model is itself again
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_an_adapters_gradients_are_the_closed_forms(conv):
+    """y = W x + s·B A x (s = α/r): for the loss ⟨y, G⟩, dL/dB = s·G (A x)ᵀ and dL/dA = s·Bᵀ G xᵀ, summed over the
+    batch; for a 3×3 convolution the same with A a convolution (stride 2, padding 1 as the layer's), checked
+    against the convolution of the merged weight W + s·B·A."""
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Conv2d(6, 5, 3, stride=2, padding=1) if conv else nn.Linear(6, 5)
+    adapter = Adapter(layer, 5, rank=3, alpha=1.5, dropout=0.0)
+    with torch.no_grad():
+        adapter.lora_up.weight.copy_(torch.randn(adapter.lora_up.weight.shape, generator=g))
+    s = 1.5 / 3
+    A, B = adapter.lora_down.weight, adapter.lora_up.weight
+    if conv:
+        x = torch.randn(2, 6, 7, 7, generator=g)
+        y = layer(x) + adapter(x)
+        merged = layer.weight + s * (B.flatten(1) @ A.flatten(1)).reshape(layer.weight.shape)
+        torch.testing.assert_close(y, F.conv2d(x, merged, layer.bias, stride=2, padding=1), atol=1e-5, rtol=1e-5)
+        return
+    x = torch.randn(4, 6, generator=g)
+    G = torch.randn(4, 5, generator=g)
+    y = layer(x) + adapter(x)
+    (y * G).sum().backward()
+    with torch.no_grad():
+        torch.testing.assert_close(B.grad, s * G.T @ (x @ A.T), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(A.grad, s * B.T @ G.T @ x, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y, x @ (layer.weight + s * B @ A).T + layer.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
+    """3 steps + resume + 3 steps equal 6 steps, with the adapters' dropout and the text encoder's own rate; the
+    metadata is kohya's, its hashes computed as kohya's precalculate_safetensors_hashes computes them."""
+    data = tmp_path / "photos"
+    data.mkdir()
+    from PIL import Image
+
+    for i, caption in enumerate(["sks dog, grass", "sks dog, beach", "sks dog, grass, sun", "sks dog"]):
+        Image.new("RGB", (40, 36), (40 * i, 90, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(caption)
+    common = dict(ckpt=str(ckpt), data=str(data), save_every=3, lr=1e-2, lora=2, lora_dropout=0.3,
+                  train_text_encoder=True, text_encoder_lr=5e-3, **FAST)  # fmt: skip
+    straight = train_lora(TrainConfig(outdir=str(tmp_path / "straight"), steps=6, **common))
+    train_lora(TrainConfig(outdir=str(tmp_path / "resumed"), steps=3, **common))
+    resumed = train_lora(TrainConfig(outdir=str(tmp_path / "resumed"), steps=6, resume=True, **common))
+    a, b = tensors(straight), tensors(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    md = metadata(straight)
+    assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "2"
+    assert md["ss_network_alpha"] == "2.0" and md["ss_network_dropout"] == "0.3"
+    assert md["ss_base_model_version"] == "sd_v1" and md["ss_resolution"] == "(32, 32)"
+    assert md["ss_num_train_images"] == "4" and md["ss_text_encoder_lr"] == "0.005"
+    assert json.loads(md["ss_tag_frequency"]) == {"photos": {"sks dog": 4, "grass": 2, "beach": 1, "sun": 1}}
+    # kohya: the file's bytes with only the ss_ fields, SHA-256 after the header, and of 64 KiB at 1 MiB
+    whole = save(a, {k: v for k, v in md.items() if k.startswith("ss_")})
+    header = 8 + int.from_bytes(whole[:8], "little")
+    assert md["sshs_model_hash"] == hashlib.sha256(whole[header:]).hexdigest()
+    assert md["sshs_legacy_hash"] == hashlib.sha256(whole[0x100000:0x110000]).hexdigest()[:8]
+    raw = straight.read_bytes()  # the web UI's "Lora hashes": the same SHA-256, of the file as written
+    assert hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest() == md["sshs_model_hash"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--lora", "0"], "--lora is a rank, at least 1, not 0"),
+        (["--lora", "4", "--lora-conv-rank", "0"], "--lora-conv-rank is a rank, at least 1, not 0"),
+        (["--lora", "4000"], "--lora 4000 is above the width"),
+        (["--lora", "2", "--lora-conv-rank", "900"], "--lora-conv-rank 900 is above the width"),
+        (["--lora", "2", "--lora-dropout", "1"], "--lora-dropout is a probability"),
+        (["--lora", "2", "--lora-alpha", "-1"], "--lora-alpha must be above 0"),
+        (["--lora-dropout", "0.1"], "--lora-dropout needs --lora RANK"),
+        (["--lora", "2", "--parameterization", "v"], "LoRA training adapts a trained model"),
+    ],
+)
+def test_bad_lora_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    argv = ["train", "--outdir", str(out), "--ckpt", str(ckpt), "--steps", "1", "--quiet", "--image-size", "16",
+            "--shapes-count", "8", *args]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()
