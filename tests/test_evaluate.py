@@ -13,6 +13,7 @@ from latent_diffusion.training.data import (
     EVAL_FORMS,
     HELD_OUT_PAIRS,
     SHAPES,
+    STAR,
     Shape,
     ShapesDataset,
     draw,
@@ -29,6 +30,38 @@ def test_analyser_reads_ground_truth_images():
     result = score(data.specs, images)
     assert set(result) == set(ATTRIBUTES)
     assert all(v >= 0.98 for v in result.values()), result
+
+
+def test_analyser_tells_the_star_from_the_three_shapes():
+    """The built-in LoRA's star (a third of its box filled; a triangle half) among the three shapes, at the image
+    sizes the model draws and at half of it: every attribute read back exactly."""
+    for size in (64, 32):
+        data = ShapesDataset(400, size, seed=13, shapes=(*SHAPES, STAR))
+        assert sum(s.shape == STAR for s in data.specs) > 70
+        images = torch.stack([data[i][0] for i in range(len(data))])
+        assert score(data.specs, images) == dict.fromkeys(ATTRIBUTES, 1.0)
+
+
+def test_eval_of_a_lora_on_one_shape(tmp_path, tiny_models, capsys):
+    """`ldm eval --lora FILE --shape star`: the LoRA merged, star prompts only (no held-out split: no held-out pair
+    is a star)."""
+    from safetensors.torch import save_file
+
+    save_model(tiny_models["sd1"], tmp_path / "m.safetensors")
+    g = torch.Generator().manual_seed(0)
+    save_file({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.randn(2, 64, 1, 1, generator=g),
+               "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(64, 2, 1, 1, generator=g)},
+              tmp_path / "l.safetensors")  # fmt: skip
+    argv = ["eval", "--ckpt", str(tmp_path / "m.safetensors"), "--count", "3", "--steps", "2", "--image-size", "32",
+            "--quiet", "--json", str(tmp_path / "s.json"), "--device", "cpu", "--forms", "short,tags",
+            "--lora", f"{tmp_path / 'l.safetensors'}:0.5", "--shape", "star"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "LoRA " in out and "e.g. 'a " in out and " star'" in out
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert set(report) == {"short", "tags"} and all(set(splits) == {"seen"} for splits in report.values())
+    assert main([*argv[:-2], "--shape", "hexagon"]) == 2
+    assert "--shape: one of circle, square, triangle, star, not 'hexagon'" in capsys.readouterr().err
 
 
 def test_what_a_prompt_leaves_out_is_reported_as_its_most_common_value():

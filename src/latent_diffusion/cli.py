@@ -43,14 +43,14 @@ from .training.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from .training.common import TrainError, TrainingDiverged
 from .training.config import TrainConfig
 from .training.controlnet import ControlNetTrainConfig, train_controlnet
-from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, Shape, ShapesDataset, draw, to_hint
+from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, SHAPES, STAR, Shape, ShapesDataset, draw, to_hint
 from .training.diffusion import train
 from .training.evaluate import ATTRIBUTES, BOTH, CONTROL_FORMS, LEFT_TO_CHANCE, control_adherence, prompt_adherence
 from .training.lora import train_lora
 from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL, CheckpointError, load_model
 from .weights.embeddings import load_embeddings
 from .weights.ggml_quants import parameter_count, storage
-from .weights.lora import find_loras
+from .weights.lora import LoRAError, apply_lora, find_loras, read_lora
 
 
 def count(module: torch.nn.Module) -> str:
@@ -315,17 +315,29 @@ def cmd_eval(args) -> None:
     forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else default
     if unknown := [f for f in forms if f not in EVAL_FORMS]:
         raise UsageError(f"--forms: no prompt form {unknown[0]!r}; the forms are {', '.join(EVAL_FORMS)}")
+    if args.shape is not None and args.shape not in (*SHAPES, STAR):
+        raise UsageError(f"--shape: one of {', '.join((*SHAPES, STAR))}, not {args.shape!r}")
+    lora_path, _, weight = (args.lora or "").partition(":")
+    if args.lora and not Path(lora_path).is_file():
+        raise UsageError(f"--lora {lora_path}: no such file")
     controlnets = {"control": Path(args.controlnet)} if args.controlnet else {}
     pipeline = load_pipeline(args.ckpt, device=pick_device(args.device), controlnets=controlnets)
+    if args.lora:
+        try:
+            apply_lora(pipeline.model, read_lora(lora_path), float(weight or 1))
+        except (LoRAError, ValueError) as e:
+            raise UsageError(f"--lora {args.lora}: {e}") from None
+    shapes = (args.shape,) if args.shape else SHAPES
     batches = -(-args.count // max(1, args.batch_size))  # per split
-    bar = tqdm(total=2 * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
+    splits = 1 if args.shape == STAR else 2
+    bar = tqdm(total=splits * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
     options = dict(seed=args.seed, forms=forms, progress=lambda p: bar.update(1))
     if args.controlnet:
         report, result = control_adherence(
             pipeline, "control", args.count, settings, weight=args.control_weight, **options
         )
     else:
-        report, result = prompt_adherence(pipeline, args.count, settings, **options)
+        report, result = prompt_adherence(pipeline, args.count, settings, shapes=shapes, **options)
     bar.close()
     print_report(args, report, result)
     if args.json:
@@ -339,13 +351,15 @@ def print_report(args, report: dict, result) -> None:
     settings, fields = result.request, result.fields
     sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
     control = f"; ControlNet {args.controlnet} at weight {args.control_weight:g}" if args.controlnet else ""
+    lora = f"; LoRA {args.lora}" if args.lora else ""
     print(
         f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
-        f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}{control}"
+        f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}{control}{lora}"
     )
     columns = (*ATTRIBUTES, BOTH) if args.controlnet else ATTRIBUTES
     print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in columns))
-    example = ShapesDataset(1, seed=args.seed + 1).specs[0]  # the first seen-split shape
+    shapes = (args.shape,) if args.shape else SHAPES
+    example = ShapesDataset(1, seed=args.seed + 1, shapes=shapes).specs[0]  # the first seen-split shape
     for form, splits in report.items():
         print(f"{form:18s}e.g. {EVAL_FORMS[form].write(example)!r}")
         for split, row in splits.items():

@@ -21,7 +21,7 @@ from .training.common import add_config_arguments
 from .training.config import TRAIN_HELP, TrainConfig
 from .training.controlnet import CONTROLNET_HELP, NOT_FLAGS, ControlNetTrainConfig
 from .training.data import EVAL_FORMS
-from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL
+from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_LORA, BUILTIN_MODEL
 
 GENERATION_COMMANDS = ("txt2img", "img2img", "inpaint")
 UNET_GGUF_HELP = (
@@ -432,5 +432,11 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
         "with its shape's mask as the control image; position and size against the mask's",
     )
     ev.add_argument("--control-weight", type=float, default=1.0, help="the ControlNet's weight (0: the model alone)")
+    ev.add_argument(
+        "--lora",
+        metavar="FILE[:WEIGHT]",
+        help=f"merge this LoRA into the model first (the built-in model's star: {BUILTIN_LORA})",
+    )
+    ev.add_argument("--shape", help="score prompts about this shape alone: circle, square, triangle, or star")
     ev.add_argument("--json", help="also write the scores to this file")
     ev.add_argument("--quiet", action="store_true")

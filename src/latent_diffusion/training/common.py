@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..devices import emulated_bfloat16_warning, has_native_bfloat16
-from .data import HELD_OUT_PAIRS, DataError, ImageCaptionFolder, ShapesDataset
+from .data import HELD_OUT_PAIRS, SHAPES, STAR, DataError, ImageCaptionFolder, ShapesDataset
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -82,6 +82,8 @@ class RunConfig:
     outdir: str
     data: str | None = None  # an image folder; None: the built-in shapes set
     shapes_count: int = 2000
+    # the shapes the built-in set draws, comma-separated (one named twice: twice as often)
+    shapes: str = ",".join(SHAPES)
     image_size: int = 64
     preset: str = "tiny"  # the architecture (stage 2 from scratch) or whose autoencoder (stage 1)
     steps: int = 1000
@@ -112,6 +114,8 @@ def check_common(cfg: RunConfig, precisions: tuple[str, ...]) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise TrainError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
+    if unknown := [s for s in shape_names(cfg) if s not in (*SHAPES, STAR)]:
+        raise TrainError(f"--shapes: no shape {unknown[0]!r}; the shapes set draws {', '.join((*SHAPES, STAR))}")
     if cfg.lr <= 0:  # a negative learning rate trains backwards, a zero one not at all
         raise TrainError(f"lr must be above 0, not {cfg.lr:g}")
 
@@ -120,7 +124,9 @@ def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False):
     """The config's image folder, or the built-in shapes set when it names none, without the `exclude` pairs;
     control: with each image's control image (ControlNet training)."""
     if cfg.data is None:
-        return ShapesDataset(cfg.shapes_count, cfg.image_size, seed=cfg.seed, exclude=exclude, control=control)
+        return ShapesDataset(
+            cfg.shapes_count, cfg.image_size, seed=cfg.seed, exclude=exclude, control=control, shapes=shape_names(cfg)
+        )
     try:
         return ImageCaptionFolder(
             cfg.data, cfg.image_size, flip=cfg.flip, caption_default=cfg.caption_default, control=control
@@ -132,6 +138,10 @@ def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False):
 # The type of the fields whose default is None (and that are no strings)
 NONE_BY_DEFAULT = {"min_snr_gamma": float, "lora": int, "lora_alpha": float, "lora_conv_rank": int,
                    "lora_conv_alpha": float, "text_encoder_lr": float}  # fmt: skip
+
+
+def shape_names(cfg: RunConfig) -> tuple[str, ...]:
+    return tuple(s.strip() for s in cfg.shapes.split(","))
 
 
 def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict, skip: tuple[str, ...] = ()) -> None:

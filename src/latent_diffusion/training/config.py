@@ -94,6 +94,8 @@ TRAIN_HELP = {
     "outdir": "folder for checkpoints, log.csv, samples and the final model.safetensors",
     "data": "image folder: NAME.jpg + NAME.txt captions, or a metadata.jsonl (default: the built-in shapes set)",
     "shapes_count": "images in the built-in shapes set",
+    "shapes": "the shapes the built-in set draws, comma-separated, each as often (name one twice to draw it twice "
+    "as often); star is one the built-in model never saw",
     "image_size": "training resolution in pixels (images are resized and center-cropped)",
     "ckpt": "fine-tune this checkpoint",
     "preset": "train this architecture from scratch (when no --ckpt)",

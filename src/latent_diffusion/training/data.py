@@ -14,6 +14,7 @@ set, the shape's filled mask, white on black (`draw(..., mask=True)`).
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -174,6 +175,7 @@ COLORS = {
     "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
 }  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
+STAR = "star"  # a shape the built-in model never saw: its LoRA teaches it (`assets/shapes-star.safetensors`)
 SIZES = {"small": 0.28, "large": 0.55}  # side as a fraction of the image
 # Colour–shape pairs that the built-in model never sees in a caption: they measure composition.
 HELD_OUT_PAIRS = frozenset({("green", "triangle"), ("purple", "circle"), ("white", "square")})
@@ -308,9 +310,28 @@ def draw(spec: Shape, image_size: int, mask: bool = False) -> Image.Image:
         d.ellipse(box, fill=fill)
     elif spec.shape == "square":
         d.rectangle(box, fill=fill)
+    elif spec.shape == STAR:
+        d.polygon(star(cx, cy, side), fill=fill)
     else:
         d.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
     return im
+
+
+def star(cx: float, cy: float, side: float) -> list[tuple[float, float]]:
+    """A five-pointed star, one point up, as wide as `side` and centred in its box at (cx, cy): ten corners at radii
+    R and 0.38·R alternately. Its box is 2R·sin 72° wide and R(1 + cos 36°) high; it fills a third of it (a
+    triangle 1/2, a circle π/4), which tells the analyser the shapes apart."""
+    outer = side / (2 * math.sin(math.radians(72)))
+    top = cy - outer * (1 + math.cos(math.radians(36))) / 2  # the upper point, so that the box is centred
+    corners = []
+    for k in range(10):
+        radius = outer if k % 2 == 0 else STAR_INNER * outer
+        angle = math.radians(90 + 36 * k)
+        corners.append((cx + radius * math.cos(angle), top + outer - radius * math.sin(angle)))
+    return corners
+
+
+STAR_INNER = 0.38  # inner radius / outer, about a regular star's (0.382)
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -318,9 +339,17 @@ class ShapesDataset(torch.utils.data.Dataset):
     in `seed`. `exclude`: (colour, shape) pairs never drawn (held out to test composition)."""
 
     def __init__(
-        self, count: int, image_size: int = 64, seed: int = 0, exclude=HELD_OUT_PAIRS, only=None, control=False
+        self,
+        count: int,
+        image_size: int = 64,
+        seed: int = 0,
+        exclude=HELD_OUT_PAIRS,
+        only=None,
+        control=False,
+        shapes: tuple[str, ...] = SHAPES,
     ):
-        """only: draw nothing but these (colour, shape) pairs (for evaluating the held-out ones); control: items with
+        """only: draw nothing but these (colour, shape) pairs (for evaluating the held-out ones); shapes: the shapes
+        drawn, each equally often (name one twice to draw it twice as often); control: items with
         the shape's mask as their control image, and captions that name the position half the time, not nine times
         in ten (with 9/10, a ControlNet trained for 1000 steps put the shape where its mask is in 60-66 % of the
         images of prompts that name no position, which the base model draws in the center: it had seldom seen
@@ -329,7 +358,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.image_size, self.specs, self.control = image_size, [], control
         while len(self.specs) < count:
             color, background = rng.sample(list(COLORS), 2)
-            spec = Shape(rng.choice(SHAPES), color, background, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
+            spec = Shape(rng.choice(shapes), color, background, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
             pair = (spec.color, spec.shape)
             if (only is None and pair not in exclude) or (only is not None and pair in only):
                 self.specs.append(spec)

@@ -4,7 +4,7 @@ from the pixels with a deterministic analyser (no learned model).
 Analyser: background = the palette colour nearest the median of the border pixels; colour = the palette colour
 nearest the median of the pixels far from the background; the shape's pixels = those nearer that colour than
 the background's; size from their bounding box; position from their centroid; shape from how much of the
-bounding box they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2).
+bounding box they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2, the built-in LoRA's star ≈ 1/3).
 
 Control adherence (`control_adherence`): the same, with a ControlNet and each shape's mask as its control image
 (`data.draw(..., mask=True)`), for prompts that name no position or size: position and size are read from the
@@ -24,7 +24,7 @@ from ..models.ldm import LatentDiffusion
 from ..pipeline.generate import Progress, generate
 from ..pipeline.loading import Pipeline
 from ..pipeline.request import ControlUnit, GenerationRequest, GenerationResult
-from .data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, SIZES, Shape, ShapesDataset
+from .data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, STAR, Shape, ShapesDataset
 
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
 NAMES = list(COLORS)
@@ -32,6 +32,8 @@ ATTRIBUTES = ("shape", "color", "background", "size", "position")
 CONTROLLED = ("position", "size")  # what the control image decides
 BOTH = "size and position"  # both right in one image
 CONTROL_FORMS = ("short", "on background")  # prompt forms that name neither: the control image alone says them
+# Between a star's fill of its box (0.34-0.40 drawn at 64 px, `data.star`) and a triangle's (0.51-0.53)
+STAR_FILL = 0.44
 
 
 def nearest_color(rgb: torch.Tensor) -> str:
@@ -57,7 +59,7 @@ def analyse(image: torch.Tensor) -> dict[str, str]:
     ys, xs = torch.nonzero(fg, as_tuple=True)
     box_h, box_w = (ys.max() - ys.min() + 1).item(), (xs.max() - xs.min() + 1).item()
     fill = fg.sum().item() / (box_h * box_w)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle" if fill > STAR_FILL else STAR
     side = max(box_h / h, box_w / w)
     size = min(SIZES, key=lambda s: abs(SIZES[s] - side))
     cy, cx = ys.float().mean().item() / h, xs.float().mean().item() / w
@@ -95,17 +97,19 @@ def prompt_adherence(
     seed: int = 0,
     forms: tuple[str, ...] = tuple(EVAL_FORMS),
     progress: Callable[[Progress], None] | None = None,
+    shapes: tuple[str, ...] = SHAPES,
 ) -> tuple[dict[str, dict], GenerationResult]:
-    """Generate `count` images for prompts about seen (colour, shape) pairs and `count` for held-out pairs, in each
+    """Generate `count` images for prompts about seen (colour, shape) pairs and `count` for held-out pairs of
+    `shapes` (the star, which no held-out pair has: seen pairs alone), in each
     of the prompt `forms` (`data.EVAL_FORMS`), with the size, sampler, guidance and batch size of `settings` (its
     prompts and seeds are ignored), and score the attributes each form names:
     ({form: {"seen": {"images": n, "shape": share, ...}, "held-out": {...}}}, the last result: its request as run and
     its infotext fields). Image i of each
     split has seed seed + i and shows the same shape in every form, so forms differ only in their wording."""
-    splits = {
-        "seen": ShapesDataset(count, settings.width or 64, seed=seed + 1),
-        "held-out": ShapesDataset(count, settings.width or 64, seed=seed + 2, only=HELD_OUT_PAIRS),
-    }
+    size = settings.width or 64
+    splits = {"seen": ShapesDataset(count, size, seed=seed + 1, shapes=shapes)}
+    if held_out := {pair for pair in HELD_OUT_PAIRS if pair[1] in shapes}:
+        splits["held-out"] = ShapesDataset(count, size, seed=seed + 2, only=held_out, shapes=shapes)
     report = {}
     for name in forms:
         form = EVAL_FORMS[name]
