@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..devices import emulated_bfloat16_warning, has_native_bfloat16
+from .buckets import BucketSpec
 from .data import HELD_OUT_PAIRS, SHAPES, STAR, DataError, ImageCaptionFolder, ShapesDataset
 
 LR_SCHEDULES = ("constant", "cosine")
@@ -120,16 +121,22 @@ def check_common(cfg: RunConfig, precisions: tuple[str, ...]) -> None:
         raise TrainError(f"lr must be above 0, not {cfg.lr:g}")
 
 
-def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False):
+def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False, buckets: BucketSpec | None = None):
     """The config's image folder, or the built-in shapes set when it names none, without the `exclude` pairs;
-    control: with each image's control image (ControlNet training)."""
+    control: with each image's control image (ControlNet training); buckets: the folder's images each in its
+    aspect-ratio bucket (the shapes are all square: they fall into the square bucket)."""
     if cfg.data is None:
         return ShapesDataset(
             cfg.shapes_count, cfg.image_size, seed=cfg.seed, exclude=exclude, control=control, shapes=shape_names(cfg)
         )
     try:
         return ImageCaptionFolder(
-            cfg.data, cfg.image_size, flip=cfg.flip, caption_default=cfg.caption_default, control=control
+            cfg.data,
+            cfg.image_size,
+            flip=cfg.flip,
+            caption_default=cfg.caption_default,
+            control=control,
+            buckets=buckets,
         )
     except DataError as e:
         raise TrainError(str(e)) from None

@@ -3,9 +3,11 @@ needs nothing but the config."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from ..sampling.parameterization import PARAMETERIZATIONS
+from .buckets import BucketSpec
 from .common import RunConfig, TrainError, check_common
 
 
@@ -27,6 +29,15 @@ class TrainConfig(RunConfig):
     min_snr_floor: float = 0.0  # x0-loss weight clamp(SNR, floor, gamma) (parameterization.min_snr_weight)
     offset_noise: float = 0.0
     cache_latents: bool = True  # encode images and captions once; off for random flips
+    # Aspect-ratio buckets (`buckets.py`, kohya's --enable_bucket): each image at its own shape within image_size²
+    enable_bucket: bool = False
+    min_bucket_reso: int = 256
+    max_bucket_reso: int = 1024
+    bucket_reso_steps: int = 64
+    bucket_no_upscale: bool = False  # each image its own bucket, never enlarged
+    # Kohya's tag shuffling: the caption's comma-separated tags shuffled each step, the first keep_tokens in place
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
     save_every: int = 500
     keep_checkpoints: int = 2
     sample_every: int = 0
@@ -87,16 +98,61 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"--{given[0].replace('_', '-')} needs --lora RANK")
     if cfg.flip and cfg.cache_latents:
         raise TrainError("--flip needs --no-cache-latents (cached latents cannot be flipped)")
+    check_buckets(cfg)
+    if cfg.keep_tokens < 0:
+        raise TrainError(f"keep-tokens must be at least 0, not {cfg.keep_tokens}")
+    if cfg.keep_tokens and not cfg.shuffle_caption:
+        raise TrainError("--keep-tokens needs --shuffle-caption")
+
+
+BUCKET_FIELDS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
+
+
+def check_buckets(cfg: TrainConfig) -> None:
+    """The bucket flags' checks: TrainError naming the problem."""
+    if not cfg.enable_bucket:
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        if given := [n for n in BUCKET_FIELDS if getattr(cfg, n) != defaults[n]]:
+            raise TrainError(f"--{given[0].replace('_', '-')} needs --enable-bucket")
+        return
+    steps, low, high = cfg.bucket_reso_steps, cfg.min_bucket_reso, cfg.max_bucket_reso
+    if steps < 8 or steps % 8:  # the autoencoder makes latents 8× smaller: a bucket must map onto whole latents
+        raise TrainError(f"bucket-reso-steps must be a positive multiple of 8, not {steps}")
+    if low > high:
+        raise TrainError(f"min-bucket-reso {low} is above max-bucket-reso {high}")
+    # image-size too: its square is then a bucket, and square images (the shapes') train as without buckets
+    for name, value in (("min-bucket-reso", low), ("max-bucket-reso", high), ("image-size", cfg.image_size)):
+        if value <= 0 or value % steps:
+            raise TrainError(f"{name} must be a positive multiple of bucket-reso-steps {steps}, not {value}")
+    if not low <= cfg.image_size <= high:
+        raise TrainError(
+            f"image-size {cfg.image_size} must lie between min-bucket-reso {low} and max-bucket-reso {high}"
+        )
+
+
+def bucket_spec(cfg: TrainConfig) -> BucketSpec | None:
+    """The run's buckets, or None when bucketing is off."""
+    if not cfg.enable_bucket:
+        return None
+    return BucketSpec(
+        image_size=cfg.image_size,
+        min_reso=cfg.min_bucket_reso,
+        max_reso=cfg.max_bucket_reso,
+        steps=cfg.bucket_reso_steps,
+        no_upscale=cfg.bucket_no_upscale,
+    )
 
 
 # Each field's `ldm train` flag help (`common.add_config_arguments` makes a flag of every field)
 TRAIN_HELP = {
     "outdir": "folder for checkpoints, log.csv, samples and the final model.safetensors",
-    "data": "image folder: NAME.jpg + NAME.txt captions, or a metadata.jsonl (default: the built-in shapes set)",
+    "data": "image folder: NAME.jpg + NAME.txt (or NAME.caption) captions, or a metadata.jsonl (default: the built-in "
+    "shapes set)",
     "shapes_count": "images in the built-in shapes set",
     "shapes": "the shapes the built-in set draws, comma-separated, each as often (name one twice to draw it twice "
     "as often); star is one the built-in model never saw",
-    "image_size": "training resolution in pixels (images are resized and center-cropped)",
+    "image_size": "training resolution in pixels (images are resized and center-cropped; with --enable-bucket, "
+    "the pixel budget image-size²)",
     "ckpt": "fine-tune this checkpoint",
     "preset": "train this architecture from scratch (when no --ckpt)",
     "parameterization": "from scratch: what the U-Net predicts, eps or v (default: the preset's)",
@@ -122,6 +178,16 @@ TRAIN_HELP = {
     "offset_noise": "offset-noise strength (e.g. 0.05; default off)",
     "cache_latents": "encode images and captions once and train from the cache (--no-cache-latents for --flip)",
     "flip": "random horizontal flips (needs --no-cache-latents)",
+    "enable_bucket": "aspect-ratio buckets (kohya's --enable_bucket): each image resized to cover the bucket of "
+    "its nearest aspect ratio within image-size² pixels and center-cropped to it, not to a square",
+    "min_bucket_reso": "with --enable-bucket: the smallest bucket side in pixels",
+    "max_bucket_reso": "with --enable-bucket: the largest bucket side in pixels",
+    "bucket_reso_steps": "with --enable-bucket: bucket sides are multiples of this (a multiple of 8)",
+    "bucket_no_upscale": "with --enable-bucket: each image its own bucket, its size scaled down (never up) to "
+    "image-size² and rounded down to --bucket-reso-steps",
+    "shuffle_caption": "shuffle each caption's comma-separated tags every step (kohya's --shuffle_caption; the "
+    "captions are then encoded every step, not cached)",
+    "keep_tokens": "with --shuffle-caption: keep the first N tags in place",
     "caption_default": "caption for images without one (default: such images are an error)",
     "seed": "seed of the data order, noise and initial weights",
     "save_every": "checkpoint every N steps",

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -126,6 +127,14 @@ def load_base(path) -> LatentDiffusion:
     return model
 
 
+def square_hints(hints: list[torch.Tensor], size: int) -> list[torch.Tensor]:
+    """Control images of several buckets, resized to the samples' size × size (as the unit's "resize" mode would
+    resize them) so that they stack into one batch; those of that size stay as they are."""
+    return [
+        h if h.shape[-2:] == (size, size) else F.interpolate(h[None], (size, size), mode="bilinear")[0] for h in hints
+    ]
+
+
 def controlnet_trainee(cfg: ControlNetTrainConfig, dataset, autocast: dict) -> Trainee:
     """The Trainee of `diffusion.train`: a new ControlNet beside the frozen base model, written alone."""
     model = load_base(cfg.ckpt or BUILTIN_MODEL)
@@ -148,7 +157,7 @@ def controlnet_trainee(cfg: ControlNetTrainConfig, dataset, autocast: dict) -> T
         with tempfile.TemporaryDirectory() as folder:  # generation reads control models from files
             file = Path(folder) / "controlnet.safetensors"
             save_tensors(controlnet.state_dict(), file, metadata, "training")
-            unit = ControlUnit(file.stem, torch.stack(hints), resize_mode="resize")
+            unit = ControlUnit(file.stem, torch.stack(square_hints(hints, cfg.image_size)), resize_mode="resize")
             write_samples(model, cfg, path, controls=[unit], controlnets={file.stem: file})
             unload_control_models()  # this file's ControlNet, which no later step asks for again
 

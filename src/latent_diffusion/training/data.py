@@ -1,14 +1,15 @@
 """Training data: captioned image folders in the two usual forms, and a synthetic captioned shapes set.
 
-Folder forms: `name.jpg` + `name.txt` side by side, or a `metadata.jsonl` with {"file_name", "text"} per line.
-Images are resized (shorter side) and center-cropped to the training size; unreadable images are skipped and
-counted, never a crash mid-epoch. Items are `Item`s: the image (3, S, S) in [-1, 1], its caption, and the original
-size and crop that SDXL's micro-conditioning takes.
+Folder forms: `name.jpg` + `name.txt` (or kohya's `name.caption`) side by side, or a `metadata.jsonl` with
+{"file_name", "text"} per line. Images are resized (shorter side) and center-cropped to the training size, or, with
+aspect-ratio buckets (`buckets.py`), resized to cover their bucket and center-cropped to it; unreadable images are
+skipped and counted, never a crash mid-epoch. Items are `Item`s: the image (3, H, W) in [-1, 1], its caption, and
+the original size and crop that SDXL's micro-conditioning takes.
 
 ControlNet training (`controlnet.py`) also takes each image's control image ("hint"), in [0, 1] as the ControlNet
 sees it: in a folder, from a `metadata.jsonl` whose lines also name a "conditioning_image" (a path relative to the
-folder, as the column of diffusers' `train_controlnet.py`), resized and center-cropped as its image; in the shapes
-set, the shape's filled mask, white on black (`draw(..., mask=True)`).
+folder, as the column of diffusers' `train_controlnet.py`), resized and center-cropped as its image, into its
+image's bucket; in the shapes set, the shape's filled mask, white on black (`draw(..., mask=True)`).
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+from .buckets import BucketSpec, bucket_for, bucket_resolutions, cover_and_crop
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+CAPTION_SUFFIXES = (".txt", ".caption")  # the first that exists; `.caption` is kohya's default extension
+READ_ERRORS = (OSError, UnidentifiedImageError, Image.DecompressionBombError)
 
 
 class DataError(ValueError):
@@ -33,11 +38,11 @@ class DataError(ValueError):
 
 
 class Item(NamedTuple):
-    image: torch.Tensor  # (3, S, S) in [-1, 1]
+    image: torch.Tensor  # (3, H, W) in [-1, 1]: the training size S × S, or the image's bucket
     caption: str
     original_size: tuple[int, int]  # (height, width) of the image as read, before resizing
     crop: tuple[int, int]  # (top, left) of the crop in the resized image: generative-models' crop_coords_top_left
-    hint: torch.Tensor | None = None  # (3, S, S) in [0, 1]: the control image, for ControlNet training
+    hint: torch.Tensor | None = None  # (3, H, W) in [0, 1]: the control image, for ControlNet training
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
@@ -49,13 +54,30 @@ def to_hint(im: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def resize_center_crop(im: Image.Image, size: int) -> tuple[Image.Image, tuple[int, int]]:
-    """-> (the size x size crop, its (top, left) in the resized image)."""
-    scale = size / min(im.size)
-    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
-    im = im.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    return im.crop((left, top, left + size, top + size)), (top, left)
+def resize_center_crop(
+    im: Image.Image, bucket: tuple[int, int], spec: BucketSpec | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """-> (the image resized to cover the bucket (width, height) and center-cropped to it, the crop's (top, left)
+    in the resized image); `buckets.cover_and_crop`."""
+    (w, h), (top, left) = cover_and_crop(im.width, im.height, bucket, spec)
+    if (w, h) != im.size:
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+    return im.crop((left, top, left + bucket[0], top + bucket[1])), (top, left)
+
+
+def oriented_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of the image as it is shown (EXIF orientations 5-8 turn it by 90°), read from its header
+    alone; None if it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            turned = im.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+            return (im.height, im.width) if turned else im.size
+    except READ_ERRORS:
+        return None
+
+
+def caption_file(image: Path) -> Path | None:
+    return next((p for p in map(image.with_suffix, CAPTION_SUFFIXES) if p.exists()), None)
 
 
 def read_text(path: Path) -> str:
@@ -68,9 +90,19 @@ def read_text(path: Path) -> str:
         raise DataError(f"{path}: cannot read it ({e.strerror})") from None
 
 
+def shuffle_tags(caption: str, keep_tokens: int, rng: random.Random) -> str:
+    """Kohya's --shuffle_caption: the caption's comma-separated tags, the first `keep_tokens` in place and the rest
+    in a random order, joined by ", " (empty tags dropped)."""
+    tags = [t for t in (t.strip() for t in caption.split(",")) if t]
+    kept, shuffled = tags[:keep_tokens], tags[keep_tokens:]
+    rng.shuffle(shuffled)
+    return ", ".join(kept + shuffled)
+
+
 class ImageCaptionFolder(torch.utils.data.Dataset):
     """A folder of captioned images (module docstring); control: each with its control image, read from the
-    metadata.jsonl's "conditioning_image" column (DataError where the folder has none, or where one is missing)."""
+    metadata.jsonl's "conditioning_image" column (DataError where the folder has none, or where one is missing);
+    buckets: each image in its aspect-ratio bucket (`buckets.py`), else all in the size × size square."""
 
     def __init__(
         self,
@@ -80,11 +112,12 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         flip: bool = False,
         caption_default: str | None = None,
         control: bool = False,
+        buckets: BucketSpec | None = None,
     ):
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"{root}: no such data folder")
-        self.size, self.flip = size, flip
+        self.size, self.flip, self.spec = size, flip, buckets
         if (root / "metadata.jsonl").exists():
             self.items = self._read_metadata(root, control)
         elif control:
@@ -96,17 +129,16 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             self.items = []
             missing = []
             for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-                caption_file = path.with_suffix(".txt")
-                if caption_file.exists():
-                    self.items.append((path, read_text(caption_file).strip(), None))
+                if captions := caption_file(path):
+                    self.items.append((path, read_text(captions).strip(), None))
                 elif caption_default is not None:
                     self.items.append((path, caption_default, None))
                 else:
                     missing.append(path.name)
             if missing:
                 raise DataError(
-                    f"{root}: {len(missing)} images have no caption file (first: {missing[0]}); add NAME.txt files, "
-                    "a metadata.jsonl, or pass --caption-default"
+                    f"{root}: {len(missing)} images have no caption file (first: {missing[0]}); add NAME.txt "
+                    "(or NAME.caption) files, a metadata.jsonl, or pass --caption-default"
                 )
         if not self.items:
             raise DataError(f"{root}: no images (.jpg, .png, .webp, .bmp) found")
@@ -115,6 +147,34 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
                 f"{root}: {len(missing)} conditioning images are missing (first: {missing[0].relative_to(root)})"
             )
         self.skipped = 0
+        self.buckets = [(size, size)] * len(self.items) if buckets is None else self._place(buckets)
+
+    def _place(self, spec: BucketSpec) -> list[tuple[int, int]]:
+        """Each image's bucket, from its header; images whose header cannot be read are left out (and counted as
+        skipped), an image too small for any bucket under no_upscale is a DataError."""
+        resolutions = bucket_resolutions(spec)
+        kept, placed = [], []
+        for item in self.items:
+            size = oriented_size(item[0])
+            if size is None:
+                self.skipped += 1
+                continue
+            bucket = bucket_for(*size, spec, resolutions)
+            if bucket is None:
+                raise DataError(
+                    f"{item[0]}: {size[0]}x{size[1]} px is smaller than the smallest bucket "
+                    f"({spec.min_reso} px a side) and --bucket-no-upscale never enlarges it"
+                )
+            kept.append(item)
+            placed.append(bucket)
+        if not kept:
+            raise DataError(f"{self.items[0][0].parent}: none of the {len(self.items)} images can be read")
+        self.items = kept
+        return placed
+
+    def bucket(self, index: int) -> tuple[int, int]:
+        """Item index's (width, height) in pixels: its image's shape in training."""
+        return self.buckets[index]
 
     @staticmethod
     def _read_metadata(root: Path, control: bool) -> list[tuple[Path, str, Path | None]]:
@@ -134,14 +194,15 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _read(self, path: Path) -> tuple[Image.Image, tuple[int, int], tuple[int, int]] | None:
-        """(the image resized and center-cropped, its original size, the crop), or None if it cannot be read."""
+    def _read(self, path: Path, bucket: tuple[int, int]) -> tuple[Image.Image, tuple[int, int], tuple[int, int]] | None:
+        """(the image resized and center-cropped into the bucket, its original (height, width), the crop's (top,
+        left)), or None if it cannot be read."""
         try:
             with Image.open(path) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 original = (im.height, im.width)
-                im, crop = resize_center_crop(im, self.size)
-        except (OSError, UnidentifiedImageError, Image.DecompressionBombError):
+                im, crop = resize_center_crop(im, bucket, self.spec)
+        except READ_ERRORS:
             return None
         return im, original, crop
 
@@ -149,7 +210,8 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         """The item, or None (and one more in `skipped`) if its image or its control image cannot be read. A flip
         turns both."""
         path, caption, hint_path = self.items[index]
-        read, hint = self._read(path), hint_path and self._read(hint_path)
+        bucket = self.buckets[index]
+        read, hint = self._read(path, bucket), hint_path and self._read(hint_path, bucket)
         if read is None or (hint_path and hint is None):
             self.skipped += 1
             return None
@@ -161,7 +223,7 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
 
     def hint(self, index: int) -> torch.Tensor | None:
         """Item index's control image alone (unflipped), or None if it cannot be read."""
-        read = self._read(self.items[index][2])
+        read = self._read(self.items[index][2], self.buckets[index])
         return None if read is None else to_hint(read[0])
 
     def __getitem__(self, index: int):
@@ -374,6 +436,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         spec, size = self.specs[index], self.image_size
         hint = self.hint(index) if self.control else None
         return Item(to_tensor(draw(spec, size)), self.captions[index], (size, size), (0, 0), hint)
+
+    def bucket(self, index: int) -> tuple[int, int]:
+        """Every shape is drawn in the image_size square: with buckets on, it is the square bucket."""
+        return (self.image_size, self.image_size)
 
     def hint(self, index: int) -> torch.Tensor:
         """Item index's control image: its shape's mask (3, S, S), 1 inside, 0 outside."""

@@ -16,9 +16,10 @@ and the checkpoint. What is trained and written is a `Trainee`: here the U-Net (
 training (`controlnet.py`) runs the same loop with a ControlNet beside the frozen model, LoRA training (`lora.py`)
 with adapters in it.
 
-Determinism: the data order of epoch e is a permutation seeded by (seed, e), and every random draw of step s
-(timesteps, noise, prompt dropout, posterior samples) comes from a generator seeded by (seed, s), drawn for the
-whole global batch. Each process takes its slice. So N steps + resume + N steps equals 2N steps, and two
+Determinism: the data order of epoch e is a permutation seeded by (seed, e) (with aspect-ratio buckets, the
+shuffles of each bucket and of the order of its batches: `buckets.py`), and every random draw of step s
+(timesteps, noise, prompt dropout, posterior samples, tag orders) comes from a generator seeded by (seed, s), drawn
+for the whole global batch. Each process takes its slice. So N steps + resume + N steps equals 2N steps, and two
 processes give the weights one process gives with the same global batch.
 """
 
@@ -51,7 +52,7 @@ from ..weights.checkpoint import (
 )
 from .checkpoints import Trainee, latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
 from .common import TrainError, build_dataset, fast_optimizer_options, get_lr, lock_outdir, resolve_precision
-from .config import TrainConfig, check_config
+from .config import TrainConfig, bucket_spec, check_config
 from .step import Run, train_step
 
 COMPILE_BACKEND = "inductor"  # the tests trace with "aot_eager": the same graphs, without building kernels
@@ -115,48 +116,58 @@ def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> fl
     """1 / std of the latents of the first `count` images: CompVis's `scale_by_std`, so that a new autoencoder's
     latents have unit variance as the noise schedule assumes (SD's 0.18215 was found the same way).
     Posterior means, not samples, so that the factor is the same in every run and on resume."""
-    items = [it for i in range(min(count, len(dataset))) if (it := dataset.load(i)) is not None]
-    if not items:
+    images = [it.image for i in range(min(count, len(dataset))) if (it := dataset.load(i)) is not None]
+    if not images:
         raise TrainError("none of the first images could be read")
-    z = model.first_stage_model.encode(torch.stack([it.image for it in items]), batch_size=16).mean
-    return round(1 / z.std().item(), 5)
+    encode = model.first_stage_model.encode
+    z = [encode(torch.stack([images[i] for i in group]), batch_size=16).mean.flatten() for group in by_shape(images)]
+    return round(1 / torch.cat(z).std().item(), 5)
+
+
+def by_shape(images: list[torch.Tensor]) -> list[list[int]]:
+    """The images' positions grouped by shape (aspect-ratio buckets): each group can be stacked into one batch."""
+    groups: dict[torch.Size, list[int]] = {}
+    for i, image in enumerate(images):
+        groups.setdefault(image.shape, []).append(i)
+    return list(groups.values())
 
 
 @torch.no_grad()
 def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet: bool) -> dict:
-    """Posterior mean and std of every image's latent, its micro-conditioning, the data set's index of each (where
-    unreadable images are left out, they differ), and the text embedding (and pooled text, SDXL) of every distinct
-    caption."""
-    means, stds, captions, micro, source = [], [], [], [], []
-    for start in tqdm(range(0, len(dataset), 16), desc="caching latents", disable=quiet, unit="batch"):
-        read = [(i, it) for i in range(start, min(start + 16, len(dataset))) if (it := dataset.load(i)) is not None]
-        if not read:
-            continue
-        source.extend(i for i, _ in read)
-        items = [it for _, it in read]
-        posterior = model.first_stage_model.encode(torch.stack([it.image for it in items]).to(device))
-        means.append(posterior.mean.cpu())
-        stds.append(posterior.std.cpu())
-        captions.extend(it.caption for it in items)
-        micro.extend((*it.original_size, *it.crop) for it in items)
-    if not means:
+    """Posterior mean and std of every image's latent, one (c, h, w) row each (images of different buckets have
+    different shapes), each row's bucket and micro-conditioning, the data set's index of each (where unreadable
+    images are left out, they differ), and the text embedding (and pooled text, SDXL) of every distinct caption
+    (none when the text encoder trains or tags are shuffled: the captions are then encoded every step)."""
+    encoded = {}  # data set index -> (mean, std, item)
+    order = sorted(range(len(dataset)), key=dataset.bucket)  # images of one bucket encoded together
+    for start in tqdm(range(0, len(order), 16), desc="caching latents", disable=quiet, unit="batch"):
+        read = [(i, it) for i in order[start : start + 16] if (it := dataset.load(i)) is not None]
+        for group in by_shape([it.image for _, it in read]):  # (a batch may straddle two buckets)
+            posterior = model.first_stage_model.encode(torch.stack([read[k][1].image for k in group]).to(device))
+            for k, mean, std in zip(group, posterior.mean.cpu(), posterior.std.cpu()):
+                encoded[read[k][0]] = (mean, std, read[k][1])
+    if not encoded:
         raise TrainError(f"none of the {len(dataset)} images of the data set can be read")
+    source = sorted(encoded)  # rows in the data set's order
+    items = [encoded[i][2] for i in source]
+    captions = [it.caption for it in items]
     unique = sorted(set(captions) | {""})
     embeddings = pooled = None
-    if not cfg.train_text_encoder:
+    if not cfg.train_text_encoder and not cfg.shuffle_caption:
         parts = [model.get_text_conditioning(unique[i : i + 64], pooled=True) for i in range(0, len(unique), 64)]
         embeddings = torch.cat([context for context, _ in parts])
         pooled = torch.cat([p for _, p in parts]) if parts[0][1] is not None else None
     index = {c: i for i, c in enumerate(unique)}
     return {
-        "mean": torch.cat(means),
-        "std": torch.cat(stds),
+        "mean": [encoded[i][0] for i in source],
+        "std": [encoded[i][1] for i in source],
+        "bucket": [(it.image.shape[-1], it.image.shape[-2]) for it in items],  # (width, height) in pixels
         "caption": [index[c] for c in captions],
         "captions": unique,
         "index": index,
         "embeddings": embeddings,
         "pooled": pooled,
-        "micro": torch.tensor(micro, dtype=torch.float32),
+        "micro": torch.tensor([(*it.original_size, *it.crop) for it in items], dtype=torch.float32),
         "source": source,
     }
 
@@ -262,7 +273,7 @@ def train(cfg: TrainConfig, make_trainee=unet_trainee, control: bool = False) ->
 
 def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, make_trainee, control: bool) -> Path:
     quiet = cfg.quiet or rank != 0
-    dataset = build_dataset(cfg, control=control)
+    dataset = build_dataset(cfg, control=control, buckets=bucket_spec(cfg))
     if cfg.batch_size > len(dataset):
         raise TrainError(f"batch size {cfg.batch_size} is larger than the data set ({len(dataset)} images)")
     autocast = dict(

@@ -1,13 +1,14 @@
 """One optimizer step of stage 2 (`training/diffusion.py` runs them): the micro-batch with every random draw of the step made from
 a generator seeded by (seed, step) (`make_batch`), the diffusion loss as a function of the network and the batch alone
-(`diffusion_loss`), and the step with gradient accumulation over micro-batches (`train_step`)."""
+(`diffusion_loss`), and the step with gradient accumulation over micro-batches (`train_step`). A global batch is
+consecutive items of per-epoch permutations, or, with aspect-ratio buckets, one bucket's batch (`buckets.py`)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,10 @@ from torch import nn
 
 from ..models.ldm import LatentDiffusion
 from ..sampling.parameterization import min_snr_weight, noised, target
+from .buckets import BucketBatches
 from .common import TrainError, TrainingDiverged, get_lr
 from .config import TrainConfig
+from .data import shuffle_tags
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -77,6 +80,12 @@ class Run:
     rank: int
     world: int
     hints: bool = False  # the batches carry the items' control images (ControlNet training)
+    batches: BucketBatches | None = field(init=False, default=None)  # with buckets: every epoch's batches
+
+    def __post_init__(self):
+        if self.cfg.enable_bucket:  # rows: the cache's, or the data set's items
+            buckets = self.cache["bucket"] if self.cache else [self.dataset.bucket(i) for i in range(self.items)]
+            self.batches = BucketBatches(buckets, self.cfg.batch_size, self.cfg.seed)
 
     @property
     def items(self) -> int:
@@ -88,10 +97,23 @@ class Run:
         return self.cfg.batch_size // (self.world * self.cfg.grad_accum)
 
 
+def global_batch(run: Run, step: int) -> tuple[list[int], tuple[int, int]]:
+    """The rows of step `step`'s global batch, and their (width, height) in pixels."""
+    if run.batches is None:
+        size = run.cfg.image_size
+        return global_batch_indices(step, run.cfg.batch_size, run.items, run.cfg.seed), (size, size)
+    rows = run.batches.rows(step)
+    return rows, run.batches.row_buckets[rows[0]]
+
+
 def load_readable(run: Run, i: int, rng: random.Random):
-    """Item i, or the next readable one: an unreadable image is replaced the same way in every run."""
+    """Item i, or the next readable one (of its bucket: the batch keeps its shape): an unreadable image is replaced
+    the same way in every run."""
     for j in range(run.items):
-        item = run.dataset.load((i + j) % run.items, rng)
+        k = (i + j) % run.items
+        if run.batches and run.batches.row_buckets[k] != run.batches.row_buckets[i]:
+            continue
+        item = run.dataset.load(k, rng)
         if item is not None:
             return item
     raise TrainError("no image of the data set can be read")
@@ -102,15 +124,18 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
     cfg, model, cache = run.cfg, run.model, run.cache
     g = step_generator(cfg.seed, step)
     B = cfg.batch_size
+    rows, (width, height) = global_batch(run, step)
     t = torch.randint(0, len(model.alphas_cumprod), (B,), generator=g)
     drop = torch.rand(B, generator=g) < cfg.prompt_dropout
     f = model.cfg.autoencoder.downsampling_factor
-    shape = (model.cfg.autoencoder.embed_dim, cfg.image_size // f, cfg.image_size // f)
+    shape = (model.cfg.autoencoder.embed_dim, height // f, width // f)  # the batch's bucket, in latents
     noise = torch.randn((B, *shape), generator=g) + cfg.offset_noise * torch.randn((B, shape[0], 1, 1), generator=g)
     z_noise = torch.randn((B, *shape), generator=g)
-    idx = global_batch_indices(step, B, run.items, cfg.seed)[part]
-    if cache:
-        z = cache["mean"][idx] + cache["std"][idx] * z_noise[part]
+    # one seed per caption's tag order, drawn for the global batch like every other draw
+    tag_seeds = torch.randint(0, 2**62, (B,), generator=g)[part].tolist() if cfg.shuffle_caption else None
+    idx = rows[part]
+    if cache:  # (c, h, w) rows of one bucket -> (b, c, h, w)
+        z = torch.stack([cache["mean"][i] for i in idx]) + torch.stack([cache["std"][i] for i in idx]) * z_noise[part]
         captions = [cache["captions"][cache["caption"][i]] for i in idx]
         micro = cache["micro"][idx]
         hints = [cached_hint(run, i) for i in idx] if run.hints else None
@@ -122,6 +147,8 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
         captions = [it.caption for it in items]
         micro = torch.tensor([(*it.original_size, *it.crop) for it in items], dtype=torch.float32)
         hints = [it.hint for it in items] if run.hints else None
+    if tag_seeds is not None:
+        captions = [shuffle_tags(c, cfg.keep_tokens, random.Random(s)) for c, s in zip(captions, tag_seeds)]
     dropped = drop[part].tolist()
     captions = ["" if d else c for c, d in zip(captions, dropped)]
     latents = (model.scale_factor * z).to(run.device)
@@ -130,7 +157,7 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
         zero = torch.tensor(dropped, device=run.device)
         cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
         pooled = cond.pop("pooled").masked_fill(zero[:, None], 0)
-        cond["vector"] = model.conditioner.vector(pooled, training_micro_conditioning(micro, cfg.image_size))
+        cond["vector"] = model.conditioner.vector(pooled, training_micro_conditioning(micro, (height, width)))
     if hints is not None:
         cond["hint"] = torch.stack(hints).to(run.device)
     return Batch(latents, cond, t[part].to(run.device), noise[part].to(run.device))
@@ -145,14 +172,15 @@ def cached_hint(run: Run, row: int) -> torch.Tensor:
     return hint
 
 
-def training_micro_conditioning(micro: torch.Tensor, image_size: int) -> dict[str, torch.Tensor]:
+def training_micro_conditioning(micro: torch.Tensor, target: tuple[int, int]) -> dict[str, torch.Tensor]:
     """Rows (original height, width, crop top, left) -> SDXL's micro-conditioning inputs: the target size is the
-    training size; the refiner's aesthetic score is 6 for every image (no scores in the data)."""
+    batch's (height, width) (the training size, or the bucket); the refiner's aesthetic score is 6 for every image
+    (no scores in the data)."""
     b = len(micro)
     return {
         "original_size": micro[:, :2],
         "crop_coords": micro[:, 2:],
-        "target_size": torch.full((b, 2), image_size),
+        "target_size": torch.tensor([target]).repeat(b, 1),
         "aesthetic_score": torch.full((b, 1), 6.0),
     }
 
@@ -162,7 +190,7 @@ def text_conditioning(run: Run, captions: list[str]) -> dict:
     or their tokens when the text encoder is trained (it then runs inside the trained module's forward)."""
     if run.cfg.train_text_encoder:
         return {"tokens": run.model.cond_stage_model.tokenize(captions)[0]}
-    if run.cache:
+    if run.cache and run.cache["embeddings"] is not None:  # (shuffled tags: captions not in the cache)
         rows = [run.cache["index"][c] for c in captions]
         cond = {"crossattn": run.cache["embeddings"][rows].to(run.device)}
         if run.cache["pooled"] is not None:
