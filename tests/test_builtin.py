@@ -6,7 +6,8 @@ import math
 from PIL import Image
 
 from latent_diffusion import load_model
-from latent_diffusion.cli import DEMO_PROMPTS, main
+from latent_diffusion.cli import main
+from latent_diffusion.cli_builtin import DEMO_PROMPTS
 from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.infotext import parse_parameters
 from latent_diffusion.pipeline.request import GenerationRequest
@@ -55,6 +56,6 @@ def test_txt2img_without_ckpt_uses_the_builtin_model(tmp_path):
 
 def test_demo_writes_a_grid(tmp_path, capsys):
     assert main(["demo", "--outdir", str(tmp_path), "--columns", "2"]) == 0
-    rows = len(DEMO_PROMPTS) + 2  # a row per prompt, then the control images and the images drawn from them
+    rows = len(DEMO_PROMPTS) + 4  # a row per prompt, control images and images drawn from them, stars without and with
     assert Image.open(tmp_path / "demo-grid.png").size == (2 * 64, rows * 64)
     assert f"wrote {tmp_path / 'demo-grid.png'}" in capsys.readouterr().out

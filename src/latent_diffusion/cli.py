@@ -4,26 +4,22 @@ arguments and calls the library."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import socket
 import sys
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from .cli_arguments import DTYPES, GENERATION_COMMANDS, UsageError, build_parser
+from .cli_builtin import cmd_demo, cmd_eval
+from .cli_common import describe
 from .cli_convert import cmd_convert
 from .cli_generate import (
     apply_infotext,
-    checked,
     cmd_generate,
     folder_arg,
     pick_device,
-    prepare_outdir,
-    sampler_and_scheduler,
     styles_arg,
     upscaler_args,
     weights_args,
@@ -31,59 +27,18 @@ from .cli_generate import (
 from .cli_merge import cmd_merge
 from .cli_upscale import cmd_upscale
 from .cli_xyz import cmd_xyz
-from .files import atomic_write, remove_empty
-from .models.ldm import LatentDiffusion
 from .pipeline.control import find_control_models
-from .pipeline.generate import NonFiniteError, generate
-from .pipeline.images import grid, save_png, to_pil
-from .pipeline.infotext import parameters_text
+from .pipeline.generate import NonFiniteError
 from .pipeline.loading import Pipeline, load_pipeline
-from .pipeline.request import ControlUnit, GenerationRequest
 from .training.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from .training.common import TrainError, TrainingDiverged
 from .training.config import TrainConfig
 from .training.controlnet import ControlNetTrainConfig, train_controlnet
-from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, SHAPES, STAR, Shape, ShapesDataset, draw, to_hint
 from .training.diffusion import train
-from .training.evaluate import ATTRIBUTES, BOTH, CONTROL_FORMS, LEFT_TO_CHANCE, control_adherence, prompt_adherence
 from .training.lora import train_lora
-from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_MODEL, CheckpointError, load_model
+from .weights.checkpoint import BUILTIN_MODEL, CheckpointError, load_model
 from .weights.embeddings import load_embeddings
-from .weights.ggml_quants import parameter_count, storage
-from .weights.lora import LoRAError, apply_lora, find_loras, read_lora
-
-
-def count(module: torch.nn.Module) -> str:
-    return f"{parameter_count(module) / 1e6:.1f} M"
-
-
-def describe(model: LatentDiffusion) -> str:
-    cfg = model.cfg
-    lines = [
-        f"variant {cfg.variant} ({cfg.family.title}, {cfg.parameterization}-prediction), {model.dtype}, {model.device}",
-        f"  U-Net        model.diffusion_model   {count(model.model)}  in_channels={cfg.unet.in_channels}"
-        f" model_channels={cfg.unet.model_channels} channel_mult={cfg.unet.channel_mult}"
-        + (f" vector y={cfg.unet.adm_in_channels}" if cfg.unet.adm_in_channels else ""),
-        f"  autoencoder  first_stage_model       {count(model.first_stage_model)}"
-        f"  {cfg.autoencoder.downsampling_factor}x smaller per side, scale_factor={cfg.scale_factor}",
-    ]
-    xl = bool(cfg.micro_conditioning)
-    for i, (t, encoder) in enumerate(zip(cfg.texts, model.text_encoders)):
-        where = f"conditioner.embedders.{i}" if xl else "cond_stage_model"
-        lines.append(
-            f"  text         {where:<23} {count(encoder)}  {t.kind} width={t.width} layers={t.layers} ({t.layer}"
-            f" layer{'' if t.final_norm else ', no final norm'}){', pooled into y' if t.pooled else ''}"
-            + ("; no text_projection or logit_scale in the file (unused)" if not t.projection else "")
-        )
-    for part, module in (("U-Net", model.unet), *(("text", e) for e in model.text_encoders)):
-        if found := storage(module):
-            types = ", ".join(f"{n} {t}" for t, n in sorted(found.items(), key=lambda item: -item[1]))
-            lines.append(f"  {part} layers in GGUF blocks, dequantized as they run: {types}")
-    if xl:
-        lines.append(
-            f"  micro-conditioning ({cfg.micro_conditioning_width} wide each): {', '.join(cfg.micro_conditioning)}"
-        )
-    return "\n".join(lines)
+from .weights.lora import find_loras
 
 
 def cmd_info(args) -> None:
@@ -92,73 +47,6 @@ def cmd_info(args) -> None:
         args.ckpt, args.config, device=device, dtype=dtype, ema=args.ema or None, unet_gguf=args.unet_gguf
     )
     print(f"{args.ckpt}: {describe(model)}")
-
-
-DEMO_PROMPTS = (  # the template caption, then shorter and reordered wordings (data.EVAL_FORMS)
-    "a large yellow square in the center on a black background",
-    "a yellow circle",
-    "a purple square on a white background",
-    "red triangle, green background",
-    "a blue background with a small orange circle at the left",
-    "a green triangle on a white background",  # a held-out (colour, shape) pair
-)
-
-
-def cmd_demo(args) -> None:
-    """The built-in model draws a grid: one row per prompt, one column per seed."""
-    if args.columns < 1:
-        raise UsageError("--columns must be at least 1")
-    outdir = Path(args.outdir)
-    created = prepare_outdir(outdir)
-    try:
-        draw_demo(args, outdir)
-    except BaseException:
-        remove_empty(created)
-        raise
-
-
-# The control row's shapes, one per column: the ControlNet gets each one's mask and the prompt names its colours.
-DEMO_CONTROLS = (
-    Shape("circle", "red", "blue", "small", "left"),
-    Shape("square", "yellow", "black", "large", "right"),
-    Shape("triangle", "green", "white", "small", "top"),  # a held-out (colour, shape) pair
-    Shape("circle", "orange", "purple", "large", "center"),
-    Shape("square", "white", "red", "small", "bottom"),  # held out too
-    Shape("triangle", "blue", "yellow", "large", "left"),
-)
-
-
-def draw_demo(args, outdir: Path) -> None:
-    start = time.perf_counter()
-    pipeline = load_pipeline(BUILTIN_MODEL, controlnets={BUILTIN_CONTROLNET.stem: BUILTIN_CONTROLNET})
-    print(f"built-in model {BUILTIN_MODEL}: {describe(pipeline.model)}")
-    seeds = [args.seed + i for i in range(args.columns)]
-    rows = []
-    for prompt in DEMO_PROMPTS:  # the model's own defaults: its size and guidance scale
-        result = generate(pipeline, GenerationRequest([prompt] * len(seeds), seeds, batch_size=len(seeds)))
-        rows += [to_pil(im) for im in result.images]
-        print(f"  row {len(rows) // len(seeds)}: {prompt}")
-    rows += control_rows(pipeline, seeds)
-    fields = {**result.fields, "Seed": args.seed}
-    path = outdir / "demo-grid.png"
-    save_png(grid(rows, len(seeds)), path, parameters_text(" | ".join(DEMO_PROMPTS), "", fields))
-    print(
-        f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds, then control images and the images drawn "
-        f"from them) in {time.perf_counter() - start:.1f} s"
-    )
-    print('next: ldm txt2img --prompt "a large red square at the right on a white background" --batch-size 4 --grid')
-
-
-def control_rows(pipeline: Pipeline, seeds: list[int]) -> list:
-    """Two rows: the built-in ControlNet's control images (shape masks), and the images it draws from them, each
-    prompt naming the colours and shape but not where or how large."""
-    shapes = [DEMO_CONTROLS[i % len(DEMO_CONTROLS)] for i in range(len(seeds))]
-    masks = torch.stack([to_hint(draw(s, pipeline.model.cfg.image_size, mask=True)) for s in shapes])
-    prompts = [EVAL_FORMS["on background"].write(s) for s in shapes]
-    unit = ControlUnit(BUILTIN_CONTROLNET.stem, masks, resize_mode="resize")
-    result = generate(pipeline, GenerationRequest(prompts, seeds, batch_size=len(seeds), controls=[unit]))
-    print(f"  rows of the built-in ControlNet {BUILTIN_CONTROLNET.name}: its control images, then e.g. {prompts[0]!r}")
-    return [to_pil(m) for m in masks] + [to_pil(im) for im in result.images]
 
 
 def cmd_train(args, config_class=TrainConfig, run=train) -> None:
@@ -285,97 +173,6 @@ def cmd_train_autoencoder(args) -> None:
         f"{report['psnr']:.2f} dB now"
     )
     print(f"wrote {path}")
-
-
-def cmd_eval(args) -> None:
-    """Prompt adherence of a model trained on the shapes data; with --controlnet, control adherence."""
-    if args.count < 1 or args.image_size % 8 or args.image_size <= 0:
-        raise UsageError("--count must be at least 1 and --image-size a positive multiple of 8")
-    if args.json and not Path(args.json).parent.is_dir():
-        raise UsageError(f"--json {args.json}: the folder {Path(args.json).parent} does not exist")
-    if args.json and Path(args.json).is_dir():
-        raise UsageError(f"--json {args.json}: a folder, not a file")
-    if args.controlnet and not Path(args.controlnet).is_file():
-        raise UsageError(f"--controlnet {args.controlnet}: no such file")
-    sampler, scheduler = sampler_and_scheduler(args)
-    settings = checked(
-        GenerationRequest(
-            [""],
-            [0],
-            width=args.image_size,
-            height=args.image_size,
-            steps=args.steps,
-            sampler=sampler,
-            scheduler=scheduler,
-            cfg_scale=args.cfg_scale,
-            batch_size=args.batch_size,
-        )
-    )
-    default = CONTROL_FORMS if args.controlnet else tuple(EVAL_FORMS)
-    forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else default
-    if unknown := [f for f in forms if f not in EVAL_FORMS]:
-        raise UsageError(f"--forms: no prompt form {unknown[0]!r}; the forms are {', '.join(EVAL_FORMS)}")
-    if args.shape is not None and args.shape not in (*SHAPES, STAR):
-        raise UsageError(f"--shape: one of {', '.join((*SHAPES, STAR))}, not {args.shape!r}")
-    lora_path, _, weight = (args.lora or "").partition(":")
-    if args.lora and not Path(lora_path).is_file():
-        raise UsageError(f"--lora {lora_path}: no such file")
-    controlnets = {"control": Path(args.controlnet)} if args.controlnet else {}
-    pipeline = load_pipeline(args.ckpt, device=pick_device(args.device), controlnets=controlnets)
-    if args.lora:
-        try:
-            apply_lora(pipeline.model, read_lora(lora_path), float(weight or 1))
-        except (LoRAError, ValueError) as e:
-            raise UsageError(f"--lora {args.lora}: {e}") from None
-    shapes = (args.shape,) if args.shape else SHAPES
-    batches = -(-args.count // max(1, args.batch_size))  # per split
-    splits = 1 if args.shape == STAR else 2
-    bar = tqdm(total=splits * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
-    options = dict(seed=args.seed, forms=forms, progress=lambda p: bar.update(1))
-    if args.controlnet:
-        report, result = control_adherence(
-            pipeline, "control", args.count, settings, weight=args.control_weight, **options
-        )
-    else:
-        report, result = prompt_adherence(pipeline, args.count, settings, shapes=shapes, **options)
-    bar.close()
-    print_report(args, report, result)
-    if args.json:
-        with atomic_write(args.json) as tmp:
-            tmp.write_text(json.dumps(report, indent=2))
-
-
-def print_report(args, report: dict, result) -> None:
-    """`ldm eval`'s table: a row per prompt form and split, a column per attribute."""
-    held_out = ", ".join(f"{c} {s}" for c, s in sorted(HELD_OUT_PAIRS))
-    settings, fields = result.request, result.fields
-    sampler = " ".join(filter(None, (fields["Sampler"], fields.get("Schedule type"))))
-    control = f"; ControlNet {args.controlnet} at weight {args.control_weight:g}" if args.controlnet else ""
-    lora = f"; LoRA {args.lora}" if args.lora else ""
-    print(
-        f"{args.ckpt}: {settings.steps} steps {sampler}, CFG {settings.cfg_scale}, "
-        f"{args.image_size}x{args.image_size}; held-out pairs: {held_out}{control}{lora}"
-    )
-    columns = (*ATTRIBUTES, BOTH) if args.controlnet else ATTRIBUTES
-    print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in columns))
-    shapes = (args.shape,) if args.shape else SHAPES
-    example = ShapesDataset(1, seed=args.seed + 1, shapes=shapes).specs[0]  # the first seen-split shape
-    for form, splits in report.items():
-        print(f"{form:18s}e.g. {EVAL_FORMS[form].write(example)!r}")
-        for split, row in splits.items():
-            cells = "".join(f"{row[a]:12.1%}" if a in row else f"{unnamed(row, a):>12s}" for a in columns)
-            print(f"{'':18s}{split:10s}{row['images']:8d}{cells}")
-    if args.controlnet:
-        print("size, position and both: against each image's control image (the mask of the prompt's shape)")
-    if any("most common" in row for splits in report.values() for row in splits.values()):
-        chance = ", ".join(f"{a} {share:.0%}" for a, share in LEFT_TO_CHANCE.items())
-        print(f"~: not in the prompt, so not scored; the value read most often and its share (chance: {chance})")
-
-
-def unnamed(row: dict, attribute: str) -> str:
-    """An eval cell for an attribute the prompt leaves out: "~top 91%", the value read most often, or "-"."""
-    value, share = row.get("most common", {}).get(attribute, (None, 0))
-    return f"~{value} {share:.0%}" if value else "-"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,6 @@
 """What the `ldm` command's modules share: the dtypes a flag names, the error that is bad input (one line, exit
-code 2), a subcommand with the project's help format, and the flags (and help) that several commands take."""
+code 2), a subcommand with the project's help format, the flags (and help) that several commands take, and a
+model's description (`ldm info`, `ldm demo`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import argparse
 
 import torch
 
+from .models.ldm import LatentDiffusion
 from .weights.fp8 import FP8_DTYPES
+from .weights.ggml_quants import parameter_count, storage
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STYLES_HELP = "the web UI's styles.csv: name, prompt, negative_prompt (default: styles.csv where it exists)"
@@ -35,3 +38,36 @@ def add_weights_arguments(p: argparse.ArgumentParser) -> None:
             help=f"store {what} Linear and Conv weights in this float8 format, each layer's cast to --dtype as it "
             "runs: a quarter of float32's memory for them (the web UI's 'FP8 weight'; default: --dtype)",
         )
+
+
+def count(module: torch.nn.Module) -> str:
+    return f"{parameter_count(module) / 1e6:.1f} M"
+
+
+def describe(model: LatentDiffusion) -> str:
+    cfg = model.cfg
+    lines = [
+        f"variant {cfg.variant} ({cfg.family.title}, {cfg.parameterization}-prediction), {model.dtype}, {model.device}",
+        f"  U-Net        model.diffusion_model   {count(model.model)}  in_channels={cfg.unet.in_channels}"
+        f" model_channels={cfg.unet.model_channels} channel_mult={cfg.unet.channel_mult}"
+        + (f" vector y={cfg.unet.adm_in_channels}" if cfg.unet.adm_in_channels else ""),
+        f"  autoencoder  first_stage_model       {count(model.first_stage_model)}"
+        f"  {cfg.autoencoder.downsampling_factor}x smaller per side, scale_factor={cfg.scale_factor}",
+    ]
+    xl = bool(cfg.micro_conditioning)
+    for i, (t, encoder) in enumerate(zip(cfg.texts, model.text_encoders)):
+        where = f"conditioner.embedders.{i}" if xl else "cond_stage_model"
+        lines.append(
+            f"  text         {where:<23} {count(encoder)}  {t.kind} width={t.width} layers={t.layers} ({t.layer}"
+            f" layer{'' if t.final_norm else ', no final norm'}){', pooled into y' if t.pooled else ''}"
+            + ("; no text_projection or logit_scale in the file (unused)" if not t.projection else "")
+        )
+    for part, module in (("U-Net", model.unet), *(("text", e) for e in model.text_encoders)):
+        if found := storage(module):
+            types = ", ".join(f"{n} {t}" for t, n in sorted(found.items(), key=lambda item: -item[1]))
+            lines.append(f"  {part} layers in GGUF blocks, dequantized as they run: {types}")
+    if xl:
+        lines.append(
+            f"  micro-conditioning ({cfg.micro_conditioning_width} wide each): {', '.join(cfg.micro_conditioning)}"
+        )
+    return "\n".join(lines)
