@@ -463,3 +463,18 @@ def test_uncached_training_with_flips_and_an_unreadable_image(tmp_path):
     assert main(["train", "--outdir", str(tmp_path / "run"), "--data", str(tmp_path / "d"), "--no-cache-latents",
                  "--flip", "--steps", "3", "--batch-size", "5", "--image-size", "16", "--quiet"]) == 0  # fmt: skip
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_the_loss_plot_is_drawn_from_log_csv(tmp_path):
+    """loss.png from log.csv's rows (a torn last row left out), with a moving average as written; one row: none."""
+    from latent_diffusion.training.loss_plot import HEIGHT, WIDTH, moving_average, plot_loss, read_log
+
+    assert moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    log = tmp_path / "log.csv"
+    log.write_text("step,loss,lr,steps_per_s\n10,0.5,1e-4,3\n20,0.25,1e-4,3\n30,0.2,1e-4,3\n40,0.")
+    assert read_log(log) == [(10, 0.5), (20, 0.25), (30, 0.2)]  # "0." is 0: no loss on a log scale
+    plot_loss(log, tmp_path / "loss.png")
+    assert Image.open(tmp_path / "loss.png").size == (WIDTH, HEIGHT)
+    log.write_text("step,loss,lr,steps_per_s\n10,0.5,1e-4,3\n")
+    plot_loss(log, tmp_path / "one.png")
+    assert not (tmp_path / "one.png").exists()

@@ -175,6 +175,7 @@ def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
     resumed = train_lora(TrainConfig(outdir=str(tmp_path / "resumed"), steps=6, resume=True, **common))
     a, b = tensors(straight), tensors(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "straight" / "loss.png").is_file()
 
     md = metadata(straight)
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "2"

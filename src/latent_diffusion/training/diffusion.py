@@ -53,6 +53,7 @@ from ..weights.checkpoint import (
 from .checkpoints import Trainee, latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
 from .common import TrainError, build_dataset, fast_optimizer_options, get_lr, lock_outdir, resolve_precision
 from .config import TrainConfig, bucket_spec, check_config
+from .loss_plot import plot_loss
 from .step import Run, train_step
 
 COMPILE_BACKEND = "inductor"  # the tests trace with "aot_eager": the same graphs, without building kernels
@@ -322,7 +323,8 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
 
 
 def loop(run: Run, trainee: Trainee, net, optimizer, scaler, ema, outdir: Path, start: int, quiet: bool) -> None:
-    """Steps start..steps: train, EMA, log every log_every steps, checkpoint every save_every, samples."""
+    """Steps start..steps: train, EMA, log every log_every steps, checkpoint (and loss.png) every save_every,
+    samples."""
     cfg, model = run.cfg, run.model
     log_path = outdir / "log.csv"
     if run.rank == 0:  # a resumed run keeps the rows up to its checkpoint's step, and only those
@@ -353,6 +355,7 @@ def loop(run: Run, trainee: Trainee, net, optimizer, scaler, ema, outdir: Path, 
                 "fingerprint": fingerprint,
             }
             save_checkpoint(outdir, done, trainee, ema, state, cfg.keep_checkpoints)
+            plot_loss(log_path, outdir / "loss.png")
         if run.rank == 0 and cfg.sample_every and done % cfg.sample_every == 0:
             trainee.samples(outdir / "samples" / f"step-{done:07d}.png")
             training_mode(trainee)
