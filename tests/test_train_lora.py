@@ -23,6 +23,7 @@ from latent_diffusion.training.lora import Adapter, LoRANetwork, lora_targets, t
 from latent_diffusion.weights.checkpoint import BUILTIN_LORA, BUILTIN_MODEL
 from latent_diffusion.weights.lora import apply_lora, parse_lora, read_lora, remove_lora
 from test_lora import compare, lora_layers, pipes  # noqa: F401 (pipes: the fixture)
+from test_train import SAME_RUN_ATOL, run_torchrun
 
 from conftest import randomize, tiny_config
 
@@ -237,3 +238,16 @@ def test_the_shipped_lora_draws_stars_and_leaves_the_other_shapes():
     remove_lora(pipeline.model, applied)
     assert with_star >= 0.75 and without_star <= 0.1, (with_star, without_star)
     assert abs(with_known - without_known) <= 4 / 32, (with_known, without_known)
+
+
+def test_two_processes_give_the_lora_of_one(ckpt, tmp_path):
+    """DDP under torchrun (gloo): the adapters alone take gradients, and two processes with half the batch each
+    train the LoRA one process trains (within test_train.py's SAME_RUN_ATOL, for its written reason)."""
+    common = ["--lora", "2", "--lora-conv-rank", "2", "--ckpt", str(ckpt), "--steps", "3", "--image-size", "32",
+              "--shapes-count", "16", "--batch-size", "4", "--lr", "1e-3", "--quiet", "--device", "cpu"]  # fmt: skip
+    assert main(["train", "--outdir", str(tmp_path / "one"), *common]) == 0
+    run_torchrun(2, ["train", "--outdir", str(tmp_path / "two"), *common])
+    a, b = tensors(tmp_path / "one" / "lora.safetensors"), tensors(tmp_path / "two" / "lora.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=SAME_RUN_ATOL, rtol=0)
