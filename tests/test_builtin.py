@@ -56,6 +56,6 @@ def test_txt2img_without_ckpt_uses_the_builtin_model(tmp_path):
 
 def test_demo_writes_a_grid(tmp_path, capsys):
     assert main(["demo", "--outdir", str(tmp_path), "--columns", "2"]) == 0
-    rows = len(DEMO_PROMPTS) + 4  # a row per prompt, control images and images drawn from them, stars without and with
+    rows = len(DEMO_PROMPTS) + 4  # a row per prompt, control images and images drawn from them, corners without, with
     assert Image.open(tmp_path / "demo-grid.png").size == (2 * 64, rows * 64)
     assert f"wrote {tmp_path / 'demo-grid.png'}" in capsys.readouterr().out

@@ -10,10 +10,11 @@ from latent_diffusion import save_model
 from latent_diffusion.cli import main
 from latent_diffusion.training.data import (
     COLORS,
+    CORNERS,
     EVAL_FORMS,
     HELD_OUT_PAIRS,
+    PLACES,
     SHAPES,
-    STAR,
     Shape,
     ShapesDataset,
     draw,
@@ -32,19 +33,32 @@ def test_analyser_reads_ground_truth_images():
     assert all(v >= 0.98 for v in result.values()), result
 
 
-def test_analyser_tells_the_star_from_the_three_shapes():
-    """The built-in LoRA's star (a third of its box filled; a triangle half) among the three shapes, at the image
-    sizes the model draws and at half of it: every attribute read back exactly."""
+def test_analyser_reads_the_corners_among_all_nine_places():
+    """The built-in LoRA's corners beside the five places the model knows, at the image size it draws and at half of
+    it: every attribute read back exactly when the analyser looks among all nine places."""
     for size in (64, 32):
-        data = ShapesDataset(400, size, seed=13, shapes=(*SHAPES, STAR))
-        assert sum(s.shape == STAR for s in data.specs) > 70
+        data = ShapesDataset(400, size, seed=13, positions=tuple(PLACES))
+        assert sum(s.position in CORNERS for s in data.specs) > 130
         images = torch.stack([data[i][0] for i in range(len(data))])
-        assert score(data.specs, images) == dict.fromkeys(ATTRIBUTES, 1.0)
+        assert score(data.specs, images, places=PLACES) == dict.fromkeys(ATTRIBUTES, 1.0)
 
 
-def test_eval_of_a_lora_on_one_shape(tmp_path, tiny_models, capsys):
-    """`ldm eval --lora FILE --shape star`: the LoRA merged, star prompts only (no held-out split: no held-out pair
-    is a star)."""
+def test_corner_captions_name_the_corner():
+    """Where a caption of a shape in a corner names its place, it names both sides of it ("in the upper left corner",
+    the tag "top left"), never one side alone."""
+    data = ShapesDataset(400, 16, seed=3, positions=tuple(CORNERS))
+    sides = {"top": ("top", "upper"), "bottom": ("bottom", "lower"), "left": ("left",), "right": ("right",)}
+    named = 0
+    for spec, caption in zip(data.specs, data.captions):
+        vertical, horizontal = spec.position.split()
+        says = [any(w in caption.split() or w + "," in caption for w in sides[side]) for side in (vertical, horizontal)]
+        assert says[0] == says[1], caption  # both, or (position left out) neither
+        named += says[0]
+    assert 0.8 < named / len(data.specs) <= 1
+
+
+def test_eval_of_a_lora_at_the_corners(tmp_path, tiny_models, capsys):
+    """`ldm eval --lora FILE --corners`: the LoRA merged, corner prompts in the two forms that name a position."""
     from safetensors.torch import save_file
 
     save_model(tiny_models["sd1"], tmp_path / "m.safetensors")
@@ -53,15 +67,17 @@ def test_eval_of_a_lora_on_one_shape(tmp_path, tiny_models, capsys):
                "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.randn(64, 2, 1, 1, generator=g)},
               tmp_path / "l.safetensors")  # fmt: skip
     argv = ["eval", "--ckpt", str(tmp_path / "m.safetensors"), "--count", "3", "--steps", "2", "--image-size", "32",
-            "--quiet", "--json", str(tmp_path / "s.json"), "--device", "cpu", "--forms", "short,tags",
-            "--lora", f"{tmp_path / 'l.safetensors'}:0.5", "--shape", "star"]  # fmt: skip
+            "--quiet", "--json", str(tmp_path / "s.json"), "--device", "cpu", "--corners",
+            "--lora", f"{tmp_path / 'l.safetensors'}:0.5"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "LoRA " in out and "e.g. 'a " in out and " star'" in out
+    assert "LoRA " in out and any(f"e.g. 'a {size}" in out for size in ("small", "large"))
+    assert any(f"at the {corner} on" in out for corner in CORNERS)  # the template's example
     report = json.loads((tmp_path / "s.json").read_text())
-    assert set(report) == {"short", "tags"} and all(set(splits) == {"seen"} for splits in report.values())
-    assert main([*argv[:-2], "--shape", "hexagon"]) == 2
-    assert "--shape: one of circle, square, triangle, star, not 'hexagon'" in capsys.readouterr().err
+    assert set(report) == {"template", "background first"}
+    assert all(set(splits) == {"seen", "held-out"} for splits in report.values())
+    assert main([*argv[:-1], str(tmp_path / "missing.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
 
 
 def test_what_a_prompt_leaves_out_is_reported_as_its_most_common_value():
@@ -117,7 +133,7 @@ def test_eval_refuses_an_unknown_prompt_form(capsys):
 # Caption wordings -------------------------------------------------------------------------------------------
 
 WORDS = {"small": {"small", "little"}, "large": {"large", "big"}}
-PLACES = {"left": {"left"}, "right": {"right"}, "top": {"top", "upper"}, "bottom": {"bottom", "lower"},
+PLACE_WORDS = {"left": {"left"}, "right": {"right"}, "top": {"top", "upper"}, "bottom": {"bottom", "lower"},
           "center": {"center", "centre", "middle", "centered"}}  # fmt: skip
 
 
@@ -128,7 +144,7 @@ def named(caption: str, spec: Shape) -> set[str]:
     found |= {"color"} if spec.color in words else set()
     found |= {"background"} if spec.background in words else set()
     found |= {"size"} if words & (WORDS["small"] | WORDS["large"]) else set()
-    return found | ({"position"} if words & set().union(*PLACES.values()) else set())
+    return found | ({"position"} if words & set().union(*PLACE_WORDS.values()) else set())
 
 
 def test_training_captions_vary_their_wording_and_never_say_anything_wrong():
@@ -142,10 +158,10 @@ def test_training_captions_vary_their_wording_and_never_say_anything_wrong():
         if "size" in said:  # the right size word, and the right place
             assert set(words) & WORDS[spec.size], caption
         if "position" in said:
-            assert set(words) & PLACES[spec.position], caption
+            assert set(words) & PLACE_WORDS[spec.position], caption
         if "," in caption:  # tags: each after the object is a size, a place or "<colour> background", nothing else
             for tag in caption.split(", ")[1:]:
-                assert tag in WORDS[spec.size] | PLACES[spec.position] | {f"{spec.background} background"}, caption
+                assert tag in WORDS[spec.size] | PLACE_WORDS[spec.position] | {f"{spec.background} background"}, caption
         # "an" before a vowel, "a" before anything else
         assert not re.search(r"\ba [aeiou]|\ban [^aeiou]", caption), caption
         # never one of the scoring prompts (other than the template, which is the training caption)

@@ -435,8 +435,14 @@ def add_eval_arguments(ev: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--lora",
         metavar="FILE[:WEIGHT]",
-        help=f"merge this LoRA into the model first (the built-in model's star: {BUILTIN_LORA})",
+        help=f"merge this LoRA into the model first (the built-in model's corners: {BUILTIN_LORA})",
     )
-    ev.add_argument("--shape", help="score prompts about this shape alone: circle, square, triangle, or star")
+    ev.add_argument(
+        "--corners",
+        action="store_true",
+        help="score prompts that put the shape in a corner (top left, top right, bottom left, bottom right), which "
+        "the built-in model never saw; positions are then read among all nine places (default forms: the two that "
+        "name a position)",
+    )
     ev.add_argument("--json", help="also write the scores to this file")
     ev.add_argument("--quiet", action="store_true")

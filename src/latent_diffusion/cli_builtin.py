@@ -18,7 +18,7 @@ from .pipeline.images import grid, save_png, to_pil
 from .pipeline.infotext import parameters_text
 from .pipeline.loading import Pipeline, load_pipeline
 from .pipeline.request import ControlUnit, GenerationRequest
-from .training.data import EVAL_FORMS, HELD_OUT_PAIRS, SHAPES, STAR, Shape, ShapesDataset, draw, to_hint
+from .training.data import CORNERS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, Shape, ShapesDataset, draw, to_hint
 from .training.evaluate import ATTRIBUTES, BOTH, CONTROL_FORMS, LEFT_TO_CHANCE, control_adherence, prompt_adherence
 from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_LORA, BUILTIN_MODEL
 from .weights.lora import LoRAError, apply_lora, read_lora
@@ -46,6 +46,8 @@ def cmd_demo(args) -> None:
         raise
 
 
+PLACE_FORMS = ("template", "background first")  # the prompt forms that name a position (`ldm eval --corners`)
+
 # The control row's shapes, one per column: the ControlNet gets each one's mask and the prompt names its colours.
 DEMO_CONTROLS = (
     Shape("circle", "red", "blue", "small", "left"),
@@ -72,13 +74,13 @@ def draw_demo(args, outdir: Path) -> None:
         rows += [to_pil(im) for im in result.images]
         print(f"  row {len(rows) // len(seeds)}: {prompt}")
     rows += control_rows(pipeline, seeds)
-    rows += star_rows(pipeline, seeds)
+    rows += corner_rows(pipeline, seeds)
     fields = {**result.fields, "Seed": args.seed}
     path = outdir / "demo-grid.png"
     save_png(grid(rows, len(seeds)), path, parameters_text(" | ".join(DEMO_PROMPTS), "", fields))
     print(
         f"wrote {path} ({len(DEMO_PROMPTS)} prompts x {len(seeds)} seeds, then control images and the images drawn "
-        f"from them, then stars without and with the built-in LoRA) in {time.perf_counter() - start:.1f} s"
+        f"from them, then corners without and with the built-in LoRA) in {time.perf_counter() - start:.1f} s"
     )
     print('next: ldm txt2img --prompt "a large red square at the right on a white background" --batch-size 4 --grid')
 
@@ -95,21 +97,21 @@ def control_rows(pipeline: Pipeline, seeds: list[int]) -> list:
     return [to_pil(m) for m in masks] + [to_pil(im) for im in result.images]
 
 
-# The star rows' prompts, one per column: the same prompt without the built-in LoRA, then with it (its tag).
-DEMO_STARS = (
-    "a yellow star on a blue background",
-    "a red star",
-    "a large white star on a black background",
-    "purple star, green background",  # tags
-    "a small orange star at the left on a white background",
-    "a blue star in the center on a yellow background",
+# The corner rows' prompts, one per column: the same prompt without the built-in LoRA, then with it (its tag).
+DEMO_CORNERS = (
+    "a yellow circle in the top left corner on a blue background",
+    "a red square at the bottom right",
+    "a large white triangle in the top right corner on a black background",
+    "purple circle, bottom left, green background",  # tags
+    "an orange background with a small blue square in the upper left corner",
+    "a small green circle at the bottom left on a white background",
 )
 
 
-def star_rows(pipeline: Pipeline, seeds: list[int]) -> list:
-    """Two rows: star prompts as the built-in model draws them alone (it never saw a star), then with its LoRA,
-    `<lora:shapes-star:1>`, which taught it the star."""
-    prompts = [DEMO_STARS[i % len(DEMO_STARS)] for i in range(len(seeds))]
+def corner_rows(pipeline: Pipeline, seeds: list[int]) -> list:
+    """Two rows: prompts that put the shape in a corner, as the built-in model draws them alone (it never saw a
+    shape in a corner), then with its LoRA, `<lora:shapes-corners:1>`, which taught it the corners."""
+    prompts = [DEMO_CORNERS[i % len(DEMO_CORNERS)] for i in range(len(seeds))]
     rows = []
     for tag in ("", f"<lora:{BUILTIN_LORA.stem}:1> "):
         result = generate(pipeline, GenerationRequest([tag + p for p in prompts], seeds, batch_size=len(seeds)))
@@ -142,12 +144,10 @@ def cmd_eval(args) -> None:
             batch_size=args.batch_size,
         )
     )
-    default = CONTROL_FORMS if args.controlnet else tuple(EVAL_FORMS)
+    default = CONTROL_FORMS if args.controlnet else PLACE_FORMS if args.corners else tuple(EVAL_FORMS)
     forms = tuple(f.strip() for f in args.forms.split(",")) if args.forms else default
     if unknown := [f for f in forms if f not in EVAL_FORMS]:
         raise UsageError(f"--forms: no prompt form {unknown[0]!r}; the forms are {', '.join(EVAL_FORMS)}")
-    if args.shape is not None and args.shape not in (*SHAPES, STAR):
-        raise UsageError(f"--shape: one of {', '.join((*SHAPES, STAR))}, not {args.shape!r}")
     lora_path, _, weight = (args.lora or "").partition(":")
     if args.lora and not Path(lora_path).is_file():
         raise UsageError(f"--lora {lora_path}: no such file")
@@ -158,17 +158,16 @@ def cmd_eval(args) -> None:
             apply_lora(pipeline.model, read_lora(lora_path), float(weight or 1))
         except (LoRAError, ValueError) as e:
             raise UsageError(f"--lora {args.lora}: {e}") from None
-    shapes = (args.shape,) if args.shape else SHAPES
     batches = -(-args.count // max(1, args.batch_size))  # per split
-    splits = 1 if args.shape == STAR else 2
-    bar = tqdm(total=splits * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
+    bar = tqdm(total=2 * len(forms) * batches * settings.steps, disable=args.quiet, unit="step", desc="eval")
     options = dict(seed=args.seed, forms=forms, progress=lambda p: bar.update(1))
     if args.controlnet:
         report, result = control_adherence(
             pipeline, "control", args.count, settings, weight=args.control_weight, **options
         )
     else:
-        report, result = prompt_adherence(pipeline, args.count, settings, shapes=shapes, **options)
+        positions = tuple(CORNERS) if args.corners else tuple(POSITIONS)
+        report, result = prompt_adherence(pipeline, args.count, settings, positions=positions, **options)
     bar.close()
     print_report(args, report, result)
     if args.json:
@@ -189,8 +188,8 @@ def print_report(args, report: dict, result) -> None:
     )
     columns = (*ATTRIBUTES, BOTH) if args.controlnet else ATTRIBUTES
     print(f"{'form':18s}{'split':10s}{'images':>8s}" + "".join(f"{a:>12s}" for a in columns))
-    shapes = (args.shape,) if args.shape else SHAPES
-    example = ShapesDataset(1, seed=args.seed + 1, shapes=shapes).specs[0]  # the first seen-split shape
+    positions = tuple(CORNERS) if args.corners else tuple(POSITIONS)
+    example = ShapesDataset(1, seed=args.seed + 1, positions=positions).specs[0]  # the first seen-split shape
     for form, splits in report.items():
         print(f"{form:18s}e.g. {EVAL_FORMS[form].write(example)!r}")
         for split, row in splits.items():

@@ -16,7 +16,7 @@ import torch
 
 from ..devices import emulated_bfloat16_warning, has_native_bfloat16
 from .buckets import BucketSpec
-from .data import HELD_OUT_PAIRS, SHAPES, STAR, DataError, ImageCaptionFolder, ShapesDataset
+from .data import HELD_OUT_PAIRS, PLACES, POSITIONS, DataError, ImageCaptionFolder, ShapesDataset
 
 LR_SCHEDULES = ("constant", "cosine")
 
@@ -83,8 +83,8 @@ class RunConfig:
     outdir: str
     data: str | None = None  # an image folder; None: the built-in shapes set
     shapes_count: int = 2000
-    # the shapes the built-in set draws, comma-separated (one named twice: twice as often)
-    shapes: str = ",".join(SHAPES)
+    # where the built-in set draws its shapes, comma-separated (one named twice: twice as often)
+    positions: str = ",".join(POSITIONS)
     image_size: int = 64
     preset: str = "tiny"  # the architecture (stage 2 from scratch) or whose autoencoder (stage 1)
     steps: int = 1000
@@ -115,8 +115,8 @@ def check_common(cfg: RunConfig, precisions: tuple[str, ...]) -> None:
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise TrainError(f"{f.name.replace('_', '-')} must be a finite number, not {value}")
-    if unknown := [s for s in shape_names(cfg) if s not in (*SHAPES, STAR)]:
-        raise TrainError(f"--shapes: no shape {unknown[0]!r}; the shapes set draws {', '.join((*SHAPES, STAR))}")
+    if unknown := [p for p in position_names(cfg) if p not in PLACES]:
+        raise TrainError(f"--positions: no place {unknown[0]!r}; the shapes set draws at {', '.join(PLACES)}")
     if cfg.lr <= 0:  # a negative learning rate trains backwards, a zero one not at all
         raise TrainError(f"lr must be above 0, not {cfg.lr:g}")
 
@@ -127,7 +127,12 @@ def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False, buckets: B
     aspect-ratio bucket (the shapes are all square: they fall into the square bucket)."""
     if cfg.data is None:
         return ShapesDataset(
-            cfg.shapes_count, cfg.image_size, seed=cfg.seed, exclude=exclude, control=control, shapes=shape_names(cfg)
+            cfg.shapes_count,
+            cfg.image_size,
+            seed=cfg.seed,
+            exclude=exclude,
+            control=control,
+            positions=position_names(cfg),
         )
     try:
         return ImageCaptionFolder(
@@ -147,8 +152,8 @@ NONE_BY_DEFAULT = {"min_snr_gamma": float, "lora": int, "lora_alpha": float, "lo
                    "lora_conv_alpha": float, "text_encoder_lr": float}  # fmt: skip
 
 
-def shape_names(cfg: RunConfig) -> tuple[str, ...]:
-    return tuple(s.strip() for s in cfg.shapes.split(","))
+def position_names(cfg: RunConfig) -> tuple[str, ...]:
+    return tuple(p.strip() for p in cfg.positions.split(","))
 
 
 def add_config_arguments(p: argparse.ArgumentParser, config_class, helps: dict, skip: tuple[str, ...] = ()) -> None:

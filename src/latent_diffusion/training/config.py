@@ -149,8 +149,9 @@ TRAIN_HELP = {
     "data": "image folder: NAME.jpg + NAME.txt (or NAME.caption) captions, or a metadata.jsonl (default: the built-in "
     "shapes set)",
     "shapes_count": "images in the built-in shapes set",
-    "shapes": "the shapes the built-in set draws, comma-separated, each as often (name one twice to draw it twice "
-    "as often); star is one the built-in model never saw",
+    "positions": "where the built-in set draws its shapes, comma-separated, each as often (name one twice to draw "
+    "there twice as often): left, right, top, bottom, center, and the corners the built-in model never saw, top "
+    "left, top right, bottom left, bottom right",
     "image_size": "training resolution in pixels (images are resized and center-cropped; with --enable-bucket, "
     "the pixel budget image-size²)",
     "ckpt": "fine-tune this checkpoint",

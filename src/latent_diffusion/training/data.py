@@ -15,7 +15,6 @@ image's bucket; in the shapes set, the shape's filled mask, white on black (`dra
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -237,11 +236,13 @@ COLORS = {
     "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
 }  # fmt: skip
 SHAPES = ("circle", "square", "triangle")
-STAR = "star"  # a shape the built-in model never saw: its LoRA teaches it (`assets/shapes-star.safetensors`)
 SIZES = {"small": 0.28, "large": 0.55}  # side as a fraction of the image
 # Colour–shape pairs that the built-in model never sees in a caption: they measure composition.
 HELD_OUT_PAIRS = frozenset({("green", "triangle"), ("purple", "circle"), ("white", "square")})
 POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7), "center": (0.5, 0.5)}
+# Places the built-in model never saw a shape at: its LoRA teaches them (`assets/shapes-corners.safetensors`)
+CORNERS = {"top left": (0.3, 0.3), "top right": (0.7, 0.3), "bottom left": (0.3, 0.7), "bottom right": (0.7, 0.7)}
+PLACES = POSITIONS | CORNERS  # (x, y) of the shape's centre, as fractions of the image
 
 
 @dataclass(frozen=True)
@@ -297,6 +298,15 @@ WHERE = {
     "top": ("at the top", "near the top", "in the top part", "in the upper part"),
     "bottom": ("at the bottom", "near the bottom", "in the bottom part", "in the lower part"),
     "center": ("in the center", "in the middle", "in the centre", "centered"),
+    **{
+        c: (
+            f"at the {c}",
+            f"in the {c} corner",
+            f"in the {c.replace('top', 'upper').replace('bottom', 'lower')} corner",
+            f"to the {c}",
+        )
+        for c in CORNERS
+    },
 }
 SIZE_WORDS = {"small": ("small", "small", "little"), "large": ("large", "large", "big")}
 ON_BACKGROUND = (
@@ -334,7 +344,8 @@ def training_caption(s: Shape, rng: random.Random, where_share: float = 0.9) -> 
 def _wording(s: Shape, size: str | None, where: str | None, background: str | None, rng: random.Random) -> str:
     form = rng.randrange(5)
     if form == 1:  # tags, in any order after the object
-        place = where and where.removesuffix(" part").split()[-1]  # "in the left part" -> "left"
+        # "in the left part" -> "left"; a corner's tag is its name, "top left"
+        place = where and (s.position if s.position in CORNERS else where.removesuffix(" part").split()[-1])
         tags = [t for t in (size, place, background and f"{background} background") if t]
         rng.shuffle(tags)
         head = f"{s.color} {s.shape}" if rng.random() < 0.5 else f"{an(s.color)} {s.color} {s.shape}"
@@ -366,34 +377,15 @@ def draw(spec: Shape, image_size: int, mask: bool = False) -> Image.Image:
     im = Image.new("RGB", (image_size, image_size), background)
     d = ImageDraw.Draw(im)
     side = SIZES[spec.size] * image_size
-    cx, cy = (p * image_size for p in POSITIONS[spec.position])
+    cx, cy = (p * image_size for p in PLACES[spec.position])
     box = (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2)
     if spec.shape == "circle":
         d.ellipse(box, fill=fill)
     elif spec.shape == "square":
         d.rectangle(box, fill=fill)
-    elif spec.shape == STAR:
-        d.polygon(star(cx, cy, side), fill=fill)
     else:
         d.polygon([(cx, box[1]), (box[2], box[3]), (box[0], box[3])], fill=fill)
     return im
-
-
-def star(cx: float, cy: float, side: float) -> list[tuple[float, float]]:
-    """A five-pointed star, one point up, as wide as `side` and centred in its box at (cx, cy): ten corners at radii
-    R and 0.38·R alternately. Its box is 2R·sin 72° wide and R(1 + cos 36°) high; it fills a third of it (a
-    triangle 1/2, a circle π/4), which tells the analyser the shapes apart."""
-    outer = side / (2 * math.sin(math.radians(72)))
-    top = cy - outer * (1 + math.cos(math.radians(36))) / 2  # the upper point, so that the box is centred
-    corners = []
-    for k in range(10):
-        radius = outer if k % 2 == 0 else STAR_INNER * outer
-        angle = math.radians(90 + 36 * k)
-        corners.append((cx + radius * math.cos(angle), top + outer - radius * math.sin(angle)))
-    return corners
-
-
-STAR_INNER = 0.38  # inner radius / outer, about a regular star's (0.382)
 
 
 class ShapesDataset(torch.utils.data.Dataset):
@@ -408,10 +400,10 @@ class ShapesDataset(torch.utils.data.Dataset):
         exclude=HELD_OUT_PAIRS,
         only=None,
         control=False,
-        shapes: tuple[str, ...] = SHAPES,
+        positions: tuple[str, ...] = tuple(POSITIONS),
     ):
-        """only: draw nothing but these (colour, shape) pairs (for evaluating the held-out ones); shapes: the shapes
-        drawn, each equally often (name one twice to draw it twice as often); control: items with
+        """only: draw nothing but these (colour, shape) pairs (for evaluating the held-out ones); positions: the places
+        drawn at (`PLACES`), each equally often (name one twice to draw it twice as often); control: items with
         the shape's mask as their control image, and captions that name the position half the time, not nine times
         in ten (with 9/10, a ControlNet trained for 1000 steps put the shape where its mask is in 60-66 % of the
         images of prompts that name no position, which the base model draws in the center: it had seldom seen
@@ -420,7 +412,7 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.image_size, self.specs, self.control = image_size, [], control
         while len(self.specs) < count:
             color, background = rng.sample(list(COLORS), 2)
-            spec = Shape(rng.choice(shapes), color, background, rng.choice(list(SIZES)), rng.choice(list(POSITIONS)))
+            spec = Shape(rng.choice(SHAPES), color, background, rng.choice(list(SIZES)), rng.choice(positions))
             pair = (spec.color, spec.shape)
             if (only is None and pair not in exclude) or (only is not None and pair in only):
                 self.specs.append(spec)

@@ -4,7 +4,8 @@ from the pixels with a deterministic analyser (no learned model).
 Analyser: background = the palette colour nearest the median of the border pixels; colour = the palette colour
 nearest the median of the pixels far from the background; the shape's pixels = those nearer that colour than
 the background's; size from their bounding box; position from their centroid; shape from how much of the
-bounding box they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2, the built-in LoRA's star ≈ 1/3).
+bounding box they fill (square ≈ 1, circle ≈ π/4, triangle ≈ 1/2). Positions are the nearest of `places`: the five
+the built-in model knows, or with its LoRA's corners (`data.CORNERS`) nine.
 
 Control adherence (`control_adherence`): the same, with a ControlNet and each shape's mask as its control image
 (`data.draw(..., mask=True)`), for prompts that name no position or size: position and size are read from the
@@ -24,7 +25,7 @@ from ..models.ldm import LatentDiffusion
 from ..pipeline.generate import Progress, generate
 from ..pipeline.loading import Pipeline
 from ..pipeline.request import ControlUnit, GenerationRequest, GenerationResult
-from .data import COLORS, EVAL_FORMS, HELD_OUT_PAIRS, POSITIONS, SHAPES, SIZES, STAR, Shape, ShapesDataset
+from .data import COLORS, CORNERS, EVAL_FORMS, HELD_OUT_PAIRS, PLACES, POSITIONS, SIZES, Shape, ShapesDataset
 
 PALETTE = torch.tensor(list(COLORS.values()), dtype=torch.float32) / 127.5 - 1  # (8, 3) in [-1, 1]
 NAMES = list(COLORS)
@@ -32,16 +33,15 @@ ATTRIBUTES = ("shape", "color", "background", "size", "position")
 CONTROLLED = ("position", "size")  # what the control image decides
 BOTH = "size and position"  # both right in one image
 CONTROL_FORMS = ("short", "on background")  # prompt forms that name neither: the control image alone says them
-# Between a star's fill of its box (0.34-0.40 drawn at 64 px, `data.star`) and a triangle's (0.51-0.53)
-STAR_FILL = 0.44
 
 
 def nearest_color(rgb: torch.Tensor) -> str:
     return NAMES[int(((PALETTE - rgb) ** 2).sum(dim=1).argmin())]
 
 
-def analyse(image: torch.Tensor) -> dict[str, str]:
-    """image (3, H, W) in [-1, 1] -> {"shape", "color", "background", "size", "position"}."""
+def analyse(image: torch.Tensor, places: dict = POSITIONS) -> dict[str, str]:
+    """image (3, H, W) in [-1, 1] -> {"shape", "color", "background", "size", "position"}; the position is the
+    nearest of `places` (name -> (x, y))."""
     _, h, w = image.shape
     border = torch.cat([image[:, 0], image[:, -1], image[:, :, 0], image[:, :, -1]], dim=1)  # (3, 2H + 2W)
     background = nearest_color(border.median(dim=1).values)
@@ -59,13 +59,13 @@ def analyse(image: torch.Tensor) -> dict[str, str]:
     ys, xs = torch.nonzero(fg, as_tuple=True)
     box_h, box_w = (ys.max() - ys.min() + 1).item(), (xs.max() - xs.min() + 1).item()
     fill = fg.sum().item() / (box_h * box_w)
-    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle" if fill > STAR_FILL else STAR
+    shape = "square" if fill > 0.9 else "circle" if fill > 0.64 else "triangle"
     side = max(box_h / h, box_w / w)
     size = min(SIZES, key=lambda s: abs(SIZES[s] - side))
     cy, cx = ys.float().mean().item() / h, xs.float().mean().item() / w
     if shape == "triangle":  # a triangle's centroid sits a sixth of its height below its box's centre
         cy -= box_h / h / 6
-    position = min(POSITIONS, key=lambda p: (POSITIONS[p][0] - cx) ** 2 + (POSITIONS[p][1] - cy) ** 2)
+    position = min(places, key=lambda p: (places[p][0] - cx) ** 2 + (places[p][1] - cy) ** 2)
     return {"shape": shape, "color": color, "background": background, "size": size, "position": position}
 
 
@@ -75,12 +75,14 @@ def analyse(image: torch.Tensor) -> dict[str, str]:
 LEFT_TO_CHANCE = {"position": 1 / len(POSITIONS), "size": 1 / len(SIZES), "background": 1 / len(COLORS)}
 
 
-def score(specs: list[Shape], images: torch.Tensor, attributes: tuple[str, ...] = ATTRIBUTES) -> dict:
+def score(
+    specs: list[Shape], images: torch.Tensor, attributes: tuple[str, ...] = ATTRIBUTES, places: dict = POSITIONS
+) -> dict:
     """Share of images whose analysed attribute equals the one asked for, per attribute in `attributes`. For each
     attribute that the prompts leave out, "most common": the value read most often and its share of the images.
     A prompt that does not name a position should get the shape anywhere, about 1 in 5 at each place; a model
     that puts it at the top for "a red circle" scores nothing wrong in `attributes`, and shows here."""
-    found = [analyse(im) for im in images]
+    found = [analyse(im, places) for im in images]
     row: dict = {a: sum(f[a] == getattr(s, a) for f, s in zip(found, specs)) / len(specs) for a in attributes}
     if unnamed := [a for a in LEFT_TO_CHANCE if a not in attributes]:
         read = {a: Counter(f[a] for f in found if f[a] != "none").most_common(1) for a in unnamed}  # [(value, n)]
@@ -97,19 +99,21 @@ def prompt_adherence(
     seed: int = 0,
     forms: tuple[str, ...] = tuple(EVAL_FORMS),
     progress: Callable[[Progress], None] | None = None,
-    shapes: tuple[str, ...] = SHAPES,
+    positions: tuple[str, ...] = tuple(POSITIONS),
 ) -> tuple[dict[str, dict], GenerationResult]:
-    """Generate `count` images for prompts about seen (colour, shape) pairs and `count` for held-out pairs of
-    `shapes` (the star, which no held-out pair has: seen pairs alone), in each
+    """Generate `count` images for prompts about seen (colour, shape) pairs and `count` for held-out pairs, drawn
+    at `positions` (with a corner among them, the analyser reads positions among all nine `data.PLACES`), in each
     of the prompt `forms` (`data.EVAL_FORMS`), with the size, sampler, guidance and batch size of `settings` (its
     prompts and seeds are ignored), and score the attributes each form names:
     ({form: {"seen": {"images": n, "shape": share, ...}, "held-out": {...}}}, the last result: its request as run and
     its infotext fields). Image i of each
     split has seed seed + i and shows the same shape in every form, so forms differ only in their wording."""
     size = settings.width or 64
-    splits = {"seen": ShapesDataset(count, size, seed=seed + 1, shapes=shapes)}
-    if held_out := {pair for pair in HELD_OUT_PAIRS if pair[1] in shapes}:
-        splits["held-out"] = ShapesDataset(count, size, seed=seed + 2, only=held_out, shapes=shapes)
+    splits = {
+        "seen": ShapesDataset(count, size, seed=seed + 1, positions=positions),
+        "held-out": ShapesDataset(count, size, seed=seed + 2, only=HELD_OUT_PAIRS, positions=positions),
+    }
+    places = PLACES if set(positions) & set(CORNERS) else POSITIONS
     report = {}
     for name in forms:
         form = EVAL_FORMS[name]
@@ -122,7 +126,8 @@ def prompt_adherence(
             )
             result = generate(pipeline, request, progress)
             images = result.images.cpu() * 2 - 1
-            report.setdefault(name, {})[split] = {"images": count, **score(data.specs, images, form.attributes)}
+            row = score(data.specs, images, form.attributes, places)
+            report.setdefault(name, {})[split] = {"images": count, **row}
     return report, result
 
 

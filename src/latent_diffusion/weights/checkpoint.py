@@ -41,7 +41,7 @@ CONFIG_METADATA_KEY = "latent_diffusion.config"
 BUILTIN_MODEL = Path(__file__).parents[1] / "assets" / "shapes.safetensors"
 # Its ControlNet, trained by `ldm train-controlnet` on the shapes' masks (benchmarks/builtin_controlnet.sh)
 BUILTIN_CONTROLNET = Path(__file__).parents[1] / "assets" / "shapes-control.safetensors"
-BUILTIN_LORA = Path(__file__).parents[1] / "assets" / "shapes-star.safetensors"  # teaches it the star
+BUILTIN_LORA = Path(__file__).parents[1] / "assets" / "shapes-corners.safetensors"  # teaches it the corners
 
 
 # The architecture from the keys -----------------------------------------------------------------------------
