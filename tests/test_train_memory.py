@@ -16,10 +16,7 @@ from latent_diffusion import LatentDiffusion, preset
 from latent_diffusion.cli import main
 from latent_diffusion.training.config import TrainConfig
 from latent_diffusion.training.diffusion import train
-
 from test_train import FAST, weights
-
-bitsandbytes = pytest.importorskip("bitsandbytes")
 
 
 def same(a: dict, b: dict) -> bool:
@@ -27,6 +24,7 @@ def same(a: dict, b: dict) -> bool:
 
 
 def test_adamw8bit_keeps_8_bit_states_and_resumes_exactly(tmp_path, monkeypatch):
+    bitsandbytes = pytest.importorskip("bitsandbytes")  # (the test extra installs it)
     states = []
     real = optimizers.build_optimizer
 
@@ -39,7 +37,9 @@ def test_adamw8bit_keeps_8_bit_states_and_resumes_exactly(tmp_path, monkeypatch)
     train(TrainConfig(outdir=str(tmp_path / "straight"), steps=6, **common))
     train(TrainConfig(outdir=str(tmp_path / "resumed"), steps=3, **common))
     train(TrainConfig(outdir=str(tmp_path / "resumed"), steps=6, resume=True, **common))
-    assert same(weights(tmp_path / "straight" / "model.safetensors"), weights(tmp_path / "resumed" / "model.safetensors"))
+    assert same(
+        weights(tmp_path / "straight" / "model.safetensors"), weights(tmp_path / "resumed" / "model.safetensors")
+    )
     assert all(isinstance(o, bitsandbytes.optim.AdamW8bit) for o in states)
     kinds = {v.dtype for state in states[0].state.values() for k, v in state.items() if k in ("state1", "state2")}
     assert kinds == {torch.uint8, torch.float32}  # 8-bit moments, 32-bit ones for tensors under 4096 values

@@ -20,7 +20,8 @@ Determinism: the data order of epoch e is a permutation seeded by (seed, e) (wit
 shuffles of each bucket and of the order of its batches: `buckets.py`), and every random draw of step s
 (timesteps, noise, prompt dropout, posterior samples, tag orders) comes from a generator seeded by (seed, s), drawn
 for the whole global batch. Each process takes its slice. So N steps + resume + N steps equals 2N steps, and two
-processes give the weights one process gives with the same global batch.
+processes give the weights one process gives with the same global batch, with DDP or with --fsdp's shards
+(`fsdp.py`).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> fl
 
 
 class TrainedParts(nn.Module):
-    """What the optimizer updates, as one module for DistributedDataParallel: the U-Net behind its conditioning
+    """What the optimizer updates, as one module for DDP or FSDP to wrap or shard: the U-Net behind its conditioning
     wrapper, and the text encoder when it is trained (it then runs inside forward, so that its gradients are
     synchronised too); for LoRA training, the frozen model and the `adapters` hooked into its layers (they alone
     train). Runs under the run's autocast."""
@@ -223,22 +224,19 @@ def train(cfg: TrainConfig, make_trainee=unet_trainee, control: bool = False) ->
     carry control images (ControlNet training)."""
     try:
         outdir, device, rank, world, lock, litter = setup(cfg)
-    except BaseException:
-        if dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-            dist.destroy_process_group()  # --fsdp's group of one, made by `distributed`
-        raise
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # what the fingerprint holds
-    try:
-        return run_training(cfg, outdir, device, rank, world, make_trainee, control)
-    except BaseException:
-        if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
-            discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
-        raise
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # the fingerprint's
+        try:
+            return run_training(cfg, outdir, device, rank, world, make_trainee, control)
+        except BaseException:
+            if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
+                discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
+            raise
+        finally:
+            if lock:
+                lock.close()  # also when the run fails inside this process (a notebook, tests)
     finally:
-        if lock:
-            lock.close()  # also when the run fails inside this process (a notebook, tests)
         if dist.is_initialized() and "WORLD_SIZE" not in os.environ:
-            dist.destroy_process_group()  # --fsdp's group of one (torchrun's ends in run_training, on success)
+            dist.destroy_process_group()  # --fsdp's group of one, made by `distributed` (torchrun's: run_training)
 
 
 def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, make_trainee, control: bool) -> Path:
@@ -292,7 +290,7 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
     loop(run, trainee, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)
     if getattr(dataset, "skipped", 0) and rank == 0:
         tqdm.write(f"skipped {dataset.skipped} unreadable images")
-    if world > 1:
+    if dist.is_initialized() and "WORLD_SIZE" in os.environ:  # torchrun's group
         dist.destroy_process_group()
     return outdir / trainee.file_name
 
