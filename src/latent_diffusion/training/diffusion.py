@@ -266,8 +266,9 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
         groups = shard(trainee, ema, device, cfg.precision, groups)
     if cfg.compile:  # in place: the module tree and so the checkpoint keys stay as they are
         trainee.net.compile(backend=COMPILE_BACKEND, dynamic=False)
-    optimizer = build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, device)
     # FSDP: each process sees its gradient shards alone; the sharded scaler agrees on an overflow over all of them
+    sharded_scaler = cfg.fsdp and cfg.precision == "fp16"
+    optimizer = build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, device, sharded_scaler)
     scaler = (ShardedGradScaler if cfg.fsdp else torch.amp.GradScaler)(device.type, enabled=cfg.precision == "fp16")
     if cfg.fsdp:
         state = restore_sharded(cfg, outdir, trainee, ema, trainee.net, optimizer)

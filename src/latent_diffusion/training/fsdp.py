@@ -37,8 +37,9 @@ from .common import TrainError
 from .config import TrainConfig
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
-# Only what trains is saved: frozen weights are rebuilt by the run's set-up as the first run built them
-OPTIONS = StateDictOptions(ignore_frozen_params=True)
+# Only what trains is saved: frozen weights are rebuilt by the run's set-up as the first run built them. Loading
+# is not strict, or the frozen weights would be missing keys; dcp.load is: each trained key must be in the files
+OPTIONS = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def sharded_blocks(root: nn.Module) -> list[nn.Module]:

@@ -50,8 +50,13 @@ def check_optimizer(name: str, device: torch.device) -> None:
         ) from None
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, weight_decay: float, device: torch.device):
-    """The optimizer over the parameter groups (each group's "lr_scale" stays a key of its group)."""
+def build_optimizer(
+    name: str, groups: list[dict], lr: float, weight_decay: float, device: torch.device, sharded_scaler: bool = False
+):
+    """The optimizer over the parameter groups (each group's "lr_scale" stays a key of its group). sharded_scaler:
+    fp16 under FSDP, whose gradient scaler hands a fused AdamW an overflow flag of another shape (1,) than its
+    step counts' (): foreach there, which the scaler skips by itself."""
     if name == "adamw8bit":
         return import_bitsandbytes().optim.AdamW8bit(groups, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **fast_optimizer_options(device))
+    options = {"foreach": True} if sharded_scaler else fast_optimizer_options(device)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, **options)
