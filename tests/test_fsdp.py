@@ -32,9 +32,12 @@ def assert_same_run(a: dict, b: dict) -> None:
 def test_two_sharded_processes_give_the_weights_of_one_and_resume_on_one(tmp_path):
     """The U-Net and its EMA sharded over two processes train as one process without sharding (SAME_RUN_ATOL:
     the gradients are summed in another order); the two processes' checkpoint, resharded onto one, goes on as the
-    unsharded run goes on."""
+    unsharded run goes on (resuming may leave the disk cache: it is the in-memory cache's latents)."""
     assert main(["train", "--outdir", str(tmp_path / "one"), "--steps", "3", *ARGS]) == 0
-    run_torchrun(2, ["train", "--outdir", str(tmp_path / "two"), "--fsdp", "--steps", "3", *ARGS])
+    # (and the latents cached on disk: rank 0 writes the files, both processes read them, the resume too)
+    run_torchrun(
+        2, ["train", "--outdir", str(tmp_path / "two"), "--fsdp", "--cache-latents-to-disk", "--steps", "3", *ARGS]
+    )
     one, two = tmp_path / "one" / "model.safetensors", tmp_path / "two" / "model.safetensors"
     assert_same_run(weights(one), weights(two))
     assert_same_run(ema_weights(one), ema_weights(two))
@@ -44,6 +47,7 @@ def test_two_sharded_processes_give_the_weights_of_one_and_resume_on_one(tmp_pat
 
     assert main(["train", "--outdir", str(tmp_path / "one"), "--steps", "4", "--resume", *ARGS]) == 0
     assert main(["train", "--outdir", str(tmp_path / "two"), "--fsdp", "--steps", "4", "--resume", *ARGS]) == 0
+    assert len(list((tmp_path / "two" / "cache" / "latents").rglob("*.safetensors"))) == 32
     assert_same_run(weights(one), weights(two))
     assert_same_run(ema_weights(one), ema_weights(two))
 
