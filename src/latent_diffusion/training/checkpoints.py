@@ -52,12 +52,27 @@ def latest_checkpoint(outdir: Path) -> Path | None:
 def save_checkpoint(outdir: Path, step: int, trainee: Trainee, ema: nn.Module | None, state: dict, keep: int):
     """checkpoints/step-NNNNNNN/{the trainee's file, state.pt}, written in a temp folder and renamed into place,
     so a kill at any moment leaves the previous checkpoint whole; then the trainee's file in outdir, atomically."""
+    finish_checkpoint(outdir, step, begin_checkpoint(outdir, step), trainee, trainee.tensors(ema), state, keep)
+
+
+def begin_checkpoint(outdir: Path, step: int) -> Path:
+    """The empty temp folder of step `step`'s checkpoint (a sharded one's processes write into it too: `fsdp.py`)."""
     root = outdir / "checkpoints"
     root.mkdir(exist_ok=True)
-    tmp = root / f".tmp-step-{step:07d}"
+    tmp = temp_folder(outdir, step)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    tensors = trainee.tensors(ema)
+    return tmp
+
+
+def temp_folder(outdir: Path, step: int) -> Path:
+    return outdir / "checkpoints" / f".tmp-step-{step:07d}"
+
+
+def finish_checkpoint(outdir: Path, step: int, tmp: Path, trainee: Trainee, tensors: dict, state: dict, keep: int):
+    """The trainee's file (of `tensors`) and state.pt into the temp folder, the folder renamed into place, the
+    oldest checkpoints beyond `keep` removed, and the file in outdir."""
+    root = outdir / "checkpoints"
     try:
         metadata = trainee.metadata(tensors)
         save_tensors(tensors, tmp / trainee.file_name, metadata, "training")
@@ -107,16 +122,7 @@ class DamagedCheckpoint(Exception):
 
 def verified_checkpoint(path: Path, cfg: TrainConfig, trainee: Trainee, ema: nn.Module | None) -> tuple[dict, dict]:
     """(state, tensors) of checkpoint folder `path` once every file reads and every tensor has its expected shape."""
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        missing = [k for k in ("step", "optimizer", "scaler", "fingerprint") if k not in state]
-    except Exception as e:  # missing, truncated, empty: whatever torch.load says, the file is not usable
-        raise DamagedCheckpoint(f"state.pt: {type(e).__name__}") from None
-    if missing:
-        raise DamagedCheckpoint(f"state.pt has no {missing[0]}")
-    fingerprint = run_fingerprint(cfg, trainee.model)
-    if differs := [k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k]]:
-        raise TrainError(f"{path}: was written by a run with other settings ({', '.join(differs)})")
+    state = read_state(path, cfg, trainee, ("step", "optimizer", "scaler", "fingerprint"))
     try:
         saved, _ = read_state_dict(path / trainee.file_name)
     except CheckpointError:
@@ -124,6 +130,26 @@ def verified_checkpoint(path: Path, cfg: TrainConfig, trainee: Trainee, ema: nn.
     if bad := [k for k, v in trainee.tensors(ema).items() if k not in saved or saved[k].shape != v.shape]:
         raise DamagedCheckpoint(f"{trainee.file_name} lacks {bad[0]} or has another shape")
     return state, saved
+
+
+def read_state(path: Path, cfg: TrainConfig, trainee: Trainee, keys: tuple[str, ...]) -> dict:
+    """Checkpoint folder `path`'s state.pt, once it reads and holds `keys`; TrainError where its run had other
+    settings. A field the run's version of this code did not have counts as its default, the behaviour before it
+    was added."""
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+        missing = [k for k in ("fingerprint", *keys) if k not in state]
+    except Exception as e:  # missing, truncated, empty: whatever torch.load says, the file is not usable
+        raise DamagedCheckpoint(f"state.pt: {type(e).__name__}") from None
+    if "fingerprint" in missing:
+        raise DamagedCheckpoint("state.pt has no fingerprint")
+    fingerprint = run_fingerprint(cfg, trainee.model)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    if differs := [k for k in fingerprint if state["fingerprint"].get(k, defaults.get(k)) != fingerprint[k]]:
+        raise TrainError(f"{path}: was written by a run with other settings ({', '.join(differs)})")
+    if missing:  # (after the settings: a sharded checkpoint's state.pt holds no optimizer)
+        raise DamagedCheckpoint(f"state.pt has no {missing[0]}")
+    return state
 
 
 def log_row(path: Path, step: int, losses: list[float], seconds: float, lr: float) -> None:

@@ -10,6 +10,8 @@ from ..sampling.parameterization import PARAMETERIZATIONS
 from .buckets import BucketSpec
 from .common import RunConfig, TrainError, check_common
 
+OPTIMIZERS = ("adamw", "adamw8bit")
+
 
 @dataclass
 class TrainConfig(RunConfig):
@@ -29,6 +31,8 @@ class TrainConfig(RunConfig):
     min_snr_floor: float = 0.0  # x0-loss weight clamp(SNR, floor, gamma) (parameterization.min_snr_weight)
     offset_noise: float = 0.0
     cache_latents: bool = True  # encode images and captions once; off for random flips
+    # the cached latents in files under outdir/cache/ (`latent_cache.py`), read back by later runs and resumes
+    cache_latents_to_disk: bool = False
     # Aspect-ratio buckets (`buckets.py`, kohya's --enable_bucket): each image at its own shape within image_size²
     enable_bucket: bool = False
     min_bucket_reso: int = 256
@@ -51,6 +55,8 @@ class TrainConfig(RunConfig):
     lora_conv_alpha: float | None = None  # None: lora_conv_rank
     lora_dropout: float = 0.0  # of the adapters' r hidden units (kohya's network_dropout)
     text_encoder_lr: float | None = None  # with --train-text-encoder; None: lr
+    optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' AdamW with 8-bit states (`optimizers.py`)
+    fsdp: bool = False  # shard weights, gradients and optimizer states over the processes (`fsdp.py`)
 
 
 # The fields that may change when a run is resumed; every other field of TrainConfig defines the run.
@@ -67,6 +73,7 @@ RESUMABLE = (
     "quiet",
     "gradient_checkpointing",
     "compile",
+    "cache_latents_to_disk",  # the same latents, bit for bit, from files or from memory
 )
 
 
@@ -103,6 +110,23 @@ def check_config(cfg: TrainConfig) -> None:
         raise TrainError(f"keep-tokens must be at least 0, not {cfg.keep_tokens}")
     if cfg.keep_tokens and not cfg.shuffle_caption:
         raise TrainError("--keep-tokens needs --shuffle-caption")
+    check_memory_options(cfg)
+
+
+def check_memory_options(cfg: TrainConfig) -> None:
+    """The checks of the flags that train past one device's memory: --optimizer, --fsdp, --cache-latents-to-disk."""
+    if cfg.optimizer not in OPTIMIZERS:
+        raise TrainError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
+    if cfg.cache_latents_to_disk and not cfg.cache_latents:
+        raise TrainError("--cache-latents-to-disk needs --cache-latents (it is off: --no-cache-latents or --flip)")
+    if not cfg.fsdp:
+        return
+    if cfg.optimizer == "adamw8bit":  # bitsandbytes keeps its 8-bit states per whole tensor, not per shard
+        raise TrainError("--optimizer adamw8bit does not combine with --fsdp (its 8-bit states are not sharded)")
+    if cfg.compile:
+        raise TrainError("--compile does not combine with --fsdp yet")
+    if cfg.sample_every:  # a sample needs every process (each holds a shard), and samples are drawn on one
+        raise TrainError("--sample-every does not combine with --fsdp: sample the checkpoints with ldm txt2img")
 
 
 BUCKET_FIELDS = ("min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "bucket_no_upscale")
@@ -178,6 +202,9 @@ TRAIN_HELP = {
     "lifts the highest noise levels, where the layout is decided (default 0)",
     "offset_noise": "offset-noise strength (e.g. 0.05; default off)",
     "cache_latents": "encode images and captions once and train from the cache (--no-cache-latents for --flip)",
+    "cache_latents_to_disk": "keep the cached latents in files under OUTDIR/cache/, one per image (kohya's flag): "
+    "each image is encoded once, by the first run, and read from there by later runs and resumes, not held in "
+    "memory; a changed image or autoencoder is encoded again",
     "flip": "random horizontal flips (needs --no-cache-latents)",
     "enable_bucket": "aspect-ratio buckets (kohya's --enable_bucket): each image resized to cover the bucket of "
     "its nearest aspect ratio within image-size² pixels and center-cropped to it, not to a square",
@@ -204,6 +231,11 @@ TRAIN_HELP = {
     "lora_conv_alpha": "alpha of the 3x3 convolutions' adapters (default: --lora-conv-rank)",
     "lora_dropout": "dropout of the adapters' hidden units while training (kohya's --network_dropout)",
     "text_encoder_lr": "with --lora and --train-text-encoder: the text encoder adapters' learning rate (default: --lr)",
+    "optimizer": "adamw, or adamw8bit: bitsandbytes' AdamW8bit, its moments in 8 bits (about a quarter of AdamW's "
+    "state memory; needs the bitsandbytes package and a device it supports)",
+    "fsdp": "fully sharded data parallel (FSDP2) under torchrun: each process holds 1/N of the trained weights, "
+    "gradients and optimizer states (and EMA); checkpoints are sharded (torch.distributed.checkpoint), the final "
+    "file whole",
     "device": "auto, cpu, cuda",
     "quiet": "no progress bar",
 }

@@ -220,6 +220,19 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
             pictures = [p.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for p in pictures]
         return Item(to_tensor(pictures[0]), caption, original, crop, to_hint(pictures[1]) if hint else None)
 
+    def caption(self, index: int) -> str:
+        return self.items[index][1]
+
+    def cache_key(self, index: int) -> str | None:
+        """What item index's image in training depends on (its file: path, size, modification time; its bucket and
+        the resize rule), for the latent cache on disk; None if the file is gone."""
+        path = self.items[index][0]
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.buckets[index]}|{self.spec}"
+
     def hint(self, index: int) -> torch.Tensor | None:
         """Item index's control image alone (unflipped), or None if it cannot be read."""
         read = self._read(self.items[index][2], self.buckets[index])
@@ -432,6 +445,13 @@ class ShapesDataset(torch.utils.data.Dataset):
     def bucket(self, index: int) -> tuple[int, int]:
         """Every shape is drawn in the image_size square: with buckets on, it is the square bucket."""
         return (self.image_size, self.image_size)
+
+    def caption(self, index: int) -> str:
+        return self.captions[index]
+
+    def cache_key(self, index: int) -> str:
+        """What item index's image depends on: its drawing (`ImageCaptionFolder.cache_key`)."""
+        return f"shapes|{self.specs[index]}|{self.image_size}"
 
     def hint(self, index: int) -> torch.Tensor:
         """Item index's control image: its shape's mask (3, S, S), 1 inside, 0 outside."""

@@ -20,7 +20,8 @@ Determinism: the data order of epoch e is a permutation seeded by (seed, e) (wit
 shuffles of each bucket and of the order of its batches: `buckets.py`), and every random draw of step s
 (timesteps, noise, prompt dropout, posterior samples, tag orders) comes from a generator seeded by (seed, s), drawn
 for the whole global batch. Each process takes its slice. So N steps + resume + N steps equals 2N steps, and two
-processes give the weights one process gives with the same global batch.
+processes give the weights one process gives with the same global batch, with DDP or with --fsdp's shards
+(`fsdp.py`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from tqdm import tqdm
 
 from ..devices import resolve_device
@@ -51,9 +53,12 @@ from ..weights.checkpoint import (
     read_state_dict,
 )
 from .checkpoints import Trainee, latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
-from .common import TrainError, build_dataset, fast_optimizer_options, get_lr, lock_outdir, resolve_precision
+from .common import TrainError, build_dataset, get_lr, lock_outdir, resolve_precision
 from .config import TrainConfig, bucket_spec, check_config
+from .fsdp import restore_sharded, save_sharded_checkpoint, shard
+from .latent_cache import build_cache, by_shape
 from .loss_plot import plot_loss
+from .optimizers import build_optimizer, check_optimizer
 from .step import Run, train_step
 
 COMPILE_BACKEND = "inductor"  # the tests trace with "aot_eager": the same graphs, without building kernels
@@ -74,12 +79,18 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, num_updates: int)
 # Set-up -------------------------------------------------------------------------------------------------------
 
 
-def distributed() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+def distributed(cfg: TrainConfig) -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun, and with --fsdp always (on
+    one process without torchrun: a group of one, so that the run shards and checkpoints as on many)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1 and not cfg.fsdp:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        if "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -125,56 +136,8 @@ def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> fl
     return round(1 / torch.cat(z).std().item(), 5)
 
 
-def by_shape(images: list[torch.Tensor]) -> list[list[int]]:
-    """The images' positions grouped by shape (aspect-ratio buckets): each group can be stacked into one batch."""
-    groups: dict[torch.Size, list[int]] = {}
-    for i, image in enumerate(images):
-        groups.setdefault(image.shape, []).append(i)
-    return list(groups.values())
-
-
-@torch.no_grad()
-def build_cache(model: LatentDiffusion, dataset, device, cfg: TrainConfig, quiet: bool) -> dict:
-    """Posterior mean and std of every image's latent, one (c, h, w) row each (images of different buckets have
-    different shapes), each row's bucket and micro-conditioning, the data set's index of each (where unreadable
-    images are left out, they differ), and the text embedding (and pooled text, SDXL) of every distinct caption
-    (none when the text encoder trains or tags are shuffled: the captions are then encoded every step)."""
-    encoded = {}  # data set index -> (mean, std, item)
-    order = sorted(range(len(dataset)), key=dataset.bucket)  # images of one bucket encoded together
-    for start in tqdm(range(0, len(order), 16), desc="caching latents", disable=quiet, unit="batch"):
-        read = [(i, it) for i in order[start : start + 16] if (it := dataset.load(i)) is not None]
-        for group in by_shape([it.image for _, it in read]):  # (a batch may straddle two buckets)
-            posterior = model.first_stage_model.encode(torch.stack([read[k][1].image for k in group]).to(device))
-            for k, mean, std in zip(group, posterior.mean.cpu(), posterior.std.cpu()):
-                encoded[read[k][0]] = (mean, std, read[k][1])
-    if not encoded:
-        raise TrainError(f"none of the {len(dataset)} images of the data set can be read")
-    source = sorted(encoded)  # rows in the data set's order
-    items = [encoded[i][2] for i in source]
-    captions = [it.caption for it in items]
-    unique = sorted(set(captions) | {""})
-    embeddings = pooled = None
-    if not cfg.train_text_encoder and not cfg.shuffle_caption:
-        parts = [model.get_text_conditioning(unique[i : i + 64], pooled=True) for i in range(0, len(unique), 64)]
-        embeddings = torch.cat([context for context, _ in parts])
-        pooled = torch.cat([p for _, p in parts]) if parts[0][1] is not None else None
-    index = {c: i for i, c in enumerate(unique)}
-    return {
-        "mean": [encoded[i][0] for i in source],
-        "std": [encoded[i][1] for i in source],
-        "bucket": [(it.image.shape[-1], it.image.shape[-2]) for it in items],  # (width, height) in pixels
-        "caption": [index[c] for c in captions],
-        "captions": unique,
-        "index": index,
-        "embeddings": embeddings,
-        "pooled": pooled,
-        "micro": torch.tensor([(*it.original_size, *it.crop) for it in items], dtype=torch.float32),
-        "source": source,
-    }
-
-
 class TrainedParts(nn.Module):
-    """What the optimizer updates, as one module for DistributedDataParallel: the U-Net behind its conditioning
+    """What the optimizer updates, as one module for DDP or FSDP to wrap or shard: the U-Net behind its conditioning
     wrapper, and the text encoder when it is trained (it then runs inside forward, so that its gradients are
     synchronised too); for LoRA training, the frozen model and the `adapters` hooked into its layers (they alone
     train). Runs under the run's autocast."""
@@ -223,19 +186,20 @@ def setup(cfg: TrainConfig):
     """(outdir, device, rank, world size, the outdir's lock, what `discard` removes after a failure), checked
     before any work."""
     check_config(cfg)
-    rank, world = distributed()
+    rank, world = distributed(cfg)
     if cfg.batch_size % (world * cfg.grad_accum):
         raise TrainError(
             f"batch size {cfg.batch_size} is not divisible by {world} processes × {cfg.grad_accum} accumulation steps"
         )
     try:
         device, created = resolve_device(cfg.device), missing_folders(cfg.outdir)  # the device first: no folder
-        outdir = writable_folder(cfg.outdir)  # is made for a run refused over its device
+        if device.type == "cuda" and dist.is_initialized():  # is made for a run refused over its device
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(device)
+        check_optimizer(cfg.optimizer, device)  # (on this process's device)
+        outdir = writable_folder(cfg.outdir)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
     new_lock = not (outdir / ".lock").exists()
     lock = lock_outdir(outdir) if rank == 0 else None  # one run per folder (the other ranks only read from it)
     litter = ([outdir / ".lock"] if new_lock and lock else [], created)
@@ -259,17 +223,21 @@ def train(cfg: TrainConfig, make_trainee=unet_trainee, control: bool = False) ->
     """Train; returns the path of the final file (`ldm train`: outdir/model.safetensors, with the EMA as
     model_ema.*). make_trainee(cfg, dataset, autocast) -> what is trained (`Trainee`); control: the data's items
     carry control images (ControlNet training)."""
-    outdir, device, rank, world, lock, litter = setup(cfg)
-    cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # what the fingerprint holds
     try:
-        return run_training(cfg, outdir, device, rank, world, make_trainee, control)
-    except BaseException:
-        if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
-            discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
-        raise
+        outdir, device, rank, world, lock, litter = setup(cfg)
+        cfg = dataclasses.replace(cfg, precision=resolve_precision(cfg.precision, device))  # the fingerprint's
+        try:
+            return run_training(cfg, outdir, device, rank, world, make_trainee, control)
+        except BaseException:
+            if lock and {p.name for p in outdir.iterdir()} <= {".lock"}:  # nothing written yet: leave nothing
+                discard(litter)  # (the lock file goes while still locked: no other run can lock it in between)
+            raise
+        finally:
+            if lock:
+                lock.close()  # also when the run fails inside this process (a notebook, tests)
     finally:
-        if lock:
-            lock.close()  # also when the run fails inside this process (a notebook, tests)
+        if dist.is_initialized() and "WORLD_SIZE" not in os.environ:
+            dist.destroy_process_group()  # --fsdp's group of one, made by `distributed` (torchrun's: run_training)
 
 
 def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, make_trainee, control: bool) -> Path:
@@ -288,26 +256,33 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
     except CheckpointError as e:
         raise TrainError(str(e)) from None
     ema = copy.deepcopy(trainee.module).requires_grad_(False) if cfg.ema_decay > 0 else None
-    state = restore(cfg, outdir, trainee, ema)
+    state = None if cfg.fsdp else restore(cfg, outdir, trainee, ema)  # (sharded ones: once sharded, below)
     model = trainee.model.to(device)
     trainee.net.to(device)
     if ema is not None:
         ema.to(device)
-    if cfg.compile:  # in place: the module tree and so the checkpoint keys stay as they are
-        trainee.net.compile(backend=COMPILE_BACKEND, dynamic=False)
     trained = [p for p in trainee.net.parameters() if p.requires_grad]  # (a frozen base model's are not)
     groups = trainee.param_groups or [{"params": trained}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, **fast_optimizer_options(device))
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    if state is not None:
+    if cfg.fsdp:  # in place, after the move: the parameters become DTensors on the device
+        groups = shard(trainee, ema, device, cfg.precision, groups)
+    if cfg.compile:  # in place: the module tree and so the checkpoint keys stay as they are
+        trainee.net.compile(backend=COMPILE_BACKEND, dynamic=False)
+    # FSDP: each process sees its gradient shards alone; the sharded scaler agrees on an overflow over all of them
+    sharded_scaler = cfg.fsdp and cfg.precision == "fp16"
+    optimizer = build_optimizer(cfg.optimizer, groups, cfg.lr, cfg.weight_decay, device, sharded_scaler)
+    scaler = (ShardedGradScaler if cfg.fsdp else torch.amp.GradScaler)(device.type, enabled=cfg.precision == "fp16")
+    if cfg.fsdp:
+        state = restore_sharded(cfg, outdir, trainee, ema, trainee.net, optimizer)
+    elif state is not None:
         optimizer.load_state_dict(state["optimizer"])
+    if state is not None:
         scaler.load_state_dict(state["scaler"])
-    cache = build_cache(model, dataset, device, cfg, quiet) if cfg.cache_latents else None
+    cache = build_cache(model, dataset, device, cfg, quiet, outdir, rank, world) if cfg.cache_latents else None
     run = Run(cfg, model, dataset, cache, device, rank, world, hints=control)
     # A trained SD 2.x text encoder has parameters without gradients (its last block and projection).
     net = (
         trainee.net
-        if world == 1
+        if world == 1 or cfg.fsdp
         else nn.parallel.DistributedDataParallel(
             trainee.net,
             device_ids=[device.index] if device.type == "cuda" else None,
@@ -317,7 +292,7 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
     loop(run, trainee, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)
     if getattr(dataset, "skipped", 0) and rank == 0:
         tqdm.write(f"skipped {dataset.skipped} unreadable images")
-    if world > 1:
+    if dist.is_initialized() and "WORLD_SIZE" in os.environ:  # torchrun's group
         dist.destroy_process_group()
     return outdir / trainee.file_name
 
@@ -347,15 +322,17 @@ def loop(run: Run, trainee: Trainee, net, optimizer, scaler, ema, outdir: Path, 
             if run.rank == 0:
                 log_row(log_path, done, losses, time.perf_counter() - tick, get_lr(step, cfg))
             losses, tick = [], time.perf_counter()
-        if run.rank == 0 and (done % cfg.save_every == 0 or done == cfg.steps):
-            state = {
-                "step": done,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "fingerprint": fingerprint,
-            }
-            save_checkpoint(outdir, done, trainee, ema, state, cfg.keep_checkpoints)
-            plot_loss(log_path, outdir / "loss.png")
+        if done % cfg.save_every == 0 or done == cfg.steps:
+            state = {"step": done, "scaler": scaler.state_dict(), "fingerprint": fingerprint}
+            if cfg.fsdp:  # every process writes its shards (the optimizer's state among them)
+                save_sharded_checkpoint(
+                    outdir, done, trainee, ema, net, optimizer, state, cfg.keep_checkpoints, run.rank
+                )
+            elif run.rank == 0:
+                state["optimizer"] = optimizer.state_dict()
+                save_checkpoint(outdir, done, trainee, ema, state, cfg.keep_checkpoints)
+            if run.rank == 0:
+                plot_loss(log_path, outdir / "loss.png")
         if run.rank == 0 and cfg.sample_every and done % cfg.sample_every == 0:
             trainee.samples(outdir / "samples" / f"step-{done:07d}.png")
             training_mode(trainee)

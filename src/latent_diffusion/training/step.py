@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from ..models.ldm import LatentDiffusion
 from ..sampling.parameterization import min_snr_weight, noised, target
@@ -135,7 +137,8 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
     tag_seeds = torch.randint(0, 2**62, (B,), generator=g)[part].tolist() if cfg.shuffle_caption else None
     idx = rows[part]
     if cache:  # (c, h, w) rows of one bucket -> (b, c, h, w)
-        z = torch.stack([cache["mean"][i] for i in idx]) + torch.stack([cache["std"][i] for i in idx]) * z_noise[part]
+        means, stds = zip(*(cache["latents"][i] for i in idx))  # (from memory, or read from disk now)
+        z = torch.stack(means) + torch.stack(stds) * z_noise[part]
         captions = [cache["captions"][cache["caption"][i]] for i in idx]
         micro = cache["micro"][idx]
         hints = [cached_hint(run, i) for i in idx] if run.hints else None
@@ -210,7 +213,7 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
     for k in range(cfg.grad_accum):
         first = (run.rank * cfg.grad_accum + k) * run.micro
         synced = run.world == 1 or k == cfg.grad_accum - 1  # one all-reduce per step, after the last micro-batch
-        with contextlib.nullcontext() if synced else net.no_sync():
+        with contextlib.nullcontext() if synced else gradients_kept_local(net):
             batch = make_batch(run, step, slice(first, first + run.micro))
             # Dropout (a LoRA's, a U-Net's) draws from the global generator: seeded per micro-batch, so that resume
             # is exact (with dropout, N processes draw other masks than one does)
@@ -223,6 +226,8 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
         step_loss += loss.item()
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    if isinstance(norm, DTensor):  # FSDP: the norm over every process's shards, the same on each
+        norm = norm.full_tensor()
     if not scaler.is_enabled() and not (math.isfinite(step_loss) and torch.isfinite(norm)):  # fp16: the scaler skips
         raise TrainingDiverged(
             f"step {step + 1}: loss {step_loss:.4g}, gradient norm {norm.item():.4g}: not finite; "
@@ -232,3 +237,18 @@ def train_step(run: Run, step: int, net: nn.Module, optimizer, scaler) -> float:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return step_loss
+
+
+@contextlib.contextmanager
+def gradients_kept_local(net: nn.Module):
+    """Gradient accumulation's earlier micro-batches: their gradients add up on each process, and are synchronised
+    once, with the last one's (DDP's no_sync; FSDP's gradient sync off, so that they add up unsharded)."""
+    if not isinstance(net, FSDPModule):
+        with net.no_sync():
+            yield
+        return
+    net.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        net.set_requires_gradient_sync(True)
