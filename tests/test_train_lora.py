@@ -224,7 +224,7 @@ def test_the_shipped_lora_puts_shapes_in_the_corners_and_leaves_the_rest():
     the lower edge of a true 0.9 (1.645 errors, one-sided 95 %)."""
     assert BUILTIN_LORA.stat().st_size <= 2**20
     md = metadata(BUILTIN_LORA)
-    assert md["ss_network_module"] == "networks.lora" and md["ss_base_model_version"] == "sd_v1"
+    assert md["ss_network_module"] == "networks.lora" and md["ss_base_model_version"] == "sd_v1_v"  # v-prediction
     pipeline = Pipeline(load_model(BUILTIN_MODEL))
     settings = GenerationRequest([""], [0], width=64, height=64, steps=10, batch_size=16)
 
