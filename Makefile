@@ -17,7 +17,7 @@ $(VENV)/.runtime: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e .
 	touch $@
 
-# Test-only: diffusers and transformers (the independent reference), pytest, ruff, selenium (drives the page
+# Test-only: diffusers and transformers (the independent reference), pytest with pytest-xdist (two workers), ruff, selenium (drives the page
 # test's browser), OpenAI's CLIP tokenizer (openai-clip without its dependencies: we load only its tokenizer file)
 # and k-diffusion's samplers (without its training dependencies: the tests load only its sampling module).
 # spandrel (the `upscale` extra) without torchvision: the only torchvision on this machine's package index is a CUDA

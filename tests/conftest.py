@@ -3,6 +3,7 @@ spandrel for the upscaler tests, with a stand-in for the torchvision it imports 
 
 import dataclasses
 import enum
+import os
 import sys
 import types
 
@@ -11,6 +12,12 @@ import torch
 
 from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig, preset, save_model
 from latent_diffusion.models.config import SDXL_MICRO, SDXL_REFINER_MICRO
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One thread per worker (and per process a test starts): two workers on two cores, each with a pool of two
+    # threads, spin against each other and run many times slower than one thread each.
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 
 def tiny_config(variant: str) -> LatentDiffusionConfig:

@@ -410,4 +410,6 @@ def test_plans_with_different_maps_merge_into_one_batch(tiny_models, controlnets
     torch.testing.assert_close(merged.controls[0].hint, torch.cat([maps[0], maps[0], maps[1]]))
     together = generate_plan(merged).images
     alone = torch.cat([generate_plan(plan).images for plan in plans])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+    # Batches of 3 and of 2 + 1 run the convolutions at other batch sizes, whose kernels sum in other orders: 1.2e-5
+    # seen with one thread per test worker (as tests/test_composable.py's batch against alone, 2e-5)
+    torch.testing.assert_close(together, alone, atol=3e-5, rtol=0)
