@@ -16,6 +16,25 @@ from .control_hook import MARK
 from .plan import ParsedPrompt, Plan
 
 
+def row_fields(model: LatentDiffusion, parts_of: list | None, images: int, extra: dict, net=None):
+    """The conditioning fields beside the text, for the conditional and the unconditional rows, and the network that
+    reads them: an inpainting model's image input once per `AND` part (parts_of: each image's parts, where the
+    prompts are composed); with control units (`net`), which rows are a prompt's (the ControlNet extension's
+    cond_mark); else the model's own U-Net. -> (net, conditional fields, unconditional fields)."""
+    extra_cond = extra
+    if parts_of is not None:
+        image_of_row = torch.tensor([i for i, image in enumerate(parts_of) for _ in image])
+        extra_cond = {k: v[image_of_row.to(v.device)] for k, v in extra.items()}
+    if net is not None:
+        rows = sum(len(image) for image in parts_of) if parts_of is not None else images
+        return net, {**extra_cond, MARK: torch.ones(rows)}, {**extra, MARK: torch.zeros(images)}
+
+    def unet(x_in: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
+        return model.model(x_in.to(model.dtype), t, c).float()
+
+    return unet, extra_cond, extra
+
+
 def scheduled_denoiser(
     model: LatentDiffusion,
     plan: Plan,
@@ -45,19 +64,7 @@ def scheduled_denoiser(
     unconditional = [image[0] for image in negatives]
     ends = sorted({end for _, schedule, _ in (*parts, *unconditional) for end, _ in schedule})
     weights = [[weight for weight, _, _ in image] for image in prompts] if composed else None
-    if composed:  # an inpainting model's image input, once per part
-        image_of_row = torch.tensor([i for i, image in enumerate(prompts) for _ in image])
-        extra_cond = {k: v[image_of_row.to(v.device)] for k, v in extra.items()}
-    else:
-        extra_cond = extra
-    extra_uncond = extra
-    if net is not None:  # control units: which rows are a prompt's (the ControlNet extension's cond_mark)
-        extra_cond = {**extra_cond, MARK: torch.ones(len(parts))}
-        extra_uncond = {**extra, MARK: torch.zeros(len(batch))}
-    else:
-
-        def net(x_in: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
-            return model.model(x_in.to(model.dtype), t, c).float()
+    net, extra_cond, extra_uncond = row_fields(model, prompts if composed else None, len(batch), extra, net)
 
     def at(end: int, rows_of: list[tuple[float, list, dict]]) -> dict[str, torch.Tensor]:
         """The batch's conditioning for the segment that ends at `end`."""

@@ -359,11 +359,21 @@ def prepare(
     if sampler.brownian:
         noise_sampler = BrownianNoise(latent_shape, sigmas, [r.seeds[i] for i in batch], device)
 
+    denoiser, after_step, notes = stage_denoiser(plan, batch, refiner, extra)
+    keep = hold if latent_mask is not None and not model.cfg.inpainting else None
+    return Stage(sigmas, x, denoiser, noise_sampler, keep, after_step), pixel_mask, notes
+
+
+def stage_denoiser(plan: Plan, batch: range, refiner, extra: dict):
+    """The batch's denoiser: the model's, with its control units (their maps batched as conditioning fields, as the
+    text is) and their step counter, handing over to the refiner's at its switch. -> (denoiser, what runs after each
+    step or None, prompt warnings)."""
+    model, r = plan.pipeline.model, plan.request
     calls = itertools.count()  # the model evaluations so far, for prompt editing (the web UI counts over both)
     clock = net = None
-    if plan.controls:  # ControlNets and T2I-Adapters: their maps are conditioning fields, batched as the text is
+    if plan.controls:  # ControlNets and T2I-Adapters
         clock = SamplingClock(r.steps_run)
-        extra |= control_conditioning(plan.controls, batch, device)
+        extra = extra | control_conditioning(plan.controls, batch, model.device)
         net = controlled_unet(model, plan.controls, clock)
     denoiser, notes = scheduled_denoiser(model, plan, batch, extra, calls, net=net)
     if clock is not None:  # (a refiner's steps run without control)
@@ -372,9 +382,7 @@ def prepare(
         refined, more = scheduled_denoiser(refiner, plan, batch, {}, calls, own_chunks=False)
         denoiser = Experts(denoiser, refined, model, r.refiner_switch)
         notes += [n for n in more if n not in notes]
-    keep = hold if latent_mask is not None and not model.cfg.inpainting else None
-    after_step = clock.step_done if clock is not None else None
-    return Stage(sigmas, x, denoiser, noise_sampler, keep, after_step), pixel_mask, notes
+    return denoiser, (clock.step_done if clock is not None else None), notes
 
 
 def run(stage: Stage, r: GenerationRequest, seeds: list[int], step_done: Callable[[Step], None]) -> torch.Tensor:
