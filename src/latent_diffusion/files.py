@@ -4,6 +4,7 @@ files it reads, as the web UI writes them."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -67,15 +68,22 @@ def next_index(folder: Path) -> int:
 
 
 def claim_numbered(folder: Path, suffix: str) -> Path:
-    """folder/NNNNN-suffix with the next free number, reserved by creating it exclusively (O_EXCL): runs writing
-    into one folder at once never take the same name. Write it with `atomic_write`; unlink it if that fails."""
-    while True:
-        path = folder / f"{next_index(folder):05d}-{suffix}"
-        try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-            return path
-        except FileExistsError:
-            continue  # another run took this number a moment ago: look again
+    """folder/NNNNN-suffix with the next number, created empty under an exclusive lock on the folder (`flock` on
+    its descriptor, released when it closes): runs writing into one folder at once take numbers one after another,
+    so no two images share a number (their names differ in their suffix, a seed) and none is skipped. Write the
+    path with `atomic_write`; unlink it if that fails."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        while True:
+            path = folder / f"{next_index(folder):05d}-{suffix}"
+            try:
+                os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+                return path
+            except FileExistsError:  # a writer that does not take the lock got there first: look again
+                continue
+    finally:
+        os.close(fd)
 
 
 def model_hash(path: str | os.PathLike) -> str:

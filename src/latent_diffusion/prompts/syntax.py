@@ -13,12 +13,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from ..models.tokenizer import CLIPTokenizer
-
-if TYPE_CHECKING:  # embeddings.py imports checkpoint.py, which imports the model: a cycle at import time
-    from ..weights.embeddings import Embedding
+from ..weights.embeddings import Embedding
 
 # One match per syntax element: escapes, brackets, a weight with its closing bracket, text, or a lone colon. The web
 # UI's weight pattern, [.\d]+, also takes "1.2.3" and ".", on which it fails; here those are not weights (the colon

@@ -27,19 +27,16 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..models.config import LatentDiffusionConfig, UNetConfig
 from ..models.controlnet import ControlNet
 from ..models.family import SD1, SD2, SDXL, UNET, VAE, Family
+from ..models.ldm import LatentDiffusion
 from .checkpoint import empty_modules, infer_unet, key_indices, mismatch
 from .lora import RESBLOCK, unet_blocks
 from .reader import CheckpointError, first_line, read_state_dict
-
-if TYPE_CHECKING:
-    from ..models.ldm import LatentDiffusion
 
 CONTROL = "control_model."  # the ControlNet's prefix in lllyasviel's ControlLDM checkpoints
 HINT = "input_hint_block.0.weight"  # (16, hint channels, 3, 3): the original layout's mark

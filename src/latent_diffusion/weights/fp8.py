@@ -24,16 +24,12 @@ and ComfyUI's fp8 files have them).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.ldm import LatentDiffusion
 from ..models.text_encoder import MultiheadSelfAttention
-
-if TYPE_CHECKING:
-    from ..models.ldm import LatentDiffusion
 
 FP8_DTYPES = {"fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}  # the flags' names -> torch's
 

@@ -53,7 +53,6 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +60,10 @@ from torch import nn
 
 from ..models.config import UNetConfig
 from ..models.family import FAMILIES, UNET
+from ..models.ldm import LatentDiffusion
 from . import ggml_quants, lycoris
 from .fp8 import is_fp8
 from .reader import CheckpointError, read_state_dict
-
-if TYPE_CHECKING:
-    from ..models.ldm import LatentDiffusion
 
 
 class LoRAError(ValueError):
