@@ -99,20 +99,27 @@ def restore(cfg: TrainConfig, outdir: Path, trainee: Trainee, ema: nn.Module | N
     error. Else None."""
     if not cfg.resume:
         return None
+    _, (state, saved) = newest_verified(outdir, lambda path: verified_checkpoint(path, cfg, trainee, ema))
+    trainee.load(saved, ema)
+    return state
+
+
+def newest_verified(outdir: Path, verify, warn: bool = True):
+    """(folder, verify(folder)) of the newest checkpoint folder that `verify` accepts; the damaged ones it skipped
+    (DamagedCheckpoint) are named in a warning (`warn`: on the process that writes), none verifying is a TrainError."""
     found = sorted((outdir / "checkpoints").glob("step-*"), reverse=True)
     if not found:
         raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'}")
     skipped = []
     for checkpoint in found:
         try:
-            state, saved = verified_checkpoint(checkpoint, cfg, trainee, ema)
+            verified = verify(checkpoint)
         except DamagedCheckpoint as e:
             skipped.append(f"{checkpoint.name} ({e})")
             continue
-        if skipped:
+        if skipped and warn:
             tqdm.write(f"ldm: warning: resume skipped damaged checkpoints: {'; '.join(skipped)}", file=sys.stderr)
-        trainee.load(saved, ema)
-        return state
+        return checkpoint, verified
     raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'} verifies: {'; '.join(skipped)}")
 
 

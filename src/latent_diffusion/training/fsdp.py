@@ -18,7 +18,6 @@ trainee's usual file, gathered whole, as `outdir`'s copy is; written in a temp f
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -29,11 +28,17 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from tqdm import tqdm
 
 from ..models.unet import UNetEncoder
-from .checkpoints import DamagedCheckpoint, Trainee, begin_checkpoint, finish_checkpoint, read_state, temp_folder
-from .common import TrainError
+from .checkpoints import (
+    DamagedCheckpoint,
+    Trainee,
+    begin_checkpoint,
+    finish_checkpoint,
+    newest_verified,
+    read_state,
+    temp_folder,
+)
 from .config import TrainConfig
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,25 +117,19 @@ def restore_sharded(cfg: TrainConfig, outdir: Path, trainee: Trainee, ema, net, 
     sharded modules and the optimizer (resharded, if the number of processes changed); else None."""
     if not cfg.resume:
         return None
-    found = sorted((outdir / "checkpoints").glob("step-*"), reverse=True)
-    if not found:
-        raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'}")
-    skipped = []
-    for checkpoint in found:
-        try:
-            state = read_state(checkpoint, cfg, trainee, ("step", "scaler", "fingerprint"))
-            if not (checkpoint / "sharded" / ".metadata").is_file():
-                raise DamagedCheckpoint("sharded/.metadata is missing: not a --fsdp checkpoint, or incomplete")
-        except DamagedCheckpoint as e:
-            skipped.append(f"{checkpoint.name} ({e})")
-            continue
-        if skipped and dist.get_rank() == 0:
-            tqdm.write(f"ldm: warning: resume skipped damaged checkpoints: {'; '.join(skipped)}", file=sys.stderr)
-        saved = sharded_state(net, optimizer, ema)  # filled in place by dcp.load, then set into the modules
-        dcp.load(saved, checkpoint_id=checkpoint / "sharded")
-        set_state_dict(net, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"],
-                       options=OPTIONS)  # fmt: skip
-        if ema is not None:
-            ema.load_state_dict(saved["ema"])
+
+    def verify(checkpoint: Path) -> dict:
+        state = read_state(checkpoint, cfg, trainee, ("step", "scaler", "fingerprint"))
+        if not (checkpoint / "sharded" / ".metadata").is_file():
+            raise DamagedCheckpoint("sharded/.metadata is missing: not a --fsdp checkpoint, or incomplete")
         return state
-    raise TrainError(f"--resume: no checkpoint in {outdir / 'checkpoints'} verifies: {'; '.join(skipped)}")
+
+    checkpoint, state = newest_verified(outdir, verify, warn=dist.get_rank() == 0)
+    saved = sharded_state(net, optimizer, ema)  # filled in place by dcp.load, then set into the modules
+    dcp.load(saved, checkpoint_id=checkpoint / "sharded")
+    set_state_dict(
+        net, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optimizer"], options=OPTIONS
+    )
+    if ema is not None:
+        ema.load_state_dict(saved["ema"])
+    return state
