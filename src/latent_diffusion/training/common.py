@@ -148,8 +148,14 @@ def build_dataset(cfg, exclude=HELD_OUT_PAIRS, control: bool = False, buckets: B
 
 
 # The type of the fields whose default is None (and that are no strings)
-NONE_BY_DEFAULT = {"min_snr_gamma": float, "lora": int, "lora_alpha": float, "lora_conv_rank": int,
-                   "lora_conv_alpha": float, "text_encoder_lr": float}  # fmt: skip
+NONE_BY_DEFAULT = {
+    "min_snr_gamma": float,
+    "lora": int,
+    "lora_alpha": float,
+    "lora_conv_rank": int,
+    "lora_conv_alpha": float,
+    "text_encoder_lr": float,
+}
 
 
 def position_names(cfg: RunConfig) -> tuple[str, ...]:

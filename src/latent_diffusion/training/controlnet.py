@@ -50,8 +50,18 @@ class ControlNetTrainConfig(TrainConfig):
 
 
 # `ldm train`'s fields that make no sense with a frozen base model: not flags of `ldm train-controlnet`
-NOT_FLAGS = ("preset", "parameterization", "autoencoder", "train_text_encoder", "lora", "lora_alpha", "lora_conv_rank",
-             "lora_conv_alpha", "lora_dropout", "text_encoder_lr")  # fmt: skip
+NOT_FLAGS = (
+    "preset",
+    "parameterization",
+    "autoencoder",
+    "train_text_encoder",
+    "lora",
+    "lora_alpha",
+    "lora_conv_rank",
+    "lora_conv_alpha",
+    "lora_dropout",
+    "text_encoder_lr",
+)
 
 CONTROLNET_HELP = {
     **TRAIN_HELP,

@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.family import SDXL
 from ..models.ldm import LatentDiffusion
 from ..models.spatial_transformer import SpatialTransformer
 from ..models.text_encoder import MultiheadSelfAttention
@@ -90,7 +89,7 @@ def lora_targets(model: LatentDiffusion, cfg: TrainConfig) -> list[Target]:
     rank, alpha = cfg.lora, cfg.lora_alpha or cfg.lora
     conv_rank, conv_alpha = cfg.lora_conv_rank, cfg.lora_conv_alpha or cfg.lora_conv_rank
     unet = model.model.diffusion_model
-    sgm_names = model.cfg.family is SDXL  # kohya's SDXL U-Net keeps generative-models' module names
+    sgm_names = bool(model.cfg.micro_conditioning)  # kohya's SDXL U-Net keeps generative-models' module names
     targets = []
     for theirs, ours in unet_blocks(model.cfg.unet).items():
         block = unet.get_submodule(ours)
@@ -123,14 +122,20 @@ def text_targets(encoder, at: str, prefix: str, rank: int, alpha: float) -> list
         theirs = f"{prefix}text_model_encoder_layers_{i}_"
         if text.kind == "clip":
             ours = f"{at}.transformer.text_model.encoder.layers.{i}"
-            names = {"self_attn_q_proj": "self_attn.q_proj", "self_attn_k_proj": "self_attn.k_proj",
-                     "self_attn_v_proj": "self_attn.v_proj", "self_attn_out_proj": "self_attn.out_proj",
-                     "mlp_fc1": "mlp.fc1", "mlp_fc2": "mlp.fc2"}  # fmt: skip
+            names = {
+                "self_attn_q_proj": "self_attn.q_proj",
+                "self_attn_k_proj": "self_attn.k_proj",
+                "self_attn_v_proj": "self_attn.v_proj",
+                "self_attn_out_proj": "self_attn.out_proj",
+                "mlp_fc1": "mlp.fc1",
+                "mlp_fc2": "mlp.fc2",
+            }
             kohya += [Target(theirs + k, f"{ours}.{v}", rank, alpha, text=True) for k, v in names.items()]
         else:
             ours = f"{at}.model.transformer.resblocks.{i}"
-            kohya += [Target(f"{theirs}self_attn_{x}_proj", f"{ours}.attn", rank, alpha, True, j)
-                      for j, x in enumerate("qkv")]  # fmt: skip
+            kohya += [
+                Target(f"{theirs}self_attn_{x}_proj", f"{ours}.attn", rank, alpha, True, j) for j, x in enumerate("qkv")
+            ]
             names = {"self_attn_out_proj": "attn.out_proj", "mlp_fc1": "mlp.c_fc", "mlp_fc2": "mlp.c_proj"}
             kohya += [Target(theirs + k, f"{ours}.{v}", rank, alpha, text=True) for k, v in names.items()]
     return kohya
@@ -148,8 +153,9 @@ class LoRANetwork(nn.Module):
             layer = model.get_submodule(t.module)
             if t.third is not None:  # one third of OpenCLIP's fused q, k, v projection
                 width = layer.in_proj_weight.shape[1]
-                self.adapters[t.name] = Adapter(nn.Linear(width, width, bias=False, device="meta"), width, t.rank,
-                                                t.alpha, dropout)  # fmt: skip
+                self.adapters[t.name] = Adapter(
+                    nn.Linear(width, width, bias=False, device="meta"), width, t.rank, t.alpha, dropout
+                )
             else:
                 out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
                 self.adapters[t.name] = Adapter(layer, out, t.rank, t.alpha, dropout)
@@ -266,7 +272,7 @@ def lora_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
 
 def base_model_version(model: LatentDiffusion) -> str:
     """kohya's `ss_base_model_version`: sd_v1, sd_v2 (sd_v2_v for v-prediction), sdxl_base_v1-0."""
-    if model.cfg.family is SDXL:
+    if model.cfg.micro_conditioning:  # (kohya trains no refiner LoRA: it has no version string of its own)
         return "sdxl_base_v1-0"
     version = "sd_v2" if model.cfg.family.name == "sd2" else "sd_v1"
     return version + ("_v" if model.parameterization == "v" else "")
@@ -279,11 +285,20 @@ def tag_frequency(dataset, folder: str) -> dict[str, dict[str, int]]:
     return {folder: dict(counts)}
 
 
+# kohya's modelspec architecture per family (its sai_model_spec constants)
+MODELSPEC_ARCHITECTURES = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sdxl": "stable-diffusion-xl-v1-base",
+    "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
+}
+
+
 def kohya_metadata(cfg: TrainConfig, model: LatentDiffusion, dataset, tensors: dict, started: float) -> dict:
     """kohya's `ss_*` training metadata, the modelspec fields it writes, and the `sshs_*` hashes of these tensors:
     the web UI's "addnet" hash (SHA-256 of the safetensors data after the header, written with the `ss_*` fields
     alone, which the web UI shows and matches) and the legacy one (64 KiB at 1 MiB)."""
-    sdxl = model.cfg.family is SDXL
+    sdxl = bool(model.cfg.micro_conditioning)
     args = {"conv_dim": str(cfg.lora_conv_rank), "conv_alpha": str(cfg.lora_conv_alpha or cfg.lora_conv_rank)}
     metadata = {
         "ss_network_module": "networks.lora",
@@ -328,15 +343,14 @@ def kohya_metadata(cfg: TrainConfig, model: LatentDiffusion, dataset, tensors: d
     return {
         **metadata,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-xl-v1-base" if sdxl else "stable-diffusion-v1"
-                                   if model.cfg.family.name == "sd1" else "stable-diffusion-v2-512") + "/lora",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURES[model.cfg.family.name] + "/lora",
         "modelspec.implementation": "https://github.com/Stability-AI/generative-models" if sdxl else "diffusers",
         "modelspec.title": Path(cfg.outdir).name,
         "modelspec.resolution": f"{cfg.image_size}x{cfg.image_size}",
         "modelspec.prediction_type": "v" if model.parameterization == "v" else "epsilon",
         "sshs_model_hash": hashlib.sha256(serialized[header:]).hexdigest(),
         "sshs_legacy_hash": hashlib.sha256(serialized[0x100000:0x110000]).hexdigest()[:8],
-    }  # fmt: skip
+    }
 
 
 def serialized_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
