@@ -27,7 +27,7 @@ from machine import machine
 PROBE = """
 import sys, time, torch
 from latent_diffusion import load_model
-from latent_diffusion.weights.fp8 import FP8_DTYPES
+from latent_diffusion.weights.storage import FP8_DTYPES
 kb = lambda field: int(next(l for l in open('/proc/self/status') if l.startswith(field + ':')).split()[1])
 path, storage, steps, out = sys.argv[1], FP8_DTYPES.get(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 start = time.perf_counter()

@@ -36,7 +36,7 @@ import sys, time, torch
 from latent_diffusion import load_model
 from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.request import GenerationRequest
-from latent_diffusion.weights.fp8 import FP8_DTYPES
+from latent_diffusion.weights.storage import FP8_DTYPES
 kb = lambda field: int(next(l for l in open('/proc/self/status') if l.startswith(field + ':')).split()[1])
 path, setting, steps, image_steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 fp8 = FP8_DTYPES.get(setting)
@@ -108,7 +108,7 @@ def main():
 def interleaved(path: Path, settings: dict[str, str], rounds: int, steps: int) -> None:
     """Every setting loaded into this process; in each round, `steps` guided steps of each in turn; medians."""
     from latent_diffusion import load_model
-    from latent_diffusion.weights.fp8 import FP8_DTYPES
+    from latent_diffusion.weights.storage import FP8_DTYPES
 
     models = {}
     for name, setting in settings.items():

@@ -26,11 +26,11 @@ from latent_diffusion.pipeline.loading import load_pipeline
 from latent_diffusion.pipeline.request import GenerationRequest
 from latent_diffusion.weights import ggml_quants
 from latent_diffusion.weights.checkpoint import BUILTIN_MODEL, CheckpointError
-from latent_diffusion.weights.fp8 import CastConv2d, CastLinear
 from latent_diffusion.weights.ggml_quants import QuantizedConv2d, QuantizedLinear, dequantize
 from latent_diffusion.weights.gguf_convert import convert_to_gguf
 from latent_diffusion.weights.gguf_files import read_gguf
 from latent_diffusion.weights.lora import apply_lora, read_lora, remove_lora
+from latent_diffusion.weights.storage import CastConv2d, CastLinear
 
 from conftest import randomize, tiny_config
 
@@ -124,6 +124,11 @@ def test_q8_0_and_q4_0_as_the_format_writes_them():
     q8_0 = torch.cat([d16.view(torch.uint8), q.view(torch.uint8)], dim=1)  # (8, 34)
     assert np.array_equal(q8_0.numpy(), gguf.quants.quantize(w.numpy(), QT.Q8_0).reshape(-1, 34))
     assert torch.equal(dequantize(q8_0, "Q8_0", w.shape), (d16.float() * q.float()).reshape(w.shape))
+    assert torch.equal(ggml_quants.quantize_q8_0(w), q8_0)  # `--unet-weights-dtype q8_0`'s quantizer, in torch
+    edges = torch.zeros(2, 32)  # a block of zeros (d = 0), and one of halves (d = 1): each rounds away from 0
+    edges[1] = torch.arange(-16, 16) + 0.5
+    edges[1, 0] = 127
+    assert np.array_equal(ggml_quants.quantize_q8_0(edges).numpy(), gguf.quants.quantize(edges.numpy(), QT.Q8_0))
 
     signed_max = torch.gather(blocks, 1, blocks.abs().argmax(dim=1, keepdim=True))
     d = signed_max / -8
@@ -163,8 +168,12 @@ def test_each_quantized_layer_computes_as_its_dequantized_twin(qtype):
         assert type(layer) in (QuantizedLinear, QuantizedConv2d) and layer.weight.dtype == torch.uint8
         assert layer.weight.data_ptr() == blocks.data_ptr()
         x = torch.randn(2, 256, generator=g) if i == 0 else torch.randn(2, 32, 8, 8, generator=g)
-        with torch.no_grad():
+        with torch.no_grad():  # dequantized into the thread's reused buffer (Q8_0) or a tensor of its own
             assert torch.equal(layer(x), reference(x))
+        x.requires_grad_(True)  # under autograd, a tensor of its own, which the backward pass keeps
+        layer(x).square().sum().backward()
+        expected = torch.autograd.grad(reference(x).square().sum(), x)[0]
+        assert torch.equal(x.grad, expected)
         assert torch.equal(layer.state_dict()["weight"], reference.weight)  # what save_model would write
 
 
@@ -506,7 +515,7 @@ def bad_files(files, tmp_path) -> dict[str, tuple[list, str]]:
         "sd1 unet": (["--ckpt", sdxl, "--unet-gguf", unets["sd1"]], "not for the SDXL checkpoint"),
         "alone": (["--ckpt", unets["sd1"]], "a GGUF U-Net alone: load it as unet_gguf (--unet-gguf)"),
         "fp8": (["--ckpt", sd1, "--unet-gguf", unets["sd1"], "--unet-weights-dtype", "fp8_e4m3fn"],
-                "float8 storage applies to a checkpoint's weights, not a GGUF file's"),
+                "weight storage applies to a checkpoint's weights, not a GGUF file's"),
         "ema": (["--ckpt", sd1, "--unet-gguf", unets["sd1"], "--ema"], "a GGUF file holds no EMA copy"),
     }  # fmt: skip
 

@@ -9,8 +9,8 @@ import argparse
 import torch
 
 from .models.ldm import LatentDiffusion
-from .weights.fp8 import FP8_DTYPES
 from .weights.ggml_quants import parameter_count, storage
+from .weights.storage import STORAGE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 STYLES_HELP = "the web UI's styles.csv: name, prompt, negative_prompt (default: styles.csv where it exists)"
@@ -30,13 +30,14 @@ def command(sub, name: str, help_text: str, description: str) -> argparse.Argume
 
 
 def add_weights_arguments(p: argparse.ArgumentParser) -> None:
-    """fp8 weight storage, one flag per part as Forge's --unet-in-fp8-e4m3fn and --clip-in-fp8-e4m3fn."""
+    """Weight storage, one flag per part as Forge's --unet-in-fp8-e4m3fn and --clip-in-fp8-e4m3fn."""
     for part, what in (("unet", "the U-Net's"), ("text", "the text encoders'")):
         p.add_argument(
             f"--{part}-weights-dtype",
-            choices=FP8_DTYPES,
-            help=f"store {what} Linear and Conv weights in this float8 format, each layer's cast to --dtype as it "
-            "runs: a quarter of float32's memory for them (the web UI's 'FP8 weight'; default: --dtype)",
+            choices=STORAGE,
+            help=f"store {what} Linear and Conv weights in this form, each layer's cast to --dtype as it runs: "
+            "float8 (a quarter of float32's memory: the web UI's 'FP8 weight'), float16 or bfloat16 (half), or q8_0 "
+            "(GGML's 8-bit blocks, quantized at load: a quarter, and closer to float32 than float8) (default: --dtype)",
         )
 
 

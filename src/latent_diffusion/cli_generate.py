@@ -30,8 +30,8 @@ from .pipeline.upscalers import FOLDERS, list_upscalers
 from .prompts.styles import find_styles
 from .sampling.samplers import find_sampler
 from .weights.checkpoint import BUILTIN_MODEL
-from .weights.fp8 import FP8_DTYPES
 from .weights.lora import find_loras
+from .weights.storage import STORAGE
 
 
 def pick_device(name: str) -> torch.device:
@@ -220,9 +220,9 @@ def upscaler_args(value: str | None) -> dict[str, Path]:
     return {name: row.path for name, row in list_upscalers(*folders).items() if row.path is not None}
 
 
-def weights_args(args) -> dict[str, torch.dtype | None]:
+def weights_args(args) -> dict[str, torch.dtype | str | None]:
     """--unet-weights-dtype and --text-weights-dtype as `load_pipeline`'s keywords."""
-    return {key: FP8_DTYPES.get(getattr(args, key)) for key in ("unet_weights_dtype", "text_weights_dtype")}
+    return {key: STORAGE.get(getattr(args, key)) for key in ("unet_weights_dtype", "text_weights_dtype")}
 
 
 def lora_args(args) -> tuple[dict[str, Path], str]:

@@ -101,7 +101,7 @@ class MultiheadSelfAttention(nn.Module):
 
     def in_proj(self, x: torch.Tensor) -> torch.Tensor:
         """(b, n, width) -> q, k, v side by side (b, n, 3·width); LoRA training adds its q, k, v adapters here."""
-        w, b = self.in_proj_weight.to(x.dtype), self.in_proj_bias.to(x.dtype)  # stored in float8: `weights/fp8.py`
+        w, b = self.in_proj_weight.to(x.dtype), self.in_proj_bias.to(x.dtype)  # stored in float8: `weights/storage.py`
         return F.linear(x, w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,8 +60,8 @@ def load_pipeline(
     hires_checkpoint: str | os.PathLike | None = None,
     styles: dict[str, Style] | None = None,
     compile: bool = False,
-    unet_weights_dtype: torch.dtype | None = None,
-    text_weights_dtype: torch.dtype | None = None,
+    unet_weights_dtype: torch.dtype | str | None = None,
+    text_weights_dtype: torch.dtype | str | None = None,
 ) -> Pipeline:
     """Load a checkpoint (`checkpoint.load_model`, with a GGUF U-Net in place of its own where `unet_gguf` names
     one) and what goes beside it: a VAE file over its autoencoder, a refiner on the same device in the same dtype,
@@ -69,8 +69,8 @@ def load_pipeline(
     the LoRA, upscaler and control model files by name (`lora.find_loras`, `upscalers.find_upscalers`,
     `control.find_control_models`), and a checkpoint
     for the hires pass with the same embeddings, LoRAs and upscalers beside it. compile: the U-Nets and decoders
-    through torch.compile. unet_weights_dtype, text_weights_dtype: float8 storage of the U-Nets' and the text
-    encoders' layer weights, for every checkpoint loaded here (`weights/fp8.py`)."""
+    through torch.compile. unet_weights_dtype, text_weights_dtype: the storage of the U-Nets' and the text
+    encoders' layer weights (float8, float16, bfloat16 or "Q8_0"), for every checkpoint loaded here (`weights/storage.py`)."""
     at = dict(device=device, dtype=dtype, unet_weights_dtype=unet_weights_dtype, text_weights_dtype=text_weights_dtype)
     model = load_model(checkpoint, config, ema=ema, unet_gguf=unet_gguf, **at)
     if vae is not None:

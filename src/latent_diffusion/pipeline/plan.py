@@ -25,7 +25,7 @@ from ..sampling.noise_schedule import sampling_timesteps
 from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import find_scheduler, schedule_for
 from ..weights.embeddings import Embedding, bundled_embeddings
-from ..weights.fp8 import stores_fp8
+from ..weights.storage import stores_fp8
 from .control import ResolvedControl, control_fields, fitted, merged_controls, resolve_controls
 from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text

@@ -31,7 +31,7 @@ from ..models.config import (
 from ..models.family import EMA, SD1, UNET, VAE, Family, family_of_keys
 from ..models.ldm import LatentDiffusion
 from ..models.yaml_config import from_ldm_config
-from . import fp8, gguf_files
+from . import ggml_quants, gguf_files, storage
 from .reader import CheckpointError, first_line, is_pickle, read_state_dict, read_tensor, safetensors_index
 
 CLIP = SD1.text_prefixes[0]
@@ -291,8 +291,8 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     ema: bool | None = None,
     parameterization: str | None = None,
-    unet_weights_dtype: torch.dtype | None = None,
-    text_weights_dtype: torch.dtype | None = None,
+    unet_weights_dtype: torch.dtype | str | None = None,
+    text_weights_dtype: torch.dtype | str | None = None,
     unet_gguf: str | os.PathLike | None = None,
 ) -> LatentDiffusion:
     """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout, or a `.gguf` whole model
@@ -301,8 +301,9 @@ def load_model(
     config: a CompVis inference YAML path, its parsed mapping or a LatentDiffusionConfig; None reads the
     architecture off the keys. ema=True loads the `model_ema.*` weights into the U-Net (an error if the file
     has none); None or False loads `model.diffusion_model.*`. parameterization ("eps" or "v") overrides
-    what the config or file name says. unet_weights_dtype, text_weights_dtype: a float8 dtype to store the U-Net's
-    or the text encoders' layer weights in, cast to `dtype` as each layer runs (`weights/fp8.py`); None: `dtype`.
+    what the config or file name says. unet_weights_dtype, text_weights_dtype: the form to store the U-Net's or
+    the text encoders' layer weights in, cast or dequantized to `dtype` as each layer runs (`weights/storage.py`:
+    a float8 dtype, float16 or bfloat16, or "Q8_0", quantized here); None: `dtype`.
     A file's float8 tensors are read as they are into such weights, and cast to `dtype` everywhere else.
     unet_gguf: a GGUF U-Net (city96's layout: ComfyUI-GGUF's files) in place of the checkpoint's, which brings the
     autoencoder and text encoders (its own U-Net is not read). A GGUF file's layer weights stay quantized and are
@@ -319,11 +320,11 @@ def load_model(
         raise CheckpointError(f"{path}: its config describes no model this project builds ({first_line(e)})") from None
     expected = model.state_dict()  # meta tensors: names and shapes only
     try:
-        stored = fp8.stored_keys(model, unet_weights_dtype, text_weights_dtype)  # key -> its float8 dtype
+        stored = storage.stored_keys(model, unet_weights_dtype, text_weights_dtype)  # key -> its dtype, or Q8_0
         if clash := [k for k in stored if k in ggml]:
-            raise ValueError(f"float8 storage applies to a checkpoint's weights, not a GGUF file's ({clash[0]})")
-        if stored:
-            fp8.check_device(device)
+            raise ValueError(f"weight storage applies to a checkpoint's weights, not a GGUF file's ({clash[0]})")
+        if any(storage.is_fp8(form) for form in stored.values()):
+            storage.check_device(device)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
@@ -336,8 +337,10 @@ def load_model(
     plain = {k: v for k, v in expected.items() if k not in ggml}  # the tensors of a .safetensors or .ckpt file
     weights = _read_weights(path, sd, origin, plain, dtypes, device) if plain else {}
     weights |= gguf_files.weights(model, ggml, expected, device, dtype)
+    for key in (k for k, form in dtypes.items() if form == storage.Q8_0):
+        ggml_quants.quantize_layer(model.get_submodule(key.rpartition(".")[0]), "Q8_0", expected[key].shape, dtype)
     model.load_state_dict(weights, strict=True, assign=True)
-    fp8.cast_as_they_run(model)
+    storage.cast_as_they_run(model, dtype)
     model.init_schedule(device)
     return model.eval()
 
@@ -382,11 +385,13 @@ def _read_weights(path, sd: dict, origin: dict, expected: dict, dtypes: dict, de
         scratch = None  # one buffer of the largest tensor's size, made when a tensor is first read
         for k in expected:
             t = sd[k]
-            target = dtypes[k] if t.is_floating_point() else t.dtype
+            form = dtypes[k] if t.is_floating_point() else t.dtype
+            target = torch.float32 if form == storage.Q8_0 else form  # quantized from float32, one tensor at a time
             if (target != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
                 scratch = scratch or bytearray(max(end - start for *_, start, end in index.values()))
                 t = read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
-            weights[k] = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
+            t = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
+            weights[k] = ggml_quants.quantize_q8_0(t) if form == storage.Q8_0 else t
     return weights
 
 

@@ -1,6 +1,6 @@
 """GGML's quantized block formats, dequantized in torch, and the layers that keep their weights in them: a GGUF file's
 Linear and Conv2d weights stay quantized in memory (uint8 tensors of blocks) and each layer dequantizes its weight
-to its input's dtype as it runs, as ComfyUI-GGUF does. The layer classes follow `weights/fp8.py`'s: a stored layer's
+to its input's dtype as it runs, as ComfyUI-GGUF does. The layer classes follow `weights/storage.py`'s: a stored layer's
 class becomes the subclass below, whose forward converts; the module tree and the state-dict keys stay as they are.
 
 A quantized tensor is cut, in memory order, into blocks of `block_size` numbers, each stored in `type_size` bytes
@@ -30,6 +30,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .storage import cast, reused_buffer
 
 QK_K = 256  # numbers per K-quant super-block
 
@@ -209,9 +211,29 @@ DEQUANTIZE = {
 
 def weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The layer's weight in `dtype`: its blocks dequantized, or, while a LoRA is merged (`weights/lora.py`), the
-    merged weight that replaced them."""
+    merged weight that replaced them. Q8_0 to float32 goes into the thread's reused buffer where it can
+    (`storage.cast`'s reason), in two passes over it: the int8 numbers, then each block times its scale."""
     w = layer.weight
-    return dequantize(w, layer.ggml_type, layer.weight_shape, dtype) if w.dtype == torch.uint8 else w.to(dtype)
+    if w.dtype != torch.uint8:
+        return cast(w, dtype)
+    if layer.ggml_type == "Q8_0" and dtype == torch.float32:
+        out = reused_buffer(layer.weight_shape, dtype, w.device)
+        if out is not None:
+            rows = w.reshape(-1, 34)  # (n_blocks, 34): f16 d, 32 int8 q
+            out.view(-1, 32).copy_(rows[:, 2:].view(torch.int8)).mul_(_f16(rows[:, :2]))  # as _q8_0, in place
+            return out
+    return dequantize(w, layer.ggml_type, layer.weight_shape, dtype)
+
+
+def quantize_q8_0(t: torch.Tensor) -> torch.Tensor:
+    """A float tensor whose numbers fill whole blocks of 32 -> its Q8_0 blocks (n/32, 34) uint8, in memory order, as
+    ggml's `quantize_row_q8_0_ref` and the gguf package's quantizer make them: d = max |x| / 127 per block, stored in
+    float16; q = x / d (x · (1/d) in float32) rounded half away from zero, as C's roundf."""
+    x = t.detach().reshape(-1, 32).float()
+    d = x.abs().amax(dim=1, keepdim=True) / 127
+    scaled = x * torch.where(d == 0, 0.0, 1 / d)
+    q = scaled.sign() * (scaled.abs() + 0.5).floor()
+    return torch.cat([d.half().view(torch.uint8), q.to(torch.int8).view(torch.uint8)], dim=1)
 
 
 class _Blocks:

@@ -32,8 +32,8 @@ from torch import nn
 from ..models.config import preset
 from ..models.family import EMA, FAMILIES, UNET, VAE, Family, family_of_keys
 from . import ggml_quants
-from .fp8 import CAST
 from .reader import CheckpointError, first_line
+from .storage import CAST
 
 ARCHITECTURES = ("sd1", "sdxl")  # city96's names of the U-Nets this project builds (sd1: SD 1.x and 2.x)
 ORIG_SHAPE = "comfy.gguf.orig_shape."  # + key: a reshaped tensor's shape (city96's metadata)
@@ -269,9 +269,9 @@ def weights(model: nn.Module, tensors: dict[str, Stored], expected: dict, device
     - a Linear or Conv2d weight of a quantized type: its blocks, on `device`; the layer dequantizes as it runs
       (`ggml_quants.quantize_layer`);
     - one of a narrower float type than `dtype` (F16 or BF16 under float32): as stored; the layer casts as it runs
-      (`fp8.CAST`'s layers);
+      (`storage.CAST`'s layers);
     - everything else (norms, biases, embeddings, a wider float, and the whole autoencoder, whose attention reads
-      its convolutions' weights itself, as `weights/fp8.py` keeps it): dequantized or cast to `dtype` now.
+      its convolutions' weights itself, as `weights/storage.py` keeps it): dequantized or cast to `dtype` now.
     A tensor takes the expected shape, which has its numbers (stable-diffusion.cpp stores SDXL's linear
     proj_in/proj_out as (c, c, 1, 1))."""
     out = {}

@@ -34,8 +34,8 @@ unambiguously, so the table is keyed by both spellings of every name; the U-Net'
 A weight may be a read-only memory map of the checkpoint file, so merging never writes into a weight's storage:
 each touched parameter gets a new tensor, and `remove_lora` puts the original tensor back.
 
-A weight stored in float8 (`weights/fp8.py`) gets a merged copy in the compute dtype, float32(W) + ΔW, which its
-layer uses as it is while the LoRA is on; its float8 tensor comes back bit for bit. Rounding the sum back to float8,
+A weight stored in float8 (or float16 under float32: `weights/storage.py`) gets a merged copy in the compute dtype,
+float32(W) + ΔW, which its layer uses as it is while the LoRA is on; its stored tensor comes back bit for bit. Rounding the sum back to float8,
 as the web UI does, would move each number to the nearest of steps an eighth of its size apart (e4m3fn): a LoRA's
 change, usually smaller than that, would be lost or snapped whole to a step. Forge's result is this one (it adds
 the LoRA to the cast weight in the compute dtype as each layer runs); the cost is the merged layers' memory in the
@@ -62,7 +62,6 @@ from ..models.config import UNetConfig
 from ..models.family import FAMILIES, UNET
 from ..models.ldm import LatentDiffusion
 from . import ggml_quants, lycoris
-from .fp8 import is_fp8
 from .reader import CheckpointError, read_state_dict
 
 
@@ -354,7 +353,7 @@ def apply_lora(
             original = params[name].data
             layer = model.get_submodule(name.rpartition(".")[0])
             full = ggml_quants.weight(layer, model.dtype) if ggml_quants.is_quantized(layer) else original
-            dtype = model.dtype if is_fp8(full.dtype) else full.dtype  # the merged copy's (module docstring)
+            dtype = model.dtype  # the merged copy's, the compute dtype (module docstring)
             if len(parts) == 1 and parts[0][0] is None:
                 merged = _merged(full, *parts[0][1:], dtype)
             else:  # a fused weight (or a module named twice): a copy, then each part into its rows

@@ -1,12 +1,13 @@
-"""fp8 weight storage (`weights/fp8.py`): the U-Net's and text encoders' Linear and Conv weights kept in float8 and
-cast to float32 as each layer runs.
+"""Weight storage (`weights/storage.py`): the U-Net's and text encoders' Linear and Conv weights kept in float8,
+float16, bfloat16 or Q8_0 blocks and cast to float32 as each layer runs.
 
-The reference is the float32 model itself with the same weights rounded to float8 and back (`rounded`): the fp8
-model must compute exactly what it computes, since the only difference is where the cast happens. The image
-differences against the unrounded float32 model are measured on the built-in model.
+The reference is the float32 model itself with the same weights rounded to the stored form and back (`rounded`):
+the stored model must compute exactly what it computes, since the only difference is where the cast happens. The
+image differences against the unrounded float32 model are measured on the built-in model.
 """
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -20,14 +21,15 @@ from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.infotext import parse_parameters
 from latent_diffusion.pipeline.loading import load_pipeline
 from latent_diffusion.pipeline.request import GenerationRequest
-from latent_diffusion.weights import fp8 as fp8_module
+from latent_diffusion.weights import storage as storage_module
 from latent_diffusion.weights.checkpoint import BUILTIN_MODEL, CheckpointError
-from latent_diffusion.weights.fp8 import CastConv2d, CastLinear, stored_keys
+from latent_diffusion.weights.ggml_quants import QuantizedConv2d, QuantizedLinear, dequantize, quantize_q8_0
 from latent_diffusion.weights.lora import apply_lora, read_lora, remove_lora
+from latent_diffusion.weights.storage import Q8_0, CastConv2d, CastLinear, cast, stored_keys
 
 from conftest import randomize, tiny_config
 
-E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+E4M3, E5M2, F16, BF16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16
 
 
 @pytest.fixture(scope="module")
@@ -42,12 +44,18 @@ def files(tmp_path_factory, tiny_models):
     return out
 
 
-def rounded(model: LatentDiffusion, keys: dict[str, torch.dtype]) -> LatentDiffusion:
-    """A float32 copy of the model whose weights at `keys` are float32(float8(W)): the reference."""
+def rounded(model: LatentDiffusion, keys: dict[str, torch.dtype | str]) -> LatentDiffusion:
+    """A float32 copy of the model whose weights at `keys` are float32(stored(W)): the reference."""
     reference = copy.deepcopy(model)
     sd = reference.state_dict()
-    reference.load_state_dict({k: v.to(keys[k]).float() if k in keys else v for k, v in sd.items()})
+    reference.load_state_dict({k: round_trip(v, keys[k]) if k in keys else v for k, v in sd.items()})
     return reference
+
+
+def round_trip(w: torch.Tensor, form: torch.dtype | str) -> torch.Tensor:
+    if form == Q8_0:
+        return dequantize(quantize_q8_0(w), "Q8_0", w.shape)  # tests/test_gguf.py checks both against gguf's
+    return w.to(form).float()
 
 
 def outputs(model: LatentDiffusion) -> list[torch.Tensor]:
@@ -68,19 +76,19 @@ def outputs(model: LatentDiffusion) -> list[torch.Tensor]:
     return results
 
 
-def fp8_bytes(model: LatentDiffusion) -> tuple[int, int]:
-    """(bytes of the float8 tensors, bytes those numbers would take in float32)."""
-    stored = [t for t in model.state_dict().values() if t.dtype in (E4M3, E5M2)]
+def stored_bytes(model: LatentDiffusion, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of the tensors in `dtype`, bytes those numbers would take in float32)."""
+    stored = [t for t in model.state_dict().values() if t.dtype == dtype]
     return sum(t.nbytes for t in stored), sum(4 * t.numel() for t in stored)
 
 
 @pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
-@pytest.mark.parametrize("dtype", [E4M3, E5M2])
-def test_stored_layers_are_float8_and_compute_as_the_rounded_float32_model(files, variant, dtype):
+@pytest.mark.parametrize("dtype", [E4M3, E5M2, F16, BF16])
+def test_stored_layers_are_narrow_and_compute_as_the_rounded_float32_model(files, variant, dtype):
     """Every Linear and Conv2d weight and bias of the U-Net and the text encoders (and OpenCLIP's fused in_proj) is
-    float8, a quarter of float32's bytes; norms, embeddings and the autoencoder stay float32; the keys are the same;
-    and the text encoders' and U-Net's outputs equal the float32 model's on the float8-rounded weights, bit for bit
-    (the same float32 numbers go through the same kernels)."""
+    in the stored dtype, a quarter (float8) or half (float16, bfloat16) of float32's bytes; norms, embeddings and the
+    autoencoder stay float32; the keys are the same; and the text encoders' and U-Net's outputs equal the float32
+    model's on the rounded weights, bit for bit (the same float32 numbers go through the same kernels)."""
     model, path = files[variant]
     fp8 = load_model(path, unet_weights_dtype=dtype, text_weights_dtype=dtype)
     keys = stored_keys(fp8, dtype, dtype)
@@ -91,8 +99,8 @@ def test_stored_layers_are_float8_and_compute_as_the_rounded_float32_model(files
     assert not any(k.startswith("first_stage_model.") or ".norm" in k or "embedding" in k for k in keys)
     if variant == "sd2":
         assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
-    stored, as_float32 = fp8_bytes(fp8)
-    assert stored * 4 == as_float32
+    stored, as_float32 = stored_bytes(fp8, dtype)
+    assert stored * 4 == as_float32 * dtype.itemsize > 0
     layers = [m for m in fp8.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     cast = [m for m in layers if isinstance(m, (CastLinear, CastConv2d))]
     assert len(cast) == sum(m.weight.dtype == dtype for m in layers) > 0
@@ -112,18 +120,67 @@ def test_one_part_alone(files):
     assert text_only.cond_stage_model.transformer.text_model.encoder.layers[0].mlp.fc1.weight.dtype == E5M2
 
 
+@pytest.mark.parametrize("variant", ["sd1", "sd2", "sdxl"])
+def test_q8_0_layers_compute_as_the_dequantized_float32_model(files, variant):
+    """Q8_0 storage, quantized at load: every Linear and Conv2d weight whose numbers fill blocks of 32 is held in
+    GGML blocks (uint8, 34 bytes a block) by a quantized layer, its bias in float32, OpenCLIP's fused in_proj in
+    float16; the outputs equal the float32 model's on the dequantized weights, bit for bit; the state dict, what
+    `save_model` writes, has float32 weights under the same keys."""
+    model, path = files[variant]
+    q8 = load_model(path, unet_weights_dtype=Q8_0, text_weights_dtype=Q8_0)
+    keys = stored_keys(model, Q8_0, Q8_0)  # of the float32 model: a quantized weight is its blocks
+    layers = [m for m in q8.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    quantized = [m for m in layers if isinstance(m, (QuantizedLinear, QuantizedConv2d))]
+    plain = [m for m in layers if m not in quantized]
+    assert quantized and all(m.weight.numel() % 32 != 0 and m.weight.dtype == torch.float32 for m in plain)
+    assert all(m.weight.dtype == torch.uint8 and m.bias.dtype == torch.float32 for m in quantized if m.bias is not None)
+    assert all(m.weight.shape == (m.weight_shape.numel() // 32, 34) for m in quantized)
+    assert {keys[k] for k in keys if k.endswith("in_proj_weight")} <= {F16} and Q8_0 in keys.values()
+    assert list(q8.state_dict()) == list(model.state_dict()) and q8.dtype == torch.float32
+    for ours, reference in zip(outputs(q8), outputs(rounded(model, keys)), strict=True):
+        assert torch.equal(ours, reference)
+
+
+def test_the_cast_reuses_one_buffer_per_thread_outside_autograd():
+    """Outside autograd a stored weight is cast into the thread's one reused buffer (module docstring); under
+    autograd, and in another thread, into a tensor of its own; a layer's output is the same either way, and the
+    gradient under autograd is the float32 layer's."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 32, generator=g).half(), torch.randn(16, 8, generator=g).half()
+    with torch.no_grad():
+        first = cast(a, torch.float32)
+        assert torch.equal(first, a.float())
+        assert cast(b, torch.float32).data_ptr() == first.data_ptr()  # the same memory, overwritten
+        other = []
+        worker = threading.Thread(target=lambda: other.append(cast(b, torch.float32).data_ptr()))
+        worker.start(), worker.join()
+        assert other[0] != first.data_ptr()
+    assert cast(a, torch.float32).data_ptr() != cast(b, torch.float32).data_ptr()  # autograd: one each
+    assert cast(a, torch.float16) is a
+    layer, reference = torch.nn.Linear(32, 64), torch.nn.Linear(32, 64)
+    reference.weight.data = a.float()
+    layer.weight.data, layer.bias.data = a, reference.bias.data
+    layer.__class__ = CastLinear
+    x = torch.randn(4, 32, generator=g, requires_grad=True)
+    with torch.no_grad():
+        assert torch.equal(layer(x), reference(x))
+    layer(x).square().sum().backward()
+    assert torch.equal(x.grad, torch.autograd.grad(reference(x).square().sum(), x)[0])
+
+
 def test_image_differs_from_float32_by_little(tmp_path):
-    """The built-in model's 64x64 image, 10 steps, U-Net and text encoder in float8: the mean absolute difference
-    from float32's image, in [0, 1] pixels, measured 0.0032 for e4m3fn and 0.0057 for e5m2 (0.8 and 1.5 levels of
-    255; largest pixel 0.085 and 0.079); e5m2, with a bit less mantissa, further. Bounded at 0.015 (4 levels)."""
+    """The built-in model's 64x64 image, 10 steps, U-Net and text encoder stored narrow: the mean absolute difference
+    from float32's image, in [0, 1] pixels, measured 0.000022 for float16, 0.00018 for bfloat16, 0.00044 for Q8_0,
+    0.0032 for e4m3fn and 0.0057 for e5m2 (0.8 and 1.5 levels of 255; largest pixel 0.085 and 0.079): in the order
+    of their precision. Bounded at 0.015 (4 levels); only float8 writes the web UI's "FP8 weight" field."""
     request = GenerationRequest(["a red square on a blue background"], [3], steps=10)
     reference = generate(load_pipeline(BUILTIN_MODEL), request).images
     diffs = {}
-    for dtype in (E4M3, E5M2):
-        result = generate(load_pipeline(BUILTIN_MODEL, unet_weights_dtype=dtype, text_weights_dtype=dtype), request)
-        diffs[dtype] = (result.images - reference).abs().mean().item()
-        assert "FP8 weight: Enable" in result.infotexts[0]
-    assert 0 < diffs[E4M3] < diffs[E5M2] < 0.015, diffs
+    for form in (F16, BF16, Q8_0, E4M3, E5M2):
+        result = generate(load_pipeline(BUILTIN_MODEL, unet_weights_dtype=form, text_weights_dtype=form), request)
+        diffs[form] = (result.images - reference).abs().mean().item()
+        assert ("FP8 weight: Enable" in result.infotexts[0]) == (form in (E4M3, E5M2))
+    assert 0 < diffs[F16] < diffs[BF16] < diffs[Q8_0] < diffs[E4M3] < diffs[E5M2] < 0.015, diffs
 
 
 def test_fp8_file_loads_as_it_is_or_in_float32(files, tmp_path):
@@ -222,21 +279,22 @@ def test_bad_values_exit_2_in_one_line(tmp_path, capsys, command, flag):
         run(command, "--prompt", "x", flag, "fp8", "--outdir", tmp_path / "out")
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.count("\n") == 1
-    assert f"argument {flag}: invalid choice: 'fp8' (choose from 'fp8_e4m3fn', 'fp8_e5m2')" in err
+    choices = "'fp8_e4m3fn', 'fp8_e5m2', 'float16', 'bfloat16', 'q8_0'"
+    assert f"argument {flag}: invalid choice: 'fp8' (choose from {choices})" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_a_device_without_float8_exits_2_writing_nothing(files, tmp_path, capsys, monkeypatch):
     """Where torch cannot hold float8 on the device (MPS: its error below), one line and exit 2, and no folder is
     left behind; the library raises CheckpointError."""
-    fp8_module.check_device("cpu")  # torch 2.13 stores float8 on the CPU
+    storage_module.check_device("cpu")  # torch 2.13 stores float8 on the CPU
 
     def mps(device):
         raise TypeError(
             "Trying to convert Float8_e4m3fn to the MPS backend but it does not have support for that dtype."
         )
 
-    monkeypatch.setattr(fp8_module, "_round_trip", mps)
+    monkeypatch.setattr(storage_module, "_round_trip", mps)
     _, path = files["sd1"]
     out = tmp_path / "out"
     assert run("txt2img", "--ckpt", path, "--prompt", "x", "--unet-weights-dtype", "fp8_e4m3fn", "--outdir", out) == 2
