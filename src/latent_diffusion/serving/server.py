@@ -356,7 +356,12 @@ class ServerState:
         request's arrival, runs out (503)."""
         loop = asyncio.get_running_loop()
         finished = asyncio.Event()
-        job.notify = lambda: loop.call_soon_threadsafe(finished.set)
+
+        def notify() -> None:  # called by the worker thread; the loop may have closed since (the server stopping)
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(finished.set)
+
+        job.notify = notify
         self.worker.submit(job)
         deadline = (arrived or time.monotonic()) + self.limits.request_timeout
         while not job.done.is_set():
