@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from latent_diffusion import CheckpointError, LatentDiffusion, load_model, preset, save_model
 from latent_diffusion.models.yaml_config import to_ldm_config
 from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.loading import load_pipeline
 from latent_diffusion.pipeline.request import GenerationRequest
 from latent_diffusion.prompts.encoding import encode_prompts
 from latent_diffusion.weights.checkpoint import ema_key, infer_config
@@ -382,6 +383,33 @@ def test_vae_attention_stored_as_linear_weights_is_reshaped(tmp_path, tiny_model
     save_file(sd, tmp_path / "converted.safetensors")
     loaded = load_model(tmp_path / "converted.safetensors", config=to_ldm_config(model.cfg))
     assert_same_weights(loaded, model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_pipeline_reads_the_vae_encoder_when_it_first_encodes(tmp_path, tiny_models, dtype):
+    """txt2img never runs the autoencoder's encoder: a generation pipeline leaves its weights in the file (meta
+    tensors) until an image is encoded, then reads the file's numbers, in the model's dtype, the VAE attention
+    stored as Linear weights reshaped as at load; a file changed in between is one clear error."""
+    model = tiny_models["sd1"]
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in [k for k in sd if k.startswith("first_stage_model.encoder.mid.attn_1.") and sd[k].ndim == 4]:
+        sd[k] = sd[k][:, :, 0, 0].contiguous()
+    save_file(sd, tmp_path / "m.safetensors")
+    pipeline = load_pipeline(tmp_path / "m.safetensors", dtype=dtype)
+    autoencoder = pipeline.model.first_stage_model
+    assert all(p.is_meta for p in [*autoencoder.encoder.parameters(), *autoencoder.quant_conv.parameters()])
+    assert not any(p.is_meta for p in autoencoder.decoder.parameters())
+
+    image, noise = (torch.rand(1, 3, 32, 32) * 2 - 1).to(dtype), torch.randn(1, 4, 4, 4)
+    whole = load_model(tmp_path / "m.safetensors", dtype=dtype)
+    expected = whole.autoencoder_encode(image, noise=noise)
+    assert torch.equal(pipeline.model.autoencoder_encode(image, noise=noise), expected)
+    assert_same_weights(pipeline.model, whole)
+
+    changed = load_pipeline(tmp_path / "m.safetensors")
+    save_file({k: v for k, v in sd.items() if "encoder.conv_in" not in k}, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match="changed since it was loaded.*encoder.conv_in"):
+        changed.model.autoencoder_encode(image, noise=noise)
 
 
 def test_sd2_converted_back_from_diffusers_loads(tmp_path, tiny_models):

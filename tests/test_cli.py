@@ -33,6 +33,31 @@ def run(*args) -> int:
     return main([str(a) for a in args])
 
 
+def test_the_command_line_imports_no_training_until_it_trains():
+    """Generation never trains: `ldm`'s start leaves the training modules, and torch.distributed's FSDP and DTensor
+    they bring (0.5 s of each process's start), unimported."""
+    probe = "import sys, latent_diffusion.cli\nprint(sorted(n for n in sys.modules if 'fsdp' in n or n.endswith('training.diffusion')))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_dtype_auto_never_picks_one_the_cpu_emulates(monkeypatch, capsys, native):
+    """--dtype auto: bfloat16 on a CPU with AVX-512 BF16 or AMX (twice float32's speed there), float32 where
+    bfloat16 would be emulated; no flag: float32 on a CPU, as the web UI; a dtype named that the CPU emulates (float16
+    without AMX-FP16: 340x float32's time per convolution) runs after a warning."""
+    from latent_diffusion import cli_common
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr("latent_diffusion.devices.has_native_bfloat16", lambda device: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_fp16_supported", lambda: False)
+    assert cli_common.pick_dtype("auto", cpu) == (torch.bfloat16 if native else torch.float32)
+    assert cli_common.pick_dtype(None, cpu) == torch.float32
+    assert capsys.readouterr().err == ""
+    assert cli_common.pick_dtype("float16", cpu) == torch.float16
+    assert "no native float16 here" in capsys.readouterr().err
+
+
 def test_txt2img_writes_pngs_with_parameters(tmp_path, ckpt):
     out = tmp_path / "out"
     assert run("txt2img", "--ckpt", ckpt, "--prompt", "a red, round thing", "--negative-prompt", "blurry, dark",
@@ -53,7 +78,7 @@ def test_txt2img_writes_pngs_with_parameters(tmp_path, ckpt):
 @pytest.mark.parametrize("native", [True, False])
 def test_bfloat16_without_native_support_warns(tmp_path, ckpt, capsys, monkeypatch, native):
     """--dtype bfloat16 generates either way; where the device would emulate it, one warning line says so."""
-    monkeypatch.setattr("latent_diffusion.cli_generate.has_native_bfloat16", lambda device: native)
+    monkeypatch.setattr("latent_diffusion.devices.has_native_bfloat16", lambda device: native)
     assert run("txt2img", "--ckpt", ckpt, "--prompt", "a cat", "--width", 32, "--height", 32, "--steps", 1,
                "--dtype", "bfloat16", "--device", "cpu", "--seed", 0, "--quiet", "--outdir", tmp_path) == 0  # fmt: skip
     err = capsys.readouterr().err

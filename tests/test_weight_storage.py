@@ -21,6 +21,7 @@ from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.infotext import parse_parameters
 from latent_diffusion.pipeline.loading import load_pipeline
 from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.weights import ggml_quants
 from latent_diffusion.weights import storage as storage_module
 from latent_diffusion.weights.checkpoint import BUILTIN_MODEL, CheckpointError
 from latent_diffusion.weights.ggml_quants import QuantizedConv2d, QuantizedLinear, dequantize, quantize_q8_0
@@ -139,6 +140,18 @@ def test_q8_0_layers_compute_as_the_dequantized_float32_model(files, variant):
     assert list(q8.state_dict()) == list(model.state_dict()) and q8.dtype == torch.float32
     for ours, reference in zip(outputs(q8), outputs(rounded(model, keys)), strict=True):
         assert torch.equal(ours, reference)
+
+
+def test_q8_0_weights_in_bfloat16_are_rounded_once_from_float32(files):
+    """Under --dtype bfloat16 a Q8_0 weight is its float32 dequantization rounded to bfloat16 once, as `dequantize`
+    makes it (not the int8 numbers and scale each rounded first)."""
+    model = load_model(files["sd1"][1], dtype=torch.bfloat16, unet_weights_dtype=Q8_0)
+    layers = [m for m in model.unet.modules() if isinstance(m, (QuantizedLinear, QuantizedConv2d))]
+    assert layers
+    with torch.no_grad():
+        for m in layers:
+            expected = dequantize(m.weight, "Q8_0", m.weight_shape, torch.bfloat16)
+            assert torch.equal(ggml_quants.weight(m, torch.bfloat16), expected)
 
 
 def test_the_cast_reuses_one_buffer_per_thread_outside_autograd():

@@ -13,7 +13,7 @@ import torch
 
 from .cli_arguments import DTYPES, GENERATION_COMMANDS, UsageError, build_parser
 from .cli_builtin import cmd_demo, cmd_eval
-from .cli_common import describe
+from .cli_common import describe, pick_dtype
 from .cli_convert import cmd_convert
 from .cli_generate import (
     apply_infotext,
@@ -32,10 +32,7 @@ from .pipeline.generate import NonFiniteError
 from .pipeline.loading import Pipeline, load_pipeline
 from .training.autoencoder import AutoencoderTrainConfig, train_autoencoder
 from .training.common import TrainError, TrainingDiverged
-from .training.config import TrainConfig
-from .training.controlnet import ControlNetTrainConfig, train_controlnet
-from .training.diffusion import train
-from .training.lora import train_lora
+from .training.config import ControlNetTrainConfig, TrainConfig
 from .weights.checkpoint import BUILTIN_MODEL, CheckpointError, load_model
 from .weights.embeddings import load_embeddings
 from .weights.lora import find_loras
@@ -49,12 +46,16 @@ def cmd_info(args) -> None:
     print(f"{args.ckpt}: {describe(model)}")
 
 
-def cmd_train(args, config_class=TrainConfig, run=train) -> None:
-    """`ldm train` (with --lora: `train_lora`), and `ldm train-controlnet` with its config and run."""
+def cmd_train(args, config_class=TrainConfig, run=None) -> None:
+    """`ldm train` (with --lora: `train_lora`), and `ldm train-controlnet` with its config and run. The training
+    modules are imported here: they bring torch.distributed's, which generation never needs (0.5 s)."""
+    from .training.diffusion import train
+    from .training.lora import train_lora
+
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class) if hasattr(args, f.name)}
     if values["sample_prompts"] is None:
         del values["sample_prompts"]
-    run = train_lora if values.get("lora") is not None and run is train else run
+    run = run or (train_lora if values.get("lora") is not None else train)
     try:
         path = run(config_class(**values))
     except TrainError as e:
@@ -64,6 +65,8 @@ def cmd_train(args, config_class=TrainConfig, run=train) -> None:
 
 
 def cmd_train_controlnet(args) -> None:
+    from .training.controlnet import train_controlnet
+
     cmd_train(args, ControlNetTrainConfig, train_controlnet)
 
 
@@ -96,7 +99,7 @@ def cmd_serve(args) -> None:
     controlnets = find_control_models(controlnet_folder) if controlnet_folder else {}
     vae_folder = folder_arg(args.vae_dir, "--vae-dir", "models/VAE")
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+    dtype = pick_dtype(args.dtype, device)
     files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers, styles=styles_arg(args.styles_file))
     files |= dict(controlnets=controlnets)
     files |= weights_args(args)

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 import argparse
 
-from .cli_common import DTYPES, STYLES_HELP, UPSCALER_DIR_HELP, UsageError, add_weights_arguments, command
+from .cli_common import (
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    DTYPES,
+    STYLES_HELP,
+    UPSCALER_DIR_HELP,
+    UsageError,
+    add_weights_arguments,
+    command,
+)
 from .cli_control import add_control_arguments
 from .cli_convert import add_convert
 from .cli_merge import add_merge
@@ -18,8 +27,7 @@ from .sampling.samplers import SAMPLERS
 from .sampling.sigma_schedules import SCHEDULERS
 from .training.autoencoder import AUTOENCODER_HELP, AutoencoderTrainConfig
 from .training.common import add_config_arguments
-from .training.config import TRAIN_HELP, TrainConfig
-from .training.controlnet import CONTROLNET_HELP, NOT_FLAGS, ControlNetTrainConfig
+from .training.config import CONTROLNET_HELP, NOT_FLAGS, TRAIN_HELP, ControlNetTrainConfig, TrainConfig
 from .training.data import EVAL_FORMS
 from .weights.checkpoint import BUILTIN_CONTROLNET, BUILTIN_LORA, BUILTIN_MODEL
 
@@ -261,7 +269,7 @@ def add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--outdir", default="outputs", help="where the PNGs go")
     p.add_argument("--grid", action="store_true", help="also write a grid of all images")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
-    p.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

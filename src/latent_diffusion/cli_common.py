@@ -5,14 +5,21 @@ model's description (`ldm info`, `ldm demo`)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 import torch
 
+from .devices import computes_natively, emulated_warning
 from .models.ldm import LatentDiffusion
 from .weights.ggml_quants import parameter_count, storage
 from .weights.storage import STORAGE
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_CHOICES = [*DTYPES, "auto"]
+DTYPE_HELP = (
+    "the compute dtype (default: float16 on cuda, float32 elsewhere, as the web UI; auto: float16 on cuda, bfloat16 "
+    "on a CPU that computes it natively (AVX-512 BF16 or AMX: about twice float32's speed), else float32)"
+)
 STYLES_HELP = "the web UI's styles.csv: name, prompt, negative_prompt (default: styles.csv where it exists)"
 UPSCALER_DIR_HELP = (
     "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "
@@ -22,6 +29,17 @@ UPSCALER_DIR_HELP = (
 
 class UsageError(Exception):
     """Bad input from the command line: printed as one line, exit code 2."""
+
+
+def pick_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """--dtype (DTYPE_HELP) on `device`; a warning where the device would only emulate the dtype named (auto never
+    picks one)."""
+    if name == "auto" and device.type == "cpu":
+        name = "bfloat16" if computes_natively(torch.bfloat16, device) else "float32"
+    dtype = DTYPES.get(name, torch.float16 if device.type == "cuda" else torch.float32)
+    if not computes_natively(dtype, device):
+        print(emulated_warning(dtype, device), file=sys.stderr)
+    return dtype
 
 
 def command(sub, name: str, help_text: str, description: str) -> argparse.ArgumentParser:

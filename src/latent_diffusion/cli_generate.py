@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .cli_common import DTYPES, UsageError
+from .cli_common import UsageError, pick_dtype
 from .cli_control import controls_from_args
-from .devices import emulated_bfloat16_warning, has_native_bfloat16, resolve_device
+from .devices import resolve_device
 from .files import claim_numbered, missing_folders, model_hash, remove_empty, writable_folder
 from .models.ldm import LatentDiffusion
 from .pipeline.generate import generate_plan
@@ -310,9 +310,7 @@ def cmd_generate(args, write: Callable | None = None) -> None:
         if path is not None and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    if dtype == torch.bfloat16 and not has_native_bfloat16(device):
-        print(emulated_bfloat16_warning(device), file=sys.stderr)
+    dtype = pick_dtype(args.dtype, device)
     outdir = Path(args.outdir)
     created = prepare_outdir(outdir)
     try:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .cli_common import DTYPES, STYLES_HELP, UPSCALER_DIR_HELP, add_weights_arguments, command
+from .cli_common import DTYPE_CHOICES, DTYPE_HELP, STYLES_HELP, UPSCALER_DIR_HELP, add_weights_arguments, command
 
 
 def add_serve(sub) -> None:
@@ -19,7 +19,7 @@ def add_serve(sub) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (loopback only by default)")
     serve.add_argument("--port", type=int, default=7860)
     serve.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    serve.add_argument("--dtype", choices=DTYPES, help="default: float16 on cuda, float32 on cpu")
+    serve.add_argument("--dtype", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     add_weights_arguments(serve)
     serve.add_argument("--outdir", default="outputs", help="where save_images writes")
     serve.add_argument(

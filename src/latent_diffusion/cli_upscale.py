@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from pathlib import Path
 
-import torch
-
-from .cli_common import DTYPES, UPSCALER_DIR_HELP, UsageError, command
+from .cli_common import DTYPE_CHOICES, DTYPE_HELP, UPSCALER_DIR_HELP, UsageError, command, pick_dtype
 from .cli_generate import pick_device, prepare_outdir, upscaler_args
-from .devices import emulated_bfloat16_warning, has_native_bfloat16
 from .files import claim_numbered, remove_empty
 from .pipeline.extras import (
     ExtrasUpscale,
@@ -67,9 +63,7 @@ def cmd_upscale(args) -> None:
     except UpscalerError as e:
         raise UsageError(str(e)) from None
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    if dtype == torch.bfloat16 and not has_native_bfloat16(device):
-        print(emulated_bfloat16_warning(device), file=sys.stderr)
+    dtype = pick_dtype(args.dtype, device)
     try:
         first, second = load_upscalers(settings, files, FLAGS, device=device, dtype=dtype)
     except UpscalerError as e:
@@ -144,5 +138,5 @@ def add_upscale(sub) -> None:
     up.add_argument("--tile-overlap", type=int, default=OVERLAP, help="input pixels that neighbouring tiles share")
     up.add_argument("--outdir", default="outputs", help="where the PNGs go")
     up.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if present)")
-    up.add_argument("--dtype", choices=DTYPES, help="of a model (default: float16 on cuda, float32 on cpu)")
+    up.add_argument("--dtype", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     up.add_argument("--quiet", action="store_true", help="no line per image written")

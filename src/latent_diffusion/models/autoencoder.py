@@ -5,6 +5,8 @@ Image (b, 3, H, W) in [-1, 1] -> encoder -> quant_conv -> a diagonal Gaussian ov
 (b, embed_dim, H/f, W/f), f = 2 ** (len(ch_mult) - 1); decode: post_quant_conv -> decoder -> image.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -186,11 +188,17 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
+        # Reads the encoder's weights on the first `encode` where a checkpoint was loaded without them (txt2img
+        # never encodes: `checkpoint.load_model(lazy_encoder=True)`); None once they are here.
+        self.load_encoder: Callable[[nn.Module], None] | None = None
 
     def encode(self, img: torch.Tensor, batch_size: int | None = None, tiled: bool = False) -> DiagonalGaussian:
         """img: (b, 3, H, W) in [-1, 1] -> posterior over (b, embed_dim, H/f, W/f); batch_size images at a time
         (bounds the activations' memory when encoding many); tiled: in overlapping tiles (`models/vae_tiling.py`), for
         images whose activations would not fit in memory at once."""
+        if self.load_encoder is not None:
+            self.load_encoder(self)
+            self.load_encoder = None
         f = self.cfg.downsampling_factor
         chunks = img.split(batch_size) if batch_size else [img]
         if tiled:  # tiles laid out in latent pixels (unit f), so that each starts on a whole one

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import emulated_bfloat16_warning, has_native_bfloat16
+from ..devices import emulated_warning, has_native_bfloat16
 from .buckets import BucketSpec
 from .data import HELD_OUT_PAIRS, PLACES, POSITIONS, DataError, ImageCaptionFolder, ShapesDataset
 
@@ -65,7 +65,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if native else "fp32"
     if precision == "bf16" and not native:
-        print(f"{emulated_bfloat16_warning(device)} (--precision auto picks fp32 on such devices)", file=sys.stderr)
+        print(
+            f"{emulated_warning(torch.bfloat16, device)} (--precision auto picks fp32 on such devices)", file=sys.stderr
+        )
     return precision
 
 

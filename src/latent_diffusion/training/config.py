@@ -239,3 +239,37 @@ TRAIN_HELP = {
     "device": "auto, cpu, cuda",
     "quiet": "no progress bar",
 }
+
+
+@dataclass
+class ControlNetTrainConfig(TrainConfig):
+    ckpt: str | None = None  # the frozen base model (default: the built-in model)
+    prompt_dropout: float = 0.5  # the paper's 50 %: the ControlNet learns to read the control image without a prompt
+    ema_decay: float = 0.0  # cldm keeps no EMA (use_ema: False), and the original layout has no place for one
+    sample_prompts: list[str] = dataclasses.field(default_factory=lambda: ["a red circle on a blue background"])
+
+
+# `ldm train`'s fields that make no sense with a frozen base model: not flags of `ldm train-controlnet`
+NOT_FLAGS = (
+    "preset",
+    "parameterization",
+    "autoencoder",
+    "train_text_encoder",
+    "lora",
+    "lora_alpha",
+    "lora_conv_rank",
+    "lora_conv_alpha",
+    "lora_dropout",
+    "text_encoder_lr",
+)
+
+CONTROLNET_HELP = {
+    **TRAIN_HELP,
+    "outdir": "folder for checkpoints, log.csv, samples and the final controlnet.safetensors",
+    "data": "image folder with a metadata.jsonl of file_name, conditioning_image and text per line "
+    "(default: the built-in shapes set, each shape's mask its control image)",
+    "ckpt": "the base model, frozen (default: the built-in model)",
+    "prompt_dropout": "probability of training on the empty prompt (the paper's 0.5)",
+    "ema_decay": "EMA of the ControlNet's weights: not kept (0), as lllyasviel's cldm",
+    "sample_prompts": "prompts of the sample images, each with the control image of one of the first data items",
+}

@@ -294,6 +294,7 @@ def load_model(
     unet_weights_dtype: torch.dtype | str | None = None,
     text_weights_dtype: torch.dtype | str | None = None,
     unet_gguf: str | os.PathLike | None = None,
+    lazy_encoder: bool = False,
 ) -> LatentDiffusion:
     """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout, or a `.gguf` whole model
     in stable-diffusion.cpp's.
@@ -308,6 +309,8 @@ def load_model(
     unet_gguf: a GGUF U-Net (city96's layout: ComfyUI-GGUF's files) in place of the checkpoint's, which brings the
     autoencoder and text encoders (its own U-Net is not read). A GGUF file's layer weights stay quantized and are
     dequantized to `dtype` as each layer runs (`weights/gguf_files.py`, `weights/ggml_quants.py`).
+    lazy_encoder: leave the autoencoder's encoder in the file (meta tensors) until it first encodes an image, which
+    txt2img never does (`AutoencoderKL.load_encoder`); the model's state dict is whole only after that.
     """
     sd, metadata, origin, ggml = _read_files(path, unet_gguf, ema)
     cfg = _config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
@@ -335,14 +338,37 @@ def load_model(
 
     dtypes = {k: stored.get(k, dtype) for k in expected}
     plain = {k: v for k, v in expected.items() if k not in ggml}  # the tensors of a .safetensors or .ckpt file
+    later = {k: v for k, v in plain.items() if lazy_encoder and k.startswith(ENCODER)}
+    plain = {k: v for k, v in plain.items() if k not in later}
     weights = _read_weights(path, sd, origin, plain, dtypes, device) if plain else {}
     weights |= gguf_files.weights(model, ggml, expected, device, dtype)
     for key in (k for k, form in dtypes.items() if form == storage.Q8_0):
         ggml_quants.quantize_layer(model.get_submodule(key.rpartition(".")[0]), "Q8_0", expected[key].shape, dtype)
-    model.load_state_dict(weights, strict=True, assign=True)
+    model.load_state_dict(weights, strict=not later, assign=True)  # (not strict: only `later` is missing)
+    if later:
+        model.first_stage_model.load_encoder = lambda autoencoder: _read_encoder(autoencoder, path, later)
     storage.cast_as_they_run(model, dtype)
     model.init_schedule(device)
     return model.eval()
+
+
+def _read_encoder(autoencoder: nn.Module, path, keys: dict[str, torch.Tensor]) -> None:
+    """The encoder's weights `keys` (model keys, `first_stage_model.encoder.*` and `quant_conv.*`) read from the
+    checkpoint `path` into `autoencoder`, in its dtype and on its device as they are now."""
+    sd, _, origin, _ = _read_files(path, None, None)
+    if problem := mismatch(
+        keys,
+        {k: sd[k] for k in keys if k in sd},
+        lambda k, have, want: _same_numbers(k, have, want, {}),
+        ignorable=None,
+    ):
+        raise CheckpointError(f"{path}: changed since it was loaded; its autoencoder's encoder: {problem}")
+    at = autoencoder.post_quant_conv.weight
+    weights = _read_weights(path, sd, origin, keys, dict.fromkeys(keys, at.dtype), at.device)
+    autoencoder.load_state_dict({k.removeprefix(VAE): v for k, v in weights.items()}, strict=False, assign=True)
+
+
+ENCODER = (VAE + "encoder.", VAE + "quant_conv.")  # the keys only encoding an image uses
 
 
 def _read_files(path, unet_gguf, ema) -> tuple[dict, dict, dict, dict]:
@@ -386,12 +412,13 @@ def _read_weights(path, sd: dict, origin: dict, expected: dict, dtypes: dict, de
         for k in expected:
             t = sd[k]
             form = dtypes[k] if t.is_floating_point() else t.dtype
-            target = torch.float32 if form == storage.Q8_0 else form  # quantized from float32, one tensor at a time
-            if (target != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
+            if (form != t.dtype or torch.device(device).type != "cpu") and origin[k] in index:
                 scratch = scratch or bytearray(max(end - start for *_, start, end in index.values()))
                 t = read_tensor(f, *index[origin[k]], scratch)  # copied below anyway: leave the mapping alone
-            t = t.to(device=device, dtype=target).reshape(expected[k].shape)  # a copy: `scratch` is free
-            weights[k] = ggml_quants.quantize_q8_0(t) if form == storage.Q8_0 else t
+            if form == storage.Q8_0:  # quantized from the file's numbers in pieces: only the blocks are made
+                weights[k] = ggml_quants.quantize_q8_0(t).to(device)
+            else:
+                weights[k] = t.to(device=device, dtype=form).reshape(expected[k].shape)  # a copy: `scratch` is free
     return weights
 
 
@@ -423,6 +450,7 @@ def load_vae(model: LatentDiffusion, path: str | os.PathLike) -> None:
         raise CheckpointError(f"{path}: not an autoencoder of this model: {problem}")
     weights = {k: sd[k].reshape(v.shape).to(model.device, model.dtype) for k, v in expected.items()}
     model.first_stage_model.load_state_dict(weights, strict=True, assign=True)
+    model.first_stage_model.load_encoder = None  # the encoder is this file's now
 
 
 def mismatch(expected: dict, sd: dict, also_fits, ignorable=_ignorable) -> str:

@@ -140,9 +140,10 @@ def _form(module: nn.Module, name: str, p: torch.Tensor, storage: torch.dtype | 
 
 def cast_as_they_run(model: nn.Module, dtype: torch.dtype) -> None:
     """Make every Linear and Conv2d layer whose weight is stored in another dtype than `dtype`, the compute dtype,
-    cast it to its input's dtype as it runs (OpenCLIP's attention casts its own `in_proj_weight`)."""
+    cast it to its input's dtype as it runs (OpenCLIP's attention casts its own `in_proj_weight`). A weight not read
+    yet (a meta tensor: `load_model(lazy_encoder=True)`) will be read in `dtype`."""
     for module in model.modules():
-        if type(module) in CAST and module.weight.dtype != dtype:
+        if type(module) in CAST and module.weight.dtype != dtype and not module.weight.is_meta:
             module.__class__ = CAST[type(module)]
 
 
