@@ -71,7 +71,8 @@ def measure(command: list[str], env: dict, steps: int, image: Path) -> Run:
         now = time.monotonic() - start
         text += chunk
         for k in re.findall(rb"(?<![\d/])(\d+)/%d(?![\d/])" % steps, text[-len(chunk) - 16 :]):
-            shown.setdefault(int(k), now)
+            if int(k) > 0:  # (a bar's "0/10" is shown before the first step)
+                shown.setdefault(int(k), now)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.monotonic() - start

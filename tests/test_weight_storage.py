@@ -125,7 +125,7 @@ def test_one_part_alone(files):
 def test_q8_0_layers_compute_as_the_dequantized_float32_model(files, variant):
     """Q8_0 storage, quantized at load: every Linear and Conv2d weight whose numbers fill blocks of 32 is held in
     GGML blocks (uint8, 34 bytes a block) by a quantized layer, its bias in float32, OpenCLIP's fused in_proj in
-    float16; the outputs equal the float32 model's on the dequantized weights, bit for bit; the state dict, what
+    float16, and so the token embeddings; the outputs equal the float32 model's on the dequantized weights, bit for bit; the state dict, what
     `save_model` writes, has float32 weights under the same keys."""
     model, path = files[variant]
     q8 = load_model(path, unet_weights_dtype=Q8_0, text_weights_dtype=Q8_0)
@@ -137,6 +137,8 @@ def test_q8_0_layers_compute_as_the_dequantized_float32_model(files, variant):
     assert all(m.weight.dtype == torch.uint8 and m.bias.dtype == torch.float32 for m in quantized if m.bias is not None)
     assert all(m.weight.shape == (m.weight_shape.numel() // 32, 34) for m in quantized)
     assert {keys[k] for k in keys if k.endswith("in_proj_weight")} <= {F16} and Q8_0 in keys.values()
+    assert {keys[k] for k in keys if "embedding" in k} == {F16}  # the token embeddings, not the positions'
+    assert {k for k in keys if "embedding" in k} == {k for k in model.state_dict() if "token_embedding" in k}
     assert list(q8.state_dict()) == list(model.state_dict()) and q8.dtype == torch.float32
     for ours, reference in zip(outputs(q8), outputs(rounded(model, keys)), strict=True):
         assert torch.equal(ours, reference)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+
 import torch
 
 
@@ -47,6 +50,13 @@ def emulated_warning(dtype: torch.dtype, device: torch.device) -> str:
     """The line printed when `dtype` is asked for on a device that does not compute it natively."""
     name = str(dtype).removeprefix("torch.")
     return f"ldm: warning: {device.type} has no native {name} here, so {name} is emulated and much slower than float32"
+
+
+def release_freed_heap() -> None:
+    """Give the heap's freed pages back to the system (glibc's malloc_trim; nothing elsewhere): what a load read the
+    file through and quantized in stays resident otherwise, 0.14 GiB after loading SD 1.5 with Q8_0 storage."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -176,7 +176,7 @@ class TextEncoder(nn.Module):
         pooled: also return (b, embed_dim), the last layer's normed hidden state at each row's first end token
         (the highest id, as open_clip finds it) through text_projection, as SDXL's FrozenOpenCLIPEmbedder2."""
         token_embedding, position_embedding, layers, final_norm = self._parts()
-        x = token_embedding(tokens)
+        x = token_embedding(tokens).to(position_embedding.dtype)  # (stored narrower under Q8_0: `weights/storage.py`)
         if vectors and any(vectors):
             x = x.clone()
             for row, pairs in enumerate(vectors):

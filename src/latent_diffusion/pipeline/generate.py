@@ -27,6 +27,7 @@ from ..sampling.noise_schedule import sigma_to_t
 from ..sampling.parameterization import sigma_from_alpha_bar
 from ..sampling.samplers import Step, get_sampler
 from ..sampling.sigma_schedules import sampling_schedule
+from ..weights import storage
 from ..weights.lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .compiling import compile_model
 from .conditioning import scheduled_denoiser
@@ -92,6 +93,7 @@ def decode(model: LatentDiffusion, z: torch.Tensor, tiled: bool = False) -> torc
     is done again in float32 (the web UI's automatic VAE precision); a copy of the decoder in float32 exists only
     for that retry. A family whose VAE is known to overflow in float16 (SDXL's) decodes in float32 at once, as
     diffusers' `force_upcast`."""
+    storage.free_buffers()  # the U-Net's weights are done with for now
     upcast = model.dtype == torch.float16 and model.cfg.family.vae_overflows_in_float16
     images = None if upcast else model.autoencoder_decode(z.to(model.dtype), tiled=tiled).float()
     if model.dtype == torch.float16 and (upcast or not torch.isfinite(images).all()):
@@ -116,7 +118,6 @@ def generate(
 def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None) -> GenerationResult:
     """Run a resolved request (`plan.resolve`): its images in U-Net batches, each pass on its LoRAs' merged weights."""
     pipeline, r = plan.pipeline, plan.request
-    fields = infotext_fields(plan)
     passes = [p for p in (plan, plan.hires) if p is not None]
     if r.compile:
         for m in {id(m): m for p in passes for m in (p.pipeline.model, p.pipeline.refiner) if m}.values():
@@ -137,6 +138,7 @@ def generate_plan(plan: Plan, progress: Callable[[Progress], None] | None = None
         out, notes = sample(plan, batch, step_done, lambda p, tags: merged(p, loras, tags, warnings), upscaler)
         images.append(out)
         warnings.extend(n for n in notes if n not in warnings)
+    fields = infotext_fields(plan)  # after the work: the checkpoint's hash reads the whole file (1.3 s for 2 GB)
     infotexts = [infotext(r, i, fields) for i in range(len(r.prompts))]
     return GenerationResult(torch.cat(images), infotexts, warnings, r, fields)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..devices import release_freed_heap
 from ..files import atomic_write
 from ..models.config import (
     MICRO_CONDITIONING,
@@ -349,6 +350,7 @@ def load_model(
         model.first_stage_model.load_encoder = lambda autoencoder: _read_encoder(autoencoder, path, later)
     storage.cast_as_they_run(model, dtype)
     model.init_schedule(device)
+    release_freed_heap()
     return model.eval()
 
 

@@ -16,10 +16,12 @@ Stored, in each part asked for:
   numbers fill whole blocks of 32;
 - OpenCLIP's fused q/k/v projection (`in_proj_weight`, `in_proj_bias`): a Linear layer in all but its name, run
   as three Linear layers in float8 by Forge and ComfyUI (the web UI's nn.MultiheadAttention keeps it in the
-  compute dtype, a quarter of each attention block's weights); in float16 under Q8_0.
+  compute dtype, a quarter of each attention block's weights); in float16 under Q8_0;
+- under Q8_0, the text encoders' token embedding too, in float16 (stable-diffusion.cpp's `--type q8_0` stores it
+  narrow as well; 72 MiB of SD 1.5's 145), its rows cast as they are looked up.
 Kept in the compute dtype: the norms' scales and shifts (GroupNorm, LayerNorm: the web UI's choice; Forge's
-operations store them in float8 as well, for a saving of under 0.1% of the bytes), the token and position
-embeddings (the web UI and Forge both), OpenCLIP's `text_projection` and `logit_scale`, and the whole autoencoder.
+operations store them in float8 as well, for a saving of under 0.1% of the bytes), the token embedding but under
+Q8_0 and the position embeddings (the web UI and Forge both), OpenCLIP's `text_projection` and `logit_scale`, and the whole autoencoder.
 
 Rounding (torch's round to nearest even): e4m3fn keeps 3 bits of mantissa (steps of 2⁻³ of a value's power of two,
 values to ±448, saturating beyond); e5m2 keeps 2 bits (2⁻², ±57344); float16 10 bits, bfloat16 7. A layer then
@@ -68,6 +70,12 @@ def reused_buffer(shape, dtype: torch.dtype, device: torch.device) -> torch.Tens
         by_kind.pop(kind, None)  # freed before its larger successor is made
         by_kind[kind] = torch.empty(numel, dtype=dtype, device=device)
     return by_kind[kind][:numel].view(shape)
+
+
+def free_buffers() -> None:
+    """Free this thread's reused buffers (the next cast makes them again): before the autoencoder decodes, so that
+    its activations do not come on top of the largest weight's buffer (118 MB in float32 for SD 1.5)."""
+    _buffers.__dict__.pop("by_kind", None)
 
 
 def cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -121,7 +129,8 @@ def stored_keys(
         if storage is None:
             continue
         for path, module in root.named_modules():
-            if isinstance(module, (nn.Linear, nn.Conv2d, MultiheadSelfAttention)):
+            token_embedding = storage == Q8_0 and path.endswith("token_embedding")
+            if isinstance(module, (nn.Linear, nn.Conv2d, MultiheadSelfAttention)) or token_embedding:
                 prefix = f"{where[id(root)]}.{path}" if path else where[id(root)]
                 for name, p in module.named_parameters(recurse=False):
                     keys[f"{prefix}.{name}"] = _form(module, name, p, storage)
@@ -133,7 +142,7 @@ def _form(module: nn.Module, name: str, p: torch.Tensor, storage: torch.dtype | 
     None for the compute dtype."""
     if storage != Q8_0:
         return storage
-    if isinstance(module, MultiheadSelfAttention):
+    if isinstance(module, (MultiheadSelfAttention, nn.Embedding)):
         return torch.float16
     return Q8_0 if name == "weight" and p.numel() % 32 == 0 else None
 
