@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from gguf_memory import gguf_file
 from load import write_sd15_file  # benchmarks/load.py: run as a script, this folder is on sys.path
 from machine import machine
 
@@ -44,6 +45,8 @@ OURS = {  # name -> ldm txt2img's options; the first is the reference of the oth
     "ours float32": ["--dtype", "float32"],
     "ours float32, Q8_0 weights": ["--dtype", "float32", *Q8_0],
     "ours bfloat16, Q8_0 weights": ["--dtype", "bfloat16", *Q8_0],
+    # the U-Net converted once (`ldm convert --to gguf --quant Q8_0`, as sd.cpp's users convert): no quantizing at load
+    "ours bfloat16, Q8_0 GGUF U-Net, text Q8_0": ["--dtype", "bfloat16", "--unet-gguf", "{gguf}", *Q8_0[2:]],
 }
 
 
@@ -61,7 +64,9 @@ class Run:
 
 
 def measure(command: list[str], env: dict, steps: int, image: Path) -> Run:
-    """Run `command`, stamping each step's progress line ("k/steps") as it arrives; its peak RSS from wait4."""
+    """Run `command`, stamping each step's progress line ("k/steps") as it arrives; its peak RSS from wait4. (Linux
+    folds the resident size of the process that spawned it into a child's ru_maxrss at exec: this process stays
+    small, never holding the file.)"""
     start = time.monotonic()
     proc = subprocess.Popen(["stdbuf", "-o0", "-e0", *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env=env)  # fmt: skip
@@ -113,7 +118,9 @@ def main():
         parser.error("--sd-cli is needed unless --only ours")
     path = Path(args.file)
     write_sd15_file(path)
-    path.read_bytes()  # into the page cache
+    with open(path, "rb") as f:  # into the page cache, a piece at a time: see `measure` on the peak
+        while f.read(1 << 26):
+            pass
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
     print(f"{path} ({path.stat().st_size / 2**30:.2f} GiB), {args.size}x{args.size}, {args.steps} Euler steps, "
           f"CFG 7, {args.threads} threads; {machine()}", flush=True)  # fmt: skip
@@ -126,6 +133,7 @@ def main():
                 print(f"{name}: {runs[name]}", flush=True)
         if args.only != "sd.cpp":
             for name, options in OURS.items():
+                options = [str(gguf_file(path, "Q8_0")) if o == "{gguf}" else o for o in options]
                 outdir = Path(folder) / str(len(runs))
                 run = measure(our_command(path, options, args, outdir), env, args.steps, outdir / "00001-1.png")
                 runs[name] = run
