@@ -400,6 +400,8 @@ def test_a_pipeline_reads_the_vae_encoder_when_it_first_encodes(tmp_path, tiny_m
     assert all(p.is_meta for p in [*autoencoder.encoder.parameters(), *autoencoder.quant_conv.parameters()])
     assert not any(p.is_meta for p in autoencoder.decoder.parameters())
 
+    pipeline.model.to(torch.float64).to("cpu", dtype)  # (as a server's unload and reload move it) leaves it there
+    assert autoencoder.encoder.conv_in.weight.is_meta and autoencoder.decoder.conv_in.weight.dtype == dtype
     image, noise = (torch.rand(1, 3, 32, 32) * 2 - 1).to(dtype), torch.randn(1, 4, 4, 4)
     whole = load_model(tmp_path / "m.safetensors", dtype=dtype)
     expected = whole.autoencoder_encode(image, noise=noise)

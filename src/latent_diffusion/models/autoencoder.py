@@ -192,6 +192,18 @@ class AutoencoderKL(nn.Module):
         # never encodes: `checkpoint.load_model(lazy_encoder=True)`); None once they are here.
         self.load_encoder: Callable[[nn.Module], None] | None = None
 
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()` and the like. An encoder still in the file (`load_encoder`: meta tensors) stays there,
+        to be read where the rest of the autoencoder is then, in its dtype."""
+        if self.load_encoder is None:
+            return super()._apply(fn, recurse)
+        modules = self._modules
+        self._modules = {k: m for k, m in modules.items() if k not in ("encoder", "quant_conv")}
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._modules = modules
+
     def encode(self, img: torch.Tensor, batch_size: int | None = None, tiled: bool = False) -> DiagonalGaussian:
         """img: (b, 3, H, W) in [-1, 1] -> posterior over (b, embed_dim, H/f, W/f); batch_size images at a time
         (bounds the activations' memory when encoding many); tiled: in overlapping tiles (`models/vae_tiling.py`), for
