@@ -74,6 +74,34 @@ def tiny_models():
     }
 
 
+def outputs(model: LatentDiffusion) -> list[torch.Tensor]:
+    """Every text encoder's hidden states (and SDXL's pooled vector), and the U-Net's prediction on fixed inputs:
+    what a model that stores or quantizes its weights is compared on."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, model.cfg.text.vocab_size, (2, 77), generator=g)
+    results = []
+    with torch.no_grad():
+        for encoder in model.text_encoders:
+            out = encoder(tokens, pooled=encoder.cfg.pooled)
+            results += list(out) if isinstance(out, tuple) else [out]
+        x = torch.randn(2, model.cfg.unet.in_channels, 16, 16, generator=g)
+        cond = {"crossattn": torch.randn(2, 77, model.cfg.unet.context_dim, generator=g)}
+        if model.cfg.unet.adm_in_channels:
+            cond["vector"] = torch.randn(2, model.cfg.unet.adm_in_channels, generator=g)
+        results.append(model(x, torch.tensor([10, 900]), cond))
+    return results
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_models):
+    """variant -> (a float32 tiny model, its .safetensors file): SD 1.x, 2.x and SDXL (its two text encoders)."""
+    folder = tmp_path_factory.mktemp("variants")
+    models = {**tiny_models, "sdxl": randomize(LatentDiffusion(tiny_config("sdxl")), seed=5).eval()}
+    for variant in ("sd1", "sd2", "sdxl"):
+        save_model(models[variant], folder / f"{variant}.safetensors")
+    return {variant: (models[variant], folder / f"{variant}.safetensors") for variant in ("sd1", "sd2", "sdxl")}
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, tiny_models):
     """The tiny SD 1.x model as a .safetensors file."""

@@ -32,7 +32,7 @@ from latent_diffusion.weights.gguf_files import read_gguf
 from latent_diffusion.weights.lora import apply_lora, read_lora, remove_lora
 from latent_diffusion.weights.storage import CastConv2d, CastLinear
 
-from conftest import randomize, tiny_config
+from conftest import outputs
 
 UNET = "model.diffusion_model."
 QT = gguf.GGMLQuantizationType
@@ -42,18 +42,6 @@ SCALES = {  # where each block keeps its f16 scales (and mins): random bytes the
     "Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2],
     "Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208],
 }  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_models):
-    """variant -> (the float32 model, its .safetensors file)."""
-    folder = tmp_path_factory.mktemp("gguf")
-    models = {**tiny_models, "sdxl": randomize(LatentDiffusion(tiny_config("sdxl")), seed=5).eval()}
-    out = {}
-    for variant in ("sd1", "sd2", "sdxl"):
-        save_model(models[variant], folder / f"{variant}.safetensors")
-        out[variant] = (models[variant], folder / f"{variant}.safetensors")
-    return out
 
 
 def random_blocks(qtype: str, n_blocks: int, seed: int = 0, scale: float = 1.0) -> np.ndarray:
@@ -83,23 +71,6 @@ def twin(model: LatentDiffusion, numbers: dict[str, torch.Tensor]) -> LatentDiff
     sd = reference.state_dict()
     reference.load_state_dict({k: numbers[k].reshape(v.shape) if k in numbers else v for k, v in sd.items()})
     return reference
-
-
-def outputs(model: LatentDiffusion) -> list[torch.Tensor]:
-    """Every text encoder's hidden states (and SDXL's pooled vector), and the U-Net's prediction on fixed inputs."""
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.cfg.text.vocab_size, (2, 77), generator=g)
-    results = []
-    with torch.no_grad():
-        for encoder in model.text_encoders:
-            out = encoder(tokens, pooled=encoder.cfg.pooled)
-            results += list(out) if isinstance(out, tuple) else [out]
-        x = torch.randn(2, model.cfg.unet.in_channels, 16, 16, generator=g)
-        cond = {"crossattn": torch.randn(2, 77, model.cfg.unet.context_dim, generator=g)}
-        if model.cfg.unet.adm_in_channels:
-            cond["vector"] = torch.randn(2, model.cfg.unet.adm_in_channels, generator=g)
-        results.append(model(x, torch.tensor([10, 900]), cond))
-    return results
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

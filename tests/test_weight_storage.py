@@ -28,21 +28,9 @@ from latent_diffusion.weights.ggml_quants import QuantizedConv2d, QuantizedLinea
 from latent_diffusion.weights.lora import apply_lora, read_lora, remove_lora
 from latent_diffusion.weights.storage import Q8_0, CastConv2d, CastLinear, cast, stored_keys
 
-from conftest import randomize, tiny_config
+from conftest import outputs
 
 E4M3, E5M2, F16, BF16 = torch.float8_e4m3fn, torch.float8_e5m2, torch.float16, torch.bfloat16
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory, tiny_models):
-    """variant -> (the float32 model, its .safetensors file); SDXL's two text encoders too."""
-    folder = tmp_path_factory.mktemp("fp8")
-    models = {**tiny_models, "sdxl": randomize(LatentDiffusion(tiny_config("sdxl")), seed=5).eval()}
-    out = {}
-    for variant in ("sd1", "sd2", "sdxl"):
-        save_model(models[variant], folder / f"{variant}.safetensors")
-        out[variant] = (models[variant], folder / f"{variant}.safetensors")
-    return out
 
 
 def rounded(model: LatentDiffusion, keys: dict[str, torch.dtype | str]) -> LatentDiffusion:
@@ -57,24 +45,6 @@ def round_trip(w: torch.Tensor, form: torch.dtype | str) -> torch.Tensor:
     if form == Q8_0:
         return dequantize(quantize_q8_0(w), "Q8_0", w.shape)  # tests/test_gguf.py checks both against gguf's
     return w.to(form).float()
-
-
-def outputs(model: LatentDiffusion) -> list[torch.Tensor]:
-    """Every text encoder's hidden states (and SDXL's pooled vector), and the U-Net's prediction on fixed inputs."""
-    g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, model.cfg.text.vocab_size, (2, 77), generator=g)
-    results = []
-    with torch.no_grad():
-        for encoder in model.text_encoders:
-            out = encoder(tokens, pooled=encoder.cfg.pooled)
-            results += list(out) if isinstance(out, tuple) else [out]
-        x = torch.randn(2, model.cfg.unet.in_channels, 16, 16, generator=g)
-        context = torch.randn(2, 77, model.cfg.unet.context_dim, generator=g)
-        cond = {"crossattn": context}
-        if model.cfg.unet.adm_in_channels:
-            cond["vector"] = torch.randn(2, model.cfg.unet.adm_in_channels, generator=g)
-        results.append(model(x, torch.tensor([10, 900]), cond))
-    return results
 
 
 def stored_bytes(model: LatentDiffusion, dtype: torch.dtype) -> tuple[int, int]:
