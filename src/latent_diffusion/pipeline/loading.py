@@ -64,10 +64,10 @@ def load_pipeline(
     text_weights_dtype: torch.dtype | str | None = None,
 ) -> Pipeline:
     """Load a checkpoint (`checkpoint.load_model`, with a GGUF U-Net in place of its own where `unet_gguf` names
-    one; its autoencoder's encoder read when an image is first encoded) and what goes beside it: a VAE file over its autoencoder, a refiner on the same device in the same dtype,
-    the embeddings in `embeddings_dir` made for its text encoders' width, and
-    the LoRA, upscaler and control model files by name (`lora.find_loras`, `upscalers.find_upscalers`,
-    `control.find_control_models`), and a checkpoint
+    one; its autoencoder's encoder read when an image is first encoded) and what goes beside it: a VAE file over its
+    autoencoder, a refiner on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text
+    encoders' width, and the LoRA, upscaler and control model files by name (`lora.find_loras`,
+    `upscalers.find_upscalers`, `control.find_control_models`), and a checkpoint
     for the hires pass with the same embeddings, LoRAs and upscalers beside it. compile: the U-Nets and decoders
     through torch.compile. unet_weights_dtype, text_weights_dtype: the storage of the U-Nets' and the text
     encoders' layer weights (float8, float16, bfloat16 or "Q8_0"), for every checkpoint loaded here (`weights/storage.py`)."""
