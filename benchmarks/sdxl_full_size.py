@@ -130,7 +130,8 @@ def ours(work: Path) -> None:
     from latent_diffusion.pipeline.generate import generate
     from latent_diffusion.pipeline.request import GenerationRequest
     from latent_diffusion.prompts.encoding import encode_prompts
-    from latent_diffusion.weights.checkpoint import infer_config, read_state_dict
+    from latent_diffusion.weights.architecture import infer_config
+    from latent_diffusion.weights.checkpoint import read_state_dict
 
     path = work / "sdxl_random.safetensors"
     inferred = infer_config(read_state_dict(path)[0])  # the keys alone, without our config metadata

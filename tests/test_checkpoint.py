@@ -20,7 +20,8 @@ from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.loading import load_pipeline
 from latent_diffusion.pipeline.request import GenerationRequest
 from latent_diffusion.prompts.encoding import encode_prompts
-from latent_diffusion.weights.checkpoint import ema_key, infer_config
+from latent_diffusion.weights.architecture import infer_config
+from latent_diffusion.weights.checkpoint import ema_key
 
 from conftest import randomize, tiny_config
 

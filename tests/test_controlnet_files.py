@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from latent_diffusion import LatentDiffusion, UNetConfig, preset
 from latent_diffusion.models.controlnet import ControlNet
 from latent_diffusion.models.unet import timestep_embedding
-from latent_diffusion.weights.checkpoint import infer_unet
+from latent_diffusion.weights.architecture import infer_unet
 from latent_diffusion.weights.controlnet import (
     ControlNetError,
     check_controlnet_fits,

@@ -9,6 +9,7 @@ device (the extras tab's upscales) takes its turn among the jobs (`Call`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -200,7 +201,8 @@ class Worker:
             for job in group:
                 job.done.set()
                 if job.notify is not None:
-                    job.notify()
+                    with contextlib.suppress(RuntimeError):  # its event loop has closed (the server stopping)
+                        job.notify()
 
     def call(self, task: Call) -> None:
         if not task.cancelled:

@@ -356,12 +356,7 @@ class ServerState:
         request's arrival, runs out (503)."""
         loop = asyncio.get_running_loop()
         finished = asyncio.Event()
-
-        def notify() -> None:  # called by the worker thread; the loop may have closed since (the server stopping)
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(finished.set)
-
-        job.notify = notify
+        job.notify = lambda: loop.call_soon_threadsafe(finished.set)
         self.worker.submit(job)
         deadline = (arrived or time.monotonic()) + self.limits.request_timeout
         while not job.done.is_set():

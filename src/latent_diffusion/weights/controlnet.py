@@ -34,7 +34,8 @@ from ..models.config import LatentDiffusionConfig, UNetConfig
 from ..models.controlnet import ControlNet
 from ..models.family import SD1, SD2, SDXL, UNET, VAE, Family
 from ..models.ldm import LatentDiffusion
-from .checkpoint import empty_modules, infer_unet, key_indices, mismatch
+from .architecture import infer_unet, key_indices
+from .checkpoint import empty_modules, mismatch
 from .lora import RESBLOCK, unet_blocks
 from .reader import CheckpointError, first_line, read_state_dict
 

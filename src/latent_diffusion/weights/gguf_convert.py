@@ -27,7 +27,7 @@ import torch
 
 from ..files import atomic_write
 from ..models.family import UNET
-from .checkpoint import infer_unet
+from .architecture import infer_unet
 from .gguf_files import gguf_package, is_gguf
 from .reader import CheckpointError, read_state_dict
 

@@ -44,8 +44,9 @@ import torch
 
 from ..files import atomic_write, legacy_model_hash, sha256_of
 from ..models.family import EMA, VAE, family_of_keys
+from .architecture import CONFIG_METADATA_KEY, check_checkpoint_keys, infer_config
 from .block_weights import BASE, block_of, parse_block_weights
-from .checkpoint import CONFIG_METADATA_KEY, add_text_model_level, check_checkpoint_keys, infer_config
+from .checkpoint import add_text_model_level
 from .reader import (
     SAFETENSORS_DTYPES,
     CheckpointError,
