@@ -415,6 +415,29 @@ def test_a_pipeline_reads_the_vae_encoder_when_it_first_encodes(tmp_path, tiny_m
         changed.model.autoencoder_encode(image, noise=noise)
 
 
+def test_a_pipeline_keeps_a_half_precision_autoencoder_as_filed(tmp_path, tiny_models):
+    """A float16 file's autoencoder in a float32 generation pipeline: its Conv weights and biases stay float16 (half
+    the memory) and are cast to float32 as each layer runs, its norms are float32, and decoding and encoding give
+    the float32 model's numbers exactly."""
+    save_model(copy.deepcopy(tiny_models["sd1"]).half(), tmp_path / "half.safetensors")
+    pipeline, whole = load_pipeline(tmp_path / "half.safetensors"), load_model(tmp_path / "half.safetensors")
+    autoencoder = pipeline.model.first_stage_model
+    assert autoencoder.decoder.conv_in.weight.dtype == autoencoder.post_quant_conv.bias.dtype == torch.float16
+    assert (
+        autoencoder.decoder.norm_out.weight.dtype
+        == whole.first_stage_model.decoder.conv_in.weight.dtype
+        == torch.float32
+    )
+    z, image, noise = torch.randn(1, 4, 4, 4), torch.rand(1, 3, 32, 32) * 2 - 1, torch.randn(1, 4, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(pipeline.model.autoencoder_decode(z), whole.autoencoder_decode(z))
+        assert torch.equal(pipeline.model.autoencoder_encode(image, noise), whole.autoencoder_encode(image, noise))
+    assert (
+        autoencoder.encoder.conv_in.weight.dtype == torch.float16
+        and pipeline.model.unet.out[2].weight.dtype == torch.float32
+    )
+
+
 def test_sd2_converted_back_from_diffusers_loads(tmp_path, tiny_models):
     """An SD 2.x file converted back from diffusers has one text block fewer and no text_projection or logit_scale:
     the blocks it has are the ones SD 2.x uses, so it loads as their last layer and conditions exactly as the

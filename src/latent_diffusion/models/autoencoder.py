@@ -189,7 +189,7 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         # Reads the encoder's weights on the first `encode` where a checkpoint was loaded without them (txt2img
-        # never encodes: `checkpoint.load_model(lazy_encoder=True)`); None once they are here.
+        # never encodes: `checkpoint.load_model(for_generation=True)`); None once they are here.
         self.load_encoder: Callable[[nn.Module], None] | None = None
 
     def _apply(self, fn, recurse=True):

@@ -72,7 +72,7 @@ def load_pipeline(
     through torch.compile. unet_weights_dtype, text_weights_dtype: the storage of the U-Nets' and the text
     encoders' layer weights (float8, float16, bfloat16 or "Q8_0"), for every checkpoint loaded here (`weights/storage.py`)."""
     at = dict(device=device, dtype=dtype, unet_weights_dtype=unet_weights_dtype, text_weights_dtype=text_weights_dtype)
-    model = load_model(checkpoint, config, ema=ema, unet_gguf=unet_gguf, lazy_encoder=True, **at)
+    model = load_model(checkpoint, config, ema=ema, unet_gguf=unet_gguf, for_generation=True, **at)
     if vae is not None:
         load_vae(model, vae)
     second = load_model(refiner, **at) if refiner is not None else None

@@ -91,7 +91,7 @@ def load_model(
     unet_weights_dtype: torch.dtype | str | None = None,
     text_weights_dtype: torch.dtype | str | None = None,
     unet_gguf: str | os.PathLike | None = None,
-    lazy_encoder: bool = False,
+    for_generation: bool = False,
 ) -> LatentDiffusion:
     """Load a `.safetensors` or `.ckpt` Stable Diffusion checkpoint in the original layout, or a `.gguf` whole model
     in stable-diffusion.cpp's.
@@ -106,8 +106,10 @@ def load_model(
     unet_gguf: a GGUF U-Net (city96's layout: ComfyUI-GGUF's files) in place of the checkpoint's, which brings the
     autoencoder and text encoders (its own U-Net is not read). A GGUF file's layer weights stay quantized and are
     dequantized to `dtype` as each layer runs (`weights/gguf_files.py`, `weights/ggml_quants.py`).
-    lazy_encoder: leave the autoencoder's encoder in the file (meta tensors) until it first encodes an image, which
-    txt2img never does (`AutoencoderKL.load_encoder`); the model's state dict is whole only after that.
+    for_generation: the autoencoder as generation needs it: its encoder left in the file (meta tensors) until it
+    first encodes an image, which txt2img never does (`AutoencoderKL.load_encoder`: the state dict is whole only
+    after that), and its layer weights kept as the file has them where that is float16 or bfloat16 and `dtype`
+    float32 (`storage.autoencoder_as_filed`).
     """
     sd, metadata, origin, ggml = _read_files(path, unet_gguf, ema)
     cfg = config_from_argument(config) if config is not None else infer_config(sd, metadata, path)
@@ -123,7 +125,9 @@ def load_model(
 
     dtypes = {k: stored.get(k, dtype) for k in expected}
     plain = {k: v for k, v in expected.items() if k not in ggml}  # the tensors of a .safetensors or .ckpt file
-    later = {k: v for k, v in plain.items() if lazy_encoder and k.startswith(ENCODER)}
+    if for_generation:
+        dtypes |= storage.autoencoder_as_filed(model.first_stage_model, {k: sd[k] for k in plain}, dtype)
+    later = {k: v for k, v in plain.items() if for_generation and k.startswith(ENCODER)}
     plain = {k: v for k, v in plain.items() if k not in later}
     weights = _read_weights(path, sd, origin, plain, dtypes, device) if plain else {}
     weights |= gguf_files.weights(model, ggml, expected, device, dtype)
@@ -162,7 +166,8 @@ def _stored_forms(model: LatentDiffusion, unet, text, ggml: dict, device, path) 
 
 def _read_encoder(autoencoder: nn.Module, path, keys: dict[str, torch.Tensor]) -> None:
     """The encoder's weights `keys` (model keys, `first_stage_model.encoder.*` and `quant_conv.*`) read from the
-    checkpoint `path` into `autoencoder`, in its dtype and on its device as they are now."""
+    checkpoint `path` into `autoencoder`, on its device and in its compute dtype (its norms') as they are now, the
+    layer weights kept as filed as the decoder's are."""
     sd, _, origin, _ = _read_files(path, None, None)
     if problem := mismatch(
         keys,
@@ -171,9 +176,11 @@ def _read_encoder(autoencoder: nn.Module, path, keys: dict[str, torch.Tensor]) -
         ignorable=None,
     ):
         raise CheckpointError(f"{path}: changed since it was loaded; its autoencoder's encoder: {problem}")
-    at = autoencoder.post_quant_conv.weight
-    weights = _read_weights(path, sd, origin, keys, dict.fromkeys(keys, at.dtype), at.device)
+    at = autoencoder.decoder.norm_out.weight
+    dtypes = dict.fromkeys(keys, at.dtype) | storage.autoencoder_as_filed(autoencoder, sd, at.dtype)
+    weights = _read_weights(path, sd, origin, keys, dtypes, at.device)
     autoencoder.load_state_dict({k.removeprefix(VAE): v for k, v in weights.items()}, strict=False, assign=True)
+    storage.cast_as_they_run(autoencoder, at.dtype)
 
 
 ENCODER = (VAE + "encoder.", VAE + "quant_conv.")  # the keys only encoding an image uses

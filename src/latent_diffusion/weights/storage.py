@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.autoencoder import AttnBlock
 from ..models.ldm import LatentDiffusion
 from ..models.text_encoder import MultiheadSelfAttention
 
@@ -147,10 +148,30 @@ def _form(module: nn.Module, name: str, p: torch.Tensor, storage: torch.dtype | 
     return Q8_0 if name == "weight" and p.numel() % 32 == 0 else None
 
 
+def autoencoder_as_filed(autoencoder: nn.Module, sd: dict[str, torch.Tensor], dtype: torch.dtype) -> dict:
+    """For a generation pipeline: the autoencoder's Linear and Conv weights and biases that `sd` (a file's tensors)
+    holds in float16 or bfloat16 where the compute dtype is float32 -> that dtype, to keep them in. Cast to float32
+    as each layer runs, they are the numbers float32 copies would be, at half the memory (0.1 GB of SD's decoder),
+    for one cast per layer and decode (the attention blocks' 1x1 convolutions, which their block runs as matrix
+    products, stay in float32: 4 MB). Not for training, whose optimizer wants float32 weights. `sd`'s keys are the
+    whole model's (`first_stage_model.*`)."""
+    if dtype != torch.float32:
+        return {}
+    attention = {id(m) for block in autoencoder.modules() if isinstance(block, AttnBlock) for m in block.children()}
+    forms = {}
+    for path, module in autoencoder.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)) and id(module) not in attention:  # (it runs their weights)
+            for name, _ in module.named_parameters(recurse=False):
+                key = f"first_stage_model.{path}.{name}"
+                if key in sd and sd[key].dtype in HALF_DTYPES.values():
+                    forms[key] = sd[key].dtype
+    return forms
+
+
 def cast_as_they_run(model: nn.Module, dtype: torch.dtype) -> None:
     """Make every Linear and Conv2d layer whose weight is stored in another dtype than `dtype`, the compute dtype,
     cast it to its input's dtype as it runs (OpenCLIP's attention casts its own `in_proj_weight`). A weight not read
-    yet (a meta tensor: `load_model(lazy_encoder=True)`) will be read in `dtype`."""
+    yet (a meta tensor: `load_model(for_generation=True)`) will be read in `dtype`."""
     for module in model.modules():
         if type(module) in CAST and module.weight.dtype != dtype and not module.weight.is_meta:
             module.__class__ = CAST[type(module)]
