@@ -21,7 +21,9 @@ Stored, in each part asked for:
   narrow as well; 72 MiB of SD 1.5's 145), its rows cast as they are looked up.
 Kept in the compute dtype: the norms' scales and shifts (GroupNorm, LayerNorm: the web UI's choice; Forge's
 operations store them in float8 as well, for a saving of under 0.1% of the bytes), the token embedding but under
-Q8_0 and the position embeddings (the web UI and Forge both), OpenCLIP's `text_projection` and `logit_scale`, and the whole autoencoder.
+Q8_0 and the position embeddings (the web UI and Forge both), OpenCLIP's `text_projection` and `logit_scale`, and
+the whole autoencoder (but a generation pipeline keeps a half-precision file's autoencoder layers as filed, which
+is exact: `autoencoder_as_filed`).
 
 Rounding (torch's round to nearest even): e4m3fn keeps 3 bits of mantissa (steps of 2⁻³ of a value's power of two,
 values to ±448, saturating beyond); e5m2 keeps 2 bits (2⁻², ±57344); float16 10 bits, bfloat16 7. A layer then
