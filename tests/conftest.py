@@ -66,12 +66,18 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
+def tiny_model(variant: str, seed: int) -> LatentDiffusion:
+    """A randomized tiny LatentDiffusion that is the same in every run: its init drawn from the global generator
+    seeded with `seed` (torch seeds that generator at random in each process), then perturbed by `randomize`."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return randomize(LatentDiffusion(tiny_config(variant)), seed=seed).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_models():
     """variant -> a randomized tiny LatentDiffusion (built once per session; tests must not modify it)."""
-    return {
-        v: randomize(LatentDiffusion(tiny_config(v)), seed=i).eval() for i, v in enumerate(("sd1", "sd2", "inpaint"))
-    }
+    return {v: tiny_model(v, seed=i) for i, v in enumerate(("sd1", "sd2", "inpaint"))}
 
 
 def outputs(model: LatentDiffusion) -> list[torch.Tensor]:
@@ -96,7 +102,7 @@ def outputs(model: LatentDiffusion) -> list[torch.Tensor]:
 def files(tmp_path_factory, tiny_models):
     """variant -> (a float32 tiny model, its .safetensors file): SD 1.x, 2.x and SDXL (its two text encoders)."""
     folder = tmp_path_factory.mktemp("variants")
-    models = {**tiny_models, "sdxl": randomize(LatentDiffusion(tiny_config("sdxl")), seed=5).eval()}
+    models = {**tiny_models, "sdxl": tiny_model("sdxl", seed=5)}
     for variant in ("sd1", "sd2", "sdxl"):
         save_model(models[variant], folder / f"{variant}.safetensors")
     return {variant: (models[variant], folder / f"{variant}.safetensors") for variant in ("sd1", "sd2", "sdxl")}
