@@ -28,6 +28,7 @@ from latent_diffusion.training.data import HELD_OUT_PAIRS, ImageCaptionFolder, S
 from latent_diffusion.training.diffusion import ema_update, train
 from latent_diffusion.training.step import Batch, diffusion_loss, global_batch_indices
 
+from conftest import tiny_model
 from test_reference import diffusers_unet
 
 # Adam divides each coordinate's step by its gradient's running RMS: where a gradient is near zero, the float
@@ -143,7 +144,7 @@ def test_prompt_dropout_rate(tmp_path, monkeypatch):
     real = t.TrainedParts.forward
 
     def spy(self, x_t, t_, cond):
-        seen.extend((cond["tokens"][:, 1:] == 49407).all(dim=1).tolist())  # "" = [sot, eot, eot, ...]
+        seen.extend((cond["tokens"][:, 0, 1:] == 49407).all(dim=1).tolist())  # "" = [sot, eot, eot, ...]
         return real(self, x_t, t_, cond)
 
     monkeypatch.setattr(t.TrainedParts, "forward", spy)
@@ -152,6 +153,50 @@ def test_prompt_dropout_rate(tmp_path, monkeypatch):
     train(cfg)
     rate = sum(seen) / len(seen)
     assert len(seen) == 640 and abs(rate - 0.25) < 4 * (0.25 * 0.75 / 640) ** 0.5  # 4 binomial standard errors
+
+
+def test_sdxl_text_encoders_train_through_the_context_and_the_pooled_text(tmp_path):
+    """`--train-text-encoder` on SDXL: the trained module encodes the tokens of both encoders in its forward into
+    the conditioning the frozen path gives (dropped captions zeros, the vector from the pooled text and the sizes);
+    two steps change both encoders, all but ViT-L's last block, which the context does not read."""
+    from latent_diffusion.training.common import build_dataset
+    from latent_diffusion.training.diffusion import TrainedParts, text_part
+    from latent_diffusion.training.latent_cache import build_cache
+    from latent_diffusion.training.step import Run, make_batch
+
+    model, cpu = tiny_model("sdxl", seed=4), torch.device("cpu")
+    save_model(model, tmp_path / "base.safetensors")
+    cfg = TrainConfig(outdir=str(tmp_path / "run"), ckpt=str(tmp_path / "base.safetensors"), steps=2, ema_decay=0,
+                      prompt_dropout=0.5, train_text_encoder=True, **FAST)  # fmt: skip
+    frozen = TrainConfig(**{**cfg.__dict__, "train_text_encoder": False})
+    data = build_dataset(cfg)
+    with torch.no_grad():
+        batches = [make_batch(Run(c, model, data, build_cache(model, data, cpu, c, True), cpu, 0, 1), 0, slice(0, 8))
+                   for c in (cfg, frozen)]  # fmt: skip
+        encoded = TrainedParts(model.model, text_part(model), {"device_type": "cpu", "enabled": False}).encode(
+            batches[0].cond
+        )
+    dropped = batches[0].cond["dropped"]
+    assert 0 < dropped.sum() < 8 and encoded.keys() == batches[1].cond.keys() == {"crossattn", "vector"}
+    for key in encoded:
+        torch.testing.assert_close(encoded[key], batches[1].cond[key], atol=1e-6, rtol=1e-6)
+    assert (encoded["crossattn"][dropped] == 0).all() and (
+        encoded["vector"][dropped, : model.cfg.text2.embed_dim] == 0
+    ).all()
+
+    train(cfg)
+    before, after = model.state_dict(), load_model(tmp_path / "run" / "model.safetensors").state_dict()
+    text = [k for k in before if k.startswith("conditioner.embedders.")]
+    unchanged = {k for k in text if torch.equal(before[k], after[k])}
+    # unread by the conditioning: ViT-L's last block and final norm (SDXL reads its penultimate hidden state raw),
+    # OpenCLIP's logit scale (for image-text similarity); ViT-bigG's last block trains through the pooled text
+    clip = "conditioner.embedders.0.transformer.text_model."
+    unread = (
+        f"{clip}encoder.layers.{model.cfg.text.layers - 1}.",
+        f"{clip}final_layer_norm.",
+        "conditioner.embedders.1.model.logit_scale",
+    )
+    assert unchanged == {k for k in text if k.startswith(unread)}
 
 
 def test_loss_decreases_on_shapes(tmp_path):

@@ -25,7 +25,8 @@ from latent_diffusion.weights.lora import apply_lora, parse_lora, read_lora, rem
 from test_lora import compare, lora_layers, pipes  # noqa: F401 (pipes: the fixture)
 from test_train import SAME_RUN_ATOL, run_torchrun
 
-from conftest import randomize, tiny_config
+from conftest import randomize, tiny_config, tiny_model
+from test_sdxl import reference_conditioning, xl_pipeline
 
 FAST = dict(image_size=32, shapes_count=8, batch_size=4, warmup=1, log_every=1, quiet=True, device="cpu")
 
@@ -88,6 +89,60 @@ def test_a_trained_lora_is_kohyas_file_and_diffusers_fuses_it_as_we_merge_it(pip
     remove_lora(model, applied)
     for a, b in zip(merged, plain):
         assert (a - b).abs().mean() > 1e-3  # the LoRA changed both parts
+
+
+def test_an_sdxl_lora_with_both_text_encoders_is_kohyas_and_diffusers_fuses_it_as_we_merge_it(tmp_path):
+    """SDXL, LoCon and both text encoders, two steps: the text modules are those kohya adapts in transformers'
+    CLIPTextModel (ViT-L, every block) and CLIPTextModelWithProjection (ViT-bigG), as `lora_te1_` and `lora_te2_`;
+    the last block of ViT-L, which the context does not read, stays untrained, as in kohya's files. diffusers' SDXL
+    pipeline, fusing the file, gives our merge's contexts, pooled text and U-Net prediction."""
+    model = tiny_model("sdxl", seed=7)
+    save_model(model, tmp_path / "base.safetensors")
+    cfg = TrainConfig(outdir=str(tmp_path / "run"), ckpt=str(tmp_path / "base.safetensors"), steps=2, lr=0.05,
+                      lora=4, lora_alpha=2, lora_conv_rank=4, lora_conv_alpha=2, train_text_encoder=True,
+                      text_encoder_lr=0.02, **FAST)  # fmt: skip
+    path = train_lora(cfg)
+    trained = tensors(path)
+    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in trained}
+    pipe = xl_pipeline(model)
+    expected = set()
+    for prefix, encoder in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+        for name, layer in encoder.named_modules():
+            if isinstance(layer, nn.Linear) and (".self_attn." in name or ".mlp." in name):
+                expected.add(
+                    prefix + ("" if name.startswith("text_model.") else "text_model_") + name.replace(".", "_")
+                )
+    assert {n for n in names if n.startswith("lora_te")} == expected
+    unread = f"lora_te1_text_model_encoder_layers_{model.cfg.text.layers - 1}_"
+    for n in names:
+        assert (trained[f"{n}.lora_up.weight"].abs().max() > 0) != n.startswith(unread), n
+
+    g = torch.Generator().manual_seed(2)
+    x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([5, 700])
+    time_ids = torch.tensor([[64.0, 64, 0, 0, 64, 64], [48, 64, 8, 0, 64, 64]])
+    prompts = ["a red circle", "a blue square"]
+
+    def outputs(fused: bool):
+        with torch.no_grad():
+            if fused:
+                encoders = [pipe.text_encoder, pipe.text_encoder_2]
+                context, pooled = (
+                    torch.cat(c) for c in zip(*(reference_conditioning(model, encoders, p) for p in prompts))
+                )
+                added = {"text_embeds": pooled, "time_ids": time_ids}
+                return context, pooled, pipe.unet(x, t, encoder_hidden_states=context, added_cond_kwargs=added).sample
+            context, pooled = model.get_text_conditioning(prompts, pooled=True)
+            y = model.conditioner.vector(pooled, dict(zip(model.cfg.micro_conditioning, time_ids.split(2, dim=1))))
+            return context, pooled, model(x, t, {"crossattn": context, "vector": y})
+
+    plain = outputs(fused=False)
+    pipe.load_lora_weights(str(path))
+    pipe.fuse_lora(components=["unet", "text_encoder", "text_encoder_2"], lora_scale=1.0)
+    applied = apply_lora(model, read_lora(path), 1.0)
+    assert applied.warnings == [] and applied.layers == len(names)
+    for ours, theirs, before in zip(outputs(fused=False), outputs(fused=True), plain):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # test_lora's tolerance
+        assert (ours - before).abs().mean() > 1e-3  # the LoRA changed each
 
 
 def test_the_hooked_adapters_compute_the_merged_model():

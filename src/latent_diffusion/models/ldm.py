@@ -121,19 +121,18 @@ class LatentDiffusion(nn.Module):
         """prompts -> context (b, 77, context_dim) as CompVis encodes captions: plain text, cut at 75 tokens (with a
         Python warning naming what was cut); SDXL: both encoders' contexts side by side. Training uses this;
         generation uses `conditioning`. pooled: also return SDXL's pooled text (b, embed_dim), None for others."""
-        contexts, pooled_text = [], None
-        for encoder in self.text_encoders:
-            tokens, cut = encoder.tokenize(list(prompts))
-            out = encoder(tokens, pooled=encoder.cfg.pooled)
-            if encoder.cfg.pooled:
-                out, pooled_text = out
-            contexts.append(out)
+        tokens, cut = self.tokenize(prompts)
         for prompt, was_cut in zip(prompts, cut):
             if was_cut:
                 dropped = clip_tokenizer(self.cfg.text.max_length).cut_text(prompt)
                 warnings.warn(f"prompt longer than 75 tokens; this part was cut: {dropped!r}", stacklevel=2)
-        context = torch.cat(contexts, dim=-1)
+        context, pooled_text = encode_tokens(self.text_encoders, tokens)
         return (context, pooled_text) if pooled else context
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, list[bool]]:
+        """prompts -> (token ids (b, k, 77), one row per text encoder (each pads its own way); which were cut)."""
+        rows = [encoder.tokenize(list(prompts)) for encoder in self.text_encoders]
+        return torch.stack([tokens for tokens, _ in rows], dim=1), rows[0][1]
 
     def autoencoder_encode(
         self, image: torch.Tensor, noise: torch.Tensor | None = None, tiled: bool = False
@@ -150,6 +149,18 @@ class LatentDiffusion(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The U-Net's prediction (ε or v, per `parameterization`) for noisy latents x at timesteps t."""
         return self.model(x, t, cond)
+
+
+def encode_tokens(encoders: list[TextEncoder], tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token ids (b, k, 77), one row per encoder -> (the contexts side by side (b, 77, Σ width), the pooled text
+    (b, embed_dim) of the encoder that pools, or None)."""
+    contexts, pooled = [], None
+    for encoder, rows in zip(encoders, tokens.unbind(1), strict=True):
+        out = encoder(rows, pooled=encoder.cfg.pooled)
+        if encoder.cfg.pooled:
+            out, pooled = out
+        contexts.append(out)
+    return torch.cat(contexts, dim=-1), pooled
 
 
 def micro_conditioning(b: int, size: tuple[int, int], negative: bool) -> dict[str, torch.Tensor]:

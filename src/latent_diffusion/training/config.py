@@ -182,7 +182,7 @@ TRAIN_HELP = {
     "preset": "train this architecture from scratch (when no --ckpt)",
     "parameterization": "from scratch: what the U-Net predicts, eps or v (default: the preset's)",
     "autoencoder": "first_stage_model weights (from `ldm train-autoencoder`) for a from-scratch model",
-    "train_text_encoder": "train the text encoder too (frozen by default; not for SDXL); with --lora: adapters in it",
+    "train_text_encoder": "train the text encoder too (SDXL: both; frozen by default); with --lora: adapters in it",
     "gradient_checkpointing": "recompute the U-Net's activations in the backward pass: less memory, slower steps",
     "compile": "torch.compile the training step's forward and backward (the first step waits for the compilation)",
     "steps": "optimizer steps in all",

@@ -41,9 +41,10 @@ from tqdm import tqdm
 
 from ..devices import resolve_device
 from ..files import atomic_write, missing_folders, remove_empty, writable_folder
+from ..models.conditioner import Conditioner
 from ..models.config import preset
 from ..models.family import UNET, VAE
-from ..models.ldm import LatentDiffusion
+from ..models.ldm import LatentDiffusion, encode_tokens
 from ..weights.checkpoint import (
     CheckpointError,
     checkpoint_metadata,
@@ -59,7 +60,7 @@ from .fsdp import restore_sharded, save_sharded_checkpoint, shard
 from .latent_cache import build_cache, by_shape
 from .loss_plot import plot_loss
 from .optimizers import build_optimizer, check_optimizer
-from .step import Run, train_step
+from .step import Run, sdxl_conditioning, train_step
 
 COMPILE_BACKEND = "inductor"  # the tests trace with "aot_eager": the same graphs, without building kernels
 
@@ -114,8 +115,6 @@ def build_model(cfg: TrainConfig, dataset) -> LatentDiffusion:
             except RuntimeError as e:
                 raise TrainError(f"{cfg.autoencoder}: does not fit the {cfg.preset} autoencoder ({e})") from None
             model.cfg.scale_factor = latent_scale_factor(model, dataset)
-    if cfg.train_text_encoder and model.cfg.micro_conditioning:
-        raise TrainError("--train-text-encoder is not supported for SDXL models yet; their text encoders stay frozen")
     model.first_stage_model.requires_grad_(False)
     for encoder in model.text_encoders:
         encoder.requires_grad_(cfg.train_text_encoder)
@@ -138,9 +137,9 @@ def latent_scale_factor(model: LatentDiffusion, dataset, count: int = 256) -> fl
 
 class TrainedParts(nn.Module):
     """What the optimizer updates, as one module for DDP or FSDP to wrap or shard: the U-Net behind its conditioning
-    wrapper, and the text encoder when it is trained (it then runs inside forward, so that its gradients are
-    synchronised too); for LoRA training, the frozen model and the `adapters` hooked into its layers (they alone
-    train). Runs under the run's autocast."""
+    wrapper, and the text encoders when they train (they then run inside forward, so that their gradients are
+    synchronised too; `text_part`); for LoRA training, the frozen model and the `adapters` hooked into its layers
+    (they alone train). Runs under the run's autocast."""
 
     def __init__(self, wrapper: nn.Module, text: nn.Module | None, autocast: dict, adapters: nn.Module | None = None):
         super().__init__()
@@ -150,11 +149,25 @@ class TrainedParts(nn.Module):
         self.adapters = adapters
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        """cond: the wrapper's conditioning, or {"tokens": (b, 77)} when the text encoder is trained."""
+        """cond: the wrapper's conditioning, or {"tokens": (b, k, 77), ...} when the text encoders train
+        (`step.text_conditioning`)."""
         with torch.autocast(**self.autocast):
             if "tokens" in cond:
-                cond = {"crossattn": self.text(cond["tokens"])}
+                cond = self.encode(cond)
             return self.wrapper(x_t, t, cond)
+
+    def encode(self, cond: dict) -> dict:
+        """The text encoders' tokens (and SDXL's "dropped" and "micro") -> the wrapper's conditioning."""
+        if not isinstance(self.text, Conditioner):
+            return {"crossattn": encode_tokens([self.text], cond["tokens"])[0]}
+        context, pooled = encode_tokens(self.text.text_encoders, cond["tokens"])
+        return sdxl_conditioning(self.text, context, pooled, cond["dropped"], cond["micro"])
+
+
+def text_part(model: LatentDiffusion) -> nn.Module:
+    """The module that holds the text encoders, which `TrainedParts` runs when they train: SD's text encoder, or
+    SDXL's conditioner (both encoders and the weightless micro-conditioning embedders)."""
+    return model.conditioner if model.cfg.micro_conditioning else model.cond_stage_model
 
 
 def unet_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
@@ -170,7 +183,7 @@ def unet_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
     return Trainee(
         model=model,
         module=model.unet,
-        net=TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast),
+        net=TrainedParts(model.model, text_part(model) if cfg.train_text_encoder else None, autocast),
         file_name="model.safetensors",
         tensors=lambda ema: checkpoint_tensors(model, ema_unet=ema),
         metadata=lambda tensors: checkpoint_metadata(model),

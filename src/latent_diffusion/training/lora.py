@@ -18,6 +18,7 @@ Which layers, as kohya chooses them:
 - with `--train-text-encoder`: the text encoder's attention (q, k, v, out) and MLP (fc1, fc2) layers, at rank r and
   `--text-encoder-lr`. OpenCLIP's fused q, k, v (SD 2.x) take one adapter each, in their thirds of `in_proj`, as
   kohya's transformers CLIPTextModel has them apart; SD 2.x's last block, which its context skips, takes none.
+  SDXL: both text encoders (`lora_te1_`, `lora_te2_`), trained through the context and the pooled text.
 
 Names are kohya's: `lora_unet_<diffusers path>` (SD 1.x, 2.x) or `lora_unet_<generative-models path>` (SDXL, as
 kohya's SDXL U-Net names its modules), `lora_te_<transformers path>` (SDXL `lora_te1_`, `lora_te2_`), `.` written
@@ -49,7 +50,7 @@ from ..weights.lora import RESBLOCK, unet_blocks
 from .checkpoints import Trainee
 from .common import TrainError
 from .config import TrainConfig
-from .diffusion import TrainedParts, train, write_samples
+from .diffusion import TrainedParts, text_part, train, write_samples
 
 
 class Adapter(nn.Module):
@@ -115,9 +116,10 @@ def lora_targets(model: LatentDiffusion, cfg: TrainConfig) -> list[Target]:
 
 def text_targets(encoder, at: str, prefix: str, rank: int, alpha: float) -> list[Target]:
     """A text encoder's attention and MLP layers by transformers' CLIPTextModel names (kohya's CLIPAttention and
-    CLIPMLP modules); only the blocks its context reads."""
+    CLIPMLP modules), in the blocks of the encoder as kohya builds it: SD 2.x's without its last block, which the
+    context skips (kohya's converter drops it); SDXL's whole (ViT-L's last block is unread, as in kohya's file)."""
     text, kohya = encoder.cfg, []
-    used = text.layers - (text.layer == "penultimate" and not text.pooled)  # SD 2.x skips its last block
+    used = text.layers - (text.kind == "openclip" and not text.pooled)  # SD 2.x: 23 of OpenCLIP ViT-H's 24
     for i in range(used):
         theirs = f"{prefix}text_model_encoder_layers_{i}_"
         if text.kind == "clip":
@@ -236,8 +238,6 @@ def lora_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
     model = load_model(cfg.ckpt or BUILTIN_MODEL).requires_grad_(False)
     if any(p.dtype == torch.uint8 for p in model.parameters()):
         raise TrainError(f"{cfg.ckpt}: a GGUF model holds quantized weights; LoRA training needs a float checkpoint")
-    if cfg.train_text_encoder and model.cfg.micro_conditioning:
-        raise TrainError("--train-text-encoder with --lora is not supported for SDXL models yet")
     model.unet.checkpointing = cfg.gradient_checkpointing
     targets = lora_targets(model, cfg)
     check_ranks(model, targets)
@@ -257,7 +257,7 @@ def lora_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
     return Trainee(
         model=model,
         module=network,
-        net=TrainedParts(model.model, model.cond_stage_model if cfg.train_text_encoder else None, autocast, network),
+        net=TrainedParts(model.model, text_part(model) if cfg.train_text_encoder else None, autocast, network),
         file_name="lora.safetensors",
         tensors=lambda ema: network.state_dict(),
         metadata=lambda tensors: kohya_metadata(cfg, model, dataset, tensors, started),

@@ -45,7 +45,8 @@ class Batch:
     """One micro-batch with every random draw made: the loss is then a function of the network and the batch."""
 
     latents: torch.Tensor  # z, the scaled latents of the images (b, c, h, w)
-    # {"crossattn": (b, 77, d)} (SDXL: and "vector"), or {"tokens": (b, 77)} when the text encoder is trained;
+    # {"crossattn": (b, 77, d)} (SDXL: and "vector"), or {"tokens": (b, k, 77)} when the text encoders train (SDXL:
+    # and "dropped", "micro", the inputs of `sdxl_conditioning`);
     # ControlNet training: and "hint", the control images (b, 3, H, W) in [0, 1]
     cond: dict
     timesteps: torch.Tensor  # (b,)
@@ -156,11 +157,12 @@ def make_batch(run: Run, step: int, part: slice) -> Batch:
     captions = ["" if d else c for c, d in zip(captions, dropped)]
     latents = (model.scale_factor * z).to(run.device)
     cond = text_conditioning(run, captions)
-    if model.cfg.micro_conditioning:  # SDXL: dropped captions are zeros; y from the pooled text and the sizes
-        zero = torch.tensor(dropped, device=run.device)
-        cond["crossattn"] = cond["crossattn"].masked_fill(zero[:, None, None], 0)
-        pooled = cond.pop("pooled").masked_fill(zero[:, None], 0)
-        cond["vector"] = model.conditioner.vector(pooled, training_micro_conditioning(micro, (height, width)))
+    if model.cfg.micro_conditioning:  # SDXL: the vector from the pooled text and the sizes
+        rows, sizes = torch.tensor(dropped, device=run.device), training_micro_conditioning(micro, (height, width))
+        if "tokens" in cond:  # the text encoders train: `diffusion.TrainedParts` encodes in its forward
+            cond |= {"dropped": rows, "micro": sizes}
+        else:
+            cond = sdxl_conditioning(model.conditioner, cond["crossattn"], cond["pooled"], rows, sizes)
     if hints is not None:
         cond["hint"] = torch.stack(hints).to(run.device)
     return Batch(latents, cond, t[part].to(run.device), noise[part].to(run.device))
@@ -188,11 +190,21 @@ def training_micro_conditioning(micro: torch.Tensor, target: tuple[int, int]) ->
     }
 
 
+def sdxl_conditioning(
+    conditioner, context: torch.Tensor, pooled: torch.Tensor, dropped: torch.Tensor, micro: dict
+) -> dict:
+    """SDXL's conditioning for training: a dropped caption's text and pooled text are zeros (generative-models'
+    `ucg_rate`, as generation conditions on an empty negative prompt); y is the pooled text and the sizes."""
+    pooled = pooled.masked_fill(dropped[:, None], 0)
+    return {"crossattn": context.masked_fill(dropped[:, None, None], 0), "vector": conditioner.vector(pooled, micro)}
+
+
 def text_conditioning(run: Run, captions: list[str]) -> dict:
     """The context of the captions (and, SDXL, their pooled text under "pooled"), from the cache when it has them,
-    or their tokens when the text encoder is trained (it then runs inside the trained module's forward)."""
+    or their tokens (b, k, 77), a row per text encoder, when the text encoders train (they then run inside the
+    trained module's forward)."""
     if run.cfg.train_text_encoder:
-        return {"tokens": run.model.cond_stage_model.tokenize(captions)[0]}
+        return {"tokens": run.model.tokenize(captions)[0]}
     if run.cache and run.cache["embeddings"] is not None:  # (shuffled tags: captions not in the cache)
         rows = [run.cache["index"][c] for c in captions]
         cond = {"crossattn": run.cache["embeddings"][rows].to(run.device)}
