@@ -180,18 +180,41 @@ _BY_LABEL = {m.label: m for m in _MODULES}
 # the modules tagged with each, by name. facexlib, mediapipe_face and threshold have none.
 CONTROL_TYPES = {
     "Canny": ("canny", "invert"),
-    "Depth": ("depth", "depth_anything", "depth_anything_v2", "depth_hand_refiner", "depth_leres", "depth_leres++",
-              "depth_zoe"),
-    "IP-Adapter": ("ip-adapter-auto", "ip-adapter_pulid", "ip-adapter_clip_sd15", "ip-adapter_clip_sdxl",
-                   "ip-adapter_clip_sdxl_plus_vith", "ip-adapter_face_id", "ip-adapter_face_id_plus"),
+    "Depth": (
+        "depth",
+        "depth_anything",
+        "depth_anything_v2",
+        "depth_hand_refiner",
+        "depth_leres",
+        "depth_leres++",
+        "depth_zoe",
+    ),
+    "IP-Adapter": (
+        "ip-adapter-auto",
+        "ip-adapter_pulid",
+        "ip-adapter_clip_sd15",
+        "ip-adapter_clip_sdxl",
+        "ip-adapter_clip_sdxl_plus_vith",
+        "ip-adapter_face_id",
+        "ip-adapter_face_id_plus",
+    ),
     "Inpaint": ("inpaint", "inpaint_only", "inpaint_only+lama"),
     "Instant-ID": ("instant_id_face_embedding", "instant_id_face_keypoints"),
     "InstructP2P": ("none",),
     "Lineart": ("invert", "lineart", "lineart_anime", "lineart_anime_denoise", "lineart_coarse", "lineart_standard"),
     "MLSD": ("invert", "mlsd"),
     "NormalMap": ("normal_dsine", "normal_bae", "normal_map"),
-    "OpenPose": ("animal_openpose", "densepose", "densepose_parula", "dw_openpose_full", "openpose", "openpose_face",
-                 "openpose_faceonly", "openpose_full", "openpose_hand"),
+    "OpenPose": (
+        "animal_openpose",
+        "densepose",
+        "densepose_parula",
+        "dw_openpose_full",
+        "openpose",
+        "openpose_face",
+        "openpose_faceonly",
+        "openpose_full",
+        "openpose_hand",
+    ),
     "Recolor": ("recolor_intensity", "recolor_luminance"),
     "Reference": ("reference_adain", "reference_adain+attn", "reference_only"),
     "Revision": ("revision_clipvision", "revision_ignore_prompt"),
@@ -202,7 +225,7 @@ CONTROL_TYPES = {
     "SparseCtrl": ("scribble_xdog", "scribble_hed", "pidinet_scribble"),
     "T2I-Adapter": ("color", "pidinet_sketch", "clip_vision"),
     "Tile": ("blur_gaussian", "tile_colorfix", "tile_colorfix+sharp", "tile_resample"),
-}  # fmt: skip
+}
 
 
 def find_module(name: str) -> ControlModule:

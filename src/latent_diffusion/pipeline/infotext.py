@@ -87,12 +87,23 @@ def web_ui_parameters(text: str) -> dict[str, str]:
     return out
 
 
-FIELDS = {"Steps": ("steps", int), "CFG scale": ("cfg_scale", float), "Seed": ("seed", int), "Eta": ("eta", float),
-          "Eta DDIM": ("eta", float), "Sigma noise": ("s_noise", float), "Clip skip": ("clip_skip", int),
-          "Denoising strength": ("strength", float), "Hires upscale": ("hires_scale", float),
-          "Hires resize": ("hires_resize", str), "Hires steps": ("hires_steps", int),
-          "Hires upscaler": ("hires_upscaler", str), "Hires CFG Scale": ("hires_cfg_scale", float),
-          "Hires prompt": ("hires_prompt", str), "Hires negative prompt": ("hires_negative_prompt", str)}  # fmt: skip
+FIELDS = {
+    "Steps": ("steps", int),
+    "CFG scale": ("cfg_scale", float),
+    "Seed": ("seed", int),
+    "Eta": ("eta", float),
+    "Eta DDIM": ("eta", float),
+    "Sigma noise": ("s_noise", float),
+    "Clip skip": ("clip_skip", int),
+    "Denoising strength": ("strength", float),
+    "Hires upscale": ("hires_scale", float),
+    "Hires resize": ("hires_resize", str),
+    "Hires steps": ("hires_steps", int),
+    "Hires upscaler": ("hires_upscaler", str),
+    "Hires CFG Scale": ("hires_cfg_scale", float),
+    "Hires prompt": ("hires_prompt", str),
+    "Hires negative prompt": ("hires_negative_prompt", str),
+}
 NOT_SETTINGS = {"prompt", "negative_prompt", "Sampler", "Schedule type", "Size", "Hires sampler", "Hires schedule type"}
 NOT_SETTINGS |= {"Old prompt editing timelines"}  # (read with the version, below)
 # Which files and program made the image: the flags say which are used here.
@@ -197,13 +208,18 @@ def _unknown(label: str):
     raise ValueError(f"the infotext's ControlNet field {label!r} is not one this project knows")
 
 
-CONTROL_FIELDS = {"Module": ("control_module", str), "Weight": ("control_weight", float),
-                  "Resize Mode": ("control_resize", _label(RESIZE_MODES)),
-                  "Processor Res": ("control_processor_res", _resolution),
-                  "Threshold A": ("control_threshold_a", float), "Threshold B": ("control_threshold_b", float),
-                  "Guidance Start": ("control_start", float), "Guidance End": ("control_end", float),
-                  "Pixel Perfect": ("control_pixel_perfect", lambda v: v == "True"),
-                  "Control Mode": ("control_mode", _label(CONTROL_MODES))}  # fmt: skip
+CONTROL_FIELDS = {
+    "Module": ("control_module", str),
+    "Weight": ("control_weight", float),
+    "Resize Mode": ("control_resize", _label(RESIZE_MODES)),
+    "Processor Res": ("control_processor_res", _resolution),
+    "Threshold A": ("control_threshold_a", float),
+    "Threshold B": ("control_threshold_b", float),
+    "Guidance Start": ("control_start", float),
+    "Guidance End": ("control_end", float),
+    "Pixel Perfect": ("control_pixel_perfect", lambda v: v == "True"),
+    "Control Mode": ("control_mode", _label(CONTROL_MODES)),
+}
 
 
 def _number(kind, key: str, value: str):

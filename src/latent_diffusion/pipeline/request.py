@@ -320,8 +320,8 @@ def _check_control(unit: ControlUnit, name: str, n: int) -> None:
     if not 0 <= unit.weight <= MAX_CONTROL_WEIGHT:
         fail(f"{name}: weight must be between 0 and {MAX_CONTROL_WEIGHT:g}, not {unit.weight}")
     if not 0 <= unit.guidance_start <= unit.guidance_end <= 1:
-        fail(f"{name}: guidance_start and guidance_end must be in [0, 1], start not after end, not "
-             f"{unit.guidance_start} and {unit.guidance_end}")  # fmt: skip
+        window = f"{unit.guidance_start} and {unit.guidance_end}"
+        fail(f"{name}: guidance_start and guidance_end must be in [0, 1], start not after end, not {window}")
     if unit.control_mode not in CONTROL_MODES:
         fail(f"{name}: unknown control_mode {unit.control_mode!r}; choose one of {', '.join(CONTROL_MODES)}")
     if unit.resize_mode not in RESIZE_MODES:

@@ -37,8 +37,19 @@ TYPE_FILTERS = {
     "tile": ["blur"],
 }  # fmt: skip
 # `ControlNetUnionControlType.all_tags`: the types a ControlNet union model serves, so "union" files are listed too
-UNION_TYPES = ("openpose", "depth", "softedge", "scribble", "canny", "lineart", "mlsd", "normalmap", "segmentation",
-               "inpaint", "tile")  # fmt: skip
+UNION_TYPES = (
+    "openpose",
+    "depth",
+    "softedge",
+    "scribble",
+    "canny",
+    "lineart",
+    "mlsd",
+    "normalmap",
+    "segmentation",
+    "inpaint",
+    "tile",
+)
 
 
 class DetectRequest(BaseModel):

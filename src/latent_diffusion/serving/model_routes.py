@@ -44,9 +44,9 @@ class ModelRoutes:
 
     def add_routes(self, app: FastAPI) -> None:
         app.add_api_route("/sdapi/v1/sd-vae", self.sd_vae, methods=["GET"])
-        for path, endpoint in (("refresh-vae", self.refresh), ("unload-checkpoint", self.unload),
-                               ("reload-checkpoint", self.reload)):  # fmt: skip
-            app.add_api_route(f"/sdapi/v1/{path}", endpoint, methods=["POST"])
+        app.add_api_route("/sdapi/v1/refresh-vae", self.refresh, methods=["POST"])
+        app.add_api_route("/sdapi/v1/unload-checkpoint", self.unload, methods=["POST"])
+        app.add_api_route("/sdapi/v1/reload-checkpoint", self.reload, methods=["POST"])
 
     def sd_vae(self) -> list[dict]:
         return [{"model_name": name, "filename": str(path)} for name, path in self.files.items()]

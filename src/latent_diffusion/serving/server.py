@@ -50,13 +50,7 @@ from .job_queue import Call, Job, Load, Task, Worker
 from .model_routes import ModelRoutes
 from .script_routes import XYZ_PLOT, ScriptRoutes, script_info, script_name, scripts
 from .upscaling_routes import UpscalingRoutes
-from .web_ui_api import (
-    WEB_UI_CFG_SCALE,
-    Img2ImgRequest,
-    ServerLimits,
-    Txt2ImgRequest,
-    png_base64,
-)
+from .web_ui_api import WEB_UI_CFG_SCALE, Img2ImgRequest, ServerLimits, Txt2ImgRequest, png_base64
 
 WEB_PAGE = resources.files("latent_diffusion") / "web"
 __all__ = ["ServerLimits", "create_app"]
@@ -151,8 +145,13 @@ class ServerState:
         return {"loaded": loaded, "skipped": {}}
 
     def options(self) -> dict:
-        return {"sd_model_checkpoint": self.current_title(), "sd_vae": self.models.chosen, "CLIP_stop_at_last_layers": 1,
-                "samples_format": "png", "show_progress_type": self.preview_type}  # fmt: skip
+        return {
+            "sd_model_checkpoint": self.current_title(),
+            "sd_vae": self.models.chosen,
+            "CLIP_stop_at_last_layers": 1,
+            "samples_format": "png",
+            "show_progress_type": self.preview_type,
+        }
 
     async def set_options(self, body: dict[str, Any], http: Request) -> dict:
         """sd_model_checkpoint loads that checkpoint (after the jobs already queued), sd_vae puts that VAE in place

@@ -245,9 +245,15 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
 # The synthetic shapes set -------------------------------------------------------------------------------------
 
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
-    "purple": (140, 60, 190), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
-}  # fmt: skip
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 210, 40),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
+}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.28, "large": 0.55}  # side as a fraction of the image
 # Colour–shape pairs that the built-in model never sees in a caption: they measure composition.
