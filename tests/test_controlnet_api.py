@@ -180,6 +180,11 @@ def test_the_extensions_routes(served, picture):
         ({"image": {"image": "x"}, "mask": "y"}, "ControlNet unit 1: a mask in image and another in mask"),
         ({"image": [{"image": "x"}, {"image": "y"}]}, "ControlNet unit 1: image must be one base64-encoded image"),
         ({"input_image": "x"}, "ControlNet unit 1: give image or its alias input_image, not both"),
+        ({"hr_option": "Sometimes"}, "ControlNet unit 1: hr_option must be one of Both, Low res only, High res only"),
+        ({"hr_option": 3}, "ControlNet unit 1: hr_option must be one of"),
+        ({"advanced_weighting": [1, "x"]}, "ControlNet unit 1: advanced_weighting must be a list of numbers"),
+        ({"advanced_weighting": [1, -2]}, "ControlNet unit 1: advanced_weighting must be 1 to 64 numbers in [0, 10]"),
+        ({"advanced_weighting": [1] * 65}, "ControlNet unit 1: advanced_weighting must be 1 to 64 numbers"),
     ],
 )
 def test_bad_units_are_a_422_naming_the_unit_and_field_and_nothing_is_written(served, picture, fields, message):
@@ -223,7 +228,8 @@ def test_requests_with_different_control_images_share_a_batch(served, picture):
 
 def test_detected_maps_with_the_hires_fix_and_when_turned_off(served, picture):
     """With the hires fix the extension sends, per unit, the hires pass's map and then the first pass's; a unit's
-    save_detected_map false or the option control_net_no_detectmap sends none. hr_option is not applied: named."""
+    save_detected_map false or the option control_net_no_detectmap sends none; hr_option and advanced_weighting are
+    applied (test_control_options.py), not named as ignored."""
     base, _, listed, *_ = served
     unit = {"enabled": True, "model": listed, "module": "canny", "image": b64(picture)}
     body = {"prompt": "a cat", "seed": 1, "steps": 1, "width": W, "height": H, "enable_hr": True, "hr_scale": 2,
@@ -236,7 +242,9 @@ def test_detected_maps_with_the_hires_fix_and_when_turned_off(served, picture):
     status, answer = call(base, "/sdapi/v1/txt2img", off)
     assert len(answer["images"]) == 1 and json.loads(answer["info"])["ignored"] == []
     status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(hr_option="Low res only")})
-    assert json.loads(answer["info"])["ignored"] == ["alwayson_scripts.ControlNet.args[0].hr_option"]
+    assert status == 200 and json.loads(answer["info"])["ignored"] == []
+    status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(hr_option=2, advanced_weighting=[0.5] * 13)})
+    assert status == 200 and json.loads(answer["info"])["ignored"] == []
 
 
 def test_the_infotext_is_the_extensions_serialization_and_reads_back(served, picture):

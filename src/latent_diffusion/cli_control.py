@@ -9,7 +9,7 @@ from pathlib import Path
 from .cli_common import UsageError
 from .files import legacy_model_hash
 from .pipeline.images import load_image
-from .pipeline.request import CONTROL_MODES, RESIZE_MODES, ControlUnit
+from .pipeline.request import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit
 
 PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
     "control_module": ("module", str),
@@ -21,6 +21,7 @@ PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
     "control_processor_res": ("processor_res", int),
     "control_threshold_a": ("threshold_a", float),
     "control_threshold_b": ("threshold_b", float),
+    "control_hr_option": ("hr_option", str),
 }
 
 
@@ -49,6 +50,12 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--control-processor-res", action="append", type=int, help="the preprocessor's resolution")
     group.add_argument("--control-threshold-a", action="append", type=float, help="the preprocessor's first slider")
     group.add_argument("--control-threshold-b", action="append", type=float, help="the preprocessor's second slider")
+    group.add_argument(
+        "--control-hr-option",
+        action="append",
+        choices=list(HR_OPTIONS),
+        help="with --hires-scale: acts in both passes, the low-res or the high-res one (both)",
+    )
     group.add_argument("--control-pixel-perfect", action="store_true", help="the preprocessor at the image's size")
 
 

@@ -124,10 +124,11 @@ class ControlResiduals:
 
 
 def add_residual(h: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """h + residual, the residual resized (nearest) where its side differs by the rounding of odd sizes."""
+    """h + residual, the residual resized (nearest) where its side differs by the rounding of odd sizes; one of
+    1×1 (a pooled ControlNet's) is added at every place."""
     if residual is None:
         return h
-    if residual.shape[-2:] != h.shape[-2:]:
+    if residual.shape[-2:] not in (h.shape[-2:], (1, 1)):
         residual = F.interpolate(residual, size=h.shape[-2:], mode="nearest")
     return h + residual
 

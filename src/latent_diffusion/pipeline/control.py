@@ -45,6 +45,8 @@ class ResolvedControl:
     maps: tuple  # (module, resize mode, map) as the preprocessor gave each, for a hires pass to fit again
     soft: bool  # the soft weights (the extension's soft injection): a control mode other than balanced, or forced
     conditional_only: bool  # the unconditional half of guidance gets no control ("ControlNet is more important")
+    pooled: bool = False  # each residual its mean over the feature map, the conditional rows' alone (`pools`)
+    acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
 
     def rows(self, start: int, stop: int) -> ResolvedControl:
         """Images start..stop's maps (one for all stays one)."""
@@ -57,7 +59,8 @@ class ResolvedControl:
         """What two plans' units must share to run in one U-Net batch: everything but the images."""
         u = self.unit
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
-        return (self.name, *settings, self.soft, self.conditional_only, self.hint.shape[1:])
+        settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
+        return (self.name, *settings, self.hint.shape[1:])
 
 
 def find_control_models(folder: str | os.PathLike) -> dict[str, Path]:
@@ -167,9 +170,17 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
             tuple(maps),
             soft=unit.control_mode != "balanced",
             conditional_only=unit.control_mode == "control",
+            pooled=pools(control, pipeline.controlnets[listed]),
         )
         resolved.append(fitted(unit_control, size))
     return resolved
+
+
+def pools(control: nn.Module, path: Path) -> bool:
+    """Whether a ControlNet's residuals are pooled, as the extension decides it (`controlnet_model_guess.py`): an SD 1.x
+    or 2.x ControlNet whose file name says "shuffle" (control_v11e_sd15_shuffle, trained with global average pooling;
+    its yaml's `global_average_pooling`). SDXL ControlNets and T2I-Adapters never are."""
+    return isinstance(control, ControlNet) and not control.cfg.adm_in_channels and "shuffle" in path.stem.lower()
 
 
 def fitted(control: ResolvedControl, size: tuple[int, int], hires: bool = False) -> ResolvedControl:

@@ -10,6 +10,11 @@ Per unit, with w its weight:
 - A T2I-Adapter's features are scaled by w, or softly by w·(0.25, 0.62, 0.825, 1).
 - "ControlNet is more important" gives the unconditional rows of guidance no control (the extension's cond_mark;
   lllyasviel's guess mode). The rows' marks and maps are conditioning fields, batched as the text is (denoiser.py).
+- Advanced weighting (a list of scales, one per residual in order) replaces w and the soft weights; the residuals
+  past the list's end get none.
+- The shuffle ControlNet's global average pooling (`control.pools`): its residuals, the conditional rows' alone,
+  scaled, then each its mean over the feature map, which the U-Net adds at every place.
+- hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`).
 - The window: the unit acts while start ≤ s/N ≤ end, where N is the pass's steps and s is the web UI's
   `state.sampling_step` as the extension reads it: the index of the step whose callback ran last, 0 before any.
   k-diffusion's samplers call back after a step's first evaluation (`SamplingClock`).
@@ -88,7 +93,7 @@ def controlled_unet(
         x = x_in.to(model.dtype)
         total = None
         for k, (c, hint) in enumerate(zip(controls, hints)):
-            if not c.unit.guidance_start <= fraction <= c.unit.guidance_end:
+            if not c.acts or not c.unit.guidance_start <= fraction <= c.unit.guidance_end:
                 continue
             hint = hint.to(x.device, model.dtype)
             if isinstance(c.model, ControlNet):
@@ -113,14 +118,22 @@ def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals
     w = c.unit.weight
     n = len(outputs)
     scales = [w * 0.825 ** float(12 - i) for i in range(max(n, 13))][:n] if c.soft else [w] * n
-    outputs = [o * s * (marks if c.conditional_only else 1) for o, s in zip(outputs, scales)]
+    outputs = [o * s * (marks if c.conditional_only or c.pooled else 1) for o, s in zip(outputs, _weighted(c, scales))]
+    if c.pooled:  # (b, C, 1, 1): `unet.add_residual` adds it at every place
+        outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
     return ControlResiduals(skips=outputs[:-1], middle=outputs[-1])
+
+
+def _weighted(c: ResolvedControl, scales: list[float]) -> list[float]:
+    """The residuals' scales: the unit's advanced weighting in their place where it has one (0 past its end)."""
+    weights = c.unit.advanced_weighting
+    return scales if weights is None else [*weights, *[0.0] * len(scales)][: len(scales)]
 
 
 def _t2i_adapter(c: ResolvedControl, features: list[torch.Tensor], marks, model: LatentDiffusion) -> ControlResiduals:
     """One T2I-Adapter's features, scaled, placed where the extension adds them."""
     w = c.unit.weight
-    scales = [w * s for s in T2I_SOFT] if c.soft else [w] * len(features)
+    scales = _weighted(c, [w * s for s in T2I_SOFT] if c.soft else [w] * len(features))
     scaled = [f * (marks if c.conditional_only else 1) for f in features]
     sdxl, blocks = bool(model.cfg.micro_conditioning), model.cfg.unet.num_res_blocks
     return t2i_residuals(scaled, scales, sdxl=sdxl, num_res_blocks=blocks)

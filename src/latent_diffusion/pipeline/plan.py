@@ -143,7 +143,11 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         hires = hires_pipeline(pipeline)
         second = dataclasses.replace(second, vae_tiling=_tiling(second, hires.model))
         plan.hires = Plan(second, hires, *_parsed(second, hires))
-        plan.hires.controls = [fitted(c, (second.height, second.width), hires=True) for c in plan.controls]
+        plan.hires.controls = [
+            dataclasses.replace(fitted(c, (second.height, second.width), hires=True), acts=c.unit.hr_option != "low")
+            for c in plan.controls
+        ]
+        plan.controls = [dataclasses.replace(c, acts=c.unit.hr_option != "high") for c in plan.controls]
     return plan
 
 

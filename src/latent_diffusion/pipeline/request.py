@@ -39,6 +39,9 @@ CONTROL_MODES = {
     "control": "ControlNet is more important",
 }
 RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
+# Which passes of txt2img's hires fix a unit acts in (the extension's `HiResFixOption`; without the fix: every pass)
+HR_OPTIONS = {"both": "Both", "low": "Low res only", "high": "High res only"}
+MAX_ADVANCED_WEIGHTS = 64  # advanced weighting: a ControlNet has 13 residuals, a T2I-Adapter 4; more are ignored
 # Inpainting: what the masked part of the image latent starts as, where not the image's own (the web UI's "Masked
 # content" latent noise and latent nothing; its "fill" is done on the pixels before, `masking.fill_masked`)
 LATENT_FILLS = ("noise", "nothing")
@@ -87,6 +90,10 @@ class ControlUnit:
     threshold_b: float | None = None
     pixel_perfect: bool = False
     mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint: the inpaint preprocessors'
+    hr_option: str = "both"  # HR_OPTIONS
+    # The extension's advanced weighting: the scales of the residuals in order (each input block's, then the middle
+    # block's; a T2I-Adapter's four features), in place of weight and soft injection; residuals past the list get none
+    advanced_weighting: tuple[float, ...] | None = None
     title: str = ""  # what messages call it ("": "ControlNet unit k", k its place in `controls`)
 
 
@@ -326,6 +333,17 @@ def _check_control(unit: ControlUnit, name: str, n: int) -> None:
         fail(f"{name}: unknown control_mode {unit.control_mode!r}; choose one of {', '.join(CONTROL_MODES)}")
     if unit.resize_mode not in RESIZE_MODES:
         fail(f"{name}: unknown resize_mode {unit.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    if unit.hr_option not in HR_OPTIONS:
+        fail(f"{name}: unknown hr_option {unit.hr_option!r}; choose one of {', '.join(HR_OPTIONS)}")
+    scales = unit.advanced_weighting
+    if scales is not None and not (
+        isinstance(scales, tuple)
+        and 0 < len(scales) <= MAX_ADVANCED_WEIGHTS
+        and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= MAX_CONTROL_WEIGHT for w in scales
+        )
+    ):  # (NaN fails the range)
+        fail(f"{name}: advanced_weighting must be 1 to {MAX_ADVANCED_WEIGHTS} numbers in [0, {MAX_CONTROL_WEIGHT:g}]")
     for image, kind in ((unit.image, "image"), (unit.mask, "mask")):
         if image is None and kind == "mask":
             continue

@@ -26,7 +26,14 @@ from ..pipeline.control_images import resize_mode_from_value
 from ..pipeline.control_modules import ControlModule, PreprocessorError, Slider, find_module
 from ..pipeline.images import as_mode, from_pil
 from ..pipeline.preprocessors import unavailable_reason
-from ..pipeline.request import CONTROL_MODES, MAX_CONTROL_WEIGHT, RESIZE_MODES, ControlUnit, RequestError
+from ..pipeline.request import (
+    CONTROL_MODES,
+    HR_OPTIONS,
+    MAX_CONTROL_WEIGHT,
+    RESIZE_MODES,
+    ControlUnit,
+    RequestError,
+)
 from .img2img_inputs import blur_mask, resize_image
 
 MAX_UNITS = 10  # the extension's "Multi-ControlNet: ControlNet unit number" setting reaches 10
@@ -34,11 +41,12 @@ UNIT_COUNT = 3  # that setting's default, which `/controlnet/settings` reports
 ALIASES = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_vram", "mask_image": "mask"}
 # Fields of the extension's unit that this server does not apply, with the values under which the web UI's result is
 # the same: a unit that sets another is served, and the field is named in info["ignored"]. (low_vram and the UI's
-# batch fields change nothing of the result; hr_option matters only with txt2img's hires fix.)
+# batch fields change nothing of the result.)
 NOT_APPLIED = {
-    "advanced_weighting": (None, []), "effective_region_mask": (None, ""), "ipadapter_input": (None, [], ""),
-    "union_control_type": (None, "Unknown"), "hr_option": (None, "Both"),
-}  # fmt: skip
+    "effective_region_mask": (None, ""),
+    "ipadapter_input": (None, [], ""),
+    "union_control_type": (None, "Unknown"),
+}
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,8 @@ def _control_unit(i: int, fields: dict, models: dict, open_image, init: InitImag
         threshold_b=_bounded(module.threshold_b, value("threshold_b", float, -1, "a number")),
         pixel_perfect=value("pixel_perfect", bool, False, "true or false"),
         mask=mask,
+        hr_option=_hr_option(fields.get("hr_option", "Both"), where),
+        advanced_weighting=_advanced_weighting(fields.get("advanced_weighting"), where),
         title=where,  # (its place in args: the units that do not run count too)
     )
 
@@ -169,6 +179,27 @@ def _control_mode(value, where: str) -> str:
     if isinstance(value, str) and value in labels:
         return labels[value]
     raise RequestError(f"{where}: control_mode must be one of {', '.join(labels)} (or 0, 1, 2), not {value!r:.40}")
+
+
+def _hr_option(value, where: str) -> str:
+    """Which hires passes a unit acts in, by the extension's label or, as its versions before 1.1.448 took it, its
+    place in the list (0, 1, 2) -> our name."""
+    names, labels = list(HR_OPTIONS), {label: name for name, label in HR_OPTIONS.items()}
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return names[value]
+    if isinstance(value, str) and value in labels:
+        return labels[value]
+    raise RequestError(f"{where}: hr_option must be one of {', '.join(labels)} (or 0, 1, 2), not {value!r:.40}")
+
+
+def _advanced_weighting(value, where: str) -> tuple[float, ...] | None:
+    """The unit's list of residual scales as numbers (the request layer checks their count and range); an empty list
+    is none, as a client that sends [] means (the extension would give such a unit no control at all)."""
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in value):
+        raise RequestError(f"{where}: advanced_weighting must be a list of numbers, not {value!r:.40}")
+    return tuple(float(w) for w in value)
 
 
 def _resize_mode(value, where: str) -> str:
@@ -250,12 +281,12 @@ def prepared_mask(mask: Image.Image, invert: bool, blur_x: float, blur_y: float)
     return blur_mask(ImageOps.invert(grey) if invert else grey, blur_x, blur_y)
 
 
-def ignored_unit_fields(body, hires: bool) -> list[str]:
+def ignored_unit_fields(body) -> list[str]:
     """The fields of the enabled units that this server does not apply and that would change the web UI's result."""
     ignored = []
     for i, fields in enabled_units(body):
         for name, no_effect in NOT_APPLIED.items():
-            if fields.get(name) not in no_effect and (name != "hr_option" or hires):
+            if fields.get(name) not in no_effect:
                 ignored.append(f"alwayson_scripts.ControlNet.args[{i}].{name}")
     return ignored
 

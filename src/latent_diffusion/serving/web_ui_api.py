@@ -210,7 +210,7 @@ def always_on_ignored(body: Txt2ImgRequest, scripts, script: str) -> list[str]:
             return named + (["alwayson_scripts.ControlNet"] if enabled_units(body) else [])
         except RequestError:  # (not read: units that cannot be read are not run either)
             return [*named, "alwayson_scripts.ControlNet"]
-    return named + ignored_unit_fields(body, hires=body.enable_hr and not img2img)
+    return named + ignored_unit_fields(body)
 
 
 def _no_args(entry) -> bool:
