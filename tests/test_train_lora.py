@@ -216,7 +216,9 @@ def test_an_adapters_gradients_are_the_closed_forms(conv):
 
 def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
     """3 steps + resume + 3 steps equal 6 steps, with the adapters' dropout and the text encoder's own rate; the
-    metadata is kohya's, its hashes computed as kohya's precalculate_safetensors_hashes computes them."""
+    metadata is kohya's, its hashes computed as kohya's precalculate_safetensors_hashes computes them. The resumed run
+    writes its file in fp16 (--save-precision): the same numbers rounded, hashed as written; its checkpoints stay
+    float32."""
     data = tmp_path / "photos"
     data.mkdir()
     from PIL import Image
@@ -228,9 +230,17 @@ def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
                   train_text_encoder=True, text_encoder_lr=5e-3, **FAST)  # fmt: skip
     straight = train_lora(TrainConfig(outdir=str(tmp_path / "straight"), steps=6, **common))
     train_lora(TrainConfig(outdir=str(tmp_path / "resumed"), steps=3, **common))
-    resumed = train_lora(TrainConfig(outdir=str(tmp_path / "resumed"), steps=6, resume=True, **common))
+    resumed = train_lora(
+        TrainConfig(outdir=str(tmp_path / "resumed"), steps=6, resume=True, save_precision="fp16", **common)
+    )
     a, b = tensors(straight), tensors(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert a.keys() == b.keys() and all(b[k].dtype == torch.float16 and torch.equal(a[k].half(), b[k]) for k in a)
+    kept = tensors(tmp_path / "resumed" / "checkpoints" / "step-0000006" / "lora.safetensors")
+    assert all(torch.equal(a[k], kept[k]) for k in a)
+    raw = resumed.read_bytes()
+    assert (
+        metadata(resumed)["sshs_model_hash"] == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little") :]).hexdigest()
+    )
     assert (tmp_path / "straight" / "loss.png").is_file()
 
     md = metadata(straight)
@@ -259,6 +269,7 @@ def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
         (["--lora", "2", "--lora-alpha", "-1"], "--lora-alpha must be above 0"),
         (["--lora-dropout", "0.1"], "--lora-dropout needs --lora RANK"),
         (["--lora", "2", "--parameterization", "v"], "LoRA training adapts a trained model"),
+        (["--lora", "2", "--save-precision", "fp8"], "save precision must be one of float, fp16, bf16, not 'fp8'"),
     ],
 )
 def test_bad_lora_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, args, message):

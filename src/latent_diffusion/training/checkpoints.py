@@ -42,6 +42,7 @@ class Trainee:
     # the optimizer's parameter groups, each with an optional "lr_scale" on the schedule's rate (LoRA training's
     # text encoder); None: one group of every parameter of `net` that takes gradients
     param_groups: list[dict] | None = None
+    saved_dtype: torch.dtype | None = None  # the outdir file's floats (--save-precision); None: as trained
 
 
 def latest_checkpoint(outdir: Path) -> Path | None:
@@ -84,6 +85,9 @@ def finish_checkpoint(outdir: Path, step: int, tmp: Path, trainee: Trainee, tens
         raise
     for old in sorted(root.glob("step-*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    if (dtype := trainee.saved_dtype) is not None:  # its metadata (a LoRA's hashes) of the numbers written
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        metadata = trainee.metadata(tensors)
     save_tensors(tensors, outdir / trainee.file_name, metadata, "training")
 
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+import torch
+
 from ..sampling.parameterization import PARAMETERIZATIONS
 from .buckets import BucketSpec
 from .common import RunConfig, TrainError, check_common
 
 OPTIMIZERS = ("adamw", "adamw8bit")
+SAVE_PRECISIONS = {"float": None, "fp16": torch.float16, "bf16": torch.bfloat16}  # kohya's names -> the file's dtype
 
 
 @dataclass
@@ -57,6 +60,8 @@ class TrainConfig(RunConfig):
     text_encoder_lr: float | None = None  # with --train-text-encoder; None: lr
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' AdamW with 8-bit states (`optimizers.py`)
     fsdp: bool = False  # shard weights, gradients and optimizer states over the processes (`fsdp.py`)
+    # the numbers of the file written to outdir (kohya's --save_precision); checkpoints keep float32 to resume exactly
+    save_precision: str = "float"
 
 
 # The fields that may change when a run is resumed; every other field of TrainConfig defines the run.
@@ -74,6 +79,7 @@ RESUMABLE = (
     "gradient_checkpointing",
     "compile",
     "cache_latents_to_disk",  # the same latents, bit for bit, from files or from memory
+    "save_precision",  # (the checkpoints it resumes from are float32 whatever it is)
 )
 
 
@@ -115,6 +121,8 @@ def check_config(cfg: TrainConfig) -> None:
 
 def check_memory_options(cfg: TrainConfig) -> None:
     """The checks of the flags that train past one device's memory: --optimizer, --fsdp, --cache-latents-to-disk."""
+    if cfg.save_precision not in SAVE_PRECISIONS:
+        raise TrainError(f"save precision must be one of {', '.join(SAVE_PRECISIONS)}, not {cfg.save_precision!r}")
     if cfg.optimizer not in OPTIMIZERS:
         raise TrainError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
@@ -236,6 +244,8 @@ TRAIN_HELP = {
     "fsdp": "fully sharded data parallel (FSDP2) under torchrun: each process holds 1/N of the trained weights, "
     "gradients and optimizer states (and EMA); checkpoints are sharded (torch.distributed.checkpoint), the final "
     "file whole",
+    "save_precision": "the numbers of the file written to --outdir: float (float32), fp16 or bf16, half the size "
+    "(kohya's --save_precision); the checkpoints keep float32, so that --resume is exact",
     "device": "auto, cpu, cuda",
     "quiet": "no progress bar",
 }

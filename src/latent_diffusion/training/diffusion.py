@@ -55,7 +55,7 @@ from ..weights.checkpoint import (
 )
 from .checkpoints import Trainee, latest_checkpoint, log_row, restore, run_fingerprint, save_checkpoint
 from .common import TrainError, build_dataset, get_lr, lock_outdir, resolve_precision
-from .config import TrainConfig, bucket_spec, check_config
+from .config import SAVE_PRECISIONS, TrainConfig, bucket_spec, check_config
 from .fsdp import restore_sharded, save_sharded_checkpoint, shard
 from .latent_cache import build_cache, by_shape
 from .loss_plot import plot_loss
@@ -268,6 +268,7 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
         trainee = make_trainee(cfg, dataset, autocast)
     except CheckpointError as e:
         raise TrainError(str(e)) from None
+    trainee.saved_dtype = SAVE_PRECISIONS[cfg.save_precision]
     ema = copy.deepcopy(trainee.module).requires_grad_(False) if cfg.ema_decay > 0 else None
     state = None if cfg.fsdp else restore(cfg, outdir, trainee, ema)  # (sharded ones: once sharded, below)
     model = trainee.model.to(device)
