@@ -19,7 +19,7 @@ from latent_diffusion.pipeline.request import GenerationRequest
 from latent_diffusion.training.config import TrainConfig
 from latent_diffusion.training.data import CORNERS, POSITIONS
 from latent_diffusion.training.evaluate import prompt_adherence
-from latent_diffusion.training.lora import Adapter, LoRANetwork, lora_targets, train_lora
+from latent_diffusion.training.lora import Adapter, Dropouts, LoRANetwork, lora_targets, train_lora
 from latent_diffusion.weights.checkpoint import BUILTIN_LORA, BUILTIN_MODEL
 from latent_diffusion.weights.lora import apply_lora, parse_lora, read_lora, remove_lora
 from test_lora import compare, lora_layers, pipes  # noqa: F401 (pipes: the fixture)
@@ -155,7 +155,7 @@ def test_the_hooked_adapters_compute_the_merged_model():
     assert "lora_unet_output_blocks_1_2_conv" in {t.name for t in targets}  # an upsampler, generative-models' name
     assert "lora_unet_input_blocks_1_0_in_layers_2" in {t.name for t in targets}  # LoCon: a ResBlock's 3×3
     assert {t.name.split("_text_model")[0] for t in targets if t.text} == {"lora_te1", "lora_te2"}
-    network = LoRANetwork(model, targets, dropout=0.0).eval()
+    network = LoRANetwork(model, targets).eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in network.state_dict().items():
@@ -193,7 +193,7 @@ def test_an_adapters_gradients_are_the_closed_forms(conv):
     against the convolution of the merged weight W + s·B·A."""
     g = torch.Generator().manual_seed(0)
     layer = nn.Conv2d(6, 5, 3, stride=2, padding=1) if conv else nn.Linear(6, 5)
-    adapter = Adapter(layer, 5, rank=3, alpha=1.5, dropout=0.0)
+    adapter = Adapter(layer, 5, rank=3, alpha=1.5, dropouts=Dropouts())
     with torch.no_grad():
         adapter.lora_up.weight.copy_(torch.randn(adapter.lora_up.weight.shape, generator=g))
     s = 1.5 / 3
@@ -214,8 +214,42 @@ def test_an_adapters_gradients_are_the_closed_forms(conv):
         torch.testing.assert_close(y, x @ (layer.weight + s * B @ A).T + layer.bias, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("conv", [False, True])
+def test_the_three_dropouts_are_kohyas(conv):
+    """kohya's LoRAModule.forward written out, drawing from the global generator in its order: module dropout
+    (torch.rand(1) < p: the adapter left out), network dropout on down(x), then rank dropout (a (b, r) mask,
+    unsqueezed onto the rank axis; the scale times 1/(1 − p))."""
+    g = torch.Generator().manual_seed(1)
+    layer = nn.Conv2d(6, 5, 3, padding=1) if conv else nn.Linear(6, 5)
+    adapter = Adapter(layer, 5, rank=4, alpha=2.0, dropouts=Dropouts(hidden=0.2, rank=0.3, module=0.4)).train()
+    with torch.no_grad():
+        adapter.lora_up.weight.copy_(torch.randn(adapter.lora_up.weight.shape, generator=g))
+    x = torch.randn(3, 6, 5, 5, generator=g) if conv else torch.randn(3, 7, 6, generator=g)
+
+    def kohya(x):
+        if torch.rand(1) < 0.4:
+            return None
+        lx = F.dropout(adapter.lora_down(x), p=0.2)
+        mask = torch.rand((lx.size(0), 4)) > 0.3
+        lx = lx * (mask.unsqueeze(-1).unsqueeze(-1) if lx.dim() == 4 else mask.unsqueeze(1))
+        return adapter.lora_up(lx) * (0.5 * (1.0 / (1.0 - 0.3)))
+
+    left_out = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        ours = adapter(x)
+        torch.manual_seed(seed)
+        theirs = kohya(x)
+        assert (ours is None) == (theirs is None)
+        left_out += ours is None
+        if ours is not None:
+            torch.testing.assert_close(ours, theirs, atol=0, rtol=0)
+    assert 0 < left_out < 12
+    assert torch.equal(adapter.eval()(x), adapter.lora_up(adapter.lora_down(x)) * 0.5)  # none of them in eval
+
+
 def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
-    """3 steps + resume + 3 steps equal 6 steps, with the adapters' dropout and the text encoder's own rate; the
+    """3 steps + resume + 3 steps equal 6 steps, with the adapters' three dropouts and the text encoder's own rate; the
     metadata is kohya's, its hashes computed as kohya's precalculate_safetensors_hashes computes them. The resumed run
     writes its file in fp16 (--save-precision): the same numbers rounded, hashed as written; its checkpoints stay
     float32."""
@@ -227,7 +261,8 @@ def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
         Image.new("RGB", (40, 36), (40 * i, 90, 200)).save(data / f"{i}.png")
         (data / f"{i}.txt").write_text(caption)
     common = dict(ckpt=str(ckpt), data=str(data), save_every=3, lr=1e-2, lora=2, lora_dropout=0.3,
-                  train_text_encoder=True, text_encoder_lr=5e-3, **FAST)  # fmt: skip
+                  lora_rank_dropout=0.25, lora_module_dropout=0.1, train_text_encoder=True, text_encoder_lr=5e-3,
+                  **FAST)  # fmt: skip
     straight = train_lora(TrainConfig(outdir=str(tmp_path / "straight"), steps=6, **common))
     train_lora(TrainConfig(outdir=str(tmp_path / "resumed"), steps=3, **common))
     resumed = train_lora(
@@ -246,6 +281,7 @@ def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
     md = metadata(straight)
     assert md["ss_network_module"] == "networks.lora" and md["ss_network_dim"] == "2"
     assert md["ss_network_alpha"] == "2.0" and md["ss_network_dropout"] == "0.3"
+    assert json.loads(md["ss_network_args"]) == {"rank_dropout": "0.25", "module_dropout": "0.1"}
     assert md["ss_base_model_version"] == "sd_v1" and md["ss_resolution"] == "(32, 32)"
     assert md["ss_num_train_images"] == "4" and md["ss_text_encoder_lr"] == "0.005"
     assert json.loads(md["ss_tag_frequency"]) == {"photos": {"sks dog": 4, "grass": 2, "beach": 1, "sun": 1}}
@@ -266,6 +302,9 @@ def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
         (["--lora", "4000"], "--lora 4000 is above the width"),
         (["--lora", "2", "--lora-conv-rank", "900"], "--lora-conv-rank 900 is above the width"),
         (["--lora", "2", "--lora-dropout", "1"], "--lora-dropout is a probability"),
+        (["--lora", "2", "--lora-rank-dropout", "-0.1"], "--lora-rank-dropout is a probability"),
+        (["--lora-module-dropout", "0.1"], "--lora-module-dropout needs --lora RANK"),
+        (["--lora", "2", "--lora-module-dropout", "0.1", "--fsdp"], "--lora-module-dropout does not combine with"),
         (["--lora", "2", "--lora-alpha", "-1"], "--lora-alpha must be above 0"),
         (["--lora-dropout", "0.1"], "--lora-dropout needs --lora RANK"),
         (["--lora", "2", "--parameterization", "v"], "LoRA training adapts a trained model"),
@@ -317,3 +356,7 @@ def test_two_processes_give_the_lora_of_one(ckpt, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=SAME_RUN_ATOL, rtol=0)
+    # with module dropout each process leaves out other adapters in a step: DDP reduces what was used, no hang
+    run_torchrun(2, ["train", "--outdir", str(tmp_path / "dropped"), *common, "--lora-module-dropout", "0.5"])
+    dropped = tensors(tmp_path / "dropped" / "lora.safetensors")
+    assert dropped.keys() == a.keys() and any(not torch.equal(dropped[k], b[k]) for k in a)

@@ -57,6 +57,8 @@ class TrainConfig(RunConfig):
     lora_conv_rank: int | None = None  # LoCon: the ResBlocks' and samplers' 3×3 convolutions too, at this rank
     lora_conv_alpha: float | None = None  # None: lora_conv_rank
     lora_dropout: float = 0.0  # of the adapters' r hidden units (kohya's network_dropout)
+    lora_rank_dropout: float = 0.0  # of whole ranks per sample (kohya's rank_dropout)
+    lora_module_dropout: float = 0.0  # of whole adapters per forward (kohya's module_dropout)
     text_encoder_lr: float | None = None  # with --train-text-encoder; None: lr
     optimizer: str = "adamw"  # or "adamw8bit": bitsandbytes' AdamW with 8-bit states (`optimizers.py`)
     fsdp: bool = False  # shard weights, gradients and optimizer states over the processes (`fsdp.py`)
@@ -106,7 +108,8 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.parameterization and cfg.ckpt:
         raise TrainError("--parameterization is for models trained from scratch; a --ckpt brings its own")
     lora_options = ("lora_alpha", "lora_conv_rank", "lora_conv_alpha", "text_encoder_lr")
-    given = [n for n in lora_options if getattr(cfg, n) is not None] + (["lora_dropout"] if cfg.lora_dropout else [])
+    dropouts = ("lora_dropout", "lora_rank_dropout", "lora_module_dropout")
+    given = [n for n in lora_options if getattr(cfg, n) is not None] + [n for n in dropouts if getattr(cfg, n)]
     if cfg.lora is None and given:
         raise TrainError(f"--{given[0].replace('_', '-')} needs --lora RANK")
     if cfg.flip and cfg.cache_latents:
@@ -129,6 +132,8 @@ def check_memory_options(cfg: TrainConfig) -> None:
         raise TrainError("--cache-latents-to-disk needs --cache-latents (it is off: --no-cache-latents or --flip)")
     if not cfg.fsdp:
         return
+    if cfg.lora_module_dropout:  # each process leaves out other adapters; a sharded reduction needs the same grads
+        raise TrainError("--lora-module-dropout does not combine with --fsdp (each process would leave out others)")
     if cfg.optimizer == "adamw8bit":  # bitsandbytes keeps its 8-bit states per whole tensor, not per shard
         raise TrainError("--optimizer adamw8bit does not combine with --fsdp (its 8-bit states are not sharded)")
     if cfg.compile:
@@ -238,6 +243,8 @@ TRAIN_HELP = {
     "lora_conv_rank": "LoCon: also adapt the ResBlocks' and samplers' 3x3 convolutions, at this rank (default: not)",
     "lora_conv_alpha": "alpha of the 3x3 convolutions' adapters (default: --lora-conv-rank)",
     "lora_dropout": "dropout of the adapters' hidden units while training (kohya's --network_dropout)",
+    "lora_rank_dropout": "dropout of whole ranks per sample while training, the rest scaled up (kohya's rank_dropout)",
+    "lora_module_dropout": "probability of leaving a whole adapter out of a step's forward (kohya's module_dropout)",
     "text_encoder_lr": "with --lora and --train-text-encoder: the text encoder adapters' learning rate (default: --lr)",
     "optimizer": "adamw, or adamw8bit: bitsandbytes' AdamW8bit, its moments in 8 bits (about a quarter of AdamW's "
     "state memory; needs the bitsandbytes package and a device it supports)",
@@ -270,6 +277,8 @@ NOT_FLAGS = (
     "lora_conv_rank",
     "lora_conv_alpha",
     "lora_dropout",
+    "lora_rank_dropout",
+    "lora_module_dropout",
     "text_encoder_lr",
 )
 

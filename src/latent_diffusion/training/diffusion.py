@@ -300,7 +300,8 @@ def run_training(cfg: TrainConfig, outdir: Path, device, rank: int, world: int, 
         else nn.parallel.DistributedDataParallel(
             trainee.net,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.train_text_encoder,
+            # (a text layer the context does not read; adapters that module dropout leaves out of a step)
+            find_unused_parameters=cfg.train_text_encoder or cfg.lora_module_dropout > 0,
         )
     )
     loop(run, trainee, net, optimizer, scaler, ema, outdir, start=state["step"] if state else 0, quiet=quiet)

@@ -7,8 +7,10 @@ The base model is frozen; beside each adapted layer W (Linear or Conv2d) an adap
                                                      up: r -> out (1×1), zero at the start: the model is unchanged
 
 which is the layer W + (α/r)·up·down that `weights/lora.py` merges. down starts at PyTorch's default initialisation
-(Kaiming uniform, a = √5) and up at zero, as kohya's. Dropout (`--lora-dropout`, kohya's `network_dropout`) drops
-the r hidden units while training.
+(Kaiming uniform, a = √5) and up at zero, as kohya's. While training, three dropouts as kohya's: `--lora-dropout`
+(its `network_dropout`) drops the r hidden units elementwise; `--lora-rank-dropout` (its `rank_dropout`) drops
+whole ranks per sample, the output then scaled by 1/(1 − p) as if the rank were smaller; `--lora-module-dropout`
+(its `module_dropout`) leaves out a whole adapter for a step's forward.
 
 Which layers, as kohya chooses them:
 - the U-Net's transformer blocks (Transformer2DModel): every Linear and 1×1 convolution in them (proj_in, the
@@ -31,6 +33,7 @@ adapters alone and writes them with kohya's `ss_*` metadata and the `sshs_*` has
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -56,7 +59,7 @@ from .diffusion import TrainedParts, text_part, train, write_samples
 class Adapter(nn.Module):
     """One layer's LoRA: (α/r)·up(dropout(down(x))), added to the frozen layer's output (module docstring)."""
 
-    def __init__(self, layer: nn.Module, out_features: int, rank: int, alpha: float, dropout: float):
+    def __init__(self, layer: nn.Module, out_features: int, rank: int, alpha: float, dropouts: Dropouts):
         super().__init__()
         if isinstance(layer, nn.Conv2d):  # down: the layer's own kernel, stride, padding; up: 1×1
             k, s, p = layer.kernel_size, layer.stride, layer.padding
@@ -68,11 +71,29 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))  # kohya keeps α in the file, beside the pair
         self.scale = alpha / rank
-        self.dropout = dropout
+        self.dropouts = dropouts
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.dropout(self.lora_down(x), self.dropout, self.training)
-        return self.lora_up(h) * self.scale
+    def forward(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(α/r)·up(down(x)), or None where module dropout leaves the adapter out of this forward."""
+        d = self.dropouts
+        if self.training and d.module and torch.rand(1) < d.module:
+            return None
+        h = F.dropout(self.lora_down(x), d.hidden, self.training)  # (b, ..., r) or (b, r, h, w)
+        scale = self.scale
+        if self.training and d.rank:  # a mask per sample and rank (kohya draws (b, r)), placed on the rank axis
+            keep = torch.rand(h.shape[0], h.shape[-1 if h.ndim == 3 else 1], device=h.device) > d.rank
+            h = h * (keep[:, None] if h.ndim == 3 else keep[..., None, None] if h.ndim == 4 else keep)
+            scale = scale / (1 - d.rank)
+        return self.lora_up(h) * scale
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropouts:
+    """kohya's three LoRA dropouts (module docstring): probabilities, 0 for none."""
+
+    hidden: float = 0.0  # network_dropout
+    rank: float = 0.0  # rank_dropout
+    module: float = 0.0  # module_dropout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +168,7 @@ class LoRANetwork(nn.Module):
     """The adapters by kohya name: `state_dict()` is the kohya file. `attach` hooks them into the model's layers,
     `detach` takes them out again."""
 
-    def __init__(self, model: LatentDiffusion, targets: list[Target], dropout: float):
+    def __init__(self, model: LatentDiffusion, targets: list[Target], dropouts: Dropouts = Dropouts()):
         super().__init__()
         self.targets = {t.name: t for t in targets}
         self.adapters = nn.ModuleDict()
@@ -156,11 +177,11 @@ class LoRANetwork(nn.Module):
             if t.third is not None:  # one third of OpenCLIP's fused q, k, v projection
                 width = layer.in_proj_weight.shape[1]
                 self.adapters[t.name] = Adapter(
-                    nn.Linear(width, width, bias=False, device="meta"), width, t.rank, t.alpha, dropout
+                    nn.Linear(width, width, bias=False, device="meta"), width, t.rank, t.alpha, dropouts
                 )
             else:
                 out = layer.out_channels if isinstance(layer, nn.Conv2d) else layer.out_features
-                self.adapters[t.name] = Adapter(layer, out, t.rank, t.alpha, dropout)
+                self.adapters[t.name] = Adapter(layer, out, t.rank, t.alpha, dropouts)
         self.hooks: list = []
         self.fused: list[MultiheadSelfAttention] = []
 
@@ -182,7 +203,7 @@ class LoRANetwork(nn.Module):
         for path, (q, k, v) in thirds.items():
             attention = model.get_submodule(path)
             fused = type(attention).in_proj.__get__(attention)  # the class's own, before this instance's is set
-            attention.in_proj = lambda x, fused=fused, q=q, k=k, v=v: fused(x) + torch.cat([q(x), k(x), v(x)], -1)
+            attention.in_proj = functools.partial(_adds_thirds, fused, (q, k, v))
             self.fused.append(attention)
 
     def detach(self) -> None:
@@ -195,9 +216,21 @@ class LoRANetwork(nn.Module):
 
 def _adds(adapter: Adapter):
     def hook(layer, args, out):
-        return out + adapter(args[0]).to(out.dtype)
+        delta = adapter(args[0])
+        return out if delta is None else out + delta.to(out.dtype)
 
     return hook
+
+
+def _adds_thirds(fused, thirds: tuple[Adapter, Adapter, Adapter], x: torch.Tensor) -> torch.Tensor:
+    """OpenCLIP's fused q, k, v projection of x (..., width) -> (..., 3·width), each third with its adapter's output
+    (none where module dropout leaves it out)."""
+    out = fused(x)
+    deltas = [adapter(x) for adapter in thirds]
+    if all(d is None for d in deltas):
+        return out
+    zeros = out.new_zeros(*out.shape[:-1], out.shape[-1] // 3)
+    return out + torch.cat([zeros if d is None else d.to(out.dtype) for d in deltas], -1)
 
 
 def check_lora_config(cfg: TrainConfig) -> None:
@@ -208,8 +241,9 @@ def check_lora_config(cfg: TrainConfig) -> None:
     for name in ("lora_alpha", "lora_conv_alpha", "text_encoder_lr"):
         if (value := getattr(cfg, name)) is not None and not (math.isfinite(value) and value > 0):
             raise TrainError(f"--{name.replace('_', '-')} must be above 0, not {value:g}")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise TrainError(f"--lora-dropout is a probability, in [0, 1), not {cfg.lora_dropout:g}")
+    for name in ("lora_dropout", "lora_rank_dropout", "lora_module_dropout"):
+        if not 0 <= (p := getattr(cfg, name)) < 1:
+            raise TrainError(f"--{name.replace('_', '-')} is a probability, in [0, 1), not {p:g}")
     if cfg.parameterization or cfg.autoencoder:
         raise TrainError("LoRA training adapts a trained model (--ckpt), not the parts of a new one")
 
@@ -241,7 +275,7 @@ def lora_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
     model.unet.checkpointing = cfg.gradient_checkpointing
     targets = lora_targets(model, cfg)
     check_ranks(model, targets)
-    network = LoRANetwork(model, targets, cfg.lora_dropout)
+    network = LoRANetwork(model, targets, Dropouts(cfg.lora_dropout, cfg.lora_rank_dropout, cfg.lora_module_dropout))
     network.attach(model)
     text = [p for name, p in network.adapters.named_parameters() if network.targets[name.split(".")[0]].text]
     unet = [p for name, p in network.adapters.named_parameters() if not network.targets[name.split(".")[0]].text]
@@ -300,11 +334,17 @@ def kohya_metadata(cfg: TrainConfig, model: LatentDiffusion, dataset, tensors: d
     alone, which the web UI shows and matches) and the legacy one (64 KiB at 1 MiB)."""
     sdxl = bool(model.cfg.micro_conditioning)
     args = {"conv_dim": str(cfg.lora_conv_rank), "conv_alpha": str(cfg.lora_conv_alpha or cfg.lora_conv_rank)}
+    args = args if cfg.lora_conv_rank else {}
+    args |= {
+        name: str(p)
+        for name, p in (("rank_dropout", cfg.lora_rank_dropout), ("module_dropout", cfg.lora_module_dropout))
+        if p
+    }
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.lora),
         "ss_network_alpha": str(float(cfg.lora_alpha or cfg.lora)),
-        "ss_network_args": json.dumps(args) if cfg.lora_conv_rank else "null",
+        "ss_network_args": json.dumps(args) if args else "null",
         "ss_network_dropout": str(cfg.lora_dropout) if cfg.lora_dropout else "None",
         "ss_base_model_version": base_model_version(model),
         "ss_v2": str(model.cfg.family.name == "sd2"),
