@@ -269,6 +269,29 @@ def test_control_lora_is_the_base_unet_plus_its_deltas(sdxl_base, tmp_path):
         load_controlnet(path, base=sdxl_base)
 
 
+def test_a_difference_controlnet_is_its_deltas_plus_the_models_unet(originals, tiny_models, tmp_path):
+    """The extension's `build_model_by_guess`: a file with a `difference` key holds deltas; the weights of the same
+    names in the U-Net in use are added, the rest (zero convolutions, the hint block) taken as filed. Without a base
+    model, or with one whose U-Net has other shapes, it is refused in one line."""
+    model, net = tiny_models["sd1"], originals["sd1"]
+    unet, target = model.model.diffusion_model.state_dict(), net.state_dict()
+    deltas = {k: v - unet[k] if k in unet else v for k, v in target.items()}
+    assert sum(k in unet for k in target) > 100 and any(k not in unet for k in target)
+    path = tmp_path / "diff_control_sd15_edges.safetensors"
+    save_file(
+        {**{f"control_model.{k}": v.contiguous() for k, v in deltas.items()}, "difference": torch.tensor([])}, path
+    )
+    loaded = load_controlnet(path, base=model)
+    for k, v in loaded.state_dict().items():
+        torch.testing.assert_close(v, target[k], atol=1e-6, rtol=0)
+    with pytest.raises(
+        ControlNetError, match=r"diff_control_sd15_edges\.safetensors: a difference ControlNet .* base="
+    ):
+        load_controlnet(path)
+    with pytest.raises(ControlNetError, match=r"a difference ControlNet that does not fit the model: its input_blocks"):
+        load_controlnet(path, base=tiny_models["sd2"])
+
+
 # Files that are not ControlNets, and ControlNets of another family ------------------------------------------------
 
 

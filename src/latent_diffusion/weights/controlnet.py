@@ -4,7 +4,9 @@
 - lllyasviel's original (`cldm.ControlNet`): `input_blocks`, `zero_convs`, `input_hint_block`, `middle_block`,
   `middle_block_out`, `time_embed` (SDXL: `label_emb`), with or without the `control_model.` prefix. The 2023
   `control_sd15_*.pth` files carry a whole Stable Diffusion model beside it: everything outside `control_model.` is
-  left out. These are our module's own names: nothing is renamed.
+  left out. These are our module's own names: nothing is renamed. A "difference" ControlNet (a `difference` key
+  marks it) holds its encoder as deltas from the U-Net it was made on: the base model's weights are added, as the
+  web UI's ControlNet extension adds the U-Net in use (`_difference_weights`).
 - diffusers' `ControlNetModel` (`conv_in`, `time_embedding`, `down_blocks`, `mid_block`, `controlnet_cond_embedding`,
   `controlnet_down_blocks`, `controlnet_mid_block`; SDXL's `add_embedding`): renamed block by block through the
   U-Net's table of `weights/lora.py` (`unet_blocks`), read at the file's levels, res blocks and attending levels.
@@ -19,8 +21,9 @@
 
 The architecture is read off the keys (`checkpoint.infer_unet`). Head counts leave no trace in the shapes: SD 1.x's
 8 heads, or 64-wide heads where the transformers project linearly (SD 2.x, SDXL), as for checkpoints. Options of
-how a ControlNet runs rather than what it holds (the shuffle model's global average pooling, diffusers' BGR
-`controlnet_conditioning_channel_order`) are not in the weights, and not read here.
+how a ControlNet runs rather than what it holds (the shuffle model's global average pooling, which the extension
+reads off the file's name: `pipeline/control.pools`; diffusers' BGR `controlnet_conditioning_channel_order`) are
+not in the weights, and not read here.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ CONTROL = "control_model."  # the ControlNet's prefix in lllyasviel's ControlLDM
 HINT = "input_hint_block.0.weight"  # (16, hint channels, 3, 3): the original layout's mark
 DIFFUSERS_HINT = "controlnet_cond_embedding.conv_in.weight"  # diffusers' ControlNetModel's mark
 CONTROL_LORA = "lora_controlnet"  # Stability's Control-LoRA's mark: an empty tensor
+DIFFERENCE = "difference"  # a "difference" ControlNet's mark: its encoder's weights are deltas from a U-Net's
 CONFIG_METADATA_KEY = "latent_diffusion.controlnet"  # our files' {"unet": config}: the heads, which no shape shows
 
 
@@ -224,7 +228,11 @@ def load_controlnet(
                     f"(first: {', '.join(left[:3])})"
                 )
         elif any(k.startswith(CONTROL) for k in sd):
+            marked = DIFFERENCE in sd
             sd = {k.removeprefix(CONTROL): v for k, v in sd.items() if k.startswith(CONTROL)}
+            sd |= {DIFFERENCE: torch.empty(0)} if marked else {}
+        if DIFFERENCE in sd:
+            sd = _difference_weights(sd, base, path)
         cfg, hint_channels = _infer(sd, path, base, _saved_heads(metadata, path))
     try:
         with empty_modules():
@@ -283,6 +291,27 @@ def _infer(sd: dict[str, torch.Tensor], path, base: LatentDiffusion | None, save
         raise ControlNetError(f"{path}: an incomplete ControlNet: it has no {e.args[0]}") from None
     except ValueError as e:
         raise ControlNetError(f"{path}: its weights describe no ControlNet this project builds ({e})") from None
+
+
+def _difference_weights(sd: dict, base: LatentDiffusion | None, path) -> dict[str, torch.Tensor]:
+    """A difference ControlNet's weights, as the extension builds them (`build_model_by_guess`): each delta plus the
+    weight of the same name in the U-Net in use, so that its encoder is a copy of this model's; the keys the U-Net
+    has not (zero convolutions, the hint block) as filed."""
+    if base is None:
+        raise ControlNetError(f"{path}: a difference ControlNet adds to a base model's U-Net: pass base=the model")
+    unet = base.model.diffusion_model.state_dict()
+    weights = {}
+    for key, value in sd.items():
+        if key in unet and key != DIFFERENCE:
+            if unet[key].shape != value.shape:
+                raise ControlNetError(
+                    f"{path}: a difference ControlNet that does not fit the model: its {key} is "
+                    f"{tuple(value.shape)}, the U-Net's {tuple(unet[key].shape)}"
+                )
+            value = value.float() + unet[key].float()
+        weights[key] = value
+    del weights[DIFFERENCE]
+    return weights
 
 
 def _control_lora_weights(sd: dict, base: LatentDiffusion, expected: dict, path) -> dict[str, torch.Tensor]:
