@@ -117,9 +117,12 @@ def test_hr_option_chooses_the_passes_a_unit_acts_in(tiny_models, controlnets, m
     ("settings", "message"),
     [
         (dict(hr_option="sometimes"), "unknown hr_option 'sometimes'; choose one of both, low, high"),
-        (dict(advanced_weighting=(1.0, float("nan"))), "advanced_weighting must be 1 to 64 numbers in [0, 10]"),
-        (dict(advanced_weighting=()), "advanced_weighting must be 1 to 64 numbers"),
-        (dict(advanced_weighting=[1.0]), "advanced_weighting must be 1 to 64 numbers"),
+        (
+            dict(advanced_weighting=(1.0, float("nan"))),
+            "advanced_weighting must be a tuple of 1 to 64 numbers in [0, 10]",
+        ),
+        (dict(advanced_weighting=()), "advanced_weighting must be a tuple of 1 to 64 numbers"),
+        (dict(advanced_weighting=[1.0]), "advanced_weighting must be a tuple of 1 to 64 numbers"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tiny_models, controlnets, maps, settings, message):

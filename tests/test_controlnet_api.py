@@ -183,8 +183,11 @@ def test_the_extensions_routes(served, picture):
         ({"hr_option": "Sometimes"}, "ControlNet unit 1: hr_option must be one of Both, Low res only, High res only"),
         ({"hr_option": 3}, "ControlNet unit 1: hr_option must be one of"),
         ({"advanced_weighting": [1, "x"]}, "ControlNet unit 1: advanced_weighting must be a list of numbers"),
-        ({"advanced_weighting": [1, -2]}, "ControlNet unit 1: advanced_weighting must be 1 to 64 numbers in [0, 10]"),
-        ({"advanced_weighting": [1] * 65}, "ControlNet unit 1: advanced_weighting must be 1 to 64 numbers"),
+        (
+            {"advanced_weighting": [1, -2]},
+            "ControlNet unit 1: advanced_weighting must be a tuple of 1 to 64 numbers in [0, 10]",
+        ),
+        ({"advanced_weighting": [1] * 65}, "ControlNet unit 1: advanced_weighting must be a tuple of 1 to 64 numbers"),
     ],
 )
 def test_bad_units_are_a_422_naming_the_unit_and_field_and_nothing_is_written(served, picture, fields, message):
@@ -244,6 +247,8 @@ def test_detected_maps_with_the_hires_fix_and_when_turned_off(served, picture):
     status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(hr_option="Low res only")})
     assert status == 200 and json.loads(answer["info"])["ignored"] == []
     status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(hr_option=2, advanced_weighting=[0.5] * 13)})
+    assert status == 200 and json.loads(answer["info"])["ignored"] == []
+    status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(hr_option="HiResFixOption.HIGH_RES_ONLY")})
     assert status == 200 and json.loads(answer["info"])["ignored"] == []
 
 

@@ -2,6 +2,7 @@
 names, its metadata and hashes as kohya computes them), loads in diffusers (`load_lora_weights` + `fuse_lora`) to what
 our merge gives; an adapter's gradients are the closed form's; resume is exact; bad input is one line."""
 
+import dataclasses
 import hashlib
 import json
 
@@ -143,6 +144,16 @@ def test_an_sdxl_lora_with_both_text_encoders_is_kohyas_and_diffusers_fuses_it_a
     for ours, theirs, before in zip(outputs(fused=False), outputs(fused=True), plain):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)  # test_lora's tolerance
         assert (ours - before).abs().mean() > 1e-3  # the LoRA changed each
+
+
+def test_text_adapters_sit_in_the_blocks_the_context_reads():
+    """SD 2.x's context skips its text encoder's last block, which takes no adapters (kohya's encoder has one block
+    less); a checkpoint converted back from diffusers holds those blocks alone, read to the last: all take them."""
+    cfg = tiny_config("sd2")
+    converted = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, layer="last"))
+    for config, blocks in ((cfg, cfg.text.layers - 1), (converted, cfg.text.layers)):
+        targets = lora_targets(LatentDiffusion(config), TrainConfig(outdir="unused", lora=2, train_text_encoder=True))
+        assert {int(t.name.split("_layers_")[1].split("_")[0]) for t in targets if t.text} == set(range(blocks))
 
 
 def test_the_hooked_adapters_compute_the_merged_model():
@@ -308,7 +319,7 @@ def test_resume_is_exact_with_dropout_and_metadata_is_kohyas(ckpt, tmp_path):
         (["--lora", "2", "--lora-alpha", "-1"], "--lora-alpha must be above 0"),
         (["--lora-dropout", "0.1"], "--lora-dropout needs --lora RANK"),
         (["--lora", "2", "--parameterization", "v"], "LoRA training adapts a trained model"),
-        (["--lora", "2", "--save-precision", "fp8"], "save precision must be one of float, fp16, bf16, not 'fp8'"),
+        (["--lora", "2", "--save-precision", "fp8"], "--save-precision must be one of float, fp16, bf16, not 'fp8'"),
     ],
 )
 def test_bad_lora_input_is_one_line_and_exit_2(ckpt, tmp_path, capsys, args, message):

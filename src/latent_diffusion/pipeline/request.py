@@ -343,7 +343,10 @@ def _check_control(unit: ControlUnit, name: str, n: int) -> None:
             isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w <= MAX_CONTROL_WEIGHT for w in scales
         )
     ):  # (NaN fails the range)
-        fail(f"{name}: advanced_weighting must be 1 to {MAX_ADVANCED_WEIGHTS} numbers in [0, {MAX_CONTROL_WEIGHT:g}]")
+        fail(
+            f"{name}: advanced_weighting must be a tuple of 1 to {MAX_ADVANCED_WEIGHTS} numbers in [0, "
+            f"{MAX_CONTROL_WEIGHT:g}]"
+        )
     for image, kind in ((unit.image, "image"), (unit.mask, "mask")):
         if image is None and kind == "mask":
             continue

@@ -140,7 +140,7 @@ def _control_unit(i: int, fields: dict, models: dict, open_image, init: InitImag
         threshold_b=_bounded(module.threshold_b, value("threshold_b", float, -1, "a number")),
         pixel_perfect=value("pixel_perfect", bool, False, "true or false"),
         mask=mask,
-        hr_option=_hr_option(fields.get("hr_option", "Both"), where),
+        hr_option=_hr_option(fields.get("hr_option") or "Both", where),
         advanced_weighting=_advanced_weighting(fields.get("advanced_weighting"), where),
         title=where,  # (its place in args: the units that do not run count too)
     )
@@ -183,8 +183,15 @@ def _control_mode(value, where: str) -> str:
 
 def _hr_option(value, where: str) -> str:
     """Which hires passes a unit acts in, by the extension's label or, as its versions before 1.1.448 took it, its
-    place in the list (0, 1, 2) -> our name."""
+    place in the list (0, 1, 2) or its enum's name ("HiResFixOption.LOW_RES_ONLY") -> our name."""
     names, labels = list(HR_OPTIONS), {label: name for name, label in HR_OPTIONS.items()}
+    enum_names = {
+        "HiResFixOption.BOTH": "both",
+        "HiResFixOption.LOW_RES_ONLY": "low",
+        "HiResFixOption.HIGH_RES_ONLY": "high",
+    }
+    if isinstance(value, str) and value in enum_names:
+        return enum_names[value]
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
         return names[value]
     if isinstance(value, str) and value in labels:

@@ -123,9 +123,10 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def check_memory_options(cfg: TrainConfig) -> None:
-    """The checks of the flags that train past one device's memory: --optimizer, --fsdp, --cache-latents-to-disk."""
+    """The checks of the flags that train past one device's memory (--optimizer, --fsdp, --cache-latents-to-disk,
+    and what --fsdp does not combine with) and of --save-precision."""
     if cfg.save_precision not in SAVE_PRECISIONS:
-        raise TrainError(f"save precision must be one of {', '.join(SAVE_PRECISIONS)}, not {cfg.save_precision!r}")
+        raise TrainError(f"--save-precision must be one of {', '.join(SAVE_PRECISIONS)}, not {cfg.save_precision!r}")
     if cfg.optimizer not in OPTIMIZERS:
         raise TrainError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
     if cfg.cache_latents_to_disk and not cfg.cache_latents:

@@ -140,7 +140,8 @@ def text_targets(encoder, at: str, prefix: str, rank: int, alpha: float) -> list
     CLIPMLP modules), in the blocks of the encoder as kohya builds it: SD 2.x's without its last block, which the
     context skips (kohya's converter drops it); SDXL's whole (ViT-L's last block is unread, as in kohya's file)."""
     text, kohya = encoder.cfg, []
-    used = text.layers - (text.kind == "openclip" and not text.pooled)  # SD 2.x: 23 of OpenCLIP ViT-H's 24
+    # SD 2.x: 23 of OpenCLIP ViT-H's 24 (a file converted from diffusers has the 23 alone, read to the last)
+    used = text.layers - (text.kind == "openclip" and not text.pooled and text.layer == "penultimate")
     for i in range(used):
         theirs = f"{prefix}text_model_encoder_layers_{i}_"
         if text.kind == "clip":
@@ -286,7 +287,8 @@ def lora_trainee(cfg: TrainConfig, dataset, autocast: dict) -> Trainee:
         network.load_state_dict({k: saved[k] for k in network.state_dict()})
 
     def samples(path: Path) -> None:
-        write_samples(model, cfg, path)  # the adapters are hooked in: the samples show the LoRA at weight 1
+        network.eval()  # no dropout: the samples show the LoRA at weight 1 (training mode comes back after them)
+        write_samples(model, cfg, path)  # (the adapters are hooked in)
 
     return Trainee(
         model=model,

@@ -204,7 +204,7 @@ def load_controlnet(
     base: LatentDiffusion | None = None,
 ) -> ControlNet:
     """A ControlNet from a `.safetensors`, `.pth`, `.ckpt` or `.bin` file in any of the three layouts, its weights in
-    `dtype` on `device`, in eval mode. base: the model a Control-LoRA file changes (its U-Net's weights are read;
+    `dtype` on `device`, in eval mode. base: the model a Control-LoRA or a difference file changes (its U-Net's weights are read;
     the model itself is left as it is), and whose attention heads a ControlNet of its U-Net's widths has. ControlNetError (a CheckpointError) with one line
     for a file that is not a ControlNet or whose weights describe no ControlNet this project builds."""
     sd, metadata = read_state_dict(path)
@@ -300,6 +300,8 @@ def _difference_weights(sd: dict, base: LatentDiffusion | None, path) -> dict[st
     if base is None:
         raise ControlNetError(f"{path}: a difference ControlNet adds to a base model's U-Net: pass base=the model")
     unet = base.model.diffusion_model.state_dict()
+    if any(v.dtype == torch.uint8 for v in unet.values()):
+        raise ControlNetError(f"{path}: a difference ControlNet adds to a U-Net's weights, not to GGML blocks")
     weights = {}
     for key, value in sd.items():
         if key in unet and key != DIFFERENCE:
@@ -308,7 +310,7 @@ def _difference_weights(sd: dict, base: LatentDiffusion | None, path) -> dict[st
                     f"{path}: a difference ControlNet that does not fit the model: its {key} is "
                     f"{tuple(value.shape)}, the U-Net's {tuple(unet[key].shape)}"
                 )
-            value = value.float() + unet[key].float()
+            value = value.float() + unet[key].to(value.device, torch.float32)  # (the model's may be on a GPU)
         weights[key] = value
     del weights[DIFFERENCE]
     return weights
