@@ -56,6 +56,8 @@ def test_adamw8bit_keeps_8_bit_states_and_resumes_exactly(tmp_path, monkeypatch)
         (["--optimizer", "sgd"], "optimizer must be one of adamw, adamw8bit, not 'sgd'"),
         (["--optimizer", "adamw8bit"], "bitsandbytes 0.0 has no 8-bit AdamW for device cpu (no kernel)"),
         (["--no-cache-latents", "--cache-latents-to-disk"], "--cache-latents-to-disk needs --cache-latents"),
+        (["--cache-text-encoder-outputs-to-disk", "--train-text-encoder"], "--cache-text-encoder-outputs-to-disk"),
+        (["--cache-text-encoder-outputs-to-disk", "--shuffle-caption"], "captions encoded once: not with"),
     ],
 )
 def test_bad_memory_options_exit_2(tmp_path, capsys, monkeypatch, args, message):
@@ -113,3 +115,41 @@ def test_latents_cached_on_disk_train_as_in_memory_and_are_encoded_once(tmp_path
     other = dict(common, autoencoder=str(tmp_path / "vae.safetensors"))
     train(TrainConfig(outdir=str(disk), steps=1, cache_latents_to_disk=True, **other))
     assert encoded[4:] == [4] and len(list((disk / "cache" / "latents").rglob("*.safetensors"))) == 9
+
+
+def test_text_embeddings_cached_on_disk_train_as_in_memory_and_are_encoded_once(tmp_path, monkeypatch):
+    """SDXL (context and pooled text): each distinct caption, the empty one too, a file under OUTDIR/cache/text/,
+    written by the first run, read by its resume; the weights those runs give are the in-memory cache's, bit for
+    bit; another text encoder's captions are encoded again."""
+    from latent_diffusion import save_model
+
+    from conftest import tiny_model
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (32, 32), (60 * i, 90, 200)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"image {i % 3}")  # 3 distinct captions
+    model = tiny_model("sdxl", seed=6)
+    save_model(model, tmp_path / "base.safetensors")
+    encoded = []
+    real = LatentDiffusion.get_text_conditioning
+    monkeypatch.setattr(
+        LatentDiffusion, "get_text_conditioning", lambda self, p, **k: encoded.append(len(p)) or real(self, p, **k)
+    )
+    common = dict(data=str(data), ckpt=str(tmp_path / "base.safetensors"), save_every=2, ema_decay=0,
+                  prompt_dropout=0.5, **{**FAST, "batch_size": 2})  # fmt: skip
+    memory = train(TrainConfig(outdir=str(tmp_path / "memory"), steps=4, **common))
+    disk, flag = tmp_path / "disk", dict(cache_text_encoder_outputs_to_disk=True)
+    encoded.clear()
+    train(TrainConfig(outdir=str(disk), steps=2, **common, **flag))
+    assert encoded == [4] and len(list((disk / "cache" / "text").rglob("*.safetensors"))) == 4
+    train(TrainConfig(outdir=str(disk), steps=4, resume=True, **common, **flag))
+    assert encoded == [4]  # the resume read the files
+    assert same(weights(memory), weights(disk / "model.safetensors"))
+
+    model.conditioner.embedders[0].transformer.text_model.final_layer_norm.weight.data += 0.01  # another encoder
+    save_model(model, tmp_path / "base.safetensors")
+    shutil.rmtree(disk / "checkpoints")
+    train(TrainConfig(outdir=str(disk), steps=1, **common, **flag))
+    assert encoded == [4, 4] and len(list((disk / "cache" / "text").rglob("*.safetensors"))) == 8

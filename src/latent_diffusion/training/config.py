@@ -36,6 +36,8 @@ class TrainConfig(RunConfig):
     cache_latents: bool = True  # encode images and captions once; off for random flips
     # the cached latents in files under outdir/cache/ (`latent_cache.py`), read back by later runs and resumes
     cache_latents_to_disk: bool = False
+    # each distinct caption's text embedding in a file under outdir/cache/text/ (`latent_cache.py`)
+    cache_text_encoder_outputs_to_disk: bool = False
     # Aspect-ratio buckets (`buckets.py`, kohya's --enable_bucket): each image at its own shape within image_size²
     enable_bucket: bool = False
     min_bucket_reso: int = 256
@@ -81,6 +83,7 @@ RESUMABLE = (
     "gradient_checkpointing",
     "compile",
     "cache_latents_to_disk",  # the same latents, bit for bit, from files or from memory
+    "cache_text_encoder_outputs_to_disk",  # (the same embeddings)
     "save_precision",  # (the checkpoints it resumes from are float32 whatever it is)
 )
 
@@ -131,6 +134,13 @@ def check_memory_options(cfg: TrainConfig) -> None:
         raise TrainError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, not {cfg.optimizer!r}")
     if cfg.cache_latents_to_disk and not cfg.cache_latents:
         raise TrainError("--cache-latents-to-disk needs --cache-latents (it is off: --no-cache-latents or --flip)")
+    if cfg.cache_text_encoder_outputs_to_disk and (
+        cfg.train_text_encoder or cfg.shuffle_caption or not cfg.cache_latents
+    ):
+        raise TrainError(
+            "--cache-text-encoder-outputs-to-disk needs the cache (--cache-latents) and captions encoded once: not "
+            "with --train-text-encoder or --shuffle-caption"
+        )
     if not cfg.fsdp:
         return
     if cfg.lora_module_dropout:  # each process leaves out other adapters; a sharded reduction needs the same grads
@@ -219,6 +229,9 @@ TRAIN_HELP = {
     "cache_latents_to_disk": "keep the cached latents in files under OUTDIR/cache/, one per image (kohya's flag): "
     "each image is encoded once, by the first run, and read from there by later runs and resumes, not held in "
     "memory; a changed image or autoencoder is encoded again",
+    "cache_text_encoder_outputs_to_disk": "keep each caption's text embedding in a file under OUTDIR/cache/text/ "
+    "(kohya's flag), read a batch at a time, not held in memory (SDXL: 0.6 MB a caption); a text encoder changed is "
+    "encoded again",
     "flip": "random horizontal flips (needs --no-cache-latents)",
     "enable_bucket": "aspect-ratio buckets (kohya's --enable_bucket): each image resized to cover the bucket of "
     "its nearest aspect ratio within image-size² pixels and center-cropped to it, not to a square",
