@@ -168,7 +168,7 @@ def test_the_extensions_routes(served, picture):
         ({"image": "not an image"}, "ControlNet unit 1: image: not a base64-encoded image"),
         ({"image": bomb_png(5000, 5000)}, "ControlNet unit 1: image: the image is 5000x5000, over the limit"),
         ({"module": "nope"}, "ControlNet unit 1: unknown ControlNet module 'nope'"),
-        ({"module": "reference_only"}, "ControlNet unit 1: ControlNet module 'reference_only' acts inside"),
+        ({"module": "revision_clipvision"}, "ControlNet unit 1: ControlNet module 'revision_clipvision' needs a CLIP"),
         ({"model": "nope"}, "ControlNet unit 1: no control model 'nope' here"),
         ({"model": "control_sd2"}, "ControlNet unit 1: control model control_sd2.safetensors: a ControlNet for SD 2"),
         ({"weight": 11}, "ControlNet unit 1: weight must be between 0 and 10, not 11"),
@@ -272,3 +272,17 @@ def test_the_infotext_is_the_extensions_serialization_and_reads_back(served, pic
     settings = control_settings(fields)
     assert settings["control_processor_res"] == [256, None] and settings["control_threshold_a"] == [100.0, 0.5]
     assert settings["control_mode"] == ["prompt", "balanced"] and settings["control_resize"] == ["crop", "resize"]
+
+
+def test_a_reference_unit_runs_without_a_model(served, picture):
+    """The extension's reference_only takes "model": "None" (or no model): the unit runs, its module is listed as
+    available, and nothing is named ignored; its map is the image itself."""
+    base, *_ = served
+    unit = {"enabled": True, "module": "reference_only", "model": "None", "image": b64(picture), "threshold_a": 0.7}
+    body = {"prompt": "a cat", "seed": 1, "steps": 2, "width": W, "height": H, "cfg_scale": 5}
+    status, answer = call(base, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+    assert status == 200 and json.loads(answer["info"])["ignored"] == [] and len(answer["images"]) == 2
+    plain = call(base, "/sdapi/v1/txt2img", body)[1]
+    assert answer["images"][0] != plain["images"][0]
+    listed = call(base, "/controlnet/module_list")[1]
+    assert all(listed["module_detail"][m]["available"] for m in ("reference_only", "reference_adain"))

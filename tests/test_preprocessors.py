@@ -519,7 +519,8 @@ def test_module_detail_reports_the_extensions_sliders():
         "step": 0.01,
     }
     assert detail["mlsd"]["sliders"][2]["name"] == "MLSD Distance Threshold"
-    assert detail["reference_only"]["model_free"] and not detail["reference_only"]["available"]
+    assert detail["reference_only"]["model_free"] and detail["reference_only"]["available"]  # (`reference.py`)
+    assert detail["revision_clipvision"]["model_free"] and not detail["revision_clipvision"]["available"]
     for weights in (
         "depth",
         "depth_zoe",

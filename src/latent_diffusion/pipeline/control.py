@@ -27,6 +27,8 @@ from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_st
 from .control_images import control_map, prepare_control
 from .control_modules import PreprocessorError, Slider, find_module
 from .preprocessors import numpy_seed
+from .reference import MODULES as REFERENCE_MODULES
+from .reference import style_fidelity
 from .request import CONTROL_MODES, RESIZE_MODES, ControlUnit, RequestError, fail
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
@@ -39,7 +41,7 @@ class ResolvedControl:
 
     unit: ControlUnit
     name: str  # as listed: "name [hash]"
-    model: nn.Module  # a ControlNet or a T2I-Adapter
+    model: nn.Module | None  # a ControlNet or a T2I-Adapter; None: a reference unit (`reference.py`)
     hint: torch.Tensor  # (1 or n, 3, H, W) float32 in [0, 1] at the pass's pixel size (−1: an inpaint mask's pixels)
     detected: tuple[np.ndarray, ...]  # the maps as shown (uint8, H×W×3 or ×4), for the API's answer
     maps: tuple  # (module, resize mode, map) as the preprocessor gave each, for a hires pass to fit again
@@ -47,6 +49,7 @@ class ResolvedControl:
     conditional_only: bool  # the unconditional half of guidance gets no control ("ControlNet is more important")
     pooled: bool = False  # each residual its mean over the feature map, the conditional rows' alone (`pools`)
     acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
+    fidelity: float = 0.0  # a reference unit's style fidelity in this pass (`reference.style_fidelity`)
 
     def rows(self, start: int, stop: int) -> ResolvedControl:
         """Images start..stop's maps (one for all stays one)."""
@@ -133,14 +136,7 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
     resolved = []
     for k, unit in enumerate(units):
         title = unit.title or f"ControlNet unit {k}"
-        listed = find_model(unit.model, pipeline.controlnets)
-        if listed is None:
-            known = ", ".join(pipeline.controlnets) or "none: give a folder with --controlnet-dir"
-            fail(f"{title}: no control model {unit.model!r} here; these are: {known}")
-        try:
-            control = load_control_model(pipeline.controlnets[listed], pipeline.model)
-        except RequestError as e:
-            fail(f"{title}: {e}")
+        listed, control = _unit_model(unit, title, pipeline)
         maps = []
         for i, image in enumerate(unit.image):
             mask = None if unit.mask is None else unit.mask[min(i, len(unit.mask) - 1)]
@@ -170,10 +166,29 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
             tuple(maps),
             soft=unit.control_mode != "balanced",
             conditional_only=unit.control_mode == "control",
-            pooled=pools(control, pipeline.controlnets[listed]),
+            pooled=control is not None and pools(control, pipeline.controlnets[listed]),
+            fidelity=_fidelity(unit, pipeline.model, hires=False),
         )
         resolved.append(fitted(unit_control, size))
     return resolved
+
+
+def _unit_model(unit: ControlUnit, title: str, pipeline) -> tuple[str, nn.Module | None]:
+    """(its listed name, the control model loaded) of a unit; ("None", None) for a reference unit, which needs none."""
+    if unit.module in REFERENCE_MODULES:
+        return "None", None
+    listed = find_model(unit.model, pipeline.controlnets)
+    if listed is None:
+        known = ", ".join(pipeline.controlnets) or "none: give a folder with --controlnet-dir"
+        fail(f"{title}: no control model {unit.model!r} here; these are: {known}")
+    try:
+        return listed, load_control_model(pipeline.controlnets[listed], pipeline.model)
+    except RequestError as e:
+        fail(f"{title}: {e}")
+
+
+def _fidelity(unit: ControlUnit, model: LatentDiffusion, hires: bool) -> float:
+    return style_fidelity(unit.threshold_a, unit.control_mode, bool(model.cfg.micro_conditioning), hires)
 
 
 def pools(control: nn.Module, path: Path) -> bool:
@@ -183,12 +198,14 @@ def pools(control: nn.Module, path: Path) -> bool:
     return isinstance(control, ControlNet) and not control.cfg.adm_in_channels and "shuffle" in path.stem.lower()
 
 
-def fitted(control: ResolvedControl, size: tuple[int, int], hires: bool = False) -> ResolvedControl:
-    """The unit with its maps fitted to a pass of `size` (height, width) pixels; in a hires pass canny's and mlsd's are
-    soft-injected, as the extension does."""
+def fitted(control: ResolvedControl, size: tuple[int, int], hires=None) -> ResolvedControl:
+    """The unit with its maps fitted to a pass of `size` (height, width) pixels; in a hires pass (`hires`: the
+    model of that pass) canny's and mlsd's are soft-injected, and a reference unit's style fidelity is 0, as the
+    extension does."""
     hints, shown = zip(*(prepare_control(found, module, mode, *size) for module, mode, found in control.maps))
-    soft = control.soft or (hires and any(name in control.unit.module for name in SOFT_IN_HIRES))
-    return dataclasses.replace(control, hint=torch.cat(hints), detected=shown, soft=soft)
+    soft = control.soft or (hires is not None and any(name in control.unit.module for name in SOFT_IN_HIRES))
+    fidelity = control.fidelity if hires is None else _fidelity(control.unit, hires, hires=True)
+    return dataclasses.replace(control, hint=torch.cat(hints), detected=shown, soft=soft, fidelity=fidelity)
 
 
 def _uint8(image: torch.Tensor) -> np.ndarray:

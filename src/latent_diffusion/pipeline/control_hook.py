@@ -15,6 +15,8 @@ Per unit, with w its weight:
 - The shuffle ControlNet's global average pooling (`control.pools`): its residuals, the conditional rows' alone,
   scaled, then each its mean over the feature map, which the U-Net adds at every place.
 - hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`).
+- A reference unit (no model) runs its reference image through the U-Net before each evaluation it acts in, and the
+  U-Net's attention and norms read what that left (`reference.py`).
 - The window: the unit acts while start ≤ s/N ≤ end, where N is the pass's steps and s is the web UI's
   `state.sampling_step` as the extension reads it: the index of the step whose callback ran last, 0 before any.
   k-diffusion's samplers call back after a step's first evaluation (`SamplingClock`).
@@ -31,6 +33,8 @@ from ..models.ldm import LatentDiffusion
 from ..models.t2i_adapter import t2i_residuals
 from ..models.unet import ControlResiduals
 from .control import ResolvedControl
+from .reference import MODULES as REFERENCE_MODULES
+from .reference import Banks, hooked, reference_pass
 
 MARK = "control_mark"  # conditioning field: (rows,) 1 for the rows of a prompt, 0 for the unconditional rows
 T2I_SOFT = (0.25, 0.62, 0.825, 1.0)
@@ -84,6 +88,7 @@ def controlled_unet(
     """The model's U-Net with the units' residuals: net(x_in, t, cond) -> ε or v (float32), cond holding the text
     conditioning, the control maps (`hint_field`) and the rows' marks (`MARK`)."""
     adapted: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # a T2I-Adapter's features, by unit and map
+    latents: dict[tuple, torch.Tensor] = {}  # a reference unit's z₀, by unit and row count, once a pass
 
     def net(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping) -> torch.Tensor:
         cond = dict(cond)
@@ -91,11 +96,16 @@ def controlled_unet(
         hints = [cond.pop(hint_field(k)) for k in range(len(controls))]
         fraction = clock.fraction
         x = x_in.to(model.dtype)
-        total = None
+        total, references = None, []
         for k, (c, hint) in enumerate(zip(controls, hints)):
             if not c.acts or not c.unit.guidance_start <= fraction <= c.unit.guidance_end:
                 continue
             hint = hint.to(x.device, model.dtype)
+            if c.model is None:
+                if (k, len(hint)) not in latents:
+                    latents[k, len(hint)] = reference_latent(model, hint)
+                references.append((c, latents[k, len(hint)]))
+                continue
             if isinstance(c.model, ControlNet):
                 residuals = _controlnet(c, x, hint, t, cond, marks)
             else:
@@ -105,9 +115,25 @@ def controlled_unet(
             total = residuals if total is None else total + residuals
         if total is not None:
             cond["control"] = total
-        return model.model(x, t, cond).float()
+        if not references:
+            return model.model(x, t, cond).float()
+        banks = Banks(uc_rows=marks.flatten() == 0)
+        with hooked(model, banks):
+            for c, latent in references:
+                attention, adain = REFERENCE_MODULES[c.unit.module]
+                reference_pass(model, banks, latent, t, cond, (c.unit.weight, c.fidelity, attention, adain))
+            return model.model(x, t, cond).float()
 
     return net
+
+
+def reference_latent(model: LatentDiffusion, hints: torch.Tensor) -> torch.Tensor:
+    """The reference image of each row (rows, 3, H, W) in [0, 1] -> its latent z₀ (rows, c, H/8, W/8): a posterior
+    sample × the scale factor, one per distinct image (the rows of one image share it, as the extension repeats
+    its one latent over the batch)."""
+    if all(torch.equal(hints[0], h) for h in hints[1:]):
+        return model.autoencoder_encode(hints[:1] * 2 - 1).expand(len(hints), -1, -1, -1)
+    return model.autoencoder_encode(hints * 2 - 1)
 
 
 def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:

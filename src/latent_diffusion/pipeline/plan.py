@@ -144,7 +144,7 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         second = dataclasses.replace(second, vae_tiling=_tiling(second, hires.model))
         plan.hires = Plan(second, hires, *_parsed(second, hires))
         plan.hires.controls = [
-            dataclasses.replace(fitted(c, (second.height, second.width), hires=True), acts=c.unit.hr_option != "low")
+            dataclasses.replace(fitted(c, (second.height, second.width), hires.model), acts=c.unit.hr_option != "low")
             for c in plan.controls
         ]
         plan.controls = [dataclasses.replace(c, acts=c.unit.hr_option != "high") for c in plan.controls]

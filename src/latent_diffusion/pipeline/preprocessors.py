@@ -182,6 +182,9 @@ DETECTORS = {
     "recolor_luminance": recolor_luminance,
     "recolor_intensity": recolor_intensity,
     "color": color_grid,
+    "reference_only": identity,  # the image itself, which the U-Net sees through `reference.py`
+    "reference_adain": identity,
+    "reference_adain+attn": identity,
 }
 
 
@@ -197,8 +200,8 @@ def unavailable_reason(module: ControlModule, annotator_folder: str | os.PathLik
     """Why `module` cannot run here, in one line; None where it can."""
     if module.name in DETECTORS:
         return None
-    if module.model_free:  # reference_*, revision_*: no preprocessing, work done inside the U-Net
-        return f"ControlNet module {module.label!r} acts inside the U-Net's attention, which is not implemented here"
+    if module.model_free:  # revision_*: no preprocessing, work done inside the U-Net
+        return f"ControlNet module {module.label!r} needs a CLIP vision model, which nothing here loads"
     if module.name == "inpaint_only+lama":
         return f"ControlNet module {module.label!r} needs the LaMa inpainting model, which nothing here loads"
     return annotators.unavailable_reason(module, annotator_folder)

@@ -26,6 +26,7 @@ from ..pipeline.control_images import resize_mode_from_value
 from ..pipeline.control_modules import ControlModule, PreprocessorError, Slider, find_module
 from ..pipeline.images import as_mode, from_pil
 from ..pipeline.preprocessors import unavailable_reason
+from ..pipeline.reference import MODULES as REFERENCE_MODULES
 from ..pipeline.request import (
     CONTROL_MODES,
     HR_OPTIONS,
@@ -81,7 +82,7 @@ def unit_args(body) -> list:
 
 def enabled_units(body) -> list[tuple[int, dict]]:
     """(place in args, fields with the legacy names renamed) of the units that run: enabled (the extension's default
-    is off) and naming a model ("None" or "": none)."""
+    is off) and naming a model ("None" or "": none), or with a reference module, which needs none."""
     units = []
     for i, raw in enumerate(unit_args(body)):
         fields = dict(raw or {})
@@ -91,7 +92,8 @@ def enabled_units(body) -> list[tuple[int, dict]]:
                     raise RequestError(f"ControlNet unit {i}: give {name} or its alias {alias}, not both")
                 fields[name] = value
         model = fields.get("model", "None")
-        if fields.get("enabled", False) in (True, "true") and model not in (None, "") and str(model).lower() != "none":
+        named = model not in (None, "") and str(model).lower() != "none"
+        if fields.get("enabled", False) in (True, "true") and (named or fields.get("module") in REFERENCE_MODULES):
             units.append((i, fields))
     return units
 
@@ -114,7 +116,7 @@ def _control_unit(i: int, fields: dict, models: dict, open_image, init: InitImag
         raise RequestError(f"{where}: {e}") from None
     if (reason := unavailable_reason(module)) is not None:
         raise RequestError(f"{where}: {reason}")
-    model = find_model(str(fields["model"]), models)
+    model = "None" if module_name in REFERENCE_MODULES else find_model(str(fields.get("model")), models)
     if model is None:
         raise RequestError(
             f"{where}: no control model {fields['model']!r} here (GET /controlnet/model_list lists them)"
