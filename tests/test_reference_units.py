@@ -95,10 +95,10 @@ def test_a_reference_pass_like_the_main_pass_changes_nothing(module, monkeypatch
     unit = ControlUnit("None", torch.rand(1, 3, H, W, generator=g), module=module, resize_mode="resize")
     plan = resolve(GenerationRequest(["x"], [1], width=W, height=H, controls=[unit]), Pipeline(model))
     a = model.alphas_cumprod[400]
-    monkeypatch.setattr(reference.torch, "randn_like", lambda z: (x - a.sqrt() * z) / (1 - a).sqrt())
+    monkeypatch.setattr(reference, "noise_like", lambda z, _: (x - a.sqrt() * z) / (1 - a).sqrt())
     torch.testing.assert_close(guided(model, plan, x, t, context), plain, atol=1e-5, rtol=1e-5)
 
-    monkeypatch.setattr(reference.torch, "randn_like", lambda z: torch.randn(z.shape, generator=g))
+    monkeypatch.setattr(reference, "noise_like", lambda z, _: torch.randn(z.shape, generator=g))
     other = guided(model, plan, x, t, context)
     assert (other - plain).abs().max() > 1e-3
     strong = ControlUnit("None", unit.image, module=module, resize_mode="resize", control_mode="control")
@@ -127,3 +127,27 @@ def test_a_weight_of_0_writes_nothing_and_generation_runs_every_module():
         unit = ControlUnit("None", image.flip(-1), module="reference_only", weight=0.0)
         same = generate(pipe, GenerationRequest(["a cat"], [1], ["x"], controls=[unit], **fields)).images
         assert torch.equal(same, plain)
+
+
+def test_the_command_line_runs_a_reference_unit_the_same_every_time(tmp_path, ckpt, capsys):
+    """`--controlnet None:WEIGHT --control-module reference_only`: the infotext names Model None; the draws come from
+    the request's seed, so the command draws the same image again (and another seed another)."""
+    from PIL import Image
+
+    from latent_diffusion.cli import main
+    from latent_diffusion.pipeline.infotext import parse_parameters
+
+    Image.new("RGB", (W, H), (200, 40, 40)).save(tmp_path / "ref.png")
+    common = ["txt2img", "--ckpt", str(ckpt), "--prompt", "a circle", "--width", str(W), "--height", str(H),
+              "--steps", "3", "--quiet", "--controlnet", "None:0.9", "--control-image", str(tmp_path / "ref.png"),
+              "--control-module", "reference_only"]  # fmt: skip
+    drawn = []
+    for seed, out in ((3, "a"), (3, "b"), (4, "c")):
+        assert main([*common, "--seed", str(seed), "--outdir", str(tmp_path / out)]) == 0
+        with Image.open(next((tmp_path / out).glob("*.png"))) as im:
+            drawn.append(torch.tensor(list(im.getdata())))
+            text = im.text["parameters"]
+    assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
+    assert parse_parameters(text)["ControlNet 0"].startswith("Module: reference_only, Model: None, Weight: 0.9")
+    bad = [*common[:-2], "--control-module", "canny", "--outdir", str(tmp_path / "d")]
+    assert main(bad) == 2 and "needs a --control-module of reference_only" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """`ldm txt2img/img2img/inpaint`'s control unit flags: `--controlnet FILE[:WEIGHT]` once per unit, in order, each with
-its `--control-image`; the other --control flags given once apply to every unit, given once per unit to each."""
+its `--control-image` (`--controlnet None` for a reference unit, which needs no file); the other --control flags given
+once apply to every unit, given once per unit to each."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 from .cli_common import UsageError
 from .files import legacy_model_hash
 from .pipeline.images import load_image
+from .pipeline.reference import MODULES as REFERENCE_MODULES
 from .pipeline.request import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit
 
 PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
@@ -72,10 +74,16 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
         raise UsageError(f"{len(specs)} --controlnet units need as many --control-image, not {len(images)}")
     files, units = {}, []
     for k, (spec, image) in enumerate(zip(specs, images)):
-        path, weight = _file_and_weight(spec)
-        listed = f"{path.stem} [{legacy_model_hash(path)}]"
-        files[listed] = path
         settings = {field: _nth(args, dest, k, len(specs)) for dest, (field, _) in PER_UNIT.items()}
+        if spec.partition(":")[0].lower() == "none":  # a reference unit (`pipeline/reference.py`): no file
+            if settings["module"] not in REFERENCE_MODULES:
+                modules = ", ".join(REFERENCE_MODULES)
+                raise UsageError(f"--controlnet {spec}: a unit without a file needs a --control-module of {modules}")
+            weight, listed = _file_and_weight(spec, none=True)[1], "None"
+        else:
+            path, weight = _file_and_weight(spec)
+            listed = f"{path.stem} [{legacy_model_hash(path)}]"
+            files[listed] = path
         settings = {field: value for field, value in settings.items() if value is not None}
         if weight is not None:
             settings["weight"] = weight
@@ -84,15 +92,18 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
     return units, files
 
 
-def _file_and_weight(spec: str) -> tuple[Path, float | None]:
-    """FILE[:WEIGHT] -> (the file, the weight or None); a path with a colon and no weight stays a path."""
+def _file_and_weight(spec: str, none: bool = False) -> tuple[Path, float | None]:
+    """FILE[:WEIGHT] -> (the file, the weight or None); a path with a colon and no weight stays a path. none: the
+    spec is None[:WEIGHT], a reference unit's."""
     path, weight = spec, None
     head, _, tail = spec.rpartition(":")
-    if head and not Path(spec).is_file():
+    if head and (none or not Path(spec).is_file()):
         try:
             path, weight = head, float(tail)
         except ValueError:
             raise UsageError(f"--controlnet {spec}: FILE[:WEIGHT], the weight a number") from None
+    if none:
+        return Path(path), weight
     if not Path(path).is_file():
         raise UsageError(f"--controlnet {path}: no such file")
     return Path(path), weight

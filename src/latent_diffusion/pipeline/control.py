@@ -50,6 +50,7 @@ class ResolvedControl:
     pooled: bool = False  # each residual its mean over the feature map, the conditional rows' alone (`pools`)
     acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
     fidelity: float = 0.0  # a reference unit's style fidelity in this pass (`reference.style_fidelity`)
+    seed: int = 0  # a reference unit's draws: the request's first seed
 
     def rows(self, start: int, stop: int) -> ResolvedControl:
         """Images start..stop's maps (one for all stays one)."""
@@ -63,6 +64,7 @@ class ResolvedControl:
         u = self.unit
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
+        settings += (self.seed if self.model is None else None,)  # (a reference unit draws from its request's seed)
         return (self.name, *settings, self.hint.shape[1:])
 
 
@@ -168,6 +170,7 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
             conditional_only=unit.control_mode == "control",
             pooled=control is not None and pools(control, pipeline.controlnets[listed]),
             fidelity=_fidelity(unit, pipeline.model, hires=False),
+            seed=seeds[0],
         )
         resolved.append(fitted(unit_control, size))
     return resolved

@@ -34,7 +34,7 @@ from ..models.t2i_adapter import t2i_residuals
 from ..models.unet import ControlResiduals
 from .control import ResolvedControl
 from .reference import MODULES as REFERENCE_MODULES
-from .reference import Banks, hooked, reference_pass
+from .reference import Banks, hooked, reference_latent, reference_pass
 
 MARK = "control_mark"  # conditioning field: (rows,) 1 for the rows of a prompt, 0 for the unconditional rows
 T2I_SOFT = (0.25, 0.62, 0.825, 1.0)
@@ -89,6 +89,7 @@ def controlled_unet(
     conditioning, the control maps (`hint_field`) and the rows' marks (`MARK`)."""
     adapted: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # a T2I-Adapter's features, by unit and map
     latents: dict[tuple, torch.Tensor] = {}  # a reference unit's z₀, by unit and row count, once a pass
+    generators: dict[int, torch.Generator] = {}  # and its draws, seeded (`reference.py`)
 
     def net(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping) -> torch.Tensor:
         cond = dict(cond)
@@ -102,9 +103,11 @@ def controlled_unet(
                 continue
             hint = hint.to(x.device, model.dtype)
             if c.model is None:
+                if k not in generators:
+                    generators[k] = torch.Generator(x.device).manual_seed(c.seed)
                 if (k, len(hint)) not in latents:
-                    latents[k, len(hint)] = reference_latent(model, hint)
-                references.append((c, latents[k, len(hint)]))
+                    latents[k, len(hint)] = reference_latent(model, hint, generators[k])
+                references.append((c, latents[k, len(hint)], generators[k]))
                 continue
             if isinstance(c.model, ControlNet):
                 residuals = _controlnet(c, x, hint, t, cond, marks)
@@ -119,21 +122,13 @@ def controlled_unet(
             return model.model(x, t, cond).float()
         banks = Banks(uc_rows=marks.flatten() == 0)
         with hooked(model, banks):
-            for c, latent in references:
+            for c, latent, generator in references:
                 attention, adain = REFERENCE_MODULES[c.unit.module]
-                reference_pass(model, banks, latent, t, cond, (c.unit.weight, c.fidelity, attention, adain))
+                unit = (c.unit.weight, c.fidelity, attention, adain)
+                reference_pass(model, banks, latent, t, cond, unit, generator)
             return model.model(x, t, cond).float()
 
     return net
-
-
-def reference_latent(model: LatentDiffusion, hints: torch.Tensor) -> torch.Tensor:
-    """The reference image of each row (rows, 3, H, W) in [0, 1] -> its latent z₀ (rows, c, H/8, W/8): a posterior
-    sample × the scale factor, one per distinct image (the rows of one image share it, as the extension repeats
-    its one latent over the batch)."""
-    if all(torch.equal(hints[0], h) for h in hints[1:]):
-        return model.autoencoder_encode(hints[:1] * 2 - 1).expand(len(hints), -1, -1, -1)
-    return model.autoencoder_encode(hints * 2 - 1)
 
 
 def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:

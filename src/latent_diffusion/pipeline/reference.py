@@ -2,7 +2,7 @@
 `scripts/hook.py` (1.1.455) runs them: no control model; at each U-Net evaluation the reference image's latent z₀,
 noised to the evaluation's timestep with fresh noise,
 
-    ref_xₜ = √ᾱₜ · z₀ + √(1 − ᾱₜ) · ε,          t rounded for the table, ε from torch's global generator
+    ref_xₜ = √ᾱₜ · z₀ + √(1 − ᾱₜ) · ε,          t rounded for the table, ε fresh at every evaluation
 
 runs through the U-Net first ("write", its output discarded), and the main pass reads what it left:
 
@@ -22,8 +22,11 @@ runs through the U-Net first ("write", its output discarded), and the main pass 
   is more important" and in a hires pass. Several units: their banks side by side (attention) or averaged (AdaIN),
   sf their mean.
 
-z₀ is the reference image encoded at the pass's size (a posterior sample × the scale factor, from the global
-generator), once per pass. An inpainting U-Net's reference pass sees a zero mask and z₀ as the masked image.
+z₀ is the reference image encoded at the pass's size (a posterior sample × the scale factor), once per pass. An
+inpainting U-Net's reference pass sees a zero mask and z₀ as the masked image. The extension draws the sample and ε
+from torch's global generator, which the web UI has just seeded with the image's seed; here they come from a
+generator of the pass seeded with the request's first seed (`ResolvedControl.seed`), so that a request draws the
+same image every time, without touching the global generator.
 """
 
 from __future__ import annotations
@@ -152,12 +155,28 @@ def hooked(model: LatentDiffusion, banks: Banks):
             del block.forward
 
 
-def reference_pass(model: LatentDiffusion, banks: Banks, latent: torch.Tensor, t: torch.Tensor, cond: dict, unit):
+def noise_like(latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """ε for ref_xₜ: a standard normal draw of the latent's shape."""
+    return torch.randn(latent.shape, generator=generator, device=latent.device, dtype=latent.dtype)
+
+
+def reference_latent(model: LatentDiffusion, hints: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The reference image of each row (rows, 3, H, W) in [0, 1] -> its latent z₀ (rows, c, H/8, W/8): a posterior
+    sample × the scale factor, one per distinct image (the rows of one image share it, as the extension repeats
+    its one latent over the batch)."""
+    f, c = model.cfg.autoencoder.downsampling_factor, model.cfg.autoencoder.embed_dim
+    images = hints[:1] if all(torch.equal(hints[0], h) for h in hints[1:]) else hints
+    shape = (len(images), c, images.shape[-2] // f, images.shape[-1] // f)
+    noise = torch.randn(shape, generator=generator, device=hints.device, dtype=hints.dtype)
+    return model.autoencoder_encode(images * 2 - 1, noise=noise).expand(len(hints), -1, -1, -1)
+
+
+def reference_pass(model, banks: Banks, latent: torch.Tensor, t: torch.Tensor, cond: dict, unit, generator):
     """One unit's write pass: its reference latent z₀ (rows, c, h, w) noised to t, through the U-Net, whose output
     is dropped; `unit`: (weight, sf, attention, AdaIN)."""
     weight, sf, attention, adain = unit
     alphas = model.alphas_cumprod.to(latent.device)[t.float().round().long()][:, None, None, None].to(latent.dtype)
-    ref_xt = alphas.sqrt() * latent + (1 - alphas).sqrt() * torch.randn_like(latent)
+    ref_xt = alphas.sqrt() * latent + (1 - alphas).sqrt() * noise_like(latent, generator)
     cond = {k: v for k, v in cond.items() if k != "control"}
     if "concat" in cond:  # an inpainting U-Net: a zero mask, z₀ the masked image
         cond["concat"] = torch.cat([torch.zeros_like(latent[:, :1]), latent], dim=1)
