@@ -39,9 +39,12 @@ $("cn-preview-button").addEventListener("click", async () => {
 // without its own image takes the init image, as the extension does.
 function controlnetScripts() {
   if (!$("cn_enable").checked) return undefined;
-  if (!$("cn_model").value) throw new Error("ControlNet: no control model here (ldm serve --controlnet-dir)");
+  const reference = $("cn_module").value.startsWith("reference");  // (the reference modules need no model)
+  if (!reference && !$("cn_model").value) {
+    throw new Error("ControlNet: no control model here (ldm serve --controlnet-dir)");
+  }
   if (!controlImage && mode !== "img2img") throw new Error("ControlNet: choose a control image");
-  const unit = { enabled: true, module: $("cn_module").value, model: $("cn_model").value,
+  const unit = { enabled: true, module: $("cn_module").value, model: reference ? "None" : $("cn_model").value,
                  weight: Number($("cn_weight").value), guidance_start: Number($("cn_start").value),
                  guidance_end: Number($("cn_end").value) };
   if (controlImage) unit.image = controlImage;
