@@ -59,19 +59,24 @@ def kohya_names(pipe, conv: bool) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("variant", ["sd1", "sd2"])
-def test_a_trained_lora_is_kohyas_file_and_diffusers_fuses_it_as_we_merge_it(pipes, variant, tmp_path):  # noqa: F811
-    """LoCon with the text encoder, two steps at a high rate: the file's modules are the ones kohya adapts (SD 2.x's
-    text encoder without the last block, which its context skips), and diffusers, fusing it, gives our merge's U-Net
-    prediction and text hidden states."""
-    model, pipeline = pipes[variant]
+def two_steps_of_locon(model, tmp_path):
+    """LoCon with the text encoder(s), two steps at a high rate -> (the file, its tensors, its module names)."""
     save_model(model, tmp_path / "base.safetensors")
     cfg = TrainConfig(outdir=str(tmp_path / "run"), ckpt=str(tmp_path / "base.safetensors"), steps=2, lr=0.05,
                       lora=4, lora_alpha=2, lora_conv_rank=4, lora_conv_alpha=2, train_text_encoder=True,
                       text_encoder_lr=0.02, **FAST)  # fmt: skip
     path = train_lora(cfg)
     trained = tensors(path)
-    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in trained}
+    return path, trained, {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in trained}
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sd2"])
+def test_a_trained_lora_is_kohyas_file_and_diffusers_fuses_it_as_we_merge_it(pipes, variant, tmp_path):  # noqa: F811
+    """LoCon with the text encoder, two steps at a high rate: the file's modules are the ones kohya adapts (SD 2.x's
+    text encoder without the last block, which its context skips), and diffusers, fusing it, gives our merge's U-Net
+    prediction and text hidden states."""
+    model, pipeline = pipes[variant]
+    path, trained, names = two_steps_of_locon(model, tmp_path)
     pipe = pipeline(model)
     expected = kohya_names(pipe, conv=True)
     if variant == "sd2":  # the last block of the text encoder is not read: kohya's SD 2.x encoder has one block less
@@ -98,13 +103,7 @@ def test_an_sdxl_lora_with_both_text_encoders_is_kohyas_and_diffusers_fuses_it_a
     the last block of ViT-L, which the context does not read, stays untrained, as in kohya's files. diffusers' SDXL
     pipeline, fusing the file, gives our merge's contexts, pooled text and U-Net prediction."""
     model = tiny_model("sdxl", seed=7)
-    save_model(model, tmp_path / "base.safetensors")
-    cfg = TrainConfig(outdir=str(tmp_path / "run"), ckpt=str(tmp_path / "base.safetensors"), steps=2, lr=0.05,
-                      lora=4, lora_alpha=2, lora_conv_rank=4, lora_conv_alpha=2, train_text_encoder=True,
-                      text_encoder_lr=0.02, **FAST)  # fmt: skip
-    path = train_lora(cfg)
-    trained = tensors(path)
-    names = {k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in trained}
+    path, trained, names = two_steps_of_locon(model, tmp_path)
     pipe = xl_pipeline(model)
     expected = set()
     for prefix, encoder in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):

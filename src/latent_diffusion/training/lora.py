@@ -330,18 +330,21 @@ MODELSPEC_ARCHITECTURES = {
 }
 
 
+def network_args(cfg: TrainConfig) -> dict[str, str]:
+    """kohya's `--network_args` that the run used, as `ss_network_args` holds them: LoCon's conv_dim and conv_alpha,
+    rank_dropout and module_dropout."""
+    args = {"conv_dim": cfg.lora_conv_rank, "conv_alpha": cfg.lora_conv_alpha or cfg.lora_conv_rank}
+    args = args if cfg.lora_conv_rank else {}
+    args |= {"rank_dropout": cfg.lora_rank_dropout, "module_dropout": cfg.lora_module_dropout}
+    return {name: str(value) for name, value in args.items() if value}
+
+
 def kohya_metadata(cfg: TrainConfig, model: LatentDiffusion, dataset, tensors: dict, started: float) -> dict:
     """kohya's `ss_*` training metadata, the modelspec fields it writes, and the `sshs_*` hashes of these tensors:
     the web UI's "addnet" hash (SHA-256 of the safetensors data after the header, written with the `ss_*` fields
     alone, which the web UI shows and matches) and the legacy one (64 KiB at 1 MiB)."""
     sdxl = bool(model.cfg.micro_conditioning)
-    args = {"conv_dim": str(cfg.lora_conv_rank), "conv_alpha": str(cfg.lora_conv_alpha or cfg.lora_conv_rank)}
-    args = args if cfg.lora_conv_rank else {}
-    args |= {
-        name: str(p)
-        for name, p in (("rank_dropout", cfg.lora_rank_dropout), ("module_dropout", cfg.lora_module_dropout))
-        if p
-    }
+    args = network_args(cfg)
     metadata = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(cfg.lora),
