@@ -110,8 +110,8 @@ def test_a_reference_pass_like_the_main_pass_changes_nothing(module, monkeypatch
 
 def test_a_weight_of_0_writes_nothing_and_generation_runs_every_module():
     """The unit's weight is the threshold a block's weight must be under: at 0 no block takes part. Each module
-    changes a guided generation (SD 1.x, and an inpainting U-Net, whose reference pass sees a zero mask)."""
-    for variant in ("sd1", "inpaint"):
+    changes a guided generation (SD 1.x, SDXL, and an inpainting U-Net, whose reference pass sees a zero mask)."""
+    for variant in ("sd1", "sdxl", "inpaint"):
         model = tiny_model(variant, seed=1)
         pipe, image = Pipeline(model), torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(5))
         fields = dict(width=W, height=H, steps=3, cfg_scale=5.0)
