@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from latent_diffusion import LatentDiffusion, load_model
+from latent_diffusion import load_model
 from latent_diffusion.cli import main
 from latent_diffusion.training import step as training_step
 from latent_diffusion.training.buckets import BucketBatches, BucketSpec, bucket_resolutions, own_bucket
@@ -19,7 +19,7 @@ from latent_diffusion.training.data import ImageCaptionFolder, shuffle_tags
 from latent_diffusion.training.diffusion import build_cache, train
 from latent_diffusion.training.step import Run, make_batch
 
-from conftest import randomize, tiny_config
+from conftest import tiny_model
 
 SPEC = BucketSpec(image_size=64, min_reso=16, max_reso=128, steps=8)
 BUCKETS = dict(enable_bucket=True, min_bucket_reso=32, max_bucket_reso=96, bucket_reso_steps=16)
@@ -129,7 +129,7 @@ def test_micro_conditioning_takes_the_true_original_size_and_crop(tmp_path):
     assert (a.original_size, a.crop, a.image.shape) == ((48, 96), (0, 0), (3, 32, 64))
     assert (b.original_size, b.crop) == ((40, 90), (0, 4))
 
-    model = randomize(LatentDiffusion(tiny_config("sdxl")), seed=5).eval()
+    model = tiny_model("sdxl", seed=5)
     cfg = TrainConfig(outdir=str(tmp_path / "run"), data=str(root), prompt_dropout=0.0,
                       enable_bucket=True, min_bucket_reso=32, max_bucket_reso=64, bucket_reso_steps=16,
                       **{**FAST, "batch_size": 2})  # fmt: skip
@@ -167,7 +167,7 @@ def test_resume_with_buckets_is_exact(tmp_path, monkeypatch):
 
 def test_without_the_cache_the_batches_are_the_same(tmp_path):
     root = picture_folder(tmp_path / "d", THREE_SHAPES)
-    model = randomize(LatentDiffusion(tiny_config("sd1")), seed=2).eval()
+    model = tiny_model("sd1", seed=2)
     cfg = TrainConfig(outdir=str(tmp_path / "run"), data=str(root), **BUCKETS, **FAST)
     data = ImageCaptionFolder(root, 64, buckets=bucket_spec(cfg))
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_tag_shuffling_keeps_the_first_tags_and_is_seeded_by_the_step(tmp_path, 
     assert shuffle_tags("a,, b ,c", 0, random.Random(1)).count(",") == 2  # empty tags dropped, spaces trimmed
 
     root = picture_folder(tmp_path / "d", THREE_SHAPES)
-    model = randomize(LatentDiffusion(tiny_config("sd1")), seed=2).eval()
+    model = tiny_model("sd1", seed=2)
     cfg = TrainConfig(outdir=str(tmp_path / "run"), data=str(root), shuffle_caption=True, keep_tokens=1,
                       prompt_dropout=0.0, **BUCKETS, **FAST)  # fmt: skip
     data = ImageCaptionFolder(root, 64, buckets=bucket_spec(cfg))

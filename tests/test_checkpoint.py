@@ -23,7 +23,7 @@ from latent_diffusion.prompts.encoding import encode_prompts
 from latent_diffusion.weights.architecture import infer_config
 from latent_diffusion.weights.checkpoint import ema_key
 
-from conftest import randomize, tiny_config
+from conftest import randomize, tiny_config, tiny_model
 
 
 def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module):
@@ -123,7 +123,7 @@ def test_vector_conditioning_width_from_keys_and_yaml(tmp_path):
 
 def test_ema_selection(tmp_path, tiny_models):
     model = tiny_models["sd1"]
-    ema = randomize(LatentDiffusion(tiny_config("sd1")), seed=99).model.diffusion_model
+    ema = tiny_model("sd1", seed=99).model.diffusion_model
     path = tmp_path / "m.safetensors"
     save_model(model, path, ema_unet=ema)
     assert_same_weights(load_model(path).model.diffusion_model, model.model.diffusion_model)

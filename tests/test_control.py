@@ -21,7 +21,7 @@ from latent_diffusion.pipeline.loading import Pipeline
 from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, RequestError
 from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
 
-from conftest import randomize
+from conftest import randomize, tiny_model
 
 H, W = 64, 48
 STEPS = 4  # DDIM steps of the comparisons with diffusers' pipelines (enough for every step to go through control)
@@ -221,13 +221,11 @@ def test_sdxl_txt2img_with_a_diffusers_controlnet_matches_the_xl_controlnet_pipe
     image StableDiffusionXLControlNetPipeline makes with the same weights, noise and DDIM schedule."""
     from diffusers import StableDiffusionXLControlNetPipeline
 
-    from latent_diffusion import LatentDiffusion
     from test_controlnet_files import diffusers_config
 
-    from conftest import tiny_config
     from test_sdxl import reference_conditioning, xl_pipeline
 
-    model = randomize(LatentDiffusion(tiny_config("sdxl")), seed=11).eval()
+    model = tiny_model("sdxl", seed=11)
     theirs_net = randomize(ControlNetModel(**diffusers_config(model.cfg.unet)), seed=6).eval()
     folder = tmp_path / "ControlNet"
     folder.mkdir()

@@ -27,7 +27,7 @@ from latent_diffusion.weights.controlnet import (
     load_controlnet,
 )
 
-from conftest import randomize, tiny_config
+from conftest import randomize, tiny_config, tiny_model
 from test_checkpoint import RunsCode
 from test_full_size import shapes
 
@@ -227,7 +227,7 @@ def test_full_size_sdxl_diffusers_keys_map_onto_ours():
 
 @pytest.fixture(scope="module")
 def sdxl_base():
-    return randomize(LatentDiffusion(tiny_config("sdxl")), seed=21).eval()
+    return tiny_model("sdxl", seed=21)
 
 
 def control_lora(base: LatentDiffusion, rank: int = 2) -> tuple[dict, dict]:

@@ -309,10 +309,10 @@ def test_a_hires_checkpoint_of_its_own(tmp_path, tiny_models, serve):
     from latent_diffusion.serving.server import create_app
     from test_server import call, decode
 
-    from conftest import randomize, tiny_config
+    from conftest import tiny_config, tiny_model
 
     save_model(tiny_models["sd1"], tmp_path / "base.safetensors")
-    save_model(randomize(LatentDiffusion(tiny_config("sd1")), seed=7).eval(), tmp_path / "detail.safetensors")
+    save_model(tiny_model("sd1", seed=7), tmp_path / "detail.safetensors")
     pipe = load_pipeline(tmp_path / "base.safetensors", hires_checkpoint=tmp_path / "detail.safetensors")
     settings = dict(width=32, height=24, steps=3, sampler="euler", cfg_scale=5.0)
     hires = HiresFix(scale=2.0, upscaler="Nearest", steps=2, strength=0.5)

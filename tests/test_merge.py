@@ -9,14 +9,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from latent_diffusion import LatentDiffusion, load_model, save_model
+from latent_diffusion import load_model, save_model
 from latent_diffusion.cli import main
 from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.request import GenerationRequest
 from latent_diffusion.weights.block_weights import BLOCKS, block_of, parse_block_weights
 from latent_diffusion.weights.merge import MergeOptions, merge_checkpoints
 
-from conftest import randomize, tiny_config
+from conftest import tiny_model
 
 SD1_POSITION_IDS = "cond_stage_model.transformer.text_model.embeddings.position_ids"
 
@@ -90,7 +90,7 @@ def files(tmp_path_factory):
         ("sd2", "sd2", 5),
     ):
         paths[name] = folder / f"{name}.safetensors"
-        save_model(randomize(LatentDiffusion(tiny_config(variant)), seed=seed), paths[name])
+        save_model(tiny_model(variant, seed=seed), paths[name])
     return paths
 
 
@@ -240,7 +240,7 @@ def test_sdxl_merges_and_keeps_its_integer_position_ids(tmp_path):
     ids = "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"
     paths = []
     for i in range(2):
-        save_model(randomize(LatentDiffusion(tiny_config("sdxl")), seed=30 + i), tmp_path / f"x{i}.safetensors")
+        save_model(tiny_model("sdxl", seed=30 + i), tmp_path / f"x{i}.safetensors")
         sd = load_file(tmp_path / f"x{i}.safetensors") | {ids: torch.arange(77)[None] + i}
         paths.append(write(tmp_path / f"x{i}.safetensors", sd, metadata_of(tmp_path / f"x{i}.safetensors")))
     result = load_file(merged(tmp_path, paths, alpha=0.6))

@@ -26,7 +26,7 @@ from latent_diffusion.pipeline.loading import Pipeline
 from latent_diffusion.pipeline.request import GenerationRequest, HiresFix
 from latent_diffusion.prompts.encoding import encode_prompts
 
-from conftest import randomize, tiny_config
+from conftest import tiny_model
 from test_full_size import shapes
 from test_reference import ATOL, diffusers_vae
 
@@ -35,7 +35,7 @@ PROMPT, NEGATIVE = "a small red circle on a blue background", "blurry"
 
 @pytest.fixture(scope="module")
 def xl_models():
-    return {v: randomize(LatentDiffusion(tiny_config(v)), seed=11 + i).eval() for i, v in
+    return {v: tiny_model(v, seed=11 + i) for i, v in
             enumerate(("sdxl", "sdxl-refiner"))}  # fmt: skip
 
 

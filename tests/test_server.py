@@ -613,10 +613,10 @@ def test_sdxl_with_the_web_ui_refiner_fields(tmp_path, serve):
     gives with that refiner; an unknown refiner is a 404; a refiner of another latent space a 422."""
     from latent_diffusion import LatentDiffusion
 
-    from conftest import randomize, tiny_config
+    from conftest import tiny_config, tiny_model
 
-    base = randomize(LatentDiffusion(tiny_config("sdxl")), seed=31).eval()
-    refiner = randomize(LatentDiffusion(tiny_config("sdxl-refiner")), seed=32).eval()
+    base = tiny_model("sdxl", seed=31)
+    refiner = tiny_model("sdxl-refiner", seed=32)
     save_model(base, tmp_path / "base.safetensors")
     save_model(refiner, tmp_path / "refiner.safetensors")
     save_model(LatentDiffusion(tiny_config("sd1")), tmp_path / "sd1.safetensors")

@@ -26,7 +26,7 @@ from latent_diffusion.weights.lora import apply_lora, parse_lora, read_lora, rem
 from test_lora import compare, lora_layers, pipes  # noqa: F401 (pipes: the fixture)
 from test_train import SAME_RUN_ATOL, run_torchrun
 
-from conftest import randomize, tiny_config, tiny_model
+from conftest import tiny_config, tiny_model
 from test_sdxl import reference_conditioning, xl_pipeline
 
 FAST = dict(image_size=32, shapes_count=8, batch_size=4, warmup=1, log_every=1, quiet=True, device="cpu")
@@ -158,7 +158,7 @@ def test_text_adapters_sit_in_the_blocks_the_context_reads():
 def test_the_hooked_adapters_compute_the_merged_model():
     """What training runs (adapters hooked beside the frozen layers) is what the merged file computes: SDXL's U-Net
     with kohya's generative-models names, LoCon, both text encoders."""
-    model = randomize(LatentDiffusion(tiny_config("sdxl")), seed=3).eval()
+    model = tiny_model("sdxl", seed=3)
     cfg = TrainConfig(outdir="unused", lora=2, lora_alpha=1.0, lora_conv_rank=3, train_text_encoder=True)
     targets = lora_targets(model, cfg)
     assert "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q" in {t.name for t in targets}
