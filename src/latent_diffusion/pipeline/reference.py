@@ -91,7 +91,7 @@ def adain_weights(unet: nn.Module, cfg) -> list[tuple[nn.Module, float]]:
     return weighted
 
 
-def _mixed(banks: Banks, x: torch.Tensor, plain, referenced: torch.Tensor, fidelities: list[float]) -> torch.Tensor:
+def _mixed(banks: Banks, plain, referenced: torch.Tensor, fidelities: list[float]) -> torch.Tensor:
     """sf·c + (1 − sf)·uc, c being `referenced` with `plain()` on the unconditional rows."""
     sf = sum(fidelities) / len(fidelities)
     c = referenced
@@ -110,7 +110,7 @@ def _transformer_block(banks: Banks, weight: float, block: BasicTransformerBlock
         attended = block.attn1(n)
     elif stored := banks.attention.pop(key, None):
         referenced = block.attn1(n, torch.cat([n, *(bank for bank, _ in stored)], dim=1))
-        attended = _mixed(banks, x, lambda rows: block.attn1(n[rows]), referenced, [sf for _, sf in stored])
+        attended = _mixed(banks, lambda rows: block.attn1(n[rows]), referenced, [sf for _, sf in stored])
     else:
         attended = block.attn1(n)
     x = x + attended
@@ -133,7 +133,7 @@ def _adain_block(banks: Banks, weight: float, forward, block: nn.Module, *args, 
     var_ref = sum(v for _, v, _ in stored) / len(stored)
     std, std_ref = var.clamp(min=EPS).sqrt(), var_ref.clamp(min=EPS).sqrt()
     renormed = (x - mean) / std * std_ref + mean_ref
-    return _mixed(banks, x, lambda rows: x[rows], renormed, [sf for _, _, sf in stored])
+    return _mixed(banks, lambda rows: x[rows], renormed, [sf for _, _, sf in stored])
 
 
 @contextlib.contextmanager

@@ -123,7 +123,8 @@ class DiskLatents:
 
 class DiskRows:
     """One tensor of each of a list of files: `rows[[i, j, ...]]` reads those files' `name` tensors, stacked, as
-    indexing a tensor of them would give."""
+    indexing a tensor of them would give (that tensor's bytes alone: the context and the pooled text of one file are
+    two reads of its parts)."""
 
     def __init__(self, paths: list[Path], name: str):
         self.paths, self.name = paths, name
@@ -132,7 +133,11 @@ class DiskRows:
         return len(self.paths)
 
     def __getitem__(self, rows: list[int]) -> torch.Tensor:
-        return torch.stack([load_file(self.paths[i])[self.name] for i in rows])
+        tensors = []
+        for i in rows:
+            with safe_open(self.paths[i], "pt") as f:
+                tensors.append(f.get_tensor(self.name))
+        return torch.stack(tensors)
 
 
 def weights_hash(module: torch.nn.Module) -> str:
