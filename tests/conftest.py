@@ -1,6 +1,7 @@
 """Tiny-width models of the real architecture, one per variant, with every weight perturbed from its init; and
 spandrel for the upscaler tests, with a stand-in for the torchvision it imports where torchvision does not import."""
 
+import contextlib
 import dataclasses
 import enum
 import os
@@ -66,11 +67,26 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def tiny_model(variant: str, seed: int) -> LatentDiffusion:
-    """A randomized tiny LatentDiffusion that is the same in every run: its init drawn from the global generator
-    seeded with `seed` (torch seeds that generator at random in each process), then perturbed by `randomize`."""
+@contextlib.contextmanager
+def seeded(seed: int):
+    """The global generator seeded with `seed` inside, restored after: a module built inside draws the same init in
+    every run (torch seeds that generator at random in each process)."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        yield
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Every test, and every fixture its setup builds, starts from the same global generator: a module a test builds
+    from its default init (`randomize(ControlNet(...))`) is the same in every run and on every xdist worker."""
+    torch.manual_seed(0)
+
+
+def tiny_model(variant: str, seed: int) -> LatentDiffusion:
+    """A randomized tiny LatentDiffusion that is the same in every run: its init drawn with `seed`, then perturbed by
+    `randomize`."""
+    with seeded(seed):
         return randomize(LatentDiffusion(tiny_config(variant)), seed=seed).eval()
 
 

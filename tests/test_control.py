@@ -21,7 +21,7 @@ from latent_diffusion.pipeline.loading import Pipeline
 from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, RequestError
 from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
 
-from conftest import randomize, tiny_model
+from conftest import randomize, seeded, tiny_model
 
 H, W = 64, 48
 STEPS = 4  # DDIM steps of the comparisons with diffusers' pipelines (enough for every step to go through control)
@@ -33,7 +33,8 @@ def controlnets(tiny_models, tmp_path_factory):
     folder = tmp_path_factory.mktemp("controlnet")
     nets = []
     for seed, name in ((1, "cn_edges"), (2, "cn_depth")):
-        net = randomize(ControlNet(tiny_models["sd1"].cfg.unet), seed=seed).eval()
+        with seeded(seed):
+            net = randomize(ControlNet(tiny_models["sd1"].cfg.unet), seed=seed).eval()
         save_file(net.state_dict(), folder / f"{name}.safetensors")
         nets.append(net)
     return folder, nets

@@ -31,7 +31,7 @@ from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest
 from latent_diffusion.serving.server import ServerLimits, create_app
 from test_server import bomb_png, call, decode
 
-from conftest import randomize
+from conftest import randomize, seeded
 
 W, H = 48, 64
 
@@ -46,7 +46,8 @@ def served(ckpt, tiny_models, serve, tmp_path_factory):
                      num_heads=None, num_head_channels=64, transformer_depth=2, context_dim=48,
                      use_linear_in_transformer=True)  # fmt: skip
     for name, unet, seed in (("control_canny", tiny_models["sd1"].cfg.unet, 1), ("control_sd2", sd2, 2)):
-        save_file(randomize(ControlNet(unet), seed=seed).state_dict(), folder / f"{name}.safetensors")
+        with seeded(seed):
+            save_file(randomize(ControlNet(unet), seed=seed).state_dict(), folder / f"{name}.safetensors")
     pipeline = load_pipeline(ckpt, controlnets=find_control_models(folder))
     listed = next(name for name in pipeline.controlnets if name.startswith("control_canny ["))
     outdir = tmp_path_factory.mktemp("outputs")
