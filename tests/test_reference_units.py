@@ -5,6 +5,8 @@ the main pass leaves the U-Net's prediction as it was (attention over [n; n] is 
 feature map's own statistics is the identity), and with style fidelity 1 the unconditional rows are the plain
 U-Net's."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -127,6 +129,26 @@ def test_a_weight_of_0_writes_nothing_and_generation_runs_every_module():
         unit = ControlUnit("None", image.flip(-1), module="reference_only", weight=0.0)
         same = generate(pipe, GenerationRequest(["a cat"], [1], ["x"], controls=[unit], **fields)).images
         assert torch.equal(same, plain)
+
+
+def test_a_compiled_unet_runs_a_reference_unit_eagerly_and_draws_the_same_image():
+    """`--compile` with a reference unit: the hooked U-Net runs eagerly (its banks are Python state that would break
+    the graph and recompile every block), the same image as without compiling; the plain request stays compiled."""
+    from torch._dynamo.utils import counters
+
+    from latent_diffusion.pipeline.compiling import compile_model
+
+    model = tiny_model("sd1", seed=2)
+    pipe, image = Pipeline(model), torch.rand(1, 3, H, W, generator=torch.Generator().manual_seed(5))
+    unit = ControlUnit("None", image, module="reference_adain+attn")
+    request = GenerationRequest(["a cat"], [1], ["x"], width=W, height=H, steps=3, cfg_scale=5.0, controls=[unit])
+    eager = generate(pipe, request).images
+    compile_model(model, backend="aot_eager")
+    counters.clear()
+    compiled = generate(pipe, dataclasses.replace(request, compile=True)).images
+    assert torch.equal(compiled, eager) and not counters["graph_break"] and not counters["recompiles"]
+    generate(pipe, dataclasses.replace(request, controls=[], compile=True))
+    assert counters["stats"]["unique_graphs"] == 2  # the plain request: the U-Net's graph and the decoder's
 
 
 def test_the_command_line_runs_a_reference_unit_the_same_every_time(tmp_path, ckpt, capsys):

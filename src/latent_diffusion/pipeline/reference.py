@@ -139,7 +139,9 @@ def _adain_block(banks: Banks, weight: float, forward, block: nn.Module, *args, 
 @contextlib.contextmanager
 def hooked(model: LatentDiffusion, banks: Banks):
     """The U-Net's transformer blocks and AdaIN blocks reading and writing `banks` (their module tree unchanged:
-    each instance's forward is shadowed while this lasts)."""
+    each instance's forward is shadowed while this lasts). A compiled U-Net runs eagerly meanwhile: the banks are
+    Python state that changes at every call, which would break its graph and recompile each block until dynamo's
+    limit."""
     unet = model.model.diffusion_model
     shadowed = []
     for block, weight in attention_weights(unet).values():
@@ -149,7 +151,8 @@ def hooked(model: LatentDiffusion, banks: Banks):
         block.forward = functools.partial(_adain_block, banks, weight, type(block).forward.__get__(block), block)
         shadowed.append(block)
     try:
-        yield
+        with torch.compiler.set_stance("force_eager"):
+            yield
     finally:
         for block in shadowed:
             del block.forward
