@@ -1,7 +1,7 @@
 """The compiled path (`--compile`, `compiling.py`) on CPU at tiny width: the same images as eager through the
-request, the same state-dict keys, one graph per module, and inductor's kernels equal to eager and loaded from
-the on-disk cache by a second process instead of being compiled again; `ldm serve --compile` compiles each model
-it loads."""
+request (with a ControlNet unit too), the same state-dict keys, one graph per module, and inductor's kernels equal
+to eager and loaded from the on-disk cache by a second process instead of being compiled again; `ldm serve
+--compile` compiles each model it loads."""
 
 import dataclasses
 import json
@@ -10,18 +10,22 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
+from safetensors.torch import save_file
 from torch._dynamo.utils import counters
 
 from latent_diffusion import LatentDiffusion, load_model, save_model
 from latent_diffusion.cli import main
 from latent_diffusion.models.config import AutoencoderConfig, UNetConfig
+from latent_diffusion.models.controlnet import ControlNet
 from latent_diffusion.pipeline.compiling import compile_model, is_compiled
 from latent_diffusion.pipeline.generate import generate
-from latent_diffusion.pipeline.request import GenerationRequest
+from latent_diffusion.pipeline.loading import Pipeline
+from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest
 from latent_diffusion.serving.http_edge import serving
 from test_server import call, decode
 
-from conftest import randomize, tiny_config
+from conftest import randomize, seeded, tiny_config
 
 
 def test_compiled_generation_equals_eager_and_keeps_the_layout(tiny_models, tmp_path):
@@ -39,6 +43,26 @@ def test_compiled_generation_equals_eager_and_keeps_the_layout(tiny_models, tmp_
     assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"]  # one whole graph per module
     assert is_compiled(model.unet) and is_compiled(model.first_stage_model.decoder)
     assert list(model.state_dict()) == keys  # nn.Module.compile: no _orig_mod. prefix, saves as before
+    assert (compiled - eager).abs().max() < 1e-5
+
+
+def test_compiled_generation_with_a_controlnet_equals_eager(tiny_models, tmp_path):
+    """A ControlNet unit whose window ends halfway: the compiled U-Net takes its residuals as inputs, without a
+    graph break or a recompile, and draws eager generation's image."""
+    save_model(tiny_models["sd1"], tmp_path / "m.safetensors")
+    model = load_model(tmp_path / "m.safetensors")
+    with seeded(1):
+        save_file(randomize(ControlNet(model.cfg.unet), seed=1).state_dict(), tmp_path / "cn.safetensors")
+    pipeline = Pipeline(model, controlnets={"cn": tmp_path / "cn.safetensors"})
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    unit = ControlUnit("cn", image, resize_mode="resize", guidance_end=0.5)
+    request = GenerationRequest(["a cat"], [1], ["x"], width=32, height=32, steps=4, cfg_scale=5.0, controls=[unit])
+    eager = generate(pipeline, request).images
+    assert (eager - generate(pipeline, dataclasses.replace(request, controls=[])).images).abs().max() > 1e-3
+    compile_model(model, backend="aot_eager")
+    counters.clear()
+    compiled = generate(pipeline, dataclasses.replace(request, compile=True)).images
+    assert not counters["graph_break"] and not counters["recompiles"]
     assert (compiled - eager).abs().max() < 1e-5
 
 
