@@ -478,3 +478,10 @@ def test_sdxl_round_trips_with_and_without_our_metadata(tmp_path):
         plain = load_model(tmp_path / f"{variant}.ckpt", config=tmp_path / f"{variant}.yaml")
         assert plain.cfg == model.cfg
         assert_same_weights(plain, model)
+
+
+def test_load_pipeline_takes_the_files_beside_the_model_as_strings_or_paths(ckpt):
+    """`load_pipeline(..., controlnets={"name": "file"})` from Python: the names map to Paths, as the CLI passes them
+    (a str compares unequal to its Path)."""
+    pipeline = load_pipeline(ckpt, loras={"a": str(ckpt)}, upscalers={"b": str(ckpt)}, controlnets={"c": ckpt})
+    assert (pipeline.loras, pipeline.upscalers, pipeline.controlnets) == ({"a": ckpt}, {"b": ckpt}, {"c": ckpt})

@@ -54,9 +54,9 @@ def load_pipeline(
     unet_gguf: str | os.PathLike | None = None,
     refiner: str | os.PathLike | None = None,
     embeddings_dir: str | os.PathLike | None = None,
-    loras: dict[str, Path] | None = None,
-    upscalers: dict[str, Path] | None = None,
-    controlnets: dict[str, Path] | None = None,
+    loras: dict[str, str | os.PathLike] | None = None,
+    upscalers: dict[str, str | os.PathLike] | None = None,
+    controlnets: dict[str, str | os.PathLike] | None = None,
     hires_checkpoint: str | os.PathLike | None = None,
     styles: dict[str, Style] | None = None,
     compile: bool = False,
@@ -92,10 +92,14 @@ def load_pipeline(
         refiner=second,
         refiner_checkpoint=Path(refiner) if refiner is not None else None,
         embeddings=found,
-        loras=dict(loras or {}),
-        upscalers=dict(upscalers or {}),
-        controlnets=dict(controlnets or {}),
+        loras=_paths(loras),
+        upscalers=_paths(upscalers),
+        controlnets=_paths(controlnets),
         hires_pipeline=hires,
         styles=dict(styles or {}),
         notices=notices + (hires.notices if hires else []),
     )
+
+
+def _paths(files: dict[str, str | os.PathLike] | None) -> dict[str, Path]:
+    return {name: Path(path) for name, path in (files or {}).items()}
