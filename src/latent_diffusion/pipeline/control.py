@@ -201,13 +201,16 @@ def pools(control: nn.Module, path: Path) -> bool:
     return isinstance(control, ControlNet) and not control.cfg.adm_in_channels and "shuffle" in path.stem.lower()
 
 
-def fitted(control: ResolvedControl, size: tuple[int, int], hires=None) -> ResolvedControl:
-    """The unit with its maps fitted to a pass of `size` (height, width) pixels; in a hires pass (`hires`: the
+def fitted(
+    control: ResolvedControl, size: tuple[int, int], hires_model: LatentDiffusion | None = None
+) -> ResolvedControl:
+    """The unit with its maps fitted to a pass of `size` (height, width) pixels; in a hires pass (`hires_model`: the
     model of that pass) canny's and mlsd's are soft-injected, and a reference unit's style fidelity is 0, as the
     extension does."""
+    hires = hires_model is not None
     hints, shown = zip(*(prepare_control(found, module, mode, *size) for module, mode, found in control.maps))
-    soft = control.soft or (hires is not None and any(name in control.unit.module for name in SOFT_IN_HIRES))
-    fidelity = control.fidelity if hires is None else _fidelity(control.unit, hires, hires=True)
+    soft = control.soft or (hires and any(name in control.unit.module for name in SOFT_IN_HIRES))
+    fidelity = _fidelity(control.unit, hires_model, hires=True) if hires else control.fidelity
     return dataclasses.replace(control, hint=torch.cat(hints), detected=shown, soft=soft, fidelity=fidelity)
 
 
