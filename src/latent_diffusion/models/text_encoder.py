@@ -30,16 +30,16 @@ def activation(name: str):
 
 
 class CLIPAttention(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, causal=True))
+        return self.out_proj(attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, self.causal))
 
 
 class CLIPMLP(nn.Module):
@@ -54,9 +54,11 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    """One pre-norm block of transformers' CLIP layout, causal in the text encoder, not in the vision tower."""
+
+    def __init__(self, cfg: TextEncoderConfig, causal: bool = True):
         super().__init__()
-        self.self_attn = CLIPAttention(cfg.width, cfg.heads)
+        self.self_attn = CLIPAttention(cfg.width, cfg.heads, causal)
         self.layer_norm1 = nn.LayerNorm(cfg.width)
         self.mlp = CLIPMLP(cfg.width, cfg.mlp_width, cfg.activation)
         self.layer_norm2 = nn.LayerNorm(cfg.width)

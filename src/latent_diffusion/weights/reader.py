@@ -130,7 +130,11 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    for k, part in obj.items():  # a dict of parts (an IP-Adapter's `image_proj`, `ip_adapter`): keys `part.key`
+        if isinstance(part, dict) and part and all(isinstance(v, torch.Tensor) for v in part.values()):
+            tensors |= {f"{k}.{kk}": v for kk, v in part.items()}
+    return tensors
 
 
 def first_line(e: BaseException) -> str:
