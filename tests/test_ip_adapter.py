@@ -4,10 +4,14 @@ loaded by its own `_load_ip_adapter_weights` (its converter and IPAdapterAttnPro
 
 import dataclasses
 
+import cv2
+import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionPipeline
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-from transformers import CLIPVisionConfig
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionConfig
 from transformers import CLIPVisionModelWithProjection as TransformersVision
 
 from latent_diffusion.models.clip_vision import (
@@ -19,8 +23,16 @@ from latent_diffusion.models.clip_vision import (
     vision_config_of,
 )
 from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions, image_prompted
+from latent_diffusion.pipeline.control import find_control_models
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.images import from_pil
+from latent_diffusion.pipeline.loading import Pipeline, load_pipeline
+from latent_diffusion.pipeline.plan import resolve
+from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, RequestError
+from latent_diffusion.serving.server import create_app
 from latent_diffusion.weights.ip_adapter import load_clip_vision, load_ip_adapter
-from latent_diffusion.weights.reader import CheckpointError
+from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
+from test_server import call
 
 from conftest import randomize, seeded, tiny_model
 from test_reference import diffusers_unet
@@ -93,7 +105,10 @@ def tiny_adapter(kind: str, model) -> IPAdapter:
 def tencent_file(adapter: IPAdapter, path) -> dict:
     """The adapter saved as tencent-ailab's `ip_adapter.bin`: {"image_proj": {...}, "ip_adapter": {...}}."""
     sd = adapter.state_dict()
-    parts = {part: {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(part + ".")} for part in ("image_proj", "ip_adapter")}
+    parts = {
+        part: {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(part + ".")}
+        for part in ("image_proj", "ip_adapter")
+    }
     torch.save(parts, path)
     return parts
 
@@ -116,7 +131,9 @@ def test_unet_with_an_ip_adapter_matches_diffusers(tmp_path, variant, kind):
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 871])
     context = torch.randn(2, 77, model.cfg.unet.context_dim, generator=g)
-    image = VisionOutput(image_embeds=torch.randn(2, EMBED, generator=g), penultimate=torch.randn(2, 9, EMBED, generator=g))
+    image = VisionOutput(
+        image_embeds=torch.randn(2, EMBED, generator=g), penultimate=torch.randn(2, 9, EMBED, generator=g)
+    )
     kwargs, y = {}, None
     if variant == "sdxl":
         pooled = torch.randn(2, model.cfg.text2.embed_dim, generator=g)
@@ -129,7 +146,139 @@ def test_unet_with_an_ip_adapter_matches_diffusers(tmp_path, variant, kind):
             ours = unet(x, t, context, y)
         plain = unet(x, t, context, y)
         embeds = image.image_embeds if kind == "base" else image.penultimate
-        theirs = ref(x, t, encoder_hidden_states=context, added_cond_kwargs={**kwargs, "image_embeds": [embeds[:, None]]})
+        theirs = ref(
+            x, t, encoder_hidden_states=context, added_cond_kwargs={**kwargs, "image_embeds": [embeds[:, None]]}
+        )
     torch.testing.assert_close(ours, theirs.sample, atol=1e-4, rtol=0)
     assert (ours - plain).abs().mean() > 0.01  # the image prompt really changed the prediction
     assert torch.equal(unet(x, t, context, y), plain)  # and the U-Net is itself again afterwards
+
+
+H, W = 64, 48
+STEPS = 4
+
+
+def tiny_tower_file(folder) -> TransformersVision:
+    """A tiny CLIP image tower that takes CLIP's 224×224 input (4×4 patches of 56), saved as the extension's
+    `clip_h.pth`."""
+    cfg = CLIPVisionConfig(
+        hidden_size=EMBED, intermediate_size=64, num_hidden_layers=2, num_attention_heads=16, image_size=224,
+        patch_size=56, projection_dim=EMBED, hidden_act="gelu",
+    )  # fmt: skip
+    with seeded(5):
+        tower = TransformersVision(cfg).eval()
+    torch.save(tower.state_dict(), folder / "clip_h.pth")
+    return tower
+
+
+def reference_pixels(image: torch.Tensor) -> torch.Tensor:
+    """The extension's preprocessing written with OpenCV and transformers' CLIPImageProcessor: the image stretched to
+    224×224 with INTER_AREA, then the processor (bicubic resize to 224 and centre crop, which change nothing here,
+    1/255 and CLIP's statistics)."""
+    rgb = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    resized = cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_AREA)
+    processor = CLIPImageProcessor(
+        size=224, crop_size=224, do_resize=True, do_center_crop=True, do_convert_rgb=True, do_normalize=True,
+        resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )  # fmt: skip
+    return processor(images=resized, return_tensors="pt")["pixel_values"]
+
+
+@pytest.mark.parametrize("kind", ["base", "plus"])
+def test_txt2img_with_an_ip_adapter_unit_matches_diffusers(tmp_path, kind):
+    """Our txt2img with an IP-Adapter unit against diffusers' StableDiffusionPipeline with the same adapter loaded
+    and the image embeddings made by transformers' tower from the extension's preprocessing; the unconditional
+    embeddings as IP-Adapter makes them (zeros for base, the states of a zero image for plus)."""
+    model = tiny_model("sd1", seed=3)
+    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
+    controls.mkdir(), towers.mkdir()
+    tower = tiny_tower_file(towers)
+    parts = tencent_file(tiny_adapter(kind, model), controls / f"ip-adapter-{kind}_sd15.bin")
+    image = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(6))
+    weight = 0.8
+    unit = ControlUnit(f"ip-adapter-{kind}_sd15", image, module="ip-adapter_clip_sd15", weight=weight)
+    request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, controls=[unit], **SETTINGS)
+    request = dataclasses.replace(request, steps=STEPS)
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), clip_vision=towers)
+    ours = generate(pipeline, request).images
+
+    pipe = diffusers_pipeline(model, StableDiffusionPipeline)
+    pipe.unet._load_ip_adapter_weights([parts])
+    pipe.set_ip_adapter_scale(weight)
+    with torch.no_grad():
+        seen = tower(pixel_values=reference_pixels(image), output_hidden_states=True)
+        if kind == "base":
+            embeds = torch.cat([torch.zeros_like(seen.image_embeds), seen.image_embeds])[:, None]  # (2, 1, E)
+        else:
+            none = tower(pixel_values=torch.zeros(1, 3, 224, 224), output_hidden_states=True)
+            embeds = torch.cat([none.hidden_states[-2], seen.hidden_states[-2]])[:, None]  # (2, 1, 17, E)
+        theirs = pipe(
+            prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
+            ip_adapter_image_embeds=[embeds], num_inference_steps=STEPS, guidance_scale=SETTINGS["cfg_scale"],
+            eta=0.0, height=H, width=W, generator=torch.Generator().manual_seed(3), output_type="pt",
+        ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    plain = generate(model, dataclasses.replace(request, controls=[])).images
+    assert (ours - plain).abs().max() > 0.05  # the image prompt changed the image
+    unweighted = dataclasses.replace(request, controls=[dataclasses.replace(unit, weight=0.0)])
+    assert torch.equal(generate(pipeline, unweighted).images, plain)  # weight 0: the plain image
+
+
+def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve, tmp_path):
+    """webuiapi's ControlNetUnit naming an IP-Adapter model and module, sent to `ldm serve` over a real socket: the
+    image equals the library's for the same unit, and a module of another kind is a 422 naming the unit."""
+    import webuiapi
+
+    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
+    controls.mkdir(), towers.mkdir()
+    tiny_tower_file(towers)
+    tencent_file(tiny_adapter("base", tiny_models["sd1"]), controls / "ip-adapter_sd15.bin")
+    pipeline = load_pipeline(ckpt, controlnets=find_control_models(controls), clip_vision=towers)
+    listed = next(iter(pipeline.controlnets))
+    picture = Image.fromarray((np.random.default_rng(1).random((40, 56, 3)) * 255).astype(np.uint8))
+    with serve(create_app(pipeline, tmp_path / "out", controlnet_dir=controls)) as base:
+        api = webuiapi.WebUIApi(baseurl=base + "/sdapi/v1", sampler="Euler a", steps=3)
+        unit = webuiapi.ControlNetUnit(
+            image=picture, module="ip-adapter_clip_sd15", model="ip-adapter_sd15", weight=0.8
+        )
+        result = api.txt2img(prompt="a red circle", seed=3, width=W, height=H, cfg_scale=5, controlnet_units=[unit],
+                             alwayson_scripts={})  # fmt: skip
+        body = {"prompt": "a cat", "steps": 2, "width": W, "height": H}
+        canny = {"ControlNet": {"args": [{**unit.to_dict(), "module": "canny"}]}}
+        refused = call(base, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": canny})
+    assert result.info["infotexts"][0].count(f"Model: {listed}") == 1
+    control = ControlUnit(listed, from_pil(picture), module="ip-adapter_clip_sd15", weight=0.8, resize_mode="fill",
+                          processor_res=512, threshold_a=64.0, threshold_b=64.0)  # fmt: skip
+    request = GenerationRequest(["a red circle"], [3], width=W, height=H, steps=3, sampler="euler_ancestral",
+                                eta=1.0, s_noise=1.0, cfg_scale=5.0, controls=[control])  # fmt: skip
+    library = generate(pipeline, request).images
+    assert (
+        np.asarray(result.images[0]).tobytes() == (library[0] * 255).round().byte().permute(1, 2, 0).numpy().tobytes()
+    )
+    assert len(result.images) == 1  # (no detected map: the extension's IP-Adapter modules return none)
+    assert refused[0] == 422 and "ControlNet unit 0" in refused[1]["detail"] and "'canny'" in refused[1]["detail"]
+
+
+def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):
+    """No tower folder, a folder without the module's tower, a module of another kind, an adapter of another U-Net:
+    RequestError naming the unit and the cause, before any sampling."""
+    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
+    controls.mkdir(), towers.mkdir()
+    tiny_tower_file(towers)
+    model = tiny_models["sd1"]
+    tencent_file(tiny_adapter("base", model), controls / "ip-adapter_sd15.bin")
+    tencent_file(tiny_adapter("base", tiny_model("sdxl", seed=1)), controls / "ip-adapter_sdxl.bin")
+    models = find_control_models(controls)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    cases = [
+        (None, "ip-adapter_sd15", "ip-adapter_clip_sd15", "is not here: give a folder with --clip-vision-dir"),
+        (towers, "ip-adapter_sd15", "ip-adapter_clip_sdxl", "the CLIP image tower clip_g"),
+        (towers, "ip-adapter_sd15", "canny", "needs an IP-Adapter module"),
+        (towers, "ip-adapter_sdxl", "ip-adapter-auto", "does not fit this one"),
+    ]
+    for folder, name, module, message in cases:
+        unit = ControlUnit(name, image, module=module, title="IP unit")
+        request = GenerationRequest(["a cat"], [1], width=32, height=32, steps=2, controls=[unit])
+        with pytest.raises(RequestError, match=message) as raised:
+            resolve(request, Pipeline(model, controlnets=models, clip_vision=folder))
+        assert str(raised.value).startswith("IP unit: ") and "\n" not in str(raised.value)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import UsageError
+from .cli_common import CLIP_VISION_DIR_HELP, UsageError
 from .files import legacy_model_hash
 from .pipeline.images import load_image
 from .pipeline.reference import MODULES as REFERENCE_MODULES
@@ -29,12 +29,12 @@ PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
 
 def add_control_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group(
-        "control (ControlNet, T2I-Adapter)",
+        "control (ControlNet, T2I-Adapter, IP-Adapter)",
         "one unit per --controlnet, in order, each with its --control-image; the other flags once for all units or "
         "once per unit",
     )
     group.add_argument(
-        "--controlnet", action="append", metavar="FILE[:WEIGHT]", help="a ControlNet or T2I-Adapter file (weight 1)"
+        "--controlnet", action="append", metavar="FILE[:WEIGHT]", help="a ControlNet, T2I-Adapter or IP-Adapter file (weight 1)"
     )
     group.add_argument("--control-image", action="append", metavar="IMAGE", help="the unit's image")
     group.add_argument(
@@ -59,6 +59,7 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
         help="with --hires-scale: acts in both passes, the low-res or the high-res one (both)",
     )
     group.add_argument("--control-pixel-perfect", action="store_true", help="the preprocessor at the image's size")
+    group.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
 
 
 def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:

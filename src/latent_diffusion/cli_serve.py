@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .cli_common import DTYPE_CHOICES, DTYPE_HELP, STYLES_HELP, UPSCALER_DIR_HELP, add_weights_arguments, command
+from .cli_common import (
+    CLIP_VISION_DIR_HELP,
+    DTYPE_CHOICES,
+    DTYPE_HELP,
+    STYLES_HELP,
+    UPSCALER_DIR_HELP,
+    add_weights_arguments,
+    command,
+)
 
 
 def add_serve(sub) -> None:
@@ -43,6 +51,7 @@ def add_serve(sub) -> None:
         help="ControlNet and T2I-Adapter files for the ControlNet extension's API (default: models/ControlNet "
         "where it exists)",
     )
+    serve.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
     serve.add_argument(
         "--vae-dir", help="VAE files that clients may choose (sd_vae; default: models/VAE where it exists)"
     )

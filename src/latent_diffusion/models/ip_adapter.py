@@ -76,7 +76,10 @@ class Resampler(nn.Module):
                 [
                     PerceiverAttention(dim, dim // HEAD_WIDTH),
                     nn.Sequential(
-                        nn.LayerNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.GELU(), nn.Linear(4 * dim, dim, bias=False)
+                        nn.LayerNorm(dim),
+                        nn.Linear(dim, 4 * dim, bias=False),
+                        nn.GELU(),
+                        nn.Linear(4 * dim, dim, bias=False),
                     ),
                 ]
             )
@@ -163,7 +166,6 @@ def decoupled_attention(attn: CrossAttention, prompts: list, x: torch.Tensor, co
     for k_ip, v_ip, w in prompts:
         out = out + w * attention(q, k_ip.to(q.dtype), v_ip.to(q.dtype), attn.heads)
     return attn.to_out(out)
-
 
 
 @contextlib.contextmanager

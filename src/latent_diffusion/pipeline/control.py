@@ -20,12 +20,15 @@ from torch import nn
 
 from ..files import legacy_model_hash
 from ..models.controlnet import ControlNet
+from ..models.ip_adapter import IPAdapter
 from ..models.ldm import LatentDiffusion
 from ..weights.controlnet import check_controlnet_fits, load_controlnet
+from ..weights.ip_adapter import is_ip_adapter_state_dict, load_ip_adapter
 from ..weights.reader import CheckpointError, first_line, read_state_dict, safetensors_index
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
 from .control_images import control_map, prepare_control
 from .control_modules import PreprocessorError, Slider, find_module
+from .image_prompts import ImagePromptError, check_ip_adapter_fits, find_tower, image_tokens, load_tower, tower_name
 from .preprocessors import numpy_seed
 from .reference import MODULES as REFERENCE_MODULES
 from .reference import style_fidelity
@@ -41,7 +44,7 @@ class ResolvedControl:
 
     unit: ControlUnit
     name: str  # as listed: "name [hash]"
-    model: nn.Module | None  # a ControlNet or a T2I-Adapter; None: a reference unit (`reference.py`)
+    model: nn.Module | None  # a ControlNet, a T2I-Adapter or an IP-Adapter; None: a reference unit (`reference.py`)
     hint: torch.Tensor  # (1 or n, 3, H, W) float32 in [0, 1] at the pass's pixel size (−1: an inpaint mask's pixels)
     detected: tuple[np.ndarray, ...]  # the maps as shown (uint8, H×W×3 or ×4), for the API's answer
     maps: tuple  # (module, resize mode, map) as the preprocessor gave each, for a hires pass to fit again
@@ -51,6 +54,7 @@ class ResolvedControl:
     acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
     fidelity: float = 0.0  # a reference unit's style fidelity in this pass (`reference.style_fidelity`)
     seed: int = 0  # a reference unit's draws: the request's first seed
+    image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # an IP-Adapter's: (tokens, unconditional) (1, T, C)
 
     def rows(self, start: int, stop: int) -> ResolvedControl:
         """Images start..stop's maps (one for all stays one)."""
@@ -65,6 +69,7 @@ class ResolvedControl:
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
         settings += (self.seed if self.model is None else None,)  # (a reference unit draws from its request's seed)
+        settings += (id(self.image_tokens),)  # (an IP-Adapter unit's tokens are its request's)
         return (self.name, *settings, self.hint.shape[1:])
 
 
@@ -92,6 +97,8 @@ def _load(path: Path, version: tuple, model: LatentDiffusion) -> nn.Module:
     """A control model file on the model's device in its dtype, kept by its path, modification time and size (and
     the model: a Control-LoRA file holds changes to its U-Net's weights)."""
     keys = safetensors_index(path) if path.suffix.lower() == ".safetensors" else read_state_dict(path)[0]
+    if is_ip_adapter_state_dict(keys):
+        return load_ip_adapter(path, device=model.device, dtype=model.dtype)
     if is_t2i_adapter_state_dict(keys):
         return t2i_adapter_from_state_dict(read_state_dict(path)[0], device=model.device, dtype=model.dtype, name=path)
     return load_controlnet(path, device=model.device, dtype=model.dtype, base=model)
@@ -124,6 +131,8 @@ def load_control_model(path: Path, model: LatentDiffusion) -> nn.Module:
         control = _load(path, (stat.st_mtime_ns, stat.st_size), model)
         if isinstance(control, ControlNet):
             check_controlnet_fits(control, model.cfg)
+        elif isinstance(control, IPAdapter):
+            check_ip_adapter_fits(control, model.model.diffusion_model, model.cfg.unet.context_dim)
         else:
             check_adapter_fits(control, model.cfg)
     except (OSError, CheckpointError, ValueError) as e:
@@ -139,6 +148,9 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
     for k, unit in enumerate(units):
         title = unit.title or f"ControlNet unit {k}"
         listed, control = _unit_model(unit, title, pipeline)
+        if isinstance(control, IPAdapter):
+            resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline))
+            continue
         maps = []
         for i, image in enumerate(unit.image):
             mask = None if unit.mask is None else unit.mask[min(i, len(unit.mask) - 1)]
@@ -176,6 +188,17 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
     return resolved
 
 
+def _image_prompt_unit(unit: ControlUnit, title: str, listed: str, adapter: IPAdapter, pipeline) -> ResolvedControl:
+    """An IP-Adapter unit: its images' tokens (`image_prompts.py`), no map."""
+    try:
+        tower = load_tower(find_tower(pipeline.clip_vision, tower_name(unit.module, listed)), pipeline.model.device)
+    except ImagePromptError as e:
+        fail(f"{title}: {e}")
+    tokens = image_tokens(adapter, tower, [_uint8(image) for image in unit.image])
+    hint = torch.empty(1, 0, 0, 0)  # (no map: nothing to batch or fit)
+    return ResolvedControl(unit, listed, adapter, hint, (), (), soft=False, conditional_only=False, image_tokens=tokens)
+
+
 def _unit_model(unit: ControlUnit, title: str, pipeline) -> tuple[str, nn.Module | None]:
     """(its listed name, the control model loaded) of a unit; ("None", None) for a reference unit, which needs none."""
     if unit.module in REFERENCE_MODULES:
@@ -208,6 +231,8 @@ def fitted(
     model of that pass) canny's and mlsd's are soft-injected, and a reference unit's style fidelity is 0, as the
     extension does."""
     hires = hires_model is not None
+    if control.image_tokens is not None:
+        return control
     hints, shown = zip(*(prepare_control(found, module, mode, *size) for module, mode, found in control.maps))
     soft = control.soft or (hires and any(name in control.unit.module for name in SOFT_IN_HIRES))
     fidelity = _fidelity(control.unit, hires_model, hires=True) if hires else control.fidelity

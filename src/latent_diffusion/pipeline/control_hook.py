@@ -15,6 +15,8 @@ Per unit, with w its weight:
 - The shuffle ControlNet's global average pooling (`control.pools`): its residuals, the conditional rows' alone,
   scaled, then each its mean over the feature map, which the U-Net adds at every place.
 - hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`).
+- An IP-Adapter's image tokens, cond · m + uncond · (1 − m) per row (m: the row's mark), are attended to by every
+  cross-attention at w (`image_prompts.py`); the control mode does not apply to it.
 - A reference unit (no model) runs its reference image through the U-Net before each evaluation it acts in, and the
   U-Net's attention and norms read what that left (`reference.py`).
 - The window: the unit acts while start ≤ s/N ≤ end, where N is the pass's steps and s is the web UI's
@@ -24,11 +26,13 @@ Per unit, with w its weight:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
 
 from ..models.controlnet import ControlNet
+from ..models.ip_adapter import image_prompted
 from ..models.ldm import LatentDiffusion
 from ..models.t2i_adapter import t2i_residuals
 from ..models.unet import ControlResiduals
@@ -77,6 +81,8 @@ def control_conditioning(controls: list[ResolvedControl], batch: range, device: 
     repeated, no copy)."""
     fields = {}
     for k, c in enumerate(controls):
+        if c.image_tokens is not None:  # (an IP-Adapter unit has no map)
+            continue
         hint = c.hint if len(c.hint) == 1 else c.hint[batch.start : batch.stop]
         fields[hint_field(k)] = hint.to(device).expand(len(batch), -1, -1, -1)
     return fields
@@ -94,12 +100,16 @@ def controlled_unet(
     def net(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping) -> torch.Tensor:
         cond = dict(cond)
         marks = cond.pop(MARK).to(x_in.device, torch.float32)[:, None, None, None]  # (rows, 1, 1, 1)
-        hints = [cond.pop(hint_field(k)) for k in range(len(controls))]
+        hints = [cond.pop(hint_field(k), None) for k in range(len(controls))]
         fraction = clock.fraction
         x = x_in.to(model.dtype)
-        total, references = None, []
+        total, references, prompts = None, [], []
         for k, (c, hint) in enumerate(zip(controls, hints)):
             if not c.acts or not c.unit.guidance_start <= fraction <= c.unit.guidance_end:
+                continue
+            if c.image_tokens is not None:
+                if c.unit.weight != 0:
+                    prompts.append((c.model, _row_tokens(c, marks, x), c.unit.weight))
                 continue
             hint = hint.to(x.device, model.dtype)
             if c.model is None:
@@ -118,17 +128,31 @@ def controlled_unet(
             total = residuals if total is None else total + residuals
         if total is not None:
             cond["control"] = total
-        if not references:
-            return model.model(x, t, cond).float()
-        banks = Banks(uc_rows=marks.flatten() == 0)
-        with hooked(model, banks):
-            for c, latent, generator in references:
-                attention, adain = REFERENCE_MODULES[c.unit.module]
-                unit = (c.unit.weight, c.fidelity, attention, adain)
-                reference_pass(model, banks, latent, t, cond, unit, generator)
-            return model.model(x, t, cond).float()
+        with image_prompted(model.model.diffusion_model, prompts) if prompts else contextlib.nullcontext():
+            return _with_references(model, references, x, t, cond, marks)
 
     return net
+
+
+def _with_references(model: LatentDiffusion, references: list, x, t, cond, marks) -> torch.Tensor:
+    """The U-Net's output, after each reference unit's write pass where there are any."""
+    if not references:
+        return model.model(x, t, cond).float()
+    banks = Banks(uc_rows=marks.flatten() == 0)
+    with hooked(model, banks):
+        for c, latent, generator in references:
+            attention, adain = REFERENCE_MODULES[c.unit.module]
+            unit = (c.unit.weight, c.fidelity, attention, adain)
+            reference_pass(model, banks, latent, t, cond, unit, generator)
+        return model.model(x, t, cond).float()
+
+
+def _row_tokens(c: ResolvedControl, marks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An IP-Adapter unit's tokens for each row (rows, T, C): its image's on a prompt's rows, "no image"'s on the
+    unconditional rows of guidance."""
+    tokens, uncond = (t.to(x.device) for t in c.image_tokens)  # (1, T, C) each
+    m = marks.view(-1, 1, 1).to(tokens.dtype)  # (rows, 1, 1)
+    return tokens * m + uncond * (1 - m)
 
 
 def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:

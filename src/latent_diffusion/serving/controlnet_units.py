@@ -24,6 +24,7 @@ from PIL import Image, ImageOps
 from ..pipeline.control import find_model
 from ..pipeline.control_images import resize_mode_from_value
 from ..pipeline.control_modules import ControlModule, PreprocessorError, Slider, find_module
+from ..pipeline.image_prompts import IMAGE_PROMPT_MODULES
 from ..pipeline.images import as_mode, from_pil
 from ..pipeline.preprocessors import unavailable_reason
 from ..pipeline.reference import MODULES as REFERENCE_MODULES
@@ -114,8 +115,8 @@ def _control_unit(i: int, fields: dict, models: dict, open_image, init: InitImag
         module = find_module(module_name)
     except PreprocessorError as e:
         raise RequestError(f"{where}: {e}") from None
-    if (reason := unavailable_reason(module)) is not None:
-        raise RequestError(f"{where}: {reason}")
+    if module.name not in IMAGE_PROMPT_MODULES and (reason := unavailable_reason(module)) is not None:
+        raise RequestError(f"{where}: {reason}")  # (an IP-Adapter's tower is looked for when the unit is resolved)
     model = "None" if module_name in REFERENCE_MODULES else find_model(str(fields.get("model")), models)
     if model is None:
         raise RequestError(

@@ -31,7 +31,9 @@ def is_ip_adapter_state_dict(keys: Iterable[str]) -> bool:
 
 def ip_adapter_config(shapes: dict[str, tuple], name) -> IPAdapterConfig:
     """The config of an IP-Adapter's tensors (key -> shape); CheckpointError naming `name` for one not built here."""
-    if P + "perceiver_resampler.proj_in.weight" in shapes or (P + "norm.weight" in shapes and P + "proj.0.weight" in shapes):
+    if P + "perceiver_resampler.proj_in.weight" in shapes or (
+        P + "norm.weight" in shapes and P + "proj.0.weight" in shapes
+    ):
         raise CheckpointError(f"{name}: an IP-Adapter FaceID file, which takes InsightFace's face embedding (not here)")
     suffix = ".to_k_ip.weight"
     layers = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("ip_adapter.") and k.endswith(suffix))

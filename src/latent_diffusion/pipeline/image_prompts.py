@@ -1,0 +1,119 @@
+"""IP-Adapter units as the web UI's ControlNet extension runs them (1.1.455: `annotator/clipvision`,
+`scripts/ipadapter/`): the unit's image through a CLIP image tower, into the adapter's tokens, which every
+cross-attention of the U-Net attends to at the unit's weight (`models/ip_adapter.py`).
+
+- The tower: `clip_h` (OpenCLIP ViT-H/14) for the modules `ip-adapter_clip_sd15` (label `ip-adapter_clip_h`) and
+  `ip-adapter_clip_sdxl_plus_vith`, `clip_g` (ViT-bigG/14) for `ip-adapter_clip_sdxl` (`ip-adapter_clip_g`);
+  `ip-adapter-auto` takes the one the extension's presets give the model's name (`clip_g` for ip-adapter_sdxl and
+  ip-adapter_sd15_vit-G). Its file is `clip_h` or `clip_g` (.pth, .safetensors or .bin) in the folder the
+  pipeline names (`Pipeline.clip_vision`; the extension keeps them in `annotator/downloads/clip_vision`).
+- The image: stretched to 224×224 (OpenCV's INTER_AREA, the aspect ratio not kept), then (x/255 − mean)/std with
+  CLIP's statistics (`CLIPImageProcessor`, whose own resize and crop change nothing at 224).
+- Tokens: the base adapters project the image embedding, the plus and full-face ones the penultimate hidden
+  states. Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of
+  "no image": the base adapters' of a zero embedding, the others' of the states of a zero (normalised) image, as
+  IP-Adapter's own code makes them (the extension stores that tensor for SD 1.5; for SDXL plus it stores one
+  already projected, which is not reproduced here).
+- Each row of the U-Net's batch takes cond · m + uncond · (1 − m), m its guidance mark; the unit acts in its
+  window of steps at its weight. The control mode, soft injection and hires options do not apply, as in the
+  extension.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..models.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionModelWithProjection, VisionOutput
+from ..models.ip_adapter import IPAdapter, cross_attentions
+from ..weights.ip_adapter import load_clip_vision
+from ..weights.reader import CheckpointError, first_line
+
+TOWER_OF_MODULE = {
+    "ip-adapter_clip_sd15": "clip_h",
+    "ip-adapter_clip_h": "clip_h",
+    "ip-adapter_clip_sdxl_plus_vith": "clip_h",
+    "ip-adapter_clip_sdxl": "clip_g",
+    "ip-adapter_clip_g": "clip_g",
+}
+AUTO = "ip-adapter-auto"
+IMAGE_PROMPT_MODULES = (AUTO, *TOWER_OF_MODULE)
+CLIP_G_MODELS = ("ip-adapter_sdxl", "ip-adapter_sd15_vit-G")  # the extension's presets; every other model: clip_h
+SUFFIXES = (".pth", ".safetensors", ".bin")
+SIZE = 224
+
+
+class ImagePromptError(ValueError):
+    """A unit that cannot run: a module or tower that does not fit, a tower file absent. One line."""
+
+
+def tower_name(module: str, model_name: str) -> str:
+    """The tower a module runs (`ip-adapter-auto`: by the model's name, without its hash)."""
+    if module == AUTO:
+        return "clip_g" if model_name.rsplit(" [", 1)[0] in CLIP_G_MODELS else "clip_h"
+    if module not in TOWER_OF_MODULE:
+        known = ", ".join(IMAGE_PROMPT_MODULES)
+        raise ImagePromptError(f"an IP-Adapter model needs an IP-Adapter module ({known}), not {module!r}")
+    return TOWER_OF_MODULE[module]
+
+
+def find_tower(folder: str | os.PathLike | None, name: str) -> Path:
+    for suffix in SUFFIXES:
+        if folder is not None and (path := Path(folder) / (name + suffix)).is_file():
+            return path
+    where = f"in {os.fspath(folder)}" if folder is not None else "here: give a folder with --clip-vision-dir"
+    raise ImagePromptError(f"the CLIP image tower {name} ({'/'.join(name + s for s in SUFFIXES)}) is not {where}")
+
+
+@functools.lru_cache(maxsize=2)
+def _tower(path: Path, version: tuple, device: torch.device) -> CLIPVisionModelWithProjection:
+    return load_clip_vision(path, device)
+
+
+def load_tower(path: Path, device) -> CLIPVisionModelWithProjection:
+    try:
+        stat = path.stat()
+        return _tower(path, (stat.st_mtime_ns, stat.st_size), torch.device(device))
+    except (OSError, CheckpointError) as e:
+        raise ImagePromptError(first_line(e).replace(str(path), path.name)) from None
+
+
+def clip_pixels(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, 224, 224) float32, as the extension's ClipVisionDetector prepares it."""
+    resized = cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    x = torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A unit's images -> (its tokens, the unconditional tokens), each (1, T, C) in the adapter's dtype."""
+    device = tower.visual_projection.weight.device
+    seen = tower(torch.cat([clip_pixels(image) for image in images]).to(device))
+    if adapter.cfg.kind == "base":
+        none = VisionOutput(image_embeds=torch.zeros_like(seen.image_embeds[:1]), penultimate=seen.penultimate[:1])
+    else:
+        none = tower(torch.zeros(1, 3, SIZE, SIZE, device=device))
+    dtype = adapter.ip_adapter[str(adapter.cfg.layers[0])].to_k_ip.weight.dtype
+
+    def tokens(out: VisionOutput) -> torch.Tensor:
+        out = VisionOutput(out.image_embeds.to(dtype), out.penultimate.to(dtype))
+        return adapter.tokens(out).mean(dim=0, keepdim=True)
+
+    return tokens(seen), tokens(none)
+
+
+def check_ip_adapter_fits(adapter: IPAdapter, unet: torch.nn.Module, context_dim: int) -> None:
+    """An IP-Adapter's layers must be the U-Net's cross-attentions, its tokens of the U-Net's context width."""
+    widths = tuple(a.to_k.out_features for a in cross_attentions(unet))
+    if adapter.cfg.context_dim != context_dim or adapter.cfg.widths != widths:
+        raise ValueError(
+            f"an IP-Adapter for a U-Net of {len(adapter.cfg.widths)} cross-attentions and context width "
+            f"{adapter.cfg.context_dim} does not fit this one ({len(widths)}, {context_dim})"
+        )
