@@ -8,12 +8,13 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig
 from transformers import CLIPVisionModelWithProjection as TransformersVision
 
+from latent_diffusion import LatentDiffusion
 from latent_diffusion.models.clip_vision import (
     VIT_BIGG,
     VIT_H,
@@ -22,6 +23,7 @@ from latent_diffusion.models.clip_vision import (
     VisionOutput,
     vision_config_of,
 )
+from latent_diffusion.models.config import preset
 from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions, image_prompted
 from latent_diffusion.pipeline.control import find_control_models
 from latent_diffusion.pipeline.generate import generate
@@ -276,9 +278,33 @@ def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):
         (towers, "ip-adapter_sd15", "canny", "needs an IP-Adapter module"),
         (towers, "ip-adapter_sdxl", "ip-adapter-auto", "does not fit this one"),
     ]
-    for folder, name, module, message in cases:
+    weighted = (towers, "ip-adapter_sd15", "ip-adapter_clip_sd15", "advanced_weighting is not applied")
+    for folder, name, module, message in [*cases, weighted]:
         unit = ControlUnit(name, image, module=module, title="IP unit")
+        if message.startswith("advanced"):
+            unit = dataclasses.replace(unit, advanced_weighting=(1.0, 0.5))
         request = GenerationRequest(["a cat"], [1], width=32, height=32, steps=2, controls=[unit])
         with pytest.raises(RequestError, match=message) as raised:
             resolve(request, Pipeline(model, controlnets=models, clip_vision=folder))
         assert str(raised.value).startswith("IP unit: ") and "\n" not in str(raised.value)
+
+
+SDXL_UNET = dict(
+    block_out_channels=(320, 640, 1280), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "count"), [("sd-v1.5", 16), ("sdxl-base", 70)])
+def test_full_size_cross_attentions_are_numbered_as_diffusers_numbers_them(name, count):
+    """The order of `ip_adapter.{2i + 1}`: diffusers' attention processors (down, up, then middle block), each
+    attn2's width; SD 1.5's 16 layers (keys 1..31), SDXL's 70 (1..139, the middle block's 121..139)."""
+    with torch.device("meta"):
+        ours = LatentDiffusion(preset(name)).model.diffusion_model
+        theirs = UNet2DConditionModel(**(SDXL_UNET if name == "sdxl-base" else {}))
+    widths = [attn.to_q.in_features for attn in cross_attentions(ours)]
+    names = [n.removesuffix(".processor") for n in theirs.attn_processors if n.endswith("attn2.processor")]
+    assert widths == [theirs.get_submodule(n).to_q.in_features for n in names] and len(widths) == count
+    middle = [2 * i + 1 for i, n in enumerate(names) if n.startswith("mid_block")]
+    assert middle == ([31] if count == 16 else list(range(121, 140, 2)))

@@ -190,6 +190,8 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
 
 def _image_prompt_unit(unit: ControlUnit, title: str, listed: str, adapter: IPAdapter, pipeline) -> ResolvedControl:
     """An IP-Adapter unit: its images' tokens (`image_prompts.py`), no map."""
+    if unit.advanced_weighting is not None:  # (the extension's weights per transformer block: not built here)
+        fail(f"{title}: advanced_weighting is not applied to IP-Adapter units here; give a weight")
     try:
         tower = load_tower(find_tower(pipeline.clip_vision, tower_name(unit.module, listed)), pipeline.model.device)
     except ImagePromptError as e:
