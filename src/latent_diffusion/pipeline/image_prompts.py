@@ -100,7 +100,7 @@ def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray]) -> tuple[t
         none = VisionOutput(image_embeds=torch.zeros_like(seen.image_embeds[:1]), penultimate=seen.penultimate[:1])
     else:
         none = tower(torch.zeros(1, 3, SIZE, SIZE, device=device))
-    dtype = adapter.ip_adapter[str(adapter.cfg.layers[0])].to_k_ip.weight.dtype
+    dtype = next(adapter.parameters()).dtype
 
     def tokens(out: VisionOutput) -> torch.Tensor:
         out = VisionOutput(out.image_embeds.to(dtype), out.penultimate.to(dtype))
