@@ -27,6 +27,7 @@ from latent_diffusion.models.config import preset
 from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions, image_prompted
 from latent_diffusion.pipeline.control import find_control_models
 from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.image_prompts import tower_name
 from latent_diffusion.pipeline.images import from_pil
 from latent_diffusion.pipeline.loading import Pipeline, load_pipeline
 from latent_diffusion.pipeline.plan import resolve
@@ -308,3 +309,15 @@ def test_full_size_cross_attentions_are_numbered_as_diffusers_numbers_them(name,
     assert widths == [theirs.get_submodule(n).to_q.in_features for n in names] and len(widths) == count
     middle = [2 * i + 1 for i, n in enumerate(names) if n.startswith("mid_block")]
     assert middle == ([31] if count == 16 else list(range(121, 140, 2)))
+
+
+def test_the_modules_towers_are_the_extensions():
+    """Its module table (`preprocessor_compiled.py`) and, for ip-adapter-auto, its presets by model name."""
+    assert [
+        tower_name(m, "x") for m in ("ip-adapter_clip_sd15", "ip-adapter_clip_h", "ip-adapter_clip_sdxl_plus_vith")
+    ] == ["clip_h"] * 3
+    assert [tower_name(m, "x") for m in ("ip-adapter_clip_sdxl", "ip-adapter_clip_g")] == ["clip_g"] * 2
+    auto = {name: tower_name("ip-adapter-auto", f"{name} [0123abcd]") for name in
+            ("ip-adapter_sdxl", "ip-adapter_sd15_vit-G", "ip-adapter_sdxl_vit-h", "ip-adapter-plus_sd15")}  # fmt: skip
+    assert auto == {"ip-adapter_sdxl": "clip_g", "ip-adapter_sd15_vit-G": "clip_g", "ip-adapter_sdxl_vit-h": "clip_h",
+                    "ip-adapter-plus_sd15": "clip_h"}  # fmt: skip

@@ -1,0 +1,110 @@
+"""One classifier-free-guided U-Net evaluation (batch 2) with an IP-Adapter, ours vs diffusers, same weights and inputs.
+
+SD 1.5-size U-Net with random weights and a random IP-Adapter of the kind asked for (base: 4 tokens from the image
+embedding; plus: 16 from the resampler), the image's CLIP output random too. diffusers' UNet2DConditionModel takes
+the adapter through its own `_load_ip_adapter_weights` and projects the image embedding inside every evaluation,
+as its pipelines run it; ours runs generation's own path (`control_hook.controlled_unet`), whose tokens were made
+once when the unit was resolved, as the web UI's ControlNet extension keeps them. Interleaved in one process;
+medians and the ratio ours/diffusers (below 1.0: ours is faster).
+
+    python benchmarks/ip_adapter_step.py                      # CPU float32 at 256x256, base
+    python benchmarks/ip_adapter_step.py --kind plus
+    python benchmarks/ip_adapter_step.py --size 512           # on a GPU: float16 at 512x512
+"""
+
+import argparse
+import statistics
+
+import torch
+
+from latent_diffusion import LatentDiffusion, preset
+from latent_diffusion.models.clip_vision import VisionOutput
+from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
+from latent_diffusion.pipeline.control import ResolvedControl
+from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet
+from latent_diffusion.pipeline.request import ControlUnit
+from machine import machine
+from unet_step import build, timed
+
+EMBED, HIDDEN = 1024, 1280  # OpenCLIP ViT-H/14's projected embedding and hidden widths (SD 1.5's IP-Adapters)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kind", choices=["base", "plus"], default="base")
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    args = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    size, iters = args.size or (512 if cuda else 256), args.iters or (30 if cuda else 5)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    cfg = preset("sd-v1.5")
+    unet, their_unet = build(cfg, device, dtype)
+    with torch.device("meta"):  # (only the U-Net is run: the rest of the model stays unallocated)
+        model = LatentDiffusion(cfg)
+    model.model.diffusion_model = unet
+    attentions = cross_attentions(unet)
+    plus = args.kind == "plus"
+    adapter_cfg = IPAdapterConfig(
+        args.kind,
+        embed_dim=HIDDEN if plus else EMBED,
+        context_dim=768,
+        tokens=16 if plus else 4,
+        layers=tuple(range(1, 2 * len(attentions), 2)),
+        widths=tuple(a.to_k.out_features for a in attentions),
+        resampler_dim=768 if plus else 0,
+    )
+    torch.manual_seed(2)
+    adapter = IPAdapter(adapter_cfg).to(device, dtype).eval()
+    sd = adapter.state_dict()
+    parts = {
+        p: {k.split(".", 1)[1]: v for k, v in sd.items() if k.startswith(p + ".")} for p in ("image_proj", "ip_adapter")
+    }
+    their_unet._load_ip_adapter_weights([parts])
+    their_unet.to(device, dtype)
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(device, dtype)
+    t = torch.tensor([999, 999], device=device)
+    context = torch.randn(2, 77, 768, generator=g).to(device, dtype)
+    clip = torch.randn(2, 257, HIDDEN, generator=g) if plus else torch.randn(2, EMBED, generator=g)  # (uncond, cond)
+    clip = clip.to(device, dtype)
+    with torch.inference_mode():
+        outputs = [VisionOutput(image_embeds=c, penultimate=c) for c in clip[:, None]]
+        uncond, tokens = (adapter.tokens(o) for o in outputs)
+    unit = ControlUnit("bench", torch.zeros(1, 3, 8, 8), module="ip-adapter_clip_sd15")
+    control = ResolvedControl(
+        unit, "bench", adapter, torch.empty(1, 0, 0, 0), (), (), soft=False, conditional_only=False,
+        image_tokens=(tokens, uncond),
+    )  # fmt: skip
+    ours = controlled_unet(model, [control], SamplingClock(20))
+    cond = {"crossattn": context, MARK: torch.tensor([0.0, 1.0], device=device)}
+
+    def run_ours():
+        return ours(x, t, cond)
+
+    def run_theirs():
+        embeds = {"image_embeds": [clip[:, None]]}  # (2, 1, E) or (2, 1, 257, E): row 0 unconditional
+        return their_unet(x, t, encoder_hidden_states=context, added_cond_kwargs=embeds).sample
+
+    with torch.inference_mode():
+        diff = (run_ours() - run_theirs().float()).abs().max().item()
+        for _ in range(2):
+            run_ours()
+            run_theirs()
+        times_ours, times_theirs = [], []
+        for _ in range(iters):
+            times_ours.append(timed(run_ours, sync))
+            times_theirs.append(timed(run_theirs, sync))
+    a, b = statistics.median(times_ours), statistics.median(times_theirs)
+    print(f"U-Net + IP-Adapter ({args.kind}) sd-v1.5, batch 2, {size}x{size}, {dtype}, {device} ({machine()}), torch "
+          f"{torch.__version__}, {iters} iterations")  # fmt: skip
+    print(f"  ours      median {a * 1e3:8.1f} ms")
+    print(f"  diffusers median {b * 1e3:8.1f} ms")
+    print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
+
+
+if __name__ == "__main__":
+    main()
