@@ -263,27 +263,30 @@ def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve,
 
 
 def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):
-    """No tower folder, a folder without the module's tower, a module of another kind, an adapter of another U-Net:
-    RequestError naming the unit and the cause, before any sampling."""
-    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
-    controls.mkdir(), towers.mkdir()
+    """No tower folder, a folder without the module's tower, a tower of another width, a module of another kind, an
+    adapter of another U-Net, advanced weighting: RequestError naming the unit and the cause, before any sampling."""
+    controls, towers, narrow = tmp_path / "ControlNet", tmp_path / "clip_vision", tmp_path / "narrow"
+    for folder in (controls, towers, narrow):
+        folder.mkdir()
     tiny_tower_file(towers)
+    clip_g = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=16, image_size=224,
+                  patch_size=56, projection_dim=40)  # fmt: skip
+    torch.save(TransformersVision(CLIPVisionConfig(**clip_g)).state_dict(), narrow / "clip_g.pth")
     model = tiny_models["sd1"]
     tencent_file(tiny_adapter("base", model), controls / "ip-adapter_sd15.bin")
     tencent_file(tiny_adapter("base", tiny_model("sdxl", seed=1)), controls / "ip-adapter_sdxl.bin")
     models = find_control_models(controls)
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     cases = [
-        (None, "ip-adapter_sd15", "ip-adapter_clip_sd15", "is not here: give a folder with --clip-vision-dir"),
-        (towers, "ip-adapter_sd15", "ip-adapter_clip_sdxl", "the CLIP image tower clip_g"),
-        (towers, "ip-adapter_sd15", "canny", "needs an IP-Adapter module"),
-        (towers, "ip-adapter_sdxl", "ip-adapter-auto", "does not fit this one"),
-    ]
-    weighted = (towers, "ip-adapter_sd15", "ip-adapter_clip_sd15", "advanced_weighting is not applied")
-    for folder, name, module, message in [*cases, weighted]:
-        unit = ControlUnit(name, image, module=module, title="IP unit")
-        if message.startswith("advanced"):
-            unit = dataclasses.replace(unit, advanced_weighting=(1.0, 0.5))
+        (None, "ip-adapter_sd15", "ip-adapter_clip_sd15", None, "is not here: give a folder with --clip-vision-dir"),
+        (towers, "ip-adapter_sd15", "ip-adapter_clip_sdxl", None, "the CLIP image tower clip_g .* is not in"),
+        (narrow, "ip-adapter_sd15", "ip-adapter_clip_g", None, "takes CLIP image features 48 wide; the tower clip_g gives 40"),
+        (towers, "ip-adapter_sd15", "canny", None, "needs an IP-Adapter module"),
+        (towers, "ip-adapter_sdxl", "ip-adapter-auto", None, "does not fit this one"),
+        (towers, "ip-adapter_sd15", "ip-adapter_clip_sd15", (1.0, 0.5), "advanced_weighting is not applied"),
+    ]  # fmt: skip
+    for folder, name, module, weighting, message in cases:
+        unit = ControlUnit(name, image, module=module, advanced_weighting=weighting, title="IP unit")
         request = GenerationRequest(["a cat"], [1], width=32, height=32, steps=2, controls=[unit])
         with pytest.raises(RequestError, match=message) as raised:
             resolve(request, Pipeline(model, controlnets=models, clip_vision=folder))

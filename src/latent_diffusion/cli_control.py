@@ -34,7 +34,10 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
         "once per unit",
     )
     group.add_argument(
-        "--controlnet", action="append", metavar="FILE[:WEIGHT]", help="a ControlNet, T2I-Adapter or IP-Adapter file (weight 1)"
+        "--controlnet",
+        action="append",
+        metavar="FILE[:WEIGHT]",
+        help="a ControlNet, T2I-Adapter or IP-Adapter file (weight 1)",
     )
     group.add_argument("--control-image", action="append", metavar="IMAGE", help="the unit's image")
     group.add_argument(

@@ -28,7 +28,15 @@ from ..weights.reader import CheckpointError, first_line, read_state_dict, safet
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
 from .control_images import control_map, prepare_control
 from .control_modules import PreprocessorError, Slider, find_module
-from .image_prompts import ImagePromptError, check_ip_adapter_fits, find_tower, image_tokens, load_tower, tower_name
+from .image_prompts import (
+    ImagePromptError,
+    check_ip_adapter_fits,
+    check_tower_fits,
+    find_tower,
+    image_tokens,
+    load_tower,
+    tower_name,
+)
 from .preprocessors import numpy_seed
 from .reference import MODULES as REFERENCE_MODULES
 from .reference import style_fidelity
@@ -193,7 +201,9 @@ def _image_prompt_unit(unit: ControlUnit, title: str, listed: str, adapter: IPAd
     if unit.advanced_weighting is not None:  # (the extension's weights per transformer block: not built here)
         fail(f"{title}: advanced_weighting is not applied to IP-Adapter units here; give a weight")
     try:
-        tower = load_tower(find_tower(pipeline.clip_vision, tower_name(unit.module, listed)), pipeline.model.device)
+        name = tower_name(unit.module, listed)
+        tower = load_tower(find_tower(pipeline.clip_vision, name), pipeline.model.device)
+        check_tower_fits(adapter, tower, name)
     except ImagePromptError as e:
         fail(f"{title}: {e}")
     tokens = image_tokens(adapter, tower, [_uint8(image) for image in unit.image])

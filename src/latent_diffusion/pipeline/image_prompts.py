@@ -91,6 +91,16 @@ def clip_pixels(image: np.ndarray) -> torch.Tensor:
     return (x - mean) / std
 
 
+def check_tower_fits(adapter: IPAdapter, tower: CLIPVisionModelWithProjection, name: str) -> None:
+    """The tower must give the width the adapter projects: its embedding (base) or its hidden states (plus, full)."""
+    gives = tower.cfg.embed_dim if adapter.cfg.kind == "base" else tower.cfg.width
+    if gives != adapter.cfg.embed_dim:
+        raise ImagePromptError(
+            f"this IP-Adapter takes CLIP image features {adapter.cfg.embed_dim} wide; the tower {name} gives {gives} "
+            "(choose the module of the adapter's tower, or ip-adapter-auto)"
+        )
+
+
 @torch.no_grad()
 def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """A unit's images -> (its tokens, the unconditional tokens), each (1, T, C) in the adapter's dtype."""

@@ -6,7 +6,8 @@
   plus, `proj` base; its widths off the shapes. FaceID files (their projection takes InsightFace's face embedding,
   which nothing here computes) are refused in one line.
 - CLIP image tower: transformers' `CLIPVisionModelWithProjection` keys (the extension's `clip_h.pth`, `clip_g.pth`,
-  IP-Adapter's `image_encoder/model.safetensors`), kept in float32 as the extension runs it.
+  IP-Adapter's `image_encoder/model.safetensors`; a whole `CLIPModel`'s file, its text tower left out), kept in
+  float32 as the extension runs it.
 """
 
 from __future__ import annotations
@@ -70,7 +71,10 @@ def load_ip_adapter(path: str | os.PathLike, device=None, dtype=torch.float32) -
 def load_clip_vision(path: str | os.PathLike, device=None) -> CLIPVisionModelWithProjection:
     """A CLIP image tower in float32. CheckpointError in one line for a file that is not one."""
     sd, _ = read_state_dict(path)
-    sd = {k: v for k, v in sd.items() if k != "vision_model.embeddings.position_ids"}  # (a buffer of old files)
+    # the image tower's keys (a whole CLIPModel's file holds its text tower too); not the buffer old files saved
+    sd = {
+        k: v for k, v in sd.items() if k.startswith(("vision_model.", "visual_projection.")) and "position_ids" not in k
+    }
     needed = ("vision_model.embeddings.patch_embedding.weight", "visual_projection.weight")
     if not all(k in sd for k in needed):
         raise CheckpointError(f"{path}: not a CLIP image tower (no {' or '.join(k for k in needed if k not in sd)})")
