@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 start=$(date +%s)
 nice -n 19 "$LDM" train --lora 8 --train-text-encoder --outdir "$OUT" --shapes-count 8000 \
     --positions "top left,top right,bottom left,bottom right,left,right,top,bottom,center,left,right,top,bottom,center" \
-    --steps 5000 --batch-size 32 --lr 1e-3 --warmup 100 --lr-schedule cosine --quiet
+    --steps 7000 --batch-size 32 --lr 1e-3 --warmup 100 --lr-schedule cosine --quiet
 end=$(date +%s)
 echo "training: $((end - start)) s"
 for with in "--lora $OUT/lora.safetensors" ""; do
