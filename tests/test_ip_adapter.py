@@ -1,6 +1,8 @@
-"""IP-Adapter: the CLIP image tower against transformers' `CLIPVisionModelWithProjection`, and the U-Net with an
+"""IP-Adapter: the CLIP image tower against transformers' `CLIPVisionModelWithProjection`; the U-Net with an
 IP-Adapter (base, plus, full face; SD 1.x and SDXL) against diffusers' UNet2DConditionModel with the same file
-loaded by its own `_load_ip_adapter_weights` (its converter and IPAdapterAttnProcessor2_0)."""
+loaded by its own `_load_ip_adapter_weights` (its converter and IPAdapterAttnProcessor2_0); txt2img with a unit
+against diffusers' StableDiffusionPipeline, the image's embedding made by transformers from the extension's
+preprocessing written with OpenCV and CLIPImageProcessor; webuiapi's unit through `ldm serve`; the refusals."""
 
 import dataclasses
 
@@ -41,7 +43,7 @@ from conftest import randomize, seeded, tiny_model
 from test_reference import diffusers_unet
 from test_sdxl import diffusers_xl_unet
 
-EMBED = 48  # the tiny CLIP tower's projected width (base) and hidden width (plus, full face)
+EMBED = 48  # the width the tiny adapters take: a tower's projected embedding (base) or hidden states (plus, full)
 
 
 def transformers_tower(act: str) -> TransformersVision:

@@ -25,8 +25,6 @@ CLIP_VISION_DIR_HELP = (
     "the CLIP image towers IP-Adapter units need, clip_h.pth and clip_g.pth as the ControlNet extension names them "
     "(default: models/clip_vision where it exists)"
 )
-
-
 UPSCALER_DIR_HELP = (
     "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "
     "UI's models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT and models/HAT where they exist)"

@@ -48,8 +48,8 @@ def add_serve(sub) -> None:
     serve.add_argument("--upscaler-dir", help=UPSCALER_DIR_HELP)
     serve.add_argument(
         "--controlnet-dir",
-        help="ControlNet and T2I-Adapter files for the ControlNet extension's API (default: models/ControlNet "
-        "where it exists)",
+        help="ControlNet, T2I-Adapter and IP-Adapter files for the ControlNet extension's API (default: "
+        "models/ControlNet where it exists)",
     )
     serve.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
     serve.add_argument(
