@@ -29,7 +29,7 @@ from latent_diffusion.models.config import preset
 from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions, image_prompted
 from latent_diffusion.pipeline.control import find_control_models
 from latent_diffusion.pipeline.generate import generate
-from latent_diffusion.pipeline.image_prompts import tower_name
+from latent_diffusion.pipeline.image_prompts import clip_pixels, tower_name
 from latent_diffusion.pipeline.images import from_pil
 from latent_diffusion.pipeline.loading import Pipeline, load_pipeline
 from latent_diffusion.pipeline.plan import resolve
@@ -176,17 +176,33 @@ def tiny_tower_file(folder) -> TransformersVision:
     return tower
 
 
-def reference_pixels(image: torch.Tensor) -> torch.Tensor:
-    """The extension's preprocessing written with OpenCV and transformers' CLIPImageProcessor: the image stretched to
-    224×224 with INTER_AREA, then the processor (bicubic resize to 224 and centre crop, which change nothing here,
-    1/255 and CLIP's statistics)."""
+def reference_pixels(image: torch.Tensor, mask: np.ndarray | None = None) -> torch.Tensor:
+    """The extension's preprocessing written with OpenCV and transformers' CLIPImageProcessor: the image (RGBA with
+    the unit's mask as alpha, where it has one) stretched to 224×224 with INTER_AREA, then the processor (bicubic
+    resize to 224 and centre crop, which change nothing here, 1/255 and CLIP's statistics) on RGB, then times
+    (255 − alpha)/255."""
     rgb = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    resized = cv2.resize(rgb, (224, 224), interpolation=cv2.INTER_AREA)
+    resized = cv2.resize(rgb if mask is None else np.dstack([rgb, mask]), (224, 224), interpolation=cv2.INTER_AREA)
+    factor = 1.0 if mask is None else torch.from_numpy((255 - resized[..., 3].astype(np.float32)) / 255)
+    resized = resized[..., :3]
     processor = CLIPImageProcessor(
         size=224, crop_size=224, do_resize=True, do_center_crop=True, do_convert_rgb=True, do_normalize=True,
         resample=3, image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
     )  # fmt: skip
-    return processor(images=resized, return_tensors="pt")["pixel_values"]
+    return processor(images=resized, return_tensors="pt")["pixel_values"] * factor
+
+
+def test_the_extensions_preprocessing_with_and_without_a_mask():
+    """`clip_pixels` against OpenCV + CLIPImageProcessor as the extension calls them: the unit's image as RGBA, its
+    alpha the mask (zeros without one), and with a painted rectangle, whose pixels are zeroed after normalising."""
+    image = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(6))
+    rgb = (image[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    mask = np.zeros((40, 72), np.uint8)
+    torch.testing.assert_close(clip_pixels(rgb), reference_pixels(image, mask), atol=1e-5, rtol=0)
+    mask[5:30, 10:40] = 255
+    torch.testing.assert_close(clip_pixels(rgb, mask), reference_pixels(image, mask), atol=1e-5, rtol=0)
+    assert (clip_pixels(rgb, mask) == 0).float().mean() > 0.2  # the painted part is gone
+    torch.testing.assert_close(clip_pixels(rgb), reference_pixels(image), atol=0.05, rtol=0)  # (3-channel rounding)
 
 
 @pytest.mark.parametrize("kind", ["base", "plus"])
@@ -211,7 +227,8 @@ def test_txt2img_with_an_ip_adapter_unit_matches_diffusers(tmp_path, kind):
     pipe.unet._load_ip_adapter_weights([parts])
     pipe.set_ip_adapter_scale(weight)
     with torch.no_grad():
-        seen = tower(pixel_values=reference_pixels(image), output_hidden_states=True)
+        no_mask = np.zeros(image.shape[-2:], np.uint8)  # (the extension's alpha for an unmasked unit)
+        seen = tower(pixel_values=reference_pixels(image, no_mask), output_hidden_states=True)
         if kind == "base":
             embeds = torch.cat([torch.zeros_like(seen.image_embeds), seen.image_embeds])[:, None]  # (2, 1, E)
         else:

@@ -206,7 +206,10 @@ def _image_prompt_unit(unit: ControlUnit, title: str, listed: str, adapter: IPAd
         check_tower_fits(adapter, tower, name)
     except ImagePromptError as e:
         fail(f"{title}: {e}")
-    tokens = image_tokens(adapter, tower, [_uint8(image) for image in unit.image])
+    masks = None
+    if unit.mask is not None:  # (H, W) uint8, 255 where painted
+        masks = [_uint8(unit.mask[min(i, len(unit.mask) - 1)])[..., 0] for i in range(len(unit.image))]
+    tokens = image_tokens(adapter, tower, [_uint8(image) for image in unit.image], masks)
     hint = torch.empty(1, 0, 0, 0)  # (no map: nothing to batch or fit)
     return ResolvedControl(unit, listed, adapter, hint, (), (), soft=False, conditional_only=False, image_tokens=tokens)
 

@@ -8,7 +8,8 @@ cross-attention of the U-Net attends to at the unit's weight (`models/ip_adapter
   ip-adapter_sd15_vit-G). Its file is `clip_h` or `clip_g` (.pth, .safetensors or .bin) in the folder the
   pipeline names (`Pipeline.clip_vision`; the extension keeps them in `annotator/downloads/clip_vision`).
 - The image: stretched to 224×224 (OpenCV's INTER_AREA, the aspect ratio not kept), then (x/255 − mean)/std with
-  CLIP's statistics (`CLIPImageProcessor`, whose own resize and crop change nothing at 224).
+  CLIP's statistics (`CLIPImageProcessor`, whose own resize and crop change nothing at 224). A unit's mask is the
+  image's alpha there: stretched with it, it zeroes the normalised pixels where it is painted.
 - Tokens: the base adapters project the image embedding, the plus and full-face ones the penultimate hidden
   states. Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of
   "no image": the base adapters' of a zero embedding, the others' of the states of a zero (normalised) image, as
@@ -83,12 +84,20 @@ def load_tower(path: Path, device) -> CLIPVisionModelWithProjection:
         raise ImagePromptError(first_line(e).replace(str(path), path.name)) from None
 
 
-def clip_pixels(image: np.ndarray) -> torch.Tensor:
-    """(H, W, 3) uint8 RGB -> (1, 3, 224, 224) float32, as the extension's ClipVisionDetector prepares it."""
-    resized = cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
-    x = torch.from_numpy(resized).permute(2, 0, 1)[None].float() / 255
+def clip_pixels(image: np.ndarray, mask: np.ndarray | None = None) -> torch.Tensor:
+    """(H, W, 3) uint8 RGB -> (1, 3, 224, 224) float32, as the extension's ClipVisionDetector prepares it: the unit's
+    mask ((H, W) uint8, 255 where painted; none: zeros) rides along as the image's alpha, is stretched with it (so
+    the image goes through OpenCV's 4-channel INTER_AREA, which rounds a few pixels otherwise than the 3-channel
+    one), and zeroes the normalised pixels where painted: x · (255 − alpha)/255."""
+    if mask is None:
+        mask = np.zeros(image.shape[:2], np.uint8)
+    elif mask.shape != image.shape[:2]:  # (a mask of another size: stretched to the image's first)
+        mask = cv2.resize(mask, image.shape[1::-1], interpolation=cv2.INTER_AREA)
+    resized = cv2.resize(np.dstack([image, mask]), (SIZE, SIZE), interpolation=cv2.INTER_AREA)  # (224, 224, 4)
+    x = torch.from_numpy(resized[..., :3].copy()).permute(2, 0, 1)[None].float() / 255
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    return (x - mean) / std
+    kept = (255 - torch.from_numpy(resized[..., 3].copy()).float()) / 255
+    return (x - mean) / std * kept
 
 
 def check_tower_fits(adapter: IPAdapter, tower: CLIPVisionModelWithProjection, name: str) -> None:
@@ -102,10 +111,12 @@ def check_tower_fits(adapter: IPAdapter, tower: CLIPVisionModelWithProjection, n
 
 
 @torch.no_grad()
-def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A unit's images -> (its tokens, the unconditional tokens), each (1, T, C) in the adapter's dtype."""
+def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray], masks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A unit's images (and their masks, or None) -> (its tokens, the unconditional tokens), each (1, T, C) in the
+    adapter's dtype."""
     device = tower.visual_projection.weight.device
-    seen = tower(torch.cat([clip_pixels(image) for image in images]).to(device))
+    masks = masks or [None] * len(images)
+    seen = tower(torch.cat([clip_pixels(image, mask) for image, mask in zip(images, masks)]).to(device))
     if adapter.cfg.kind == "base":
         none = VisionOutput(image_embeds=torch.zeros_like(seen.image_embeds[:1]), penultimate=seen.penultimate[:1])
     else:
