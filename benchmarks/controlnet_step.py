@@ -11,7 +11,6 @@ Interleaved in one process; medians and the ratio ours/diffusers (below 1.0: our
 """
 
 import argparse
-import statistics
 
 import torch
 from diffusers import ControlNetModel
@@ -23,7 +22,7 @@ from latent_diffusion.pipeline.control import ResolvedControl
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, hint_field
 from latent_diffusion.pipeline.request import ControlUnit
 from machine import machine
-from unet_step import build, timed
+from unet_step import build, interleaved, print_medians
 
 
 def main():
@@ -70,21 +69,10 @@ def main():
             x, t, encoder_hidden_states=context, down_block_additional_residuals=down, mid_block_additional_residual=mid
         ).sample
 
-    with torch.inference_mode():
-        diff = (run_ours() - run_theirs().float()).abs().max().item()
-        for _ in range(2):
-            run_ours()
-            run_theirs()
-        times_ours, times_theirs = [], []
-        for _ in range(iters):
-            times_ours.append(timed(run_ours, sync))
-            times_theirs.append(timed(run_theirs, sync))
-    a, b = statistics.median(times_ours), statistics.median(times_theirs)
+    diff, a, b = interleaved(run_ours, run_theirs, iters, sync)
     print(f"U-Net + ControlNet sd-v1.5, batch 2, {size}x{size}, {dtype}, {device} ({machine()}), torch "
           f"{torch.__version__}, {iters} iterations")  # fmt: skip
-    print(f"  ours      median {a * 1e3:8.1f} ms")
-    print(f"  diffusers median {b * 1e3:8.1f} ms")
-    print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
+    print_medians(a, b, diff)
 
 
 if __name__ == "__main__":

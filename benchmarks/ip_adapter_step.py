@@ -13,7 +13,6 @@ medians and the ratio ours/diffusers (below 1.0: ours is faster).
 """
 
 import argparse
-import statistics
 
 import torch
 
@@ -24,7 +23,7 @@ from latent_diffusion.pipeline.control import ResolvedControl
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet
 from latent_diffusion.pipeline.request import ControlUnit
 from machine import machine
-from unet_step import build, timed
+from unet_step import build, interleaved, print_medians
 
 EMBED, HIDDEN = 1024, 1280  # OpenCLIP ViT-H/14's projected embedding and hidden widths (SD 1.5's IP-Adapters)
 
@@ -89,21 +88,10 @@ def main():
         embeds = {"image_embeds": [clip[:, None]]}  # (2, 1, E) or (2, 1, 257, E): row 0 unconditional
         return their_unet(x, t, encoder_hidden_states=context, added_cond_kwargs=embeds).sample
 
-    with torch.inference_mode():
-        diff = (run_ours() - run_theirs().float()).abs().max().item()
-        for _ in range(2):
-            run_ours()
-            run_theirs()
-        times_ours, times_theirs = [], []
-        for _ in range(iters):
-            times_ours.append(timed(run_ours, sync))
-            times_theirs.append(timed(run_theirs, sync))
-    a, b = statistics.median(times_ours), statistics.median(times_theirs)
+    diff, a, b = interleaved(run_ours, run_theirs, iters, sync)
     print(f"U-Net + IP-Adapter ({args.kind}) sd-v1.5, batch 2, {size}x{size}, {dtype}, {device} ({machine()}), torch "
           f"{torch.__version__}, {iters} iterations")  # fmt: skip
-    print(f"  ours      median {a * 1e3:8.1f} ms")
-    print(f"  diffusers median {b * 1e3:8.1f} ms")
-    print(f"  ratio ours/diffusers {a / b:.3f}   (max |difference| of outputs {diff:.2e})")
+    print_medians(a, b, diff)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,27 @@ def timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
+def interleaved(run_ours, run_theirs, iters: int, sync) -> tuple[float, float, float]:
+    """(max |difference| of the two outputs, ours' median time, theirs') after two warm-up runs of each, the timed
+    runs interleaved so that drift in machine load hits both alike."""
+    with torch.inference_mode():
+        diff = (run_ours() - run_theirs().float()).abs().max().item()
+        for _ in range(2):
+            run_ours()
+            run_theirs()
+        times_ours, times_theirs = [], []
+        for _ in range(iters):
+            times_ours.append(timed(run_ours, sync))
+            times_theirs.append(timed(run_theirs, sync))
+    return diff, statistics.median(times_ours), statistics.median(times_theirs)
+
+
+def print_medians(ours: float, theirs: float, diff: float) -> None:
+    print(f"  ours      median {ours * 1e3:8.1f} ms")
+    print(f"  diffusers median {theirs * 1e3:8.1f} ms")
+    print(f"  ratio ours/diffusers {ours / theirs:.3f}   (max |difference| of outputs {diff:.2e})")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sd-v1.5")
