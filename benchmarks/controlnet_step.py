@@ -16,13 +16,13 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-from latent_diffusion import LatentDiffusion, preset
+from latent_diffusion import preset
 from latent_diffusion.models.controlnet import ControlNet
 from latent_diffusion.pipeline.control import ResolvedControl
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, hint_field
 from latent_diffusion.pipeline.request import ControlUnit
 from machine import machine
-from unet_step import build, interleaved, print_medians
+from unet_step import build, device_setting, interleaved, model_around, print_medians
 
 
 def main():
@@ -30,16 +30,10 @@ def main():
     parser.add_argument("--size", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
-    size, iters = args.size or (512 if cuda else 256), args.iters or (30 if cuda else 5)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-
+    device, dtype, size, iters, sync = device_setting(args)
     cfg = preset("sd-v1.5")
     unet, their_unet = build(cfg, device, dtype)
-    with torch.device("meta"):  # (only the U-Net is run: the rest of the model stays unallocated)
-        model = LatentDiffusion(cfg)
-    model.model.diffusion_model = unet
+    model = model_around(unet, cfg)
     torch.manual_seed(2)
     net = ControlNet(cfg.unet).to(device, dtype).eval()
     with torch.no_grad():

@@ -28,7 +28,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from latent_diffusion import LatentDiffusionConfig, preset
+from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, preset
 from latent_diffusion.models.ldm import micro_conditioning
 from latent_diffusion.models.unet import UNetModel, timestep_embedding
 from latent_diffusion.models.yaml_config import to_ldm_config
@@ -66,6 +66,23 @@ def timed(fn, sync) -> float:
     fn()
     sync()
     return time.perf_counter() - start
+
+
+def device_setting(args) -> tuple[str, torch.dtype, int, int, object]:
+    """(device, dtype, size, iterations, sync) of the step benchmarks: a GPU in float16 at 512² (30 iterations) where
+    there is one, else the CPU in float32 at 256² (5); --size and --iters override."""
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.float16) if cuda else ("cpu", torch.float32)
+    size, iters = args.size or (512 if cuda else 256), args.iters or (30 if cuda else 5)
+    return device, dtype, size, iters, torch.cuda.synchronize if cuda else (lambda: None)
+
+
+def model_around(unet: torch.nn.Module, cfg: LatentDiffusionConfig) -> LatentDiffusion:
+    """A whole model holding `unet`, the rest of it on the meta device (only the U-Net is run: nothing allocated)."""
+    with torch.device("meta"):
+        model = LatentDiffusion(cfg)
+    model.model.diffusion_model = unet
+    return model
 
 
 def interleaved(run_ours, run_theirs, iters: int, sync) -> tuple[float, float, float]:
