@@ -20,7 +20,6 @@ block; the even n were the self-attentions', which have none). The projections, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from .attention import CrossAttention, attention
 from .clip_vision import VisionOutput
+from .shadowing import shadowed
 
 HEAD_WIDTH = 64  # the resampler's attention heads are 64 wide
 
@@ -168,24 +168,18 @@ def decoupled_attention(attn: CrossAttention, prompts: list, x: torch.Tensor, co
     return attn.to_out(out)
 
 
-@contextlib.contextmanager
 def image_prompted(unet: nn.Module, prompts: list[tuple[IPAdapter, torch.Tensor, float]]):
-    """The U-Net's cross-attentions attending to image prompts while this lasts: per prompt, an adapter, the tokens
-    of each row of the U-Net's batch (rows, T, C) and its weight w. Each cross-attention instance's forward is
-    shadowed (the module tree is unchanged), and a compiled U-Net runs eagerly meanwhile, as for reference units."""
+    """The U-Net's cross-attentions attending to image prompts while this lasts (`shadowed`): per prompt, an adapter,
+    the tokens of each row of the U-Net's batch (rows, T, C) and its weight w."""
     attentions = cross_attentions(unet)
     for adapter, _, _ in prompts:
         if len(adapter.cfg.layers) != len(attentions):
             raise ValueError(f"an IP-Adapter of {len(adapter.cfg.layers)} layers, for a U-Net of {len(attentions)}")
+    forwards = {}
     for i, attn in enumerate(attentions):
         kv = []
         for adapter, tokens, w in prompts:
             layer = adapter.ip_adapter[str(adapter.cfg.layers[i])]
             kv.append((layer.to_k_ip(tokens), layer.to_v_ip(tokens), w))  # (rows, T, inner) each
-        attn.forward = functools.partial(decoupled_attention, attn, kv)
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            yield
-    finally:
-        for attn in attentions:
-            del attn.forward
+        forwards[attn] = functools.partial(decoupled_attention, attn, kv)
+    return shadowed(forwards)

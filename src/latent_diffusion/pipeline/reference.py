@@ -31,7 +31,6 @@ same image every time, without touching the global generator.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
 
@@ -39,6 +38,7 @@ import torch
 from torch import nn
 
 from ..models.ldm import LatentDiffusion
+from ..models.shadowing import shadowed
 from ..models.spatial_transformer import BasicTransformerBlock
 
 MODULES = {"reference_only": (True, False), "reference_adain": (False, True), "reference_adain+attn": (True, True)}
@@ -136,26 +136,16 @@ def _adain_block(banks: Banks, weight: float, forward, block: nn.Module, *args, 
     return _mixed(banks, lambda rows: x[rows], renormed, [sf for _, _, sf in stored])
 
 
-@contextlib.contextmanager
 def hooked(model: LatentDiffusion, banks: Banks):
-    """The U-Net's transformer blocks and AdaIN blocks reading and writing `banks` (their module tree unchanged:
-    each instance's forward is shadowed while this lasts). A compiled U-Net runs eagerly meanwhile: the banks are
-    Python state that changes at every call, which would break its graph and recompile each block until dynamo's
-    limit."""
+    """The U-Net's transformer blocks and AdaIN blocks reading and writing `banks` while this lasts (`shadowed`: their
+    module tree unchanged, a compiled U-Net eager meanwhile)."""
     unet = model.model.diffusion_model
-    shadowed = []
+    forwards = {}
     for block, weight in attention_weights(unet).values():
-        block.forward = functools.partial(_transformer_block, banks, weight, block)
-        shadowed.append(block)
+        forwards[block] = functools.partial(_transformer_block, banks, weight, block)
     for block, weight in adain_weights(unet, model.cfg.unet):
-        block.forward = functools.partial(_adain_block, banks, weight, type(block).forward.__get__(block), block)
-        shadowed.append(block)
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            yield
-    finally:
-        for block in shadowed:
-            del block.forward
+        forwards[block] = functools.partial(_adain_block, banks, weight, type(block).forward.__get__(block), block)
+    return shadowed(forwards)
 
 
 def noise_like(latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
