@@ -4,15 +4,19 @@ spandrel for the upscaler tests, with a stand-in for the torchvision it imports 
 import contextlib
 import dataclasses
 import enum
+import importlib.machinery
 import os
 import sys
 import types
+from typing import ClassVar
 
+import numpy as np
 import pytest
 import torch
 
 from latent_diffusion import LatentDiffusion, LatentDiffusionConfig, TextEncoderConfig, UNetConfig, preset, save_model
 from latent_diffusion.models.config import SDXL_MICRO, SDXL_REFINER_MICRO
+from latent_diffusion.pipeline import annotators
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One thread per worker (and per process a test starts): two workers on two cores, each with a pool of two
@@ -190,3 +194,34 @@ def spandrel():
     import spandrel
 
     return spandrel
+
+
+# ---- controlnet_aux, stood in for (the annotator hook: `pipeline/annotators.py`) ------------------------------
+
+
+class FakeDetector:
+    """Stands in for a controlnet_aux detector: records how it was built and called."""
+
+    built: ClassVar[list] = []
+    calls: ClassVar[list] = []
+
+    @classmethod
+    def from_pretrained(cls, folder):
+        cls.built.append(folder)
+        return cls()
+
+    def __call__(self, image, **options):
+        FakeDetector.calls.append(options)
+        return np.full((options["detect_resolution"], options["detect_resolution"], 3), 7, np.uint8)
+
+
+@pytest.fixture
+def fake_controlnet_aux(monkeypatch):
+    module = types.ModuleType("controlnet_aux")
+    module.__spec__ = importlib.machinery.ModuleSpec("controlnet_aux", None)
+    module.MLSDdetector = module.MidasDetector = FakeDetector
+    monkeypatch.setitem(sys.modules, "controlnet_aux", module)
+    annotators._load.cache_clear()
+    FakeDetector.built, FakeDetector.calls = [], []
+    yield
+    annotators._load.cache_clear()

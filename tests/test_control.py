@@ -21,7 +21,7 @@ from latent_diffusion.pipeline.loading import Pipeline
 from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, RequestError
 from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
 
-from conftest import randomize, seeded, tiny_model
+from conftest import FakeDetector, randomize, seeded, tiny_model
 
 H, W = 64, 48
 STEPS = 4  # DDIM steps of the comparisons with diffusers' pipelines (enough for every step to go through control)
@@ -348,6 +348,8 @@ def control_values(text: str) -> dict:
         ),
         (["--controlnet", "nowhere.safetensors", "--control-image", "IMAGE"], "no such file"),
         (["--controlnet", "FILE", "--control-image", "nowhere.png"], "nowhere.png"),
+        (["--controlnet", "FILE", "--control-image", "IMAGE", "--control-module", "depth"], "'depth_midas' needs "),
+        (["--controlnet", "FILE", "--control-image", "IMAGE", "--annotator-dir", "nowhere"], "nowhere: no such folder"),
     ],
 )
 def test_command_line_bad_units_exit_2_writing_nothing(tmp_path, ckpt, controlnets, capsys, flags, message):
@@ -365,6 +367,23 @@ def test_command_line_bad_units_exit_2_writing_nothing(tmp_path, ckpt, controlne
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not out.exists()
+
+
+def test_command_line_annotator_modules_run_from_the_annotator_folder(tmp_path, ckpt, controlnets, fake_controlnet_aux):
+    """`--annotator-dir` names the annotators' weights: a depth unit runs its detector (controlnet_aux's, stood in
+    for) on the control image at the unit's resolution."""
+    from PIL import Image
+
+    from latent_diffusion.cli import main
+
+    Image.new("RGB", (W, H), "white").save(tmp_path / "control.png")
+    (tmp_path / "dpt_hybrid-midas-501f0c75.pt").write_bytes(b"weights")
+    flags = ["--controlnet", controlnets[0] / "cn_edges.safetensors", "--control-image", tmp_path / "control.png",
+             "--control-module", "depth", "--control-processor-res", 64, "--annotator-dir", tmp_path]  # fmt: skip
+    code = main([str(a) for a in ["txt2img", "--ckpt", ckpt, "--prompt", "x", "--width", W, "--height", H, "--steps",
+                                  1, "--quiet", "--outdir", tmp_path / "out", *flags]])  # fmt: skip
+    assert code == 0 and len(list((tmp_path / "out").glob("*.png"))) == 1
+    assert FakeDetector.built == [str(tmp_path)] and FakeDetector.calls[0]["detect_resolution"] == 64
 
 
 def test_the_hires_pass_fits_the_first_passs_map_again(tiny_models, controlnets, maps):

@@ -31,7 +31,7 @@ from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest
 from latent_diffusion.serving.server import ServerLimits, create_app
 from test_server import bomb_png, call, decode
 
-from conftest import randomize, seeded
+from conftest import FakeDetector, randomize, seeded
 
 W, H = 48, 64
 
@@ -169,7 +169,10 @@ def test_the_extensions_routes(served, picture):
         ({"image": "not an image"}, "ControlNet unit 1: image: not a base64-encoded image"),
         ({"image": bomb_png(5000, 5000)}, "ControlNet unit 1: image: the image is 5000x5000, over the limit"),
         ({"module": "nope"}, "ControlNet unit 1: unknown ControlNet module 'nope'"),
-        ({"module": "revision_clipvision"}, "ControlNet unit 1: ControlNet module 'revision_clipvision' needs a CLIP"),
+        (
+            {"module": "revision_clipvision"},
+            "ControlNet unit 1: ControlNet module 'revision_clipvision' (revision) is not",
+        ),
         ({"model": "nope"}, "ControlNet unit 1: no control model 'nope' here"),
         ({"model": "control_sd2"}, "ControlNet unit 1: control model control_sd2.safetensors: a ControlNet for SD 2"),
         ({"weight": 11}, "ControlNet unit 1: weight must be between 0 and 10, not 11"),
@@ -287,3 +290,32 @@ def test_a_reference_unit_runs_without_a_model(served, picture):
     assert answer["images"][0] != plain["images"][0]
     listed = call(base, "/controlnet/module_list")[1]
     assert all(listed["module_detail"][m]["available"] for m in ("reference_only", "reference_adain"))
+
+
+def test_annotator_modules_run_with_the_servers_annotator_folder(served, picture, serve, fake_controlnet_aux, tmp_path):
+    """`ldm serve --annotator-dir`: its modules are listed as available, /controlnet/detect and units run them
+    (here controlnet_aux's MidasDetector stands in, its file in a subfolder as the extension's annotator/downloads
+    keeps it); a server without the folder lists them unavailable and answers such a unit 422 saying what to give."""
+    base, pipeline, listed, folder, _ = served
+    (tmp_path / "midas").mkdir()
+    (tmp_path / "midas" / "dpt_hybrid-midas-501f0c75.pt").write_bytes(b"weights")
+    unit = {"enabled": True, "module": "depth_midas", "model": listed, "image": b64(picture), "processor_res": 64}
+    body = {"prompt": "a cat", "seed": 2, "steps": 2, "width": W, "height": H}
+    body |= {"alwayson_scripts": {"ControlNet": {"args": [unit]}}}
+    app = create_app(dataclasses.replace(pipeline, annotators=tmp_path), controlnet_dir=folder)
+    with serve(app) as with_folder:
+        modules = call(with_folder, "/controlnet/module_list?alias_names=true")[1]["module_detail"]
+        found = call(with_folder, "/controlnet/detect", {"controlnet_module": "depth", "controlnet_input_images":
+                                                        [b64(picture)], "controlnet_processor_res": 64})  # fmt: skip
+        status, answer = call(with_folder, "/sdapi/v1/txt2img", body)
+    assert modules["depth_midas"]["available"] and not modules["depth_zoe"]["available"]
+    assert FakeDetector.built == [str(tmp_path / "midas")]  # (built once, from the subfolder holding its file)
+    assert found[0] == 200 and np.array_equal(np.asarray(decode(found[1]["images"][0])), np.full((64, 64, 3), 7))
+    assert status == 200 and len(answer["images"]) == 2 and len(FakeDetector.calls) == 2
+    assert np.array_equal(np.asarray(decode(answer["images"][1])), np.full((H, W, 3), 7))  # the unit's map
+    status, refused = call(base, "/sdapi/v1/txt2img", body)
+    assert status == 422 and refused["detail"] == (
+        "ControlNet unit 0: ControlNet module 'depth_midas' needs annotator weights (dpt_hybrid-midas-501f0c75.pt): "
+        "no folder named (--annotator-dir)"
+    )
+    assert not call(base, "/controlnet/module_list?alias_names=true")[1]["module_detail"]["depth_midas"]["available"]

@@ -268,6 +268,13 @@ def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve,
         body = {"prompt": "a cat", "steps": 2, "width": W, "height": H}
         canny = {"ControlNet": {"args": [{**unit.to_dict(), "module": "canny"}]}}
         refused = call(base, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": canny})
+        modules = call(base, "/controlnet/module_list?alias_names=true")[1]["module_detail"]
+        no_map = call(base, "/controlnet/detect", {"controlnet_module": "ip-adapter_clip_h",
+                                                   "controlnet_input_images": [unit.to_dict()["image"]]})  # fmt: skip
+    with serve(create_app(dataclasses.replace(pipeline, clip_vision=None), controlnet_dir=controls)) as base:
+        ip_unit = {"ControlNet": {"args": [unit.to_dict()]}}
+        no_tower = call(base, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": ip_unit})
+        modules_without = call(base, "/controlnet/module_list")[1]["module_detail"]
     assert result.info["infotexts"][0].count(f"Model: {listed}") == 1
     control = ControlUnit(listed, from_pil(picture), module="ip-adapter_clip_sd15", weight=0.8, resize_mode="fill",
                           processor_res=512, threshold_a=64.0, threshold_b=64.0)  # fmt: skip
@@ -279,6 +286,16 @@ def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve,
     )
     assert len(result.images) == 1  # (no detected map: the extension's IP-Adapter modules return none)
     assert refused[0] == 422 and "ControlNet unit 0" in refused[1]["detail"] and "'canny'" in refused[1]["detail"]
+    # the page offers a module where it can run: the IP modules where their tower is in the folder
+    assert modules["ip-adapter_clip_h"]["available"] and modules["ip-adapter-auto"]["available"]
+    assert not modules["ip-adapter_clip_g"]["available"]  # (no clip_g here)
+    assert not any(modules_without[m]["available"] for m in ("ip-adapter_clip_sd15", "ip-adapter-auto"))
+    assert no_map[0] == 422 and no_map[1]["detail"] == (
+        "controlnet_module: ControlNet module 'ip-adapter_clip_h' makes no map: its image goes to a CLIP image tower "
+        "(an IP-Adapter model's module)"
+    )
+    assert no_tower[0] == 422 and no_tower[1]["detail"].startswith("ControlNet unit 0: ControlNet module ")
+    assert "--clip-vision-dir" in no_tower[1]["detail"]
 
 
 def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):

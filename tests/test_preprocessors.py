@@ -3,21 +3,20 @@
 function) and run beside ours with OpenCV: pixel for pixel for the uint8 maps. Tiny drawn images; nothing
 downloaded."""
 
-import importlib.machinery
 import importlib.util
 import sys
-import types
-from typing import ClassVar
 
 import cv2
 import numpy as np
 import pytest
 import torch
 
-from latent_diffusion.pipeline import annotators, control_images, control_modules, preprocessors
+from latent_diffusion.pipeline import control_images, control_modules, preprocessors
 from latent_diffusion.pipeline.control_images import control_hint, prepare_control
 from latent_diffusion.pipeline.control_modules import MODULES, PreprocessorError, find_module
 from latent_diffusion.pipeline.preprocessors import detect
+
+from conftest import FakeDetector
 
 # ---- the extension, restated -------------------------------------------------------------------------------------
 
@@ -577,34 +576,6 @@ def test_bad_input_is_one_clear_line(call, match):
 # ---- the annotator hook ------------------------------------------------------------------------------------------
 
 
-class FakeDetector:
-    """Stands in for a controlnet_aux detector: records how it was built and called."""
-
-    built: ClassVar[list] = []
-    calls: ClassVar[list] = []
-
-    @classmethod
-    def from_pretrained(cls, folder):
-        cls.built.append(folder)
-        return cls()
-
-    def __call__(self, image, **options):
-        FakeDetector.calls.append(options)
-        return np.full((options["detect_resolution"], options["detect_resolution"], 3), 7, np.uint8)
-
-
-@pytest.fixture
-def fake_controlnet_aux(monkeypatch):
-    module = types.ModuleType("controlnet_aux")
-    module.__spec__ = importlib.machinery.ModuleSpec("controlnet_aux", None)
-    module.MLSDdetector = module.MidasDetector = FakeDetector
-    monkeypatch.setitem(sys.modules, "controlnet_aux", module)
-    annotators._load.cache_clear()
-    FakeDetector.built, FakeDetector.calls = [], []
-    yield
-    annotators._load.cache_clear()
-
-
 def test_annotators_run_only_with_their_files(fake_controlnet_aux, tmp_path):
     with pytest.raises(PreprocessorError, match="'mlsd' needs annotator weights .* no folder named"):
         detect(drawing(), "mlsd")
@@ -634,3 +605,33 @@ def test_without_controlnet_aux_the_annotators_say_so(monkeypatch):
 def test_module_table_is_complete():
     assert control_modules.MODULES["shuffle"].resolution.value == 512
     assert all(m.requires_mask == m.is_inpaint for m in MODULES.values())
+
+
+def test_annotator_files_are_found_in_the_extensions_layout(fake_controlnet_aux, tmp_path):
+    """The extension's annotator/downloads keeps each annotator's files in a folder of its own: naming the downloads
+    folder finds them there; a module whose files are split over two folders is not runnable."""
+    (tmp_path / "midas").mkdir(), (tmp_path / "leres").mkdir(), (tmp_path / "other").mkdir()
+    (tmp_path / "midas" / "dpt_hybrid-midas-501f0c75.pt").write_bytes(b"weights")
+    (tmp_path / "leres" / "res101.pth").write_bytes(b"weights")
+    (tmp_path / "other" / "latest_net_G.pth").write_bytes(b"weights")
+    detail = preprocessors.module_list(annotator_folder=tmp_path)["module_detail"]
+    assert detail["depth"]["available"] and not detail["depth_leres"]["available"]
+    assert detect(drawing(), "depth", 64, annotator_folder=tmp_path).shape == (64, 64, 3)
+    assert FakeDetector.built == [str(tmp_path / "midas")]
+    with pytest.raises(PreprocessorError, match=f"needs res101.pth, latest_net_G.pth in {tmp_path} or a folder in"):
+        detect(drawing(), "depth_leres", annotator_folder=tmp_path)
+
+
+def test_ip_adapter_modules_are_available_where_their_tower_is(tmp_path):
+    """An IP-Adapter module can run where its CLIP image tower's file is in the folder (ip-adapter-auto: either
+    tower); /controlnet/detect has no map to give for it."""
+    (tmp_path / "clip_h.safetensors").write_bytes(b"")
+    detail = preprocessors.module_list(clip_vision=tmp_path)["module_detail"]
+    assert [detail[m]["available"] for m in ("ip-adapter_clip_sd15", "ip-adapter-auto", "ip-adapter_clip_sdxl")] == [
+        True,
+        True,
+        False,
+    ]
+    assert not preprocessors.module_list()["module_detail"]["ip-adapter-auto"]["available"]
+    with pytest.raises(PreprocessorError, match="'ip-adapter_clip_h' makes no map"):
+        detect(drawing(), "ip-adapter_clip_sd15")

@@ -103,6 +103,7 @@ def cmd_serve(args) -> None:
     files = dict(embeddings_dir=embeddings, loras=loras, upscalers=upscalers, styles=styles_arg(args.styles_file))
     files |= dict(controlnets=controlnets)
     files |= dict(clip_vision=folder_arg(args.clip_vision_dir, "--clip-vision-dir", "models/clip_vision"))
+    files |= dict(annotators=folder_arg(args.annotator_dir, "--annotator-dir", "models/annotators"))
     files |= weights_args(args)
 
     def load(path) -> Pipeline:

@@ -25,6 +25,11 @@ CLIP_VISION_DIR_HELP = (
     "the CLIP image towers IP-Adapter units need, clip_h.pth and clip_g.pth as the ControlNet extension names them "
     "(default: models/clip_vision where it exists)"
 )
+ANNOTATOR_DIR_HELP = (
+    "the annotator weights of the preprocessors that need them (depth, openpose, lineart, ...), run through the "
+    "controlnet_aux package: lllyasviel/Annotators' files, or the extension's annotator/downloads folder (default: "
+    "models/annotators where it exists)"
+)
 UPSCALER_DIR_HELP = (
     "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "
     "UI's models/ESRGAN, models/RealESRGAN, models/SwinIR, models/DAT and models/HAT where they exist)"

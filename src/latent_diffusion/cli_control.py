@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .cli_common import CLIP_VISION_DIR_HELP, UsageError
+from .cli_common import ANNOTATOR_DIR_HELP, CLIP_VISION_DIR_HELP, UsageError
 from .files import legacy_model_hash
 from .pipeline.images import load_image
 from .pipeline.reference import MODULES as REFERENCE_MODULES
@@ -63,6 +63,7 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--control-pixel-perfect", action="store_true", help="the preprocessor at the image's size")
     group.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
+    group.add_argument("--annotator-dir", help=ANNOTATOR_DIR_HELP)
 
 
 def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:

@@ -336,6 +336,7 @@ def load_from_args(args, embeddings, loras, device, dtype) -> Pipeline:
         upscalers=upscaler_args(args.upscaler_dir),
         controlnets=getattr(args, "control_files", None),
         clip_vision=folder_arg(getattr(args, "clip_vision_dir", None), "--clip-vision-dir", "models/clip_vision"),
+        annotators=folder_arg(getattr(args, "annotator_dir", None), "--annotator-dir", "models/annotators"),
         hires_checkpoint=getattr(args, "hires_checkpoint", None),
         styles=styles_arg(args.styles_file),
         **weights_args(args),

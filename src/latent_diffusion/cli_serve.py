@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .cli_common import (
+    ANNOTATOR_DIR_HELP,
     CLIP_VISION_DIR_HELP,
     DTYPE_CHOICES,
     DTYPE_HELP,
@@ -52,6 +53,7 @@ def add_serve(sub) -> None:
         "models/ControlNet where it exists)",
     )
     serve.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
+    serve.add_argument("--annotator-dir", help=ANNOTATOR_DIR_HELP)
     serve.add_argument(
         "--vae-dir", help="VAE files that clients may choose (sd_vae; default: models/VAE where it exists)"
     )

@@ -1,7 +1,8 @@
 """The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, normals, MLSD), run through
 the `controlnet_aux` package: only where it is importable and its weight files are in a folder the user names.
 Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
-as it is) only after every file it will read has been found there.
+as it is) only after every file it will read has been found there (or in one of its subfolders, as the extension's
+`annotator/downloads` keeps them).
 
 This is a hook, not a port: the maps are controlnet_aux's, which resizes to a multiple of 64 at the processor
 resolution where the extension pads (`resize_image_with_pad`), so they differ from the web UI's in size and at the
@@ -70,6 +71,18 @@ ANNOTATORS = {
 }
 
 
+def weights_folder(module: ControlModule, folder: str | os.PathLike | None) -> Path | None:
+    """Where `module`'s files are: `folder` itself, or one of its subfolders holding them all (the extension keeps
+    them one folder per annotator, `annotator/downloads/openpose/` and so on, under the same file names)."""
+    spec = ANNOTATORS.get(module.name)
+    if spec is None or folder is None or not Path(folder).is_dir():
+        return None
+    for place in [Path(folder), *sorted(p for p in Path(folder).iterdir() if p.is_dir())]:
+        if all((place / name).is_file() for name in spec.files):
+            return place
+    return None
+
+
 def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
     """Why `module` cannot run through controlnet_aux with the weights in `folder`; None where it can."""
     spec = ANNOTATORS.get(module.name)
@@ -78,10 +91,14 @@ def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) 
     if importlib.util.find_spec("controlnet_aux") is None:
         return f"ControlNet module {module.label!r} needs the controlnet_aux package, which is not installed"
     if folder is None:
-        return f"ControlNet module {module.label!r} needs annotator weights ({', '.join(spec.files)}): no folder named"
-    missing = [name for name in spec.files if not (Path(folder) / name).is_file()]
-    if missing:
-        return f"ControlNet module {module.label!r} needs {', '.join(missing)} in {os.fspath(folder)}"
+        return (
+            f"ControlNet module {module.label!r} needs annotator weights ({', '.join(spec.files)}): no folder named "
+            "(--annotator-dir)"
+        )
+    if weights_folder(module, folder) is None:
+        return (
+            f"ControlNet module {module.label!r} needs {', '.join(spec.files)} in {os.fspath(folder)} or a folder in it"
+        )
     return None
 
 
@@ -104,7 +121,7 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None) -> Callab
 
     def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: float, rng=None) -> np.ndarray:
         try:
-            detector = _load(spec.detector, os.fspath(folder))
+            detector = _load(spec.detector, os.fspath(weights_folder(module, folder)))
         except Exception as error:  # a file that is not the weights it is named for: say which, in one line
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise PreprocessorError(

@@ -175,6 +175,7 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
                         pixel_perfect=unit.pixel_perfect,
                         mask=None if mask is None else _uint8(mask)[..., 0],
                         seed=numpy_seed(seeds[0], -1, seeds[0]),  # (shuffle's; the extension's, once a request)
+                        annotator_folder=pipeline.annotators,
                     )
                 )
             except PreprocessorError as e:

@@ -29,13 +29,13 @@ import cv2
 import numpy as np
 import torch
 
-from .control_modules import ControlModule, PreprocessorError, find_module
+from .control_modules import ControlModule, PreprocessorError
 from .preprocessors import (
     check_image,
     hwc3,
+    map_module,
     resolve_sliders,
     run_module,
-    unavailable_reason,
     visualize_inpaint_mask,
     with_mask,
 )
@@ -222,10 +222,7 @@ def control_map(
     `seed` is shuffle's NumPy seed (`preprocessors.numpy_seed` of the request's seeds); `annotator_folder` holds the
     annotator weights of the modules that need them. The default resize mode is the extension's ("Crop and Resize").
     """
-    found = find_module(module)
-    reason = unavailable_reason(found, annotator_folder)
-    if reason is not None:
-        raise PreprocessorError(reason)
+    found = map_module(module, annotator_folder)
     mode = resize_mode_from_value(resize_mode)
     h, w = (int(size[0]) // 8) * 8, (int(size[1]) // 8) * 8
     if h < 8 or w < 8:

@@ -71,6 +71,20 @@ def find_tower(folder: str | os.PathLike | None, name: str) -> Path:
     raise ImagePromptError(f"the CLIP image tower {name} ({'/'.join(name + s for s in SUFFIXES)}) is not {where}")
 
 
+def missing_tower(module: str, folder: str | os.PathLike | None) -> str | None:
+    """Why an IP-Adapter module cannot run here (its tower's file is not in `folder`), in one line; None where it
+    can (`ip-adapter-auto`: where either tower is, the model deciding which it needs)."""
+    names = ("clip_h", "clip_g") if module == AUTO else (tower_name(module, ""),)
+    problems = []
+    for name in names:
+        try:
+            find_tower(folder, name)
+            return None
+        except ImagePromptError as e:
+            problems.append(str(e))
+    return problems[0]
+
+
 @functools.lru_cache(maxsize=2)
 def _tower(path: Path, version: tuple, device: torch.device) -> CLIPVisionModelWithProjection:
     return load_clip_vision(path, device)

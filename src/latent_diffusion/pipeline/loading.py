@@ -34,6 +34,7 @@ class Pipeline:
     upscalers: dict[str, Path] = field(default_factory=dict)  # image upscaler model files, by name (`upscalers.py`)
     controlnets: dict[str, Path] = field(default_factory=dict)  # ControlNet, T2I- and IP-Adapter files, "name [hash]"
     clip_vision: Path | None = None  # the folder of the CLIP image towers IP-Adapters need (`image_prompts.py`)
+    annotators: Path | None = None  # the folder of the annotator weights some preprocessors need (`annotators.py`)
     hires_pipeline: Pipeline | None = None  # the hires pass's own checkpoint (the web UI's hr_checkpoint_name)
     styles: dict[str, Style] = field(default_factory=dict)  # prompt styles that requests may name (a styles.csv)
     notices: list[str] = field(default_factory=list)  # what loading skipped (embeddings of another width)
@@ -59,6 +60,7 @@ def load_pipeline(
     upscalers: dict[str, str | os.PathLike] | None = None,
     controlnets: dict[str, str | os.PathLike] | None = None,
     clip_vision: str | os.PathLike | None = None,
+    annotators: str | os.PathLike | None = None,
     hires_checkpoint: str | os.PathLike | None = None,
     styles: dict[str, Style] | None = None,
     compile: bool = False,
@@ -69,8 +71,8 @@ def load_pipeline(
     one; its autoencoder's encoder read when an image is first encoded) and what goes beside it: a VAE file over its
     autoencoder, a refiner on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text
     encoders' width, the LoRA, upscaler and control model files by name (`lora.find_loras`,
-    `upscalers.find_upscalers`, `control.find_control_models`), the folder of the CLIP image towers IP-Adapters need,
-    and a checkpoint for the hires pass with the same files beside it. compile: the U-Nets and decoders
+    `upscalers.find_upscalers`, `control.find_control_models`), the folders of the CLIP image towers IP-Adapters need
+    and of the annotator weights of the preprocessors that need them, and a checkpoint for the hires pass with the same files beside it. compile: the U-Nets and decoders
     through torch.compile. unet_weights_dtype, text_weights_dtype: the storage of the U-Nets' and the text
     encoders' layer weights (float8, float16, bfloat16 or "Q8_0"), for every checkpoint loaded here (`weights/storage.py`)."""
     at = dict(device=device, dtype=dtype, unet_weights_dtype=unet_weights_dtype, text_weights_dtype=text_weights_dtype)
@@ -85,7 +87,7 @@ def load_pipeline(
     files = dict(
         embeddings_dir=embeddings_dir, loras=loras, upscalers=upscalers, controlnets=controlnets, compile=compile
     )
-    files |= dict(clip_vision=clip_vision)
+    files |= dict(clip_vision=clip_vision, annotators=annotators)
     hires = load_pipeline(hires_checkpoint, **at, **files) if hires_checkpoint else None
     return Pipeline(
         model,
@@ -99,6 +101,7 @@ def load_pipeline(
         upscalers=_paths(upscalers),
         controlnets=_paths(controlnets),
         clip_vision=Path(clip_vision) if clip_vision is not None else None,
+        annotators=Path(annotators) if annotators is not None else None,
         hires_pipeline=hires,
         styles=dict(styles or {}),
         notices=notices + (hires.notices if hires else []),

@@ -26,6 +26,7 @@ import numpy as np
 
 from . import annotators
 from .control_modules import ControlModule, PreprocessorError, Slider, find_module, module_detail, sorted_modules
+from .image_prompts import IMAGE_PROMPT_MODULES, missing_tower
 
 
 def hwc3(image: np.ndarray) -> np.ndarray:
@@ -196,24 +197,51 @@ def numpy_seed(seed: int, subseed: int, first_seed: int) -> int:
     return (seed + subseed) & 0xFFFFFFFF
 
 
-def unavailable_reason(module: ControlModule, annotator_folder: str | os.PathLike | None = None) -> str | None:
-    """Why `module` cannot run here, in one line; None where it can."""
+def unavailable_reason(
+    module: ControlModule,
+    annotator_folder: str | os.PathLike | None = None,
+    clip_vision: str | os.PathLike | None = None,
+) -> str | None:
+    """Why `module` cannot run here, in one line; None where it can. `annotator_folder` holds the annotators'
+    weights (`annotators.py`), `clip_vision` the CLIP image towers of the IP-Adapter modules (`image_prompts.py`)."""
     if module.name in DETECTORS:
         return None
+    if module.name in IMAGE_PROMPT_MODULES:
+        reason = missing_tower(module.name, clip_vision)
+        return reason and f"ControlNet module {module.label!r} needs {reason}"
     if module.model_free:  # revision_*: no preprocessing, work done inside the U-Net
-        return f"ControlNet module {module.label!r} needs a CLIP vision model, which nothing here loads"
+        return f"ControlNet module {module.label!r} (revision) is not built here"
     if module.name == "inpaint_only+lama":
         return f"ControlNet module {module.label!r} needs the LaMa inpainting model, which nothing here loads"
     return annotators.unavailable_reason(module, annotator_folder)
 
 
-def module_list(alias_names: bool = False, annotator_folder: str | os.PathLike | None = None) -> dict:
+def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
+    """The module a map is made with (PreprocessorError where it makes none, or cannot run here)."""
+    found = find_module(name)
+    if found.name in IMAGE_PROMPT_MODULES:
+        raise PreprocessorError(
+            f"ControlNet module {found.label!r} makes no map: its image goes to a CLIP image tower (an IP-Adapter "
+            "model's module)"
+        )
+    reason = unavailable_reason(found, annotator_folder)
+    if reason is not None:
+        raise PreprocessorError(reason)
+    return found
+
+
+def module_list(
+    alias_names: bool = False,
+    annotator_folder: str | os.PathLike | None = None,
+    clip_vision: str | os.PathLike | None = None,
+) -> dict:
     """`GET /controlnet/module_list?alias_names=...`: every module the extension has, in its order (labels where
-    `alias_names`, else names), and their sliders; each detail also says whether it is `available` here (a key the
-    extension does not send)."""
+    `alias_names`, else names), and their sliders; each detail also says whether it is `available` here with these
+    folders (`unavailable_reason`; a key the extension does not send)."""
     modules = sorted_modules()
     keys = [m.label if alias_names else m.name for m in modules]
-    details = [module_detail(m) | {"available": unavailable_reason(m, annotator_folder) is None} for m in modules]
+    available = [unavailable_reason(m, annotator_folder, clip_vision) is None for m in modules]
+    details = [module_detail(m) | {"available": ok} for m, ok in zip(modules, available)]
     return {"module_list": keys, "module_detail": dict(zip(keys, details))}
 
 
@@ -309,10 +337,7 @@ def detect(
     """`POST /controlnet/detect` for one image: the map the extension sends back (uint8 (h, w, 3); (h, w, 4) for the
     inpaint modules, which need the mask). A mask is ignored by other modules, as there. The image goes through
     HWC3 first (alpha over white). shuffle draws from `RandomState(seed)`, or fresh entropy without a seed."""
-    found = find_module(module)
-    reason = unavailable_reason(found, annotator_folder)
-    if reason is not None:
-        raise PreprocessorError(reason)
+    found = map_module(module, annotator_folder)
     rgb = hwc3(check_image(image))
     if found.requires_mask and mask is None:
         raise PreprocessorError(f"ControlNet module {found.label!r} needs a mask (controlnet_masks)")

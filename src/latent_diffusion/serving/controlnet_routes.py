@@ -73,7 +73,7 @@ class ControlNetRoutes:
         self.state, self.folder = state, folder
 
     def add_routes(self, app: FastAPI) -> None:
-        lists = {"version": version, "model_list": self.model_list, "module_list": modules, "settings": settings}
+        lists = {"version": version, "model_list": self.model_list, "module_list": self.modules, "settings": settings}
         for path, endpoint in {**lists, "control_types": self.control_types}.items():
             app.add_api_route(f"/controlnet/{path}", endpoint, methods=["GET"])
         app.add_api_route("/controlnet/detect", self.detect, methods=["POST"])
@@ -91,6 +91,12 @@ class ControlNetRoutes:
         """A pipeline loaded for a checkpoint switch gets the control models as last listed."""
         if self.folder is not None:
             pipeline.controlnets = dict(self.state.worker.pipeline.controlnets)
+
+    def modules(self, alias_names: bool = False) -> dict:
+        """`/controlnet/module_list`: names (labels with `alias_names`) and each module's sliders, as the
+        extension's; `available` says which can run with the pipeline's folders (annotators, CLIP image towers)."""
+        pipeline = self.state.worker.pipeline
+        return module_list(alias_names, pipeline.annotators, pipeline.clip_vision)
 
     def control_types(self) -> dict:
         """`/controlnet/control_types`: per type ("All" first), its modules (labels), the models whose names mark
@@ -120,8 +126,11 @@ class ControlNetRoutes:
             masks = body.controlnet_masks
             mask = self.rgb(masks[i], f"controlnet_masks[{i}]") if i < len(masks) else None
             sliders = body.controlnet_processor_res, body.controlnet_threshold_a, body.controlnet_threshold_b
+            folder = self.state.worker.pipeline.annotators
             try:
-                found = detect(image, body.controlnet_module, *sliders, mask=mask, strict=False)
+                found = detect(
+                    image, body.controlnet_module, *sliders, mask=mask, annotator_folder=folder, strict=False
+                )
             except PreprocessorError as e:
                 raise RequestError(f"controlnet_module: {e}") from None
             maps.append(png_base64(Image.fromarray(found), ""))
@@ -140,7 +149,7 @@ class ControlNetRoutes:
         def opened(data: str, field: str) -> Image.Image:
             return self.state.open_request_image(data, field, (1, 1), 0)  # (its pixel count checked from its header)
 
-        return controlnet_units.control_units(body, self.state.worker.pipeline.controlnets, opened, init)
+        return controlnet_units.control_units(body, self.state.worker.pipeline, opened, init)
 
     def img2img_units(self, body, image: Image.Image, mask: Image.Image | None, box, size, blur) -> list:
         """img2img's units: those without an image take the init image as sent (RGB), the inpaint modules its mask
@@ -181,11 +190,6 @@ def control_type(name: str, models: list[str]) -> dict:
 
 def version() -> dict:
     return {"version": API_VERSION}
-
-
-def modules(alias_names: bool = False) -> dict:
-    """`/controlnet/module_list`: names (labels with `alias_names`) and each module's sliders, as the extension's."""
-    return module_list(alias_names)
 
 
 def settings() -> dict:

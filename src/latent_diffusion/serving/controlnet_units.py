@@ -24,8 +24,8 @@ from PIL import Image, ImageOps
 from ..pipeline.control import find_model
 from ..pipeline.control_images import resize_mode_from_value
 from ..pipeline.control_modules import ControlModule, PreprocessorError, Slider, find_module
-from ..pipeline.image_prompts import IMAGE_PROMPT_MODULES
 from ..pipeline.images import as_mode, from_pil
+from ..pipeline.loading import Pipeline
 from ..pipeline.preprocessors import unavailable_reason
 from ..pipeline.reference import MODULES as REFERENCE_MODULES
 from ..pipeline.request import (
@@ -100,14 +100,15 @@ def enabled_units(body) -> list[tuple[int, dict]]:
 
 
 def control_units(
-    body, models: dict, open_image: Callable[[str, str], Image.Image], init: InitImage | None = None
+    body, pipeline: Pipeline, open_image: Callable[[str, str], Image.Image], init: InitImage | None = None
 ) -> list[ControlUnit]:
-    """The request's enabled units as `ControlUnit`s: models named as the pipeline lists them (`models`), images
-    opened by `open_image(base64, field)` (which checks their size); in img2img, `init` for units without one."""
-    return [_control_unit(i, fields, models, open_image, init) for i, fields in enabled_units(body)]
+    """The request's enabled units as `ControlUnit`s: models named as the pipeline lists them, modules that can run
+    with its folders, images opened by `open_image(base64, field)` (which checks their size); in img2img, `init` for
+    units without one."""
+    return [_control_unit(i, fields, pipeline, open_image, init) for i, fields in enabled_units(body)]
 
 
-def _control_unit(i: int, fields: dict, models: dict, open_image, init: InitImage | None) -> ControlUnit:
+def _control_unit(i: int, fields: dict, pipeline: Pipeline, open_image, init: InitImage | None) -> ControlUnit:
     where = f"ControlNet unit {i}"
     value = _reader(fields, where)
     module_name = value("module", str, "none", "a module name")
@@ -115,9 +116,9 @@ def _control_unit(i: int, fields: dict, models: dict, open_image, init: InitImag
         module = find_module(module_name)
     except PreprocessorError as e:
         raise RequestError(f"{where}: {e}") from None
-    if module.name not in IMAGE_PROMPT_MODULES and (reason := unavailable_reason(module)) is not None:
-        raise RequestError(f"{where}: {reason}")  # (an IP-Adapter's tower is looked for when the unit is resolved)
-    model = "None" if module_name in REFERENCE_MODULES else find_model(str(fields.get("model")), models)
+    if (reason := unavailable_reason(module, pipeline.annotators, pipeline.clip_vision)) is not None:
+        raise RequestError(f"{where}: {reason}")
+    model = "None" if module_name in REFERENCE_MODULES else find_model(str(fields.get("model")), pipeline.controlnets)
     if model is None:
         raise RequestError(
             f"{where}: no control model {fields['model']!r} here (GET /controlnet/model_list lists them)"

@@ -122,6 +122,7 @@ $("pnginfo-file").addEventListener("change", async () => {
   showError("");
   try {
     const { parameters: p } = await api("png-info", { image: await dataUrl(file) });
+    await listsFilled;
     if (!p.Prompt && !p.Steps) throw new Error(`${file.name} holds no infotext`);
     const fields = { prompt: p.Prompt, negative_prompt: p["Negative prompt"], steps: p.Steps, seed: p.Seed,
                      cfg_scale: p["CFG scale"], width: p["Size-1"], height: p["Size-2"] };
@@ -266,4 +267,5 @@ function maskImage() {
   return canvas.toDataURL("image/png");
 }
 
-fillLists().catch((e) => showError("cannot reach the API: " + e.message));
+// (an infotext read before the lists are filled waits for them: its sampler and upscaler are picked from them)
+const listsFilled = fillLists().catch((e) => showError("cannot reach the API: " + e.message));
