@@ -171,7 +171,7 @@ def test_the_extensions_routes(served, picture):
         ({"module": "nope"}, "ControlNet unit 1: unknown ControlNet module 'nope'"),
         (
             {"module": "revision_clipvision"},
-            "ControlNet unit 1: ControlNet module 'revision_clipvision' (revision) is not",
+            "ControlNet unit 1: ControlNet module 'revision_clipvision' needs the CLIP image tower clip_g",
         ),
         ({"model": "nope"}, "ControlNet unit 1: no control model 'nope' here"),
         ({"model": "control_sd2"}, "ControlNet unit 1: control model control_sd2.safetensors: a ControlNet for SD 2"),

@@ -172,4 +172,4 @@ def test_the_command_line_runs_a_reference_unit_the_same_every_time(tmp_path, ck
     assert torch.equal(drawn[0], drawn[1]) and not torch.equal(drawn[0], drawn[2])
     assert parse_parameters(text)["ControlNet 0"].startswith("Module: reference_only, Model: None, Weight: 0.9")
     bad = [*common[:-2], "--control-module", "canny", "--outdir", str(tmp_path / "d")]
-    assert main(bad) == 2 and "needs a --control-module of reference_only" in capsys.readouterr().err
+    assert main(bad) == 2 and "needs a --control-module of reference_adain, " in capsys.readouterr().err

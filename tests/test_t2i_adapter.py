@@ -210,7 +210,7 @@ def bad_files() -> dict[str, tuple[dict, str]]:
     good = to_tencentarc(diffusers_adapter("full_adapter", 1).state_dict(), "full_adapter")
     skep = {**good, "body.0.skep.weight": torch.zeros(32, 32, 1, 1)}
     return {
-        "style": ({"style_embedding": torch.zeros(1, 8, 16), "proj": torch.zeros(16, 8)}, "style adapter"),
+        "style": ({"style_embedding": torch.zeros(1, 8, 16), "proj": torch.zeros(16, 8)}, "style adapter: it has no"),
         "fuser": ({"task_embedding": torch.zeros(16, 8), "seq_proj": torch.zeros(8, 8)}, "CoAdapter fuser"),
         "skep": (skep, "sk=False"),
         "missing": ({k: v for k, v in good.items() if k != "body.5.block2.bias"}, "1 missing keys"),

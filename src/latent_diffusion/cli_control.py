@@ -1,5 +1,5 @@
 """`ldm txt2img/img2img/inpaint`'s control unit flags: `--controlnet FILE[:WEIGHT]` once per unit, in order, each with
-its `--control-image` (`--controlnet None` for a reference unit, which needs no file); the other --control flags given
+its `--control-image` (`--controlnet None` for a reference or revision unit, which needs no file); the other --control flags given
 once apply to every unit, given once per unit to each."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .cli_common import ANNOTATOR_DIR_HELP, CLIP_VISION_DIR_HELP, UsageError
 from .files import legacy_model_hash
+from .pipeline.control_modules import MODEL_FREE
 from .pipeline.images import load_image
-from .pipeline.reference import MODULES as REFERENCE_MODULES
 from .pipeline.request import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit
 
 PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
@@ -37,7 +37,7 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
         "--controlnet",
         action="append",
         metavar="FILE[:WEIGHT]",
-        help="a ControlNet, T2I-Adapter or IP-Adapter file (weight 1)",
+        help="a ControlNet, T2I-Adapter or IP-Adapter file (weight 1); None for the reference and revision modules",
     )
     group.add_argument("--control-image", action="append", metavar="IMAGE", help="the unit's image")
     group.add_argument(
@@ -80,9 +80,9 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
     files, units = {}, []
     for k, (spec, image) in enumerate(zip(specs, images)):
         settings = {field: _nth(args, dest, k, len(specs)) for dest, (field, _) in PER_UNIT.items()}
-        if spec.partition(":")[0].lower() == "none":  # a reference unit (`pipeline/reference.py`): no file
-            if settings["module"] not in REFERENCE_MODULES:
-                modules = ", ".join(REFERENCE_MODULES)
+        if spec.partition(":")[0].lower() == "none":  # a reference or revision unit: no file
+            if settings["module"] not in MODEL_FREE:
+                modules = ", ".join(MODEL_FREE)
                 raise UsageError(f"--controlnet {spec}: a unit without a file needs a --control-module of {modules}")
             weight, listed = _file_and_weight(spec, none=True)[1], "None"
         else:

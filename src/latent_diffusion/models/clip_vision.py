@@ -7,8 +7,10 @@ pre-norm blocks (the text encoder's `CLIPEncoderLayer`), and
 
     image_embeds = visual_projection(post_layernorm(x_last[:, 0]))       the class token's final state
     penultimate  = x_{L−1}                                               the input of the last block (all tokens)
+    last         = x_L                                                   all tokens, before post_layernorm
 
-IP-Adapter conditions on the first; its "plus" models on the second (transformers' `hidden_states[-2]`).
+IP-Adapter and revision condition on the first; IP-Adapter's "plus" models on the second (transformers'
+`hidden_states[-2]`); the T2I style adapter on the third (transformers' `last_hidden_state`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ def vision_config_of(shapes: dict[str, tuple]) -> VisionConfig:
 class VisionOutput:
     image_embeds: torch.Tensor  # (b, embed_dim)
     penultimate: torch.Tensor  # (b, 1 + patches, width)
+    last: torch.Tensor | None = None  # (b, 1 + patches, width): the last block's output, before post_layernorm
 
 
 class CLIPVisionModelWithProjection(nn.Module):
@@ -92,5 +95,6 @@ class CLIPVisionModelWithProjection(nn.Module):
         *layers, last = v.encoder.layers
         for layer in layers:
             x = layer(x)
-        pooled = v.post_layernorm(last(x)[:, 0])
-        return VisionOutput(image_embeds=self.visual_projection(pooled), penultimate=x)
+        out = last(x)
+        pooled = v.post_layernorm(out[:, 0])
+        return VisionOutput(image_embeds=self.visual_projection(pooled), penultimate=x, last=out)

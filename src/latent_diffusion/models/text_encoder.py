@@ -93,9 +93,9 @@ class CLIPTextModel(nn.Module):
 class MultiheadSelfAttention(nn.Module):
     """The parameters of torch.nn.MultiheadAttention (`in_proj_weight` = q, k, v stacked), run by `attention`."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, causal: bool = True):
         super().__init__()
-        self.heads = heads
+        self.heads, self.causal = heads, causal
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
@@ -108,14 +108,17 @@ class MultiheadSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.in_proj(x).chunk(3, dim=-1)
-        return self.out_proj(attention(q, k, v, self.heads, causal=True))
+        return self.out_proj(attention(q, k, v, self.heads, causal=self.causal))
 
 
 class ResidualAttentionBlock(nn.Module):
-    def __init__(self, cfg: TextEncoderConfig):
+    """open_clip's block (cfg: width, heads, mlp_width, activation); causal in the text tower, not elsewhere (the T2I
+    style adapter's, `style_adapter.py`)."""
+
+    def __init__(self, cfg: TextEncoderConfig, causal: bool = True):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.width)
-        self.attn = MultiheadSelfAttention(cfg.width, cfg.heads)
+        self.attn = MultiheadSelfAttention(cfg.width, cfg.heads, causal)
         self.ln_2 = nn.LayerNorm(cfg.width)
         self.mlp = nn.Module()
         self.mlp.c_fc = nn.Linear(cfg.width, cfg.mlp_width)

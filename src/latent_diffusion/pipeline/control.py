@@ -22,23 +22,30 @@ from ..files import legacy_model_hash
 from ..models.controlnet import ControlNet
 from ..models.ip_adapter import IPAdapter
 from ..models.ldm import LatentDiffusion
+from ..models.style_adapter import StyleAdapter
 from ..weights.controlnet import check_controlnet_fits, load_controlnet
 from ..weights.ip_adapter import is_ip_adapter_state_dict, load_ip_adapter
 from ..weights.reader import CheckpointError, first_line, read_state_dict, safetensors_index
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
 from .control_images import control_map, prepare_control
-from .control_modules import PreprocessorError, Slider, find_module
+from .control_modules import MODEL_FREE, PreprocessorError, Slider, find_module
 from .image_prompts import (
+    REVISION_MODULES,
+    STYLE_MODULE,
+    TOWERS,
     ImagePromptError,
     check_ip_adapter_fits,
+    check_revision_fits,
+    check_style_adapter_fits,
     check_tower_fits,
     find_tower,
     image_tokens,
     load_tower,
+    revision_embedding,
+    style_tokens,
     tower_name,
 )
-from .preprocessors import numpy_seed
-from .reference import MODULES as REFERENCE_MODULES
+from .preprocessors import numpy_seed, resolve_sliders
 from .reference import style_fidelity
 from .request import CONTROL_MODES, RESIZE_MODES, ControlUnit, RequestError, fail
 
@@ -62,7 +69,10 @@ class ResolvedControl:
     acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
     fidelity: float = 0.0  # a reference unit's style fidelity in this pass (`reference.style_fidelity`)
     seed: int = 0  # a reference unit's draws: the request's first seed
-    image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None  # an IP-Adapter's: (tokens, unconditional) (1, T, C)
+    # What a unit that has an image tower gives (`image_prompts.py`), (for the prompt's rows, the unconditional rows):
+    # an IP-Adapter's and a style adapter's tokens (1, T, C), revision's embedding (1, E)
+    image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+    ignores_prompt: bool = False  # revision: the prompt's context zeroed while it acts
 
     def rows(self, start: int, stop: int) -> ResolvedControl:
         """Images start..stop's maps (one for all stays one)."""
@@ -141,6 +151,8 @@ def load_control_model(path: Path, model: LatentDiffusion) -> nn.Module:
             check_controlnet_fits(control, model.cfg)
         elif isinstance(control, IPAdapter):
             check_ip_adapter_fits(control, model.model.diffusion_model, model.cfg.unet.context_dim)
+        elif isinstance(control, StyleAdapter):
+            check_style_adapter_fits(control, model.cfg.unet.context_dim)
         else:
             check_adapter_fits(control, model.cfg)
     except (OSError, CheckpointError, ValueError) as e:
@@ -149,15 +161,18 @@ def load_control_model(path: Path, model: LatentDiffusion) -> nn.Module:
     return control
 
 
-def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], seeds: list[int]):
+def resolve_controls(
+    units: list[ControlUnit], pipeline, size: tuple[int, int], seeds: list[int], no_prompt: bool = False
+):
     """The request's units for a pass that draws `size` (height, width) pixels -> [ResolvedControl] (RequestError for
-    a model the pipeline does not have, or an image its preprocessor cannot use)."""
+    a model the pipeline does not have, or an image its preprocessor cannot use). `no_prompt`: the request's prompts
+    and negative prompts are all empty (revision then ignores them, as the extension)."""
     resolved = []
     for k, unit in enumerate(units):
         title = unit.title or f"ControlNet unit {k}"
         listed, control = _unit_model(unit, title, pipeline)
-        if isinstance(control, IPAdapter):
-            resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline))
+        if isinstance(control, (IPAdapter, StyleAdapter)) or unit.module in REVISION_MODULES:
+            resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline, seeds[0], no_prompt))
             continue
         maps = []
         for i, image in enumerate(unit.image):
@@ -197,27 +212,53 @@ def resolve_controls(units: list[ControlUnit], pipeline, size: tuple[int, int], 
     return resolved
 
 
-def _image_prompt_unit(unit: ControlUnit, title: str, listed: str, adapter: IPAdapter, pipeline) -> ResolvedControl:
-    """An IP-Adapter unit: its images' tokens (`image_prompts.py`), no map."""
+def _image_prompt_unit(
+    unit: ControlUnit, title: str, listed: str, adapter, pipeline, seed: int, no_prompt: bool
+) -> ResolvedControl:
+    """A unit whose images go through a CLIP image tower (`image_prompts.py`): an IP-Adapter's or a style adapter's
+    tokens, or revision's embedding (adapter None); no map."""
     if unit.advanced_weighting is not None:  # (the extension's weights per transformer block: not built here)
-        fail(f"{title}: advanced_weighting is not applied to IP-Adapter units here; give a weight")
+        fail(f"{title}: advanced_weighting is not applied to units of a CLIP image tower here; give a weight")
+    model, module = pipeline.model, find_module(unit.module).name
     try:
-        name = tower_name(unit.module, listed)
-        tower = load_tower(find_tower(pipeline.clip_vision, name), pipeline.model.device)
-        check_tower_fits(adapter, tower, name)
-    except ImagePromptError as e:
+        name = tower_name(module, listed) if isinstance(adapter, IPAdapter) else _other_tower(module, model, adapter)
+        tower = load_tower(find_tower(pipeline.clip_vision, name), model.device)
+        images = [_uint8(image) for image in unit.image]
+        masks = None
+        if unit.mask is not None:  # (H, W) uint8, 255 where painted
+            masks = [_uint8(unit.mask[min(i, len(unit.mask) - 1)])[..., 0] for i in range(len(unit.image))]
+        if isinstance(adapter, IPAdapter):
+            check_tower_fits(adapter, tower, name)
+            tokens = image_tokens(adapter, tower, images, masks)
+        elif isinstance(adapter, StyleAdapter):
+            tokens = style_tokens(adapter, tower, images, masks)
+        else:
+            noise = resolve_sliders(find_module(module), None, unit.threshold_a, None, strict=True)[1]
+            embedding = revision_embedding(tower, images, masks, noise, torch.Generator().manual_seed(seed))
+            check_revision_fits(embedding, model)
+            tokens = (embedding.to(model.dtype), torch.zeros_like(embedding, dtype=model.dtype))
+    except (ImagePromptError, PreprocessorError) as e:
         fail(f"{title}: {e}")
-    masks = None
-    if unit.mask is not None:  # (H, W) uint8, 255 where painted
-        masks = [_uint8(unit.mask[min(i, len(unit.mask) - 1)])[..., 0] for i in range(len(unit.image))]
-    tokens = image_tokens(adapter, tower, [_uint8(image) for image in unit.image], masks)
     hint = torch.empty(1, 0, 0, 0)  # (no map: nothing to batch or fit)
-    return ResolvedControl(unit, listed, adapter, hint, (), (), soft=False, conditional_only=False, image_tokens=tokens)
+    ignores = module == "revision_ignore_prompt" or (adapter is None and no_prompt)
+    control = ResolvedControl(unit, listed, adapter, hint, (), (), soft=False, conditional_only=False)
+    return dataclasses.replace(control, image_tokens=tokens, ignores_prompt=ignores)
+
+
+def _other_tower(module: str, model: LatentDiffusion, adapter) -> str:
+    """The tower of a style adapter's unit or a revision unit (ImagePromptError for a module of another kind)."""
+    wanted = (STYLE_MODULE,) if isinstance(adapter, StyleAdapter) else REVISION_MODULES
+    if module not in wanted:
+        kind = "a T2I style adapter" if adapter is not None else "revision"
+        raise ImagePromptError(f"{kind} needs the module {' or '.join(wanted)}, not {module!r}")
+    if adapter is None and not model.cfg.micro_conditioning:
+        raise ImagePromptError(f"revision only supports SDXL, not this {model.cfg.family.title} model")
+    return TOWERS[module]
 
 
 def _unit_model(unit: ControlUnit, title: str, pipeline) -> tuple[str, nn.Module | None]:
     """(its listed name, the control model loaded) of a unit; ("None", None) for a reference unit, which needs none."""
-    if unit.module in REFERENCE_MODULES:
+    if unit.module in MODEL_FREE:
         return "None", None
     listed = find_model(unit.model, pipeline.controlnets)
     if listed is None:

@@ -17,6 +17,9 @@ Per unit, with w its weight:
 - hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`).
 - An IP-Adapter's image tokens, cond · m + uncond · (1 − m) per row (m: the row's mark), are attended to by every
   cross-attention at w (`image_prompts.py`); the control mode does not apply to it.
+- A style adapter's tokens, times w · m, are appended to the context; a revision unit's embedding, Σ w · e · m over
+  the revision units acting, replaces SDXL's pooled text in the vector, and revision_ignore_prompt zeroes the context
+  (`_image_conditioning`). Both happen first: the ControlNets see the result, as in the extension.
 - A reference unit (no model) runs its reference image through the U-Net before each evaluation it acts in, and the
   U-Net's attention and norms read what that left (`reference.py`).
 - The window: the unit acts while start ≤ s/N ≤ end, where N is the pass's steps and s is the web UI's
@@ -32,7 +35,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from ..models.controlnet import ControlNet
-from ..models.ip_adapter import image_prompted
+from ..models.ip_adapter import IPAdapter, image_prompted
 from ..models.ldm import LatentDiffusion
 from ..models.t2i_adapter import t2i_residuals
 from ..models.unet import ControlResiduals
@@ -103,13 +106,16 @@ def controlled_unet(
         hints = [cond.pop(hint_field(k), None) for k in range(len(controls))]
         fraction = clock.fraction
         x = x_in.to(model.dtype)
+        acting = [c.acts and c.unit.guidance_start <= fraction <= c.unit.guidance_end for c in controls]
+        towered = [c for c, on in zip(controls, acting) if on and c.image_tokens is not None]
+        cond = _image_conditioning([c for c in towered if not isinstance(c.model, IPAdapter)], controls, cond, marks)
         total, references, prompts = None, [], []
-        for k, (c, hint) in enumerate(zip(controls, hints)):
-            if not c.acts or not c.unit.guidance_start <= fraction <= c.unit.guidance_end:
+        for k, (c, hint, on) in enumerate(zip(controls, hints, acting)):
+            if not on:
                 continue
             if c.image_tokens is not None:
-                if c.unit.weight != 0:
-                    prompts.append((c.model, _row_tokens(c, marks, x), c.unit.weight))
+                if isinstance(c.model, IPAdapter) and c.unit.weight != 0:
+                    prompts.append((c.model, _row_tokens(c, marks), c.unit.weight))
                 continue
             hint = hint.to(x.device, model.dtype)
             if c.model is None:
@@ -147,12 +153,34 @@ def _with_references(model: LatentDiffusion, references: list, x, t, cond, marks
         return model.model(x, t, cond).float()
 
 
-def _row_tokens(c: ResolvedControl, marks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """An IP-Adapter unit's tokens for each row (rows, T, C): its image's on a prompt's rows, "no image"'s on the
-    unconditional rows of guidance."""
-    tokens, uncond = (t.to(x.device) for t in c.image_tokens)  # (1, T, C) each
-    m = marks.view(-1, 1, 1).to(tokens.dtype)  # (rows, 1, 1)
+def _row_tokens(c: ResolvedControl, marks: torch.Tensor) -> torch.Tensor:
+    """A tower unit's tokens for each row (rows, T, C) (revision's embedding: (rows, E)): its images' on a prompt's
+    rows, "no image"'s on the unconditional rows of guidance (zeros but for an IP-Adapter's)."""
+    tokens, uncond = (t.to(marks.device) for t in c.image_tokens)  # (1, T, C) or (1, E) each
+    m = marks.view(-1, *[1] * (tokens.dim() - 1)).to(tokens.dtype)  # (rows, 1, 1) or (rows, 1)
     return tokens * m + uncond * (1 - m)
+
+
+def _image_conditioning(units: list[ResolvedControl], controls: list[ResolvedControl], cond: dict, marks) -> dict:
+    """The text conditioning as the style adapters and revision units acting now change it, before any ControlNet
+    sees it, as the extension's hook does:
+    - revision: the pooled text's place in SDXL's vector (its first E numbers) replaced by Σ w · embedding on a
+      prompt's rows and by 0 on the unconditional rows; the whole context zeroed where any revision unit of the
+      request ignores the prompt (revision_ignore_prompt; every revision unit when prompt and negative are empty);
+    - a style adapter: w · its tokens appended after the context (zeros on the unconditional rows), in unit order."""
+    revisions = [c for c in units if c.model is None]
+    if revisions:
+        y = sum(c.unit.weight * _row_tokens(c, marks) for c in revisions)  # (rows, E)
+        vector = cond["vector"].clone()
+        vector[:, : y.shape[1]] = y.to(vector.dtype)
+        cond["vector"] = vector
+        if any(c.ignores_prompt for c in controls):
+            cond["crossattn"] = torch.zeros_like(cond["crossattn"])
+    styles = [c.unit.weight * _row_tokens(c, marks) for c in units if c.model is not None]
+    if styles:
+        context = cond["crossattn"]
+        cond["crossattn"] = torch.cat([context, *(s.to(context.dtype) for s in styles)], dim=1)
+    return cond
 
 
 def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:

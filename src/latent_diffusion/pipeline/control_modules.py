@@ -174,6 +174,7 @@ _MODULES = [
     _module("tile_resample", priority=100, threshold_a=Slider("Down Sampling Rate", 1.0, 8.0, 0.01, 1.0)),
 ]
 MODULES: dict[str, ControlModule] = {m.name: m for m in _MODULES}
+MODEL_FREE = tuple(m.name for m in _MODULES if m.model_free)  # the units that take model "None"
 _BY_LABEL = {m.label: m for m in _MODULES}
 
 # The extension's control types (each module's `tags`; its UI's "Control Type" radio and `/controlnet/control_types`):

@@ -1,6 +1,7 @@
-"""IP-Adapter units as the web UI's ControlNet extension runs them (1.1.455: `annotator/clipvision`,
-`scripts/ipadapter/`): the unit's image through a CLIP image tower, into the adapter's tokens, which every
-cross-attention of the U-Net attends to at the unit's weight (`models/ip_adapter.py`).
+"""The units whose image goes through a CLIP image tower, as the web UI's ControlNet extension runs them (1.1.455:
+`annotator/clipvision`, `scripts/ipadapter/`, `scripts/hook.py`): an IP-Adapter's tokens, which every cross-attention
+of the U-Net attends to at the unit's weight (`models/ip_adapter.py`); the T2I style adapter's tokens, appended to the
+prompt's context (`models/style_adapter.py`); SDXL's revision, the image embedding in the pooled text's place.
 
 - The tower: `clip_h` (OpenCLIP ViT-H/14) for the modules `ip-adapter_clip_sd15` (label `ip-adapter_clip_h`) and
   `ip-adapter_clip_sdxl_plus_vith`, `clip_g` (ViT-bigG/14) for `ip-adapter_clip_sdxl` (`ip-adapter_clip_g`);
@@ -18,6 +19,12 @@ cross-attention of the U-Net attends to at the unit's weight (`models/ip_adapter
 - Each row of the U-Net's batch takes cond · m + uncond · (1 − m), m its guidance mark; the unit acts in its
   window of steps at its weight. The control mode, soft injection and hires options do not apply, as in the
   extension.
+- The style adapter (module `clip_vision`, label `t2ia_style_clipvision`): the tower `clip_vitl` (OpenAI's ViT-L/14),
+  its last hidden state (all 257 tokens, before the final norm) through the adapter; the unconditional rows get zeros.
+- Revision (`revision_clipvision`, `revision_ignore_prompt`; no model, SDXL only): `clip_g`'s projected embedding,
+  noise-augmented by threshold_a ("Noise Augmentation", `revision_embedding`); see `control_hook` for where it goes.
+  The extension draws that noise from the global generator, unseeded; here it comes from the request's first seed,
+  so an image is drawn again the same.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import torch
 
 from ..models.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionModelWithProjection, VisionOutput
 from ..models.ip_adapter import IPAdapter, cross_attentions
+from ..models.style_adapter import StyleAdapter
 from ..weights.ip_adapter import load_clip_vision
 from ..weights.reader import CheckpointError, first_line
 
@@ -43,7 +51,10 @@ TOWER_OF_MODULE = {
     "ip-adapter_clip_g": "clip_g",
 }
 AUTO = "ip-adapter-auto"
-IMAGE_PROMPT_MODULES = (AUTO, *TOWER_OF_MODULE)
+STYLE_MODULE = "clip_vision"  # (label t2ia_style_clipvision): the T2I style adapter's, on OpenAI's ViT-L/14
+REVISION_MODULES = ("revision_clipvision", "revision_ignore_prompt")  # SDXL's revision: no model, ViT-bigG/14
+TOWERS = {**TOWER_OF_MODULE, STYLE_MODULE: "clip_vitl", **dict.fromkeys(REVISION_MODULES, "clip_g")}
+IMAGE_PROMPT_MODULES = (AUTO, *TOWERS)  # the modules whose image goes through a CLIP image tower: no map
 CLIP_G_MODELS = ("ip-adapter_sdxl", "ip-adapter_sd15_vit-G")  # the extension's presets; every other model: clip_h
 SUFFIXES = (".pth", ".safetensors", ".bin")
 SIZE = 224
@@ -74,7 +85,7 @@ def find_tower(folder: str | os.PathLike | None, name: str) -> Path:
 def missing_tower(module: str, folder: str | os.PathLike | None) -> str | None:
     """Why an IP-Adapter module cannot run here (its tower's file is not in `folder`), in one line; None where it
     can (`ip-adapter-auto`: where either tower is, the model deciding which it needs)."""
-    names = ("clip_h", "clip_g") if module == AUTO else (tower_name(module, ""),)
+    names = ("clip_h", "clip_g") if module == AUTO else (TOWERS[module],)
     problems = []
     for name in names:
         try:
@@ -144,6 +155,41 @@ def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray], masks=None
     return tokens(seen), tokens(none)
 
 
+@torch.no_grad()
+def style_tokens(adapter: StyleAdapter, tower, images: list[np.ndarray], masks=None) -> tuple[torch.Tensor, ...]:
+    """A style unit's images -> (its tokens, the unconditional rows' zeros), each (1, n·T, C): every image's T tokens
+    at 1/n, as the extension's merge mode runs a unit of n images as n units at weight w/n, each appending its own."""
+    if tower.cfg.width != adapter.cfg.width:
+        raise ImagePromptError(
+            f"this style adapter takes CLIP tokens {adapter.cfg.width} wide; the tower clip_vitl gives {tower.cfg.width}"
+        )
+    device = tower.visual_projection.weight.device
+    masks = masks or [None] * len(images)
+    seen = tower(torch.cat([clip_pixels(image, mask) for image, mask in zip(images, masks)]).to(device))
+    tokens = adapter(seen.last).flatten(0, 1)[None] / len(images)  # (1, n·T, C)
+    return tokens, torch.zeros_like(tokens)
+
+
+# The noise revision adds to the image embedding (the extension's `AbstractLowScaleModel`, hook.py): DDPM's linear
+# schedule, β from 1e-4 to 2e-2 over 1000 steps (evenly spaced in √β), ᾱ_k = Π (1 − β_i) for i ≤ k
+REVISION_ALPHAS = torch.cumprod(1 - torch.linspace(1e-4**0.5, 2e-2**0.5, 1000, dtype=torch.float64) ** 2, dim=0)
+
+
+@torch.no_grad()
+def revision_embedding(tower, images: list[np.ndarray], masks, noise: float, generator: torch.Generator):
+    """A revision unit's images -> its embedding (1, E): each image's projected embedding, noise-augmented as
+    q_sample at k = int(1000 · noise) (clipped to 0..999; √ᾱ_k · e + √(1 − ᾱ_k) · ε, so 0 still adds noise of std
+    0.01), then their mean (the extension's merge mode: n units at weight w/n, summed)."""
+    device = tower.visual_projection.weight.device
+    masks = masks or [None] * len(images)
+    seen = tower(torch.cat([clip_pixels(image, mask) for image, mask in zip(images, masks)]).to(device)).image_embeds
+    a = REVISION_ALPHAS[min(max(int(noise * 1000), 0), 999)].item()
+    epsilon = torch.randn(seen.shape, generator=generator, dtype=torch.float64).to(
+        seen.device, torch.float32
+    )  # (the extension draws unseeded; here, the seed's)
+    return (a**0.5 * seen.float() + (1 - a) ** 0.5 * epsilon).mean(dim=0, keepdim=True)
+
+
 def check_ip_adapter_fits(adapter: IPAdapter, unet: torch.nn.Module, context_dim: int) -> None:
     """An IP-Adapter's layers must be the U-Net's cross-attentions, its tokens of the U-Net's context width."""
     widths = tuple(a.to_k.out_features for a in cross_attentions(unet))
@@ -151,4 +197,24 @@ def check_ip_adapter_fits(adapter: IPAdapter, unet: torch.nn.Module, context_dim
         raise ValueError(
             f"an IP-Adapter for a U-Net of {len(adapter.cfg.widths)} cross-attentions and context width "
             f"{adapter.cfg.context_dim} does not fit this one ({len(widths)}, {context_dim})"
+        )
+
+
+def check_style_adapter_fits(adapter: StyleAdapter, context_dim: int) -> None:
+    """A style adapter's tokens join the prompt's: they must be as wide (768: SD 1.x's; none exists for others)."""
+    if adapter.cfg.context_dim != context_dim:
+        raise ValueError(
+            f"a T2I style adapter of tokens {adapter.cfg.context_dim} wide does not fit this model's context "
+            f"({context_dim} wide)"
+        )
+
+
+def check_revision_fits(embedding: torch.Tensor, model) -> None:
+    """Revision puts the image embedding in the pooled text's place of SDXL's vector: they must be as wide."""
+    cfg = model.cfg
+    pooled = (cfg.text2 or cfg.text).embed_dim
+    if embedding.shape[-1] != pooled:
+        raise ImagePromptError(
+            f"revision: the tower clip_g gives embeddings {embedding.shape[-1]} wide; this model's pooled text is "
+            f"{pooled} wide"
         )

@@ -135,7 +135,9 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         _check_follower(pipeline.model, pipeline.refiner, "the refiner")
     resolved = _check_against(r, pipeline)
     plan = Plan(resolved, pipeline, *_parsed(resolved, pipeline))
-    plan.controls = resolve_controls(r.controls, pipeline, (resolved.height, resolved.width), resolved.seeds)
+    no_prompt = not any(resolved.prompts) and not any(resolved.negative_prompts or [])  # (revision's rule)
+    size = (resolved.height, resolved.width)
+    plan.controls = resolve_controls(r.controls, pipeline, size, resolved.seeds, no_prompt)
     if r.hires is not None:
         plan.hires_size = _check_hires(resolved, pipeline)
         f = pipeline.model.cfg.autoencoder.downsampling_factor

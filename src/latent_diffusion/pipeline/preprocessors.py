@@ -209,8 +209,6 @@ def unavailable_reason(
     if module.name in IMAGE_PROMPT_MODULES:
         reason = missing_tower(module.name, clip_vision)
         return reason and f"ControlNet module {module.label!r} needs {reason}"
-    if module.model_free:  # revision_*: no preprocessing, work done inside the U-Net
-        return f"ControlNet module {module.label!r} (revision) is not built here"
     if module.name == "inpaint_only+lama":
         return f"ControlNet module {module.label!r} needs the LaMa inpainting model, which nothing here loads"
     return annotators.unavailable_reason(module, annotator_folder)

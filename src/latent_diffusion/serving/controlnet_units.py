@@ -23,11 +23,10 @@ from PIL import Image, ImageOps
 
 from ..pipeline.control import find_model
 from ..pipeline.control_images import resize_mode_from_value
-from ..pipeline.control_modules import ControlModule, PreprocessorError, Slider, find_module
+from ..pipeline.control_modules import MODEL_FREE, ControlModule, PreprocessorError, Slider, find_module
 from ..pipeline.images import as_mode, from_pil
 from ..pipeline.loading import Pipeline
 from ..pipeline.preprocessors import unavailable_reason
-from ..pipeline.reference import MODULES as REFERENCE_MODULES
 from ..pipeline.request import (
     CONTROL_MODES,
     HR_OPTIONS,
@@ -94,7 +93,7 @@ def enabled_units(body) -> list[tuple[int, dict]]:
                 fields[name] = value
         model = fields.get("model", "None")
         named = model not in (None, "") and str(model).lower() != "none"
-        if fields.get("enabled", False) in (True, "true") and (named or fields.get("module") in REFERENCE_MODULES):
+        if fields.get("enabled", False) in (True, "true") and (named or fields.get("module") in MODEL_FREE):
             units.append((i, fields))
     return units
 
@@ -118,7 +117,7 @@ def _control_unit(i: int, fields: dict, pipeline: Pipeline, open_image, init: In
         raise RequestError(f"{where}: {e}") from None
     if (reason := unavailable_reason(module, pipeline.annotators, pipeline.clip_vision)) is not None:
         raise RequestError(f"{where}: {reason}")
-    model = "None" if module_name in REFERENCE_MODULES else find_model(str(fields.get("model")), pipeline.controlnets)
+    model = "None" if module.model_free else find_model(str(fields.get("model")), pipeline.controlnets)
     if model is None:
         raise RequestError(
             f"{where}: no control model {fields['model']!r} here (GET /controlnet/model_list lists them)"

@@ -12,7 +12,8 @@
 The architecture is read off the keys and shapes: the unshuffle factor and the hint's channels from conv_in's (or the
 light adapter's first in_conv's) input width, c·f² with c in (1, 3) and f in (8, 16); each level's width from its
 first block; the blocks per level from their count (four levels: the U-Net takes four features).
-Refused, each in one line: the style adapter, the CoAdapter fuser, the never-released `sk=False` variant.
+The style adapter (`t2iadapter_style_sd14v1.pth`, `style_embedding`, ...) is a `models/style_adapter.StyleAdapter`.
+Refused, each in one line: the CoAdapter fuser, the never-released `sk=False` variant.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Iterable
 
 import torch
 
+from ..models.style_adapter import StyleAdapter, style_adapter_config
 from ..models.t2i_adapter import Adapter, AdapterLight, T2IAdapterConfig, build_t2i_adapter
 from .checkpoint import empty_modules, mismatch
 from .reader import CheckpointError, read_state_dict
@@ -34,8 +36,6 @@ class T2IAdapterError(CheckpointError):
 
 def _refusal(keys: set[str]) -> str | None:
     """Why a T2I-Adapter-family file is not loaded, or None."""
-    if "style_embedding" in keys:
-        return "a T2I style adapter (CLIP image tokens appended to the prompt); only full and light adapters load"
     if "task_embedding" in keys:
         return "a CoAdapter fuser (it reweights several adapters' features); the coadapter-<condition> files load alone"
     if any(k.endswith(".skep.weight") for k in keys):
@@ -49,7 +49,7 @@ def is_t2i_adapter_state_dict(keys: Iterable[str]) -> bool:
     keys = {k.removeprefix("adapter.") for k in keys}
     full = "conv_in.weight" in keys and ("body.0.block1.weight" in keys or "body.0.resnets.0.block1.weight" in keys)
     light = "body.0.in_conv.weight" in keys and "body.0.out_conv.weight" in keys
-    return full or light or _refusal(keys) is not None
+    return full or light or "style_embedding" in keys or _refusal(keys) is not None
 
 
 def _count(sd: dict, pattern: str) -> int:
@@ -119,8 +119,9 @@ def t2i_adapter_config(sd: dict[str, torch.Tensor], name="state dict") -> T2IAda
 
 def t2i_adapter_from_state_dict(
     sd: dict[str, torch.Tensor], *, device="cpu", dtype: torch.dtype = torch.float32, name="state dict"
-) -> Adapter | AdapterLight:
-    """An adapter (in eval mode) from a state dict in either layout. Raises T2IAdapterError with one line."""
+) -> Adapter | AdapterLight | StyleAdapter:
+    """An adapter (in eval mode) from a state dict in either layout (the style adapter too). Raises T2IAdapterError
+    with one line."""
     keys = {k.removeprefix("adapter.") for k in sd}
     if problem := _refusal(keys):
         raise T2IAdapterError(f"{name}: {problem}")
@@ -131,6 +132,8 @@ def t2i_adapter_from_state_dict(
             f"(light) keys (first keys: {sample})"
         )
     sd = {k.removeprefix("adapter."): v for k, v in sd.items()}
+    if "style_embedding" in sd:
+        return _style_adapter(sd, device, dtype, name)
     if any(".resnets." in k for k in sd):
         sd = from_diffusers(sd)
     try:
@@ -145,6 +148,19 @@ def t2i_adapter_from_state_dict(
         raise T2IAdapterError(f"{name}: does not fit the {cfg.kind} T2I-Adapter its keys describe: {problem}")
     weights = {k: v.to(device=device, dtype=dtype) for k, v in sd.items()}
     model.load_state_dict(weights, strict=True, assign=True)
+    return model.eval()
+
+
+def _style_adapter(sd: dict[str, torch.Tensor], device, dtype: torch.dtype, name) -> StyleAdapter:
+    try:
+        cfg = style_adapter_config({k: tuple(v.shape) for k, v in sd.items()})
+    except KeyError as e:
+        raise T2IAdapterError(f"{name}: an incomplete T2I style adapter: it has no {e.args[0]}") from None
+    with empty_modules():
+        model = StyleAdapter(cfg)
+    if problem := mismatch(model.state_dict(), sd, also_fits=lambda *_: False, ignorable=None):
+        raise T2IAdapterError(f"{name}: does not fit the T2I style adapter its keys describe: {problem}")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
     return model.eval()
 
 
