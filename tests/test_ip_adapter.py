@@ -292,7 +292,7 @@ def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve,
     assert not any(modules_without[m]["available"] for m in ("ip-adapter_clip_sd15", "ip-adapter-auto"))
     assert no_map[0] == 422 and no_map[1]["detail"] == (
         "controlnet_module: ControlNet module 'ip-adapter_clip_h' makes no map: its image goes to a CLIP image tower "
-        "(an IP-Adapter model's module)"
+        "(an IP-Adapter's, a style adapter's or revision's)"
     )
     assert no_tower[0] == 422 and no_tower[1]["detail"].startswith("ControlNet unit 0: ControlNet module ")
     assert "--clip-vision-dir" in no_tower[1]["detail"]
@@ -360,3 +360,29 @@ def test_the_modules_towers_are_the_extensions():
             ("ip-adapter_sdxl", "ip-adapter_sd15_vit-G", "ip-adapter_sdxl_vit-h", "ip-adapter-plus_sd15")}  # fmt: skip
     assert auto == {"ip-adapter_sdxl": "clip_g", "ip-adapter_sd15_vit-G": "clip_g", "ip-adapter_sdxl_vit-h": "clip_h",
                     "ip-adapter-plus_sd15": "clip_h"}  # fmt: skip
+
+
+def test_requests_with_different_image_prompts_share_a_batch(tmp_path, tiny_models):
+    """Two requests with the same IP-Adapter unit settings and different images (one a batch of two): their plans'
+    batch keys are equal, and the merged batch draws each request's images (its tokens batched as the text is)."""
+    from latent_diffusion.pipeline.generate import generate_plan
+    from latent_diffusion.pipeline.plan import merge
+
+    model = tiny_models["sd1"]
+    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
+    controls.mkdir(), towers.mkdir()
+    tiny_tower_file(towers)
+    tencent_file(tiny_adapter("plus", model), controls / "ip-adapter-plus_sd15.bin")
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), clip_vision=towers)
+    plans = []
+    for k, seeds in enumerate(([3], [4, 5])):
+        image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(k))
+        unit = ControlUnit("ip-adapter-plus_sd15", image, module="ip-adapter_clip_sd15", weight=0.9)
+        request = GenerationRequest(["a red circle"] * len(seeds), seeds, width=32, height=32, steps=2,
+                                    batch_size=len(seeds), controls=[unit])  # fmt: skip
+        plans.append(resolve(request, pipeline))
+    assert plans[0].batch_key() == plans[1].batch_key()
+    alone = torch.cat([generate_plan(plan).images for plan in plans])
+    together = generate_plan(merge(plans)).images
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert not torch.equal(*(plan.controls[0].image_tokens[0] for plan in plans))  # (each its own tokens)

@@ -1,6 +1,6 @@
 """`ldm txt2img/img2img/inpaint`'s control unit flags: `--controlnet FILE[:WEIGHT]` once per unit, in order, each with
-its `--control-image` (`--controlnet None` for a reference or revision unit, which needs no file); the other --control flags given
-once apply to every unit, given once per unit to each."""
+its `--control-image` (`--controlnet None` for a reference or revision unit, which needs no file); the other
+--control flags given once apply to every unit, given once per unit to each."""
 
 from __future__ import annotations
 

@@ -69,16 +69,19 @@ class ResolvedControl:
     acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
     fidelity: float = 0.0  # a reference unit's style fidelity in this pass (`reference.style_fidelity`)
     seed: int = 0  # a reference unit's draws: the request's first seed
-    # What a unit that has an image tower gives (`image_prompts.py`), (for the prompt's rows, the unconditional rows):
-    # an IP-Adapter's and a style adapter's tokens (1, T, C), revision's embedding (1, E)
+    # What a unit that has an image tower gives (`image_prompts.py`), (for the prompt's rows, the unconditional rows),
+    # one for all images or one per image as the maps: an IP-Adapter's and a style adapter's tokens (1 or n, T, C),
+    # revision's embedding (1 or n, E)
     image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
     ignores_prompt: bool = False  # revision: the prompt's context zeroed while it acts
 
     def rows(self, start: int, stop: int) -> ResolvedControl:
-        """Images start..stop's maps (one for all stays one)."""
+        """Images start..stop's maps or tokens (one for all stays one)."""
+        rows = slice(start, stop)
+        if self.image_tokens is not None and len(self.image_tokens[0]) > 1:
+            return dataclasses.replace(self, image_tokens=tuple(t[rows] for t in self.image_tokens))
         if len(self.hint) == 1:
             return self
-        rows = slice(start, stop)
         return dataclasses.replace(self, hint=self.hint[rows], detected=self.detected[rows], maps=self.maps[rows])
 
     def key(self) -> tuple:
@@ -86,9 +89,10 @@ class ResolvedControl:
         u = self.unit
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
-        settings += (self.seed if self.model is None else None,)  # (a reference unit draws from its request's seed)
-        settings += (id(self.image_tokens),)  # (an IP-Adapter unit's tokens are its request's)
-        return (self.name, *settings, self.hint.shape[1:])
+        reference = self.model is None and self.image_tokens is None
+        settings += (self.seed if reference else None,)  # (a reference unit draws from its request's seed)
+        tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
+        return (self.name, *settings, self.hint.shape[1:], tokens, self.ignores_prompt)
 
 
 def find_control_models(folder: str | os.PathLike) -> dict[str, Path]:
@@ -257,7 +261,8 @@ def _other_tower(module: str, model: LatentDiffusion, adapter) -> str:
 
 
 def _unit_model(unit: ControlUnit, title: str, pipeline) -> tuple[str, nn.Module | None]:
-    """(its listed name, the control model loaded) of a unit; ("None", None) for a reference unit, which needs none."""
+    """(its listed name, the control model loaded) of a unit; ("None", None) for a reference or revision unit, which
+    needs none."""
     if unit.module in MODEL_FREE:
         return "None", None
     listed = find_model(unit.model, pipeline.controlnets)
@@ -302,9 +307,14 @@ def _uint8(image: torch.Tensor) -> np.ndarray:
 
 
 def merged_controls(parts: list[list[ResolvedControl]], counts: list[int]) -> list[ResolvedControl]:
-    """The units of plans run as one batch (their keys equal): each unit's maps, one per image, in order."""
+    """The units of plans run as one batch (their keys equal): each unit's maps (or tokens), one per image, in order."""
     merged = []
     for units in zip(*parts):
+        if units[0].image_tokens is not None:  # (tokens for all: n times)
+            rows = [(u.image_tokens, n if len(u.image_tokens[0]) == 1 else 1) for u, n in zip(units, counts)]
+            tokens = tuple(torch.cat([t[i].expand(n * len(t[i]), *t[i].shape[1:]) for t, n in rows]) for i in (0, 1))
+            merged.append(dataclasses.replace(units[0], image_tokens=tokens))
+            continue
         rows = [(u, n if len(u.hint) == 1 else 1) for u, n in zip(units, counts)]  # (a map for all: n times)
         merged.append(
             dataclasses.replace(

@@ -52,6 +52,12 @@ def hint_field(k: int) -> str:
     return f"control_hint_{k}"
 
 
+def token_fields(k: int) -> tuple[str, str]:
+    """The conditioning fields of a tower unit k's tokens, for a prompt's rows and for the unconditional ones, one row
+    per U-Net row."""
+    return f"control_tokens_{k}", f"control_uncond_tokens_{k}"
+
+
 class SamplingClock:
     """The web UI's `state.sampling_step` at each model evaluation. Its samplers' callback (which sets it to i) comes
     after step i's first evaluation; ours comes at the end of the step. So the first evaluation of step i sees i − 1
@@ -80,14 +86,14 @@ class SamplingClock:
 
 
 def control_conditioning(controls: list[ResolvedControl], batch: range, device: torch.device) -> dict:
-    """The batch's control maps as conditioning fields on the device, one row per image (a map for all images
-    repeated, no copy)."""
+    """The batch's control maps (a tower unit's tokens) as conditioning fields on the device, one row per image (one
+    for all images repeated, no copy): batched as the text is, so that requests with different images share a batch."""
     fields = {}
     for k, c in enumerate(controls):
-        if c.image_tokens is not None:  # (an IP-Adapter unit has no map)
-            continue
-        hint = c.hint if len(c.hint) == 1 else c.hint[batch.start : batch.stop]
-        fields[hint_field(k)] = hint.to(device).expand(len(batch), -1, -1, -1)
+        named = zip(token_fields(k), c.image_tokens) if c.image_tokens is not None else [(hint_field(k), c.hint)]
+        for field, t in named:
+            t = t if len(t) == 1 else t[batch.start : batch.stop]
+            fields[field] = t.to(device).expand(len(batch), *t.shape[1:])
     return fields
 
 
@@ -104,18 +110,26 @@ def controlled_unet(
         cond = dict(cond)
         marks = cond.pop(MARK).to(x_in.device, torch.float32)[:, None, None, None]  # (rows, 1, 1, 1)
         hints = [cond.pop(hint_field(k), None) for k in range(len(controls))]
+        tokens = [tuple(cond.pop(name, None) for name in token_fields(k)) for k in range(len(controls))]
         fraction = clock.fraction
         x = x_in.to(model.dtype)
-        acting = [c.acts and c.unit.guidance_start <= fraction <= c.unit.guidance_end for c in controls]
-        towered = [c for c, on in zip(controls, acting) if on and c.image_tokens is not None]
-        cond = _image_conditioning([c for c in towered if not isinstance(c.model, IPAdapter)], controls, cond, marks)
+        # (revision ignores hr_option in the extension: no model, a tower's embedding)
+        acting = [
+            (c.acts or (c.model is None and c.image_tokens is not None))
+            and c.unit.guidance_start <= fraction <= c.unit.guidance_end
+            for c in controls
+        ]
+        towered = [(c, t) for c, t, on in zip(controls, tokens, acting) if on and c.image_tokens is not None]
+        cond = _image_conditioning(
+            [(c, t) for c, t in towered if not isinstance(c.model, IPAdapter)], controls, cond, marks
+        )
         total, references, prompts = None, [], []
         for k, (c, hint, on) in enumerate(zip(controls, hints, acting)):
             if not on:
                 continue
             if c.image_tokens is not None:
                 if isinstance(c.model, IPAdapter) and c.unit.weight != 0:
-                    prompts.append((c.model, _row_tokens(c, marks), c.unit.weight))
+                    prompts.append((c.model, _row_tokens(*tokens[k], marks), c.unit.weight))
                 continue
             hint = hint.to(x.device, model.dtype)
             if c.model is None:
@@ -153,30 +167,29 @@ def _with_references(model: LatentDiffusion, references: list, x, t, cond, marks
         return model.model(x, t, cond).float()
 
 
-def _row_tokens(c: ResolvedControl, marks: torch.Tensor) -> torch.Tensor:
-    """A tower unit's tokens for each row (rows, T, C) (revision's embedding: (rows, E)): its images' on a prompt's
-    rows, "no image"'s on the unconditional rows of guidance (zeros but for an IP-Adapter's)."""
-    tokens, uncond = (t.to(marks.device) for t in c.image_tokens)  # (1, T, C) or (1, E) each
+def _row_tokens(tokens: torch.Tensor, uncond: torch.Tensor, marks: torch.Tensor) -> torch.Tensor:
+    """A tower unit's tokens for each row (rows, T, C) (revision's embedding: (rows, E)) from its fields: its images'
+    on a prompt's rows, "no image"'s on the unconditional rows of guidance (zeros but for an IP-Adapter's)."""
     m = marks.view(-1, *[1] * (tokens.dim() - 1)).to(tokens.dtype)  # (rows, 1, 1) or (rows, 1)
     return tokens * m + uncond * (1 - m)
 
 
-def _image_conditioning(units: list[ResolvedControl], controls: list[ResolvedControl], cond: dict, marks) -> dict:
+def _image_conditioning(units: list[tuple], controls: list[ResolvedControl], cond: dict, marks) -> dict:
     """The text conditioning as the style adapters and revision units acting now change it, before any ControlNet
     sees it, as the extension's hook does:
     - revision: the pooled text's place in SDXL's vector (its first E numbers) replaced by Σ w · embedding on a
       prompt's rows and by 0 on the unconditional rows; the whole context zeroed where any revision unit of the
       request ignores the prompt (revision_ignore_prompt; every revision unit when prompt and negative are empty);
     - a style adapter: w · its tokens appended after the context (zeros on the unconditional rows), in unit order."""
-    revisions = [c for c in units if c.model is None]
+    revisions = [(c, t) for c, t in units if c.model is None]  # (unit, its token fields)
     if revisions:
-        y = sum(c.unit.weight * _row_tokens(c, marks) for c in revisions)  # (rows, E)
+        y = sum(c.unit.weight * _row_tokens(*t, marks) for c, t in revisions)  # (rows, E)
         vector = cond["vector"].clone()
         vector[:, : y.shape[1]] = y.to(vector.dtype)
         cond["vector"] = vector
         if any(c.ignores_prompt for c in controls):
             cond["crossattn"] = torch.zeros_like(cond["crossattn"])
-    styles = [c.unit.weight * _row_tokens(c, marks) for c in units if c.model is not None]
+    styles = [c.unit.weight * _row_tokens(*t, marks) for c, t in units if c.model is not None]
     if styles:
         context = cond["crossattn"]
         cond["crossattn"] = torch.cat([context, *(s.to(context.dtype) for s in styles)], dim=1)

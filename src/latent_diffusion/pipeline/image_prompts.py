@@ -83,8 +83,8 @@ def find_tower(folder: str | os.PathLike | None, name: str) -> Path:
 
 
 def missing_tower(module: str, folder: str | os.PathLike | None) -> str | None:
-    """Why an IP-Adapter module cannot run here (its tower's file is not in `folder`), in one line; None where it
-    can (`ip-adapter-auto`: where either tower is, the model deciding which it needs)."""
+    """Why a module of a tower (`IMAGE_PROMPT_MODULES`) cannot run here (its tower's file is not in `folder`), in one
+    line; None where it can (`ip-adapter-auto`: where either tower is, the model deciding which it needs)."""
     names = ("clip_h", "clip_g") if module == AUTO else (TOWERS[module],)
     problems = []
     for name in names:

@@ -203,7 +203,7 @@ def unavailable_reason(
     clip_vision: str | os.PathLike | None = None,
 ) -> str | None:
     """Why `module` cannot run here, in one line; None where it can. `annotator_folder` holds the annotators'
-    weights (`annotators.py`), `clip_vision` the CLIP image towers of the IP-Adapter modules (`image_prompts.py`)."""
+    weights (`annotators.py`), `clip_vision` the CLIP image towers some modules use (`image_prompts.py`)."""
     if module.name in DETECTORS:
         return None
     if module.name in IMAGE_PROMPT_MODULES:
@@ -219,8 +219,8 @@ def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> 
     found = find_module(name)
     if found.name in IMAGE_PROMPT_MODULES:
         raise PreprocessorError(
-            f"ControlNet module {found.label!r} makes no map: its image goes to a CLIP image tower (an IP-Adapter "
-            "model's module)"
+            f"ControlNet module {found.label!r} makes no map: its image goes to a CLIP image tower (an IP-Adapter's, "
+            "a style adapter's or revision's)"
         )
     reason = unavailable_reason(found, annotator_folder)
     if reason is not None:
