@@ -20,7 +20,7 @@ from latent_diffusion import preset
 from latent_diffusion.models.clip_vision import VisionOutput
 from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
 from latent_diffusion.pipeline.control import ResolvedControl
-from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet
+from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, token_fields
 from latent_diffusion.pipeline.request import ControlUnit
 from machine import machine
 from unet_step import build, device_setting, interleaved, model_around, print_medians
@@ -74,6 +74,7 @@ def main():
     )  # fmt: skip
     ours = controlled_unet(model, [control], SamplingClock(20))
     cond = {"crossattn": context, MARK: torch.tensor([0.0, 1.0], device=device)}
+    cond |= {name: t.expand(2, *t.shape[1:]) for name, t in zip(token_fields(0), (tokens, uncond))}  # (rows' fields)
 
     def run_ours():
         return ours(x, t, cond)
