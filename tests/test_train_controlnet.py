@@ -74,6 +74,20 @@ def test_a_step_changes_the_controlnet_alone(tmp_path, monkeypatch):
     assert seen["trained"]["input_hint_block.14.weight"].abs().sum() > 0
 
 
+def test_a_run_can_start_from_a_controlnet_file(tmp_path):
+    """--controlnet FILE (fine-tuning): the run starts from that ControlNet's weights, not a new one's zeros; a step
+    at a learning rate of almost nothing leaves them as they were."""
+    path = train_controlnet(
+        ControlNetTrainConfig(
+            outdir=str(tmp_path), steps=1, controlnet=str(BUILTIN_CONTROLNET), **{**FAST, "lr": 1e-12}
+        )
+    )
+    start, trained = load_controlnet(BUILTIN_CONTROLNET).state_dict(), load_controlnet(path).state_dict()
+    assert start.keys() == trained.keys() and start["zero_convs.0.0.weight"].abs().sum() > 0
+    for k in start:
+        torch.testing.assert_close(trained[k], start[k], atol=1e-6, rtol=0)
+
+
 def test_resume_is_exact(tmp_path):
     common = dict(save_every=3, **FAST)
     train_controlnet(ControlNetTrainConfig(outdir=str(tmp_path / "straight"), steps=6, **common))
@@ -219,6 +233,8 @@ def write_pairs(folder, *, line=None, control=True):
         (lambda d: None, ["--ckpt", str(BUILTIN_CONTROLNET)], "shapes-control.safetensors"),
         (lambda d: None, ["--ckpt", "{d}/missing.safetensors"], "missing.safetensors: no such file"),
         (lambda d: None, ["--resume"], "--resume: no checkpoint"),
+        (lambda d: None, ["--controlnet", "{d}/none.safetensors"], "--controlnet {d}/none.safetensors: no such file"),
+        (lambda d: None, ["--controlnet", str(BUILTIN_MODEL)], "not a ControlNet"),
         (lambda d: None, ["--train-text-encoder"], "unrecognized arguments: --train-text-encoder"),
     ],
 )  # fmt: skip
@@ -231,5 +247,5 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, setup, args, message
         code = e.code
     assert code == 2
     err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1, err
+    assert message.replace("{d}", str(tmp_path)) in err and err.count("\n") == 1, err
     assert not (tmp_path / "run").exists()

@@ -31,7 +31,8 @@ from ..models.controlnet import ControlNet
 from ..models.ldm import LatentDiffusion
 from ..models.unet import UNetModel
 from ..weights.checkpoint import BUILTIN_MODEL, load_model, save_tensors
-from ..weights.controlnet import CONFIG_METADATA_KEY
+from ..weights.controlnet import CONFIG_METADATA_KEY, check_controlnet_fits, load_controlnet
+from ..weights.reader import first_line
 from .checkpoints import Trainee
 from .common import TrainError
 from .config import ControlNetTrainConfig
@@ -66,6 +67,18 @@ def controlnet_from_unet(unet: UNetModel, hint_channels: int = 3) -> ControlNet:
     assert all(k.startswith(("input_hint_block.", "zero_convs.", "middle_block_out.")) for k in new), new
     controlnet.load_state_dict(own | copied, strict=True)
     return controlnet
+
+
+def start_from(path: str, model: LatentDiffusion) -> ControlNet:
+    """A ControlNet file to train on from (TrainError in one line where it is not one for this model's U-Net)."""
+    try:
+        controlnet = load_controlnet(path, base=model)
+        check_controlnet_fits(controlnet, model.cfg)
+    except (OSError, ValueError) as e:  # (CheckpointError is a ValueError)
+        raise TrainError(f"--controlnet {path}: {first_line(e).replace(f'{path}: ', '')}") from None
+    if (channels := controlnet.input_hint_block[0].in_channels) != 3:
+        raise TrainError(f"--controlnet {path}: its control images have {channels} channels; the data's have 3")
+    return controlnet.train().requires_grad_(True)
 
 
 class ControlledParts(nn.Module):
@@ -114,7 +127,7 @@ def controlnet_trainee(cfg: ControlNetTrainConfig, dataset, autocast: dict) -> T
     """The Trainee of `diffusion.train`: a new ControlNet beside the frozen base model, written alone."""
     model = load_base(cfg.ckpt or BUILTIN_MODEL)
     model.unet.checkpointing = cfg.gradient_checkpointing
-    controlnet = controlnet_from_unet(model.unet)
+    controlnet = controlnet_from_unet(model.unet) if cfg.controlnet is None else start_from(cfg.controlnet, model)
     metadata = controlnet_metadata(controlnet)
 
     def load(saved: dict, ema: nn.Module | None) -> None:
