@@ -163,16 +163,16 @@ H, W = 64, 48
 STEPS = 4
 
 
-def tiny_tower_file(folder) -> TransformersVision:
-    """A tiny CLIP image tower that takes CLIP's 224×224 input (4×4 patches of 56), saved as the extension's
-    `clip_h.pth`."""
+def tiny_tower_file(folder, name: str = "clip_h", width: int = EMBED, projection: int = EMBED) -> TransformersVision:
+    """A tiny CLIP image tower that takes CLIP's 224×224 input (4×4 patches of 56), saved as the extension names it
+    (`clip_h.pth`, ...)."""
     cfg = CLIPVisionConfig(
-        hidden_size=EMBED, intermediate_size=64, num_hidden_layers=2, num_attention_heads=16, image_size=224,
-        patch_size=56, projection_dim=EMBED, hidden_act="gelu",
+        hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=16, image_size=224,
+        patch_size=56, projection_dim=projection, hidden_act="gelu",
     )  # fmt: skip
     with seeded(5):
         tower = TransformersVision(cfg).eval()
-    torch.save(tower.state_dict(), folder / "clip_h.pth")
+    torch.save(tower.state_dict(), folder / f"{name}.pth")
     return tower
 
 

@@ -14,8 +14,6 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from torch import nn
-from transformers import CLIPVisionConfig
-from transformers import CLIPVisionModelWithProjection as TransformersVision
 
 from latent_diffusion.pipeline.control import find_control_models
 from latent_diffusion.pipeline.generate import generate
@@ -27,7 +25,7 @@ from latent_diffusion.serving.server import create_app
 from latent_diffusion.weights.t2i_adapter import t2i_adapter_from_state_dict
 from test_controlnet_api import b64
 from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
-from test_ip_adapter import reference_pixels
+from test_ip_adapter import reference_pixels, tiny_tower_file
 from test_server import call, decode
 
 from conftest import seeded, tiny_model
@@ -91,18 +89,6 @@ def tencent_adapter(context_dim: int, width: int = 32) -> TencentStyleAdapter:
     return adapter
 
 
-def tower_file(folder, name: str, width: int, projection: int) -> TransformersVision:
-    """A tiny CLIP image tower taking CLIP's 224×224 input (4×4 patches of 56), saved as the extension names it."""
-    cfg = CLIPVisionConfig(
-        hidden_size=width, intermediate_size=64, num_hidden_layers=2, num_attention_heads=16, image_size=224,
-        patch_size=56, projection_dim=projection, hidden_act="gelu",
-    )  # fmt: skip
-    with seeded(5):
-        tower = TransformersVision(cfg).eval()
-    torch.save(tower.state_dict(), folder / f"{name}.pth")
-    return tower
-
-
 def test_the_style_adapter_matches_tencentarcs():
     """Loaded from TencentARC's state dict (bare, and under the `adapter.` prefix their training writes), ours gives
     their tokens for the same CLIP tokens."""
@@ -127,7 +113,7 @@ def test_txt2img_with_a_style_unit_matches_diffusers(tmp_path):
     appends its zeros, as there."""
     model = tiny_model("sd1", seed=3)
     controls, towers = folders(tmp_path)
-    tower = tower_file(towers, "clip_vitl", width=32, projection=16)
+    tower = tiny_tower_file(towers, "clip_vitl", width=32, projection=16)
     adapter = tencent_adapter(model.cfg.unet.context_dim)
     torch.save(adapter.state_dict(), controls / "t2iadapter_style_sd14v1.pth")
     image = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(6))
@@ -170,7 +156,7 @@ def test_txt2img_with_revision_matches_diffusers_sdxl(tmp_path, module):
     the negative's; revision_ignore_prompt also zeroes both contexts. The model needs no file ("None")."""
     model = tiny_model("sdxl", seed=11)
     _, towers = folders(tmp_path)
-    tower = tower_file(towers, "clip_g", width=32, projection=model.cfg.text2.embed_dim)
+    tower = tiny_tower_file(towers, "clip_g", width=32, projection=model.cfg.text2.embed_dim)
     image = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(6))
     unit = ControlUnit("None", image, module=module, weight=0.8, threshold_a=0.3)
     request = GenerationRequest([PROMPT], [5], [NEGATIVE], width=48, height=64, steps=STEPS, sampler="ddim",
@@ -200,7 +186,7 @@ def test_revision_through_the_server(tiny_models, serve, tmp_path):
     the same image as the library's; refused on an SD 1.x model in one line naming the unit."""
     model = tiny_model("sdxl", seed=11)
     _, towers = folders(tmp_path)
-    tower_file(towers, "clip_g", width=32, projection=model.cfg.text2.embed_dim)
+    tiny_tower_file(towers, "clip_g", width=32, projection=model.cfg.text2.embed_dim)
     image = torch.rand(1, 3, 40, 72, generator=torch.Generator().manual_seed(6))
     unit = {"enabled": True, "module": "revision_clipvision", "model": "None", "image": b64(to_pil(image[0])),
             "weight": 0.8, "threshold_a": 0.3}  # fmt: skip
@@ -226,8 +212,8 @@ def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):
     """A style adapter with another module or a tower of another width, a style adapter on a model of another context
     width, revision on SD 1.x or with a tower of another width: RequestError naming the unit, before any sampling."""
     controls, towers = folders(tmp_path)
-    tower_file(towers, "clip_vitl", width=48, projection=16)
-    tower_file(towers, "clip_g", width=32, projection=20)
+    tiny_tower_file(towers, "clip_vitl", width=48, projection=16)
+    tiny_tower_file(towers, "clip_g", width=32, projection=20)
     sd1 = tiny_models["sd1"]
     torch.save(tencent_adapter(sd1.cfg.unet.context_dim).state_dict(), controls / "style.pth")
     torch.save(tencent_adapter(sd1.cfg.unet.context_dim + 8).state_dict(), controls / "style_wide.pth")
