@@ -101,7 +101,8 @@ def controlled_unet(
     model: LatentDiffusion, controls: list[ResolvedControl], clock: SamplingClock
 ) -> Callable[[torch.Tensor, torch.Tensor, Mapping], torch.Tensor]:
     """The model's U-Net with the units' residuals: net(x_in, t, cond) -> ε or v (float32), cond holding the text
-    conditioning, the control maps (`hint_field`) and the rows' marks (`MARK`)."""
+    conditioning, the control maps (`hint_field`), the tower units' tokens (`token_fields`) and the rows' marks
+    (`MARK`)."""
     adapted: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # a T2I-Adapter's features, by unit and map
     latents: dict[tuple, torch.Tensor] = {}  # a reference unit's z₀, by unit and row count, once a pass
     generators: dict[int, torch.Generator] = {}  # and its draws, seeded (`reference.py`)
@@ -119,9 +120,12 @@ def controlled_unet(
             and c.unit.guidance_start <= fraction <= c.unit.guidance_end
             for c in controls
         ]
-        towered = [(c, t) for c, t, on in zip(controls, tokens, acting) if on and c.image_tokens is not None]
+        # the style and revision units acting now: they change the text conditioning first
+        changing = [
+            on and c.image_tokens is not None and not isinstance(c.model, IPAdapter) for c, on in zip(controls, acting)
+        ]
         cond = _image_conditioning(
-            [(c, t) for c, t in towered if not isinstance(c.model, IPAdapter)], controls, cond, marks
+            [(c, t) for c, t, ch in zip(controls, tokens, changing) if ch], controls, cond, marks
         )
         total, references, prompts = None, [], []
         for k, (c, hint, on) in enumerate(zip(controls, hints, acting)):
