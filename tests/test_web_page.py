@@ -229,4 +229,8 @@ def test_a_controlnet_unit_from_the_panel(page, tmp_path):
     assert 'ControlNet 0: "Module: canny, Model: control_canny [' in caption and "Weight: 0.8" in caption
     assert detected.find_element("tag name", "figcaption").text == "ControlNet detected map"
     assert shown_image(detected).size == (32, 32) and len(np.unique(np.asarray(shown_image(detected)))) == 2
+    Select(page.find_element("id", "cn_module")).select_by_visible_text("reference_only")  # (a module of no model)
+    page.find_element("id", "generate").click()
+    caption = wait_for_results(page, before + 4)[1].find_element("tag name", "figcaption").text
+    assert 'ControlNet 0: "Module: reference_only, Model: None, Weight: 0.8' in caption
     page.find_element("id", "cn_enable").click()  # off again

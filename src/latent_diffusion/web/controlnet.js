@@ -5,12 +5,15 @@
 "use strict";
 
 let controlImage = null;  // the chosen control image, as a data URL
+const modelFree = new Set();  // the modules that take no model ("None"): reference and revision
 
 async function fillControlNet() {
   const [modules, models] = await Promise.all([
     api("/controlnet/module_list?alias_names=true"), api("/controlnet/model_list")]);
   for (const label of modules.module_list) {  // (only those that can run here: `available` is this server's key)
-    if (modules.module_detail[label].available) $("cn_module").add(new Option(label, label));
+    const detail = modules.module_detail[label];
+    if (detail.available) $("cn_module").add(new Option(label, label));
+    if (detail.model_free) modelFree.add(label);
   }
   for (const name of models.model_list) $("cn_model").add(new Option(name, name));
 }
@@ -39,12 +42,12 @@ $("cn-preview-button").addEventListener("click", async () => {
 // without its own image takes the init image, as the extension does.
 function controlnetScripts() {
   if (!$("cn_enable").checked) return undefined;
-  const reference = $("cn_module").value.startsWith("reference");  // (the reference modules need no model)
-  if (!reference && !$("cn_model").value) {
+  const free = modelFree.has($("cn_module").value);
+  if (!free && !$("cn_model").value) {
     throw new Error("ControlNet: no control model here (ldm serve --controlnet-dir)");
   }
   if (!controlImage && mode !== "img2img") throw new Error("ControlNet: choose a control image");
-  const unit = { enabled: true, module: $("cn_module").value, model: reference ? "None" : $("cn_model").value,
+  const unit = { enabled: true, module: $("cn_module").value, model: free ? "None" : $("cn_model").value,
                  weight: Number($("cn_weight").value), guidance_start: Number($("cn_start").value),
                  guidance_end: Number($("cn_end").value) };
   if (controlImage) unit.image = controlImage;
