@@ -26,7 +26,13 @@ from latent_diffusion.models.clip_vision import (
     vision_config_of,
 )
 from latent_diffusion.models.config import preset
-from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions, image_prompted
+from latent_diffusion.models.ip_adapter import (
+    IPAdapter,
+    IPAdapterConfig,
+    attention_blocks,
+    cross_attentions,
+    image_prompted,
+)
 from latent_diffusion.pipeline.control import find_control_models
 from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.image_prompts import clip_pixels, tower_name
@@ -118,9 +124,10 @@ def tencent_file(adapter: IPAdapter, path) -> dict:
     return parts
 
 
-@pytest.mark.parametrize("kind", ["base", "plus", "full"])
-@pytest.mark.parametrize("variant", ["sd1", "sdxl"])
-def test_unet_with_an_ip_adapter_matches_diffusers(tmp_path, variant, kind):
+def unet_against_diffusers(tmp_path, variant: str, kind: str, w: float | tuple[float, ...]):
+    """One guided pair of U-Net rows with an IP-Adapter at weight w (or per-block weights), ours and diffusers' with
+    the same `.bin` loaded by its own `_load_ip_adapter_weights`, each IP processor's scale its layer's weight ->
+    (ours, theirs, ours without the adapter, our U-Net, its inputs)."""
     model = tiny_model(variant, seed=3)
     sd = model.state_dict()
     ref = diffusers_xl_unet(model.cfg, sd) if variant == "sdxl" else diffusers_unet(model.cfg, sd)
@@ -128,10 +135,11 @@ def test_unet_with_an_ip_adapter_matches_diffusers(tmp_path, variant, kind):
     adapter = load_ip_adapter(tmp_path / "ip-adapter.bin")  # (through the reader's flattening of the parts)
     assert adapter.cfg.kind == kind
     ref._load_ip_adapter_weights([parts])
-    w = 0.7
-    for processor in ref.attn_processors.values():
-        if isinstance(processor, IPAdapterAttnProcessor2_0):
-            processor.scale = [w]
+    unet = model.model.diffusion_model
+    blocks = attention_blocks(unet)  # (each IP processor's block, in diffusers' order: checked at full size)
+    processors = [p for p in ref.attn_processors.values() if isinstance(p, IPAdapterAttnProcessor2_0)]
+    for i, processor in enumerate(processors):
+        processor.scale = [w[blocks[i]] if isinstance(w, tuple) else w]
 
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 871])
@@ -145,7 +153,6 @@ def test_unet_with_an_ip_adapter_matches_diffusers(tmp_path, variant, kind):
         time_ids = torch.tensor([[1024.0, 768, 0, 0, 1024, 768], [512, 512, 16, 32, 640, 896]])
         y = model.conditioner.vector(pooled, dict(zip(model.cfg.micro_conditioning, time_ids.split(2, dim=1))))
         kwargs = {"text_embeds": pooled, "time_ids": time_ids}
-    unet = model.model.diffusion_model
     with torch.no_grad():
         with image_prompted(unet, [(adapter, adapter.tokens(image), w)]):
             ours = unet(x, t, context, y)
@@ -154,9 +161,46 @@ def test_unet_with_an_ip_adapter_matches_diffusers(tmp_path, variant, kind):
         theirs = ref(
             x, t, encoder_hidden_states=context, added_cond_kwargs={**kwargs, "image_embeds": [embeds[:, None]]}
         )
-    torch.testing.assert_close(ours, theirs.sample, atol=1e-4, rtol=0)
+    return ours, theirs.sample, plain, unet, (x, t, context, y)
+
+
+@pytest.mark.parametrize("kind", ["base", "plus", "full"])
+@pytest.mark.parametrize("variant", ["sd1", "sdxl"])
+def test_unet_with_an_ip_adapter_matches_diffusers(tmp_path, variant, kind):
+    ours, theirs, plain, unet, inputs = unet_against_diffusers(tmp_path, variant, kind, 0.7)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
     assert (ours - plain).abs().mean() > 0.01  # the image prompt really changed the prediction
-    assert torch.equal(unet(x, t, context, y), plain)  # and the U-Net is itself again afterwards
+    with torch.no_grad():
+        assert torch.equal(unet(*inputs), plain)  # and the U-Net is itself again afterwards
+
+
+@pytest.mark.parametrize("variant", ["sd1", "sdxl"])
+def test_per_block_weights_match_diffusers_per_layer_scales(tmp_path, variant):
+    """The extension's advanced weighting of an IP-Adapter unit: a weight per block with cross-attention, each of
+    its layers scaled by it (diffusers: each processor's scale), 0 leaving a block as it was."""
+    model = tiny_model(variant, seed=3)
+    count = 1 + max(attention_blocks(model.model.diffusion_model))
+    weights = tuple(float(w) for w in torch.linspace(0, 1.5, count))  # (block 0 at 0)
+    ours, theirs, plain, *_ = unet_against_diffusers(tmp_path, variant, "plus", weights)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
+    scalar = unet_against_diffusers(tmp_path, variant, "plus", 0.75)[0]
+    assert (ours - scalar).abs().mean() > 1e-3 and (ours - plain).abs().mean() > 0.01
+
+
+@pytest.mark.parametrize("name", ["sd-v1.5", "sdxl-base"])
+def test_per_block_weights_address_the_extensions_blocks(name):
+    """The extension's `transformer_index` of each cross-attention (its `enums.py`): SD 1.5's 16 blocks, input blocks
+    1, 2, 4, 5, 7, 8 (0-5), the middle block (6), output blocks 3-11 (7-15); SDXL's 11, input blocks 4, 5, 7, 8
+    (0-3), the middle block (4), output blocks 0-5 (5-10), every transformer of a block at its block's weight. In
+    the order of `cross_attentions` (input, output, middle)."""
+    with torch.device("meta"):
+        unet = LatentDiffusion(preset(name)).model.diffusion_model
+    if name == "sd-v1.5":
+        expected = [0, 1, 2, 3, 4, 5, *range(7, 16), 6]
+    else:
+        depth = [2, 2, 10, 10, 10, 10, 10, 2, 2, 2]  # input blocks 4, 5, 7, 8, then output blocks 0-5
+        expected = [k for k, n in zip([0, 1, 2, 3, 5, 6, 7, 8, 9, 10], depth) for _ in range(n)] + [4] * 10
+    assert attention_blocks(unet) == expected
 
 
 H, W = 64, 48
@@ -319,7 +363,7 @@ def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):
         (narrow, "ip-adapter_sd15", "ip-adapter_clip_g", None, "takes CLIP image features 48 wide; the tower clip_g gives 40"),
         (towers, "ip-adapter_sd15", "canny", None, "needs an IP-Adapter module"),
         (towers, "ip-adapter_sdxl", "ip-adapter-auto", None, "does not fit this one"),
-        (towers, "ip-adapter_sd15", "ip-adapter_clip_sd15", (1.0, 0.5), "advanced_weighting is not applied"),
+        (towers, "ip-adapter_sd15", "ip-adapter_clip_sd15", (1.0, 0.5), "one weight per U-Net block with cross-att"),
     ]  # fmt: skip
     for folder, name, module, weighting, message in cases:
         unit = ControlUnit(name, image, module=module, advanced_weighting=weighting, title="IP unit")
@@ -386,3 +430,27 @@ def test_requests_with_different_image_prompts_share_a_batch(tmp_path, tiny_mode
     together = generate_plan(merge(plans)).images
     torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
     assert not torch.equal(*(plan.controls[0].image_tokens[0] for plan in plans))  # (each its own tokens)
+
+
+def test_a_units_per_block_weights_reach_generation(tmp_path, tiny_models):
+    """Advanced weighting on an IP-Adapter unit replaces its weight, as the extension's: every block at 0.8 draws what
+    weight 0.8 draws, every block at 0 the plain image, and other weights per block another image."""
+    model = tiny_models["sd1"]
+    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
+    controls.mkdir(), towers.mkdir()
+    tiny_tower_file(towers)
+    tencent_file(tiny_adapter("base", model), controls / "ip-adapter_sd15.bin")
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), clip_vision=towers)
+    image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+    blocks = 1 + max(attention_blocks(model.model.diffusion_model))
+
+    def drawn(**unit) -> torch.Tensor:
+        units = [ControlUnit("ip-adapter_sd15", image, module="ip-adapter_clip_sd15", **unit)] if unit else []
+        return generate(
+            pipeline, GenerationRequest(["a cat"], [3], width=32, height=32, steps=2, controls=units)
+        ).images
+
+    weighted = drawn(weight=0.8)
+    assert torch.equal(drawn(weight=0.3, advanced_weighting=(0.8,) * blocks), weighted)
+    assert torch.equal(drawn(weight=0.8, advanced_weighting=(0.0,) * blocks), drawn())
+    assert not torch.equal(drawn(advanced_weighting=(0.0,) * (blocks - 1) + (0.8,)), weighted)

@@ -158,6 +158,21 @@ def cross_attentions(unet: nn.Module) -> list[CrossAttention]:
     return found(unet.input_blocks) + found(unet.output_blocks) + found([unet.middle_block])
 
 
+def attention_blocks(unet: nn.Module) -> list[int]:
+    """Each cross-attention's block (in `cross_attentions` order), numbered as the web UI's ControlNet extension numbers
+    the blocks an IP-Adapter's per-block weights address (its `transformer_index`): the blocks that hold
+    cross-attention in the order the U-Net runs them, input blocks, the middle block, output blocks; 16 in SD 1.x and
+    2.x, 11 in SDXL, whose blocks of several transformers share one weight."""
+
+    def attends(block) -> bool:
+        return any(hasattr(m, "attn2") for m in block.modules())
+
+    running = [b for b in (*unet.input_blocks, unet.middle_block, *unet.output_blocks) if attends(b)]
+    number = {id(b): k for k, b in enumerate(running)}
+    order = [*unet.input_blocks, *unet.output_blocks, unet.middle_block]  # (`cross_attentions`')
+    return [number[id(b)] for b in order for m in b.modules() if hasattr(m, "attn2")]
+
+
 def decoupled_attention(attn: CrossAttention, prompts: list, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """The cross-attention with image prompts (module docstring). x: (b, n, query_dim), context: (b, m, C); prompts:
     [(k_ip, v_ip, w)], k_ip and v_ip (b, T, inner) already projected."""
@@ -168,10 +183,12 @@ def decoupled_attention(attn: CrossAttention, prompts: list, x: torch.Tensor, co
     return attn.to_out(out)
 
 
-def image_prompted(unet: nn.Module, prompts: list[tuple[IPAdapter, torch.Tensor, float]]):
+def image_prompted(unet: nn.Module, prompts: list[tuple[IPAdapter, torch.Tensor, float | tuple[float, ...]]]):
     """The U-Net's cross-attentions attending to image prompts while this lasts (`shadowed`): per prompt, an adapter,
-    the tokens of each row of the U-Net's batch (rows, T, C) and its weight w."""
-    attentions = cross_attentions(unet)
+    the tokens of each row of the U-Net's batch (rows, T, C) and its weight w, or one weight per block that holds
+    cross-attention (`attention_blocks`: the extension's advanced weighting). A layer at weight 0 attends to nothing
+    more."""
+    attentions, blocks = cross_attentions(unet), attention_blocks(unet)
     for adapter, _, _ in prompts:
         if len(adapter.cfg.layers) != len(attentions):
             raise ValueError(f"an IP-Adapter of {len(adapter.cfg.layers)} layers, for a U-Net of {len(attentions)}")
@@ -179,6 +196,9 @@ def image_prompted(unet: nn.Module, prompts: list[tuple[IPAdapter, torch.Tensor,
     for i, attn in enumerate(attentions):
         kv = []
         for adapter, tokens, w in prompts:
+            w = w[blocks[i]] if isinstance(w, tuple) else w
+            if w == 0:
+                continue
             layer = adapter.ip_adapter[str(adapter.cfg.layers[i])]
             kv.append((layer.to_k_ip(tokens), layer.to_v_ip(tokens), w))  # (rows, T, inner) each
         forwards[attn] = functools.partial(decoupled_attention, attn, kv)

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..files import legacy_model_hash
 from ..models.controlnet import ControlNet
-from ..models.ip_adapter import IPAdapter
+from ..models.ip_adapter import IPAdapter, attention_blocks
 from ..models.ldm import LatentDiffusion
 from ..models.style_adapter import StyleAdapter
 from ..weights.controlnet import check_controlnet_fits, load_controlnet
@@ -221,9 +221,16 @@ def _image_prompt_unit(
 ) -> ResolvedControl:
     """A unit whose images go through a CLIP image tower (`image_prompts.py`): an IP-Adapter's or a style adapter's
     tokens, or revision's embedding (adapter None); no map."""
-    if unit.advanced_weighting is not None:  # (the extension's weights per transformer block: not built here)
-        fail(f"{title}: advanced_weighting is not applied to units of a CLIP image tower here; give a weight")
     model, module = pipeline.model, find_module(unit.module).name
+    if unit.advanced_weighting is not None:  # (an IP-Adapter's: one weight per block of cross-attention)
+        blocks = 1 + max(attention_blocks(model.model.diffusion_model))
+        if not isinstance(adapter, IPAdapter):
+            fail(f"{title}: advanced_weighting applies to ControlNets, T2I-Adapters and IP-Adapters; give a weight")
+        if len(unit.advanced_weighting) != blocks:
+            fail(
+                f"{title}: an IP-Adapter's advanced_weighting takes one weight per U-Net block with cross-attention: "
+                f"{blocks} for this model, not {len(unit.advanced_weighting)}"
+            )
     try:
         name = tower_name(module, listed) if isinstance(adapter, IPAdapter) else _other_tower(module, model, adapter)
         tower = load_tower(find_tower(pipeline.clip_vision, name), model.device)

@@ -16,7 +16,8 @@ Per unit, with w its weight:
   scaled, then each its mean over the feature map, which the U-Net adds at every place.
 - hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`).
 - An IP-Adapter's image tokens, cond · m + uncond · (1 − m) per row (m: the row's mark), are attended to by every
-  cross-attention at w (`image_prompts.py`); the control mode does not apply to it.
+  cross-attention at w (`image_prompts.py`), or at its block's weight where the unit has advanced weighting (one per
+  block with cross-attention, `ip_adapter.attention_blocks`); the control mode does not apply to it.
 - A style adapter's tokens, times w · m, are appended to the context; a revision unit's embedding, Σ w · e · m over
   the revision units acting, replaces SDXL's pooled text in the vector, and revision_ignore_prompt zeroes the context
   (`_image_conditioning`). Both happen first: the ControlNets see the result, as in the extension.
@@ -132,8 +133,9 @@ def controlled_unet(
             if not on:
                 continue
             if c.image_tokens is not None:
-                if isinstance(c.model, IPAdapter) and c.unit.weight != 0:
-                    prompts.append((c.model, _row_tokens(*tokens[k], marks), c.unit.weight))
+                w = c.unit.advanced_weighting or c.unit.weight  # (per block, replacing the weight, as the extension)
+                if isinstance(c.model, IPAdapter) and any(w if isinstance(w, tuple) else (w,)):
+                    prompts.append((c.model, _row_tokens(*tokens[k], marks), w))
                 continue
             hint = hint.to(x.device, model.dtype)
             if c.model is None:
