@@ -84,10 +84,8 @@ def load_pipeline(
     if compile:
         for m in filter(None, (model, second)):
             compile_model(m)
-    files = dict(
-        embeddings_dir=embeddings_dir, loras=loras, upscalers=upscalers, controlnets=controlnets, compile=compile
-    )
-    files |= dict(clip_vision=clip_vision, annotators=annotators)
+    files = dict(embeddings_dir=embeddings_dir, loras=loras, upscalers=upscalers, controlnets=controlnets)
+    files |= dict(clip_vision=clip_vision, annotators=annotators, compile=compile)
     hires = load_pipeline(hires_checkpoint, **at, **files) if hires_checkpoint else None
     return Pipeline(
         model,
