@@ -156,6 +156,9 @@ def _style_adapter(sd: dict[str, torch.Tensor], device, dtype: torch.dtype, name
         cfg = style_adapter_config({k: tuple(v.shape) for k, v in sd.items()})
     except KeyError as e:
         raise T2IAdapterError(f"{name}: an incomplete T2I style adapter: it has no {e.args[0]}") from None
+    except (ValueError, IndexError):  # (a style_embedding not (1, tokens, width), a proj not (width, context))
+        shapes = f"style_embedding {tuple(sd['style_embedding'].shape)}, proj {tuple(sd['proj'].shape)}"
+        raise T2IAdapterError(f"{name}: a T2I style adapter of shapes it cannot have ({shapes})") from None
     with empty_modules():
         model = StyleAdapter(cfg)
     if problem := mismatch(model.state_dict(), sd, also_fits=lambda *_: False, ignorable=None):
