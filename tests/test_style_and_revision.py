@@ -233,3 +233,29 @@ def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):
         with pytest.raises(RequestError, match=message) as raised:
             resolve(request, Pipeline(model, controlnets=models, clip_vision=towers))
         assert str(raised.value).startswith("tower unit: ") and "\n" not in str(raised.value)
+
+
+def test_a_hires_checkpoint_of_another_family_is_checked_too(tmp_path, tiny_models):
+    """Revision acts in both passes (its hr_option aside, as the extension): with an SD 1.x hires checkpoint behind
+    an image upscaler it is refused in one line before any work; a style unit kept to the first pass runs."""
+    from latent_diffusion.pipeline.request import HiresFix
+
+    sdxl, sd1 = tiny_model("sdxl", seed=11), tiny_models["sd1"]
+    controls, towers = folders(tmp_path)
+    tiny_tower_file(towers, "clip_g", width=32, projection=sdxl.cfg.text2.embed_dim)
+    tiny_tower_file(towers, "clip_vitl", width=32, projection=16)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    hires = HiresFix(scale=1.5, upscaler="Lanczos", steps=1)
+    unit = ControlUnit("None", image, module="revision_clipvision", hr_option="low")
+    request = GenerationRequest(["a cat"], [1], width=32, height=32, steps=1, hires=hires, controls=[unit])
+    pipeline = Pipeline(sdxl, clip_vision=towers, hires_pipeline=Pipeline(sd1, clip_vision=towers))
+    with pytest.raises(RequestError, match="^ControlNet unit 0: in the hires pass: revision only supports SDXL"):
+        resolve(request, pipeline)
+    torch.save(tencent_adapter(sdxl.cfg.unet.context_dim).state_dict(), controls / "style.pth")
+    style = ControlUnit("style", image, module="t2ia_style_clipvision", hr_option="low")
+    pipeline = Pipeline(sdxl, controlnets=find_control_models(controls), clip_vision=towers,
+                        hires_pipeline=Pipeline(sd1, clip_vision=towers))  # fmt: skip
+    plan = resolve(dataclasses.replace(request, controls=[style]), pipeline)
+    assert plan.hires.controls[0].acts is False
+    with pytest.raises(RequestError, match='in the hires pass: .* context .*hr_option "low" keeps the unit out of it'):
+        resolve(dataclasses.replace(request, controls=[dataclasses.replace(style, hr_option="both")]), pipeline)

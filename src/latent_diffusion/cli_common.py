@@ -22,8 +22,8 @@ DTYPE_HELP = (
 )
 STYLES_HELP = "the web UI's styles.csv: name, prompt, negative_prompt (default: styles.csv where it exists)"
 CLIP_VISION_DIR_HELP = (
-    "the CLIP image towers IP-Adapter units need, clip_h.pth and clip_g.pth as the ControlNet extension names them "
-    "(default: models/clip_vision where it exists)"
+    "the CLIP image towers that IP-Adapter, T2I style adapter and revision units need, clip_h.pth, clip_g.pth and "
+    "clip_vitl.pth as the ControlNet extension names them (default: models/clip_vision where it exists)"
 )
 ANNOTATOR_DIR_HELP = (
     "the annotator weights of the preprocessors that need them (depth, openpose, lineart, ...), run through the "

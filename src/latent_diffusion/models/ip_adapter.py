@@ -188,7 +188,8 @@ def image_prompted(unet: nn.Module, prompts: list[tuple[IPAdapter, torch.Tensor,
     the tokens of each row of the U-Net's batch (rows, T, C) and its weight w, or one weight per block that holds
     cross-attention (`attention_blocks`: the extension's advanced weighting). A layer at weight 0 attends to nothing
     more."""
-    attentions, blocks = cross_attentions(unet), attention_blocks(unet)
+    attentions = cross_attentions(unet)
+    blocks = attention_blocks(unet) if any(isinstance(w, tuple) for *_, w in prompts) else None
     for adapter, _, _ in prompts:
         if len(adapter.cfg.layers) != len(attentions):
             raise ValueError(f"an IP-Adapter of {len(adapter.cfg.layers)} layers, for a U-Net of {len(attentions)}")

@@ -37,12 +37,19 @@ class StyleAdapterConfig:
 
 def style_adapter_config(shapes: dict[str, tuple]) -> StyleAdapterConfig:
     """The config of a file's tensors, from their shapes (key -> shape); no shape shows the heads: 8, as in the one
-    released model (TencentARC's and the extension's loaders fix them too)."""
-    _, tokens, width = shapes["style_embedding"]
-    layers = {int(k.split(".")[1]) for k in shapes if k.startswith("transformer_layes.")}
-    if not layers:
+    released model (TencentARC's and the extension's loaders fix them too). KeyError naming a key it lacks,
+    ValueError for shapes it cannot have."""
+    embedding, proj = shapes["style_embedding"], shapes["proj"]
+    numbers = {k.split(".")[1] for k in shapes if k.startswith("transformer_layes.")}
+    if not numbers:
         raise KeyError("transformer_layes.0")
-    return StyleAdapterConfig(width, shapes["proj"][1], layers=1 + max(layers), tokens=tokens)
+    if len(embedding) != 3 or embedding[0] != 1 or embedding[1] < 1 or len(proj) != 2 or proj[0] != embedding[2]:
+        raise ValueError(
+            f"style_embedding {tuple(embedding)} is not (1, tokens, width) or proj {tuple(proj)} not (width, context)"
+        )
+    if not all(n.isdigit() for n in numbers):
+        raise ValueError(f"transformer_layes.{sorted(numbers)[0]} is not a numbered layer")
+    return StyleAdapterConfig(embedding[2], proj[1], layers=1 + max(map(int, numbers)), tokens=embedding[1])
 
 
 class StyleAdapter(nn.Module):

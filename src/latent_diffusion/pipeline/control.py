@@ -59,7 +59,9 @@ class ResolvedControl:
 
     unit: ControlUnit
     name: str  # as listed: "name [hash]"
-    model: nn.Module | None  # a ControlNet, a T2I-Adapter or an IP-Adapter; None: a reference unit (`reference.py`)
+    # a ControlNet, a T2I-Adapter, an IP-Adapter or a style adapter; None: a reference unit (`reference.py`), or a
+    # revision unit (which has `image_tokens`)
+    model: nn.Module | None
     hint: torch.Tensor  # (1 or n, 3, H, W) float32 in [0, 1] at the pass's pixel size (−1: an inpaint mask's pixels)
     detected: tuple[np.ndarray, ...]  # the maps as shown (uint8, H×W×3 or ×4), for the API's answer
     maps: tuple  # (module, resize mode, map) as the preprocessor gave each, for a hires pass to fit again
@@ -90,7 +92,7 @@ class ResolvedControl:
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
         reference = self.model is None and self.image_tokens is None
-        settings += (self.seed if reference else None,)  # (a reference unit draws from its request's seed)
+        settings += (self.seed, self.fidelity) if reference else (None, None)  # (its draws, its style fidelity)
         tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
         return (self.name, *settings, self.hint.shape[1:], tokens, self.ignores_prompt)
 
@@ -223,9 +225,9 @@ def _image_prompt_unit(
     tokens, or revision's embedding (adapter None); no map."""
     model, module = pipeline.model, find_module(unit.module).name
     if unit.advanced_weighting is not None:  # (an IP-Adapter's: one weight per block of cross-attention)
-        blocks = 1 + max(attention_blocks(model.model.diffusion_model))
         if not isinstance(adapter, IPAdapter):
-            fail(f"{title}: advanced_weighting applies to ControlNets, T2I-Adapters and IP-Adapters; give a weight")
+            fail(f"{title}: advanced_weighting does not apply to style adapter or revision units; give a weight")
+        blocks = 1 + max(attention_blocks(model.model.diffusion_model))
         if len(unit.advanced_weighting) != blocks:
             fail(
                 f"{title}: an IP-Adapter's advanced_weighting takes one weight per U-Net block with cross-attention: "
@@ -254,6 +256,31 @@ def _image_prompt_unit(
     ignores = module == "revision_ignore_prompt" or (adapter is None and no_prompt)
     control = ResolvedControl(unit, listed, adapter, hint, (), (), soft=False, conditional_only=False)
     return dataclasses.replace(control, image_tokens=tokens, ignores_prompt=ignores)
+
+
+def check_fits_hires(c: ResolvedControl, model: LatentDiffusion, k: int) -> None:
+    """Unit k, where it acts in the hires pass, must fit that pass's model, a checkpoint of its own (RequestError
+    naming the unit)."""
+    title = c.unit.title or f"ControlNet unit {k}"
+    revision = c.model is None and c.image_tokens is not None  # (which acts in both passes, as the extension)
+    if not (c.acts or revision) or (c.model is None and not revision):
+        return
+    try:
+        if revision:
+            if not model.cfg.micro_conditioning:
+                raise ValueError(f"revision only supports SDXL, not the hires checkpoint's {model.cfg.family.title}")
+            check_revision_fits(c.image_tokens[0], model)
+        elif isinstance(c.model, ControlNet):
+            check_controlnet_fits(c.model, model.cfg)
+        elif isinstance(c.model, IPAdapter):
+            check_ip_adapter_fits(c.model, model.model.diffusion_model, model.cfg.unet.context_dim)
+        elif isinstance(c.model, StyleAdapter):
+            check_style_adapter_fits(c.model, model.cfg.unet.context_dim)
+        else:
+            check_adapter_fits(c.model, model.cfg)
+    except (ValueError, ImagePromptError) as e:
+        way_out = "" if revision else ' (hr_option "low" keeps the unit out of it)'
+        fail(f"{title}: in the hires pass: {first_line(e)}{way_out}")
 
 
 def _other_tower(module: str, model: LatentDiffusion, adapter) -> str:

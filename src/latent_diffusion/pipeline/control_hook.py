@@ -14,7 +14,8 @@ Per unit, with w its weight:
   past the list's end get none.
 - The shuffle ControlNet's global average pooling (`control.pools`): its residuals, the conditional rows' alone,
   scaled, then each its mean over the feature map, which the U-Net adds at every place.
-- hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`).
+- hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`); a
+  revision unit in both whatever it says, as in the extension.
 - An IP-Adapter's image tokens, cond · m + uncond · (1 − m) per row (m: the row's mark), are attended to by every
   cross-attention at w (`image_prompts.py`), or at its block's weight where the unit has advanced weighting (one per
   block with cross-attention, `ip_adapter.attention_blocks`); the control mode does not apply to it.

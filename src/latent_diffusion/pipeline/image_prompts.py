@@ -17,8 +17,8 @@ prompt's context (`models/style_adapter.py`); SDXL's revision, the image embeddi
   IP-Adapter's own code makes them (the extension stores that tensor for SD 1.5; for SDXL plus it stores one
   already projected, which is not reproduced here).
 - Each row of the U-Net's batch takes cond · m + uncond · (1 − m), m its guidance mark; the unit acts in its
-  window of steps at its weight. The control mode, soft injection and hires options do not apply, as in the
-  extension.
+  window of steps at its weight (and in the passes its hr_option names). The control mode and soft injection do
+  not apply, as in the extension.
 - The style adapter (module `clip_vision`, label `t2ia_style_clipvision`): the tower `clip_vitl` (OpenAI's ViT-L/14),
   its last hidden state (all 257 tokens, before the final norm) through the adapter; the unconditional rows get zeros.
 - Revision (`revision_clipvision`, `revision_ignore_prompt`; no model, SDXL only): `clip_g`'s projected embedding,
@@ -161,7 +161,8 @@ def style_tokens(adapter: StyleAdapter, tower, images: list[np.ndarray], masks=N
     at 1/n, as the extension's merge mode runs a unit of n images as n units at weight w/n, each appending its own."""
     if tower.cfg.width != adapter.cfg.width:
         raise ImagePromptError(
-            f"this style adapter takes CLIP tokens {adapter.cfg.width} wide; the tower clip_vitl gives {tower.cfg.width}"
+            f"this style adapter takes CLIP tokens {adapter.cfg.width} wide; the tower clip_vitl gives "
+            f"{tower.cfg.width}"
         )
     device = tower.visual_projection.weight.device
     masks = masks or [None] * len(images)
@@ -178,8 +179,8 @@ REVISION_ALPHAS = torch.cumprod(1 - torch.linspace(1e-4**0.5, 2e-2**0.5, 1000, d
 @torch.no_grad()
 def revision_embedding(tower, images: list[np.ndarray], masks, noise: float, generator: torch.Generator):
     """A revision unit's images -> its embedding (1, E): each image's projected embedding, noise-augmented as
-    q_sample at k = int(1000 · noise) (clipped to 0..999; √ᾱ_k · e + √(1 − ᾱ_k) · ε, so 0 still adds noise of std
-    0.01), then their mean (the extension's merge mode: n units at weight w/n, summed)."""
+    q_sample at k = int(1000 · noise), clipped to 0..999: √ᾱ_k · e + √(1 − ᾱ_k) · ε, so 0 still adds noise of std
+    0.01; then their mean (the extension's merge mode: n units at weight w/n, summed)."""
     device = tower.visual_projection.weight.device
     masks = masks or [None] * len(images)
     seen = tower(torch.cat([clip_pixels(image, mask) for image, mask in zip(images, masks)]).to(device)).image_embeds

@@ -33,7 +33,7 @@ class Pipeline:
     loras: dict[str, Path] = field(default_factory=dict)  # LoRA files that prompts may name (<lora:name:w>)
     upscalers: dict[str, Path] = field(default_factory=dict)  # image upscaler model files, by name (`upscalers.py`)
     controlnets: dict[str, Path] = field(default_factory=dict)  # ControlNet, T2I- and IP-Adapter files, "name [hash]"
-    clip_vision: Path | None = None  # the folder of the CLIP image towers IP-Adapters need (`image_prompts.py`)
+    clip_vision: Path | None = None  # the folder of the CLIP image towers some units need (`image_prompts.py`)
     annotators: Path | None = None  # the folder of the annotator weights some preprocessors need (`annotators.py`)
     hires_pipeline: Pipeline | None = None  # the hires pass's own checkpoint (the web UI's hr_checkpoint_name)
     styles: dict[str, Style] = field(default_factory=dict)  # prompt styles that requests may name (a styles.csv)
@@ -71,9 +71,9 @@ def load_pipeline(
     one; its autoencoder's encoder read when an image is first encoded) and what goes beside it: a VAE file over its
     autoencoder, a refiner on the same device in the same dtype, the embeddings in `embeddings_dir` made for its text
     encoders' width, the LoRA, upscaler and control model files by name (`lora.find_loras`,
-    `upscalers.find_upscalers`, `control.find_control_models`), the folders of the CLIP image towers IP-Adapters need
-    and of the annotator weights of the preprocessors that need them, and a checkpoint for the hires pass with the same files beside it. compile: the U-Nets and decoders
-    through torch.compile. unet_weights_dtype, text_weights_dtype: the storage of the U-Nets' and the text
+    `upscalers.find_upscalers`, `control.find_control_models`), the folders of the CLIP image towers (IP-Adapter,
+    style and revision units) and of the annotator weights some preprocessors need, and a checkpoint for the hires
+    pass with the same files beside it. compile: the U-Nets and decoders through torch.compile. unet_weights_dtype, text_weights_dtype: the storage of the U-Nets' and the text
     encoders' layer weights (float8, float16, bfloat16 or "Q8_0"), for every checkpoint loaded here (`weights/storage.py`)."""
     at = dict(device=device, dtype=dtype, unet_weights_dtype=unet_weights_dtype, text_weights_dtype=text_weights_dtype)
     model = load_model(checkpoint, config, ema=ema, unet_gguf=unet_gguf, for_generation=True, **at)

@@ -26,7 +26,7 @@ from ..sampling.samplers import SAMPLERS, get_sampler
 from ..sampling.sigma_schedules import find_scheduler, schedule_for
 from ..weights.embeddings import Embedding, bundled_embeddings
 from ..weights.storage import stores_fp8
-from .control import ResolvedControl, control_fields, fitted, merged_controls, resolve_controls
+from .control import ResolvedControl, check_fits_hires, control_fields, fitted, merged_controls, resolve_controls
 from .hires import LATENT_MODES, HiresSize, second_pass, target_size
 from .infotext import parameters_text
 from .loading import Pipeline
@@ -130,12 +130,13 @@ def _hashable(value):
 def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
     """Every check of a request against the pipeline, before any work (RequestError naming the problem), and its
     prompts parsed once."""
-    r = _styled(validate(request), pipeline)
+    checked = validate(request)
+    no_prompt = not any(checked.prompts) and not any(checked.negative_prompts or [])  # (revision's rule: unstyled)
+    r = _styled(checked, pipeline)
     if pipeline.refiner is not None:
         _check_follower(pipeline.model, pipeline.refiner, "the refiner")
     resolved = _check_against(r, pipeline)
     plan = Plan(resolved, pipeline, *_parsed(resolved, pipeline))
-    no_prompt = not any(resolved.prompts) and not any(resolved.negative_prompts or [])  # (revision's rule)
     size = (resolved.height, resolved.width)
     plan.controls = resolve_controls(r.controls, pipeline, size, resolved.seeds, no_prompt)
     if r.hires is not None:
@@ -149,6 +150,9 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
             dataclasses.replace(fitted(c, (second.height, second.width), hires.model), acts=c.unit.hr_option != "low")
             for c in plan.controls
         ]
+        if hires.model is not pipeline.model:  # (a hires checkpoint: each unit acting there must fit it too)
+            for k, c in enumerate(plan.hires.controls):
+                check_fits_hires(c, hires.model, k)
         plan.controls = [dataclasses.replace(c, acts=c.unit.hr_option != "high") for c in plan.controls]
     return plan
 

@@ -303,8 +303,8 @@ CONTROLNET_HELP = {
     "data": "image folder with a metadata.jsonl of file_name, conditioning_image and text per line "
     "(default: the built-in shapes set, each shape's mask its control image)",
     "ckpt": "the base model, frozen (default: the built-in model)",
-    "controlnet": "a ControlNet file of the base model's U-Net to train on from (fine-tuning; any layout that loads "
-    "for generation; default: a new one, the U-Net's encoder copied, its zero convolutions at zero)",
+    "controlnet": "a ControlNet file of the base model's U-Net to go on training (fine-tuning; any layout generation "
+    "loads; default: a new one, the U-Net's encoder copied, its zero convolutions at zero)",
     "prompt_dropout": "probability of training on the empty prompt (the paper's 0.5)",
     "ema_decay": "EMA of the ControlNet's weights: not kept (0), as lllyasviel's cldm",
     "sample_prompts": "prompts of the sample images, each with the control image of one of the first data items",

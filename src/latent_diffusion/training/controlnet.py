@@ -78,6 +78,8 @@ def start_from(path: str, model: LatentDiffusion) -> ControlNet:
         raise TrainError(f"--controlnet {path}: {first_line(e).replace(f'{path}: ', '')}") from None
     if (channels := controlnet.input_hint_block[0].in_channels) != 3:
         raise TrainError(f"--controlnet {path}: its control images have {channels} channels; the data's have 3")
+    for p in controlnet.parameters():  # (a Control-LoRA's unchanged weights are the frozen base's own tensors)
+        p.data = p.data.clone()
     return controlnet.train().requires_grad_(True)
 
 

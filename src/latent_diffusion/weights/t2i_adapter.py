@@ -156,9 +156,8 @@ def _style_adapter(sd: dict[str, torch.Tensor], device, dtype: torch.dtype, name
         cfg = style_adapter_config({k: tuple(v.shape) for k, v in sd.items()})
     except KeyError as e:
         raise T2IAdapterError(f"{name}: an incomplete T2I style adapter: it has no {e.args[0]}") from None
-    except (ValueError, IndexError):  # (a style_embedding not (1, tokens, width), a proj not (width, context))
-        shapes = f"style_embedding {tuple(sd['style_embedding'].shape)}, proj {tuple(sd['proj'].shape)}"
-        raise T2IAdapterError(f"{name}: a T2I style adapter of shapes it cannot have ({shapes})") from None
+    except ValueError as e:
+        raise T2IAdapterError(f"{name}: not a T2I style adapter: {e}") from None
     with empty_modules():
         model = StyleAdapter(cfg)
     if problem := mismatch(model.state_dict(), sd, also_fits=lambda *_: False, ignorable=None):
@@ -169,7 +168,7 @@ def _style_adapter(sd: dict[str, torch.Tensor], device, dtype: torch.dtype, name
 
 def load_t2i_adapter(
     path: str | os.PathLike, *, device="cpu", dtype: torch.dtype = torch.float32
-) -> Adapter | AdapterLight:
+) -> Adapter | AdapterLight | StyleAdapter:
     """A T2I-Adapter from a .safetensors, .pth or .bin file, in TencentARC's or diffusers' layout (read with the safe
     reader: no code from the file runs). Raises T2IAdapterError (a ValueError) with one line naming the file."""
     sd, _ = read_state_dict(path)
