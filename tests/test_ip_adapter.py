@@ -406,18 +406,22 @@ def test_the_modules_towers_are_the_extensions():
                     "ip-adapter-plus_sd15": "clip_h"}  # fmt: skip
 
 
+def adapter_pipeline(tmp_path, model, kind: str, name: str) -> Pipeline:
+    """The model with a tiny adapter of `kind` filed as `name`.bin and the tiny clip_h tower beside it."""
+    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
+    controls.mkdir(), towers.mkdir()
+    tiny_tower_file(towers)
+    tencent_file(tiny_adapter(kind, model), controls / f"{name}.bin")
+    return Pipeline(model, controlnets=find_control_models(controls), clip_vision=towers)
+
+
 def test_requests_with_different_image_prompts_share_a_batch(tmp_path, tiny_models):
     """Two requests with the same IP-Adapter unit settings and different images (one a batch of two): their plans'
     batch keys are equal, and the merged batch draws each request's images (its tokens batched as the text is)."""
     from latent_diffusion.pipeline.generate import generate_plan
     from latent_diffusion.pipeline.plan import merge
 
-    model = tiny_models["sd1"]
-    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
-    controls.mkdir(), towers.mkdir()
-    tiny_tower_file(towers)
-    tencent_file(tiny_adapter("plus", model), controls / "ip-adapter-plus_sd15.bin")
-    pipeline = Pipeline(model, controlnets=find_control_models(controls), clip_vision=towers)
+    pipeline = adapter_pipeline(tmp_path, tiny_models["sd1"], "plus", "ip-adapter-plus_sd15")
     plans = []
     for k, seeds in enumerate(([3], [4, 5])):
         image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(k))
@@ -436,11 +440,7 @@ def test_a_units_per_block_weights_reach_generation(tmp_path, tiny_models):
     """Advanced weighting on an IP-Adapter unit replaces its weight, as the extension's: every block at 0.8 draws what
     weight 0.8 draws, every block at 0 the plain image, and other weights per block another image."""
     model = tiny_models["sd1"]
-    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
-    controls.mkdir(), towers.mkdir()
-    tiny_tower_file(towers)
-    tencent_file(tiny_adapter("base", model), controls / "ip-adapter_sd15.bin")
-    pipeline = Pipeline(model, controlnets=find_control_models(controls), clip_vision=towers)
+    pipeline = adapter_pipeline(tmp_path, model, "base", "ip-adapter_sd15")
     image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
     blocks = 1 + max(attention_blocks(model.model.diffusion_model))
 
