@@ -633,5 +633,8 @@ def test_ip_adapter_modules_are_available_where_their_tower_is(tmp_path):
         False,
     ]
     assert not preprocessors.module_list()["module_detail"]["ip-adapter-auto"]["available"]
+    reason = preprocessors.unavailable_reason(find_module("ip-adapter-auto"), clip_vision=tmp_path / "none")
+    assert reason.endswith("needs a CLIP image tower, clip_h or clip_g (.pth/.safetensors/.bin), and neither is in "
+                           f"{tmp_path / 'none'}")  # fmt: skip
     with pytest.raises(PreprocessorError, match="'ip-adapter_clip_h' makes no map"):
         detect(drawing(), "ip-adapter_clip_sd15")

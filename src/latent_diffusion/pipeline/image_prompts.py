@@ -85,15 +85,16 @@ def find_tower(folder: str | os.PathLike | None, name: str) -> Path:
 def missing_tower(module: str, folder: str | os.PathLike | None) -> str | None:
     """Why a module of a tower (`IMAGE_PROMPT_MODULES`) cannot run here (its tower's file is not in `folder`), in one
     line; None where it can (`ip-adapter-auto`: where either tower is, the model deciding which it needs)."""
-    names = ("clip_h", "clip_g") if module == AUTO else (TOWERS[module],)
-    problems = []
-    for name in names:
+    if module != AUTO:
         try:
-            find_tower(folder, name)
-            return None
+            find_tower(folder, TOWERS[module])
         except ImagePromptError as e:
-            problems.append(str(e))
-    return problems[0]
+            return str(e)
+        return None
+    if any(folder is not None and (Path(folder) / (n + s)).is_file() for n in ("clip_h", "clip_g") for s in SUFFIXES):
+        return None
+    where = f"in {os.fspath(folder)}" if folder is not None else "here: give a folder with --clip-vision-dir"
+    return f"a CLIP image tower, clip_h or clip_g ({'/'.join(SUFFIXES)}), and neither is {where}"
 
 
 @functools.lru_cache(maxsize=2)
