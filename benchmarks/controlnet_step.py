@@ -21,8 +21,7 @@ from latent_diffusion.models.controlnet import ControlNet
 from latent_diffusion.pipeline.control import ResolvedControl
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, hint_field
 from latent_diffusion.pipeline.request import ControlUnit
-from machine import machine
-from unet_step import build, device_setting, interleaved, model_around, print_medians
+from unet_step import build, device_setting, model_around, report
 
 
 def main():
@@ -63,10 +62,7 @@ def main():
             x, t, encoder_hidden_states=context, down_block_additional_residuals=down, mid_block_additional_residual=mid
         ).sample
 
-    diff, a, b = interleaved(run_ours, run_theirs, iters, sync)
-    print(f"U-Net + ControlNet sd-v1.5, batch 2, {size}x{size}, {dtype}, {device} ({machine()}), torch "
-          f"{torch.__version__}, {iters} iterations")  # fmt: skip
-    print_medians(a, b, diff)
+    report("U-Net + ControlNet sd-v1.5", run_ours, run_theirs, (device, dtype, size, iters, sync))
 
 
 if __name__ == "__main__":

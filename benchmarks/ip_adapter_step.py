@@ -22,8 +22,7 @@ from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross
 from latent_diffusion.pipeline.control import ResolvedControl
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, token_fields
 from latent_diffusion.pipeline.request import ControlUnit
-from machine import machine
-from unet_step import build, device_setting, interleaved, model_around, print_medians
+from unet_step import build, device_setting, model_around, report
 
 EMBED, HIDDEN = 1024, 1280  # OpenCLIP ViT-H/14's projected embedding and hidden widths (SD 1.5's IP-Adapters)
 
@@ -83,10 +82,7 @@ def main():
         embeds = {"image_embeds": [clip[:, None]]}  # (2, 1, E) or (2, 1, 257, E): row 0 unconditional
         return their_unet(x, t, encoder_hidden_states=context, added_cond_kwargs=embeds).sample
 
-    diff, a, b = interleaved(run_ours, run_theirs, iters, sync)
-    print(f"U-Net + IP-Adapter ({args.kind}) sd-v1.5, batch 2, {size}x{size}, {dtype}, {device} ({machine()}), torch "
-          f"{torch.__version__}, {iters} iterations")  # fmt: skip
-    print_medians(a, b, diff)
+    report(f"U-Net + IP-Adapter ({args.kind}) sd-v1.5", run_ours, run_theirs, (device, dtype, size, iters, sync))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,15 @@ def print_medians(ours: float, theirs: float, diff: float) -> None:
     print(f"  ratio ours/diffusers {ours / theirs:.3f}   (max |difference| of outputs {diff:.2e})")
 
 
+def report(title: str, run_ours, run_theirs, setting: tuple) -> None:
+    """A step benchmark's comparison (`interleaved`) under `device_setting`'s setting, printed with its title."""
+    device, dtype, size, iters, sync = setting
+    diff, ours, theirs = interleaved(run_ours, run_theirs, iters, sync)
+    where = f"{device} ({machine()}), torch {torch.__version__}"
+    print(f"{title}, batch 2, {size}x{size}, {dtype}, {where}, {iters} iterations")
+    print_medians(ours, theirs, diff)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="sd-v1.5")
