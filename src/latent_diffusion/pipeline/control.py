@@ -77,6 +77,12 @@ class ResolvedControl:
     image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
     ignores_prompt: bool = False  # revision: the prompt's context zeroed while it acts
 
+    @property
+    def revision(self) -> bool:
+        """A revision unit: no model, a tower's embedding; it acts in both hires passes whatever its hr_option says,
+        as in the extension."""
+        return self.model is None and self.image_tokens is not None
+
     def rows(self, start: int, stop: int) -> ResolvedControl:
         """Images start..stop's maps or tokens (one for all stays one)."""
         rows = slice(start, stop)
@@ -91,7 +97,7 @@ class ResolvedControl:
         u = self.unit
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
-        reference = self.model is None and self.image_tokens is None
+        reference = self.model is None and not self.revision
         settings += (self.seed, self.fidelity) if reference else (None, None)  # (its draws, its style fidelity)
         tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
         return (self.name, *settings, self.hint.shape[1:], tokens, self.ignores_prompt)
@@ -147,20 +153,25 @@ def check_adapter_fits(adapter: nn.Module, cfg) -> None:
         )
 
 
+def check_fits(control: nn.Module, model: LatentDiffusion) -> None:
+    """ValueError (one line) where a control model does not fit the model's U-Net."""
+    if isinstance(control, ControlNet):
+        check_controlnet_fits(control, model.cfg)
+    elif isinstance(control, IPAdapter):
+        check_ip_adapter_fits(control, model.model.diffusion_model, model.cfg.unet.context_dim)
+    elif isinstance(control, StyleAdapter):
+        check_style_adapter_fits(control, model.cfg.unet.context_dim)
+    else:
+        check_adapter_fits(control, model.cfg)
+
+
 def load_control_model(path: Path, model: LatentDiffusion) -> nn.Module:
     """The control model in `path`, on the model's device in its dtype, checked to fit the model (RequestError in
     one line, naming the file, otherwise)."""
     try:
         stat = path.stat()
         control = _load(path, (stat.st_mtime_ns, stat.st_size), model)
-        if isinstance(control, ControlNet):
-            check_controlnet_fits(control, model.cfg)
-        elif isinstance(control, IPAdapter):
-            check_ip_adapter_fits(control, model.model.diffusion_model, model.cfg.unet.context_dim)
-        elif isinstance(control, StyleAdapter):
-            check_style_adapter_fits(control, model.cfg.unet.context_dim)
-        else:
-            check_adapter_fits(control, model.cfg)
+        check_fits(control, model)
     except (OSError, CheckpointError, ValueError) as e:
         message = first_line(e).replace(f"{path}: ", "").replace(str(path), path.name)  # (no paths in an answer)
         fail(f"control model {path.name}: {message}")
@@ -223,7 +234,8 @@ def _image_prompt_unit(
 ) -> ResolvedControl:
     """A unit whose images go through a CLIP image tower (`image_prompts.py`): an IP-Adapter's or a style adapter's
     tokens, or revision's embedding (adapter None); no map."""
-    model, module = pipeline.model, find_module(unit.module).name
+    model, found = pipeline.model, find_module(unit.module)
+    module = found.name
     if unit.advanced_weighting is not None:  # (an IP-Adapter's: one weight per block of cross-attention)
         if not isinstance(adapter, IPAdapter):
             fail(f"{title}: advanced_weighting does not apply to style adapter or revision units; give a weight")
@@ -246,7 +258,7 @@ def _image_prompt_unit(
         elif isinstance(adapter, StyleAdapter):
             tokens = style_tokens(adapter, tower, images, masks)
         else:
-            noise = resolve_sliders(find_module(module), None, unit.threshold_a, None, strict=True)[1]
+            noise = resolve_sliders(found, None, unit.threshold_a, None, strict=True)[1]
             embedding = revision_embedding(tower, images, masks, noise, torch.Generator().manual_seed(seed))
             check_revision_fits(embedding, model)
             tokens = (embedding.to(model.dtype), torch.zeros_like(embedding, dtype=model.dtype))
@@ -262,24 +274,17 @@ def check_fits_hires(c: ResolvedControl, model: LatentDiffusion, k: int) -> None
     """Unit k, where it acts in the hires pass, must fit that pass's model, a checkpoint of its own (RequestError
     naming the unit)."""
     title = c.unit.title or f"ControlNet unit {k}"
-    revision = c.model is None and c.image_tokens is not None  # (which acts in both passes, as the extension)
-    if not (c.acts or revision) or (c.model is None and not revision):
+    if not (c.acts or c.revision) or (c.model is None and not c.revision):
         return
     try:
-        if revision:
+        if c.revision:
             if not model.cfg.micro_conditioning:
                 raise ValueError(f"revision only supports SDXL, not the hires checkpoint's {model.cfg.family.title}")
             check_revision_fits(c.image_tokens[0], model)
-        elif isinstance(c.model, ControlNet):
-            check_controlnet_fits(c.model, model.cfg)
-        elif isinstance(c.model, IPAdapter):
-            check_ip_adapter_fits(c.model, model.model.diffusion_model, model.cfg.unet.context_dim)
-        elif isinstance(c.model, StyleAdapter):
-            check_style_adapter_fits(c.model, model.cfg.unet.context_dim)
         else:
-            check_adapter_fits(c.model, model.cfg)
-    except (ValueError, ImagePromptError) as e:
-        way_out = "" if revision else ' (hr_option "low" keeps the unit out of it)'
+            check_fits(c.model, model)
+    except ValueError as e:  # (ImagePromptError is one)
+        way_out = "" if c.revision else ' (hr_option "low" keeps the unit out of it)'
         fail(f"{title}: in the hires pass: {first_line(e)}{way_out}")
 
 

@@ -116,12 +116,7 @@ def controlled_unet(
         tokens = [tuple(cond.pop(name, None) for name in token_fields(k)) for k in range(len(controls))]
         fraction = clock.fraction
         x = x_in.to(model.dtype)
-        # (revision ignores hr_option in the extension: no model, a tower's embedding)
-        acting = [
-            (c.acts or (c.model is None and c.image_tokens is not None))
-            and c.unit.guidance_start <= fraction <= c.unit.guidance_end
-            for c in controls
-        ]
+        acting = [(c.acts or c.revision) and c.unit.guidance_start <= fraction <= c.unit.guidance_end for c in controls]
         # the style and revision units acting now: they change the text conditioning first
         changing = [
             on and c.image_tokens is not None and not isinstance(c.model, IPAdapter) for c, on in zip(controls, acting)
@@ -188,7 +183,7 @@ def _image_conditioning(units: list[tuple], controls: list[ResolvedControl], con
       prompt's rows and by 0 on the unconditional rows; the whole context zeroed where any revision unit of the
       request ignores the prompt (revision_ignore_prompt; every revision unit when prompt and negative are empty);
     - a style adapter: w · its tokens appended after the context (zeros on the unconditional rows), in unit order."""
-    revisions = [(c, t) for c, t in units if c.model is None]  # (unit, its token fields)
+    revisions = [(c, t) for c, t in units if c.revision]  # (unit, its token fields)
     if revisions:
         y = sum(c.unit.weight * _row_tokens(*t, marks) for c, t in revisions)  # (rows, E)
         vector = cond["vector"].clone()
@@ -196,7 +191,7 @@ def _image_conditioning(units: list[tuple], controls: list[ResolvedControl], con
         cond["vector"] = vector
         if any(c.ignores_prompt for c in controls):
             cond["crossattn"] = torch.zeros_like(cond["crossattn"])
-    styles = [c.unit.weight * _row_tokens(*t, marks) for c, t in units if c.model is not None]
+    styles = [c.unit.weight * _row_tokens(*t, marks) for c, t in units if not c.revision]
     if styles:
         context = cond["crossattn"]
         cond["crossattn"] = torch.cat([context, *(s.to(context.dtype) for s in styles)], dim=1)

@@ -78,23 +78,28 @@ def find_tower(folder: str | os.PathLike | None, name: str) -> Path:
     for suffix in SUFFIXES:
         if folder is not None and (path := Path(folder) / (name + suffix)).is_file():
             return path
-    where = f"in {os.fspath(folder)}" if folder is not None else "here: give a folder with --clip-vision-dir"
-    raise ImagePromptError(f"the CLIP image tower {name} ({'/'.join(name + s for s in SUFFIXES)}) is not {where}")
+    raise ImagePromptError(
+        f"the CLIP image tower {name} ({'/'.join(name + s for s in SUFFIXES)}) is not {_where(folder)}"
+    )
+
+
+def _where(folder: str | os.PathLike | None) -> str:
+    return f"in {os.fspath(folder)}" if folder is not None else "here: give a folder with --clip-vision-dir"
 
 
 def missing_tower(module: str, folder: str | os.PathLike | None) -> str | None:
     """Why a module of a tower (`IMAGE_PROMPT_MODULES`) cannot run here (its tower's file is not in `folder`), in one
     line; None where it can (`ip-adapter-auto`: where either tower is, the model deciding which it needs)."""
-    if module != AUTO:
+    names = ("clip_h", "clip_g") if module == AUTO else (TOWERS[module],)
+    for name in names:
         try:
-            find_tower(folder, TOWERS[module])
+            find_tower(folder, name)
+            return None
         except ImagePromptError as e:
-            return str(e)
-        return None
-    if any(folder is not None and (Path(folder) / (n + s)).is_file() for n in ("clip_h", "clip_g") for s in SUFFIXES):
-        return None
-    where = f"in {os.fspath(folder)}" if folder is not None else "here: give a folder with --clip-vision-dir"
-    return f"a CLIP image tower, clip_h or clip_g ({'/'.join(SUFFIXES)}), and neither is {where}"
+            reason = str(e)
+    if module != AUTO:
+        return reason
+    return f"a CLIP image tower, clip_h or clip_g ({'/'.join(SUFFIXES)}), and neither is {_where(folder)}"
 
 
 @functools.lru_cache(maxsize=2)
