@@ -16,23 +16,17 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
 
-from latent_diffusion import preset
 from latent_diffusion.models.controlnet import ControlNet
 from latent_diffusion.pipeline.control import ResolvedControl
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, hint_field
 from latent_diffusion.pipeline.request import ControlUnit
-from unet_step import build, device_setting, model_around, report
+from unet_step import report, sd15_step
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
-    args = parser.parse_args()
-    device, dtype, size, iters, sync = device_setting(args)
-    cfg = preset("sd-v1.5")
-    unet, their_unet = build(cfg, device, dtype)
-    model = model_around(unet, cfg)
+    _, setting, cfg, model, their_unet = sd15_step(parser)
+    device, dtype, size, *_ = setting
     torch.manual_seed(2)
     net = ControlNet(cfg.unet).to(device, dtype).eval()
     with torch.no_grad():
@@ -62,7 +56,7 @@ def main():
             x, t, encoder_hidden_states=context, down_block_additional_residuals=down, mid_block_additional_residual=mid
         ).sample
 
-    report("U-Net + ControlNet sd-v1.5", run_ours, run_theirs, (device, dtype, size, iters, sync))
+    report("U-Net + ControlNet sd-v1.5", run_ours, run_theirs, setting)
 
 
 if __name__ == "__main__":

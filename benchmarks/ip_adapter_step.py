@@ -16,13 +16,12 @@ import argparse
 
 import torch
 
-from latent_diffusion import preset
 from latent_diffusion.models.clip_vision import VisionOutput
 from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
 from latent_diffusion.pipeline.control import ResolvedControl
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, token_fields
 from latent_diffusion.pipeline.request import ControlUnit
-from unet_step import build, device_setting, model_around, report
+from unet_step import report, sd15_step
 
 EMBED, HIDDEN = 1024, 1280  # OpenCLIP ViT-H/14's projected embedding and hidden widths (SD 1.5's IP-Adapters)
 
@@ -30,13 +29,9 @@ EMBED, HIDDEN = 1024, 1280  # OpenCLIP ViT-H/14's projected embedding and hidden
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kind", choices=["base", "plus"], default="base")
-    parser.add_argument("--size", type=int, default=None)
-    parser.add_argument("--iters", type=int, default=None)
-    args = parser.parse_args()
-    device, dtype, size, iters, sync = device_setting(args)
-    cfg = preset("sd-v1.5")
-    unet, their_unet = build(cfg, device, dtype)
-    model = model_around(unet, cfg)
+    args, setting, _, model, their_unet = sd15_step(parser)
+    device, dtype, size, *_ = setting
+    unet = model.model.diffusion_model
     attentions = cross_attentions(unet)
     plus = args.kind == "plus"
     adapter_cfg = IPAdapterConfig(
@@ -82,7 +77,7 @@ def main():
         embeds = {"image_embeds": [clip[:, None]]}  # (2, 1, E) or (2, 1, 257, E): row 0 unconditional
         return their_unet(x, t, encoder_hidden_states=context, added_cond_kwargs=embeds).sample
 
-    report(f"U-Net + IP-Adapter ({args.kind}) sd-v1.5", run_ours, run_theirs, (device, dtype, size, iters, sync))
+    report(f"U-Net + IP-Adapter ({args.kind}) sd-v1.5", run_ours, run_theirs, setting)
 
 
 if __name__ == "__main__":

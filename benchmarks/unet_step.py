@@ -106,6 +106,18 @@ def print_medians(ours: float, theirs: float, diff: float) -> None:
     print(f"  ratio ours/diffusers {ours / theirs:.3f}   (max |difference| of outputs {diff:.2e})")
 
 
+def sd15_step(parser: argparse.ArgumentParser):
+    """The step benchmarks' common start: --size and --iters parsed, the setting (`device_setting`), and SD 1.5-size
+    U-Nets, ours inside a model -> (args, setting, cfg, our model, diffusers' U-Net)."""
+    parser.add_argument("--size", type=int, default=None)
+    parser.add_argument("--iters", type=int, default=None)
+    args = parser.parse_args()
+    setting = device_setting(args)
+    cfg = preset("sd-v1.5")
+    unet, their_unet = build(cfg, *setting[:2])
+    return args, setting, cfg, model_around(unet, cfg), their_unet
+
+
 def report(title: str, run_ours, run_theirs, setting: tuple) -> None:
     """A step benchmark's comparison (`interleaved`) under `device_setting`'s setting, printed with its title."""
     device, dtype, size, iters, sync = setting
