@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from latent_diffusion.pipeline import control_images, control_modules, preprocessors
-from latent_diffusion.pipeline.control_images import control_hint, prepare_control
+from latent_diffusion.pipeline.control_images import control_hint, inpaint_protocol, prepare_control
 from latent_diffusion.pipeline.control_modules import MODULES, PreprocessorError, find_module
 from latent_diffusion.pipeline.preprocessors import detect
 
@@ -442,12 +442,14 @@ def test_inpaint_hint_is_minus_one_where_masked(module, mode, size):
     hint, shown = control_hint(image, module, size=size, resize_mode=mode, mask=mask)
     rgba = np.concatenate([image, mask[:, :, None]], axis=2)  # ControlNetUnit.combine_image_and_mask
     expected = ref_detectmap_proc(rgba, "inpaint", mode, *size)
-    torch.testing.assert_close(hint, ref_hint(expected), rtol=0, atol=0)
+    assert hint.shape[1] == 4  # the extension's used_hint_cond: RGBA, which inpaint_only's fixes read
+    torch.testing.assert_close(inpaint_protocol(hint), ref_hint(expected), rtol=0, atol=0)
     shown_ref = expected.copy()  # external_code.py visualize_inpaint_mask, then postprocess's clip and uint8
     shown_ref[:, :, 3] = 255 - shown_ref[:, :, 3] // 2
     np.testing.assert_array_equal(shown, shown_ref.clip(0, 255).astype(np.uint8))
     if size == (40, 56):
-        assert (hint[0, :, mask > 127] == -1).all() and (hint[0, :, mask <= 127] >= 0).all()
+        seen = inpaint_protocol(hint)
+        assert (seen[0, :, mask > 127] == -1).all() and (seen[0, :, mask <= 127] >= 0).all()
 
 
 def test_detect_inpaint_shows_the_mask_and_needs_one():

@@ -62,13 +62,14 @@ class ResolvedControl:
     # a ControlNet, a T2I-Adapter, an IP-Adapter or a style adapter; None: a reference unit (`reference.py`), or a
     # revision unit (which has `image_tokens`)
     model: nn.Module | None
-    hint: torch.Tensor  # (1 or n, 3, H, W) float32 in [0, 1] at the pass's pixel size (−1: an inpaint mask's pixels)
+    hint: torch.Tensor  # (1 or n, 3, H, W) float32 in [0, 1] at the pass's pixel size (an inpaint module's: 4, RGBA)
     detected: tuple[np.ndarray, ...]  # the maps as shown (uint8, H×W×3 or ×4), for the API's answer
     maps: tuple  # (module, resize mode, map) as the preprocessor gave each, for a hires pass to fit again
     soft: bool  # the soft weights (the extension's soft injection): a control mode other than balanced, or forced
     conditional_only: bool  # the unconditional half of guidance gets no control ("ControlNet is more important")
     pooled: bool = False  # each residual its mean over the feature map, the conditional rows' alone (`pools`)
     acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
+    hires: bool = False  # this pass is a txt2img's hires pass
     fidelity: float = 0.0  # a reference unit's style fidelity in this pass (`reference.style_fidelity`)
     seed: int = 0  # a reference unit's draws: the request's first seed
     # What a unit that has an image tower gives (`image_prompts.py`), (for the prompt's rows, the unconditional rows),
@@ -97,6 +98,8 @@ class ResolvedControl:
         u = self.unit
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
+        if "colorfix" in u.module:  # (a colour fix's radius and sharpness act while sampling, `control_fixes.py`)
+            settings += (u.threshold_a, u.threshold_b)
         reference = self.model is None and not self.revision
         settings += (self.seed, self.fidelity) if reference else (None, None)  # (its draws, its style fidelity)
         tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
@@ -337,7 +340,9 @@ def fitted(
     hints, shown = zip(*(prepare_control(found, module, mode, *size) for module, mode, found in control.maps))
     soft = control.soft or (hires and any(name in control.unit.module for name in SOFT_IN_HIRES))
     fidelity = _fidelity(control.unit, hires_model, hires=True) if hires else control.fidelity
-    return dataclasses.replace(control, hint=torch.cat(hints), detected=shown, soft=soft, fidelity=fidelity)
+    return dataclasses.replace(
+        control, hint=torch.cat(hints), detected=shown, soft=soft, fidelity=fidelity, hires=hires
+    )
 
 
 def _uint8(image: torch.Tensor) -> np.ndarray:

@@ -24,6 +24,8 @@ Per unit, with w its weight:
   (`_image_conditioning`). Both happen first: the ControlNets see the result, as in the extension.
 - A reference unit (no model) runs its reference image through the U-Net before each evaluation it acts in, and the
   U-Net's attention and norms read what that left (`reference.py`).
+- An inpaint module's map is RGBA: a control model sees -1 in the masked pixels (`inpaint_protocol`).
+- The tile colour fixes and inpaint_only(+lama) change the U-Net's output after it (`control_fixes.py`).
 - The window: the unit acts while start ≤ s/N ≤ end, where N is the pass's steps and s is the web UI's
   `state.sampling_step` as the extension reads it: the index of the step whose callback ran last, 0 before any.
   k-diffusion's samplers call back after a step's first evaluation (`SamplingClock`).
@@ -42,8 +44,10 @@ from ..models.ldm import LatentDiffusion
 from ..models.t2i_adapter import t2i_residuals
 from ..models.unet import ControlResiduals
 from .control import ResolvedControl
+from .control_fixes import HintLatents, PredictionFixes
+from .control_images import inpaint_protocol
 from .reference import MODULES as REFERENCE_MODULES
-from .reference import Banks, hooked, reference_latent, reference_pass
+from .reference import Banks, hooked, reference_pass
 
 MARK = "control_mark"  # conditioning field: (rows,) 1 for the rows of a prompt, 0 for the unconditional rows
 T2I_SOFT = (0.25, 0.62, 0.825, 1.0)
@@ -106,8 +110,8 @@ def controlled_unet(
     conditioning, the control maps (`hint_field`), the tower units' tokens (`token_fields`) and the rows' marks
     (`MARK`)."""
     adapted: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # a T2I-Adapter's features, by unit and map
-    latents: dict[tuple, torch.Tensor] = {}  # a reference unit's z₀, by unit and row count, once a pass
-    generators: dict[int, torch.Generator] = {}  # and its draws, seeded (`reference.py`)
+    latents = HintLatents(model)  # a reference unit's z₀ and its draws (`reference.py`), a colour fix's image latent
+    fixes = PredictionFixes(model, controls, latents)
 
     def net(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping) -> torch.Tensor:
         cond = dict(cond)
@@ -135,23 +139,20 @@ def controlled_unet(
                 continue
             hint = hint.to(x.device, model.dtype)
             if c.model is None:
-                if k not in generators:
-                    generators[k] = torch.Generator(x.device).manual_seed(c.seed)
-                if (k, len(hint)) not in latents:
-                    latents[k, len(hint)] = reference_latent(model, hint, generators[k])
-                references.append((c, latents[k, len(hint)], generators[k]))
+                references.append((c, latents.latent(k, c, hint), latents.generator(k, c)))
                 continue
             if isinstance(c.model, ControlNet):
                 residuals = _controlnet(c, x, hint, t, cond, marks)
             else:
                 if (k, id(hint)) not in adapted:  # (the features depend on the map alone; the map is kept alive)
-                    adapted[k, id(hint)] = (hint, c.model(hint))
+                    adapted[k, id(hint)] = (hint, c.model(inpaint_protocol(hint)))
                 residuals = _t2i_adapter(c, adapted[k, id(hint)][1], marks, model)
             total = residuals if total is None else total + residuals
         if total is not None:
             cond["control"] = total
         with image_prompted(model.model.diffusion_model, prompts) if prompts else contextlib.nullcontext():
-            return _with_references(model, references, x, t, cond, marks)
+            out = _with_references(model, references, x, t, cond, marks)
+        return fixes(out, x_in, t, hints, marks)
 
     return net
 
@@ -201,7 +202,7 @@ def _image_conditioning(units: list[tuple], controls: list[ResolvedControl], con
 def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:
     """One ControlNet's residuals for these rows, scaled as the extension scales them."""
     cn: ControlNet = c.model
-    out = cn(x[:, : cn.cfg.in_channels], hint, t, cond.get("crossattn"), cond.get("vector"))
+    out = cn(x[:, : cn.cfg.in_channels], inpaint_protocol(hint), t, cond.get("crossattn"), cond.get("vector"))
     outputs = [*out.skips, out.middle]
     w = c.unit.weight
     n = len(outputs)

@@ -16,8 +16,9 @@ The path of one unit (`control_hint`):
    of the map's border. Each resize is `high_quality_resize`: INTER_AREA when shrinking, INTER_CUBIC when
    enlarging, INTER_NEAREST for maps of 3..199 colours (segmentations), and for binary maps (two colours, black
    and white) a threshold after the resize, with one-pixel edges thinned back to one pixel.
-The hint is the map / 255 as (1, 3, H, W) float32; for the inpaint modules, -1 in the masked pixels (what the
-ControlNet's hint is after the hook's `c * (1 - m) - m`), and the map shown is RGBA with the masked pixels half
+The hint is the map / 255 as (1, 3, H, W) float32; for the inpaint modules (1, 4, H, W), the mask as alpha (the
+extension's `used_hint_cond`: a control model sees -1 in the masked pixels, `inpaint_protocol`; inpaint_only's fixes
+read the colours under the mask too, `control_fixes.py`), and the map shown is RGBA with the masked pixels half
 transparent. H and W are first rounded down to multiples of 8 (`align_dim_latent`), as the extension does.
 """
 
@@ -174,15 +175,22 @@ def _fit(x: np.ndarray, resize_mode: str, h: int, w: int) -> np.ndarray:
 
 
 def prepare_control(detected: np.ndarray, module: ControlModule, resize_mode: str, h: int, w: int):
-    """`detectmap_proc`: a module's map fitted to (h, w). Returns the hint (1, 3, h, w) float32 in [0, 1] (-1 in an
-    inpaint mask's pixels) and the map as shown, (h, w, 3) uint8 ((h, w, 4) for the inpaint modules)."""
+    """`detectmap_proc`: a module's map fitted to (h, w). Returns the hint (1, 3, h, w) float32 in [0, 1] ((1, 4, h, w)
+    for the inpaint modules, the mask as alpha, 0 or 1) and the map as shown, (h, w, 3) uint8 ((h, w, 4) for the
+    inpaint modules)."""
     x = detected.astype(np.float32) if module.is_inpaint else hwc3(detected)
     x = np.ascontiguousarray(_fit(x, resize_mode, h, w))
     hint = (torch.from_numpy(x).float() / 255.0).permute(2, 0, 1)[None].contiguous()  # (h, w, c) -> (1, c, h, w)
-    if module.is_inpaint:  # hook.py's "ControlNet inpaint protocol": masked pixels are -1
-        color, masked = hint[:, 0:3], (hint[:, 3:4] > 0.5).float()
-        return color * (1 - masked) - masked, visualize_inpaint_mask(x)
-    return hint, x
+    return hint, visualize_inpaint_mask(x) if module.is_inpaint else x
+
+
+def inpaint_protocol(hint: torch.Tensor) -> torch.Tensor:
+    """What a control model sees of a hint: an inpaint module's (b, 4, h, w) RGBA as RGB with -1 in the masked pixels
+    (hook.py's "ControlNet inpaint protocol", c · (1 − m) − m), any other hint as it is."""
+    if hint.shape[1] != 4:
+        return hint
+    color, masked = hint[:, 0:3], (hint[:, 3:4] > 0.5).to(hint.dtype)
+    return color * (1 - masked) - masked
 
 
 def unit_input(image: np.ndarray, mask: np.ndarray | None, module: ControlModule) -> np.ndarray:
@@ -240,7 +248,7 @@ def control_map(
 def control_hint(
     image: np.ndarray, module: str, *, size: tuple[int, int], **options
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """One ControlNet unit's hint for a generation of `size` (H, W): the hint (1, 3, H', W') float32 and the map
+    """One ControlNet unit's hint for a generation of `size` (H, W): the hint (1, 3 or 4, H', W') float32 and the map
     shown (uint8 HWC), H' and W' being H and W rounded down to multiples of 8 (`control_map`'s options)."""
     found, mode, detected = control_map(image, module, size=size, **options)
     return prepare_control(detected, found, mode, (int(size[0]) // 8) * 8, (int(size[1]) // 8) * 8)

@@ -31,6 +31,7 @@ from ..weights import storage
 from ..weights.lora import LoRA, LoRAError, apply_lora, read_lora, remove_lora
 from .compiling import compile_model
 from .conditioning import scheduled_denoiser
+from .control_fixes import after_decode, first_noise
 from .control_hook import SamplingClock, control_conditioning, controlled_unet
 from .hires import LATENT_MODES, as_8_bit, truncate, upscale_latent
 from .loading import Pipeline, as_pipeline
@@ -277,7 +278,7 @@ def sample(
         stage, pixel_mask, notes = prepare(plan, batch)
         x = run(stage, r, seeds, step_done)
         if plan.hires is None:
-            return finish(plan.pipeline, r, batch, stage, x, pixel_mask), notes
+            return finish(plan, batch, stage, x, pixel_mask), notes
         latent, image = enlarge(plan, x, upscaler)
         second = (plan.hires.pipeline, plan.hires.lora_sets()[batch.start])
         if second[0] is not first[0] or second[1] != first[1]:  # (the same LoRAs stay merged for both passes)
@@ -286,7 +287,7 @@ def sample(
         stage, _, more = prepare(plan.hires, batch, latent=latent, start_image=image)
         x = run(stage, plan.hires.request, seeds, step_done)
     notes += [n for n in more if n not in notes]
-    return finish(plan.hires.pipeline, plan.hires.request, batch, stage, x, None), notes
+    return finish(plan.hires, batch, stage, x, None), notes
 
 
 def enlarge(
@@ -340,10 +341,11 @@ def prepare(
         # noise, which is also its initial noise: here the same tensor
         fill = noise if r.latent_fill == "noise" else torch.zeros_like(noise)
         image_latent = image_latent * (1 - latent_mask) + fill * latent_mask
+    start = noise if latent is not None or start_image is not None else first_noise(noise, plan.controls, batch, model)
     if from_image:
-        x = image_latent + sigmas[0].item() * noise
+        x = image_latent + sigmas[0].item() * start
     else:
-        x = noise * (1 + sigmas[0].item() ** 2) ** 0.5
+        x = start * (1 + sigmas[0].item() ** 2) ** 0.5
     extra = {}
     if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out
         binary = (pixel_mask >= 0.5).float()  # this model was trained on hard masks, resized nearest
@@ -410,18 +412,14 @@ def run(stage: Stage, r: GenerationRequest, seeds: list[int], step_done: Callabl
     return x
 
 
-def finish(
-    pipeline: Pipeline,
-    r: GenerationRequest,
-    batch: range,
-    stage: Stage,
-    x: torch.Tensor,
-    pixel_mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """The stage's latent -> images (b, 3, H, W) in [0, 1], decoded by the autoencoder of the model that denoised
-    last, and laid over the init image through the mask (inpainting, unless the caller pastes)."""
+def finish(plan: Plan, batch: range, stage: Stage, x: torch.Tensor, pixel_mask: torch.Tensor | None) -> torch.Tensor:
+    """The last pass's latent -> images (b, 3, H, W) in [0, 1], decoded by the autoencoder of the model that denoised
+    last, fixed by its control units (`control_fixes.after_decode`), and laid over the init image through the mask
+    (inpainting, unless the caller pastes)."""
+    pipeline, r = plan.pipeline, plan.request
     refined = isinstance(stage.denoiser, Experts) and stage.denoiser.refined
     images = (decode(pipeline.refiner if refined else pipeline.model, x, tiled=r.vae_tiling) / 2 + 0.5).clamp(0, 1)
+    images = after_decode(images, plan.controls, batch)
     if pixel_mask is not None and r.paste:  # the input's pixels outside the mask; a soft mask's edge at half opacity
         overlay = (pixel_mask * 2).clamp(max=1)  # (the web UI's overlay: a blurred mask's 0.5 is fully repainted)
         images = overlay * images + (1 - overlay) * rows(r.init_image, batch).to(images.device, torch.float32)

@@ -138,7 +138,7 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
     resolved = _check_against(r, pipeline)
     plan = Plan(resolved, pipeline, *_parsed(resolved, pipeline))
     size = (resolved.height, resolved.width)
-    plan.controls = resolve_controls(r.controls, pipeline, size, resolved.seeds, no_prompt)
+    plan.controls = resolve_controls(_unit_modules(r), pipeline, size, resolved.seeds, no_prompt)
     if r.hires is not None:
         plan.hires_size = _check_hires(resolved, pipeline)
         f = pipeline.model.cfg.autoencoder.downsampling_factor
@@ -155,6 +155,14 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
                 check_fits_hires(c, hires.model, k)
         plan.controls = [dataclasses.replace(c, acts=c.unit.hr_option != "high") for c in plan.controls]
     return plan
+
+
+def _unit_modules(r: GenerationRequest) -> list:
+    """The request's control units, inpaint_only (that name exactly) as inpaint where the request inpaints: two ways
+    of keeping the outside would fight, and the extension falls back so (its infotext then says inpaint)."""
+    if r.mask is None:
+        return r.controls
+    return [dataclasses.replace(u, module="inpaint") if u.module == "inpaint_only" else u for u in r.controls]
 
 
 def _styled(r: GenerationRequest, pipeline: Pipeline) -> GenerationRequest:

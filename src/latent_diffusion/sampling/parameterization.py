@@ -53,6 +53,19 @@ def target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor, param
     return s * noise - n * x0
 
 
+def x0_from_vp(x_t: torch.Tensor, prediction: torch.Tensor, alpha_bar: torch.Tensor, parameterization: str):
+    """The x0 that the U-Net's ε or v at the variance-preserving x_t says (ᾱ per sample): x0 = (x_t − √(1−ᾱ)·ε)/√ᾱ,
+    or x0 = √ᾱ·x_t − √(1−ᾱ)·v."""
+    s, n = _vp_coefficients(alpha_bar, x_t)
+    return s * x_t - n * prediction if parameterization == "v" else (x_t - n * prediction) / s
+
+
+def prediction_from_vp(x_t: torch.Tensor, x0: torch.Tensor, alpha_bar: torch.Tensor, parameterization: str):
+    """The ε or v that would say x0 at x_t: ε = (x_t − √ᾱ·x0)/√(1−ᾱ), v from x0 and that ε (`x0_from_vp`'s inverse)."""
+    s, n = _vp_coefficients(alpha_bar, x_t)
+    return target(x0, (x_t - s * x0) / n, alpha_bar, parameterization)
+
+
 def min_snr_weight(alpha_bar: torch.Tensor, gamma: float, parameterization: str, floor: float = 0.0) -> torch.Tensor:
     """Min-SNR-γ loss weight (Hang et al. 2023), SNR = ᾱ/(1−ᾱ): the x0 loss weighted min(SNR, γ). The ε loss is the
     x0 loss times SNR and the v loss the x0 loss times SNR + 1, so the weight is min(SNR, γ)/SNR on ε and
