@@ -72,13 +72,18 @@ ANNOTATORS = {
 
 
 def weights_folder(module: ControlModule, folder: str | os.PathLike | None) -> Path | None:
-    """Where `module`'s files are: `folder` itself, or one of its subfolders holding them all (the extension keeps
-    them one folder per annotator, `annotator/downloads/openpose/` and so on, under the same file names)."""
+    """Where `module`'s files are (`files_folder`)."""
     spec = ANNOTATORS.get(module.name)
-    if spec is None or folder is None or not Path(folder).is_dir():
+    return None if spec is None else files_folder(spec.files, folder)
+
+
+def files_folder(files: tuple[str, ...], folder: str | os.PathLike | None) -> Path | None:
+    """Where `files` are: `folder` itself, or one of its subfolders holding them all (the extension keeps them one
+    folder per annotator, `annotator/downloads/openpose/` and so on, under the same file names); None: nowhere."""
+    if folder is None or not Path(folder).is_dir():
         return None
     for place in [Path(folder), *sorted(p for p in Path(folder).iterdir() if p.is_dir())]:
-        if all((place / name).is_file() for name in spec.files):
+        if all((place / name).is_file() for name in files):
             return place
     return None
 

@@ -209,9 +209,18 @@ def unavailable_reason(
     if module.name in IMAGE_PROMPT_MODULES:
         reason = missing_tower(module.name, clip_vision)
         return reason and f"ControlNet module {module.label!r} needs {reason}"
+    return _weights_runner(module).unavailable_reason(module, annotator_folder)
+
+
+def _weights_runner(module: ControlModule):
+    """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`, imported here as it
+    uses this module's `resize_with_pad`), or a controlnet_aux detector (`annotators.py`); both have
+    `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
     if module.name == "inpaint_only+lama":
-        return f"ControlNet module {module.label!r} needs the LaMa inpainting model, which nothing here loads"
-    return annotators.unavailable_reason(module, annotator_folder)
+        from . import lama_fill
+
+        return lama_fill
+    return annotators
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
@@ -292,7 +301,7 @@ def run_module(
     """One module on a prepared input (RGB; RGBA for the inpaint modules): its map, RGB uint8 (the inpaint modules'
     RGBA input as it is)."""
     # the annotator hook raises what is missing where the module cannot run
-    detector = DETECTORS.get(module.name) or annotators.annotator(module, annotator_folder)
+    detector = DETECTORS.get(module.name) or _weights_runner(module).annotator(module, annotator_folder)
     try:
         found = detector(image, resolution, a, b, rng)
     except cv2.error as error:  # a size OpenCV refuses (a cell grid of nothing, ...): one line, not its traceback
