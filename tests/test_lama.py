@@ -138,9 +138,12 @@ def test_lama_runs_from_the_annotator_folder(small, lama_folder, tiny_models, tm
     expected = ref_lama_inpaint(image, small)  # (the file's generator)
     assert np.abs(detected[:, :, :3].astype(int) - expected[:, :, :3]).max() <= 1
     available = module_list(annotator_folder=lama_folder)["module_detail"]["inpaint_only+lama"]["available"]
-    assert available and not module_list(annotator_folder=tmp_path_factory.mktemp("empty"))["module_detail"][
-        "inpaint_only+lama"
-    ]["available"]
+    assert (
+        available
+        and not module_list(annotator_folder=tmp_path_factory.mktemp("empty"))["module_detail"]["inpaint_only+lama"][
+            "available"
+        ]
+    )
 
     from safetensors.torch import save_file
 
