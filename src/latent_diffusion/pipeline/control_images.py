@@ -31,9 +31,9 @@ import numpy as np
 import torch
 
 from .control_modules import ControlModule, PreprocessorError
+from .detector_images import hwc3
 from .preprocessors import (
     check_image,
-    hwc3,
     map_module,
     resolve_sliders,
     run_module,

@@ -24,8 +24,9 @@ from ..models.lama import LaMa, lama_from_state_dict
 from ..weights.reader import CheckpointError, first_line, read_state_dict
 from .annotators import files_folder
 from .control_modules import ControlModule, PreprocessorError
-from .preprocessors import resize_with_pad
+from .detector_images import resize_with_pad
 
+MODULE = "inpaint_only+lama"
 LAMA_FILE = "ControlNetLama.pth"
 SIDE = 256  # "Always use 256 since lama is trained on 256"
 

@@ -19,42 +19,14 @@ and no global state is touched.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 import cv2
 import numpy as np
 
-from . import annotators
+from . import annotators, lama_fill
 from .control_modules import ControlModule, PreprocessorError, Slider, find_module, module_detail, sorted_modules
+from .detector_images import hwc3, resize_with_pad
 from .image_prompts import IMAGE_PROMPT_MODULES, missing_tower
-
-
-def hwc3(image: np.ndarray) -> np.ndarray:
-    """annotator/util.py `HWC3`: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) uint8 -> (H, W, 3); alpha over white."""
-    if image.ndim == 2:
-        image = image[:, :, None]
-    if image.shape[2] == 3:
-        return image
-    if image.shape[2] == 1:
-        return np.concatenate([image, image, image], axis=2)
-    color = image[:, :, 0:3].astype(np.float32)
-    alpha = image[:, :, 3:4].astype(np.float32) / 255.0
-    return (color * alpha + 255.0 * (1.0 - alpha)).clip(0, 255).astype(np.uint8)
-
-
-def resize_with_pad(image: np.ndarray, resolution: int) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
-    """scripts/utils.py `resize_image_with_pad`: the shorter side scaled to `resolution` (each side rounded), edge
-    pixels repeated to a multiple of 64 on the bottom and right; returns it and the function that cuts a map back."""
-    h, w = image.shape[:2]
-    k = float(resolution) / float(min(h, w))
-    target_h, target_w = int(np.round(h * k)), int(np.round(w * k))
-    if target_h < 1 or target_w < 1:
-        raise PreprocessorError(f"processor resolution {resolution} scales a {w}x{h} image to nothing")
-    resized = cv2.resize(image, (target_w, target_h), interpolation=cv2.INTER_CUBIC if k > 1 else cv2.INTER_AREA)
-    pad_h, pad_w = -target_h % 64, -target_w % 64  # the extension's pad64: up to the next multiple of 64
-    padded = np.pad(resized, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge")
-    return padded, lambda x: np.ascontiguousarray(x[:target_h, :target_w])
-
 
 # Each detector: (image, resolution, threshold_a, threshold_b, rng) -> map. The thresholds are the module's sliders
 # (already checked and defaulted); rng serves shuffle only.
@@ -213,14 +185,9 @@ def unavailable_reason(
 
 
 def _weights_runner(module: ControlModule):
-    """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`, imported here as it
-    uses this module's `resize_with_pad`), or a controlnet_aux detector (`annotators.py`); both have
-    `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
-    if module.name == "inpaint_only+lama":
-        from . import lama_fill
-
-        return lama_fill
-    return annotators
+    """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`) or a controlnet_aux
+    detector (`annotators.py`); both have `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    return lama_fill if module.name == lama_fill.MODULE else annotators
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
