@@ -4,11 +4,13 @@ and the soft weights), the shuffle ControlNet's global average pooling, and hr_o
 hires fix a unit acts in)."""
 
 import dataclasses
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import test_control
 from latent_diffusion.models.controlnet import ControlNet
@@ -64,6 +66,33 @@ def test_advanced_weighting_replaces_the_weight_and_the_soft_weights(tiny_models
     request = dataclasses.replace(request, controls=[unit("cn_edges", maps[0], weight=0.7)])
     plain = resolve(request, pipeline(tiny_models, controlnets))
     assert (unet_with_control(model, plain.controls, maps[0])[0] - ours).abs().max() > 1e-3
+
+
+def test_a_region_mask_limits_the_residuals(tiny_models, controlnets, maps):
+    """effective_region_mask: `param.apply_effective_region_mask(c * scale)`, each residual times the mask (its first
+    channel) resized to it, bilinear; a white mask is none, a black one leaves no control."""
+    model, net = tiny_models["sd1"], controlnets[1][0]
+    region = torch.zeros(1, 1, 30, 20)
+    region[..., :, :8] = 1.0
+    region[..., 10:20, 8:] = 0.5
+
+    def output(mask):
+        units = [unit("cn_edges", maps[0], weight=0.7, control_mode="prompt", region=mask)]
+        request = GenerationRequest([PROMPT], [1], width=W, height=H, controls=units)
+        return unet_with_control(model, resolve(request, pipeline(tiny_models, controlnets)).controls, maps[0])
+
+    ours, inputs = output(region)
+    soft = [0.7 * 0.825 ** float(12 - i) for i in range(13)]
+
+    def masked(control):
+        return [o * s * F.interpolate(region, size=o.shape[-2:], mode="bilinear") for o, s in zip(control, soft)]
+
+    torch.testing.assert_close(ours, expected_output(model, net, maps[0], inputs, masked), atol=1e-6, rtol=0)
+    whole = expected_output(model, net, maps[0], inputs, lambda control: [o * s for o, s in zip(control, soft)])
+    torch.testing.assert_close(output(torch.ones(1, 1, 3, 3))[0], whole, atol=1e-6, rtol=0)
+    none = expected_output(model, net, maps[0], inputs, lambda control: [o * 0 for o in control])
+    torch.testing.assert_close(output(torch.zeros(1, 1, 3, 3))[0], none, atol=1e-6, rtol=0)
+    assert (ours - whole).abs().max() > 1e-3 and (ours - none).abs().max() > 1e-3
 
 
 def test_the_shuffle_controlnet_pools_the_conditional_rows_residuals(tiny_models, controlnets, maps, tmp_path):
@@ -123,11 +152,13 @@ def test_hr_option_chooses_the_passes_a_unit_acts_in(tiny_models, controlnets, m
         ),
         (dict(advanced_weighting=()), "advanced_weighting must be a tuple of 1 to 64 numbers"),
         (dict(advanced_weighting=[1.0]), "advanced_weighting must be a tuple of 1 to 64 numbers"),
+        (dict(region=torch.ones(1, 3, 8, 8)), "the region must be a (1, 1, H, W) tensor"),
+        (dict(region=torch.ones(2, 1, 8, 8)), "one region mask for all images, not 2"),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tiny_models, controlnets, maps, settings, message):
     request = GenerationRequest([PROMPT], [1], width=W, height=H, controls=[unit("cn_edges", maps[0], **settings)])
-    with pytest.raises(RequestError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(RequestError, match=re.escape(message)):
         resolve(request, pipeline(tiny_models, controlnets))
 
 
@@ -144,3 +175,9 @@ def test_the_command_line_takes_hr_option_per_unit(controlnets, maps, tmp_path):
     assert [u.hr_option for u in controls_from_args(args)[0]] == ["low", "high"]
     args = build_parser().parse_args(["txt2img", *flags])
     assert [u.hr_option for u in controls_from_args(args)[0]] == ["both", "both"]
+    # the images a unit may have beside its own: its mask and its region, greyscale, once for all or once per unit
+    to_pil(torch.zeros(3, 20, 30)).save(tmp_path / "region.png")
+    more = ["--control-mask", image, "--control-region", str(tmp_path / "region.png"), "--control-region", image]
+    units = controls_from_args(build_parser().parse_args(["txt2img", *flags, *more]))[0]
+    assert [u.mask.shape for u in units] == [(1, 1, H, W)] * 2
+    assert [u.region.shape for u in units] == [(1, 1, 20, 30), (1, 1, H, W)] and units[0].region.max() == 0

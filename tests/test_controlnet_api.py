@@ -192,6 +192,12 @@ def test_the_extensions_routes(served, picture):
             "ControlNet unit 1: advanced_weighting must be a tuple of 1 to 64 numbers in [0, 10]",
         ),
         ({"advanced_weighting": [1] * 65}, "ControlNet unit 1: advanced_weighting must be a tuple of 1 to 64 numbers"),
+        ({"effective_region_mask": [1]}, "ControlNet unit 1: effective_region_mask must be one base64-encoded image"),
+        ({"effective_region_mask": "x"}, "ControlNet unit 1: effective_region_mask:"),
+        (
+            {"module": "reference_only", "model": "None", "effective_region_mask": b64(Image.new("L", (4, 4)))},
+            "ControlNet unit 1: a region mask applies to ControlNet, T2I-Adapter and IP-Adapter units only",
+        ),
     ],
 )
 def test_bad_units_are_a_422_naming_the_unit_and_field_and_nothing_is_written(served, picture, fields, message):
@@ -253,6 +259,9 @@ def test_detected_maps_with_the_hires_fix_and_when_turned_off(served, picture):
     status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(hr_option=2, advanced_weighting=[0.5] * 13)})
     assert status == 200 and json.loads(answer["info"])["ignored"] == []
     status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(hr_option="HiResFixOption.HIGH_RES_ONLY")})
+    assert status == 200 and json.loads(answer["info"])["ignored"] == []
+    region = Image.new("RGBA", (16, 16), (255, 0, 0, 0))  # (its red channel as stored, transparent or not)
+    status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(effective_region_mask=b64(region))})
     assert status == 200 and json.loads(answer["info"])["ignored"] == []
 
 

@@ -5,11 +5,13 @@ against diffusers' StableDiffusionPipeline, the image's embedding made by transf
 preprocessing written with OpenCV and CLIPImageProcessor; webuiapi's unit through `ldm serve`; the refusals."""
 
 import dataclasses
+import math
 
 import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
 from PIL import Image
@@ -32,6 +34,7 @@ from latent_diffusion.models.ip_adapter import (
     attention_blocks,
     cross_attentions,
     image_prompted,
+    region_weights,
 )
 from latent_diffusion.pipeline.control import find_control_models
 from latent_diffusion.pipeline.generate import generate
@@ -154,7 +157,7 @@ def unet_against_diffusers(tmp_path, variant: str, kind: str, w: float | tuple[f
         y = model.conditioner.vector(pooled, dict(zip(model.cfg.micro_conditioning, time_ids.split(2, dim=1))))
         kwargs = {"text_embeds": pooled, "time_ids": time_ids}
     with torch.no_grad():
-        with image_prompted(unet, [(adapter, adapter.tokens(image), w)]):
+        with image_prompted(unet, [(adapter, adapter.tokens(image), w, None)]):
             ours = unet(x, t, context, y)
         plain = unet(x, t, context, y)
         embeds = image.image_embeds if kind == "base" else image.penultimate
@@ -454,3 +457,43 @@ def test_a_units_per_block_weights_reach_generation(tmp_path, tiny_models):
     assert torch.equal(drawn(weight=0.3, advanced_weighting=(0.8,) * blocks), weighted)
     assert torch.equal(drawn(weight=0.8, advanced_weighting=(0.0,) * blocks), drawn())
     assert not torch.equal(drawn(advanced_weighting=(0.0,) * (blocks - 1) + (0.8,)), weighted)
+
+
+def ref_ip_region(mask, latent_width, latent_height, out, rows):  # plugable_ipadapter.py apply_effective_region_mask
+    _, sequence_length, _ = out.shape
+    factor = math.sqrt(sequence_length / (latent_width * latent_height))
+    mask_h, mask_w = int(latent_height * factor), int(latent_width * factor)
+    mask = torch.nn.functional.interpolate(mask, size=(mask_h, mask_w), mode="bilinear").squeeze()
+    mask = mask.repeat(rows, 1, 1)
+    mask = mask.view(mask.shape[0], -1, 1).repeat(1, 1, out.shape[2])
+    return out * mask
+
+
+def test_a_region_mask_weighs_the_image_prompt_on_each_layers_grid():
+    """effective_region_mask on an IP-Adapter: its attention output times the mask at the layer's grid, as the
+    extension finds it where the latent halves evenly (16x8: 128, 32, 8, 2 places); an odd latent's grids are the
+    U-Net's, rounding up (13x7 -> 7x4 -> 4x2 -> 2x1)."""
+    mask = torch.rand(1, 1, 37, 23, generator=torch.Generator().manual_seed(0))
+    for n in (128, 32, 8, 2):
+        out = torch.randn(2, n, 5, generator=torch.Generator().manual_seed(n))
+        torch.testing.assert_close(out * region_weights(mask, (16, 8), n), ref_ip_region(mask, 8, 16, out, 2))
+    for n, grid in ((91, (13, 7)), (28, (7, 4)), (8, (4, 2)), (2, (2, 1))):
+        expected = F.interpolate(mask, size=grid, mode="bilinear").reshape(1, n, 1)
+        torch.testing.assert_close(region_weights(mask, (13, 7), n), expected)
+
+
+def test_a_units_region_mask_reaches_generation(tmp_path, tiny_models):
+    """A white region is no region; a black one leaves the image prompt nothing; a half one is another image."""
+    pipeline = adapter_pipeline(tmp_path, tiny_models["sd1"], "base", "ip-adapter_sd15")
+    image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+
+    def drawn(**unit) -> torch.Tensor:
+        units = [ControlUnit("ip-adapter_sd15", image, module="ip-adapter_clip_sd15", **unit)] if unit else []
+        request = GenerationRequest(["a cat"], [3], width=32, height=32, steps=2, controls=units)
+        return generate(pipeline, request).images
+
+    weighted, half = drawn(weight=0.8), torch.ones(1, 1, 10, 10)
+    half[..., 5:] = 0
+    assert torch.equal(drawn(weight=0.8, region=torch.ones(1, 1, 7, 9)), weighted)
+    torch.testing.assert_close(drawn(weight=0.8, region=torch.zeros(1, 1, 7, 9)), drawn(), atol=1e-6, rtol=0)
+    assert (drawn(weight=0.8, region=half) - weighted).abs().max() > 1e-3

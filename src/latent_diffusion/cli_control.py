@@ -26,6 +26,8 @@ PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
     "control_hr_option": ("hr_option", str),
 }
 
+PER_UNIT_IMAGES = {"control_mask": "mask", "control_region": "region"}
+
 
 def add_control_arguments(p: argparse.ArgumentParser) -> None:
     group = p.add_argument_group(
@@ -61,6 +63,15 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
         choices=list(HR_OPTIONS),
         help="with --hires-scale: acts in both passes, the low-res or the high-res one (both)",
     )
+    group.add_argument(
+        "--control-mask",
+        action="append",
+        metavar="IMAGE",
+        help="the unit's mask, white = repaint, the size of its image: the inpaint modules' (another module draws on it)",
+    )
+    group.add_argument(
+        "--control-region", action="append", metavar="IMAGE", help="where the unit acts (white), any size"
+    )
     group.add_argument("--control-pixel-perfect", action="store_true", help="the preprocessor at the image's size")
     group.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
     group.add_argument("--annotator-dir", help=ANNOTATOR_DIR_HELP)
@@ -72,7 +83,7 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
     specs = getattr(args, "controlnet", None) or []
     images = getattr(args, "control_image", None) or []
     if not specs:
-        if images or any(getattr(args, dest, None) for dest in PER_UNIT):
+        if images or any(getattr(args, dest, None) for dest in (*PER_UNIT, *PER_UNIT_IMAGES)):
             raise UsageError("the --control flags need --controlnet FILE, one per unit")
         return [], {}
     if len(images) != len(specs):
@@ -92,6 +103,9 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
         settings = {field: value for field, value in settings.items() if value is not None}
         if weight is not None:
             settings["weight"] = weight
+        for dest, field in PER_UNIT_IMAGES.items():  # (greyscale: a mask, a region)
+            if (path := _nth(args, dest, k, len(specs))) is not None:
+                settings[field] = load_image(path, "L", None)
         picture = load_image(image, "RGB", None)
         units.append(ControlUnit(listed, picture, pixel_perfect=args.control_pixel_perfect, **settings))
     return units, files

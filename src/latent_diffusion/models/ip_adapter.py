@@ -24,6 +24,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import CrossAttention, attention
@@ -175,32 +176,46 @@ def attention_blocks(unet: nn.Module) -> list[int]:
 
 def decoupled_attention(attn: CrossAttention, prompts: list, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """The cross-attention with image prompts (module docstring). x: (b, n, query_dim), context: (b, m, C); prompts:
-    [(k_ip, v_ip, w)], k_ip and v_ip (b, T, inner) already projected."""
+    [(k_ip, v_ip, w, region)], k_ip and v_ip (b, T, inner) already projected, region None or (a mask (1, 1, H, W),
+    the latent's (h, w)): the image prompt's output times the mask at this layer's grid."""
     q = attn.to_q(x)
     out = attention(q, attn.to_k(context), attn.to_v(context), attn.heads)
-    for k_ip, v_ip, w in prompts:
-        out = out + w * attention(q, k_ip.to(q.dtype), v_ip.to(q.dtype), attn.heads)
+    for k_ip, v_ip, w, region in prompts:
+        prompted = w * attention(q, k_ip.to(q.dtype), v_ip.to(q.dtype), attn.heads)
+        out = out + (prompted if region is None else prompted * region_weights(*region, x.shape[1]).to(out))
     return attn.to_out(out)
 
 
-def image_prompted(unet: nn.Module, prompts: list[tuple[IPAdapter, torch.Tensor, float | tuple[float, ...]]]):
+def region_weights(mask: torch.Tensor, latent: tuple[int, int], n: int) -> torch.Tensor:
+    """A region mask (1, 1, H, W) resized (bilinear) to the grid of a layer of n = h'·w' places, the latent (h, w)
+    halved (rounding up, as the U-Net's strided convolutions) until it has n -> (1, n, 1); the extension's
+    `apply_effective_region_mask` of its IP-Adapter, which finds the grid as √(n / hw)·(h, w)."""
+    h, w = latent
+    while h * w > n and (h > 1 or w > 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != n:
+        raise ValueError(f"no grid of {n} places halves from the latent's {latent[1]}x{latent[0]}")
+    return F.interpolate(mask, size=(h, w), mode="bilinear").reshape(1, n, 1)
+
+
+def image_prompted(unet: nn.Module, prompts: list[tuple]):
     """The U-Net's cross-attentions attending to image prompts while this lasts (`shadowed`): per prompt, an adapter,
-    the tokens of each row of the U-Net's batch (rows, T, C) and its weight w, or one weight per block that holds
-    cross-attention (`attention_blocks`: the extension's advanced weighting). A layer at weight 0 attends to nothing
-    more."""
+    the tokens of each row of the U-Net's batch (rows, T, C), its weight w, or one weight per block that holds
+    cross-attention (`attention_blocks`: the extension's advanced weighting), and its region or None
+    (`decoupled_attention`). A layer at weight 0 attends to nothing more."""
     attentions = cross_attentions(unet)
     blocks = attention_blocks(unet) if any(isinstance(w, tuple) for *_, w in prompts) else None
-    for adapter, _, _ in prompts:
+    for adapter, *_ in prompts:
         if len(adapter.cfg.layers) != len(attentions):
             raise ValueError(f"an IP-Adapter of {len(adapter.cfg.layers)} layers, for a U-Net of {len(attentions)}")
     forwards = {}
     for i, attn in enumerate(attentions):
         kv = []
-        for adapter, tokens, w in prompts:
+        for adapter, tokens, w, region in prompts:
             w = w[blocks[i]] if isinstance(w, tuple) else w
             if w == 0:
                 continue
             layer = adapter.ip_adapter[str(adapter.cfg.layers[i])]
-            kv.append((layer.to_k_ip(tokens), layer.to_v_ip(tokens), w))  # (rows, T, inner) each
+            kv.append((layer.to_k_ip(tokens), layer.to_v_ip(tokens), w, region))  # (rows, T, inner) each
         forwards[attn] = functools.partial(decoupled_attention, attn, kv)
     return shadowed(forwards)

@@ -100,6 +100,8 @@ class ResolvedControl:
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
         if "colorfix" in u.module:  # (a colour fix's radius and sharpness act while sampling, `control_fixes.py`)
             settings += (u.threshold_a, u.threshold_b)
+        if u.region is not None:  # (one request's: a batch holds one)
+            settings += (id(u.region),)
         reference = self.model is None and not self.revision
         settings += (self.seed, self.fidelity) if reference else (None, None)  # (its draws, its style fidelity)
         tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
@@ -191,6 +193,8 @@ def resolve_controls(
     for k, unit in enumerate(units):
         title = unit.title or f"ControlNet unit {k}"
         listed, control = _unit_model(unit, title, pipeline)
+        if unit.region is not None and (control is None or isinstance(control, StyleAdapter)):
+            fail(f"{title}: a region mask applies to ControlNet, T2I-Adapter and IP-Adapter units only")
         if isinstance(control, (IPAdapter, StyleAdapter)) or unit.module in REVISION_MODULES:
             resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline, seeds[0], no_prompt))
             continue

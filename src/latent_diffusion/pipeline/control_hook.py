@@ -12,6 +12,8 @@ Per unit, with w its weight:
   lllyasviel's guess mode). The rows' marks and maps are conditioning fields, batched as the text is (denoiser.py).
 - Advanced weighting (a list of scales, one per residual in order) replaces w and the soft weights; the residuals
   past the list's end get none.
+- A region mask (the extension's effective_region_mask) multiplies each residual (an IP-Adapter's attention output)
+  by the mask resized to it, bilinear: the unit acts only where the mask is white.
 - The shuffle ControlNet's global average pooling (`control.pools`): its residuals, the conditional rows' alone,
   scaled, then each its mean over the feature map, which the U-Net adds at every place.
 - hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`); a
@@ -37,6 +39,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..models.controlnet import ControlNet
 from ..models.ip_adapter import IPAdapter, image_prompted
@@ -135,7 +138,8 @@ def controlled_unet(
             if c.image_tokens is not None:
                 w = c.unit.advanced_weighting or c.unit.weight  # (per block, replacing the weight, as the extension)
                 if isinstance(c.model, IPAdapter) and any(w if isinstance(w, tuple) else (w,)):
-                    prompts.append((c.model, _row_tokens(*tokens[k], marks), w))
+                    region = None if c.unit.region is None else (c.unit.region.to(x.device), x.shape[-2:])
+                    prompts.append((c.model, _row_tokens(*tokens[k], marks), w, region))
                 continue
             hint = hint.to(x.device, model.dtype)
             if c.model is None:
@@ -208,6 +212,7 @@ def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals
     n = len(outputs)
     scales = [w * 0.825 ** float(12 - i) for i in range(max(n, 13))][:n] if c.soft else [w] * n
     outputs = [o * s * (marks if c.conditional_only or c.pooled else 1) for o, s in zip(outputs, _weighted(c, scales))]
+    outputs = [_in_region(o, c.unit.region) for o in outputs]
     if c.pooled:  # (b, C, 1, 1): `unet.add_residual` adds it at every place
         outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
     return ControlResiduals(skips=outputs[:-1], middle=outputs[-1])
@@ -223,6 +228,14 @@ def _t2i_adapter(c: ResolvedControl, features: list[torch.Tensor], marks, model:
     """One T2I-Adapter's features, scaled, placed where the extension adds them."""
     w = c.unit.weight
     scales = _weighted(c, [w * s for s in T2I_SOFT] if c.soft else [w] * len(features))
-    scaled = [f * (marks if c.conditional_only else 1) for f in features]
+    scaled = [_in_region(f * (marks if c.conditional_only else 1), c.unit.region) for f in features]
     sdxl, blocks = bool(model.cfg.micro_conditioning), model.cfg.unet.num_res_blocks
     return t2i_residuals(scaled, scales, sdxl=sdxl, num_res_blocks=blocks)
+
+
+def _in_region(x: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """A residual (b, C, h, w) times the unit's region mask (1, 1, H, W) resized to it, bilinear (the extension's
+    `apply_effective_region_mask`); as it is without one."""
+    if region is None:
+        return x
+    return x * F.interpolate(region.to(x.device, x.dtype), size=x.shape[-2:], mode="bilinear")

@@ -95,6 +95,9 @@ class ControlUnit:
     # block's; a T2I-Adapter's four features), in place of weight and soft injection; residuals past the list get none
     advanced_weighting: tuple[float, ...] | None = None
     title: str = ""  # what messages call it ("": "ControlNet unit k", k its place in `controls`)
+    # The extension's effective_region_mask: (1, 1, h, w) in [0, 1], where the unit acts (its residuals, an IP-Adapter's
+    # attention, times the mask resized to each); any size, one for all images
+    region: torch.Tensor | None = None
 
 
 @dataclass
@@ -347,12 +350,14 @@ def _check_control(unit: ControlUnit, name: str, n: int) -> None:
             f"{name}: advanced_weighting must be a tuple of 1 to {MAX_ADVANCED_WEIGHTS} numbers in [0, "
             f"{MAX_CONTROL_WEIGHT:g}]"
         )
-    for image, kind in ((unit.image, "image"), (unit.mask, "mask")):
-        if image is None and kind == "mask":
+    for image, kind in ((unit.image, "image"), (unit.mask, "mask"), (unit.region, "region")):
+        if image is None and kind != "image":
             continue
-        channels = 1 if kind == "mask" else 3
+        channels, count = (3 if kind == "image" else 1), ("1" if kind == "region" else f"1 or {n}")
         if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
-            fail(f"{name}: the {kind} must be a (1 or {n}, {channels}, H, W) tensor")
+            fail(f"{name}: the {kind} must be a ({count}, {channels}, H, W) tensor")
+        if kind == "region" and len(image) != 1:
+            fail(f"{name}: one region mask for all images, not {len(image)}")
         if len(image) not in (1, n):
             fail(f"{name}: {len(image)} {kind}s for {n} images; give one for all or one per image")
         if max(image.shape[-2:]) > MAX_SIDE:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from PIL import Image, ImageOps
 
 from ..pipeline.control import find_model
@@ -44,7 +45,6 @@ ALIASES = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_v
 # the same: a unit that sets another is served, and the field is named in info["ignored"]. (low_vram and the UI's
 # batch fields change nothing of the result.)
 NOT_APPLIED = {
-    "effective_region_mask": (None, ""),
     "ipadapter_input": (None, [], ""),
     "union_control_type": (None, "Unknown"),
 }
@@ -146,7 +146,24 @@ def _control_unit(i: int, fields: dict, pipeline: Pipeline, open_image, init: In
         hr_option=_hr_option(fields.get("hr_option") or "Both", where),
         advanced_weighting=_advanced_weighting(fields.get("advanced_weighting"), where),
         title=where,  # (its place in args: the units that do not run count too)
+        region=_region(fields.get("effective_region_mask"), where, open_image),
     )
+
+
+def _region(text, where: str, open_image) -> torch.Tensor | None:
+    """effective_region_mask: a base64 image whose first channel, as stored (an RGBA's red, not composited), says
+    where the unit acts -> (1, 1, H, W) in [0, 1]; None for none."""
+    if text is None or text == "":
+        return None
+    if not isinstance(text, str):
+        raise RequestError(f"{where}: effective_region_mask must be one base64-encoded image")
+    field = f"{where}: effective_region_mask"
+    image = open_image(text, field)
+    try:
+        first = image.getchannel(0) if image.mode in ("RGB", "RGBA", "L", "LA") else as_mode(image, "L", field)
+    except ValueError as e:
+        raise RequestError(str(e)) from None
+    return from_pil(first)
 
 
 def _reader(fields: dict, where: str):
