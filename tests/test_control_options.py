@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import test_control
-from latent_diffusion.models.controlnet import ControlNet
+from latent_diffusion.models.controlnet import ControlNet, UnionConfig
 from latent_diffusion.models.unet import ControlResiduals
 from latent_diffusion.pipeline.control import find_control_models, pools
 from latent_diffusion.pipeline.control_hook import MARK, SamplingClock, controlled_unet, hint_field
@@ -23,7 +24,7 @@ from latent_diffusion.pipeline.plan import resolve
 from latent_diffusion.pipeline.request import GenerationRequest, HiresFix, RequestError
 from test_control import PROMPT, H, W, pipeline, unit
 
-from conftest import tiny_config
+from conftest import randomize, seeded, tiny_config
 
 controlnets, maps = test_control.controlnets, test_control.maps  # the module's fixtures, here too
 COND_MARK = torch.tensor([0.0, 1.0])  # an unconditional row, then a conditional one
@@ -93,6 +94,25 @@ def test_a_region_mask_limits_the_residuals(tiny_models, controlnets, maps):
     none = expected_output(model, net, maps[0], inputs, lambda control: [o * 0 for o in control])
     torch.testing.assert_close(output(torch.zeros(1, 1, 3, 3))[0], none, atol=1e-6, rtol=0)
     assert (ours - whole).abs().max() > 1e-3 and (ours - none).abs().max() > 1e-3
+
+
+def test_a_union_controlnets_kind_reaches_it(tiny_models, maps, tmp_path):
+    """A union unit's kind goes to its ControlNet: another kind, another image; the same kind, the same image; and
+    requests of different kinds do not share a batch."""
+    with seeded(3):
+        net = randomize(ControlNet(tiny_config("sd1").unet, union=UnionConfig(types=8, width=32, type_width=8)), 3)
+    save_file(net.state_dict(), tmp_path / "union.safetensors")
+    folder = Pipeline(tiny_models["sd1"], controlnets=find_control_models(tmp_path))
+
+    def plan(kind):
+        units = [unit("union", maps[0], union_type=kind)]
+        return resolve(GenerationRequest([PROMPT], [1], width=W, height=H, steps=2, controls=units), folder)
+
+    depth, edges = (generate_plan(plan(kind)).images for kind in ("Depth", "Hard Edge"))
+    assert (depth - edges).abs().max() > 1e-3 and torch.equal(generate_plan(plan("Depth")).images, depth)
+    assert plan("Depth").batch_key() != plan("Hard Edge").batch_key()
+    with pytest.raises(RequestError, match="unknown union_type 'Edges'"):
+        plan("Edges")
 
 
 def test_the_shuffle_controlnet_pools_the_conditional_rows_residuals(tiny_models, controlnets, maps, tmp_path):
@@ -181,3 +201,12 @@ def test_the_command_line_takes_hr_option_per_unit(controlnets, maps, tmp_path):
     units = controls_from_args(build_parser().parse_args(["txt2img", *flags, *more]))[0]
     assert [u.mask.shape for u in units] == [(1, 1, H, W)] * 2
     assert [u.region.shape for u in units] == [(1, 1, 20, 30), (1, 1, H, W)] and units[0].region.max() == 0
+    # a union ControlNet's kind: given, or that of the module's control type (none where its types disagree)
+    kinds = ["--control-union-type", "soft-edge", "--control-union-type", "depth"]
+    assert [u.union_type for u in controls_from_args(build_parser().parse_args(["txt2img", *flags, *kinds]))[0]] == [
+        "Soft Edge",
+        "Depth",
+    ]
+    for module, kind in (("canny", "Hard Edge"), ("depth_midas", "Depth"), ("invert", None), ("none", None)):
+        args = build_parser().parse_args(["txt2img", *flags, "--control-module", module])
+        assert [u.union_type for u in controls_from_args(args)[0]] == [kind, kind], module

@@ -193,6 +193,7 @@ def test_the_extensions_routes(served, picture):
         ),
         ({"advanced_weighting": [1] * 65}, "ControlNet unit 1: advanced_weighting must be a tuple of 1 to 64 numbers"),
         ({"effective_region_mask": [1]}, "ControlNet unit 1: effective_region_mask must be one base64-encoded image"),
+        ({"union_control_type": "Edges"}, "ControlNet unit 1: union_control_type must be one of OpenPose, Depth,"),
         ({"effective_region_mask": "x"}, "ControlNet unit 1: effective_region_mask:"),
         (
             {"module": "reference_only", "model": "None", "effective_region_mask": b64(Image.new("L", (4, 4)))},
@@ -263,6 +264,8 @@ def test_detected_maps_with_the_hires_fix_and_when_turned_off(served, picture):
     region = Image.new("RGBA", (16, 16), (255, 0, 0, 0))  # (its red channel as stored, transparent or not)
     status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(effective_region_mask=b64(region))})
     assert status == 200 and json.loads(answer["info"])["ignored"] == []
+    status, answer = call(base, "/sdapi/v1/txt2img", {**body, **scripts(union_control_type="Hard Edge")})
+    assert status == 200 and json.loads(answer["info"])["ignored"] == []  # (a ControlNet not of the union kind: unused)
 
 
 def test_the_infotext_is_the_extensions_serialization_and_reads_back(served, picture):

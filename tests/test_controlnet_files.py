@@ -329,13 +329,58 @@ def test_files_that_are_not_controlnets_are_refused_in_one_line(tmp_path, ckpt):
     assert not marker.exists()
 
 
-def test_a_union_controlnet_is_named_not_misread(tmp_path):
-    """A diffusers file with keys ControlNetModel does not have (xinsir's union model's task embedding, say)."""
+def test_a_diffusers_file_with_keys_of_its_own_is_named_not_misread(tmp_path):
+    """A diffusers file with keys ControlNetModel does not have; a union ControlNet's without its other parts."""
     sd = ControlNetModel(**diffusers_config(CONFIGS["sd1"])).state_dict()
-    save_file({**sd, "task_embedding": torch.zeros(6, 64)}, tmp_path / "union.safetensors")
-    assert "not a plain diffusers ControlNetModel: 1 keys it does not have (first: task_embedding)" in refusal(
-        tmp_path / "union.safetensors"
+    save_file({**sd, "down_blocks.9.extra": torch.zeros(6, 64)}, tmp_path / "other.safetensors")
+    assert "not a plain diffusers ControlNetModel: 1 keys it does not have (first: down_blocks.9.extra)" in refusal(
+        tmp_path / "other.safetensors"
     )
+    save_file({**sd, "task_embedding": torch.zeros(6, 64)}, tmp_path / "union.safetensors")
+    assert "an incomplete union ControlNet" in refusal(tmp_path / "union.safetensors")
+
+
+# xinsir's union ControlNet (ControlNet++) --------------------------------------------------------------------------
+
+
+def union_reference(cfg: UNetConfig, types: int = 8):
+    """diffusers' ControlNetUnionModel for our config, random: its token as wide as the first level (320 at full
+    size), each kind embedded at the micro-conditioning width (256 at full size)."""
+    from diffusers import ControlNetUnionModel
+
+    config = diffusers_config(cfg) | dict(
+        conditioning_embedding_out_channels=(16, 32, 96, 256), num_control_type=types,
+        num_trans_channel=cfg.model_channels, num_trans_head=8, num_proj_channel=cfg.model_channels,
+    )  # fmt: skip
+    config.pop("conditioning_channels")
+    with seeded(7):
+        return randomize(ControlNetUnionModel(**config), seed=7).eval()
+
+
+@pytest.mark.parametrize("kind", [0, 3, 7, None])
+def test_a_union_controlnet_matches_diffusers(kind, tmp_path):
+    """xinsir's file as diffusers saves it, read by us: the residuals of diffusers' ControlNetUnionModel told the same
+    kind of control image (both rows one control image: diffusers' attention across the batch is then each row's),
+    and, told none, those of its all-zero kind vector without the hint's bias (the extension's run of "Unknown")."""
+    reference = union_reference(CONFIGS["sdxl"])
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "union.safetensors")
+    controlnet = load_controlnet(tmp_path / "union.safetensors")
+    assert controlnet.union.types == 8 and controlnet.union.type_width == MICRO
+    b = inputs(CONFIGS["sdxl"])
+    b["hint"] = b["hint"][:1].expand(2, -1, -1, -1)
+    y = torch.cat([b["pooled"], timestep_embedding(b["time_ids"].flatten(), MICRO).reshape(2, -1)], dim=1)
+    with torch.no_grad():
+        r = controlnet(b["x"], b["hint"], b["t"], b["context"], y, control_type=kind)
+        one_hot = torch.zeros(2, 8)
+        if kind is not None:
+            one_hot[:, kind] = 1
+        added = {"text_embeds": b["pooled"], "time_ids": b["time_ids"]}
+        if kind is None:  # (diffusers always adds the bias of a kind: a unit without one has no equivalent there)
+            reference.spatial_ch_projs.weight.zero_(), reference.spatial_ch_projs.bias.zero_()
+        down, mid = reference(
+            b["x"], b["t"], b["context"], [b["hint"]], one_hot, [kind or 0], added_cond_kwargs=added, return_dict=False
+        )
+    assert_residuals_close([*r.skips, r.middle], [*down, mid], atol=1e-4)
 
 
 def test_a_controlnet_of_another_family_does_not_fit(originals, tiny_models):

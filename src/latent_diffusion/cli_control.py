@@ -9,9 +9,9 @@ from pathlib import Path
 
 from .cli_common import ANNOTATOR_DIR_HELP, CLIP_VISION_DIR_HELP, UsageError
 from .files import legacy_model_hash
-from .pipeline.control_modules import MODEL_FREE
+from .pipeline.control_modules import CONTROL_TYPES, MODEL_FREE, PreprocessorError, find_module
 from .pipeline.images import load_image
-from .pipeline.request import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, ControlUnit
+from .pipeline.request import CONTROL_MODES, HR_OPTIONS, RESIZE_MODES, UNION_TYPES, ControlUnit
 
 PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
     "control_module": ("module", str),
@@ -27,6 +27,12 @@ PER_UNIT = {  # flag's dest -> (ControlUnit field, type)
 }
 
 PER_UNIT_IMAGES = {"control_mask": "mask", "control_region": "region"}
+UNION_NAMES = {label.lower().replace(" ", "-"): label for label in UNION_TYPES}  # openpose, soft-edge, ...
+# A union ControlNet's kind of control image where --control-union-type is not given: that of the module's control type
+# (the extension's page sets it so from the type a user picks, `ControlNetUnionControlType.from_str`)
+UNION_BY_CONTROL_TYPE = {"OpenPose": "OpenPose", "Depth": "Depth", "SoftEdge": "Soft Edge", "Scribble": "Soft Edge",
+                         "Canny": "Hard Edge", "Lineart": "Hard Edge", "MLSD": "Hard Edge", "NormalMap": "Normal Map",
+                         "Segmentation": "Segmentation", "Tile": "Tile", "Inpaint": "Inpaint"}  # fmt: skip
 
 
 def add_control_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +78,12 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--control-region", action="append", metavar="IMAGE", help="where the unit acts (white), any size"
     )
+    group.add_argument(
+        "--control-union-type",
+        action="append",
+        choices=list(UNION_NAMES),
+        help="a union ControlNet's kind of control image (default: that of --control-module)",
+    )
     group.add_argument("--control-pixel-perfect", action="store_true", help="the preprocessor at the image's size")
     group.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
     group.add_argument("--annotator-dir", help=ANNOTATOR_DIR_HELP)
@@ -83,7 +95,7 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
     specs = getattr(args, "controlnet", None) or []
     images = getattr(args, "control_image", None) or []
     if not specs:
-        if images or any(getattr(args, dest, None) for dest in (*PER_UNIT, *PER_UNIT_IMAGES)):
+        if images or any(getattr(args, dest, None) for dest in (*PER_UNIT, *PER_UNIT_IMAGES, "control_union_type")):
             raise UsageError("the --control flags need --controlnet FILE, one per unit")
         return [], {}
     if len(images) != len(specs):
@@ -106,6 +118,8 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
         for dest, field in PER_UNIT_IMAGES.items():  # (greyscale: a mask, a region)
             if (path := _nth(args, dest, k, len(specs))) is not None:
                 settings[field] = load_image(path, "L", None)
+        union = _nth(args, "control_union_type", k, len(specs))
+        settings["union_type"] = UNION_NAMES[union] if union else union_type_of(settings.get("module", "none"))
         picture = load_image(image, "RGB", None)
         units.append(ControlUnit(listed, picture, pixel_perfect=args.control_pixel_perfect, **settings))
     return units, files
@@ -137,3 +151,13 @@ def _nth(args, dest: str, k: int, units: int):
         flag = "--" + dest.replace("_", "-")
         raise UsageError(f"{flag}: give it once for all {units} units or once per unit, not {len(values)} times")
     return values[0] if len(values) == 1 else values[k]
+
+
+def union_type_of(module: str) -> str | None:
+    """The kind of control image a module makes, for a union ControlNet (None: no kind it knows, or no such module)."""
+    try:
+        name = find_module(module).name
+    except PreprocessorError:
+        return None  # (the unit's check names it)
+    kinds = {UNION_BY_CONTROL_TYPE.get(t) for t, names in CONTROL_TYPES.items() if name in names} - {None}
+    return kinds.pop() if len(kinds) == 1 else None

@@ -23,7 +23,7 @@ from ..models.controlnet import ControlNet
 from ..models.ip_adapter import IPAdapter, attention_blocks
 from ..models.ldm import LatentDiffusion
 from ..models.style_adapter import StyleAdapter
-from ..weights.controlnet import check_controlnet_fits, load_controlnet
+from ..weights.controlnet import check_controlnet_fits, is_controlnet_state_dict, load_controlnet
 from ..weights.ip_adapter import is_ip_adapter_state_dict, load_ip_adapter
 from ..weights.reader import CheckpointError, first_line, read_state_dict, safetensors_index
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
@@ -102,6 +102,7 @@ class ResolvedControl:
             settings += (u.threshold_a, u.threshold_b)
         if u.region is not None:  # (one request's: a batch holds one)
             settings += (id(u.region),)
+        settings += (u.union_type,)
         reference = self.model is None and not self.revision
         settings += (self.seed, self.fidelity) if reference else (None, None)  # (its draws, its style fidelity)
         tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
@@ -134,7 +135,8 @@ def _load(path: Path, version: tuple, model: LatentDiffusion) -> nn.Module:
     keys = safetensors_index(path) if path.suffix.lower() == ".safetensors" else read_state_dict(path)[0]
     if is_ip_adapter_state_dict(keys):
         return load_ip_adapter(path, device=model.device, dtype=model.dtype)
-    if is_t2i_adapter_state_dict(keys):
+    if is_t2i_adapter_state_dict(keys) and not is_controlnet_state_dict(keys):  # (a union ControlNet's
+        # task_embedding is also a CoAdapter fuser's mark)
         return t2i_adapter_from_state_dict(read_state_dict(path)[0], device=model.device, dtype=model.dtype, name=path)
     return load_controlnet(path, device=model.device, dtype=model.dtype, base=model)
 

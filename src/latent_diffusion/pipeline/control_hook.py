@@ -14,6 +14,7 @@ Per unit, with w its weight:
   past the list's end get none.
 - A region mask (the extension's effective_region_mask) multiplies each residual (an IP-Adapter's attention output)
   by the mask resized to it, bilinear: the unit acts only where the mask is white.
+- A union ControlNet (xinsir's ControlNet++) is told the unit's kind of control image (`union_type`), or none.
 - The shuffle ControlNet's global average pooling (`control.pools`): its residuals, the conditional rows' alone,
   scaled, then each its mean over the feature map, which the U-Net adds at every place.
 - hr_option: in a txt2img with the hires fix a unit acts in the first pass, the second, or both (`acts`); a
@@ -51,6 +52,7 @@ from .control_fixes import HintLatents, PredictionFixes
 from .control_images import inpaint_protocol
 from .reference import MODULES as REFERENCE_MODULES
 from .reference import Banks, hooked, reference_pass
+from .request import UNION_TYPES
 
 MARK = "control_mark"  # conditioning field: (rows,) 1 for the rows of a prompt, 0 for the unconditional rows
 T2I_SOFT = (0.25, 0.62, 0.825, 1.0)
@@ -206,7 +208,8 @@ def _image_conditioning(units: list[tuple], controls: list[ResolvedControl], con
 def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:
     """One ControlNet's residuals for these rows, scaled as the extension scales them."""
     cn: ControlNet = c.model
-    out = cn(x[:, : cn.cfg.in_channels], inpaint_protocol(hint), t, cond.get("crossattn"), cond.get("vector"))
+    kind = None if c.unit.union_type is None else UNION_TYPES.index(c.unit.union_type)  # (a union ControlNet's)
+    out = cn(x[:, : cn.cfg.in_channels], inpaint_protocol(hint), t, cond.get("crossattn"), cond.get("vector"), kind)
     outputs = [*out.skips, out.middle]
     w = c.unit.weight
     n = len(outputs)

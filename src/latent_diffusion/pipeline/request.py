@@ -41,6 +41,8 @@ CONTROL_MODES = {
 RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Resize and Fill"}
 # Which passes of txt2img's hires fix a unit acts in (the extension's `HiResFixOption`; without the fix: every pass)
 HR_OPTIONS = {"both": "Both", "low": "Low res only", "high": "High res only"}
+# A union ControlNet's kinds of control image, by the extension's labels (`ControlNetUnionControlType`), in index order
+UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
 MAX_ADVANCED_WEIGHTS = 64  # advanced weighting: a ControlNet has 13 residuals, a T2I-Adapter 4; more are ignored
 # Inpainting: what the masked part of the image latent starts as, where not the image's own (the web UI's "Masked
 # content" latent noise and latent nothing; its "fill" is done on the pixels before, `masking.fill_masked`)
@@ -98,6 +100,7 @@ class ControlUnit:
     # The extension's effective_region_mask: (1, 1, h, w) in [0, 1], where the unit acts (its residuals, an IP-Adapter's
     # attention, times the mask resized to each); any size, one for all images
     region: torch.Tensor | None = None
+    union_type: str | None = None  # a union ControlNet's kind of control image (UNION_TYPES); None: not given
 
 
 @dataclass
@@ -338,6 +341,8 @@ def _check_control(unit: ControlUnit, name: str, n: int) -> None:
         fail(f"{name}: unknown resize_mode {unit.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
     if unit.hr_option not in HR_OPTIONS:
         fail(f"{name}: unknown hr_option {unit.hr_option!r}; choose one of {', '.join(HR_OPTIONS)}")
+    if unit.union_type is not None and unit.union_type not in UNION_TYPES:
+        fail(f"{name}: unknown union_type {unit.union_type!r}; choose one of {', '.join(UNION_TYPES)} (or None)")
     scales = unit.advanced_weighting
     if scales is not None and not (
         isinstance(scales, tuple)

@@ -33,6 +33,7 @@ from ..pipeline.request import (
     HR_OPTIONS,
     MAX_CONTROL_WEIGHT,
     RESIZE_MODES,
+    UNION_TYPES,
     ControlUnit,
     RequestError,
 )
@@ -46,7 +47,6 @@ ALIASES = {"input_image": "image", "guidance": "guidance_end", "lowvram": "low_v
 # batch fields change nothing of the result.)
 NOT_APPLIED = {
     "ipadapter_input": (None, [], ""),
-    "union_control_type": (None, "Unknown"),
 }
 
 
@@ -147,7 +147,20 @@ def _control_unit(i: int, fields: dict, pipeline: Pipeline, open_image, init: In
         advanced_weighting=_advanced_weighting(fields.get("advanced_weighting"), where),
         title=where,  # (its place in args: the units that do not run count too)
         region=_region(fields.get("effective_region_mask"), where, open_image),
+        union_type=_union_type(fields.get("union_control_type"), where),
     )
+
+
+def _union_type(value, where: str) -> str | None:
+    """union_control_type: a label of the extension's `ControlNetUnionControlType` -> ours; "Unknown" (its default)
+    is None."""
+    if value is None or value == "Unknown":
+        return None
+    if value not in UNION_TYPES:
+        raise RequestError(
+            f"{where}: union_control_type must be one of {', '.join(UNION_TYPES)} or Unknown, not {value!r:.40}"
+        )
+    return value
 
 
 def _region(text, where: str, open_image) -> torch.Tensor | None:

@@ -12,6 +12,8 @@
   U-Net's table of `weights/lora.py` (`unet_blocks`), read at the file's levels, res blocks and attending levels.
   Its small and mid SDXL variants have levels without attention and cross-attention blocks of 0 transformer layers:
   a SpatialTransformer without blocks (norm, proj_in, proj_out), which the model builds for a depth of 0.
+  xinsir's union ControlNets (ControlNet++, diffusers' `ControlNetUnionModel`) are this layout with their own parts
+  beside it (`task_embedding`, `transformer_layes`, `spatial_ch_projs`, `control_add_embedding`), kept as named.
 - Stability's Control-LoRA (`control-lora-*-rank128.safetensors`, marked by an empty `lora_controlnet` tensor): the
   ControlNet is the base model's U-Net encoder with, per Linear/Conv weight W of the U-Net that the file changes,
   `<key>.up` (out, r) and `<key>.down` (r, in·k·k) beside it, and whole tensors for the rest (biases, norms, the
@@ -34,7 +36,7 @@ import os
 import torch
 
 from ..models.config import LatentDiffusionConfig, UNetConfig
-from ..models.controlnet import ControlNet
+from ..models.controlnet import ControlNet, UnionConfig
 from ..models.family import SD1, SD2, SDXL, UNET, VAE, Family
 from ..models.ldm import LatentDiffusion
 from .architecture import infer_unet, key_indices
@@ -48,6 +50,7 @@ DIFFUSERS_HINT = "controlnet_cond_embedding.conv_in.weight"  # diffusers' Contro
 CONTROL_LORA = "lora_controlnet"  # Stability's Control-LoRA's mark: an empty tensor
 DIFFERENCE = "difference"  # a "difference" ControlNet's mark: its encoder's weights are deltas from a U-Net's
 CONFIG_METADATA_KEY = "latent_diffusion.controlnet"  # our files' {"unet": config}: the heads, which no shape shows
+UNION_PARTS = ("task_embedding", "transformer_layes.", "spatial_ch_projs.", "control_add_embedding.")
 
 
 class ControlNetError(CheckpointError):
@@ -140,8 +143,24 @@ def from_diffusers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor]
                 renamed[".".join(p for p in (blocks[theirs], inner, parts[-1]) if p)] = tensor
                 break
         else:
-            left.append(key)
+            if key.startswith(UNION_PARTS):  # (a union ControlNet's own parts: the same names in both layouts)
+                renamed[key] = tensor
+            else:
+                left.append(key)
     return renamed, left
+
+
+def union_config(sd: dict[str, torch.Tensor], path) -> UnionConfig | None:
+    """A union ControlNet's extra parts' sizes read off its tensors (xinsir's ControlNet++), or None for another."""
+    if "task_embedding" not in sd:
+        return None
+    try:
+        types, width = sd["task_embedding"].shape
+        layers = 1 + max(key_indices(sd.keys(), "transformer_layes."))
+        type_width = sd["control_add_embedding.linear_1.weight"].shape[1] // types
+    except (KeyError, ValueError) as e:
+        raise ControlNetError(f"{path}: an incomplete union ControlNet ({first_line(e)})") from None
+    return UnionConfig(types=types, width=width, type_width=type_width, layers=layers, heads=8 if width % 8 == 0 else 1)
 
 
 # Families -------------------------------------------------------------------------------------------------------
@@ -234,9 +253,10 @@ def load_controlnet(
         if DIFFERENCE in sd:
             sd = _difference_weights(sd, base, path)
         cfg, hint_channels = _infer(sd, path, base, _saved_heads(metadata, path))
+    union = union_config(sd, path) if layout != "control-lora" else None
     try:
         with empty_modules():
-            controlnet = ControlNet(cfg, hint_channels)
+            controlnet = ControlNet(cfg, hint_channels, union)
     except (ValueError, ZeroDivisionError, RuntimeError) as e:
         raise ControlNetError(
             f"{path}: its weights describe no ControlNet this project builds ({first_line(e)})"
