@@ -283,10 +283,14 @@ def test_inpaint_only_falls_back_to_inpaint_when_the_request_inpaints(models, fo
     assert resolve(request([unit], init_image=picture(2)), pipeline).controls[0].unit.module == "inpaint_only"
 
 
-def test_a_colour_fixs_thresholds_keep_requests_apart(models, folder):
+def test_a_colour_fixs_thresholds_and_seed_keep_requests_apart(models, folder):
     pipeline = Pipeline(models["eps"], controlnets=find_control_models(folder))
     keys = [
         resolve(request([ControlUnit("cn", picture(1), module=module, threshold_a=a)]), pipeline).controls[0].key()
         for module, a in (("tile_colorfix", 4), ("tile_colorfix", 6), ("canny", 90), ("canny", 110))
     ]
     assert keys[0] != keys[1] and keys[2] == keys[3]  # (canny's thresholds change its maps alone: one batch)
+    # a colour fix's image latent is drawn from the request's seed: requests of other seeds do not share a batch
+    units = [ControlUnit("cn", picture(1), module="tile_colorfix")]
+    seeded_keys = {resolve(dataclasses.replace(request(units), seeds=[s]), pipeline).controls[0].key() for s in (1, 2)}
+    assert len(seeded_keys) == 2

@@ -113,6 +113,12 @@ def test_a_union_controlnets_kind_reaches_it(tiny_models, maps, tmp_path):
     assert plan("Depth").batch_key() != plan("Hard Edge").batch_key()
     with pytest.raises(RequestError, match="unknown union_type 'Edges'"):
         plan("Edges")
+    with seeded(3):  # (xinsir's first union model knows six kinds: not Tile, not Inpaint)
+        six = randomize(ControlNet(tiny_config("sd1").unet, union=UnionConfig(types=6, width=32, type_width=8)), 3)
+    save_file(six.state_dict(), tmp_path / "union.safetensors")
+    folder = Pipeline(tiny_models["sd1"], controlnets=find_control_models(tmp_path))
+    with pytest.raises(RequestError, match=r"knows 6 kinds of control image \(OpenPose, .*, Segmentation\), not Tile"):
+        plan("Tile")
 
 
 def test_the_shuffle_controlnet_pools_the_conditional_rows_residuals(tiny_models, controlnets, maps, tmp_path):

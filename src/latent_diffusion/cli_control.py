@@ -76,7 +76,10 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
         help="the unit's mask, white = repaint, the size of its image: the inpaint modules' (another module draws on it)",
     )
     group.add_argument(
-        "--control-region", action="append", metavar="IMAGE", help="where the unit acts (white), any size"
+        "--control-region",
+        action="append",
+        metavar="IMAGE",
+        help="where the unit acts (white), any size, read as greyscale (transparency as white)",
     )
     group.add_argument(
         "--control-union-type",

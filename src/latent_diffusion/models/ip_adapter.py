@@ -204,7 +204,7 @@ def image_prompted(unet: nn.Module, prompts: list[tuple]):
     cross-attention (`attention_blocks`: the extension's advanced weighting), and its region or None
     (`decoupled_attention`). A layer at weight 0 attends to nothing more."""
     attentions = cross_attentions(unet)
-    blocks = attention_blocks(unet) if any(isinstance(w, tuple) for *_, w in prompts) else None
+    blocks = attention_blocks(unet) if any(isinstance(w, tuple) for _, _, w, _ in prompts) else None
     for adapter, *_ in prompts:
         if len(adapter.cfg.layers) != len(attentions):
             raise ValueError(f"an IP-Adapter of {len(adapter.cfg.layers)} layers, for a U-Net of {len(attentions)}")

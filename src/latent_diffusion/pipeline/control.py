@@ -47,7 +47,7 @@ from .image_prompts import (
 )
 from .preprocessors import numpy_seed, resolve_sliders
 from .reference import style_fidelity
-from .request import CONTROL_MODES, RESIZE_MODES, ControlUnit, RequestError, fail
+from .request import CONTROL_MODES, RESIZE_MODES, UNION_TYPES, ControlUnit, RequestError, fail
 
 FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt", ".bin")
 SOFT_IN_HIRES = ("canny", "mlsd")  # the extension's preprocessors whose maps are soft-injected in the hires pass
@@ -71,7 +71,7 @@ class ResolvedControl:
     acts: bool = True  # whether it acts in this pass (its hr_option, in a txt2img with the hires fix)
     hires: bool = False  # this pass is a txt2img's hires pass
     fidelity: float = 0.0  # a reference unit's style fidelity in this pass (`reference.style_fidelity`)
-    seed: int = 0  # a reference unit's draws: the request's first seed
+    seed: int = 0  # the request's first seed: a reference, colour fix or inpaint_only unit's draws (`HintLatents`)
     # What a unit that has an image tower gives (`image_prompts.py`), (for the prompt's rows, the unconditional rows),
     # one for all images or one per image as the maps: an IP-Adapter's and a style adapter's tokens (1 or n, T, C),
     # revision's embedding (1 or n, E)
@@ -104,7 +104,8 @@ class ResolvedControl:
             settings += (id(u.region),)
         settings += (u.union_type,)
         reference = self.model is None and not self.revision
-        settings += (self.seed, self.fidelity) if reference else (None, None)  # (its draws, its style fidelity)
+        draws = reference or "colorfix" in u.module or "inpaint_only" in u.module  # (from the seed: `control_fixes`)
+        settings += (self.seed if draws else None, self.fidelity if reference else None)  # (its style fidelity)
         tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
         return (self.name, *settings, self.hint.shape[1:], tokens, self.ignores_prompt)
 
@@ -197,6 +198,7 @@ def resolve_controls(
         listed, control = _unit_model(unit, title, pipeline)
         if unit.region is not None and (control is None or isinstance(control, StyleAdapter)):
             fail(f"{title}: a region mask applies to ControlNet, T2I-Adapter and IP-Adapter units only")
+        _check_union_type(unit, title, control)
         if isinstance(control, (IPAdapter, StyleAdapter)) or unit.module in REVISION_MODULES:
             resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline, seeds[0], no_prompt))
             continue
@@ -295,6 +297,17 @@ def check_fits_hires(c: ResolvedControl, model: LatentDiffusion, k: int) -> None
     except ValueError as e:  # (ImagePromptError is one)
         way_out = "" if c.revision else ' (hr_option "low" keeps the unit out of it)'
         fail(f"{title}: in the hires pass: {first_line(e)}{way_out}")
+
+
+def _check_union_type(unit: ControlUnit, title: str, control) -> None:
+    """A union ControlNet's kind must be one its file has (the first six, OpenPose .. Segmentation, in xinsir's first
+    model; all eight in ProMax); other control models ignore the kind, as the extension does."""
+    union = getattr(control, "union", None) if isinstance(control, ControlNet) else None
+    if union is not None and unit.union_type is not None and UNION_TYPES.index(unit.union_type) >= union.types:
+        kinds = ", ".join(UNION_TYPES[: union.types])
+        fail(
+            f"{title}: this union ControlNet knows {union.types} kinds of control image ({kinds}), not {unit.union_type}"
+        )
 
 
 def _other_tower(module: str, model: LatentDiffusion, adapter) -> str:

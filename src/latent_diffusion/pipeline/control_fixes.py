@@ -14,7 +14,7 @@ x0_pred is the U-Net's output read at ᾱ of the rounded timestep, the fixed x0 
 becomes w·fixed + (1 − w)·output, w the unit's weight clamped to [0, 1]. The extension reads every output as ε; a
 v-model's output is read here as the v it is (the extension's arithmetic is wrong for v-models). z is a posterior
 sample of the control image (the extension's `call_vae_using_process`), drawn from a generator seeded with the
-request's first seed, once a pass.
+request's first seed, once a pass (`HintLatents`).
 
 +lama's first noise: ε ← √ᾱ_T·z + √(1 − ᾱ_T)·ε, the q_sample of the fill's latent at the last timestep T (999), so the
 first pass starts leaning toward the fill (the extension's `HackedImageRNG`; the last +lama unit's, as there).
@@ -37,7 +37,6 @@ from ..sampling.parameterization import noised, prediction_from_vp, x0_from_vp
 from .control import ResolvedControl
 from .control_modules import find_module
 from .preprocessors import resolve_sliders
-from .reference import reference_latent
 
 COLOR_FIX = ("tile_colorfix", "tile_colorfix+sharp")
 INPAINT_ONLY = ("inpaint_only", "inpaint_only+lama")
@@ -61,11 +60,14 @@ def box_blur(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class HintLatents:
-    """The latent of each unit's control image, by unit and row count, once a pass, drawn from the unit's generator
-    (seeded with the request's first seed; a reference unit goes on drawing its noise from it)."""
+    """The latent of each unit's control image (a reference unit's z₀, a colour fix's or inpaint unit's z), by unit
+    and row count, once a pass: a posterior sample × the scale factor of each distinct image, in the order the rows
+    first show them (the rows of one image share it, as the extension repeats its latent over the batch), its noise
+    drawn from the unit's generator, seeded with the unit's seed (the request's first; a reference unit goes on
+    drawing from it); encoded in tiles where the request's decode is (`tiled`)."""
 
-    def __init__(self, model: LatentDiffusion):
-        self.model = model
+    def __init__(self, model: LatentDiffusion, tiled: bool = False):
+        self.model, self.tiled = model, tiled
         self.latents: dict[tuple[int, int], torch.Tensor] = {}
         self.generators: dict[int, torch.Generator] = {}
 
@@ -78,7 +80,16 @@ class HintLatents:
         """Unit k's image rows (rows, 3 or 4, H, W) in [0, 1] -> their latents (rows, c, H/8, W/8)."""
         if (k, len(hint)) not in self.latents:
             images = hint[:, :3].to(self.model.device, self.model.dtype)
-            self.latents[k, len(hint)] = reference_latent(self.model, images, self.generator(k, c))
+            distinct, rows = [], []
+            for image in images:
+                found = next((j for j, seen in enumerate(distinct) if torch.equal(seen, image)), len(distinct))
+                distinct += [image] if found == len(distinct) else []
+                rows.append(found)
+            f, channels = self.model.cfg.autoencoder.downsampling_factor, self.model.cfg.autoencoder.embed_dim
+            shape = (len(distinct), channels, images.shape[-2] // f, images.shape[-1] // f)
+            noise = torch.randn(shape, generator=self.generator(k, c), device=images.device, dtype=images.dtype)
+            z = self.model.autoencoder_encode(torch.stack(distinct) * 2 - 1, noise=noise, tiled=self.tiled)
+            self.latents[k, len(hint)] = z[torch.tensor(rows, device=z.device)]
         return self.latents[k, len(hint)]
 
 
@@ -118,14 +129,15 @@ class PredictionFixes:
         return x0
 
 
-def first_noise(noise: torch.Tensor, controls: list[ResolvedControl], batch: range, model: LatentDiffusion):
-    """The first pass's starting noise (b, c, h, w) with the last +lama unit's fill leaned into it (or as it is)."""
+def first_noise(noise: torch.Tensor, controls: list[ResolvedControl], batch: range, model, tiled: bool = False):
+    """The first pass's starting noise (b, c, h, w) with the last +lama unit's fill leaned into it (or as it is). The
+    extension leans only the first batch of a batch count (its `noise_modifier` is spent there); every batch here."""
     lama = [c for c in controls if module_name(c) == LAMA]
     if not lama:
         return noise
     c = lama[-1]
     hint = c.hint if len(c.hint) == 1 else c.hint[batch.start : batch.stop]
-    z = HintLatents(model).latent(0, c, hint).to(noise).expand_as(noise)
+    z = HintLatents(model, tiled).latent(0, c, hint).to(noise).expand_as(noise)
     return noised(z, noise, model.alphas_cumprod[-1].to(noise).expand(len(noise)))
 
 

@@ -109,13 +109,13 @@ def control_conditioning(controls: list[ResolvedControl], batch: range, device: 
 
 
 def controlled_unet(
-    model: LatentDiffusion, controls: list[ResolvedControl], clock: SamplingClock
+    model: LatentDiffusion, controls: list[ResolvedControl], clock: SamplingClock, tiled: bool = False
 ) -> Callable[[torch.Tensor, torch.Tensor, Mapping], torch.Tensor]:
     """The model's U-Net with the units' residuals: net(x_in, t, cond) -> ε or v (float32), cond holding the text
     conditioning, the control maps (`hint_field`), the tower units' tokens (`token_fields`) and the rows' marks
-    (`MARK`)."""
+    (`MARK`); `tiled`: the control images are encoded in tiles, as the request's images are."""
     adapted: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # a T2I-Adapter's features, by unit and map
-    latents = HintLatents(model)  # a reference unit's z₀ and its draws (`reference.py`), a colour fix's image latent
+    latents = HintLatents(model, tiled)  # a reference unit's z₀ and its draws (`reference.py`), a colour fix's z
     fixes = PredictionFixes(model, controls, latents)
 
     def net(x_in: torch.Tensor, t: torch.Tensor, cond: Mapping) -> torch.Tensor:
@@ -215,7 +215,8 @@ def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals
     n = len(outputs)
     scales = [w * 0.825 ** float(12 - i) for i in range(max(n, 13))][:n] if c.soft else [w] * n
     outputs = [o * s * (marks if c.conditional_only or c.pooled else 1) for o, s in zip(outputs, _weighted(c, scales))]
-    outputs = [_in_region(o, c.unit.region) for o in outputs]
+    region = None if c.unit.region is None else c.unit.region.to(x.device, x.dtype)
+    outputs = [_in_region(o, region) for o in outputs]
     if c.pooled:  # (b, C, 1, 1): `unet.add_residual` adds it at every place
         outputs = [o.mean(dim=(2, 3), keepdim=True) for o in outputs]
     return ControlResiduals(skips=outputs[:-1], middle=outputs[-1])
@@ -231,7 +232,8 @@ def _t2i_adapter(c: ResolvedControl, features: list[torch.Tensor], marks, model:
     """One T2I-Adapter's features, scaled, placed where the extension adds them."""
     w = c.unit.weight
     scales = _weighted(c, [w * s for s in T2I_SOFT] if c.soft else [w] * len(features))
-    scaled = [_in_region(f * (marks if c.conditional_only else 1), c.unit.region) for f in features]
+    region = None if c.unit.region is None else c.unit.region.to(features[0].device, features[0].dtype)
+    scaled = [_in_region(f * (marks if c.conditional_only else 1), region) for f in features]
     sdxl, blocks = bool(model.cfg.micro_conditioning), model.cfg.unet.num_res_blocks
     return t2i_residuals(scaled, scales, sdxl=sdxl, num_res_blocks=blocks)
 
@@ -241,4 +243,4 @@ def _in_region(x: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
     `apply_effective_region_mask`); as it is without one."""
     if region is None:
         return x
-    return x * F.interpolate(region.to(x.device, x.dtype), size=x.shape[-2:], mode="bilinear")
+    return x * F.interpolate(region, size=x.shape[-2:], mode="bilinear")

@@ -341,7 +341,9 @@ def prepare(
         # noise, which is also its initial noise: here the same tensor
         fill = noise if r.latent_fill == "noise" else torch.zeros_like(noise)
         image_latent = image_latent * (1 - latent_mask) + fill * latent_mask
-    start = noise if latent is not None or start_image is not None else first_noise(noise, plan.controls, batch, model)
+    start = noise  # (+lama leans the first pass's toward its fill)
+    if latent is None and start_image is None:
+        start = first_noise(noise, plan.controls, batch, model, r.vae_tiling)
     if from_image:
         x = image_latent + sigmas[0].item() * start
     else:
@@ -378,7 +380,7 @@ def stage_denoiser(plan: Plan, batch: range, refiner, extra: dict):
     if plan.controls:  # ControlNets and T2I-Adapters
         clock = SamplingClock(r.steps_run)
         extra = extra | control_conditioning(plan.controls, batch, model.device)
-        net = controlled_unet(model, plan.controls, clock)
+        net = controlled_unet(model, plan.controls, clock, r.vae_tiling)
     denoiser, notes = scheduled_denoiser(model, plan, batch, extra, calls, net=net)
     if clock is not None:  # (a refiner's steps run without control)
         denoiser = clock.counting(denoiser)

@@ -153,17 +153,6 @@ def noise_like(latent: torch.Tensor, generator: torch.Generator) -> torch.Tensor
     return torch.randn(latent.shape, generator=generator, device=latent.device, dtype=latent.dtype)
 
 
-def reference_latent(model: LatentDiffusion, hints: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """The reference image of each row (rows, 3, H, W) in [0, 1] -> its latent z₀ (rows, c, H/8, W/8): a posterior
-    sample × the scale factor, one per distinct image (the rows of one image share it, as the extension repeats
-    its one latent over the batch)."""
-    f, c = model.cfg.autoencoder.downsampling_factor, model.cfg.autoencoder.embed_dim
-    images = hints[:1] if all(torch.equal(hints[0], h) for h in hints[1:]) else hints
-    shape = (len(images), c, images.shape[-2] // f, images.shape[-1] // f)
-    noise = torch.randn(shape, generator=generator, device=hints.device, dtype=hints.dtype)
-    return model.autoencoder_encode(images * 2 - 1, noise=noise).expand(len(hints), -1, -1, -1)
-
-
 def reference_pass(model, banks: Banks, latent: torch.Tensor, t: torch.Tensor, cond: dict, unit, generator):
     """One unit's write pass: its reference latent z₀ (rows, c, h, w) noised to t, through the U-Net, whose output
     is dropped; `unit`: (weight, sf, attention, AdaIN)."""
