@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from latent_diffusion import load_pipeline
 from latent_diffusion.models.controlnet import ControlNet
 from latent_diffusion.pipeline.control import find_control_models
+from latent_diffusion.pipeline.control_images import control_hint
 from latent_diffusion.pipeline.preprocessors import detect
 from latent_diffusion.serving.server import create_app
 
@@ -233,4 +234,24 @@ def test_a_controlnet_unit_from_the_panel(page, tmp_path):
     page.find_element("id", "generate").click()
     caption = wait_for_results(page, before + 4)[1].find_element("tag name", "figcaption").text
     assert 'ControlNet 0: "Module: reference_only, Model: None, Weight: 0.8' in caption
+    # a mask beside the image, for inpaint_only: its preview shows the masked part, and the image keeps the rest
+    mask = np.zeros((40, 40), np.uint8)
+    mask[8:24, 8:24] = 255
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    page.find_element("id", "cn-mask-file").send_keys(str(tmp_path / "mask.png"))
+    Select(page.find_element("id", "cn_module")).select_by_visible_text("inpaint_only")
+    page.find_element("id", "cn-preview-button").click()
+    WebDriverWait(page, 30).until(lambda d: (preview.get_attribute("src") or "").startswith("data:image/png"))
+    shown = np.asarray(Image.open(io.BytesIO(base64.b64decode(preview.get_attribute("src").partition(",")[2]))))
+    assert np.array_equal(shown[:, :, 3], 255 - mask // 2)  # (the extension's display: masked pixels half clear)
+    page.find_element("id", "generate").click()
+    image = wait_for_results(page, before + 6)[1]
+    assert (
+        'ControlNet 0: "Module: inpaint_only, Model: control_canny ['
+        in image.find_element("tag name", "figcaption").text
+    )
+    drawn = np.asarray(shown_image(image).convert("RGB")).astype(int)
+    hint = control_hint(picture, "inpaint_only", size=(32, 32), mask=mask)[0][0, :3]  # (the map, RGBA: its colours)
+    outside = (hint.permute(1, 2, 0).numpy() * 255).round().astype(int)[28:]  # (rows the softened mask misses)
+    assert np.abs(drawn[28:] - outside).max() <= 1
     page.find_element("id", "cn_enable").click()  # off again

@@ -5,6 +5,7 @@
 "use strict";
 
 let controlImage = null;  // the chosen control image, as a data URL
+let controlMask = null;  // and its mask (white = repaint), the inpaint preprocessors'
 const modelFree = new Set();  // the modules that take no model ("None"): reference and revision
 
 async function fillControlNet() {
@@ -26,12 +27,19 @@ $("cn-file").addEventListener("change", async () => {
   $("cn-preview").removeAttribute("src");
 });
 
+$("cn-mask-file").addEventListener("change", async () => {
+  const file = $("cn-mask-file").files[0];
+  controlMask = file ? await dataUrl(file) : null;
+  $("cn-preview").removeAttribute("src");
+});
+
 $("cn-preview-button").addEventListener("click", async () => {
   showError("");
   if (!controlImage) return showError("ControlNet: choose a control image");
   try {
-    const answer = await api("/controlnet/detect", {
-      controlnet_module: $("cn_module").value, controlnet_input_images: [controlImage] });
+    const body = { controlnet_module: $("cn_module").value, controlnet_input_images: [controlImage] };
+    if (controlMask) body.controlnet_masks = [controlMask];
+    const answer = await api("/controlnet/detect", body);
     $("cn-preview").src = "data:image/png;base64," + answer.images[0];
   } catch (e) {
     showError(e.message);
@@ -51,6 +59,7 @@ function controlnetScripts() {
                  weight: Number($("cn_weight").value), guidance_start: Number($("cn_start").value),
                  guidance_end: Number($("cn_end").value) };
   if (controlImage) unit.image = controlImage;
+  if (controlImage && controlMask) unit.mask = controlMask;
   return { ControlNet: { args: [unit] } };
 }
 
