@@ -25,6 +25,7 @@ from latent_diffusion.weights.controlnet import (
     from_diffusers,
     is_controlnet_state_dict,
     load_controlnet,
+    union_config,
 )
 
 from conftest import randomize, seeded, tiny_config, tiny_model
@@ -221,6 +222,28 @@ def test_full_size_sdxl_diffusers_keys_map_onto_ours():
         controlnet = ControlNet(cfg)
     assert shapes(renamed) == shapes(controlnet.state_dict())
     assert controlnet_family(cfg).name == "sdxl"
+
+
+def test_full_size_union_keys_map_onto_ours():
+    """xinsir's controlnet-union-sdxl-1.0 (ProMax: 8 kinds) as diffusers' ControlNetUnionModel with its config: every
+    key onto ours, the union parts' sizes read off them (320-wide token, 256 per kind)."""
+    from diffusers import ControlNetUnionModel
+
+    with torch.device("meta"):
+        reference = ControlNetUnionModel(
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+            conditioning_embedding_out_channels=(16, 32, 96, 256), num_control_type=8,
+        )  # fmt: skip
+    renamed, left = from_diffusers(reference.state_dict())
+    assert left == []
+    union = union_config(renamed, "union")
+    assert (union.types, union.width, union.type_width, union.layers) == (8, 320, 256, 1)
+    with torch.device("meta"):
+        controlnet = ControlNet(infer_unet(renamed, prefix="", encoder_only=True), union=union)
+    assert shapes(renamed) == shapes(controlnet.state_dict())
 
 
 # Control-LoRA -------------------------------------------------------------------------------------------------

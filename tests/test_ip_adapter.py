@@ -46,7 +46,7 @@ from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, Re
 from latent_diffusion.serving.server import create_app
 from latent_diffusion.weights.ip_adapter import load_clip_vision, load_ip_adapter
 from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
-from test_server import call
+from test_server import call, decode
 
 from conftest import randomize, seeded, tiny_model
 from test_reference import diffusers_unet
@@ -318,6 +318,13 @@ def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve,
         modules = call(base, "/controlnet/module_list?alias_names=true")[1]["module_detail"]
         no_map = call(base, "/controlnet/detect", {"controlnet_module": "ip-adapter_clip_h",
                                                    "controlnet_input_images": [unit.to_dict()["image"]]})  # fmt: skip
+        # several images of their own sizes (the extension's multiple inputs): their tokens averaged
+        other = Image.fromarray((np.random.default_rng(2).random((30, 20, 3)) * 255).astype(np.uint8))
+        inputs = [{"image": unit.to_dict()["image"]}, {"image": webuiapi.raw_b64_img(other)}]
+        several = {"ControlNet": {"args": [{**unit.to_dict(), "image": inputs}]}}
+        averaged = call(base, "/sdapi/v1/txt2img", {**body, "seed": 3, "alwayson_scripts": several})
+        one = {"ControlNet": {"args": [{**unit.to_dict(), "image": inputs[:1]}]}}
+        first_only = call(base, "/sdapi/v1/txt2img", {**body, "seed": 3, "alwayson_scripts": one})
     with serve(create_app(dataclasses.replace(pipeline, clip_vision=None), controlnet_dir=controls)) as base:
         ip_unit = {"ControlNet": {"args": [unit.to_dict()]}}
         no_tower = call(base, "/sdapi/v1/txt2img", {**body, "alwayson_scripts": ip_unit})
@@ -332,6 +339,8 @@ def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve,
         np.asarray(result.images[0]).tobytes() == (library[0] * 255).round().byte().permute(1, 2, 0).numpy().tobytes()
     )
     assert len(result.images) == 1  # (no detected map: the extension's IP-Adapter modules return none)
+    assert averaged[0] == first_only[0] == 200  # (what the mean is: test_several_inputs_average_their_tokens)
+    assert not np.array_equal(*(np.asarray(decode(a[1]["images"][0])) for a in (averaged, first_only)))
     assert refused[0] == 422 and "ControlNet unit 0" in refused[1]["detail"] and "'canny'" in refused[1]["detail"]
     # the page offers a module where it can run: the IP modules where their tower is in the folder
     assert modules["ip-adapter_clip_h"]["available"] and modules["ip-adapter-auto"]["available"]
@@ -343,6 +352,30 @@ def test_a_webuiapi_ip_adapter_unit_through_the_server(ckpt, tiny_models, serve,
     )
     assert no_tower[0] == 422 and no_tower[1]["detail"].startswith("ControlNet unit 0: ControlNet module ")
     assert "--clip-vision-dir" in no_tower[1]["detail"]
+
+
+def test_several_inputs_average_their_tokens(tmp_path, tiny_models):
+    """An IP-Adapter unit's images of their own sizes (a tuple, masks beside them): its tokens, for a prompt's rows and
+    the unconditional ones, the mean of each image's alone (the extension's `ImageEmbed.average_of`)."""
+    pipeline = adapter_pipeline(tmp_path, tiny_models["sd1"], "plus", "ip-adapter-plus_sd15")
+    g = torch.Generator().manual_seed(5)
+    images = (torch.rand(1, 3, 40, 56, generator=g), torch.rand(1, 3, 64, 24, generator=g))
+    mask = (torch.rand(1, 1, 64, 24, generator=g) > 0.5).float()
+
+    def tokens(image, mask=None):
+        unit = ControlUnit("ip-adapter-plus_sd15", image, module="ip-adapter_clip_sd15", mask=mask)
+        request = GenerationRequest(["a cat"], [1], width=32, height=32, controls=[unit])
+        return resolve(request, pipeline).controls[0].image_tokens
+
+    averaged = tokens(images, (None, mask))
+    alone = [tokens(images[0]), tokens(images[1], mask)]
+    for i in (0, 1):
+        torch.testing.assert_close(averaged[i], (alone[0][i] + alone[1][i]) / 2, atol=1e-6, rtol=0)
+    reference = ControlUnit("None", images, module="reference_only")  # (a unit of one image)
+    with pytest.raises(RequestError, match="several images of their own sizes are an IP-Adapter unit's inputs"):
+        resolve(GenerationRequest(["a cat"], [1], width=32, height=32, controls=[reference]), pipeline)
+    with pytest.raises(RequestError, match="2 images take a tuple of as many masks"):
+        tokens(images, mask)
 
 
 def test_units_that_cannot_run_are_refused_in_one_line(tmp_path, tiny_models):

@@ -199,6 +199,8 @@ def resolve_controls(
         if unit.region is not None and (control is None or isinstance(control, StyleAdapter)):
             fail(f"{title}: a region mask applies to ControlNet, T2I-Adapter and IP-Adapter units only")
         _check_union_type(unit, title, control)
+        if isinstance(unit.image, tuple) and not isinstance(control, IPAdapter):
+            fail(f"{title}: several images of their own sizes are an IP-Adapter unit's inputs; give one image")
         if isinstance(control, (IPAdapter, StyleAdapter)) or unit.module in REVISION_MODULES:
             resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline, seeds[0], no_prompt))
             continue
@@ -259,9 +261,11 @@ def _image_prompt_unit(
     try:
         name = tower_name(module, listed) if isinstance(adapter, IPAdapter) else _other_tower(module, model, adapter)
         tower = load_tower(find_tower(pipeline.clip_vision, name), model.device)
-        images = [_uint8(image) for image in unit.image]
+        images = [_uint8(image[0] if isinstance(unit.image, tuple) else image) for image in unit.image]
         masks = None
-        if unit.mask is not None:  # (H, W) uint8, 255 where painted
+        if isinstance(unit.mask, tuple):  # (H, W) uint8, 255 where painted, or None
+            masks = [None if m is None else _uint8(m[0])[..., 0] for m in unit.mask]
+        elif unit.mask is not None:
             masks = [_uint8(unit.mask[min(i, len(unit.mask) - 1)])[..., 0] for i in range(len(unit.image))]
         if isinstance(adapter, IPAdapter):
             check_tower_fits(adapter, tower, name)

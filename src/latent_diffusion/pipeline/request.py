@@ -43,6 +43,7 @@ RESIZE_MODES = {"resize": "Just Resize", "crop": "Crop and Resize", "fill": "Res
 HR_OPTIONS = {"both": "Both", "low": "Low res only", "high": "High res only"}
 # A union ControlNet's kinds of control image, by the extension's labels (`ControlNetUnionControlType`), in index order
 UNION_TYPES = ("OpenPose", "Depth", "Soft Edge", "Hard Edge", "Normal Map", "Segmentation", "Tile", "Inpaint")
+MAX_UNIT_INPUTS = 16  # an IP-Adapter unit's images of their own sizes, averaged
 MAX_ADVANCED_WEIGHTS = 64  # advanced weighting: a ControlNet has 13 residuals, a T2I-Adapter 4; more are ignored
 # Inpainting: what the masked part of the image latent starts as, where not the image's own (the web UI's "Masked
 # content" latent noise and latent nothing; its "fill" is done on the pixels before, `masking.fill_masked`)
@@ -79,7 +80,9 @@ class ControlUnit:
     the map steers the U-Net."""
 
     model: str  # a control model of the pipeline's, by name
-    image: torch.Tensor  # (1 or b, 3, H, W) in [0, 1]: one for all images, or one per image
+    # (1 or b, 3, H, W) in [0, 1]: one for all images, or one per image; an IP-Adapter unit's inputs may also be a tuple
+    # of (1, 3, H, W) images of their own sizes (its tokens the mean of theirs, the extension's multiple inputs)
+    image: torch.Tensor | tuple[torch.Tensor, ...]
     module: str = "none"  # the preprocessor (`preprocessors.py`); "none": the image is the map
     weight: float = 1.0
     guidance_start: float = 0.0  # the part of the steps in which the unit acts, as fractions
@@ -91,7 +94,9 @@ class ControlUnit:
     threshold_a: float | None = None  # the preprocessor's sliders (None: its defaults)
     threshold_b: float | None = None
     pixel_perfect: bool = False
-    mask: torch.Tensor | None = None  # (1 or b, 1, H, W) in [0, 1], white = repaint: the inpaint preprocessors'
+    # (1 or b, 1, H, W) in [0, 1], white = repaint: the inpaint preprocessors' (beside a tuple of images, a tuple of as
+    # many, None where one has none)
+    mask: torch.Tensor | tuple | None = None
     hr_option: str = "both"  # HR_OPTIONS
     # The extension's advanced weighting: the scales of the residuals in order (each input block's, then the middle
     # block's; a T2I-Adapter's four features), in place of weight and soft injection; residuals past the list get none
@@ -355,18 +360,34 @@ def _check_control(unit: ControlUnit, name: str, n: int) -> None:
             f"{name}: advanced_weighting must be a tuple of 1 to {MAX_ADVANCED_WEIGHTS} numbers in [0, "
             f"{MAX_CONTROL_WEIGHT:g}]"
         )
-    for image, kind in ((unit.image, "image"), (unit.mask, "mask"), (unit.region, "region")):
-        if image is None and kind != "image":
-            continue
-        channels, count = (3 if kind == "image" else 1), ("1" if kind == "region" else f"1 or {n}")
-        if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
-            fail(f"{name}: the {kind} must be a ({count}, {channels}, H, W) tensor")
-        if kind == "region" and len(image) != 1:
-            fail(f"{name}: one region mask for all images, not {len(image)}")
-        if len(image) not in (1, n):
-            fail(f"{name}: {len(image)} {kind}s for {n} images; give one for all or one per image")
-        if max(image.shape[-2:]) > MAX_SIDE:
-            fail(f"{name}: the {kind} is {image.shape[-1]}x{image.shape[-2]}: at most {MAX_SIDE} pixels per side")
+    if isinstance(unit.image, tuple):  # several inputs of their own sizes, an IP-Adapter unit's
+        if not 1 <= len(unit.image) <= MAX_UNIT_INPUTS:
+            fail(f"{name}: 1 to {MAX_UNIT_INPUTS} images, not {len(unit.image)}")
+        if unit.mask is not None and (not isinstance(unit.mask, tuple) or len(unit.mask) != len(unit.image)):
+            fail(f"{name}: {len(unit.image)} images take a tuple of as many masks (None for none)")
+        pairs = zip(unit.image, unit.mask or [None] * len(unit.image))
+        for image, mask in pairs:
+            _check_unit_image(name, image, "image", 1)
+            _check_unit_image(name, mask, "mask", 1)
+    else:
+        _check_unit_image(name, unit.image, "image", n)
+        _check_unit_image(name, unit.mask, "mask", n)
+    _check_unit_image(name, unit.region, "region", 1)
+
+
+def _check_unit_image(name: str, image, kind: str, n: int) -> None:
+    """A unit's image, mask or region: (1 or n, channels, H, W), at most MAX_SIDE per side (a mask or region: or None)."""
+    if image is None and kind != "image":
+        return
+    channels, count = (3 if kind == "image" else 1), ("1" if n == 1 else f"1 or {n}")
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
+        fail(f"{name}: the {kind} must be a ({count}, {channels}, H, W) tensor")
+    if kind == "region" and len(image) != 1:
+        fail(f"{name}: one region mask for all images, not {len(image)}")
+    if len(image) not in (1, n):
+        fail(f"{name}: {len(image)} {kind}s for {n} images; give one for all or one per image")
+    if max(image.shape[-2:]) > MAX_SIDE:
+        fail(f"{name}: the {kind} is {image.shape[-1]}x{image.shape[-2]}: at most {MAX_SIDE} pixels per side")
 
 
 def _check_hires(h: HiresFix) -> None:

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from ..pipeline.control import find_model
 from ..pipeline.control_images import resize_mode_from_value
-from ..pipeline.control_modules import MODEL_FREE, ControlModule, PreprocessorError, Slider, find_module
+from ..pipeline.control_modules import CONTROL_TYPES, MODEL_FREE, ControlModule, PreprocessorError, Slider, find_module
 from ..pipeline.images import as_mode, from_pil
 from ..pipeline.loading import Pipeline
 from ..pipeline.preprocessors import unavailable_reason
@@ -32,6 +32,7 @@ from ..pipeline.request import (
     CONTROL_MODES,
     HR_OPTIONS,
     MAX_CONTROL_WEIGHT,
+    MAX_UNIT_INPUTS,
     RESIZE_MODES,
     UNION_TYPES,
     ControlUnit,
@@ -255,18 +256,19 @@ def _resize_mode(value, where: str) -> str:
 
 def _unit_images(i: int, fields: dict, module: ControlModule, open_image, init: InitImage | None):
     """The unit's image (1, 3, H, W), its mask (1, 1, H, W) or None, and its resize mode: its own image, or in
-    img2img the init image with img2img's resize mode; cut to the inpainted region in "only masked" inpainting."""
+    img2img the init image with img2img's resize mode; cut to the inpainted region in "only masked" inpainting. An
+    IP-Adapter unit's several images (the extension's multiple inputs, averaged) are a tuple of each, uncut."""
     where = f"ControlNet unit {i}"
-    image, mask = _image_fields(fields, where)
+    entries = _image_fields(fields, where)
     resize_mode = _resize_mode(fields.get("resize_mode", "Crop and Resize"), where)
-    if image is not None:
-        picture, alpha = (
-            _opened(text, f"{where}: {name}", open_image) for name, text in (("image", image), ("mask", mask))
-        )
-        alpha = alpha.getchannel("R") if alpha is not None else None  # (an RGBA mask over white, as HWC3 reads it)
-        if alpha is not None and alpha.size != picture.size:
-            sizes = f"{alpha.width}x{alpha.height}, the image {picture.width}x{picture.height}"
-            raise RequestError(f"{where}: the mask is {sizes}; they must be the same size")
+    if len(entries) > 1:
+        if module.name not in CONTROL_TYPES["IP-Adapter"]:
+            raise RequestError(f"{where}: several images are an IP-Adapter unit's inputs; {module.label} takes one")
+        pairs = [_opened_pair(image, mask, where, open_image) for image, mask in entries]
+        masks = tuple(from_pil(alpha) if alpha is not None else None for _, alpha in pairs)
+        return tuple(from_pil(p) for p, _ in pairs), masks if any(m is not None for m in masks) else None, resize_mode
+    if entries:
+        picture, alpha = _opened_pair(*entries[0], where, open_image)
     elif init is not None:  # (the extension's last source: img2img's own picture, at img2img's resize mode)
         picture, resize_mode = init.image, list(RESIZE_MODES)[init.resize_mode]
         alpha = init.mask if module.is_inpaint else None
@@ -276,6 +278,18 @@ def _unit_images(i: int, fields: dict, module: ControlModule, open_image, init: 
     if cut and init is not None and init.box is not None:
         picture, alpha = (_crop(x, resize_mode, init) if x is not None else None for x in (picture, alpha))
     return from_pil(picture), from_pil(alpha) if alpha is not None else None, resize_mode
+
+
+def _opened_pair(image: str, mask: str | None, where: str, open_image) -> tuple[Image.Image, Image.Image | None]:
+    """An image and its mask (its red channel, over white as HWC3 reads an RGBA mask), of one size."""
+    picture, alpha = (
+        _opened(text, f"{where}: {name}", open_image) for name, text in (("image", image), ("mask", mask))
+    )
+    alpha = alpha.getchannel("R") if alpha is not None else None
+    if alpha is not None and alpha.size != picture.size:
+        sizes = f"{alpha.width}x{alpha.height}, the image {picture.width}x{picture.height}"
+        raise RequestError(f"{where}: the mask is {sizes}; they must be the same size")
+    return picture, alpha
 
 
 def _opened(text: str | None, field: str, open_image) -> Image.Image | None:
@@ -288,23 +302,29 @@ def _opened(text: str | None, field: str, open_image) -> Image.Image | None:
         raise RequestError(str(e)) from None
 
 
-def _image_fields(fields: dict, where: str) -> tuple[str | None, str | None]:
-    """The unit's image and mask as base64 text from the extension's forms: image as text (mask beside it), as
-    {"image": ..., "mask": ...}, as [image, mask], or as a list of one such object."""
+def _image_fields(fields: dict, where: str) -> list[tuple[str, str | None]]:
+    """The unit's images and masks as base64 text from the extension's forms: image as text (mask beside it), as
+    {"image": ..., "mask": ...}, as [image, mask], or as a list of such objects (several: an IP-Adapter's inputs);
+    [] for no image."""
     image, mask = fields.get("image"), fields.get("mask")
-    if isinstance(image, list) and len(image) == 1 and isinstance(image[0], dict):
-        image = image[0]
     if isinstance(image, list) and len(image) == 2 and not isinstance(image[0], dict):
         image = {"image": image[0], "mask": image[1]}
-    if isinstance(image, dict):
-        if mask is not None:
-            raise RequestError(f"{where}: a mask in image and another in mask; give one")
-        image, mask = image.get("image"), image.get("mask")
-    for name, text in (("image", image), ("mask", mask)):
-        if text is not None and not isinstance(text, str):
-            kind = type(text).__name__  # (several images are for IP-Adapter units, which do not run here)
-            raise RequestError(f"{where}: {name} must be one base64-encoded image, not a {kind}")
-    return image or None, mask or None
+    entries = image if isinstance(image, list) and image and all(isinstance(e, dict) for e in image) else [image]
+    if len(entries) > MAX_UNIT_INPUTS:
+        raise RequestError(f"{where}: at most {MAX_UNIT_INPUTS} images, not {len(entries)}")
+    pairs = []
+    for entry in entries:
+        if isinstance(entry, dict):
+            if mask is not None:
+                raise RequestError(f"{where}: a mask in image and another in mask; give one")
+            entry = (entry.get("image"), entry.get("mask"))
+        else:
+            entry = (entry, mask)
+        for name, text in zip(("image", "mask"), entry):
+            if text is not None and not isinstance(text, str):
+                raise RequestError(f"{where}: {name} must be base64-encoded images, not a {type(text).__name__}")
+        pairs.append((entry[0] or None, entry[1] or None))
+    return [pair for pair in pairs if pair[0] is not None]
 
 
 def _crop(image: Image.Image, resize_mode: str, init: InitImage) -> Image.Image:
