@@ -122,6 +122,25 @@ def test_the_fill_matches_the_extensions(small, size):
     assert np.abs(ours[image[:, :, 3] == 255, :3].astype(int) - image[image[:, :, 3] == 255, :3]).mean() > 5
 
 
+def test_outpainting_fits_the_input_before_lama_fills_it(small, lama_folder):
+    """inpaint_only+lama in Resize and Fill: the extension first fits the RGBA input to the last pass's size (its
+    `detectmap_proc`: the band around it masked, in float32), so LaMa fills the band; the hires size where there is
+    one."""
+    from latent_diffusion.pipeline.control_images import control_map
+    from test_preprocessors import ref_detectmap_proc
+
+    image = rgba(48, 64)
+    for size, final in (((64, 64), None), ((32, 32), (64, 64))):
+        options = dict(resize_mode="Resize and Fill", annotator_folder=lama_folder, final_size=final)
+        detected = control_map(image[:, :, :3], "inpaint_only+lama", size=size, mask=image[:, :, 3], **options)[2]
+        fitted = ref_detectmap_proc(image, "inpaint", "Resize and Fill", 64, 64)  # (hr_y, hr_x: the final size)
+        expected = ref_lama_inpaint(fitted, small)
+        assert detected.shape == (64, 64, 4) and detected.dtype == expected.dtype == np.float32
+        np.testing.assert_array_equal(detected[:, :, 3], expected[:, :, 3])
+        assert np.abs(detected[:, :, :3] - expected[:, :, :3]).max() <= 1
+        assert (detected[:8, :, 3] == 255).all()  # (the band above the picture: masked, LaMa's)
+
+
 @pytest.fixture
 def lama_folder(small, tmp_path):
     """An annotator folder laid out as the extension's downloads: lama/ControlNetLama.pth (a pickle, as published)."""

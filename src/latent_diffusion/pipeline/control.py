@@ -187,11 +187,12 @@ def load_control_model(path: Path, model: LatentDiffusion) -> nn.Module:
 
 
 def resolve_controls(
-    units: list[ControlUnit], pipeline, size: tuple[int, int], seeds: list[int], no_prompt: bool = False
+    units: list[ControlUnit], pipeline, size: tuple[int, int], seeds: list[int], no_prompt: bool = False, final=None
 ):
     """The request's units for a pass that draws `size` (height, width) pixels -> [ResolvedControl] (RequestError for
     a model the pipeline does not have, or an image its preprocessor cannot use). `no_prompt`: the request's prompts
-    and negative prompts are all empty (revision then ignores them, as the extension)."""
+    and negative prompts are all empty (revision then ignores them, as the extension); `final`: the last pass's size
+    (a hires pass's; default `size`), which +lama's outpainting fits to."""
     resolved = []
     for k, unit in enumerate(units):
         title = unit.title or f"ControlNet unit {k}"
@@ -221,6 +222,7 @@ def resolve_controls(
                         mask=None if mask is None else _uint8(mask)[..., 0],
                         seed=numpy_seed(seeds[0], -1, seeds[0]),  # (shuffle's; the extension's, once a request)
                         annotator_folder=pipeline.annotators,
+                        final_size=final,
                     )
                 )
             except PreprocessorError as e:

@@ -220,6 +220,7 @@ def control_map(
     seed: int = 0,
     annotator_folder: str | os.PathLike | None = None,
     strict: bool = True,
+    final_size: tuple[int, int] | None = None,
 ) -> tuple[ControlModule, str, np.ndarray]:
     """One ControlNet unit's preprocessor run for a generation of `size` (H, W) -> (its module, the resize mode, the
     map it detected, uint8 HWC, at the preprocessor's resolution), which `prepare_control` fits to a size: the first
@@ -229,6 +230,9 @@ def control_map(
     slider's default; out of a shown slider's range: an error where `strict`, else the default, as the extension);
     `seed` is shuffle's NumPy seed (`preprocessors.numpy_seed` of the request's seeds); `annotator_folder` holds the
     annotator weights of the modules that need them. The default resize mode is the extension's ("Crop and Resize").
+    inpaint_only+lama in "Resize and Fill" first fits its input to `final_size` (H, W: the last pass's, a hires
+    pass's; default `size`), the band around it masked, so that LaMa fills the band too: outpainting, as the
+    extension does.
     """
     found = map_module(module, annotator_folder)
     mode = resize_mode_from_value(resize_mode)
@@ -238,6 +242,9 @@ def control_map(
     if not 0 <= seed <= 0xFFFFFFFF:
         raise PreprocessorError(f"shuffle's NumPy seed {seed} is outside 0..2**32 - 1")
     source = unit_input(image, mask, found)
+    if found.name == "inpaint_only+lama" and mode == "Resize and Fill":
+        final_h, final_w = final_size or size
+        source = _fit(source.astype(np.float32), mode, (int(final_h) // 8) * 8, (int(final_w) // 8) * 8)
     # pixel perfect replaces the resolution after the extension's range check, so a request's value is not checked
     res, a, b = resolve_sliders(found, None if pixel_perfect else processor_res, threshold_a, threshold_b, strict)
     if pixel_perfect:

@@ -68,7 +68,8 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
 
 
 def lama_fill(image: np.ndarray, lama: LaMa) -> np.ndarray:
-    """(H, W, 4) uint8 RGBA, the mask as alpha -> (H, W, 4) uint8: the masked colours LaMa's, the mask."""
+    """(H, W, 4) RGBA in 0..255, the mask as alpha (uint8, or float32 fitted for outpainting) -> (H, W, 4): the masked
+    colours LaMa's (whole numbers), the mask, in the input's dtype as the extension's concatenation gives it."""
     h, w = image.shape[:2]
     color, alpha = image[:, :, :3].astype(np.float32), image[:, :, 3:4]
     padded, unpad = resize_with_pad(image, SIDE)  # (h', w', 4), sides multiples of 64

@@ -137,12 +137,13 @@ def resolve(request: GenerationRequest, pipeline: Pipeline) -> Plan:
         _check_follower(pipeline.model, pipeline.refiner, "the refiner")
     resolved = _check_against(r, pipeline)
     plan = Plan(resolved, pipeline, *_parsed(resolved, pipeline))
-    size = (resolved.height, resolved.width)
-    plan.controls = resolve_controls(_unit_modules(r), pipeline, size, resolved.seeds, no_prompt)
+    size, second = (resolved.height, resolved.width), None
     if r.hires is not None:
-        plan.hires_size = _check_hires(resolved, pipeline)
-        f = pipeline.model.cfg.autoencoder.downsampling_factor
+        plan.hires_size, f = _check_hires(resolved, pipeline), pipeline.model.cfg.autoencoder.downsampling_factor
         second = second_pass(resolved, plan.hires_size, f, r.vae_tiling)
+    final = size if second is None else (second.height, second.width)  # (+lama's outpainting fits to it)
+    plan.controls = resolve_controls(_unit_modules(r), pipeline, size, resolved.seeds, no_prompt, final)
+    if second is not None:
         hires = hires_pipeline(pipeline)
         second = dataclasses.replace(second, vae_tiling=_tiling(second, hires.model))
         plan.hires = Plan(second, hires, *_parsed(second, hires))
