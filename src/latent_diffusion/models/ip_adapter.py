@@ -30,6 +30,7 @@ from torch import nn
 from .attention import CrossAttention, attention
 from .clip_vision import VisionOutput
 from .shadowing import shadowed
+from .unet import layer_grid
 
 HEAD_WIDTH = 64  # the resampler's attention heads are 64 wide
 
@@ -187,15 +188,10 @@ def decoupled_attention(attn: CrossAttention, prompts: list, x: torch.Tensor, co
 
 
 def region_weights(mask: torch.Tensor, latent: tuple[int, int], n: int) -> torch.Tensor:
-    """A region mask (1, 1, H, W) resized (bilinear) to the grid of a layer of n = h'·w' places, the latent (h, w)
-    halved (rounding up, as the U-Net's strided convolutions) until it has n -> (1, n, 1); the extension's
-    `apply_effective_region_mask` of its IP-Adapter, which finds the grid as √(n / hw)·(h, w)."""
-    h, w = latent
-    while h * w > n and (h > 1 or w > 1):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    if h * w != n:
-        raise ValueError(f"no grid of {n} places halves from the latent's {latent[1]}x{latent[0]}")
-    return F.interpolate(mask, size=(h, w), mode="bilinear").reshape(1, n, 1)
+    """A region mask (1, 1, H, W) resized (bilinear) to the grid of a layer of n places (`layer_grid` of the latent's
+    (h, w)) -> (1, n, 1); the extension's `apply_effective_region_mask` of its IP-Adapter, which finds the grid as
+    √(n / hw)·(h, w)."""
+    return F.interpolate(mask, size=layer_grid(latent, n), mode="bilinear").reshape(1, n, 1)
 
 
 def image_prompted(unet: nn.Module, prompts: list[tuple]):

@@ -35,6 +35,17 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def layer_grid(latent: tuple[int, int], n: int) -> tuple[int, int]:
+    """The (h, w) of a U-Net layer of n = h·w places: the latent's (h, w) halved, rounding up as the strided
+    convolutions do, until it has n (ValueError where no level has)."""
+    h, w = latent
+    while h * w > n and (h > 1 or w > 1):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    if h * w != n:
+        raise ValueError(f"no level of a {latent[1]}x{latent[0]} latent has {n} places")
+    return h, w
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv, add the time embedding, GroupNorm-SiLU-conv, plus a (1x1-projected) skip."""
 

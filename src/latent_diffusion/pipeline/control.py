@@ -22,6 +22,7 @@ from ..files import legacy_model_hash
 from ..models.controlnet import ControlNet
 from ..models.ip_adapter import IPAdapter, attention_blocks
 from ..models.ldm import LatentDiffusion
+from ..models.lllite import ControlLLLite, check_lllite_fits, is_lllite_state_dict, lllite_from_state_dict
 from ..models.style_adapter import StyleAdapter
 from ..weights.controlnet import check_controlnet_fits, is_controlnet_state_dict, load_controlnet
 from ..weights.ip_adapter import is_ip_adapter_state_dict, load_ip_adapter
@@ -59,8 +60,8 @@ class ResolvedControl:
 
     unit: ControlUnit
     name: str  # as listed: "name [hash]"
-    # a ControlNet, a T2I-Adapter, an IP-Adapter or a style adapter; None: a reference unit (`reference.py`), or a
-    # revision unit (which has `image_tokens`)
+    # a ControlNet, a T2I-Adapter, a ControlNet-LLLite, an IP-Adapter or a style adapter; None: a reference unit
+    # (`reference.py`), or a revision unit (which has `image_tokens`)
     model: nn.Module | None
     hint: torch.Tensor  # (1 or n, 3, H, W) float32 in [0, 1] at the pass's pixel size (an inpaint module's: 4, RGBA)
     detected: tuple[np.ndarray, ...]  # the maps as shown (uint8, H×W×3 or ×4), for the API's answer
@@ -136,6 +137,8 @@ def _load(path: Path, version: tuple, model: LatentDiffusion) -> nn.Module:
     keys = safetensors_index(path) if path.suffix.lower() == ".safetensors" else read_state_dict(path)[0]
     if is_ip_adapter_state_dict(keys):
         return load_ip_adapter(path, device=model.device, dtype=model.dtype)
+    if is_lllite_state_dict(keys):
+        return lllite_from_state_dict(read_state_dict(path)[0]).to(model.device, model.dtype)
     if is_t2i_adapter_state_dict(keys) and not is_controlnet_state_dict(keys):  # (a union ControlNet's
         # task_embedding is also a CoAdapter fuser's mark)
         return t2i_adapter_from_state_dict(read_state_dict(path)[0], device=model.device, dtype=model.dtype, name=path)
@@ -167,6 +170,8 @@ def check_fits(control: nn.Module, model: LatentDiffusion) -> None:
         check_controlnet_fits(control, model.cfg)
     elif isinstance(control, IPAdapter):
         check_ip_adapter_fits(control, model.model.diffusion_model, model.cfg.unet.context_dim)
+    elif isinstance(control, ControlLLLite):
+        check_lllite_fits(control, model.model.diffusion_model)
     elif isinstance(control, StyleAdapter):
         check_style_adapter_fits(control, model.cfg.unet.context_dim)
     else:

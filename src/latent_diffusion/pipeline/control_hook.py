@@ -25,6 +25,8 @@ Per unit, with w its weight:
 - A style adapter's tokens, times w · m, are appended to the context; a revision unit's embedding, Σ w · e · m over
   the revision units acting, replaces SDXL's pooled text in the vector, and revision_ignore_prompt zeroes the context
   (`_image_conditioning`). Both happen first: the ControlNets see the result, as in the extension.
+- A ControlNet-LLLite unit adds w times its modules' terms to the inputs of the attention projections they name
+  (`models/lllite.py`); in no hires pass, as the extension.
 - A reference unit (no model) runs its reference image through the U-Net before each evaluation it acts in, and the
   U-Net's attention and norms read what that left (`reference.py`).
 - An inpaint module's map is RGBA: a control model sees -1 in the masked pixels (`inpaint_protocol`).
@@ -45,6 +47,7 @@ import torch.nn.functional as F
 from ..models.controlnet import ControlNet
 from ..models.ip_adapter import IPAdapter, image_prompted
 from ..models.ldm import LatentDiffusion
+from ..models.lllite import ControlLLLite, lllite_applied
 from ..models.t2i_adapter import t2i_residuals
 from ..models.unet import ControlResiduals
 from .control import ResolvedControl
@@ -114,7 +117,7 @@ def controlled_unet(
     """The model's U-Net with the units' residuals: net(x_in, t, cond) -> ε or v (float32), cond holding the text
     conditioning, the control maps (`hint_field`), the tower units' tokens (`token_fields`) and the rows' marks
     (`MARK`); `tiled`: the control images are encoded in tiles, as the request's images are."""
-    adapted: dict[tuple, tuple[torch.Tensor, list[torch.Tensor]]] = {}  # a T2I-Adapter's features, by unit and map
+    adapted: dict[tuple, tuple] = {}  # a T2I-Adapter's features by unit and map, an LLLite's embeddings (`lllite.py`)
     latents = HintLatents(model, tiled)  # a reference unit's z₀ and its draws (`reference.py`), a colour fix's z
     fixes = PredictionFixes(model, controls, latents)
 
@@ -133,7 +136,7 @@ def controlled_unet(
         cond = _image_conditioning(
             [(c, t) for c, t, ch in zip(controls, tokens, changing) if ch], controls, cond, marks
         )
-        total, references, prompts = None, [], []
+        total, references, prompts, lllites = None, [], [], []
         for k, (c, hint, on) in enumerate(zip(controls, hints, acting)):
             if not on:
                 continue
@@ -147,6 +150,9 @@ def controlled_unet(
             if c.model is None:
                 references.append((c, latents.latent(k, c, hint), latents.generator(k, c)))
                 continue
+            if isinstance(c.model, ControlLLLite):  # (none in a hires pass, as the extension)
+                lllites += [] if c.hires else [(c.model, hint, c.unit.weight)]
+                continue
             if isinstance(c.model, ControlNet):
                 residuals = _controlnet(c, x, hint, t, cond, marks)
             else:
@@ -156,11 +162,21 @@ def controlled_unet(
             total = residuals if total is None else total + residuals
         if total is not None:
             cond["control"] = total
-        with image_prompted(model.model.diffusion_model, prompts) if prompts else contextlib.nullcontext():
+        with _shadowing(model.model.diffusion_model, prompts, lllites, x.shape[-2:], adapted):
             out = _with_references(model, references, x, t, cond, marks)
         return fixes(out, x_in, t, hints, marks)
 
     return net
+
+
+def _shadowing(unet, prompts: list, lllites: list, latent: tuple[int, int], cache: dict) -> contextlib.ExitStack:
+    """The U-Net's attention with the IP-Adapters' image prompts and the LLLite units' terms while this lasts."""
+    stack = contextlib.ExitStack()
+    if prompts:
+        stack.enter_context(image_prompted(unet, prompts))
+    if lllites:
+        stack.enter_context(lllite_applied(unet, lllites, latent, cache))
+    return stack
 
 
 def _with_references(model: LatentDiffusion, references: list, x, t, cond, marks) -> torch.Tensor:

@@ -84,7 +84,7 @@ def _what_it_is(keys) -> str:
     if starts("adapter.body.", "body.0.in_conv.") or ("conv_in.weight" in keys and starts("body.")):
         return "a T2I-Adapter (read by its own loader)"
     if starts("lllite_"):
-        return "a ControlNet-LLLite (kohya), which this project does not read"
+        return "a ControlNet-LLLite (kohya): a control unit's model (`models/lllite.py`), not a ControlNet"
     if any(part in k for k in keys for part in ("lora_", ".lora.", "hada_", "lokr_")):
         return "a LoRA (or LyCORIS) file"
     if starts(UNET):
