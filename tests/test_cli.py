@@ -196,9 +196,10 @@ def test_unwritable_outdir_and_missing_ckpt_exit_2(tmp_path, ckpt, capsys):
     assert "is not available here" in capsys.readouterr().err
 
 
-def test_inpainting_checkpoint_refuses_txt2img(tmp_path, inpaint_ckpt, capsys):
-    assert run("txt2img", "--ckpt", inpaint_ckpt, "--prompt", "x", "--outdir", tmp_path) == 2
-    assert "is an inpainting model: use `ldm inpaint`" in capsys.readouterr().err
+def test_an_inpainting_checkpoint_draws_txt2img(tmp_path, inpaint_ckpt):
+    """As the web UI lets one: all of the image is the hole (`generate.prepare`)."""
+    assert run("txt2img", "--ckpt", inpaint_ckpt, "--prompt", "x", "--steps", "1", "--outdir", tmp_path) == 0
+    assert len(list(tmp_path.glob("*.png"))) == 1
 
 
 def test_parameters_round_trip_with_multiline_prompts():

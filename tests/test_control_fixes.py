@@ -294,3 +294,24 @@ def test_a_colour_fixs_thresholds_and_seed_keep_requests_apart(models, folder):
     units = [ControlUnit("cn", picture(1), module="tile_colorfix")]
     seeded_keys = {resolve(dataclasses.replace(request(units), seeds=[s]), pipeline).controls[0].key() for s in (1, 2)}
     assert len(seeded_keys) == 2
+
+
+def test_an_inpainting_model_sees_the_inpaint_units_mask_and_image(tiny_models, folder):
+    """hook.py's "Replace x_t to support inpaint models": an inpainting U-Net (9 channels) with an inpaint unit, here
+    in txt2img, sees max_pool₈(alpha > 0.5) and the latent of the unit's image with those pixels grey (its posterior
+    noise the unit's first draw), in place of the request's all-hole input."""
+    model = tiny_models["inpaint"]
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda module, args: seen.append(args[2]["concat"]))
+    unit = ControlUnit("cn", picture(1), module="inpaint", mask=hole())
+    try:
+        generate(Pipeline(model, controlnets=find_control_models(folder)), request([unit], steps=2))
+    finally:
+        hook.remove()
+    mask = hole()
+    grey = picture(1) * (1 - mask) + 0.5 * mask
+    noise = torch.randn(1, 4, H // 8, W // 8, generator=torch.Generator().manual_seed(SEED))
+    expected = torch.cat([F.max_pool2d(mask, 8), model.autoencoder_encode(grey * 2 - 1, noise=noise)], dim=1)
+    assert len(seen) == 2  # (two Euler steps, a guided call each)
+    for concat in seen:
+        torch.testing.assert_close(concat, expected.expand(len(concat), -1, -1, -1), atol=1e-5, rtol=0)

@@ -186,9 +186,24 @@ def test_request_defaults_come_from_the_model(tiny_models):
     assert (resolved.width, resolved.height, resolved.cfg_scale) == (48, 32, 2.0)
 
 
-def test_inpainting_model_needs_a_mask(tiny_models):
-    with pytest.raises(RequestError, match="inpainting model .* needs an image and a mask"):
-        generate(tiny_models["inpaint"], GenerationRequest(["a"], [0], width=32, height=32))
+def test_an_inpainting_model_draws_without_a_mask_as_the_web_ui(tiny_models):
+    """txt2img with an inpainting model: all of the image is the hole, as the web UI's `txt2img_image_conditioning`
+    (a mask of ones, the latent of a mid-grey image: 0.5, so 0 in [-1, 1]); that latent drawn after the initial
+    noise from the image's generator."""
+    model = tiny_models["inpaint"]
+    seen = []
+    hook = model.model.register_forward_pre_hook(lambda module, args: seen.append(args[2]["concat"]))
+    try:
+        images = generate(model, GenerationRequest(["a"], [5], width=32, height=24, steps=2)).images
+    finally:
+        hook.remove()
+    g = torch.Generator().manual_seed(5)
+    torch.randn(4, 3, 4, generator=g)  # (the initial noise)
+    grey = model.autoencoder_encode(torch.zeros(1, 3, 24, 32), noise=torch.randn(1, 4, 3, 4, generator=g))
+    assert images.shape == (1, 3, 24, 32) and torch.isfinite(images).all()
+    for concat in seen:  # ([unconditional; conditional] rows, each the same)
+        assert (concat[:, :1] == 1).all()
+        torch.testing.assert_close(concat[:, 1:], grey.expand(len(concat), -1, -1, -1), atol=1e-6, rtol=0)
 
 
 def test_progress_sees_every_step_with_its_x0_and_the_result_has_infotexts(tiny_models):

@@ -341,8 +341,6 @@ def load_from_args(args, embeddings, loras, device, dtype) -> Pipeline:
         styles=styles_arg(args.styles_file),
         **weights_args(args),
     )
-    if pipeline.model.cfg.inpainting and args.command != "inpaint":
-        raise UsageError(f"{args.ckpt} is an inpainting model: use `ldm inpaint`")
     for notice in pipeline.notices:
         print(f"ldm: warning: {notice}", file=sys.stderr)
     return pipeline

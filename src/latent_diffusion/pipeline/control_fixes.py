@@ -16,6 +16,9 @@ v-model's output is read here as the v it is (the extension's arithmetic is wron
 sample of the control image (the extension's `call_vae_using_process`), drawn from a generator seeded with the
 request's first seed, once a pass (`HintLatents`).
 
+An inpainting U-Net (9 input channels) with an inpaint unit sees the unit's mask and masked image, not the request's
+(`inpaint_concat`).
+
 +lama's first noise: ε ← √ᾱ_T·z + √(1 − ᾱ_T)·ε, the q_sample of the fill's latent at the last timestep T (999), so the
 first pass starts leaning toward the fill (the extension's `HackedImageRNG`; the last +lama unit's, as there).
 
@@ -76,10 +79,14 @@ class HintLatents:
             self.generators[k] = torch.Generator(self.model.device).manual_seed(c.seed)
         return self.generators[k]
 
-    def latent(self, k: int, c: ResolvedControl, hint: torch.Tensor) -> torch.Tensor:
-        """Unit k's image rows (rows, 3 or 4, H, W) in [0, 1] -> their latents (rows, c, H/8, W/8)."""
-        if (k, len(hint)) not in self.latents:
+    def latent(self, k: int, c: ResolvedControl, hint: torch.Tensor, masked: bool = False) -> torch.Tensor:
+        """Unit k's image rows (rows, 3 or 4, H, W) in [0, 1] -> their latents (rows, c, H/8, W/8); `masked`: of the
+        image with an inpaint map's masked pixels (alpha > 0.5) at 0 in [-1, 1], mid-grey."""
+        if (k, len(hint), masked) not in self.latents:
             images = hint[:, :3].to(self.model.device, self.model.dtype)
+            if masked:
+                holes = (hint[:, 3:4] > 0.5).to(images)
+                images = images * (1 - holes) + 0.5 * holes
             distinct, rows = [], []
             for image in images:
                 found = next((j for j, seen in enumerate(distinct) if torch.equal(seen, image)), len(distinct))
@@ -89,8 +96,8 @@ class HintLatents:
             shape = (len(distinct), channels, images.shape[-2] // f, images.shape[-1] // f)
             noise = torch.randn(shape, generator=self.generator(k, c), device=images.device, dtype=images.dtype)
             z = self.model.autoencoder_encode(torch.stack(distinct) * 2 - 1, noise=noise, tiled=self.tiled)
-            self.latents[k, len(hint)] = z[torch.tensor(rows, device=z.device)]
-        return self.latents[k, len(hint)]
+            self.latents[k, len(hint), masked] = z[torch.tensor(rows, device=z.device)]
+        return self.latents[k, len(hint), masked]
 
 
 class PredictionFixes:
@@ -101,6 +108,21 @@ class PredictionFixes:
         self.model, self.latents = model, latents
         fixing = [(k, c) for k, c in enumerate(controls) if fixes_prediction(c)]
         self.units = sorted(fixing, key=lambda unit: module_name(unit[1]) in INPAINT_ONLY)  # (stable: colour first)
+        inpainting = [(k, c) for k, c in enumerate(controls) if c.hint.shape[1] == 4] if model.cfg.inpainting else []
+        self.inpaint_input = inpainting[-1] if inpainting else None  # (the last inpaint unit's, as the extension)
+
+    def inpaint_concat(self, cond: dict, hints: list) -> dict:
+        """An inpainting U-Net's mask and masked image from the last inpaint unit's map in place of the request's:
+        max_pool₈(alpha > 0.5) and the latent of the image with those pixels grey (hook.py's "Replace x_t to support
+        inpaint models"), in every evaluation whatever the unit's window."""
+        if self.inpaint_input is None:
+            return cond
+        k, c = self.inpaint_input
+        hint = hints[k].to(self.model.device, torch.float32)
+        f = self.model.cfg.autoencoder.downsampling_factor
+        mask = F.max_pool2d((hint[:, 3:4] > 0.5).float(), f)  # (rows, 1, h, w)
+        concat = torch.cat([mask, self.latents.latent(k, c, hint, masked=True).float()], dim=1)
+        return cond | {"concat": concat.to(self.model.dtype)}
 
     def __call__(self, out: torch.Tensor, x_in: torch.Tensor, t: torch.Tensor, hints: list, marks: torch.Tensor):
         if not self.units:

@@ -162,6 +162,7 @@ def controlled_unet(
             total = residuals if total is None else total + residuals
         if total is not None:
             cond["control"] = total
+        cond = fixes.inpaint_concat(cond, hints)  # (an inpainting U-Net with an inpaint unit)
         with _shadowing(model.model.diffusion_model, prompts, lllites, x.shape[-2:], adapted):
             out = _with_references(model, references, x, t, cond, marks)
         return fixes(out, x_in, t, hints, marks)

@@ -349,9 +349,11 @@ def prepare(
     else:
         x = start * (1 + sigmas[0].item() ** 2) ** 0.5
     extra = {}
-    if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out
-        binary = (pixel_mask >= 0.5).float()  # this model was trained on hard masks, resized nearest
-        hole = encode(image * (1 - binary))
+    if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out; without
+        # a mask (txt2img, img2img, a hires pass) all of it is the hole, as the web UI's `txt2img_image_conditioning`
+        full = torch.ones(len(batch), 1, r.height, r.width, device=device)
+        binary = full if pixel_mask is None else (pixel_mask >= 0.5).float()  # (trained on hard masks)
+        hole = encode((torch.zeros_like(full).expand(-1, 3, -1, -1) if image is None else image) * (1 - binary))
         extra["concat"] = torch.cat([F.interpolate(binary, size=latent_shape[1:]), hole], dim=1).to(dtype)
 
     def hold(i: int, x: torch.Tensor) -> torch.Tensor:

@@ -314,8 +314,6 @@ def _check_against(r: GenerationRequest, pipeline: Pipeline) -> GenerationReques
         fail("a mask or a strength below 1 needs an init image")
     if cfg.unet.adm_in_channels and not cfg.micro_conditioning:
         fail("this model needs a vector conditioning (y), which this project does not produce for it yet")
-    if cfg.inpainting and r.mask is None:
-        fail(f"this is an inpainting model ({cfg.unet.in_channels} input channels): it needs an image and a mask")
     size = r.init_image.shape[-2:] if r.init_image is not None else (r.height, r.width)
     height, width = (cfg.default_size if side is None else side for side in size)
     f = cfg.autoencoder.downsampling_factor
