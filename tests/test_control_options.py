@@ -213,6 +213,10 @@ def test_the_command_line_takes_hr_option_per_unit(controlnets, maps, tmp_path):
         "Soft Edge",
         "Depth",
     ]
+    unknown = build_parser().parse_args(
+        ["txt2img", *flags, "--control-module", "canny", "--control-union-type", "unknown"]
+    )
+    assert [u.union_type for u in controls_from_args(unknown)[0]] == [None, None]
     for module, kind in (("canny", "Hard Edge"), ("depth_midas", "Depth"), ("invert", None), ("none", None)):
         args = build_parser().parse_args(["txt2img", *flags, "--control-module", module])
         assert [u.union_type for u in controls_from_args(args)[0]] == [kind, kind], module

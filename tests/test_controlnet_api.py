@@ -184,6 +184,7 @@ def test_the_extensions_routes(served, picture):
         ({"image": {"image": "x"}, "mask": "y"}, "ControlNet unit 1: a mask in image and another in mask"),
         ({"image": [{"image": "x"}, {"image": "y"}]}, "ControlNet unit 1: several images are an IP-Adapter unit's"),
         ({"image": [{"image": 1}]}, "ControlNet unit 1: image must be base64-encoded images, not a int"),
+        ({"image": [{"image": "x"}, {"mask": "y"}]}, "ControlNet unit 1: each entry of image needs its image"),
         ({"input_image": "x"}, "ControlNet unit 1: give image or its alias input_image, not both"),
         ({"hr_option": "Sometimes"}, "ControlNet unit 1: hr_option must be one of Both, Low res only, High res only"),
         ({"hr_option": 3}, "ControlNet unit 1: hr_option must be one of"),

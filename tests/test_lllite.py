@@ -184,3 +184,12 @@ def test_an_lllite_unit_in_a_generation_and_refusals(tiny_models, lllite_file, t
         drawn(files, "elsewhere", weight=1.0)
     with pytest.raises(RequestError, match="part.safetensors: an incomplete ControlNet-LLLite module: no "):
         drawn(files, "part", weight=1.0)
+    text = {k.replace("attn1_to_q", "attn2_to_k"): v for k, v in sd.items() if k.startswith(first)}
+    save_file(text, tmp_path / "text.safetensors")
+    with pytest.raises(RequestError, match="a cross-attention's key or value projection, which reads the text"):
+        drawn(Pipeline(tiny_models["sd1"], controlnets=find_control_models(tmp_path)), "text", weight=1.0)
+    with pytest.raises(RequestError, match="a ControlNet-LLLite takes an RGB map, not the inpaint modules' RGBA"):
+        drawn(pipeline, weight=1.0, module="inpaint_only", mask=torch.ones(1, 1, 40, 56))
+    units = [ControlUnit("controllllite_tiny", hint), ControlUnit("None", hint, module="reference_only")]
+    with pytest.raises(RequestError, match="a reference unit and a ControlNet-LLLite unit cannot run together"):
+        generate(pipeline, GenerationRequest(["a cat"], [3], width=W, height=H, steps=2, controls=units))

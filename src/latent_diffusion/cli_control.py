@@ -84,8 +84,8 @@ def add_control_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--control-union-type",
         action="append",
-        choices=list(UNION_NAMES),
-        help="a union ControlNet's kind of control image (default: that of --control-module)",
+        choices=[*UNION_NAMES, "unknown"],
+        help="a union ControlNet's kind of control image (default: that of --control-module; unknown: none)",
     )
     group.add_argument("--control-pixel-perfect", action="store_true", help="the preprocessor at the image's size")
     group.add_argument("--clip-vision-dir", help=CLIP_VISION_DIR_HELP)
@@ -122,7 +122,7 @@ def controls_from_args(args) -> tuple[list[ControlUnit], dict[str, Path]]:
             if (path := _nth(args, dest, k, len(specs))) is not None:
                 settings[field] = load_image(path, "L", None)
         union = _nth(args, "control_union_type", k, len(specs))
-        settings["union_type"] = UNION_NAMES[union] if union else union_type_of(settings.get("module", "none"))
+        settings["union_type"] = UNION_NAMES.get(union) if union else union_type_of(settings.get("module", "none"))
         picture = load_image(image, "RGB", None)
         units.append(ControlUnit(listed, picture, pixel_perfect=args.control_pixel_perfect, **settings))
     return units, files

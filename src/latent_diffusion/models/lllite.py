@@ -82,16 +82,19 @@ def lllite_from_state_dict(sd: dict[str, torch.Tensor]) -> ControlLLLite:
     names = sorted({k.split(".", 1)[0] for k in sd})
     specs = {}
     for name in names:
-        if not TARGET.fullmatch(name):
+        target = TARGET.fullmatch(name)
+        if not target:
             raise ValueError(f"{name} names no attention projection of the U-Net's transformer blocks")
+        if target.group(4) == "attn2" and target.group(5) != "q":  # (their input is the text, not the image's grid)
+            raise ValueError(f"{name}: a cross-attention's key or value projection, which reads the text")
         try:
             first, down = sd[f"{name}.conditioning1.0.weight"], sd[f"{name}.down.0.weight"]
+            deep = f"{name}.conditioning1.4.weight" in sd
+            depth = 3 if deep else 2 if sd[f"{name}.conditioning1.2.weight"].shape[-1] == 4 else 1
         except KeyError as e:
             raise ValueError(f"an incomplete ControlNet-LLLite module: no {e.args[0]}") from None
         if down.dim() != 2:
             raise ValueError(f"{name}: a convolution's LLLite module, which the extension does not run either")
-        deep = f"{name}.conditioning1.4.weight" in sd
-        depth = 3 if deep else 2 if sd[f"{name}.conditioning1.2.weight"].shape[-1] == 4 else 1
         specs[name] = (down.shape[1], first.shape[0] * 2, down.shape[0], depth)
     model = ControlLLLite(specs)
     try:

@@ -85,6 +85,12 @@ class ResolvedControl:
         as in the extension."""
         return self.model is None and self.image_tokens is not None
 
+    @property
+    def ignores_hr_option(self) -> bool:
+        """Acts whatever its hr_option says, as in the extension: a revision unit (in both passes), an LLLite (in the
+        first pass only: no LLLite acts in a hires pass)."""
+        return self.revision or isinstance(self.model, ControlLLLite)
+
     def rows(self, start: int, stop: int) -> ResolvedControl:
         """Images start..stop's maps or tokens (one for all stays one)."""
         rows = slice(start, stop)
@@ -202,11 +208,7 @@ def resolve_controls(
     for k, unit in enumerate(units):
         title = unit.title or f"ControlNet unit {k}"
         listed, control = _unit_model(unit, title, pipeline)
-        if unit.region is not None and (control is None or isinstance(control, StyleAdapter)):
-            fail(f"{title}: a region mask applies to ControlNet, T2I-Adapter and IP-Adapter units only")
-        _check_union_type(unit, title, control)
-        if isinstance(unit.image, tuple) and not isinstance(control, IPAdapter):
-            fail(f"{title}: several images of their own sizes are an IP-Adapter unit's inputs; give one image")
+        _check_unit(unit, title, control)
         if isinstance(control, (IPAdapter, StyleAdapter)) or unit.module in REVISION_MODULES:
             resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline, seeds[0], no_prompt))
             continue
@@ -246,6 +248,12 @@ def resolve_controls(
             seed=seeds[0],
         )
         resolved.append(fitted(unit_control, size))
+    references = any(c.model is None and not c.revision for c in resolved)
+    if references and any(isinstance(c.model, ControlLLLite) for c in resolved):  # (the extension fails inside)
+        fail(
+            "a reference unit and a ControlNet-LLLite unit cannot run together: the reference pass's attention would "
+            "feed the LLLite modules its bank's places"
+        )
     return resolved
 
 
@@ -296,8 +304,8 @@ def check_fits_hires(c: ResolvedControl, model: LatentDiffusion, k: int) -> None
     """Unit k, where it acts in the hires pass, must fit that pass's model, a checkpoint of its own (RequestError
     naming the unit)."""
     title = c.unit.title or f"ControlNet unit {k}"
-    if not (c.acts or c.revision) or (c.model is None and not c.revision):
-        return
+    if not (c.acts or c.revision) or (c.model is None and not c.revision) or isinstance(c.model, ControlLLLite):
+        return  # (no LLLite acts in a hires pass)
     try:
         if c.revision:
             if not model.cfg.micro_conditioning:
@@ -308,6 +316,17 @@ def check_fits_hires(c: ResolvedControl, model: LatentDiffusion, k: int) -> None
     except ValueError as e:  # (ImagePromptError is one)
         way_out = "" if c.revision else ' (hr_option "low" keeps the unit out of it)'
         fail(f"{title}: in the hires pass: {first_line(e)}{way_out}")
+
+
+def _check_unit(unit: ControlUnit, title: str, control: nn.Module | None) -> None:
+    """What a unit's model decides of its settings: which take a region mask, several images, an RGBA map, a kind."""
+    if unit.region is not None and (control is None or isinstance(control, (StyleAdapter, ControlLLLite))):
+        fail(f"{title}: a region mask applies to ControlNet, T2I-Adapter and IP-Adapter units only")
+    if isinstance(control, ControlLLLite) and find_module(unit.module).is_inpaint:
+        fail(f"{title}: a ControlNet-LLLite takes an RGB map, not the inpaint modules' RGBA")
+    if isinstance(unit.image, tuple) and not isinstance(control, IPAdapter):
+        fail(f"{title}: several images of their own sizes are an IP-Adapter unit's inputs; give one image")
+    _check_union_type(unit, title, control)
 
 
 def _check_union_type(unit: ControlUnit, title: str, control) -> None:

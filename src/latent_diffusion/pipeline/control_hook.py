@@ -128,7 +128,10 @@ def controlled_unet(
         tokens = [tuple(cond.pop(name, None) for name in token_fields(k)) for k in range(len(controls))]
         fraction = clock.fraction
         x = x_in.to(model.dtype)
-        acting = [(c.acts or c.revision) and c.unit.guidance_start <= fraction <= c.unit.guidance_end for c in controls]
+        acting = [
+            (c.acts or c.ignores_hr_option) and c.unit.guidance_start <= fraction <= c.unit.guidance_end
+            for c in controls
+        ]
         # the style and revision units acting now: they change the text conditioning first
         changing = [
             on and c.image_tokens is not None and not isinstance(c.model, IPAdapter) for c, on in zip(controls, acting)
@@ -146,7 +149,7 @@ def controlled_unet(
                     region = None if c.unit.region is None else (c.unit.region.to(x.device), x.shape[-2:])
                     prompts.append((c.model, _row_tokens(*tokens[k], marks), w, region))
                 continue
-            hint = hint.to(x.device, model.dtype)
+            hint = _cast(adapted, k, hint, x.device, model.dtype)
             if c.model is None:
                 references.append((c, latents.latent(k, c, hint), latents.generator(k, c)))
                 continue
@@ -170,14 +173,23 @@ def controlled_unet(
     return net
 
 
-def _shadowing(unet, prompts: list, lllites: list, latent: tuple[int, int], cache: dict) -> contextlib.ExitStack:
+@contextlib.contextmanager
+def _shadowing(unet, prompts: list, lllites: list, latent: tuple[int, int], cache: dict):
     """The U-Net's attention with the IP-Adapters' image prompts and the LLLite units' terms while this lasts."""
-    stack = contextlib.ExitStack()
-    if prompts:
-        stack.enter_context(image_prompted(unet, prompts))
-    if lllites:
-        stack.enter_context(lllite_applied(unet, lllites, latent, cache))
-    return stack
+    with contextlib.ExitStack() as stack:
+        if prompts:
+            stack.enter_context(image_prompted(unet, prompts))
+        if lllites:
+            stack.enter_context(lllite_applied(unet, lllites, latent, cache))
+        yield
+
+
+def _cast(cache: dict, k: int, hint: torch.Tensor, device, dtype) -> torch.Tensor:
+    """Unit k's map field (the same tensor all the pass) on the device in the model's dtype, cast once a pass, so that
+    the caches keyed by the map's identity (a T2I-Adapter's features, an LLLite's embeddings) keep hitting."""
+    if ("cast", k, id(hint)) not in cache:
+        cache["cast", k, id(hint)] = (hint, hint.to(device, dtype))
+    return cache["cast", k, id(hint)][1]
 
 
 def _with_references(model: LatentDiffusion, references: list, x, t, cond, marks) -> torch.Tensor:

@@ -223,7 +223,8 @@ def control_map(
     final_size: tuple[int, int] | None = None,
 ) -> tuple[ControlModule, str, np.ndarray]:
     """One ControlNet unit's preprocessor run for a generation of `size` (H, W) -> (its module, the resize mode, the
-    map it detected, uint8 HWC, at the preprocessor's resolution), which `prepare_control` fits to a size: the first
+    map it detected, HWC uint8 (float32 for +lama's outpainting), at the preprocessor's resolution), which
+    `prepare_control` fits to a size: the first
     pass's, and a hires pass's without running the preprocessor again (as the extension).
 
     `module` is a name or a label; `processor_res`, `threshold_a`, `threshold_b` are the request's (None or -1: the

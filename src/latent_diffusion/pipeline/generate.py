@@ -348,13 +348,8 @@ def prepare(
         x = image_latent + sigmas[0].item() * start
     else:
         x = start * (1 + sigmas[0].item() ** 2) ** 0.5
-    extra = {}
-    if model.cfg.inpainting:  # the model sees the mask and the latent of the image with the hole cut out; without
-        # a mask (txt2img, img2img, a hires pass) all of it is the hole, as the web UI's `txt2img_image_conditioning`
-        full = torch.ones(len(batch), 1, r.height, r.width, device=device)
-        binary = full if pixel_mask is None else (pixel_mask >= 0.5).float()  # (trained on hard masks)
-        hole = encode((torch.zeros_like(full).expand(-1, 3, -1, -1) if image is None else image) * (1 - binary))
-        extra["concat"] = torch.cat([F.interpolate(binary, size=latent_shape[1:]), hole], dim=1).to(dtype)
+    inpainting = model.cfg.inpainting  # (the model sees a mask and a masked image beside the latent)
+    extra = {"concat": inpainting_input(r, batch, image, pixel_mask, encode, device).to(dtype)} if inpainting else {}
 
     def hold(i: int, x: torch.Tensor) -> torch.Tensor:
         """Standard models: the known region at the noise level the sampler is now at (clean after the last step)."""
@@ -370,6 +365,17 @@ def prepare(
     denoiser, after_step, notes = stage_denoiser(plan, batch, refiner, extra)
     keep = hold if latent_mask is not None and not model.cfg.inpainting else None
     return Stage(sigmas, x, denoiser, noise_sampler, keep, after_step), pixel_mask, notes
+
+
+def inpainting_input(r: GenerationRequest, batch: range, image, pixel_mask, encode: Callable, device) -> torch.Tensor:
+    """An inpainting U-Net's extra input (b, 1 + c, h, w): the mask (hard: the model was trained on hard masks) at the
+    latent's size and the latent of the image with the hole cut out (`encode`: in [-1, 1], its draws the images').
+    Without a mask (txt2img, img2img, a hires pass) all of the image is the hole, as the web UI's
+    `txt2img_image_conditioning` has it: a mask of ones and the latent of a mid-grey image."""
+    full = torch.ones(len(batch), 1, r.height, r.width, device=device)
+    binary = full if pixel_mask is None else (pixel_mask >= 0.5).float()
+    hole = encode((torch.zeros_like(binary).expand(-1, 3, -1, -1) if image is None else image) * (1 - binary))
+    return torch.cat([F.interpolate(binary, size=hole.shape[-2:]), hole], dim=1)
 
 
 def stage_denoiser(plan: Plan, batch: range, refiner, extra: dict):

@@ -379,7 +379,7 @@ def _check_unit_image(name: str, image, kind: str, n: int) -> None:
     """A unit's image, mask or region: (1 or n, channels, H, W), at most MAX_SIDE per side (a mask or region: or None)."""
     if image is None and kind != "image":
         return
-    channels, count = (3 if kind == "image" else 1), ("1" if n == 1 else f"1 or {n}")
+    channels, count = (3 if kind == "image" else 1), ("1" if kind == "region" else f"1 or {n}")
     if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[1] != channels:
         fail(f"{name}: the {kind} must be a ({count}, {channels}, H, W) tensor")
     if kind == "region" and len(image) != 1:

@@ -324,6 +324,8 @@ def _image_fields(fields: dict, where: str) -> list[tuple[str, str | None]]:
             if text is not None and not isinstance(text, str):
                 raise RequestError(f"{where}: {name} must be base64-encoded images, not a {type(text).__name__}")
         pairs.append((entry[0] or None, entry[1] or None))
+    if len(pairs) > 1 and any(image is None for image, _ in pairs):
+        raise RequestError(f"{where}: each entry of image needs its image")
     return [pair for pair in pairs if pair[0] is not None]
 
 
