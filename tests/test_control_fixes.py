@@ -315,3 +315,21 @@ def test_an_inpainting_model_sees_the_inpaint_units_mask_and_image(tiny_models, 
     assert len(seen) == 2  # (two Euler steps, a guided call each)
     for concat in seen:
         torch.testing.assert_close(concat, expected.expand(len(concat), -1, -1, -1), atol=1e-5, rtol=0)
+
+
+def test_inpaint_only_in_a_hires_fix_keeps_the_hires_control_image(models, folder):
+    """txt2img with the hires fix and an inpaint_only unit: both passes' outputs are fixed with their pass's map (the
+    hires one at twice the size), and the final image is the hires map's colours beyond its softened mask."""
+    from latent_diffusion.pipeline.request import HiresFix
+
+    units = [ControlUnit("cn", picture(1), module="inpaint_only", mask=hole(), resize_mode="resize")]
+    hires = request(units, steps=2, hires=HiresFix(scale=2.0, steps=2, upscaler="Latent"))
+    pipeline = Pipeline(models["eps"], controlnets=find_control_models(folder))
+    plan = resolve(hires, pipeline)
+    images = generate(pipeline, hires).images
+    hint = plan.hires.controls[0].hint  # (1, 4, 2H, 2W)
+    assert images.shape == (1, 3, 2 * H, 2 * W) and hint.shape == (1, 4, 2 * H, 2 * W)
+    soft = cv2.blur(cv2.dilate(hint[0, 3].numpy(), np.ones((7, 7), np.uint8)), (7, 7))
+    outside = torch.from_numpy(soft == 0)
+    # (the map enlarged by INTER_CUBIC in float32 overshoots [0, 1] a little; the post-processing clips, as there)
+    torch.testing.assert_close(images[0][:, outside], hint[0, :3].clamp(0, 1)[:, outside], atol=1e-6, rtol=0)
