@@ -228,12 +228,21 @@ def test_a_controlnet_unit_from_the_panel(page, tmp_path):
     detected, image = wait_for_results(page, before + 2)[:2]
     caption = image.find_element("tag name", "figcaption").text
     assert 'ControlNet 0: "Module: canny, Model: control_canny [' in caption and "Weight: 0.8" in caption
+    assert "Resize Mode: Crop and Resize" in caption and "Control Mode: Balanced" in caption  # (the defaults)
     assert detected.find_element("tag name", "figcaption").text == "ControlNet detected map"
     assert shown_image(detected).size == (32, 32) and len(np.unique(np.asarray(shown_image(detected)))) == 2
     Select(page.find_element("id", "cn_module")).select_by_visible_text("reference_only")  # (a module of no model)
+    Select(page.find_element("id", "cn_control_mode")).select_by_visible_text("ControlNet is more important")
+    Select(page.find_element("id", "cn_resize_mode")).select_by_visible_text("Resize and Fill")
+    page.find_element("id", "cn_pixel_perfect").click()
     page.find_element("id", "generate").click()
     caption = wait_for_results(page, before + 4)[1].find_element("tag name", "figcaption").text
     assert 'ControlNet 0: "Module: reference_only, Model: None, Weight: 0.8' in caption
+    assert "Resize Mode: Resize and Fill" in caption and "Pixel Perfect: True" in caption
+    assert "Control Mode: ControlNet is more important" in caption
+    for name, text in (("cn_control_mode", "Balanced"), ("cn_resize_mode", "Crop and Resize")):
+        Select(page.find_element("id", name)).select_by_visible_text(text)
+    page.find_element("id", "cn_pixel_perfect").click()
     # a mask beside the image, for inpaint_only: its preview shows the masked part, and the image keeps the rest
     mask = np.zeros((40, 40), np.uint8)
     mask[8:24, 8:24] = 255

@@ -57,7 +57,9 @@ function controlnetScripts() {
   if (!controlImage && mode !== "img2img") throw new Error("ControlNet: choose a control image");
   const unit = { enabled: true, module: $("cn_module").value, model: free ? "None" : $("cn_model").value,
                  weight: Number($("cn_weight").value), guidance_start: Number($("cn_start").value),
-                 guidance_end: Number($("cn_end").value) };
+                 guidance_end: Number($("cn_end").value), control_mode: $("cn_control_mode").value,
+                 resize_mode: $("cn_resize_mode").value, pixel_perfect: $("cn_pixel_perfect").checked,
+                 union_control_type: $("cn_union_type").value };
   if (controlImage) unit.image = controlImage;
   if (controlImage && controlMask) unit.mask = controlMask;
   return { ControlNet: { args: [unit] } };
