@@ -193,3 +193,33 @@ def test_an_lllite_unit_in_a_generation_and_refusals(tiny_models, lllite_file, t
     units = [ControlUnit("controllllite_tiny", hint), ControlUnit("None", hint, module="reference_only")]
     with pytest.raises(RequestError, match="a reference unit and a ControlNet-LLLite unit cannot run together"):
         generate(pipeline, GenerationRequest(["a cat"], [3], width=W, height=H, steps=2, controls=units))
+
+
+def test_an_lllite_unit_through_the_server(tiny_models, lllite_file, serve, tmp_path):
+    """A web UI client's unit naming the LLLite file, over a real socket: listed by /controlnet/model_list, drawn,
+    and named in the infotext as the extension names a model."""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    from latent_diffusion.serving.server import create_app
+    from test_server import call
+
+    folder, _ = lllite_file
+    pipeline = Pipeline(tiny_models["sd1"], controlnets=find_control_models(folder))
+    picture = Image.fromarray((torch.rand(40, 56, 3, generator=torch.Generator().manual_seed(1)) * 255).byte().numpy())
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    with serve(create_app(pipeline, tmp_path / "out", controlnet_dir=folder)) as base:
+        listed = call(base, "/controlnet/model_list")[1]["model_list"]
+        unit = {"enabled": True, "model": listed[0], "module": "canny", "weight": 0.9,
+                "image": base64.b64encode(buffer.getvalue()).decode()}  # fmt: skip
+        body = {"prompt": "a cat", "seed": 1, "steps": 2, "width": W, "height": H,
+                "alwayson_scripts": {"ControlNet": {"args": [unit]}}}  # fmt: skip
+        status, answer = call(base, "/sdapi/v1/txt2img", body)
+    assert listed == [next(iter(pipeline.controlnets))] and listed[0].startswith("controllllite_tiny [")
+    assert status == 200, answer
+    info = json.loads(answer["info"])
+    assert f"Model: {listed[0]}, Weight: 0.9" in info["infotexts"][0] and info["ignored"] == []
