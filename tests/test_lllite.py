@@ -223,3 +223,35 @@ def test_an_lllite_unit_through_the_server(tiny_models, lllite_file, serve, tmp_
     assert status == 200, answer
     info = json.loads(answer["info"])
     assert f"Model: {listed[0]}, Weight: 0.9" in info["infotexts"][0] and info["ignored"] == []
+
+
+def test_the_newer_units_run_in_bfloat16(tiny_models, lllite_file, tmp_path):
+    """A bfloat16 model (as on a GPU in half precision) through the paths that cast maps and latents: a union
+    ControlNet with a colour fix and a region, an inpaint_only unit, an LLLite, through a hires fix; and an inpainting
+    model with an inpaint unit. Finite images of the right size, other than without the units."""
+    import shutil
+
+    from latent_diffusion.models.controlnet import ControlNet, UnionConfig
+    from latent_diffusion.pipeline.request import HiresFix
+
+    from conftest import randomize, seeded, tiny_model
+
+    shutil.copy(lllite_file[0] / "controllllite_tiny.safetensors", tmp_path)
+    with seeded(1):
+        union = randomize(ControlNet(tiny_models["sd1"].cfg.unet, union=UnionConfig(types=8, width=32, type_width=8)))
+    save_file(union.state_dict(), tmp_path / "union.safetensors")
+    image, mask, region = torch.rand(1, 3, H, W), torch.zeros(1, 1, H, W), torch.ones(1, 1, 8, 8)
+    mask[..., 10:30, 10:30], region[..., :4] = 1, 0
+    units = [
+        ControlUnit("union", image, module="tile_colorfix", union_type="Tile", region=region, resize_mode="resize"),
+        ControlUnit("union", image, module="inpaint_only", mask=mask, union_type="Inpaint", resize_mode="resize"),
+        ControlUnit("controllllite_tiny", image, module="canny", resize_mode="resize"),
+    ]
+    settings = dict(width=W, height=H, steps=2, sampler="euler", hires=HiresFix(scale=1.5, steps=1))
+    for variant, chosen in (("sd1", units), ("inpaint", units[1:2])):
+        model = tiny_model(variant, seed=0).to(torch.bfloat16)
+        pipeline = Pipeline(model, controlnets=find_control_models(tmp_path))
+        drawn = generate(pipeline, GenerationRequest(["a cat"], [1], controls=chosen, **settings)).images
+        plain = generate(pipeline, GenerationRequest(["a cat"], [1], **settings)).images
+        assert drawn.shape == (1, 3, 96, 72) and torch.isfinite(drawn).all()
+        assert (drawn - plain).abs().max() > 1e-2
