@@ -29,7 +29,7 @@ from ..weights.ip_adapter import is_ip_adapter_state_dict, load_ip_adapter
 from ..weights.reader import CheckpointError, first_line, read_state_dict, safetensors_index
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
 from .control_images import control_map, prepare_control
-from .control_modules import MODEL_FREE, PreprocessorError, Slider, find_module
+from .control_modules import COLOR_FIX, INPAINT_ONLY, MODEL_FREE, PreprocessorError, Slider, find_module
 from .image_prompts import (
     REVISION_MODULES,
     STYLE_MODULE,
@@ -105,13 +105,14 @@ class ResolvedControl:
         u = self.unit
         settings = (u.weight, u.guidance_start, u.guidance_end, u.control_mode, u.resize_mode, u.module)
         settings += (u.hr_option, u.advanced_weighting, self.soft, self.conditional_only, self.pooled, self.acts)
-        if "colorfix" in u.module:  # (a colour fix's radius and sharpness act while sampling, `control_fixes.py`)
+        module = find_module(u.module).name
+        if module in COLOR_FIX:  # (a colour fix's radius and sharpness act while sampling, `control_fixes.py`)
             settings += (u.threshold_a, u.threshold_b)
         if u.region is not None:  # (one request's: a batch holds one)
             settings += (id(u.region),)
         settings += (u.union_type,)
         reference = self.model is None and not self.revision
-        draws = reference or "colorfix" in u.module or "inpaint_only" in u.module  # (from the seed: `control_fixes`)
+        draws = reference or module in COLOR_FIX + INPAINT_ONLY  # (from the seed: `control_fixes.HintLatents`)
         settings += (self.seed if draws else None, self.fidelity if reference else None)  # (its style fidelity)
         tokens = None if self.image_tokens is None else tuple(t.shape[1:] for t in self.image_tokens)
         return (self.name, *settings, self.hint.shape[1:], tokens, self.ignores_prompt)
@@ -332,7 +333,7 @@ def _check_unit(unit: ControlUnit, title: str, control: nn.Module | None) -> Non
 def _check_union_type(unit: ControlUnit, title: str, control) -> None:
     """A union ControlNet's kind must be one its file has (the first six, OpenPose .. Segmentation, in xinsir's first
     model; all eight in ProMax); other control models ignore the kind, as the extension does."""
-    union = getattr(control, "union", None) if isinstance(control, ControlNet) else None
+    union = control.union if isinstance(control, ControlNet) else None
     if union is not None and unit.union_type is not None and UNION_TYPES.index(unit.union_type) >= union.types:
         kinds = ", ".join(UNION_TYPES[: union.types])
         fail(

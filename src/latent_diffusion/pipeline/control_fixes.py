@@ -38,11 +38,9 @@ import torch.nn.functional as F
 from ..models.ldm import LatentDiffusion
 from ..sampling.parameterization import noised, prediction_from_vp, x0_from_vp
 from .control import ResolvedControl
-from .control_modules import find_module
+from .control_modules import COLOR_FIX, INPAINT_ONLY, find_module
 from .preprocessors import resolve_sliders
 
-COLOR_FIX = ("tile_colorfix", "tile_colorfix+sharp")
-INPAINT_ONLY = ("inpaint_only", "inpaint_only+lama")
 LAMA = "inpaint_only+lama"
 RECOLOR = {"recolor_luminance": (cv2.COLOR_RGB2LAB, cv2.COLOR_LAB2RGB, 0), "recolor_intensity": (cv2.COLOR_RGB2HSV, cv2.COLOR_HSV2RGB, 2)}  # fmt: skip
 INPAINT_BLUR = 7  # the extension's "control_net_inpaint_blur_sigma" (a box size, not a σ)
@@ -71,7 +69,7 @@ class HintLatents:
 
     def __init__(self, model: LatentDiffusion, tiled: bool = False):
         self.model, self.tiled = model, tiled
-        self.latents: dict[tuple[int, int], torch.Tensor] = {}
+        self.latents: dict[tuple[int, int, bool], torch.Tensor] = {}  # (unit, rows, masked)
         self.generators: dict[int, torch.Generator] = {}
 
     def generator(self, k: int, c: ResolvedControl) -> torch.Generator:
@@ -106,8 +104,9 @@ class PredictionFixes:
 
     def __init__(self, model: LatentDiffusion, controls: list[ResolvedControl], latents: HintLatents):
         self.model, self.latents = model, latents
-        fixing = [(k, c) for k, c in enumerate(controls) if fixes_prediction(c)]
-        self.units = sorted(fixing, key=lambda unit: module_name(unit[1]) in INPAINT_ONLY)  # (stable: colour first)
+        fixing = [(k, c, module_name(c)) for k, c in enumerate(controls) if fixes_prediction(c)]
+        fixing.sort(key=lambda unit: unit[2] in INPAINT_ONLY)  # (stable: the colour fixes first, as the extension)
+        self.units = [(k, c, name, self._settings(c, name)) for k, c, name in fixing]
         inpainting = [(k, c) for k, c in enumerate(controls) if c.hint.shape[1] == 4] if model.cfg.inpainting else []
         self.inpaint_input = inpainting[-1] if inpainting else None  # (the last inpaint unit's, as the extension)
 
@@ -129,26 +128,28 @@ class PredictionFixes:
             return out
         alpha_bar = self.model.alphas_cumprod.to(x_in.device)[t.float().round().long()].float()  # (rows,)
         kind = self.model.parameterization
-        for k, c in self.units:
-            x0 = self.fixed(k, c, x0_from_vp(x_in, out, alpha_bar, kind), hints[k].to(out), marks)
+        for k, c, name, (radius, detail) in self.units:
+            hint = hints[k].to(out)
+            x0, z = x0_from_vp(x_in, out, alpha_bar, kind), self.latents.latent(k, c, hint).to(out)
+            if name in INPAINT_ONLY:
+                mask = F.max_pool2d(hint[:, 3:4], 10, stride=8, padding=1)  # (rows, 1, H, W) -> (rows, 1, h, w)
+                x0 = x0 * mask + z * (1 - mask)
+            else:
+                x0 = x0 - box_blur(x0, radius) + box_blur(z, radius)
+                if name == "tile_colorfix+sharp":
+                    x0 = marks * x0 + (1 - marks) * (detail * box_blur(x0, radius) + (1 - detail) * x0)
             w = min(max(float(c.unit.weight), 0.0), 1.0)
             out = w * prediction_from_vp(x_in, x0, alpha_bar, kind) + (1 - w) * out
         return out
 
-    def fixed(self, k: int, c: ResolvedControl, x0: torch.Tensor, hint: torch.Tensor, marks: torch.Tensor):
-        """Unit k's x0 from the predicted x0 (rows, c, h, w)."""
-        z = self.latents.latent(k, c, hint).to(x0)
-        name = module_name(c)
-        if name in INPAINT_ONLY:
-            mask = F.max_pool2d(hint[:, 3:4], 10, stride=8, padding=1)  # (rows, 1, H, W) -> (rows, 1, h, w)
-            return x0 * mask + z * (1 - mask)
+    @staticmethod
+    def _settings(c: ResolvedControl, name: str) -> tuple[int, float]:
+        """A colour fix's blur radius (threshold_a, twice that in a hires pass it acts in) and its sharpening weight
+        (threshold_b / 100); (0, 0) for an inpaint unit."""
+        if name not in COLOR_FIX:
+            return 0, 0.0
         a, b = resolve_sliders(find_module(name), None, c.unit.threshold_a, c.unit.threshold_b)[1:]
-        k = int(a) * (2 if c.hires and c.acts else 1)
-        x0 = x0 - box_blur(x0, k) + box_blur(z, k)
-        if name == "tile_colorfix+sharp":
-            d = b * 0.01
-            x0 = marks * x0 + (1 - marks) * (d * box_blur(x0, k) + (1 - d) * x0)
-        return x0
+        return int(a) * (2 if c.hires and c.acts else 1), b * 0.01
 
 
 def first_noise(noise: torch.Tensor, controls: list[ResolvedControl], batch: range, model, tiled: bool = False):

@@ -175,6 +175,10 @@ _MODULES = [
 ]
 MODULES: dict[str, ControlModule] = {m.name: m for m in _MODULES}
 MODEL_FREE = tuple(m.name for m in _MODULES if m.model_free)  # the units that take model "None"
+# The modules whose units change the U-Net's output while sampling (`control_fixes.py`): their thresholds and draws act
+# there, not only on their maps
+COLOR_FIX = ("tile_colorfix", "tile_colorfix+sharp")
+INPAINT_ONLY = ("inpaint_only", "inpaint_only+lama")
 _BY_LABEL = {m.label: m for m in _MODULES}
 
 # The extension's control types (each module's `tags`; its UI's "Control Type" radio and `/controlnet/control_types`):
