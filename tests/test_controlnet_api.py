@@ -306,6 +306,25 @@ def test_a_reference_unit_runs_without_a_model(served, picture):
     assert all(listed["module_detail"][m]["available"] for m in ("reference_only", "reference_adain"))
 
 
+def test_dwpose_detects_through_the_server_with_its_poses(served, serve, tmp_path):
+    """/controlnet/detect with dw_openpose_full (its ONNX files in the annotator folder): the map and the poses the
+    extension sends back, one per image, through a real socket."""
+    from test_pose_estimation import figures, networks, read, ref_dw_openpose_full, ref_encode_poses_as_json
+
+    _, pipeline, _, folder, _ = served
+    networks(tmp_path)
+    image = figures()
+    request = {"controlnet_module": "dw_openpose_full", "controlnet_processor_res": 256}
+    request["controlnet_input_images"] = [b64(Image.fromarray(image))] * 2
+    with serve(create_app(dataclasses.replace(pipeline, annotators=tmp_path), controlnet_dir=folder)) as base:
+        status, answer = call(base, "/controlnet/detect", request)
+    nets = [read(tmp_path / name) for name in ("yolox_l.onnx", "dw-ll_ucoco_384.onnx")]
+    expected, poses = ref_dw_openpose_full(*nets, image, 256)
+    assert status == 200 and len(answer["images"]) == 2
+    assert np.array_equal(np.asarray(decode(answer["images"][1])), expected)
+    assert answer["poses"] == [ref_encode_poses_as_json(poses, [], 256, 384)] * 2 and poses
+
+
 def test_annotator_modules_run_with_the_servers_annotator_folder(served, picture, serve, fake_controlnet_aux, tmp_path):
     """`ldm serve --annotator-dir`: its modules are listed as available, /controlnet/detect and units run them
     (here controlnet_aux's MidasDetector stands in, its file in a subfolder as the extension's annotator/downloads

@@ -23,7 +23,7 @@ import os
 import cv2
 import numpy as np
 
-from . import annotators, lama_fill
+from . import annotators, lama_fill, pose_estimation
 from .control_modules import ControlModule, PreprocessorError, Slider, find_module, module_detail, sorted_modules
 from .detector_images import hwc3, resize_with_pad
 from .image_prompts import IMAGE_PROMPT_MODULES, missing_tower
@@ -185,9 +185,12 @@ def unavailable_reason(
 
 
 def _weights_runner(module: ControlModule):
-    """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`) or a controlnet_aux
-    detector (`annotators.py`); both have `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
-    return lama_fill if module.name == lama_fill.MODULE else annotators
+    """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`), DWPose or the
+    animal poses (`pose_estimation.py`) or a controlnet_aux detector (`annotators.py`); each has
+    `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    if module.name == lama_fill.MODULE:
+        return lama_fill
+    return pose_estimation if module.name in pose_estimation.FILES else annotators
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
@@ -264,13 +267,15 @@ def run_module(
     b: float,
     rng: np.random.RandomState,
     annotator_folder: str | os.PathLike | None = None,
+    poses: list | None = None,
 ) -> np.ndarray:
     """One module on a prepared input (RGB; RGBA for the inpaint modules): its map, RGB uint8 (the inpaint modules'
-    RGBA input as it is)."""
+    RGBA input as it is). `poses`, a list, gets the poses a pose estimator found (OpenPose's JSON)."""
     # the annotator hook raises what is missing where the module cannot run
     detector = DETECTORS.get(module.name) or _weights_runner(module).annotator(module, annotator_folder)
+    found_poses = {"poses": poses} if module.name in pose_estimation.FILES else {}
     try:
-        found = detector(image, resolution, a, b, rng)
+        found = detector(image, resolution, a, b, rng, **found_poses)
     except cv2.error as error:  # a size OpenCV refuses (a cell grid of nothing, ...): one line, not its traceback
         lines = [line for line in str(error).splitlines() if line.strip()]
         h, w = image.shape[:2]
@@ -307,15 +312,17 @@ def detect(
     seed: int | None = None,
     annotator_folder: str | os.PathLike | None = None,
     strict: bool = True,
+    poses: list | None = None,
 ) -> np.ndarray:
     """`POST /controlnet/detect` for one image: the map the extension sends back (uint8 (h, w, 3); (h, w, 4) for the
     inpaint modules, which need the mask). A mask is ignored by other modules, as there. The image goes through
-    HWC3 first (alpha over white). shuffle draws from `RandomState(seed)`, or fresh entropy without a seed."""
+    HWC3 first (alpha over white). shuffle draws from `RandomState(seed)`, or fresh entropy without a seed. `poses`,
+    a list, gets the poses of dw_openpose_full and animal_openpose."""
     found = map_module(module, annotator_folder)
     rgb = hwc3(check_image(image))
     if found.requires_mask and mask is None:
         raise PreprocessorError(f"ControlNet module {found.label!r} needs a mask (controlnet_masks)")
     res, a, b = resolve_sliders(found, processor_res, threshold_a, threshold_b, strict)
     source = with_mask(rgb, mask) if found.is_inpaint else rgb
-    detected = run_module(found, source, res, a, b, np.random.RandomState(seed), annotator_folder)
+    detected = run_module(found, source, res, a, b, np.random.RandomState(seed), annotator_folder, poses)
     return visualize_inpaint_mask(detected) if found.is_inpaint else detected

@@ -117,9 +117,13 @@ class ControlNetRoutes:
             raise RequestError(
                 f"controlnet_input_images: 1 to {self.state.limits.max_images} images, a mask at most each"
             )
-        return {"images": await run_in_threadpool(self.detect_maps, body, images), "info": "Success"}
+        poses = []
+        answer = {"images": await run_in_threadpool(self.detect_maps, body, images, poses), "info": "Success"}
+        return answer | ({"poses": poses} if poses else {})
 
-    def detect_maps(self, body: DetectRequest, images: list[str]) -> list[str]:
+    def detect_maps(self, body: DetectRequest, images: list[str], poses: list) -> list[str]:
+        """Each image's map, base64 PNG; `poses` gets the poses of the modules that estimate them (DWPose and the
+        animal poses), one per image, as the extension sends them."""
         maps = []
         for i, data in enumerate(images):
             image = self.rgb(data, f"controlnet_input_images[{i}]")
@@ -129,7 +133,13 @@ class ControlNetRoutes:
             folder = self.state.worker.pipeline.annotators
             try:
                 found = detect(
-                    image, body.controlnet_module, *sliders, mask=mask, annotator_folder=folder, strict=False
+                    image,
+                    body.controlnet_module,
+                    *sliders,
+                    mask=mask,
+                    annotator_folder=folder,
+                    strict=False,
+                    poses=poses,
                 )
             except PreprocessorError as e:
                 raise RequestError(f"controlnet_module: {e}") from None
