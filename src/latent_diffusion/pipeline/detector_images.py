@@ -1,5 +1,6 @@
-"""The image helpers the ControlNet extension's detectors share: `HWC3` (annotator/util.py) and `resize_image_with_pad`
-(scripts/utils.py), used by the weight-free preprocessors and by LaMa's fill alike."""
+"""The image helpers the ControlNet extension's detectors share: `HWC3` and `safe_step` (annotator/util.py),
+`resize_image_with_pad` (scripts/utils.py) and lineart_standard's line intensity (legacy/processor.py), used by the
+weight-free preprocessors and by the detectors with weights alike."""
 
 from __future__ import annotations
 
@@ -36,3 +37,20 @@ def resize_with_pad(image: np.ndarray, resolution: int) -> tuple[np.ndarray, Cal
     pad_h, pad_w = -target_h % 64, -target_w % 64  # the extension's pad64: up to the next multiple of 64
     padded = np.pad(resized, [[0, pad_h], [0, pad_w], [0, 0]], mode="edge")
     return padded, lambda x: np.ascontiguousarray(x[:target_h, :target_w])
+
+
+def safe_step(x: np.ndarray, steps: int = 2) -> np.ndarray:
+    """annotator/util.py `safe_step`: x in 0..1 quantized to `steps` + 1 levels (truncated), then scaled by 1/steps."""
+    return (x.astype(np.float32) * float(steps + 1)).astype(np.int32).astype(np.float32) / float(steps)
+
+
+def line_intensity(image: np.ndarray) -> np.ndarray:
+    """lineart_standard's map of an RGB uint8 image: how far each pixel is below its σ-6 blur (the darkest channel),
+    scaled so the median line (of those over 8) is 127: (H, W) uint8."""
+    x = image.astype(np.float32)
+    intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
+    lines = intensity[intensity > 8]
+    # max(16, median) as the extension writes it; with no line the median is NaN there and max() keeps 16
+    intensity /= max(16, np.median(lines)) if lines.size else 16
+    intensity *= 127
+    return intensity.clip(0, 255).astype(np.uint8)

@@ -23,9 +23,9 @@ import os
 import cv2
 import numpy as np
 
-from . import annotators, depth_anything_maps, lama_fill, pose_estimation
+from . import annotators, depth_anything_maps, lama_fill, pose_estimation, teed_edges
 from .control_modules import ControlModule, PreprocessorError, Slider, find_module, module_detail, sorted_modules
-from .detector_images import hwc3, resize_with_pad
+from .detector_images import hwc3, line_intensity, resize_with_pad
 from .image_prompts import IMAGE_PROMPT_MODULES, missing_tower
 
 # Each detector: (image, resolution, threshold_a, threshold_b, rng) -> map. The thresholds are the module's sliders
@@ -83,13 +83,7 @@ def tile_resample(image, resolution, rate, b, rng):
 def lineart_standard(image, resolution, a, b, rng):
     """Dark lines on a light ground, by how far each pixel is below its σ-6 blur, scaled by the median line."""
     padded, unpad = resize_with_pad(image, resolution)
-    x = padded.astype(np.float32)
-    intensity = np.min(cv2.GaussianBlur(x, (0, 0), 6.0) - x, axis=2).clip(0, 255)
-    lines = intensity[intensity > 8]
-    # max(16, median) as the extension writes it; with no line the median is NaN there and max() keeps 16
-    intensity /= max(16, np.median(lines)) if lines.size else 16
-    intensity *= 127
-    return unpad(intensity.clip(0, 255).astype(np.uint8))
+    return unpad(line_intensity(padded))
 
 
 def recolor_luminance(image, resolution, gamma, b, rng):
@@ -186,13 +180,14 @@ def unavailable_reason(
 
 def _weights_runner(module: ControlModule):
     """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`), DWPose or the
-    animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`) or else a controlnet_aux detector
-    (`annotators.py`); each has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`) or else a
+    controlnet_aux detector (`annotators.py`); each has `unavailable_reason(module, folder)` and
+    `annotator(module, folder)`."""
     return _RUNNERS.get(module.name, annotators)
 
 
 _RUNNERS = {lama_fill.MODULE: lama_fill} | dict.fromkeys(pose_estimation.FILES, pose_estimation)
-_RUNNERS |= dict.fromkeys(depth_anything_maps.FILES, depth_anything_maps)
+_RUNNERS |= dict.fromkeys(depth_anything_maps.FILES, depth_anything_maps) | dict.fromkeys(teed_edges.FILES, teed_edges)
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:

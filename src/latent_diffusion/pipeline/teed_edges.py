@@ -1,0 +1,92 @@
+"""softedge_teed and softedge_anyline: soft edges by TEED (`models/teed.py`), made as the ControlNet extension makes
+them (1.1.455: `scripts/preprocessor/teed.py`, `annotator/teed/__init__.py`), from its files in the annotator folder
+(or a folder in it, as its `annotator/downloads/TEED/`): `7_model.pth` (TEED), `MTEED.pth` (MistoLine's Anyline).
+Nothing is downloaded. The network runs on the CPU in float32.
+
+softedge_teed: the image scaled to the processor resolution and padded to multiples of 64 (`resize_with_pad`); the
+four edge maps, each scaled to that size (bilinear), averaged and squashed by a sigmoid, then quantized by
+`safe_step` (threshold_a "Safe Steps"; 0: not at all), in 8 bits, cut back.
+
+softedge_anyline: MTEED's map so made, then lineart_standard's map of the same padded image; where that map is
+exactly 1 in a 4-connected patch of at least 12 such pixels (skimage's `remove_small_objects(min_size=36)` on its
+three identical channels), the result is 1. That is what the extension's blend (`combine_layers`, written for maps in
+0..1 as in MistoLine's ComfyUI node) computes on 8-bit maps; kept as the extension has it.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from ..models.teed import TEED, teed_from_state_dict
+from ..weights.reader import CheckpointError, first_line, read_state_dict
+from .annotators import files_folder
+from .control_modules import ControlModule, PreprocessorError
+from .detector_images import hwc3, line_intensity, resize_with_pad, safe_step
+
+FILES = {"softedge_teed": "7_model.pth", "softedge_anyline": "MTEED.pth"}
+
+
+def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
+    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
+    name = FILES[module.name]
+    if folder is None:
+        return f"ControlNet module {module.label!r} needs {name}: no folder named (--annotator-dir)"
+    if files_folder((name,), folder) is None:
+        return f"ControlNet module {module.label!r} needs {name} in {os.fspath(folder)} or a folder in it"
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: Path, stamp: tuple) -> TEED:
+    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
+    return teed_from_state_dict(read_state_dict(path)[0])
+
+
+def teed_edges(image: np.ndarray, model: TEED, safe_steps: int) -> np.ndarray:
+    """(H, W, 3) RGB uint8, sides multiples of 4 -> (H, W) uint8 soft edges."""
+    h, w = image.shape[:2]
+    with torch.inference_mode():
+        maps = model(torch.from_numpy(image).float().permute(2, 0, 1)[None])  # four (1, 1, H, W)
+    maps = [cv2.resize(m[0, 0].numpy(), (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
+    edge = 1 / (1 + np.exp(-np.mean(np.stack(maps, axis=2), axis=2).astype(np.float64)))
+    if safe_steps != 0:
+        edge = safe_step(edge, safe_steps)
+    return (edge * 255.0).clip(0, 255).astype(np.uint8)
+
+
+def anyline(image: np.ndarray, model: TEED, safe_steps: int) -> np.ndarray:
+    """(H, W, 3) RGB uint8 -> (H, W, 3) uint8: MTEED's edges, 1 where lineart_standard's faintest lines are."""
+    edges = hwc3(teed_edges(image, model, safe_steps))
+    faint = (line_intensity(image) == 1).astype(np.uint8)
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(faint, connectivity=4)
+    kept = stats[:, cv2.CC_STAT_AREA] * 3 >= 36  # (the extension counts each pixel in its three channels)
+    kept[0] = False  # (the background)
+    return np.where(kept[labels][:, :, None], np.uint8(1), edges)
+
+
+def annotator(module: ControlModule, folder: str | os.PathLike | None):
+    """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> uint8 map` (PreprocessorError that
+    says what is missing where it cannot run)."""
+    reason = unavailable_reason(module, folder)
+    if reason is not None:
+        raise PreprocessorError(reason)
+    name = FILES[module.name]
+    path = files_folder((name,), folder) / name
+    make = anyline if module.name == "softedge_anyline" else teed_edges
+
+    def run(image: np.ndarray, resolution: int, safe_steps: float, threshold_b=None, rng=None) -> np.ndarray:
+        try:
+            stat = path.stat()
+            model = _load(path, (stat.st_mtime_ns, stat.st_size))
+        except (OSError, CheckpointError, ValueError) as e:
+            raise PreprocessorError(f"ControlNet module {module.label!r}: {name}: {first_line(e)}") from None
+        padded, cut_back = resize_with_pad(image, resolution)
+        return cut_back(make(padded, model, int(safe_steps)))
+
+    return run
