@@ -1,6 +1,6 @@
 """The image helpers the ControlNet extension's detectors share: `HWC3` and `safe_step` (annotator/util.py),
-`resize_image_with_pad` (scripts/utils.py) and lineart_standard's line intensity (legacy/processor.py), used by the
-weight-free preprocessors and by the detectors with weights alike."""
+`resize_image_with_pad` (scripts/utils.py), lineart_standard's line intensity (legacy/processor.py) and the greedy
+NMS of YOLOX's and SCRFD's demos, used by the weight-free preprocessors and by the detectors with weights alike."""
 
 from __future__ import annotations
 
@@ -54,3 +54,19 @@ def line_intensity(image: np.ndarray) -> np.ndarray:
     intensity /= max(16, np.median(lines)) if lines.size else 16
     intensity *= 127
     return intensity.clip(0, 255).astype(np.uint8)
+
+
+def greedy_nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """Greedy NMS of (n, 4) boxes (x0, y0, x1, y1), best score first, areas counted inclusively (+1 pixel a side)
+    as YOLOX's and SCRFD's demos count them: the indices kept, in that order."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order, keep = scores.argsort()[::-1], []
+    while order.size > 0:
+        best, rest = order[0], order[1:]
+        keep.append(best)
+        w = np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]) + 1)
+        h = np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]) + 1)
+        overlap = w * h / (areas[best] + areas[rest] - w * h)
+        order = rest[overlap <= iou]
+    return keep

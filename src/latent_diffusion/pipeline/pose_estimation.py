@@ -31,7 +31,7 @@ import numpy as np
 
 from .annotators import files_folder
 from .control_modules import ControlModule, PreprocessorError
-from .detector_images import resize_with_pad
+from .detector_images import greedy_nms, resize_with_pad
 from .pose_drawing import draw_animals, draw_people
 
 DETECTOR_FILE = "yolox_l.onnx"
@@ -116,21 +116,6 @@ def _anchor_boxes(raw: np.ndarray) -> np.ndarray:
     return decoded
 
 
-def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
-    """Greedy NMS, best first, areas counted inclusively (+1 pixel per side) as YOLOX's demo does."""
-    x1, y1, x2, y2 = boxes.T
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order, keep = scores.argsort()[::-1], []
-    while order.size > 0:
-        best, rest = order[0], order[1:]
-        keep.append(best)
-        w = np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]) + 1)
-        h = np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]) + 1)
-        overlap = w * h / (areas[best] + areas[rest] - w * h)
-        order = rest[overlap <= iou]
-    return keep
-
-
 def detect_boxes(net, image: np.ndarray, classes: tuple[int, ...]) -> np.ndarray | None:
     """(n, 4) boxes (x0, y0, x1, y1 in the image's pixels) of `classes` scoring over 0.3, class by class and best
     first; None where no box of any class scores 0.1 (`cv_ox_det.inference_detector`). NMS is per class, so running
@@ -149,7 +134,7 @@ def detect_boxes(net, image: np.ndarray, classes: tuple[int, ...]) -> np.ndarray
     found = []
     for c in classes:
         valid = scores[:, c] > 0.1
-        keep = _nms(boxes[valid], scores[valid, c], 0.45)
+        keep = greedy_nms(boxes[valid], scores[valid, c], 0.45)
         found += [box for box, score in zip(boxes[valid][keep], scores[valid, c][keep]) if float(score) > 0.3]
     return np.array(found, np.float64).reshape(-1, 4)
 
