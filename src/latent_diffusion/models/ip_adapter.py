@@ -16,6 +16,12 @@ block; the even n were the self-attentions', which have none). The projections, 
   queries, 4 layers of [attention of the queries on (states; queries), then a feed-forward], each a residual;
 - full face (`image_proj.proj.0`, `.proj.3`): per token of the penultimate states, Linear → GELU → Linear → LayerNorm,
   257 tokens.
+
+Two kinds take a face's identity (InsightFace's ArcFace 512-vector, `pipeline/face_analysis.py`) in the image
+embedding's place:
+- faceid (IP-Adapter FaceID, `image_proj.proj.0/.2`, `image_proj.norm`): T tokens,
+      tokens = LayerNorm(Linear(2E → T·C)(GELU(Linear(E → 2E)(e))).reshape(b, T, C))
+- instantid (InstantID's `ip-adapter.bin`): the plus resampler on the identity as one state (b, 1, 512).
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ HEAD_WIDTH = 64  # the resampler's attention heads are 64 wide
 
 @dataclass(frozen=True)
 class IPAdapterConfig:
-    kind: str  # "base", "plus" or "full" (module docstring)
+    kind: str  # "base", "plus", "full", "faceid" or "instantid" (module docstring)
     embed_dim: int  # E: the CLIP width it takes (projected embedding for base, hidden width otherwise)
     context_dim: int  # C: the U-Net's cross-attention context width, the tokens' width
     tokens: int  # T: tokens per image (base: from the file; plus: the resampler's queries; full: 257)
@@ -123,6 +129,21 @@ class MLPProjection(nn.Module):
         return self.proj(states)
 
 
+class FaceIDProjection(nn.Module):
+    """IP-Adapter FaceID's projection: (b, E) identities -> (b, T, C)."""
+
+    def __init__(self, embed_dim: int, context_dim: int, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.proj = nn.Sequential(
+            nn.Linear(embed_dim, 2 * embed_dim), nn.GELU(), nn.Linear(2 * embed_dim, tokens * context_dim)
+        )
+        self.norm = nn.LayerNorm(context_dim)
+
+    def forward(self, identities: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(identities).unflatten(-1, (self.tokens, -1)))
+
+
 class ImagePromptLayer(nn.Module):
     """One cross-attention's keys and values of the image tokens."""
 
@@ -139,15 +160,26 @@ class IPAdapter(nn.Module):
         E, C = cfg.embed_dim, cfg.context_dim
         if cfg.kind == "base":
             self.image_proj = TokenProjection(E, C, cfg.tokens)
-        elif cfg.kind == "plus":
+        elif cfg.kind in ("plus", "instantid"):
             self.image_proj = Resampler(E, cfg.resampler_dim, C, cfg.tokens)
+        elif cfg.kind == "faceid":
+            self.image_proj = FaceIDProjection(E, C, cfg.tokens)
         else:
             self.image_proj = MLPProjection(E, C)
         self.ip_adapter = nn.ModuleDict({str(n): ImagePromptLayer(C, w) for n, w in zip(cfg.layers, cfg.widths)})
 
+    @property
+    def takes_identity(self) -> bool:
+        """Whether its tokens come from a face's identity (faceid, instantid), not from a CLIP image tower."""
+        return self.cfg.kind in ("faceid", "instantid")
+
     def tokens(self, clip: VisionOutput) -> torch.Tensor:
         """A CLIP output (b images) -> their tokens (b, T, C)."""
         return self.image_proj(clip.image_embeds if self.cfg.kind == "base" else clip.penultimate)
+
+    def identity_tokens(self, identities: torch.Tensor) -> torch.Tensor:
+        """Faces' identities (b, 512) -> their tokens (b, T, C)."""
+        return self.image_proj(identities if self.cfg.kind == "faceid" else identities[:, None])
 
 
 def cross_attentions(unet: nn.Module) -> list[CrossAttention]:

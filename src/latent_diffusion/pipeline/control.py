@@ -30,6 +30,7 @@ from ..weights.reader import CheckpointError, first_line, read_state_dict, safet
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
 from .control_images import control_map, prepare_control
 from .control_modules import COLOR_FIX, INPAINT_ONLY, MODEL_FREE, PreprocessorError, Slider, find_module
+from .face_analysis import identity
 from .image_prompts import (
     REVISION_MODULES,
     STYLE_MODULE,
@@ -39,7 +40,9 @@ from .image_prompts import (
     check_revision_fits,
     check_style_adapter_fits,
     check_tower_fits,
+    face_module,
     find_tower,
+    identity_tokens,
     image_tokens,
     load_tower,
     revision_embedding,
@@ -78,6 +81,7 @@ class ResolvedControl:
     # revision's embedding (1 or n, E)
     image_tokens: tuple[torch.Tensor, torch.Tensor] | None = None
     ignores_prompt: bool = False  # revision: the prompt's context zeroed while it acts
+    context_unit: int | None = None  # InstantID's ControlNet: the unit whose IP-Adapter tokens are its context
 
     @property
     def revision(self) -> bool:
@@ -247,6 +251,7 @@ def resolve_controls(
             pooled=control is not None and pools(control, pipeline.controlnets[listed]),
             fidelity=_fidelity(unit, pipeline.model, hires=False),
             seed=seeds[0],
+            context_unit=_instant_id_context(resolved, listed, control, title),
         )
         resolved.append(fitted(unit_control, size))
     references = any(c.model is None and not c.revision for c in resolved)
@@ -256,6 +261,17 @@ def resolve_controls(
             "feed the LLLite modules its bank's places"
         )
     return resolved
+
+
+def _instant_id_context(resolved: list[ResolvedControl], listed: str, control, title: str) -> int | None:
+    """InstantID's ControlNet (its file's name says "instant_id", as the extension tells it) reads the InstantID
+    IP-Adapter's tokens as its context, not the prompt's: that adapter's unit must come just before it."""
+    if not isinstance(control, ControlNet) or "instant_id" not in listed.lower():
+        return None
+    before = resolved[-1] if resolved else None
+    if before is None or not isinstance(before.model, IPAdapter) or before.model.cfg.kind != "instantid":
+        fail(f"{title}: an InstantID ControlNet reads the face's tokens of an InstantID IP-Adapter unit just before it")
+    return len(resolved) - 1
 
 
 def _image_prompt_unit(
@@ -275,9 +291,15 @@ def _image_prompt_unit(
                 f"{blocks} for this model, not {len(unit.advanced_weighting)}"
             )
     try:
+        images = [_uint8(image[0] if isinstance(unit.image, tuple) else image) for image in unit.image]
+        if isinstance(adapter, IPAdapter) and adapter.takes_identity:  # (InsightFace's identities: no tower, no mask)
+            face = find_module(face_module(adapter, module))
+            res = resolve_sliders(face, unit.processor_res, None, None, strict=True)[0]
+            tokens = identity_tokens(adapter, [identity(face, pipeline.annotators, image, res) for image in images])
+            control = ResolvedControl(unit, listed, adapter, torch.empty(1, 0, 0, 0), (), (), False, False)
+            return dataclasses.replace(control, image_tokens=tokens)
         name = tower_name(module, listed) if isinstance(adapter, IPAdapter) else _other_tower(module, model, adapter)
         tower = load_tower(find_tower(pipeline.clip_vision, name), model.device)
-        images = [_uint8(image[0] if isinstance(unit.image, tuple) else image) for image in unit.image]
         masks = None
         if isinstance(unit.mask, tuple):  # (H, W) uint8, 255 where painted, or None
             masks = [None if m is None else _uint8(m[0])[..., 0] for m in unit.mask]

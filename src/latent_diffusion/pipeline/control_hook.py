@@ -157,7 +157,7 @@ def controlled_unet(
                 lllites += [] if c.hires else [(c.model, hint, c.unit.weight)]
                 continue
             if isinstance(c.model, ControlNet):
-                residuals = _controlnet(c, x, hint, t, cond, marks)
+                residuals = _controlnet(c, x, hint, t, cond, marks, tokens)
             else:
                 if (k, id(hint)) not in adapted:  # (the features depend on the map alone; the map is kept alive)
                     adapted[k, id(hint)] = (hint, c.model(inpaint_protocol(hint)))
@@ -234,11 +234,16 @@ def _image_conditioning(units: list[tuple], controls: list[ResolvedControl], con
     return cond
 
 
-def _controlnet(c: ResolvedControl, x, hint, t, cond, marks) -> ControlResiduals:
-    """One ControlNet's residuals for these rows, scaled as the extension scales them."""
+def _controlnet(c: ResolvedControl, x, hint, t, cond, marks, tokens: list) -> ControlResiduals:
+    """One ControlNet's residuals for these rows, scaled as the extension scales them. Its context is the prompt's,
+    or InstantID's face tokens for its ControlNet (`context_unit`: that unit's tokens, on the unconditional rows the
+    tokens of no face, as the extension's `control_context_override`)."""
     cn: ControlNet = c.model
     kind = None if c.unit.union_type is None else UNION_TYPES.index(c.unit.union_type)  # (a union ControlNet's)
-    out = cn(x[:, : cn.cfg.in_channels], inpaint_protocol(hint), t, cond.get("crossattn"), cond.get("vector"), kind)
+    context = cond.get("crossattn")
+    if c.context_unit is not None:
+        context = _row_tokens(*tokens[c.context_unit], marks).to(x.dtype)  # (rows, T, C)
+    out = cn(x[:, : cn.cfg.in_channels], inpaint_protocol(hint), t, context, cond.get("vector"), kind)
     outputs = [*out.skips, out.middle]
     w = c.unit.weight
     n = len(outputs)

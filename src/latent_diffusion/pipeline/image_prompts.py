@@ -12,7 +12,7 @@ prompt's context (`models/style_adapter.py`); SDXL's revision, the image embeddi
   CLIP's statistics (`CLIPImageProcessor`, whose own resize and crop change nothing at 224). A unit's mask is the
   image's alpha there: stretched with it, it zeroes the normalised pixels where it is painted.
 - Tokens: the base adapters project the image embedding, the plus and full-face ones the penultimate hidden
-  states. Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of
+  states; the FaceID and InstantID ones a face's identity (`face_analysis.py`), no tower. Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of
   "no image": the base adapters' of a zero embedding, the others' of the states of a zero (normalised) image, as
   IP-Adapter's own code makes them (the extension stores that tensor for SD 1.5; for SDXL plus it stores one
   already projected, which is not reproduced here).
@@ -159,6 +159,29 @@ def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray], masks=None
         return adapter.tokens(out).mean(dim=0, keepdim=True)
 
     return tokens(seen), tokens(none)
+
+
+FACE_MODULE_OF_KIND = {"faceid": "ip-adapter_face_id", "instantid": "instant_id_face_embedding"}
+
+
+def face_module(adapter: IPAdapter, module: str) -> str:
+    """The module that gives an identity adapter its faces' identities: the one of its kind (`ip-adapter-auto`: that
+    one), ImagePromptError for another."""
+    wanted = FACE_MODULE_OF_KIND[adapter.cfg.kind]
+    if module not in (wanted, AUTO):
+        raise ImagePromptError(f"an IP-Adapter of the {adapter.cfg.kind} kind takes a face's identity: module {wanted}")
+    return wanted
+
+
+@torch.no_grad()
+def identity_tokens(adapter: IPAdapter, identities: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A unit's faces' identities (512,) each -> (their tokens, the unconditional tokens), each (1, T, C) in the
+    adapter's dtype: the mean of the faces' tokens, and the tokens of a zero identity (as the extension's
+    `_get_image_embeds_faceid` and `_get_image_embeds_instantid` make them)."""
+    parameter = next(adapter.parameters())
+    seen = torch.from_numpy(np.stack(identities)).to(parameter.device, parameter.dtype)  # (n, 512)
+    tokens = adapter.identity_tokens(seen).mean(dim=0, keepdim=True)
+    return tokens, adapter.identity_tokens(torch.zeros_like(seen[:1]))
 
 
 @torch.no_grad()

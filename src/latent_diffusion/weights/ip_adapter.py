@@ -3,8 +3,9 @@
 - IP-Adapter: tencent-ailab's `.bin` (a pickle of {"image_proj": {...}, "ip_adapter": {...}}, read without running
   code and flattened to `image_proj.*`, `ip_adapter.*` by the reader) or its `.safetensors` with those keys. The
   kind is read off the keys as the web UI's ControlNet extension reads it: `image_proj.proj.3` full face, `latents`
-  plus, `proj` base; its widths off the shapes. FaceID files (their projection takes InsightFace's face embedding,
-  which nothing here computes) are refused in one line.
+  plus, `proj` base; its widths off the shapes. FaceID files (`image_proj.proj.0/.2` and `norm`) and InstantID's
+  (a resampler taking a 512-wide identity, where the extension reads "instant_id" in the file's name) take
+  InsightFace's identity of a face; FaceID plus files (`perceiver_resampler`) are refused in one line.
 - CLIP image tower: transformers' `CLIPVisionModelWithProjection` keys (the extension's `clip_h.pth`, `clip_g.pth`,
   IP-Adapter's `image_encoder/model.safetensors`; a whole `CLIPModel`'s file, its text tower left out), kept in
   float32 as the extension runs it.
@@ -23,6 +24,7 @@ from .checkpoint import empty_modules, mismatch
 from .reader import CheckpointError, read_state_dict
 
 P = "image_proj."
+IDENTITY_WIDTH = 512  # ArcFace's identity
 
 
 def is_ip_adapter_state_dict(keys: Iterable[str]) -> bool:
@@ -32,10 +34,8 @@ def is_ip_adapter_state_dict(keys: Iterable[str]) -> bool:
 
 def ip_adapter_config(shapes: dict[str, tuple], name) -> IPAdapterConfig:
     """The config of an IP-Adapter's tensors (key -> shape); CheckpointError naming `name` for one not built here."""
-    if P + "perceiver_resampler.proj_in.weight" in shapes or (
-        P + "norm.weight" in shapes and P + "proj.0.weight" in shapes
-    ):
-        raise CheckpointError(f"{name}: an IP-Adapter FaceID file, which takes InsightFace's face embedding (not here)")
+    if P + "perceiver_resampler.proj_in.weight" in shapes:
+        raise CheckpointError(f"{name}: an IP-Adapter FaceID plus file (a face's identity and CLIP's): not built here")
     suffix = ".to_k_ip.weight"
     layers = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("ip_adapter.") and k.endswith(suffix))
     if not layers:
@@ -45,10 +45,14 @@ def ip_adapter_config(shapes: dict[str, tuple], name) -> IPAdapterConfig:
     kind = dict(layers=tuple(layers), widths=widths, context_dim=context)
     if P + "proj.3.weight" in shapes:
         return IPAdapterConfig("full", embed_dim=shapes[P + "proj.0.weight"][1], tokens=257, **kind)
+    if P + "norm.weight" in shapes and P + "proj.2.weight" in shapes:
+        out, embed = shapes[P + "proj.2.weight"][0], shapes[P + "proj.0.weight"][1]
+        return IPAdapterConfig("faceid", embed_dim=embed, tokens=out // context, **kind)
     if P + "latents" in shapes:
         _, queries, dim = shapes[P + "latents"]
         embed = shapes[P + "proj_in.weight"][1]
-        return IPAdapterConfig("plus", embed_dim=embed, tokens=queries, resampler_dim=dim, **kind)
+        kind["kind"] = "instantid" if embed == IDENTITY_WIDTH else "plus"  # (no CLIP tower is 512 wide)
+        return IPAdapterConfig(embed_dim=embed, tokens=queries, resampler_dim=dim, **kind)
     if P + "proj.weight" in shapes:
         out, embed = shapes[P + "proj.weight"]
         return IPAdapterConfig("base", embed_dim=embed, tokens=out // context, **kind)

@@ -1,0 +1,163 @@
+"""IP-Adapter FaceID and InstantID's adapter (`models/ip_adapter.py` kinds faceid and instantid): txt2img with a unit
+against diffusers' StableDiffusionPipeline with the same `.bin` loaded by its own `_load_ip_adapter_weights` and
+the face's identity as its image embedding (InsightFace's identity itself is checked against insightface's code in
+`test_face_analysis.py`); the files' kinds; the refusals."""
+
+import dataclasses
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import save_file
+
+from latent_diffusion.models.controlnet import ControlNet
+from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
+from latent_diffusion.pipeline import face_analysis
+from latent_diffusion.pipeline.control import find_control_models
+from latent_diffusion.pipeline.control_modules import find_module
+from latent_diffusion.pipeline.generate import generate
+from latent_diffusion.pipeline.loading import Pipeline
+from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, RequestError
+from latent_diffusion.weights.ip_adapter import load_ip_adapter
+from latent_diffusion.weights.reader import CheckpointError
+from test_face_analysis import packs, portrait
+from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
+from test_ip_adapter import STEPS, H, W, tencent_file
+
+from conftest import randomize, seeded, tiny_model
+
+MODULE_OF_KIND = {"faceid": "ip-adapter_face_id", "instantid": "instant_id_face_embedding"}
+
+
+def identity_adapter(kind: str, model) -> IPAdapter:
+    """A FaceID (4 tokens) or InstantID (a resampler of 16 queries) adapter taking a 512-wide identity, random."""
+    attentions = cross_attentions(model.model.diffusion_model)
+    cfg = IPAdapterConfig(
+        kind,
+        embed_dim=512,
+        context_dim=model.cfg.unet.context_dim,
+        tokens=4 if kind == "faceid" else 16,
+        layers=tuple(range(1, 2 * len(attentions), 2)),
+        widths=tuple(a.to_k.out_features for a in attentions),
+        resampler_dim=128 if kind == "instantid" else 0,
+    )
+    with seeded(5):
+        return randomize(IPAdapter(cfg), seed=8).eval()
+
+
+@pytest.mark.parametrize("kind", ["faceid", "instantid"])
+def test_txt2img_with_a_face_unit_matches_diffusers(tmp_path, kind):
+    model = tiny_model("sd1", seed=3)
+    controls = tmp_path / "ControlNet"
+    controls.mkdir()
+    name = "ip-adapter-faceid_sd15" if kind == "faceid" else "ip-adapter_instant_id_sd15"
+    parts = tencent_file(identity_adapter(kind, model), controls / f"{name}.bin")
+    assert load_ip_adapter(controls / f"{name}.bin").cfg.kind == kind
+    folder = packs(tmp_path / "annotators")
+    image = torch.from_numpy(portrait()).permute(2, 0, 1)[None].float() / 255
+    weight = 0.7
+    unit = ControlUnit(name, image, module=MODULE_OF_KIND[kind], weight=weight, processor_res=384)
+    request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, controls=[unit], **SETTINGS)
+    request = dataclasses.replace(request, steps=STEPS)
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), annotators=folder)
+    ours = generate(pipeline, request).images
+
+    face = face_analysis.identity(find_module(MODULE_OF_KIND[kind]), folder, portrait(), 384)
+    identity = torch.from_numpy(face)[None, None]  # (1, 1, 512): one image
+    if kind == "instantid":
+        identity = identity[:, None]  # (1, 1, 1, 512): one image of one state, for the resampler
+    pipe = diffusers_pipeline(model, StableDiffusionPipeline)
+    pipe.unet._load_ip_adapter_weights([parts])
+    pipe.set_ip_adapter_scale(weight)
+    with torch.no_grad():
+        theirs = pipe(
+            prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
+            ip_adapter_image_embeds=[torch.cat([torch.zeros_like(identity), identity])],
+            num_inference_steps=STEPS, guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
+            generator=torch.Generator().manual_seed(3), output_type="pt",
+        ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    plain = generate(model, dataclasses.replace(request, controls=[])).images
+    assert (ours - plain).abs().max() > 0.05  # the face changed the image
+
+
+def test_face_units_are_refused_in_one_line(tmp_path):
+    model = tiny_model("sd1", seed=3)
+    controls = tmp_path / "ControlNet"
+    controls.mkdir()
+    tencent_file(identity_adapter("faceid", model), controls / "ip-adapter-faceid_sd15.bin")
+    folder = packs(tmp_path / "annotators")
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), annotators=folder)
+    image = torch.from_numpy(portrait()).permute(2, 0, 1)[None].float() / 255
+
+    def run(module: str, picture=image, where=pipeline):
+        unit = ControlUnit("ip-adapter-faceid_sd15", picture, module=module)
+        request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, controls=[unit], **SETTINGS)
+        generate(where, dataclasses.replace(request, steps=1))
+
+    with pytest.raises(RequestError, match="takes a face's identity: module ip-adapter_face_id$"):
+        run("ip-adapter_clip_sd15")
+    with pytest.raises(RequestError, match="InsightFace found no face in the image$"):
+        run("ip-adapter_face_id", torch.zeros(1, 3, 64, 64))
+    with pytest.raises(
+        RequestError, match=r"needs InsightFace's buffalo_l \(det_10g.onnx, w600k_r50.onnx\): no folder"
+    ):
+        run("ip-adapter_face_id", where=dataclasses.replace(pipeline, annotators=None))
+    run("ip-adapter-auto")  # (auto: the face module of the adapter's kind)
+
+
+def test_faceid_plus_files_are_refused_in_one_line(tmp_path):
+    parts = {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(8, 4), "proj.0.weight": torch.zeros(8, 4)},
+             "ip_adapter": {"1.to_k_ip.weight": torch.zeros(8, 8)}}  # fmt: skip
+    torch.save(parts, tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+    with pytest.raises(
+        CheckpointError, match="an IP-Adapter FaceID plus file .a face's identity and CLIP's.: not built"
+    ):
+        load_ip_adapter(tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
+
+
+def test_instant_ids_controlnet_reads_the_face_tokens_as_its_context(tmp_path, monkeypatch):
+    """InstantID: its ControlNet (the file's name says instant_id) is given the InstantID adapter's tokens in the
+    prompt's place, the face's on the prompt's rows and no face's on the unconditional rows (the extension's
+    `control_context_override`), and must follow that adapter's unit."""
+    model = tiny_model("sd1", seed=3)
+    controls = tmp_path / "ControlNet"
+    controls.mkdir()
+    adapter = identity_adapter("instantid", model)
+    tencent_file(adapter, controls / "ip-adapter_instant_id_sd15.bin")
+    with seeded(2):
+        save_file(
+            randomize(ControlNet(model.cfg.unet), seed=2).state_dict(), controls / "control_instant_id_sd15.safetensors"
+        )
+    folder = packs(tmp_path / "annotators")
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), annotators=folder)
+    image = torch.from_numpy(portrait()).permute(2, 0, 1)[None].float() / 255
+    face_unit = ControlUnit("ip-adapter_instant_id_sd15", image, module="instant_id_face_embedding")
+    keypoints_unit = ControlUnit("control_instant_id_sd15", image, module="instant_id_face_keypoints")
+    request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, **SETTINGS)
+    request = dataclasses.replace(request, steps=2, controls=[face_unit, keypoints_unit])
+
+    contexts = []
+    forward = ControlNet.forward
+    monkeypatch.setattr(
+        ControlNet,
+        "forward",
+        lambda self, x, hint, t, context, *rest: contexts.append(context) or forward(self, x, hint, t, context, *rest),
+    )
+    generate(pipeline, request)
+    identity = face_analysis.identity(find_module("instant_id_face_embedding"), folder, portrait(), 512)
+    with torch.no_grad():
+        face = adapter.identity_tokens(torch.from_numpy(identity)[None])[0]
+        none = adapter.identity_tokens(torch.zeros(1, 512))[0]
+    assert len(contexts) == 2 and all(c.shape == (2, 16, model.cfg.unet.context_dim) for c in contexts)
+    for context in contexts:  # (each step: one row of the prompt, one unconditional)
+        rows = sorted(
+            ("face" if torch.allclose(r, face, atol=1e-5) else "none" if torch.allclose(r, none, atol=1e-5) else "?")
+            for r in context
+        )
+        assert rows == ["face", "none"]
+
+    with pytest.raises(
+        RequestError, match="an InstantID ControlNet reads the face's tokens of an InstantID IP-Adapter"
+    ):
+        generate(pipeline, dataclasses.replace(request, controls=[keypoints_unit]))
