@@ -5,11 +5,13 @@ the face's identity as its image embedding (InsightFace's identity itself is che
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import save_file
 
+from latent_diffusion import LatentDiffusion
 from latent_diffusion.models.controlnet import ControlNet
 from latent_diffusion.models.ip_adapter import IPAdapter, IPAdapterConfig, cross_attentions
 from latent_diffusion.pipeline import face_analysis
@@ -19,12 +21,11 @@ from latent_diffusion.pipeline.generate import generate
 from latent_diffusion.pipeline.loading import Pipeline
 from latent_diffusion.pipeline.request import ControlUnit, GenerationRequest, RequestError
 from latent_diffusion.weights.ip_adapter import load_ip_adapter
-from latent_diffusion.weights.reader import CheckpointError
 from test_face_analysis import packs, portrait
 from test_generate import NEGATIVE, PROMPT, SETTINGS, diffusers_pipeline, embeddings
-from test_ip_adapter import STEPS, H, W, tencent_file
+from test_ip_adapter import EMBED, STEPS, H, W, reference_pixels, tencent_file, tiny_tower_file
 
-from conftest import randomize, seeded, tiny_model
+from conftest import randomize, seeded, tiny_config, tiny_model
 
 MODULE_OF_KIND = {"faceid": "ip-adapter_face_id", "instantid": "instant_id_face_embedding"}
 
@@ -34,9 +35,9 @@ def identity_adapter(kind: str, model) -> IPAdapter:
     attentions = cross_attentions(model.model.diffusion_model)
     cfg = IPAdapterConfig(
         kind,
-        embed_dim=512,
+        embed_dim=EMBED if kind == "faceid_plus" else 512,  # (faceid_plus: the tower's width; the identity's is 512)
         context_dim=model.cfg.unet.context_dim,
-        tokens=4 if kind == "faceid" else 16,
+        tokens=16 if kind == "instantid" else 4,
         layers=tuple(range(1, 2 * len(attentions), 2)),
         widths=tuple(a.to_k.out_features for a in attentions),
         resampler_dim=128 if kind == "instantid" else 0,
@@ -106,16 +107,6 @@ def test_face_units_are_refused_in_one_line(tmp_path):
     run("ip-adapter-auto")  # (auto: the face module of the adapter's kind)
 
 
-def test_faceid_plus_files_are_refused_in_one_line(tmp_path):
-    parts = {"image_proj": {"perceiver_resampler.proj_in.weight": torch.zeros(8, 4), "proj.0.weight": torch.zeros(8, 4)},
-             "ip_adapter": {"1.to_k_ip.weight": torch.zeros(8, 8)}}  # fmt: skip
-    torch.save(parts, tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
-    with pytest.raises(
-        CheckpointError, match="an IP-Adapter FaceID plus file .a face's identity and CLIP's.: not built"
-    ):
-        load_ip_adapter(tmp_path / "ip-adapter-faceid-plusv2_sd15.bin")
-
-
 def test_instant_ids_controlnet_reads_the_face_tokens_as_its_context(tmp_path, monkeypatch):
     """InstantID: its ControlNet (the file's name says instant_id) is given the InstantID adapter's tokens in the
     prompt's place, the face's on the prompt's rows and no face's on the unconditional rows (the extension's
@@ -161,3 +152,56 @@ def test_instant_ids_controlnet_reads_the_face_tokens_as_its_context(tmp_path, m
         RequestError, match="an InstantID ControlNet reads the face's tokens of an InstantID IP-Adapter"
     ):
         generate(pipeline, dataclasses.replace(request, controls=[keypoints_unit]))
+
+
+def wide_context_model():
+    """The tiny SD 1.x model with a 64-wide text encoder and context: FaceID plus's perceiver has context/64 heads."""
+    cfg = tiny_config("sd1")
+    cfg.text = dataclasses.replace(cfg.text, width=64, mlp_width=128)
+    cfg.unet = dataclasses.replace(cfg.unet, context_dim=64)
+    with seeded(4):
+        return randomize(LatentDiffusion(cfg), seed=4).eval()
+
+
+@pytest.mark.parametrize("name", ["ip-adapter-faceid-plus_sd15", "ip-adapter-faceid-plusv2_sd15"])
+def test_txt2img_with_a_faceid_plus_unit_matches_diffusers(tmp_path, name):
+    """FaceID plus: the identity's tokens refined by a perceiver on clip_h's penultimate states of the unit's whole
+    image (as the extension's `face_id_plus` makes them), plus the identity's tokens themselves in v2 (the file's name
+    says v2: the extension's `shortcut`); the unconditional rows a zero identity's on a zero image's states. Against
+    diffusers' pipeline with its FaceID plus projection given the same CLIP states (its `clip_embeds`)."""
+    model = wide_context_model()
+    controls, towers = tmp_path / "ControlNet", tmp_path / "clip_vision"
+    controls.mkdir(), towers.mkdir()
+    tower = tiny_tower_file(towers)
+    parts = tencent_file(identity_adapter("faceid_plus", model), controls / f"{name}.bin")
+    adapter = load_ip_adapter(controls / f"{name}.bin")
+    assert (adapter.cfg.kind, adapter.cfg.shortcut) == ("faceid_plus", "v2" in name)
+    folder = packs(tmp_path / "annotators")
+    image = torch.from_numpy(portrait()).permute(2, 0, 1)[None].float() / 255
+    weight = 0.9
+    unit = ControlUnit(name, image, module="ip-adapter_face_id_plus", weight=weight)
+    request = GenerationRequest([PROMPT], [3], [NEGATIVE], width=W, height=H, controls=[unit], **SETTINGS)
+    request = dataclasses.replace(request, steps=STEPS)
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), clip_vision=towers, annotators=folder)
+    ours = generate(pipeline, request).images
+
+    face = face_analysis.identity(find_module("ip-adapter_face_id_plus"), folder, portrait(), 512)
+    identity = torch.from_numpy(face)[None, None]  # (1, 1, 512)
+    pipe = diffusers_pipeline(model, StableDiffusionPipeline)
+    pipe.unet._load_ip_adapter_weights([parts])
+    pipe.set_ip_adapter_scale(weight)
+    with torch.no_grad():
+        no_mask = np.zeros(image.shape[-2:], np.uint8)
+        seen = tower(pixel_values=reference_pixels(image, no_mask), output_hidden_states=True).hidden_states[-2]
+        none = tower(pixel_values=torch.zeros(1, 3, 224, 224), output_hidden_states=True).hidden_states[-2]
+        projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        projection.clip_embeds, projection.shortcut = torch.cat([none, seen])[:, None], "v2" in name
+        theirs = pipe(
+            prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
+            ip_adapter_image_embeds=[torch.cat([torch.zeros_like(identity), identity])],
+            num_inference_steps=STEPS, guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
+            generator=torch.Generator().manual_seed(3), output_type="pt",
+        ).images  # fmt: skip
+    torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
+    plain = generate(model, dataclasses.replace(request, controls=[])).images
+    assert (ours - plain).abs().max() > 0.05

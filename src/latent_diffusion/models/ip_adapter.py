@@ -21,6 +21,8 @@ Two kinds take a face's identity (InsightFace's ArcFace 512-vector, `pipeline/fa
 embedding's place:
 - faceid (IP-Adapter FaceID, `image_proj.proj.0/.2`, `image_proj.norm`): T tokens,
       tokens = LayerNorm(Linear(2E → T·C)(GELU(Linear(E → 2E)(e))).reshape(b, T, C))
+- faceid_plus (`image_proj.perceiver_resampler`): those tokens as the queries of a perceiver (the plus resampler's
+  layers, no learnt queries) on CLIP's penultimate states; v2 adds the queries back to its output.
 - instantid (InstantID's `ip-adapter.bin`): the plus resampler on the identity as one state (b, 1, 512).
 """
 
@@ -39,17 +41,19 @@ from .shadowing import shadowed
 from .unet import layer_grid
 
 HEAD_WIDTH = 64  # the resampler's attention heads are 64 wide
+IDENTITY_WIDTH = 512  # InsightFace's ArcFace identity
 
 
 @dataclass(frozen=True)
 class IPAdapterConfig:
-    kind: str  # "base", "plus", "full", "faceid" or "instantid" (module docstring)
+    kind: str  # "base", "plus", "full", "faceid", "faceid_plus" or "instantid" (module docstring)
     embed_dim: int  # E: the CLIP width it takes (projected embedding for base, hidden width otherwise)
     context_dim: int  # C: the U-Net's cross-attention context width, the tokens' width
     tokens: int  # T: tokens per image (base: from the file; plus: the resampler's queries; full: 257)
     layers: tuple[int, ...]  # the n of its `ip_adapter.{n}` layers, in order
     widths: tuple[int, ...]  # the inner width of the cross-attention each feeds (its keys' and values' width)
     resampler_dim: int = 0  # plus: the resampler's width
+    shortcut: bool = False  # faceid_plus: v2 (the file's name says so, as the extension reads it)
 
 
 class PerceiverAttention(nn.Module):
@@ -70,12 +74,11 @@ class PerceiverAttention(nn.Module):
         return self.to_out(attention(self.to_q(latents), k, v, self.heads))
 
 
-class Resampler(nn.Module):
-    """IP-Adapter plus's projection: (b, 257, E) hidden states -> (b, queries, C) tokens."""
+class PerceiverResampler(nn.Module):
+    """Queries (b, q, dim) attending to states (b, n, E) in `depth` layers -> (b, q, C) tokens."""
 
-    def __init__(self, embed_dim: int, dim: int, context_dim: int, queries: int, depth: int = 4):
+    def __init__(self, embed_dim: int, dim: int, context_dim: int, depth: int = 4):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, queries, dim) / dim**0.5)
         self.proj_in = nn.Linear(embed_dim, dim)
         self.proj_out = nn.Linear(dim, context_dim)
         self.norm_out = nn.LayerNorm(context_dim)
@@ -94,13 +97,23 @@ class Resampler(nn.Module):
             for _ in range(depth)
         )
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        latents = self.latents.expand(len(states), -1, -1)
+    def forward(self, latents: torch.Tensor, states: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(states)
         for attn, ff in self.layers:
             latents = latents + attn(x, latents)
             latents = latents + ff(latents)
         return self.norm_out(self.proj_out(latents))
+
+
+class Resampler(PerceiverResampler):
+    """IP-Adapter plus's projection: (b, 257, E) hidden states -> (b, queries, C) tokens, from learnt queries."""
+
+    def __init__(self, embed_dim: int, dim: int, context_dim: int, queries: int, depth: int = 4):
+        super().__init__(embed_dim, dim, context_dim, depth)
+        self.latents = nn.Parameter(torch.randn(1, queries, dim) / dim**0.5)
+
+    def forward(self, states: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.latents.expand(len(states), -1, -1), states)
 
 
 class TokenProjection(nn.Module):
@@ -144,6 +157,25 @@ class FaceIDProjection(nn.Module):
         return self.norm(self.proj(identities).unflatten(-1, (self.tokens, -1)))
 
 
+class FaceIDPlusProjection(nn.Module):
+    """IP-Adapter FaceID plus's projection: the identity's tokens (as FaceID's) as the queries of a perceiver on CLIP's
+    penultimate states; v2 (`shortcut`) adds the identity's tokens back. (b, 512), (b, 257, E) -> (b, T, C)."""
+
+    def __init__(self, identity_dim: int, embed_dim: int, context_dim: int, tokens: int):
+        super().__init__()
+        self.tokens = tokens
+        self.proj = nn.Sequential(
+            nn.Linear(identity_dim, 2 * identity_dim), nn.GELU(), nn.Linear(2 * identity_dim, tokens * context_dim)
+        )
+        self.norm = nn.LayerNorm(context_dim)
+        self.perceiver_resampler = PerceiverResampler(embed_dim, context_dim, context_dim)
+
+    def forward(self, identities: torch.Tensor, states: torch.Tensor, shortcut: bool) -> torch.Tensor:
+        x = self.norm(self.proj(identities).unflatten(-1, (self.tokens, -1)))
+        out = self.perceiver_resampler(x, states)
+        return x + out if shortcut else out
+
+
 class ImagePromptLayer(nn.Module):
     """One cross-attention's keys and values of the image tokens."""
 
@@ -164,6 +196,8 @@ class IPAdapter(nn.Module):
             self.image_proj = Resampler(E, cfg.resampler_dim, C, cfg.tokens)
         elif cfg.kind == "faceid":
             self.image_proj = FaceIDProjection(E, C, cfg.tokens)
+        elif cfg.kind == "faceid_plus":
+            self.image_proj = FaceIDPlusProjection(IDENTITY_WIDTH, E, C, cfg.tokens)
         else:
             self.image_proj = MLPProjection(E, C)
         self.ip_adapter = nn.ModuleDict({str(n): ImagePromptLayer(C, w) for n, w in zip(cfg.layers, cfg.widths)})
@@ -171,14 +205,17 @@ class IPAdapter(nn.Module):
     @property
     def takes_identity(self) -> bool:
         """Whether its tokens come from a face's identity (faceid, instantid), not from a CLIP image tower."""
-        return self.cfg.kind in ("faceid", "instantid")
+        return self.cfg.kind in ("faceid", "faceid_plus", "instantid")
 
     def tokens(self, clip: VisionOutput) -> torch.Tensor:
         """A CLIP output (b images) -> their tokens (b, T, C)."""
         return self.image_proj(clip.image_embeds if self.cfg.kind == "base" else clip.penultimate)
 
-    def identity_tokens(self, identities: torch.Tensor) -> torch.Tensor:
-        """Faces' identities (b, 512) -> their tokens (b, T, C)."""
+    def identity_tokens(self, identities: torch.Tensor, states: torch.Tensor | None = None) -> torch.Tensor:
+        """Faces' identities (b, 512) (and, for faceid_plus, CLIP's penultimate states (b, 257, E)) -> their tokens
+        (b, T, C)."""
+        if self.cfg.kind == "faceid_plus":
+            return self.image_proj(identities, states, self.cfg.shortcut)
         return self.image_proj(identities if self.cfg.kind == "faceid" else identities[:, None])
 
 

@@ -292,19 +292,15 @@ def _image_prompt_unit(
             )
     try:
         images = [_uint8(image[0] if isinstance(unit.image, tuple) else image) for image in unit.image]
-        if isinstance(adapter, IPAdapter) and adapter.takes_identity:  # (InsightFace's identities: no tower, no mask)
-            face = find_module(face_module(adapter, module))
-            res = resolve_sliders(face, unit.processor_res, None, None, strict=True)[0]
-            tokens = identity_tokens(adapter, [identity(face, pipeline.annotators, image, res) for image in images])
-            control = ResolvedControl(unit, listed, adapter, torch.empty(1, 0, 0, 0), (), (), False, False)
-            return dataclasses.replace(control, image_tokens=tokens)
-        name = tower_name(module, listed) if isinstance(adapter, IPAdapter) else _other_tower(module, model, adapter)
-        tower = load_tower(find_tower(pipeline.clip_vision, name), model.device)
         masks = None
         if isinstance(unit.mask, tuple):  # (H, W) uint8, 255 where painted, or None
             masks = [None if m is None else _uint8(m[0])[..., 0] for m in unit.mask]
         elif unit.mask is not None:
             masks = [_uint8(unit.mask[min(i, len(unit.mask) - 1)])[..., 0] for i in range(len(unit.image))]
+        if isinstance(adapter, IPAdapter) and adapter.takes_identity:  # (InsightFace's identities)
+            return _face_unit(unit, listed, adapter, module, pipeline, images, masks)
+        name = tower_name(module, listed) if isinstance(adapter, IPAdapter) else _other_tower(module, model, adapter)
+        tower = load_tower(find_tower(pipeline.clip_vision, name), model.device)
         if isinstance(adapter, IPAdapter):
             check_tower_fits(adapter, tower, name)
             tokens = image_tokens(adapter, tower, images, masks)
@@ -321,6 +317,21 @@ def _image_prompt_unit(
     ignores = module == "revision_ignore_prompt" or (adapter is None and no_prompt)
     control = ResolvedControl(unit, listed, adapter, hint, (), (), soft=False, conditional_only=False)
     return dataclasses.replace(control, image_tokens=tokens, ignores_prompt=ignores)
+
+
+def _face_unit(unit, listed: str, adapter: IPAdapter, module: str, pipeline, images, masks) -> ResolvedControl:
+    """An IP-Adapter unit whose tokens come from its faces' identities (FaceID, InstantID; FaceID plus with clip_h's
+    states of its images too); ImagePromptError or PreprocessorError where it cannot run."""
+    face = find_module(face_module(adapter, module))
+    res = resolve_sliders(face, unit.processor_res, None, None, strict=True)[0]
+    identities = [identity(face, pipeline.annotators, image, res) for image in images]
+    tower = None
+    if adapter.cfg.kind == "faceid_plus":  # (the extension's face_id_plus runs clip_h)
+        tower = load_tower(find_tower(pipeline.clip_vision, "clip_h"), pipeline.model.device)
+        check_tower_fits(adapter, tower, "clip_h")
+    tokens = identity_tokens(adapter, identities, tower, images, masks)
+    control = ResolvedControl(unit, listed, adapter, torch.empty(1, 0, 0, 0), (), (), False, False)
+    return dataclasses.replace(control, image_tokens=tokens)
 
 
 def check_fits_hires(c: ResolvedControl, model: LatentDiffusion, k: int) -> None:

@@ -12,7 +12,7 @@ prompt's context (`models/style_adapter.py`); SDXL's revision, the image embeddi
   CLIP's statistics (`CLIPImageProcessor`, whose own resize and crop change nothing at 224). A unit's mask is the
   image's alpha there: stretched with it, it zeroes the normalised pixels where it is painted.
 - Tokens: the base adapters project the image embedding, the plus and full-face ones the penultimate hidden
-  states; the FaceID and InstantID ones a face's identity (`face_analysis.py`), no tower. Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of
+  states; the FaceID and InstantID ones a face's identity (`face_analysis.py`), FaceID plus with clip_h's states. Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of
   "no image": the base adapters' of a zero embedding, the others' of the states of a zero (normalised) image, as
   IP-Adapter's own code makes them (the extension stores that tensor for SD 1.5; for SDXL plus it stores one
   already projected, which is not reproduced here).
@@ -161,7 +161,11 @@ def image_tokens(adapter: IPAdapter, tower, images: list[np.ndarray], masks=None
     return tokens(seen), tokens(none)
 
 
-FACE_MODULE_OF_KIND = {"faceid": "ip-adapter_face_id", "instantid": "instant_id_face_embedding"}
+FACE_MODULE_OF_KIND = {
+    "faceid": "ip-adapter_face_id",
+    "faceid_plus": "ip-adapter_face_id_plus",
+    "instantid": "instant_id_face_embedding",
+}
 
 
 def face_module(adapter: IPAdapter, module: str) -> str:
@@ -174,14 +178,22 @@ def face_module(adapter: IPAdapter, module: str) -> str:
 
 
 @torch.no_grad()
-def identity_tokens(adapter: IPAdapter, identities: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+def identity_tokens(adapter: IPAdapter, identities: list[np.ndarray], tower=None, images=(), masks=None):
     """A unit's faces' identities (512,) each -> (their tokens, the unconditional tokens), each (1, T, C) in the
     adapter's dtype: the mean of the faces' tokens, and the tokens of a zero identity (as the extension's
-    `_get_image_embeds_faceid` and `_get_image_embeds_instantid` make them)."""
+    `_get_image_embeds_faceid(_plus)` and `_get_image_embeds_instantid` make them). FaceID plus also reads the tower's
+    penultimate states of the unit's whole images (the extension's `face_id_plus`), and of a zero image for the
+    unconditional rows."""
     parameter = next(adapter.parameters())
     seen = torch.from_numpy(np.stack(identities)).to(parameter.device, parameter.dtype)  # (n, 512)
-    tokens = adapter.identity_tokens(seen).mean(dim=0, keepdim=True)
-    return tokens, adapter.identity_tokens(torch.zeros_like(seen[:1]))
+    states = none = None
+    if tower is not None:
+        device, masks = tower.visual_projection.weight.device, masks or [None] * len(images)
+        pixels = torch.cat([clip_pixels(image, mask) for image, mask in zip(images, masks)]).to(device)
+        states = tower(pixels).penultimate.to(parameter.dtype)  # (n, 257, E)
+        none = tower(torch.zeros(1, 3, SIZE, SIZE, device=device)).penultimate.to(parameter.dtype)
+    tokens = adapter.identity_tokens(seen, states).mean(dim=0, keepdim=True)
+    return tokens, adapter.identity_tokens(torch.zeros_like(seen[:1]), none)
 
 
 @torch.no_grad()

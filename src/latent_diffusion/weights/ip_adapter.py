@@ -3,9 +3,10 @@
 - IP-Adapter: tencent-ailab's `.bin` (a pickle of {"image_proj": {...}, "ip_adapter": {...}}, read without running
   code and flattened to `image_proj.*`, `ip_adapter.*` by the reader) or its `.safetensors` with those keys. The
   kind is read off the keys as the web UI's ControlNet extension reads it: `image_proj.proj.3` full face, `latents`
-  plus, `proj` base; its widths off the shapes. FaceID files (`image_proj.proj.0/.2` and `norm`) and InstantID's
-  (a resampler taking a 512-wide identity, where the extension reads "instant_id" in the file's name) take
-  InsightFace's identity of a face; FaceID plus files (`perceiver_resampler`) are refused in one line.
+  plus, `proj` base; its widths off the shapes. FaceID files (`image_proj.proj.0/.2` and `norm`; plus with a
+  `perceiver_resampler`, v2 where the file's name says "v2", as the extension reads it) and InstantID's (a resampler
+  taking a 512-wide identity, where the extension reads "instant_id" in the file's name) take InsightFace's identity
+  of a face.
 - CLIP image tower: transformers' `CLIPVisionModelWithProjection` keys (the extension's `clip_h.pth`, `clip_g.pth`,
   IP-Adapter's `image_encoder/model.safetensors`; a whole `CLIPModel`'s file, its text tower left out), kept in
   float32 as the extension runs it.
@@ -15,16 +16,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import torch
 
 from ..models.clip_vision import CLIPVisionModelWithProjection, vision_config_of
-from ..models.ip_adapter import IPAdapter, IPAdapterConfig
+from ..models.ip_adapter import IDENTITY_WIDTH, IPAdapter, IPAdapterConfig
 from .checkpoint import empty_modules, mismatch
 from .reader import CheckpointError, read_state_dict
 
 P = "image_proj."
-IDENTITY_WIDTH = 512  # ArcFace's identity
 
 
 def is_ip_adapter_state_dict(keys: Iterable[str]) -> bool:
@@ -34,8 +35,6 @@ def is_ip_adapter_state_dict(keys: Iterable[str]) -> bool:
 
 def ip_adapter_config(shapes: dict[str, tuple], name) -> IPAdapterConfig:
     """The config of an IP-Adapter's tensors (key -> shape); CheckpointError naming `name` for one not built here."""
-    if P + "perceiver_resampler.proj_in.weight" in shapes:
-        raise CheckpointError(f"{name}: an IP-Adapter FaceID plus file (a face's identity and CLIP's): not built here")
     suffix = ".to_k_ip.weight"
     layers = sorted(int(k.split(".")[1]) for k in shapes if k.startswith("ip_adapter.") and k.endswith(suffix))
     if not layers:
@@ -47,6 +46,10 @@ def ip_adapter_config(shapes: dict[str, tuple], name) -> IPAdapterConfig:
         return IPAdapterConfig("full", embed_dim=shapes[P + "proj.0.weight"][1], tokens=257, **kind)
     if P + "norm.weight" in shapes and P + "proj.2.weight" in shapes:
         out, embed = shapes[P + "proj.2.weight"][0], shapes[P + "proj.0.weight"][1]
+        if P + "perceiver_resampler.proj_in.weight" in shapes:  # (the identity and CLIP's states; v2 by its name)
+            clip = shapes[P + "perceiver_resampler.proj_in.weight"][1]
+            shortcut = "v2" in Path(name).name
+            return IPAdapterConfig("faceid_plus", embed_dim=clip, tokens=out // context, shortcut=shortcut, **kind)
         return IPAdapterConfig("faceid", embed_dim=embed, tokens=out // context, **kind)
     if P + "latents" in shapes:
         _, queries, dim = shapes[P + "latents"]
