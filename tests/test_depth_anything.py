@@ -21,6 +21,7 @@ from test_preprocessors import ref_resize_image_with_pad
 
 from conftest import randomize, seeded
 
+VIT_S = DepthAnythingConfig(384, 12, 16, (8, 16, 32, 32), 37, (2, 5, 8, 11))  # (with a small decoder)
 TINY = DepthAnythingConfig(width=64, depth=5, features=16, out_channels=(8, 16, 32, 32), grid=37, taps=(1, 2, 3, 4))
 
 
@@ -179,7 +180,7 @@ def picture(height=64, width=64):
     [
         ("depth_anything", TINY, "depth_anything_vitl14.pth"),
         # v2 reads blocks 2, 5, 8 and 11 of a ViT-S (width 384, 12 blocks): that size, with a small decoder
-        ("depth_anything_v2", DepthAnythingConfig(384, 12, 16, (8, 16, 32, 32), 37, (2, 5, 8, 11)), "depth_anything_v2_vitl.safetensors"),
+        ("depth_anything_v2", VIT_S, "depth_anything_v2_vitl.safetensors"),
     ],
 )  # fmt: skip
 def test_the_map_is_the_extensions(module, cfg, name, tmp_path):

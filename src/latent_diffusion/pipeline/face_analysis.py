@@ -53,7 +53,7 @@ class Face(NamedTuple):
     keypoints: np.ndarray  # (5, 2): eyes, nose, mouth corners
 
 
-# ---- SCRFD: faces -----------------------------------------------------------------------------------------------------
+# ---- SCRFD: faces ----------------------------------------------------------------------------------------------------
 
 
 def _outputs_by_kind(outputs: list[np.ndarray]) -> dict[int, list[np.ndarray]]:
@@ -180,7 +180,7 @@ def draw_keypoints(height: int, width: int, keypoints: np.ndarray) -> np.ndarray
     return canvas
 
 
-# ---- the modules ------------------------------------------------------------------------------------------------------
+# ---- the modules -----------------------------------------------------------------------------------------------------
 
 PACK_OF_MODULE = {
     "instant_id_face_keypoints": "antelopev2",

@@ -12,10 +12,11 @@ prompt's context (`models/style_adapter.py`); SDXL's revision, the image embeddi
   CLIP's statistics (`CLIPImageProcessor`, whose own resize and crop change nothing at 224). A unit's mask is the
   image's alpha there: stretched with it, it zeroes the normalised pixels where it is painted.
 - Tokens: the base adapters project the image embedding, the plus and full-face ones the penultimate hidden
-  states; the FaceID and InstantID ones a face's identity (`face_analysis.py`), FaceID plus with clip_h's states. Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of
-  "no image": the base adapters' of a zero embedding, the others' of the states of a zero (normalised) image, as
+  states; the FaceID and InstantID ones a face's identity (`face_analysis.py`), FaceID plus with clip_h's states.
+  Several images of a unit: the mean of their tokens. The unconditional rows of guidance get the tokens of "no
+  image": the base adapters' of a zero embedding, the others' of the states of a zero (normalised) image, as
   IP-Adapter's own code makes them (the extension stores that tensor for SD 1.5; for SDXL plus it stores one
-  already projected, which is not reproduced here).
+  already projected, which is not reproduced here); the identity adapters' of a zero identity.
 - Each row of the U-Net's batch takes cond · m + uncond · (1 − m), m its guidance mark; the unit acts in its
   window of steps at its weight (and in the passes its hr_option names). The control mode and soft injection do
   not apply, as in the extension.
