@@ -15,6 +15,7 @@ from latent_diffusion.pipeline import face_analysis
 from latent_diffusion.pipeline.control_modules import PreprocessorError, find_module
 from latent_diffusion.pipeline.preprocessors import detect, module_list
 from test_pose_estimation import read, write_onnx
+from test_pose_estimation import ref_nms as ref_yolox_nms
 from test_preprocessors import ref_resize_image_with_pad
 
 # ---- networks of SCRFD's and ArcFace's shapes ------------------------------------------------------------------------
@@ -87,21 +88,8 @@ def portrait(height=300, width=420):
 # ---- insightface and the extension, written out ----------------------------------------------------------------------
 
 
-def ref_nms(dets, thresh=0.4):
-    x1, y1, x2, y2, scores = dets[:, 0], dets[:, 1], dets[:, 2], dets[:, 3], dets[:, 4]
-    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
-    keep = []
-    while order.size > 0:
-        i = order[0]
-        keep.append(i)
-        xx1, yy1 = np.maximum(x1[i], x1[order[1:]]), np.maximum(y1[i], y1[order[1:]])
-        xx2, yy2 = np.minimum(x2[i], x2[order[1:]]), np.minimum(y2[i], y2[order[1:]])
-        w, h = np.maximum(0.0, xx2 - xx1 + 1), np.maximum(0.0, yy2 - yy1 + 1)
-        inter = w * h
-        ovr = inter / (areas[i] + areas[order[1:]] - inter)
-        order = order[np.where(ovr <= thresh)[0] + 1]
-    return keep
+def ref_nms(dets, thresh=0.4):  # SCRFD.nms: YOLOX's demo nms (written out in test_pose_estimation) on dets[:, 4]
+    return ref_yolox_nms(dets[:, :4], dets[:, 4], thresh)
 
 
 def ref_scrfd_detect(net, img, input_size=(640, 640), threshold=0.5):

@@ -46,6 +46,17 @@ def identity_adapter(kind: str, model) -> IPAdapter:
         return randomize(IPAdapter(cfg), seed=8).eval()
 
 
+def diffusers_images(pipe, model, identity: torch.Tensor) -> torch.Tensor:
+    """diffusers' txt2img of our settings with the identity (1, 1, [1,] 512) as the adapter's image embedding and a
+    zero identity for the unconditional half."""
+    return pipe(
+        prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
+        ip_adapter_image_embeds=[torch.cat([torch.zeros_like(identity), identity])],
+        num_inference_steps=STEPS, guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
+        generator=torch.Generator().manual_seed(3), output_type="pt",
+    ).images  # fmt: skip
+
+
 @pytest.mark.parametrize("kind", ["faceid", "instantid"])
 def test_txt2img_with_a_face_unit_matches_diffusers(tmp_path, kind):
     model = tiny_model("sd1", seed=3)
@@ -71,12 +82,7 @@ def test_txt2img_with_a_face_unit_matches_diffusers(tmp_path, kind):
     pipe.unet._load_ip_adapter_weights([parts])
     pipe.set_ip_adapter_scale(weight)
     with torch.no_grad():
-        theirs = pipe(
-            prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
-            ip_adapter_image_embeds=[torch.cat([torch.zeros_like(identity), identity])],
-            num_inference_steps=STEPS, guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
-            generator=torch.Generator().manual_seed(3), output_type="pt",
-        ).images  # fmt: skip
+        theirs = diffusers_images(pipe, model, identity)
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
     plain = generate(model, dataclasses.replace(request, controls=[])).images
     assert (ours - plain).abs().max() > 0.05  # the face changed the image
@@ -196,12 +202,7 @@ def test_txt2img_with_a_faceid_plus_unit_matches_diffusers(tmp_path, name):
         none = tower(pixel_values=torch.zeros(1, 3, 224, 224), output_hidden_states=True).hidden_states[-2]
         projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
         projection.clip_embeds, projection.shortcut = torch.cat([none, seen])[:, None], "v2" in name
-        theirs = pipe(
-            prompt_embeds=embeddings(pipe, model, PROMPT), negative_prompt_embeds=embeddings(pipe, model, NEGATIVE),
-            ip_adapter_image_embeds=[torch.cat([torch.zeros_like(identity), identity])],
-            num_inference_steps=STEPS, guidance_scale=SETTINGS["cfg_scale"], eta=0.0, height=H, width=W,
-            generator=torch.Generator().manual_seed(3), output_type="pt",
-        ).images  # fmt: skip
+        theirs = diffusers_images(pipe, model, identity)
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
     plain = generate(model, dataclasses.replace(request, controls=[])).images
     assert (ours - plain).abs().max() > 0.05

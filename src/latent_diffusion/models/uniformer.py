@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .vit_layers import Mlp, SelfAttention
 
 
 @dataclass(frozen=True)
@@ -84,25 +84,6 @@ class CBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class Attention(nn.Module):
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(attention(*self.qkv(x).chunk(3, dim=-1), self.heads))
-
-
-class Mlp(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class SABlock(nn.Module):
     """Global attention: x + pos(x); then over the tokens (b, H·W, c), + attn(LN x), + mlp(LN x)."""
 
@@ -110,7 +91,7 @@ class SABlock(nn.Module):
         super().__init__()
         self.pos_embed = nn.Conv2d(width, width, 3, padding=1, groups=width)
         self.norm1, self.norm2 = nn.LayerNorm(width, eps=1e-6), nn.LayerNorm(width, eps=1e-6)
-        self.attn, self.mlp = Attention(width, heads), Mlp(width)
+        self.attn, self.mlp = SelfAttention(width, heads), Mlp(width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.pos_embed(x)

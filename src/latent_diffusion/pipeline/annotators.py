@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .annotator_files import files_folder
 from .control_modules import ControlModule, PreprocessorError
 
 
@@ -77,17 +78,6 @@ def weights_folder(module: ControlModule, folder: str | os.PathLike | None) -> P
     """Where `module`'s files are (`files_folder`)."""
     spec = ANNOTATORS.get(module.name)
     return None if spec is None else files_folder(spec.files, folder)
-
-
-def files_folder(files: tuple[str, ...], folder: str | os.PathLike | None) -> Path | None:
-    """Where `files` are: `folder` itself, or one of its subfolders holding them all (the extension keeps them one
-    folder per annotator, `annotator/downloads/openpose/` and so on, under the same file names); None: nowhere."""
-    if folder is None or not Path(folder).is_dir():
-        return None
-    for place in [Path(folder), *sorted(p for p in Path(folder).iterdir() if p.is_dir())]:
-        if all((place / name).is_file() for name in files):
-            return place
-    return None
 
 
 def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:

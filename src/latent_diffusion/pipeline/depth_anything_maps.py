@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models.depth_anything import PATCH, DepthAnything, depth_anything_from_state_dict
-from ..weights.reader import CheckpointError, first_line, read_state_dict
-from .annotators import files_folder
-from .control_modules import ControlModule, PreprocessorError
+from ..weights.reader import read_state_dict
+from .annotator_files import files_place, loaded, missing_files
+from .control_modules import ControlModule
 from .detector_images import resize_with_pad
 
 FILES = {"depth_anything": "depth_anything_vitl14.pth", "depth_anything_v2": "depth_anything_v2_vitl.safetensors"}
@@ -35,12 +35,7 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
     """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    name = FILES[module.name]
-    if folder is None:
-        return f"ControlNet module {module.label!r} needs {name}: no folder named (--annotator-dir)"
-    if files_folder((name,), folder) is None:
-        return f"ControlNet module {module.label!r} needs {name} in {os.fspath(folder)} or a folder in it"
-    return None
+    return missing_files(module, (FILES[module.name],), folder)
 
 
 @functools.lru_cache(maxsize=1)
@@ -79,18 +74,11 @@ def depth_map(image: np.ndarray, model: DepthAnything) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W) uint8 depth map`
     (PreprocessorError that says what is missing where it cannot run)."""
-    reason = unavailable_reason(module, folder)
-    if reason is not None:
-        raise PreprocessorError(reason)
     name = FILES[module.name]
-    path = files_folder((name,), folder) / name
+    path = files_place(module, (name,), folder) / name
 
     def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        try:
-            stat = path.stat()
-            model = _load(path, (stat.st_mtime_ns, stat.st_size), VERSIONS[module.name])
-        except (OSError, CheckpointError, ValueError) as e:
-            raise PreprocessorError(f"ControlNet module {module.label!r}: {name}: {first_line(e)}") from None
+        model = loaded(module, path, functools.partial(_load, version=VERSIONS[module.name]))
         padded, cut_back = resize_with_pad(image, resolution)
         return cut_back(depth_map(padded, model))
 

@@ -18,7 +18,6 @@ The largest face (by its box's area) is the one used, as the extension picks it.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import threading
@@ -28,7 +27,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from .annotators import files_folder
+from .annotator_files import files_folder, last_line, onnx_networks
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import greedy_nms, resize_with_pad
 
@@ -211,23 +210,10 @@ def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) 
     return None
 
 
-@functools.lru_cache(maxsize=4)
-def network(path: Path, stamp: tuple):
-    """An ONNX network read by OpenCV (kept by its path, modification time and size), run on the CPU."""
-    try:
-        net = cv2.dnn.readNetFromONNX(os.fspath(path))
-    except cv2.error as error:
-        last = [line for line in str(error).splitlines() if line.strip()][-1]
-        raise PreprocessorError(f"{path.name} is not an ONNX network OpenCV can read: {last}") from None
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-    return net
-
-
 def _networks(pack: str, folder, count: int) -> list:
     place = pack_folder(pack, folder, detector_only=count == 1)
     paths = [place / name for name in PACKS[pack][:count]]
-    return [network(path, (path.stat().st_mtime_ns, path.stat().st_size)) for path in paths]
+    return onnx_networks(paths)
 
 
 def _guarded(module: ControlModule, work):
@@ -236,7 +222,7 @@ def _guarded(module: ControlModule, work):
         with _IN_USE:
             return work()
     except (cv2.error, PreprocessorError) as error:
-        what = [line for line in str(error).splitlines() if line.strip()][-1] if isinstance(error, cv2.error) else error
+        what = last_line(error) if isinstance(error, cv2.error) else error
         raise PreprocessorError(f"ControlNet module {module.label!r}: {what}") from None
 
 

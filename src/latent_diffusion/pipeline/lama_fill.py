@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from ..models.lama import LaMa, lama_from_state_dict
-from ..weights.reader import CheckpointError, first_line, read_state_dict
-from .annotators import files_folder
-from .control_modules import ControlModule, PreprocessorError
+from ..weights.reader import read_state_dict
+from .annotator_files import files_place, loaded, missing_files
+from .control_modules import ControlModule
 from .detector_images import resize_with_pad
 
 MODULE = "inpaint_only+lama"
@@ -33,13 +33,7 @@ SIDE = 256  # "Always use 256 since lama is trained on 256"
 
 def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
     """Why LaMa cannot run with the annotator folder `folder`; None where it can."""
-    if folder is None:
-        return (
-            f"ControlNet module {module.label!r} needs the LaMa model ({LAMA_FILE}): no folder named (--annotator-dir)"
-        )
-    if files_folder((LAMA_FILE,), folder) is None:
-        return f"ControlNet module {module.label!r} needs {LAMA_FILE} in {os.fspath(folder)} or a folder in it"
-    return None
+    return missing_files(module, (LAMA_FILE,), folder)
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,18 +45,10 @@ def _load(path: Path, version: tuple) -> LaMa:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGBA, resolution, threshold_a, threshold_b, rng) -> RGBA map` (PreprocessorError that
     says what is missing where it cannot run)."""
-    reason = unavailable_reason(module, folder)
-    if reason is not None:
-        raise PreprocessorError(reason)
-    path = files_folder((LAMA_FILE,), folder) / LAMA_FILE
+    path = files_place(module, (LAMA_FILE,), folder) / LAMA_FILE
 
     def run(image: np.ndarray, resolution=None, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        try:
-            stat = path.stat()
-            lama = _load(path, (stat.st_mtime_ns, stat.st_size))
-        except (OSError, CheckpointError, ValueError) as e:
-            raise PreprocessorError(f"ControlNet module {module.label!r}: {LAMA_FILE}: {first_line(e)}") from None
-        return lama_fill(image, lama)
+        return lama_fill(image, loaded(module, path, _load))
 
     return run
 

@@ -20,16 +20,14 @@ classes or weak people only, DWPose still looks at the whole image as one box (`
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
-from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-from .annotators import files_folder
+from .annotator_files import files_place, last_line, missing_files, onnx_networks
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import greedy_nms, resize_with_pad
 from .pose_drawing import draw_animals, draw_people
@@ -265,42 +263,18 @@ def pose_json(found_people: list[Person], animals: list[Keypoints], height: int,
 
 def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
     """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    files = ", ".join(FILES[module.name])
-    if folder is None:
-        return f"ControlNet module {module.label!r} needs {files}: no folder named (--annotator-dir)"
-    if files_folder(FILES[module.name], folder) is None:
-        return f"ControlNet module {module.label!r} needs {files} in {os.fspath(folder)} or a folder in it"
-    return None
-
-
-@functools.lru_cache(maxsize=3)
-def _network(path: Path, version: tuple):
-    """An ONNX network read by OpenCV (kept by its path, modification time and size), run on the CPU."""
-    try:
-        net = cv2.dnn.readNetFromONNX(os.fspath(path))
-    except cv2.error as error:
-        raise PreprocessorError(f"{path.name} is not an ONNX network OpenCV can read: {_last_line(error)}") from None
-    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
-    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
-    return net
-
-
-def _last_line(error: Exception) -> str:
-    return [line for line in str(error).splitlines() if line.strip()][-1]
+    return missing_files(module, FILES[module.name], folder)
 
 
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> HWC uint8 pose map`, drawn on black
     at the image's size (PreprocessorError that says what is missing where it cannot run)."""
-    reason = unavailable_reason(module, folder)
-    if reason is not None:
-        raise PreprocessorError(reason)
-    place = files_folder(FILES[module.name], folder)
+    place = files_place(module, FILES[module.name], folder)
     paths = [place / name for name in FILES[module.name]]
 
     def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None, poses=None):
         """`poses`, a list, gets the poses found as the extension's `/controlnet/detect` sends them."""
-        detector, pose_net = (_network(path, (path.stat().st_mtime_ns, path.stat().st_size)) for path in paths)
+        detector, pose_net = onnx_networks(paths)
         padded, cut_back = resize_with_pad(image, resolution)
         h, w = padded.shape[:2]
         try:
@@ -311,7 +285,7 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
                 else:
                     found_people = find_people(detector, pose_net, padded)
         except (cv2.error, PreprocessorError) as error:  # a network of other inputs or outputs (the wrong file)
-            what = _last_line(error) if isinstance(error, cv2.error) else str(error)
+            what = last_line(error) if isinstance(error, cv2.error) else str(error)
             raise PreprocessorError(f"ControlNet module {module.label!r}: {what}") from None
         if poses is not None:
             poses.append(pose_json(found_people, animals, h, w))

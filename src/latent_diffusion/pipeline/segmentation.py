@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from ..models.uniformer import UperNetUniFormer, segmenter_from_state_dict
-from ..weights.reader import CheckpointError, first_line, read_state_dict
-from .annotators import files_folder
+from ..weights.reader import read_state_dict
+from .annotator_files import files_place, loaded, missing_files
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import resize_with_pad
 
@@ -48,12 +48,7 @@ PALETTE = np.array([[int(c[i : i + 2], 16) for i in (0, 2, 4)] for c in ADE_PALE
 
 def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
     """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    name = FILES[module.name]
-    if folder is None:
-        return f"ControlNet module {module.label!r} needs {name}: no folder named (--annotator-dir)"
-    if files_folder((name,), folder) is None:
-        return f"ControlNet module {module.label!r} needs {name} in {os.fspath(folder)} or a folder in it"
-    return None
+    return missing_files(module, (FILES[module.name],), folder)
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,18 +78,11 @@ def segment(image: np.ndarray, model: UperNetUniFormer) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W, 3) uint8 class colours`
     (PreprocessorError that says what is missing where it cannot run)."""
-    reason = unavailable_reason(module, folder)
-    if reason is not None:
-        raise PreprocessorError(reason)
     name = FILES[module.name]
-    path = files_folder((name,), folder) / name
+    path = files_place(module, (name,), folder) / name
 
     def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        try:
-            stat = path.stat()
-            model = _load(path, (stat.st_mtime_ns, stat.st_size))
-        except (OSError, CheckpointError, ValueError) as e:
-            raise PreprocessorError(f"ControlNet module {module.label!r}: {name}: {first_line(e)}") from None
+        model = loaded(module, path, _load)
         if model.cfg.classes != len(PALETTE):
             raise PreprocessorError(
                 f"ControlNet module {module.label!r}: {name} has {model.cfg.classes} classes, not 150"

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from ..models.teed import TEED, teed_from_state_dict
-from ..weights.reader import CheckpointError, first_line, read_state_dict
-from .annotators import files_folder
-from .control_modules import ControlModule, PreprocessorError
+from ..weights.reader import read_state_dict
+from .annotator_files import files_place, loaded, missing_files
+from .control_modules import ControlModule
 from .detector_images import hwc3, line_intensity, resize_with_pad, safe_step
 
 FILES = {"softedge_teed": "7_model.pth", "softedge_anyline": "MTEED.pth"}
@@ -34,12 +34,7 @@ FILES = {"softedge_teed": "7_model.pth", "softedge_anyline": "MTEED.pth"}
 
 def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
     """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    name = FILES[module.name]
-    if folder is None:
-        return f"ControlNet module {module.label!r} needs {name}: no folder named (--annotator-dir)"
-    if files_folder((name,), folder) is None:
-        return f"ControlNet module {module.label!r} needs {name} in {os.fspath(folder)} or a folder in it"
-    return None
+    return missing_files(module, (FILES[module.name],), folder)
 
 
 @functools.lru_cache(maxsize=2)
@@ -73,19 +68,12 @@ def anyline(image: np.ndarray, model: TEED, safe_steps: int) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> uint8 map` (PreprocessorError that
     says what is missing where it cannot run)."""
-    reason = unavailable_reason(module, folder)
-    if reason is not None:
-        raise PreprocessorError(reason)
     name = FILES[module.name]
-    path = files_folder((name,), folder) / name
+    path = files_place(module, (name,), folder) / name
     make = anyline if module.name == "softedge_anyline" else teed_edges
 
     def run(image: np.ndarray, resolution: int, safe_steps: float, threshold_b=None, rng=None) -> np.ndarray:
-        try:
-            stat = path.stat()
-            model = _load(path, (stat.st_mtime_ns, stat.st_size))
-        except (OSError, CheckpointError, ValueError) as e:
-            raise PreprocessorError(f"ControlNet module {module.label!r}: {name}: {first_line(e)}") from None
+        model = loaded(module, path, _load)
         padded, cut_back = resize_with_pad(image, resolution)
         return cut_back(make(padded, model, int(safe_steps)))
 

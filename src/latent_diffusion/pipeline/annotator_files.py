@@ -1,0 +1,83 @@
+"""The annotator folder (`--annotator-dir`, `Pipeline.annotators`): where a module's weight files are, why a module
+cannot run without them, and each file read once (kept by its path, modification time and size, so a file replaced
+on disk is read again). The ControlNet extension keeps its annotators' files one folder per annotator
+(`annotator/downloads/openpose/`, `.../depth_anything/`, ...); a folder given as that, or holding the files itself,
+works. ONNX files are read by OpenCV's own reader (`cv2.dnn`): a graph of operators, nothing in it run as code."""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import cv2
+
+from ..weights.reader import CheckpointError, first_line
+from .control_modules import ControlModule, PreprocessorError
+
+T = TypeVar("T")
+
+
+def files_folder(files: tuple[str, ...], folder: str | os.PathLike | None) -> Path | None:
+    """Where `files` are: `folder` itself, or one of its subfolders holding them all; None: nowhere."""
+    if folder is None or not Path(folder).is_dir():
+        return None
+    for place in [Path(folder), *sorted(p for p in Path(folder).iterdir() if p.is_dir())]:
+        if all((place / name).is_file() for name in files):
+            return place
+    return None
+
+
+def missing_files(
+    module: ControlModule, files: tuple[str, ...], folder: str | os.PathLike | None, what: str | None = None
+) -> str | None:
+    """Why `module` cannot run: its files (`what` names them, else their names) are not in `folder` or a folder in
+    it, or no folder was named; None where they are."""
+    needs = f"ControlNet module {module.label!r} needs {what or ', '.join(files)}"
+    if folder is None:
+        return f"{needs}: no folder named (--annotator-dir)"
+    if files_folder(files, folder) is None:
+        return f"{needs} in {os.fspath(folder)} or a folder in it"
+    return None
+
+
+def files_place(module: ControlModule, files: tuple[str, ...], folder: str | os.PathLike | None) -> Path:
+    """The folder holding `module`'s files (`files_folder`); PreprocessorError saying what is missing where none does."""
+    reason = missing_files(module, files, folder)
+    if reason is not None:
+        raise PreprocessorError(reason)
+    return files_folder(files, folder)
+
+
+def loaded(module: ControlModule, path: Path, load: Callable[[Path, tuple], T]) -> T:
+    """`load(path, stamp)` (an lru_cache'd reader: the stamp, the file's modification time and size, keys it), a file
+    that cannot be read or is not what it is named for as one PreprocessorError line naming it."""
+    try:
+        stat = path.stat()
+        return load(path, (stat.st_mtime_ns, stat.st_size))
+    except (OSError, CheckpointError, ValueError) as e:
+        raise PreprocessorError(f"ControlNet module {module.label!r}: {path.name}: {first_line(e)}") from None
+
+
+def last_line(error: Exception) -> str:
+    """An OpenCV error's last line (the one that says what went wrong)."""
+    return [line for line in str(error).splitlines() if line.strip()][-1]
+
+
+@functools.lru_cache(maxsize=4)
+def onnx_network(path: Path, stamp: tuple):
+    """An ONNX network read by OpenCV, run on the CPU (PreprocessorError for a file it cannot read)."""
+    try:
+        net = cv2.dnn.readNetFromONNX(os.fspath(path))
+    except cv2.error as error:
+        raise PreprocessorError(f"{path.name} is not an ONNX network OpenCV can read: {last_line(error)}") from None
+    net.setPreferableBackend(cv2.dnn.DNN_BACKEND_OPENCV)
+    net.setPreferableTarget(cv2.dnn.DNN_TARGET_CPU)
+    return net
+
+
+def onnx_networks(paths: list[Path]) -> list:
+    """`onnx_network` of each path."""
+    return [onnx_network(path, (path.stat().st_mtime_ns, path.stat().st_size)) for path in paths]
