@@ -223,3 +223,14 @@ def test_files_that_are_not_depth_anything_are_refused(tmp_path):
     state["depth_head.projects.0.weight"] = torch.zeros(9, 64, 1, 1)
     with pytest.raises(ValueError, match="^not a Depth Anything model: size mismatch for depth_head.projects.0"):
         depth_anything_from_state_dict(state, version=1)
+
+
+def test_images_and_files_depth_anything_cannot_take_are_refused_in_one_line(tmp_path):
+    torch.save(tiny().state_dict(), tmp_path / "depth_anything_vitl14.pth")
+    with pytest.raises(PreprocessorError, match="is too elongated for Depth Anything"):
+        detect(picture(32, 640), "depth_anything", 64, annotator_folder=tmp_path)  # (20:1: 37 x 740 patches)
+    state = tiny().state_dict()
+    state["pretrained.cls_token"] = torch.tensor(0.0)  # (a tensor of no dimension)
+    torch.save(state, tmp_path / "depth_anything_vitl14.pth")
+    with pytest.raises(PreprocessorError, match="^ControlNet module 'depth_anything': depth_anything_vitl14.pth: "):
+        detect(picture(), "depth_anything", 64, annotator_folder=tmp_path)

@@ -71,7 +71,7 @@ def packs(folder):
     for pack, (detector, recognizer) in face_analysis.PACKS.items():
         place = folder / "insightface" / "models" / pack
         place.mkdir(parents=True)
-        scrfd_like(place / detector, seed=0)
+        scrfd_like(place / detector, seed=0 if pack == "antelopev2" else 3)  # (the packs' detectors differ)
         arcface_like(place / recognizer, seed=1 if pack == "antelopev2" else 2)
     return folder
 

@@ -267,3 +267,14 @@ def test_files_that_are_not_the_segmenter_are_refused(tmp_path):
         ValueError, match="^not an UperNet UniFormer segmenter: size mismatch for decode_head.bottleneck"
     ):
         segmenter_from_state_dict(state)
+
+
+def test_images_the_segmenter_cannot_take_are_refused_in_one_line(tmp_path):
+    torch.save({"state_dict": random_segmenter().state_dict()}, tmp_path / "upernet_global_small.pth")
+    with pytest.raises(PreprocessorError, match="too elongated for the segmenter"):
+        detect(np.full((16, 1100, 3), 100, np.uint8), "seg_ufade20k", 64, annotator_folder=tmp_path)
+    state = random_segmenter().state_dict()
+    state["decode_head.conv_seg.weight"] = torch.zeros(150)  # (a tensor of another rank)
+    torch.save({"state_dict": state}, tmp_path / "upernet_global_small.pth")
+    with pytest.raises(PreprocessorError, match="^ControlNet module 'seg_ufade20k': upernet_global_small.pth: "):
+        detect(photo(), "seg_ufade20k", 64, annotator_folder=tmp_path)

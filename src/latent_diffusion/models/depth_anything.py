@@ -221,7 +221,7 @@ def depth_anything_from_state_dict(state_dict: dict[str, torch.Tensor], version:
     if missing:
         raise ValueError(f"not a Depth Anything model (no {missing[0]})")
     cfg = config_from_state_dict(state_dict, version)
-    if not cfg.taps or max(cfg.taps) >= cfg.depth:
+    if cfg.width % 64 or not cfg.taps or min(cfg.taps) < 0 or max(cfg.taps) >= cfg.depth:
         raise ValueError(f"no Depth Anything v{version} encoder of width {cfg.width} and {cfg.depth} blocks")
     with torch.device("meta"):
         model = DepthAnything(cfg)

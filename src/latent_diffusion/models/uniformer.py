@@ -37,7 +37,8 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor]) -> UniFormerConf
     """The sizes of a file's tensors."""
     widths = tuple(state_dict[f"backbone.patch_embed{i}.proj.weight"].shape[0] for i in range(1, 5))
     depths = tuple(
-        1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith(f"backbone.blocks{i}.")) for i in range(1, 5)
+        1 + max((int(k.split(".")[2]) for k in state_dict if k.startswith(f"backbone.blocks{i}.")), default=-1)
+        for i in range(1, 5)
     )
     head = state_dict["decode_head.conv_seg.weight"].shape
     return UniFormerConfig(widths, depths, channels=head[1], classes=head[0])
@@ -191,8 +192,11 @@ def segmenter_from_state_dict(state_dict: dict[str, torch.Tensor]) -> UperNetUni
     missing = [k for k in needed if k not in state_dict]
     if missing:
         raise ValueError(f"not an UperNet UniFormer segmenter (no {missing[0]})")
+    cfg = config_from_state_dict(state_dict)
+    if any(width % cfg.head_width for width in cfg.widths[2:]) or 0 in cfg.depths:
+        raise ValueError(f"not an UperNet UniFormer segmenter (stages {cfg.widths} wide, {cfg.depths} deep)")
     with torch.device("meta"):
-        model = UperNetUniFormer(config_from_state_dict(state_dict))
+        model = UperNetUniFormer(cfg)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except RuntimeError as error:  # keys or shapes of another network: its first complaint, in one line

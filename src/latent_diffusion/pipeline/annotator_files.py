@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
@@ -18,6 +19,7 @@ from ..weights.reader import CheckpointError, first_line
 from .control_modules import ControlModule, PreprocessorError
 
 T = TypeVar("T")
+_LOADING, _RUNNING = threading.Lock(), threading.Lock()
 
 
 def files_folder(files: tuple[str, ...], folder: str | os.PathLike | None) -> Path | None:
@@ -53,12 +55,26 @@ def files_place(module: ControlModule, files: tuple[str, ...], folder: str | os.
 
 def loaded(module: ControlModule, path: Path, load: Callable[[Path, tuple], T]) -> T:
     """`load(path, stamp)` (an lru_cache'd reader: the stamp, the file's modification time and size, keys it), a file
-    that cannot be read or is not what it is named for as one PreprocessorError line naming it."""
+    that cannot be read or is not what it is named for (tensors of other shapes or ranks than the network's) as one
+    PreprocessorError line naming it."""
     try:
         stat = path.stat()
-        return load(path, (stat.st_mtime_ns, stat.st_size))
-    except (OSError, CheckpointError, ValueError) as e:
+        with _LOADING:  # (two threads missing the cache together would each read the file)
+            return load(path, (stat.st_mtime_ns, stat.st_size))
+    except (OSError, CheckpointError, ValueError, IndexError, KeyError, TypeError, RuntimeError) as e:
         raise PreprocessorError(f"ControlNet module {module.label!r}: {path.name}: {first_line(e)}") from None
+
+
+def running(module: ControlModule, work: Callable[[], T]) -> T:
+    """`work()`, a network's forward, one at a time (the server's threads would each hold a large network's
+    activations); what torch refuses (an allocation, a size the network cannot take) as one PreprocessorError line."""
+    try:
+        with _RUNNING:
+            return work()
+    except RuntimeError as e:
+        raise PreprocessorError(
+            f"ControlNet module {module.label!r} cannot run on this image: {first_line(e)}"
+        ) from None
 
 
 def last_line(error: Exception) -> str:
@@ -66,7 +82,7 @@ def last_line(error: Exception) -> str:
     return [line for line in str(error).splitlines() if line.strip()][-1]
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def onnx_network(path: Path, stamp: tuple):
     """An ONNX network read by OpenCV, run on the CPU (PreprocessorError for a file it cannot read)."""
     try:
@@ -79,5 +95,8 @@ def onnx_network(path: Path, stamp: tuple):
 
 
 def onnx_networks(paths: list[Path]) -> list:
-    """`onnx_network` of each path."""
-    return [onnx_network(path, (path.stat().st_mtime_ns, path.stat().st_size)) for path in paths]
+    """`onnx_network` of each path (PreprocessorError for one that cannot be read)."""
+    try:
+        return [onnx_network(path, (path.stat().st_mtime_ns, path.stat().st_size)) for path in paths]
+    except OSError as e:
+        raise PreprocessorError(f"{e.filename and Path(e.filename).name}: {e.strerror}") from None

@@ -28,7 +28,7 @@ from ..weights.controlnet import check_controlnet_fits, is_controlnet_state_dict
 from ..weights.ip_adapter import is_ip_adapter_state_dict, load_ip_adapter
 from ..weights.reader import CheckpointError, first_line, read_state_dict, safetensors_index
 from ..weights.t2i_adapter import is_t2i_adapter_state_dict, t2i_adapter_from_state_dict
-from .control_images import control_map, prepare_control
+from .control_images import control_map, pixel_perfect_resolution, prepare_control
 from .control_modules import COLOR_FIX, INPAINT_ONLY, MODEL_FREE, PreprocessorError, Slider, find_module
 from .face_analysis import identity
 from .image_prompts import (
@@ -215,7 +215,7 @@ def resolve_controls(
         listed, control = _unit_model(unit, title, pipeline)
         _check_unit(unit, title, control)
         if isinstance(control, (IPAdapter, StyleAdapter)) or unit.module in REVISION_MODULES:
-            resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline, seeds[0], no_prompt))
+            resolved.append(_image_prompt_unit(unit, title, listed, control, pipeline, (seeds[0], size), no_prompt))
             continue
         maps = []
         for i, image in enumerate(unit.image):
@@ -275,10 +275,12 @@ def _instant_id_context(resolved: list[ResolvedControl], listed: str, control, t
 
 
 def _image_prompt_unit(
-    unit: ControlUnit, title: str, listed: str, adapter, pipeline, seed: int, no_prompt: bool
+    unit: ControlUnit, title: str, listed: str, adapter, pipeline, seed_and_size: tuple, no_prompt: bool
 ) -> ResolvedControl:
     """A unit whose images go through a CLIP image tower (`image_prompts.py`): an IP-Adapter's or a style adapter's
-    tokens, or revision's embedding (adapter None); no map."""
+    tokens, or revision's embedding (adapter None); no map. `seed_and_size`: the request's first seed (revision's
+    noise) and the pass's size (pixel perfect, for InstantID's face)."""
+    seed, size = seed_and_size
     model, found = pipeline.model, find_module(unit.module)
     module = found.name
     if unit.advanced_weighting is not None:  # (an IP-Adapter's: one weight per block of cross-attention)
@@ -298,7 +300,7 @@ def _image_prompt_unit(
         elif unit.mask is not None:
             masks = [_uint8(unit.mask[min(i, len(unit.mask) - 1)])[..., 0] for i in range(len(unit.image))]
         if isinstance(adapter, IPAdapter) and adapter.takes_identity:  # (InsightFace's identities)
-            return _face_unit(unit, listed, adapter, module, pipeline, images, masks)
+            return _face_unit(unit, listed, adapter, (module, size), pipeline, images, masks)
         name = tower_name(module, listed) if isinstance(adapter, IPAdapter) else _other_tower(module, model, adapter)
         tower = load_tower(find_tower(pipeline.clip_vision, name), model.device)
         if isinstance(adapter, IPAdapter):
@@ -319,11 +321,15 @@ def _image_prompt_unit(
     return dataclasses.replace(control, image_tokens=tokens, ignores_prompt=ignores)
 
 
-def _face_unit(unit, listed: str, adapter: IPAdapter, module: str, pipeline, images, masks) -> ResolvedControl:
+def _face_unit(unit, listed: str, adapter: IPAdapter, module_and_size, pipeline, images, masks) -> ResolvedControl:
     """An IP-Adapter unit whose tokens come from its faces' identities (FaceID, InstantID; FaceID plus with clip_h's
-    states of its images too); ImagePromptError or PreprocessorError where it cannot run."""
+    states of its images too); ImagePromptError or PreprocessorError where it cannot run. InstantID finds the face at
+    the processor resolution, or pixel perfect's for the pass's size (of the first image, as the extension)."""
+    module, (h, w) = module_and_size
     face = find_module(face_module(adapter, module))
-    res = resolve_sliders(face, unit.processor_res, None, None, strict=True)[0]
+    res = resolve_sliders(face, None if unit.pixel_perfect else unit.processor_res, None, None, strict=True)[0]
+    if unit.pixel_perfect:
+        res = pixel_perfect_resolution(images[0].shape[:2], h, w, RESIZE_MODES[unit.resize_mode])
     identities = [identity(face, pipeline.annotators, image, res) for image in images]
     tower = None
     if adapter.cfg.kind == "faceid_plus":  # (the extension's face_id_plus runs clip_h)

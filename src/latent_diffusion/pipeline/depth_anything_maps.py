@@ -23,13 +23,15 @@ import torch.nn.functional as F
 
 from ..models.depth_anything import PATCH, DepthAnything, depth_anything_from_state_dict
 from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files
-from .control_modules import ControlModule
+from .annotator_files import files_place, loaded, missing_files, running
+from .control_modules import ControlModule, PreprocessorError
 from .detector_images import resize_with_pad
 
 FILES = {"depth_anything": "depth_anything_vitl14.pth", "depth_anything_v2": "depth_anything_v2_vitl.safetensors"}
 VERSIONS = {"depth_anything": 1, "depth_anything_v2": 2}
 SIDE = 518  # the network's training size: the shorter side at least this
+MAX_TOKENS = 37 * 37 * 8  # patches a map may take (the sides' ratio up to about 8:1); beyond, the activations grow past
+# several GB on a CPU, where the extension would try and run out of memory
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
@@ -80,6 +82,12 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
     def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
         model = loaded(module, path, functools.partial(_load, version=VERSIONS[module.name]))
         padded, cut_back = resize_with_pad(image, resolution)
-        return cut_back(depth_map(padded, model))
+        rows, columns = network_size(*padded.shape[:2])
+        if rows * columns // PATCH**2 > MAX_TOKENS:  # (its short side is always 518: the tokens grow with the aspect)
+            raise PreprocessorError(
+                f"ControlNet module {module.label!r}: a {image.shape[1]}x{image.shape[0]} image is too elongated for "
+                f"Depth Anything (sides beyond {MAX_TOKENS // 37 // 37}:1)"
+            )
+        return cut_back(running(module, lambda: depth_map(padded, model)))
 
     return run

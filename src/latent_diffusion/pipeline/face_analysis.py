@@ -13,7 +13,10 @@ graph of operators, nothing in it executed as code. The packs are InsightFace's 
    takes its keypoints nearest to ArcFace's five (Umeyama's least squares, as scikit-image estimates it), as
    (x − 127.5)/127.5 in RGB, to a 512-vector. FaceID uses it normed; InstantID as it is.
 
-The largest face (by its box's area) is the one used, as the extension picks it.
+The largest face (by its box's area) is the one used, as the extension picks it. A unit's mask is not read for the
+identity (the extension's face modules take none). InsightFace reads ArcFace's statistics off the graph's first
+operators (0 and 1 for graphs that normalize themselves); OpenCV does not show them, and 127.5 and 127.5, those of
+both packs' recognizers, are assumed.
 """
 
 from __future__ import annotations
@@ -154,7 +157,10 @@ def face_embedding(net, image: np.ndarray, face: Face) -> np.ndarray:
     """ArcFace's (512,) float32 identity of `face` in the BGR image (not normed: InstantID's `embedding`)."""
     crop = aligned_face(image, face.keypoints)
     net.setInput(cv2.dnn.blobFromImages([crop], 1.0 / 127.5, (112, 112), (127.5, 127.5, 127.5), swapRB=True))
-    return net.forward(net.getUnconnectedOutLayersNames())[0].reshape(-1)
+    embedding = net.forward(net.getUnconnectedOutLayersNames())[0].reshape(-1)
+    if embedding.shape != (512,) or not np.isfinite(embedding).all():
+        raise PreprocessorError(f"the face recognizer gives {embedding.shape} numbers, not ArcFace's 512 finite ones")
+    return embedding
 
 
 # ---- InstantID's keypoint map ---------------------------------------------------------------------------------------
@@ -217,10 +223,13 @@ def _networks(pack: str, folder, count: int) -> list:
 
 
 def _guarded(module: ControlModule, work):
-    """`work()` under the networks' lock; an OpenCV error (a file of other inputs or outputs) as one line."""
+    """`work()` under the networks' lock; an OpenCV error (a file of other inputs or outputs, an image it cannot
+    take) or keypoints no transform fits as one line."""
     try:
         with _IN_USE:
             return work()
+    except np.linalg.LinAlgError as error:
+        raise PreprocessorError(f"ControlNet module {module.label!r}: the face's keypoints: {error}") from None
     except (cv2.error, PreprocessorError) as error:
         what = last_line(error) if isinstance(error, cv2.error) else error
         raise PreprocessorError(f"ControlNet module {module.label!r}: {what}") from None
@@ -233,11 +242,14 @@ def identity(module: ControlModule, folder: str | os.PathLike | None, image: np.
     if reason is not None:
         raise PreprocessorError(reason)
     detector, recognizer = _networks(PACK_OF_MODULE[module.name], folder, 2)
-    bgr = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2BGR)
     instant_id = module.name.startswith("instant_id")
-    if instant_id:
-        bgr = resize_with_pad(bgr, resolution)[0]
-    embedding = _guarded(module, lambda: face_embedding(recognizer, bgr, largest_face(detect_faces(detector, bgr))))
+
+    def work() -> np.ndarray:
+        bgr = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2BGR)
+        bgr = resize_with_pad(bgr, resolution)[0] if instant_id else bgr
+        return face_embedding(recognizer, bgr, largest_face(detect_faces(detector, bgr)))
+
+    embedding = _guarded(module, work)
     return embedding if instant_id else embedding / np.linalg.norm(embedding)
 
 
@@ -252,8 +264,11 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
 
     def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
         [detector] = _networks(PACK_OF_MODULE[module.name], folder, 1)
-        padded, cut_back = resize_with_pad(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), resolution)
-        face = _guarded(module, lambda: largest_face(detect_faces(detector, padded)))
-        return cut_back(draw_keypoints(*padded.shape[:2], face.keypoints))
+
+        def work() -> np.ndarray:
+            padded, cut_back = resize_with_pad(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), resolution)
+            return cut_back(draw_keypoints(*padded.shape[:2], largest_face(detect_faces(detector, padded)).keypoints))
+
+        return _guarded(module, work)
 
     return run

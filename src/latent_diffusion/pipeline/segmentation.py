@@ -22,7 +22,7 @@ import torch
 
 from ..models.uniformer import UperNetUniFormer, segmenter_from_state_dict
 from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files
+from .annotator_files import files_place, loaded, missing_files, running
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import resize_with_pad
 
@@ -72,7 +72,9 @@ def segment(image: np.ndarray, model: UperNetUniFormer) -> np.ndarray:
     with torch.inference_mode():
         logits = model(torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None])  # (1, classes, h', w')
         logits = torch.nn.functional.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-        return logits.softmax(dim=1).argmax(dim=1)[0].numpy()
+        # softmax is per pixel: taken in bands of rows, so that no second copy of the logits is made at once
+        bands = [logits[:, :, i : i + 256].softmax(dim=1).argmax(dim=1) for i in range(0, h, 256)]
+        return torch.cat(bands, dim=1)[0].numpy()
 
 
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
@@ -88,6 +90,11 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
                 f"ControlNet module {module.label!r}: {name} has {model.cfg.classes} classes, not 150"
             )
         padded, cut_back = resize_with_pad(image, resolution)
-        return cut_back(PALETTE[segment(padded, model)])
+        if min(network_size(*padded.shape[:2])) < 32:  # (the last stage works at 1/32 of the size)
+            raise PreprocessorError(
+                f"ControlNet module {module.label!r}: a {image.shape[1]}x{image.shape[0]} image is too elongated for "
+                "the segmenter (its shorter side would fall under 32 pixels within 2048x512)"
+            )
+        return cut_back(PALETTE[running(module, lambda: segment(padded, model))])
 
     return run

@@ -10,7 +10,9 @@ four edge maps, each scaled to that size (bilinear), averaged and squashed by a 
 softedge_anyline: MTEED's map so made, then lineart_standard's map of the same padded image; where that map is
 exactly 1 in a 4-connected patch of at least 12 such pixels (skimage's `remove_small_objects(min_size=36)` on its
 three identical channels), the result is 1. That is what the extension's blend (`combine_layers`, written for maps in
-0..1 as in MistoLine's ComfyUI node) computes on 8-bit maps; kept as the extension has it.
+0..1 as in MistoLine's ComfyUI node) computes on 8-bit maps; kept as the extension has it. (The extension runs
+lineart_standard through its own resize again, which at a resolution that is not a multiple of 64 gives a map of
+another size and fails; here the padded image's map is taken as it is.)
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from ..models.teed import TEED, teed_from_state_dict
 from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files
+from .annotator_files import files_place, loaded, missing_files, running
 from .control_modules import ControlModule
 from .detector_images import hwc3, line_intensity, resize_with_pad, safe_step
 
@@ -75,6 +77,6 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
     def run(image: np.ndarray, resolution: int, safe_steps: float, threshold_b=None, rng=None) -> np.ndarray:
         model = loaded(module, path, _load)
         padded, cut_back = resize_with_pad(image, resolution)
-        return cut_back(make(padded, model, int(safe_steps)))
+        return cut_back(running(module, lambda: make(padded, model, int(safe_steps))))
 
     return run

@@ -123,7 +123,8 @@ class ControlNetRoutes:
 
     def detect_maps(self, body: DetectRequest, images: list[str], poses: list) -> list[str]:
         """Each image's map, base64 PNG; `poses` gets the poses of the modules that estimate them (DWPose and the
-        animal poses), one per image, as the extension sends them."""
+        animal poses), one per image, as the extension sends them. (The extension sends poses for its OpenPose
+        modules too; those run through controlnet_aux here, which draws them without giving their keypoints.)"""
         maps = []
         for i, data in enumerate(images):
             image = self.rgb(data, f"controlnet_input_images[{i}]")
