@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exact_load import load_exactly
 from .vit_layers import Mlp, SelfAttention
 
 PATCH = 14
@@ -223,11 +224,4 @@ def depth_anything_from_state_dict(state_dict: dict[str, torch.Tensor], version:
     cfg = config_from_state_dict(state_dict, version)
     if cfg.width % 64 or not cfg.taps or min(cfg.taps) < 0 or max(cfg.taps) >= cfg.depth:
         raise ValueError(f"no Depth Anything v{version} encoder of width {cfg.width} and {cfg.depth} blocks")
-    with torch.device("meta"):
-        model = DepthAnything(cfg)
-    try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as error:  # keys or shapes of another network: its first complaint, in one line
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ValueError(f"not a Depth Anything model: {lines[min(1, len(lines) - 1)]}") from None
-    return model.float().eval()
+    return load_exactly(lambda: DepthAnything(cfg), state_dict, "a Depth Anything model")

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exact_load import load_exactly
+
 
 def smish(x: torch.Tensor) -> torch.Tensor:
     return x * torch.tanh(torch.log(1 + torch.sigmoid(x)))
@@ -117,10 +119,4 @@ class TEED(nn.Module):
 
 def teed_from_state_dict(state_dict: dict[str, torch.Tensor]) -> TEED:
     """The network of a file's tensors (ValueError naming what does not fit)."""
-    model = TEED()
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ValueError(f"not a TEED model: {lines[min(1, len(lines) - 1)][:200]}") from None
-    return model.float().eval()
+    return load_exactly(TEED, state_dict, "a TEED model")

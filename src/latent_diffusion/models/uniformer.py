@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .exact_load import load_exactly
 from .vit_layers import Mlp, SelfAttention
 
 
@@ -195,11 +196,4 @@ def segmenter_from_state_dict(state_dict: dict[str, torch.Tensor]) -> UperNetUni
     cfg = config_from_state_dict(state_dict)
     if any(width % cfg.head_width for width in cfg.widths[2:]) or 0 in cfg.depths:
         raise ValueError(f"not an UperNet UniFormer segmenter (stages {cfg.widths} wide, {cfg.depths} deep)")
-    with torch.device("meta"):
-        model = UperNetUniFormer(cfg)
-    try:
-        model.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as error:  # keys or shapes of another network: its first complaint, in one line
-        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise ValueError(f"not an UperNet UniFormer segmenter: {lines[min(1, len(lines) - 1)][:200]}") from None
-    return model.float().eval()
+    return load_exactly(lambda: UperNetUniFormer(cfg), state_dict, "an UperNet UniFormer segmenter")
