@@ -206,3 +206,26 @@ def test_txt2img_with_a_faceid_plus_unit_matches_diffusers(tmp_path, name):
     torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=0)
     plain = generate(model, dataclasses.replace(request, controls=[])).images
     assert (ours - plain).abs().max() > 0.05
+
+
+def test_a_faceid_unit_through_the_server_with_ip_adapter_auto(tmp_path, serve):
+    """A web UI client's FaceID unit with module ip-adapter-auto, through a real socket: the model's kind picks the
+    face module, and no CLIP tower is asked for (none is in the pipeline)."""
+    from PIL import Image
+
+    from latent_diffusion.serving.server import create_app
+    from test_controlnet_api import b64
+    from test_server import call
+
+    model = tiny_model("sd1", seed=3)
+    controls = tmp_path / "ControlNet"
+    controls.mkdir()
+    tencent_file(identity_adapter("faceid", model), controls / "ip-adapter-faceid_sd15.bin")
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), annotators=packs(tmp_path / "annotators"))
+    unit = {"enabled": True, "module": "ip-adapter-auto", "model": "ip-adapter-faceid_sd15", "weight": 0.8}
+    unit["image"] = b64(Image.fromarray(portrait()))
+    body = {"prompt": PROMPT, "seed": 3, "steps": 2, "width": W, "height": H}
+    with serve(create_app(pipeline, controlnet_dir=controls)) as base:
+        status, answer = call(base, "/sdapi/v1/txt2img", body | {"alwayson_scripts": {"ControlNet": {"args": [unit]}}})
+        plain = call(base, "/sdapi/v1/txt2img", body)[1]
+    assert status == 200 and answer["images"][0] != plain["images"][0]

@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from ..pipeline.control import find_model
 from ..pipeline.control_images import resize_mode_from_value
 from ..pipeline.control_modules import CONTROL_TYPES, MODEL_FREE, ControlModule, PreprocessorError, Slider, find_module
+from ..pipeline.image_prompts import AUTO
 from ..pipeline.images import as_mode, from_pil
 from ..pipeline.loading import Pipeline
 from ..pipeline.preprocessors import unavailable_reason
@@ -116,7 +117,8 @@ def _control_unit(i: int, fields: dict, pipeline: Pipeline, open_image, init: In
         module = find_module(module_name)
     except PreprocessorError as e:
         raise RequestError(f"{where}: {e}") from None
-    if (reason := unavailable_reason(module, pipeline.annotators, pipeline.clip_vision)) is not None:
+    # (ip-adapter-auto: the model decides what it needs, a tower or InsightFace's faces; generation says what is missing)
+    if module.name != AUTO and (reason := unavailable_reason(module, pipeline.annotators, pipeline.clip_vision)):
         raise RequestError(f"{where}: {reason}")
     model = "None" if module.model_free else find_model(str(fields.get("model")), pipeline.controlnets)
     if model is None:
