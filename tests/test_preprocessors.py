@@ -597,6 +597,16 @@ def test_annotators_run_only_with_their_files(fake_controlnet_aux, tmp_path):
         detect(drawing(), "depth_zoe", annotator_folder=tmp_path)
 
 
+def test_the_t2i_sketch_module_runs_pidinet_with_its_filter(fake_controlnet_aux, tmp_path):
+    """t2ia_sketch_pidi (module pidinet_sketch): the extension's `pidinet_ts`, PiDiNet's edges thresholded at 0.5
+    (its `apply_fliter`), controlnet_aux's `apply_filter`."""
+    (tmp_path / "table5_pidinet.pth").write_bytes(b"weights")
+    detect(drawing(), "t2ia_sketch_pidi", 128, annotator_folder=tmp_path)
+    assert FakeDetector.calls == [
+        {"detect_resolution": 128, "image_resolution": 128, "output_type": "np", "apply_filter": True}
+    ]
+
+
 def test_without_controlnet_aux_the_annotators_say_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "controlnet_aux", None)  # import fails, as where it is not installed
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)

@@ -1,4 +1,4 @@
-"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, normals, MLSD), run through
+"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, T2I sketch, normals, MLSD), run
 the `controlnet_aux` package: only where it is importable and its weight files are in a folder the user names.
 Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
 as it is) only after every file it will read has been found there (or in one of its subfolders, as the extension's
@@ -69,6 +69,7 @@ ANNOTATORS = {
     "pidinet": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": False}),
     "pidinet_safe": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": True}),
     "pidinet_scribble": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"scribble": True}),
+    "pidinet_sketch": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"apply_filter": True}),  # t2ia_sketch_pidi
     "normal_bae": Annotator("NormalBaeDetector", ("scannet.pt",)),
     "mlsd": Annotator("MLSDdetector", ("mlsd_large_512_fp32.pth",), thresholds=("thr_v", "thr_d")),
 }
