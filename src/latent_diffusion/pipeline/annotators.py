@@ -1,5 +1,6 @@
-"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, T2I sketch, normals, MLSD), run
-the `controlnet_aux` package: only where it is importable and its weight files are in a folder the user names.
+"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, T2I sketch, normals, MLSD),
+run through the `controlnet_aux` package: only where it is importable and its weight files are in a folder the user
+names.
 Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
 as it is) only after every file it will read has been found there (or in one of its subfolders, as the extension's
 `annotator/downloads` keeps them).
