@@ -229,3 +229,36 @@ def test_a_faceid_unit_through_the_server_with_ip_adapter_auto(tmp_path, serve):
         status, answer = call(base, "/sdapi/v1/txt2img", body | {"alwayson_scripts": {"ControlNet": {"args": [unit]}}})
         plain = call(base, "/sdapi/v1/txt2img", body)[1]
     assert status == 200 and answer["images"][0] != plain["images"][0]
+
+
+def test_instant_id_requests_with_different_faces_share_a_batch(tmp_path):
+    """Two InstantID requests (adapter and ControlNet units) with different faces, one a batch of two: their plans'
+    batch keys are equal, and the merged batch draws each request's images: every row's ControlNet reads its own
+    face's tokens."""
+    from latent_diffusion.pipeline.generate import generate_plan
+    from latent_diffusion.pipeline.plan import merge, resolve
+
+    model = tiny_model("sd1", seed=3)
+    controls = tmp_path / "ControlNet"
+    controls.mkdir()
+    tencent_file(identity_adapter("instantid", model), controls / "ip-adapter_instant_id_sd15.bin")
+    with seeded(2):
+        state = randomize(ControlNet(model.cfg.unet), seed=2).state_dict()
+    save_file(state, controls / "control_instant_id_sd15.safetensors")
+    pipeline = Pipeline(model, controlnets=find_control_models(controls), annotators=packs(tmp_path / "annotators"))
+    plans = []
+    for seeds, flip in (([3], False), ([4, 5], True)):
+        face = portrait()[:, ::-1].copy() if flip else portrait()  # (the faces, and so their tokens, differ)
+        image = torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255
+        units = [
+            ControlUnit("ip-adapter_instant_id_sd15", image, module="instant_id_face_embedding"),
+            ControlUnit("control_instant_id_sd15", image, module="instant_id_face_keypoints"),
+        ]
+        request = GenerationRequest([PROMPT] * len(seeds), seeds, width=W, height=H, steps=2,
+                                    batch_size=len(seeds), controls=units)  # fmt: skip
+        plans.append(resolve(request, pipeline))
+    assert plans[0].batch_key() == plans[1].batch_key()
+    alone = torch.cat([generate_plan(plan).images for plan in plans])
+    together = generate_plan(merge(plans)).images
+    torch.testing.assert_close(together, alone, atol=1e-4, rtol=0)
+    assert not torch.equal(*(plan.controls[0].image_tokens[0] for plan in plans))
