@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import cv2
+import numpy as np
 
 from ..weights.reader import CheckpointError, first_line
 from .control_modules import ControlModule, PreprocessorError
@@ -66,8 +67,10 @@ def loaded(module: ControlModule, path: Path, load: Callable[[Path, tuple], T]) 
 
 
 def running(module: ControlModule, work: Callable[[], T]) -> T:
-    """`work()`, a network's forward, one at a time (the server's threads would each hold a large network's
-    activations); what torch refuses (an allocation, a size the network cannot take) as one PreprocessorError line."""
+    """`work()`, an annotator's networks at work, one at a time: the server's threads would each hold a large torch
+    network's activations, and an OpenCV network holds its input and outputs. What they refuse, as one
+    PreprocessorError line naming the module: torch (an allocation, a size the network cannot take), OpenCV (a file of
+    other inputs or outputs, an image it cannot take), the work's own refusals (no face, keypoints no transform fits)."""
     try:
         with _RUNNING:
             return work()
@@ -75,6 +78,10 @@ def running(module: ControlModule, work: Callable[[], T]) -> T:
         raise PreprocessorError(
             f"ControlNet module {module.label!r} cannot run on this image: {first_line(e)}"
         ) from None
+    except cv2.error as e:
+        raise PreprocessorError(f"ControlNet module {module.label!r}: {last_line(e)}") from None
+    except (PreprocessorError, np.linalg.LinAlgError) as e:
+        raise PreprocessorError(f"ControlNet module {module.label!r}: {e}") from None
 
 
 def last_line(error: Exception) -> str:

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 from pathlib import Path
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-from .annotator_files import files_folder, last_line, onnx_networks
+from .annotator_files import files_folder, onnx_networks, running
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import greedy_nms, resize_with_pad
 
@@ -46,7 +45,6 @@ SCORE_THRESHOLD, NMS_IOU = 0.5, 0.4
 ARCFACE_KEYPOINTS = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]], np.float32
 )
-_IN_USE = threading.Lock()  # an OpenCV network holds its input and outputs: one caller at a time (the server's threads)
 
 
 class Face(NamedTuple):
@@ -222,19 +220,6 @@ def _networks(pack: str, folder, count: int) -> list:
     return onnx_networks(paths)
 
 
-def _guarded(module: ControlModule, work):
-    """`work()` under the networks' lock; an OpenCV error (a file of other inputs or outputs, an image it cannot
-    take) or keypoints no transform fits as one line."""
-    try:
-        with _IN_USE:
-            return work()
-    except np.linalg.LinAlgError as error:
-        raise PreprocessorError(f"ControlNet module {module.label!r}: the face's keypoints: {error}") from None
-    except (cv2.error, PreprocessorError) as error:
-        what = last_line(error) if isinstance(error, cv2.error) else error
-        raise PreprocessorError(f"ControlNet module {module.label!r}: {what}") from None
-
-
 def identity(module: ControlModule, folder: str | os.PathLike | None, image: np.ndarray, resolution: int) -> np.ndarray:
     """The (512,) identity of the largest face in an RGB image: FaceID's normed, from the image as it is; InstantID's
     as it is, from the image at the processor resolution (padded to multiples of 64)."""
@@ -249,7 +234,7 @@ def identity(module: ControlModule, folder: str | os.PathLike | None, image: np.
         bgr = resize_with_pad(bgr, resolution)[0] if instant_id else bgr
         return face_embedding(recognizer, bgr, largest_face(detect_faces(detector, bgr)))
 
-    embedding = _guarded(module, work)
+    embedding = running(module, work)
     return embedding if instant_id else embedding / np.linalg.norm(embedding)
 
 
@@ -269,6 +254,6 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
             padded, cut_back = resize_with_pad(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), resolution)
             return cut_back(draw_keypoints(*padded.shape[:2], largest_face(detect_faces(detector, padded)).keypoints))
 
-        return _guarded(module, work)
+        return running(module, work)
 
     return run

@@ -21,13 +21,12 @@ classes or weak people only, DWPose still looks at the whole image as one box (`
 from __future__ import annotations
 
 import os
-import threading
 from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-from .annotator_files import files_place, last_line, missing_files, onnx_networks
+from .annotator_files import files_place, missing_files, onnx_networks, running
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import greedy_nms, resize_with_pad
 from .pose_drawing import draw_animals, draw_people
@@ -46,7 +45,6 @@ PERSON, ANIMALS = (
 )  # COCO: person; bird, cat, dog, horse, sheep, cow, elephant, bear, zebra, giraffe
 MEAN, STD = np.array([123.675, 116.28, 103.53]), np.array([58.395, 57.12, 57.375])  # RTMPose's, on RGB 0..255
 KEYPOINT_THRESHOLD = 0.3
-_IN_USE = threading.Lock()  # an OpenCV network holds its input and outputs: one caller at a time (the server's threads)
 # OpenPose's 18 body points taken from COCO's 17 and the added neck (index 17): `wholebody.py`'s two index lists
 OPENPOSE_FROM_COCO = {
     1: 17,
@@ -277,16 +275,11 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
         detector, pose_net = onnx_networks(paths)
         padded, cut_back = resize_with_pad(image, resolution)
         h, w = padded.shape[:2]
-        try:
-            with _IN_USE:
-                found_people, animals = [], []
-                if module.name == "animal_openpose":
-                    animals = find_animals(detector, pose_net, padded)
-                else:
-                    found_people = find_people(detector, pose_net, padded)
-        except (cv2.error, PreprocessorError) as error:  # a network of other inputs or outputs (the wrong file)
-            what = last_line(error) if isinstance(error, cv2.error) else str(error)
-            raise PreprocessorError(f"ControlNet module {module.label!r}: {what}") from None
+        found_people, animals = [], []
+        if module.name == "animal_openpose":
+            animals = running(module, lambda: find_animals(detector, pose_net, padded))
+        else:
+            found_people = running(module, lambda: find_people(detector, pose_net, padded))
         if poses is not None:
             poses.append(pose_json(found_people, animals, h, w))
         drawn = draw_people(found_people, h, w) if found_people or not animals else draw_animals(animals, h, w)
