@@ -9,8 +9,9 @@ This is a hook, not a port: the maps are controlnet_aux's, which resizes to a mu
 resolution where the extension pads (`resize_image_with_pad`), so they differ from the web UI's in size and at the
 borders; `control_images.prepare_control` then sizes them to the generation as for any other module. DWPose and
 the animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), UniFormer's
-segmentation (`segmentation.py`), InsightFace (`face_analysis.py`) and LaMa (`lama_fill.py`) run without
-controlnet_aux; the other weight-needing modules (OneFormer's segmentation, DSINE, SAM, ...) have no loader here.
+segmentation (`segmentation.py`), the anime face segmenter (`anime_face_segmentation.py`), manga lines
+(`manga_lines.py`), InsightFace (`face_analysis.py`) and LaMa (`lama_fill.py`) run without controlnet_aux; the other
+weight-needing modules (OneFormer's segmentation, DSINE, SAM, ...) have no loader here.
 """
 
 from __future__ import annotations

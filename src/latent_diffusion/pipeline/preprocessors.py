@@ -23,7 +23,17 @@ import os
 import cv2
 import numpy as np
 
-from . import annotators, depth_anything_maps, face_analysis, lama_fill, pose_estimation, segmentation, teed_edges
+from . import (
+    anime_face_segmentation,
+    annotators,
+    depth_anything_maps,
+    face_analysis,
+    lama_fill,
+    manga_lines,
+    pose_estimation,
+    segmentation,
+    teed_edges,
+)
 from .control_modules import ControlModule, PreprocessorError, Slider, find_module, module_detail, sorted_modules
 from .detector_images import hwc3, line_intensity, resize_with_pad
 from .image_prompts import IMAGE_PROMPT_MODULES, missing_tower
@@ -181,14 +191,17 @@ def unavailable_reason(
 def _weights_runner(module: ControlModule):
     """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`), DWPose or the
     animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), UniFormer's
-    segmentation (`segmentation.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux detector
-    (`annotators.py`); each has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    segmentation (`segmentation.py`), the anime face segmenter (`anime_face_segmentation.py`), manga lines
+    (`manga_lines.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux detector (`annotators.py`); each has
+    `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
     return _RUNNERS.get(module.name, annotators)
 
 
 _RUNNERS = {lama_fill.MODULE: lama_fill} | dict.fromkeys(pose_estimation.FILES, pose_estimation)
 _RUNNERS |= dict.fromkeys(depth_anything_maps.FILES, depth_anything_maps) | dict.fromkeys(teed_edges.FILES, teed_edges)
 _RUNNERS |= dict.fromkeys(segmentation.FILES, segmentation) | dict.fromkeys(face_analysis.PACK_OF_MODULE, face_analysis)
+_RUNNERS |= dict.fromkeys(anime_face_segmentation.FILES, anime_face_segmentation)
+_RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines)
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
