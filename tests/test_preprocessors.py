@@ -3,8 +3,11 @@
 function) and run beside ours with OpenCV: pixel for pixel for the uint8 maps. Tiny drawn images; nothing
 downloaded."""
 
+import importlib.machinery
 import importlib.util
 import sys
+import types
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -605,6 +608,64 @@ def test_the_t2i_sketch_module_runs_pidinet_with_its_filter(fake_controlnet_aux,
     assert FakeDetector.calls == [
         {"detect_resolution": 128, "image_resolution": 128, "output_type": "np", "apply_filter": True}
     ]
+
+
+class FakeSam:
+    """Stands in for controlnet_aux's SamDetector: built from the folder with MobileSAM's options; paints the whole
+    map in one colour drawn from NumPy's global generator, as its `show_anns` draws each mask's."""
+
+    loads: ClassVar[list] = []
+
+    @classmethod
+    def from_pretrained(cls, folder, **load):
+        cls.loads.append((folder, load))
+        return cls()
+
+    def __call__(self, image, detect_resolution, image_resolution, output_type):
+        colour = [np.random.randint(255, dtype=np.uint8) for _ in range(3)]
+        return np.broadcast_to(np.array(colour, np.uint8), (detect_resolution, detect_resolution, 3))
+
+
+def test_mobile_sam_is_built_as_the_extension_builds_it_and_seeded_per_unit(fake_controlnet_aux, tmp_path):
+    """The extension runs mobile_sam through controlnet_aux's SamDetector with MobileSAM's "vit_t" model, its mask
+    colours drawn from NumPy's global generator after `set_numpy_seed`: the same draws here, the global state left
+    as it was."""
+    sys.modules["controlnet_aux"].SamDetector = FakeSam
+    FakeSam.loads = []
+    with pytest.raises(PreprocessorError, match="'mobile_sam' needs annotator weights \\(mobile_sam.pt\\)"):
+        detect(drawing(), "mobile_sam")
+    (tmp_path / "mobile_sam").mkdir()
+    (tmp_path / "mobile_sam" / "mobile_sam.pt").write_bytes(b"weights")
+    np.random.seed(99)
+    before = np.random.get_state()[1].copy()
+    shown = detect(drawing(), "mobile_sam", 64, seed=1234, annotator_folder=tmp_path)
+    assert FakeSam.loads == [(str(tmp_path / "mobile_sam"), {"model_type": "vit_t", "filename": "mobile_sam.pt"})]
+    expected = np.random.RandomState(1234)
+    assert shown.shape == (64, 64, 3)
+    assert shown[0, 0].tolist() == [expected.randint(255, dtype=np.uint8) for _ in range(3)]
+    np.testing.assert_array_equal(np.random.get_state()[1], before)
+    again = detect(drawing(), "mobile_sam", 64, seed=1234, annotator_folder=tmp_path)
+    np.testing.assert_array_equal(again, shown)
+
+
+def test_mediapipe_face_needs_mediapipe_and_no_files(fake_controlnet_aux, monkeypatch):
+    """mediapipe_face runs controlnet_aux's MediapipeFaceDetector, built without files, where MediaPipe is installed;
+    its Max Faces slider goes in as an integer, as the extension's `int(thr_a)`."""
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "mediapipe" else real_find_spec(n))
+    with pytest.raises(PreprocessorError, match="'mediapipe_face' needs the mediapipe package, which is not installed"):
+        detect(drawing(), "mediapipe_face")
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    mediapipe = types.ModuleType("mediapipe")
+    mediapipe.__spec__ = importlib.machinery.ModuleSpec("mediapipe", None)
+    monkeypatch.setitem(sys.modules, "mediapipe", mediapipe)
+    sys.modules["controlnet_aux"].MediapipeFaceDetector = FakeDetector
+    assert preprocessors.module_list()["module_detail"]["mediapipe_face"]["available"]  # no annotator folder needed
+    detect(drawing(), "mediapipe_face", 128, 3.0, 0.25)
+    assert FakeDetector.calls == [
+        {"detect_resolution": 128, "image_resolution": 128, "output_type": "np", "max_faces": 3, "min_confidence": 0.25}
+    ]
+    assert type(FakeDetector.calls[0]["max_faces"]) is int
 
 
 def test_without_controlnet_aux_the_annotators_say_so(monkeypatch):

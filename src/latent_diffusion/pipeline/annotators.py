@@ -1,6 +1,6 @@
-"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, T2I sketch, normals, MLSD),
-run through the `controlnet_aux` package: only where it is importable and its weight files are in a folder the user
-names.
+"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, T2I sketch, normals, MLSD,
+MobileSAM's segments) or MediaPipe (mediapipe_face), run through the `controlnet_aux` package: only where it (and
+MediaPipe) is importable and its weight files are in a folder the user names.
 Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
 as it is) only after every file it will read has been found there (or in one of its subfolders, as the extension's
 `annotator/downloads` keeps them).
@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,13 +32,19 @@ from .control_modules import ControlModule, PreprocessorError
 
 @dataclass(frozen=True)
 class Annotator:
-    """How one module runs in controlnet_aux: its detector class, the files `from_pretrained` reads from the folder,
-    the options of its call, and the call's names for the module's threshold_a and threshold_b."""
+    """How one module runs in controlnet_aux: its detector class, the files `from_pretrained` reads from the folder
+    (none: the detector is built without arguments and needs no folder) and the options it is built with, the
+    options of its call, the call's names for the module's threshold_a and threshold_b and their types, the packages
+    it needs beside controlnet_aux, and whether it draws from NumPy's global generator."""
 
     detector: str
     files: tuple[str, ...]
     options: dict = field(default_factory=dict)
     thresholds: tuple[str, str] | None = None
+    threshold_types: tuple[type, type] = (float, float)
+    load: tuple[tuple[str, str], ...] = ()
+    packages: tuple[str, ...] = ()
+    random: bool = False
 
 
 _OPENPOSE_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
@@ -74,7 +81,21 @@ ANNOTATORS = {
     "pidinet_sketch": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"apply_filter": True}),  # t2ia_sketch_pidi
     "normal_bae": Annotator("NormalBaeDetector", ("scannet.pt",)),
     "mlsd": Annotator("MLSDdetector", ("mlsd_large_512_fp32.pth",), thresholds=("thr_v", "thr_d")),
+    # The extension itself runs mobile_sam through controlnet_aux (`annotator/mobile_sam`: this SamDetector with
+    # MobileSAM's "vit_t", called as here), which paints each mask in a colour drawn from NumPy's global generator; the
+    # extension seeds that per unit, and so does `run`. Its mediapipe_face draws with controlnet_aux's code.
+    "mobile_sam": Annotator(
+        "SamDetector", ("mobile_sam.pt",), load=(("model_type", "vit_t"), ("filename", "mobile_sam.pt")), random=True
+    ),
+    "mediapipe_face": Annotator(
+        "MediapipeFaceDetector",
+        (),
+        thresholds=("max_faces", "min_confidence"),
+        threshold_types=(int, float),
+        packages=("mediapipe",),
+    ),
 }
+_GLOBAL_NUMPY = threading.Lock()  # a detector that draws from NumPy's global generator holds it meanwhile
 
 
 def weights_folder(module: ControlModule, folder: str | os.PathLike | None) -> Path | None:
@@ -88,8 +109,11 @@ def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) 
     spec = ANNOTATORS.get(module.name)
     if spec is None:
         return f"ControlNet module {module.label!r} needs model weights that nothing here loads"
-    if importlib.util.find_spec("controlnet_aux") is None:
-        return f"ControlNet module {module.label!r} needs the controlnet_aux package, which is not installed"
+    for package in ("controlnet_aux", *spec.packages):
+        if importlib.util.find_spec(package) is None:
+            return f"ControlNet module {module.label!r} needs the {package} package, which is not installed"
+    if not spec.files:
+        return None
     if folder is None:
         return (
             f"ControlNet module {module.label!r} needs annotator weights ({', '.join(spec.files)}): no folder named "
@@ -103,17 +127,19 @@ def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) 
 
 
 @functools.lru_cache(maxsize=2)
-def _load(detector: str, folder: str):
-    """One controlnet_aux detector, built from the files in `folder` (the last two kept: each holds a network)."""
+def _load(detector: str, folder: str | None, load: tuple[tuple[str, str], ...] = ()):
+    """One controlnet_aux detector, built from the files in `folder` with the options `load` (the last two kept: each
+    holds a network); with no folder, built without arguments."""
     import controlnet_aux
 
-    return getattr(controlnet_aux, detector).from_pretrained(folder)
+    kind = getattr(controlnet_aux, detector)
+    return kind() if folder is None else kind.from_pretrained(folder, **dict(load))
 
 
 def annotator(module: ControlModule, folder: str | os.PathLike | None) -> Callable[..., np.ndarray]:
     """`module`'s detector as `run(image, resolution, threshold_a, threshold_b, rng) -> HWC uint8 map` (the
-    signature of the weight-free detectors; rng unused); a
-    PreprocessorError that says what is missing where it cannot run."""
+    signature of the weight-free detectors; rng seeds the random ones); a PreprocessorError that says what is missing
+    where it cannot run."""
     reason = unavailable_reason(module, folder)
     if reason is not None:
         raise PreprocessorError(reason)
@@ -121,7 +147,8 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None) -> Callab
 
     def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: float, rng=None) -> np.ndarray:
         try:
-            detector = _load(spec.detector, os.fspath(weights_folder(module, folder)))
+            place = weights_folder(module, folder) if spec.files else None
+            detector = _load(spec.detector, place and os.fspath(place), spec.load)
         except Exception as error:  # a file that is not the weights it is named for: say which, in one line
             first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise PreprocessorError(
@@ -129,8 +156,17 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None) -> Callab
             ) from error
         options = dict(spec.options)
         if spec.thresholds is not None:
-            options |= dict(zip(spec.thresholds, (threshold_a, threshold_b)))
-        found = detector(image, detect_resolution=resolution, image_resolution=resolution, output_type="np", **options)
-        return np.asarray(found, dtype=np.uint8)
+            values = [kind(value) for kind, value in zip(spec.threshold_types, (threshold_a, threshold_b))]
+            options |= dict(zip(spec.thresholds, values))
+        sizes = {"detect_resolution": resolution, "image_resolution": resolution, "output_type": "np"}
+        if not spec.random:
+            return np.asarray(detector(image, **sizes, **options), dtype=np.uint8)
+        with _GLOBAL_NUMPY:
+            saved = np.random.get_state()
+            np.random.set_state(rng.get_state())  # the unit's seed, as the extension's `set_numpy_seed`
+            try:
+                return np.asarray(detector(image, **sizes, **options), dtype=np.uint8)
+            finally:
+                np.random.set_state(saved)
 
     return run
