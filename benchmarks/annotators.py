@@ -37,7 +37,10 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
+    from latent_diffusion.models.anime_face_unet import AnimeFaceUNet
     from latent_diffusion.models.depth_anything import DepthAnything, DepthAnythingConfig
+    from latent_diffusion.models.dsine import DSINE
+    from latent_diffusion.models.manga_line import MangaLineNetwork
     from latent_diffusion.models.teed import TEED
     from latent_diffusion.models.uniformer import UniFormerConfig, UperNetUniFormer
     from latent_diffusion.pipeline.preprocessors import detect
@@ -62,7 +65,11 @@ def main():
             {"state_dict": UperNetUniFormer(UniFormerConfig()).state_dict()}, Path(folder) / "upernet_global_small.pth"
         )
         torch.save(TEED().state_dict(), Path(folder) / "7_model.pth")
-        for module in ("depth_anything_v2", "seg_ufade20k", "softedge_teed"):
+        torch.save(AnimeFaceUNet().state_dict(), Path(folder) / "UNet.pth")
+        torch.save(MangaLineNetwork().state_dict(), Path(folder) / "erika.pth")
+        torch.save({"model": DSINE().state_dict()}, Path(folder) / "dsine.pt")
+        modules = ["depth_anything_v2", "seg_ufade20k", "softedge_teed", "seg_anime_face", "lineart_anime_denoise"]
+        for module in [*modules, "normal_dsine"]:
             seconds = median_seconds(lambda m=module: detect(picture, m, 512, annotator_folder=folder), args.repeats)
             print(f"{module} map of a 768x512 picture at 512: {seconds:.2f} s")
 

@@ -58,7 +58,7 @@ def network_size(height: int, width: int) -> tuple[int, int]:
 
 def segment(image: np.ndarray, model: AnimeFaceUNet) -> np.ndarray:
     """(H, W, 3) RGB uint8 -> (h, w) class indices, the shorter side 512 (`network_size`, rounded up to even)."""
-    resized = np.asarray(Image.fromarray(image).resize(network_size(*image.shape[:2]), Image.BICUBIC))
+    resized = np.array(Image.fromarray(image).resize(network_size(*image.shape[:2]), Image.BICUBIC))
     x = torch.from_numpy(resized).permute(2, 0, 1).float().div(255)[None]  # (1, 3, h, w), as ToTensor
     with torch.inference_mode():
         return model(x)[0].argmax(dim=0).numpy()

@@ -10,8 +10,9 @@ resolution where the extension pads (`resize_image_with_pad`), so they differ fr
 borders; `control_images.prepare_control` then sizes them to the generation as for any other module. DWPose and
 the animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), UniFormer's
 segmentation (`segmentation.py`), the anime face segmenter (`anime_face_segmentation.py`), manga lines
-(`manga_lines.py`), InsightFace (`face_analysis.py`) and LaMa (`lama_fill.py`) run without controlnet_aux; the other
-weight-needing modules (OneFormer's segmentation, DSINE, SAM, ...) have no loader here.
+(`manga_lines.py`), DSINE's normals (`dsine_normals.py`), InsightFace (`face_analysis.py`) and LaMa (`lama_fill.py`)
+run without controlnet_aux; the other weight-needing modules (OneFormer's segmentation, the hand refiner, PuLID,
+densepose) have no loader here.
 """
 
 from __future__ import annotations

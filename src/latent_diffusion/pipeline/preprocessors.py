@@ -27,6 +27,7 @@ from . import (
     anime_face_segmentation,
     annotators,
     depth_anything_maps,
+    dsine_normals,
     face_analysis,
     lama_fill,
     manga_lines,
@@ -192,8 +193,8 @@ def _weights_runner(module: ControlModule):
     """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`), DWPose or the
     animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), UniFormer's
     segmentation (`segmentation.py`), the anime face segmenter (`anime_face_segmentation.py`), manga lines
-    (`manga_lines.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux detector (`annotators.py`); each has
-    `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    (`manga_lines.py`), DSINE's normals (`dsine_normals.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux
+    detector (`annotators.py`); each has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
     return _RUNNERS.get(module.name, annotators)
 
 
@@ -201,7 +202,7 @@ _RUNNERS = {lama_fill.MODULE: lama_fill} | dict.fromkeys(pose_estimation.FILES, 
 _RUNNERS |= dict.fromkeys(depth_anything_maps.FILES, depth_anything_maps) | dict.fromkeys(teed_edges.FILES, teed_edges)
 _RUNNERS |= dict.fromkeys(segmentation.FILES, segmentation) | dict.fromkeys(face_analysis.PACK_OF_MODULE, face_analysis)
 _RUNNERS |= dict.fromkeys(anime_face_segmentation.FILES, anime_face_segmentation)
-_RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines)
+_RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines) | dict.fromkeys(dsine_normals.FILES, dsine_normals)
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
