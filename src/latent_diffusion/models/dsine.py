@@ -5,11 +5,13 @@ ControlNet extension's normal_dsine, in the layout of its file `dsine.pt` (`enco
 An EfficientNet-B5 encoder (`efficientnet.py`); a decoder from 1/32 to 1/8 of the image whose every input carries
 the camera rays' (u, v) there ("ray direction encoding"), giving a first normal n, a feature map and a hidden state
 at 1/8. Then `iterations` refinements: a convolutional GRU updates the hidden state, and each pixel's normal becomes
-a weighted sum of its 5×5 neighbours' normals, each rotated (about an axis and by an angle the network predicts, the
-axis kept in the plane through both pixels' rays) into the pixel's frame; normals facing away from the camera are
-bent back ("ray ReLU"). A learnt convex combination of each 3×3 neighbourhood upsamples the normals 8×.
+a weighted sum of its 5×5 neighbours' normals, each rotated by an angle the network predicts about an axis in the
+neighbour's tangent plane, the one towards the ray of the neighbour's pixel offset by a (du, dv) the network
+predicts; normals facing away from the camera are bent back ("ray ReLU"). A learnt convex combination of each 3×3
+neighbourhood upsamples the normals 8×.
 
-Camera: intrinsics (fu, fv, cu, cv) in pixels of the image the network sees, pixel centres at (x + 0.5, y + 0.5).
+Camera: intrinsics (fu, fv, cu, cv) in pixels of the image the network sees, the top-left pixel's centre at (0, 0)
+(DSINE's convention; the network moves the centre by 0.5 to its own pixel grid, centres at x + 0.5).
 """
 
 from __future__ import annotations
@@ -150,10 +152,11 @@ class DSINE(nn.Module):
 
     def forward(self, image: torch.Tensor, intrinsics: torch.Tensor, iterations: int = 5) -> torch.Tensor:
         """image (b, 3, H, W) normalized with ImageNet's statistics, sides multiples of 32; intrinsics (b, 4): fu,
-        fv, cu, cv in its pixels (centres at x + 0.5) -> unit normals (b, 3, H, W) after `iterations` refinements."""
+        fv, cu, cv in its pixels (the top-left pixel's centre at (0, 0)) -> unit normals (b, 3, H, W) after
+        `iterations` refinements."""
         stages = self.encoder(image)
         h, w = image.shape[2:]
-        camera = intrinsics + torch.tensor([0.0, 0.0, 0.5, 0.5])  # (the network's centres are at x + 0.5)
+        camera = intrinsics + torch.tensor([0.0, 0.0, 0.5, 0.5])  # (to the network's grid: centres at x + 0.5)
         uv_32, uv_16, uv_8 = (self.rays(camera, h // s, w // s, h, w) for s in (32, 16, 8))
         ray_8 = F.normalize(torch.cat([uv_8, torch.ones_like(uv_8[:, :1])], dim=1), dim=1)  # (b, 3, H/8, W/8)
         normal, features, hidden = self.decoder(stages, uv_32, uv_16, uv_8)

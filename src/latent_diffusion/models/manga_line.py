@@ -5,7 +5,8 @@ the ControlNet extension's `annotator/manga_line`), behind lineart_anime_denoise
 A residual U-Net on a grey image: five stages of pre-activation residual blocks (batch norm, leaky ReLU, convolution)
 at 24, 48, 96, 192 and 384 channels, each of the last four halving the size in its last block; four upsampling
 stages back, each added to the encoder stage of its size; two more blocks at 16 channels and a 1×1 convolution to
-one channel. The input is grey in 0..255, not normalized; the output is white on black lines (255 - it is the map).
+one channel. The input is grey in 0..255, not normalized; the output is a drawing, black lines on white (about 255);
+255 minus it, white lines on black, is the map.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The ControlNet modules that need annotator weights (depth, pose, line art, soft edges, T2I sketch, normals, MLSD,
-MobileSAM's segments) or MediaPipe (mediapipe_face), run through the `controlnet_aux` package: only where it (and
-MediaPipe) is importable and its weight files are in a folder the user names.
+"""The ControlNet modules that need annotator weights (MiDaS, ZoeDepth and LeReS depth, OpenPose, PiDiNet's soft
+edges and T2I sketch, BAE's normals, MLSD, MobileSAM's segments) or MediaPipe (mediapipe_face), run through the
+`controlnet_aux` package: only where it (and MediaPipe) is importable and its weight files are in a folder the user
+names.
 Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
 as it is) only after every file it will read has been found there (or in one of its subfolders, as the extension's
 `annotator/downloads` keeps them).
@@ -8,11 +9,11 @@ as it is) only after every file it will read has been found there (or in one of 
 This is a hook, not a port: the maps are controlnet_aux's, which resizes to a multiple of 64 at the processor
 resolution where the extension pads (`resize_image_with_pad`), so they differ from the web UI's in size and at the
 borders; `control_images.prepare_control` then sizes them to the generation as for any other module. DWPose and
-the animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), UniFormer's
-segmentation (`segmentation.py`), the anime face segmenter (`anime_face_segmentation.py`), manga lines
-(`manga_lines.py`), DSINE's normals (`dsine_normals.py`), InsightFace (`face_analysis.py`) and LaMa (`lama_fill.py`)
-run without controlnet_aux; the other weight-needing modules (OneFormer's segmentation, the hand refiner, PuLID,
-densepose) have no loader here.
+the animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), HED
+(`hed_edges.py`), the line-art generators (`lineart_maps.py`), UniFormer's segmentation (`segmentation.py`), the
+anime face segmenter (`anime_face_segmentation.py`), manga lines (`manga_lines.py`), DSINE's normals
+(`dsine_normals.py`), InsightFace (`face_analysis.py`) and LaMa (`lama_fill.py`) run without controlnet_aux; the
+other weight-needing modules (OneFormer's segmentation, the hand refiner, PuLID, densepose) have no loader here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..weights.reader import first_line
 from .annotator_files import files_folder
 from .control_modules import ControlModule, PreprocessorError
 
@@ -49,7 +51,6 @@ class Annotator:
 
 
 _OPENPOSE_FILES = ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth")
-_LINEART_FILES = ("sk_model.pth", "sk_model2.pth")  # LineartDetector loads both, fine and coarse
 _LERES_FILES = ("res101.pth", "latest_net_G.pth")
 
 
@@ -70,12 +71,6 @@ ANNOTATORS = {
     "openpose_faceonly": _pose(body=False, hand=False, face=True),
     "openpose_full": _pose(body=True, hand=True, face=True),
     "openpose_hand": _pose(body=True, hand=True, face=False),
-    "lineart": Annotator("LineartDetector", _LINEART_FILES, {"coarse": False}),
-    "lineart_coarse": Annotator("LineartDetector", _LINEART_FILES, {"coarse": True}),
-    "lineart_anime": Annotator("LineartAnimeDetector", ("netG.pth",)),
-    "hed": Annotator("HEDdetector", ("ControlNetHED.pth",), {"safe": False}),
-    "hed_safe": Annotator("HEDdetector", ("ControlNetHED.pth",), {"safe": True}),
-    "scribble_hed": Annotator("HEDdetector", ("ControlNetHED.pth",), {"scribble": True}),
     "pidinet": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": False}),
     "pidinet_safe": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": True}),
     "pidinet_scribble": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"scribble": True}),
@@ -96,7 +91,10 @@ ANNOTATORS = {
         packages=("mediapipe",),
     ),
 }
-_GLOBAL_NUMPY = threading.Lock()  # a detector that draws from NumPy's global generator holds it meanwhile
+# A detector that draws from NumPy's global generator holds this while it runs (the whole detection, not only the
+# draws), its seeded state set and the previous one restored after. Nothing else in the package draws from that
+# generator; a library that did so in another thread meanwhile would shift the colours.
+_GLOBAL_NUMPY = threading.Lock()
 
 
 def weights_folder(module: ControlModule, folder: str | os.PathLike | None) -> Path | None:
@@ -147,27 +145,33 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None) -> Callab
     spec = ANNOTATORS[module.name]
 
     def run(image: np.ndarray, resolution: int, threshold_a: float, threshold_b: float, rng=None) -> np.ndarray:
+        place = weights_folder(module, folder) if spec.files else None
+        if spec.files and place is None:  # (the files went away since)
+            raise PreprocessorError(unavailable_reason(module, folder))
         try:
-            place = weights_folder(module, folder) if spec.files else None
             detector = _load(spec.detector, place and os.fspath(place), spec.load)
         except Exception as error:  # a file that is not the weights it is named for: say which, in one line
-            first = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise PreprocessorError(
-                f"ControlNet module {module.label!r}: controlnet_aux cannot load it: {first}"
+                f"ControlNet module {module.label!r}: controlnet_aux cannot load it: {first_line(error)}"
             ) from error
         options = dict(spec.options)
         if spec.thresholds is not None:
             values = [kind(value) for kind, value in zip(spec.threshold_types, (threshold_a, threshold_b))]
             options |= dict(zip(spec.thresholds, values))
         sizes = {"detect_resolution": resolution, "image_resolution": resolution, "output_type": "np"}
-        if not spec.random:
-            return np.asarray(detector(image, **sizes, **options), dtype=np.uint8)
-        with _GLOBAL_NUMPY:
-            saved = np.random.get_state()
-            np.random.set_state(rng.get_state())  # the unit's seed, as the extension's `set_numpy_seed`
-            try:
+        try:
+            if not spec.random:
                 return np.asarray(detector(image, **sizes, **options), dtype=np.uint8)
-            finally:
-                np.random.set_state(saved)
+            with _GLOBAL_NUMPY:
+                saved = np.random.get_state()
+                np.random.set_state((rng or np.random.RandomState()).get_state())  # the extension's `set_numpy_seed`
+                try:
+                    return np.asarray(detector(image, **sizes, **options), dtype=np.uint8)
+                finally:
+                    np.random.set_state(saved)
+        except Exception as error:  # what controlnet_aux or MediaPipe raise on an image (SAM finding no mask, ...)
+            raise PreprocessorError(
+                f"ControlNet module {module.label!r} (controlnet_aux) cannot run on this image: {first_line(error)}"
+            ) from error
 
     return run

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .control_modules import ControlModule, PreprocessorError
-from .detector_images import hwc3
+from .detector_images import hwc3, nake_nms
 from .preprocessors import (
     check_image,
     map_module,
@@ -101,17 +101,6 @@ def lvmin_thin(x: np.ndarray, prunings: bool = True) -> np.ndarray:
     if prunings:
         _thin_pass(x, PRUNE_KERNELS)
     return x
-
-
-def nake_nms(x: np.ndarray) -> np.ndarray:
-    """Non-maximum suppression along the four directions: a pixel survives where it is the maximum of a line of
-    three through it."""
-    lines = [[[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0], [0, 1, 0], [0, 1, 0]]]
-    lines += [[[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 1], [0, 1, 0], [1, 0, 0]]]
-    y = np.zeros_like(x)
-    for line in lines:
-        np.putmask(y, cv2.dilate(x, kernel=np.array(line, np.uint8)) == x, x)
-    return y
 
 
 def _is_one_pixel_edge(x: np.ndarray) -> bool:

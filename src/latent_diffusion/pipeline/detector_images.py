@@ -39,6 +39,35 @@ def resize_with_pad(image: np.ndarray, resolution: int) -> tuple[np.ndarray, Cal
     return padded, lambda x: np.ascontiguousarray(x[:target_h, :target_w])
 
 
+def nake_nms(x: np.ndarray) -> np.ndarray:
+    """scripts/lvminthin.py `nake_nms`: non-maximum suppression along the four directions: a pixel survives where it
+    is the maximum of a line of three through it."""
+    lines = [[[0, 0, 0], [1, 1, 1], [0, 0, 0]], [[0, 1, 0], [0, 1, 0], [0, 1, 0]]]
+    lines += [[[1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 0, 1], [0, 1, 0], [1, 0, 0]]]
+    y = np.zeros_like(x)
+    for line in lines:
+        np.putmask(y, cv2.dilate(x, kernel=np.array(line, np.uint8)) == x, x)
+    return y
+
+
+def nms(x: np.ndarray, threshold: float, sigma: float) -> np.ndarray:
+    """annotator/util.py `nms`: `nake_nms` of the map blurred (σ `sigma`, in float32), 255 where above `threshold`."""
+    kept = nake_nms(cv2.GaussianBlur(x.astype(np.float32), (0, 0), sigma))
+    return np.where(kept > threshold, np.uint8(255), np.uint8(0))
+
+
+def fused_edges(maps: list[np.ndarray], size: tuple[int, int], safe_steps: int) -> np.ndarray:
+    """HED's and TEED's last step: edge logits at several scales (each (h_i, w_i) float32) -> (h, w) = `size` uint8:
+    each scaled to the size (bilinear), averaged, squashed by a sigmoid (in float64), quantized by `safe_step`
+    (0: not at all), in 8 bits."""
+    h, w = size
+    scaled = [cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
+    edge = 1 / (1 + np.exp(-np.mean(np.stack(scaled, axis=2), axis=2).astype(np.float64)))
+    if safe_steps != 0:
+        edge = safe_step(edge, safe_steps)
+    return (edge * 255.0).clip(0, 255).astype(np.uint8)
+
+
 def safe_step(x: np.ndarray, steps: int = 2) -> np.ndarray:
     """annotator/util.py `safe_step`: x in 0..1 quantized to `steps` + 1 levels (truncated), then scaled by 1/steps."""
     return (x.astype(np.float32) * float(steps + 1)).astype(np.int32).astype(np.float32) / float(steps)

@@ -9,11 +9,12 @@ degrees) over the longer side and whose centre is the image's centre (`intrinsic
 refinements. The normals, (n + 1) / 2 in 8 bits (x, y, z as R, G, B), are the map, cut back.
 
 The difference: the extension builds the camera from the image as it came, not as the network sees it (scaled and
-padded), moves its centre by the padding DSINE's own demo would add around the image, which here is not added, and
-cuts a window of the image's original size at those offsets out of the map: unless the image already has the
-processor's size and sides that are multiples of 32, its map is of another size and shows part of the image, under
-a camera of another field of view. Here the camera is the scaled image's and the map covers it; where the image
-already has that size and sides that are multiples of 64, the two agree.
+padded), moves its centre by the padding DSINE's own demo would add around the image (where a side is not a multiple
+of 32), which is not added, and cuts a window of the image's original size at those offsets out of the map. So
+unless the image already has the processor's size, the camera's field of view and centre are not the slider's on
+the image the network sees; and where the image is smaller than that or a side is not a multiple of 32, the map is
+a window of another size, showing part of the image. Here the camera is the scaled image's and the map covers it;
+where the image already has the processor's size and sides that are multiples of 32, the two agree.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ downloaded. The network runs on the CPU in float32.
 
 The image is scaled to the processor resolution and padded to multiples of 64 (`resize_with_pad`), made grey
 (OpenCV's RGB to grey), run through the network as 0..255, and 255 minus its output, clipped to 0..255 and truncated
-to 8 bits, is the map (black lines on white), cut back.
+to 8 bits, is the map (white lines on black), cut back.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def _load(path: Path, stamp: tuple) -> MangaLineNetwork:
 
 
 def manga_lines(image: np.ndarray, model: MangaLineNetwork) -> np.ndarray:
-    """(H, W, 3) RGB uint8, sides multiples of 16 -> (H, W) uint8, black lines on white."""
+    """(H, W, 3) RGB uint8, sides multiples of 16 -> (H, W) uint8, white lines on black."""
     grey = torch.from_numpy(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)).float()[None, None]  # (1, 1, H, W)
     with torch.inference_mode():
         line = model(grey)[0, 0].numpy()

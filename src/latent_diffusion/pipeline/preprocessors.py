@@ -29,7 +29,9 @@ from . import (
     depth_anything_maps,
     dsine_normals,
     face_analysis,
+    hed_edges,
     lama_fill,
+    lineart_maps,
     manga_lines,
     pose_estimation,
     segmentation,
@@ -191,10 +193,11 @@ def unavailable_reason(
 
 def _weights_runner(module: ControlModule):
     """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`), DWPose or the
-    animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), UniFormer's
-    segmentation (`segmentation.py`), the anime face segmenter (`anime_face_segmentation.py`), manga lines
-    (`manga_lines.py`), DSINE's normals (`dsine_normals.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux
-    detector (`annotators.py`); each has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), HED
+    (`hed_edges.py`), the line-art generators (`lineart_maps.py`), UniFormer's segmentation (`segmentation.py`), the
+    anime face segmenter (`anime_face_segmentation.py`), manga lines (`manga_lines.py`), DSINE's normals
+    (`dsine_normals.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux detector (`annotators.py`); each
+    has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
     return _RUNNERS.get(module.name, annotators)
 
 
@@ -203,6 +206,7 @@ _RUNNERS |= dict.fromkeys(depth_anything_maps.FILES, depth_anything_maps) | dict
 _RUNNERS |= dict.fromkeys(segmentation.FILES, segmentation) | dict.fromkeys(face_analysis.PACK_OF_MODULE, face_analysis)
 _RUNNERS |= dict.fromkeys(anime_face_segmentation.FILES, anime_face_segmentation)
 _RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines) | dict.fromkeys(dsine_normals.FILES, dsine_normals)
+_RUNNERS |= dict.fromkeys(hed_edges.FILES, hed_edges) | dict.fromkeys(lineart_maps.FILES, lineart_maps)
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:

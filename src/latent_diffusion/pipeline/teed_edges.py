@@ -29,7 +29,7 @@ from ..models.teed import TEED, teed_from_state_dict
 from ..weights.reader import read_state_dict
 from .annotator_files import files_place, loaded, missing_files, running
 from .control_modules import ControlModule
-from .detector_images import hwc3, line_intensity, resize_with_pad, safe_step
+from .detector_images import fused_edges, hwc3, line_intensity, resize_with_pad
 
 FILES = {"softedge_teed": "7_model.pth", "softedge_anyline": "MTEED.pth"}
 
@@ -47,14 +47,9 @@ def _load(path: Path, stamp: tuple) -> TEED:
 
 def teed_edges(image: np.ndarray, model: TEED, safe_steps: int) -> np.ndarray:
     """(H, W, 3) RGB uint8, sides multiples of 4 -> (H, W) uint8 soft edges."""
-    h, w = image.shape[:2]
     with torch.inference_mode():
         maps = model(torch.from_numpy(image).float().permute(2, 0, 1)[None])  # four (1, 1, H, W)
-    maps = [cv2.resize(m[0, 0].numpy(), (w, h), interpolation=cv2.INTER_LINEAR) for m in maps]
-    edge = 1 / (1 + np.exp(-np.mean(np.stack(maps, axis=2), axis=2).astype(np.float64)))
-    if safe_steps != 0:
-        edge = safe_step(edge, safe_steps)
-    return (edge * 255.0).clip(0, 255).astype(np.uint8)
+    return fused_edges([m[0, 0].numpy() for m in maps], image.shape[:2], safe_steps)
 
 
 def anyline(image: np.ndarray, model: TEED, safe_steps: int) -> np.ndarray:
