@@ -600,16 +600,6 @@ def test_annotators_run_only_with_their_files(fake_controlnet_aux, tmp_path):
         detect(drawing(), "depth_zoe", annotator_folder=tmp_path)
 
 
-def test_the_t2i_sketch_module_runs_pidinet_with_its_filter(fake_controlnet_aux, tmp_path):
-    """t2ia_sketch_pidi (module pidinet_sketch): the extension's `pidinet_ts`, PiDiNet's edges thresholded at 0.5
-    (its `apply_fliter`), controlnet_aux's `apply_filter`."""
-    (tmp_path / "table5_pidinet.pth").write_bytes(b"weights")
-    detect(drawing(), "t2ia_sketch_pidi", 128, annotator_folder=tmp_path)
-    assert FakeDetector.calls == [
-        {"detect_resolution": 128, "image_resolution": 128, "output_type": "np", "apply_filter": True}
-    ]
-
-
 class FakeSam:
     """Stands in for controlnet_aux's SamDetector: built from the folder with MobileSAM's options; paints the whole
     map in one colour drawn from NumPy's global generator, as its `show_anns` draws each mask's."""

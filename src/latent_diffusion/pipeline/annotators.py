@@ -1,7 +1,6 @@
-"""The ControlNet modules that need annotator weights (MiDaS, ZoeDepth and LeReS depth, OpenPose, PiDiNet's soft
-edges and T2I sketch, BAE's normals, MLSD, MobileSAM's segments) or MediaPipe (mediapipe_face), run through the
-`controlnet_aux` package: only where it (and MediaPipe) is importable and its weight files are in a folder the user
-names.
+"""The ControlNet modules that need annotator weights (MiDaS, ZoeDepth and LeReS depth, OpenPose, BAE's normals,
+MLSD, MobileSAM's segments) or MediaPipe (mediapipe_face), run through the `controlnet_aux` package: only where it
+(and MediaPipe) is importable and its weight files are in a folder the user names.
 Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
 as it is) only after every file it will read has been found there (or in one of its subfolders, as the extension's
 `annotator/downloads` keeps them).
@@ -10,7 +9,7 @@ This is a hook, not a port: the maps are controlnet_aux's, which resizes to a mu
 resolution where the extension pads (`resize_image_with_pad`), so they differ from the web UI's in size and at the
 borders; `control_images.prepare_control` then sizes them to the generation as for any other module. DWPose and
 the animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), HED
-(`hed_edges.py`), the line-art generators (`lineart_maps.py`), UniFormer's segmentation (`segmentation.py`), the
+(`hed_edges.py`), PiDiNet (`pidinet_edges.py`), the line-art generators (`lineart_maps.py`), UniFormer's segmentation (`segmentation.py`), the
 anime face segmenter (`anime_face_segmentation.py`), manga lines (`manga_lines.py`), DSINE's normals
 (`dsine_normals.py`), InsightFace (`face_analysis.py`) and LaMa (`lama_fill.py`) run without controlnet_aux; the
 other weight-needing modules (OneFormer's segmentation, the hand refiner, PuLID, densepose) have no loader here.
@@ -71,10 +70,6 @@ ANNOTATORS = {
     "openpose_faceonly": _pose(body=False, hand=False, face=True),
     "openpose_full": _pose(body=True, hand=True, face=True),
     "openpose_hand": _pose(body=True, hand=True, face=False),
-    "pidinet": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": False}),
-    "pidinet_safe": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"safe": True}),
-    "pidinet_scribble": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"scribble": True}),
-    "pidinet_sketch": Annotator("PidiNetDetector", ("table5_pidinet.pth",), {"apply_filter": True}),  # t2ia_sketch_pidi
     "normal_bae": Annotator("NormalBaeDetector", ("scannet.pt",)),
     "mlsd": Annotator("MLSDdetector", ("mlsd_large_512_fp32.pth",), thresholds=("thr_v", "thr_d")),
     # The extension itself runs mobile_sam through controlnet_aux (`annotator/mobile_sam`: this SamDetector with

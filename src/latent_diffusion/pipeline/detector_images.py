@@ -56,6 +56,13 @@ def nms(x: np.ndarray, threshold: float, sigma: float) -> np.ndarray:
     return np.where(kept > threshold, np.uint8(255), np.uint8(0))
 
 
+def scribble_strokes(edges: np.ndarray) -> np.ndarray:
+    """legacy/processor.py's scribble_hed and scribble_pidinet after their soft edges (h, w) uint8: `nms` at 127 after a
+    σ-3 blur, blurred again (σ 3, in 8 bits), white where above 4, else black."""
+    strokes = cv2.GaussianBlur(nms(edges, 127, 3.0), (0, 0), 3.0)
+    return np.where(strokes > 4, np.uint8(255), np.uint8(0))
+
+
 def fused_edges(maps: list[np.ndarray], size: tuple[int, int], safe_steps: int) -> np.ndarray:
     """HED's and TEED's last step: edge logits at several scales (each (h_i, w_i) float32) -> (h, w) = `size` uint8:
     each scaled to the size (bilinear), averaged, squashed by a sigmoid (in float64), quantized by `safe_step`

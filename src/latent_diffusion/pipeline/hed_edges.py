@@ -5,8 +5,7 @@ lllyasviel's HED (`models/hed.py`), made as the ControlNet extension makes them 
 
 The image is scaled to the processor resolution and padded to multiples of 64 (`resize_with_pad`); HED's five edge
 maps, each scaled to that size, are averaged and squashed by a sigmoid (`fused_edges`), quantized to 3 levels for
-hed_safe, in 8 bits, cut back. scribble_hed thins that map (`nms` at 127 after a σ-3 blur), blurs it again (σ 3)
-and keeps as white every pixel above 4.
+hed_safe, in 8 bits, cut back. scribble_hed thins that map and thresholds it (`scribble_strokes`).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import functools
 import os
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
@@ -23,7 +21,7 @@ from ..models.hed import HED, hed_from_state_dict
 from ..weights.reader import read_state_dict
 from .annotator_files import files_place, loaded, missing_files, running
 from .control_modules import ControlModule
-from .detector_images import fused_edges, nms, resize_with_pad
+from .detector_images import fused_edges, resize_with_pad, scribble_strokes
 
 FILES = dict.fromkeys(("hed", "hed_safe", "scribble_hed"), "ControlNetHED.pth")
 
@@ -46,12 +44,6 @@ def hed_edges(image: np.ndarray, model: HED, safe: bool) -> np.ndarray:
     return fused_edges([m[0, 0].numpy() for m in maps], image.shape[:2], 2 if safe else 0)
 
 
-def scribble(edges: np.ndarray) -> np.ndarray:
-    """A soft edge map (h, w) uint8 -> white strokes on black."""
-    strokes = cv2.GaussianBlur(nms(edges, 127, 3.0), (0, 0), 3.0)
-    return np.where(strokes > 4, np.uint8(255), np.uint8(0))
-
-
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W) uint8 map` (PreprocessorError
     that says what is missing where it cannot run)."""
@@ -62,6 +54,6 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
         model = loaded(module, path, _load)
         padded, cut_back = resize_with_pad(image, resolution)
         edges = cut_back(running(module, lambda: hed_edges(padded, model, safe=module.name == "hed_safe")))
-        return scribble(edges) if module.name == "scribble_hed" else edges
+        return scribble_strokes(edges) if module.name == "scribble_hed" else edges
 
     return run

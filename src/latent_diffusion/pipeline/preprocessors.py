@@ -33,6 +33,7 @@ from . import (
     lama_fill,
     lineart_maps,
     manga_lines,
+    pidinet_edges,
     pose_estimation,
     segmentation,
     teed_edges,
@@ -194,7 +195,7 @@ def unavailable_reason(
 def _weights_runner(module: ControlModule):
     """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`), DWPose or the
     animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), HED
-    (`hed_edges.py`), the line-art generators (`lineart_maps.py`), UniFormer's segmentation (`segmentation.py`), the
+    (`hed_edges.py`), PiDiNet (`pidinet_edges.py`), the line-art generators (`lineart_maps.py`), UniFormer's segmentation (`segmentation.py`), the
     anime face segmenter (`anime_face_segmentation.py`), manga lines (`manga_lines.py`), DSINE's normals
     (`dsine_normals.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux detector (`annotators.py`); each
     has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
@@ -207,6 +208,7 @@ _RUNNERS |= dict.fromkeys(segmentation.FILES, segmentation) | dict.fromkeys(face
 _RUNNERS |= dict.fromkeys(anime_face_segmentation.FILES, anime_face_segmentation)
 _RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines) | dict.fromkeys(dsine_normals.FILES, dsine_normals)
 _RUNNERS |= dict.fromkeys(hed_edges.FILES, hed_edges) | dict.fromkeys(lineart_maps.FILES, lineart_maps)
+_RUNNERS |= dict.fromkeys(pidinet_edges.FILES, pidinet_edges)
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
