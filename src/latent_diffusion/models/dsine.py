@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .efficientnet import EfficientNetB5
+from .efficientnet import Encoder
 from .exact_load import load_exactly
 
 PATCH = 5  # the refinement's neighbourhood
@@ -94,15 +94,6 @@ class ConvGRU(nn.Module):
         z, r = self.convz(hx).sigmoid(), self.convr(hx).sigmoid()
         q = self.convq(torch.cat([r * h, x], dim=1)).tanh()
         return (1 - z) * h + z * q
-
-
-class Encoder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.original_model = EfficientNetB5()
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.original_model(x)
 
 
 def ray_relu(normal: torch.Tensor, ray: torch.Tensor, eps: float = 1e-2) -> torch.Tensor:

@@ -1,6 +1,6 @@
 """EfficientNet-B5 (Tan & Le 2019) as Ross Wightman's gen-efficientnet builds `tf_efficientnet_b5_ap`, in its layout
-(`conv_stem`, `bn1`, `blocks.<stage>.<block>.conv_dw`, ..., `conv_head`, `bn2`): DSINE's encoder, read from
-`dsine.pt` without key mapping.
+(`conv_stem`, `bn1`, `blocks.<stage>.<block>.conv_dw`, ..., `conv_head`, `bn2`): the encoder of DSINE (`dsine.pt`)
+and of BAE's normals (`scannet.pt`), read without key mapping.
 
 The TensorFlow port: batch norms with eps 1e-3, Swish, and convolutions padded as TensorFlow's "SAME" (a stride-2
 convolution pads one pixel less on the top and left than on the bottom and right where the side is even). B5 scales
@@ -117,3 +117,14 @@ class EfficientNetB5(nn.Module):
             x = stage(x)
             stages.append(x)
         return [*stages, self.conv_head(x)]
+
+
+class Encoder(nn.Module):
+    """The network as DSINE's and BAE's encoders hold it (`original_model`, its pooling and classifier removed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.original_model = EfficientNetB5()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.original_model(x)

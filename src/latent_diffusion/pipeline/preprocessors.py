@@ -26,6 +26,7 @@ import numpy as np
 from . import (
     anime_face_segmentation,
     annotators,
+    bae_normals,
     depth_anything_maps,
     dsine_normals,
     face_analysis,
@@ -193,12 +194,10 @@ def unavailable_reason(
 
 
 def _weights_runner(module: ControlModule):
-    """What runs a module from the weights in the annotator folder: LaMa's fill (`lama_fill.py`), DWPose or the
-    animal poses (`pose_estimation.py`), Depth Anything (`depth_anything_maps.py`), TEED (`teed_edges.py`), HED
-    (`hed_edges.py`), PiDiNet (`pidinet_edges.py`), the line-art generators (`lineart_maps.py`), UniFormer's segmentation (`segmentation.py`), the
-    anime face segmenter (`anime_face_segmentation.py`), manga lines (`manga_lines.py`), DSINE's normals
-    (`dsine_normals.py`), InsightFace (`face_analysis.py`) or else a controlnet_aux detector (`annotators.py`); each
-    has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    """What runs a module from the weights in the annotator folder: its runner in `_RUNNERS` (a module per network:
+    LaMa, DWPose and the animal poses, Depth Anything, TEED, HED, PiDiNet, the line-art generators, UniFormer, the
+    anime face segmenter, manga lines, DSINE, BAE, InsightFace), or else a controlnet_aux detector (`annotators.py`);
+    each has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
     return _RUNNERS.get(module.name, annotators)
 
 
@@ -208,7 +207,7 @@ _RUNNERS |= dict.fromkeys(segmentation.FILES, segmentation) | dict.fromkeys(face
 _RUNNERS |= dict.fromkeys(anime_face_segmentation.FILES, anime_face_segmentation)
 _RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines) | dict.fromkeys(dsine_normals.FILES, dsine_normals)
 _RUNNERS |= dict.fromkeys(hed_edges.FILES, hed_edges) | dict.fromkeys(lineart_maps.FILES, lineart_maps)
-_RUNNERS |= dict.fromkeys(pidinet_edges.FILES, pidinet_edges)
+_RUNNERS |= dict.fromkeys(pidinet_edges.FILES, pidinet_edges) | dict.fromkeys(bae_normals.FILES, bae_normals)
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
