@@ -219,7 +219,7 @@ class FakeDetector:
 def fake_controlnet_aux(monkeypatch):
     module = types.ModuleType("controlnet_aux")
     module.__spec__ = importlib.machinery.ModuleSpec("controlnet_aux", None)
-    module.MLSDdetector = module.MidasDetector = FakeDetector
+    module.LeresDetector = module.MidasDetector = FakeDetector
     monkeypatch.setitem(sys.modules, "controlnet_aux", module)
     annotators._load.cache_clear()
     FakeDetector.built, FakeDetector.calls = [], []

@@ -582,19 +582,27 @@ def test_bad_input_is_one_clear_line(call, match):
 
 
 def test_annotators_run_only_with_their_files(fake_controlnet_aux, tmp_path):
-    with pytest.raises(PreprocessorError, match="'mlsd' needs annotator weights .* no folder named"):
-        detect(drawing(), "mlsd")
-    with pytest.raises(PreprocessorError, match=f"'mlsd' needs mlsd_large_512_fp32.pth in {tmp_path}"):
-        detect(drawing(), "mlsd", annotator_folder=tmp_path)
+    with pytest.raises(PreprocessorError, match="'depth_leres' needs annotator weights .* no folder named"):
+        detect(drawing(), "depth_leres")
+    with pytest.raises(PreprocessorError, match=f"'depth_leres' needs res101.pth, latest_net_G.pth in {tmp_path}"):
+        detect(drawing(), "depth_leres", annotator_folder=tmp_path)
     assert FakeDetector.built == []  # nothing loaded, nothing fetched
-    (tmp_path / "mlsd_large_512_fp32.pth").write_bytes(b"weights")
-    assert preprocessors.module_list(annotator_folder=tmp_path)["module_detail"]["mlsd"]["available"]
-    shown = detect(drawing(), "mlsd", 128, 0.2, 5.0, annotator_folder=tmp_path)
+    (tmp_path / "res101.pth").write_bytes(b"weights")
+    (tmp_path / "latest_net_G.pth").write_bytes(b"weights")
+    assert preprocessors.module_list(annotator_folder=tmp_path)["module_detail"]["depth_leres"]["available"]
+    shown = detect(drawing(), "depth_leres", 128, 20.0, 5.0, annotator_folder=tmp_path)
     assert shown.shape == (128, 128, 3) and FakeDetector.built == [str(tmp_path)]
     assert FakeDetector.calls == [
-        {"detect_resolution": 128, "image_resolution": 128, "output_type": "np", "thr_v": 0.2, "thr_d": 5.0}
+        {
+            "detect_resolution": 128,
+            "image_resolution": 128,
+            "output_type": "np",
+            "boost": False,
+            "thr_a": 20.0,
+            "thr_b": 5.0,
+        }
     ]
-    hint, _ = control_hint(drawing(), "mlsd", size=(64, 64), annotator_folder=tmp_path)
+    hint, _ = control_hint(drawing(), "depth_leres", size=(64, 64), annotator_folder=tmp_path)
     assert hint.shape == (1, 3, 64, 64) and FakeDetector.built == [str(tmp_path)]  # kept, not loaded again
     with pytest.raises(PreprocessorError, match="'depth_zoe' needs ZoeD_M12_N.pt"):
         detect(drawing(), "depth_zoe", annotator_folder=tmp_path)

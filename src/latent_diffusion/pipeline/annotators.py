@@ -1,4 +1,4 @@
-"""The ControlNet modules that need annotator weights (MiDaS, ZoeDepth and LeReS depth, OpenPose, MLSD, MobileSAM's
+"""The ControlNet modules that need annotator weights (MiDaS, ZoeDepth and LeReS depth, OpenPose, MobileSAM's
 segments) or MediaPipe (mediapipe_face), run through the `controlnet_aux` package: only where it (and MediaPipe) is
 importable and its weight files are in a folder the user names.
 Nothing is ever downloaded: the folder is handed to the detector's `from_pretrained` (which reads a local folder
@@ -9,7 +9,7 @@ This is a hook, not a port: the maps are controlnet_aux's, which resizes to a mu
 resolution where the extension pads (`resize_image_with_pad`), so they differ from the web UI's in size and at the
 borders; `control_images.prepare_control` then sizes them to the generation as for any other module. The modules
 with a network of their own here (`preprocessors._RUNNERS`: DWPose and the animal poses, Depth Anything, TEED, HED,
-PiDiNet, the line-art generators, UniFormer, the anime face segmenter, manga lines, DSINE, BAE, InsightFace, LaMa)
+PiDiNet, M-LSD, the line-art generators, UniFormer, the anime face segmenter, manga lines, DSINE, BAE, InsightFace, LaMa)
 run without controlnet_aux; the other weight-needing modules (OneFormer's segmentation, the hand refiner, PuLID,
 densepose) have no loader here.
 """
@@ -69,7 +69,6 @@ ANNOTATORS = {
     "openpose_faceonly": _pose(body=False, hand=False, face=True),
     "openpose_full": _pose(body=True, hand=True, face=True),
     "openpose_hand": _pose(body=True, hand=True, face=False),
-    "mlsd": Annotator("MLSDdetector", ("mlsd_large_512_fp32.pth",), thresholds=("thr_v", "thr_d")),
     # The extension itself runs mobile_sam through controlnet_aux (`annotator/mobile_sam`: this SamDetector with
     # MobileSAM's "vit_t", called as here), which paints each mask in a colour drawn from NumPy's global generator; the
     # extension seeds that per unit, and so does `run`. Its mediapipe_face draws with controlnet_aux's code.

@@ -34,6 +34,7 @@ from . import (
     lama_fill,
     lineart_maps,
     manga_lines,
+    mlsd_lines,
     pidinet_edges,
     pose_estimation,
     segmentation,
@@ -195,7 +196,7 @@ def unavailable_reason(
 
 def _weights_runner(module: ControlModule):
     """What runs a module from the weights in the annotator folder: its runner in `_RUNNERS` (a module per network:
-    LaMa, DWPose and the animal poses, Depth Anything, TEED, HED, PiDiNet, the line-art generators, UniFormer, the
+    LaMa, DWPose and the animal poses, Depth Anything, TEED, HED, PiDiNet, M-LSD, the line-art generators, UniFormer, the
     anime face segmenter, manga lines, DSINE, BAE, InsightFace), or else a controlnet_aux detector (`annotators.py`);
     each has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
     return _RUNNERS.get(module.name, annotators)
@@ -208,6 +209,7 @@ _RUNNERS |= dict.fromkeys(anime_face_segmentation.FILES, anime_face_segmentation
 _RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines) | dict.fromkeys(dsine_normals.FILES, dsine_normals)
 _RUNNERS |= dict.fromkeys(hed_edges.FILES, hed_edges) | dict.fromkeys(lineart_maps.FILES, lineart_maps)
 _RUNNERS |= dict.fromkeys(pidinet_edges.FILES, pidinet_edges) | dict.fromkeys(bae_normals.FILES, bae_normals)
+_RUNNERS |= dict.fromkeys(mlsd_lines.FILES, mlsd_lines)
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
