@@ -40,7 +40,12 @@ def main():
     from latent_diffusion.models.anime_face_unet import AnimeFaceUNet
     from latent_diffusion.models.depth_anything import DepthAnything, DepthAnythingConfig
     from latent_diffusion.models.dsine import DSINE
+    from latent_diffusion.models.hed import HED
+    from latent_diffusion.models.lineart import LineartGenerator, UnetGenerator
     from latent_diffusion.models.manga_line import MangaLineNetwork
+    from latent_diffusion.models.mlsd import MLSD
+    from latent_diffusion.models.normal_bae import NormalBae
+    from latent_diffusion.models.pidinet import PiDiNet
     from latent_diffusion.models.teed import TEED
     from latent_diffusion.models.uniformer import UniFormerConfig, UperNetUniFormer
     from latent_diffusion.pipeline.preprocessors import detect
@@ -68,8 +73,15 @@ def main():
         torch.save(AnimeFaceUNet().state_dict(), Path(folder) / "UNet.pth")
         torch.save(MangaLineNetwork().state_dict(), Path(folder) / "erika.pth")
         torch.save({"model": DSINE().state_dict()}, Path(folder) / "dsine.pt")
+        torch.save(HED().state_dict(), Path(folder) / "ControlNetHED.pth")
+        torch.save(LineartGenerator().state_dict(), Path(folder) / "sk_model.pth")
+        torch.save(UnetGenerator().state_dict(), Path(folder) / "netG.pth")
+        torch.save(PiDiNet().state_dict(), Path(folder) / "table5_pidinet.pth")
+        torch.save({"model": NormalBae().state_dict()}, Path(folder) / "scannet.pt")
+        torch.save(MLSD().state_dict(), Path(folder) / "mlsd_large_512_fp32.pth")
         modules = ["depth_anything_v2", "seg_ufade20k", "softedge_teed", "seg_anime_face", "lineart_anime_denoise"]
-        for module in [*modules, "normal_dsine"]:
+        modules += ["normal_dsine", "softedge_hed", "lineart_realistic", "lineart_anime", "softedge_pidinet"]
+        for module in [*modules, "normal_bae", "mlsd"]:
             seconds = median_seconds(lambda m=module: detect(picture, m, 512, annotator_folder=folder), args.repeats)
             print(f"{module} map of a 768x512 picture at 512: {seconds:.2f} s")
 
