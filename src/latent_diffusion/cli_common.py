@@ -26,9 +26,9 @@ CLIP_VISION_DIR_HELP = (
     "clip_vitl.pth as the ControlNet extension names them (default: models/clip_vision where it exists)"
 )
 ANNOTATOR_DIR_HELP = (
-    "the annotator weights of the preprocessors that need them (depth, openpose, lineart, ...), run through the "
-    "controlnet_aux package: lllyasviel/Annotators' files, or the extension's annotator/downloads folder (default: "
-    "models/annotators where it exists)"
+    "the annotator weights of the preprocessors that need them (lineart, softedge_hed, normal_bae, ..., run here; "
+    "depth_midas, openpose, ... through the controlnet_aux package): lllyasviel/Annotators' files, or the extension's "
+    "annotator/downloads folder (default: models/annotators where it exists)"
 )
 UPSCALER_DIR_HELP = (
     "upscaler models (ESRGAN, Real-ESRGAN, SwinIR, ... as spandrel reads them), named by file (default: the web "

@@ -52,9 +52,9 @@ def pixel_mlp(inputs: int) -> nn.Sequential:
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
     """(b, 4, ...) -> the normal (first three) divided by its length (+1e-10), κ = ELU(κ) + 1 + 0.01."""
-    normal, kappa = x[:, :3], x[:, 3:]
-    normal = normal / (normal.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10)
-    return torch.cat([normal, F.elu(kappa) + 1.0 + 0.01], dim=1)
+    nx, ny, nz, kappa = x.split(1, dim=1)
+    length = torch.sqrt(nx**2.0 + ny**2.0 + nz**2.0) + 1e-10  # (summed as BAE sums it: the same last bits)
+    return torch.cat([nx / length, ny / length, nz / length, F.elu(kappa) + 1.0 + 0.01], dim=1)
 
 
 def doubled(x: torch.Tensor) -> torch.Tensor:

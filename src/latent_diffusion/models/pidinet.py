@@ -3,16 +3,16 @@ builds it for softedge_pidinet, softedge_pidisafe, scribble_pidinet and t2ia_ske
 `pidinet()`, the "carv4" table with 60 channels, dilation modules of 24 and spatial attention), in the layout of
 lllyasviel's `table5_pidinet.pth`, so it loads without key mapping.
 
-Sixteen depthwise-separable blocks in four stages (60, 120, 240, 240 channels; stages 2-4 start with a 2×2 max-pool
-and a 1×1 shortcut), whose depthwise 3×3 convolutions are in turn central, angular, radial pixel-difference
-convolutions and plain ones. Each stage's output goes through a dilation module (four dilated 3×3 convolutions,
+A first 3×3 pixel-difference convolution (3 -> 60 channels), then fifteen depthwise-separable blocks in four stages
+(60, 120, 240, 240 channels; stages 2-4 start with a 2×2 max-pool and a 1×1 shortcut); the sixteen 3×3 convolutions
+are in turn central, angular, radial pixel-difference convolutions and plain ones. Each stage's output goes through a dilation module (four dilated 3×3 convolutions,
 summed) and a compact spatial attention, then to a one-channel edge map, scaled to the image; a 1×1 convolution
 fuses the four. All five go through a sigmoid; the fused one is the map. The input is BGR in 0..1.
 
 The pixel-difference convolutions, on a 3×3 kernel w:
 - central ("cd"): Σ w_i (x_i - x_centre), computed as the convolution minus x_centre · Σ w_i;
-- angular ("ad"): Σ w_i (x_i - x_next), each pixel of the ring against its clockwise neighbour: the kernel
-  w - w permuted;
+- angular ("ad"): each pixel of the ring against its neighbour along the ring (the extension's "clock-wise"): the
+  kernel w - w permuted (`CLOCKWISE`);
 - radial ("rd"): on a 5×5 window, Σ w_i (x_outer_i - x_inner_i), each ring pixel at distance 2 against the one at
   distance 1 in its direction: a 5×5 kernel with w on the outer ring and -w on the inner one.
 """
@@ -26,7 +26,7 @@ from torch import nn
 from .exact_load import load_exactly
 
 KINDS = ["cd", "ad", "rd", "cv"] * 4  # "carv4": each block's convolution, init_block's first
-CLOCKWISE = [3, 0, 1, 6, 4, 2, 7, 8, 5]  # each 3×3 position's clockwise neighbour (the centre its own)
+CLOCKWISE = [3, 0, 1, 6, 4, 2, 7, 8, 5]  # the ring position each 3×3 position is compared with (the centre: itself)
 OUTER, INNER = [0, 2, 4, 10, 14, 20, 22, 24], [6, 7, 8, 11, 13, 16, 17, 18]  # 5×5 positions of the 8 directions
 
 

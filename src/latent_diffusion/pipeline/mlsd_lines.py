@@ -58,8 +58,8 @@ def line_segments(image: np.ndarray, model: MLSD, score_threshold: float, length
     displacement = maps[1:5].permute(1, 2, 0).numpy()[ys, xs]  # (n, 4): x0, y0, x1, y1 from each centre
     lengths = np.sqrt(np.sum((displacement[:, :2] - displacement[:, 2:]) ** 2, axis=-1))
     kept = (scores.numpy() > score_threshold) & (lengths > length_threshold)
-    centres = np.stack([xs, ys, xs, ys], axis=1)[kept]
-    return 2 * (centres + displacement[kept])  # (the maps are at half size)
+    segments = 2 * (np.stack([xs, ys, xs, ys], axis=1)[kept] + displacement[kept])  # (the maps are at half size)
+    return segments[np.isfinite(segments).all(axis=1)]  # (a non-finite end: the extension draws nothing at all)
 
 
 def draw(segments: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -79,7 +79,7 @@ def annotator(module: ControlModule, folder: str | os.PathLike | None):
     def run(image: np.ndarray, resolution: int, score: float, length: float, rng=None) -> np.ndarray:
         model = loaded(module, path, _load)
         padded, cut_back = resize_with_pad(image, resolution)
-        segments = running(module, lambda: line_segments(padded, model, score, length))
-        return cut_back(draw(segments, *padded.shape[:2]))
+        h, w = padded.shape[:2]
+        return cut_back(running(module, lambda: draw(line_segments(padded, model, score, length), h, w)))
 
     return run
