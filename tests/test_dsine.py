@@ -308,12 +308,8 @@ def ref_normal_dsine(model, input_image, new_fov=60.0, iterations=5, resolution=
 # ---- the tests -------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def networks():
-    """Ours with random weights (batch-norm statistics too) and the reference with the same weights."""
-    with seeded(0):
-        ours = random_weights(DSINE(), 1)
-        theirs = RefDSINE().eval()
+def with_our_weights(ours: nn.Module, theirs: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """`theirs` (its encoder transformers' EfficientNet, as `efficientnet`) given `ours`'s weights, every key."""
     state = {}
     for k, v in ours.state_dict().items():
         inner = k.removeprefix("encoder.original_model.")
@@ -321,6 +317,13 @@ def networks():
     missing, unexpected = theirs.load_state_dict(state, strict=False)
     assert not unexpected and missing == []
     return ours, theirs
+
+
+@pytest.fixture(scope="module")
+def networks():
+    """Ours with random weights (batch-norm statistics too) and the reference with the same weights."""
+    with seeded(0):
+        return with_our_weights(random_weights(DSINE(), 1), RefDSINE().eval())
 
 
 def test_the_encoder_is_transformers_efficientnet_b5(networks):

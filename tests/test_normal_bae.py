@@ -14,7 +14,7 @@ from latent_diffusion.models.normal_bae import NormalBae
 from latent_diffusion.pipeline.control_modules import PreprocessorError
 from latent_diffusion.pipeline.preprocessors import detect, module_list
 from test_anime_annotators import drawing, random_weights
-from test_dsine import COUNTS, b5_config, transformers_key
+from test_dsine import COUNTS, b5_config, with_our_weights
 from test_preprocessors import ref_hwc3, ref_resize_image_with_pad
 
 from conftest import seeded
@@ -121,15 +121,7 @@ def ref_normal_bae(model, img, res):  # legacy/processor.py normal_bae, NormalBa
 @pytest.fixture(scope="module")
 def networks():
     with seeded(0):
-        ours = random_weights(NormalBae(), 1)
-        theirs = RefNNET().eval()
-    state = {}
-    for k, v in ours.state_dict().items():
-        inner = k.removeprefix("encoder.original_model.")
-        state[f"efficientnet.{transformers_key(inner)}" if inner != k else k] = v
-    missing, unexpected = theirs.load_state_dict(state, strict=False)
-    assert not unexpected and missing == []
-    return ours, theirs
+        return with_our_weights(random_weights(NormalBae(), 1), RefNNET().eval())
 
 
 def test_the_network_is_the_extensions(networks):

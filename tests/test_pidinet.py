@@ -14,10 +14,8 @@ from latent_diffusion.models.pidinet import PiDiNet
 from latent_diffusion.pipeline.control_modules import PreprocessorError
 from latent_diffusion.pipeline.preprocessors import detect, module_list
 from test_anime_annotators import drawing
-from test_hed_lineart import calibrated, ref_nms, ref_safe_step
+from test_hed_lineart import calibrated, random_network, ref_nms, ref_safe_step
 from test_preprocessors import ref_hwc3, ref_resize_image_with_pad
-
-from conftest import randomize, seeded
 
 # ---- annotator/pidinet/model.py, written out ---------------------------------------------------------------------------
 
@@ -207,13 +205,8 @@ def ref_scribble_pidinet(net, img, res):
 # ---- the tests -------------------------------------------------------------------------------------------------------
 
 
-def random_pidinet(seed=0):
-    with seeded(seed):
-        return randomize(PiDiNet(), seed=seed + 1).eval()
-
-
 def test_the_network_is_the_extensions():
-    ours = random_pidinet()
+    ours = random_network(PiDiNet)
     theirs = RefPiDiNet().eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
     x = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
@@ -225,7 +218,7 @@ def test_the_network_is_the_extensions():
 
 @pytest.mark.parametrize("module", ["softedge_pidinet", "softedge_pidisafe", "scribble_pidinet", "t2ia_sketch_pidi"])
 def test_the_maps_are_the_extensions(module, tmp_path):
-    model = random_pidinet()
+    model = random_network(PiDiNet)
     padded = ref_resize_image_with_pad(drawing(), 128)[0]
     x = torch.from_numpy(padded[:, :, ::-1].copy()).float().permute(2, 0, 1)[None] / 255
     calibrated(model, model.classifier, x, 0.0, 2.0)  # (the fused logits: spread over both sides of 0)

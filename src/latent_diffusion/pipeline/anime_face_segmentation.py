@@ -16,9 +16,7 @@ every resolution; at 512, the extension's default, the two are the same.
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -26,27 +24,16 @@ import torch
 from PIL import Image
 
 from ..models.anime_face_unet import AnimeFaceUNet, anime_face_unet_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule, PreprocessorError
-from .detector_images import resize_with_pad
 
 FILES = {"anime_face_segment": "UNet.pth"}
 SIDE = 512  # the transform's `Resize(512)`: the shorter side
 MAX_ASPECT = 8  # beyond 8:1 the longer side passes 4096 pixels and the activations several GB
 # background, hair, eye, mouth, face, skin, clothes
 PALETTE = np.array([(255, 255, 0), (0, 0, 255), (255, 0, 0), (255, 255, 255), (0, 255, 0), (0, 255, 255), (255, 0, 255)], np.uint8)  # fmt: skip
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(path: Path, stamp: tuple) -> AnimeFaceUNet:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return anime_face_unet_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(anime_face_unet_from_state_dict)
 
 
 def network_size(height: int, width: int) -> tuple[int, int]:
@@ -67,19 +54,13 @@ def segment(image: np.ndarray, model: AnimeFaceUNet) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W, 3) uint8 class colours`
     (PreprocessorError that says what is missing where it cannot run)."""
-    name = FILES[module.name]
-    path = files_place(module, (name,), folder) / name
 
-    def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        model = loaded(module, path, _load)
-        padded, cut_back = resize_with_pad(image, resolution)
+    def work(padded: np.ndarray, model: AnimeFaceUNet, a=None, b=None) -> np.ndarray:
         h, w = padded.shape[:2]
         if max(h, w) > MAX_ASPECT * min(h, w):
             raise PreprocessorError(
-                f"ControlNet module {module.label!r}: a {image.shape[1]}x{image.shape[0]} image is too elongated for "
-                f"the anime face segmenter (sides beyond {MAX_ASPECT}:1)"
+                f"the image is too elongated for the anime face segmenter (sides beyond {MAX_ASPECT}:1)"
             )
-        painted = PALETTE[running(module, lambda: segment(padded, model))]
-        return cut_back(cv2.resize(painted, (w, h), interpolation=cv2.INTER_NEAREST))
+        return cv2.resize(PALETTE[segment(padded, model)], (w, h), interpolation=cv2.INTER_NEAREST)
 
-    return run
+    return one_file_runner(module, folder, FILES, _load, work)

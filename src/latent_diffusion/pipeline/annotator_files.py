@@ -16,8 +16,9 @@ from typing import TypeVar
 import cv2
 import numpy as np
 
-from ..weights.reader import CheckpointError, first_line
+from ..weights.reader import CheckpointError, first_line, read_state_dict
 from .control_modules import ControlModule, PreprocessorError
+from .detector_images import resize_with_pad
 
 T = TypeVar("T")
 _LOADING, _RUNNING = threading.Lock(), threading.Lock()
@@ -82,6 +83,47 @@ def running(module: ControlModule, work: Callable[[], T]) -> T:
         raise PreprocessorError(f"ControlNet module {module.label!r}: {last_line(e)}") from None
     except (PreprocessorError, np.linalg.LinAlgError) as e:
         raise PreprocessorError(f"ControlNet module {module.label!r}: {e}") from None
+
+
+def one_file_reason(files: dict[str, str]) -> Callable[[ControlModule, str | os.PathLike | None], str | None]:
+    """A runner's `unavailable_reason(module, folder)` where each module needs one file, `files[module.name]`."""
+    return lambda module, folder: missing_files(module, (files[module.name],), folder)
+
+
+def network_loader(build: Callable[[dict], T], keep: int = 1) -> Callable[[Path, tuple], T]:
+    """A `load(path, stamp)` for `loaded`: `build` of the file's tensors (read without running its code), on the CPU
+    in float32; the last `keep` networks kept (by the file's path, modification time and size)."""
+
+    @functools.lru_cache(maxsize=keep)
+    def load(path: Path, stamp: tuple) -> T:
+        return build(read_state_dict(path)[0])
+
+    return load
+
+
+def one_file_runner(
+    module: ControlModule,
+    folder: str | os.PathLike | None,
+    files: dict[str, str],
+    load: Callable[[Path, tuple], T],
+    work: Callable[[np.ndarray, T, float, float], np.ndarray],
+    after: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Callable[..., np.ndarray]:
+    """The `run(image RGB, resolution, threshold_a, threshold_b, rng)` of a module whose network is one file
+    (`files[module.name]`, found as `files_place` finds it, read by `load` as `loaded` reads it): `work(padded,
+    network, threshold_a, threshold_b)` on the image scaled and padded as the extension's `resize_image_with_pad` does
+    (`resize_with_pad`), under `running`; its map cut back, then `after` it where given. PreprocessorError that says
+    what is missing where the file is not there."""
+    name = files[module.name]
+    path = files_place(module, (name,), folder) / name
+
+    def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
+        network = loaded(module, path, load)
+        padded, cut_back = resize_with_pad(image, resolution)
+        found = cut_back(running(module, lambda: work(padded, network, threshold_a, threshold_b)))
+        return found if after is None else after(found)
+
+    return run
 
 
 def last_line(error: Exception) -> str:

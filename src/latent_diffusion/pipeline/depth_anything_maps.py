@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..models.depth_anything import PATCH, DepthAnything, depth_anything_from_state_dict
 from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import files_place, loaded, one_file_reason, running
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import resize_with_pad
 
@@ -35,9 +35,7 @@ MAX_TOKENS = 37 * 37 * 8  # patches a map may take (the sides' ratio up to about
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 
 
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
+unavailable_reason = one_file_reason(FILES)
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,32 +19,20 @@ where the image already has the processor's size and sides that are multiples of
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models.dsine import DSINE, dsine_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import files_place, loaded, network_loader, one_file_reason, running
 from .control_modules import ControlModule
 from .detector_images import resize_with_pad
 
 FILES = {"normal_dsine": "dsine.pt"}
 MEAN, STD = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(path: Path, stamp: tuple) -> DSINE:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return dsine_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(dsine_from_state_dict)
 
 
 def intrinsics(fov: float, height: int, width: int) -> torch.Tensor:

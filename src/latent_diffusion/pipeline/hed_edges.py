@@ -10,31 +10,19 @@ hed_safe, in 8 bits, cut back. scribble_hed thins that map and thresholds it (`s
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models.hed import HED, hed_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule
-from .detector_images import fused_edges, resize_with_pad, scribble_strokes
+from .detector_images import fused_edges, scribble_strokes
 
 FILES = dict.fromkeys(("hed", "hed_safe", "scribble_hed"), "ControlNetHED.pth")
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(path: Path, stamp: tuple) -> HED:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return hed_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(hed_from_state_dict)
 
 
 def hed_edges(image: np.ndarray, model: HED, safe: bool) -> np.ndarray:
@@ -47,13 +35,9 @@ def hed_edges(image: np.ndarray, model: HED, safe: bool) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W) uint8 map` (PreprocessorError
     that says what is missing where it cannot run)."""
-    name = FILES[module.name]
-    path = files_place(module, (name,), folder) / name
 
-    def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        model = loaded(module, path, _load)
-        padded, cut_back = resize_with_pad(image, resolution)
-        edges = cut_back(running(module, lambda: hed_edges(padded, model, safe=module.name == "hed_safe")))
-        return scribble_strokes(edges) if module.name == "scribble_hed" else edges
+    def work(padded: np.ndarray, model: HED, a=None, b=None) -> np.ndarray:
+        return hed_edges(padded, model, safe=module.name == "hed_safe")
 
-    return run
+    after = scribble_strokes if module.name == "scribble_hed" else None
+    return one_file_runner(module, folder, FILES, _load, work, after=after)

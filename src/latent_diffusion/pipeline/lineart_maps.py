@@ -12,33 +12,19 @@ bits. Each map is inverted (white lines on black), cut back.
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from ..models.lineart import LineartGenerator, UnetGenerator, lineart_anime_from_state_dict, lineart_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule
-from .detector_images import resize_with_pad
 
 FILES = {"lineart": "sk_model.pth", "lineart_coarse": "sk_model2.pth", "lineart_anime": "netG.pth"}
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=2)
-def _load(path: Path, stamp: tuple, anime: bool) -> LineartGenerator | UnetGenerator:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    state_dict = read_state_dict(path)[0]
-    return lineart_anime_from_state_dict(state_dict) if anime else lineart_from_state_dict(state_dict)
+unavailable_reason = one_file_reason(FILES)
+_LOADERS = {False: network_loader(lineart_from_state_dict, keep=2), True: network_loader(lineart_anime_from_state_dict)}
 
 
 def lines(image: np.ndarray, model: LineartGenerator) -> np.ndarray:
@@ -61,14 +47,8 @@ def anime_lines(image: np.ndarray, model: UnetGenerator) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W) uint8 map` (PreprocessorError
     that says what is missing where it cannot run)."""
-    name = FILES[module.name]
-    path = files_place(module, (name,), folder) / name
     anime = module.name == "lineart_anime"
-
-    def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        model = loaded(module, path, functools.partial(_load, anime=anime))
-        padded, cut_back = resize_with_pad(image, resolution)
-        draw = anime_lines if anime else lines
-        return cut_back(255 - running(module, lambda: draw(padded, model)))
-
-    return run
+    draw = anime_lines if anime else lines
+    return one_file_runner(
+        module, folder, FILES, _LOADERS[anime], lambda padded, model, a, b: 255 - draw(padded, model)
+    )

@@ -10,32 +10,19 @@ to 8 bits, is the map (white lines on black), cut back.
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from ..models.manga_line import MangaLineNetwork, manga_line_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule
-from .detector_images import resize_with_pad
 
 FILES = {"lineart_anime_denoise": "erika.pth"}
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(path: Path, stamp: tuple) -> MangaLineNetwork:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return manga_line_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(manga_line_from_state_dict)
 
 
 def manga_lines(image: np.ndarray, model: MangaLineNetwork) -> np.ndarray:
@@ -49,12 +36,4 @@ def manga_lines(image: np.ndarray, model: MangaLineNetwork) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W) uint8 map` (PreprocessorError
     that says what is missing where it cannot run)."""
-    name = FILES[module.name]
-    path = files_place(module, (name,), folder) / name
-
-    def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        model = loaded(module, path, _load)
-        padded, cut_back = resize_with_pad(image, resolution)
-        return cut_back(running(module, lambda: manga_lines(padded, model)))
-
-    return run
+    return one_file_runner(module, folder, FILES, _load, lambda padded, model, a, b: manga_lines(padded, model))

@@ -12,9 +12,7 @@ doubled to the image's pixels and truncated, as a white line one pixel wide on b
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,24 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from ..models.mlsd import MLSD, mlsd_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule
-from .detector_images import resize_with_pad
 
 FILES = {"mlsd": "mlsd_large_512_fp32.pth"}
 CENTRES = 200  # the most line centres looked at
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(path: Path, stamp: tuple) -> MLSD:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return mlsd_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(mlsd_from_state_dict)
 
 
 def line_segments(image: np.ndarray, model: MLSD, score_threshold: float, length_threshold: float) -> np.ndarray:
@@ -73,13 +60,8 @@ def draw(segments: np.ndarray, h: int, w: int) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W) uint8 map` (PreprocessorError
     that says what is missing where it cannot run)."""
-    name = FILES[module.name]
-    path = files_place(module, (name,), folder) / name
 
-    def run(image: np.ndarray, resolution: int, score: float, length: float, rng=None) -> np.ndarray:
-        model = loaded(module, path, _load)
-        padded, cut_back = resize_with_pad(image, resolution)
-        h, w = padded.shape[:2]
-        return cut_back(running(module, lambda: draw(line_segments(padded, model, score, length), h, w)))
+    def work(padded: np.ndarray, model: MLSD, score: float, length: float) -> np.ndarray:
+        return draw(line_segments(padded, model, score, length), *padded.shape[:2])
 
-    return run
+    return one_file_runner(module, folder, FILES, _load, work)

@@ -12,31 +12,19 @@ thresholds it as scribble_hed does (`scribble_strokes`).
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models.pidinet import PiDiNet, pidinet_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule
-from .detector_images import resize_with_pad, safe_step, scribble_strokes
+from .detector_images import safe_step, scribble_strokes
 
 FILES = dict.fromkeys(("pidinet", "pidinet_safe", "pidinet_scribble", "pidinet_sketch"), "table5_pidinet.pth")
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(path: Path, stamp: tuple) -> PiDiNet:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return pidinet_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(pidinet_from_state_dict)
 
 
 def pidinet_edges(image: np.ndarray, model: PiDiNet, safe: bool = False, threshold: bool = False) -> np.ndarray:
@@ -54,14 +42,11 @@ def pidinet_edges(image: np.ndarray, model: PiDiNet, safe: bool = False, thresho
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> (H, W) uint8 map` (PreprocessorError
     that says what is missing where it cannot run)."""
-    name = FILES[module.name]
-    path = files_place(module, (name,), folder) / name
-    options = {"safe": module.name == "pidinet_safe", "threshold": module.name == "pidinet_sketch"}
 
-    def run(image: np.ndarray, resolution: int, threshold_a=None, threshold_b=None, rng=None) -> np.ndarray:
-        model = loaded(module, path, _load)
-        padded, cut_back = resize_with_pad(image, resolution)
-        edges = cut_back(running(module, lambda: pidinet_edges(padded, model, **options)))
-        return scribble_strokes(edges) if module.name == "pidinet_scribble" else edges
+    def work(padded: np.ndarray, model: PiDiNet, a=None, b=None) -> np.ndarray:
+        return pidinet_edges(
+            padded, model, safe=module.name == "pidinet_safe", threshold=module.name == "pidinet_sketch"
+        )
 
-    return run
+    after = scribble_strokes if module.name == "pidinet_scribble" else None
+    return one_file_runner(module, folder, FILES, _load, work, after=after)

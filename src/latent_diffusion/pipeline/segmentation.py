@@ -12,17 +12,14 @@ padded size, softmax'd, and each pixel painted in its class's colour. The networ
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from ..models.uniformer import UperNetUniFormer, segmenter_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import files_place, loaded, network_loader, one_file_reason, running
 from .control_modules import ControlModule, PreprocessorError
 from .detector_images import resize_with_pad
 
@@ -44,17 +41,8 @@ FF00F5 FF0066 FFAD00 FF0014 FFB8B8 001FFF 00FF3D 0047FF FF00CC 00FFC2 00FF52 000
 B8FF00 0085FF FFD600 19C2C2 66FF00 5C00FF
 """
 PALETTE = np.array([[int(c[i : i + 2], 16) for i in (0, 2, 4)] for c in ADE_PALETTE.split()], np.uint8)  # (150, 3)
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=1)
-def _load(path: Path, stamp: tuple) -> UperNetUniFormer:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return segmenter_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(segmenter_from_state_dict)
 
 
 def network_size(height: int, width: int) -> tuple[int, int]:

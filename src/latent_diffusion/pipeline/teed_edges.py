@@ -17,32 +17,20 @@ another size and fails; here the padded image's map is taken as it is.)
 
 from __future__ import annotations
 
-import functools
 import os
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
 
 from ..models.teed import TEED, teed_from_state_dict
-from ..weights.reader import read_state_dict
-from .annotator_files import files_place, loaded, missing_files, running
+from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule
-from .detector_images import fused_edges, hwc3, line_intensity, resize_with_pad
+from .detector_images import fused_edges, hwc3, line_intensity
 
 FILES = {"softedge_teed": "7_model.pth", "softedge_anyline": "MTEED.pth"}
-
-
-def unavailable_reason(module: ControlModule, folder: str | os.PathLike | None) -> str | None:
-    """Why `module` cannot run with the annotator folder `folder`; None where it can."""
-    return missing_files(module, (FILES[module.name],), folder)
-
-
-@functools.lru_cache(maxsize=2)
-def _load(path: Path, stamp: tuple) -> TEED:
-    """The network in `path` (kept by its path, modification time and size), on the CPU in float32."""
-    return teed_from_state_dict(read_state_dict(path)[0])
+unavailable_reason = one_file_reason(FILES)
+_load = network_loader(teed_from_state_dict, keep=2)  # (TEED's and Anyline's, both small)
 
 
 def teed_edges(image: np.ndarray, model: TEED, safe_steps: int) -> np.ndarray:
@@ -65,13 +53,7 @@ def anyline(image: np.ndarray, model: TEED, safe_steps: int) -> np.ndarray:
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
     """The module's `run(image RGB, resolution, threshold_a, threshold_b, rng) -> uint8 map` (PreprocessorError that
     says what is missing where it cannot run)."""
-    name = FILES[module.name]
-    path = files_place(module, (name,), folder) / name
     make = anyline if module.name == "softedge_anyline" else teed_edges
-
-    def run(image: np.ndarray, resolution: int, safe_steps: float, threshold_b=None, rng=None) -> np.ndarray:
-        model = loaded(module, path, _load)
-        padded, cut_back = resize_with_pad(image, resolution)
-        return cut_back(running(module, lambda: make(padded, model, int(safe_steps))))
-
-    return run
+    return one_file_runner(
+        module, folder, FILES, _load, lambda padded, model, steps, b: make(padded, model, int(steps))
+    )
