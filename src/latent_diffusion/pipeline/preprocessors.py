@@ -196,20 +196,17 @@ def unavailable_reason(
 
 def _weights_runner(module: ControlModule):
     """What runs a module from the weights in the annotator folder: its runner in `_RUNNERS` (a module per network:
-    LaMa, DWPose and the animal poses, Depth Anything, TEED, HED, PiDiNet, M-LSD, the line-art generators, UniFormer, the
-    anime face segmenter, manga lines, DSINE, BAE, InsightFace), or else a controlnet_aux detector (`annotators.py`);
-    each has `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
+    LaMa, InsightFace, and those of `_NETWORK_RUNNERS`), or else a controlnet_aux detector (`annotators.py`); each has
+    `unavailable_reason(module, folder)` and `annotator(module, folder)`."""
     return _RUNNERS.get(module.name, annotators)
 
 
-_RUNNERS = {lama_fill.MODULE: lama_fill} | dict.fromkeys(pose_estimation.FILES, pose_estimation)
-_RUNNERS |= dict.fromkeys(depth_anything_maps.FILES, depth_anything_maps) | dict.fromkeys(teed_edges.FILES, teed_edges)
-_RUNNERS |= dict.fromkeys(segmentation.FILES, segmentation) | dict.fromkeys(face_analysis.PACK_OF_MODULE, face_analysis)
-_RUNNERS |= dict.fromkeys(anime_face_segmentation.FILES, anime_face_segmentation)
-_RUNNERS |= dict.fromkeys(manga_lines.FILES, manga_lines) | dict.fromkeys(dsine_normals.FILES, dsine_normals)
-_RUNNERS |= dict.fromkeys(hed_edges.FILES, hed_edges) | dict.fromkeys(lineart_maps.FILES, lineart_maps)
-_RUNNERS |= dict.fromkeys(pidinet_edges.FILES, pidinet_edges) | dict.fromkeys(bae_normals.FILES, bae_normals)
-_RUNNERS |= dict.fromkeys(mlsd_lines.FILES, mlsd_lines)
+# (DWPose and the animal poses, Depth Anything, TEED, HED, PiDiNet, M-LSD, line art, UniFormer, anime faces, manga
+# lines, DSINE, BAE): each names its modules' files in `FILES`
+_NETWORK_RUNNERS = (pose_estimation, depth_anything_maps, teed_edges, hed_edges, pidinet_edges, mlsd_lines)
+_NETWORK_RUNNERS += (lineart_maps, segmentation, anime_face_segmentation, manga_lines, dsine_normals, bae_normals)
+_RUNNERS = {lama_fill.MODULE: lama_fill} | dict.fromkeys(face_analysis.PACK_OF_MODULE, face_analysis)
+_RUNNERS |= {name: runner for runner in _NETWORK_RUNNERS for name in runner.FILES}
 
 
 def map_module(name: str, annotator_folder: str | os.PathLike | None = None) -> ControlModule:
