@@ -154,8 +154,13 @@ class DSINE(nn.Module):
         normal, features = ray_relu(normal, ray_8), torch.cat([features, uv_8], dim=1)
         if iterations == 0:
             return F.normalize(convex_upsample(normal, self.up_prob_head(torch.cat([hidden, uv_8], 1)), RATIO), dim=1)
+        # what every refinement reads: the camera at 1/8 (fu, fv, cu, cv each (b, 1, 1, 1)), each pixel's neighbours'
+        # centres (1, 2, 25, H/8, W/8)
+        h8, w8 = uv_8.shape[2:]
+        camera_8 = (camera * torch.tensor([w8 / w, h8 / h] * 2))[:, :, None, None, None].unbind(1)
+        centres = neighbours(pixel_centres(h8, w8), PATCH)
         for _ in range(iterations):
-            hidden, normal, upsampled = self.refine(hidden, features, normal, camera, (h, w), uv_8, ray_8)
+            hidden, normal, upsampled = self.refine(hidden, features, normal, camera_8, centres, uv_8, ray_8)
         return upsampled
 
     @staticmethod
@@ -167,17 +172,16 @@ class DSINE(nn.Module):
         centres = pixel_centres(h, w)
         return torch.stack([(centres[:, 0] - cu) / fu, (centres[:, 1] - cv) / fv], dim=1)
 
-    def refine(self, hidden, features, normal, camera, size, uv_8, ray_8) -> tuple[torch.Tensor, ...]:
+    def refine(self, hidden, features, normal, camera_8, centre, uv_8, ray_8) -> tuple[torch.Tensor, ...]:
         """One refinement at 1/8: (hidden, normals, normals upsampled 8×)."""
         b, _, h, w = normal.shape
-        fu, fv, cu, cv = (camera * torch.tensor([w / size[1], h / size[0]] * 2))[:, :, None, None, None].unbind(1)
+        fu, fv, cu, cv = camera_8
         hidden = self.gru(hidden, features)
         state = torch.cat([hidden, uv_8], dim=1)
         weight = self.prob_head(state).sigmoid().unsqueeze(1)  # (b, 1, 25, h, w)
         offset = F.normalize(self.xy_head(state).view(b, 2, PATCH**2, h, w), dim=1)  # (b, 2, 25, h, w): (du, dv)
         angle = self.angle_head(state).sigmoid().unsqueeze(1) * torch.pi  # (b, 1, 25, h, w)
         n = neighbours(normal, PATCH)  # (b, 3, 25, h, w)
-        centre = neighbours(pixel_centres(h, w), PATCH)  # (1, 2, 25, h, w)
         # The rotation axis: the direction from the neighbour's 3D point, on the plane of its normal, towards the ray
         # of the point offset by (du, dv) (DSINE's eq. 5), in camera coordinates.
         du, dv = offset[:, 0] / fu, offset[:, 1] / fv  # (b, 25, h, w)

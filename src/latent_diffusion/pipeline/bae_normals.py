@@ -17,7 +17,7 @@ import torch
 from ..models.normal_bae import NormalBae, normal_bae_from_state_dict
 from .annotator_files import network_loader, one_file_reason, one_file_runner
 from .control_modules import ControlModule
-from .dsine_normals import MEAN, STD
+from .dsine_normals import imagenet_normalized, normal_colours
 
 FILES = {"normal_bae": "scannet.pt"}
 unavailable_reason = one_file_reason(FILES)
@@ -26,10 +26,8 @@ _load = network_loader(normal_bae_from_state_dict)
 
 def normal_map(image: np.ndarray, model: NormalBae) -> np.ndarray:
     """(H, W, 3) RGB uint8, sides multiples of 32 -> (H, W, 3) uint8 normals."""
-    x = (torch.from_numpy(image).float().permute(2, 0, 1) / 255.0 - MEAN) / STD  # (3, H, W)
     with torch.inference_mode():
-        normal = model(x[None])[0, :3]  # (3, H, W), unit
-    return (((normal + 1) * 0.5).clip(0, 1).permute(1, 2, 0).numpy() * 255.0).clip(0, 255).astype(np.uint8)
+        return normal_colours(model(imagenet_normalized(image))[0, :3])  # (the normal; κ, its concentration, unused)
 
 
 def annotator(module: ControlModule, folder: str | os.PathLike | None):

@@ -43,12 +43,20 @@ def intrinsics(fov: float, height: int, width: int) -> torch.Tensor:
     return torch.tensor([[focal, focal, width / 2.0 - 0.5, height / 2.0 - 0.5]], dtype=torch.float32)
 
 
+def imagenet_normalized(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) RGB uint8 -> (1, 3, H, W) float32, in 0..1 then normalized with ImageNet's statistics."""
+    return ((torch.from_numpy(image).float().permute(2, 0, 1) / 255.0 - MEAN) / STD)[None]
+
+
+def normal_colours(normal: torch.Tensor) -> np.ndarray:
+    """Unit normals (3, H, W) -> (H, W, 3) uint8: (n + 1) / 2 in 8 bits, x, y, z as R, G, B."""
+    return (((normal + 1) * 0.5).clip(0, 1).permute(1, 2, 0).numpy() * 255.0).clip(0, 255).astype(np.uint8)
+
+
 def normal_map(padded: np.ndarray, size: tuple[int, int], model: DSINE, fov: float, iterations: int) -> np.ndarray:
     """(H, W, 3) RGB uint8, sides multiples of 32, the image (h, w) = `size` in its top-left -> (H, W, 3) uint8."""
-    x = (torch.from_numpy(padded).float().permute(2, 0, 1) / 255.0 - MEAN) / STD  # (3, H, W)
     with torch.inference_mode():
-        normal = model(x[None], intrinsics(fov, *size), iterations)[0]  # (3, H, W), unit
-    return (((normal + 1) * 0.5).clip(0, 1).permute(1, 2, 0).numpy() * 255.0).clip(0, 255).astype(np.uint8)
+        return normal_colours(model(imagenet_normalized(padded), intrinsics(fov, *size), iterations)[0])
 
 
 def annotator(module: ControlModule, folder: str | os.PathLike | None):
